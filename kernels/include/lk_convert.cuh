@@ -1,0 +1,14 @@
+// lk_convert.cuh: dtype-generic load/store helpers for kernels instantiated per element type.
+// Conversions to f32 are exact; lk_from_f32 rounds to nearest even (CUDA's __float2*_rn), which the
+// emulator prelude reproduces bit for bit, so both backends round identically.
+#pragma once
+#include "lk_intrinsics.cuh"
+
+__device__ __forceinline__ float lk_to_f32(float v) { return v; }
+__device__ __forceinline__ float lk_to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float lk_to_f32(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T lk_from_f32(float v);
+template <> __device__ __forceinline__ float lk_from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 lk_from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <> __device__ __forceinline__ __half lk_from_f32<__half>(float v) { return __float2half(v); }

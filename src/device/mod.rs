@@ -1,0 +1,213 @@
+//! Devices: a CUDA GPU (through cudarc, whose driver library is loaded at run time) or the CPU emulator
+//! that runs the kernels' own CUDA source. Ops validate their arguments, compute a [`LaunchPlan`], and
+//! call [`Device::launch`], the one place where a kernel is launched on either backend.
+
+mod cuda;
+mod emu;
+
+use std::sync::Arc;
+
+pub use cuda::CudaDevice;
+pub use emu::{EmuConfig, ThreadOrder, launch_raw as emu_launch_raw};
+
+use crate::error::{Error, Result};
+use crate::kernel::Kernel;
+use crate::params::KernelParams;
+use crate::plan::LaunchPlan;
+
+/// A handle to a CUDA GPU or to the emulator. Cheap to clone; tensors remember the device they were
+/// made on and ops refuse tensors of another device (two `Device::emulator()` calls are two devices).
+#[derive(Clone)]
+pub struct Device {
+    inner: Arc<Backend>,
+}
+
+pub(crate) enum Backend {
+    Cuda(CudaDevice),
+    Emulator(EmuConfig),
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl PartialEq for Device {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+impl Eq for Device {}
+
+impl Device {
+    /// CUDA device `ordinal`, or an error saying why there is none (no nvcc at build time, no driver,
+    /// no GPU, a GPU older than the compiled architectures).
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        Ok(Device {
+            inner: Arc::new(Backend::Cuda(CudaDevice::new(ordinal)?)),
+        })
+    }
+
+    /// The CPU emulator, threads in ascending order.
+    pub fn emulator() -> Device {
+        Device::emulator_with(EmuConfig::default())
+    }
+
+    /// The CPU emulator with a given thread order (tests run kernels under several).
+    pub fn emulator_with(config: EmuConfig) -> Device {
+        Device {
+            inner: Arc::new(Backend::Emulator(config)),
+        }
+    }
+
+    /// CUDA device 0 when it can be used, else the emulator; prints which and why to stderr.
+    pub fn auto() -> Device {
+        let (device, reason) = Device::auto_quiet();
+        eprintln!("lora-kernels: {reason}");
+        device
+    }
+
+    /// As [`Device::auto`], returning the reason instead of printing it.
+    pub fn auto_quiet() -> (Device, String) {
+        match Device::cuda(0) {
+            Ok(d) => {
+                let reason = format!("using {}", d.describe());
+                (d, reason)
+            }
+            Err(e) => (
+                Device::emulator(),
+                format!("using the CPU emulator because the CUDA backend is unavailable: {e}"),
+            ),
+        }
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        matches!(*self.inner, Backend::Cuda(_))
+    }
+
+    pub fn is_emulator(&self) -> bool {
+        matches!(*self.inner, Backend::Emulator(_))
+    }
+
+    /// The CUDA side (context, stream), for interop with other cudarc users.
+    pub fn as_cuda(&self) -> Option<&CudaDevice> {
+        match &*self.inner {
+            Backend::Cuda(c) => Some(c),
+            Backend::Emulator(_) => None,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match &*self.inner {
+            Backend::Cuda(c) => c.describe(),
+            Backend::Emulator(cfg) => format!("the CPU emulator ({:?} thread order)", cfg.order),
+        }
+    }
+
+    /// Waits for all queued work (a no-op on the emulator, which runs synchronously).
+    pub fn synchronize(&self) -> Result<()> {
+        match &*self.inner {
+            Backend::Cuda(c) => c.synchronize(),
+            Backend::Emulator(_) => Ok(()),
+        }
+    }
+
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.inner
+    }
+
+    /// Launches `kernel` with `plan` on this device. `args` are the tensors the kernel touches, each
+    /// named for error messages; `build` turns their raw addresses (same order) into the params struct.
+    /// Checks before the launch: every argument is on this device; no output overlaps another argument.
+    /// On the emulator, after the launch: no argument's guard zones were written.
+    pub(crate) fn launch<P: KernelParams>(
+        &self,
+        op: &'static str,
+        kernel: &'static Kernel<P>,
+        plan: &LaunchPlan,
+        args: &mut [Arg<'_>],
+        build: impl FnOnce(&[u64]) -> P,
+    ) -> Result<()> {
+        for arg in args.iter() {
+            let buf = arg.buffer();
+            if buf.device() != self {
+                return Err(Error::DeviceMismatch {
+                    op,
+                    arg: arg.name(),
+                    expected: self.describe(),
+                    got: buf.device().describe(),
+                });
+            }
+        }
+        check_aliasing(op, args)?;
+        match &*self.inner {
+            Backend::Cuda(c) => c.launch(kernel, plan, args, build),
+            Backend::Emulator(cfg) => emu::launch(cfg, kernel, plan, args, build),
+        }
+    }
+}
+
+/// A tensor argument of a launch: read-only input or written output.
+pub(crate) enum Arg<'a> {
+    In(&'static str, &'a dyn RawBuffer),
+    Out(&'static str, &'a mut dyn RawBuffer),
+}
+
+impl Arg<'_> {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Arg::In(n, _) | Arg::Out(n, _) => n,
+        }
+    }
+    pub(crate) fn buffer(&self) -> &dyn RawBuffer {
+        match self {
+            Arg::In(_, b) => *b,
+            Arg::Out(_, b) => &**b,
+        }
+    }
+}
+
+/// What a launch needs of a tensor, independent of its element type.
+pub(crate) trait RawBuffer {
+    fn device(&self) -> &Device;
+    /// (start address, length in bytes) on its device, for the aliasing check.
+    fn byte_range(&self) -> (u64, u64);
+    fn storage(&self) -> StorageRef<'_>;
+    fn storage_mut(&mut self) -> StorageMut<'_>;
+}
+
+pub(crate) enum StorageRef<'a> {
+    Cuda(&'a dyn cuda::CudaPtr),
+    Host(&'a emu::GuardedBuf),
+}
+
+pub(crate) enum StorageMut<'a> {
+    Cuda(&'a mut dyn cuda::CudaPtr),
+    Host(&'a mut emu::GuardedBuf),
+}
+
+fn check_aliasing(op: &'static str, args: &[Arg<'_>]) -> Result<()> {
+    for (i, a) in args.iter().enumerate() {
+        if !matches!(a, Arg::Out(..)) {
+            continue;
+        }
+        let (a0, alen) = a.buffer().byte_range();
+        for (j, b) in args.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let (b0, blen) = b.buffer().byte_range();
+            if alen > 0 && blen > 0 && a0 < b0 + blen && b0 < a0 + alen {
+                return Err(Error::Aliasing {
+                    op,
+                    a: a.name(),
+                    b: b.name(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) use emu::GuardedBuf;

@@ -1,0 +1,94 @@
+//! The crate's error type: every bad input is a value naming the argument and what was expected.
+
+use crate::dtype::DType;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{op}: argument `{arg}` has shape {got:?}, expected {expected}")]
+    Shape {
+        op: &'static str,
+        arg: &'static str,
+        expected: String,
+        got: Vec<usize>,
+    },
+    #[error("{op}: argument `{arg}` has dtype {got}, expected {expected}")]
+    DType {
+        op: &'static str,
+        arg: &'static str,
+        expected: DType,
+        got: DType,
+    },
+    #[error("{op}: argument `{arg}` is empty (shape {shape:?}); every dimension must be at least 1")]
+    Empty {
+        op: &'static str,
+        arg: &'static str,
+        shape: Vec<usize>,
+    },
+    #[error("{op}: LoRA rank r = {r} is out of range, expected 1 ..= {max}")]
+    Rank { op: &'static str, r: usize, max: usize },
+    #[error("{op}: argument `{arg}` lives on {got}, expected a tensor of {expected}")]
+    DeviceMismatch {
+        op: &'static str,
+        arg: &'static str,
+        expected: String,
+        got: String,
+    },
+    #[error("{op}: argument `{arg}` {requirement}")]
+    Alignment {
+        op: &'static str,
+        arg: &'static str,
+        requirement: String,
+    },
+    #[error("{op}: arguments `{a}` and `{b}` overlap in memory; the output must not alias an input")]
+    Aliasing {
+        op: &'static str,
+        a: &'static str,
+        b: &'static str,
+    },
+    #[error("{op}: argument `{arg}` = {value} must be finite")]
+    NonFinite {
+        op: &'static str,
+        arg: &'static str,
+        value: f64,
+    },
+    #[error("{op}: argument `{arg}` has {got} elements, expected {expected} (the product of shape {shape:?})")]
+    DataLength {
+        op: &'static str,
+        arg: &'static str,
+        expected: usize,
+        got: usize,
+        shape: Vec<usize>,
+    },
+    #[error("{op}: size {value} of `{arg}` exceeds the kernels' limit of {max}")]
+    TooLarge {
+        op: &'static str,
+        arg: &'static str,
+        value: usize,
+        max: usize,
+    },
+    #[error("CUDA backend unavailable: {0}")]
+    CudaUnavailable(String),
+    #[error("CUDA driver error during {context}: {source}")]
+    Cuda {
+        context: String,
+        #[source]
+        source: cudarc::driver::DriverError,
+    },
+    #[error("emulator: kernel `{kernel}` failed: {message}")]
+    Emulator { kernel: &'static str, message: String },
+    #[error("emulator: kernel `{kernel}` wrote outside argument `{arg}` ({detail})")]
+    OutOfBounds {
+        kernel: &'static str,
+        arg: &'static str,
+        detail: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn cuda(context: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+        let context = context.into();
+        move |source| Error::Cuda { context, source }
+    }
+}

@@ -1,0 +1,249 @@
+//! The CPU reference: plain loops, f64 accumulation, inputs of any [`Element`] type. It is the oracle
+//! every kernel is tested against (and is itself checked against PyTorch + PEFT golden data in
+//! `tests/reference_peft.rs`), not a fast path.
+//!
+//! Conventions (PyTorch `nn.Linear`, row-major): X is M×K, W0 is N×K, A is r×K, B is N×r, dY is M×N.
+
+use crate::dtype::Element;
+
+/// Problem sizes of one LoRA layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dims {
+    /// Tokens (rows of X).
+    pub m: usize,
+    /// Output features (rows of W0).
+    pub n: usize,
+    /// Input features (columns of W0).
+    pub k: usize,
+    /// LoRA rank.
+    pub r: usize,
+}
+
+/// Forward results in f64: `y` (M×N) and the saved `t = X·Aᵀ` (M×r).
+#[derive(Clone, Debug)]
+pub struct Forward {
+    pub y: Vec<f64>,
+    pub t: Vec<f64>,
+}
+
+/// Backward results in f64: `dx` (M×K), `da` (r×K), `db` (N×r) and the intermediate `u = dY·B` (M×r).
+#[derive(Clone, Debug)]
+pub struct Backward {
+    pub dx: Vec<f64>,
+    pub da: Vec<f64>,
+    pub db: Vec<f64>,
+    pub u: Vec<f64>,
+}
+
+fn f64s<T: Element>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|x| x.to_f64()).collect()
+}
+
+fn check_len(name: &str, got: usize, want: usize) {
+    assert_eq!(got, want, "reference: `{name}` has {got} elements, expected {want}");
+}
+
+/// C (rows×cols) = P (rows×inner) · Qᵀ where Q is cols×inner: the `x·wᵀ` of nn.Linear.
+fn matmul_nt(p: &[f64], q: &[f64], rows: usize, cols: usize, inner: usize) -> Vec<f64> {
+    let mut c = vec![0.0; rows * cols];
+    for i in 0..rows {
+        let pi = &p[i * inner..(i + 1) * inner];
+        for j in 0..cols {
+            let qj = &q[j * inner..(j + 1) * inner];
+            c[i * cols + j] = pi.iter().zip(qj).map(|(a, b)| a * b).sum();
+        }
+    }
+    c
+}
+
+/// Transposes a rows×cols matrix.
+fn transpose(p: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    let mut t = vec![0.0; rows * cols];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = p[i * cols + j];
+        }
+    }
+    t
+}
+
+/// `y = x·w0ᵀ + s·(x·aᵀ)·bᵀ (+ bias)`, `t = x·aᵀ`.
+pub fn forward<T: Element, U: Element>(
+    x: &[T],
+    w0: &[T],
+    a: &[U],
+    b: &[U],
+    bias: Option<&[T]>,
+    d: Dims,
+    scale: f64,
+) -> Forward {
+    check_len("x", x.len(), d.m * d.k);
+    check_len("w0", w0.len(), d.n * d.k);
+    check_len("a", a.len(), d.r * d.k);
+    check_len("b", b.len(), d.n * d.r);
+    let (x, w0, a, b) = (f64s(x), f64s(w0), f64s(a), f64s(b));
+    let t = matmul_nt(&x, &a, d.m, d.r, d.k);
+    let base = matmul_nt(&x, &w0, d.m, d.n, d.k);
+    let lora = matmul_nt(&t, &b, d.m, d.n, d.r);
+    let mut y: Vec<f64> = base.iter().zip(&lora).map(|(p, l)| p + scale * l).collect();
+    if let Some(bias) = bias {
+        check_len("bias", bias.len(), d.n);
+        for (i, v) in y.iter_mut().enumerate() {
+            *v += bias[i % d.n].to_f64();
+        }
+    }
+    Forward { y, t }
+}
+
+/// Gradients of the LoRA layer given `dy`: `u = dy·b`, `db = s·dyᵀ·t`, `da = s·uᵀ·x`,
+/// `dx = dy·w0 + s·u·a` (no dW0: W0 is frozen).
+pub fn backward<T: Element, U: Element>(
+    x: &[T],
+    w0: &[T],
+    a: &[U],
+    b: &[U],
+    dy: &[T],
+    d: Dims,
+    scale: f64,
+) -> Backward {
+    check_len("x", x.len(), d.m * d.k);
+    check_len("w0", w0.len(), d.n * d.k);
+    check_len("a", a.len(), d.r * d.k);
+    check_len("b", b.len(), d.n * d.r);
+    check_len("dy", dy.len(), d.m * d.n);
+    let (x, w0, a, b, dy) = (f64s(x), f64s(w0), f64s(a), f64s(b), f64s(dy));
+    let t = matmul_nt(&x, &a, d.m, d.r, d.k); // M×r
+    let bt = transpose(&b, d.n, d.r); // r×N
+    let u = matmul_nt(&dy, &bt, d.m, d.r, d.n); // M×r
+    let dyt = transpose(&dy, d.m, d.n); // N×M
+    let tt = transpose(&t, d.m, d.r); // r×M
+    let db: Vec<f64> = matmul_nt(&dyt, &tt, d.n, d.r, d.m).iter().map(|v| scale * v).collect();
+    let ut = transpose(&u, d.m, d.r); // r×M
+    let xt = transpose(&x, d.m, d.k); // K×M
+    let da: Vec<f64> = matmul_nt(&ut, &xt, d.r, d.k, d.m).iter().map(|v| scale * v).collect();
+    let w0t = transpose(&w0, d.n, d.k); // K×N
+    let at = transpose(&a, d.r, d.k); // K×r
+    let base = matmul_nt(&dy, &w0t, d.m, d.k, d.n);
+    let lora = matmul_nt(&u, &at, d.m, d.k, d.r);
+    let dx = base.iter().zip(&lora).map(|(p, l)| p + scale * l).collect();
+    Backward { dx, da, db, u }
+}
+
+/// `s·B·A` (N×K) in f64.
+pub fn delta<U: Element>(a: &[U], b: &[U], n: usize, k: usize, r: usize, scale: f64) -> Vec<f64> {
+    check_len("a", a.len(), r * k);
+    check_len("b", b.len(), n * r);
+    let at = transpose(&f64s(a), r, k); // K×r
+    matmul_nt(&f64s(b), &at, n, k, r).iter().map(|v| scale * v).collect()
+}
+
+/// `round(W0 + s·B·A)`: exact arithmetic, one rounding per element.
+pub fn merge<T: Element, U: Element>(w0: &[T], a: &[U], b: &[U], n: usize, k: usize, r: usize, scale: f64) -> Vec<T> {
+    check_len("w0", w0.len(), n * k);
+    let d = delta(a, b, n, k, r, scale);
+    w0.iter().zip(&d).map(|(w, d)| T::from_f64(w.to_f64() + d)).collect()
+}
+
+/// `round(W − s·B·A)`: the exact inverse of [`merge`] before rounding.
+pub fn unmerge<T: Element, U: Element>(w: &[T], a: &[U], b: &[U], n: usize, k: usize, r: usize, scale: f64) -> Vec<T> {
+    merge(w, a, b, n, k, r, -scale)
+}
+
+/// `y[i] = round(s · x[i])`.
+pub fn scale<T: Element>(x: &[T], s: f32) -> Vec<T> {
+    x.iter().map(|v| T::from_f64(v.to_f64() * s as f64)).collect()
+}
+
+/// `‖got − want‖₂ / ‖want‖₂` (absolute norm when `want` is all zero). Any NaN or infinity in `got`, or
+/// a length mismatch, gives `f64::INFINITY`, so NaN never passes a tolerance.
+pub fn relative_error<T: Element>(got: &[T], want: &[f64]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    let mut num = 0.0;
+    let mut den = 0.0;
+    for (g, w) in got.iter().zip(want) {
+        let g = g.to_f64();
+        if !g.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (g - w) * (g - w);
+        den += w * w;
+    }
+    let err = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+    if err.is_nan() { f64::INFINITY } else { err }
+}
+
+/// Distance in units in the last place between two finite values of the same dtype (0 = same bits or
+/// ±0), counting across zero; `u64::MAX` when either is NaN.
+pub fn ulp_distance<T: Element>(a: T, b: T) -> u64 {
+    let (fa, fb) = (a.to_f64(), b.to_f64());
+    if fa.is_nan() || fb.is_nan() {
+        return u64::MAX;
+    }
+    let bits = (std::mem::size_of::<T>() * 8) as u32;
+    let key = |v: T| -> i64 {
+        let raw = v.to_bits_u32() as i64;
+        let sign = 1i64 << (bits - 1);
+        if raw & sign != 0 { -(raw & (sign - 1)) } else { raw }
+    };
+    key(a).abs_diff(key(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    /// Small integers: every result is exact, so the formulas are checked, not just approximated.
+    #[test]
+    fn forward_and_backward_on_integers() {
+        let d = Dims { m: 2, n: 3, k: 2, r: 1 };
+        let x = [1.0f32, 2.0, 3.0, 4.0];
+        let w0 = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0];
+        let a = [1.0f32, -1.0];
+        let b = [2.0f32, 0.0, 1.0];
+        let f = forward(&x, &w0, &a, &b, None, d, 0.5);
+        assert_eq!(f.t, vec![-1.0, -1.0]);
+        // X·W0ᵀ = [[1,2,3],[3,4,7]]; s·T·Bᵀ = 0.5·[[-2,0,-1],[-2,0,-1]]
+        assert_eq!(f.y, vec![0.0, 2.0, 2.5, 2.0, 4.0, 6.5]);
+        let dy = [1.0f32, 0.0, 1.0, 0.0, 1.0, 0.0];
+        let g = backward(&x, &w0, &a, &b, &dy, d, 0.5);
+        assert_eq!(g.u, vec![3.0, 0.0]);
+        // dB = 0.5·dYᵀ·T = 0.5·[[-1],[-1],[-1]]
+        assert_eq!(g.db, vec![-0.5, -0.5, -0.5]);
+        // dA = 0.5·Uᵀ·X = 0.5·[3·1+0·3, 3·2+0·4]
+        assert_eq!(g.da, vec![1.5, 3.0]);
+        // dX = dY·W0 + 0.5·U·A = [[2,1],[0,1]] + [[1.5,-1.5],[0,0]]
+        assert_eq!(g.dx, vec![3.5, -0.5, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn merge_rounds_once_and_unmerge_inverts() {
+        let w0: Vec<bf16> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|&v| bf16::from_f32(v)).collect();
+        let a = [1.0f32, 1.0];
+        let b = [0.25f32, -0.5];
+        let merged = merge(&w0, &a, &b, 2, 2, 1, 2.0);
+        let got: Vec<f32> = merged.iter().map(|v| v.to_f32()).collect();
+        assert_eq!(got, vec![1.5, 2.5, 2.0, 3.0]);
+        assert_eq!(unmerge(&merged, &a, &b, 2, 2, 1, 2.0), w0);
+    }
+
+    #[test]
+    fn relative_error_rejects_nan() {
+        assert_eq!(relative_error(&[f32::NAN], &[1.0]), f64::INFINITY);
+        assert_eq!(relative_error(&[1.0f32], &[1.0, 2.0]), f64::INFINITY);
+        assert_eq!(relative_error(&[1.0f32], &[1.0]), 0.0);
+        assert!((relative_error(&[1.1f32], &[1.0]) - 0.1).abs() < 1e-6);
+    }
+
+    #[test]
+    fn ulp_distance_counts_across_zero() {
+        let one = bf16::from_f32(1.0);
+        let next = bf16::from_bits(one.to_bits() + 1);
+        assert_eq!(ulp_distance(one, next), 1);
+        assert_eq!(ulp_distance(bf16::from_bits(0x0001), bf16::from_bits(0x8001)), 2);
+        assert_eq!(ulp_distance(bf16::from_f32(0.0), bf16::from_f32(-0.0)), 0);
+        assert_eq!(ulp_distance(bf16::from_bits(0xFFFF), one), u64::MAX);
+    }
+}

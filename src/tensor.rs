@@ -1,0 +1,222 @@
+//! `Tensor<T>`: a row-major array with a shape, stored on a [`Device`]: a cudarc `CudaSlice` on a GPU,
+//! a guarded host buffer on the emulator.
+
+use cudarc::driver::CudaSlice;
+
+use crate::device::{Backend, Device, GuardedBuf, RawBuffer, StorageMut, StorageRef};
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+
+pub struct Tensor<T: Element> {
+    shape: Vec<usize>,
+    storage: Storage<T>,
+    device: Device,
+}
+
+enum Storage<T> {
+    Cuda(CudaSlice<T>),
+    Host(GuardedBuf),
+}
+
+impl<T: Element> std::fmt::Debug for Tensor<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor<{}>{:?} on {}", T::DTYPE, self.shape, self.device.describe())
+    }
+}
+
+fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+impl<T: Element> Tensor<T> {
+    /// Uploads `data` (row-major, `shape.iter().product()` elements).
+    pub fn from_slice(device: &Device, data: &[T], shape: &[usize]) -> Result<Self> {
+        if data.len() != numel(shape) {
+            return Err(Error::DataLength {
+                op: "Tensor::from_slice",
+                arg: "data",
+                expected: numel(shape),
+                got: data.len(),
+                shape: shape.to_vec(),
+            });
+        }
+        let storage = match device.backend() {
+            Backend::Cuda(c) => Storage::Cuda(
+                c.stream()
+                    .clone_htod(data)
+                    .map_err(Error::cuda("uploading a tensor"))?,
+            ),
+            Backend::Emulator(_) => {
+                let mut buf = GuardedBuf::new(std::mem::size_of_val(data), 0);
+                buf.bytes_mut().copy_from_slice(bytemuck::cast_slice(data));
+                Storage::Host(buf)
+            }
+        };
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage,
+            device: device.clone(),
+        })
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(device: &Device, shape: &[usize]) -> Result<Self> {
+        let n = numel(shape);
+        let storage = match device.backend() {
+            Backend::Cuda(c) => Storage::Cuda(
+                c.stream()
+                    .alloc_zeros::<T>(n)
+                    .map_err(Error::cuda("allocating a tensor"))?,
+            ),
+            Backend::Emulator(_) => Storage::Host(GuardedBuf::new(n * std::mem::size_of::<T>(), 0)),
+        };
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage,
+            device: device.clone(),
+        })
+    }
+
+    /// Wraps an existing cudarc allocation without copying (candle and other cudarc users). The slice
+    /// must belong to `device`'s CUDA context and hold exactly `shape.iter().product()` elements.
+    pub fn from_cuda_slice(device: &Device, slice: CudaSlice<T>, shape: &[usize]) -> Result<Self> {
+        let Some(cuda) = device.as_cuda() else {
+            return Err(Error::DeviceMismatch {
+                op: "Tensor::from_cuda_slice",
+                arg: "device",
+                expected: "a CUDA device".into(),
+                got: device.describe(),
+            });
+        };
+        if !std::sync::Arc::ptr_eq(slice.context(), cuda.context()) {
+            return Err(Error::DeviceMismatch {
+                op: "Tensor::from_cuda_slice",
+                arg: "slice",
+                expected: device.describe(),
+                got: format!("another CUDA context (device {})", slice.context().ordinal()),
+            });
+        }
+        if slice.len() != numel(shape) {
+            return Err(Error::DataLength {
+                op: "Tensor::from_cuda_slice",
+                arg: "slice",
+                expected: numel(shape),
+                got: slice.len(),
+                shape: shape.to_vec(),
+            });
+        }
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            storage: Storage::Cuda(slice),
+            device: device.clone(),
+        })
+    }
+
+    /// The underlying cudarc allocation, if on a GPU.
+    pub fn as_cuda_slice(&self) -> Option<&CudaSlice<T>> {
+        match &self.storage {
+            Storage::Cuda(s) => Some(s),
+            Storage::Host(_) => None,
+        }
+    }
+
+    /// Gives the cudarc allocation back (zero-copy), if on a GPU.
+    pub fn into_cuda_slice(self) -> Option<CudaSlice<T>> {
+        match self.storage {
+            Storage::Cuda(s) => Some(s),
+            Storage::Host(_) => None,
+        }
+    }
+
+    /// Downloads the contents (waits for queued work on a GPU).
+    pub fn to_vec(&self) -> Result<Vec<T>> {
+        match &self.storage {
+            Storage::Cuda(s) => {
+                let stream = self.device.as_cuda().expect("CUDA storage on a CUDA device").stream();
+                stream.clone_dtoh(s).map_err(Error::cuda("downloading a tensor"))
+            }
+            // data is 256-byte aligned, so the cast cannot fail
+            Storage::Host(h) => Ok(bytemuck::cast_slice(h.bytes()).to_vec()),
+        }
+    }
+
+    /// Overwrites the contents with `data` (same number of elements).
+    pub fn copy_from_slice(&mut self, data: &[T]) -> Result<()> {
+        if data.len() != self.numel() {
+            return Err(Error::DataLength {
+                op: "Tensor::copy_from_slice",
+                arg: "data",
+                expected: self.numel(),
+                got: data.len(),
+                shape: self.shape.clone(),
+            });
+        }
+        match &mut self.storage {
+            Storage::Cuda(s) => {
+                let stream = self.device.as_cuda().expect("CUDA storage on a CUDA device").stream();
+                stream.memcpy_htod(data, s).map_err(Error::cuda("uploading a tensor"))
+            }
+            Storage::Host(h) => {
+                h.bytes_mut().copy_from_slice(bytemuck::cast_slice(data));
+                Ok(())
+            }
+        }
+    }
+
+    /// Fills with NaN (all bits set), so a kernel that leaves an element unwritten cannot pass a test.
+    pub fn poison(&mut self) -> Result<()> {
+        let data = vec![T::poison(); self.numel()];
+        self.copy_from_slice(&data)
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+    pub fn dtype(&self) -> DType {
+        T::DTYPE
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Data address of an emulator tensor (for test kernels launched with `emu_launch_raw`).
+    #[doc(hidden)]
+    pub fn emu_data_ptr(&mut self) -> Option<*mut T> {
+        match &mut self.storage {
+            Storage::Host(h) => Some(h.data_ptr() as *mut T),
+            Storage::Cuda(_) => None,
+        }
+    }
+}
+
+impl<T: Element> RawBuffer for Tensor<T> {
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn byte_range(&self) -> (u64, u64) {
+        let bytes = (self.numel() * std::mem::size_of::<T>()) as u64;
+        match &self.storage {
+            Storage::Cuda(s) => {
+                let stream = self.device.as_cuda().expect("CUDA storage on a CUDA device").stream();
+                let (ptr, _guard) = cudarc::driver::DevicePtr::device_ptr(s, stream);
+                (ptr, bytes)
+            }
+            Storage::Host(h) => (h.data_ptr() as u64, bytes),
+        }
+    }
+    fn storage(&self) -> StorageRef<'_> {
+        match &self.storage {
+            Storage::Cuda(s) => StorageRef::Cuda(s),
+            Storage::Host(h) => StorageRef::Host(h),
+        }
+    }
+    fn storage_mut(&mut self) -> StorageMut<'_> {
+        match &mut self.storage {
+            Storage::Cuda(s) => StorageMut::Cuda(s),
+            Storage::Host(h) => StorageMut::Host(h),
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Shared test helpers: the devices every kernel test runs on, fresh random data, fixture loading.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use lora_kernels::{Device, EmuConfig, Element, ThreadOrder};
+
+/// The emulator under two thread orders (ascending and a seeded shuffle): a kernel whose bits differ
+/// between them has a race.
+pub fn emulators() -> Vec<Device> {
+    vec![
+        Device::emulator_with(EmuConfig { order: ThreadOrder::Ascending, seed: 0 }),
+        Device::emulator_with(EmuConfig { order: ThreadOrder::Shuffled, seed: seed() }),
+    ]
+}
+
+/// The GPU when one can be used; otherwise prints why the GPU run is skipped, or panics when
+/// `LK_REQUIRE_GPU=1`.
+pub fn gpu() -> Option<Device> {
+    match Device::cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            if std::env::var("LK_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("LK_REQUIRE_GPU=1 but the CUDA backend is unavailable: {e}");
+            }
+            eprintln!("GPU run skipped: {e}");
+            None
+        }
+    }
+}
+
+/// Emulators, plus the GPU when present.
+pub fn all_devices() -> Vec<Device> {
+    let mut d = emulators();
+    d.extend(gpu());
+    d
+}
+
+/// Seed for this test process: `LK_TEST_SEED` to reproduce, else fresh from the clock (printed).
+pub fn seed() -> u64 {
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SEED.get_or_init(|| {
+        let s = std::env::var("LK_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        });
+        eprintln!("LK_TEST_SEED={s}");
+        s
+    })
+}
+
+/// splitmix64: small, good enough for test data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(stream: u64) -> Self {
+        Rng(seed() ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    }
+    pub fn vec<T: Element>(&mut self, n: usize, amplitude: f64) -> Vec<T> {
+        (0..n).map(|_| T::from_f64(self.uniform() * amplitude)).collect()
+    }
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft").join(name)
+}
+
+/// A safetensors file, read whole.
+pub struct Fixture(Vec<u8>);
+
+impl Fixture {
+    pub fn open(name: &str) -> Self {
+        let path = fixture(name);
+        Fixture(std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+    }
+    pub fn tensors(&self) -> safetensors::SafeTensors<'_> {
+        safetensors::SafeTensors::deserialize(&self.0).expect("valid safetensors fixture")
+    }
+    /// Tensor `name` as f32 (from F32 or BF16 storage) with its shape.
+    pub fn f32(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
+        let st = self.tensors();
+        let t = st.tensor(name).unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"));
+        let data = match t.dtype() {
+            safetensors::Dtype::F32 => bytemuck_f32(t.data()),
+            safetensors::Dtype::BF16 => t
+                .data()
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => panic!("fixture tensor {name} has unexpected dtype {other:?}"),
+        };
+        (data, t.shape().to_vec())
+    }
+    /// Tensor `name`, which must be stored as BF16.
+    pub fn bf16(&self, name: &str) -> (Vec<half::bf16>, Vec<usize>) {
+        let st = self.tensors();
+        let t = st.tensor(name).unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"));
+        assert_eq!(t.dtype(), safetensors::Dtype::BF16, "{name}");
+        let data = t.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect();
+        (data, t.shape().to_vec())
+    }
+    pub fn names(&self) -> Vec<String> {
+        let mut n: Vec<String> = self.tensors().names().into_iter().map(|s| s.to_string()).collect();
+        n.sort();
+        n
+    }
+}
+
+fn bytemuck_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// One layer case of cases.json.
+pub struct LayerCase {
+    pub name: String,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub r: usize,
+    pub scale: f64,
+}
+
+pub fn layer_cases() -> Vec<LayerCase> {
+    let text = std::fs::read_to_string(fixture("cases.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| LayerCase {
+            name: c["name"].as_str().unwrap().to_string(),
+            m: c["m"].as_u64().unwrap() as usize,
+            n: c["n"].as_u64().unwrap() as usize,
+            k: c["k"].as_u64().unwrap() as usize,
+            r: c["rank"].as_u64().unwrap() as usize,
+            scale: c["scale"].as_f64().unwrap(),
+        })
+        .collect()
+}

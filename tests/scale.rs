@@ -1,0 +1,58 @@
+//! The trivial kernel through the whole path (build.rs -> embedded module / emulator -> launch plan ->
+//! safe op) against the reference, on the emulator under two thread orders and on the GPU if present.
+
+mod common;
+
+use common::Rng;
+use half::{bf16, f16};
+use lora_kernels::{Device, Element, Tensor, ops, reference};
+
+/// Sizes around the block (256) and vector widths: 1, 2^k ± 1, several blocks.
+const SIZES: &[usize] = &[1, 2, 7, 255, 256, 257, 1023, 4097];
+
+fn check<T: Element>(device: &Device, tol: f64) {
+    let mut rng = Rng::new(T::DTYPE as u64);
+    for &n in SIZES {
+        let s = (rng.uniform() * 4.0) as f32;
+        let x: Vec<T> = rng.vec(n, 8.0);
+        let xt = Tensor::from_slice(device, &x, &[n]).unwrap();
+        let mut y = Tensor::<T>::zeros(device, &[n]).unwrap();
+        y.poison().unwrap();
+        ops::scale(&xt, s, &mut y).unwrap();
+        let got = y.to_vec().unwrap();
+        // one f32 multiply, one rounding: the reference's single rounding of the exact product agrees
+        // bit for bit except where f32 rounding of the product moved a bf16/f16 tie.
+        let want: Vec<f64> = x.iter().map(|v| v.to_f64() * s as f64).collect();
+        let err = reference::relative_error(&got, &want);
+        assert!(err <= tol, "{device:?} {} n={n}: relative error {err:e} > {tol:e}", T::DTYPE);
+        let exact = reference::scale(&x, s);
+        let same = got.iter().zip(&exact).filter(|(a, b)| a.to_bits_u32() == b.to_bits_u32()).count();
+        assert!(same as f64 >= 0.99 * n as f64, "{device:?} {} n={n}: only {same}/{n} bit-exact", T::DTYPE);
+    }
+}
+
+#[test]
+fn scale_matches_reference_on_every_device() {
+    for device in common::all_devices() {
+        check::<bf16>(&device, 1e-2);
+        check::<f16>(&device, 1e-3);
+        check::<f32>(&device, 1e-6);
+    }
+}
+
+#[test]
+fn scale_is_identical_under_two_thread_orders() {
+    let mut rng = Rng::new(99);
+    let x: Vec<bf16> = rng.vec(1000, 3.0);
+    let outs: Vec<Vec<bf16>> = common::emulators()
+        .iter()
+        .map(|d| {
+            let xt = Tensor::from_slice(d, &x, &[10, 100]).unwrap();
+            let mut y = Tensor::<bf16>::zeros(d, &[10, 100]).unwrap();
+            y.poison().unwrap();
+            ops::scale(&xt, 1.5, &mut y).unwrap();
+            y.to_vec().unwrap()
+        })
+        .collect();
+    assert_eq!(outs[0], outs[1]);
+}
