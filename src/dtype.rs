@@ -37,7 +37,15 @@ impl fmt::Display for DType {
 
 /// A type a [`crate::Tensor`] can hold.
 pub trait Element:
-    Copy + Send + Sync + fmt::Debug + PartialEq + bytemuck::Pod + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + 'static
+    Copy
+    + Send
+    + Sync
+    + fmt::Debug
+    + PartialEq
+    + bytemuck::Pod
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
+    + 'static
 {
     const DTYPE: DType;
     /// Exact.
@@ -66,7 +74,11 @@ fn f64_to_f32_round_odd(v: f64) -> f32 {
     }
     // inexact and even: step one ulp towards v, which gives the odd neighbour bracketing v
     let towards_zero = (f as f64).abs() > v.abs();
-    let bits = if f.is_infinite() || towards_zero { bits - 1 } else { bits + 1 };
+    let bits = if f.is_infinite() || towards_zero {
+        bits - 1
+    } else {
+        bits + 1
+    };
     f32::from_bits(bits)
 }
 
@@ -144,12 +156,18 @@ mod tests {
     #[test]
     fn from_f64_rounds_once() {
         // 1 + 2^-8 is exactly halfway between two bf16 values (8 significand bits): ties to even -> 1.0
-        assert_eq!(bf16::from_f64(1.0 + 2f64.powi(-8)).to_bits(), bf16::from_f32(1.0).to_bits());
+        assert_eq!(
+            bf16::from_f64(1.0 + 2f64.powi(-8)).to_bits(),
+            bf16::from_f32(1.0).to_bits()
+        );
         // a hair above the tie must round up; f64 -> f32 RNE alone would lose the hair and tie to even
         let v = 1.0 + 2f64.powi(-8) + 2f64.powi(-40);
         assert_eq!(<bf16 as Element>::from_f64(v).to_f64(), 1.0 + 2f64.powi(-7));
         // the truncating conversion of the half crate would give 1.0 here
-        assert_ne!(bf16::from_f64(v).to_bits(), <bf16 as Element>::from_f64(v).to_bits());
+        assert_ne!(
+            bf16::from_f64(v).to_bits(),
+            <bf16 as Element>::from_f64(v).to_bits()
+        );
         let v = 1.0 + 2f64.powi(-11) + 2f64.powi(-45);
         assert_eq!(<f16 as Element>::from_f64(v).to_f64(), 1.0 + 2f64.powi(-10));
         assert_eq!(<bf16 as Element>::from_f64(-v).to_f64(), -1.0);

@@ -20,14 +20,20 @@ pub enum Error {
         expected: DType,
         got: DType,
     },
-    #[error("{op}: argument `{arg}` is empty (shape {shape:?}); every dimension must be at least 1")]
+    #[error(
+        "{op}: argument `{arg}` is empty (shape {shape:?}); every dimension must be at least 1"
+    )]
     Empty {
         op: &'static str,
         arg: &'static str,
         shape: Vec<usize>,
     },
     #[error("{op}: LoRA rank r = {r} is out of range, expected 1 ..= {max}")]
-    Rank { op: &'static str, r: usize, max: usize },
+    Rank {
+        op: &'static str,
+        r: usize,
+        max: usize,
+    },
     #[error("{op}: argument `{arg}` lives on {got}, expected a tensor of {expected}")]
     DeviceMismatch {
         op: &'static str,
@@ -41,7 +47,9 @@ pub enum Error {
         arg: &'static str,
         requirement: String,
     },
-    #[error("{op}: arguments `{a}` and `{b}` overlap in memory; the output must not alias an input")]
+    #[error(
+        "{op}: arguments `{a}` and `{b}` overlap in memory; the output must not alias an input"
+    )]
     Aliasing {
         op: &'static str,
         a: &'static str,
@@ -53,7 +61,9 @@ pub enum Error {
         arg: &'static str,
         value: f64,
     },
-    #[error("{op}: argument `{arg}` has {got} elements, expected {expected} (the product of shape {shape:?})")]
+    #[error(
+        "{op}: argument `{arg}` has {got} elements, expected {expected} (the product of shape {shape:?})"
+    )]
     DataLength {
         op: &'static str,
         arg: &'static str,
@@ -77,7 +87,10 @@ pub enum Error {
         source: cudarc::driver::DriverError,
     },
     #[error("emulator: kernel `{kernel}` failed: {message}")]
-    Emulator { kernel: &'static str, message: String },
+    Emulator {
+        kernel: &'static str,
+        message: String,
+    },
     #[error("emulator: kernel `{kernel}` wrote outside argument `{arg}` ({detail})")]
     OutOfBounds {
         kernel: &'static str,
@@ -87,7 +100,9 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn cuda(context: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+    pub(crate) fn cuda(
+        context: impl Into<String>,
+    ) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
         let context = context.into();
         move |source| Error::Cuda { context, source }
     }

@@ -18,7 +18,10 @@ pub use params_bindings::*;
 /// # Safety
 /// Implementors must be `#[repr(C)]` structs generated from `lora_params.h`, so their layout matches the
 /// CUDA side exactly.
-pub unsafe trait KernelParams: cudarc::driver::DeviceRepr + Copy + Send + Sync + 'static {}
+pub unsafe trait KernelParams:
+    cudarc::driver::DeviceRepr + Copy + Send + Sync + 'static
+{
+}
 
 macro_rules! kernel_params {
     ($($t:ty),* $(,)?) => {$(

@@ -40,7 +40,10 @@ fn f64s<T: Element>(v: &[T]) -> Vec<f64> {
 }
 
 fn check_len(name: &str, got: usize, want: usize) {
-    assert_eq!(got, want, "reference: `{name}` has {got} elements, expected {want}");
+    assert_eq!(
+        got, want,
+        "reference: `{name}` has {got} elements, expected {want}"
+    );
 }
 
 /// C (rows×cols) = P (rows×inner) · Qᵀ where Q is cols×inner: the `x·wᵀ` of nn.Linear.
@@ -117,10 +120,16 @@ pub fn backward<T: Element, U: Element>(
     let u = matmul_nt(&dy, &bt, d.m, d.r, d.n); // M×r
     let dyt = transpose(&dy, d.m, d.n); // N×M
     let tt = transpose(&t, d.m, d.r); // r×M
-    let db: Vec<f64> = matmul_nt(&dyt, &tt, d.n, d.r, d.m).iter().map(|v| scale * v).collect();
+    let db: Vec<f64> = matmul_nt(&dyt, &tt, d.n, d.r, d.m)
+        .iter()
+        .map(|v| scale * v)
+        .collect();
     let ut = transpose(&u, d.m, d.r); // r×M
     let xt = transpose(&x, d.m, d.k); // K×M
-    let da: Vec<f64> = matmul_nt(&ut, &xt, d.r, d.k, d.m).iter().map(|v| scale * v).collect();
+    let da: Vec<f64> = matmul_nt(&ut, &xt, d.r, d.k, d.m)
+        .iter()
+        .map(|v| scale * v)
+        .collect();
     let w0t = transpose(&w0, d.n, d.k); // K×N
     let at = transpose(&a, d.r, d.k); // K×r
     let base = matmul_nt(&dy, &w0t, d.m, d.k, d.n);
@@ -134,24 +143,48 @@ pub fn delta<U: Element>(a: &[U], b: &[U], n: usize, k: usize, r: usize, scale: 
     check_len("a", a.len(), r * k);
     check_len("b", b.len(), n * r);
     let at = transpose(&f64s(a), r, k); // K×r
-    matmul_nt(&f64s(b), &at, n, k, r).iter().map(|v| scale * v).collect()
+    matmul_nt(&f64s(b), &at, n, k, r)
+        .iter()
+        .map(|v| scale * v)
+        .collect()
 }
 
 /// `round(W0 + s·B·A)`: exact arithmetic, one rounding per element.
-pub fn merge<T: Element, U: Element>(w0: &[T], a: &[U], b: &[U], n: usize, k: usize, r: usize, scale: f64) -> Vec<T> {
+pub fn merge<T: Element, U: Element>(
+    w0: &[T],
+    a: &[U],
+    b: &[U],
+    n: usize,
+    k: usize,
+    r: usize,
+    scale: f64,
+) -> Vec<T> {
     check_len("w0", w0.len(), n * k);
     let d = delta(a, b, n, k, r, scale);
-    w0.iter().zip(&d).map(|(w, d)| T::from_f64(w.to_f64() + d)).collect()
+    w0.iter()
+        .zip(&d)
+        .map(|(w, d)| T::from_f64(w.to_f64() + d))
+        .collect()
 }
 
 /// `round(W − s·B·A)`: the exact inverse of [`merge`] before rounding.
-pub fn unmerge<T: Element, U: Element>(w: &[T], a: &[U], b: &[U], n: usize, k: usize, r: usize, scale: f64) -> Vec<T> {
+pub fn unmerge<T: Element, U: Element>(
+    w: &[T],
+    a: &[U],
+    b: &[U],
+    n: usize,
+    k: usize,
+    r: usize,
+    scale: f64,
+) -> Vec<T> {
     merge(w, a, b, n, k, r, -scale)
 }
 
 /// `y[i] = round(s · x[i])`.
 pub fn scale<T: Element>(x: &[T], s: f32) -> Vec<T> {
-    x.iter().map(|v| T::from_f64(v.to_f64() * s as f64)).collect()
+    x.iter()
+        .map(|v| T::from_f64(v.to_f64() * s as f64))
+        .collect()
 }
 
 /// `‖got − want‖₂ / ‖want‖₂` (absolute norm when `want` is all zero). Any NaN or infinity in `got`, or
@@ -170,7 +203,11 @@ pub fn relative_error<T: Element>(got: &[T], want: &[f64]) -> f64 {
         num += (g - w) * (g - w);
         den += w * w;
     }
-    let err = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+    let err = if den > 0.0 {
+        (num / den).sqrt()
+    } else {
+        num.sqrt()
+    };
     if err.is_nan() { f64::INFINITY } else { err }
 }
 
@@ -185,7 +222,11 @@ pub fn ulp_distance<T: Element>(a: T, b: T) -> u64 {
     let key = |v: T| -> i64 {
         let raw = v.to_bits_u32() as i64;
         let sign = 1i64 << (bits - 1);
-        if raw & sign != 0 { -(raw & (sign - 1)) } else { raw }
+        if raw & sign != 0 {
+            -(raw & (sign - 1))
+        } else {
+            raw
+        }
     };
     key(a).abs_diff(key(b))
 }
@@ -198,7 +239,12 @@ mod tests {
     /// Small integers: every result is exact, so the formulas are checked, not just approximated.
     #[test]
     fn forward_and_backward_on_integers() {
-        let d = Dims { m: 2, n: 3, k: 2, r: 1 };
+        let d = Dims {
+            m: 2,
+            n: 3,
+            k: 2,
+            r: 1,
+        };
         let x = [1.0f32, 2.0, 3.0, 4.0];
         let w0 = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0];
         let a = [1.0f32, -1.0];
@@ -220,7 +266,10 @@ mod tests {
 
     #[test]
     fn merge_rounds_once_and_unmerge_inverts() {
-        let w0: Vec<bf16> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|&v| bf16::from_f32(v)).collect();
+        let w0: Vec<bf16> = [1.0f32, 2.0, 3.0, 4.0]
+            .iter()
+            .map(|&v| bf16::from_f32(v))
+            .collect();
         let a = [1.0f32, 1.0];
         let b = [0.25f32, -0.5];
         let merged = merge(&w0, &a, &b, 2, 2, 1, 2.0);
@@ -242,7 +291,10 @@ mod tests {
         let one = bf16::from_f32(1.0);
         let next = bf16::from_bits(one.to_bits() + 1);
         assert_eq!(ulp_distance(one, next), 1);
-        assert_eq!(ulp_distance(bf16::from_bits(0x0001), bf16::from_bits(0x8001)), 2);
+        assert_eq!(
+            ulp_distance(bf16::from_bits(0x0001), bf16::from_bits(0x8001)),
+            2
+        );
         assert_eq!(ulp_distance(bf16::from_f32(0.0), bf16::from_f32(-0.0)), 0);
         assert_eq!(ulp_distance(bf16::from_bits(0xFFFF), one), u64::MAX);
     }

@@ -20,7 +20,13 @@ enum Storage<T> {
 
 impl<T: Element> std::fmt::Debug for Tensor<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor<{}>{:?} on {}", T::DTYPE, self.shape, self.device.describe())
+        write!(
+            f,
+            "Tensor<{}>{:?} on {}",
+            T::DTYPE,
+            self.shape,
+            self.device.describe()
+        )
     }
 }
 
@@ -93,7 +99,10 @@ impl<T: Element> Tensor<T> {
                 op: "Tensor::from_cuda_slice",
                 arg: "slice",
                 expected: device.describe(),
-                got: format!("another CUDA context (device {})", slice.context().ordinal()),
+                got: format!(
+                    "another CUDA context (device {})",
+                    slice.context().ordinal()
+                ),
             });
         }
         if slice.len() != numel(shape) {
@@ -132,8 +141,14 @@ impl<T: Element> Tensor<T> {
     pub fn to_vec(&self) -> Result<Vec<T>> {
         match &self.storage {
             Storage::Cuda(s) => {
-                let stream = self.device.as_cuda().expect("CUDA storage on a CUDA device").stream();
-                stream.clone_dtoh(s).map_err(Error::cuda("downloading a tensor"))
+                let stream = self
+                    .device
+                    .as_cuda()
+                    .expect("CUDA storage on a CUDA device")
+                    .stream();
+                stream
+                    .clone_dtoh(s)
+                    .map_err(Error::cuda("downloading a tensor"))
             }
             // data is 256-byte aligned, so the cast cannot fail
             Storage::Host(h) => Ok(bytemuck::cast_slice(h.bytes()).to_vec()),
@@ -153,8 +168,14 @@ impl<T: Element> Tensor<T> {
         }
         match &mut self.storage {
             Storage::Cuda(s) => {
-                let stream = self.device.as_cuda().expect("CUDA storage on a CUDA device").stream();
-                stream.memcpy_htod(data, s).map_err(Error::cuda("uploading a tensor"))
+                let stream = self
+                    .device
+                    .as_cuda()
+                    .expect("CUDA storage on a CUDA device")
+                    .stream();
+                stream
+                    .memcpy_htod(data, s)
+                    .map_err(Error::cuda("uploading a tensor"))
             }
             Storage::Host(h) => {
                 h.bytes_mut().copy_from_slice(bytemuck::cast_slice(data));
@@ -200,7 +221,11 @@ impl<T: Element> RawBuffer for Tensor<T> {
         let bytes = (self.numel() * std::mem::size_of::<T>()) as u64;
         match &self.storage {
             Storage::Cuda(s) => {
-                let stream = self.device.as_cuda().expect("CUDA storage on a CUDA device").stream();
+                let stream = self
+                    .device
+                    .as_cuda()
+                    .expect("CUDA storage on a CUDA device")
+                    .stream();
                 let (ptr, _guard) = cudarc::driver::DevicePtr::device_ptr(s, stream);
                 (ptr, bytes)
             }

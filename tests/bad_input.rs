@@ -15,7 +15,10 @@ fn wrong_shape_names_the_output() {
     let e = ops::scale(&x, 2.0, &mut y).unwrap_err();
     assert!(matches!(e, Error::Shape { arg: "y", .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("`y`") && msg.contains("[5]") && msg.contains("[4]"), "{msg}");
+    assert!(
+        msg.contains("`y`") && msg.contains("[5]") && msg.contains("[4]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -70,7 +73,17 @@ fn non_finite_scale_is_refused() {
 #[test]
 fn data_of_wrong_length_is_refused() {
     let e = Tensor::from_slice(&emu(), &[bf16::ONE; 5], &[2, 3]).unwrap_err();
-    assert!(matches!(e, Error::DataLength { expected: 6, got: 5, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::DataLength {
+                expected: 6,
+                got: 5,
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[test]

@@ -8,7 +8,12 @@ use half::bf16;
 use lora_kernels::reference::{self, Dims};
 
 fn dims(c: &common::LayerCase) -> Dims {
-    Dims { m: c.m, n: c.n, k: c.k, r: c.r }
+    Dims {
+        m: c.m,
+        n: c.n,
+        k: c.k,
+        r: c.r,
+    }
 }
 
 /// f32 fixtures were computed in float64 by PyTorch: the reference must agree to f32 precision.
@@ -20,9 +25,18 @@ fn layer_cases_f32_match_peft() {
         let (x, w0, a, b, dy) = (get("x"), get("w0"), get("a"), get("b"), get("dy"));
         let f = reference::forward(&x, &w0, &a, &b, None, dims(&c), c.scale);
         let g = reference::backward(&x, &w0, &a, &b, &dy, dims(&c), c.scale);
-        for (what, ours, theirs) in [("y", &f.y, get("y")), ("dx", &g.dx, get("dx")), ("da", &g.da, get("da")), ("db", &g.db, get("db"))] {
+        for (what, ours, theirs) in [
+            ("y", &f.y, get("y")),
+            ("dx", &g.dx, get("dx")),
+            ("da", &g.da, get("da")),
+            ("db", &g.db, get("db")),
+        ] {
             let err = reference::relative_error(&theirs, ours);
-            assert!(err < 1e-6, "{} {what}: relative error {err:e} vs PEFT", c.name);
+            assert!(
+                err < 1e-6,
+                "{} {what}: relative error {err:e} vs PEFT",
+                c.name
+            );
         }
     }
 }
@@ -36,23 +50,37 @@ fn layer_cases_bf16_match_peft() {
         let (x, w0, a, b, dy) = (get("x"), get("w0"), get("a"), get("b"), get("dy"));
         let f = reference::forward(&x, &w0, &a, &b, None, dims(&c), c.scale);
         let g = reference::backward(&x, &w0, &a, &b, &dy, dims(&c), c.scale);
-        for (what, ours, theirs) in [("y", &f.y, get("y")), ("dx", &g.dx, get("dx")), ("da", &g.da, get("da")), ("db", &g.db, get("db"))] {
+        for (what, ours, theirs) in [
+            ("y", &f.y, get("y")),
+            ("dx", &g.dx, get("dx")),
+            ("da", &g.da, get("da")),
+            ("db", &g.db, get("db")),
+        ] {
             let err = reference::relative_error(&theirs, ours);
-            assert!(err < 1e-2, "{} {what}: relative error {err:e} vs PEFT bf16", c.name);
+            assert!(
+                err < 1e-2,
+                "{} {what}: relative error {err:e} vs PEFT bf16",
+                c.name
+            );
         }
     }
 }
 
 /// (module name, A f32 r×K, B f32 N×r) for every adapted module, scale = alpha / r.
 fn adapter() -> (Vec<(String, Vec<f32>, Vec<f32>, usize)>, f64) {
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixture("adapter/adapter_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     let r = cfg["r"].as_u64().unwrap() as usize;
     let scale = cfg["lora_alpha"].as_f64().unwrap() / r as f64;
     let fx = Fixture::open("adapter/adapter_model.safetensors");
     let mut modules = Vec::new();
     for name in fx.names() {
-        let Some(module) = name.strip_prefix("base_model.model.").and_then(|n| n.strip_suffix(".lora_A.weight")) else {
+        let Some(module) = name
+            .strip_prefix("base_model.model.")
+            .and_then(|n| n.strip_suffix(".lora_A.weight"))
+        else {
             continue;
         };
         let (a, a_shape) = fx.f32(&name);
@@ -89,10 +117,22 @@ fn checkpoint_merge_and_unmerge_match_peft() {
     let targeted: Vec<String> = modules.iter().map(|m| format!("{}.weight", m.0)).collect();
     // untargeted tensors: PEFT leaves them bit-identical
     for name in base.names().iter().filter(|n| !targeted.contains(n)) {
-        assert_eq!(base.bf16(name).0, merged.bf16(name).0, "{name} changed by PEFT's merge");
+        assert_eq!(
+            base.bf16(name).0,
+            merged.bf16(name).0,
+            "{name} changed by PEFT's merge"
+        );
     }
-    let mut merge_acc = Agreement { exact: 0, total: 0, max_ulp: 0 };
-    let mut unmerge_acc = Agreement { exact: 0, total: 0, max_ulp: 0 };
+    let mut merge_acc = Agreement {
+        exact: 0,
+        total: 0,
+        max_ulp: 0,
+    };
+    let mut unmerge_acc = Agreement {
+        exact: 0,
+        total: 0,
+        max_ulp: 0,
+    };
     for (module, a, b, r) in &modules {
         let key = format!("{module}.weight");
         let (w0, shape) = base.bf16(&key);
@@ -104,8 +144,22 @@ fn checkpoint_merge_and_unmerge_match_peft() {
     }
     for (what, acc) in [("merge", &merge_acc), ("unmerge", &unmerge_acc)] {
         let frac = acc.exact as f64 / acc.total as f64;
-        eprintln!("{what}: {} of {} elements bit-exact ({:.5} %), max {} ulp", acc.exact, acc.total, 100.0 * frac, acc.max_ulp);
-        assert!(frac >= 0.9999, "{what}: only {:.5} % bit-exact", 100.0 * frac);
-        assert!(acc.max_ulp <= 1, "{what}: {} ulp apart somewhere", acc.max_ulp);
+        eprintln!(
+            "{what}: {} of {} elements bit-exact ({:.5} %), max {} ulp",
+            acc.exact,
+            acc.total,
+            100.0 * frac,
+            acc.max_ulp
+        );
+        assert!(
+            frac >= 0.9999,
+            "{what}: only {:.5} % bit-exact",
+            100.0 * frac
+        );
+        assert!(
+            acc.max_ulp <= 1,
+            "{what}: {} ulp apart somewhere",
+            acc.max_ulp
+        );
     }
 }

@@ -24,10 +24,22 @@ fn check<T: Element>(device: &Device, tol: f64) {
         // bit for bit except where f32 rounding of the product moved a bf16/f16 tie.
         let want: Vec<f64> = x.iter().map(|v| v.to_f64() * s as f64).collect();
         let err = reference::relative_error(&got, &want);
-        assert!(err <= tol, "{device:?} {} n={n}: relative error {err:e} > {tol:e}", T::DTYPE);
+        assert!(
+            err <= tol,
+            "{device:?} {} n={n}: relative error {err:e} > {tol:e}",
+            T::DTYPE
+        );
         let exact = reference::scale(&x, s);
-        let same = got.iter().zip(&exact).filter(|(a, b)| a.to_bits_u32() == b.to_bits_u32()).count();
-        assert!(same as f64 >= 0.99 * n as f64, "{device:?} {} n={n}: only {same}/{n} bit-exact", T::DTYPE);
+        let same = got
+            .iter()
+            .zip(&exact)
+            .filter(|(a, b)| a.to_bits_u32() == b.to_bits_u32())
+            .count();
+        assert!(
+            same as f64 >= 0.99 * n as f64,
+            "{device:?} {} n={n}: only {same}/{n} bit-exact",
+            T::DTYPE
+        );
     }
 }
 

@@ -99,7 +99,12 @@ impl CudaDevice {
             .map_err(Error::cuda("synchronizing the stream"))
     }
 
-    fn function(&self, module: &'static str, name: &'static str, smem: u32) -> Result<CudaFunction> {
+    fn function(
+        &self,
+        module: &'static str,
+        name: &'static str,
+        smem: u32,
+    ) -> Result<CudaFunction> {
         let mut functions = self.functions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((f, limit)) = functions.get_mut(name) {
             if smem > *limit {

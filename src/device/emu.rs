@@ -152,7 +152,12 @@ pub(crate) fn launch<P: KernelParams>(
     // pointers are the data addresses of live host buffers borrowed by `args` for this whole call;
     // the op validated shapes, so the kernel's accesses stay inside them (guard zones check that).
     let rc = unsafe {
-        run_emulated(kernel.emu_body, &params as *const P as *const c_void, &launch, &mut err)
+        run_emulated(
+            kernel.emu_body,
+            &params as *const P as *const c_void,
+            &launch,
+            &mut err,
+        )
     };
     if rc != 0 {
         return Err(Error::Emulator {
@@ -176,7 +181,11 @@ pub(crate) unsafe fn run_emulated(
 }
 
 pub(crate) fn c_message(buf: &[c_char]) -> String {
-    let bytes: Vec<u8> = buf.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    let bytes: Vec<u8> = buf
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
@@ -221,5 +230,9 @@ pub unsafe fn launch_raw<P: Copy>(
     let mut err = vec![0 as c_char; 1024];
     // SAFETY: forwarded to the caller.
     let rc = unsafe { run_emulated(body, params as *const P as *const c_void, &launch, &mut err) };
-    if rc == 0 { Ok(()) } else { Err(c_message(&err)) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(c_message(&err))
+    }
 }

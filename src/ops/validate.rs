@@ -5,7 +5,11 @@ use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// Every dimension at least 1.
-pub(crate) fn non_empty<T: Element>(op: &'static str, arg: &'static str, t: &Tensor<T>) -> Result<()> {
+pub(crate) fn non_empty<T: Element>(
+    op: &'static str,
+    arg: &'static str,
+    t: &Tensor<T>,
+) -> Result<()> {
     if t.shape().is_empty() {
         return Err(Error::Shape {
             op,
@@ -43,7 +47,12 @@ pub(crate) fn shape<T: Element>(
     Ok(())
 }
 
-pub(crate) fn dtype(op: &'static str, arg: &'static str, got: DType, expected: DType) -> Result<()> {
+pub(crate) fn dtype(
+    op: &'static str,
+    arg: &'static str,
+    got: DType,
+    expected: DType,
+) -> Result<()> {
     if got != expected {
         return Err(Error::DType {
             op,

@@ -3,14 +3,20 @@
 
 use std::path::PathBuf;
 
-use lora_kernels::{Device, EmuConfig, Element, ThreadOrder};
+use lora_kernels::{Device, Element, EmuConfig, ThreadOrder};
 
 /// The emulator under two thread orders (ascending and a seeded shuffle): a kernel whose bits differ
 /// between them has a race.
 pub fn emulators() -> Vec<Device> {
     vec![
-        Device::emulator_with(EmuConfig { order: ThreadOrder::Ascending, seed: 0 }),
-        Device::emulator_with(EmuConfig { order: ThreadOrder::Shuffled, seed: seed() }),
+        Device::emulator_with(EmuConfig {
+            order: ThreadOrder::Ascending,
+            seed: 0,
+        }),
+        Device::emulator_with(EmuConfig {
+            order: ThreadOrder::Shuffled,
+            seed: seed(),
+        }),
     ]
 }
 
@@ -40,9 +46,15 @@ pub fn all_devices() -> Vec<Device> {
 pub fn seed() -> u64 {
     static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *SEED.get_or_init(|| {
-        let s = std::env::var("LK_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-        });
+        let s = std::env::var("LK_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
         eprintln!("LK_TEST_SEED={s}");
         s
     })
@@ -67,12 +79,16 @@ impl Rng {
         (self.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
     }
     pub fn vec<T: Element>(&mut self, n: usize, amplitude: f64) -> Vec<T> {
-        (0..n).map(|_| T::from_f64(self.uniform() * amplitude)).collect()
+        (0..n)
+            .map(|_| T::from_f64(self.uniform() * amplitude))
+            .collect()
     }
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/peft")
+        .join(name)
 }
 
 /// A safetensors file, read whole.
@@ -89,7 +105,9 @@ impl Fixture {
     /// Tensor `name` as f32 (from F32 or BF16 storage) with its shape.
     pub fn f32(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
         let st = self.tensors();
-        let t = st.tensor(name).unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"));
         let data = match t.dtype() {
             safetensors::Dtype::F32 => bytemuck_f32(t.data()),
             safetensors::Dtype::BF16 => t
@@ -104,20 +122,33 @@ impl Fixture {
     /// Tensor `name`, which must be stored as BF16.
     pub fn bf16(&self, name: &str) -> (Vec<half::bf16>, Vec<usize>) {
         let st = self.tensors();
-        let t = st.tensor(name).unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"));
         assert_eq!(t.dtype(), safetensors::Dtype::BF16, "{name}");
-        let data = t.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect();
+        let data = t
+            .data()
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+            .collect();
         (data, t.shape().to_vec())
     }
     pub fn names(&self) -> Vec<String> {
-        let mut n: Vec<String> = self.tensors().names().into_iter().map(|s| s.to_string()).collect();
+        let mut n: Vec<String> = self
+            .tensors()
+            .names()
+            .into_iter()
+            .map(|s| s.to_string())
+            .collect();
         n.sort();
         n
     }
 }
 
 fn bytemuck_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// One layer case of cases.json.

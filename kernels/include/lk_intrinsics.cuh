@@ -1,0 +1,127 @@
+// lk_intrinsics.cuh: the only way kernels reach tensor-core and async-copy instructions.
+// Under nvcc: inline PTX (mma.sync m16n8k16, ldmatrix, cp.async). Under the emulator (LK_EMU, host
+// compiler with lk_emu_prelude.h): calls into the emulator runtime, which implements the PTX ISA's
+// semantics and fragment layouts. Kernels include this header and nothing architecture-specific.
+//
+// Also: LK_KERNEL_EXPORT(name, Params), which gives every kernel an emulator entry point (and is read by
+// build.rs to generate the Rust kernel table), and LK_DYNAMIC_SMEM(name) for dynamic shared memory.
+#pragma once
+#include <stdint.h>
+
+#ifndef LK_EMU
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+#ifdef LK_EMU
+#define LK_KERNEL_EXPORT(name, Params)                                   \
+    extern "C" void lk_emu_body_##name(const void* p) {                  \
+        name(*static_cast<const Params*>(p));                            \
+    }
+#define LK_DYNAMIC_SMEM(name) unsigned char* name = ::lk_emu::dyn_smem()
+#else
+#define LK_KERNEL_EXPORT(name, Params)
+// One declaration per translation unit: every kernel's dynamic shared memory starts here.
+extern __shared__ __align__(128) unsigned char lk_dyn_smem[];
+#define LK_DYNAMIC_SMEM(name) unsigned char* name = lk_dyn_smem
+#endif
+
+// D = A·B + C, A 16x16 (row), B 16x8 (col), f32 accumulators; fragments as in the PTX ISA.
+__device__ __forceinline__ void lk_mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+#ifdef LK_EMU
+    ::lk_emu::mma_m16n8k16(false, d, a, b, c);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
+}
+
+__device__ __forceinline__ void lk_mma_m16n8k16_f16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+#ifdef LK_EMU
+    ::lk_emu::mma_m16n8k16(true, d, a, b, c);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
+}
+
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16: lanes 8i..8i+7 give the row addresses of matrix i.
+#ifdef LK_EMU
+#define LK_LDMATRIX(N, TRANS, SUFFIX)                                                              \
+    __device__ __forceinline__ void lk_ldmatrix_x##N##SUFFIX(uint32_t r[N], const void* row) {    \
+        ::lk_emu::ldmatrix(N, TRANS, r, row);                                                      \
+    }
+LK_LDMATRIX(1, false, )
+LK_LDMATRIX(2, false, )
+LK_LDMATRIX(4, false, )
+LK_LDMATRIX(1, true, _trans)
+LK_LDMATRIX(2, true, _trans)
+LK_LDMATRIX(4, true, _trans)
+#undef LK_LDMATRIX
+#else
+__device__ __forceinline__ uint32_t lk_smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void lk_ldmatrix_x1(uint32_t r[1], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(lk_smem_addr(row)));
+}
+__device__ __forceinline__ void lk_ldmatrix_x2(uint32_t r[2], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(lk_smem_addr(row)));
+}
+__device__ __forceinline__ void lk_ldmatrix_x4(uint32_t r[4], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(lk_smem_addr(row)));
+}
+__device__ __forceinline__ void lk_ldmatrix_x1_trans(uint32_t r[1], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(lk_smem_addr(row)));
+}
+__device__ __forceinline__ void lk_ldmatrix_x2_trans(uint32_t r[2], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(lk_smem_addr(row)));
+}
+__device__ __forceinline__ void lk_ldmatrix_x4_trans(uint32_t r[4], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(lk_smem_addr(row)));
+}
+#endif
+
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes: copies src_bytes (0..16), zero-fills the rest.
+__device__ __forceinline__ void lk_cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes) {
+#ifdef LK_EMU
+    ::lk_emu::cp_async_16(smem_dst, gmem_src, src_bytes);
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(lk_smem_addr(smem_dst)), "l"(gmem_src), "r"(src_bytes));
+#endif
+}
+
+__device__ __forceinline__ void lk_cp_async_commit() {
+#ifdef LK_EMU
+    ::lk_emu::cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most N committed groups of this thread are still in flight.
+template <int N>
+__device__ __forceinline__ void lk_cp_async_wait() {
+#ifdef LK_EMU
+    ::lk_emu::cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+__device__ __forceinline__ uint32_t lk_pack_bf16x2(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+    uint16_t l, h;
+    memcpy(&l, &lo, 2);
+    memcpy(&h, &hi, 2);
+    return uint32_t(l) | (uint32_t(h) << 16);
+}
+__device__ __forceinline__ uint32_t lk_pack_f16x2(__half lo, __half hi) {
+    uint16_t l, h;
+    memcpy(&l, &lo, 2);
+    memcpy(&h, &hi, 2);
+    return uint32_t(l) | (uint32_t(h) << 16);
+}

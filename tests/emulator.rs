@@ -1,0 +1,435 @@
+//! The emulator's own fidelity: ldmatrix and mma fragment layouts against the PTX ISA formulas on small
+//! integers (exact sums), tiled GEMMs built from them, the speed figure, and planted bugs it must catch.
+//! Test kernels: tests/kernels/*.cu (not part of the library).
+
+mod common;
+
+use std::ffi::c_void;
+use std::time::Instant;
+
+use common::Rng;
+use half::{bf16, f16};
+use lora_kernels::device::emu_launch_raw;
+use lora_kernels::kernel::EmuBody;
+use lora_kernels::{Device, EmuConfig, LaunchPlan, Tensor, ThreadOrder};
+
+include!(concat!(env!("OUT_DIR"), "/test_kernel_decls.rs"));
+
+const ORDERS: [EmuConfig; 3] = [
+    EmuConfig {
+        order: ThreadOrder::Ascending,
+        seed: 0,
+    },
+    EmuConfig {
+        order: ThreadOrder::Descending,
+        seed: 0,
+    },
+    EmuConfig {
+        order: ThreadOrder::Shuffled,
+        seed: 0x5eed,
+    },
+];
+
+fn plan(grid: [u32; 3], threads: u32, smem: u32) -> LaunchPlan {
+    LaunchPlan {
+        grid,
+        block: [threads, 1, 1],
+        smem_bytes: smem,
+    }
+}
+
+fn launch<P: Copy>(
+    cfg: &EmuConfig,
+    body: EmuBody,
+    plan: &LaunchPlan,
+    params: &P,
+) -> Result<(), String> {
+    // SAFETY: each caller passes the params struct its kernel declares, with pointers into live
+    // buffers sized for every access of that kernel under `plan`.
+    unsafe { emu_launch_raw(cfg, body, plan, params) }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LdmatrixProbeParams {
+    src: *const u16,
+    out: *mut u32,
+    variant: i32,
+}
+
+#[test]
+fn ldmatrix_matches_ptx_layout() {
+    // element (matrix j, row r, col c) = j*64 + r*8 + c: every value distinct and exact
+    let src: Vec<u16> = (0..256).collect();
+    let value = |j: usize, r: usize, c: usize| (j * 64 + r * 8 + c) as u32;
+    for variant in 0..6 {
+        let (n, trans) = ([1, 2, 4][variant % 3], variant >= 3);
+        for cfg in &ORDERS {
+            let mut out = vec![0xDEAD_BEEFu32; 128];
+            let p = LdmatrixProbeParams {
+                src: src.as_ptr(),
+                out: out.as_mut_ptr(),
+                variant: variant as i32,
+            };
+            launch(
+                cfg,
+                lk_emu_body_ldmatrix_probe,
+                &plan([1, 1, 1], 32, 512),
+                &p,
+            )
+            .unwrap();
+            for lane in 0..32 {
+                for j in 0..n {
+                    let (lo, hi) = if trans {
+                        (
+                            value(j, 2 * (lane % 4), lane / 4),
+                            value(j, 2 * (lane % 4) + 1, lane / 4),
+                        )
+                    } else {
+                        (
+                            value(j, lane / 4, 2 * (lane % 4)),
+                            value(j, lane / 4, 2 * (lane % 4) + 1),
+                        )
+                    };
+                    assert_eq!(
+                        out[lane * 4 + j],
+                        lo | (hi << 16),
+                        "variant {variant} lane {lane} reg {j}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MmaProbeParams {
+    a: *const u32,
+    b: *const u32,
+    c: *const f32,
+    d: *mut f32,
+}
+
+/// Random small-integer A (16x16), B (16x8), C (16x8); registers laid out per the PTX ISA
+/// ("Matrix Fragments for mma.m16n8k16"); D must equal A·B + C exactly at the formula's positions.
+fn check_mma(body: EmuBody, bits: fn(f32) -> u16, stream: u64) {
+    let mut rng = Rng::new(stream);
+    let mut int = || ((rng.next_u64() % 9) as i32 - 4) as f32;
+    let a: Vec<f32> = (0..256).map(|_| int()).collect();
+    let b: Vec<f32> = (0..128).map(|_| int()).collect();
+    let c: Vec<f32> = (0..128).map(|_| int()).collect();
+    let (mut ar, mut br, mut cr) = (vec![0u32; 128], vec![0u32; 64], vec![0f32; 128]);
+    for lane in 0..32 {
+        let (g, t) = (lane / 4, lane % 4);
+        for e in 0..8 {
+            let (reg, half) = (e / 2, e % 2);
+            let (row, col) = (g + 8 * (reg & 1), t * 2 + half + 8 * (reg >= 2) as usize);
+            ar[lane * 4 + reg] |= (bits(a[row * 16 + col]) as u32) << (16 * half);
+        }
+        for e in 0..4 {
+            let (reg, half) = (e / 2, e % 2);
+            let k = t * 2 + half + 8 * reg;
+            br[lane * 2 + reg] |= (bits(b[k * 8 + g]) as u32) << (16 * half);
+        }
+        for i in 0..4 {
+            cr[lane * 4 + i] = c[(g + 8 * (i >= 2) as usize) * 8 + t * 2 + (i & 1)];
+        }
+    }
+    for cfg in &ORDERS {
+        let mut d = vec![f32::NAN; 128];
+        let p = MmaProbeParams {
+            a: ar.as_ptr(),
+            b: br.as_ptr(),
+            c: cr.as_ptr(),
+            d: d.as_mut_ptr(),
+        };
+        launch(cfg, body, &plan([1, 1, 1], 32, 0), &p).unwrap();
+        for lane in 0..32 {
+            let (g, t) = (lane / 4, lane % 4);
+            for i in 0..4 {
+                let (row, col) = (g + 8 * (i >= 2) as usize, t * 2 + (i & 1));
+                let want: f32 = (0..16)
+                    .map(|k| a[row * 16 + k] * b[k * 8 + col])
+                    .sum::<f32>()
+                    + c[row * 8 + col];
+                assert_eq!(
+                    d[lane * 4 + i],
+                    want,
+                    "lane {lane} d{i} (row {row}, col {col})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn mma_bf16_matches_ptx_layout() {
+    check_mma(
+        lk_emu_body_mma_probe_bf16,
+        |v| bf16::from_f32(v).to_bits(),
+        1,
+    );
+}
+
+#[test]
+fn mma_f16_matches_ptx_layout() {
+    check_mma(lk_emu_body_mma_probe_f16, |v| f16::from_f32(v).to_bits(), 2);
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TiledGemmParams {
+    a: *const bf16,
+    b: *const bf16,
+    c: *mut f32,
+    m: i32,
+    n: i32,
+    k: i32,
+}
+
+/// Runs a tiled GEMM on small integers and returns C; panics unless it equals the naive product.
+fn tiled_gemm(
+    body: EmuBody,
+    tile: usize,
+    threads: u32,
+    smem: u32,
+    (m, n, k): (usize, usize, usize),
+    cfg: &EmuConfig,
+) -> Vec<f32> {
+    let mut rng = Rng::new(7);
+    let mut int = || bf16::from_f32(((rng.next_u64() % 7) as i32 - 3) as f32);
+    let a: Vec<bf16> = (0..m * k).map(|_| int()).collect();
+    let b: Vec<bf16> = (0..n * k).map(|_| int()).collect();
+    let mut c = vec![f32::NAN; m * n];
+    let p = TiledGemmParams {
+        a: a.as_ptr(),
+        b: b.as_ptr(),
+        c: c.as_mut_ptr(),
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+    };
+    let grid = [(n / tile) as u32, (m / tile) as u32, 1];
+    launch(cfg, body, &plan(grid, threads, smem), &p).unwrap();
+    for i in 0..m {
+        for j in 0..n {
+            let want: f32 = (0..k)
+                .map(|l| a[i * k + l].to_f32() * b[j * k + l].to_f32())
+                .sum();
+            assert_eq!(c[i * n + j], want, "C[{i}][{j}]");
+        }
+    }
+    c
+}
+
+#[test]
+fn tiled_gemm_64_is_exact_under_every_order() {
+    let runs: Vec<Vec<f32>> = ORDERS
+        .iter()
+        .map(|cfg| {
+            tiled_gemm(
+                lk_emu_body_tiled_gemm_bf16,
+                64,
+                128,
+                16 * 1024,
+                (64, 64, 64),
+                cfg,
+            )
+        })
+        .collect();
+    assert!(runs.windows(2).all(|w| w[0] == w[1]));
+    tiled_gemm(
+        lk_emu_body_tiled_gemm_bf16,
+        64,
+        128,
+        16 * 1024,
+        (128, 192, 96),
+        &ORDERS[2],
+    );
+}
+
+/// The speed figure of the README: a 128x128-tile bf16 GEMM, 256 threads, M = N = K = 256.
+#[test]
+fn tiled_gemm_128_speed() {
+    let start = Instant::now();
+    tiled_gemm(
+        lk_emu_body_tiled_gemm128_bf16,
+        128,
+        256,
+        32 * 1024,
+        (256, 256, 256),
+        &ORDERS[0],
+    );
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "emulated 128x128-tile GEMM, 256 threads, M=N=K=256: {secs:.3} s (includes the CPU check)"
+    );
+    assert!(secs < 5.0, "the emulator took {secs:.2} s");
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PlantedParams {
+    x: *const f32,
+    y: *mut f32,
+    n: i32,
+    bug: i32,
+}
+
+/// Runs a planted-bug kernel under every order; returns each order's output or error.
+fn run_planted(
+    body: EmuBody,
+    threads: u32,
+    smem: u32,
+    n: usize,
+    bug: i32,
+) -> Vec<Result<Vec<f32>, String>> {
+    let x: Vec<f32> = (0..n).map(|i| i as f32 + 1.0).collect();
+    ORDERS
+        .iter()
+        .map(|cfg| {
+            let mut y = vec![f32::NAN; n];
+            let p = PlantedParams {
+                x: x.as_ptr(),
+                y: y.as_mut_ptr(),
+                n: n as i32,
+                bug,
+            };
+            launch(cfg, body, &plan([1, 1, 1], threads, smem), &p).map(|()| y)
+        })
+        .collect()
+}
+
+/// Caught: an error, or a NaN (poison) in the output, or outputs that differ between orders.
+fn caught(runs: &[Result<Vec<f32>, String>]) -> bool {
+    runs.iter().any(|r| match r {
+        Err(_) => true,
+        Ok(y) => y.iter().any(|v| v.is_nan()),
+    }) || runs.windows(2).any(|w| w[0] != w[1])
+}
+
+fn clean(runs: &[Result<Vec<f32>, String>]) -> Vec<f32> {
+    let first = runs[0].clone().unwrap();
+    assert!(first.iter().all(|v| v.is_finite()));
+    for r in runs {
+        assert_eq!(r.as_ref().unwrap(), &first);
+    }
+    first
+}
+
+#[test]
+fn catches_missing_syncthreads() {
+    let good = clean(&run_planted(
+        lk_emu_body_planted_missing_sync,
+        64,
+        256,
+        64,
+        0,
+    ));
+    assert_eq!(good[0], 4.0);
+    assert!(caught(&run_planted(
+        lk_emu_body_planted_missing_sync,
+        64,
+        256,
+        64,
+        1
+    )));
+}
+
+#[test]
+fn catches_missing_cp_async_wait() {
+    let good = clean(&run_planted(
+        lk_emu_body_planted_missing_wait,
+        32,
+        512,
+        128,
+        0,
+    ));
+    assert_eq!(good[0], 5.0);
+    assert!(caught(&run_planted(
+        lk_emu_body_planted_missing_wait,
+        32,
+        512,
+        128,
+        1
+    )));
+}
+
+#[test]
+fn catches_divergent_barriers() {
+    clean(&run_planted(
+        lk_emu_body_planted_divergent_barrier,
+        32,
+        128,
+        32,
+        0,
+    ));
+    for bug in [1, 2] {
+        let runs = run_planted(lk_emu_body_planted_divergent_barrier, 32, 128, 32, bug);
+        for r in &runs {
+            let e = r.as_ref().expect_err("a barrier bug must be an error");
+            let want = if bug == 1 {
+                "partial __syncthreads"
+            } else {
+                "divergent __syncthreads"
+            };
+            assert!(e.contains(want), "{e}");
+        }
+    }
+}
+
+/// Out-of-bounds reads are caught by the emulator tensors' guard zones (NaN), not by a sanitizer.
+#[test]
+fn catches_read_past_the_end() {
+    let dev = Device::emulator();
+    for bug in [0, 1] {
+        let n = 100;
+        let data: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let mut x = Tensor::from_slice(&dev, &data, &[n]).unwrap();
+        let mut y = Tensor::<f32>::zeros(&dev, &[n]).unwrap();
+        y.poison().unwrap();
+        let p = PlantedParams {
+            x: x.emu_data_ptr().unwrap(),
+            y: y.emu_data_ptr().unwrap(),
+            n: n as i32,
+            bug,
+        };
+        launch(
+            &ORDERS[0],
+            lk_emu_body_planted_oob_read,
+            &plan([4, 1, 1], 32, 0),
+            &p,
+        )
+        .unwrap();
+        let out = y.to_vec().unwrap();
+        if bug == 0 {
+            assert_eq!(out[n - 1], (n - 1) as f32);
+            assert!(out.iter().all(|v| v.is_finite()));
+        } else {
+            assert!(
+                out[n - 1].is_nan(),
+                "the read past the end must bring in the guard's NaN"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_launch_configuration_is_an_error() {
+    let p = PlantedParams {
+        x: std::ptr::null(),
+        y: std::ptr::null_mut(),
+        n: 0,
+        bug: 0,
+    };
+    let e = launch(
+        &ORDERS[0],
+        lk_emu_body_planted_oob_read,
+        &plan([1, 1, 1], 2048, 0),
+        &p,
+    )
+    .unwrap_err();
+    assert!(e.contains("1..=1024"), "{e}");
+    let _ = std::ptr::null::<c_void>();
+}
