@@ -66,8 +66,11 @@ fn layer_cases_bf16_match_peft() {
     }
 }
 
-/// (module name, A f32 r×K, B f32 N×r) for every adapted module, scale = alpha / r.
-fn adapter() -> (Vec<(String, Vec<f32>, Vec<f32>, usize)>, f64) {
+/// One adapted module: (name, A f32 r×K, B f32 N×r, r).
+type AdaptedModule = (String, Vec<f32>, Vec<f32>, usize);
+
+/// Every adapted module of the fixture adapter, and scale = alpha / r.
+fn adapter() -> (Vec<AdaptedModule>, f64) {
     let cfg: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(common::fixture("adapter/adapter_config.json")).unwrap(),
     )
