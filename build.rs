@@ -228,7 +228,8 @@ fn build_emulator(root: &Path, out: &Path, kernels: &[PathBuf], test_kernels: &[
             .define("LK_EMU", "1")
             .warnings(true)
             .extra_warnings(true)
-            .flag_if_supported("-fno-strict-aliasing");
+            .flag_if_supported("-fno-strict-aliasing")
+            .flag_if_supported("-Wno-unknown-pragmas");
         b
     };
     let kernel_build = |files: &[PathBuf]| {
@@ -270,6 +271,7 @@ fn generate_bindings(root: &Path, out: &Path) {
     let result = std::panic::catch_unwind(|| {
         let mut b = bindgen::Builder::default()
             .allowlist_type("Lk.*")
+            .allowlist_var("LK_.*")
             .derive_default(true)
             .derive_debug(true)
             .layout_tests(true)

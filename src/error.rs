@@ -28,6 +28,13 @@ pub enum Error {
         arg: &'static str,
         shape: Vec<usize>,
     },
+    #[error("{op}: argument `{arg}` has dtype {got}; this op supports {supported}")]
+    UnsupportedDType {
+        op: &'static str,
+        arg: &'static str,
+        got: DType,
+        supported: &'static str,
+    },
     #[error("{op}: LoRA rank r = {r} is out of range, expected 1 ..= {max}")]
     Rank {
         op: &'static str,

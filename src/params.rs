@@ -38,7 +38,15 @@ macro_rules! kernel_params {
     )*};
 }
 
-kernel_params!(LkScaleParams);
+kernel_params!(
+    LkScaleParams,
+    LkFusedGemmParams,
+    LkShrinkParams,
+    LkLowrankGradParams,
+    LkLowrankFinalizeParams,
+    LkSmallMParams,
+    LkMergeParams,
+);
 
 #[cfg(all(test, lk_bindgen_fresh))]
 mod freshness {

@@ -23,7 +23,7 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static thread_local
 
 struct uint3 {
@@ -158,6 +158,18 @@ inline __half2 __floats2half2_rn(float a, float b) { return __half2{__float2half
 inline float2 __bfloat1622float2(__nv_bfloat162 v) { return float2{__bfloat162float(v.x), __bfloat162float(v.y)}; }
 inline float2 __half22float2(__half2 v) { return float2{__half2float(v.x), __half2float(v.y)}; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+// Explicitly rounded f32 ops (never contracted into an fma), as CUDA's intrinsics.
+inline float __fmul_rn(float a, float b) {
+    volatile float r = a * b;
+    return r;
+}
+inline float __fadd_rn(float a, float b) {
+    volatile float r = a + b;
+    return r;
+}
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
 
 using std::max;
 using std::min;

@@ -22,4 +22,121 @@ typedef struct LkScaleParams {
     uint32_t n;
 } LkScaleParams;
 
+/* ---- flags shared by the LoRA kernels ---- */
+/* Operand alignment bits: set by the Rust side when that operand's base address is 16-byte aligned and
+ * its leading dimension a multiple of 8 elements, so 16-byte vector loads (cp.async) are legal. A clear
+ * bit selects the element-wise, bounds-checked load path of the same kernel. */
+#define LK_ALIGNED_A 1u
+#define LK_ALIGNED_B 2u
+#define LK_ALIGNED_L 4u
+#define LK_ALIGNED_R 8u
+
+/* fused_gemm tiling, shared with the Rust launch plan: BM × BN output tile per block of
+ * LK_FUSED_GEMM_THREADS threads, LK_FUSED_GEMM_SMEM_BYTES of dynamic shared memory (3 cp.async stages). */
+#define LK_FUSED_GEMM_BM 128u
+#define LK_FUSED_GEMM_BN 128u
+#define LK_FUSED_GEMM_THREADS 256u
+#define LK_FUSED_GEMM_SMEM_BYTES 61440u
+
+/* C = A·op(B) + scale·L·op(R) (+ bias) in one tensor-core kernel (kernels/fused_gemm.cu): the low-rank
+ * product is k-steps of the same main loop, C is written once.
+ *   A: m × k (lda), L: m × rank (ldl), both row-major.
+ *   "nt" kernels: B is n × k (ldb), R is n × rank (ldr)   -> forward: Y = X·W0ᵀ + s·T·Bᵀ.
+ *   "nn" kernels: B is k × n (ldb), R is rank × n (ldr)   -> backward: dX = dY·W0 + s·U·A.
+ *   bias: n elements or NULL. C: m × n (ldc). */
+typedef struct LkFusedGemmParams {
+    const void* a;
+    const void* b;
+    const void* l;
+    const void* r;
+    const void* bias;
+    void* c;
+    uint32_t m;
+    uint32_t n;
+    uint32_t k;
+    uint32_t rank;
+    uint32_t lda;
+    uint32_t ldb;
+    uint32_t ldl;
+    uint32_t ldr;
+    uint32_t ldc;
+    uint32_t flags;
+    float scale;
+} LkFusedGemmParams;
+
+/* out = P·op(Q), rank ≤ 128 output columns (kernels/shrink.cu): T = X·Aᵀ ("nt", Q is rank × inner) and
+ * U = dY·B ("nn", Q is inner × rank). P is m × inner (ldp), out is m × rank (dense). */
+typedef struct LkShrinkParams {
+    const void* p;
+    const void* q;
+    void* out;
+    uint32_t m;
+    uint32_t inner;
+    uint32_t rank;
+    uint32_t ldp;
+    uint32_t ldq;
+} LkShrinkParams;
+
+/* G = scale · Pᵀ·Q, a reduction over the m rows of P (m × rows_g) and Q (m × cols_g)
+ * (kernels/lowrank_grad.cu): dB = s·dYᵀ·T and dA = s·Uᵀ·X. The m range is cut into `splits` fixed
+ * chunks (chosen from the shape only); with splits > 1 each chunk writes f32 partial sums to
+ * `partial` (splits × rows_g × cols_g) and the finalize kernel adds them in chunk order, so the bits do
+ * not depend on scheduling. With splits == 1 the kernel writes G directly. */
+typedef struct LkLowrankGradParams {
+    const void* p;
+    const void* q;
+    float* partial;
+    void* g;
+    uint32_t m;
+    uint32_t rows_g;
+    uint32_t cols_g;
+    uint32_t ldp;
+    uint32_t ldq;
+    uint32_t splits;
+    uint32_t rows_per_split;
+    float scale;
+} LkLowrankGradParams;
+
+/* G = round(scale · Σ_split partial[split]) (kernels/lowrank_grad.cu). */
+typedef struct LkLowrankFinalizeParams {
+    const float* partial;
+    void* g;
+    uint32_t count;
+    uint32_t splits;
+    float scale;
+} LkLowrankFinalizeParams;
+
+/* LK_SMALL_M_MAX: the largest m the small-M kernel takes; the launch plan picks it for m ≤ this. */
+#define LK_SMALL_M_MAX 16u
+
+/* Small-M forward (M ≤ 16, decoding; kernels/small_m.cu): Y = X·W0ᵀ + scale·T·Bᵀ (+ bias), W0 streamed
+ * once, K split across the lanes of a warp and reduced in a fixed order. X: m × k, W0: n × k,
+ * T: m × rank, B: n × rank, bias: n or NULL, Y: m × n, all dense. */
+typedef struct LkSmallMParams {
+    const void* x;
+    const void* w0;
+    const void* t;
+    const void* b;
+    const void* bias;
+    void* y;
+    uint32_t m;
+    uint32_t n;
+    uint32_t k;
+    uint32_t rank;
+    float scale;
+} LkSmallMParams;
+
+/* In-place merge (kernels/merge.cu): W ← round(W + scale·B·A), f32 arithmetic, one rounding per
+ * element, one read and one write of W. W: n × k, A: rank × k, B: n × rank, dense. Unmerge is the same
+ * kernel with -scale. */
+typedef struct LkMergeParams {
+    void* w;
+    const void* a;
+    const void* b;
+    uint32_t n;
+    uint32_t k;
+    uint32_t rank;
+    float scale;
+} LkMergeParams;
+
 #endif /* LORA_PARAMS_H */

@@ -1,7 +1,17 @@
 //! Safe functional ops: each validates shapes, dtypes, devices, sizes and scalars, returns an [`Error`]
-//! naming the argument on the first problem, then launches once through [`crate::Device`].
+//! naming the argument on the first problem, then launches through [`crate::Device`].
+//!
+//! [`Error`]: crate::Error
 
+mod launch;
+mod lora;
+mod merge;
 mod scale;
 mod validate;
 
+pub use lora::{
+    ForwardOutput, Gradients, lora_backward, lora_backward_into, lora_forward, lora_forward_into,
+};
+pub use merge::{merge, unmerge};
 pub use scale::scale;
+pub use validate::MAX_RANK;

@@ -84,3 +84,49 @@ pub(crate) fn fits_u32(op: &'static str, arg: &'static str, v: usize) -> Result<
         max: u32::MAX as usize,
     })
 }
+
+/// A non-empty rank-2 tensor; returns (rows, cols).
+pub(crate) fn matrix<T: Element>(
+    op: &'static str,
+    arg: &'static str,
+    t: &Tensor<T>,
+    names: &str,
+) -> Result<(usize, usize)> {
+    non_empty(op, arg, t)?;
+    match t.shape() {
+        &[rows, cols] => Ok((rows, cols)),
+        other => Err(Error::Shape {
+            op,
+            arg,
+            expected: format!("a matrix {names}"),
+            got: other.to_vec(),
+        }),
+    }
+}
+
+/// bf16 or f16: the tensor-core kernels' element types.
+pub(crate) fn half_dtype(op: &'static str, arg: &'static str, got: DType) -> Result<()> {
+    match got {
+        DType::BF16 | DType::F16 => Ok(()),
+        DType::F32 => Err(Error::UnsupportedDType {
+            op,
+            arg,
+            got,
+            supported: "bf16 and f16",
+        }),
+    }
+}
+
+/// The largest LoRA rank the kernels take.
+pub const MAX_RANK: usize = 128;
+
+pub(crate) fn rank(op: &'static str, r: usize) -> Result<()> {
+    if r == 0 || r > MAX_RANK {
+        return Err(Error::Rank {
+            op,
+            r,
+            max: MAX_RANK,
+        });
+    }
+    Ok(())
+}

@@ -1,6 +1,8 @@
 //! Shared test helpers: the devices every kernel test runs on, fresh random data, fixture loading.
 #![allow(dead_code)]
 
+pub mod lora;
+
 use std::path::PathBuf;
 
 use lora_kernels::{Device, Element, EmuConfig, ThreadOrder};

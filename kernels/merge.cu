@@ -1,0 +1,89 @@
+// merge.cu: in-place merge / unmerge of a LoRA adapter, W ← round(W + s·B·A) (unmerge: s → −s).
+//
+// W (n × k) is read once and written once; A (rank × k) and B (n × rank) are small and re-read from
+// L2. Per element: acc = Σ_j B[n][j]·A[j][k] in f32 (j ascending), d = round_f32(s·acc),
+// w = round_f32(W + d), then one rounding to W's dtype: the order PyTorch/PEFT use for
+// `W += (B @ A) * scaling` with an f32 adapter, so merges agree with PEFT's bit for bit on all but a
+// handful of elements (tests/merge.rs measures the fraction). Explicit __fmul_rn/__fadd_rn keep nvcc
+// from contracting the last two steps into an fma.
+//
+// Tiling: a block of 256 threads owns 64 rows × 128 columns of W; each thread 4 rows × 8 columns
+// (one 16-byte vector per row when aligned). Rank is consumed in chunks of 32 staged in shared
+// memory as f32, so any rank 1..=128 (or more) works with 24 KiB of static shared memory.
+#include "lk_tile.cuh"
+#include "lora_params.h"
+
+namespace {
+constexpr int kRows = 64, kCols = 128, kRankChunk = 32, kThreads = 256;
+
+template <typename TW, typename TA>
+__device__ __forceinline__ void merge_impl(const LkMergeParams& p) {
+    __shared__ float bs[kRows][kRankChunk + 1];
+    __shared__ __align__(16) float as[kRankChunk][kCols];
+    TW* w = static_cast<TW*>(p.w);
+    const TA* a = static_cast<const TA*>(p.a);
+    const TA* b = static_cast<const TA*>(p.b);
+    const uint32_t tid = threadIdx.x;
+    const uint32_t row0 = blockIdx.y * kRows, col0 = blockIdx.x * kCols;
+    const uint32_t my_col = col0 + (tid % 16) * 8;
+    float acc[4][8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[i][e] = 0.0f;
+
+    for (uint32_t j0 = 0; j0 < p.rank; j0 += kRankChunk) {
+        __syncthreads();  // previous chunk fully consumed
+        for (uint32_t i = tid; i < kRows * kRankChunk; i += kThreads) {
+            const uint32_t r = i / kRankChunk, j = i % kRankChunk;
+            const uint32_t gr = row0 + r, gj = j0 + j;
+            bs[r][j] = (gr < p.n && gj < p.rank) ? lk_to_f32(b[size_t(gr) * p.rank + gj]) : 0.0f;
+        }
+        for (uint32_t i = tid; i < kRankChunk * kCols; i += kThreads) {
+            const uint32_t j = i / kCols, c = i % kCols;
+            const uint32_t gj = j0 + j, gc = col0 + c;
+            as[j][c] = (gj < p.rank && gc < p.k) ? lk_to_f32(a[size_t(gj) * p.k + gc]) : 0.0f;
+        }
+        __syncthreads();
+        const uint32_t jn = min(uint32_t(kRankChunk), p.rank - j0);
+        for (uint32_t j = 0; j < jn; ++j) {
+            float av[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) av[e] = as[j][(tid % 16) * 8 + e];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float bv = bs[tid / 16 + 16 * i][j];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[i][e] = __fmaf_rn(bv, av[e], acc[i][e]);
+            }
+        }
+    }
+
+    const bool vec = (p.k % 8 == 0) && lk_is_aligned16(w);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const uint32_t row = row0 + tid / 16 + 16 * i;
+        if (row >= p.n || my_col >= p.k) continue;
+        TW* wrow = w + size_t(row) * p.k;
+        float v[8];
+        lk_load8(wrow, my_col, p.k, vec, v);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v[e] = __fadd_rn(v[e], __fmul_rn(p.scale, acc[i][e]));
+        lk_store8(wrow, my_col, p.k, vec, v);
+    }
+}
+}  // namespace
+
+#define LK_MERGE(name, TW, TA) \
+    extern "C" __global__ void __launch_bounds__(kThreads) name(LkMergeParams p) { merge_impl<TW, TA>(p); }
+
+LK_MERGE(merge_bf16, __nv_bfloat16, __nv_bfloat16)
+LK_KERNEL_EXPORT(merge_bf16, LkMergeParams)
+LK_MERGE(merge_bf16_f32ad, __nv_bfloat16, float)
+LK_KERNEL_EXPORT(merge_bf16_f32ad, LkMergeParams)
+LK_MERGE(merge_f16, __half, __half)
+LK_KERNEL_EXPORT(merge_f16, LkMergeParams)
+LK_MERGE(merge_f16_f32ad, __half, float)
+LK_KERNEL_EXPORT(merge_f16_f32ad, LkMergeParams)
+LK_MERGE(merge_f32, float, float)
+LK_KERNEL_EXPORT(merge_f32, LkMergeParams)

@@ -1,0 +1,433 @@
+//! One function per kernel: builds the launch plan and the params struct from already validated
+//! tensors and launches once. The public ops (forward, backward, merge) validate, then call these.
+
+use crate::device::{Arg, Device};
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::kernel::{Kernel, kernels};
+use crate::params::*;
+use crate::plan::LaunchPlan;
+use crate::tensor::Tensor;
+
+/// Which way round the second operand is stored (see kernels/fused_gemm.cu and kernels/shrink.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Orient {
+    /// Stored output-major (`W0` as N×K for `X·W0ᵀ`): the forward.
+    Nt,
+    /// Stored reduction-major (`W0` as N×K for `dY·W0`): the backward's dX and U.
+    Nn,
+}
+
+fn pick<P>(
+    op: &'static str,
+    dtype: DType,
+    bf16: &'static Kernel<P>,
+    f16: &'static Kernel<P>,
+) -> Result<&'static Kernel<P>> {
+    match dtype {
+        DType::BF16 => Ok(bf16),
+        DType::F16 => Ok(f16),
+        DType::F32 => Err(Error::UnsupportedDType {
+            op,
+            arg: "x",
+            got: dtype,
+            supported: "bf16 and f16",
+        }),
+    }
+}
+
+/// 16-byte vector loads are legal: aligned base and a leading dimension that keeps every row aligned.
+fn vec_ok(addr: u64, ld: u32) -> bool {
+    addr % 16 == 0 && ld % 8 == 0
+}
+
+fn u32_of(v: usize) -> u32 {
+    // Sizes were checked by `validate::fits_u32` before any launch function is called.
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
+
+/// `out (m×rank) = p (m×inner) · op(q)`; q is rank×inner (Nt) or inner×rank (Nn).
+pub(crate) fn shrink<T: Element>(
+    op: &'static str,
+    orient: Orient,
+    p: &Tensor<T>,
+    q: &Tensor<T>,
+    out: &mut Tensor<T>,
+    (m, inner, rank): (usize, usize, usize),
+) -> Result<()> {
+    let kernel = match orient {
+        Orient::Nt => pick(
+            op,
+            T::DTYPE,
+            &kernels::SHRINK_NT_BF16,
+            &kernels::SHRINK_NT_F16,
+        )?,
+        Orient::Nn => pick(
+            op,
+            T::DTYPE,
+            &kernels::SHRINK_NN_BF16,
+            &kernels::SHRINK_NN_F16,
+        )?,
+    };
+    let plan = LaunchPlan {
+        grid: [u32_of(m.div_ceil(32)), 1, 1],
+        block: [256, 1, 1],
+        smem_bytes: 0,
+    };
+    let ldq = match orient {
+        Orient::Nt => inner,
+        Orient::Nn => rank,
+    };
+    let device: Device = p.device().clone();
+    device.launch(
+        op,
+        kernel,
+        &plan,
+        &mut [Arg::In("p", p), Arg::In("q", q), Arg::Out("out", out)],
+        |ptr| LkShrinkParams {
+            p: ptr[0] as *const _,
+            q: ptr[1] as *const _,
+            out: ptr[2] as *mut _,
+            m: u32_of(m),
+            inner: u32_of(inner),
+            rank: u32_of(rank),
+            ldp: u32_of(inner),
+            ldq: u32_of(ldq),
+        },
+    )
+}
+
+/// Operands of the fused GEMM, all dense row-major.
+pub(crate) struct FusedGemm<'a, T: Element> {
+    pub orient: Orient,
+    pub a: &'a Tensor<T>,
+    pub b: &'a Tensor<T>,
+    pub l: &'a Tensor<T>,
+    pub r: &'a Tensor<T>,
+    pub bias: Option<&'a Tensor<T>>,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub rank: usize,
+    pub scale: f32,
+}
+
+/// `c (m×n) = a·op(b) + scale·l·op(r) (+ bias)` in one tensor-core kernel.
+pub(crate) fn fused_gemm<T: Element>(
+    op: &'static str,
+    g: &FusedGemm<'_, T>,
+    c: &mut Tensor<T>,
+) -> Result<()> {
+    let kernel = match g.orient {
+        Orient::Nt => pick(
+            op,
+            T::DTYPE,
+            &kernels::FUSED_GEMM_NT_BF16,
+            &kernels::FUSED_GEMM_NT_F16,
+        )?,
+        Orient::Nn => pick(
+            op,
+            T::DTYPE,
+            &kernels::FUSED_GEMM_NN_BF16,
+            &kernels::FUSED_GEMM_NN_F16,
+        )?,
+    };
+    let blocks_m = g.m.div_ceil(LK_FUSED_GEMM_BM as usize);
+    if blocks_m > 65535 {
+        return Err(Error::TooLarge {
+            op,
+            arg: "x (rows)",
+            value: g.m,
+            max: 65535 * LK_FUSED_GEMM_BM as usize,
+        });
+    }
+    let plan = LaunchPlan {
+        grid: [
+            u32_of(g.n.div_ceil(LK_FUSED_GEMM_BN as usize)),
+            blocks_m as u32,
+            1,
+        ],
+        block: [LK_FUSED_GEMM_THREADS, 1, 1],
+        smem_bytes: LK_FUSED_GEMM_SMEM_BYTES,
+    };
+    let (m, n, k, rank) = (u32_of(g.m), u32_of(g.n), u32_of(g.k), u32_of(g.rank));
+    // Leading dimensions of dense operands: b is n×k (Nt) or k×n (Nn); r is n×rank or rank×n.
+    let (ldb, ldr) = match g.orient {
+        Orient::Nt => (k, rank),
+        Orient::Nn => (n, n),
+    };
+    let mut args = vec![
+        Arg::In("a", g.a),
+        Arg::In("b", g.b),
+        Arg::In("l", g.l),
+        Arg::In("r", g.r),
+    ];
+    if let Some(bias) = g.bias {
+        args.push(Arg::In("bias", bias));
+    }
+    args.push(Arg::Out("c", c));
+    let has_bias = g.bias.is_some();
+    let device = g.a.device().clone();
+    device.launch(op, kernel, &plan, &mut args, |ptr| {
+        let mut flags = 0;
+        for (i, (ld, bit)) in [
+            (k, LK_ALIGNED_A),
+            (ldb, LK_ALIGNED_B),
+            (rank, LK_ALIGNED_L),
+            (ldr, LK_ALIGNED_R),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if vec_ok(ptr[i], ld) {
+                flags |= bit;
+            }
+        }
+        LkFusedGemmParams {
+            a: ptr[0] as *const _,
+            b: ptr[1] as *const _,
+            l: ptr[2] as *const _,
+            r: ptr[3] as *const _,
+            bias: if has_bias {
+                ptr[4] as *const _
+            } else {
+                std::ptr::null()
+            },
+            c: ptr[ptr.len() - 1] as *mut _,
+            m,
+            n,
+            k,
+            rank,
+            lda: k,
+            ldb,
+            ldl: rank,
+            ldr,
+            ldc: n,
+            flags,
+            scale: g.scale,
+        }
+    })
+}
+
+/// Small-M forward: `y = x·w0ᵀ + scale·t·bᵀ (+ bias)` for m ≤ [`LK_SMALL_M_MAX`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn small_m<T: Element>(
+    op: &'static str,
+    x: &Tensor<T>,
+    w0: &Tensor<T>,
+    t: &Tensor<T>,
+    b: &Tensor<T>,
+    bias: Option<&Tensor<T>>,
+    y: &mut Tensor<T>,
+    (m, n, k, rank): (usize, usize, usize, usize),
+    scale: f32,
+) -> Result<()> {
+    let kernel = pick(op, T::DTYPE, &kernels::SMALL_M_BF16, &kernels::SMALL_M_F16)?;
+    let plan = LaunchPlan {
+        grid: [u32_of(n.div_ceil(16)), 1, 1],
+        block: [256, 1, 1],
+        smem_bytes: 0,
+    };
+    let mut args = vec![
+        Arg::In("x", x),
+        Arg::In("w0", w0),
+        Arg::In("t", t),
+        Arg::In("b", b),
+    ];
+    if let Some(bias) = bias {
+        args.push(Arg::In("bias", bias));
+    }
+    args.push(Arg::Out("y", y));
+    let has_bias = bias.is_some();
+    let device = x.device().clone();
+    device.launch(op, kernel, &plan, &mut args, |ptr| LkSmallMParams {
+        x: ptr[0] as *const _,
+        w0: ptr[1] as *const _,
+        t: ptr[2] as *const _,
+        b: ptr[3] as *const _,
+        bias: if has_bias {
+            ptr[4] as *const _
+        } else {
+            std::ptr::null()
+        },
+        y: ptr[ptr.len() - 1] as *mut _,
+        m: u32_of(m),
+        n: u32_of(n),
+        k: u32_of(k),
+        rank: u32_of(rank),
+        scale,
+    })
+}
+
+/// Target number of blocks for the gradient reductions: enough to fill a large GPU. A constant (not
+/// the device's SM count) so the m-chunks, and therefore the result bits, depend on the shape only.
+const GRAD_TARGET_BLOCKS: usize = 264;
+const GRAD_TILE: usize = 64;
+const GRAD_MIN_ROWS: usize = 256;
+
+/// (splits, rows per split) for a reduction over `m` rows with `tiles` output tiles.
+pub(crate) fn grad_splits(m: usize, tiles: usize) -> (usize, usize) {
+    let want = GRAD_TARGET_BLOCKS.div_ceil(tiles).max(1);
+    let most = m.div_ceil(GRAD_MIN_ROWS).max(1);
+    let splits = want.min(most);
+    let rows = m.div_ceil(splits).div_ceil(32) * 32;
+    (m.div_ceil(rows), rows)
+}
+
+/// `g (rows×cols) = scale · pᵀ (rows×m) · q (m×cols)`, deterministic (fixed m-chunks, ordered sum).
+pub(crate) fn lowrank_grad<T: Element>(
+    op: &'static str,
+    p: &Tensor<T>,
+    q: &Tensor<T>,
+    g: &mut Tensor<T>,
+    (m, rows, cols): (usize, usize, usize),
+    scale: f32,
+) -> Result<()> {
+    let kernel = pick(
+        op,
+        T::DTYPE,
+        &kernels::LOWRANK_GRAD_BF16,
+        &kernels::LOWRANK_GRAD_F16,
+    )?;
+    let tiles = rows.div_ceil(GRAD_TILE) * cols.div_ceil(GRAD_TILE);
+    let (splits, rows_per_split) = grad_splits(m, tiles);
+    let plan = LaunchPlan {
+        grid: [
+            u32_of(cols.div_ceil(GRAD_TILE)),
+            u32_of(rows.div_ceil(GRAD_TILE)),
+            u32_of(splits),
+        ],
+        block: [256, 1, 1],
+        smem_bytes: 0,
+    };
+    let device = p.device().clone();
+    let params = |ptr: &[u64], partial: *mut f32| LkLowrankGradParams {
+        p: ptr[0] as *const _,
+        q: ptr[1] as *const _,
+        partial,
+        g: ptr[2] as *mut _,
+        m: u32_of(m),
+        rows_g: u32_of(rows),
+        cols_g: u32_of(cols),
+        ldp: u32_of(rows),
+        ldq: u32_of(cols),
+        splits: u32_of(splits),
+        rows_per_split: u32_of(rows_per_split),
+        scale,
+    };
+    if splits == 1 {
+        return device.launch(
+            op,
+            kernel,
+            &plan,
+            &mut [Arg::In("p", p), Arg::In("q", q), Arg::Out("g", g)],
+            |ptr| params(ptr, std::ptr::null_mut()),
+        );
+    }
+    let mut partial = Tensor::<f32>::zeros(&device, &[splits, rows, cols])?;
+    device.launch(
+        op,
+        kernel,
+        &plan,
+        &mut [
+            Arg::In("p", p),
+            Arg::In("q", q),
+            // The kernel leaves g alone when it writes partials; listing g keeps the argument order.
+            Arg::In("g", &*g),
+            Arg::Out("partial", &mut partial),
+        ],
+        |ptr| params(ptr, ptr[3] as *mut f32),
+    )?;
+    let finalize = pick(
+        op,
+        T::DTYPE,
+        &kernels::LOWRANK_FINALIZE_BF16,
+        &kernels::LOWRANK_FINALIZE_F16,
+    )?;
+    let count = rows * cols;
+    device.launch(
+        op,
+        finalize,
+        &LaunchPlan::elementwise(count, 256, 4096),
+        &mut [Arg::In("partial", &partial), Arg::Out("g", g)],
+        |ptr| LkLowrankFinalizeParams {
+            partial: ptr[0] as *const f32,
+            g: ptr[1] as *mut _,
+            count: u32_of(count),
+            splits: u32_of(splits),
+            scale,
+        },
+    )
+}
+
+/// In place: `w (n×k) ← round(w + scale·b·a)`.
+pub(crate) fn merge<T: Element, U: Element>(
+    op: &'static str,
+    w: &mut Tensor<T>,
+    a: &Tensor<U>,
+    b: &Tensor<U>,
+    (n, k, rank): (usize, usize, usize),
+    scale: f32,
+) -> Result<()> {
+    let kernel: &'static Kernel<LkMergeParams> = match (T::DTYPE, U::DTYPE) {
+        (DType::BF16, DType::BF16) => &kernels::MERGE_BF16,
+        (DType::BF16, DType::F32) => &kernels::MERGE_BF16_F32AD,
+        (DType::F16, DType::F16) => &kernels::MERGE_F16,
+        (DType::F16, DType::F32) => &kernels::MERGE_F16_F32AD,
+        (DType::F32, DType::F32) => &kernels::MERGE_F32,
+        (_, got) => {
+            return Err(Error::UnsupportedDType {
+                op,
+                arg: "a",
+                got,
+                supported: "adapters in f32 or in the dtype of w (bf16 w: bf16 or f32 adapters; f16 w: f16 or f32; f32 w: f32)",
+            });
+        }
+    };
+    let plan = LaunchPlan {
+        grid: [u32_of(k.div_ceil(128)), u32_of(n.div_ceil(64)), 1],
+        block: [256, 1, 1],
+        smem_bytes: 0,
+    };
+    let device = w.device().clone();
+    device.launch(
+        op,
+        kernel,
+        &plan,
+        &mut [Arg::In("a", a), Arg::In("b", b), Arg::Out("w", w)],
+        |ptr| LkMergeParams {
+            w: ptr[2] as *mut _,
+            a: ptr[0] as *const _,
+            b: ptr[1] as *const _,
+            n: u32_of(n),
+            k: u32_of(k),
+            rank: u32_of(rank),
+            scale,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grad_splits;
+
+    #[test]
+    fn grad_splits_cover_m_in_order() {
+        for &(m, tiles) in &[
+            (1, 1),
+            (300, 1),
+            (8192, 64),
+            (8192, 1024),
+            (257, 5),
+            (100_000, 1),
+        ] {
+            let (s, rows) = grad_splits(m, tiles);
+            assert!(
+                s >= 1 && rows % 32 == 0 && s * rows >= m && (s - 1) * rows < m,
+                "{m} {tiles}"
+            );
+        }
+        assert_eq!(grad_splits(8192, 64).0, 5);
+        assert_eq!(grad_splits(300, 1).0, 2);
+    }
+}

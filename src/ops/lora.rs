@@ -1,0 +1,193 @@
+//! The LoRA forward and backward over [`Tensor`]s (kernels/shrink.cu, fused_gemm.cu, small_m.cu,
+//! lowrank_grad.cu). Every argument is validated before the first launch.
+//!
+//! forward:  `T = X·Aᵀ`, `Y = X·W0ᵀ + s·T·Bᵀ (+ bias)`: shrink, then ONE fused GEMM (or, for
+//!           M ≤ 16, the small-M kernel that streams W0 once).
+//! backward: `U = dY·B`, `dB = s·dYᵀ·T`, `dA = s·Uᵀ·X`, `dX = dY·W0 + s·U·A` (optional). Never dW0.
+
+use super::launch::{self, FusedGemm, Orient};
+use super::validate;
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::params::LK_SMALL_M_MAX;
+use crate::reference::Dims;
+use crate::tensor::Tensor;
+
+/// Y and the saved `T = X·Aᵀ` (M×r), which is all the backward needs besides X.
+#[derive(Debug)]
+pub struct ForwardOutput<T: Element> {
+    pub y: Tensor<T>,
+    pub t: Tensor<T>,
+}
+
+/// dA (r×K), dB (N×r) and, when asked for, dX (M×K).
+#[derive(Debug)]
+pub struct Gradients<T: Element> {
+    pub dx: Option<Tensor<T>>,
+    pub da: Tensor<T>,
+    pub db: Tensor<T>,
+}
+
+/// Checks X [M, K], W0 [N, K], A [r, K], B [N, r], dtype bf16/f16, 1 ≤ r ≤ 128, sizes within u32.
+pub(crate) fn layer_dims<T: Element>(
+    op: &'static str,
+    x: &Tensor<T>,
+    w0: &Tensor<T>,
+    a: &Tensor<T>,
+    b: &Tensor<T>,
+) -> Result<Dims> {
+    validate::half_dtype(op, "x", T::DTYPE)?;
+    let (m, k) = validate::matrix(op, "x", x, "[M, K]")?;
+    let (n, k_w) = validate::matrix(op, "w0", w0, "[N, K]")?;
+    if k_w != k {
+        return Err(Error::Shape {
+            op,
+            arg: "w0",
+            expected: format!("[N, K] with K = {k} (the columns of x)"),
+            got: w0.shape().to_vec(),
+        });
+    }
+    let (r, k_a) = validate::matrix(op, "a", a, "[r, K]")?;
+    validate::rank(op, r)?;
+    if k_a != k {
+        return Err(Error::Shape {
+            op,
+            arg: "a",
+            expected: format!("[r, K] with K = {k} (the columns of x)"),
+            got: a.shape().to_vec(),
+        });
+    }
+    validate::shape(op, "b", b, &[n, r], "[N, r]")?;
+    for (arg, v) in [("x", m * k), ("w0", n * k), ("M", m), ("N", n)] {
+        validate::fits_u32(op, arg, v)?;
+    }
+    Ok(Dims { m, n, k, r })
+}
+
+/// `Y = X·W0ᵀ + s·(X·Aᵀ)·Bᵀ (+ bias)`; returns Y (M×N) and T (M×r).
+pub fn lora_forward<T: Element>(
+    x: &Tensor<T>,
+    w0: &Tensor<T>,
+    a: &Tensor<T>,
+    b: &Tensor<T>,
+    bias: Option<&Tensor<T>>,
+    scale: f32,
+) -> Result<ForwardOutput<T>> {
+    let d = layer_dims("lora_forward", x, w0, a, b)?;
+    let mut y = Tensor::zeros(x.device(), &[d.m, d.n])?;
+    let mut t = Tensor::zeros(x.device(), &[d.m, d.r])?;
+    lora_forward_into(x, w0, a, b, bias, scale, &mut y, &mut t)?;
+    Ok(ForwardOutput { y, t })
+}
+
+/// [`lora_forward`] into existing `y` [M, N] and `t` [M, r] (for callers that reuse buffers).
+#[allow(clippy::too_many_arguments)]
+pub fn lora_forward_into<T: Element>(
+    x: &Tensor<T>,
+    w0: &Tensor<T>,
+    a: &Tensor<T>,
+    b: &Tensor<T>,
+    bias: Option<&Tensor<T>>,
+    scale: f32,
+    y: &mut Tensor<T>,
+    t: &mut Tensor<T>,
+) -> Result<()> {
+    const OP: &str = "lora_forward";
+    let d = layer_dims(OP, x, w0, a, b)?;
+    if let Some(bias) = bias {
+        validate::shape(OP, "bias", bias, &[d.n], "[N]")?;
+    }
+    validate::finite(OP, "scale", scale)?;
+    validate::shape(OP, "y", y, &[d.m, d.n], "[M, N]")?;
+    validate::shape(OP, "t", t, &[d.m, d.r], "[M, r]")?;
+    launch::shrink(OP, Orient::Nt, x, a, t, (d.m, d.k, d.r))?;
+    if d.m <= LK_SMALL_M_MAX as usize {
+        return launch::small_m(OP, x, w0, t, b, bias, y, (d.m, d.n, d.k, d.r), scale);
+    }
+    let g = FusedGemm {
+        orient: Orient::Nt,
+        a: x,
+        b: w0,
+        l: t,
+        r: b,
+        bias,
+        m: d.m,
+        n: d.n,
+        k: d.k,
+        rank: d.r,
+        scale,
+    };
+    launch::fused_gemm(OP, &g, y)
+}
+
+/// Gradients of the layer given dY [M, N] and the forward's T [M, r]: dA, dB and (if `want_dx`) dX.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward<T: Element>(
+    x: &Tensor<T>,
+    w0: &Tensor<T>,
+    a: &Tensor<T>,
+    b: &Tensor<T>,
+    t: &Tensor<T>,
+    dy: &Tensor<T>,
+    scale: f32,
+    want_dx: bool,
+) -> Result<Gradients<T>> {
+    let d = layer_dims("lora_backward", x, w0, a, b)?;
+    let dev = x.device();
+    let mut dx = if want_dx {
+        Some(Tensor::zeros(dev, &[d.m, d.k])?)
+    } else {
+        None
+    };
+    let mut da = Tensor::zeros(dev, &[d.r, d.k])?;
+    let mut db = Tensor::zeros(dev, &[d.n, d.r])?;
+    lora_backward_into(x, w0, a, b, t, dy, scale, dx.as_mut(), &mut da, &mut db)?;
+    Ok(Gradients { dx, da, db })
+}
+
+/// [`lora_backward`] into existing `dx` [M, K] (or none), `da` [r, K], `db` [N, r].
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward_into<T: Element>(
+    x: &Tensor<T>,
+    w0: &Tensor<T>,
+    a: &Tensor<T>,
+    b: &Tensor<T>,
+    t: &Tensor<T>,
+    dy: &Tensor<T>,
+    scale: f32,
+    dx: Option<&mut Tensor<T>>,
+    da: &mut Tensor<T>,
+    db: &mut Tensor<T>,
+) -> Result<()> {
+    const OP: &str = "lora_backward";
+    let d = layer_dims(OP, x, w0, a, b)?;
+    validate::shape(OP, "t", t, &[d.m, d.r], "[M, r] (the forward's T)")?;
+    validate::shape(OP, "dy", dy, &[d.m, d.n], "[M, N]")?;
+    validate::finite(OP, "scale", scale)?;
+    validate::shape(OP, "da", da, &[d.r, d.k], "[r, K]")?;
+    validate::shape(OP, "db", db, &[d.n, d.r], "[N, r]")?;
+    if let Some(dx) = dx.as_deref() {
+        validate::shape(OP, "dx", dx, &[d.m, d.k], "[M, K]")?;
+    }
+    let mut u = Tensor::zeros(x.device(), &[d.m, d.r])?;
+    launch::shrink(OP, Orient::Nn, dy, b, &mut u, (d.m, d.n, d.r))?;
+    launch::lowrank_grad(OP, dy, t, db, (d.m, d.n, d.r), scale)?;
+    launch::lowrank_grad(OP, &u, x, da, (d.m, d.r, d.k), scale)?;
+    if let Some(dx) = dx {
+        let g = FusedGemm {
+            orient: Orient::Nn,
+            a: dy,
+            b: w0,
+            l: &u,
+            r: a,
+            bias: None,
+            m: d.m,
+            n: d.k,
+            k: d.n,
+            rank: d.r,
+            scale,
+        };
+        launch::fused_gemm(OP, &g, dx)?;
+    }
+    Ok(())
+}

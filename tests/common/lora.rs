@@ -1,0 +1,141 @@
+//! One LoRA layer case run through the public ops on a device, with every output poisoned before the
+//! launch, and checked against the f64 reference.
+
+use lora_kernels::reference::{self, Dims};
+use lora_kernels::{Device, Element, Tensor, ops};
+
+use super::Rng;
+
+/// Host inputs of one layer.
+pub struct Layer<T> {
+    pub d: Dims,
+    pub scale: f32,
+    pub x: Vec<T>,
+    pub w0: Vec<T>,
+    pub a: Vec<T>,
+    pub b: Vec<T>,
+    pub bias: Option<Vec<T>>,
+    pub dy: Vec<T>,
+}
+
+impl<T: Element> Layer<T> {
+    /// Fresh random inputs; amplitudes keep |Y| near 1 whatever K is.
+    pub fn random(rng: &mut Rng, d: Dims, scale: f32, with_bias: bool) -> Self {
+        let wk = 1.0 / (d.k as f64).sqrt();
+        Layer {
+            d,
+            scale,
+            x: rng.vec(d.m * d.k, 1.0),
+            w0: rng.vec(d.n * d.k, 2.0 * wk),
+            a: rng.vec(d.r * d.k, 2.0 * wk),
+            b: rng.vec(d.n * d.r, 1.0 / (d.r as f64).sqrt()),
+            bias: with_bias.then(|| rng.vec(d.n, 1.0)),
+            dy: rng.vec(d.m * d.n, 1.0),
+        }
+    }
+}
+
+/// Device results, downloaded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outputs<T> {
+    pub y: Vec<T>,
+    pub t: Vec<T>,
+    pub dx: Vec<T>,
+    pub da: Vec<T>,
+    pub db: Vec<T>,
+}
+
+impl<T: Element> Outputs<T> {
+    /// Bit patterns, so NaNs compare equal to themselves and -0 differs from +0.
+    pub fn bits(&self) -> Vec<Vec<u32>> {
+        [&self.y, &self.t, &self.dx, &self.da, &self.db]
+            .iter()
+            .map(|v| v.iter().map(|e| e.to_bits_u32()).collect())
+            .collect()
+    }
+}
+
+fn up<T: Element>(dev: &Device, v: &[T], shape: &[usize]) -> Tensor<T> {
+    Tensor::from_slice(dev, v, shape).unwrap()
+}
+
+fn poisoned<T: Element>(dev: &Device, shape: &[usize]) -> Tensor<T> {
+    let mut t = Tensor::zeros(dev, shape).unwrap();
+    t.poison().unwrap();
+    t
+}
+
+/// Forward, then backward with the forward's T, outputs poisoned first. `backward: false` skips it.
+pub fn run<T: Element>(dev: &Device, l: &Layer<T>, backward: bool) -> Outputs<T> {
+    let Dims { m, n, k, r } = l.d;
+    let x = up(dev, &l.x, &[m, k]);
+    let w0 = up(dev, &l.w0, &[n, k]);
+    let a = up(dev, &l.a, &[r, k]);
+    let b = up(dev, &l.b, &[n, r]);
+    let bias = l.bias.as_ref().map(|v| up(dev, v, &[n]));
+    let mut y = poisoned(dev, &[m, n]);
+    let mut t = poisoned(dev, &[m, r]);
+    ops::lora_forward_into(&x, &w0, &a, &b, bias.as_ref(), l.scale, &mut y, &mut t).unwrap();
+    let mut out = Outputs {
+        y: y.to_vec().unwrap(),
+        t: t.to_vec().unwrap(),
+        dx: vec![],
+        da: vec![],
+        db: vec![],
+    };
+    if backward {
+        let dy = up(dev, &l.dy, &[m, n]);
+        let mut dx = poisoned(dev, &[m, k]);
+        let mut da = poisoned(dev, &[r, k]);
+        let mut db = poisoned(dev, &[n, r]);
+        ops::lora_backward_into(
+            &x,
+            &w0,
+            &a,
+            &b,
+            &t,
+            &dy,
+            l.scale,
+            Some(&mut dx),
+            &mut da,
+            &mut db,
+        )
+        .unwrap();
+        out.dx = dx.to_vec().unwrap();
+        out.da = da.to_vec().unwrap();
+        out.db = db.to_vec().unwrap();
+    }
+    out
+}
+
+/// Relative-norm errors of every output against the f64 reference; panics with the case on failure.
+pub fn check<T: Element>(what: &str, l: &Layer<T>, o: &Outputs<T>, tol: f64) {
+    let f = reference::forward(
+        &l.x,
+        &l.w0,
+        &l.a,
+        &l.b,
+        l.bias.as_deref(),
+        l.d,
+        l.scale as f64,
+    );
+    let mut checks = vec![("y", &o.y, f.y), ("t", &o.t, f.t)];
+    if !o.dx.is_empty() {
+        let g = reference::backward(&l.x, &l.w0, &l.a, &l.b, &l.dy, l.d, l.scale as f64);
+        checks.extend([
+            ("dx", &o.dx, g.dx),
+            ("da", &o.da, g.da),
+            ("db", &o.db, g.db),
+        ]);
+    }
+    for (name, got, want) in checks {
+        let err = reference::relative_error(got, &want);
+        assert!(
+            err <= tol,
+            "{what} {} {:?} scale {}: `{name}` relative error {err:e} > {tol:e}",
+            T::DTYPE,
+            l.d,
+            l.scale
+        );
+    }
+}
