@@ -3,8 +3,8 @@
 
 mod common;
 
+use common::peft::{Agreement, adapter, compare};
 use common::{Fixture, layer_cases};
-use half::bf16;
 use lora_kernels::reference::{self, Dims};
 
 fn dims(c: &common::LayerCase) -> Dims {
@@ -66,50 +66,6 @@ fn layer_cases_bf16_match_peft() {
     }
 }
 
-/// One adapted module: (name, A f32 r×K, B f32 N×r, r).
-type AdaptedModule = (String, Vec<f32>, Vec<f32>, usize);
-
-/// Every adapted module of the fixture adapter, and scale = alpha / r.
-fn adapter() -> (Vec<AdaptedModule>, f64) {
-    let cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(common::fixture("adapter/adapter_config.json")).unwrap(),
-    )
-    .unwrap();
-    let r = cfg["r"].as_u64().unwrap() as usize;
-    let scale = cfg["lora_alpha"].as_f64().unwrap() / r as f64;
-    let fx = Fixture::open("adapter/adapter_model.safetensors");
-    let mut modules = Vec::new();
-    for name in fx.names() {
-        let Some(module) = name
-            .strip_prefix("base_model.model.")
-            .and_then(|n| n.strip_suffix(".lora_A.weight"))
-        else {
-            continue;
-        };
-        let (a, a_shape) = fx.f32(&name);
-        let (b, b_shape) = fx.f32(&name.replace("lora_A", "lora_B"));
-        assert_eq!((a_shape[0], b_shape[1]), (r, r));
-        modules.push((module.to_string(), a, b, r));
-    }
-    assert_eq!(modules.len(), 8, "2 layers x q, v, up, down");
-    (modules, scale)
-}
-
-struct Agreement {
-    exact: usize,
-    total: usize,
-    max_ulp: u64,
-}
-
-fn compare(got: &[bf16], want: &[bf16], acc: &mut Agreement) {
-    for (g, w) in got.iter().zip(want) {
-        let d = reference::ulp_distance(*g, *w);
-        acc.exact += (d == 0) as usize;
-        acc.max_ulp = acc.max_ulp.max(d);
-        acc.total += 1;
-    }
-}
-
 #[test]
 fn checkpoint_merge_and_unmerge_match_peft() {
     let (modules, scale) = adapter();
@@ -164,5 +120,45 @@ fn checkpoint_merge_and_unmerge_match_peft() {
             "{what}: {} ulp apart somewhere",
             acc.max_ulp
         );
+    }
+}
+
+/// The kernels through the public API on PEFT's bf16 layer cases: forward Y, dX, dA, dB within bf16
+/// precision of PyTorch's own bf16 run.
+#[test]
+fn layer_cases_through_kernels_match_peft() {
+    use lora_kernels::{Tensor, ops};
+    let fx = Fixture::open("layer_cases_bf16.safetensors");
+    for dev in common::all_devices() {
+        for c in layer_cases() {
+            let get = |t: &str| fx.bf16(&format!("{}.{t}", c.name)).0;
+            let up = |t: &str, shape: &[usize]| Tensor::from_slice(&dev, &get(t), shape).unwrap();
+            let (m, n, k, r) = (c.m, c.n, c.k, c.r);
+            let (x, w0, a, b, dy) = (
+                up("x", &[m, k]),
+                up("w0", &[n, k]),
+                up("a", &[r, k]),
+                up("b", &[n, r]),
+                up("dy", &[m, n]),
+            );
+            let s = c.scale as f32;
+            let f = ops::lora_forward(&x, &w0, &a, &b, None, s).unwrap();
+            let g = ops::lora_backward(&x, &w0, &a, &b, &f.t, &dy, s, true).unwrap();
+            let dx = g.dx.unwrap();
+            for (what, ours, theirs) in [
+                ("y", &f.y, get("y")),
+                ("dx", &dx, get("dx")),
+                ("da", &g.da, get("da")),
+                ("db", &g.db, get("db")),
+            ] {
+                let ours: Vec<f64> = ours.to_vec().unwrap().iter().map(|v| v.to_f64()).collect();
+                let err = reference::relative_error(&theirs, &ours);
+                assert!(
+                    err < 1e-2,
+                    "{dev:?} {} {what}: relative error {err:e} vs PEFT bf16",
+                    c.name
+                );
+            }
+        }
     }
 }

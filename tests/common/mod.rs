@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod lora;
+pub mod peft;
 
 use std::path::PathBuf;
 
