@@ -85,6 +85,14 @@ pub enum Error {
         value: usize,
         max: usize,
     },
+    #[error("{op}: {message}")]
+    InvalidState { op: &'static str, message: String },
+    #[error("{op}: no adapter named `{name}` (adapters: {known:?})")]
+    UnknownAdapter {
+        op: &'static str,
+        name: String,
+        known: Vec<String>,
+    },
     #[error("CUDA backend unavailable: {0}")]
     CudaUnavailable(String),
     #[error("CUDA driver error during {context}: {source}")]

@@ -6,13 +6,15 @@
 //! - [`kernel`]: the table of compiled kernels, [`plan`]: grid/block/shared-memory of a launch;
 //! - [`Device`]: a CUDA GPU (cudarc, loaded at run time) or the CPU emulator that runs the same
 //!   kernel source; [`Tensor`]: typed storage on a device;
-//! - [`ops`]: safe functional ops that validate everything, then launch once;
+//! - [`ops`]: safe functional ops that validate everything, then launch;
+//! - [`LoraLinear`]: the trainer-facing layer (adapters, merge/unmerge, task switching);
 //! - [`reference`]: the f64 CPU oracle every kernel is tested against.
 
 pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod kernel;
+pub mod linear;
 pub mod ops;
 pub mod params;
 pub mod plan;
@@ -22,6 +24,7 @@ pub mod tensor;
 pub use device::{Device, EmuConfig, ThreadOrder};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
+pub use linear::{Adapter, LoraConfig, LoraLinear};
 pub use plan::LaunchPlan;
 pub use tensor::Tensor;
 

@@ -138,6 +138,85 @@ pub fn backward<T: Element, U: Element>(
     Backward { dx, da, db, u }
 }
 
+/// Rounds every value to `T` (once, to nearest even) and back to f64.
+pub fn rounded<T: Element>(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|&x| T::from_f64(x).to_f64()).collect()
+}
+
+/// The kernels' documented contract for the forward, in exact arithmetic: the saved
+/// `T = round_T(X·Aᵀ)` is an output in the layer's dtype, and `Y = X·W0ᵀ + s·T·Bᵀ (+ bias)` uses that
+/// T. Differs from [`forward`] only by the rounding of T (relative 2⁻⁹ in bf16), which matters only
+/// where the base and low-rank terms cancel; kernel tests use this so their tolerances measure the
+/// kernels' arithmetic, not that documented rounding.
+pub fn forward_as_kernels<T: Element>(
+    x: &[T],
+    w0: &[T],
+    a: &[T],
+    b: &[T],
+    bias: Option<&[T]>,
+    d: Dims,
+    scale: f64,
+) -> Forward {
+    let exact = forward(x, w0, a, b, bias, d, scale);
+    let t = rounded::<T>(&exact.t);
+    let (xf, w0f, bf) = (f64s(x), f64s(w0), f64s(b));
+    let base = matmul_nt(&xf, &w0f, d.m, d.n, d.k);
+    let lora = matmul_nt(&t, &bf, d.m, d.n, d.r);
+    let mut y: Vec<f64> = base.iter().zip(&lora).map(|(p, l)| p + scale * l).collect();
+    if let Some(bias) = bias {
+        for (i, v) in y.iter_mut().enumerate() {
+            *v += bias[i % d.n].to_f64();
+        }
+    }
+    Forward { y, t }
+}
+
+/// The kernels' documented contract for the backward, in exact arithmetic: `t` is the T the caller
+/// passes (the forward's output), and the internal `U = round_T(dY·B)` is kept in the layer's dtype;
+/// `dB = s·dYᵀ·t`, `dA = s·Uᵀ·X`, `dX = dY·W0 + s·U·A`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_as_kernels<T: Element>(
+    x: &[T],
+    w0: &[T],
+    a: &[T],
+    b: &[T],
+    t: &[T],
+    dy: &[T],
+    d: Dims,
+    scale: f64,
+) -> Backward {
+    check_len("t", t.len(), d.m * d.r);
+    check_len("dy", dy.len(), d.m * d.n);
+    let (x, w0, a, b, t, dy) = (f64s(x), f64s(w0), f64s(a), f64s(b), f64s(t), f64s(dy));
+    let bt = transpose(&b, d.n, d.r);
+    let u_exact = matmul_nt(&dy, &bt, d.m, d.r, d.n);
+    let u = rounded::<T>(&u_exact);
+    let db = matmul_nt(
+        &transpose(&dy, d.m, d.n),
+        &transpose(&t, d.m, d.r),
+        d.n,
+        d.r,
+        d.m,
+    )
+    .iter()
+    .map(|v| scale * v)
+    .collect();
+    let da = matmul_nt(
+        &transpose(&u, d.m, d.r),
+        &transpose(&x, d.m, d.k),
+        d.r,
+        d.k,
+        d.m,
+    )
+    .iter()
+    .map(|v| scale * v)
+    .collect();
+    let base = matmul_nt(&dy, &transpose(&w0, d.n, d.k), d.m, d.k, d.n);
+    let lora = matmul_nt(&u, &transpose(&a, d.r, d.k), d.m, d.k, d.r);
+    let dx = base.iter().zip(&lora).map(|(p, l)| p + scale * l).collect();
+    Backward { dx, da, db, u }
+}
+
 /// `s·B·A` (N×K) in f64.
 pub fn delta<U: Element>(a: &[U], b: &[U], n: usize, k: usize, r: usize, scale: f64) -> Vec<f64> {
     check_len("a", a.len(), r * k);

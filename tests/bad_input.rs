@@ -95,3 +95,142 @@ fn cuda_slice_needs_a_cuda_device() {
     }
     assert!(Device::cuda(1 << 20).is_err());
 }
+
+/// The LoRA ops: every mismatch is an `Error` naming the argument, before any launch.
+mod lora_ops {
+    use super::*;
+
+    struct L {
+        x: Tensor<bf16>,
+        w0: Tensor<bf16>,
+        a: Tensor<bf16>,
+        b: Tensor<bf16>,
+        dy: Tensor<bf16>,
+        t: Tensor<bf16>,
+    }
+
+    fn layer(d: &Device, (m, n, k, r): (usize, usize, usize, usize)) -> L {
+        let z = |shape: &[usize]| Tensor::<bf16>::zeros(d, shape).unwrap();
+        L {
+            x: z(&[m, k]),
+            w0: z(&[n, k]),
+            a: z(&[r, k]),
+            b: z(&[n, r]),
+            dy: z(&[m, n]),
+            t: z(&[m, r]),
+        }
+    }
+
+    fn fwd_err(l: &L, scale: f32) -> Error {
+        ops::lora_forward(&l.x, &l.w0, &l.a, &l.b, None, scale).unwrap_err()
+    }
+
+    #[test]
+    fn forward_shapes() {
+        let d = emu();
+        let mut l = layer(&d, (3, 4, 5, 2));
+        l.w0 = Tensor::zeros(&d, &[4, 6]).unwrap();
+        let e = fwd_err(&l, 1.0);
+        assert!(
+            matches!(e, Error::Shape { arg: "w0", .. }) && e.to_string().contains("K = 5"),
+            "{e}"
+        );
+        let mut l = layer(&d, (3, 4, 5, 2));
+        l.b = Tensor::zeros(&d, &[4, 3]).unwrap();
+        assert!(matches!(fwd_err(&l, 1.0), Error::Shape { arg: "b", .. }));
+        let mut l = layer(&d, (3, 4, 5, 2));
+        l.x = Tensor::zeros(&d, &[15]).unwrap();
+        assert!(matches!(fwd_err(&l, 1.0), Error::Shape { arg: "x", .. }));
+        let l = layer(&d, (3, 4, 5, 2));
+        let bias = Tensor::<bf16>::zeros(&d, &[5]).unwrap();
+        let e = ops::lora_forward(&l.x, &l.w0, &l.a, &l.b, Some(&bias), 1.0).unwrap_err();
+        assert!(matches!(e, Error::Shape { arg: "bias", .. }), "{e}");
+        let mut y = Tensor::<bf16>::zeros(&d, &[3, 5]).unwrap();
+        let mut t = Tensor::<bf16>::zeros(&d, &[3, 2]).unwrap();
+        let e =
+            ops::lora_forward_into(&l.x, &l.w0, &l.a, &l.b, None, 1.0, &mut y, &mut t).unwrap_err();
+        assert!(matches!(e, Error::Shape { arg: "y", .. }), "{e}");
+    }
+
+    #[test]
+    fn rank_out_of_range() {
+        let d = emu();
+        let l = layer(&d, (3, 4, 5, 129));
+        let e = fwd_err(&l, 1.0);
+        assert!(
+            matches!(
+                e,
+                Error::Rank {
+                    r: 129,
+                    max: 128,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let mut l = layer(&d, (3, 4, 5, 2));
+        l.a = Tensor::zeros(&d, &[0, 5]).unwrap();
+        assert!(matches!(fwd_err(&l, 1.0), Error::Empty { arg: "a", .. }));
+    }
+
+    #[test]
+    fn non_finite_scale() {
+        let d = emu();
+        let l = layer(&d, (3, 4, 5, 2));
+        for s in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            assert!(matches!(
+                fwd_err(&l, s),
+                Error::NonFinite { arg: "scale", .. }
+            ));
+            let e = ops::lora_backward(&l.x, &l.w0, &l.a, &l.b, &l.t, &l.dy, s, true).unwrap_err();
+            assert!(matches!(e, Error::NonFinite { arg: "scale", .. }));
+        }
+        let mut w = Tensor::<bf16>::zeros(&d, &[4, 5]).unwrap();
+        let e = ops::merge(&mut w, &l.a, &l.b, f32::NAN).unwrap_err();
+        assert!(matches!(e, Error::NonFinite { .. }), "{e}");
+    }
+
+    #[test]
+    fn f32_layers_are_refused_with_the_supported_dtypes() {
+        let d = emu();
+        let z = |shape: &[usize]| Tensor::<f32>::zeros(&d, shape).unwrap();
+        let e = ops::lora_forward(
+            &z(&[2, 3]),
+            &z(&[4, 3]),
+            &z(&[1, 3]),
+            &z(&[4, 1]),
+            None,
+            1.0,
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::UnsupportedDType { .. }), "{e}");
+        assert!(e.to_string().contains("bf16 and f16"), "{e}");
+    }
+
+    #[test]
+    fn merge_adapter_dtype_must_be_f32_or_w_dtype() {
+        let d = emu();
+        let mut w = Tensor::<bf16>::zeros(&d, &[4, 5]).unwrap();
+        let a = Tensor::<f16>::zeros(&d, &[2, 5]).unwrap();
+        let b = Tensor::<f16>::zeros(&d, &[4, 2]).unwrap();
+        let e = ops::merge(&mut w, &a, &b, 1.0).unwrap_err();
+        assert!(matches!(e, Error::UnsupportedDType { arg: "a", .. }), "{e}");
+    }
+
+    #[test]
+    fn backward_shapes_and_devices() {
+        let d = emu();
+        let l = layer(&d, (3, 4, 5, 2));
+        let t_bad = Tensor::<bf16>::zeros(&d, &[3, 3]).unwrap();
+        let e = ops::lora_backward(&l.x, &l.w0, &l.a, &l.b, &t_bad, &l.dy, 1.0, true).unwrap_err();
+        assert!(matches!(e, Error::Shape { arg: "t", .. }), "{e}");
+        let dy_bad = Tensor::<bf16>::zeros(&d, &[4, 3]).unwrap();
+        let e = ops::lora_backward(&l.x, &l.w0, &l.a, &l.b, &l.t, &dy_bad, 1.0, true).unwrap_err();
+        assert!(matches!(e, Error::Shape { arg: "dy", .. }), "{e}");
+        // Another device: a second emulator is a different device.
+        let other = Device::emulator();
+        let w_other = Tensor::<bf16>::zeros(&other, &[4, 5]).unwrap();
+        let e = ops::lora_forward(&l.x, &w_other, &l.a, &l.b, None, 1.0).unwrap_err();
+        assert!(matches!(e, Error::DeviceMismatch { .. }), "{e}");
+    }
+}

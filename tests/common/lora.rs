@@ -110,7 +110,9 @@ pub fn run<T: Element>(dev: &Device, l: &Layer<T>, backward: bool) -> Outputs<T>
 
 /// Relative-norm errors of every output against the f64 reference; panics with the case on failure.
 pub fn check<T: Element>(what: &str, l: &Layer<T>, o: &Outputs<T>, tol: f64) {
-    let f = reference::forward(
+    // The documented contract: T in the layer dtype (and Y computed from it), U kept in the layer
+    // dtype; everything else exact. See reference::forward_as_kernels.
+    let f = reference::forward_as_kernels(
         &l.x,
         &l.w0,
         &l.a,
@@ -121,7 +123,16 @@ pub fn check<T: Element>(what: &str, l: &Layer<T>, o: &Outputs<T>, tol: f64) {
     );
     let mut checks = vec![("y", &o.y, f.y), ("t", &o.t, f.t)];
     if !o.dx.is_empty() {
-        let g = reference::backward(&l.x, &l.w0, &l.a, &l.b, &l.dy, l.d, l.scale as f64);
+        let g = reference::backward_as_kernels(
+            &l.x,
+            &l.w0,
+            &l.a,
+            &l.b,
+            &o.t,
+            &l.dy,
+            l.d,
+            l.scale as f64,
+        );
         checks.extend([
             ("dx", &o.dx, g.dx),
             ("da", &o.da, g.da),

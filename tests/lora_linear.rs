@@ -1,0 +1,254 @@
+//! `LoraLinear`: PEFT-style initialisation, scaling (plain and rsLoRA), forward/backward against the
+//! reference, the merged flag (never adds an adapter twice), unmerge, task switching, and state errors.
+
+mod common;
+
+use common::Rng;
+use half::bf16;
+use lora_kernels::reference::{self, Dims};
+use lora_kernels::{Device, Error, LoraConfig, LoraLinear, Tensor};
+
+/// The gap from |x| to the next larger bf16.
+fn ulp(x: bf16) -> f64 {
+    bf16::from_bits((x.to_bits() & 0x7fff) + 1).to_f64() - x.to_f64().abs()
+}
+
+const TOL: f64 = 1e-2;
+
+fn layer(
+    dev: &Device,
+    rng: &mut Rng,
+    n: usize,
+    k: usize,
+) -> (Vec<bf16>, Vec<bf16>, LoraLinear<bf16>) {
+    let w0: Vec<bf16> = rng.vec(n * k, 1.0 / (k as f64).sqrt());
+    let bias: Vec<bf16> = rng.vec(n, 0.5);
+    let l = LoraLinear::new(
+        Tensor::from_slice(dev, &w0, &[n, k]).unwrap(),
+        Some(Tensor::from_slice(dev, &bias, &[n]).unwrap()),
+    )
+    .unwrap();
+    (w0, bias, l)
+}
+
+#[test]
+fn scaling_plain_and_rslora() {
+    assert_eq!(LoraConfig::new(16, 32.0).scale(), 2.0);
+    let rs = LoraConfig {
+        rank: 16,
+        alpha: 32.0,
+        use_rslora: true,
+    };
+    assert_eq!(rs.scale(), 8.0);
+}
+
+#[test]
+fn fresh_adapter_is_peft_init_and_leaves_output_unchanged() {
+    let dev = Device::emulator();
+    let mut rng = Rng::new(1);
+    let (m, n, k) = (20, 24, 40);
+    let (w0, bias, mut l) = layer(&dev, &mut rng, n, k);
+    l.add_adapter("default", LoraConfig::new(8, 16.0), 42)
+        .unwrap();
+    let ad = l.adapter("default").unwrap();
+    let a = ad.a.to_vec().unwrap();
+    let bound = 1.0 / (k as f64).sqrt();
+    assert!(
+        a.iter().all(|v| v.to_f64().abs() <= bound * 1.01),
+        "A within ±1/√K"
+    );
+    let spread = a
+        .iter()
+        .map(|v| v.to_f64())
+        .fold(0.0f64, |acc, v| acc.max(v.abs()));
+    assert!(spread > 0.5 * bound, "A is not degenerate");
+    assert!(
+        ad.b.to_vec().unwrap().iter().all(|v| v.to_f64() == 0.0),
+        "B starts at zero"
+    );
+    let x: Vec<bf16> = rng.vec(m * k, 1.0);
+    let xt = Tensor::from_slice(&dev, &x, &[m, k]).unwrap();
+    let y = l.forward(&xt).unwrap().y.to_vec().unwrap();
+    let zero_b = vec![bf16::ZERO; n * 8];
+    let want = reference::forward(
+        &x,
+        &w0,
+        &a,
+        &zero_b,
+        Some(&bias),
+        Dims { m, n, k, r: 8 },
+        2.0,
+    );
+    assert!(reference::relative_error(&y, &want.y) < TOL);
+}
+
+/// A trained-looking adapter: forward and backward of the layer match the reference; merging gives
+/// the same outputs; merging twice adds nothing; unmerging restores W0 within the rounding contract.
+#[test]
+fn forward_backward_merge_unmerge() {
+    let dev = Device::emulator();
+    let mut rng = Rng::new(2);
+    let (m, n, k, r) = (33, 40, 72, 4);
+    let (w0, bias, mut l) = layer(&dev, &mut rng, n, k);
+    let cfg = LoraConfig {
+        rank: r,
+        alpha: 8.0,
+        use_rslora: true,
+    };
+    let a: Vec<bf16> = rng.vec(r * k, 0.2);
+    let b: Vec<bf16> = rng.vec(n * r, 0.2);
+    l.insert_adapter(
+        "task",
+        cfg,
+        Tensor::from_slice(&dev, &a, &[r, k]).unwrap(),
+        Tensor::from_slice(&dev, &b, &[n, r]).unwrap(),
+    )
+    .unwrap();
+    let d = Dims { m, n, k, r };
+    let s = cfg.scale() as f64;
+    let x: Vec<bf16> = rng.vec(m * k, 1.0);
+    let dy: Vec<bf16> = rng.vec(m * n, 1.0);
+    let xt = Tensor::from_slice(&dev, &x, &[m, k]).unwrap();
+    let dyt = Tensor::from_slice(&dev, &dy, &[m, n]).unwrap();
+    let f = l.forward(&xt).unwrap();
+    let want = reference::forward(&x, &w0, &a, &b, Some(&bias), d, s);
+    let y_unmerged = f.y.to_vec().unwrap();
+    assert!(reference::relative_error(&y_unmerged, &want.y) < TOL);
+    let g = l.backward(&xt, &f.t, &dyt, true).unwrap();
+    let gw = reference::backward(&x, &w0, &a, &b, &dy, d, s);
+    assert!(reference::relative_error(&g.dx.unwrap().to_vec().unwrap(), &gw.dx) < TOL);
+    assert!(reference::relative_error(&g.da.to_vec().unwrap(), &gw.da) < TOL);
+    assert!(reference::relative_error(&g.db.to_vec().unwrap(), &gw.db) < TOL);
+
+    l.merge().unwrap();
+    assert!(l.is_merged());
+    let merged_w = l.w0().to_vec().unwrap();
+    let worst = merged_w
+        .iter()
+        .zip(reference::merge(&w0, &a, &b, n, k, r, s))
+        .map(|(g, e)| reference::ulp_distance(*g, e))
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "merged W0 within 1 ulp of the exact merge");
+    l.merge().unwrap();
+    assert_eq!(
+        l.w0().to_vec().unwrap(),
+        merged_w,
+        "a second merge must not add the adapter again"
+    );
+    let y_merged = l.forward(&xt).unwrap().y.to_vec().unwrap();
+    assert!(reference::relative_error(&y_merged, &want.y) < TOL);
+    assert!(matches!(
+        l.backward(&xt, &f.t, &dyt, false),
+        Err(Error::InvalidState { .. })
+    ));
+    assert!(matches!(
+        l.adapter_mut("task"),
+        Err(Error::InvalidState { .. })
+    ));
+
+    l.unmerge().unwrap();
+    assert!(!l.is_merged());
+    let back = l.w0().to_vec().unwrap();
+    // Rounding the merged value can drop bits of W0: each element comes back within
+    // ½ ulp(merged) + ½ ulp(W0) (ulp of the result at a binade edge).
+    for i in 0..n * k {
+        let diff = (back[i].to_f64() - w0[i].to_f64()).abs();
+        let bound = 0.5 * ulp(merged_w[i]) + 0.5 * ulp(w0[i]).max(ulp(back[i]));
+        assert!(
+            diff <= bound,
+            "element {i}: unmerged {} vs W0 {}",
+            back[i],
+            w0[i]
+        );
+    }
+    l.unmerge().unwrap();
+    assert_eq!(
+        l.w0().to_vec().unwrap(),
+        back,
+        "a second unmerge is a no-op"
+    );
+}
+
+/// Task switching on a merged layer swaps B·A in place: W0 then holds base + s₂·B₂·A₂.
+#[test]
+fn task_switching_swaps_adapters_in_place() {
+    let dev = Device::emulator();
+    let mut rng = Rng::new(3);
+    let (n, k) = (24, 48);
+    let (w0, _, mut l) = layer(&dev, &mut rng, n, k);
+    let mut adapters = Vec::new();
+    for (name, r) in [("one", 2usize), ("two", 6)] {
+        let a: Vec<bf16> = rng.vec(r * k, 0.3);
+        let b: Vec<bf16> = rng.vec(n * r, 0.3);
+        l.insert_adapter(
+            name,
+            LoraConfig::new(r, 2.0 * r as f32),
+            Tensor::from_slice(&dev, &a, &[r, k]).unwrap(),
+            Tensor::from_slice(&dev, &b, &[n, r]).unwrap(),
+        )
+        .unwrap();
+        adapters.push((a, b, r));
+    }
+    assert_eq!(l.active(), Some("one"));
+    l.merge().unwrap();
+    l.set_active("two").unwrap();
+    assert!(l.is_merged() && l.active() == Some("two"));
+    let (a, b, r) = &adapters[1];
+    let want = reference::merge(&w0, a, b, n, k, *r, 2.0);
+    let got = l.w0().to_vec().unwrap();
+    // A merge and an unmerge of adapter one, then the merge of two: three roundings, each at most
+    // ½ ulp of the value rounded (adapter one's merged value, W0-sized values, the result).
+    let (a1, b1, r1) = &adapters[0];
+    let first = reference::merge(&w0, a1, b1, n, k, *r1, 2.0);
+    let exact_two = reference::delta(a, b, n, k, *r, 2.0);
+    for i in 0..n * k {
+        let diff = (got[i].to_f64() - (w0[i].to_f64() + exact_two[i])).abs();
+        let bound = 0.5 * ulp(first[i]) + 0.5 * ulp(w0[i]) + ulp(got[i]).max(ulp(want[i]));
+        assert!(
+            diff <= bound,
+            "element {i}: {} after switching, want {}",
+            got[i],
+            want[i]
+        );
+    }
+    assert!(matches!(
+        l.set_active("three"),
+        Err(Error::UnknownAdapter { .. })
+    ));
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let dev = Device::emulator();
+    let w0 = Tensor::<bf16>::zeros(&dev, &[4, 8]).unwrap();
+    let mut l = LoraLinear::new(w0, None).unwrap();
+    let x = Tensor::<bf16>::zeros(&dev, &[2, 8]).unwrap();
+    assert!(
+        matches!(l.forward(&x), Err(Error::InvalidState { .. })),
+        "no adapter yet"
+    );
+    assert!(matches!(
+        l.add_adapter("a", LoraConfig::new(0, 1.0), 1),
+        Err(Error::Rank { .. })
+    ));
+    assert!(matches!(
+        l.add_adapter("a", LoraConfig::new(129, 1.0), 1),
+        Err(Error::Rank { .. })
+    ));
+    let a = Tensor::<bf16>::zeros(&dev, &[2, 9]).unwrap();
+    let b = Tensor::<bf16>::zeros(&dev, &[4, 2]).unwrap();
+    let e = l
+        .insert_adapter("a", LoraConfig::new(2, 1.0), a, b)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("`a`") && e.to_string().contains("[2, 8]"),
+        "{e}"
+    );
+    let bias = Tensor::<bf16>::zeros(&dev, &[5]).unwrap();
+    let w0 = Tensor::<bf16>::zeros(&dev, &[4, 8]).unwrap();
+    assert!(matches!(
+        LoraLinear::new(w0, Some(bias)),
+        Err(Error::Shape { arg: "bias", .. })
+    ));
+}
