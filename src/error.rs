@@ -93,6 +93,16 @@ pub enum Error {
         name: String,
         known: Vec<String>,
     },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Format { path: String, message: String },
+    #[error("{what} is not supported: {hint}")]
+    Unsupported { what: String, hint: String },
     #[error("CUDA backend unavailable: {0}")]
     CudaUnavailable(String),
     #[error("CUDA driver error during {context}: {source}")]
@@ -115,6 +125,18 @@ pub enum Error {
 }
 
 impl Error {
+    pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.display().to_string();
+        move |source| Error::Io { path, source }
+    }
+
+    pub(crate) fn format(path: &std::path::Path, message: impl Into<String>) -> Error {
+        Error::Format {
+            path: path.display().to_string(),
+            message: message.into(),
+        }
+    }
+
     pub(crate) fn cuda(
         context: impl Into<String>,
     ) -> impl FnOnce(cudarc::driver::DriverError) -> Error {

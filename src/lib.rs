@@ -10,13 +10,16 @@
 //! - [`LoraLinear`]: the trainer-facing layer (adapters, merge/unmerge, task switching);
 //! - [`reference`]: the f64 CPU oracle every kernel is tested against.
 
+pub mod checkpoint;
 pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod kernel;
 pub mod linear;
+pub mod memory;
 pub mod ops;
 pub mod params;
+pub mod peft;
 pub mod plan;
 pub mod reference;
 pub mod tensor;

@@ -1,0 +1,414 @@
+//! The `lora-kernels` binary: merging the PEFT fixture adapter into its base reproduces PEFT's merged
+//! checkpoint, `--unmerge` matches the f64 unmerge, sharded checkpoints, adapter save/load round trip,
+//! `inspect`, `plan` (the paper's GPT-3 figures), and every error path: clear message, non-zero exit,
+//! no output left behind, base untouched.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::Fixture;
+use common::peft::{Agreement, compare};
+use lora_kernels::peft::PeftAdapter;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lora-kernels"))
+}
+
+/// A fresh empty directory under the target dir's tmp.
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = bin().args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn fx(p: &str) -> String {
+    common::fixture(p).to_str().unwrap().to_string()
+}
+
+fn agreement(got: &Path, want: &str) -> (Agreement, usize) {
+    let got = std::fs::read(got).unwrap();
+    let got = safetensors::SafeTensors::deserialize(&got).unwrap();
+    let want = Fixture::open(want);
+    let mut acc = Agreement::default();
+    let mut identical = 0;
+    for name in want.names() {
+        let g: Vec<half::bf16> = bytemuck::pod_collect_to_vec(got.tensor(&name).unwrap().data());
+        let w = want.bf16(&name).0;
+        if g == w {
+            identical += 1;
+        }
+        compare(&g, &w, &mut acc);
+    }
+    (acc, identical)
+}
+
+#[test]
+fn merge_reproduces_peft_and_unmerge_matches_f64() {
+    let dir = scratch("merge");
+    let merged = dir.join("merged.safetensors");
+    let (ok, stdout, stderr) = run(&[
+        "merge",
+        "--base",
+        &fx("base.safetensors"),
+        "--adapter",
+        &fx("adapter"),
+        "--out",
+        merged.to_str().unwrap(),
+        "--device",
+        "emu",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("merged 8 modules") && stdout.contains("6 tensors copied"),
+        "{stdout}"
+    );
+    let (acc, identical) = agreement(&merged, "merged.safetensors");
+    let frac = acc.exact as f64 / acc.total as f64;
+    eprintln!(
+        "CLI merge vs PEFT: {}/{} bit-exact, max {} ulp",
+        acc.exact, acc.total, acc.max_ulp
+    );
+    assert!(frac >= 0.9999 && acc.max_ulp <= 1);
+    assert!(identical >= 6, "every untargeted tensor identical");
+    // Untargeted tensors: byte-identical to the base.
+    let base = Fixture::open("base.safetensors");
+    let out_bytes = std::fs::read(&merged).unwrap();
+    let out = safetensors::SafeTensors::deserialize(&out_bytes).unwrap();
+    for name in [
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.1.mlp.gate_proj.weight",
+    ] {
+        assert_eq!(
+            out.tensor(name).unwrap().data(),
+            base.tensors().tensor(name).unwrap().data()
+        );
+    }
+
+    let back = dir.join("unmerged.safetensors");
+    let (ok, _, stderr) = run(&[
+        "merge",
+        "--base",
+        &fx("merged.safetensors"),
+        "--adapter",
+        &fx("adapter"),
+        "--out",
+        back.to_str().unwrap(),
+        "--unmerge",
+        "--device",
+        "emu",
+    ]);
+    assert!(ok, "{stderr}");
+    let (acc, _) = agreement(&back, "expected_unmerged.safetensors");
+    assert!(acc.exact as f64 / acc.total as f64 >= 0.9999 && acc.max_ulp <= 1);
+}
+
+#[test]
+fn sharded_checkpoint_is_merged_shard_by_shard() {
+    let dir = scratch("sharded");
+    let base_dir = dir.join("base");
+    std::fs::create_dir_all(&base_dir).unwrap();
+    // Split the fixture base into two shards with an index, as transformers writes them.
+    let base = Fixture::open("base.safetensors");
+    let st = base.tensors();
+    let mut map = serde_json::Map::new();
+    for (i, shard) in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+            .tensors()
+            .into_iter()
+            .filter(|(n, _)| n.contains(&format!("layers.{i}.")))
+            .collect();
+        for (n, _) in &views {
+            map.insert(n.clone(), serde_json::Value::String(shard.to_string()));
+        }
+        std::fs::write(
+            base_dir.join(shard),
+            safetensors::serialize(views, None).unwrap(),
+        )
+        .unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        base_dir.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let (ok, stdout, stderr) = run(&[
+        "merge",
+        "--base",
+        base_dir.to_str().unwrap(),
+        "--adapter",
+        &fx("adapter"),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "emu",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("3 files"), "{stdout}");
+    assert!(out.join("model.safetensors.index.json").is_file());
+    let merged = Fixture::open("merged.safetensors");
+    let mut acc = Agreement::default();
+    for shard in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ] {
+        let bytes = std::fs::read(out.join(shard)).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (name, t) in st.tensors() {
+            let g: Vec<half::bf16> = bytemuck::pod_collect_to_vec(t.data());
+            compare(&g, &merged.bf16(&name).0, &mut acc);
+        }
+    }
+    assert_eq!(
+        acc.total,
+        merged
+            .names()
+            .iter()
+            .map(|n| merged.bf16(n).0.len())
+            .sum::<usize>()
+    );
+    assert!(acc.exact as f64 / acc.total as f64 >= 0.9999 && acc.max_ulp <= 1);
+    // An existing output directory is refused.
+    let (ok, _, stderr) = run(&[
+        "merge",
+        "--base",
+        base_dir.to_str().unwrap(),
+        "--adapter",
+        &fx("adapter"),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "emu",
+    ]);
+    assert!(!ok && stderr.contains("already exists"), "{stderr}");
+}
+
+#[test]
+fn saved_adapter_loads_back_identical() {
+    let a = PeftAdapter::load(&common::fixture("adapter")).unwrap();
+    let dir = scratch("save");
+    a.save(&dir).unwrap();
+    let b = PeftAdapter::load(&dir).unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn inspect_lists_modules() {
+    let (ok, stdout, stderr) = run(&["inspect", "--adapter", &fx("adapter")]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("model.layers.0.self_attn.q_proj") && stdout.contains("8 modules"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| 8 | 16 | 2 |"),
+        "rank 8, alpha 16, scale 2: {stdout}"
+    );
+}
+
+#[test]
+fn plan_reproduces_the_papers_figures() {
+    let (ok, stdout, stderr) = run(&[
+        "plan",
+        "--preset",
+        "gpt3-175b",
+        "--rank",
+        "1",
+        "--rank",
+        "4",
+        "--rank",
+        "8",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("| LoRA r = 1 | 4.7M |"), "{stdout}");
+    assert!(stdout.contains("| LoRA r = 8 | 37.7M |"), "{stdout}");
+    assert!(
+        stdout.contains("| LoRA r = 4 | 18.9M | 37.7M B |"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("350.0G B in fp16"), "{stdout}");
+    let (ok, _, stderr) = run(&["plan", "--preset", "gpt9"]);
+    assert!(!ok && stderr.contains("unknown preset `gpt9`"), "{stderr}");
+}
+
+/// Copies the fixture adapter into `dir`, letting `edit` change its config or tensors.
+fn adapter_copy(dir: &Path, config: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let a = dir.join("adapter");
+    std::fs::create_dir_all(&a).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    config(&mut cfg);
+    std::fs::write(a.join("adapter_config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(
+        common::fixture("adapter/adapter_model.safetensors"),
+        a.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    a
+}
+
+/// Runs a merge that must fail: non-zero exit, message containing `want`, no output file, base intact.
+fn merge_fails(base: &Path, adapter: &Path, out: &Path, want: &str) {
+    let before = std::fs::read(base).ok();
+    let (ok, _, stderr) = run(&[
+        "merge",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "emu",
+    ]);
+    assert!(!ok, "merge should fail with `{want}`");
+    assert!(stderr.contains(want), "expected `{want}` in: {stderr}");
+    assert!(
+        !out.exists(),
+        "no partial output may be left at {}",
+        out.display()
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left behind");
+    assert_eq!(std::fs::read(base).ok(), before, "the base must not change");
+}
+
+#[test]
+fn error_paths_are_clear_and_leave_nothing() {
+    let dir = scratch("errors");
+    let base = common::fixture("base.safetensors");
+    let out = dir.join("out.safetensors");
+
+    // rank of the config disagrees with the tensors
+    let a = adapter_copy(&dir.join("r"), |c| c["r"] = 4.into());
+    merge_fails(&base, &a, &out, "rank for it is 4");
+
+    // adapter/base shape mismatch: the fixture adapter against a base whose q_proj is transposed-size
+    let st_bytes = std::fs::read(&base).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
+    let mut views = st.tensors();
+    for (name, v) in views.iter_mut() {
+        if name == "model.layers.0.mlp.down_proj.weight" {
+            *v = safetensors::tensor::TensorView::new(v.dtype(), vec![96, 64], v.data()).unwrap();
+        }
+    }
+    let bad_base = dir.join("bad_shape.safetensors");
+    std::fs::write(&bad_base, safetensors::serialize(views, None).unwrap()).unwrap();
+    merge_fails(
+        &bad_base,
+        &common::fixture("adapter"),
+        &out,
+        "shape mismatch",
+    );
+
+    // a target module missing from the base
+    let views: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| !n.contains("layers.1.self_attn.v_proj"))
+        .collect();
+    let missing = dir.join("missing.safetensors");
+    std::fs::write(&missing, safetensors::serialize(views, None).unwrap()).unwrap();
+    merge_fails(
+        &missing,
+        &common::fixture("adapter"),
+        &out,
+        "is missing from the base",
+    );
+
+    // corrupt and truncated files
+    let truncated = dir.join("truncated.safetensors");
+    std::fs::write(&truncated, &st_bytes[..st_bytes.len() / 2]).unwrap();
+    merge_fails(
+        &truncated,
+        &common::fixture("adapter"),
+        &out,
+        "corrupt or truncated",
+    );
+    let garbage = dir.join("garbage.safetensors");
+    std::fs::write(&garbage, b"not a safetensors file at all").unwrap();
+    merge_fails(
+        &garbage,
+        &common::fixture("adapter"),
+        &out,
+        "corrupt or truncated",
+    );
+
+    // unknown dtype of a targeted weight
+    let mut views = st.tensors();
+    for (name, v) in views.iter_mut() {
+        if name == "model.layers.0.self_attn.q_proj.weight" {
+            *v = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::I16,
+                vec![64, 64],
+                v.data(),
+            )
+            .unwrap();
+        }
+    }
+    let int_base = dir.join("int.safetensors");
+    std::fs::write(&int_base, safetensors::serialize(views, None).unwrap()).unwrap();
+    merge_fails(&int_base, &common::fixture("adapter"), &out, "dtype I16");
+
+    // unsupported adapters
+    for (edit, want) in [("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out")] {
+        let a = adapter_copy(&dir.join(edit), |c| c[edit] = true.into());
+        merge_fails(&base, &a, &out, want);
+    }
+    let bin_dir = dir.join("bin");
+    let a = adapter_copy(&bin_dir, |_| {});
+    std::fs::rename(
+        a.join("adapter_model.safetensors"),
+        a.join("adapter_model.bin"),
+    )
+    .unwrap();
+    merge_fails(&base, &a, &out, "adapter_model.bin");
+
+    // unwritable output: a path inside a regular file
+    let blocker = dir.join("file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let (ok, _, stderr) = run(&[
+        "merge",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        &fx("adapter"),
+        "--out",
+        blocker.join("out.safetensors").to_str().unwrap(),
+        "--device",
+        "emu",
+    ]);
+    assert!(!ok && stderr.contains("out.safetensors"), "{stderr}");
+
+    // usage errors
+    let (ok, _, stderr) = run(&["merge", "--base", "x"]);
+    assert!(!ok && stderr.contains("missing --adapter"), "{stderr}");
+    let (ok, _, stderr) = run(&["frobnicate"]);
+    assert!(!ok && stderr.contains("unknown command"), "{stderr}");
+}
