@@ -129,6 +129,14 @@ impl<T: Element> Tensor<T> {
         }
     }
 
+    /// The underlying cudarc allocation, mutably (e.g. as the output of a cuBLAS call), if on a GPU.
+    pub fn as_cuda_slice_mut(&mut self) -> Option<&mut CudaSlice<T>> {
+        match &mut self.storage {
+            Storage::Cuda(s) => Some(s),
+            Storage::Host(_) => None,
+        }
+    }
+
     /// Gives the cudarc allocation back (zero-copy), if on a GPU.
     pub fn into_cuda_slice(self) -> Option<CudaSlice<T>> {
         match self.storage {

@@ -1,0 +1,117 @@
+//! criterion benchmarks: our kernels against cuBLAS baselines in the same run (see benches/common).
+//!
+//!   forward   fused forward | bare cuBLAS GEMM (full fine-tune forward) | unfused 3-GEMM LoRA (PEFT)
+//!   backward  ours (dX, dA, dB) | full fine-tune backward (cuBLAS dX + dW)
+//!   merge     in-place merge | device-to-device copy of W0
+//!   small_m   M = 16 cases of the forward group (the small-M kernel)
+//!
+//! Throughput is reported as FLOPs (criterion "elements") for GEMMs and bytes for merge. Every timed
+//! iteration ends with a device synchronize, and input sets rotate so none is served from L2.
+//! Without a GPU: prints that it skipped and why, and exits 0. `LK_BENCH_QUICK=1`: headline cases only.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Case;
+use criterion::{BenchmarkId, Criterion, Throughput};
+use lora_kernels::Device;
+
+const SCALE: f32 = 2.0;
+
+fn group_name(c: Case) -> String {
+    format!("M{}_N{}_K{}_r{}", c.m, c.n, c.k, c.r)
+}
+
+fn bench_case(cr: &mut Criterion, dev: &Device, c: Case) {
+    let blas = common::blas(dev);
+    let mut sets = common::sets(dev, c).expect("allocating benchmark inputs");
+    let n_sets = sets.len();
+    let gemm_flops = 2 * (c.m * c.n * c.k) as u64;
+    let family = if c.m <= 16 { "small_m" } else { "forward" };
+    let mut g = cr.benchmark_group(format!("{family}/{}", group_name(c)));
+    g.throughput(Throughput::Elements(gemm_flops));
+    let mut i = 0;
+    g.bench_function(BenchmarkId::new("ours_fused", ""), |b| {
+        b.iter(|| {
+            i = (i + 1) % n_sets;
+            common::ours_forward(&mut sets[i], SCALE);
+            dev.synchronize().unwrap();
+        })
+    });
+    g.bench_function(BenchmarkId::new("cublas_bare_gemm", ""), |b| {
+        b.iter(|| {
+            i = (i + 1) % n_sets;
+            common::cublas_forward(&blas, &mut sets[i], c);
+            dev.synchronize().unwrap();
+        })
+    });
+    g.bench_function(BenchmarkId::new("cublas_unfused_lora", ""), |b| {
+        b.iter(|| {
+            i = (i + 1) % n_sets;
+            common::cublas_unfused(&blas, &mut sets[i], c, SCALE);
+            dev.synchronize().unwrap();
+        })
+    });
+    g.finish();
+    if c.m <= 16 {
+        return;
+    }
+    let mut g = cr.benchmark_group(format!("backward/{}", group_name(c)));
+    g.throughput(Throughput::Elements(2 * gemm_flops));
+    g.bench_function(BenchmarkId::new("ours_dx_da_db", ""), |b| {
+        b.iter(|| {
+            i = (i + 1) % n_sets;
+            common::ours_backward(&mut sets[i], SCALE);
+            dev.synchronize().unwrap();
+        })
+    });
+    g.bench_function(BenchmarkId::new("cublas_full_dx_dw", ""), |b| {
+        b.iter(|| {
+            i = (i + 1) % n_sets;
+            common::cublas_full_backward(&blas, &mut sets[i], c);
+            dev.synchronize().unwrap();
+        })
+    });
+    g.finish();
+    if c.m != 2048 {
+        return; // merge does not depend on M: once per (N, K, r)
+    }
+    let mut g = cr.benchmark_group(format!("merge/N{}_K{}_r{}", c.n, c.k, c.r));
+    g.throughput(Throughput::Bytes(4 * (c.n * c.k) as u64));
+    g.bench_function(BenchmarkId::new("ours_merge", ""), |b| {
+        b.iter(|| {
+            i = (i + 1) % n_sets;
+            common::ours_merge(&mut sets[i], SCALE);
+            dev.synchronize().unwrap();
+        })
+    });
+    g.bench_function(BenchmarkId::new("copy_w0", ""), |b| {
+        b.iter(|| {
+            i = (i + 1) % n_sets;
+            common::copy_w0(dev, &mut sets[i]);
+            dev.synchronize().unwrap();
+        })
+    });
+    g.finish();
+}
+
+fn main() {
+    let dev = match Device::cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("lora-kernels benches skipped: no usable GPU ({e})");
+            return;
+        }
+    };
+    println!("lora-kernels benches on {}", dev.describe());
+    let mut cr = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+        .configure_from_args();
+    for c in common::cases() {
+        bench_case(&mut cr, &dev, c);
+    }
+    cr.final_summary();
+}
