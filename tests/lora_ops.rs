@@ -70,11 +70,17 @@ fn dims(max_m: usize) -> impl Strategy<Value = (Dims, bool)> {
 }
 
 fn config() -> ProptestConfig {
+    // Under compute-sanitizer (LK_SANITIZE=1) every launch is ~100× slower: fewer cases.
+    let default = if std::env::var("LK_SANITIZE").as_deref() == Ok("1") {
+        6
+    } else {
+        64
+    };
     ProptestConfig {
         cases: std::env::var("PROPTEST_CASES")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(64),
+            .unwrap_or(default),
         // Each case already runs the kernels several times; shrinking a failure would take minutes.
         max_shrink_iters: 16,
         ..ProptestConfig::default()

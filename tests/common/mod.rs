@@ -88,10 +88,16 @@ impl Rng {
     }
 }
 
+/// A fixture file; relative to the current directory when the build-time path is gone (test binaries
+/// run from the repository root on a machine without Rust, see ../shared/gpu/pack.sh).
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/peft")
-        .join(name)
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft");
+    let dir = if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("tests/fixtures/peft")
+    };
+    dir.join(name)
 }
 
 /// A safetensors file, read whole.
