@@ -161,7 +161,7 @@ fn write_emu_decls(path: &Path, exports: &[(String, Export)]) {
     );
     for (_, e) in exports {
         s.push_str(&format!(
-            "    fn lk_emu_body_{}(params: *const ::core::ffi::c_void);\n",
+            "    pub fn lk_emu_body_{}(params: *const ::core::ffi::c_void);\n",
             e.kernel
         ));
     }
