@@ -263,7 +263,8 @@ pub(crate) fn small_m<T: Element>(
 /// the device's SM count) so the m-chunks, and therefore the result bits, depend on the shape only.
 const GRAD_TARGET_BLOCKS: usize = 264;
 const GRAD_TILE: usize = 64;
-const GRAD_MIN_ROWS: usize = 256;
+/// Fewest rows per chunk: below this a chunk's partial sums cost more than they save.
+const GRAD_MIN_ROWS: usize = 64;
 
 /// (splits, rows per split) for a reduction over `m` rows with `tiles` output tiles.
 pub(crate) fn grad_splits(m: usize, tiles: usize) -> (usize, usize) {
@@ -428,6 +429,7 @@ mod tests {
             );
         }
         assert_eq!(grad_splits(8192, 64).0, 5);
-        assert_eq!(grad_splits(300, 1).0, 2);
+        assert_eq!(grad_splits(300, 1).0, 5);
+        assert_eq!(grad_splits(64, 1).0, 1);
     }
 }
