@@ -47,17 +47,7 @@ pub(crate) fn layer_dims<T: Element>(
             got: w0.shape().to_vec(),
         });
     }
-    let (r, k_a) = validate::matrix(op, "a", a, "[r, K]")?;
-    validate::rank(op, r)?;
-    if k_a != k {
-        return Err(Error::Shape {
-            op,
-            arg: "a",
-            expected: format!("[r, K] with K = {k} (the columns of x)"),
-            got: a.shape().to_vec(),
-        });
-    }
-    validate::shape(op, "b", b, &[n, r], "[N, r]")?;
+    let r = validate::adapter(op, a, b, (n, k), "the columns of x")?;
     for (arg, v) in [("x", m * k), ("w0", n * k), ("M", m), ("N", n)] {
         validate::fits_u32(op, arg, v)?;
     }

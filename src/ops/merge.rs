@@ -4,7 +4,7 @@
 use super::launch;
 use super::validate;
 use crate::dtype::Element;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 fn merge_impl<T: Element, U: Element>(
@@ -15,17 +15,7 @@ fn merge_impl<T: Element, U: Element>(
     scale: f32,
 ) -> Result<()> {
     let (n, k) = validate::matrix(op, "w0", w0, "[N, K]")?;
-    let (r, k_a) = validate::matrix(op, "a", a, "[r, K]")?;
-    validate::rank(op, r)?;
-    if k_a != k {
-        return Err(Error::Shape {
-            op,
-            arg: "a",
-            expected: format!("[r, K] with K = {k} (the columns of w0)"),
-            got: a.shape().to_vec(),
-        });
-    }
-    validate::shape(op, "b", b, &[n, r], "[N, r]")?;
+    let r = validate::adapter(op, a, b, (n, k), "the columns of w0")?;
     validate::finite(op, "scale", scale)?;
     validate::fits_u32(op, "w0", n * k)?;
     launch::merge(op, w0, a, b, (n, k, r), scale)

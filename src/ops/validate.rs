@@ -130,3 +130,26 @@ pub(crate) fn rank(op: &'static str, r: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// The adapter pair of a layer with `n` outputs and `k` inputs: A [r, K] with 1 ≤ r ≤ 128 and
+/// B [N, r]; `k_source` names where K comes from in the error. Returns r.
+pub(crate) fn adapter<T: Element, U: Element>(
+    op: &'static str,
+    a: &Tensor<T>,
+    b: &Tensor<U>,
+    (n, k): (usize, usize),
+    k_source: &str,
+) -> Result<usize> {
+    let (r, k_a) = matrix(op, "a", a, "[r, K]")?;
+    rank(op, r)?;
+    if k_a != k {
+        return Err(Error::Shape {
+            op,
+            arg: "a",
+            expected: format!("[r, K] with K = {k} ({k_source})"),
+            got: a.shape().to_vec(),
+        });
+    }
+    shape(op, "b", b, &[n, r], "[N, r]")?;
+    Ok(r)
+}
