@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::dtype::Element;
 use crate::error::{Error, Result};
-use crate::ops::{self, ForwardOutput, Gradients};
+use crate::ops::{self, ForwardOutput, Gradients, validate};
 use crate::tensor::Tensor;
 
 /// Rank and scaling of one adapter (PEFT's `r`, `lora_alpha`, `use_rslora`).
@@ -119,13 +119,7 @@ impl<T: Element> LoraLinear<T> {
     pub fn add_adapter(&mut self, name: &str, config: LoraConfig, seed: u64) -> Result<()> {
         const OP: &str = "LoraLinear::add_adapter";
         let (n, k) = self.dims();
-        if config.rank == 0 || config.rank > ops::MAX_RANK {
-            return Err(Error::Rank {
-                op: OP,
-                r: config.rank,
-                max: ops::MAX_RANK,
-            });
-        }
+        validate::rank(OP, config.rank)?;
         let bound = 1.0 / (k as f64).sqrt();
         let mut state = seed;
         let a: Vec<T> = (0..config.rank * k)
@@ -148,13 +142,7 @@ impl<T: Element> LoraLinear<T> {
         const OP: &str = "LoraLinear::insert_adapter";
         let (n, k) = self.dims();
         let r = config.rank;
-        if r == 0 || r > ops::MAX_RANK {
-            return Err(Error::Rank {
-                op: OP,
-                r,
-                max: ops::MAX_RANK,
-            });
-        }
+        validate::rank(OP, r)?;
         for (arg, t, want) in [("a", &a, [r, k]), ("b", &b, [n, r])] {
             if t.shape() != want {
                 return Err(Error::Shape {

@@ -70,8 +70,23 @@ fn transpose(p: &[f64], rows: usize, cols: usize) -> Vec<f64> {
     t
 }
 
-/// `y = x·w0ᵀ + s·(x·aᵀ)·bᵀ (+ bias)`, `t = x·aᵀ`.
-pub fn forward<T: Element, U: Element>(
+/// Which intermediates are rounded to the layer's dtype: none (exact math) or, as the kernels do,
+/// T (the forward's saved output) and U (the backward's dY·B).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Intermediates {
+    Exact,
+    AsKernels,
+}
+
+fn round_if<T: Element>(v: Vec<f64>, mode: Intermediates) -> Vec<f64> {
+    match mode {
+        Intermediates::Exact => v,
+        Intermediates::AsKernels => rounded::<T>(&v),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_impl<T: Element, U: Element>(
     x: &[T],
     w0: &[T],
     a: &[U],
@@ -79,13 +94,14 @@ pub fn forward<T: Element, U: Element>(
     bias: Option<&[T]>,
     d: Dims,
     scale: f64,
+    mode: Intermediates,
 ) -> Forward {
     check_len("x", x.len(), d.m * d.k);
     check_len("w0", w0.len(), d.n * d.k);
     check_len("a", a.len(), d.r * d.k);
     check_len("b", b.len(), d.n * d.r);
     let (x, w0, a, b) = (f64s(x), f64s(w0), f64s(a), f64s(b));
-    let t = matmul_nt(&x, &a, d.m, d.r, d.k);
+    let t = round_if::<T>(matmul_nt(&x, &a, d.m, d.r, d.k), mode);
     let base = matmul_nt(&x, &w0, d.m, d.n, d.k);
     let lora = matmul_nt(&t, &b, d.m, d.n, d.r);
     let mut y: Vec<f64> = base.iter().zip(&lora).map(|(p, l)| p + scale * l).collect();
@@ -96,6 +112,54 @@ pub fn forward<T: Element, U: Element>(
         }
     }
     Forward { y, t }
+}
+
+/// `y = x·w0ᵀ + s·(x·aᵀ)·bᵀ (+ bias)`, `t = x·aᵀ`.
+pub fn forward<T: Element, U: Element>(
+    x: &[T],
+    w0: &[T],
+    a: &[U],
+    b: &[U],
+    bias: Option<&[T]>,
+    d: Dims,
+    scale: f64,
+) -> Forward {
+    forward_impl(x, w0, a, b, bias, d, scale, Intermediates::Exact)
+}
+
+/// The gradients from f64 inputs, the T to use (exact or as given) and how to treat U.
+#[allow(clippy::too_many_arguments)]
+fn backward_impl<T: Element>(
+    x: &[f64],
+    w0: &[f64],
+    a: &[f64],
+    b: &[f64],
+    t: &[f64],
+    dy: &[f64],
+    d: Dims,
+    scale: f64,
+    mode: Intermediates,
+) -> Backward {
+    let bt = transpose(b, d.n, d.r); // r×N
+    let u = round_if::<T>(matmul_nt(dy, &bt, d.m, d.r, d.n), mode); // M×r
+    let dyt = transpose(dy, d.m, d.n); // N×M
+    let tt = transpose(t, d.m, d.r); // r×M
+    let db: Vec<f64> = matmul_nt(&dyt, &tt, d.n, d.r, d.m)
+        .iter()
+        .map(|v| scale * v)
+        .collect();
+    let ut = transpose(&u, d.m, d.r); // r×M
+    let xt = transpose(x, d.m, d.k); // K×M
+    let da: Vec<f64> = matmul_nt(&ut, &xt, d.r, d.k, d.m)
+        .iter()
+        .map(|v| scale * v)
+        .collect();
+    let w0t = transpose(w0, d.n, d.k); // K×N
+    let at = transpose(a, d.r, d.k); // K×r
+    let base = matmul_nt(dy, &w0t, d.m, d.k, d.n);
+    let lora = matmul_nt(&u, &at, d.m, d.k, d.r);
+    let dx = base.iter().zip(&lora).map(|(p, l)| p + scale * l).collect();
+    Backward { dx, da, db, u }
 }
 
 /// Gradients of the LoRA layer given `dy`: `u = dy·b`, `db = s·dyᵀ·t`, `da = s·uᵀ·x`,
@@ -116,26 +180,7 @@ pub fn backward<T: Element, U: Element>(
     check_len("dy", dy.len(), d.m * d.n);
     let (x, w0, a, b, dy) = (f64s(x), f64s(w0), f64s(a), f64s(b), f64s(dy));
     let t = matmul_nt(&x, &a, d.m, d.r, d.k); // M×r
-    let bt = transpose(&b, d.n, d.r); // r×N
-    let u = matmul_nt(&dy, &bt, d.m, d.r, d.n); // M×r
-    let dyt = transpose(&dy, d.m, d.n); // N×M
-    let tt = transpose(&t, d.m, d.r); // r×M
-    let db: Vec<f64> = matmul_nt(&dyt, &tt, d.n, d.r, d.m)
-        .iter()
-        .map(|v| scale * v)
-        .collect();
-    let ut = transpose(&u, d.m, d.r); // r×M
-    let xt = transpose(&x, d.m, d.k); // K×M
-    let da: Vec<f64> = matmul_nt(&ut, &xt, d.r, d.k, d.m)
-        .iter()
-        .map(|v| scale * v)
-        .collect();
-    let w0t = transpose(&w0, d.n, d.k); // K×N
-    let at = transpose(&a, d.r, d.k); // K×r
-    let base = matmul_nt(&dy, &w0t, d.m, d.k, d.n);
-    let lora = matmul_nt(&u, &at, d.m, d.k, d.r);
-    let dx = base.iter().zip(&lora).map(|(p, l)| p + scale * l).collect();
-    Backward { dx, da, db, u }
+    backward_impl::<T>(&x, &w0, &a, &b, &t, &dy, d, scale, Intermediates::Exact)
 }
 
 /// Rounds every value to `T` (once, to nearest even) and back to f64.
@@ -157,18 +202,7 @@ pub fn forward_as_kernels<T: Element>(
     d: Dims,
     scale: f64,
 ) -> Forward {
-    let exact = forward(x, w0, a, b, bias, d, scale);
-    let t = rounded::<T>(&exact.t);
-    let (xf, w0f, bf) = (f64s(x), f64s(w0), f64s(b));
-    let base = matmul_nt(&xf, &w0f, d.m, d.n, d.k);
-    let lora = matmul_nt(&t, &bf, d.m, d.n, d.r);
-    let mut y: Vec<f64> = base.iter().zip(&lora).map(|(p, l)| p + scale * l).collect();
-    if let Some(bias) = bias {
-        for (i, v) in y.iter_mut().enumerate() {
-            *v += bias[i % d.n].to_f64();
-        }
-    }
-    Forward { y, t }
+    forward_impl(x, w0, a, b, bias, d, scale, Intermediates::AsKernels)
 }
 
 /// The kernels' documented contract for the backward, in exact arithmetic: `t` is the T the caller
@@ -185,36 +219,14 @@ pub fn backward_as_kernels<T: Element>(
     d: Dims,
     scale: f64,
 ) -> Backward {
+    check_len("x", x.len(), d.m * d.k);
+    check_len("w0", w0.len(), d.n * d.k);
+    check_len("a", a.len(), d.r * d.k);
+    check_len("b", b.len(), d.n * d.r);
     check_len("t", t.len(), d.m * d.r);
     check_len("dy", dy.len(), d.m * d.n);
     let (x, w0, a, b, t, dy) = (f64s(x), f64s(w0), f64s(a), f64s(b), f64s(t), f64s(dy));
-    let bt = transpose(&b, d.n, d.r);
-    let u_exact = matmul_nt(&dy, &bt, d.m, d.r, d.n);
-    let u = rounded::<T>(&u_exact);
-    let db = matmul_nt(
-        &transpose(&dy, d.m, d.n),
-        &transpose(&t, d.m, d.r),
-        d.n,
-        d.r,
-        d.m,
-    )
-    .iter()
-    .map(|v| scale * v)
-    .collect();
-    let da = matmul_nt(
-        &transpose(&u, d.m, d.r),
-        &transpose(&x, d.m, d.k),
-        d.r,
-        d.k,
-        d.m,
-    )
-    .iter()
-    .map(|v| scale * v)
-    .collect();
-    let base = matmul_nt(&dy, &transpose(&w0, d.n, d.k), d.m, d.k, d.n);
-    let lora = matmul_nt(&u, &transpose(&a, d.r, d.k), d.m, d.k, d.r);
-    let dx = base.iter().zip(&lora).map(|(p, l)| p + scale * l).collect();
-    Backward { dx, da, db, u }
+    backward_impl::<T>(&x, &w0, &a, &b, &t, &dy, d, scale, Intermediates::AsKernels)
 }
 
 /// `s·B·A` (N×K) in f64.

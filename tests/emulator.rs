@@ -8,6 +8,7 @@ use std::ffi::c_void;
 use std::time::Instant;
 
 use common::Rng;
+use common::probes::{LdmatrixProbeParams, MmaProbeParams};
 use half::{bf16, f16};
 use lora_kernels::device::emu_launch_raw;
 use lora_kernels::kernel::EmuBody;
@@ -47,14 +48,6 @@ fn launch<P: Copy>(
     // SAFETY: each caller passes the params struct its kernel declares, with pointers into live
     // buffers sized for every access of that kernel under `plan`.
     unsafe { emu_launch_raw(cfg, body, plan, params) }
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct LdmatrixProbeParams {
-    src: *const u16,
-    out: *mut u32,
-    variant: i32,
 }
 
 #[test]
@@ -100,15 +93,6 @@ fn ldmatrix_matches_ptx_layout() {
             }
         }
     }
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct MmaProbeParams {
-    a: *const u32,
-    b: *const u32,
-    c: *const f32,
-    d: *mut f32,
 }
 
 /// Random small-integer A (16x16), B (16x8), C (16x8); registers laid out per the PTX ISA

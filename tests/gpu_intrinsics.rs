@@ -8,9 +8,10 @@
 mod common;
 
 use common::Rng;
+use common::probes::{LdmatrixProbeParams, MmaProbeParams};
 use half::{bf16, f16};
 use lora_kernels::cudarc::driver::{
-    DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 use lora_kernels::cudarc::nvrtc::Ptx;
 use lora_kernels::device::emu_launch_raw;
@@ -29,27 +30,6 @@ mod test_modules {
     include!(concat!(env!("OUT_DIR"), "/cuda_test_modules.rs"));
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct LdmatrixProbeParams {
-    src: *const u16,
-    out: *mut u32,
-    variant: i32,
-}
-// SAFETY: plain C struct matching tests/kernels/emu_layout.cu, passed by value.
-unsafe impl DeviceRepr for LdmatrixProbeParams {}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct MmaProbeParams {
-    a: *const u32,
-    b: *const u32,
-    c: *const f32,
-    d: *mut f32,
-}
-// SAFETY: as above.
-unsafe impl DeviceRepr for MmaProbeParams {}
-
 fn emu<P: Copy>(body: EmuBody, smem: u32, p: &P) {
     let plan = LaunchPlan {
         grid: [1, 1, 1],
@@ -60,20 +40,35 @@ fn emu<P: Copy>(body: EmuBody, smem: u32, p: &P) {
     unsafe { emu_launch_raw(&EmuConfig::default(), body, &plan, p) }.unwrap();
 }
 
-/// The ldmatrix probe of emu_layout.cu on the GPU.
-fn gpu_ldmatrix(dev: &Device, src: &[u16], variant: i32) -> Vec<u32> {
-    let cuda = dev.as_cuda().unwrap();
-    let stream = cuda.stream();
+/// A probe kernel of emu_layout.cu, loaded from its nvcc-built fatbin.
+fn probe(dev: &Device, kernel: &str) -> CudaFunction {
     let image = test_modules::MODULES
         .iter()
         .find(|(m, _)| *m == "emu_layout")
         .unwrap()
         .1;
-    let module = cuda
+    let module = dev
+        .as_cuda()
+        .unwrap()
         .context()
         .load_module(Ptx::from_binary(image.to_vec()))
         .unwrap();
-    let f = module.load_function("ldmatrix_probe").unwrap();
+    module.load_function(kernel).unwrap()
+}
+
+/// One block of one warp with `smem` bytes of dynamic shared memory: what every probe takes.
+fn one_warp(smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+/// The ldmatrix probe on the GPU.
+fn gpu_ldmatrix(dev: &Device, src: &[u16], variant: i32) -> Vec<u32> {
+    let stream = dev.as_cuda().unwrap().stream();
+    let f = probe(dev, "ldmatrix_probe");
     let src_d = stream.clone_htod(src).unwrap();
     let mut out_d = stream.alloc_zeros::<u32>(128).unwrap();
     {
@@ -84,30 +79,15 @@ fn gpu_ldmatrix(dev: &Device, src: &[u16], variant: i32) -> Vec<u32> {
             out: o as *mut u32,
             variant,
         };
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (32, 1, 1),
-            shared_mem_bytes: 512,
-        };
         // SAFETY: one warp reads 256 u16 and writes 128 u32, both allocated above.
-        unsafe { stream.launch_builder(&f).arg(&p).launch(cfg) }.unwrap();
+        unsafe { stream.launch_builder(&f).arg(&p).launch(one_warp(512)) }.unwrap();
     }
     stream.clone_dtoh(&out_d).unwrap()
 }
 
 fn gpu_mma(dev: &Device, kernel: &str, a: &[u32], b: &[u32], c: &[f32]) -> Vec<f32> {
-    let cuda = dev.as_cuda().unwrap();
-    let stream = cuda.stream();
-    let image = test_modules::MODULES
-        .iter()
-        .find(|(m, _)| *m == "emu_layout")
-        .unwrap()
-        .1;
-    let module = cuda
-        .context()
-        .load_module(Ptx::from_binary(image.to_vec()))
-        .unwrap();
-    let f = module.load_function(kernel).unwrap();
+    let stream = dev.as_cuda().unwrap().stream();
+    let f = probe(dev, kernel);
     let (a_d, b_d, c_d) = (
         stream.clone_htod(a).unwrap(),
         stream.clone_htod(b).unwrap(),
@@ -125,13 +105,8 @@ fn gpu_mma(dev: &Device, kernel: &str, a: &[u32], b: &[u32], c: &[f32]) -> Vec<f
             c: cp as *const f32,
             d: dp as *mut f32,
         };
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (32, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: one warp reads 128 + 64 + 128 elements and writes 128, all allocated above.
-        unsafe { stream.launch_builder(&f).arg(&p).launch(cfg) }.unwrap();
+        unsafe { stream.launch_builder(&f).arg(&p).launch(one_warp(0)) }.unwrap();
     }
     stream.clone_dtoh(&d_d).unwrap()
 }

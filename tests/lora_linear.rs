@@ -3,15 +3,10 @@
 
 mod common;
 
-use common::Rng;
+use common::{Rng, ulp};
 use half::bf16;
 use lora_kernels::reference::{self, Dims};
 use lora_kernels::{Device, Error, LoraConfig, LoraLinear, Tensor};
-
-/// The gap from |x| to the next larger bf16.
-fn ulp(x: bf16) -> f64 {
-    bf16::from_bits((x.to_bits() & 0x7fff) + 1).to_f64() - x.to_f64().abs()
-}
 
 const TOL: f64 = 1e-2;
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::Rng;
+use common::{Rng, ulp};
 use half::{bf16, f16};
 use lora_kernels::{Device, Element, Tensor, ops, reference};
 use proptest::prelude::*;
@@ -117,16 +117,6 @@ fn merge_edge_shapes() {
         check::<bf16, f32>(nkr, 2.0, 10 + i as u64);
         check::<f16, f16>(nkr, -1.0, 20 + i as u64);
     }
-}
-
-/// ulp of x (the gap to the next larger magnitude), in f64.
-fn ulp<T: Element>(x: T) -> f64 {
-    let bits = x.to_bits_u32() & 0x7fff;
-    let next = match T::DTYPE {
-        lora_kernels::DType::BF16 => bf16::from_bits((bits + 1) as u16).to_f64(),
-        _ => f16::from_bits((bits + 1) as u16).to_f64(),
-    };
-    next - x.to_f64().abs()
 }
 
 /// The kernel's f32 computation of the merged value, replayed on the host (fma chain over j, then

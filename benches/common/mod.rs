@@ -65,9 +65,10 @@ pub struct Set {
     pub dw: Tensor<bf16>,
 }
 
-fn random(dev: &Device, n: usize, amp: f32, seed: u64) -> Result<Tensor<bf16>> {
+/// A tensor of `shape` with values uniform in ±amp (an LCG: reproducible, no dependency).
+fn random(dev: &Device, shape: &[usize], amp: f32, seed: u64) -> Result<Tensor<bf16>> {
     let mut s = seed;
-    let v: Vec<bf16> = (0..n)
+    let v: Vec<bf16> = (0..shape.iter().product::<usize>())
         .map(|_| {
             s = s
                 .wrapping_mul(6364136223846793005)
@@ -75,11 +76,7 @@ fn random(dev: &Device, n: usize, amp: f32, seed: u64) -> Result<Tensor<bf16>> {
             bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * amp)
         })
         .collect();
-    Tensor::from_slice(dev, &v, &[n])
-}
-
-fn shaped(t: Tensor<bf16>, dev: &Device, shape: &[usize]) -> Result<Tensor<bf16>> {
-    Tensor::from_slice(dev, &t.to_vec()?, shape)
+    Tensor::from_slice(dev, &v, shape)
 }
 
 /// Input sets, enough of them that one round through all exceeds 2 × L2 (so no set is served from
@@ -93,11 +90,11 @@ pub fn sets(dev: &Device, c: Case) -> Result<Vec<Set>> {
             let s = 17 * i as u64 + 1;
             let kk = 1.0 / (c.k as f32).sqrt();
             Ok(Set {
-                x: shaped(random(dev, c.m * c.k, 1.0, s)?, dev, &[c.m, c.k])?,
-                w0: shaped(random(dev, c.n * c.k, kk, s + 1)?, dev, &[c.n, c.k])?,
-                a: shaped(random(dev, c.r * c.k, kk, s + 2)?, dev, &[c.r, c.k])?,
-                b: shaped(random(dev, c.n * c.r, 0.1, s + 3)?, dev, &[c.n, c.r])?,
-                dy: shaped(random(dev, c.m * c.n, 1.0, s + 4)?, dev, &[c.m, c.n])?,
+                x: random(dev, &[c.m, c.k], 1.0, s)?,
+                w0: random(dev, &[c.n, c.k], kk, s + 1)?,
+                a: random(dev, &[c.r, c.k], kk, s + 2)?,
+                b: random(dev, &[c.n, c.r], 0.1, s + 3)?,
+                dy: random(dev, &[c.m, c.n], 1.0, s + 4)?,
                 y: Tensor::zeros(dev, &[c.m, c.n])?,
                 t: Tensor::zeros(dev, &[c.m, c.r])?,
                 dx: Tensor::zeros(dev, &[c.m, c.k])?,

@@ -7,7 +7,7 @@ mod launch;
 mod lora;
 mod merge;
 mod scale;
-mod validate;
+pub(crate) mod validate;
 
 pub use lora::{
     ForwardOutput, Gradients, lora_backward, lora_backward_into, lora_forward, lora_forward_into,

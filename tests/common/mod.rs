@@ -3,6 +3,7 @@
 
 pub mod lora;
 pub mod peft;
+pub mod probes;
 
 use std::path::PathBuf;
 
@@ -61,6 +62,16 @@ pub fn seed() -> u64 {
         eprintln!("LK_TEST_SEED={s}");
         s
     })
+}
+
+/// The gap from |x| to the next larger magnitude of its 16-bit dtype (bf16 or f16), in f64.
+pub fn ulp<T: Element>(x: T) -> f64 {
+    let bits = (x.to_bits_u32() & 0x7fff) as u16 + 1;
+    let next = match T::DTYPE {
+        lora_kernels::DType::BF16 => half::bf16::from_bits(bits).to_f64(),
+        _ => half::f16::from_bits(bits).to_f64(),
+    };
+    next - x.to_f64().abs()
 }
 
 /// splitmix64: small, good enough for test data.
