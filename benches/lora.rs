@@ -1,7 +1,8 @@
 //! criterion benchmarks: our kernels against cuBLAS baselines in the same run (see benches/common).
 //!
 //!   forward   fused forward | bare cuBLAS GEMM (full fine-tune forward) | unfused 3-GEMM LoRA (PEFT)
-//!   backward  ours (dX, dA, dB) | full fine-tune backward (cuBLAS dX + dW)
+//!   backward  ours (dX, dA, dB) | full fine-tune backward (cuBLAS dX + dW) | unfused 5-GEMM LoRA
+//!             backward (autograd on PEFT's layer)
 //!   merge     in-place merge | device-to-device copy of W0
 //!   small_m   M = 16 cases of the forward group (the small-M kernel)
 //!
@@ -70,6 +71,13 @@ fn bench_case(cr: &mut Criterion, dev: &Device, c: Case) {
         b.iter(|| {
             i = (i + 1) % n_sets;
             common::cublas_full_backward(&blas, &mut sets[i], c);
+            dev.synchronize().unwrap();
+        })
+    });
+    g.bench_function(BenchmarkId::new("cublas_unfused_lora_backward", ""), |b| {
+        b.iter(|| {
+            i = (i + 1) % n_sets;
+            common::cublas_unfused_backward(&blas, &mut sets[i], c, SCALE);
             dev.synchronize().unwrap();
         })
     });

@@ -1,8 +1,10 @@
 //! Runs the benchmark cases once each and prints ONE markdown table: time of our kernels, our ratio to
-//! each cuBLAS baseline measured in the same run, and % of a roofline built from peaks measured in
-//! the same run (a large cuBLAS bf16 GEMM for FLOP/s, a large device-to-device copy for bytes/s).
-//! Also measures the device memory one LoRA training step allocates for a layer (free memory before
-//! and after) next to the computed figure. Needs a GPU; without one it says so and exits 0.
+//! each cuBLAS baseline measured in the same run, % of a roofline built from peaks measured in the
+//! same run (a large cuBLAS bf16 GEMM for FLOP/s, a large device-to-device copy for bytes/s), and a
+//! check that ours computed the same thing as cuBLAS (relative difference on the case's first input
+//! set; "MISMATCH" above 2e-2 or NaN). Then the device memory one training step of the headline layer
+//! adds, LoRA vs full fine-tuning, measured (free memory before and after) next to `memory::LayerStep`.
+//! Needs a GPU; without one it says so and exits 0.
 //!
 //! `cargo run --release --example perf_table` (`LK_BENCH_QUICK=1`: headline cases only). Results
 //! from GPU runs are kept in docs/perf/ with device, driver, date and commit.
@@ -12,9 +14,10 @@ mod common;
 
 use std::time::Instant;
 
-use common::Case;
-use lora_kernels::cudarc::driver::result::mem_get_info;
-use lora_kernels::{Device, Tensor, bf16};
+use common::{Buf, Case, Set};
+use lora_kernels::cudarc::cublas::CudaBlas;
+use lora_kernels::memory::{LayerStep, human};
+use lora_kernels::{Device, Tensor, bf16, ops};
 
 const SCALE: f32 = 2.0;
 
@@ -36,6 +39,120 @@ fn time(dev: &Device, mut f: impl FnMut(usize)) -> f64 {
     }
     dev.synchronize().unwrap();
     start.elapsed().as_secs_f64() / calls as f64
+}
+
+/// ‖ours − reference‖ / ‖reference‖ over the tensors' elements, as text; NaN or > 2e-2 is flagged.
+fn check(pairs: &[(Vec<bf16>, Vec<bf16>)]) -> String {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (ours, reference) in pairs {
+        for (o, r) in ours.iter().zip(reference) {
+            num += (o.to_f64() - r.to_f64()).powi(2);
+            den += r.to_f64().powi(2);
+        }
+    }
+    let rel = (num / den).sqrt();
+    if rel <= 2e-2 {
+        format!("{rel:.1e}")
+    } else {
+        format!("MISMATCH {rel:.1e}")
+    }
+}
+
+fn host(t: &Tensor<bf16>) -> Vec<bf16> {
+    t.to_vec().unwrap()
+}
+
+/// Our forward vs cuBLAS's unfused LoRA forward on `s`.
+fn check_forward(blas: &CudaBlas, s: &mut Set, c: Case) -> String {
+    common::ours_forward(s, SCALE);
+    let ours = host(&s.y);
+    common::cublas_unfused(blas, s, c, SCALE);
+    check(&[(ours, host(&s.y))])
+}
+
+/// Our dX, dA, dB vs cuBLAS's unfused LoRA backward on `s` (T from our forward).
+fn check_backward(blas: &CudaBlas, s: &mut Set, c: Case) -> String {
+    common::ours_forward(s, SCALE);
+    common::ours_backward(s, SCALE);
+    let ours = [host(&s.dx), host(&s.da), host(&s.db)];
+    common::cublas_unfused_backward(blas, s, c, SCALE);
+    let [dx, da, db] = ours;
+    check(&[(dx, host(&s.dx)), (da, host(&s.da)), (db, host(&s.db))])
+}
+
+/// Our in-place merge vs a copy of W0 plus cuBLAS's s·B·A.
+fn check_merge(dev: &Device, blas: &CudaBlas, s: &mut Set, c: Case) -> String {
+    common::copy_w0(dev, s);
+    common::run_cublas(blas, s, &common::merge_gemms(c, SCALE));
+    common::ours_merge(s, SCALE);
+    check(&[(host(&s.w0), host(&s.dw))])
+}
+
+fn free_bytes(dev: &Device) -> i64 {
+    dev.synchronize().unwrap();
+    let (free, _) = dev.as_cuda().unwrap().context().mem_get_info().unwrap();
+    free as i64
+}
+
+/// Device memory one training step of layer `c` adds (see `memory::LayerStep`), measured: for LoRA,
+/// A and B, our forward (Y, T), our backward (dX, dA, dB) and Adam's f32 moments for A and B; for full
+/// fine-tuning, Y, dX, dW, Adam's moments for W0 and cuBLAS's forward and backward. X, W0 and dY are
+/// resident before either; everything a step made is freed before the next measurement.
+fn step_memory(dev: &Device, blas: &CudaBlas, c: Case) -> (i64, i64) {
+    let rnd =
+        |b: Buf, amp: f32, seed: u64| common::random(dev, common::shape(c, b), amp, seed).unwrap();
+    let f32_zeros = |rows: usize, cols: usize| Tensor::<f32>::zeros(dev, &[rows, cols]).unwrap();
+    let bf_zeros = |b: Buf| Tensor::<bf16>::zeros(dev, &common::shape(c, b)).unwrap();
+    let (x, w0, dy) = (
+        rnd(Buf::X, 1.0, 1),
+        rnd(Buf::W0, 0.02, 2),
+        rnd(Buf::Dy, 1.0, 3),
+    );
+
+    let before = free_bytes(dev);
+    let (a, b) = (rnd(Buf::A, 0.02, 4), rnd(Buf::B, 0.1, 5));
+    let fwd = ops::lora_forward(&x, &w0, &a, &b, None, SCALE).unwrap();
+    let grads = ops::lora_backward(&x, &w0, &a, &b, &fwd.t, &dy, SCALE, true).unwrap();
+    let adam = [
+        f32_zeros(c.r, c.k),
+        f32_zeros(c.r, c.k),
+        f32_zeros(c.n, c.r),
+        f32_zeros(c.n, c.r),
+    ];
+    let lora = before - free_bytes(dev);
+    drop((a, b, fwd, grads, adam));
+
+    // Placeholders for the Set fields full fine-tuning does not use, made before the measurement.
+    let unused = |seed| common::random(dev, [1, 1], 1.0, seed).unwrap();
+    let (pa, pb, pt, pu, pda, pdb) = (
+        unused(6),
+        unused(7),
+        unused(8),
+        unused(9),
+        unused(10),
+        unused(11),
+    );
+    let before = free_bytes(dev);
+    let mut s = Set {
+        x,
+        w0,
+        a: pa,
+        b: pb,
+        dy,
+        y: bf_zeros(Buf::Y),
+        t: pt,
+        dx: bf_zeros(Buf::Dx),
+        da: pda,
+        db: pdb,
+        dw: bf_zeros(Buf::Dw),
+        u: pu,
+    };
+    let adam = [f32_zeros(c.n, c.k), f32_zeros(c.n, c.k)];
+    common::cublas_forward(blas, &mut s, c);
+    common::cublas_full_backward(blas, &mut s, c);
+    let full = before - free_bytes(dev);
+    drop((s, adam));
+    (lora, full)
 }
 
 fn main() {
@@ -81,17 +198,17 @@ fn main() {
         peak_bw / 1e9
     );
     println!(
-        "| op | M | N | K | r | ours (µs) | baseline | baseline (µs) | ours / baseline | ours % roofline |"
+        "| op | M | N | K | r | ours (µs) | baseline | baseline (µs) | ours / baseline | ours % roofline | check vs cuBLAS |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let roof = |flops: f64, bytes: f64| (flops / peak_flops).max(bytes / peak_bw);
     for c in common::cases() {
         let mut sets = common::sets(&dev, c).unwrap();
         let ns = sets.len();
         let (m, n, k, r) = (c.m as f64, c.n as f64, c.k as f64, c.r as f64);
-        let row = |op: &str, ours: f64, base: &str, tb: f64, roofline: f64| {
+        let row = |op: &str, ours: f64, base: &str, tb: f64, roofline: f64, chk: &str| {
             println!(
-                "| {op} | {} | {} | {} | {} | {:.1} | {base} | {:.1} | {:.3} | {:.0} % |",
+                "| {op} | {} | {} | {} | {} | {:.1} | {base} | {:.1} | {:.3} | {:.0} % | {chk} |",
                 c.m,
                 c.n,
                 c.k,
@@ -102,6 +219,7 @@ fn main() {
                 100.0 * roofline / ours
             );
         };
+        let chk = check_forward(&blas, &mut sets[0], c);
         let fwd = time(&dev, |i| common::ours_forward(&mut sets[i % ns], SCALE));
         let bare = time(&dev, |i| {
             common::cublas_forward(&blas, &mut sets[i % ns], c)
@@ -118,52 +236,78 @@ fn main() {
         } else {
             "forward"
         };
-        row(op, fwd, "cuBLAS GEMM (full FT)", bare, f_roof);
-        row(op, fwd, "cuBLAS unfused LoRA", unfused, f_roof);
+        row(op, fwd, "cuBLAS GEMM (full FT)", bare, f_roof, &chk);
+        row(op, fwd, "cuBLAS unfused LoRA", unfused, f_roof, &chk);
         if c.m > 16 {
+            let chk = check_backward(&blas, &mut sets[0], c);
             let bwd = time(&dev, |i| common::ours_backward(&mut sets[i % ns], SCALE));
             let full = time(&dev, |i| {
                 common::cublas_full_backward(&blas, &mut sets[i % ns], c)
+            });
+            let unfused = time(&dev, |i| {
+                common::cublas_unfused_backward(&blas, &mut sets[i % ns], c, SCALE)
             });
             let b_roof = roof(
                 2.0 * m * n * k + 4.0 * m * (n + k) * r,
                 2.0 * (3.0 * m * n + n * k + 2.0 * m * k),
             );
-            row("backward", bwd, "cuBLAS dX + dW (full FT)", full, b_roof);
+            row(
+                "backward",
+                bwd,
+                "cuBLAS dX + dW (full FT)",
+                full,
+                b_roof,
+                &chk,
+            );
+            row(
+                "backward",
+                bwd,
+                "cuBLAS unfused LoRA",
+                unfused,
+                b_roof,
+                &chk,
+            );
         }
         if c.m == 2048 {
+            // merge does not depend on M: once per (N, K, r)
+            let chk = check_merge(&dev, &blas, &mut sets[0], c);
             let merge = time(&dev, |i| common::ours_merge(&mut sets[i % ns], SCALE));
             let copy = time(&dev, |i| common::copy_w0(&dev, &mut sets[i % ns]));
-            row("merge", merge, "copy of W0", copy, roof(0.0, 4.0 * n * k));
+            let roofline = roof(2.0 * n * k * r, 4.0 * n * k);
+            row("merge", merge, "copy of W0", copy, roofline, &chk);
         }
     }
 
-    // Memory of one LoRA training step for the headline layer, measured vs computed.
     let c = Case {
         m: 8192,
         n: 4096,
         k: 4096,
         r: 16,
     };
-    let mut sets = common::sets(&dev, c).unwrap();
-    sets.truncate(1);
-    dev.synchronize().unwrap();
-    let (free0, _) = mem_get_info().unwrap();
-    let s = &sets[0];
-    let f = lora_kernels::ops::lora_forward(&s.x, &s.w0, &s.a, &s.b, None, SCALE).unwrap();
-    let g = lora_kernels::ops::lora_backward(&s.x, &s.w0, &s.a, &s.b, &f.t, &s.dy, SCALE, true)
-        .unwrap();
-    dev.synchronize().unwrap();
-    let (free1, _) = mem_get_info().unwrap();
-    let computed = 2 * (c.m * c.n + c.m * c.r + c.m * c.k + c.r * c.k + c.n * c.r);
-    println!(
-        "\nmemory: one LoRA step (M {} N {} K {} r {}) holds Y, T, dX, dA, dB = {} bytes computed; device free memory fell by {} bytes (allocator granularity included)",
-        c.m,
-        c.n,
-        c.k,
-        c.r,
-        computed,
-        free0 as i64 - free1 as i64
+    let (lora_measured, full_measured) = step_memory(&dev, &blas, c);
+    let (lora, full) = (
+        LayerStep::lora(c.m, c.n, c.k, c.r, 2),
+        LayerStep::full(c.m, c.n, c.k, 2),
     );
-    drop((f, g));
+    println!(
+        "\nmemory one training step adds, layer M {} N {} K {} r {} bf16 (X, W0, dY resident; see memory::LayerStep):\n",
+        c.m, c.n, c.k, c.r
+    );
+    println!("| | computed | measured (free memory before − after) |");
+    println!("| --- | --- | --- |");
+    println!(
+        "| LoRA (A, B, dA, dB, Adam, T, Y, dX) | {} B | {} B |",
+        lora.total(),
+        lora_measured
+    );
+    println!(
+        "| full fine-tuning (dW, Adam, Y, dX) | {} B | {} B |",
+        full.total(),
+        full_measured
+    );
+    println!(
+        "| of which trainable state (params, grads, Adam) | LoRA {} B, full {} B | |",
+        human(lora.params + lora.gradients + lora.adam_state),
+        human(full.gradients + full.adam_state)
+    );
 }

@@ -101,6 +101,51 @@ pub fn lora_saved_activations(m: usize, k: usize, r: usize, dtype_bytes: u64) ->
     (m * (k + r)) as u64 * dtype_bytes
 }
 
+/// Device bytes one training step of one layer (M tokens, an N×K weight, rank r) adds to what is
+/// already resident (the input X, the frozen W0, the incoming gradient dY): the trainable parameters,
+/// their gradients, Adam's two f32 moments, the activation the backward keeps beyond X (LoRA: T),
+/// and the step's outputs Y and dX. The benchmark table measures the same step on the GPU (device free
+/// memory before and after) and prints both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerStep {
+    pub params: u64,
+    pub gradients: u64,
+    pub adam_state: u64,
+    pub saved: u64,
+    pub outputs: u64,
+}
+
+impl LayerStep {
+    pub fn total(&self) -> u64 {
+        self.params + self.gradients + self.adam_state + self.saved + self.outputs
+    }
+
+    /// LoRA: A (r×K) and B (N×r) are the new parameters.
+    pub fn lora(m: usize, n: usize, k: usize, r: usize, dtype_bytes: u64) -> Self {
+        let frozen = (n * k) as u64;
+        let mem = lora_finetune(frozen, (r * (n + k)) as u64, dtype_bytes);
+        LayerStep {
+            params: mem.weights - frozen * dtype_bytes,
+            gradients: mem.gradients,
+            adam_state: mem.adam_state,
+            saved: lora_saved_activations(m, k, r, dtype_bytes) - (m * k) as u64 * dtype_bytes,
+            outputs: (m * (n + k)) as u64 * dtype_bytes,
+        }
+    }
+
+    /// Full fine-tuning: W0 itself is trained (already resident), so dW and its Adam state are new.
+    pub fn full(m: usize, n: usize, k: usize, dtype_bytes: u64) -> Self {
+        let mem = full_finetune((n * k) as u64, dtype_bytes);
+        LayerStep {
+            params: 0,
+            gradients: mem.gradients,
+            adam_state: mem.adam_state,
+            saved: 0,
+            outputs: (m * (n + k)) as u64 * dtype_bytes,
+        }
+    }
+}
+
 /// "37.7M", "4.7M", "350.0G": the paper's way of writing counts and sizes (powers of 1000).
 pub fn human(v: u64) -> String {
     let v = v as f64;
@@ -135,5 +180,22 @@ mod tests {
         assert_eq!(full.total(), 2_000_000 + 2_000_000 + 8_000_000);
         assert_eq!(lora.total(), 2_020_000 + 20_000 + 80_000);
         assert!(lora.total() * 5 < full.total());
+    }
+
+    /// The headline layer (M 8192, N = K = 4096, r 16, bf16), by hand: LoRA adds 131 072 trainable
+    /// parameters; full fine-tuning's dW and Adam state are 16.8M elements × (2 + 8) bytes.
+    #[test]
+    fn layer_step_by_hand() {
+        let lora = LayerStep::lora(8192, 4096, 4096, 16, 2);
+        assert_eq!(lora.params, 2 * 16 * 8192);
+        assert_eq!(lora.gradients, 2 * 16 * 8192);
+        assert_eq!(lora.adam_state, 8 * 16 * 8192);
+        assert_eq!(lora.saved, 2 * 8192 * 16);
+        assert_eq!(lora.outputs, 2 * 2 * 8192 * 4096);
+        let full = LayerStep::full(8192, 4096, 4096, 2);
+        assert_eq!(full.gradients, 2 * 4096 * 4096);
+        assert_eq!(full.adam_state, 8 * 4096 * 4096);
+        assert_eq!(full.total(), 10 * 4096 * 4096 + 4 * 8192 * 4096);
+        assert!(lora.total() < full.total());
     }
 }

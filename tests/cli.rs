@@ -12,16 +12,36 @@ use common::Fixture;
 use common::peft::{Agreement, compare};
 use lora_kernels::peft::PeftAdapter;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_lora-kernels"))
+/// The CLI under test: `LK_CLI_BIN` if set, else the binary cargo built next to this test, else (when
+/// the test binary was copied to a machine without the build tree, as `../shared/gpu/pack.sh` does)
+/// the packed `.gpu/bin/bin-lora-kernels` under the current directory.
+fn bin_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("LK_CLI_BIN") {
+        return PathBuf::from(p);
+    }
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_lora-kernels"));
+    let packed = PathBuf::from(".gpu/bin/bin-lora-kernels");
+    if !built.exists() && packed.exists() {
+        return packed;
+    }
+    built
 }
 
-/// A fresh empty directory under the target dir's tmp.
+fn bin() -> Command {
+    Command::new(bin_path())
+}
+
+/// A fresh empty directory under the target dir's tmp (or the system temp dir where the build tree
+/// is absent).
 fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("cli-{name}-{}", std::process::id()));
+    let leaf = format!("lk-cli-{name}-{}", std::process::id());
+    let mut dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(&leaf);
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    if std::fs::create_dir_all(&dir).is_err() {
+        dir = std::env::temp_dir().join(&leaf);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+    }
     dir
 }
 

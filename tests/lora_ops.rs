@@ -157,10 +157,17 @@ fn repeated_calls_give_identical_bits() {
     };
     let mut rng = Rng::new(7);
     let l = Layer::<bf16>::random(&mut rng, d, 0.75, true);
-    let dev = &common::emulators()[0];
-    let first = lora::run(dev, &l, true);
-    lora::check("emulator", &l, &first, TOL_BF16);
-    for _ in 0..2 {
-        assert!(lora::run(dev, &l, true).bits() == first.bits());
+    // The first emulator, and the GPU when present (M = 600 splits the gradient reductions).
+    let mut devices = vec![common::emulators().swap_remove(0)];
+    devices.extend(common::gpu());
+    for dev in &devices {
+        let first = lora::run(dev, &l, true);
+        lora::check(&format!("{dev:?}"), &l, &first, TOL_BF16);
+        for _ in 0..2 {
+            assert!(
+                lora::run(dev, &l, true).bits() == first.bits(),
+                "{dev:?}: a repeated call gave other bits"
+            );
+        }
     }
 }

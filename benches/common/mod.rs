@@ -49,6 +49,39 @@ pub fn cases() -> Vec<Case> {
     v
 }
 
+/// The tensors of a [`Set`] by name, so that the baselines can be written down as data
+/// ([`RowMajorGemm`]) and checked on the CPU (tests/bench_baselines.rs) as well as run by cuBLAS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Buf {
+    X,
+    W0,
+    A,
+    B,
+    T,
+    Y,
+    Dy,
+    Dx,
+    Dw,
+    /// U = dY·B (M×r), the unfused backward's intermediate.
+    U,
+    Da,
+    Db,
+}
+
+/// Row-major shape of `buf` in case `c`.
+pub fn shape(c: Case, buf: Buf) -> [usize; 2] {
+    match buf {
+        Buf::X | Buf::Dx => [c.m, c.k],
+        Buf::W0 | Buf::Dw => [c.n, c.k],
+        Buf::A => [c.r, c.k],
+        Buf::B => [c.n, c.r],
+        Buf::T | Buf::U => [c.m, c.r],
+        Buf::Y | Buf::Dy => [c.m, c.n],
+        Buf::Da => [c.r, c.k],
+        Buf::Db => [c.n, c.r],
+    }
+}
+
 /// One layer's tensors.
 pub struct Set {
     pub x: Tensor<bf16>,
@@ -63,10 +96,71 @@ pub struct Set {
     pub db: Tensor<bf16>,
     /// Full fine-tuning's dW (N×K), for the baseline.
     pub dw: Tensor<bf16>,
+    /// The unfused backward's U = dY·B.
+    pub u: Tensor<bf16>,
+}
+
+impl Set {
+    /// cuBLAS's two inputs and its output, by name (distinct from the inputs).
+    fn operands(
+        &mut self,
+        first: Buf,
+        second: Buf,
+        out: Buf,
+    ) -> (&CudaSlice<bf16>, &CudaSlice<bf16>, &mut CudaSlice<bf16>) {
+        assert!(
+            out != first && out != second,
+            "a GEMM's output is one of its inputs"
+        );
+        let Set {
+            x,
+            w0,
+            a,
+            b,
+            dy,
+            y,
+            t,
+            dx,
+            dw,
+            u,
+            da,
+            db,
+        } = self;
+        let named: [(Buf, &mut Tensor<bf16>); 12] = [
+            (Buf::X, x),
+            (Buf::W0, w0),
+            (Buf::A, a),
+            (Buf::B, b),
+            (Buf::Dy, dy),
+            (Buf::Y, y),
+            (Buf::T, t),
+            (Buf::Dx, dx),
+            (Buf::Dw, dw),
+            (Buf::U, u),
+            (Buf::Da, da),
+            (Buf::Db, db),
+        ];
+        let (mut f, mut s, mut o) = (None, None, None);
+        for (name, tensor) in named {
+            if name == out {
+                o = tensor.as_cuda_slice_mut();
+            } else {
+                let tensor: &Tensor<bf16> = tensor;
+                if name == first {
+                    f = tensor.as_cuda_slice();
+                }
+                if name == second {
+                    s = tensor.as_cuda_slice();
+                }
+            }
+        }
+        let on_gpu = "benchmarks run on a CUDA device";
+        (f.expect(on_gpu), s.expect(on_gpu), o.expect(on_gpu))
+    }
 }
 
 /// A tensor of `shape` with values uniform in ±amp (an LCG: reproducible, no dependency).
-fn random(dev: &Device, shape: &[usize], amp: f32, seed: u64) -> Result<Tensor<bf16>> {
+pub fn random(dev: &Device, shape: [usize; 2], amp: f32, seed: u64) -> Result<Tensor<bf16>> {
     let mut s = seed;
     let v: Vec<bf16> = (0..shape.iter().product::<usize>())
         .map(|_| {
@@ -76,7 +170,7 @@ fn random(dev: &Device, shape: &[usize], amp: f32, seed: u64) -> Result<Tensor<b
             bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * amp)
         })
         .collect();
-    Tensor::from_slice(dev, &v, shape)
+    Tensor::from_slice(dev, &v, &shape)
 }
 
 /// Input sets, enough of them that one round through all exceeds 2 × L2 (so no set is served from
@@ -85,60 +179,273 @@ pub fn sets(dev: &Device, c: Case) -> Result<Vec<Set>> {
     let bytes = 2 * (c.m * c.k + c.n * c.k + c.m * c.n) as u64;
     let l2 = 50u64 << 20; // H100/H200: 50 MiB
     let count = (2 * l2).div_ceil(bytes).clamp(2, 8) as usize;
+    let zeros = |b: Buf| Tensor::zeros(dev, &shape(c, b));
     (0..count)
         .map(|i| {
             let s = 17 * i as u64 + 1;
             let kk = 1.0 / (c.k as f32).sqrt();
             Ok(Set {
-                x: random(dev, &[c.m, c.k], 1.0, s)?,
-                w0: random(dev, &[c.n, c.k], kk, s + 1)?,
-                a: random(dev, &[c.r, c.k], kk, s + 2)?,
-                b: random(dev, &[c.n, c.r], 0.1, s + 3)?,
-                dy: random(dev, &[c.m, c.n], 1.0, s + 4)?,
-                y: Tensor::zeros(dev, &[c.m, c.n])?,
-                t: Tensor::zeros(dev, &[c.m, c.r])?,
-                dx: Tensor::zeros(dev, &[c.m, c.k])?,
-                da: Tensor::zeros(dev, &[c.r, c.k])?,
-                db: Tensor::zeros(dev, &[c.n, c.r])?,
-                dw: Tensor::zeros(dev, &[c.n, c.k])?,
+                x: random(dev, shape(c, Buf::X), 1.0, s)?,
+                w0: random(dev, shape(c, Buf::W0), kk, s + 1)?,
+                a: random(dev, shape(c, Buf::A), kk, s + 2)?,
+                b: random(dev, shape(c, Buf::B), 0.1, s + 3)?,
+                dy: random(dev, shape(c, Buf::Dy), 1.0, s + 4)?,
+                y: zeros(Buf::Y)?,
+                t: zeros(Buf::T)?,
+                dx: zeros(Buf::Dx)?,
+                da: zeros(Buf::Da)?,
+                db: zeros(Buf::Db)?,
+                dw: zeros(Buf::Dw)?,
+                u: zeros(Buf::U)?,
             })
         })
         .collect()
 }
 
-fn slice(t: &Tensor<bf16>) -> &CudaSlice<bf16> {
-    t.as_cuda_slice().expect("benchmarks run on a CUDA device")
+/// One GEMM on row-major tensors: C (m×n) = alpha·op(A)·op(B) + beta·C, where A is stored m×k (k×m
+/// when `ta`) and B is stored k×n (n×k when `tb`).
+#[derive(Clone, Copy, Debug)]
+pub struct RowMajorGemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: Buf,
+    pub ta: bool,
+    pub b: Buf,
+    pub tb: bool,
+    pub c: Buf,
+    pub alpha: f32,
+    pub beta: f32,
 }
 
-/// cuBLAS for row-major operands: C (m×n) = alpha·op(A)·op(B) + beta·C, where A is stored m×k (or
-/// k×m when `ta`), B is stored k×n (or n×k when `tb`). Runs as the column-major Cᵀ = op(B)ᵀ·op(A)ᵀ.
+/// cuBLAS's column-major arguments for a [`RowMajorGemm`]. A row-major matrix read column-major is
+/// its transpose, so cuBLAS computes Cᵀ (n×m) = op(B)ᵀ·op(A)ᵀ: its FIRST operand is our B.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColumnMajorArgs {
+    /// cuBLAS `transa`, `transb`: whether the first (our B) and second (our A) operands are transposed.
+    pub trans_first: bool,
+    pub trans_second: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub ld_first: usize,
+    pub ld_second: usize,
+    pub ldc: usize,
+}
+
+pub fn column_major(g: &RowMajorGemm) -> ColumnMajorArgs {
+    ColumnMajorArgs {
+        trans_first: g.tb,
+        trans_second: g.ta,
+        m: g.n,
+        n: g.m,
+        k: g.k,
+        // The row length of each stored row-major operand.
+        ld_first: if g.tb { g.k } else { g.n },
+        ld_second: if g.ta { g.m } else { g.k },
+        ldc: g.n,
+    }
+}
+
+/// Runs `gemms` with cuBLAS (cudarc's `Gemm<bf16>`: bf16 in and out, f32 compute) on `s`.
+pub fn run_cublas(blas: &CudaBlas, s: &mut Set, gemms: &[RowMajorGemm]) {
+    let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+    for g in gemms {
+        let cm = column_major(g);
+        let cfg = GemmConfig {
+            transa: op(cm.trans_first),
+            transb: op(cm.trans_second),
+            m: cm.m as i32,
+            n: cm.n as i32,
+            k: cm.k as i32,
+            alpha: bf16::from_f32(g.alpha),
+            lda: cm.ld_first as i32,
+            ldb: cm.ld_second as i32,
+            beta: bf16::from_f32(g.beta),
+            ldc: cm.ldc as i32,
+        };
+        let (first, second, out) = s.operands(g.b, g.a, g.c);
+        // SAFETY: `column_major` maps the row-major shapes of `shape(case, buf)`, the shapes every Set
+        // tensor was allocated with, to cuBLAS's sizes and leading dimensions; tests/bench_baselines.rs
+        // checks on a CPU model of cuBLAS that every baseline reads and writes inside those buffers.
+        unsafe { blas.gemm(cfg, first, second, out) }.expect("cuBLAS gemm");
+    }
+}
+
+/// Baseline: the bare GEMM Y = X·W0ᵀ (what full fine-tuning's forward costs).
+pub fn bare_forward_gemms(c: Case) -> Vec<RowMajorGemm> {
+    vec![gemm(
+        (c.m, c.n, c.k),
+        Buf::X,
+        false,
+        Buf::W0,
+        true,
+        Buf::Y,
+        1.0,
+        0.0,
+    )]
+}
+
+/// Baseline: the unfused LoRA forward as PEFT runs it, three GEMMs: Y = X·W0ᵀ, T = X·Aᵀ, then
+/// Y += s·T·Bᵀ (the scale and the add folded into the third GEMM's alpha and beta, kinder to the
+/// baseline than PEFT's separate elementwise kernels).
+pub fn unfused_forward_gemms(c: Case, scale: f32) -> Vec<RowMajorGemm> {
+    vec![
+        gemm(
+            (c.m, c.n, c.k),
+            Buf::X,
+            false,
+            Buf::W0,
+            true,
+            Buf::Y,
+            1.0,
+            0.0,
+        ),
+        gemm(
+            (c.m, c.r, c.k),
+            Buf::X,
+            false,
+            Buf::A,
+            true,
+            Buf::T,
+            1.0,
+            0.0,
+        ),
+        gemm(
+            (c.m, c.n, c.r),
+            Buf::T,
+            false,
+            Buf::B,
+            true,
+            Buf::Y,
+            scale,
+            1.0,
+        ),
+    ]
+}
+
+/// Baseline: full fine-tuning's backward, dX = dY·W0 and dW = dYᵀ·X.
+pub fn full_backward_gemms(c: Case) -> Vec<RowMajorGemm> {
+    vec![
+        gemm(
+            (c.m, c.k, c.n),
+            Buf::Dy,
+            false,
+            Buf::W0,
+            false,
+            Buf::Dx,
+            1.0,
+            0.0,
+        ),
+        gemm(
+            (c.n, c.k, c.m),
+            Buf::Dy,
+            true,
+            Buf::X,
+            false,
+            Buf::Dw,
+            1.0,
+            0.0,
+        ),
+    ]
+}
+
+/// Baseline: the unfused LoRA backward as autograd runs PEFT's layer, five GEMMs: dB = s·dYᵀ·T,
+/// U = dY·B, dA = s·Uᵀ·X, dX = dY·W0, dX += s·U·A. Also the reference our dX, dA, dB are checked
+/// against on the GPU.
+pub fn unfused_backward_gemms(c: Case, scale: f32) -> Vec<RowMajorGemm> {
+    vec![
+        gemm(
+            (c.n, c.r, c.m),
+            Buf::Dy,
+            true,
+            Buf::T,
+            false,
+            Buf::Db,
+            scale,
+            0.0,
+        ),
+        gemm(
+            (c.m, c.r, c.n),
+            Buf::Dy,
+            false,
+            Buf::B,
+            false,
+            Buf::U,
+            1.0,
+            0.0,
+        ),
+        gemm(
+            (c.r, c.k, c.m),
+            Buf::U,
+            true,
+            Buf::X,
+            false,
+            Buf::Da,
+            scale,
+            0.0,
+        ),
+        gemm(
+            (c.m, c.k, c.n),
+            Buf::Dy,
+            false,
+            Buf::W0,
+            false,
+            Buf::Dx,
+            1.0,
+            0.0,
+        ),
+        gemm(
+            (c.m, c.k, c.r),
+            Buf::U,
+            false,
+            Buf::A,
+            false,
+            Buf::Dx,
+            scale,
+            1.0,
+        ),
+    ]
+}
+
+/// The GEMM of a cuBLAS merge, run on a copy of W0 in the dW buffer: dW = W0 + s·B·A. The reference
+/// our in-place merge is checked against on the GPU.
+pub fn merge_gemms(c: Case, scale: f32) -> Vec<RowMajorGemm> {
+    vec![gemm(
+        (c.n, c.k, c.r),
+        Buf::B,
+        false,
+        Buf::A,
+        false,
+        Buf::Dw,
+        scale,
+        1.0,
+    )]
+}
+
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_rm(
-    blas: &CudaBlas,
+fn gemm(
     (m, n, k): (usize, usize, usize),
-    a: &CudaSlice<bf16>,
+    a: Buf,
     ta: bool,
-    b: &CudaSlice<bf16>,
+    b: Buf,
     tb: bool,
-    c: &mut CudaSlice<bf16>,
+    c: Buf,
     alpha: f32,
     beta: f32,
-) {
-    let cfg = GemmConfig {
-        transa: if tb { CUBLAS_OP_T } else { CUBLAS_OP_N },
-        transb: if ta { CUBLAS_OP_T } else { CUBLAS_OP_N },
-        m: n as i32,
-        n: m as i32,
-        k: k as i32,
-        alpha: bf16::from_f32(alpha),
-        lda: if tb { k as i32 } else { n as i32 },
-        ldb: if ta { m as i32 } else { k as i32 },
-        beta: bf16::from_f32(beta),
-        ldc: n as i32,
-    };
-    // SAFETY: the sizes and leading dimensions above describe exactly the row-major buffers, whose
-    // lengths the callers allocated from the same (m, n, k).
-    unsafe { blas.gemm(cfg, b, a, c) }.expect("cuBLAS gemm");
+) -> RowMajorGemm {
+    RowMajorGemm {
+        m,
+        n,
+        k,
+        a,
+        ta,
+        b,
+        tb,
+        c,
+        alpha,
+        beta,
+    }
 }
 
 pub fn blas(dev: &Device) -> Arc<CudaBlas> {
@@ -173,61 +480,24 @@ pub fn ours_merge(s: &mut Set, scale: f32) {
     ops::merge(&mut s.w0, &s.a, &s.b, scale).unwrap();
 }
 
-/// Baseline: the bare GEMM Y = X·W0ᵀ (what full fine-tuning's forward costs).
+/// Baseline: the bare cuBLAS GEMM (full fine-tune forward).
 pub fn cublas_forward(blas: &CudaBlas, s: &mut Set, c: Case) {
-    let y = s.y.as_cuda_slice_mut().unwrap();
-    gemm_rm(
-        blas,
-        (c.m, c.n, c.k),
-        slice(&s.x),
-        false,
-        slice(&s.w0),
-        true,
-        y,
-        1.0,
-        0.0,
-    );
+    run_cublas(blas, s, &bare_forward_gemms(c));
 }
 
-/// Baseline: the unfused LoRA forward as PEFT runs it, three cuBLAS GEMMs (the scale and the add
-/// folded into the third GEMM's alpha and beta, which is kinder to the baseline than PEFT's separate
-/// elementwise kernels).
+/// Baseline: the unfused three-GEMM LoRA forward.
 pub fn cublas_unfused(blas: &CudaBlas, s: &mut Set, c: Case, scale: f32) {
-    let (x, w0, a, b) = (slice(&s.x), slice(&s.w0), slice(&s.a), slice(&s.b));
-    let y = s.y.as_cuda_slice_mut().unwrap();
-    gemm_rm(blas, (c.m, c.n, c.k), x, false, w0, true, y, 1.0, 0.0);
-    let t = s.t.as_cuda_slice_mut().unwrap();
-    gemm_rm(blas, (c.m, c.r, c.k), x, false, a, true, t, 1.0, 0.0);
-    let t = s.t.as_cuda_slice().unwrap();
-    let y = s.y.as_cuda_slice_mut().unwrap();
-    gemm_rm(blas, (c.m, c.n, c.r), t, false, b, true, y, scale, 1.0);
+    run_cublas(blas, s, &unfused_forward_gemms(c, scale));
 }
 
-/// Baseline: full fine-tuning's backward, dX = dY·W0 and dW = dYᵀ·X.
+/// Baseline: full fine-tuning's backward (dX and dW).
 pub fn cublas_full_backward(blas: &CudaBlas, s: &mut Set, c: Case) {
-    let (dy, w0, x) = (slice(&s.dy), slice(&s.w0), slice(&s.x));
-    gemm_rm(
-        blas,
-        (c.m, c.k, c.n),
-        dy,
-        false,
-        w0,
-        false,
-        s.dx.as_cuda_slice_mut().unwrap(),
-        1.0,
-        0.0,
-    );
-    gemm_rm(
-        blas,
-        (c.n, c.k, c.m),
-        dy,
-        true,
-        x,
-        false,
-        s.dw.as_cuda_slice_mut().unwrap(),
-        1.0,
-        0.0,
-    );
+    run_cublas(blas, s, &full_backward_gemms(c));
+}
+
+/// Baseline: the unfused LoRA backward (dB, U, dA, dX).
+pub fn cublas_unfused_backward(blas: &CudaBlas, s: &mut Set, c: Case, scale: f32) {
+    run_cublas(blas, s, &unfused_backward_gemms(c, scale));
 }
 
 /// Baseline for merge: a device-to-device copy of W0 (one read, one write).

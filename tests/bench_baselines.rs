@@ -1,0 +1,298 @@
+//! The cuBLAS baselines of the benchmarks (benches/common) compute what they claim, checked without a
+//! GPU: each baseline is a list of row-major GEMMs, `column_major` turns one into cuBLAS's arguments,
+//! and here a CPU model of cuBLAS's documented column-major GEMM runs those arguments on f64 buffers
+//! sized exactly as the benchmark allocates them. The model refuses what cuBLAS would refuse (a
+//! leading dimension shorter than a column) and any read or write outside a buffer, so a wrong
+//! transpose flag, size or leading dimension fails here instead of timing the wrong GEMM on the GPU.
+
+#[path = "../benches/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+
+use common::{Buf, Case, ColumnMajorArgs, RowMajorGemm, column_major, shape};
+
+/// cuBLAS `gemm` (column-major): C (m×n) = alpha·op(first)·op(second) + beta·C, with element (i, j)
+/// of a matrix with leading dimension ld at i + j·ld.
+fn cublas_model(
+    cm: ColumnMajorArgs,
+    first: &[f64],
+    second: &[f64],
+    c: &mut [f64],
+    alpha: f64,
+    beta: f64,
+) {
+    // cuBLAS: lda >= max(1, m) when op(A) = A, else >= max(1, k); same for ldb with k / n; ldc >= m.
+    let (rows_first, rows_second) = (
+        if cm.trans_first { cm.k } else { cm.m },
+        if cm.trans_second { cm.n } else { cm.k },
+    );
+    assert!(cm.ld_first >= rows_first.max(1), "lda too small: {cm:?}");
+    assert!(cm.ld_second >= rows_second.max(1), "ldb too small: {cm:?}");
+    assert!(cm.ldc >= cm.m.max(1), "ldc too small: {cm:?}");
+    let at = |buf: &[f64], ld: usize, i: usize, j: usize| -> f64 {
+        *buf.get(i + j * ld)
+            .unwrap_or_else(|| panic!("read outside a buffer of {}: {cm:?}", buf.len()))
+    };
+    for j in 0..cm.n {
+        for i in 0..cm.m {
+            let mut acc = 0.0;
+            for l in 0..cm.k {
+                let f = if cm.trans_first {
+                    at(first, cm.ld_first, l, i)
+                } else {
+                    at(first, cm.ld_first, i, l)
+                };
+                let s = if cm.trans_second {
+                    at(second, cm.ld_second, j, l)
+                } else {
+                    at(second, cm.ld_second, l, j)
+                };
+                acc += f * s;
+            }
+            let idx = i + j * cm.ldc;
+            assert!(idx < c.len(), "write outside the output: {cm:?}");
+            // cuBLAS: "if beta == 0, C does not have to be a valid input" (it is not read).
+            c[idx] = if beta == 0.0 {
+                alpha * acc
+            } else {
+                alpha * acc + beta * c[idx]
+            };
+        }
+    }
+}
+
+/// Runs a baseline's GEMMs through `column_major` and the cuBLAS model, as `run_cublas` does.
+fn run(bufs: &mut HashMap<Buf, Vec<f64>>, gemms: &[RowMajorGemm]) {
+    for g in gemms {
+        let cm = column_major(g);
+        let mut out = bufs.remove(&g.c).unwrap();
+        cublas_model(
+            cm,
+            &bufs[&g.b],
+            &bufs[&g.a],
+            &mut out,
+            g.alpha as f64,
+            g.beta as f64,
+        );
+        bufs.insert(g.c, out);
+    }
+}
+
+/// Every buffer of a Set, sized by `shape`, with distinct random values (outputs poisoned with NaN:
+/// a GEMM with beta = 0 must not read them, and nothing may be left unwritten). T is an input of the
+/// backward (saved by the forward) and an output of the forward.
+fn buffers(c: Case, seed: u64, t_is_input: bool) -> HashMap<Buf, Vec<f64>> {
+    let mut s = seed;
+    let mut next = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    };
+    let all = [
+        Buf::X,
+        Buf::W0,
+        Buf::A,
+        Buf::B,
+        Buf::T,
+        Buf::Y,
+        Buf::Dy,
+        Buf::Dx,
+        Buf::Dw,
+        Buf::U,
+        Buf::Da,
+        Buf::Db,
+    ];
+    all.into_iter()
+        .map(|b| {
+            let n: usize = shape(c, b).iter().product();
+            let output = matches!(b, Buf::Y | Buf::Dx | Buf::Dw | Buf::U | Buf::Da | Buf::Db)
+                || (b == Buf::T && !t_is_input);
+            let v = (0..n)
+                .map(|_| if output { f64::NAN } else { next() })
+                .collect();
+            (b, v)
+        })
+        .collect()
+}
+
+/// Row-major (rows × cols) product with op(A) = A or Aᵀ, op(B) = B or Bᵀ, straight from the definition.
+fn matmul(
+    a: &[f64],
+    a_t: bool,
+    b: &[f64],
+    b_t: bool,
+    (m, n, k): (usize, usize, usize),
+) -> Vec<f64> {
+    let mut c = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            c[i * n + j] = (0..k)
+                .map(|l| {
+                    let x = if a_t { a[l * m + i] } else { a[i * k + l] };
+                    let y = if b_t { b[j * k + l] } else { b[l * n + j] };
+                    x * y
+                })
+                .sum();
+        }
+    }
+    c
+}
+
+fn assert_close(name: &str, got: &[f64], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let num: f64 = got.iter().zip(want).map(|(g, w)| (g - w).powi(2)).sum();
+    let den: f64 = want.iter().map(|w| w * w).sum();
+    let rel = (num / den).sqrt();
+    // f64 on both sides, summed in different orders: agreement to rounding, and NaN never passes.
+    assert!(rel <= 1e-12, "{name}: relative difference {rel:e}");
+}
+
+/// Odd sizes (no two equal, so a swapped m/n/k cannot pass), 1s, and the benchmark grid's ratios.
+const CASES: [Case; 4] = [
+    Case {
+        m: 5,
+        n: 7,
+        k: 9,
+        r: 3,
+    },
+    Case {
+        m: 1,
+        n: 17,
+        k: 33,
+        r: 1,
+    },
+    Case {
+        m: 31,
+        n: 1,
+        k: 2,
+        r: 8,
+    },
+    Case {
+        m: 16,
+        n: 43,
+        k: 11,
+        r: 16,
+    },
+];
+
+#[test]
+fn bare_forward_is_x_w0t() {
+    for (i, c) in CASES.into_iter().enumerate() {
+        let mut b = buffers(c, i as u64 + 1, false);
+        run(&mut b, &common::bare_forward_gemms(c));
+        let want = matmul(&b[&Buf::X], false, &b[&Buf::W0], true, (c.m, c.n, c.k));
+        assert_close(&format!("{c:?} Y"), &b[&Buf::Y], &want);
+    }
+}
+
+#[test]
+fn unfused_forward_is_the_lora_forward() {
+    let scale = 1.75;
+    for (i, c) in CASES.into_iter().enumerate() {
+        let mut b = buffers(c, i as u64 + 11, false);
+        run(&mut b, &common::unfused_forward_gemms(c, scale as f32));
+        let t = matmul(&b[&Buf::X], false, &b[&Buf::A], true, (c.m, c.r, c.k));
+        let base = matmul(&b[&Buf::X], false, &b[&Buf::W0], true, (c.m, c.n, c.k));
+        let low = matmul(&t, false, &b[&Buf::B], true, (c.m, c.n, c.r));
+        let want: Vec<f64> = base.iter().zip(&low).map(|(y, l)| y + scale * l).collect();
+        assert_close(&format!("{c:?} T"), &b[&Buf::T], &t);
+        assert_close(&format!("{c:?} Y"), &b[&Buf::Y], &want);
+    }
+}
+
+#[test]
+fn full_backward_is_dx_and_dw() {
+    for (i, c) in CASES.into_iter().enumerate() {
+        let mut b = buffers(c, i as u64 + 21, false);
+        run(&mut b, &common::full_backward_gemms(c));
+        let dx = matmul(&b[&Buf::Dy], false, &b[&Buf::W0], false, (c.m, c.k, c.n));
+        let dw = matmul(&b[&Buf::Dy], true, &b[&Buf::X], false, (c.n, c.k, c.m));
+        assert_close(&format!("{c:?} dX"), &b[&Buf::Dx], &dx);
+        assert_close(&format!("{c:?} dW"), &b[&Buf::Dw], &dw);
+    }
+}
+
+#[test]
+fn unfused_backward_is_the_lora_backward() {
+    let scale = -0.625;
+    for (i, c) in CASES.into_iter().enumerate() {
+        let mut b = buffers(c, i as u64 + 31, true);
+        run(&mut b, &common::unfused_backward_gemms(c, scale as f32));
+        let dims = |m, n, k| (m, n, k);
+        let u = matmul(&b[&Buf::Dy], false, &b[&Buf::B], false, dims(c.m, c.r, c.n));
+        let db = matmul(&b[&Buf::Dy], true, &b[&Buf::T], false, dims(c.n, c.r, c.m));
+        let da = matmul(&u, true, &b[&Buf::X], false, dims(c.r, c.k, c.m));
+        let base = matmul(
+            &b[&Buf::Dy],
+            false,
+            &b[&Buf::W0],
+            false,
+            dims(c.m, c.k, c.n),
+        );
+        let low = matmul(&u, false, &b[&Buf::A], false, dims(c.m, c.k, c.r));
+        let scaled = |v: Vec<f64>| v.into_iter().map(|x| scale * x).collect::<Vec<_>>();
+        let dx: Vec<f64> = base.iter().zip(&low).map(|(g, l)| g + scale * l).collect();
+        assert_close(&format!("{c:?} dB"), &b[&Buf::Db], &scaled(db));
+        assert_close(&format!("{c:?} dA"), &b[&Buf::Da], &scaled(da));
+        assert_close(&format!("{c:?} dX"), &b[&Buf::Dx], &dx);
+    }
+}
+
+#[test]
+fn merge_gemm_is_w0_plus_sba() {
+    let scale = 3.5;
+    for (i, c) in CASES.into_iter().enumerate() {
+        let mut b = buffers(c, i as u64 + 41, false);
+        let w0 = b[&Buf::W0].clone();
+        b.insert(Buf::Dw, w0.clone()); // copy_w0: the device-to-device copy before the GEMM
+        run(&mut b, &common::merge_gemms(c, scale as f32));
+        let ba = matmul(&b[&Buf::B], false, &b[&Buf::A], false, (c.n, c.k, c.r));
+        let want: Vec<f64> = w0.iter().zip(&ba).map(|(w, d)| w + scale * d).collect();
+        assert_close(&format!("{c:?} merged"), &b[&Buf::Dw], &want);
+    }
+}
+
+/// The mapping on its own, for all four transpose combinations, against the same model: a wrong
+/// leading dimension for one of them would be missed if no baseline used that combination.
+#[test]
+fn column_major_mapping_all_transposes() {
+    let (m, n, k) = (3, 5, 7);
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        let c = Case { m, n, k, r: 1 };
+        let mut bufs = buffers(c, 99, false);
+        // A: m×k (k×m when ta) lives in X (m×k elements); B: k×n (n×k when tb) in a fresh buffer.
+        let b_data: Vec<f64> = (0..k * n).map(|i| (i as f64 * 0.37).sin()).collect();
+        bufs.insert(Buf::B, b_data.clone());
+        bufs.insert(Buf::Y, vec![0.25; m * n]);
+        let g = RowMajorGemm {
+            m,
+            n,
+            k,
+            a: Buf::X,
+            ta,
+            b: Buf::B,
+            tb,
+            c: Buf::Y,
+            alpha: 2.0,
+            beta: -1.0,
+        };
+        run(&mut bufs, &[g]);
+        let prod = matmul(&bufs[&Buf::X], ta, &b_data, tb, (m, n, k));
+        let want: Vec<f64> = prod.iter().map(|p| 2.0 * p - 0.25).collect();
+        assert_close(&format!("ta {ta} tb {tb}"), &bufs[&Buf::Y], &want);
+    }
+}
+
+/// The model itself can fail: a leading dimension one short is refused.
+#[test]
+#[should_panic(expected = "lda too small")]
+fn model_refuses_a_short_leading_dimension() {
+    let g = common::bare_forward_gemms(CASES[0])[0];
+    let mut cm = column_major(&g);
+    cm.ld_first -= 3;
+    let b = buffers(CASES[0], 5, false);
+    let mut y = vec![0.0; CASES[0].m * CASES[0].n];
+    cublas_model(cm, &b[&Buf::W0], &b[&Buf::X], &mut y, 1.0, 0.0);
+}
