@@ -52,7 +52,7 @@ __device__ __forceinline__ void load_chunk(T* dst, const T* base, uint32_t row, 
             if (row_ok && col + i < ncols) memcpy(&bits, &src[col + i], 2);
             e[i] = bits;
         }
-        *reinterpret_cast<uint4*>(dst) = raw;
+        *lk_vec<uint4>(dst) = raw;
     }
 }
 
@@ -196,7 +196,7 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
                     memcpy(&lo, &v0, 2);
                     memcpy(&hi, &v1, 2);
                     packed = uint32_t(lo) | (uint32_t(hi) << 16);
-                    *reinterpret_cast<uint32_t*>(dst) = packed;
+                    *lk_vec<uint32_t>(dst) = packed;
                 } else {
                     dst[0] = v0;
                     if (col + 1 < p.n) dst[1] = v1;

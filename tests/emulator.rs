@@ -399,6 +399,39 @@ fn catches_read_past_the_end() {
     }
 }
 
+/// A 16-byte load from an address that is not 16-byte aligned is an error, as on the GPU (x86 would
+/// perform it silently); the aligned load is not.
+#[test]
+fn catches_misaligned_vector_access() {
+    let dev = Device::emulator();
+    let n = 128;
+    let data: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    for bug in [0, 1] {
+        let mut x = Tensor::from_slice(&dev, &data, &[n]).unwrap();
+        let mut y = Tensor::<f32>::zeros(&dev, &[n]).unwrap();
+        y.poison().unwrap();
+        let p = PlantedParams {
+            x: x.emu_data_ptr().unwrap(),
+            y: y.emu_data_ptr().unwrap(),
+            n: n as i32,
+            bug,
+        };
+        let r = launch(
+            &ORDERS[0],
+            lk_emu_body_planted_misaligned_vector,
+            &plan([1, 1, 1], 32, 0),
+            &p,
+        );
+        if bug == 0 {
+            r.unwrap();
+            assert_eq!(y.to_vec().unwrap(), data);
+        } else {
+            let e = r.expect_err("a misaligned 16-byte load must be an error");
+            assert!(e.contains("not 16-byte aligned"), "{e}");
+        }
+    }
+}
+
 #[test]
 fn bad_launch_configuration_is_an_error() {
     let p = PlantedParams {

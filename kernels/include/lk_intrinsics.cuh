@@ -26,6 +26,28 @@ extern __shared__ __align__(128) unsigned char lk_dyn_smem[];
 #define LK_DYNAMIC_SMEM(name) unsigned char* name = lk_dyn_smem
 #endif
 
+// A vector access (uint4: 16 B, uint32_t: 4 B) through `p`. The GPU faults on one that is not aligned
+// to its size ("misaligned address"); x86 does not, so under the emulator this checks it and fails the
+// launch the way the GPU would. Every wide load or store in the kernels goes through here.
+template <typename V, typename P>
+__device__ __forceinline__ V* lk_vec(P* p) {
+#ifdef LK_EMU
+    if (reinterpret_cast<uintptr_t>(p) % sizeof(V) != 0)
+        ::lk_emu::fail("a %u-byte vector access at %p is not %u-byte aligned (the GPU faults on it)",
+                       unsigned(sizeof(V)), static_cast<const void*>(p), unsigned(sizeof(V)));
+#endif
+    return reinterpret_cast<V*>(p);
+}
+template <typename V, typename P>
+__device__ __forceinline__ const V* lk_vec(const P* p) {
+#ifdef LK_EMU
+    if (reinterpret_cast<uintptr_t>(p) % sizeof(V) != 0)
+        ::lk_emu::fail("a %u-byte vector access at %p is not %u-byte aligned (the GPU faults on it)",
+                       unsigned(sizeof(V)), static_cast<const void*>(p), unsigned(sizeof(V)));
+#endif
+    return reinterpret_cast<const V*>(p);
+}
+
 // D = A·B + C, A 16x16 (row), B 16x8 (col), f32 accumulators; fragments as in the PTX ISA.
 __device__ __forceinline__ void lk_mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
 #ifdef LK_EMU

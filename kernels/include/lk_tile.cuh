@@ -11,7 +11,7 @@
 template <typename T>
 __device__ __forceinline__ void lk_load8(const T* row, uint32_t col, uint32_t ncols, bool vec, float out[8]) {
     if (sizeof(T) == 2 && vec && col + 8 <= ncols) {
-        uint4 raw = *reinterpret_cast<const uint4*>(row + col);
+        uint4 raw = *lk_vec<uint4>(row + col);
         const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
         for (int i = 0; i < 8; ++i) out[i] = lk_to_f32(e[i]);
@@ -28,7 +28,7 @@ __device__ __forceinline__ void lk_store8(T* row, uint32_t col, uint32_t ncols, 
         T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
         for (int i = 0; i < 8; ++i) e[i] = lk_from_f32<T>(v[i]);
-        *reinterpret_cast<uint4*>(row + col) = raw;
+        *lk_vec<uint4>(row + col) = raw;
         return;
     }
 #pragma unroll

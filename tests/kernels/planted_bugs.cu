@@ -61,3 +61,14 @@ extern "C" __global__ void planted_oob_read(PlantedParams p) {
     p.y[i] = p.x[i] + next;
 }
 LK_KERNEL_EXPORT(planted_oob_read, PlantedParams)
+
+// Each thread copies 4 floats with one 16-byte load; the bug shifts the load by one float, which the
+// GPU faults on ("misaligned address") and the emulator must refuse the same way (x86 would not care).
+extern "C" __global__ void planted_misaligned_vector(PlantedParams p) {
+    const int i = threadIdx.x;
+    if (4 * i + 4 > p.n) return;
+    const uint4 v = *lk_vec<uint4>(p.x + 4 * i + (i == 5 ? p.bug : 0));
+    const float* f = reinterpret_cast<const float*>(&v);
+    for (int j = 0; j < 4; ++j) p.y[4 * i + j] = f[j];
+}
+LK_KERNEL_EXPORT(planted_misaligned_vector, PlantedParams)
