@@ -17,6 +17,7 @@ use std::time::Duration;
 use common::Case;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use lora_kernels::Device;
+use lora_kernels::cudarc::cublas::CudaBlas;
 
 const SCALE: f32 = 2.0;
 
@@ -24,8 +25,7 @@ fn group_name(c: Case) -> String {
     format!("M{}_N{}_K{}_r{}", c.m, c.n, c.k, c.r)
 }
 
-fn bench_case(cr: &mut Criterion, dev: &Device, c: Case) {
-    let blas = common::blas(dev);
+fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case) {
     let mut sets = common::sets(dev, c).expect("allocating benchmark inputs");
     let n_sets = sets.len();
     let gemm_flops = 2 * (c.m * c.n * c.k) as u64;
@@ -43,14 +43,14 @@ fn bench_case(cr: &mut Criterion, dev: &Device, c: Case) {
     g.bench_function(BenchmarkId::new("cublas_bare_gemm", ""), |b| {
         b.iter(|| {
             i = (i + 1) % n_sets;
-            common::cublas_forward(&blas, &mut sets[i], c);
+            common::cublas_forward(blas, &mut sets[i], c);
             dev.synchronize().unwrap();
         })
     });
     g.bench_function(BenchmarkId::new("cublas_unfused_lora", ""), |b| {
         b.iter(|| {
             i = (i + 1) % n_sets;
-            common::cublas_unfused(&blas, &mut sets[i], c, SCALE);
+            common::cublas_unfused(blas, &mut sets[i], c, SCALE);
             dev.synchronize().unwrap();
         })
     });
@@ -70,14 +70,14 @@ fn bench_case(cr: &mut Criterion, dev: &Device, c: Case) {
     g.bench_function(BenchmarkId::new("cublas_full_dx_dw", ""), |b| {
         b.iter(|| {
             i = (i + 1) % n_sets;
-            common::cublas_full_backward(&blas, &mut sets[i], c);
+            common::cublas_full_backward(blas, &mut sets[i], c);
             dev.synchronize().unwrap();
         })
     });
     g.bench_function(BenchmarkId::new("cublas_unfused_lora_backward", ""), |b| {
         b.iter(|| {
             i = (i + 1) % n_sets;
-            common::cublas_unfused_backward(&blas, &mut sets[i], c, SCALE);
+            common::cublas_unfused_backward(blas, &mut sets[i], c, SCALE);
             dev.synchronize().unwrap();
         })
     });
@@ -112,6 +112,17 @@ fn main() {
             return;
         }
     };
+    let blas = match common::blas(&dev) {
+        Ok(b) => b,
+        Err(e) => {
+            // A GPU without its baseline is an error, not a skip: ours alone compares to nothing.
+            eprintln!(
+                "lora-kernels benches: no cuBLAS baseline on {} ({e})",
+                dev.describe()
+            );
+            std::process::exit(2);
+        }
+    };
     println!("lora-kernels benches on {}", dev.describe());
     let mut cr = Criterion::default()
         .sample_size(10)
@@ -119,7 +130,7 @@ fn main() {
         .measurement_time(Duration::from_secs(1))
         .configure_from_args();
     for c in common::cases() {
-        bench_case(&mut cr, &dev, c);
+        bench_case(&mut cr, &dev, &blas, c);
     }
     cr.final_summary();
 }

@@ -163,7 +163,15 @@ fn main() {
             return;
         }
     };
-    let blas = common::blas(&dev);
+    let blas = match common::blas(&dev) {
+        Ok(b) => b,
+        Err(e) => {
+            // Without cuBLAS there is no baseline and no roofline peak: a table without them would
+            // be numbers with nothing to compare to. Fail, so that the GPU run shows it.
+            eprintln!("perf_table: no cuBLAS baseline on {} ({e})", dev.describe());
+            std::process::exit(2);
+        }
+    };
     // Peaks measured now: an 8192³ bf16 GEMM and a 1 GiB copy.
     let big = Case {
         m: 8192,

@@ -448,9 +448,22 @@ fn gemm(
     }
 }
 
-pub fn blas(dev: &Device) -> Arc<CudaBlas> {
-    let cuda = dev.as_cuda().expect("a CUDA device");
-    Arc::new(CudaBlas::new(cuda.stream().clone()).expect("cuBLAS handle"))
+/// A cuBLAS handle on the device's stream, or why there is none. cudarc loads libcublas at run time
+/// by name (`libcublas.so`, `libcublas.so.13`), so a cuBLAS that only lives in a Python package must be
+/// put on `LD_LIBRARY_PATH` (scripts/gpu-extra.sh does that on the GPU machine).
+pub fn blas(dev: &Device) -> std::result::Result<Arc<CudaBlas>, String> {
+    let cuda = dev.as_cuda().ok_or("the baselines need a CUDA device")?;
+    // SAFETY: only tries to dlopen the cuBLAS library.
+    if !unsafe { lora_kernels::cudarc::cublas::sys::is_culib_present() } {
+        return Err(
+            "no cuBLAS library (libcublas.so / libcublas.so.13) on the loader path; \
+                    add its directory to LD_LIBRARY_PATH"
+                .into(),
+        );
+    }
+    CudaBlas::new(cuda.stream().clone())
+        .map(Arc::new)
+        .map_err(|e| format!("creating a cuBLAS handle: {e}"))
 }
 
 /// Our fused forward (shrink + fused GEMM, or small-M) into the set's y and t.
