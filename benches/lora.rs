@@ -3,7 +3,7 @@
 //!   forward   fused forward | bare cuBLAS GEMM (full fine-tune forward) | unfused 3-GEMM LoRA (PEFT)
 //!   backward  ours (dX, dA, dB) | full fine-tune backward (cuBLAS dX + dW) | unfused 5-GEMM LoRA
 //!             backward (autograd on PEFT's layer)
-//!   merge     in-place merge | device-to-device copy of W0
+//!   merge     in-place merge | device-to-device copy of W0 (once per N, K, r)
 //!   small_m   M = 16 cases of the forward group (the small-M kernel)
 //!
 //! Throughput is reported as FLOPs (criterion "elements") for GEMMs and bytes for merge. Every timed
@@ -25,7 +25,7 @@ fn group_name(c: Case) -> String {
     format!("M{}_N{}_K{}_r{}", c.m, c.n, c.k, c.r)
 }
 
-fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case) {
+fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge: bool) {
     let mut sets = common::sets(dev, c).expect("allocating benchmark inputs");
     let n_sets = sets.len();
     let gemm_flops = 2 * (c.m * c.n * c.k) as u64;
@@ -55,35 +55,34 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case) {
         })
     });
     g.finish();
-    if c.m <= 16 {
-        return;
+    if c.m > 16 {
+        let mut g = cr.benchmark_group(format!("backward/{}", group_name(c)));
+        g.throughput(Throughput::Elements(2 * gemm_flops));
+        g.bench_function(BenchmarkId::new("ours_dx_da_db", ""), |b| {
+            b.iter(|| {
+                i = (i + 1) % n_sets;
+                common::ours_backward(&mut sets[i], SCALE);
+                dev.synchronize().unwrap();
+            })
+        });
+        g.bench_function(BenchmarkId::new("cublas_full_dx_dw", ""), |b| {
+            b.iter(|| {
+                i = (i + 1) % n_sets;
+                common::cublas_full_backward(blas, &mut sets[i], c);
+                dev.synchronize().unwrap();
+            })
+        });
+        g.bench_function(BenchmarkId::new("cublas_unfused_lora_backward", ""), |b| {
+            b.iter(|| {
+                i = (i + 1) % n_sets;
+                common::cublas_unfused_backward(blas, &mut sets[i], c, SCALE);
+                dev.synchronize().unwrap();
+            })
+        });
+        g.finish();
     }
-    let mut g = cr.benchmark_group(format!("backward/{}", group_name(c)));
-    g.throughput(Throughput::Elements(2 * gemm_flops));
-    g.bench_function(BenchmarkId::new("ours_dx_da_db", ""), |b| {
-        b.iter(|| {
-            i = (i + 1) % n_sets;
-            common::ours_backward(&mut sets[i], SCALE);
-            dev.synchronize().unwrap();
-        })
-    });
-    g.bench_function(BenchmarkId::new("cublas_full_dx_dw", ""), |b| {
-        b.iter(|| {
-            i = (i + 1) % n_sets;
-            common::cublas_full_backward(blas, &mut sets[i], c);
-            dev.synchronize().unwrap();
-        })
-    });
-    g.bench_function(BenchmarkId::new("cublas_unfused_lora_backward", ""), |b| {
-        b.iter(|| {
-            i = (i + 1) % n_sets;
-            common::cublas_unfused_backward(blas, &mut sets[i], c, SCALE);
-            dev.synchronize().unwrap();
-        })
-    });
-    g.finish();
-    if c.m != 2048 {
-        return; // merge does not depend on M: once per (N, K, r)
+    if !merge {
+        return;
     }
     let mut g = cr.benchmark_group(format!("merge/N{}_K{}_r{}", c.n, c.k, c.r));
     g.throughput(Throughput::Bytes(4 * (c.n * c.k) as u64));
@@ -129,8 +128,15 @@ fn main() {
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1))
         .configure_from_args();
-    for c in common::cases() {
-        bench_case(&mut cr, &dev, &blas, c);
+    let cases = common::cases();
+    for (index, &c) in cases.iter().enumerate() {
+        bench_case(
+            &mut cr,
+            &dev,
+            &blas,
+            c,
+            common::measures_merge(&cases, index),
+        );
     }
     cr.final_summary();
 }

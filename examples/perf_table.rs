@@ -210,7 +210,8 @@ fn main() {
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let roof = |flops: f64, bytes: f64| (flops / peak_flops).max(bytes / peak_bw);
-    for c in common::cases() {
+    let cases = common::cases();
+    for (index, &c) in cases.iter().enumerate() {
         let mut sets = common::sets(&dev, c).unwrap();
         let ns = sets.len();
         let (m, n, k, r) = (c.m as f64, c.n as f64, c.k as f64, c.r as f64);
@@ -276,8 +277,7 @@ fn main() {
                 &chk,
             );
         }
-        if c.m == 2048 {
-            // merge does not depend on M: once per (N, K, r)
+        if common::measures_merge(&cases, index) {
             let chk = check_merge(&dev, &blas, &mut sets[0], c);
             let merge = time(&dev, |i| common::ours_merge(&mut sets[i % ns], SCALE));
             let copy = time(&dev, |i| common::copy_w0(&dev, &mut sets[i % ns]));

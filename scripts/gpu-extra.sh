@@ -13,13 +13,7 @@ if [ -f "$out/tests.log" ]; then
   grep -E '^test .* FAILED$|panicked at' "$out/tests.log" | head -40 | tee -a "$out/tests-summary.txt"
 fi
 [ "${SKIP_EXTRA:-0}" = 1 ] && { echo "extra skipped (SKIP_EXTRA=1)"; exit 0; }
-# cudarc dlopens cuBLAS by name; on an image where it only ships inside a Python package (PyTorch's
-# nvidia-cublas wheel), put that directory on the loader path.
-if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
-  lib=$(find /usr/local /opt /usr/lib /usr/lib64 -name 'libcublas.so.13*' 2>/dev/null | head -n 1)
-  [ -n "$lib" ] && export LD_LIBRARY_PATH="$(dirname "$lib")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  echo "cuBLAS: ${lib:-not found} (LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-})" | tee "$out/cublas.txt"
-fi
+source scripts/gpu-env.sh > "$out/cublas.txt"; cat "$out/cublas.txt"
 echo "commit: $(cat .gpu/commit.txt 2>/dev/null || echo unknown)  date: $(date -u +%F)" | tee "$out/perf_table.md"
 s=$(date +%s); .gpu/bin/example-perf_table 2>&1 | tee -a "$out/perf_table.md"; echo "perf_table took $(( $(date +%s) - s )) s"
 .gpu/bin/example-finetune 2>&1 | tee "$out/finetune.txt"

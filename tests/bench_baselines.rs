@@ -296,3 +296,42 @@ fn model_refuses_a_short_leading_dimension() {
     let mut y = vec![0.0; CASES[0].m * CASES[0].n];
     cublas_model(cm, &b[&Buf::W0], &b[&Buf::X], &mut y, 1.0, 0.0);
 }
+
+/// Merge is measured exactly once per (N, K, r): 9 times on the grid, and once (at the
+/// headline case) in the quick run, which has no M = 2048 case.
+#[test]
+fn merge_is_measured_once_per_weight_and_rank() {
+    let grid: Vec<Case> = [16, 2048, 8192]
+        .into_iter()
+        .flat_map(|m| {
+            [(4096, 4096), (11008, 4096), (4096, 11008)]
+                .into_iter()
+                .flat_map(move |(n, k)| [8, 16, 64].map(|r| Case { m, n, k, r }))
+        })
+        .collect();
+    let measured: Vec<Case> = (0..grid.len())
+        .filter(|&i| common::measures_merge(&grid, i))
+        .map(|i| grid[i])
+        .collect();
+    assert_eq!(measured.len(), 9);
+    let mut keys: Vec<_> = measured.iter().map(|c| (c.n, c.k, c.r)).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 9);
+    let quick = [
+        Case {
+            m: 8192,
+            n: 4096,
+            k: 4096,
+            r: 16,
+        },
+        Case {
+            m: 16,
+            n: 4096,
+            k: 4096,
+            r: 16,
+        },
+    ];
+    assert!(common::measures_merge(&quick, 0));
+    assert!(!common::measures_merge(&quick, 1));
+}

@@ -82,6 +82,15 @@ pub fn shape(c: Case, buf: Buf) -> [usize; 2] {
     }
 }
 
+/// Merge does not depend on M: it is measured once per (N, K, r), at the first case that has them
+/// (so the quick run, which has no M = 2048 case, still measures it).
+pub fn measures_merge(cases: &[Case], index: usize) -> bool {
+    let c = cases[index];
+    !cases[..index]
+        .iter()
+        .any(|p| (p.n, p.k, p.r) == (c.n, c.k, c.r))
+}
+
 /// One layer's tensors.
 pub struct Set {
     pub x: Tensor<bf16>,
