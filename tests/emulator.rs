@@ -363,30 +363,38 @@ fn catches_divergent_barriers() {
     }
 }
 
+/// Runs a planted-bug kernel on guarded emulator tensors (x = `data`, y poisoned), one block of
+/// `blocks` blocks of `threads`, ascending thread order: the launch's result and y.
+fn run_planted_on_tensors(
+    body: EmuBody,
+    blocks: u32,
+    threads: u32,
+    data: &[f32],
+    bug: i32,
+) -> (Result<(), String>, Vec<f32>) {
+    let dev = Device::emulator();
+    let n = data.len();
+    let mut x = Tensor::from_slice(&dev, data, &[n]).unwrap();
+    let mut y = Tensor::<f32>::zeros(&dev, &[n]).unwrap();
+    y.poison().unwrap();
+    let p = PlantedParams {
+        x: x.emu_data_ptr().unwrap(),
+        y: y.emu_data_ptr().unwrap(),
+        n: n as i32,
+        bug,
+    };
+    let r = launch(&ORDERS[0], body, &plan([blocks, 1, 1], threads, 0), &p);
+    (r, y.to_vec().unwrap())
+}
+
 /// Out-of-bounds reads are caught by the emulator tensors' guard zones (NaN), not by a sanitizer.
 #[test]
 fn catches_read_past_the_end() {
-    let dev = Device::emulator();
+    let n = 100;
+    let data: Vec<f32> = (0..n).map(|i| i as f32).collect();
     for bug in [0, 1] {
-        let n = 100;
-        let data: Vec<f32> = (0..n).map(|i| i as f32).collect();
-        let mut x = Tensor::from_slice(&dev, &data, &[n]).unwrap();
-        let mut y = Tensor::<f32>::zeros(&dev, &[n]).unwrap();
-        y.poison().unwrap();
-        let p = PlantedParams {
-            x: x.emu_data_ptr().unwrap(),
-            y: y.emu_data_ptr().unwrap(),
-            n: n as i32,
-            bug,
-        };
-        launch(
-            &ORDERS[0],
-            lk_emu_body_planted_oob_read,
-            &plan([4, 1, 1], 32, 0),
-            &p,
-        )
-        .unwrap();
-        let out = y.to_vec().unwrap();
+        let (r, out) = run_planted_on_tensors(lk_emu_body_planted_oob_read, 4, 32, &data, bug);
+        r.unwrap();
         if bug == 0 {
             assert_eq!(out[n - 1], (n - 1) as f32);
             assert!(out.iter().all(|v| v.is_finite()));
@@ -399,32 +407,15 @@ fn catches_read_past_the_end() {
     }
 }
 
-/// A 16-byte load from an address that is not 16-byte aligned is an error, as on the GPU (x86 would
-/// perform it silently); the aligned load is not.
 #[test]
 fn catches_misaligned_vector_access() {
-    let dev = Device::emulator();
-    let n = 128;
-    let data: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let data: Vec<f32> = (0..128).map(|i| i as f32).collect();
     for bug in [0, 1] {
-        let mut x = Tensor::from_slice(&dev, &data, &[n]).unwrap();
-        let mut y = Tensor::<f32>::zeros(&dev, &[n]).unwrap();
-        y.poison().unwrap();
-        let p = PlantedParams {
-            x: x.emu_data_ptr().unwrap(),
-            y: y.emu_data_ptr().unwrap(),
-            n: n as i32,
-            bug,
-        };
-        let r = launch(
-            &ORDERS[0],
-            lk_emu_body_planted_misaligned_vector,
-            &plan([1, 1, 1], 32, 0),
-            &p,
-        );
+        let (r, out) =
+            run_planted_on_tensors(lk_emu_body_planted_misaligned_vector, 1, 32, &data, bug);
         if bug == 0 {
             r.unwrap();
-            assert_eq!(y.to_vec().unwrap(), data);
+            assert_eq!(out, data);
         } else {
             let e = r.expect_err("a misaligned 16-byte load must be an error");
             assert!(e.contains("not 16-byte aligned"), "{e}");

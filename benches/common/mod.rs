@@ -281,9 +281,9 @@ pub fn run_cublas(blas: &CudaBlas, s: &mut Set, gemms: &[RowMajorGemm]) {
     }
 }
 
-/// Baseline: the bare GEMM Y = X·W0ᵀ (what full fine-tuning's forward costs).
-pub fn bare_forward_gemms(c: Case) -> Vec<RowMajorGemm> {
-    vec![gemm(
+/// The frozen path's forward GEMM, Y = X·W0ᵀ (beta 0: it starts Y).
+fn frozen_forward(c: Case) -> RowMajorGemm {
+    gemm(
         (c.m, c.n, c.k),
         Buf::X,
         false,
@@ -292,144 +292,70 @@ pub fn bare_forward_gemms(c: Case) -> Vec<RowMajorGemm> {
         Buf::Y,
         1.0,
         0.0,
-    )]
+    )
 }
+
+/// The frozen path's backward GEMM, dX = dY·W0 (beta 0: it starts dX).
+fn frozen_dx(c: Case) -> RowMajorGemm {
+    gemm(
+        (c.m, c.k, c.n),
+        Buf::Dy,
+        false,
+        Buf::W0,
+        false,
+        Buf::Dx,
+        1.0,
+        0.0,
+    )
+}
+
+/// Baseline: the bare GEMM Y = X·W0ᵀ (what full fine-tuning's forward costs).
+pub fn bare_forward_gemms(c: Case) -> Vec<RowMajorGemm> {
+    vec![frozen_forward(c)]
+}
+
+// The lists below are tables, one GEMM per line: (m, n, k), A, ta, B, tb, C, alpha, beta.
 
 /// Baseline: the unfused LoRA forward as PEFT runs it, three GEMMs: Y = X·W0ᵀ, T = X·Aᵀ, then
 /// Y += s·T·Bᵀ (the scale and the add folded into the third GEMM's alpha and beta, kinder to the
 /// baseline than PEFT's separate elementwise kernels).
+#[rustfmt::skip]
 pub fn unfused_forward_gemms(c: Case, scale: f32) -> Vec<RowMajorGemm> {
     vec![
-        gemm(
-            (c.m, c.n, c.k),
-            Buf::X,
-            false,
-            Buf::W0,
-            true,
-            Buf::Y,
-            1.0,
-            0.0,
-        ),
-        gemm(
-            (c.m, c.r, c.k),
-            Buf::X,
-            false,
-            Buf::A,
-            true,
-            Buf::T,
-            1.0,
-            0.0,
-        ),
-        gemm(
-            (c.m, c.n, c.r),
-            Buf::T,
-            false,
-            Buf::B,
-            true,
-            Buf::Y,
-            scale,
-            1.0,
-        ),
+        frozen_forward(c),
+        gemm((c.m, c.r, c.k), Buf::X, false, Buf::A, true, Buf::T, 1.0, 0.0),
+        gemm((c.m, c.n, c.r), Buf::T, false, Buf::B, true, Buf::Y, scale, 1.0),
     ]
 }
 
 /// Baseline: full fine-tuning's backward, dX = dY·W0 and dW = dYᵀ·X.
+#[rustfmt::skip]
 pub fn full_backward_gemms(c: Case) -> Vec<RowMajorGemm> {
     vec![
-        gemm(
-            (c.m, c.k, c.n),
-            Buf::Dy,
-            false,
-            Buf::W0,
-            false,
-            Buf::Dx,
-            1.0,
-            0.0,
-        ),
-        gemm(
-            (c.n, c.k, c.m),
-            Buf::Dy,
-            true,
-            Buf::X,
-            false,
-            Buf::Dw,
-            1.0,
-            0.0,
-        ),
+        frozen_dx(c),
+        gemm((c.n, c.k, c.m), Buf::Dy, true, Buf::X, false, Buf::Dw, 1.0, 0.0),
     ]
 }
 
 /// Baseline: the unfused LoRA backward as autograd runs PEFT's layer, five GEMMs: dB = s·dYᵀ·T,
 /// U = dY·B, dA = s·Uᵀ·X, dX = dY·W0, dX += s·U·A. Also the reference our dX, dA, dB are checked
 /// against on the GPU.
+#[rustfmt::skip]
 pub fn unfused_backward_gemms(c: Case, scale: f32) -> Vec<RowMajorGemm> {
     vec![
-        gemm(
-            (c.n, c.r, c.m),
-            Buf::Dy,
-            true,
-            Buf::T,
-            false,
-            Buf::Db,
-            scale,
-            0.0,
-        ),
-        gemm(
-            (c.m, c.r, c.n),
-            Buf::Dy,
-            false,
-            Buf::B,
-            false,
-            Buf::U,
-            1.0,
-            0.0,
-        ),
-        gemm(
-            (c.r, c.k, c.m),
-            Buf::U,
-            true,
-            Buf::X,
-            false,
-            Buf::Da,
-            scale,
-            0.0,
-        ),
-        gemm(
-            (c.m, c.k, c.n),
-            Buf::Dy,
-            false,
-            Buf::W0,
-            false,
-            Buf::Dx,
-            1.0,
-            0.0,
-        ),
-        gemm(
-            (c.m, c.k, c.r),
-            Buf::U,
-            false,
-            Buf::A,
-            false,
-            Buf::Dx,
-            scale,
-            1.0,
-        ),
+        gemm((c.n, c.r, c.m), Buf::Dy, true, Buf::T, false, Buf::Db, scale, 0.0),
+        gemm((c.m, c.r, c.n), Buf::Dy, false, Buf::B, false, Buf::U, 1.0, 0.0),
+        gemm((c.r, c.k, c.m), Buf::U, true, Buf::X, false, Buf::Da, scale, 0.0),
+        frozen_dx(c),
+        gemm((c.m, c.k, c.r), Buf::U, false, Buf::A, false, Buf::Dx, scale, 1.0),
     ]
 }
 
 /// The GEMM of a cuBLAS merge, run on a copy of W0 in the dW buffer: dW = W0 + s·B·A. The reference
 /// our in-place merge is checked against on the GPU.
+#[rustfmt::skip]
 pub fn merge_gemms(c: Case, scale: f32) -> Vec<RowMajorGemm> {
-    vec![gemm(
-        (c.n, c.k, c.r),
-        Buf::B,
-        false,
-        Buf::A,
-        false,
-        Buf::Dw,
-        scale,
-        1.0,
-    )]
+    vec![gemm((c.n, c.k, c.r), Buf::B, false, Buf::A, false, Buf::Dw, scale, 1.0)]
 }
 
 #[allow(clippy::too_many_arguments)]
