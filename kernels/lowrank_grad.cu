@@ -15,7 +15,7 @@
 #include "lora_params.h"
 
 namespace {
-constexpr int kTile = 64, kChunk = 32, kThreads = 256;
+constexpr int kTile = LK_GRAD_TILE, kChunk = LK_GRAD_CHUNK, kThreads = LK_SIMT_THREADS;
 
 template <typename T>
 __device__ __forceinline__ void lowrank_grad_impl(const LkLowrankGradParams& p) {

@@ -14,7 +14,7 @@
 #include "lora_params.h"
 
 namespace {
-constexpr int kRows = 64, kCols = 128, kRankChunk = 32, kThreads = 256;
+constexpr int kRows = LK_MERGE_ROWS, kCols = LK_MERGE_COLS, kRankChunk = 32, kThreads = LK_SIMT_THREADS;
 
 template <typename TW, typename TA>
 __device__ __forceinline__ void merge_impl(const LkMergeParams& p) {

@@ -13,7 +13,7 @@
 #include "lora_params.h"
 
 namespace {
-constexpr int kRows = 32, kChunk = 64, kMaxRank = 128, kThreads = 256;
+constexpr int kRows = LK_SHRINK_ROWS, kChunk = 64, kMaxRank = LK_MAX_RANK, kThreads = LK_SIMT_THREADS;
 
 template <typename T, bool NN>
 __device__ __forceinline__ void shrink_impl(const LkShrinkParams& p) {

@@ -13,6 +13,8 @@
 
 namespace {
 constexpr int kMaxM = LK_SMALL_M_MAX, kChunk = 256, kRowsPerWarp = 2, kWarps = 8, kThreads = 32 * kWarps;
+static_assert(kThreads == LK_SIMT_THREADS && kRowsPerWarp * kWarps == LK_SMALL_M_ROWS,
+              "small_m's tiling must match the launch geometry in lora_params.h");
 
 template <typename T>
 __device__ __forceinline__ void small_m_impl(const LkSmallMParams& p) {

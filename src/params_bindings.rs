@@ -8,6 +8,14 @@ pub const LK_FUSED_GEMM_BM: u32 = 128;
 pub const LK_FUSED_GEMM_BN: u32 = 128;
 pub const LK_FUSED_GEMM_THREADS: u32 = 256;
 pub const LK_FUSED_GEMM_SMEM_BYTES: u32 = 61440;
+pub const LK_MAX_RANK: u32 = 128;
+pub const LK_SIMT_THREADS: u32 = 256;
+pub const LK_SHRINK_ROWS: u32 = 32;
+pub const LK_SMALL_M_ROWS: u32 = 16;
+pub const LK_GRAD_TILE: u32 = 64;
+pub const LK_GRAD_CHUNK: u32 = 32;
+pub const LK_MERGE_ROWS: u32 = 64;
+pub const LK_MERGE_COLS: u32 = 128;
 pub const LK_SMALL_M_MAX: u32 = 16;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -38,6 +38,19 @@ typedef struct LkScaleParams {
 #define LK_FUSED_GEMM_THREADS 256u
 #define LK_FUSED_GEMM_SMEM_BYTES 61440u
 
+/* The largest LoRA rank: shrink keeps a row's rank-many sums in registers (validated on the Rust side). */
+#define LK_MAX_RANK 128u
+
+/* Launch geometry of the SIMT kernels, shared with the Rust launch plans (src/ops/launch.rs) so that
+ * a kernel's tiling and the grid that covers it cannot drift apart. */
+#define LK_SIMT_THREADS 256u /* block size of shrink, small_m, lowrank_grad/finalize, merge, scale */
+#define LK_SHRINK_ROWS 32u   /* rows of P per shrink block */
+#define LK_SMALL_M_ROWS 16u  /* W0 rows per small_m block: 8 warps × 2 rows */
+#define LK_GRAD_TILE 64u     /* edge of the G tile one lowrank_grad block sums */
+#define LK_GRAD_CHUNK 32u    /* m rows staged per step; chunk lengths are multiples of it */
+#define LK_MERGE_ROWS 64u    /* W rows per merge block */
+#define LK_MERGE_COLS 128u   /* W columns per merge block */
+
 /* C = A·op(B) + scale·L·op(R) (+ bias) in one tensor-core kernel (kernels/fused_gemm.cu): the low-rank
  * product is k-steps of the same main loop, C is written once.
  *   A: m × k (lda), L: m × rank (ldl), both row-major.

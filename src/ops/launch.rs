@@ -70,8 +70,8 @@ pub(crate) fn shrink<T: Element>(
         )?,
     };
     let plan = LaunchPlan {
-        grid: [u32_of(m.div_ceil(32)), 1, 1],
-        block: [256, 1, 1],
+        grid: [u32_of(m.div_ceil(LK_SHRINK_ROWS as usize)), 1, 1],
+        block: [LK_SIMT_THREADS, 1, 1],
         smem_bytes: 0,
     };
     let ldq = match orient {
@@ -224,8 +224,8 @@ pub(crate) fn small_m<T: Element>(
 ) -> Result<()> {
     let kernel = pick(op, T::DTYPE, &kernels::SMALL_M_BF16, &kernels::SMALL_M_F16)?;
     let plan = LaunchPlan {
-        grid: [u32_of(n.div_ceil(16)), 1, 1],
-        block: [256, 1, 1],
+        grid: [u32_of(n.div_ceil(LK_SMALL_M_ROWS as usize)), 1, 1],
+        block: [LK_SIMT_THREADS, 1, 1],
         smem_bytes: 0,
     };
     let mut args = vec![
@@ -262,7 +262,7 @@ pub(crate) fn small_m<T: Element>(
 /// Target number of blocks for the gradient reductions: enough to fill a large GPU. A constant (not
 /// the device's SM count) so the m-chunks, and therefore the result bits, depend on the shape only.
 const GRAD_TARGET_BLOCKS: usize = 264;
-const GRAD_TILE: usize = 64;
+const GRAD_TILE: usize = LK_GRAD_TILE as usize;
 /// Fewest rows per chunk: below this a chunk's partial sums cost more than they save.
 const GRAD_MIN_ROWS: usize = 64;
 
@@ -271,7 +271,8 @@ pub(crate) fn grad_splits(m: usize, tiles: usize) -> (usize, usize) {
     let want = GRAD_TARGET_BLOCKS.div_ceil(tiles).max(1);
     let most = m.div_ceil(GRAD_MIN_ROWS).max(1);
     let splits = want.min(most);
-    let rows = m.div_ceil(splits).div_ceil(32) * 32;
+    let chunk = LK_GRAD_CHUNK as usize;
+    let rows = m.div_ceil(splits).div_ceil(chunk) * chunk;
     (m.div_ceil(rows), rows)
 }
 
@@ -298,7 +299,7 @@ pub(crate) fn lowrank_grad<T: Element>(
             u32_of(rows.div_ceil(GRAD_TILE)),
             u32_of(splits),
         ],
-        block: [256, 1, 1],
+        block: [LK_SIMT_THREADS, 1, 1],
         smem_bytes: 0,
     };
     let device = p.device().clone();
@@ -349,7 +350,7 @@ pub(crate) fn lowrank_grad<T: Element>(
     device.launch(
         op,
         finalize,
-        &LaunchPlan::elementwise(count, 256, 4096),
+        &LaunchPlan::elementwise(count, LK_SIMT_THREADS, 4096),
         &mut [Arg::In("partial", &partial), Arg::Out("g", g)],
         |ptr| LkLowrankFinalizeParams {
             partial: ptr[0] as *const f32,
@@ -386,8 +387,12 @@ pub(crate) fn merge<T: Element, U: Element>(
         }
     };
     let plan = LaunchPlan {
-        grid: [u32_of(k.div_ceil(128)), u32_of(n.div_ceil(64)), 1],
-        block: [256, 1, 1],
+        grid: [
+            u32_of(k.div_ceil(LK_MERGE_COLS as usize)),
+            u32_of(n.div_ceil(LK_MERGE_ROWS as usize)),
+            1,
+        ],
+        block: [LK_SIMT_THREADS, 1, 1],
         smem_bytes: 0,
     };
     let device = w.device().clone();

@@ -5,12 +5,11 @@ use crate::device::Arg;
 use crate::dtype::{DType, Element};
 use crate::error::Result;
 use crate::kernel::{Kernel, kernels};
-use crate::params::LkScaleParams;
+use crate::params::{LK_SIMT_THREADS, LkScaleParams};
 use crate::plan::LaunchPlan;
 use crate::tensor::Tensor;
 
 const OP: &str = "scale";
-const THREADS: u32 = 256;
 /// Grid cap: the kernel is grid-stride, more blocks only add scheduling.
 const MAX_BLOCKS: u32 = 4096;
 
@@ -30,7 +29,7 @@ pub fn scale<T: Element, U: Element>(x: &Tensor<T>, s: f32, y: &mut Tensor<U>) -
     validate::shape(OP, "y", y, x.shape(), "shape of x")?;
     validate::finite(OP, "s", s)?;
     let n = validate::fits_u32(OP, "x", x.numel())?;
-    let plan = LaunchPlan::elementwise(x.numel(), THREADS, MAX_BLOCKS);
+    let plan = LaunchPlan::elementwise(x.numel(), LK_SIMT_THREADS, MAX_BLOCKS);
     let device = x.device().clone();
     device.launch(
         OP,

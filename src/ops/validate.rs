@@ -118,7 +118,7 @@ pub(crate) fn half_dtype(op: &'static str, arg: &'static str, got: DType) -> Res
 }
 
 /// The largest LoRA rank the kernels take.
-pub const MAX_RANK: usize = 128;
+pub const MAX_RANK: usize = crate::params::LK_MAX_RANK as usize;
 
 pub(crate) fn rank(op: &'static str, r: usize) -> Result<()> {
     if r == 0 || r > MAX_RANK {
