@@ -29,22 +29,24 @@ extern __shared__ __align__(128) unsigned char lk_dyn_smem[];
 // A vector access (uint4: 16 B, uint32_t: 4 B) through `p`. The GPU faults on one that is not aligned
 // to its size ("misaligned address"); x86 does not, so under the emulator this checks it and fails the
 // launch the way the GPU would. Every wide load or store in the kernels goes through here.
+__device__ __forceinline__ void lk_check_vec_aligned(const void* p, unsigned bytes) {
+#ifdef LK_EMU
+    if (reinterpret_cast<uintptr_t>(p) % bytes != 0)
+        ::lk_emu::fail("a %u-byte vector access at %p is not %u-byte aligned (the GPU faults on it)", bytes, p,
+                       bytes);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
 template <typename V, typename P>
 __device__ __forceinline__ V* lk_vec(P* p) {
-#ifdef LK_EMU
-    if (reinterpret_cast<uintptr_t>(p) % sizeof(V) != 0)
-        ::lk_emu::fail("a %u-byte vector access at %p is not %u-byte aligned (the GPU faults on it)",
-                       unsigned(sizeof(V)), static_cast<const void*>(p), unsigned(sizeof(V)));
-#endif
+    lk_check_vec_aligned(p, sizeof(V));
     return reinterpret_cast<V*>(p);
 }
 template <typename V, typename P>
 __device__ __forceinline__ const V* lk_vec(const P* p) {
-#ifdef LK_EMU
-    if (reinterpret_cast<uintptr_t>(p) % sizeof(V) != 0)
-        ::lk_emu::fail("a %u-byte vector access at %p is not %u-byte aligned (the GPU faults on it)",
-                       unsigned(sizeof(V)), static_cast<const void*>(p), unsigned(sizeof(V)));
-#endif
+    lk_check_vec_aligned(p, sizeof(V));
     return reinterpret_cast<const V*>(p);
 }
 
