@@ -149,11 +149,7 @@ impl<T: Element> Tensor<T> {
     pub fn to_vec(&self) -> Result<Vec<T>> {
         match &self.storage {
             Storage::Cuda(s) => {
-                let stream = self
-                    .device
-                    .as_cuda()
-                    .expect("CUDA storage on a CUDA device")
-                    .stream();
+                let stream = cuda_stream(&self.device);
                 stream
                     .clone_dtoh(s)
                     .map_err(Error::cuda("downloading a tensor"))
@@ -176,11 +172,7 @@ impl<T: Element> Tensor<T> {
         }
         match &mut self.storage {
             Storage::Cuda(s) => {
-                let stream = self
-                    .device
-                    .as_cuda()
-                    .expect("CUDA storage on a CUDA device")
-                    .stream();
+                let stream = cuda_stream(&self.device);
                 stream
                     .memcpy_htod(data, s)
                     .map_err(Error::cuda("uploading a tensor"))
@@ -229,11 +221,7 @@ impl<T: Element> RawBuffer for Tensor<T> {
         let bytes = (self.numel() * std::mem::size_of::<T>()) as u64;
         match &self.storage {
             Storage::Cuda(s) => {
-                let stream = self
-                    .device
-                    .as_cuda()
-                    .expect("CUDA storage on a CUDA device")
-                    .stream();
+                let stream = cuda_stream(&self.device);
                 let (ptr, _guard) = cudarc::driver::DevicePtr::device_ptr(s, stream);
                 (ptr, bytes)
             }
@@ -252,4 +240,13 @@ impl<T: Element> RawBuffer for Tensor<T> {
             Storage::Host(h) => StorageMut::Host(h),
         }
     }
+}
+
+/// The stream of the device that holds a tensor's CUDA storage (a tensor keeps the device it was made on,
+/// so CUDA storage implies a CUDA device).
+fn cuda_stream(device: &Device) -> &std::sync::Arc<cudarc::driver::CudaStream> {
+    device
+        .as_cuda()
+        .expect("CUDA storage on a CUDA device")
+        .stream()
 }
