@@ -31,8 +31,7 @@ fn main() {
     };
     let small = Case { m: 16, ..headline };
     for c in [headline, small] {
-        let mut sets = common::sets(&dev, c).expect("allocating the inputs");
-        let s = &mut sets[0];
+        let s = &mut common::set(&dev, c, 0).expect("allocating the inputs");
         common::ours_forward(s, SCALE);
         common::cublas_forward(&blas, s, c);
         if c.m > 16 {

@@ -188,27 +188,28 @@ pub fn sets(dev: &Device, c: Case) -> Result<Vec<Set>> {
     let bytes = 2 * (c.m * c.k + c.n * c.k + c.m * c.n) as u64;
     let l2 = 50u64 << 20; // H100/H200: 50 MiB
     let count = (2 * l2).div_ceil(bytes).clamp(2, 8) as usize;
+    (0..count).map(|i| set(dev, c, i)).collect()
+}
+
+/// Input set number `i` of case `c` (its random inputs depend on `i` only).
+pub fn set(dev: &Device, c: Case, i: usize) -> Result<Set> {
     let zeros = |b: Buf| Tensor::zeros(dev, &shape(c, b));
-    (0..count)
-        .map(|i| {
-            let s = 17 * i as u64 + 1;
-            let kk = 1.0 / (c.k as f32).sqrt();
-            Ok(Set {
-                x: random(dev, shape(c, Buf::X), 1.0, s)?,
-                w0: random(dev, shape(c, Buf::W0), kk, s + 1)?,
-                a: random(dev, shape(c, Buf::A), kk, s + 2)?,
-                b: random(dev, shape(c, Buf::B), 0.1, s + 3)?,
-                dy: random(dev, shape(c, Buf::Dy), 1.0, s + 4)?,
-                y: zeros(Buf::Y)?,
-                t: zeros(Buf::T)?,
-                dx: zeros(Buf::Dx)?,
-                da: zeros(Buf::Da)?,
-                db: zeros(Buf::Db)?,
-                dw: zeros(Buf::Dw)?,
-                u: zeros(Buf::U)?,
-            })
-        })
-        .collect()
+    let s = 17 * i as u64 + 1;
+    let kk = 1.0 / (c.k as f32).sqrt();
+    Ok(Set {
+        x: random(dev, shape(c, Buf::X), 1.0, s)?,
+        w0: random(dev, shape(c, Buf::W0), kk, s + 1)?,
+        a: random(dev, shape(c, Buf::A), kk, s + 2)?,
+        b: random(dev, shape(c, Buf::B), 0.1, s + 3)?,
+        dy: random(dev, shape(c, Buf::Dy), 1.0, s + 4)?,
+        y: zeros(Buf::Y)?,
+        t: zeros(Buf::T)?,
+        dx: zeros(Buf::Dx)?,
+        da: zeros(Buf::Da)?,
+        db: zeros(Buf::Db)?,
+        dw: zeros(Buf::Dw)?,
+        u: zeros(Buf::U)?,
+    })
 }
 
 /// One GEMM on row-major tensors: C (m×n) = alpha·op(A)·op(B) + beta·C, where A is stored m×k (k×m
