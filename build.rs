@@ -234,8 +234,12 @@ fn build_emulator(root: &Path, out: &Path, kernels: &[PathBuf], test_kernels: &[
     };
     let kernel_build = |files: &[PathBuf]| {
         let mut b = base();
+        // -fsanitize=thread only for its access hooks: GCC calls __tsan_read*/__tsan_write* before every
+        // memory access of kernel code; the emulator runtime defines them (memcheck and the race
+        // detector, kernels/emu/lk_emu_check.cpp) and libtsan is never linked.
         b.flag("-x")
             .flag("c++")
+            .flag("-fsanitize=thread")
             .flag("-include")
             .flag(emu.join("lk_emu_prelude.h").to_str().expect("utf-8 path"));
         for f in files {
@@ -246,9 +250,11 @@ fn build_emulator(root: &Path, out: &Path, kernels: &[PathBuf], test_kernels: &[
     if !kernels.is_empty() {
         kernel_build(kernels).compile("lk_emu_kernels");
     }
-    base()
-        .file(emu.join("lk_emu_runtime.cpp"))
-        .compile("lk_emu_runtime");
+    let mut runtime = base();
+    for part in ["sched", "warp", "async", "check"] {
+        runtime.file(emu.join(format!("lk_emu_{part}.cpp")));
+    }
+    runtime.compile("lk_emu_runtime");
     if !test_kernels.is_empty() {
         // Test-only kernels: not linked into the library; tests/ link `lk_emu_test_kernels` by name.
         kernel_build(test_kernels)

@@ -19,8 +19,8 @@ constexpr int kTile = LK_GRAD_TILE, kChunk = LK_GRAD_CHUNK, kThreads = LK_SIMT_T
 
 template <typename T>
 __device__ __forceinline__ void lowrank_grad_impl(const LkLowrankGradParams& p) {
-    __shared__ float ps[kChunk][kTile];
-    __shared__ float qs[kChunk][kTile];
+    LK_SHARED(4, float, ps, [kChunk][kTile]);
+    LK_SHARED(4, float, qs, [kChunk][kTile]);
     const T* pm = static_cast<const T*>(p.p);
     const T* qm = static_cast<const T*>(p.q);
     const uint32_t tid = threadIdx.x, ty = tid / 16, tx = tid % 16;

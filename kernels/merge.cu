@@ -18,8 +18,8 @@ constexpr int kRows = LK_MERGE_ROWS, kCols = LK_MERGE_COLS, kRankChunk = 32, kTh
 
 template <typename TW, typename TA>
 __device__ __forceinline__ void merge_impl(const LkMergeParams& p) {
-    __shared__ float bs[kRows][kRankChunk + 1];
-    __shared__ __align__(16) float as[kRankChunk][kCols];
+    LK_SHARED(4, float, bs, [kRows][kRankChunk + 1]);
+    LK_SHARED(16, float, as, [kRankChunk][kCols]);
     TW* w = static_cast<TW*>(p.w);
     const TA* a = static_cast<const TA*>(p.a);
     const TA* b = static_cast<const TA*>(p.b);

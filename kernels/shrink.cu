@@ -17,8 +17,8 @@ constexpr int kRows = LK_SHRINK_ROWS, kChunk = 64, kMaxRank = LK_MAX_RANK, kThre
 
 template <typename T, bool NN>
 __device__ __forceinline__ void shrink_impl(const LkShrinkParams& p) {
-    __shared__ float ps[kRows][kChunk + 1];
-    __shared__ float qs[kChunk][kMaxRank + 1];
+    LK_SHARED(4, float, ps, [kRows][kChunk + 1]);
+    LK_SHARED(4, float, qs, [kChunk][kMaxRank + 1]);
     const T* pm = static_cast<const T*>(p.p);
     const T* qm = static_cast<const T*>(p.q);
     T* out = static_cast<T*>(p.out);

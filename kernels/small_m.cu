@@ -18,7 +18,7 @@ static_assert(kThreads == LK_SIMT_THREADS && kRowsPerWarp * kWarps == LK_SMALL_M
 
 template <typename T>
 __device__ __forceinline__ void small_m_impl(const LkSmallMParams& p) {
-    __shared__ __align__(16) float xs[kMaxM][kChunk];
+    LK_SHARED(16, float, xs, [kMaxM][kChunk]);
     const T* x = static_cast<const T*>(p.x);
     const T* w0 = static_cast<const T*>(p.w0);
     const uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32;

@@ -24,7 +24,7 @@ pub mod plan;
 pub mod reference;
 pub mod tensor;
 
-pub use device::{Device, EmuConfig, ThreadOrder};
+pub use device::{Device, EmuConfig, MmaModel, ThreadOrder};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use linear::{Adapter, LoraConfig, LoraLinear};

@@ -17,6 +17,13 @@ pub const LK_GRAD_CHUNK: u32 = 32;
 pub const LK_MERGE_ROWS: u32 = 64;
 pub const LK_MERGE_COLS: u32 = 128;
 pub const LK_SMALL_M_MAX: u32 = 16;
+pub const LK_EMU_ORDER_ASCENDING: u32 = 0;
+pub const LK_EMU_ORDER_DESCENDING: u32 = 1;
+pub const LK_EMU_ORDER_SHUFFLED: u32 = 2;
+pub const LK_EMU_ORDER_WARP_GREEDY_ASCENDING: u32 = 3;
+pub const LK_EMU_ORDER_WARP_GREEDY_DESCENDING: u32 = 4;
+pub const LK_EMU_MMA_EXACT: u32 = 0;
+pub const LK_EMU_MMA_TENSOR_CORE: u32 = 1;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct LkScaleParams {
@@ -410,17 +417,59 @@ impl Default for LkMergeParams {
     }
 }
 #[repr(C)]
-#[derive(Debug, Default, Copy, Clone)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkEmuRegion {
+    pub base: u64,
+    pub len: u64,
+    pub name: *const ::core::ffi::c_char,
+    pub init: *mut u8,
+    pub writable: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkEmuRegion"][::core::mem::size_of::<LkEmuRegion>() - 40usize];
+    ["Alignment of LkEmuRegion"][::core::mem::align_of::<LkEmuRegion>() - 8usize];
+    [
+        "Offset of field: LkEmuRegion::base",
+    ][::core::mem::offset_of!(LkEmuRegion, base) - 0usize];
+    [
+        "Offset of field: LkEmuRegion::len",
+    ][::core::mem::offset_of!(LkEmuRegion, len) - 8usize];
+    [
+        "Offset of field: LkEmuRegion::name",
+    ][::core::mem::offset_of!(LkEmuRegion, name) - 16usize];
+    [
+        "Offset of field: LkEmuRegion::init",
+    ][::core::mem::offset_of!(LkEmuRegion, init) - 24usize];
+    [
+        "Offset of field: LkEmuRegion::writable",
+    ][::core::mem::offset_of!(LkEmuRegion, writable) - 32usize];
+};
+impl Default for LkEmuRegion {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct LkEmuLaunch {
     pub grid: [u32; 3usize],
     pub block: [u32; 3usize],
     pub dyn_smem_bytes: u32,
     pub order: u32,
     pub seed: u64,
+    pub smem_limit: u32,
+    pub mma_model: u32,
+    pub regions: *const LkEmuRegion,
+    pub region_count: u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkEmuLaunch"][::core::mem::size_of::<LkEmuLaunch>() - 40usize];
+    ["Size of LkEmuLaunch"][::core::mem::size_of::<LkEmuLaunch>() - 64usize];
     ["Alignment of LkEmuLaunch"][::core::mem::align_of::<LkEmuLaunch>() - 8usize];
     [
         "Offset of field: LkEmuLaunch::grid",
@@ -437,7 +486,28 @@ const _: () = {
     [
         "Offset of field: LkEmuLaunch::seed",
     ][::core::mem::offset_of!(LkEmuLaunch, seed) - 32usize];
+    [
+        "Offset of field: LkEmuLaunch::smem_limit",
+    ][::core::mem::offset_of!(LkEmuLaunch, smem_limit) - 40usize];
+    [
+        "Offset of field: LkEmuLaunch::mma_model",
+    ][::core::mem::offset_of!(LkEmuLaunch, mma_model) - 44usize];
+    [
+        "Offset of field: LkEmuLaunch::regions",
+    ][::core::mem::offset_of!(LkEmuLaunch, regions) - 48usize];
+    [
+        "Offset of field: LkEmuLaunch::region_count",
+    ][::core::mem::offset_of!(LkEmuLaunch, region_count) - 56usize];
 };
+impl Default for LkEmuLaunch {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 pub type LkEmuBody = ::core::option::Option<
     unsafe extern "C" fn(params: *const ::core::ffi::c_void),
 >;

@@ -83,6 +83,20 @@ impl<T: Element> Tensor<T> {
         })
     }
 
+    /// An output buffer that the next kernel overwrites completely. On a GPU it is zeroed (as
+    /// [`Tensor::zeros`]); on the emulator it is poisoned (NaN) and counts as never written, so the
+    /// emulator's initcheck reports any read of an element before a kernel wrote it.
+    pub(crate) fn for_output(device: &Device, shape: &[usize]) -> Result<Self> {
+        match device.backend() {
+            Backend::Cuda(_) => Tensor::zeros(device, shape),
+            Backend::Emulator(_) => Ok(Tensor {
+                shape: shape.to_vec(),
+                storage: Storage::Host(GuardedBuf::uninit(numel(shape) * std::mem::size_of::<T>())),
+                device: device.clone(),
+            }),
+        }
+    }
+
     /// Wraps an existing cudarc allocation without copying (candle and other cudarc users). The slice
     /// must belong to `device`'s CUDA context and hold exactly `shape.iter().product()` elements.
     pub fn from_cuda_slice(device: &Device, slice: CudaSlice<T>, shape: &[usize]) -> Result<Self> {

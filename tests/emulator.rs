@@ -10,26 +10,26 @@ use std::time::Instant;
 use common::Rng;
 use common::probes::{LdmatrixProbeParams, MmaProbeParams};
 use half::{bf16, f16};
-use lora_kernels::device::emu_launch_raw;
+use lora_kernels::device::{EmuRegion, emu_launch_raw};
 use lora_kernels::kernel::EmuBody;
 use lora_kernels::{Device, EmuConfig, LaunchPlan, Tensor, ThreadOrder};
 
 include!(concat!(env!("OUT_DIR"), "/test_kernel_decls.rs"));
 
-const ORDERS: [EmuConfig; 3] = [
-    EmuConfig {
-        order: ThreadOrder::Ascending,
-        seed: 0,
-    },
-    EmuConfig {
-        order: ThreadOrder::Descending,
-        seed: 0,
-    },
-    EmuConfig {
-        order: ThreadOrder::Shuffled,
-        seed: 0x5eed,
-    },
-];
+fn orders() -> [EmuConfig; 5] {
+    let cfg = |order, seed| EmuConfig {
+        order,
+        seed,
+        ..EmuConfig::default()
+    };
+    [
+        cfg(ThreadOrder::Ascending, 0),
+        cfg(ThreadOrder::Descending, 0),
+        cfg(ThreadOrder::Shuffled, 0x5eed),
+        cfg(ThreadOrder::WarpGreedyAscending, 0),
+        cfg(ThreadOrder::WarpGreedyDescending, 7),
+    ]
+}
 
 fn plan(grid: [u32; 3], threads: u32, smem: u32) -> LaunchPlan {
     LaunchPlan {
@@ -44,10 +44,11 @@ fn launch<P: Copy>(
     body: EmuBody,
     plan: &LaunchPlan,
     params: &P,
+    regions: &[EmuRegion],
 ) -> Result<(), String> {
-    // SAFETY: each caller passes the params struct its kernel declares, with pointers into live
-    // buffers sized for every access of that kernel under `plan`.
-    unsafe { emu_launch_raw(cfg, body, plan, params) }
+    // SAFETY: each caller passes the params struct its kernel declares, and regions describing live
+    // buffers (the ones the params point into) that outlive the call.
+    unsafe { emu_launch_raw(cfg, body, plan, params, regions) }
 }
 
 #[test]
@@ -57,7 +58,7 @@ fn ldmatrix_matches_ptx_layout() {
     let value = |j: usize, r: usize, c: usize| (j * 64 + r * 8 + c) as u32;
     for variant in 0..6 {
         let (n, trans) = ([1, 2, 4][variant % 3], variant >= 3);
-        for cfg in &ORDERS {
+        for cfg in &orders() {
             let mut out = vec![0xDEAD_BEEFu32; 128];
             let p = LdmatrixProbeParams {
                 src: src.as_ptr(),
@@ -69,6 +70,10 @@ fn ldmatrix_matches_ptx_layout() {
                 lk_emu_body_ldmatrix_probe,
                 &plan([1, 1, 1], 32, 512),
                 &p,
+                &[
+                    EmuRegion::input("src", &src),
+                    EmuRegion::output("out", &mut out),
+                ],
             )
             .unwrap();
             for lane in 0..32 {
@@ -120,7 +125,7 @@ fn check_mma(body: EmuBody, bits: fn(f32) -> u16, stream: u64) {
             cr[lane * 4 + i] = c[(g + 8 * (i >= 2) as usize) * 8 + t * 2 + (i & 1)];
         }
     }
-    for cfg in &ORDERS {
+    for cfg in &orders() {
         let mut d = vec![f32::NAN; 128];
         let p = MmaProbeParams {
             a: ar.as_ptr(),
@@ -128,7 +133,13 @@ fn check_mma(body: EmuBody, bits: fn(f32) -> u16, stream: u64) {
             c: cr.as_ptr(),
             d: d.as_mut_ptr(),
         };
-        launch(cfg, body, &plan([1, 1, 1], 32, 0), &p).unwrap();
+        let regions = [
+            EmuRegion::input("a", &ar),
+            EmuRegion::input("b", &br),
+            EmuRegion::input("c", &cr),
+            EmuRegion::output("d", &mut d),
+        ];
+        launch(cfg, body, &plan([1, 1, 1], 32, 0), &p, &regions).unwrap();
         for lane in 0..32 {
             let (g, t) = (lane / 4, lane % 4);
             for i in 0..4 {
@@ -195,7 +206,12 @@ fn tiled_gemm(
         k: k as i32,
     };
     let grid = [(n / tile) as u32, (m / tile) as u32, 1];
-    launch(cfg, body, &plan(grid, threads, smem), &p).unwrap();
+    let regions = [
+        EmuRegion::input("a", &a),
+        EmuRegion::input("b", &b),
+        EmuRegion::output("c", &mut c),
+    ];
+    launch(cfg, body, &plan(grid, threads, smem), &p, &regions).unwrap();
     for i in 0..m {
         for j in 0..n {
             let want: f32 = (0..k)
@@ -209,7 +225,7 @@ fn tiled_gemm(
 
 #[test]
 fn tiled_gemm_64_is_exact_under_every_order() {
-    let runs: Vec<Vec<f32>> = ORDERS
+    let runs: Vec<Vec<f32>> = orders()
         .iter()
         .map(|cfg| {
             tiled_gemm(
@@ -229,7 +245,7 @@ fn tiled_gemm_64_is_exact_under_every_order() {
         128,
         16 * 1024,
         (128, 192, 96),
-        &ORDERS[2],
+        &orders()[2],
     );
 }
 
@@ -243,7 +259,7 @@ fn tiled_gemm_128_speed() {
         256,
         32 * 1024,
         (256, 256, 256),
-        &ORDERS[0],
+        &orders()[0],
     );
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
@@ -270,7 +286,7 @@ fn run_planted(
     bug: i32,
 ) -> Vec<Result<Vec<f32>, String>> {
     let x: Vec<f32> = (0..n).map(|i| i as f32 + 1.0).collect();
-    ORDERS
+    orders()
         .iter()
         .map(|cfg| {
             let mut y = vec![f32::NAN; n];
@@ -280,7 +296,8 @@ fn run_planted(
                 n: n as i32,
                 bug,
             };
-            launch(cfg, body, &plan([1, 1, 1], threads, smem), &p).map(|()| y)
+            let regions = [EmuRegion::input("x", &x), EmuRegion::output("y", &mut y)];
+            launch(cfg, body, &plan([1, 1, 1], threads, smem), &p, &regions).map(|()| y)
         })
         .collect()
 }
@@ -377,31 +394,53 @@ fn run_planted_on_tensors(
     let mut x = Tensor::from_slice(&dev, data, &[n]).unwrap();
     let mut y = Tensor::<f32>::zeros(&dev, &[n]).unwrap();
     y.poison().unwrap();
+    let (xp, yp) = (x.emu_data_ptr().unwrap(), y.emu_data_ptr().unwrap());
     let p = PlantedParams {
-        x: x.emu_data_ptr().unwrap(),
-        y: y.emu_data_ptr().unwrap(),
+        x: xp,
+        y: yp,
         n: n as i32,
         bug,
     };
-    let r = launch(&ORDERS[0], body, &plan([blocks, 1, 1], threads, 0), &p);
+    let regions = [
+        EmuRegion {
+            name: "x",
+            ptr: xp as *const u8,
+            len: 4 * n,
+            writable: false,
+        },
+        EmuRegion {
+            name: "y",
+            ptr: yp as *const u8,
+            len: 4 * n,
+            writable: true,
+        },
+    ];
+    let r = launch(
+        &orders()[0],
+        body,
+        &plan([blocks, 1, 1], threads, 0),
+        &p,
+        &regions,
+    );
     (r, y.to_vec().unwrap())
 }
 
-/// Out-of-bounds reads are caught by the emulator tensors' guard zones (NaN), not by a sanitizer.
+/// A read past the end is refused by memcheck (before the guard zone's NaN could reach the output).
 #[test]
 fn catches_read_past_the_end() {
     let n = 100;
     let data: Vec<f32> = (0..n).map(|i| i as f32).collect();
     for bug in [0, 1] {
         let (r, out) = run_planted_on_tensors(lk_emu_body_planted_oob_read, 4, 32, &data, bug);
-        r.unwrap();
         if bug == 0 {
+            r.unwrap();
             assert_eq!(out[n - 1], (n - 1) as f32);
             assert!(out.iter().all(|v| v.is_finite()));
         } else {
+            let e = r.expect_err("a read past the end must be an error");
             assert!(
-                out[n - 1].is_nan(),
-                "the read past the end must bring in the guard's NaN"
+                e.contains("out-of-bounds global read") && e.contains("argument `x`"),
+                "{e}"
             );
         }
     }
@@ -432,10 +471,11 @@ fn bad_launch_configuration_is_an_error() {
         bug: 0,
     };
     let e = launch(
-        &ORDERS[0],
+        &orders()[0],
         lk_emu_body_planted_oob_read,
         &plan([1, 1, 1], 2048, 0),
         &p,
+        &[],
     )
     .unwrap_err();
     assert!(e.contains("1..=1024"), "{e}");

@@ -1,11 +1,13 @@
 // lk_emu_prelude.h: force-included (g++ -include) when the host compiler builds kernels/*.cu for the
 // CPU emulator. It supplies what nvcc would: the CUDA keywords, the built-in thread variables, barriers,
 // warp shuffles and the bf16/f16 types, with no NVIDIA header. The runtime behind it is
-// lk_emu_runtime.cpp: one fiber per CUDA thread, a real __syncthreads, warp rendezvous for collectives.
+// lk_emu_*.cpp (see lk_emu_internal.h): one fiber per CUDA thread, a real __syncthreads, warp
+// rendezvous for collectives, and checks on every memory access (the kernel files are compiled with
+// -fsanitize=thread, whose hooks the runtime defines).
 //
-// Limitation: static `__shared__` variables become `static thread_local` (one copy per block, since a
-// block runs on one OS thread at a time) and are NOT poisoned at block start; the library's kernels use
-// dynamic shared memory only (LK_DYNAMIC_SMEM), which is poisoned, and which ldmatrix/cp.async require.
+// Static shared memory is declared with LK_SHARED(align, type, name, dims) (lk_intrinsics.cuh), which
+// the emulator places in a per-block arena with red zones, poisoned at every block start and covered by
+// the race detector. A plain `__shared__` declaration does not compile under the emulator.
 #pragma once
 #ifndef LK_EMU
 #define LK_EMU 1
@@ -24,7 +26,7 @@
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-#define __shared__ static thread_local
+#define __shared__ LK_EMU_plain___shared___is_not_emulated_declare_static_shared_memory_with_LK_SHARED
 
 struct uint3 {
     unsigned x, y, z;
@@ -59,6 +61,22 @@ void ldmatrix(int n, bool trans, uint32_t* regs, const void* row_addr);
 void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int n);
+void* static_smem(const void* site, size_t bytes, size_t align, const char* name);
+void checked_copy(void* dst, const void* src, size_t n);
+void checked_fill(void* dst, int value, size_t n);
+
+// memcpy/memset in kernel code: constant small sizes become plain (instrumented) loads and stores;
+// anything else is checked by the runtime, so no copy escapes memcheck and the race detector.
+inline void* kernel_memcpy(void* dst, const void* src, size_t n) {
+    if (__builtin_constant_p(n) && n <= 16) return __builtin_memcpy(dst, src, n);
+    checked_copy(dst, src, n);
+    return dst;
+}
+inline void* kernel_memset(void* dst, int value, size_t n) {
+    if (__builtin_constant_p(n) && n <= 16) return __builtin_memset(dst, value, n);
+    checked_fill(dst, value, n);
+    return dst;
+}
 
 template <typename T>
 T shfl_any(ShflKind kind, unsigned mask, T v, int lane_arg, int width) {
@@ -173,3 +191,11 @@ struct alignas(16) uint4 {
 
 using std::max;
 using std::min;
+
+// Last, so the prelude's own helpers above use the real functions on their locals; kernel files only
+// (the runtime, which includes this header too, copies with the real functions).
+#ifndef LK_EMU_RUNTIME
+#define memcpy(d, s, n) ::lk_emu::kernel_memcpy((d), (s), (n))
+#define memset(d, v, n) ::lk_emu::kernel_memset((d), (v), (n))
+#define memmove(d, s, n) ::lk_emu::kernel_memcpy((d), (s), (n))
+#endif

@@ -14,16 +14,26 @@
 #endif
 
 #ifdef LK_EMU
+// The params copy is the runtime's, not the kernel's: it is not instrumented (and not inlined into the
+// instrumented kernel, whose own accesses are all checked).
 #define LK_KERNEL_EXPORT(name, Params)                                   \
-    extern "C" void lk_emu_body_##name(const void* p) {                  \
+    extern "C" __attribute__((no_sanitize_thread)) void lk_emu_body_##name(const void* p) { \
         name(*static_cast<const Params*>(p));                            \
     }
 #define LK_DYNAMIC_SMEM(name) unsigned char* name = ::lk_emu::dyn_smem()
+// Static shared memory: `LK_SHARED(16, float, xs, [16][256]);` declares `__shared__ __align__(16) float
+// xs[16][256];`. Under the emulator it is a reference into the block's static arena (red zones around it,
+// poisoned at block start, bounds- and race-checked, 48 KB per block at most).
+#define LK_SHARED(align, type, name, dims)                                                                \
+    static char lk_shared_site_##name;                                                                    \
+    type(&name) dims = *reinterpret_cast<type(*) dims>(                                                   \
+        ::lk_emu::static_smem(&lk_shared_site_##name, sizeof(type dims), alignof(type) > (align) ? alignof(type) : (align), #name))
 #else
 #define LK_KERNEL_EXPORT(name, Params)
 // One declaration per translation unit: every kernel's dynamic shared memory starts here.
 extern __shared__ __align__(128) unsigned char lk_dyn_smem[];
 #define LK_DYNAMIC_SMEM(name) unsigned char* name = lk_dyn_smem
+#define LK_SHARED(align, type, name, dims) __shared__ __align__(align) type name dims
 #endif
 
 // A vector access (uint4: 16 B, uint32_t: 4 B) through `p`. The GPU faults on one that is not aligned

@@ -2,22 +2,24 @@
 //! (kernels/emu/lk_emu_runtime.cpp), which runs every block of the kernel's own CUDA source, compiled by
 //! the host C++ compiler, with one fiber per CUDA thread.
 //!
-//! Out-of-bounds accesses are caught with bounds-checked buffers rather than AddressSanitizer: every
-//! allocation sits between two guard zones filled with 0xFF bytes (NaN in f32, bf16 and f16). A read past
-//! either end brings NaN into the result, which no test tolerates; a write there changes a guard, and the
-//! launch returns [`Error::OutOfBounds`].
+//! Every memory access of an emulated kernel is checked by the runtime (kernels/emu/lk_emu_check.cpp):
+//! global accesses against the allocations passed to the launch (memcheck: outside every allocation,
+//! straddling one's end, a write to an input, a read of bytes never written), shared-memory accesses
+//! for bounds and races. On top of that every allocation sits between two guard zones filled with 0xFF
+//! bytes (NaN in f32, bf16 and f16): a changed guard after the launch (corruption from anywhere) is an
+//! [`Error::OutOfBounds`].
 
 use std::alloc::{Layout, alloc, dealloc};
-use std::ffi::{c_char, c_void};
+use std::ffi::{CString, c_char, c_void};
 
 use super::{Arg, StorageMut, StorageRef};
 use crate::error::{Error, Result};
 use crate::kernel::{EmuBody, Kernel};
-use crate::params::{KernelParams, LkEmuLaunch};
+use crate::params::{KernelParams, LkEmuLaunch, LkEmuRegion};
 use crate::plan::LaunchPlan;
 
 /// Order in which the emulator schedules the threads of a block: a kernel whose result depends on it
-/// has a race. Tests run kernels under at least two orders and require identical bits.
+/// has a race. Tests run kernels under several orders and require identical bits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(u32)]
 pub enum ThreadOrder {
@@ -26,12 +28,113 @@ pub enum ThreadOrder {
     Descending = 1,
     /// A permutation drawn from the seed.
     Shuffled = 2,
+    /// Ascending, and after each thread the ready lanes of its warp until the whole warp blocks.
+    WarpGreedyAscending = 3,
+    /// Descending, warp-greedy likewise.
+    WarpGreedyDescending = 4,
 }
 
+/// How the emulated `mma.sync` accumulates.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(u32)]
+pub enum MmaModel {
+    /// Exact products summed in f64, rounded once to f32: the reference the kernel contract is written for.
+    #[default]
+    Exact = 0,
+    /// Like the published tensor-core models (aligned to the largest exponent, truncated, round toward
+    /// zero): not bit-exact to any GPU, but with the same kind and size of error, so tolerances meant for
+    /// hardware can be exercised without one.
+    TensorCore = 1,
+}
+
+/// The emulator's settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EmuConfig {
     pub order: ThreadOrder,
+    /// Seeds the shuffled thread order and, when non-zero, the order in which blocks run.
     pub seed: u64,
+    /// The compute capability whose shared-memory limits apply (e.g. 80, 86, 89, 90). The default, 86,
+    /// has the smallest limit of the default build architectures (99 KB per block), so a kernel that
+    /// fits it fits them all.
+    pub arch: u32,
+    pub mma: MmaModel,
+}
+
+impl Default for EmuConfig {
+    fn default() -> Self {
+        EmuConfig {
+            order: ThreadOrder::Ascending,
+            seed: 0,
+            arch: 86,
+            mma: MmaModel::Exact,
+        }
+    }
+}
+
+impl EmuConfig {
+    /// Static + dynamic shared memory one block may use on `arch` (the CUDA guide's per-architecture
+    /// maximum with opt-in).
+    pub fn smem_limit(&self) -> Result<u32> {
+        Ok(match self.arch {
+            70 | 72 => 96 * 1024,
+            75 => 64 * 1024,
+            80 | 87 => 163 * 1024,
+            86 | 89 | 120 => 99 * 1024,
+            90 | 100 | 103 => 227 * 1024,
+            other => {
+                return Err(Error::Emulator {
+                    kernel: "(launch)",
+                    message: format!(
+                        "EmuConfig::arch {other} is not a compute capability the emulator knows \
+                         (70, 72, 75, 80, 86, 87, 89, 90, 100, 103, 120)"
+                    ),
+                });
+            }
+        })
+    }
+
+    fn launch_config(&self, plan: &LaunchPlan, regions: &[LkEmuRegion]) -> Result<LkEmuLaunch> {
+        Ok(LkEmuLaunch {
+            grid: plan.grid,
+            block: plan.block,
+            dyn_smem_bytes: plan.smem_bytes,
+            order: self.order as u32,
+            seed: self.seed,
+            smem_limit: self.smem_limit()?,
+            mma_model: self.mma as u32,
+            regions: regions.as_ptr(),
+            region_count: regions.len() as u64,
+        })
+    }
+}
+
+/// A buffer a raw emulator launch may access (see [`launch_raw`]).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug)]
+pub struct EmuRegion {
+    pub name: &'static str,
+    pub ptr: *const u8,
+    pub len: usize,
+    pub writable: bool,
+}
+
+impl EmuRegion {
+    pub fn input<T>(name: &'static str, data: &[T]) -> Self {
+        EmuRegion {
+            name,
+            ptr: data.as_ptr() as *const u8,
+            len: std::mem::size_of_val(data),
+            writable: false,
+        }
+    }
+    pub fn output<T>(name: &'static str, data: &mut [T]) -> Self {
+        EmuRegion {
+            name,
+            ptr: data.as_mut_ptr() as *const u8,
+            len: std::mem::size_of_val(data),
+            writable: true,
+        }
+    }
 }
 
 unsafe extern "C" {
@@ -49,11 +152,13 @@ pub(crate) const GUARD: usize = 256;
 const ALIGN: usize = 256;
 const GUARD_BYTE: u8 = 0xFF;
 
-/// A host allocation `[guard | data | guard]`, data 256-byte aligned like cudaMalloc's.
+/// A host allocation `[guard | data | guard]`, data 256-byte aligned like cudaMalloc's, with an
+/// initcheck shadow when it was allocated uninitialised (one byte per data byte, non-zero once written).
 pub(crate) struct GuardedBuf {
     base: *mut u8,
     layout: Layout,
     len: usize,
+    init: Option<Vec<u8>>,
 }
 
 // SAFETY: an owned heap allocation, like a Vec<u8>.
@@ -76,7 +181,28 @@ impl GuardedBuf {
             std::ptr::write_bytes(base, GUARD_BYTE, total);
             std::ptr::write_bytes(base.add(GUARD), fill, len);
         }
-        GuardedBuf { base, layout, len }
+        GuardedBuf {
+            base,
+            layout,
+            len,
+            init: None,
+        }
+    }
+
+    /// `len` bytes that count as never written: filled with 0xFF (NaN) and tracked by initcheck until a
+    /// kernel or the host writes them.
+    pub(crate) fn uninit(len: usize) -> Self {
+        let mut b = GuardedBuf::new(len, GUARD_BYTE);
+        b.init = Some(vec![0; len]);
+        b
+    }
+
+    /// The initcheck shadow for a launch (null: every byte is initialised).
+    fn init_ptr(&self) -> *mut u8 {
+        match &self.init {
+            Some(v) => v.as_ptr() as *mut u8,
+            None => std::ptr::null_mut(),
+        }
     }
 
     pub(crate) fn data_ptr(&self) -> *mut u8 {
@@ -89,7 +215,9 @@ impl GuardedBuf {
         unsafe { std::slice::from_raw_parts(self.data_ptr(), self.len) }
     }
 
+    /// The data for the host to overwrite: every byte counts as written from now on.
     pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        self.init = None;
         // SAFETY: as above, and &mut self gives exclusive access.
         unsafe { std::slice::from_raw_parts_mut(self.data_ptr(), self.len) }
     }
@@ -126,31 +254,41 @@ pub(crate) fn launch<P: KernelParams>(
     args: &mut [Arg<'_>],
     build: impl FnOnce(&[u64]) -> P,
 ) -> Result<()> {
-    let ptrs: Vec<u64> = args
+    let names: Vec<CString> = args
+        .iter()
+        .map(|a| CString::new(a.name()).expect("argument names have no NUL"))
+        .collect();
+    let regions: Vec<LkEmuRegion> = args
         .iter_mut()
-        .map(|arg| match arg {
-            Arg::In(_, b) => match b.storage() {
-                StorageRef::Host(h) => h.data_ptr() as u64,
-                StorageRef::Cuda(_) => unreachable!("device checked by Device::launch"),
-            },
-            Arg::Out(_, b) => match b.storage_mut() {
-                StorageMut::Host(h) => h.data_ptr() as u64,
-                StorageMut::Cuda(_) => unreachable!("device checked by Device::launch"),
-            },
+        .zip(&names)
+        .map(|(arg, name)| {
+            let (h, writable) = match arg {
+                Arg::In(_, b) => match b.storage() {
+                    StorageRef::Host(h) => (h, false),
+                    StorageRef::Cuda(_) => unreachable!("device checked by Device::launch"),
+                },
+                Arg::Out(_, b) => match b.storage_mut() {
+                    StorageMut::Host(h) => (&*h, true),
+                    StorageMut::Cuda(_) => unreachable!("device checked by Device::launch"),
+                },
+            };
+            LkEmuRegion {
+                base: h.data_ptr() as u64,
+                len: h.len as u64,
+                name: name.as_ptr(),
+                init: h.init_ptr(),
+                writable: writable as u32,
+            }
         })
         .collect();
+    let ptrs: Vec<u64> = regions.iter().map(|r| r.base).collect();
     let params = build(&ptrs);
-    let launch = LkEmuLaunch {
-        grid: plan.grid,
-        block: plan.block,
-        dyn_smem_bytes: plan.smem_bytes,
-        order: cfg.order as u32,
-        seed: cfg.seed,
-    };
-    let mut err = vec![0 as c_char; 1024];
+    let launch = cfg.launch_config(plan, &regions)?;
+    let mut err = vec![0 as c_char; 2048];
     // SAFETY: `params` is the kernel's own #[repr(C)] params struct (generated from lora_params.h) whose
-    // pointers are the data addresses of live host buffers borrowed by `args` for this whole call;
-    // the op validated shapes, so the kernel's accesses stay inside them (guard zones check that).
+    // pointers are the data addresses of live host buffers borrowed by `args` for this whole call, and
+    // `regions` describes exactly those buffers (and their initcheck shadows, which the runtime writes
+    // only for outputs, borrowed mutably here); the runtime refuses every access outside them.
     let rc = unsafe {
         run_emulated(
             kernel.emu_body,
@@ -208,26 +346,39 @@ fn check_all_guards(kernel: &'static str, args: &[Arg<'_>]) -> Result<()> {
 }
 
 /// Launches an emulated kernel that is not in the library's table (the test kernels of
-/// `tests/kernels/`), returning the emulator's message on failure.
+/// `tests/kernels/`), returning the emulator's message on failure. `regions` are the buffers the kernel
+/// may access (all initialised); any other global access fails the launch.
 ///
 /// # Safety
-/// `params` must be the params struct `body`'s kernel takes, and every pointer in it must be valid for
-/// every access the kernel makes under `plan`.
+/// `params` must be the params struct `body`'s kernel takes, and every region must be valid for reads
+/// (and for writes when `writable`) for the whole call.
 #[doc(hidden)]
 pub unsafe fn launch_raw<P: Copy>(
     config: &EmuConfig,
     body: EmuBody,
     plan: &LaunchPlan,
     params: &P,
+    regions: &[EmuRegion],
 ) -> std::result::Result<(), String> {
-    let launch = LkEmuLaunch {
-        grid: plan.grid,
-        block: plan.block,
-        dyn_smem_bytes: plan.smem_bytes,
-        order: config.order as u32,
-        seed: config.seed,
-    };
-    let mut err = vec![0 as c_char; 1024];
+    let names: Vec<CString> = regions
+        .iter()
+        .map(|r| CString::new(r.name).expect("region names have no NUL"))
+        .collect();
+    let raw: Vec<LkEmuRegion> = regions
+        .iter()
+        .zip(&names)
+        .map(|(r, name)| LkEmuRegion {
+            base: r.ptr as u64,
+            len: r.len as u64,
+            name: name.as_ptr(),
+            init: std::ptr::null_mut(),
+            writable: r.writable as u32,
+        })
+        .collect();
+    let launch = config
+        .launch_config(plan, &raw)
+        .map_err(|e| e.to_string())?;
+    let mut err = vec![0 as c_char; 2048];
     // SAFETY: forwarded to the caller.
     let rc = unsafe { run_emulated(body, params as *const P as *const c_void, &launch, &mut err) };
     if rc == 0 {

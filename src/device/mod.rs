@@ -8,7 +8,7 @@ mod emu;
 use std::sync::Arc;
 
 pub use cuda::CudaDevice;
-pub use emu::{EmuConfig, ThreadOrder, launch_raw as emu_launch_raw};
+pub use emu::{EmuConfig, EmuRegion, MmaModel, ThreadOrder, launch_raw as emu_launch_raw};
 
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;

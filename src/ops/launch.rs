@@ -326,7 +326,7 @@ pub(crate) fn lowrank_grad<T: Element>(
             |ptr| params(ptr, std::ptr::null_mut()),
         );
     }
-    let mut partial = Tensor::<f32>::zeros(&device, &[splits, rows, cols])?;
+    let mut partial = Tensor::<f32>::for_output(&device, &[splits, rows, cols])?;
     device.launch(
         op,
         kernel,

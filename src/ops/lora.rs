@@ -64,8 +64,8 @@ pub fn lora_forward<T: Element>(
     scale: f32,
 ) -> Result<ForwardOutput<T>> {
     let d = layer_dims("lora_forward", x, w0, a, b)?;
-    let mut y = Tensor::zeros(x.device(), &[d.m, d.n])?;
-    let mut t = Tensor::zeros(x.device(), &[d.m, d.r])?;
+    let mut y = Tensor::for_output(x.device(), &[d.m, d.n])?;
+    let mut t = Tensor::for_output(x.device(), &[d.m, d.r])?;
     lora_forward_into(x, w0, a, b, bias, scale, &mut y, &mut t)?;
     Ok(ForwardOutput { y, t })
 }
@@ -125,12 +125,12 @@ pub fn lora_backward<T: Element>(
     let d = layer_dims("lora_backward", x, w0, a, b)?;
     let dev = x.device();
     let mut dx = if want_dx {
-        Some(Tensor::zeros(dev, &[d.m, d.k])?)
+        Some(Tensor::for_output(dev, &[d.m, d.k])?)
     } else {
         None
     };
-    let mut da = Tensor::zeros(dev, &[d.r, d.k])?;
-    let mut db = Tensor::zeros(dev, &[d.n, d.r])?;
+    let mut da = Tensor::for_output(dev, &[d.r, d.k])?;
+    let mut db = Tensor::for_output(dev, &[d.n, d.r])?;
     lora_backward_into(x, w0, a, b, t, dy, scale, dx.as_mut(), &mut da, &mut db)?;
     Ok(Gradients { dx, da, db })
 }
@@ -159,7 +159,7 @@ pub fn lora_backward_into<T: Element>(
     if let Some(dx) = dx.as_deref() {
         validate::shape(OP, "dx", dx, &[d.m, d.k], "[M, K]")?;
     }
-    let mut u = Tensor::zeros(x.device(), &[d.m, d.r])?;
+    let mut u = Tensor::for_output(x.device(), &[d.m, d.r])?;
     launch::shrink(OP, Orient::Nn, dy, b, &mut u, (d.m, d.n, d.r))?;
     launch::lowrank_grad(OP, dy, t, db, (d.m, d.n, d.r), scale)?;
     launch::lowrank_grad(OP, &u, x, da, (d.m, d.r, d.k), scale)?;

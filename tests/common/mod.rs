@@ -9,18 +9,22 @@ use std::path::PathBuf;
 
 use lora_kernels::{Device, Element, EmuConfig, ThreadOrder};
 
-/// The emulator under two thread orders (ascending and a seeded shuffle): a kernel whose bits differ
-/// between them has a race.
+/// The emulator under four thread orders: ascending (blocks in order), a seeded shuffle of threads and
+/// blocks, and the two warp-greedy orders (blocks shuffled by other seeds). Every launch runs the race
+/// detector and memcheck; a kernel whose bits differ between orders has a race the detector missed.
 pub fn emulators() -> Vec<Device> {
+    let cfg = |order, seed| {
+        Device::emulator_with(EmuConfig {
+            order,
+            seed,
+            ..EmuConfig::default()
+        })
+    };
     vec![
-        Device::emulator_with(EmuConfig {
-            order: ThreadOrder::Ascending,
-            seed: 0,
-        }),
-        Device::emulator_with(EmuConfig {
-            order: ThreadOrder::Shuffled,
-            seed: seed(),
-        }),
+        cfg(ThreadOrder::Ascending, 0),
+        cfg(ThreadOrder::Shuffled, seed()),
+        cfg(ThreadOrder::WarpGreedyAscending, seed() ^ 0x9e37),
+        cfg(ThreadOrder::WarpGreedyDescending, seed() ^ 0x79b9),
     ]
 }
 
