@@ -407,12 +407,14 @@ fn run_planted_on_tensors(
             ptr: xp as *const u8,
             len: 4 * n,
             writable: false,
+            init: std::ptr::null_mut(),
         },
         EmuRegion {
             name: "y",
             ptr: yp as *const u8,
             len: 4 * n,
             writable: true,
+            init: std::ptr::null_mut(),
         },
     ];
     let r = launch(

@@ -19,6 +19,7 @@
 // The detector sees intra-block races only: inter-block races and fence/memory-model bugs go unseen.
 
 #include <link.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -63,6 +64,13 @@ std::string symbolize(uintptr_t pc) {
         },
         &find);
     if (!find.found) return "";
+    if (find.path == "/proc/self/exe") {  // the main program: its real path (in the shell, /proc/self is not us)
+        char exe[400];
+        const ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+        if (len <= 0) return "";
+        exe[len] = 0;
+        find.path = exe;
+    }
     char cmd[512];
     std::snprintf(cmd, sizeof cmd, "addr2line -C -f -e '%s' 0x%lx 2>/dev/null", find.path.c_str(),
                   static_cast<unsigned long>(pc - 1 - find.base));
@@ -93,8 +101,8 @@ std::string smem_place(const Launch& L, size_t off) {
     }
     const StaticVar* near = nullptr;
     size_t dist = SIZE_MAX;
-    for (const StaticVar& v : L.static_vars) {
-        const size_t d = off < v.offset ? v.offset - off : off - v.offset;
+    for (const StaticVar& v : L.static_vars) {  // the variable whose extent is nearest
+        const size_t d = off < v.offset ? v.offset - off : off >= v.offset + v.bytes ? off - v.offset - v.bytes : 0;
         if (d < dist) dist = d, near = &v;
         if (off >= v.offset && off < v.offset + v.bytes) {
             std::snprintf(buf, sizeof buf, "static __shared__ `%s` offset %zu", v.name, off - v.offset);
@@ -137,10 +145,10 @@ void check_smem_bytes(size_t off, size_t n, bool write, unsigned tid, bool async
             fail("shared-memory %s of %zu bytes out of bounds: %s%s", write ? "write" : "read", n,
                  smem_place(L, off + i).c_str(), symbolize(g_pc).c_str());
         if (s.flags & SB_IN_FLIGHT)
-            fail("shared memory at %s is %s while a cp.async issued by %s is still in flight (no cp.async.wait_group "
-                 "retired it yet)%s",
-                 smem_place(L, off + i).c_str(), write ? "written" : "read", thread_name(s.w_tid).c_str(),
-                 symbolize(g_pc).c_str());
+            fail("shared-memory race (cp.async in flight) at %s: %s %s %zu bytes while a cp.async issued by %s is "
+                 "still in flight (no cp.async.wait_group of that thread retired it yet)%s",
+                 smem_place(L, off + i).c_str(), thread_name(tid).c_str(), write ? "writes" : "reads", n,
+                 thread_name(s.w_tid).c_str(), symbolize(g_pc).c_str());
         if (s.w_epoch == E && s.w_tid != tid && !warp_ordered(L, s.w_tid, tid, s.w_sync))
             hazard(write ? "write-after-write" : "read-after-write", off + i, n, write, tid, s.w_tid, "writes");
         if (write) {
@@ -190,9 +198,8 @@ const LkEmuRegion* find_region(const Launch& L, uintptr_t a) {
         std::snprintf(rel, sizeof rel, "%lu bytes before the start of argument `%s` (%lu bytes)",
                       static_cast<unsigned long>(dist), near->name, static_cast<unsigned long>(near->len));
     else if (near)
-        std::snprintf(rel, sizeof rel, "offset %lu of argument `%s`, %lu bytes past its end (%lu bytes)",
-                      static_cast<unsigned long>(a - near->base), near->name, static_cast<unsigned long>(dist),
-                      static_cast<unsigned long>(near->len));
+        std::snprintf(rel, sizeof rel, "offset %lu of argument `%s`, which has %lu bytes",
+                      static_cast<unsigned long>(a - near->base), near->name, static_cast<unsigned long>(near->len));
     fail("out-of-bounds global %s%s%s of %zu bytes at %p: outside every allocation of this launch; nearest: %s%s",
          write ? "write" : "read", what ? " by " : "", what ? what : "", n, reinterpret_cast<void*>(a), rel,
          symbolize(g_pc).c_str());

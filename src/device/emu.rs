@@ -116,6 +116,8 @@ pub struct EmuRegion {
     pub ptr: *const u8,
     pub len: usize,
     pub writable: bool,
+    /// Initcheck shadow, one byte per data byte (0: never written); null when all is initialised.
+    pub init: *mut u8,
 }
 
 impl EmuRegion {
@@ -125,6 +127,7 @@ impl EmuRegion {
             ptr: data.as_ptr() as *const u8,
             len: std::mem::size_of_val(data),
             writable: false,
+            init: std::ptr::null_mut(),
         }
     }
     pub fn output<T>(name: &'static str, data: &mut [T]) -> Self {
@@ -133,6 +136,20 @@ impl EmuRegion {
             ptr: data.as_mut_ptr() as *const u8,
             len: std::mem::size_of_val(data),
             writable: true,
+            init: std::ptr::null_mut(),
+        }
+    }
+    /// An output whose bytes count as written only where `shadow` (one byte per data byte) is non-zero;
+    /// the launch marks the bytes it writes.
+    pub fn tracked_output<T>(name: &'static str, data: &mut [T], shadow: &mut [u8]) -> Self {
+        assert_eq!(
+            shadow.len(),
+            std::mem::size_of_val(data),
+            "one shadow byte per data byte"
+        );
+        EmuRegion {
+            init: shadow.as_mut_ptr(),
+            ..EmuRegion::output(name, data)
         }
     }
 }
@@ -371,7 +388,7 @@ pub unsafe fn launch_raw<P: Copy>(
             base: r.ptr as u64,
             len: r.len as u64,
             name: name.as_ptr(),
-            init: std::ptr::null_mut(),
+            init: r.init,
             writable: r.writable as u32,
         })
         .collect();
