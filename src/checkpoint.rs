@@ -19,6 +19,18 @@ use crate::tensor::Tensor;
 
 const INDEX: &str = "model.safetensors.index.json";
 
+/// Progress of [`merge_checkpoint`] and [`verify_merge`], reported per module. The library draws
+/// nothing: a caller shows it however it likes (the `lora-kernels` command draws a progress bar on a
+/// terminal and plain lines elsewhere). `()` reports nothing.
+pub trait Progress {
+    /// Called once, before the first module: how many modules, and the bytes of their weights.
+    fn start(&mut self, _modules: usize, _bytes: u64) {}
+    /// Called after each module: its name (as in the adapter) and the bytes of its weight.
+    fn module_done(&mut self, _module: &str, _bytes: u64) {}
+}
+
+impl Progress for () {}
+
 /// What a merge did.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MergeSummary {
@@ -69,6 +81,46 @@ fn metadata(path: &Path, bytes: &[u8]) -> Result<Option<HashMap<String, String>>
     Ok(meta.metadata().clone())
 }
 
+/// The data bytes of the tensors `wanted` in a safetensors file, from its header alone (the file is
+/// not read further).
+fn header_bytes(path: &Path, wanted: impl Fn(&str) -> bool) -> Result<u64> {
+    use std::io::Read;
+    let bad = |what: &str| {
+        Error::format(
+            path,
+            format!("corrupt or truncated safetensors file: {what}"),
+        )
+    };
+    let mut file = std::fs::File::open(path).map_err(Error::io(path))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(Error::io(path))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100_000_000 {
+        return Err(bad("header too large"));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(Error::io(path))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(&format!("header: {e}")))?;
+    let tensors = header
+        .as_object()
+        .ok_or_else(|| bad("header is not an object"))?;
+    let mut bytes = 0;
+    for (name, t) in tensors.iter().filter(|(n, _)| wanted(n)) {
+        let off = t.get("data_offsets").and_then(|o| o.as_array());
+        match off.map(|o| {
+            (
+                o.first().and_then(|v| v.as_u64()),
+                o.get(1).and_then(|v| v.as_u64()),
+            )
+        }) {
+            Some((Some(a), Some(b))) if b >= a => bytes += b - a,
+            _ => return Err(bad(&format!("no data_offsets for `{name}`"))),
+        }
+    }
+    Ok(bytes)
+}
+
 /// Merged (or unmerged) bytes of one weight, through the merge kernel on `device`.
 fn merge_weight<T: Element>(
     device: &Device,
@@ -108,15 +160,14 @@ fn merge_weight<T: Element>(
 }
 
 /// Merges `adapter` into the checkpoint `base` (file or directory) and writes `out` (a file for a
-/// file base, a new directory for a directory base). `progress(done, total, module)` is called after
-/// each merged module.
+/// file base, a new directory for a directory base). `progress` hears about each merged module.
 pub fn merge_checkpoint(
     base: &Path,
     adapter: &PeftAdapter,
     out: &Path,
     device: &Device,
     unmerge: bool,
-    progress: &mut dyn FnMut(usize, usize, &str),
+    progress: &mut dyn Progress,
 ) -> Result<MergeSummary> {
     let (files, index) = shards(base)?;
     let out_is_dir = index.is_some() || base.is_dir();
@@ -135,6 +186,7 @@ pub fn merge_checkpoint(
     // Pass 1: read and validate everything (every module found once, shapes agree) before writing.
     let mut contents = Vec::new();
     let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut weight_bytes = 0u64;
     for f in &files {
         let bytes = std::fs::read(f).map_err(Error::io(f))?;
         {
@@ -160,6 +212,7 @@ pub fn merge_checkpoint(
                     ));
                 }
                 found.insert(name.clone(), f.clone());
+                weight_bytes += t.data().len() as u64;
             }
         }
         contents.push((f.clone(), bytes));
@@ -184,7 +237,7 @@ pub fn merge_checkpoint(
     };
     let result = (|| -> Result<MergeSummary> {
         let mut summary = MergeSummary::default();
-        let total = by_weight.len();
+        progress.start(by_weight.len(), weight_bytes);
         for (f, bytes) in &contents {
             let st = parse(f, bytes)?;
             let meta = metadata(f, bytes)?;
@@ -211,7 +264,7 @@ pub fn merge_checkpoint(
                 };
                 merged.insert(name.clone(), data);
                 summary.modules_merged += 1;
-                progress(summary.modules_merged, total, &m.name);
+                progress.module_done(&m.name, t.data().len() as u64);
             }
             let mut views = Vec::new();
             for name in &names {
@@ -253,4 +306,305 @@ pub fn merge_checkpoint(
         _ => {}
     }
     result
+}
+
+/// What [`verify_merge`] found.
+///
+/// The exact value of a merged element is `x = W + s·Σⱼ Bᵢⱼ·Aⱼₖ` (unmerge: `W − s·…`), computed in
+/// f64 from the base, the adapter and its scale. One rounding of it is `round(x)`, to nearest (even)
+/// in the output dtype: within half an ulp of `x`. The merge kernel gets there through f32
+/// intermediates (`kernels/merge.cu`: the sum over the rank in f32, `round_f32(s·acc)`,
+/// `round_f32(W + d)`, then the rounding to W's dtype), that is, it rounds to nearest a value within
+/// `e = 2⁻²³·(|W| + (r + 3)·|s|·Σⱼ |Bᵢⱼ·Aⱼₖ|)` of `x` (twice the first-order bound of their error).
+/// So a merged element is *within one rounding* when it lies between `round(x − e)` and `round(x + e)`:
+/// `round(x)` itself wherever `x` is not within `e` of a half-way point between two values of the
+/// dtype (almost everywhere in bf16 and f16), or the other value next to `x` where the f32
+/// intermediates can tip the rounding (`x` next to a half-way point, `W` and `s·B·A` cancelling, or
+/// an f32 output, whose ulp is of the order of `e`). A merge by the kernel has no element off, in any
+/// dtype; a wrong scale, a wrong or missing module, a corrupted value are off.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VerifySummary {
+    /// Merged elements checked.
+    pub elements: u64,
+    /// Elements equal to `round(x)`, the exact value rounded to nearest (even) in the output dtype.
+    pub correctly_rounded: u64,
+    /// Elements off by more than one rounding (a NaN where `x` is not NaN counts as off).
+    pub off: u64,
+    /// The largest distance from `round(x)`, in ulps of the output dtype.
+    pub max_ulp: u64,
+    /// Of the elements off, the one farthest from `round(x)`.
+    pub worst: Option<OffElement>,
+}
+
+/// A merged element off by more than one rounding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OffElement {
+    /// The tensor (`….weight`).
+    pub tensor: String,
+    /// Row-major index in it.
+    pub index: usize,
+    pub merged: f64,
+    /// `x`, the exact value.
+    pub exact: f64,
+    /// Distance from `round(x)` in ulps of the dtype.
+    pub ulp: u64,
+}
+
+impl VerifySummary {
+    fn add(&mut self, o: VerifySummary) {
+        self.elements += o.elements;
+        self.correctly_rounded += o.correctly_rounded;
+        self.off += o.off;
+        let worse = match (&self.worst, &o.worst) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(a), Some(b)) => b.ulp > a.ulp,
+        };
+        if worse {
+            self.worst = o.worst;
+        }
+        self.max_ulp = self.max_ulp.max(o.max_ulp);
+    }
+}
+
+/// Checks one merged weight against the exact merge ([`VerifySummary`]), row by row (N×K f64 is
+/// never materialised).
+#[allow(clippy::too_many_arguments)]
+fn verify_weight<T: Element>(
+    name: &str,
+    w: &[u8],
+    merged: &[u8],
+    a: &[f64],
+    b: &[f64],
+    (n, k, r): (usize, usize, usize),
+    scale: f64,
+) -> VerifySummary {
+    let w: Vec<T> = bytemuck::pod_collect_to_vec(w);
+    let merged: Vec<T> = bytemuck::pod_collect_to_vec(merged);
+    let mut s = VerifySummary::default();
+    let (mut ba, mut magnitude) = (vec![0f64; k], vec![0f64; k]);
+    let f32_error = 2f64.powi(-23);
+    for i in 0..n {
+        // (B·A)[i, :] with j ascending, then scaled: the same f64 sums as `reference::delta`.
+        ba.fill(0.0);
+        magnitude.fill(0.0);
+        for j in 0..r {
+            let bij = b[i * r + j];
+            let row = &a[j * k..(j + 1) * k];
+            for ((acc, mag), &ajc) in ba.iter_mut().zip(magnitude.iter_mut()).zip(row) {
+                *acc += bij * ajc;
+                *mag += (bij * ajc).abs();
+            }
+        }
+        for c in 0..k {
+            let at = i * k + c;
+            let w0 = w[at].to_f64();
+            let x = w0 + scale * ba[c];
+            let e = f32_error * (w0.abs() + (r + 3) as f64 * scale.abs() * magnitude[c]);
+            let got = merged[at];
+            let g = got.to_f64();
+            let dist = if x.is_nan() && g.is_nan() {
+                0
+            } else {
+                crate::reference::ulp_distance(got, T::from_f64(x))
+            };
+            let ok = if g.is_nan() || x.is_nan() {
+                g.is_nan() && x.is_nan()
+            } else {
+                T::from_f64(x - e).to_f64() <= g && g <= T::from_f64(x + e).to_f64()
+            };
+            s.elements += 1;
+            s.correctly_rounded += (dist == 0) as u64;
+            if !ok {
+                s.off += 1;
+                if s.worst.as_ref().is_none_or(|o| dist > o.ulp) {
+                    s.worst = Some(OffElement {
+                        tensor: name.to_string(),
+                        index: at,
+                        merged: g,
+                        exact: x,
+                        ulp: dist,
+                    });
+                }
+            }
+            s.max_ulp = s.max_ulp.max(dist);
+        }
+    }
+    s
+}
+
+/// Checks a merge written by [`merge_checkpoint`] (same `base`, `adapter`, `out`, `unmerge`) on the
+/// CPU: reads every merged weight back from `out`, computes the exact `W ± s·B·A` in f64 from the base
+/// and the adapter, and counts the elements off by more than one rounding ([`VerifySummary`]). Costs
+/// one pass over the base and the output, `N·K·r` multiply-adds in f64 per module. `progress` hears
+/// about each checked module.
+pub fn verify_merge(
+    base: &Path,
+    adapter: &PeftAdapter,
+    out: &Path,
+    unmerge: bool,
+    progress: &mut dyn Progress,
+) -> Result<VerifySummary> {
+    let (files, index) = shards(base)?;
+    let out_is_dir = index.is_some() || base.is_dir();
+    let by_weight: BTreeMap<String, &AdapterModule> = adapter
+        .modules
+        .iter()
+        .map(|m| (format!("{}.weight", m.name), m))
+        .collect();
+    let mut bytes_total = 0u64;
+    for f in &files {
+        bytes_total += header_bytes(f, |name| by_weight.contains_key(name))?;
+    }
+    progress.start(by_weight.len(), bytes_total);
+    let mut summary = VerifySummary::default();
+    for f in &files {
+        let out_file = if out_is_dir {
+            out.join(f.file_name().expect("a shard has a file name"))
+        } else {
+            out.to_path_buf()
+        };
+        let base_bytes = std::fs::read(f).map_err(Error::io(f))?;
+        let out_bytes = std::fs::read(&out_file).map_err(Error::io(&out_file))?;
+        let (bst, ost) = (parse(f, &base_bytes)?, parse(&out_file, &out_bytes)?);
+        let mut names: Vec<String> = bst.names().into_iter().map(String::from).collect();
+        names.sort();
+        for name in &names {
+            let Some(m) = by_weight.get(name) else {
+                continue;
+            };
+            let w = bst
+                .tensor(name)
+                .map_err(|e| Error::format(f, e.to_string()))?;
+            let got = ost.tensor(name).map_err(|e| {
+                Error::format(&out_file, format!("merged tensor `{name}` unreadable: {e}"))
+            })?;
+            if got.dtype() != w.dtype() || got.shape() != w.shape() {
+                return Err(Error::format(
+                    &out_file,
+                    format!(
+                        "`{name}` is {:?} {:?} in the output but {:?} {:?} in the base",
+                        got.dtype(),
+                        got.shape(),
+                        w.dtype(),
+                        w.shape()
+                    ),
+                ));
+            }
+            let dims = (w.shape()[0], w.shape()[1], m.a.rows);
+            let a: Vec<f64> = m.a.to_f32().iter().map(|&v| v as f64).collect();
+            let b: Vec<f64> = m.b.to_f32().iter().map(|&v| v as f64).collect();
+            let s = adapter.config.scale_for(&m.name);
+            let scale = if unmerge { -s } else { s };
+            let (wd, gd) = (w.data(), got.data());
+            summary.add(match peft::dtype_of(f, name, w.dtype())? {
+                DType::BF16 => verify_weight::<half::bf16>(name, wd, gd, &a, &b, dims, scale),
+                DType::F16 => verify_weight::<half::f16>(name, wd, gd, &a, &b, dims, scale),
+                DType::F32 => verify_weight::<f32>(name, wd, gd, &a, &b, dims, scale),
+            });
+            progress.module_done(&m.name, wd.len() as u64);
+        }
+    }
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    /// One bf16 element: W, and s·B·A = 2·b·a, against a merged value.
+    fn check(w: f64, (b, a): (f64, f64), merged: f64) -> VerifySummary {
+        let w = [bf16::from_f64(w)];
+        let got = [bf16::from_f64(merged)];
+        assert_eq!(got[0].to_f64(), merged, "test values are bf16");
+        verify_weight::<bf16>(
+            "w",
+            bytemuck::cast_slice(&w),
+            bytemuck::cast_slice(&got),
+            &[a],
+            &[b],
+            (1, 1, 1),
+            2.0,
+        )
+    }
+
+    #[test]
+    fn one_rounding_is_round_to_nearest_up_to_the_f32_error() {
+        // W = 1, s·B·A = 0.3 ulp (bf16's ulp at 1 is 2⁻⁷): x = 1 + 0.3·2⁻⁷, round(x) = 1
+        let ulp = 2f64.powi(-7);
+        let ba = (0.5, 0.3 * ulp);
+        let s = check(1.0, ba, 1.0);
+        assert_eq!(
+            (s.elements, s.correctly_rounded, s.off, s.max_ulp),
+            (1, 1, 0, 0)
+        );
+        // the other value enclosing x, or the one below 1: off, 1 ulp from round(x)
+        for wrong in [1.0 + ulp, 1.0 - ulp / 2.0] {
+            let s = check(1.0, ba, wrong);
+            assert_eq!(
+                (s.correctly_rounded, s.off, s.max_ulp),
+                (0, 1, 1),
+                "{wrong}"
+            );
+            let worst = s.worst.unwrap();
+            assert_eq!(
+                (worst.merged, worst.exact, worst.ulp),
+                (wrong, 1.0 + 0.3 * ulp, 1)
+            );
+        }
+        let s = check(1.0, ba, 1.0 + 2.0 * ulp);
+        assert_eq!((s.off, s.max_ulp), (1, 2));
+        // x representable: only x
+        assert_eq!(check(1.0, (0.5, ulp), 1.0 + ulp).correctly_rounded, 1);
+        assert_eq!(check(1.0, (0.5, ulp), 1.0).off, 1);
+        // x a hair (2⁻²⁶, below the f32 error) above the half-way point 1 + ulp/2: round(x) = 1 + ulp,
+        // and 1 (the even neighbour, where the f32 sum rounding down to the half-way point leads)
+        let ba = (0.5, ulp / 2.0 + 2f64.powi(-26));
+        assert_eq!(check(1.0, ba, 1.0 + ulp).correctly_rounded, 1);
+        let s = check(1.0, ba, 1.0);
+        assert_eq!((s.correctly_rounded, s.off), (0, 0));
+        assert_eq!(check(1.0, ba, 1.0 + 2.0 * ulp).off, 1);
+        // around zero: x = 2⁻¹⁴⁰ rounds to 0 (bf16's least subnormal is 2⁻¹³³)
+        let tiny = (0.5, 2f64.powi(-140));
+        assert_eq!(check(0.0, tiny, 0.0).off, 0);
+        assert_eq!(check(0.0, tiny, 2f64.powi(-133)).off, 1);
+    }
+
+    #[test]
+    fn cancellation_is_judged_with_the_f32_error_of_the_terms() {
+        // W = 1 and s·B·A = −(1 − 2⁻³⁰): x = 2⁻³⁰, the kernel's f32 terms carry errors of ~2⁻²⁴,
+        // so anything that rounds from within e = 2⁻²³·(1 + 4·(1 − 2⁻³⁰)) ≈ 5·2⁻²³ of x passes.
+        let ba = (-0.5, 1.0 - 2f64.powi(-30));
+        let u = 2f64.powi(-23);
+        for ok in [2f64.powi(-30), 0.0, 4.0 * u, -5.0 * u, 5.0 * u] {
+            assert_eq!(check(1.0, ba, ok).off, 0, "{ok:e}");
+        }
+        for off in [6.0 * u, -6.0 * u] {
+            assert_eq!(check(1.0, ba, off).off, 1, "{off:e}");
+        }
+    }
+
+    #[test]
+    fn exact_values_match_the_reference_merge() {
+        let (n, k, r) = (5, 7, 3);
+        let val = |i: usize, m: f64| bf16::from_f64(((i * 37 % 11) as f64 - 5.0) * m);
+        let w: Vec<bf16> = (0..n * k).map(|i| val(i, 0.37)).collect();
+        let a: Vec<bf16> = (0..r * k).map(|i| val(i + 3, 0.011)).collect();
+        let b: Vec<bf16> = (0..n * r).map(|i| val(i + 7, 0.013)).collect();
+        let f = |v: &[bf16]| -> Vec<f64> { v.iter().map(|x| x.to_f64()).collect() };
+        for scale in [2.0, -0.7] {
+            let want = crate::reference::merge(&w, &a, &b, n, k, r, scale);
+            let s = verify_weight::<bf16>(
+                "w",
+                bytemuck::cast_slice(&w),
+                bytemuck::cast_slice(&want),
+                &f(&a),
+                &f(&b),
+                (n, k, r),
+                scale,
+            );
+            assert_eq!((s.elements, s.correctly_rounded, s.off), (35, 35, 0));
+        }
+    }
 }

@@ -1,124 +1,329 @@
 //! `lora-kernels`: merge PEFT adapters into checkpoints, inspect adapters, plan LoRA memory.
+//! `lora-kernels --help` (or `lora-kernels help <command>`) documents every option.
 //!
-//!   lora-kernels merge --base <file.safetensors | dir> --adapter <dir> --out <path> [--unmerge]
-//!                      [--device auto|cuda|emu]
-//!   lora-kernels inspect --adapter <dir>
-//!   lora-kernels plan (--preset gpt3-175b | --layers L --d-model D --params P) [--rank r]...
-//!
-//! Errors print one clear line and exit non-zero; a failed merge leaves no output and never touches
-//! the base.
+//! Usage errors print one line and exit with status 2; other errors print one line and exit with 1.
+//! A failed merge leaves no output and never touches the base.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{HumanBytes, HumanDuration, ProgressBar, ProgressStyle};
 
 use lora_kernels::Device;
-use lora_kernels::checkpoint::merge_checkpoint;
+use lora_kernels::checkpoint::{Progress, VerifySummary, merge_checkpoint, verify_merge};
 use lora_kernels::memory::{self, ModelConfig, full_finetune, lora_finetune};
 use lora_kernels::peft::PeftAdapter;
 
-const USAGE: &str = "usage:
-  lora-kernels merge --base <file.safetensors | dir> --adapter <dir> --out <path> [--unmerge] [--device auto|cuda|emu]
-  lora-kernels inspect --adapter <dir>
-  lora-kernels plan (--preset gpt3-175b | --layers <L> --d-model <D> --params <P>) [--rank <r>]...";
+/// `--version`: the version and whether the kernels were compiled for CUDA (`-V`: the version).
+const LONG_VERSION: &str = if lora_kernels::kernel::cuda_compiled() {
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        "\nCUDA kernels: compiled by nvcc (a GPU is used when one is found)"
+    )
+} else {
+    concat!(
+        env!("CARGO_PKG_VERSION"),
+        "\nCUDA kernels: not compiled (built without nvcc), kernels run on the CPU emulator"
+    )
+};
 
-/// `--name value` pairs and bare `--flag`s.
-struct Args {
-    values: Vec<(String, String)>,
-    flags: Vec<String>,
+/// LoRA kernels from the command line: merge a PEFT adapter into a safetensors checkpoint (or take it
+/// back out), list an adapter's modules, plan LoRA training memory.
+#[derive(Parser)]
+#[command(name = "lora-kernels", version, long_version = LONG_VERSION, arg_required_else_help = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
 }
 
-impl Args {
-    fn parse(raw: &[String], flags: &[&str]) -> Result<Self, String> {
-        let (mut values, mut found) = (Vec::new(), Vec::new());
-        let mut it = raw.iter();
-        while let Some(a) = it.next() {
-            let Some(name) = a.strip_prefix("--") else {
-                return Err(format!("unexpected argument `{a}`"));
-            };
-            if flags.contains(&name) {
-                found.push(name.to_string());
-            } else {
-                let v = it.next().ok_or(format!("--{name} needs a value"))?;
-                values.push((name.to_string(), v.clone()));
+#[derive(Subcommand)]
+enum Command {
+    Merge(MergeArgs),
+    Inspect(InspectArgs),
+    Plan(PlanArgs),
+}
+
+/// Merge a PEFT adapter into a safetensors checkpoint (or take it back out with --unmerge)
+///
+/// Every adapted weight becomes round(W + s·B·A) through the merge kernel (with --unmerge,
+/// round(W − s·B·A)); every other tensor is copied byte for byte; names, dtypes and metadata are
+/// kept. The base is a .safetensors file or a sharded directory (model.safetensors.index.json and
+/// its shards), whose output is a new directory. Everything is validated before anything is
+/// written and output goes through temporary names, so a failure leaves no output; the base is
+/// only read.
+///
+/// Progress goes to stderr: a progress bar on a terminal (modules, bytes, rate, ETA), plain lines
+/// otherwise ("  [3/8] <module>: <bytes> of <total>, <rate>, ETA <t>"), nothing with --quiet. The
+/// summary (and the --verify report) goes to stdout.
+#[derive(Args)]
+struct MergeArgs {
+    /// The base checkpoint: a .safetensors file, or a directory holding model.safetensors.index.json
+    /// and its shards (or a single model.safetensors)
+    #[arg(long, value_name = "FILE|DIR")]
+    base: PathBuf,
+    /// The PEFT adapter directory (adapter_config.json and adapter_model.safetensors)
+    #[arg(long, value_name = "DIR")]
+    adapter: PathBuf,
+    /// Where to write the merged checkpoint: a file for a file base, a new directory for a directory
+    /// base; never the base itself
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+    /// Subtract the adapter instead, round(W − s·B·A): takes a merged checkpoint back to its base
+    #[arg(long)]
+    unmerge: bool,
+    /// Where the merge kernel runs
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+    /// After writing, check every merged element on the CPU (one more pass) and report how many
+    /// are off by more than one rounding from the exact merge
+    ///
+    /// The exact value is x = W + s·B·A (--unmerge: W − s·B·A) computed in f64 from the base and
+    /// the adapter; one rounding of it is round(x), to nearest in the output dtype (within half an
+    /// ulp of x). The kernel rounds to nearest through f32 intermediates, i.e. it rounds a value
+    /// within e = 2⁻²³·(|W| + (r + 3)·|s|·Σⱼ|Bᵢⱼ·Aⱼₖ|) of x (twice the first-order bound of their
+    /// error), so an element is off when it is outside [round(x − e), round(x + e)]: in bf16 and
+    /// f16 that is round(x) except where x lies within e of a half-way point or W and s·B·A cancel,
+    /// where the neighbour on x's side passes too. A merge by the kernel has 0 elements off in
+    /// every dtype. The report also counts the elements equal to round(x) and the largest distance
+    /// from it in ulps. Reported on stdout; the exit status does not depend on it.
+    #[arg(long)]
+    verify: bool,
+    /// No progress output (errors and the summary are still printed)
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceChoice {
+    /// CUDA device 0 when it can be used, else the CPU emulator (says which and why)
+    Auto,
+    /// CUDA device 0, or an error saying why it cannot be used
+    Cuda,
+    /// The CPU emulator (runs the same kernel source)
+    Emu,
+}
+
+/// List an adapter's modules: shapes, dtype, rank, alpha and scale of each
+#[derive(Args)]
+struct InspectArgs {
+    /// The PEFT adapter directory (adapter_config.json and adapter_model.safetensors)
+    #[arg(long, value_name = "DIR")]
+    adapter: PathBuf,
+}
+
+/// Plan LoRA vs full fine-tuning: trainable parameters and training memory
+///
+/// Trainable parameters and training memory (weights + gradients in fp16, Adam's m and v in f32) of
+/// full fine-tuning and of LoRA on W_q and W_v at each rank, for a preset model or your own
+/// (--layers, --d-model and --params together).
+#[derive(Args)]
+struct PlanArgs {
+    /// A preset model [possible values: gpt3-175b]
+    #[arg(long, value_name = "NAME", value_parser = preset, conflicts_with_all = ["layers", "d_model", "params"])]
+    preset: Option<ModelConfig>,
+    /// Transformer layers of your model (without --preset)
+    #[arg(long, value_name = "L", value_parser = positive_number, required_unless_present = "preset")]
+    layers: Option<u64>,
+    /// Hidden size of your model (without --preset)
+    #[arg(long, value_name = "D", value_parser = positive_number, required_unless_present = "preset")]
+    d_model: Option<u64>,
+    /// Total parameters of your model, e.g. 7e9 (without --preset)
+    #[arg(long, value_name = "P", value_parser = positive_number, required_unless_present = "preset")]
+    params: Option<u64>,
+    /// LoRA ranks to plan for (repeat the option, or separate with commas)
+    #[arg(long, value_name = "R", value_delimiter = ',', default_value = "1,4,8",
+          value_parser = positive_integer)]
+    rank: Vec<usize>,
+}
+
+fn preset(name: &str) -> Result<ModelConfig, String> {
+    ModelConfig::preset(name).ok_or(format!("unknown preset `{name}` (known: gpt3-175b)"))
+}
+
+fn positive_integer(v: &str) -> Result<usize, String> {
+    v.parse::<usize>()
+        .ok()
+        .filter(|&r| r >= 1)
+        .ok_or("must be a positive integer".to_string())
+}
+
+/// A positive number, integer or not (`7e9`), truncated to an integer.
+fn positive_number(v: &str) -> Result<u64, String> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|x| x.is_finite() && *x >= 1.0)
+        .map(|x| x as u64)
+        .ok_or("must be a positive number".to_string())
+}
+
+/// How a merge (or its verification) reports progress on stderr.
+enum Reporter {
+    /// `--quiet`.
+    Silent,
+    /// An indicatif bar (stderr is a terminal); `modules`: (done, total).
+    Bar {
+        bar: ProgressBar,
+        label: &'static str,
+        modules: (usize, usize),
+    },
+    /// Plain lines, at most one every half second plus the last (logs, CI).
+    Lines(Lines),
+}
+
+struct Lines {
+    label: &'static str,
+    modules: (usize, usize),
+    bytes: (u64, u64),
+    start: Instant,
+    last_print: Instant,
+}
+
+impl Reporter {
+    /// `label`: empty for the merge (its lines read "  [3/8] module ..."), "verify" for the check.
+    fn new(quiet: bool, label: &'static str) -> Self {
+        if quiet {
+            Reporter::Silent
+        } else if std::io::stderr().is_terminal() {
+            Reporter::Bar {
+                bar: ProgressBar::hidden(),
+                label,
+                modules: (0, 0),
+            }
+        } else {
+            Reporter::Lines(Lines {
+                label,
+                modules: (0, 0),
+                bytes: (0, 0),
+                start: Instant::now(),
+                last_print: Instant::now(),
+            })
+        }
+    }
+
+    fn finish(&self) {
+        if let Reporter::Bar { bar, .. } = self {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Progress for Reporter {
+    fn start(&mut self, modules: usize, bytes: u64) {
+        match self {
+            Reporter::Silent => {}
+            Reporter::Bar {
+                bar,
+                label,
+                modules: counts,
+            } => {
+                *counts = (0, modules);
+                *bar = ProgressBar::new(bytes);
+                let style = ProgressStyle::with_template(
+                    "{prefix} [{wide_bar}] {binary_bytes}/{binary_total_bytes}, {binary_bytes_per_sec}, ETA {eta}",
+                )
+                .expect("a valid progress template")
+                .progress_chars("=> ");
+                bar.set_style(style);
+                let what = if label.is_empty() { "merge" } else { *label };
+                bar.set_prefix(format!("{what} 0/{modules} modules"));
+                bar.enable_steady_tick(Duration::from_millis(200));
+            }
+            Reporter::Lines(l) => {
+                l.modules = (0, modules);
+                l.bytes = (0, bytes);
+                l.start = Instant::now();
+                l.last_print = Instant::now();
             }
         }
-        Ok(Args {
-            values,
-            flags: found,
-        })
     }
-    fn get(&self, name: &str) -> Option<&str> {
-        self.values
-            .iter()
-            .rev()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-    fn all(&self, name: &str) -> Vec<&str> {
-        self.values
-            .iter()
-            .filter(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-            .collect()
-    }
-    fn need(&self, name: &str) -> Result<&str, String> {
-        self.get(name).ok_or(format!("missing --{name}"))
-    }
-    fn flag(&self, name: &str) -> bool {
-        self.flags.iter().any(|f| f == name)
-    }
-    fn check_known(&self, known: &[&str]) -> Result<(), String> {
-        match self
-            .values
-            .iter()
-            .find(|(n, _)| !known.contains(&n.as_str()))
-        {
-            Some((n, _)) => Err(format!("unknown option --{n}")),
-            None => Ok(()),
+
+    fn module_done(&mut self, module: &str, bytes: u64) {
+        match self {
+            Reporter::Silent => {}
+            Reporter::Bar {
+                bar,
+                label,
+                modules,
+            } => {
+                let what = if label.is_empty() { "merge" } else { *label };
+                modules.0 += 1;
+                bar.set_prefix(format!("{what} {}/{} modules", modules.0, modules.1));
+                bar.inc(bytes);
+            }
+            Reporter::Lines(l) => {
+                l.modules.0 += 1;
+                l.bytes.0 += bytes;
+                let last = l.modules.0 == l.modules.1;
+                if last || l.last_print.elapsed() >= Duration::from_millis(500) {
+                    eprintln!("{}", l.line(module));
+                    l.last_print = Instant::now();
+                }
+            }
         }
     }
 }
 
-fn device(choice: &str) -> Result<Device, String> {
-    match choice {
-        "auto" => Ok(Device::auto()),
-        "emu" => Ok(Device::emulator()),
-        "cuda" => Device::cuda(0).map_err(|e| e.to_string()),
-        other => Err(format!("--device must be auto, cuda or emu, not `{other}`")),
+impl Lines {
+    /// `  [3/8] module: 1.50 MiB of 4.00 MiB, 12.00 MiB/s, ETA 1s` (or `  verify [3/8] ...`).
+    fn line(&self, module: &str) -> String {
+        let secs = self.start.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 {
+            self.bytes.0 as f64 / secs
+        } else {
+            0.0
+        };
+        let eta = if self.modules.0 == self.modules.1 {
+            String::new()
+        } else if rate > 0.0 {
+            let left = (self.bytes.1 - self.bytes.0) as f64 / rate;
+            format!(", ETA {}", HumanDuration(Duration::from_secs_f64(left)))
+        } else {
+            ", ETA unknown".to_string()
+        };
+        let label = if self.label.is_empty() {
+            String::new()
+        } else {
+            format!("{} ", self.label)
+        };
+        format!(
+            "  {label}[{}/{}] {module}: {} of {}, {}/s{eta}",
+            self.modules.0,
+            self.modules.1,
+            HumanBytes(self.bytes.0),
+            HumanBytes(self.bytes.1),
+            HumanBytes(rate as u64),
+        )
     }
 }
 
-fn merge(args: &Args) -> Result<(), String> {
-    args.check_known(&["base", "adapter", "out", "device"])?;
-    let base = PathBuf::from(args.need("base")?);
-    let adapter_dir = PathBuf::from(args.need("adapter")?);
-    let out = PathBuf::from(args.need("out")?);
+fn device(choice: DeviceChoice, quiet: bool) -> Result<Device, String> {
+    match choice {
+        DeviceChoice::Auto if quiet => Ok(Device::auto_quiet().0),
+        DeviceChoice::Auto => Ok(Device::auto()),
+        DeviceChoice::Emu => Ok(Device::emulator()),
+        DeviceChoice::Cuda => Device::cuda(0).map_err(|e| e.to_string()),
+    }
+}
+
+fn merge(args: &MergeArgs) -> Result<(), String> {
+    let (base, out) = (&args.base, &args.out);
     if out == base {
         return Err("--out must differ from --base: the base is never modified".into());
     }
-    let unmerge = args.flag("unmerge");
-    let dev = device(args.get("device").unwrap_or("auto"))?;
-    let adapter = PeftAdapter::load(&adapter_dir).map_err(|e| e.to_string())?;
+    let dev = device(args.device, args.quiet)?;
+    let adapter = PeftAdapter::load(&args.adapter).map_err(|e| e.to_string())?;
     let start = Instant::now();
-    let mut last_print = Instant::now();
-    let summary = merge_checkpoint(
-        &base,
-        &adapter,
-        &out,
-        &dev,
-        unmerge,
-        &mut |done, total, name| {
-            if done == total || last_print.elapsed().as_millis() > 500 {
-                eprintln!("  [{done}/{total}] {name}");
-                last_print = Instant::now();
-            }
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    let mut progress = Reporter::new(args.quiet, "");
+    let result = merge_checkpoint(base, &adapter, out, &dev, args.unmerge, &mut progress);
+    progress.finish();
+    let summary = result.map_err(|e| e.to_string())?;
     println!(
         "{} {} modules into {} ({} tensors copied unchanged, {} files, {} bytes) in {:.2} s on {}",
-        if unmerge { "unmerged" } else { "merged" },
+        if args.unmerge { "unmerged" } else { "merged" },
         summary.modules_merged,
         out.display(),
         summary.tensors_copied,
@@ -127,13 +332,42 @@ fn merge(args: &Args) -> Result<(), String> {
         start.elapsed().as_secs_f64(),
         dev.describe()
     );
+    if args.verify {
+        let start = Instant::now();
+        let mut progress = Reporter::new(args.quiet, "verify");
+        let result = verify_merge(base, &adapter, out, args.unmerge, &mut progress);
+        progress.finish();
+        let v = result.map_err(|e| format!("verifying {}: {e}", out.display()))?;
+        println!("{}", verify_line(&v, args.unmerge, start.elapsed()));
+    }
     Ok(())
 }
 
-fn inspect(args: &Args) -> Result<(), String> {
-    args.check_known(&["adapter"])?;
-    let dir = PathBuf::from(args.need("adapter")?);
-    let a = PeftAdapter::load(&dir).map_err(|e| e.to_string())?;
+/// `verify: 0 of 40960 merged elements off by more than one rounding from the exact (f64) merge ...`
+fn verify_line(v: &VerifySummary, unmerge: bool, took: Duration) -> String {
+    let exact = if unmerge { "unmerge" } else { "merge" };
+    let mut line = format!(
+        "verify: {} of {} {}d elements off by more than one rounding from the exact (f64) {exact} \
+         ({} correctly rounded, max {} ulp from it) in {:.2} s on the CPU",
+        v.off,
+        v.elements,
+        exact,
+        v.correctly_rounded,
+        v.max_ulp,
+        took.as_secs_f64()
+    );
+    if let Some(o) = &v.worst {
+        line += &format!(
+            "; worst: {}[{}] = {:e}, exact {:e} ({} ulp)",
+            o.tensor, o.index, o.merged, o.exact, o.ulp
+        );
+    }
+    line
+}
+
+fn inspect(args: &InspectArgs) -> Result<(), String> {
+    let dir = &args.adapter;
+    let a = PeftAdapter::load(dir).map_err(|e| e.to_string())?;
     let c = &a.config;
     println!(
         "adapter {}: r = {}, lora_alpha = {}, rsLoRA = {}, target_modules = {:?}",
@@ -170,38 +404,12 @@ fn inspect(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-fn plan(args: &Args) -> Result<(), String> {
-    args.check_known(&["preset", "layers", "d-model", "params", "rank"])?;
-    let num = |name: &str| -> Result<u64, String> {
-        let v = args.need(name)?;
-        v.parse::<f64>()
-            .ok()
-            .filter(|x| x.is_finite() && *x >= 1.0)
-            .map(|x| x as u64)
-            .ok_or(format!("--{name} must be a positive number, not `{v}`"))
+fn plan(args: &PlanArgs) -> Result<(), String> {
+    let model = match (&args.preset, args.layers, args.d_model, args.params) {
+        (Some(m), ..) => m.clone(),
+        (None, Some(l), Some(d), Some(p)) => ModelConfig::custom(l as usize, d as usize, p),
+        _ => return Err("give --preset, or --layers, --d-model and --params".into()),
     };
-    let model = match args.get("preset") {
-        Some(p) => {
-            ModelConfig::preset(p).ok_or(format!("unknown preset `{p}` (known: gpt3-175b)"))?
-        }
-        None => ModelConfig::custom(
-            num("layers")? as usize,
-            num("d-model")? as usize,
-            num("params")?,
-        ),
-    };
-    let mut ranks = Vec::new();
-    for r in args.all("rank") {
-        ranks.push(
-            r.parse::<usize>()
-                .ok()
-                .filter(|&r| r >= 1)
-                .ok_or(format!("--rank must be a positive integer, not `{r}`"))?,
-        );
-    }
-    if ranks.is_empty() {
-        ranks = vec![1, 4, 8];
-    }
     let p = model.total_params;
     let full = full_finetune(p, 2);
     println!(
@@ -219,7 +427,7 @@ fn plan(args: &Args) -> Result<(), String> {
         memory::human(p),
         memory::human(full.total())
     );
-    for r in ranks {
+    for &r in &args.rank {
         let l = model.lora_params(r);
         let mem = lora_finetune(p, l, 2);
         println!(
@@ -232,21 +440,85 @@ fn plan(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-fn main() -> ExitCode {
-    let raw: Vec<String> = std::env::args().skip(1).collect();
-    let Some((cmd, rest)) = raw.split_first() else {
-        eprintln!("{USAGE}");
-        return ExitCode::from(2);
+/// A clap usage error as one line: what is wrong, and which `--help` to read (`command`: the
+/// command line's `lora-kernels <command>`, or `lora-kernels`).
+fn usage_error(e: &clap::Error, command: &str) -> String {
+    let quoted = |v: &ContextValue| match v {
+        ContextValue::String(s) => s.clone(),
+        ContextValue::Strings(s) => s.join(", "),
+        other => other.to_string(),
     };
-    let result = match cmd.as_str() {
-        "merge" => Args::parse(rest, &["unmerge"]).and_then(|a| merge(&a)),
-        "inspect" => Args::parse(rest, &[]).and_then(|a| inspect(&a)),
-        "plan" => Args::parse(rest, &[]).and_then(|a| plan(&a)),
-        "--help" | "-h" | "help" => {
-            println!("{USAGE}");
-            Ok(())
+    let ctx = |k: ContextKind| e.get(k).map(quoted);
+    let what = match e.kind() {
+        ErrorKind::UnknownArgument => {
+            let arg = ctx(ContextKind::InvalidArg).unwrap_or_default();
+            let what = match arg.starts_with('-') {
+                true => format!("unknown option {arg}"),
+                false => format!("unexpected argument `{arg}`"),
+            };
+            match ctx(ContextKind::SuggestedArg) {
+                Some(s) => format!("{what} (did you mean {s}?)"),
+                None => what,
+            }
         }
-        other => Err(format!("unknown command `{other}`\n{USAGE}")),
+        ErrorKind::InvalidSubcommand => {
+            let cmd = ctx(ContextKind::InvalidSubcommand).unwrap_or_default();
+            format!("unknown command `{cmd}`: the commands are merge, inspect, plan and help")
+        }
+        ErrorKind::MissingRequiredArgument => {
+            format!(
+                "missing {}",
+                ctx(ContextKind::InvalidArg).unwrap_or_default()
+            )
+        }
+        _ => {
+            // clap's own words, its lines up to "Usage:" or "For more information" joined into one.
+            let rendered = e.render().to_string();
+            let lines: Vec<&str> = rendered
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            lines.join(" ").trim_start_matches("error: ").to_string()
+        }
+    };
+    format!("{what} (see `{command} --help`)")
+}
+
+fn main() -> ExitCode {
+    let parsed = Cli::try_parse();
+    let cli = match parsed {
+        Ok(cli) => cli,
+        Err(e) => {
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    let _ = e.print();
+                    ExitCode::SUCCESS
+                }
+                // no arguments at all: the help, on stderr
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    let _ = e.print();
+                    ExitCode::from(2)
+                }
+                _ => {
+                    let sub = std::env::args()
+                        .nth(1)
+                        .filter(|a| ["merge", "inspect", "plan"].contains(&a.as_str()));
+                    let command = match sub {
+                        Some(sub) => format!("lora-kernels {sub}"),
+                        None => "lora-kernels".to_string(),
+                    };
+                    eprintln!("lora-kernels: error: {}", usage_error(&e, &command));
+                    ExitCode::from(2)
+                }
+            };
+        }
+    };
+    let result = match &cli.command {
+        Command::Merge(a) => merge(a),
+        Command::Inspect(a) => inspect(a),
+        Command::Plan(a) => plan(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -254,5 +526,32 @@ fn main() -> ExitCode {
             eprintln!("lora-kernels: error: {msg}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn plain_progress_line() {
+        let l = Lines {
+            label: "",
+            modules: (3, 8),
+            bytes: (3 << 20, 8 << 20),
+            start: Instant::now() - Duration::from_secs(3),
+            last_print: Instant::now(),
+        };
+        let line = l.line("model.layers.0.mlp.up_proj");
+        assert!(
+            line.starts_with("  [3/8] model.layers.0.mlp.up_proj: 3.00 MiB of 8.00 MiB, "),
+            "{line}"
+        );
+        assert!(line.contains("/s, ETA "), "{line}");
     }
 }

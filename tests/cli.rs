@@ -426,9 +426,298 @@ fn error_paths_are_clear_and_leave_nothing() {
     ]);
     assert!(!ok && stderr.contains("out.safetensors"), "{stderr}");
 
-    // usage errors
+    // usage errors: see `usage_errors_are_one_line`
     let (ok, _, stderr) = run(&["merge", "--base", "x"]);
     assert!(!ok && stderr.contains("missing --adapter"), "{stderr}");
     let (ok, _, stderr) = run(&["frobnicate"]);
     assert!(!ok && stderr.contains("unknown command"), "{stderr}");
+}
+
+/// Runs `args`, which must fail as a usage error: exit status 2, one line on stderr naming `want`,
+/// nothing on stdout.
+fn usage_error(args: &[&str], want: &str) {
+    let out = bin().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert!(out.stdout.is_empty(), "{args:?}: output on stdout");
+    assert_eq!(stderr.lines().count(), 1, "{args:?}: one line: {stderr}");
+    assert!(
+        stderr.starts_with("lora-kernels: error: ") && stderr.contains(want),
+        "{args:?}: expected `{want}` in: {stderr}"
+    );
+}
+
+#[test]
+fn usage_errors_are_one_line() {
+    let base = fx("base.safetensors");
+    let adapter = fx("adapter");
+    let merge = ["merge", "--base", &base, "--adapter", &adapter];
+    // a required option missing, or its value missing
+    usage_error(
+        &["merge", "--base", "x"],
+        "missing --adapter <DIR>, --out <PATH>",
+    );
+    usage_error(&merge, "missing --out <PATH>");
+    usage_error(
+        &[&merge[..], &["--out"]].concat(),
+        "a value is required for '--out <PATH>'",
+    );
+    usage_error(&["inspect"], "missing --adapter <DIR>");
+    // unknown options, commands and values
+    let out = ["--out", "/nonexistent/x.safetensors"];
+    usage_error(
+        &[&merge[..], &out, &["--frobnicate"]].concat(),
+        "unknown option --frobnicate (see `lora-kernels merge --help`)",
+    );
+    usage_error(
+        &[&merge[..], &out, &["--verfy"]].concat(),
+        "unknown option --verfy (did you mean --verify?)",
+    );
+    usage_error(
+        &[&merge[..], &out, &["stray"]].concat(),
+        "unexpected argument `stray`",
+    );
+    usage_error(
+        &["frobnicate"],
+        "unknown command `frobnicate`: the commands are merge, inspect, plan and help (see `lora-kernels --help`)",
+    );
+    usage_error(
+        &[&merge[..], &out, &["--device", "tpu"]].concat(),
+        "invalid value 'tpu' for '--device <DEVICE>' [possible values: auto, cuda, emu]",
+    );
+    usage_error(&["plan", "--preset", "gpt9"], "unknown preset `gpt9`");
+    usage_error(
+        &["plan", "--preset", "gpt3-175b", "--rank", "0"],
+        "invalid value '0' for '--rank <R>': must be a positive integer",
+    );
+    usage_error(
+        &[
+            "plan",
+            "--layers",
+            "abc",
+            "--d-model",
+            "8",
+            "--params",
+            "1e6",
+        ],
+        "invalid value 'abc' for '--layers <L>': must be a positive number",
+    );
+    usage_error(
+        &["plan", "--layers", "2"],
+        "missing --d-model <D>, --params <P>",
+    );
+    usage_error(
+        &["plan", "--preset", "gpt3-175b", "--layers", "2"],
+        "cannot be used with",
+    );
+    // no arguments at all: the help, on stderr, and a failure
+    let out = bin().output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("Usage: lora-kernels <COMMAND>"), "{stderr}");
+}
+
+#[test]
+fn help_and_version() {
+    let (ok, stdout, stderr) = run(&["--help"]);
+    assert!(ok, "{stderr}");
+    for want in [
+        "Usage: lora-kernels <COMMAND>",
+        "merge",
+        "inspect",
+        "plan",
+        "--version",
+    ] {
+        assert!(stdout.contains(want), "`{want}` in: {stdout}");
+    }
+    let (ok, stdout, _) = run(&["--version"]);
+    assert!(ok);
+    assert!(
+        stdout.starts_with(&format!("lora-kernels {}\n", env!("CARGO_PKG_VERSION"))),
+        "{stdout}"
+    );
+    assert!(stdout.contains("CUDA kernels: "), "{stdout}");
+    let (ok, stdout, _) = run(&["-V"]);
+    assert!(ok && stdout.trim() == format!("lora-kernels {}", env!("CARGO_PKG_VERSION")));
+    // `help merge` and `merge --help`: every option, its default, the --verify definition
+    let (ok, help, stderr) = run(&["help", "merge"]);
+    assert!(ok, "{stderr}");
+    let (ok, same, _) = run(&["merge", "--help"]);
+    assert!(ok);
+    assert_eq!(help, same);
+    for want in [
+        "Usage: lora-kernels merge [OPTIONS] --base <FILE|DIR> --adapter <DIR> --out <PATH>",
+        "--unmerge",
+        "--device <DEVICE>",
+        "[default: auto]",
+        "emu:",
+        "--verify",
+        "[round(x − e), round(x + e)]",
+        "--quiet",
+    ] {
+        assert!(help.contains(want), "`{want}` in: {help}");
+    }
+    let (ok, help, _) = run(&["help", "plan"]);
+    assert!(ok && help.contains("[default: 1,4,8]"), "{help}");
+    assert!(help.contains("gpt3-175b"), "{help}");
+    let (ok, help, _) = run(&["help", "inspect"]);
+    assert!(ok && help.contains("--adapter <DIR>"), "{help}");
+}
+
+fn fixture_merge(dir: &Path, extra: &[&str]) -> (bool, String, String) {
+    let out = dir.join(format!("m{}.safetensors", extra.join("")));
+    let _ = std::fs::remove_file(&out);
+    let (base, adapter) = (fx("base.safetensors"), fx("adapter"));
+    let args = [
+        &[
+            "merge",
+            "--base",
+            &base,
+            "--adapter",
+            &adapter,
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "emu",
+        ][..],
+        extra,
+    ]
+    .concat();
+    run(&args)
+}
+
+#[test]
+fn progress_is_plain_lines_off_a_terminal_and_nothing_with_quiet() {
+    let dir = scratch("progress");
+    // stderr is a pipe here: plain lines, no bar (no carriage returns or escape sequences)
+    let (ok, stdout, stderr) = fixture_merge(&dir, &[]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.starts_with("merged 8 modules"), "{stdout}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("  [8/8] model.layers.1.self_attn.v_proj: 80.00 KiB of 80.00 KiB, "),
+        "{stderr}"
+    );
+    assert!(stderr.lines().all(|l| l.starts_with("  [")), "{stderr}");
+    assert!(
+        !stderr.contains('\r') && !stderr.contains('\x1b'),
+        "{stderr:?}"
+    );
+    // the verify pass reports the same way
+    let (ok, _, stderr) = fixture_merge(&dir, &["--verify"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("\n  verify [8/8] model.layers.1.self_attn.v_proj: 80.00 KiB of 80.00 KiB"),
+        "{stderr}"
+    );
+    // --quiet: nothing on stderr, the summary still on stdout
+    for quiet in ["--quiet", "-q"] {
+        let (ok, stdout, stderr) = fixture_merge(&dir, &[quiet, "--verify"]);
+        assert!(ok && stderr.is_empty(), "{stderr}");
+        assert!(stdout.starts_with("merged 8 modules"), "{stdout}");
+        assert!(stdout.contains("verify: 0 of 40960"), "{stdout}");
+    }
+}
+
+#[test]
+fn verify_finds_no_element_off_on_the_peft_fixtures() {
+    let dir = scratch("verify");
+    let merged = dir.join("merged.safetensors");
+    let (ok, stdout, stderr) = run(&[
+        "merge",
+        "--base",
+        &fx("base.safetensors"),
+        "--adapter",
+        &fx("adapter"),
+        "--out",
+        merged.to_str().unwrap(),
+        "--device",
+        "emu",
+        "--verify",
+    ]);
+    assert!(ok, "{stderr}");
+    eprintln!("{stdout}");
+    assert!(
+        stdout.contains(
+            "verify: 0 of 40960 merged elements off by more than one rounding from the exact (f64) merge"
+        ),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("worst"), "{stdout}");
+    // unmerging PEFT's merged checkpoint: exact value W − s·B·A
+    let back = dir.join("unmerged.safetensors");
+    let (ok, stdout, stderr) = run(&[
+        "merge",
+        "--base",
+        &fx("merged.safetensors"),
+        "--adapter",
+        &fx("adapter"),
+        "--out",
+        back.to_str().unwrap(),
+        "--unmerge",
+        "--device",
+        "emu",
+        "--verify",
+        "--quiet",
+    ]);
+    assert!(ok, "{stderr}");
+    eprintln!("{stdout}");
+    assert!(
+        stdout.contains(
+            "verify: 0 of 40960 unmerged elements off by more than one rounding from the exact (f64) unmerge"
+        ),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn verify_counts_a_planted_error() {
+    use lora_kernels::checkpoint::{merge_checkpoint, verify_merge};
+    let dir = scratch("verify-planted");
+    let out = dir.join("m.safetensors");
+    let adapter = PeftAdapter::load(&common::fixture("adapter")).unwrap();
+    let base = common::fixture("base.safetensors");
+    let dev = lora_kernels::Device::emulator();
+    merge_checkpoint(&base, &adapter, &out, &dev, false, &mut ()).unwrap();
+    let clean = verify_merge(&base, &adapter, &out, false, &mut ()).unwrap();
+    assert_eq!((clean.elements, clean.off, clean.max_ulp), (40960, 0, 0));
+    // Two ulps added to one merged element (bf16 bits + 2 for a positive value): off by two roundings.
+    let bytes = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let name = "model.layers.0.mlp.up_proj.weight";
+    let mut views = st.tensors();
+    let mut data: Vec<half::bf16> = Vec::new();
+    let mut at = 0;
+    for (n, v) in views.iter_mut() {
+        if n == name {
+            data = bytemuck::pod_collect_to_vec(v.data());
+            at = data.iter().position(|x| x.to_f32() > 0.0).unwrap();
+            data[at] = half::bf16::from_bits(data[at].to_bits() + 2);
+        }
+    }
+    let views: Vec<_> = views
+        .into_iter()
+        .map(|(n, v)| {
+            if n == name {
+                let t = safetensors::tensor::TensorView::new(
+                    v.dtype(),
+                    v.shape().to_vec(),
+                    bytemuck::cast_slice(&data),
+                )
+                .unwrap();
+                (n, t)
+            } else {
+                (n, v)
+            }
+        })
+        .collect();
+    std::fs::write(&out, safetensors::serialize(views, None).unwrap()).unwrap();
+    let v = verify_merge(&base, &adapter, &out, false, &mut ()).unwrap();
+    assert_eq!((v.elements, v.off, v.max_ulp), (40960, 1, 2));
+    assert_eq!(v.correctly_rounded, 40959);
+    let worst = v.worst.unwrap();
+    assert_eq!(
+        (worst.tensor.as_str(), worst.index, worst.ulp),
+        (name, at, 2)
+    );
 }
