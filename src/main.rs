@@ -304,7 +304,7 @@ fn device(choice: DeviceChoice, quiet: bool) -> Result<Device, String> {
     match choice {
         DeviceChoice::Auto if quiet => Ok(Device::auto_quiet().0),
         DeviceChoice::Auto => Ok(Device::auto()),
-        DeviceChoice::Emu => Ok(Device::emulator()),
+        DeviceChoice::Emu => Ok(Device::emulator_unchecked()),
         DeviceChoice::Cuda => Device::cuda(0).map_err(|e| e.to_string()),
     }
 }

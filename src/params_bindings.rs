@@ -466,10 +466,11 @@ pub struct LkEmuLaunch {
     pub mma_model: u32,
     pub regions: *const LkEmuRegion,
     pub region_count: u64,
+    pub checks: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkEmuLaunch"][::core::mem::size_of::<LkEmuLaunch>() - 64usize];
+    ["Size of LkEmuLaunch"][::core::mem::size_of::<LkEmuLaunch>() - 72usize];
     ["Alignment of LkEmuLaunch"][::core::mem::align_of::<LkEmuLaunch>() - 8usize];
     [
         "Offset of field: LkEmuLaunch::grid",
@@ -498,6 +499,9 @@ const _: () = {
     [
         "Offset of field: LkEmuLaunch::region_count",
     ][::core::mem::offset_of!(LkEmuLaunch, region_count) - 56usize];
+    [
+        "Offset of field: LkEmuLaunch::checks",
+    ][::core::mem::offset_of!(LkEmuLaunch, checks) - 64usize];
 };
 impl Default for LkEmuLaunch {
     fn default() -> Self {

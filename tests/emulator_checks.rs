@@ -419,3 +419,48 @@ fn shuffles_follow_the_cuda_guide() {
         }
     }
 }
+
+/// The unchecked emulator (what `Device::auto` falls back to) runs the same kernels to the same bits and
+/// skips the checks: a planted out-of-bounds read passes it.
+#[test]
+fn unchecked_emulator_gives_the_same_bits_and_skips_the_checks() {
+    use common::lora::{Layer, check, run};
+    use lora_kernels::Device;
+    use lora_kernels::reference::Dims;
+    let mut rng = common::Rng::new(common::seed() ^ 0x51);
+    let d = Dims {
+        m: 70,
+        n: 129,
+        k: 65,
+        r: 9,
+    };
+    let layer = Layer::<half::bf16>::random(&mut rng, d, 1.5, true);
+    let checked = run(&Device::emulator(), &layer, true);
+    let unchecked = run(&Device::emulator_unchecked(), &layer, true);
+    check("unchecked emulator", &layer, &unchecked, 1e-2);
+    assert_eq!(checked.bits(), unchecked.bits());
+    assert!(
+        Device::emulator_unchecked()
+            .describe()
+            .contains("access checks off")
+    );
+
+    let l = Launch {
+        body: lk_emu_body_planted_oob_discarded,
+        grid: 2,
+        threads: 64,
+        smem: 0,
+        n: 100,
+        y_len: 100,
+    };
+    let off = EmuConfig {
+        checks: false,
+        ..EmuConfig::default()
+    };
+    run_planted_unchecked(&l, &off);
+}
+
+fn run_planted_unchecked(l: &Launch, cfg: &EmuConfig) {
+    assert!(run(l, &EmuConfig::default(), 1, false).is_err());
+    run(l, cfg, 1, false).expect("with checks off the discarded read is not reported");
+}

@@ -208,7 +208,7 @@ const LkEmuRegion* find_region(const Launch& L, uintptr_t a) {
 // The hook behind every instrumented access of kernel code.
 inline void on_access(const void* p, size_t n, bool write, uintptr_t pc) {
     Launch* L = g_launch;
-    if (!L || !g_fiber) return;  // not inside a kernel (e.g. a static constructor)
+    if (!L || !g_fiber || !L->checks) return;  // not inside a kernel (e.g. a static constructor), or unchecked
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     const uintptr_t smem = reinterpret_cast<uintptr_t>(L->smem);
     if (a - smem < L->window_bytes) {
@@ -279,6 +279,7 @@ void barrier_epoch(const char* file, int line) {
 
 void smem_access(const void* p, size_t n, bool write, unsigned tid) {
     const Launch& L = *g_launch;
+    if (!L.checks) return;
     g_pc = 0;
     check_smem_bytes(static_cast<const unsigned char*>(p) - L.smem, n, write, tid, false);
 }
@@ -287,7 +288,7 @@ void smem_async_issue(unsigned char* dst, unsigned tid) {
     Launch& L = *g_launch;
     g_pc = 0;
     const size_t off = size_t(dst - L.smem);
-    check_smem_bytes(off, 16, true, tid, true);
+    if (L.checks) check_smem_bytes(off, 16, true, tid, true);
     for (size_t i = 0; i < 16; ++i) L.shadow[off + i].flags |= SB_IN_FLIGHT;
     std::memset(dst, 0xFF, 16);  // reading it before the wait sees NaN
 }
@@ -306,6 +307,7 @@ void smem_async_land(unsigned char* dst, unsigned tid) {
 
 void global_access(const void* p, size_t n, bool write, const char* what) {
     const Launch& L = *g_launch;
+    if (!L.checks) return;
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     const LkEmuRegion* r = find_region(L, a);
     if (!r) outside(L, a, n, write, what);

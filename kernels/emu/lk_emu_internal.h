@@ -124,6 +124,7 @@ struct Launch {
     uint32_t mma_model = LK_EMU_MMA_EXACT;
     const LkEmuRegion* regions = nullptr;
     size_t region_count = 0;
+    bool checks = true;
     std::string error;
 };
 

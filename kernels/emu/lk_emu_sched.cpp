@@ -259,6 +259,7 @@ extern "C" int lk_emu_launch(LkEmuBody body, const void* params, const LkEmuLaun
     L.mma_model = cfg->mma_model;
     L.regions = cfg->regions;
     L.region_count = size_t(cfg->region_count);
+    L.checks = cfg->checks != 0;
     L.fibers.resize(L.nthreads);
     L.warps.resize((L.nthreads + 31) / 32);
     for (unsigned i = 0; i < L.nthreads; ++i) {

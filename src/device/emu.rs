@@ -58,6 +58,10 @@ pub struct EmuConfig {
     /// fits it fits them all.
     pub arch: u32,
     pub mma: MmaModel,
+    /// The access checks of every launch: the shared-memory race detector and bounds, memcheck and
+    /// initcheck of global memory. On by default (tests, development); off, the kernels run for their
+    /// results only, several times faster (what [`Device::auto`](crate::Device::auto) falls back to).
+    pub checks: bool,
 }
 
 impl Default for EmuConfig {
@@ -67,6 +71,7 @@ impl Default for EmuConfig {
             seed: 0,
             arch: 86,
             mma: MmaModel::Exact,
+            checks: true,
         }
     }
 }
@@ -104,6 +109,7 @@ impl EmuConfig {
             mma_model: self.mma as u32,
             regions: regions.as_ptr(),
             region_count: regions.len() as u64,
+            checks: self.checks as u32,
         })
     }
 }
