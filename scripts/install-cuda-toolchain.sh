@@ -4,6 +4,7 @@
 #
 # Why pinned: the GPU machines run driver 580 (CUDA 13.0). A newer nvcc emits PTX that driver
 # cannot load, and an unpinned nvidia-nvvm makes ptxas fail with "Unsupported .version".
+# cuobjdump and nvdisasm (read-only tools, for scripts/perf-bound.sh) are 13.2: they read 13.0 cubins.
 #
 # Usage: scripts/install-cuda-toolchain.sh            # prints e.g. /root/.cache/lora-kernels/cuda-13.0/venv/.../nvcc
 #        NVCC=$(scripts/install-cuda-toolchain.sh | tail -n 1)
@@ -12,7 +13,8 @@
 set -euo pipefail
 
 PINS=(nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88
-      nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85)
+      nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
+      nvidia-cuda-cuobjdump==13.2.86 nvidia-cuda-nvdisasm==13.2.86)
 dir=${LK_TOOLCHAIN_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/lora-kernels/cuda-13.0}
 py=${PYTHON:-python3}
 stamp="$dir/installed.txt"

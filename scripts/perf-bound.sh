@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The speed bound from the compiled code (scripts/perf_bound.py): resources, occupancy and hot-loop SASS
+# of every kernel on sm_80 and sm_90, and a lower bound on each headline op against its target. Needs
+# a build with nvcc (its ptxas reports and fatbins in OUT_DIR) and cuobjdump + nvdisasm, which
+# scripts/install-cuda-toolchain.sh installs beside nvcc. No GPU.
+#
+# Usage: scripts/perf-bound.sh            # prints the markdown
+#        scripts/perf-bound.sh --write    # also writes docs/perf/bound.md
+#        scripts/perf-bound.sh --check    # prints, and says whether docs/perf/bound.md is current
+set -euo pipefail
+cd "$(dirname "$0")/.."
+nvcc=${NVCC:-$(bash scripts/install-cuda-toolchain.sh | tail -n 1)}
+bin=$(dirname "$nvcc")
+[ -x "$bin/cuobjdump" ] && [ -x "$bin/nvdisasm" ] || { echo "no cuobjdump/nvdisasm beside $nvcc"; exit 1; }
+target_dir=$(bash scripts/target-dir.sh)
+cuda=$(ls -td "$target_dir"/*/build/lora-kernels-*/out/cuda 2>/dev/null | head -n 1 || true)
+[ -n "$cuda" ] && [ -d "$cuda/ptxas" ] || { echo "no nvcc build under $target_dir: build with nvcc first"; exit 1; }
+out=$(PATH="$bin:$PATH" python3 scripts/perf_bound.py --cuda-dir "$cuda" --cuobjdump "$bin/cuobjdump")
+printf '%s\n' "$out"
+case "${1:-}" in
+  --write) printf '%s\n' "$out" > docs/perf/bound.md; echo "wrote docs/perf/bound.md" >&2 ;;
+  --check)
+    if [ "$(cat docs/perf/bound.md 2>/dev/null)" = "$out" ]; then echo "docs/perf/bound.md is current" >&2
+    else echo "warning: docs/perf/bound.md differs from this build's bound (refresh: scripts/perf-bound.sh --write)" >&2
+    fi ;;
+esac

@@ -1,0 +1,369 @@
+#!/usr/bin/env python3
+"""A lower bound on the time of every headline op, from the compiled code alone (no GPU).
+
+Reads what build.rs leaves in OUT_DIR/cuda: the ptxas report of every kernels/*.cu (registers, shared
+memory, spills) and its fatbin (SASS, disassembled with cuobjdump). For each kernel and each of sm_80 and
+sm_90 it prints the resources, the occupancy they allow, and the instruction mix of the kernel's hot loop
+(the innermost loop that holds the most HMMA/FFMA). For each headline target (src: the design's targets,
+H100 bf16) it bounds each launch of the op from below by the largest of
+
+  - tensor time: the HMMA instructions the shape executes x 4096 flops / the tensor peak;
+  - issue time: the instructions one iteration of the hot loop executes at least (the shortest path
+    through its body) x its trip count (from the shape) x warps, over (SMs the grid can occupy x 4
+    schedulers x clock); only the hot loop is counted;
+  - memory time: the bytes the launch must move at least once / the HBM bandwidth;
+
+and the op by the sum over its launches. A bound proves a miss (verdict MISS: even the bound exceeds the
+target); it never proves a hit (verdict open: only a GPU can say met).
+
+Usage: perf_bound.py --cuda-dir OUT_DIR/cuda --cuobjdump PATH [--markdown]
+"""
+import argparse
+import math
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+
+# ---- hand-entered peaks: the only numbers not read from the compiled code, each with its source ----
+DEVICES = {
+    "sm_90": dict(
+        name="H100 SXM5 (sm_90)",
+        sms=132,  # PyTorch's multiprocessor count on the H100 measured for this project
+        clock=1.98e9,  # H100 SXM5 boost clock, NVIDIA H100 datasheet (1980 MHz)
+        tensor=989e12,  # dense bf16 tensor peak, NVIDIA H100 datasheet; mma.sync reaches less on
+        # Hopper (wgmma only gets near it), so using it makes the bound looser, never wrong
+        hbm=3.0e12,  # device-to-device copy measured on that H100 (bytes read + written per second)
+        cublas=798e12,  # cuBLAS bf16 8192^3 GEMM measured on that H100
+        measured=True,
+        regs=65536, smem=233472, threads=2048, blocks=32,
+        source="peaks: H100 SXM5 datasheet (989 TF/s dense bf16, 1980 MHz); measured on an H100 80GB HBM3, "
+        "driver 580: 132 SMs, 3.0 TB/s device-to-device copy, cuBLAS 798 TF/s at 8192^3",
+    ),
+    "sm_80": dict(
+        name="A100 SXM4 80GB (sm_80)",
+        sms=108,  # NVIDIA A100 Tensor Core GPU Architecture whitepaper
+        clock=1.41e9,  # A100 boost clock, same whitepaper (1410 MHz)
+        tensor=312e12,  # dense bf16 tensor peak, same whitepaper
+        hbm=2.039e12,  # A100 80GB SXM HBM2e bandwidth, NVIDIA A100 datasheet
+        cublas=312e12,  # not measured: cuBLAS taken at the tensor peak, so the targets are stricter
+        measured=False,
+        regs=65536, smem=167936, threads=2048, blocks=32,
+        source="peaks: NVIDIA A100 whitepaper and 80GB SXM datasheet (108 SMs, 1410 MHz, 312 TF/s dense bf16, "
+        "2.039 TB/s); no cuBLAS or copy was measured on an A100, so the targets take the baselines at "
+        "those peaks, the strictest case, and a MISS holds only while the real baseline reaches more than "
+        "the share of its peak the verdict names",
+    ),
+}
+
+THREADS = 256  # every kernel's block (LK_FUSED_GEMM_THREADS, LK_SIMT_THREADS in lora_params.h)
+DYN_SMEM = {"fused_gemm": 61440}  # LK_FUSED_GEMM_SMEM_BYTES; the SIMT kernels use static shared memory
+HMMA_FLOPS = 2 * 16 * 8 * 16  # one m16n8k16
+
+CLASSES = ["HMMA", "HGMMA", "LDSM", "LDGSTS", "LDG", "STG", "LDS", "STS", "FFMA", "BAR", "other"]
+
+
+def op_class(op):
+    base = op.split(".")[0]
+    if base in ("HMMA", "HGMMA", "LDSM", "LDGSTS", "LDG", "STG", "LDS", "STS", "FFMA", "BAR"):
+        return base
+    return "other"
+
+
+# ---- reading the compiled code ----
+
+def ptxas_resources(report_text):
+    """{(kernel, arch): dict(regs, smem, spill_stores, spill_loads)} from a -Xptxas=-v report."""
+    out, cur, spills = {}, None, (0, 0)
+    for line in report_text.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line)
+        if m:
+            cur = (m.group(1), m.group(2))
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and cur:
+            spills = (int(m.group(1)), int(m.group(2)))
+        m = re.search(r"Used (\d+) registers(.*)", line)
+        if m and cur:
+            smem = re.search(r"(\d+) bytes smem", m.group(2))
+            out[cur] = dict(regs=int(m.group(1)), smem=int(smem.group(1)) if smem else 0,
+                            spill_stores=spills[0], spill_loads=spills[1])
+            cur = None
+    return out
+
+
+def sass_functions(cuobjdump, fatbin, arch):
+    """{kernel: [(address, opcode, branch target or None, predicated)]} for one architecture of a fatbin."""
+    text = subprocess.run([cuobjdump, "-sass", "-arch", arch, fatbin], check=True, capture_output=True,
+                          text=True).stdout
+    funcs, cur = {}, None
+    for line in text.splitlines():
+        m = re.search(r"Function : (\w+)", line)
+        if m:
+            cur = funcs.setdefault(m.group(1), [])
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
+        if m and cur is not None:
+            target = None
+            if m.group(3).split(".")[0] in ("BRA", "BRX", "JMP"):
+                t = re.search(r"0x([0-9a-f]+)", m.group(4))
+                target = int(t.group(1), 16) if t else None
+            cur.append((int(m.group(1), 16), m.group(3), target, m.group(2) is not None))
+    return funcs
+
+
+def min_path(insts, a, b):
+    """The fewest instructions one iteration of the loop [a, b] can execute: a shortest path from its
+    head to its back-edge branch through the loop's branches (both ways for predicated ones). Counting
+    this path, not the whole body, keeps the issue-time bound a lower bound."""
+    body = [i for i in insts if a <= i[0] <= b]
+    index = {i[0]: n for n, i in enumerate(body)}
+    prev = {0: None}
+    frontier = [0]
+    while frontier:  # breadth-first: every instruction costs one issue slot
+        nxt = []
+        for n in frontier:
+            addr, op, target, pred = body[n]
+            if n == len(body) - 1:
+                continue
+            base = op.split(".")[0]
+            succ = []
+            if base in ("BRA", "BRX", "JMP"):
+                if target in index and target != a:
+                    succ.append(index[target])
+                if pred:
+                    succ.append(n + 1)
+            elif base == "EXIT" or base == "RET":
+                if pred:
+                    succ.append(n + 1)
+            else:
+                succ.append(n + 1)
+            for s_ in succ:
+                if s_ not in prev:
+                    prev[s_] = n
+                    nxt.append(s_)
+        frontier = nxt
+    last = len(body) - 1
+    if last not in prev:
+        return body
+    path, n = [], last
+    while n is not None:
+        path.append(body[n])
+        n = prev[n]
+    return path
+
+
+def hot_loop(insts):
+    """The innermost loop (a backward branch's range) with the most HMMA + FFMA: the class counts of the
+    fewest instructions one of its iterations executes, and the size of its whole body."""
+    loops = [(tgt, addr) for addr, _, tgt, _ in insts if tgt is not None and tgt <= addr]
+    inner = [(a, b) for a, b in loops if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
+    best = None
+    for a, b in inner:
+        path = min_path(insts, a, b)
+        mix = Counter(op_class(i[1]) for i in path)
+        mix["total"] = len(path)
+        mix["body"] = sum(1 for i in insts if a <= i[0] <= b)
+        key = (mix["HMMA"] + mix["HGMMA"] + mix["FFMA"], mix["body"])
+        if best is None or key > best[0]:
+            best = (key, mix)
+    if best is None:  # straight-line kernel: the whole function, run once
+        mix = Counter(op_class(i[1]) for i in insts)
+        mix["total"] = mix["body"] = len(insts)
+        return mix
+    return best[1]
+
+
+def occupancy(res, kernel_file, dev):
+    """Blocks per SM (registers, shared memory, threads, block limit)."""
+    regs_per_warp = math.ceil(max(res["regs"], 1) * 32 / 256) * 256
+    by_regs = dev["regs"] // (regs_per_warp * THREADS // 32)
+    smem = res["smem"] + DYN_SMEM.get(kernel_file, 0) + 1024  # 1 KB reserved per block (sm_80+)
+    by_smem = dev["smem"] // smem
+    return min(by_regs, by_smem, dev["threads"] // THREADS, dev["blocks"])
+
+
+# ---- the headline ops, launch by launch (mirrors src/ops/lora.rs and src/ops/launch.rs) ----
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def grad_splits(m, tiles):  # src/ops/launch.rs grad_splits
+    want = max(cdiv(264, tiles), 1)
+    most = max(cdiv(m, 64), 1)
+    splits = min(want, most)
+    rows = cdiv(cdiv(m, splits), 32) * 32
+    return cdiv(m, rows), rows
+
+
+def launch_fused(name, m, n, k, r):
+    """fused_gemm: 128x128 tiles, 8 warps, ceil(r/32) + ceil(k/32) k-tiles of 32 HMMA per warp each."""
+    blocks = cdiv(n, 128) * cdiv(m, 128)
+    return dict(kernel=name, file="fused_gemm", blocks=blocks, iters=cdiv(r, 32) + cdiv(k, 32), slots=32,
+                slot="HMMA", bytes=2 * (m * k + n * k + m * r + n * r + m * n))
+
+
+def launch_shrink(name, m, inner, r):
+    """shrink: 32 rows per block; each thread walks all `inner` elements, 16 predicated FFMA slots each."""
+    return dict(kernel=name, file="shrink", blocks=cdiv(m, 32), iters=inner, slots=16, slot="FFMA",
+                bytes=2 * (m * inner + r * inner + m * r))
+
+
+def launch_grad(name, m, rows, cols):
+    """lowrank_grad: 64x64 tiles of G, one m-chunk per z; each thread 16 FFMA per row of its chunk."""
+    tiles = cdiv(rows, 64) * cdiv(cols, 64)
+    splits, per = grad_splits(m, tiles)
+    partial = 4 * splits * rows * cols if splits > 1 else 0
+    out = [dict(kernel=name, file="lowrank_grad", blocks=tiles * splits, iters=per, slots=16, slot="FFMA",
+                bytes=2 * m * (rows + cols) + (partial or 2 * rows * cols))]
+    if splits > 1:
+        count = rows * cols
+        out.append(dict(kernel=name.replace("grad", "finalize"), file="lowrank_grad",
+                        blocks=min(cdiv(count, 256), 4096), iters=splits, slots=0, slot=None,
+                        bytes=partial + 2 * count, per_thread=cdiv(count, 256 * min(cdiv(count, 256), 4096))))
+    return out
+
+
+def launch_merge(name, n, k, r):
+    """merge: 64x128 tile per block; each thread 4 rows x 8 columns, 32 FFMA per rank step."""
+    return dict(kernel=name, file="merge", blocks=cdiv(k, 128) * cdiv(n, 64), iters=r, slots=32, slot="FFMA",
+                bytes=2 * 2 * n * k + 2 * r * (n + k))
+
+
+def launch_small_m(name, m, n, k, r):
+    """small_m: 16 rows of W0 per block (2 per warp); per 256-wide k chunk 2 rows x 16 tokens x 8 FFMA."""
+    return dict(kernel=name, file="small_m", blocks=cdiv(n, 16), iters=cdiv(k, 256), slots=256, slot="FFMA",
+                bytes=2 * (n * k + m * k + m * r + n * r + m * n))
+
+
+def headline_ops():
+    M, N, K, R = 8192, 4096, 4096, 16
+    gemm = 2 * M * N * K
+    fwd = [launch_shrink("shrink_nt_bf16", M, K, R), launch_fused("fused_gemm_nt_bf16", M, N, K, R)]
+    bwd = [launch_shrink("shrink_nn_bf16", M, N, R)]
+    bwd += launch_grad("lowrank_grad_bf16", M, N, R)  # dB = s dY^T T
+    bwd += launch_grad("lowrank_grad_bf16", M, R, K)  # dA = s U^T X
+    bwd.append(launch_fused("fused_gemm_nn_bf16", M, K, N, R))  # dX = dY W0 + s U A
+    merge = [launch_merge("merge_bf16", N, K, R)]
+    small = [launch_shrink("shrink_nt_bf16", 16, K, R), launch_small_m("small_m_bf16", 16, N, K, R)]
+    w_bytes = 2 * N * K
+    return [
+        ("forward <= 1.03x cuBLAS bare GEMM (M=8192, N=K=4096, r=16)", "lora_forward", fwd,
+         lambda d: 1.03 * gemm / d["cublas"]),
+        ("backward <= 0.52x cuBLAS full fine-tune backward (dX + dW)", "lora_backward", bwd,
+         lambda d: 0.52 * 2 * gemm / d["cublas"]),
+        ("merge >= 90% of device-to-device copy bandwidth (4096^2, r=16)", "merge", merge,
+         lambda d: 2 * w_bytes / d["hbm"] / 0.90),
+        ("M=16 forward >= 85% of HBM bandwidth streaming W0 (N=K=4096, r=16)", "lora_forward (small-M)", small,
+         lambda d: w_bytes / d["hbm"] / 0.85),
+    ]
+
+
+def bound_launch(l, mix, occ, dev):
+    warps = l["blocks"] * THREADS // 32
+    sms = min(l["blocks"], dev["sms"])
+    if l["slot"]:
+        per_iter = mix[l["slot"]]
+        unroll = per_iter / l["slots"] if per_iter else 1.0
+        trips = l["iters"] / unroll if unroll else l["iters"]
+    else:  # a loop with no FFMA/HMMA (the finalize sum): one source iteration per trip
+        trips = l["iters"] * l.get("per_thread", 1)
+    insts = mix["total"] * trips * warps
+    issue = insts / (sms * 4 * dev["clock"])
+    hmma = mix["HMMA"] * trips * warps
+    tensor = hmma * HMMA_FLOPS / dev["tensor"]
+    memory = l["bytes"] / dev["hbm"]
+    parts = dict(tensor=tensor, issue=issue, memory=memory)
+    limiter = max(parts, key=parts.get)
+    return parts[limiter], limiter, parts
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cuda-dir", required=True)
+    ap.add_argument("--cuobjdump", required=True)
+    args = ap.parse_args()
+    cuda = args.cuda_dir
+    files = sorted(f[:-7] for f in os.listdir(cuda) if f.endswith(".fatbin"))
+    res, mixes = {}, {}
+    for f in files:
+        with open(os.path.join(cuda, "ptxas", f + ".txt")) as fh:
+            for (kern, arch), r in ptxas_resources(fh.read()).items():
+                res[(kern, arch)] = (f, r)
+        for arch in DEVICES:
+            for kern, insts in sass_functions(args.cuobjdump, os.path.join(cuda, f + ".fatbin"), arch).items():
+                mixes[(kern, arch)] = hot_loop(insts)
+    out = []
+    w = out.append
+    w("# Speed bound from the compiled code")
+    w("")
+    w("Generated by `scripts/perf-bound.sh` from the nvcc 13.0 build of this commit (ptxas reports and SASS "
+      "read with cuobjdump); no GPU involved. A bound is a lower limit on time: `MISS` proves a target "
+      "missed, `open` proves nothing (only a run on the GPU can say met). Each launch is bounded by the "
+      "largest of its tensor time (HMMA executed x 4096 flop / tensor peak), issue time (the instructions "
+      "on the shortest path through one iteration of the hot loop x trips x warps / (SMs x 4 schedulers x "
+      "clock); only the hot loop is counted) and "
+      "memory time (bytes it must move once / HBM bandwidth); an op by the sum over its launches. Not "
+      "counted (so the bound stays a bound): prologues, epilogues, launch gaps, wave quantisation, "
+      "bank conflicts, latency.")
+    w("")
+    for arch, dev in DEVICES.items():
+        w(f"## {dev['name']}")
+        w("")
+        w(f"Source of the peaks: {dev['source']}.")
+        w("")
+        w("| target | op | bound (µs) | target (µs) | bound / target | verdict |")
+        w("| --- | --- | --- | --- | --- | --- |")
+        details = []
+        for target, op, launches, tgt in headline_ops():
+            total, lines = 0.0, []
+            for l in launches:
+                mix = mixes[(l["kernel"], arch)]
+                _, r = res[(l["kernel"], arch)]
+                occ = occupancy(r, l["file"], dev)
+                b, limiter, parts = bound_launch(l, mix, occ, dev)
+                total += b
+                lines.append(f"| {l['kernel']} | {l['blocks']} | {b * 1e6:.1f} | {limiter} | "
+                             f"{parts['tensor'] * 1e6:.1f} | {parts['issue'] * 1e6:.1f} | "
+                             f"{parts['memory'] * 1e6:.1f} |")
+            t = tgt(dev)
+            verdict = "MISS" if total > t else "open"
+            if total > t and not dev["measured"]:
+                # the target assumes the baseline at its peak (the strictest case): a miss is proven only
+                # if the real baseline reaches more than t / total of its peak
+                verdict = f"MISS unless the baseline reaches under {100 * t / total:.0f}% of its peak"
+            w(f"| {target} | {op} | {total * 1e6:.1f} | {t * 1e6:.1f} | {total / t:.2f} | {verdict} |")
+            details.append((target, lines))
+        w("")
+        w("Launches (µs; the bound of each is the largest of the three):")
+        w("")
+        w("| target | launch | blocks | bound | limited by | tensor | issue | memory |")
+        w("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for target, lines in details:
+            for line in lines:
+                w(f"| {target.split(' ')[0]} " + line)
+        w("")
+        w("Kernels: resources, occupancy, and the SASS of the hot loop: the instructions on the shortest "
+          "path through one iteration (what every iteration executes at least), and the whole body "
+          "(the difference is run-time branching inside the loop):")
+        w("")
+        w("| kernel | regs | smem (static + dynamic) | spills | blocks/SM | warps/SM | "
+          + " | ".join(CLASSES) + " | total | body |")
+        w("| --- " * (8 + len(CLASSES)) + "|")
+        for (kern, a), (f, r) in sorted(res.items()):
+            if a != arch:
+                continue
+            mix = mixes[(kern, arch)]
+            occ = occupancy(r, f, dev)
+            smem = f"{r['smem']} + {DYN_SMEM.get(f, 0)}"
+            spills = r["spill_stores"] + r["spill_loads"]
+            w(f"| {kern} | {r['regs']} | {smem} | {spills} | {occ} | {occ * THREADS // 32} | "
+              + " | ".join(str(mix[c]) for c in CLASSES) + f" | {mix['total']} | {mix['body']} |")
+        w("")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
