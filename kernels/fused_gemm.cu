@@ -2,6 +2,11 @@
 //
 //   forward ("nt"): Y  = X·W0ᵀ + s·T·Bᵀ      A = X (m×k),  B = W0 (n×k),  L = T (m×r), R = B (n×r)
 //   dX      ("nn"): dX = dY·W0 + s·U·A       A = dY (m×k), B = W0 (k×n),  L = U (m×r), R = A (r×n)
+//   T, U    ("nt"/"nn", rank 0): T = X·Aᵀ, U = dY·B as plain GEMMs with N = r.
+//   dB, dA  ("tn", k = 0): dB = s·dYᵀ·T, dA = s·Uᵀ·X as the low-rank part alone, its "rank" being the
+//           M tokens: L = dY or U read transposed (k-major tiles, ldmatrix.trans), R = T or X; split
+//           over the tokens into fixed chunks (blockIdx.z) whose f32 partials lowrank_finalize adds in
+//           order (deterministic, no atomics).
 //
 // The low-rank product is not a second GEMM: [A | L] · [B | R] is one GEMM over k + r, so the
 // main loop simply runs ceil(r/32) extra k-tiles that read L and R instead of A and B. They run FIRST:
@@ -10,11 +15,11 @@
 //
 // Tiles: 128×128 per block of 256 threads (8 warps as 2×4, 64×32 per warp = 4×4 mma.m16n8k16 tiles,
 // 64 f32 accumulators per thread), BK = 32, a 3-stage cp.async pipeline (60 KiB dynamic shared memory).
-// Rows are padded to 80 bytes ([BM][40] for A, [BN][40] for nt-B, [BK][136] for nn-B), which makes
+// Rows are padded ([BM][40] for A, [BN][40] for nt-B, [BK][136] for nn-B and transposed A), which makes
 // every ldmatrix phase hit 8 distinct 16-byte bank groups. nt-B is read with ldmatrix (rows = n),
-// nn-B with ldmatrix.trans (rows = k): the same fragment comes out of both layouts.
+// nn-B with ldmatrix.trans (rows = k): the same fragment comes out of both layouts; likewise A.
 //
-// Shapes: any m, n, k ≥ 1, rank 1..=128 (the loop is generic; the op layer caps rank). Out-of-range
+// Shapes: any m, n ≥ 1, k ≥ 0, any rank (k + rank ≥ 1). Out-of-range
 // rows/columns are zero-filled (cp.async src-size), so ragged edges are exact. An operand whose base is
 // not 16-byte aligned or whose leading dimension is not a multiple of 8 (flags bit clear) is loaded
 // element by element into the same shared-memory tile: slower, same result.
@@ -27,9 +32,11 @@ constexpr int THREADS = LK_FUSED_GEMM_THREADS;
 constexpr int A_LD = BK + 8;    // A tile [BM][A_LD]
 constexpr int BT_LD = BK + 8;   // nt-B tile [BN][BT_LD]
 constexpr int BNN_LD = BN + 8;  // nn-B tile [BK][BNN_LD]
+constexpr int AT_LD = BM + 8;   // transposed-A tile [BK][AT_LD]
 constexpr int A_STAGE = BM * A_LD;
 constexpr int B_STAGE = BN * BT_LD;
 static_assert(BK * BNN_LD <= B_STAGE, "nn-B tile fits the B stage");
+static_assert(BK * AT_LD <= A_STAGE, "transposed-A tile fits the A stage");
 static_assert(STAGES * (A_STAGE + B_STAGE) * 2 == LK_FUSED_GEMM_SMEM_BYTES, "header and kernel agree");
 
 // One 8-element (16-byte) chunk of row `row` starting at column `col` (both in the operand's own
@@ -56,23 +63,30 @@ __device__ __forceinline__ void load_chunk(T* dst, const T* base, uint32_t row, 
     }
 }
 
-// Loads virtual k-tile `kt` (tiles < lt are low-rank tiles of L/R, the rest main tiles of A/B).
-template <typename T, bool NN>
+// Loads virtual k-tile `kt` (tiles < lt are low-rank tiles of L/R over [r_begin, r_end), the rest main
+// tiles of A/B).
+template <typename T, bool NN, bool TA>
 __device__ __forceinline__ void load_tile(const LkFusedGemmParams& p, int kt, int lt, T* as, T* bs,
-                                          uint32_t m0, uint32_t n0) {
+                                          uint32_t m0, uint32_t n0, uint32_t r_begin, uint32_t r_end) {
     const bool low = kt < lt;
     const T* a = static_cast<const T*>(low ? p.l : p.a);
     const T* b = static_cast<const T*>(low ? p.r : p.b);
     const uint32_t lda = low ? p.ldl : p.lda, ldb = low ? p.ldr : p.ldb;
-    const uint32_t kext = low ? p.rank : p.k;
-    const uint32_t k0 = uint32_t(low ? kt : kt - lt) * BK;
+    const uint32_t kext = low ? r_end : p.k;
+    const uint32_t k0 = low ? r_begin + uint32_t(kt) * BK : uint32_t(kt - lt) * BK;
     const bool a_vec = p.flags & (low ? LK_ALIGNED_L : LK_ALIGNED_A);
     const bool b_vec = p.flags & (low ? LK_ALIGNED_R : LK_ALIGNED_B);
     const uint32_t tid = threadIdx.x;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {  // A: BM rows × 4 chunks
-        const uint32_t c = tid + i * THREADS, row = c / 4, kc = (c % 4) * 8;
-        load_chunk(as + row * A_LD + kc, a, m0 + row, p.m, lda, k0 + kc, kext, a_vec);
+    for (int i = 0; i < 2; ++i) {
+        const uint32_t c = tid + i * THREADS;
+        if (!TA) {  // A stored m-major: BM rows × 4 chunks along k
+            const uint32_t row = c / 4, kc = (c % 4) * 8;
+            load_chunk(as + row * A_LD + kc, a, m0 + row, p.m, lda, k0 + kc, kext, a_vec);
+        } else {  // A stored k-major: BK rows × 16 chunks along m
+            const uint32_t row = c / 16, mc = (c % 16) * 8;
+            load_chunk(as + row * AT_LD + mc, a, k0 + row, kext, lda, m0 + mc, p.m, a_vec);
+        }
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -98,7 +112,7 @@ __device__ __forceinline__ void mma(float d[4], const uint32_t a[4], const uint3
         lk_mma_m16n8k16_bf16(d, a, b, d);
 }
 
-template <typename T, bool NN>
+template <typename T, bool NN, bool TA>
 __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
     constexpr bool F16 = IsF16<T>::value;
     LK_DYNAMIC_SMEM(smem);
@@ -107,7 +121,10 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
     const uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const uint32_t wm = warp / 4, wn = warp % 4;
     const uint32_t m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    const int lt = int((p.rank + BK - 1) / BK);
+    // the rank range of this block: all of it, or split z of a split reduction
+    const uint32_t r_begin = p.rank_per_split ? blockIdx.z * p.rank_per_split : 0;
+    const uint32_t r_end = p.rank_per_split ? min(p.rank, r_begin + p.rank_per_split) : p.rank;
+    const int lt = int((r_end - r_begin + BK - 1) / BK);
     const int kt_total = lt + int((p.k + BK - 1) / BK);
 
     float acc[4][4][4];
@@ -120,7 +137,8 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
 
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < kt_total) load_tile<T, NN>(p, s, lt, as_all + s * A_STAGE, bs_all + s * B_STAGE, m0, n0);
+        if (s < kt_total)
+            load_tile<T, NN, TA>(p, s, lt, as_all + s * A_STAGE, bs_all + s * B_STAGE, m0, n0, r_begin, r_end);
         lk_cp_async_commit();
     }
 
@@ -129,8 +147,8 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
         __syncthreads();                 // ... everyone's, and everyone is done with tile kt - 1
         const int next = kt + STAGES - 1;
         if (next < kt_total)
-            load_tile<T, NN>(p, next, lt, as_all + (next % STAGES) * A_STAGE, bs_all + (next % STAGES) * B_STAGE,
-                             m0, n0);
+            load_tile<T, NN, TA>(p, next, lt, as_all + (next % STAGES) * A_STAGE,
+                                 bs_all + (next % STAGES) * B_STAGE, m0, n0, r_begin, r_end);
         lk_cp_async_commit();
         if (kt == lt) {  // low-rank sum complete: scale it once, then accumulate the main GEMM on top
 #pragma unroll
@@ -146,8 +164,15 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
         for (int kk = 0; kk < BK; kk += 16) {
             uint32_t af[4][4], bf[4][2];
 #pragma unroll
-            for (int mi = 0; mi < 4; ++mi)
-                lk_ldmatrix_x4(af[mi], as + (wm * 64 + mi * 16 + lane % 16) * A_LD + kk + (lane / 16) * 8);
+            for (int mi = 0; mi < 4; ++mi) {
+                if (!TA) {
+                    lk_ldmatrix_x4(af[mi], as + (wm * 64 + mi * 16 + lane % 16) * A_LD + kk + (lane / 16) * 8);
+                } else {  // matrices (m 0-7 | 8-15) × (k 0-7 | 8-15) from k-major rows, transposed
+                    const uint32_t mat = lane / 8, rin = lane % 8;
+                    lk_ldmatrix_x4_trans(af[mi],
+                                         as + (kk + (mat >> 1) * 8 + rin) * AT_LD + wm * 64 + mi * 16 + (mat & 1) * 8);
+                }
+            }
 #pragma unroll
             for (int np = 0; np < 2; ++np) {
                 uint32_t r[4];
@@ -168,6 +193,31 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
         }
     }
     lk_cp_async_wait<0>();
+    if (kt_total == lt) {  // no main tiles (k = 0): the low-rank sum is all there is; scale it now
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[i][j][e] *= p.scale;
+    }
+    if (p.partial != nullptr) {  // split reduction: this chunk's f32 sums, no bias, no rounding
+        float* part = p.partial + size_t(blockIdx.z) * p.m * p.n;
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+            const uint32_t col = n0 + wn * 32 + ni * 8 + (lane % 4) * 2;
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const uint32_t row = m0 + wm * 64 + mi * 16 + lane / 4 + h * 8;
+                    if (row >= p.m) continue;
+                    if (col < p.n) part[size_t(row) * p.n + col] = acc[mi][ni][2 * h];
+                    if (col + 1 < p.n) part[size_t(row) * p.n + col + 1] = acc[mi][ni][2 * h + 1];
+                }
+        }
+        return;
+    }
 
     // Epilogue: bias, one rounding, one write of C. Fragment: c0,c1 at (g, 2t..2t+1), c2,c3 at (g+8, ...).
     T* c = static_cast<T*>(p.c);
@@ -207,19 +257,20 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
 }
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(THREADS) fused_gemm_nt_bf16(LkFusedGemmParams p) {
-    fused_gemm_impl<__nv_bfloat16, false>(p);
-}
+#define LK_FUSED_GEMM(name, T, NN, TA)                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS) name(LkFusedGemmParams p) { \
+        fused_gemm_impl<T, NN, TA>(p);                                                \
+    }
+
+LK_FUSED_GEMM(fused_gemm_nt_bf16, __nv_bfloat16, false, false)
 LK_KERNEL_EXPORT(fused_gemm_nt_bf16, LkFusedGemmParams)
-extern "C" __global__ void __launch_bounds__(THREADS) fused_gemm_nt_f16(LkFusedGemmParams p) {
-    fused_gemm_impl<__half, false>(p);
-}
+LK_FUSED_GEMM(fused_gemm_nt_f16, __half, false, false)
 LK_KERNEL_EXPORT(fused_gemm_nt_f16, LkFusedGemmParams)
-extern "C" __global__ void __launch_bounds__(THREADS) fused_gemm_nn_bf16(LkFusedGemmParams p) {
-    fused_gemm_impl<__nv_bfloat16, true>(p);
-}
+LK_FUSED_GEMM(fused_gemm_nn_bf16, __nv_bfloat16, true, false)
 LK_KERNEL_EXPORT(fused_gemm_nn_bf16, LkFusedGemmParams)
-extern "C" __global__ void __launch_bounds__(THREADS) fused_gemm_nn_f16(LkFusedGemmParams p) {
-    fused_gemm_impl<__half, true>(p);
-}
+LK_FUSED_GEMM(fused_gemm_nn_f16, __half, true, false)
 LK_KERNEL_EXPORT(fused_gemm_nn_f16, LkFusedGemmParams)
+LK_FUSED_GEMM(fused_gemm_tn_bf16, __nv_bfloat16, true, true)
+LK_KERNEL_EXPORT(fused_gemm_tn_bf16, LkFusedGemmParams)
+LK_FUSED_GEMM(fused_gemm_tn_f16, __half, true, true)
+LK_KERNEL_EXPORT(fused_gemm_tn_f16, LkFusedGemmParams)

@@ -15,7 +15,7 @@ bin=$(dirname "$nvcc")
 target_dir=$(bash scripts/target-dir.sh)
 cuda=$(ls -td "$target_dir"/*/build/lora-kernels-*/out/cuda 2>/dev/null | head -n 1 || true)
 [ -n "$cuda" ] && [ -d "$cuda/ptxas" ] || { echo "no nvcc build under $target_dir: build with nvcc first"; exit 1; }
-out=$(PATH="$bin:$PATH" python3 scripts/perf_bound.py --cuda-dir "$cuda" --cuobjdump "$bin/cuobjdump")
+out=$(PATH="$bin:$PATH" python3 scripts/perf_bound.py --cuda-dir "$cuda" --cuobjdump "$bin/cuobjdump" --kernels-dir kernels)
 printf '%s\n' "$out"
 case "${1:-}" in
   --write) printf '%s\n' "$out" > docs/perf/bound.md; echo "wrote docs/perf/bound.md" >&2 ;;

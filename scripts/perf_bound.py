@@ -205,24 +205,19 @@ def launch_fused(name, m, n, k, r):
                 slot="HMMA", bytes=2 * (m * k + n * k + m * r + n * r + m * n))
 
 
-def launch_shrink(name, m, inner, r):
-    """shrink: 32 rows per block; each thread walks all `inner` elements, 16 predicated FFMA slots each."""
-    return dict(kernel=name, file="shrink", blocks=cdiv(m, 32), iters=inner, slots=16, slot="FFMA",
-                bytes=2 * (m * inner + r * inner + m * r))
-
-
-def launch_grad(name, m, rows, cols):
-    """lowrank_grad: 64x64 tiles of G, one m-chunk per z; each thread 16 FFMA per row of its chunk."""
-    tiles = cdiv(rows, 64) * cdiv(cols, 64)
+def launch_grad(name, fin, m, rows, cols):
+    """dB/dA on the "tn" fused GEMM: 128x128 tiles of G, the tokens split into fixed chunks (grid z); per
+    warp ceil(chunk/32) k-tiles of 32 HMMA; then lowrank_finalize adds the f32 partials in order."""
+    tiles = cdiv(rows, 128) * cdiv(cols, 128)
     splits, per = grad_splits(m, tiles)
     partial = 4 * splits * rows * cols if splits > 1 else 0
-    out = [dict(kernel=name, file="lowrank_grad", blocks=tiles * splits, iters=per, slots=16, slot="FFMA",
-                bytes=2 * m * (rows + cols) + (partial or 2 * rows * cols))]
+    out = [dict(kernel=name, file="fused_gemm", blocks=tiles * splits, iters=cdiv(per if splits > 1 else m, 32),
+                slots=32, slot="HMMA", bytes=2 * m * (rows + cols) + (partial or 2 * rows * cols))]
     if splits > 1:
         count = rows * cols
-        out.append(dict(kernel=name.replace("grad", "finalize"), file="lowrank_grad",
-                        blocks=min(cdiv(count, 256), 4096), iters=splits, slots=0, slot=None,
-                        bytes=partial + 2 * count, per_thread=cdiv(count, 256 * min(cdiv(count, 256), 4096))))
+        blocks = min(cdiv(count, 256), 4096)
+        out.append(dict(kernel=fin, file="lowrank_finalize", blocks=blocks, iters=splits, slots=0, slot=None,
+                        bytes=partial + 2 * count, per_thread=cdiv(count, 256 * blocks)))
     return out
 
 
@@ -241,13 +236,14 @@ def launch_small_m(name, m, n, k, r):
 def headline_ops():
     M, N, K, R = 8192, 4096, 4096, 16
     gemm = 2 * M * N * K
-    fwd = [launch_shrink("shrink_nt_bf16", M, K, R), launch_fused("fused_gemm_nt_bf16", M, N, K, R)]
-    bwd = [launch_shrink("shrink_nn_bf16", M, N, R)]
-    bwd += launch_grad("lowrank_grad_bf16", M, N, R)  # dB = s dY^T T
-    bwd += launch_grad("lowrank_grad_bf16", M, R, K)  # dA = s U^T X
+    # T = X·Aᵀ and U = dY·B are the fused GEMM with N = r and no low-rank part (src/ops/launch.rs project)
+    fwd = [launch_fused("fused_gemm_nt_bf16", M, R, K, 0), launch_fused("fused_gemm_nt_bf16", M, N, K, R)]
+    bwd = [launch_fused("fused_gemm_nn_bf16", M, R, N, 0)]
+    bwd += launch_grad("fused_gemm_tn_bf16", "lowrank_finalize_bf16", M, N, R)  # dB = s dY^T T
+    bwd += launch_grad("fused_gemm_tn_bf16", "lowrank_finalize_bf16", M, R, K)  # dA = s U^T X
     bwd.append(launch_fused("fused_gemm_nn_bf16", M, K, N, R))  # dX = dY W0 + s U A
     merge = [launch_merge("merge_bf16", N, K, R)]
-    small = [launch_shrink("shrink_nt_bf16", 16, K, R), launch_small_m("small_m_bf16", 16, N, K, R)]
+    small = [launch_fused("fused_gemm_nt_bf16", 16, R, K, 0), launch_small_m("small_m_bf16", 16, N, K, R)]
     w_bytes = 2 * N * K
     return [
         ("forward <= 1.03x cuBLAS bare GEMM (M=8192, N=K=4096, r=16)", "lora_forward", fwd,
@@ -284,9 +280,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cuda-dir", required=True)
     ap.add_argument("--cuobjdump", required=True)
+    ap.add_argument("--kernels-dir", required=True, help="kernels/ (only its .cu files count)")
     args = ap.parse_args()
     cuda = args.cuda_dir
-    files = sorted(f[:-7] for f in os.listdir(cuda) if f.endswith(".fatbin"))
+    sources = {f[:-3] for f in os.listdir(args.kernels_dir) if f.endswith(".cu")}
+    files = sorted(f[:-7] for f in os.listdir(cuda) if f.endswith(".fatbin") and f[:-7] in sources)
     res, mixes = {}, {}
     for f in files:
         with open(os.path.join(cuda, "ptxas", f + ".txt")) as fh:

@@ -41,8 +41,6 @@ macro_rules! kernel_params {
 kernel_params!(
     LkScaleParams,
     LkFusedGemmParams,
-    LkShrinkParams,
-    LkLowrankGradParams,
     LkLowrankFinalizeParams,
     LkSmallMParams,
     LkMergeParams,

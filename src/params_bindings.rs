@@ -10,9 +10,7 @@ pub const LK_FUSED_GEMM_THREADS: u32 = 256;
 pub const LK_FUSED_GEMM_SMEM_BYTES: u32 = 61440;
 pub const LK_MAX_RANK: u32 = 128;
 pub const LK_SIMT_THREADS: u32 = 256;
-pub const LK_SHRINK_ROWS: u32 = 32;
 pub const LK_SMALL_M_ROWS: u32 = 16;
-pub const LK_GRAD_TILE: u32 = 64;
 pub const LK_GRAD_CHUNK: u32 = 32;
 pub const LK_MERGE_ROWS: u32 = 64;
 pub const LK_MERGE_COLS: u32 = 128;
@@ -78,10 +76,14 @@ pub struct LkFusedGemmParams {
     pub ldc: u32,
     pub flags: u32,
     pub scale: f32,
+    pub partial: *mut f32,
+    pub rank_per_split: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkFusedGemmParams"][::core::mem::size_of::<LkFusedGemmParams>() - 96usize];
+    [
+        "Size of LkFusedGemmParams",
+    ][::core::mem::size_of::<LkFusedGemmParams>() - 112usize];
     [
         "Alignment of LkFusedGemmParams",
     ][::core::mem::align_of::<LkFusedGemmParams>() - 8usize];
@@ -136,128 +138,14 @@ const _: () = {
     [
         "Offset of field: LkFusedGemmParams::scale",
     ][::core::mem::offset_of!(LkFusedGemmParams, scale) - 88usize];
+    [
+        "Offset of field: LkFusedGemmParams::partial",
+    ][::core::mem::offset_of!(LkFusedGemmParams, partial) - 96usize];
+    [
+        "Offset of field: LkFusedGemmParams::rank_per_split",
+    ][::core::mem::offset_of!(LkFusedGemmParams, rank_per_split) - 104usize];
 };
 impl Default for LkFusedGemmParams {
-    fn default() -> Self {
-        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
-        unsafe {
-            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
-            s.assume_init()
-        }
-    }
-}
-#[repr(C)]
-#[derive(Debug, Copy, Clone)]
-pub struct LkShrinkParams {
-    pub p: *const ::core::ffi::c_void,
-    pub q: *const ::core::ffi::c_void,
-    pub out: *mut ::core::ffi::c_void,
-    pub m: u32,
-    pub inner: u32,
-    pub rank: u32,
-    pub ldp: u32,
-    pub ldq: u32,
-}
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    ["Size of LkShrinkParams"][::core::mem::size_of::<LkShrinkParams>() - 48usize];
-    ["Alignment of LkShrinkParams"][::core::mem::align_of::<LkShrinkParams>() - 8usize];
-    [
-        "Offset of field: LkShrinkParams::p",
-    ][::core::mem::offset_of!(LkShrinkParams, p) - 0usize];
-    [
-        "Offset of field: LkShrinkParams::q",
-    ][::core::mem::offset_of!(LkShrinkParams, q) - 8usize];
-    [
-        "Offset of field: LkShrinkParams::out",
-    ][::core::mem::offset_of!(LkShrinkParams, out) - 16usize];
-    [
-        "Offset of field: LkShrinkParams::m",
-    ][::core::mem::offset_of!(LkShrinkParams, m) - 24usize];
-    [
-        "Offset of field: LkShrinkParams::inner",
-    ][::core::mem::offset_of!(LkShrinkParams, inner) - 28usize];
-    [
-        "Offset of field: LkShrinkParams::rank",
-    ][::core::mem::offset_of!(LkShrinkParams, rank) - 32usize];
-    [
-        "Offset of field: LkShrinkParams::ldp",
-    ][::core::mem::offset_of!(LkShrinkParams, ldp) - 36usize];
-    [
-        "Offset of field: LkShrinkParams::ldq",
-    ][::core::mem::offset_of!(LkShrinkParams, ldq) - 40usize];
-};
-impl Default for LkShrinkParams {
-    fn default() -> Self {
-        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
-        unsafe {
-            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
-            s.assume_init()
-        }
-    }
-}
-#[repr(C)]
-#[derive(Debug, Copy, Clone)]
-pub struct LkLowrankGradParams {
-    pub p: *const ::core::ffi::c_void,
-    pub q: *const ::core::ffi::c_void,
-    pub partial: *mut f32,
-    pub g: *mut ::core::ffi::c_void,
-    pub m: u32,
-    pub rows_g: u32,
-    pub cols_g: u32,
-    pub ldp: u32,
-    pub ldq: u32,
-    pub splits: u32,
-    pub rows_per_split: u32,
-    pub scale: f32,
-}
-#[allow(clippy::unnecessary_operation, clippy::identity_op)]
-const _: () = {
-    [
-        "Size of LkLowrankGradParams",
-    ][::core::mem::size_of::<LkLowrankGradParams>() - 64usize];
-    [
-        "Alignment of LkLowrankGradParams",
-    ][::core::mem::align_of::<LkLowrankGradParams>() - 8usize];
-    [
-        "Offset of field: LkLowrankGradParams::p",
-    ][::core::mem::offset_of!(LkLowrankGradParams, p) - 0usize];
-    [
-        "Offset of field: LkLowrankGradParams::q",
-    ][::core::mem::offset_of!(LkLowrankGradParams, q) - 8usize];
-    [
-        "Offset of field: LkLowrankGradParams::partial",
-    ][::core::mem::offset_of!(LkLowrankGradParams, partial) - 16usize];
-    [
-        "Offset of field: LkLowrankGradParams::g",
-    ][::core::mem::offset_of!(LkLowrankGradParams, g) - 24usize];
-    [
-        "Offset of field: LkLowrankGradParams::m",
-    ][::core::mem::offset_of!(LkLowrankGradParams, m) - 32usize];
-    [
-        "Offset of field: LkLowrankGradParams::rows_g",
-    ][::core::mem::offset_of!(LkLowrankGradParams, rows_g) - 36usize];
-    [
-        "Offset of field: LkLowrankGradParams::cols_g",
-    ][::core::mem::offset_of!(LkLowrankGradParams, cols_g) - 40usize];
-    [
-        "Offset of field: LkLowrankGradParams::ldp",
-    ][::core::mem::offset_of!(LkLowrankGradParams, ldp) - 44usize];
-    [
-        "Offset of field: LkLowrankGradParams::ldq",
-    ][::core::mem::offset_of!(LkLowrankGradParams, ldq) - 48usize];
-    [
-        "Offset of field: LkLowrankGradParams::splits",
-    ][::core::mem::offset_of!(LkLowrankGradParams, splits) - 52usize];
-    [
-        "Offset of field: LkLowrankGradParams::rows_per_split",
-    ][::core::mem::offset_of!(LkLowrankGradParams, rows_per_split) - 56usize];
-    [
-        "Offset of field: LkLowrankGradParams::scale",
-    ][::core::mem::offset_of!(LkLowrankGradParams, scale) - 60usize];
-};
-impl Default for LkLowrankGradParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -402,7 +402,7 @@ pub fn blas(dev: &Device) -> std::result::Result<Arc<CudaBlas>, String> {
         .map_err(|e| format!("creating a cuBLAS handle: {e}"))
 }
 
-/// Our fused forward (shrink + fused GEMM, or small-M) into the set's y and t.
+/// Our fused forward (the T projection + fused GEMM, or small-M) into the set's y and t.
 pub fn ours_forward(s: &mut Set, scale: f32) {
     ops::lora_forward_into(&s.x, &s.w0, &s.a, &s.b, None, scale, &mut s.y, &mut s.t).unwrap();
 }

@@ -38,16 +38,14 @@ typedef struct LkScaleParams {
 #define LK_FUSED_GEMM_THREADS 256u
 #define LK_FUSED_GEMM_SMEM_BYTES 61440u
 
-/* The largest LoRA rank: shrink keeps a row's rank-many sums in registers (validated on the Rust side). */
+/* The largest LoRA rank the ops accept (validated on the Rust side; the range the tests cover). */
 #define LK_MAX_RANK 128u
 
 /* Launch geometry of the SIMT kernels, shared with the Rust launch plans (src/ops/launch.rs) so that
  * a kernel's tiling and the grid that covers it cannot drift apart. */
-#define LK_SIMT_THREADS 256u /* block size of shrink, small_m, lowrank_grad/finalize, merge, scale */
-#define LK_SHRINK_ROWS 32u   /* rows of P per shrink block */
+#define LK_SIMT_THREADS 256u /* block size of small_m, lowrank_finalize, merge, scale */
 #define LK_SMALL_M_ROWS 16u  /* W0 rows per small_m block: 8 warps × 2 rows */
-#define LK_GRAD_TILE 64u     /* edge of the G tile one lowrank_grad block sums */
-#define LK_GRAD_CHUNK 32u    /* m rows staged per step; chunk lengths are multiples of it */
+#define LK_GRAD_CHUNK 32u    /* token chunks of the split gradient reductions are multiples of it */
 #define LK_MERGE_ROWS 64u    /* W rows per merge block */
 #define LK_MERGE_COLS 128u   /* W columns per merge block */
 
@@ -56,7 +54,13 @@ typedef struct LkScaleParams {
  *   A: m × k (lda), L: m × rank (ldl), both row-major.
  *   "nt" kernels: B is n × k (ldb), R is n × rank (ldr)   -> forward: Y = X·W0ᵀ + s·T·Bᵀ.
  *   "nn" kernels: B is k × n (ldb), R is rank × n (ldr)   -> backward: dX = dY·W0 + s·U·A.
- *   bias: n elements or NULL. C: m × n (ldc). */
+ *   "tn" kernels: as "nn", but A and L are stored transposed (k × m and rank × m, lda/ldl = their row
+ *                 length m)                                -> gradients: dB = s·dYᵀ·T, dA = s·Uᵀ·X
+ *                 (k = 0: the whole product is the "low-rank" part over rank = the M tokens).
+ *   bias: n elements or NULL. C: m × n (ldc).
+ * Split reduction (tn): with rank_per_split > 0, block z sums rank indices [z·rank_per_split,
+ * (z+1)·rank_per_split) only and, when `partial` is not NULL, writes its unscaled f32 sums to
+ * partial[z][m][n] instead of C (lowrank_finalize adds the chunks in order, scales and rounds once). */
 typedef struct LkFusedGemmParams {
     const void* a;
     const void* b;
@@ -75,42 +79,12 @@ typedef struct LkFusedGemmParams {
     uint32_t ldc;
     uint32_t flags;
     float scale;
+    float* partial;
+    uint32_t rank_per_split;
 } LkFusedGemmParams;
 
-/* out = P·op(Q), rank ≤ 128 output columns (kernels/shrink.cu): T = X·Aᵀ ("nt", Q is rank × inner) and
- * U = dY·B ("nn", Q is inner × rank). P is m × inner (ldp), out is m × rank (dense). */
-typedef struct LkShrinkParams {
-    const void* p;
-    const void* q;
-    void* out;
-    uint32_t m;
-    uint32_t inner;
-    uint32_t rank;
-    uint32_t ldp;
-    uint32_t ldq;
-} LkShrinkParams;
-
-/* G = scale · Pᵀ·Q, a reduction over the m rows of P (m × rows_g) and Q (m × cols_g)
- * (kernels/lowrank_grad.cu): dB = s·dYᵀ·T and dA = s·Uᵀ·X. The m range is cut into `splits` fixed
- * chunks (chosen from the shape only); with splits > 1 each chunk writes f32 partial sums to
- * `partial` (splits × rows_g × cols_g) and the finalize kernel adds them in chunk order, so the bits do
- * not depend on scheduling. With splits == 1 the kernel writes G directly. */
-typedef struct LkLowrankGradParams {
-    const void* p;
-    const void* q;
-    float* partial;
-    void* g;
-    uint32_t m;
-    uint32_t rows_g;
-    uint32_t cols_g;
-    uint32_t ldp;
-    uint32_t ldq;
-    uint32_t splits;
-    uint32_t rows_per_split;
-    float scale;
-} LkLowrankGradParams;
-
-/* G = round(scale · Σ_split partial[split]) (kernels/lowrank_grad.cu). */
+/* G = round(scale · Σ_split partial[split]) (kernels/lowrank_finalize.cu), the end of a split gradient
+ * reduction of the "tn" fused GEMM. */
 typedef struct LkLowrankFinalizeParams {
     const float* partial;
     void* g;

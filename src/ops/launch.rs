@@ -1,7 +1,7 @@
 //! One function per kernel: builds the launch plan and the params struct from already validated
 //! tensors and launches once. The public ops (forward, backward, merge) validate, then call these.
 
-use crate::device::{Arg, Device};
+use crate::device::Arg;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernel::{Kernel, kernels};
@@ -9,7 +9,7 @@ use crate::params::*;
 use crate::plan::LaunchPlan;
 use crate::tensor::Tensor;
 
-/// Which way round the second operand is stored (see kernels/fused_gemm.cu and kernels/shrink.cu).
+/// Which way round the second operand is stored (see kernels/fused_gemm.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Orient {
     /// Stored output-major (`W0` as N×K for `X·W0ᵀ`): the forward.
@@ -46,8 +46,10 @@ fn u32_of(v: usize) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
 }
 
-/// `out (m×rank) = p (m×inner) · op(q)`; q is rank×inner (Nt) or inner×rank (Nn).
-pub(crate) fn shrink<T: Element>(
+/// `out (m×rank) = p (m×inner) · op(q)`; q is rank×inner (Nt) or inner×rank (Nn): the low-rank
+/// projections T = X·Aᵀ and U = dY·B. They run on the fused tensor-core GEMM with no low-rank part (an
+/// N = rank GEMM over `inner`): f32 accumulation of exact products, one rounding to the output dtype.
+pub(crate) fn project<T: Element>(
     op: &'static str,
     orient: Orient,
     p: &Tensor<T>,
@@ -55,46 +57,21 @@ pub(crate) fn shrink<T: Element>(
     out: &mut Tensor<T>,
     (m, inner, rank): (usize, usize, usize),
 ) -> Result<()> {
-    let kernel = match orient {
-        Orient::Nt => pick(
-            op,
-            T::DTYPE,
-            &kernels::SHRINK_NT_BF16,
-            &kernels::SHRINK_NT_F16,
-        )?,
-        Orient::Nn => pick(
-            op,
-            T::DTYPE,
-            &kernels::SHRINK_NN_BF16,
-            &kernels::SHRINK_NN_F16,
-        )?,
+    let g = FusedGemm {
+        orient,
+        a: p,
+        b: q,
+        // no low-rank part (rank 0): l and r are never read
+        l: p,
+        r: q,
+        bias: None,
+        m,
+        n: rank,
+        k: inner,
+        rank: 0,
+        scale: 1.0,
     };
-    let plan = LaunchPlan {
-        grid: [u32_of(m.div_ceil(LK_SHRINK_ROWS as usize)), 1, 1],
-        block: [LK_SIMT_THREADS, 1, 1],
-        smem_bytes: 0,
-    };
-    let ldq = match orient {
-        Orient::Nt => inner,
-        Orient::Nn => rank,
-    };
-    let device: Device = p.device().clone();
-    device.launch(
-        op,
-        kernel,
-        &plan,
-        &mut [Arg::In("p", p), Arg::In("q", q), Arg::Out("out", out)],
-        |ptr| LkShrinkParams {
-            p: ptr[0] as *const _,
-            q: ptr[1] as *const _,
-            out: ptr[2] as *mut _,
-            m: u32_of(m),
-            inner: u32_of(inner),
-            rank: u32_of(rank),
-            ldp: u32_of(inner),
-            ldq: u32_of(ldq),
-        },
-    )
+    fused_gemm(op, &g, out)
 }
 
 /// Operands of the fused GEMM, all dense row-major.
@@ -205,6 +182,8 @@ pub(crate) fn fused_gemm<T: Element>(
             ldc: n,
             flags,
             scale: g.scale,
+            partial: std::ptr::null_mut(),
+            rank_per_split: 0,
         }
     })
 }
@@ -262,7 +241,6 @@ pub(crate) fn small_m<T: Element>(
 /// Target number of blocks for the gradient reductions: enough to fill a large GPU. A constant (not
 /// the device's SM count) so the m-chunks, and therefore the result bits, depend on the shape only.
 const GRAD_TARGET_BLOCKS: usize = 264;
-const GRAD_TILE: usize = LK_GRAD_TILE as usize;
 /// Fewest rows per chunk: below this a chunk's partial sums cost more than they save.
 const GRAD_MIN_ROWS: usize = 64;
 
@@ -276,7 +254,10 @@ pub(crate) fn grad_splits(m: usize, tiles: usize) -> (usize, usize) {
     (m.div_ceil(rows), rows)
 }
 
-/// `g (rows×cols) = scale · pᵀ (rows×m) · q (m×cols)`, deterministic (fixed m-chunks, ordered sum).
+/// `g (rows×cols) = scale · pᵀ (rows×m) · q (m×cols)` on tensor cores (the "tn" fused GEMM: pᵀ read
+/// transposed, the m tokens as its rank), deterministic: the tokens are cut into fixed chunks chosen
+/// from the shape only; with several, each block writes its chunk's f32 sums and `lowrank_finalize`
+/// adds them in chunk order, scales and rounds once.
 pub(crate) fn lowrank_grad<T: Element>(
     op: &'static str,
     p: &Tensor<T>,
@@ -288,34 +269,56 @@ pub(crate) fn lowrank_grad<T: Element>(
     let kernel = pick(
         op,
         T::DTYPE,
-        &kernels::LOWRANK_GRAD_BF16,
-        &kernels::LOWRANK_GRAD_F16,
+        &kernels::FUSED_GEMM_TN_BF16,
+        &kernels::FUSED_GEMM_TN_F16,
     )?;
-    let tiles = rows.div_ceil(GRAD_TILE) * cols.div_ceil(GRAD_TILE);
-    let (splits, rows_per_split) = grad_splits(m, tiles);
+    let tiles_n = cols.div_ceil(LK_FUSED_GEMM_BN as usize);
+    let tiles_m = rows.div_ceil(LK_FUSED_GEMM_BM as usize);
+    if tiles_m > 65535 {
+        return Err(Error::TooLarge {
+            op,
+            arg: "gradient rows",
+            value: rows,
+            max: 65535 * LK_FUSED_GEMM_BM as usize,
+        });
+    }
+    let (splits, per_split) = grad_splits(m, tiles_n * tiles_m);
     let plan = LaunchPlan {
-        grid: [
-            u32_of(cols.div_ceil(GRAD_TILE)),
-            u32_of(rows.div_ceil(GRAD_TILE)),
-            u32_of(splits),
-        ],
-        block: [LK_SIMT_THREADS, 1, 1],
-        smem_bytes: 0,
+        grid: [u32_of(tiles_n), u32_of(tiles_m), u32_of(splits)],
+        block: [LK_FUSED_GEMM_THREADS, 1, 1],
+        smem_bytes: LK_FUSED_GEMM_SMEM_BYTES,
     };
     let device = p.device().clone();
-    let params = |ptr: &[u64], partial: *mut f32| LkLowrankGradParams {
-        p: ptr[0] as *const _,
-        q: ptr[1] as *const _,
-        partial,
-        g: ptr[2] as *mut _,
-        m: u32_of(m),
-        rows_g: u32_of(rows),
-        cols_g: u32_of(cols),
-        ldp: u32_of(rows),
-        ldq: u32_of(cols),
-        splits: u32_of(splits),
-        rows_per_split: u32_of(rows_per_split),
-        scale,
+    // p is m×rows (the transposed L, rows per token), q is m×cols (R, k-major)
+    let params = |ptr: &[u64], c: u64, partial: *mut f32, s: f32| {
+        let mut flags = 0;
+        if vec_ok(ptr[0], u32_of(rows)) {
+            flags |= LK_ALIGNED_L;
+        }
+        if vec_ok(ptr[1], u32_of(cols)) {
+            flags |= LK_ALIGNED_R;
+        }
+        LkFusedGemmParams {
+            a: ptr[0] as *const _,
+            b: ptr[1] as *const _,
+            l: ptr[0] as *const _,
+            r: ptr[1] as *const _,
+            bias: std::ptr::null(),
+            c: c as *mut _,
+            m: u32_of(rows),
+            n: u32_of(cols),
+            k: 0,
+            rank: u32_of(m),
+            lda: u32_of(rows),
+            ldb: u32_of(cols),
+            ldl: u32_of(rows),
+            ldr: u32_of(cols),
+            ldc: u32_of(cols),
+            flags,
+            scale: s,
+            partial,
+            rank_per_split: if splits > 1 { u32_of(per_split) } else { 0 },
+        }
     };
     if splits == 1 {
         return device.launch(
@@ -323,7 +326,7 @@ pub(crate) fn lowrank_grad<T: Element>(
             kernel,
             &plan,
             &mut [Arg::In("p", p), Arg::In("q", q), Arg::Out("g", g)],
-            |ptr| params(ptr, std::ptr::null_mut()),
+            |ptr| params(ptr, ptr[2], std::ptr::null_mut(), scale),
         );
     }
     let mut partial = Tensor::<f32>::for_output(&device, &[splits, rows, cols])?;
@@ -338,7 +341,7 @@ pub(crate) fn lowrank_grad<T: Element>(
             Arg::In("g", &*g),
             Arg::Out("partial", &mut partial),
         ],
-        |ptr| params(ptr, ptr[3] as *mut f32),
+        |ptr| params(ptr, ptr[2], ptr[3] as *mut f32, 1.0),
     )?;
     let finalize = pick(
         op,

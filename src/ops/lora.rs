@@ -1,8 +1,8 @@
-//! The LoRA forward and backward over [`Tensor`]s (kernels/shrink.cu, fused_gemm.cu, small_m.cu,
-//! lowrank_grad.cu). Every argument is validated before the first launch.
+//! The LoRA forward and backward over [`Tensor`]s (kernels/fused_gemm.cu, small_m.cu, lowrank_grad.cu).
+//! Every argument is validated before the first launch.
 //!
-//! forward:  `T = X·Aᵀ`, `Y = X·W0ᵀ + s·T·Bᵀ (+ bias)`: shrink, then ONE fused GEMM (or, for
-//!           M ≤ 16, the small-M kernel that streams W0 once).
+//! forward:  `T = X·Aᵀ`, `Y = X·W0ᵀ + s·T·Bᵀ (+ bias)`: T on the tensor-core GEMM (N = r), then ONE
+//!           fused GEMM (or, for M ≤ 16, the small-M kernel that streams W0 once).
 //! backward: `U = dY·B`, `dB = s·dYᵀ·T`, `dA = s·Uᵀ·X`, `dX = dY·W0 + s·U·A` (optional). Never dW0.
 
 use super::launch::{self, FusedGemm, Orient};
@@ -90,7 +90,7 @@ pub fn lora_forward_into<T: Element>(
     validate::finite(OP, "scale", scale)?;
     validate::shape(OP, "y", y, &[d.m, d.n], "[M, N]")?;
     validate::shape(OP, "t", t, &[d.m, d.r], "[M, r]")?;
-    launch::shrink(OP, Orient::Nt, x, a, t, (d.m, d.k, d.r))?;
+    launch::project(OP, Orient::Nt, x, a, t, (d.m, d.k, d.r))?;
     if d.m <= LK_SMALL_M_MAX as usize {
         return launch::small_m(OP, x, w0, t, b, bias, y, (d.m, d.n, d.k, d.r), scale);
     }
@@ -160,7 +160,7 @@ pub fn lora_backward_into<T: Element>(
         validate::shape(OP, "dx", dx, &[d.m, d.k], "[M, K]")?;
     }
     let mut u = Tensor::for_output(x.device(), &[d.m, d.r])?;
-    launch::shrink(OP, Orient::Nn, dy, b, &mut u, (d.m, d.n, d.r))?;
+    launch::project(OP, Orient::Nn, dy, b, &mut u, (d.m, d.n, d.r))?;
     launch::lowrank_grad(OP, dy, t, db, (d.m, d.n, d.r), scale)?;
     launch::lowrank_grad(OP, &u, x, da, (d.m, d.r, d.k), scale)?;
     if let Some(dx) = dx {

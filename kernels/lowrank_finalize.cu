@@ -1,0 +1,28 @@
+// lowrank_finalize.cu: the last step of the split gradient reductions dB = s·dYᵀ·T and dA = s·Uᵀ·X.
+//
+// The "tn" fused GEMM (fused_gemm.cu) sums each fixed chunk of the M tokens into f32 partials
+// (splits × rows × cols); this kernel adds the partials of each element in chunk order, scales once and
+// rounds once: G = round(s · Σ_chunk partial). The chunks depend on the shape only (src/ops/launch.rs
+// grad_splits), so the same inputs give the same bits on every run, with no atomics.
+#include "lk_tile.cuh"
+#include "lora_params.h"
+
+namespace {
+constexpr int kThreads = LK_SIMT_THREADS;
+
+template <typename T>
+__device__ __forceinline__ void lowrank_finalize_impl(const LkLowrankFinalizeParams& p) {
+    T* g = static_cast<T*>(p.g);
+    const uint32_t stride = gridDim.x * blockDim.x;
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < p.count; i += stride) {
+        float sum = 0.0f;
+        for (uint32_t s = 0; s < p.splits; ++s) sum = __fadd_rn(sum, p.partial[size_t(s) * p.count + i]);
+        g[i] = lk_from_f32<T>(__fmul_rn(p.scale, sum));
+    }
+}
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kThreads) lowrank_finalize_bf16(LkLowrankFinalizeParams p) { lowrank_finalize_impl<__nv_bfloat16>(p); }
+LK_KERNEL_EXPORT(lowrank_finalize_bf16, LkLowrankFinalizeParams)
+extern "C" __global__ void __launch_bounds__(kThreads) lowrank_finalize_f16(LkLowrankFinalizeParams p) { lowrank_finalize_impl<__half>(p); }
+LK_KERNEL_EXPORT(lowrank_finalize_f16, LkLowrankFinalizeParams)
