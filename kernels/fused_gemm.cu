@@ -257,8 +257,10 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
 }
 }  // namespace
 
+// Registers for two blocks per SM (2 × 256 threads × ≤ 128 registers); shared memory allows two on sm_80
+// and sm_90 (2 × 60 KiB), one on sm_86/89 (100 KB per SM).
 #define LK_FUSED_GEMM(name, T, NN, TA)                                                  \
-    extern "C" __global__ void __launch_bounds__(THREADS) name(LkFusedGemmParams p) { \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2) name(LkFusedGemmParams p) { \
         fused_gemm_impl<T, NN, TA>(p);                                                \
     }
 

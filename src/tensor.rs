@@ -83,12 +83,25 @@ impl<T: Element> Tensor<T> {
         })
     }
 
-    /// An output buffer that the next kernel overwrites completely. On a GPU it is zeroed (as
-    /// [`Tensor::zeros`]); on the emulator it is poisoned (NaN) and counts as never written, so the
-    /// emulator's initcheck reports any read of an element before a kernel wrote it.
+    /// An output buffer that the next kernel overwrites completely, so it is not zeroed (at the
+    /// headline shape zeroing Y alone would move 64 MiB for nothing). On the emulator it is poisoned
+    /// (NaN) and counts as never written: initcheck reports any kernel read of an element before a
+    /// kernel wrote it, and the tests' reference comparison catches any element left unwritten.
     pub(crate) fn for_output(device: &Device, shape: &[usize]) -> Result<Self> {
         match device.backend() {
-            Backend::Cuda(_) => Tensor::zeros(device, shape),
+            Backend::Cuda(c) => {
+                // SAFETY: the memory is left unset. Every caller passes the tensor as the output of a
+                // kernel that writes all of it before anything reads it (checked on the emulator, as
+                // above), and any bit pattern is a valid bf16/f16/f32, so even a bug would give wrong
+                // numbers, never undefined behaviour on the host.
+                let slice = unsafe { c.stream().alloc::<T>(numel(shape)) }
+                    .map_err(Error::cuda("allocating a tensor"))?;
+                Ok(Tensor {
+                    shape: shape.to_vec(),
+                    storage: Storage::Cuda(slice),
+                    device: device.clone(),
+                })
+            }
             Backend::Emulator(_) => Ok(Tensor {
                 shape: shape.to_vec(),
                 storage: Storage::Host(GuardedBuf::uninit(numel(shape) * std::mem::size_of::<T>())),
