@@ -101,8 +101,8 @@ struct MergeArgs {
     /// from it in ulps. Reported on stdout; the exit status does not depend on it.
     #[arg(long)]
     verify: bool,
-    /// Write the merge even where it turns finite elements of the base into NaN or ±Inf (the merge
-    /// of before this check); each such module is then reported in a warning on stderr
+    /// Write the merge even where it turns finite elements of the base into NaN or ±Inf (an
+    /// unchecked merge); each such module is then reported in a warning on stderr
     #[arg(long)]
     allow_nonfinite: bool,
     /// No progress output (errors, warnings and the summary are still printed)

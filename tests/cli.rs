@@ -553,6 +553,8 @@ fn help_and_version() {
         "emu:",
         "--verify",
         "[round(x − e), round(x + e)]",
+        "--allow-nonfinite",
+        "as PEFT's safe_merge",
         "--quiet",
     ] {
         assert!(help.contains(want), "`{want}` in: {help}");
