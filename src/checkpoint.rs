@@ -3,6 +3,12 @@
 //! `round(W0 ± s·B·A)`, every other tensor is copied byte for byte, dtypes, names and metadata are
 //! kept. Everything is validated before anything is written; output goes to temporary names renamed
 //! into place at the end, so a failure never leaves a partial output, and the base is only read.
+//!
+//! A merge that would turn an element that is finite in the base into NaN or ±Inf (a NaN or Inf in
+//! lora_A or lora_B, a merged value past the dtype's range) fails naming the module and the count,
+//! as PEFT's `safe_merge` refuses it, unless [`MergeOptions::allow_nonfinite`]. The merge kernel counts
+//! these in the merge pass itself; a merged weight is downloaded only when its counts allow it.
+//! Elements already NaN or ±Inf in the base are no error: [`MergeSummary::nonfinite`] lists them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -13,7 +19,7 @@ use safetensors::tensor::TensorView;
 use crate::device::Device;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
-use crate::ops;
+use crate::ops::{self, NonFiniteCounts};
 use crate::peft::{self, AdapterModule, PeftAdapter, temp_sibling, write_atomic};
 use crate::tensor::Tensor;
 
@@ -38,6 +44,20 @@ pub struct MergeSummary {
     pub tensors_copied: usize,
     pub files_written: usize,
     pub bytes_written: u64,
+    /// The modules with non-finite elements, in the order merged: already NaN or ±Inf in the base
+    /// (`in_base`; written as the merge leaves them), or, with
+    /// [`MergeOptions::allow_nonfinite`] only, made NaN or ±Inf by the merge (`nan`, `inf`).
+    pub nonfinite: Vec<(String, NonFiniteCounts)>,
+}
+
+/// How [`merge_checkpoint_with`] merges.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MergeOptions {
+    /// Subtract the adapter: `round(W − s·B·A)`.
+    pub unmerge: bool,
+    /// Write the merge even where it turns finite elements of the base into NaN or ±Inf (they are
+    /// then listed in [`MergeSummary::nonfinite`]); by default such a merge fails and writes nothing.
+    pub allow_nonfinite: bool,
 }
 
 /// The shards of a checkpoint: (file name, path).
@@ -121,52 +141,81 @@ fn header_bytes(path: &Path, wanted: impl Fn(&str) -> bool) -> Result<u64> {
     Ok(bytes)
 }
 
-/// Merged (or unmerged) bytes of one weight, through the merge kernel on `device`.
+/// Merge (or unmerge) in place, and the merge's non-finite counts from the same pass.
+fn counted<T: Element, U: Element>(
+    w: &mut Tensor<T>,
+    a: &Tensor<U>,
+    b: &Tensor<U>,
+    scale: f32,
+    unmerge: bool,
+) -> Result<NonFiniteCounts> {
+    match unmerge {
+        true => ops::unmerge_counted(w, a, b, scale),
+        false => ops::merge_counted(w, a, b, scale),
+    }
+}
+
+/// Merged (or unmerged) bytes of one weight, through the merge kernel on `device`, and the non-finite
+/// counts of the merge (the same pass). A merge that makes finite elements NaN or ±Inf fails before
+/// its result is downloaded, unless `options.allow_nonfinite`.
 fn merge_weight<T: Element>(
     device: &Device,
     w: &[u8],
     shape: (usize, usize),
     m: &AdapterModule,
     scale: f32,
-    unmerge: bool,
-) -> Result<Vec<u8>> {
+    options: &MergeOptions,
+) -> Result<(Vec<u8>, NonFiniteCounts)> {
     let (n, k) = shape;
     let w: Vec<T> = bytemuck::pod_collect_to_vec(w);
     let mut wt = Tensor::from_slice(device, &w, &[n, k])?;
     let r = m.a.rows;
     // Adapters in W's dtype are used as stored; any other dtype goes through f32 (exact for bf16/f16).
-    if m.a.dtype == T::DTYPE && m.b.dtype == T::DTYPE && T::DTYPE != DType::F32 {
+    let counts = if m.a.dtype == T::DTYPE && m.b.dtype == T::DTYPE && T::DTYPE != DType::F32 {
         let a: Vec<T> = bytemuck::pod_collect_to_vec(&m.a.bytes);
         let b: Vec<T> = bytemuck::pod_collect_to_vec(&m.b.bytes);
-        let (at, bt) = (
-            Tensor::from_slice(device, &a, &[r, k])?,
-            Tensor::from_slice(device, &b, &[n, r])?,
-        );
-        if unmerge {
-            ops::unmerge(&mut wt, &at, &bt, scale)?;
-        } else {
-            ops::merge(&mut wt, &at, &bt, scale)?;
-        }
+        let at = Tensor::from_slice(device, &a, &[r, k])?;
+        let bt = Tensor::from_slice(device, &b, &[n, r])?;
+        counted(&mut wt, &at, &bt, scale, options.unmerge)?
     } else {
         let at = Tensor::from_slice(device, &m.a.to_f32(), &[r, k])?;
         let bt = Tensor::from_slice(device, &m.b.to_f32(), &[n, r])?;
-        if unmerge {
-            ops::unmerge(&mut wt, &at, &bt, scale)?;
-        } else {
-            ops::merge(&mut wt, &at, &bt, scale)?;
-        }
+        counted(&mut wt, &at, &bt, scale, options.unmerge)?
+    };
+    if counts.created() > 0 && !options.allow_nonfinite {
+        let op = if options.unmerge { "unmerge" } else { "merge" };
+        let target = format!("module `{}`", m.name);
+        return Err(counts.error(op, target, n * k, T::DTYPE, "nothing was written"));
     }
-    Ok(bytemuck::cast_slice(&wt.to_vec()?).to_vec())
+    Ok((bytemuck::cast_slice(&wt.to_vec()?).to_vec(), counts))
 }
 
 /// Merges `adapter` into the checkpoint `base` (file or directory) and writes `out` (a file for a
 /// file base, a new directory for a directory base). `progress` hears about each merged module.
+/// Refuses a merge that would make finite elements NaN or ±Inf ([`Error::NonFiniteMerge`], nothing
+/// written); [`merge_checkpoint_with`] can allow it.
 pub fn merge_checkpoint(
     base: &Path,
     adapter: &PeftAdapter,
     out: &Path,
     device: &Device,
     unmerge: bool,
+    progress: &mut dyn Progress,
+) -> Result<MergeSummary> {
+    let options = MergeOptions {
+        unmerge,
+        ..MergeOptions::default()
+    };
+    merge_checkpoint_with(base, adapter, out, device, &options, progress)
+}
+
+/// [`merge_checkpoint`] with [`MergeOptions`].
+pub fn merge_checkpoint_with(
+    base: &Path,
+    adapter: &PeftAdapter,
+    out: &Path,
+    device: &Device,
+    options: &MergeOptions,
     progress: &mut dyn Progress,
 ) -> Result<MergeSummary> {
     let (files, index) = shards(base)?;
@@ -253,15 +302,18 @@ pub fn merge_checkpoint(
                     .map_err(|e| Error::format(f, e.to_string()))?;
                 let shape = (t.shape()[0], t.shape()[1]);
                 let scale = adapter.config.scale_for(&m.name) as f32;
-                let data = match peft::dtype_of(f, name, t.dtype())? {
+                let (data, counts) = match peft::dtype_of(f, name, t.dtype())? {
                     DType::BF16 => {
-                        merge_weight::<half::bf16>(device, t.data(), shape, m, scale, unmerge)?
+                        merge_weight::<half::bf16>(device, t.data(), shape, m, scale, options)?
                     }
                     DType::F16 => {
-                        merge_weight::<half::f16>(device, t.data(), shape, m, scale, unmerge)?
+                        merge_weight::<half::f16>(device, t.data(), shape, m, scale, options)?
                     }
-                    DType::F32 => merge_weight::<f32>(device, t.data(), shape, m, scale, unmerge)?,
+                    DType::F32 => merge_weight::<f32>(device, t.data(), shape, m, scale, options)?,
                 };
+                if counts != NonFiniteCounts::default() {
+                    summary.nonfinite.push((m.name.clone(), counts));
+                }
                 merged.insert(name.clone(), data);
                 summary.modules_merged += 1;
                 progress.module_done(&m.name, t.data().len() as u64);
@@ -410,6 +462,9 @@ fn verify_weight<T: Element>(
             };
             let ok = if g.is_nan() || x.is_nan() {
                 g.is_nan() && x.is_nan()
+            } else if x.is_infinite() {
+                // an Inf in the base (or in the adapter): e is infinite too, only x itself is right
+                g == x
             } else {
                 T::from_f64(x - e).to_f64() <= g && g <= T::from_f64(x + e).to_f64()
             };

@@ -85,6 +85,24 @@ pub enum Error {
         value: usize,
         max: usize,
     },
+    #[error(
+        "{op}: {target}: {created} of {elements} elements finite in the base would become NaN or \
+         ±Inf ({nan} NaN, {inf} ±Inf: lora_A or lora_B holds NaN or Inf, or merged values overflow \
+         {dtype}); {outcome}",
+        created = .nan + .inf
+    )]
+    NonFiniteMerge {
+        op: &'static str,
+        /// The weight: `w0`, or the module (by name) in a checkpoint.
+        target: String,
+        nan: u64,
+        inf: u64,
+        /// Elements of the weight.
+        elements: u64,
+        dtype: DType,
+        /// What was left as it was.
+        outcome: &'static str,
+    },
     #[error("{op}: {message}")]
     InvalidState { op: &'static str, message: String },
     #[error("{op}: no adapter named `{name}` (adapters: {known:?})")]

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::dtype::Element;
 use crate::error::{Error, Result};
-use crate::ops::{self, ForwardOutput, Gradients, validate};
+use crate::ops::{self, ForwardOutput, Gradients, NonFiniteCounts, validate};
 use crate::tensor::Tensor;
 
 /// Rank and scaling of one adapter (PEFT's `r`, `lora_alpha`, `use_rslora`).
@@ -288,6 +288,38 @@ impl<T: Element> LoraLinear<T> {
         ops::unmerge(&mut self.w0, &ad.a, &ad.b, ad.config.scale())?;
         self.merged = None;
         Ok(())
+    }
+
+    /// [`LoraLinear::merge`], refusing to make a finite element of W0 NaN or ±Inf (PEFT's
+    /// `merge(safe_merge=True)`): then [`Error::NonFiniteMerge`], W0 unchanged and the layer still
+    /// unmerged. Elements already NaN or ±Inf in W0 are no error; the counts say how many
+    /// ([`ops::safe_merge`]: a counting pass, then the merge). All zero when already merged.
+    pub fn safe_merge(&mut self) -> Result<NonFiniteCounts> {
+        const OP: &str = "LoraLinear::safe_merge";
+        if self.merged.is_some() {
+            return Ok(NonFiniteCounts::default());
+        }
+        let name = self.active_adapter(OP)?.0.to_string();
+        let ad = &self.adapters[&name];
+        let counts = ops::safe_merge(&mut self.w0, &ad.a, &ad.b, ad.config.scale())?;
+        self.merged = Some(name);
+        Ok(counts)
+    }
+
+    /// [`LoraLinear::unmerge`] with the check of [`LoraLinear::safe_merge`]: on failure W0 is
+    /// unchanged and the layer stays merged. All zero when nothing is merged.
+    pub fn safe_unmerge(&mut self) -> Result<NonFiniteCounts> {
+        const OP: &str = "LoraLinear::safe_unmerge";
+        let Some(name) = self.merged.clone() else {
+            return Ok(NonFiniteCounts::default());
+        };
+        let ad = self
+            .adapters
+            .get(&name)
+            .ok_or_else(|| self.unknown(OP, &name))?;
+        let counts = ops::safe_unmerge(&mut self.w0, &ad.a, &ad.b, ad.config.scale())?;
+        self.merged = None;
+        Ok(counts)
     }
 
     /// Makes `name` the active adapter. On a merged layer this is the paper's task switch: the old

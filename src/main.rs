@@ -14,7 +14,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{HumanBytes, HumanDuration, ProgressBar, ProgressStyle};
 
 use lora_kernels::Device;
-use lora_kernels::checkpoint::{Progress, VerifySummary, merge_checkpoint, verify_merge};
+use lora_kernels::checkpoint::{
+    MergeOptions, MergeSummary, Progress, VerifySummary, merge_checkpoint_with, verify_merge,
+};
 use lora_kernels::memory::{self, ModelConfig, full_finetune, lora_finetune};
 use lora_kernels::peft::PeftAdapter;
 
@@ -56,6 +58,13 @@ enum Command {
 /// written and output goes through temporary names, so a failure leaves no output; the base is
 /// only read.
 ///
+/// A merge never turns an element that is finite in the base into NaN or ±Inf (as PEFT's
+/// safe_merge): a NaN or Inf in lora_A or lora_B, or a merged value past the range of the weight's
+/// dtype, fails the merge naming the module and the count, and nothing is written
+/// (--allow-nonfinite writes it anyway). The merge kernel counts these in the merge pass itself.
+/// Elements already NaN or ±Inf in the base are no error: they stay as the arithmetic leaves them
+/// (an Inf plus a finite value is that Inf, a NaN stays NaN) and a warning on stderr counts them.
+///
 /// Progress goes to stderr: a progress bar on a terminal (modules, bytes, rate, ETA), plain lines
 /// otherwise ("  [3/8] <module>: <bytes> of <total>, <rate>, ETA <t>"), nothing with --quiet. The
 /// summary (and the --verify report) goes to stdout.
@@ -92,7 +101,11 @@ struct MergeArgs {
     /// from it in ulps. Reported on stdout; the exit status does not depend on it.
     #[arg(long)]
     verify: bool,
-    /// No progress output (errors and the summary are still printed)
+    /// Write the merge even where it turns finite elements of the base into NaN or ±Inf (an
+    /// unchecked merge); each such module is then reported in a warning on stderr
+    #[arg(long)]
+    allow_nonfinite: bool,
+    /// No progress output (errors, warnings and the summary are still printed)
     #[arg(long, short)]
     quiet: bool,
 }
@@ -318,9 +331,21 @@ fn merge(args: &MergeArgs) -> Result<(), String> {
     let adapter = PeftAdapter::load(&args.adapter).map_err(|e| e.to_string())?;
     let start = Instant::now();
     let mut progress = Reporter::new(args.quiet, "");
-    let result = merge_checkpoint(base, &adapter, out, &dev, args.unmerge, &mut progress);
+    let options = MergeOptions {
+        unmerge: args.unmerge,
+        allow_nonfinite: args.allow_nonfinite,
+    };
+    let result = merge_checkpoint_with(base, &adapter, out, &dev, &options, &mut progress);
     progress.finish();
-    let summary = result.map_err(|e| e.to_string())?;
+    let summary = result.map_err(|e| match e {
+        lora_kernels::Error::NonFiniteMerge { .. } => {
+            format!("{e} (--allow-nonfinite writes it anyway)")
+        }
+        e => e.to_string(),
+    })?;
+    for line in nonfinite_warnings(&summary, args.unmerge) {
+        eprintln!("lora-kernels: warning: {line}");
+    }
     println!(
         "{} {} modules into {} ({} tensors copied unchanged, {} files, {} bytes) in {:.2} s on {}",
         if args.unmerge { "unmerged" } else { "merged" },
@@ -341,6 +366,30 @@ fn merge(args: &MergeArgs) -> Result<(), String> {
         println!("{}", verify_line(&v, args.unmerge, start.elapsed()));
     }
     Ok(())
+}
+
+/// One line per module with non-finite elements: already in the base, or (--allow-nonfinite) made by
+/// the merge.
+fn nonfinite_warnings(summary: &MergeSummary, unmerge: bool) -> Vec<String> {
+    let what = if unmerge { "unmerge" } else { "merge" };
+    let mut lines = Vec::new();
+    for (module, c) in &summary.nonfinite {
+        if c.in_base > 0 {
+            lines.push(format!(
+                "module `{module}`: {} elements of the base are NaN or ±Inf already; written as the {what} leaves them",
+                c.in_base
+            ));
+        }
+        if c.created() > 0 {
+            lines.push(format!(
+                "module `{module}`: {} elements finite in the base are NaN or ±Inf after the {what} ({} NaN, {} ±Inf), written because of --allow-nonfinite",
+                c.created(),
+                c.nan,
+                c.inf
+            ));
+        }
+    }
+    lines
 }
 
 /// `verify: 0 of 40960 merged elements off by more than one rounding from the exact (f64) merge ...`

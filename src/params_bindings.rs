@@ -15,6 +15,11 @@ pub const LK_GRAD_CHUNK: u32 = 32;
 pub const LK_MERGE_ROWS: u32 = 64;
 pub const LK_MERGE_COLS: u32 = 128;
 pub const LK_SMALL_M_MAX: u32 = 16;
+pub const LK_MERGE_COUNTS: u32 = 3;
+pub const LK_MERGE_COUNT_NAN: u32 = 0;
+pub const LK_MERGE_COUNT_INF: u32 = 1;
+pub const LK_MERGE_COUNT_IN_W: u32 = 2;
+pub const LK_MERGE_COUNT_ONLY: u32 = 1;
 pub const LK_EMU_ORDER_ASCENDING: u32 = 0;
 pub const LK_EMU_ORDER_DESCENDING: u32 = 1;
 pub const LK_EMU_ORDER_SHUFFLED: u32 = 2;
@@ -264,14 +269,16 @@ pub struct LkMergeParams {
     pub w: *mut ::core::ffi::c_void,
     pub a: *const ::core::ffi::c_void,
     pub b: *const ::core::ffi::c_void,
+    pub counts: *mut u32,
     pub n: u32,
     pub k: u32,
     pub rank: u32,
     pub scale: f32,
+    pub flags: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkMergeParams"][::core::mem::size_of::<LkMergeParams>() - 40usize];
+    ["Size of LkMergeParams"][::core::mem::size_of::<LkMergeParams>() - 56usize];
     ["Alignment of LkMergeParams"][::core::mem::align_of::<LkMergeParams>() - 8usize];
     [
         "Offset of field: LkMergeParams::w",
@@ -283,17 +290,23 @@ const _: () = {
         "Offset of field: LkMergeParams::b",
     ][::core::mem::offset_of!(LkMergeParams, b) - 16usize];
     [
+        "Offset of field: LkMergeParams::counts",
+    ][::core::mem::offset_of!(LkMergeParams, counts) - 24usize];
+    [
         "Offset of field: LkMergeParams::n",
-    ][::core::mem::offset_of!(LkMergeParams, n) - 24usize];
+    ][::core::mem::offset_of!(LkMergeParams, n) - 32usize];
     [
         "Offset of field: LkMergeParams::k",
-    ][::core::mem::offset_of!(LkMergeParams, k) - 28usize];
+    ][::core::mem::offset_of!(LkMergeParams, k) - 36usize];
     [
         "Offset of field: LkMergeParams::rank",
-    ][::core::mem::offset_of!(LkMergeParams, rank) - 32usize];
+    ][::core::mem::offset_of!(LkMergeParams, rank) - 40usize];
     [
         "Offset of field: LkMergeParams::scale",
-    ][::core::mem::offset_of!(LkMergeParams, scale) - 36usize];
+    ][::core::mem::offset_of!(LkMergeParams, scale) - 44usize];
+    [
+        "Offset of field: LkMergeParams::flags",
+    ][::core::mem::offset_of!(LkMergeParams, flags) - 48usize];
 };
 impl Default for LkMergeParams {
     fn default() -> Self {

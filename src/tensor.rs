@@ -269,6 +269,73 @@ impl<T: Element> RawBuffer for Tensor<T> {
     }
 }
 
+/// A small u32 buffer that one kernel fills and the host reads back (the merge kernel's per-block
+/// non-finite counts). Not a [`Tensor`]: u32 is no element type of the ops.
+pub(crate) struct U32Buffer {
+    len: usize,
+    storage: Storage<u32>,
+    device: Device,
+}
+
+impl U32Buffer {
+    /// `len` values that the next kernel writes completely (zeroed on a GPU; on the emulator tracked as
+    /// never written, as [`Tensor::for_output`]).
+    pub(crate) fn for_output(device: &Device, len: usize) -> Result<Self> {
+        let storage = match device.backend() {
+            Backend::Cuda(c) => Storage::Cuda(
+                c.stream()
+                    .alloc_zeros::<u32>(len)
+                    .map_err(Error::cuda("allocating a count buffer"))?,
+            ),
+            Backend::Emulator(_) => Storage::Host(GuardedBuf::uninit(len * 4)),
+        };
+        Ok(U32Buffer {
+            len,
+            storage,
+            device: device.clone(),
+        })
+    }
+
+    /// Downloads the values (waits for queued work on a GPU).
+    pub(crate) fn to_vec(&self) -> Result<Vec<u32>> {
+        match &self.storage {
+            Storage::Cuda(s) => cuda_stream(&self.device)
+                .clone_dtoh(s)
+                .map_err(Error::cuda("downloading a count buffer")),
+            Storage::Host(h) => Ok(bytemuck::pod_collect_to_vec(h.bytes())),
+        }
+    }
+}
+
+impl RawBuffer for U32Buffer {
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn byte_range(&self) -> (u64, u64) {
+        let bytes = (self.len * 4) as u64;
+        match &self.storage {
+            Storage::Cuda(s) => {
+                let stream = cuda_stream(&self.device);
+                let (ptr, _guard) = cudarc::driver::DevicePtr::device_ptr(s, stream);
+                (ptr, bytes)
+            }
+            Storage::Host(h) => (h.data_ptr() as u64, bytes),
+        }
+    }
+    fn storage(&self) -> StorageRef<'_> {
+        match &self.storage {
+            Storage::Cuda(s) => StorageRef::Cuda(s),
+            Storage::Host(h) => StorageRef::Host(h),
+        }
+    }
+    fn storage_mut(&mut self) -> StorageMut<'_> {
+        match &mut self.storage {
+            Storage::Cuda(s) => StorageMut::Cuda(s),
+            Storage::Host(h) => StorageMut::Host(h),
+        }
+    }
+}
+
 /// The stream of the device that holds a tensor's CUDA storage (a tensor keeps the device it was made on,
 /// so CUDA storage implies a CUDA device).
 fn cuda_stream(device: &Device) -> &std::sync::Arc<cudarc::driver::CudaStream> {

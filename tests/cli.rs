@@ -553,6 +553,8 @@ fn help_and_version() {
         "emu:",
         "--verify",
         "[round(x − e), round(x + e)]",
+        "--allow-nonfinite",
+        "as PEFT's safe_merge",
         "--quiet",
     ] {
         assert!(help.contains(want), "`{want}` in: {help}");
@@ -720,4 +722,332 @@ fn verify_counts_a_planted_error() {
         (worst.tensor.as_str(), worst.index, worst.ulp),
         (name, at, 2)
     );
+}
+
+// ---- Non-finite merges (PEFT's safe_merge): refused with the module and the count, nothing written ----
+
+/// The fixture adapter with `edit` applied to module `module`'s (A, B) as f32 values; `bf16`: every
+/// tensor stored as bf16 instead of f32.
+fn edited_adapter(
+    module: &str,
+    bf16: bool,
+    edit: impl FnOnce(&mut [f32], &mut [f32]),
+) -> PeftAdapter {
+    use lora_kernels::peft::HostMatrix;
+    let mut a = PeftAdapter::load(&common::fixture("adapter")).unwrap();
+    let m = a.modules.iter_mut().find(|m| m.name == module).unwrap();
+    let (mut av, mut bv) = (m.a.to_f32(), m.b.to_f32());
+    edit(&mut av, &mut bv);
+    m.a = HostMatrix::from_f32(m.a.rows, m.a.cols, &av);
+    m.b = HostMatrix::from_f32(m.b.rows, m.b.cols, &bv);
+    if bf16 {
+        for m in &mut a.modules {
+            for t in [&mut m.a, &mut m.b] {
+                let v: Vec<half::bf16> = t
+                    .to_f32()
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x))
+                    .collect();
+                t.dtype = lora_kernels::DType::BF16;
+                t.bytes = bytemuck::cast_slice(&v).to_vec();
+            }
+        }
+    }
+    a
+}
+
+const UP: &str = "model.layers.0.mlp.up_proj"; // W 96×64, A 8×64, B 96×8
+const Q1: &str = "model.layers.1.self_attn.q_proj"; // W 64×64, A 8×64, B 64×8 (second shard)
+const V0: &str = "model.layers.0.self_attn.v_proj"; // W 64×64
+
+/// (name, adapter, expected message part, merge counts (nan, inf)): a NaN in lora_A (f32), an Inf in
+/// lora_B (bf16 adapter), and finite factors whose product overflows.
+fn nonfinite_adapters() -> Vec<(&'static str, PeftAdapter, String, (u64, u64))> {
+    vec![
+        (
+            "NaN in lora_A (f32)",
+            // A[2][5]: column 5 of every row
+            edited_adapter(UP, false, |a, _| a[2 * 64 + 5] = f32::NAN),
+            format!(
+                "module `{UP}`: 96 of 6144 elements finite in the base would become NaN or ±Inf (96 NaN, 0 ±Inf"
+            ),
+            (96, 0),
+        ),
+        (
+            "Inf in lora_B (bf16)",
+            // B[10][j] = Inf for every j, A made positive: row 10 is +Inf
+            edited_adapter(Q1, true, |a, b| {
+                a.iter_mut().for_each(|v| *v = v.abs().max(1e-3));
+                b[10 * 8..11 * 8].fill(f32::INFINITY);
+            }),
+            format!(
+                "module `{Q1}`: 64 of 4096 elements finite in the base would become NaN or ±Inf (0 NaN, 64 ±Inf"
+            ),
+            (0, 64),
+        ),
+        (
+            "overflow from finite factors",
+            // A = 1e10 everywhere, B[7][j] = 1e30: row 7's products are 1e40, past f32 and bf16
+            edited_adapter(V0, false, |a, b| {
+                a.fill(1e10);
+                b[7 * 8..8 * 8].fill(1e30);
+            }),
+            format!(
+                "module `{V0}`: 64 of 4096 elements finite in the base would become NaN or ±Inf (0 NaN, 64 ±Inf"
+            ),
+            (0, 64),
+        ),
+    ]
+}
+
+/// The fixture base split into two shards (layer 0, layer 1) with an index, in `dir`.
+fn sharded_base(dir: &Path) -> PathBuf {
+    let base_dir = dir.join("base");
+    std::fs::create_dir_all(&base_dir).unwrap();
+    let base = Fixture::open("base.safetensors");
+    let st = base.tensors();
+    let mut map = serde_json::Map::new();
+    for (i, shard) in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let views: Vec<_> = st
+            .tensors()
+            .into_iter()
+            .filter(|(n, _)| n.contains(&format!("layers.{i}.")))
+            .collect();
+        for (n, _) in &views {
+            map.insert(n.clone(), serde_json::Value::String(shard.to_string()));
+        }
+        std::fs::write(
+            base_dir.join(shard),
+            safetensors::serialize(views, None).unwrap(),
+        )
+        .unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        base_dir.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    base_dir
+}
+
+/// The command line: each non-finite adapter fails `merge` and `merge --unmerge` (file and sharded
+/// bases) naming the module and the count, exit status 1, no output, no temporary left, the base as
+/// it was; `--allow-nonfinite` writes the merge with a warning.
+#[test]
+fn nonfinite_merges_are_refused_and_leave_nothing() {
+    let dir = scratch("nonfinite");
+    let base = common::fixture("base.safetensors");
+    let sharded = sharded_base(&dir);
+    for (i, (what, adapter, want, _)) in nonfinite_adapters().into_iter().enumerate() {
+        let adir = dir.join(format!("adapter{i}"));
+        adapter.save(&adir).unwrap();
+        let out = dir.join("out.safetensors");
+        merge_fails(
+            &base,
+            &adir,
+            &out,
+            &format!("lora-kernels: error: merge: {want}"),
+        );
+        merge_fails(&base, &adir, &out, "(--allow-nonfinite writes it anyway)");
+        merge_fails(&sharded, &adir, &dir.join("out_dir"), &want);
+        let (ok, _, stderr) = run(&[
+            "merge",
+            "--base",
+            base.to_str().unwrap(),
+            "--adapter",
+            adir.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "emu",
+            "--unmerge",
+        ]);
+        assert!(
+            !ok && stderr.contains(&format!("lora-kernels: error: unmerge: {want}")),
+            "{what}: {stderr}"
+        );
+        assert!(!out.exists(), "{what}");
+        // --allow-nonfinite: written, with a warning naming the module
+        let (ok, stdout, stderr) = run(&[
+            "merge",
+            "--base",
+            base.to_str().unwrap(),
+            "--adapter",
+            adir.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "emu",
+            "--allow-nonfinite",
+            "--quiet",
+        ]);
+        assert!(ok, "{what}: {stderr}");
+        assert!(stdout.starts_with("merged 8 modules"), "{stdout}");
+        assert!(
+            stderr.contains("lora-kernels: warning: module `")
+                && stderr.contains("written because of --allow-nonfinite"),
+            "{what}: {stderr}"
+        );
+        let bytes = std::fs::read(&out).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let nonfinite: usize = st
+            .tensors()
+            .iter()
+            .map(|(_, t)| {
+                let v: Vec<half::bf16> = bytemuck::pod_collect_to_vec(t.data());
+                v.iter().filter(|x| !x.is_finite()).count()
+            })
+            .sum();
+        assert!(
+            nonfinite >= 64,
+            "{what}: {nonfinite} non-finite elements written"
+        );
+        std::fs::remove_file(&out).unwrap();
+    }
+}
+
+/// A base with a NaN and an Inf already in a targeted weight: merged, the NaN and the Inf written
+/// back, a warning naming the module and the count; every other element as in the clean merge.
+#[test]
+fn nonfinite_in_the_base_is_a_warning() {
+    let dir = scratch("nonfinite-base");
+    let base = Fixture::open("base.safetensors");
+    let name = format!("{V0}.weight");
+    let st = base.tensors();
+    let mut w: Vec<half::bf16> = base.bf16(&name).0;
+    w[3] = half::bf16::NAN;
+    w[100] = half::bf16::NEG_INFINITY;
+    let views: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let data: &[u8] = if n == name {
+                bytemuck::cast_slice(&w)
+            } else {
+                v.data()
+            };
+            let t =
+                safetensors::tensor::TensorView::new(v.dtype(), v.shape().to_vec(), data).unwrap();
+            (n, t)
+        })
+        .collect();
+    let bad_base = dir.join("nan_base.safetensors");
+    std::fs::write(&bad_base, safetensors::serialize(views, None).unwrap()).unwrap();
+    let (clean, out) = (dir.join("clean.safetensors"), dir.join("out.safetensors"));
+    for (b, o) in [
+        (common::fixture("base.safetensors"), &clean),
+        (bad_base.clone(), &out),
+    ] {
+        let (ok, _, stderr) = run(&[
+            "merge",
+            "--base",
+            b.to_str().unwrap(),
+            "--adapter",
+            &fx("adapter"),
+            "--out",
+            o.to_str().unwrap(),
+            "--device",
+            "emu",
+            "--quiet",
+            "--verify",
+        ]);
+        assert!(ok, "{stderr}");
+        if *o == out {
+            assert_eq!(
+                stderr.trim_end(),
+                format!(
+                    "lora-kernels: warning: module `{V0}`: 2 elements of the base are NaN or ±Inf already; written as the merge leaves them"
+                )
+            );
+        } else {
+            assert!(stderr.is_empty(), "{stderr}");
+        }
+    }
+    let (cb, ob) = (std::fs::read(&clean).unwrap(), std::fs::read(&out).unwrap());
+    let (cs, os) = (
+        safetensors::SafeTensors::deserialize(&cb).unwrap(),
+        safetensors::SafeTensors::deserialize(&ob).unwrap(),
+    );
+    for (n, t) in cs.tensors() {
+        let want: Vec<half::bf16> = bytemuck::pod_collect_to_vec(t.data());
+        let got: Vec<half::bf16> = bytemuck::pod_collect_to_vec(os.tensor(&n).unwrap().data());
+        for (i, (g, c)) in got.iter().zip(&want).enumerate() {
+            match (n == name, i) {
+                (true, 3) => assert!(g.is_nan()),
+                (true, 100) => assert_eq!(*g, half::bf16::NEG_INFINITY),
+                _ => assert_eq!(g.to_bits(), c.to_bits(), "{n}[{i}]"),
+            }
+        }
+    }
+}
+
+/// The library's checkpoint merge on every emulator thread order (access checks on): the same
+/// refusal with the same counts, no output and no temporary left (file and sharded bases); the same
+/// warning counts for a base with a NaN; `allow_nonfinite` lists the counts instead.
+#[test]
+fn checkpoint_merge_refusal_is_the_same_on_every_thread_order() {
+    use lora_kernels::checkpoint::{MergeOptions, merge_checkpoint, merge_checkpoint_with};
+    use lora_kernels::ops::NonFiniteCounts;
+    let dir = scratch("nonfinite-orders");
+    let base = common::fixture("base.safetensors");
+    let sharded = sharded_base(&dir);
+    let clean_dir = |d: &Path| {
+        let left: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "base")
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    };
+    for dev in common::emulators() {
+        for (what, adapter, want, (nan, inf)) in nonfinite_adapters() {
+            for (b, out) in [
+                (&base, dir.join("o.safetensors")),
+                (&sharded, dir.join("o")),
+            ] {
+                for unmerge in [false, true] {
+                    let e =
+                        merge_checkpoint(b, &adapter, &out, &dev, unmerge, &mut ()).unwrap_err();
+                    let what = format!("{what} ({dev:?}, {}, unmerge {unmerge})", b.display());
+                    match &e {
+                        lora_kernels::Error::NonFiniteMerge { nan: n, inf: i, .. } => {
+                            assert_eq!((*n, *i), (nan, inf), "{what}")
+                        }
+                        other => panic!("{what}: {other}"),
+                    }
+                    assert!(e.to_string().contains(&want), "{what}: {e}");
+                    assert!(
+                        e.to_string().ends_with("nothing was written"),
+                        "{what}: {e}"
+                    );
+                    clean_dir(&dir);
+                }
+            }
+            let out = dir.join("allowed.safetensors");
+            let options = MergeOptions {
+                unmerge: false,
+                allow_nonfinite: true,
+            };
+            let s = merge_checkpoint_with(&base, &adapter, &out, &dev, &options, &mut ()).unwrap();
+            assert_eq!(s.nonfinite.len(), 1, "{what}");
+            assert_eq!(
+                s.nonfinite[0].1,
+                NonFiniteCounts {
+                    nan,
+                    inf,
+                    in_base: 0
+                },
+                "{what}"
+            );
+            std::fs::remove_file(&out).unwrap();
+        }
+    }
 }

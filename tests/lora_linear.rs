@@ -247,3 +247,49 @@ fn bad_inputs_are_errors() {
         Err(Error::Shape { arg: "bias", .. })
     ));
 }
+
+/// `safe_merge` (PEFT's `merge(safe_merge=True)`): an adapter with a NaN is refused on every thread
+/// order, W0 and the merged flag as they were; a clean adapter merges to the bits of `merge`, and
+/// `safe_unmerge` takes it back out.
+#[test]
+fn safe_merge_refuses_a_nan_adapter_and_leaves_the_layer_as_it_was() {
+    use lora_kernels::ops::{self, NonFiniteCounts};
+    for dev in common::emulators() {
+        let mut rng = Rng::new(7);
+        let (n, k, r) = (24, 40, 4);
+        let (w0, _, mut l) = layer(&dev, &mut rng, n, k);
+        let a: Vec<bf16> = rng.vec(r * k, 0.5);
+        let b: Vec<bf16> = rng.vec(n * r, 0.5);
+        let mut bad = a.clone();
+        bad[3] = bf16::NAN; // A[0][3]: column 3 of every row
+        let cfg = LoraConfig::new(r, 8.0);
+        let t = |v: &[bf16], shape: &[usize]| Tensor::from_slice(&dev, v, shape).unwrap();
+        l.insert_adapter("bad", cfg, t(&bad, &[r, k]), t(&b, &[n, r]))
+            .unwrap();
+        l.insert_adapter("good", cfg, t(&a, &[r, k]), t(&b, &[n, r]))
+            .unwrap();
+        assert_eq!(l.active(), Some("bad"));
+        let e = l.safe_merge().unwrap_err();
+        assert!(
+            matches!(e, Error::NonFiniteMerge { nan, inf: 0, .. } if nan == n as u64),
+            "{dev:?}: {e}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("safe_merge: w0: 24 of 960 elements"),
+            "{e}"
+        );
+        assert!(!l.is_merged(), "{dev:?}");
+        assert_eq!(l.w0().to_vec().unwrap(), w0, "{dev:?}: W0 changed");
+
+        l.set_active("good").unwrap();
+        assert_eq!(l.safe_merge().unwrap(), NonFiniteCounts::default());
+        assert!(l.is_merged());
+        let mut want = t(&w0, &[n, k]);
+        ops::merge(&mut want, &t(&a, &[r, k]), &t(&b, &[n, r]), cfg.scale()).unwrap();
+        assert_eq!(l.w0().to_vec().unwrap(), want.to_vec().unwrap(), "{dev:?}");
+        assert_eq!(l.safe_merge().unwrap(), NonFiniteCounts::default(), "no-op");
+        assert_eq!(l.safe_unmerge().unwrap(), NonFiniteCounts::default());
+        assert!(!l.is_merged());
+    }
+}

@@ -272,3 +272,256 @@ fn checkpoint_merge_through_kernel_matches_peft() {
         }
     }
 }
+
+// ---- Non-finite results: ops::safe_merge / safe_unmerge / merge_counted (PEFT's safe_merge) ----
+
+fn bits<T: Element>(v: &[T]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits_u32()).collect()
+}
+
+/// Values of magnitude in [0.25, 1), random sign: no zero, so an Inf in A or B meets no 0 (∞·0 = NaN).
+fn nonzero<T: Element>(rng: &mut Rng, len: usize) -> Vec<T> {
+    (0..len)
+        .map(|_| {
+            let u = rng.uniform();
+            T::from_f64(u.signum() * (0.25 + 0.75 * u.abs()))
+        })
+        .collect()
+}
+
+/// On every emulator thread order: `merge_counted` gives `want` and the bits of plain `merge`;
+/// `safe_merge` (and `safe_unmerge` with −scale, the same arithmetic) refuses when `want.created() > 0`
+/// with those counts, leaving W untouched (bit for bit), and otherwise returns `want` and the merge's
+/// bits. Returns the merged W (of the plain merge).
+fn nonfinite_case<T: Element, U: Element>(
+    what: &str,
+    w: &[T],
+    a: &[U],
+    b: &[U],
+    (n, k, r): (usize, usize, usize),
+    scale: f32,
+    want: ops::NonFiniteCounts,
+) -> Vec<T> {
+    let mut reference_bits: Option<Vec<u32>> = None;
+    let mut merged = Vec::new();
+    for dev in common::emulators() {
+        let what = format!("{what} ({dev:?}, W {} adapter {})", T::DTYPE, U::DTYPE);
+        let at = Tensor::from_slice(&dev, a, &[r, k]).unwrap();
+        let bt = Tensor::from_slice(&dev, b, &[n, r]).unwrap();
+        let plain = merged_on(&dev, w, a, b, (n, k, r), scale);
+        let mut wt = Tensor::from_slice(&dev, w, &[n, k]).unwrap();
+        let counts = ops::merge_counted(&mut wt, &at, &bt, scale).unwrap();
+        assert_eq!(counts, want, "{what}: merge_counted");
+        let counted = wt.to_vec().unwrap();
+        assert!(
+            bits(&counted) == bits(&plain),
+            "{what}: counting changed bits"
+        );
+        match &reference_bits {
+            None => reference_bits = Some(bits(&plain)),
+            Some(r) => assert!(*r == bits(&plain), "{what}: differs between thread orders"),
+        }
+        for unmerge in [false, true] {
+            let mut wt = Tensor::from_slice(&dev, w, &[n, k]).unwrap();
+            let result = match unmerge {
+                false => ops::safe_merge(&mut wt, &at, &bt, scale),
+                true => ops::safe_unmerge(&mut wt, &at, &bt, -scale),
+            };
+            let after = wt.to_vec().unwrap();
+            if want.created() > 0 {
+                let e = result.expect_err(&what);
+                match &e {
+                    lora_kernels::Error::NonFiniteMerge {
+                        nan, inf, elements, ..
+                    } => assert_eq!(
+                        (*nan, *inf, *elements),
+                        (want.nan, want.inf, (n * k) as u64),
+                        "{what}: {e}"
+                    ),
+                    other => panic!("{what}: unexpected error {other}"),
+                }
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(&format!(
+                        "w0: {} of {} elements finite in the base would become NaN or ±Inf",
+                        want.created(),
+                        n * k
+                    )) && msg.ends_with("w0 is unchanged"),
+                    "{what}: {msg}"
+                );
+                assert!(
+                    bits(&after) == bits(w),
+                    "{what}: W0 changed by a refused merge"
+                );
+            } else {
+                assert_eq!(result.unwrap(), want, "{what}: safe merge counts");
+                assert!(bits(&after) == bits(&plain), "{what}: safe merge bits");
+            }
+        }
+        merged = plain;
+    }
+    merged
+}
+
+fn counts(nan: u64, inf: u64, in_base: u64) -> ops::NonFiniteCounts {
+    ops::NonFiniteCounts { nan, inf, in_base }
+}
+
+/// A NaN or an Inf in A or in B (f32 and bf16 adapters, bf16 and f16 W): the product column or row
+/// turns NaN or ±Inf, the check counts exactly those elements and a safe merge refuses.
+#[test]
+fn nan_and_inf_in_the_adapter_are_refused() {
+    // 70 × 130 spans two tiles each way; rank 5 (< one rank chunk).
+    let (n, k, r) = (70, 130, 5);
+    fn run<T: Element, U: Element>(stream: u64, nkr: (usize, usize, usize)) {
+        let (n, k, r) = nkr;
+        let mut rng = Rng::new(stream);
+        let w: Vec<T> = rng.vec(n * k, 1.0);
+        let a: Vec<U> = nonzero(&mut rng, r * k);
+        let b: Vec<U> = nonzero(&mut rng, n * r);
+        let (nan, inf) = (U::from_f64(f64::NAN), U::from_f64(f64::INFINITY));
+        // NaN in A[2][17]: column 17 of every row is NaN.
+        let mut bad = a.clone();
+        bad[2 * k + 17] = nan;
+        let got = nonfinite_case("NaN in A", &w, &bad, &b, nkr, 2.0, counts(n as u64, 0, 0));
+        assert!((0..n).all(|i| got[i * k + 17].to_f64().is_nan()));
+        // Inf in A[4][129] (the last column, in the second, ragged tile): column 129 is ±Inf.
+        let mut bad = a.clone();
+        bad[4 * k + 129] = inf;
+        nonfinite_case("Inf in A", &w, &bad, &b, nkr, -0.5, counts(0, n as u64, 0));
+        // NaN in B[65][3]: row 65 is NaN.
+        let mut bad = b.clone();
+        bad[65 * r + 3] = nan;
+        nonfinite_case("NaN in B", &w, &a, &bad, nkr, 2.0, counts(k as u64, 0, 0));
+        // −Inf in B[0][0] and NaN in B[1][1]: row 0 ±Inf, row 1 NaN.
+        let mut bad = b.clone();
+        bad[0] = U::from_f64(f64::NEG_INFINITY);
+        bad[r + 1] = nan;
+        let got = nonfinite_case(
+            "Inf, NaN in B",
+            &w,
+            &a,
+            &bad,
+            nkr,
+            1.0,
+            counts(k as u64, k as u64, 0),
+        );
+        assert!((0..k).all(|c| got[c].to_f64().is_infinite()));
+    }
+    run::<bf16, f32>(30, (n, k, r));
+    run::<bf16, bf16>(31, (n, k, r));
+    run::<f16, f16>(32, (n, k, r));
+    run::<f32, f32>(33, (n, k, r));
+}
+
+/// Large but finite factors: s·B·A past f32's range (bf16 W, bf16 adapter), or within f32 but past
+/// f16's (f16 W, f32 adapter): ±Inf after the merge, refused.
+#[test]
+fn overflow_from_finite_factors_is_refused() {
+    let (n, k) = (9, 20);
+    let mut rng = Rng::new(40);
+    let w: Vec<bf16> = rng.vec(n * k, 1.0);
+    let a: Vec<bf16> = nonzero::<bf16>(&mut rng, k)
+        .iter()
+        .map(|v| bf16::from_f64(v.to_f64() * 1e20))
+        .collect();
+    let mut b: Vec<bf16> = nonzero(&mut rng, n);
+    // rows 2 and 7: |B·A| ≥ 1e20 · 2.5e19 overflows f32; the other rows stay near 1e20
+    b[2] = bf16::from_f64(1e20);
+    b[7] = bf16::from_f64(-1e20);
+    let got = nonfinite_case(
+        "f32 overflow",
+        &w,
+        &a,
+        &b,
+        (n, k, 1),
+        16.0,
+        counts(0, 2 * k as u64, 0),
+    );
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(i, v)| v.to_f64().is_finite() == (i / k != 2 && i / k != 7))
+    );
+
+    let r = 2;
+    let w: Vec<f16> = rng.vec(n * k, 1.0);
+    let a: Vec<f32> = nonzero(&mut rng, r * k);
+    let mut b: Vec<f32> = vec![0.0; n * r];
+    b[4 * r] = 1e6; // row 4: |s·B·A| ≥ 2.5e5·… > 65520, finite in f32
+    nonfinite_case(
+        "f16 overflow",
+        &w,
+        &a,
+        &b,
+        (n, k, r),
+        1.0,
+        counts(0, k as u64, 0),
+    );
+}
+
+/// Exactly at the rounding thresholds: the largest finite value plus just under half an ulp stays
+/// finite, plus half an ulp (a tie, to the even Inf) is ±Inf; W + s·B·A is exact in f32 here, so
+/// this pins the overflow test of each dtype.
+#[test]
+fn overflow_threshold_of_each_dtype() {
+    // r = 1, B = 1, s = 1: merged = W + A[0][c], one column per value of `add`.
+    fn run<T: Element>(w: f64, add: &[f64], infs: u64) {
+        let k = add.len();
+        let w = vec![T::from_f64(w); k];
+        let a: Vec<f32> = add.iter().map(|&v| v as f32).collect();
+        let b = vec![1.0f32];
+        nonfinite_case("threshold", &w, &a, &b, (1, k, 1), 1.0, counts(0, infs, 0));
+    }
+    let p = |e: i32| 2f64.powi(e);
+    // f16: max 65504, ulp 32; 65519 stays finite, 65520 rounds to Inf
+    run::<f16>(65504.0, &[15.0, 15.99, 16.0, 1000.0, -100000.0], 2);
+    run::<f16>(-65504.0, &[-15.0, -16.0], 1);
+    // bf16: max (2 − 2⁻⁷)·2¹²⁷, ulp 2¹²⁰; + (2¹¹⁹ − 2¹⁰⁴) is finite, + 2¹¹⁹ is Inf
+    let max = (2.0 - p(-7)) * p(127);
+    run::<bf16>(max, &[p(119) - p(104), p(119), p(120)], 2);
+    run::<bf16>(-max, &[-p(119)], 1);
+    // f32: max (2 − 2⁻²³)·2¹²⁷, ulp 2¹⁰⁴; + 2¹⁰² stays max, + 2¹⁰³ (a tie) is Inf
+    let max = f32::MAX as f64;
+    run::<f32>(max, &[p(102), p(103), -p(103)], 1);
+}
+
+/// NaN and ±Inf already in the base: no error (counted, `in_base`), and they stay NaN and the same
+/// Inf; every other element is merged as usual. With a NaN in the adapter too, a base element that
+/// was NaN already counts as in the base, not as made by the merge.
+#[test]
+fn nonfinite_in_the_base_passes_through() {
+    let (n, k, r) = (66, 70, 8);
+    fn run<T: Element, U: Element>(stream: u64, (n, k, r): (usize, usize, usize)) {
+        let mut rng = Rng::new(stream);
+        let mut w: Vec<T> = rng.vec(n * k, 1.0);
+        let a: Vec<U> = nonzero(&mut rng, r * k);
+        let b: Vec<U> = nonzero(&mut rng, n * r);
+        w[5] = T::from_f64(f64::NAN);
+        w[64 * k + 69] = T::from_f64(f64::INFINITY);
+        w[3 * k] = T::from_f64(f64::NEG_INFINITY);
+        let got = nonfinite_case(
+            "NaN, ±Inf in W",
+            &w,
+            &a,
+            &b,
+            (n, k, r),
+            2.0,
+            counts(0, 0, 3),
+        );
+        assert!(got[5].to_f64().is_nan());
+        assert_eq!(got[64 * k + 69].to_f64(), f64::INFINITY);
+        assert_eq!(got[3 * k].to_f64(), f64::NEG_INFINITY);
+        let finite = got.iter().filter(|v| v.to_f64().is_finite()).count();
+        assert_eq!(finite, n * k - 3);
+        // a NaN in A[1][5] too: column 5 is NaN; W[0][5] was NaN already
+        let mut bad = a.clone();
+        bad[k + 5] = U::from_f64(f64::NAN);
+        let want = counts(n as u64 - 1, 0, 3);
+        nonfinite_case("NaN in W and in A", &w, &bad, &b, (n, k, r), 2.0, want);
+    }
+    run::<bf16, bf16>(50, (n, k, r));
+    run::<bf16, f32>(51, (n, k, r));
+    run::<f16, f32>(52, (n, k, r));
+    run::<f32, f32>(53, (n, k, r));
+}

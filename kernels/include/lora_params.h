@@ -115,15 +115,28 @@ typedef struct LkSmallMParams {
 
 /* In-place merge (kernels/merge.cu): W ← round(W + scale·B·A), f32 arithmetic, one rounding per
  * element, one read and one write of W. W: n × k, A: rank × k, B: n × rank, dense. Unmerge is the same
- * kernel with -scale. */
+ * kernel with -scale.
+ *
+ * counts: NULL, or LK_MERGE_COUNTS u32 per block ([LK_MERGE_COUNTS][blocks], block = blockIdx.y ·
+ * gridDim.x + blockIdx.x), every one written by the kernel: the block's elements finite in W whose
+ * merged value (rounded to W's dtype) is NaN, those whose merged value is ±Inf, and those already NaN
+ * or ±Inf in W. No atomics: each block reduces its own counts, the host adds the blocks'.
+ * flags: LK_MERGE_COUNT_ONLY computes and counts without writing W (W is then only read). */
+#define LK_MERGE_COUNTS 3u
+#define LK_MERGE_COUNT_NAN 0u     /* finite in W, NaN after the merge */
+#define LK_MERGE_COUNT_INF 1u     /* finite in W, ±Inf after the merge */
+#define LK_MERGE_COUNT_IN_W 2u    /* NaN or ±Inf in W already */
+#define LK_MERGE_COUNT_ONLY 1u
 typedef struct LkMergeParams {
     void* w;
     const void* a;
     const void* b;
+    uint32_t* counts;
     uint32_t n;
     uint32_t k;
     uint32_t rank;
     float scale;
+    uint32_t flags;
 } LkMergeParams;
 
 #endif /* LORA_PARAMS_H */

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::kernel::{Kernel, kernels};
 use crate::params::*;
 use crate::plan::LaunchPlan;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, U32Buffer};
 
 /// Which way round the second operand is stored (see kernels/fused_gemm.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -365,7 +365,23 @@ pub(crate) fn lowrank_grad<T: Element>(
     )
 }
 
-/// In place: `w (n×k) ← round(w + scale·b·a)`.
+/// What the merge kernel does with W and whether it counts non-finite elements (kernels/merge.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MergeMode {
+    /// Writes W, counts nothing.
+    Write,
+    /// Writes W and counts, in the same pass.
+    WriteCount,
+    /// Counts only; W is read, never written.
+    CountOnly,
+}
+
+/// The merge kernel's counts, added over its blocks (see [`crate::ops::NonFiniteCounts`]).
+pub(crate) type MergeCounts = [u64; LK_MERGE_COUNTS as usize];
+
+/// In place (unless [`MergeMode::CountOnly`]): `w (n×k) ← round(w + scale·b·a)`; with counting, the
+/// block counts added on the host.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn merge<T: Element, U: Element>(
     op: &'static str,
     w: &mut Tensor<T>,
@@ -373,7 +389,8 @@ pub(crate) fn merge<T: Element, U: Element>(
     b: &Tensor<U>,
     (n, k, rank): (usize, usize, usize),
     scale: f32,
-) -> Result<()> {
+    mode: MergeMode,
+) -> Result<Option<MergeCounts>> {
     let kernel: &'static Kernel<LkMergeParams> = match (T::DTYPE, U::DTYPE) {
         (DType::BF16, DType::BF16) => &kernels::MERGE_BF16,
         (DType::BF16, DType::F32) => &kernels::MERGE_BF16_F32AD,
@@ -398,22 +415,59 @@ pub(crate) fn merge<T: Element, U: Element>(
         block: [LK_SIMT_THREADS, 1, 1],
         smem_bytes: 0,
     };
+    let blocks = plan.grid[0] as usize * plan.grid[1] as usize;
     let device = w.device().clone();
+    let params = |ptr: &[u64], counts: *mut u32, flags: u32| LkMergeParams {
+        w: ptr[2] as *mut _,
+        a: ptr[0] as *const _,
+        b: ptr[1] as *const _,
+        counts,
+        n: u32_of(n),
+        k: u32_of(k),
+        rank: u32_of(rank),
+        scale,
+        flags,
+    };
+    if mode == MergeMode::Write {
+        device.launch(
+            op,
+            kernel,
+            &plan,
+            &mut [Arg::In("a", a), Arg::In("b", b), Arg::Out("w", w)],
+            |ptr| params(ptr, std::ptr::null_mut(), 0),
+        )?;
+        return Ok(None);
+    }
+    let mut counts = U32Buffer::for_output(&device, LK_MERGE_COUNTS as usize * blocks)?;
+    let w_arg = match mode {
+        MergeMode::CountOnly => Arg::In("w", &*w),
+        _ => Arg::Out("w", w),
+    };
+    let flags = match mode {
+        MergeMode::CountOnly => LK_MERGE_COUNT_ONLY,
+        _ => 0,
+    };
     device.launch(
         op,
         kernel,
         &plan,
-        &mut [Arg::In("a", a), Arg::In("b", b), Arg::Out("w", w)],
-        |ptr| LkMergeParams {
-            w: ptr[2] as *mut _,
-            a: ptr[0] as *const _,
-            b: ptr[1] as *const _,
-            n: u32_of(n),
-            k: u32_of(k),
-            rank: u32_of(rank),
-            scale,
-        },
-    )
+        &mut [
+            Arg::In("a", a),
+            Arg::In("b", b),
+            w_arg,
+            Arg::Out("counts", &mut counts),
+        ],
+        |ptr| params(ptr, ptr[3] as *mut u32, flags),
+    )?;
+    let per_block = counts.to_vec()?;
+    let mut total = MergeCounts::default();
+    for (c, t) in total.iter_mut().enumerate() {
+        *t = per_block[c * blocks..(c + 1) * blocks]
+            .iter()
+            .map(|&v| v as u64)
+            .sum();
+    }
+    Ok(Some(total))
 }
 
 #[cfg(test)]

@@ -1,11 +1,69 @@
 //! In-place merge and unmerge of an adapter into its base weight (kernels/merge.cu):
 //! `W0 ← round(W0 ± s·B·A)`, f32 arithmetic, one rounding per element, one read and one write of W0.
+//!
+//! [`merge`]/[`unmerge`] write whatever comes out. [`safe_merge`]/[`safe_unmerge`] (PEFT's
+//! `merge(safe_merge=True)`) refuse to turn an element that is finite in W0 into NaN or ±Inf and then
+//! leave W0 as it was; [`merge_counted`]/[`unmerge_counted`] merge and count in one pass, for callers
+//! that keep the original W0 elsewhere (the checkpoint merge, which downloads the result only when the
+//! counts allow it). The counts come from the merge kernel itself (per-block sums, no atomics, the
+//! same on every run).
 
-use super::launch;
+use super::launch::{self, MergeMode};
 use super::validate;
 use crate::dtype::Element;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::params::{LK_MERGE_COUNT_IN_W, LK_MERGE_COUNT_INF, LK_MERGE_COUNT_NAN};
 use crate::tensor::Tensor;
+
+/// Non-finite elements of a merge, counted by the merge kernel in the pass that computes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NonFiniteCounts {
+    /// Elements finite in W0 that are NaN after the merge (a NaN in A or B, or ∞·0, ∞ − ∞ inside
+    /// s·B·A).
+    pub nan: u64,
+    /// Elements finite in W0 that are ±Inf after the merge (an Inf in A or B, or a merged value past
+    /// the range of W0's dtype, rounded to Inf).
+    pub inf: u64,
+    /// Elements already NaN or ±Inf in W0. Not an error: they go through the merge as the arithmetic
+    /// leaves them (an Inf stays that Inf unless s·B·A is NaN or the opposite Inf; a NaN stays NaN).
+    pub in_base: u64,
+}
+
+impl NonFiniteCounts {
+    /// Elements finite in W0 and NaN or ±Inf after the merge: what a safe merge refuses.
+    pub fn created(&self) -> u64 {
+        self.nan + self.inf
+    }
+
+    fn from_kernel(c: launch::MergeCounts) -> Self {
+        NonFiniteCounts {
+            nan: c[LK_MERGE_COUNT_NAN as usize],
+            inf: c[LK_MERGE_COUNT_INF as usize],
+            in_base: c[LK_MERGE_COUNT_IN_W as usize],
+        }
+    }
+
+    /// The error a safe merge returns for these counts (`created() > 0`): `target` names the weight,
+    /// `outcome` says what was left as it was.
+    pub(crate) fn error(
+        &self,
+        op: &'static str,
+        target: String,
+        elements: usize,
+        dtype: crate::DType,
+        outcome: &'static str,
+    ) -> Error {
+        Error::NonFiniteMerge {
+            op,
+            target,
+            nan: self.nan,
+            inf: self.inf,
+            elements: elements as u64,
+            dtype,
+            outcome,
+        }
+    }
+}
 
 fn merge_impl<T: Element, U: Element>(
     op: &'static str,
@@ -13,12 +71,33 @@ fn merge_impl<T: Element, U: Element>(
     a: &Tensor<U>,
     b: &Tensor<U>,
     scale: f32,
-) -> Result<()> {
+    mode: MergeMode,
+) -> Result<Option<NonFiniteCounts>> {
     let (n, k) = validate::matrix(op, "w0", w0, "[N, K]")?;
     let r = validate::adapter(op, a, b, (n, k), "the columns of w0")?;
     validate::finite(op, "scale", scale)?;
     validate::fits_u32(op, "w0", n * k)?;
-    launch::merge(op, w0, a, b, (n, k, r), scale)
+    let counts = launch::merge(op, w0, a, b, (n, k, r), scale, mode)?;
+    Ok(counts.map(NonFiniteCounts::from_kernel))
+}
+
+/// Checks first (a counting pass that only reads W0), then merges only when no finite element would
+/// become NaN or ±Inf: an in-place merge cannot undo its own writes without a copy of W0, and this
+/// costs one more read of W0 and the B·A products again, but no memory.
+fn safe_impl<T: Element, U: Element>(
+    op: &'static str,
+    w0: &mut Tensor<T>,
+    a: &Tensor<U>,
+    b: &Tensor<U>,
+    scale: f32,
+) -> Result<NonFiniteCounts> {
+    let counts = merge_impl(op, w0, a, b, scale, MergeMode::CountOnly)?
+        .expect("a counting launch returns counts");
+    if counts.created() > 0 {
+        return Err(counts.error(op, "w0".into(), w0.numel(), T::DTYPE, "w0 is unchanged"));
+    }
+    merge_impl(op, w0, a, b, scale, MergeMode::Write)?;
+    Ok(counts)
 }
 
 /// `W0 ← round(W0 + s·B·A)` in place. A [r, K], B [N, r] in f32 or in W0's dtype.
@@ -28,7 +107,7 @@ pub fn merge<T: Element, U: Element>(
     b: &Tensor<U>,
     scale: f32,
 ) -> Result<()> {
-    merge_impl("merge", w0, a, b, scale)
+    merge_impl("merge", w0, a, b, scale, MergeMode::Write).map(|_| ())
 }
 
 /// `W ← round(W − s·B·A)` in place: the inverse of [`merge`] up to the rounding of the merged value.
@@ -38,5 +117,53 @@ pub fn unmerge<T: Element, U: Element>(
     b: &Tensor<U>,
     scale: f32,
 ) -> Result<()> {
-    merge_impl("unmerge", w, a, b, -scale)
+    merge_impl("unmerge", w, a, b, -scale, MergeMode::Write).map(|_| ())
+}
+
+/// [`merge`], refusing to make a finite element of W0 NaN or ±Inf (PEFT's `safe_merge`): then it
+/// returns [`Error::NonFiniteMerge`] with the counts and W0 is unchanged. Elements already NaN or ±Inf
+/// in W0 are no error; the returned counts say how many (`in_base`). The merged bits are those of
+/// [`merge`]. Cost: two launches, a counting pass that reads W0 (and computes B·A) without writing,
+/// then the merge; no extra memory.
+pub fn safe_merge<T: Element, U: Element>(
+    w0: &mut Tensor<T>,
+    a: &Tensor<U>,
+    b: &Tensor<U>,
+    scale: f32,
+) -> Result<NonFiniteCounts> {
+    safe_impl("safe_merge", w0, a, b, scale)
+}
+
+/// [`unmerge`] with the check of [`safe_merge`].
+pub fn safe_unmerge<T: Element, U: Element>(
+    w: &mut Tensor<T>,
+    a: &Tensor<U>,
+    b: &Tensor<U>,
+    scale: f32,
+) -> Result<NonFiniteCounts> {
+    safe_impl("safe_unmerge", w, a, b, -scale)
+}
+
+/// [`merge`] and the non-finite counts of the result in the same pass (one launch, one read and one
+/// write of W0, as [`merge`]). W0 is written whatever the counts say: for callers that keep the
+/// original (a checkpoint merge works on a copy and keeps it only when `created() == 0`).
+pub fn merge_counted<T: Element, U: Element>(
+    w0: &mut Tensor<T>,
+    a: &Tensor<U>,
+    b: &Tensor<U>,
+    scale: f32,
+) -> Result<NonFiniteCounts> {
+    let counts = merge_impl("merge", w0, a, b, scale, MergeMode::WriteCount)?;
+    Ok(counts.expect("a counting launch returns counts"))
+}
+
+/// [`unmerge`] and its counts in one pass, as [`merge_counted`].
+pub fn unmerge_counted<T: Element, U: Element>(
+    w: &mut Tensor<T>,
+    a: &Tensor<U>,
+    b: &Tensor<U>,
+    scale: f32,
+) -> Result<NonFiniteCounts> {
+    let counts = merge_impl("unmerge", w, a, b, -scale, MergeMode::WriteCount)?;
+    Ok(counts.expect("a counting launch returns counts"))
 }

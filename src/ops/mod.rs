@@ -12,6 +12,8 @@ pub(crate) mod validate;
 pub use lora::{
     ForwardOutput, Gradients, lora_backward, lora_backward_into, lora_forward, lora_forward_into,
 };
-pub use merge::{merge, unmerge};
+pub use merge::{
+    NonFiniteCounts, merge, merge_counted, safe_merge, safe_unmerge, unmerge, unmerge_counted,
+};
 pub use scale::scale;
 pub use validate::MAX_RANK;
