@@ -112,6 +112,16 @@ __device__ __forceinline__ void mma(float d[4], const uint32_t a[4], const uint3
         lk_mma_m16n8k16_bf16(d, a, b, d);
 }
 
+// acc *= s, once, over the low-rank sum (exact f32 scaling, before any main tile is added).
+__device__ __forceinline__ void scale_acc(float (&acc)[4][4][4], float s) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] *= s;
+}
+
 template <typename T, bool NN, bool TA>
 __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
     constexpr bool F16 = IsF16<T>::value;
@@ -150,14 +160,7 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
             load_tile<T, NN, TA>(p, next, lt, as_all + (next % STAGES) * A_STAGE,
                                  bs_all + (next % STAGES) * B_STAGE, m0, n0, r_begin, r_end);
         lk_cp_async_commit();
-        if (kt == lt) {  // low-rank sum complete: scale it once, then accumulate the main GEMM on top
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[i][j][e] *= p.scale;
-        }
+        if (kt == lt) scale_acc(acc, p.scale);  // low-rank sum complete: scale it once, then the main GEMM
         const T* as = as_all + (kt % STAGES) * A_STAGE;
         const T* bs = bs_all + (kt % STAGES) * B_STAGE;
 #pragma unroll
@@ -193,14 +196,7 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
         }
     }
     lk_cp_async_wait<0>();
-    if (kt_total == lt) {  // no main tiles (k = 0): the low-rank sum is all there is; scale it now
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) acc[i][j][e] *= p.scale;
-    }
+    if (kt_total == lt) scale_acc(acc, p.scale);  // no main tiles (k = 0): the low-rank sum is all there is
     if (p.partial != nullptr) {  // split reduction: this chunk's f32 sums, no bias, no rounding
         float* part = p.partial + size_t(blockIdx.z) * p.m * p.n;
 #pragma unroll

@@ -18,6 +18,32 @@ enum Storage<T> {
     Host(GuardedBuf),
 }
 
+impl<T> Storage<T> {
+    /// (start address, length) of `bytes` bytes of this storage on `device`, for the aliasing check.
+    fn byte_range(&self, device: &Device, bytes: usize) -> (u64, u64) {
+        match self {
+            Storage::Cuda(s) => {
+                let stream = cuda_stream(device);
+                let (ptr, _guard) = cudarc::driver::DevicePtr::device_ptr(s, stream);
+                (ptr, bytes as u64)
+            }
+            Storage::Host(h) => (h.data_ptr() as u64, bytes as u64),
+        }
+    }
+    fn as_ref(&self) -> StorageRef<'_> {
+        match self {
+            Storage::Cuda(s) => StorageRef::Cuda(s),
+            Storage::Host(h) => StorageRef::Host(h),
+        }
+    }
+    fn as_mut(&mut self) -> StorageMut<'_> {
+        match self {
+            Storage::Cuda(s) => StorageMut::Cuda(s),
+            Storage::Host(h) => StorageMut::Host(h),
+        }
+    }
+}
+
 impl<T: Element> std::fmt::Debug for Tensor<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -245,27 +271,14 @@ impl<T: Element> RawBuffer for Tensor<T> {
         &self.device
     }
     fn byte_range(&self) -> (u64, u64) {
-        let bytes = (self.numel() * std::mem::size_of::<T>()) as u64;
-        match &self.storage {
-            Storage::Cuda(s) => {
-                let stream = cuda_stream(&self.device);
-                let (ptr, _guard) = cudarc::driver::DevicePtr::device_ptr(s, stream);
-                (ptr, bytes)
-            }
-            Storage::Host(h) => (h.data_ptr() as u64, bytes),
-        }
+        self.storage
+            .byte_range(&self.device, self.numel() * std::mem::size_of::<T>())
     }
     fn storage(&self) -> StorageRef<'_> {
-        match &self.storage {
-            Storage::Cuda(s) => StorageRef::Cuda(s),
-            Storage::Host(h) => StorageRef::Host(h),
-        }
+        self.storage.as_ref()
     }
     fn storage_mut(&mut self) -> StorageMut<'_> {
-        match &mut self.storage {
-            Storage::Cuda(s) => StorageMut::Cuda(s),
-            Storage::Host(h) => StorageMut::Host(h),
-        }
+        self.storage.as_mut()
     }
 }
 
@@ -312,27 +325,13 @@ impl RawBuffer for U32Buffer {
         &self.device
     }
     fn byte_range(&self) -> (u64, u64) {
-        let bytes = (self.len * 4) as u64;
-        match &self.storage {
-            Storage::Cuda(s) => {
-                let stream = cuda_stream(&self.device);
-                let (ptr, _guard) = cudarc::driver::DevicePtr::device_ptr(s, stream);
-                (ptr, bytes)
-            }
-            Storage::Host(h) => (h.data_ptr() as u64, bytes),
-        }
+        self.storage.byte_range(&self.device, self.len * 4)
     }
     fn storage(&self) -> StorageRef<'_> {
-        match &self.storage {
-            Storage::Cuda(s) => StorageRef::Cuda(s),
-            Storage::Host(h) => StorageRef::Host(h),
-        }
+        self.storage.as_ref()
     }
     fn storage_mut(&mut self) -> StorageMut<'_> {
-        match &mut self.storage {
-            Storage::Cuda(s) => StorageMut::Cuda(s),
-            Storage::Host(h) => StorageMut::Host(h),
-        }
+        self.storage.as_mut()
     }
 }
 
