@@ -13,14 +13,14 @@ use common::peft::{Agreement, compare};
 use lora_kernels::peft::PeftAdapter;
 
 /// The CLI under test: `LK_CLI_BIN` if set, else the binary cargo built next to this test, else (when
-/// the test binary was copied to a machine without the build tree, as `../shared/gpu/pack.sh` does)
-/// the packed `.gpu/bin/bin-lora-kernels` under the current directory.
+/// the test binary was copied away from its build tree, as scripts/pack.sh does) `bin/lora-kernels`
+/// under the current directory (a packed folder's root).
 fn bin_path() -> PathBuf {
     if let Some(p) = std::env::var_os("LK_CLI_BIN") {
         return PathBuf::from(p);
     }
     let built = PathBuf::from(env!("CARGO_BIN_EXE_lora-kernels"));
-    let packed = PathBuf::from(".gpu/bin/bin-lora-kernels");
+    let packed = PathBuf::from("bin/lora-kernels");
     if !built.exists() && packed.exists() {
         return packed;
     }
@@ -31,17 +31,18 @@ fn bin() -> Command {
     Command::new(bin_path())
 }
 
-/// A fresh empty directory under the target dir's tmp (or the system temp dir where the build tree
-/// is absent).
+/// A fresh empty directory under the target dir's tmp, or the system temp dir where the build tree
+/// is absent (a test binary copied to another machine).
 fn scratch(name: &str) -> PathBuf {
     let leaf = format!("lk-cli-{name}-{}", std::process::id());
-    let mut dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(&leaf);
+    let built = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let dir = if built.is_dir() {
+        built.join(&leaf)
+    } else {
+        std::env::temp_dir().join(&leaf)
+    };
     let _ = std::fs::remove_dir_all(&dir);
-    if std::fs::create_dir_all(&dir).is_err() {
-        dir = std::env::temp_dir().join(&leaf);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-    }
+    std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 

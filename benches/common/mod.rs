@@ -386,7 +386,7 @@ fn gemm(
 
 /// A cuBLAS handle on the device's stream, or why there is none. cudarc loads libcublas at run time
 /// by name (`libcublas.so`, `libcublas.so.13`), so a cuBLAS that only lives in a Python package must be
-/// put on `LD_LIBRARY_PATH` (scripts/gpu-extra.sh does that on the GPU machine).
+/// put on `LD_LIBRARY_PATH` (scripts/gpu-env.sh does that; scripts/gpu-check.sh sources it).
 pub fn blas(dev: &Device) -> std::result::Result<Arc<CudaBlas>, String> {
     let cuda = dev.as_cuda().ok_or("the baselines need a CUDA device")?;
     // SAFETY: only tries to dlopen the cuBLAS library.

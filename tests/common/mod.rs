@@ -103,16 +103,22 @@ impl Rng {
     }
 }
 
-/// A fixture file; relative to the current directory when the build-time path is gone (test binaries
-/// run from the repository root on a machine without Rust, see ../shared/gpu/pack.sh).
+/// A fixture file under tests/fixtures/peft. The fixtures directory is `LK_FIXTURES` when set (a
+/// packed folder's runner sets it: scripts/pack.sh), else the build-time one, else `tests/fixtures`
+/// under the current directory (a test binary copied away from its build tree).
 pub fn fixture(name: &str) -> PathBuf {
-    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft");
-    let dir = if built.is_dir() {
-        built
-    } else {
-        PathBuf::from("tests/fixtures/peft")
+    let fixtures = match std::env::var_os("LK_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+            if built.is_dir() {
+                built
+            } else {
+                PathBuf::from("tests/fixtures")
+            }
+        }
     };
-    dir.join(name)
+    fixtures.join("peft").join(name)
 }
 
 /// A safetensors file, read whole.

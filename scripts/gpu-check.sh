@@ -1,0 +1,237 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command: the tests with LK_REQUIRE_GPU=1, compute-sanitizer memcheck and
+# racecheck over every test binary, the finetune example, the perf table and the criterion benches
+# (and, with --profile, Nsight Compute: scripts/gpu-profile.sh). Every result goes into --out DIR; it
+# ends with the test summary and the perf table, and exits non-zero if anything failed.
+#
+#   bash scripts/gpu-check.sh --out DIR [options]      from the repository (builds with cargo --release)
+#   bash <folder>/gpu-check.sh --out DIR [options]     inside a folder made by scripts/pack.sh (no cargo)
+#
+# Options:
+#   --out DIR         where the results go (default: ./gpu-check-out)
+#   --allow-no-gpu    a dry run on a machine without a GPU: GPU tests skip instead of failing, and the
+#                     sanitizer and Nsight Compute steps are skipped; without it, no GPU is an error
+#   --quick           perf table and benches on the headline cases only (LK_BENCH_QUICK=1)
+#   --skip-sanitizer  no compute-sanitizer step
+#   --skip-bench      no criterion step
+#   --profile         also run Nsight Compute over examples/profile_step.rs (scripts/gpu-profile.sh)
+#
+# Files in DIR: device.txt, tests/<binary>.log, tests-summary.txt, sanitizer/<tool>-<binary>.log,
+# sanitizer-summary.txt, finetune.txt, perf_table.md, criterion.txt (+ criterion/), ncu/ (--profile),
+# and <date>-<device>.md: the record for docs/perf/ (device, driver, date, commit, all of the above).
+set -u
+
+results=./gpu-check-out allow_no_gpu=0 quick=0 sanitize=1 bench=1 profile=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --out) results=${2:?--out needs a directory}; shift 2 ;;
+    --out=*) results=${1#--out=}; shift ;;
+    --allow-no-gpu) allow_no_gpu=1; shift ;;
+    --quick) quick=1; shift ;;
+    --skip-sanitizer) sanitize=0; shift ;;
+    --skip-bench) bench=0; shift ;;
+    --profile) profile=1; shift ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$results" && results=$(cd "$results" && pwd) || { echo "gpu-check: cannot create $results" >&2; exit 2; }
+here=$(cd "$(dirname "$0")" && pwd)
+case $here$results in *[[:space:]]*) echo "gpu-check: paths with spaces are not supported ($here, $results)" >&2; exit 2 ;; esac
+[ "$quick" = 1 ] && export LK_BENCH_QUICK=1
+
+fail=0
+failed() { echo "FAILED: $*" | tee -a "$results/failures.txt"; fail=1; }
+: > "$results/failures.txt"
+
+# --- where the binaries are: a packed folder (pack-info.txt beside this script) or the repository
+if [ -f "$here/pack-info.txt" ]; then
+  root=$here
+  cd "$root"
+  export LK_FIXTURES=$root/tests/fixtures LK_CLI_BIN=$root/bin/lora-kernels
+  commit=$(sed -n 's/^commit: //p' pack-info.txt)
+  echo "packed folder $root"; cat pack-info.txt
+  tests=$(ls "$root"/bin/test/* 2>/dev/null)
+  perf_table=$root/bin/example/perf_table finetune=$root/bin/example/finetune profile_step=$root/bin/example/profile_step
+  benches=$(ls "$root"/bin/bench/* 2>/dev/null)
+else
+  root=$(cd "$here/.." && pwd)
+  cd "$root"
+  command -v cargo >/dev/null || { echo "gpu-check: no cargo here and no packed folder (pack-info.txt): build one with scripts/pack.sh" >&2; exit 2; }
+  commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+  [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && commit="$commit (with uncommitted changes)"
+  if [ -z "${NVCC:-}" ] && ! command -v nvcc >/dev/null && [ -z "${CUDA_HOME:-}${CUDA_PATH:-}" ]; then
+    NVCC=$(bash scripts/install-cuda-toolchain.sh | tail -n 1) && export NVCC
+  fi
+  export LK_REQUIRE_NVCC=1
+  echo "== build (cargo, release; LK_CUDA_ARCHS=${LK_CUDA_ARCHS:-default})"
+  source scripts/cargo-artifacts.sh
+  lk_cargo_artifacts > "$results/artifacts.txt" || { echo "gpu-check: the build failed" >&2; exit 1; }
+  # the same layout as a packed folder, as links to cargo's executables
+  rm -rf "$results/bin"; mkdir -p "$results/bin/test" "$results/bin/bench" "$results/bin/example"
+  while read -r kind name exe; do
+    [ "$kind" = cli ] || ln -s "$exe" "$results/bin/$kind/$name"
+  done < "$results/artifacts.txt"
+  tests=$(ls "$results"/bin/test/* 2>/dev/null)
+  benches=$(ls "$results"/bin/bench/* 2>/dev/null)
+  perf_table=$results/bin/example/perf_table finetune=$results/bin/example/finetune
+  profile_step=$results/bin/example/profile_step
+fi
+[ -n "$tests" ] || { echo "gpu-check: no test binaries found" >&2; exit 2; }
+export CRITERION_HOME=$results/criterion
+name_of() { basename "$1"; }
+
+# --- the GPU
+echo "== device"
+gpu=0
+if command -v nvidia-smi >/dev/null && nvidia-smi -L > "$results/device.txt" 2>&1 && grep -q '^GPU ' "$results/device.txt"; then
+  gpu=1
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,compute_cap --format=csv \
+    > "$results/device.txt" 2>&1
+  cat "$results/device.txt"
+else
+  why=$(command -v nvidia-smi >/dev/null && head -n 1 "$results/device.txt" || echo 'not installed')
+  echo "no NVIDIA GPU found (nvidia-smi: $why)" | tee "$results/device.txt"
+  if [ "$allow_no_gpu" != 1 ]; then
+    echo "gpu-check: this is a GPU check and there is no GPU; --allow-no-gpu runs it without one (a dry run)" >&2
+    exit 2
+  fi
+  echo "--allow-no-gpu: GPU tests skip, no sanitizer, no Nsight Compute"
+fi
+source "$here/gpu-env.sh" > "$results/cublas.txt"; cat "$results/cublas.txt"
+if [ "$gpu" = 1 ]; then export LK_REQUIRE_GPU=1; else unset LK_REQUIRE_GPU; fi
+
+# --- the tests: counted here, from each binary's "test result:" lines and its exit status
+echo "== tests (LK_REQUIRE_GPU=${LK_REQUIRE_GPU:-unset})"
+mkdir -p "$results/tests"
+passed=0 nfailed=0 ignored=0 bad_bins=0
+: > "$results/tests-summary.txt"
+for t in $tests; do
+  n=$(name_of "$t"); log=$results/tests/$n.log
+  s=$(date +%s)
+  "$t" --test-threads=1 > "$log" 2>&1; rc=$?
+  p=$(sed -nE 's/^test result: [A-Za-z]+\. ([0-9]+) passed.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
+  f=$(sed -nE 's/^test result: .* ([0-9]+) failed.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
+  i=$(sed -nE 's/^test result: .* ([0-9]+) ignored.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
+  passed=$((passed + p)) nfailed=$((nfailed + f)) ignored=$((ignored + i))
+  if [ "$rc" != 0 ] || [ "$f" != 0 ] || ! grep -q '^test result: ' "$log"; then
+    bad_bins=$((bad_bins + 1))
+    line="$n: FAILED (exit $rc; $p passed, $f failed, $i ignored)"
+    [ "$rc" != 0 ] && [ "$f" = 0 ] && line="$line: crashed or exited non-zero, see tests/$n.log"
+  else
+    line="$n: ok ($p passed, $i ignored)"
+  fi
+  line="$line, $(( $(date +%s) - s )) s"
+  echo "$line" | tee -a "$results/tests-summary.txt"
+  grep -E '^test .* \.\.\. FAILED$|^---- .* stdout ----$' "$log" | sed 's/^/    /' >> "$results/tests-summary.txt"
+done
+total="tests: $passed passed, $nfailed failed, $ignored ignored; $bad_bins of $(echo "$tests" | wc -w) binaries failed"
+[ "$gpu" = 0 ] && total="$total (no GPU: the GPU part of each test was skipped)"
+echo "$total" | tee -a "$results/tests-summary.txt"
+[ "$bad_bins" = 0 ] || failed "$bad_bins test binaries ($nfailed failing tests): $results/tests-summary.txt"
+
+# --- compute-sanitizer
+find_tool() {
+  command -v "$1" 2>/dev/null && return
+  for d in "${CUDA_HOME:-}" "${CUDA_PATH:-}" /usr/local/cuda; do
+    [ -n "$d" ] && [ -x "$d/bin/$1" ] && { echo "$d/bin/$1"; return; }
+  done
+  for f in /usr/local/cuda/compute-sanitizer/"$1" /opt/nvidia/nsight-compute/*/"$1" /usr/local/cuda/nsight-compute*/"$1"; do
+    [ -x "$f" ] && { echo "$f"; return; }
+  done
+  return 1
+}
+: > "$results/sanitizer-summary.txt"
+if [ "$sanitize" = 0 ]; then
+  echo "== compute-sanitizer: skipped (--skip-sanitizer)" | tee "$results/sanitizer-summary.txt"
+elif [ "$gpu" = 0 ]; then
+  echo "== compute-sanitizer: skipped (no GPU, --allow-no-gpu)" | tee "$results/sanitizer-summary.txt"
+elif ! cs=$(find_tool compute-sanitizer); then
+  echo "== compute-sanitizer: not found (it ships with the CUDA toolkit; put it on PATH or set CUDA_HOME)" \
+    | tee "$results/sanitizer-summary.txt"
+  failed "compute-sanitizer not found (--skip-sanitizer to leave it out)"
+else
+  echo "== compute-sanitizer ($cs)"
+  mkdir -p "$results/sanitizer"
+  for tool in memcheck racecheck; do
+    for t in $tests; do
+      n=$(name_of "$t"); log=$results/sanitizer/$tool-$n.log
+      # LK_SANITIZE=1: the tests pick fewer property cases under the sanitizer
+      LK_SANITIZE=1 timeout "${LK_SANITIZER_TIMEOUT:-3600}" "$cs" --tool "$tool" --error-exitcode 9 \
+        "$t" --test-threads=1 > "$log" 2>&1; rc=$?
+      errs=$(sed -nE 's/^========= ERROR SUMMARY: ([0-9]+) error.*/\1/p' "$log" | tail -n 1)
+      if [ "$rc" = 0 ]; then
+        echo "$tool $n: ok (${errs:-0} errors)" | tee -a "$results/sanitizer-summary.txt"
+      else
+        echo "$tool $n: FAILED (exit $rc, ${errs:-?} errors; sanitizer/$tool-$n.log)" | tee -a "$results/sanitizer-summary.txt"
+        failed "$tool $n"
+      fi
+    done
+  done
+fi
+
+# --- the finetune example, the perf table, the benches
+echo "== finetune example"
+"$finetune" > "$results/finetune.txt" 2>&1 || failed "finetune example (finetune.txt)"
+tail -n 12 "$results/finetune.txt"
+
+echo "== perf table"
+{ echo "commit: $commit"; echo "date: $(date -u +%F)"; echo; } > "$results/perf_table.md"
+"$perf_table" >> "$results/perf_table.md" 2> "$results/perf_table.stderr"; rc=$?
+[ "$rc" = 0 ] || failed "perf table (exit $rc; perf_table.stderr)"
+grep -q MISMATCH "$results/perf_table.md" && failed "perf table: a row is marked MISMATCH (ours differs from cuBLAS)"
+[ "$gpu" = 1 ] && grep -q 'perf_table skipped' "$results/perf_table.md" && failed "perf table skipped on a GPU machine"
+
+if [ "$bench" = 1 ]; then
+  echo "== criterion benches"
+  : > "$results/criterion.txt"
+  for b in $benches; do
+    "$b" --bench >> "$results/criterion.txt" 2>&1 || failed "bench $(name_of "$b") (criterion.txt)"
+  done
+  grep -E 'skipped|time:' "$results/criterion.txt" | head -n 40
+else
+  echo "== criterion benches: skipped (--skip-bench)"
+fi
+
+if [ "$profile" = 1 ]; then
+  if [ "$gpu" = 0 ]; then
+    echo "== Nsight Compute: skipped (no GPU, --allow-no-gpu)"
+  else
+    echo "== Nsight Compute"
+    bash "$here/gpu-profile.sh" --out "$results/ncu" --bin "$profile_step" || failed "Nsight Compute (ncu/)"
+  fi
+fi
+
+# --- the record for docs/perf/
+date=$(date -u +%F)
+if [ "$gpu" = 1 ]; then
+  device=$(sed -n 2p "$results/device.txt" | cut -d, -f1 | tr 'A-Z' 'a-z' | sed -E 's/^nvidia //; s/[^a-z0-9]+/-/g; s/^-|-$//g')
+else
+  device=no-gpu
+fi
+record=$results/$date-$device.md
+{
+  echo "# $device, $date"
+  echo
+  echo "- device (name, driver, memory, max SM clock, compute capability): $(if [ "$gpu" = 1 ]; then sed -n 2p "$results/device.txt"; else head -n 1 "$results/device.txt"; fi)"
+  echo "- commit: $commit"
+  echo "- date: $date; command: gpu-check.sh$([ "$quick" = 1 ] && echo ' --quick')"
+  echo
+  echo "## Tests"; echo; echo '```'; cat "$results/tests-summary.txt"; echo '```'; echo
+  echo "## compute-sanitizer"; echo; echo '```'; cat "$results/sanitizer-summary.txt"; echo '```'; echo
+  echo "## Perf table"; echo; sed '1,3d' "$results/perf_table.md"; echo
+  echo "## Targets (docs/perf/README.md): mark each met or missed with the measured ratio"
+} > "$record"
+
+echo
+echo "== summary"
+cat "$results/tests-summary.txt"
+echo
+cat "$results/perf_table.md"
+echo
+echo "results: $results (record for docs/perf/: $(basename "$record"))"
+if [ "$fail" != 0 ]; then
+  echo "GPU CHECK FAILED:"; cat "$results/failures.txt"
+  exit 1
+fi
+if [ "$gpu" = 1 ]; then echo "GPU check passed"; else echo "dry run passed (no GPU: nothing ran on a GPU)"; fi

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Builds everything the GPU check runs into one self-contained folder, for a GPU host without Rust:
+# the release test binaries, the criterion bench, the examples (perf_table, profile_step, finetune),
+# the CLI, the test fixtures and the runner (gpu-check.sh). That host needs only the NVIDIA driver (and
+# cuBLAS, compute-sanitizer and Nsight Compute for those steps: see README, "On a GPU").
+#
+#   LK_CUDA_ARCHS=90 bash scripts/pack.sh --out DIR     (default DIR: ./gpu-pack; LK_CUDA_ARCHS default 80,86,89,90)
+#   then, on the GPU host: bash DIR/gpu-check.sh --out RESULTS
+#
+# Layout: gpu-check.sh gpu-profile.sh gpu-env.sh pack-info.txt, bin/test/<name>, bin/bench/<name>,
+# bin/example/<name>, bin/lora-kernels, tests/fixtures/. The runner cds into the folder and sets
+# LK_FIXTURES and LK_CLI_BIN, so the test binaries find the fixtures and the CLI there.
+set -euo pipefail
+pack=./gpu-pack
+while [ $# -gt 0 ]; do
+  case $1 in
+    --out) pack=${2:?--out needs a directory}; shift 2 ;;
+    --out=*) pack=${1#--out=}; shift ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "pack: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$pack"; pack=$(cd "$pack" && pwd)
+cd "$(dirname "$0")/.."
+case $pack/ in "$PWD"/src/*|"$PWD"/tests/*|"$PWD"/scripts/*) echo "pack: --out inside the sources" >&2; exit 2 ;; esac
+
+# the kernels must be compiled by nvcc: a pack without them would only run the emulator
+if [ -z "${NVCC:-}" ] && ! command -v nvcc >/dev/null && [ -z "${CUDA_HOME:-}${CUDA_PATH:-}" ]; then
+  NVCC=$(bash scripts/install-cuda-toolchain.sh | tail -n 1); export NVCC
+fi
+export LK_REQUIRE_NVCC=1
+echo "pack: building (release, LK_CUDA_ARCHS=${LK_CUDA_ARCHS:-80,86,89,90})"
+source scripts/cargo-artifacts.sh
+artifacts=$(lk_cargo_artifacts)
+
+rm -rf "$pack/bin" "$pack/tests"
+mkdir -p "$pack/bin/test" "$pack/bin/bench" "$pack/bin/example" "$pack/tests"
+while read -r kind name exe; do
+  case $kind in
+    cli) dest=$pack/bin/$name ;;
+    *) dest=$pack/bin/$kind/$name ;;
+  esac
+  cp "$exe" "$dest"
+  strip "$dest" 2>/dev/null || true
+done <<< "$artifacts"
+cp -r tests/fixtures "$pack/tests/fixtures"
+cp scripts/gpu-check.sh scripts/gpu-profile.sh scripts/gpu-env.sh "$pack/"
+chmod +x "$pack"/*.sh
+commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && commit="$commit (with uncommitted changes)"
+nvcc_bin=${NVCC:-$(command -v nvcc || echo "${CUDA_HOME:-$CUDA_PATH}/bin/nvcc")}
+{
+  echo "commit: $commit"
+  echo "packed: $(date -u +%F)"
+  echo "archs: ${LK_CUDA_ARCHS:-80,86,89,90}"
+  echo "nvcc: $("$nvcc_bin" --version 2>/dev/null | grep -o 'release [0-9.]*' || echo unknown)"
+  echo "rustc: $(rustc --version 2>/dev/null || echo unknown)"
+  echo "binaries: $(echo "$artifacts" | wc -l)"
+} > "$pack/pack-info.txt"
+cat "$pack/pack-info.txt"
+du -sh "$pack"
