@@ -29,14 +29,12 @@
 namespace {
 constexpr int BM = LK_FUSED_GEMM_BM, BN = LK_FUSED_GEMM_BN, BK = 32, STAGES = 3;
 constexpr int THREADS = LK_FUSED_GEMM_THREADS;
-constexpr int A_LD = BK + 8;    // A tile [BM][A_LD]
-constexpr int BT_LD = BK + 8;   // nt-B tile [BN][BT_LD]
-constexpr int BNN_LD = BN + 8;  // nn-B tile [BK][BNN_LD]
-constexpr int AT_LD = BM + 8;   // transposed-A tile [BK][AT_LD]
-constexpr int A_STAGE = BM * A_LD;
-constexpr int B_STAGE = BN * BT_LD;
-static_assert(BK * BNN_LD <= B_STAGE, "nn-B tile fits the B stage");
-static_assert(BK * AT_LD <= A_STAGE, "transposed-A tile fits the A stage");
+static_assert(BM == BN, "A and B tiles share one layout per storage order");
+constexpr int ROW_LD = BK + 8;   // an outer-major tile [128][ROW_LD] (A, nt-B)
+constexpr int KMAJ_LD = BM + 8;  // a k-major tile [BK][KMAJ_LD] (nn-B, transposed A)
+constexpr int A_STAGE = BM * ROW_LD;
+constexpr int B_STAGE = BN * ROW_LD;
+static_assert(BK * KMAJ_LD <= A_STAGE && BK * KMAJ_LD <= B_STAGE, "k-major tiles fit the stages");
 static_assert(STAGES * (A_STAGE + B_STAGE) * 2 == LK_FUSED_GEMM_SMEM_BYTES, "header and kernel agree");
 
 // One 8-element (16-byte) chunk of row `row` starting at column `col` (both in the operand's own
@@ -63,6 +61,26 @@ __device__ __forceinline__ void load_chunk(T* dst, const T* base, uint32_t row, 
     }
 }
 
+// One operand's BK-wide k-slice into shared memory, 2 chunks of 8 elements per thread. `outer` is the
+// operand's m (A, L) or n (B, R) dimension, 128 wide in the tile. Stored outer-major (KMAJOR false): 128
+// rows of 4 chunks along k, tile [128][ROW_LD]; stored k-major: BK rows of 16 chunks along outer, tile
+// [BK][KMAJ_LD]. Either way ldmatrix (.trans for k-major) yields the same fragments.
+template <bool KMAJOR, typename T>
+__device__ __forceinline__ void load_operand(T* dst, const T* src, uint32_t o0, uint32_t nouter, uint32_t ld,
+                                             uint32_t k0, uint32_t kext, bool vec) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const uint32_t c = threadIdx.x + i * THREADS;
+        if (!KMAJOR) {
+            const uint32_t row = c / 4, kc = (c % 4) * 8;
+            load_chunk(dst + row * ROW_LD + kc, src, o0 + row, nouter, ld, k0 + kc, kext, vec);
+        } else {
+            const uint32_t row = c / 16, oc = (c % 16) * 8;
+            load_chunk(dst + row * KMAJ_LD + oc, src, k0 + row, kext, ld, o0 + oc, nouter, vec);
+        }
+    }
+}
+
 // Loads virtual k-tile `kt` (tiles < lt are low-rank tiles of L/R over [r_begin, r_end), the rest main
 // tiles of A/B).
 template <typename T, bool NN, bool TA>
@@ -76,29 +94,8 @@ __device__ __forceinline__ void load_tile(const LkFusedGemmParams& p, int kt, in
     const uint32_t k0 = low ? r_begin + uint32_t(kt) * BK : uint32_t(kt - lt) * BK;
     const bool a_vec = p.flags & (low ? LK_ALIGNED_L : LK_ALIGNED_A);
     const bool b_vec = p.flags & (low ? LK_ALIGNED_R : LK_ALIGNED_B);
-    const uint32_t tid = threadIdx.x;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const uint32_t c = tid + i * THREADS;
-        if (!TA) {  // A stored m-major: BM rows × 4 chunks along k
-            const uint32_t row = c / 4, kc = (c % 4) * 8;
-            load_chunk(as + row * A_LD + kc, a, m0 + row, p.m, lda, k0 + kc, kext, a_vec);
-        } else {  // A stored k-major: BK rows × 16 chunks along m
-            const uint32_t row = c / 16, mc = (c % 16) * 8;
-            load_chunk(as + row * AT_LD + mc, a, k0 + row, kext, lda, m0 + mc, p.m, a_vec);
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const uint32_t c = tid + i * THREADS;
-        if (!NN) {  // B stored n-major: BN rows × 4 chunks along k
-            const uint32_t row = c / 4, kc = (c % 4) * 8;
-            load_chunk(bs + row * BT_LD + kc, b, n0 + row, p.n, ldb, k0 + kc, kext, b_vec);
-        } else {  // B stored k-major: BK rows × 16 chunks along n
-            const uint32_t row = c / 16, nc = (c % 16) * 8;
-            load_chunk(bs + row * BNN_LD + nc, b, k0 + row, kext, ldb, n0 + nc, p.n, b_vec);
-        }
-    }
+    load_operand<TA>(as, a, m0, p.m, lda, k0, kext, a_vec);
+    load_operand<NN>(bs, b, n0, p.n, ldb, k0, kext, b_vec);
 }
 
 template <typename T> struct IsF16 { static constexpr bool value = false; };
@@ -169,11 +166,11 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
 #pragma unroll
             for (int mi = 0; mi < 4; ++mi) {
                 if (!TA) {
-                    lk_ldmatrix_x4(af[mi], as + (wm * 64 + mi * 16 + lane % 16) * A_LD + kk + (lane / 16) * 8);
+                    lk_ldmatrix_x4(af[mi], as + (wm * 64 + mi * 16 + lane % 16) * ROW_LD + kk + (lane / 16) * 8);
                 } else {  // matrices (m 0-7 | 8-15) × (k 0-7 | 8-15) from k-major rows, transposed
                     const uint32_t mat = lane / 8, rin = lane % 8;
                     lk_ldmatrix_x4_trans(af[mi],
-                                         as + (kk + (mat >> 1) * 8 + rin) * AT_LD + wm * 64 + mi * 16 + (mat & 1) * 8);
+                                         as + (kk + (mat >> 1) * 8 + rin) * KMAJ_LD + wm * 64 + mi * 16 + (mat & 1) * 8);
                 }
             }
 #pragma unroll
@@ -181,9 +178,9 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
                 uint32_t r[4];
                 const uint32_t mat = lane / 8, rin = lane % 8;
                 if (!NN)
-                    lk_ldmatrix_x4(r, bs + (wn * 32 + np * 16 + (mat >> 1) * 8 + rin) * BT_LD + kk + (mat & 1) * 8);
+                    lk_ldmatrix_x4(r, bs + (wn * 32 + np * 16 + (mat >> 1) * 8 + rin) * ROW_LD + kk + (mat & 1) * 8);
                 else
-                    lk_ldmatrix_x4_trans(r, bs + (kk + (mat & 1) * 8 + rin) * BNN_LD + wn * 32 + np * 16 + (mat >> 1) * 8);
+                    lk_ldmatrix_x4_trans(r, bs + (kk + (mat & 1) * 8 + rin) * KMAJ_LD + wn * 32 + np * 16 + (mat >> 1) * 8);
                 bf[np * 2][0] = r[0];
                 bf[np * 2][1] = r[1];
                 bf[np * 2 + 1][0] = r[2];

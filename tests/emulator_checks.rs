@@ -457,10 +457,6 @@ fn unchecked_emulator_gives_the_same_bits_and_skips_the_checks() {
         checks: false,
         ..EmuConfig::default()
     };
-    run_planted_unchecked(&l, &off);
-}
-
-fn run_planted_unchecked(l: &Launch, cfg: &EmuConfig) {
-    assert!(run(l, &EmuConfig::default(), 1, false).is_err());
-    run(l, cfg, 1, false).expect("with checks off the discarded read is not reported");
+    assert!(self::run(&l, &EmuConfig::default(), 1, false).is_err());
+    self::run(&l, &off, 1, false).expect("with checks off the discarded read is not reported");
 }

@@ -16,6 +16,8 @@ pub(crate) enum Orient {
     Nt,
     /// Stored reduction-major (`W0` as N×K for `dY·W0`): the backward's dX and U.
     Nn,
+    /// As `Nn`, with the first operands (A, L) stored transposed too: the gradients `dYᵀ·T`, `Uᵀ·X`.
+    Tn,
 }
 
 fn pick<P>(
@@ -71,7 +73,7 @@ pub(crate) fn project<T: Element>(
         rank: 0,
         scale: 1.0,
     };
-    fused_gemm(op, &g, out)
+    fused_gemm(op, &g, out, None)
 }
 
 /// Operands of the fused GEMM, all dense row-major.
@@ -89,11 +91,21 @@ pub(crate) struct FusedGemm<'a, T: Element> {
     pub scale: f32,
 }
 
-/// `c (m×n) = a·op(b) + scale·l·op(r) (+ bias)` in one tensor-core kernel.
+/// A reduction over `rank` cut into `splits` fixed chunks of `per_split` (grid z): each block writes its
+/// chunk's unscaled f32 sums to `partial` [splits, m, n] instead of C (`lowrank_finalize` adds them).
+pub(crate) struct Split<'a> {
+    pub splits: usize,
+    pub per_split: usize,
+    pub partial: &'a mut Tensor<f32>,
+}
+
+/// `c (m×n) = a·op(b) + scale·l·op(r) (+ bias)` in one tensor-core kernel; with `split`, the partial
+/// sums of the low-rank part instead (c is then left alone).
 pub(crate) fn fused_gemm<T: Element>(
     op: &'static str,
     g: &FusedGemm<'_, T>,
     c: &mut Tensor<T>,
+    split: Option<Split<'_>>,
 ) -> Result<()> {
     let kernel = match g.orient {
         Orient::Nt => pick(
@@ -108,30 +120,46 @@ pub(crate) fn fused_gemm<T: Element>(
             &kernels::FUSED_GEMM_NN_BF16,
             &kernels::FUSED_GEMM_NN_F16,
         )?,
+        Orient::Tn => pick(
+            op,
+            T::DTYPE,
+            &kernels::FUSED_GEMM_TN_BF16,
+            &kernels::FUSED_GEMM_TN_F16,
+        )?,
     };
     let blocks_m = g.m.div_ceil(LK_FUSED_GEMM_BM as usize);
     if blocks_m > 65535 {
         return Err(Error::TooLarge {
             op,
-            arg: "x (rows)",
+            arg: if g.orient == Orient::Tn {
+                "gradient rows"
+            } else {
+                "x (rows)"
+            },
             value: g.m,
             max: 65535 * LK_FUSED_GEMM_BM as usize,
         });
     }
+    let (splits, rank_per_split) = split.as_ref().map_or((1, 0), |s| (s.splits, s.per_split));
     let plan = LaunchPlan {
         grid: [
             u32_of(g.n.div_ceil(LK_FUSED_GEMM_BN as usize)),
             blocks_m as u32,
-            1,
+            u32_of(splits),
         ],
         block: [LK_FUSED_GEMM_THREADS, 1, 1],
         smem_bytes: LK_FUSED_GEMM_SMEM_BYTES,
     };
     let (m, n, k, rank) = (u32_of(g.m), u32_of(g.n), u32_of(g.k), u32_of(g.rank));
-    // Leading dimensions of dense operands: b is n×k (Nt) or k×n (Nn); r is n×rank or rank×n.
+    // Leading dimensions of the dense operands: a is m×k (k×m for Tn), l is m×rank (rank×m for Tn);
+    // b is n×k (Nt) or k×n; r is n×rank (Nt) or rank×n.
+    let (lda, ldl) = match g.orient {
+        Orient::Nt | Orient::Nn => (k, rank),
+        Orient::Tn => (m, m),
+    };
     let (ldb, ldr) = match g.orient {
         Orient::Nt => (k, rank),
-        Orient::Nn => (n, n),
+        Orient::Nn | Orient::Tn => (n, n),
     };
     let mut args = vec![
         Arg::In("a", g.a),
@@ -142,15 +170,23 @@ pub(crate) fn fused_gemm<T: Element>(
     if let Some(bias) = g.bias {
         args.push(Arg::In("bias", bias));
     }
-    args.push(Arg::Out("c", c));
+    let c_index = args.len();
+    match split {
+        None => args.push(Arg::Out("c", c)),
+        Some(s) => {
+            // The kernel leaves c alone when it writes partials; listing c keeps the argument order.
+            args.push(Arg::In("c", &*c));
+            args.push(Arg::Out("partial", s.partial));
+        }
+    }
     let has_bias = g.bias.is_some();
     let device = g.a.device().clone();
     device.launch(op, kernel, &plan, &mut args, |ptr| {
         let mut flags = 0;
         for (i, (ld, bit)) in [
-            (k, LK_ALIGNED_A),
+            (lda, LK_ALIGNED_A),
             (ldb, LK_ALIGNED_B),
-            (rank, LK_ALIGNED_L),
+            (ldl, LK_ALIGNED_L),
             (ldr, LK_ALIGNED_R),
         ]
         .into_iter()
@@ -170,20 +206,22 @@ pub(crate) fn fused_gemm<T: Element>(
             } else {
                 std::ptr::null()
             },
-            c: ptr[ptr.len() - 1] as *mut _,
+            c: ptr[c_index] as *mut _,
             m,
             n,
             k,
             rank,
-            lda: k,
+            lda,
             ldb,
-            ldl: rank,
+            ldl,
             ldr,
             ldc: n,
             flags,
             scale: g.scale,
-            partial: std::ptr::null_mut(),
-            rank_per_split: 0,
+            partial: ptr
+                .get(c_index + 1)
+                .map_or(std::ptr::null_mut(), |&p| p as *mut f32),
+            rank_per_split: u32_of(rank_per_split),
         }
     })
 }
@@ -266,83 +304,33 @@ pub(crate) fn lowrank_grad<T: Element>(
     (m, rows, cols): (usize, usize, usize),
     scale: f32,
 ) -> Result<()> {
-    let kernel = pick(
-        op,
-        T::DTYPE,
-        &kernels::FUSED_GEMM_TN_BF16,
-        &kernels::FUSED_GEMM_TN_F16,
-    )?;
-    let tiles_n = cols.div_ceil(LK_FUSED_GEMM_BN as usize);
-    let tiles_m = rows.div_ceil(LK_FUSED_GEMM_BM as usize);
-    if tiles_m > 65535 {
-        return Err(Error::TooLarge {
-            op,
-            arg: "gradient rows",
-            value: rows,
-            max: 65535 * LK_FUSED_GEMM_BM as usize,
-        });
-    }
-    let (splits, per_split) = grad_splits(m, tiles_n * tiles_m);
-    let plan = LaunchPlan {
-        grid: [u32_of(tiles_n), u32_of(tiles_m), u32_of(splits)],
-        block: [LK_FUSED_GEMM_THREADS, 1, 1],
-        smem_bytes: LK_FUSED_GEMM_SMEM_BYTES,
-    };
-    let device = p.device().clone();
-    // p is m×rows (the transposed L, rows per token), q is m×cols (R, k-major)
-    let params = |ptr: &[u64], c: u64, partial: *mut f32, s: f32| {
-        let mut flags = 0;
-        if vec_ok(ptr[0], u32_of(rows)) {
-            flags |= LK_ALIGNED_L;
-        }
-        if vec_ok(ptr[1], u32_of(cols)) {
-            flags |= LK_ALIGNED_R;
-        }
-        LkFusedGemmParams {
-            a: ptr[0] as *const _,
-            b: ptr[1] as *const _,
-            l: ptr[0] as *const _,
-            r: ptr[1] as *const _,
-            bias: std::ptr::null(),
-            c: c as *mut _,
-            m: u32_of(rows),
-            n: u32_of(cols),
-            k: 0,
-            rank: u32_of(m),
-            lda: u32_of(rows),
-            ldb: u32_of(cols),
-            ldl: u32_of(rows),
-            ldr: u32_of(cols),
-            ldc: u32_of(cols),
-            flags,
-            scale: s,
-            partial,
-            rank_per_split: if splits > 1 { u32_of(per_split) } else { 0 },
-        }
+    let tiles = rows.div_ceil(LK_FUSED_GEMM_BM as usize) * cols.div_ceil(LK_FUSED_GEMM_BN as usize);
+    let (splits, per_split) = grad_splits(m, tiles);
+    // pᵀ·q as the low-rank part alone (k = 0): L = p read transposed, R = q, the m tokens its rank
+    let gemm = |scale| FusedGemm {
+        orient: Orient::Tn,
+        a: p,
+        b: q,
+        l: p,
+        r: q,
+        bias: None,
+        m: rows,
+        n: cols,
+        k: 0,
+        rank: m,
+        scale,
     };
     if splits == 1 {
-        return device.launch(
-            op,
-            kernel,
-            &plan,
-            &mut [Arg::In("p", p), Arg::In("q", q), Arg::Out("g", g)],
-            |ptr| params(ptr, ptr[2], std::ptr::null_mut(), scale),
-        );
+        return fused_gemm(op, &gemm(scale), g, None);
     }
+    let device = p.device().clone();
     let mut partial = Tensor::<f32>::for_output(&device, &[splits, rows, cols])?;
-    device.launch(
-        op,
-        kernel,
-        &plan,
-        &mut [
-            Arg::In("p", p),
-            Arg::In("q", q),
-            // The kernel leaves g alone when it writes partials; listing g keeps the argument order.
-            Arg::In("g", &*g),
-            Arg::Out("partial", &mut partial),
-        ],
-        |ptr| params(ptr, ptr[2], ptr[3] as *mut f32, 1.0),
-    )?;
+    let split = Split {
+        splits,
+        per_split,
+        partial: &mut partial,
+    };
+    fused_gemm(op, &gemm(1.0), g, Some(split))?;
     let finalize = pick(
         op,
         T::DTYPE,

@@ -107,7 +107,7 @@ pub fn lora_forward_into<T: Element>(
         rank: d.r,
         scale,
     };
-    launch::fused_gemm(OP, &g, y)
+    launch::fused_gemm(OP, &g, y, None)
 }
 
 /// Gradients of the layer given dY [M, N] and the forward's T [M, r]: dA, dB and (if `want_dx`) dX.
@@ -177,7 +177,7 @@ pub fn lora_backward_into<T: Element>(
             rank: d.r,
             scale,
         };
-        launch::fused_gemm(OP, &g, dx)?;
+        launch::fused_gemm(OP, &g, dx, None)?;
     }
     Ok(())
 }
