@@ -13,7 +13,10 @@ nvcc=${NVCC:-$(bash scripts/install-cuda-toolchain.sh | tail -n 1)}
 bin=$(dirname "$nvcc")
 [ -x "$bin/cuobjdump" ] && [ -x "$bin/nvdisasm" ] || { echo "no cuobjdump/nvdisasm beside $nvcc"; exit 1; }
 target_dir=$(bash scripts/target-dir.sh)
-cuda=$(ls -td "$target_dir"/*/build/lora-kernels-*/out/cuda 2>/dev/null | head -n 1 || true)
+# the build that wrote a fatbin last (a target directory holds one build directory per configuration;
+# a rebuild rewrites the files in place, so the directories' own times say nothing)
+newest=$(ls -t "$target_dir"/*/build/lora-kernels-*/out/cuda/*.fatbin 2>/dev/null | head -n 1 || true)
+cuda=${newest:+$(dirname "$newest")}
 [ -n "$cuda" ] && [ -d "$cuda/ptxas" ] || { echo "no nvcc build under $target_dir: build with nvcc first"; exit 1; }
 out=$(PATH="$bin:$PATH" python3 scripts/perf_bound.py --cuda-dir "$cuda" --cuobjdump "$bin/cuobjdump" --kernels-dir kernels)
 printf '%s\n' "$out"

@@ -113,37 +113,42 @@ def sass_functions(cuobjdump, fatbin, arch):
     return funcs
 
 
+MATH = ("HMMA", "HGMMA", "FFMA")
+
+
 def min_path(insts, a, b):
-    """The fewest instructions one iteration of the loop [a, b] can execute: a shortest path from its
-    head to its back-edge branch through the loop's branches (both ways for predicated ones). Counting
-    this path, not the whole body, keeps the issue-time bound a lower bound."""
+    """What one full iteration of the loop [a, b] executes at least: of the paths from its head to its
+    back-edge branch (through its forward branches, both ways for predicated ones), those that execute
+    the most math (HMMA/HGMMA/FFMA: the loop's work; ptxas guards unrolled copies of a source loop with
+    branches that only the last trip takes), and of those the shortest. Counting this path, not the
+    whole body, keeps the issue-time bound a lower bound per unit of work."""
     body = [i for i in insts if a <= i[0] <= b]
     index = {i[0]: n for n, i in enumerate(body)}
+    # the body of an innermost loop is acyclic apart from its back edge: a DP in address order
+    best = {0: ((1 if op_class(body[0][1]) in MATH else 0), -1)}  # node -> (math, -length)
     prev = {0: None}
-    frontier = [0]
-    while frontier:  # breadth-first: every instruction costs one issue slot
-        nxt = []
-        for n in frontier:
-            addr, op, target, pred = body[n]
-            if n == len(body) - 1:
-                continue
-            base = op.split(".")[0]
-            succ = []
-            if base in ("BRA", "BRX", "JMP"):
-                if target in index and target != a:
-                    succ.append(index[target])
-                if pred:
-                    succ.append(n + 1)
-            elif base == "EXIT" or base == "RET":
-                if pred:
-                    succ.append(n + 1)
-            else:
+    for n in range(len(body) - 1):
+        if n not in best:
+            continue
+        addr, op, target, pred = body[n]
+        base = op.split(".")[0]
+        succ = []
+        if base in ("BRA", "BRX", "JMP"):
+            if target in index and target != a and index[target] > n:
+                succ.append(index[target])
+            if pred:
                 succ.append(n + 1)
-            for s_ in succ:
-                if s_ not in prev:
-                    prev[s_] = n
-                    nxt.append(s_)
-        frontier = nxt
+        elif base in ("EXIT", "RET"):
+            if pred:
+                succ.append(n + 1)
+        else:
+            succ.append(n + 1)
+        for s_ in succ:
+            math_, neg_len = best[n]
+            cand = (math_ + (1 if op_class(body[s_][1]) in MATH else 0), neg_len - 1)
+            if s_ not in best or cand > best[s_]:
+                best[s_] = cand
+                prev[s_] = n
     last = len(body) - 1
     if last not in prev:
         return body
@@ -155,8 +160,9 @@ def min_path(insts, a, b):
 
 
 def hot_loop(insts):
-    """The innermost loop (a backward branch's range) with the most HMMA + FFMA: the class counts of the
-    fewest instructions one of its iterations executes, and the size of its whole body."""
+    """The innermost loop (a backward branch's range) with the most HMMA + FFMA (of equals, the one with
+    the shortest path): the class counts of the fewest instructions one of its iterations executes,
+    and the size of its whole body."""
     loops = [(tgt, addr) for addr, _, tgt, _ in insts if tgt is not None and tgt <= addr]
     inner = [(a, b) for a, b in loops if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
     best = None
@@ -165,7 +171,11 @@ def hot_loop(insts):
         mix = Counter(op_class(i[1]) for i in path)
         mix["total"] = len(path)
         mix["body"] = sum(1 for i in insts if a <= i[0] <= b)
-        key = (mix["HMMA"] + mix["HGMMA"] + mix["FFMA"], mix["body"])
+        # the most math; of equals (a kernel's vector and element-wise instantiations), the shortest
+        # path, since the bound must hold whichever of them the shape runs
+        # path; with no math at all, the largest body (not the trap loop after EXIT)
+        work = mix["HMMA"] + mix["HGMMA"] + mix["FFMA"]
+        key = (work, -mix["total"] if work else mix["body"])
         if best is None or key > best[0]:
             best = (key, mix)
     if best is None:  # straight-line kernel: the whole function, run once
@@ -227,10 +237,25 @@ def launch_merge(name, n, k, r):
                 bytes=2 * 2 * n * k + 2 * r * (n + k))
 
 
-def launch_small_m(name, m, n, k, r):
-    """small_m: 16 rows of W0 per block (2 per warp); per 256-wide k chunk 2 rows x 16 tokens x 8 FFMA."""
-    return dict(kernel=name, file="small_m", blocks=cdiv(n, 16), iters=cdiv(k, 256), slots=256, slot="FFMA",
-                bytes=2 * (n * k + m * k + m * r + n * r + m * n))
+def small_m_splits(n, k, r):  # src/ops/launch.rs small_m_splits
+    blocks = cdiv(cdiv(n, 16) + cdiv(r, 16), 2)
+    fewest = max(cdiv(k, 1024), 1)
+    most = max(cdiv(k, 256), fewest)
+    splits = min(max(cdiv(264, blocks), fewest), most)
+    per = cdiv(cdiv(k, splits), 32) * 32
+    return cdiv(k, per), per, blocks
+
+
+def launch_small_m(name, fin, m, n, k, r):
+    """small_m: 16-row tiles of [W0; A], 2 per block, 4 warps per tile splitting the block's k range
+    (split over blocks too, grid y) in 32-wide steps of 4 HMMA; then small_m_finalize adds the splits:
+    T, then Y = sums + s*T*B^T (r FFMA per output, m/4 outputs per thread of a 64-column block)."""
+    splits, per, blocks = small_m_splits(n, k, r)
+    partial = 4 * splits * m * (n + r)
+    return [dict(kernel=name, file="small_m", blocks=blocks * splits, iters=cdiv(cdiv(per, 32), 4), slots=4,
+                 slot="HMMA", bytes=2 * (n * k + r * k + m * k) + partial),
+            dict(kernel=fin, file="small_m", blocks=cdiv(n, 64), iters=r * cdiv(m, 4), slots=1, slot="FFMA",
+                 bytes=partial + 2 * (n * r + m * n + m * r))]
 
 
 def headline_ops():
@@ -243,7 +268,7 @@ def headline_ops():
     bwd += launch_grad("fused_gemm_tn_bf16", "lowrank_finalize_bf16", M, R, K)  # dA = s U^T X
     bwd.append(launch_fused("fused_gemm_nn_bf16", M, K, N, R))  # dX = dY W0 + s U A
     merge = [launch_merge("merge_bf16", N, K, R)]
-    small = [launch_fused("fused_gemm_nt_bf16", 16, R, K, 0), launch_small_m("small_m_bf16", 16, N, K, R)]
+    small = launch_small_m("small_m_bf16", "small_m_finalize_bf16", 16, N, K, R)  # T rides along with W0
     w_bytes = 2 * N * K
     return [
         ("forward <= 1.03x cuBLAS bare GEMM (M=8192, N=K=4096, r=16)", "lora_forward", fwd,

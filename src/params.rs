@@ -43,6 +43,7 @@ kernel_params!(
     LkFusedGemmParams,
     LkLowrankFinalizeParams,
     LkSmallMParams,
+    LkSmallMFinalizeParams,
     LkMergeParams,
 );
 

@@ -10,7 +10,10 @@ pub const LK_FUSED_GEMM_THREADS: u32 = 256;
 pub const LK_FUSED_GEMM_SMEM_BYTES: u32 = 61440;
 pub const LK_MAX_RANK: u32 = 128;
 pub const LK_SIMT_THREADS: u32 = 256;
-pub const LK_SMALL_M_ROWS: u32 = 16;
+pub const LK_SMALL_M_TILES: u32 = 2;
+pub const LK_SMALL_M_KSTEP: u32 = 32;
+pub const LK_SMALL_M_KSPAN: u32 = 1024;
+pub const LK_SMALL_M_COLS: u32 = 64;
 pub const LK_GRAD_CHUNK: u32 = 32;
 pub const LK_MERGE_ROWS: u32 = 64;
 pub const LK_MERGE_COLS: u32 = 128;
@@ -206,19 +209,18 @@ impl Default for LkLowrankFinalizeParams {
 pub struct LkSmallMParams {
     pub x: *const ::core::ffi::c_void,
     pub w0: *const ::core::ffi::c_void,
-    pub t: *const ::core::ffi::c_void,
-    pub b: *const ::core::ffi::c_void,
-    pub bias: *const ::core::ffi::c_void,
-    pub y: *mut ::core::ffi::c_void,
+    pub a: *const ::core::ffi::c_void,
+    pub partial: *mut f32,
     pub m: u32,
     pub n: u32,
     pub k: u32,
     pub rank: u32,
-    pub scale: f32,
+    pub k_per_split: u32,
+    pub flags: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkSmallMParams"][::core::mem::size_of::<LkSmallMParams>() - 72usize];
+    ["Size of LkSmallMParams"][::core::mem::size_of::<LkSmallMParams>() - 56usize];
     ["Alignment of LkSmallMParams"][::core::mem::align_of::<LkSmallMParams>() - 8usize];
     [
         "Offset of field: LkSmallMParams::x",
@@ -227,34 +229,93 @@ const _: () = {
         "Offset of field: LkSmallMParams::w0",
     ][::core::mem::offset_of!(LkSmallMParams, w0) - 8usize];
     [
-        "Offset of field: LkSmallMParams::t",
-    ][::core::mem::offset_of!(LkSmallMParams, t) - 16usize];
+        "Offset of field: LkSmallMParams::a",
+    ][::core::mem::offset_of!(LkSmallMParams, a) - 16usize];
     [
-        "Offset of field: LkSmallMParams::b",
-    ][::core::mem::offset_of!(LkSmallMParams, b) - 24usize];
-    [
-        "Offset of field: LkSmallMParams::bias",
-    ][::core::mem::offset_of!(LkSmallMParams, bias) - 32usize];
-    [
-        "Offset of field: LkSmallMParams::y",
-    ][::core::mem::offset_of!(LkSmallMParams, y) - 40usize];
+        "Offset of field: LkSmallMParams::partial",
+    ][::core::mem::offset_of!(LkSmallMParams, partial) - 24usize];
     [
         "Offset of field: LkSmallMParams::m",
-    ][::core::mem::offset_of!(LkSmallMParams, m) - 48usize];
+    ][::core::mem::offset_of!(LkSmallMParams, m) - 32usize];
     [
         "Offset of field: LkSmallMParams::n",
-    ][::core::mem::offset_of!(LkSmallMParams, n) - 52usize];
+    ][::core::mem::offset_of!(LkSmallMParams, n) - 36usize];
     [
         "Offset of field: LkSmallMParams::k",
-    ][::core::mem::offset_of!(LkSmallMParams, k) - 56usize];
+    ][::core::mem::offset_of!(LkSmallMParams, k) - 40usize];
     [
         "Offset of field: LkSmallMParams::rank",
-    ][::core::mem::offset_of!(LkSmallMParams, rank) - 60usize];
+    ][::core::mem::offset_of!(LkSmallMParams, rank) - 44usize];
     [
-        "Offset of field: LkSmallMParams::scale",
-    ][::core::mem::offset_of!(LkSmallMParams, scale) - 64usize];
+        "Offset of field: LkSmallMParams::k_per_split",
+    ][::core::mem::offset_of!(LkSmallMParams, k_per_split) - 48usize];
+    [
+        "Offset of field: LkSmallMParams::flags",
+    ][::core::mem::offset_of!(LkSmallMParams, flags) - 52usize];
 };
 impl Default for LkSmallMParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkSmallMFinalizeParams {
+    pub partial: *const f32,
+    pub b: *const ::core::ffi::c_void,
+    pub bias: *const ::core::ffi::c_void,
+    pub y: *mut ::core::ffi::c_void,
+    pub t: *mut ::core::ffi::c_void,
+    pub m: u32,
+    pub n: u32,
+    pub rank: u32,
+    pub splits: u32,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of LkSmallMFinalizeParams",
+    ][::core::mem::size_of::<LkSmallMFinalizeParams>() - 64usize];
+    [
+        "Alignment of LkSmallMFinalizeParams",
+    ][::core::mem::align_of::<LkSmallMFinalizeParams>() - 8usize];
+    [
+        "Offset of field: LkSmallMFinalizeParams::partial",
+    ][::core::mem::offset_of!(LkSmallMFinalizeParams, partial) - 0usize];
+    [
+        "Offset of field: LkSmallMFinalizeParams::b",
+    ][::core::mem::offset_of!(LkSmallMFinalizeParams, b) - 8usize];
+    [
+        "Offset of field: LkSmallMFinalizeParams::bias",
+    ][::core::mem::offset_of!(LkSmallMFinalizeParams, bias) - 16usize];
+    [
+        "Offset of field: LkSmallMFinalizeParams::y",
+    ][::core::mem::offset_of!(LkSmallMFinalizeParams, y) - 24usize];
+    [
+        "Offset of field: LkSmallMFinalizeParams::t",
+    ][::core::mem::offset_of!(LkSmallMFinalizeParams, t) - 32usize];
+    [
+        "Offset of field: LkSmallMFinalizeParams::m",
+    ][::core::mem::offset_of!(LkSmallMFinalizeParams, m) - 40usize];
+    [
+        "Offset of field: LkSmallMFinalizeParams::n",
+    ][::core::mem::offset_of!(LkSmallMFinalizeParams, n) - 44usize];
+    [
+        "Offset of field: LkSmallMFinalizeParams::rank",
+    ][::core::mem::offset_of!(LkSmallMFinalizeParams, rank) - 48usize];
+    [
+        "Offset of field: LkSmallMFinalizeParams::splits",
+    ][::core::mem::offset_of!(LkSmallMFinalizeParams, splits) - 52usize];
+    [
+        "Offset of field: LkSmallMFinalizeParams::scale",
+    ][::core::mem::offset_of!(LkSmallMFinalizeParams, scale) - 56usize];
+};
+impl Default for LkSmallMFinalizeParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

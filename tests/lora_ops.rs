@@ -126,7 +126,8 @@ proptest! {
 }
 
 /// Fixed edge shapes: 1, 2^k ± 1, tile multiples and one past them, rank 1 and 128, M on both sides
-/// of the small-M threshold (16 / 17) and of a GEMM tile (128 / 129).
+/// of the small-M threshold (16 / 17) and of a GEMM tile (128 / 129), and small-M shapes whose k the
+/// kernel splits many ways (the property tests' k ≤ 300 gives at most 2 splits).
 #[test]
 fn edge_shapes_match_reference() {
     let shapes = [
@@ -137,6 +138,9 @@ fn edge_shapes_match_reference() {
         (129, 257, 65, 7),
         (255, 8, 8, 8),
         (2, 33, 300, 31),
+        // small-M with k split 10 ways (vector path) and 5 ways (k odd: element path)
+        (16, 40, 2500, 20),
+        (1, 7, 1031, 3),
     ];
     for (i, &(m, n, k, r)) in shapes.iter().enumerate() {
         let d = Dims { m, n, k, r };

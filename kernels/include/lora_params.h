@@ -44,7 +44,10 @@ typedef struct LkScaleParams {
 /* Launch geometry of the SIMT kernels, shared with the Rust launch plans (src/ops/launch.rs) so that
  * a kernel's tiling and the grid that covers it cannot drift apart. */
 #define LK_SIMT_THREADS 256u /* block size of small_m, lowrank_finalize, merge, scale */
-#define LK_SMALL_M_ROWS 16u  /* W0 rows per small_m block: 8 warps × 2 rows */
+#define LK_SMALL_M_TILES 2u    /* 16-row tiles of [W0; A] per small_m block (4 warps each) */
+#define LK_SMALL_M_KSTEP 32u   /* small_m's k splits are multiples of it */
+#define LK_SMALL_M_KSPAN 1024u /* the most k one small_m block covers (X's slice in shared memory) */
+#define LK_SMALL_M_COLS 64u    /* Y columns per small_m_finalize block */
 #define LK_GRAD_CHUNK 32u    /* token chunks of the split gradient reductions are multiples of it */
 #define LK_MERGE_ROWS 64u    /* W rows per merge block */
 #define LK_MERGE_COLS 128u   /* W columns per merge block */
@@ -96,22 +99,37 @@ typedef struct LkLowrankFinalizeParams {
 /* LK_SMALL_M_MAX: the largest m the small-M kernel takes; the launch plan picks it for m ≤ this. */
 #define LK_SMALL_M_MAX 16u
 
-/* Small-M forward (M ≤ 16, decoding; kernels/small_m.cu): Y = X·W0ᵀ + scale·T·Bᵀ (+ bias), W0 streamed
- * once, K split across the lanes of a warp and reduced in a fixed order. X: m × k, W0: n × k,
- * T: m × rank, B: n × rank, bias: n or NULL, Y: m × n, all dense. */
+/* Small-M forward (M ≤ 16, decoding; kernels/small_m.cu), two launches. small_m: for the k range
+ * [z·k_per_split, min(k, (z+1)·k_per_split)) of split z = blockIdx.y, partial[z] (m × (n + rank), f32)
+ * = X·[W0; A]ᵀ: Y's sums in columns 0..n, T's in n..n+rank. X: m × k, W0: n × k, A: rank × k, dense.
+ * flags: LK_ALIGNED_A (x), LK_ALIGNED_B (w0), LK_ALIGNED_R (a); all three select the 16-byte path. */
 typedef struct LkSmallMParams {
     const void* x;
     const void* w0;
-    const void* t;
-    const void* b;
-    const void* bias;
-    void* y;
+    const void* a;
+    float* partial;
     uint32_t m;
     uint32_t n;
     uint32_t k;
     uint32_t rank;
-    float scale;
+    uint32_t k_per_split;
+    uint32_t flags;
 } LkSmallMParams;
+
+/* small_m_finalize: T = round(Σ_z partial[z][:, n..]) (m × rank, written to t), then
+ * Y = round(Σ_z partial[z][:, ..n] + scale·T·Bᵀ (+ bias)). B: n × rank, bias: n or NULL, Y: m × n. */
+typedef struct LkSmallMFinalizeParams {
+    const float* partial;
+    const void* b;
+    const void* bias;
+    void* y;
+    void* t;
+    uint32_t m;
+    uint32_t n;
+    uint32_t rank;
+    uint32_t splits;
+    float scale;
+} LkSmallMFinalizeParams;
 
 /* In-place merge (kernels/merge.cu): W ← round(W + scale·B·A), f32 arithmetic, one rounding per
  * element, one read and one write of W. W: n × k, A: rank × k, B: n × rank, dense. Unmerge is the same

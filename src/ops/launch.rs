@@ -226,65 +226,132 @@ pub(crate) fn fused_gemm<T: Element>(
     })
 }
 
-/// Small-M forward: `y = x·w0ᵀ + scale·t·bᵀ (+ bias)` for m ≤ [`LK_SMALL_M_MAX`].
+/// (splits, k per split) of the small-M kernel's k range: enough blocks to fill a large GPU (the
+/// target as for the gradients), at least `LK_SMALL_M_KSPAN / 4` columns per split unless X's slice
+/// would not fit, at most `LK_SMALL_M_KSPAN`, a multiple of `LK_SMALL_M_KSTEP`. From the shape only,
+/// so the summation order, and the bits, do not depend on the device.
+pub(crate) fn small_m_splits(n: usize, k: usize, rank: usize) -> (usize, usize) {
+    let tiles = n.div_ceil(16) + rank.div_ceil(16);
+    let blocks = tiles.div_ceil(LK_SMALL_M_TILES as usize);
+    let span = LK_SMALL_M_KSPAN as usize;
+    let fewest = k.div_ceil(span).max(1);
+    let most = k.div_ceil(span / 4).max(fewest);
+    let splits = FILL_BLOCKS.div_ceil(blocks).clamp(fewest, most);
+    let step = LK_SMALL_M_KSTEP as usize;
+    let per = k.div_ceil(splits).div_ceil(step) * step;
+    (k.div_ceil(per), per)
+}
+
+/// Small-M forward, m ≤ [`LK_SMALL_M_MAX`]: `t = x·aᵀ` and `y = x·w0ᵀ + scale·t·bᵀ (+ bias)` in two
+/// launches: the f32 sums of `x·[w0; a]ᵀ` per k split, then T and Y from them (kernels/small_m.cu).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn small_m<T: Element>(
     op: &'static str,
     x: &Tensor<T>,
     w0: &Tensor<T>,
-    t: &Tensor<T>,
+    a: &Tensor<T>,
     b: &Tensor<T>,
     bias: Option<&Tensor<T>>,
     y: &mut Tensor<T>,
+    t: &mut Tensor<T>,
     (m, n, k, rank): (usize, usize, usize, usize),
     scale: f32,
 ) -> Result<()> {
     let kernel = pick(op, T::DTYPE, &kernels::SMALL_M_BF16, &kernels::SMALL_M_F16)?;
+    let (splits, per_split) = small_m_splits(n, k, rank);
+    let tiles = n.div_ceil(16) + rank.div_ceil(16);
+    let device = x.device().clone();
+    let mut partial = Tensor::<f32>::for_output(&device, &[splits, m, n + rank])?;
     let plan = LaunchPlan {
-        grid: [u32_of(n.div_ceil(LK_SMALL_M_ROWS as usize)), 1, 1],
+        grid: [
+            u32_of(tiles.div_ceil(LK_SMALL_M_TILES as usize)),
+            u32_of(splits),
+            1,
+        ],
         block: [LK_SIMT_THREADS, 1, 1],
         smem_bytes: 0,
     };
-    let mut args = vec![
+    let mut args = [
         Arg::In("x", x),
         Arg::In("w0", w0),
-        Arg::In("t", t),
-        Arg::In("b", b),
+        Arg::In("a", a),
+        Arg::Out("partial", &mut partial),
     ];
+    let ku = u32_of(k);
+    device.launch(op, kernel, &plan, &mut args, |ptr| {
+        let mut flags = 0;
+        for (addr, bit) in [
+            (ptr[0], LK_ALIGNED_A),
+            (ptr[1], LK_ALIGNED_B),
+            (ptr[2], LK_ALIGNED_R),
+        ] {
+            if vec_ok(addr, ku) {
+                flags |= bit;
+            }
+        }
+        LkSmallMParams {
+            x: ptr[0] as *const _,
+            w0: ptr[1] as *const _,
+            a: ptr[2] as *const _,
+            partial: ptr[3] as *mut f32,
+            m: u32_of(m),
+            n: u32_of(n),
+            k: ku,
+            rank: u32_of(rank),
+            k_per_split: u32_of(per_split),
+            flags,
+        }
+    })?;
+
+    let finalize = pick(
+        op,
+        T::DTYPE,
+        &kernels::SMALL_M_FINALIZE_BF16,
+        &kernels::SMALL_M_FINALIZE_F16,
+    )?;
+    let plan = LaunchPlan {
+        grid: [u32_of(n.div_ceil(LK_SMALL_M_COLS as usize)), 1, 1],
+        block: [LK_SIMT_THREADS, 1, 1],
+        smem_bytes: 0,
+    };
+    let mut args = vec![Arg::In("partial", &partial), Arg::In("b", b)];
     if let Some(bias) = bias {
         args.push(Arg::In("bias", bias));
     }
     args.push(Arg::Out("y", y));
+    args.push(Arg::Out("t", t));
     let has_bias = bias.is_some();
-    let device = x.device().clone();
-    device.launch(op, kernel, &plan, &mut args, |ptr| LkSmallMParams {
-        x: ptr[0] as *const _,
-        w0: ptr[1] as *const _,
-        t: ptr[2] as *const _,
-        b: ptr[3] as *const _,
-        bias: if has_bias {
-            ptr[4] as *const _
-        } else {
-            std::ptr::null()
-        },
-        y: ptr[ptr.len() - 1] as *mut _,
-        m: u32_of(m),
-        n: u32_of(n),
-        k: u32_of(k),
-        rank: u32_of(rank),
-        scale,
+    device.launch(op, finalize, &plan, &mut args, |ptr| {
+        let last = ptr.len() - 1;
+        LkSmallMFinalizeParams {
+            partial: ptr[0] as *const f32,
+            b: ptr[1] as *const _,
+            bias: if has_bias {
+                ptr[2] as *const _
+            } else {
+                std::ptr::null()
+            },
+            y: ptr[last - 1] as *mut _,
+            t: ptr[last] as *mut _,
+            m: u32_of(m),
+            n: u32_of(n),
+            rank: u32_of(rank),
+            splits: u32_of(splits),
+            scale,
+        }
     })
 }
 
-/// Target number of blocks for the gradient reductions: enough to fill a large GPU. A constant (not
-/// the device's SM count) so the m-chunks, and therefore the result bits, depend on the shape only.
-const GRAD_TARGET_BLOCKS: usize = 264;
+/// Target number of blocks for the split reductions (gradients, small-M): enough to fill a large GPU. A
+/// constant (not the device's SM count) so the chunks, and therefore the result bits, depend on the
+/// shape only.
+const FILL_BLOCKS: usize = 264;
 /// Fewest rows per chunk: below this a chunk's partial sums cost more than they save.
 const GRAD_MIN_ROWS: usize = 64;
 
 /// (splits, rows per split) for a reduction over `m` rows with `tiles` output tiles.
 pub(crate) fn grad_splits(m: usize, tiles: usize) -> (usize, usize) {
-    let want = GRAD_TARGET_BLOCKS.div_ceil(tiles).max(1);
+    let want = FILL_BLOCKS.div_ceil(tiles).max(1);
     let most = m.div_ceil(GRAD_MIN_ROWS).max(1);
     let splits = want.min(most);
     let chunk = LK_GRAD_CHUNK as usize;
@@ -460,7 +527,8 @@ pub(crate) fn merge<T: Element, U: Element>(
 
 #[cfg(test)]
 mod tests {
-    use super::grad_splits;
+    use super::{grad_splits, small_m_splits};
+    use crate::params::{LK_SMALL_M_KSPAN, LK_SMALL_M_KSTEP};
 
     #[test]
     fn grad_splits_cover_m_in_order() {
@@ -481,5 +549,28 @@ mod tests {
         assert_eq!(grad_splits(8192, 64).0, 5);
         assert_eq!(grad_splits(300, 1).0, 5);
         assert_eq!(grad_splits(64, 1).0, 1);
+    }
+
+    #[test]
+    fn small_m_splits_cover_k_within_the_span() {
+        for &(n, k, r) in &[
+            (1, 1, 1),
+            (4096, 4096, 16),
+            (4096, 11008, 64),
+            (11008, 4096, 128),
+            (40, 2500, 20),
+            (7, 1031, 3),
+            (300, 300, 128),
+        ] {
+            let (s, per) = small_m_splits(n, k, r);
+            let (span, step) = (LK_SMALL_M_KSPAN as usize, LK_SMALL_M_KSTEP as usize);
+            assert!(
+                s >= 1 && per % step == 0 && per <= span && s * per >= k && (s - 1) * per < k,
+                "{n} {k} {r}: {s} x {per}"
+            );
+        }
+        // the headline decode shape: 129 blocks of [W0; A] tiles, 4 splits of 1024 (X's slice fits)
+        assert_eq!(small_m_splits(4096, 4096, 16), (4, 1024));
+        assert_eq!(small_m_splits(40, 2500, 20), (10, 256));
     }
 }

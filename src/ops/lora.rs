@@ -1,8 +1,9 @@
-//! The LoRA forward and backward over [`Tensor`]s (kernels/fused_gemm.cu, small_m.cu, lowrank_grad.cu).
-//! Every argument is validated before the first launch.
+//! The LoRA forward and backward over [`Tensor`]s (kernels/fused_gemm.cu, small_m.cu,
+//! lowrank_finalize.cu). Every argument is validated before the first launch.
 //!
 //! forward:  `T = X·Aᵀ`, `Y = X·W0ᵀ + s·T·Bᵀ (+ bias)`: T on the tensor-core GEMM (N = r), then ONE
-//!           fused GEMM (or, for M ≤ 16, the small-M kernel that streams W0 once).
+//!           fused GEMM; for M ≤ 16 the small-M kernel instead, which streams W0 once and computes T
+//!           from the same X on the way (then a small finalize launch).
 //! backward: `U = dY·B`, `dB = s·dYᵀ·T`, `dA = s·Uᵀ·X`, `dX = dY·W0 + s·U·A` (optional). Never dW0.
 
 use super::launch::{self, FusedGemm, Orient};
@@ -90,10 +91,10 @@ pub fn lora_forward_into<T: Element>(
     validate::finite(OP, "scale", scale)?;
     validate::shape(OP, "y", y, &[d.m, d.n], "[M, N]")?;
     validate::shape(OP, "t", t, &[d.m, d.r], "[M, r]")?;
-    launch::project(OP, Orient::Nt, x, a, t, (d.m, d.k, d.r))?;
     if d.m <= LK_SMALL_M_MAX as usize {
-        return launch::small_m(OP, x, w0, t, b, bias, y, (d.m, d.n, d.k, d.r), scale);
+        return launch::small_m(OP, x, w0, a, b, bias, y, t, (d.m, d.n, d.k, d.r), scale);
     }
+    launch::project(OP, Orient::Nt, x, a, t, (d.m, d.k, d.r))?;
     let g = FusedGemm {
         orient: Orient::Nt,
         a: x,
