@@ -146,6 +146,7 @@ fn step_memory(dev: &Device, blas: &CudaBlas, c: Case) -> (i64, i64) {
         db: pdb,
         dw: bf_zeros(Buf::Dw),
         u: pu,
+        ws: ops::Workspace::new(),
     };
     let adam = [f32_zeros(c.n, c.k), f32_zeros(c.n, c.k)];
     common::cublas_forward(blas, &mut s, c);

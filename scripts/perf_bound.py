@@ -216,8 +216,10 @@ def launch_fused(name, m, n, k, r):
 
 
 def launch_grad(name, fin, m, rows, cols):
-    """dB/dA on the "tn" fused GEMM: 128x128 tiles of G, the tokens split into fixed chunks (grid z); per
-    warp ceil(chunk/32) k-tiles of 32 HMMA; then lowrank_finalize adds the f32 partials in order."""
+    """A split reduction over m (src/ops/launch.rs split_reduction): dB/dA on the "tn" fused GEMM, the
+    projections T/U on "nt"/"nn"; 128x128 tiles of the rows x cols result, m split into fixed chunks
+    (grid z); per warp ceil(chunk/32) k-tiles of 32 HMMA; then lowrank_finalize adds the f32 partials in
+    order."""
     tiles = cdiv(rows, 128) * cdiv(cols, 128)
     splits, per = grad_splits(m, tiles)
     partial = 4 * splits * rows * cols if splits > 1 else 0
@@ -261,9 +263,11 @@ def launch_small_m(name, fin, m, n, k, r):
 def headline_ops():
     M, N, K, R = 8192, 4096, 4096, 16
     gemm = 2 * M * N * K
-    # T = X·Aᵀ and U = dY·B are the fused GEMM with N = r and no low-rank part (src/ops/launch.rs project)
-    fwd = [launch_fused("fused_gemm_nt_bf16", M, R, K, 0), launch_fused("fused_gemm_nt_bf16", M, N, K, R)]
-    bwd = [launch_fused("fused_gemm_nn_bf16", M, R, N, 0)]
+    # T = X·Aᵀ and U = dY·B are the fused GEMM with N = r (src/ops/launch.rs project)
+    # (split over the inner dimension like the gradients when the M x r tiles cannot fill the GPU)
+    fwd = launch_grad("fused_gemm_nt_bf16", "lowrank_finalize_bf16", K, M, R)
+    fwd.append(launch_fused("fused_gemm_nt_bf16", M, N, K, R))
+    bwd = launch_grad("fused_gemm_nn_bf16", "lowrank_finalize_bf16", N, M, R)
     bwd += launch_grad("fused_gemm_tn_bf16", "lowrank_finalize_bf16", M, N, R)  # dB = s dY^T T
     bwd += launch_grad("fused_gemm_tn_bf16", "lowrank_finalize_bf16", M, R, K)  # dA = s U^T X
     bwd.append(launch_fused("fused_gemm_nn_bf16", M, K, N, R))  # dX = dY W0 + s U A

@@ -136,6 +136,17 @@ impl<T: Element> Tensor<T> {
         }
     }
 
+    /// This tensor's memory as a fresh [`Tensor::for_output`] of `shape` (same number of elements): a
+    /// reused scratch buffer. On the emulator it is poisoned and tracked as never written again.
+    pub(crate) fn recycle_for_output(mut self, shape: &[usize]) -> Self {
+        debug_assert_eq!(numel(shape), self.numel());
+        if let Storage::Host(h) = &mut self.storage {
+            h.forget_writes();
+        }
+        self.shape = shape.to_vec();
+        self
+    }
+
     /// Wraps an existing cudarc allocation without copying (candle and other cudarc users). The slice
     /// must belong to `device`'s CUDA context and hold exactly `shape.iter().product()` elements.
     pub fn from_cuda_slice(device: &Device, slice: CudaSlice<T>, shape: &[usize]) -> Result<Self> {

@@ -147,8 +147,9 @@ mod lora_ops {
         assert!(matches!(e, Error::Shape { arg: "bias", .. }), "{e}");
         let mut y = Tensor::<bf16>::zeros(&d, &[3, 5]).unwrap();
         let mut t = Tensor::<bf16>::zeros(&d, &[3, 2]).unwrap();
-        let e =
-            ops::lora_forward_into(&l.x, &l.w0, &l.a, &l.b, None, 1.0, &mut y, &mut t).unwrap_err();
+        let mut ws = ops::Workspace::new();
+        let e = ops::lora_forward_into(&l.x, &l.w0, &l.a, &l.b, None, 1.0, &mut y, &mut t, &mut ws)
+            .unwrap_err();
         assert!(matches!(e, Error::Shape { arg: "y", .. }), "{e}");
     }
 

@@ -175,3 +175,43 @@ fn repeated_calls_give_identical_bits() {
         }
     }
 }
+
+/// One workspace kept across calls of different shapes (as a trainer keeps one across steps and
+/// layers) gives the same bits as a fresh one per call: reused scratch is overwritten before it is read
+/// (on the emulator a reused buffer is poisoned and tracked as never written again, so initcheck sees
+/// a read of stale scratch), and it stops growing once it has served each size.
+#[test]
+fn a_reused_workspace_gives_the_same_bits() {
+    let shapes = [
+        (600, 40, 24, 8),  // split projections and gradients
+        (5, 300, 1100, 3), // small-M with k split
+        (129, 33, 70, 16),
+        (600, 40, 24, 8), // the first shape again: buffers reused
+    ];
+    let mut rng = Rng::new(11);
+    let layers: Vec<_> = shapes
+        .iter()
+        .map(|&(m, n, k, r)| Layer::<bf16>::random(&mut rng, Dims { m, n, k, r }, 1.5, true))
+        .collect();
+    let mut devices = vec![common::emulators().swap_remove(0)];
+    devices.extend(common::gpu());
+    for dev in &devices {
+        let mut ws = lora_kernels::ops::Workspace::new();
+        let mut held = Vec::new();
+        for l in &layers {
+            let reused = lora::run_in(dev, l, true, &mut ws);
+            lora::check(&format!("{dev:?}"), l, &reused, TOL_BF16);
+            assert!(
+                reused.bits() == lora::run(dev, l, true).bits(),
+                "{dev:?} {:?}: a reused workspace gave other bits",
+                l.d
+            );
+            held.push(ws.bytes());
+        }
+        assert!(held[0] > 0, "the split reductions took no scratch memory");
+        assert_eq!(
+            held[3], held[2],
+            "the workspace grew for a size it had served"
+        );
+    }
+}

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use lora_kernels::cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use lora_kernels::cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use lora_kernels::cudarc::driver::CudaSlice;
+use lora_kernels::ops::Workspace;
 use lora_kernels::{Device, Result, Tensor, bf16, ops};
 
 /// M tokens, N out, K in, r rank.
@@ -107,6 +108,8 @@ pub struct Set {
     pub dw: Tensor<bf16>,
     /// The unfused backward's U = dY·B.
     pub u: Tensor<bf16>,
+    /// Our ops' scratch memory, kept between calls as a training loop keeps it.
+    pub ws: Workspace<bf16>,
 }
 
 impl Set {
@@ -134,6 +137,7 @@ impl Set {
             u,
             da,
             db,
+            ws: _,
         } = self;
         let named: [(Buf, &mut Tensor<bf16>); 12] = [
             (Buf::X, x),
@@ -209,6 +213,7 @@ pub fn set(dev: &Device, c: Case, i: usize) -> Result<Set> {
         db: zeros(Buf::Db)?,
         dw: zeros(Buf::Dw)?,
         u: zeros(Buf::U)?,
+        ws: Workspace::new(),
     })
 }
 
@@ -404,7 +409,10 @@ pub fn blas(dev: &Device) -> std::result::Result<Arc<CudaBlas>, String> {
 
 /// Our fused forward (the T projection + fused GEMM, or small-M) into the set's y and t.
 pub fn ours_forward(s: &mut Set, scale: f32) {
-    ops::lora_forward_into(&s.x, &s.w0, &s.a, &s.b, None, scale, &mut s.y, &mut s.t).unwrap();
+    ops::lora_forward_into(
+        &s.x, &s.w0, &s.a, &s.b, None, scale, &mut s.y, &mut s.t, &mut s.ws,
+    )
+    .unwrap();
 }
 
 /// Our backward: dA, dB and dX.
@@ -420,6 +428,7 @@ pub fn ours_backward(s: &mut Set, scale: f32) {
         Some(&mut s.dx),
         &mut s.da,
         &mut s.db,
+        &mut s.ws,
     )
     .unwrap();
 }

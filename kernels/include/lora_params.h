@@ -61,9 +61,10 @@ typedef struct LkScaleParams {
  *                 length m)                                -> gradients: dB = s·dYᵀ·T, dA = s·Uᵀ·X
  *                 (k = 0: the whole product is the "low-rank" part over rank = the M tokens).
  *   bias: n elements or NULL. C: m × n (ldc).
- * Split reduction (tn): with rank_per_split > 0, block z sums rank indices [z·rank_per_split,
- * (z+1)·rank_per_split) only and, when `partial` is not NULL, writes its unscaled f32 sums to
- * partial[z][m][n] instead of C (lowrank_finalize adds the chunks in order, scales and rounds once). */
+ * Split reduction (k = 0: the gradients, and the projections T, U when their tiles are few): with
+ * rank_per_split > 0, block z sums rank indices [z·rank_per_split, (z+1)·rank_per_split) only and, when
+ * `partial` is not NULL, writes its f32 sums (times scale, which is then 1) to partial[z][m][n] instead
+ * of C (lowrank_finalize adds the chunks in order, scales and rounds once). */
 typedef struct LkFusedGemmParams {
     const void* a;
     const void* b;

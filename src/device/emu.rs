@@ -220,6 +220,14 @@ impl GuardedBuf {
         b
     }
 
+    /// Back to the state of [`GuardedBuf::uninit`]: poisoned, and every byte counts as never written
+    /// (a reused scratch buffer is checked like a fresh one).
+    pub(crate) fn forget_writes(&mut self) {
+        // SAFETY: data_ptr .. +len lies inside the allocation; &mut self gives exclusive access.
+        unsafe { std::ptr::write_bytes(self.data_ptr(), GUARD_BYTE, self.len) };
+        self.init = Some(vec![0; self.len]);
+    }
+
     /// The initcheck shadow for a launch (null: every byte is initialised).
     fn init_ptr(&self) -> *mut u8 {
         match &self.init {

@@ -9,6 +9,8 @@ use crate::params::*;
 use crate::plan::LaunchPlan;
 use crate::tensor::{Tensor, U32Buffer};
 
+use super::workspace::Workspace;
+
 /// Which way round the second operand is stored (see kernels/fused_gemm.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Orient {
@@ -49,8 +51,10 @@ fn u32_of(v: usize) -> u32 {
 }
 
 /// `out (m×rank) = p (m×inner) · op(q)`; q is rank×inner (Nt) or inner×rank (Nn): the low-rank
-/// projections T = X·Aᵀ and U = dY·B. They run on the fused tensor-core GEMM with no low-rank part (an
-/// N = rank GEMM over `inner`): f32 accumulation of exact products, one rounding to the output dtype.
+/// projections T = X·Aᵀ and U = dY·B, on the fused tensor-core GEMM (f32 accumulation, one rounding to
+/// the output dtype). With enough output tiles to fill a large GPU, an N = rank GEMM over `inner`;
+/// with fewer (M up to about 16k rows at r ≤ 128), `inner` is cut into fixed chunks like the
+/// gradients' tokens (see [`lowrank_grad`]), so the grid fills the GPU at every M.
 pub(crate) fn project<T: Element>(
     op: &'static str,
     orient: Orient,
@@ -58,7 +62,12 @@ pub(crate) fn project<T: Element>(
     q: &Tensor<T>,
     out: &mut Tensor<T>,
     (m, inner, rank): (usize, usize, usize),
+    ws: &mut Workspace<T>,
 ) -> Result<()> {
+    let tiles = m.div_ceil(LK_FUSED_GEMM_BM as usize) * rank.div_ceil(LK_FUSED_GEMM_BN as usize);
+    if grad_splits(inner, tiles).0 > 1 {
+        return split_reduction(op, orient, p, q, out, (inner, m, rank), 1.0, ws);
+    }
     let g = FusedGemm {
         orient,
         a: p,
@@ -256,12 +265,45 @@ pub(crate) fn small_m<T: Element>(
     t: &mut Tensor<T>,
     (m, n, k, rank): (usize, usize, usize, usize),
     scale: f32,
+    ws: &mut Workspace<T>,
+) -> Result<()> {
+    let (splits, _) = small_m_splits(n, k, rank);
+    let mut partial = ws.take_partial(x.device(), &[splits, m, n + rank])?;
+    let done = small_m_launches(
+        op,
+        x,
+        w0,
+        a,
+        b,
+        bias,
+        y,
+        t,
+        (m, n, k, rank),
+        scale,
+        &mut partial,
+    );
+    ws.give_partial(partial);
+    done
+}
+
+#[allow(clippy::too_many_arguments)]
+fn small_m_launches<T: Element>(
+    op: &'static str,
+    x: &Tensor<T>,
+    w0: &Tensor<T>,
+    a: &Tensor<T>,
+    b: &Tensor<T>,
+    bias: Option<&Tensor<T>>,
+    y: &mut Tensor<T>,
+    t: &mut Tensor<T>,
+    (m, n, k, rank): (usize, usize, usize, usize),
+    scale: f32,
+    partial: &mut Tensor<f32>,
 ) -> Result<()> {
     let kernel = pick(op, T::DTYPE, &kernels::SMALL_M_BF16, &kernels::SMALL_M_F16)?;
     let (splits, per_split) = small_m_splits(n, k, rank);
     let tiles = n.div_ceil(16) + rank.div_ceil(16);
     let device = x.device().clone();
-    let mut partial = Tensor::<f32>::for_output(&device, &[splits, m, n + rank])?;
     let plan = LaunchPlan {
         grid: [
             u32_of(tiles.div_ceil(LK_SMALL_M_TILES as usize)),
@@ -275,7 +317,7 @@ pub(crate) fn small_m<T: Element>(
         Arg::In("x", x),
         Arg::In("w0", w0),
         Arg::In("a", a),
-        Arg::Out("partial", &mut partial),
+        Arg::Out("partial", partial),
     ];
     let ku = u32_of(k);
     device.launch(op, kernel, &plan, &mut args, |ptr| {
@@ -314,7 +356,7 @@ pub(crate) fn small_m<T: Element>(
         block: [LK_SIMT_THREADS, 1, 1],
         smem_bytes: 0,
     };
-    let mut args = vec![Arg::In("partial", &partial), Arg::In("b", b)];
+    let mut args = vec![Arg::In("partial", &*partial), Arg::In("b", b)];
     if let Some(bias) = bias {
         args.push(Arg::In("bias", bias));
     }
@@ -360,9 +402,7 @@ pub(crate) fn grad_splits(m: usize, tiles: usize) -> (usize, usize) {
 }
 
 /// `g (rows×cols) = scale · pᵀ (rows×m) · q (m×cols)` on tensor cores (the "tn" fused GEMM: pᵀ read
-/// transposed, the m tokens as its rank), deterministic: the tokens are cut into fixed chunks chosen
-/// from the shape only; with several, each block writes its chunk's f32 sums and `lowrank_finalize`
-/// adds them in chunk order, scales and rounds once.
+/// transposed, the m tokens as its rank), deterministic: see [`split_reduction`].
 pub(crate) fn lowrank_grad<T: Element>(
     op: &'static str,
     p: &Tensor<T>,
@@ -370,12 +410,32 @@ pub(crate) fn lowrank_grad<T: Element>(
     g: &mut Tensor<T>,
     (m, rows, cols): (usize, usize, usize),
     scale: f32,
+    ws: &mut Workspace<T>,
+) -> Result<()> {
+    split_reduction(op, Orient::Tn, p, q, g, (m, rows, cols), scale, ws)
+}
+
+/// `g (rows×cols) = scale · Σ_j L[:, j] ⊗ R[j, :]` over a reduction of length `red`, as the low-rank
+/// part alone of the fused GEMM (k = 0, its "rank" being `red`): L = p (rows×red, or red×rows read
+/// transposed for Tn), R = q (cols×red for Nt, red×cols otherwise). The reduction is cut into fixed
+/// chunks chosen from the shape only ([`grad_splits`]); with several, each block writes its chunk's f32
+/// sums and `lowrank_finalize` adds them in chunk order, scales and rounds once: the same bits on every
+/// run, no atomics.
+#[allow(clippy::too_many_arguments)]
+fn split_reduction<T: Element>(
+    op: &'static str,
+    orient: Orient,
+    p: &Tensor<T>,
+    q: &Tensor<T>,
+    g: &mut Tensor<T>,
+    (red, rows, cols): (usize, usize, usize),
+    scale: f32,
+    ws: &mut Workspace<T>,
 ) -> Result<()> {
     let tiles = rows.div_ceil(LK_FUSED_GEMM_BM as usize) * cols.div_ceil(LK_FUSED_GEMM_BN as usize);
-    let (splits, per_split) = grad_splits(m, tiles);
-    // pᵀ·q as the low-rank part alone (k = 0): L = p read transposed, R = q, the m tokens its rank
+    let (splits, per_split) = grad_splits(red, tiles);
     let gemm = |scale| FusedGemm {
-        orient: Orient::Tn,
+        orient,
         a: p,
         b: q,
         l: p,
@@ -384,40 +444,43 @@ pub(crate) fn lowrank_grad<T: Element>(
         m: rows,
         n: cols,
         k: 0,
-        rank: m,
+        rank: red,
         scale,
     };
     if splits == 1 {
         return fused_gemm(op, &gemm(scale), g, None);
     }
-    let device = p.device().clone();
-    let mut partial = Tensor::<f32>::for_output(&device, &[splits, rows, cols])?;
-    let split = Split {
-        splits,
-        per_split,
-        partial: &mut partial,
-    };
-    fused_gemm(op, &gemm(1.0), g, Some(split))?;
-    let finalize = pick(
-        op,
-        T::DTYPE,
-        &kernels::LOWRANK_FINALIZE_BF16,
-        &kernels::LOWRANK_FINALIZE_F16,
-    )?;
-    let count = rows * cols;
-    device.launch(
-        op,
-        finalize,
-        &LaunchPlan::elementwise(count, LK_SIMT_THREADS, 4096),
-        &mut [Arg::In("partial", &partial), Arg::Out("g", g)],
-        |ptr| LkLowrankFinalizeParams {
-            partial: ptr[0] as *const f32,
-            g: ptr[1] as *mut _,
-            count: u32_of(count),
-            splits: u32_of(splits),
-            scale,
-        },
-    )
+    let mut partial = ws.take_partial(p.device(), &[splits, rows, cols])?;
+    let done = (|| {
+        let split = Split {
+            splits,
+            per_split,
+            partial: &mut partial,
+        };
+        fused_gemm(op, &gemm(1.0), g, Some(split))?;
+        let finalize = pick(
+            op,
+            T::DTYPE,
+            &kernels::LOWRANK_FINALIZE_BF16,
+            &kernels::LOWRANK_FINALIZE_F16,
+        )?;
+        let count = rows * cols;
+        p.device().launch(
+            op,
+            finalize,
+            &LaunchPlan::elementwise(count, LK_SIMT_THREADS, 4096),
+            &mut [Arg::In("partial", &partial), Arg::Out("g", g)],
+            |ptr| LkLowrankFinalizeParams {
+                partial: ptr[0] as *const f32,
+                g: ptr[1] as *mut _,
+                count: u32_of(count),
+                splits: u32_of(splits),
+                scale,
+            },
+        )
+    })();
+    ws.give_partial(partial);
+    done
 }
 
 /// What the merge kernel does with W and whether it counts non-finite elements (kernels/merge.cu).

@@ -8,6 +8,7 @@
 
 use super::launch::{self, FusedGemm, Orient};
 use super::validate;
+use super::workspace::Workspace;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::params::LK_SMALL_M_MAX;
@@ -67,11 +68,22 @@ pub fn lora_forward<T: Element>(
     let d = layer_dims("lora_forward", x, w0, a, b)?;
     let mut y = Tensor::for_output(x.device(), &[d.m, d.n])?;
     let mut t = Tensor::for_output(x.device(), &[d.m, d.r])?;
-    lora_forward_into(x, w0, a, b, bias, scale, &mut y, &mut t)?;
+    lora_forward_into(
+        x,
+        w0,
+        a,
+        b,
+        bias,
+        scale,
+        &mut y,
+        &mut t,
+        &mut Workspace::new(),
+    )?;
     Ok(ForwardOutput { y, t })
 }
 
-/// [`lora_forward`] into existing `y` [M, N] and `t` [M, r] (for callers that reuse buffers).
+/// [`lora_forward`] into existing `y` [M, N] and `t` [M, r], with scratch memory from `ws`: for callers
+/// that reuse buffers (a training loop allocates nothing per step).
 #[allow(clippy::too_many_arguments)]
 pub fn lora_forward_into<T: Element>(
     x: &Tensor<T>,
@@ -82,6 +94,7 @@ pub fn lora_forward_into<T: Element>(
     scale: f32,
     y: &mut Tensor<T>,
     t: &mut Tensor<T>,
+    ws: &mut Workspace<T>,
 ) -> Result<()> {
     const OP: &str = "lora_forward";
     let d = layer_dims(OP, x, w0, a, b)?;
@@ -92,9 +105,9 @@ pub fn lora_forward_into<T: Element>(
     validate::shape(OP, "y", y, &[d.m, d.n], "[M, N]")?;
     validate::shape(OP, "t", t, &[d.m, d.r], "[M, r]")?;
     if d.m <= LK_SMALL_M_MAX as usize {
-        return launch::small_m(OP, x, w0, a, b, bias, y, t, (d.m, d.n, d.k, d.r), scale);
+        return launch::small_m(OP, x, w0, a, b, bias, y, t, (d.m, d.n, d.k, d.r), scale, ws);
     }
-    launch::project(OP, Orient::Nt, x, a, t, (d.m, d.k, d.r))?;
+    launch::project(OP, Orient::Nt, x, a, t, (d.m, d.k, d.r), ws)?;
     let g = FusedGemm {
         orient: Orient::Nt,
         a: x,
@@ -132,11 +145,25 @@ pub fn lora_backward<T: Element>(
     };
     let mut da = Tensor::for_output(dev, &[d.r, d.k])?;
     let mut db = Tensor::for_output(dev, &[d.n, d.r])?;
-    lora_backward_into(x, w0, a, b, t, dy, scale, dx.as_mut(), &mut da, &mut db)?;
+    let mut ws = Workspace::new();
+    lora_backward_into(
+        x,
+        w0,
+        a,
+        b,
+        t,
+        dy,
+        scale,
+        dx.as_mut(),
+        &mut da,
+        &mut db,
+        &mut ws,
+    )?;
     Ok(Gradients { dx, da, db })
 }
 
-/// [`lora_backward`] into existing `dx` [M, K] (or none), `da` [r, K], `db` [N, r].
+/// [`lora_backward`] into existing `dx` [M, K] (or none), `da` [r, K], `db` [N, r], with scratch memory
+/// (U and the gradients' partial sums) from `ws`.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_backward_into<T: Element>(
     x: &Tensor<T>,
@@ -149,6 +176,7 @@ pub fn lora_backward_into<T: Element>(
     dx: Option<&mut Tensor<T>>,
     da: &mut Tensor<T>,
     db: &mut Tensor<T>,
+    ws: &mut Workspace<T>,
 ) -> Result<()> {
     const OP: &str = "lora_backward";
     let d = layer_dims(OP, x, w0, a, b)?;
@@ -160,25 +188,29 @@ pub fn lora_backward_into<T: Element>(
     if let Some(dx) = dx.as_deref() {
         validate::shape(OP, "dx", dx, &[d.m, d.k], "[M, K]")?;
     }
-    let mut u = Tensor::for_output(x.device(), &[d.m, d.r])?;
-    launch::project(OP, Orient::Nn, dy, b, &mut u, (d.m, d.n, d.r))?;
-    launch::lowrank_grad(OP, dy, t, db, (d.m, d.n, d.r), scale)?;
-    launch::lowrank_grad(OP, &u, x, da, (d.m, d.r, d.k), scale)?;
-    if let Some(dx) = dx {
-        let g = FusedGemm {
-            orient: Orient::Nn,
-            a: dy,
-            b: w0,
-            l: &u,
-            r: a,
-            bias: None,
-            m: d.m,
-            n: d.k,
-            k: d.n,
-            rank: d.r,
-            scale,
-        };
-        launch::fused_gemm(OP, &g, dx, None)?;
-    }
-    Ok(())
+    let mut u = ws.take_layer(x.device(), &[d.m, d.r])?;
+    let done = (|| {
+        launch::project(OP, Orient::Nn, dy, b, &mut u, (d.m, d.n, d.r), ws)?;
+        launch::lowrank_grad(OP, dy, t, db, (d.m, d.n, d.r), scale, ws)?;
+        launch::lowrank_grad(OP, &u, x, da, (d.m, d.r, d.k), scale, ws)?;
+        if let Some(dx) = dx {
+            let g = FusedGemm {
+                orient: Orient::Nn,
+                a: dy,
+                b: w0,
+                l: &u,
+                r: a,
+                bias: None,
+                m: d.m,
+                n: d.k,
+                k: d.n,
+                rank: d.r,
+                scale,
+            };
+            launch::fused_gemm(OP, &g, dx, None)?;
+        }
+        Ok(())
+    })();
+    ws.give_layer(u);
+    done
 }

@@ -8,6 +8,7 @@ mod lora;
 mod merge;
 mod scale;
 pub(crate) mod validate;
+mod workspace;
 
 pub use lora::{
     ForwardOutput, Gradients, lora_backward, lora_backward_into, lora_forward, lora_forward_into,
@@ -17,3 +18,4 @@ pub use merge::{
 };
 pub use scale::scale;
 pub use validate::MAX_RANK;
+pub use workspace::Workspace;

@@ -67,6 +67,16 @@ fn poisoned<T: Element>(dev: &Device, shape: &[usize]) -> Tensor<T> {
 
 /// Forward, then backward with the forward's T, outputs poisoned first. `backward: false` skips it.
 pub fn run<T: Element>(dev: &Device, l: &Layer<T>, backward: bool) -> Outputs<T> {
+    run_in(dev, l, backward, &mut ops::Workspace::new())
+}
+
+/// [`run`] with scratch memory from `ws` (forward and backward share it).
+pub fn run_in<T: Element>(
+    dev: &Device,
+    l: &Layer<T>,
+    backward: bool,
+    ws: &mut ops::Workspace<T>,
+) -> Outputs<T> {
     let Dims { m, n, k, r } = l.d;
     let x = up(dev, &l.x, &[m, k]);
     let w0 = up(dev, &l.w0, &[n, k]);
@@ -75,7 +85,7 @@ pub fn run<T: Element>(dev: &Device, l: &Layer<T>, backward: bool) -> Outputs<T>
     let bias = l.bias.as_ref().map(|v| up(dev, v, &[n]));
     let mut y = poisoned(dev, &[m, n]);
     let mut t = poisoned(dev, &[m, r]);
-    ops::lora_forward_into(&x, &w0, &a, &b, bias.as_ref(), l.scale, &mut y, &mut t).unwrap();
+    ops::lora_forward_into(&x, &w0, &a, &b, bias.as_ref(), l.scale, &mut y, &mut t, ws).unwrap();
     let mut out = Outputs {
         y: y.to_vec().unwrap(),
         t: t.to_vec().unwrap(),
@@ -99,6 +109,7 @@ pub fn run<T: Element>(dev: &Device, l: &Layer<T>, backward: bool) -> Outputs<T>
             Some(&mut dx),
             &mut da,
             &mut db,
+            ws,
         )
         .unwrap();
         out.dx = dx.to_vec().unwrap();
