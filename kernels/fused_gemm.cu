@@ -2,22 +2,38 @@
 //
 //   forward ("nt"): Y  = X·W0ᵀ + s·T·Bᵀ      A = X (m×k),  B = W0 (n×k),  L = T (m×r), R = B (n×r)
 //   dX      ("nn"): dX = dY·W0 + s·U·A       A = dY (m×k), B = W0 (k×n),  L = U (m×r), R = A (r×n)
-//   T, U    ("nt"/"nn", rank 0): T = X·Aᵀ, U = dY·B as plain GEMMs with N = r.
+//   T, U    ("nt"/"nn"): T = X·Aᵀ, U = dY·B as plain GEMMs with N = r (rank 0) when their tiles fill
+//           the GPU; with fewer, as the low-rank part alone (k = 0, L = X or dY, R = A or B, the inner
+//           dimension as "rank"), split like the gradients.
 //   dB, dA  ("tn", k = 0): dB = s·dYᵀ·T, dA = s·Uᵀ·X as the low-rank part alone, its "rank" being the
 //           M tokens: L = dY or U read transposed (k-major tiles, ldmatrix.trans), R = T or X; split
 //           over the tokens into fixed chunks (blockIdx.z) whose f32 partials lowrank_finalize adds in
 //           order (deterministic, no atomics).
 //
-// The low-rank product is not a second GEMM: [A | L] · [B | R] is one GEMM over k + r, so the
-// main loop simply runs ceil(r/32) extra k-tiles that read L and R instead of A and B. They run FIRST:
-// acc = L·op(R), then acc *= s (exact f32 scaling of the whole low-rank sum), then the main tiles add
-// A·op(B) on top. C is written once, there is no m×n temporary, and no second accumulator set.
+// The low-rank product is not a second GEMM: [A | L] · [B | R] is one GEMM over k + r, so the k loop
+// runs ceil(r/32) extra k-tiles that read L and R instead of A and B. They run FIRST: acc = L·op(R), then
+// acc *= s (exact f32 scaling of the whole low-rank sum), then the main tiles add A·op(B) on top. C is
+// written once, there is no m×n temporary, and no second accumulator set.
 //
 // Tiles: 128×128 per block of 256 threads (8 warps as 2×4, 64×32 per warp = 4×4 mma.m16n8k16 tiles,
-// 64 f32 accumulators per thread), BK = 32, a 3-stage cp.async pipeline (60 KiB dynamic shared memory).
+// 64 f32 accumulators per thread), BK = 32, a 3-stage cp.async pipeline (60 KiB dynamic shared memory),
+// ≤ 128 registers so that two blocks fit an SM (__launch_bounds__(256, 2)).
 // Rows are padded ([BM][40] for A, [BN][40] for nt-B, [BK][136] for nn-B and transposed A), which makes
 // every ldmatrix phase hit 8 distinct 16-byte bank groups. nt-B is read with ldmatrix (rows = n),
 // nn-B with ldmatrix.trans (rows = k): the same fragment comes out of both layouts; likewise A.
+//
+// No run-time operand choice in the hot loops (k_loop): the low-rank and the main tiles are separate
+// loops, each with its pointers, leading dimensions and extents fixed; the cp.async ring flows across the
+// boundary (the last low-rank iterations, unrolled, already prefetch the first main tiles). Vector or
+// element loads are chosen once per block (a template argument): 16-byte cp.async when every operand the
+// block reads is aligned (flags), else element loads. A block whose tile lies wholly inside the operands
+// walks precomputed source pointers with no bounds checks (`Cursor`); edge blocks check every chunk.
+//
+// Block order: blockIdx.x is mapped to tiles in groups of 8 tile rows, column by column, so the blocks
+// resident together share their B (W0) tiles in L2. Epilogue: bias, one rounding to T, the C tile staged
+// in shared memory (the pipeline's, once drained), then written back in 16-byte row chunks where C's rows
+// are aligned (element stores at a ragged right edge or on a misaligned C). Split reductions write f32
+// partials straight from the fragments.
 //
 // Shapes: any m, n ≥ 1, k ≥ 0, any rank (k + rank ≥ 1). Out-of-range
 // rows/columns are zero-filled (cp.async src-size), so ragged edges are exact. An operand whose base is
@@ -36,14 +52,18 @@ constexpr int A_STAGE = BM * ROW_LD;
 constexpr int B_STAGE = BN * ROW_LD;
 static_assert(BK * KMAJ_LD <= A_STAGE && BK * KMAJ_LD <= B_STAGE, "k-major tiles fit the stages");
 static_assert(STAGES * (A_STAGE + B_STAGE) * 2 == LK_FUSED_GEMM_SMEM_BYTES, "header and kernel agree");
+constexpr int C_LD = BN + 8;  // the staged C tile [BM][C_LD] of the epilogue, in the pipeline's memory
+static_assert(BM * C_LD * 2 <= LK_FUSED_GEMM_SMEM_BYTES && (C_LD * 2) % 16 == 0, "C tile fits, rows 16-B aligned");
+constexpr uint32_t GROUP_M = 8;  // tile rows per group of the grouped block order
 
 // One 8-element (16-byte) chunk of row `row` starting at column `col` (both in the operand's own
-// coordinates) into shared memory; zero outside rows < nrows, cols < ncols.
-template <typename T>
+// coordinates) into shared memory; zero outside rows < nrows, cols < ncols. VEC: one cp.async (the
+// operand is 16-byte aligned with ld % 8 == 0), else element loads.
+template <bool VEC, typename T>
 __device__ __forceinline__ void load_chunk(T* dst, const T* base, uint32_t row, uint32_t nrows, uint32_t ld,
-                                           uint32_t col, uint32_t ncols, bool vec) {
+                                           uint32_t col, uint32_t ncols) {
     const bool row_ok = row < nrows;
-    if (vec) {
+    if (VEC) {
         const int bytes = (row_ok && col < ncols) ? int(min(8u, ncols - col)) * 2 : 0;
         const T* src = bytes > 0 ? base + size_t(row) * ld + col : base;  // never form an address past the data
         lk_cp_async_16(dst, src, bytes);
@@ -65,37 +85,58 @@ __device__ __forceinline__ void load_chunk(T* dst, const T* base, uint32_t row, 
 // operand's m (A, L) or n (B, R) dimension, 128 wide in the tile. Stored outer-major (KMAJOR false): 128
 // rows of 4 chunks along k, tile [128][ROW_LD]; stored k-major: BK rows of 16 chunks along outer, tile
 // [BK][KMAJ_LD]. Either way ldmatrix (.trans for k-major) yields the same fragments.
-template <bool KMAJOR, typename T>
+template <bool KMAJOR, bool VEC, typename T>
+__device__ __forceinline__ void load_operand_chunk(T* dst, const T* src, uint32_t o0, uint32_t nouter, uint32_t ld,
+                                                   uint32_t k0, uint32_t kext, uint32_t c) {
+    if (!KMAJOR) {
+        const uint32_t row = c / 4, kc = (c % 4) * 8;
+        load_chunk<VEC>(dst + row * ROW_LD + kc, src, o0 + row, nouter, ld, k0 + kc, kext);
+    } else {
+        const uint32_t row = c / 16, oc = (c % 16) * 8;
+        load_chunk<VEC>(dst + row * KMAJ_LD + oc, src, k0 + row, kext, ld, o0 + oc, nouter);
+    }
+}
+template <bool KMAJOR, bool VEC, typename T>
 __device__ __forceinline__ void load_operand(T* dst, const T* src, uint32_t o0, uint32_t nouter, uint32_t ld,
-                                             uint32_t k0, uint32_t kext, bool vec) {
+                                             uint32_t k0, uint32_t kext) {
+    if (VEC) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const uint32_t c = threadIdx.x + i * THREADS;
-        if (!KMAJOR) {
-            const uint32_t row = c / 4, kc = (c % 4) * 8;
-            load_chunk(dst + row * ROW_LD + kc, src, o0 + row, nouter, ld, k0 + kc, kext, vec);
-        } else {
-            const uint32_t row = c / 16, oc = (c % 16) * 8;
-            load_chunk(dst + row * KMAJ_LD + oc, src, k0 + row, kext, ld, o0 + oc, nouter, vec);
-        }
+        for (int i = 0; i < 2; ++i)
+            load_operand_chunk<KMAJOR, VEC>(dst, src, o0, nouter, ld, k0, kext, threadIdx.x + i * THREADS);
+    } else {  // one chunk at a time: 8 loads in flight, not 16 (the registers are taken by the accumulators)
+#pragma unroll 1
+        for (int i = 0; i < 2; ++i)
+            load_operand_chunk<KMAJOR, VEC>(dst, src, o0, nouter, ld, k0, kext, threadIdx.x + i * THREADS);
     }
 }
 
-// Loads virtual k-tile `kt` (tiles < lt are low-rank tiles of L/R over [r_begin, r_end), the rest main
-// tiles of A/B).
-template <typename T, bool NN, bool TA>
-__device__ __forceinline__ void load_tile(const LkFusedGemmParams& p, int kt, int lt, T* as, T* bs,
-                                          uint32_t m0, uint32_t n0, uint32_t r_begin, uint32_t r_end) {
-    const bool low = kt < lt;
-    const T* a = static_cast<const T*>(low ? p.l : p.a);
-    const T* b = static_cast<const T*>(low ? p.r : p.b);
-    const uint32_t lda = low ? p.ldl : p.lda, ldb = low ? p.ldr : p.ldb;
-    const uint32_t kext = low ? r_end : p.k;
-    const uint32_t k0 = low ? r_begin + uint32_t(kt) * BK : uint32_t(kt - lt) * BK;
-    const bool a_vec = p.flags & (low ? LK_ALIGNED_L : LK_ALIGNED_A);
-    const bool b_vec = p.flags & (low ? LK_ALIGNED_R : LK_ALIGNED_B);
-    load_operand<TA>(as, a, m0, p.m, lda, k0, kext, a_vec);
-    load_operand<NN>(bs, b, n0, p.n, ldb, k0, kext, b_vec);
+// The operands of one phase of the k loop: the low-rank tiles (L, R over k in [r_begin, r_end)) or the
+// main tiles (A, B over [0, k)). Within a phase nothing about the source changes from tile to tile.
+template <typename T>
+struct Phase {
+    const T* a;  // A or L (m side)
+    const T* b;  // B or R (n side)
+    uint32_t lda, ldb, k_begin, k_end;
+};
+
+template <typename T, bool NN, bool TA, bool VEC>
+__device__ __forceinline__ void load_tile(const Phase<T>& ph, int j, T* as, T* bs, uint32_t m0, uint32_t n0,
+                                          uint32_t m, uint32_t n) {
+    const uint32_t k0 = ph.k_begin + uint32_t(j) * BK;
+    load_operand<TA, VEC>(as, ph.a, m0, m, ph.lda, k0, ph.k_end);
+    load_operand<NN, VEC>(bs, ph.b, n0, n, ph.ldb, k0, ph.k_end);
+}
+
+// threadIdx.x, read anew: the epilogue's indices are recomputed after the k loop instead of being held
+// in registers across it (where every register is taken).
+__device__ __forceinline__ uint32_t fresh_tid() {
+#ifdef LK_EMU
+    return threadIdx.x;
+#else
+    uint32_t t;
+    asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(t));
+    return t;
+#endif
 }
 
 template <typename T> struct IsF16 { static constexpr bool value = false; };
@@ -119,20 +160,186 @@ __device__ __forceinline__ void scale_acc(float (&acc)[4][4][4], float s) {
             for (int e = 0; e < 4; ++e) acc[i][j][e] *= s;
 }
 
+// acc += the BK-deep product of the A and B tiles in shared memory (this warp's 64×32).
+template <typename T, bool NN, bool TA>
+__device__ __forceinline__ void mma_tile(float (&acc)[4][4][4], const T* as, const T* bs, uint32_t lane,
+                                         uint32_t wm, uint32_t wn) {
+    constexpr bool F16 = IsF16<T>::value;
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+        uint32_t af[4][4], bf[4][2];
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi) {
+            if (!TA) {
+                lk_ldmatrix_x4(af[mi], as + (wm * 64 + mi * 16 + lane % 16) * ROW_LD + kk + (lane / 16) * 8);
+            } else {  // matrices (m 0-7 | 8-15) × (k 0-7 | 8-15) from k-major rows, transposed
+                const uint32_t mat = lane / 8, rin = lane % 8;
+                lk_ldmatrix_x4_trans(af[mi],
+                                     as + (kk + (mat >> 1) * 8 + rin) * KMAJ_LD + wm * 64 + mi * 16 + (mat & 1) * 8);
+            }
+        }
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+            uint32_t r[4];
+            const uint32_t mat = lane / 8, rin = lane % 8;
+            if (!NN)
+                lk_ldmatrix_x4(r, bs + (wn * 32 + np * 16 + (mat >> 1) * 8 + rin) * ROW_LD + kk + (mat & 1) * 8);
+            else
+                lk_ldmatrix_x4_trans(r, bs + (kk + (mat & 1) * 8 + rin) * KMAJ_LD + wn * 32 + np * 16 + (mat >> 1) * 8);
+            bf[np * 2][0] = r[0];
+            bf[np * 2][1] = r[1];
+            bf[np * 2 + 1][0] = r[2];
+            bf[np * 2 + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) mma<F16>(acc[mi][ni], af[mi], bf[ni]);
+    }
+}
+
+// This thread's two 16-byte chunks of one operand (the same places load_operand<KMAJOR> copies), walked
+// k-tile by k-tile without bounds checks: for tiles wholly inside the operand (an interior block, a
+// phase whose extent is a multiple of BK) and vector loads only.
+template <bool KMAJOR, typename T>
+struct Cursor {
+    const T* src0;
+    const T* src1;
+    size_t step;  // elements from one k-tile to the next
+    uint32_t dst0, dst1;  // the chunks' offsets in a stage
+    __device__ __forceinline__ Cursor(const T* base, uint32_t o0, uint32_t ld, uint32_t k0) {
+        const uint32_t c = threadIdx.x;
+        if (!KMAJOR) {  // 128 outer rows of 4 chunks along k; chunk 1 is 64 rows further down
+            const uint32_t row = c / 4, kc = (c % 4) * 8;
+            src0 = base + size_t(o0 + row) * ld + k0 + kc;
+            src1 = src0 + size_t(THREADS / 4) * ld;
+            step = BK;
+            dst0 = row * ROW_LD + kc;
+            dst1 = dst0 + (THREADS / 4) * ROW_LD;
+        } else {  // BK k-rows of 16 chunks along outer; chunk 1 is 16 k-rows further down
+            const uint32_t row = c / 16, oc = (c % 16) * 8;
+            src0 = base + size_t(k0 + row) * ld + o0 + oc;
+            src1 = src0 + size_t(THREADS / 16) * ld;
+            step = size_t(BK) * ld;
+            dst0 = row * KMAJ_LD + oc;
+            dst1 = dst0 + (THREADS / 16) * KMAJ_LD;
+        }
+    }
+    __device__ __forceinline__ void load(T* stage) {
+        lk_cp_async_16(stage + dst0, src0, 16);
+        lk_cp_async_16(stage + dst1, src1, 16);
+        src0 += step;
+        src1 += step;
+    }
+};
+
+// The whole k loop of one block: acc = s·L·op(R) + A·op(B) over the virtual k-tiles 0 .. total-1 (tiles
+// < lt low-rank, the rest main), through the STAGES-deep cp.async ring. Iteration t waits for tile t,
+// refills the stage tile t-1 used with tile t + STAGES-1, and multiplies tile t. Which phase that refill
+// reads only depends on t, so the iterations are cut into runs with one fixed refill source each: the
+// two loops (low refilling low, main refilling main) have no operand choice left in them, and where the
+// block's tiles lie wholly inside the operands (`full_*`) they walk precomputed source pointers with no
+// bounds checks. The at most STAGES-1 iterations around each boundary are unrolled, with checked loads.
+template <typename T, bool NN, bool TA, bool VEC>
+__device__ __forceinline__ void k_loop(const LkFusedGemmParams& p, float (&acc)[4][4][4], T* as_all, T* bs_all,
+                                       uint32_t m0, uint32_t n0, uint32_t r_begin, uint32_t r_end, int lt,
+                                       bool interior) {
+    constexpr int AHEAD = STAGES - 1;
+    const uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const uint32_t wm = warp / 4, wn = warp % 4;
+    const Phase<T> low{static_cast<const T*>(p.l), static_cast<const T*>(p.r), p.ldl, p.ldr, r_begin, r_end};
+    const Phase<T> main{static_cast<const T*>(p.a), static_cast<const T*>(p.b), p.lda, p.ldb, 0u, p.k};
+    const int total = lt + int((p.k + BK - 1) / BK);
+    const uint32_t m = p.m, n = p.n;
+    auto refill = [&](const Phase<T>& ph, int j, int t) {  // tile t (phase tile j) into its stage, checked
+        load_tile<T, NN, TA, VEC>(ph, j, as_all + (t % STAGES) * A_STAGE, bs_all + (t % STAGES) * B_STAGE, m0, n0,
+                                  m, n);
+    };
+    auto wait_tile = [&]() {
+        lk_cp_async_wait<STAGES - 2>();  // this thread's copies of tile t have landed ...
+        __syncthreads();                 // ... everyone's, and everyone is done with tile t - 1
+    };
+    auto multiply = [&](int t) {
+        lk_cp_async_commit();
+        mma_tile<T, NN, TA>(acc, as_all + (t % STAGES) * A_STAGE, bs_all + (t % STAGES) * B_STAGE, lane, wm, wn);
+    };
+    // Iterations [t0, t1) refilling from `ph` (tile t + AHEAD is its tile t + AHEAD - first).
+    auto run = [&](const Phase<T>& ph, int t0, int t1, int first, bool full) {
+        if (VEC && full) {
+            Cursor<TA, T> ca(ph.a, m0, ph.lda, ph.k_begin + uint32_t(t0 + AHEAD - first) * BK);
+            Cursor<NN, T> cb(ph.b, n0, ph.ldb, ph.k_begin + uint32_t(t0 + AHEAD - first) * BK);
+            int rd = t0 % STAGES;  // the stage of tile t; tile t + AHEAD goes to the one before it
+            for (int t = t0; t < t1; ++t) {
+                wait_tile();
+                const int wr = rd == 0 ? STAGES - 1 : rd - 1;
+                ca.load(as_all + wr * A_STAGE);
+                cb.load(bs_all + wr * B_STAGE);
+                lk_cp_async_commit();
+                mma_tile<T, NN, TA>(acc, as_all + rd * A_STAGE, bs_all + rd * B_STAGE, lane, wm, wn);
+                rd = rd == STAGES - 1 ? 0 : rd + 1;
+            }
+        } else {
+            for (int t = t0; t < t1; ++t) {
+                wait_tile();
+                refill(ph, t + AHEAD - first, t + AHEAD);
+                multiply(t);
+            }
+        }
+    };
+
+#pragma unroll
+    for (int s = 0; s < AHEAD; ++s) {
+        if (s < lt)
+            refill(low, s, s);
+        else if (s < total)
+            refill(main, s - lt, s);
+        lk_cp_async_commit();
+    }
+    const int low_refills_low = max(lt - AHEAD, 0);    // iterations whose refill is a low-rank tile
+    const int main_refills_end = max(total - AHEAD, 0);  // iterations t < this refill at all
+    // 1. low-rank tiles, refilling low-rank tiles
+    run(low, 0, low_refills_low, 0, interior && (r_end - r_begin) % BK == 0);
+    // 2. the last (at most AHEAD) low-rank tiles, refilling the first main tiles
+#pragma unroll
+    for (int i = 0; i < AHEAD; ++i) {
+        const int t = low_refills_low + i;
+        if (t < lt) {
+            wait_tile();
+            if (t + AHEAD < total) refill(main, t + AHEAD - lt, t + AHEAD);
+            multiply(t);
+        }
+    }
+    scale_acc(acc, p.scale);  // the low-rank sum is complete: scale it once, then the main GEMM on top
+    // 3. main tiles, refilling main tiles
+    run(main, lt, main_refills_end, lt, interior && p.k % BK == 0);
+    // 4. the last (at most AHEAD) main tiles: nothing left to refill
+#pragma unroll
+    for (int i = 0; i < AHEAD; ++i) {
+        const int t = max(lt, main_refills_end) + i;
+        if (t < total) {
+            wait_tile();
+            multiply(t);
+        }
+    }
+    lk_cp_async_wait<0>();
+}
+
 template <typename T, bool NN, bool TA>
 __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
-    constexpr bool F16 = IsF16<T>::value;
     LK_DYNAMIC_SMEM(smem);
     T* as_all = reinterpret_cast<T*>(smem);
     T* bs_all = as_all + STAGES * A_STAGE;
-    const uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-    const uint32_t wm = warp / 4, wn = warp % 4;
-    const uint32_t m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    // Grouped tile order: blockIdx.x walks GROUP_M tile rows down one tile column before moving right,
+    // so the blocks running at the same time share their B (W0) tiles, and their A tiles, in L2.
+    const uint32_t tiles_m = (p.m + BM - 1) / BM, tiles_n = (p.n + BN - 1) / BN;
+    const uint32_t per_group = GROUP_M * tiles_n, group = blockIdx.x / per_group;
+    const uint32_t first_m = group * GROUP_M, group_rows = min(tiles_m - first_m, uint32_t(GROUP_M));
+    const uint32_t in_group = blockIdx.x - group * per_group;
+    const uint32_t m0 = (first_m + in_group % group_rows) * BM, n0 = (in_group / group_rows) * BN;
     // the rank range of this block: all of it, or split z of a split reduction
     const uint32_t r_begin = p.rank_per_split ? blockIdx.z * p.rank_per_split : 0;
     const uint32_t r_end = p.rank_per_split ? min(p.rank, r_begin + p.rank_per_split) : p.rank;
     const int lt = int((r_end - r_begin + BK - 1) / BK);
-    const int kt_total = lt + int((p.k + BK - 1) / BK);
 
     float acc[4][4][4];
 #pragma unroll
@@ -142,58 +349,17 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < kt_total)
-            load_tile<T, NN, TA>(p, s, lt, as_all + s * A_STAGE, bs_all + s * B_STAGE, m0, n0, r_begin, r_end);
-        lk_cp_async_commit();
-    }
+    // 16-byte copies when every operand this block reads allows them, else element loads throughout.
+    const uint32_t needed = (p.k > 0 ? LK_ALIGNED_A | LK_ALIGNED_B : 0u) | (lt > 0 ? LK_ALIGNED_L | LK_ALIGNED_R : 0u);
+    const bool interior = m0 + BM <= p.m && n0 + BN <= p.n;  // no row or column of the tile out of range
+    if ((p.flags & needed) == needed)
+        k_loop<T, NN, TA, true>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
+    else
+        k_loop<T, NN, TA, false>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
 
-    for (int kt = 0; kt < kt_total; ++kt) {
-        lk_cp_async_wait<STAGES - 2>();  // this thread's copies of tile kt have landed ...
-        __syncthreads();                 // ... everyone's, and everyone is done with tile kt - 1
-        const int next = kt + STAGES - 1;
-        if (next < kt_total)
-            load_tile<T, NN, TA>(p, next, lt, as_all + (next % STAGES) * A_STAGE,
-                                 bs_all + (next % STAGES) * B_STAGE, m0, n0, r_begin, r_end);
-        lk_cp_async_commit();
-        if (kt == lt) scale_acc(acc, p.scale);  // low-rank sum complete: scale it once, then the main GEMM
-        const T* as = as_all + (kt % STAGES) * A_STAGE;
-        const T* bs = bs_all + (kt % STAGES) * B_STAGE;
-#pragma unroll
-        for (int kk = 0; kk < BK; kk += 16) {
-            uint32_t af[4][4], bf[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi) {
-                if (!TA) {
-                    lk_ldmatrix_x4(af[mi], as + (wm * 64 + mi * 16 + lane % 16) * ROW_LD + kk + (lane / 16) * 8);
-                } else {  // matrices (m 0-7 | 8-15) × (k 0-7 | 8-15) from k-major rows, transposed
-                    const uint32_t mat = lane / 8, rin = lane % 8;
-                    lk_ldmatrix_x4_trans(af[mi],
-                                         as + (kk + (mat >> 1) * 8 + rin) * KMAJ_LD + wm * 64 + mi * 16 + (mat & 1) * 8);
-                }
-            }
-#pragma unroll
-            for (int np = 0; np < 2; ++np) {
-                uint32_t r[4];
-                const uint32_t mat = lane / 8, rin = lane % 8;
-                if (!NN)
-                    lk_ldmatrix_x4(r, bs + (wn * 32 + np * 16 + (mat >> 1) * 8 + rin) * ROW_LD + kk + (mat & 1) * 8);
-                else
-                    lk_ldmatrix_x4_trans(r, bs + (kk + (mat & 1) * 8 + rin) * KMAJ_LD + wn * 32 + np * 16 + (mat >> 1) * 8);
-                bf[np * 2][0] = r[0];
-                bf[np * 2][1] = r[1];
-                bf[np * 2 + 1][0] = r[2];
-                bf[np * 2 + 1][1] = r[3];
-            }
-#pragma unroll
-            for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni) mma<F16>(acc[mi][ni], af[mi], bf[ni]);
-        }
-    }
-    lk_cp_async_wait<0>();
-    if (kt_total == lt) scale_acc(acc, p.scale);  // no main tiles (k = 0): the low-rank sum is all there is
+    const uint32_t tid = fresh_tid(), lane = tid % 32, warp = tid / 32;
+    const uint32_t wm = warp / 4, wn = warp % 4;
+
     if (p.partial != nullptr) {  // split reduction: this chunk's f32 sums, no bias, no rounding
         float* part = p.partial + size_t(blockIdx.z) * p.m * p.n;
 #pragma unroll
@@ -212,13 +378,16 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
         return;
     }
 
-    // Epilogue: bias, one rounding, one write of C. Fragment: c0,c1 at (g, 2t..2t+1), c2,c3 at (g+8, ...).
-    T* c = static_cast<T*>(p.c);
+    // Epilogue: bias, one rounding, the C tile staged in shared memory (the pipeline's, free once every
+    // warp is past its last tile), then written row by row in 16-byte chunks. Fragment: c0,c1 at
+    // (g, 2t..2t+1), c2,c3 at (g+8, ...); the staged rows are C_LD apart, so a warp's 32-bit stores of one
+    // fragment hit 32 distinct banks.
+    __syncthreads();
+    T* cs = as_all;
     const T* bias = static_cast<const T*>(p.bias);
-    const bool pair_ok = (p.ldc % 2 == 0) && ((reinterpret_cast<uintptr_t>(c) & 3u) == 0);
 #pragma unroll
     for (int ni = 0; ni < 4; ++ni) {
-        const uint32_t col = n0 + wn * 32 + ni * 8 + (lane % 4) * 2;
+        const uint32_t cc = wn * 32 + ni * 8 + (lane % 4) * 2, col = n0 + cc;
         float b0 = 0.0f, b1 = 0.0f;
         if (bias != nullptr) {
             if (col < p.n) b0 = lk_to_f32(bias[col]);
@@ -228,23 +397,35 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
         for (int mi = 0; mi < 4; ++mi) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const uint32_t row = m0 + wm * 64 + mi * 16 + lane / 4 + h * 8;
-                if (row >= p.m || col >= p.n) continue;
-                T* dst = c + size_t(row) * p.ldc + col;
+                const uint32_t cr = wm * 64 + mi * 16 + lane / 4 + h * 8;
                 const T v0 = lk_from_f32<T>(acc[mi][ni][2 * h] + b0);
                 const T v1 = lk_from_f32<T>(acc[mi][ni][2 * h + 1] + b1);
-                if (pair_ok && col + 1 < p.n) {
-                    uint32_t packed;
-                    uint16_t lo, hi;
-                    memcpy(&lo, &v0, 2);
-                    memcpy(&hi, &v1, 2);
-                    packed = uint32_t(lo) | (uint32_t(hi) << 16);
-                    *lk_vec<uint32_t>(dst) = packed;
-                } else {
-                    dst[0] = v0;
-                    if (col + 1 < p.n) dst[1] = v1;
-                }
+                uint16_t lo, hi;
+                memcpy(&lo, &v0, 2);
+                memcpy(&hi, &v1, 2);
+                *lk_vec<uint32_t>(cs + cr * C_LD + cc) = uint32_t(lo) | (uint32_t(hi) << 16);
             }
+        }
+    }
+    __syncthreads();
+    T* c = static_cast<T*>(p.c);
+    // 16-byte stores where the rows allow them (ldc % 8 == 0, aligned base) and the chunk is whole; element
+    // stores at a ragged right edge or on a misaligned C.
+    const bool vec_c = p.ldc % 8 == 0 && lk_is_aligned16(c);
+#pragma unroll
+    for (int i = 0; i < BM * BN / 8 / THREADS; ++i) {
+        const uint32_t chunk = tid + i * THREADS, cr = chunk / (BN / 8), cc = (chunk % (BN / 8)) * 8;
+        const uint32_t row = m0 + cr, col = n0 + cc;
+        if (row >= p.m || col >= p.n) continue;
+        const uint4 v = *lk_vec<uint4>(cs + cr * C_LD + cc);
+        T* dst = c + size_t(row) * p.ldc + col;
+        if (vec_c && col + 8 <= p.n) {
+            *lk_vec<uint4>(dst) = v;
+        } else {
+            const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+            for (uint32_t j = 0; j < 8; ++j)
+                if (col + j < p.n) dst[j] = e[j];
         }
     }
 }

@@ -4,12 +4,12 @@
 Reads what build.rs leaves in OUT_DIR/cuda: the ptxas report of every kernels/*.cu (registers, shared
 memory, spills) and its fatbin (SASS, disassembled with cuobjdump). For each kernel and each of sm_80 and
 sm_90 it prints the resources, the occupancy they allow, and the instruction mix of the kernel's hot loop
-(the innermost loop that holds the most HMMA/FFMA). For each headline target (src: the design's targets,
-H100 bf16) it bounds each launch of the op from below by the largest of
+(of the innermost loops that hold the most HMMA/FFMA, the one with the shortest path). For each headline
+target (src: the design's targets, H100 bf16) it bounds each launch of the op from below by the largest of
 
   - tensor time: the HMMA instructions the shape executes x 4096 flops / the tensor peak;
-  - issue time: the instructions one iteration of the hot loop executes at least (the shortest path
-    through its body) x its trip count (from the shape) x warps, over (SMs the grid can occupy x 4
+  - issue time: the instructions one full iteration of the hot loop executes at least (of the paths
+    through its body that do the most math, the shortest) x its trip count (from the shape) x warps, over (SMs the grid can occupy x 4
     schedulers x clock); only the hot loop is counted;
   - memory time: the bytes the launch must move at least once / the HBM bandwidth;
 
@@ -160,9 +160,13 @@ def min_path(insts, a, b):
 
 
 def hot_loop(insts):
-    """The innermost loop (a backward branch's range) with the most HMMA + FFMA (of equals, the one with
-    the shortest path): the class counts of the fewest instructions one of its iterations executes,
-    and the size of its whole body."""
+    """The hot loop: the innermost loop (a backward branch's range) with the most HMMA + FFMA on its
+    path (see min_path); among loops with as many, the one whose path is shortest (a kernel may carry
+    several copies of its main loop, fused_gemm one per phase, interior or edge tiles, vector or element
+    loads, and which one a launch runs depends on the shapes: counting the cheapest keeps the issue
+    bound a lower bound whichever it is); with no math at all, the largest body (not the trap loop after
+    EXIT). Returns the class counts of the fewest instructions one of its iterations executes, and the
+    size of its whole body."""
     loops = [(tgt, addr) for addr, _, tgt, _ in insts if tgt is not None and tgt <= addr]
     inner = [(a, b) for a, b in loops if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
     best = None
@@ -171,9 +175,6 @@ def hot_loop(insts):
         mix = Counter(op_class(i[1]) for i in path)
         mix["total"] = len(path)
         mix["body"] = sum(1 for i in insts if a <= i[0] <= b)
-        # the most math; of equals (a kernel's vector and element-wise instantiations), the shortest
-        # path, since the bound must hold whichever of them the shape runs
-        # path; with no math at all, the largest body (not the trap loop after EXIT)
         work = mix["HMMA"] + mix["HGMMA"] + mix["FFMA"]
         key = (work, -mix["total"] if work else mix["body"])
         if best is None or key > best[0]:
@@ -208,11 +209,21 @@ def grad_splits(m, tiles):  # src/ops/launch.rs grad_splits
     return cdiv(m, rows), rows
 
 
+FUSED_AHEAD = 2  # fused_gemm's STAGES - 1: per phase, the last this many tiles are not run by its loop
+
+
+def fused_loop_trips(low_tiles, main_tiles):
+    """fused_gemm's k-tiles run by its two loops (low-rank, then main); the at most FUSED_AHEAD tiles at
+    the end of each phase are unrolled straight-line code, not counted (like the prologue)."""
+    return max(low_tiles - FUSED_AHEAD, 0) + max(main_tiles - FUSED_AHEAD, 0)
+
+
 def launch_fused(name, m, n, k, r):
     """fused_gemm: 128x128 tiles, 8 warps, ceil(r/32) + ceil(k/32) k-tiles of 32 HMMA per warp each."""
     blocks = cdiv(n, 128) * cdiv(m, 128)
-    return dict(kernel=name, file="fused_gemm", blocks=blocks, iters=cdiv(r, 32) + cdiv(k, 32), slots=32,
-                slot="HMMA", bytes=2 * (m * k + n * k + m * r + n * r + m * n))
+    return dict(kernel=name, file="fused_gemm", blocks=blocks, iters=cdiv(r, 32) + cdiv(k, 32),
+                loop_iters=fused_loop_trips(cdiv(r, 32), cdiv(k, 32)), slots=32, slot="HMMA",
+                bytes=2 * (m * k + n * k + m * r + n * r + m * n))
 
 
 def launch_grad(name, fin, m, rows, cols):
@@ -223,8 +234,10 @@ def launch_grad(name, fin, m, rows, cols):
     tiles = cdiv(rows, 128) * cdiv(cols, 128)
     splits, per = grad_splits(m, tiles)
     partial = 4 * splits * rows * cols if splits > 1 else 0
-    out = [dict(kernel=name, file="fused_gemm", blocks=tiles * splits, iters=cdiv(per if splits > 1 else m, 32),
-                slots=32, slot="HMMA", bytes=2 * m * (rows + cols) + (partial or 2 * rows * cols))]
+    low_tiles = cdiv(per if splits > 1 else m, 32)
+    out = [dict(kernel=name, file="fused_gemm", blocks=tiles * splits, iters=low_tiles,
+                loop_iters=fused_loop_trips(low_tiles, 0), slots=32, slot="HMMA",
+                bytes=2 * m * (rows + cols) + (partial or 2 * rows * cols))]
     if splits > 1:
         count = rows * cols
         blocks = min(cdiv(count, 256), 4096)
@@ -293,9 +306,11 @@ def bound_launch(l, mix, occ, dev):
         per_iter = mix[l["slot"]]
         unroll = per_iter / l["slots"] if per_iter else 1.0
         trips = l["iters"] / unroll if unroll else l["iters"]
+        # issue: only the iterations the hot loop itself runs (fused_gemm peels a few per phase)
+        loop_trips = l.get("loop_iters", l["iters"]) / (unroll or 1.0)
     else:  # a loop with no FFMA/HMMA (the finalize sum): one source iteration per trip
-        trips = l["iters"] * l.get("per_thread", 1)
-    insts = mix["total"] * trips * warps
+        trips = loop_trips = l["iters"] * l.get("per_thread", 1)
+    insts = mix["total"] * loop_trips * warps
     issue = insts / (sms * 4 * dev["clock"])
     hmma = mix["HMMA"] * trips * warps
     tensor = hmma * HMMA_FLOPS / dev["tensor"]
@@ -330,7 +345,8 @@ def main():
       "read with cuobjdump); no GPU involved. A bound is a lower limit on time: `MISS` proves a target "
       "missed, `open` proves nothing (only a run on the GPU can say met). Each launch is bounded by the "
       "largest of its tensor time (HMMA executed x 4096 flop / tensor peak), issue time (the instructions "
-      "on the shortest path through one iteration of the hot loop x trips x warps / (SMs x 4 schedulers x "
+      "one full iteration of the hot loop executes at least: of the paths through it that do the most math, the "
+      "shortest; x trips x warps / (SMs x 4 schedulers x "
       "clock); only the hot loop is counted) and "
       "memory time (bytes it must move once / HBM bandwidth); an op by the sum over its launches. Not "
       "counted (so the bound stays a bound): prologues, epilogues, launch gaps, wave quantisation, "
@@ -372,8 +388,8 @@ def main():
             for line in lines:
                 w(f"| {target.split(' ')[0]} " + line)
         w("")
-        w("Kernels: resources, occupancy, and the SASS of the hot loop: the instructions on the shortest "
-          "path through one iteration (what every iteration executes at least), and the whole body "
+        w("Kernels: resources, occupancy, and the SASS of the hot loop: the instructions one full iteration "
+          "executes at least (of the paths that do the most math, the shortest), and the whole body "
           "(the difference is run-time branching inside the loop):")
         w("")
         w("| kernel | regs | smem (static + dynamic) | spills | blocks/SM | warps/SM | "

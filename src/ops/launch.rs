@@ -136,26 +136,21 @@ pub(crate) fn fused_gemm<T: Element>(
             &kernels::FUSED_GEMM_TN_F16,
         )?,
     };
-    let blocks_m = g.m.div_ceil(LK_FUSED_GEMM_BM as usize);
-    if blocks_m > 65535 {
+    // One block per 128×128 tile of C in a 1-D grid (the kernel maps the block index to a tile in a
+    // grouped order, see kernels/fused_gemm.cu); grid z: the chunks of a split reduction.
+    let tiles = g.m.div_ceil(LK_FUSED_GEMM_BM as usize) * g.n.div_ceil(LK_FUSED_GEMM_BN as usize);
+    const MAX_GRID_X: usize = i32::MAX as usize;
+    if tiles > MAX_GRID_X {
         return Err(Error::TooLarge {
             op,
-            arg: if g.orient == Orient::Tn {
-                "gradient rows"
-            } else {
-                "x (rows)"
-            },
-            value: g.m,
-            max: 65535 * LK_FUSED_GEMM_BM as usize,
+            arg: "output tiles (128×128)",
+            value: tiles,
+            max: MAX_GRID_X,
         });
     }
     let (splits, rank_per_split) = split.as_ref().map_or((1, 0), |s| (s.splits, s.per_split));
     let plan = LaunchPlan {
-        grid: [
-            u32_of(g.n.div_ceil(LK_FUSED_GEMM_BN as usize)),
-            blocks_m as u32,
-            u32_of(splits),
-        ],
+        grid: [tiles as u32, 1, u32_of(splits)],
         block: [LK_FUSED_GEMM_THREADS, 1, 1],
         smem_bytes: LK_FUSED_GEMM_SMEM_BYTES,
     };
