@@ -162,6 +162,25 @@ fn interior_tiles_match_reference() {
     }
 }
 
+/// A split reduction whose chunks hold at least 3 whole k-tiles inside the operands (it takes
+/// M·r·K ≥ 128²·264·96 multiply-adds, so one shape, one thread order): T = X·Aᵀ split 9 ways over K in
+/// chunks of 128 ("nt"), dA = s·Uᵀ·X split 24 ways over the tokens in chunks of 128 ("tn"), both through
+/// the low-rank phase's unchecked interior loop (K a multiple of 8: vector loads), next to the ragged
+/// last chunk and K's ragged tile.
+#[test]
+fn split_reductions_run_their_interior_loops() {
+    let d = Dims {
+        m: 3072,
+        n: 8,
+        k: 1096,
+        r: 128,
+    };
+    let mut rng = Rng::new(5);
+    let l = Layer::<bf16>::random(&mut rng, d, 0.5, false);
+    let out = lora::run(&common::emulators()[0], &l, true);
+    lora::check("emulator", &l, &out, TOL_BF16);
+}
+
 /// Same inputs, same bits, call after call (no atomics, fixed reduction order); with M = 600 the
 /// gradient reductions split M into chunks and go through the finalize kernel.
 #[test]
