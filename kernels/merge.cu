@@ -81,19 +81,19 @@ template <typename T, int N> struct Raw {
     V q[N / kPer];
 };
 
-// Elements col..col+N−1 of `row` (those at or past `ncols` read as 0): vector loads when `vec` (the row
-// start and col are aligned to the vector) and the whole group is inside the row, element loads else.
+// Elements col..col+N−1 of `row`: vector loads when `vec` (the caller checked that the group is inside
+// the row and aligned to the vector), else element loads, those at or past `ncols` reading as `fill`.
 template <typename T, int N>
-__device__ __forceinline__ void load_raw(const T* row, uint32_t col, uint32_t ncols, bool vec, Raw<T, N>& r) {
+__device__ __forceinline__ void load_raw(const T* row, uint32_t col, uint32_t ncols, bool vec, T fill, Raw<T, N>& r) {
     using R = Raw<T, N>;
-    if (vec && col + N <= ncols) {
+    if (vec) {
 #pragma unroll
         for (int v = 0; v < N / R::kPer; ++v) r.q[v] = *lk_vec<typename R::V>(row + col + v * R::kPer);
         return;
     }
     T* e = reinterpret_cast<T*>(r.q);
 #pragma unroll
-    for (int i = 0; i < N; ++i) e[i] = (col + i < ncols) ? row[col + i] : lk_from_f32<T>(0.0f);
+    for (int i = 0; i < N; ++i) e[i] = (col + i < ncols) ? row[col + i] : fill;
 }
 
 template <typename T, int N>
@@ -161,11 +161,15 @@ __device__ __forceinline__ void merge_impl(const LkMergeParams& p) {
         }
     }
 
-    // Staging: A row j0 + ty, columns my_col..+8; B row row0 + b_row, rank steps j0 + b_j..+4.
-    const bool a_vec = (p.k % 8 == 0) && lk_is_aligned16(a);
-    const bool b_vec = (p.rank % 4 == 0) && (reinterpret_cast<uintptr_t>(b) % (4 * sizeof(TA)) == 0);
+    // Staging, per chunk j0: A row j0 + ty, columns my_col..+8 (+0 past the rank and past k); B row
+    // row0 + b_row, rank steps j0 + b_j..+4 (−0 past the rank: the padded steps then add −0).
+    const bool a_vec = (p.k % 8 == 0) && lk_is_aligned16(a) && my_col + 8 <= p.k;
     const uint32_t b_row = tid % kRows, b_j = (tid / kRows) * 4;
     const bool b_row_in = row0 + b_row < p.n;
+    const bool b_vec = (p.rank % 4 == 0) && (reinterpret_cast<uintptr_t>(b) % (4 * sizeof(TA)) == 0) && b_row_in;
+    const TA* a_src = a + size_t(ty) * p.k;                                 // + j0 rows per chunk
+    const TA* b_src = b + size_t(b_row_in ? row0 + b_row : 0) * p.rank;
+    const TA plus0 = lk_from_f32<TA>(0.0f), minus0 = lk_from_f32<TA>(-0.0f);
 
     float acc[kRowsPerThread][8];
 #pragma unroll
@@ -175,19 +179,19 @@ __device__ __forceinline__ void merge_impl(const LkMergeParams& p) {
 
     for (uint32_t j0 = 0; j0 < p.rank; j0 += kChunk) {
         {
-            const uint32_t ja = j0 + ty;  // past the rank: a row of zeros (ncols 0, nothing read)
+            // past the rank (or the rows of B): ncols 0, every element the fill, nothing read
+            const bool a_in = j0 + ty < p.rank;
             Raw<TA, 8> araw;
             Raw<TA, 4> braw;
-            load_raw(a + size_t(ja < p.rank ? ja : 0) * p.k, my_col, ja < p.rank ? p.k : 0, a_vec, araw);
-            load_raw(b + size_t(b_row_in ? row0 + b_row : 0) * p.rank, j0 + b_j, b_row_in ? p.rank : 0, b_vec, braw);
+            load_raw(a_src + size_t(j0) * p.k, my_col, a_in ? p.k : 0, a_vec && a_in, plus0, araw);
+            load_raw(b_src, j0 + b_j, b_row_in ? p.rank : 0, b_vec && j0 + b_j < p.rank, minus0, braw);
             float av[8], bv[4];
             raw_to_f32(araw, av);
             raw_to_f32(braw, bv);
             *lk_vec<float4>(&as[ty][tx * 4]) = make_float4(av[0], av[1], av[2], av[3]);
             *lk_vec<float4>(&as[ty][kCols / 2 + tx * 4]) = make_float4(av[4], av[5], av[6], av[7]);
-            // padding past the rank: B = −0 (the padded steps then add −0, which changes nothing)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) bs[b_j + e][b_row] = (j0 + b_j + e < p.rank) ? bv[e] : -0.0f;
+            for (int e = 0; e < 4; ++e) bs[b_j + e][b_row] = bv[e];
         }
         __syncthreads();
 #pragma unroll
