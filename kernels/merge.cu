@@ -25,13 +25,15 @@
 // 16 is padded with A = +0 and B = −0: the padded steps add the product −0, and x + (−0) = x for every
 // f32 x (−0 and NaN included), so the padding changes no bit of acc.
 //
-// FFMA, not tensor cores, also for large ranks: an mma.sync accumulates its k products and the
-// accumulator with its own internal alignment and rounding, not as the f32 FMA chain above, and an f32
-// adapter (PEFT's storage) would be cut to tf32 on the way in; the merged bits would change and the
-// PEFT agreement would drop (the fixtures are rank 8, so the tests would not even see a rank ≥ 32
-// path). The cost: the rank product is r·n·k FFMA, whose issue time passes the time of moving W
-// (2·n·k·sizeof(W) bytes) at about r = 45 on an H100 for bf16 W; below that (r = 16, the target) the
-// merge is bound by memory (docs/perf/bound.md).
+// FFMA, not tensor cores, also for large ranks: an mma.sync adds its k products and the accumulator
+// with its own alignment and rounding, not as the f32 FMA chain above, and an f32 adapter (PEFT's
+// storage) would be cut to tf32 on the way in (far outside tests/merge.rs's tolerance); the merged bits
+// would change, and the PEFT fixtures are rank 8, so their agreement tests would not even see a rank ≥ 32
+// path. The cost: the rank product is r·n·k FFMA. On an H100 (132 SMs × 128 FP32 lanes, 1.98 GHz) the
+// FFMA alone take as long as moving a bf16 W at r ≈ 45; with this kernel's 621 instructions per 16 rank
+// steps (bf16, sm_90) the 4096² bf16 merge is bound by memory up to r = 32 (r = 16, the target: 9.7 µs
+// of issue against 22.5 µs of memory) and by issue beyond (r = 64: 38.9 against 22.7; r = 128: 77.9
+// against 23.1; docs/perf/bound.md).
 //
 // Non-finite check (p.counts != NULL, src/ops/merge.rs `safe_merge`, the CLI's merge): in the same
 // pass, each thread counts its elements that were finite in W and whose merged value, rounded to W's
