@@ -246,10 +246,22 @@ def launch_grad(name, fin, m, rows, cols):
     return out
 
 
+MERGE_RANK_CHUNK = 16  # kChunk in kernels/merge.cu: rank steps per trip of its chunk loop
+
+
 def launch_merge(name, n, k, r):
-    """merge: 64x128 tile per block; each thread 4 rows x 8 columns, 32 FFMA per rank step."""
-    return dict(kernel=name, file="merge", blocks=cdiv(k, 128) * cdiv(n, 64), iters=r, slots=32, slot="FFMA",
+    """merge: 64x128 tile per block (LK_MERGE_ROWS x LK_MERGE_COLS); each thread 4 rows x 8 columns, 32 FFMA
+    per rank step; the rank is padded to a multiple of 16 (one trip of the chunk loop per 16 steps, which
+    stages A and B and runs the 16 steps unrolled)."""
+    return dict(kernel=name, file="merge", blocks=cdiv(k, 128) * cdiv(n, 64),
+                iters=cdiv(r, MERGE_RANK_CHUNK) * MERGE_RANK_CHUNK, slots=32, slot="FFMA",
                 bytes=2 * 2 * n * k + 2 * r * (n + k))
+
+
+def merge_ranks():
+    """Not headline targets: the merge of the headline shape (4096^2, bf16) at larger ranks, where the rank
+    product (r x n x k FFMA) grows while the bytes stay those of W."""
+    return [(r, launch_merge("merge_bf16", 4096, 4096, r)) for r in (16, 32, 64, 128)]
 
 
 def small_m_splits(n, k, r):  # src/ops/launch.rs small_m_splits
@@ -387,6 +399,16 @@ def main():
         for target, lines in details:
             for line in lines:
                 w(f"| {target.split(' ')[0]} " + line)
+        w("")
+        w("Merge of 4096^2 bf16 by rank (not a headline target; µs, as above):")
+        w("")
+        w("| rank | launch | blocks | bound | limited by | tensor | issue | memory |")
+        w("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r, l in merge_ranks():
+            _, res_l = res[(l["kernel"], arch)]
+            b, limiter, parts = bound_launch(l, mixes[(l["kernel"], arch)], occupancy(res_l, l["file"], dev), dev)
+            w(f"| {r} | {l['kernel']} | {l['blocks']} | {b * 1e6:.1f} | {limiter} | {parts['tensor'] * 1e6:.1f} | "
+              f"{parts['issue'] * 1e6:.1f} | {parts['memory'] * 1e6:.1f} |")
         w("")
         w("Kernels: resources, occupancy, and the SASS of the hot loop: the instructions one full iteration "
           "executes at least (of the paths that do the most math, the shortest), and the whole body "

@@ -139,6 +139,56 @@ fn merged_f32<U: Element>(
     (w + d, d)
 }
 
+/// The kernel against the host replay of its f32 arithmetic (`merged_f32`), bit for bit, where the
+/// products underflow: A and B of magnitude ≤ 2⁻⁷⁵ make many products round to ±0 or a subnormal, and
+/// W holds −0 and +0, so the sign of a zero acc decides the merged bits (−0 + −0 = −0, −0 + +0 = +0).
+/// Ranks that are not a multiple of the kernel's rank chunk make it pad the rank product: the padding
+/// must leave every acc as the FMA chain over the real rank left it, −0 included.
+#[test]
+fn merge_keeps_the_sign_of_zero() {
+    fn run<T: Element>(stream: u64, (n, k, r): (usize, usize, usize), s: f32) {
+        let mut rng = Rng::new(stream);
+        let tiny = 2f64.powi(-75);
+        let w: Vec<T> = (0..n * k)
+            .map(|i| T::from_f64(if i % 2 == 0 { -0.0 } else { 0.0 }))
+            .collect();
+        let a: Vec<f32> = rng.vec(r * k, tiny);
+        let b: Vec<f32> = rng.vec(n * r, tiny);
+        for dev in common::emulators() {
+            let got = merged_on(&dev, &w, &a, &b, (n, k, r), s);
+            let mut zeros = [0usize; 2];
+            for (i, g) in got.iter().enumerate() {
+                let (sum, _) = merged_f32(w[i].to_f32(), &a, &b, (k, r), (i / k, i % k), s);
+                let want = T::from_f64(sum as f64);
+                zeros[(sum.to_bits() >> 31) as usize] += (sum == 0.0) as usize;
+                assert_eq!(
+                    g.to_bits_u32(),
+                    want.to_bits_u32(),
+                    "{dev:?} W {} ({n}, {k}, {r}) scale {s}: element {i} = {g:?}, f32 replay {sum:e}",
+                    T::DTYPE
+                );
+            }
+            assert!(
+                zeros[0] > 0 && zeros[1] > 0,
+                "({n}, {k}, {r}): the data must give both +0 and −0 ({zeros:?})"
+            );
+        }
+    }
+    for (i, &nkr) in [
+        (3, 24, 1),
+        (5, 40, 5),
+        (66, 136, 17),
+        (9, 16, 16),
+        (4, 130, 33),
+    ]
+    .iter()
+    .enumerate()
+    {
+        run::<f32>(60 + i as u64, nkr, 2.0);
+        run::<bf16>(70 + i as u64, nkr, -0.5);
+    }
+}
+
 /// merge then unmerge: bf16/f16 cannot always give W0 back (rounding the merged value drops bits);
 /// the contract is: within ½ ulp(merged) + ½ ulp(W0) of W0 everywhere (ulp of the larger of W0 and
 /// the result at a binade edge), bit-exact wherever the merged rounding lost nothing. Prints the
