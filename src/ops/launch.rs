@@ -262,120 +262,89 @@ pub(crate) fn small_m<T: Element>(
     scale: f32,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
-    let (splits, _) = small_m_splits(n, k, rank);
-    let mut partial = ws.take_partial(x.device(), &[splits, m, n + rank])?;
-    let done = small_m_launches(
-        op,
-        x,
-        w0,
-        a,
-        b,
-        bias,
-        y,
-        t,
-        (m, n, k, rank),
-        scale,
-        &mut partial,
-    );
-    ws.give_partial(partial);
-    done
-}
-
-#[allow(clippy::too_many_arguments)]
-fn small_m_launches<T: Element>(
-    op: &'static str,
-    x: &Tensor<T>,
-    w0: &Tensor<T>,
-    a: &Tensor<T>,
-    b: &Tensor<T>,
-    bias: Option<&Tensor<T>>,
-    y: &mut Tensor<T>,
-    t: &mut Tensor<T>,
-    (m, n, k, rank): (usize, usize, usize, usize),
-    scale: f32,
-    partial: &mut Tensor<f32>,
-) -> Result<()> {
-    let kernel = pick(op, T::DTYPE, &kernels::SMALL_M_BF16, &kernels::SMALL_M_F16)?;
     let (splits, per_split) = small_m_splits(n, k, rank);
-    let tiles = n.div_ceil(16) + rank.div_ceil(16);
-    let device = x.device().clone();
-    let plan = LaunchPlan {
-        grid: [
-            u32_of(tiles.div_ceil(LK_SMALL_M_TILES as usize)),
-            u32_of(splits),
-            1,
-        ],
-        block: [LK_SIMT_THREADS, 1, 1],
-        smem_bytes: 0,
-    };
-    let mut args = [
-        Arg::In("x", x),
-        Arg::In("w0", w0),
-        Arg::In("a", a),
-        Arg::Out("partial", partial),
-    ];
-    let ku = u32_of(k);
-    device.launch(op, kernel, &plan, &mut args, |ptr| {
-        let mut flags = 0;
-        for (addr, bit) in [
-            (ptr[0], LK_ALIGNED_A),
-            (ptr[1], LK_ALIGNED_B),
-            (ptr[2], LK_ALIGNED_R),
-        ] {
-            if vec_ok(addr, ku) {
-                flags |= bit;
+    ws.with_partial(x.device(), &[splits, m, n + rank], |partial, _| {
+        let kernel = pick(op, T::DTYPE, &kernels::SMALL_M_BF16, &kernels::SMALL_M_F16)?;
+        let tiles = n.div_ceil(16) + rank.div_ceil(16);
+        let device = x.device().clone();
+        let plan = LaunchPlan {
+            grid: [
+                u32_of(tiles.div_ceil(LK_SMALL_M_TILES as usize)),
+                u32_of(splits),
+                1,
+            ],
+            block: [LK_SIMT_THREADS, 1, 1],
+            smem_bytes: 0,
+        };
+        let mut args = [
+            Arg::In("x", x),
+            Arg::In("w0", w0),
+            Arg::In("a", a),
+            Arg::Out("partial", partial),
+        ];
+        let ku = u32_of(k);
+        device.launch(op, kernel, &plan, &mut args, |ptr| {
+            let mut flags = 0;
+            for (addr, bit) in [
+                (ptr[0], LK_ALIGNED_A),
+                (ptr[1], LK_ALIGNED_B),
+                (ptr[2], LK_ALIGNED_R),
+            ] {
+                if vec_ok(addr, ku) {
+                    flags |= bit;
+                }
             }
-        }
-        LkSmallMParams {
-            x: ptr[0] as *const _,
-            w0: ptr[1] as *const _,
-            a: ptr[2] as *const _,
-            partial: ptr[3] as *mut f32,
-            m: u32_of(m),
-            n: u32_of(n),
-            k: ku,
-            rank: u32_of(rank),
-            k_per_split: u32_of(per_split),
-            flags,
-        }
-    })?;
+            LkSmallMParams {
+                x: ptr[0] as *const _,
+                w0: ptr[1] as *const _,
+                a: ptr[2] as *const _,
+                partial: ptr[3] as *mut f32,
+                m: u32_of(m),
+                n: u32_of(n),
+                k: ku,
+                rank: u32_of(rank),
+                k_per_split: u32_of(per_split),
+                flags,
+            }
+        })?;
 
-    let finalize = pick(
-        op,
-        T::DTYPE,
-        &kernels::SMALL_M_FINALIZE_BF16,
-        &kernels::SMALL_M_FINALIZE_F16,
-    )?;
-    let plan = LaunchPlan {
-        grid: [u32_of(n.div_ceil(LK_SMALL_M_COLS as usize)), 1, 1],
-        block: [LK_SIMT_THREADS, 1, 1],
-        smem_bytes: 0,
-    };
-    let mut args = vec![Arg::In("partial", &*partial), Arg::In("b", b)];
-    if let Some(bias) = bias {
-        args.push(Arg::In("bias", bias));
-    }
-    args.push(Arg::Out("y", y));
-    args.push(Arg::Out("t", t));
-    let has_bias = bias.is_some();
-    device.launch(op, finalize, &plan, &mut args, |ptr| {
-        let last = ptr.len() - 1;
-        LkSmallMFinalizeParams {
-            partial: ptr[0] as *const f32,
-            b: ptr[1] as *const _,
-            bias: if has_bias {
-                ptr[2] as *const _
-            } else {
-                std::ptr::null()
-            },
-            y: ptr[last - 1] as *mut _,
-            t: ptr[last] as *mut _,
-            m: u32_of(m),
-            n: u32_of(n),
-            rank: u32_of(rank),
-            splits: u32_of(splits),
-            scale,
+        let finalize = pick(
+            op,
+            T::DTYPE,
+            &kernels::SMALL_M_FINALIZE_BF16,
+            &kernels::SMALL_M_FINALIZE_F16,
+        )?;
+        let plan = LaunchPlan {
+            grid: [u32_of(n.div_ceil(LK_SMALL_M_COLS as usize)), 1, 1],
+            block: [LK_SIMT_THREADS, 1, 1],
+            smem_bytes: 0,
+        };
+        let mut args = vec![Arg::In("partial", &*partial), Arg::In("b", b)];
+        if let Some(bias) = bias {
+            args.push(Arg::In("bias", bias));
         }
+        args.push(Arg::Out("y", y));
+        args.push(Arg::Out("t", t));
+        let has_bias = bias.is_some();
+        device.launch(op, finalize, &plan, &mut args, |ptr| {
+            let last = ptr.len() - 1;
+            LkSmallMFinalizeParams {
+                partial: ptr[0] as *const f32,
+                b: ptr[1] as *const _,
+                bias: if has_bias {
+                    ptr[2] as *const _
+                } else {
+                    std::ptr::null()
+                },
+                y: ptr[last - 1] as *mut _,
+                t: ptr[last] as *mut _,
+                m: u32_of(m),
+                n: u32_of(n),
+                rank: u32_of(rank),
+                splits: u32_of(splits),
+                scale,
+            }
+        })
     })
 }
 
@@ -445,12 +414,11 @@ fn split_reduction<T: Element>(
     if splits == 1 {
         return fused_gemm(op, &gemm(scale), g, None);
     }
-    let mut partial = ws.take_partial(p.device(), &[splits, rows, cols])?;
-    let done = (|| {
+    ws.with_partial(p.device(), &[splits, rows, cols], |partial, _| {
         let split = Split {
             splits,
             per_split,
-            partial: &mut partial,
+            partial: &mut *partial,
         };
         fused_gemm(op, &gemm(1.0), g, Some(split))?;
         let finalize = pick(
@@ -464,7 +432,7 @@ fn split_reduction<T: Element>(
             op,
             finalize,
             &LaunchPlan::elementwise(count, LK_SIMT_THREADS, 4096),
-            &mut [Arg::In("partial", &partial), Arg::Out("g", g)],
+            &mut [Arg::In("partial", &*partial), Arg::Out("g", g)],
             |ptr| LkLowrankFinalizeParams {
                 partial: ptr[0] as *const f32,
                 g: ptr[1] as *mut _,
@@ -473,9 +441,7 @@ fn split_reduction<T: Element>(
                 scale,
             },
         )
-    })();
-    ws.give_partial(partial);
-    done
+    })
 }
 
 /// What the merge kernel does with W and whether it counts non-finite elements (kernels/merge.cu).

@@ -188,17 +188,16 @@ pub fn lora_backward_into<T: Element>(
     if let Some(dx) = dx.as_deref() {
         validate::shape(OP, "dx", dx, &[d.m, d.k], "[M, K]")?;
     }
-    let mut u = ws.take_layer(x.device(), &[d.m, d.r])?;
-    let done = (|| {
-        launch::project(OP, Orient::Nn, dy, b, &mut u, (d.m, d.n, d.r), ws)?;
+    ws.with_layer(x.device(), &[d.m, d.r], |u, ws| {
+        launch::project(OP, Orient::Nn, dy, b, u, (d.m, d.n, d.r), ws)?;
         launch::lowrank_grad(OP, dy, t, db, (d.m, d.n, d.r), scale, ws)?;
-        launch::lowrank_grad(OP, &u, x, da, (d.m, d.r, d.k), scale, ws)?;
+        launch::lowrank_grad(OP, u, x, da, (d.m, d.r, d.k), scale, ws)?;
         if let Some(dx) = dx {
             let g = FusedGemm {
                 orient: Orient::Nn,
                 a: dy,
                 b: w0,
-                l: &u,
+                l: u,
                 r: a,
                 bias: None,
                 m: d.m,
@@ -210,7 +209,5 @@ pub fn lora_backward_into<T: Element>(
             launch::fused_gemm(OP, &g, dx, None)?;
         }
         Ok(())
-    })();
-    ws.give_layer(u);
-    done
+    })
 }

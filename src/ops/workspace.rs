@@ -54,22 +54,31 @@ impl<T: Element> Workspace<T> {
         self.layer.clear();
     }
 
-    /// An f32 buffer of `shape` that the next kernel writes completely (give it back when done).
-    pub(crate) fn take_partial(&mut self, device: &Device, shape: &[usize]) -> Result<Tensor<f32>> {
-        take(&mut self.partials, device, shape)
+    /// Runs `f` with an f32 buffer of `shape` that the next kernel writes completely (and with the
+    /// workspace, for scratch that nests); the buffer returns to the workspace whatever `f` returns.
+    pub(crate) fn with_partial<R>(
+        &mut self,
+        device: &Device,
+        shape: &[usize],
+        f: impl FnOnce(&mut Tensor<f32>, &mut Self) -> Result<R>,
+    ) -> Result<R> {
+        let mut buf = take(&mut self.partials, device, shape)?;
+        let out = f(&mut buf, self);
+        self.partials.push(buf);
+        out
     }
 
-    pub(crate) fn give_partial(&mut self, t: Tensor<f32>) {
-        self.partials.push(t);
-    }
-
-    /// A layer-dtype buffer of `shape` that the next kernel writes completely (give it back when done).
-    pub(crate) fn take_layer(&mut self, device: &Device, shape: &[usize]) -> Result<Tensor<T>> {
-        take(&mut self.layer, device, shape)
-    }
-
-    pub(crate) fn give_layer(&mut self, t: Tensor<T>) {
-        self.layer.push(t);
+    /// As [`Workspace::with_partial`], for a buffer of the layer dtype (U).
+    pub(crate) fn with_layer<R>(
+        &mut self,
+        device: &Device,
+        shape: &[usize],
+        f: impl FnOnce(&mut Tensor<T>, &mut Self) -> Result<R>,
+    ) -> Result<R> {
+        let mut buf = take(&mut self.layer, device, shape)?;
+        let out = f(&mut buf, self);
+        self.layer.push(buf);
+        out
     }
 }
 
@@ -97,18 +106,18 @@ mod tests {
     fn a_buffer_comes_back_poisoned_and_sized() {
         let dev = Device::emulator();
         let mut ws = Workspace::<half::bf16>::new();
-        let mut p = ws.take_partial(&dev, &[2, 3]).unwrap();
-        p.copy_from_slice(&[1.0; 6]).unwrap();
-        ws.give_partial(p);
+        ws.with_partial(&dev, &[2, 3], |p, _| p.copy_from_slice(&[1.0; 6]))
+            .unwrap();
         assert_eq!(ws.bytes(), 24);
         // same size, other shape: the same memory, poisoned again (stale sums can never pass for new)
-        let p = ws.take_partial(&dev, &[3, 2]).unwrap();
-        assert_eq!(p.shape(), &[3, 2]);
-        assert!(p.to_vec().unwrap().iter().all(|v| v.to_bits() == u32::MAX));
-        assert_eq!(ws.bytes(), 0, "taken out while in use");
-        ws.give_partial(p);
-        let q = ws.take_partial(&dev, &[4]).unwrap();
-        ws.give_partial(q);
+        ws.with_partial(&dev, &[3, 2], |p, ws| {
+            assert_eq!(p.shape(), &[3, 2]);
+            assert!(p.to_vec()?.iter().all(|v| v.to_bits() == u32::MAX));
+            assert_eq!(ws.bytes(), 0, "taken out while in use");
+            Ok(())
+        })
+        .unwrap();
+        ws.with_partial(&dev, &[4], |_, _| Ok(())).unwrap();
         assert_eq!(ws.bytes(), 24 + 16, "another size is allocated beside");
         ws.clear();
         assert_eq!(ws.bytes(), 0);
