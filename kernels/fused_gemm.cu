@@ -73,6 +73,8 @@ __device__ __forceinline__ void load_chunk(T* dst, const T* base, uint32_t row, 
         const T* src = base + size_t(row) * ld;
 #pragma unroll
         for (uint32_t i = 0; i < 8; ++i) {
+            // memcpy, not lk_bits16: the latter halves this (slow) path's loads but, at the 128-register
+            // limit, costs the sm_80 "nn" vector loop 4 instructions per k-tile (ptxas, nvcc 13.0)
             uint16_t bits = 0;
             if (row_ok && col + i < ncols) memcpy(&bits, &src[col + i], 2);
             e[i] = bits;
@@ -139,17 +141,6 @@ __device__ __forceinline__ uint32_t fresh_tid() {
 #endif
 }
 
-template <typename T> struct IsF16 { static constexpr bool value = false; };
-template <> struct IsF16<__half> { static constexpr bool value = true; };
-
-template <bool F16>
-__device__ __forceinline__ void mma(float d[4], const uint32_t a[4], const uint32_t b[2]) {
-    if (F16)
-        lk_mma_m16n8k16_f16(d, a, b, d);
-    else
-        lk_mma_m16n8k16_bf16(d, a, b, d);
-}
-
 // acc *= s, once, over the low-rank sum (exact f32 scaling, before any main tile is added).
 __device__ __forceinline__ void scale_acc(float (&acc)[4][4][4], float s) {
 #pragma unroll
@@ -164,7 +155,6 @@ __device__ __forceinline__ void scale_acc(float (&acc)[4][4][4], float s) {
 template <typename T, bool NN, bool TA>
 __device__ __forceinline__ void mma_tile(float (&acc)[4][4][4], const T* as, const T* bs, uint32_t lane,
                                          uint32_t wm, uint32_t wn) {
-    constexpr bool F16 = IsF16<T>::value;
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
         uint32_t af[4][4], bf[4][2];
@@ -194,7 +184,7 @@ __device__ __forceinline__ void mma_tile(float (&acc)[4][4][4], const T* as, con
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni) mma<F16>(acc[mi][ni], af[mi], bf[ni]);
+            for (int ni = 0; ni < 4; ++ni) lk_mma_m16n8k16<T>(acc[mi][ni], af[mi], bf[ni]);
     }
 }
 

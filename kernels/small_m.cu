@@ -42,11 +42,6 @@ static_assert(kMaxM == 16 && kStep == 32 && kSpan % kStep == 0, "the mma mapping
 static_assert(kThreads == LK_SIMT_THREADS, "small_m's block must match the launch geometry in lora_params.h");
 static_assert((kXPitch * 2) % 128 == 64, "X's pitch must alternate bank halves between rows");
 
-template <typename T> struct IsF16 { static constexpr bool value = false; };
-template <> struct IsF16<__half> { static constexpr bool value = true; };
-
-template <typename T> __device__ __forceinline__ uint16_t bits_of(const T* p) { return *reinterpret_cast<const uint16_t*>(p); }
-
 // 8 consecutive elements of `row` from column `col` as raw bits; zero where !ok or at/after `end`.
 // VEC: one 16-byte load (legal: the caller guarantees alignment, and `end` is a multiple of 8).
 template <bool VEC, typename T>
@@ -58,19 +53,17 @@ __device__ __forceinline__ uint4 load8(const T* row, uint32_t col, uint32_t end,
         uint16_t* e = reinterpret_cast<uint16_t*>(&v);
 #pragma unroll
         for (uint32_t i = 0; i < 8; ++i)
-            if (ok && col + i < end) e[i] = bits_of(&row[col + i]);
+            if (ok && col + i < end) e[i] = lk_bits16(&row[col + i]);
     }
     return v;
 }
 
-template <bool F16>
+// One mma from loose registers (the fragments are assembled from 16-byte loads, see above).
+template <typename T>
 __device__ __forceinline__ void mma(float d[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                     uint32_t b1) {
     const uint32_t a[4] = {a0, a1, a2, a3}, b[2] = {b0, b1};
-    if (F16)
-        lk_mma_m16n8k16_f16(d, a, b, d);
-    else
-        lk_mma_m16n8k16_bf16(d, a, b, d);
+    lk_mma_m16n8k16<T>(d, a, b);
 }
 
 // xs: X's slice, [kMaxM][kXPitch]; red: the warps' sums, [kWarps][32][kRedPitch] (odd pitch: the
@@ -112,7 +105,6 @@ __device__ __forceinline__ void small_m_impl(const LkSmallMParams& p, T (*xs)[kX
     lk_cp_async_wait<0>();
     __syncthreads();
 
-    constexpr bool F16 = IsF16<T>::value;
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     for (uint32_t s0 = part; s0 < steps; s0 += kParts * kUnroll) {
         uint4 wg[kUnroll], wh[kUnroll];
@@ -129,10 +121,10 @@ __device__ __forceinline__ void small_m_impl(const LkSmallMParams& p, T (*xs)[kX
             const uint4 xg = *lk_vec<uint4>(&xs[g][s * kStep + t * 8]);
             const uint4 xh = *lk_vec<uint4>(&xs[g + 8][s * kStep + t * 8]);
             // elements 0-3 of each vector are mma columns {2t, 2t+1, 2t+8, 2t+9} of one k16 step, 4-7 of the next
-            mma<F16>(acc[0], wg[u].x, wh[u].x, wg[u].y, wh[u].y, xg.x, xg.y);
-            mma<F16>(acc[1], wg[u].x, wh[u].x, wg[u].y, wh[u].y, xh.x, xh.y);
-            mma<F16>(acc[0], wg[u].z, wh[u].z, wg[u].w, wh[u].w, xg.z, xg.w);
-            mma<F16>(acc[1], wg[u].z, wh[u].z, wg[u].w, wh[u].w, xh.z, xh.w);
+            mma<T>(acc[0], wg[u].x, wh[u].x, wg[u].y, wh[u].y, xg.x, xg.y);
+            mma<T>(acc[1], wg[u].x, wh[u].x, wg[u].y, wh[u].y, xh.x, xh.y);
+            mma<T>(acc[0], wg[u].z, wh[u].z, wg[u].w, wh[u].w, xg.z, xg.w);
+            mma<T>(acc[1], wg[u].z, wh[u].z, wg[u].w, wh[u].w, xh.z, xh.w);
         }
     }
 

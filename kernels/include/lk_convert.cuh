@@ -12,3 +12,10 @@ template <typename T> __device__ __forceinline__ T lk_from_f32(float v);
 template <> __device__ __forceinline__ float lk_from_f32<float>(float v) { return v; }
 template <> __device__ __forceinline__ __nv_bfloat16 lk_from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half lk_from_f32<__half>(float v) { return __float2half(v); }
+
+// The raw bits of one 16-bit element (bf16/f16), for copying elements into a fragment or a tile without
+// converting: one 16-bit load (a 2-byte memcpy compiles to two byte loads).
+template <typename T> __device__ __forceinline__ uint16_t lk_bits16(const T* p) {
+    static_assert(sizeof(T) == 2, "a 16-bit element type");
+    return *reinterpret_cast<const uint16_t*>(p);
+}

@@ -83,6 +83,15 @@ __device__ __forceinline__ void lk_mma_m16n8k16_f16(float d[4], const uint32_t a
 #endif
 }
 
+// d += a·b with the mma of a kernel's element type T (bf16 or f16 operands, f32 accumulators).
+template <typename T> __device__ __forceinline__ void lk_mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2]);
+template <> __device__ __forceinline__ void lk_mma_m16n8k16<__nv_bfloat16>(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    lk_mma_m16n8k16_bf16(d, a, b, d);
+}
+template <> __device__ __forceinline__ void lk_mma_m16n8k16<__half>(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    lk_mma_m16n8k16_f16(d, a, b, d);
+}
+
 // ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16: lanes 8i..8i+7 give the row addresses of matrix i.
 #ifdef LK_EMU
 #define LK_LDMATRIX(N, TRANS, SUFFIX)                                                              \
