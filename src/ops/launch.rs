@@ -45,6 +45,15 @@ fn vec_ok(addr: u64, ld: u32) -> bool {
     addr % 16 == 0 && ld % 8 == 0
 }
 
+/// The `LK_ALIGNED_*` bits of the operands `(address, leading dimension, bit)` whose 16-byte vector
+/// loads are legal ([`vec_ok`]).
+fn aligned_flags(operands: &[(u64, u32, u32)]) -> u32 {
+    operands
+        .iter()
+        .filter(|&&(addr, ld, _)| vec_ok(addr, ld))
+        .fold(0, |flags, &(_, _, bit)| flags | bit)
+}
+
 fn u32_of(v: usize) -> u32 {
     // Sizes were checked by `validate::fits_u32` before any launch function is called.
     u32::try_from(v).unwrap_or(u32::MAX)
@@ -186,20 +195,12 @@ pub(crate) fn fused_gemm<T: Element>(
     let has_bias = g.bias.is_some();
     let device = g.a.device().clone();
     device.launch(op, kernel, &plan, &mut args, |ptr| {
-        let mut flags = 0;
-        for (i, (ld, bit)) in [
-            (lda, LK_ALIGNED_A),
-            (ldb, LK_ALIGNED_B),
-            (ldl, LK_ALIGNED_L),
-            (ldr, LK_ALIGNED_R),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            if vec_ok(ptr[i], ld) {
-                flags |= bit;
-            }
-        }
+        let flags = aligned_flags(&[
+            (ptr[0], lda, LK_ALIGNED_A),
+            (ptr[1], ldb, LK_ALIGNED_B),
+            (ptr[2], ldl, LK_ALIGNED_L),
+            (ptr[3], ldr, LK_ALIGNED_R),
+        ]);
         LkFusedGemmParams {
             a: ptr[0] as *const _,
             b: ptr[1] as *const _,
@@ -233,8 +234,9 @@ pub(crate) fn fused_gemm<T: Element>(
 /// (splits, k per split) of the small-M kernel's k range: enough blocks to fill a large GPU (the
 /// target as for the gradients), at least `LK_SMALL_M_KSPAN / 4` columns per split unless X's slice
 /// would not fit, at most `LK_SMALL_M_KSPAN`, a multiple of `LK_SMALL_M_KSTEP`. From the shape only,
-/// so the summation order, and the bits, do not depend on the device.
-pub(crate) fn small_m_splits(n: usize, k: usize, rank: usize) -> (usize, usize) {
+/// so the summation order, and the bits, do not depend on the device. Returns (splits, k per split,
+/// blocks along [W0; A]'s 16-row tiles).
+pub(crate) fn small_m_splits(n: usize, k: usize, rank: usize) -> (usize, usize, usize) {
     let tiles = n.div_ceil(16) + rank.div_ceil(16);
     let blocks = tiles.div_ceil(LK_SMALL_M_TILES as usize);
     let span = LK_SMALL_M_KSPAN as usize;
@@ -243,7 +245,7 @@ pub(crate) fn small_m_splits(n: usize, k: usize, rank: usize) -> (usize, usize) 
     let splits = FILL_BLOCKS.div_ceil(blocks).clamp(fewest, most);
     let step = LK_SMALL_M_KSTEP as usize;
     let per = k.div_ceil(splits).div_ceil(step) * step;
-    (k.div_ceil(per), per)
+    (k.div_ceil(per), per, blocks)
 }
 
 /// Small-M forward, m ≤ [`LK_SMALL_M_MAX`]: `t = x·aᵀ` and `y = x·w0ᵀ + scale·t·bᵀ (+ bias)` in two
@@ -262,17 +264,12 @@ pub(crate) fn small_m<T: Element>(
     scale: f32,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
-    let (splits, per_split) = small_m_splits(n, k, rank);
+    let (splits, per_split, blocks) = small_m_splits(n, k, rank);
     ws.with_partial(x.device(), &[splits, m, n + rank], |partial, _| {
         let kernel = pick(op, T::DTYPE, &kernels::SMALL_M_BF16, &kernels::SMALL_M_F16)?;
-        let tiles = n.div_ceil(16) + rank.div_ceil(16);
         let device = x.device().clone();
         let plan = LaunchPlan {
-            grid: [
-                u32_of(tiles.div_ceil(LK_SMALL_M_TILES as usize)),
-                u32_of(splits),
-                1,
-            ],
+            grid: [u32_of(blocks), u32_of(splits), 1],
             block: [LK_SIMT_THREADS, 1, 1],
             smem_bytes: 0,
         };
@@ -284,16 +281,11 @@ pub(crate) fn small_m<T: Element>(
         ];
         let ku = u32_of(k);
         device.launch(op, kernel, &plan, &mut args, |ptr| {
-            let mut flags = 0;
-            for (addr, bit) in [
-                (ptr[0], LK_ALIGNED_A),
-                (ptr[1], LK_ALIGNED_B),
-                (ptr[2], LK_ALIGNED_R),
-            ] {
-                if vec_ok(addr, ku) {
-                    flags |= bit;
-                }
-            }
+            let flags = aligned_flags(&[
+                (ptr[0], ku, LK_ALIGNED_A),
+                (ptr[1], ku, LK_ALIGNED_B),
+                (ptr[2], ku, LK_ALIGNED_R),
+            ]);
             LkSmallMParams {
                 x: ptr[0] as *const _,
                 w0: ptr[1] as *const _,
@@ -586,7 +578,12 @@ mod tests {
             (7, 1031, 3),
             (300, 300, 128),
         ] {
-            let (s, per) = small_m_splits(n, k, r);
+            let (s, per, blocks) = small_m_splits(n, k, r);
+            assert_eq!(
+                blocks,
+                (n.div_ceil(16) + r.div_ceil(16)).div_ceil(2),
+                "{n} {r}"
+            );
             let (span, step) = (LK_SMALL_M_KSPAN as usize, LK_SMALL_M_KSTEP as usize);
             assert!(
                 s >= 1 && per % step == 0 && per <= span && s * per >= k && (s - 1) * per < k,
@@ -594,7 +591,7 @@ mod tests {
             );
         }
         // the headline decode shape: 129 blocks of [W0; A] tiles, 4 splits of 1024 (X's slice fits)
-        assert_eq!(small_m_splits(4096, 4096, 16), (4, 1024));
-        assert_eq!(small_m_splits(40, 2500, 20), (10, 256));
+        assert_eq!(small_m_splits(4096, 4096, 16), (4, 1024, 129));
+        assert_eq!(small_m_splits(40, 2500, 20), (10, 256, 3));
     }
 }
