@@ -2,13 +2,10 @@
 //
 //   forward ("nt"): Y  = X·W0ᵀ + s·T·Bᵀ      A = X (m×k),  B = W0 (n×k),  L = T (m×r), R = B (n×r)
 //   dX      ("nn"): dX = dY·W0 + s·U·A       A = dY (m×k), B = W0 (k×n),  L = U (m×r), R = A (r×n)
-//   T, U    ("nt"/"nn"): T = X·Aᵀ, U = dY·B as plain GEMMs with N = r (rank 0) when their tiles fill
-//           the GPU; with fewer, as the low-rank part alone (k = 0, L = X or dY, R = A or B, the inner
-//           dimension as "rank"), split like the gradients.
-//   dB, dA  ("tn", k = 0): dB = s·dYᵀ·T, dA = s·Uᵀ·X as the low-rank part alone, its "rank" being the
-//           M tokens: L = dY or U read transposed (k-major tiles, ldmatrix.trans), R = T or X; split
-//           over the tokens into fixed chunks (blockIdx.z) whose f32 partials lowrank_finalize adds in
-//           order (deterministic, no atomics).
+//   T       ("nt"): T = X·Aᵀ as a plain GEMM with N = r (rank 0) when its tiles fill the GPU; with fewer,
+//           as the low-rank part alone (k = 0, L = X, R = A, K as the "rank"), split over K into fixed
+//           chunks (blockIdx.z) whose f32 partials lowrank_finalize adds in order (deterministic, no
+//           atomics). The backward's U, dA and dB are lowrank_grad.cu's.
 //
 // The low-rank product is not a second GEMM: [A | L] · [B | R] is one GEMM over k + r, so the k loop
 // runs ceil(r/32) extra k-tiles that read L and R instead of A and B. They run FIRST: acc = L·op(R), then
@@ -18,9 +15,9 @@
 // Tiles: 128×128 per block of 256 threads (8 warps as 2×4, 64×32 per warp = 4×4 mma.m16n8k16 tiles,
 // 64 f32 accumulators per thread), BK = 32, a 3-stage cp.async pipeline (60 KiB dynamic shared memory),
 // ≤ 128 registers so that two blocks fit an SM (__launch_bounds__(256, 2)).
-// Rows are padded ([BM][40] for A, [BN][40] for nt-B, [BK][136] for nn-B and transposed A), which makes
-// every ldmatrix phase hit 8 distinct 16-byte bank groups. nt-B is read with ldmatrix (rows = n),
-// nn-B with ldmatrix.trans (rows = k): the same fragment comes out of both layouts; likewise A.
+// Rows are padded ([BM][40] for A, [BN][40] for nt-B, [BK][136] for nn-B), which makes every ldmatrix
+// phase hit 8 distinct 16-byte bank groups. nt-B is read with ldmatrix (rows = n), nn-B with
+// ldmatrix.trans (rows = k): the same fragment comes out of both layouts.
 //
 // No run-time operand choice in the hot loops (k_loop): the low-rank and the main tiles are separate
 // loops, each with its pointers, leading dimensions and extents fixed; the cp.async ring flows across the
@@ -47,41 +44,14 @@ constexpr int BM = LK_FUSED_GEMM_BM, BN = LK_FUSED_GEMM_BN, BK = 32, STAGES = 3;
 constexpr int THREADS = LK_FUSED_GEMM_THREADS;
 static_assert(BM == BN, "A and B tiles share one layout per storage order");
 constexpr int ROW_LD = BK + 8;   // an outer-major tile [128][ROW_LD] (A, nt-B)
-constexpr int KMAJ_LD = BM + 8;  // a k-major tile [BK][KMAJ_LD] (nn-B, transposed A)
+constexpr int KMAJ_LD = BN + 8;  // a k-major tile [BK][KMAJ_LD] (nn-B)
 constexpr int A_STAGE = BM * ROW_LD;
 constexpr int B_STAGE = BN * ROW_LD;
-static_assert(BK * KMAJ_LD <= A_STAGE && BK * KMAJ_LD <= B_STAGE, "k-major tiles fit the stages");
+static_assert(BK * KMAJ_LD <= B_STAGE, "k-major tiles fit the stages");
 static_assert(STAGES * (A_STAGE + B_STAGE) * 2 == LK_FUSED_GEMM_SMEM_BYTES, "header and kernel agree");
 constexpr int C_LD = BN + 8;  // the staged C tile [BM][C_LD] of the epilogue, in the pipeline's memory
 static_assert(BM * C_LD * 2 <= LK_FUSED_GEMM_SMEM_BYTES && (C_LD * 2) % 16 == 0, "C tile fits, rows 16-B aligned");
 constexpr uint32_t GROUP_M = 8;  // tile rows per group of the grouped block order
-
-// One 8-element (16-byte) chunk of row `row` starting at column `col` (both in the operand's own
-// coordinates) into shared memory; zero outside rows < nrows, cols < ncols. VEC: one cp.async (the
-// operand is 16-byte aligned with ld % 8 == 0), else element loads.
-template <bool VEC, typename T>
-__device__ __forceinline__ void load_chunk(T* dst, const T* base, uint32_t row, uint32_t nrows, uint32_t ld,
-                                           uint32_t col, uint32_t ncols) {
-    const bool row_ok = row < nrows;
-    if (VEC) {
-        const int bytes = (row_ok && col < ncols) ? int(min(8u, ncols - col)) * 2 : 0;
-        const T* src = bytes > 0 ? base + size_t(row) * ld + col : base;  // never form an address past the data
-        lk_cp_async_16(dst, src, bytes);
-    } else {
-        uint4 raw;
-        uint16_t* e = reinterpret_cast<uint16_t*>(&raw);
-        const T* src = base + size_t(row) * ld;
-#pragma unroll
-        for (uint32_t i = 0; i < 8; ++i) {
-            // memcpy, not lk_bits16: the latter halves this (slow) path's loads but, at the 128-register
-            // limit, costs the sm_80 "nn" vector loop 4 instructions per k-tile (ptxas, nvcc 13.0)
-            uint16_t bits = 0;
-            if (row_ok && col + i < ncols) memcpy(&bits, &src[col + i], 2);
-            e[i] = bits;
-        }
-        *lk_vec<uint4>(dst) = raw;
-    }
-}
 
 // One operand's BK-wide k-slice into shared memory, 2 chunks of 8 elements per thread. `outer` is the
 // operand's m (A, L) or n (B, R) dimension, 128 wide in the tile. Stored outer-major (KMAJOR false): 128
@@ -92,10 +62,10 @@ __device__ __forceinline__ void load_operand_chunk(T* dst, const T* src, uint32_
                                                    uint32_t k0, uint32_t kext, uint32_t c) {
     if (!KMAJOR) {
         const uint32_t row = c / 4, kc = (c % 4) * 8;
-        load_chunk<VEC>(dst + row * ROW_LD + kc, src, o0 + row, nouter, ld, k0 + kc, kext);
+        lk_load_chunk<VEC>(dst + row * ROW_LD + kc, src, o0 + row, nouter, ld, k0 + kc, kext);
     } else {
         const uint32_t row = c / 16, oc = (c % 16) * 8;
-        load_chunk<VEC>(dst + row * KMAJ_LD + oc, src, k0 + row, kext, ld, o0 + oc, nouter);
+        lk_load_chunk<VEC>(dst + row * KMAJ_LD + oc, src, k0 + row, kext, ld, o0 + oc, nouter);
     }
 }
 template <bool KMAJOR, bool VEC, typename T>
@@ -121,11 +91,11 @@ struct Phase {
     uint32_t lda, ldb, k_begin, k_end;
 };
 
-template <typename T, bool NN, bool TA, bool VEC>
+template <typename T, bool NN, bool VEC>
 __device__ __forceinline__ void load_tile(const Phase<T>& ph, int j, T* as, T* bs, uint32_t m0, uint32_t n0,
                                           uint32_t m, uint32_t n) {
     const uint32_t k0 = ph.k_begin + uint32_t(j) * BK;
-    load_operand<TA, VEC>(as, ph.a, m0, m, ph.lda, k0, ph.k_end);
+    load_operand<false, VEC>(as, ph.a, m0, m, ph.lda, k0, ph.k_end);
     load_operand<NN, VEC>(bs, ph.b, n0, n, ph.ldb, k0, ph.k_end);
 }
 
@@ -152,22 +122,15 @@ __device__ __forceinline__ void scale_acc(float (&acc)[4][4][4], float s) {
 }
 
 // acc += the BK-deep product of the A and B tiles in shared memory (this warp's 64×32).
-template <typename T, bool NN, bool TA>
+template <typename T, bool NN>
 __device__ __forceinline__ void mma_tile(float (&acc)[4][4][4], const T* as, const T* bs, uint32_t lane,
                                          uint32_t wm, uint32_t wn) {
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
         uint32_t af[4][4], bf[4][2];
 #pragma unroll
-        for (int mi = 0; mi < 4; ++mi) {
-            if (!TA) {
-                lk_ldmatrix_x4(af[mi], as + (wm * 64 + mi * 16 + lane % 16) * ROW_LD + kk + (lane / 16) * 8);
-            } else {  // matrices (m 0-7 | 8-15) × (k 0-7 | 8-15) from k-major rows, transposed
-                const uint32_t mat = lane / 8, rin = lane % 8;
-                lk_ldmatrix_x4_trans(af[mi],
-                                     as + (kk + (mat >> 1) * 8 + rin) * KMAJ_LD + wm * 64 + mi * 16 + (mat & 1) * 8);
-            }
-        }
+        for (int mi = 0; mi < 4; ++mi)
+            lk_ldmatrix_x4(af[mi], as + (wm * 64 + mi * 16 + lane % 16) * ROW_LD + kk + (lane / 16) * 8);
 #pragma unroll
         for (int np = 0; np < 2; ++np) {
             uint32_t r[4];
@@ -230,7 +193,7 @@ struct Cursor {
 // two loops (low refilling low, main refilling main) have no operand choice left in them, and where the
 // block's tiles lie wholly inside the operands (`full_*`) they walk precomputed source pointers with no
 // bounds checks. The at most STAGES-1 iterations around each boundary are unrolled, with checked loads.
-template <typename T, bool NN, bool TA, bool VEC>
+template <typename T, bool NN, bool VEC>
 __device__ __forceinline__ void k_loop(const LkFusedGemmParams& p, float (&acc)[4][4][4], T* as_all, T* bs_all,
                                        uint32_t m0, uint32_t n0, uint32_t r_begin, uint32_t r_end, int lt,
                                        bool interior) {
@@ -242,7 +205,7 @@ __device__ __forceinline__ void k_loop(const LkFusedGemmParams& p, float (&acc)[
     const int total = lt + int((p.k + BK - 1) / BK);
     const uint32_t m = p.m, n = p.n;
     auto refill = [&](const Phase<T>& ph, int j, int t) {  // tile t (phase tile j) into its stage, checked
-        load_tile<T, NN, TA, VEC>(ph, j, as_all + (t % STAGES) * A_STAGE, bs_all + (t % STAGES) * B_STAGE, m0, n0,
+        load_tile<T, NN, VEC>(ph, j, as_all + (t % STAGES) * A_STAGE, bs_all + (t % STAGES) * B_STAGE, m0, n0,
                                   m, n);
     };
     auto wait_tile = [&]() {
@@ -251,12 +214,12 @@ __device__ __forceinline__ void k_loop(const LkFusedGemmParams& p, float (&acc)[
     };
     auto multiply = [&](int t) {
         lk_cp_async_commit();
-        mma_tile<T, NN, TA>(acc, as_all + (t % STAGES) * A_STAGE, bs_all + (t % STAGES) * B_STAGE, lane, wm, wn);
+        mma_tile<T, NN>(acc, as_all + (t % STAGES) * A_STAGE, bs_all + (t % STAGES) * B_STAGE, lane, wm, wn);
     };
     // Iterations [t0, t1) refilling from `ph` (tile t + AHEAD is its tile t + AHEAD - first).
     auto run = [&](const Phase<T>& ph, int t0, int t1, int first, bool full) {
         if (VEC && full) {
-            Cursor<TA, T> ca(ph.a, m0, ph.lda, ph.k_begin + uint32_t(t0 + AHEAD - first) * BK);
+            Cursor<false, T> ca(ph.a, m0, ph.lda, ph.k_begin + uint32_t(t0 + AHEAD - first) * BK);
             Cursor<NN, T> cb(ph.b, n0, ph.ldb, ph.k_begin + uint32_t(t0 + AHEAD - first) * BK);
             int rd = t0 % STAGES;  // the stage of tile t; tile t + AHEAD goes to the one before it
             for (int t = t0; t < t1; ++t) {
@@ -265,7 +228,7 @@ __device__ __forceinline__ void k_loop(const LkFusedGemmParams& p, float (&acc)[
                 ca.load(as_all + wr * A_STAGE);
                 cb.load(bs_all + wr * B_STAGE);
                 lk_cp_async_commit();
-                mma_tile<T, NN, TA>(acc, as_all + rd * A_STAGE, bs_all + rd * B_STAGE, lane, wm, wn);
+                mma_tile<T, NN>(acc, as_all + rd * A_STAGE, bs_all + rd * B_STAGE, lane, wm, wn);
                 rd = rd == STAGES - 1 ? 0 : rd + 1;
             }
         } else {
@@ -314,7 +277,7 @@ __device__ __forceinline__ void k_loop(const LkFusedGemmParams& p, float (&acc)[
     lk_cp_async_wait<0>();
 }
 
-template <typename T, bool NN, bool TA>
+template <typename T, bool NN>
 __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
     LK_DYNAMIC_SMEM(smem);
     T* as_all = reinterpret_cast<T*>(smem);
@@ -343,9 +306,9 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
     const uint32_t needed = (p.k > 0 ? LK_ALIGNED_A | LK_ALIGNED_B : 0u) | (lt > 0 ? LK_ALIGNED_L | LK_ALIGNED_R : 0u);
     const bool interior = m0 + BM <= p.m && n0 + BN <= p.n;  // no row or column of the tile out of range
     if ((p.flags & needed) == needed)
-        k_loop<T, NN, TA, true>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
+        k_loop<T, NN, true>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
     else
-        k_loop<T, NN, TA, false>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
+        k_loop<T, NN, false>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
 
     const uint32_t tid = fresh_tid(), lane = tid % 32, warp = tid / 32;
     const uint32_t wm = warp / 4, wn = warp % 4;
@@ -423,20 +386,16 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
 
 // Registers for two blocks per SM (2 × 256 threads × ≤ 128 registers); shared memory allows two on sm_80
 // and sm_90 (2 × 60 KiB), one on sm_86/89 (100 KB per SM).
-#define LK_FUSED_GEMM(name, T, NN, TA)                                                  \
+#define LK_FUSED_GEMM(name, T, NN)                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS, 2) name(LkFusedGemmParams p) { \
-        fused_gemm_impl<T, NN, TA>(p);                                                \
+        fused_gemm_impl<T, NN>(p);                                                    \
     }
 
-LK_FUSED_GEMM(fused_gemm_nt_bf16, __nv_bfloat16, false, false)
+LK_FUSED_GEMM(fused_gemm_nt_bf16, __nv_bfloat16, false)
 LK_KERNEL_EXPORT(fused_gemm_nt_bf16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nt_f16, __half, false, false)
+LK_FUSED_GEMM(fused_gemm_nt_f16, __half, false)
 LK_KERNEL_EXPORT(fused_gemm_nt_f16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nn_bf16, __nv_bfloat16, true, false)
+LK_FUSED_GEMM(fused_gemm_nn_bf16, __nv_bfloat16, true)
 LK_KERNEL_EXPORT(fused_gemm_nn_bf16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nn_f16, __half, true, false)
+LK_FUSED_GEMM(fused_gemm_nn_f16, __half, true)
 LK_KERNEL_EXPORT(fused_gemm_nn_f16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_tn_bf16, __nv_bfloat16, true, true)
-LK_KERNEL_EXPORT(fused_gemm_tn_bf16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_tn_f16, __half, true, true)
-LK_KERNEL_EXPORT(fused_gemm_tn_f16, LkFusedGemmParams)

@@ -59,6 +59,22 @@ DEVICES = {
 
 THREADS = 256  # every kernel's block (LK_FUSED_GEMM_THREADS, LK_SIMT_THREADS in lora_params.h)
 DYN_SMEM = {"fused_gemm": 61440}  # LK_FUSED_GEMM_SMEM_BYTES; the SIMT kernels use static shared memory
+GRAD_TM, GRAD_TC, GRAD_STAGES = 32, 128, 3  # LK_GRAD_TM, LK_GRAD_TC, LK_GRAD_STAGES
+
+
+def grad_class(kernel):
+    """lowrank_grad[_u]_r<class>_<dtype>: (rank class, with U)."""
+    m = re.match(r"lowrank_grad(_u)?_r(\d+)_", kernel)
+    return int(m.group(2)), m.group(1) is not None
+
+
+def dyn_smem(kernel, kernel_file):
+    """Dynamic shared memory of a launch (src/ops/launch.rs lowrank_grad_smem for lowrank_grad)."""
+    if kernel_file == "lowrank_grad":
+        rp, with_u = grad_class(kernel)
+        ring = GRAD_STAGES * GRAD_TM * ((GRAD_TC + 8) + (rp + 8))
+        return 2 * (ring + (GRAD_TC * (rp + 8) if with_u else 0))
+    return DYN_SMEM.get(kernel_file, 0)
 HMMA_FLOPS = 2 * 16 * 8 * 16  # one m16n8k16
 
 CLASSES = ["HMMA", "HGMMA", "LDSM", "LDGSTS", "LDG", "STG", "LDS", "STS", "FFMA", "BAR", "other"]
@@ -186,11 +202,11 @@ def hot_loop(insts):
     return best[1]
 
 
-def occupancy(res, kernel_file, dev):
+def occupancy(res, kernel, kernel_file, dev):
     """Blocks per SM (registers, shared memory, threads, block limit)."""
     regs_per_warp = math.ceil(max(res["regs"], 1) * 32 / 256) * 256
     by_regs = dev["regs"] // (regs_per_warp * THREADS // 32)
-    smem = res["smem"] + DYN_SMEM.get(kernel_file, 0) + 1024  # 1 KB reserved per block (sm_80+)
+    smem = res["smem"] + dyn_smem(kernel, kernel_file) + 1024  # 1 KB reserved per block (sm_80+)
     by_smem = dev["smem"] // smem
     return min(by_regs, by_smem, dev["threads"] // THREADS, dev["blocks"])
 
@@ -227,8 +243,8 @@ def launch_fused(name, m, n, k, r):
 
 
 def launch_grad(name, fin, m, rows, cols):
-    """A split reduction over m (src/ops/launch.rs split_reduction): dB/dA on the "tn" fused GEMM, the
-    projections T/U on "nt"/"nn"; 128x128 tiles of the rows x cols result, m split into fixed chunks
+    """A split reduction over m (src/ops/launch.rs split_reduction): the projection T on the "nt" fused
+    GEMM; 128x128 tiles of the rows x cols result, m split into fixed chunks
     (grid z); per warp ceil(chunk/32) k-tiles of 32 HMMA; then lowrank_finalize adds the f32 partials in
     order."""
     tiles = cdiv(rows, 128) * cdiv(cols, 128)
@@ -239,11 +255,44 @@ def launch_grad(name, fin, m, rows, cols):
                 loop_iters=fused_loop_trips(low_tiles, 0), slots=32, slot="HMMA",
                 bytes=2 * m * (rows + cols) + (partial or 2 * rows * cols))]
     if splits > 1:
-        count = rows * cols
-        blocks = min(cdiv(count, 256), 4096)
-        out.append(dict(kernel=fin, file="lowrank_finalize", blocks=blocks, iters=splits, slots=0, slot=None,
-                        bytes=partial + 2 * count, per_thread=cdiv(count, 256 * blocks)))
+        out.append(launch_finalize(fin, rows * cols, splits, partial))
     return out
+
+
+def launch_lowrank_grad(dtype, fin, m, cols, r, with_u):
+    """lowrank_grad (src/ops/launch.rs lowrank_grad): a block per 128-column strip of G (m x cols) and
+    fixed token chunk (grad_splits over the strips); per 32-row step, P = G^T L for 16 columns x the rank
+    class per warp (2 k16 steps x class/8 HMMA) and, in the "_u" kernels, Q = G R for the step's rows
+    (2 x class/8 mma tiles of 8 HMMA over the warps: at class 16 only 4 warps have one). Then
+    lowrank_finalize adds P's chunks (and Q's strips, for U) in order."""
+    rp = 16 if r <= 16 else 32 if r <= 32 else 64 if r <= 64 else 128
+    nt = rp // 8
+    kern = f"lowrank_grad{'_u' if with_u else ''}_r{rp}_{dtype}"
+    strips = cdiv(cols, GRAD_TC)
+    splits, per = grad_splits(m, strips)
+    blocks = strips * splits
+    steps = cdiv(per, GRAD_TM)
+    p_part = 4 * splits * cols * r
+    q_part = 4 * strips * m * r if with_u else 0
+    # HMMA per block and step, exactly: P 8 warps x 2 x nt, Q 2 x nt tiles x 8 k16 steps
+    hmma = blocks * steps * (8 * 2 * nt + (2 * nt * 8 if with_u else 0))
+    # issue: the hot loop's (fullest) path, counted for the warps that take it (with U: the warps that have
+    # a Q tile, min(8, 2 nt) per block; the others run a shorter path, not counted)
+    issue_warps = blocks * (min(8, 2 * nt) if with_u else 8)
+    out = [dict(kernel=kern, file="lowrank_grad", blocks=blocks, iters=steps, slots=None, slot="HMMA",
+                hmma=hmma, issue_warps=issue_warps,
+                bytes=2 * (m * cols + m * r + (cols * r if with_u else 0)) + p_part + q_part)]
+    out += [launch_finalize(fin, count, n, part)
+            for part, count, n in ((p_part, cols * r, splits), (q_part, m * r, strips)) if part]
+    return out
+
+
+def launch_finalize(name, count, splits, partial_bytes):
+    """lowrank_finalize: each thread adds the splits of its elements (a grid-stride loop over count, at most
+    4096 blocks), one LDG per split and element; the hot loop is the split loop as ptxas unrolled it."""
+    blocks = min(cdiv(count, 256), 4096)
+    return dict(kernel=name, file="lowrank_finalize", blocks=blocks, iters=splits * cdiv(count, 256 * blocks),
+                slots=1, slot="LDG", bytes=partial_bytes + 2 * count)
 
 
 MERGE_RANK_CHUNK = 16  # kChunk in kernels/merge.cu: rank steps per trip of its chunk loop
@@ -292,9 +341,9 @@ def headline_ops():
     # (split over the inner dimension like the gradients when the M x r tiles cannot fill the GPU)
     fwd = launch_grad("fused_gemm_nt_bf16", "lowrank_finalize_bf16", K, M, R)
     fwd.append(launch_fused("fused_gemm_nt_bf16", M, N, K, R))
-    bwd = launch_grad("fused_gemm_nn_bf16", "lowrank_finalize_bf16", N, M, R)
-    bwd += launch_grad("fused_gemm_tn_bf16", "lowrank_finalize_bf16", M, N, R)  # dB = s dY^T T
-    bwd += launch_grad("fused_gemm_tn_bf16", "lowrank_finalize_bf16", M, R, K)  # dA = s U^T X
+    # dB = s dY^T T and U = dY B in one pass over dY, then dA = s U^T X in one over X
+    bwd = launch_lowrank_grad("bf16", "lowrank_finalize_bf16", M, N, R, True)
+    bwd += launch_lowrank_grad("bf16", "lowrank_finalize_bf16", M, K, R, False)
     bwd.append(launch_fused("fused_gemm_nn_bf16", M, K, N, R))  # dX = dY W0 + s U A
     merge = [launch_merge("merge_bf16", N, K, R)]
     small = launch_small_m("small_m_bf16", "small_m_finalize_bf16", 16, N, K, R)  # T rides along with W0
@@ -314,6 +363,13 @@ def headline_ops():
 def bound_launch(l, mix, occ, dev):
     warps = l["blocks"] * THREADS // 32
     sms = min(l["blocks"], dev["sms"])
+    if "hmma" in l:  # exact counts from the launch model (lowrank_grad): one hot-loop trip per step
+        issue = mix["total"] * l["iters"] * l["issue_warps"] / (sms * 4 * dev["clock"])
+        tensor = l["hmma"] * HMMA_FLOPS / dev["tensor"]
+        memory = l["bytes"] / dev["hbm"]
+        parts = dict(tensor=tensor, issue=issue, memory=memory)
+        limiter = max(parts, key=parts.get)
+        return parts[limiter], limiter, parts
     if l["slot"]:
         per_iter = mix[l["slot"]]
         unroll = per_iter / l["slots"] if per_iter else 1.0
@@ -377,7 +433,7 @@ def main():
             for l in launches:
                 mix = mixes[(l["kernel"], arch)]
                 _, r = res[(l["kernel"], arch)]
-                occ = occupancy(r, l["file"], dev)
+                occ = occupancy(r, l["kernel"], l["file"], dev)
                 b, limiter, parts = bound_launch(l, mix, occ, dev)
                 total += b
                 lines.append(f"| {l['kernel']} | {l['blocks']} | {b * 1e6:.1f} | {limiter} | "
@@ -406,7 +462,7 @@ def main():
         w("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r, l in merge_ranks():
             _, res_l = res[(l["kernel"], arch)]
-            b, limiter, parts = bound_launch(l, mixes[(l["kernel"], arch)], occupancy(res_l, l["file"], dev), dev)
+            b, limiter, parts = bound_launch(l, mixes[(l["kernel"], arch)], occupancy(res_l, l["kernel"], l["file"], dev), dev)
             w(f"| {r} | {l['kernel']} | {l['blocks']} | {b * 1e6:.1f} | {limiter} | {parts['tensor'] * 1e6:.1f} | "
               f"{parts['issue'] * 1e6:.1f} | {parts['memory'] * 1e6:.1f} |")
         w("")
@@ -421,8 +477,8 @@ def main():
             if a != arch:
                 continue
             mix = mixes[(kern, arch)]
-            occ = occupancy(r, f, dev)
-            smem = f"{r['smem']} + {DYN_SMEM.get(f, 0)}"
+            occ = occupancy(r, kern, f, dev)
+            smem = f"{r['smem']} + {dyn_smem(kern, f)}"
             spills = r["spill_stores"] + r["spill_loads"]
             w(f"| {kern} | {r['regs']} | {smem} | {spills} | {occ} | {occ * THREADS // 32} | "
               + " | ".join(str(mix[c]) for c in CLASSES) + f" | {mix['total']} | {mix['body']} |")

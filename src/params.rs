@@ -41,6 +41,7 @@ macro_rules! kernel_params {
 kernel_params!(
     LkScaleParams,
     LkFusedGemmParams,
+    LkLowrankGradParams,
     LkLowrankFinalizeParams,
     LkSmallMParams,
     LkSmallMFinalizeParams,

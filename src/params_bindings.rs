@@ -17,6 +17,10 @@ pub const LK_SMALL_M_COLS: u32 = 64;
 pub const LK_GRAD_CHUNK: u32 = 32;
 pub const LK_MERGE_ROWS: u32 = 64;
 pub const LK_MERGE_COLS: u32 = 128;
+pub const LK_GRAD_TM: u32 = 32;
+pub const LK_GRAD_TC: u32 = 128;
+pub const LK_GRAD_STAGES: u32 = 3;
+pub const LK_GRAD_P_TRANSPOSED: u32 = 16;
 pub const LK_SMALL_M_MAX: u32 = 16;
 pub const LK_MERGE_COUNTS: u32 = 3;
 pub const LK_MERGE_COUNT_NAN: u32 = 0;
@@ -196,6 +200,68 @@ const _: () = {
     ][::core::mem::offset_of!(LkLowrankFinalizeParams, scale) - 24usize];
 };
 impl Default for LkLowrankFinalizeParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkLowrankGradParams {
+    pub g: *const ::core::ffi::c_void,
+    pub l: *const ::core::ffi::c_void,
+    pub r: *const ::core::ffi::c_void,
+    pub p_partial: *mut f32,
+    pub q_partial: *mut f32,
+    pub m: u32,
+    pub cols: u32,
+    pub rank: u32,
+    pub rows_per_split: u32,
+    pub flags: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of LkLowrankGradParams",
+    ][::core::mem::size_of::<LkLowrankGradParams>() - 64usize];
+    [
+        "Alignment of LkLowrankGradParams",
+    ][::core::mem::align_of::<LkLowrankGradParams>() - 8usize];
+    [
+        "Offset of field: LkLowrankGradParams::g",
+    ][::core::mem::offset_of!(LkLowrankGradParams, g) - 0usize];
+    [
+        "Offset of field: LkLowrankGradParams::l",
+    ][::core::mem::offset_of!(LkLowrankGradParams, l) - 8usize];
+    [
+        "Offset of field: LkLowrankGradParams::r",
+    ][::core::mem::offset_of!(LkLowrankGradParams, r) - 16usize];
+    [
+        "Offset of field: LkLowrankGradParams::p_partial",
+    ][::core::mem::offset_of!(LkLowrankGradParams, p_partial) - 24usize];
+    [
+        "Offset of field: LkLowrankGradParams::q_partial",
+    ][::core::mem::offset_of!(LkLowrankGradParams, q_partial) - 32usize];
+    [
+        "Offset of field: LkLowrankGradParams::m",
+    ][::core::mem::offset_of!(LkLowrankGradParams, m) - 40usize];
+    [
+        "Offset of field: LkLowrankGradParams::cols",
+    ][::core::mem::offset_of!(LkLowrankGradParams, cols) - 44usize];
+    [
+        "Offset of field: LkLowrankGradParams::rank",
+    ][::core::mem::offset_of!(LkLowrankGradParams, rank) - 48usize];
+    [
+        "Offset of field: LkLowrankGradParams::rows_per_split",
+    ][::core::mem::offset_of!(LkLowrankGradParams, rows_per_split) - 52usize];
+    [
+        "Offset of field: LkLowrankGradParams::flags",
+    ][::core::mem::offset_of!(LkLowrankGradParams, flags) - 56usize];
+};
+impl Default for LkLowrankGradParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -1,4 +1,4 @@
-//! The LoRA kernels (shrink, fused GEMM forward and dX, small-M, gradient reductions) through the public
+//! The LoRA kernels (fused GEMM forward and dX, small-M, the gradients' lowrank_grad) through the public
 //! ops against the f64 reference: property tests over M, N, K in 1..=300 and r in 1..=128 (odd sizes
 //! in, half of the cases rounded to multiples of 8 so both the vector and the element-wise load paths
 //! run), bf16 and f16, random scale; outputs poisoned before every launch; the emulator under two
@@ -53,7 +53,8 @@ fn dims(max_m: usize) -> impl Strategy<Value = (Dims, bool)> {
         1..=max_m,
         1..=300usize,
         1..=300usize,
-        1..=128usize,
+        // each rank class of lowrank_grad (16, 32, 64, 128) equally often
+        prop_oneof![1..=16usize, 17..=32usize, 33..=64usize, 65..=128usize],
         any::<bool>(),
     )
         .prop_map(|(m, n, k, r, round8)| {
@@ -162,11 +163,10 @@ fn interior_tiles_match_reference() {
     }
 }
 
-/// A split reduction whose chunks hold at least 3 whole k-tiles inside the operands (it takes
-/// M·r·K ≥ 128²·264·96 multiply-adds, so one shape, one thread order): T = X·Aᵀ split 9 ways over K in
-/// chunks of 128 ("nt"), dA = s·Uᵀ·X split 24 ways over the tokens in chunks of 128 ("tn"), both through
-/// the low-rank phase's unchecked interior loop (K a multiple of 8: vector loads), next to the ragged
-/// last chunk and K's ragged tile.
+/// Long reductions in one shape (it takes M·r·K ≥ 128²·264·96 multiply-adds, so one shape, one thread
+/// order): T = X·Aᵀ split 9 ways over K in chunks of 128 through the fused GEMM's unchecked interior loop
+/// (K a multiple of 8: vector loads) next to K's ragged tile; and lowrank_grad at rank class 128 with
+/// 24 token chunks of 128 rows (4 steps each) per strip, 9 strips of K for dA, the last one ragged.
 #[test]
 fn split_reductions_run_their_interior_loops() {
     let d = Dims {

@@ -48,7 +48,7 @@ typedef struct LkScaleParams {
 #define LK_SMALL_M_KSTEP 32u   /* small_m's k splits are multiples of it */
 #define LK_SMALL_M_KSPAN 1024u /* the most k one small_m block covers (X's slice in shared memory) */
 #define LK_SMALL_M_COLS 64u    /* Y columns per small_m_finalize block */
-#define LK_GRAD_CHUNK 32u    /* token chunks of the split gradient reductions are multiples of it */
+#define LK_GRAD_CHUNK 32u    /* chunks of the split reductions (tokens, or the projection's k) are multiples of it */
 #define LK_MERGE_ROWS 64u    /* W rows per merge block */
 #define LK_MERGE_COLS 128u   /* W columns per merge block */
 
@@ -57,14 +57,11 @@ typedef struct LkScaleParams {
  *   A: m × k (lda), L: m × rank (ldl), both row-major.
  *   "nt" kernels: B is n × k (ldb), R is n × rank (ldr)   -> forward: Y = X·W0ᵀ + s·T·Bᵀ.
  *   "nn" kernels: B is k × n (ldb), R is rank × n (ldr)   -> backward: dX = dY·W0 + s·U·A.
- *   "tn" kernels: as "nn", but A and L are stored transposed (k × m and rank × m, lda/ldl = their row
- *                 length m)                                -> gradients: dB = s·dYᵀ·T, dA = s·Uᵀ·X
- *                 (k = 0: the whole product is the "low-rank" part over rank = the M tokens).
  *   bias: n elements or NULL. C: m × n (ldc).
- * Split reduction (k = 0: the gradients, and the projections T, U when their tiles are few): with
- * rank_per_split > 0, block z sums rank indices [z·rank_per_split, (z+1)·rank_per_split) only and, when
- * `partial` is not NULL, writes its f32 sums (times scale, which is then 1) to partial[z][m][n] instead
- * of C (lowrank_finalize adds the chunks in order, scales and rounds once). */
+ * Split reduction (k = 0: the projection T when its tiles are few): with rank_per_split > 0, block z sums
+ * rank indices [z·rank_per_split, (z+1)·rank_per_split) only and, when `partial` is not NULL, writes its
+ * f32 sums (times scale, which is then 1) to partial[z][m][n] instead of C (lowrank_finalize adds the
+ * chunks in order, scales and rounds once). */
 typedef struct LkFusedGemmParams {
     const void* a;
     const void* b;
@@ -87,8 +84,8 @@ typedef struct LkFusedGemmParams {
     uint32_t rank_per_split;
 } LkFusedGemmParams;
 
-/* G = round(scale · Σ_split partial[split]) (kernels/lowrank_finalize.cu), the end of a split gradient
- * reduction of the "tn" fused GEMM. */
+/* G = round(scale · Σ_split partial[split]) over `count` elements (kernels/lowrank_finalize.cu): the end of
+ * every split reduction (lowrank_grad's P and Q, the fused GEMM's split projection). */
 typedef struct LkLowrankFinalizeParams {
     const float* partial;
     void* g;
@@ -96,6 +93,34 @@ typedef struct LkLowrankFinalizeParams {
     uint32_t splits;
     float scale;
 } LkLowrankFinalizeParams;
+
+/* The backward's reductions over the M tokens in one pass over G (kernels/lowrank_grad.cu):
+ *   P = Gᵀ·L (cols × rank), for the tokens of chunk z = blockIdx.y: rows [z·rows_per_split, ...) ∩ [0, m);
+ *   Q = G·R  (m × rank), for the LK_GRAD_TC columns of strip x = blockIdx.x (the "_u" kernels only).
+ * G: m × cols (dY, or X), L: m × rank (T, or U), R: cols × rank (B; the "_u" kernels) or NULL, dense.
+ * p_partial[z]: P's unscaled f32 sums for strip x's columns, stored cols × rank, or rank × cols with
+ * LK_GRAD_P_TRANSPOSED (dA is r × K); q_partial[x]: Q's f32 sums over strip x (m × rank). lowrank_finalize
+ * adds the chunks (strips) in order, scales and rounds once. One kernel per rank class (rank padded to
+ * 16, 32, 64 or 128: the "_r<class>" suffix). flags: LK_ALIGNED_A (g), LK_ALIGNED_L (l), LK_ALIGNED_R (r);
+ * all of those read set selects 16-byte loads.
+ * Dynamic shared memory, 2 bytes per element: LK_GRAD_STAGES × LK_GRAD_TM × ((LK_GRAD_TC + 8) + (class + 8))
+ * for the G and L ring, plus LK_GRAD_TC × (class + 8) for R in the "_u" kernels. */
+#define LK_GRAD_TM 32u     /* token rows per pipeline step */
+#define LK_GRAD_TC 128u    /* columns of G per block (a strip) */
+#define LK_GRAD_STAGES 3u  /* depth of the cp.async ring */
+#define LK_GRAD_P_TRANSPOSED 16u
+typedef struct LkLowrankGradParams {
+    const void* g;
+    const void* l;
+    const void* r;
+    float* p_partial;
+    float* q_partial;
+    uint32_t m;
+    uint32_t cols;
+    uint32_t rank;
+    uint32_t rows_per_split;
+    uint32_t flags;
+} LkLowrankGradParams;
 
 /* LK_SMALL_M_MAX: the largest m the small-M kernel takes; the launch plan picks it for m ≤ this. */
 #define LK_SMALL_M_MAX 16u

@@ -16,10 +16,8 @@ use super::workspace::Workspace;
 pub(crate) enum Orient {
     /// Stored output-major (`W0` as N×K for `X·W0ᵀ`): the forward.
     Nt,
-    /// Stored reduction-major (`W0` as N×K for `dY·W0`): the backward's dX and U.
+    /// Stored reduction-major (`W0` as N×K for `dY·W0`): the backward's dX.
     Nn,
-    /// As `Nn`, with the first operands (A, L) stored transposed too: the gradients `dYᵀ·T`, `Uᵀ·X`.
-    Tn,
 }
 
 fn pick<P>(
@@ -59,11 +57,11 @@ fn u32_of(v: usize) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
 }
 
-/// `out (m×rank) = p (m×inner) · op(q)`; q is rank×inner (Nt) or inner×rank (Nn): the low-rank
-/// projections T = X·Aᵀ and U = dY·B, on the fused tensor-core GEMM (f32 accumulation, one rounding to
-/// the output dtype). With enough output tiles to fill a large GPU, an N = rank GEMM over `inner`;
-/// with fewer (M up to about 16k rows at r ≤ 128), `inner` is cut into fixed chunks like the
-/// gradients' tokens (see [`lowrank_grad`]), so the grid fills the GPU at every M.
+/// `out (m×rank) = p (m×inner) · op(q)`; q is rank×inner (Nt) or inner×rank (Nn): the forward's
+/// projection T = X·Aᵀ, on the fused tensor-core GEMM (f32 accumulation, one rounding to the output
+/// dtype). With enough output tiles to fill a large GPU, an N = rank GEMM over `inner`; with fewer (M up
+/// to about 16k rows at r ≤ 128), `inner` is cut into fixed chunks ([`split_reduction`]), so the grid
+/// fills the GPU at every M.
 pub(crate) fn project<T: Element>(
     op: &'static str,
     orient: Orient,
@@ -138,12 +136,6 @@ pub(crate) fn fused_gemm<T: Element>(
             &kernels::FUSED_GEMM_NN_BF16,
             &kernels::FUSED_GEMM_NN_F16,
         )?,
-        Orient::Tn => pick(
-            op,
-            T::DTYPE,
-            &kernels::FUSED_GEMM_TN_BF16,
-            &kernels::FUSED_GEMM_TN_F16,
-        )?,
     };
     // One block per 128×128 tile of C in a 1-D grid (the kernel maps the block index to a tile in a
     // grouped order, see kernels/fused_gemm.cu); grid z: the chunks of a split reduction.
@@ -164,15 +156,12 @@ pub(crate) fn fused_gemm<T: Element>(
         smem_bytes: LK_FUSED_GEMM_SMEM_BYTES,
     };
     let (m, n, k, rank) = (u32_of(g.m), u32_of(g.n), u32_of(g.k), u32_of(g.rank));
-    // Leading dimensions of the dense operands: a is m×k (k×m for Tn), l is m×rank (rank×m for Tn);
-    // b is n×k (Nt) or k×n; r is n×rank (Nt) or rank×n.
-    let (lda, ldl) = match g.orient {
-        Orient::Nt | Orient::Nn => (k, rank),
-        Orient::Tn => (m, m),
-    };
+    // Leading dimensions of the dense operands: a is m×k, l is m×rank; b is n×k (Nt) or k×n; r is
+    // n×rank (Nt) or rank×n.
+    let (lda, ldl) = (k, rank);
     let (ldb, ldr) = match g.orient {
         Orient::Nt => (k, rank),
-        Orient::Nn | Orient::Tn => (n, n),
+        Orient::Nn => (n, n),
     };
     let mut args = vec![
         Arg::In("a", g.a),
@@ -357,23 +346,187 @@ pub(crate) fn grad_splits(m: usize, tiles: usize) -> (usize, usize) {
     (m.div_ceil(rows), rows)
 }
 
-/// `g (rows×cols) = scale · pᵀ (rows×m) · q (m×cols)` on tensor cores (the "tn" fused GEMM: pᵀ read
-/// transposed, the m tokens as its rank), deterministic: see [`split_reduction`].
+/// The rank class of the lowrank_grad kernels: the rank padded to 16, 32, 64 or 128.
+pub(crate) fn rank_class(rank: usize) -> usize {
+    match rank {
+        0..=16 => 16,
+        17..=32 => 32,
+        33..=64 => 64,
+        _ => 128,
+    }
+}
+
+/// Dynamic shared memory of a lowrank_grad kernel of rank class `class` (the formula in lora_params.h):
+/// the ring of G and L tiles, and R's strip for the "_u" kernels.
+pub(crate) fn lowrank_grad_smem(class: usize, with_u: bool) -> u32 {
+    let (tm, tc, stages) = (
+        LK_GRAD_TM as usize,
+        LK_GRAD_TC as usize,
+        LK_GRAD_STAGES as usize,
+    );
+    let ring = stages * tm * ((tc + 8) + (class + 8));
+    let r = if with_u { tc * (class + 8) } else { 0 };
+    u32_of(2 * (ring + r))
+}
+
+fn lowrank_grad_kernel(
+    op: &'static str,
+    dtype: DType,
+    class: usize,
+    with_u: bool,
+) -> Result<&'static Kernel<LkLowrankGradParams>> {
+    use kernels::*;
+    let (bf16, f16) = match (with_u, class) {
+        (false, 16) => (&LOWRANK_GRAD_R16_BF16, &LOWRANK_GRAD_R16_F16),
+        (false, 32) => (&LOWRANK_GRAD_R32_BF16, &LOWRANK_GRAD_R32_F16),
+        (false, 64) => (&LOWRANK_GRAD_R64_BF16, &LOWRANK_GRAD_R64_F16),
+        (false, _) => (&LOWRANK_GRAD_R128_BF16, &LOWRANK_GRAD_R128_F16),
+        (true, 16) => (&LOWRANK_GRAD_U_R16_BF16, &LOWRANK_GRAD_U_R16_F16),
+        (true, 32) => (&LOWRANK_GRAD_U_R32_BF16, &LOWRANK_GRAD_U_R32_F16),
+        (true, 64) => (&LOWRANK_GRAD_U_R64_BF16, &LOWRANK_GRAD_U_R64_F16),
+        (true, _) => (&LOWRANK_GRAD_U_R128_BF16, &LOWRANK_GRAD_U_R128_F16),
+    };
+    pick(op, dtype, bf16, f16)
+}
+
+/// Where lowrank_grad writes P = gᵀ·l.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PLayout {
+    /// cols×rank (dB is N×r).
+    ColsByRank,
+    /// rank×cols (dA is r×K).
+    RankByCols,
+}
+
+/// The backward's reductions over the m tokens on tensor cores, reading `g` (m×cols) once
+/// (kernels/lowrank_grad.cu): `p_out = scale · gᵀ·l` (l: m×rank; stored as `p_layout` says) and, with
+/// `u = Some((r, q_out))`, also `q_out (m×rank) = g·r` (r: cols×rank) in the same pass. The tokens are
+/// cut into fixed chunks and the columns into strips of 128, both from the shape only
+/// ([`grad_splits`]); the blocks write f32 partial sums, which `lowrank_finalize` adds in order and
+/// rounds once: the same bits on every run, no atomics.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn lowrank_grad<T: Element>(
     op: &'static str,
-    p: &Tensor<T>,
-    q: &Tensor<T>,
-    g: &mut Tensor<T>,
-    (m, rows, cols): (usize, usize, usize),
+    g: &Tensor<T>,
+    l: &Tensor<T>,
+    p_out: &mut Tensor<T>,
+    p_layout: PLayout,
+    u: Option<(&Tensor<T>, &mut Tensor<T>)>,
+    (m, cols, rank): (usize, usize, usize),
     scale: f32,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
-    split_reduction(op, Orient::Tn, p, q, g, (m, rows, cols), scale, ws)
+    let strips = cols.div_ceil(LK_GRAD_TC as usize);
+    let (splits, rows_per_split) = grad_splits(m, strips);
+    let class = rank_class(rank);
+    let with_u = u.is_some();
+    let kernel = lowrank_grad_kernel(op, T::DTYPE, class, with_u)?;
+    if strips > i32::MAX as usize {
+        return Err(Error::TooLarge {
+            op,
+            arg: "column strips (128)",
+            value: strips,
+            max: i32::MAX as usize,
+        });
+    }
+    let plan = LaunchPlan {
+        grid: [u32_of(strips), u32_of(splits), 1],
+        block: [LK_SIMT_THREADS, 1, 1],
+        smem_bytes: lowrank_grad_smem(class, with_u),
+    };
+    let device = g.device().clone();
+    let transposed = match p_layout {
+        PLayout::ColsByRank => 0,
+        PLayout::RankByCols => LK_GRAD_P_TRANSPOSED,
+    };
+    let (m32, cols32, rank32) = (u32_of(m), u32_of(cols), u32_of(rank));
+    let params = move |ptr: &[u64], r: u64, q_partial: u64| {
+        let flags = aligned_flags(&[
+            (ptr[0], cols32, LK_ALIGNED_A),
+            (ptr[1], rank32, LK_ALIGNED_L),
+            (r, rank32, LK_ALIGNED_R),
+        ]);
+        LkLowrankGradParams {
+            g: ptr[0] as *const _,
+            l: ptr[1] as *const _,
+            r: r as *const _,
+            p_partial: ptr[2] as *mut f32,
+            q_partial: q_partial as *mut f32,
+            m: m32,
+            cols: cols32,
+            rank: rank32,
+            rows_per_split: u32_of(rows_per_split),
+            flags: flags | transposed,
+        }
+    };
+    ws.with_partial(&device, &[splits, cols, rank], |p_partial, ws| {
+        match u {
+            None => device.launch(
+                op,
+                kernel,
+                &plan,
+                &mut [
+                    Arg::In("g", g),
+                    Arg::In("l", l),
+                    Arg::Out("p_partial", &mut *p_partial),
+                ],
+                |ptr| params(ptr, 0, 0),
+            )?,
+            Some((r, q_out)) => ws.with_partial(&device, &[strips, m, rank], |q_partial, _| {
+                device.launch(
+                    op,
+                    kernel,
+                    &plan,
+                    &mut [
+                        Arg::In("g", g),
+                        Arg::In("l", l),
+                        Arg::Out("p_partial", &mut *p_partial),
+                        Arg::In("r", r),
+                        Arg::Out("q_partial", &mut *q_partial),
+                    ],
+                    |ptr| params(ptr, ptr[3], ptr[4]),
+                )?;
+                finalize(op, q_partial, q_out, strips, 1.0)
+            })?,
+        }
+        finalize(op, p_partial, p_out, splits, scale)
+    })
+}
+
+/// `out = round(scale · Σ_split partial[split])`, adding the `splits` chunks in order
+/// (kernels/lowrank_finalize.cu).
+fn finalize<T: Element>(
+    op: &'static str,
+    partial: &Tensor<f32>,
+    out: &mut Tensor<T>,
+    splits: usize,
+    scale: f32,
+) -> Result<()> {
+    let kernel = pick(
+        op,
+        T::DTYPE,
+        &kernels::LOWRANK_FINALIZE_BF16,
+        &kernels::LOWRANK_FINALIZE_F16,
+    )?;
+    let count = out.numel();
+    partial.device().launch(
+        op,
+        kernel,
+        &LaunchPlan::elementwise(count, LK_SIMT_THREADS, 4096),
+        &mut [Arg::In("partial", partial), Arg::Out("g", out)],
+        |ptr| LkLowrankFinalizeParams {
+            partial: ptr[0] as *const f32,
+            g: ptr[1] as *mut _,
+            count: u32_of(count),
+            splits: u32_of(splits),
+            scale,
+        },
+    )
 }
 
 /// `g (rows×cols) = scale · Σ_j L[:, j] ⊗ R[j, :]` over a reduction of length `red`, as the low-rank
-/// part alone of the fused GEMM (k = 0, its "rank" being `red`): L = p (rows×red, or red×rows read
-/// transposed for Tn), R = q (cols×red for Nt, red×cols otherwise). The reduction is cut into fixed
+/// part alone of the fused GEMM (k = 0, its "rank" being `red`): L = p (rows×red), R = q (cols×red for
+/// Nt, red×cols for Nn). The reduction is cut into fixed
 /// chunks chosen from the shape only ([`grad_splits`]); with several, each block writes its chunk's f32
 /// sums and `lowrank_finalize` adds them in chunk order, scales and rounds once: the same bits on every
 /// run, no atomics.
@@ -413,26 +566,7 @@ fn split_reduction<T: Element>(
             partial: &mut *partial,
         };
         fused_gemm(op, &gemm(1.0), g, Some(split))?;
-        let finalize = pick(
-            op,
-            T::DTYPE,
-            &kernels::LOWRANK_FINALIZE_BF16,
-            &kernels::LOWRANK_FINALIZE_F16,
-        )?;
-        let count = rows * cols;
-        p.device().launch(
-            op,
-            finalize,
-            &LaunchPlan::elementwise(count, LK_SIMT_THREADS, 4096),
-            &mut [Arg::In("partial", &*partial), Arg::Out("g", g)],
-            |ptr| LkLowrankFinalizeParams {
-                partial: ptr[0] as *const f32,
-                g: ptr[1] as *mut _,
-                count: u32_of(count),
-                splits: u32_of(splits),
-                scale,
-            },
-        )
+        finalize(op, partial, g, splits, scale)
     })
 }
 

@@ -1,12 +1,13 @@
 //! The LoRA forward and backward over [`Tensor`]s (kernels/fused_gemm.cu, small_m.cu,
-//! lowrank_finalize.cu). Every argument is validated before the first launch.
+//! lowrank_grad.cu, lowrank_finalize.cu). Every argument is validated before the first launch.
 //!
 //! forward:  `T = X·Aᵀ`, `Y = X·W0ᵀ + s·T·Bᵀ (+ bias)`: T on the tensor-core GEMM (N = r), then ONE
 //!           fused GEMM; for M ≤ 16 the small-M kernel instead, which streams W0 once and computes T
 //!           from the same X on the way (then a small finalize launch).
-//! backward: `U = dY·B`, `dB = s·dYᵀ·T`, `dA = s·Uᵀ·X`, `dX = dY·W0 + s·U·A` (optional). Never dW0.
+//! backward: `U = dY·B` and `dB = s·dYᵀ·T` in one pass over dY, `dA = s·Uᵀ·X` in one over X, then
+//!           `dX = dY·W0 + s·U·A` (optional) on the fused GEMM: dY is read twice, X once. Never dW0.
 
-use super::launch::{self, FusedGemm, Orient};
+use super::launch::{self, FusedGemm, Orient, PLayout};
 use super::validate;
 use super::workspace::Workspace;
 use crate::dtype::Element;
@@ -189,9 +190,21 @@ pub fn lora_backward_into<T: Element>(
         validate::shape(OP, "dx", dx, &[d.m, d.k], "[M, K]")?;
     }
     ws.with_layer(x.device(), &[d.m, d.r], |u, ws| {
-        launch::project(OP, Orient::Nn, dy, b, u, (d.m, d.n, d.r), ws)?;
-        launch::lowrank_grad(OP, dy, t, db, (d.m, d.n, d.r), scale, ws)?;
-        launch::lowrank_grad(OP, u, x, da, (d.m, d.r, d.k), scale, ws)?;
+        // one pass over dY for dB and U, one over X for dA (kernels/lowrank_grad.cu)
+        let dims = (d.m, d.n, d.r);
+        launch::lowrank_grad(
+            OP,
+            dy,
+            t,
+            db,
+            PLayout::ColsByRank,
+            Some((b, &mut *u)),
+            dims,
+            scale,
+            ws,
+        )?;
+        let dims = (d.m, d.k, d.r);
+        launch::lowrank_grad(OP, x, u, da, PLayout::RankByCols, None, dims, scale, ws)?;
         if let Some(dx) = dx {
             let g = FusedGemm {
                 orient: Orient::Nn,
