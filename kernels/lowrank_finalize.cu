@@ -1,9 +1,11 @@
-// lowrank_finalize.cu: the last step of the split gradient reductions dB = s·dYᵀ·T and dA = s·Uᵀ·X.
+// lowrank_finalize.cu: the last step of every split reduction: the gradients dB = s·dYᵀ·T, dA = s·Uᵀ·X
+// and U = dY·B (lowrank_grad.cu), and the projection T = X·Aᵀ when it is split (fused_gemm.cu).
 //
-// The "tn" fused GEMM (fused_gemm.cu) sums each fixed chunk of the M tokens into f32 partials
-// (splits × rows × cols); this kernel adds the partials of each element in chunk order, scales once and
-// rounds once: G = round(s · Σ_chunk partial). The chunks depend on the shape only (src/ops/launch.rs
-// grad_splits), so the same inputs give the same bits on every run, with no atomics.
+// Those kernels sum fixed chunks (token chunks, column strips, K chunks) into f32 partials
+// (splits × count); this kernel adds the partials of each element in chunk order, scales once and
+// rounds once: G = round(s · Σ_chunk partial), or G = round(G + s · Σ_chunk partial) when accumulating
+// gradients over micro-batches (f32 sum, one rounding). The chunks depend on the shape only
+// (src/ops/launch.rs grad_splits), so the same inputs give the same bits on every run, with no atomics.
 #include "lk_tile.cuh"
 #include "lora_params.h"
 
@@ -17,7 +19,8 @@ __device__ __forceinline__ void lowrank_finalize_impl(const LkLowrankFinalizePar
     for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < p.count; i += stride) {
         float sum = 0.0f;
         for (uint32_t s = 0; s < p.splits; ++s) sum = __fadd_rn(sum, p.partial[size_t(s) * p.count + i]);
-        g[i] = lk_from_f32<T>(__fmul_rn(p.scale, sum));
+        const float v = __fmul_rn(p.scale, sum);
+        g[i] = lk_from_f32<T>(p.accumulate ? __fadd_rn(lk_to_f32(g[i]), v) : v);
     }
 }
 }  // namespace

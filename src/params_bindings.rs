@@ -174,6 +174,7 @@ pub struct LkLowrankFinalizeParams {
     pub count: u32,
     pub splits: u32,
     pub scale: f32,
+    pub accumulate: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -198,6 +199,9 @@ const _: () = {
     [
         "Offset of field: LkLowrankFinalizeParams::scale",
     ][::core::mem::offset_of!(LkLowrankFinalizeParams, scale) - 24usize];
+    [
+        "Offset of field: LkLowrankFinalizeParams::accumulate",
+    ][::core::mem::offset_of!(LkLowrankFinalizeParams, accumulate) - 28usize];
 };
 impl Default for LkLowrankFinalizeParams {
     fn default() -> Self {

@@ -139,7 +139,7 @@ mod lora_ops {
         l.b = Tensor::zeros(&d, &[4, 3]).unwrap();
         assert!(matches!(fwd_err(&l, 1.0), Error::Shape { arg: "b", .. }));
         let mut l = layer(&d, (3, 4, 5, 2));
-        l.x = Tensor::zeros(&d, &[15]).unwrap();
+        l.x = Tensor::zeros(&d, &[]).unwrap();
         assert!(matches!(fwd_err(&l, 1.0), Error::Shape { arg: "x", .. }));
         let l = layer(&d, (3, 4, 5, 2));
         let bias = Tensor::<bf16>::zeros(&d, &[5]).unwrap();
@@ -151,6 +151,70 @@ mod lora_ops {
         let e = ops::lora_forward_into(&l.x, &l.w0, &l.a, &l.b, None, 1.0, &mut y, &mut t, &mut ws)
             .unwrap_err();
         assert!(matches!(e, Error::Shape { arg: "y", .. }), "{e}");
+    }
+
+    /// Batched activations: Y, T, dY and dX must carry X's leading dimensions; dA and dB keep their
+    /// shapes whether the backward overwrites or accumulates.
+    #[test]
+    fn batched_and_accumulated_shapes() {
+        let d = emu();
+        let z = |shape: &[usize]| Tensor::<bf16>::zeros(&d, shape).unwrap();
+        let mut l = layer(&d, (6, 4, 5, 2));
+        l.x = z(&[2, 3, 5]);
+        let mut ws = ops::Workspace::new();
+        // y as a plain [M, N] matrix is not [..., N] with x's leading dimensions
+        let (mut y, mut t) = (z(&[6, 4]), z(&[2, 3, 2]));
+        let e = ops::lora_forward_into(&l.x, &l.w0, &l.a, &l.b, None, 1.0, &mut y, &mut t, &mut ws)
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::Shape { arg: "y", .. }) && e.to_string().contains("[..., N]"),
+            "{e}"
+        );
+        // t may be [..., r] or [M, r]; [3, 2, 2] is neither
+        let (mut y, mut t) = (z(&[2, 3, 4]), z(&[3, 2, 2]));
+        let e = ops::lora_forward_into(&l.x, &l.w0, &l.a, &l.b, None, 1.0, &mut y, &mut t, &mut ws)
+            .unwrap_err();
+        assert!(matches!(e, Error::Shape { arg: "t", .. }), "{e}");
+        let out = ops::lora_forward(&l.x, &l.w0, &l.a, &l.b, None, 1.0).unwrap();
+        assert_eq!(
+            (out.y.shape(), out.t.shape()),
+            (&[2, 3, 4][..], &[2, 3, 2][..])
+        );
+        // dy with other leading dimensions (same M)
+        let e = ops::lora_backward(&l.x, &l.w0, &l.a, &l.b, &out.t, &z(&[3, 2, 4]), 1.0, true)
+            .unwrap_err();
+        assert!(matches!(e, Error::Shape { arg: "dy", .. }), "{e}");
+        let dy = z(&[2, 3, 4]);
+        let mut dx = z(&[6, 5]);
+        let (mut da, mut db) = (z(&[2, 5]), z(&[4, 2]));
+        let mut back = |dx: &mut Tensor<bf16>, da: &mut Tensor<bf16>, db: &mut Tensor<bf16>| {
+            ops::lora_backward_into(
+                &l.x,
+                &l.w0,
+                &l.a,
+                &l.b,
+                &out.t,
+                &dy,
+                1.0,
+                Some(dx),
+                da,
+                db,
+                ops::GradMode::Accumulate,
+                &mut ws,
+            )
+            .unwrap_err()
+        };
+        let e = back(&mut dx, &mut da, &mut db);
+        assert!(matches!(e, Error::Shape { arg: "dx", .. }), "{e}");
+        // accumulating into a wrong-shaped gradient
+        let mut dx = z(&[2, 3, 5]);
+        let e = back(&mut dx, &mut z(&[5, 2]), &mut db);
+        assert!(
+            matches!(e, Error::Shape { arg: "da", .. }) && e.to_string().contains("[r, K]"),
+            "{e}"
+        );
+        let e = back(&mut dx, &mut da, &mut z(&[2, 4]));
+        assert!(matches!(e, Error::Shape { arg: "db", .. }), "{e}");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! thread orders must give identical bits; the GPU, when present, is checked against the reference too.
 //!
 //! Cases per run: `PROPTEST_CASES` (default 72 per test, so every kernel gets at least 64; the gradient
-//! finalize kernel runs whenever M > 64).
+//! finalize kernel runs in every backward). Batched activations ([..., K]) and gradient accumulation
+//! have their own property test.
 
 mod common;
 
@@ -122,6 +123,57 @@ proptest! {
             case::<f16>(d, scale, bias, false, stream);
         } else {
             case::<bf16>(d, scale, bias, false, stream);
+        }
+    }
+}
+
+/// Activations with 1 to 3 leading dimensions (M = their product, up to 320) and gradients accumulated
+/// into dA and dB that already hold an earlier micro-batch's (GradMode::Accumulate).
+fn batched_case<T: Element>(lead: Vec<usize>, nkr: (usize, usize, usize), scale: f32, stream: u64) {
+    let (n, k, r) = nkr;
+    let d = Dims {
+        m: lead.iter().product(),
+        n,
+        k,
+        r,
+    };
+    let mut rng = Rng::new(stream);
+    let l = Layer::<T>::random(&mut rng, d, scale, stream % 2 == 0)
+        .with_lead(lead)
+        .with_accumulation(&mut rng);
+    let emus = common::emulators();
+    let first = lora::run(&emus[0], &l, true);
+    lora::check("emulator", &l, &first, tol(T::DTYPE));
+    let second = lora::run(&emus[1], &l, true);
+    assert!(
+        first.bits() == second.bits(),
+        "{d:?}: results differ between thread orders"
+    );
+    if let Some(gpu) = common::gpu() {
+        lora::check("gpu", &l, &lora::run(&gpu, &l, true), tol(T::DTYPE));
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Batched activations [..., K] and gradient accumulation, forward and backward.
+    #[test]
+    fn batched_accumulated_gradients_match_reference(
+        (dims, (n, k, r, _)) in (
+            (1..=4usize, 1..=4usize, 1..=20usize, 1..=3usize),
+            dims(1).prop_map(|(d, round8)| (d.n, d.k, d.r, round8)),
+        ),
+        scale in -4.0f32..4.0,
+        f16_case in any::<bool>(),
+        stream in any::<u64>(),
+    ) {
+        let (a, b, c, ndim) = dims;
+        let lead = [a, b, c][3 - ndim..].to_vec();
+        if f16_case {
+            batched_case::<f16>(lead, (n, k, r), scale, stream);
+        } else {
+            batched_case::<bf16>(lead, (n, k, r), scale, stream);
         }
     }
 }

@@ -428,6 +428,7 @@ pub fn ours_backward(s: &mut Set, scale: f32) {
         Some(&mut s.dx),
         &mut s.da,
         &mut s.db,
+        ops::GradMode::Overwrite,
         &mut s.ws,
     )
     .unwrap();

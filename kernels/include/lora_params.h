@@ -85,13 +85,16 @@ typedef struct LkFusedGemmParams {
 } LkFusedGemmParams;
 
 /* G = round(scale · Σ_split partial[split]) over `count` elements (kernels/lowrank_finalize.cu): the end of
- * every split reduction (lowrank_grad's P and Q, the fused GEMM's split projection). */
+ * every split reduction (lowrank_grad's P and Q, the fused GEMM's split projection). With `accumulate`
+ * (gradient accumulation over micro-batches): G = round(G + scale · Σ_split partial[split]), the sum in
+ * f32, one rounding to G's dtype. */
 typedef struct LkLowrankFinalizeParams {
     const float* partial;
     void* g;
     uint32_t count;
     uint32_t splits;
     float scale;
+    uint32_t accumulate;
 } LkLowrankFinalizeParams;
 
 /* The backward's reductions over the M tokens in one pass over G (kernels/lowrank_grad.cu):

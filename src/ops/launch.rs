@@ -399,7 +399,8 @@ pub(crate) enum PLayout {
 }
 
 /// The backward's reductions over the m tokens on tensor cores, reading `g` (m×cols) once
-/// (kernels/lowrank_grad.cu): `p_out = scale · gᵀ·l` (l: m×rank; stored as `p_layout` says) and, with
+/// (kernels/lowrank_grad.cu): `p_out = scale · gᵀ·l` (l: m×rank; stored as `p_layout` says; with
+/// `accumulate`, `p_out += scale · gᵀ·l`, the sum in f32 and one rounding) and, with
 /// `u = Some((r, q_out))`, also `q_out (m×rank) = g·r` (r: cols×rank) in the same pass. The tokens are
 /// cut into fixed chunks and the columns into strips of 128, both from the shape only
 /// ([`grad_splits`]); the blocks write f32 partial sums, which `lowrank_finalize` adds in order and
@@ -414,6 +415,7 @@ pub(crate) fn lowrank_grad<T: Element>(
     u: Option<(&Tensor<T>, &mut Tensor<T>)>,
     (m, cols, rank): (usize, usize, usize),
     scale: f32,
+    accumulate: bool,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
     let strips = cols.div_ceil(LK_GRAD_TC as usize);
@@ -486,21 +488,22 @@ pub(crate) fn lowrank_grad<T: Element>(
                     ],
                     |ptr| params(ptr, ptr[3], ptr[4]),
                 )?;
-                finalize(op, q_partial, q_out, strips, 1.0)
+                finalize(op, q_partial, q_out, strips, 1.0, false)
             })?,
         }
-        finalize(op, p_partial, p_out, splits, scale)
+        finalize(op, p_partial, p_out, splits, scale, accumulate)
     })
 }
 
-/// `out = round(scale · Σ_split partial[split])`, adding the `splits` chunks in order
-/// (kernels/lowrank_finalize.cu).
+/// `out = round(scale · Σ_split partial[split])`, adding the `splits` chunks in order; with
+/// `accumulate`, `out = round(out + scale · Σ ...)` (kernels/lowrank_finalize.cu).
 fn finalize<T: Element>(
     op: &'static str,
     partial: &Tensor<f32>,
     out: &mut Tensor<T>,
     splits: usize,
     scale: f32,
+    accumulate: bool,
 ) -> Result<()> {
     let kernel = pick(
         op,
@@ -520,6 +523,7 @@ fn finalize<T: Element>(
             count: u32_of(count),
             splits: u32_of(splits),
             scale,
+            accumulate: accumulate as u32,
         },
     )
 }
@@ -566,7 +570,7 @@ fn split_reduction<T: Element>(
             partial: &mut *partial,
         };
         fused_gemm(op, &gemm(1.0), g, Some(split))?;
-        finalize(op, partial, g, splits, scale)
+        finalize(op, partial, g, splits, scale, false)
     })
 }
 

@@ -31,16 +31,37 @@ pub struct Gradients<T: Element> {
     pub db: Tensor<T>,
 }
 
-/// Checks X [M, K], W0 [N, K], A [r, K], B [N, r], dtype bf16/f16, 1 ≤ r ≤ 128, sizes within u32.
+/// What the backward does with the dA and dB it is given.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GradMode {
+    /// Overwrite them; their contents are never read.
+    #[default]
+    Overwrite,
+    /// Add this call's gradients to them (gradient accumulation over micro-batches): the old value
+    /// plus the new sum in f32, one rounding to the gradient's dtype, so micro-batches need no extra
+    /// buffer or pass.
+    Accumulate,
+}
+
+/// The shape of a layer call: [`Dims`] with M = the product of the activations' leading dimensions
+/// (`lead`: X is [lead..., K], Y and dY [lead..., N], dX [lead..., K], T [lead..., r] or [M, r]).
+#[derive(Clone, Debug)]
+pub(crate) struct LayerShape {
+    pub d: Dims,
+    pub lead: Vec<usize>,
+}
+
+/// Checks X [..., K] (any number of leading dimensions, M = their product), W0 [N, K], A [r, K],
+/// B [N, r], dtype bf16/f16, 1 ≤ r ≤ 128, sizes within u32.
 pub(crate) fn layer_dims<T: Element>(
     op: &'static str,
     x: &Tensor<T>,
     w0: &Tensor<T>,
     a: &Tensor<T>,
     b: &Tensor<T>,
-) -> Result<Dims> {
+) -> Result<LayerShape> {
     validate::half_dtype(op, "x", T::DTYPE)?;
-    let (m, k) = validate::matrix(op, "x", x, "[M, K]")?;
+    let (lead, m, k) = validate::rows(op, "x", x)?;
     let (n, k_w) = validate::matrix(op, "w0", w0, "[N, K]")?;
     if k_w != k {
         return Err(Error::Shape {
@@ -54,10 +75,27 @@ pub(crate) fn layer_dims<T: Element>(
     for (arg, v) in [("x", m * k), ("w0", n * k), ("M", m), ("N", n)] {
         validate::fits_u32(op, arg, v)?;
     }
-    Ok(Dims { m, n, k, r })
+    Ok(LayerShape {
+        d: Dims { m, n, k, r },
+        lead,
+    })
 }
 
-/// `Y = X·W0ᵀ + s·(X·Aᵀ)·Bᵀ (+ bias)`; returns Y (M×N) and T (M×r).
+/// The shape `[lead..., last]`.
+fn rows_of(lead: &[usize], last: usize) -> Vec<usize> {
+    lead.iter().copied().chain([last]).collect()
+}
+
+/// T as the forward writes it ([lead..., r]) or as a plain matrix [M, r].
+fn check_t<T: Element>(op: &'static str, t: &Tensor<T>, s: &LayerShape, what: &str) -> Result<()> {
+    if t.shape() == [s.d.m, s.d.r] {
+        return Ok(());
+    }
+    validate::rows_shape(op, "t", t, &s.lead, s.d.r, what)
+}
+
+/// `Y = X·W0ᵀ + s·(X·Aᵀ)·Bᵀ (+ bias)` for X [..., K] (any leading dimensions, M rows); returns Y
+/// [..., N] and T [..., r].
 pub fn lora_forward<T: Element>(
     x: &Tensor<T>,
     w0: &Tensor<T>,
@@ -66,9 +104,9 @@ pub fn lora_forward<T: Element>(
     bias: Option<&Tensor<T>>,
     scale: f32,
 ) -> Result<ForwardOutput<T>> {
-    let d = layer_dims("lora_forward", x, w0, a, b)?;
-    let mut y = Tensor::for_output(x.device(), &[d.m, d.n])?;
-    let mut t = Tensor::for_output(x.device(), &[d.m, d.r])?;
+    let s = layer_dims("lora_forward", x, w0, a, b)?;
+    let mut y = Tensor::for_output(x.device(), &rows_of(&s.lead, s.d.n))?;
+    let mut t = Tensor::for_output(x.device(), &rows_of(&s.lead, s.d.r))?;
     lora_forward_into(
         x,
         w0,
@@ -83,8 +121,8 @@ pub fn lora_forward<T: Element>(
     Ok(ForwardOutput { y, t })
 }
 
-/// [`lora_forward`] into existing `y` [M, N] and `t` [M, r], with scratch memory from `ws`: for callers
-/// that reuse buffers (a training loop allocates nothing per step).
+/// [`lora_forward`] into existing `y` [..., N] and `t` [..., r] (or [M, r]), with scratch memory from
+/// `ws`: for callers that reuse buffers (a training loop allocates nothing per step).
 #[allow(clippy::too_many_arguments)]
 pub fn lora_forward_into<T: Element>(
     x: &Tensor<T>,
@@ -98,13 +136,21 @@ pub fn lora_forward_into<T: Element>(
     ws: &mut Workspace<T>,
 ) -> Result<()> {
     const OP: &str = "lora_forward";
-    let d = layer_dims(OP, x, w0, a, b)?;
+    let s = layer_dims(OP, x, w0, a, b)?;
+    let d = s.d;
     if let Some(bias) = bias {
         validate::shape(OP, "bias", bias, &[d.n], "[N]")?;
     }
     validate::finite(OP, "scale", scale)?;
-    validate::shape(OP, "y", y, &[d.m, d.n], "[M, N]")?;
-    validate::shape(OP, "t", t, &[d.m, d.r], "[M, r]")?;
+    validate::rows_shape(
+        OP,
+        "y",
+        y,
+        &s.lead,
+        d.n,
+        "[..., N] (x's leading dimensions)",
+    )?;
+    check_t(OP, t, &s, "[..., r] (x's leading dimensions) or [M, r]")?;
     if d.m <= LK_SMALL_M_MAX as usize {
         return launch::small_m(OP, x, w0, a, b, bias, y, t, (d.m, d.n, d.k, d.r), scale, ws);
     }
@@ -125,7 +171,7 @@ pub fn lora_forward_into<T: Element>(
     launch::fused_gemm(OP, &g, y, None)
 }
 
-/// Gradients of the layer given dY [M, N] and the forward's T [M, r]: dA, dB and (if `want_dx`) dX.
+/// Gradients of the layer given dY [..., N] and the forward's T: dA, dB and (if `want_dx`) dX [..., K].
 #[allow(clippy::too_many_arguments)]
 pub fn lora_backward<T: Element>(
     x: &Tensor<T>,
@@ -137,10 +183,11 @@ pub fn lora_backward<T: Element>(
     scale: f32,
     want_dx: bool,
 ) -> Result<Gradients<T>> {
-    let d = layer_dims("lora_backward", x, w0, a, b)?;
+    let s = layer_dims("lora_backward", x, w0, a, b)?;
+    let d = s.d;
     let dev = x.device();
     let mut dx = if want_dx {
-        Some(Tensor::for_output(dev, &[d.m, d.k])?)
+        Some(Tensor::for_output(dev, &rows_of(&s.lead, d.k))?)
     } else {
         None
     };
@@ -158,13 +205,15 @@ pub fn lora_backward<T: Element>(
         dx.as_mut(),
         &mut da,
         &mut db,
+        GradMode::Overwrite,
         &mut ws,
     )?;
     Ok(Gradients { dx, da, db })
 }
 
-/// [`lora_backward`] into existing `dx` [M, K] (or none), `da` [r, K], `db` [N, r], with scratch memory
-/// (U and the gradients' partial sums) from `ws`.
+/// [`lora_backward`] into existing `dx` [..., K] (or none), `da` [r, K], `db` [N, r], with scratch memory
+/// (U and the gradients' partial sums) from `ws`. With [`GradMode::Accumulate`] dA and dB are added to
+/// (micro-batches), dX is always overwritten.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_backward_into<T: Element>(
     x: &Tensor<T>,
@@ -177,18 +226,35 @@ pub fn lora_backward_into<T: Element>(
     dx: Option<&mut Tensor<T>>,
     da: &mut Tensor<T>,
     db: &mut Tensor<T>,
+    mode: GradMode,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
     const OP: &str = "lora_backward";
-    let d = layer_dims(OP, x, w0, a, b)?;
-    validate::shape(OP, "t", t, &[d.m, d.r], "[M, r] (the forward's T)")?;
-    validate::shape(OP, "dy", dy, &[d.m, d.n], "[M, N]")?;
+    let s = layer_dims(OP, x, w0, a, b)?;
+    let d = s.d;
+    check_t(OP, t, &s, "[..., r] or [M, r] (the forward's T)")?;
+    validate::rows_shape(
+        OP,
+        "dy",
+        dy,
+        &s.lead,
+        d.n,
+        "[..., N] (x's leading dimensions)",
+    )?;
     validate::finite(OP, "scale", scale)?;
     validate::shape(OP, "da", da, &[d.r, d.k], "[r, K]")?;
     validate::shape(OP, "db", db, &[d.n, d.r], "[N, r]")?;
     if let Some(dx) = dx.as_deref() {
-        validate::shape(OP, "dx", dx, &[d.m, d.k], "[M, K]")?;
+        validate::rows_shape(
+            OP,
+            "dx",
+            dx,
+            &s.lead,
+            d.k,
+            "[..., K] (x's leading dimensions)",
+        )?;
     }
+    let acc = mode == GradMode::Accumulate;
     ws.with_layer(x.device(), &[d.m, d.r], |u, ws| {
         // one pass over dY for dB and U, one over X for dA (kernels/lowrank_grad.cu)
         let dims = (d.m, d.n, d.r);
@@ -201,10 +267,22 @@ pub fn lora_backward_into<T: Element>(
             Some((b, &mut *u)),
             dims,
             scale,
+            acc,
             ws,
         )?;
         let dims = (d.m, d.k, d.r);
-        launch::lowrank_grad(OP, x, u, da, PLayout::RankByCols, None, dims, scale, ws)?;
+        launch::lowrank_grad(
+            OP,
+            x,
+            u,
+            da,
+            PLayout::RankByCols,
+            None,
+            dims,
+            scale,
+            acc,
+            ws,
+        )?;
         if let Some(dx) = dx {
             let g = FusedGemm {
                 orient: Orient::Nn,

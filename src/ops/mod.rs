@@ -11,7 +11,8 @@ pub(crate) mod validate;
 mod workspace;
 
 pub use lora::{
-    ForwardOutput, Gradients, lora_backward, lora_backward_into, lora_forward, lora_forward_into,
+    ForwardOutput, GradMode, Gradients, lora_backward, lora_backward_into, lora_forward,
+    lora_forward_into,
 };
 pub use merge::{
     NonFiniteCounts, merge, merge_counted, safe_merge, safe_unmerge, unmerge, unmerge_counted,

@@ -104,6 +104,32 @@ pub(crate) fn matrix<T: Element>(
     }
 }
 
+/// A non-empty tensor of rank ≥ 1 read as rows of its last dimension (activations [..., K]): returns
+/// (the leading dimensions, rows = their product, the last dimension).
+pub(crate) fn rows<T: Element>(
+    op: &'static str,
+    arg: &'static str,
+    t: &Tensor<T>,
+) -> Result<(Vec<usize>, usize, usize)> {
+    non_empty(op, arg, t)?;
+    let (&last, lead) = t.shape().split_last().expect("non_empty checked the rank");
+    Ok((lead.to_vec(), lead.iter().product(), last))
+}
+
+/// Exactly `[lead..., last]` (the leading dimensions of the layer's input); `names` renders the
+/// expected shape in the error, e.g. `[..., N]`.
+pub(crate) fn rows_shape<T: Element>(
+    op: &'static str,
+    arg: &'static str,
+    t: &Tensor<T>,
+    lead: &[usize],
+    last: usize,
+    names: &str,
+) -> Result<()> {
+    let expected: Vec<usize> = lead.iter().copied().chain([last]).collect();
+    shape(op, arg, t, &expected, names)
+}
+
 /// bf16 or f16: the tensor-core kernels' element types.
 pub(crate) fn half_dtype(op: &'static str, arg: &'static str, got: DType) -> Result<()> {
     match got {

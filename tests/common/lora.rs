@@ -16,6 +16,10 @@ pub struct Layer<T> {
     pub b: Vec<T>,
     pub bias: Option<Vec<T>>,
     pub dy: Vec<T>,
+    /// X's leading dimensions (their product is M): `[M]` for a plain matrix.
+    pub lead: Vec<usize>,
+    /// Gradients already in dA, dB: the backward accumulates into them ([`ops::GradMode::Accumulate`]).
+    pub grads0: Option<(Vec<T>, Vec<T>)>,
 }
 
 impl<T: Element> Layer<T> {
@@ -31,7 +35,33 @@ impl<T: Element> Layer<T> {
             b: rng.vec(d.n * d.r, 1.0 / (d.r as f64).sqrt()),
             bias: with_bias.then(|| rng.vec(d.n, 1.0)),
             dy: rng.vec(d.m * d.n, 1.0),
+            lead: vec![d.m],
+            grads0: None,
         }
+    }
+
+    /// The activations as [lead..., features] (the product of `lead` must be M).
+    pub fn with_lead(mut self, lead: Vec<usize>) -> Self {
+        assert_eq!(
+            lead.iter().product::<usize>(),
+            self.d.m,
+            "leading dimensions of M rows"
+        );
+        self.lead = lead;
+        self
+    }
+
+    /// dA and dB start from random gradients of an earlier micro-batch, which the backward adds to.
+    pub fn with_accumulation(mut self, rng: &mut Rng) -> Self {
+        self.grads0 = Some((
+            rng.vec(self.d.r * self.d.k, 1.0),
+            rng.vec(self.d.n * self.d.r, 1.0),
+        ));
+        self
+    }
+
+    fn rows(&self, last: usize) -> Vec<usize> {
+        self.lead.iter().copied().chain([last]).collect()
     }
 }
 
@@ -77,14 +107,14 @@ pub fn run_in<T: Element>(
     backward: bool,
     ws: &mut ops::Workspace<T>,
 ) -> Outputs<T> {
-    let Dims { m, n, k, r } = l.d;
-    let x = up(dev, &l.x, &[m, k]);
+    let Dims { n, k, r, .. } = l.d;
+    let x = up(dev, &l.x, &l.rows(k));
     let w0 = up(dev, &l.w0, &[n, k]);
     let a = up(dev, &l.a, &[r, k]);
     let b = up(dev, &l.b, &[n, r]);
     let bias = l.bias.as_ref().map(|v| up(dev, v, &[n]));
-    let mut y = poisoned(dev, &[m, n]);
-    let mut t = poisoned(dev, &[m, r]);
+    let mut y = poisoned(dev, &l.rows(n));
+    let mut t = poisoned(dev, &l.rows(r));
     ops::lora_forward_into(&x, &w0, &a, &b, bias.as_ref(), l.scale, &mut y, &mut t, ws).unwrap();
     let mut out = Outputs {
         y: y.to_vec().unwrap(),
@@ -94,10 +124,20 @@ pub fn run_in<T: Element>(
         db: vec![],
     };
     if backward {
-        let dy = up(dev, &l.dy, &[m, n]);
-        let mut dx = poisoned(dev, &[m, k]);
-        let mut da = poisoned(dev, &[r, k]);
-        let mut db = poisoned(dev, &[n, r]);
+        let dy = up(dev, &l.dy, &l.rows(n));
+        let mut dx = poisoned(dev, &l.rows(k));
+        let (mut da, mut db, mode) = match &l.grads0 {
+            None => (
+                poisoned(dev, &[r, k]),
+                poisoned(dev, &[n, r]),
+                ops::GradMode::Overwrite,
+            ),
+            Some((da0, db0)) => (
+                up(dev, da0, &[r, k]),
+                up(dev, db0, &[n, r]),
+                ops::GradMode::Accumulate,
+            ),
+        };
         ops::lora_backward_into(
             &x,
             &w0,
@@ -109,6 +149,7 @@ pub fn run_in<T: Element>(
             Some(&mut dx),
             &mut da,
             &mut db,
+            mode,
             ws,
         )
         .unwrap();
@@ -144,11 +185,14 @@ pub fn check<T: Element>(what: &str, l: &Layer<T>, o: &Outputs<T>, tol: f64) {
             l.d,
             l.scale as f64,
         );
-        checks.extend([
-            ("dx", &o.dx, g.dx),
-            ("da", &o.da, g.da),
-            ("db", &o.db, g.db),
-        ]);
+        let (mut da, mut db) = (g.da, g.db);
+        if let Some((da0, db0)) = &l.grads0 {
+            // accumulation: the earlier gradients plus this call's
+            for (want, old) in da.iter_mut().zip(da0).chain(db.iter_mut().zip(db0)) {
+                *want += old.to_f64();
+            }
+        }
+        checks.extend([("dx", &o.dx, g.dx), ("da", &o.da, da), ("db", &o.db, db)]);
     }
     for (name, got, want) in checks {
         let err = reference::relative_error(got, &want);
