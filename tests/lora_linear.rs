@@ -111,9 +111,25 @@ fn forward_backward_merge_unmerge() {
     assert!(reference::relative_error(&y_unmerged, &want.y) < TOL);
     let g = l.backward(&xt, &f.t, &dyt, true).unwrap();
     let gw = reference::backward(&x, &w0, &a, &b, &dy, d, s);
-    assert!(reference::relative_error(&g.dx.unwrap().to_vec().unwrap(), &gw.dx) < TOL);
+    assert!(reference::relative_error(&g.dx.as_ref().unwrap().to_vec().unwrap(), &gw.dx) < TOL);
     assert!(reference::relative_error(&g.da.to_vec().unwrap(), &gw.da) < TOL);
     assert!(reference::relative_error(&g.db.to_vec().unwrap(), &gw.db) < TOL);
+
+    // batched activations [3, 11, ...]: the same rows, the same bits, X's leading dimensions kept
+    let x3 = Tensor::from_slice(&dev, &x, &[3, 11, k]).unwrap();
+    let dy3 = Tensor::from_slice(&dev, &dy, &[3, 11, n]).unwrap();
+    let f3 = l.forward(&x3).unwrap();
+    assert_eq!(f3.y.shape(), &[3, 11, n]);
+    assert_eq!(f3.y.to_vec().unwrap(), y_unmerged);
+    let g3 = l.backward(&x3, &f3.t, &dy3, true).unwrap();
+    let dx3 = g3.dx.unwrap();
+    assert_eq!(dx3.shape(), &[3, 11, k]);
+    assert_eq!(
+        dx3.to_vec().unwrap(),
+        g.dx.as_ref().unwrap().to_vec().unwrap()
+    );
+    assert_eq!(g3.da.to_vec().unwrap(), g.da.to_vec().unwrap());
+    assert_eq!(g3.db.to_vec().unwrap(), g.db.to_vec().unwrap());
 
     l.merge().unwrap();
     assert!(l.is_merged());
