@@ -57,14 +57,12 @@ fn u32_of(v: usize) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
 }
 
-/// `out (m×rank) = p (m×inner) · op(q)`; q is rank×inner (Nt) or inner×rank (Nn): the forward's
-/// projection T = X·Aᵀ, on the fused tensor-core GEMM (f32 accumulation, one rounding to the output
+/// `out (m×rank) = p (m×inner) · qᵀ`, q rank×inner: the forward's projection T = X·Aᵀ, on the fused tensor-core GEMM (f32 accumulation, one rounding to the output
 /// dtype). With enough output tiles to fill a large GPU, an N = rank GEMM over `inner`; with fewer (M up
 /// to about 16k rows at r ≤ 128), `inner` is cut into fixed chunks ([`split_reduction`]), so the grid
 /// fills the GPU at every M.
 pub(crate) fn project<T: Element>(
     op: &'static str,
-    orient: Orient,
     p: &Tensor<T>,
     q: &Tensor<T>,
     out: &mut Tensor<T>,
@@ -73,10 +71,10 @@ pub(crate) fn project<T: Element>(
 ) -> Result<()> {
     let tiles = m.div_ceil(LK_FUSED_GEMM_BM as usize) * rank.div_ceil(LK_FUSED_GEMM_BN as usize);
     if grad_splits(inner, tiles).0 > 1 {
-        return split_reduction(op, orient, p, q, out, (inner, m, rank), 1.0, ws);
+        return split_reduction(op, p, q, out, (inner, m, rank), 1.0, ws);
     }
     let g = FusedGemm {
-        orient,
+        orient: Orient::Nt,
         a: p,
         b: q,
         // no low-rank part (rank 0): l and r are never read
@@ -418,19 +416,12 @@ pub(crate) fn lowrank_grad<T: Element>(
     accumulate: bool,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
+    // cols fits u32 (validated), so the strips stay far below the grid's 2^31 - 1 blocks
     let strips = cols.div_ceil(LK_GRAD_TC as usize);
     let (splits, rows_per_split) = grad_splits(m, strips);
     let class = rank_class(rank);
     let with_u = u.is_some();
     let kernel = lowrank_grad_kernel(op, T::DTYPE, class, with_u)?;
-    if strips > i32::MAX as usize {
-        return Err(Error::TooLarge {
-            op,
-            arg: "column strips (128)",
-            value: strips,
-            max: i32::MAX as usize,
-        });
-    }
     let plan = LaunchPlan {
         grid: [u32_of(strips), u32_of(splits), 1],
         block: [LK_SIMT_THREADS, 1, 1],
@@ -529,15 +520,14 @@ fn finalize<T: Element>(
 }
 
 /// `g (rows×cols) = scale · Σ_j L[:, j] ⊗ R[j, :]` over a reduction of length `red`, as the low-rank
-/// part alone of the fused GEMM (k = 0, its "rank" being `red`): L = p (rows×red), R = q (cols×red for
-/// Nt, red×cols for Nn). The reduction is cut into fixed
+/// part alone of the "nt" fused GEMM (k = 0, its "rank" being `red`): L = p (rows×red), R = q
+/// (cols×red). The reduction is cut into fixed
 /// chunks chosen from the shape only ([`grad_splits`]); with several, each block writes its chunk's f32
 /// sums and `lowrank_finalize` adds them in chunk order, scales and rounds once: the same bits on every
 /// run, no atomics.
 #[allow(clippy::too_many_arguments)]
 fn split_reduction<T: Element>(
     op: &'static str,
-    orient: Orient,
     p: &Tensor<T>,
     q: &Tensor<T>,
     g: &mut Tensor<T>,
@@ -548,7 +538,7 @@ fn split_reduction<T: Element>(
     let tiles = rows.div_ceil(LK_FUSED_GEMM_BM as usize) * cols.div_ceil(LK_FUSED_GEMM_BN as usize);
     let (splits, per_split) = grad_splits(red, tiles);
     let gemm = |scale| FusedGemm {
-        orient,
+        orient: Orient::Nt,
         a: p,
         b: q,
         l: p,

@@ -8,7 +8,7 @@
 //!           `dX = dY·W0 + s·U·A` (optional) on the fused GEMM: dY is read twice, X once. Never dW0.
 
 use super::launch::{self, FusedGemm, Orient, PLayout};
-use super::validate;
+use super::validate::{self, rows_of};
 use super::workspace::Workspace;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -81,11 +81,6 @@ pub(crate) fn layer_dims<T: Element>(
     })
 }
 
-/// The shape `[lead..., last]`.
-fn rows_of(lead: &[usize], last: usize) -> Vec<usize> {
-    lead.iter().copied().chain([last]).collect()
-}
-
 /// T as the forward writes it ([lead..., r]) or as a plain matrix [M, r].
 fn check_t<T: Element>(op: &'static str, t: &Tensor<T>, s: &LayerShape, what: &str) -> Result<()> {
     if t.shape() == [s.d.m, s.d.r] {
@@ -154,7 +149,7 @@ pub fn lora_forward_into<T: Element>(
     if d.m <= LK_SMALL_M_MAX as usize {
         return launch::small_m(OP, x, w0, a, b, bias, y, t, (d.m, d.n, d.k, d.r), scale, ws);
     }
-    launch::project(OP, Orient::Nt, x, a, t, (d.m, d.k, d.r), ws)?;
+    launch::project(OP, x, a, t, (d.m, d.k, d.r), ws)?;
     let g = FusedGemm {
         orient: Orient::Nt,
         a: x,

@@ -126,8 +126,12 @@ pub(crate) fn rows_shape<T: Element>(
     last: usize,
     names: &str,
 ) -> Result<()> {
-    let expected: Vec<usize> = lead.iter().copied().chain([last]).collect();
-    shape(op, arg, t, &expected, names)
+    shape(op, arg, t, &rows_of(lead, last), names)
+}
+
+/// The shape `[lead..., last]`.
+pub(crate) fn rows_of(lead: &[usize], last: usize) -> Vec<usize> {
+    lead.iter().copied().chain([last]).collect()
 }
 
 /// bf16 or f16: the tensor-core kernels' element types.
