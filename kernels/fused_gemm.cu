@@ -12,6 +12,13 @@
 // acc *= s (exact f32 scaling of the whole low-rank sum), then the main tiles add A·op(B) on top. C is
 // written once, there is no m×n temporary, and no second accumulator set.
 //
+// f32 adapters ("_f32ad" kernels): R (B in the forward, A in dX and the projection) is read as f32 and
+// rounded once to the layer dtype as it enters shared memory (a register-staged load, lk_tile.cuh): the
+// tensor cores take 16-bit operands. LoRA dropout (lk_philox.cuh): the projection's L = X is masked as it
+// is loaded (LK_DROPOUT_L), and dX's low-rank sum is masked element by element before it is scaled
+// (LK_DROPOUT_ACC), which is why the low-rank tiles run first: s·(U·A) ⊙ mask needs no second
+// accumulator. The 1/(1 − p) of the kept elements is in the scale.
+//
 // Tiles: 128×128 per block of 256 threads (8 warps as 2×4, 64×32 per warp = 4×4 mma.m16n8k16 tiles,
 // 64 f32 accumulators per thread), BK = 32, a 3-stage cp.async pipeline (60 KiB dynamic shared memory),
 // ≤ 128 registers so that two blocks fit an SM (__launch_bounds__(256, 2)).
@@ -56,47 +63,57 @@ constexpr uint32_t GROUP_M = 8;  // tile rows per group of the grouped block ord
 // One operand's BK-wide k-slice into shared memory, 2 chunks of 8 elements per thread. `outer` is the
 // operand's m (A, L) or n (B, R) dimension, 128 wide in the tile. Stored outer-major (KMAJOR false): 128
 // rows of 4 chunks along k, tile [128][ROW_LD]; stored k-major: BK rows of 16 chunks along outer, tile
-// [BK][KMAJ_LD]. Either way ldmatrix (.trans for k-major) yields the same fragments.
-template <bool KMAJOR, bool VEC, typename T>
-__device__ __forceinline__ void load_operand_chunk(T* dst, const T* src, uint32_t o0, uint32_t nouter, uint32_t ld,
-                                                   uint32_t k0, uint32_t kext, uint32_t c) {
-    if (!KMAJOR) {
+// [BK][KMAJ_LD]. Either way ldmatrix (.trans for k-major) yields the same fragments. The source is S = T
+// (copied as it is), or f32 (R of the "_f32ad" kernels: rounded to T on the way); DROP: the chunk is
+// masked by the dropout (L = X of the projection; outer-major only).
+template <bool KMAJOR, bool VEC, bool DROP, typename T, typename S>
+__device__ __forceinline__ void load_operand_chunk(T* dst, const S* src, uint32_t o0, uint32_t nouter, uint32_t ld,
+                                                   uint32_t k0, uint32_t kext, uint32_t c, const LkDropout& d) {
+    if constexpr (!KMAJOR) {
         const uint32_t row = c / 4, kc = (c % 4) * 8;
-        lk_load_chunk<VEC>(dst + row * ROW_LD + kc, src, o0 + row, nouter, ld, k0 + kc, kext);
+        if constexpr (DROP)
+            lk_load_chunk_dropout<VEC>(dst + row * ROW_LD + kc, src, o0 + row, nouter, ld, k0 + kc, kext, d);
+        else
+            lk_load_chunk<VEC>(dst + row * ROW_LD + kc, src, o0 + row, nouter, ld, k0 + kc, kext);
     } else {
+        static_assert(!DROP, "the dropout operand is outer-major");
         const uint32_t row = c / 16, oc = (c % 16) * 8;
         lk_load_chunk<VEC>(dst + row * KMAJ_LD + oc, src, k0 + row, kext, ld, o0 + oc, nouter);
     }
 }
-template <bool KMAJOR, bool VEC, typename T>
-__device__ __forceinline__ void load_operand(T* dst, const T* src, uint32_t o0, uint32_t nouter, uint32_t ld,
-                                             uint32_t k0, uint32_t kext) {
+template <bool KMAJOR, bool VEC, bool DROP, typename T, typename S>
+__device__ __forceinline__ void load_operand(T* dst, const S* src, uint32_t o0, uint32_t nouter, uint32_t ld,
+                                             uint32_t k0, uint32_t kext, const LkDropout& d) {
     if (VEC) {
 #pragma unroll
         for (int i = 0; i < 2; ++i)
-            load_operand_chunk<KMAJOR, VEC>(dst, src, o0, nouter, ld, k0, kext, threadIdx.x + i * THREADS);
+            load_operand_chunk<KMAJOR, VEC, DROP>(dst, src, o0, nouter, ld, k0, kext, threadIdx.x + i * THREADS, d);
     } else {  // one chunk at a time: 8 loads in flight, not 16 (the registers are taken by the accumulators)
 #pragma unroll 1
         for (int i = 0; i < 2; ++i)
-            load_operand_chunk<KMAJOR, VEC>(dst, src, o0, nouter, ld, k0, kext, threadIdx.x + i * THREADS);
+            load_operand_chunk<KMAJOR, VEC, DROP>(dst, src, o0, nouter, ld, k0, kext, threadIdx.x + i * THREADS, d);
     }
 }
 
 // The operands of one phase of the k loop: the low-rank tiles (L, R over k in [r_begin, r_end)) or the
-// main tiles (A, B over [0, k)). Within a phase nothing about the source changes from tile to tile.
-template <typename T>
+// main tiles (A, B over [0, k)). Within a phase nothing about the source changes from tile to tile. SB:
+// the n-side operand's storage (f32 for the low phase's R of the "_f32ad" kernels); DROP: the m-side
+// operand is masked by the dropout as it is loaded.
+template <typename T, typename SB, bool DROP>
 struct Phase {
-    const T* a;  // A or L (m side)
-    const T* b;  // B or R (n side)
+    const T* a;   // A or L (m side)
+    const SB* b;  // B or R (n side)
     uint32_t lda, ldb, k_begin, k_end;
+    // copied with cp.async as they are: the bounds-check-free Cursor path applies
+    static constexpr bool plain = lk_same<T, SB>::value && !DROP;
 };
 
-template <typename T, bool NN, bool VEC>
-__device__ __forceinline__ void load_tile(const Phase<T>& ph, int j, T* as, T* bs, uint32_t m0, uint32_t n0,
-                                          uint32_t m, uint32_t n) {
+template <bool NN, bool VEC, typename T, typename SB, bool DROP>
+__device__ __forceinline__ void load_tile(const Phase<T, SB, DROP>& ph, int j, T* as, T* bs, uint32_t m0, uint32_t n0,
+                                          uint32_t m, uint32_t n, const LkDropout& d) {
     const uint32_t k0 = ph.k_begin + uint32_t(j) * BK;
-    load_operand<false, VEC>(as, ph.a, m0, m, ph.lda, k0, ph.k_end);
-    load_operand<NN, VEC>(bs, ph.b, n0, n, ph.ldb, k0, ph.k_end);
+    load_operand<false, VEC, DROP>(as, ph.a, m0, m, ph.lda, k0, ph.k_end, d);
+    load_operand<NN, VEC, false>(bs, ph.b, n0, n, ph.ldb, k0, ph.k_end, d);
 }
 
 // threadIdx.x, read anew: the epilogue's indices are recomputed after the k loop instead of being held
@@ -119,6 +136,37 @@ __device__ __forceinline__ void scale_acc(float (&acc)[4][4][4], float s) {
         for (int j = 0; j < 4; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] *= s;
+}
+
+// The dropout form of scale_acc (LK_DROPOUT_ACC, dX): acc *= s where C's element (row, col) is kept
+// (element index row·n + col of X, whose shape dX has), 0 where it is dropped; s includes 1/(1 − p).
+// A fragment pair (col even) shares one generator call when its index is even, as it is for even n.
+__device__ __forceinline__ void scale_acc_dropout(float (&acc)[4][4][4], float s, const LkDropout& d, uint32_t m0,
+                                               uint32_t n0, uint32_t n) {
+    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, wm = warp / 4, wn = warp % 4;
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const uint64_t row = m0 + wm * 64 + mi * 16 + lane / 4 + h * 8;
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                const uint64_t e = row * n + n0 + wn * 32 + ni * 8 + (lane % 4) * 2;
+                bool k0, k1;
+                if (e % 2 == 0) {
+                    const LkPhiloxWords w = lk_dropout_words(d, e / 4);
+                    const bool hi = e % 4 != 0;  // the pair is words 0, 1 or words 2, 3
+                    k0 = (hi ? w.w[2] : w.w[0]) >= d.threshold;
+                    k1 = (hi ? w.w[3] : w.w[1]) >= d.threshold;
+                } else {
+                    k0 = lk_dropout_keep(d, e);
+                    k1 = lk_dropout_keep(d, e + 1);
+                }
+                // a dropped element contributes exactly 0 (not 0·acc, which is NaN for an infinite acc)
+                acc[mi][ni][2 * h] = k0 ? acc[mi][ni][2 * h] * s : 0.0f;
+                acc[mi][ni][2 * h + 1] = k1 ? acc[mi][ni][2 * h + 1] * s : 0.0f;
+            }
+        }
 }
 
 // acc += the BK-deep product of the A and B tiles in shared memory (this warp's 64×32).
@@ -193,20 +241,21 @@ struct Cursor {
 // two loops (low refilling low, main refilling main) have no operand choice left in them, and where the
 // block's tiles lie wholly inside the operands (`full_*`) they walk precomputed source pointers with no
 // bounds checks. The at most STAGES-1 iterations around each boundary are unrolled, with checked loads.
-template <typename T, bool NN, bool VEC>
+template <typename T, typename RT, bool NN, bool VEC, bool DROP_L>
 __device__ __forceinline__ void k_loop(const LkFusedGemmParams& p, float (&acc)[4][4][4], T* as_all, T* bs_all,
                                        uint32_t m0, uint32_t n0, uint32_t r_begin, uint32_t r_end, int lt,
                                        bool interior) {
     constexpr int AHEAD = STAGES - 1;
     const uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const uint32_t wm = warp / 4, wn = warp % 4;
-    const Phase<T> low{static_cast<const T*>(p.l), static_cast<const T*>(p.r), p.ldl, p.ldr, r_begin, r_end};
-    const Phase<T> main{static_cast<const T*>(p.a), static_cast<const T*>(p.b), p.lda, p.ldb, 0u, p.k};
+    const Phase<T, RT, DROP_L> low{static_cast<const T*>(p.l), static_cast<const RT*>(p.r), p.ldl, p.ldr, r_begin,
+                                   r_end};
+    const Phase<T, T, false> main{static_cast<const T*>(p.a), static_cast<const T*>(p.b), p.lda, p.ldb, 0u, p.k};
     const int total = lt + int((p.k + BK - 1) / BK);
     const uint32_t m = p.m, n = p.n;
-    auto refill = [&](const Phase<T>& ph, int j, int t) {  // tile t (phase tile j) into its stage, checked
-        load_tile<T, NN, VEC>(ph, j, as_all + (t % STAGES) * A_STAGE, bs_all + (t % STAGES) * B_STAGE, m0, n0,
-                                  m, n);
+    auto refill = [&](const auto& ph, int j, int t) {  // tile t (phase tile j) into its stage, checked
+        load_tile<NN, VEC>(ph, j, as_all + (t % STAGES) * A_STAGE, bs_all + (t % STAGES) * B_STAGE, m0, n0, m, n,
+                           p.dropout);
     };
     auto wait_tile = [&]() {
         lk_cp_async_wait<STAGES - 2>();  // this thread's copies of tile t have landed ...
@@ -217,8 +266,9 @@ __device__ __forceinline__ void k_loop(const LkFusedGemmParams& p, float (&acc)[
         mma_tile<T, NN>(acc, as_all + (t % STAGES) * A_STAGE, bs_all + (t % STAGES) * B_STAGE, lane, wm, wn);
     };
     // Iterations [t0, t1) refilling from `ph` (tile t + AHEAD is its tile t + AHEAD - first).
-    auto run = [&](const Phase<T>& ph, int t0, int t1, int first, bool full) {
-        if (VEC && full) {
+    auto run = [&](const auto& ph, int t0, int t1, int first, bool full) {
+        if constexpr (VEC && lk_remove_cvref<decltype(ph)>::type::plain) {
+            if (full) {
             Cursor<false, T> ca(ph.a, m0, ph.lda, ph.k_begin + uint32_t(t0 + AHEAD - first) * BK);
             Cursor<NN, T> cb(ph.b, n0, ph.ldb, ph.k_begin + uint32_t(t0 + AHEAD - first) * BK);
             int rd = t0 % STAGES;  // the stage of tile t; tile t + AHEAD goes to the one before it
@@ -231,12 +281,13 @@ __device__ __forceinline__ void k_loop(const LkFusedGemmParams& p, float (&acc)[
                 mma_tile<T, NN>(acc, as_all + rd * A_STAGE, bs_all + rd * B_STAGE, lane, wm, wn);
                 rd = rd == STAGES - 1 ? 0 : rd + 1;
             }
-        } else {
-            for (int t = t0; t < t1; ++t) {
-                wait_tile();
-                refill(ph, t + AHEAD - first, t + AHEAD);
-                multiply(t);
+            return;
             }
+        }
+        for (int t = t0; t < t1; ++t) {
+            wait_tile();
+            refill(ph, t + AHEAD - first, t + AHEAD);
+            multiply(t);
         }
     };
 
@@ -262,7 +313,11 @@ __device__ __forceinline__ void k_loop(const LkFusedGemmParams& p, float (&acc)[
             multiply(t);
         }
     }
-    scale_acc(acc, p.scale);  // the low-rank sum is complete: scale it once, then the main GEMM on top
+    // the low-rank sum is complete: scale it once (under the dropout mask for dX), then the main GEMM on top
+    if (NN && (p.flags & LK_DROPOUT_ACC))
+        scale_acc_dropout(acc, p.scale, p.dropout, m0, n0, p.n);
+    else
+        scale_acc(acc, p.scale);
     // 3. main tiles, refilling main tiles
     run(main, lt, main_refills_end, lt, interior && p.k % BK == 0);
     // 4. the last (at most AHEAD) main tiles: nothing left to refill
@@ -277,7 +332,7 @@ __device__ __forceinline__ void k_loop(const LkFusedGemmParams& p, float (&acc)[
     lk_cp_async_wait<0>();
 }
 
-template <typename T, bool NN>
+template <typename T, typename RT, bool NN>
 __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
     LK_DYNAMIC_SMEM(smem);
     T* as_all = reinterpret_cast<T*>(smem);
@@ -305,10 +360,18 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
     // 16-byte copies when every operand this block reads allows them, else element loads throughout.
     const uint32_t needed = (p.k > 0 ? LK_ALIGNED_A | LK_ALIGNED_B : 0u) | (lt > 0 ? LK_ALIGNED_L | LK_ALIGNED_R : 0u);
     const bool interior = m0 + BM <= p.m && n0 + BN <= p.n;  // no row or column of the tile out of range
-    if ((p.flags & needed) == needed)
-        k_loop<T, NN, true>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
-    else
-        k_loop<T, NN, false>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
+    const bool vec = (p.flags & needed) == needed;
+    // The dropout of L exists for the projection only (nt, k = 0: L = X); no other kernel pays for it.
+    if (!NN && (p.flags & LK_DROPOUT_L)) {
+        if (vec)
+            k_loop<T, RT, NN, true, !NN>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
+        else
+            k_loop<T, RT, NN, false, !NN>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
+    } else if (vec) {
+        k_loop<T, RT, NN, true, false>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
+    } else {
+        k_loop<T, RT, NN, false, false>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
+    }
 
     const uint32_t tid = fresh_tid(), lane = tid % 32, warp = tid / 32;
     const uint32_t wm = warp / 4, wn = warp % 4;
@@ -385,17 +448,25 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
 }  // namespace
 
 // Registers for two blocks per SM (2 × 256 threads × ≤ 128 registers); shared memory allows two on sm_80
-// and sm_90 (2 × 60 KiB), one on sm_86/89 (100 KB per SM).
-#define LK_FUSED_GEMM(name, T, NN)                                                      \
+// and sm_90 (2 × 60 KiB), one on sm_86/89 (100 KB per SM). "_f32ad": R (the adapter) is f32.
+#define LK_FUSED_GEMM(name, T, RT, NN)                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, 2) name(LkFusedGemmParams p) { \
-        fused_gemm_impl<T, NN>(p);                                                    \
+        fused_gemm_impl<T, RT, NN>(p);                                                \
     }
 
-LK_FUSED_GEMM(fused_gemm_nt_bf16, __nv_bfloat16, false)
+LK_FUSED_GEMM(fused_gemm_nt_bf16, __nv_bfloat16, __nv_bfloat16, false)
 LK_KERNEL_EXPORT(fused_gemm_nt_bf16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nt_f16, __half, false)
+LK_FUSED_GEMM(fused_gemm_nt_f16, __half, __half, false)
 LK_KERNEL_EXPORT(fused_gemm_nt_f16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nn_bf16, __nv_bfloat16, true)
+LK_FUSED_GEMM(fused_gemm_nn_bf16, __nv_bfloat16, __nv_bfloat16, true)
 LK_KERNEL_EXPORT(fused_gemm_nn_bf16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nn_f16, __half, true)
+LK_FUSED_GEMM(fused_gemm_nn_f16, __half, __half, true)
 LK_KERNEL_EXPORT(fused_gemm_nn_f16, LkFusedGemmParams)
+LK_FUSED_GEMM(fused_gemm_nt_bf16_f32ad, __nv_bfloat16, float, false)
+LK_KERNEL_EXPORT(fused_gemm_nt_bf16_f32ad, LkFusedGemmParams)
+LK_FUSED_GEMM(fused_gemm_nt_f16_f32ad, __half, float, false)
+LK_KERNEL_EXPORT(fused_gemm_nt_f16_f32ad, LkFusedGemmParams)
+LK_FUSED_GEMM(fused_gemm_nn_bf16_f32ad, __nv_bfloat16, float, true)
+LK_KERNEL_EXPORT(fused_gemm_nn_bf16_f32ad, LkFusedGemmParams)
+LK_FUSED_GEMM(fused_gemm_nn_f16_f32ad, __half, float, true)
+LK_KERNEL_EXPORT(fused_gemm_nn_f16_f32ad, LkFusedGemmParams)

@@ -29,3 +29,6 @@ extern "C" __global__ void __launch_bounds__(kThreads) lowrank_finalize_bf16(LkL
 LK_KERNEL_EXPORT(lowrank_finalize_bf16, LkLowrankFinalizeParams)
 extern "C" __global__ void __launch_bounds__(kThreads) lowrank_finalize_f16(LkLowrankFinalizeParams p) { lowrank_finalize_impl<__half>(p); }
 LK_KERNEL_EXPORT(lowrank_finalize_f16, LkLowrankFinalizeParams)
+// f32 gradients (f32 adapters): G = s · Σ partial (+ G), no rounding to a narrower dtype.
+extern "C" __global__ void __launch_bounds__(kThreads) lowrank_finalize_f32(LkLowrankFinalizeParams p) { lowrank_finalize_impl<float>(p); }
+LK_KERNEL_EXPORT(lowrank_finalize_f32, LkLowrankFinalizeParams)

@@ -19,6 +19,10 @@
 // padding (the 128-wide GEMM tile of a plain N = r GEMM wastes 7/8). Ragged edges (rows past the chunk
 // or M, columns past `cols`, rank past `rank`) are zero-filled loads and skipped stores. Loads are
 // 16-byte cp.async where every operand allows it (flags), element loads otherwise.
+//
+// f32 adapters: the "_u_..._f32ad" kernels read R (= B) as f32, rounded once to the layer dtype as the
+// strip is staged. LoRA dropout (dA = s·Uᵀ·dropout(X)): with LK_DROPOUT_G the X tile is masked as it is
+// loaded (lk_philox.cuh; the 1/(1 − p) of the kept elements is in the finalize's scale).
 #include "lk_tile.cuh"
 #include "lora_params.h"
 
@@ -37,7 +41,7 @@ struct Smem {
     static constexpr int G_STAGE = TM * GP, L_STAGE = TM * LP;
 };
 
-template <int RP, bool VEC, typename T>
+template <int RP, bool VEC, bool DROP, typename T>
 __device__ __forceinline__ void load_step(const LkLowrankGradParams& p, T* gs, T* ls, uint32_t row0, uint32_t row_end,
                                           uint32_t c0) {
     constexpr int LP = Smem<RP>::LP;
@@ -46,7 +50,11 @@ __device__ __forceinline__ void load_step(const LkLowrankGradParams& p, T* gs, T
 #pragma unroll
     for (int i = 0; i < TM * TC / 8 / THREADS; ++i) {
         const uint32_t chunk = threadIdx.x + i * THREADS, row = chunk / (TC / 8), col = (chunk % (TC / 8)) * 8;
-        lk_load_chunk<VEC>(gs + row * GP + col, g, row0 + row, row_end, p.cols, c0 + col, p.cols);
+        if constexpr (DROP)
+            lk_load_chunk_dropout<VEC>(gs + row * GP + col, g, row0 + row, row_end, p.cols, c0 + col, p.cols,
+                                       p.dropout);
+        else
+            lk_load_chunk<VEC>(gs + row * GP + col, g, row0 + row, row_end, p.cols, c0 + col, p.cols);
     }
     constexpr int L_CHUNKS = TM * RP / 8;
 #pragma unroll
@@ -57,11 +65,11 @@ __device__ __forceinline__ void load_step(const LkLowrankGradParams& p, T* gs, T
     }
 }
 
-// R's rows [c0, c0 + TC) (B's rows of this strip), once per block.
-template <int RP, bool VEC, typename T>
+// R's rows [c0, c0 + TC) (B's rows of this strip), once per block; RT = float: f32 adapters, rounded to T.
+template <int RP, bool VEC, typename RT, typename T>
 __device__ __forceinline__ void load_r(const LkLowrankGradParams& p, T* rs, uint32_t c0) {
     constexpr int LP = Smem<RP>::LP, CHUNKS = TC * RP / 8;
-    const T* r = static_cast<const T*>(p.r);
+    const RT* r = static_cast<const RT*>(p.r);
 #pragma unroll
     for (int i = 0; i < CHUNKS / THREADS; ++i) {
         const uint32_t chunk = threadIdx.x + i * THREADS, row = chunk / (RP / 8), col = (chunk % (RP / 8)) * 8;
@@ -69,7 +77,7 @@ __device__ __forceinline__ void load_r(const LkLowrankGradParams& p, T* rs, uint
     }
 }
 
-template <typename T, int RP, bool WITH_Q, bool VEC>
+template <typename T, typename RT, int RP, bool WITH_Q, bool VEC, bool DROP>
 __device__ __forceinline__ void lowrank_grad_body(const LkLowrankGradParams& p, unsigned char* smem) {
     constexpr int LP = Smem<RP>::LP, NT = RP / 8;
     // Q's mma tiles (2 row tiles × NT column tiles) over the warps: row tile warp % 2, column tiles
@@ -85,11 +93,11 @@ __device__ __forceinline__ void lowrank_grad_body(const LkLowrankGradParams& p, 
     const uint32_t row_end = min(p.m, row_begin + p.rows_per_split);
     const int steps = int((row_end - row_begin + TM - 1) / TM);
 
-    if (WITH_Q) load_r<RP, VEC>(p, rs, c0);  // joins step 0's group
+    if (WITH_Q) load_r<RP, VEC, RT>(p, rs, c0);  // joins step 0's group (or, f32, plain stores)
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < steps)
-            load_step<RP, VEC>(p, gs + s * Smem<RP>::G_STAGE, ls + s * Smem<RP>::L_STAGE, row_begin + s * TM, row_end,
+            load_step<RP, VEC, DROP>(p, gs + s * Smem<RP>::G_STAGE, ls + s * Smem<RP>::L_STAGE, row_begin + s * TM, row_end,
                                c0);
         lk_cp_async_commit();
     }
@@ -105,7 +113,7 @@ __device__ __forceinline__ void lowrank_grad_body(const LkLowrankGradParams& p, 
         __syncthreads();                 // ... everyone's, and everyone is done with step t - 1's stage
         const int pre = t + STAGES - 1;
         if (pre < steps)
-            load_step<RP, VEC>(p, gs + (pre % STAGES) * Smem<RP>::G_STAGE, ls + (pre % STAGES) * Smem<RP>::L_STAGE,
+            load_step<RP, VEC, DROP>(p, gs + (pre % STAGES) * Smem<RP>::G_STAGE, ls + (pre % STAGES) * Smem<RP>::L_STAGE,
                                row_begin + pre * TM, row_end, c0);
         lk_cp_async_commit();
         const T* gt = gs + (t % STAGES) * Smem<RP>::G_STAGE;
@@ -183,52 +191,76 @@ __device__ __forceinline__ void lowrank_grad_body(const LkLowrankGradParams& p, 
     }
 }
 
-template <typename T, int RP, bool WITH_Q>
+template <typename T, typename RT, int RP, bool WITH_Q>
 __device__ __forceinline__ void lowrank_grad_impl(const LkLowrankGradParams& p) {
     static_assert(RP % 16 == 0 && RP <= int(LK_MAX_RANK), "rank classes are multiples of 16");
     LK_DYNAMIC_SMEM(smem);
     const uint32_t needed = LK_ALIGNED_A | LK_ALIGNED_L | (WITH_Q ? LK_ALIGNED_R : 0u);
-    if ((p.flags & needed) == needed)
-        lowrank_grad_body<T, RP, WITH_Q, true>(p, smem);
-    else
-        lowrank_grad_body<T, RP, WITH_Q, false>(p, smem);
+    const bool vec = (p.flags & needed) == needed;
+    // The dropout of G exists for dA only (G = X, the plain kernels); the "_u" kernels never pay for it.
+    if (!WITH_Q && (p.flags & LK_DROPOUT_G)) {
+        if (vec)
+            lowrank_grad_body<T, RT, RP, WITH_Q, true, !WITH_Q>(p, smem);
+        else
+            lowrank_grad_body<T, RT, RP, WITH_Q, false, !WITH_Q>(p, smem);
+    } else if (vec) {
+        lowrank_grad_body<T, RT, RP, WITH_Q, true, false>(p, smem);
+    } else {
+        lowrank_grad_body<T, RT, RP, WITH_Q, false, false>(p, smem);
+    }
 }
 }  // namespace
 
-#define LK_LOWRANK_GRAD(name, T, RP, WITH_Q)                                               \
+#define LK_LOWRANK_GRAD(name, T, RT, RP, WITH_Q)                                          \
     extern "C" __global__ void __launch_bounds__(THREADS, 2) name(LkLowrankGradParams p) { \
-        lowrank_grad_impl<T, RP, WITH_Q>(p);                                             \
+        lowrank_grad_impl<T, RT, RP, WITH_Q>(p);                                         \
     }
 
-LK_LOWRANK_GRAD(lowrank_grad_r16_bf16, __nv_bfloat16, 16, false)
+LK_LOWRANK_GRAD(lowrank_grad_r16_bf16, __nv_bfloat16, __nv_bfloat16, 16, false)
 LK_KERNEL_EXPORT(lowrank_grad_r16_bf16, LkLowrankGradParams)
-LK_LOWRANK_GRAD(lowrank_grad_r32_bf16, __nv_bfloat16, 32, false)
+LK_LOWRANK_GRAD(lowrank_grad_r32_bf16, __nv_bfloat16, __nv_bfloat16, 32, false)
 LK_KERNEL_EXPORT(lowrank_grad_r32_bf16, LkLowrankGradParams)
-LK_LOWRANK_GRAD(lowrank_grad_r64_bf16, __nv_bfloat16, 64, false)
+LK_LOWRANK_GRAD(lowrank_grad_r64_bf16, __nv_bfloat16, __nv_bfloat16, 64, false)
 LK_KERNEL_EXPORT(lowrank_grad_r64_bf16, LkLowrankGradParams)
-LK_LOWRANK_GRAD(lowrank_grad_r128_bf16, __nv_bfloat16, 128, false)
+LK_LOWRANK_GRAD(lowrank_grad_r128_bf16, __nv_bfloat16, __nv_bfloat16, 128, false)
 LK_KERNEL_EXPORT(lowrank_grad_r128_bf16, LkLowrankGradParams)
-LK_LOWRANK_GRAD(lowrank_grad_u_r16_bf16, __nv_bfloat16, 16, true)
+LK_LOWRANK_GRAD(lowrank_grad_u_r16_bf16, __nv_bfloat16, __nv_bfloat16, 16, true)
 LK_KERNEL_EXPORT(lowrank_grad_u_r16_bf16, LkLowrankGradParams)
-LK_LOWRANK_GRAD(lowrank_grad_u_r32_bf16, __nv_bfloat16, 32, true)
+LK_LOWRANK_GRAD(lowrank_grad_u_r32_bf16, __nv_bfloat16, __nv_bfloat16, 32, true)
 LK_KERNEL_EXPORT(lowrank_grad_u_r32_bf16, LkLowrankGradParams)
-LK_LOWRANK_GRAD(lowrank_grad_u_r64_bf16, __nv_bfloat16, 64, true)
+LK_LOWRANK_GRAD(lowrank_grad_u_r64_bf16, __nv_bfloat16, __nv_bfloat16, 64, true)
 LK_KERNEL_EXPORT(lowrank_grad_u_r64_bf16, LkLowrankGradParams)
-LK_LOWRANK_GRAD(lowrank_grad_u_r128_bf16, __nv_bfloat16, 128, true)
+LK_LOWRANK_GRAD(lowrank_grad_u_r128_bf16, __nv_bfloat16, __nv_bfloat16, 128, true)
 LK_KERNEL_EXPORT(lowrank_grad_u_r128_bf16, LkLowrankGradParams)
-LK_LOWRANK_GRAD(lowrank_grad_r16_f16, __half, 16, false)
+LK_LOWRANK_GRAD(lowrank_grad_u_r16_bf16_f32ad, __nv_bfloat16, float, 16, true)
+LK_KERNEL_EXPORT(lowrank_grad_u_r16_bf16_f32ad, LkLowrankGradParams)
+LK_LOWRANK_GRAD(lowrank_grad_u_r32_bf16_f32ad, __nv_bfloat16, float, 32, true)
+LK_KERNEL_EXPORT(lowrank_grad_u_r32_bf16_f32ad, LkLowrankGradParams)
+LK_LOWRANK_GRAD(lowrank_grad_u_r64_bf16_f32ad, __nv_bfloat16, float, 64, true)
+LK_KERNEL_EXPORT(lowrank_grad_u_r64_bf16_f32ad, LkLowrankGradParams)
+LK_LOWRANK_GRAD(lowrank_grad_u_r128_bf16_f32ad, __nv_bfloat16, float, 128, true)
+LK_KERNEL_EXPORT(lowrank_grad_u_r128_bf16_f32ad, LkLowrankGradParams)
+LK_LOWRANK_GRAD(lowrank_grad_r16_f16, __half, __half, 16, false)
 LK_KERNEL_EXPORT(lowrank_grad_r16_f16, LkLowrankGradParams)
-LK_LOWRANK_GRAD(lowrank_grad_r32_f16, __half, 32, false)
+LK_LOWRANK_GRAD(lowrank_grad_r32_f16, __half, __half, 32, false)
 LK_KERNEL_EXPORT(lowrank_grad_r32_f16, LkLowrankGradParams)
-LK_LOWRANK_GRAD(lowrank_grad_r64_f16, __half, 64, false)
+LK_LOWRANK_GRAD(lowrank_grad_r64_f16, __half, __half, 64, false)
 LK_KERNEL_EXPORT(lowrank_grad_r64_f16, LkLowrankGradParams)
-LK_LOWRANK_GRAD(lowrank_grad_r128_f16, __half, 128, false)
+LK_LOWRANK_GRAD(lowrank_grad_r128_f16, __half, __half, 128, false)
 LK_KERNEL_EXPORT(lowrank_grad_r128_f16, LkLowrankGradParams)
-LK_LOWRANK_GRAD(lowrank_grad_u_r16_f16, __half, 16, true)
+LK_LOWRANK_GRAD(lowrank_grad_u_r16_f16, __half, __half, 16, true)
 LK_KERNEL_EXPORT(lowrank_grad_u_r16_f16, LkLowrankGradParams)
-LK_LOWRANK_GRAD(lowrank_grad_u_r32_f16, __half, 32, true)
+LK_LOWRANK_GRAD(lowrank_grad_u_r32_f16, __half, __half, 32, true)
 LK_KERNEL_EXPORT(lowrank_grad_u_r32_f16, LkLowrankGradParams)
-LK_LOWRANK_GRAD(lowrank_grad_u_r64_f16, __half, 64, true)
+LK_LOWRANK_GRAD(lowrank_grad_u_r64_f16, __half, __half, 64, true)
 LK_KERNEL_EXPORT(lowrank_grad_u_r64_f16, LkLowrankGradParams)
-LK_LOWRANK_GRAD(lowrank_grad_u_r128_f16, __half, 128, true)
+LK_LOWRANK_GRAD(lowrank_grad_u_r128_f16, __half, __half, 128, true)
 LK_KERNEL_EXPORT(lowrank_grad_u_r128_f16, LkLowrankGradParams)
+LK_LOWRANK_GRAD(lowrank_grad_u_r16_f16_f32ad, __half, float, 16, true)
+LK_KERNEL_EXPORT(lowrank_grad_u_r16_f16_f32ad, LkLowrankGradParams)
+LK_LOWRANK_GRAD(lowrank_grad_u_r32_f16_f32ad, __half, float, 32, true)
+LK_KERNEL_EXPORT(lowrank_grad_u_r32_f16_f32ad, LkLowrankGradParams)
+LK_LOWRANK_GRAD(lowrank_grad_u_r64_f16_f32ad, __half, float, 64, true)
+LK_KERNEL_EXPORT(lowrank_grad_u_r64_f16_f32ad, LkLowrankGradParams)
+LK_LOWRANK_GRAD(lowrank_grad_u_r128_f16_f32ad, __half, float, 128, true)
+LK_KERNEL_EXPORT(lowrank_grad_u_r128_f16_f32ad, LkLowrankGradParams)

@@ -62,6 +62,13 @@ pub enum Error {
         a: &'static str,
         b: &'static str,
     },
+    #[error("{op}: argument `{arg}` = {value} is out of range, expected {expected}")]
+    OutOfRange {
+        op: &'static str,
+        arg: &'static str,
+        value: f64,
+        expected: &'static str,
+    },
     #[error("{op}: argument `{arg}` = {value} must be finite")]
     NonFinite {
         op: &'static str,

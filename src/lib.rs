@@ -12,6 +12,7 @@
 
 pub mod checkpoint;
 pub mod device;
+pub mod dropout;
 pub mod dtype;
 pub mod error;
 pub mod kernel;
@@ -25,6 +26,7 @@ pub mod reference;
 pub mod tensor;
 
 pub use device::{Device, EmuConfig, MmaModel, ThreadOrder};
+pub use dropout::Dropout;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use linear::{Adapter, LoraConfig, LoraLinear};

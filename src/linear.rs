@@ -7,18 +7,25 @@
 
 use std::collections::BTreeMap;
 
-use crate::dtype::Element;
+use crate::dropout::Dropout;
+use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
-use crate::ops::{self, ForwardOutput, Gradients, NonFiniteCounts, validate};
+use crate::ops::{
+    self, AdamState, AdamW, ForwardOutput, GradMode, Gradients, NonFiniteCounts, Workspace,
+    validate,
+};
 use crate::tensor::Tensor;
 
-/// Rank and scaling of one adapter (PEFT's `r`, `lora_alpha`, `use_rslora`).
+/// Rank, scaling and dropout of one adapter (PEFT's `r`, `lora_alpha`, `use_rslora`, `lora_dropout`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LoraConfig {
     pub rank: usize,
     pub alpha: f32,
     /// rsLoRA: scale = alpha / sqrt(r) instead of alpha / r.
     pub use_rslora: bool,
+    /// Dropout probability on the adapter input while training ([`LoraLinear::train_forward`]);
+    /// inference ([`LoraLinear::forward`]) never drops, as PEFT in eval mode.
+    pub dropout: f32,
 }
 
 impl LoraConfig {
@@ -27,7 +34,13 @@ impl LoraConfig {
             rank,
             alpha,
             use_rslora: false,
+            dropout: 0.0,
         }
+    }
+
+    /// The same config with LoRA dropout `p` (checked when the adapter is added: 0 ≤ p < 1).
+    pub fn with_dropout(self, p: f32) -> Self {
+        LoraConfig { dropout: p, ..self }
     }
 
     /// `s` of `Y = X·W0ᵀ + s·X·Aᵀ·Bᵀ`: alpha / r, or alpha / √r with rsLoRA.
@@ -40,23 +53,47 @@ impl LoraConfig {
     }
 }
 
-/// One adapter's trainable tensors: A [r, K] and B [N, r].
+/// One adapter's trainable tensors: A [r, K] and B [N, r], in the layer dtype or f32.
 #[derive(Debug)]
-pub struct Adapter<T: Element> {
+pub struct Adapter<A: Element> {
     pub config: LoraConfig,
-    pub a: Tensor<T>,
-    pub b: Tensor<T>,
+    pub a: Tensor<A>,
+    pub b: Tensor<A>,
 }
 
-/// A linear layer `Y = X·W0ᵀ (+ bias)` with LoRA adapters.
+/// A linear layer `Y = X·W0ᵀ (+ bias)` with LoRA adapters, W0 in `T` (bf16/f16), the adapters in `A`:
+/// `T` itself, or f32 (PEFT's default for training: f32 master adapters over a 16-bit base).
 #[derive(Debug)]
-pub struct LoraLinear<T: Element> {
+pub struct LoraLinear<T: Element, A: Element = T> {
     w0: Tensor<T>,
     bias: Option<Tensor<T>>,
-    adapters: BTreeMap<String, Adapter<T>>,
+    adapters: BTreeMap<String, Adapter<A>>,
     active: Option<String>,
     /// Name of the adapter currently added into `w0`, if any.
     merged: Option<String>,
+    /// The training buffers of the active adapter ([`LoraLinear::train_forward`]), made on first use.
+    train: Option<Training<T, A>>,
+    /// The seed of the training dropout masks.
+    dropout_seed: u64,
+}
+
+/// What the training API keeps between calls: the forward's Y and T, dX, the gradients, AdamW's state,
+/// the dropout of the last forward, and the workspace of the ops. Built for one adapter and one
+/// activation shape; a call with another shape rebuilds the activation buffers only.
+#[derive(Debug)]
+struct Training<T: Element, A: Element> {
+    adapter: String,
+    ws: Workspace<T>,
+    y: Option<Tensor<T>>,
+    t: Option<Tensor<T>>,
+    dx: Option<Tensor<T>>,
+    da: Tensor<A>,
+    db: Tensor<A>,
+    adam: Option<(AdamState, AdamState)>,
+    /// The dropout of the last train_forward (the backward's), and the number of forwards so far (the
+    /// next mask's offset).
+    dropout: Dropout,
+    forwards: u64,
 }
 
 /// splitmix64 → uniform in [-1, 1): deterministic initialisation without a `rand` dependency.
@@ -69,9 +106,37 @@ fn uniform(state: &mut u64) -> f64 {
     (z >> 11) as f64 / (1u64 << 52) as f64 - 1.0
 }
 
+/// A tensor of `shape` in `slot`, reused when it already has that shape.
+fn buffer<T: Element>(
+    slot: &mut Option<Tensor<T>>,
+    like: &Tensor<T>,
+    shape: &[usize],
+) -> Result<()> {
+    if slot.as_ref().map(|t| t.shape()) != Some(shape) {
+        *slot = Some(Tensor::zeros(like.device(), shape)?);
+    }
+    Ok(())
+}
+
 impl<T: Element> LoraLinear<T> {
-    /// A layer around a frozen `w0` [N, K] and optional `bias` [N], with no adapter yet.
+    /// A layer around a frozen `w0` [N, K] and optional `bias` [N], with no adapter yet; adapters in
+    /// the dtype of w0 ([`LoraLinear::with_f32_adapters`] for f32 ones).
     pub fn new(w0: Tensor<T>, bias: Option<Tensor<T>>) -> Result<Self> {
+        Self::make(w0, bias)
+    }
+}
+
+impl<T: Element> LoraLinear<T, f32> {
+    /// [`LoraLinear::new`] with f32 adapters (PEFT's training default over a bf16/f16 base): the
+    /// kernels read A and B as f32, write dA and dB as f32, and [`LoraLinear::optimizer_step`] updates
+    /// them in place as AdamW's master weights.
+    pub fn with_f32_adapters(w0: Tensor<T>, bias: Option<Tensor<T>>) -> Result<Self> {
+        Self::make(w0, bias)
+    }
+}
+
+impl<T: Element, A: Element> LoraLinear<T, A> {
+    fn make(w0: Tensor<T>, bias: Option<Tensor<T>>) -> Result<Self> {
         const OP: &str = "LoraLinear::new";
         let shape = w0.shape().to_vec();
         if shape.len() != 2 || w0.numel() == 0 {
@@ -106,6 +171,8 @@ impl<T: Element> LoraLinear<T> {
             adapters: BTreeMap::new(),
             active: None,
             merged: None,
+            train: None,
+            dropout_seed: 0,
         })
     }
 
@@ -122,8 +189,8 @@ impl<T: Element> LoraLinear<T> {
         validate::rank(OP, config.rank)?;
         let bound = 1.0 / (k as f64).sqrt();
         let mut state = seed;
-        let a: Vec<T> = (0..config.rank * k)
-            .map(|_| T::from_f64(uniform(&mut state) * bound))
+        let a: Vec<A> = (0..config.rank * k)
+            .map(|_| A::from_f64(uniform(&mut state) * bound))
             .collect();
         let dev = self.w0.device().clone();
         let a = Tensor::from_slice(&dev, &a, &[config.rank, k])?;
@@ -136,10 +203,24 @@ impl<T: Element> LoraLinear<T> {
         &mut self,
         name: &str,
         config: LoraConfig,
-        a: Tensor<T>,
-        b: Tensor<T>,
+        a: Tensor<A>,
+        b: Tensor<A>,
     ) -> Result<()> {
         const OP: &str = "LoraLinear::insert_adapter";
+        if A::DTYPE != T::DTYPE && A::DTYPE != DType::F32 {
+            return Err(Error::UnsupportedDType {
+                op: OP,
+                arg: "a",
+                got: A::DTYPE,
+                supported: "adapters in the dtype of w0 or in f32",
+            });
+        }
+        Dropout::new(config.dropout, 0, 0).map_err(|_| Error::OutOfRange {
+            op: OP,
+            arg: "config.dropout",
+            value: config.dropout as f64,
+            expected: "0 <= dropout < 1",
+        })?;
         let (n, k) = self.dims();
         let r = config.rank;
         validate::rank(OP, r)?;
@@ -168,6 +249,9 @@ impl<T: Element> LoraLinear<T> {
                 ),
             });
         }
+        if self.train.as_ref().is_some_and(|t| t.adapter == name) {
+            self.train = None; // its gradients and moments belonged to the replaced tensors
+        }
         self.adapters
             .insert(name.to_string(), Adapter { config, a, b });
         if self.active.is_none() {
@@ -184,7 +268,7 @@ impl<T: Element> LoraLinear<T> {
         }
     }
 
-    fn active_adapter(&self, op: &'static str) -> Result<(&str, &Adapter<T>)> {
+    fn active_adapter(&self, op: &'static str) -> Result<(&str, &Adapter<A>)> {
         let name = self.active.as_deref().ok_or_else(|| Error::InvalidState {
             op,
             message: "the layer has no adapter; call add_adapter or insert_adapter first".into(),
@@ -201,13 +285,13 @@ impl<T: Element> LoraLinear<T> {
         self.active.as_deref()
     }
 
-    pub fn adapter(&self, name: &str) -> Option<&Adapter<T>> {
+    pub fn adapter(&self, name: &str) -> Option<&Adapter<A>> {
         self.adapters.get(name)
     }
 
     /// Mutable access for an optimizer step. Refused while that adapter is merged (W0 would no
     /// longer equal base + s·B·A).
-    pub fn adapter_mut(&mut self, name: &str) -> Result<&mut Adapter<T>> {
+    pub fn adapter_mut(&mut self, name: &str) -> Result<&mut Adapter<A>> {
         const OP: &str = "LoraLinear::adapter_mut";
         if self.merged.as_deref() == Some(name) {
             return Err(Error::InvalidState {
@@ -250,7 +334,7 @@ impl<T: Element> LoraLinear<T> {
         t: &Tensor<T>,
         dy: &Tensor<T>,
         want_dx: bool,
-    ) -> Result<Gradients<T>> {
+    ) -> Result<Gradients<T, A>> {
         const OP: &str = "LoraLinear::backward";
         if let Some(name) = &self.merged {
             return Err(Error::InvalidState {
@@ -336,5 +420,162 @@ impl<T: Element> LoraLinear<T> {
             self.merge()?;
         }
         Ok(())
+    }
+
+    /// Sets the seed of the training dropout masks (default 0); the offset of each mask is the number
+    /// of [`LoraLinear::train_forward`] calls before it, so every step gets a fresh mask.
+    pub fn set_dropout_seed(&mut self, seed: u64) {
+        self.dropout_seed = seed;
+    }
+
+    fn new_training(&self, name: &str) -> Result<Training<T, A>> {
+        let ad = &self.adapters[name];
+        let dev = self.w0.device();
+        Ok(Training {
+            adapter: name.to_string(),
+            ws: Workspace::new(),
+            y: None,
+            t: None,
+            dx: None,
+            da: Tensor::zeros(dev, ad.a.shape())?,
+            db: Tensor::zeros(dev, ad.b.shape())?,
+            adam: None,
+            dropout: Dropout::NONE,
+            forwards: 0,
+        })
+    }
+
+    /// The active adapter's name and its training state, (re)made when the active adapter changed.
+    fn training(&mut self, op: &'static str) -> Result<String> {
+        if let Some(name) = &self.merged {
+            return Err(Error::InvalidState {
+                op,
+                message: format!("adapter `{name}` is merged into w0; unmerge before training"),
+            });
+        }
+        let name = self.active_adapter(op)?.0.to_string();
+        if self.train.as_ref().is_none_or(|t| t.adapter != name) {
+            self.train = Some(self.new_training(&name)?);
+        }
+        Ok(name)
+    }
+
+    /// Training forward through the active adapter, `Y = X·W0ᵀ + s·(dropout(X)·Aᵀ)·Bᵀ (+ bias)` with
+    /// its config's dropout (a fresh mask per call, see [`LoraLinear::set_dropout_seed`]). Y and T
+    /// live in the layer's own buffers, reused while the shape repeats (nothing is allocated per step);
+    /// nothing waits for the device. Returns Y; pass the same `x` to [`LoraLinear::train_backward`].
+    pub fn train_forward(&mut self, x: &Tensor<T>) -> Result<&Tensor<T>> {
+        const OP: &str = "LoraLinear::train_forward";
+        let name = self.training(OP)?;
+        let (n, _) = self.dims();
+        let ad = &self.adapters[&name];
+        let tr = self.train.as_mut().expect("made by training()");
+        let (lead, _, _) = validate::rows(OP, "x", x)?;
+        let rows = |last: usize| -> Vec<usize> { lead.iter().copied().chain([last]).collect() };
+        buffer(&mut tr.y, x, &rows(n))?;
+        buffer(&mut tr.t, x, &rows(ad.config.rank))?;
+        let dropout = if ad.config.dropout > 0.0 {
+            Dropout::new(ad.config.dropout, self.dropout_seed, tr.forwards)?
+        } else {
+            Dropout::NONE
+        };
+        let (y, t) = (tr.y.as_mut().expect("made"), tr.t.as_mut().expect("made"));
+        ops::lora_forward_into(
+            x,
+            &self.w0,
+            &ad.a,
+            &ad.b,
+            self.bias.as_ref(),
+            ad.config.scale(),
+            dropout,
+            y,
+            t,
+            &mut tr.ws,
+        )?;
+        tr.dropout = dropout;
+        tr.forwards += 1;
+        Ok(tr.y.as_ref().expect("made"))
+    }
+
+    /// Training backward for the last [`LoraLinear::train_forward`] (same `x`, its dropout mask): dA and
+    /// dB into the layer's gradient buffers, overwritten or, with [`GradMode::Accumulate`], added to
+    /// (micro-batches); dX, when `want_dx`, into the layer's buffer and returned.
+    pub fn train_backward(
+        &mut self,
+        x: &Tensor<T>,
+        dy: &Tensor<T>,
+        mode: GradMode,
+        want_dx: bool,
+    ) -> Result<Option<&Tensor<T>>> {
+        const OP: &str = "LoraLinear::train_backward";
+        let name = self.training(OP)?;
+        let ad = &self.adapters[&name];
+        let tr = self.train.as_mut().expect("made by training()");
+        let Some(t) = tr.t.as_ref() else {
+            return Err(Error::InvalidState {
+                op: OP,
+                message: "no train_forward before this backward".into(),
+            });
+        };
+        if want_dx {
+            buffer(&mut tr.dx, x, x.shape())?;
+        }
+        ops::lora_backward_into(
+            x,
+            &self.w0,
+            &ad.a,
+            &ad.b,
+            t,
+            dy,
+            ad.config.scale(),
+            tr.dropout,
+            if want_dx { tr.dx.as_mut() } else { None },
+            &mut tr.da,
+            &mut tr.db,
+            mode,
+            &mut tr.ws,
+        )?;
+        Ok(if want_dx { tr.dx.as_ref() } else { None })
+    }
+
+    /// The gradients (dA, dB) of the last [`LoraLinear::train_backward`] calls, if any.
+    pub fn grads(&self) -> Option<(&Tensor<A>, &Tensor<A>)> {
+        self.train.as_ref().map(|t| (&t.da, &t.db))
+    }
+
+    /// One AdamW step on the active adapter's A and B with the gradients of
+    /// [`LoraLinear::train_backward`], on the device in one fused kernel per tensor (no host round trip,
+    /// no synchronisation). For f32 adapters (the f32 master weights are the adapter itself; a 16-bit
+    /// adapter has no master copy to update: an [`Error::UnsupportedDType`]).
+    pub fn optimizer_step(&mut self, hp: &AdamW) -> Result<()> {
+        const OP: &str = "LoraLinear::optimizer_step";
+        if A::DTYPE != DType::F32 {
+            return Err(Error::UnsupportedDType {
+                op: OP,
+                arg: "adapter",
+                got: A::DTYPE,
+                supported: "f32 adapters (LoraLinear<T, f32>): AdamW updates f32 master weights",
+            });
+        }
+        let name = self.training(OP)?;
+        let tr = self.train.as_mut().expect("made by training()");
+        let ad = self.adapters.get_mut(&name).expect("active");
+        let dev = ad.a.device().clone();
+        if tr.adam.is_none() {
+            tr.adam = Some((
+                AdamState::new(&dev, ad.a.shape())?,
+                AdamState::new(&dev, ad.b.shape())?,
+            ));
+        }
+        let (sa, sb) = tr.adam.as_mut().expect("made");
+        // A is f32 (checked above): the statically typed views of the same tensors
+        let not_f32 = || Error::InvalidState {
+            op: OP,
+            message: "adapter tensors are not f32".into(),
+        };
+        let ga = tr.da.cast_ref::<f32>().ok_or_else(not_f32)?;
+        ops::adamw_step(ad.a.cast_mut::<f32>().ok_or_else(not_f32)?, ga, sa, hp)?;
+        let gb = tr.db.cast_ref::<f32>().ok_or_else(not_f32)?;
+        ops::adamw_step(ad.b.cast_mut::<f32>().ok_or_else(not_f32)?, gb, sb, hp)
     }
 }

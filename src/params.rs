@@ -46,6 +46,8 @@ kernel_params!(
     LkSmallMParams,
     LkSmallMFinalizeParams,
     LkMergeParams,
+    LkAdamwParams,
+    LkMseGradParams,
 );
 
 #[cfg(all(test, lk_bindgen_fresh))]

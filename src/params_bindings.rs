@@ -9,6 +9,8 @@ pub const LK_FUSED_GEMM_BN: u32 = 128;
 pub const LK_FUSED_GEMM_THREADS: u32 = 256;
 pub const LK_FUSED_GEMM_SMEM_BYTES: u32 = 61440;
 pub const LK_MAX_RANK: u32 = 128;
+pub const LK_DROPOUT_L: u32 = 32;
+pub const LK_DROPOUT_ACC: u32 = 64;
 pub const LK_SIMT_THREADS: u32 = 256;
 pub const LK_SMALL_M_TILES: u32 = 2;
 pub const LK_SMALL_M_KSTEP: u32 = 32;
@@ -21,6 +23,7 @@ pub const LK_GRAD_TM: u32 = 32;
 pub const LK_GRAD_TC: u32 = 128;
 pub const LK_GRAD_STAGES: u32 = 3;
 pub const LK_GRAD_P_TRANSPOSED: u32 = 16;
+pub const LK_DROPOUT_G: u32 = 32;
 pub const LK_SMALL_M_MAX: u32 = 16;
 pub const LK_MERGE_COUNTS: u32 = 3;
 pub const LK_MERGE_COUNT_NAN: u32 = 0;
@@ -69,6 +72,31 @@ impl Default for LkScaleParams {
     }
 }
 #[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LkDropout {
+    pub seed: u64,
+    pub offset: u64,
+    pub threshold: u32,
+    pub reserved: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkDropout"][::core::mem::size_of::<LkDropout>() - 24usize];
+    ["Alignment of LkDropout"][::core::mem::align_of::<LkDropout>() - 8usize];
+    [
+        "Offset of field: LkDropout::seed",
+    ][::core::mem::offset_of!(LkDropout, seed) - 0usize];
+    [
+        "Offset of field: LkDropout::offset",
+    ][::core::mem::offset_of!(LkDropout, offset) - 8usize];
+    [
+        "Offset of field: LkDropout::threshold",
+    ][::core::mem::offset_of!(LkDropout, threshold) - 16usize];
+    [
+        "Offset of field: LkDropout::reserved",
+    ][::core::mem::offset_of!(LkDropout, reserved) - 20usize];
+};
+#[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct LkFusedGemmParams {
     pub a: *const ::core::ffi::c_void,
@@ -90,12 +118,13 @@ pub struct LkFusedGemmParams {
     pub scale: f32,
     pub partial: *mut f32,
     pub rank_per_split: u32,
+    pub dropout: LkDropout,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     [
         "Size of LkFusedGemmParams",
-    ][::core::mem::size_of::<LkFusedGemmParams>() - 112usize];
+    ][::core::mem::size_of::<LkFusedGemmParams>() - 136usize];
     [
         "Alignment of LkFusedGemmParams",
     ][::core::mem::align_of::<LkFusedGemmParams>() - 8usize];
@@ -156,6 +185,9 @@ const _: () = {
     [
         "Offset of field: LkFusedGemmParams::rank_per_split",
     ][::core::mem::offset_of!(LkFusedGemmParams, rank_per_split) - 104usize];
+    [
+        "Offset of field: LkFusedGemmParams::dropout",
+    ][::core::mem::offset_of!(LkFusedGemmParams, dropout) - 112usize];
 };
 impl Default for LkFusedGemmParams {
     fn default() -> Self {
@@ -225,12 +257,13 @@ pub struct LkLowrankGradParams {
     pub rank: u32,
     pub rows_per_split: u32,
     pub flags: u32,
+    pub dropout: LkDropout,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     [
         "Size of LkLowrankGradParams",
-    ][::core::mem::size_of::<LkLowrankGradParams>() - 64usize];
+    ][::core::mem::size_of::<LkLowrankGradParams>() - 88usize];
     [
         "Alignment of LkLowrankGradParams",
     ][::core::mem::align_of::<LkLowrankGradParams>() - 8usize];
@@ -264,6 +297,9 @@ const _: () = {
     [
         "Offset of field: LkLowrankGradParams::flags",
     ][::core::mem::offset_of!(LkLowrankGradParams, flags) - 56usize];
+    [
+        "Offset of field: LkLowrankGradParams::dropout",
+    ][::core::mem::offset_of!(LkLowrankGradParams, dropout) - 64usize];
 };
 impl Default for LkLowrankGradParams {
     fn default() -> Self {
@@ -440,6 +476,120 @@ const _: () = {
     ][::core::mem::offset_of!(LkMergeParams, flags) - 48usize];
 };
 impl Default for LkMergeParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkAdamwParams {
+    pub param: *mut f32,
+    pub m: *mut f32,
+    pub v: *mut f32,
+    pub grad: *const f32,
+    pub copy: *mut ::core::ffi::c_void,
+    pub n: u32,
+    pub decay: f32,
+    pub beta1: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    pub step_size: f32,
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkAdamwParams"][::core::mem::size_of::<LkAdamwParams>() - 80usize];
+    ["Alignment of LkAdamwParams"][::core::mem::align_of::<LkAdamwParams>() - 8usize];
+    [
+        "Offset of field: LkAdamwParams::param",
+    ][::core::mem::offset_of!(LkAdamwParams, param) - 0usize];
+    [
+        "Offset of field: LkAdamwParams::m",
+    ][::core::mem::offset_of!(LkAdamwParams, m) - 8usize];
+    [
+        "Offset of field: LkAdamwParams::v",
+    ][::core::mem::offset_of!(LkAdamwParams, v) - 16usize];
+    [
+        "Offset of field: LkAdamwParams::grad",
+    ][::core::mem::offset_of!(LkAdamwParams, grad) - 24usize];
+    [
+        "Offset of field: LkAdamwParams::copy",
+    ][::core::mem::offset_of!(LkAdamwParams, copy) - 32usize];
+    [
+        "Offset of field: LkAdamwParams::n",
+    ][::core::mem::offset_of!(LkAdamwParams, n) - 40usize];
+    [
+        "Offset of field: LkAdamwParams::decay",
+    ][::core::mem::offset_of!(LkAdamwParams, decay) - 44usize];
+    [
+        "Offset of field: LkAdamwParams::beta1",
+    ][::core::mem::offset_of!(LkAdamwParams, beta1) - 48usize];
+    [
+        "Offset of field: LkAdamwParams::one_minus_beta1",
+    ][::core::mem::offset_of!(LkAdamwParams, one_minus_beta1) - 52usize];
+    [
+        "Offset of field: LkAdamwParams::beta2",
+    ][::core::mem::offset_of!(LkAdamwParams, beta2) - 56usize];
+    [
+        "Offset of field: LkAdamwParams::one_minus_beta2",
+    ][::core::mem::offset_of!(LkAdamwParams, one_minus_beta2) - 60usize];
+    [
+        "Offset of field: LkAdamwParams::step_size",
+    ][::core::mem::offset_of!(LkAdamwParams, step_size) - 64usize];
+    [
+        "Offset of field: LkAdamwParams::bc2_sqrt",
+    ][::core::mem::offset_of!(LkAdamwParams, bc2_sqrt) - 68usize];
+    [
+        "Offset of field: LkAdamwParams::eps",
+    ][::core::mem::offset_of!(LkAdamwParams, eps) - 72usize];
+};
+impl Default for LkAdamwParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkMseGradParams {
+    pub y: *const ::core::ffi::c_void,
+    pub target: *const ::core::ffi::c_void,
+    pub dy: *mut ::core::ffi::c_void,
+    pub n: u32,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkMseGradParams"][::core::mem::size_of::<LkMseGradParams>() - 32usize];
+    [
+        "Alignment of LkMseGradParams",
+    ][::core::mem::align_of::<LkMseGradParams>() - 8usize];
+    [
+        "Offset of field: LkMseGradParams::y",
+    ][::core::mem::offset_of!(LkMseGradParams, y) - 0usize];
+    [
+        "Offset of field: LkMseGradParams::target",
+    ][::core::mem::offset_of!(LkMseGradParams, target) - 8usize];
+    [
+        "Offset of field: LkMseGradParams::dy",
+    ][::core::mem::offset_of!(LkMseGradParams, dy) - 16usize];
+    [
+        "Offset of field: LkMseGradParams::n",
+    ][::core::mem::offset_of!(LkMseGradParams, n) - 24usize];
+    [
+        "Offset of field: LkMseGradParams::scale",
+    ][::core::mem::offset_of!(LkMseGradParams, scale) - 28usize];
+};
+impl Default for LkMseGradParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

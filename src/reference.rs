@@ -4,6 +4,7 @@
 //!
 //! Conventions (PyTorch `nn.Linear`, row-major): X is M×K, W0 is N×K, A is r×K, B is N×r, dY is M×N.
 
+use crate::dropout::Dropout;
 use crate::dtype::Element;
 
 /// Problem sizes of one LoRA layer.
@@ -95,13 +96,15 @@ fn forward_impl<T: Element, U: Element>(
     d: Dims,
     scale: f64,
     mode: Intermediates,
+    dropout: &Dropout,
 ) -> Forward {
     check_len("x", x.len(), d.m * d.k);
     check_len("w0", w0.len(), d.n * d.k);
     check_len("a", a.len(), d.r * d.k);
     check_len("b", b.len(), d.n * d.r);
-    let (x, w0, a, b) = (f64s(x), f64s(w0), f64s(a), f64s(b));
-    let t = round_if::<T>(matmul_nt(&x, &a, d.m, d.r, d.k), mode);
+    let (x, w0) = (f64s(x), f64s(w0));
+    let (a, b) = (adapter_as::<T, U>(a, mode), adapter_as::<T, U>(b, mode));
+    let t = round_if::<T>(matmul_nt(&dropped(&x, dropout), &a, d.m, d.r, d.k), mode);
     let base = matmul_nt(&x, &w0, d.m, d.n, d.k);
     let lora = matmul_nt(&t, &b, d.m, d.n, d.r);
     let mut y: Vec<f64> = base.iter().zip(&lora).map(|(p, l)| p + scale * l).collect();
@@ -124,7 +127,43 @@ pub fn forward<T: Element, U: Element>(
     d: Dims,
     scale: f64,
 ) -> Forward {
-    forward_impl(x, w0, a, b, bias, d, scale, Intermediates::Exact)
+    forward_impl(
+        x,
+        w0,
+        a,
+        b,
+        bias,
+        d,
+        scale,
+        Intermediates::Exact,
+        &Dropout::NONE,
+    )
+}
+
+/// `dropout(X) = X ⊙ mask / (1 − p)` in f64, the mask of [`Dropout::keeps`] (X is dense, row-major:
+/// element e is X's e-th value).
+pub fn dropped(x: &[f64], dropout: &Dropout) -> Vec<f64> {
+    if !dropout.is_active() {
+        return x.to_vec();
+    }
+    let keep = dropout.keep_scale();
+    x.iter()
+        .enumerate()
+        .map(|(e, &v)| {
+            if dropout.keeps(e as u64) {
+                v * keep
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// An adapter in f64: as given (exact), or as the kernels feed the tensor cores: an f32 adapter over a
+/// 16-bit layer is rounded once to the layer dtype (a no-op for adapters already in it).
+fn adapter_as<T: Element, U: Element>(v: &[U], mode: Intermediates) -> Vec<f64> {
+    let v = f64s(v);
+    round_if::<T>(v, mode)
 }
 
 /// The gradients from f64 inputs, the T to use (exact or as given) and how to treat U.
@@ -139,6 +178,7 @@ fn backward_impl<T: Element>(
     d: Dims,
     scale: f64,
     mode: Intermediates,
+    dropout: &Dropout,
 ) -> Backward {
     let bt = transpose(b, d.n, d.r); // r×N
     let u = round_if::<T>(matmul_nt(dy, &bt, d.m, d.r, d.n), mode); // M×r
@@ -149,7 +189,7 @@ fn backward_impl<T: Element>(
         .map(|v| scale * v)
         .collect();
     let ut = transpose(&u, d.m, d.r); // r×M
-    let xt = transpose(x, d.m, d.k); // K×M
+    let xt = transpose(&dropped(x, dropout), d.m, d.k); // K×M
     let da: Vec<f64> = matmul_nt(&ut, &xt, d.r, d.k, d.m)
         .iter()
         .map(|v| scale * v)
@@ -157,7 +197,18 @@ fn backward_impl<T: Element>(
     let w0t = transpose(w0, d.n, d.k); // K×N
     let at = transpose(a, d.r, d.k); // K×r
     let base = matmul_nt(dy, &w0t, d.m, d.k, d.n);
-    let lora = matmul_nt(&u, &at, d.m, d.k, d.r);
+    let mut lora = matmul_nt(&u, &at, d.m, d.k, d.r);
+    if dropout.is_active() {
+        // the mask has X's shape, and so has dX: ⊙ mask / (1 − p)
+        let keep = dropout.keep_scale();
+        for (e, v) in lora.iter_mut().enumerate() {
+            *v = if dropout.keeps(e as u64) {
+                *v * keep
+            } else {
+                0.0
+            };
+        }
+    }
     let dx = base.iter().zip(&lora).map(|(p, l)| p + scale * l).collect();
     Backward { dx, da, db, u }
 }
@@ -180,7 +231,18 @@ pub fn backward<T: Element, U: Element>(
     check_len("dy", dy.len(), d.m * d.n);
     let (x, w0, a, b, dy) = (f64s(x), f64s(w0), f64s(a), f64s(b), f64s(dy));
     let t = matmul_nt(&x, &a, d.m, d.r, d.k); // M×r
-    backward_impl::<T>(&x, &w0, &a, &b, &t, &dy, d, scale, Intermediates::Exact)
+    backward_impl::<T>(
+        &x,
+        &w0,
+        &a,
+        &b,
+        &t,
+        &dy,
+        d,
+        scale,
+        Intermediates::Exact,
+        &Dropout::NONE,
+    )
 }
 
 /// Rounds every value to `T` (once, to nearest even) and back to f64.
@@ -192,32 +254,49 @@ pub fn rounded<T: Element>(v: &[f64]) -> Vec<f64> {
 /// `T = round_T(X·Aᵀ)` is an output in the layer's dtype, and `Y = X·W0ᵀ + s·T·Bᵀ (+ bias)` uses that
 /// T. Differs from [`forward`] only by the rounding of T (relative 2⁻⁹ in bf16), which matters only
 /// where the base and low-rank terms cancel; kernel tests use this so their tolerances measure the
-/// kernels' arithmetic, not that documented rounding.
-pub fn forward_as_kernels<T: Element>(
+/// kernels' arithmetic, not that documented rounding. f32 adapters (`U` = f32) are rounded once to the
+/// layer dtype, as the kernels feed them to the tensor cores; with `dropout`,
+/// `T = round_T(dropout(X)·Aᵀ)`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_as_kernels<T: Element, U: Element>(
     x: &[T],
     w0: &[T],
-    a: &[T],
-    b: &[T],
+    a: &[U],
+    b: &[U],
     bias: Option<&[T]>,
     d: Dims,
     scale: f64,
+    dropout: &Dropout,
 ) -> Forward {
-    forward_impl(x, w0, a, b, bias, d, scale, Intermediates::AsKernels)
+    forward_impl(
+        x,
+        w0,
+        a,
+        b,
+        bias,
+        d,
+        scale,
+        Intermediates::AsKernels,
+        dropout,
+    )
 }
 
 /// The kernels' documented contract for the backward, in exact arithmetic: `t` is the T the caller
 /// passes (the forward's output), and the internal `U = round_T(dY·B)` is kept in the layer's dtype;
-/// `dB = s·dYᵀ·t`, `dA = s·Uᵀ·X`, `dX = dY·W0 + s·U·A`.
+/// `dB = s·dYᵀ·t`, `dA = s·Uᵀ·X`, `dX = dY·W0 + s·U·A`; f32 adapters rounded once to the layer dtype
+/// (as the kernels' tensor-core operands); with `dropout`, `dA = s·Uᵀ·dropout(X)` and
+/// `dX = dY·W0 + s·(U·A) ⊙ mask / (1 − p)`.
 #[allow(clippy::too_many_arguments)]
-pub fn backward_as_kernels<T: Element>(
+pub fn backward_as_kernels<T: Element, U: Element>(
     x: &[T],
     w0: &[T],
-    a: &[T],
-    b: &[T],
+    a: &[U],
+    b: &[U],
     t: &[T],
     dy: &[T],
     d: Dims,
     scale: f64,
+    dropout: &Dropout,
 ) -> Backward {
     check_len("x", x.len(), d.m * d.k);
     check_len("w0", w0.len(), d.n * d.k);
@@ -225,8 +304,10 @@ pub fn backward_as_kernels<T: Element>(
     check_len("b", b.len(), d.n * d.r);
     check_len("t", t.len(), d.m * d.r);
     check_len("dy", dy.len(), d.m * d.n);
-    let (x, w0, a, b, t, dy) = (f64s(x), f64s(w0), f64s(a), f64s(b), f64s(t), f64s(dy));
-    backward_impl::<T>(&x, &w0, &a, &b, &t, &dy, d, scale, Intermediates::AsKernels)
+    let mode = Intermediates::AsKernels;
+    let (a, b) = (adapter_as::<T, U>(a, mode), adapter_as::<T, U>(b, mode));
+    let (x, w0, t, dy) = (f64s(x), f64s(w0), f64s(t), f64s(dy));
+    backward_impl::<T>(&x, &w0, &a, &b, &t, &dy, d, scale, mode, dropout)
 }
 
 /// `s·B·A` (N×K) in f64.
@@ -269,6 +350,17 @@ pub fn unmerge<T: Element, U: Element>(
     scale: f64,
 ) -> Vec<T> {
     merge(w, a, b, n, k, r, -scale)
+}
+
+/// `dy[i] = round(s · (y[i] − target[i]))` with the kernel's f32 operations (the same bits).
+pub fn mse_grad<T: Element>(y: &[T], target: &[T], s: f32) -> Vec<T> {
+    y.iter()
+        .zip(target)
+        .map(|(y, t)| {
+            let d = y.to_f64() as f32 + -(t.to_f64() as f32);
+            T::from_f32(s * d)
+        })
+        .collect()
 }
 
 /// `y[i] = round(s · x[i])`.

@@ -254,6 +254,17 @@ impl<T: Element> Tensor<T> {
         self.copy_from_slice(&data)
     }
 
+    /// This tensor as a `Tensor<U>` when `U` is its element type (the generic ops branch on dtypes at run
+    /// time and then need the statically typed view), else None.
+    pub(crate) fn cast_ref<U: Element>(&self) -> Option<&Tensor<U>> {
+        (self as &dyn std::any::Any).downcast_ref::<Tensor<U>>()
+    }
+
+    /// [`Tensor::cast_ref`], mutable.
+    pub(crate) fn cast_mut<U: Element>(&mut self) -> Option<&mut Tensor<U>> {
+        (self as &mut dyn std::any::Any).downcast_mut::<Tensor<U>>()
+    }
+
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }

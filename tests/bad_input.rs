@@ -1,7 +1,7 @@
 //! Bad input gives a clear `Error` naming the argument, never a panic or a launch.
 
 use half::{bf16, f16};
-use lora_kernels::{Device, Error, Tensor, ops};
+use lora_kernels::{Device, Dropout, Error, Tensor, ops};
 
 fn emu() -> Device {
     Device::emulator()
@@ -148,8 +148,19 @@ mod lora_ops {
         let mut y = Tensor::<bf16>::zeros(&d, &[3, 5]).unwrap();
         let mut t = Tensor::<bf16>::zeros(&d, &[3, 2]).unwrap();
         let mut ws = ops::Workspace::new();
-        let e = ops::lora_forward_into(&l.x, &l.w0, &l.a, &l.b, None, 1.0, &mut y, &mut t, &mut ws)
-            .unwrap_err();
+        let e = ops::lora_forward_into(
+            &l.x,
+            &l.w0,
+            &l.a,
+            &l.b,
+            None,
+            1.0,
+            Dropout::NONE,
+            &mut y,
+            &mut t,
+            &mut ws,
+        )
+        .unwrap_err();
         assert!(matches!(e, Error::Shape { arg: "y", .. }), "{e}");
     }
 
@@ -164,16 +175,38 @@ mod lora_ops {
         let mut ws = ops::Workspace::new();
         // y as a plain [M, N] matrix is not [..., N] with x's leading dimensions
         let (mut y, mut t) = (z(&[6, 4]), z(&[2, 3, 2]));
-        let e = ops::lora_forward_into(&l.x, &l.w0, &l.a, &l.b, None, 1.0, &mut y, &mut t, &mut ws)
-            .unwrap_err();
+        let e = ops::lora_forward_into(
+            &l.x,
+            &l.w0,
+            &l.a,
+            &l.b,
+            None,
+            1.0,
+            Dropout::NONE,
+            &mut y,
+            &mut t,
+            &mut ws,
+        )
+        .unwrap_err();
         assert!(
             matches!(e, Error::Shape { arg: "y", .. }) && e.to_string().contains("[..., N]"),
             "{e}"
         );
         // t may be [..., r] or [M, r]; [3, 2, 2] is neither
         let (mut y, mut t) = (z(&[2, 3, 4]), z(&[3, 2, 2]));
-        let e = ops::lora_forward_into(&l.x, &l.w0, &l.a, &l.b, None, 1.0, &mut y, &mut t, &mut ws)
-            .unwrap_err();
+        let e = ops::lora_forward_into(
+            &l.x,
+            &l.w0,
+            &l.a,
+            &l.b,
+            None,
+            1.0,
+            Dropout::NONE,
+            &mut y,
+            &mut t,
+            &mut ws,
+        )
+        .unwrap_err();
         assert!(matches!(e, Error::Shape { arg: "t", .. }), "{e}");
         let out = ops::lora_forward(&l.x, &l.w0, &l.a, &l.b, None, 1.0).unwrap();
         assert_eq!(
@@ -196,6 +229,7 @@ mod lora_ops {
                 &out.t,
                 &dy,
                 1.0,
+                Dropout::NONE,
                 Some(dx),
                 da,
                 db,
@@ -297,5 +331,88 @@ mod lora_ops {
         let w_other = Tensor::<bf16>::zeros(&other, &[4, 5]).unwrap();
         let e = ops::lora_forward(&l.x, &w_other, &l.a, &l.b, None, 1.0).unwrap_err();
         assert!(matches!(e, Error::DeviceMismatch { .. }), "{e}");
+    }
+
+    /// Adapters in another 16-bit dtype than the layer's are refused (f32 or the layer dtype only),
+    /// in the forward and the backward; f32 gradients must have dA's and dB's shapes too.
+    #[test]
+    fn adapter_dtype_pairs() {
+        let d = emu();
+        let l = layer(&d, (3, 4, 5, 2));
+        let (a16, b16) = (
+            Tensor::<f16>::zeros(&d, &[2, 5]).unwrap(),
+            Tensor::<f16>::zeros(&d, &[4, 2]).unwrap(),
+        );
+        let e = ops::lora_forward(&l.x, &l.w0, &a16, &b16, None, 1.0).unwrap_err();
+        assert!(
+            matches!(e, Error::UnsupportedDType { arg: "a", .. }) && e.to_string().contains("f32"),
+            "{e}"
+        );
+        let e = ops::lora_backward(&l.x, &l.w0, &a16, &b16, &l.t, &l.dy, 1.0, true).unwrap_err();
+        assert!(matches!(e, Error::UnsupportedDType { arg: "a", .. }), "{e}");
+        // f32 adapters are taken, and so must their gradients be shaped
+        let z32 = |shape: &[usize]| Tensor::<f32>::zeros(&d, shape).unwrap();
+        let (a32, b32) = (z32(&[2, 5]), z32(&[4, 2]));
+        ops::lora_forward(&l.x, &l.w0, &a32, &b32, None, 1.0).unwrap();
+        let mut ws = ops::Workspace::new();
+        for (da_shape, db_shape, arg) in [([5, 2], [4, 2], "da"), ([2, 5], [2, 4], "db")] {
+            let (mut da, mut db) = (z32(&da_shape), z32(&db_shape));
+            let e = ops::lora_backward_into(
+                &l.x,
+                &l.w0,
+                &a32,
+                &b32,
+                &l.t,
+                &l.dy,
+                1.0,
+                Dropout::NONE,
+                None,
+                &mut da,
+                &mut db,
+                ops::GradMode::Accumulate,
+                &mut ws,
+            )
+            .unwrap_err();
+            assert!(matches!(e, Error::Shape { arg: a, .. } if a == arg), "{e}");
+        }
+        // a 1-element b of the wrong dtype cannot be built: A and B share one type parameter
+    }
+
+    /// Dropout probabilities outside [0, 1) (NaN included) are an Error naming `p`; p close to 1 that
+    /// makes s / (1 - p) overflow f32 is an Error naming the scale.
+    #[test]
+    fn bad_dropout() {
+        for p in [-0.01f32, 1.0, 2.0, f32::NAN, f32::NEG_INFINITY] {
+            let e = Dropout::new(p, 0, 0).unwrap_err();
+            assert!(
+                matches!(e, Error::OutOfRange { arg: "p", .. })
+                    && e.to_string().contains("0 <= p < 1"),
+                "{p}: {e}"
+            );
+        }
+        let d = emu();
+        let l = layer(&d, (3, 4, 5, 2));
+        let drop = Dropout::new(1.0 - f32::EPSILON / 2.0, 1, 2).unwrap();
+        let (mut da, mut db) = (
+            Tensor::<bf16>::zeros(&d, &[2, 5]).unwrap(),
+            Tensor::<bf16>::zeros(&d, &[4, 2]).unwrap(),
+        );
+        let e = ops::lora_backward_into(
+            &l.x,
+            &l.w0,
+            &l.a,
+            &l.b,
+            &l.t,
+            &l.dy,
+            3.0e38,
+            drop,
+            None,
+            &mut da,
+            &mut db,
+            ops::GradMode::Overwrite,
+            &mut ops::Workspace::new(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::NonFinite { .. }), "{e}");
     }
 }

@@ -33,6 +33,7 @@ fn scaling_plain_and_rslora() {
         rank: 16,
         alpha: 32.0,
         use_rslora: true,
+        dropout: 0.0,
     };
     assert_eq!(rs.scale(), 8.0);
 }
@@ -89,6 +90,7 @@ fn forward_backward_merge_unmerge() {
         rank: r,
         alpha: 8.0,
         use_rslora: true,
+        dropout: 0.0,
     };
     let a: Vec<bf16> = rng.vec(r * k, 0.2);
     let b: Vec<bf16> = rng.vec(n * r, 0.2);
@@ -308,4 +310,243 @@ fn safe_merge_refuses_a_nan_adapter_and_leaves_the_layer_as_it_was() {
         assert_eq!(l.safe_unmerge().unwrap(), NonFiniteCounts::default());
         assert!(!l.is_merged());
     }
+}
+
+/// The training API on f32 adapters with dropout and batched activations: train_forward and
+/// train_backward give the ops' bits for the same mask (offset = the forward's index), a second
+/// forward draws another mask, micro-batches accumulate, and optimizer_step is the AdamW reference's
+/// update of the f32 master adapters, bit for bit.
+#[test]
+fn training_api_f32_adapters_dropout_accumulation_adamw() {
+    use lora_kernels::ops::{self, AdamW, GradMode, Workspace};
+    use lora_kernels::{Dropout, Element};
+    let dev = Device::emulator();
+    let mut rng = Rng::new(31);
+    let (n, k, r, p) = (24, 40, 8, 0.25f32);
+    let lead = [2usize, 3];
+    let m: usize = lead.iter().product();
+    let w0: Vec<bf16> = rng.vec(n * k, 0.3);
+    let (a, b): (Vec<f32>, Vec<f32>) = (rng.vec(r * k, 0.3), rng.vec(n * r, 0.3));
+    let up = |v: &[bf16], shape: &[usize]| Tensor::from_slice(&dev, v, shape).unwrap();
+    let up32 = |v: &[f32], shape: &[usize]| Tensor::from_slice(&dev, v, shape).unwrap();
+    let mut layer = LoraLinear::with_f32_adapters(up(&w0, &[n, k]), None).unwrap();
+    let cfg = LoraConfig::new(r, 16.0).with_dropout(p);
+    layer
+        .insert_adapter("t", cfg, up32(&a, &[r, k]), up32(&b, &[n, r]))
+        .unwrap();
+    layer.set_dropout_seed(99);
+    let xs: Vec<Vec<bf16>> = (0..2).map(|_| rng.vec(m * k, 1.0)).collect();
+    let dys: Vec<Vec<bf16>> = (0..2).map(|_| rng.vec(m * n, 1.0)).collect();
+    let x0 = up(&xs[0], &[2, 3, k]);
+    let dy0 = up(&dys[0], &[2, 3, n]);
+
+    // the ops with the same dropout (seed 99, offset 0: the first training forward)
+    let drop0 = Dropout::new(p, 99, 0).unwrap();
+    let (aw, bw) = (up32(&a, &[r, k]), up32(&b, &[n, r]));
+    let mut ws = Workspace::new();
+    let mut y = Tensor::<bf16>::zeros(&dev, &[2, 3, n]).unwrap();
+    let mut t = Tensor::<bf16>::zeros(&dev, &[2, 3, r]).unwrap();
+    ops::lora_forward_into(
+        &x0,
+        layer.w0(),
+        &aw,
+        &bw,
+        None,
+        cfg.scale(),
+        drop0,
+        &mut y,
+        &mut t,
+        &mut ws,
+    )
+    .unwrap();
+    let y_layer = layer.train_forward(&x0).unwrap().to_vec().unwrap();
+    assert!(
+        y_layer == y.to_vec().unwrap(),
+        "train_forward differs from the op with the same mask"
+    );
+    let f = reference::forward_as_kernels(
+        &xs[0],
+        &w0,
+        &a,
+        &b,
+        None,
+        Dims { m, n, k, r },
+        cfg.scale() as f64,
+        &drop0,
+    );
+    assert!(reference::relative_error(&y_layer, &f.y) < TOL);
+
+    let dx_layer = layer
+        .train_backward(&x0, &dy0, GradMode::Overwrite, true)
+        .unwrap()
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    let mut dx = Tensor::<bf16>::zeros(&dev, &[2, 3, k]).unwrap();
+    let mut da = Tensor::<f32>::zeros(&dev, &[r, k]).unwrap();
+    let mut db = Tensor::<f32>::zeros(&dev, &[n, r]).unwrap();
+    ops::lora_backward_into(
+        &x0,
+        layer.w0(),
+        &aw,
+        &bw,
+        &t,
+        &dy0,
+        cfg.scale(),
+        drop0,
+        Some(&mut dx),
+        &mut da,
+        &mut db,
+        GradMode::Overwrite,
+        &mut ws,
+    )
+    .unwrap();
+    assert!(dx_layer == dx.to_vec().unwrap(), "dX differs");
+    let (gda, gdb) = layer.grads().unwrap();
+    assert!(
+        gda.to_vec().unwrap() == da.to_vec().unwrap()
+            && gdb.to_vec().unwrap() == db.to_vec().unwrap(),
+        "dA/dB differ"
+    );
+
+    // the second micro-batch: a fresh mask (offset 1), gradients added to the first's
+    let x1 = up(&xs[1], &[2, 3, k]);
+    let dy1 = up(&dys[1], &[2, 3, n]);
+    let y1 = layer.train_forward(&x1).unwrap().to_vec().unwrap();
+    let drop1 = drop0.with_offset(1);
+    let f1 = reference::forward_as_kernels(
+        &xs[1],
+        &w0,
+        &a,
+        &b,
+        None,
+        Dims { m, n, k, r },
+        cfg.scale() as f64,
+        &drop1,
+    );
+    assert!(
+        reference::relative_error(&y1, &f1.y) < TOL,
+        "the second forward is not offset 1's mask"
+    );
+    let f1_wrong = reference::forward_as_kernels(
+        &xs[1],
+        &w0,
+        &a,
+        &b,
+        None,
+        Dims { m, n, k, r },
+        cfg.scale() as f64,
+        &drop0,
+    );
+    assert!(
+        reference::relative_error(&y1, &f1_wrong.y) > TOL,
+        "the mask did not change between forwards"
+    );
+    layer
+        .train_backward(&x1, &dy1, GradMode::Accumulate, false)
+        .unwrap();
+    let mut t1 = Tensor::<bf16>::zeros(&dev, &[2, 3, r]).unwrap();
+    ops::lora_forward_into(
+        &x1,
+        layer.w0(),
+        &aw,
+        &bw,
+        None,
+        cfg.scale(),
+        drop1,
+        &mut y,
+        &mut t1,
+        &mut ws,
+    )
+    .unwrap();
+    ops::lora_backward_into(
+        &x1,
+        layer.w0(),
+        &aw,
+        &bw,
+        &t1,
+        &dy1,
+        cfg.scale(),
+        drop1,
+        None,
+        &mut da,
+        &mut db,
+        GradMode::Accumulate,
+        &mut ws,
+    )
+    .unwrap();
+    let (ga, gb) = (da.to_vec().unwrap(), db.to_vec().unwrap());
+    let (gda, gdb) = layer.grads().unwrap();
+    assert!(
+        gda.to_vec().unwrap() == ga && gdb.to_vec().unwrap() == gb,
+        "accumulated dA/dB differ"
+    );
+
+    // AdamW on the f32 master adapters: the reference's update, bit for bit
+    let hp = AdamW {
+        lr: 1e-2,
+        ..AdamW::default()
+    };
+    layer.optimizer_step(&hp).unwrap();
+    let c = hp.constants(1);
+    let (mut ra, mut rb) = (a.clone(), b.clone());
+    ops::adamw_reference_step(
+        &mut ra,
+        &mut vec![0.0; r * k],
+        &mut vec![0.0; r * k],
+        &ga,
+        &c,
+    );
+    ops::adamw_reference_step(
+        &mut rb,
+        &mut vec![0.0; n * r],
+        &mut vec![0.0; n * r],
+        &gb,
+        &c,
+    );
+    let ad = layer.adapter("t").unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits_u32()).collect::<Vec<_>>();
+    assert!(
+        bits(&ad.a.to_vec().unwrap()) == bits(&ra) && bits(&ad.b.to_vec().unwrap()) == bits(&rb),
+        "AdamW step differs from the reference"
+    );
+}
+
+/// The training API's errors: a 16-bit adapter has no master weights to step, a dropout outside
+/// [0, 1) is refused when the adapter is added, a backward needs a forward first.
+#[test]
+fn training_api_errors() {
+    let dev = Device::emulator();
+    let mut rng = Rng::new(32);
+    let (_, _, mut l) = layer(&dev, &mut rng, 8, 16);
+    let e = l
+        .add_adapter("bad", LoraConfig::new(4, 8.0).with_dropout(1.0), 1)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::OutOfRange {
+                arg: "config.dropout",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    l.add_adapter("ok", LoraConfig::new(4, 8.0), 1).unwrap();
+    let x = Tensor::<bf16>::zeros(&dev, &[3, 16]).unwrap();
+    let dy = Tensor::<bf16>::zeros(&dev, &[3, 8]).unwrap();
+    let e = l
+        .train_backward(&x, &dy, lora_kernels::ops::GradMode::Overwrite, false)
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidState { .. }), "{e}");
+    l.train_forward(&x).unwrap();
+    l.train_backward(&x, &dy, lora_kernels::ops::GradMode::Overwrite, false)
+        .unwrap();
+    let e = l
+        .optimizer_step(&lora_kernels::ops::AdamW::default())
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::UnsupportedDType { arg: "adapter", .. }),
+        "{e}"
+    );
 }

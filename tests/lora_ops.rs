@@ -6,7 +6,8 @@
 //!
 //! Cases per run: `PROPTEST_CASES` (default 72 per test, so every kernel gets at least 64; the gradient
 //! finalize kernel runs in every backward). Batched activations ([..., K]) and gradient accumulation
-//! have their own property test.
+//! have their own property test, and so have f32 adapters and LoRA dropout (with the dropout mask's
+//! keep rate, its equality with the CPU generator, and its dependence on the offset).
 
 mod common;
 
@@ -14,7 +15,7 @@ use common::Rng;
 use common::lora::{self, Layer};
 use half::{bf16, f16};
 use lora_kernels::reference::Dims;
-use lora_kernels::{DType, Element};
+use lora_kernels::{DType, Dropout, Element};
 use proptest::prelude::*;
 
 const TOL_BF16: f64 = 1e-2;
@@ -32,19 +33,25 @@ fn tol(dtype: DType) -> f64 {
 fn case<T: Element>(d: Dims, scale: f32, bias: bool, backward: bool, stream: u64) {
     let mut rng = Rng::new(stream);
     let l = Layer::<T>::random(&mut rng, d, scale, bias);
+    layer_case(&l, backward);
+}
+
+/// One layer, forward (and backward) on both emulators (identical bits required) and the GPU if present.
+fn layer_case<T: Element, A: Element>(l: &Layer<T, A>, backward: bool) {
+    let d = l.d;
     let emus = common::emulators();
-    let first = lora::run(&emus[0], &l, backward);
-    lora::check("emulator", &l, &first, tol(T::DTYPE));
-    let second = lora::run(&emus[1], &l, backward);
+    let first = lora::run(&emus[0], l, backward);
+    lora::check("emulator", l, &first, tol(T::DTYPE));
+    let second = lora::run(&emus[1], l, backward);
     assert!(
         first.bits() == second.bits(),
         "{} {d:?}: results differ between thread orders (a race)",
         T::DTYPE
     );
     if let Some(gpu) = common::gpu() {
-        let on_gpu = lora::run(&gpu, &l, backward);
-        lora::check("gpu", &l, &on_gpu, tol(T::DTYPE));
-        let again = lora::run(&gpu, &l, backward);
+        let on_gpu = lora::run(&gpu, l, backward);
+        lora::check("gpu", l, &on_gpu, tol(T::DTYPE));
+        let again = lora::run(&gpu, l, backward);
         assert!(on_gpu.bits() == again.bits(), "GPU run not repeatable");
     }
 }
@@ -176,6 +183,189 @@ proptest! {
             batched_case::<bf16>(lead, (n, k, r), scale, stream);
         }
     }
+}
+
+/// A layer with f32 master adapters (and, on odd streams, gradients accumulated into f32 dA, dB).
+fn f32_adapter_case<T: Element>(d: Dims, scale: f32, bias: bool, dropout: Dropout, stream: u64) {
+    let mut rng = Rng::new(stream);
+    let mut l = Layer::<T, f32>::random(&mut rng, d, scale, bias).with_dropout(dropout);
+    if stream % 2 == 1 {
+        l = l.with_accumulation(&mut rng);
+    }
+    layer_case(&l, true);
+}
+
+/// A layer in the layer dtype with LoRA dropout.
+fn dropout_case<T: Element>(d: Dims, scale: f32, bias: bool, dropout: Dropout, stream: u64) {
+    let mut rng = Rng::new(stream);
+    let l = Layer::<T>::random(&mut rng, d, scale, bias).with_dropout(dropout);
+    layer_case(&l, true);
+}
+
+fn dropout_of(p: f32, seed: u64, offset: u64) -> Dropout {
+    Dropout::new(p, seed, offset).unwrap()
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// f32 adapters over a bf16/f16 layer: A and B read as f32 (rounded once to the layer dtype at the
+    /// tensor cores), dA and dB written as f32; M from 1 (the small-M range takes the general path).
+    #[test]
+    fn f32_adapters_match_reference(
+        (d, _) in dims(300),
+        scale in -4.0f32..4.0,
+        bias in any::<bool>(),
+        f16_case in any::<bool>(),
+        stream in any::<u64>(),
+    ) {
+        if f16_case {
+            f32_adapter_case::<f16>(d, scale, bias, Dropout::NONE, stream);
+        } else {
+            f32_adapter_case::<bf16>(d, scale, bias, Dropout::NONE, stream);
+        }
+    }
+
+    /// LoRA dropout, p in [0.01, 0.9), random seed and offset, adapters in the layer dtype or f32: T,
+    /// dA and dX against the reference with the same mask (the CPU generator).
+    #[test]
+    fn dropout_matches_reference(
+        (d, _) in dims(300),
+        scale in -4.0f32..4.0,
+        p in 0.01f32..0.9,
+        (seed, offset) in (any::<u64>(), any::<u64>()),
+        (f16_case, f32_adapters) in (any::<bool>(), any::<bool>()),
+        stream in any::<u64>(),
+    ) {
+        let drop = dropout_of(p, seed, offset);
+        match (f16_case, f32_adapters) {
+            (false, false) => dropout_case::<bf16>(d, scale, stream % 2 == 0, drop, stream),
+            (true, false) => dropout_case::<f16>(d, scale, stream % 2 == 0, drop, stream),
+            (false, true) => f32_adapter_case::<bf16>(d, scale, stream % 2 == 0, drop, stream),
+            (true, true) => f32_adapter_case::<f16>(d, scale, stream % 2 == 0, drop, stream),
+        }
+    }
+}
+
+/// The dropout mask as the kernels apply it, read element by element from dX: with W0 = 0, dY = 1,
+/// B = 1 (N = 16, r = 1), A = 1/16 and s = 1, `dX = s·(U·A) ⊙ mask / (1 − p)` is 1/(1 − p) where an
+/// element is kept and 0 where it is dropped. M·K = 2^20 elements per mask.
+fn kernel_mask(dev: &lora_kernels::Device, dropout: Dropout, (m, k): (usize, usize)) -> Vec<bool> {
+    use lora_kernels::{Tensor, ops};
+    let (n, r) = (16, 1);
+    let up = |v: Vec<bf16>, shape: &[usize]| Tensor::from_slice(dev, &v, shape).unwrap();
+    let x = up(vec![bf16::ONE; m * k], &[m, k]);
+    let w0 = up(vec![bf16::ZERO; n * k], &[n, k]);
+    let a = up(vec![bf16::from_f32(1.0 / 16.0); r * k], &[r, k]);
+    let b = up(vec![bf16::ONE; n * r], &[n, r]);
+    let t = up(vec![bf16::ONE; m * r], &[m, r]);
+    let dy = up(vec![bf16::ONE; m * n], &[m, n]);
+    let mut dx = Tensor::<bf16>::zeros(dev, &[m, k]).unwrap();
+    dx.poison().unwrap();
+    let mut da = Tensor::<bf16>::zeros(dev, &[r, k]).unwrap();
+    let mut db = Tensor::<bf16>::zeros(dev, &[n, r]).unwrap();
+    ops::lora_backward_into(
+        &x,
+        &w0,
+        &a,
+        &b,
+        &t,
+        &dy,
+        1.0,
+        dropout,
+        Some(&mut dx),
+        &mut da,
+        &mut db,
+        ops::GradMode::Overwrite,
+        &mut ops::Workspace::new(),
+    )
+    .unwrap();
+    let kept = bf16::from_f64(dropout.keep_scale());
+    dx.to_vec()
+        .unwrap()
+        .iter()
+        .map(|&v| {
+            assert!(
+                v == kept || v == bf16::ZERO,
+                "dX element {v} is neither 0 nor 1/(1 - p)"
+            );
+            v != bf16::ZERO
+        })
+        .collect()
+}
+
+/// The mask the kernels apply is the CPU generator's, element for element; its keep rate over 2^20
+/// elements is within 4σ of 1 − p; another offset (or seed) gives another mask.
+#[test]
+fn dropout_mask_keep_rate_and_offsets() {
+    let dev = &common::emulators()[0];
+    let (m, k) = (1024, 1024);
+    for &(p, seed, offset) in &[
+        (0.05f32, 7u64, 0u64),
+        (0.5, 1 << 40, 3 << 33),
+        (0.9, 12345, 99),
+    ] {
+        let drop = dropout_of(p, seed, offset);
+        let mask = kernel_mask(dev, drop, (m, k));
+        for (e, &kept) in mask.iter().enumerate() {
+            assert_eq!(
+                kept,
+                drop.keeps(e as u64),
+                "p {p}: element {e} differs from the CPU generator"
+            );
+        }
+        let n = mask.len() as f64;
+        let rate = mask.iter().filter(|&&v| v).count() as f64 / n;
+        let (want, sigma) = (1.0 - p as f64, (p as f64 * (1.0 - p as f64) / n).sqrt());
+        assert!(
+            (rate - want).abs() <= 4.0 * sigma,
+            "p {p}: keep rate {rate} vs {want} ± 4·{sigma:e}"
+        );
+        // another offset, and another seed: masks that differ in about 2p(1 − p) of the elements
+        for other in [
+            drop.with_offset(offset + 1),
+            dropout_of(p, seed + 1, offset),
+        ] {
+            let differ = mask
+                .iter()
+                .zip(kernel_mask(dev, other, (m, k)))
+                .filter(|(a, b)| **a != *b)
+                .count() as f64
+                / n;
+            let expect = 2.0 * p as f64 * (1.0 - p as f64);
+            assert!(
+                (differ - expect).abs() < 0.01,
+                "p {p}: masks of {drop:?} and {other:?} differ in {differ} of the elements, expected about {expect}"
+            );
+        }
+    }
+    if let Some(gpu) = common::gpu() {
+        let drop = dropout_of(0.3, 5, 6);
+        assert!(
+            kernel_mask(&gpu, drop, (m, k)) == kernel_mask(dev, drop, (m, k)),
+            "the GPU's dropout mask differs from the emulator's"
+        );
+    }
+}
+
+/// p = 0 is today's path, bit for bit, whatever the seed and offset.
+#[test]
+fn zero_dropout_gives_the_plain_bits() {
+    let d = Dims {
+        m: 70,
+        n: 33,
+        k: 48,
+        r: 8,
+    };
+    let mut rng = Rng::new(21);
+    let l = Layer::<bf16>::random(&mut rng, d, 1.25, true);
+    let dev = &common::emulators()[0];
+    let plain = lora::run(dev, &l, true);
+    let l0 = l.with_dropout(dropout_of(0.0, 77, 88));
+    assert!(
+        lora::run(dev, &l0, true).bits() == plain.bits(),
+        "p = 0 changed the bits"
+    );
 }
 
 /// Fixed edge shapes: 1, 2^k ± 1, tile multiples and one past them, rank 1 and 128, M on both sides

@@ -410,7 +410,16 @@ pub fn blas(dev: &Device) -> std::result::Result<Arc<CudaBlas>, String> {
 /// Our fused forward (the T projection + fused GEMM, or small-M) into the set's y and t.
 pub fn ours_forward(s: &mut Set, scale: f32) {
     ops::lora_forward_into(
-        &s.x, &s.w0, &s.a, &s.b, None, scale, &mut s.y, &mut s.t, &mut s.ws,
+        &s.x,
+        &s.w0,
+        &s.a,
+        &s.b,
+        None,
+        scale,
+        lora_kernels::Dropout::NONE,
+        &mut s.y,
+        &mut s.t,
+        &mut s.ws,
     )
     .unwrap();
 }
@@ -425,6 +434,7 @@ pub fn ours_backward(s: &mut Set, scale: f32) {
         &s.t,
         &s.dy,
         scale,
+        lora_kernels::Dropout::NONE,
         Some(&mut s.dx),
         &mut s.da,
         &mut s.db,

@@ -185,6 +185,14 @@ inline float __fadd_rn(float a, float b) {
     volatile float r = a + b;
     return r;
 }
+inline float __fdiv_rn(float a, float b) {
+    volatile float r = a / b;
+    return r;
+}
+inline float __fsqrt_rn(float a) {
+    volatile float r = std::sqrt(a);
+    return r;
+}
 struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };

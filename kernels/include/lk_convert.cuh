@@ -4,6 +4,13 @@
 #pragma once
 #include "lk_intrinsics.cuh"
 
+// <type_traits> without the header (the emulator's prelude and nvcc's device code both take these).
+template <typename A, typename B> struct lk_same { static constexpr bool value = false; };
+template <typename A> struct lk_same<A, A> { static constexpr bool value = true; };
+template <typename A> struct lk_remove_cvref { using type = A; };
+template <typename A> struct lk_remove_cvref<const A&> { using type = A; };
+template <typename A> struct lk_remove_cvref<A&> { using type = A; };
+
 __device__ __forceinline__ float lk_to_f32(float v) { return v; }
 __device__ __forceinline__ float lk_to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float lk_to_f32(__half v) { return __half2float(v); }

@@ -31,6 +31,19 @@ typedef struct LkScaleParams {
 #define LK_ALIGNED_L 4u
 #define LK_ALIGNED_R 8u
 
+/* LoRA dropout on the adapter input (kernels/include/lk_philox.cuh): element e of X (its row-major index
+ * in the dense [M, K] X, e = row·K + col) is kept iff word e % 4 of Philox4x32-10(key = seed, counter =
+ * (e / 4, offset)) is ≥ threshold, threshold = round(p·2^32); kept elements are scaled by 1/(1 − p), which
+ * the host folds into the kernel's scale. The mask is regenerated wherever it is needed, never stored:
+ * the forward's T, the backward's dA and dX see the same one. Which operand it applies to is a flag of
+ * the kernel (LK_DROPOUT_*); without that flag the struct is not read. */
+typedef struct LkDropout {
+    uint64_t seed;
+    uint64_t offset;
+    uint32_t threshold;
+    uint32_t reserved;
+} LkDropout;
+
 /* fused_gemm tiling, shared with the Rust launch plan: BM × BN output tile per block of
  * LK_FUSED_GEMM_THREADS threads, LK_FUSED_GEMM_SMEM_BYTES of dynamic shared memory (3 cp.async stages). */
 #define LK_FUSED_GEMM_BM 128u
@@ -40,6 +53,12 @@ typedef struct LkScaleParams {
 
 /* The largest LoRA rank the ops accept (validated on the Rust side; the range the tests cover). */
 #define LK_MAX_RANK 128u
+
+/* fused_gemm flags beyond the alignment bits: LK_DROPOUT_L masks the L operand as it is loaded (the
+ * projection T = dropout(X)·Aᵀ, L = X); LK_DROPOUT_ACC masks the low-rank sum L·op(R) by C's element
+ * index before it is scaled (dX = dY·W0 + s·(U·A) ⊙ mask / (1 − p)). */
+#define LK_DROPOUT_L 32u
+#define LK_DROPOUT_ACC 64u
 
 /* Launch geometry of the SIMT kernels, shared with the Rust launch plans (src/ops/launch.rs) so that
  * a kernel's tiling and the grid that covers it cannot drift apart. */
@@ -82,6 +101,7 @@ typedef struct LkFusedGemmParams {
     float scale;
     float* partial;
     uint32_t rank_per_split;
+    LkDropout dropout;
 } LkFusedGemmParams;
 
 /* G = round(scale · Σ_split partial[split]) over `count` elements (kernels/lowrank_finalize.cu): the end of
@@ -96,6 +116,7 @@ typedef struct LkLowrankFinalizeParams {
     float scale;
     uint32_t accumulate;
 } LkLowrankFinalizeParams;
+/* The "_f32" finalize kernels write G as f32 (the gradients of f32 adapters). */
 
 /* The backward's reductions over the M tokens in one pass over G (kernels/lowrank_grad.cu):
  *   P = Gᵀ·L (cols × rank), for the tokens of chunk z = blockIdx.y: rows [z·rows_per_split, ...) ∩ [0, m);
@@ -112,6 +133,9 @@ typedef struct LkLowrankFinalizeParams {
 #define LK_GRAD_TC 128u    /* columns of G per block (a strip) */
 #define LK_GRAD_STAGES 3u  /* depth of the cp.async ring */
 #define LK_GRAD_P_TRANSPOSED 16u
+/* LK_DROPOUT_G: G (= X) is masked by `dropout` as it is loaded (dA = s·Uᵀ·dropout(X)). The "_u_..._f32ad"
+ * kernels read R (= B) as f32, rounded to the layer dtype once as it enters shared memory. */
+#define LK_DROPOUT_G 32u
 typedef struct LkLowrankGradParams {
     const void* g;
     const void* l;
@@ -123,6 +147,7 @@ typedef struct LkLowrankGradParams {
     uint32_t rank;
     uint32_t rows_per_split;
     uint32_t flags;
+    LkDropout dropout;
 } LkLowrankGradParams;
 
 /* LK_SMALL_M_MAX: the largest m the small-M kernel takes; the launch plan picks it for m ≤ this. */
@@ -185,5 +210,41 @@ typedef struct LkMergeParams {
     float scale;
     uint32_t flags;
 } LkMergeParams;
+
+/* One fused AdamW step over n f32 parameters (kernels/adamw.cu), PyTorch's AdamW formula with every
+ * operation rounded once in f32, in this order (so a CPU reference of the same formula gives the same bits):
+ *   p ← p·decay                       decay = 1 − lr·weight_decay
+ *   m ← beta1·m + (1 − beta1)·g
+ *   v ← beta2·v + (1 − beta2)·g·g
+ *   p ← p − step_size · m / (sqrt(v) / bc2_sqrt + eps)     step_size = lr / (1 − beta1^t),
+ *                                                           bc2_sqrt = sqrt(1 − beta2^t)
+ * The host computes the per-step constants in f64 and rounds them to f32 once. copy: NULL, or n elements
+ * of the kernel's 16-bit dtype that receive round(p) in the same pass (the layer-dtype adapter copy). */
+typedef struct LkAdamwParams {
+    float* param;
+    float* m;
+    float* v;
+    const float* grad;
+    void* copy;
+    uint32_t n;
+    float decay;
+    float beta1;
+    float one_minus_beta1;
+    float beta2;
+    float one_minus_beta2;
+    float step_size;
+    float bc2_sqrt;
+    float eps;
+} LkAdamwParams;
+
+/* The gradient of the loss ½·scale·Σ(y − target)² with respect to y (kernels/mse_grad.cu), the trainer's
+ * last step before the backward: dy[i] = round(scale · (y[i] − target[i])), f32 arithmetic, one rounding. */
+typedef struct LkMseGradParams {
+    const void* y;
+    const void* target;
+    void* dy;
+    uint32_t n;
+    float scale;
+} LkMseGradParams;
 
 #endif /* LORA_PARAMS_H */

@@ -2,6 +2,7 @@
 //! tensors and launches once. The public ops (forward, backward, merge) validate, then call these.
 
 use crate::device::Arg;
+use crate::dropout::Dropout;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernel::{Kernel, kernels};
@@ -38,6 +39,31 @@ fn pick<P>(
     }
 }
 
+/// The kernel for a (layer dtype, adapter dtype) pair: adapters in the layer dtype or in f32.
+fn pick_pair<P>(
+    op: &'static str,
+    (layer, adapter): (DType, DType),
+    same: [&'static Kernel<P>; 2],
+    f32ad: [&'static Kernel<P>; 2],
+) -> Result<&'static Kernel<P>> {
+    let [bf16, f16] = if adapter == DType::F32 { f32ad } else { same };
+    if adapter != layer && adapter != DType::F32 {
+        return Err(unsupported_pair(op, layer, adapter));
+    }
+    pick(op, layer, bf16, f16)
+}
+
+/// The error for an adapter dtype the LoRA kernels do not take with this layer dtype.
+pub(crate) fn unsupported_pair(op: &'static str, layer: DType, adapter: DType) -> Error {
+    let _ = layer;
+    Error::UnsupportedDType {
+        op,
+        arg: "a",
+        got: adapter,
+        supported: "adapters (a, b) in the layer dtype (that of x) or in f32, with a bf16 or f16 layer",
+    }
+}
+
 /// 16-byte vector loads are legal: aligned base and a leading dimension that keeps every row aligned.
 fn vec_ok(addr: u64, ld: u32) -> bool {
     addr % 16 == 0 && ld % 8 == 0
@@ -61,18 +87,26 @@ fn u32_of(v: usize) -> u32 {
 /// dtype). With enough output tiles to fill a large GPU, an N = rank GEMM over `inner`; with fewer (M up
 /// to about 16k rows at r ≤ 128), `inner` is cut into fixed chunks ([`split_reduction`]), so the grid
 /// fills the GPU at every M.
-pub(crate) fn project<T: Element>(
+///
+/// With f32 adapters (`q` f32), or with dropout (`p` = X masked as it is loaded, the kept elements'
+/// 1/(1 − p) in the scale), always the low-rank form ([`split_reduction`], one chunk or several): only
+/// its R operand reads f32 and only its L operand is masked.
+pub(crate) fn project<T: Element, R: Element>(
     op: &'static str,
     p: &Tensor<T>,
-    q: &Tensor<T>,
+    q: &Tensor<R>,
     out: &mut Tensor<T>,
     (m, inner, rank): (usize, usize, usize),
+    dropout: &Dropout,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
     let tiles = m.div_ceil(LK_FUSED_GEMM_BM as usize) * rank.div_ceil(LK_FUSED_GEMM_BN as usize);
-    if grad_splits(inner, tiles).0 > 1 {
-        return split_reduction(op, p, q, out, (inner, m, rank), 1.0, ws);
+    let plain = R::DTYPE == T::DTYPE && !dropout.is_active();
+    if !plain || grad_splits(inner, tiles).0 > 1 {
+        return split_reduction(op, p, q, out, (inner, m, rank), dropout, ws);
     }
+    // R == T here: the same tensor, viewed at its own type
+    let q = same_dtype::<R, T>(q)?;
     let g = FusedGemm {
         orient: Orient::Nt,
         a: p,
@@ -86,23 +120,43 @@ pub(crate) fn project<T: Element>(
         k: inner,
         rank: 0,
         scale: 1.0,
+        dropout: None,
     };
     fused_gemm(op, &g, out, None)
 }
 
-/// Operands of the fused GEMM, all dense row-major.
-pub(crate) struct FusedGemm<'a, T: Element> {
+/// `t` as a tensor of `U` when `U` is its dtype (checked at run time: the generic ops branch on dtypes).
+pub(crate) fn same_dtype<T: Element, U: Element>(t: &Tensor<T>) -> Result<&Tensor<U>> {
+    t.cast_ref::<U>().ok_or_else(|| Error::InvalidState {
+        op: "launch",
+        message: format!("{} is not {}", T::DTYPE, U::DTYPE),
+    })
+}
+
+/// Where a fused GEMM applies the dropout mask (kernels/fused_gemm.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MaskAt {
+    /// The L operand as it is loaded (the projection's X).
+    L,
+    /// The low-rank sum, by C's element index, before it is scaled (dX).
+    LowRankSum,
+}
+
+/// Operands of the fused GEMM, all dense row-major. R (the adapter operand) is in the layer dtype or f32.
+pub(crate) struct FusedGemm<'a, T: Element, R: Element = T> {
     pub orient: Orient,
     pub a: &'a Tensor<T>,
     pub b: &'a Tensor<T>,
     pub l: &'a Tensor<T>,
-    pub r: &'a Tensor<T>,
+    pub r: &'a Tensor<R>,
     pub bias: Option<&'a Tensor<T>>,
     pub m: usize,
     pub n: usize,
     pub k: usize,
     pub rank: usize,
     pub scale: f32,
+    /// The dropout mask and where it applies (the scale then includes 1/(1 − p)).
+    pub dropout: Option<(LkDropout, MaskAt)>,
 }
 
 /// A reduction over `rank` cut into `splits` fixed chunks of `per_split` (grid z): each block writes its
@@ -115,24 +169,26 @@ pub(crate) struct Split<'a> {
 
 /// `c (m×n) = a·op(b) + scale·l·op(r) (+ bias)` in one tensor-core kernel; with `split`, the partial
 /// sums of the low-rank part instead (c is then left alone).
-pub(crate) fn fused_gemm<T: Element>(
+pub(crate) fn fused_gemm<T: Element, R: Element>(
     op: &'static str,
-    g: &FusedGemm<'_, T>,
+    g: &FusedGemm<'_, T, R>,
     c: &mut Tensor<T>,
     split: Option<Split<'_>>,
 ) -> Result<()> {
+    use kernels::*;
+    let pair = (T::DTYPE, R::DTYPE);
     let kernel = match g.orient {
-        Orient::Nt => pick(
+        Orient::Nt => pick_pair(
             op,
-            T::DTYPE,
-            &kernels::FUSED_GEMM_NT_BF16,
-            &kernels::FUSED_GEMM_NT_F16,
+            pair,
+            [&FUSED_GEMM_NT_BF16, &FUSED_GEMM_NT_F16],
+            [&FUSED_GEMM_NT_BF16_F32AD, &FUSED_GEMM_NT_F16_F32AD],
         )?,
-        Orient::Nn => pick(
+        Orient::Nn => pick_pair(
             op,
-            T::DTYPE,
-            &kernels::FUSED_GEMM_NN_BF16,
-            &kernels::FUSED_GEMM_NN_F16,
+            pair,
+            [&FUSED_GEMM_NN_BF16, &FUSED_GEMM_NN_F16],
+            [&FUSED_GEMM_NN_BF16_F32AD, &FUSED_GEMM_NN_F16_F32AD],
         )?,
     };
     // One block per 128×128 tile of C in a 1-D grid (the kernel maps the block index to a tile in a
@@ -181,13 +237,19 @@ pub(crate) fn fused_gemm<T: Element>(
     }
     let has_bias = g.bias.is_some();
     let device = g.a.device().clone();
+    let (dropout, mask_flag) = match g.dropout {
+        None => (Dropout::NONE.params(), 0),
+        Some((d, MaskAt::L)) => (d, LK_DROPOUT_L),
+        Some((d, MaskAt::LowRankSum)) => (d, LK_DROPOUT_ACC),
+    };
     device.launch(op, kernel, &plan, &mut args, |ptr| {
-        let flags = aligned_flags(&[
-            (ptr[0], lda, LK_ALIGNED_A),
-            (ptr[1], ldb, LK_ALIGNED_B),
-            (ptr[2], ldl, LK_ALIGNED_L),
-            (ptr[3], ldr, LK_ALIGNED_R),
-        ]);
+        let flags = mask_flag
+            | aligned_flags(&[
+                (ptr[0], lda, LK_ALIGNED_A),
+                (ptr[1], ldb, LK_ALIGNED_B),
+                (ptr[2], ldl, LK_ALIGNED_L),
+                (ptr[3], ldr, LK_ALIGNED_R),
+            ]);
         LkFusedGemmParams {
             a: ptr[0] as *const _,
             b: ptr[1] as *const _,
@@ -214,6 +276,7 @@ pub(crate) fn fused_gemm<T: Element>(
                 .get(c_index + 1)
                 .map_or(std::ptr::null_mut(), |&p| p as *mut f32),
             rank_per_split: u32_of(rank_per_split),
+            dropout,
         }
     })
 }
@@ -369,22 +432,52 @@ pub(crate) fn lowrank_grad_smem(class: usize, with_u: bool) -> u32 {
 
 fn lowrank_grad_kernel(
     op: &'static str,
-    dtype: DType,
+    (layer, adapter): (DType, DType),
     class: usize,
     with_u: bool,
 ) -> Result<&'static Kernel<LkLowrankGradParams>> {
     use kernels::*;
-    let (bf16, f16) = match (with_u, class) {
-        (false, 16) => (&LOWRANK_GRAD_R16_BF16, &LOWRANK_GRAD_R16_F16),
-        (false, 32) => (&LOWRANK_GRAD_R32_BF16, &LOWRANK_GRAD_R32_F16),
-        (false, 64) => (&LOWRANK_GRAD_R64_BF16, &LOWRANK_GRAD_R64_F16),
-        (false, _) => (&LOWRANK_GRAD_R128_BF16, &LOWRANK_GRAD_R128_F16),
-        (true, 16) => (&LOWRANK_GRAD_U_R16_BF16, &LOWRANK_GRAD_U_R16_F16),
-        (true, 32) => (&LOWRANK_GRAD_U_R32_BF16, &LOWRANK_GRAD_U_R32_F16),
-        (true, 64) => (&LOWRANK_GRAD_U_R64_BF16, &LOWRANK_GRAD_U_R64_F16),
-        (true, _) => (&LOWRANK_GRAD_U_R128_BF16, &LOWRANK_GRAD_U_R128_F16),
+    if !with_u {
+        // no adapter operand: the layer dtype alone picks it
+        let (bf16, f16) = match class {
+            16 => (&LOWRANK_GRAD_R16_BF16, &LOWRANK_GRAD_R16_F16),
+            32 => (&LOWRANK_GRAD_R32_BF16, &LOWRANK_GRAD_R32_F16),
+            64 => (&LOWRANK_GRAD_R64_BF16, &LOWRANK_GRAD_R64_F16),
+            _ => (&LOWRANK_GRAD_R128_BF16, &LOWRANK_GRAD_R128_F16),
+        };
+        return pick(op, layer, bf16, f16);
+    }
+    let (same, f32ad) = match class {
+        16 => (
+            [&LOWRANK_GRAD_U_R16_BF16, &LOWRANK_GRAD_U_R16_F16],
+            [
+                &LOWRANK_GRAD_U_R16_BF16_F32AD,
+                &LOWRANK_GRAD_U_R16_F16_F32AD,
+            ],
+        ),
+        32 => (
+            [&LOWRANK_GRAD_U_R32_BF16, &LOWRANK_GRAD_U_R32_F16],
+            [
+                &LOWRANK_GRAD_U_R32_BF16_F32AD,
+                &LOWRANK_GRAD_U_R32_F16_F32AD,
+            ],
+        ),
+        64 => (
+            [&LOWRANK_GRAD_U_R64_BF16, &LOWRANK_GRAD_U_R64_F16],
+            [
+                &LOWRANK_GRAD_U_R64_BF16_F32AD,
+                &LOWRANK_GRAD_U_R64_F16_F32AD,
+            ],
+        ),
+        _ => (
+            [&LOWRANK_GRAD_U_R128_BF16, &LOWRANK_GRAD_U_R128_F16],
+            [
+                &LOWRANK_GRAD_U_R128_BF16_F32AD,
+                &LOWRANK_GRAD_U_R128_F16_F32AD,
+            ],
+        ),
     };
-    pick(op, dtype, bf16, f16)
+    pick_pair(op, (layer, adapter), same, f32ad)
 }
 
 /// Where lowrank_grad writes P = gᵀ·l.
@@ -403,17 +496,22 @@ pub(crate) enum PLayout {
 /// cut into fixed chunks and the columns into strips of 128, both from the shape only
 /// ([`grad_splits`]); the blocks write f32 partial sums, which `lowrank_finalize` adds in order and
 /// rounds once: the same bits on every run, no atomics.
+///
+/// `r` may be f32 (f32 adapters: read as f32, rounded once to T in shared memory), P's output is in the
+/// adapter dtype `G` (T or f32). With `dropout`, g (= X) is masked as it is loaded; `scale` then
+/// includes 1/(1 − p).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn lowrank_grad<T: Element>(
+pub(crate) fn lowrank_grad<T: Element, R: Element, G: Element>(
     op: &'static str,
     g: &Tensor<T>,
     l: &Tensor<T>,
-    p_out: &mut Tensor<T>,
+    p_out: &mut Tensor<G>,
     p_layout: PLayout,
-    u: Option<(&Tensor<T>, &mut Tensor<T>)>,
+    u: Option<(&Tensor<R>, &mut Tensor<T>)>,
     (m, cols, rank): (usize, usize, usize),
     scale: f32,
     accumulate: bool,
+    dropout: Option<LkDropout>,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
     // cols fits u32 (validated), so the strips stay far below the grid's 2^31 - 1 blocks
@@ -421,7 +519,11 @@ pub(crate) fn lowrank_grad<T: Element>(
     let (splits, rows_per_split) = grad_splits(m, strips);
     let class = rank_class(rank);
     let with_u = u.is_some();
-    let kernel = lowrank_grad_kernel(op, T::DTYPE, class, with_u)?;
+    let kernel = lowrank_grad_kernel(op, (T::DTYPE, R::DTYPE), class, with_u)?;
+    let (drop_params, drop_flag) = match dropout {
+        Some(d) => (d, LK_DROPOUT_G),
+        None => (Dropout::NONE.params(), 0),
+    };
     let plan = LaunchPlan {
         grid: [u32_of(strips), u32_of(splits), 1],
         block: [LK_SIMT_THREADS, 1, 1],
@@ -449,7 +551,8 @@ pub(crate) fn lowrank_grad<T: Element>(
             cols: cols32,
             rank: rank32,
             rows_per_split: u32_of(rows_per_split),
-            flags: flags | transposed,
+            flags: flags | transposed | drop_flag,
+            dropout: drop_params,
         }
     };
     ws.with_partial(&device, &[splits, cols, rank], |p_partial, ws| {
@@ -496,12 +599,15 @@ fn finalize<T: Element>(
     scale: f32,
     accumulate: bool,
 ) -> Result<()> {
-    let kernel = pick(
-        op,
-        T::DTYPE,
-        &kernels::LOWRANK_FINALIZE_BF16,
-        &kernels::LOWRANK_FINALIZE_F16,
-    )?;
+    let kernel = match T::DTYPE {
+        DType::F32 => &kernels::LOWRANK_FINALIZE_F32,
+        dtype => pick(
+            op,
+            dtype,
+            &kernels::LOWRANK_FINALIZE_BF16,
+            &kernels::LOWRANK_FINALIZE_F16,
+        )?,
+    };
     let count = out.numel();
     partial.device().launch(
         op,
@@ -525,22 +631,32 @@ fn finalize<T: Element>(
 /// chunks chosen from the shape only ([`grad_splits`]); with several, each block writes its chunk's f32
 /// sums and `lowrank_finalize` adds them in chunk order, scales and rounds once: the same bits on every
 /// run, no atomics.
-#[allow(clippy::too_many_arguments)]
-fn split_reduction<T: Element>(
+/// With `dropout` active, p is X and is masked as it is loaded; the kept elements' 1/(1 − p) joins the
+/// scale (applied once, to the f32 sum).
+fn split_reduction<T: Element, R: Element>(
     op: &'static str,
     p: &Tensor<T>,
-    q: &Tensor<T>,
+    q: &Tensor<R>,
     g: &mut Tensor<T>,
     (red, rows, cols): (usize, usize, usize),
-    scale: f32,
+    dropout: &Dropout,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
     let tiles = rows.div_ceil(LK_FUSED_GEMM_BM as usize) * cols.div_ceil(LK_FUSED_GEMM_BN as usize);
     let (splits, per_split) = grad_splits(red, tiles);
+    let (scale, mask) = if dropout.is_active() {
+        (
+            dropout.keep_scale() as f32,
+            Some((dropout.params(), MaskAt::L)),
+        )
+    } else {
+        (1.0, None)
+    };
     let gemm = |scale| FusedGemm {
         orient: Orient::Nt,
         a: p,
-        b: q,
+        // no main part (k = 0): b is never read
+        b: p,
         l: p,
         r: q,
         bias: None,
@@ -549,6 +665,7 @@ fn split_reduction<T: Element>(
         k: 0,
         rank: red,
         scale,
+        dropout: mask,
     };
     if splits == 1 {
         return fused_gemm(op, &gemm(scale), g, None);

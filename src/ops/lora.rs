@@ -6,11 +6,17 @@
 //!           from the same X on the way (then a small finalize launch).
 //! backward: `U = dY·B` and `dB = s·dYᵀ·T` in one pass over dY, `dA = s·Uᵀ·X` in one over X, then
 //!           `dX = dY·W0 + s·U·A` (optional) on the fused GEMM: dY is read twice, X once. Never dW0.
+//!
+//! Adapters (A, B, and so dA, dB) are in the layer dtype or in f32 (PEFT's f32 master adapters over a
+//! bf16/f16 base): the kernels read f32 A and B as f32 and round them once to the layer dtype where
+//! they enter the tensor cores, and write f32 dA, dB. The `_into` forms also take a [`Dropout`] on the
+//! adapter input (PEFT's `lora_dropout`); [`Dropout::NONE`] is the plain path, bit for bit.
 
-use super::launch::{self, FusedGemm, Orient, PLayout};
+use super::launch::{self, FusedGemm, MaskAt, Orient, PLayout, same_dtype};
 use super::validate::{self, rows_of};
 use super::workspace::Workspace;
-use crate::dtype::Element;
+use crate::dropout::Dropout;
+use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::params::LK_SMALL_M_MAX;
 use crate::reference::Dims;
@@ -23,12 +29,12 @@ pub struct ForwardOutput<T: Element> {
     pub t: Tensor<T>,
 }
 
-/// dA (r×K), dB (N×r) and, when asked for, dX (M×K).
+/// dA (r×K), dB (N×r) in the adapters' dtype `A` and, when asked for, dX (M×K) in the layer's.
 #[derive(Debug)]
-pub struct Gradients<T: Element> {
+pub struct Gradients<T: Element, A: Element = T> {
     pub dx: Option<Tensor<T>>,
-    pub da: Tensor<T>,
-    pub db: Tensor<T>,
+    pub da: Tensor<A>,
+    pub db: Tensor<A>,
 }
 
 /// What the backward does with the dA and dB it is given.
@@ -52,15 +58,18 @@ pub(crate) struct LayerShape {
 }
 
 /// Checks X [..., K] (any number of leading dimensions, M = their product), W0 [N, K], A [r, K],
-/// B [N, r], dtype bf16/f16, 1 ≤ r ≤ 128, sizes within u32.
-pub(crate) fn layer_dims<T: Element>(
+/// B [N, r], dtype bf16/f16, adapters in that dtype or f32, 1 ≤ r ≤ 128, sizes within u32.
+pub(crate) fn layer_dims<T: Element, A: Element>(
     op: &'static str,
     x: &Tensor<T>,
     w0: &Tensor<T>,
-    a: &Tensor<T>,
-    b: &Tensor<T>,
+    a: &Tensor<A>,
+    b: &Tensor<A>,
 ) -> Result<LayerShape> {
     validate::half_dtype(op, "x", T::DTYPE)?;
+    if A::DTYPE != T::DTYPE && A::DTYPE != DType::F32 {
+        return Err(launch::unsupported_pair(op, T::DTYPE, A::DTYPE));
+    }
     let (lead, m, k) = validate::rows(op, "x", x)?;
     let (n, k_w) = validate::matrix(op, "w0", w0, "[N, K]")?;
     if k_w != k {
@@ -90,12 +99,12 @@ fn check_t<T: Element>(op: &'static str, t: &Tensor<T>, s: &LayerShape, what: &s
 }
 
 /// `Y = X·W0ᵀ + s·(X·Aᵀ)·Bᵀ (+ bias)` for X [..., K] (any leading dimensions, M rows); returns Y
-/// [..., N] and T [..., r].
-pub fn lora_forward<T: Element>(
+/// [..., N] and T [..., r]. A and B in X's dtype or f32. No dropout ([`lora_forward_into`] takes one).
+pub fn lora_forward<T: Element, A: Element>(
     x: &Tensor<T>,
     w0: &Tensor<T>,
-    a: &Tensor<T>,
-    b: &Tensor<T>,
+    a: &Tensor<A>,
+    b: &Tensor<A>,
     bias: Option<&Tensor<T>>,
     scale: f32,
 ) -> Result<ForwardOutput<T>> {
@@ -109,6 +118,7 @@ pub fn lora_forward<T: Element>(
         b,
         bias,
         scale,
+        Dropout::NONE,
         &mut y,
         &mut t,
         &mut Workspace::new(),
@@ -117,15 +127,17 @@ pub fn lora_forward<T: Element>(
 }
 
 /// [`lora_forward`] into existing `y` [..., N] and `t` [..., r] (or [M, r]), with scratch memory from
-/// `ws`: for callers that reuse buffers (a training loop allocates nothing per step).
+/// `ws`: for callers that reuse buffers (a training loop allocates nothing per step), and with LoRA
+/// dropout on the adapter input: `T = dropout(X)·Aᵀ` (pass the same `dropout` to the backward).
 #[allow(clippy::too_many_arguments)]
-pub fn lora_forward_into<T: Element>(
+pub fn lora_forward_into<T: Element, A: Element>(
     x: &Tensor<T>,
     w0: &Tensor<T>,
-    a: &Tensor<T>,
-    b: &Tensor<T>,
+    a: &Tensor<A>,
+    b: &Tensor<A>,
     bias: Option<&Tensor<T>>,
     scale: f32,
+    dropout: Dropout,
     y: &mut Tensor<T>,
     t: &mut Tensor<T>,
     ws: &mut Workspace<T>,
@@ -146,10 +158,13 @@ pub fn lora_forward_into<T: Element>(
         "[..., N] (x's leading dimensions)",
     )?;
     check_t(OP, t, &s, "[..., r] (x's leading dimensions) or [M, r]")?;
-    if d.m <= LK_SMALL_M_MAX as usize {
+    // The small-M kernel streams [W0; A] in the layer dtype with one X: adapters in the layer dtype, no
+    // dropout. Otherwise (f32 adapters, dropout) small M takes the general path.
+    if d.m <= LK_SMALL_M_MAX as usize && A::DTYPE == T::DTYPE && !dropout.is_active() {
+        let (a, b) = (same_dtype::<A, T>(a)?, same_dtype::<A, T>(b)?);
         return launch::small_m(OP, x, w0, a, b, bias, y, t, (d.m, d.n, d.k, d.r), scale, ws);
     }
-    launch::project(OP, x, a, t, (d.m, d.k, d.r), ws)?;
+    launch::project(OP, x, a, t, (d.m, d.k, d.r), &dropout, ws)?;
     let g = FusedGemm {
         orient: Orient::Nt,
         a: x,
@@ -162,22 +177,24 @@ pub fn lora_forward_into<T: Element>(
         k: d.k,
         rank: d.r,
         scale,
+        dropout: None,
     };
     launch::fused_gemm(OP, &g, y, None)
 }
 
-/// Gradients of the layer given dY [..., N] and the forward's T: dA, dB and (if `want_dx`) dX [..., K].
+/// Gradients of the layer given dY [..., N] and the forward's T: dA, dB (in the adapters' dtype) and
+/// (if `want_dx`) dX [..., K]. No dropout ([`lora_backward_into`] takes one).
 #[allow(clippy::too_many_arguments)]
-pub fn lora_backward<T: Element>(
+pub fn lora_backward<T: Element, A: Element>(
     x: &Tensor<T>,
     w0: &Tensor<T>,
-    a: &Tensor<T>,
-    b: &Tensor<T>,
+    a: &Tensor<A>,
+    b: &Tensor<A>,
     t: &Tensor<T>,
     dy: &Tensor<T>,
     scale: f32,
     want_dx: bool,
-) -> Result<Gradients<T>> {
+) -> Result<Gradients<T, A>> {
     let s = layer_dims("lora_backward", x, w0, a, b)?;
     let d = s.d;
     let dev = x.device();
@@ -197,6 +214,7 @@ pub fn lora_backward<T: Element>(
         t,
         dy,
         scale,
+        Dropout::NONE,
         dx.as_mut(),
         &mut da,
         &mut db,
@@ -208,19 +226,21 @@ pub fn lora_backward<T: Element>(
 
 /// [`lora_backward`] into existing `dx` [..., K] (or none), `da` [r, K], `db` [N, r], with scratch memory
 /// (U and the gradients' partial sums) from `ws`. With [`GradMode::Accumulate`] dA and dB are added to
-/// (micro-batches), dX is always overwritten.
+/// (micro-batches), dX is always overwritten. `dropout` must be the forward's: `dA = s·Uᵀ·dropout(X)`,
+/// `dX = dY·W0 + s·(U·A) ⊙ mask / (1 − p)` (dB needs none: the forward's T has it).
 #[allow(clippy::too_many_arguments)]
-pub fn lora_backward_into<T: Element>(
+pub fn lora_backward_into<T: Element, A: Element>(
     x: &Tensor<T>,
     w0: &Tensor<T>,
-    a: &Tensor<T>,
-    b: &Tensor<T>,
+    a: &Tensor<A>,
+    b: &Tensor<A>,
     t: &Tensor<T>,
     dy: &Tensor<T>,
     scale: f32,
+    dropout: Dropout,
     dx: Option<&mut Tensor<T>>,
-    da: &mut Tensor<T>,
-    db: &mut Tensor<T>,
+    da: &mut Tensor<A>,
+    db: &mut Tensor<A>,
     mode: GradMode,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
@@ -250,6 +270,14 @@ pub fn lora_backward_into<T: Element>(
         )?;
     }
     let acc = mode == GradMode::Accumulate;
+    // dA and dX see the mask; the kept elements' 1/(1 − p) joins their scale (one f32 rounding of s/(1 − p))
+    let (mask, masked_scale) = if dropout.is_active() {
+        let s_eff = (scale as f64 * dropout.keep_scale()) as f32;
+        validate::finite(OP, "scale / (1 - p)", s_eff)?;
+        (Some(dropout.params()), s_eff)
+    } else {
+        (None, scale)
+    };
     ws.with_layer(x.device(), &[d.m, d.r], |u, ws| {
         // one pass over dY for dB and U, one over X for dA (kernels/lowrank_grad.cu)
         let dims = (d.m, d.n, d.r);
@@ -263,6 +291,7 @@ pub fn lora_backward_into<T: Element>(
             dims,
             scale,
             acc,
+            None,
             ws,
         )?;
         let dims = (d.m, d.k, d.r);
@@ -272,10 +301,11 @@ pub fn lora_backward_into<T: Element>(
             u,
             da,
             PLayout::RankByCols,
-            None,
+            None::<(&Tensor<A>, &mut Tensor<T>)>,
             dims,
-            scale,
+            masked_scale,
             acc,
+            mask,
             ws,
         )?;
         if let Some(dx) = dx {
@@ -290,7 +320,8 @@ pub fn lora_backward_into<T: Element>(
                 n: d.k,
                 k: d.n,
                 rank: d.r,
-                scale,
+                scale: masked_scale,
+                dropout: mask.map(|m| (m, MaskAt::LowRankSum)),
             };
             launch::fused_gemm(OP, &g, dx, None)?;
         }

@@ -3,6 +3,7 @@
 //!
 //! [`Error`]: crate::Error
 
+mod adamw;
 mod launch;
 mod lora;
 mod merge;
@@ -10,6 +11,10 @@ mod scale;
 pub(crate) mod validate;
 mod workspace;
 
+pub use adamw::{
+    AdamState, AdamW, AdamwConstants, adamw_step, adamw_step_with_copy,
+    reference_step as adamw_reference_step,
+};
 pub use lora::{
     ForwardOutput, GradMode, Gradients, lora_backward, lora_backward_into, lora_forward,
     lora_forward_into,
@@ -17,6 +22,6 @@ pub use lora::{
 pub use merge::{
     NonFiniteCounts, merge, merge_counted, safe_merge, safe_unmerge, unmerge, unmerge_counted,
 };
-pub use scale::scale;
+pub use scale::{mse_grad, scale};
 pub use validate::MAX_RANK;
 pub use workspace::Workspace;

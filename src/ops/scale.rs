@@ -44,3 +44,45 @@ pub fn scale<T: Element, U: Element>(x: &Tensor<T>, s: f32, y: &mut Tensor<U>) -
         },
     )
 }
+
+/// `dy[i] = round(s · (y[i] − target[i]))` (kernels/mse_grad.cu): the gradient of the loss
+/// `½·s·Σ(y − target)²` with respect to `y`, on the device (with `s = 1/numel`, of ½·mean((y − target)²)).
+/// bf16 or f16; `y`, `target` and `dy` of one shape and device; `s` finite. f32 arithmetic, one rounding:
+/// the same bits as `reference::mse_grad`.
+pub fn mse_grad<T: Element>(
+    y: &Tensor<T>,
+    target: &Tensor<T>,
+    s: f32,
+    dy: &mut Tensor<T>,
+) -> Result<()> {
+    const OP: &str = "mse_grad";
+    validate::non_empty(OP, "y", y)?;
+    validate::half_dtype(OP, "y", T::DTYPE)?;
+    validate::shape(OP, "target", target, y.shape(), "the shape of y")?;
+    validate::shape(OP, "dy", dy, y.shape(), "the shape of y")?;
+    validate::finite(OP, "s", s)?;
+    let n = validate::fits_u32(OP, "y", y.numel())?;
+    let kernel = match T::DTYPE {
+        DType::BF16 => &kernels::MSE_GRAD_BF16,
+        _ => &kernels::MSE_GRAD_F16,
+    };
+    let plan = LaunchPlan::elementwise(y.numel(), LK_SIMT_THREADS, MAX_BLOCKS);
+    let device = y.device().clone();
+    device.launch(
+        OP,
+        kernel,
+        &plan,
+        &mut [
+            Arg::In("y", y),
+            Arg::In("target", target),
+            Arg::Out("dy", dy),
+        ],
+        |ptrs| crate::params::LkMseGradParams {
+            y: ptrs[0] as *const _,
+            target: ptrs[1] as *const _,
+            dy: ptrs[2] as *mut _,
+            n,
+            scale: s,
+        },
+    )
+}

@@ -2,27 +2,30 @@
 //! launch, and checked against the f64 reference.
 
 use lora_kernels::reference::{self, Dims};
-use lora_kernels::{Device, Element, Tensor, ops};
+use lora_kernels::{Device, Dropout, Element, Tensor, ops};
 
 use super::Rng;
 
-/// Host inputs of one layer.
-pub struct Layer<T> {
+/// Host inputs of one layer: activations and W0 in the layer dtype `T`, adapters (and their gradients)
+/// in `A` (T, or f32 master adapters).
+pub struct Layer<T, A = T> {
     pub d: Dims,
     pub scale: f32,
     pub x: Vec<T>,
     pub w0: Vec<T>,
-    pub a: Vec<T>,
-    pub b: Vec<T>,
+    pub a: Vec<A>,
+    pub b: Vec<A>,
     pub bias: Option<Vec<T>>,
     pub dy: Vec<T>,
     /// X's leading dimensions (their product is M): `[M]` for a plain matrix.
     pub lead: Vec<usize>,
     /// Gradients already in dA, dB: the backward accumulates into them ([`ops::GradMode::Accumulate`]).
-    pub grads0: Option<(Vec<T>, Vec<T>)>,
+    pub grads0: Option<(Vec<A>, Vec<A>)>,
+    /// LoRA dropout on the adapter input (forward and backward alike).
+    pub dropout: Dropout,
 }
 
-impl<T: Element> Layer<T> {
+impl<T: Element, A: Element> Layer<T, A> {
     /// Fresh random inputs; amplitudes keep |Y| near 1 whatever K is.
     pub fn random(rng: &mut Rng, d: Dims, scale: f32, with_bias: bool) -> Self {
         let wk = 1.0 / (d.k as f64).sqrt();
@@ -37,7 +40,14 @@ impl<T: Element> Layer<T> {
             dy: rng.vec(d.m * d.n, 1.0),
             lead: vec![d.m],
             grads0: None,
+            dropout: Dropout::NONE,
         }
+    }
+
+    /// Forward and backward with this dropout.
+    pub fn with_dropout(mut self, dropout: Dropout) -> Self {
+        self.dropout = dropout;
+        self
     }
 
     /// The activations as [lead..., features] (the product of `lead` must be M).
@@ -67,21 +77,28 @@ impl<T: Element> Layer<T> {
 
 /// Device results, downloaded.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Outputs<T> {
+pub struct Outputs<T, A = T> {
     pub y: Vec<T>,
     pub t: Vec<T>,
     pub dx: Vec<T>,
-    pub da: Vec<T>,
-    pub db: Vec<T>,
+    pub da: Vec<A>,
+    pub db: Vec<A>,
 }
 
-impl<T: Element> Outputs<T> {
+fn bits_of<E: Element>(v: &[E]) -> Vec<u32> {
+    v.iter().map(|e| e.to_bits_u32()).collect()
+}
+
+impl<T: Element, A: Element> Outputs<T, A> {
     /// Bit patterns, so NaNs compare equal to themselves and -0 differs from +0.
     pub fn bits(&self) -> Vec<Vec<u32>> {
-        [&self.y, &self.t, &self.dx, &self.da, &self.db]
-            .iter()
-            .map(|v| v.iter().map(|e| e.to_bits_u32()).collect())
-            .collect()
+        vec![
+            bits_of(&self.y),
+            bits_of(&self.t),
+            bits_of(&self.dx),
+            bits_of(&self.da),
+            bits_of(&self.db),
+        ]
     }
 }
 
@@ -96,17 +113,17 @@ fn poisoned<T: Element>(dev: &Device, shape: &[usize]) -> Tensor<T> {
 }
 
 /// Forward, then backward with the forward's T, outputs poisoned first. `backward: false` skips it.
-pub fn run<T: Element>(dev: &Device, l: &Layer<T>, backward: bool) -> Outputs<T> {
+pub fn run<T: Element, A: Element>(dev: &Device, l: &Layer<T, A>, backward: bool) -> Outputs<T, A> {
     run_in(dev, l, backward, &mut ops::Workspace::new())
 }
 
 /// [`run`] with scratch memory from `ws` (forward and backward share it).
-pub fn run_in<T: Element>(
+pub fn run_in<T: Element, A: Element>(
     dev: &Device,
-    l: &Layer<T>,
+    l: &Layer<T, A>,
     backward: bool,
     ws: &mut ops::Workspace<T>,
-) -> Outputs<T> {
+) -> Outputs<T, A> {
     let Dims { n, k, r, .. } = l.d;
     let x = up(dev, &l.x, &l.rows(k));
     let w0 = up(dev, &l.w0, &[n, k]);
@@ -115,7 +132,19 @@ pub fn run_in<T: Element>(
     let bias = l.bias.as_ref().map(|v| up(dev, v, &[n]));
     let mut y = poisoned(dev, &l.rows(n));
     let mut t = poisoned(dev, &l.rows(r));
-    ops::lora_forward_into(&x, &w0, &a, &b, bias.as_ref(), l.scale, &mut y, &mut t, ws).unwrap();
+    ops::lora_forward_into(
+        &x,
+        &w0,
+        &a,
+        &b,
+        bias.as_ref(),
+        l.scale,
+        l.dropout,
+        &mut y,
+        &mut t,
+        ws,
+    )
+    .unwrap();
     let mut out = Outputs {
         y: y.to_vec().unwrap(),
         t: t.to_vec().unwrap(),
@@ -146,6 +175,7 @@ pub fn run_in<T: Element>(
             &t,
             &dy,
             l.scale,
+            l.dropout,
             Some(&mut dx),
             &mut da,
             &mut db,
@@ -161,7 +191,7 @@ pub fn run_in<T: Element>(
 }
 
 /// Relative-norm errors of every output against the f64 reference; panics with the case on failure.
-pub fn check<T: Element>(what: &str, l: &Layer<T>, o: &Outputs<T>, tol: f64) {
+pub fn check<T: Element, A: Element>(what: &str, l: &Layer<T, A>, o: &Outputs<T, A>, tol: f64) {
     // The documented contract: T in the layer dtype (and Y computed from it), U kept in the layer
     // dtype; everything else exact. See reference::forward_as_kernels.
     let f = reference::forward_as_kernels(
@@ -172,8 +202,12 @@ pub fn check<T: Element>(what: &str, l: &Layer<T>, o: &Outputs<T>, tol: f64) {
         l.bias.as_deref(),
         l.d,
         l.scale as f64,
+        &l.dropout,
     );
-    let mut checks = vec![("y", &o.y, f.y), ("t", &o.t, f.t)];
+    let mut checks = vec![
+        ("y", reference::relative_error(&o.y, &f.y)),
+        ("t", reference::relative_error(&o.t, &f.t)),
+    ];
     if !o.dx.is_empty() {
         let g = reference::backward_as_kernels(
             &l.x,
@@ -184,6 +218,7 @@ pub fn check<T: Element>(what: &str, l: &Layer<T>, o: &Outputs<T>, tol: f64) {
             &l.dy,
             l.d,
             l.scale as f64,
+            &l.dropout,
         );
         let (mut da, mut db) = (g.da, g.db);
         if let Some((da0, db0)) = &l.grads0 {
@@ -192,16 +227,21 @@ pub fn check<T: Element>(what: &str, l: &Layer<T>, o: &Outputs<T>, tol: f64) {
                 *want += old.to_f64();
             }
         }
-        checks.extend([("dx", &o.dx, g.dx), ("da", &o.da, da), ("db", &o.db, db)]);
+        checks.extend([
+            ("dx", reference::relative_error(&o.dx, &g.dx)),
+            ("da", reference::relative_error(&o.da, &da)),
+            ("db", reference::relative_error(&o.db, &db)),
+        ]);
     }
-    for (name, got, want) in checks {
-        let err = reference::relative_error(got, &want);
+    for (name, err) in checks {
         assert!(
             err <= tol,
-            "{what} {} {:?} scale {}: `{name}` relative error {err:e} > {tol:e}",
+            "{what} {} (adapters {}) {:?} scale {} {:?}: `{name}` relative error {err:e} > {tol:e}",
             T::DTYPE,
+            A::DTYPE,
             l.d,
-            l.scale
+            l.scale,
+            l.dropout
         );
     }
 }

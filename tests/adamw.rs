@@ -1,0 +1,175 @@
+//! The fused AdamW step (kernels/adamw.cu) against its CPU reference of the same formula: bit for bit,
+//! over several steps, with and without the layer-dtype copy, on both emulator thread orders and the GPU
+//! when present; and its bad inputs.
+
+mod common;
+
+use common::Rng;
+use half::{bf16, f16};
+use lora_kernels::ops::{self, AdamState, AdamW};
+use lora_kernels::{Device, Element, Error, Tensor};
+use proptest::prelude::*;
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// `steps` steps on `dev` from the same start as the reference; the weights, moments (and the copy)
+/// must equal the reference's bits after every step.
+fn run_case<C: Element>(
+    dev: &Device,
+    hp: &AdamW,
+    n: usize,
+    steps: usize,
+    with_copy: bool,
+    stream: u64,
+) {
+    let mut rng = Rng::new(stream);
+    let p0: Vec<f32> = rng.vec(n, 1.0);
+    let mut param = Tensor::from_slice(dev, &p0, &[n]).unwrap();
+    let mut state = AdamState::new(dev, &[n]).unwrap();
+    let mut copy = Tensor::<C>::zeros(dev, &[n]).unwrap();
+    let (mut rp, mut rm, mut rv) = (p0.clone(), vec![0.0f32; n], vec![0.0f32; n]);
+    for step in 1..=steps {
+        // gradients of varied magnitude, zeros included
+        let g: Vec<f32> = rng
+            .vec::<f32>(n, 1.0)
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                if i % 17 == 3 {
+                    0.0
+                } else {
+                    v * 10f32.powi((i % 7) as i32 - 3)
+                }
+            })
+            .collect();
+        let grad = Tensor::from_slice(dev, &g, &[n]).unwrap();
+        copy.poison().unwrap();
+        if with_copy {
+            ops::adamw_step_with_copy(&mut param, &grad, &mut state, &mut copy, hp).unwrap();
+        } else {
+            ops::adamw_step(&mut param, &grad, &mut state, hp).unwrap();
+        }
+        ops::adamw_reference_step(&mut rp, &mut rm, &mut rv, &g, &hp.constants(step as u64));
+        assert_eq!(state.step, step as u64);
+        let got = param.to_vec().unwrap();
+        assert!(
+            bits(&got) == bits(&rp),
+            "{dev:?} step {step} n {n} {hp:?}: weights differ from the reference"
+        );
+        assert!(
+            bits(&state.m.to_vec().unwrap()) == bits(&rm),
+            "{dev:?} step {step}: m differs"
+        );
+        assert!(
+            bits(&state.v.to_vec().unwrap()) == bits(&rv),
+            "{dev:?} step {step}: v differs"
+        );
+        if with_copy {
+            let want: Vec<C> = rp.iter().map(|&w| C::from_f64(w as f64)).collect();
+            assert!(
+                copy.to_vec().unwrap() == want,
+                "{dev:?} step {step}: the {} copy is not round(param)",
+                C::DTYPE
+            );
+        }
+        assert!(rp.iter().all(|w| w.is_finite()), "the reference diverged");
+    }
+}
+
+fn devices() -> Vec<Device> {
+    let mut d = common::emulators();
+    d.extend(common::gpu());
+    d
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, max_shrink_iters: 16, ..ProptestConfig::default() })]
+
+    /// Random sizes (1 to 3000: grid-stride tails), hyperparameters and 1 to 3 steps.
+    #[test]
+    fn adamw_matches_reference_bit_for_bit(
+        n in 1..=3000usize,
+        lr in 1e-5f32..1e-1,
+        beta1 in 0.0f32..0.99,
+        beta2 in 0.9f32..0.9999,
+        eps in 1e-10f32..1e-4,
+        weight_decay in 0.0f32..0.2,
+        steps in 1..=3usize,
+        copy in 0..3u8,
+        stream in any::<u64>(),
+    ) {
+        let hp = AdamW { lr, beta1, beta2, eps, weight_decay };
+        for dev in devices() {
+            match copy {
+                0 => run_case::<bf16>(&dev, &hp, n, steps, false, stream),
+                1 => run_case::<bf16>(&dev, &hp, n, steps, true, stream),
+                _ => run_case::<f16>(&dev, &hp, n, steps, true, stream),
+            }
+        }
+    }
+}
+
+/// Many steps in a row (bias correction far from its first values) stay bit-identical.
+#[test]
+fn many_steps_stay_bit_identical() {
+    run_case::<bf16>(
+        &common::emulators()[0],
+        &AdamW::default(),
+        1000,
+        25,
+        true,
+        3,
+    );
+}
+
+#[test]
+fn bad_input_is_an_error() {
+    let d = Device::emulator();
+    let mut param = Tensor::<f32>::zeros(&d, &[4, 3]).unwrap();
+    let grad = Tensor::<f32>::zeros(&d, &[4, 3]).unwrap();
+    let mut state = AdamState::new(&d, &[4, 3]).unwrap();
+    let hp = AdamW::default();
+    let e = ops::adamw_step(
+        &mut param,
+        &Tensor::<f32>::zeros(&d, &[3, 4]).unwrap(),
+        &mut state,
+        &hp,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "grad", .. }), "{e}");
+    let mut small = AdamState::new(&d, &[12]).unwrap();
+    let e = ops::adamw_step(&mut param, &grad, &mut small, &hp).unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "state.m", .. }), "{e}");
+    let mut copy = Tensor::<bf16>::zeros(&d, &[12]).unwrap();
+    let e = ops::adamw_step_with_copy(&mut param, &grad, &mut state, &mut copy, &hp).unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "copy", .. }), "{e}");
+    let mut copy32 = Tensor::<f32>::zeros(&d, &[4, 3]).unwrap();
+    let e = ops::adamw_step_with_copy(&mut param, &grad, &mut state, &mut copy32, &hp).unwrap_err();
+    assert!(
+        matches!(e, Error::UnsupportedDType { arg: "copy", .. }),
+        "{e}"
+    );
+    for (bad, arg) in [
+        (AdamW { lr: f32::NAN, ..hp }, "lr"),
+        (AdamW { lr: -1.0, ..hp }, "lr"),
+        (AdamW { beta1: 1.0, ..hp }, "beta1"),
+        (AdamW { beta2: -0.1, ..hp }, "beta2"),
+        (AdamW { eps: 0.0, ..hp }, "eps"),
+        (
+            AdamW {
+                weight_decay: f32::INFINITY,
+                ..hp
+            },
+            "weight_decay",
+        ),
+    ] {
+        let e = ops::adamw_step(&mut param, &grad, &mut state, &bad).unwrap_err();
+        assert!(
+            matches!(e, Error::OutOfRange { arg: a, .. } if a == arg),
+            "{arg}: {e}"
+        );
+    }
+    assert_eq!(state.step, 0, "a refused step counted");
+}
