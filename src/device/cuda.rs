@@ -53,6 +53,23 @@ impl CudaDevice {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(Error::cuda("creating the CUDA context"))?;
+        let stream = ctx.default_stream();
+        Self::with_stream(stream)
+    }
+
+    /// A device on a stream someone else made (a framework's): its context, its stream, so every op
+    /// is ordered with the framework's own work on that stream and its `CudaSlice`s can be wrapped
+    /// without copies.
+    pub(crate) fn with_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        if !cuda_compiled() {
+            return Err(Error::CudaUnavailable(
+                "this build has no CUDA kernels: nvcc was not found when the crate was built \
+                 (see README: scripts/install-cuda-toolchain.sh, NVCC)"
+                    .into(),
+            ));
+        }
+        let ctx = stream.context().clone();
+        let ordinal = ctx.ordinal();
         let capability = ctx
             .compute_capability()
             .map_err(Error::cuda("reading the compute capability"))?;
@@ -63,7 +80,6 @@ impl CudaDevice {
             )));
         }
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        let stream = ctx.default_stream();
         Ok(CudaDevice {
             ctx,
             stream,

@@ -49,6 +49,16 @@ impl Device {
         })
     }
 
+    /// A device on an existing cudarc stream (and its context), e.g. the one a framework (candle, burn,
+    /// an inference server) already runs on: the ops enqueue on that stream, in order with the
+    /// framework's work, and the framework's `CudaSlice`s become [`crate::Tensor`]s without copies
+    /// ([`crate::Tensor::from_cuda_slice`], back with [`crate::Tensor::into_cuda_slice`]).
+    pub fn from_cuda_stream(stream: Arc<cudarc::driver::CudaStream>) -> Result<Device> {
+        Ok(Device {
+            inner: Arc::new(Backend::Cuda(CudaDevice::with_stream(stream)?)),
+        })
+    }
+
     /// The CPU emulator, threads in ascending order, every access checked.
     pub fn emulator() -> Device {
         Device::emulator_with(EmuConfig::default())
