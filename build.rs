@@ -359,8 +359,40 @@ fn requested_archs(nvcc: &Path) -> Vec<String> {
     archs
 }
 
+/// The cache shared by every build profile of this target directory (check/clippy, test, release each
+/// have their own OUT_DIR, so without it every kernel is compiled once per profile): the directory
+/// above the profiles, found from OUT_DIR = <target>/<profile>/build/<pkg>/out.
+fn nvcc_cache_dir(out_dir: &Path) -> Option<PathBuf> {
+    let build = out_dir
+        .ancestors()
+        .find(|p| p.file_name() == Some("build".as_ref()))?;
+    Some(build.parent()?.parent()?.join("lk-nvcc-cache"))
+}
+
+/// The cache key of one nvcc job: the compiler (its path and `--version`), the arguments other than
+/// the output path, the kernel file and every shared header. Anything else that changes the fatbin
+/// changes one of these.
+fn nvcc_cache_key(root: &Path, nvcc_id: &str, args: &[String], file: &Path) -> String {
+    use std::collections::hash_map::DefaultHasher;
+    use std::hash::{Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    nvcc_id.hash(&mut h);
+    args.hash(&mut h);
+    fs::read(file).unwrap_or_default().hash(&mut h);
+    let mut headers: Vec<PathBuf> = fs::read_dir(root.join("kernels").join("include"))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    headers.sort();
+    for f in headers {
+        f.file_name().hash(&mut h);
+        fs::read(&f).unwrap_or_default().hash(&mut h);
+    }
+    format!("{}-{:016x}", stem(file), h.finish())
+}
+
 /// One nvcc per file, all files in parallel (and `--threads 0`: nvcc compiles the architectures of one
-/// file in parallel too). Returns (module name, fatbin path).
+/// file in parallel too), each looked up first in the cache shared by the build profiles
+/// ([`nvcc_cache_dir`]): a hit copies the fatbin and the ptxas report. Returns (module name, fatbin path).
 fn compile_fatbins(
     root: &Path,
     nvcc: &Path,
@@ -373,13 +405,18 @@ fn compile_fatbins(
         .iter()
         .min_by_key(|a| a.parse::<u32>().unwrap_or(u32::MAX))
         .unwrap();
+    let nvcc_id = Command::new(nvcc)
+        .arg("--version")
+        .output()
+        .map(|o| format!("{} {}", nvcc.display(), String::from_utf8_lossy(&o.stdout)))
+        .unwrap_or_default();
+    let cache = nvcc_cache_dir(dir).filter(|c| fs::create_dir_all(c).is_ok());
     let jobs: Vec<_> = files
         .iter()
         .map(|file| {
             let name = stem(file);
             let target = dir.join(format!("{name}.fatbin"));
-            let mut cmd = Command::new(nvcc);
-            cmd.args([
+            let mut args: Vec<String> = [
                 "-fatbin",
                 "-O3",
                 "-std=c++17",
@@ -387,36 +424,65 @@ fn compile_fatbins(
                 "0",
                 "-Xptxas=-v",
                 "-lineinfo",
-            ])
-            .arg("-I")
-            .arg(root.join("kernels").join("include"));
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            args.push("-I".into());
+            args.push(root.join("kernels").join("include").display().to_string());
             for a in archs {
-                cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
+                args.push(format!("-gencode=arch=compute_{a},code=sm_{a}"));
             }
-            cmd.arg(format!(
+            args.push(format!(
                 "-gencode=arch=compute_{lowest},code=compute_{lowest}"
             ));
-            cmd.arg("-o").arg(&target).arg(file);
+            let cached = cache.as_ref().map(|c| {
+                let key = nvcc_cache_key(root, &nvcc_id, &args, file);
+                (
+                    c.join(format!("{key}.fatbin")),
+                    c.join(format!("{key}.ptxas.txt")),
+                )
+            });
+            let mut cmd = Command::new(nvcc);
+            cmd.args(&args).arg("-o").arg(&target).arg(file);
             let shown = format!("{cmd:?}");
-            let child = std::thread::spawn(move || cmd.output());
-            (name, file.clone(), target, shown, child)
+            let hit = cached
+                .as_ref()
+                .is_some_and(|(fb, rep)| fb.exists() && rep.exists());
+            let child = std::thread::spawn(move || if hit { None } else { Some(cmd.output()) });
+            (name, file.clone(), target, shown, cached, child)
         })
         .collect();
     let mut done = Vec::new();
-    for (name, file, target, shown, child) in jobs {
-        let output = child
-            .join()
-            .expect("nvcc thread")
-            .unwrap_or_else(|e| panic!("could not run nvcc ({shown}): {e}"));
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        if !output.status.success() {
-            panic!(
-                "nvcc failed on {}\ncommand: {shown}\n--- nvcc stderr ---\n{stderr}\n--- stdout ---\n{}",
-                file.display(),
-                String::from_utf8_lossy(&output.stdout)
-            );
-        }
+    for (name, file, target, shown, cached, child) in jobs {
         let report = dir.join("ptxas").join(format!("{name}.txt"));
+        let stderr = match child.join().expect("nvcc thread") {
+            None => {
+                let (fb, rep) = cached.as_ref().expect("a hit has a cache entry");
+                fs::copy(fb, &target).expect("copy the cached fatbin");
+                fs::read_to_string(rep).expect("read the cached ptxas report")
+            }
+            Some(output) => {
+                let output = output.unwrap_or_else(|e| panic!("could not run nvcc ({shown}): {e}"));
+                let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+                if !output.status.success() {
+                    panic!(
+                        "nvcc failed on {}\ncommand: {shown}\n--- nvcc stderr ---\n{stderr}\n--- stdout ---\n{}",
+                        file.display(),
+                        String::from_utf8_lossy(&output.stdout)
+                    );
+                }
+                if let Some((fb, rep)) = &cached {
+                    // written under temporary names and renamed: a concurrent build never reads half a file
+                    let (tmp_fb, tmp_rep) = (fb.with_extension("tmp"), rep.with_extension("tmp"));
+                    if fs::copy(&target, &tmp_fb).is_ok() && fs::write(&tmp_rep, &stderr).is_ok() {
+                        let _ = fs::rename(&tmp_rep, rep);
+                        let _ = fs::rename(&tmp_fb, fb);
+                    }
+                }
+                stderr
+            }
+        };
         write_if_changed(&report, &stderr);
         for warning in spill_warnings(&stderr) {
             println!("cargo::warning=lora-kernels: {}: {warning}", file.display());

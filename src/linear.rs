@@ -260,6 +260,54 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         Ok(())
     }
 
+    /// Adds PEFT module `module` of `adapter` (e.g. `model.layers.0.self_attn.v_proj`) as adapter `name`,
+    /// with its rank, alpha, rsLoRA and `lora_dropout`. The file's values are kept exactly: an f32
+    /// file (PEFT's default) loads into f32 adapters ([`LoraLinear::with_f32_adapters`]); a bf16/f16 file
+    /// into adapters of its own dtype or f32. Loading f32 values into 16-bit adapters would round them
+    /// and is refused, as is another 16-bit dtype.
+    pub fn insert_peft_module(
+        &mut self,
+        name: &str,
+        adapter: &crate::peft::PeftAdapter,
+        module: &str,
+    ) -> Result<()> {
+        const OP: &str = "LoraLinear::insert_peft_module";
+        let m = adapter
+            .modules
+            .iter()
+            .find(|m| m.name == module)
+            .ok_or_else(|| Error::InvalidState {
+                op: OP,
+                message: format!(
+                    "the adapter has no module `{module}` (it has: {:?})",
+                    adapter.modules.iter().map(|m| &m.name).collect::<Vec<_>>()
+                ),
+            })?;
+        for (arg, hm) in [("lora_A", &m.a), ("lora_B", &m.b)] {
+            if hm.dtype != A::DTYPE && A::DTYPE != DType::F32 {
+                return Err(Error::UnsupportedDType {
+                    op: OP,
+                    arg,
+                    got: hm.dtype,
+                    supported: "values this layer's adapters hold exactly: the adapter dtype, or bf16/f16 into f32 adapters (load f32 files with LoraLinear::with_f32_adapters)",
+                });
+            }
+        }
+        let c = &adapter.config;
+        let config = LoraConfig {
+            rank: c.rank_for(module),
+            alpha: c.alpha_for(module) as f32,
+            use_rslora: c.use_rslora,
+            dropout: c.lora_dropout as f32,
+        };
+        let dev = self.w0.device().clone();
+        let up = |hm: &crate::peft::HostMatrix| -> Result<Tensor<A>> {
+            let v: Vec<A> = hm.to_f32().into_iter().map(A::from_f32).collect();
+            Tensor::from_slice(&dev, &v, &[hm.rows, hm.cols])
+        };
+        self.insert_adapter(name, config, up(&m.a)?, up(&m.b)?)
+    }
+
     fn unknown(&self, op: &'static str, name: &str) -> Error {
         Error::UnknownAdapter {
             op,

@@ -91,6 +91,8 @@ pub struct AdapterConfig {
     pub target_modules: Vec<String>,
     pub rank_pattern: BTreeMap<String, usize>,
     pub alpha_pattern: BTreeMap<String, f64>,
+    /// PEFT's `lora_dropout` (training only; merging and inference ignore it).
+    pub lora_dropout: f64,
 }
 
 fn pattern_match<'a, V>(patterns: &'a BTreeMap<String, V>, module: &str) -> Option<&'a V> {
@@ -194,6 +196,7 @@ impl AdapterConfig {
                 .map(|(k, x)| (k, x as usize))
                 .collect(),
             alpha_pattern: map("alpha_pattern"),
+            lora_dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
         })
     }
 
@@ -210,7 +213,7 @@ impl AdapterConfig {
             "fan_in_fan_out": false,
             "bias": "none",
             "use_dora": false,
-            "lora_dropout": 0.0,
+            "lora_dropout": self.lora_dropout,
             "init_lora_weights": true,
             "inference_mode": true,
             "modules_to_save": null,

@@ -550,3 +550,77 @@ fn training_api_errors() {
         "{e}"
     );
 }
+
+/// A PEFT adapter saved in f32 (PEFT's default) loads into f32 adapters exactly, with its rank,
+/// alpha and dropout, and runs forward as the reference says; 16-bit adapters refuse the f32 file
+/// rather than round it.
+#[test]
+fn peft_f32_adapter_loads_as_f32_adapters() {
+    use lora_kernels::Dropout;
+    use lora_kernels::peft::PeftAdapter;
+    let dir = common::fixture("adapter");
+    let adapter = PeftAdapter::load(&dir).unwrap();
+    let module = adapter.modules[0].name.clone();
+    let (a_file, b_file) = (adapter.modules[0].a.to_f32(), adapter.modules[0].b.to_f32());
+    let (r, k) = (adapter.modules[0].a.rows, adapter.modules[0].a.cols);
+    let n = adapter.modules[0].b.rows;
+    assert_eq!(
+        adapter.modules[0].a.dtype,
+        lora_kernels::DType::F32,
+        "the fixture holds f32"
+    );
+    let dev = Device::emulator();
+    let mut rng = Rng::new(41);
+    let w0: Vec<bf16> = rng.vec(n * k, 0.2);
+    let mut l =
+        LoraLinear::with_f32_adapters(Tensor::from_slice(&dev, &w0, &[n, k]).unwrap(), None)
+            .unwrap();
+    l.insert_peft_module("peft", &adapter, &module).unwrap();
+    let ad = l.adapter("peft").unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert!(
+        bits(&ad.a.to_vec().unwrap()) == bits(&a_file)
+            && bits(&ad.b.to_vec().unwrap()) == bits(&b_file)
+    );
+    assert_eq!(
+        (ad.config.rank, ad.config.alpha),
+        (
+            adapter.config.rank_for(&module),
+            adapter.config.alpha_for(&module) as f32
+        )
+    );
+    let m = 19;
+    let x: Vec<bf16> = rng.vec(m * k, 1.0);
+    let y = l
+        .forward(&Tensor::from_slice(&dev, &x, &[m, k]).unwrap())
+        .unwrap()
+        .y
+        .to_vec()
+        .unwrap();
+    let f = reference::forward_as_kernels(
+        &x,
+        &w0,
+        &a_file,
+        &b_file,
+        None,
+        Dims { m, n, k, r },
+        ad.config.scale() as f64,
+        &Dropout::NONE,
+    );
+    let err = reference::relative_error(&y, &f.y);
+    assert!(err < TOL, "forward through the loaded f32 adapter: {err:e}");
+    // 16-bit adapters would round the file's f32 values: refused, naming the tensor
+    let (_, _, mut l16) = layer(&dev, &mut rng, n, k);
+    let e = l16
+        .insert_peft_module("peft", &adapter, &module)
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::UnsupportedDType { arg: "lora_A", .. })
+            && e.to_string().contains("with_f32_adapters"),
+        "{e}"
+    );
+    let e = l
+        .insert_peft_module("x", &adapter, "no.such.module")
+        .unwrap_err();
+    assert!(e.to_string().contains("no module"), "{e}");
+}
