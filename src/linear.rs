@@ -73,8 +73,10 @@ pub struct LoraLinear<T: Element, A: Element = T> {
     merged: Option<String>,
     /// The training buffers of the active adapter ([`LoraLinear::train_forward`]), made on first use.
     train: Option<Training<T, A>>,
-    /// The seed of the training dropout masks.
+    /// The seed of the training dropout masks, and the number of training forwards so far (the next
+    /// mask's offset; per layer, so switching adapters never repeats a mask).
     dropout_seed: u64,
+    dropout_calls: u64,
 }
 
 /// What the training API keeps between calls: the forward's Y and T, dX, the gradients, AdamW's state,
@@ -90,10 +92,8 @@ struct Training<T: Element, A: Element> {
     da: Tensor<A>,
     db: Tensor<A>,
     adam: Option<(AdamState, AdamState)>,
-    /// The dropout of the last train_forward (the backward's), and the number of forwards so far (the
-    /// next mask's offset).
+    /// The dropout of the last train_forward (the backward's).
     dropout: Dropout,
-    forwards: u64,
 }
 
 /// splitmix64 → uniform in [-1, 1): deterministic initialisation without a `rand` dependency.
@@ -173,6 +173,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             merged: None,
             train: None,
             dropout_seed: 0,
+            dropout_calls: 0,
         })
     }
 
@@ -471,7 +472,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     }
 
     /// Sets the seed of the training dropout masks (default 0); the offset of each mask is the number
-    /// of [`LoraLinear::train_forward`] calls before it, so every step gets a fresh mask.
+    /// of [`LoraLinear::train_forward`] calls on this layer before it, so every step gets a fresh mask.
     pub fn set_dropout_seed(&mut self, seed: u64) {
         self.dropout_seed = seed;
     }
@@ -489,7 +490,6 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             db: Tensor::zeros(dev, ad.b.shape())?,
             adam: None,
             dropout: Dropout::NONE,
-            forwards: 0,
         })
     }
 
@@ -523,7 +523,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         buffer(&mut tr.y, x, &rows(n))?;
         buffer(&mut tr.t, x, &rows(ad.config.rank))?;
         let dropout = if ad.config.dropout > 0.0 {
-            Dropout::new(ad.config.dropout, self.dropout_seed, tr.forwards)?
+            Dropout::new(ad.config.dropout, self.dropout_seed, self.dropout_calls)?
         } else {
             Dropout::NONE
         };
@@ -541,7 +541,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             &mut tr.ws,
         )?;
         tr.dropout = dropout;
-        tr.forwards += 1;
+        self.dropout_calls += 1;
         Ok(tr.y.as_ref().expect("made"))
     }
 

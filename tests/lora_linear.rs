@@ -624,3 +624,54 @@ fn peft_f32_adapter_loads_as_f32_adapters() {
         .unwrap_err();
     assert!(e.to_string().contains("no module"), "{e}");
 }
+
+/// The dropout masks of a layer's training forwards are numbered per layer: switching the active
+/// adapter does not restart them (the third forward uses offset 2 whichever adapter it runs).
+#[test]
+fn dropout_offsets_count_per_layer() {
+    use lora_kernels::Dropout;
+    use lora_kernels::ops::{self, Workspace};
+    let dev = Device::emulator();
+    let mut rng = Rng::new(33);
+    let (m, n, k, r, p) = (9, 16, 24, 4, 0.5f32);
+    let w0: Vec<bf16> = rng.vec(n * k, 0.3);
+    let x: Vec<bf16> = rng.vec(m * k, 1.0);
+    let mut l =
+        LoraLinear::with_f32_adapters(Tensor::from_slice(&dev, &w0, &[n, k]).unwrap(), None)
+            .unwrap();
+    let (a, b): (Vec<f32>, Vec<f32>) = (rng.vec(r * k, 0.3), rng.vec(n * r, 0.3));
+    let up32 = |v: &[f32], shape: &[usize]| Tensor::from_slice(&dev, v, shape).unwrap();
+    let cfg = LoraConfig::new(r, 8.0).with_dropout(p);
+    l.insert_adapter("one", cfg, up32(&a, &[r, k]), up32(&b, &[n, r]))
+        .unwrap();
+    l.insert_adapter("two", cfg, up32(&a, &[r, k]), up32(&b, &[n, r]))
+        .unwrap();
+    l.set_dropout_seed(5);
+    let xt = Tensor::from_slice(&dev, &x, &[m, k]).unwrap();
+    l.train_forward(&xt).unwrap();
+    l.set_active("two").unwrap();
+    l.train_forward(&xt).unwrap();
+    l.set_active("one").unwrap();
+    let got = l.train_forward(&xt).unwrap().to_vec().unwrap();
+    let mut y = Tensor::<bf16>::zeros(&dev, &[m, n]).unwrap();
+    let mut t = Tensor::<bf16>::zeros(&dev, &[m, r]).unwrap();
+    let drop2 = Dropout::new(p, 5, 2).unwrap();
+    let (at, bt) = (up32(&a, &[r, k]), up32(&b, &[n, r]));
+    ops::lora_forward_into(
+        &xt,
+        l.w0(),
+        &at,
+        &bt,
+        None,
+        cfg.scale(),
+        drop2,
+        &mut y,
+        &mut t,
+        &mut Workspace::new(),
+    )
+    .unwrap();
+    assert!(
+        got == y.to_vec().unwrap(),
+        "the third training forward did not use offset 2"
+    );
+}
