@@ -46,22 +46,22 @@ fn pick_pair<P>(
     same: [&'static Kernel<P>; 2],
     f32ad: [&'static Kernel<P>; 2],
 ) -> Result<&'static Kernel<P>> {
+    check_pair(op, layer, adapter)?;
     let [bf16, f16] = if adapter == DType::F32 { f32ad } else { same };
-    if adapter != layer && adapter != DType::F32 {
-        return Err(unsupported_pair(op, layer, adapter));
-    }
     pick(op, layer, bf16, f16)
 }
 
-/// The error for an adapter dtype the LoRA kernels do not take with this layer dtype.
-pub(crate) fn unsupported_pair(op: &'static str, layer: DType, adapter: DType) -> Error {
-    let _ = layer;
-    Error::UnsupportedDType {
-        op,
-        arg: "a",
-        got: adapter,
-        supported: "adapters (a, b) in the layer dtype (that of x) or in f32, with a bf16 or f16 layer",
+/// Adapters in the layer dtype or in f32, else the error naming `a` and what is supported.
+pub(crate) fn check_pair(op: &'static str, layer: DType, adapter: DType) -> Result<()> {
+    if adapter != layer && adapter != DType::F32 {
+        return Err(Error::UnsupportedDType {
+            op,
+            arg: "a",
+            got: adapter,
+            supported: "adapters (a, b) in the layer dtype (that of x) or in f32, with a bf16 or f16 layer",
+        });
     }
+    Ok(())
 }
 
 /// 16-byte vector loads are legal: aligned base and a leading dimension that keeps every row aligned.

@@ -16,7 +16,7 @@ use super::launch::{self, FusedGemm, MaskAt, Orient, PLayout, same_dtype};
 use super::validate::{self, rows_of};
 use super::workspace::Workspace;
 use crate::dropout::Dropout;
-use crate::dtype::{DType, Element};
+use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::params::LK_SMALL_M_MAX;
 use crate::reference::Dims;
@@ -67,9 +67,7 @@ pub(crate) fn layer_dims<T: Element, A: Element>(
     b: &Tensor<A>,
 ) -> Result<LayerShape> {
     validate::half_dtype(op, "x", T::DTYPE)?;
-    if A::DTYPE != T::DTYPE && A::DTYPE != DType::F32 {
-        return Err(launch::unsupported_pair(op, T::DTYPE, A::DTYPE));
-    }
+    launch::check_pair(op, T::DTYPE, A::DTYPE)?;
     let (lead, m, k) = validate::rows(op, "x", x)?;
     let (n, k_w) = validate::matrix(op, "w0", w0, "[N, K]")?;
     if k_w != k {
