@@ -58,7 +58,7 @@ DEVICES = {
 }
 
 THREADS = 256  # every kernel's block (LK_FUSED_GEMM_THREADS, LK_SIMT_THREADS in lora_params.h)
-DYN_SMEM = {"fused_gemm": 61440}  # LK_FUSED_GEMM_SMEM_BYTES; the SIMT kernels use static shared memory
+DYN_SMEM = {"fused_gemm": 61440, "fused_gemm_multi": 61440}  # LK_FUSED_GEMM_SMEM_BYTES; the SIMT kernels use static shared memory
 GRAD_TM, GRAD_TC, GRAD_STAGES = 32, 128, 3  # LK_GRAD_TM, LK_GRAD_TC, LK_GRAD_STAGES
 
 
@@ -242,13 +242,16 @@ def launch_fused(name, m, n, k, r):
                 bytes=2 * (m * k + n * k + m * r + n * r + m * n))
 
 
+PROJECTION_PER_SPLIT = 1024  # src/ops/launch.rs projection_splits: K chunks of the projection, from K alone
+
+
 def launch_grad(name, fin, m, rows, cols):
     """A split reduction over m (src/ops/launch.rs split_reduction): the projection T on the "nt" fused
-    GEMM; 128x128 tiles of the rows x cols result, m split into fixed chunks
-    (grid z); per warp ceil(chunk/32) k-tiles of 32 HMMA; then lowrank_finalize adds the f32 partials in
-    order."""
+    GEMM; 128x128 tiles of the rows x cols result, m (= K) split into fixed chunks of
+    PROJECTION_PER_SPLIT (grid z); per warp ceil(chunk/32) k-tiles of 32 HMMA; then lowrank_finalize adds
+    the f32 partials in order."""
     tiles = cdiv(rows, 128) * cdiv(cols, 128)
-    splits, per = grad_splits(m, tiles)
+    splits, per = max(cdiv(m, PROJECTION_PER_SPLIT), 1), PROJECTION_PER_SPLIT
     partial = 4 * splits * rows * cols if splits > 1 else 0
     low_tiles = cdiv(per if splits > 1 else m, 32)
     out = [dict(kernel=name, file="fused_gemm", blocks=tiles * splits, iters=low_tiles,
@@ -360,6 +363,45 @@ def headline_ops():
     ]
 
 
+MULTI_RANKS = (8, 16, 64)  # the adapters' ranks, cycling (issue 14's mixed ranks)
+
+
+def multi_ops(n=4096, k=4096):
+    """lora_forward_multi (kernels/fused_gemm_multi.cu) at M = 16, 256, 4096 tokens with 4, 16, 64 adapters
+    of ranks 8/16/64 (cycling), rows grouped by adapter (adapter i owns rows [i*M/A, (i+1)*M/A)): the
+    shrink (one block per 128-row tile and 1024-column K chunk; per block 32 k-tiles for every adapter its
+    rows use), lowrank_finalize, and the fused GEMM (per 128x128 tile ceil(r_a/32) k-tiles per adapter of
+    its rows, then K/32). Shown against the bare GEMM at cuBLAS's peak and, at M = 16, against streaming
+    W0 at HBM bandwidth: issue 14 sets no target."""
+    out = []
+    for m in (16, 256, 4096):
+        for adapters in (4, 16, 64):
+            ranks = [MULTI_RANKS[i % len(MULTI_RANKS)] for i in range(adapters)]
+            seg = [(i * m // adapters, (i + 1) * m // adapters) for i in range(adapters)]
+            tiles_m = cdiv(m, 128)
+            passes = [[i for i, (a, b) in enumerate(seg) if b > a and a < (t + 1) * 128 and b > t * 128]
+                      for t in range(tiles_m)]
+            r_max = max(ranks)
+            splits = max(cdiv(k, PROJECTION_PER_SPLIT), 1)
+            per_tiles = cdiv(min(PROJECTION_PER_SPLIT, k), 32)
+            shrink_low = sum(len(p) for p in passes) * per_tiles / tiles_m  # k-tiles per block, mean
+            a_bytes = sum(2 * ranks[i] * k for p in passes for i in p)
+            partial = 4 * splits * m * r_max
+            shrink = dict(kernel="fused_gemm_multi_bf16", file="fused_gemm_multi", blocks=tiles_m * splits,
+                          iters=shrink_low, loop_iters=fused_loop_trips(shrink_low, 0), slots=32, slot="HMMA",
+                          bytes=2 * m * k + a_bytes + partial)
+            low = sum(cdiv(ranks[i], 32) for p in passes for i in p) / tiles_m
+            b_bytes = sum(2 * n * ranks[i] for p in passes for i in p)
+            fused = dict(kernel="fused_gemm_multi_bf16", file="fused_gemm_multi", blocks=tiles_m * cdiv(n, 128),
+                         iters=low + cdiv(k, 32), loop_iters=fused_loop_trips(low, cdiv(k, 32)), slots=32,
+                         slot="HMMA", bytes=2 * (m * k + n * k + m * r_max + m * n) + b_bytes)
+            launches = [shrink, launch_finalize("lowrank_finalize_bf16", m * r_max, splits, partial), fused]
+            gemm = 2 * m * n * k
+            out.append((m, adapters, launches, lambda d, g=gemm: g / d["cublas"],
+                        lambda d: 2 * n * k / d["hbm"]))
+    return out
+
+
 def bound_launch(l, mix, occ, dev):
     warps = l["blocks"] * THREADS // 32
     sms = min(l["blocks"], dev["sms"])
@@ -465,6 +507,24 @@ def main():
             b, limiter, parts = bound_launch(l, mixes[(l["kernel"], arch)], occupancy(res_l, l["kernel"], l["file"], dev), dev)
             w(f"| {r} | {l['kernel']} | {l['blocks']} | {b * 1e6:.1f} | {limiter} | {parts['tensor'] * 1e6:.1f} | "
               f"{parts['issue'] * 1e6:.1f} | {parts['memory'] * 1e6:.1f} |")
+        w("")
+        w("Many adapters in one batch (lora_forward_multi; N = K = 4096, ranks 8/16/64 cycling, rows grouped "
+          "by adapter; no target: shown against the bare GEMM at cuBLAS's peak and W0 streamed at HBM "
+          "bandwidth; µs):")
+        w("")
+        w("| M | adapters | bound | bare GEMM at peak | bound / GEMM | W0 stream | bound / stream | launches (bound, limited by) |")
+        w("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for m, adapters, launches, gemm_t, stream_t in multi_ops():
+            total, parts_txt = 0.0, []
+            for l in launches:
+                _, res_l = res[(l["kernel"], arch)]
+                b, limiter, _ = bound_launch(l, mixes[(l["kernel"], arch)],
+                                             occupancy(res_l, l["kernel"], l["file"], dev), dev)
+                total += b
+                parts_txt.append(f"{l['kernel']} {b * 1e6:.1f} {limiter}")
+            g, st = gemm_t(dev), stream_t(dev)
+            w(f"| {m} | {adapters} | {total * 1e6:.1f} | {g * 1e6:.1f} | {total / g:.2f} | {st * 1e6:.1f} | "
+              f"{total / st:.2f} | {'; '.join(parts_txt)} |")
         w("")
         w("Kernels: resources, occupancy, and the SASS of the hot loop: the instructions one full iteration "
           "executes at least (of the paths that do the most math, the shortest), and the whole body "

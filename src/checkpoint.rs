@@ -310,6 +310,7 @@ pub fn merge_checkpoint_with(
                         merge_weight::<half::f16>(device, t.data(), shape, m, scale, options)?
                     }
                     DType::F32 => merge_weight::<f32>(device, t.data(), shape, m, scale, options)?,
+                    DType::U32 => unreachable_dtype(f, name)?,
                 };
                 if counts != NonFiniteCounts::default() {
                     summary.nonfinite.push((m.name.clone(), counts));
@@ -556,11 +557,20 @@ pub fn verify_merge(
                 DType::BF16 => verify_weight::<half::bf16>(name, wd, gd, &a, &b, dims, scale),
                 DType::F16 => verify_weight::<half::f16>(name, wd, gd, &a, &b, dims, scale),
                 DType::F32 => verify_weight::<f32>(name, wd, gd, &a, &b, dims, scale),
+                DType::U32 => unreachable_dtype(f, name)?,
             });
             progress.module_done(&m.name, wd.len() as u64);
         }
     }
     Ok(summary)
+}
+
+/// `peft::dtype_of` only returns float dtypes; this keeps the matches on it exhaustive without a panic.
+fn unreachable_dtype<R>(path: &std::path::Path, name: &str) -> Result<R> {
+    Err(Error::format(
+        path,
+        format!("tensor `{name}` is not a float tensor"),
+    ))
 }
 
 #[cfg(test)]

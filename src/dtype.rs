@@ -10,13 +10,15 @@ pub enum DType {
     BF16,
     F16,
     F32,
+    /// Indices (the per-row adapter index of the multi-adapter forward), never a kernel's float operand.
+    U32,
 }
 
 impl DType {
     pub fn size_of(self) -> usize {
         match self {
             DType::BF16 | DType::F16 => 2,
-            DType::F32 => 4,
+            DType::F32 | DType::U32 => 4,
         }
     }
     /// The suffix of kernel names (`scale_bf16`, ...).
@@ -25,6 +27,7 @@ impl DType {
             DType::BF16 => "bf16",
             DType::F16 => "f16",
             DType::F32 => "f32",
+            DType::U32 => "u32",
         }
     }
 }
@@ -145,6 +148,30 @@ impl Element for f32 {
     }
     fn poison() -> Self {
         f32::from_bits(0xFFFF_FFFF)
+    }
+}
+
+/// Indices. The float conversions exist for the trait (tests, generic helpers): `from_f64` rounds to
+/// the nearest integer and saturates; no kernel treats a u32 as a number to round.
+impl Element for u32 {
+    const DTYPE: DType = DType::U32;
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(v: f64) -> Self {
+        v.round() as u32
+    }
+    fn from_f32(v: f32) -> Self {
+        v.round() as u32
+    }
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn to_bits_u32(self) -> u32 {
+        self
+    }
+    fn poison() -> Self {
+        u32::MAX
     }
 }
 

@@ -110,6 +110,16 @@ pub enum Error {
         /// What was left as it was.
         outcome: &'static str,
     },
+    #[error(
+        "{op}: argument `adapter_index`: row {row} names adapter slot {value}, which holds no adapter \
+         (occupied slots: {occupied:?}; u32::MAX is no adapter)"
+    )]
+    AdapterIndex {
+        op: &'static str,
+        row: usize,
+        value: u32,
+        occupied: Vec<u32>,
+    },
     #[error("{op}: {message}")]
     InvalidState { op: &'static str, message: String },
     #[error("{op}: no adapter named `{name}` (adapters: {known:?})")]

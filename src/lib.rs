@@ -10,6 +10,7 @@
 //! - [`LoraLinear`]: the trainer-facing layer (adapters, merge/unmerge, task switching);
 //! - [`reference`]: the f64 CPU oracle every kernel is tested against.
 
+pub mod adapter_set;
 pub mod checkpoint;
 pub mod device;
 pub mod dropout;
@@ -25,6 +26,7 @@ pub mod plan;
 pub mod reference;
 pub mod tensor;
 
+pub use adapter_set::{AdapterIndex, AdapterSet};
 pub use device::{Device, EmuConfig, MmaModel, ThreadOrder};
 pub use dropout::Dropout;
 pub use dtype::{DType, Element};

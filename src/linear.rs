@@ -5,6 +5,7 @@
 //! switching: [`LoraLinear::set_active`] on a merged layer swaps `B·A` in place (unmerge the old, merge
 //! the new) without copying W0.
 
+use crate::adapter_set::{AdapterIndex, AdapterSet};
 use std::collections::BTreeMap;
 
 use crate::dropout::Dropout;
@@ -77,6 +78,16 @@ pub struct LoraLinear<T: Element, A: Element = T> {
     /// mask's offset; per layer, so switching adapters never repeats a mask).
     dropout_seed: u64,
     dropout_calls: u64,
+    /// All adapters as one device set for [`LoraLinear::forward_multi`], built on first use and dropped
+    /// whenever an adapter changes (insert, `adapter_mut`, an optimizer step).
+    multi: Option<MultiAdapters<A>>,
+}
+
+/// The layer's adapters packed for the multi-adapter forward, with each name's slot.
+#[derive(Debug)]
+struct MultiAdapters<A: Element> {
+    set: AdapterSet<A>,
+    slots: BTreeMap<String, u32>,
 }
 
 /// What the training API keeps between calls: the forward's Y and T, dX, the gradients, AdamW's state,
@@ -174,6 +185,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             train: None,
             dropout_seed: 0,
             dropout_calls: 0,
+            multi: None,
         })
     }
 
@@ -253,6 +265,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         if self.train.as_ref().is_some_and(|t| t.adapter == name) {
             self.train = None; // its gradients and moments belonged to the replaced tensors
         }
+        self.multi = None;
         self.adapters
             .insert(name.to_string(), Adapter { config, a, b });
         if self.active.is_none() {
@@ -351,6 +364,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         if !self.adapters.contains_key(name) {
             return Err(self.unknown(OP, name));
         }
+        self.multi = None; // the caller may change the adapter's values
         Ok(self.adapters.get_mut(name).expect("checked above"))
     }
 
@@ -373,6 +387,52 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             ad.config.scale()
         };
         ops::lora_forward(x, &self.w0, &ad.a, &ad.b, self.bias.as_ref(), scale)
+    }
+
+    /// Forward for a batch whose rows use different adapters of this layer (serving many adapters over
+    /// one base): row i of X [..., K] (M rows) goes through the adapter named `rows[i]`, or through the
+    /// base alone (`None`): `Y_i = X_i·W0ᵀ (+ bias) + s_a·(X_i·A_aᵀ)·B_aᵀ`, one batch, one set of launches
+    /// ([`ops::lora_forward_multi`]; a row's bits do not depend on the rest of the batch). The layer keeps
+    /// its adapters packed as an [`AdapterSet`] on the device for this, built on first use and again
+    /// after any adapter changes. Refused on a merged layer (W0 holds one adapter already).
+    pub fn forward_multi(
+        &mut self,
+        x: &Tensor<T>,
+        rows: &[Option<&str>],
+    ) -> Result<ForwardOutput<T>> {
+        const OP: &str = "LoraLinear::forward_multi";
+        if let Some(name) = &self.merged {
+            return Err(Error::InvalidState {
+                op: OP,
+                message: format!(
+                    "adapter `{name}` is merged into w0; unmerge before mixing adapters in a batch"
+                ),
+            });
+        }
+        if self.multi.is_none() {
+            let (n, k) = self.dims();
+            let mut set = AdapterSet::new(self.w0.device(), n, k)?;
+            let mut slots = BTreeMap::new();
+            for (name, ad) in &self.adapters {
+                slots.insert(name.clone(), set.add(&ad.a, &ad.b, ad.config.scale())?);
+            }
+            self.multi = Some(MultiAdapters { set, slots });
+        }
+        let multi = self.multi.as_ref().expect("built above");
+        let mut index = Vec::with_capacity(rows.len());
+        for name in rows {
+            index.push(match name {
+                None => None,
+                Some(name) => Some(
+                    *multi
+                        .slots
+                        .get(*name)
+                        .ok_or_else(|| self.unknown(OP, name))?,
+                ),
+            });
+        }
+        let index = AdapterIndex::new(&multi.set, &index)?;
+        ops::lora_forward_multi(x, &self.w0, self.bias.as_ref(), &multi.set, &index)
     }
 
     /// Gradients of the active adapter (dA, dB) and optionally dX, given dY and the forward's T.
@@ -606,6 +666,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             });
         }
         let name = self.training(OP)?;
+        self.multi = None; // the step changes the adapter's values
         let tr = self.train.as_mut().expect("made by training()");
         let ad = self.adapters.get_mut(&name).expect("active");
         let dev = ad.a.device().clone();

@@ -48,6 +48,7 @@ kernel_params!(
     LkMergeParams,
     LkAdamwParams,
     LkMseGradParams,
+    LkFusedGemmMultiParams,
 );
 
 #[cfg(all(test, lk_bindgen_fresh))]

@@ -19,6 +19,8 @@ pub const LK_SMALL_M_COLS: u32 = 64;
 pub const LK_GRAD_CHUNK: u32 = 32;
 pub const LK_MERGE_ROWS: u32 = 64;
 pub const LK_MERGE_COLS: u32 = 128;
+pub const LK_NO_ADAPTER: u32 = 4294967295;
+pub const LK_MULTI_SHRINK: u32 = 16;
 pub const LK_GRAD_TM: u32 = 32;
 pub const LK_GRAD_TC: u32 = 128;
 pub const LK_GRAD_STAGES: u32 = 3;
@@ -190,6 +192,125 @@ const _: () = {
     ][::core::mem::offset_of!(LkFusedGemmParams, dropout) - 112usize];
 };
 impl Default for LkFusedGemmParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LkAdapterDesc {
+    pub a_offset: u64,
+    pub b_offset: u64,
+    pub rank: u32,
+    pub scale: f32,
+    pub flags: u32,
+    pub reserved: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkAdapterDesc"][::core::mem::size_of::<LkAdapterDesc>() - 32usize];
+    ["Alignment of LkAdapterDesc"][::core::mem::align_of::<LkAdapterDesc>() - 8usize];
+    [
+        "Offset of field: LkAdapterDesc::a_offset",
+    ][::core::mem::offset_of!(LkAdapterDesc, a_offset) - 0usize];
+    [
+        "Offset of field: LkAdapterDesc::b_offset",
+    ][::core::mem::offset_of!(LkAdapterDesc, b_offset) - 8usize];
+    [
+        "Offset of field: LkAdapterDesc::rank",
+    ][::core::mem::offset_of!(LkAdapterDesc, rank) - 16usize];
+    [
+        "Offset of field: LkAdapterDesc::scale",
+    ][::core::mem::offset_of!(LkAdapterDesc, scale) - 20usize];
+    [
+        "Offset of field: LkAdapterDesc::flags",
+    ][::core::mem::offset_of!(LkAdapterDesc, flags) - 24usize];
+    [
+        "Offset of field: LkAdapterDesc::reserved",
+    ][::core::mem::offset_of!(LkAdapterDesc, reserved) - 28usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkFusedGemmMultiParams {
+    pub x: *const ::core::ffi::c_void,
+    pub w0: *const ::core::ffi::c_void,
+    pub t: *const ::core::ffi::c_void,
+    pub bias: *const ::core::ffi::c_void,
+    pub y: *mut ::core::ffi::c_void,
+    pub partial: *mut f32,
+    pub arena: *const ::core::ffi::c_void,
+    pub adapters: *const LkAdapterDesc,
+    pub index: *const u32,
+    pub n_adapters: u32,
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub ldt: u32,
+    pub k_per_split: u32,
+    pub flags: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of LkFusedGemmMultiParams",
+    ][::core::mem::size_of::<LkFusedGemmMultiParams>() - 104usize];
+    [
+        "Alignment of LkFusedGemmMultiParams",
+    ][::core::mem::align_of::<LkFusedGemmMultiParams>() - 8usize];
+    [
+        "Offset of field: LkFusedGemmMultiParams::x",
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, x) - 0usize];
+    [
+        "Offset of field: LkFusedGemmMultiParams::w0",
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, w0) - 8usize];
+    [
+        "Offset of field: LkFusedGemmMultiParams::t",
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, t) - 16usize];
+    [
+        "Offset of field: LkFusedGemmMultiParams::bias",
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, bias) - 24usize];
+    [
+        "Offset of field: LkFusedGemmMultiParams::y",
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, y) - 32usize];
+    [
+        "Offset of field: LkFusedGemmMultiParams::partial",
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, partial) - 40usize];
+    [
+        "Offset of field: LkFusedGemmMultiParams::arena",
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, arena) - 48usize];
+    [
+        "Offset of field: LkFusedGemmMultiParams::adapters",
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, adapters) - 56usize];
+    [
+        "Offset of field: LkFusedGemmMultiParams::index",
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, index) - 64usize];
+    [
+        "Offset of field: LkFusedGemmMultiParams::n_adapters",
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, n_adapters) - 72usize];
+    [
+        "Offset of field: LkFusedGemmMultiParams::m",
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, m) - 76usize];
+    [
+        "Offset of field: LkFusedGemmMultiParams::n",
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, n) - 80usize];
+    [
+        "Offset of field: LkFusedGemmMultiParams::k",
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, k) - 84usize];
+    [
+        "Offset of field: LkFusedGemmMultiParams::ldt",
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, ldt) - 88usize];
+    [
+        "Offset of field: LkFusedGemmMultiParams::k_per_split",
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, k_per_split) - 92usize];
+    [
+        "Offset of field: LkFusedGemmMultiParams::flags",
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, flags) - 96usize];
+};
+impl Default for LkFusedGemmMultiParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -57,6 +57,12 @@ impl HostMatrix {
                 .chunks_exact(2)
                 .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
+            // never read from a file (dtype_of refuses it); converted like the others for completeness
+            DType::U32 => self
+                .bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)
+                .collect(),
         }
     }
 }
@@ -79,6 +85,7 @@ pub(crate) fn st_dtype(d: DType) -> Dtype {
         DType::F32 => Dtype::F32,
         DType::BF16 => Dtype::BF16,
         DType::F16 => Dtype::F16,
+        DType::U32 => Dtype::U32,
     }
 }
 

@@ -281,6 +281,58 @@ pub fn forward_as_kernels<T: Element, U: Element>(
     )
 }
 
+/// One adapter of a multi-adapter reference: A (r×K), B (N×r), r, scale.
+pub type MultiAdapter<'a, U> = (&'a [U], &'a [U], usize, f64);
+
+/// The multi-adapter forward's contract (ops::lora_forward_multi): row i is [`forward_as_kernels`] of
+/// that row alone with adapter `rows[i]` (an index into `adapters`), or X_i·W0ᵀ + bias without one.
+/// Returns Y (M×N) and T (M×r_max, the row's T in its first r_a columns, zeros elsewhere).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_multi_as_kernels<T: Element, U: Element>(
+    x: &[T],
+    w0: &[T],
+    bias: Option<&[T]>,
+    adapters: &[MultiAdapter<'_, U>],
+    rows: &[Option<usize>],
+    (m, n, k): (usize, usize, usize),
+    r_max: usize,
+) -> Forward {
+    check_len("x", x.len(), m * k);
+    check_len("rows", rows.len(), m);
+    let mut y = Vec::with_capacity(m * n);
+    let mut t = vec![0.0; m * r_max];
+    for (i, row) in rows.iter().enumerate() {
+        let xi = &x[i * k..(i + 1) * k];
+        match row {
+            Some(a) => {
+                let (aa, bb, r, s) = adapters[*a];
+                let f = forward_as_kernels(
+                    xi,
+                    w0,
+                    aa,
+                    bb,
+                    bias,
+                    Dims { m: 1, n, k, r },
+                    s,
+                    &Dropout::NONE,
+                );
+                y.extend_from_slice(&f.y);
+                t[i * r_max..i * r_max + r].copy_from_slice(&f.t);
+            }
+            None => {
+                let mut base = matmul_nt(&f64s(xi), &f64s(w0), 1, n, k);
+                if let Some(bias) = bias {
+                    for (v, b) in base.iter_mut().zip(bias) {
+                        *v += b.to_f64();
+                    }
+                }
+                y.extend_from_slice(&base);
+            }
+        }
+    }
+    Forward { y, t }
+}
+
 /// The kernels' documented contract for the backward, in exact arithmetic: `t` is the T the caller
 /// passes (the forward's output), and the internal `U = round_T(dY·B)` is kept in the layer's dtype;
 /// `dB = s·dYᵀ·t`, `dA = s·Uᵀ·X`, `dX = dY·W0 + s·U·A`; f32 adapters rounded once to the layer dtype

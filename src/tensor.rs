@@ -248,6 +248,54 @@ impl<T: Element> Tensor<T> {
         }
     }
 
+    /// Copies `len` elements of `src` from element `src_offset` into this tensor from element
+    /// `dst_offset`, on the device (no host round trip). Both ranges must lie inside their tensors.
+    pub(crate) fn copy_range_from(
+        &mut self,
+        dst_offset: usize,
+        src: &Tensor<T>,
+        src_offset: usize,
+        len: usize,
+    ) -> Result<()> {
+        let inside = |off: usize, n: usize| off.checked_add(len).is_some_and(|end| end <= n);
+        if !inside(dst_offset, self.numel()) || !inside(src_offset, src.numel()) {
+            return Err(Error::InvalidState {
+                op: "Tensor::copy_range_from",
+                message: format!(
+                    "range of {len} elements at {dst_offset} (of {}) from {src_offset} (of {})",
+                    self.numel(),
+                    src.numel()
+                ),
+            });
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        match (&mut self.storage, &src.storage) {
+            (Storage::Cuda(d), Storage::Cuda(s)) => {
+                let stream = cuda_stream(&self.device);
+                stream
+                    .memcpy_dtod(
+                        &s.slice(src_offset..src_offset + len),
+                        &mut d.slice_mut(dst_offset..dst_offset + len),
+                    )
+                    .map_err(Error::cuda("copying on the device"))
+            }
+            (Storage::Host(d), Storage::Host(s)) => {
+                let size = std::mem::size_of::<T>();
+                d.bytes_mut()[dst_offset * size..(dst_offset + len) * size]
+                    .copy_from_slice(&s.bytes()[src_offset * size..(src_offset + len) * size]);
+                Ok(())
+            }
+            _ => Err(Error::DeviceMismatch {
+                op: "Tensor::copy_range_from",
+                arg: "src",
+                expected: self.device.describe(),
+                got: src.device.describe(),
+            }),
+        }
+    }
+
     /// Fills with NaN (all bits set), so a kernel that leaves an element unwritten cannot pass a test.
     pub fn poison(&mut self) -> Result<()> {
         let data = vec![T::poison(); self.numel()];

@@ -675,3 +675,92 @@ fn dropout_offsets_count_per_layer() {
         "the third training forward did not use offset 2"
     );
 }
+
+/// Several PEFT adapter directories in one batch: the fixture's adapter and a second directory (the
+/// same module saved again with other values and alpha) go into one layer (`insert_peft_module`) and
+/// into one `AdapterSet` (`add_peft_module`); `forward_multi` gives each row the bits of the layer's
+/// single-adapter forward with that adapter active, and rows without an adapter the base alone.
+#[test]
+fn forward_multi_over_peft_directories() {
+    use lora_kernels::peft::{HostMatrix, PeftAdapter};
+    use lora_kernels::{AdapterIndex, AdapterSet, ops};
+    let first = PeftAdapter::load(&common::fixture("adapter")).unwrap();
+    let module = first.modules[0].name.clone();
+    let (r, k) = (first.modules[0].a.rows, first.modules[0].a.cols);
+    let n = first.modules[0].b.rows;
+    let mut rng = Rng::new(0x3a17);
+    let mut second = first.clone();
+    second.config.lora_alpha *= 3.0;
+    second.modules[0].a = HostMatrix::from_f32(r, k, &rng.vec::<f32>(r * k, 0.3));
+    second.modules[0].b = HostMatrix::from_f32(n, r, &rng.vec::<f32>(n * r, 0.3));
+    let dir = std::env::temp_dir().join(format!("lk-multi-peft-{}", std::process::id()));
+    second.save(&dir).unwrap();
+    let second = PeftAdapter::load(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+
+    let dev = Device::emulator();
+    let w0: Vec<bf16> = rng.vec(n * k, 0.2);
+    let mut l =
+        LoraLinear::with_f32_adapters(Tensor::from_slice(&dev, &w0, &[n, k]).unwrap(), None)
+            .unwrap();
+    l.insert_peft_module("first", &first, &module).unwrap();
+    l.insert_peft_module("second", &second, &module).unwrap();
+    let m = 23;
+    let x = Tensor::from_slice(&dev, &rng.vec::<bf16>(m * k, 1.0), &[m, k]).unwrap();
+    let names = [Some("second"), None, Some("first")];
+    let rows: Vec<Option<&str>> = (0..m).map(|i| names[(i * 7 / 3) % 3]).collect();
+    let y = l.forward_multi(&x, &rows).unwrap().y.to_vec().unwrap();
+    let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for name in ["first", "second"] {
+        l.set_active(name).unwrap();
+        let single = l.forward(&x).unwrap().y.to_vec().unwrap();
+        for i in (0..m).filter(|&i| rows[i] == Some(name)) {
+            assert_eq!(
+                bits(&y[i * n..(i + 1) * n]),
+                bits(&single[i * n..(i + 1) * n]),
+                "row {i}: forward_multi differs from the forward through `{name}` alone"
+            );
+        }
+    }
+    let base = ops::lora_forward_multi(
+        &x,
+        l.w0(),
+        None,
+        &AdapterSet::<f32>::new(&dev, n, k).unwrap(),
+        &AdapterIndex::new(&AdapterSet::<f32>::new(&dev, n, k).unwrap(), &vec![None; m]).unwrap(),
+    );
+    assert!(base.is_err(), "an index of another set is refused");
+    // the same two directories straight into a set
+    let mut set = AdapterSet::<f32>::new(&dev, n, k).unwrap();
+    let s1 = set.add_peft_module(&first, &module).unwrap();
+    let s2 = set.add_peft_module(&second, &module).unwrap();
+    assert_eq!(set.scale(s2).unwrap(), 3.0 * set.scale(s1).unwrap());
+    let slots: Vec<Option<u32>> = rows
+        .iter()
+        .map(|r| r.map(|name| if name == "first" { s1 } else { s2 }))
+        .collect();
+    let index = AdapterIndex::new(&set, &slots).unwrap();
+    let y2 = ops::lora_forward_multi(&x, l.w0(), None, &set, &index)
+        .unwrap()
+        .y
+        .to_vec()
+        .unwrap();
+    assert_eq!(
+        bits(&y),
+        bits(&y2),
+        "the layer's set and a set built from the directories agree"
+    );
+    let e = l.forward_multi(&x, &vec![Some("third"); m]).unwrap_err();
+    assert!(matches!(e, Error::UnknownAdapter { .. }), "{e}");
+    let mut l16 = layer(&dev, &mut rng, n, k).2;
+    let mut set16 = AdapterSet::<bf16>::new(&dev, n, k).unwrap();
+    let e = set16.add_peft_module(&first, &module).unwrap_err();
+    assert!(
+        matches!(e, Error::UnsupportedDType { arg: "lora_A", .. }),
+        "{e}"
+    );
+    l16.add_adapter("a", LoraConfig::new(4, 8.0), 1).unwrap();
+    l16.merge().unwrap();
+    let e = l16.forward_multi(&x, &vec![None; m]).unwrap_err();
+    assert!(e.to_string().contains("merged"), "{e}");
+}

@@ -104,6 +104,52 @@ typedef struct LkFusedGemmParams {
     LkDropout dropout;
 } LkFusedGemmParams;
 
+/* ---- many adapters in one batch (kernels/fused_gemm_multi.cu) ---- */
+/* An adapter index of a row that has none. */
+#define LK_NO_ADAPTER 0xffffffffu
+/* One adapter of a set (src/adapter_set.rs): A (rank × k) from element a_offset of the set's arena, B
+ * (n × rank) from element b_offset, both dense, no padding; s its scale. flags: LK_ALIGNED_R set when A's
+ * rows allow 16-byte loads (A's start 16-byte aligned, k % 8 == 0), LK_ALIGNED_B when B's do (rank % 8 ==
+ * 0). 32 bytes; the Rust side writes the table as 8 u32 words per adapter. rank 0: an empty slot. */
+typedef struct LkAdapterDesc {
+    uint64_t a_offset;
+    uint64_t b_offset;
+    uint32_t rank;
+    float scale;
+    uint32_t flags;
+    uint32_t reserved;
+} LkAdapterDesc;
+
+/* Y = X·W0ᵀ + bias + s_a·T_i·B_aᵀ for each row i with adapter a = index[i] (none: LK_NO_ADAPTER), in two
+ * modes of one kernel, both on fused_gemm's 128×128 tiles and k loop:
+ *   shrink (LK_MULTI_SHRINK): partial[z] (m × ldt, f32) = X_i·A_aᵀ over the k range of split z =
+ *     blockIdx.z ([z·k_per_split, ...) ∩ [0, k)), zero beyond rank_a and for rows without an adapter;
+ *     lowrank_finalize rounds Σ_z to T (m × ldt). Grid: ceil(m / 128) × 1 × splits (ldt ≤ 128).
+ *   fused: the low-rank k-tiles of every adapter the block's rows use, each with the other rows' T
+ *     masked to zero, then acc *= s_{a(i)} per row, then X·W0ᵀ, bias, one rounding: Y (m × n).
+ * Row i's sums have exactly the k-tiles of lora_forward with its adapter alone (the masked tiles add
+ * zeros), so its bits do not depend on the other rows. X: m × k, W0: n × k, T: m × ldt, dense.
+ * flags: LK_ALIGNED_A (x), LK_ALIGNED_B (w0), LK_ALIGNED_L (t). */
+#define LK_MULTI_SHRINK 16u
+typedef struct LkFusedGemmMultiParams {
+    const void* x;
+    const void* w0;
+    const void* t;
+    const void* bias;
+    void* y;
+    float* partial;
+    const void* arena;
+    const LkAdapterDesc* adapters;
+    const uint32_t* index;
+    uint32_t n_adapters;
+    uint32_t m;
+    uint32_t n;
+    uint32_t k;
+    uint32_t ldt;
+    uint32_t k_per_split;
+    uint32_t flags;
+} LkFusedGemmMultiParams;
+
 /* G = round(scale · Σ_split partial[split]) over `count` elements (kernels/lowrank_finalize.cu): the end of
  * every split reduction (lowrank_grad's P and Q, the fused GEMM's split projection). With `accumulate`
  * (gradient accumulation over micro-batches): G = round(G + scale · Σ_split partial[split]), the sum in

@@ -30,7 +30,7 @@ fn pick<P>(
     match dtype {
         DType::BF16 => Ok(bf16),
         DType::F16 => Ok(f16),
-        DType::F32 => Err(Error::UnsupportedDType {
+        DType::F32 | DType::U32 => Err(Error::UnsupportedDType {
             op,
             arg: "x",
             got: dtype,
@@ -40,7 +40,7 @@ fn pick<P>(
 }
 
 /// The kernel for a (layer dtype, adapter dtype) pair: adapters in the layer dtype or in f32.
-fn pick_pair<P>(
+pub(crate) fn pick_pair<P>(
     op: &'static str,
     (layer, adapter): (DType, DType),
     same: [&'static Kernel<P>; 2],
@@ -71,26 +71,34 @@ fn vec_ok(addr: u64, ld: u32) -> bool {
 
 /// The `LK_ALIGNED_*` bits of the operands `(address, leading dimension, bit)` whose 16-byte vector
 /// loads are legal ([`vec_ok`]).
-fn aligned_flags(operands: &[(u64, u32, u32)]) -> u32 {
+pub(crate) fn aligned_flags(operands: &[(u64, u32, u32)]) -> u32 {
     operands
         .iter()
         .filter(|&&(addr, ld, _)| vec_ok(addr, ld))
         .fold(0, |flags, &(_, _, bit)| flags | bit)
 }
 
-fn u32_of(v: usize) -> u32 {
+pub(crate) fn u32_of(v: usize) -> u32 {
     // Sizes were checked by `validate::fits_u32` before any launch function is called.
     u32::try_from(v).unwrap_or(u32::MAX)
 }
 
-/// `out (m×rank) = p (m×inner) · qᵀ`, q rank×inner: the forward's projection T = X·Aᵀ, on the fused tensor-core GEMM (f32 accumulation, one rounding to the output
-/// dtype). With enough output tiles to fill a large GPU, an N = rank GEMM over `inner`; with fewer (M up
-/// to about 16k rows at r ≤ 128), `inner` is cut into fixed chunks ([`split_reduction`]), so the grid
-/// fills the GPU at every M.
+/// The K chunks of the forward's projection T = X·Aᵀ: (splits, columns per split), from K alone, so a
+/// row's T has the same bits at every M (batch invariance; the multi-adapter shrink uses the same chunks,
+/// which makes its T bit-identical to the single-adapter one). 1024 columns per chunk: at K = 4096 four
+/// chunks, enough blocks at M of a few hundred rows, and the f32 partials (splits·M·r·4 bytes) stay far
+/// below X's own size.
+pub(crate) fn projection_splits(k: usize) -> (usize, usize) {
+    const PER_SPLIT: usize = 1024;
+    (k.div_ceil(PER_SPLIT).max(1), PER_SPLIT)
+}
+
+/// `out (m×rank) = p (m×inner) · qᵀ`, q rank×inner: the forward's projection T = X·Aᵀ, as the low-rank
+/// part alone of the fused tensor-core GEMM (f32 accumulation) over the fixed K chunks of
+/// [`projection_splits`] ([`split_reduction`]: f32 partials added in chunk order, one rounding).
 ///
-/// With f32 adapters (`q` f32), or with dropout (`p` = X masked as it is loaded, the kept elements'
-/// 1/(1 − p) in the scale), always the low-rank form ([`split_reduction`], one chunk or several): only
-/// its R operand reads f32 and only its L operand is masked.
+/// With f32 adapters (`q` f32) its R operand reads f32; with dropout (`p` = X masked as it is loaded,
+/// the kept elements' 1/(1 − p) in the scale) its L operand is masked.
 pub(crate) fn project<T: Element, R: Element>(
     op: &'static str,
     p: &Tensor<T>,
@@ -100,29 +108,8 @@ pub(crate) fn project<T: Element, R: Element>(
     dropout: &Dropout,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
-    let tiles = m.div_ceil(LK_FUSED_GEMM_BM as usize) * rank.div_ceil(LK_FUSED_GEMM_BN as usize);
-    let plain = R::DTYPE == T::DTYPE && !dropout.is_active();
-    if !plain || grad_splits(inner, tiles).0 > 1 {
-        return split_reduction(op, p, q, out, (inner, m, rank), dropout, ws);
-    }
-    // R == T here: the same tensor, viewed at its own type
-    let q = same_dtype::<R, T>(q)?;
-    let g = FusedGemm {
-        orient: Orient::Nt,
-        a: p,
-        b: q,
-        // no low-rank part (rank 0): l and r are never read
-        l: p,
-        r: q,
-        bias: None,
-        m,
-        n: rank,
-        k: inner,
-        rank: 0,
-        scale: 1.0,
-        dropout: None,
-    };
-    fused_gemm(op, &g, out, None)
+    let chunks = projection_splits(inner);
+    split_reduction(op, p, q, out, (inner, m, rank), chunks, dropout, ws)
 }
 
 /// `t` as a tensor of `U` when `U` is its dtype (checked at run time: the generic ops branch on dtypes).
@@ -591,7 +578,7 @@ pub(crate) fn lowrank_grad<T: Element, R: Element, G: Element>(
 
 /// `out = round(scale · Σ_split partial[split])`, adding the `splits` chunks in order; with
 /// `accumulate`, `out = round(out + scale · Σ ...)` (kernels/lowrank_finalize.cu).
-fn finalize<T: Element>(
+pub(crate) fn finalize<T: Element>(
     op: &'static str,
     partial: &Tensor<f32>,
     out: &mut Tensor<T>,
@@ -627,23 +614,23 @@ fn finalize<T: Element>(
 
 /// `g (rows×cols) = scale · Σ_j L[:, j] ⊗ R[j, :]` over a reduction of length `red`, as the low-rank
 /// part alone of the "nt" fused GEMM (k = 0, its "rank" being `red`): L = p (rows×red), R = q
-/// (cols×red). The reduction is cut into fixed
-/// chunks chosen from the shape only ([`grad_splits`]); with several, each block writes its chunk's f32
+/// (cols×red). The reduction is cut into the given fixed
+/// chunks, chosen from the shape only ([`projection_splits`]); with several, each block writes its chunk's f32
 /// sums and `lowrank_finalize` adds them in chunk order, scales and rounds once: the same bits on every
 /// run, no atomics.
 /// With `dropout` active, p is X and is masked as it is loaded; the kept elements' 1/(1 − p) joins the
 /// scale (applied once, to the f32 sum).
+#[allow(clippy::too_many_arguments)]
 fn split_reduction<T: Element, R: Element>(
     op: &'static str,
     p: &Tensor<T>,
     q: &Tensor<R>,
     g: &mut Tensor<T>,
     (red, rows, cols): (usize, usize, usize),
+    (splits, per_split): (usize, usize),
     dropout: &Dropout,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
-    let tiles = rows.div_ceil(LK_FUSED_GEMM_BM as usize) * cols.div_ceil(LK_FUSED_GEMM_BN as usize);
-    let (splits, per_split) = grad_splits(red, tiles);
     let (scale, mask) = if dropout.is_active() {
         (
             dropout.keep_scale() as f32,

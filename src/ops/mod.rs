@@ -7,6 +7,7 @@ mod adamw;
 mod launch;
 mod lora;
 mod merge;
+mod multi;
 mod scale;
 pub(crate) mod validate;
 mod workspace;
@@ -22,6 +23,7 @@ pub use lora::{
 pub use merge::{
     NonFiniteCounts, merge, merge_counted, safe_merge, safe_unmerge, unmerge, unmerge_counted,
 };
+pub use multi::{lora_forward_multi, lora_forward_multi_into};
 pub use scale::{mse_grad, scale};
 pub use validate::MAX_RANK;
 pub use workspace::Workspace;

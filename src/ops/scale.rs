@@ -3,7 +3,7 @@
 use super::validate;
 use crate::device::Arg;
 use crate::dtype::{DType, Element};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernel::{Kernel, kernels};
 use crate::params::{LK_SIMT_THREADS, LkScaleParams};
 use crate::plan::LaunchPlan;
@@ -13,11 +13,17 @@ const OP: &str = "scale";
 /// Grid cap: the kernel is grid-stride, more blocks only add scheduling.
 const MAX_BLOCKS: u32 = 4096;
 
-fn kernel_for(dtype: DType) -> &'static Kernel<LkScaleParams> {
+fn kernel_for(dtype: DType) -> Result<&'static Kernel<LkScaleParams>> {
     match dtype {
-        DType::BF16 => &kernels::SCALE_BF16,
-        DType::F16 => &kernels::SCALE_F16,
-        DType::F32 => &kernels::SCALE_F32,
+        DType::BF16 => Ok(&kernels::SCALE_BF16),
+        DType::F16 => Ok(&kernels::SCALE_F16),
+        DType::F32 => Ok(&kernels::SCALE_F32),
+        DType::U32 => Err(Error::UnsupportedDType {
+            op: OP,
+            arg: "x",
+            got: dtype,
+            supported: "bf16, f16 and f32",
+        }),
     }
 }
 
@@ -33,7 +39,7 @@ pub fn scale<T: Element, U: Element>(x: &Tensor<T>, s: f32, y: &mut Tensor<U>) -
     let device = x.device().clone();
     device.launch(
         OP,
-        kernel_for(T::DTYPE),
+        kernel_for(T::DTYPE)?,
         &plan,
         &mut [Arg::In("x", x), Arg::Out("y", y)],
         |ptrs| LkScaleParams {

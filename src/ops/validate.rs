@@ -138,7 +138,7 @@ pub(crate) fn rows_of(lead: &[usize], last: usize) -> Vec<usize> {
 pub(crate) fn half_dtype(op: &'static str, arg: &'static str, got: DType) -> Result<()> {
     match got {
         DType::BF16 | DType::F16 => Ok(()),
-        DType::F32 => Err(Error::UnsupportedDType {
+        DType::F32 | DType::U32 => Err(Error::UnsupportedDType {
             op,
             arg,
             got,

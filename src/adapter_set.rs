@@ -1,0 +1,519 @@
+//! Many LoRA adapters of one layer on the device, for batches whose rows use different adapters
+//! ([`crate::ops::lora_forward_multi`]): what a server that keeps one base model and many adapters needs.
+//!
+//! - [`AdapterSet`]: the adapters' A (r×K) and B (N×r) packed one after another in one device arena,
+//!   each at its own rank (1..=128, mixed), never padded to the largest; a small table (one
+//!   `LkAdapterDesc` per slot: offsets, rank, scale) tells the kernels where each one is. Adding copies
+//!   the new adapter into free space of the arena (device to device) and rewrites the table; removing
+//!   frees its space and its slot. Neither moves nor re-uploads the other adapters, except when the arena
+//!   is full: then it grows to twice its size with one device-to-device copy (reserve capacity with
+//!   [`AdapterSet::with_capacity`] to avoid that).
+//! - [`AdapterIndex`]: the adapter slot of every row of a batch (or none), on the device, checked once
+//!   against the set when it is built, so a server builds it once per batch and uses it for every layer.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::device::Device;
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::ops::validate;
+use crate::params::{LK_ALIGNED_B, LK_ALIGNED_R, LK_NO_ADAPTER, LkAdapterDesc};
+use crate::tensor::Tensor;
+
+/// The u32 words of one `LkAdapterDesc` in the table.
+const DESC_WORDS: usize = std::mem::size_of::<LkAdapterDesc>() / 4;
+const _: () = assert!(std::mem::size_of::<LkAdapterDesc>() == 32);
+/// Every adapter's A and B start at a multiple of this many elements of the arena (16 bytes for 16-bit
+/// adapters, 32 for f32), so the kernels may use 16-byte loads on them.
+const ALIGN_ELEMS: usize = 8;
+
+/// An adapter read back to the host: A (r×K), B (N×r), scale.
+pub type HostAdapter<A> = (Vec<A>, Vec<A>, f32);
+
+static NEXT_SET_ID: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Clone, Debug)]
+struct Slot {
+    offset: usize,
+    /// Elements reserved in the arena (A's r·K and B's N·r, each rounded up to [`ALIGN_ELEMS`]).
+    len: usize,
+    rank: usize,
+    scale: f32,
+}
+
+/// The adapters of one layer with base weight N×K, in the adapter dtype `A` (the layer dtype, or f32
+/// master adapters over a bf16/f16 layer). Slots are numbered from 0; a removed adapter's slot is
+/// reused by the next [`AdapterSet::add`].
+pub struct AdapterSet<A: Element> {
+    device: Device,
+    n: usize,
+    k: usize,
+    arena: Tensor<A>,
+    /// Free ranges of the arena below `end`, sorted by offset, never adjacent (coalesced).
+    free: Vec<(usize, usize)>,
+    /// The arena is unused from here on.
+    end: usize,
+    slots: Vec<Option<Slot>>,
+    /// Bumped whenever a slot's adapter is added or removed, so an [`AdapterIndex`] notices.
+    generations: Vec<u64>,
+    table: Tensor<u32>,
+    id: u64,
+}
+
+impl<A: Element> std::fmt::Debug for AdapterSet<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "AdapterSet<{}>(N={}, K={}, {} adapters, ranks {:?})",
+            A::DTYPE,
+            self.n,
+            self.k,
+            self.len(),
+            self.slots
+                .iter()
+                .map(|s| s.as_ref().map(|s| s.rank))
+                .collect::<Vec<_>>()
+        )
+    }
+}
+
+fn round_up(v: usize) -> usize {
+    v.div_ceil(ALIGN_ELEMS) * ALIGN_ELEMS
+}
+
+impl<A: Element> AdapterSet<A> {
+    /// An empty set for a layer whose W0 is `n`×`k`.
+    pub fn new(device: &Device, n: usize, k: usize) -> Result<Self> {
+        Self::with_capacity(device, n, k, 0)
+    }
+
+    /// An empty set whose arena holds `elements` adapter elements before it has to grow (an adapter of
+    /// rank r takes about r·(N + K)).
+    pub fn with_capacity(device: &Device, n: usize, k: usize, elements: usize) -> Result<Self> {
+        const OP: &str = "AdapterSet::new";
+        if A::DTYPE == DType::U32 {
+            return Err(Error::UnsupportedDType {
+                op: OP,
+                arg: "A",
+                got: A::DTYPE,
+                supported: "bf16, f16 or f32 adapters",
+            });
+        }
+        for (arg, v) in [("n", n), ("k", k)] {
+            if v == 0 {
+                return Err(Error::OutOfRange {
+                    op: OP,
+                    arg,
+                    value: 0.0,
+                    expected: "at least 1",
+                });
+            }
+            validate::fits_u32(OP, arg, v)?;
+        }
+        Ok(AdapterSet {
+            device: device.clone(),
+            n,
+            k,
+            arena: Tensor::zeros(device, &[round_up(elements.max(1))])?,
+            free: Vec::new(),
+            end: 0,
+            slots: Vec::new(),
+            generations: Vec::new(),
+            table: Tensor::zeros(device, &[DESC_WORDS])?,
+            id: NEXT_SET_ID.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// (N, K) of the layer.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    /// The number of adapters in the set.
+    pub fn len(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The number of slots (occupied or free): valid indices are below it.
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+    /// The rank of the adapter in `slot`, if there is one.
+    pub fn rank(&self, slot: u32) -> Option<usize> {
+        self.slot(slot).map(|s| s.rank)
+    }
+    /// The scale of the adapter in `slot`, if there is one.
+    pub fn scale(&self, slot: u32) -> Option<f32> {
+        self.slot(slot).map(|s| s.scale)
+    }
+    /// The largest rank in the set (1 when it is empty): the columns of the multi-adapter forward's T.
+    pub fn max_rank(&self) -> usize {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|s| s.rank)
+            .max()
+            .unwrap_or(1)
+    }
+    /// Adapter elements the arena holds before it grows.
+    pub fn capacity(&self) -> usize {
+        self.arena.numel()
+    }
+
+    fn slot(&self, slot: u32) -> Option<&Slot> {
+        self.slots.get(slot as usize).and_then(|s| s.as_ref())
+    }
+
+    /// Adds an adapter: A [r, K], B [N, r] (1 ≤ r ≤ 128) on this set's device, and its scale s (the
+    /// forward adds s·(X·Aᵀ)·Bᵀ). Returns its slot. The tensors are copied into the arena on the device.
+    pub fn add(&mut self, a: &Tensor<A>, b: &Tensor<A>, scale: f32) -> Result<u32> {
+        const OP: &str = "AdapterSet::add";
+        let r = validate::adapter(OP, a, b, (self.n, self.k), "the set's K")?;
+        if !scale.is_finite() {
+            return Err(Error::NonFinite {
+                op: OP,
+                arg: "scale",
+                value: scale as f64,
+            });
+        }
+        for (arg, t) in [("a", a.device()), ("b", b.device())] {
+            if *t != self.device {
+                return Err(Error::DeviceMismatch {
+                    op: OP,
+                    arg,
+                    expected: self.device.describe(),
+                    got: t.describe(),
+                });
+            }
+        }
+        let (a_len, b_len) = (round_up(r * self.k), round_up(self.n * r));
+        let len = a_len + b_len;
+        let offset = self.allocate(len)?;
+        self.arena.copy_range_from(offset, a, 0, r * self.k)?;
+        self.arena
+            .copy_range_from(offset + a_len, b, 0, self.n * r)?;
+        let slot = match self.slots.iter().position(|s| s.is_none()) {
+            Some(i) => i,
+            None => {
+                self.slots.push(None);
+                self.generations.push(0);
+                self.slots.len() - 1
+            }
+        };
+        validate::fits_u32(OP, "adapter slots", slot + 1)?;
+        self.slots[slot] = Some(Slot {
+            offset,
+            len,
+            rank: r,
+            scale,
+        });
+        self.generations[slot] += 1;
+        self.upload_table()?;
+        Ok(slot as u32)
+    }
+
+    /// Adds module `module` of a PEFT adapter (e.g. `model.layers.0.self_attn.v_proj` of one adapter
+    /// directory, loaded with [`PeftAdapter::load`](crate::peft::PeftAdapter::load)) with PEFT's scale
+    /// for it (alpha / r, or alpha / √r with rsLoRA, with rank and alpha patterns). The file's values
+    /// are kept exactly: f32 files need an f32 set; a 16-bit file goes into a set of its dtype or f32.
+    /// Several directories go into one set by calling this once per directory. Returns the slot.
+    pub fn add_peft_module(
+        &mut self,
+        adapter: &crate::peft::PeftAdapter,
+        module: &str,
+    ) -> Result<u32> {
+        const OP: &str = "AdapterSet::add_peft_module";
+        let m = adapter
+            .modules
+            .iter()
+            .find(|m| m.name == module)
+            .ok_or_else(|| Error::InvalidState {
+                op: OP,
+                message: format!(
+                    "the adapter has no module `{module}` (it has: {:?})",
+                    adapter.modules.iter().map(|m| &m.name).collect::<Vec<_>>()
+                ),
+            })?;
+        for (arg, hm) in [("lora_A", &m.a), ("lora_B", &m.b)] {
+            if hm.dtype != A::DTYPE && A::DTYPE != DType::F32 {
+                return Err(Error::UnsupportedDType {
+                    op: OP,
+                    arg,
+                    got: hm.dtype,
+                    supported: "values the set holds exactly: its own dtype, or bf16/f16 into an f32 set",
+                });
+            }
+        }
+        let up = |hm: &crate::peft::HostMatrix| -> Result<Tensor<A>> {
+            let v: Vec<A> = hm.to_f32().into_iter().map(A::from_f32).collect();
+            Tensor::from_slice(&self.device, &v, &[hm.rows, hm.cols])
+        };
+        let (a, b) = (up(&m.a)?, up(&m.b)?);
+        self.add(&a, &b, adapter.config.scale_for(module) as f32)
+    }
+
+    /// Removes the adapter in `slot`; its arena space and the slot are reused by later adds. An
+    /// [`AdapterIndex`] that names the slot is refused by the forward from now on.
+    pub fn remove(&mut self, slot: u32) -> Result<()> {
+        let s = self
+            .slot(slot)
+            .cloned()
+            .ok_or_else(|| Error::InvalidState {
+                op: "AdapterSet::remove",
+                message: format!(
+                    "slot {slot} holds no adapter (occupied: {:?})",
+                    self.occupied()
+                ),
+            })?;
+        self.release(s.offset, s.len);
+        self.slots[slot as usize] = None;
+        self.generations[slot as usize] += 1;
+        self.upload_table()
+    }
+
+    /// The occupied slots, ascending.
+    pub fn occupied(&self) -> Vec<u32> {
+        (0..self.slots.len() as u32)
+            .filter(|&i| self.slot(i).is_some())
+            .collect()
+    }
+
+    /// First fit in the free ranges, else at the end (growing the arena when it is full).
+    fn allocate(&mut self, len: usize) -> Result<usize> {
+        if let Some(i) = self.free.iter().position(|&(_, l)| l >= len) {
+            let (off, l) = self.free[i];
+            if l == len {
+                self.free.remove(i);
+            } else {
+                self.free[i] = (off + len, l - len);
+            }
+            return Ok(off);
+        }
+        let off = self.end;
+        let need = off + len;
+        if need > self.arena.numel() {
+            let grown = need.max(2 * self.arena.numel());
+            let mut arena = Tensor::zeros(&self.device, &[grown])?;
+            arena.copy_range_from(0, &self.arena, 0, self.end)?;
+            self.arena = arena;
+        }
+        self.end = need;
+        Ok(off)
+    }
+
+    fn release(&mut self, off: usize, len: usize) {
+        let i = self.free.partition_point(|&(o, _)| o < off);
+        self.free.insert(i, (off, len));
+        // coalesce with the next, then the previous
+        if i + 1 < self.free.len() && self.free[i].0 + self.free[i].1 == self.free[i + 1].0 {
+            self.free[i].1 += self.free[i + 1].1;
+            self.free.remove(i + 1);
+        }
+        if i > 0 && self.free[i - 1].0 + self.free[i - 1].1 == self.free[i].0 {
+            self.free[i - 1].1 += self.free[i].1;
+            self.free.remove(i);
+        }
+        // a free range at the end gives the space back to the tail
+        if let Some(&(o, l)) = self.free.last()
+            && o + l == self.end
+        {
+            self.end = o;
+            self.free.pop();
+        }
+    }
+
+    /// The descriptor table, as the kernels read it (lora_params.h `LkAdapterDesc`, little-endian words).
+    fn table_words(&self) -> Vec<u32> {
+        let mut w = vec![0u32; DESC_WORDS * self.slots.len().max(1)];
+        for (i, s) in self.slots.iter().enumerate() {
+            let Some(s) = s else { continue };
+            let a_off = s.offset as u64;
+            let b_off = (s.offset + round_up(s.rank * self.k)) as u64;
+            let mut flags = 0;
+            if self.k % ALIGN_ELEMS == 0 {
+                flags |= LK_ALIGNED_R;
+            }
+            if s.rank % ALIGN_ELEMS == 0 {
+                flags |= LK_ALIGNED_B;
+            }
+            let d = &mut w[i * DESC_WORDS..(i + 1) * DESC_WORDS];
+            d[0] = a_off as u32;
+            d[1] = (a_off >> 32) as u32;
+            d[2] = b_off as u32;
+            d[3] = (b_off >> 32) as u32;
+            d[4] = s.rank as u32;
+            d[5] = s.scale.to_bits();
+            d[6] = flags;
+            d[7] = 0;
+        }
+        w
+    }
+
+    fn upload_table(&mut self) -> Result<()> {
+        let words = self.table_words();
+        if self.table.numel() == words.len() {
+            self.table.copy_from_slice(&words)
+        } else {
+            self.table = Tensor::from_slice(&self.device, &words, &[words.len()])?;
+            Ok(())
+        }
+    }
+
+    /// The adapter in `slot` as host copies (A [r·K], B [N·r], scale), for references and tests.
+    pub fn to_host(&self, slot: u32) -> Result<Option<HostAdapter<A>>> {
+        let Some(s) = self.slot(slot) else {
+            return Ok(None);
+        };
+        let all = self.arena.to_vec()?;
+        let a_len = s.rank * self.k;
+        let b0 = s.offset + round_up(a_len);
+        Ok(Some((
+            all[s.offset..s.offset + a_len].to_vec(),
+            all[b0..b0 + self.n * s.rank].to_vec(),
+            s.scale,
+        )))
+    }
+
+    pub(crate) fn arena(&self) -> &Tensor<A> {
+        &self.arena
+    }
+    pub(crate) fn table(&self) -> &Tensor<u32> {
+        &self.table
+    }
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+    pub(crate) fn generation(&self, slot: u32) -> Option<u64> {
+        self.generations.get(slot as usize).copied()
+    }
+}
+
+/// The adapter of every row of a batch, on the device: a slot of one [`AdapterSet`] or none. Checked
+/// against the set when built (every slot named holds an adapter); the forward checks that none of them
+/// was removed or replaced since.
+#[derive(Debug)]
+pub struct AdapterIndex {
+    index: Tensor<u32>,
+    set_id: u64,
+    /// (slot, its generation when the index was built) for every slot the rows name.
+    used: Vec<(u32, u64)>,
+}
+
+impl AdapterIndex {
+    /// From the host: row i uses slot `rows[i]`, or no adapter (`None`: Y = X·W0ᵀ + bias).
+    pub fn new<A: Element>(set: &AdapterSet<A>, rows: &[Option<u32>]) -> Result<Self> {
+        let words: Vec<u32> = rows.iter().map(|r| r.unwrap_or(LK_NO_ADAPTER)).collect();
+        Self::checked(set, words, "AdapterIndex::new")
+    }
+
+    /// From a device tensor of u32 slots (`u32::MAX`: no adapter), e.g. computed by the caller's own
+    /// kernels: 1-D, dtype u32. It is read back once to check it (one device-to-host copy, which waits
+    /// for the stream).
+    pub fn from_tensor<A: Element, I: Element>(
+        set: &AdapterSet<A>,
+        index: &Tensor<I>,
+    ) -> Result<Self> {
+        const OP: &str = "AdapterIndex::from_tensor";
+        if I::DTYPE != DType::U32 {
+            return Err(Error::UnsupportedDType {
+                op: OP,
+                arg: "adapter_index",
+                got: I::DTYPE,
+                supported: "u32 (one adapter slot per row, u32::MAX for none)",
+            });
+        }
+        if index.shape().len() != 1 {
+            return Err(Error::Shape {
+                op: OP,
+                arg: "adapter_index",
+                expected: "[M] (one slot per row)".into(),
+                got: index.shape().to_vec(),
+            });
+        }
+        let words: Vec<u32> = index
+            .to_vec()?
+            .into_iter()
+            .map(|v| v.to_bits_u32())
+            .collect();
+        Self::checked(set, words, OP)
+    }
+
+    fn checked<A: Element>(set: &AdapterSet<A>, words: Vec<u32>, op: &'static str) -> Result<Self> {
+        if words.is_empty() {
+            return Err(Error::Empty {
+                op,
+                arg: "adapter_index",
+                shape: vec![0],
+            });
+        }
+        validate::fits_u32(op, "adapter_index", words.len())?;
+        let mut used: Vec<u32> = Vec::new();
+        for (row, &v) in words.iter().enumerate() {
+            if v == LK_NO_ADAPTER {
+                continue;
+            }
+            if set.slot(v).is_none() {
+                return Err(Error::AdapterIndex {
+                    op,
+                    row,
+                    value: v,
+                    occupied: set.occupied(),
+                });
+            }
+            used.push(v);
+        }
+        used.sort_unstable();
+        used.dedup();
+        let used = used
+            .into_iter()
+            .map(|s| (s, set.generation(s).unwrap_or(0)))
+            .collect();
+        Ok(AdapterIndex {
+            index: Tensor::from_slice(set.device(), &words, &[words.len()])?,
+            set_id: set.id(),
+            used,
+        })
+    }
+
+    /// The number of rows.
+    pub fn len(&self) -> usize {
+        self.index.numel()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The slots the rows name, ascending, each once.
+    pub fn slots(&self) -> Vec<u32> {
+        self.used.iter().map(|&(s, _)| s).collect()
+    }
+
+    /// Still valid for `set`: built for it, and none of its slots changed since.
+    pub(crate) fn check<A: Element>(&self, op: &'static str, set: &AdapterSet<A>) -> Result<()> {
+        if self.set_id != set.id() {
+            return Err(Error::InvalidState {
+                op,
+                message: "adapter_index was built for another AdapterSet".into(),
+            });
+        }
+        for &(slot, generation) in &self.used {
+            if set.generation(slot) != Some(generation) {
+                return Err(Error::InvalidState {
+                    op,
+                    message: format!(
+                        "adapter slot {slot}, which adapter_index uses, was removed or replaced after the \
+                         index was built; build the index again"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn tensor(&self) -> &Tensor<u32> {
+        &self.index
+    }
+}

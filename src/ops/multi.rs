@@ -1,0 +1,215 @@
+//! The LoRA forward for a batch whose rows use different adapters of one [`AdapterSet`]
+//! (kernels/fused_gemm_multi.cu): `Y_i = X_i·W0ᵀ + bias + s_a·(X_i·A_aᵀ)·B_aᵀ` with a = the row's adapter,
+//! or no low-rank term for a row without one. Three launches whatever the batch: the shrink T = X·A_aᵀ
+//! for all rows (f32 partials per fixed K chunk), its finalize (one rounding), and the fused GEMM with
+//! every adapter's low-rank term. Mixed ranks 1..=128, any shapes, rows in any order.
+//!
+//! Batch invariance: a row's Y and T bits depend on its own X row, adapter, W0 and bias only; they are
+//! the bits of [`lora_forward`](super::lora_forward) with that adapter alone on the general path (M >
+//! 16; see kernels/fused_gemm_multi.cu for why).
+
+use super::launch::{self, aligned_flags, pick_pair, u32_of};
+use super::lora::ForwardOutput;
+use super::validate::{self, rows_of};
+use super::workspace::Workspace;
+use crate::adapter_set::{AdapterIndex, AdapterSet};
+use crate::device::Arg;
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::kernel::kernels;
+use crate::params::*;
+use crate::plan::LaunchPlan;
+use crate::tensor::Tensor;
+
+const OP: &str = "lora_forward_multi";
+
+/// `Y = X·W0ᵀ + bias + s_a·(X·A_aᵀ)·B_aᵀ` row by row, with each row's adapter a from `index` (a slot
+/// of `set`, or none). X [..., K] (any leading dimensions, M rows), W0 [N, K], bias [N]; the set's
+/// adapters in X's dtype or f32, for N×K. Returns Y [..., N] and T [M, r_max] (r_max = the set's
+/// largest rank; row i's T in its first r_a columns, zeros after them and for rows without an adapter).
+pub fn lora_forward_multi<T: Element, A: Element>(
+    x: &Tensor<T>,
+    w0: &Tensor<T>,
+    bias: Option<&Tensor<T>>,
+    set: &AdapterSet<A>,
+    index: &AdapterIndex,
+) -> Result<ForwardOutput<T>> {
+    let (lead, m, _) = validate::rows(OP, "x", x)?;
+    let n = w0.shape().first().copied().unwrap_or(0);
+    let mut y = Tensor::for_output(x.device(), &rows_of(&lead, n))?;
+    let mut t = Tensor::for_output(x.device(), &[m, set.max_rank()])?;
+    lora_forward_multi_into(
+        x,
+        w0,
+        bias,
+        set,
+        index,
+        &mut y,
+        &mut t,
+        &mut Workspace::new(),
+    )?;
+    Ok(ForwardOutput { y, t })
+}
+
+/// [`lora_forward_multi`] into existing `y` [..., N] and `t` [M, r_max], with scratch memory from `ws`.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_forward_multi_into<T: Element, A: Element>(
+    x: &Tensor<T>,
+    w0: &Tensor<T>,
+    bias: Option<&Tensor<T>>,
+    set: &AdapterSet<A>,
+    index: &AdapterIndex,
+    y: &mut Tensor<T>,
+    t: &mut Tensor<T>,
+    ws: &mut Workspace<T>,
+) -> Result<()> {
+    validate::half_dtype(OP, "x", T::DTYPE)?;
+    launch::check_pair(OP, T::DTYPE, A::DTYPE)?;
+    let (lead, m, k) = validate::rows(OP, "x", x)?;
+    let (n, k_w) = validate::matrix(OP, "w0", w0, "[N, K]")?;
+    if k_w != k {
+        return Err(Error::Shape {
+            op: OP,
+            arg: "w0",
+            expected: format!("[N, K] with K = {k} (the columns of x)"),
+            got: w0.shape().to_vec(),
+        });
+    }
+    if set.dims() != (n, k) {
+        let (sn, sk) = set.dims();
+        return Err(Error::Shape {
+            op: OP,
+            arg: "adapters",
+            expected: format!("an AdapterSet for N×K = {n}×{k} (w0's)"),
+            got: vec![sn, sk],
+        });
+    }
+    if let Some(bias) = bias {
+        validate::shape(OP, "bias", bias, &[n], "[N]")?;
+    }
+    if index.len() != m {
+        return Err(Error::Shape {
+            op: OP,
+            arg: "adapter_index",
+            expected: format!("[M] = [{m}] (one adapter slot per row of x)"),
+            got: vec![index.len()],
+        });
+    }
+    index.check(OP, set)?;
+    validate::rows_shape(OP, "y", y, &lead, n, "[..., N] (x's leading dimensions)")?;
+    let ldt = set.max_rank();
+    validate::shape(OP, "t", t, &[m, ldt], "[M, r_max] (the set's largest rank)")?;
+    for (arg, v) in [("x", m * k), ("w0", n * k), ("M", m), ("N", n)] {
+        validate::fits_u32(OP, arg, v)?;
+    }
+    let kernel = pick_pair(
+        OP,
+        (T::DTYPE, A::DTYPE),
+        [
+            &kernels::FUSED_GEMM_MULTI_BF16,
+            &kernels::FUSED_GEMM_MULTI_F16,
+        ],
+        [
+            &kernels::FUSED_GEMM_MULTI_BF16_F32AD,
+            &kernels::FUSED_GEMM_MULTI_F16_F32AD,
+        ],
+    )?;
+    let (bm, bn) = (LK_FUSED_GEMM_BM as usize, LK_FUSED_GEMM_BN as usize);
+    let tiles_m = m.div_ceil(bm);
+    let tiles = tiles_m * n.div_ceil(bn);
+    if tiles > i32::MAX as usize {
+        return Err(Error::TooLarge {
+            op: OP,
+            arg: "output tiles (128×128)",
+            value: tiles,
+            max: i32::MAX as usize,
+        });
+    }
+    let n_adapters = u32_of(set.slots());
+    let (m32, n32, k32, ldt32) = (u32_of(m), u32_of(n), u32_of(k), u32_of(ldt));
+    let device = x.device().clone();
+    let (splits, per_split) = launch::projection_splits(k);
+
+    // 1. the shrink: f32 partials of X_i·A_aᵀ per K chunk, then T = their in-order sum, rounded once
+    ws.with_partial(&device, &[splits, m, ldt], |partial, _| {
+        let plan = LaunchPlan {
+            grid: [u32_of(tiles_m), 1, u32_of(splits)],
+            block: [LK_FUSED_GEMM_THREADS, 1, 1],
+            smem_bytes: LK_FUSED_GEMM_SMEM_BYTES,
+        };
+        let mut args = [
+            Arg::In("x", x),
+            Arg::In("adapters", set.arena()),
+            Arg::In("adapter table", set.table()),
+            Arg::In("adapter_index", index.tensor()),
+            Arg::Out("partial", &mut *partial),
+        ];
+        device.launch(OP, kernel, &plan, &mut args, |ptr| LkFusedGemmMultiParams {
+            x: ptr[0] as *const _,
+            // the shrink reads no W0, T, bias or Y
+            w0: ptr[0] as *const _,
+            t: std::ptr::null(),
+            bias: std::ptr::null(),
+            y: std::ptr::null_mut(),
+            partial: ptr[4] as *mut f32,
+            arena: ptr[1] as *const _,
+            adapters: ptr[2] as *const LkAdapterDesc,
+            index: ptr[3] as *const u32,
+            n_adapters,
+            m: m32,
+            n: n32,
+            k: k32,
+            ldt: ldt32,
+            k_per_split: u32_of(per_split),
+            flags: LK_MULTI_SHRINK | aligned_flags(&[(ptr[0], k32, LK_ALIGNED_A)]),
+        })?;
+        launch::finalize(OP, partial, t, splits, 1.0, false)
+    })?;
+
+    // 2. the fused GEMM: every adapter's low-rank k-tiles (other rows masked), per-row scale, X·W0ᵀ
+    let plan = LaunchPlan {
+        grid: [u32_of(tiles), 1, 1],
+        block: [LK_FUSED_GEMM_THREADS, 1, 1],
+        smem_bytes: LK_FUSED_GEMM_SMEM_BYTES,
+    };
+    let mut args = vec![
+        Arg::In("x", x),
+        Arg::In("w0", w0),
+        Arg::In("t", &*t),
+        Arg::In("adapters", set.arena()),
+        Arg::In("adapter table", set.table()),
+        Arg::In("adapter_index", index.tensor()),
+    ];
+    if let Some(bias) = bias {
+        args.push(Arg::In("bias", bias));
+    }
+    let y_index = args.len();
+    args.push(Arg::Out("y", y));
+    let has_bias = bias.is_some();
+    device.launch(OP, kernel, &plan, &mut args, |ptr| LkFusedGemmMultiParams {
+        x: ptr[0] as *const _,
+        w0: ptr[1] as *const _,
+        t: ptr[2] as *const _,
+        bias: if has_bias {
+            ptr[6] as *const _
+        } else {
+            std::ptr::null()
+        },
+        y: ptr[y_index] as *mut _,
+        partial: std::ptr::null_mut(),
+        arena: ptr[3] as *const _,
+        adapters: ptr[4] as *const LkAdapterDesc,
+        index: ptr[5] as *const u32,
+        n_adapters,
+        m: m32,
+        n: n32,
+        k: k32,
+        ldt: ldt32,
+        k_per_split: 0,
+        flags: aligned_flags(&[
+            (ptr[0], k32, LK_ALIGNED_A),
+            (ptr[1], k32, LK_ALIGNED_B),
+            (ptr[2], ldt32, LK_ALIGNED_L),
+        ]),
+    })
+}

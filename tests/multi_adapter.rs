@@ -1,0 +1,602 @@
+//! Many adapters in one batch (ops::lora_forward_multi, AdapterSet, AdapterIndex) against the f64
+//! reference: property tests over random per-row adapter maps (rows without an adapter included),
+//! mixed ranks 1..=128, ragged shapes, bf16/f16 layers with adapters in the layer dtype or f32, bias or
+//! not; outputs poisoned before every launch; identical bits under two emulator thread orders; and, for
+//! M > 16, every row bit-identical to `lora_forward` with its adapter alone. Then batch invariance (rows
+//! permuted, other rows and adapters changed, batch sizes 1 to 300: the unchanged rows keep their bits),
+//! the set's add/remove/grow, and the errors for bad indices, mismatched adapters and index tensors.
+//!
+//! Cases per run: `PROPTEST_CASES` (default 72).
+
+mod common;
+
+use common::Rng;
+use half::{bf16, f16};
+use lora_kernels::ops::{Workspace, lora_forward, lora_forward_multi, lora_forward_multi_into};
+use lora_kernels::reference::{self, MultiAdapter};
+use lora_kernels::{AdapterIndex, AdapterSet, DType, Device, Element, Error, Tensor};
+use proptest::prelude::*;
+
+fn tol(dtype: DType) -> f64 {
+    if dtype == DType::BF16 { 1e-2 } else { 2e-3 }
+}
+
+/// A batch: X (m×k), W0 (n×k), bias, the adapters (A, B, rank, scale) and each row's adapter.
+struct Batch<T: Element, A: Element> {
+    m: usize,
+    n: usize,
+    k: usize,
+    x: Vec<T>,
+    w0: Vec<T>,
+    bias: Option<Vec<T>>,
+    adapters: Vec<HostAdapter<A>>,
+    rows: Vec<Option<usize>>,
+}
+
+/// A, B, rank, scale.
+type HostAdapter<A> = (Vec<A>, Vec<A>, usize, f32);
+
+fn random_adapter<A: Element>(rng: &mut Rng, n: usize, k: usize, r: usize) -> HostAdapter<A> {
+    let a = rng.vec::<A>(r * k, 1.0 / (k as f64).sqrt());
+    let b = rng.vec::<A>(n * r, 1.0 / (r as f64).sqrt());
+    let scale = (0.25 + 1.75 * (rng.uniform() * 0.5 + 0.5)) as f32;
+    (a, b, r, scale)
+}
+
+fn random_rank(rng: &mut Rng) -> usize {
+    // the edges (1, 16, 17, 128) as often as the rest
+    match rng.next_u64() % 8 {
+        0 => 1,
+        1 => 16,
+        2 => 17,
+        3 => 128,
+        _ => 1 + (rng.next_u64() % 128) as usize,
+    }
+}
+
+impl<T: Element, A: Element> Batch<T, A> {
+    fn random(
+        rng: &mut Rng,
+        (m, n, k): (usize, usize, usize),
+        adapters: usize,
+        bias: bool,
+    ) -> Self {
+        let adapters: Vec<_> = (0..adapters)
+            .map(|_| {
+                let r = random_rank(rng);
+                random_adapter::<A>(rng, n, k, r)
+            })
+            .collect();
+        // grouped runs of one adapter (as servers batch requests), some single rows, some rows without
+        let mut rows = Vec::with_capacity(m);
+        while rows.len() < m {
+            let run = 1 + (rng.next_u64() % 40) as usize;
+            let a = match rng.next_u64() % 6 {
+                0 => None,
+                _ => Some((rng.next_u64() % adapters.len() as u64) as usize),
+            };
+            rows.extend(std::iter::repeat_n(a, run.min(m - rows.len())));
+        }
+        if rng.next_u64() % 2 == 0 {
+            // unsorted: every row its own draw
+            for r in rows.iter_mut() {
+                *r = if rng.next_u64() % 7 == 0 {
+                    None
+                } else {
+                    Some((rng.next_u64() % adapters.len() as u64) as usize)
+                };
+            }
+        }
+        Batch {
+            m,
+            n,
+            k,
+            x: rng.vec::<T>(m * k, 1.0),
+            w0: rng.vec::<T>(n * k, 1.0 / (k as f64).sqrt()),
+            bias: bias.then(|| rng.vec::<T>(n, 0.5)),
+            adapters,
+            rows,
+        }
+    }
+
+    fn reference(&self, r_max: usize) -> reference::Forward {
+        let ad: Vec<MultiAdapter<'_, A>> = self
+            .adapters
+            .iter()
+            .map(|(a, b, r, s)| (a.as_slice(), b.as_slice(), *r, *s as f64))
+            .collect();
+        reference::forward_multi_as_kernels(
+            &self.x,
+            &self.w0,
+            self.bias.as_deref(),
+            &ad,
+            &self.rows,
+            (self.m, self.n, self.k),
+            r_max,
+        )
+    }
+}
+
+/// The set of `b`'s adapters on `dev` (slot i = adapter i).
+fn set_of<T: Element, A: Element>(dev: &Device, b: &Batch<T, A>) -> AdapterSet<A> {
+    let mut set = AdapterSet::<A>::new(dev, b.n, b.k).unwrap();
+    for (i, (a, bb, r, s)) in b.adapters.iter().enumerate() {
+        let at = Tensor::from_slice(dev, a, &[*r, b.k]).unwrap();
+        let bt = Tensor::from_slice(dev, bb, &[b.n, *r]).unwrap();
+        assert_eq!(set.add(&at, &bt, *s).unwrap(), i as u32);
+    }
+    set
+}
+
+/// Y and T of the multi-adapter forward on `dev`, both poisoned before the launches.
+fn run<T: Element, A: Element>(
+    dev: &Device,
+    b: &Batch<T, A>,
+    set: &AdapterSet<A>,
+) -> (Vec<T>, Vec<T>) {
+    let rows: Vec<Option<u32>> = b.rows.iter().map(|r| r.map(|a| a as u32)).collect();
+    let index = AdapterIndex::new(set, &rows).unwrap();
+    let x = Tensor::from_slice(dev, &b.x, &[b.m, b.k]).unwrap();
+    let w0 = Tensor::from_slice(dev, &b.w0, &[b.n, b.k]).unwrap();
+    let bias = b
+        .bias
+        .as_ref()
+        .map(|v| Tensor::from_slice(dev, v, &[b.n]).unwrap());
+    let mut y = Tensor::<T>::zeros(dev, &[b.m, b.n]).unwrap();
+    let mut t = Tensor::<T>::zeros(dev, &[b.m, set.max_rank()]).unwrap();
+    y.poison().unwrap();
+    t.poison().unwrap();
+    lora_forward_multi_into(
+        &x,
+        &w0,
+        bias.as_ref(),
+        set,
+        &index,
+        &mut y,
+        &mut t,
+        &mut Workspace::new(),
+    )
+    .unwrap();
+    (y.to_vec().unwrap(), t.to_vec().unwrap())
+}
+
+fn bits<T: Element>(v: &[T]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits_u32()).collect()
+}
+
+/// Every row of adapter `a` equals lora_forward on the whole X with adapter `a` alone (M > 16: the
+/// general path), bit for bit, in Y and in T's first r_a columns.
+fn check_single_adapter_bits<T: Element, A: Element>(
+    dev: &Device,
+    b: &Batch<T, A>,
+    y: &[T],
+    t: &[T],
+    r_max: usize,
+) {
+    let x = Tensor::from_slice(dev, &b.x, &[b.m, b.k]).unwrap();
+    let w0 = Tensor::from_slice(dev, &b.w0, &[b.n, b.k]).unwrap();
+    let bias = b
+        .bias
+        .as_ref()
+        .map(|v| Tensor::from_slice(dev, v, &[b.n]).unwrap());
+    for (ai, (a, bb, r, s)) in b.adapters.iter().enumerate() {
+        if !b.rows.contains(&Some(ai)) {
+            continue;
+        }
+        let at = Tensor::from_slice(dev, a, &[*r, b.k]).unwrap();
+        let bt = Tensor::from_slice(dev, bb, &[b.n, *r]).unwrap();
+        let single = lora_forward(&x, &w0, &at, &bt, bias.as_ref(), *s).unwrap();
+        let (ys, ts) = (single.y.to_vec().unwrap(), single.t.to_vec().unwrap());
+        for i in (0..b.m).filter(|&i| b.rows[i] == Some(ai)) {
+            assert_eq!(
+                bits(&y[i * b.n..(i + 1) * b.n]),
+                bits(&ys[i * b.n..(i + 1) * b.n]),
+                "row {i} (adapter {ai}, rank {r}): Y differs from lora_forward with its adapter alone"
+            );
+            assert_eq!(
+                bits(&t[i * r_max..i * r_max + r]),
+                bits(&ts[i * r..(i + 1) * r]),
+                "row {i} (adapter {ai}, rank {r}): T differs from lora_forward with its adapter alone"
+            );
+        }
+    }
+}
+
+fn property_case<T: Element, A: Element>(
+    dims: (usize, usize, usize),
+    adapters: usize,
+    bias: bool,
+    stream: u64,
+) {
+    let mut rng = Rng::new(stream);
+    let b = Batch::<T, A>::random(&mut rng, dims, adapters, bias);
+    let emus = common::emulators();
+    let mut devices = vec![emus[0].clone(), emus[1].clone()];
+    devices.extend(common::gpu());
+    let mut first_bits = None;
+    for (di, dev) in devices.iter().enumerate() {
+        let set = set_of(dev, &b);
+        let r_max = set.max_rank();
+        let (y, t) = run(dev, &b, &set);
+        let want = b.reference(r_max);
+        let (ey, et) = (
+            reference::relative_error(&y, &want.y),
+            reference::relative_error(&t, &reference::rounded::<T>(&want.t)),
+        );
+        let what = format!(
+            "{}/{} {dims:?} ranks {:?} rows {:?} on {}",
+            T::DTYPE,
+            A::DTYPE,
+            b.adapters.iter().map(|a| a.2).collect::<Vec<_>>(),
+            &b.rows[..b.rows.len().min(24)],
+            dev.describe()
+        );
+        assert!(ey <= tol(T::DTYPE), "{what}: y relative error {ey:e}");
+        assert!(et <= tol(T::DTYPE), "{what}: t relative error {et:e}");
+        if b.m > lora_kernels::params::LK_SMALL_M_MAX as usize {
+            check_single_adapter_bits(dev, &b, &y, &t, r_max);
+        }
+        if di < 2 {
+            let now = (bits(&y), bits(&t));
+            match &first_bits {
+                None => first_bits = Some(now),
+                Some(f) => assert!(
+                    *f == now,
+                    "{what}: bits differ between thread orders (a race)"
+                ),
+            }
+        }
+    }
+}
+
+fn shape() -> impl Strategy<Value = (usize, usize, usize)> {
+    (1usize..=200, 1usize..=160, 1usize..=300, any::<bool>()).prop_map(|(m, n, k, round)| {
+        if round {
+            (m, n.div_ceil(8) * 8, k.div_ceil(8) * 8)
+        } else {
+            (m, n, k)
+        }
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(72),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn multi_forward_matches_reference(
+        dims in shape(),
+        adapters in 1usize..=5,
+        layer in 0u8..4,
+        bias in any::<bool>(),
+        stream in any::<u64>(),
+    ) {
+        match layer {
+            0 => property_case::<bf16, bf16>(dims, adapters, bias, stream),
+            1 => property_case::<f16, f16>(dims, adapters, bias, stream),
+            2 => property_case::<bf16, f32>(dims, adapters, bias, stream),
+            _ => property_case::<f16, f32>(dims, adapters, bias, stream),
+        }
+    }
+}
+
+/// The rows of `base` at `keep` (their X, adapter) placed at random positions of a batch of `size`
+/// rows whose other rows are new (fresh X, random adapters or none). Returns the batch and where each
+/// kept row went.
+fn embed<T: Element, A: Element>(
+    rng: &mut Rng,
+    base: &Batch<T, A>,
+    keep: &[usize],
+    size: usize,
+) -> (Batch<T, A>, Vec<usize>) {
+    assert!(keep.len() <= size);
+    let mut slots: Vec<usize> = (0..size).collect();
+    for i in (1..size).rev() {
+        slots.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    let at = slots[..keep.len()].to_vec();
+    let mut x = rng.vec::<T>(size * base.k, 1.0);
+    let mut rows: Vec<Option<usize>> = (0..size)
+        .map(|_| {
+            let a = (rng.next_u64() % (base.adapters.len() as u64 + 1)) as usize;
+            (a < base.adapters.len()).then_some(a)
+        })
+        .collect();
+    for (&src, &dst) in keep.iter().zip(&at) {
+        x[dst * base.k..(dst + 1) * base.k]
+            .copy_from_slice(&base.x[src * base.k..(src + 1) * base.k]);
+        rows[dst] = base.rows[src];
+    }
+    let b = Batch {
+        m: size,
+        n: base.n,
+        k: base.k,
+        x,
+        w0: base.w0.clone(),
+        bias: base.bias.clone(),
+        adapters: base.adapters.clone(),
+        rows,
+    };
+    (b, at)
+}
+
+/// A row's bits do not depend on the batch: permuted, with other rows and adapters around it, in
+/// batches of 1 to 300 rows (small-M and several row tiles), they stay the same.
+#[test]
+fn rows_are_batch_invariant() {
+    let dev = common::emulators()[0].clone();
+    let mut rng = Rng::new(0xba7c);
+    let (n, k) = (136, 200);
+    let mut base = Batch::<bf16, bf16>::random(&mut rng, (150, n, k), 1, true);
+    base.adapters = [1, 8, 16, 33, 64, 128]
+        .iter()
+        .map(|&r| random_adapter::<bf16>(&mut rng, n, k, r))
+        .collect();
+    for (i, r) in base.rows.iter_mut().enumerate() {
+        *r = (i % 7 != 3).then_some((i * 5 + i / 11) % 6);
+    }
+    let set = set_of(&dev, &base);
+    let r_max = set.max_rank();
+    let (y0, t0) = run(&dev, &base, &set);
+    let keep: Vec<usize> = (0..base.m).filter(|i| i % 3 == 0).take(40).collect();
+    for size in [1usize, 5, 16, 40, 129, 300] {
+        let keep = &keep[..keep.len().min(size)];
+        let (b, at) = embed(&mut rng, &base, keep, size);
+        let (y, t) = run(&dev, &b, &set);
+        for (&src, &dst) in keep.iter().zip(&at) {
+            assert_eq!(
+                bits(&y[dst * n..(dst + 1) * n]),
+                bits(&y0[src * n..(src + 1) * n]),
+                "Y of row {src} (adapter {:?}) changed in a batch of {size} (at row {dst})",
+                base.rows[src]
+            );
+            assert_eq!(
+                bits(&t[dst * r_max..(dst + 1) * r_max]),
+                bits(&t0[src * r_max..(src + 1) * r_max]),
+                "T of row {src} changed in a batch of {size}"
+            );
+        }
+    }
+}
+
+/// Adding and removing adapters keeps the others' values and slots; space is reused, the arena grows
+/// when full; a forward after the churn still matches the reference.
+#[test]
+fn set_add_remove_grow() {
+    let dev = common::emulators()[0].clone();
+    let mut rng = Rng::new(0x5e7);
+    let (n, k) = (24, 40);
+    let mut set = AdapterSet::<f16>::with_capacity(&dev, n, k, 100).unwrap();
+    let mut host: Vec<Option<HostAdapter<f16>>> = Vec::new();
+    let add = |set: &mut AdapterSet<f16>, host: &mut Vec<Option<_>>, rng: &mut Rng, r: usize| {
+        let ad = random_adapter::<f16>(rng, n, k, r);
+        let at = Tensor::from_slice(&dev, &ad.0, &[r, k]).unwrap();
+        let bt = Tensor::from_slice(&dev, &ad.1, &[n, r]).unwrap();
+        let slot = set.add(&at, &bt, ad.3).unwrap() as usize;
+        if host.len() <= slot {
+            host.resize(slot + 1, None);
+        }
+        assert!(host[slot].is_none(), "slot {slot} handed out twice");
+        host[slot] = Some(ad);
+        slot
+    };
+    for r in [3, 16, 1, 40, 7] {
+        add(&mut set, &mut host, &mut rng, r);
+    }
+    assert!(set.capacity() > 100, "the arena grew");
+    for slot in [1u32, 3] {
+        set.remove(slot).unwrap();
+        host[slot as usize] = None;
+    }
+    assert!(set.remove(3).is_err(), "a slot removed twice");
+    assert_eq!(
+        add(&mut set, &mut host, &mut rng, 9),
+        1,
+        "the lowest free slot is reused"
+    );
+    add(&mut set, &mut host, &mut rng, 128);
+    add(&mut set, &mut host, &mut rng, 2);
+    assert_eq!(set.len(), host.iter().flatten().count());
+    for (slot, h) in host.iter().enumerate() {
+        let got = set.to_host(slot as u32).unwrap();
+        match (h, got) {
+            (Some((a, b, _, s)), Some((ga, gb, gs))) => {
+                assert_eq!(bits(a), bits(&ga), "slot {slot}: A changed");
+                assert_eq!(bits(b), bits(&gb), "slot {slot}: B changed");
+                assert_eq!(*s, gs);
+            }
+            (None, None) => {}
+            _ => panic!("slot {slot}: occupied state differs"),
+        }
+    }
+    // a forward over the churned set
+    let occupied = set.occupied();
+    let m = 37;
+    let x = rng.vec::<f16>(m * k, 1.0);
+    let w0 = rng.vec::<f16>(n * k, 0.2);
+    let rows: Vec<Option<u32>> = (0..m)
+        .map(|i| (i % 5 != 0).then(|| occupied[i % occupied.len()]))
+        .collect();
+    let index = AdapterIndex::new(&set, &rows).unwrap();
+    let out = lora_forward_multi(
+        &Tensor::from_slice(&dev, &x, &[m, k]).unwrap(),
+        &Tensor::from_slice(&dev, &w0, &[n, k]).unwrap(),
+        None,
+        &set,
+        &index,
+    )
+    .unwrap();
+    let ad: Vec<MultiAdapter<'_, f16>> = host
+        .iter()
+        .map(|h| match h {
+            Some((a, b, r, s)) => (a.as_slice(), b.as_slice(), *r, *s as f64),
+            None => (&[][..], &[][..], 0, 0.0),
+        })
+        .collect();
+    let ref_rows: Vec<Option<usize>> = rows.iter().map(|r| r.map(|s| s as usize)).collect();
+    let want = reference::forward_multi_as_kernels(
+        &x,
+        &w0,
+        None,
+        &ad,
+        &ref_rows,
+        (m, n, k),
+        set.max_rank(),
+    );
+    let e = reference::relative_error(&out.y.to_vec().unwrap(), &want.y);
+    assert!(
+        e <= tol(DType::F16),
+        "y relative error {e:e} after add/remove/grow"
+    );
+}
+
+/// Bad indices, mismatched adapters and index tensors are Errors naming the argument.
+#[test]
+fn bad_multi_inputs() {
+    let dev = common::emulators()[0].clone();
+    let mut rng = Rng::new(0xbad);
+    let (m, n, k) = (20, 16, 24);
+    let b = Batch::<bf16, bf16>::random(&mut rng, (m, n, k), 3, false);
+    let mut set = set_of(&dev, &b);
+    let x = Tensor::from_slice(&dev, &b.x, &[m, k]).unwrap();
+    let w0 = Tensor::from_slice(&dev, &b.w0, &[n, k]).unwrap();
+    let msg = |e: Error| e.to_string();
+
+    // an index naming no adapter: out of range, then a removed slot
+    let e = AdapterIndex::new(&set, &[Some(0), Some(7)]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::AdapterIndex {
+                row: 1,
+                value: 7,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(msg(e).contains("adapter_index"));
+    let stale = AdapterIndex::new(&set, &vec![Some(2); m]).unwrap();
+    set.remove(2).unwrap();
+    let e = AdapterIndex::new(&set, &[Some(2)]).unwrap_err();
+    assert!(matches!(e, Error::AdapterIndex { value: 2, .. }), "{e}");
+    let e = lora_forward_multi(&x, &w0, None, &set, &stale).unwrap_err();
+    assert!(msg(e).contains("removed or replaced"));
+
+    // an index of the wrong length, dtype or rank
+    let short = AdapterIndex::new(&set, &vec![Some(0); m - 1]).unwrap();
+    let e = lora_forward_multi(&x, &w0, None, &set, &short).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Shape {
+                arg: "adapter_index",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let f = Tensor::from_slice(&dev, &vec![0.0f32; m], &[m]).unwrap();
+    let e = AdapterIndex::from_tensor(&set, &f).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::UnsupportedDType {
+                arg: "adapter_index",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let two_d = Tensor::from_slice(&dev, &vec![0u32; m], &[m / 2, 2]).unwrap();
+    let e = AdapterIndex::from_tensor(&set, &two_d).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Shape {
+                arg: "adapter_index",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let bad = Tensor::from_slice(&dev, &[0u32, 9, u32::MAX], &[3]).unwrap();
+    let e = AdapterIndex::from_tensor(&set, &bad).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::AdapterIndex {
+                row: 1,
+                value: 9,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let good = Tensor::from_slice(&dev, &vec![1u32; m], &[m]).unwrap();
+    assert_eq!(
+        AdapterIndex::from_tensor(&set, &good).unwrap().slots(),
+        vec![1]
+    );
+
+    // an index built for another set
+    let other = set_of(&dev, &b);
+    let foreign = AdapterIndex::new(&other, &vec![Some(0); m]).unwrap();
+    let e = lora_forward_multi(&x, &w0, None, &set, &foreign).unwrap_err();
+    assert!(msg(e).contains("another AdapterSet"));
+
+    // adapters whose K or N do not match: at add, and a set for another layer
+    let a_bad = Tensor::from_slice(&dev, &vec![bf16::ZERO; 4 * (k + 1)], &[4, k + 1]).unwrap();
+    let b_ok = Tensor::from_slice(&dev, &vec![bf16::ZERO; n * 4], &[n, 4]).unwrap();
+    let e = set.add(&a_bad, &b_ok, 1.0).unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "a", .. }), "{e}");
+    let a_ok = Tensor::from_slice(&dev, &vec![bf16::ZERO; 4 * k], &[4, k]).unwrap();
+    let b_bad = Tensor::from_slice(&dev, &vec![bf16::ZERO; (n + 1) * 4], &[n + 1, 4]).unwrap();
+    let e = set.add(&a_ok, &b_bad, 1.0).unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "b", .. }), "{e}");
+    let e = set.add(&a_ok, &b_ok, f32::NAN).unwrap_err();
+    assert!(matches!(e, Error::NonFinite { arg: "scale", .. }), "{e}");
+    let wide = AdapterSet::<bf16>::new(&dev, n + 8, k).unwrap();
+    let idx_none = AdapterIndex::new(&wide, &vec![None; m]).unwrap();
+    let e = lora_forward_multi(&x, &w0, None, &wide, &idx_none).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Shape {
+                arg: "adapters",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // f32 layer, f16 adapters over a bf16 layer
+    let xf = Tensor::from_slice(&dev, &vec![0.0f32; m * k], &[m, k]).unwrap();
+    let w0f = Tensor::from_slice(&dev, &vec![0.0f32; n * k], &[n, k]).unwrap();
+    let fset = AdapterSet::<f32>::new(&dev, n, k).unwrap();
+    let fidx = AdapterIndex::new(&fset, &vec![None; m]).unwrap();
+    let e = lora_forward_multi(&xf, &w0f, None, &fset, &fidx).unwrap_err();
+    assert!(matches!(e, Error::UnsupportedDType { arg: "x", .. }), "{e}");
+    let hset = AdapterSet::<f16>::new(&dev, n, k).unwrap();
+    let hidx = AdapterIndex::new(&hset, &vec![None; m]).unwrap();
+    let e = lora_forward_multi(&x, &w0, None, &hset, &hidx).unwrap_err();
+    assert!(matches!(e, Error::UnsupportedDType { .. }), "{e}");
+    // a wrong T buffer
+    let idx = AdapterIndex::new(&set, &vec![Some(0); m]).unwrap();
+    let mut y = Tensor::<bf16>::zeros(&dev, &[m, n]).unwrap();
+    let mut t = Tensor::<bf16>::zeros(&dev, &[m, set.max_rank() + 1]).unwrap();
+    let e = lora_forward_multi_into(
+        &x,
+        &w0,
+        None,
+        &set,
+        &idx,
+        &mut y,
+        &mut t,
+        &mut Workspace::new(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "t", .. }), "{e}");
+}
