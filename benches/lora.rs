@@ -5,6 +5,9 @@
 //!             backward (autograd on PEFT's layer)
 //!   merge     in-place merge | device-to-device copy of W0 (once per N, K, r)
 //!   small_m   M = 16 cases of the forward group (the small-M kernel)
+//!   multi     many adapters in one batch (benches/common/multi.rs): ours (lora_forward_multi) | a loop
+//!             of lora_forward per adapter | cuBLAS Y = X·W0ᵀ plus two GEMMs per adapter on its rows;
+//!             M = 16, 256, 4096 with 4, 16, 64 adapters of ranks 8/16/64, N = K = 4096
 //!
 //! Throughput is reported as FLOPs (criterion "elements") for GEMMs and bytes for merge. Every timed
 //! iteration ends with a device synchronize, and input sets rotate so none is served from L2.
@@ -103,6 +106,36 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
     g.finish();
 }
 
+fn bench_multi(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, m: usize, adapters: usize) {
+    use common::multi;
+    let mut s = multi::multi_set(dev, m, adapters).expect("allocating benchmark inputs");
+    let mut g = cr.benchmark_group(format!(
+        "multi/M{m}_A{adapters}_N{}_K{}",
+        multi::N,
+        multi::K
+    ));
+    g.throughput(Throughput::Elements(2 * (m * multi::N * multi::K) as u64));
+    g.bench_function(BenchmarkId::new("ours_multi", ""), |b| {
+        b.iter(|| {
+            multi::ours(&mut s);
+            dev.synchronize().unwrap();
+        })
+    });
+    g.bench_function(BenchmarkId::new("loop_lora_forward", ""), |b| {
+        b.iter(|| {
+            multi::loop_lora_forward(&mut s);
+            dev.synchronize().unwrap();
+        })
+    });
+    g.bench_function(BenchmarkId::new("cublas_gather_gemms", ""), |b| {
+        b.iter(|| {
+            multi::cublas_gather_gemms(blas, &mut s);
+            dev.synchronize().unwrap();
+        })
+    });
+    g.finish();
+}
+
 fn main() {
     let dev = match Device::cuda(0) {
         Ok(d) => d,
@@ -137,6 +170,13 @@ fn main() {
             c,
             common::measures_merge(&cases, index),
         );
+    }
+    let quick = std::env::var("LK_BENCH_QUICK").as_deref() == Ok("1");
+    for (m, adapters) in common::multi::cases() {
+        if quick && (m, adapters) != (256, 16) {
+            continue;
+        }
+        bench_multi(&mut cr, &dev, &blas, m, adapters);
     }
     cr.final_summary();
 }

@@ -3,6 +3,8 @@
 //! (cudarc's `Gemm<bf16>`: bf16 in and out, f32 compute) for row-major tensors.
 #![allow(dead_code)]
 
+pub mod multi;
+
 use std::sync::Arc;
 
 use lora_kernels::cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
