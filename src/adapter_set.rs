@@ -226,33 +226,12 @@ impl<A: Element> AdapterSet<A> {
         adapter: &crate::peft::PeftAdapter,
         module: &str,
     ) -> Result<u32> {
-        const OP: &str = "AdapterSet::add_peft_module";
-        let m = adapter
-            .modules
-            .iter()
-            .find(|m| m.name == module)
-            .ok_or_else(|| Error::InvalidState {
-                op: OP,
-                message: format!(
-                    "the adapter has no module `{module}` (it has: {:?})",
-                    adapter.modules.iter().map(|m| &m.name).collect::<Vec<_>>()
-                ),
-            })?;
-        for (arg, hm) in [("lora_A", &m.a), ("lora_B", &m.b)] {
-            if hm.dtype != A::DTYPE && A::DTYPE != DType::F32 {
-                return Err(Error::UnsupportedDType {
-                    op: OP,
-                    arg,
-                    got: hm.dtype,
-                    supported: "values the set holds exactly: its own dtype, or bf16/f16 into an f32 set",
-                });
-            }
-        }
-        let up = |hm: &crate::peft::HostMatrix| -> Result<Tensor<A>> {
-            let v: Vec<A> = hm.to_f32().into_iter().map(A::from_f32).collect();
-            Tensor::from_slice(&self.device, &v, &[hm.rows, hm.cols])
-        };
-        let (a, b) = (up(&m.a)?, up(&m.b)?);
+        let (a, b) = adapter.module_tensors::<A>(
+            "AdapterSet::add_peft_module",
+            module,
+            &self.device,
+            "values the set holds exactly: its own dtype, or bf16/f16 into an f32 set",
+        )?;
         self.add(&a, &b, adapter.config.scale_for(module) as f32)
     }
 

@@ -285,28 +285,12 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         adapter: &crate::peft::PeftAdapter,
         module: &str,
     ) -> Result<()> {
-        const OP: &str = "LoraLinear::insert_peft_module";
-        let m = adapter
-            .modules
-            .iter()
-            .find(|m| m.name == module)
-            .ok_or_else(|| Error::InvalidState {
-                op: OP,
-                message: format!(
-                    "the adapter has no module `{module}` (it has: {:?})",
-                    adapter.modules.iter().map(|m| &m.name).collect::<Vec<_>>()
-                ),
-            })?;
-        for (arg, hm) in [("lora_A", &m.a), ("lora_B", &m.b)] {
-            if hm.dtype != A::DTYPE && A::DTYPE != DType::F32 {
-                return Err(Error::UnsupportedDType {
-                    op: OP,
-                    arg,
-                    got: hm.dtype,
-                    supported: "values this layer's adapters hold exactly: the adapter dtype, or bf16/f16 into f32 adapters (load f32 files with LoraLinear::with_f32_adapters)",
-                });
-            }
-        }
+        let (a, b) = adapter.module_tensors::<A>(
+            "LoraLinear::insert_peft_module",
+            module,
+            self.w0.device(),
+            "values this layer's adapters hold exactly: the adapter dtype, or bf16/f16 into f32 adapters (load f32 files with LoraLinear::with_f32_adapters)",
+        )?;
         let c = &adapter.config;
         let config = LoraConfig {
             rank: c.rank_for(module),
@@ -314,12 +298,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             use_rslora: c.use_rslora,
             dropout: c.lora_dropout as f32,
         };
-        let dev = self.w0.device().clone();
-        let up = |hm: &crate::peft::HostMatrix| -> Result<Tensor<A>> {
-            let v: Vec<A> = hm.to_f32().into_iter().map(A::from_f32).collect();
-            Tensor::from_slice(&dev, &v, &[hm.rows, hm.cols])
-        };
-        self.insert_adapter(name, config, up(&m.a)?, up(&m.b)?)
+        self.insert_adapter(name, config, a, b)
     }
 
     fn unknown(&self, op: &'static str, name: &str) -> Error {

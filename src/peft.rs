@@ -272,6 +272,45 @@ pub(crate) fn matrix(path: &Path, st: &SafeTensors<'_>, name: &str) -> Result<Ho
 }
 
 impl PeftAdapter {
+    /// Module `module`'s lora_A and lora_B as device tensors of `A`, holding the file's values exactly:
+    /// a file dtype other than `A` is accepted only into f32 (bf16/f16 are subsets of it), anything else
+    /// would round and is `UnsupportedDType` naming the tensor, with `supported` as its hint. An unknown
+    /// module is an error listing the adapter's modules.
+    pub(crate) fn module_tensors<A: crate::dtype::Element>(
+        &self,
+        op: &'static str,
+        module: &str,
+        device: &crate::device::Device,
+        supported: &'static str,
+    ) -> Result<(crate::tensor::Tensor<A>, crate::tensor::Tensor<A>)> {
+        let m = self
+            .modules
+            .iter()
+            .find(|m| m.name == module)
+            .ok_or_else(|| Error::InvalidState {
+                op,
+                message: format!(
+                    "the adapter has no module `{module}` (it has: {:?})",
+                    self.modules.iter().map(|m| &m.name).collect::<Vec<_>>()
+                ),
+            })?;
+        for (arg, hm) in [("lora_A", &m.a), ("lora_B", &m.b)] {
+            if hm.dtype != A::DTYPE && A::DTYPE != DType::F32 {
+                return Err(Error::UnsupportedDType {
+                    op,
+                    arg,
+                    got: hm.dtype,
+                    supported,
+                });
+            }
+        }
+        let up = |hm: &HostMatrix| {
+            let v: Vec<A> = hm.to_f32().into_iter().map(A::from_f32).collect();
+            crate::tensor::Tensor::from_slice(device, &v, &[hm.rows, hm.cols])
+        };
+        Ok((up(&m.a)?, up(&m.b)?))
+    }
+
     /// Loads `dir/adapter_config.json` and `dir/adapter_model.safetensors`.
     pub fn load(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("adapter_config.json");

@@ -57,15 +57,14 @@ pub(crate) struct LayerShape {
     pub lead: Vec<usize>,
 }
 
-/// Checks X [..., K] (any number of leading dimensions, M = their product), W0 [N, K], A [r, K],
-/// B [N, r], dtype bf16/f16, adapters in that dtype or f32, 1 ≤ r ≤ 128, sizes within u32.
-pub(crate) fn layer_dims<T: Element, A: Element>(
+/// The layer's base operands, shared by every forward: X [..., K] (any number of leading dimensions,
+/// M = their product) in bf16/f16, W0 [N, K], adapters of dtype `A` (X's or f32). Returns (leading
+/// dimensions, M, N, K).
+pub(crate) fn base_dims<T: Element, A: Element>(
     op: &'static str,
     x: &Tensor<T>,
     w0: &Tensor<T>,
-    a: &Tensor<A>,
-    b: &Tensor<A>,
-) -> Result<LayerShape> {
+) -> Result<(Vec<usize>, usize, usize, usize)> {
     validate::half_dtype(op, "x", T::DTYPE)?;
     launch::check_pair(op, T::DTYPE, A::DTYPE)?;
     let (lead, m, k) = validate::rows(op, "x", x)?;
@@ -78,10 +77,29 @@ pub(crate) fn layer_dims<T: Element, A: Element>(
             got: w0.shape().to_vec(),
         });
     }
-    let r = validate::adapter(op, a, b, (n, k), "the columns of x")?;
+    Ok((lead, m, n, k))
+}
+
+/// X, W0 and the M×N output within the kernels' u32 sizes.
+pub(crate) fn base_sizes_fit(op: &'static str, (m, n, k): (usize, usize, usize)) -> Result<()> {
     for (arg, v) in [("x", m * k), ("w0", n * k), ("M", m), ("N", n)] {
         validate::fits_u32(op, arg, v)?;
     }
+    Ok(())
+}
+
+/// Checks X [..., K] (any number of leading dimensions, M = their product), W0 [N, K], A [r, K],
+/// B [N, r], dtype bf16/f16, adapters in that dtype or f32, 1 ≤ r ≤ 128, sizes within u32.
+pub(crate) fn layer_dims<T: Element, A: Element>(
+    op: &'static str,
+    x: &Tensor<T>,
+    w0: &Tensor<T>,
+    a: &Tensor<A>,
+    b: &Tensor<A>,
+) -> Result<LayerShape> {
+    let (lead, m, n, k) = base_dims::<T, A>(op, x, w0)?;
+    let r = validate::adapter(op, a, b, (n, k), "the columns of x")?;
+    base_sizes_fit(op, (m, n, k))?;
     Ok(LayerShape {
         d: Dims { m, n, k, r },
         lead,

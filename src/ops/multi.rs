@@ -9,7 +9,7 @@
 //! 16; see kernels/fused_gemm_multi.cu for why).
 
 use super::launch::{self, aligned_flags, pick_pair, u32_of};
-use super::lora::ForwardOutput;
+use super::lora::{ForwardOutput, base_dims, base_sizes_fit};
 use super::validate::{self, rows_of};
 use super::workspace::Workspace;
 use crate::adapter_set::{AdapterIndex, AdapterSet};
@@ -63,18 +63,7 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
     t: &mut Tensor<T>,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
-    validate::half_dtype(OP, "x", T::DTYPE)?;
-    launch::check_pair(OP, T::DTYPE, A::DTYPE)?;
-    let (lead, m, k) = validate::rows(OP, "x", x)?;
-    let (n, k_w) = validate::matrix(OP, "w0", w0, "[N, K]")?;
-    if k_w != k {
-        return Err(Error::Shape {
-            op: OP,
-            arg: "w0",
-            expected: format!("[N, K] with K = {k} (the columns of x)"),
-            got: w0.shape().to_vec(),
-        });
-    }
+    let (lead, m, n, k) = base_dims::<T, A>(OP, x, w0)?;
     if set.dims() != (n, k) {
         let (sn, sk) = set.dims();
         return Err(Error::Shape {
@@ -99,9 +88,7 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
     validate::rows_shape(OP, "y", y, &lead, n, "[..., N] (x's leading dimensions)")?;
     let ldt = set.max_rank();
     validate::shape(OP, "t", t, &[m, ldt], "[M, r_max] (the set's largest rank)")?;
-    for (arg, v) in [("x", m * k), ("w0", n * k), ("M", m), ("N", n)] {
-        validate::fits_u32(OP, arg, v)?;
-    }
+    base_sizes_fit(OP, (m, n, k))?;
     let kernel = pick_pair(
         OP,
         (T::DTYPE, A::DTYPE),
