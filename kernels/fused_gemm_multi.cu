@@ -157,7 +157,28 @@ __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiPara
     if (threadIdx.x < 32)
         list_passes(p, m0, tiles_per_pass, shrink, s_idx, s_scale, s_pass, s_first, s_npass);
     __syncthreads();
-    const int lt = int(s_first[s_npass[0]]);
+    int lt = int(s_first[s_npass[0]]);
+    // The shrink's passes are spread over grid y: block y takes passes y, y + Y, ... and writes the rows
+    // of those (block 0 also the rows without an adapter, as zeros). A row's sums start from +0 in the
+    // block of its own pass either way, so its bits do not depend on Y.
+    LK_SHARED(16, uint32_t, s_mine, [BM]);
+    if (shrink) {
+        const uint32_t y = blockIdx.y, ny = gridDim.y, npass = s_npass[0];
+        if (threadIdx.x < BM) {
+            const uint32_t v = s_idx[threadIdx.x];
+            uint32_t owner = 0;
+            for (uint32_t q = 0; q < npass; ++q)
+                if (s_pass[q] == v) owner = q % ny;
+            s_mine[threadIdx.x] = owner == y;
+        }
+        __syncthreads();
+        const uint32_t local = npass > y ? (npass - y + ny - 1) / ny : 0;
+        if (threadIdx.x == 0)
+            for (uint32_t i = 0; i < local; ++i) s_pass[i] = s_pass[y + i * ny];  // in place: y + i·ny ≥ i
+        __syncthreads();
+        if (local == 0 && y > 0) return;
+        lt = int(local * tiles_per_pass);
+    }
 
     const MultiLow<T, RT> low{shrink ? static_cast<const T*>(p.x) : static_cast<const T*>(p.t),
                               shrink ? p.k : p.ldt,
@@ -200,7 +221,8 @@ __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiPara
         k_loop<false, false>(low, main, lt, false, acc, as_all, bs_all, m0, n0, p.m, n_out, interior, none, after_low);
 
     if (shrink) {
-        store_partial(acc, p.partial + size_t(blockIdx.z) * p.m * p.ldt, p.m, p.ldt, m0, 0);
+        store_partial(acc, p.partial + size_t(blockIdx.z) * p.m * p.ldt, p.m, p.ldt, m0, 0,
+                      [&](uint32_t row) { return s_mine[row] != 0; });
         return;
     }
     store_c<T>(acc, as_all, static_cast<T*>(p.y), p.n, static_cast<const T*>(p.bias), p.m, p.n, m0, n0);

@@ -2,7 +2,8 @@
 //! reference: property tests over random per-row adapter maps (rows without an adapter included),
 //! mixed ranks 1..=128, ragged shapes, bf16/f16 layers with adapters in the layer dtype or f32, bias or
 //! not; outputs poisoned before every launch; identical bits under two emulator thread orders; and, for
-//! M > 16, every row bit-identical to `lora_forward` with its adapter alone. Then batch invariance (rows
+//! M > 16, every row bit-identical to `lora_forward` with its adapter alone; for M ≤ 16 (the decode
+//! kernel), to the same row in a batch of more than 16 rows. Then batch invariance (rows
 //! permuted, other rows and adapters changed, batch sizes 1 to 300: the unchanged rows keep their bits),
 //! the set's add/remove/grow, and the errors for bad indices, mismatched adapters and index tensors.
 //!
@@ -202,6 +203,39 @@ fn check_single_adapter_bits<T: Element, A: Element>(
     }
 }
 
+/// M ≤ 16 (the decode kernel): every row bit-identical to the same row in a batch of more than 16
+/// rows (the general path, itself bit-identical to lora_forward with the row's adapter alone).
+fn check_decode_bits<T: Element, A: Element>(
+    dev: &Device,
+    b: &Batch<T, A>,
+    set: &AdapterSet<A>,
+    y: &[T],
+    t: &[T],
+    stream: u64,
+) {
+    let mut rng = Rng::new(stream ^ 0xdec0de);
+    let keep: Vec<usize> = (0..b.m).collect();
+    let size = lora_kernels::params::LK_SMALL_M_MAX as usize + 1 + (rng.next_u64() % 40) as usize;
+    let (big, at) = embed(&mut rng, b, &keep, size);
+    let (yb, tb) = run(dev, &big, set);
+    let (n, r_max) = (b.n, set.max_rank());
+    for (&src, &dst) in keep.iter().zip(&at) {
+        assert_eq!(
+            bits(&y[src * n..(src + 1) * n]),
+            bits(&yb[dst * n..(dst + 1) * n]),
+            "row {src} (adapter {:?}) of a batch of {}: Y differs from the same row in a batch of {size}",
+            b.rows[src],
+            b.m
+        );
+        assert_eq!(
+            bits(&t[src * r_max..(src + 1) * r_max]),
+            bits(&tb[dst * r_max..(dst + 1) * r_max]),
+            "row {src} of a batch of {}: T differs from the same row in a batch of {size}",
+            b.m
+        );
+    }
+}
+
 fn property_case<T: Element, A: Element>(
     dims: (usize, usize, usize),
     adapters: usize,
@@ -235,6 +269,8 @@ fn property_case<T: Element, A: Element>(
         assert!(et <= tol(T::DTYPE), "{what}: t relative error {et:e}");
         if b.m > lora_kernels::params::LK_SMALL_M_MAX as usize {
             check_single_adapter_bits(dev, &b, &y, &t, r_max);
+        } else {
+            check_decode_bits(dev, &b, &set, &y, &t, stream);
         }
         if di < 2 {
             let now = (bits(&y), bits(&t));
@@ -250,13 +286,22 @@ fn property_case<T: Element, A: Element>(
 }
 
 fn shape() -> impl Strategy<Value = (usize, usize, usize)> {
-    (1usize..=200, 1usize..=160, 1usize..=300, any::<bool>()).prop_map(|(m, n, k, round)| {
-        if round {
-            (m, n.div_ceil(8) * 8, k.div_ceil(8) * 8)
-        } else {
-            (m, n, k)
-        }
-    })
+    // a third of the cases decode (M ≤ 16: the decode kernel), the rest M 1..=200
+    (
+        1usize..=200,
+        1usize..=160,
+        1usize..=300,
+        any::<bool>(),
+        0u8..3,
+    )
+        .prop_map(|(m, n, k, round, decode)| {
+            let m = if decode == 0 { (m - 1) % 16 + 1 } else { m };
+            if round {
+                (m, n.div_ceil(8) * 8, k.div_ceil(8) * 8)
+            } else {
+                (m, n, k)
+            }
+        })
 }
 
 proptest! {
@@ -359,6 +404,47 @@ fn rows_are_batch_invariant() {
                 "T of row {src} changed in a batch of {size}"
             );
         }
+    }
+}
+
+/// A batch with more row tiles × K chunks than the shrink's block target: each tile's passes are then
+/// shared by fewer blocks than there are passes (block y takes passes y, y + Y, ...). The rows keep the
+/// bits they have in a small batch, where every pass has its own block, and match the reference.
+#[test]
+fn shrink_passes_spread_over_blocks() {
+    let dev = common::emulators()[0].clone();
+    let mut rng = Rng::new(0x5b10c);
+    let (m, n, k) = (128 * 133, 8, 40);
+    let mut big = Batch::<bf16, bf16>::random(&mut rng, (m, n, k), 1, false);
+    big.adapters = [1, 17, 33, 128]
+        .iter()
+        .map(|&r| random_adapter::<bf16>(&mut rng, n, k, r))
+        .collect();
+    for (i, r) in big.rows.iter_mut().enumerate() {
+        *r = (i % 5 != 4).then_some(i % 5); // every tile: 4 passes and rows without an adapter
+    }
+    let set = set_of(&dev, &big);
+    let r_max = set.max_rank();
+    let (y, t) = run(&dev, &big, &set);
+    let want = big.reference(r_max);
+    assert!(reference::relative_error(&y, &want.y) <= tol(DType::BF16));
+    assert!(
+        reference::relative_error(&t, &reference::rounded::<bf16>(&want.t)) <= tol(DType::BF16)
+    );
+    let keep: Vec<usize> = (0..40).map(|i| i * 419 % m).collect();
+    let (small, at) = embed(&mut rng, &big, &keep, 40);
+    let (ys, ts) = run(&dev, &small, &set);
+    for (&src, &dst) in keep.iter().zip(&at) {
+        assert_eq!(
+            bits(&y[src * n..(src + 1) * n]),
+            bits(&ys[dst * n..(dst + 1) * n]),
+            "Y of row {src}"
+        );
+        assert_eq!(
+            bits(&t[src * r_max..(src + 1) * r_max]),
+            bits(&ts[dst * r_max..(dst + 1) * r_max]),
+            "T of row {src}"
+        );
     }
 }
 

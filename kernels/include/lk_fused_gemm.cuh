@@ -306,10 +306,16 @@ __device__ __forceinline__ void zero_acc(float (&acc)[4][4][4]) {
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 }
 
+// Every row of the tile is written (store_partial's default).
+struct AllRows {
+    __device__ __forceinline__ bool operator()(uint32_t) const { return true; }
+};
+
 // This thread's accumulators as f32 partial sums of a split reduction: part (m × n, dense), no bias, no
-// rounding.
+// rounding; only the rows (offsets in the tile) that `mine` accepts.
+template <typename Mine = AllRows>
 __device__ __forceinline__ void store_partial(const float (&acc)[4][4][4], float* part, uint32_t m, uint32_t n,
-                                              uint32_t m0, uint32_t n0) {
+                                              uint32_t m0, uint32_t n0, Mine mine = Mine()) {
     const uint32_t tid = fresh_tid(), lane = tid % 32, warp = tid / 32;
     const uint32_t wm = warp / 4, wn = warp % 4;
 #pragma unroll
@@ -319,8 +325,8 @@ __device__ __forceinline__ void store_partial(const float (&acc)[4][4][4], float
         for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const uint32_t row = m0 + wm * 64 + mi * 16 + lane / 4 + h * 8;
-                if (row >= m) continue;
+                const uint32_t tr = wm * 64 + mi * 16 + lane / 4 + h * 8, row = m0 + tr;
+                if (row >= m || !mine(tr)) continue;
                 if (col < n) part[size_t(row) * n + col] = acc[mi][ni][2 * h];
                 if (col + 1 < n) part[size_t(row) * n + col + 1] = acc[mi][ni][2 * h + 1];
             }

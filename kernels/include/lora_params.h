@@ -124,13 +124,21 @@ typedef struct LkAdapterDesc {
  * modes of one kernel, both on fused_gemm's 128×128 tiles and k loop:
  *   shrink (LK_MULTI_SHRINK): partial[z] (m × ldt, f32) = X_i·A_aᵀ over the k range of split z =
  *     blockIdx.z ([z·k_per_split, ...) ∩ [0, k)), zero beyond rank_a and for rows without an adapter;
- *     lowrank_finalize rounds Σ_z to T (m × ldt). Grid: ceil(m / 128) × 1 × splits (ldt ≤ 128).
+ *     lowrank_finalize rounds Σ_z to T (m × ldt). Grid: ceil(m / 128) × Y × splits (ldt ≤ 128): block y
+ *     takes the tile's passes y, y + Y, ... (any Y ≥ 1; the bits do not depend on it).
  *   fused: the low-rank k-tiles of every adapter the block's rows use, each with the other rows' T
  *     masked to zero, then acc *= s_{a(i)} per row, then X·W0ᵀ, bias, one rounding: Y (m × n).
  * Row i's sums have exactly the k-tiles of lora_forward with its adapter alone (the masked tiles add
  * zeros), so its bits do not depend on the other rows. X: m × k, W0: n × k, T: m × ldt, dense.
  * flags: LK_ALIGNED_A (x), LK_ALIGNED_B (w0), LK_ALIGNED_L (t). */
 #define LK_MULTI_SHRINK 16u
+/* The decode form of the fused mode (kernels/multi_decode.cu), m ≤ LK_SMALL_M_MAX rows: a block of
+ * LK_MULTI_DECODE_THREADS threads owns LK_MULTI_DECODE_COLS columns of Y for every row, streaming its W0
+ * rows once through a cp.async ring of LK_MULTI_DECODE_SMEM_BYTES; each element's sums are those of the
+ * fused mode, in the same order (same bits). Grid: ceil(n / LK_MULTI_DECODE_COLS). */
+#define LK_MULTI_DECODE_COLS 32u
+#define LK_MULTI_DECODE_THREADS 128u
+#define LK_MULTI_DECODE_SMEM_BYTES 69632u
 typedef struct LkFusedGemmMultiParams {
     const void* x;
     const void* w0;

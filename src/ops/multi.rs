@@ -4,9 +4,12 @@
 //! for all rows (f32 partials per fixed K chunk), its finalize (one rounding), and the fused GEMM with
 //! every adapter's low-rank term. Mixed ranks 1..=128, any shapes, rows in any order.
 //!
-//! Batch invariance: a row's Y and T bits depend on its own X row, adapter, W0 and bias only; they are
-//! the bits of [`lora_forward`](super::lora_forward) with that adapter alone on the general path (M >
-//! 16; see kernels/fused_gemm_multi.cu for why).
+//! For a decoding batch (M ≤ 16) the fused GEMM is kernels/multi_decode.cu: the same sums in the same
+//! order from blocks of 32 columns, so that W0 is streamed by enough blocks to reach bandwidth.
+//!
+//! Batch invariance: a row's Y and T bits depend on its own X row, adapter, W0 and bias only, at every
+//! M; they are the bits of [`lora_forward`](super::lora_forward) with that adapter alone on its general
+//! path (M > 16; see kernels/fused_gemm_multi.cu for why).
 
 use super::launch::{self, aligned_flags, pick_pair, u32_of};
 use super::lora::{ForwardOutput, base_dims, base_sizes_fit};
@@ -22,6 +25,8 @@ use crate::plan::LaunchPlan;
 use crate::tensor::Tensor;
 
 const OP: &str = "lora_forward_multi";
+/// The shrink's target block count: two per SM of a 132-SM GPU (any value gives the same bits).
+const SHRINK_BLOCKS: usize = 264;
 
 /// `Y = X·W0ᵀ + bias + s_a·(X·A_aᵀ)·B_aᵀ` row by row, with each row's adapter a from `index` (a slot
 /// of `set`, or none). X [..., K] (any leading dimensions, M rows), W0 [N, K], bias [N]; the set's
@@ -117,10 +122,15 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
     let device = x.device().clone();
     let (splits, per_split) = launch::projection_splits(k);
 
-    // 1. the shrink: f32 partials of X_i·A_aᵀ per K chunk, then T = their in-order sum, rounded once
+    // 1. the shrink: f32 partials of X_i·A_aᵀ per K chunk, then T = their in-order sum, rounded once.
+    // A tile's adapters (passes) are spread over grid y, up to about two blocks per SM of a large GPU
+    // (SHRINK_BLOCKS): at small M the tiles alone are too few.
+    let pass_blocks = (index.slots().len().min(m).min(bm))
+        .min(SHRINK_BLOCKS.div_ceil(tiles_m * splits))
+        .max(1);
     ws.with_partial(&device, &[splits, m, ldt], |partial, _| {
         let plan = LaunchPlan {
-            grid: [u32_of(tiles_m), 1, u32_of(splits)],
+            grid: [u32_of(tiles_m), u32_of(pass_blocks), u32_of(splits)],
             block: [LK_FUSED_GEMM_THREADS, 1, 1],
             smem_bytes: LK_FUSED_GEMM_SMEM_BYTES,
         };
@@ -153,11 +163,31 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
         launch::finalize(OP, partial, t, splits, 1.0, false)
     })?;
 
-    // 2. the fused GEMM: every adapter's low-rank k-tiles (other rows masked), per-row scale, X·W0ᵀ
-    let plan = LaunchPlan {
-        grid: [u32_of(tiles), 1, 1],
-        block: [LK_FUSED_GEMM_THREADS, 1, 1],
-        smem_bytes: LK_FUSED_GEMM_SMEM_BYTES,
+    // 2. the fused GEMM: every adapter's low-rank k-tiles (other rows masked), per-row scale, X·W0ᵀ;
+    // for a decoding batch the same sums in the same order from narrow column blocks (W0 at bandwidth)
+    let (kernel, plan) = if m <= LK_SMALL_M_MAX as usize {
+        let decode = pick_pair(
+            OP,
+            (T::DTYPE, A::DTYPE),
+            [&kernels::MULTI_DECODE_BF16, &kernels::MULTI_DECODE_F16],
+            [
+                &kernels::MULTI_DECODE_BF16_F32AD,
+                &kernels::MULTI_DECODE_F16_F32AD,
+            ],
+        )?;
+        let plan = LaunchPlan {
+            grid: [u32_of(n.div_ceil(LK_MULTI_DECODE_COLS as usize)), 1, 1],
+            block: [LK_MULTI_DECODE_THREADS, 1, 1],
+            smem_bytes: LK_MULTI_DECODE_SMEM_BYTES,
+        };
+        (decode, plan)
+    } else {
+        let plan = LaunchPlan {
+            grid: [u32_of(tiles), 1, 1],
+            block: [LK_FUSED_GEMM_THREADS, 1, 1],
+            smem_bytes: LK_FUSED_GEMM_SMEM_BYTES,
+        };
+        (kernel, plan)
     };
     let mut args = vec![
         Arg::In("x", x),

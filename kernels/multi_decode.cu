@@ -1,0 +1,209 @@
+// multi_decode.cu: the fused half of lora_forward_multi for a decoding batch, m ≤ LK_SMALL_M_MAX rows
+// with one adapter each (or none): Y_i = X_i·W0ᵀ + s_{a(i)}·T_i·B_{a(i)}ᵀ (+ bias), T from the shrink.
+//
+// Why a kernel of its own: at m ≤ 16 the layer is bound by reading W0 once, and fused_gemm_multi's
+// 128×128 tiles give only n/128 blocks (32 at n = 4096), too few to stream W0 at bandwidth. Here a block
+// owns 32 columns (n/32 blocks), each of its 4 warps 8 of them for all 16 rows: one mma.m16n8k16 per k16
+// step, the rows as the mma's m and W0's rows as its n, as in fused_gemm.
+//
+// Why it gives fused_gemm_multi's bits (and so, on the general path, lora_forward's with the row's
+// adapter alone): every element of Y is the same chain of mma k16 steps in the same order,
+//   for each pass (the distinct adapters of rows 0..m-1, in order of first appearance): ceil(r_a/32)·2
+//     steps over T's columns with the rows of other adapters zeroed, B_a's columns past r_a zero;
+//   acc *= s_{a(i)} (0 without an adapter);
+//   ceil(k/32)·2 steps over X·W0ᵀ, k ascending, zero past k;
+//   + bias (+0 without one), one rounding;
+// and an mma's element (i, j) depends on row i of its A operand, column j of its B operand and its own
+// accumulator only, whichever tile or lane holds it. No split-K: a split would change the chain.
+//
+// How: one cp.async ring of STAGES slots walks the virtual stages 0..npass+ceil(k/KD)-1. A low-rank stage
+// holds one pass's B_a rows for the block's columns (rank ≤ 128 = KD); a main stage holds X[0..16) and
+// the block's W0 rows over KD columns of k. T's 16 rows stay in their own tile for all passes. Stage t
+// is waited for, the slot of stage t-1 refilled with stage t+STAGES-1, then stage t multiplied, so
+// STAGES-1 stages (~35 KB of W0) are in flight per block. Rows, columns and k past the ends load as zero;
+// operands that do not allow 16-byte copies (flags, or an adapter's LK_ALIGNED_B) take element loads.
+#include "lk_tile.cuh"
+#include "lora_params.h"
+
+namespace {
+constexpr int ROWS = LK_SMALL_M_MAX;          // X and T rows in a stage
+constexpr int COLS = LK_MULTI_DECODE_COLS;    // W0 (or B_a) rows in a stage: the block's columns of Y
+constexpr int THREADS = LK_MULTI_DECODE_THREADS;
+constexpr int KD = LK_MAX_RANK;               // k per stage; a low-rank stage holds a whole rank
+constexpr int PITCH = KD + 8;                 // 272 bytes: ldmatrix's 8 rows land on distinct banks
+constexpr int STAGE = (ROWS + COLS) * PITCH;  // elements per slot: X rows, then W0 rows
+constexpr int STAGES = 5;
+static_assert(COLS == 8 * (THREADS / 32), "a warp owns 8 columns");
+static_assert(ROWS == 16 && KD % 32 == 0, "one m16 tile of rows; stages of whole 32-wide k-tiles");
+static_assert((STAGES * STAGE + ROWS * PITCH) * 2 == LK_MULTI_DECODE_SMEM_BYTES, "header and kernel agree");
+
+// Virtual stage s into ring slot `slot`: pass s's B_a (s < npass), else X and W0 over main stage s - npass.
+template <bool VEC, typename T, typename RT>
+__device__ __forceinline__ void load_stage(const LkFusedGemmMultiParams& p, T* slot, int s, int npass,
+                                           const uint32_t* pass, uint32_t n0) {
+    const uint32_t tid = threadIdx.x;
+    T* ws = slot + ROWS * PITCH;
+    if (s < npass) {
+        const LkAdapterDesc& d = p.adapters[pass[s]];
+        const RT* b = static_cast<const RT*>(p.arena) + d.b_offset;
+        const uint32_t per_row = (d.rank + 31) / 32 * 4;  // 8-element chunks per row, whole 32-wide k-tiles
+        const bool vec = (d.flags & LK_ALIGNED_B) != 0;
+        for (uint32_t c = tid; c < COLS * per_row; c += THREADS) {
+            const uint32_t row = c / per_row, kc = (c % per_row) * 8;
+            if (vec)
+                lk_load_chunk<true>(ws + row * PITCH + kc, b, n0 + row, p.n, d.rank, kc, d.rank);
+            else
+                lk_load_chunk<false>(ws + row * PITCH + kc, b, n0 + row, p.n, d.rank, kc, d.rank);
+        }
+        return;
+    }
+    const uint32_t k0 = uint32_t(s - npass) * KD;
+    const T* x = static_cast<const T*>(p.x);
+    const T* w0 = static_cast<const T*>(p.w0);
+#pragma unroll
+    for (int i = 0; i < ROWS * KD / 8 / THREADS; ++i) {
+        const uint32_t c = tid + i * THREADS, row = c / (KD / 8), kc = (c % (KD / 8)) * 8;
+        lk_load_chunk<VEC>(slot + row * PITCH + kc, x, row, p.m, p.k, k0 + kc, p.k);
+    }
+#pragma unroll
+    for (int i = 0; i < COLS * KD / 8 / THREADS; ++i) {
+        const uint32_t c = tid + i * THREADS, row = c / (KD / 8), kc = (c % (KD / 8)) * 8;
+        lk_load_chunk<VEC>(ws + row * PITCH + kc, w0, n0 + row, p.n, p.k, k0 + kc, p.k);
+    }
+}
+
+// acc += the rows of `rows` (16 × PITCH) times this warp's 8 rows of `cols`, over k-tiles [0, 32·tiles);
+// `keep_g` / `keep_h`: whether row g / g+8 takes part (a masked row's A fragment is +0, as
+// fused_gemm_multi's zero-filled rows).
+template <typename T>
+__device__ __forceinline__ void mma_rows(float (&acc)[4], const T* rows, const T* cols, uint32_t tiles, bool keep_g,
+                                         bool keep_h) {
+    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (uint32_t kk = 0; kk < tiles * 32; kk += 32) {
+        uint32_t b[4];
+        lk_ldmatrix_x4(b, cols + (warp * 8 + lane % 8) * PITCH + kk + (lane / 8) * 8);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            uint32_t a[4];
+            lk_ldmatrix_x4(a, rows + (lane % 16) * PITCH + kk + h * 16 + (lane / 16) * 8);
+            if (!keep_g) a[0] = a[2] = 0u;
+            if (!keep_h) a[1] = a[3] = 0u;
+            const uint32_t bf[2] = {b[2 * h], b[2 * h + 1]};
+            lk_mma_m16n8k16<T>(acc, a, bf);
+        }
+    }
+}
+
+template <bool VEC, typename T, typename RT>
+__device__ __forceinline__ void multi_decode_impl(const LkFusedGemmMultiParams& p, T* ring, T* ts, uint32_t* s_idx,
+                                                  float* s_scale, uint32_t* s_pass, uint32_t* s_npass) {
+    const uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
+    const uint32_t n0 = blockIdx.x * COLS;
+    // The rows' adapters (an index out of the table or naming an empty slot counts as none: the host
+    // validates indices, this only keeps the kernel in bounds) and the passes, as fused_gemm_multi lists them.
+    if (tid == 0) {
+        uint32_t count = 0;
+        for (uint32_t row = 0; row < ROWS; ++row) {
+            uint32_t v = row < p.m ? p.index[row] : LK_NO_ADAPTER;
+            if (v != LK_NO_ADAPTER && (v >= p.n_adapters || p.adapters[v].rank == 0)) v = LK_NO_ADAPTER;
+            s_idx[row] = v;
+            s_scale[row] = v != LK_NO_ADAPTER ? p.adapters[v].scale : 0.0f;
+            bool seen = v == LK_NO_ADAPTER;
+            for (uint32_t q = 0; q < count; ++q) seen = seen || s_pass[q] == v;
+            if (!seen) s_pass[count++] = v;
+        }
+        s_npass[0] = count;
+    }
+    __syncthreads();
+    const int npass = int(s_npass[0]);
+    const int total = npass + int((p.k + KD - 1) / KD);
+    const uint32_t k_tiles = (p.k + 31) / 32;  // the main chain's 32-wide k-tiles
+
+    // T's rows for every pass, in the first group (they are waited for with stage 0)
+    if (npass > 0) {
+        const T* tm = static_cast<const T*>(p.t);
+        const bool vec_t = (p.flags & LK_ALIGNED_L) != 0;
+        for (uint32_t c = tid; c < ROWS * KD / 8; c += THREADS) {
+            const uint32_t row = c / (KD / 8), kc = (c % (KD / 8)) * 8;
+            if (vec_t)
+                lk_load_chunk<true>(ts + row * PITCH + kc, tm, row, p.m, p.ldt, kc, p.ldt);
+            else
+                lk_load_chunk<false>(ts + row * PITCH + kc, tm, row, p.m, p.ldt, kc, p.ldt);
+        }
+    }
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < total) load_stage<VEC, T, RT>(p, ring + s * STAGE, s, npass, s_pass, n0);
+        lk_cp_async_commit();
+    }
+
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int s = 0; s < total; ++s) {
+        lk_cp_async_wait<STAGES - 2>();  // this thread's copies of stage s have landed ...
+        __syncthreads();                 // ... everyone's, and everyone is done with stage s - 1
+        const int next = s + STAGES - 1;
+        if (next < total) load_stage<VEC, T, RT>(p, ring + (next % STAGES) * STAGE, next, npass, s_pass, n0);
+        lk_cp_async_commit();
+        const T* slot = ring + (s % STAGES) * STAGE;
+        if (s < npass) {
+            const uint32_t a = s_pass[s];
+            mma_rows(acc, ts, slot + ROWS * PITCH, (p.adapters[a].rank + 31) / 32, s_idx[g] == a, s_idx[g + 8] == a);
+            if (s == npass - 1) {  // the low-rank sums are complete: each row times its own scale
+                const float sg = s_scale[g], sh = s_scale[g + 8];
+                acc[0] *= sg;
+                acc[1] *= sg;
+                acc[2] *= sh;
+                acc[3] *= sh;
+            }
+        } else {
+            const uint32_t first = uint32_t(s - npass) * (KD / 32);
+            mma_rows(acc, slot, slot + ROWS * PITCH, min(uint32_t(KD / 32), k_tiles - first), true, true);
+        }
+    }
+    lk_cp_async_wait<0>();
+
+    // bias (+0 without one, as fused_gemm_multi's epilogue adds), one rounding; c0, c1 at (g, 2t..2t+1),
+    // c2, c3 at (g+8, ...)
+    const T* bias = static_cast<const T*>(p.bias);
+    T* y = static_cast<T*>(p.y);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const uint32_t row = g + 8 * (e / 2), col = n0 + warp * 8 + 2 * t + e % 2;
+        if (row >= p.m || col >= p.n) continue;
+        const float b = bias != nullptr ? lk_to_f32(bias[col]) : 0.0f;
+        y[size_t(row) * p.n + col] = lk_from_f32<T>(acc[e] + b);
+    }
+}
+
+// Shared memory is declared once here: each instantiation declaring its own would add up.
+template <typename T, typename RT>
+__device__ __forceinline__ void multi_decode_dispatch(const LkFusedGemmMultiParams& p) {
+    LK_DYNAMIC_SMEM(smem);
+    T* ring = reinterpret_cast<T*>(smem);
+    T* ts = ring + STAGES * STAGE;
+    LK_SHARED(16, uint32_t, s_idx, [ROWS]);
+    LK_SHARED(16, float, s_scale, [ROWS]);
+    LK_SHARED(16, uint32_t, s_pass, [ROWS]);
+    LK_SHARED(16, uint32_t, s_npass, [1]);
+    constexpr uint32_t both = LK_ALIGNED_A | LK_ALIGNED_B;
+    if ((p.flags & both) == both)
+        multi_decode_impl<true, T, RT>(p, ring, ts, s_idx, s_scale, s_pass, s_npass);
+    else
+        multi_decode_impl<false, T, RT>(p, ring, ts, s_idx, s_scale, s_pass, s_npass);
+}
+}  // namespace
+
+// "_f32ad": the set's adapters are f32, rounded to T as they are loaded (as in fused_gemm_multi).
+#define LK_MULTI_DECODE(name, T, RT)                                                             \
+    extern "C" __global__ void __launch_bounds__(THREADS) name(LkFusedGemmMultiParams p) {       \
+        multi_decode_dispatch<T, RT>(p);                                                         \
+    }
+
+LK_MULTI_DECODE(multi_decode_bf16, __nv_bfloat16, __nv_bfloat16)
+LK_KERNEL_EXPORT(multi_decode_bf16, LkFusedGemmMultiParams)
+LK_MULTI_DECODE(multi_decode_f16, __half, __half)
+LK_KERNEL_EXPORT(multi_decode_f16, LkFusedGemmMultiParams)
+LK_MULTI_DECODE(multi_decode_bf16_f32ad, __nv_bfloat16, float)
+LK_KERNEL_EXPORT(multi_decode_bf16_f32ad, LkFusedGemmMultiParams)
+LK_MULTI_DECODE(multi_decode_f16_f32ad, __half, float)
+LK_KERNEL_EXPORT(multi_decode_f16_f32ad, LkFusedGemmMultiParams)
