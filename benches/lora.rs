@@ -108,7 +108,8 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
 
 fn bench_multi(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, m: usize, adapters: usize) {
     use common::multi;
-    let mut s = multi::multi_set(dev, m, adapters).expect("allocating benchmark inputs");
+    let mut sets = multi::multi_sets(dev, m, adapters).expect("allocating benchmark inputs");
+    let mut i = 0;
     let mut g = cr.benchmark_group(format!(
         "multi/M{m}_A{adapters}_N{}_K{}",
         multi::N,
@@ -117,19 +118,22 @@ fn bench_multi(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, m: usize, adap
     g.throughput(Throughput::Elements(2 * (m * multi::N * multi::K) as u64));
     g.bench_function(BenchmarkId::new("ours_multi", ""), |b| {
         b.iter(|| {
-            multi::ours(&mut s);
+            i = (i + 1) % multi::SETS;
+            multi::ours(&mut sets[i]);
             dev.synchronize().unwrap();
         })
     });
     g.bench_function(BenchmarkId::new("loop_lora_forward", ""), |b| {
         b.iter(|| {
-            multi::loop_lora_forward(&mut s);
+            i = (i + 1) % multi::SETS;
+            multi::loop_lora_forward(&mut sets[i]);
             dev.synchronize().unwrap();
         })
     });
     g.bench_function(BenchmarkId::new("cublas_gather_gemms", ""), |b| {
         b.iter(|| {
-            multi::cublas_gather_gemms(blas, &mut s);
+            i = (i + 1) % multi::SETS;
+            multi::cublas_gather_gemms(blas, &mut sets[i]);
             dev.synchronize().unwrap();
         })
     });

@@ -6,6 +6,8 @@
 //! adds, LoRA vs full fine-tuning, measured (free memory before and after) next to `memory::LayerStep`.
 //! Needs a GPU; without one it says so and exits 0.
 //!
+//! The multi-adapter rows (lora_forward_multi, benches/common/multi.rs) come after the single-adapter ones.
+//!
 //! `cargo run --release --example perf_table` (`LK_BENCH_QUICK=1`: headline cases only). Results
 //! from GPU runs are kept in docs/perf/ with device, driver, date and commit.
 
@@ -86,6 +88,52 @@ fn check_merge(dev: &Device, blas: &CudaBlas, s: &mut Set, c: Case) -> String {
     common::run_cublas(blas, s, &common::merge_gemms(c, SCALE));
     common::ours_merge(s, SCALE);
     check(&[(host(&s.w0), host(&s.dw))])
+}
+
+/// Many adapters in one batch (benches/common/multi.rs): ours vs a loop of lora_forward per adapter and
+/// vs cuBLAS's base GEMM plus two GEMMs per adapter, rows of the table's format with r = the ranks.
+/// `LK_BENCH_QUICK=1`: M = 16 and 256 with 16 adapters only.
+fn multi_rows(dev: &Device, blas: &CudaBlas, roof: impl Fn(f64, f64) -> f64) {
+    use common::multi;
+    let quick = std::env::var("LK_BENCH_QUICK").as_deref() == Ok("1");
+    for (m, adapters) in multi::cases() {
+        if quick && !matches!((m, adapters), (16, 16) | (256, 16)) {
+            continue;
+        }
+        let mut sets = multi::multi_sets(dev, m, adapters).unwrap();
+        multi::ours(&mut sets[0]);
+        let ours_y = host(&sets[0].y);
+        multi::cublas_gather_gemms(blas, &mut sets[0]);
+        let chk = check(&[(ours_y, host(&sets[0].y))]);
+        let ns = sets.len();
+        let ours = time(dev, |i| multi::ours(&mut sets[i % ns]));
+        let looped = time(dev, |i| multi::loop_lora_forward(&mut sets[i % ns]));
+        let cublas = time(dev, |i| multi::cublas_gather_gemms(blas, &mut sets[i % ns]));
+        let (mf, nf, kf) = (m as f64, multi::N as f64, multi::K as f64);
+        let low: f64 = sets[0]
+            .segments
+            .iter()
+            .map(|s| 4.0 * (s.end - s.begin) as f64 * kf * s.rank as f64)
+            .sum();
+        let roofline = roof(
+            2.0 * mf * nf * kf + low,
+            2.0 * (mf * kf + nf * kf + mf * nf),
+        );
+        for (base, tb) in [
+            ("loop of lora_forward per adapter", looped),
+            ("cuBLAS GEMM + 2 GEMMs per adapter", cublas),
+        ] {
+            println!(
+                "| multi, {adapters} adapters | {m} | {} | {} | 8/16/64 | {:.1} | {base} | {:.1} | {:.3} | {:.0} % | {chk} |",
+                multi::N,
+                multi::K,
+                ours * 1e6,
+                tb * 1e6,
+                ours / tb,
+                100.0 * roofline / ours
+            );
+        }
+    }
 }
 
 fn free_bytes(dev: &Device) -> i64 {
@@ -286,6 +334,8 @@ fn main() {
             row("merge", merge, "copy of W0", copy, roofline, &chk);
         }
     }
+
+    multi_rows(&dev, &blas, roof);
 
     let c = Case {
         m: 8192,

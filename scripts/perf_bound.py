@@ -57,8 +57,14 @@ DEVICES = {
     ),
 }
 
-THREADS = 256  # every kernel's block (LK_FUSED_GEMM_THREADS, LK_SIMT_THREADS in lora_params.h)
-DYN_SMEM = {"fused_gemm": 61440, "fused_gemm_multi": 61440}  # LK_FUSED_GEMM_SMEM_BYTES; the SIMT kernels use static shared memory
+THREADS = 256  # the block of every kernel but those below (LK_FUSED_GEMM_THREADS, LK_SIMT_THREADS)
+THREADS_OF = {"multi_decode": 128}  # LK_MULTI_DECODE_THREADS
+# LK_FUSED_GEMM_SMEM_BYTES, LK_MULTI_DECODE_SMEM_BYTES; the SIMT kernels use static shared memory
+DYN_SMEM = {"fused_gemm": 61440, "fused_gemm_multi": 61440, "multi_decode": 69632}
+
+
+def threads_of(kernel_file):
+    return THREADS_OF.get(kernel_file, THREADS)
 GRAD_TM, GRAD_TC, GRAD_STAGES = 32, 128, 3  # LK_GRAD_TM, LK_GRAD_TC, LK_GRAD_STAGES
 
 
@@ -205,10 +211,11 @@ def hot_loop(insts):
 def occupancy(res, kernel, kernel_file, dev):
     """Blocks per SM (registers, shared memory, threads, block limit)."""
     regs_per_warp = math.ceil(max(res["regs"], 1) * 32 / 256) * 256
-    by_regs = dev["regs"] // (regs_per_warp * THREADS // 32)
+    threads = threads_of(kernel_file)
+    by_regs = dev["regs"] // (regs_per_warp * threads // 32)
     smem = res["smem"] + dyn_smem(kernel, kernel_file) + 1024  # 1 KB reserved per block (sm_80+)
     by_smem = dev["smem"] // smem
-    return min(by_regs, by_smem, dev["threads"] // THREADS, dev["blocks"])
+    return min(by_regs, by_smem, dev["threads"] // threads, dev["blocks"])
 
 
 # ---- the headline ops, launch by launch (mirrors src/ops/lora.rs and src/ops/launch.rs) ----
@@ -364,15 +371,17 @@ def headline_ops():
 
 
 MULTI_RANKS = (8, 16, 64)  # the adapters' ranks, cycling (issue 14's mixed ranks)
+SHRINK_BLOCKS = 264  # src/ops/multi.rs: the shrink spreads a tile's adapters over up to this many blocks
 
 
 def multi_ops(n=4096, k=4096):
-    """lora_forward_multi (kernels/fused_gemm_multi.cu) at M = 16, 256, 4096 tokens with 4, 16, 64 adapters
-    of ranks 8/16/64 (cycling), rows grouped by adapter (adapter i owns rows [i*M/A, (i+1)*M/A)): the
-    shrink (one block per 128-row tile and 1024-column K chunk; per block 32 k-tiles for every adapter its
-    rows use), lowrank_finalize, and the fused GEMM (per 128x128 tile ceil(r_a/32) k-tiles per adapter of
-    its rows, then K/32). Shown against the bare GEMM at cuBLAS's peak and, at M = 16, against streaming
-    W0 at HBM bandwidth: issue 14 sets no target."""
+    """lora_forward_multi (kernels/fused_gemm_multi.cu, kernels/multi_decode.cu) at M = 16, 256, 4096
+    tokens with 4, 16, 64 adapters of ranks 8/16/64 (cycling), rows grouped by adapter (adapter i owns
+    rows [i*M/A, (i+1)*M/A)): the shrink (per 128-row tile and 1024-column K chunk, Y blocks sharing the
+    tile's adapters, 32 k-tiles per adapter), lowrank_finalize, and the fused GEMM (per 128x128 tile
+    ceil(r_a/32) k-tiles per adapter of its rows, then K/32; at M <= 16 multi_decode: per 32 columns the
+    same k-tiles, 2 HMMA each per warp). Shown against the bare GEMM at cuBLAS's peak and against
+    streaming W0 at HBM bandwidth: issue 14 sets no target."""
     out = []
     for m in (16, 256, 4096):
         for adapters in (4, 16, 64):
@@ -384,17 +393,24 @@ def multi_ops(n=4096, k=4096):
             r_max = max(ranks)
             splits = max(cdiv(k, PROJECTION_PER_SPLIT), 1)
             per_tiles = cdiv(min(PROJECTION_PER_SPLIT, k), 32)
-            shrink_low = sum(len(p) for p in passes) * per_tiles / tiles_m  # k-tiles per block, mean
+            ys = max(min(adapters, m, 128, cdiv(SHRINK_BLOCKS, tiles_m * splits)), 1)
+            shrink_low = sum(len(p) for p in passes) * per_tiles / (tiles_m * ys)  # k-tiles per block, mean
             a_bytes = sum(2 * ranks[i] * k for p in passes for i in p)
             partial = 4 * splits * m * r_max
-            shrink = dict(kernel="fused_gemm_multi_bf16", file="fused_gemm_multi", blocks=tiles_m * splits,
+            shrink = dict(kernel="fused_gemm_multi_bf16", file="fused_gemm_multi", blocks=tiles_m * splits * ys,
                           iters=shrink_low, loop_iters=fused_loop_trips(shrink_low, 0), slots=32, slot="HMMA",
                           bytes=2 * m * k + a_bytes + partial)
             low = sum(cdiv(ranks[i], 32) for p in passes for i in p) / tiles_m
             b_bytes = sum(2 * n * ranks[i] for p in passes for i in p)
-            fused = dict(kernel="fused_gemm_multi_bf16", file="fused_gemm_multi", blocks=tiles_m * cdiv(n, 128),
-                         iters=low + cdiv(k, 32), loop_iters=fused_loop_trips(low, cdiv(k, 32)), slots=32,
-                         slot="HMMA", bytes=2 * (m * k + n * k + m * r_max + m * n) + b_bytes)
+            if m <= 16:  # LK_SMALL_M_MAX: multi_decode, no fused_loop peeling (one loop over all stages)
+                fused = dict(kernel="multi_decode_bf16", file="multi_decode", blocks=cdiv(n, 32),
+                             iters=low + cdiv(k, 32), slots=2, slot="HMMA",
+                             bytes=2 * (m * k + n * k + m * r_max + m * n) + b_bytes)
+            else:
+                fused = dict(kernel="fused_gemm_multi_bf16", file="fused_gemm_multi",
+                             blocks=tiles_m * cdiv(n, 128), iters=low + cdiv(k, 32),
+                             loop_iters=fused_loop_trips(low, cdiv(k, 32)), slots=32, slot="HMMA",
+                             bytes=2 * (m * k + n * k + m * r_max + m * n) + b_bytes)
             launches = [shrink, launch_finalize("lowrank_finalize_bf16", m * r_max, splits, partial), fused]
             gemm = 2 * m * n * k
             out.append((m, adapters, launches, lambda d, g=gemm: g / d["cublas"],
@@ -403,7 +419,7 @@ def multi_ops(n=4096, k=4096):
 
 
 def bound_launch(l, mix, occ, dev):
-    warps = l["blocks"] * THREADS // 32
+    warps = l["blocks"] * threads_of(l["file"]) // 32
     sms = min(l["blocks"], dev["sms"])
     if "hmma" in l:  # exact counts from the launch model (lowrank_grad): one hot-loop trip per step
         issue = mix["total"] * l["iters"] * l["issue_warps"] / (sms * 4 * dev["clock"])
@@ -540,7 +556,7 @@ def main():
             occ = occupancy(r, kern, f, dev)
             smem = f"{r['smem']} + {dyn_smem(kern, f)}"
             spills = r["spill_stores"] + r["spill_loads"]
-            w(f"| {kern} | {r['regs']} | {smem} | {spills} | {occ} | {occ * THREADS // 32} | "
+            w(f"| {kern} | {r['regs']} | {smem} | {spills} | {occ} | {occ * threads_of(f) // 32} | "
               + " | ".join(str(mix[c]) for c in CLASSES) + f" | {mix['total']} | {mix['body']} |")
         w("")
     print("\n".join(out))

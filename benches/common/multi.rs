@@ -58,17 +58,28 @@ pub struct MultiSet {
     pub ws: Workspace<bf16>,
 }
 
-pub fn multi_set(dev: &Device, m: usize, adapters: usize) -> Result<MultiSet> {
+/// Input sets per case, used in turn: two W0 of 32 MiB each do not fit in the L2 cache together, so every
+/// call streams its W0 from memory as a server's would (one layer's W0 is not read again until the next
+/// token), rather than from the L2 the previous call filled.
+pub const SETS: usize = 2;
+
+pub fn multi_sets(dev: &Device, m: usize, adapters: usize) -> Result<Vec<MultiSet>> {
+    (0..SETS as u64)
+        .map(|i| multi_set(dev, m, adapters, 1000 * i))
+        .collect()
+}
+
+fn multi_set(dev: &Device, m: usize, adapters: usize, seed: u64) -> Result<MultiSet> {
     let kk = 1.0 / (K as f32).sqrt();
-    let x = random(dev, [m, K], 1.0, 101)?;
+    let x = random(dev, [m, K], 1.0, seed + 101)?;
     let x_host = x.to_vec()?;
     let mut set = AdapterSet::<bf16>::with_capacity(dev, N, K, adapters * 64 * (N + K))?;
     let mut segments = Vec::new();
     let mut rows = vec![None; m];
     for i in 0..adapters {
         let rank = RANKS[i % RANKS.len()];
-        let a = random(dev, [rank, K], kk, 200 + i as u64)?;
-        let b = random(dev, [N, rank], 0.1, 300 + i as u64)?;
+        let a = random(dev, [rank, K], kk, seed + 200 + i as u64)?;
+        let b = random(dev, [N, rank], 0.1, seed + 300 + i as u64)?;
         let scale = 2.0;
         let slot = set.add(&a, &b, scale)?;
         let (begin, end) = (i * m / adapters, (i + 1) * m / adapters);
@@ -92,7 +103,7 @@ pub fn multi_set(dev: &Device, m: usize, adapters: usize) -> Result<MultiSet> {
     let index = AdapterIndex::new(&set, &rows)?;
     Ok(MultiSet {
         m,
-        w0: random(dev, [N, K], kk, 102)?,
+        w0: random(dev, [N, K], kk, seed + 102)?,
         y: Tensor::zeros(dev, &[m, N])?,
         t: Tensor::zeros(dev, &[m, set.max_rank()])?,
         x,
