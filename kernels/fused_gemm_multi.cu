@@ -22,7 +22,8 @@
 //     M > LK_SMALL_M_MAX; the small-M kernel sums in another order), which the tests check.
 // The cost of a tile grows with the number of distinct adapters in it (each pass is ceil(r_a/32) extra
 // k-tiles of 128 rows): rows grouped by adapter, as servers batch requests, keep it at one or two.
-// Caveat: a non-finite value in one adapter's B reaches the other rows of its tiles as 0·inf = NaN.
+// Caveat: a non-finite value in one adapter's B reaches the other rows of its tiles as 0·inf = NaN (and
+// one in A the other rows of its shrink block). Finite adapters, with any X, keep every row to itself.
 #include "lk_fused_gemm.cuh"
 
 namespace {
@@ -160,7 +161,9 @@ __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiPara
     int lt = int(s_first[s_npass[0]]);
     // The shrink's passes are spread over grid y: block y takes passes y, y + Y, ... and writes the rows
     // of those (block 0 also the rows without an adapter, as zeros). A row's sums start from +0 in the
-    // block of its own pass either way, so its bits do not depend on Y.
+    // block of its own pass either way, so its bits do not depend on Y, for finite adapters: a block that
+    // runs several passes also adds the other passes' products 0·A to the row, exact zeros unless an A
+    // holds an infinity or NaN (the caveat on B in the header, here for A).
     LK_SHARED(16, uint32_t, s_mine, [BM]);
     if (shrink) {
         const uint32_t y = blockIdx.y, ny = gridDim.y, npass = s_npass[0];
@@ -175,6 +178,8 @@ __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiPara
         const uint32_t local = npass > y ? (npass - y + ny - 1) / ny : 0;
         if (threadIdx.x == 0)
             for (uint32_t i = 0; i < local; ++i) s_pass[i] = s_pass[y + i * ny];  // in place: y + i·ny ≥ i
+        // s_first stays as it is: every shrink pass has tiles_per_pass k-tiles, so s_first[q] =
+        // q·tiles_per_pass whichever adapter pass q is after the compaction.
         __syncthreads();
         if (local == 0 && y > 0) return;
         lt = int(local * tiles_per_pass);

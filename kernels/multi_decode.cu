@@ -9,7 +9,7 @@
 // Why it gives fused_gemm_multi's bits (and so, on the general path, lora_forward's with the row's
 // adapter alone): every element of Y is the same chain of mma k16 steps in the same order,
 //   for each pass (the distinct adapters of rows 0..m-1, in order of first appearance): ceil(r_a/32)·2
-//     steps over T's columns with the rows of other adapters zeroed, B_a's columns past r_a zero;
+//     steps over T's columns with the rows of other adapters zeroed, T's and B_a's columns past r_a zero;
 //   acc *= s_{a(i)} (0 without an adapter);
 //   ceil(k/32)·2 steps over X·W0ᵀ, k ascending, zero past k;
 //   + bias (+0 without one), one rounding;
@@ -72,12 +72,20 @@ __device__ __forceinline__ void load_stage(const LkFusedGemmMultiParams& p, T* s
     }
 }
 
+// The part of a fragment register (two elements, k and k+1, the lower k in the low half) that lies
+// below `kend`: all of it, the low element, or none.
+__device__ __forceinline__ uint32_t below_mask(uint32_t k, uint32_t kend) {
+    return k + 1 < kend ? 0xffffffffu : (k < kend ? 0x0000ffffu : 0u);
+}
+
 // acc += the rows of `rows` (16 × PITCH) times this warp's 8 rows of `cols`, over k-tiles [0, 32·tiles);
 // `keep_g` / `keep_h`: whether row g / g+8 takes part (a masked row's A fragment is +0, as
-// fused_gemm_multi's zero-filled rows).
-template <typename T>
+// fused_gemm_multi's zero-filled rows). RANK_END (the low-rank stages): the A fragment is +0 from
+// column `kend` (the pass's rank) on, as fused_gemm_multi zero-fills T there. T's row holds the shrink's
+// X_i·0 in those columns, NaN when X_i has an infinity; B_a's zero columns would turn it into NaN.
+template <bool RANK_END, typename T>
 __device__ __forceinline__ void mma_rows(float (&acc)[4], const T* rows, const T* cols, uint32_t tiles, bool keep_g,
-                                         bool keep_h) {
+                                         bool keep_h, uint32_t kend = 0) {
     const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     for (uint32_t kk = 0; kk < tiles * 32; kk += 32) {
         uint32_t b[4];
@@ -88,6 +96,14 @@ __device__ __forceinline__ void mma_rows(float (&acc)[4], const T* rows, const T
             lk_ldmatrix_x4(a, rows + (lane % 16) * PITCH + kk + h * 16 + (lane / 16) * 8);
             if (!keep_g) a[0] = a[2] = 0u;
             if (!keep_h) a[1] = a[3] = 0u;
+            if (RANK_END) {  // a[0], a[1]: columns 2t, 2t+1 of the k16 step; a[2], a[3]: 8 further on
+                const uint32_t k = kk + h * 16 + 2 * (lane % 4);
+                const uint32_t lo = below_mask(k, kend), hi = below_mask(k + 8, kend);
+                a[0] &= lo;
+                a[1] &= lo;
+                a[2] &= hi;
+                a[3] &= hi;
+            }
             const uint32_t bf[2] = {b[2 * h], b[2 * h + 1]};
             lk_mma_m16n8k16<T>(acc, a, bf);
         }
@@ -147,7 +163,8 @@ __device__ __forceinline__ void multi_decode_impl(const LkFusedGemmMultiParams& 
         const T* slot = ring + (s % STAGES) * STAGE;
         if (s < npass) {
             const uint32_t a = s_pass[s];
-            mma_rows(acc, ts, slot + ROWS * PITCH, (p.adapters[a].rank + 31) / 32, s_idx[g] == a, s_idx[g + 8] == a);
+            const uint32_t rank = p.adapters[a].rank;
+            mma_rows<true>(acc, ts, slot + ROWS * PITCH, (rank + 31) / 32, s_idx[g] == a, s_idx[g + 8] == a, rank);
             if (s == npass - 1) {  // the low-rank sums are complete: each row times its own scale
                 const float sg = s_scale[g], sh = s_scale[g + 8];
                 acc[0] *= sg;
@@ -157,7 +174,7 @@ __device__ __forceinline__ void multi_decode_impl(const LkFusedGemmMultiParams& 
             }
         } else {
             const uint32_t first = uint32_t(s - npass) * (KD / 32);
-            mma_rows(acc, slot, slot + ROWS * PITCH, min(uint32_t(KD / 32), k_tiles - first), true, true);
+            mma_rows<false>(acc, slot, slot + ROWS * PITCH, min(uint32_t(KD / 32), k_tiles - first), true, true);
         }
     }
     lk_cp_async_wait<0>();

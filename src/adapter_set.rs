@@ -170,6 +170,8 @@ impl<A: Element> AdapterSet<A> {
 
     /// Adds an adapter: A [r, K], B [N, r] (1 ≤ r ≤ 128) on this set's device, and its scale s (the
     /// forward adds s·(X·Aᵀ)·Bᵀ). Returns its slot. The tensors are copied into the arena on the device.
+    /// Their values are not scanned (that would need a read-back): a NaN or ±inf in A or B reaches the
+    /// other rows of the tiles it is multiplied in (0·inf = NaN), so keep adapters finite.
     pub fn add(&mut self, a: &Tensor<A>, b: &Tensor<A>, scale: f32) -> Result<u32> {
         const OP: &str = "AdapterSet::add";
         let r = validate::adapter(OP, a, b, (self.n, self.k), "the set's K")?;

@@ -409,6 +409,36 @@ fn rows_are_batch_invariant() {
     }
 }
 
+/// Decoding rows whose X holds ±inf keep the bits they have in a large batch (the general path). The
+/// shrink gives such a row NaN in T's columns past its adapter's rank (inf·0); the fused GEMM never
+/// reads those columns (zero-filled past the rank), so the decode kernel must not either.
+#[test]
+fn decode_rows_with_infinities_keep_their_bits() {
+    let dev = common::emulators()[0].clone();
+    let mut rng = Rng::new(0x1ef);
+    let (n, k) = (72, 200);
+    let mut b = Batch::<bf16, bf16>::random(&mut rng, (7, n, k), 1, true);
+    b.adapters = [1, 3, 40]
+        .iter()
+        .map(|&r| random_adapter::<bf16>(&mut rng, n, k, r))
+        .collect();
+    b.rows = vec![Some(0), Some(1), None, Some(2), Some(0), Some(1), Some(0)];
+    for (row, col, v) in [
+        (0, 5, f64::INFINITY),
+        (1, 77, f64::NEG_INFINITY),
+        (4, 199, f64::INFINITY),
+    ] {
+        b.x[row * k + col] = bf16::from_f64(v);
+    }
+    let set = set_of(&dev, &b);
+    let (y, t) = run(&dev, &b, &set);
+    check_decode_bits(&dev, &b, &set, &y, &t, 0x1ef);
+    assert!(
+        y[..n].iter().any(|v| v.to_f64().is_infinite()),
+        "the test needs infinite outputs in row 0"
+    );
+}
+
 /// A batch with more row tiles × K chunks than the shrink's block target: each tile's passes are then
 /// shared by fewer blocks than there are passes (block y takes passes y, y + Y, ...). The rows keep the
 /// bits they have in a small batch, where every pass has its own block, and match the reference.
