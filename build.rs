@@ -251,7 +251,7 @@ fn build_emulator(root: &Path, out: &Path, kernels: &[PathBuf], test_kernels: &[
         kernel_build(kernels).compile("lk_emu_kernels");
     }
     let mut runtime = base();
-    for part in ["sched", "warp", "async", "check"] {
+    for part in ["sched", "warp", "async", "mbarrier", "check"] {
         runtime.file(emu.join(format!("lk_emu_{part}.cpp")));
     }
     runtime.compile("lk_emu_runtime");

@@ -2,7 +2,8 @@
 //! detector, shared-memory bounds (static red zones, the canary after dynamic shared memory, the 48 KB and
 //! per-architecture limits), memcheck (global accesses outside the launch's allocations, straddling one's
 //! end, cp.async sources) and initcheck (reads of never-written memory); plus shuffle semantics against the
-//! CUDA guide. Each planted bug of tests/kernels/planted_checks.cu runs under every thread order; the
+//! CUDA guide; the mbarrier + bulk-copy protocol (tests/kernels/planted_pipeline.cu, eight planted
+//! bugs). Each planted bug of tests/kernels/planted_checks.cu runs under every thread order; the
 //! bug-free version of the same kernel must run clean and give the right answer, the planted one must fail
 //! with a message that names the problem.
 
@@ -111,6 +112,30 @@ fn check(l: Launch, want: impl Fn(usize) -> f32, expect: &[&str]) {
         let e = run(&l, &cfg, 1, false).expect_err("the planted bug must fail the launch");
         for s in expect {
             assert!(e.contains(s), "{cfg:?}: expected `{s}` in: {e}");
+        }
+    }
+}
+
+/// Like `check`, for a kernel with several planted bugs: each `(bug, expect)` fails under every order
+/// with a message containing each of `expect` ("a|b": a or b, where the order decides which check fires
+/// first).
+fn check_each(l: Launch, want: impl Fn(usize) -> f32, bugs: &[(i32, &[&str])]) {
+    for cfg in orders() {
+        let y = run(&l, &cfg, 0, false)
+            .unwrap_or_else(|e| panic!("{cfg:?}: the bug-free kernel failed: {e}"));
+        for (i, v) in y.iter().enumerate() {
+            assert_eq!(*v, want(i), "{cfg:?}: y[{i}]");
+        }
+        for (bug, expect) in bugs {
+            let e = run(&l, &cfg, *bug, false)
+                .expect_err(&format!("{cfg:?}: planted bug {bug} must fail the launch"));
+            eprintln!("{:?} bug {bug}: {e}", cfg.order);
+            for s in *expect {
+                assert!(
+                    s.split('|').any(|alt| e.contains(alt)),
+                    "{cfg:?}, bug {bug}: expected `{s}` in: {e}"
+                );
+            }
         }
     }
 }
@@ -459,4 +484,53 @@ fn unchecked_emulator_gives_the_same_bits_and_skips_the_checks() {
     };
     assert!(self::run(&l, &EmuConfig::default(), 1, false).is_err());
     self::run(&l, &off, 1, false).expect("with checks off the discarded read is not reported");
+}
+
+/// The mbarrier + bulk-copy ring of tests/kernels/planted_pipeline.cu (lk_mbarrier.cuh): clean and right
+/// under every order (with spurious try_wait failures), and each planted protocol bug caught.
+#[test]
+fn mbarrier_pipeline_protocol_bugs_are_caught() {
+    let tiles = 5;
+    let want = |c: usize| {
+        let o = (c + 32) % 64;
+        (0..tiles)
+            .map(|t| (0..4).map(|j| x(t * 256 + 4 * o + j)).sum::<f32>())
+            .sum()
+    };
+    // consumers that do not wait may run ahead of the producer by whole phases of the empty barriers
+    let race: &[&str] = &["shared-memory race|the parity no longer says which phase is meant"];
+    check_each(
+        Launch {
+            body: lk_emu_body_planted_pipeline_mbarrier,
+            grid: 2,
+            threads: 96,
+            smem: 2 * 1024 + 48 + 16,
+            n: 256 * tiles,
+            y_len: 64,
+        },
+        want,
+        &[
+            (1, race),
+            (
+                2,
+                &[
+                    "deadlock",
+                    "tx-count of 16 bytes",
+                    "more bytes than the bulk copies delivered",
+                ],
+            ),
+            (3, race),
+            (
+                4,
+                &[
+                    "write-after-read, by an async copy",
+                    "no happens-before order",
+                ],
+            ),
+            (5, &["mbarrier.init"]),
+            (6, race),
+            (7, &["hold an mbarrier"]),
+            (8, &["the block ended with 1 bulk copies in flight"]),
+        ],
+    );
 }

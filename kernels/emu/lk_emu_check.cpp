@@ -88,7 +88,7 @@ std::string symbolize(uintptr_t pc) {
     return out + "]";
 }
 
-std::string smem_place(const Launch& L, size_t off) {
+std::string place_of(const Launch& L, size_t off) {
     char buf[160];
     if (off < L.smem_bytes) {
         std::snprintf(buf, sizeof buf, "dynamic shared memory offset %zu", off);
@@ -125,8 +125,74 @@ std::string smem_place(const Launch& L, size_t off) {
     const std::string site = L.epoch_line ? std::string(L.epoch_file) + ":" + std::to_string(L.epoch_line)
                                           : std::string(L.epoch_file);
     fail("shared-memory race (%s) at %s: %s %s %zu bytes while %s %s it in the same barrier interval (since %s)%s",
-         kind, smem_place(L, off).c_str(), thread_name(tid).c_str(), write ? "writes" : "reads", n,
+         kind, place_of(L, off).c_str(), thread_name(tid).c_str(), write ? "writes" : "reads", n,
          thread_name(other).c_str(), other_did, site.c_str(), symbolize(g_pc).c_str());
+}
+
+// Happens-before mode: an earlier access by `id` (a thread, or a bulk-copy agent when id ≥ nthreads) at
+// `clock`, in barrier interval `epoch`, is ordered before thread `tid`'s access now. A thread's access in an
+// earlier interval is (the __syncthreads between joined every clock); an agent's only through the clocks:
+// a bulk copy that landed before a __syncthreads is not ordered by it on a GPU.
+inline bool hb_ordered(Launch& L, unsigned id, uint32_t clock, uint32_t epoch, unsigned tid) {
+    if (id == tid) return true;
+    if (id < L.nthreads && epoch != L.epoch) return true;
+    return hb_row(L, tid)[id] >= clock;
+}
+
+[[noreturn]] void hazard_hb(const char* kind, size_t off, size_t n, bool write, unsigned tid, unsigned other,
+                            const char* other_did) {
+    const Launch& L = *g_launch;
+    fail("shared-memory race (%s) at %s: %s %s %zu bytes while %s %s it with no happens-before order between "
+         "them (no __syncthreads, __syncwarp or mbarrier wait after that access)%s",
+         kind, place_of(L, off).c_str(), thread_name(tid).c_str(), write ? "writes" : "reads", n,
+         accessor_name(other).c_str(), other_did, symbolize(g_pc).c_str());
+}
+
+// One byte (`at`) of an access of n bytes at `off`, in happens-before mode (FastTrack-like: one reader
+// inline, further unordered readers of the interval in L.read_sets).
+void check_byte_hb(size_t off, size_t at, size_t n, bool write, unsigned tid, bool async_issue) {
+    Launch& L = *g_launch;
+    const uint32_t E = L.epoch;
+    const uint32_t me = hb_row(L, tid)[tid];
+    {
+        const size_t i = at - off;
+        SmemByte& s = L.shadow[at];
+        if (!hb_ordered(L, s.w_tid, s.w_clock, s.w_epoch, tid))
+            hazard_hb(write ? "write-after-write" : "read-after-write", off + i, n, write, tid, s.w_tid, "writes");
+        const bool reads_now = s.r_epoch == E;
+        if (write) {
+            const char* kind = async_issue ? "write-after-read, by an async copy" : "write-after-read";
+            if (reads_now && !hb_ordered(L, s.r_tid, s.r_clock, s.r_epoch, tid))
+                hazard_hb(kind, off + i, n, write, tid, s.r_tid, "reads");
+            if (s.flags & SB_READ_SET) {  // readers of r_epoch (a set left from an earlier interval is ordered)
+                if (reads_now)
+                    for (const auto& r : L.read_sets[off + i])
+                        if (!hb_ordered(L, r.first, r.second, E, tid))
+                            hazard_hb(kind, off + i, n, write, tid, r.first, "reads");
+                L.read_sets.erase(off + i);
+                s.flags &= uint8_t(~SB_READ_SET);
+            }
+            s.w_epoch = E;
+            s.w_tid = uint16_t(tid);
+            s.w_clock = me;
+            s.r_epoch = 0;  // every read so far is ordered before this write: later writes check the write
+        } else if (!reads_now || s.r_tid == tid || hb_ordered(L, s.r_tid, s.r_clock, s.r_epoch, tid)) {
+            if (!reads_now && (s.flags & SB_READ_SET)) {
+                L.read_sets.erase(off + i);
+                s.flags &= uint8_t(~SB_READ_SET);
+            }
+            s.r_epoch = E;
+            s.r_tid = uint16_t(tid);
+            s.r_clock = me;
+        } else {  // a second reader not ordered after the first: keep both
+            auto& set = L.read_sets[off + i];
+            s.flags |= SB_READ_SET;
+            bool found = false;
+            for (auto& r : set)
+                if (r.first == tid) r.second = me, found = true;
+            if (!found) set.emplace_back(uint16_t(tid), me);
+        }
+    }
 }
 
 // Accesses by lanes of one warp are ordered when both completed a __syncwarp after the earlier one.
@@ -143,12 +209,21 @@ void check_smem_bytes(size_t off, size_t n, bool write, unsigned tid, bool async
         SmemByte& s = L.shadow[off + i];
         if (!(s.flags & SB_VALID))
             fail("shared-memory %s of %zu bytes out of bounds: %s%s", write ? "write" : "read", n,
-                 smem_place(L, off + i).c_str(), symbolize(g_pc).c_str());
+                 place_of(L, off + i).c_str(), symbolize(g_pc).c_str());
         if (s.flags & SB_IN_FLIGHT)
-            fail("shared-memory race (cp.async in flight) at %s: %s %s %zu bytes while a cp.async issued by %s is "
-                 "still in flight (no cp.async.wait_group of that thread retired it yet)%s",
-                 smem_place(L, off + i).c_str(), thread_name(tid).c_str(), write ? "writes" : "reads", n,
+            fail("shared-memory race (async copy in flight) at %s: %s %s %zu bytes while an async copy issued by %s "
+                 "is still in flight (a cp.async not yet retired by that thread's cp.async.wait_group, or a bulk "
+                 "copy whose mbarrier phase this thread has not waited for)%s",
+                 place_of(L, off + i).c_str(), thread_name(tid).c_str(), write ? "writes" : "reads", n,
                  thread_name(s.w_tid).c_str(), symbolize(g_pc).c_str());
+        if (s.flags & SB_MBARRIER)
+            fail("shared-memory %s of %zu bytes at %s: those bytes hold an mbarrier, which only mbarrier instructions "
+                 "may access (mbarrier.init again to reuse them as data)%s",
+                 write ? "write" : "read", n, place_of(L, off + i).c_str(), symbolize(g_pc).c_str());
+        if (L.hb) {
+            check_byte_hb(off, off + i, n, write, tid, async_issue);
+            continue;
+        }
         if (s.w_epoch == E && s.w_tid != tid && !warp_ordered(L, s.w_tid, tid, s.w_sync))
             hazard(write ? "write-after-write" : "read-after-write", off + i, n, write, tid, s.w_tid, "writes");
         if (write) {
@@ -215,7 +290,7 @@ inline void on_access(const void* p, size_t n, bool write, uintptr_t pc) {
         g_pc = pc;
         if (a + n > smem + L->window_bytes)
             fail("shared-memory access of %zu bytes at %s straddles the end of the block's shared memory", n,
-                 smem_place(*L, a - smem).c_str());
+                 place_of(*L, a - smem).c_str());
         check_smem_bytes(a - smem, n, write, g_fiber->linear, false);
         return;
     }
@@ -228,6 +303,35 @@ inline void on_access(const void* p, size_t n, bool write, uintptr_t pc) {
 }
 
 }  // namespace
+
+std::string smem_place(const Launch& L, size_t off) { return place_of(L, off); }
+
+std::string accessor_name(unsigned id) {
+    const Launch& L = *g_launch;
+    if (id < L.nthreads) return thread_name(id);
+    return "the bulk copy issued by " + thread_name(id - L.nthreads);
+}
+
+void smem_bulk_issue(size_t off, size_t n, unsigned tid) {
+    Launch& L = *g_launch;
+    g_pc = 0;
+    if (L.checks) check_smem_bytes(off, n, true, tid, true);
+    for (size_t i = 0; i < n; ++i) L.shadow[off + i].flags |= SB_IN_FLIGHT;
+    std::memset(L.smem + off, 0xFF, n);  // reading it before the copy completes sees NaN
+}
+
+void smem_bulk_land(size_t off, size_t n, unsigned agent, uint32_t clock) {
+    Launch& L = *g_launch;
+    for (size_t i = 0; i < n; ++i) {
+        SmemByte& s = L.shadow[off + i];
+        s.flags &= uint8_t(~(SB_IN_FLIGHT | SB_READ_SET));
+        L.read_sets.erase(off + i);
+        s.w_epoch = L.epoch;
+        s.w_tid = uint16_t(agent);
+        s.w_clock = clock;
+        s.r_epoch = 0;
+    }
+}
 
 bool in_smem_window(const void* p, size_t n) {
     const Launch& L = *g_launch;
@@ -261,7 +365,7 @@ bool check_end_block(Launch& L) {
     for (size_t off = L.smem_bytes; off < used; ++off) {
         if (L.shadow[off].flags & SB_VALID) continue;
         if (L.smem[off] != kCanaryByte) {
-            L.error = "shared memory at " + smem_place(L, off) +
+            L.error = "shared memory at " + place_of(L, off) +
                       " was written (canary/red zone changed by the end of block (" + std::to_string(L.block_idx.x) +
                       "," + std::to_string(L.block_idx.y) + "," + std::to_string(L.block_idx.z) + "))";
             return false;

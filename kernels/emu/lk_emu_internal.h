@@ -2,6 +2,8 @@
 //   lk_emu_sched.cpp  fibers, the block scheduler, __syncthreads, the launch entry point;
 //   lk_emu_warp.cpp   warp collectives (shuffles, __syncwarp, ldmatrix, mma.sync);
 //   lk_emu_async.cpp  cp.async copies and their groups;
+//   lk_emu_mbarrier.cpp  mbarriers, bulk async copies (cp.async.bulk with complete_tx) and the vector
+//                     clocks that order shared-memory accesses through them (happens-before mode);
 //   lk_emu_check.cpp  the shared-memory race detector, shared-memory bounds, static shared memory, and
 //                     memcheck/initcheck of global memory, fed by the compiler's access hooks.
 #pragma once
@@ -12,6 +14,8 @@
 #include <cstdint>
 #include <deque>
 #include <string>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "lk_emu.h"
@@ -28,7 +32,7 @@ constexpr unsigned kMaxStaticSmem = 48 * 1024;  // static __shared__ per block, 
 constexpr unsigned kCanaryBytes = 256;          // after dynamic shared memory, checked at block end
 constexpr uint8_t kCanaryByte = 0xA5;
 
-enum State { READY, AT_BARRIER, IN_WARP_OP, DONE };
+enum State { READY, AT_BARRIER, IN_WARP_OP, AT_MBARRIER, DONE };
 enum WarpOp { OP_NONE, OP_SHFL, OP_SYNCWARP, OP_LDMATRIX, OP_MMA };
 const char* op_name(int op);
 
@@ -62,6 +66,8 @@ struct Fiber {
     uint32_t warp_sync = 0;  // sequence number of the last __syncwarp this lane completed
     std::vector<AsyncCopy> uncommitted;
     std::deque<std::vector<AsyncCopy>> groups;
+    size_t wait_bar = 0;      // AT_MBARRIER: the shared-memory offset of the mbarrier it waits on
+    uint32_t wait_parity = 0;  // ... and the parity it waits for
 };
 
 // One collective in progress in a warp: the lanes of `mask` that arrived so far. Collectives with
@@ -81,9 +87,13 @@ struct Warp {
 
 // Per byte of the block's shared-memory window (dynamic, canary, static arena): the race detector's
 // last writer and readers in the current barrier interval ("epoch"), and what the byte is.
+// In happens-before mode (a launch that uses mbarriers) w_clock / r_clock are the accessing thread's own
+// vector-clock component at the access, further readers of the interval live in Launch::read_sets, and an
+// accessor id ≥ nthreads is the bulk-copy agent of thread id - nthreads.
 struct SmemByte {
     uint32_t w_epoch = 0, r_epoch = 0;
     uint32_t w_sync = 0, r_sync = 0;
+    uint32_t w_clock = 0, r_clock = 0;
     uint16_t w_tid = 0, r_tid = 0;
     uint8_t flags = 0;
 };
@@ -92,6 +102,32 @@ enum SmemFlags : uint8_t {
     SB_IN_FLIGHT = 2,    // destination of a cp.async not yet retired by its thread's wait_group
     SB_READ_WARPS = 4,   // read by threads of two or more warps in r_epoch
     SB_READ_LANES = 8,   // read by two or more lanes (of r_tid's warp) in r_epoch
+    SB_MBARRIER = 16,    // one of the 8 bytes of an initialised mbarrier: only mbarrier instructions touch it
+    SB_READ_SET = 32,    // happens-before mode: more readers of r_epoch in Launch::read_sets
+};
+
+// An mbarrier object (PTX ISA "Parallel synchronization and communication: mbarrier"): the phase in
+// progress, its pending arrivals and tx-count, and the vector clocks that carry happens-before edges from
+// the arrivals (and the bulk copies' complete_tx) of a phase to the threads whose try_wait sees it done.
+struct MBarrier {
+    uint32_t count = 0;    // expected arrivals per phase (mbarrier.init)
+    uint32_t pending = 0;  // arrivals still missing in the current phase
+    int64_t tx = 0;        // tx-count of the current phase: bytes announced by expect_tx minus bytes completed
+    uint64_t phase = 0;    // phases completed so far (the current phase's parity is phase & 1)
+    unsigned init_tid = 0;
+    uint32_t init_clock = 0, init_epoch = 0;
+    std::vector<uint32_t> vc;       // join of this phase's arrivals
+    std::vector<uint32_t> done_vc;  // join of every completed phase's arrivals (what a successful wait acquires)
+    std::vector<int64_t> seen;      // per thread: the last completed phase its try_wait observed (-1: none)
+};
+
+// A bulk copy (cp.async.bulk ... mbarrier::complete_tx::bytes) between issue and completion: its source was
+// read at issue, its destination is in flight until it lands (when no thread can run: as late as possible).
+struct BulkCopy {
+    unsigned char* dst = nullptr;
+    std::vector<unsigned char> bytes;
+    size_t bar = 0;  // shared-memory offset of the mbarrier it signals
+    unsigned tid = 0;
 };
 
 struct StaticVar {
@@ -126,7 +162,26 @@ struct Launch {
     size_t region_count = 0;
     bool checks = true;
     std::string error;
+    // happens-before mode (on from a launch's first mbarrier.init to its end): per thread a vector clock of
+    // width 2·nthreads (threads, then their bulk-copy agents), row t at vc[t * vc_width]
+    bool hb = false;
+    size_t vc_width = 0;
+    std::vector<uint32_t> vc;
+    std::vector<uint32_t> agent_clock;  // per thread: completions of its bulk copies so far
+    std::unordered_map<size_t, std::vector<std::pair<uint16_t, uint32_t>>> read_sets;  // offset -> (reader, clock)
+    std::unordered_map<size_t, MBarrier> mbarriers;  // by shared-memory offset, reset at block start
+    std::deque<BulkCopy> bulk_in_flight;
+    unsigned long long wait_rng = 0;  // draws the spurious try_wait failures
+    uint32_t order = 0;
 };
+
+// SplitMix64: the emulator's seeded draws (block and thread orders, spurious try_wait failures).
+inline unsigned long long splitmix(unsigned long long& s) {
+    unsigned long long z = (s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
 
 extern thread_local Launch* g_launch;
 extern thread_local Fiber* g_fiber;
@@ -148,5 +203,18 @@ void smem_async_land(unsigned char* dst, unsigned tid);
 bool in_smem_window(const void* p, size_t n);
 void global_access(const void* p, size_t n, bool write, const char* what);
 void barrier_epoch(const char* file, int line);
+void smem_bulk_issue(size_t off, size_t n, unsigned tid);
+void smem_bulk_land(size_t off, size_t n, unsigned agent, uint32_t clock);
+std::string smem_place(const Launch& L, size_t off);
+std::string accessor_name(unsigned id);
+
+// lk_emu_mbarrier.cpp
+void hb_begin_block(Launch& L);
+void hb_join_all(Launch& L);                              // __syncthreads: every thread acquires every thread
+void hb_join_lanes(Launch& L, const unsigned* tids, unsigned n);  // __syncwarp among these lanes
+inline uint32_t* hb_row(Launch& L, unsigned tid) { return L.vc.data() + size_t(tid) * L.vc_width; }
+bool land_one_bulk_copy(Launch& L);  // false when none is in flight
+std::string mbarrier_deadlock(Launch& L);
+bool mbarrier_end_block(Launch& L);  // false (L.error set) when bulk copies are still in flight
 
 }  // namespace lk_emu

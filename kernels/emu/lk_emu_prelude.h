@@ -62,6 +62,11 @@ void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int n);
 void* static_smem(const void* site, size_t bytes, size_t align, const char* name);
+void mbarrier_init(void* bar, uint32_t count);
+uint64_t mbarrier_arrive(void* bar);
+uint64_t mbarrier_arrive_expect_tx(void* bar, uint32_t bytes);
+bool mbarrier_try_wait_parity(void* bar, uint32_t parity);
+void bulk_copy_g2s(void* smem_dst, const void* gmem_src, uint32_t bytes, void* bar);
 void checked_copy(void* dst, const void* src, size_t n);
 void checked_fill(void* dst, int value, size_t n);
 

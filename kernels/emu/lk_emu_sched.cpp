@@ -13,6 +13,8 @@
 // - __syncthreads: released when every thread waits at the same barrier (file:line); threads at different
 //   barriers, or some threads exited while others wait, is an error (a hang or UB on a GPU). Each release
 //   starts a new barrier interval for the race detector (lk_emu_check.cpp).
+// - mbarrier waits block a fiber until the phase completes; when no fiber can run, one bulk copy in flight
+//   lands (lk_emu_mbarrier.cpp), and only when none is left is it a deadlock.
 // All state is thread_local: several OS threads (e.g. Rust's test threads) may run launches at once.
 
 #include <sys/mman.h>
@@ -73,13 +75,6 @@ void resume(Fiber& f) {
     current = nullptr;
 }
 
-unsigned long long splitmix(unsigned long long& s) {
-    unsigned long long z = (s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 bool greedy(uint32_t order) {
     return order == LK_EMU_ORDER_WARP_GREEDY_ASCENDING || order == LK_EMU_ORDER_WARP_GREEDY_DESCENDING;
 }
@@ -104,6 +99,7 @@ bool run_warp_greedy(Launch& L, unsigned first, bool descending) {
 // Runs one block to completion; false (with L.error set) on an error.
 bool run_block(Launch& L, const LkEmuLaunch& cfg, unsigned long long block_linear) {
     check_begin_block(L);
+    hb_begin_block(L);
     for (auto& w : L.warps) w = Warp{};
     const bool descending = cfg.order == LK_EMU_ORDER_DESCENDING || cfg.order == LK_EMU_ORDER_WARP_GREEDY_DESCENDING;
     std::vector<unsigned> order(L.nthreads);
@@ -128,19 +124,20 @@ bool run_block(Launch& L, const LkEmuLaunch& cfg, unsigned long long block_linea
             if (greedy(cfg.order) && !run_warp_greedy(L, idx, descending)) return false;
         }
         if (any_ready) continue;
-        unsigned done = 0, at_barrier = 0, in_warp = 0;
+        unsigned done = 0, at_barrier = 0, in_warp = 0, at_mbarrier = 0;
         const Fiber* first_barrier = nullptr;
         for (auto& f : L.fibers) {
             done += f.state == DONE;
             in_warp += f.state == IN_WARP_OP;
+            at_mbarrier += f.state == AT_MBARRIER;
             if (f.state == AT_BARRIER) {
                 ++at_barrier;
                 if (!first_barrier) first_barrier = &f;
             }
         }
-        if (done == L.nthreads) return check_end_block(L);
+        if (done == L.nthreads) return mbarrier_end_block(L) && check_end_block(L);
         char msg[512];
-        if (in_warp == 0 && at_barrier > 0) {
+        if (in_warp == 0 && at_mbarrier == 0 && at_barrier > 0) {
             if (done > 0) {
                 std::snprintf(msg, sizeof msg,
                               "partial __syncthreads: %u threads exited while %u wait at %s:%d (e.g. %s)", done,
@@ -159,8 +156,18 @@ bool run_block(Launch& L, const LkEmuLaunch& cfg, unsigned long long block_linea
                 }
             }
             barrier_epoch(first_barrier->bar_file, first_barrier->bar_line);
+            hb_join_all(L);
             for (auto& f : L.fibers) f.state = READY;
             continue;
+        }
+        // No thread can run: a bulk copy in flight lands now (possibly completing an mbarrier phase).
+        if (land_one_bulk_copy(L)) {
+            if (!L.error.empty()) return false;
+            continue;
+        }
+        if (at_mbarrier > 0) {
+            L.error = mbarrier_deadlock(L);
+            return false;
         }
         // Deadlock: some lanes wait in a warp collective for lanes that wait at a barrier.
         for (auto& f : L.fibers) {
@@ -260,6 +267,8 @@ extern "C" int lk_emu_launch(LkEmuBody body, const void* params, const LkEmuLaun
     L.regions = cfg->regions;
     L.region_count = size_t(cfg->region_count);
     L.checks = cfg->checks != 0;
+    L.order = cfg->order;
+    L.wait_rng = cfg->seed ^ 0x6d62617272696572ull;
     L.fibers.resize(L.nthreads);
     L.warps.resize((L.nthreads + 31) / 32);
     for (unsigned i = 0; i < L.nthreads; ++i) {

@@ -186,8 +186,10 @@ void complete(Launch& L, unsigned warp, size_t idx, int self_lane) {
         case OP_MMA: compute_mma(p); break;
         case OP_SYNCWARP: {
             const uint32_t seq = ++L.warps[warp].sync_seq;
+            unsigned tids[32], n = 0;
             for (unsigned l = 0; l < 32; ++l)
-                if (p.lanes[l]) L.fibers[base + l].warp_sync = seq;
+                if (p.lanes[l]) L.fibers[base + l].warp_sync = seq, tids[n++] = base + l;
+            hb_join_lanes(L, tids, n);
             break;
         }
         default: break;
