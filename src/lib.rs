@@ -25,6 +25,7 @@ pub mod peft;
 pub mod plan;
 pub mod reference;
 pub mod tensor;
+pub mod tma;
 
 pub use adapter_set::{AdapterIndex, AdapterSet};
 pub use device::{Device, EmuConfig, MmaModel, ThreadOrder};

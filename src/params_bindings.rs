@@ -42,6 +42,7 @@ pub const LK_EMU_ORDER_WARP_GREEDY_ASCENDING: u32 = 3;
 pub const LK_EMU_ORDER_WARP_GREEDY_DESCENDING: u32 = 4;
 pub const LK_EMU_MMA_EXACT: u32 = 0;
 pub const LK_EMU_MMA_TENSOR_CORE: u32 = 1;
+pub const LK_EMU_TENSOR_MAP_MAGIC: u32 = 1280005197;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct LkScaleParams {
@@ -723,6 +724,29 @@ impl Default for LkMseGradParams {
     }
 }
 #[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct LkTensorMap {
+    pub opaque: [u64; 16usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkTensorMap"][::core::mem::size_of::<LkTensorMap>() - 128usize];
+    ["Alignment of LkTensorMap"][::core::mem::align_of::<LkTensorMap>() - 64usize];
+    [
+        "Offset of field: LkTensorMap::opaque",
+    ][::core::mem::offset_of!(LkTensorMap, opaque) - 0usize];
+};
+impl Default for LkTensorMap {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct LkEmuRegion {
     pub base: u64,
@@ -760,6 +784,51 @@ impl Default for LkEmuRegion {
         }
     }
 }
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LkEmuTensorMap {
+    pub magic: u32,
+    pub rank: u32,
+    pub elem_bytes: u32,
+    pub swizzle: u32,
+    pub global_address: u64,
+    pub dims: [u64; 5usize],
+    pub strides: [u64; 5usize],
+    pub box_: [u32; 5usize],
+    pub reserved: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkEmuTensorMap"][::core::mem::size_of::<LkEmuTensorMap>() - 128usize];
+    ["Alignment of LkEmuTensorMap"][::core::mem::align_of::<LkEmuTensorMap>() - 8usize];
+    [
+        "Offset of field: LkEmuTensorMap::magic",
+    ][::core::mem::offset_of!(LkEmuTensorMap, magic) - 0usize];
+    [
+        "Offset of field: LkEmuTensorMap::rank",
+    ][::core::mem::offset_of!(LkEmuTensorMap, rank) - 4usize];
+    [
+        "Offset of field: LkEmuTensorMap::elem_bytes",
+    ][::core::mem::offset_of!(LkEmuTensorMap, elem_bytes) - 8usize];
+    [
+        "Offset of field: LkEmuTensorMap::swizzle",
+    ][::core::mem::offset_of!(LkEmuTensorMap, swizzle) - 12usize];
+    [
+        "Offset of field: LkEmuTensorMap::global_address",
+    ][::core::mem::offset_of!(LkEmuTensorMap, global_address) - 16usize];
+    [
+        "Offset of field: LkEmuTensorMap::dims",
+    ][::core::mem::offset_of!(LkEmuTensorMap, dims) - 24usize];
+    [
+        "Offset of field: LkEmuTensorMap::strides",
+    ][::core::mem::offset_of!(LkEmuTensorMap, strides) - 64usize];
+    [
+        "Offset of field: LkEmuTensorMap::box_",
+    ][::core::mem::offset_of!(LkEmuTensorMap, box_) - 104usize];
+    [
+        "Offset of field: LkEmuTensorMap::reserved",
+    ][::core::mem::offset_of!(LkEmuTensorMap, reserved) - 124usize];
+};
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct LkEmuLaunch {

@@ -30,6 +30,21 @@ typedef struct LkEmuRegion {
     uint32_t writable;
 } LkEmuRegion;
 
+/* The emulator's encoding of a TMA tensor map in the 128 bytes of an LkTensorMap (opaque on a GPU),
+ * written by lora_kernels::tma after the driver's validation rules. Dimensions innermost first. */
+#define LK_EMU_TENSOR_MAP_MAGIC 0x4C4B544Du
+typedef struct LkEmuTensorMap {
+    uint32_t magic;      /* LK_EMU_TENSOR_MAP_MAGIC */
+    uint32_t rank;       /* 1..5 */
+    uint32_t elem_bytes; /* 1, 2, 4 or 8 */
+    uint32_t swizzle;    /* as CUtensorMapSwizzle: 0 none, 1 32-byte, 2 64-byte, 3 128-byte */
+    uint64_t global_address;
+    uint64_t dims[5];    /* elements */
+    uint64_t strides[5]; /* bytes; strides[0] = elem_bytes */
+    uint32_t box[5];     /* elements per dimension of the box one copy moves */
+    uint32_t reserved;
+} LkEmuTensorMap;
+
 /* One launch: grid and block dimensions, dynamic shared memory, the thread order (LK_EMU_ORDER_*), the
  * seed of the shuffled orders and of the block order (0: blocks in linear order), the shared-memory
  * limit of the target architecture (static + dynamic bytes per block; 0: the largest, sm_90's), the mma

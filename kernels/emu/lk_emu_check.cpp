@@ -216,6 +216,10 @@ void check_smem_bytes(size_t off, size_t n, bool write, unsigned tid, bool async
                  "copy whose mbarrier phase this thread has not waited for)%s",
                  place_of(L, off + i).c_str(), thread_name(tid).c_str(), write ? "writes" : "reads", n,
                  thread_name(s.w_tid).c_str(), symbolize(g_pc).c_str());
+        if (write && (s.flags & SB_STORE_SRC))
+            fail("shared-memory write of %zu bytes at %s, which a bulk tensor store still reads (its issuing thread "
+                 "has not retired it with cp.async.bulk.wait_group.read)%s",
+                 n, place_of(L, off + i).c_str(), symbolize(g_pc).c_str());
         if (s.flags & SB_MBARRIER)
             fail("shared-memory %s of %zu bytes at %s: those bytes hold an mbarrier, which only mbarrier instructions "
                  "may access (mbarrier.init again to reuse them as data)%s",
@@ -342,9 +346,12 @@ bool in_smem_window(const void* p, size_t n) {
 void check_begin_launch(Launch& L) {
     L.static_base = round_up(L.smem_bytes, 128) + round_up(kCanaryBytes, 128);
     L.window_bytes = L.static_base + kStaticArena;
-    L.window_storage.assign(L.window_bytes + 128, 0);
-    L.smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(L.window_storage.data()) + 127) &
-                                              ~uintptr_t(127));
+    // dynamic shared memory starts 128·k bytes past a multiple of 1024 (k = 1..7, seeded): the 128-byte
+    // alignment kernels declare, and no more (TMA's swizzle patterns follow absolute address bits)
+    L.window_storage.assign(L.window_bytes + 2048, 0);
+    L.smem = reinterpret_cast<unsigned char*>(((reinterpret_cast<uintptr_t>(L.window_storage.data()) + 1023) &
+                                               ~uintptr_t(1023)) +
+                                              L.smem_misalign);
     L.shadow.assign(L.window_bytes, SmemByte{});
     for (size_t i = 0; i < L.smem_bytes; ++i) L.shadow[i].flags = SB_VALID;
     L.epoch = 0;

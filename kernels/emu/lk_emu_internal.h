@@ -4,6 +4,8 @@
 //   lk_emu_async.cpp  cp.async copies and their groups;
 //   lk_emu_mbarrier.cpp  mbarriers, bulk async copies (cp.async.bulk with complete_tx) and the vector
 //                     clocks that order shared-memory accesses through them (happens-before mode);
+//   lk_emu_tma.cpp    TMA: tensor-map copies global -> shared (swizzled, zero-filled out of bounds) and
+//                     shared -> global (clipped), with their bulk groups;
 //   lk_emu_check.cpp  the shared-memory race detector, shared-memory bounds, static shared memory, and
 //                     memcheck/initcheck of global memory, fed by the compiler's access hooks.
 #pragma once
@@ -41,6 +43,24 @@ struct AsyncCopy {
     unsigned char bytes[16];
 };
 
+// A bulk copy (cp.async.bulk ... mbarrier::complete_tx::bytes) between issue and completion: its source was
+// read at issue, its destination is in flight until it lands (when no thread can run: as late as possible).
+// Its destination is a list of 16-byte chunks (a tensor copy's box lands swizzled), 16 bytes each in `bytes`.
+struct BulkCopy {
+    std::vector<size_t> chunks;  // shared-memory offsets
+    std::vector<unsigned char> bytes;
+    size_t bar = 0;  // shared-memory offset of the mbarrier it signals
+    unsigned tid = 0;
+};
+
+// A bulk tensor store (cp.async.bulk.tensor, shared to global) between issue and its wait_group: reads
+// its shared-memory chunks (which may not be written meanwhile) and writes global memory when retired.
+struct BulkStore {
+    LkEmuTensorMap map;
+    int32_t coords[5];
+    unsigned char* src;
+};
+
 // What one lane brings to a warp collective and gets back (lives on the lane's fiber stack).
 struct LaneOp {
     int op = OP_NONE;
@@ -66,6 +86,8 @@ struct Fiber {
     uint32_t warp_sync = 0;  // sequence number of the last __syncwarp this lane completed
     std::vector<AsyncCopy> uncommitted;
     std::deque<std::vector<AsyncCopy>> groups;
+    std::vector<BulkStore> stores_uncommitted;
+    std::deque<std::vector<BulkStore>> store_groups;
     size_t wait_bar = 0;      // AT_MBARRIER: the shared-memory offset of the mbarrier it waits on
     uint32_t wait_parity = 0;  // ... and the parity it waits for
 };
@@ -104,6 +126,7 @@ enum SmemFlags : uint8_t {
     SB_READ_LANES = 8,   // read by two or more lanes (of r_tid's warp) in r_epoch
     SB_MBARRIER = 16,    // one of the 8 bytes of an initialised mbarrier: only mbarrier instructions touch it
     SB_READ_SET = 32,    // happens-before mode: more readers of r_epoch in Launch::read_sets
+    SB_STORE_SRC = 64,   // read by a bulk tensor store not yet retired: writing it is an error
 };
 
 // An mbarrier object (PTX ISA "Parallel synchronization and communication: mbarrier"): the phase in
@@ -121,14 +144,6 @@ struct MBarrier {
     std::vector<int64_t> seen;      // per thread: the last completed phase its try_wait observed (-1: none)
 };
 
-// A bulk copy (cp.async.bulk ... mbarrier::complete_tx::bytes) between issue and completion: its source was
-// read at issue, its destination is in flight until it lands (when no thread can run: as late as possible).
-struct BulkCopy {
-    unsigned char* dst = nullptr;
-    std::vector<unsigned char> bytes;
-    size_t bar = 0;  // shared-memory offset of the mbarrier it signals
-    unsigned tid = 0;
-};
 
 struct StaticVar {
     const void* site;
@@ -172,6 +187,7 @@ struct Launch {
     std::unordered_map<size_t, MBarrier> mbarriers;  // by shared-memory offset, reset at block start
     std::deque<BulkCopy> bulk_in_flight;
     unsigned long long wait_rng = 0;  // draws the spurious try_wait failures
+    size_t smem_misalign = 128;       // dynamic shared memory's offset from a multiple of 1024 (128·1..7)
     uint32_t order = 0;
 };
 
@@ -214,6 +230,11 @@ void hb_join_all(Launch& L);                              // __syncthreads: ever
 void hb_join_lanes(Launch& L, const unsigned* tids, unsigned n);  // __syncwarp among these lanes
 inline uint32_t* hb_row(Launch& L, unsigned tid) { return L.vc.data() + size_t(tid) * L.vc_width; }
 bool land_one_bulk_copy(Launch& L);  // false when none is in flight
+void issue_bulk_copy(BulkCopy&& c, void* bar, const char* op);  // checks the barrier and the destination
+
+// lk_emu_tma.cpp
+void retire_bulk_stores(Fiber& f, size_t keep);  // performs all but the newest `keep` committed groups
+bool stores_pending(const Fiber& f);
 std::string mbarrier_deadlock(Launch& L);
 bool mbarrier_end_block(Launch& L);  // false (L.error set) when bulk copies are still in flight
 

@@ -160,10 +160,12 @@ bool land_one_bulk_copy(Launch& L) {
     BulkCopy c = newest ? std::move(L.bulk_in_flight.back()) : std::move(L.bulk_in_flight.front());
     if (newest) L.bulk_in_flight.pop_back();
     else L.bulk_in_flight.pop_front();
-    std::memcpy(c.dst, c.bytes.data(), c.bytes.size());
     const unsigned agent = L.nthreads + c.tid;
     const uint32_t clock = ++L.agent_clock[c.tid];
-    smem_bulk_land(size_t(c.dst - L.smem), c.bytes.size(), agent, clock);
+    for (size_t i = 0; i < c.chunks.size(); ++i) {
+        std::memcpy(L.smem + c.chunks[i], c.bytes.data() + 16 * i, 16);
+        smem_bulk_land(c.chunks[i], 16, agent, clock);
+    }
     auto it = L.mbarriers.find(c.bar);
     if (it == L.mbarriers.end()) {
         L.error = "a bulk copy issued by " + thread_name(c.tid) + " completes on " + smem_place(L, c.bar) +
@@ -211,7 +213,7 @@ bool mbarrier_end_block(Launch& L) {
     const BulkCopy& c = L.bulk_in_flight.front();
     L.error = "the block ended with " + std::to_string(L.bulk_in_flight.size()) +
               " bulk copies in flight (e.g. one issued by " + thread_name(c.tid) + " into " +
-              smem_place(L, size_t(c.dst - L.smem)) + "): wait for their mbarrier phase before exiting";
+              smem_place(L, c.chunks.front()) + "): wait for their mbarrier phase before exiting";
     return false;
 }
 
@@ -304,15 +306,21 @@ void bulk_copy_g2s(void* smem_dst, const void* gmem_src, uint32_t bytes, void* b
         fail("%s: destination %p (%u bytes) is not 16-byte aligned inside the block's shared memory", op, smem_dst,
              bytes);
     if (reinterpret_cast<uintptr_t>(gmem_src) % 16 != 0) fail("%s: source %p is not 16-byte aligned", op, gmem_src);
-    const size_t boff = bar_offset(bar, op);
-    barrier_at(boff, op);
+    barrier_at(bar_offset(bar, op), op);
     global_access(gmem_src, bytes, false, "cp.async.bulk source");
     BulkCopy c;
-    c.dst = static_cast<unsigned char*>(smem_dst);
+    const size_t dst = size_t(static_cast<unsigned char*>(smem_dst) - L.smem);
+    for (uint32_t i = 0; i < bytes; i += 16) c.chunks.push_back(dst + i);
     c.bytes.assign(static_cast<const unsigned char*>(gmem_src), static_cast<const unsigned char*>(gmem_src) + bytes);
-    c.bar = boff;
+    issue_bulk_copy(std::move(c), bar, op);
+}
+
+void issue_bulk_copy(BulkCopy&& c, void* bar, const char* op) {
+    Launch& L = *g_launch;
+    c.bar = bar_offset(bar, op);
+    barrier_at(c.bar, op);
     c.tid = g_fiber->linear;
-    smem_bulk_issue(size_t(c.dst - L.smem), bytes, c.tid);
+    for (size_t off : c.chunks) smem_bulk_issue(off, 16, c.tid);
     L.bulk_in_flight.push_back(std::move(c));
 }
 

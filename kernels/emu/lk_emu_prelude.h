@@ -25,6 +25,7 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__ LK_EMU_plain___shared___is_not_emulated_declare_static_shared_memory_with_LK_SHARED
 
@@ -67,6 +68,10 @@ uint64_t mbarrier_arrive(void* bar);
 uint64_t mbarrier_arrive_expect_tx(void* bar, uint32_t bytes);
 bool mbarrier_try_wait_parity(void* bar, uint32_t parity);
 void bulk_copy_g2s(void* smem_dst, const void* gmem_src, uint32_t bytes, void* bar);
+void tma_load(void* smem_dst, const void* map, const int32_t* coords, int ncoords, void* bar);
+void tma_store(const void* map, const int32_t* coords, int ncoords, const void* smem_src);
+void bulk_commit_group();
+void bulk_wait_group(int n);
 void checked_copy(void* dst, const void* src, size_t n);
 void checked_fill(void* dst, int value, size_t n);
 

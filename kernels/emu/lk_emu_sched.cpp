@@ -52,6 +52,9 @@ char* stack_for(size_t i) {
 void fiber_main() {
     for (;;) {
         g_launch->body(g_launch->params);
+        if (stores_pending(*g_fiber))
+            fail("the thread exits with bulk tensor stores it has not retired (cp.async.bulk.commit_group, then "
+                 "cp.async.bulk.wait_group before the exit)");
         g_fiber->state = DONE;
         // pending cp.async copies of an exited thread are dropped: nothing waited for them
         g_fiber->uncommitted.clear();
@@ -268,6 +271,7 @@ extern "C" int lk_emu_launch(LkEmuBody body, const void* params, const LkEmuLaun
     L.region_count = size_t(cfg->region_count);
     L.checks = cfg->checks != 0;
     L.order = cfg->order;
+    L.smem_misalign = 128 * (1 + size_t(cfg->seed % 7));
     L.wait_rng = cfg->seed ^ 0x6d62617272696572ull;
     L.fibers.resize(L.nthreads);
     L.warps.resize((L.nthreads + 31) / 32);

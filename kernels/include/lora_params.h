@@ -301,4 +301,12 @@ typedef struct LkMseGradParams {
     float scale;
 } LkMseGradParams;
 
+/* ---- the sm_90 path ---- */
+/* A TMA tensor map: a CUtensorMap (128 bytes, 64-byte aligned), encoded on the host (lora_kernels::tma:
+ * cuTensorMapEncodeTiled on a GPU, LkEmuTensorMap of lk_emu.h under the emulator) and passed inside a
+ * kernel's parameter struct, which the kernel takes as `const __grid_constant__`. */
+typedef struct __attribute__((aligned(64))) LkTensorMap {
+    uint64_t opaque[16];
+} LkTensorMap;
+
 #endif /* LORA_PARAMS_H */
