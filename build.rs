@@ -253,7 +253,9 @@ fn build_emulator(root: &Path, out: &Path, kernels: &[PathBuf], test_kernels: &[
         kernel_build(kernels).compile("lk_emu_kernels");
     }
     let mut runtime = base();
-    for part in ["sched", "warp", "async", "mbarrier", "tma", "check"] {
+    for part in [
+        "sched", "warp", "async", "mbarrier", "tma", "wgmma", "check",
+    ] {
         runtime.file(emu.join(format!("lk_emu_{part}.cpp")));
     }
     runtime.compile("lk_emu_runtime");

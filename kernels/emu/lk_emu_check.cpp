@@ -216,9 +216,9 @@ void check_smem_bytes(size_t off, size_t n, bool write, unsigned tid, bool async
                  "copy whose mbarrier phase this thread has not waited for)%s",
                  place_of(L, off + i).c_str(), thread_name(tid).c_str(), write ? "writes" : "reads", n,
                  thread_name(s.w_tid).c_str(), symbolize(g_pc).c_str());
-        if (write && (s.flags & SB_STORE_SRC))
-            fail("shared-memory write of %zu bytes at %s, which a bulk tensor store still reads (its issuing thread "
-                 "has not retired it with cp.async.bulk.wait_group.read)%s",
+        if (write && (s.flags & SB_ASYNC_SRC))
+            fail("shared-memory write of %zu bytes at %s, which an async operation still reads (a bulk tensor store "
+                 "not retired by cp.async.bulk.wait_group.read, or a wgmma not waited for with wgmma.wait_group)%s",
                  n, place_of(L, off + i).c_str(), symbolize(g_pc).c_str());
         if (s.flags & SB_MBARRIER)
             fail("shared-memory %s of %zu bytes at %s: those bytes hold an mbarrier, which only mbarrier instructions "
@@ -316,6 +316,22 @@ std::string accessor_name(unsigned id) {
     return "the bulk copy issued by " + thread_name(id - L.nthreads);
 }
 
+void async_read_begin(size_t off, size_t n) {
+    Launch& L = *g_launch;
+    if (L.async_readers.size() != L.window_bytes) L.async_readers.assign(L.window_bytes, 0);
+    for (size_t i = 0; i < n; ++i) {
+        ++L.async_readers[off + i];
+        L.shadow[off + i].flags |= SB_ASYNC_SRC;
+    }
+}
+
+void async_read_end(size_t off, size_t n) {
+    Launch& L = *g_launch;
+    for (size_t i = 0; i < n; ++i)
+        if (L.async_readers[off + i] > 0 && --L.async_readers[off + i] == 0)
+            L.shadow[off + i].flags &= uint8_t(~SB_ASYNC_SRC);
+}
+
 void smem_bulk_issue(size_t off, size_t n, unsigned tid) {
     Launch& L = *g_launch;
     g_pc = 0;
@@ -365,6 +381,7 @@ void check_begin_block(Launch& L) {
     for (const StaticVar& v : L.static_vars) std::memset(L.smem + v.offset, 0xFF, v.bytes);
     const size_t used = L.static_base + L.static_used;
     for (size_t i = 0; i < used; ++i) L.shadow[i].flags &= SB_VALID;  // copies of the last block never landed
+    if (!L.async_readers.empty()) std::fill(L.async_readers.begin(), L.async_readers.end(), uint16_t(0));
 }
 
 bool check_end_block(Launch& L) {

@@ -6,6 +6,7 @@
 //                     clocks that order shared-memory accesses through them (happens-before mode);
 //   lk_emu_tma.cpp    TMA: tensor-map copies global -> shared (swizzled, zero-filled out of bounds) and
 //                     shared -> global (clipped), with their bulk groups;
+//   lk_emu_wgmma.cpp  wgmma.mma_async and its fence/commit/wait (warpgroup rendezvous, descriptors);
 //   lk_emu_check.cpp  the shared-memory race detector, shared-memory bounds, static shared memory, and
 //                     memcheck/initcheck of global memory, fed by the compiler's access hooks.
 #pragma once
@@ -61,6 +62,37 @@ struct BulkStore {
     unsigned char* src;
 };
 
+// One wgmma.mma_async of a warpgroup (128 threads) from issue to the wait_group that retires it in every
+// thread (lk_emu_wgmma.cpp).
+struct WgOp {
+    unsigned n = 0;  // N of m64nNk16
+    bool f16 = false, a_regs = false, accumulate = false;
+    uint32_t trans_a = 0, trans_b = 0;
+    uint64_t desc_a = 0, desc_b = 0;
+    std::vector<uint32_t> a_frag;  // 128 × 4 when A comes from registers
+    float* d[128] = {};            // each thread's accumulator registers
+    std::vector<float> c_in;       // 128 × n/2: the accumulators at issue
+    int prev = -1;                 // the earlier op still pending on the same accumulators (its result is C)
+    std::vector<float> out;        // 128 × n/2 once computed
+    bool computed = false;
+    unsigned retired = 0;          // threads whose wait retired it
+    std::vector<size_t> chunks;    // the 16-byte shared-memory chunks it reads
+};
+
+// What one thread brings to a wgmma.mma_async rendezvous.
+struct WgArrival {
+    float* d = nullptr;
+    uint64_t desc_a = 0, desc_b = 0;
+    uint32_t a[4] = {};
+    uint32_t key[6] = {};  // n, f16, a_regs, accumulate, trans_a, trans_b: equal in all 128 threads
+};
+
+struct WgState {
+    unsigned arrived = 0;
+    WgArrival lanes[128];
+    std::vector<WgOp> ops;  // every op this warpgroup issued in the block (indices stay valid)
+};
+
 // What one lane brings to a warp collective and gets back (lives on the lane's fiber stack).
 struct LaneOp {
     int op = OP_NONE;
@@ -88,6 +120,9 @@ struct Fiber {
     std::deque<std::vector<AsyncCopy>> groups;
     std::vector<BulkStore> stores_uncommitted;
     std::deque<std::vector<BulkStore>> store_groups;
+    bool wg_fenced = false;   // wgmma.fence since the last wgmma.wait_group
+    std::vector<int> wg_uncommitted;
+    std::deque<std::vector<int>> wg_groups;
     size_t wait_bar = 0;      // AT_MBARRIER: the shared-memory offset of the mbarrier it waits on
     uint32_t wait_parity = 0;  // ... and the parity it waits for
 };
@@ -126,7 +161,7 @@ enum SmemFlags : uint8_t {
     SB_READ_LANES = 8,   // read by two or more lanes (of r_tid's warp) in r_epoch
     SB_MBARRIER = 16,    // one of the 8 bytes of an initialised mbarrier: only mbarrier instructions touch it
     SB_READ_SET = 32,    // happens-before mode: more readers of r_epoch in Launch::read_sets
-    SB_STORE_SRC = 64,   // read by a bulk tensor store not yet retired: writing it is an error
+    SB_ASYNC_SRC = 64,   // read by an async operation not yet complete (bulk tensor store, wgmma): no writes
 };
 
 // An mbarrier object (PTX ISA "Parallel synchronization and communication: mbarrier"): the phase in
@@ -188,6 +223,8 @@ struct Launch {
     std::deque<BulkCopy> bulk_in_flight;
     unsigned long long wait_rng = 0;  // draws the spurious try_wait failures
     size_t smem_misalign = 128;       // dynamic shared memory's offset from a multiple of 1024 (128·1..7)
+    std::vector<uint16_t> async_readers;  // per window byte: async operations reading it (SB_ASYNC_SRC while > 0)
+    std::vector<WgState> warpgroups;  // lk_emu_wgmma.cpp, per warpgroup of the block
     uint32_t order = 0;
 };
 
@@ -208,6 +245,8 @@ void yield();
 
 // lk_emu_warp.cpp
 void lane_exited(Fiber& f);  // completes collectives that only waited for lanes that have now exited
+double b16_to_double(uint16_t v, bool f16);
+float tensor_core_sum(const double* products, double c);  // 16 products + c, the tensor-core model
 
 // lk_emu_check.cpp
 void check_begin_launch(Launch& L);
@@ -231,6 +270,15 @@ void hb_join_lanes(Launch& L, const unsigned* tids, unsigned n);  // __syncwarp 
 inline uint32_t* hb_row(Launch& L, unsigned tid) { return L.vc.data() + size_t(tid) * L.vc_width; }
 bool land_one_bulk_copy(Launch& L);  // false when none is in flight
 void issue_bulk_copy(BulkCopy&& c, void* bar, const char* op);  // checks the barrier and the destination
+
+// lk_emu_check.cpp: async operations that read shared memory until they complete
+void async_read_begin(size_t off, size_t n);
+void async_read_end(size_t off, size_t n);
+inline unsigned char* smem_zero(const Launch& L) { return L.smem - L.smem_misalign; }  // shared address 0
+
+// lk_emu_wgmma.cpp
+void wgmma_begin_block(Launch& L);
+bool wgmma_thread_exit(Fiber& f);  // false when the thread exits with wgmma results not waited for
 
 // lk_emu_tma.cpp
 void retire_bulk_stores(Fiber& f, size_t keep);  // performs all but the newest `keep` committed groups

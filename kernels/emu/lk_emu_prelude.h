@@ -72,6 +72,12 @@ void tma_load(void* smem_dst, const void* map, const int32_t* coords, int ncoord
 void tma_store(const void* map, const int32_t* coords, int ncoords, const void* smem_src);
 void bulk_commit_group();
 void bulk_wait_group(int n);
+uint32_t smem_address(const void* p);  // the shared-memory address of p (as cvta.to.shared)
+void wgmma_fence();
+void wgmma_commit();
+void wgmma_wait(int n);
+void wgmma_mma_async(float* d, int n, bool f16, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b,
+                     bool accumulate, int trans_a, int trans_b);
 void checked_copy(void* dst, const void* src, size_t n);
 void checked_fill(void* dst, int value, size_t n);
 

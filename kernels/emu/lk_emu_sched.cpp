@@ -52,6 +52,9 @@ char* stack_for(size_t i) {
 void fiber_main() {
     for (;;) {
         g_launch->body(g_launch->params);
+        if (!wgmma_thread_exit(*g_fiber))
+            fail("the thread exits with wgmma.mma_async results it has not waited for (wgmma.commit_group, then "
+                 "wgmma.wait_group)");
         if (stores_pending(*g_fiber))
             fail("the thread exits with bulk tensor stores it has not retired (cp.async.bulk.commit_group, then "
                  "cp.async.bulk.wait_group before the exit)");
@@ -103,6 +106,7 @@ bool run_warp_greedy(Launch& L, unsigned first, bool descending) {
 bool run_block(Launch& L, const LkEmuLaunch& cfg, unsigned long long block_linear) {
     check_begin_block(L);
     hb_begin_block(L);
+    wgmma_begin_block(L);
     for (auto& w : L.warps) w = Warp{};
     const bool descending = cfg.order == LK_EMU_ORDER_DESCENDING || cfg.order == LK_EMU_ORDER_WARP_GREEDY_DESCENDING;
     std::vector<unsigned> order(L.nthreads);
@@ -179,10 +183,16 @@ bool run_block(Launch& L, const LkEmuLaunch& cfg, unsigned long long block_linea
             int op = OP_NONE;
             for (const Pending& p : L.warps[f.linear / 32].pending)
                 if (p.mask & (1u << (f.linear % 32))) mask = p.mask, arrived = p.arrived, op = p.op;
-            std::snprintf(msg, sizeof msg,
-                          "deadlock: %s waits in %s (mask 0x%08x, arrived 0x%08x) for lanes that wait at "
-                          "__syncthreads or in another collective (%u exited, %u at a barrier)",
-                          where(f).c_str(), op_name(op), mask, arrived, done, at_barrier);
+            if (op == OP_NONE)
+                std::snprintf(msg, sizeof msg,
+                              "deadlock: %s waits in its warpgroup's wgmma.mma_async for threads that wait "
+                              "elsewhere (%u exited, %u at a barrier)",
+                              where(f).c_str(), done, at_barrier);
+            else
+                std::snprintf(msg, sizeof msg,
+                              "deadlock: %s waits in %s (mask 0x%08x, arrived 0x%08x) for lanes that wait at "
+                              "__syncthreads or in another collective (%u exited, %u at a barrier)",
+                              where(f).c_str(), op_name(op), mask, arrived, done, at_barrier);
             L.error = msg;
             return false;
         }

@@ -11,9 +11,11 @@
 //
 // Loads: out-of-bounds elements are zero, the mbarrier still receives the whole box's bytes; the copy is a
 // bulk copy (lk_emu_mbarrier.cpp: in flight until it lands, landing only when no thread can run).
+// Swizzled boxes must have rows of exactly the swizzle span (the layout of narrower rows is undocumented).
 // Stores: the chunks are read (race-checked as reads by the issuing thread) at issue and may not be
 // written until the thread's cp.async.bulk.wait_group(.read) retires the store's group, which is when the
-// in-bounds elements are written to global memory (memcheck); out-of-bounds elements are dropped. A thread
+// in-bounds elements are written to global memory (memcheck); out-of-bounds elements are dropped (the box
+// may not start at a negative coordinate). A thread
 // that exits with stores not retired is an error.
 
 #include <cstring>
@@ -31,6 +33,10 @@ const LkEmuTensorMap& decode(const void* map, int ncoords, const char* op) {
         fail("%s: %p holds no tensor map encoded for the emulator (lora_kernels::tma)", op, map);
     if (int(m.rank) != ncoords)
         fail("%s: %d coordinates for a tensor map of rank %u", op, ncoords, m.rank);
+    if (m.swizzle != 0 && m.box[0] * m.elem_bytes != (16u << m.swizzle))
+        fail("%s: a box row of %u bytes under the %u-byte swizzle: TMA's layout for rows narrower than the "
+             "swizzle span is not documented, so the emulator does not model it (make the row the span)",
+             op, m.box[0] * m.elem_bytes, 16u << m.swizzle);
     return m;
 }
 
@@ -77,8 +83,7 @@ void perform_store(const BulkStore& s) {
             global_access(reinterpret_cast<void*>(g), m.elem_bytes, true, "cp.async.bulk.tensor store");
             std::memcpy(reinterpret_cast<void*>(g), chunk + i * m.elem_bytes, m.elem_bytes);
         }
-        const size_t off = size_t(chunk - g_launch->smem);
-        for (size_t b = 0; b < 16; ++b) g_launch->shadow[off + b].flags &= uint8_t(~SB_STORE_SRC);
+        async_read_end(size_t(chunk - g_launch->smem), 16);
     }
 }
 
@@ -111,6 +116,11 @@ void tma_store(const void* map, const int32_t* coords, int ncoords, const void* 
     const LkEmuTensorMap& m = decode(map, ncoords, op);
     const size_t total = box_bytes(m);
     check_smem_box(smem_src, total, op);
+    for (int d = 0; d < ncoords; ++d)
+        if (coords[d] < 0)
+            fail("%s: coordinate %d is %d; a store's box may reach past the end of the tensor but not before its "
+                 "start",
+                 op, d, coords[d]);
     BulkStore s;
     s.map = m;
     std::memcpy(s.coords, coords, sizeof(int32_t) * size_t(ncoords));
@@ -118,8 +128,7 @@ void tma_store(const void* map, const int32_t* coords, int ncoords, const void* 
     for (size_t q = 0; q < total / 16; ++q) {
         const uintptr_t at = swizzle(reinterpret_cast<uintptr_t>(smem_src) + 16 * q, m.swizzle);
         smem_access(reinterpret_cast<const void*>(at), 16, false, g_fiber->linear);
-        const size_t off = size_t(reinterpret_cast<unsigned char*>(at) - L.smem);
-        for (size_t b = 0; b < 16; ++b) L.shadow[off + b].flags |= SB_STORE_SRC;
+        async_read_begin(size_t(reinterpret_cast<unsigned char*>(at) - L.smem), 16);
     }
     g_fiber->stores_uncommitted.push_back(s);
 }

@@ -33,10 +33,14 @@ uint16_t load_b16(const unsigned char* p) {
     return v;
 }
 
+}  // namespace
+
 double b16_to_double(uint16_t v, bool f16) {
     if (f16) return double(__half2float(__half{v}));
     return double(__bfloat162float(__nv_bfloat16{v}));
 }
+
+namespace {
 
 unsigned exited_lanes(const Launch& L, unsigned warp) {
     unsigned m = 0;
@@ -108,6 +112,8 @@ void compute_ldmatrix(Pending& w, unsigned warp_base) {
     }
 }
 
+}  // namespace
+
 // Rounds toward zero to a multiple of 2^e (a truncating alignment shifter).
 double truncate_to(double x, int e) { return std::ldexp(std::trunc(std::ldexp(x, -e)), e); }
 
@@ -131,6 +137,8 @@ float tensor_core_sum(const double* products, double c) {
     const int se = std::ilogb(sum);
     return float(truncate_to(sum, se - 23));
 }
+
+namespace {
 
 void compute_mma(Pending& w) {
     const bool f16 = w.variant;

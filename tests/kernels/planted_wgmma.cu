@@ -1,0 +1,78 @@
+// planted_wgmma.cu (test-only): one warpgroup computes Y[64×64] = A[64×64]·Bᵀ (B given as 64 rows of K,
+// both bf16) the Hopper way, checked by tests/emulator_wgmma.rs against the f64 product: TMA loads both
+// tiles 128-byte swizzled (rows of 64 elements) into 1024-byte aligned shared memory, completing on an
+// mbarrier; then four k16 steps of wgmma m64n64k16, K-major, descriptors at +32 bytes per step with
+// SBO = 1024 (or A from registers, built from global memory in mma.sync's fragment layout; or B given as
+// [K][N], MN-major, each k16 step 16 rows = 2048 bytes further, SBO = 1024 between 8-row groups); commit, wait,
+// and the accumulators written out through their layout (lk_wgmma_acc_row/col).
+// `bug` plants one mistake: 1 describes the tiles with the 64-byte swizzle; 2 reads the accumulators
+// before the wait; 3 issues without wgmma.fence; 4 writes the A tile while the wgmma still reads it;
+// 5 exits without waiting.
+#include "lk_tma.cuh"
+#include "lk_wgmma.cuh"
+
+struct WgmmaParams {
+    LkTensorMap a_map;
+    LkTensorMap b_map;
+    const uint16_t* a;  // [64][64], for A from registers
+    float* y;           // [64][64]
+    int32_t a_regs;
+    int32_t b_mn_major;  // B given as [K][N] (64 rows of N): MN-major, its k16 step at +16 rows (2048 bytes)
+    int32_t bug;
+};
+
+extern "C" __global__ void __launch_bounds__(128) planted_wgmma_tile(const __grid_constant__ WgmmaParams p) {
+    LK_DYNAMIC_SMEM(smem);
+    const uintptr_t base = reinterpret_cast<uintptr_t>(smem);
+    unsigned char* a_tile = smem + ((base + 64 + 1023) / 1024 * 1024 - base);  // 64 × 128 bytes
+    unsigned char* b_tile = a_tile + 64 * 128;
+    uint64_t* bar = reinterpret_cast<uint64_t*>(smem);
+    const uint32_t tid = threadIdx.x;
+    if (tid == 0) {
+        lk_mbarrier_init(bar, 1);
+        lk_fence_mbarrier_init();
+    }
+    __syncthreads();
+    if (tid == 0) {
+        lk_mbarrier_arrive_expect_tx(bar, 2 * 64 * 128);
+        lk_tma_load_2d(a_tile, &p.a_map, 0, 0, bar);
+        lk_tma_load_2d(b_tile, &p.b_map, 0, 0, bar);
+    }
+    lk_mbarrier_wait_parity(bar, 0);
+
+    float acc[32];
+    const uint32_t swz = p.bug == 1 ? LK_WGMMA_SWIZZLE_64B : LK_WGMMA_SWIZZLE_128B;
+    if (p.bug != 3) lk_wgmma_fence();
+    for (uint32_t kb = 0; kb < 4; ++kb) {
+        const uint64_t db = p.b_mn_major ? lk_wgmma_desc(b_tile + 2048 * kb, 8192, 1024, swz)
+                                         : lk_wgmma_desc(b_tile + 32 * kb, 16, 1024, swz);
+        if (p.a_regs) {
+            // mma.m16n8k16's A fragment of rows 16w..16w+15, columns 16kb..16kb+15
+            const uint32_t w = tid / 32, g = (tid % 32) / 4, q = tid % 4;
+            uint32_t a[4];
+            for (uint32_t r = 0; r < 4; ++r) {
+                const uint32_t row = 16 * w + g + 8 * (r % 2), k = 16 * kb + 2 * q + 8 * (r / 2);
+                a[r] = uint32_t(p.a[row * 64 + k]) | (uint32_t(p.a[row * 64 + k + 1]) << 16);
+            }
+            if (p.b_mn_major)
+                lk_wgmma_rs<__nv_bfloat16, 64, 1>(acc, a, db, kb > 0);
+            else
+                lk_wgmma_rs<__nv_bfloat16, 64>(acc, a, db, kb > 0);
+        } else {
+            const uint64_t da = lk_wgmma_desc(a_tile + 32 * kb, 16, 1024, swz);
+            if (p.b_mn_major)
+                lk_wgmma_ss<__nv_bfloat16, 64, 0, 1>(acc, da, db, kb > 0);
+            else
+                lk_wgmma_ss<__nv_bfloat16, 64>(acc, da, db, kb > 0);
+        }
+    }
+    lk_wgmma_commit();
+    if (p.bug == 2)
+        for (uint32_t i = 0; i < 32; ++i) p.y[lk_wgmma_acc_row(tid, i) * 64 + lk_wgmma_acc_col(tid, i)] = acc[i];
+    if (p.bug == 4 && tid == 0) a_tile[0] = 0;
+    if (p.bug == 5) return;
+    lk_wgmma_wait<0>();
+    if (p.bug != 2)
+        for (uint32_t i = 0; i < 32; ++i) p.y[lk_wgmma_acc_row(tid, i) * 64 + lk_wgmma_acc_col(tid, i)] = acc[i];
+}
+LK_KERNEL_EXPORT(planted_wgmma_tile, WgmmaParams)
