@@ -13,6 +13,9 @@
 //!
 //! Test-only kernels in `tests/kernels/*.cu` go through the same two compilers into a separate static
 //! library and fatbins that only the integration tests link.
+//!
+//! The Hopper kernels (`kernels/sm90/`, `tests/kernels/sm90/`: wgmma, setmaxnreg) are built by nvcc for
+//! `sm_90a` alone, and only when 90 is among the requested architectures; the emulator builds them always.
 
 use std::env;
 use std::fs;
@@ -53,8 +56,12 @@ fn main() {
     rerun_for_tree(&kernels_dir);
     rerun_for_tree(&test_kernels_dir);
 
-    let kernels = list_cu(&kernels_dir);
-    let test_kernels = list_cu(&test_kernels_dir);
+    // kernels/sm90/ and tests/kernels/sm90/: the Hopper kernels (wgmma, setmaxnreg), built by nvcc for
+    // sm_90a only and only when 90 is requested; the emulator builds them with the rest
+    let hopper = list_cu(&kernels_dir.join("sm90"));
+    let test_hopper = list_cu(&test_kernels_dir.join("sm90"));
+    let kernels = [list_cu(&kernels_dir), hopper.clone()].concat();
+    let test_kernels = [list_cu(&test_kernels_dir), test_hopper.clone()].concat();
 
     let exports = scan_exports(&kernels);
     write_kernel_table(&out.join("kernel_table.rs"), &exports);
@@ -68,10 +75,43 @@ fn main() {
         Some(nvcc) => {
             let archs = requested_archs(&nvcc);
             println!("cargo::rustc-cfg=lk_cuda");
-            let main = compile_fatbins(&root, &nvcc, &archs, &kernels, &out.join("cuda"));
-            let tests =
-                compile_fatbins(&root, &nvcc, &archs, &test_kernels, &out.join("cuda_tests"));
-            (main, tests)
+            // SASS for every requested architecture + PTX for the lowest; the Hopper files: sm_90a SASS
+            // (`-arch=sm_90a` would also run a plain sm_90 pass, which rejects wgmma and setmaxnreg)
+            let lowest = archs
+                .iter()
+                .min_by_key(|a| a.parse::<u32>().unwrap_or(u32::MAX))
+                .unwrap();
+            let mut generic: Vec<String> = archs
+                .iter()
+                .map(|a| format!("-gencode=arch=compute_{a},code=sm_{a}"))
+                .collect();
+            generic.push(format!(
+                "-gencode=arch=compute_{lowest},code=compute_{lowest}"
+            ));
+            let sm90a = vec!["-gencode=arch=compute_90a,code=sm_90a".to_string()];
+            let with_hopper = archs.iter().any(|a| a == "90");
+            let build = |files: &[PathBuf], hopper: &[PathBuf], dir: &str| {
+                let plain: Vec<PathBuf> = files
+                    .iter()
+                    .filter(|f| !hopper.contains(f))
+                    .cloned()
+                    .collect();
+                let mut built = compile_fatbins(&root, &nvcc, &generic, &plain, &out.join(dir));
+                if with_hopper {
+                    built.extend(compile_fatbins(
+                        &root,
+                        &nvcc,
+                        &sm90a,
+                        hopper,
+                        &out.join(dir),
+                    ));
+                }
+                built
+            };
+            (
+                build(&kernels, &hopper, "cuda"),
+                build(&test_kernels, &test_hopper, "cuda_tests"),
+            )
         }
         None => {
             if env::var("LK_REQUIRE_NVCC").as_deref() == Ok("1") {
@@ -400,15 +440,11 @@ fn nvcc_cache_key(root: &Path, nvcc_id: &str, args: &[String], file: &Path) -> S
 fn compile_fatbins(
     root: &Path,
     nvcc: &Path,
-    archs: &[String],
+    gencodes: &[String],
     files: &[PathBuf],
     dir: &Path,
 ) -> Vec<(String, PathBuf)> {
     fs::create_dir_all(dir.join("ptxas")).expect("create OUT_DIR/cuda");
-    let lowest = archs
-        .iter()
-        .min_by_key(|a| a.parse::<u32>().unwrap_or(u32::MAX))
-        .unwrap();
     let nvcc_id = Command::new(nvcc)
         .arg("--version")
         .output()
@@ -434,12 +470,7 @@ fn compile_fatbins(
             .collect();
             args.push("-I".into());
             args.push(root.join("kernels").join("include").display().to_string());
-            for a in archs {
-                args.push(format!("-gencode=arch=compute_{a},code=sm_{a}"));
-            }
-            args.push(format!(
-                "-gencode=arch=compute_{lowest},code=compute_{lowest}"
-            ));
+            args.extend(gencodes.iter().cloned());
             let cached = cache.as_ref().map(|c| {
                 let key = nvcc_cache_key(root, &nvcc_id, &args, file);
                 (

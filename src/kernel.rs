@@ -46,6 +46,12 @@ pub(crate) mod modules {
     include!(concat!(env!("OUT_DIR"), "/cuda_modules.rs"));
 }
 
+/// Whether this build embeds the nvcc-compiled module `name` (the sm_90a modules only when 90 was among
+/// the requested architectures).
+pub(crate) fn module_embedded(name: &str) -> bool {
+    modules::MODULES.iter().any(|(m, _)| *m == name)
+}
+
 /// Whether this build embeds nvcc-compiled kernels (cfg `lk_cuda`).
 pub const fn cuda_compiled() -> bool {
     cfg!(lk_cuda)

@@ -49,6 +49,7 @@ kernel_params!(
     LkAdamwParams,
     LkMseGradParams,
     LkFusedGemmMultiParams,
+    LkFusedGemmSm90Params,
 );
 
 #[cfg(all(test, lk_bindgen_fresh))]

@@ -35,6 +35,12 @@ pub const LK_MERGE_COUNT_NAN: u32 = 0;
 pub const LK_MERGE_COUNT_INF: u32 = 1;
 pub const LK_MERGE_COUNT_IN_W: u32 = 2;
 pub const LK_MERGE_COUNT_ONLY: u32 = 1;
+pub const LK_SM90_BM: u32 = 128;
+pub const LK_SM90_BN: u32 = 128;
+pub const LK_SM90_BK: u32 = 64;
+pub const LK_SM90_STAGES: u32 = 4;
+pub const LK_SM90_THREADS: u32 = 384;
+pub const LK_SM90_SMEM_BYTES: u32 = 133120;
 pub const LK_EMU_ORDER_ASCENDING: u32 = 0;
 pub const LK_EMU_ORDER_DESCENDING: u32 = 1;
 pub const LK_EMU_ORDER_SHUFFLED: u32 = 2;
@@ -738,6 +744,77 @@ const _: () = {
     ][::core::mem::offset_of!(LkTensorMap, opaque) - 0usize];
 };
 impl Default for LkTensorMap {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct LkFusedGemmSm90Params {
+    pub x_map: LkTensorMap,
+    pub w_map: LkTensorMap,
+    pub t_map: LkTensorMap,
+    pub b_map: LkTensorMap,
+    pub bias: *const ::core::ffi::c_void,
+    pub y: *mut ::core::ffi::c_void,
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub rank: u32,
+    pub ldc: u32,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of LkFusedGemmSm90Params",
+    ][::core::mem::size_of::<LkFusedGemmSm90Params>() - 576usize];
+    [
+        "Alignment of LkFusedGemmSm90Params",
+    ][::core::mem::align_of::<LkFusedGemmSm90Params>() - 64usize];
+    [
+        "Offset of field: LkFusedGemmSm90Params::x_map",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, x_map) - 0usize];
+    [
+        "Offset of field: LkFusedGemmSm90Params::w_map",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, w_map) - 128usize];
+    [
+        "Offset of field: LkFusedGemmSm90Params::t_map",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, t_map) - 256usize];
+    [
+        "Offset of field: LkFusedGemmSm90Params::b_map",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, b_map) - 384usize];
+    [
+        "Offset of field: LkFusedGemmSm90Params::bias",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, bias) - 512usize];
+    [
+        "Offset of field: LkFusedGemmSm90Params::y",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, y) - 520usize];
+    [
+        "Offset of field: LkFusedGemmSm90Params::m",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, m) - 528usize];
+    [
+        "Offset of field: LkFusedGemmSm90Params::n",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, n) - 532usize];
+    [
+        "Offset of field: LkFusedGemmSm90Params::k",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, k) - 536usize];
+    [
+        "Offset of field: LkFusedGemmSm90Params::rank",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, rank) - 540usize];
+    [
+        "Offset of field: LkFusedGemmSm90Params::ldc",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, ldc) - 544usize];
+    [
+        "Offset of field: LkFusedGemmSm90Params::scale",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, scale) - 548usize];
+};
+impl Default for LkFusedGemmSm90Params {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -313,7 +313,45 @@ std::string smem_place(const Launch& L, size_t off) { return place_of(L, off); }
 std::string accessor_name(unsigned id) {
     const Launch& L = *g_launch;
     if (id < L.nthreads) return thread_name(id);
-    return "the bulk copy issued by " + thread_name(id - L.nthreads);
+    if (id < 2 * L.nthreads) return "the bulk copy issued by " + thread_name(id - L.nthreads);
+    return "the wgmma.mma_async of warpgroup " + std::to_string(id - 2 * L.nthreads) +
+           " (its reads last until its wgmma.wait_group)";
+}
+
+void smem_agent_read(size_t off, size_t n, unsigned checker, unsigned agent, uint32_t clock) {
+    Launch& L = *g_launch;
+    if (!L.checks) return;
+    g_pc = 0;
+    const uint32_t E = L.epoch;
+    for (size_t i = 0; i < n; ++i) {
+        SmemByte& s = L.shadow[off + i];
+        if (!(s.flags & SB_VALID)) fail("shared-memory read of %zu bytes out of bounds: %s", n, place_of(L, off + i).c_str());
+        if (s.flags & SB_IN_FLIGHT)
+            fail("shared-memory race (async copy in flight) at %s: %s reads it while an async copy issued by %s is "
+                 "still in flight",
+                 place_of(L, off + i).c_str(), accessor_name(agent).c_str(), thread_name(s.w_tid).c_str());
+        if (!hb_ordered(L, s.w_tid, s.w_clock, s.w_epoch, checker))
+            hazard_hb("read-after-write", off + i, n, false, checker, s.w_tid, "writes");
+        // the agent joins the readers of the interval (it is never ordered after another reader)
+        if (s.r_epoch != E) {
+            if (s.flags & SB_READ_SET) {
+                L.read_sets.erase(off + i);
+                s.flags &= uint8_t(~SB_READ_SET);
+            }
+            s.r_epoch = E;
+            s.r_tid = uint16_t(agent);
+            s.r_clock = clock;
+        } else if (s.r_tid == agent) {
+            s.r_clock = clock;
+        } else {
+            auto& set = L.read_sets[off + i];
+            s.flags |= SB_READ_SET;
+            bool found = false;
+            for (auto& r : set)
+                if (r.first == agent) r.second = clock, found = true;
+            if (!found) set.emplace_back(uint16_t(agent), clock);
+        }
+    }
 }
 
 void async_read_begin(size_t off, size_t n) {

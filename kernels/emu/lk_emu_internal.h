@@ -76,6 +76,7 @@ struct WgOp {
     std::vector<float> out;        // 128 × n/2 once computed
     bool computed = false;
     unsigned retired = 0;          // threads whose wait retired it
+    uint32_t clock = 0;            // its wgmma agent's clock: its reads; a wait that retires it acquires it
     std::vector<size_t> chunks;    // the 16-byte shared-memory chunks it reads
 };
 
@@ -217,7 +218,7 @@ struct Launch {
     bool hb = false;
     size_t vc_width = 0;
     std::vector<uint32_t> vc;
-    std::vector<uint32_t> agent_clock;  // per thread: completions of its bulk copies so far
+    std::vector<uint32_t> agent_clock;  // per agent (clock component - nthreads): its events so far
     std::unordered_map<size_t, std::vector<std::pair<uint16_t, uint32_t>>> read_sets;  // offset -> (reader, clock)
     std::unordered_map<size_t, MBarrier> mbarriers;  // by shared-memory offset, reset at block start
     std::deque<BulkCopy> bulk_in_flight;
@@ -264,6 +265,7 @@ std::string smem_place(const Launch& L, size_t off);
 std::string accessor_name(unsigned id);
 
 // lk_emu_mbarrier.cpp
+void hb_enable(Launch& L);  // happens-before mode from now to the end of the launch
 void hb_begin_block(Launch& L);
 void hb_join_all(Launch& L);                              // __syncthreads: every thread acquires every thread
 void hb_join_lanes(Launch& L, const unsigned* tids, unsigned n);  // __syncwarp among these lanes
@@ -274,6 +276,9 @@ void issue_bulk_copy(BulkCopy&& c, void* bar, const char* op);  // checks the ba
 // lk_emu_check.cpp: async operations that read shared memory until they complete
 void async_read_begin(size_t off, size_t n);
 void async_read_end(size_t off, size_t n);
+// happens-before mode: a read of [off, off + n) by `agent` at `clock`, checked against earlier writes with
+// thread `checker`'s clock (the thread whose knowledge the agent starts from)
+void smem_agent_read(size_t off, size_t n, unsigned checker, unsigned agent, uint32_t clock);
 inline unsigned char* smem_zero(const Launch& L) { return L.smem - L.smem_misalign; }  // shared address 0
 
 // lk_emu_wgmma.cpp

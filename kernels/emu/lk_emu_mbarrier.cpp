@@ -29,9 +29,9 @@
 // ends with copies in flight is an error.
 //
 // Happens-before mode: from a launch's first mbarrier.init on, every thread has a vector clock (one
-// component per thread and one per thread's bulk-copy agent). __syncthreads joins all clocks, __syncwarp
-// the lanes', an arrive releases the thread's clock into the phase, a landing the agent's, and a
-// successful wait acquires every completed phase. Shared-memory accesses are then ordered by these clocks
+// component per thread, one per thread's bulk-copy agent, one per warpgroup's wgmma agent). __syncthreads
+// joins all clocks, __syncwarp the lanes', an arrive releases the thread's clock into the phase, a landing
+// the agent's, and a successful wait acquires every completed phase (a wgmma.wait_group, its ops' reads). Shared-memory accesses are then ordered by these clocks
 // (lk_emu_check.cpp), not by barrier intervals alone. In the first block of the launch, accesses made
 // before the init and conflicting ones after it in the same barrier interval are checked conservatively
 // (as unordered between threads, with several readers of a byte counted as one).
@@ -52,13 +52,18 @@ void join(uint32_t* dst, const uint32_t* src, size_t n) {
     for (size_t i = 0; i < n; ++i) dst[i] = std::max(dst[i], src[i]);
 }
 
+}  // namespace
+
 // Turns on happens-before mode for the rest of the launch: accesses of the current interval so far count
-// as unordered with every other thread's (clock 1, which no other thread has acquired).
-void enable_hb(Launch& L) {
+// as unordered with every other thread's (clock 1, which no other thread has acquired). Clock components:
+// the threads, their bulk-copy agents (nthreads + t), the warpgroups' wgmma agents (2·nthreads + g).
+void hb_enable(Launch& L) {
+    if (L.hb) return;
     L.hb = true;
-    L.vc_width = 2 * size_t(L.nthreads);
+    const size_t groups = (L.nthreads + 127) / 128;
+    L.vc_width = 2 * size_t(L.nthreads) + groups;
     L.vc.assign(L.nthreads * L.vc_width, 0);
-    L.agent_clock.assign(L.nthreads, 0);
+    L.agent_clock.assign(L.nthreads + groups, 0);
     for (unsigned t = 0; t < L.nthreads; ++t) hb_row(L, t)[t] = 1;
     for (SmemByte& s : L.shadow) {
         s.w_clock = s.w_epoch == L.epoch ? 1 : 0;
@@ -66,6 +71,8 @@ void enable_hb(Launch& L) {
         s.flags &= uint8_t(~(SB_READ_WARPS | SB_READ_LANES));
     }
 }
+
+namespace {
 
 size_t bar_offset(const void* bar, const char* op) {
     if (!in_smem_window(bar, 8) || reinterpret_cast<uintptr_t>(bar) % 8 != 0)
@@ -222,7 +229,7 @@ void mbarrier_init(void* bar, uint32_t count) {
     const size_t off = bar_offset(bar, "mbarrier.init");
     if (count == 0 || count > kMaxArrivals)
         fail("mbarrier.init: count %u is outside 1..2^20-1", count);
-    if (!L.hb) enable_hb(L);
+    hb_enable(L);
     const unsigned tid = g_fiber->linear;
     auto it = L.mbarriers.find(off);
     if (it != L.mbarriers.end()) {

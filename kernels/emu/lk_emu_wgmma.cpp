@@ -4,9 +4,12 @@
 // - Issue is a rendezvous of the warpgroup's 128 threads (warps 4g..4g+3; a block whose warpgroup is not
 //   whole is an error). Every thread must bring the same descriptors, N, type and flags.
 // - The operands' shared-memory addresses are decoded from the descriptors at issue (bounds checked); the
-//   bytes are race-checked as reads by the warpgroup's first thread and may not be written until all 128
-//   threads have waited for the op. Their values are read when the op is computed, at the first wait that
-//   retires it.
+//   bytes are reads of the warpgroup's wgmma agent (happens-before mode): checked against earlier writes
+//   with the first thread's knowledge, and ordered before another thread's later write only through a
+//   wait_group that retired the op (then a release, e.g. an mbarrier arrive) - releasing a stage before
+//   waiting for the wgmma that reads it is a race, whatever the interleaving. The bytes may not be
+//   written until all 128 threads have waited for the op. Their values are read when the op is computed,
+//   at the first wait that retires it.
 // - The accumulators are copied at issue and then filled with NaN in every thread; a wait_group that
 //   retires the op writes the result back into that thread's registers (unless a later op on the same
 //   registers is still pending), so a kernel that reads them early reads NaN. Ops on the same accumulators
@@ -167,8 +170,14 @@ void issue(Launch& L, WgState& W, unsigned group) {
             for (uint32_t m = 0; m < 64; ++m) note(operand_offset(op.desc_a, op.trans_a != 0, m, k, "A"));
         for (uint32_t j = 0; j < op.n; ++j) note(operand_offset(op.desc_b, op.trans_b != 0, j, k, "B"));
     }
+    // The reads happen at some time up to the op's completion: they are the warpgroup's wgmma agent's, at
+    // a clock that only a wait_group retiring the op acquires (an arrive before that wait releases nothing
+    // of them), checked against earlier writes with the knowledge of the warpgroup's first thread.
+    hb_enable(L);
+    const unsigned agent = 2 * L.nthreads + group;
+    op.clock = ++L.agent_clock[L.nthreads + group];
     for (size_t off : op.chunks) {
-        smem_access(L.smem + off, 16, false, group * 128);
+        smem_agent_read(off, 16, group * 128, agent, op.clock);
         async_read_begin(off, 16);
     }
     for (unsigned t = 0; t < 128; ++t) {
@@ -213,6 +222,8 @@ void wgmma_wait(int n) {
         for (int i : group) {
             compute(L, W, i);
             WgOp& op = W.ops[size_t(i)];
+            uint32_t& known = hb_row(L, f.linear)[2 * L.nthreads + f.linear / 128];
+            known = std::max(known, op.clock);
             if (!pending_on(f, W, op.d[t])) std::memcpy(op.d[t], &op.out[t * (op.n / 2)], (op.n / 2) * sizeof(float));
             if (++op.retired == 128)
                 for (size_t off : op.chunks) async_read_end(off, 16);

@@ -309,4 +309,30 @@ typedef struct __attribute__((aligned(64))) LkTensorMap {
     uint64_t opaque[16];
 } LkTensorMap;
 
+/* Y = X·W0ᵀ + scale·T·Bᵀ (+ bias) on sm_90a (kernels/sm90/fused_gemm_sm90.cu): warp-specialised, TMA
+ * loads of 128×64 tiles (128-byte swizzle) into a STAGES-deep mbarrier ring, wgmma m64n128k16 in two
+ * consumer warpgroups, persistent over the 128×128 output tiles. The maps describe X [m, k], W0 [n, k],
+ * T [m, rank], B [n, rank] with boxes of 64 columns × 128 rows (lora_kernels::tma). Y is m × n (ldc). */
+#define LK_SM90_BM 128u
+#define LK_SM90_BN 128u
+#define LK_SM90_BK 64u
+#define LK_SM90_STAGES 4u
+#define LK_SM90_THREADS 384u
+/* 4 stages of two 16 KB tiles, 1 KB to align them to the swizzle's period, 1 KB of barriers */
+#define LK_SM90_SMEM_BYTES 133120u
+typedef struct LkFusedGemmSm90Params {
+    LkTensorMap x_map;
+    LkTensorMap w_map;
+    LkTensorMap t_map;
+    LkTensorMap b_map;
+    const void* bias;
+    void* y;
+    uint32_t m;
+    uint32_t n;
+    uint32_t k;
+    uint32_t rank;
+    uint32_t ldc;
+    float scale;
+} LkFusedGemmSm90Params;
+
 #endif /* LORA_PARAMS_H */

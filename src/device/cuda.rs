@@ -99,6 +99,20 @@ impl CudaDevice {
         &self.stream
     }
 
+    pub(crate) fn capability_number(&self) -> u32 {
+        (self.capability.0 * 10 + self.capability.1) as u32
+    }
+
+    pub(crate) fn sm_count(&self) -> Result<u32> {
+        let n = self
+            .ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(Error::cuda("reading the multiprocessor count"))?;
+        Ok(n.max(1) as u32)
+    }
+
     pub fn describe(&self) -> String {
         format!(
             "CUDA device {} ({}, sm_{}{})",

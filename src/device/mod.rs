@@ -133,6 +133,24 @@ impl Device {
         }
     }
 
+    /// The compute capability the kernels target, as 10·major + minor (90 for an H100): the GPU's, or the
+    /// emulator's `EmuConfig::arch`. The launch plans pick the sm_90a kernels where it is 90.
+    pub fn compute_capability(&self) -> u32 {
+        match &*self.inner {
+            Backend::Cuda(c) => c.capability_number(),
+            Backend::Emulator(cfg) => cfg.arch,
+        }
+    }
+
+    /// Streaming multiprocessors, the size of a persistent grid: the GPU's; on the emulator 3, so that
+    /// persistent kernels loop over several tiles per block there too.
+    pub(crate) fn sm_count(&self) -> Result<u32> {
+        match &*self.inner {
+            Backend::Cuda(c) => c.sm_count(),
+            Backend::Emulator(_) => Ok(3),
+        }
+    }
+
     /// Waits for all queued work (a no-op on the emulator, which runs synchronously).
     pub fn synchronize(&self) -> Result<()> {
         match &*self.inner {

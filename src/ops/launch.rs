@@ -21,7 +21,7 @@ pub(crate) enum Orient {
     Nn,
 }
 
-fn pick<P>(
+pub(crate) fn pick<P>(
     op: &'static str,
     dtype: DType,
     bf16: &'static Kernel<P>,
@@ -163,6 +163,9 @@ pub(crate) fn fused_gemm<T: Element, R: Element>(
     split: Option<Split<'_>>,
 ) -> Result<()> {
     use kernels::*;
+    if super::sm90::try_fused_gemm(op, g, c, split.is_some())? {
+        return Ok(());
+    }
     let pair = (T::DTYPE, R::DTYPE);
     let kernel = match g.orient {
         Orient::Nt => pick_pair(

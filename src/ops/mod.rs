@@ -9,6 +9,7 @@ mod lora;
 mod merge;
 mod multi;
 mod scale;
+mod sm90;
 pub(crate) mod validate;
 mod workspace;
 

@@ -1,0 +1,180 @@
+//! The sm_90a fused GEMM (kernels/sm90/fused_gemm_sm90.cu: TMA, mbarriers, wgmma, warp-specialised and
+//! persistent): when it replaces fused_gemm.cu's mma.sync kernel, and its launch.
+//!
+//! It runs on a compute-capability-9.0 device (an emulator with `EmuConfig::arch` 90 too) for the
+//! forward's `Y = X·W0ᵀ + s·T·Bᵀ (+ bias)` when TMA can describe the operands: k and rank multiples of 8
+//! (16-byte row strides), 16-byte aligned tensors, adapters in the layer dtype, no dropout, and a build
+//! that embeds the sm_90a module. Everything else takes the mma.sync kernel. `LK_FUSED_GEMM=mma` forces
+//! the mma.sync kernel everywhere (side-by-side timings); `LK_FUSED_GEMM=sm90` makes a forward the
+//! Hopper kernel cannot take an error instead of a fallback (tests).
+
+use super::launch::{FusedGemm, Orient, u32_of};
+use crate::device::{Arg, RawBuffer};
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::kernel::{kernels, module_embedded};
+use crate::params::*;
+use crate::plan::LaunchPlan;
+use crate::tensor::Tensor;
+use crate::tma::{Swizzle, TensorMapSpec};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Choice {
+    Auto,
+    Mma,
+    Sm90,
+}
+
+fn choice(op: &'static str) -> Result<Choice> {
+    match std::env::var("LK_FUSED_GEMM").as_deref() {
+        Err(_) | Ok("") | Ok("auto") => Ok(Choice::Auto),
+        Ok("mma") => Ok(Choice::Mma),
+        Ok("sm90") => Ok(Choice::Sm90),
+        Ok(other) => Err(Error::Unsupported {
+            what: format!("{op}: LK_FUSED_GEMM={other:?}"),
+            hint: "use auto, mma or sm90".into(),
+        }),
+    }
+}
+
+/// Why the Hopper kernel cannot take this GEMM, or None when it can.
+fn obstacle<T: Element, R: Element>(g: &FusedGemm<'_, T, R>) -> Option<String> {
+    let device = g.a.device();
+    if device.compute_capability() != 90 {
+        return Some(format!("the device is sm_{}", device.compute_capability()));
+    }
+    if device.is_cuda() && !module_embedded("fused_gemm_sm90") {
+        return Some("this build has no sm_90a kernels (LK_CUDA_ARCHS without 90)".into());
+    }
+    if g.dropout.is_some() {
+        return Some("dropout runs on the mma.sync kernel".into());
+    }
+    if R::DTYPE != T::DTYPE {
+        return Some("adapters not in the layer dtype".into());
+    }
+    if g.k % 8 != 0 || g.rank % 8 != 0 {
+        return Some(format!(
+            "k = {} and r = {} must be multiples of 8 (TMA's 16-byte row strides)",
+            g.k, g.rank
+        ));
+    }
+    let unaligned = [
+        ("x", g.a.byte_range().0),
+        ("w0", g.b.byte_range().0),
+        ("t", g.l.byte_range().0),
+        ("b", g.r.byte_range().0),
+    ]
+    .into_iter()
+    .find(|(_, a)| a % 16 != 0);
+    if let Some((name, _)) = unaligned {
+        return Some(format!("`{name}` is not 16-byte aligned"));
+    }
+    None
+}
+
+/// Runs the fused GEMM on the Hopper kernel when it can (see the module doc); false when the mma.sync
+/// kernel should run instead.
+pub(crate) fn try_fused_gemm<T: Element, R: Element>(
+    op: &'static str,
+    g: &FusedGemm<'_, T, R>,
+    c: &mut Tensor<T>,
+    split: bool,
+) -> Result<bool> {
+    // Only the forward's GEMM has a Hopper kernel: the projection (k = 0, or split) and the backward's
+    // dX (Nn) are not candidates, whatever LK_FUSED_GEMM says.
+    if g.orient != Orient::Nt || g.k == 0 || split {
+        return Ok(false);
+    }
+    let choice = choice(op)?;
+    if choice == Choice::Mma {
+        return Ok(false);
+    }
+    if let Some(why) = obstacle(g) {
+        if choice == Choice::Sm90 {
+            return Err(Error::Unsupported {
+                what: format!("{op}: LK_FUSED_GEMM=sm90, but {why}"),
+                hint: "unset LK_FUSED_GEMM to fall back to the mma.sync kernel".into(),
+            });
+        }
+        return Ok(false);
+    }
+    let r = g.r.cast_ref::<T>().expect("R is T: checked by obstacle");
+    launch(op, g, r, c)?;
+    Ok(true)
+}
+
+/// The tensor map of a row-major [rows, cols] operand in 128-row × 64-column boxes.
+fn map<T: Element>(
+    op: &'static str,
+    t: &Tensor<T>,
+    rows: usize,
+    cols: usize,
+) -> Result<LkTensorMap> {
+    let elem = std::mem::size_of::<T>();
+    TensorMapSpec {
+        elem_bytes: elem,
+        dims: vec![cols as u64, rows as u64],
+        strides: vec![(cols * elem) as u64],
+        box_dims: vec![LK_SM90_BK, LK_SM90_BM],
+        swizzle: Swizzle::B128,
+    }
+    .encode(op, t.device(), t.byte_range().0)
+}
+
+fn launch<T: Element, R: Element>(
+    op: &'static str,
+    g: &FusedGemm<'_, T, R>,
+    r: &Tensor<T>,
+    c: &mut Tensor<T>,
+) -> Result<()> {
+    let kernel = super::launch::pick(
+        op,
+        T::DTYPE,
+        &kernels::FUSED_GEMM_SM90_BF16,
+        &kernels::FUSED_GEMM_SM90_F16,
+    )?;
+    let maps = [
+        map(op, g.a, g.m, g.k)?,
+        map(op, g.b, g.n, g.k)?,
+        map(op, g.l, g.m, g.rank)?,
+        map(op, r, g.n, g.rank)?,
+    ];
+    let tiles = g.m.div_ceil(LK_SM90_BM as usize) * g.n.div_ceil(LK_SM90_BN as usize);
+    let device = g.a.device().clone();
+    let plan = LaunchPlan {
+        grid: [u32_of(tiles.min(device.sm_count()? as usize)), 1, 1],
+        block: [LK_SM90_THREADS, 1, 1],
+        smem_bytes: LK_SM90_SMEM_BYTES,
+    };
+    let mut args = vec![
+        Arg::In("x", g.a),
+        Arg::In("w0", g.b),
+        Arg::In("t", g.l),
+        Arg::In("b", r),
+    ];
+    if let Some(bias) = g.bias {
+        args.push(Arg::In("bias", bias));
+    }
+    let c_index = args.len();
+    args.push(Arg::Out("y", c));
+    let has_bias = g.bias.is_some();
+    let (m, n, k, rank) = (u32_of(g.m), u32_of(g.n), u32_of(g.k), u32_of(g.rank));
+    device.launch(op, kernel, &plan, &mut args, |ptr| LkFusedGemmSm90Params {
+        x_map: maps[0],
+        w_map: maps[1],
+        t_map: maps[2],
+        b_map: maps[3],
+        bias: if has_bias {
+            ptr[4] as *const _
+        } else {
+            std::ptr::null()
+        },
+        y: ptr[c_index] as *mut _,
+        m,
+        n,
+        k,
+        rank,
+        ldc: n,
+        scale: g.scale,
+    })
+}
