@@ -9,28 +9,13 @@
 
 mod common;
 
+use common::probes::TmaParams;
+
 use lora_kernels::device::{EmuRegion, emu_launch_raw};
-use lora_kernels::params::LkTensorMap;
 use lora_kernels::tma::{Swizzle, TensorMapSpec};
 use lora_kernels::{Device, EmuConfig, Error, LaunchPlan, ThreadOrder};
 
 include!(concat!(env!("OUT_DIR"), "/test_kernel_decls.rs"));
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct TmaParams {
-    in_map: LkTensorMap,
-    out_map: LkTensorMap,
-    y: *mut u16,
-    c0: i32,
-    c1: i32,
-    d0: i32,
-    d1: i32,
-    box_cols: u32,
-    box_rows: u32,
-    swizzle: u32,
-    bug: i32,
-}
 
 /// 16-byte aligned u16 storage (TMA needs a 16-byte aligned global address).
 #[repr(C, align(16))]

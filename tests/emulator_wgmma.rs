@@ -10,9 +10,11 @@
 
 mod common;
 
+use common::probes::WgmmaParams;
+use lora_kernels::params::LkTensorMap;
+
 use common::Rng;
 use lora_kernels::device::{EmuRegion, emu_launch_raw};
-use lora_kernels::params::LkTensorMap;
 use lora_kernels::tma::{Swizzle, TensorMapSpec};
 use lora_kernels::{Device, EmuConfig, LaunchPlan, ThreadOrder};
 
@@ -168,18 +170,6 @@ fn operand_addresses_follow_the_isa_layouts() {
         unsafe { lk_emu_wgmma_operand_address(desc(0x4000, 16, 1024, 1) | (3 << 49), 0, 0, 0) },
         u64::MAX
     );
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct WgmmaParams {
-    a_map: LkTensorMap,
-    b_map: LkTensorMap,
-    a: *const u16,
-    y: *mut f32,
-    a_regs: i32,
-    b_mn_major: i32,
-    bug: i32,
 }
 
 #[repr(C, align(16))]

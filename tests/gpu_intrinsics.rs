@@ -8,12 +8,14 @@
 //! cancellation) must agree per element to |Δ| ≤ 2⁻²¹·(Σ|aₖbₖ| + |c|), and the bit-identical share is
 //! reported. The GPU tests skip with the reason printed when there is no GPU (`LK_REQUIRE_GPU=1` makes
 //! that a failure); the tolerance itself is exercised without a GPU against the emulator's
-//! tensor-core model (`MmaModel::TensorCore`).
+//! tensor-core model (`MmaModel::TensorCore`). On an sm_90 GPU: TMA loads and stores (every swizzle,
+//! ragged coordinates) byte for byte, and wgmma (A in shared memory or registers, B K- or MN-major) bit
+//! for bit on small integers, against the emulator.
 
 mod common;
 
 use common::Rng;
-use common::probes::{LdmatrixProbeParams, MmaProbeParams};
+use common::probes::{LdmatrixProbeParams, MmaProbeParams, TmaParams, WgmmaParams};
 use half::{bf16, f16};
 use lora_kernels::cudarc::driver::{
     CudaFunction, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
@@ -21,6 +23,8 @@ use lora_kernels::cudarc::driver::{
 use lora_kernels::cudarc::nvrtc::Ptx;
 use lora_kernels::device::{EmuRegion, emu_launch_raw};
 use lora_kernels::kernel::EmuBody;
+use lora_kernels::params::LkTensorMap;
+use lora_kernels::tma::{Swizzle, TensorMapSpec};
 use lora_kernels::{Device, EmuConfig, LaunchPlan, MmaModel};
 
 #[allow(dead_code)]
@@ -29,6 +33,7 @@ mod emu_bodies {
 }
 use emu_bodies::{
     lk_emu_body_ldmatrix_probe, lk_emu_body_mma_probe_bf16, lk_emu_body_mma_probe_f16,
+    lk_emu_body_planted_tma_roundtrip, lk_emu_body_planted_wgmma_tile,
 };
 #[allow(dead_code)]
 mod test_modules {
@@ -414,4 +419,250 @@ fn mma_emulator_equals_hardware() {
         ),
         42,
     );
+}
+
+// ---- sm_90: TMA (tests/kernels/planted_tma.cu) and wgmma (tests/kernels/sm90/planted_wgmma.cu) ----
+
+/// The GPU when it is sm_90 and this build embeds the sm_90a test module; otherwise None, with the reason.
+fn hopper_gpu() -> Option<Device> {
+    let dev = common::gpu()?;
+    if dev.compute_capability() != 90 {
+        eprintln!(
+            "TMA/wgmma probes skipped: the GPU is sm_{}, they need sm_90",
+            dev.compute_capability()
+        );
+        return None;
+    }
+    if !test_modules::MODULES
+        .iter()
+        .any(|(m, _)| *m == "planted_wgmma")
+    {
+        eprintln!("TMA/wgmma probes skipped: built without 90 in LK_CUDA_ARCHS");
+        return None;
+    }
+    Some(dev)
+}
+
+fn test_function(dev: &Device, module: &str, kernel: &str) -> CudaFunction {
+    let image = test_modules::MODULES
+        .iter()
+        .find(|(m, _)| *m == module)
+        .unwrap()
+        .1;
+    let module = dev
+        .as_cuda()
+        .unwrap()
+        .context()
+        .load_module(Ptx::from_binary(image.to_vec()))
+        .unwrap();
+    module.load_function(kernel).unwrap()
+}
+
+fn map_2d(
+    dev: &Device,
+    addr: u64,
+    rows: u64,
+    cols: u64,
+    box_cols: u32,
+    box_rows: u32,
+    sw: Swizzle,
+) -> LkTensorMap {
+    TensorMapSpec {
+        elem_bytes: 2,
+        dims: vec![cols, rows],
+        strides: vec![cols * 2],
+        box_dims: vec![box_cols, box_rows],
+        swizzle: sw,
+    }
+    .encode("probe", dev, addr)
+    .unwrap()
+}
+
+/// TMA loads (every swizzle, ragged coordinates) and clipped stores: the GPU's bytes equal the emulator's.
+#[test]
+fn tma_emulator_equals_hardware() {
+    let Some(dev) = hopper_gpu() else { return };
+    let stream = dev.as_cuda().unwrap().stream().clone();
+    let f = test_function(&dev, "planted_tma", "planted_tma_roundtrip");
+    let (rows, cols) = (50u64, 104u64);
+    let x: Vec<u16> = (0..rows * cols)
+        .map(|i| (i as u16).wrapping_mul(7) | 1)
+        .collect();
+    for (sw, bc, br) in [
+        (Swizzle::None, 40, 7),
+        (Swizzle::B32, 16, 9),
+        (Swizzle::B64, 32, 17),
+        (Swizzle::B128, 64, 24),
+    ] {
+        let (c, d) = (
+            (cols as i32 - bc as i32 / 2, -3),
+            (cols as i32 - bc as i32 + 5, rows as i32 - br as i32 + 2),
+        );
+        let run_emu = || {
+            let emu = Device::emulator();
+            let mut z = vec![0xFFFFu16; (rows * cols) as usize];
+            let mut y = vec![0xFFFFu16; (bc * br) as usize];
+            let p = TmaParams {
+                in_map: map_2d(&emu, x.as_ptr() as u64, rows, cols, bc, br, sw),
+                out_map: map_2d(&emu, z.as_ptr() as u64, rows, cols, bc, br, sw),
+                y: y.as_mut_ptr(),
+                c0: c.0,
+                c1: c.1,
+                d0: d.0,
+                d1: d.1,
+                box_cols: bc,
+                box_rows: br,
+                swizzle: sw.code(),
+                bug: 0,
+            };
+            let regions = [
+                EmuRegion::input("x", &x),
+                EmuRegion::output("z", &mut z),
+                EmuRegion::output("y", &mut y),
+            ];
+            let plan = LaunchPlan {
+                grid: [1, 1, 1],
+                block: [128, 1, 1],
+                smem_bytes: 8192,
+            };
+            // SAFETY: the params point into x, y and z, which `regions` describe and which outlive the call.
+            unsafe {
+                emu_launch_raw(
+                    &EmuConfig::default(),
+                    lk_emu_body_planted_tma_roundtrip,
+                    &plan,
+                    &p,
+                    &regions,
+                )
+            }
+            .unwrap();
+            (y, z)
+        };
+        let (ye, ze) = run_emu();
+        let x_d = stream.clone_htod(&x).unwrap();
+        let mut z_d = stream
+            .clone_htod(&vec![0xFFFFu16; (rows * cols) as usize])
+            .unwrap();
+        let mut y_d = stream
+            .clone_htod(&vec![0xFFFFu16; (bc * br) as usize])
+            .unwrap();
+        {
+            let (xp, _gx) = x_d.device_ptr(&stream);
+            let (zp, _gz) = z_d.device_ptr_mut(&stream);
+            let (yp, _gy) = y_d.device_ptr_mut(&stream);
+            let p = TmaParams {
+                in_map: map_2d(&dev, xp, rows, cols, bc, br, sw),
+                out_map: map_2d(&dev, zp, rows, cols, bc, br, sw),
+                y: yp as *mut u16,
+                c0: c.0,
+                c1: c.1,
+                d0: d.0,
+                d1: d.1,
+                box_cols: bc,
+                box_rows: br,
+                swizzle: sw.code(),
+                bug: 0,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 8192,
+            };
+            // SAFETY: the maps describe x and z as allocated above; y holds the box.
+            unsafe { stream.launch_builder(&f).arg(&p).launch(cfg) }.unwrap();
+        }
+        assert_eq!(
+            stream.clone_dtoh(&y_d).unwrap(),
+            ye,
+            "{sw:?}: the box read back differs from the emulator's"
+        );
+        assert_eq!(
+            stream.clone_dtoh(&z_d).unwrap(),
+            ze,
+            "{sw:?}: the stored tensor differs from the emulator's"
+        );
+    }
+}
+
+/// wgmma m64n64k16 (A from shared memory or registers, B K- or MN-major, TMA-loaded, 128-byte swizzle) on
+/// small integers, where every sum is exact: the GPU's accumulators equal the emulator's bit for bit.
+#[test]
+fn wgmma_emulator_equals_hardware() {
+    let Some(dev) = hopper_gpu() else { return };
+    let stream = dev.as_cuda().unwrap().stream().clone();
+    let f = test_function(&dev, "planted_wgmma", "planted_wgmma_tile");
+    let mut rng = Rng::new(90);
+    let mut ints = || -> Vec<u16> {
+        (0..64 * 64)
+            .map(|_| bf16::from_f32((rng.next_u64() % 7) as f32 - 3.0).to_bits())
+            .collect()
+    };
+    let (a, b) = (ints(), ints());
+    for (a_regs, b_mn) in [(false, false), (true, false), (false, true), (true, true)] {
+        let emu = Device::emulator();
+        let mut ye = vec![f32::NAN; 64 * 64];
+        let p = WgmmaParams {
+            a_map: map_2d(&emu, a.as_ptr() as u64, 64, 64, 64, 64, Swizzle::B128),
+            b_map: map_2d(&emu, b.as_ptr() as u64, 64, 64, 64, 64, Swizzle::B128),
+            a: a.as_ptr(),
+            y: ye.as_mut_ptr(),
+            a_regs: a_regs as i32,
+            b_mn_major: b_mn as i32,
+            bug: 0,
+        };
+        let regions = [
+            EmuRegion::input("a", &a),
+            EmuRegion::input("b", &b),
+            EmuRegion::output("y", &mut ye),
+        ];
+        let plan = LaunchPlan {
+            grid: [1, 1, 1],
+            block: [128, 1, 1],
+            smem_bytes: 2 * 8192 + 2048,
+        };
+        // SAFETY: the params point into a, b and y, which `regions` describe and which outlive the call.
+        unsafe {
+            emu_launch_raw(
+                &EmuConfig::default(),
+                lk_emu_body_planted_wgmma_tile,
+                &plan,
+                &p,
+                &regions,
+            )
+        }
+        .unwrap();
+        let (a_d, b_d) = (
+            stream.clone_htod(&a).unwrap(),
+            stream.clone_htod(&b).unwrap(),
+        );
+        let mut y_d = stream.alloc_zeros::<f32>(64 * 64).unwrap();
+        {
+            let (ap, _ga) = a_d.device_ptr(&stream);
+            let (bp, _gb) = b_d.device_ptr(&stream);
+            let (yp, _gy) = y_d.device_ptr_mut(&stream);
+            let p = WgmmaParams {
+                a_map: map_2d(&dev, ap, 64, 64, 64, 64, Swizzle::B128),
+                b_map: map_2d(&dev, bp, 64, 64, 64, 64, Swizzle::B128),
+                a: ap as *const u16,
+                y: yp as *mut f32,
+                a_regs: a_regs as i32,
+                b_mn_major: b_mn as i32,
+                bug: 0,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 2 * 8192 + 2048,
+            };
+            // SAFETY: the maps describe a and b as allocated above; y holds 64×64 f32.
+            unsafe { stream.launch_builder(&f).arg(&p).launch(cfg) }.unwrap();
+        }
+        let yg = stream.clone_dtoh(&y_d).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&yg),
+            bits(&ye),
+            "A in registers {a_regs}, B MN-major {b_mn}: GPU and emulator differ"
+        );
+    }
 }

@@ -1,7 +1,8 @@
-//! Params of the probe kernels in tests/kernels/emu_layout.cu (ldmatrix, mma), shared by the emulator
-//! layout tests and the emulator-vs-hardware tests.
+//! Params of the probe kernels in tests/kernels/emu_layout.cu (ldmatrix, mma), planted_tma.cu and
+//! sm90/planted_wgmma.cu, shared by the emulator tests and the emulator-vs-hardware tests.
 
 use lora_kernels::cudarc::driver::DeviceRepr;
+use lora_kernels::params::LkTensorMap;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -23,3 +24,37 @@ pub struct MmaProbeParams {
 }
 // SAFETY: as above.
 unsafe impl DeviceRepr for MmaProbeParams {}
+
+/// tests/kernels/planted_tma.cu
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TmaParams {
+    pub in_map: LkTensorMap,
+    pub out_map: LkTensorMap,
+    pub y: *mut u16,
+    pub c0: i32,
+    pub c1: i32,
+    pub d0: i32,
+    pub d1: i32,
+    pub box_cols: u32,
+    pub box_rows: u32,
+    pub swizzle: u32,
+    pub bug: i32,
+}
+// SAFETY: as above (the kernel takes it as a __grid_constant__ parameter).
+unsafe impl DeviceRepr for TmaParams {}
+
+/// tests/kernels/sm90/planted_wgmma.cu
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct WgmmaParams {
+    pub a_map: LkTensorMap,
+    pub b_map: LkTensorMap,
+    pub a: *const u16,
+    pub y: *mut f32,
+    pub a_regs: i32,
+    pub b_mn_major: i32,
+    pub bug: i32,
+}
+// SAFETY: as above.
+unsafe impl DeviceRepr for WgmmaParams {}
