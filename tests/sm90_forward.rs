@@ -5,7 +5,8 @@
 //! against the f64 reference with the outputs poisoned, under the ascending thread order and one of the
 //! other four (rotating over the cases) with identical bits (the race detector in its happens-before mode
 //! watching every access, the seeds varying the shared-memory alignment), and each block looping over several
-//! tiles (the emulator's persistent grid is 3 blocks). `LK_FUSED_GEMM=sm90` is set for this whole test
+//! tiles (the emulator's persistent grid is 3 blocks). Then dX (`lora_backward`, the "nn" kernel: W0 and
+//! A read MN-major from 64×64 boxes) on 13 shapes. `LK_FUSED_GEMM=sm90` is set for this whole test
 //! binary, so a forward the Hopper kernel cannot take fails instead of falling back.
 //!
 //! Cases per run: `PROPTEST_CASES` (default 64).
@@ -174,4 +175,68 @@ fn sm90_forced_refuses_what_it_cannot_run() {
     );
     let e = lora_kernels::ops::lora_forward(&x, &w0, &a, &b, None, 1.0).unwrap_err();
     assert!(e.to_string().contains("multiples of 8"), "{e}");
+}
+
+/// dX = dY·W0 + s·U·A on the Hopper kernel ("nn": W0 and A read MN-major), through `lora_backward`.
+fn backward_case<T: Element>((m, n, k, r): (usize, usize, usize, usize), stream: u64) {
+    force_sm90();
+    let mut rng = Rng::new(stream);
+    let x = rng.vec::<T>(m * k, 1.0);
+    let w0 = rng.vec::<T>(n * k, 1.0 / (k as f64).sqrt());
+    let a = rng.vec::<T>(r * k, 1.0 / (k as f64).sqrt());
+    let b = rng.vec::<T>(n * r, 1.0 / (r as f64).sqrt());
+    let t = rng.vec::<T>(m * r, 1.0);
+    let dy = rng.vec::<T>(m * n, 1.0);
+    let scale = 0.5 + rng.uniform().abs() as f32;
+    let want = reference::backward_as_kernels(
+        &x,
+        &w0,
+        &a,
+        &b,
+        &t,
+        &dy,
+        Dims { m, n, k, r },
+        scale as f64,
+        &Dropout::NONE,
+    );
+    let dev = hopper(ThreadOrder::WarpGreedyDescending, stream | 1);
+    let up = |v: &[T], shape: &[usize]| Tensor::from_slice(&dev, v, shape).unwrap();
+    let g = lora_kernels::ops::lora_backward(
+        &up(&x, &[m, k]),
+        &up(&w0, &[n, k]),
+        &up(&a, &[r, k]),
+        &up(&b, &[n, r]),
+        &up(&t, &[m, r]),
+        &up(&dy, &[m, n]),
+        scale,
+        true,
+    )
+    .unwrap_or_else(|e| panic!("{:?} {m}×{n}×{k} r {r}: {e}", T::DTYPE));
+    let dx = g.dx.unwrap().to_vec().unwrap();
+    let err = reference::relative_error(&dx, &want.dx);
+    assert!(
+        err <= tol(T::DTYPE),
+        "{:?} {m}×{n}×{k} r {r}: dX relative error {err:e}",
+        T::DTYPE
+    );
+}
+
+/// dX on the Hopper kernel: ragged m, n and k multiples of 8 (W0's rows in both orientations), ranks 8..128.
+#[test]
+fn sm90_dx_matches_reference() {
+    let mut rng = Rng::new(common::seed() ^ 0xd0);
+    for i in 0..12u64 {
+        let dims = (
+            17 + (rng.next_u64() % 260) as usize,
+            8 * (1 + (rng.next_u64() % 30) as usize),
+            8 * (1 + (rng.next_u64() % 30) as usize),
+            8 * (1 + (rng.next_u64() % 16) as usize),
+        );
+        if i % 2 == 0 {
+            backward_case::<bf16>(dims, rng.next_u64());
+        } else {
+            backward_case::<f16>(dims, rng.next_u64());
+        }
+    }
+    backward_case::<bf16>((129, 136, 264, 128), 7);
 }

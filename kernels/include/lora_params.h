@@ -309,10 +309,12 @@ typedef struct __attribute__((aligned(64))) LkTensorMap {
     uint64_t opaque[16];
 } LkTensorMap;
 
-/* Y = X·W0ᵀ + scale·T·Bᵀ (+ bias) on sm_90a (kernels/sm90/fused_gemm_sm90.cu): warp-specialised, TMA
+/* C = A·op(B) + scale·L·op(R) (+ bias) on sm_90a (kernels/sm90/fused_gemm_sm90.cu): warp-specialised, TMA
  * loads of 128×64 tiles (128-byte swizzle) into a STAGES-deep mbarrier ring, wgmma m64n128k16 in two
- * consumer warpgroups, persistent over the 128×128 output tiles. The maps describe X [m, k], W0 [n, k],
- * T [m, rank], B [n, rank] with boxes of 64 columns × 128 rows (lora_kernels::tma). Y is m × n (ldc). */
+ * consumer warpgroups, persistent over the 128×128 output tiles. Maps (lora_kernels::tma): x_map A
+ * [m, k], t_map L [m, rank] (boxes 64 columns × 128 rows); "nt" (forward): w_map B = W0 [n, k], b_map
+ * R = B [n, rank] (boxes 64 × 128); "nn" (dX): w_map B = W0 [k, n], b_map R = A [rank, n] (boxes 64 × 64).
+ * C is m × n (ldc). */
 #define LK_SM90_BM 128u
 #define LK_SM90_BN 128u
 #define LK_SM90_BK 64u

@@ -1,6 +1,7 @@
-// fused_gemm_sm90.cu: the LoRA forward's fused GEMM on Hopper (sm_90a), Y = X·W0ᵀ + s·T·Bᵀ (+ bias),
-// with TMA, mbarriers and wgmma (lk_tma.cuh, lk_mbarrier.cuh, lk_wgmma.cuh). T comes from the projection
-// (ops::lora_forward runs it first, as for the mma.sync kernel).
+// fused_gemm_sm90.cu: the LoRA fused GEMMs on Hopper (sm_90a), with TMA, mbarriers and wgmma (lk_tma.cuh,
+// lk_mbarrier.cuh, lk_wgmma.cuh): the forward's Y = X·W0ᵀ + s·T·Bᵀ (+ bias) ("nt") and the backward's
+// dX = dY·W0 + s·U·A ("nn", the second operand read MN-major). T and U come from their own launches, as
+// for the mma.sync kernel (fused_gemm.cu), whose order of operations this keeps.
 //
 // Structure (one CTA per SM, persistent over the 128×128 output tiles in grouped order):
 // - warpgroup 0, the producer: setmaxnreg down; one thread walks the virtual k-stages of every tile this
@@ -43,7 +44,10 @@ __device__ __forceinline__ void tile_of(uint32_t tile, uint32_t tiles_m, uint32_
     n0 = (in_group / rows) * BN;
 }
 
-template <typename T>
+// NN (dX = dY·W0 + s·U·A): the second operand is stored reduction-major ([k][n] row-major), so a stage's B
+// is two 64-row × 64-column boxes (columns n0.. and n0+64..: the 128-byte swizzle's span is 64 elements),
+// 8 KB apart, read by wgmma as MN-major (transpose bit), each k16 step 16 rows = 2048 bytes further.
+template <typename T, bool NN>
 __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params& p) {
     LK_DYNAMIC_SMEM(smem);
     // barriers first, then the ring at the next 1024-byte boundary (the swizzle's period)
@@ -75,13 +79,15 @@ __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params
                 lk_mbarrier_wait_parity(&empty[slot], (lap & 1) ^ 1);  // lap 0: the phase before the first
                 unsigned char* a = ring + slot * STAGE_BYTES;
                 lk_mbarrier_arrive_expect_tx(&full[slot], STAGE_BYTES);
-                if (j < low) {
-                    lk_tma_load_2d(a, &p.t_map, int32_t(j * BK), int32_t(m0), &full[slot]);
-                    lk_tma_load_2d(a + TILE_BYTES, &p.b_map, int32_t(j * BK), int32_t(n0), &full[slot]);
+                const bool lr = j < low;
+                const int32_t k0 = int32_t((lr ? j : j - low) * BK);
+                lk_tma_load_2d(a, lr ? &p.t_map : &p.x_map, k0, int32_t(m0), &full[slot]);
+                const LkTensorMap* bm = lr ? &p.b_map : &p.w_map;
+                if (NN) {  // B rows k0.., columns n0.. and n0 + 64..
+                    lk_tma_load_2d(a + TILE_BYTES, bm, int32_t(n0), k0, &full[slot]);
+                    lk_tma_load_2d(a + TILE_BYTES + TILE_BYTES / 2, bm, int32_t(n0 + BN / 2), k0, &full[slot]);
                 } else {
-                    const int32_t k0 = int32_t((j - low) * BK);
-                    lk_tma_load_2d(a, &p.x_map, k0, int32_t(m0), &full[slot]);
-                    lk_tma_load_2d(a + TILE_BYTES, &p.w_map, k0, int32_t(n0), &full[slot]);
+                    lk_tma_load_2d(a + TILE_BYTES, bm, k0, int32_t(n0), &full[slot]);
                 }
             }
         }
@@ -107,8 +113,13 @@ __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params
 #pragma unroll
             for (uint32_t kk = 0; kk < BK / 16; ++kk) {
                 const uint64_t da = lk_wgmma_desc(a + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B);
-                const uint64_t db = lk_wgmma_desc(b + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B);
-                lk_wgmma_ss<T, BN>(acc, da, db, j > 0 || kk > 0);
+                if (NN) {
+                    const uint64_t db = lk_wgmma_desc(b + 2048 * kk, TILE_BYTES / 2, 1024, LK_WGMMA_SWIZZLE_128B);
+                    lk_wgmma_ss<T, BN, 0, 1>(acc, da, db, j > 0 || kk > 0);
+                } else {
+                    const uint64_t db = lk_wgmma_desc(b + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B);
+                    lk_wgmma_ss<T, BN>(acc, da, db, j > 0 || kk > 0);
+                }
             }
             lk_wgmma_commit();
             lk_wgmma_wait<0>();
@@ -129,12 +140,16 @@ __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params
 }
 }  // namespace
 
-#define LK_FUSED_GEMM_SM90(name, T)                                                                          \
+#define LK_FUSED_GEMM_SM90(name, T, NN)                                                                      \
     extern "C" __global__ void __launch_bounds__(LK_SM90_THREADS, 1) name(const __grid_constant__ LkFusedGemmSm90Params p) { \
-        fused_gemm_sm90_impl<T>(p);                                                                          \
+        fused_gemm_sm90_impl<T, NN>(p);                                                                      \
     }
 
-LK_FUSED_GEMM_SM90(fused_gemm_sm90_bf16, __nv_bfloat16)
+LK_FUSED_GEMM_SM90(fused_gemm_sm90_bf16, __nv_bfloat16, false)
 LK_KERNEL_EXPORT(fused_gemm_sm90_bf16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_SM90(fused_gemm_sm90_f16, __half)
+LK_FUSED_GEMM_SM90(fused_gemm_sm90_f16, __half, false)
 LK_KERNEL_EXPORT(fused_gemm_sm90_f16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_SM90(fused_gemm_sm90_nn_bf16, __nv_bfloat16, true)
+LK_KERNEL_EXPORT(fused_gemm_sm90_nn_bf16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_SM90(fused_gemm_sm90_nn_f16, __half, true)
+LK_KERNEL_EXPORT(fused_gemm_sm90_nn_f16, LkFusedGemmSm90Params)

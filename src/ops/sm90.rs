@@ -2,9 +2,9 @@
 //! persistent): when it replaces fused_gemm.cu's mma.sync kernel, and its launch.
 //!
 //! It runs on a compute-capability-9.0 device (an emulator with `EmuConfig::arch` 90 too) for the
-//! forward's `Y = X·W0ᵀ + s·T·Bᵀ (+ bias)` when TMA can describe the operands: k and rank multiples of 8
-//! (16-byte row strides), 16-byte aligned tensors, adapters in the layer dtype, no dropout, and a build
-//! that embeds the sm_90a module. Everything else takes the mma.sync kernel. `LK_FUSED_GEMM=mma` forces
+//! forward's `Y = X·W0ᵀ + s·T·Bᵀ (+ bias)` and the backward's `dX = dY·W0 + s·U·A` when TMA can describe
+//! the operands: k and rank (and, for dX, n) multiples of 8 (16-byte row strides), 16-byte aligned
+//! tensors, adapters in the layer dtype, no dropout, and a build that embeds the sm_90a module. Everything else takes the mma.sync kernel. `LK_FUSED_GEMM=mma` forces
 //! the mma.sync kernel everywhere (side-by-side timings); `LK_FUSED_GEMM=sm90` makes a forward the
 //! Hopper kernel cannot take an error instead of a fallback (tests).
 
@@ -58,6 +58,12 @@ fn obstacle<T: Element, R: Element>(g: &FusedGemm<'_, T, R>) -> Option<String> {
             g.k, g.rank
         ));
     }
+    if g.orient == Orient::Nn && g.n % 8 != 0 {
+        return Some(format!(
+            "n = {} must be a multiple of 8 for dX (W0's and A's rows, TMA's 16-byte strides)",
+            g.n
+        ));
+    }
     let unaligned = [
         ("x", g.a.byte_range().0),
         ("w0", g.b.byte_range().0),
@@ -80,9 +86,9 @@ pub(crate) fn try_fused_gemm<T: Element, R: Element>(
     c: &mut Tensor<T>,
     split: bool,
 ) -> Result<bool> {
-    // Only the forward's GEMM has a Hopper kernel: the projection (k = 0, or split) and the backward's
-    // dX (Nn) are not candidates, whatever LK_FUSED_GEMM says.
-    if g.orient != Orient::Nt || g.k == 0 || split {
+    // The forward's GEMM and the backward's dX have Hopper kernels; the projection (k = 0, or split) is
+    // not a candidate, whatever LK_FUSED_GEMM says.
+    if g.k == 0 || split {
         return Ok(false);
     }
     let choice = choice(op)?;
@@ -103,19 +109,20 @@ pub(crate) fn try_fused_gemm<T: Element, R: Element>(
     Ok(true)
 }
 
-/// The tensor map of a row-major [rows, cols] operand in 128-row × 64-column boxes.
+/// The tensor map of a row-major [rows, cols] operand in boxes of 64 columns × `box_rows` rows.
 fn map<T: Element>(
     op: &'static str,
     t: &Tensor<T>,
     rows: usize,
     cols: usize,
+    box_rows: u32,
 ) -> Result<LkTensorMap> {
     let elem = std::mem::size_of::<T>();
     TensorMapSpec {
         elem_bytes: elem,
         dims: vec![cols as u64, rows as u64],
         strides: vec![(cols * elem) as u64],
-        box_dims: vec![LK_SM90_BK, LK_SM90_BM],
+        box_dims: vec![LK_SM90_BK, box_rows],
         swizzle: Swizzle::B128,
     }
     .encode(op, t.device(), t.byte_range().0)
@@ -127,18 +134,37 @@ fn launch<T: Element, R: Element>(
     r: &Tensor<T>,
     c: &mut Tensor<T>,
 ) -> Result<()> {
-    let kernel = super::launch::pick(
-        op,
-        T::DTYPE,
-        &kernels::FUSED_GEMM_SM90_BF16,
-        &kernels::FUSED_GEMM_SM90_F16,
-    )?;
-    let maps = [
-        map(op, g.a, g.m, g.k)?,
-        map(op, g.b, g.n, g.k)?,
-        map(op, g.l, g.m, g.rank)?,
-        map(op, r, g.n, g.rank)?,
-    ];
+    let (kernel, maps) = match g.orient {
+        Orient::Nt => (
+            super::launch::pick(
+                op,
+                T::DTYPE,
+                &kernels::FUSED_GEMM_SM90_BF16,
+                &kernels::FUSED_GEMM_SM90_F16,
+            )?,
+            [
+                map(op, g.a, g.m, g.k, LK_SM90_BM)?,
+                map(op, g.b, g.n, g.k, LK_SM90_BN)?,
+                map(op, g.l, g.m, g.rank, LK_SM90_BM)?,
+                map(op, r, g.n, g.rank, LK_SM90_BN)?,
+            ],
+        ),
+        // the second operands stored [k, n] and [rank, n]: two 64×64 boxes per stage
+        Orient::Nn => (
+            super::launch::pick(
+                op,
+                T::DTYPE,
+                &kernels::FUSED_GEMM_SM90_NN_BF16,
+                &kernels::FUSED_GEMM_SM90_NN_F16,
+            )?,
+            [
+                map(op, g.a, g.m, g.k, LK_SM90_BM)?,
+                map(op, g.b, g.k, g.n, LK_SM90_BK)?,
+                map(op, g.l, g.m, g.rank, LK_SM90_BM)?,
+                map(op, r, g.rank, g.n, LK_SM90_BK)?,
+            ],
+        ),
+    };
     let tiles = g.m.div_ceil(LK_SM90_BM as usize) * g.n.div_ceil(LK_SM90_BN as usize);
     let device = g.a.device().clone();
     let plan = LaunchPlan {
