@@ -520,29 +520,30 @@ def main():
             # the wgmma work it executes (padding included) and the memory time; the projection launches
             # are the mma.sync ones, bounded as above.
             M, N, K, R = 8192, 4096, 4096, 16
-            proj = [l for l in headline_ops()[0][2] if l["kernel"] != "fused_gemm_nt_bf16"]
-            proj_t = 0.0
-            for l in proj:
-                _, r_l = res[(l["kernel"], arch)]
-                proj_t += bound_launch(l, mixes[(l["kernel"], arch)], occupancy(r_l, l["kernel"], l["file"], dev),
-                                       dev)[0]
-            tiles = cdiv(M, 128) * cdiv(N, 128)
-            stages = cdiv(R, 64) + cdiv(K, 64)
-            flops = tiles * stages * 2 * 128 * 128 * 64
-            tensor_t = flops / dev["tensor"]
-            mem_t = 2 * (M * K + N * K + M * R + N * R + M * N) / dev["hbm"]
-            hop = max(tensor_t, mem_t)
-            t = headline_ops()[0][3](dev)
-            total = proj_t + hop
-            w("The forward on the sm_90a path (kernels/sm90/fused_gemm_sm90.cu for the fused GEMM; its SASS is "
-              "not read by this script yet, so its bound has no issue-time term: the larger of the tensor time "
-              "of the wgmma work it executes, padding included, at the dense bf16 peak, and the memory time):")
+            w("The forward and backward on the sm_90a path (kernels/sm90/fused_gemm_sm90.cu for the forward's "
+              "fused GEMM and dX; its SASS is not read by this script yet, so its bound has no issue-time term: "
+              "the larger of the tensor time of the wgmma work it executes, padding included, at the dense bf16 "
+              "peak, and the memory time; the other launches are the mma.sync ones, bounded as above):")
             w("")
-            w("| target | projection (µs) | sm_90a GEMM: tensor | memory | bound (µs) | target (µs) | bound / target | verdict |")
+            w("| target | other launches (µs) | sm_90a GEMM: tensor | memory | bound (µs) | target (µs) | bound / target | verdict |")
             w("| --- | --- | --- | --- | --- | --- | --- | --- |")
-            w(f"| forward <= 1.03x cuBLAS (M=8192, N=K=4096, r=16) | {proj_t * 1e6:.1f} | {tensor_t * 1e6:.1f} | "
-              f"{mem_t * 1e6:.1f} | {total * 1e6:.1f} | {t * 1e6:.1f} | {total / t:.2f} | "
-              f"{'MISS' if total > t else 'open'} |")
+            # (target, launches, replaced kernel, the GEMM's m, n, k and rank)
+            for (target, _, launches, tgt), (replaced, gm, gn, gk) in zip(
+                    headline_ops()[:2], (("fused_gemm_nt_bf16", M, N, K), ("fused_gemm_nn_bf16", M, K, N))):
+                rest_t = 0.0
+                for l in launches:
+                    if l["kernel"] == replaced:
+                        continue
+                    _, r_l = res[(l["kernel"], arch)]
+                    rest_t += bound_launch(l, mixes[(l["kernel"], arch)],
+                                           occupancy(r_l, l["kernel"], l["file"], dev), dev)[0]
+                tiles = cdiv(gm, 128) * cdiv(gn, 128)
+                stages = cdiv(R, 64) + cdiv(gk, 64)
+                tensor_t = tiles * stages * 2 * 128 * 128 * 64 / dev["tensor"]
+                mem_t = 2 * (gm * gk + gn * gk + gm * R + gn * R + gm * gn) / dev["hbm"]
+                total, t = rest_t + max(tensor_t, mem_t), tgt(dev)
+                w(f"| {target} | {rest_t * 1e6:.1f} | {tensor_t * 1e6:.1f} | {mem_t * 1e6:.1f} | {total * 1e6:.1f} | "
+                  f"{t * 1e6:.1f} | {total / t:.2f} | {'MISS' if total > t else 'open'} |")
             w("")
         w("Merge of 4096^2 bf16 by rank (not a headline target; µs, as above):")
         w("")
