@@ -162,13 +162,15 @@ void check_byte_hb(size_t off, size_t at, size_t n, bool write, unsigned tid, bo
         const bool reads_now = s.r_epoch == E;
         if (write) {
             const char* kind = async_issue ? "write-after-read, by an async copy" : "write-after-read";
-            if (reads_now && !hb_ordered(L, s.r_tid, s.r_clock, s.r_epoch, tid))
+            // readers of this interval, and agents' (wgmma) reads from any interval: a __syncthreads does not
+            // order an async read that only a wait_group acquires
+            const bool slot_counts = s.r_epoch != 0 && (reads_now || s.r_tid >= L.nthreads);
+            if (slot_counts && !hb_ordered(L, s.r_tid, s.r_clock, s.r_epoch, tid))
                 hazard_hb(kind, off + i, n, write, tid, s.r_tid, "reads");
-            if (s.flags & SB_READ_SET) {  // readers of r_epoch (a set left from an earlier interval is ordered)
-                if (reads_now)
-                    for (const auto& r : L.read_sets[off + i])
-                        if (!hb_ordered(L, r.first, r.second, E, tid))
-                            hazard_hb(kind, off + i, n, write, tid, r.first, "reads");
+            if (s.flags & SB_READ_SET) {
+                for (const auto& r : L.read_sets[off + i])
+                    if ((reads_now || r.first >= L.nthreads) && !hb_ordered(L, r.first, r.second, E, tid))
+                        hazard_hb(kind, off + i, n, write, tid, r.first, "reads");
                 L.read_sets.erase(off + i);
                 s.flags &= uint8_t(~SB_READ_SET);
             }
@@ -177,9 +179,20 @@ void check_byte_hb(size_t off, size_t at, size_t n, bool write, unsigned tid, bo
             s.w_clock = me;
             s.r_epoch = 0;  // every read so far is ordered before this write: later writes check the write
         } else if (!reads_now || s.r_tid == tid || hb_ordered(L, s.r_tid, s.r_clock, s.r_epoch, tid)) {
-            if (!reads_now && (s.flags & SB_READ_SET)) {
-                L.read_sets.erase(off + i);
-                s.flags &= uint8_t(~SB_READ_SET);
+            if (!reads_now && (s.flags & SB_READ_SET)) {  // keep the agents' reads, drop the threads'
+                auto& set = L.read_sets[off + i];
+                set.erase(std::remove_if(set.begin(), set.end(), [&](const std::pair<uint16_t, uint32_t>& r) {
+                              return r.first < L.nthreads;
+                          }),
+                          set.end());
+                if (set.empty()) {
+                    L.read_sets.erase(off + i);
+                    s.flags &= uint8_t(~SB_READ_SET);
+                }
+            }
+            if (s.r_epoch != 0 && s.r_tid >= L.nthreads && !hb_ordered(L, s.r_tid, s.r_clock, s.r_epoch, tid)) {
+                L.read_sets[off + i].emplace_back(s.r_tid, s.r_clock);  // an agent's read this one does not order
+                s.flags |= SB_READ_SET;
             }
             s.r_epoch = E;
             s.r_tid = uint16_t(tid);
@@ -313,6 +326,8 @@ std::string smem_place(const Launch& L, size_t off) { return place_of(L, off); }
 std::string accessor_name(unsigned id) {
     const Launch& L = *g_launch;
     if (id < L.nthreads) return thread_name(id);
+    if (id >= L.bar_base && L.bar_base > 0)
+        return "a bulk copy completing on the mbarrier at " + place_of(L, L.bar_offset[id - L.bar_base]);
     if (id < 2 * L.nthreads) return "the bulk copy issued by " + thread_name(id - L.nthreads);
     return "the wgmma.mma_async of warpgroup " + std::to_string(id - 2 * L.nthreads) +
            " (its reads last until its wgmma.wait_group)";
@@ -332,11 +347,22 @@ void smem_agent_read(size_t off, size_t n, unsigned checker, unsigned agent, uin
                  place_of(L, off + i).c_str(), accessor_name(agent).c_str(), thread_name(s.w_tid).c_str());
         if (!hb_ordered(L, s.w_tid, s.w_clock, s.w_epoch, checker))
             hazard_hb("read-after-write", off + i, n, false, checker, s.w_tid, "writes");
-        // the agent joins the readers of the interval (it is never ordered after another reader)
+        // the agent joins the readers (it is never ordered after another reader)
         if (s.r_epoch != E) {
-            if (s.flags & SB_READ_SET) {
-                L.read_sets.erase(off + i);
-                s.flags &= uint8_t(~SB_READ_SET);
+            if (s.flags & SB_READ_SET) {  // keep the agents' reads, drop the threads' (ordered by the barrier)
+                auto& set = L.read_sets[off + i];
+                set.erase(std::remove_if(set.begin(), set.end(), [&](const std::pair<uint16_t, uint32_t>& r) {
+                              return r.first < L.nthreads;
+                          }),
+                          set.end());
+                if (set.empty()) {
+                    L.read_sets.erase(off + i);
+                    s.flags &= uint8_t(~SB_READ_SET);
+                }
+            }
+            if (s.r_epoch != 0 && s.r_tid >= L.nthreads && s.r_tid != agent) {
+                L.read_sets[off + i].emplace_back(s.r_tid, s.r_clock);
+                s.flags |= SB_READ_SET;
             }
             s.r_epoch = E;
             s.r_tid = uint16_t(agent);
@@ -468,6 +494,7 @@ void smem_async_land(unsigned char* dst, unsigned tid) {
         s.w_epoch = L.epoch;
         s.w_tid = uint16_t(tid);
         s.w_sync = L.fibers[tid].warp_sync;
+        if (L.hb) s.w_clock = hb_row(L, tid)[tid];  // the landing, not the issue: released only after the wait
     }
 }
 

@@ -177,8 +177,11 @@ struct MBarrier {
     uint32_t init_clock = 0, init_epoch = 0;
     std::vector<uint32_t> vc;       // join of this phase's arrivals
     std::vector<uint32_t> done_vc;  // join of every completed phase's arrivals (what a successful wait acquires)
-    std::vector<int64_t> seen;      // per thread: the last completed phase its try_wait observed (-1: none)
+    unsigned comp = 0;              // its clock component (Launch::bar_base + comp): the phases completed
 };
+
+// mbarriers per block that can carry bulk-copy completions in happens-before mode (a clock component each)
+constexpr unsigned kMaxBarriers = 64;
 
 
 struct StaticVar {
@@ -219,6 +222,9 @@ struct Launch {
     size_t vc_width = 0;
     std::vector<uint32_t> vc;
     std::vector<uint32_t> agent_clock;  // per agent (clock component - nthreads): its events so far
+    size_t bar_base = 0;                // clock component of the block's first mbarrier (2·nthreads + groups)
+    unsigned next_bar = 0;              // mbarrier.inits in this block so far
+    std::vector<size_t> bar_offset;     // per barrier component: its shared-memory offset (for messages)
     std::unordered_map<size_t, std::vector<std::pair<uint16_t, uint32_t>>> read_sets;  // offset -> (reader, clock)
     std::unordered_map<size_t, MBarrier> mbarriers;  // by shared-memory offset, reset at block start
     std::deque<BulkCopy> bulk_in_flight;

@@ -12,10 +12,11 @@
 // - try_wait blocks the thread until the phase completes (a GPU's try_wait returns false after a time
 //   limit; the kernel's loop calls it again) and fails spuriously now and then (drawn from the launch's
 //   seed), as the ISA allows: a kernel must loop;
-// - a wait whose parity cannot tell which phase it means (the barrier completed two or more phases since
-//   the thread last saw one complete) is an error, and so is a deadlock: every thread waiting, at an
-//   mbarrier or a barrier that cannot release, with no bulk copy left in flight. The message gives the
-//   barrier's pending arrivals and tx-count (a wrong expect_tx byte count shows there);
+// - a deadlock is an error: every thread waiting, at an mbarrier or a barrier that cannot release, with no
+//   bulk copy left in flight. The message gives the barrier's pending arrivals and tx-count (a wrong
+//   expect_tx byte count shows there). A wait whose parity refers to a phase further back than the last
+//   one is not flagged (a consumer may legitimately skip phases others consume); reading data of a phase
+//   it did not wait for is then a race, as bulk-copy landings are ordered per barrier and phase;
 // - arrivals beyond those pending and a tx-count outside ±(2^20 - 1) are errors.
 // - fence.mbarrier_init and fence.proxy.async are accepted and not checked: the emulator has one proxy
 //   and no cluster, so a missing fence goes unseen.
@@ -25,7 +26,8 @@
 // that other threads still read, without having waited for their release, is a race) and then is in
 // flight: filled with 0xFF, any access to it an error. Copies land only when no thread can run, one at a
 // time (oldest first; newest first under the descending orders), as late as a GPU may land them; each
-// landing writes its bytes as the copy's agent, then completes its bytes on the mbarrier. A block that
+// landing writes its bytes as the barrier's clock component at the phase it completes in, then completes
+// its bytes on the mbarrier. A block that
 // ends with copies in flight is an error.
 //
 // Happens-before mode: from a launch's first mbarrier.init on, every thread has a vector clock (one
@@ -61,7 +63,9 @@ void hb_enable(Launch& L) {
     if (L.hb) return;
     L.hb = true;
     const size_t groups = (L.nthreads + 127) / 128;
-    L.vc_width = 2 * size_t(L.nthreads) + groups;
+    L.bar_base = 2 * size_t(L.nthreads) + groups;
+    L.vc_width = L.bar_base + kMaxBarriers;
+    L.bar_offset.assign(kMaxBarriers, 0);
     L.vc.assign(L.nthreads * L.vc_width, 0);
     L.agent_clock.assign(L.nthreads + groups, 0);
     for (unsigned t = 0; t < L.nthreads; ++t) hb_row(L, t)[t] = 1;
@@ -97,6 +101,8 @@ MBarrier& barrier_at(size_t off, const char* op) {
 void complete_phase(Launch& L, size_t off, MBarrier& b) {
     ++b.phase;
     join(b.done_vc.data(), b.vc.data(), L.vc_width);
+    // the bulk copies that landed during the phase wrote as this barrier's component at phase + 1
+    b.done_vc[L.bar_base + b.comp] = uint32_t(b.phase);
     std::fill(b.vc.begin(), b.vc.end(), 0u);
     b.pending = b.count;
     b.tx = 0;
@@ -132,6 +138,7 @@ void hb_begin_block(Launch& L) {
     L.mbarriers.clear();
     L.bulk_in_flight.clear();
     L.read_sets.clear();
+    L.next_bar = 0;
     if (!L.hb) return;
     std::fill(L.vc.begin(), L.vc.end(), 0u);
     std::fill(L.agent_clock.begin(), L.agent_clock.end(), 0u);
@@ -167,12 +174,6 @@ bool land_one_bulk_copy(Launch& L) {
     BulkCopy c = newest ? std::move(L.bulk_in_flight.back()) : std::move(L.bulk_in_flight.front());
     if (newest) L.bulk_in_flight.pop_back();
     else L.bulk_in_flight.pop_front();
-    const unsigned agent = L.nthreads + c.tid;
-    const uint32_t clock = ++L.agent_clock[c.tid];
-    for (size_t i = 0; i < c.chunks.size(); ++i) {
-        std::memcpy(L.smem + c.chunks[i], c.bytes.data() + 16 * i, 16);
-        smem_bulk_land(c.chunks[i], 16, agent, clock);
-    }
     auto it = L.mbarriers.find(c.bar);
     if (it == L.mbarriers.end()) {
         L.error = "a bulk copy issued by " + thread_name(c.tid) + " completes on " + smem_place(L, c.bar) +
@@ -180,7 +181,13 @@ bool land_one_bulk_copy(Launch& L) {
         return true;
     }
     MBarrier& b = it->second;
-    b.vc[agent] = std::max(b.vc[agent], clock);
+    // The landing writes as the barrier's component at the number of the phase it completes in (+1): only
+    // a wait that sees that phase of that barrier complete acquires it (not another barrier's, not an
+    // earlier phase's, not the issuer's program order).
+    for (size_t i = 0; i < c.chunks.size(); ++i) {
+        std::memcpy(L.smem + c.chunks[i], c.bytes.data() + 16 * i, 16);
+        smem_bulk_land(c.chunks[i], 16, unsigned(L.bar_base + b.comp), uint32_t(b.phase + 1));
+    }
     b.tx -= int64_t(c.bytes.size());
     if (b.tx < -kMaxTx) {
         L.error = "complete_tx of a bulk copy issued by " + thread_name(c.tid) + " takes the tx-count of the mbarrier at " +
@@ -257,7 +264,10 @@ void mbarrier_init(void* bar, uint32_t count) {
     b.init_epoch = L.epoch;
     b.vc.assign(L.vc_width, 0);
     b.done_vc.assign(L.vc_width, 0);
-    b.seen.assign(L.nthreads, -1);
+    if (L.next_bar >= kMaxBarriers)
+        fail("mbarrier.init: more than %u mbarrier initialisations in one block are not emulated", kMaxBarriers);
+    b.comp = L.next_bar++;
+    L.bar_offset[b.comp] = off;
     L.mbarriers[off] = std::move(b);
 }
 
@@ -283,18 +293,11 @@ bool mbarrier_try_wait_parity(void* bar, uint32_t parity) {
     if (parity > 1) fail("%s: phase parity %u is not 0 or 1", op, parity);
     for (;;) {
         MBarrier& b = barrier_at(off, op);
-        const int64_t last_done = int64_t(b.phase) - 1;
-        if (last_done - b.seen[tid] >= 2)
-            fail("%s (parity %u) on the mbarrier at %s: it completed phases %lld to %lld since this thread last saw "
-                 "one complete (phase %lld), so the parity no longer says which phase is meant",
-                 op, parity, smem_place(L, off).c_str(), static_cast<long long>(b.seen[tid] + 1),
-                 static_cast<long long>(last_done), static_cast<long long>(b.seen[tid]));
         if ((b.phase & 1) != parity) {
             if (splitmix(L.wait_rng) % 4 == 0) {  // a spurious failure: the kernel has to ask again
                 yield();
                 return false;
             }
-            b.seen[tid] = last_done;
             join(hb_row(L, tid), b.done_vc.data(), L.vc_width);
             return true;
         }

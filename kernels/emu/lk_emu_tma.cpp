@@ -71,7 +71,7 @@ void check_smem_box(const void* smem, size_t bytes, const char* op) {
              smem, bytes);
 }
 
-void perform_store(const BulkStore& s) {
+void perform_store(const BulkStore& s, unsigned tid) {
     const LkEmuTensorMap& m = s.map;
     const size_t total = box_bytes(m), per_chunk = 16 / m.elem_bytes;
     for (size_t q = 0; q < total / 16; ++q) {
@@ -83,6 +83,8 @@ void perform_store(const BulkStore& s) {
             global_access(reinterpret_cast<void*>(g), m.elem_bytes, true, "cp.async.bulk.tensor store");
             std::memcpy(reinterpret_cast<void*>(g), chunk + i * m.elem_bytes, m.elem_bytes);
         }
+        // the store reads its source until now: a read by the issuing thread at its wait
+        smem_access(chunk, 16, false, tid);
         async_read_end(size_t(chunk - g_launch->smem), 16);
     }
 }
@@ -142,7 +144,7 @@ void bulk_wait_group(int n) { retire_bulk_stores(*g_fiber, size_t(n < 0 ? 0 : n)
 
 void retire_bulk_stores(Fiber& f, size_t keep) {
     while (f.store_groups.size() > keep) {
-        for (const BulkStore& s : f.store_groups.front()) perform_store(s);
+        for (const BulkStore& s : f.store_groups.front()) perform_store(s, f.linear);
         f.store_groups.pop_front();
     }
 }

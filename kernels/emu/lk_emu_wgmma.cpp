@@ -155,6 +155,9 @@ void issue(Launch& L, WgState& W, unsigned group) {
     const Fiber& f0 = L.fibers[group * 128];
     for (int i = idx - 1; i >= 0 && op.prev < 0; --i)
         if (W.ops[size_t(i)].d[0] == W.lanes[0].d && pending_on(f0, W, W.lanes[0].d)) op.prev = i;
+    if (op.prev >= 0 && W.ops[size_t(op.prev)].n != op.n)
+        fail("wgmma.mma_async: N = %u on accumulators a pending wgmma with N = %u still writes", op.n,
+             W.ops[size_t(op.prev)].n);
     for (unsigned t = 0; t < 128; ++t) {
         op.d[t] = W.lanes[t].d;
         if (op.a_regs) std::memcpy(&op.a_frag[4 * t], W.lanes[t].a, 16);
@@ -192,7 +195,12 @@ void issue(Launch& L, WgState& W, unsigned group) {
 uint32_t smem_address(const void* p) {
     const Launch& L = *g_launch;
     if (!in_smem_window(p, 1)) fail("%p is not in the block's shared memory", p);
-    return uint32_t(static_cast<const unsigned char*>(p) - smem_zero(L));
+    const size_t a = size_t(static_cast<const unsigned char*>(p) - smem_zero(L));
+    if (a >= (size_t(1) << 18))
+        fail("shared-memory address %zu of %p does not fit a wgmma descriptor's 18 bits (the emulator places "
+             "static shared memory after up to 227 KB of dynamic: keep wgmma operands in dynamic shared memory)",
+             a, p);
+    return uint32_t(a);
 }
 
 void wgmma_begin_block(Launch& L) {

@@ -26,6 +26,7 @@ enum PipelineBug {
     PB_WRONG_PARITY = 6,        // consumers always wait for parity 0
     PB_PLAIN_ACCESS = 7,        // a consumer reads the mbarrier object with a plain load
     PB_UNWAITED_COPY = 8,       // a consumer issues a last bulk copy that nobody waits for before the exit
+    PB_WRONG_STAGE = 9,         // consumers wait for full[s] but read the other stage
 };
 
 constexpr int kTile = 256;  // floats per tile
@@ -70,7 +71,7 @@ extern "C" __global__ void planted_pipeline_mbarrier(PipelineParams p) {
         if (p.bug == PB_PLAIN_ACCESS && c == 5) acc += float(*reinterpret_cast<volatile uint64_t*>(&full[s]) & 1u);
         if (p.bug != PB_NO_FULL_WAIT) lk_mbarrier_wait_parity(&full[s], p.bug == PB_WRONG_PARITY ? 0u : uint32_t(lap & 1));
         if (p.bug == PB_RELEASE_BEFORE_READ) lk_mbarrier_arrive(&empty[s]);
-        const float* chunk = stage + s * kTile + 4 * other;
+        const float* chunk = stage + (p.bug == PB_WRONG_STAGE ? s ^ 1 : s) * kTile + 4 * other;
         for (int j = 0; j < 4; ++j) acc += chunk[j];
         if (p.bug != PB_RELEASE_BEFORE_READ) lk_mbarrier_arrive(&empty[s]);
     }
