@@ -7,8 +7,8 @@
 //! Needs a GPU; without one it says so and exits 0.
 //!
 //! The multi-adapter rows (lora_forward_multi, benches/common/multi.rs) come after the single-adapter ones.
-//! On an sm_90 GPU the forward rows (M > 16) are the sm_90a kernel where it applies, followed by a row of
-//! the same forward on the mma.sync kernel (`LK_FUSED_GEMM=mma`), both against the same cuBLAS GEMM.
+//! On an sm_90 GPU each forward (M > 16) gets a second row with the sm_90a GEMM (`LK_FUSED_GEMM=auto`, opt-in)
+//! beside the default mma.sync one, both against the same cuBLAS GEMM.
 //!
 //! `cargo run --release --example perf_table` (`LK_BENCH_QUICK=1`: headline cases only). Results
 //! from GPU runs are kept in docs/perf/ with device, driver, date and commit.
@@ -299,20 +299,20 @@ fn main() {
         row(op, fwd, "cuBLAS GEMM (full FT)", bare, f_roof, &chk);
         row(op, fwd, "cuBLAS unfused LoRA", unfused, f_roof, &chk);
         if c.m > 16 && dev.compute_capability() == 90 {
-            // the same forward on the mma.sync kernel, beside the sm_90a one the row above used
+            // the same forward with the sm_90a GEMM (opt-in), beside the mma.sync one the row above used
             // SAFETY: this program is single-threaded; nothing reads the environment concurrently.
-            unsafe { std::env::set_var("LK_FUSED_GEMM", "mma") };
-            let chk_mma = check_forward(&blas, &mut sets[0], c);
-            let fwd_mma = time(&dev, |i| common::ours_forward(&mut sets[i % ns], SCALE));
+            unsafe { std::env::set_var("LK_FUSED_GEMM", "auto") };
+            let chk_90 = check_forward(&blas, &mut sets[0], c);
+            let fwd_90 = time(&dev, |i| common::ours_forward(&mut sets[i % ns], SCALE));
             // SAFETY: as above.
             unsafe { std::env::remove_var("LK_FUSED_GEMM") };
             row(
-                "forward, mma.sync kernel (LK_FUSED_GEMM=mma)",
-                fwd_mma,
+                "forward, sm_90a GEMM (LK_FUSED_GEMM=auto)",
+                fwd_90,
                 "cuBLAS GEMM (full FT)",
                 bare,
                 f_roof,
-                &chk_mma,
+                &chk_90,
             );
         }
         if c.m > 16 {

@@ -125,6 +125,17 @@ for t in $tests; do
   echo "$line" | tee -a "$results/tests-summary.txt"
   grep -E '^test .* \.\.\. FAILED$|^---- .* stdout ----$' "$log" | sed 's/^/    /' >> "$results/tests-summary.txt"
 done
+# The sm_90a GEMMs are opt-in (LK_FUSED_GEMM=auto) until they have passed on a GPU: on sm_90, the LoRA
+# op and layer tests once more with them.
+if [ "$gpu" = 1 ] && nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | grep -q '^9\.0'; then
+  for t in $tests; do
+    n=$(name_of "$t")
+    case "$n" in lora_ops | lora_linear) ;; *) continue ;; esac
+    log=$results/tests/$n-sm90a.log
+    if LK_FUSED_GEMM=auto "$t" --test-threads=1 > "$log" 2>&1; then r=ok; else r=FAILED; bad_bins=$((bad_bins + 1)); fi
+    echo "$n with LK_FUSED_GEMM=auto (the sm_90a GEMMs): $r, see tests/$n-sm90a.log" | tee -a "$results/tests-summary.txt"
+  done
+fi
 total="tests: $passed passed, $nfailed failed, $ignored ignored; $bad_bins of $(echo "$tests" | wc -w) binaries failed"
 [ "$gpu" = 0 ] && total="$total (no GPU: the GPU part of each test was skipped)"
 echo "$total" | tee -a "$results/tests-summary.txt"
