@@ -13,7 +13,7 @@ use common::probes::TmaParams;
 
 use lora_kernels::device::{EmuRegion, emu_launch_raw};
 use lora_kernels::tma::{Swizzle, TensorMapSpec};
-use lora_kernels::{Device, EmuConfig, Error, LaunchPlan, ThreadOrder};
+use lora_kernels::{Device, EmuConfig, Error, LaunchPlan};
 
 include!(concat!(env!("OUT_DIR"), "/test_kernel_decls.rs"));
 
@@ -147,23 +147,6 @@ fn check_case(case: &Case, cfg: &EmuConfig) {
     }
 }
 
-fn orders() -> Vec<EmuConfig> {
-    [
-        (ThreadOrder::Ascending, 0),
-        (ThreadOrder::Descending, 5),
-        (ThreadOrder::Shuffled, common::seed()),
-        (ThreadOrder::WarpGreedyAscending, 3),
-        (ThreadOrder::WarpGreedyDescending, 6),
-    ]
-    .into_iter()
-    .map(|(order, seed)| EmuConfig {
-        order,
-        seed,
-        ..EmuConfig::default()
-    })
-    .collect()
-}
-
 fn cases() -> Vec<Case> {
     // the inner box at each swizzle's span (and wider without swizzle), coordinates partly outside on
     // every side, box rows not a multiple of 8
@@ -196,7 +179,7 @@ fn cases() -> Vec<Case> {
 
 #[test]
 fn tma_round_trip_every_swizzle_and_order() {
-    for cfg in orders() {
+    for cfg in common::all_orders() {
         for case in cases() {
             check_case(&case, &cfg);
         }
@@ -206,7 +189,7 @@ fn tma_round_trip_every_swizzle_and_order() {
 #[test]
 fn tma_planted_bugs_are_caught() {
     let case = &cases()[3]; // 128-byte swizzle
-    for cfg in orders() {
+    for cfg in common::all_orders() {
         // wrong pattern, and shared memory assumed 1024-byte aligned: wrong values, clean launch
         for bug in [1, 2] {
             let (y, _) = run(case, &cfg, bug).expect("a layout bug does not fail the launch");

@@ -16,7 +16,7 @@ use lora_kernels::params::LkTensorMap;
 use common::Rng;
 use lora_kernels::device::{EmuRegion, emu_launch_raw};
 use lora_kernels::tma::{Swizzle, TensorMapSpec};
-use lora_kernels::{Device, EmuConfig, LaunchPlan, ThreadOrder};
+use lora_kernels::{Device, EmuConfig, LaunchPlan};
 
 include!(concat!(env!("OUT_DIR"), "/test_kernel_decls.rs"));
 
@@ -283,26 +283,9 @@ fn rel_err(y: &[f32], want: &[f64]) -> f64 {
     (num / den).sqrt()
 }
 
-fn orders() -> Vec<EmuConfig> {
-    [
-        (ThreadOrder::Ascending, 0),
-        (ThreadOrder::Descending, 2),
-        (ThreadOrder::Shuffled, common::seed()),
-        (ThreadOrder::WarpGreedyAscending, 4),
-        (ThreadOrder::WarpGreedyDescending, 6),
-    ]
-    .into_iter()
-    .map(|(order, seed)| EmuConfig {
-        order,
-        seed,
-        ..EmuConfig::default()
-    })
-    .collect()
-}
-
 #[test]
 fn wgmma_tile_matches_the_product_under_every_order() {
-    for (i, cfg) in orders().into_iter().enumerate() {
+    for (i, cfg) in common::all_orders().into_iter().enumerate() {
         let inp = inputs(common::seed() ^ i as u64);
         for (a_regs, b_mn) in [(false, false), (true, false), (false, true), (true, true)] {
             let y = run(&inp, &cfg, a_regs, b_mn, 0).unwrap_or_else(|e| panic!("{cfg:?}: {e}"));
@@ -317,7 +300,7 @@ fn wgmma_tile_matches_the_product_under_every_order() {
 
 #[test]
 fn wgmma_planted_bugs_are_caught() {
-    for cfg in orders() {
+    for cfg in common::all_orders() {
         let inp = inputs(common::seed() ^ 0x9);
         let want = reference(&inp, false);
         let y = run(&inp, &cfg, false, false, 1).expect("a wrong swizzle does not fail the launch");

@@ -75,18 +75,7 @@ fn emu_mma(body: EmuBody, model: MmaModel, a: &[u32], b: &[u32], c: &[f32]) -> V
 
 /// A probe kernel of emu_layout.cu, loaded from its nvcc-built fatbin.
 fn probe(dev: &Device, kernel: &str) -> CudaFunction {
-    let image = test_modules::MODULES
-        .iter()
-        .find(|(m, _)| *m == "emu_layout")
-        .unwrap()
-        .1;
-    let module = dev
-        .as_cuda()
-        .unwrap()
-        .context()
-        .load_module(Ptx::from_binary(image.to_vec()))
-        .unwrap();
-    module.load_function(kernel).unwrap()
+    test_function(dev, "emu_layout", kernel)
 }
 
 /// One block of one warp with `smem` bytes of dynamic shared memory: what every probe takes.

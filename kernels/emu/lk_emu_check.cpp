@@ -148,6 +148,20 @@ inline bool hb_ordered(Launch& L, unsigned id, uint32_t clock, uint32_t epoch, u
          accessor_name(other).c_str(), other_did, symbolize(g_pc).c_str());
 }
 
+// The first read of a byte in a new barrier interval: the earlier interval's thread readers are ordered by
+// the barrier and dropped; agents' (wgmma) reads are kept, only a wait_group orders them.
+void new_interval_readers(Launch& L, SmemByte& s, size_t at) {
+    if (!(s.flags & SB_READ_SET)) return;
+    auto& set = L.read_sets[at];
+    set.erase(std::remove_if(set.begin(), set.end(),
+                             [&](const std::pair<uint16_t, uint32_t>& r) { return r.first < L.nthreads; }),
+              set.end());
+    if (set.empty()) {
+        L.read_sets.erase(at);
+        s.flags &= uint8_t(~SB_READ_SET);
+    }
+}
+
 // One byte (`at`) of an access of n bytes at `off`, in happens-before mode (FastTrack-like: one reader
 // inline, further unordered readers of the interval in L.read_sets).
 void check_byte_hb(size_t off, size_t at, size_t n, bool write, unsigned tid, bool async_issue) {
@@ -179,17 +193,7 @@ void check_byte_hb(size_t off, size_t at, size_t n, bool write, unsigned tid, bo
             s.w_clock = me;
             s.r_epoch = 0;  // every read so far is ordered before this write: later writes check the write
         } else if (!reads_now || s.r_tid == tid || hb_ordered(L, s.r_tid, s.r_clock, s.r_epoch, tid)) {
-            if (!reads_now && (s.flags & SB_READ_SET)) {  // keep the agents' reads, drop the threads'
-                auto& set = L.read_sets[off + i];
-                set.erase(std::remove_if(set.begin(), set.end(), [&](const std::pair<uint16_t, uint32_t>& r) {
-                              return r.first < L.nthreads;
-                          }),
-                          set.end());
-                if (set.empty()) {
-                    L.read_sets.erase(off + i);
-                    s.flags &= uint8_t(~SB_READ_SET);
-                }
-            }
+            if (!reads_now) new_interval_readers(L, s, off + i);
             if (s.r_epoch != 0 && s.r_tid >= L.nthreads && !hb_ordered(L, s.r_tid, s.r_clock, s.r_epoch, tid)) {
                 L.read_sets[off + i].emplace_back(s.r_tid, s.r_clock);  // an agent's read this one does not order
                 s.flags |= SB_READ_SET;
@@ -349,17 +353,7 @@ void smem_agent_read(size_t off, size_t n, unsigned checker, unsigned agent, uin
             hazard_hb("read-after-write", off + i, n, false, checker, s.w_tid, "writes");
         // the agent joins the readers (it is never ordered after another reader)
         if (s.r_epoch != E) {
-            if (s.flags & SB_READ_SET) {  // keep the agents' reads, drop the threads' (ordered by the barrier)
-                auto& set = L.read_sets[off + i];
-                set.erase(std::remove_if(set.begin(), set.end(), [&](const std::pair<uint16_t, uint32_t>& r) {
-                              return r.first < L.nthreads;
-                          }),
-                          set.end());
-                if (set.empty()) {
-                    L.read_sets.erase(off + i);
-                    s.flags &= uint8_t(~SB_READ_SET);
-                }
-            }
+            new_interval_readers(L, s, off + i);
             if (s.r_epoch != 0 && s.r_tid >= L.nthreads && s.r_tid != agent) {
                 L.read_sets[off + i].emplace_back(s.r_tid, s.r_clock);
                 s.flags |= SB_READ_SET;

@@ -28,6 +28,25 @@ pub fn emulators() -> Vec<Device> {
     ]
 }
 
+/// The five thread orders as emulator configurations, each with another seed (so the shared-memory
+/// alignment, the block order and the spurious try_wait failures vary too): for test-only kernels.
+pub fn all_orders() -> Vec<EmuConfig> {
+    [
+        (ThreadOrder::Ascending, 0),
+        (ThreadOrder::Descending, 5),
+        (ThreadOrder::Shuffled, seed()),
+        (ThreadOrder::WarpGreedyAscending, 3),
+        (ThreadOrder::WarpGreedyDescending, 6),
+    ]
+    .into_iter()
+    .map(|(order, seed)| EmuConfig {
+        order,
+        seed,
+        ..EmuConfig::default()
+    })
+    .collect()
+}
+
 /// The GPU when one can be used; otherwise prints why the GPU run is skipped, or panics when
 /// `LK_REQUIRE_GPU=1`.
 pub fn gpu() -> Option<Device> {
