@@ -7,11 +7,9 @@
 //! first, the driver's documented rules, so a map the driver would refuse is an [`Error`] naming the
 //! rule on every backend, before any launch.
 
-use crate::device::{Device, RawBuffer};
-use crate::dtype::Element;
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::params::{LK_EMU_TENSOR_MAP_MAGIC, LkEmuTensorMap, LkTensorMap};
-use crate::tensor::Tensor;
 
 /// How a box is laid out in shared memory: 16-byte chunks XOR-permuted within spans of 32, 64 or 128
 /// bytes (the tensor map's `CUtensorMapSwizzle`).
@@ -59,6 +57,25 @@ pub struct TensorMapSpec {
 }
 
 impl TensorMapSpec {
+    /// A dense row-major `[rows, cols]` matrix of `elem_bytes`-byte elements (row stride `cols` elements)
+    /// in boxes of `box_rows × box_cols` elements.
+    pub fn row_major(
+        elem_bytes: usize,
+        rows: usize,
+        cols: usize,
+        box_cols: u32,
+        box_rows: u32,
+        swizzle: Swizzle,
+    ) -> Self {
+        TensorMapSpec {
+            elem_bytes,
+            dims: vec![cols as u64, rows as u64],
+            strides: vec![(cols * elem_bytes) as u64],
+            box_dims: vec![box_cols, box_rows],
+            swizzle,
+        }
+    }
+
     /// The driver's rules for `cuTensorMapEncodeTiled` (CUDA driver API, tensor map object management)
     /// for a tensor at `address`: rank 1..=5; a 16-byte aligned address; every dimension 1..=2^32; strides
     /// multiples of 16 below 2^40; box dimensions 1..=256 with the inner one a multiple of 16 bytes and,
@@ -216,34 +233,4 @@ impl TensorMapSpec {
         }
         Ok(LkTensorMap { opaque: map.opaque })
     }
-}
-
-/// The map of a row-major `[rows, cols]` tensor (`shape` as given, leading dimension = cols) with boxes
-/// of `box_rows × box_cols` elements.
-pub fn tiled_2d<T: Element>(
-    op: &'static str,
-    tensor: &Tensor<T>,
-    box_cols: u32,
-    box_rows: u32,
-    swizzle: Swizzle,
-) -> Result<(LkTensorMap, TensorMapSpec)> {
-    let shape = tensor.shape();
-    if shape.len() != 2 {
-        return Err(Error::Shape {
-            op,
-            arg: "tensor",
-            expected: "2 dimensions [rows, cols]".into(),
-            got: shape.to_vec(),
-        });
-    }
-    let elem = size_of::<T>();
-    let spec = TensorMapSpec {
-        elem_bytes: elem,
-        dims: vec![shape[1] as u64, shape[0] as u64],
-        strides: vec![(shape[1] * elem) as u64],
-        box_dims: vec![box_cols, box_rows],
-        swizzle,
-    };
-    let map = spec.encode(op, tensor.device(), tensor.byte_range().0)?;
-    Ok((map, spec))
 }

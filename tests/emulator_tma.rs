@@ -45,13 +45,7 @@ const COLS: usize = 104; // 208-byte rows: a multiple of 16
 const POISON: u16 = 0xFFFF;
 
 fn spec(box_cols: u32, box_rows: u32, swizzle: Swizzle) -> TensorMapSpec {
-    TensorMapSpec {
-        elem_bytes: 2,
-        dims: vec![COLS as u64, ROWS as u64],
-        strides: vec![(COLS * 2) as u64],
-        box_dims: vec![box_cols, box_rows],
-        swizzle,
-    }
+    TensorMapSpec::row_major(2, ROWS, COLS, box_cols, box_rows, swizzle)
 }
 
 struct Case {

@@ -207,15 +207,9 @@ fn inputs(seed: u64) -> Inputs {
 }
 
 fn map(dev: &Device, data: &[u16]) -> LkTensorMap {
-    TensorMapSpec {
-        elem_bytes: 2,
-        dims: vec![64, 64],
-        strides: vec![128],
-        box_dims: vec![64, 64],
-        swizzle: Swizzle::B128,
-    }
-    .encode("test", dev, data.as_ptr() as u64)
-    .unwrap()
+    TensorMapSpec::row_major(2, 64, 64, 64, 64, Swizzle::B128)
+        .encode("test", dev, data.as_ptr() as u64)
+        .unwrap()
 }
 
 fn run(

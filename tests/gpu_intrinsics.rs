@@ -456,15 +456,9 @@ fn map_2d(
     box_rows: u32,
     sw: Swizzle,
 ) -> LkTensorMap {
-    TensorMapSpec {
-        elem_bytes: 2,
-        dims: vec![cols, rows],
-        strides: vec![cols * 2],
-        box_dims: vec![box_cols, box_rows],
-        swizzle: sw,
-    }
-    .encode("probe", dev, addr)
-    .unwrap()
+    TensorMapSpec::row_major(2, rows as usize, cols as usize, box_cols, box_rows, sw)
+        .encode("probe", dev, addr)
+        .unwrap()
 }
 
 /// TMA loads (every swizzle, ragged coordinates) and clipped stores: the GPU's bytes equal the emulator's.

@@ -6,7 +6,8 @@
 //! other four (rotating over the cases) with identical bits (the race detector in its happens-before mode
 //! watching every access, the seeds varying the shared-memory alignment), and each block looping over several
 //! tiles (the emulator's persistent grid is 3 blocks). Then dX (`lora_backward`, the "nn" kernel: W0 and
-//! A read MN-major from 64×64 boxes) on 13 shapes. `LK_FUSED_GEMM=sm90` is set for this whole test
+//! A read MN-major from 64×64 boxes) with the whole backward on 13 shapes, under two orders too. Each
+//! case goes through `common::lora` (forward, backward, every output against the f64 reference). `LK_FUSED_GEMM=sm90` is set for this whole test
 //! binary, so a forward the Hopper kernel cannot take fails instead of falling back.
 //!
 //! Cases per run: `PROPTEST_CASES` (default 64).
@@ -14,11 +15,9 @@
 mod common;
 
 use common::Rng;
+use common::lora::{Layer, check, run};
 use half::{bf16, f16};
-use lora_kernels::dropout::Dropout;
-use lora_kernels::ops::Workspace;
-use lora_kernels::ops::lora_forward_into;
-use lora_kernels::reference::{self, Dims};
+use lora_kernels::reference::Dims;
 use lora_kernels::{DType, Device, Element, EmuConfig, Tensor, ThreadOrder};
 use proptest::prelude::*;
 
@@ -41,84 +40,36 @@ fn tol(dtype: DType) -> f64 {
     if dtype == DType::BF16 { 1e-2 } else { 2e-3 }
 }
 
-fn case<T: Element>((m, n, k, r): (usize, usize, usize, usize), bias: bool, stream: u64) {
+/// One layer case through `common::lora` (fresh random inputs, outputs poisoned, every output against the
+/// f64 reference): the forward, and with `backward` the backward too (its dX on the "nn" kernel), under
+/// the ascending thread order and one of the other four (by case), with identical bits.
+fn case<T: Element>(
+    (m, n, k, r): (usize, usize, usize, usize),
+    bias: bool,
+    stream: u64,
+    backward: bool,
+) {
     force_sm90();
     let mut rng = Rng::new(stream);
-    let x = rng.vec::<T>(m * k, 1.0);
-    let w0 = rng.vec::<T>(n * k, 1.0 / (k as f64).sqrt());
-    let a = rng.vec::<T>(r * k, 1.0 / (k as f64).sqrt());
-    let b = rng.vec::<T>(n * r, 1.0 / (r as f64).sqrt());
-    let bias_v = bias.then(|| rng.vec::<T>(n, 0.5));
     let scale = 0.5 + rng.uniform().abs() as f32;
-    let want = reference::forward_as_kernels(
-        &x,
-        &w0,
-        &a,
-        &b,
-        bias_v.as_deref(),
-        Dims { m, n, k, r },
-        scale as f64,
-        &Dropout::NONE,
-    );
-    let mut first: Option<Vec<u32>> = None;
-    // ascending, then one of the other four orders (by case): every order over the run
+    let l = Layer::<T>::random(&mut rng, Dims { m, n, k, r }, scale, bias);
     let others = [
         ThreadOrder::Descending,
         ThreadOrder::Shuffled,
         ThreadOrder::WarpGreedyAscending,
         ThreadOrder::WarpGreedyDescending,
     ];
-    let second = others[(stream % 4) as usize];
+    let mut first = None;
     for dev in [
         hopper(ThreadOrder::Ascending, 0),
-        hopper(second, stream | 1),
+        hopper(others[(stream % 4) as usize], stream | 1),
     ] {
-        let up = |v: &[T], shape: &[usize]| Tensor::from_slice(&dev, v, shape).unwrap();
-        let (xt, wt, at, bt) = (
-            up(&x, &[m, k]),
-            up(&w0, &[n, k]),
-            up(&a, &[r, k]),
-            up(&b, &[n, r]),
-        );
-        let bias_t = bias_v.as_ref().map(|v| up(v, &[n]));
-        let mut y = Tensor::<T>::zeros(&dev, &[m, n]).unwrap();
-        let mut t = Tensor::<T>::zeros(&dev, &[m, r]).unwrap();
-        y.poison().unwrap();
-        t.poison().unwrap();
-        lora_forward_into(
-            &xt,
-            &wt,
-            &at,
-            &bt,
-            bias_t.as_ref(),
-            scale,
-            Dropout::NONE,
-            &mut y,
-            &mut t,
-            &mut Workspace::new(),
-        )
-        .unwrap_or_else(|e| {
-            panic!(
-                "{:?} {m}×{n}×{k} r {r} on {}: {e}",
-                T::DTYPE,
-                dev.describe()
-            )
-        });
-        let yv = y.to_vec().unwrap();
-        let err = reference::relative_error(&yv, &want.y);
-        assert!(
-            err <= tol(T::DTYPE),
-            "{:?} {m}×{n}×{k} r {r} bias {bias} on {}: relative error {err:e}",
-            T::DTYPE,
-            dev.describe()
-        );
-        let bits: Vec<u32> = yv.iter().map(|v| v.to_bits_u32()).collect();
+        let o = run(&dev, &l, backward);
+        let what = format!("sm_90a {m}×{n}×{k} r {r} bias {bias} on {}", dev.describe());
+        check(&what, &l, &o, tol(T::DTYPE));
         match &first {
-            None => first = Some(bits),
-            Some(f) => assert!(
-                *f == bits,
-                "{m}×{n}×{k} r {r}: bits differ between thread orders"
-            ),
+            None => first = Some(o.bits()),
+            Some(f) => assert!(*f == o.bits(), "{what}: bits differ between thread orders"),
         }
     }
 }
@@ -137,7 +88,7 @@ proptest! {
 
     #[test]
     fn sm90_forward_matches_reference(dims in shape(), f16_layer in any::<bool>(), bias in any::<bool>(), stream in any::<u64>()) {
-        if f16_layer { case::<f16>(dims, bias, stream) } else { case::<bf16>(dims, bias, stream) }
+        if f16_layer { case::<f16>(dims, bias, stream, false) } else { case::<bf16>(dims, bias, stream, false) }
     }
 }
 
@@ -154,7 +105,7 @@ fn sm90_forward_edges() {
     .into_iter()
     .enumerate()
     {
-        case::<bf16>(dims, i % 2 == 0, 0x5e90 + i as u64);
+        case::<bf16>(dims, i % 2 == 0, 0x5e90 + i as u64, false);
     }
 }
 
@@ -177,50 +128,6 @@ fn sm90_forced_refuses_what_it_cannot_run() {
     assert!(e.to_string().contains("multiples of 8"), "{e}");
 }
 
-/// dX = dY·W0 + s·U·A on the Hopper kernel ("nn": W0 and A read MN-major), through `lora_backward`.
-fn backward_case<T: Element>((m, n, k, r): (usize, usize, usize, usize), stream: u64) {
-    force_sm90();
-    let mut rng = Rng::new(stream);
-    let x = rng.vec::<T>(m * k, 1.0);
-    let w0 = rng.vec::<T>(n * k, 1.0 / (k as f64).sqrt());
-    let a = rng.vec::<T>(r * k, 1.0 / (k as f64).sqrt());
-    let b = rng.vec::<T>(n * r, 1.0 / (r as f64).sqrt());
-    let t = rng.vec::<T>(m * r, 1.0);
-    let dy = rng.vec::<T>(m * n, 1.0);
-    let scale = 0.5 + rng.uniform().abs() as f32;
-    let want = reference::backward_as_kernels(
-        &x,
-        &w0,
-        &a,
-        &b,
-        &t,
-        &dy,
-        Dims { m, n, k, r },
-        scale as f64,
-        &Dropout::NONE,
-    );
-    let dev = hopper(ThreadOrder::WarpGreedyDescending, stream | 1);
-    let up = |v: &[T], shape: &[usize]| Tensor::from_slice(&dev, v, shape).unwrap();
-    let g = lora_kernels::ops::lora_backward(
-        &up(&x, &[m, k]),
-        &up(&w0, &[n, k]),
-        &up(&a, &[r, k]),
-        &up(&b, &[n, r]),
-        &up(&t, &[m, r]),
-        &up(&dy, &[m, n]),
-        scale,
-        true,
-    )
-    .unwrap_or_else(|e| panic!("{:?} {m}×{n}×{k} r {r}: {e}", T::DTYPE));
-    let dx = g.dx.unwrap().to_vec().unwrap();
-    let err = reference::relative_error(&dx, &want.dx);
-    assert!(
-        err <= tol(T::DTYPE),
-        "{:?} {m}×{n}×{k} r {r}: dX relative error {err:e}",
-        T::DTYPE
-    );
-}
-
 /// dX on the Hopper kernel: ragged m, n and k multiples of 8 (W0's rows in both orientations), ranks 8..128.
 #[test]
 fn sm90_dx_matches_reference() {
@@ -233,10 +140,10 @@ fn sm90_dx_matches_reference() {
             8 * (1 + (rng.next_u64() % 16) as usize),
         );
         if i % 2 == 0 {
-            backward_case::<bf16>(dims, rng.next_u64());
+            case::<bf16>(dims, false, rng.next_u64(), true);
         } else {
-            backward_case::<f16>(dims, rng.next_u64());
+            case::<f16>(dims, false, rng.next_u64(), true);
         }
     }
-    backward_case::<bf16>((129, 136, 264, 128), 7);
+    case::<bf16>((129, 136, 264, 128), false, 7, true);
 }

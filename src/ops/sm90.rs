@@ -123,14 +123,14 @@ fn map<T: Element>(
     cols: usize,
     box_rows: u32,
 ) -> Result<LkTensorMap> {
-    let elem = std::mem::size_of::<T>();
-    TensorMapSpec {
-        elem_bytes: elem,
-        dims: vec![cols as u64, rows as u64],
-        strides: vec![(cols * elem) as u64],
-        box_dims: vec![LK_SM90_BK, box_rows],
-        swizzle: Swizzle::B128,
-    }
+    TensorMapSpec::row_major(
+        size_of::<T>(),
+        rows,
+        cols,
+        LK_SM90_BK,
+        box_rows,
+        Swizzle::B128,
+    )
     .encode(op, t.device(), t.byte_range().0)
 }
 
@@ -140,37 +140,35 @@ fn launch<T: Element, R: Element>(
     r: &Tensor<T>,
     c: &mut Tensor<T>,
 ) -> Result<()> {
-    let (kernel, maps) = match g.orient {
+    // The second operands: stored [n, k] and [n, rank] in the forward (boxes of 128 rows), [k, n] and
+    // [rank, n] for dX (two 64×64 boxes per stage).
+    let (pair, (b_rows, b_cols), (r_rows, r_cols), box_rows) = match g.orient {
         Orient::Nt => (
-            super::launch::pick(
-                op,
-                T::DTYPE,
+            (
                 &kernels::FUSED_GEMM_SM90_BF16,
                 &kernels::FUSED_GEMM_SM90_F16,
-            )?,
-            [
-                map(op, g.a, g.m, g.k, LK_SM90_BM)?,
-                map(op, g.b, g.n, g.k, LK_SM90_BN)?,
-                map(op, g.l, g.m, g.rank, LK_SM90_BM)?,
-                map(op, r, g.n, g.rank, LK_SM90_BN)?,
-            ],
+            ),
+            (g.n, g.k),
+            (g.n, g.rank),
+            LK_SM90_BN,
         ),
-        // the second operands stored [k, n] and [rank, n]: two 64×64 boxes per stage
         Orient::Nn => (
-            super::launch::pick(
-                op,
-                T::DTYPE,
+            (
                 &kernels::FUSED_GEMM_SM90_NN_BF16,
                 &kernels::FUSED_GEMM_SM90_NN_F16,
-            )?,
-            [
-                map(op, g.a, g.m, g.k, LK_SM90_BM)?,
-                map(op, g.b, g.k, g.n, LK_SM90_BK)?,
-                map(op, g.l, g.m, g.rank, LK_SM90_BM)?,
-                map(op, r, g.rank, g.n, LK_SM90_BK)?,
-            ],
+            ),
+            (g.k, g.n),
+            (g.rank, g.n),
+            LK_SM90_BK,
         ),
     };
+    let kernel = super::launch::pick(op, T::DTYPE, pair.0, pair.1)?;
+    let maps = [
+        map(op, g.a, g.m, g.k, LK_SM90_BM)?,
+        map(op, g.b, b_rows, b_cols, box_rows)?,
+        map(op, g.l, g.m, g.rank, LK_SM90_BM)?,
+        map(op, r, r_rows, r_cols, box_rows)?,
+    ];
     let tiles = g.m.div_ceil(LK_SM90_BM as usize) * g.n.div_ceil(LK_SM90_BN as usize);
     let device = g.a.device().clone();
     let plan = LaunchPlan {
