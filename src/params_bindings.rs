@@ -40,7 +40,7 @@ pub const LK_SM90_BN: u32 = 128;
 pub const LK_SM90_BK: u32 = 64;
 pub const LK_SM90_STAGES: u32 = 4;
 pub const LK_SM90_THREADS: u32 = 384;
-pub const LK_SM90_SMEM_BYTES: u32 = 133120;
+pub const LK_SM90_SMEM_BYTES: u32 = 165888;
 pub const LK_EMU_ORDER_ASCENDING: u32 = 0;
 pub const LK_EMU_ORDER_DESCENDING: u32 = 1;
 pub const LK_EMU_ORDER_SHUFFLED: u32 = 2;
@@ -760,6 +760,7 @@ pub struct LkFusedGemmSm90Params {
     pub w_map: LkTensorMap,
     pub t_map: LkTensorMap,
     pub b_map: LkTensorMap,
+    pub y_map: LkTensorMap,
     pub bias: *const ::core::ffi::c_void,
     pub y: *mut ::core::ffi::c_void,
     pub m: u32,
@@ -767,13 +768,14 @@ pub struct LkFusedGemmSm90Params {
     pub k: u32,
     pub rank: u32,
     pub ldc: u32,
+    pub y_tma: u32,
     pub scale: f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     [
         "Size of LkFusedGemmSm90Params",
-    ][::core::mem::size_of::<LkFusedGemmSm90Params>() - 576usize];
+    ][::core::mem::size_of::<LkFusedGemmSm90Params>() - 704usize];
     [
         "Alignment of LkFusedGemmSm90Params",
     ][::core::mem::align_of::<LkFusedGemmSm90Params>() - 64usize];
@@ -790,29 +792,35 @@ const _: () = {
         "Offset of field: LkFusedGemmSm90Params::b_map",
     ][::core::mem::offset_of!(LkFusedGemmSm90Params, b_map) - 384usize];
     [
+        "Offset of field: LkFusedGemmSm90Params::y_map",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, y_map) - 512usize];
+    [
         "Offset of field: LkFusedGemmSm90Params::bias",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, bias) - 512usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, bias) - 640usize];
     [
         "Offset of field: LkFusedGemmSm90Params::y",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, y) - 520usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, y) - 648usize];
     [
         "Offset of field: LkFusedGemmSm90Params::m",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, m) - 528usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, m) - 656usize];
     [
         "Offset of field: LkFusedGemmSm90Params::n",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, n) - 532usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, n) - 660usize];
     [
         "Offset of field: LkFusedGemmSm90Params::k",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, k) - 536usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, k) - 664usize];
     [
         "Offset of field: LkFusedGemmSm90Params::rank",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, rank) - 540usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, rank) - 668usize];
     [
         "Offset of field: LkFusedGemmSm90Params::ldc",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, ldc) - 544usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, ldc) - 672usize];
+    [
+        "Offset of field: LkFusedGemmSm90Params::y_tma",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, y_tma) - 676usize];
     [
         "Offset of field: LkFusedGemmSm90Params::scale",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, scale) - 548usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, scale) - 680usize];
 };
 impl Default for LkFusedGemmSm90Params {
     fn default() -> Self {

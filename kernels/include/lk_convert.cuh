@@ -26,3 +26,10 @@ template <typename T> __device__ __forceinline__ uint16_t lk_bits16(const T* p) 
     static_assert(sizeof(T) == 2, "a 16-bit element type");
     return *reinterpret_cast<const uint16_t*>(p);
 }
+
+// Two values rounded to T (bf16/f16) and packed, lo in the low half: one 4-byte store of two adjacent
+// elements.
+template <typename T> __device__ __forceinline__ uint32_t lk_pack2(float lo, float hi) {
+    const T a = lk_from_f32<T>(lo), b = lk_from_f32<T>(hi);
+    return uint32_t(lk_bits16(&a)) | (uint32_t(lk_bits16(&b)) << 16);
+}

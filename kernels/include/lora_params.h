@@ -314,19 +314,23 @@ typedef struct __attribute__((aligned(64))) LkTensorMap {
  * consumer warpgroups, persistent over the 128×128 output tiles. Maps (lora_kernels::tma): x_map A
  * [m, k], t_map L [m, rank] (boxes 64 columns × 128 rows); "nt" (forward): w_map B = W0 [n, k], b_map
  * R = B [n, rank] (boxes 64 × 128); "nn" (dX): w_map B = W0 [k, n], b_map R = A [rank, n] (boxes 64 × 64).
- * C is m × n (ldc). */
+ * C is m × n (ldc). y_tma = 1: the epilogue stores C through shared memory with TMA stores on y_map (C
+ * [m, n], boxes 64 × 64, 128-byte swizzle; needs ldc·size a multiple of 16 and C 16-byte aligned);
+ * y_tma = 0: it stores from the registers to y (y_map unused). */
 #define LK_SM90_BM 128u
 #define LK_SM90_BN 128u
 #define LK_SM90_BK 64u
 #define LK_SM90_STAGES 4u
 #define LK_SM90_THREADS 384u
-/* 4 stages of two 16 KB tiles, 1 KB to align them to the swizzle's period, 1 KB of barriers */
-#define LK_SM90_SMEM_BYTES 133120u
+/* 4 stages of two 16 KB tiles, the 32 KB output tile, 1 KB to align them to the swizzle's period, 1 KB of
+ * barriers */
+#define LK_SM90_SMEM_BYTES 165888u
 typedef struct LkFusedGemmSm90Params {
     LkTensorMap x_map;
     LkTensorMap w_map;
     LkTensorMap t_map;
     LkTensorMap b_map;
+    LkTensorMap y_map;
     const void* bias;
     void* y;
     uint32_t m;
@@ -334,6 +338,7 @@ typedef struct LkFusedGemmSm90Params {
     uint32_t k;
     uint32_t rank;
     uint32_t ldc;
+    uint32_t y_tma;
     float scale;
 } LkFusedGemmSm90Params;
 

@@ -11,14 +11,19 @@
 //   columns (ragged m, n, k, rank) arrive as zeros.
 // - warpgroups 1 and 2, the consumers: setmaxnreg up; each owns 64 rows of the tile, with 64 f32
 //   accumulators per thread (m64n128). Per stage: wait "full", four wgmma k16 steps (descriptors 32 bytes
-//   apart in the 128-byte rows, SBO 1024), commit, wait, arrive "empty". After the low-rank stages the
-//   accumulators are scaled by s, so the order of operations is fused_gemm.cu's: s·(T·Bᵀ) first, then
-//   X·W0ᵀ on top, + bias, one rounding. The epilogue stores straight from the registers.
-// Choices (docs/perf/bound.md has the numbers): the projection stays a separate launch (T is needed by the
-// backward anyway, and at rank ≤ 128 it is ~3 % of the FLOPs); the epilogue stores from registers rather
-// than through shared memory and a TMA store; each stage waits for its own wgmma before releasing the slot
-// (no wgmma overlap across stages yet); no clusters.
-// Requirements the host checks (ops/launch.rs): k and rank multiples of 8 and 16-byte aligned operands
+//   apart in the 128-byte rows, SBO 1024), commit, wait until only this stage's group is in flight, arrive
+//   "empty" for the previous stage's slot: the tensor cores run one stage while the next one's wait and
+//   issue happen. After the low-rank stages (all retired) the accumulators are scaled by s, so the order of
+//   operations is fused_gemm.cu's: s·(T·Bᵀ) first, then X·W0ᵀ on top, + bias, one rounding.
+// - the epilogue: when C's rows are 16-byte multiples (y_tma), each consumer writes its 64 rows, rounded,
+//   into its half of a 32 KB output tile in the 128-byte swizzle, and one of its threads stores the two
+//   64×64 boxes with TMA (clipped at the edges) while the warpgroup goes on to the next tile's stages; the
+//   buffer is reused once that store has read it. Otherwise it stores from the registers.
+// Choices (docs/perf/bound.md has the numbers): the projection stays a separate launch: T computed here
+// would be computed again by each of the n/128 column tiles of a row block, r/128 more tensor work (12.5 %
+// at r = 16, more than the projection's read of X costs at HBM bandwidth), and T is needed by the
+// backward anyway; no clusters (the bound has no L2 term to say L2 binds; it lists the L2-to-SM bytes).
+// Requirements the host checks (ops/sm90.rs): k and rank multiples of 8 and 16-byte aligned operands
 // (TMA's row strides), layer-dtype adapters, no dropout.
 #include "lk_convert.cuh"
 #include "lk_mbarrier.cuh"
@@ -33,7 +38,7 @@ constexpr uint32_t TILE_BYTES = BM * BK * 2;  // one 128×64 box of 2-byte eleme
 constexpr uint32_t STAGE_BYTES = 2 * TILE_BYTES;
 constexpr uint32_t GROUP_M = 8;
 static_assert(BM == BN && BK * 2 == 128, "128-byte rows: the 128-byte swizzle, 4 k16 steps per stage");
-static_assert(STAGES * STAGE_BYTES + 2048 == LK_SM90_SMEM_BYTES, "header and kernel agree");
+static_assert(STAGES * STAGE_BYTES + 2 * TILE_BYTES + 2048 == LK_SM90_SMEM_BYTES, "header and kernel agree");
 
 __device__ __forceinline__ void tile_of(uint32_t tile, uint32_t tiles_m, uint32_t tiles_n, uint32_t& m0,
                                         uint32_t& n0) {
@@ -44,17 +49,107 @@ __device__ __forceinline__ void tile_of(uint32_t tile, uint32_t tiles_m, uint32_
     n0 = (in_group / rows) * BN;
 }
 
+// The epilogue through shared memory (p.y_tma): each consumer warpgroup writes its 64×128 rows of the
+// tile, + bias, rounded, into two 64×64 boxes of 128-byte rows in the 128-byte swizzle (conflict-free: a
+// warp's 8 rows of 16 bytes land on 8 different 16-byte chunks), and one thread stores them with TMA
+// (clipped at the tensor's edges). Two mbarriers per warpgroup order it: "out_free" (1 arrival: the storing
+// thread, once its previous tile's stores have read the buffer) before the writes, "out_full" (128: every
+// thread, after fence.proxy.async) before the stores.
+template <typename T>
+__device__ __forceinline__ void store_tile_tma(const LkFusedGemmSm90Params& p, const float* acc, unsigned char* out,
+                                               uint64_t* out_free, uint64_t* out_full, uint32_t t, uint32_t m0,
+                                               uint32_t n0, uint32_t tile_count) {
+    const T* bias = static_cast<const T*>(p.bias);
+    if (t == 0) {
+        lk_bulk_wait_group_read<0>();
+        lk_mbarrier_arrive(out_free);
+    }
+    lk_mbarrier_wait_parity(out_free, tile_count & 1);
+#pragma unroll
+    for (uint32_t i = 0; i < BN / 2; i += 4) {  // columns col, col + 1 of rows row and row + 8
+        const uint32_t col = lk_wgmma_acc_col(t, i);
+        float b0 = 0.0f, b1 = 0.0f;
+        if (bias != nullptr && n0 + col < p.n) {
+            b0 = lk_to_f32(bias[n0 + col]);
+            if (n0 + col + 1 < p.n) b1 = lk_to_f32(bias[n0 + col + 1]);
+        }
+#pragma unroll
+        for (uint32_t h = 0; h < 4; h += 2) {  // one 4-byte store each
+            const uint32_t row = lk_wgmma_acc_row(t, i + h), c = col % 64, chunk = (c / 8) ^ (row % 8);
+            *reinterpret_cast<uint32_t*>(out + (col / 64) * (TILE_BYTES / 2) + row * 128 + chunk * 16 + (c % 8) * 2) =
+                lk_pack2<T>(acc[i + h] + b0, acc[i + h + 1] + b1);
+        }
+    }
+    lk_fence_proxy_async();
+    lk_mbarrier_arrive(out_full);
+    if (t == 0) {
+        lk_mbarrier_wait_parity(out_full, tile_count & 1);
+        lk_tma_store_2d(&p.y_map, int32_t(n0), int32_t(m0), out);
+        lk_tma_store_2d(&p.y_map, int32_t(n0 + BN / 2), int32_t(m0), out + TILE_BYTES / 2);
+        lk_bulk_commit_group();
+    }
+}
+
+// The epilogue without a map (ldc·size not a multiple of 16): straight from the registers, clipped.
+template <typename T>
+__device__ __forceinline__ void store_tile_direct(const LkFusedGemmSm90Params& p, const float* acc, uint32_t t,
+                                                  uint32_t m0, uint32_t n0) {
+    const T* bias = static_cast<const T*>(p.bias);
+    T* y = static_cast<T*>(p.y);
+#pragma unroll
+    for (uint32_t i = 0; i < BN / 2; ++i) {
+        const uint32_t row = m0 + lk_wgmma_acc_row(t, i), col = n0 + lk_wgmma_acc_col(t, i);
+        if (row >= p.m || col >= p.n) continue;
+        const float bv = bias != nullptr ? lk_to_f32(bias[col]) : 0.0f;
+        y[size_t(row) * p.ldc + col] = lk_from_f32<T>(acc[i] + bv);
+    }
+}
+
+// One k-stage of a consumer warpgroup: wait for the slot to fill, issue its four k16 wgmmas (a low-rank
+// stage's too where its rank columns end sooner: those are TMA's zeros; skipping them would put a branch
+// between the wgmmas, which makes ptxas serialise them all, C7520), commit, wait until at most this group
+// is in flight, and release the previous stage's slot (`held`, STAGES for none). Returns this stage's slot.
+template <typename T, bool NN>
+__device__ __forceinline__ uint32_t consume_stage(uint64_t* full, uint64_t* empty, const unsigned char* ring,
+                                                  uint32_t half, float (&acc)[BN / 2], uint32_t s, uint32_t held,
+                                                  bool accumulate) {
+    const uint32_t slot = s % STAGES, lap = s / STAGES;
+    lk_mbarrier_wait_parity(&full[slot], lap & 1);
+    const unsigned char* a = ring + slot * STAGE_BYTES + half * (TILE_BYTES / 2);
+    const unsigned char* b = ring + slot * STAGE_BYTES + TILE_BYTES;
+    lk_wgmma_fence();
+#pragma unroll
+    for (uint32_t kk = 0; kk < BK / 16; ++kk) {
+        const uint64_t da = lk_wgmma_desc(a + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B);
+        if (NN) {
+            const uint64_t db = lk_wgmma_desc(b + 2048 * kk, TILE_BYTES / 2, 1024, LK_WGMMA_SWIZZLE_128B);
+            lk_wgmma_ss<T, BN, 0, 1>(acc, da, db, accumulate || kk > 0);
+        } else {
+            const uint64_t db = lk_wgmma_desc(b + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B);
+            lk_wgmma_ss<T, BN>(acc, da, db, accumulate || kk > 0);
+        }
+    }
+    lk_wgmma_commit();
+    lk_wgmma_wait<1>();
+    if (held < STAGES) lk_mbarrier_arrive(&empty[held]);
+    return slot;
+}
+
 // NN (dX = dY·W0 + s·U·A): the second operand is stored reduction-major ([k][n] row-major), so a stage's B
 // is two 64-row × 64-column boxes (columns n0.. and n0+64..: the 128-byte swizzle's span is 64 elements),
 // 8 KB apart, read by wgmma as MN-major (transpose bit), each k16 step 16 rows = 2048 bytes further.
 template <typename T, bool NN>
 __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params& p) {
     LK_DYNAMIC_SMEM(smem);
-    // barriers first, then the ring at the next 1024-byte boundary (the swizzle's period)
+    // barriers first, then the ring at the next 1024-byte boundary (the swizzle's period), then the output
+    // tile (two 16 KB halves, one per consumer warpgroup)
     uint64_t* full = reinterpret_cast<uint64_t*>(smem);
     uint64_t* empty = full + STAGES;
+    uint64_t* out_free = empty + STAGES;  // [2]
+    uint64_t* out_full = out_free + 2;    // [2]
     const uintptr_t base = reinterpret_cast<uintptr_t>(smem);
     unsigned char* ring = smem + ((base + 1024 + 1023) / 1024 * 1024 - base);
+    unsigned char* out_tile = ring + STAGES * STAGE_BYTES;
     const uint32_t tid = threadIdx.x, wg = tid / 128;
     const uint32_t tiles_m = (p.m + BM - 1) / BM, tiles_n = (p.n + BN - 1) / BN, tiles = tiles_m * tiles_n;
     const uint32_t low = (p.rank + BK - 1) / BK, stages_per_tile = low + (p.k + BK - 1) / BK;
@@ -62,6 +157,10 @@ __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params
         for (uint32_t s = 0; s < STAGES; ++s) {
             lk_mbarrier_init(&full[s], 1);
             lk_mbarrier_init(&empty[s], 256);  // every consumer thread releases the slot
+        }
+        for (uint32_t h = 0; h < 2; ++h) {
+            lk_mbarrier_init(&out_free[h], 1);
+            lk_mbarrier_init(&out_full[h], 128);
         }
         lk_fence_mbarrier_init();
     }
@@ -97,46 +196,39 @@ __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params
     lk_setmaxnreg_inc<232>();
     const uint32_t half = wg - 1;  // rows 64·half .. 64·half + 63 of the tile
     const uint32_t t = tid % 128;
-    const T* bias = static_cast<const T*>(p.bias);
-    T* y = static_cast<T*>(p.y);
     float acc[BN / 2];
-    uint32_t s = 0;
-    for (uint32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    uint32_t s = 0, tile_count = 0;
+    for (uint32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++tile_count) {
         uint32_t m0, n0;
         tile_of(tile, tiles_m, tiles_n, m0, n0);
-        for (uint32_t j = 0; j < stages_per_tile; ++j, ++s) {
-            const uint32_t slot = s % STAGES, lap = s / STAGES;
-            lk_mbarrier_wait_parity(&full[slot], lap & 1);
-            const unsigned char* a = ring + slot * STAGE_BYTES + half * (TILE_BYTES / 2);
-            const unsigned char* b = ring + slot * STAGE_BYTES + TILE_BYTES;
-            lk_wgmma_fence();
-#pragma unroll
-            for (uint32_t kk = 0; kk < BK / 16; ++kk) {
-                const uint64_t da = lk_wgmma_desc(a + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B);
-                if (NN) {
-                    const uint64_t db = lk_wgmma_desc(b + 2048 * kk, TILE_BYTES / 2, 1024, LK_WGMMA_SWIZZLE_128B);
-                    lk_wgmma_ss<T, BN, 0, 1>(acc, da, db, j > 0 || kk > 0);
-                } else {
-                    const uint64_t db = lk_wgmma_desc(b + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B);
-                    lk_wgmma_ss<T, BN>(acc, da, db, j > 0 || kk > 0);
-                }
-            }
-            lk_wgmma_commit();
+        // One wgmma group in flight across stages: stage j's group is retired, and its slot released, by
+        // stage j + 1's wait<1>; the last stage of each phase by the wait<0> after the phase's loop (the
+        // accumulators are needed next: the scale, the epilogue). Every wait is unconditional in its loop
+        // body: a wait on a branch makes ptxas serialise all the wgmmas (C7518).
+        uint32_t held = STAGES;  // the slot whose group is in flight (none yet)
+        for (uint32_t j = 0; j < low; ++j, ++s) {
+            held = consume_stage<T, NN>(full, empty, ring, half, acc, s, held, j > 0);
+        }
+        if (low > 0) {  // the low-rank sums are complete: times the scale
             lk_wgmma_wait<0>();
-            lk_mbarrier_arrive(&empty[slot]);
-            if (j + 1 == low)  // the low-rank sums are complete: times the scale
+            lk_mbarrier_arrive(&empty[held]);
+            held = STAGES;
 #pragma unroll
-                for (uint32_t i = 0; i < BN / 2; ++i) acc[i] *= p.scale;
+            for (uint32_t i = 0; i < BN / 2; ++i) acc[i] *= p.scale;
         }
-        // + bias (+0 without one), one rounding, straight from the registers
-#pragma unroll
-        for (uint32_t i = 0; i < BN / 2; ++i) {
-            const uint32_t row = m0 + 64 * half + lk_wgmma_acc_row(t, i), col = n0 + lk_wgmma_acc_col(t, i);
-            if (row >= p.m || col >= p.n) continue;
-            const float bv = bias != nullptr ? lk_to_f32(bias[col]) : 0.0f;
-            y[size_t(row) * p.ldc + col] = lk_from_f32<T>(acc[i] + bv);
+        for (uint32_t j = low; j < stages_per_tile; ++j, ++s) {
+            held = consume_stage<T, NN>(full, empty, ring, half, acc, s, held, j > 0);
         }
+        lk_wgmma_wait<0>();
+        lk_mbarrier_arrive(&empty[held]);
+        // + bias (+0 without one), one rounding
+        if (p.y_tma)
+            store_tile_tma<T>(p, acc, out_tile + half * TILE_BYTES, &out_free[half], &out_full[half], t,
+                              m0 + 64 * half, n0, tile_count);
+        else
+            store_tile_direct<T>(p, acc, t, m0 + 64 * half, n0);
     }
+    if (p.y_tma && t == 0) lk_bulk_wait_group_read<0>();  // the buffer stays valid until the stores read it
 }
 }  // namespace
 

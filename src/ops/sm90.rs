@@ -115,7 +115,7 @@ pub(crate) fn try_fused_gemm<T: Element, R: Element>(
     Ok(true)
 }
 
-/// The tensor map of a row-major [rows, cols] operand in boxes of 64 columns × `box_rows` rows.
+/// The tensor map of a row-major [rows, cols] tensor in boxes of 64 columns × `box_rows` rows.
 fn map<T: Element>(
     op: &'static str,
     t: &Tensor<T>,
@@ -169,6 +169,14 @@ fn launch<T: Element, R: Element>(
         map(op, g.l, g.m, g.rank, LK_SM90_BM)?,
         map(op, r, r_rows, r_cols, box_rows)?,
     ];
+    // The epilogue's TMA store needs C's rows to be 16-byte multiples and C 16-byte aligned; otherwise the
+    // kernel stores from the registers.
+    let y_tma = g.n % 8 == 0 && c.byte_range().0 % 16 == 0;
+    let y_map = if y_tma {
+        map(op, c, g.m, g.n, LK_SM90_BM / 2)?
+    } else {
+        LkTensorMap::default()
+    };
     let tiles = g.m.div_ceil(LK_SM90_BM as usize) * g.n.div_ceil(LK_SM90_BN as usize);
     let device = g.a.device().clone();
     let plan = LaunchPlan {
@@ -194,6 +202,7 @@ fn launch<T: Element, R: Element>(
         w_map: maps[1],
         t_map: maps[2],
         b_map: maps[3],
+        y_map,
         bias: if has_bias {
             ptr[4] as *const _
         } else {
@@ -205,6 +214,7 @@ fn launch<T: Element, R: Element>(
         k,
         rank,
         ldc: n,
+        y_tma: u32::from(y_tma),
         scale: g.scale,
     })
 }
