@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A lower bound on the time of every headline op, from the compiled code alone (no GPU).
 
-Reads what build.rs leaves in OUT_DIR/cuda: the ptxas report of every kernels/*.cu (registers, shared
-memory, spills) and its fatbin (SASS, disassembled with cuobjdump). For each kernel and each of sm_80 and
+Reads what build.rs leaves in OUT_DIR/cuda: the ptxas report of every kernels/*.cu and kernels/sm90/*.cu
+(registers, shared memory, spills) and its fatbin (SASS, disassembled with cuobjdump; the sm90 files' sm_90a
+code is listed under sm_90). For each kernel and each of sm_80 and
 sm_90 it prints the resources, the occupancy they allow, and the instruction mix of the kernel's hot loop
 (of the innermost loops that hold the most HMMA/FFMA, the one with the shortest path). For each headline
 target (src: the design's targets, H100 bf16) it bounds each launch of the op from below by the largest of
@@ -58,9 +59,13 @@ DEVICES = {
 }
 
 THREADS = 256  # the block of every kernel but those below (LK_FUSED_GEMM_THREADS, LK_SIMT_THREADS)
-THREADS_OF = {"multi_decode": 128}  # LK_MULTI_DECODE_THREADS
-# LK_FUSED_GEMM_SMEM_BYTES, LK_MULTI_DECODE_SMEM_BYTES; the SIMT kernels use static shared memory
-DYN_SMEM = {"fused_gemm": 61440, "fused_gemm_multi": 61440, "multi_decode": 69632}
+THREADS_OF = {"multi_decode": 128, "fused_gemm_sm90": 384}  # LK_MULTI_DECODE_THREADS, LK_SM90_THREADS
+# LK_FUSED_GEMM_SMEM_BYTES, LK_MULTI_DECODE_SMEM_BYTES, LK_SM90_SMEM_BYTES; the SIMT kernels use static
+# shared memory
+DYN_SMEM = {"fused_gemm": 61440, "fused_gemm_multi": 61440, "multi_decode": 69632, "fused_gemm_sm90": 165888}
+# kernels/sm90/*.cu: built for sm_90a alone; their rows go with sm_90's
+HOPPER_ARCH = {"sm_90": "sm_90a"}
+SM90_BM, SM90_BN, SM90_BK, SM90_CONSUMER_WARPS = 128, 128, 64, 8  # lora_params.h LK_SM90_*
 
 
 def threads_of(kernel_file):
@@ -99,7 +104,7 @@ def ptxas_resources(report_text):
     """{(kernel, arch): dict(regs, smem, spill_stores, spill_loads)} from a -Xptxas=-v report."""
     out, cur, spills = {}, None, (0, 0)
     for line in report_text.splitlines():
-        m = re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line)
+        m = re.search(r"Compiling entry function '(\w+)' for '(sm_\d+a?)'", line)
         if m:
             cur = (m.group(1), m.group(2))
             continue
@@ -446,6 +451,78 @@ def bound_launch(l, mix, occ, dev):
     return parts[limiter], limiter, parts
 
 
+def sm90_gemm(kernel, m, n, k, r, dev, mix):
+    """fused_gemm_sm90 (kernels/sm90/fused_gemm_sm90.cu) on an m x n x k GEMM with rank r: 128x128 tiles,
+    ceil(r/64) + ceil(k/64) stages of 128x128x64 each (the low-rank ones padded to 64: four k16 wgmmas
+    always). Tensor: the wgmma work at the dense peak. Issue: the consumer loop's fewest instructions per
+    stage (hot_loop: its 4 HGMMA, the full-barrier wait, the release) x stages x tiles x 8 consumer warps,
+    over SMs x 4 schedulers x clock (the producer's and the epilogue's instructions not counted). Memory:
+    each operand read once, C written once. Also the bytes TMA brings from L2 into shared memory (every
+    stage's two boxes, 32 KB; nothing shared between CTAs: no clusters)."""
+    tiles = cdiv(m, SM90_BM) * cdiv(n, SM90_BN)
+    stages = cdiv(r, SM90_BK) + cdiv(k, SM90_BK)
+    tensor = tiles * stages * 2 * SM90_BM * SM90_BN * SM90_BK / dev["tensor"]
+    sms = min(tiles, dev["sms"])
+    issue = mix["total"] * stages * tiles * SM90_CONSUMER_WARPS / (sms * 4 * dev["clock"])
+    memory = 2 * (m * k + n * k + m * r + n * r + m * n) / dev["hbm"]
+    l2 = tiles * stages * 2 * (SM90_BM + SM90_BN) * SM90_BK
+    parts = dict(tensor=tensor, issue=issue, memory=memory)
+    limiter = max(parts, key=parts.get)
+    return parts[limiter], limiter, parts, l2
+
+
+def sm90_section(w, res, mixes, dev):
+    """The forward and backward with the sm_90a GEMM in place of the mma.sync one (the op's last launch:
+    the forward's fused GEMM, the backward's dX); the other launches are the mma.sync ones, bounded as in
+    the tables above."""
+    M, N, K, R = 8192, 4096, 4096, 16
+    w("The forward and backward on the sm_90a path (kernels/sm90/fused_gemm_sm90.cu for the forward's fused "
+      "GEMM and dX, in place of the op's last launch; the other launches, the projection included, are the "
+      "mma.sync ones above). The sm_90a GEMM is bounded like the others, from its SASS (the consumer loop: "
+      "tensor time of the wgmma work at the dense bf16 peak, low-rank padding to 64 included; issue time of "
+      "its 8 consumer warps; memory time). L2 to SM: the bytes its TMA loads bring into shared memory, and "
+      "the rate that needs at the target time; this script has no L2 bandwidth to bound it with (none was "
+      "measured), so it is shown, not counted:")
+    w("")
+    w("| target | other launches (µs) | sm_90a GEMM: bound (µs) | limited by | tensor | issue | memory | "
+      "L2 to SM (GB) | at the target (TB/s) | op bound (µs) | target (µs) | bound / target | verdict |")
+    w("| --- " * 13 + "|")
+    gemms = (("fused_gemm_nt_bf16", "fused_gemm_sm90_bf16", M, N, K),
+             ("fused_gemm_nn_bf16", "fused_gemm_sm90_nn_bf16", M, K, N))
+    projection = None
+    for (target, _, launches, tgt), (replaced, kern, gm, gn, gk) in zip(headline_ops()[:2], gemms):
+        assert launches[-1]["kernel"] == replaced, (launches[-1]["kernel"], replaced)
+        rest = 0.0
+        for l in launches[:-1]:
+            _, r_l = res[(l["kernel"], "sm_90")]
+            b = bound_launch(l, mixes[(l["kernel"], "sm_90")], occupancy(r_l, l["kernel"], l["file"], dev), dev)[0]
+            rest += b
+        if projection is None:
+            projection = rest  # the forward's: T = X·Aᵀ and its finalize
+        b, limiter, parts, l2 = sm90_gemm(kern, gm, gn, gk, R, dev, mixes[(kern, "sm_90")])
+        total, t = rest + b, tgt(dev)
+        w(f"| {target} | {rest * 1e6:.1f} | {b * 1e6:.1f} | {limiter} | {parts['tensor'] * 1e6:.1f} | "
+          f"{parts['issue'] * 1e6:.1f} | {parts['memory'] * 1e6:.1f} | {l2 / 1e9:.2f} | {l2 / t / 1e12:.1f} | "
+          f"{total * 1e6:.1f} | {t * 1e6:.1f} | {total / t:.2f} | {'MISS' if total > t else 'open'} |")
+    w("")
+    # T inside the forward kernel instead of the projection launch: every one of the N/128 column tiles of
+    # a row block would compute its rows' T again (X's tiles times A's as an m64nRk16 wgmma, R rounded up to
+    # a multiple of 8), R/128 more tensor work on the main GEMM
+    _, _, parts, _ = sm90_gemm("fused_gemm_sm90_bf16", M, N, K, R, dev, mixes[("fused_gemm_sm90_bf16", "sm_90")])
+    extra = parts["tensor"] * max(8, cdiv(R, 8) * 8) / SM90_BN
+    tiles_256 = cdiv(M, SM90_BM) * cdiv(N, 256)
+    l2_256 = tiles_256 * (cdiv(R, SM90_BK) + cdiv(K, SM90_BK)) * 2 * (SM90_BM + 256) * SM90_BK
+    w(f"L2 to SM with 128x256 tiles instead (m64n256 per consumer, not built): {l2_256 / 1e9:.2f} GB, "
+      f"{l2_256 / headline_ops()[0][3](dev) / 1e12:.1f} TB/s at the forward's target time; with two-CTA "
+      f"clusters multicasting the shared operand, less again.")
+    w("")
+    w(f"T computed inside the forward kernel (the issue's option) instead of by its own launch: the projection "
+      f"and its finalize bound at {projection * 1e6:.1f} µs; each of the {cdiv(N, SM90_BN)} column tiles of a "
+      f"row block would compute its rows' T again, {R}/{SM90_BN} more tensor work on the GEMM: "
+      f"{extra * 1e6:.1f} µs at the peak. Not done: it would cost more than it saves.")
+    w("")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cuda-dir", required=True)
@@ -454,15 +531,21 @@ def main():
     args = ap.parse_args()
     cuda = args.cuda_dir
     sources = {f[:-3] for f in os.listdir(args.kernels_dir) if f.endswith(".cu")}
-    files = sorted(f[:-7] for f in os.listdir(cuda) if f.endswith(".fatbin") and f[:-7] in sources)
+    hopper_dir = os.path.join(args.kernels_dir, "sm90")
+    hopper = {f[:-3] for f in os.listdir(hopper_dir) if f.endswith(".cu")} if os.path.isdir(hopper_dir) else set()
+    files = sorted(f[:-7] for f in os.listdir(cuda) if f.endswith(".fatbin") and f[:-7] in sources | hopper)
     res, mixes = {}, {}
     for f in files:
+        # the Hopper files hold sm_90a code only, listed under sm_90 (the device they run on)
+        archs = {a: HOPPER_ARCH[a] for a in DEVICES if a in HOPPER_ARCH} if f in hopper else {a: a for a in DEVICES}
         with open(os.path.join(cuda, "ptxas", f + ".txt")) as fh:
             for (kern, arch), r in ptxas_resources(fh.read()).items():
-                res[(kern, arch)] = (f, r)
-        for arch in DEVICES:
-            for kern, insts in sass_functions(args.cuobjdump, os.path.join(cuda, f + ".fatbin"), arch).items():
-                mixes[(kern, arch)] = hot_loop(insts)
+                for listed, built in archs.items():
+                    if arch == built:
+                        res[(kern, listed)] = (f, r)
+        for listed, built in archs.items():
+            for kern, insts in sass_functions(args.cuobjdump, os.path.join(cuda, f + ".fatbin"), built).items():
+                mixes[(kern, listed)] = hot_loop(insts)
     out = []
     w = out.append
     w("# Speed bound from the compiled code")
@@ -514,37 +597,8 @@ def main():
             for line in lines:
                 w(f"| {target.split(' ')[0]} " + line)
         w("")
-        if arch == "sm_90":
-            # The sm_90a forward GEMM (kernels/sm90/fused_gemm_sm90.cu) in place of fused_gemm_nt: its SASS
-            # is not read here yet (no issue-time term), so its bound is the larger of the tensor time of
-            # the wgmma work it executes (padding included) and the memory time; the projection launches
-            # are the mma.sync ones, bounded as above.
-            M, N, K, R = 8192, 4096, 4096, 16
-            w("The forward and backward on the sm_90a path (kernels/sm90/fused_gemm_sm90.cu for the forward's "
-              "fused GEMM and dX; its SASS is not read by this script yet, so its bound has no issue-time term: "
-              "the larger of the tensor time of the wgmma work it executes, padding included, at the dense bf16 "
-              "peak, and the memory time; the other launches are the mma.sync ones, bounded as above):")
-            w("")
-            w("| target | other launches (µs) | sm_90a GEMM: tensor | memory | bound (µs) | target (µs) | bound / target | verdict |")
-            w("| --- | --- | --- | --- | --- | --- | --- | --- |")
-            # (target, launches, replaced kernel, the GEMM's m, n, k and rank)
-            for (target, _, launches, tgt), (replaced, gm, gn, gk) in zip(
-                    headline_ops()[:2], (("fused_gemm_nt_bf16", M, N, K), ("fused_gemm_nn_bf16", M, K, N))):
-                rest_t = 0.0
-                for l in launches:
-                    if l["kernel"] == replaced:
-                        continue
-                    _, r_l = res[(l["kernel"], arch)]
-                    rest_t += bound_launch(l, mixes[(l["kernel"], arch)],
-                                           occupancy(r_l, l["kernel"], l["file"], dev), dev)[0]
-                tiles = cdiv(gm, 128) * cdiv(gn, 128)
-                stages = cdiv(R, 64) + cdiv(gk, 64)
-                tensor_t = tiles * stages * 2 * 128 * 128 * 64 / dev["tensor"]
-                mem_t = 2 * (gm * gk + gn * gk + gm * R + gn * R + gm * gn) / dev["hbm"]
-                total, t = rest_t + max(tensor_t, mem_t), tgt(dev)
-                w(f"| {target} | {rest_t * 1e6:.1f} | {tensor_t * 1e6:.1f} | {mem_t * 1e6:.1f} | {total * 1e6:.1f} | "
-                  f"{t * 1e6:.1f} | {total / t:.2f} | {'MISS' if total > t else 'open'} |")
-            w("")
+        if arch == "sm_90" and ("fused_gemm_sm90_bf16", arch) in res:
+            sm90_section(w, res, mixes, dev)
         w("Merge of 4096^2 bf16 by rank (not a headline target; µs, as above):")
         w("")
         w("| rank | launch | blocks | bound | limited by | tensor | issue | memory |")
