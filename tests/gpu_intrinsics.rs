@@ -481,23 +481,25 @@ fn tma_emulator_equals_hardware() {
             (cols as i32 - bc as i32 / 2, -3),
             (cols as i32 - bc as i32 + 5, rows as i32 - br as i32 + 2),
         );
+        // the same probe on either device: the maps over x and z, the box into y
+        let params = |on: &Device, x: u64, z: u64, y: *mut u16| TmaParams {
+            in_map: map_2d(on, x, rows, cols, bc, br, sw),
+            out_map: map_2d(on, z, rows, cols, bc, br, sw),
+            y,
+            c0: c.0,
+            c1: c.1,
+            d0: d.0,
+            d1: d.1,
+            box_cols: bc,
+            box_rows: br,
+            swizzle: sw.code(),
+            bug: 0,
+        };
         let run_emu = || {
             let emu = Device::emulator();
             let mut z = vec![0xFFFFu16; (rows * cols) as usize];
             let mut y = vec![0xFFFFu16; (bc * br) as usize];
-            let p = TmaParams {
-                in_map: map_2d(&emu, x.as_ptr() as u64, rows, cols, bc, br, sw),
-                out_map: map_2d(&emu, z.as_ptr() as u64, rows, cols, bc, br, sw),
-                y: y.as_mut_ptr(),
-                c0: c.0,
-                c1: c.1,
-                d0: d.0,
-                d1: d.1,
-                box_cols: bc,
-                box_rows: br,
-                swizzle: sw.code(),
-                bug: 0,
-            };
+            let p = params(&emu, x.as_ptr() as u64, z.as_ptr() as u64, y.as_mut_ptr());
             let regions = [
                 EmuRegion::input("x", &x),
                 EmuRegion::output("z", &mut z),
@@ -533,19 +535,7 @@ fn tma_emulator_equals_hardware() {
             let (xp, _gx) = x_d.device_ptr(&stream);
             let (zp, _gz) = z_d.device_ptr_mut(&stream);
             let (yp, _gy) = y_d.device_ptr_mut(&stream);
-            let p = TmaParams {
-                in_map: map_2d(&dev, xp, rows, cols, bc, br, sw),
-                out_map: map_2d(&dev, zp, rows, cols, bc, br, sw),
-                y: yp as *mut u16,
-                c0: c.0,
-                c1: c.1,
-                d0: d.0,
-                d1: d.1,
-                box_cols: bc,
-                box_rows: br,
-                swizzle: sw.code(),
-                bug: 0,
-            };
+            let p = params(&dev, xp, zp, yp as *mut u16);
             let cfg = LaunchConfig {
                 grid_dim: (1, 1, 1),
                 block_dim: (128, 1, 1),

@@ -129,7 +129,7 @@ std::string place_of(const Launch& L, size_t off) {
          thread_name(other).c_str(), other_did, site.c_str(), symbolize(g_pc).c_str());
 }
 
-// Happens-before mode: an earlier access by `id` (a thread, or a bulk-copy agent when id ≥ nthreads) at
+// Happens-before mode: an earlier access by `id` (a thread, or an agent when id ≥ nthreads) at
 // `clock`, in barrier interval `epoch`, is ordered before thread `tid`'s access now. A thread's access in an
 // earlier interval is (the __syncthreads between joined every clock); an agent's only through the clocks:
 // a bulk copy that landed before a __syncthreads is not ordered by it on a GPU.
@@ -332,8 +332,7 @@ std::string accessor_name(unsigned id) {
     if (id < L.nthreads) return thread_name(id);
     if (id >= L.bar_base && L.bar_base > 0)
         return "a bulk copy completing on the mbarrier at " + place_of(L, L.bar_offset[id - L.bar_base]);
-    if (id < 2 * L.nthreads) return "the bulk copy issued by " + thread_name(id - L.nthreads);
-    return "the wgmma.mma_async of warpgroup " + std::to_string(id - 2 * L.nthreads) +
+    return "the wgmma.mma_async of warpgroup " + std::to_string(id - L.nthreads) +
            " (its reads last until its wgmma.wait_group)";
 }
 

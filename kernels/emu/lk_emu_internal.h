@@ -147,7 +147,8 @@ struct Warp {
 // last writer and readers in the current barrier interval ("epoch"), and what the byte is.
 // In happens-before mode (a launch that uses mbarriers) w_clock / r_clock are the accessing thread's own
 // vector-clock component at the access, further readers of the interval live in Launch::read_sets, and an
-// accessor id ≥ nthreads is the bulk-copy agent of thread id - nthreads.
+// accessor id ≥ nthreads is an agent: a warpgroup's wgmma (nthreads + g) or an mbarrier's bulk-copy
+// landings (bar_base + b).
 struct SmemByte {
     uint32_t w_epoch = 0, r_epoch = 0;
     uint32_t w_sync = 0, r_sync = 0;
@@ -217,12 +218,13 @@ struct Launch {
     bool checks = true;
     std::string error;
     // happens-before mode (on from a launch's first mbarrier.init to its end): per thread a vector clock of
-    // width 2·nthreads (threads, then their bulk-copy agents), row t at vc[t * vc_width]
+    // width nthreads + warpgroups + kMaxBarriers (threads, wgmma agents, mbarriers' landings), row t at
+    // vc[t * vc_width]
     bool hb = false;
     size_t vc_width = 0;
     std::vector<uint32_t> vc;
-    std::vector<uint32_t> agent_clock;  // per agent (clock component - nthreads): its events so far
-    size_t bar_base = 0;                // clock component of the block's first mbarrier (2·nthreads + groups)
+    std::vector<uint32_t> agent_clock;  // per wgmma agent (clock component - nthreads): its events so far
+    size_t bar_base = 0;                // clock component of the block's first mbarrier (nthreads + groups)
     unsigned next_bar = 0;              // mbarrier.inits in this block so far
     std::vector<size_t> bar_offset;     // per barrier component: its shared-memory offset (for messages)
     std::unordered_map<size_t, std::vector<std::pair<uint16_t, uint32_t>>> read_sets;  // offset -> (reader, clock)

@@ -31,7 +31,7 @@
 // ends with copies in flight is an error.
 //
 // Happens-before mode: from a launch's first mbarrier.init on, every thread has a vector clock (one
-// component per thread, one per thread's bulk-copy agent, one per warpgroup's wgmma agent). __syncthreads
+// component per thread, one per warpgroup's wgmma agent, one per mbarrier for its bulk-copy landings). __syncthreads
 // joins all clocks, __syncwarp the lanes', an arrive releases the thread's clock into the phase, a landing
 // the agent's, and a successful wait acquires every completed phase (a wgmma.wait_group, its ops' reads). Shared-memory accesses are then ordered by these clocks
 // (lk_emu_check.cpp), not by barrier intervals alone. In the first block of the launch, accesses made
@@ -58,16 +58,16 @@ void join(uint32_t* dst, const uint32_t* src, size_t n) {
 
 // Turns on happens-before mode for the rest of the launch: accesses of the current interval so far count
 // as unordered with every other thread's (clock 1, which no other thread has acquired). Clock components:
-// the threads, their bulk-copy agents (nthreads + t), the warpgroups' wgmma agents (2·nthreads + g).
+// the threads, the warpgroups' wgmma agents (nthreads + g), the mbarriers' bulk-copy landings (bar_base + b).
 void hb_enable(Launch& L) {
     if (L.hb) return;
     L.hb = true;
     const size_t groups = (L.nthreads + 127) / 128;
-    L.bar_base = 2 * size_t(L.nthreads) + groups;
+    L.bar_base = size_t(L.nthreads) + groups;
     L.vc_width = L.bar_base + kMaxBarriers;
     L.bar_offset.assign(kMaxBarriers, 0);
     L.vc.assign(L.nthreads * L.vc_width, 0);
-    L.agent_clock.assign(L.nthreads + groups, 0);
+    L.agent_clock.assign(groups, 0);
     for (unsigned t = 0; t < L.nthreads; ++t) hb_row(L, t)[t] = 1;
     for (SmemByte& s : L.shadow) {
         s.w_clock = s.w_epoch == L.epoch ? 1 : 0;

@@ -177,8 +177,8 @@ void issue(Launch& L, WgState& W, unsigned group) {
     // a clock that only a wait_group retiring the op acquires (an arrive before that wait releases nothing
     // of them), checked against earlier writes with the knowledge of the warpgroup's first thread.
     hb_enable(L);
-    const unsigned agent = 2 * L.nthreads + group;
-    op.clock = ++L.agent_clock[L.nthreads + group];
+    const unsigned agent = L.nthreads + group;
+    op.clock = ++L.agent_clock[group];
     for (size_t off : op.chunks) {
         smem_agent_read(off, 16, group * 128, agent, op.clock);
         async_read_begin(off, 16);
@@ -230,7 +230,7 @@ void wgmma_wait(int n) {
         for (int i : group) {
             compute(L, W, i);
             WgOp& op = W.ops[size_t(i)];
-            uint32_t& known = hb_row(L, f.linear)[2 * L.nthreads + f.linear / 128];
+            uint32_t& known = hb_row(L, f.linear)[L.nthreads + f.linear / 128];
             known = std::max(known, op.clock);
             if (!pending_on(f, W, op.d[t])) std::memcpy(op.d[t], &op.out[t * (op.n / 2)], (op.n / 2) * sizeof(float));
             if (++op.retired == 128)
