@@ -1,8 +1,9 @@
 //! criterion benchmarks: our kernels against cuBLAS baselines in the same run (see benches/common).
 //!
-//!   forward   fused forward | bare cuBLAS GEMM (full fine-tune forward) | unfused 3-GEMM LoRA (PEFT)
-//!   backward  ours (dX, dA, dB) | full fine-tune backward (cuBLAS dX + dW) | unfused 5-GEMM LoRA
-//!             backward (autograd on PEFT's layer)
+//!   forward   fused forward | on sm_90, the same with the sm_90a GEMM (`ours_fused_sm90a`) | bare
+//!             cuBLAS GEMM (full fine-tune forward) | unfused 3-GEMM LoRA (PEFT)
+//!   backward  ours (dX, dA, dB) | on sm_90, the same with dX on the sm_90a GEMM | full fine-tune
+//!             backward (cuBLAS dX + dW) | unfused 5-GEMM LoRA backward (autograd on PEFT's layer)
 //!   merge     in-place merge | device-to-device copy of W0 (once per N, K, r)
 //!   small_m   M = 16 cases of the forward group (the small-M kernel)
 //!   multi     many adapters in one batch (benches/common/multi.rs): ours (lora_forward_multi) | a loop
@@ -43,6 +44,19 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
             dev.synchronize().unwrap();
         })
     });
+    // on sm_90: the same forward with the sm_90a GEMM (LK_FUSED_GEMM=sm90), beside the default mma.sync one
+    let sm90 = c.m > 16 && common::sm90_runs(&mut sets[0], SCALE);
+    if sm90 {
+        common::with_fused_gemm("sm90", || {
+            g.bench_function(BenchmarkId::new("ours_fused_sm90a", ""), |b| {
+                b.iter(|| {
+                    i = (i + 1) % n_sets;
+                    common::ours_forward(&mut sets[i], SCALE);
+                    dev.synchronize().unwrap();
+                })
+            });
+        });
+    }
     g.bench_function(BenchmarkId::new("cublas_bare_gemm", ""), |b| {
         b.iter(|| {
             i = (i + 1) % n_sets;
@@ -68,6 +82,17 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
                 dev.synchronize().unwrap();
             })
         });
+        if sm90 {
+            common::with_fused_gemm("sm90", || {
+                g.bench_function(BenchmarkId::new("ours_dx_da_db_sm90a", ""), |b| {
+                    b.iter(|| {
+                        i = (i + 1) % n_sets;
+                        common::ours_backward(&mut sets[i], SCALE);
+                        dev.synchronize().unwrap();
+                    })
+                });
+            });
+        }
         g.bench_function(BenchmarkId::new("cublas_full_dx_dw", ""), |b| {
             b.iter(|| {
                 i = (i + 1) % n_sets;

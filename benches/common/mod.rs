@@ -411,6 +411,10 @@ pub fn blas(dev: &Device) -> std::result::Result<Arc<CudaBlas>, String> {
 
 /// Our fused forward (the T projection + fused GEMM, or small-M) into the set's y and t.
 pub fn ours_forward(s: &mut Set, scale: f32) {
+    try_ours_forward(s, scale).unwrap();
+}
+
+fn try_ours_forward(s: &mut Set, scale: f32) -> lora_kernels::Result<()> {
     ops::lora_forward_into(
         &s.x,
         &s.w0,
@@ -423,7 +427,24 @@ pub fn ours_forward(s: &mut Set, scale: f32) {
         &mut s.t,
         &mut s.ws,
     )
-    .unwrap();
+}
+
+/// Runs `f` with `LK_FUSED_GEMM` set to `value` (the rows of the sm_90a GEMM: `sm90`), then unset again
+/// (the default, the mma.sync kernel).
+pub fn with_fused_gemm<R>(value: &str, f: impl FnOnce() -> R) -> R {
+    // SAFETY: the benchmarks run on one thread, and nothing else reads the environment meanwhile.
+    unsafe { std::env::set_var("LK_FUSED_GEMM", value) };
+    let out = f();
+    // SAFETY: as above.
+    unsafe { std::env::remove_var("LK_FUSED_GEMM") };
+    out
+}
+
+/// Whether this GPU and build run the sm_90a GEMM on this set (a forced forward succeeds): the sm_90a
+/// rows are benchmarked only then.
+pub fn sm90_runs(s: &mut Set, scale: f32) -> bool {
+    s.x.device().compute_capability() == 90
+        && with_fused_gemm("sm90", || try_ours_forward(s, scale)).is_ok()
 }
 
 /// Our backward: dA, dB and dX.
