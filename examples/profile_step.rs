@@ -1,5 +1,6 @@
 //! One call of each kernel on the headline layer (M 8192, N = K = 4096, r 16, bf16), then the small-M
-//! forward (M 16) and the cuBLAS GEMMs they are compared with: a short program for ncu, so that one
+//! forward (M 16) and the cuBLAS GEMMs they are compared with (on sm_90 also the forward and backward with
+//! the sm_90a GEMM, LK_FUSED_GEMM=sm90): a short program for ncu, so that one
 //! profile shows every kernel of a training step next to its baseline
 //! (`scripts/gpu-profile.sh`). Needs a GPU; without one it says so and exits 0.
 
@@ -34,6 +35,11 @@ fn main() {
         let s = &mut common::set(&dev, c, 0).expect("allocating the inputs");
         common::ours_forward(s, SCALE);
         common::cublas_forward(&blas, s, c);
+        // on sm_90: the forward and dX once more on the sm_90a GEMM (its L2 throughput says whether
+        // larger tiles or clusters are worth building)
+        if c.m > 16 && common::sm90_runs(s, SCALE) {
+            common::with_fused_gemm("sm90", || common::ours_backward(s, SCALE));
+        }
         if c.m > 16 {
             common::ours_backward(s, SCALE);
             common::cublas_full_backward(&blas, s, c);
