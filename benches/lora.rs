@@ -19,11 +19,31 @@ mod common;
 use std::time::Duration;
 
 use common::Case;
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 use lora_kernels::Device;
 use lora_kernels::cudarc::cublas::CudaBlas;
 
 const SCALE: f32 = 2.0;
+
+/// One timed row: `op` on the next input set (they rotate, so none is served from L2), then a device
+/// synchronize inside the timed region.
+fn row<S>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    dev: &Device,
+    sets: &mut [S],
+    mut op: impl FnMut(&mut S),
+) {
+    let mut i = 0;
+    g.bench_function(BenchmarkId::new(name, ""), |b| {
+        b.iter(|| {
+            i = (i + 1) % sets.len();
+            op(&mut sets[i]);
+            dev.synchronize().unwrap();
+        })
+    });
+}
 
 fn group_name(c: Case) -> String {
     format!("M{}_N{}_K{}_r{}", c.m, c.n, c.k, c.r)
@@ -31,82 +51,52 @@ fn group_name(c: Case) -> String {
 
 fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge: bool) {
     let mut sets = common::sets(dev, c).expect("allocating benchmark inputs");
-    let n_sets = sets.len();
     let gemm_flops = 2 * (c.m * c.n * c.k) as u64;
     let family = if c.m <= 16 { "small_m" } else { "forward" };
     let mut g = cr.benchmark_group(format!("{family}/{}", group_name(c)));
     g.throughput(Throughput::Elements(gemm_flops));
-    let mut i = 0;
-    g.bench_function(BenchmarkId::new("ours_fused", ""), |b| {
-        b.iter(|| {
-            i = (i + 1) % n_sets;
-            common::ours_forward(&mut sets[i], SCALE);
-            dev.synchronize().unwrap();
-        })
+    row(&mut g, "ours_fused", dev, &mut sets, |s| {
+        common::ours_forward(s, SCALE)
     });
     // on sm_90: the same forward with the sm_90a GEMM (LK_FUSED_GEMM=sm90), beside the default mma.sync one
     let sm90 = c.m > 16 && common::sm90_runs(&mut sets[0], SCALE);
     if sm90 {
         common::with_fused_gemm("sm90", || {
-            g.bench_function(BenchmarkId::new("ours_fused_sm90a", ""), |b| {
-                b.iter(|| {
-                    i = (i + 1) % n_sets;
-                    common::ours_forward(&mut sets[i], SCALE);
-                    dev.synchronize().unwrap();
-                })
+            row(&mut g, "ours_fused_sm90a", dev, &mut sets, |s| {
+                common::ours_forward(s, SCALE)
             });
         });
     }
-    g.bench_function(BenchmarkId::new("cublas_bare_gemm", ""), |b| {
-        b.iter(|| {
-            i = (i + 1) % n_sets;
-            common::cublas_forward(blas, &mut sets[i], c);
-            dev.synchronize().unwrap();
-        })
+    row(&mut g, "cublas_bare_gemm", dev, &mut sets, |s| {
+        common::cublas_forward(blas, s, c)
     });
-    g.bench_function(BenchmarkId::new("cublas_unfused_lora", ""), |b| {
-        b.iter(|| {
-            i = (i + 1) % n_sets;
-            common::cublas_unfused(blas, &mut sets[i], c, SCALE);
-            dev.synchronize().unwrap();
-        })
+    row(&mut g, "cublas_unfused_lora", dev, &mut sets, |s| {
+        common::cublas_unfused(blas, s, c, SCALE)
     });
     g.finish();
     if c.m > 16 {
         let mut g = cr.benchmark_group(format!("backward/{}", group_name(c)));
         g.throughput(Throughput::Elements(2 * gemm_flops));
-        g.bench_function(BenchmarkId::new("ours_dx_da_db", ""), |b| {
-            b.iter(|| {
-                i = (i + 1) % n_sets;
-                common::ours_backward(&mut sets[i], SCALE);
-                dev.synchronize().unwrap();
-            })
+        row(&mut g, "ours_dx_da_db", dev, &mut sets, |s| {
+            common::ours_backward(s, SCALE)
         });
         if sm90 {
             common::with_fused_gemm("sm90", || {
-                g.bench_function(BenchmarkId::new("ours_dx_da_db_sm90a", ""), |b| {
-                    b.iter(|| {
-                        i = (i + 1) % n_sets;
-                        common::ours_backward(&mut sets[i], SCALE);
-                        dev.synchronize().unwrap();
-                    })
+                row(&mut g, "ours_dx_da_db_sm90a", dev, &mut sets, |s| {
+                    common::ours_backward(s, SCALE)
                 });
             });
         }
-        g.bench_function(BenchmarkId::new("cublas_full_dx_dw", ""), |b| {
-            b.iter(|| {
-                i = (i + 1) % n_sets;
-                common::cublas_full_backward(blas, &mut sets[i], c);
-                dev.synchronize().unwrap();
-            })
+        row(&mut g, "cublas_full_dx_dw", dev, &mut sets, |s| {
+            common::cublas_full_backward(blas, s, c)
         });
-        g.bench_function(BenchmarkId::new("cublas_unfused_lora_backward", ""), |b| {
-            b.iter(|| {
-                i = (i + 1) % n_sets;
-                common::cublas_unfused_backward(blas, &mut sets[i], c, SCALE);
-                dev.synchronize().unwrap();
-            })
-        });
+        row(
+            &mut g,
+            "cublas_unfused_lora_backward",
+            dev,
+            &mut sets,
+            |s| common::cublas_unfused_backward(blas, s, c, SCALE),
+        );
         g.finish();
     }
     if !merge {
@@ -114,19 +104,11 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
     }
     let mut g = cr.benchmark_group(format!("merge/N{}_K{}_r{}", c.n, c.k, c.r));
     g.throughput(Throughput::Bytes(4 * (c.n * c.k) as u64));
-    g.bench_function(BenchmarkId::new("ours_merge", ""), |b| {
-        b.iter(|| {
-            i = (i + 1) % n_sets;
-            common::ours_merge(&mut sets[i], SCALE);
-            dev.synchronize().unwrap();
-        })
+    row(&mut g, "ours_merge", dev, &mut sets, |s| {
+        common::ours_merge(s, SCALE)
     });
-    g.bench_function(BenchmarkId::new("copy_w0", ""), |b| {
-        b.iter(|| {
-            i = (i + 1) % n_sets;
-            common::copy_w0(dev, &mut sets[i]);
-            dev.synchronize().unwrap();
-        })
+    row(&mut g, "copy_w0", dev, &mut sets, |s| {
+        common::copy_w0(dev, s)
     });
     g.finish();
 }
@@ -134,33 +116,18 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
 fn bench_multi(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, m: usize, adapters: usize) {
     use common::multi;
     let mut sets = multi::multi_sets(dev, m, adapters).expect("allocating benchmark inputs");
-    let mut i = 0;
     let mut g = cr.benchmark_group(format!(
         "multi/M{m}_A{adapters}_N{}_K{}",
         multi::N,
         multi::K
     ));
     g.throughput(Throughput::Elements(2 * (m * multi::N * multi::K) as u64));
-    g.bench_function(BenchmarkId::new("ours_multi", ""), |b| {
-        b.iter(|| {
-            i = (i + 1) % multi::SETS;
-            multi::ours(&mut sets[i]);
-            dev.synchronize().unwrap();
-        })
+    row(&mut g, "ours_multi", dev, &mut sets, multi::ours);
+    row(&mut g, "loop_lora_forward", dev, &mut sets, |s| {
+        multi::loop_lora_forward(s)
     });
-    g.bench_function(BenchmarkId::new("loop_lora_forward", ""), |b| {
-        b.iter(|| {
-            i = (i + 1) % multi::SETS;
-            multi::loop_lora_forward(&mut sets[i]);
-            dev.synchronize().unwrap();
-        })
-    });
-    g.bench_function(BenchmarkId::new("cublas_gather_gemms", ""), |b| {
-        b.iter(|| {
-            i = (i + 1) % multi::SETS;
-            multi::cublas_gather_gemms(blas, &mut sets[i]);
-            dev.synchronize().unwrap();
-        })
+    row(&mut g, "cublas_gather_gemms", dev, &mut sets, |s| {
+        multi::cublas_gather_gemms(blas, s)
     });
     g.finish();
 }

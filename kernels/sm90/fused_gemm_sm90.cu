@@ -17,8 +17,8 @@
 //   operations is fused_gemm.cu's: s·(T·Bᵀ) first, then X·W0ᵀ on top, + bias, one rounding.
 // - the epilogue: when C's rows are 16-byte multiples (y_tma), each consumer writes its 64 rows, rounded,
 //   into its half of a 32 KB output tile in the 128-byte swizzle, and one of its threads stores the two
-//   64×64 boxes with TMA (clipped at the edges) while the warpgroup goes on to the next tile's stages; the
-//   buffer is reused once that store has read it. Otherwise it stores from the registers.
+//   64×64 boxes with TMA (clipped at the edges); its warps 1-3 go on to the next tile's stages at once,
+//   warp 0 once that thread has issued the stores; the buffer is reused once those stores have read it. Otherwise it stores from the registers.
 // Choices (docs/perf/bound.md has the numbers): the projection stays a separate launch: T computed here
 // would be computed again by each of the n/128 column tiles of a row block, r/128 more tensor work (12.5 %
 // at r = 16, more than the projection's read of X costs at HBM bandwidth), and T is needed by the
@@ -220,7 +220,7 @@ __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params
             held = consume_stage<T, NN>(full, empty, ring, half, acc, s, held, j > 0);
         }
         lk_wgmma_wait<0>();
-        lk_mbarrier_arrive(&empty[held]);
+        if (held < STAGES) lk_mbarrier_arrive(&empty[held]);  // none held only if k = 0 (the host sends none)
         // + bias (+0 without one), one rounding
         if (p.y_tma)
             store_tile_tma<T>(p, acc, out_tile + half * TILE_BYTES, &out_free[half], &out_full[half], t,

@@ -58,6 +58,10 @@ fn obstacle<T: Element, R: Element>(g: &FusedGemm<'_, T, R>) -> Option<String> {
     if R::DTYPE != T::DTYPE {
         return Some("adapters not in the layer dtype".into());
     }
+    if g.rank == 0 {
+        // validate::rank refuses it before any launch; TMA could not describe the empty T and B either
+        return Some("the rank is 0".into());
+    }
     if g.k % 8 != 0 || g.rank % 8 != 0 {
         return Some(format!(
             "k = {} and r = {} must be multiples of 8 (TMA's 16-byte row strides)",
@@ -217,4 +221,39 @@ fn launch<T: Element, R: Element>(
         y_tma: u32::from(y_tma),
         scale: g.scale,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::obstacle;
+    use crate::ops::launch::{FusedGemm, Orient};
+    use crate::{Device, EmuConfig, Tensor};
+    use half::bf16;
+
+    /// What `obstacle` refuses falls back under `auto`; a GEMM it lets through must have maps TMA can
+    /// encode, so a rank of 0 (no T or B columns) has to be refused here, not by the map encoder.
+    #[test]
+    fn obstacle_refuses_rank_zero_and_admits_rank_eight() {
+        let dev = Device::emulator_with(EmuConfig {
+            arch: 90,
+            ..EmuConfig::default()
+        });
+        let t = Tensor::<bf16>::zeros(&dev, &[16, 16]).unwrap();
+        let g = |rank| FusedGemm {
+            orient: Orient::Nt,
+            a: &t,
+            b: &t,
+            l: &t,
+            r: &t,
+            bias: None,
+            m: 16,
+            n: 16,
+            k: 16,
+            rank,
+            scale: 1.0,
+            dropout: None,
+        };
+        assert_eq!(obstacle(&g(0)).as_deref(), Some("the rank is 0"));
+        assert_eq!(obstacle(&g(8)), None);
+    }
 }
