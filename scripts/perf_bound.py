@@ -59,13 +59,26 @@ DEVICES = {
 }
 
 THREADS = 256  # the block of every kernel but those below (LK_FUSED_GEMM_THREADS, LK_SIMT_THREADS)
-THREADS_OF = {"multi_decode": 128, "fused_gemm_sm90": 384}  # LK_MULTI_DECODE_THREADS, LK_SM90_THREADS
-# LK_FUSED_GEMM_SMEM_BYTES, LK_MULTI_DECODE_SMEM_BYTES, LK_SM90_SMEM_BYTES; the SIMT kernels use static
-# shared memory
-DYN_SMEM = {"fused_gemm": 61440, "fused_gemm_multi": 61440, "multi_decode": 69632, "fused_gemm_sm90": 165888}
+# Filled from kernels/include/lora_params.h by read_params_h: the block sizes of the kernels that do not run
+# THREADS, the dynamic shared memory of those that use it (the SIMT kernels use static shared memory), the
+# sm_90a GEMM's tile
+THREADS_OF = {}
+DYN_SMEM = {}
 # kernels/sm90/*.cu: built for sm_90a alone; their rows go with sm_90's
 HOPPER_ARCH = {"sm_90": "sm_90a"}
-SM90_BM, SM90_BN, SM90_BK, SM90_CONSUMER_WARPS = 128, 128, 64, 8  # lora_params.h LK_SM90_*
+SM90_BM = SM90_BN = SM90_BK = 0
+SM90_CONSUMER_WARPS = 8  # two consumer warpgroups
+
+
+def read_params_h(path):
+    """The launch constants the bound needs, from the header the kernels and the Rust side share."""
+    global SM90_BM, SM90_BN, SM90_BK
+    with open(path) as fh:
+        d = {k: int(v) for k, v in re.findall(r"#define (LK_\w+) (\d+)u", fh.read())}
+    THREADS_OF.update(multi_decode=d["LK_MULTI_DECODE_THREADS"], fused_gemm_sm90=d["LK_SM90_THREADS"])
+    DYN_SMEM.update(fused_gemm=d["LK_FUSED_GEMM_SMEM_BYTES"], fused_gemm_multi=d["LK_FUSED_GEMM_SMEM_BYTES"],
+                    multi_decode=d["LK_MULTI_DECODE_SMEM_BYTES"], fused_gemm_sm90=d["LK_SM90_SMEM_BYTES"])
+    SM90_BM, SM90_BN, SM90_BK = d["LK_SM90_BM"], d["LK_SM90_BN"], d["LK_SM90_BK"]
 
 
 def threads_of(kernel_file):
@@ -452,13 +465,13 @@ def bound_launch(l, mix, occ, dev):
 
 
 def sm90_gemm(kernel, m, n, k, r, dev, mix):
-    """fused_gemm_sm90 (kernels/sm90/fused_gemm_sm90.cu) on an m x n x k GEMM with rank r: 128x128 tiles,
-    ceil(r/64) + ceil(k/64) stages of 128x128x64 each (the low-rank ones padded to 64: four k16 wgmmas
+    """fused_gemm_sm90 (kernels/sm90/fused_gemm_sm90.cu) on an m x n x k GEMM with rank r: BM x BN tiles,
+    ceil(r/64) + ceil(k/64) stages of BM x BN x 64 each (the low-rank ones padded to 64: four k16 wgmmas
     always). Tensor: the wgmma work at the dense peak. Issue: the consumer loop's fewest instructions per
     stage (hot_loop: its 4 HGMMA, the full-barrier wait, the release) x stages x tiles x 8 consumer warps,
     over SMs x 4 schedulers x clock (the producer's and the epilogue's instructions not counted). Memory:
     each operand read once, C written once. Also the bytes TMA brings from L2 into shared memory (every
-    stage's two boxes, 32 KB; nothing shared between CTAs: no clusters)."""
+    stage's (BM + BN) x 64 elements; nothing shared between CTAs: no clusters)."""
     tiles = cdiv(m, SM90_BM) * cdiv(n, SM90_BN)
     stages = cdiv(r, SM90_BK) + cdiv(k, SM90_BK)
     tensor = tiles * stages * 2 * SM90_BM * SM90_BN * SM90_BK / dev["tensor"]
@@ -510,16 +523,23 @@ def sm90_section(w, res, mixes, dev):
     # a multiple of 8), R/128 more tensor work on the main GEMM
     _, _, parts, _ = sm90_gemm("fused_gemm_sm90_bf16", M, N, K, R, dev, mixes[("fused_gemm_sm90_bf16", "sm_90")])
     extra = parts["tensor"] * max(8, cdiv(R, 8) * 8) / SM90_BN
-    tiles_256 = cdiv(M, SM90_BM) * cdiv(N, 256)
-    l2_256 = tiles_256 * (cdiv(R, SM90_BK) + cdiv(K, SM90_BK)) * 2 * (SM90_BM + 256) * SM90_BK
-    w(f"L2 to SM with 128x256 tiles instead (m64n256 per consumer, not built): {l2_256 / 1e9:.2f} GB, "
-      f"{l2_256 / headline_ops()[0][3](dev) / 1e12:.1f} TB/s at the forward's target time; with two-CTA "
-      f"clusters multicasting the shared operand, less again.")
+    tiles_128 = cdiv(M, SM90_BM) * cdiv(N, 128)
+    l2_128 = tiles_128 * (cdiv(R, SM90_BK) + cdiv(K, SM90_BK)) * 2 * (SM90_BM + 128) * SM90_BK
+    w(f"The tile is {SM90_BM}x{SM90_BN} (m64n{SM90_BN} per consumer warpgroup). L2 to SM with 128x128 tiles "
+      f"(m64n128, the first build): {l2_128 / 1e9:.2f} GB, {l2_128 / headline_ops()[0][3](dev) / 1e12:.1f} "
+      f"TB/s at the forward's target time; with two-CTA clusters multicasting the shared operand, less than "
+      f"the table's.")
     w("")
     w(f"T computed inside the forward kernel (the issue's option) instead of by its own launch: the projection "
       f"and its finalize bound at {projection * 1e6:.1f} µs; each of the {cdiv(N, SM90_BN)} column tiles of a "
       f"row block would compute its rows' T again, {R}/{SM90_BN} more tensor work on the GEMM: "
-      f"{extra * 1e6:.1f} µs at the peak. Not done: it would cost more than it saves.")
+      f"{extra * 1e6:.1f} µs at the peak. " +
+      ("Not done: it would cost more than it saves." if extra >= projection else
+       f"It would save at most {(projection - extra) * 1e6:.1f} µs of the bound; not done: T exists only "
+       f"after the main loop there, so s·T·Bᵀ would be added after X·W0ᵀ (not the mma.sync kernel's order) "
+       f"with s folded into T before its rounding or in {SM90_BN // 2} more accumulator registers per "
+       f"thread, which the consumers do not have, and one column tile per row block would write T for the "
+       f"backward."))
     w("")
 
 
@@ -531,6 +551,7 @@ def main():
     args = ap.parse_args()
     cuda = args.cuda_dir
     sources = {f[:-3] for f in os.listdir(args.kernels_dir) if f.endswith(".cu")}
+    read_params_h(os.path.join(args.kernels_dir, "include", "lora_params.h"))
     hopper_dir = os.path.join(args.kernels_dir, "sm90")
     hopper = {f[:-3] for f in os.listdir(hopper_dir) if f.endswith(".cu")} if os.path.isdir(hopper_dir) else set()
     files = sorted(f[:-7] for f in os.listdir(cuda) if f.endswith(".fatbin") and f[:-7] in sources | hopper)

@@ -1,6 +1,6 @@
 //! The sm_90a fused GEMM (kernels/sm90/fused_gemm_sm90.cu: TMA, mbarriers, wgmma, warp-specialised,
 //! persistent) run by the emulator as a compute-capability-9.0 device, through `lora_forward`: property
-//! tests over ragged m and n (not multiples of the 128-row tiles; m > 16 so the small-M kernel stays out),
+//! tests over ragged m and n (not multiples of the 128×256 tiles; m > 16 so the small-M kernel stays out),
 //! k and r multiples of 8 (TMA's row strides) from 8 to 320 and 8 to 128, bf16/f16, bias or not, each
 //! against the f64 reference with the outputs poisoned, under the ascending thread order and one of the
 //! other four (rotating over the cases) with identical bits (the race detector in its happens-before mode
@@ -100,17 +100,19 @@ proptest! {
     }
 }
 
-/// Edges: one row past a tile, one full tile, rank 128 (two low-rank stages), k = 8 (one partial stage),
-/// the largest ragged tile grids here (3×3 tiles over 3 blocks), each with the TMA-store epilogue (n a
-/// multiple of 8: 128, 264) and the register one (129, 1, 260).
+/// Edges: one row past a tile, one column past one, one full tile, rank 128 (two low-rank stages), k = 8
+/// (one partial stage), the largest ragged tile grids here (3×3 tiles over 3 blocks), each with the
+/// TMA-store epilogue (n a multiple of 8: 256, 520, 264 (its second tile's last three boxes wholly past
+/// C)) and the register one (257, 1, 516).
 #[test]
 fn sm90_forward_edges() {
     for (i, dims) in [
-        (129, 128, 64, 8),
-        (128, 129, 8, 128),
+        (129, 256, 64, 8),
+        (128, 257, 8, 128),
         (17, 1, 72, 16),
-        (300, 260, 136, 64),
-        (300, 264, 136, 72),
+        (300, 516, 136, 64),
+        (300, 520, 136, 72),
+        (40, 264, 16, 24),
     ]
     .into_iter()
     .enumerate()
@@ -138,7 +140,8 @@ fn sm90_forced_refuses_what_it_cannot_run() {
     assert!(e.to_string().contains("multiples of 8"), "{e}");
 }
 
-/// dX on the Hopper kernel: ragged m, n and k multiples of 8 (W0's rows in both orientations), ranks 8..128.
+/// dX on the Hopper kernel: ragged m, n and k multiples of 8 (W0's rows in both orientations; k past one
+/// 256-column tile of dX in some), ranks 8..128.
 #[test]
 fn sm90_dx_matches_reference() {
     let mut rng = Rng::new(common::seed() ^ 0xd0);
@@ -146,7 +149,7 @@ fn sm90_dx_matches_reference() {
         let dims = (
             17 + (rng.next_u64() % 260) as usize,
             8 * (1 + (rng.next_u64() % 30) as usize),
-            8 * (1 + (rng.next_u64() % 30) as usize),
+            8 * (1 + (rng.next_u64() % 40) as usize),
             8 * (1 + (rng.next_u64() % 16) as usize),
         );
         if i % 2 == 0 {

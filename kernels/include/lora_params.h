@@ -310,21 +310,21 @@ typedef struct __attribute__((aligned(64))) LkTensorMap {
 } LkTensorMap;
 
 /* C = A·op(B) + scale·L·op(R) (+ bias) on sm_90a (kernels/sm90/fused_gemm_sm90.cu): warp-specialised, TMA
- * loads of 128×64 tiles (128-byte swizzle) into a STAGES-deep mbarrier ring, wgmma m64n128k16 in two
- * consumer warpgroups, persistent over the 128×128 output tiles. Maps (lora_kernels::tma): x_map A
+ * loads of 128×64 and 256×64 tiles (128-byte swizzle) into a STAGES-deep mbarrier ring, wgmma m64n256k16
+ * in two consumer warpgroups, persistent over the 128×256 output tiles. Maps (lora_kernels::tma): x_map A
  * [m, k], t_map L [m, rank] (boxes 64 columns × 128 rows); "nt" (forward): w_map B = W0 [n, k], b_map
- * R = B [n, rank] (boxes 64 × 128); "nn" (dX): w_map B = W0 [k, n], b_map R = A [rank, n] (boxes 64 × 64).
+ * R = B [n, rank] (boxes 64 × 256); "nn" (dX): w_map B = W0 [k, n], b_map R = A [rank, n] (boxes 64 × 64).
  * C is m × n (ldc). y_tma = 1: the epilogue stores C through shared memory with TMA stores on y_map (C
  * [m, n], boxes 64 × 64, 128-byte swizzle; needs ldc·size a multiple of 16 and C 16-byte aligned);
  * y_tma = 0: it stores from the registers to y (y_map unused). */
 #define LK_SM90_BM 128u
-#define LK_SM90_BN 128u
+#define LK_SM90_BN 256u
 #define LK_SM90_BK 64u
-#define LK_SM90_STAGES 4u
+#define LK_SM90_STAGES 3u
 #define LK_SM90_THREADS 384u
-/* 4 stages of two 16 KB tiles, the 32 KB output tile, 1 KB to align them to the swizzle's period, 1 KB of
- * barriers */
-#define LK_SM90_SMEM_BYTES 165888u
+/* 3 stages of 16 + 32 KB tiles, the 64 KB output tile, 1 KB to align them to the swizzle's period, 1 KB
+ * of barriers: 210 KB of sm_90's 227 */
+#define LK_SM90_SMEM_BYTES 215040u
 typedef struct LkFusedGemmSm90Params {
     LkTensorMap x_map;
     LkTensorMap w_map;

@@ -3,26 +3,31 @@
 // dX = dY·W0 + s·U·A ("nn", the second operand read MN-major). T and U come from their own launches, as
 // for the mma.sync kernel (fused_gemm.cu), whose order of operations this keeps.
 //
-// Structure (one CTA per SM, persistent over the 128×128 output tiles in grouped order):
+// Structure (one CTA per SM, persistent over the 128×256 output tiles in grouped order):
 // - warpgroup 0, the producer: setmaxnreg down; one thread walks the virtual k-stages of every tile this
 //   CTA owns, ceil(rank/64) low-rank stages (T and B tiles) then ceil(k/64) main stages (X and W0 tiles),
-//   each two 128×64 TMA boxes with the 128-byte swizzle into a ring of STAGES slots: wait for the slot's
-//   "empty" mbarrier, arrive.expect_tx(32 KB) on its "full" one, issue both loads. Out-of-bounds rows and
-//   columns (ragged m, n, k, rank) arrive as zeros.
-// - warpgroups 1 and 2, the consumers: setmaxnreg up; each owns 64 rows of the tile, with 64 f32
-//   accumulators per thread (m64n128). Per stage: wait "full", four wgmma k16 steps (descriptors 32 bytes
+//   each a 128×64 box of the first operand and 256×64 of the second (one box; four 64×64 ones for "nn"),
+//   with the 128-byte swizzle, into a ring of STAGES slots: wait for the slot's "empty" mbarrier,
+//   arrive.expect_tx(48 KB) on its "full" one, issue the loads. Out-of-bounds rows and columns (ragged m,
+//   n, k, rank) arrive as zeros.
+// - warpgroups 1 and 2, the consumers: setmaxnreg up; each owns 64 rows of the tile, with 128 f32
+//   accumulators per thread (m64n256). Per stage: wait "full", four wgmma k16 steps (descriptors 32 bytes
 //   apart in the 128-byte rows, SBO 1024), commit, wait until only this stage's group is in flight, arrive
 //   "empty" for the previous stage's slot: the tensor cores run one stage while the next one's wait and
 //   issue happen. After the low-rank stages (all retired) the accumulators are scaled by s, so the order of
 //   operations is fused_gemm.cu's: s·(T·Bᵀ) first, then X·W0ᵀ on top, + bias, one rounding.
 // - the epilogue: when C's rows are 16-byte multiples (y_tma), each consumer writes its 64 rows, rounded,
-//   into its half of a 32 KB output tile in the 128-byte swizzle, and one of its threads stores the two
+//   into its half of a 64 KB output tile in the 128-byte swizzle, and one of its threads stores the four
 //   64×64 boxes with TMA (clipped at the edges); its warps 1-3 go on to the next tile's stages at once,
 //   warp 0 once that thread has issued the stores; the buffer is reused once those stores have read it. Otherwise it stores from the registers.
-// Choices (docs/perf/bound.md has the numbers): the projection stays a separate launch: T computed here
-// would be computed again by each of the n/128 column tiles of a row block, r/128 more tensor work (12.5 %
-// at r = 16, more than the projection's read of X costs at HBM bandwidth), and T is needed by the
-// backward anyway; no clusters (the bound has no L2 term to say L2 binds; it lists the L2-to-SM bytes).
+// Choices (docs/perf/bound.md has the numbers): 128×256 tiles, not 128×128: per output element a stage
+// brings 3/4 of the bytes from L2 (the bound lists the L2-to-SM traffic and the rate it needs), for three
+// stages instead of four (48 KB each, + the 64 KB output tile: 210 KB of the 227). The projection stays a
+// separate launch: T computed here would be computed again by each of the n/256 column tiles of a row
+// block (r/256 more tensor work: the bound says it would save at most 2 %), it would exist only after the
+// main loop (s·T·Bᵀ added last, not fused_gemm.cu's order, with s folded in before T's rounding: 128 more
+// accumulators per thread do not fit), and the rounded T is needed by the backward anyway. No clusters
+// yet (what the L2 throughput measured on a GPU decides).
 // Requirements the host checks (ops/sm90.rs): k and rank multiples of 8 and 16-byte aligned operands
 // (TMA's row strides), layer-dtype adapters, no dropout.
 #include "lk_convert.cuh"
@@ -34,11 +39,15 @@
 
 namespace {
 constexpr uint32_t BM = LK_SM90_BM, BN = LK_SM90_BN, BK = LK_SM90_BK, STAGES = LK_SM90_STAGES;
-constexpr uint32_t TILE_BYTES = BM * BK * 2;  // one 128×64 box of 2-byte elements
-constexpr uint32_t STAGE_BYTES = 2 * TILE_BYTES;
+constexpr uint32_t A_BYTES = BM * BK * 2;     // a stage's first operand: 128×64 2-byte elements
+constexpr uint32_t B_BYTES = BN * BK * 2;     // its second: 256×64
+constexpr uint32_t BOX_BYTES = 64 * 64 * 2;   // a 64×64 box (nn's second operand, the output's boxes)
+constexpr uint32_t OUT_BYTES = 64 * BN * 2;   // one consumer's 64 rows of the output tile
+constexpr uint32_t STAGE_BYTES = A_BYTES + B_BYTES;
 constexpr uint32_t GROUP_M = 8;
-static_assert(BM == BN && BK * 2 == 128, "128-byte rows: the 128-byte swizzle, 4 k16 steps per stage");
-static_assert(STAGES * STAGE_BYTES + 2 * TILE_BYTES + 2048 == LK_SM90_SMEM_BYTES, "header and kernel agree");
+static_assert(BM == 128 && BN % 64 == 0 && BN <= 256 && BK * 2 == 128,
+              "two 64-row consumers, 128-byte rows: the 128-byte swizzle, 4 k16 steps per stage");
+static_assert(STAGES * STAGE_BYTES + 2 * OUT_BYTES + 2048 == LK_SM90_SMEM_BYTES, "header and kernel agree");
 
 __device__ __forceinline__ void tile_of(uint32_t tile, uint32_t tiles_m, uint32_t tiles_n, uint32_t& m0,
                                         uint32_t& n0) {
@@ -49,8 +58,8 @@ __device__ __forceinline__ void tile_of(uint32_t tile, uint32_t tiles_m, uint32_
     n0 = (in_group / rows) * BN;
 }
 
-// The epilogue through shared memory (p.y_tma): each consumer warpgroup writes its 64×128 rows of the
-// tile, + bias, rounded, into two 64×64 boxes of 128-byte rows in the 128-byte swizzle (conflict-free: a
+// The epilogue through shared memory (p.y_tma): each consumer warpgroup writes its 64×256 rows of the
+// tile, + bias, rounded, into four 64×64 boxes of 128-byte rows in the 128-byte swizzle (conflict-free: a
 // warp's 8 rows of 16 bytes land on 8 different 16-byte chunks), and one thread stores them with TMA
 // (clipped at the tensor's edges). Two mbarriers per warpgroup order it: "out_free" (1 arrival: the storing
 // thread, once its previous tile's stores have read the buffer) before the writes, "out_full" (128: every
@@ -76,7 +85,7 @@ __device__ __forceinline__ void store_tile_tma(const LkFusedGemmSm90Params& p, c
 #pragma unroll
         for (uint32_t h = 0; h < 4; h += 2) {  // one 4-byte store each
             const uint32_t row = lk_wgmma_acc_row(t, i + h), c = col % 64, chunk = (c / 8) ^ (row % 8);
-            *reinterpret_cast<uint32_t*>(out + (col / 64) * (TILE_BYTES / 2) + row * 128 + chunk * 16 + (c % 8) * 2) =
+            *reinterpret_cast<uint32_t*>(out + (col / 64) * BOX_BYTES + row * 128 + chunk * 16 + (c % 8) * 2) =
                 lk_pack2<T>(acc[i + h] + b0, acc[i + h + 1] + b1);
         }
     }
@@ -84,8 +93,9 @@ __device__ __forceinline__ void store_tile_tma(const LkFusedGemmSm90Params& p, c
     lk_mbarrier_arrive(out_full);
     if (t == 0) {
         lk_mbarrier_wait_parity(out_full, tile_count & 1);
-        lk_tma_store_2d(&p.y_map, int32_t(n0), int32_t(m0), out);
-        lk_tma_store_2d(&p.y_map, int32_t(n0 + BN / 2), int32_t(m0), out + TILE_BYTES / 2);
+#pragma unroll
+        for (uint32_t c = 0; c < BN / 64; ++c)  // boxes wholly past C's last column: nothing to store
+            if (n0 + 64 * c < p.n) lk_tma_store_2d(&p.y_map, int32_t(n0 + 64 * c), int32_t(m0), out + c * BOX_BYTES);
         lk_bulk_commit_group();
     }
 }
@@ -115,14 +125,14 @@ __device__ __forceinline__ uint32_t consume_stage(uint64_t* full, uint64_t* empt
                                                   bool accumulate) {
     const uint32_t slot = s % STAGES, lap = s / STAGES;
     lk_mbarrier_wait_parity(&full[slot], lap & 1);
-    const unsigned char* a = ring + slot * STAGE_BYTES + half * (TILE_BYTES / 2);
-    const unsigned char* b = ring + slot * STAGE_BYTES + TILE_BYTES;
+    const unsigned char* a = ring + slot * STAGE_BYTES + half * (A_BYTES / 2);
+    const unsigned char* b = ring + slot * STAGE_BYTES + A_BYTES;
     lk_wgmma_fence();
 #pragma unroll
     for (uint32_t kk = 0; kk < BK / 16; ++kk) {
         const uint64_t da = lk_wgmma_desc(a + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B);
         if (NN) {
-            const uint64_t db = lk_wgmma_desc(b + 2048 * kk, TILE_BYTES / 2, 1024, LK_WGMMA_SWIZZLE_128B);
+            const uint64_t db = lk_wgmma_desc(b + 2048 * kk, BOX_BYTES, 1024, LK_WGMMA_SWIZZLE_128B);
             lk_wgmma_ss<T, BN, 0, 1>(acc, da, db, accumulate || kk > 0);
         } else {
             const uint64_t db = lk_wgmma_desc(b + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B);
@@ -136,13 +146,13 @@ __device__ __forceinline__ uint32_t consume_stage(uint64_t* full, uint64_t* empt
 }
 
 // NN (dX = dY·W0 + s·U·A): the second operand is stored reduction-major ([k][n] row-major), so a stage's B
-// is two 64-row × 64-column boxes (columns n0.. and n0+64..: the 128-byte swizzle's span is 64 elements),
-// 8 KB apart, read by wgmma as MN-major (transpose bit), each k16 step 16 rows = 2048 bytes further.
+// is four 64-row × 64-column boxes (columns n0.., n0+64.., ...: the 128-byte swizzle's span is 64
+// elements), 8 KB apart, read by wgmma as MN-major (transpose bit), each k16 step 16 rows = 2048 bytes further.
 template <typename T, bool NN>
 __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params& p) {
     LK_DYNAMIC_SMEM(smem);
     // barriers first, then the ring at the next 1024-byte boundary (the swizzle's period), then the output
-    // tile (two 16 KB halves, one per consumer warpgroup)
+    // tile (two 32 KB halves, one per consumer warpgroup)
     uint64_t* full = reinterpret_cast<uint64_t*>(smem);
     uint64_t* empty = full + STAGES;
     uint64_t* out_free = empty + STAGES;  // [2]
@@ -182,11 +192,12 @@ __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params
                 const int32_t k0 = int32_t((lr ? j : j - low) * BK);
                 lk_tma_load_2d(a, lr ? &p.t_map : &p.x_map, k0, int32_t(m0), &full[slot]);
                 const LkTensorMap* bm = lr ? &p.b_map : &p.w_map;
-                if (NN) {  // B rows k0.., columns n0.. and n0 + 64..
-                    lk_tma_load_2d(a + TILE_BYTES, bm, int32_t(n0), k0, &full[slot]);
-                    lk_tma_load_2d(a + TILE_BYTES + TILE_BYTES / 2, bm, int32_t(n0 + BN / 2), k0, &full[slot]);
+                if (NN) {  // B rows k0.., columns n0.., n0 + 64.., ...
+#pragma unroll
+                    for (uint32_t c = 0; c < BN / 64; ++c)
+                        lk_tma_load_2d(a + A_BYTES + c * BOX_BYTES, bm, int32_t(n0 + 64 * c), k0, &full[slot]);
                 } else {
-                    lk_tma_load_2d(a + TILE_BYTES, bm, k0, int32_t(n0), &full[slot]);
+                    lk_tma_load_2d(a + A_BYTES, bm, k0, int32_t(n0), &full[slot]);
                 }
             }
         }
@@ -223,7 +234,7 @@ __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params
         if (held < STAGES) lk_mbarrier_arrive(&empty[held]);  // none held only if k = 0 (the host sends none)
         // + bias (+0 without one), one rounding
         if (p.y_tma)
-            store_tile_tma<T>(p, acc, out_tile + half * TILE_BYTES, &out_free[half], &out_full[half], t,
+            store_tile_tma<T>(p, acc, out_tile + half * OUT_BYTES, &out_free[half], &out_full[half], t,
                               m0 + 64 * half, n0, tile_count);
         else
             store_tile_direct<T>(p, acc, t, m0 + 64 * half, n0);

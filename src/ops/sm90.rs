@@ -144,8 +144,8 @@ fn launch<T: Element, R: Element>(
     r: &Tensor<T>,
     c: &mut Tensor<T>,
 ) -> Result<()> {
-    // The second operands: stored [n, k] and [n, rank] in the forward (boxes of 128 rows), [k, n] and
-    // [rank, n] for dX (two 64×64 boxes per stage).
+    // The second operands: stored [n, k] and [n, rank] in the forward (boxes of 256 rows), [k, n] and
+    // [rank, n] for dX (four 64×64 boxes per stage).
     let (pair, (b_rows, b_cols), (r_rows, r_cols), box_rows) = match g.orient {
         Orient::Nt => (
             (
