@@ -73,7 +73,8 @@ struct WgOp {
     float* d[128] = {};            // each thread's accumulator registers
     std::vector<float> c_in;       // 128 × n/2: the accumulators at issue
     int prev = -1;                 // the earlier op still pending on the same accumulators (its result is C)
-    std::vector<float> out;        // 128 × n/2 once computed
+    int next = -1;                 // the later op that takes this one's result as C (see prev)
+    std::vector<float> out;        // 128 × n/2 once computed; freed once no thread or later op needs it
     bool computed = false;
     unsigned retired = 0;          // threads whose wait retired it
     uint32_t clock = 0;            // its wgmma agent's clock: its reads; a wait that retires it acquires it
@@ -91,7 +92,9 @@ struct WgArrival {
 struct WgState {
     unsigned arrived = 0;
     WgArrival lanes[128];
-    std::vector<WgOp> ops;  // every op this warpgroup issued in the block (indices stay valid)
+    std::vector<WgOp> ops;  // every op this warpgroup issued in the block (indices stay valid; the
+                            // register copies of those done with are freed)
+    std::vector<std::pair<const float*, int>> last_on;  // the latest op on each accumulator array
 };
 
 // What one lane brings to a warp collective and gets back (lives on the lane's fiber stack).

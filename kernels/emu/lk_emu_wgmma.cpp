@@ -72,6 +72,13 @@ size_t operand_offset(uint64_t desc, bool mn_major, uint32_t r, uint32_t k, cons
     return a - L.smem_misalign;
 }
 
+// Frees an op's result once every thread has copied it (all 128 waited) and the op chained after it, if
+// any, has read it as C. No later op can chain to it then: chaining needs it pending in thread 0.
+void release_out(WgState& W, int idx) {
+    WgOp& op = W.ops[size_t(idx)];
+    if (op.retired == 128 && (op.next < 0 || W.ops[size_t(op.next)].computed)) std::vector<float>().swap(op.out);
+}
+
 double element(const WgOp& op, bool is_a, uint32_t r, uint32_t k) {
     const Launch& L = *g_launch;
     if (is_a && op.a_regs) {  // mma.m16n8k16's A fragment, warp w holding rows 16w..16w+15
@@ -97,7 +104,7 @@ void compute(Launch& L, WgState& W, int idx) {
     for (uint32_t j = 0; j < n; ++j)
         for (uint32_t k = 0; k < 16; ++k) b[k * n + j] = element(op, false, j, k);
     const std::vector<float>& c = op.prev >= 0 ? W.ops[size_t(op.prev)].out : op.c_in;
-    op.out.assign(128 * size_t(per), 0.0f);
+    std::vector<float> out(128 * size_t(per), 0.0f);
     for (unsigned t = 0; t < 128; ++t)
         for (unsigned i = 0; i < per; ++i) {
             const uint32_t row = 16 * (t / 32) + (t % 32) / 4 + 8 * ((i / 2) % 2);
@@ -112,9 +119,14 @@ void compute(Launch& L, WgState& W, int idx) {
                 for (int k = 0; k < 16; ++k) acc += prod[k];
                 d = float(acc + cv);
             }
-            op.out[t * per + i] = d;
+            out[t * per + i] = d;
         }
+    op.out = std::move(out);
     op.computed = true;
+    // what only this computation needed
+    std::vector<float>().swap(op.c_in);
+    std::vector<uint32_t>().swap(op.a_frag);
+    if (op.prev >= 0) release_out(W, op.prev);
 }
 
 // Whether thread t still has an op pending on the accumulators at `d`.
@@ -151,10 +163,15 @@ void issue(Launch& L, WgState& W, unsigned group) {
     if (op.a_regs) op.a_frag.resize(128 * 4);
     op.c_in.resize(128 * size_t(per));
     const int idx = int(W.ops.size());
-    // the earlier op still pending on these accumulators (thread 0's view; the others' must agree)
+    // the earlier op still pending on these accumulators (thread 0's view; the others' must agree): the
+    // latest op on them, if any op on them is pending (groups retire oldest first, so then that one is)
     const Fiber& f0 = L.fibers[group * 128];
-    for (int i = idx - 1; i >= 0 && op.prev < 0; --i)
-        if (W.ops[size_t(i)].d[0] == W.lanes[0].d && pending_on(f0, W, W.lanes[0].d)) op.prev = i;
+    auto last = W.last_on.begin();
+    while (last != W.last_on.end() && last->first != W.lanes[0].d) ++last;
+    if (last != W.last_on.end() && pending_on(f0, W, W.lanes[0].d)) op.prev = last->second;
+    if (last == W.last_on.end()) last = W.last_on.insert(last, {W.lanes[0].d, idx});
+    last->second = idx;
+    if (op.prev >= 0) W.ops[size_t(op.prev)].next = idx;
     if (op.prev >= 0 && W.ops[size_t(op.prev)].n != op.n)
         fail("wgmma.mma_async: N = %u on accumulators a pending wgmma with N = %u still writes", op.n,
              W.ops[size_t(op.prev)].n);
@@ -233,8 +250,11 @@ void wgmma_wait(int n) {
             uint32_t& known = hb_row(L, f.linear)[L.nthreads + f.linear / 128];
             known = std::max(known, op.clock);
             if (!pending_on(f, W, op.d[t])) std::memcpy(op.d[t], &op.out[t * (op.n / 2)], (op.n / 2) * sizeof(float));
-            if (++op.retired == 128)
+            if (++op.retired == 128) {
                 for (size_t off : op.chunks) async_read_end(off, 16);
+                std::vector<size_t>().swap(op.chunks);
+                release_out(W, i);
+            }
         }
     }
     f.wg_fenced = false;  // the accumulators may be touched now: fence again before the next issue
