@@ -467,16 +467,21 @@ def bound_launch(l, mix, occ, dev):
 def sm90_gemm(kernel, m, n, k, r, dev, mix):
     """fused_gemm_sm90 (kernels/sm90/fused_gemm_sm90.cu) on an m x n x k GEMM with rank r: BM x BN tiles,
     ceil(r/64) + ceil(k/64) stages of BM x BN x 64 each (the low-rank ones padded to 64: four k16 wgmmas
-    always). Tensor: the wgmma work at the dense peak. Issue: the consumer loop's fewest instructions per
-    stage (hot_loop: its 4 HGMMA, the full-barrier wait, the release) x stages x tiles x 8 consumer warps,
-    over SMs x 4 schedulers x clock (the producer's and the epilogue's instructions not counted). Memory:
+    always). Both compute terms are the busiest SM's, which runs ceil(tiles / SMs) tiles (the persistent
+    grid's last wave is partly idle). Tensor: its wgmma work at one SM's share of the dense peak. Issue: the
+    consumer loop's fewest instructions per stage (hot_loop: its 4 HGMMA, the full-barrier wait, the
+    release) x stages x its tiles x 8 consumer warps, over 4 schedulers x clock (the producer's and the
+    epilogue's instructions not counted). Memory:
     each operand read once, C written once. Also the bytes TMA brings from L2 into shared memory (every
     stage's (BM + BN) x 64 elements; nothing shared between CTAs: no clusters)."""
     tiles = cdiv(m, SM90_BM) * cdiv(n, SM90_BN)
     stages = cdiv(r, SM90_BK) + cdiv(k, SM90_BK)
-    tensor = tiles * stages * 2 * SM90_BM * SM90_BN * SM90_BK / dev["tensor"]
+    # one CTA per SM walks tiles, tiles + sms, ...: some SM gets ceil(tiles / sms) of them (the last wave
+    # partly idle), and no SM's tensor cores or schedulers run faster than its share of the peak
     sms = min(tiles, dev["sms"])
-    issue = mix["total"] * stages * tiles * SM90_CONSUMER_WARPS / (sms * 4 * dev["clock"])
+    waves = cdiv(tiles, sms)
+    tensor = waves * stages * 2 * SM90_BM * SM90_BN * SM90_BK / (dev["tensor"] / dev["sms"])
+    issue = mix["total"] * stages * waves * SM90_CONSUMER_WARPS / (4 * dev["clock"])
     memory = 2 * (m * k + n * k + m * r + n * r + m * n) / dev["hbm"]
     l2 = tiles * stages * 2 * (SM90_BM + SM90_BN) * SM90_BK
     parts = dict(tensor=tensor, issue=issue, memory=memory)
@@ -493,7 +498,7 @@ def sm90_section(w, res, mixes, dev):
       "GEMM and dX, in place of the op's last launch; the other launches, the projection included, are the "
       "mma.sync ones above). The sm_90a GEMM is bounded like the others, from its SASS (the consumer loop: "
       "tensor time of the wgmma work at the dense bf16 peak, low-rank padding to 64 included; issue time of "
-      "its 8 consumer warps; memory time). L2 to SM: the bytes its TMA loads bring into shared memory, and "
+      "its 8 consumer warps; both for the SM that runs the most tiles, ceil(tiles / SMs); memory time). L2 to SM: the bytes its TMA loads bring into shared memory, and "
       "the rate that needs at the target time; this script has no L2 bandwidth to bound it with (none was "
       "measured), so it is shown, not counted:")
     w("")
