@@ -415,17 +415,19 @@ def multi_ops(n=4096, k=4096):
             shrink_low = sum(len(p) for p in passes) * per_tiles / (tiles_m * ys)  # k-tiles per block, mean
             a_bytes = sum(2 * ranks[i] * k for p in passes for i in p)
             partial = 4 * splits * m * r_max
+            # uniform=False: the blocks' work differs with their tiles' adapters (the model's is the mean)
             shrink = dict(kernel="fused_gemm_multi_bf16", file="fused_gemm_multi", blocks=tiles_m * splits * ys,
+                          uniform=False,
                           iters=shrink_low, loop_iters=fused_loop_trips(shrink_low, 0), slots=32, slot="HMMA",
                           bytes=2 * m * k + a_bytes + partial)
             low = sum(cdiv(ranks[i], 32) for p in passes for i in p) / tiles_m
             b_bytes = sum(2 * n * ranks[i] for p in passes for i in p)
             if m <= 16:  # LK_SMALL_M_MAX: multi_decode, no fused_loop peeling (one loop over all stages)
-                fused = dict(kernel="multi_decode_bf16", file="multi_decode", blocks=cdiv(n, 32),
+                fused = dict(kernel="multi_decode_bf16", file="multi_decode", blocks=cdiv(n, 32), uniform=False,
                              iters=low + cdiv(k, 32), slots=2, slot="HMMA",
                              bytes=2 * (m * k + n * k + m * r_max + m * n) + b_bytes)
             else:
-                fused = dict(kernel="fused_gemm_multi_bf16", file="fused_gemm_multi",
+                fused = dict(kernel="fused_gemm_multi_bf16", file="fused_gemm_multi", uniform=False,
                              blocks=tiles_m * cdiv(n, 128), iters=low + cdiv(k, 32),
                              loop_iters=fused_loop_trips(low, cdiv(k, 32)), slots=32, slot="HMMA",
                              bytes=2 * (m * k + n * k + m * r_max + m * n) + b_bytes)
@@ -454,10 +456,14 @@ def bound_launch(l, mix, occ, dev):
         loop_trips = l.get("loop_iters", l["iters"]) / (unroll or 1.0)
     else:  # a loop with no FFMA/HMMA (the finalize sum): one source iteration per trip
         trips = loop_trips = l["iters"] * l.get("per_thread", 1)
-    insts = mix["total"] * loop_trips * warps
-    issue = insts / (sms * 4 * dev["clock"])
-    hmma = mix["HMMA"] * trips * warps
-    tensor = hmma * HMMA_FLOPS / dev["tensor"]
+    # the busiest SM, on its own schedulers and its share of the tensor peak: where every block runs the
+    # same trips, it runs ceil(blocks / SMs) blocks (the last wave partly idle); where the blocks' work
+    # differs (the model's is their mean), an even share, but at least one block (some block does at
+    # least the mean, on one SM)
+    share = cdiv(l["blocks"], sms) if l.get("uniform", True) else max(1.0, l["blocks"] / sms)
+    busiest = share * threads_of(l["file"]) // 32
+    issue = mix["total"] * loop_trips * busiest / (4 * dev["clock"])
+    tensor = mix["HMMA"] * trips * busiest * HMMA_FLOPS / (dev["tensor"] / dev["sms"])
     memory = l["bytes"] / dev["hbm"]
     parts = dict(tensor=tensor, issue=issue, memory=memory)
     limiter = max(parts, key=parts.get)
@@ -583,8 +589,11 @@ def main():
       "one full iteration of the hot loop executes at least: of the paths through it that do the most math, the "
       "shortest; x trips x warps / (SMs x 4 schedulers x "
       "clock); only the hot loop is counted) and "
-      "memory time (bytes it must move once / HBM bandwidth); an op by the sum over its launches. Not "
-      "counted (so the bound stays a bound): prologues, epilogues, launch gaps, wave quantisation, "
+      "memory time (bytes it must move once / HBM bandwidth); an op by the sum over its launches. Where "
+      "every block does the same work, the tensor and issue times are those of the SM that runs the most "
+      "blocks, ceil(blocks / SMs), at its share of the peaks: the last wave's idle SMs count (lowrank_grad: "
+      "an even share over the SMs; the many-adapter launches, whose blocks differ: an even share, at least "
+      "one block). Not counted (so the bound stays a bound): prologues, epilogues, launch gaps, "
       "bank conflicts, latency.")
     w("")
     for arch, dev in DEVICES.items():
