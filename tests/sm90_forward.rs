@@ -6,7 +6,8 @@
 //! other four (rotating over the cases) with identical bits (the race detector in its happens-before mode
 //! watching every access, the seeds varying the shared-memory alignment), and each block looping over several
 //! tiles (the emulator's persistent grid is 3 blocks). Then dX (`lora_backward`, the "nn" kernel: W0 and
-//! A read MN-major from 64×64 boxes) with the whole backward on 13 shapes, under two orders too. Each
+//! A read MN-major from 64×64 boxes) with the whole backward, as many property cases and two edges, under
+//! two orders too. Each
 //! case goes through `common::lora` (forward, backward, every output against the f64 reference). `LK_FUSED_GEMM=sm90` is set for this whole test
 //! binary, so a forward the Hopper kernel cannot take fails instead of falling back.
 //!
@@ -140,23 +141,30 @@ fn sm90_forced_refuses_what_it_cannot_run() {
     assert!(e.to_string().contains("multiples of 8"), "{e}");
 }
 
-/// dX on the Hopper kernel: ragged m, n and k multiples of 8 (W0's rows in both orientations; k past one
-/// 256-column tile of dX in some), ranks 8..128.
-#[test]
-fn sm90_dx_matches_reference() {
-    let mut rng = Rng::new(common::seed() ^ 0xd0);
-    for i in 0..12u64 {
-        let dims = (
-            17 + (rng.next_u64() % 260) as usize,
-            8 * (1 + (rng.next_u64() % 30) as usize),
-            8 * (1 + (rng.next_u64() % 40) as usize),
-            8 * (1 + (rng.next_u64() % 16) as usize),
-        );
-        if i % 2 == 0 {
-            case::<bf16>(dims, false, rng.next_u64(), true);
-        } else {
-            case::<f16>(dims, false, rng.next_u64(), true);
-        }
+/// dX's shapes: ragged m, the layer's n and k multiples of 8 (W0's rows in both orientations; k, dX's
+/// columns, past one 256-column tile in some), ranks 8..128.
+fn dx_shape() -> impl Strategy<Value = (usize, usize, usize, usize)> {
+    (17usize..=300, 1usize..=40, 1usize..=40, 1usize..=16)
+        .prop_map(|(m, n8, k8, r8)| (m, 8 * n8, 8 * k8, 8 * r8))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// dX on the Hopper kernel ("nn"), through the whole backward, as many shapes as the forward.
+    #[test]
+    fn sm90_dx_matches_reference(dims in dx_shape(), f16_layer in any::<bool>(), stream in any::<u64>()) {
+        if f16_layer { case::<f16>(dims, false, stream, true) } else { case::<bf16>(dims, false, stream, true) }
     }
+}
+
+/// dX edges: rank 128 (two low-rank stages) with dX two column tiles wide (k = 264).
+#[test]
+fn sm90_dx_edges() {
     case::<bf16>((129, 136, 264, 128), false, 7, true);
+    case::<f16>((300, 8, 520, 8), false, 8, true);
 }
