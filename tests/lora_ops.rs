@@ -88,10 +88,7 @@ fn config() -> ProptestConfig {
         72
     };
     ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default),
+        cases: common::proptest_cases(default),
         // Each case already runs the kernels several times; shrinking a failure would take minutes.
         max_shrink_iters: 16,
         ..ProptestConfig::default()

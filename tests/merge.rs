@@ -81,7 +81,7 @@ fn check<T: Element, U: Element>(nkr: (usize, usize, usize), scale: f32, stream:
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64),
+        cases: common::proptest_cases(64),
         ..ProptestConfig::default()
     })]
 

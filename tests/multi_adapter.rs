@@ -308,7 +308,7 @@ fn shape() -> impl Strategy<Value = (usize, usize, usize)> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(72),
+        cases: common::proptest_cases(72),
         failure_persistence: None,
         ..ProptestConfig::default()
     })]

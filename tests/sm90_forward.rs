@@ -88,9 +88,16 @@ fn shape() -> impl Strategy<Value = (usize, usize, usize, usize)> {
         .prop_map(|(m, n, n8, k8, r8)| (m, if n8 { 8 * n.div_ceil(8) } else { n }, 8 * k8, 8 * r8))
 }
 
+/// dX's shapes: ragged m, the layer's n and k multiples of 8 (W0's rows in both orientations; k, dX's
+/// columns, past one 256-column tile in some), ranks 8..128.
+fn dx_shape() -> impl Strategy<Value = (usize, usize, usize, usize)> {
+    (17usize..=300, 1usize..=40, 1usize..=40, 1usize..=16)
+        .prop_map(|(m, n8, k8, r8)| (m, 8 * n8, 8 * k8, 8 * r8))
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64),
+        cases: common::proptest_cases(64),
         failure_persistence: None,
         ..ProptestConfig::default()
     })]
@@ -98,6 +105,12 @@ proptest! {
     #[test]
     fn sm90_forward_matches_reference(dims in shape(), f16_layer in any::<bool>(), bias in any::<bool>(), stream in any::<u64>()) {
         if f16_layer { case::<f16>(dims, bias, stream, false) } else { case::<bf16>(dims, bias, stream, false) }
+    }
+
+    /// dX on the Hopper kernel ("nn"), through the whole backward, as many shapes as the forward.
+    #[test]
+    fn sm90_dx_matches_reference(dims in dx_shape(), f16_layer in any::<bool>(), stream in any::<u64>()) {
+        if f16_layer { case::<f16>(dims, false, stream, true) } else { case::<bf16>(dims, false, stream, true) }
     }
 }
 
@@ -141,28 +154,8 @@ fn sm90_forced_refuses_what_it_cannot_run() {
     assert!(e.to_string().contains("multiples of 8"), "{e}");
 }
 
-/// dX's shapes: ragged m, the layer's n and k multiples of 8 (W0's rows in both orientations; k, dX's
-/// columns, past one 256-column tile in some), ranks 8..128.
-fn dx_shape() -> impl Strategy<Value = (usize, usize, usize, usize)> {
-    (17usize..=300, 1usize..=40, 1usize..=40, 1usize..=16)
-        .prop_map(|(m, n8, k8, r8)| (m, 8 * n8, 8 * k8, 8 * r8))
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
-
-    /// dX on the Hopper kernel ("nn"), through the whole backward, as many shapes as the forward.
-    #[test]
-    fn sm90_dx_matches_reference(dims in dx_shape(), f16_layer in any::<bool>(), stream in any::<u64>()) {
-        if f16_layer { case::<f16>(dims, false, stream, true) } else { case::<bf16>(dims, false, stream, true) }
-    }
-}
-
-/// dX edges: rank 128 (two low-rank stages) with dX two column tiles wide (k = 264).
+/// dX edges: rank 128 (two low-rank stages) with dX two column tiles wide (k = 264); f16 with a one-stage
+/// reduction (n = 8) over three column tiles (k = 520).
 #[test]
 fn sm90_dx_edges() {
     case::<bf16>((129, 136, 264, 128), false, 7, true);

@@ -69,6 +69,14 @@ pub fn all_devices() -> Vec<Device> {
     d
 }
 
+/// Property-test cases per test: `PROPTEST_CASES`, else `default`.
+pub fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Seed for this test process: `LK_TEST_SEED` to reproduce, else fresh from the clock (printed).
 pub fn seed() -> u64 {
     static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
