@@ -439,7 +439,6 @@ def multi_ops(n=4096, k=4096):
 
 
 def bound_launch(l, mix, occ, dev):
-    warps = l["blocks"] * threads_of(l["file"]) // 32
     sms = min(l["blocks"], dev["sms"])
     if "hmma" in l:  # exact counts from the launch model (lowrank_grad): one hot-loop trip per step
         issue = mix["total"] * l["iters"] * l["issue_warps"] / (sms * 4 * dev["clock"])
