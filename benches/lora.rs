@@ -12,7 +12,7 @@
 //!
 //! Throughput is reported as FLOPs (criterion "elements") for GEMMs and bytes for merge. Every timed
 //! iteration ends with a device synchronize, and input sets rotate so none is served from L2.
-//! Without a GPU: prints that it skipped and why, and exits 0. `LK_BENCH_QUICK=1`: headline cases only.
+//! Without a GPU: prints that it skipped and why, and exits 0. `LK_BENCH_QUICK=1`: the headline cases and M = 256.
 
 mod common;
 

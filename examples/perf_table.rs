@@ -10,7 +10,7 @@
 //! On an sm_90 GPU each forward (M > 16) gets a second row with the sm_90a GEMM (`LK_FUSED_GEMM=auto`, opt-in)
 //! beside the default mma.sync one, both against the same cuBLAS GEMM.
 //!
-//! `cargo run --release --example perf_table` (`LK_BENCH_QUICK=1`: headline cases only). Results
+//! `cargo run --release --example perf_table` (`LK_BENCH_QUICK=1`: the headline cases and M = 256). Results
 //! from GPU runs are kept in docs/perf/ with device, driver, date and commit.
 
 #[path = "../benches/common/mod.rs"]

@@ -11,7 +11,7 @@
 #   --out DIR         where the results go (default: ./gpu-check-out)
 #   --allow-no-gpu    a dry run on a machine without a GPU: GPU tests skip instead of failing, and the
 #                     sanitizer and Nsight Compute steps are skipped; without it, no GPU is an error
-#   --quick           perf table and benches on the headline cases only (LK_BENCH_QUICK=1)
+#   --quick           perf table and benches on the headline cases and M = 256 (LK_BENCH_QUICK=1)
 #   --skip-sanitizer  no compute-sanitizer step
 #   --skip-bench      no criterion step
 #   --profile         also run Nsight Compute over examples/profile_step.rs (scripts/gpu-profile.sh)

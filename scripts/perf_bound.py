@@ -66,19 +66,30 @@ THREADS_OF = {}
 DYN_SMEM = {}
 # kernels/sm90/*.cu: built for sm_90a alone; their rows go with sm_90's
 HOPPER_ARCH = {"sm_90": "sm_90a"}
-SM90_BM = SM90_BN = SM90_BK = 0
+SM90_BM = SM90_BN = SM90_BK = SM90_NARROW_BN = SM90_NARROW_SMEM = 0
 SM90_CONSUMER_WARPS = 8  # two consumer warpgroups
 
 
 def read_params_h(path):
     """The launch constants the bound needs, from the header the kernels and the Rust side share."""
-    global SM90_BM, SM90_BN, SM90_BK
+    global SM90_BM, SM90_BN, SM90_BK, SM90_NARROW_BN, SM90_NARROW_SMEM
     with open(path) as fh:
         d = {k: int(v) for k, v in re.findall(r"#define (LK_\w+) (\d+)u", fh.read())}
     THREADS_OF.update(multi_decode=d["LK_MULTI_DECODE_THREADS"], fused_gemm_sm90=d["LK_SM90_THREADS"])
     DYN_SMEM.update(fused_gemm=d["LK_FUSED_GEMM_SMEM_BYTES"], fused_gemm_multi=d["LK_FUSED_GEMM_SMEM_BYTES"],
                     multi_decode=d["LK_MULTI_DECODE_SMEM_BYTES"], fused_gemm_sm90=d["LK_SM90_SMEM_BYTES"])
     SM90_BM, SM90_BN, SM90_BK = d["LK_SM90_BM"], d["LK_SM90_BN"], d["LK_SM90_BK"]
+    SM90_NARROW_BN, SM90_NARROW_SMEM = d["LK_SM90_NARROW_BN"], d["LK_SM90_NARROW_SMEM_BYTES"]
+
+
+def sm90_bn(m, n, sms):
+    """The tile width ops::sm90_tile (src/ops/sm90.rs) picks: narrow where the busiest SM has less work."""
+    busiest = lambda bn: cdiv(cdiv(m, SM90_BM) * cdiv(n, bn), sms)
+    return SM90_NARROW_BN if busiest(SM90_NARROW_BN) < 2 * busiest(SM90_BN) else SM90_BN
+
+
+def sm90_kernel(nn, bn, dtype="bf16"):
+    return f"fused_gemm_sm90{'_nn' if nn else ''}{'_narrow' if bn == SM90_NARROW_BN else ''}_{dtype}"
 
 
 def threads_of(kernel_file):
@@ -98,6 +109,8 @@ def dyn_smem(kernel, kernel_file):
         rp, with_u = grad_class(kernel)
         ring = GRAD_STAGES * GRAD_TM * ((GRAD_TC + 8) + (rp + 8))
         return 2 * (ring + (GRAD_TC * (rp + 8) if with_u else 0))
+    if kernel_file == "fused_gemm_sm90" and "_narrow_" in kernel:
+        return SM90_NARROW_SMEM
     return DYN_SMEM.get(kernel_file, 0)
 HMMA_FLOPS = 2 * 16 * 8 * 16  # one m16n8k16
 
@@ -469,8 +482,8 @@ def bound_launch(l, mix, occ, dev):
     return parts[limiter], limiter, parts
 
 
-def sm90_gemm(kernel, m, n, k, r, dev, mix):
-    """fused_gemm_sm90 (kernels/sm90/fused_gemm_sm90.cu) on an m x n x k GEMM with rank r: BM x BN tiles,
+def sm90_gemm(kernel, m, n, k, r, dev, mix, bn):
+    """fused_gemm_sm90 (kernels/sm90/fused_gemm_sm90.cu) on an m x n x k GEMM with rank r: BM x bn tiles,
     ceil(r/64) + ceil(k/64) stages of BM x BN x 64 each (the low-rank ones padded to 64: four k16 wgmmas
     always). Both compute terms are the busiest SM's, which runs ceil(tiles / SMs) tiles (the persistent
     grid's last wave is partly idle). Tensor: its wgmma work at one SM's share of the dense peak. Issue: the
@@ -478,17 +491,17 @@ def sm90_gemm(kernel, m, n, k, r, dev, mix):
     release) x stages x its tiles x 8 consumer warps, over 4 schedulers x clock (the producer's and the
     epilogue's instructions not counted). Memory:
     each operand read once, C written once. Also the bytes TMA brings from L2 into shared memory (every
-    stage's (BM + BN) x 64 elements; nothing shared between CTAs: no clusters)."""
-    tiles = cdiv(m, SM90_BM) * cdiv(n, SM90_BN)
+    stage's (BM + bn) x 64 elements; nothing shared between CTAs: no clusters)."""
+    tiles = cdiv(m, SM90_BM) * cdiv(n, bn)
     stages = cdiv(r, SM90_BK) + cdiv(k, SM90_BK)
     # one CTA per SM walks tiles, tiles + sms, ...: some SM gets ceil(tiles / sms) of them (the last wave
     # partly idle), and no SM's tensor cores or schedulers run faster than its share of the peak
     sms = min(tiles, dev["sms"])
     waves = cdiv(tiles, sms)
-    tensor = waves * stages * 2 * SM90_BM * SM90_BN * SM90_BK / (dev["tensor"] / dev["sms"])
+    tensor = waves * stages * 2 * SM90_BM * bn * SM90_BK / (dev["tensor"] / dev["sms"])
     issue = mix["total"] * stages * waves * SM90_CONSUMER_WARPS / (4 * dev["clock"])
     memory = 2 * (m * k + n * k + m * r + n * r + m * n) / dev["hbm"]
-    l2 = tiles * stages * 2 * (SM90_BM + SM90_BN) * SM90_BK
+    l2 = tiles * stages * 2 * (SM90_BM + bn) * SM90_BK
     parts = dict(tensor=tensor, issue=issue, memory=memory)
     limiter = max(parts, key=parts.get)
     return parts[limiter], limiter, parts, l2
@@ -510,10 +523,11 @@ def sm90_section(w, res, mixes, dev):
     w("| target | other launches (µs) | sm_90a GEMM: bound (µs) | limited by | tensor | issue | memory | "
       "L2 to SM (GB) | at the target (TB/s) | op bound (µs) | target (µs) | bound / target | verdict |")
     w("| --- " * 13 + "|")
-    gemms = (("fused_gemm_nt_bf16", "fused_gemm_sm90_bf16", M, N, K),
-             ("fused_gemm_nn_bf16", "fused_gemm_sm90_nn_bf16", M, K, N))
+    gemms = (("fused_gemm_nt_bf16", False, M, N, K), ("fused_gemm_nn_bf16", True, M, K, N))
     projection = None
-    for (target, _, launches, tgt), (replaced, kern, gm, gn, gk) in zip(headline_ops()[:2], gemms):
+    for (target, _, launches, tgt), (replaced, nn, gm, gn, gk) in zip(headline_ops()[:2], gemms):
+        bn = sm90_bn(gm, gn, dev["sms"])
+        kern = sm90_kernel(nn, bn)
         assert launches[-1]["kernel"] == replaced, (launches[-1]["kernel"], replaced)
         rest = 0.0
         for l in launches[:-1]:
@@ -522,7 +536,7 @@ def sm90_section(w, res, mixes, dev):
             rest += b
         if projection is None:
             projection = rest  # the forward's: T = X·Aᵀ and its finalize
-        b, limiter, parts, l2 = sm90_gemm(kern, gm, gn, gk, R, dev, mixes[(kern, "sm_90")])
+        b, limiter, parts, l2 = sm90_gemm(kern, gm, gn, gk, R, dev, mixes[(kern, "sm_90")], bn)
         total, t = rest + b, tgt(dev)
         w(f"| {target} | {rest * 1e6:.1f} | {b * 1e6:.1f} | {limiter} | {parts['tensor'] * 1e6:.1f} | "
           f"{parts['issue'] * 1e6:.1f} | {parts['memory'] * 1e6:.1f} | {l2 / 1e9:.2f} | {l2 / t / 1e12:.1f} | "
@@ -531,12 +545,14 @@ def sm90_section(w, res, mixes, dev):
     # T inside the forward kernel instead of the projection launch: every one of the N/128 column tiles of
     # a row block would compute its rows' T again (X's tiles times A's as an m64nRk16 wgmma, R rounded up to
     # a multiple of 8), R/128 more tensor work on the main GEMM
-    _, _, parts, _ = sm90_gemm("fused_gemm_sm90_bf16", M, N, K, R, dev, mixes[("fused_gemm_sm90_bf16", "sm_90")])
+    _, _, parts, _ = sm90_gemm("fused_gemm_sm90_bf16", M, N, K, R, dev, mixes[("fused_gemm_sm90_bf16", "sm_90")],
+                               SM90_BN)
     extra = parts["tensor"] * max(8, cdiv(R, 8) * 8) / SM90_BN
-    tiles_128 = cdiv(M, SM90_BM) * cdiv(N, 128)
-    l2_128 = tiles_128 * (cdiv(R, SM90_BK) + cdiv(K, SM90_BK)) * 2 * (SM90_BM + 128) * SM90_BK
-    w(f"The tile is {SM90_BM}x{SM90_BN} (m64n{SM90_BN} per consumer warpgroup). L2 to SM with 128x128 tiles "
-      f"(m64n128, the first build): {l2_128 / 1e9:.2f} GB, {l2_128 / headline_ops()[0][3](dev) / 1e12:.1f} "
+    nb = SM90_NARROW_BN
+    tiles_128 = cdiv(M, SM90_BM) * cdiv(N, nb)
+    l2_128 = tiles_128 * (cdiv(R, SM90_BK) + cdiv(K, SM90_BK)) * 2 * (SM90_BM + nb) * SM90_BK
+    w(f"The tile is {SM90_BM}x{SM90_BN} (m64n{SM90_BN} per consumer warpgroup). L2 to SM with {SM90_BM}x{nb} "
+      f"tiles (m64n{nb}, the narrow kernels): {l2_128 / 1e9:.2f} GB, {l2_128 / headline_ops()[0][3](dev) / 1e12:.1f} "
       f"TB/s at the forward's target time; with two-CTA clusters multicasting the shared operand, less than "
       f"the table's.")
     w("")
@@ -550,6 +566,35 @@ def sm90_section(w, res, mixes, dev):
        f"with s folded into T before its rounding or in {SM90_BN // 2} more accumulator registers per "
        f"thread, which the consumers do not have, and one column tile per row block would write T for the "
        f"backward."))
+    w("")
+    sm90_by_m(w, res, mixes, dev, N, K, R)
+
+
+def sm90_by_m(w, res, mixes, dev, n, k, r):
+    """The forward's fused GEMM alone, by M: the mma.sync kernel, the sm_90a one with each tile width, and
+    the width ops::sm90_tile picks (the busiest SM's work decides it)."""
+    nb = SM90_NARROW_BN
+    w(f"The forward's fused GEMM alone by M (N = K = {n}, r = {r}, bf16; bounds in µs, blocks or tiles in "
+      f"brackets): the mma.sync kernel (128x128 tiles, 2 blocks per SM), the sm_90a kernel with "
+      f"{SM90_BM}x{SM90_BN} and with {SM90_BM}x{nb} tiles (the narrow kernels), and the width the launch "
+      f"takes (`ops::sm90_tile`: the narrow tiles where the busiest SM has less work with them). Up to "
+      f"M = {(cdiv(dev['sms'], cdiv(n, nb)) - 1) * SM90_BM} there are fewer tiles of either width than the "
+      f"{dev['sms']} SMs:")
+    w("")
+    w(f"| M | mma.sync | sm_90a {SM90_BM}x{SM90_BN} | sm_90a {SM90_BM}x{nb} | taken |")
+    w("| --- | --- | --- | --- | --- |")
+    _, res_mma = res[("fused_gemm_nt_bf16", "sm_90")]
+    for m in (256, 512, 1024, 1536, 2048, 4096, 8192):
+        l = launch_fused("fused_gemm_nt_bf16", m, n, k, r)
+        b_mma = bound_launch(l, mixes[("fused_gemm_nt_bf16", "sm_90")],
+                             occupancy(res_mma, l["kernel"], l["file"], dev), dev)[0]
+        cells = []
+        for bn in (SM90_BN, nb):
+            kern = sm90_kernel(False, bn)
+            b = sm90_gemm(kern, m, n, k, r, dev, mixes[(kern, "sm_90")], bn)[0]
+            cells.append(f"{b * 1e6:.1f} ({cdiv(m, SM90_BM) * cdiv(n, bn)})")
+        w(f"| {m} | {b_mma * 1e6:.1f} ({l['blocks']}) | {cells[0]} | {cells[1]} | "
+          f"{SM90_BM}x{sm90_bn(m, n, dev['sms'])} |")
     w("")
 
 

@@ -4,8 +4,9 @@
 //! k and r multiples of 8 (TMA's row strides) from 8 to 320 and 8 to 128, bf16/f16, bias or not, each
 //! against the f64 reference with the outputs poisoned, under the ascending thread order and one of the
 //! other four (rotating over the cases) with identical bits (the race detector in its happens-before mode
-//! watching every access, the seeds varying the shared-memory alignment), and each block looping over several
-//! tiles (the emulator's persistent grid is 3 blocks). Then dX (`lora_backward`, the "nn" kernel: W0 and
+//! watching every access, the seeds varying the shared-memory alignment), on 1, 3 or 132 emulated SMs (by
+//! case: the persistent grid's size, so blocks loop over several tiles or over none, and the tile width
+//! that `ops::sm90_tile` picks for it, 128×256 or the narrow 128×128, both among the cases). Then dX (`lora_backward`, the "nn" kernel: W0 and
 //! A read MN-major from 64×64 boxes) with the whole backward, as many property cases and two edges, under
 //! two orders too. Each
 //! case goes through `common::lora` (forward, backward, every output against the f64 reference). `LK_FUSED_GEMM=sm90` is set for this whole test
@@ -28,11 +29,12 @@ fn force_sm90() {
     unsafe { std::env::set_var("LK_FUSED_GEMM", "sm90") };
 }
 
-fn hopper(order: ThreadOrder, seed: u64) -> Device {
+fn hopper(order: ThreadOrder, seed: u64, sms: u32) -> Device {
     Device::emulator_with(EmuConfig {
         order,
         seed,
         arch: 90,
+        sms,
         ..EmuConfig::default()
     })
 }
@@ -43,12 +45,25 @@ fn tol(dtype: DType) -> f64 {
 
 /// One layer case through `common::lora` (fresh random inputs, outputs poisoned, every output against the
 /// f64 reference): the forward, and with `backward` the backward too (its dX on the "nn" kernel), under
-/// the ascending thread order and one of the other four (by case), with identical bits.
-fn case<T: Element>(
+/// the ascending thread order and one of the other four (by case), with identical bits, on 1, 3 or 132
+/// emulated SMs (by case).
+fn case<T: Element>(dims: (usize, usize, usize, usize), bias: bool, stream: u64, backward: bool) {
+    case_on::<T>(
+        dims,
+        bias,
+        stream,
+        backward,
+        [1, 3, 132][(stream >> 2) as usize % 3],
+    );
+}
+
+/// `case` on `sms` emulated SMs.
+fn case_on<T: Element>(
     (m, n, k, r): (usize, usize, usize, usize),
     bias: bool,
     stream: u64,
     backward: bool,
+    sms: u32,
 ) {
     force_sm90();
     let mut rng = Rng::new(stream);
@@ -61,12 +76,21 @@ fn case<T: Element>(
         ThreadOrder::WarpGreedyDescending,
     ];
     let mut first = None;
+    let tiles = format!(
+        "tiles {:?}, dX {:?}",
+        lora_kernels::ops::sm90_tile(m, n, sms),
+        lora_kernels::ops::sm90_tile(m, k, sms)
+    );
     for dev in [
-        hopper(ThreadOrder::Ascending, 0),
-        hopper(others[(stream % 4) as usize], stream | 1),
+        hopper(ThreadOrder::Ascending, 0, sms),
+        hopper(others[(stream % 4) as usize], stream | 1, sms),
     ] {
         let o = run(&dev, &l, backward);
-        let what = format!("sm_90a {m}×{n}×{k} r {r} bias {bias} on {}", dev.describe());
+        let what = format!(
+            "sm_90a {m}×{n}×{k} r {r} bias {bias} on {} SMs ({tiles}) of {}",
+            sms,
+            dev.describe()
+        );
         check(&what, &l, &o, tol(T::DTYPE));
         match &first {
             None => first = Some(o.bits()),
@@ -114,24 +138,37 @@ proptest! {
     }
 }
 
-/// Edges: one row past a tile, one column past one, one full tile, rank 128 (two low-rank stages), k = 8
-/// (one partial stage), the largest ragged tile grids here (3×3 tiles over 3 blocks), each with the
-/// TMA-store epilogue (n a multiple of 8: 256, 520, 264 (its second tile's last three boxes wholly past
-/// C)) and the register one (257, 1, 516).
+/// Edges, each on a number of SMs that gives it the tile width named (checked): one row past a tile, one
+/// column past one, one full tile, rank 128 (two low-rank stages), k = 8 (one partial stage), ragged tile
+/// grids of 3×3 wide or 3×5 narrow tiles, one block looping over 6 wide or 15 narrow tiles, each with the
+/// TMA-store epilogue (n a multiple of 8: 256, 512, 520, 264 (boxes wholly past C in its last tile)) and
+/// the register one (257, 1, 516).
 #[test]
 fn sm90_forward_edges() {
-    for (i, dims) in [
-        (129, 256, 64, 8),
-        (128, 257, 8, 128),
-        (17, 1, 72, 16),
-        (300, 516, 136, 64),
-        (300, 520, 136, 72),
-        (40, 264, 16, 24),
+    for (i, (dims, sms, bn)) in [
+        ((129, 256, 64, 8), 3, 256),
+        ((129, 256, 64, 8), 132, 128),
+        ((128, 257, 8, 128), 2, 256),
+        ((128, 257, 8, 128), 3, 128),
+        ((17, 1, 72, 16), 3, 128),
+        ((300, 516, 136, 64), 9, 256),
+        ((300, 516, 136, 64), 3, 128),
+        ((300, 520, 136, 72), 9, 256),
+        ((300, 520, 136, 72), 1, 128),
+        ((300, 512, 136, 8), 1, 256),
+        ((40, 264, 16, 24), 2, 256),
+        ((40, 264, 16, 24), 1, 128),
     ]
     .into_iter()
     .enumerate()
     {
-        case::<bf16>(dims, i % 2 == 0, 0x5e90 + i as u64, false);
+        let (m, n, _, _) = dims;
+        assert_eq!(
+            lora_kernels::ops::sm90_tile(m, n, sms),
+            (128, bn),
+            "{dims:?} on {sms}"
+        );
+        case_on::<bf16>(dims, i % 2 == 0, 0x5e90 + i as u64, false, sms);
     }
 }
 
@@ -139,7 +176,7 @@ fn sm90_forward_edges() {
 #[test]
 fn sm90_forced_refuses_what_it_cannot_run() {
     force_sm90();
-    let dev = hopper(ThreadOrder::Ascending, 0);
+    let dev = hopper(ThreadOrder::Ascending, 0, 3);
     let (m, n, k, r) = (20, 8, 12, 8);
     let z = |len: usize, shape: &[usize]| {
         Tensor::from_slice(&dev, &vec![bf16::ZERO; len], shape).unwrap()
@@ -154,10 +191,27 @@ fn sm90_forced_refuses_what_it_cannot_run() {
     assert!(e.to_string().contains("multiples of 8"), "{e}");
 }
 
-/// dX edges: rank 128 (two low-rank stages) with dX two column tiles wide (k = 264); f16 with a one-stage
-/// reduction (n = 8) over three column tiles (k = 520).
+/// dX edges, each with both tile widths (checked): rank 128 (two low-rank stages) with dX two wide or three
+/// narrow column tiles across (k = 264); f16 with a one-stage reduction (n = 8) over three wide or five
+/// narrow column tiles (k = 520).
 #[test]
 fn sm90_dx_edges() {
-    case::<bf16>((129, 136, 264, 128), false, 7, true);
-    case::<f16>((300, 8, 520, 8), false, 8, true);
+    for (dims, sms, bn) in [
+        ((129, 136, 264, 128), 4, 256),
+        ((129, 136, 264, 128), 3, 128),
+        ((300, 8, 520, 8), 9, 256),
+        ((300, 8, 520, 8), 3, 128),
+    ] {
+        let (m, _, k, _) = dims;
+        assert_eq!(
+            lora_kernels::ops::sm90_tile(m, k, sms),
+            (128, bn),
+            "dX of {dims:?} on {sms}"
+        );
+        if dims.1 == 8 {
+            case_on::<f16>(dims, false, 8, true, sms);
+        } else {
+            case_on::<bf16>(dims, false, 7, true, sms);
+        }
+    }
 }

@@ -22,24 +22,19 @@ pub struct Case {
     pub r: usize,
 }
 
-/// The grid: M in {16, 2048, 8192}, (N, K) in three Llama-7B-like pairs, r in {8, 16, 64}.
-/// `LK_BENCH_QUICK=1` keeps the headline case only (M = 8192, N = K = 4096, r = 16) plus M = 16.
+/// The grid: M in {16, 2048, 8192}, (N, K) in three Llama-7B-like pairs, r in {8, 16, 64}; plus
+/// M = 256 and 1536 at N = K = 4096, r = 16, where the sm_90a GEMM takes its 128×128 tiles
+/// (`ops::sm90_tile`). `LK_BENCH_QUICK=1` keeps the headline case (M = 8192, N = K = 4096, r = 16) and
+/// the same at M = 16 and M = 256.
 pub fn cases() -> Vec<Case> {
+    let square = |m| Case {
+        m,
+        n: 4096,
+        k: 4096,
+        r: 16,
+    };
     if std::env::var("LK_BENCH_QUICK").as_deref() == Ok("1") {
-        return vec![
-            Case {
-                m: 8192,
-                n: 4096,
-                k: 4096,
-                r: 16,
-            },
-            Case {
-                m: 16,
-                n: 4096,
-                k: 4096,
-                r: 16,
-            },
-        ];
+        return vec![square(8192), square(256), square(16)];
     }
     let mut v = Vec::new();
     for m in [16, 2048, 8192] {
@@ -49,6 +44,7 @@ pub fn cases() -> Vec<Case> {
             }
         }
     }
+    v.extend([square(256), square(1536)]);
     v
 }
 

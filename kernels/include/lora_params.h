@@ -310,10 +310,11 @@ typedef struct __attribute__((aligned(64))) LkTensorMap {
 } LkTensorMap;
 
 /* C = A·op(B) + scale·L·op(R) (+ bias) on sm_90a (kernels/sm90/fused_gemm_sm90.cu): warp-specialised, TMA
- * loads of 128×64 and 256×64 tiles (128-byte swizzle) into a STAGES-deep mbarrier ring, wgmma m64n256k16
- * in two consumer warpgroups, persistent over the 128×256 output tiles. Maps (lora_kernels::tma): x_map A
+ * loads of 128×64 and BN×64 tiles (128-byte swizzle) into a STAGES-deep mbarrier ring, wgmma m64nBNk16
+ * in two consumer warpgroups, persistent over the 128×BN output tiles (BN 256, or 128 for the narrow
+ * kernels). Maps (lora_kernels::tma): x_map A
  * [m, k], t_map L [m, rank] (boxes 64 columns × 128 rows); "nt" (forward): w_map B = W0 [n, k], b_map
- * R = B [n, rank] (boxes 64 × 256); "nn" (dX): w_map B = W0 [k, n], b_map R = A [rank, n] (boxes 64 × 64).
+ * R = B [n, rank] (boxes 64 × BN); "nn" (dX): w_map B = W0 [k, n], b_map R = A [rank, n] (boxes 64 × 64).
  * C is m × n (ldc). y_tma = 1: the epilogue stores C through shared memory with TMA stores on y_map (C
  * [m, n], boxes 64 × 64, 128-byte swizzle; needs ldc·size a multiple of 16 and C 16-byte aligned);
  * y_tma = 0: it stores from the registers to y (y_map unused). */
@@ -322,9 +323,15 @@ typedef struct __attribute__((aligned(64))) LkTensorMap {
 #define LK_SM90_BK 64u
 #define LK_SM90_STAGES 3u
 #define LK_SM90_THREADS 384u
-/* 3 stages of 16 + 32 KB tiles, the 64 KB output tile, 1 KB to align them to the swizzle's period, 1 KB
- * of barriers: 210 KB of sm_90's 227 */
+/* 3 stages of 16 + 32 KB tiles, the 64 KB output tile, and 2 KB for the barriers (at the start) and the
+ * padding that puts the ring on the swizzle's 1024-byte period after them: 210 KB of sm_90's 227 */
 #define LK_SM90_SMEM_BYTES 215040u
+/* The narrow variant (kernels named fused_gemm_sm90[_nn]_narrow_<dtype>): 128×128 output tiles, m64n128 per
+ * consumer, for the GEMMs whose 128×256 tiles would leave SMs idle (ops/sm90.rs picks the width): 4 stages
+ * of 16 + 16 KB, the 32 KB output tile, the same 2 KB */
+#define LK_SM90_NARROW_BN 128u
+#define LK_SM90_NARROW_STAGES 4u
+#define LK_SM90_NARROW_SMEM_BYTES 165888u
 typedef struct LkFusedGemmSm90Params {
     LkTensorMap x_map;
     LkTensorMap w_map;

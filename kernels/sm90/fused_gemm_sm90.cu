@@ -3,31 +3,36 @@
 // dX = dY·W0 + s·U·A ("nn", the second operand read MN-major). T and U come from their own launches, as
 // for the mma.sync kernel (fused_gemm.cu), whose order of operations this keeps.
 //
-// Structure (one CTA per SM, persistent over the 128×256 output tiles in grouped order):
+// Structure (one CTA per SM, persistent over the 128×BN output tiles in grouped order; BN = 256, or 128
+// for the "_narrow" kernels):
 // - warpgroup 0, the producer: setmaxnreg down; one thread walks the virtual k-stages of every tile this
 //   CTA owns, ceil(rank/64) low-rank stages (T and B tiles) then ceil(k/64) main stages (X and W0 tiles),
-//   each a 128×64 box of the first operand and 256×64 of the second (one box; four 64×64 ones for "nn"),
+//   each a 128×64 box of the first operand and BN×64 of the second (one box; BN/64 64×64 ones for "nn"),
 //   with the 128-byte swizzle, into a ring of STAGES slots: wait for the slot's "empty" mbarrier,
-//   arrive.expect_tx(48 KB) on its "full" one, issue the loads. Out-of-bounds rows and columns (ragged m,
-//   n, k, rank) arrive as zeros.
-// - warpgroups 1 and 2, the consumers: setmaxnreg up; each owns 64 rows of the tile, with 128 f32
-//   accumulators per thread (m64n256). Per stage: wait "full", four wgmma k16 steps (descriptors 32 bytes
+//   arrive.expect_tx(the stage's bytes: 48 KB, 32 narrow) on its "full" one, issue the loads.
+//   Out-of-bounds rows and columns (ragged m, n, k, rank) arrive as zeros.
+// - warpgroups 1 and 2, the consumers: setmaxnreg up; each owns 64 rows of the tile, with BN/2 f32
+//   accumulators per thread (m64nBN). Per stage: wait "full", four wgmma k16 steps (descriptors 32 bytes
 //   apart in the 128-byte rows, SBO 1024), commit, wait until only this stage's group is in flight, arrive
 //   "empty" for the previous stage's slot: the tensor cores run one stage while the next one's wait and
 //   issue happen. After the low-rank stages (all retired) the accumulators are scaled by s, so the order of
 //   operations is fused_gemm.cu's: s·(T·Bᵀ) first, then X·W0ᵀ on top, + bias, one rounding.
 // - the epilogue: when C's rows are 16-byte multiples (y_tma), each consumer writes its 64 rows, rounded,
-//   into its half of a 64 KB output tile in the 128-byte swizzle, and one of its threads stores the four
-//   64×64 boxes with TMA (clipped at the edges); its warps 1-3 go on to the next tile's stages at once,
-//   warp 0 once that thread has issued the stores; the buffer is reused once those stores have read it. Otherwise it stores from the registers.
+//   into its half of the output tile (64 KB, 32 narrow) in the 128-byte swizzle, and one of its threads
+//   stores the BN/64 64×64 boxes with TMA (clipped at the edges); its warps 1-3 go on to the next tile's
+//   stages at once, warp 0 once that thread has issued the stores; the buffer is reused once those stores
+//   have read it. Otherwise it stores from the registers.
 // Choices (docs/perf/bound.md has the numbers): 128×256 tiles, not 128×128: per output element a stage
 // brings 3/4 of the bytes from L2 (the bound lists the L2-to-SM traffic and the rate it needs), for three
-// stages instead of four (48 KB each, + the 64 KB output tile: 210 KB of the 227). The projection stays a
-// separate launch: T computed here would be computed again by each of the n/256 column tiles of a row
-// block (r/256 more tensor work: the bound says it would save at most 2 %), it would exist only after the
-// main loop (s·T·Bᵀ added last, not fused_gemm.cu's order, with s folded in before T's rounding: 128 more
-// accumulators per thread do not fit), and the rounded T is needed by the backward anyway. No clusters
-// yet (what the L2 throughput measured on a GPU decides).
+// stages instead of four (48 KB each, + the 64 KB output tile: 210 KB of the 227). Where 128×256 tiles
+// would leave SMs idle (fewer tiles than SMs, or a last wave that 128×128 tiles fill better: M = 256,
+// N = 4096 is 32 wide tiles for 132 SMs), the host takes the narrow kernels (128×128, four stages of
+// 32 KB): their busiest SM has less work, and never more than the mma.sync kernel's, whose tiles are
+// 128×128 too. The projection stays a separate launch: T computed here would be computed again by each
+// of the n/256 column tiles of a row block (r/256 more tensor work: the bound says it would save at most
+// 2 %), it would exist only after the main loop (s·T·Bᵀ added last, not fused_gemm.cu's order, with s
+// folded in before T's rounding: 128 more accumulators per thread do not fit), and the rounded T is needed
+// by the backward anyway. No clusters yet (what the L2 throughput measured on a GPU decides).
 // Requirements the host checks (ops/sm90.rs): k and rank multiples of 8 and 16-byte aligned operands
 // (TMA's row strides), layer-dtype adapters, no dropout.
 #include "lk_convert.cuh"
@@ -38,17 +43,26 @@
 #include "lora_params.h"
 
 namespace {
-constexpr uint32_t BM = LK_SM90_BM, BN = LK_SM90_BN, BK = LK_SM90_BK, STAGES = LK_SM90_STAGES;
-constexpr uint32_t A_BYTES = BM * BK * 2;     // a stage's first operand: 128×64 2-byte elements
-constexpr uint32_t B_BYTES = BN * BK * 2;     // its second: 256×64
-constexpr uint32_t BOX_BYTES = 64 * 64 * 2;   // a 64×64 box (nn's second operand, the output's boxes)
-constexpr uint32_t OUT_BYTES = 64 * BN * 2;   // one consumer's 64 rows of the output tile
-constexpr uint32_t STAGE_BYTES = A_BYTES + B_BYTES;
+constexpr uint32_t BM = LK_SM90_BM, BK = LK_SM90_BK;
+constexpr uint32_t A_BYTES = BM * BK * 2;    // a stage's first operand: 128×64 2-byte elements
+constexpr uint32_t BOX_BYTES = 64 * 64 * 2;  // a 64×64 box (nn's second operand, the output's boxes)
 constexpr uint32_t GROUP_M = 8;
-static_assert(BM == 128 && BN % 64 == 0 && BN <= 256 && BK * 2 == 128,
-              "two 64-row consumers, 128-byte rows: the 128-byte swizzle, 4 k16 steps per stage");
-static_assert(STAGES * STAGE_BYTES + 2 * OUT_BYTES + 2048 == LK_SM90_SMEM_BYTES, "header and kernel agree");
+static_assert(BM == 128 && BK * 2 == 128, "two 64-row consumers, 128-byte rows: the 128-byte swizzle, 4 k16 steps per stage");
 
+// A tile width and its ring: BN columns per tile (m64nBN per consumer), STAGES slots, SMEM bytes in all.
+template <uint32_t BN_, uint32_t STAGES_, uint32_t SMEM_>
+struct Width {
+    static constexpr uint32_t BN = BN_, STAGES = STAGES_;
+    static constexpr uint32_t B_BYTES = BN * BK * 2;    // a stage's second operand: BN×64
+    static constexpr uint32_t OUT_BYTES = 64 * BN * 2;  // one consumer's 64 rows of the output tile
+    static constexpr uint32_t STAGE_BYTES = A_BYTES + B_BYTES;
+    static_assert(BN % 64 == 0 && BN <= 256, "whole 64-column boxes, wgmma's largest n");
+    static_assert(STAGES * STAGE_BYTES + 2 * OUT_BYTES + 2048 == SMEM_, "header and kernel agree");
+};
+using Wide = Width<LK_SM90_BN, LK_SM90_STAGES, LK_SM90_SMEM_BYTES>;
+using Narrow = Width<LK_SM90_NARROW_BN, LK_SM90_NARROW_STAGES, LK_SM90_NARROW_SMEM_BYTES>;
+
+template <uint32_t BN>
 __device__ __forceinline__ void tile_of(uint32_t tile, uint32_t tiles_m, uint32_t tiles_n, uint32_t& m0,
                                         uint32_t& n0) {
     const uint32_t per_group = GROUP_M * tiles_n, group = tile / per_group;
@@ -58,13 +72,13 @@ __device__ __forceinline__ void tile_of(uint32_t tile, uint32_t tiles_m, uint32_
     n0 = (in_group / rows) * BN;
 }
 
-// The epilogue through shared memory (p.y_tma): each consumer warpgroup writes its 64×256 rows of the
-// tile, + bias, rounded, into four 64×64 boxes of 128-byte rows in the 128-byte swizzle (conflict-free: a
+// The epilogue through shared memory (p.y_tma): each consumer warpgroup writes its 64×BN rows of the
+// tile, + bias, rounded, into BN/64 64×64 boxes of 128-byte rows in the 128-byte swizzle (conflict-free: a
 // warp's 8 rows of 16 bytes land on 8 different 16-byte chunks), and one thread stores them with TMA
 // (clipped at the tensor's edges). Two mbarriers per warpgroup order it: "out_free" (1 arrival: the storing
 // thread, once its previous tile's stores have read the buffer) before the writes, "out_full" (128: every
 // thread, after fence.proxy.async) before the stores.
-template <typename T>
+template <typename T, uint32_t BN>
 __device__ __forceinline__ void store_tile_tma(const LkFusedGemmSm90Params& p, const float* acc, unsigned char* out,
                                                uint64_t* out_free, uint64_t* out_full, uint32_t t, uint32_t m0,
                                                uint32_t n0, uint32_t tile_count) {
@@ -101,7 +115,7 @@ __device__ __forceinline__ void store_tile_tma(const LkFusedGemmSm90Params& p, c
 }
 
 // The epilogue without a map (ldc·size not a multiple of 16): straight from the registers, clipped.
-template <typename T>
+template <typename T, uint32_t BN>
 __device__ __forceinline__ void store_tile_direct(const LkFusedGemmSm90Params& p, const float* acc, uint32_t t,
                                                   uint32_t m0, uint32_t n0) {
     const T* bias = static_cast<const T*>(p.bias);
@@ -119,10 +133,11 @@ __device__ __forceinline__ void store_tile_direct(const LkFusedGemmSm90Params& p
 // stage's too where its rank columns end sooner: those are TMA's zeros; skipping them would put a branch
 // between the wgmmas, which makes ptxas serialise them all, C7520), commit, wait until at most this group
 // is in flight, and release the previous stage's slot (`held`, STAGES for none). Returns this stage's slot.
-template <typename T, bool NN>
+template <typename T, bool NN, typename W>
 __device__ __forceinline__ uint32_t consume_stage(uint64_t* full, uint64_t* empty, const unsigned char* ring,
-                                                  uint32_t half, float (&acc)[BN / 2], uint32_t s, uint32_t held,
-                                                  bool accumulate) {
+                                                  uint32_t half, float (&acc)[W::BN / 2], uint32_t s,
+                                                  uint32_t held, bool accumulate) {
+    constexpr uint32_t BN = W::BN, STAGES = W::STAGES, STAGE_BYTES = W::STAGE_BYTES;
     const uint32_t slot = s % STAGES, lap = s / STAGES;
     lk_mbarrier_wait_parity(&full[slot], lap & 1);
     const unsigned char* a = ring + slot * STAGE_BYTES + half * (A_BYTES / 2);
@@ -146,13 +161,14 @@ __device__ __forceinline__ uint32_t consume_stage(uint64_t* full, uint64_t* empt
 }
 
 // NN (dX = dY·W0 + s·U·A): the second operand is stored reduction-major ([k][n] row-major), so a stage's B
-// is four 64-row × 64-column boxes (columns n0.., n0+64.., ...: the 128-byte swizzle's span is 64
+// is BN/64 64-row × 64-column boxes (columns n0.., n0+64.., ...: the 128-byte swizzle's span is 64
 // elements), 8 KB apart, read by wgmma as MN-major (transpose bit), each k16 step 16 rows = 2048 bytes further.
-template <typename T, bool NN>
+template <typename T, bool NN, typename W>
 __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params& p) {
+    constexpr uint32_t BN = W::BN, STAGES = W::STAGES, STAGE_BYTES = W::STAGE_BYTES, OUT_BYTES = W::OUT_BYTES;
     LK_DYNAMIC_SMEM(smem);
     // barriers first, then the ring at the next 1024-byte boundary (the swizzle's period), then the output
-    // tile (two 32 KB halves, one per consumer warpgroup)
+    // tile (two halves of 64 rows, one per consumer warpgroup)
     uint64_t* full = reinterpret_cast<uint64_t*>(smem);
     uint64_t* empty = full + STAGES;
     uint64_t* out_free = empty + STAGES;  // [2]
@@ -182,7 +198,7 @@ __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params
         uint32_t s = 0;  // virtual stage counter over all of this CTA's tiles
         for (uint32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
             uint32_t m0, n0;
-            tile_of(tile, tiles_m, tiles_n, m0, n0);
+            tile_of<BN>(tile, tiles_m, tiles_n, m0, n0);
             for (uint32_t j = 0; j < stages_per_tile; ++j, ++s) {
                 const uint32_t slot = s % STAGES, lap = s / STAGES;
                 lk_mbarrier_wait_parity(&empty[slot], (lap & 1) ^ 1);  // lap 0: the phase before the first
@@ -211,14 +227,14 @@ __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params
     uint32_t s = 0, tile_count = 0;
     for (uint32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++tile_count) {
         uint32_t m0, n0;
-        tile_of(tile, tiles_m, tiles_n, m0, n0);
+        tile_of<BN>(tile, tiles_m, tiles_n, m0, n0);
         // One wgmma group in flight across stages: stage j's group is retired, and its slot released, by
         // stage j + 1's wait<1>; the last stage of each phase by the wait<0> after the phase's loop (the
         // accumulators are needed next: the scale, the epilogue). Every wait is unconditional in its loop
         // body: a wait on a branch makes ptxas serialise all the wgmmas (C7518).
         uint32_t held = STAGES;  // the slot whose group is in flight (none yet)
         for (uint32_t j = 0; j < low; ++j, ++s) {
-            held = consume_stage<T, NN>(full, empty, ring, half, acc, s, held, j > 0);
+            held = consume_stage<T, NN, W>(full, empty, ring, half, acc, s, held, j > 0);
         }
         if (low > 0) {  // the low-rank sums are complete: times the scale
             lk_wgmma_wait<0>();
@@ -228,31 +244,40 @@ __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params
             for (uint32_t i = 0; i < BN / 2; ++i) acc[i] *= p.scale;
         }
         for (uint32_t j = low; j < stages_per_tile; ++j, ++s) {
-            held = consume_stage<T, NN>(full, empty, ring, half, acc, s, held, j > 0);
+            held = consume_stage<T, NN, W>(full, empty, ring, half, acc, s, held, j > 0);
         }
         lk_wgmma_wait<0>();
         if (held < STAGES) lk_mbarrier_arrive(&empty[held]);  // none held only if k = 0 (the host sends none)
         // + bias (+0 without one), one rounding
         if (p.y_tma)
-            store_tile_tma<T>(p, acc, out_tile + half * OUT_BYTES, &out_free[half], &out_full[half], t,
+            store_tile_tma<T, BN>(p, acc, out_tile + half * OUT_BYTES, &out_free[half], &out_full[half], t,
                               m0 + 64 * half, n0, tile_count);
         else
-            store_tile_direct<T>(p, acc, t, m0 + 64 * half, n0);
+            store_tile_direct<T, BN>(p, acc, t, m0 + 64 * half, n0);
     }
     if (p.y_tma && t == 0) lk_bulk_wait_group_read<0>();  // the buffer stays valid until the stores read it
 }
 }  // namespace
 
-#define LK_FUSED_GEMM_SM90(name, T, NN)                                                                      \
+#define LK_FUSED_GEMM_SM90(name, T, NN, W)                                                                   \
     extern "C" __global__ void __launch_bounds__(LK_SM90_THREADS, 1) name(const __grid_constant__ LkFusedGemmSm90Params p) { \
-        fused_gemm_sm90_impl<T, NN>(p);                                                                      \
+        fused_gemm_sm90_impl<T, NN, W>(p);                                                                   \
     }
 
-LK_FUSED_GEMM_SM90(fused_gemm_sm90_bf16, __nv_bfloat16, false)
+LK_FUSED_GEMM_SM90(fused_gemm_sm90_bf16, __nv_bfloat16, false, Wide)
 LK_KERNEL_EXPORT(fused_gemm_sm90_bf16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_SM90(fused_gemm_sm90_f16, __half, false)
+LK_FUSED_GEMM_SM90(fused_gemm_sm90_f16, __half, false, Wide)
 LK_KERNEL_EXPORT(fused_gemm_sm90_f16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_SM90(fused_gemm_sm90_nn_bf16, __nv_bfloat16, true)
+LK_FUSED_GEMM_SM90(fused_gemm_sm90_nn_bf16, __nv_bfloat16, true, Wide)
 LK_KERNEL_EXPORT(fused_gemm_sm90_nn_bf16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_SM90(fused_gemm_sm90_nn_f16, __half, true)
+LK_FUSED_GEMM_SM90(fused_gemm_sm90_nn_f16, __half, true, Wide)
 LK_KERNEL_EXPORT(fused_gemm_sm90_nn_f16, LkFusedGemmSm90Params)
+// 128-column tiles (ops/sm90.rs takes them where 256-column ones would leave SMs idle)
+LK_FUSED_GEMM_SM90(fused_gemm_sm90_narrow_bf16, __nv_bfloat16, false, Narrow)
+LK_KERNEL_EXPORT(fused_gemm_sm90_narrow_bf16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_SM90(fused_gemm_sm90_narrow_f16, __half, false, Narrow)
+LK_KERNEL_EXPORT(fused_gemm_sm90_narrow_f16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_SM90(fused_gemm_sm90_nn_narrow_bf16, __nv_bfloat16, true, Narrow)
+LK_KERNEL_EXPORT(fused_gemm_sm90_nn_narrow_bf16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_SM90(fused_gemm_sm90_nn_narrow_f16, __half, true, Narrow)
+LK_KERNEL_EXPORT(fused_gemm_sm90_nn_narrow_f16, LkFusedGemmSm90Params)

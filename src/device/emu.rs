@@ -62,6 +62,10 @@ pub struct EmuConfig {
     /// initcheck of global memory. On by default (tests, development); off, the kernels run for their
     /// results only, several times faster (what [`Device::auto`](crate::Device::auto) falls back to).
     pub checks: bool,
+    /// The multiprocessors a persistent grid is sized for (the sm_90a GEMM's one block per SM, and its
+    /// choice of tile width). The default, 3, makes every block loop over several tiles in small tests;
+    /// 1 puts them all in one block, a GPU's count (132 on an H100) gives its launch geometry.
+    pub sms: u32,
 }
 
 impl Default for EmuConfig {
@@ -72,6 +76,7 @@ impl Default for EmuConfig {
             arch: 86,
             mma: MmaModel::Exact,
             checks: true,
+            sms: 3,
         }
     }
 }

@@ -142,12 +142,13 @@ impl Device {
         }
     }
 
-    /// Streaming multiprocessors, the size of a persistent grid: the GPU's; on the emulator 3, so that
-    /// persistent kernels loop over several tiles per block there too.
+    /// Streaming multiprocessors, the size of a persistent grid: the GPU's; on the emulator
+    /// `EmuConfig::sms` (3 by default, so that persistent kernels loop over several tiles per block there
+    /// too; at least 1).
     pub(crate) fn sm_count(&self) -> Result<u32> {
         match &*self.inner {
             Backend::Cuda(c) => c.sm_count(),
-            Backend::Emulator(_) => Ok(3),
+            Backend::Emulator(cfg) => Ok(cfg.sms.max(1)),
         }
     }
 

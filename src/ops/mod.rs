@@ -26,5 +26,6 @@ pub use merge::{
 };
 pub use multi::{lora_forward_multi, lora_forward_multi_into};
 pub use scale::{mse_grad, scale};
+pub use sm90::sm90_tile;
 pub use validate::MAX_RANK;
 pub use workspace::Workspace;

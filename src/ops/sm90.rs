@@ -138,33 +138,60 @@ fn map<T: Element>(
     .encode(op, t.device(), t.byte_range().0)
 }
 
+/// The output tile (rows, columns) of the sm_90a GEMM for an m × n result on `sms` multiprocessors:
+/// 128×256, or 128×128 (the "_narrow" kernels) where the busiest SM of the persistent grid, which runs
+/// ceil(tiles / SMs) tiles, has less work with those (a wide tile is two narrow tiles' work): when there
+/// are fewer wide tiles than SMs (M = 256, N = 4096: 32 for an H100's 132), or a last wave that narrow
+/// tiles fill better. Ties go to the wide tiles (a quarter less traffic from L2 per output element).
+pub fn sm90_tile(m: usize, n: usize, sms: u32) -> (usize, usize) {
+    const _: () = assert!(2 * LK_SM90_NARROW_BN == LK_SM90_BN);
+    let rows = m.div_ceil(LK_SM90_BM as usize);
+    let busiest = |bn: u32| (rows * n.div_ceil(bn as usize)).div_ceil(sms.max(1) as usize);
+    let bn = if busiest(LK_SM90_NARROW_BN) < 2 * busiest(LK_SM90_BN) {
+        LK_SM90_NARROW_BN
+    } else {
+        LK_SM90_BN
+    };
+    (LK_SM90_BM as usize, bn as usize)
+}
+
 fn launch<T: Element, R: Element>(
     op: &'static str,
     g: &FusedGemm<'_, T, R>,
     r: &Tensor<T>,
     c: &mut Tensor<T>,
 ) -> Result<()> {
-    // The second operands: stored [n, k] and [n, rank] in the forward (boxes of 256 rows), [k, n] and
-    // [rank, n] for dX (four 64×64 boxes per stage).
-    let (pair, (b_rows, b_cols), (r_rows, r_cols), box_rows) = match g.orient {
-        Orient::Nt => (
-            (
-                &kernels::FUSED_GEMM_SM90_BF16,
-                &kernels::FUSED_GEMM_SM90_F16,
-            ),
-            (g.n, g.k),
-            (g.n, g.rank),
-            LK_SM90_BN,
+    let device = g.a.device().clone();
+    let sms = device.sm_count()?;
+    let narrow = sm90_tile(g.m, g.n, sms).1 == LK_SM90_NARROW_BN as usize;
+    let (bn, smem_bytes) = if narrow {
+        (LK_SM90_NARROW_BN, LK_SM90_NARROW_SMEM_BYTES)
+    } else {
+        (LK_SM90_BN, LK_SM90_SMEM_BYTES)
+    };
+    let pair = match (g.orient, narrow) {
+        (Orient::Nt, false) => (
+            &kernels::FUSED_GEMM_SM90_BF16,
+            &kernels::FUSED_GEMM_SM90_F16,
         ),
-        Orient::Nn => (
-            (
-                &kernels::FUSED_GEMM_SM90_NN_BF16,
-                &kernels::FUSED_GEMM_SM90_NN_F16,
-            ),
-            (g.k, g.n),
-            (g.rank, g.n),
-            LK_SM90_BK,
+        (Orient::Nt, true) => (
+            &kernels::FUSED_GEMM_SM90_NARROW_BF16,
+            &kernels::FUSED_GEMM_SM90_NARROW_F16,
         ),
+        (Orient::Nn, false) => (
+            &kernels::FUSED_GEMM_SM90_NN_BF16,
+            &kernels::FUSED_GEMM_SM90_NN_F16,
+        ),
+        (Orient::Nn, true) => (
+            &kernels::FUSED_GEMM_SM90_NN_NARROW_BF16,
+            &kernels::FUSED_GEMM_SM90_NN_NARROW_F16,
+        ),
+    };
+    // The second operands: stored [n, k] and [n, rank] in the forward (boxes of bn rows), [k, n] and
+    // [rank, n] for dX (bn/64 64×64 boxes per stage).
+    let ((b_rows, b_cols), (r_rows, r_cols), box_rows) = match g.orient {
+        Orient::Nt => ((g.n, g.k), (g.n, g.rank), bn),
+        Orient::Nn => ((g.k, g.n), (g.rank, g.n), LK_SM90_BK),
     };
     let kernel = super::launch::pick(op, T::DTYPE, pair.0, pair.1)?;
     let maps = [
@@ -181,12 +208,11 @@ fn launch<T: Element, R: Element>(
     } else {
         LkTensorMap::default()
     };
-    let tiles = g.m.div_ceil(LK_SM90_BM as usize) * g.n.div_ceil(LK_SM90_BN as usize);
-    let device = g.a.device().clone();
+    let tiles = g.m.div_ceil(LK_SM90_BM as usize) * g.n.div_ceil(bn as usize);
     let plan = LaunchPlan {
-        grid: [u32_of(tiles.min(device.sm_count()? as usize)), 1, 1],
+        grid: [u32_of(tiles.min(sms as usize)), 1, 1],
         block: [LK_SM90_THREADS, 1, 1],
-        smem_bytes: LK_SM90_SMEM_BYTES,
+        smem_bytes,
     };
     let mut args = vec![
         Arg::In("x", g.a),
@@ -255,5 +281,30 @@ mod tests {
         };
         assert_eq!(obstacle(&g(0)).as_deref(), Some("the rank is 0"));
         assert_eq!(obstacle(&g(8)), None);
+    }
+
+    /// The width the busiest SM decides: (m, n, SMs, the tile's columns).
+    #[test]
+    fn tile_width_follows_the_busiest_sm() {
+        for (m, n, sms, bn) in [
+            (8192, 4096, 132, 256), // 1024 wide tiles: 8 on the busiest SM = 16 narrow ones' work
+            (256, 4096, 132, 128),  // 32 wide tiles for 132 SMs
+            (1024, 4096, 132, 256), // 128 wide tiles, 1 per SM, or 256 narrow, 2 on some: a tie
+            (1536, 4096, 132, 128), // 192 wide, 2 on some SMs (4 narrow tiles' work), or 384 narrow, 3
+            (8192, 100, 132, 128),  // n under 128: the wide tile would be half zeros
+            (128, 256, 1, 256),     // one SM: narrow only where n mod 256 is 1..=128
+            (128, 384, 1, 128),
+            (128, 257, 1, 128),
+            (128, 512, 1, 256),
+            (300, 516, 9, 256),
+            (300, 516, 3, 128),
+            (1, 1, 0, 128), // no SMs counts as one
+        ] {
+            assert_eq!(
+                super::sm90_tile(m, n, sms),
+                (128, bn),
+                "{m}×{n} on {sms} SMs"
+            );
+        }
     }
 }
