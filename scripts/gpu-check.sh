@@ -12,6 +12,8 @@
 #   --allow-no-gpu    a dry run on a machine without a GPU: GPU tests skip instead of failing, and the
 #                     sanitizer and Nsight Compute steps are skipped; without it, no GPU is an error
 #   --quick           perf table and benches on the headline cases and M = 256 (LK_BENCH_QUICK=1)
+#   --gpu-only        the tests' GPU parts alone (LK_TEST_DEVICES=gpu), in the test and sanitizer steps:
+#                     their emulator halves, which CI runs, take most of the time; needs a GPU
 #   --skip-sanitizer  no compute-sanitizer step
 #   --skip-bench      no criterion step
 #   --profile         also run Nsight Compute over examples/profile_step.rs (scripts/gpu-profile.sh)
@@ -21,17 +23,18 @@
 # and <date>-<device>.md: the record for docs/perf/ (device, driver, date, commit, all of the above).
 set -u
 
-results=./gpu-check-out allow_no_gpu=0 quick=0 sanitize=1 bench=1 profile=0
+results=./gpu-check-out allow_no_gpu=0 quick=0 sanitize=1 bench=1 profile=0 gpu_only=0
 while [ $# -gt 0 ]; do
   case $1 in
     --out) results=${2:?--out needs a directory}; shift 2 ;;
     --out=*) results=${1#--out=}; shift ;;
     --allow-no-gpu) allow_no_gpu=1; shift ;;
     --quick) quick=1; shift ;;
+    --gpu-only) gpu_only=1; shift ;;
     --skip-sanitizer) sanitize=0; shift ;;
     --skip-bench) bench=0; shift ;;
     --profile) profile=1; shift ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -96,8 +99,10 @@ else
     echo "gpu-check: this is a GPU check and there is no GPU; --allow-no-gpu runs it without one (a dry run)" >&2
     exit 2
   fi
+  [ "$gpu_only" = 1 ] && { echo "gpu-check: --gpu-only needs a GPU (without one it would check nothing)" >&2; exit 2; }
   echo "--allow-no-gpu: GPU tests skip, no sanitizer, no Nsight Compute"
 fi
+if [ "$gpu_only" = 1 ]; then export LK_TEST_DEVICES=gpu; echo "--gpu-only: the tests' GPU parts alone (LK_TEST_DEVICES=gpu)"; fi
 source "$here/gpu-env.sh" > "$results/cublas.txt"; cat "$results/cublas.txt"
 if [ "$gpu" = 1 ]; then export LK_REQUIRE_GPU=1; else unset LK_REQUIRE_GPU; fi
 
@@ -226,7 +231,7 @@ record=$results/$date-$device.md
   echo
   echo "- device (name, driver, memory, max SM clock, compute capability): $(if [ "$gpu" = 1 ]; then sed -n 2p "$results/device.txt"; else head -n 1 "$results/device.txt"; fi)"
   echo "- commit: $commit"
-  echo "- date: $date; command: gpu-check.sh$([ "$quick" = 1 ] && echo ' --quick')"
+  echo "- date: $date; command: gpu-check.sh$([ "$quick" = 1 ] && echo ' --quick')$([ "$gpu_only" = 1 ] && echo ' --gpu-only (GPU parts of the tests alone)')"
   echo
   echo "## Tests"; echo; echo '```'; cat "$results/tests-summary.txt"; echo '```'; echo
   echo "## compute-sanitizer"; echo; echo '```'; cat "$results/sanitizer-summary.txt"; echo '```'; echo

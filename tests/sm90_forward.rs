@@ -10,7 +10,9 @@
 //! A read MN-major from 64×64 boxes) with the whole backward, as many property cases and two edges, under
 //! two orders too. Each
 //! case goes through `common::lora` (forward, backward, every output against the f64 reference). `LK_FUSED_GEMM=sm90` is set for this whole test
-//! binary, so a forward the Hopper kernel cannot take fails instead of falling back.
+//! binary, so a forward the Hopper kernel cannot take fails instead of falling back. On an sm_90 GPU every
+//! case runs there too (same reference, repeated bits), and one test takes the 128×256 tiles there;
+//! under `LK_TEST_DEVICES=gpu` the cases run on the GPU alone.
 //!
 //! Cases per run: `PROPTEST_CASES` (default 64).
 
@@ -76,26 +78,83 @@ fn case_on<T: Element>(
         ThreadOrder::WarpGreedyDescending,
     ];
     let mut first = None;
-    let tiles = format!(
-        "tiles {:?}, dX {:?}",
-        lora_kernels::ops::sm90_tile(m, n, sms),
-        lora_kernels::ops::sm90_tile(m, k, sms)
-    );
-    for dev in [
-        hopper(ThreadOrder::Ascending, 0, sms),
-        hopper(others[(stream % 4) as usize], stream | 1, sms),
-    ] {
+    let mut devices = Vec::new();
+    if !common::gpu_only() {
+        devices.push(hopper(ThreadOrder::Ascending, 0, sms));
+        devices.push(hopper(others[(stream % 4) as usize], stream | 1, sms));
+    }
+    devices.extend(hopper_gpu());
+    for dev in devices {
+        let sms = dev.sm_count().unwrap();
+        let tiles = format!(
+            "tiles {:?}, dX {:?}",
+            lora_kernels::ops::sm90_tile(m, n, sms),
+            lora_kernels::ops::sm90_tile(m, k, sms)
+        );
         let o = run(&dev, &l, backward);
         let what = format!(
-            "sm_90a {m}×{n}×{k} r {r} bias {bias} on {} SMs ({tiles}) of {}",
-            sms,
+            "sm_90a {m}×{n}×{k} r {r} bias {bias} on {sms} SMs ({tiles}) of {}",
             dev.describe()
         );
         check(&what, &l, &o, tol(T::DTYPE));
+        if dev.is_cuda() {
+            assert!(
+                run(&dev, &l, backward).bits() == o.bits(),
+                "{what}: GPU run not repeatable"
+            );
+            continue;
+        }
         match &first {
             None => first = Some(o.bits()),
             Some(f) => assert!(*f == o.bits(), "{what}: bits differ between thread orders"),
         }
+    }
+}
+
+/// The GPU, when there is one and it is sm_90 (these kernels' only hardware; LK_TEST_DEVICES=gpu
+/// requires one).
+fn hopper_gpu() -> Option<Device> {
+    let gpu = common::gpu()?;
+    if gpu.compute_capability() == 90 {
+        return Some(gpu);
+    }
+    eprintln!("sm_90a GPU run skipped: {}", gpu.describe());
+    None
+}
+
+/// On an sm_90 GPU (skipped without one): the 128×256 kernels, which the small shapes above do not reach
+/// with a GPU's SM count, on GEMMs that take them there: m = 128·⌊SMs/16⌋ rows by 4096 columns (16 wide
+/// tiles per row block, at most one per SM, where the narrow ones would put two on some): the forward
+/// (k = 256), and dX through the backward (n = 256, k = 4096).
+#[test]
+fn sm90_wide_tiles_on_the_gpu() {
+    force_sm90();
+    let Some(gpu) = hopper_gpu() else { return };
+    let sms = gpu.sm_count().unwrap();
+    let m = 128 * (sms as usize / 16).max(1);
+    for (i, (dims, backward)) in [((m, 4096, 256, 16), false), ((m, 256, 4096, 16), true)]
+        .into_iter()
+        .enumerate()
+    {
+        let (m, n, k, r) = dims;
+        let cols = if backward { k } else { n };
+        assert_eq!(
+            lora_kernels::ops::sm90_tile(m, cols, sms),
+            (128, 256),
+            "{dims:?} on {sms} SMs"
+        );
+        let mut rng = Rng::new(0x71de + i as u64);
+        let l = Layer::<bf16>::random(&mut rng, Dims { m, n, k, r }, 1.25, !backward);
+        let o = run(&gpu, &l, backward);
+        let what = format!(
+            "sm_90a {m}×{n}×{k} r {r} (128×256 tiles) on {}",
+            gpu.describe()
+        );
+        check(&what, &l, &o, tol(DType::BF16));
+        assert!(
+            run(&gpu, &l, backward).bits() == o.bits(),
+            "{what}: GPU run not repeatable"
+        );
     }
 }
 

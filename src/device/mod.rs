@@ -142,10 +142,10 @@ impl Device {
         }
     }
 
-    /// Streaming multiprocessors, the size of a persistent grid: the GPU's; on the emulator
-    /// `EmuConfig::sms` (3 by default, so that persistent kernels loop over several tiles per block there
-    /// too; at least 1).
-    pub(crate) fn sm_count(&self) -> Result<u32> {
+    /// Streaming multiprocessors, the size of a persistent grid (and what [`crate::ops::sm90_tile`] takes):
+    /// the GPU's; on the emulator `EmuConfig::sms` (3 by default, so that persistent kernels loop over
+    /// several tiles per block there too; at least 1).
+    pub fn sm_count(&self) -> Result<u32> {
         match &*self.inner {
             Backend::Cuda(c) => c.sm_count(),
             Backend::Emulator(cfg) => Ok(cfg.sms.max(1)),

@@ -47,14 +47,24 @@ pub fn all_orders() -> Vec<EmuConfig> {
     .collect()
 }
 
+/// `LK_TEST_DEVICES=gpu`: the property tests run on the GPU alone, without their emulator halves (on a
+/// GPU host whose build CI has already tested on the emulator: minutes less). It needs a GPU: `gpu()`
+/// panics without one, so such a run cannot pass having checked nothing.
+pub fn gpu_only() -> bool {
+    std::env::var("LK_TEST_DEVICES").as_deref() == Ok("gpu")
+}
+
 /// The GPU when one can be used; otherwise prints why the GPU run is skipped, or panics when
-/// `LK_REQUIRE_GPU=1`.
+/// `LK_REQUIRE_GPU=1` or `LK_TEST_DEVICES=gpu`.
 pub fn gpu() -> Option<Device> {
     match Device::cuda(0) {
         Ok(d) => Some(d),
         Err(e) => {
             if std::env::var("LK_REQUIRE_GPU").as_deref() == Ok("1") {
                 panic!("LK_REQUIRE_GPU=1 but the CUDA backend is unavailable: {e}");
+            }
+            if gpu_only() {
+                panic!("LK_TEST_DEVICES=gpu but the CUDA backend is unavailable: {e}");
             }
             eprintln!("GPU run skipped: {e}");
             None
