@@ -83,15 +83,10 @@ fn dims(max_m: usize) -> impl Strategy<Value = (Dims, bool)> {
 }
 
 fn config() -> ProptestConfig {
-    // Under compute-sanitizer (LK_SANITIZE=1) every launch is ~100× slower: fewer cases. 72: the
-    // fused GEMM forward runs for M > 16 (about 95 % of cases), so it still gets at least 64.
-    let default = if std::env::var("LK_SANITIZE").as_deref() == Ok("1") {
-        6
-    } else {
-        72
-    };
+    // 72: the fused GEMM forward runs for M > 16 (about 95 % of cases), so it still gets at least 64
+    // (6 under compute-sanitizer: common::proptest_cases)
     ProptestConfig {
-        cases: common::proptest_cases(default),
+        cases: common::proptest_cases(72),
         // Each case already runs the kernels several times; shrinking a failure would take minutes.
         max_shrink_iters: 16,
         ..ProptestConfig::default()

@@ -80,7 +80,14 @@ pub fn all_devices() -> Vec<Device> {
 }
 
 /// Property-test cases per test: `PROPTEST_CASES`, else `default`.
+/// Under compute-sanitizer (`LK_SANITIZE=1`, which `gpu-check.sh` sets there) every launch is ~100×
+/// slower: 6 cases, whatever the default.
 pub fn proptest_cases(default: u32) -> u32 {
+    let default = if std::env::var("LK_SANITIZE").as_deref() == Ok("1") {
+        default.min(6)
+    } else {
+        default
+    };
     std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
