@@ -484,7 +484,7 @@ def bound_launch(l, mix, occ, dev):
 
 def sm90_gemm(kernel, m, n, k, r, dev, mix, bn):
     """fused_gemm_sm90 (kernels/sm90/fused_gemm_sm90.cu) on an m x n x k GEMM with rank r: BM x bn tiles,
-    ceil(r/64) + ceil(k/64) stages of BM x BN x 64 each (the low-rank ones padded to 64: four k16 wgmmas
+    ceil(r/64) + ceil(k/64) stages of BM x bn x 64 each (the low-rank ones padded to 64: four k16 wgmmas
     always). Both compute terms are the busiest SM's, which runs ceil(tiles / SMs) tiles (the persistent
     grid's last wave is partly idle). Tensor: its wgmma work at one SM's share of the dense peak. Issue: the
     consumer loop's fewest instructions per stage (hot_loop: its 4 HGMMA, the full-barrier wait, the

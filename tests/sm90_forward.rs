@@ -1,18 +1,18 @@
 //! The sm_90a fused GEMM (kernels/sm90/fused_gemm_sm90.cu: TMA, mbarriers, wgmma, warp-specialised,
-//! persistent) run by the emulator as a compute-capability-9.0 device, through `lora_forward`: property
-//! tests over ragged m and n (not multiples of the 128×256 tiles; m > 16 so the small-M kernel stays out),
-//! k and r multiples of 8 (TMA's row strides) from 8 to 320 and 8 to 128, bf16/f16, bias or not, each
-//! against the f64 reference with the outputs poisoned, under the ascending thread order and one of the
-//! other four (rotating over the cases) with identical bits (the race detector in its happens-before mode
-//! watching every access, the seeds varying the shared-memory alignment), on 1, 3 or 132 emulated SMs (by
-//! case: the persistent grid's size, so blocks loop over several tiles or over none, and the tile width
-//! that `ops::sm90_tile` picks for it, 128×256 or the narrow 128×128, both among the cases). Then dX (`lora_backward`, the "nn" kernel: W0 and
-//! A read MN-major from 64×64 boxes) with the whole backward, as many property cases and two edges, under
-//! two orders too. Each
-//! case goes through `common::lora` (forward, backward, every output against the f64 reference). `LK_FUSED_GEMM=sm90` is set for this whole test
-//! binary, so a forward the Hopper kernel cannot take fails instead of falling back. On an sm_90 GPU every
-//! case runs there too (same reference, repeated bits), and one test takes the 128×256 tiles there;
-//! under `LK_TEST_DEVICES=gpu` the cases run on the GPU alone.
+//! persistent) run by the emulator as a compute-capability-9.0 device, through `lora_forward`: property tests
+//! over ragged m and n (not multiples of the 128×256 tiles; m > 16 so the small-M kernel stays out), k and r
+//! multiples of 8 (TMA's row strides) from 8 to 320 and 8 to 128, bf16/f16, bias or not, each against the f64
+//! reference with the outputs poisoned, under the ascending thread order and one of the other four (rotating
+//! over the cases) with identical bits (the race detector in its happens-before mode watching every access,
+//! the seeds varying the shared-memory alignment), on 1, 3 or 132 emulated SMs (by case: the persistent
+//! grid's size, so blocks loop over several tiles or over none, and the tile width that `ops::sm90_tile`
+//! picks for it, 128×256 or the narrow 128×128, both among the cases). Then dX (`lora_backward`, the "nn"
+//! kernel: W0 and A read MN-major from 64×64 boxes) with the whole backward, as many property cases and two
+//! edge shapes (each with both widths), under two orders too. Each case goes through `common::lora` (forward,
+//! backward, every output against the f64 reference). `LK_FUSED_GEMM=sm90` is set for this whole test binary,
+//! so a forward the Hopper kernel cannot take fails instead of falling back. On an sm_90 GPU every case runs
+//! there too (same reference, repeated bits), and one test takes the 128×256 tiles there; under
+//! `LK_TEST_DEVICES=gpu` the cases run on the GPU alone.
 //!
 //! Cases per run: `PROPTEST_CASES` (default 64).
 

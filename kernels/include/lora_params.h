@@ -327,11 +327,11 @@ typedef struct __attribute__((aligned(64))) LkTensorMap {
  * padding that puts the ring on the swizzle's 1024-byte period after them: 210 KB of sm_90's 227 */
 #define LK_SM90_SMEM_BYTES 215040u
 /* The narrow variant (kernels named fused_gemm_sm90[_nn]_narrow_<dtype>): 128×128 output tiles, m64n128 per
- * consumer, for the GEMMs whose 128×256 tiles would leave SMs idle (ops/sm90.rs picks the width): 4 stages
- * of 16 + 16 KB, the 32 KB output tile, the same 2 KB */
+ * consumer, for the GEMMs whose busiest SM has less work with them than with 128×256 tiles (ops/sm90.rs
+ * sm90_tile picks the width): 6 stages of 16 + 16 KB, the 32 KB output tile, the same 2 KB: 226 KB */
 #define LK_SM90_NARROW_BN 128u
-#define LK_SM90_NARROW_STAGES 4u
-#define LK_SM90_NARROW_SMEM_BYTES 165888u
+#define LK_SM90_NARROW_STAGES 6u
+#define LK_SM90_NARROW_SMEM_BYTES 231424u
 typedef struct LkFusedGemmSm90Params {
     LkTensorMap x_map;
     LkTensorMap w_map;

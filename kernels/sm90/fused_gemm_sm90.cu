@@ -24,15 +24,16 @@
 //   have read it. Otherwise it stores from the registers.
 // Choices (docs/perf/bound.md has the numbers): 128×256 tiles, not 128×128: per output element a stage
 // brings 3/4 of the bytes from L2 (the bound lists the L2-to-SM traffic and the rate it needs), for three
-// stages instead of four (48 KB each, + the 64 KB output tile: 210 KB of the 227). Where 128×256 tiles
-// would leave SMs idle (fewer tiles than SMs, or a last wave that 128×128 tiles fill better: M = 256,
-// N = 4096 is 32 wide tiles for 132 SMs), the host takes the narrow kernels (128×128, four stages of
-// 32 KB): their busiest SM has less work, and never more than the mma.sync kernel's, whose tiles are
-// 128×128 too. The projection stays a separate launch: T computed here would be computed again by each
-// of the n/256 column tiles of a row block (r/256 more tensor work: the bound says it would save at most
-// 2 %), it would exist only after the main loop (s·T·Bᵀ added last, not fused_gemm.cu's order, with s
-// folded in before T's rounding: 128 more accumulators per thread do not fit), and the rounded T is needed
-// by the backward anyway. No clusters yet (what the L2 throughput measured on a GPU decides).
+// stages instead of four (48 KB each, + the 64 KB output tile: 210 KB of the 227). The narrow kernels
+// (128×128, six stages of 32 KB: the most that fit, for the mid-M GEMMs that stream W0) are for the GEMMs
+// whose busiest SM has less work with them (ops/sm90.rs sm90_tile): at most half as many wide tiles as
+// SMs (M = 256, N = 4096: 32 wide tiles for 132 SMs), or a last wave they fill better; their busiest SM
+// never has more work than the mma.sync kernel's, whose tiles are 128×128 too. The projection stays a
+// separate launch: T computed here would be computed again by each of the n/BN column tiles of a row
+// block (r/BN more tensor work: for the wide tiles, the bound says it would save at most 2 %), it would
+// exist only after the main loop (s·T·Bᵀ added last, not fused_gemm.cu's order, with s folded in before
+// T's rounding: BN/2 more accumulators per thread do not fit), and the rounded T is needed by the
+// backward anyway. No clusters yet (what the L2 throughput measured on a GPU decides).
 // Requirements the host checks (ops/sm90.rs): k and rank multiples of 8 and 16-byte aligned operands
 // (TMA's row strides), layer-dtype adapters, no dropout.
 #include "lk_convert.cuh"
@@ -272,7 +273,7 @@ LK_FUSED_GEMM_SM90(fused_gemm_sm90_nn_bf16, __nv_bfloat16, true, Wide)
 LK_KERNEL_EXPORT(fused_gemm_sm90_nn_bf16, LkFusedGemmSm90Params)
 LK_FUSED_GEMM_SM90(fused_gemm_sm90_nn_f16, __half, true, Wide)
 LK_KERNEL_EXPORT(fused_gemm_sm90_nn_f16, LkFusedGemmSm90Params)
-// 128-column tiles (ops/sm90.rs takes them where 256-column ones would leave SMs idle)
+// 128-column tiles (ops/sm90.rs sm90_tile takes them where the busiest SM has less work with them)
 LK_FUSED_GEMM_SM90(fused_gemm_sm90_narrow_bf16, __nv_bfloat16, false, Narrow)
 LK_KERNEL_EXPORT(fused_gemm_sm90_narrow_bf16, LkFusedGemmSm90Params)
 LK_FUSED_GEMM_SM90(fused_gemm_sm90_narrow_f16, __half, false, Narrow)

@@ -141,8 +141,9 @@ fn map<T: Element>(
 /// The output tile (rows, columns) of the sm_90a GEMM for an m × n result on `sms` multiprocessors:
 /// 128×256, or 128×128 (the "_narrow" kernels) where the busiest SM of the persistent grid, which runs
 /// ceil(tiles / SMs) tiles, has less work with those (a wide tile is two narrow tiles' work): when there
-/// are fewer wide tiles than SMs (M = 256, N = 4096: 32 for an H100's 132), or a last wave that narrow
-/// tiles fill better. Ties go to the wide tiles (a quarter less traffic from L2 per output element).
+/// are at most half as many wide tiles as SMs (M = 256, N = 4096: 32 for an H100's 132), or a last wave
+/// that narrow tiles fill better (M = 1536: 192 wide tiles put 2 on some SMs, 384 narrow ones 3). Ties
+/// go to the wide tiles (a quarter less traffic from L2 per output element).
 pub fn sm90_tile(m: usize, n: usize, sms: u32) -> (usize, usize) {
     const _: () = assert!(2 * LK_SM90_NARROW_BN == LK_SM90_BN);
     let rows = m.div_ceil(LK_SM90_BM as usize);
