@@ -78,14 +78,23 @@ fn run_case<C: Element>(
     }
 }
 
+/// The emulators (not under LK_TEST_DEVICES=gpu), then the GPU if present.
 fn devices() -> Vec<Device> {
-    let mut d = common::emulators();
+    let mut d = if common::gpu_only() {
+        Vec::new()
+    } else {
+        common::emulators()
+    };
     d.extend(common::gpu());
     d
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, max_shrink_iters: 16, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: common::proptest_cases(64),
+        max_shrink_iters: 16,
+        ..ProptestConfig::default()
+    })]
 
     /// Random sizes (1 to 3000: grid-stride tails), hyperparameters and 1 to 3 steps.
     #[test]

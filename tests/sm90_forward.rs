@@ -78,12 +78,14 @@ fn case_on<T: Element>(
         ThreadOrder::WarpGreedyDescending,
     ];
     let mut first = None;
+    // the emulators, unless LK_TEST_DEVICES=gpu and an sm_90 GPU is here to run the cases instead
+    let gpu = hopper_gpu();
     let mut devices = Vec::new();
-    if !common::gpu_only() {
+    if !common::gpu_only() || gpu.is_none() {
         devices.push(hopper(ThreadOrder::Ascending, 0, sms));
         devices.push(hopper(others[(stream % 4) as usize], stream | 1, sms));
     }
-    devices.extend(hopper_gpu());
+    devices.extend(gpu);
     for dev in devices {
         let sms = dev.sm_count().unwrap();
         let tiles = format!(
@@ -111,8 +113,8 @@ fn case_on<T: Element>(
     }
 }
 
-/// The GPU, when there is one and it is sm_90 (these kernels' only hardware; LK_TEST_DEVICES=gpu
-/// requires one).
+/// The GPU, when there is one and it is sm_90 (these kernels' only hardware; `common::gpu` panics
+/// without a GPU under LK_TEST_DEVICES=gpu, and on another GPU the cases stay on the emulator).
 fn hopper_gpu() -> Option<Device> {
     let gpu = common::gpu()?;
     if gpu.compute_capability() == 90 {
@@ -124,15 +126,20 @@ fn hopper_gpu() -> Option<Device> {
 
 /// On an sm_90 GPU (skipped without one): the 128×256 kernels, which the small shapes above do not reach
 /// with a GPU's SM count, on GEMMs that take them there: m = 128·⌊SMs/16⌋ rows by 4096 columns (16 wide
-/// tiles per row block, at most one per SM, where the narrow ones would put two on some): the forward
-/// (k = 256), and dX through the backward (n = 256, k = 4096).
+/// tiles per row block, at most one per SM, where the narrow ones would put two on some; under 16 SMs,
+/// a partition of a GPU: 128 rows by 256·SMs columns, one wide tile per SM against two narrow ones): the
+/// forward (k = 256), and dX through the backward (n = 256, k = the columns).
 #[test]
 fn sm90_wide_tiles_on_the_gpu() {
     force_sm90();
     let Some(gpu) = hopper_gpu() else { return };
     let sms = gpu.sm_count().unwrap();
-    let m = 128 * (sms as usize / 16).max(1);
-    for (i, (dims, backward)) in [((m, 4096, 256, 16), false), ((m, 256, 4096, 16), true)]
+    let (m, cols) = if sms >= 16 {
+        (128 * (sms as usize / 16), 4096)
+    } else {
+        (128, 256 * sms as usize)
+    };
+    for (i, (dims, backward)) in [((m, cols, 256, 16), false), ((m, 256, cols, 16), true)]
         .into_iter()
         .enumerate()
     {
