@@ -542,15 +542,14 @@ def sm90_section(w, res, mixes, dev):
           f"{parts['issue'] * 1e6:.1f} | {parts['memory'] * 1e6:.1f} | {l2 / 1e9:.2f} | {l2 / t / 1e12:.1f} | "
           f"{total * 1e6:.1f} | {t * 1e6:.1f} | {total / t:.2f} | {'MISS' if total > t else 'open'} |")
     w("")
-    # T inside the forward kernel instead of the projection launch: every one of the N/128 column tiles of
+    # T inside the forward kernel instead of the projection launch: every one of the N/BN column tiles of
     # a row block would compute its rows' T again (X's tiles times A's as an m64nRk16 wgmma, R rounded up to
-    # a multiple of 8), R/128 more tensor work on the main GEMM
-    _, _, parts, _ = sm90_gemm("fused_gemm_sm90_bf16", M, N, K, R, dev, mixes[("fused_gemm_sm90_bf16", "sm_90")],
-                               SM90_BN)
+    # a multiple of 8), R/BN more tensor work on the main GEMM (wide tiles, the headline's)
+    wide, nb = sm90_kernel(False, SM90_BN), SM90_NARROW_BN
+    _, _, parts, _ = sm90_gemm(wide, M, N, K, R, dev, mixes[(wide, "sm_90")], SM90_BN)
     extra = parts["tensor"] * max(8, cdiv(R, 8) * 8) / SM90_BN
-    nb = SM90_NARROW_BN
-    tiles_128 = cdiv(M, SM90_BM) * cdiv(N, nb)
-    l2_128 = tiles_128 * (cdiv(R, SM90_BK) + cdiv(K, SM90_BK)) * 2 * (SM90_BM + nb) * SM90_BK
+    narrow = sm90_kernel(False, nb)
+    l2_128 = sm90_gemm(narrow, M, N, K, R, dev, mixes[(narrow, "sm_90")], nb)[3]
     w(f"The tile is {SM90_BM}x{SM90_BN} (m64n{SM90_BN} per consumer warpgroup). L2 to SM with {SM90_BM}x{nb} "
       f"tiles (m64n{nb}, the narrow kernels): {l2_128 / 1e9:.2f} GB, {l2_128 / headline_ops()[0][3](dev) / 1e12:.1f} "
       f"TB/s at the forward's target time; with two-CTA clusters multicasting the shared operand, less than "

@@ -78,17 +78,6 @@ fn run_case<C: Element>(
     }
 }
 
-/// The emulators (not under LK_TEST_DEVICES=gpu), then the GPU if present.
-fn devices() -> Vec<Device> {
-    let mut d = if common::gpu_only() {
-        Vec::new()
-    } else {
-        common::emulators()
-    };
-    d.extend(common::gpu());
-    d
-}
-
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: common::proptest_cases(64),
@@ -110,7 +99,7 @@ proptest! {
         stream in any::<u64>(),
     ) {
         let hp = AdamW { lr, beta1, beta2, eps, weight_decay };
-        for dev in devices() {
+        for dev in common::all_devices() {
             match copy {
                 0 => run_case::<bf16>(&dev, &hp, n, steps, false, stream),
                 1 => run_case::<bf16>(&dev, &hp, n, steps, true, stream),

@@ -40,12 +40,7 @@ fn check<T: Element, U: Element>(nkr: (usize, usize, usize), scale: f32, stream:
     let abs = |v: &[U]| -> Vec<U> { v.iter().map(|x| U::from_f64(x.to_f64().abs())).collect() };
     let magnitude = reference::delta(&abs(&a), &abs(&b), n, k, r, scale.abs() as f64);
     // the emulators (not under LK_TEST_DEVICES=gpu), then the GPU if present
-    let mut devices = if common::gpu_only() {
-        Vec::new()
-    } else {
-        common::emulators()
-    };
-    devices.extend(common::gpu());
+    let devices = common::all_devices();
     let mut first_bits: Option<Vec<u32>> = None;
     for (i, dev) in devices.iter().enumerate() {
         let got = merged_on(dev, &w, &a, &b, nkr, scale);

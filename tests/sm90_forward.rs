@@ -144,7 +144,6 @@ fn sm90_wide_tiles_on_the_gpu() {
         .enumerate()
     {
         let (m, n, k, r) = dims;
-        let cols = if backward { k } else { n };
         assert_eq!(
             lora_kernels::ops::sm90_tile(m, cols, sms),
             (128, 256),

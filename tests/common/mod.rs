@@ -72,9 +72,9 @@ pub fn gpu() -> Option<Device> {
     }
 }
 
-/// Emulators, plus the GPU when present.
+/// Emulators (not under `LK_TEST_DEVICES=gpu`), plus the GPU when present.
 pub fn all_devices() -> Vec<Device> {
-    let mut d = emulators();
+    let mut d = if gpu_only() { Vec::new() } else { emulators() };
     d.extend(gpu());
     d
 }
