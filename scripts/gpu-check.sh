@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The whole GPU check in one command: the tests with LK_REQUIRE_GPU=1, compute-sanitizer memcheck and
-# racecheck over every test binary, the finetune example, the perf table and the criterion benches
-# (and, with --profile, Nsight Compute: scripts/gpu-profile.sh). Every result goes into --out DIR; it
-# ends with the test summary and the perf table, and exits non-zero if anything failed.
+# The whole GPU check in one command, quickest results first: the tests with LK_REQUIRE_GPU=1, the
+# finetune example, the perf table, the criterion benches, then compute-sanitizer memcheck and racecheck
+# over the test binaries (the slowest step) and, with --profile, Nsight Compute (scripts/gpu-profile.sh).
+# Every result goes into --out DIR, and the record for docs/perf/ is rewritten there after each step, so
+# an interrupted run keeps what it finished. It ends with the test summary and the perf table, and exits
+# non-zero if anything failed.
 #
 #   bash scripts/gpu-check.sh --out DIR [options]      from the repository (builds with cargo --release)
 #   bash <folder>/gpu-check.sh --out DIR [options]     inside a folder made by scripts/pack.sh (no cargo)
@@ -14,16 +16,22 @@
 #   --quick           perf table and benches on the headline cases and M = 256 (LK_BENCH_QUICK=1)
 #   --gpu-only        the tests' GPU parts alone (LK_TEST_DEVICES=gpu), in the test and sanitizer steps:
 #                     their emulator halves, which CI runs, take most of the time; needs a GPU
+#   --tests A,B       only these test binaries (names as in tests/<binary>.log) in the test step and,
+#                     unless --sanitize names others, in the sanitizer step
+#   --sanitize A,B    only these test binaries under compute-sanitizer (each run is ~100x slower)
 #   --skip-sanitizer  no compute-sanitizer step
 #   --skip-bench      no criterion step
 #   --profile         also run Nsight Compute over examples/profile_step.rs (scripts/gpu-profile.sh)
 #
-# Files in DIR: device.txt, tests/<binary>.log, tests-summary.txt, sanitizer/<tool>-<binary>.log,
-# sanitizer-summary.txt, finetune.txt, perf_table.md, criterion.txt (+ criterion/), ncu/ (--profile),
+# Time limits: LK_RUN_TIMEOUT seconds for one test binary, example or bench (default 1800; one that hangs
+# is stopped and counted failed), LK_SANITIZER_TIMEOUT for one compute-sanitizer run (default 3600).
+#
+# Files in DIR: device.txt, tests/<binary>.log, tests-summary.txt, finetune.txt, perf_table.md,
+# criterion.txt (+ criterion/), sanitizer/<tool>-<binary>.log, sanitizer-summary.txt, ncu/ (--profile),
 # and <date>-<device>.md: the record for docs/perf/ (device, driver, date, commit, all of the above).
 set -u
 
-results=./gpu-check-out allow_no_gpu=0 quick=0 sanitize=1 bench=1 profile=0 gpu_only=0
+results=./gpu-check-out allow_no_gpu=0 quick=0 sanitize=1 bench=1 profile=0 gpu_only=0 only= only_sanitize=
 while [ $# -gt 0 ]; do
   case $1 in
     --out) results=${2:?--out needs a directory}; shift 2 ;;
@@ -31,10 +39,14 @@ while [ $# -gt 0 ]; do
     --allow-no-gpu) allow_no_gpu=1; shift ;;
     --quick) quick=1; shift ;;
     --gpu-only) gpu_only=1; shift ;;
+    --tests) only=${2:?--tests needs a list of test binaries}; shift 2 ;;
+    --tests=*) only=${1#--tests=}; shift ;;
+    --sanitize) only_sanitize=${2:?--sanitize needs a list of test binaries}; shift 2 ;;
+    --sanitize=*) only_sanitize=${1#--sanitize=}; shift ;;
     --skip-sanitizer) sanitize=0; shift ;;
     --skip-bench) bench=0; shift ;;
     --profile) profile=1; shift ;;
-    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -42,6 +54,9 @@ mkdir -p "$results" && results=$(cd "$results" && pwd) || { echo "gpu-check: can
 here=$(cd "$(dirname "$0")" && pwd)
 case $here$results in *[[:space:]]*) echo "gpu-check: paths with spaces are not supported ($here, $results)" >&2; exit 2 ;; esac
 [ "$quick" = 1 ] && export LK_BENCH_QUICK=1
+# the longest one test binary, example or bench may run (a kernel that hangs must not stall the check)
+run_timeout=${LK_RUN_TIMEOUT:-1800}
+case $run_timeout in '' | *[!0-9]*) echo "gpu-check: LK_RUN_TIMEOUT must be a number of seconds" >&2; exit 2 ;; esac
 
 fail=0
 failed() { echo "FAILED: $*" | tee -a "$results/failures.txt"; fail=1; }
@@ -81,6 +96,25 @@ else
   profile_step=$results/bin/example/profile_step
 fi
 [ -n "$tests" ] || { echo "gpu-check: no test binaries found" >&2; exit 2; }
+# --tests / --sanitize: the named binaries, each checked against those found
+all_tests=$tests
+pick() {
+  local name t found picked=
+  for name in ${1//,/ }; do
+    found=
+    for t in $all_tests; do [ "$(basename "$t")" = "$name" ] && found=$t; done
+    [ -n "$found" ] || {
+      echo "gpu-check: no test binary named '$name'; there are:" $(for t in $all_tests; do basename "$t"; done) >&2
+      return 1
+    }
+    picked="$picked $found"
+  done
+  [ -n "$picked" ] || { echo "gpu-check: an empty list of test binaries" >&2; return 1; }
+  echo $picked
+}
+if [ -n "$only" ]; then tests=$(pick "$only") || exit 2; fi
+sanitize_tests=$tests
+if [ -n "$only_sanitize" ]; then sanitize_tests=$(pick "$only_sanitize") || exit 2; fi
 export CRITERION_HOME=$results/criterion
 name_of() { basename "$1"; }
 
@@ -106,15 +140,48 @@ if [ "$gpu_only" = 1 ]; then export LK_TEST_DEVICES=gpu; echo "--gpu-only: the t
 source "$here/gpu-env.sh" > "$results/cublas.txt"; cat "$results/cublas.txt"
 if [ "$gpu" = 1 ]; then export LK_REQUIRE_GPU=1; else unset LK_REQUIRE_GPU; fi
 
+# --- the record for docs/perf/, rewritten after each step (an interrupted run keeps what it finished)
+date=$(date -u +%F)
+if [ "$gpu" = 1 ]; then
+  device=$(sed -n 2p "$results/device.txt" | cut -d, -f1 | tr 'A-Z' 'a-z' | sed -E 's/^nvidia //; s/[^a-z0-9]+/-/g; s/^-|-$//g')
+else
+  device=no-gpu
+fi
+record=$results/$date-$device.md
+: > "$results/tests-summary.txt"
+: > "$results/sanitizer-summary.txt"
+rm -f "$results/perf_table.md"
+write_record() {
+  local section
+  {
+    echo "# $device, $date"
+    echo
+    echo "- device (name, driver, memory, max SM clock, compute capability): $(if [ "$gpu" = 1 ]; then sed -n 2p "$results/device.txt"; else head -n 1 "$results/device.txt"; fi)"
+    echo "- commit: $commit"
+    echo "- date: $date; command: gpu-check.sh$([ "$quick" = 1 ] && echo ' --quick')$([ "$gpu_only" = 1 ] && echo ' --gpu-only (GPU parts of the tests alone)')$([ -n "$only" ] && echo " --tests $only")$([ -n "$only_sanitize" ] && echo " --sanitize $only_sanitize")"
+    echo "- state: $1"
+    echo
+    for section in "Tests:tests-summary.txt" "compute-sanitizer:sanitizer-summary.txt"; do
+      echo "## ${section%%:*}"; echo
+      if [ -s "$results/${section#*:}" ]; then echo '```'; cat "$results/${section#*:}"; echo '```'; else echo "(not run)"; fi
+      echo
+    done
+    echo "## Perf table"; echo
+    if [ -s "$results/perf_table.md" ]; then sed '1,3d' "$results/perf_table.md"; else echo "(not run)"; fi
+    echo
+    echo "## Targets (docs/perf/README.md): mark each met or missed with the measured ratio"
+  } > "$record"
+}
+write_record "running: tests"
+
 # --- the tests: counted here, from each binary's "test result:" lines and its exit status
 echo "== tests (LK_REQUIRE_GPU=${LK_REQUIRE_GPU:-unset})"
 mkdir -p "$results/tests"
 passed=0 nfailed=0 ignored=0 bad_bins=0
-: > "$results/tests-summary.txt"
 for t in $tests; do
   n=$(name_of "$t"); log=$results/tests/$n.log
   s=$(date +%s)
-  "$t" --test-threads=1 > "$log" 2>&1; rc=$?
+  timeout --foreground -k 30 "$run_timeout" "$t" --test-threads=1 > "$log" 2>&1; rc=$?
   p=$(sed -nE 's/^test result: [A-Za-z]+\. ([0-9]+) passed.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
   f=$(sed -nE 's/^test result: .* ([0-9]+) failed.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
   i=$(sed -nE 's/^test result: .* ([0-9]+) ignored.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
@@ -122,13 +189,17 @@ for t in $tests; do
   if [ "$rc" != 0 ] || [ "$f" != 0 ] || ! grep -q '^test result: ' "$log"; then
     bad_bins=$((bad_bins + 1))
     line="$n: FAILED (exit $rc; $p passed, $f failed, $i ignored)"
-    [ "$rc" != 0 ] && [ "$f" = 0 ] && line="$line: crashed or exited non-zero, see tests/$n.log"
+    case $rc in
+      124 | 137) line="$line: timed out after $run_timeout s (LK_RUN_TIMEOUT: a hang?), see tests/$n.log" ;;
+      *) [ "$rc" != 0 ] && [ "$f" = 0 ] && line="$line: crashed or exited non-zero, see tests/$n.log" ;;
+    esac
   else
     line="$n: ok ($p passed, $i ignored)"
   fi
   line="$line, $(( $(date +%s) - s )) s"
   echo "$line" | tee -a "$results/tests-summary.txt"
   grep -E '^test .* \.\.\. FAILED$|^---- .* stdout ----$' "$log" | sed 's/^/    /' >> "$results/tests-summary.txt"
+  write_record "running: tests"
 done
 # The sm_90a GEMMs are opt-in (LK_FUSED_GEMM=auto) until they have passed on a GPU: on sm_90, the LoRA
 # op and layer tests once more with them.
@@ -137,7 +208,7 @@ if [ "$gpu" = 1 ] && nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>
     n=$(name_of "$t")
     case "$n" in lora_ops | lora_linear) ;; *) continue ;; esac
     log=$results/tests/$n-sm90a.log
-    if LK_FUSED_GEMM=auto "$t" --test-threads=1 > "$log" 2>&1; then r=ok; else r=FAILED; bad_bins=$((bad_bins + 1)); fi
+    if LK_FUSED_GEMM=auto timeout --foreground -k 30 "$run_timeout" "$t" --test-threads=1 > "$log" 2>&1; then r=ok; else r=FAILED; bad_bins=$((bad_bins + 1)); fi
     echo "$n with LK_FUSED_GEMM=auto (the sm_90a GEMMs): $r, see tests/$n-sm90a.log" | tee -a "$results/tests-summary.txt"
   done
 fi
@@ -146,7 +217,35 @@ total="tests: $passed passed, $nfailed failed, $ignored ignored; $bad_bins of $(
 echo "$total" | tee -a "$results/tests-summary.txt"
 [ "$bad_bins" = 0 ] || failed "$bad_bins test binaries ($nfailed failing tests): $results/tests-summary.txt"
 
-# --- compute-sanitizer
+write_record "running: finetune example, perf table"
+
+# --- the finetune example, the perf table, the benches
+echo "== finetune example"
+timeout --foreground -k 30 "$run_timeout" "$finetune" > "$results/finetune.txt" 2>&1 || failed "finetune example (finetune.txt)"
+tail -n 12 "$results/finetune.txt"
+
+echo "== perf table"
+{ echo "commit: $commit"; echo "date: $(date -u +%F)"; echo; } > "$results/perf_table.md"
+timeout --foreground -k 30 "$run_timeout" "$perf_table" >> "$results/perf_table.md" 2> "$results/perf_table.stderr"; rc=$?
+[ "$rc" = 0 ] || failed "perf table (exit $rc; perf_table.stderr)"
+grep -q MISMATCH "$results/perf_table.md" && failed "perf table: a row is marked MISMATCH (ours differs from cuBLAS)"
+[ "$gpu" = 1 ] && grep -q 'perf_table skipped' "$results/perf_table.md" && failed "perf table skipped on a GPU machine"
+
+if [ "$bench" = 1 ]; then
+  write_record "running: benches"
+  echo "== criterion benches"
+  : > "$results/criterion.txt"
+  for b in $benches; do
+    timeout --foreground -k 30 "$run_timeout" "$b" --bench >> "$results/criterion.txt" 2>&1 || failed "bench $(name_of "$b") (criterion.txt)"
+  done
+  grep -E 'skipped|time:' "$results/criterion.txt" | head -n 40
+else
+  echo "== criterion benches: skipped (--skip-bench)"
+fi
+
+write_record "running: compute-sanitizer"
+
+# --- compute-sanitizer (last of the checks: the slowest)
 find_tool() {
   command -v "$1" 2>/dev/null && return
   for d in "${CUDA_HOME:-}" "${CUDA_PATH:-}" /usr/local/cuda; do
@@ -170,10 +269,10 @@ else
   echo "== compute-sanitizer ($cs)"
   mkdir -p "$results/sanitizer"
   for tool in memcheck racecheck; do
-    for t in $tests; do
+    for t in $sanitize_tests; do
       n=$(name_of "$t"); log=$results/sanitizer/$tool-$n.log
       # LK_SANITIZE=1: the tests pick fewer property cases under the sanitizer
-      LK_SANITIZE=1 timeout "${LK_SANITIZER_TIMEOUT:-3600}" "$cs" --tool "$tool" --error-exitcode 9 \
+      LK_SANITIZE=1 timeout --foreground -k 30 "${LK_SANITIZER_TIMEOUT:-3600}" "$cs" --tool "$tool" --error-exitcode 9 \
         "$t" --test-threads=1 > "$log" 2>&1; rc=$?
       errs=$(sed -nE 's/^========= ERROR SUMMARY: ([0-9]+) error.*/\1/p' "$log" | tail -n 1)
       if [ "$rc" = 0 ]; then
@@ -182,34 +281,13 @@ else
         echo "$tool $n: FAILED (exit $rc, ${errs:-?} errors; sanitizer/$tool-$n.log)" | tee -a "$results/sanitizer-summary.txt"
         failed "$tool $n"
       fi
+      write_record "running: compute-sanitizer"
     done
   done
 fi
 
-# --- the finetune example, the perf table, the benches
-echo "== finetune example"
-"$finetune" > "$results/finetune.txt" 2>&1 || failed "finetune example (finetune.txt)"
-tail -n 12 "$results/finetune.txt"
-
-echo "== perf table"
-{ echo "commit: $commit"; echo "date: $(date -u +%F)"; echo; } > "$results/perf_table.md"
-"$perf_table" >> "$results/perf_table.md" 2> "$results/perf_table.stderr"; rc=$?
-[ "$rc" = 0 ] || failed "perf table (exit $rc; perf_table.stderr)"
-grep -q MISMATCH "$results/perf_table.md" && failed "perf table: a row is marked MISMATCH (ours differs from cuBLAS)"
-[ "$gpu" = 1 ] && grep -q 'perf_table skipped' "$results/perf_table.md" && failed "perf table skipped on a GPU machine"
-
-if [ "$bench" = 1 ]; then
-  echo "== criterion benches"
-  : > "$results/criterion.txt"
-  for b in $benches; do
-    "$b" --bench >> "$results/criterion.txt" 2>&1 || failed "bench $(name_of "$b") (criterion.txt)"
-  done
-  grep -E 'skipped|time:' "$results/criterion.txt" | head -n 40
-else
-  echo "== criterion benches: skipped (--skip-bench)"
-fi
-
 if [ "$profile" = 1 ]; then
+  write_record "running: Nsight Compute"
   if [ "$gpu" = 0 ]; then
     echo "== Nsight Compute: skipped (no GPU, --allow-no-gpu)"
   else
@@ -218,32 +296,17 @@ if [ "$profile" = 1 ]; then
   fi
 fi
 
-# --- the record for docs/perf/
-date=$(date -u +%F)
-if [ "$gpu" = 1 ]; then
-  device=$(sed -n 2p "$results/device.txt" | cut -d, -f1 | tr 'A-Z' 'a-z' | sed -E 's/^nvidia //; s/[^a-z0-9]+/-/g; s/^-|-$//g')
+if [ "$fail" = 0 ]; then
+  write_record "finished, every step passed"
 else
-  device=no-gpu
+  write_record "finished, FAILED: $(sed 's/^FAILED: //' "$results/failures.txt" | paste -sd ';' | sed 's/;/; /g')"
 fi
-record=$results/$date-$device.md
-{
-  echo "# $device, $date"
-  echo
-  echo "- device (name, driver, memory, max SM clock, compute capability): $(if [ "$gpu" = 1 ]; then sed -n 2p "$results/device.txt"; else head -n 1 "$results/device.txt"; fi)"
-  echo "- commit: $commit"
-  echo "- date: $date; command: gpu-check.sh$([ "$quick" = 1 ] && echo ' --quick')$([ "$gpu_only" = 1 ] && echo ' --gpu-only (GPU parts of the tests alone)')"
-  echo
-  echo "## Tests"; echo; echo '```'; cat "$results/tests-summary.txt"; echo '```'; echo
-  echo "## compute-sanitizer"; echo; echo '```'; cat "$results/sanitizer-summary.txt"; echo '```'; echo
-  echo "## Perf table"; echo; sed '1,3d' "$results/perf_table.md"; echo
-  echo "## Targets (docs/perf/README.md): mark each met or missed with the measured ratio"
-} > "$record"
 
 echo
 echo "== summary"
 cat "$results/tests-summary.txt"
 echo
-cat "$results/perf_table.md"
+cat "$results/perf_table.md" 2>/dev/null
 echo
 echo "results: $results (record for docs/perf/: $(basename "$record"))"
 if [ "$fail" != 0 ]; then

@@ -4,22 +4,30 @@
 # the CLI, the test fixtures and the runner (gpu-check.sh). That host needs only the NVIDIA driver (and
 # cuBLAS, compute-sanitizer and Nsight Compute for those steps: see README, "On a GPU").
 #
-#   LK_CUDA_ARCHS=90 bash scripts/pack.sh --out DIR     (default DIR: ./gpu-pack; LK_CUDA_ARCHS default 80,86,89,90)
+#   LK_CUDA_ARCHS=90 bash scripts/pack.sh --out DIR [--archive]
+#       (default DIR: ./gpu-pack; LK_CUDA_ARCHS default 80,86,89,90)
 #   then, on the GPU host: bash DIR/gpu-check.sh --out RESULTS
+#
+# --archive also writes DIR.tar.xz, one file to copy: every binary embeds the same kernels, and xz with
+# a dictionary that spans several binaries stores them about once (see README, "A GPU host without
+# Rust", for sizes). Unpack with `tar xJf DIR.tar.xz`, or `python3 -m tarfile -e DIR.tar.xz .` where
+# xz is missing.
 #
 # Layout: gpu-check.sh gpu-profile.sh gpu-env.sh pack-info.txt, bin/test/<name>, bin/bench/<name>,
 # bin/example/<name>, bin/lora-kernels, tests/fixtures/. The runner cds into the folder and sets
 # LK_FIXTURES and LK_CLI_BIN, so the test binaries find the fixtures and the CLI there.
 set -euo pipefail
-pack=./gpu-pack
+pack=./gpu-pack archive=0
 while [ $# -gt 0 ]; do
   case $1 in
     --out) pack=${2:?--out needs a directory}; shift 2 ;;
     --out=*) pack=${1#--out=}; shift ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --archive) archive=1; shift ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "pack: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+[ "$archive" = 0 ] || command -v xz >/dev/null || { echo "pack: --archive needs xz (xz-utils)" >&2; exit 2; }
 mkdir -p "$pack"; pack=$(cd "$pack" && pwd)
 cd "$(dirname "$0")/.."
 case $pack/ in "$PWD"/src/*|"$PWD"/tests/*|"$PWD"/scripts/*) echo "pack: --out inside the sources" >&2; exit 2 ;; esac
@@ -59,3 +67,12 @@ nvcc_bin=${NVCC:-$(command -v nvcc || echo "${CUDA_HOME:-$CUDA_PATH}/bin/nvcc")}
 } > "$pack/pack-info.txt"
 cat "$pack/pack-info.txt"
 du -sh "$pack"
+if [ "$archive" = 1 ]; then
+  # one xz stream (-T1) whose dictionary reaches back over a few binaries, so each copy of the kernels
+  # matches the previous one (compressing takes about 11 times the dictionary in memory, unpacking 1 time)
+  dict=$(find "$pack" -type f -printf '%s\n' | sort -n | tail -n 1 \
+    | awk '{d = 64; while (d * 1048576 < 4 * $1 && d < 1024) d *= 2; print d}')
+  tar -C "$(dirname "$pack")" -cf - "$(basename "$pack")" | xz -T1 --lzma2=preset=6,dict=${dict}MiB > "$pack.tar.xz.part"
+  mv "$pack.tar.xz.part" "$pack.tar.xz"
+  echo "archive: $pack.tar.xz ($(du -h "$pack.tar.xz" | cut -f1); unpack: tar xJf $(basename "$pack").tar.xz)"
+fi
