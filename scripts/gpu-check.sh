@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, quickest results first: the tests with LK_REQUIRE_GPU=1, the
-# finetune example, the perf table, the criterion benches, then compute-sanitizer memcheck and racecheck
-# over the test binaries (the slowest step) and, with --profile, Nsight Compute (scripts/gpu-profile.sh).
+# finetune example, the perf table, the criterion benches, with --profile Nsight Compute
+# (scripts/gpu-profile.sh), then compute-sanitizer memcheck and racecheck over the test binaries (the
+# slowest step).
 # Every result goes into --out DIR, and the record for docs/perf/ is rewritten there after each step, so
 # an interrupted run keeps what it finished. It ends with the test summary and the perf table, and exits
 # non-zero if anything failed.
@@ -46,7 +47,7 @@ while [ $# -gt 0 ]; do
     --skip-sanitizer) sanitize=0; shift ;;
     --skip-bench) bench=0; shift ;;
     --profile) profile=1; shift ;;
-    -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -243,6 +244,16 @@ else
   echo "== criterion benches: skipped (--skip-bench)"
 fi
 
+if [ "$profile" = 1 ]; then
+  write_record "running: Nsight Compute"
+  if [ "$gpu" = 0 ]; then
+    echo "== Nsight Compute: skipped (no GPU, --allow-no-gpu)"
+  else
+    echo "== Nsight Compute"
+    bash "$here/gpu-profile.sh" --out "$results/ncu" --bin "$profile_step" || failed "Nsight Compute (ncu/)"
+  fi
+fi
+
 write_record "running: compute-sanitizer"
 
 # --- compute-sanitizer (last of the checks: the slowest)
@@ -284,16 +295,6 @@ else
       write_record "running: compute-sanitizer"
     done
   done
-fi
-
-if [ "$profile" = 1 ]; then
-  write_record "running: Nsight Compute"
-  if [ "$gpu" = 0 ]; then
-    echo "== Nsight Compute: skipped (no GPU, --allow-no-gpu)"
-  else
-    echo "== Nsight Compute"
-    bash "$here/gpu-profile.sh" --out "$results/ncu" --bin "$profile_step" || failed "Nsight Compute (ncu/)"
-  fi
 fi
 
 if [ "$fail" = 0 ]; then
