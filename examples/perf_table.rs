@@ -1,6 +1,7 @@
 //! Runs the benchmark cases once each and prints ONE markdown table: time of our kernels, our ratio to
 //! each cuBLAS baseline measured in the same run, % of a roofline built from peaks measured in the
-//! same run (a large cuBLAS bf16 GEMM for FLOP/s, a large device-to-device copy for bytes/s), and a
+//! same run (a large cuBLAS bf16 GEMM for FLOP/s, a large device-to-device copy for bytes/s; the rate
+//! L2 feeds the SMs is measured and printed beside them, for the sm_90a GEMM's bound), and a
 //! check that ours computed the same thing as cuBLAS (relative difference on the case's first input
 //! set; "MISMATCH" above 2e-2 or NaN). Then the device memory one training step of the headline layer
 //! adds, LoRA vs full fine-tuning, measured (free memory before and after) next to `memory::LayerStep`.
@@ -43,6 +44,43 @@ fn time(dev: &Device, mut f: impl FnMut(usize)) -> f64 {
     }
     dev.synchronize().unwrap();
     start.elapsed().as_secs_f64() / calls as f64
+}
+
+/// The rate L2 feeds the SMs (src/probe.rs): a buffer of a third of L2 (at most 16 MiB), read 32 times by
+/// 8 blocks of 256 threads per SM with 16-byte loads cached in L2 only, every thread's sum checked against
+/// the CPU; as text for the peaks line (bound.md's "L2 to SM" column is the rate the sm_90a GEMM needs).
+fn l2_read_rate(dev: &Device) -> String {
+    use lora_kernels::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE;
+    use lora_kernels::probe::{l2_read, l2_read_reference};
+    let l2_bytes = dev
+        .as_cuda()
+        .unwrap()
+        .context()
+        .attribute(CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE);
+    let (Ok(l2_bytes), Ok(sms)) = (l2_bytes, dev.sm_count()) else {
+        return "L2 read not measured (no L2 size or SM count)".into();
+    };
+    let words = ((l2_bytes as usize / 3).min(16 << 20) / 16).max(1) * 4;
+    let passes = 32;
+    let threads = 8 * 256 * sms as usize;
+    let data: Vec<u32> = (0..words as u32)
+        .map(|i| i.wrapping_mul(2654435761))
+        .collect();
+    let src = Tensor::from_slice(dev, &data, &[words]).unwrap();
+    let mut sums = Tensor::<u32>::zeros(dev, &[threads]).unwrap();
+    let t = time(dev, |_| l2_read(&src, passes, &mut sums).unwrap());
+    let ok = sums.to_vec().unwrap() == l2_read_reference(&data, passes, threads);
+    format!(
+        "L2 read {:.0} GB/s ({} MiB of {} MiB of L2 read {passes} times by every SM{})",
+        (words * 4) as f64 * passes as f64 / t / 1e9,
+        (words * 4) >> 20,
+        l2_bytes >> 20,
+        if ok {
+            ""
+        } else {
+            "; MISMATCH: wrong sums, the rate means nothing"
+        }
+    )
 }
 
 /// ‖ours − reference‖ / ‖reference‖ over the tensors' elements, as text; NaN or > 2e-2 is flagged.
@@ -250,9 +288,10 @@ fn main() {
     });
     let peak_bw = 2.0 * (n_copy * 2) as f64 / t;
     drop((src, dst));
+    let l2 = l2_read_rate(&dev);
     println!("device: {}", dev.describe());
     println!(
-        "peaks measured in this run: cuBLAS bf16 GEMM 8192³ {:.0} TFLOP/s, device copy {:.0} GB/s (read + write)\n",
+        "peaks measured in this run: cuBLAS bf16 GEMM 8192³ {:.0} TFLOP/s, device copy {:.0} GB/s (read + write), {l2}\n",
         peak_flops / 1e12,
         peak_bw / 1e9
     );

@@ -37,6 +37,7 @@ DEVICES = {
         # Hopper (wgmma only gets near it), so using it makes the bound looser, never wrong
         hbm=3.0e12,  # device-to-device copy measured on that H100 (bytes read + written per second)
         cublas=798e12,  # cuBLAS bf16 8192^3 GEMM measured on that H100
+        l2=None,  # the rate L2 feeds the SMs (bytes/s): the perf table's "L2 read" on a GPU; not measured yet
         measured=True,
         regs=65536, smem=233472, threads=2048, blocks=32,
         source="peaks: H100 SXM5 datasheet (989 TF/s dense bf16, 1980 MHz); measured on an H100 80GB HBM3, "
@@ -503,6 +504,8 @@ def sm90_gemm(kernel, m, n, k, r, dev, mix, bn):
     memory = 2 * (m * k + n * k + m * r + n * r + m * n) / dev["hbm"]
     l2 = tiles * stages * 2 * (SM90_BM + bn) * SM90_BK
     parts = dict(tensor=tensor, issue=issue, memory=memory)
+    if dev.get("l2"):  # measured: moving those bytes from L2 is a fourth lower limit
+        parts["l2"] = l2 / dev["l2"]
     limiter = max(parts, key=parts.get)
     return parts[limiter], limiter, parts, l2
 
@@ -517,8 +520,12 @@ def sm90_section(w, res, mixes, dev):
       "mma.sync ones above). The sm_90a GEMM is bounded like the others, from its SASS (the consumer loop: "
       "tensor time of the wgmma work at the dense bf16 peak, low-rank padding to 64 included; issue time of "
       "its 8 consumer warps; both for the SM that runs the most tiles, ceil(tiles / SMs); memory time). L2 to SM: the bytes its TMA loads bring into shared memory, and "
-      "the rate that needs at the target time; this script has no L2 bandwidth to bound it with (none was "
-      "measured), so it is shown, not counted:")
+      "the rate that needs at the target time. " + (
+          f"The rate L2 feeds the SMs, {dev['l2'] / 1e12:.1f} TB/s (the perf table's `L2 read`), bounds it "
+          "as a fourth term (l2):" if dev.get("l2") else
+          "The perf table measures the rate L2 feeds the SMs (its `L2 read`, kernels/l2_probe.cu) on a GPU; "
+          "none has been measured on this device yet, so this is shown, not counted (entered as `l2` in "
+          "scripts/perf_bound.py, it becomes a fourth term of the bound):"))
     w("")
     w("| target | other launches (µs) | sm_90a GEMM: bound (µs) | limited by | tensor | issue | memory | "
       "L2 to SM (GB) | at the target (TB/s) | op bound (µs) | target (µs) | bound / target | verdict |")

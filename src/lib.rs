@@ -23,6 +23,7 @@ pub mod ops;
 pub mod params;
 pub mod peft;
 pub mod plan;
+pub mod probe;
 pub mod reference;
 pub mod tensor;
 pub mod tma;

@@ -50,6 +50,7 @@ kernel_params!(
     LkMseGradParams,
     LkFusedGemmMultiParams,
     LkFusedGemmSm90Params,
+    LkL2ReadParams,
 );
 
 #[cfg(all(test, lk_bindgen_fresh))]

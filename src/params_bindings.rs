@@ -87,6 +87,40 @@ impl Default for LkScaleParams {
     }
 }
 #[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkL2ReadParams {
+    pub src: *const ::core::ffi::c_void,
+    pub sums: *mut u32,
+    pub n16: u32,
+    pub passes: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkL2ReadParams"][::core::mem::size_of::<LkL2ReadParams>() - 24usize];
+    ["Alignment of LkL2ReadParams"][::core::mem::align_of::<LkL2ReadParams>() - 8usize];
+    [
+        "Offset of field: LkL2ReadParams::src",
+    ][::core::mem::offset_of!(LkL2ReadParams, src) - 0usize];
+    [
+        "Offset of field: LkL2ReadParams::sums",
+    ][::core::mem::offset_of!(LkL2ReadParams, sums) - 8usize];
+    [
+        "Offset of field: LkL2ReadParams::n16",
+    ][::core::mem::offset_of!(LkL2ReadParams, n16) - 16usize];
+    [
+        "Offset of field: LkL2ReadParams::passes",
+    ][::core::mem::offset_of!(LkL2ReadParams, passes) - 20usize];
+};
+impl Default for LkL2ReadParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct LkDropout {
     pub seed: u64,

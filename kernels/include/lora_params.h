@@ -22,6 +22,17 @@ typedef struct LkScaleParams {
     uint32_t n;
 } LkScaleParams;
 
+/* l2_read_u32 (kernels/l2_probe.cu): a read-bandwidth probe for the speed bound, not a LoRA op. Thread
+ * g of the grid (g = blockIdx.x · blockDim.x + threadIdx.x, G threads in all) reads the 16-byte words
+ * g, g + G, g + 2G, ... < n16 of src, passes times, and writes the wrapping sum of their u32 words to
+ * sums[g]. */
+typedef struct LkL2ReadParams {
+    const void* src;
+    uint32_t* sums;
+    uint32_t n16;
+    uint32_t passes;
+} LkL2ReadParams;
+
 /* ---- flags shared by the LoRA kernels ---- */
 /* Operand alignment bits: set by the Rust side when that operand's base address is 16-byte aligned and
  * its leading dimension a multiple of 8 elements, so 16-byte vector loads (cp.async) are legal. A clear
