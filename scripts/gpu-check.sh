@@ -24,13 +24,15 @@
 #   --skip-bench      no criterion step
 #   --profile         also run Nsight Compute over examples/profile_step.rs (scripts/gpu-profile.sh)
 #
-# Time limits: LK_RUN_TIMEOUT seconds for one test binary, example or bench (default 1800; one that hangs
-# is stopped and counted failed), LK_SANITIZER_TIMEOUT for one compute-sanitizer run (default 3600).
+# Time limits: LK_RUN_TIMEOUT seconds for one test binary, example, bench or ncu run (default 1800;
+# one that hangs is stopped, with every process it started, and counted failed), LK_SANITIZER_TIMEOUT
+# for one compute-sanitizer run (default 3600).
 #
 # Files in DIR: device.txt, tests/<binary>.log, tests-summary.txt, finetune.txt, perf_table.md,
 # criterion.txt (+ criterion/), sanitizer/<tool>-<binary>.log, sanitizer-summary.txt, ncu/ (--profile),
 # and <date>-<device>.md: the record for docs/perf/ (device, driver, date, commit, all of the above).
 set -u
+invocation="gpu-check.sh $*"
 
 results=./gpu-check-out allow_no_gpu=0 quick=0 sanitize=1 bench=1 profile=0 gpu_only=0 only= only_sanitize=
 while [ $# -gt 0 ]; do
@@ -41,13 +43,13 @@ while [ $# -gt 0 ]; do
     --quick) quick=1; shift ;;
     --gpu-only) gpu_only=1; shift ;;
     --tests) only=${2:?--tests needs a list of test binaries}; shift 2 ;;
-    --tests=*) only=${1#--tests=}; shift ;;
+    --tests=?*) only=${1#--tests=}; shift ;;
     --sanitize) only_sanitize=${2:?--sanitize needs a list of test binaries}; shift 2 ;;
-    --sanitize=*) only_sanitize=${1#--sanitize=}; shift ;;
+    --sanitize=?*) only_sanitize=${1#--sanitize=}; shift ;;
     --skip-sanitizer) sanitize=0; shift ;;
     --skip-bench) bench=0; shift ;;
     --profile) profile=1; shift ;;
-    -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -55,9 +57,25 @@ mkdir -p "$results" && results=$(cd "$results" && pwd) || { echo "gpu-check: can
 here=$(cd "$(dirname "$0")" && pwd)
 case $here$results in *[[:space:]]*) echo "gpu-check: paths with spaces are not supported ($here, $results)" >&2; exit 2 ;; esac
 [ "$quick" = 1 ] && export LK_BENCH_QUICK=1
-# the longest one test binary, example or bench may run (a kernel that hangs must not stall the check)
-run_timeout=${LK_RUN_TIMEOUT:-1800}
-case $run_timeout in '' | *[!0-9]*) echo "gpu-check: LK_RUN_TIMEOUT must be a number of seconds" >&2; exit 2 ;; esac
+# the longest one test binary, example, bench or sanitizer run may take (a kernel that hangs must not
+# stall the check)
+run_timeout=${LK_RUN_TIMEOUT:-1800} sanitizer_timeout=${LK_SANITIZER_TIMEOUT:-3600}
+for v in "LK_RUN_TIMEOUT=$run_timeout" "LK_SANITIZER_TIMEOUT=$sanitizer_timeout"; do
+  case ${v#*=} in '' | *[!0-9]* | 0) echo "gpu-check: ${v%%=*} must be a whole number of seconds, at least 1" >&2; exit 2 ;; esac
+done
+# run_limited SECONDS COMMAND...: COMMAND in a process group of its own (timeout's), stopped with all its
+# children (a CLI the tests spawn, the binary under compute-sanitizer, the program under ncu) after
+# SECONDS: exit 124, or 137 if it had to be killed. On INT or TERM the check stops that group too.
+child=
+run_limited() {
+  local secs=$1 rc
+  shift
+  timeout -k 30 "$secs" "$@" &
+  child=$!
+  wait "$child"; rc=$?
+  child=
+  return $rc
+}
 
 fail=0
 failed() { echo "FAILED: $*" | tee -a "$results/failures.txt"; fail=1; }
@@ -100,15 +118,17 @@ fi
 # --tests / --sanitize: the named binaries, each checked against those found
 all_tests=$tests
 pick() {
-  local name t found picked=
-  for name in ${1//,/ }; do
+  local name t found picked= names
+  IFS=, read -ra names <<< "$1"
+  for name in "${names[@]}"; do
+    [ -n "$name" ] || continue
     found=
     for t in $all_tests; do [ "$(basename "$t")" = "$name" ] && found=$t; done
     [ -n "$found" ] || {
       echo "gpu-check: no test binary named '$name'; there are:" $(for t in $all_tests; do basename "$t"; done) >&2
       return 1
     }
-    picked="$picked $found"
+    case " $picked " in *" $found "*) ;; *) picked="$picked $found" ;; esac
   done
   [ -n "$picked" ] || { echo "gpu-check: an empty list of test binaries" >&2; return 1; }
   echo $picked
@@ -152,15 +172,18 @@ record=$results/$date-$device.md
 : > "$results/tests-summary.txt"
 : > "$results/sanitizer-summary.txt"
 rm -f "$results/perf_table.md"
-write_record() {
+step=starting
+write_record() {  # write_record STATE: the whole record, replaced at once (a reader never sees half of it)
   local section
+  case $1 in running:*) step=${1#running: } ;; esac
   {
     echo "# $device, $date"
     echo
     echo "- device (name, driver, memory, max SM clock, compute capability): $(if [ "$gpu" = 1 ]; then sed -n 2p "$results/device.txt"; else head -n 1 "$results/device.txt"; fi)"
     echo "- commit: $commit"
-    echo "- date: $date; command: gpu-check.sh$([ "$quick" = 1 ] && echo ' --quick')$([ "$gpu_only" = 1 ] && echo ' --gpu-only (GPU parts of the tests alone)')$([ -n "$only" ] && echo " --tests $only")$([ -n "$only_sanitize" ] && echo " --sanitize $only_sanitize")"
+    echo "- date: $date; command: $invocation$([ "$gpu_only" = 1 ] && echo ' (--gpu-only: the GPU parts of the tests alone)')"
     echo "- state: $1"
+    if [ -s "$results/failures.txt" ]; then echo "- failures:"; sed 's/^FAILED: /  - /' "$results/failures.txt"; fi
     echo
     for section in "Tests:tests-summary.txt" "compute-sanitizer:sanitizer-summary.txt"; do
       echo "## ${section%%:*}"; echo
@@ -171,8 +194,17 @@ write_record() {
     if [ -s "$results/perf_table.md" ]; then sed '1,3d' "$results/perf_table.md"; else echo "(not run)"; fi
     echo
     echo "## Targets (docs/perf/README.md): mark each met or missed with the measured ratio"
-  } > "$record"
+  } > "$record.part" && mv -f "$record.part" "$record"
 }
+on_signal() {
+  trap - INT TERM
+  [ -n "$child" ] && kill -TERM -- "-$child" 2>/dev/null
+  echo "gpu-check: $1 during $step: stopped; the record keeps what finished" >&2
+  write_record "interrupted ($1) during: $step"
+  exit 130
+}
+trap 'on_signal SIGINT' INT
+trap 'on_signal SIGTERM' TERM
 write_record "running: tests"
 
 # --- the tests: counted here, from each binary's "test result:" lines and its exit status
@@ -182,7 +214,7 @@ passed=0 nfailed=0 ignored=0 bad_bins=0
 for t in $tests; do
   n=$(name_of "$t"); log=$results/tests/$n.log
   s=$(date +%s)
-  timeout --foreground -k 30 "$run_timeout" "$t" --test-threads=1 > "$log" 2>&1; rc=$?
+  run_limited "$run_timeout" "$t" --test-threads=1 > "$log" 2>&1; rc=$?
   p=$(sed -nE 's/^test result: [A-Za-z]+\. ([0-9]+) passed.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
   f=$(sed -nE 's/^test result: .* ([0-9]+) failed.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
   i=$(sed -nE 's/^test result: .* ([0-9]+) ignored.*/\1/p' "$log" | awk '{s+=$1} END {print s+0}')
@@ -191,7 +223,7 @@ for t in $tests; do
     bad_bins=$((bad_bins + 1))
     line="$n: FAILED (exit $rc; $p passed, $f failed, $i ignored)"
     case $rc in
-      124 | 137) line="$line: timed out after $run_timeout s (LK_RUN_TIMEOUT: a hang?), see tests/$n.log" ;;
+      124 | 137) line="$line: stopped after $run_timeout s (LK_RUN_TIMEOUT: a hang?), see tests/$n.log" ;;
       *) [ "$rc" != 0 ] && [ "$f" = 0 ] && line="$line: crashed or exited non-zero, see tests/$n.log" ;;
     esac
   else
@@ -209,7 +241,12 @@ if [ "$gpu" = 1 ] && nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>
     n=$(name_of "$t")
     case "$n" in lora_ops | lora_linear) ;; *) continue ;; esac
     log=$results/tests/$n-sm90a.log
-    if LK_FUSED_GEMM=auto timeout --foreground -k 30 "$run_timeout" "$t" --test-threads=1 > "$log" 2>&1; then r=ok; else r=FAILED; bad_bins=$((bad_bins + 1)); fi
+    LK_FUSED_GEMM=auto run_limited "$run_timeout" "$t" --test-threads=1 > "$log" 2>&1; rc=$?
+    case $rc in
+      0) r=ok ;;
+      124 | 137) r="FAILED (stopped after $run_timeout s, LK_RUN_TIMEOUT: a hang?)"; bad_bins=$((bad_bins + 1)) ;;
+      *) r="FAILED (exit $rc)"; bad_bins=$((bad_bins + 1)) ;;
+    esac
     echo "$n with LK_FUSED_GEMM=auto (the sm_90a GEMMs): $r, see tests/$n-sm90a.log" | tee -a "$results/tests-summary.txt"
   done
 fi
@@ -222,14 +259,15 @@ write_record "running: finetune example, perf table"
 
 # --- the finetune example, the perf table, the benches
 echo "== finetune example"
-timeout --foreground -k 30 "$run_timeout" "$finetune" > "$results/finetune.txt" 2>&1 || failed "finetune example (finetune.txt)"
+run_limited "$run_timeout" "$finetune" > "$results/finetune.txt" 2>&1 || failed "finetune example (finetune.txt)"
 tail -n 12 "$results/finetune.txt"
 
 echo "== perf table"
 { echo "commit: $commit"; echo "date: $(date -u +%F)"; echo; } > "$results/perf_table.md"
-timeout --foreground -k 30 "$run_timeout" "$perf_table" >> "$results/perf_table.md" 2> "$results/perf_table.stderr"; rc=$?
+run_limited "$run_timeout" "$perf_table" >> "$results/perf_table.md" 2> "$results/perf_table.stderr"; rc=$?
 [ "$rc" = 0 ] || failed "perf table (exit $rc; perf_table.stderr)"
-grep -q MISMATCH "$results/perf_table.md" && failed "perf table: a row is marked MISMATCH (ours differs from cuBLAS)"
+grep -q MISMATCH "$results/perf_table.md" \
+  && failed "perf table: MISMATCH (a row where ours differs from cuBLAS, or the L2 probe's sums are wrong)"
 [ "$gpu" = 1 ] && grep -q 'perf_table skipped' "$results/perf_table.md" && failed "perf table skipped on a GPU machine"
 
 if [ "$bench" = 1 ]; then
@@ -237,7 +275,7 @@ if [ "$bench" = 1 ]; then
   echo "== criterion benches"
   : > "$results/criterion.txt"
   for b in $benches; do
-    timeout --foreground -k 30 "$run_timeout" "$b" --bench >> "$results/criterion.txt" 2>&1 || failed "bench $(name_of "$b") (criterion.txt)"
+    run_limited "$run_timeout" "$b" --bench >> "$results/criterion.txt" 2>&1 || failed "bench $(name_of "$b") (criterion.txt)"
   done
   grep -E 'skipped|time:' "$results/criterion.txt" | head -n 40
 else
@@ -250,11 +288,10 @@ if [ "$profile" = 1 ]; then
     echo "== Nsight Compute: skipped (no GPU, --allow-no-gpu)"
   else
     echo "== Nsight Compute"
-    bash "$here/gpu-profile.sh" --out "$results/ncu" --bin "$profile_step" || failed "Nsight Compute (ncu/)"
+    run_limited "$run_timeout" bash "$here/gpu-profile.sh" --out "$results/ncu" --bin "$profile_step" \
+      || failed "Nsight Compute (ncu/)"
   fi
 fi
-
-write_record "running: compute-sanitizer"
 
 # --- compute-sanitizer (last of the checks: the slowest)
 find_tool() {
@@ -278,12 +315,13 @@ elif ! cs=$(find_tool compute-sanitizer); then
   failed "compute-sanitizer not found (--skip-sanitizer to leave it out)"
 else
   echo "== compute-sanitizer ($cs)"
+  write_record "running: compute-sanitizer"
   mkdir -p "$results/sanitizer"
   for tool in memcheck racecheck; do
     for t in $sanitize_tests; do
       n=$(name_of "$t"); log=$results/sanitizer/$tool-$n.log
       # LK_SANITIZE=1: the tests pick fewer property cases under the sanitizer
-      LK_SANITIZE=1 timeout --foreground -k 30 "${LK_SANITIZER_TIMEOUT:-3600}" "$cs" --tool "$tool" --error-exitcode 9 \
+      LK_SANITIZE=1 run_limited "$sanitizer_timeout" "$cs" --tool "$tool" --error-exitcode 9 \
         "$t" --test-threads=1 > "$log" 2>&1; rc=$?
       errs=$(sed -nE 's/^========= ERROR SUMMARY: ([0-9]+) error.*/\1/p' "$log" | tail -n 1)
       if [ "$rc" = 0 ]; then
@@ -300,7 +338,7 @@ fi
 if [ "$fail" = 0 ]; then
   write_record "finished, every step passed"
 else
-  write_record "finished, FAILED: $(sed 's/^FAILED: //' "$results/failures.txt" | paste -sd ';' | sed 's/;/; /g')"
+  write_record "finished, FAILED (failures below)"
 fi
 
 echo

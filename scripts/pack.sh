@@ -70,9 +70,12 @@ du -sh "$pack"
 if [ "$archive" = 1 ]; then
   # one xz stream (-T1) whose dictionary reaches back over a few binaries, so each copy of the kernels
   # matches the previous one (compressing takes about 11 times the dictionary in memory, unpacking 1 time)
-  dict=$(find "$pack" -type f -printf '%s\n' | sort -n | tail -n 1 \
+  # only what this script put there (not results or reports someone left in the folder)
+  name=$(basename "$pack")
+  files=("$name/bin" "$name/tests" "$name/pack-info.txt" "$name/gpu-check.sh" "$name/gpu-profile.sh" "$name/gpu-env.sh")
+  dict=$(find "$pack/bin" -type f -printf '%s\n' | sort -n | tail -n 1 \
     | awk '{d = 64; while (d * 1048576 < 4 * $1 && d < 1024) d *= 2; print d}')
-  tar -C "$(dirname "$pack")" -cf - "$(basename "$pack")" | xz -T1 --lzma2=preset=6,dict=${dict}MiB > "$pack.tar.xz.part"
+  tar -C "$(dirname "$pack")" -cf - "${files[@]}" | xz -T1 --lzma2=preset=6,dict=${dict}MiB > "$pack.tar.xz.part"
   mv "$pack.tar.xz.part" "$pack.tar.xz"
   echo "archive: $pack.tar.xz ($(du -h "$pack.tar.xz" | cut -f1); unpack: tar xJf $(basename "$pack").tar.xz)"
 fi

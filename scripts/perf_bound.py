@@ -37,7 +37,10 @@ DEVICES = {
         # Hopper (wgmma only gets near it), so using it makes the bound looser, never wrong
         hbm=3.0e12,  # device-to-device copy measured on that H100 (bytes read + written per second)
         cublas=798e12,  # cuBLAS bf16 8192^3 GEMM measured on that H100
-        l2=None,  # the rate L2 feeds the SMs (bytes/s): the perf table's "L2 read" on a GPU; not measured yet
+        # the rate L2 feeds the SMs in bytes/s (the perf table prints "L2 read" in GB/s: enter GB/s x 1e9);
+        # not measured yet. What the probe reached, L2 may deliver more: a MISS from this term alone wants
+        # ncu's lts throughput (scripts/gpu-profile.sh) to confirm it
+        l2=None,
         measured=True,
         regs=65536, smem=233472, threads=2048, blocks=32,
         source="peaks: H100 SXM5 datasheet (989 TF/s dense bf16, 1980 MHz); measured on an H100 80GB HBM3, "

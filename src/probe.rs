@@ -15,16 +15,16 @@ use crate::plan::LaunchPlan;
 use crate::tensor::Tensor;
 
 const OP: &str = "l2_read";
-/// The largest buffer in 16-byte words (16 GiB), and the most threads: together they keep the kernel's
-/// 32-bit indices from wrapping (n16 + 4·threads < 2^32).
+/// The largest buffer in 16-byte words (16 GiB), the most threads and passes: together they keep the
+/// kernel's 32-bit indices from wrapping (n16 + 4·threads and threads + 256·passes < 2^32).
 const MAX_WORDS16: usize = 1 << 30;
 const MAX_THREADS: usize = 1 << 24;
 const MAX_PASSES: u32 = 1 << 20;
 
 /// Reads `src` (`numel` a multiple of 4: 16-byte words; 16-byte aligned) `passes` times with a grid of
-/// `sums.numel()` threads (a multiple of 256: blocks of 256), 16-byte loads cached in L2 only. Thread `g`
-/// of `G` reads the words `g, g + G, ...` and writes the wrapping sum of their `u32`s, times `passes`, to
-/// `sums[g]` ([`l2_read_reference`]). For a measurement: a buffer well inside L2, a few blocks per SM
+/// `sums.numel()` threads (a multiple of 256: blocks of 256), 16-byte loads cached in L2 only. On pass `p`
+/// thread `g` of `G` reads the words `v, v + G, ...`, `v = (g + 256·p) mod G` (another block's share each
+/// pass), and writes the wrapping sum of all the `u32`s it read to `sums[g]` ([`l2_read_reference`]). For a measurement: a buffer well inside L2, a few blocks per SM
 /// ([`crate::Device::sm_count`]), enough passes that the first one (from device memory) is a small share,
 /// and bytes read = `passes · 4 · src.numel()`.
 pub fn l2_read(src: &Tensor<u32>, passes: u32, sums: &mut Tensor<u32>) -> Result<()> {
@@ -101,18 +101,25 @@ pub fn l2_read(src: &Tensor<u32>, passes: u32, sums: &mut Tensor<u32>) -> Result
     )
 }
 
-/// What [`l2_read`] writes, on the CPU: thread `g` of `threads` sums (wrapping) the `u32`s of the 16-byte
-/// words `g, g + threads, ...` of `src`, `passes` times.
+/// What [`l2_read`] writes, on the CPU: for thread `g` of `threads`, the wrapping sum over the passes `p`
+/// of the `u32`s of the 16-byte words `v, v + threads, ...` of `src`, `v = (g + 256·p) mod threads`.
 pub fn l2_read_reference(src: &[u32], passes: u32, threads: usize) -> Vec<u32> {
     let words = src.len() / 4;
-    (0..threads)
-        .map(|g| {
-            let once = (g..words).step_by(threads.max(1)).fold(0u32, |s, w| {
+    let threads = threads.max(1);
+    // one pass's sum per thread, then each thread's rotation through them
+    let once: Vec<u32> = (0..threads)
+        .map(|v| {
+            (v..words).step_by(threads).fold(0u32, |s, w| {
                 src[4 * w..4 * w + 4]
                     .iter()
                     .fold(s, |s, &x| s.wrapping_add(x))
-            });
-            once.wrapping_mul(passes)
+            })
+        })
+        .collect();
+    let block = LK_SIMT_THREADS as usize;
+    (0..threads)
+        .map(|g| {
+            (0..passes as usize).fold(0u32, |s, p| s.wrapping_add(once[(g + block * p) % threads]))
         })
         .collect()
 }

@@ -23,9 +23,9 @@ typedef struct LkScaleParams {
 } LkScaleParams;
 
 /* l2_read_u32 (kernels/l2_probe.cu): a read-bandwidth probe for the speed bound, not a LoRA op. Thread
- * g of the grid (g = blockIdx.x · blockDim.x + threadIdx.x, G threads in all) reads the 16-byte words
- * g, g + G, g + 2G, ... < n16 of src, passes times, and writes the wrapping sum of their u32 words to
- * sums[g]. */
+ * g of the grid (g = blockIdx.x · blockDim.x + threadIdx.x, G threads in all) reads, on pass p < passes,
+ * the 16-byte words v, v + G, v + 2G, ... < n16 of src, v = (g + p · blockDim.x) mod G, and writes the
+ * wrapping sum of all the u32 words it read to sums[g]. */
 typedef struct LkL2ReadParams {
     const void* src;
     uint32_t* sums;
