@@ -66,6 +66,8 @@ done
 # run_limited SECONDS COMMAND...: COMMAND in a process group of its own (timeout's), stopped with all its
 # children (a CLI the tests spawn, the binary under compute-sanitizer, the program under ncu) after
 # SECONDS: exit 124, or 137 if it had to be killed. On INT or TERM the check stops that group too.
+# the check's own stderr: a trap runs inside run_limited, whose output goes to a step's log
+exec {stderr_fd}>&2
 child=
 run_limited() {
   local secs=$1 rc
@@ -197,9 +199,11 @@ write_record() {  # write_record STATE: the whole record, replaced at once (a re
   } > "$record.part" && mv -f "$record.part" "$record"
 }
 on_signal() {
-  trap - INT TERM
+  # ignored from here on: a second signal (timeout sends one to the process, one to its group) must not
+  # cut the record short
+  trap '' INT TERM
   [ -n "$child" ] && kill -TERM -- "-$child" 2>/dev/null
-  echo "gpu-check: $1 during $step: stopped; the record keeps what finished" >&2
+  echo "gpu-check: $1 during $step: stopped; the record keeps what finished" >&"$stderr_fd"
   write_record "interrupted ($1) during: $step"
   exit 130
 }
