@@ -52,7 +52,8 @@ while read -r kind name exe; do
   strip "$dest" 2>/dev/null || true
 done <<< "$artifacts"
 cp -r tests/fixtures "$pack/tests/fixtures"
-cp scripts/gpu-check.sh scripts/gpu-profile.sh scripts/gpu-env.sh "$pack/"
+runner=(gpu-check.sh gpu-profile.sh gpu-env.sh)
+cp "${runner[@]/#/scripts/}" "$pack/"
 chmod +x "$pack"/*.sh
 commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && commit="$commit (with uncommitted changes)"
@@ -72,10 +73,10 @@ if [ "$archive" = 1 ]; then
   # matches the previous one (compressing takes about 11 times the dictionary in memory, unpacking 1 time)
   # only what this script put there (not results or reports someone left in the folder)
   name=$(basename "$pack")
-  files=("$name/bin" "$name/tests" "$name/pack-info.txt" "$name/gpu-check.sh" "$name/gpu-profile.sh" "$name/gpu-env.sh")
+  files=(bin tests pack-info.txt "${runner[@]}")
   dict=$(find "$pack/bin" -type f -printf '%s\n' | sort -n | tail -n 1 \
     | awk '{d = 64; while (d * 1048576 < 4 * $1 && d < 1024) d *= 2; print d}')
-  tar -C "$(dirname "$pack")" -cf - "${files[@]}" | xz -T1 --lzma2=preset=6,dict=${dict}MiB > "$pack.tar.xz.part"
+  tar -C "$(dirname "$pack")" -cf - "${files[@]/#/$name/}" | xz -T1 --lzma2=preset=6,dict=${dict}MiB > "$pack.tar.xz.part"
   mv "$pack.tar.xz.part" "$pack.tar.xz"
   echo "archive: $pack.tar.xz ($(du -h "$pack.tar.xz" | cut -f1); unpack: tar xJf $(basename "$pack").tar.xz)"
 fi

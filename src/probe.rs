@@ -46,14 +46,7 @@ pub fn l2_read(src: &Tensor<u32>, passes: u32, sums: &mut Tensor<u32>) -> Result
         });
     }
     let words = src.numel() / 4;
-    if words > MAX_WORDS16 {
-        return Err(Error::TooLarge {
-            op: OP,
-            arg: "src",
-            value: words,
-            max: MAX_WORDS16,
-        });
-    }
+    validate::at_most(OP, "src", words, MAX_WORDS16)?;
     let threads = sums.numel();
     if threads % LK_SIMT_THREADS as usize != 0 {
         return Err(Error::Shape {
@@ -65,14 +58,7 @@ pub fn l2_read(src: &Tensor<u32>, passes: u32, sums: &mut Tensor<u32>) -> Result
             got: sums.shape().to_vec(),
         });
     }
-    if threads > MAX_THREADS {
-        return Err(Error::TooLarge {
-            op: OP,
-            arg: "sums",
-            value: threads,
-            max: MAX_THREADS,
-        });
-    }
+    validate::at_most(OP, "sums", threads, MAX_THREADS)?;
     if !(1..=MAX_PASSES).contains(&passes) {
         return Err(Error::OutOfRange {
             op: OP,

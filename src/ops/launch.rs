@@ -185,14 +185,7 @@ pub(crate) fn fused_gemm<T: Element, R: Element>(
     // grouped order, see kernels/fused_gemm.cu); grid z: the chunks of a split reduction.
     let tiles = g.m.div_ceil(LK_FUSED_GEMM_BM as usize) * g.n.div_ceil(LK_FUSED_GEMM_BN as usize);
     const MAX_GRID_X: usize = i32::MAX as usize;
-    if tiles > MAX_GRID_X {
-        return Err(Error::TooLarge {
-            op,
-            arg: "output tiles (128×128)",
-            value: tiles,
-            max: MAX_GRID_X,
-        });
-    }
+    super::validate::at_most(op, "output tiles (128×128)", tiles, MAX_GRID_X)?;
     let (splits, rank_per_split) = split.as_ref().map_or((1, 0), |s| (s.splits, s.per_split));
     let plan = LaunchPlan {
         grid: [tiles as u32, 1, u32_of(splits)],

@@ -111,14 +111,7 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
     let (bm, bn) = (LK_FUSED_GEMM_BM as usize, LK_FUSED_GEMM_BN as usize);
     let tiles_m = m.div_ceil(bm);
     let tiles = tiles_m * n.div_ceil(bn);
-    if tiles > i32::MAX as usize {
-        return Err(Error::TooLarge {
-            op: OP,
-            arg: "output tiles (128×128)",
-            value: tiles,
-            max: i32::MAX as usize,
-        });
-    }
+    validate::at_most(OP, "output tiles (128×128)", tiles, i32::MAX as usize)?;
     let n_adapters = u32_of(set.slots());
     let (m32, n32, k32, ldt32) = (u32_of(m), u32_of(n), u32_of(k), u32_of(ldt));
     let device = x.device().clone();

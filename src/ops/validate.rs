@@ -75,6 +75,19 @@ pub(crate) fn finite(op: &'static str, arg: &'static str, v: f32) -> Result<()> 
     Ok(())
 }
 
+/// `value` of `arg` is at most `max` (a kernel's or a grid's limit).
+pub(crate) fn at_most(op: &'static str, arg: &'static str, value: usize, max: usize) -> Result<()> {
+    if value > max {
+        return Err(Error::TooLarge {
+            op,
+            arg,
+            value,
+            max,
+        });
+    }
+    Ok(())
+}
+
 /// Fits the kernels' 32-bit sizes.
 pub(crate) fn fits_u32(op: &'static str, arg: &'static str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::TooLarge {
