@@ -513,6 +513,22 @@ def sm90_gemm(kernel, m, n, k, r, dev, mix, bn):
     return parts[limiter], limiter, parts, l2
 
 
+def sm90_gemm_flops(m, n, k, r):
+    """The tensor work fused_gemm_sm90 executes: every stage BK deep, the low-rank ones padded to it."""
+    return 2 * m * n * (cdiv(r, SM90_BK) + cdiv(k, SM90_BK)) * SM90_BK
+
+
+def sm90_needed_verdict(needed, dev):
+    """What the needed rates say, in words: which targets a GEMM at cuBLAS's rate would miss."""
+    over = [name for name, _, _, rate in needed if rate > dev["cublas"]]
+    if not over:
+        return "A GEMM at cuBLAS's own rate would meet both with the other launches at their bounds."
+    return (f"A GEMM at cuBLAS's own rate would miss the {' and the '.join(over)}: the other launches are "
+            "memory-bound passes (the projection over X; the backward's over dY and X, with their partial sums) "
+            "that run alone, between GEMMs, while HBM is little used during the tensor-bound GEMM. Overlapping "
+            "them with the GEMM, or folding them into it, is what brings those targets within a GEMM's reach.")
+
+
 def sm90_section(w, res, mixes, dev):
     """The forward and backward with the sm_90a GEMM in place of the mma.sync one (the op's last launch:
     the forward's fused GEMM, the backward's dX); the other launches are the mma.sync ones, bounded as in
@@ -531,10 +547,11 @@ def sm90_section(w, res, mixes, dev):
           "scripts/perf_bound.py, it becomes a fourth term of the bound):"))
     w("")
     w("| target | other launches (µs) | sm_90a GEMM: bound (µs) | limited by | tensor | issue | memory | "
-      "L2 to SM (GB) | at the target (TB/s) | op bound (µs) | target (µs) | bound / target | verdict |")
-    w("| --- " * 13 + "|")
+      "L2 to SM (GB) | at the target (TB/s) | op bound (µs) | target (µs) | bound / target | verdict | "
+      "GEMM rate needed (TF/s) | needed / cuBLAS |")
+    w("| --- " * 15 + "|")
     gemms = (("fused_gemm_nt_bf16", False, M, N, K), ("fused_gemm_nn_bf16", True, M, K, N))
-    projection = None
+    projection, needed = None, []
     for (target, _, launches, tgt), (replaced, nn, gm, gn, gk) in zip(headline_ops()[:2], gemms):
         bn = sm90_bn(gm, gn, dev["sms"])
         kern = sm90_kernel(nn, bn)
@@ -548,9 +565,24 @@ def sm90_section(w, res, mixes, dev):
             projection = rest  # the forward's: T = X·Aᵀ and its finalize
         b, limiter, parts, l2 = sm90_gemm(kern, gm, gn, gk, R, dev, mixes[(kern, "sm_90")], bn)
         total, t = rest + b, tgt(dev)
+        # the rate the GEMM must reach on the wgmma work it executes (low-rank stages padded to 64) in the
+        # time the target leaves it after the other launches at their bounds
+        rate = sm90_gemm_flops(gm, gn, gk, R) / (t - rest)
+        needed.append((target.split(" ")[0], rest, t - rest, rate))
         w(f"| {target} | {rest * 1e6:.1f} | {b * 1e6:.1f} | {limiter} | {parts['tensor'] * 1e6:.1f} | "
           f"{parts['issue'] * 1e6:.1f} | {parts['memory'] * 1e6:.1f} | {l2 / 1e9:.2f} | {l2 / t / 1e12:.1f} | "
-          f"{total * 1e6:.1f} | {t * 1e6:.1f} | {total / t:.2f} | {'MISS' if total > t else 'open'} |")
+          f"{total * 1e6:.1f} | {t * 1e6:.1f} | {total / t:.2f} | {'MISS' if total > t else 'open'} | "
+          f"{rate / 1e12:.0f} | {rate / dev['cublas']:.2f} |")
+    w("")
+    w("What the bound cannot say, the last two columns do: with the other launches at their bounds, the time "
+      "the target leaves the sm_90a GEMM at most, and the rate its wgmma work (low-rank stages padded to 64) "
+      f"must at least run at to fit, against cuBLAS's measured {dev['cublas'] / 1e12:.0f} TF/s at 8192^3 (the "
+      "targets take cuBLAS at that rate on their shape too; a cuBLAS slower there lengthens the target time "
+      "and so shrinks the other launches' share): " + "; ".join(
+          f"the {name}: {left * 1e6:.1f} µs after {rest * 1e6:.1f} µs of other launches, "
+          f"{rate / 1e12:.0f} TF/s, {rate / dev['cublas']:.2f}x cuBLAS's rate and "
+          f"{100 * rate / dev['tensor']:.0f}% of the dense peak" for name, rest, left, rate in needed) + ". " +
+      sm90_needed_verdict(needed, dev))
     w("")
     # T inside the forward kernel instead of the projection launch: every one of the N/BN column tiles of
     # a row block would compute its rows' T again (X's tiles times A's as an m64nRk16 wgmma, R rounded up to
