@@ -488,8 +488,8 @@ def bound_launch(l, mix, occ, dev):
 
 def sm90_gemm(kernel, m, n, k, r, dev, mix, bn):
     """fused_gemm_sm90 (kernels/sm90/fused_gemm_sm90.cu) on an m x n x k GEMM with rank r: BM x bn tiles,
-    ceil(r/64) + ceil(k/64) stages of BM x bn x 64 each (the low-rank ones padded to 64: four k16 wgmmas
-    always). Both compute terms are the busiest SM's, which runs ceil(tiles / SMs) tiles (the persistent
+    ceil(r/64) + ceil(k/64) stages of BM x bn x 64 each, of which the wgmmas multiply ceil(r/16) + 4 ceil(k/64)
+    k16 steps (the last low-rank stage only those that hold rank columns: the rank is padded to 16). Both compute terms are the busiest SM's, which runs ceil(tiles / SMs) tiles (the persistent
     grid's last wave is partly idle). Tensor: its wgmma work at one SM's share of the dense peak. Issue: the
     consumer loop's fewest instructions per stage (hot_loop: its 4 HGMMA, the full-barrier wait, the
     release) x stages x its tiles x 8 consumer warps, over 4 schedulers x clock (the producer's and the
@@ -502,8 +502,9 @@ def sm90_gemm(kernel, m, n, k, r, dev, mix, bn):
     # partly idle), and no SM's tensor cores or schedulers run faster than its share of the peak
     sms = min(tiles, dev["sms"])
     waves = cdiv(tiles, sms)
-    tensor = waves * stages * 2 * SM90_BM * bn * SM90_BK / (dev["tensor"] / dev["sms"])
-    issue = mix["total"] * stages * waves * SM90_CONSUMER_WARPS / (4 * dev["clock"])
+    tensor = waves * sm90_gemm_flops(SM90_BM, bn, k, r) / (dev["tensor"] / dev["sms"])
+    # the main stages only (the low-rank ones may issue fewer wgmmas than the loop read: a lower bound)
+    issue = mix["total"] * cdiv(k, SM90_BK) * waves * SM90_CONSUMER_WARPS / (4 * dev["clock"])
     memory = 2 * (m * k + n * k + m * r + n * r + m * n) / dev["hbm"]
     l2 = tiles * stages * 2 * (SM90_BM + bn) * SM90_BK
     parts = dict(tensor=tensor, issue=issue, memory=memory)
@@ -514,8 +515,9 @@ def sm90_gemm(kernel, m, n, k, r, dev, mix, bn):
 
 
 def sm90_gemm_flops(m, n, k, r):
-    """The tensor work fused_gemm_sm90 executes: every stage BK deep, the low-rank ones padded to it."""
-    return 2 * m * n * (cdiv(r, SM90_BK) + cdiv(k, SM90_BK)) * SM90_BK
+    """The tensor work fused_gemm_sm90 executes: the main stages BK deep (k padded to 64), the low-rank ones
+    as many k16 steps as hold rank columns (r padded to 16)."""
+    return 2 * m * n * (cdiv(r, 16) * 16 + cdiv(k, SM90_BK) * SM90_BK)
 
 
 def sm90_needed_verdict(needed, dev):
@@ -537,8 +539,8 @@ def sm90_section(w, res, mixes, dev):
     w("The forward and backward on the sm_90a path (kernels/sm90/fused_gemm_sm90.cu for the forward's fused "
       "GEMM and dX, in place of the op's last launch; the other launches, the projection included, are the "
       "mma.sync ones above). The sm_90a GEMM is bounded like the others, from its SASS (the consumer loop: "
-      "tensor time of the wgmma work at the dense bf16 peak, low-rank padding to 64 included; issue time of "
-      "its 8 consumer warps; both for the SM that runs the most tiles, ceil(tiles / SMs); memory time). L2 to SM: the bytes its TMA loads bring into shared memory, and "
+      "tensor time of the wgmma work at the dense bf16 peak, the rank padded to 16; issue time of "
+      "its 8 consumer warps over the main stages; both for the SM that runs the most tiles, ceil(tiles / SMs); memory time). L2 to SM: the bytes its TMA loads bring into shared memory, and "
       "the rate that needs at the target time. " + (
           f"The rate L2 feeds the SMs, {dev['l2'] / 1e12:.1f} TB/s (the perf table's `L2 read`), bounds it "
           "as a fourth term (l2):" if dev.get("l2") else
@@ -565,7 +567,7 @@ def sm90_section(w, res, mixes, dev):
             projection = rest  # the forward's: T = X·Aᵀ and its finalize
         b, limiter, parts, l2 = sm90_gemm(kern, gm, gn, gk, R, dev, mixes[(kern, "sm_90")], bn)
         total, t = rest + b, tgt(dev)
-        # the rate the GEMM must reach on the wgmma work it executes (low-rank stages padded to 64) in the
+        # the rate the GEMM must reach on the wgmma work it executes (the rank padded to 16) in the
         # time the target leaves it after the other launches at their bounds
         rate = sm90_gemm_flops(gm, gn, gk, R) / (t - rest)
         needed.append((target.split(" ")[0], rest, t - rest, rate))
@@ -575,7 +577,7 @@ def sm90_section(w, res, mixes, dev):
           f"{rate / 1e12:.0f} | {rate / dev['cublas']:.2f} |")
     w("")
     w("What the bound cannot say, the last two columns do: with the other launches at their bounds, the time "
-      "the target leaves the sm_90a GEMM at most, and the rate its wgmma work (low-rank stages padded to 64) "
+      "the target leaves the sm_90a GEMM at most, and the rate its wgmma work (the rank padded to 16) "
       f"must at least run at to fit, against cuBLAS's measured {dev['cublas'] / 1e12:.0f} TF/s at 8192^3 (the "
       "targets take cuBLAS at that rate on their shape too; a cuBLAS slower there lengthens the target time "
       "and so shrinks the other launches' share): " + "; ".join(

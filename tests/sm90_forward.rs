@@ -207,7 +207,8 @@ proptest! {
 /// column past one, one full tile, rank 128 (two low-rank stages), k = 8 (one partial stage), ragged tile
 /// grids of 3×3 wide or 3×5 narrow tiles, one block looping over 6 wide or 15 narrow tiles, each with the
 /// TMA-store epilogue (n a multiple of 8: 256, 512, 520, 264 (boxes wholly past C in its last tile)) and
-/// the register one (257, 1, 516).
+/// the register one (257, 1, 516); ranks whose last low-rank stage takes 1 to 4 k16 steps (8, 16, 24, 64),
+/// after another stage too (80, 104, 128).
 #[test]
 fn sm90_forward_edges() {
     for (i, (dims, sms, bn)) in [
@@ -223,6 +224,8 @@ fn sm90_forward_edges() {
         ((300, 512, 136, 8), 1, 256),
         ((40, 264, 16, 24), 2, 256),
         ((40, 264, 16, 24), 1, 128),
+        ((129, 256, 64, 80), 3, 256),
+        ((129, 256, 64, 104), 132, 128),
     ]
     .into_iter()
     .enumerate()

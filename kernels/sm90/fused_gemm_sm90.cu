@@ -13,7 +13,8 @@
 //   Out-of-bounds rows and columns (ragged m, n, k, rank) arrive as zeros.
 // - warpgroups 1 and 2, the consumers: setmaxnreg up; each owns 64 rows of the tile, with BN/2 f32
 //   accumulators per thread (m64nBN). Per stage: wait "full", four wgmma k16 steps (descriptors 32 bytes
-//   apart in the 128-byte rows, SBO 1024), commit, wait until only this stage's group is in flight, arrive
+//   apart in the 128-byte rows, SBO 1024; the last low-rank stage only those that hold rank columns: one
+//   at r = 16), commit, wait until only this stage's group is in flight, arrive
 //   "empty" for the previous stage's slot: the tensor cores run one stage while the next one's wait and
 //   issue happen. After the low-rank stages (all retired) the accumulators are scaled by s, so the order of
 //   operations is fused_gemm.cu's: s·(T·Bᵀ) first, then X·W0ᵀ on top, + bias, one rounding.
@@ -130,11 +131,12 @@ __device__ __forceinline__ void store_tile_direct(const LkFusedGemmSm90Params& p
     }
 }
 
-// One k-stage of a consumer warpgroup: wait for the slot to fill, issue its four k16 wgmmas (a low-rank
-// stage's too where its rank columns end sooner: those are TMA's zeros; skipping them would put a branch
-// between the wgmmas, which makes ptxas serialise them all, C7520), commit, wait until at most this group
-// is in flight, and release the previous stage's slot (`held`, STAGES for none). Returns this stage's slot.
-template <typename T, bool NN, typename W>
+// One k-stage of a consumer warpgroup: wait for the slot to fill, issue its KS k16 wgmmas (four; fewer for
+// the last low-rank stage, whose rank columns may end sooner: the rest are TMA's zeros), commit, wait until
+// at most this group is in flight, and release the previous stage's slot (`held`, STAGES for none). Returns
+// this stage's slot. KS is a template parameter: a branch between the wgmmas of a stage makes ptxas
+// serialise them all (C7520); choosing among whole stages of 1-4 wgmmas does not (CI checks the report).
+template <typename T, bool NN, typename W, uint32_t KS = BK / 16>
 __device__ __forceinline__ uint32_t consume_stage(uint64_t* full, uint64_t* empty, const unsigned char* ring,
                                                   uint32_t half, float (&acc)[W::BN / 2], uint32_t s,
                                                   uint32_t held, bool accumulate) {
@@ -145,7 +147,7 @@ __device__ __forceinline__ uint32_t consume_stage(uint64_t* full, uint64_t* empt
     const unsigned char* b = ring + slot * STAGE_BYTES + A_BYTES;
     lk_wgmma_fence();
 #pragma unroll
-    for (uint32_t kk = 0; kk < BK / 16; ++kk) {
+    for (uint32_t kk = 0; kk < KS; ++kk) {
         const uint64_t da = lk_wgmma_desc(a + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B);
         if (NN) {
             const uint64_t db = lk_wgmma_desc(b + 2048 * kk, BOX_BYTES, 1024, LK_WGMMA_SWIZZLE_128B);
@@ -234,8 +236,21 @@ __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params
         // accumulators are needed next: the scale, the epilogue). Every wait is unconditional in its loop
         // body: a wait on a branch makes ptxas serialise all the wgmmas (C7518).
         uint32_t held = STAGES;  // the slot whose group is in flight (none yet)
-        for (uint32_t j = 0; j < low; ++j, ++s) {
+        for (uint32_t j = 0; j + 1 < low; ++j, ++s) {
             held = consume_stage<T, NN, W>(full, empty, ring, half, acc, s, held, j > 0);
+        }
+        if (low > 0) {  // the last low-rank stage: only the k16 steps with rank columns (r = 16: 1 of 4)
+            const uint32_t ks = (p.rank - (low - 1) * BK + 15) / 16;
+            const bool accumulate = low > 1;
+            if (ks == 1)
+                held = consume_stage<T, NN, W, 1>(full, empty, ring, half, acc, s, held, accumulate);
+            else if (ks == 2)
+                held = consume_stage<T, NN, W, 2>(full, empty, ring, half, acc, s, held, accumulate);
+            else if (ks == 3)
+                held = consume_stage<T, NN, W, 3>(full, empty, ring, half, acc, s, held, accumulate);
+            else
+                held = consume_stage<T, NN, W, 4>(full, empty, ring, half, acc, s, held, accumulate);
+            ++s;
         }
         if (low > 0) {  // the low-rank sums are complete: times the scale
             lk_wgmma_wait<0>();
