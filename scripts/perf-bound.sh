@@ -13,11 +13,17 @@ nvcc=${NVCC:-$(bash scripts/install-cuda-toolchain.sh | tail -n 1)}
 bin=$(dirname "$nvcc")
 [ -x "$bin/cuobjdump" ] && [ -x "$bin/nvdisasm" ] || { echo "no cuobjdump/nvdisasm beside $nvcc"; exit 1; }
 target_dir=$(bash scripts/target-dir.sh)
-# the build that wrote a fatbin last (a target directory holds one build directory per configuration;
-# a rebuild rewrites the files in place, so the directories' own times say nothing)
-newest=$(ls -t "$target_dir"/*/build/lora-kernels-*/out/cuda/*.fatbin 2>/dev/null | head -n 1 || true)
-cuda=${newest:+$(dirname "$newest")}
-[ -n "$cuda" ] && [ -d "$cuda/ptxas" ] || { echo "no nvcc build under $target_dir: build with nvcc first"; exit 1; }
+# the build that wrote its fused GEMM last among those with sm_80 and sm_90 code, the bound's two tables (a
+# target directory holds one build directory per configuration; a rebuild rewrites the files in place, so
+# the directories' own times say nothing; a build for other architectures, e.g. LK_CUDA_ARCHS=80, is passed)
+cuda=
+for fatbin in $(ls -t "$target_dir"/*/build/lora-kernels-*/out/cuda/fused_gemm.fatbin 2>/dev/null || true); do
+  report="$(dirname "$fatbin")/ptxas/fused_gemm.txt"
+  if [ -f "$report" ] && grep -q "for 'sm_80'" "$report" && grep -q "for 'sm_90'" "$report"; then
+    cuda=$(dirname "$fatbin"); break
+  fi
+done
+[ -n "$cuda" ] || { echo "no nvcc build with sm_80 and sm_90 code under $target_dir: build with the default LK_CUDA_ARCHS first"; exit 1; }
 out=$(PATH="$bin:$PATH" python3 scripts/perf_bound.py --cuda-dir "$cuda" --cuobjdump "$bin/cuobjdump" --kernels-dir kernels)
 printf '%s\n' "$out"
 case "${1:-}" in

@@ -665,6 +665,11 @@ def main():
         for listed, built in archs.items():
             for kern, insts in sass_functions(args.cuobjdump, os.path.join(cuda, f + ".fatbin"), built).items():
                 mixes[(kern, listed)] = hot_loop(insts)
+    missing = sorted(a for a in DEVICES if not any(arch == a for _, arch in res))
+    if missing:
+        sys.exit(f"the build in {cuda} has no {' or '.join(missing)} code: the bound reads every architecture "
+                 f"of its table ({', '.join(sorted(DEVICES))}); build with the default LK_CUDA_ARCHS (or one "
+                 "naming them) first")
     out = []
     w = out.append
     w("# Speed bound from the compiled code")
