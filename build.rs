@@ -75,6 +75,12 @@ fn main() {
         Some(nvcc) => {
             let archs = requested_archs(&nvcc);
             println!("cargo::rustc-cfg=lk_cuda");
+            // what a GPU and its driver need to run these kernels (src/device/compat.rs checks them)
+            println!("cargo::rustc-env=LK_BUILT_ARCHS={}", archs.join(","));
+            println!(
+                "cargo::rustc-env=LK_NVCC_CUDA_VERSION={}",
+                nvcc_cuda_version(&nvcc).unwrap_or_default()
+            );
             // SASS for every requested architecture + PTX for the lowest; the Hopper files: sm_90a SASS
             // (`-arch=sm_90a` would also run a plain sm_90 pass, which rejects wgmma and setmaxnreg)
             let lowest = archs
@@ -125,6 +131,8 @@ fn main() {
                 "cargo::warning=lora-kernels: no nvcc found ($NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, $PATH): \
                  the CUDA backend is off, the emulator backend is built (set LK_REQUIRE_NVCC=1 to make this an error)"
             );
+            println!("cargo::rustc-env=LK_BUILT_ARCHS=");
+            println!("cargo::rustc-env=LK_NVCC_CUDA_VERSION=");
             (Vec::new(), Vec::new())
         }
     };
@@ -372,6 +380,18 @@ fn find_nvcc() -> Option<PathBuf> {
             .map(|d| d.join("nvcc"))
             .find(|p| p.is_file())
     })
+}
+
+/// The CUDA version of `nvcc --version` ("Cuda compilation tools, release 13.0, V13.0.88": "13.0").
+fn nvcc_cuda_version(nvcc: &Path) -> Option<String> {
+    let out = Command::new(nvcc).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rest = &text[text.find("release ")? + "release ".len()..];
+    let version: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    (!version.is_empty()).then_some(version)
 }
 
 /// `LK_CUDA_ARCHS` (e.g. "80,90"; default DEFAULT_ARCHS), each checked against `nvcc --list-gpu-code`.

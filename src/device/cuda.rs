@@ -11,11 +11,19 @@ use cudarc::driver::{
     LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 
-use super::{Arg, StorageMut, StorageRef};
+use super::{Arg, StorageMut, StorageRef, compat};
 use crate::error::{Error, Result};
 use crate::kernel::{Kernel, cuda_compiled, modules};
 use crate::params::KernelParams;
 use crate::plan::LaunchPlan;
+
+/// The driver's CUDA version (`cuDriverGetVersion`: 1000·major + 10·minor), None if it cannot say.
+fn driver_version() -> Option<i32> {
+    let mut v = 0;
+    // SAFETY: called only once a context exists, so the driver library is loaded; writes one int.
+    let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    (r == cudarc::driver::sys::CUresult::CUDA_SUCCESS).then_some(v)
+}
 
 /// Oldest architecture the embedded kernels run on (mma.sync bf16, ldmatrix, cp.async: sm_80).
 pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (8, 0);
@@ -79,6 +87,9 @@ impl CudaDevice {
                 capability.0, capability.1, MIN_COMPUTE_CAPABILITY.0, MIN_COMPUTE_CAPABILITY.1
             )));
         }
+        let cc = (capability.0 * 10 + capability.1) as u32;
+        compat::route(cc, &compat::built_archs())
+            .map_err(|e| Error::CudaUnavailable(format!("GPU {ordinal}: {e}")))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         Ok(CudaDevice {
             ctx,
@@ -158,7 +169,15 @@ impl CudaDevice {
                     let loaded = self
                         .ctx
                         .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
-                        .map_err(Error::cuda(format!("loading module `{module}`")))?;
+                        .map_err(|e| {
+                            let why = compat::load_context(
+                                self.capability_number(),
+                                &compat::built_archs(),
+                                driver_version(),
+                                compat::nvcc_cuda_version(),
+                            );
+                            Error::cuda(format!("loading module `{module}` ({why})"))(e)
+                        })?;
                     modules.insert(module, loaded.clone());
                     loaded
                 }

@@ -2,6 +2,7 @@
 //! that runs the kernels' own CUDA source. Ops validate their arguments, compute a [`LaunchPlan`], and
 //! call [`Device::launch`], the one place where a kernel is launched on either backend.
 
+mod compat;
 mod cuda;
 mod emu;
 
