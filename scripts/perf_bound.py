@@ -488,12 +488,13 @@ def bound_launch(l, mix, occ, dev):
 
 def sm90_gemm(kernel, m, n, k, r, dev, mix, bn):
     """fused_gemm_sm90 (kernels/sm90/fused_gemm_sm90.cu) on an m x n x k GEMM with rank r: BM x bn tiles,
-    ceil(r/64) + ceil(k/64) stages of BM x bn x 64 each, of which the wgmmas multiply ceil(r/16) + 4 ceil(k/64)
-    k16 steps (the last low-rank stage only those that hold rank columns: the rank is padded to 16). Both compute terms are the busiest SM's, which runs ceil(tiles / SMs) tiles (the persistent
-    grid's last wave is partly idle). Tensor: its wgmma work at one SM's share of the dense peak. Issue: the
-    consumer loop's fewest instructions per stage (hot_loop: its 4 HGMMA, the full-barrier wait, the
-    release) x stages x its tiles x 8 consumer warps, over 4 schedulers x clock (the producer's and the
-    epilogue's instructions not counted). Memory:
+    ceil(r/64) + ceil(k/64) stages of BM x bn x 64 each, whose wgmmas multiply ceil(r/16) + 4 ceil(k/64) k16
+    steps (the last low-rank stage only those that hold rank columns: the rank is padded to 16). Both
+    compute terms are the busiest SM's, which runs ceil(tiles / SMs) tiles (the persistent grid's last wave
+    is partly idle). Tensor: its wgmma work at one SM's share of the dense peak. Issue: the consumer loop's
+    fewest instructions per stage (hot_loop: its 4 HGMMA, the full-barrier wait, the release) x main
+    stages x its tiles x 8 consumer warps, over 4 schedulers x clock (the low-rank stages', the producer's
+    and the epilogue's instructions not counted). Memory:
     each operand read once, C written once. Also the bytes TMA brings from L2 into shared memory (every
     stage's (BM + bn) x 64 elements; nothing shared between CTAs: no clusters)."""
     tiles = cdiv(m, SM90_BM) * cdiv(n, bn)

@@ -251,8 +251,7 @@ __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params
             else
                 held = consume_stage<T, NN, W, 4>(full, empty, ring, half, acc, s, held, accumulate);
             ++s;
-        }
-        if (low > 0) {  // the low-rank sums are complete: times the scale
+            // the low-rank sums are complete: times the scale
             lk_wgmma_wait<0>();
             lk_mbarrier_arrive(&empty[held]);
             held = STAGES;

@@ -25,6 +25,11 @@ fn driver_version() -> Option<i32> {
     (r == cudarc::driver::sys::CUresult::CUDA_SUCCESS).then_some(v)
 }
 
+/// A compute capability (major, minor) as one number: (8, 6) is 86.
+fn capability_number((major, minor): (i32, i32)) -> u32 {
+    (major * 10 + minor) as u32
+}
+
 /// Oldest architecture the embedded kernels run on (mma.sync bf16, ldmatrix, cp.async: sm_80).
 pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (8, 0);
 
@@ -87,8 +92,7 @@ impl CudaDevice {
                 capability.0, capability.1, MIN_COMPUTE_CAPABILITY.0, MIN_COMPUTE_CAPABILITY.1
             )));
         }
-        let cc = (capability.0 * 10 + capability.1) as u32;
-        compat::route(cc, &compat::built_archs())
+        compat::route(capability_number(capability), &compat::built_archs())
             .map_err(|e| Error::CudaUnavailable(format!("GPU {ordinal}: {e}")))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         Ok(CudaDevice {
@@ -111,7 +115,7 @@ impl CudaDevice {
     }
 
     pub(crate) fn capability_number(&self) -> u32 {
-        (self.capability.0 * 10 + self.capability.1) as u32
+        capability_number(self.capability)
     }
 
     pub(crate) fn sm_count(&self) -> Result<u32> {
