@@ -44,6 +44,9 @@ pub const LK_SM90_SMEM_BYTES: u32 = 215040;
 pub const LK_SM90_NARROW_BN: u32 = 128;
 pub const LK_SM90_NARROW_STAGES: u32 = 6;
 pub const LK_SM90_NARROW_SMEM_BYTES: u32 = 231424;
+pub const LK_SM90_T_MAX_RANK: u32 = 32;
+pub const LK_SM90_T16_SMEM_BYTES: u32 = 221184;
+pub const LK_SM90_T32_SMEM_BYTES: u32 = 227328;
 pub const LK_EMU_ORDER_ASCENDING: u32 = 0;
 pub const LK_EMU_ORDER_DESCENDING: u32 = 1;
 pub const LK_EMU_ORDER_SHUFFLED: u32 = 2;
@@ -798,8 +801,10 @@ pub struct LkFusedGemmSm90Params {
     pub t_map: LkTensorMap,
     pub b_map: LkTensorMap,
     pub y_map: LkTensorMap,
+    pub a_map: LkTensorMap,
     pub bias: *const ::core::ffi::c_void,
     pub y: *mut ::core::ffi::c_void,
+    pub t_out: *mut ::core::ffi::c_void,
     pub m: u32,
     pub n: u32,
     pub k: u32,
@@ -812,7 +817,7 @@ pub struct LkFusedGemmSm90Params {
 const _: () = {
     [
         "Size of LkFusedGemmSm90Params",
-    ][::core::mem::size_of::<LkFusedGemmSm90Params>() - 704usize];
+    ][::core::mem::size_of::<LkFusedGemmSm90Params>() - 832usize];
     [
         "Alignment of LkFusedGemmSm90Params",
     ][::core::mem::align_of::<LkFusedGemmSm90Params>() - 64usize];
@@ -832,32 +837,38 @@ const _: () = {
         "Offset of field: LkFusedGemmSm90Params::y_map",
     ][::core::mem::offset_of!(LkFusedGemmSm90Params, y_map) - 512usize];
     [
+        "Offset of field: LkFusedGemmSm90Params::a_map",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, a_map) - 640usize];
+    [
         "Offset of field: LkFusedGemmSm90Params::bias",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, bias) - 640usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, bias) - 768usize];
     [
         "Offset of field: LkFusedGemmSm90Params::y",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, y) - 648usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, y) - 776usize];
+    [
+        "Offset of field: LkFusedGemmSm90Params::t_out",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, t_out) - 784usize];
     [
         "Offset of field: LkFusedGemmSm90Params::m",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, m) - 656usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, m) - 792usize];
     [
         "Offset of field: LkFusedGemmSm90Params::n",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, n) - 660usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, n) - 796usize];
     [
         "Offset of field: LkFusedGemmSm90Params::k",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, k) - 664usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, k) - 800usize];
     [
         "Offset of field: LkFusedGemmSm90Params::rank",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, rank) - 668usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, rank) - 804usize];
     [
         "Offset of field: LkFusedGemmSm90Params::ldc",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, ldc) - 672usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, ldc) - 808usize];
     [
         "Offset of field: LkFusedGemmSm90Params::y_tma",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, y_tma) - 676usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, y_tma) - 812usize];
     [
         "Offset of field: LkFusedGemmSm90Params::scale",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, scale) - 680usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, scale) - 816usize];
 };
 impl Default for LkFusedGemmSm90Params {
     fn default() -> Self {

@@ -240,6 +240,33 @@ fn sm90_forward_edges() {
     }
 }
 
+/// The forward with T computed in the kernel (fused_gemm_t_sm90.cu: rank ≤ 32, the 128×256 tiles), where
+/// its schedule matters: runs of tiles that start inside a row block (T computed again there), that cross
+/// into the next row block (T computed anew mid-run), one CTA over every tile, one tile per CTA; ranks
+/// 8, 16 (T 16 wide), 24, 32 (T 32 wide), each with the TMA-store epilogue or the register one (n = 1000).
+#[test]
+fn sm90_forward_t_edges() {
+    for (i, (dims, sms)) in [
+        ((300, 768, 72, 32), 5), // runs of 2 of 3×3 tiles: starts at column tiles 2, 1, 0, 2, 1
+        ((300, 512, 136, 16), 2), // runs of 3 of 3×2: the second starts at column tile 1
+        ((300, 512, 136, 24), 1), // one run over 3×2 tiles
+        ((129, 1000, 64, 8), 3), // runs of 3 of 2×4: registers epilogue, ragged n and m
+        ((129, 512, 64, 32), 4), // one tile per CTA: every tile computes T, column 0 writes it
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (m, n, _, _) = dims;
+        assert_eq!(
+            lora_kernels::ops::sm90_tile(m, n, sms),
+            (128, 256),
+            "{dims:?} on {sms}"
+        );
+        case_on::<bf16>(dims, i % 2 == 0, 0x7e90 + i as u64, false, sms);
+        case_on::<f16>(dims, i % 2 == 1, 0x7f90 + i as u64, false, sms);
+    }
+}
+
 /// A forward the Hopper kernel cannot take (k not a multiple of 8) is an error under LK_FUSED_GEMM=sm90.
 #[test]
 fn sm90_forced_refuses_what_it_cannot_run() {

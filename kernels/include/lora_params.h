@@ -343,14 +343,23 @@ typedef struct __attribute__((aligned(64))) LkTensorMap {
 #define LK_SM90_NARROW_BN 128u
 #define LK_SM90_NARROW_STAGES 6u
 #define LK_SM90_NARROW_SMEM_BYTES 231424u
+/* The forward with T computed in the kernel (kernels/sm90/fused_gemm_t_sm90.cu, kernels named
+ * fused_gemm_t<TN>_sm90_<dtype>, TN 16 or 32: the rank rounded up): the 128×256 tiles and 3 stages, each
+ * slot also holding the TN×64 slice of the LoRA A (a_map: A [rank, k], boxes 64 columns × TN rows); T
+ * [m, rank] is written to t_out (t_map unused). Up to rank 32; above it the projection is its own launch. */
+#define LK_SM90_T_MAX_RANK 32u
+#define LK_SM90_T16_SMEM_BYTES 221184u
+#define LK_SM90_T32_SMEM_BYTES 227328u
 typedef struct LkFusedGemmSm90Params {
     LkTensorMap x_map;
     LkTensorMap w_map;
     LkTensorMap t_map;
     LkTensorMap b_map;
     LkTensorMap y_map;
+    LkTensorMap a_map;
     const void* bias;
     void* y;
+    void* t_out;
     uint32_t m;
     uint32_t n;
     uint32_t k;

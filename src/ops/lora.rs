@@ -180,6 +180,13 @@ pub fn lora_forward_into<T: Element, A: Element>(
         let (a, b) = (same_dtype::<A, T>(a)?, same_dtype::<A, T>(b)?);
         return launch::small_m(OP, x, w0, a, b, bias, y, t, (d.m, d.n, d.k, d.r), scale, ws);
     }
+    // On sm_90 (opt-in, ops/sm90.rs): T inside the GEMM, one launch, where the Hopper kernel takes it.
+    let dims = (d.m, d.n, d.k, d.r);
+    if !dropout.is_active()
+        && super::sm90::try_forward_with_t(OP, x, w0, a, b, bias, scale, y, t, dims)?
+    {
+        return Ok(());
+    }
     launch::project(OP, x, a, t, (d.m, d.k, d.r), &dropout, ws)?;
     let g = FusedGemm {
         orient: Orient::Nt,

@@ -6,11 +6,17 @@
 //! the operands: k and rank (and, for dX, n) multiples of 8 (16-byte row strides), 16-byte aligned
 //! tensors, adapters in the layer dtype, no dropout, and a build that embeds the sm_90a module.
 //!
+//! The forward at ranks up to 32 on the 128×256 tiles is one launch (kernels/sm90/fused_gemm_t_sm90.cu,
+//! [`try_forward_with_t`]): T = X·Aᵀ is computed inside the GEMM from the X tiles it streams, about twice
+//! per row block (each CTA takes a contiguous run of tiles), and written for the backward. Otherwise T comes
+//! from the projection launch first, as on the mma.sync path.
+//!
 //! Opt-in for now: the sm_90a kernels have run only in the emulator, so the default stays the mma.sync
 //! kernel until they pass on a GPU (scripts/gpu-check.sh runs the LoRA tests with them on sm_90).
 //! `LK_FUSED_GEMM=auto` takes the Hopper kernel where it applies and the mma.sync one elsewhere;
 //! `LK_FUSED_GEMM=sm90` makes a GEMM the Hopper kernel cannot take an error instead of a fallback (tests);
-//! unset or `mma`: always the mma.sync kernel.
+//! `LK_FUSED_GEMM=sm90-projection` is `sm90` with the forward's T always from its own launch (to compare
+//! the two forward structures); unset or `mma`: always the mma.sync kernel.
 
 use super::launch::{FusedGemm, Orient, u32_of};
 use crate::device::{Arg, RawBuffer};
@@ -27,6 +33,9 @@ enum Choice {
     Auto,
     Mma,
     Sm90,
+    /// As `Sm90`, but the forward's T always from its own launch (never fused_gemm_t_sm90.cu): the two
+    /// forward structures side by side in the perf table.
+    Sm90Projection,
 }
 
 /// The default is the mma.sync kernel until the sm_90a kernels have passed the tests on a GPU (they have
@@ -36,9 +45,10 @@ fn choice(op: &'static str) -> Result<Choice> {
         Err(_) | Ok("") | Ok("mma") => Ok(Choice::Mma),
         Ok("auto") => Ok(Choice::Auto),
         Ok("sm90") => Ok(Choice::Sm90),
+        Ok("sm90-projection") => Ok(Choice::Sm90Projection),
         Ok(other) => Err(Error::Unsupported {
             what: format!("{op}: LK_FUSED_GEMM={other:?}"),
-            hint: "use mma (the default), auto or sm90".into(),
+            hint: "use mma (the default), auto, sm90 or sm90-projection".into(),
         }),
     }
 }
@@ -106,7 +116,7 @@ pub(crate) fn try_fused_gemm<T: Element, R: Element>(
         return Ok(false);
     }
     if let Some(why) = obstacle(g) {
-        if choice == Choice::Sm90 {
+        if matches!(choice, Choice::Sm90 | Choice::Sm90Projection) {
             return Err(Error::Unsupported {
                 what: format!("{op}: LK_FUSED_GEMM=sm90, but {why}"),
                 hint: "unset LK_FUSED_GEMM to fall back to the mma.sync kernel".into(),
@@ -117,6 +127,137 @@ pub(crate) fn try_fused_gemm<T: Element, R: Element>(
     let r = g.r.cast_ref::<T>().expect("R is T: checked by obstacle");
     launch(op, g, r, c)?;
     Ok(true)
+}
+
+/// The forward in one launch on the Hopper kernel that computes T itself (kernels/sm90/fused_gemm_t_sm90.cu)
+/// when it can: everything the fused GEMM needs ([`obstacle`]), and a rank of at most 32, a 16-byte
+/// aligned `a`, the 128×256 tiles ([`sm90_tile`]). Writes `y` and `t`; false when the projection and the
+/// fused GEMM should run instead (they report what stops the Hopper kernel under `LK_FUSED_GEMM=sm90`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn try_forward_with_t<T: Element, R: Element>(
+    op: &'static str,
+    x: &Tensor<T>,
+    w0: &Tensor<T>,
+    a: &Tensor<R>,
+    b: &Tensor<R>,
+    bias: Option<&Tensor<T>>,
+    scale: f32,
+    y: &mut Tensor<T>,
+    t: &mut Tensor<T>,
+    (m, n, k, rank): (usize, usize, usize, usize),
+) -> Result<bool> {
+    if k == 0 || !matches!(choice(op)?, Choice::Auto | Choice::Sm90) {
+        return Ok(false);
+    }
+    let g = FusedGemm {
+        orient: Orient::Nt,
+        a: x,
+        b: w0,
+        l: &*t,
+        r: b,
+        bias,
+        m,
+        n,
+        k,
+        rank,
+        scale,
+        dropout: None,
+    };
+    let device = x.device().clone();
+    if obstacle(&g).is_some()
+        || (device.is_cuda() && !module_embedded("fused_gemm_t_sm90"))
+        || rank > LK_SM90_T_MAX_RANK as usize
+        || a.byte_range().0 % 16 != 0
+        || sm90_tile(m, n, device.sm_count()?).1 != LK_SM90_BN as usize
+    {
+        return Ok(false);
+    }
+    let (a, b) = (
+        a.cast_ref::<T>().expect("R is T: checked by obstacle"),
+        b.cast_ref::<T>().expect("R is T: checked by obstacle"),
+    );
+    let tn = rank.next_multiple_of(16) as u32;
+    let (pair, smem_bytes) = if tn == 16 {
+        let pair = (
+            &kernels::FUSED_GEMM_T16_SM90_BF16,
+            &kernels::FUSED_GEMM_T16_SM90_F16,
+        );
+        (pair, LK_SM90_T16_SMEM_BYTES)
+    } else {
+        let pair = (
+            &kernels::FUSED_GEMM_T32_SM90_BF16,
+            &kernels::FUSED_GEMM_T32_SM90_F16,
+        );
+        (pair, LK_SM90_T32_SMEM_BYTES)
+    };
+    let kernel = super::launch::pick(op, T::DTYPE, pair.0, pair.1)?;
+    let maps = [
+        map(op, x, m, k, LK_SM90_BM)?,
+        map(op, w0, n, k, LK_SM90_BN)?,
+        map(op, b, n, rank, LK_SM90_BN)?,
+        map(op, a, rank, k, tn)?,
+    ];
+    let y_map = y_map(op, y, m, n)?;
+    // Each CTA a contiguous run of ceil(tiles / SMs) tiles, as many CTAs as there are runs.
+    let tiles = m.div_ceil(LK_SM90_BM as usize) * n.div_ceil(LK_SM90_BN as usize);
+    let per_cta = tiles.div_ceil(device.sm_count()?.max(1) as usize);
+    let plan = LaunchPlan {
+        grid: [u32_of(tiles.div_ceil(per_cta)), 1, 1],
+        block: [LK_SM90_THREADS, 1, 1],
+        smem_bytes,
+    };
+    let mut args = vec![
+        Arg::In("x", x),
+        Arg::In("w0", w0),
+        Arg::In("a", a),
+        Arg::In("b", b),
+    ];
+    if let Some(bias) = bias {
+        args.push(Arg::In("bias", bias));
+    }
+    let y_index = args.len();
+    args.push(Arg::Out("y", y));
+    args.push(Arg::Out("t", t));
+    let has_bias = bias.is_some();
+    let (m, n, k, rank) = (u32_of(m), u32_of(n), u32_of(k), u32_of(rank));
+    device.launch(op, kernel, &plan, &mut args, |ptr| LkFusedGemmSm90Params {
+        x_map: maps[0],
+        w_map: maps[1],
+        t_map: LkTensorMap::default(),
+        b_map: maps[2],
+        y_map: y_map.unwrap_or_default(),
+        a_map: maps[3],
+        bias: if has_bias {
+            ptr[4] as *const _
+        } else {
+            std::ptr::null()
+        },
+        y: ptr[y_index] as *mut _,
+        t_out: ptr[y_index + 1] as *mut _,
+        m,
+        n,
+        k,
+        rank,
+        ldc: n,
+        y_tma: u32::from(y_map.is_some()),
+        scale,
+    })?;
+    Ok(true)
+}
+
+/// The epilogue's TMA store map of C (m × n, boxes 64 × 64): it needs C's rows to be 16-byte multiples and
+/// C 16-byte aligned; None otherwise (the kernel then stores from the registers).
+fn y_map<T: Element>(
+    op: &'static str,
+    c: &Tensor<T>,
+    m: usize,
+    n: usize,
+) -> Result<Option<LkTensorMap>> {
+    if n % 8 == 0 && c.byte_range().0 % 16 == 0 {
+        Ok(Some(map(op, c, m, n, LK_SM90_BM / 2)?))
+    } else {
+        Ok(None)
+    }
 }
 
 /// The tensor map of a row-major [rows, cols] tensor in boxes of 64 columns × `box_rows` rows.
@@ -201,14 +342,7 @@ fn launch<T: Element, R: Element>(
         map(op, g.l, g.m, g.rank, LK_SM90_BM)?,
         map(op, r, r_rows, r_cols, box_rows)?,
     ];
-    // The epilogue's TMA store needs C's rows to be 16-byte multiples and C 16-byte aligned; otherwise the
-    // kernel stores from the registers.
-    let y_tma = g.n % 8 == 0 && c.byte_range().0 % 16 == 0;
-    let y_map = if y_tma {
-        map(op, c, g.m, g.n, LK_SM90_BM / 2)?
-    } else {
-        LkTensorMap::default()
-    };
+    let y_map = y_map(op, c, g.m, g.n)?;
     let tiles = g.m.div_ceil(LK_SM90_BM as usize) * g.n.div_ceil(bn as usize);
     let plan = LaunchPlan {
         grid: [u32_of(tiles.min(sms as usize)), 1, 1],
@@ -233,19 +367,21 @@ fn launch<T: Element, R: Element>(
         w_map: maps[1],
         t_map: maps[2],
         b_map: maps[3],
-        y_map,
+        y_map: y_map.unwrap_or_default(),
+        a_map: LkTensorMap::default(),
         bias: if has_bias {
             ptr[4] as *const _
         } else {
             std::ptr::null()
         },
         y: ptr[c_index] as *mut _,
+        t_out: std::ptr::null_mut(),
         m,
         n,
         k,
         rank,
         ldc: n,
-        y_tma: u32::from(y_tma),
+        y_tma: u32::from(y_map.is_some()),
         scale: g.scale,
     })
 }

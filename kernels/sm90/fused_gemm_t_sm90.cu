@@ -1,0 +1,208 @@
+// fused_gemm_t_sm90.cu: the LoRA forward on Hopper (sm_90a) in one launch: Y = X·W0ᵀ + (s·T)·Bᵀ (+ bias)
+// with T = X·Aᵀ computed here, from the X tiles the GEMM streams anyway, and written out for the backward.
+// fused_gemm_sm90.cu's kernel takes T from a separate projection launch instead (ranks above 32, the
+// narrow tiles, dX).
+//
+// Why: with the projection as its own launch the forward is that launch (X read once more, f32 partials,
+// their finalize) plus the GEMM; docs/perf/bound.md has the time it leaves the GEMM. Here the only extra
+// work is T's own product, and the schedule keeps it small:
+// - Each persistent CTA takes a contiguous run of ceil(tiles / CTAs) tiles in row-major tile order (not
+//   the grouped order of fused_gemm_sm90.cu). It computes T for a row block on the first tile of its run
+//   and on every tile that starts a row block (column tile 0), and keeps it in registers for the rest of
+//   the row block: T is computed about twice per row block, not once per column tile.
+// - On those tiles each main stage also carries the LoRA A's TN×64 slice (TN: the rank rounded up to 16
+//   or 32; rows past the rank are TMA's zeros), and each consumer adds an m64nTNk16 wgmma per k16 step on
+//   the X slice already in shared memory. T's accumulators are rounded to the layer dtype (T, written by
+//   the tile of column 0, the one tile of each row block that writes it), scaled by s and rounded again
+//   (exact when s is a power of two), and packed in registers as the A fragments of the last stage.
+// - After the main stages, one more stage brings the LoRA B's BN×64 box (rank columns past r are zeros),
+//   and TN/16 register-A wgmmas add (s·T)·Bᵀ onto X·W0ᵀ: acc = X·W0ᵀ + (s·T)·Bᵀ, + bias, one rounding.
+//   The order is fixed for every tile whatever the schedule, so Y's and T's bits do not depend on the
+//   number of SMs. (fused_gemm.cu and fused_gemm_sm90.cu add s·(T·Bᵀ) first: the paths' bits differ,
+//   within the tolerances.)
+// Everything else (the producer warpgroup, the ring of full/empty mbarriers, the two consumers, the
+// epilogue through shared memory and TMA stores) is fused_gemm_sm90.cu's, from lk_sm90_gemm.cuh.
+// Shared memory: 3 stages of 16 + 32 KB + TN·128 bytes, the 64 KB output tile, 2 KB: 222 KB at TN = 32.
+// Requirements the host checks (ops/sm90.rs): k and rank multiples of 8, rank ≤ 32, 16-byte aligned
+// operands, adapters in the layer dtype, no dropout, k > 0.
+#include "lk_sm90_gemm.cuh"
+
+namespace {
+using namespace lk_sm90_gemm;
+
+template <uint32_t TN>
+using WideT = Width<LK_SM90_BN, LK_SM90_STAGES, TN == 16 ? LK_SM90_T16_SMEM_BYTES : LK_SM90_T32_SMEM_BYTES,
+                    TN * BK * 2>;
+
+// This CTA's run of tiles [first, end): ceil(tiles / CTAs) consecutive ones in row-major order.
+__device__ __forceinline__ void run_of(uint32_t tiles, uint32_t& first, uint32_t& end) {
+    const uint32_t per = (tiles + gridDim.x - 1) / gridDim.x;
+    first = min(blockIdx.x * per, tiles);
+    end = min(first + per, tiles);
+}
+
+// A main stage that also accumulates T: consume_stage's four k16 steps of X·W0ᵀ, each followed by the
+// m64nTNk16 step of X·Aᵀ on the same X slice (A's TN×64 slice after W0's box in the slot).
+template <typename T, typename W, uint32_t TN>
+__device__ __forceinline__ uint32_t consume_stage_t(uint64_t* full, uint64_t* empty, const unsigned char* ring,
+                                                    uint32_t half, float (&acc)[W::BN / 2], float (&tacc)[TN / 2],
+                                                    uint32_t s, uint32_t held, bool accumulate) {
+    constexpr uint32_t BN = W::BN, STAGES = W::STAGES, STAGE_BYTES = W::STAGE_BYTES;
+    const uint32_t slot = s % STAGES, lap = s / STAGES;
+    lk_mbarrier_wait_parity(&full[slot], lap & 1);
+    const unsigned char* a = ring + slot * STAGE_BYTES + half * (A_BYTES / 2);
+    const unsigned char* b = ring + slot * STAGE_BYTES + A_BYTES;
+    const unsigned char* l = b + W::B_BYTES;
+    lk_wgmma_fence();
+#pragma unroll
+    for (uint32_t kk = 0; kk < BK / 16; ++kk) {
+        const uint64_t da = lk_wgmma_desc(a + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B);
+        lk_wgmma_ss<T, BN>(acc, da, lk_wgmma_desc(b + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B), accumulate || kk > 0);
+        lk_wgmma_ss<T, TN>(tacc, da, lk_wgmma_desc(l + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B), accumulate || kk > 0);
+    }
+    lk_wgmma_commit();
+    lk_wgmma_wait<1>();
+    if (held < STAGES) lk_mbarrier_arrive(&empty[held]);
+    return slot;
+}
+
+// T is complete (its group retired): round it to the layer dtype, write it (rows m0.., this consumer's 64,
+// clipped to m and the rank) when `write`, and pack s·T, rounded, as the register-A fragments of the
+// (s·T)·Bᵀ wgmmas: fragment kb's a[j] holds accumulators 8·kb + 2j and + 1 (the m64n16 accumulator layout
+// and the A fragment's agree: rows l/4 and l/4 + 8, columns 2·(l%4) and + 8 of each 16-column block).
+template <typename T, uint32_t TN>
+__device__ __forceinline__ void finish_t(const LkFusedGemmSm90Params& p, const float (&tacc)[TN / 2],
+                                         uint32_t (&frag)[TN / 16][4], uint32_t t, uint32_t m0, bool write) {
+    T* out = static_cast<T*>(p.t_out);
+#pragma unroll
+    for (uint32_t kb = 0; kb < TN / 16; ++kb) {
+#pragma unroll
+        for (uint32_t j = 0; j < 4; ++j) {
+            const uint32_t i = 8 * kb + 2 * j;
+            const T t0 = lk_from_f32<T>(tacc[i]), t1 = lk_from_f32<T>(tacc[i + 1]);
+            const uint32_t row = m0 + lk_wgmma_acc_row(t, i), col = lk_wgmma_acc_col(t, i);
+            if (write && row < p.m) {
+                if (col < p.rank) out[size_t(row) * p.rank + col] = t0;
+                if (col + 1 < p.rank) out[size_t(row) * p.rank + col + 1] = t1;
+            }
+            frag[kb][j] = lk_pack2<T>(p.scale * lk_to_f32(t0), p.scale * lk_to_f32(t1));
+        }
+    }
+}
+
+template <typename T, uint32_t TN>
+__device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Params& p) {
+    using W = WideT<TN>;
+    constexpr uint32_t BN = W::BN, STAGES = W::STAGES, STAGE_BYTES = W::STAGE_BYTES, OUT_BYTES = W::OUT_BYTES;
+    LK_DYNAMIC_SMEM(smem);
+    // fused_gemm_sm90.cu's layout: barriers, the ring at the next 1024-byte boundary, the output tile
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem);
+    uint64_t* empty = full + STAGES;
+    uint64_t* out_free = empty + STAGES;  // [2]
+    uint64_t* out_full = out_free + 2;    // [2]
+    const uintptr_t base = reinterpret_cast<uintptr_t>(smem);
+    unsigned char* ring = smem + ((base + 1024 + 1023) / 1024 * 1024 - base);
+    unsigned char* out_tile = ring + STAGES * STAGE_BYTES;
+    const uint32_t tid = threadIdx.x, wg = tid / 128;
+    const uint32_t tiles_n = (p.n + BN - 1) / BN, tiles = (p.m + BM - 1) / BM * tiles_n;
+    const uint32_t main_stages = (p.k + BK - 1) / BK;
+    uint32_t first, end;
+    run_of(tiles, first, end);
+    if (tid == 0) {
+        for (uint32_t s = 0; s < STAGES; ++s) {
+            lk_mbarrier_init(&full[s], 1);
+            lk_mbarrier_init(&empty[s], 256);  // every consumer thread releases the slot
+        }
+        for (uint32_t h = 0; h < 2; ++h) {
+            lk_mbarrier_init(&out_free[h], 1);
+            lk_mbarrier_init(&out_full[h], 128);
+        }
+        lk_fence_mbarrier_init();
+    }
+    __syncthreads();
+
+    if (wg == 0) {  // the producer: per tile, the main stages (+ A's slice where T is computed), then B's box
+        lk_setmaxnreg_dec<40>();
+        if (tid != 0) return;
+        uint32_t s = 0;
+        for (uint32_t tile = first; tile < end; ++tile) {
+            const uint32_t m0 = tile / tiles_n * BM, n0 = tile % tiles_n * BN;
+            const bool with_t = tile == first || n0 == 0;
+            for (uint32_t j = 0; j <= main_stages; ++j, ++s) {
+                const uint32_t slot = s % STAGES, lap = s / STAGES;
+                lk_mbarrier_wait_parity(&empty[slot], (lap & 1) ^ 1);  // lap 0: the phase before the first
+                unsigned char* a = ring + slot * STAGE_BYTES;
+                if (j == main_stages) {  // the LoRA B's rows n0.., rank columns 0..63
+                    lk_mbarrier_arrive_expect_tx(&full[slot], W::B_BYTES);
+                    lk_tma_load_2d(a + A_BYTES, &p.b_map, 0, int32_t(n0), &full[slot]);
+                    continue;
+                }
+                const int32_t k0 = int32_t(j * BK);
+                lk_mbarrier_arrive_expect_tx(&full[slot], A_BYTES + W::B_BYTES + (with_t ? W::EXTRA : 0));
+                lk_tma_load_2d(a, &p.x_map, k0, int32_t(m0), &full[slot]);
+                lk_tma_load_2d(a + A_BYTES, &p.w_map, k0, int32_t(n0), &full[slot]);
+                if (with_t) lk_tma_load_2d(a + A_BYTES + W::B_BYTES, &p.a_map, k0, 0, &full[slot]);
+            }
+        }
+        return;
+    }
+
+    lk_setmaxnreg_inc<232>();
+    const uint32_t half = wg - 1;  // rows 64·half .. 64·half + 63 of the tile
+    const uint32_t t = tid % 128;
+    float acc[BN / 2];
+    float tacc[TN / 2];
+    uint32_t frag[TN / 16][4];  // s·T of the current row block, rounded: set on its first tile of the run
+    uint32_t s = 0, tile_count = 0;
+    for (uint32_t tile = first; tile < end; ++tile, ++tile_count) {
+        const uint32_t m0 = tile / tiles_n * BM, n0 = tile % tiles_n * BN;
+        const bool with_t = tile == first || n0 == 0;
+        // the waits as in fused_gemm_sm90.cu: one group in flight across stages, every wait unconditional
+        // in its loop body; the choice between the two loops is made once per tile, around whole stages
+        uint32_t held = STAGES;
+        if (with_t) {
+            for (uint32_t j = 0; j < main_stages; ++j, ++s)
+                held = consume_stage_t<T, W, TN>(full, empty, ring, half, acc, tacc, s, held, j > 0);
+        } else {
+            for (uint32_t j = 0; j < main_stages; ++j, ++s)
+                held = consume_stage<T, false, W>(full, empty, ring, half, acc, s, held, j > 0);
+        }
+        lk_wgmma_wait<0>();
+        if (held < STAGES) lk_mbarrier_arrive(&empty[held]);  // none held only if k = 0 (the host sends none)
+        if (with_t) finish_t<T, TN>(p, tacc, frag, t, m0 + 64 * half, n0 == 0);
+        // the last stage: acc += (s·T)·Bᵀ, B's k16 steps by descriptor, s·T from the registers
+        const uint32_t slot = s % STAGES, lap = s / STAGES;
+        lk_mbarrier_wait_parity(&full[slot], lap & 1);
+        const unsigned char* b = ring + slot * STAGE_BYTES + A_BYTES;
+        lk_wgmma_fence();
+#pragma unroll
+        for (uint32_t kb = 0; kb < TN / 16; ++kb)
+            lk_wgmma_rs<T, BN>(acc, frag[kb], lk_wgmma_desc(b + 32 * kb, 16, 1024, LK_WGMMA_SWIZZLE_128B), true);
+        lk_wgmma_commit();
+        lk_wgmma_wait<0>();
+        lk_mbarrier_arrive(&empty[slot]);
+        ++s;
+        // + bias (+0 without one), one rounding
+        if (p.y_tma)
+            store_tile_tma<T, BN>(p, acc, out_tile + half * OUT_BYTES, &out_free[half], &out_full[half], t,
+                                  m0 + 64 * half, n0, tile_count);
+        else
+            store_tile_direct<T, BN>(p, acc, t, m0 + 64 * half, n0);
+    }
+    if (p.y_tma && t == 0) lk_bulk_wait_group_read<0>();  // the buffer stays valid until the stores read it
+}
+}  // namespace
+
+#define LK_FUSED_GEMM_T_SM90(name, T, TN)                                                                    \
+    extern "C" __global__ void __launch_bounds__(LK_SM90_THREADS, 1) name(const __grid_constant__ LkFusedGemmSm90Params p) { \
+        fused_gemm_t_sm90_impl<T, TN>(p);                                                                    \
+    }
+
+LK_FUSED_GEMM_T_SM90(fused_gemm_t16_sm90_bf16, __nv_bfloat16, 16)
+LK_KERNEL_EXPORT(fused_gemm_t16_sm90_bf16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t16_sm90_f16, __half, 16)
+LK_KERNEL_EXPORT(fused_gemm_t16_sm90_f16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t32_sm90_bf16, __nv_bfloat16, 32)
+LK_KERNEL_EXPORT(fused_gemm_t32_sm90_bf16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t32_sm90_f16, __half, 32)
+LK_KERNEL_EXPORT(fused_gemm_t32_sm90_f16, LkFusedGemmSm90Params)
