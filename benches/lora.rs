@@ -66,6 +66,12 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
                 common::ours_forward(s, SCALE)
             });
         });
+        // the same with T from the projection launch (the row above computes T inside at r <= 32)
+        common::with_fused_gemm("sm90-projection", || {
+            row(&mut g, "ours_fused_sm90a_projection", dev, &mut sets, |s| {
+                common::ours_forward(s, SCALE)
+            });
+        });
     }
     row(&mut g, "cublas_bare_gemm", dev, &mut sets, |s| {
         common::cublas_forward(blas, s, c)

@@ -8,8 +8,9 @@
 //! Needs a GPU; without one it says so and exits 0.
 //!
 //! The multi-adapter rows (lora_forward_multi, benches/common/multi.rs) come after the single-adapter ones.
-//! On an sm_90 GPU each forward (M > 16) gets a second row with the sm_90a GEMM (`LK_FUSED_GEMM=auto`, opt-in)
-//! beside the default mma.sync one, both against the same cuBLAS GEMM.
+//! On an sm_90 GPU each forward (M > 16) gets a second row with the sm_90a GEMM (`LK_FUSED_GEMM=auto`, opt-in;
+//! T inside the GEMM at r ≤ 32) and a third with T from its own launch (`LK_FUSED_GEMM=sm90-projection`)
+//! beside the default mma.sync one, all against the same cuBLAS GEMM.
 //!
 //! `cargo run --release --example perf_table` (`LK_BENCH_QUICK=1`: the headline cases and M = 256). Results
 //! from GPU runs are kept in docs/perf/ with device, driver, date and commit.
@@ -355,6 +356,22 @@ fn main() {
                 bare,
                 f_roof,
                 &chk_90,
+            );
+            // the same with T always from the projection launch (the row above computes T inside the
+            // GEMM at r <= 32 on the 128x256 tiles)
+            // SAFETY: as above.
+            unsafe { std::env::set_var("LK_FUSED_GEMM", "sm90-projection") };
+            let chk_p = check_forward(&blas, &mut sets[0], c);
+            let fwd_p = time(&dev, |i| common::ours_forward(&mut sets[i % ns], SCALE));
+            // SAFETY: as above.
+            unsafe { std::env::remove_var("LK_FUSED_GEMM") };
+            row(
+                "forward, sm_90a GEMM, T by its own launch (LK_FUSED_GEMM=sm90-projection)",
+                fwd_p,
+                "cuBLAS GEMM (full FT)",
+                bare,
+                f_roof,
+                &chk_p,
             );
         }
         if c.m > 16 {

@@ -70,20 +70,24 @@ THREADS_OF = {}
 DYN_SMEM = {}
 # kernels/sm90/*.cu: built for sm_90a alone; their rows go with sm_90's
 HOPPER_ARCH = {"sm_90": "sm_90a"}
-SM90_BM = SM90_BN = SM90_BK = SM90_NARROW_BN = SM90_NARROW_SMEM = 0
+SM90_BM = SM90_BN = SM90_BK = SM90_NARROW_BN = SM90_NARROW_SMEM = SM90_T_MAX_RANK = 0
+SM90_T_SMEM = {}  # fused_gemm_t<TN>_sm90: TN -> dynamic shared memory
 SM90_CONSUMER_WARPS = 8  # two consumer warpgroups
 
 
 def read_params_h(path):
     """The launch constants the bound needs, from the header the kernels and the Rust side share."""
-    global SM90_BM, SM90_BN, SM90_BK, SM90_NARROW_BN, SM90_NARROW_SMEM
+    global SM90_BM, SM90_BN, SM90_BK, SM90_NARROW_BN, SM90_NARROW_SMEM, SM90_T_MAX_RANK
     with open(path) as fh:
         d = {k: int(v) for k, v in re.findall(r"#define (LK_\w+) (\d+)u", fh.read())}
-    THREADS_OF.update(multi_decode=d["LK_MULTI_DECODE_THREADS"], fused_gemm_sm90=d["LK_SM90_THREADS"])
+    THREADS_OF.update(multi_decode=d["LK_MULTI_DECODE_THREADS"], fused_gemm_sm90=d["LK_SM90_THREADS"],
+                      fused_gemm_t_sm90=d["LK_SM90_THREADS"])
     DYN_SMEM.update(fused_gemm=d["LK_FUSED_GEMM_SMEM_BYTES"], fused_gemm_multi=d["LK_FUSED_GEMM_SMEM_BYTES"],
                     multi_decode=d["LK_MULTI_DECODE_SMEM_BYTES"], fused_gemm_sm90=d["LK_SM90_SMEM_BYTES"])
     SM90_BM, SM90_BN, SM90_BK = d["LK_SM90_BM"], d["LK_SM90_BN"], d["LK_SM90_BK"]
     SM90_NARROW_BN, SM90_NARROW_SMEM = d["LK_SM90_NARROW_BN"], d["LK_SM90_NARROW_SMEM_BYTES"]
+    SM90_T_MAX_RANK = d["LK_SM90_T_MAX_RANK"]
+    SM90_T_SMEM.update({16: d["LK_SM90_T16_SMEM_BYTES"], 32: d["LK_SM90_T32_SMEM_BYTES"]})
 
 
 def sm90_bn(m, n, sms):
@@ -115,6 +119,8 @@ def dyn_smem(kernel, kernel_file):
         return 2 * (ring + (GRAD_TC * (rp + 8) if with_u else 0))
     if kernel_file == "fused_gemm_sm90" and "_narrow_" in kernel:
         return SM90_NARROW_SMEM
+    if kernel_file == "fused_gemm_t_sm90":
+        return SM90_T_SMEM[int(re.match(r"fused_gemm_t(\d+)_", kernel).group(1))]
     return DYN_SMEM.get(kernel_file, 0)
 HMMA_FLOPS = 2 * 16 * 8 * 16  # one m16n8k16
 
@@ -515,6 +521,55 @@ def sm90_gemm(kernel, m, n, k, r, dev, mix, bn):
     return parts[limiter], limiter, parts, l2
 
 
+def sm90_t_runs(m, n, sms):
+    """fused_gemm_t_sm90's schedule (kernels/sm90/fused_gemm_t_sm90.cu): each CTA a run of ceil(tiles / SMs)
+    consecutive 128 x 256 tiles in row-major order, T computed on the run's first tile and on each tile of
+    column 0. Returns (tiles, runs as (tiles in the run, T computations in it))."""
+    tiles_n = cdiv(n, SM90_BN)
+    tiles = cdiv(m, SM90_BM) * tiles_n
+    per = cdiv(tiles, max(1, min(tiles, sms)))
+    runs = []
+    for first in range(0, tiles, per):
+        end = min(first + per, tiles)
+        runs.append((end - first, sum(1 for t in range(first, end) if t == first or t % tiles_n == 0)))
+    return tiles, runs
+
+
+def sm90_t_flops(tiles_and_computations, k, r):
+    """The tensor work of tiles of fused_gemm_t_sm90 with `computations` of T among them: per tile the main
+    stages (k padded to 64) and the (s·T)·Bᵀ stage (r padded to TN, 16 or 32), per computation of T an
+    m128nTN product over the main stages."""
+    count, computations = tiles_and_computations
+    tn = cdiv(r, 16) * 16
+    kp = cdiv(k, SM90_BK) * SM90_BK
+    return 2 * SM90_BM * (count * SM90_BN * (kp + tn) + computations * tn * kp)
+
+
+def sm90_gemm_t(m, n, k, r, dev, mix):
+    """fused_gemm_t_sm90 (the forward in one launch, r <= 32, 128 x 256 tiles), bounded as sm90_gemm: tensor
+    time of the busiest CTA's wgmma work (its run's tiles and its computations of T) at one SM's share of
+    the peak; issue time of its main stages with `mix`, the plain kernel's consumer loop (the tiles that do
+    not compute T run that same loop; those that do run more instructions: a lower bound); memory time (X,
+    W0, A, B read once, Y and T written once). L2 to SM: every main stage's X and W0 boxes, A's TN x 64
+    slice on the stages that compute T, and B's 256 x 64 box per tile. Returns (bound, limiter, parts, L2
+    bytes, total tensor work)."""
+    tiles, runs = sm90_t_runs(m, n, dev["sms"])
+    tn = cdiv(r, 16) * 16
+    stages = cdiv(k, SM90_BK)
+    busiest = max(sm90_t_flops(run, k, r) for run in runs)
+    tensor = busiest / (dev["tensor"] / dev["sms"])
+    issue = mix["total"] * stages * max(c for c, _ in runs) * SM90_CONSUMER_WARPS / (4 * dev["clock"])
+    memory = 2 * (m * k + n * k + r * k + n * r + m * n + m * r) / dev["hbm"]
+    computations = sum(c for _, c in runs)
+    l2 = 2 * SM90_BK * (tiles * stages * (SM90_BM + SM90_BN) + computations * stages * tn + tiles * SM90_BN)
+    parts = dict(tensor=tensor, issue=issue, memory=memory)
+    if dev.get("l2"):
+        parts["l2"] = l2 / dev["l2"]
+    limiter = max(parts, key=parts.get)
+    work = sum(sm90_t_flops(run, k, r) for run in runs)
+    return parts[limiter], limiter, parts, l2, work
+
+
 def sm90_gemm_flops(m, n, k, r):
     """The tensor work fused_gemm_sm90 executes: the main stages BK deep (k padded to 64), the low-rank ones
     as many k16 steps as hold rank columns (r padded to 16)."""
@@ -527,35 +582,60 @@ def sm90_needed_verdict(needed, dev):
     if not over:
         return "A GEMM at cuBLAS's own rate would meet both with the other launches at their bounds."
     return (f"A GEMM at cuBLAS's own rate would miss the {' and the '.join(over)}: the other launches are "
-            "memory-bound passes (the projection over X; the backward's over dY and X, with their partial sums) "
+            "memory-bound passes (the backward's over dY and X, with their partial sums; the forward's projection "
+            "where it runs) "
             "that run alone, between GEMMs, while HBM is little used during the tensor-bound GEMM. Overlapping "
             "them with the GEMM, or folding them into it, is what brings those targets within a GEMM's reach.")
 
 
 def sm90_section(w, res, mixes, dev):
-    """The forward and backward with the sm_90a GEMM in place of the mma.sync one (the op's last launch:
-    the forward's fused GEMM, the backward's dX); the other launches are the mma.sync ones, bounded as in
-    the tables above."""
+    """The forward and backward with the sm_90a kernels in place of the mma.sync ones: the forward in one
+    launch with T inside the GEMM (fused_gemm_t_sm90, r <= 32), the forward with the projection launch first
+    (fused_gemm_sm90, LK_FUSED_GEMM=sm90-projection; ranks above 32), and the backward with the dX GEMM
+    replaced; the other launches are the mma.sync ones, bounded as in the tables above."""
     M, N, K, R = 8192, 4096, 4096, 16
-    w("The forward and backward on the sm_90a path (kernels/sm90/fused_gemm_sm90.cu for the forward's fused "
-      "GEMM and dX, in place of the op's last launch; the other launches, the projection included, are the "
-      "mma.sync ones above). The sm_90a GEMM is bounded like the others, from its SASS (the consumer loop: "
-      "tensor time of the wgmma work at the dense bf16 peak, the rank padded to 16; issue time of "
-      "its 8 consumer warps over the main stages; both for the SM that runs the most tiles, ceil(tiles / SMs); memory time). L2 to SM: the bytes its TMA loads bring into shared memory, and "
-      "the rate that needs at the target time. " + (
+    tn = cdiv(R, 16) * 16
+    t_kern = f"fused_gemm_t{tn}_sm90_bf16"
+    w("The forward and backward on the sm_90a path. The forward at this rank is one launch, "
+      f"kernels/sm90/fused_gemm_t_sm90.cu ({t_kern}: T = X·Aᵀ computed inside the GEMM, ranks up to "
+      f"{SM90_T_MAX_RANK}); above that, and under LK_FUSED_GEMM=sm90-projection, the projection's launches "
+      "run first and kernels/sm90/fused_gemm_sm90.cu adds s·T·Bᵀ; the backward's dX is fused_gemm_sm90's "
+      "\"nn\" kernel (the backward's other launches are the mma.sync ones above). The sm_90a kernels are "
+      "bounded like the others, from their SASS (the consumer loop: tensor time of the wgmma work at the dense "
+      "bf16 peak, the rank padded to 16; issue time of the 8 consumer warps over the main stages; both for "
+      "the SM with the most work; memory time). L2 to SM: the bytes their TMA loads bring into shared "
+      "memory, and the rate that needs at the target time. " + (
           f"The rate L2 feeds the SMs, {dev['l2'] / 1e12:.1f} TB/s (the perf table's `L2 read`), bounds it "
           "as a fourth term (l2):" if dev.get("l2") else
           "The perf table measures the rate L2 feeds the SMs (its `L2 read`, kernels/l2_probe.cu) on a GPU; "
           "none has been measured on this device yet, so this is shown, not counted (entered as `l2` in "
           "scripts/perf_bound.py, it becomes a fourth term of the bound):"))
     w("")
-    w("| target | other launches (µs) | sm_90a GEMM: bound (µs) | limited by | tensor | issue | memory | "
+    w("| target | other launches (µs) | sm_90a kernel: bound (µs) | limited by | tensor | issue | memory | "
       "L2 to SM (GB) | at the target (TB/s) | op bound (µs) | target (µs) | bound / target | verdict | "
       "GEMM rate needed (TF/s) | needed / cuBLAS |")
     w("| --- " * 15 + "|")
-    gemms = (("fused_gemm_nt_bf16", False, M, N, K), ("fused_gemm_nn_bf16", True, M, K, N))
-    projection, needed = None, []
-    for (target, _, launches, tgt), (replaced, nn, gm, gn, gk) in zip(headline_ops()[:2], gemms):
+
+    def row(target, rest, b, limiter, parts, l2, t, work):
+        total = rest + b
+        # the rate the kernel must reach on the wgmma work it executes (the rank padded to 16) in the
+        # time the target leaves it after the other launches at their bounds
+        rate = work / (t - rest)
+        w(f"| {target} | {rest * 1e6:.1f} | {b * 1e6:.1f} | {limiter} | {parts['tensor'] * 1e6:.1f} | "
+          f"{parts['issue'] * 1e6:.1f} | {parts['memory'] * 1e6:.1f} | {l2 / 1e9:.2f} | {l2 / t / 1e12:.1f} | "
+          f"{total * 1e6:.1f} | {t * 1e6:.1f} | {total / t:.2f} | {'MISS' if total > t else 'open'} | "
+          f"{rate / 1e12:.0f} | {rate / dev['cublas']:.2f} |")
+        return total, rate
+
+    (fwd_target, _, _, fwd_tgt), (bwd_target, _, _, _) = headline_ops()[:2]
+    wide = sm90_kernel(False, SM90_BN)
+    bt, limiter, parts, l2, t_work = sm90_gemm_t(M, N, K, R, dev, mixes[(wide, "sm_90")])
+    t_fwd = fwd_tgt(dev)
+    fwd_t, rate_t = row(f"{fwd_target}, T inside ({t_kern})", 0.0, bt, limiter, parts, l2, t_fwd, t_work)
+    gemms = (("fused_gemm_nt_bf16", False, M, N, K, "T by the projection"),
+             ("fused_gemm_nn_bf16", True, M, K, N, "dX"))
+    projection, needed, fwd_p = None, [("forward", 0.0, t_fwd, rate_t)], None
+    for (target, _, launches, tgt), (replaced, nn, gm, gn, gk, label) in zip(headline_ops()[:2], gemms):
         bn = sm90_bn(gm, gn, dev["sms"])
         kern = sm90_kernel(nn, bn)
         assert launches[-1]["kernel"] == replaced, (launches[-1]["kernel"], replaced)
@@ -564,52 +644,52 @@ def sm90_section(w, res, mixes, dev):
             _, r_l = res[(l["kernel"], "sm_90")]
             b = bound_launch(l, mixes[(l["kernel"], "sm_90")], occupancy(r_l, l["kernel"], l["file"], dev), dev)[0]
             rest += b
-        if projection is None:
-            projection = rest  # the forward's: T = X·Aᵀ and its finalize
         b, limiter, parts, l2 = sm90_gemm(kern, gm, gn, gk, R, dev, mixes[(kern, "sm_90")], bn)
-        total, t = rest + b, tgt(dev)
-        # the rate the GEMM must reach on the wgmma work it executes (the rank padded to 16) in the
-        # time the target leaves it after the other launches at their bounds
-        rate = sm90_gemm_flops(gm, gn, gk, R) / (t - rest)
-        needed.append((target.split(" ")[0], rest, t - rest, rate))
-        w(f"| {target} | {rest * 1e6:.1f} | {b * 1e6:.1f} | {limiter} | {parts['tensor'] * 1e6:.1f} | "
-          f"{parts['issue'] * 1e6:.1f} | {parts['memory'] * 1e6:.1f} | {l2 / 1e9:.2f} | {l2 / t / 1e12:.1f} | "
-          f"{total * 1e6:.1f} | {t * 1e6:.1f} | {total / t:.2f} | {'MISS' if total > t else 'open'} | "
-          f"{rate / 1e12:.0f} | {rate / dev['cublas']:.2f} |")
+        t = tgt(dev)
+        total, rate = row(f"{target}, {label} ({kern})", rest, b, limiter, parts, l2, t,
+                          sm90_gemm_flops(gm, gn, gk, R))
+        if projection is None:
+            projection, fwd_p, rate_p = rest, total, rate  # the forward's: T = X·Aᵀ and its finalize
+        else:
+            needed.append((target.split(" ")[0], rest, t - rest, rate))
     w("")
     w("What the bound cannot say, the last two columns do: with the other launches at their bounds, the time "
-      "the target leaves the sm_90a GEMM at most, and the rate its wgmma work (the rank padded to 16) "
+      "the target leaves the sm_90a kernel at most, and the rate its wgmma work (the rank padded to 16) "
       f"must at least run at to fit, against cuBLAS's measured {dev['cublas'] / 1e12:.0f} TF/s at 8192^3 (the "
       "targets take cuBLAS at that rate on their shape too; a cuBLAS slower there lengthens the target time "
       "and so shrinks the other launches' share): " + "; ".join(
           f"the {name}: {left * 1e6:.1f} µs after {rest * 1e6:.1f} µs of other launches, "
           f"{rate / 1e12:.0f} TF/s, {rate / dev['cublas']:.2f}x cuBLAS's rate and "
-          f"{100 * rate / dev['tensor']:.0f}% of the dense peak" for name, rest, left, rate in needed) + ". " +
-      sm90_needed_verdict(needed, dev))
+          f"{100 * rate / dev['tensor']:.0f}% of the dense peak" for name, rest, left, rate in needed) +
+      f" (the forward with the projection launch first would need {rate_p / 1e12:.0f} TF/s, "
+      f"{rate_p / dev['cublas']:.2f}x). " + sm90_needed_verdict(needed, dev))
     w("")
-    # T inside the forward kernel instead of the projection launch: every one of the N/BN column tiles of
-    # a row block would compute its rows' T again (X's tiles times A's as an m64nRk16 wgmma, R rounded up to
-    # a multiple of 8), R/BN more tensor work on the main GEMM (wide tiles, the headline's)
-    wide, nb = sm90_kernel(False, SM90_BN), SM90_NARROW_BN
-    _, _, parts, _ = sm90_gemm(wide, M, N, K, R, dev, mixes[(wide, "sm_90")], SM90_BN)
-    extra = parts["tensor"] * max(8, cdiv(R, 8) * 8) / SM90_BN
+    nb = SM90_NARROW_BN
     narrow = sm90_kernel(False, nb)
     l2_128 = sm90_gemm(narrow, M, N, K, R, dev, mixes[(narrow, "sm_90")], nb)[3]
     w(f"The tile is {SM90_BM}x{SM90_BN} (m64n{SM90_BN} per consumer warpgroup). L2 to SM with {SM90_BM}x{nb} "
-      f"tiles (m64n{nb}, the narrow kernels): {l2_128 / 1e9:.2f} GB, {l2_128 / headline_ops()[0][3](dev) / 1e12:.1f} "
-      f"TB/s at the forward's target time; with two-CTA clusters multicasting the shared operand, less than "
-      f"the table's.")
+      f"tiles (m64n{nb}, the narrow kernels) and the projection: {l2_128 / 1e9:.2f} GB, "
+      f"{l2_128 / t_fwd / 1e12:.1f} TB/s at the forward's target time; with two-CTA clusters multicasting the "
+      f"shared operand, less than the table's.")
     w("")
-    w(f"T computed inside the forward kernel (the issue's option) instead of by its own launch: the projection "
-      f"and its finalize bound at {projection * 1e6:.1f} µs; each of the {cdiv(N, SM90_BN)} column tiles of a "
-      f"row block would compute its rows' T again, {R}/{SM90_BN} more tensor work on the GEMM: "
-      f"{extra * 1e6:.1f} µs at the peak. " +
-      ("Not done: it would cost more than it saves." if extra >= projection else
-       f"It would save at most {(projection - extra) * 1e6:.1f} µs of the bound; not done: T exists only "
-       f"after the main loop there, so s·T·Bᵀ would be added after X·W0ᵀ (not the mma.sync kernel's order) "
-       f"with s folded into T before its rounding or in {SM90_BN // 2} more accumulator registers per "
-       f"thread, which the consumers do not have, and one column tile per row block would write T for the "
-       f"backward."))
+    # T inside the forward kernel: the three ways it could be done
+    tiles, runs = sm90_t_runs(M, N, dev["sms"])
+    computations = sum(c for _, c in runs)
+    base = 2 * M * N * (cdiv(K, SM90_BK) * SM90_BK + tn)
+    every_tile = 2 * SM90_BM * tn * cdiv(K, SM90_BK) * SM90_BK * tiles
+    w(f"Why T inside the forward kernel, and how: the projection and its finalize bound at "
+      f"{projection * 1e6:.1f} µs before the GEMM (op bound {fwd_p * 1e6:.1f} µs); with T inside the one "
+      f"launch, {fwd_t * 1e6:.1f} µs. Computing T again in each of the {cdiv(N, SM90_BN)} column tiles of a "
+      f"row block (the grouped tile order fused_gemm_sm90.cu uses) would add {100 * every_tile / base:.1f}% "
+      f"tensor work; fused_gemm_t_sm90 gives each CTA a run of ceil(tiles / SMs) consecutive tiles in "
+      f"row-major order ({len(runs)} runs of up to {max(c for c, _ in runs)} of the {tiles} tiles here), "
+      f"computes T on a run's first tile and where a row block starts, and keeps s·T in registers for the "
+      f"rest of the row block: {computations} computations of T for {cdiv(M, SM90_BM)} row blocks, "
+      f"{100 * (t_work - base) / base:.1f}% more tensor work than the GEMM with the rank stage alone. "
+      f"s·(T·Bᵀ) is added after X·W0ᵀ there (T exists only after the main stages), with s folded into T's "
+      f"rounded value (exact for a power-of-two s): the bits differ from the mma.sync path's, within the "
+      f"tolerances. Ranks above {SM90_T_MAX_RANK} keep the projection: the A slice of a 64-rank T would not "
+      f"fit the three stages' shared memory.")
     w("")
     sm90_by_m(w, res, mixes, dev, N, K, R)
 

@@ -29,12 +29,12 @@
 // (128×128, six stages of 32 KB: the most that fit, for the mid-M GEMMs that stream W0) are for the GEMMs
 // whose busiest SM has less work with them (ops/sm90.rs sm90_tile): at most half as many wide tiles as
 // SMs (M = 256, N = 4096: 32 wide tiles for 132 SMs), or a last wave they fill better; their busiest SM
-// never has more work than the mma.sync kernel's, whose tiles are 128×128 too. The projection stays a
-// separate launch: T computed here would be computed again by each of the n/BN column tiles of a row
-// block (r/BN more tensor work: for the wide tiles, the bound says it would save at most 2 %), it would
-// exist only after the main loop (s·T·Bᵀ added last, not fused_gemm.cu's order, with s folded in before
-// T's rounding: BN/2 more accumulators per thread do not fit), and the rounded T is needed by the
-// backward anyway. No clusters yet (what the L2 throughput measured on a GPU decides).
+// never has more work than the mma.sync kernel's, whose tiles are 128×128 too. Here T comes from the
+// projection launch: in the grouped tile order each of a row block's n/BN column tiles would compute it
+// again (r/BN more tensor work). The forward at ranks up to 32 on the wide tiles computes T inside instead,
+// about twice per row block, with runs of consecutive tiles per CTA (fused_gemm_t_sm90.cu); this kernel
+// takes the other ranks, the narrow tiles and dX. No clusters yet (what the L2 throughput measured on a GPU
+// decides).
 // Requirements the host checks (ops/sm90.rs): k and rank multiples of 8 and 16-byte aligned operands
 // (TMA's row strides), layer-dtype adapters, no dropout.
 #include "lk_sm90_gemm.cuh"
