@@ -1,7 +1,8 @@
 //! criterion benchmarks: our kernels against cuBLAS baselines in the same run (see benches/common).
 //!
-//!   forward   fused forward | on sm_90, the same with the sm_90a GEMM (`ours_fused_sm90a`) | bare
-//!             cuBLAS GEMM (full fine-tune forward) | unfused 3-GEMM LoRA (PEFT)
+//!   forward   fused forward | on sm_90, the same with the sm_90a GEMM (`ours_fused_sm90a`: T inside
+//!             at r <= 32) and with T by its own launch (`ours_fused_sm90a_projection`) | bare cuBLAS
+//!             GEMM (full fine-tune forward) | unfused 3-GEMM LoRA (PEFT)
 //!   backward  ours (dX, dA, dB) | on sm_90, the same with dX on the sm_90a GEMM | full fine-tune
 //!             backward (cuBLAS dX + dW) | unfused 5-GEMM LoRA backward (autograd on PEFT's layer)
 //!   merge     in-place merge | device-to-device copy of W0 (once per N, K, r)
