@@ -89,6 +89,25 @@ __device__ __forceinline__ void lk_wgmma_wait() {
 #endif
 }
 
+// Tells the compiler that registers a wgmma reads or writes asynchronously are used here, so that it moves
+// no arithmetic on them across this point: after a wait, before reading accumulators; before the fence
+// that precedes a wgmma, after writing its accumulators or register-A fragments. (The wgmma asm names its
+// registers only at the issue; the fence and the wait name none.) No instruction is emitted.
+template <typename R, int N>
+__device__ __forceinline__ void lk_wgmma_fence_operands(R (&regs)[N]) {
+#if !defined(LK_EMU) && defined(LK_WGMMA_PTX)
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        if constexpr (std::is_same<R, float>::value)
+            asm volatile("" : "+f"(regs[i])::"memory");
+        else
+            asm volatile("" : "+r"(regs[i])::"memory");
+    }
+#else
+    (void)regs;
+#endif
+}
+
 // d (N/2 floats per thread) = A·B (+ d when `accumulate`); A, B by descriptor; TA/TB: 0 K-major, 1 MN-major.
 template <typename T, int N, int TA = 0, int TB = 0>
 __device__ __forceinline__ void lk_wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {

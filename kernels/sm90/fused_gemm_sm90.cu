@@ -134,13 +134,16 @@ __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params
             lk_wgmma_wait<0>();
             lk_mbarrier_arrive(&empty[held]);
             held = STAGES;
+            lk_wgmma_fence_operands(acc);  // scaled after the wait, and before the next stage's fence
 #pragma unroll
             for (uint32_t i = 0; i < BN / 2; ++i) acc[i] *= p.scale;
+            lk_wgmma_fence_operands(acc);
         }
         for (uint32_t j = low; j < stages_per_tile; ++j, ++s) {
             held = consume_stage<T, NN, W>(full, empty, ring, half, acc, s, held, j > 0);
         }
         lk_wgmma_wait<0>();
+        lk_wgmma_fence_operands(acc);  // the epilogue reads them after the wait
         if (held < STAGES) lk_mbarrier_arrive(&empty[held]);  // none held only if k = 0 (the host sends none)
         // + bias (+0 without one), one rounding
         if (p.y_tma)

@@ -9,7 +9,9 @@
 // - Each persistent CTA takes a contiguous run of ceil(tiles / CTAs) tiles in row-major tile order (not
 //   the grouped order of fused_gemm_sm90.cu). It computes T for a row block on the first tile of its run
 //   and on every tile that starts a row block (column tile 0), and keeps it in registers for the rest of
-//   the row block: T is computed about twice per row block, not once per column tile.
+//   the row block: T is computed once per run and per row block start, about twice per row block where a
+//   run is at least a row block long (the headline shape: runs of 8 tiles, 16 per row block), once per tile
+//   where there are no more tiles than SMs (TN/256 more tensor work per tile then).
 // - On those tiles each main stage also carries the LoRA A's TN×64 slice (TN: the rank rounded up to 16
 //   or 32; rows past the rank are TMA's zeros), and each consumer adds an m64nTNk16 wgmma per k16 step on
 //   the X slice already in shared memory. T's accumulators are rounded to the layer dtype (T, written by
@@ -17,9 +19,11 @@
 //   (exact when s is a power of two), and packed in registers as the A fragments of the last stage.
 // - After the main stages, one more stage brings the LoRA B's BN×64 box (rank columns past r are zeros),
 //   and TN/16 register-A wgmmas add (s·T)·Bᵀ onto X·W0ᵀ: acc = X·W0ᵀ + (s·T)·Bᵀ, + bias, one rounding.
-//   The order is fixed for every tile whatever the schedule, so Y's and T's bits do not depend on the
-//   number of SMs. (fused_gemm.cu and fused_gemm_sm90.cu add s·(T·Bᵀ) first: the paths' bits differ,
-//   within the tolerances.)
+//   Every main stage's group is retired first (wait<0>), as the low-rank stages' are in fused_gemm_sm90.cu.
+//   The order is fixed for every tile whatever the schedule, so within this kernel Y's and T's bits do
+//   not depend on the number of SMs. (fused_gemm.cu and fused_gemm_sm90.cu add s·(T·Bᵀ) first, after the
+//   projection's chunked T: the paths' bits differ, within the tolerances, and which path runs depends on
+//   m, n, the rank and the SM count: ops/sm90.rs.)
 // Everything else (the producer warpgroup, the ring of full/empty mbarriers, the two consumers, the
 // epilogue through shared memory and TMA stores) is fused_gemm_sm90.cu's, from lk_sm90_gemm.cuh.
 // Shared memory: 3 stages of 16 + 32 KB + TN·128 bytes, the 64 KB output tile, 2 KB: 222 KB at TN = 32.
@@ -60,6 +64,27 @@ __device__ __forceinline__ uint32_t consume_stage_t(uint64_t* full, uint64_t* em
         lk_wgmma_ss<T, BN>(acc, da, lk_wgmma_desc(b + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B), accumulate || kk > 0);
         lk_wgmma_ss<T, TN>(tacc, da, lk_wgmma_desc(l + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B), accumulate || kk > 0);
     }
+    lk_wgmma_commit();
+    lk_wgmma_wait<1>();
+    if (held < STAGES) lk_mbarrier_arrive(&empty[held]);
+    return slot;
+}
+
+// The last stage of a tile: acc += (s·T)·Bᵀ, B's BN×64 box by descriptor (its k16 steps 32 bytes apart),
+// s·T from the registers (`frag`), as consume_stage otherwise (the caller passes no slot to release: the
+// main stages' groups are retired first, see the consumer loop).
+template <typename T, typename W, uint32_t TN>
+__device__ __forceinline__ uint32_t consume_stage_rs(uint64_t* full, uint64_t* empty, const unsigned char* ring,
+                                                     float (&acc)[W::BN / 2], const uint32_t (&frag)[TN / 16][4],
+                                                     uint32_t s, uint32_t held) {
+    constexpr uint32_t BN = W::BN, STAGES = W::STAGES, STAGE_BYTES = W::STAGE_BYTES;
+    const uint32_t slot = s % STAGES, lap = s / STAGES;
+    lk_mbarrier_wait_parity(&full[slot], lap & 1);
+    const unsigned char* b = ring + slot * STAGE_BYTES + A_BYTES;
+    lk_wgmma_fence();
+#pragma unroll
+    for (uint32_t kb = 0; kb < TN / 16; ++kb)
+        lk_wgmma_rs<T, BN>(acc, frag[kb], lk_wgmma_desc(b + 32 * kb, 16, 1024, LK_WGMMA_SWIZZLE_128B), true);
     lk_wgmma_commit();
     lk_wgmma_wait<1>();
     if (held < STAGES) lk_mbarrier_arrive(&empty[held]);
@@ -158,7 +183,9 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
         const uint32_t m0 = tile / tiles_n * BM, n0 = tile % tiles_n * BN;
         const bool with_t = tile == first || n0 == 0;
         // the waits as in fused_gemm_sm90.cu: one group in flight across stages, every wait unconditional
-        // in its loop body; the choice between the two loops is made once per tile, around whole stages
+        // in its loop body; the choice between the two loops is made once per tile, around whole stages.
+        // All groups retire before the (s·T)·Bᵀ stage on every tile: with the last main stage's group left
+        // in flight into it on the tiles that reuse T, ptxas serialises the f16 kernels' wgmmas (C7514).
         uint32_t held = STAGES;
         if (with_t) {
             for (uint32_t j = 0; j < main_stages; ++j, ++s)
@@ -169,19 +196,17 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
         }
         lk_wgmma_wait<0>();
         if (held < STAGES) lk_mbarrier_arrive(&empty[held]);  // none held only if k = 0 (the host sends none)
-        if (with_t) finish_t<T, TN>(p, tacc, frag, t, m0 + 64 * half, n0 == 0);
-        // the last stage: acc += (s·T)·Bᵀ, B's k16 steps by descriptor, s·T from the registers
-        const uint32_t slot = s % STAGES, lap = s / STAGES;
-        lk_mbarrier_wait_parity(&full[slot], lap & 1);
-        const unsigned char* b = ring + slot * STAGE_BYTES + A_BYTES;
-        lk_wgmma_fence();
+        if (with_t) {
+            lk_wgmma_fence_operands(tacc);  // read after the wait, not before
+            finish_t<T, TN>(p, tacc, frag, t, m0 + 64 * half, n0 == 0);
 #pragma unroll
-        for (uint32_t kb = 0; kb < TN / 16; ++kb)
-            lk_wgmma_rs<T, BN>(acc, frag[kb], lk_wgmma_desc(b + 32 * kb, 16, 1024, LK_WGMMA_SWIZZLE_128B), true);
-        lk_wgmma_commit();
-        lk_wgmma_wait<0>();
-        lk_mbarrier_arrive(&empty[slot]);
+            for (uint32_t kb = 0; kb < TN / 16; ++kb) lk_wgmma_fence_operands(frag[kb]);  // written before the fence
+        }
+        held = consume_stage_rs<T, W, TN>(full, empty, ring, acc, frag, s, STAGES);
         ++s;
+        lk_wgmma_wait<0>();
+        lk_wgmma_fence_operands(acc);  // the epilogue reads them after the wait
+        lk_mbarrier_arrive(&empty[held]);
         // + bias (+0 without one), one rounding
         if (p.y_tma)
             store_tile_tma<T, BN>(p, acc, out_tile + half * OUT_BYTES, &out_free[half], &out_full[half], t,

@@ -11,6 +11,13 @@
 //! per row block (each CTA takes a contiguous run of tiles), and written for the backward. Otherwise T comes
 //! from the projection launch first, as on the mma.sync path.
 //!
+//! Bits: each kernel gives the same bits on every run, whatever the SM count, but the two forward
+//! structures differ (T summed in one chain or in the projection's fixed K chunks; s·T·Bᵀ added last or
+//! first), and which one runs depends on m, n, the rank and the SM count (the tile width). So under
+//! `auto` a row's Y and T can differ between batch sizes, or between GPUs with different SM counts, where
+//! that choice changes; `LK_FUSED_GEMM=sm90-projection` (or the default mma.sync path) keeps a row's bits
+//! the same at every M.
+//!
 //! Opt-in for now: the sm_90a kernels have run only in the emulator, so the default stays the mma.sync
 //! kernel until they pass on a GPU (scripts/gpu-check.sh runs the LoRA tests with them on sm_90).
 //! `LK_FUSED_GEMM=auto` takes the Hopper kernel where it applies and the mma.sync one elsewhere;
