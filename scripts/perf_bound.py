@@ -696,7 +696,9 @@ def sm90_section(w, res, mixes, dev):
 
 def sm90_by_m(w, res, mixes, dev, n, k, r):
     """The forward's fused GEMM alone, by M: the mma.sync kernel, the sm_90a one with each tile width, and
-    the width ops::sm90_tile picks (the busiest SM's work decides it)."""
+    the width ops::sm90_tile picks (the busiest SM's work decides it); then the whole sm_90a forward, the
+    projection's launches + that GEMM against the one launch with T inside (fused_gemm_t_sm90), at r and
+    2r."""
     nb = SM90_NARROW_BN
     w(f"The forward's fused GEMM alone by M (N = K = {n}, r = {r}, bf16; bounds in µs, blocks or tiles in "
       f"brackets): the mma.sync kernel (128x128 tiles, 2 blocks per SM), the sm_90a kernel with "
@@ -708,7 +710,8 @@ def sm90_by_m(w, res, mixes, dev, n, k, r):
     w(f"| M | mma.sync | sm_90a {SM90_BM}x{SM90_BN} | sm_90a {SM90_BM}x{nb} | taken |")
     w("| --- | --- | --- | --- | --- |")
     _, res_mma = res[("fused_gemm_nt_bf16", "sm_90")]
-    for m in (256, 512, 1024, 1536, 2048, 4096, 8192):
+    ms = (256, 512, 1024, 1536, 2048, 4096, 8192)
+    for m in ms:
         l = launch_fused("fused_gemm_nt_bf16", m, n, k, r)
         b_mma = bound_launch(l, mixes[("fused_gemm_nt_bf16", "sm_90")],
                              occupancy(res_mma, l["kernel"], l["file"], dev), dev)[0]
@@ -719,6 +722,32 @@ def sm90_by_m(w, res, mixes, dev, n, k, r):
             cells.append(f"{b * 1e6:.1f} ({cdiv(m, SM90_BM) * cdiv(n, bn)})")
         w(f"| {m} | {b_mma * 1e6:.1f} ({l['blocks']}) | {cells[0]} | {cells[1]} | "
           f"{SM90_BM}x{sm90_bn(m, n, dev['sms'])} |")
+    w("")
+    w(f"The whole sm_90a forward by M (µs): the projection's launches (T = X·Aᵀ, mma.sync, and its finalize) "
+      f"+ the fused GEMM at the width taken, against the one launch with T inside (fused_gemm_t_sm90: the "
+      f"128x{SM90_BN} tiles; the launch takes it where those are the width taken and r <= {SM90_T_MAX_RANK}), "
+      f"with how many tiles each CTA runs and how often T is computed per row block. Where a run is "
+      f"shorter than a row block T is computed on more tiles, up to every one:")
+    w("")
+    w("| M | r | projection + GEMM | one launch, T inside | tiles per CTA | T per row block | taken |")
+    w("| --- | --- | --- | --- | --- | --- | --- |")
+    wide = sm90_kernel(False, SM90_BN)
+    for rr in (r, 2 * r):
+        for m in ms:
+            proj = 0.0
+            for l in launch_grad("fused_gemm_nt_bf16", "lowrank_finalize_bf16", k, m, rr):
+                _, r_l = res[(l["kernel"], "sm_90")]
+                proj += bound_launch(l, mixes[(l["kernel"], "sm_90")],
+                                     occupancy(r_l, l["kernel"], l["file"], dev), dev)[0]
+            bn = sm90_bn(m, n, dev["sms"])
+            kern = sm90_kernel(False, bn)
+            two = proj + sm90_gemm(kern, m, n, k, rr, dev, mixes[(kern, "sm_90")], bn)[0]
+            one = sm90_gemm_t(m, n, k, rr, dev, mixes[(wide, "sm_90")])[0]
+            _, runs = sm90_t_runs(m, n, dev["sms"])
+            per_block = sum(c for _, c in runs) / cdiv(m, SM90_BM)
+            taken = "one launch" if bn == SM90_BN and rr <= SM90_T_MAX_RANK else "projection + GEMM"
+            w(f"| {m} | {rr} | {two * 1e6:.1f} | {one * 1e6:.1f} | {max(c for c, _ in runs)} | "
+              f"{per_block:.1f} | {taken} |")
     w("")
 
 
