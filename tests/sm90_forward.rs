@@ -267,6 +267,29 @@ fn sm90_forward_t_edges() {
     }
 }
 
+/// The one-launch forward's bits do not depend on the number of SMs: on 1, 3, 5 and 9 emulated SMs (one run
+/// over all 9 tiles, runs of 3 that are row blocks, runs of 2 that start inside them, one tile per CTA; the
+/// 128×256 tiles on each, checked) Y and T are the same bits, and within the tolerance of the reference.
+#[test]
+fn sm90_forward_t_bits_do_not_depend_on_the_sm_count() {
+    force_sm90();
+    let dims = (300, 768, 72, 32);
+    let mut rng = Rng::new(0x5eed);
+    let (m, n, k, r) = dims;
+    let l = Layer::<bf16>::random(&mut rng, Dims { m, n, k, r }, 0.75, true);
+    let mut first: Option<Vec<Vec<u32>>> = None;
+    for sms in [1, 3, 5, 9] {
+        assert_eq!(lora_kernels::ops::sm90_tile(m, n, sms), (128, 256), "{sms} SMs");
+        let o = run(&hopper(ThreadOrder::Ascending, sms as u64, sms), &l, false);
+        check(&format!("{dims:?} on {sms} SMs"), &l, &o, tol(DType::BF16));
+        let bits = o.bits();
+        match &first {
+            None => first = Some(bits),
+            Some(f) => assert!(*f == bits, "{dims:?}: bits on {sms} SMs differ from those on 1"),
+        }
+    }
+}
+
 /// A forward the Hopper kernel cannot take (k not a multiple of 8) is an error under LK_FUSED_GEMM=sm90.
 #[test]
 fn sm90_forced_refuses_what_it_cannot_run() {
