@@ -71,7 +71,7 @@ DYN_SMEM = {}
 # kernels/sm90/*.cu: built for sm_90a alone; their rows go with sm_90's
 HOPPER_ARCH = {"sm_90": "sm_90a"}
 SM90_BM = SM90_BN = SM90_BK = SM90_NARROW_BN = SM90_NARROW_SMEM = SM90_T_MAX_RANK = 0
-SM90_T_SMEM = {}  # fused_gemm_t<TN>_sm90: TN -> dynamic shared memory
+SM90_T_SMEM = {}  # fused_gemm_t<TN>_sm90[_narrow]: (TN, narrow) -> dynamic shared memory
 SM90_CONSUMER_WARPS = 8  # two consumer warpgroups
 
 
@@ -87,7 +87,9 @@ def read_params_h(path):
     SM90_BM, SM90_BN, SM90_BK = d["LK_SM90_BM"], d["LK_SM90_BN"], d["LK_SM90_BK"]
     SM90_NARROW_BN, SM90_NARROW_SMEM = d["LK_SM90_NARROW_BN"], d["LK_SM90_NARROW_SMEM_BYTES"]
     SM90_T_MAX_RANK = d["LK_SM90_T_MAX_RANK"]
-    SM90_T_SMEM.update({16: d["LK_SM90_T16_SMEM_BYTES"], 32: d["LK_SM90_T32_SMEM_BYTES"]})
+    SM90_T_SMEM.update({(16, False): d["LK_SM90_T16_SMEM_BYTES"], (32, False): d["LK_SM90_T32_SMEM_BYTES"],
+                        (16, True): d["LK_SM90_T16_NARROW_SMEM_BYTES"],
+                        (32, True): d["LK_SM90_T32_NARROW_SMEM_BYTES"]})
 
 
 def sm90_bn(m, n, sms):
@@ -120,7 +122,7 @@ def dyn_smem(kernel, kernel_file):
     if kernel_file == "fused_gemm_sm90" and "_narrow_" in kernel:
         return SM90_NARROW_SMEM
     if kernel_file == "fused_gemm_t_sm90":
-        return SM90_T_SMEM[int(re.match(r"fused_gemm_t(\d+)_", kernel).group(1))]
+        return SM90_T_SMEM[(int(re.match(r"fused_gemm_t(\d+)_", kernel).group(1)), "_narrow_" in kernel)]
     return DYN_SMEM.get(kernel_file, 0)
 HMMA_FLOPS = 2 * 16 * 8 * 16  # one m16n8k16
 
@@ -521,11 +523,11 @@ def sm90_gemm(kernel, m, n, k, r, dev, mix, bn):
     return parts[limiter], limiter, parts, l2
 
 
-def sm90_t_runs(m, n, sms):
+def sm90_t_runs(m, n, sms, bn):
     """fused_gemm_t_sm90's schedule (kernels/sm90/fused_gemm_t_sm90.cu): each CTA a run of ceil(tiles / SMs)
-    consecutive 128 x 256 tiles in row-major order, T computed on the run's first tile and on each tile of
+    consecutive 128 x bn tiles in row-major order, T computed on the run's first tile and on each tile of
     column 0. Returns (tiles, runs as (tiles in the run, T computations in it))."""
-    tiles_n = cdiv(n, SM90_BN)
+    tiles_n = cdiv(n, bn)
     tiles = cdiv(m, SM90_BM) * tiles_n
     per = cdiv(tiles, max(1, min(tiles, sms)))
     runs = []
@@ -535,38 +537,38 @@ def sm90_t_runs(m, n, sms):
     return tiles, runs
 
 
-def sm90_t_flops(tiles_and_computations, k, r):
+def sm90_t_flops(tiles_and_computations, k, r, bn):
     """The tensor work of tiles of fused_gemm_t_sm90 with `computations` of T among them: per tile the main
     stages (k padded to 64) and the (s·T)·Bᵀ stage (r padded to TN, 16 or 32), per computation of T an
     m128nTN product over the main stages."""
     count, computations = tiles_and_computations
     tn = cdiv(r, 16) * 16
     kp = cdiv(k, SM90_BK) * SM90_BK
-    return 2 * SM90_BM * (count * SM90_BN * (kp + tn) + computations * tn * kp)
+    return 2 * SM90_BM * (count * bn * (kp + tn) + computations * tn * kp)
 
 
-def sm90_gemm_t(m, n, k, r, dev, mix):
-    """fused_gemm_t_sm90 (the forward in one launch, r <= 32, 128 x 256 tiles), bounded as sm90_gemm: tensor
+def sm90_gemm_t(m, n, k, r, dev, mix, bn):
+    """fused_gemm_t_sm90 (the forward in one launch, r <= 32, 128 x bn tiles), bounded as sm90_gemm: tensor
     time of the busiest CTA's wgmma work (its run's tiles and its computations of T) at one SM's share of
     the peak; issue time of its main stages with `mix`, the plain kernel's consumer loop (the tiles that do
     not compute T run that same loop; those that do run more instructions: a lower bound); memory time (X,
     W0, A, B read once, Y and T written once). L2 to SM: every main stage's X and W0 boxes, A's TN x 64
-    slice on the stages that compute T, and B's 256 x 64 box per tile. Returns (bound, limiter, parts, L2
+    slice on the stages that compute T, and B's bn x 64 box per tile. Returns (bound, limiter, parts, L2
     bytes, total tensor work)."""
-    tiles, runs = sm90_t_runs(m, n, dev["sms"])
+    tiles, runs = sm90_t_runs(m, n, dev["sms"], bn)
     tn = cdiv(r, 16) * 16
     stages = cdiv(k, SM90_BK)
-    busiest = max(sm90_t_flops(run, k, r) for run in runs)
+    busiest = max(sm90_t_flops(run, k, r, bn) for run in runs)
     tensor = busiest / (dev["tensor"] / dev["sms"])
     issue = mix["total"] * stages * max(c for c, _ in runs) * SM90_CONSUMER_WARPS / (4 * dev["clock"])
     memory = 2 * (m * k + n * k + r * k + n * r + m * n + m * r) / dev["hbm"]
     computations = sum(c for _, c in runs)
-    l2 = 2 * SM90_BK * (tiles * stages * (SM90_BM + SM90_BN) + computations * stages * tn + tiles * SM90_BN)
+    l2 = 2 * SM90_BK * (tiles * stages * (SM90_BM + bn) + computations * stages * tn + tiles * bn)
     parts = dict(tensor=tensor, issue=issue, memory=memory)
     if dev.get("l2"):
         parts["l2"] = l2 / dev["l2"]
     limiter = max(parts, key=parts.get)
-    work = sum(sm90_t_flops(run, k, r) for run in runs)
+    work = sum(sm90_t_flops(run, k, r, bn) for run in runs)
     return parts[limiter], limiter, parts, l2, work
 
 
@@ -629,7 +631,8 @@ def sm90_section(w, res, mixes, dev):
 
     (fwd_target, _, _, fwd_tgt), (bwd_target, _, _, _) = headline_ops()[:2]
     wide = sm90_kernel(False, SM90_BN)
-    bt, limiter, parts, l2, t_work = sm90_gemm_t(M, N, K, R, dev, mixes[(wide, "sm_90")])
+    assert sm90_bn(M, N, dev["sms"]) == SM90_BN
+    bt, limiter, parts, l2, t_work = sm90_gemm_t(M, N, K, R, dev, mixes[(wide, "sm_90")], SM90_BN)
     t_fwd = fwd_tgt(dev)
     fwd_t, rate_t = row(f"{fwd_target}, T inside ({t_kern})", 0.0, bt, limiter, parts, l2, t_fwd, t_work)
     gemms = (("fused_gemm_nt_bf16", False, M, N, K, "T by the projection"),
@@ -673,7 +676,7 @@ def sm90_section(w, res, mixes, dev):
       f"shared operand, less than the table's.")
     w("")
     # T inside the forward kernel: the three ways it could be done
-    tiles, runs = sm90_t_runs(M, N, dev["sms"])
+    tiles, runs = sm90_t_runs(M, N, dev["sms"], SM90_BN)
     computations = sum(c for _, c in runs)
     base = 2 * M * N * (cdiv(K, SM90_BK) * SM90_BK + tn)
     every_tile = 2 * SM90_BM * tn * cdiv(K, SM90_BK) * SM90_BK * tiles
@@ -724,14 +727,13 @@ def sm90_by_m(w, res, mixes, dev, n, k, r):
           f"{SM90_BM}x{sm90_bn(m, n, dev['sms'])} |")
     w("")
     w(f"The whole sm_90a forward by M (µs): the projection's launches (T = X·Aᵀ, mma.sync, and its finalize) "
-      f"+ the fused GEMM at the width taken, against the one launch with T inside (fused_gemm_t_sm90: the "
-      f"128x{SM90_BN} tiles; the launch takes it where those are the width taken and r <= {SM90_T_MAX_RANK}), "
-      f"with how many tiles each CTA runs and how often T is computed per row block. Where a run is "
+      f"+ the fused GEMM, against the one launch with T inside (fused_gemm_t_sm90, which the launch takes "
+      f"at r <= {SM90_T_MAX_RANK}), both at the width taken (the narrow one-launch kernels have 5 stages, "
+      f"not 6), with how many tiles each CTA runs and how often T is computed per row block. Where a run is "
       f"shorter than a row block T is computed on more tiles, up to every one:")
     w("")
-    w("| M | r | projection + GEMM | one launch, T inside | tiles per CTA | T per row block | taken |")
-    w("| --- | --- | --- | --- | --- | --- | --- |")
-    wide = sm90_kernel(False, SM90_BN)
+    w("| M | r | tiles | projection + GEMM | one launch, T inside | tiles per CTA | T per row block | taken |")
+    w("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for rr in (r, 2 * r):
         for m in ms:
             proj = 0.0
@@ -742,11 +744,11 @@ def sm90_by_m(w, res, mixes, dev, n, k, r):
             bn = sm90_bn(m, n, dev["sms"])
             kern = sm90_kernel(False, bn)
             two = proj + sm90_gemm(kern, m, n, k, rr, dev, mixes[(kern, "sm_90")], bn)[0]
-            one = sm90_gemm_t(m, n, k, rr, dev, mixes[(wide, "sm_90")])[0]
-            _, runs = sm90_t_runs(m, n, dev["sms"])
+            one = sm90_gemm_t(m, n, k, rr, dev, mixes[(kern, "sm_90")], bn)[0]
+            _, runs = sm90_t_runs(m, n, dev["sms"], bn)
             per_block = sum(c for _, c in runs) / cdiv(m, SM90_BM)
-            taken = "one launch" if bn == SM90_BN and rr <= SM90_T_MAX_RANK else "projection + GEMM"
-            w(f"| {m} | {rr} | {two * 1e6:.1f} | {one * 1e6:.1f} | {max(c for c, _ in runs)} | "
+            taken = "one launch" if rr <= SM90_T_MAX_RANK else "projection + GEMM"
+            w(f"| {m} | {rr} | {SM90_BM}x{bn} | {two * 1e6:.1f} | {one * 1e6:.1f} | {max(c for c, _ in runs)} | "
               f"{per_block:.1f} | {taken} |")
     w("")
 

@@ -240,18 +240,22 @@ fn sm90_forward_edges() {
     }
 }
 
-/// The forward with T computed in the kernel (fused_gemm_t_sm90.cu: rank ≤ 32, the 128×256 tiles), where
-/// its schedule matters: runs of tiles that start inside a row block (T computed again there), that cross
-/// into the next row block (T computed anew mid-run), one CTA over every tile, one tile per CTA; ranks
-/// 8, 16 (T 16 wide), 24, 32 (T 32 wide), each with the TMA-store epilogue or the register one (n = 1000).
+/// The forward with T computed in the kernel (fused_gemm_t_sm90.cu: rank ≤ 32), where its schedule
+/// matters: runs of tiles that start inside a row block (T computed again there), that cross into the next
+/// row block (T computed anew mid-run), one CTA over every tile, one tile per CTA; ranks 8, 16 (T 16 wide),
+/// 24, 32 (T 32 wide); both tile widths (checked), each with the TMA-store epilogue and the register one
+/// (n = 1000, 516).
 #[test]
 fn sm90_forward_t_edges() {
-    for (i, (dims, sms)) in [
-        ((300, 768, 72, 32), 5), // runs of 2 of 3×3 tiles: starts at column tiles 2, 1, 0, 2, 1
-        ((300, 512, 136, 16), 2), // runs of 3 of 3×2: the second starts at column tile 1
-        ((300, 512, 136, 24), 1), // one run over 3×2 tiles
-        ((129, 1000, 64, 8), 3), // runs of 3 of 2×4: registers epilogue, ragged n and m
-        ((129, 512, 64, 32), 4), // one tile per CTA: every tile computes T, column 0 writes it
+    for (i, (dims, sms, bn)) in [
+        ((300, 768, 72, 32), 5, 256), // runs of 2 of 3×3 tiles: starts at column tiles 2, 1, 0, 2, 1
+        ((300, 512, 136, 16), 2, 256), // runs of 3 of 3×2: the second starts at column tile 1
+        ((300, 512, 136, 24), 1, 256), // one run over 3×2 tiles
+        ((129, 1000, 64, 8), 3, 256), // runs of 3 of 2×4: registers epilogue, ragged n and m
+        ((129, 512, 64, 32), 4, 256), // one tile per CTA: every tile computes T, column 0 writes it
+        ((300, 516, 136, 16), 2, 128), // runs of 8 of 3×5 narrow tiles: the second starts at column 3
+        ((129, 264, 64, 32), 1, 128),  // one run over 2×3 narrow tiles
+        ((40, 264, 16, 24), 4, 128),   // one narrow tile per CTA, m under one tile
     ]
     .into_iter()
     .enumerate()
@@ -259,7 +263,7 @@ fn sm90_forward_t_edges() {
         let (m, n, _, _) = dims;
         assert_eq!(
             lora_kernels::ops::sm90_tile(m, n, sms),
-            (128, 256),
+            (128, bn),
             "{dims:?} on {sms}"
         );
         case_on::<bf16>(dims, i % 2 == 0, 0x7e90 + i as u64, false, sms);
@@ -279,13 +283,72 @@ fn sm90_forward_t_bits_do_not_depend_on_the_sm_count() {
     let l = Layer::<bf16>::random(&mut rng, Dims { m, n, k, r }, 0.75, true);
     let mut first: Option<Vec<Vec<u32>>> = None;
     for sms in [1, 3, 5, 9] {
-        assert_eq!(lora_kernels::ops::sm90_tile(m, n, sms), (128, 256), "{sms} SMs");
+        assert_eq!(
+            lora_kernels::ops::sm90_tile(m, n, sms),
+            (128, 256),
+            "{sms} SMs"
+        );
         let o = run(&hopper(ThreadOrder::Ascending, sms as u64, sms), &l, false);
         check(&format!("{dims:?} on {sms} SMs"), &l, &o, tol(DType::BF16));
         let bits = o.bits();
         match &first {
             None => first = Some(bits),
-            Some(f) => assert!(*f == bits, "{dims:?}: bits on {sms} SMs differ from those on 1"),
+            Some(f) => assert!(
+                *f == bits,
+                "{dims:?}: bits on {sms} SMs differ from those on 1"
+            ),
+        }
+    }
+}
+
+/// Batch invariance on the sm_90a path: a row's Y and T have the same bits whether its batch takes the
+/// 128×128 tiles (`small` rows) or the 128×256 ones (`big` rows, the first `small` of them the same), at
+/// ranks 16 and 32 (the one-launch forward at both widths) and 40 (the projection, then fused_gemm_sm90 at
+/// both widths); on the emulator with 3 SMs, and on an sm_90 GPU where it is one (its SM count picks
+/// other batch sizes).
+#[test]
+fn sm90_forward_rows_keep_their_bits_across_batch_sizes() {
+    force_sm90();
+    let mut cases = vec![(hopper(ThreadOrder::Ascending, 0, 3), (256, 384, 512, 72))];
+    cases.extend(hopper_gpu().map(|g| (g, (256, 2048, 4096, 256))));
+    for (dev, (small, big, n, k)) in cases {
+        let sms = dev.sm_count().unwrap();
+        assert_eq!(
+            lora_kernels::ops::sm90_tile(small, n, sms),
+            (128, 128),
+            "{small} rows on {sms} SMs"
+        );
+        assert_eq!(
+            lora_kernels::ops::sm90_tile(big, n, sms),
+            (128, 256),
+            "{big} rows on {sms} SMs"
+        );
+        for r in [16, 32, 40] {
+            let mut rng = Rng::new(0xba7c + r as u64);
+            let l = Layer::<bf16>::random(&mut rng, Dims { m: big, n, k, r }, 1.5, true);
+            let mut head = Layer::<bf16>::random(&mut rng, Dims { m: small, n, k, r }, 1.5, true);
+            (head.x, head.w0, head.a, head.b) = (
+                l.x[..small * k].to_vec(),
+                l.w0.clone(),
+                l.a.clone(),
+                l.b.clone(),
+            );
+            head.bias.clone_from(&l.bias);
+            let what = format!(
+                "{small} and {big} rows, n {n}, k {k}, r {r} on {}",
+                dev.describe()
+            );
+            let (o_big, o_small) = (run(&dev, &l, false), run(&dev, &head, false));
+            check(&what, &head, &o_small, tol(DType::BF16));
+            let bits = |v: &[bf16]| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+            assert!(
+                bits(&o_big.y[..small * n]) == bits(&o_small.y),
+                "{what}: Y's rows differ"
+            );
+            assert!(
+                bits(&o_big.t[..small * r]) == bits(&o_small.t),
+                "{what}: T's rows differ"
+            );
         }
     }
 }

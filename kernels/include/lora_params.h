@@ -344,12 +344,17 @@ typedef struct __attribute__((aligned(64))) LkTensorMap {
 #define LK_SM90_NARROW_STAGES 6u
 #define LK_SM90_NARROW_SMEM_BYTES 231424u
 /* The forward with T computed in the kernel (kernels/sm90/fused_gemm_t_sm90.cu, kernels named
- * fused_gemm_t<TN>_sm90_<dtype>, TN 16 or 32: the rank rounded up): the 128×256 tiles and 3 stages, each
+ * fused_gemm_t<TN>_sm90[_narrow]_<dtype>, TN 16 or 32: the rank rounded up): the 128×256 tiles and 3 stages, each
  * slot also holding the TN×64 slice of the LoRA A (a_map: A [rank, k], boxes 64 columns × TN rows); T
  * [m, rank] is written to t_out (t_map unused). Up to rank 32; above it the projection is its own launch. */
 #define LK_SM90_T_MAX_RANK 32u
 #define LK_SM90_T16_SMEM_BYTES 221184u
 #define LK_SM90_T32_SMEM_BYTES 227328u
+/* and with the narrow tiles (fused_gemm_t<TN>_sm90_narrow_<dtype>: 128×128, 5 stages of 16 + 16 KB + TN·128
+ * bytes: six do not fit with A's slice) */
+#define LK_SM90_T_NARROW_STAGES 5u
+#define LK_SM90_T16_NARROW_SMEM_BYTES 208896u
+#define LK_SM90_T32_NARROW_SMEM_BYTES 219136u
 typedef struct LkFusedGemmSm90Params {
     LkTensorMap x_map;
     LkTensorMap w_map;

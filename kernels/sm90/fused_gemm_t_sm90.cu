@@ -1,7 +1,6 @@
 // fused_gemm_t_sm90.cu: the LoRA forward on Hopper (sm_90a) in one launch: Y = X·W0ᵀ + (s·T)·Bᵀ (+ bias)
 // with T = X·Aᵀ computed here, from the X tiles the GEMM streams anyway, and written out for the backward.
-// fused_gemm_sm90.cu's kernel takes T from a separate projection launch instead (ranks above 32, the
-// narrow tiles, dX).
+// fused_gemm_sm90.cu's kernel takes T from a separate projection launch instead (ranks above 32, dX).
 //
 // Why: with the projection as its own launch the forward is that launch (X read once more, f32 partials,
 // their finalize) plus the GEMM; docs/perf/bound.md has the time it leaves the GEMM. Here the only extra
@@ -11,7 +10,7 @@
 //   and on every tile that starts a row block (column tile 0), and keeps it in registers for the rest of
 //   the row block: T is computed once per run and per row block start, about twice per row block where a
 //   run is at least a row block long (the headline shape: runs of 8 tiles, 16 per row block), once per tile
-//   where there are no more tiles than SMs (TN/256 more tensor work per tile then).
+//   where there are no more tiles than SMs (TN/BN more tensor work per tile then).
 // - On those tiles each main stage also carries the LoRA A's TN×64 slice (TN: the rank rounded up to 16
 //   or 32; rows past the rank are TMA's zeros), and each consumer adds an m64nTNk16 wgmma per k16 step on
 //   the X slice already in shared memory. T's accumulators are rounded to the layer dtype (T, written by
@@ -26,7 +25,9 @@
 //   m, n, the rank and the SM count: ops/sm90.rs.)
 // Everything else (the producer warpgroup, the ring of full/empty mbarriers, the two consumers, the
 // epilogue through shared memory and TMA stores) is fused_gemm_sm90.cu's, from lk_sm90_gemm.cuh.
-// Shared memory: 3 stages of 16 + 32 KB + TN·128 bytes, the 64 KB output tile, 2 KB: 222 KB at TN = 32.
+// Tiles: fused_gemm_sm90.cu's two widths, 128×256 (3 stages of 16 + 32 KB + TN·128 bytes, the 64 KB output
+// tile, 2 KB: 222 KB at TN = 32) and 128×128 (5 stages of 16 + 16 KB + TN·128 bytes, not 6: 214 KB at
+// TN = 32), whichever ops/sm90.rs sm90_tile picks; the width does not change the bits.
 // Requirements the host checks (ops/sm90.rs): k and rank multiples of 8, rank ≤ 32, 16-byte aligned
 // operands, adapters in the layer dtype, no dropout, k > 0.
 #include "lk_sm90_gemm.cuh"
@@ -34,9 +35,14 @@
 namespace {
 using namespace lk_sm90_gemm;
 
+// The rings: fused_gemm_sm90.cu's tile widths, each slot with A's TN×64 slice after W0's box (the narrow
+// tiles with 5 stages instead of 6: six do not fit with the slices).
 template <uint32_t TN>
 using WideT = Width<LK_SM90_BN, LK_SM90_STAGES, TN == 16 ? LK_SM90_T16_SMEM_BYTES : LK_SM90_T32_SMEM_BYTES,
                     TN * BK * 2>;
+template <uint32_t TN>
+using NarrowT = Width<LK_SM90_NARROW_BN, LK_SM90_T_NARROW_STAGES,
+                      TN == 16 ? LK_SM90_T16_NARROW_SMEM_BYTES : LK_SM90_T32_NARROW_SMEM_BYTES, TN * BK * 2>;
 
 // This CTA's run of tiles [first, end): ceil(tiles / CTAs) consecutive ones in row-major order.
 __device__ __forceinline__ void run_of(uint32_t tiles, uint32_t& first, uint32_t& end) {
@@ -115,9 +121,8 @@ __device__ __forceinline__ void finish_t(const LkFusedGemmSm90Params& p, const f
     }
 }
 
-template <typename T, uint32_t TN>
+template <typename T, uint32_t TN, typename W>
 __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Params& p) {
-    using W = WideT<TN>;
     constexpr uint32_t BN = W::BN, STAGES = W::STAGES, STAGE_BYTES = W::STAGE_BYTES, OUT_BYTES = W::OUT_BYTES;
     LK_DYNAMIC_SMEM(smem);
     // fused_gemm_sm90.cu's layout: barriers, the ring at the next 1024-byte boundary, the output tile
@@ -218,16 +223,25 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
 }
 }  // namespace
 
-#define LK_FUSED_GEMM_T_SM90(name, T, TN)                                                                    \
+#define LK_FUSED_GEMM_T_SM90(name, T, TN, W)                                                                 \
     extern "C" __global__ void __launch_bounds__(LK_SM90_THREADS, 1) name(const __grid_constant__ LkFusedGemmSm90Params p) { \
-        fused_gemm_t_sm90_impl<T, TN>(p);                                                                    \
+        fused_gemm_t_sm90_impl<T, TN, W<TN>>(p);                                                             \
     }
 
-LK_FUSED_GEMM_T_SM90(fused_gemm_t16_sm90_bf16, __nv_bfloat16, 16)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t16_sm90_bf16, __nv_bfloat16, 16, WideT)
 LK_KERNEL_EXPORT(fused_gemm_t16_sm90_bf16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_t16_sm90_f16, __half, 16)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t16_sm90_f16, __half, 16, WideT)
 LK_KERNEL_EXPORT(fused_gemm_t16_sm90_f16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_t32_sm90_bf16, __nv_bfloat16, 32)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t32_sm90_bf16, __nv_bfloat16, 32, WideT)
 LK_KERNEL_EXPORT(fused_gemm_t32_sm90_bf16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_t32_sm90_f16, __half, 32)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t32_sm90_f16, __half, 32, WideT)
 LK_KERNEL_EXPORT(fused_gemm_t32_sm90_f16, LkFusedGemmSm90Params)
+// 128×128 tiles (ops/sm90.rs sm90_tile takes them where the busiest SM has less work with them)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t16_sm90_narrow_bf16, __nv_bfloat16, 16, NarrowT)
+LK_KERNEL_EXPORT(fused_gemm_t16_sm90_narrow_bf16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t16_sm90_narrow_f16, __half, 16, NarrowT)
+LK_KERNEL_EXPORT(fused_gemm_t16_sm90_narrow_f16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t32_sm90_narrow_bf16, __nv_bfloat16, 32, NarrowT)
+LK_KERNEL_EXPORT(fused_gemm_t32_sm90_narrow_bf16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t32_sm90_narrow_f16, __half, 32, NarrowT)
+LK_KERNEL_EXPORT(fused_gemm_t32_sm90_narrow_f16, LkFusedGemmSm90Params)

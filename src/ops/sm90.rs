@@ -6,17 +6,16 @@
 //! the operands: k and rank (and, for dX, n) multiples of 8 (16-byte row strides), 16-byte aligned
 //! tensors, adapters in the layer dtype, no dropout, and a build that embeds the sm_90a module.
 //!
-//! The forward at ranks up to 32 on the 128×256 tiles is one launch (kernels/sm90/fused_gemm_t_sm90.cu,
+//! The forward at ranks up to 32 is one launch (kernels/sm90/fused_gemm_t_sm90.cu,
 //! [`try_forward_with_t`]): T = X·Aᵀ is computed inside the GEMM from the X tiles it streams, about twice
 //! per row block (each CTA takes a contiguous run of tiles), and written for the backward. Otherwise T comes
 //! from the projection launch first, as on the mma.sync path.
 //!
 //! Bits: each kernel gives the same bits on every run, whatever the SM count, but the two forward
 //! structures differ (T summed in one chain or in the projection's fixed K chunks; s·T·Bᵀ added last or
-//! first), and which one runs depends on m, n, the rank and the SM count (the tile width). So under
-//! `auto` a row's Y and T can differ between batch sizes, or between GPUs with different SM counts, where
-//! that choice changes; `LK_FUSED_GEMM=sm90-projection` (or the default mma.sync path) keeps a row's bits
-//! the same at every M.
+//! first). Which one runs depends on the rank alone (and on `LK_FUSED_GEMM`), not on M or the SM count,
+//! so a row's bits are the same at every batch size and on every sm_90 GPU (the tile width does not
+//! change them).
 //!
 //! Opt-in for now: the sm_90a kernels have run only in the emulator, so the default stays the mma.sync
 //! kernel until they pass on a GPU (scripts/gpu-check.sh runs the LoRA tests with them on sm_90).
@@ -137,8 +136,8 @@ pub(crate) fn try_fused_gemm<T: Element, R: Element>(
 }
 
 /// The forward in one launch on the Hopper kernel that computes T itself (kernels/sm90/fused_gemm_t_sm90.cu)
-/// when it can: everything the fused GEMM needs ([`obstacle`]), and a rank of at most 32, a 16-byte
-/// aligned `a`, the 128×256 tiles ([`sm90_tile`]). Writes `y` and `t`; false when the projection and the
+/// when it can: everything the fused GEMM needs ([`obstacle`]), a rank of at most 32 and a 16-byte aligned
+/// `a`; the tile width is [`sm90_tile`]'s, as for the fused GEMM. Writes `y` and `t`; false when the projection and the
 /// fused GEMM should run instead (they report what stops the Hopper kernel under `LK_FUSED_GEMM=sm90`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn try_forward_with_t<T: Element, R: Element>(
@@ -175,7 +174,6 @@ pub(crate) fn try_forward_with_t<T: Element, R: Element>(
         || (device.is_cuda() && !module_embedded("fused_gemm_t_sm90"))
         || rank > LK_SM90_T_MAX_RANK as usize
         || a.byte_range().0 % 16 != 0
-        || sm90_tile(m, n, device.sm_count()?).1 != LK_SM90_BN as usize
     {
         return Ok(false);
     }
@@ -184,29 +182,42 @@ pub(crate) fn try_forward_with_t<T: Element, R: Element>(
         b.cast_ref::<T>().expect("R is T: checked by obstacle"),
     );
     let tn = rank.next_multiple_of(16) as u32;
-    let (pair, smem_bytes) = if tn == 16 {
-        let pair = (
-            &kernels::FUSED_GEMM_T16_SM90_BF16,
-            &kernels::FUSED_GEMM_T16_SM90_F16,
-        );
-        (pair, LK_SM90_T16_SMEM_BYTES)
-    } else {
-        let pair = (
-            &kernels::FUSED_GEMM_T32_SM90_BF16,
-            &kernels::FUSED_GEMM_T32_SM90_F16,
-        );
-        (pair, LK_SM90_T32_SMEM_BYTES)
+    let bn = sm90_tile(m, n, device.sm_count()?).1 as u32;
+    use kernels::*;
+    let (pair, smem_bytes) = match (tn, bn == LK_SM90_NARROW_BN) {
+        (16, false) => (
+            (&FUSED_GEMM_T16_SM90_BF16, &FUSED_GEMM_T16_SM90_F16),
+            LK_SM90_T16_SMEM_BYTES,
+        ),
+        (_, false) => (
+            (&FUSED_GEMM_T32_SM90_BF16, &FUSED_GEMM_T32_SM90_F16),
+            LK_SM90_T32_SMEM_BYTES,
+        ),
+        (16, true) => (
+            (
+                &FUSED_GEMM_T16_SM90_NARROW_BF16,
+                &FUSED_GEMM_T16_SM90_NARROW_F16,
+            ),
+            LK_SM90_T16_NARROW_SMEM_BYTES,
+        ),
+        (_, true) => (
+            (
+                &FUSED_GEMM_T32_SM90_NARROW_BF16,
+                &FUSED_GEMM_T32_SM90_NARROW_F16,
+            ),
+            LK_SM90_T32_NARROW_SMEM_BYTES,
+        ),
     };
     let kernel = super::launch::pick(op, T::DTYPE, pair.0, pair.1)?;
     let maps = [
         map(op, x, m, k, LK_SM90_BM)?,
-        map(op, w0, n, k, LK_SM90_BN)?,
-        map(op, b, n, rank, LK_SM90_BN)?,
+        map(op, w0, n, k, bn)?,
+        map(op, b, n, rank, bn)?,
         map(op, a, rank, k, tn)?,
     ];
     let y_map = y_map(op, y, m, n)?;
     // Each CTA a contiguous run of ceil(tiles / SMs) tiles, as many CTAs as there are runs.
-    let tiles = m.div_ceil(LK_SM90_BM as usize) * n.div_ceil(LK_SM90_BN as usize);
+    let tiles = m.div_ceil(LK_SM90_BM as usize) * n.div_ceil(bn as usize);
     let per_cta = tiles.div_ceil(device.sm_count()?.max(1) as usize);
     let plan = LaunchPlan {
         grid: [u32_of(tiles.div_ceil(per_cta)), 1, 1],
