@@ -14,7 +14,7 @@
 //! Bits: each kernel gives the same bits on every run, whatever the SM count, but the two forward
 //! structures differ (T summed in one chain or in the projection's fixed K chunks; s·T·Bᵀ added last or
 //! first). Which one runs depends on the rank alone (and on `LK_FUSED_GEMM`), not on M or the SM count,
-//! so a row's bits are the same at every batch size and on every sm_90 GPU (the tile width does not
+//! so a row's bits are the same at every batch size over 16 and on every sm_90 GPU (the tile width does not
 //! change them).
 //!
 //! Opt-in for now: the sm_90a kernels have run only in the emulator, so the default stays the mma.sync
