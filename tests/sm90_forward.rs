@@ -211,7 +211,7 @@ proptest! {
 /// after another stage too (80, 104, 128).
 #[test]
 fn sm90_forward_edges() {
-    for (i, (dims, sms, bn)) in [
+    for (i, &(dims, sms, bn)) in [
         ((129, 256, 64, 8), 3, 256),
         ((129, 256, 64, 8), 132, 128),
         ((128, 257, 8, 128), 2, 256),
@@ -227,16 +227,32 @@ fn sm90_forward_edges() {
         ((129, 256, 64, 80), 3, 256),
         ((129, 256, 64, 104), 132, 128),
     ]
-    .into_iter()
+    .iter()
     .enumerate()
     {
-        let (m, n, _, _) = dims;
-        assert_eq!(
-            lora_kernels::ops::sm90_tile(m, n, sms),
-            (128, bn),
-            "{dims:?} on {sms}"
-        );
-        case_on::<bf16>(dims, i % 2 == 0, 0x5e90 + i as u64, false, sms);
+        edge(i, dims, sms, bn, 0x5e90, false);
+    }
+}
+
+/// Edge case `i` of a list: the tile width `sms` SMs give it is `bn` (checked), then the forward in bf16
+/// (and in f16 with `both_dtypes`), bias on alternate cases.
+fn edge(
+    i: usize,
+    dims: (usize, usize, usize, usize),
+    sms: u32,
+    bn: usize,
+    seed: u64,
+    both_dtypes: bool,
+) {
+    let (m, n, _, _) = dims;
+    assert_eq!(
+        lora_kernels::ops::sm90_tile(m, n, sms),
+        (128, bn),
+        "{dims:?} on {sms}"
+    );
+    case_on::<bf16>(dims, i % 2 == 0, seed + i as u64, false, sms);
+    if both_dtypes {
+        case_on::<f16>(dims, i % 2 == 1, seed + 0x100 + i as u64, false, sms);
     }
 }
 
@@ -247,7 +263,7 @@ fn sm90_forward_edges() {
 /// (n = 1000, 516).
 #[test]
 fn sm90_forward_t_edges() {
-    for (i, (dims, sms, bn)) in [
+    for (i, &(dims, sms, bn)) in [
         ((300, 768, 72, 32), 5, 256), // runs of 2 of 3×3 tiles: starts at column tiles 2, 1, 0, 2, 1
         ((300, 512, 136, 16), 2, 256), // runs of 3 of 3×2: the second starts at column tile 1
         ((300, 512, 136, 24), 1, 256), // one run over 3×2 tiles
@@ -257,17 +273,10 @@ fn sm90_forward_t_edges() {
         ((129, 264, 64, 32), 1, 128),  // one run over 2×3 narrow tiles
         ((40, 264, 16, 24), 4, 128),   // one narrow tile per CTA, m under one tile
     ]
-    .into_iter()
+    .iter()
     .enumerate()
     {
-        let (m, n, _, _) = dims;
-        assert_eq!(
-            lora_kernels::ops::sm90_tile(m, n, sms),
-            (128, bn),
-            "{dims:?} on {sms}"
-        );
-        case_on::<bf16>(dims, i % 2 == 0, 0x7e90 + i as u64, false, sms);
-        case_on::<f16>(dims, i % 2 == 1, 0x7f90 + i as u64, false, sms);
+        edge(i, dims, sms, bn, 0x7e90, true);
     }
 }
 

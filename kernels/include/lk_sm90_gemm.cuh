@@ -42,6 +42,45 @@ __device__ __forceinline__ void tile_of(uint32_t tile, uint32_t tiles_m, uint32_
     n0 = (in_group / rows) * BN;
 }
 
+// The shared memory of an sm_90a GEMM: the barriers first, then the ring at the next 1024-byte boundary
+// (the 128-byte swizzle's period), then the output tile (two halves of 64 rows, one per consumer
+// warpgroup).
+struct Smem {
+    uint64_t* full;      // [STAGES]: the slot's loads have landed (1 arrival, the producer's, + its bytes)
+    uint64_t* empty;     // [STAGES]: the consumers are done with the slot (256 arrivals: all their threads)
+    uint64_t* out_free;  // [2]: store_tile_tma's, one per consumer warpgroup
+    uint64_t* out_full;  // [2]
+    unsigned char* ring;
+    unsigned char* out_tile;
+};
+
+// Lays out the dynamic shared memory `smem` for the ring W; thread 0 initialises the barriers. Called by
+// every thread (it ends with __syncthreads).
+template <typename W>
+__device__ __forceinline__ Smem smem_layout(unsigned char* smem, uint32_t tid) {
+    Smem sm;
+    sm.full = reinterpret_cast<uint64_t*>(smem);
+    sm.empty = sm.full + W::STAGES;
+    sm.out_free = sm.empty + W::STAGES;
+    sm.out_full = sm.out_free + 2;
+    const uintptr_t base = reinterpret_cast<uintptr_t>(smem);
+    sm.ring = smem + ((base + 1024 + 1023) / 1024 * 1024 - base);
+    sm.out_tile = sm.ring + W::STAGES * W::STAGE_BYTES;
+    if (tid == 0) {
+        for (uint32_t s = 0; s < W::STAGES; ++s) {
+            lk_mbarrier_init(&sm.full[s], 1);
+            lk_mbarrier_init(&sm.empty[s], 256);
+        }
+        for (uint32_t h = 0; h < 2; ++h) {
+            lk_mbarrier_init(&sm.out_free[h], 1);
+            lk_mbarrier_init(&sm.out_full[h], 128);
+        }
+        lk_fence_mbarrier_init();
+    }
+    __syncthreads();
+    return sm;
+}
+
 // The epilogue through shared memory (p.y_tma): each consumer warpgroup writes its 64×BN rows of the
 // tile, + bias, rounded, into BN/64 64×64 boxes of 128-byte rows in the 128-byte swizzle (conflict-free: a
 // warp's 8 rows of 16 bytes land on 8 different 16-byte chunks), and one thread stores them with TMA
@@ -97,6 +136,19 @@ __device__ __forceinline__ void store_tile_direct(const LkFusedGemmSm90Params& p
         const float bv = bias != nullptr ? lk_to_f32(bias[col]) : 0.0f;
         y[size_t(row) * p.ldc + col] = lk_from_f32<T>(acc[i] + bv);
     }
+}
+
+// A consumer warpgroup's epilogue for its 64 rows (`half`) of the tile at (m0, n0): acc + bias, rounded,
+// through shared memory and TMA stores when the host made C's map (p.y_tma), else from the registers.
+template <typename T, typename W>
+__device__ __forceinline__ void store_tile(const LkFusedGemmSm90Params& p, const float* acc, const Smem& sm,
+                                           uint32_t half, uint32_t t, uint32_t m0, uint32_t n0,
+                                           uint32_t tile_count) {
+    if (p.y_tma)
+        store_tile_tma<T, W::BN>(p, acc, sm.out_tile + half * W::OUT_BYTES, &sm.out_free[half], &sm.out_full[half],
+                                 t, m0 + 64 * half, n0, tile_count);
+    else
+        store_tile_direct<T, W::BN>(p, acc, t, m0 + 64 * half, n0);
 }
 
 // One k-stage of a consumer warpgroup: wait for the slot to fill, issue its KS k16 wgmmas (four; fewer for

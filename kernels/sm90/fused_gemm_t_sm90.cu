@@ -123,33 +123,16 @@ __device__ __forceinline__ void finish_t(const LkFusedGemmSm90Params& p, const f
 
 template <typename T, uint32_t TN, typename W>
 __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Params& p) {
-    constexpr uint32_t BN = W::BN, STAGES = W::STAGES, STAGE_BYTES = W::STAGE_BYTES, OUT_BYTES = W::OUT_BYTES;
+    constexpr uint32_t BN = W::BN, STAGES = W::STAGES, STAGE_BYTES = W::STAGE_BYTES;
     LK_DYNAMIC_SMEM(smem);
-    // fused_gemm_sm90.cu's layout: barriers, the ring at the next 1024-byte boundary, the output tile
-    uint64_t* full = reinterpret_cast<uint64_t*>(smem);
-    uint64_t* empty = full + STAGES;
-    uint64_t* out_free = empty + STAGES;  // [2]
-    uint64_t* out_full = out_free + 2;    // [2]
-    const uintptr_t base = reinterpret_cast<uintptr_t>(smem);
-    unsigned char* ring = smem + ((base + 1024 + 1023) / 1024 * 1024 - base);
-    unsigned char* out_tile = ring + STAGES * STAGE_BYTES;
     const uint32_t tid = threadIdx.x, wg = tid / 128;
     const uint32_t tiles_n = (p.n + BN - 1) / BN, tiles = (p.m + BM - 1) / BM * tiles_n;
     const uint32_t main_stages = (p.k + BK - 1) / BK;
     uint32_t first, end;
     run_of(tiles, first, end);
-    if (tid == 0) {
-        for (uint32_t s = 0; s < STAGES; ++s) {
-            lk_mbarrier_init(&full[s], 1);
-            lk_mbarrier_init(&empty[s], 256);  // every consumer thread releases the slot
-        }
-        for (uint32_t h = 0; h < 2; ++h) {
-            lk_mbarrier_init(&out_free[h], 1);
-            lk_mbarrier_init(&out_full[h], 128);
-        }
-        lk_fence_mbarrier_init();
-    }
-    __syncthreads();
+    const Smem sm = smem_layout<W>(smem, tid);
+    uint64_t *full = sm.full, *empty = sm.empty;
+    unsigned char* ring = sm.ring;
 
     if (wg == 0) {  // the producer: per tile, the main stages (+ A's slice where T is computed), then B's box
         lk_setmaxnreg_dec<40>();
@@ -213,11 +196,7 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
         lk_wgmma_fence_operands(acc);  // the epilogue reads them after the wait
         lk_mbarrier_arrive(&empty[held]);
         // + bias (+0 without one), one rounding
-        if (p.y_tma)
-            store_tile_tma<T, BN>(p, acc, out_tile + half * OUT_BYTES, &out_free[half], &out_full[half], t,
-                                  m0 + 64 * half, n0, tile_count);
-        else
-            store_tile_direct<T, BN>(p, acc, t, m0 + 64 * half, n0);
+        store_tile<T, W>(p, acc, sm, half, t, m0, n0, tile_count);
     }
     if (p.y_tma && t == 0) lk_bulk_wait_group_read<0>();  // the buffer stays valid until the stores read it
 }
