@@ -137,8 +137,9 @@ pub(crate) fn try_fused_gemm<T: Element, R: Element>(
 
 /// The forward in one launch on the Hopper kernel that computes T itself (kernels/sm90/fused_gemm_t_sm90.cu)
 /// when it can: everything the fused GEMM needs ([`obstacle`]), a rank of at most 32 and a 16-byte aligned
-/// `a`; the tile width is [`sm90_tile`]'s, as for the fused GEMM. Writes `y` and `t`; false when the projection and the
-/// fused GEMM should run instead (they report what stops the Hopper kernel under `LK_FUSED_GEMM=sm90`).
+/// `a`; the tile width is [`sm90_tile`]'s, as for the fused GEMM. Writes `y` and `t`; false when the
+/// projection and the fused GEMM should run instead (they report what stops the Hopper kernel under
+/// `LK_FUSED_GEMM=sm90`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn try_forward_with_t<T: Element, R: Element>(
     op: &'static str,
@@ -218,7 +219,7 @@ pub(crate) fn try_forward_with_t<T: Element, R: Element>(
     let y_map = y_map(op, y, m, n)?;
     // Each CTA a contiguous run of ceil(tiles / SMs) tiles, as many CTAs as there are runs.
     let tiles = m.div_ceil(LK_SM90_BM as usize) * n.div_ceil(bn as usize);
-    let per_cta = tiles.div_ceil(device.sm_count()?.max(1) as usize);
+    let per_cta = tiles.div_ceil(device.sm_count()?.max(1) as usize).max(1);
     let plan = LaunchPlan {
         grid: [u32_of(tiles.div_ceil(per_cta)), 1, 1],
         block: [LK_SM90_THREADS, 1, 1],
