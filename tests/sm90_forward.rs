@@ -1,5 +1,6 @@
-//! The sm_90a fused GEMM (kernels/sm90/fused_gemm_sm90.cu: TMA, mbarriers, wgmma, warp-specialised,
-//! persistent) run by the emulator as a compute-capability-9.0 device, through `lora_forward`: property tests
+//! The sm_90a fused GEMMs (kernels/sm90/fused_gemm_sm90.cu: TMA, mbarriers, wgmma, warp-specialised,
+//! persistent; the forward at ranks up to 32 on fused_gemm_t_sm90.cu, T computed inside, in one launch)
+//! run by the emulator as a compute-capability-9.0 device, through `lora_forward`: property tests
 //! over ragged m and n (not multiples of the 128×256 tiles; m > 16 so the small-M kernel stays out), k and r
 //! multiples of 8 (TMA's row strides) from 8 to 320 and 8 to 128, bf16/f16, bias or not, each against the f64
 //! reference with the outputs poisoned, under the ascending thread order and one of the other four (rotating
@@ -8,7 +9,10 @@
 //! grid's size, so blocks loop over several tiles or over none, and the tile width that `ops::sm90_tile`
 //! picks for it, 128×256 or the narrow 128×128, both among the cases). Then dX (`lora_backward`, the "nn"
 //! kernel: W0 and A read MN-major from 64×64 boxes) with the whole backward, as many property cases and two
-//! edge shapes (each with both widths), under two orders too. Each case goes through `common::lora` (forward,
+//! edge shapes (each with both widths), under two orders too; edges of the one-launch forward's schedule
+//! (runs of tiles that start inside a row block, cross one, one CTA over all, one tile per CTA), and its
+//! bits the same on any number of SMs and, for a row, in batches of either tile width (at ranks over 32
+//! too). Each case goes through `common::lora` (forward,
 //! backward, every output against the f64 reference). `LK_FUSED_GEMM=sm90` is set for this whole test binary,
 //! so a forward the Hopper kernel cannot take fails instead of falling back. On an sm_90 GPU every case runs
 //! there too (same reference, repeated bits), and one test takes the 128×256 tiles there; under
