@@ -19,10 +19,10 @@
 // - After the main stages, one more stage brings the LoRA B's BN×64 box (rank columns past r are zeros),
 //   and TN/16 register-A wgmmas add (s·T)·Bᵀ onto X·W0ᵀ: acc = X·W0ᵀ + (s·T)·Bᵀ, + bias, one rounding.
 //   Every main stage's group is retired first (wait<0>), as the low-rank stages' are in fused_gemm_sm90.cu.
-//   The order is fixed for every tile whatever the schedule, so within this kernel Y's and T's bits do
-//   not depend on the number of SMs. (fused_gemm.cu and fused_gemm_sm90.cu add s·(T·Bᵀ) first, after the
-//   projection's chunked T: the paths' bits differ, within the tolerances, and which path runs depends on
-//   m, n, the rank and the SM count: ops/sm90.rs.)
+//   The order is fixed for every tile whatever the schedule, so Y's and T's bits do not depend on the
+//   number of SMs. (fused_gemm.cu and fused_gemm_sm90.cu add s·(T·Bᵀ) first, after the projection's
+//   chunked T: the paths' bits differ, within the tolerances; which path runs depends on the rank alone,
+//   ops/sm90.rs.)
 // Everything else (the producer warpgroup, the ring of full/empty mbarriers, the two consumers, the
 // epilogue through shared memory and TMA stores) is fused_gemm_sm90.cu's, from lk_sm90_gemm.cuh.
 // Tiles: fused_gemm_sm90.cu's two widths, 128×256 (3 stages of 16 + 32 KB + TN·128 bytes, the 64 KB output
@@ -77,12 +77,13 @@ __device__ __forceinline__ uint32_t consume_stage_t(uint64_t* full, uint64_t* em
 }
 
 // The last stage of a tile: acc += (s·T)·Bᵀ, B's BN×64 box by descriptor (its k16 steps 32 bytes apart),
-// s·T from the registers (`frag`), as consume_stage otherwise (the caller passes no slot to release: the
-// main stages' groups are retired first, see the consumer loop).
+// s·T from the registers (`frag`). Unlike consume_stage it neither waits nor releases: the main stages'
+// groups are retired before it and the epilogue needs this one at once, so the caller waits for all
+// (wait<0>) and releases the returned slot.
 template <typename T, typename W, uint32_t TN>
-__device__ __forceinline__ uint32_t consume_stage_rs(uint64_t* full, uint64_t* empty, const unsigned char* ring,
+__device__ __forceinline__ uint32_t consume_stage_rs(uint64_t* full, const unsigned char* ring,
                                                      float (&acc)[W::BN / 2], const uint32_t (&frag)[TN / 16][4],
-                                                     uint32_t s, uint32_t held) {
+                                                     uint32_t s) {
     constexpr uint32_t BN = W::BN, STAGES = W::STAGES, STAGE_BYTES = W::STAGE_BYTES;
     const uint32_t slot = s % STAGES, lap = s / STAGES;
     lk_mbarrier_wait_parity(&full[slot], lap & 1);
@@ -92,8 +93,6 @@ __device__ __forceinline__ uint32_t consume_stage_rs(uint64_t* full, uint64_t* e
     for (uint32_t kb = 0; kb < TN / 16; ++kb)
         lk_wgmma_rs<T, BN>(acc, frag[kb], lk_wgmma_desc(b + 32 * kb, 16, 1024, LK_WGMMA_SWIZZLE_128B), true);
     lk_wgmma_commit();
-    lk_wgmma_wait<1>();
-    if (held < STAGES) lk_mbarrier_arrive(&empty[held]);
     return slot;
 }
 
@@ -190,7 +189,7 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
 #pragma unroll
             for (uint32_t kb = 0; kb < TN / 16; ++kb) lk_wgmma_fence_operands(frag[kb]);  // written before the fence
         }
-        held = consume_stage_rs<T, W, TN>(full, empty, ring, acc, frag, s, STAGES);
+        held = consume_stage_rs<T, W, TN>(full, ring, acc, frag, s);
         ++s;
         lk_wgmma_wait<0>();
         lk_wgmma_fence_operands(acc);  // the epilogue reads them after the wait
