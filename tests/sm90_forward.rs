@@ -339,14 +339,7 @@ fn sm90_forward_rows_keep_their_bits_across_batch_sizes() {
         for r in [16, 32, 40] {
             let mut rng = Rng::new(0xba7c + r as u64);
             let l = Layer::<bf16>::random(&mut rng, Dims { m: big, n, k, r }, 1.5, true);
-            let mut head = Layer::<bf16>::random(&mut rng, Dims { m: small, n, k, r }, 1.5, true);
-            (head.x, head.w0, head.a, head.b) = (
-                l.x[..small * k].to_vec(),
-                l.w0.clone(),
-                l.a.clone(),
-                l.b.clone(),
-            );
-            head.bias.clone_from(&l.bias);
+            let head = l.first_rows(small);
             let what = format!(
                 "{small} and {big} rows, n {n}, k {k}, r {r} on {}",
                 dev.describe()

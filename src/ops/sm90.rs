@@ -183,7 +183,8 @@ pub(crate) fn try_forward_with_t<T: Element, R: Element>(
         b.cast_ref::<T>().expect("R is T: checked by obstacle"),
     );
     let tn = rank.next_multiple_of(16) as u32;
-    let bn = sm90_tile(m, n, device.sm_count()?).1 as u32;
+    let sms = device.sm_count()?;
+    let bn = sm90_tile(m, n, sms).1 as u32;
     use kernels::*;
     let (pair, smem_bytes) = match (tn, bn == LK_SM90_NARROW_BN) {
         (16, false) => (
@@ -219,7 +220,7 @@ pub(crate) fn try_forward_with_t<T: Element, R: Element>(
     let y_map = y_map(op, y, m, n)?;
     // Each CTA a contiguous run of ceil(tiles / SMs) tiles, as many CTAs as there are runs.
     let tiles = m.div_ceil(LK_SM90_BM as usize) * n.div_ceil(bn as usize);
-    let per_cta = tiles.div_ceil(device.sm_count()?.max(1) as usize).max(1);
+    let per_cta = tiles.div_ceil(sms.max(1) as usize).max(1);
     let plan = LaunchPlan {
         grid: [u32_of(tiles.div_ceil(per_cta)), 1, 1],
         block: [LK_SM90_THREADS, 1, 1],

@@ -44,6 +44,25 @@ impl<T: Element, A: Element> Layer<T, A> {
         }
     }
 
+    /// The first `rows` rows of this layer's batch (X and dY), with the same weights, adapters and
+    /// settings: a smaller batch, for checks that a row's bits do not depend on the batch size.
+    pub fn first_rows(&self, rows: usize) -> Self {
+        let Dims { n, k, .. } = self.d;
+        Layer {
+            d: Dims { m: rows, ..self.d },
+            scale: self.scale,
+            x: self.x[..rows * k].to_vec(),
+            w0: self.w0.clone(),
+            a: self.a.clone(),
+            b: self.b.clone(),
+            bias: self.bias.clone(),
+            dy: self.dy[..rows * n].to_vec(),
+            lead: vec![rows],
+            grads0: self.grads0.clone(),
+            dropout: self.dropout,
+        }
+    }
+
     /// Forward and backward with this dropout.
     pub fn with_dropout(mut self, dropout: Dropout) -> Self {
         self.dropout = dropout;
