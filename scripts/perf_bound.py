@@ -494,6 +494,15 @@ def bound_launch(l, mix, occ, dev):
     return parts[limiter], limiter, parts
 
 
+def launches_bound(launches, res, mixes, dev, arch):
+    """The bound of launches that run one after another on `arch`: the sum of theirs."""
+    total = 0.0
+    for l in launches:
+        _, r_l = res[(l["kernel"], arch)]
+        total += bound_launch(l, mixes[(l["kernel"], arch)], occupancy(r_l, l["kernel"], l["file"], dev), dev)[0]
+    return total
+
+
 def sm90_gemm(kernel, m, n, k, r, dev, mix, bn):
     """fused_gemm_sm90 (kernels/sm90/fused_gemm_sm90.cu) on an m x n x k GEMM with rank r: BM x bn tiles,
     ceil(r/64) + ceil(k/64) stages of BM x bn x 64 each, whose wgmmas multiply ceil(r/16) + 4 ceil(k/64) k16
@@ -642,11 +651,7 @@ def sm90_section(w, res, mixes, dev):
         bn = sm90_bn(gm, gn, dev["sms"])
         kern = sm90_kernel(nn, bn)
         assert launches[-1]["kernel"] == replaced, (launches[-1]["kernel"], replaced)
-        rest = 0.0
-        for l in launches[:-1]:
-            _, r_l = res[(l["kernel"], "sm_90")]
-            b = bound_launch(l, mixes[(l["kernel"], "sm_90")], occupancy(r_l, l["kernel"], l["file"], dev), dev)[0]
-            rest += b
+        rest = launches_bound(launches[:-1], res, mixes, dev, "sm_90")
         b, limiter, parts, l2 = sm90_gemm(kern, gm, gn, gk, R, dev, mixes[(kern, "sm_90")], bn)
         t = tgt(dev)
         total, rate = row(f"{target}, {label} ({kern})", rest, b, limiter, parts, l2, t,
@@ -728,28 +733,26 @@ def sm90_by_m(w, res, mixes, dev, n, k, r):
     w("")
     w(f"The whole sm_90a forward by M (µs): the projection's launches (T = X·Aᵀ, mma.sync, and its finalize) "
       f"+ the fused GEMM, against the one launch with T inside (fused_gemm_t_sm90, which the launch takes "
-      f"at r <= {SM90_T_MAX_RANK}), both at the width taken (the narrow one-launch kernels have 5 stages, "
-      f"not 6), with how many tiles each CTA runs and how often T is computed per row block. Where a run is "
-      f"shorter than a row block T is computed on more tiles, up to every one:")
+      f"at every M for r <= {SM90_T_MAX_RANK}, so at both ranks here), both at the width taken (the narrow "
+      f"one-launch kernels have 5 stages, not 6), with how many tiles each CTA runs and how often T is "
+      f"computed per row block. Where a run is shorter than a row block T is computed on more tiles, up to "
+      f"every one:")
     w("")
-    w("| M | r | tiles | projection + GEMM | one launch, T inside | tiles per CTA | T per row block | taken |")
-    w("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    assert 2 * r <= SM90_T_MAX_RANK, "the table's ranks are those the one launch takes"
+    w("| M | r | tiles | projection + GEMM | one launch, T inside | tiles per CTA | T per row block |")
+    w("| --- | --- | --- | --- | --- | --- | --- |")
     for rr in (r, 2 * r):
         for m in ms:
-            proj = 0.0
-            for l in launch_grad("fused_gemm_nt_bf16", "lowrank_finalize_bf16", k, m, rr):
-                _, r_l = res[(l["kernel"], "sm_90")]
-                proj += bound_launch(l, mixes[(l["kernel"], "sm_90")],
-                                     occupancy(r_l, l["kernel"], l["file"], dev), dev)[0]
+            proj = launches_bound(launch_grad("fused_gemm_nt_bf16", "lowrank_finalize_bf16", k, m, rr), res,
+                                  mixes, dev, "sm_90")
             bn = sm90_bn(m, n, dev["sms"])
             kern = sm90_kernel(False, bn)
             two = proj + sm90_gemm(kern, m, n, k, rr, dev, mixes[(kern, "sm_90")], bn)[0]
             one = sm90_gemm_t(m, n, k, rr, dev, mixes[(kern, "sm_90")], bn)[0]
             _, runs = sm90_t_runs(m, n, dev["sms"], bn)
             per_block = sum(c for _, c in runs) / cdiv(m, SM90_BM)
-            taken = "one launch" if rr <= SM90_T_MAX_RANK else "projection + GEMM"
             w(f"| {m} | {rr} | {SM90_BM}x{bn} | {two * 1e6:.1f} | {one * 1e6:.1f} | {max(c for c, _ in runs)} | "
-              f"{per_block:.1f} | {taken} |")
+              f"{per_block:.1f} |")
     w("")
 
 
