@@ -3,8 +3,10 @@
 //!   forward   fused forward | on sm_90, the same with the sm_90a GEMM (`ours_fused_sm90a`: T inside
 //!             at r <= 32) and with T by its own launch (`ours_fused_sm90a_projection`) | bare cuBLAS
 //!             GEMM (full fine-tune forward) | unfused 3-GEMM LoRA (PEFT)
-//!   backward  ours (dX, dA, dB) | on sm_90, the same with dX on the sm_90a GEMM | full fine-tune
-//!             backward (cuBLAS dX + dW) | unfused 5-GEMM LoRA backward (autograd on PEFT's layer)
+//!   backward  ours (dX, dA, dB) | on sm_90, the same with dX on the sm_90a GEMM (`ours_dx_da_db_sm90a`:
+//!             U inside at r <= 32) and with U from the pass over dY (`ours_dx_da_db_sm90a_projection`) |
+//!             full fine-tune backward (cuBLAS dX + dW) | unfused 5-GEMM LoRA backward (autograd on PEFT's
+//!             layer)
 //!   merge     in-place merge | device-to-device copy of W0 (once per N, K, r)
 //!   small_m   M = 16 cases of the forward group (the small-M kernel)
 //!   multi     many adapters in one batch (benches/common/multi.rs): ours (lora_forward_multi) | a loop
@@ -92,6 +94,15 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
                 row(&mut g, "ours_dx_da_db_sm90a", dev, &mut sets, |s| {
                     common::ours_backward(s, SCALE)
                 });
+            });
+            common::with_fused_gemm("sm90-projection", || {
+                row(
+                    &mut g,
+                    "ours_dx_da_db_sm90a_projection",
+                    dev,
+                    &mut sets,
+                    |s| common::ours_backward(s, SCALE),
+                );
             });
         }
         row(&mut g, "cublas_full_dx_dw", dev, &mut sets, |s| {

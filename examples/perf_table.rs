@@ -8,9 +8,10 @@
 //! Needs a GPU; without one it says so and exits 0.
 //!
 //! The multi-adapter rows (lora_forward_multi, benches/common/multi.rs) come after the single-adapter ones.
-//! On an sm_90 GPU each forward (M > 16) gets a second row with the sm_90a GEMM (`LK_FUSED_GEMM=auto`, opt-in;
-//! T inside the GEMM at r ≤ 32) and a third with T from its own launch (`LK_FUSED_GEMM=sm90-projection`)
-//! beside the default mma.sync one, all against the same cuBLAS GEMM.
+//! On an sm_90 GPU each forward and backward (M > 16) gets a second row with the sm_90a GEMM
+//! (`LK_FUSED_GEMM=auto`, opt-in; T, or U in dX, inside the GEMM at r ≤ 32) and a third with T and U from
+//! their own launches (`LK_FUSED_GEMM=sm90-projection`) beside the default mma.sync one, all against the
+//! same cuBLAS baselines.
 //!
 //! `cargo run --release --example perf_table` (`LK_BENCH_QUICK=1`: the headline cases and M = 256). Results
 //! from GPU runs are kept in docs/perf/ with device, driver, date and commit.
@@ -341,37 +342,30 @@ fn main() {
         };
         row(op, fwd, "cuBLAS GEMM (full FT)", bare, f_roof, &chk);
         row(op, fwd, "cuBLAS unfused LoRA", unfused, f_roof, &chk);
-        if c.m > 16 && dev.compute_capability() == 90 {
-            // the same forward with the sm_90a GEMM (opt-in), beside the mma.sync one the row above used
-            // SAFETY: this program is single-threaded; nothing reads the environment concurrently.
-            unsafe { std::env::set_var("LK_FUSED_GEMM", "auto") };
-            let chk_90 = check_forward(&blas, &mut sets[0], c);
-            let fwd_90 = time(&dev, |i| common::ours_forward(&mut sets[i % ns], SCALE));
-            // SAFETY: as above.
-            unsafe { std::env::remove_var("LK_FUSED_GEMM") };
+        // on sm_90: the same forward with the sm_90a GEMM (opt-in), T inside it at r <= 32, and with T
+        // always from the projection launch, beside the mma.sync one the rows above used
+        let sm90 = c.m > 16 && dev.compute_capability() == 90;
+        let sm90_modes = [
+            ("auto", "sm_90a GEMM (LK_FUSED_GEMM=auto)"),
+            (
+                "sm90-projection",
+                "sm_90a GEMM, T and U by their own launches (LK_FUSED_GEMM=sm90-projection)",
+            ),
+        ];
+        for (mode, label) in sm90_modes.iter().filter(|_| sm90) {
+            let (chk_90, fwd_90) = common::with_fused_gemm(mode, || {
+                (
+                    check_forward(&blas, &mut sets[0], c),
+                    time(&dev, |i| common::ours_forward(&mut sets[i % ns], SCALE)),
+                )
+            });
             row(
-                "forward, sm_90a GEMM (LK_FUSED_GEMM=auto)",
+                &format!("forward, {label}"),
                 fwd_90,
                 "cuBLAS GEMM (full FT)",
                 bare,
                 f_roof,
                 &chk_90,
-            );
-            // the same with T always from the projection launch (the row above computes T inside the
-            // GEMM at r <= 32 on the 128x256 tiles)
-            // SAFETY: as above.
-            unsafe { std::env::set_var("LK_FUSED_GEMM", "sm90-projection") };
-            let chk_p = check_forward(&blas, &mut sets[0], c);
-            let fwd_p = time(&dev, |i| common::ours_forward(&mut sets[i % ns], SCALE));
-            // SAFETY: as above.
-            unsafe { std::env::remove_var("LK_FUSED_GEMM") };
-            row(
-                "forward, sm_90a GEMM, T by its own launch (LK_FUSED_GEMM=sm90-projection)",
-                fwd_p,
-                "cuBLAS GEMM (full FT)",
-                bare,
-                f_roof,
-                &chk_p,
             );
         }
         if c.m > 16 {
@@ -403,6 +397,23 @@ fn main() {
                 b_roof,
                 &chk,
             );
+            // on sm_90: dX on the sm_90a GEMM (U inside it at r <= 32, or from the pass over dY)
+            for (mode, label) in sm90_modes.iter().filter(|_| sm90) {
+                let (chk_90, bwd_90) = common::with_fused_gemm(mode, || {
+                    (
+                        check_backward(&blas, &mut sets[0], c),
+                        time(&dev, |i| common::ours_backward(&mut sets[i % ns], SCALE)),
+                    )
+                });
+                row(
+                    &format!("backward, {label}"),
+                    bwd_90,
+                    "cuBLAS dX + dW (full FT)",
+                    full,
+                    b_roof,
+                    &chk_90,
+                );
+            }
         }
         if common::measures_merge(&cases, index) {
             let chk = check_merge(&dev, &blas, &mut sets[0], c);

@@ -234,29 +234,31 @@ fn sm90_forward_edges() {
     .iter()
     .enumerate()
     {
-        edge(i, dims, sms, bn, 0x5e90, false);
+        edge(i, dims, sms, bn, 0x5e90, (false, false));
     }
 }
 
-/// Edge case `i` of a list: the tile width `sms` SMs give it is `bn` (checked), then the forward in bf16
-/// (and in f16 with `both_dtypes`), bias on alternate cases.
+/// Edge case `i` of a list: the tile width `sms` SMs give the GEMM under test (the forward's m × n, or
+/// with `backward` dX's m × k) is `bn` (checked), then the layer (with `backward` the backward too) in
+/// bf16, and in f16 with `both_dtypes`, bias on alternate cases.
 fn edge(
     i: usize,
     dims: (usize, usize, usize, usize),
     sms: u32,
     bn: usize,
     seed: u64,
-    both_dtypes: bool,
+    (both_dtypes, backward): (bool, bool),
 ) {
-    let (m, n, _, _) = dims;
+    let (m, n, k, _) = dims;
+    let cols = if backward { k } else { n };
     assert_eq!(
-        lora_kernels::ops::sm90_tile(m, n, sms),
+        lora_kernels::ops::sm90_tile(m, cols, sms),
         (128, bn),
-        "{dims:?} on {sms}"
+        "{dims:?} on {sms} (backward {backward})"
     );
-    case_on::<bf16>(dims, i % 2 == 0, seed + i as u64, false, sms);
+    case_on::<bf16>(dims, i % 2 == 0, seed + i as u64, backward, sms);
     if both_dtypes {
-        case_on::<f16>(dims, i % 2 == 1, seed + 0x100 + i as u64, false, sms);
+        case_on::<f16>(dims, i % 2 == 1, seed + 0x100 + i as u64, backward, sms);
     }
 }
 
@@ -280,28 +282,55 @@ fn sm90_forward_t_edges() {
     .iter()
     .enumerate()
     {
-        edge(i, dims, sms, bn, 0x7e90, true);
+        edge(i, dims, sms, bn, 0x7e90, (true, false));
     }
 }
 
-/// The one-launch forward's bits do not depend on the number of SMs: on 1, 3, 5 and 9 emulated SMs (one run
-/// over all 9 tiles, runs of 3 that are row blocks, runs of 2 that start inside them, one tile per CTA; the
-/// 128×256 tiles on each, checked) Y and T are the same bits, and within the tolerance of the reference.
+/// dX with U = dY·B computed in the kernel (fused_gemm_t_sm90.cu's "nn" kernels: rank ≤ 32), through the
+/// whole backward, on the schedule edges of [`sm90_forward_t_edges`] with dX's columns (k) as the forward's
+/// n and its reduction (n) as the forward's k: runs that start inside a row block or cross one, one CTA
+/// over all, one tile per CTA; ranks 8, 16, 24, 32; both tile widths (checked). dX's columns are multiples
+/// of 8 (W0's rows), so its epilogue is always the TMA store.
 #[test]
-fn sm90_forward_t_bits_do_not_depend_on_the_sm_count() {
+fn sm90_dx_u_edges() {
+    for (i, &(dims, sms, bn)) in [
+        ((300, 72, 768, 32), 5, 256), // runs of 2 of 3×3 tiles: starts at column tiles 2, 1, 0, 2, 1
+        ((300, 136, 512, 16), 2, 256), // runs of 3 of 3×2: the second starts at column tile 1
+        ((300, 136, 512, 24), 1, 256), // one run over 3×2 tiles
+        ((129, 64, 1000, 8), 3, 256), // runs of 3 of 2×4: ragged k and m, U 16 wide for rank 8
+        ((129, 64, 512, 32), 4, 256), // one tile per CTA: every tile computes U, column 0 writes it
+        ((300, 136, 520, 16), 2, 128), // runs of 8 of 3×5 narrow tiles: the second starts at column 3
+        ((129, 64, 264, 32), 1, 128),  // one run over 2×3 narrow tiles
+        ((40, 16, 264, 24), 4, 128), // one narrow tile per CTA, m under one tile, one reduction stage
+    ]
+    .iter()
+    .enumerate()
+    {
+        edge(i, dims, sms, bn, 0xd790, (true, true));
+    }
+}
+
+/// The one-launch kernels' bits do not depend on the number of SMs: on 1, 3, 5 and 9 emulated SMs (one run
+/// over all 9 tiles, runs of 3 that are row blocks, runs of 2 that start inside them, one tile per CTA; the
+/// 128×256 tiles on each, for the forward and for dX, checked) Y, T, dX, dA and dB are the same bits, and
+/// within the tolerance of the reference.
+#[test]
+fn sm90_one_launch_bits_do_not_depend_on_the_sm_count() {
     force_sm90();
-    let dims = (300, 768, 72, 32);
+    let dims = (300, 768, 768, 32);
     let mut rng = Rng::new(0x5eed);
     let (m, n, k, r) = dims;
     let l = Layer::<bf16>::random(&mut rng, Dims { m, n, k, r }, 0.75, true);
     let mut first: Option<Vec<Vec<u32>>> = None;
     for sms in [1, 3, 5, 9] {
-        assert_eq!(
-            lora_kernels::ops::sm90_tile(m, n, sms),
-            (128, 256),
-            "{sms} SMs"
-        );
-        let o = run(&hopper(ThreadOrder::Ascending, sms as u64, sms), &l, false);
+        for cols in [n, k] {
+            assert_eq!(
+                lora_kernels::ops::sm90_tile(m, cols, sms),
+                (128, 256),
+                "{sms} SMs"
+            );
+        }
+        let o = run(&hopper(ThreadOrder::Ascending, sms as u64, sms), &l, true);
         check(&format!("{dims:?} on {sms} SMs"), &l, &o, tol(DType::BF16));
         let bits = o.bits();
         match &first {
@@ -314,16 +343,17 @@ fn sm90_forward_t_bits_do_not_depend_on_the_sm_count() {
     }
 }
 
-/// Batch invariance on the sm_90a path: a row's Y and T have the same bits whether its batch takes the
+/// Batch invariance on the sm_90a path: a row's Y, T and dX have the same bits whether its batch takes the
 /// 128×128 tiles (`small` rows) or the 128×256 ones (`big` rows, the first `small` of them the same), at
-/// ranks 16 and 32 (the one-launch forward at both widths) and 40 (the projection, then fused_gemm_sm90 at
-/// both widths); on the emulator with 3 SMs, and on an sm_90 GPU where it is one (its SM count picks
-/// other batch sizes).
+/// ranks 16 and 32 (the one-launch forward and dX at both widths) and 40 (the projection, then
+/// fused_gemm_sm90, and the backward's passes, then its dX, at both widths); n = k, so dX takes the same
+/// widths; on the emulator with 3 SMs, and on an sm_90 GPU where it is one (its SM count picks other batch
+/// sizes).
 #[test]
 fn sm90_forward_rows_keep_their_bits_across_batch_sizes() {
     force_sm90();
-    let mut cases = vec![(hopper(ThreadOrder::Ascending, 0, 3), (256, 384, 512, 72))];
-    cases.extend(hopper_gpu().map(|g| (g, (256, 2048, 4096, 256))));
+    let mut cases = vec![(hopper(ThreadOrder::Ascending, 0, 3), (256, 384, 512, 512))];
+    cases.extend(hopper_gpu().map(|g| (g, (256, 2048, 4096, 4096))));
     for (dev, (small, big, n, k)) in cases {
         let sms = dev.sm_count().unwrap();
         assert_eq!(
@@ -344,7 +374,7 @@ fn sm90_forward_rows_keep_their_bits_across_batch_sizes() {
                 "{small} and {big} rows, n {n}, k {k}, r {r} on {}",
                 dev.describe()
             );
-            let (o_big, o_small) = (run(&dev, &l, false), run(&dev, &head, false));
+            let (o_big, o_small) = (run(&dev, &l, true), run(&dev, &head, true));
             check(&what, &head, &o_small, tol(DType::BF16));
             let bits = |v: &[bf16]| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
             assert!(
@@ -354,6 +384,10 @@ fn sm90_forward_rows_keep_their_bits_across_batch_sizes() {
             assert!(
                 bits(&o_big.t[..small * r]) == bits(&o_small.t),
                 "{what}: T's rows differ"
+            );
+            assert!(
+                bits(&o_big.dx[..small * k]) == bits(&o_small.dx),
+                "{what}: dX's rows differ"
             );
         }
     }

@@ -346,7 +346,10 @@ typedef struct __attribute__((aligned(64))) LkTensorMap {
 /* The forward with T computed in the kernel (kernels/sm90/fused_gemm_t_sm90.cu, kernels named
  * fused_gemm_t<TN>_sm90[_narrow]_<dtype>, TN 16 or 32: the rank rounded up): the 128×256 tiles and 3 stages, each
  * slot also holding the TN×64 slice of the LoRA A (a_map: A [rank, k], boxes 64 columns × TN rows); T
- * [m, rank] is written to t_out (t_map unused). Up to rank 32; above it the projection is its own launch. */
+ * [m, rank] is written to t_out (t_map unused). Up to rank 32; above it the projection is its own launch.
+ * dX with U = dY·B computed in the kernel (fused_gemm_u<TN>_sm90_nn[_narrow]_<dtype>) has the same rings:
+ * x_map dY [m, k], w_map W0 [k, n] and b_map A [rank, n] as "nn" above, a_map B [k, rank] (boxes TN
+ * columns × 64 rows, the 32- or 64-byte swizzle: one span per row); U [m, rank] is written to t_out. */
 #define LK_SM90_T_MAX_RANK 32u
 #define LK_SM90_T16_SMEM_BYTES 221184u
 #define LK_SM90_T32_SMEM_BYTES 227328u

@@ -32,9 +32,9 @@
 // never has more work than the mma.sync kernel's, whose tiles are 128×128 too. Here T comes from the
 // projection launch: in the grouped tile order each of a row block's n/BN column tiles would compute it
 // again (r/BN more tensor work). The forward at ranks up to 32 computes T inside instead, about twice per
-// row block, with runs of consecutive tiles per CTA (fused_gemm_t_sm90.cu); this kernel takes the other
-// ranks and dX. No clusters yet (what the L2 throughput measured on a GPU
-// decides).
+// row block, with runs of consecutive tiles per CTA (fused_gemm_t_sm90.cu), and so does dX with U; this
+// kernel takes the other ranks (and dX under dropout). No clusters yet (what the L2 throughput measured on
+// a GPU decides).
 // Requirements the host checks (ops/sm90.rs): k and rank multiples of 8 and 16-byte aligned operands
 // (TMA's row strides), layer-dtype adapters, no dropout.
 #include "lk_sm90_gemm.cuh"

@@ -1,6 +1,8 @@
 // fused_gemm_t_sm90.cu: the LoRA forward on Hopper (sm_90a) in one launch: Y = X·W0ᵀ + (s·T)·Bᵀ (+ bias)
-// with T = X·Aᵀ computed here, from the X tiles the GEMM streams anyway, and written out for the backward.
-// fused_gemm_sm90.cu's kernel takes T from a separate projection launch instead (ranks above 32, dX).
+// with T = X·Aᵀ computed here, from the X tiles the GEMM streams anyway, and written out for the backward;
+// and the backward's dX the same way ("nn", kernels fused_gemm_u<TN>_sm90_nn*): dX = dY·W0 + (s·U)·A with
+// U = dY·B computed from the dY tiles, written out for the dA pass. fused_gemm_sm90.cu's kernels take T or U
+// from a separate launch instead (ranks above 32, dropout).
 //
 // Why: with the projection as its own launch the forward is that launch (X read once more, f32 partials,
 // their finalize) plus the GEMM; docs/perf/bound.md has the time it leaves the GEMM. Here the only extra
@@ -23,13 +25,18 @@
 //   number of SMs. (fused_gemm.cu and fused_gemm_sm90.cu add s·(T·Bᵀ) first, after the projection's
 //   chunked T: the paths' bits differ, within the tolerances; which path runs depends on the rank alone,
 //   ops/sm90.rs.)
+// dX ("nn") is the same schedule with dY for X, U for T and the LoRA B and A swapped: W0's stage is
+// BN/64 64×64 boxes read MN-major (as in fused_gemm_sm90.cu), B's TN×64 slice (rows k0.. of [n][rank]) is
+// read MN-major in the 32- or 64-byte swizzle (U_ROW_BYTES), and the last stage brings A's BN/64 64×64
+// boxes (rank rows past r are zeros), MN-major. The order is acc = dY·W0 + (s·U)·A (fused_gemm_sm90.cu's is
+// s·(U·A) first; U itself is summed in one chain here, in the backward pass's row splits there).
 // Everything else (the producer warpgroup, the ring of full/empty mbarriers, the two consumers, the
 // epilogue through shared memory and TMA stores) is fused_gemm_sm90.cu's, from lk_sm90_gemm.cuh.
 // Tiles: fused_gemm_sm90.cu's two widths, 128×256 (3 stages of 16 + 32 KB + TN·128 bytes, the 64 KB output
 // tile, 2 KB: 222 KB at TN = 32) and 128×128 (5 stages of 16 + 16 KB + TN·128 bytes, not 6: 214 KB at
 // TN = 32), whichever ops/sm90.rs sm90_tile picks; the width does not change the bits.
-// Requirements the host checks (ops/sm90.rs): k and rank multiples of 8, rank ≤ 32, 16-byte aligned
-// operands, adapters in the layer dtype, no dropout, k > 0.
+// Requirements the host checks (ops/sm90.rs): k and rank (and for dX n) multiples of 8, rank ≤ 32, 16-byte
+// aligned operands, adapters in the layer dtype, no dropout, k > 0.
 #include "lk_sm90_gemm.cuh"
 
 namespace {
@@ -44,6 +51,15 @@ template <uint32_t TN>
 using NarrowT = Width<LK_SM90_NARROW_BN, LK_SM90_T_NARROW_STAGES,
                       TN == 16 ? LK_SM90_T16_NARROW_SMEM_BYTES : LK_SM90_T32_NARROW_SMEM_BYTES, TN * BK * 2>;
 
+// dX's slice of the LoRA B (rows k0.. of [n][rank], TN columns) is read MN-major: TN·2-byte rows (32 or 64,
+// one swizzle span: the TMA map's swizzle and the descriptor's are 32- or 64-byte), 8 rows SBO apart, each
+// k16 step 16 rows further; the TN columns are one swizzle atom, so LBO is unused (0).
+template <uint32_t TN>
+constexpr uint32_t U_ROW_BYTES = TN * 2;
+template <uint32_t TN>
+constexpr uint32_t U_SWIZZLE = TN == 16 ? LK_WGMMA_SWIZZLE_32B : LK_WGMMA_SWIZZLE_64B;
+static_assert(U_ROW_BYTES<16> == 32 && U_ROW_BYTES<32> == 64, "a row is one 32- or 64-byte swizzle span");
+
 // This CTA's run of tiles [first, end): ceil(tiles / CTAs) consecutive ones in row-major order.
 __device__ __forceinline__ void run_of(uint32_t tiles, uint32_t& first, uint32_t& end) {
     const uint32_t per = (tiles + gridDim.x - 1) / gridDim.x;
@@ -52,8 +68,9 @@ __device__ __forceinline__ void run_of(uint32_t tiles, uint32_t& first, uint32_t
 }
 
 // A main stage that also accumulates T: consume_stage's four k16 steps of X·W0ᵀ, each followed by the
-// m64nTNk16 step of X·Aᵀ on the same X slice (A's TN×64 slice after W0's box in the slot).
-template <typename T, typename W, uint32_t TN>
+// m64nTNk16 step of X·Aᵀ on the same X slice (A's TN×64 slice after W0's box in the slot); for "nn" those
+// of dY·W0 and U = dY·B.
+template <typename T, bool NN, typename W, uint32_t TN>
 __device__ __forceinline__ uint32_t consume_stage_t(uint64_t* full, uint64_t* empty, const unsigned char* ring,
                                                     uint32_t half, float (&acc)[W::BN / 2], float (&tacc)[TN / 2],
                                                     uint32_t s, uint32_t held, bool accumulate) {
@@ -67,8 +84,18 @@ __device__ __forceinline__ uint32_t consume_stage_t(uint64_t* full, uint64_t* em
 #pragma unroll
     for (uint32_t kk = 0; kk < BK / 16; ++kk) {
         const uint64_t da = lk_wgmma_desc(a + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B);
-        lk_wgmma_ss<T, BN>(acc, da, lk_wgmma_desc(b + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B), accumulate || kk > 0);
-        lk_wgmma_ss<T, TN>(tacc, da, lk_wgmma_desc(l + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B), accumulate || kk > 0);
+        if (NN) {  // W0's 64×64 boxes and B's 64×TN slice, both MN-major (see U_ROW_BYTES)
+            lk_wgmma_ss<T, BN, 0, 1>(acc, da, lk_wgmma_desc(b + 2048 * kk, BOX_BYTES, 1024, LK_WGMMA_SWIZZLE_128B),
+                                     accumulate || kk > 0);
+            lk_wgmma_ss<T, TN, 0, 1>(tacc, da, lk_wgmma_desc(l + 16 * U_ROW_BYTES<TN> * kk, 0, 8 * U_ROW_BYTES<TN>,
+                                                             U_SWIZZLE<TN>),
+                                     accumulate || kk > 0);
+        } else {
+            lk_wgmma_ss<T, BN>(acc, da, lk_wgmma_desc(b + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B),
+                               accumulate || kk > 0);
+            lk_wgmma_ss<T, TN>(tacc, da, lk_wgmma_desc(l + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B),
+                               accumulate || kk > 0);
+        }
     }
     lk_wgmma_commit();
     lk_wgmma_wait<1>();
@@ -77,10 +104,11 @@ __device__ __forceinline__ uint32_t consume_stage_t(uint64_t* full, uint64_t* em
 }
 
 // The last stage of a tile: acc += (s·T)·Bᵀ, B's BN×64 box by descriptor (its k16 steps 32 bytes apart),
-// s·T from the registers (`frag`). Unlike consume_stage it neither waits nor releases: the main stages'
+// s·T from the registers (`frag`); for "nn" acc += (s·U)·A, A's 64×64 boxes MN-major (k16 steps 2048 bytes
+// apart). Unlike consume_stage it neither waits nor releases: the main stages'
 // groups are retired before it and the epilogue needs this one at once, so the caller waits for all
 // (wait<0>) and releases the returned slot.
-template <typename T, typename W, uint32_t TN>
+template <typename T, bool NN, typename W, uint32_t TN>
 __device__ __forceinline__ uint32_t consume_stage_rs(uint64_t* full, const unsigned char* ring,
                                                      float (&acc)[W::BN / 2], const uint32_t (&frag)[TN / 16][4],
                                                      uint32_t s) {
@@ -90,13 +118,18 @@ __device__ __forceinline__ uint32_t consume_stage_rs(uint64_t* full, const unsig
     const unsigned char* b = ring + slot * STAGE_BYTES + A_BYTES;
     lk_wgmma_fence();
 #pragma unroll
-    for (uint32_t kb = 0; kb < TN / 16; ++kb)
-        lk_wgmma_rs<T, BN>(acc, frag[kb], lk_wgmma_desc(b + 32 * kb, 16, 1024, LK_WGMMA_SWIZZLE_128B), true);
+    for (uint32_t kb = 0; kb < TN / 16; ++kb) {
+        if (NN)  // the LoRA A's 64×64 boxes, MN-major as W0's
+            lk_wgmma_rs<T, BN, 1>(acc, frag[kb], lk_wgmma_desc(b + 2048 * kb, BOX_BYTES, 1024, LK_WGMMA_SWIZZLE_128B),
+                                  true);
+        else
+            lk_wgmma_rs<T, BN>(acc, frag[kb], lk_wgmma_desc(b + 32 * kb, 16, 1024, LK_WGMMA_SWIZZLE_128B), true);
+    }
     lk_wgmma_commit();
     return slot;
 }
 
-// T is complete (its group retired): round it to the layer dtype, write it (rows m0.., this consumer's 64,
+// T (or U) is complete (its group retired): round it to the layer dtype, write it (rows m0.., this consumer's 64,
 // clipped to m and the rank) when `write`, and pack s·T, rounded, as the register-A fragments of the
 // (s·T)·Bᵀ wgmmas: fragment kb's a[j] holds accumulators 8·kb + 2j and + 1 (the m64n16 accumulator layout
 // and the A fragment's agree: rows l/4 and l/4 + 8, columns 2·(l%4) and + 8 of each 16-column block).
@@ -120,7 +153,7 @@ __device__ __forceinline__ void finish_t(const LkFusedGemmSm90Params& p, const f
     }
 }
 
-template <typename T, uint32_t TN, typename W>
+template <typename T, bool NN, uint32_t TN, typename W>
 __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Params& p) {
     constexpr uint32_t BN = W::BN, STAGES = W::STAGES, STAGE_BYTES = W::STAGE_BYTES;
     LK_DYNAMIC_SMEM(smem);
@@ -144,16 +177,30 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
                 const uint32_t slot = s % STAGES, lap = s / STAGES;
                 lk_mbarrier_wait_parity(&empty[slot], (lap & 1) ^ 1);  // lap 0: the phase before the first
                 unsigned char* a = ring + slot * STAGE_BYTES;
-                if (j == main_stages) {  // the LoRA B's rows n0.., rank columns 0..63
+                if (j == main_stages) {  // the low-rank stage's second operand, rank rows/columns 0..63
                     lk_mbarrier_arrive_expect_tx(&full[slot], W::B_BYTES);
-                    lk_tma_load_2d(a + A_BYTES, &p.b_map, 0, int32_t(n0), &full[slot]);
+                    if (NN) {  // the LoRA A's columns n0.., n0 + 64.., ...
+#pragma unroll
+                        for (uint32_t c = 0; c < BN / 64; ++c)
+                            lk_tma_load_2d(a + A_BYTES + c * BOX_BYTES, &p.b_map, int32_t(n0 + 64 * c), 0, &full[slot]);
+                    } else {  // the LoRA B's rows n0..
+                        lk_tma_load_2d(a + A_BYTES, &p.b_map, 0, int32_t(n0), &full[slot]);
+                    }
                     continue;
                 }
                 const int32_t k0 = int32_t(j * BK);
+                unsigned char* l = a + A_BYTES + W::B_BYTES;
                 lk_mbarrier_arrive_expect_tx(&full[slot], A_BYTES + W::B_BYTES + (with_t ? W::EXTRA : 0));
                 lk_tma_load_2d(a, &p.x_map, k0, int32_t(m0), &full[slot]);
-                lk_tma_load_2d(a + A_BYTES, &p.w_map, k0, int32_t(n0), &full[slot]);
-                if (with_t) lk_tma_load_2d(a + A_BYTES + W::B_BYTES, &p.a_map, k0, 0, &full[slot]);
+                if (NN) {  // W0's rows k0.., columns n0.., n0 + 64.., ...; the LoRA B's rows k0..
+#pragma unroll
+                    for (uint32_t c = 0; c < BN / 64; ++c)
+                        lk_tma_load_2d(a + A_BYTES + c * BOX_BYTES, &p.w_map, int32_t(n0 + 64 * c), k0, &full[slot]);
+                    if (with_t) lk_tma_load_2d(l, &p.a_map, 0, k0, &full[slot]);
+                } else {  // W0's rows n0.., columns k0..; the LoRA A's columns k0..
+                    lk_tma_load_2d(a + A_BYTES, &p.w_map, k0, int32_t(n0), &full[slot]);
+                    if (with_t) lk_tma_load_2d(l, &p.a_map, k0, 0, &full[slot]);
+                }
             }
         }
         return;
@@ -176,10 +223,10 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
         uint32_t held = STAGES;
         if (with_t) {
             for (uint32_t j = 0; j < main_stages; ++j, ++s)
-                held = consume_stage_t<T, W, TN>(full, empty, ring, half, acc, tacc, s, held, j > 0);
+                held = consume_stage_t<T, NN, W, TN>(full, empty, ring, half, acc, tacc, s, held, j > 0);
         } else {
             for (uint32_t j = 0; j < main_stages; ++j, ++s)
-                held = consume_stage<T, false, W>(full, empty, ring, half, acc, s, held, j > 0);
+                held = consume_stage<T, NN, W>(full, empty, ring, half, acc, s, held, j > 0);
         }
         lk_wgmma_wait<0>();
         if (held < STAGES) lk_mbarrier_arrive(&empty[held]);  // none held only if k = 0 (the host sends none)
@@ -189,7 +236,7 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
 #pragma unroll
             for (uint32_t kb = 0; kb < TN / 16; ++kb) lk_wgmma_fence_operands(frag[kb]);  // written before the fence
         }
-        held = consume_stage_rs<T, W, TN>(full, ring, acc, frag, s);
+        held = consume_stage_rs<T, NN, W, TN>(full, ring, acc, frag, s);
         ++s;
         lk_wgmma_wait<0>();
         lk_wgmma_fence_operands(acc);  // the epilogue reads them after the wait
@@ -201,25 +248,42 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
 }
 }  // namespace
 
-#define LK_FUSED_GEMM_T_SM90(name, T, TN, W)                                                                 \
+#define LK_FUSED_GEMM_T_SM90(name, T, NN, TN, W)                                                             \
     extern "C" __global__ void __launch_bounds__(LK_SM90_THREADS, 1) name(const __grid_constant__ LkFusedGemmSm90Params p) { \
-        fused_gemm_t_sm90_impl<T, TN, W<TN>>(p);                                                             \
+        fused_gemm_t_sm90_impl<T, NN, TN, W<TN>>(p);                                                         \
     }
 
-LK_FUSED_GEMM_T_SM90(fused_gemm_t16_sm90_bf16, __nv_bfloat16, 16, WideT)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t16_sm90_bf16, __nv_bfloat16, false, 16, WideT)
 LK_KERNEL_EXPORT(fused_gemm_t16_sm90_bf16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_t16_sm90_f16, __half, 16, WideT)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t16_sm90_f16, __half, false, 16, WideT)
 LK_KERNEL_EXPORT(fused_gemm_t16_sm90_f16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_t32_sm90_bf16, __nv_bfloat16, 32, WideT)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t32_sm90_bf16, __nv_bfloat16, false, 32, WideT)
 LK_KERNEL_EXPORT(fused_gemm_t32_sm90_bf16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_t32_sm90_f16, __half, 32, WideT)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t32_sm90_f16, __half, false, 32, WideT)
 LK_KERNEL_EXPORT(fused_gemm_t32_sm90_f16, LkFusedGemmSm90Params)
 // 128×128 tiles (ops/sm90.rs sm90_tile takes them where the busiest SM has less work with them)
-LK_FUSED_GEMM_T_SM90(fused_gemm_t16_sm90_narrow_bf16, __nv_bfloat16, 16, NarrowT)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t16_sm90_narrow_bf16, __nv_bfloat16, false, 16, NarrowT)
 LK_KERNEL_EXPORT(fused_gemm_t16_sm90_narrow_bf16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_t16_sm90_narrow_f16, __half, 16, NarrowT)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t16_sm90_narrow_f16, __half, false, 16, NarrowT)
 LK_KERNEL_EXPORT(fused_gemm_t16_sm90_narrow_f16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_t32_sm90_narrow_bf16, __nv_bfloat16, 32, NarrowT)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t32_sm90_narrow_bf16, __nv_bfloat16, false, 32, NarrowT)
 LK_KERNEL_EXPORT(fused_gemm_t32_sm90_narrow_bf16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_t32_sm90_narrow_f16, __half, 32, NarrowT)
+LK_FUSED_GEMM_T_SM90(fused_gemm_t32_sm90_narrow_f16, __half, false, 32, NarrowT)
 LK_KERNEL_EXPORT(fused_gemm_t32_sm90_narrow_f16, LkFusedGemmSm90Params)
+// dX = dY·W0 + (s·U)·A with U = dY·B computed inside ("nn": W0's, A's and B's operands MN-major)
+LK_FUSED_GEMM_T_SM90(fused_gemm_u16_sm90_nn_bf16, __nv_bfloat16, true, 16, WideT)
+LK_KERNEL_EXPORT(fused_gemm_u16_sm90_nn_bf16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_T_SM90(fused_gemm_u16_sm90_nn_f16, __half, true, 16, WideT)
+LK_KERNEL_EXPORT(fused_gemm_u16_sm90_nn_f16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_T_SM90(fused_gemm_u32_sm90_nn_bf16, __nv_bfloat16, true, 32, WideT)
+LK_KERNEL_EXPORT(fused_gemm_u32_sm90_nn_bf16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_T_SM90(fused_gemm_u32_sm90_nn_f16, __half, true, 32, WideT)
+LK_KERNEL_EXPORT(fused_gemm_u32_sm90_nn_f16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_T_SM90(fused_gemm_u16_sm90_nn_narrow_bf16, __nv_bfloat16, true, 16, NarrowT)
+LK_KERNEL_EXPORT(fused_gemm_u16_sm90_nn_narrow_bf16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_T_SM90(fused_gemm_u16_sm90_nn_narrow_f16, __half, true, 16, NarrowT)
+LK_KERNEL_EXPORT(fused_gemm_u16_sm90_nn_narrow_f16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_T_SM90(fused_gemm_u32_sm90_nn_narrow_bf16, __nv_bfloat16, true, 32, NarrowT)
+LK_KERNEL_EXPORT(fused_gemm_u32_sm90_nn_narrow_bf16, LkFusedGemmSm90Params)
+LK_FUSED_GEMM_T_SM90(fused_gemm_u32_sm90_nn_narrow_f16, __half, true, 32, NarrowT)
+LK_KERNEL_EXPORT(fused_gemm_u32_sm90_nn_narrow_f16, LkFusedGemmSm90Params)

@@ -302,15 +302,38 @@ pub fn lora_backward_into<T: Element, A: Element>(
         (None, scale)
     };
     ws.with_layer(x.device(), &[d.m, d.r], |u, ws| {
-        // one pass over dY for dB and U, one over X for dA (kernels/lowrank_grad.cu)
+        // On sm_90 (opt-in, ops/sm90.rs): dX and U = dY·B in one launch where the Hopper kernel takes it,
+        // then one pass over dY for dB alone; otherwise one pass over dY for dB and U (kernels/lowrank_grad.cu)
+        // and dX after. Either way one pass over X for dA.
         let dims = (d.m, d.n, d.r);
+        let mut dx = dx;
+        let dx_with_u = match dx.as_deref_mut() {
+            Some(dx) if mask.is_none() => super::sm90::try_dx_with_u(
+                OP,
+                dy,
+                w0,
+                a,
+                b,
+                scale,
+                dx,
+                &mut *u,
+                (d.m, d.n, d.k, d.r),
+            )?,
+            _ => false,
+        };
+        let u_pass = if dx_with_u {
+            dx = None; // written
+            None
+        } else {
+            Some((b, &mut *u))
+        };
         launch::lowrank_grad(
             OP,
             dy,
             t,
             db,
             PLayout::ColsByRank,
-            Some((b, &mut *u)),
+            u_pass,
             dims,
             scale,
             acc,

@@ -9,20 +9,23 @@
 //! The forward at ranks up to 32 is one launch (kernels/sm90/fused_gemm_t_sm90.cu,
 //! [`try_forward_with_t`]): T = X·Aᵀ is computed inside the GEMM from the X tiles it streams, about twice
 //! per row block (each CTA takes a contiguous run of tiles), and written for the backward. Otherwise T comes
-//! from the projection launch first, as on the mma.sync path.
+//! from the projection launch first, as on the mma.sync path. The backward's dX at those ranks is one
+//! launch the same way ([`try_dx_with_u`]: U = dY·B from the dY tiles, written for the dA pass), and the
+//! pass over dY then computes dB alone; otherwise that pass computes dB and U, and dX runs after.
 //!
 //! Bits: each kernel gives the same bits on every run, whatever the SM count, but the two forward
 //! structures differ (T summed in one chain or in the projection's fixed K chunks; s·T·Bᵀ added last or
-//! first). Which one runs depends on the rank alone (and on `LK_FUSED_GEMM`), not on M or the SM count,
-//! so a row's bits are the same at every batch size over 16 and on every sm_90 GPU (the tile width does not
-//! change them).
+//! first), and so do the two backward ones (U, hence dA, and dX). Which one runs depends on the rank
+//! alone (and on `LK_FUSED_GEMM`; the backward's also on whether dX is asked for and on dropout), not on M
+//! or the SM count, so a row's bits are the same at every batch size over 16 and on every sm_90 GPU (the
+//! tile width does not change them).
 //!
 //! Opt-in for now: the sm_90a kernels have run only in the emulator, so the default stays the mma.sync
 //! kernel until they pass on a GPU (scripts/gpu-check.sh runs the LoRA tests with them on sm_90).
 //! `LK_FUSED_GEMM=auto` takes the Hopper kernel where it applies and the mma.sync one elsewhere;
 //! `LK_FUSED_GEMM=sm90` makes a GEMM the Hopper kernel cannot take an error instead of a fallback (tests);
-//! `LK_FUSED_GEMM=sm90-projection` is `sm90` with the forward's T always from its own launch (to compare
-//! the two forward structures); unset or `mma`: always the mma.sync kernel.
+//! `LK_FUSED_GEMM=sm90-projection` is `sm90` with T and U always from their own launches (to compare the
+//! two structures of the forward and of the backward); unset or `mma`: always the mma.sync kernel.
 
 use super::launch::{FusedGemm, Orient, u32_of};
 use crate::device::{Arg, RawBuffer};
@@ -39,8 +42,8 @@ enum Choice {
     Auto,
     Mma,
     Sm90,
-    /// As `Sm90`, but the forward's T always from its own launch (never fused_gemm_t_sm90.cu): the two
-    /// forward structures side by side in the perf table.
+    /// As `Sm90`, but T and U always from their own launches (never fused_gemm_t_sm90.cu): the two
+    /// structures of the forward and of the backward side by side in the perf table.
     Sm90Projection,
 }
 
@@ -153,9 +156,6 @@ pub(crate) fn try_forward_with_t<T: Element, R: Element>(
     t: &mut Tensor<T>,
     (m, n, k, rank): (usize, usize, usize, usize),
 ) -> Result<bool> {
-    if k == 0 || !matches!(choice(op)?, Choice::Auto | Choice::Sm90) {
-        return Ok(false);
-    }
     let g = FusedGemm {
         orient: Orient::Nt,
         a: x,
@@ -170,54 +170,194 @@ pub(crate) fn try_forward_with_t<T: Element, R: Element>(
         scale,
         dropout: None,
     };
-    let device = x.device().clone();
-    if obstacle(&g).is_some()
-        || (device.is_cuda() && !module_embedded("fused_gemm_t_sm90"))
-        || rank > LK_SM90_T_MAX_RANK as usize
-        || a.byte_range().0 % 16 != 0
-    {
+    let Some(a) = one_launch_takes(op, &g, a)? else {
         return Ok(false);
+    };
+    let b = b.cast_ref::<T>().expect("R is T: checked by obstacle");
+    let one = OneLaunch {
+        nn: false,
+        first: x,
+        w0,
+        inner: a,
+        last: b,
+        bias,
+        scale,
+        dims: (g.m, g.n, g.k, g.rank),
+    };
+    one_launch(op, &one, y, t)?;
+    Ok(true)
+}
+
+/// dX in one launch on the Hopper kernel that computes U = dY·B itself (kernels/sm90/fused_gemm_t_sm90.cu,
+/// the "nn" kernels): `dx = dY·W0 + (s·U)·A`, U written to `u` (the dA pass reads it). The conditions are
+/// [`try_forward_with_t`]'s, with B's alignment for A's; false when the backward's passes and the fused
+/// GEMM should run instead.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn try_dx_with_u<T: Element, R: Element>(
+    op: &'static str,
+    dy: &Tensor<T>,
+    w0: &Tensor<T>,
+    a: &Tensor<R>,
+    b: &Tensor<R>,
+    scale: f32,
+    dx: &mut Tensor<T>,
+    u: &mut Tensor<T>,
+    (m, n, k, rank): (usize, usize, usize, usize),
+) -> Result<bool> {
+    let g = FusedGemm {
+        orient: Orient::Nn,
+        a: dy,
+        b: w0,
+        l: &*u,
+        r: a,
+        bias: None,
+        m,
+        n: k,
+        k: n,
+        rank,
+        scale,
+        dropout: None,
+    };
+    let Some(b) = one_launch_takes(op, &g, b)? else {
+        return Ok(false);
+    };
+    let a = a.cast_ref::<T>().expect("R is T: checked by obstacle");
+    let one = OneLaunch {
+        nn: true,
+        first: dy,
+        w0,
+        inner: b,
+        last: a,
+        bias: None,
+        scale,
+        dims: (g.m, g.n, g.k, g.rank),
+    };
+    one_launch(op, &one, dx, u)?;
+    Ok(true)
+}
+
+/// Whether a one-launch kernel takes `g` (whose `l` is the low-rank product it writes): under
+/// `LK_FUSED_GEMM` auto or sm90, what the fused GEMM needs ([`obstacle`]), a rank of at most 32, the
+/// module embedded and `inner` (the adapter the kernel multiplies the streamed operand by: A in the
+/// forward, B for dX) 16-byte aligned. Returns `inner` in the layer dtype when it does.
+fn one_launch_takes<'t, T: Element, R: Element>(
+    op: &'static str,
+    g: &FusedGemm<'_, T, R>,
+    inner: &'t Tensor<R>,
+) -> Result<Option<&'t Tensor<T>>> {
+    if g.k == 0 || !matches!(choice(op)?, Choice::Auto | Choice::Sm90) {
+        return Ok(None);
     }
-    let (a, b) = (
-        a.cast_ref::<T>().expect("R is T: checked by obstacle"),
-        b.cast_ref::<T>().expect("R is T: checked by obstacle"),
-    );
+    let device = g.a.device();
+    if obstacle(g).is_some()
+        || (device.is_cuda() && !module_embedded("fused_gemm_t_sm90"))
+        || g.rank > LK_SM90_T_MAX_RANK as usize
+        || inner.byte_range().0 % 16 != 0
+    {
+        return Ok(None);
+    }
+    Ok(Some(
+        inner.cast_ref::<T>().expect("R is T: checked by obstacle"),
+    ))
+}
+
+/// A one-launch kernel's GEMM (kernels/sm90/fused_gemm_t_sm90.cu), m × n × k with rank `rank` as the
+/// kernel sees it: `c = first·op(w0) + (s·P)·op(last)` with `P = first·op(inner)` [m, rank] computed inside.
+/// The forward (`nn` false): first X [m, k], W0 [n, k], inner A [rank, k], last B [n, rank]. dX (`nn`):
+/// first dY [m, k], W0 [k, n], inner B [k, rank] (read MN-major), last A [rank, n].
+struct OneLaunch<'a, T: Element> {
+    nn: bool,
+    first: &'a Tensor<T>,
+    w0: &'a Tensor<T>,
+    inner: &'a Tensor<T>,
+    last: &'a Tensor<T>,
+    bias: Option<&'a Tensor<T>>,
+    scale: f32,
+    dims: (usize, usize, usize, usize),
+}
+
+/// Launches `g` (checked by [`one_launch_takes`]), writing `c` [m, n] and the product `low` [m, rank].
+fn one_launch<T: Element>(
+    op: &'static str,
+    g: &OneLaunch<'_, T>,
+    c: &mut Tensor<T>,
+    low: &mut Tensor<T>,
+) -> Result<()> {
+    let device = g.first.device().clone();
+    let (m, n, k, rank) = g.dims;
+    let nn = g.nn;
     let tn = rank.next_multiple_of(16) as u32;
     let sms = device.sm_count()?;
     let bn = sm90_tile(m, n, sms).1 as u32;
     use kernels::*;
-    let (pair, smem_bytes) = match (tn, bn == LK_SM90_NARROW_BN) {
-        (16, false) => (
+    let (pair, smem_bytes) = match (nn, tn, bn == LK_SM90_NARROW_BN) {
+        (false, 16, false) => (
             (&FUSED_GEMM_T16_SM90_BF16, &FUSED_GEMM_T16_SM90_F16),
             LK_SM90_T16_SMEM_BYTES,
         ),
-        (_, false) => (
+        (false, _, false) => (
             (&FUSED_GEMM_T32_SM90_BF16, &FUSED_GEMM_T32_SM90_F16),
             LK_SM90_T32_SMEM_BYTES,
         ),
-        (16, true) => (
+        (false, 16, true) => (
             (
                 &FUSED_GEMM_T16_SM90_NARROW_BF16,
                 &FUSED_GEMM_T16_SM90_NARROW_F16,
             ),
             LK_SM90_T16_NARROW_SMEM_BYTES,
         ),
-        (_, true) => (
+        (false, _, true) => (
             (
                 &FUSED_GEMM_T32_SM90_NARROW_BF16,
                 &FUSED_GEMM_T32_SM90_NARROW_F16,
             ),
             LK_SM90_T32_NARROW_SMEM_BYTES,
         ),
+        (true, 16, false) => (
+            (&FUSED_GEMM_U16_SM90_NN_BF16, &FUSED_GEMM_U16_SM90_NN_F16),
+            LK_SM90_T16_SMEM_BYTES,
+        ),
+        (true, _, false) => (
+            (&FUSED_GEMM_U32_SM90_NN_BF16, &FUSED_GEMM_U32_SM90_NN_F16),
+            LK_SM90_T32_SMEM_BYTES,
+        ),
+        (true, 16, true) => (
+            (
+                &FUSED_GEMM_U16_SM90_NN_NARROW_BF16,
+                &FUSED_GEMM_U16_SM90_NN_NARROW_F16,
+            ),
+            LK_SM90_T16_NARROW_SMEM_BYTES,
+        ),
+        (true, _, true) => (
+            (
+                &FUSED_GEMM_U32_SM90_NN_NARROW_BF16,
+                &FUSED_GEMM_U32_SM90_NN_NARROW_F16,
+            ),
+            LK_SM90_T32_NARROW_SMEM_BYTES,
+        ),
     };
     let kernel = super::launch::pick(op, T::DTYPE, pair.0, pair.1)?;
-    let maps = [
-        map(op, x, m, k, LK_SM90_BM)?,
-        map(op, w0, n, k, bn)?,
-        map(op, b, n, rank, bn)?,
-        map(op, a, rank, k, tn)?,
-    ];
-    let y_map = y_map(op, y, m, n)?;
+    let (w_map, inner_map, last_map) = if nn {
+        // W0 [k, n] and A [rank, n] in 64×64 boxes; B [k, rank] in 64 rows of TN columns, one 32- or
+        // 64-byte swizzle span (fused_gemm_t_sm90.cu U_ROW_BYTES)
+        let swizzle = if tn == 16 { Swizzle::B32 } else { Swizzle::B64 };
+        let b_slice = TensorMapSpec::row_major(size_of::<T>(), k, rank, tn, LK_SM90_BK, swizzle)
+            .encode(op, &device, g.inner.byte_range().0)?;
+        (
+            map(op, g.w0, k, n, LK_SM90_BK)?,
+            b_slice,
+            map(op, g.last, rank, n, LK_SM90_BK)?,
+        )
+    } else {
+        // W0 [n, k] and B [n, rank] in boxes of bn rows; A [rank, k] in boxes of TN rows
+        (
+            map(op, g.w0, n, k, bn)?,
+            map(op, g.inner, rank, k, tn)?,
+            map(op, g.last, n, rank, bn)?,
+        )
+    };
+    let x_map = map(op, g.first, m, k, LK_SM90_BM)?;
+    let y_map = y_map(op, c, m, n)?;
     // Each CTA a contiguous run of ceil(tiles / SMs) tiles, as many CTAs as there are runs.
     let tiles = m.div_ceil(LK_SM90_BM as usize) * n.div_ceil(bn as usize);
     let per_cta = tiles.div_ceil(sms.max(1) as usize).max(1);
@@ -226,43 +366,47 @@ pub(crate) fn try_forward_with_t<T: Element, R: Element>(
         block: [LK_SM90_THREADS, 1, 1],
         smem_bytes,
     };
+    let names = if nn {
+        ["dy", "w0", "b", "a", "dx", "u"]
+    } else {
+        ["x", "w0", "a", "b", "y", "t"]
+    };
     let mut args = vec![
-        Arg::In("x", x),
-        Arg::In("w0", w0),
-        Arg::In("a", a),
-        Arg::In("b", b),
+        Arg::In(names[0], g.first),
+        Arg::In(names[1], g.w0),
+        Arg::In(names[2], g.inner),
+        Arg::In(names[3], g.last),
     ];
-    if let Some(bias) = bias {
+    if let Some(bias) = g.bias {
         args.push(Arg::In("bias", bias));
     }
-    let y_index = args.len();
-    args.push(Arg::Out("y", y));
-    args.push(Arg::Out("t", t));
-    let has_bias = bias.is_some();
+    let c_index = args.len();
+    args.push(Arg::Out(names[4], c));
+    args.push(Arg::Out(names[5], low));
+    let has_bias = g.bias.is_some();
     let (m, n, k, rank) = (u32_of(m), u32_of(n), u32_of(k), u32_of(rank));
     device.launch(op, kernel, &plan, &mut args, |ptr| LkFusedGemmSm90Params {
-        x_map: maps[0],
-        w_map: maps[1],
+        x_map,
+        w_map,
         t_map: LkTensorMap::default(),
-        b_map: maps[2],
+        b_map: last_map,
         y_map: y_map.unwrap_or_default(),
-        a_map: maps[3],
+        a_map: inner_map,
         bias: if has_bias {
             ptr[4] as *const _
         } else {
             std::ptr::null()
         },
-        y: ptr[y_index] as *mut _,
-        t_out: ptr[y_index + 1] as *mut _,
+        y: ptr[c_index] as *mut _,
+        t_out: ptr[c_index + 1] as *mut _,
         m,
         n,
         k,
         rank,
         ldc: n,
         y_tma: u32::from(y_map.is_some()),
-        scale,
-    })?;
-    Ok(true)
+        scale: g.scale,
+    })
 }
 
 /// The epilogue's TMA store map of C (m × n, boxes 64 × 64): it needs C's rows to be 16-byte multiples and
