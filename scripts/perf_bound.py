@@ -122,7 +122,8 @@ def dyn_smem(kernel, kernel_file):
     if kernel_file == "fused_gemm_sm90" and "_narrow_" in kernel:
         return SM90_NARROW_SMEM
     if kernel_file == "fused_gemm_t_sm90":
-        return SM90_T_SMEM[(int(re.match(r"fused_gemm_t(\d+)_", kernel).group(1)), "_narrow_" in kernel)]
+        # fused_gemm_t<TN>_sm90* (the forward, T inside) and fused_gemm_u<TN>_sm90_nn* (dX, U inside)
+        return SM90_T_SMEM[(int(re.match(r"fused_gemm_[tu](\d+)_", kernel).group(1)), "_narrow_" in kernel)]
     return DYN_SMEM.get(kernel_file, 0)
 HMMA_FLOPS = 2 * 16 * 8 * 16  # one m16n8k16
 
@@ -557,7 +558,8 @@ def sm90_t_flops(tiles_and_computations, k, r, bn):
 
 
 def sm90_gemm_t(m, n, k, r, dev, mix, bn):
-    """fused_gemm_t_sm90 (the forward in one launch, r <= 32, 128 x bn tiles), bounded as sm90_gemm: tensor
+    """fused_gemm_t_sm90 (the forward in one launch, r <= 32, 128 x bn tiles; dX with U inside is the same
+    kernel with dY, W0 [k, n], B [k, r] and A [r, n], the same stages and bytes), bounded as sm90_gemm: tensor
     time of the busiest CTA's wgmma work (its run's tiles and its computations of T) at one SM's share of
     the peak; issue time of its main stages with `mix`, the plain kernel's consumer loop (the tiles that do
     not compute T run that same loop; those that do run more instructions: a lower bound); memory time (X,
@@ -602,16 +604,20 @@ def sm90_needed_verdict(needed, dev):
 def sm90_section(w, res, mixes, dev):
     """The forward and backward with the sm_90a kernels in place of the mma.sync ones: the forward in one
     launch with T inside the GEMM (fused_gemm_t_sm90, r <= 32), the forward with the projection launch first
-    (fused_gemm_sm90, LK_FUSED_GEMM=sm90-projection; ranks above 32), and the backward with the dX GEMM
-    replaced; the other launches are the mma.sync ones, bounded as in the tables above."""
+    (fused_gemm_sm90, LK_FUSED_GEMM=sm90-projection; ranks above 32), the backward with U inside the dX
+    kernel (fused_gemm_u<TN>_sm90_nn, r <= 32) and with U from the pass over dY (fused_gemm_sm90's "nn");
+    the other launches are the mma.sync ones, bounded as in the tables above."""
     M, N, K, R = 8192, 4096, 4096, 16
     tn = cdiv(R, 16) * 16
     t_kern = f"fused_gemm_t{tn}_sm90_bf16"
     w("The forward and backward on the sm_90a path. The forward at this rank is one launch, "
       f"kernels/sm90/fused_gemm_t_sm90.cu ({t_kern}: T = X·Aᵀ computed inside the GEMM, ranks up to "
       f"{SM90_T_MAX_RANK}); above that, and under LK_FUSED_GEMM=sm90-projection, the projection's launches "
-      "run first and kernels/sm90/fused_gemm_sm90.cu adds s·T·Bᵀ; the backward's dX is fused_gemm_sm90's "
-      "\"nn\" kernel (the backward's other launches are the mma.sync ones above). The sm_90a kernels are "
+      "run first and kernels/sm90/fused_gemm_sm90.cu adds s·T·Bᵀ. The backward's dX at this rank is one launch "
+      f"too (fused_gemm_u{tn}_sm90_nn_bf16: U = dY·B computed inside, written for the dA pass; the pass over "
+      "dY then computes dB alone); above that, and under sm90-projection, the pass over dY computes dB and U "
+      "and fused_gemm_sm90's \"nn\" kernel takes dX (the backward's other launches are the mma.sync ones "
+      "above). The sm_90a kernels are "
       "bounded like the others, from their SASS (the consumer loop: tensor time of the wgmma work at the dense "
       "bf16 peak, the rank padded to 16; issue time of the 8 consumer warps over the main stages; both for "
       "the SM with the most work; memory time). L2 to SM: the bytes their TMA loads bring into shared "
@@ -645,21 +651,31 @@ def sm90_section(w, res, mixes, dev):
     t_fwd = fwd_tgt(dev)
     fwd_t, rate_t = row(f"{fwd_target}, T inside ({t_kern})", 0.0, bt, limiter, parts, l2, t_fwd, t_work)
     gemms = (("fused_gemm_nt_bf16", False, M, N, K, "T by the projection"),
-             ("fused_gemm_nn_bf16", True, M, K, N, "dX"))
+             ("fused_gemm_nn_bf16", True, M, K, N, "U by the pass over dY, dX"))
     projection, needed, fwd_p = None, [("forward", 0.0, t_fwd, rate_t)], None
     for (target, _, launches, tgt), (replaced, nn, gm, gn, gk, label) in zip(headline_ops()[:2], gemms):
         bn = sm90_bn(gm, gn, dev["sms"])
         kern = sm90_kernel(nn, bn)
         assert launches[-1]["kernel"] == replaced, (launches[-1]["kernel"], replaced)
+        t = tgt(dev)
+        if nn:
+            # dX with U inside: the pass over dY computes dB alone, then the dA pass; the projection-like
+            # structure (the row after) is what runs above rank 32
+            u_kern = f"fused_gemm_u{tn}_sm90_nn{'_narrow' if bn == SM90_NARROW_BN else ''}_bf16"
+            rest_u = launches_bound(launch_lowrank_grad("bf16", "lowrank_finalize_bf16", M, N, R, False)
+                                    + launch_lowrank_grad("bf16", "lowrank_finalize_bf16", M, K, R, False),
+                                    res, mixes, dev, "sm_90")
+            bu, limiter, parts, l2, u_work = sm90_gemm_t(gm, gn, gk, R, dev, mixes[(kern, "sm_90")], bn)
+            bwd_u, rate_u = row(f"{target}, U inside dX ({u_kern})", rest_u, bu, limiter, parts, l2, t, u_work)
+            needed.append((target.split(" ")[0], rest_u, t - rest_u, rate_u))
         rest = launches_bound(launches[:-1], res, mixes, dev, "sm_90")
         b, limiter, parts, l2 = sm90_gemm(kern, gm, gn, gk, R, dev, mixes[(kern, "sm_90")], bn)
-        t = tgt(dev)
         total, rate = row(f"{target}, {label} ({kern})", rest, b, limiter, parts, l2, t,
                           sm90_gemm_flops(gm, gn, gk, R))
         if projection is None:
             projection, fwd_p, rate_p = rest, total, rate  # the forward's: T = X·Aᵀ and its finalize
         else:
-            needed.append((target.split(" ")[0], rest, t - rest, rate))
+            bwd_rest, bwd_p, rate_bp = rest, total, rate  # the backward's: dB + U, dA and their finalizes
     w("")
     w("What the bound cannot say, the last two columns do: with the other launches at their bounds, the time "
       "the target leaves the sm_90a kernel at most, and the rate its wgmma work (the rank padded to 16) "
@@ -670,7 +686,8 @@ def sm90_section(w, res, mixes, dev):
           f"{rate / 1e12:.0f} TF/s, {rate / dev['cublas']:.2f}x cuBLAS's rate and "
           f"{100 * rate / dev['tensor']:.0f}% of the dense peak" for name, rest, left, rate in needed) +
       f" (the forward with the projection launch first would need {rate_p / 1e12:.0f} TF/s, "
-      f"{rate_p / dev['cublas']:.2f}x). " + sm90_needed_verdict(needed, dev))
+      f"{rate_p / dev['cublas']:.2f}x; the backward with U from the pass over dY {rate_bp / 1e12:.0f} TF/s, "
+      f"{rate_bp / dev['cublas']:.2f}x). " + sm90_needed_verdict(needed, dev))
     w("")
     nb = SM90_NARROW_BN
     narrow = sm90_kernel(False, nb)
@@ -698,6 +715,14 @@ def sm90_section(w, res, mixes, dev):
       f"rounded value (exact for a power-of-two s): the bits differ from the mma.sync path's, within the "
       f"tolerances. Ranks above {SM90_T_MAX_RANK} keep the projection: the A slice of a 64-rank T would not "
       f"fit the three stages' shared memory.")
+    w("")
+    w(f"U inside dX, the same way: the pass over dY that computed dB and U (U's per-strip f32 partials and their "
+      f"finalize included) and the dA pass bound at {bwd_rest * 1e6:.1f} µs (op bound {bwd_p * 1e6:.1f} µs); "
+      f"with U computed in the dX kernel from the dY tiles it streams (B's {tn}x64 slice per stage, read "
+      f"MN-major) and a pass over dY for dB alone, {rest_u * 1e6:.1f} µs of other launches and "
+      f"{bwd_u * 1e6:.1f} µs in all. That is a step, not the target: the passes over dY and X still run alone "
+      f"between GEMMs. Folding dB's and dA's per-row-block partial products into the same kernel (docs/perf/"
+      f"README.md) is what would leave only their ordered finalize outside it.")
     w("")
     sm90_by_m(w, res, mixes, dev, N, K, R)
 

@@ -8,11 +8,12 @@
 //! the seeds varying the shared-memory alignment), on 1, 3 or 132 emulated SMs (by case: the persistent
 //! grid's size, so blocks loop over several tiles or over none, and the tile width that `ops::sm90_tile`
 //! picks for it, 128×256 or the narrow 128×128, both among the cases). Then dX (`lora_backward`, the "nn"
-//! kernel: W0 and A read MN-major from 64×64 boxes) with the whole backward, as many property cases and two
-//! edge shapes (each with both widths), under two orders too; edges of the one-launch forward's schedule
-//! (runs of tiles that start inside a row block, cross one, one CTA over all, one tile per CTA), and its
-//! bits the same on any number of SMs and, for a row, in batches of either tile width (at ranks over 32
-//! too). Each case goes through `common::lora` (forward,
+//! kernel: W0 and A read MN-major from 64×64 boxes; at ranks up to 32 the one-launch "nn" kernel of
+//! fused_gemm_t_sm90.cu, U = dY·B computed inside) with the whole backward, as many property cases and two
+//! edge shapes (each with both widths), under two orders too; edges of the one-launch kernels' schedule
+//! (runs of tiles that start inside a row block, cross one, one CTA over all, one tile per CTA) for the
+//! forward and for dX, and their bits the same on any number of SMs and, for a row of Y, T or dX, in
+//! batches of either tile width (at ranks over 32 too). Each case goes through `common::lora` (forward,
 //! backward, every output against the f64 reference). `LK_FUSED_GEMM=sm90` is set for this whole test binary,
 //! so a forward the Hopper kernel cannot take fails instead of falling back. On an sm_90 GPU every case runs
 //! there too (same reference, repeated bits), and one test takes the 128×256 tiles there; under
