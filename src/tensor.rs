@@ -78,7 +78,7 @@ impl<T: Element> Tensor<T> {
                     .clone_htod(data)
                     .map_err(Error::cuda("uploading a tensor"))?,
             ),
-            Backend::Emulator(_) => {
+            Backend::Emulator(..) => {
                 let mut buf = GuardedBuf::new(std::mem::size_of_val(data), 0);
                 buf.bytes_mut().copy_from_slice(bytemuck::cast_slice(data));
                 Storage::Host(buf)
@@ -100,7 +100,9 @@ impl<T: Element> Tensor<T> {
                     .alloc_zeros::<T>(n)
                     .map_err(Error::cuda("allocating a tensor"))?,
             ),
-            Backend::Emulator(_) => Storage::Host(GuardedBuf::new(n * std::mem::size_of::<T>(), 0)),
+            Backend::Emulator(..) => {
+                Storage::Host(GuardedBuf::new(n * std::mem::size_of::<T>(), 0))
+            }
         };
         Ok(Tensor {
             shape: shape.to_vec(),
@@ -128,7 +130,7 @@ impl<T: Element> Tensor<T> {
                     device: device.clone(),
                 })
             }
-            Backend::Emulator(_) => Ok(Tensor {
+            Backend::Emulator(..) => Ok(Tensor {
                 shape: shape.to_vec(),
                 storage: Storage::Host(GuardedBuf::uninit(numel(shape) * std::mem::size_of::<T>())),
                 device: device.clone(),
@@ -370,7 +372,7 @@ impl U32Buffer {
                     .alloc_zeros::<u32>(len)
                     .map_err(Error::cuda("allocating a count buffer"))?,
             ),
-            Backend::Emulator(_) => Storage::Host(GuardedBuf::uninit(len * 4)),
+            Backend::Emulator(..) => Storage::Host(GuardedBuf::uninit(len * 4)),
         };
         Ok(U32Buffer {
             len,

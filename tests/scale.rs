@@ -120,3 +120,35 @@ fn mse_grad_matches_reference_bit_for_bit() {
         "{e}"
     );
 }
+
+/// The emulator's launch record (`Device::take_launches`): each launch's kernel by name, in order, on the
+/// device and its clones, cleared by taking it, the last 4096 kept (the oldest dropped); a GPU keeps none.
+#[test]
+fn the_emulator_records_its_launches() {
+    let dev = Device::emulator_unchecked();
+    let x = Tensor::from_slice(&dev, &[bf16::ONE], &[1]).unwrap();
+    let mut y = Tensor::<bf16>::zeros(&dev, &[1]).unwrap();
+    let xh = Tensor::from_slice(&dev, &[f16::ONE], &[1]).unwrap();
+    let mut yh = Tensor::<f16>::zeros(&dev, &[1]).unwrap();
+    assert!(dev.take_launches().is_empty());
+    ops::scale(&x, 2.0, &mut y).unwrap();
+    ops::scale(&xh, 2.0, &mut yh).unwrap();
+    assert_eq!(dev.clone().take_launches(), ["scale_bf16", "scale_f16"]);
+    assert!(
+        dev.take_launches().is_empty(),
+        "taking the record clears it"
+    );
+    ops::scale(&xh, 2.0, &mut yh).unwrap();
+    for _ in 0..4096 {
+        ops::scale(&x, 2.0, &mut y).unwrap();
+    }
+    let record = dev.take_launches();
+    assert_eq!(record.len(), 4096);
+    assert!(
+        record.iter().all(|k| *k == "scale_bf16"),
+        "the oldest went first"
+    );
+    if let Some(gpu) = common::gpu() {
+        assert!(gpu.take_launches().is_empty());
+    }
+}

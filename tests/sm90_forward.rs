@@ -1,7 +1,8 @@
 //! The sm_90a fused GEMMs (kernels/sm90/fused_gemm_sm90.cu: TMA, mbarriers, wgmma, warp-specialised,
 //! persistent; the forward at ranks up to 32 on fused_gemm_t_sm90.cu, T computed inside, in one launch)
-//! run by the emulator as a compute-capability-9.0 device, through `lora_forward`: property tests
-//! over ragged m and n (not multiples of the 128×256 tiles; m > 16 so the small-M kernel stays out), k and r
+//! run by the emulator as a compute-capability-9.0 device, through `lora_forward`: property tests (64
+//! cases for each structure: ranks 8..=32 on the one-launch kernel, 40..=128 on the projection and
+//! fused_gemm_sm90.cu) over ragged m and n (not multiples of the 128×256 tiles; m > 16 so the small-M kernel stays out), k and r
 //! multiples of 8 (TMA's row strides) from 8 to 320 and 8 to 128, bf16/f16, bias or not, each against the f64
 //! reference with the outputs poisoned, under the ascending thread order and one of the other four (rotating
 //! over the cases) with identical bits (the race detector in its happens-before mode watching every access,
@@ -9,7 +10,8 @@
 //! grid's size, so blocks loop over several tiles or over none, and the tile width that `ops::sm90_tile`
 //! picks for it, 128×256 or the narrow 128×128, both among the cases). Then dX (`lora_backward`, the "nn"
 //! kernel: W0 and A read MN-major from 64×64 boxes; at ranks up to 32 the one-launch "nn" kernel of
-//! fused_gemm_t_sm90.cu, U = dY·B computed inside) with the whole backward, as many property cases and two
+//! fused_gemm_t_sm90.cu, U = dY·B computed inside) with the whole backward, as many property cases per
+//! structure and two
 //! edge shapes (each with both widths), under two orders too; edges of the one-launch kernels' schedule
 //! (runs of tiles that start inside a row block, cross one, one CTA over all, one tile per CTA) for the
 //! forward and for dX, and their bits the same on any number of SMs and, for a row of Y, T or dX, in
@@ -98,12 +100,16 @@ fn case_on<T: Element>(
             lora_kernels::ops::sm90_tile(m, n, sms),
             lora_kernels::ops::sm90_tile(m, k, sms)
         );
+        dev.take_launches();
         let o = run(&dev, &l, backward);
         let what = format!(
             "sm_90a {m}×{n}×{k} r {r} bias {bias} on {sms} SMs ({tiles}) of {}",
             dev.describe()
         );
         check(&what, &l, &o, tol(T::DTYPE));
+        if dev.is_emulator() {
+            took_the_structure_of_its_rank(&dev.take_launches(), r, backward, &what);
+        }
         if dev.is_cuda() {
             assert!(
                 run(&dev, &l, backward).bits() == o.bits(),
@@ -116,6 +122,27 @@ fn case_on<T: Element>(
             Some(f) => assert!(*f == o.bits(), "{what}: bits differ between thread orders"),
         }
     }
+}
+
+/// The launches of one layer case (`run`) took the sm_90a structure its rank chooses (the emulator's
+/// launch record), so a case cannot pass on a fallback: at ranks up to 32 the one-launch kernels (the
+/// forward's fused_gemm_t*, dX's fused_gemm_u*) and neither GEMM of fused_gemm_sm90.cu; above, those GEMMs
+/// and no one-launch kernel.
+fn took_the_structure_of_its_rank(launches: &[&str], r: usize, backward: bool, what: &str) {
+    let one_launch = r <= 32;
+    let ran = |prefix: &str| launches.iter().any(|k| k.starts_with(prefix));
+    let expected: &[(&str, bool)] = &[
+        ("fused_gemm_t", one_launch),
+        ("fused_gemm_u", one_launch && backward),
+        ("fused_gemm_sm90_nn", !one_launch && backward),
+    ];
+    for &(prefix, want) in expected {
+        assert_eq!(ran(prefix), want, "{what}: {prefix}* in {launches:?}");
+    }
+    let plain_forward = launches
+        .iter()
+        .any(|k| k.starts_with("fused_gemm_sm90_") && !k.starts_with("fused_gemm_sm90_nn"));
+    assert_eq!(plain_forward, !one_launch, "{what}: {launches:?}");
 }
 
 /// The GPU, when there is one and it is sm_90 (these kernels' only hardware; `common::gpu` panics
@@ -169,23 +196,29 @@ fn sm90_wide_tiles_on_the_gpu() {
     }
 }
 
+/// The ranks of the one-launch kernels (fused_gemm_t_sm90.cu: T or U computed inside, up to 32) and those
+/// of the projection structure (fused_gemm_sm90.cu after T's or U's own launch), in eighths: each
+/// structure gets its own property test of 64 cases.
+const ONE_LAUNCH_R8: std::ops::RangeInclusive<usize> = 1..=4;
+const PROJECTION_R8: std::ops::RangeInclusive<usize> = 5..=16;
+const _: () =
+    assert!(8 * *ONE_LAUNCH_R8.end() == lora_kernels::params::LK_SM90_T_MAX_RANK as usize);
+
 /// n is a multiple of 8 in half the cases: those take the epilogue through shared memory and TMA stores,
-/// the others the stores from the registers.
-fn shape() -> impl Strategy<Value = (usize, usize, usize, usize)> {
-    (
-        17usize..=300,
-        1usize..=300,
-        any::<bool>(),
-        1usize..=40,
-        1usize..=16,
-    )
+/// the others the stores from the registers. Ranks 8·`r8`.
+fn shape(
+    r8: std::ops::RangeInclusive<usize>,
+) -> impl Strategy<Value = (usize, usize, usize, usize)> {
+    (17usize..=300, 1usize..=300, any::<bool>(), 1usize..=40, r8)
         .prop_map(|(m, n, n8, k8, r8)| (m, if n8 { 8 * n.div_ceil(8) } else { n }, 8 * k8, 8 * r8))
 }
 
 /// dX's shapes: ragged m, the layer's n and k multiples of 8 (W0's rows in both orientations; k, dX's
-/// columns, past one 256-column tile in some), ranks 8..128.
-fn dx_shape() -> impl Strategy<Value = (usize, usize, usize, usize)> {
-    (17usize..=300, 1usize..=40, 1usize..=40, 1usize..=16)
+/// columns, past one 256-column tile in some), ranks 8·`r8`.
+fn dx_shape(
+    r8: std::ops::RangeInclusive<usize>,
+) -> impl Strategy<Value = (usize, usize, usize, usize)> {
+    (17usize..=300, 1usize..=40, 1usize..=40, r8)
         .prop_map(|(m, n8, k8, r8)| (m, 8 * n8, 8 * k8, 8 * r8))
 }
 
@@ -196,14 +229,29 @@ proptest! {
         ..ProptestConfig::default()
     })]
 
+    /// The forward at ranks 40..=128: the projection, then fused_gemm_sm90 (either width).
     #[test]
-    fn sm90_forward_matches_reference(dims in shape(), f16_layer in any::<bool>(), bias in any::<bool>(), stream in any::<u64>()) {
+    fn sm90_forward_matches_reference(dims in shape(PROJECTION_R8), f16_layer in any::<bool>(), bias in any::<bool>(), stream in any::<u64>()) {
         if f16_layer { case::<f16>(dims, bias, stream, false) } else { case::<bf16>(dims, bias, stream, false) }
     }
 
-    /// dX on the Hopper kernel ("nn"), through the whole backward, as many shapes as the forward.
+    /// The forward at ranks 8..=32: one launch, T inside (fused_gemm_t_sm90's fused_gemm_t*, either width).
     #[test]
-    fn sm90_dx_matches_reference(dims in dx_shape(), f16_layer in any::<bool>(), stream in any::<u64>()) {
+    fn sm90_forward_t_matches_reference(dims in shape(ONE_LAUNCH_R8), f16_layer in any::<bool>(), bias in any::<bool>(), stream in any::<u64>()) {
+        if f16_layer { case::<f16>(dims, bias, stream, false) } else { case::<bf16>(dims, bias, stream, false) }
+    }
+
+    /// dX at ranks 40..=128 on fused_gemm_sm90's "nn" kernel after the pass over dY that computes U,
+    /// through the whole backward.
+    #[test]
+    fn sm90_dx_matches_reference(dims in dx_shape(PROJECTION_R8), f16_layer in any::<bool>(), stream in any::<u64>()) {
+        if f16_layer { case::<f16>(dims, false, stream, true) } else { case::<bf16>(dims, false, stream, true) }
+    }
+
+    /// dX at ranks 8..=32: one launch, U inside (fused_gemm_t_sm90's fused_gemm_u*_nn*), through the
+    /// whole backward.
+    #[test]
+    fn sm90_dx_u_matches_reference(dims in dx_shape(ONE_LAUNCH_R8), f16_layer in any::<bool>(), stream in any::<u64>()) {
         if f16_layer { case::<f16>(dims, false, stream, true) } else { case::<bf16>(dims, false, stream, true) }
     }
 }

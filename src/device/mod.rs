@@ -6,7 +6,8 @@ mod compat;
 mod cuda;
 mod emu;
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 pub use cuda::CudaDevice;
 pub use emu::{EmuConfig, EmuRegion, MmaModel, ThreadOrder, launch_raw as emu_launch_raw};
@@ -23,9 +24,14 @@ pub struct Device {
     inner: Arc<Backend>,
 }
 
+/// How many launches the emulator's record keeps (the oldest go first).
+const LAUNCH_RECORD: usize = 4096;
+
 pub(crate) enum Backend {
     Cuda(CudaDevice),
-    Emulator(EmuConfig),
+    /// The configuration, and the names of the last (at most [`LAUNCH_RECORD`]) kernels launched since
+    /// the last [`Device::take_launches`].
+    Emulator(EmuConfig, Mutex<VecDeque<&'static str>>),
 }
 
 impl std::fmt::Debug for Device {
@@ -77,7 +83,7 @@ impl Device {
     /// The CPU emulator with a given thread order (tests run kernels under several).
     pub fn emulator_with(config: EmuConfig) -> Device {
         Device {
-            inner: Arc::new(Backend::Emulator(config)),
+            inner: Arc::new(Backend::Emulator(config, Mutex::new(VecDeque::new()))),
         }
     }
 
@@ -108,21 +114,21 @@ impl Device {
     }
 
     pub fn is_emulator(&self) -> bool {
-        matches!(*self.inner, Backend::Emulator(_))
+        matches!(*self.inner, Backend::Emulator(..))
     }
 
     /// The CUDA side (context, stream), for interop with other cudarc users.
     pub fn as_cuda(&self) -> Option<&CudaDevice> {
         match &*self.inner {
             Backend::Cuda(c) => Some(c),
-            Backend::Emulator(_) => None,
+            Backend::Emulator(..) => None,
         }
     }
 
     pub fn describe(&self) -> String {
         match &*self.inner {
             Backend::Cuda(c) => c.describe(),
-            Backend::Emulator(cfg) => format!(
+            Backend::Emulator(cfg, _) => format!(
                 "the CPU emulator ({:?} thread order{})",
                 cfg.order,
                 if cfg.checks {
@@ -139,7 +145,7 @@ impl Device {
     pub fn compute_capability(&self) -> u32 {
         match &*self.inner {
             Backend::Cuda(c) => c.capability_number(),
-            Backend::Emulator(cfg) => cfg.arch,
+            Backend::Emulator(cfg, _) => cfg.arch,
         }
     }
 
@@ -149,7 +155,20 @@ impl Device {
     pub fn sm_count(&self) -> Result<u32> {
         match &*self.inner {
             Backend::Cuda(c) => c.sm_count(),
-            Backend::Emulator(cfg) => Ok(cfg.sms.max(1)),
+            Backend::Emulator(cfg, _) => Ok(cfg.sms.max(1)),
+        }
+    }
+
+    /// The emulator's record of the kernels launched on this device (and its clones) since the previous
+    /// call, by `extern "C"` name, in launch order (the last 4096 at most), and clears it: which kernels an
+    /// op took (the launch plans choose by shape, rank and device). Empty on a GPU, which keeps no record.
+    pub fn take_launches(&self) -> Vec<&'static str> {
+        match &*self.inner {
+            Backend::Cuda(_) => Vec::new(),
+            Backend::Emulator(_, launches) => {
+                let mut record = launches.lock().unwrap_or_else(|e| e.into_inner());
+                std::mem::take(&mut *record).into()
+            }
         }
     }
 
@@ -157,7 +176,7 @@ impl Device {
     pub fn synchronize(&self) -> Result<()> {
         match &*self.inner {
             Backend::Cuda(c) => c.synchronize(),
-            Backend::Emulator(_) => Ok(()),
+            Backend::Emulator(..) => Ok(()),
         }
     }
 
@@ -191,7 +210,15 @@ impl Device {
         check_aliasing(op, args)?;
         match &*self.inner {
             Backend::Cuda(c) => c.launch(kernel, plan, args, build),
-            Backend::Emulator(cfg) => emu::launch(cfg, kernel, plan, args, build),
+            Backend::Emulator(cfg, launches) => {
+                let mut record = launches.lock().unwrap_or_else(|e| e.into_inner());
+                if record.len() == LAUNCH_RECORD {
+                    record.pop_front();
+                }
+                record.push_back(kernel.name);
+                drop(record);
+                emu::launch(cfg, kernel, plan, args, build)
+            }
         }
     }
 }
