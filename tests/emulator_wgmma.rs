@@ -4,6 +4,8 @@
 //! - a 64×64×64 bf16 tile (tests/kernels/planted_wgmma.cu: TMA 128-byte swizzled loads on an mbarrier,
 //!   four k16 wgmma steps, A from shared memory or registers, B K-major or MN-major) matches the f64
 //!   product under every thread order;
+//! - B MN-major and 16 or 32 columns wide in the 32- or 64-byte swizzle (dX's one-launch kernel reads
+//!   the LoRA B's slice so) matches the product too;
 //! - the planted bugs are caught: the wrong swizzle in the descriptors (wrong values), accumulators read
 //!   before the wait (NaN), no wgmma.fence, writing an operand the wgmma still reads, exiting before the
 //!   wait.
@@ -207,7 +209,17 @@ fn inputs(seed: u64) -> Inputs {
 }
 
 fn map(dev: &Device, data: &[u16]) -> LkTensorMap {
-    TensorMapSpec::row_major(2, 64, 64, 64, 64, Swizzle::B128)
+    narrow_map(dev, data, 64)
+}
+
+/// The map of a [64][cols] bf16 tile in one box, rows in one swizzle span (128, 64 or 32 bytes).
+fn narrow_map(dev: &Device, data: &[u16], cols: usize) -> LkTensorMap {
+    let swizzle = match cols {
+        16 => Swizzle::B32,
+        32 => Swizzle::B64,
+        _ => Swizzle::B128,
+    };
+    TensorMapSpec::row_major(2, 64, cols, cols as u32, 64, swizzle)
         .encode("test", dev, data.as_ptr() as u64)
         .unwrap()
 }
@@ -219,17 +231,31 @@ fn run(
     b_mn: bool,
     bug: i32,
 ) -> Result<Vec<f32>, String> {
+    run_cols(inp, cfg, a_regs, b_mn, bug, 64)
+}
+
+/// The tile with B `b_cols` wide: 64 (128-byte rows), or 16 / 32 (B [64][b_cols] MN-major in the 32- or
+/// 64-byte swizzle: the first 64·b_cols values of `inp.b`); Y is [64][b_cols].
+fn run_cols(
+    inp: &Inputs,
+    cfg: &EmuConfig,
+    a_regs: bool,
+    b_mn: bool,
+    bug: i32,
+    b_cols: usize,
+) -> Result<Vec<f32>, String> {
     let dev = Device::emulator();
-    let (a, b) = (u16s(&inp.a), u16s(&inp.b));
-    let mut y = vec![f32::NAN; 64 * 64];
+    let (a, b) = (u16s(&inp.a), &u16s(&inp.b)[..64 * b_cols]);
+    let mut y = vec![f32::NAN; 64 * b_cols];
     let p = WgmmaParams {
         a_map: map(&dev, a),
-        b_map: map(&dev, b),
+        b_map: narrow_map(&dev, b, b_cols),
         a: a.as_ptr(),
         y: y.as_mut_ptr(),
         a_regs: a_regs as i32,
         b_mn_major: b_mn as i32,
         bug,
+        b_cols: if b_cols == 64 { 0 } else { b_cols as i32 },
     };
     let regions = [
         EmuRegion::input("a", a),
@@ -245,6 +271,20 @@ fn run(
     unsafe { emu_launch_raw(cfg, lk_emu_body_planted_wgmma_tile, &plan, &p, &regions) }
         .map_err(|e| e.to_string())?;
     Ok(y)
+}
+
+/// Y = A·B with B as [64][cols] (the first 64·cols values of `inp.b`), in f64.
+fn reference_cols(inp: &Inputs, cols: usize) -> Vec<f64> {
+    let (a, b) = (u16s(&inp.a), u16s(&inp.b));
+    let mut y = vec![0.0; 64 * cols];
+    for m in 0..64 {
+        for n in 0..cols {
+            y[m * cols + n] = (0..64)
+                .map(|k| bf16_value(a[m * 64 + k]) * bf16_value(b[k * cols + n]))
+                .sum();
+        }
+    }
+    y
 }
 
 /// Y = A·Bᵀ (B as [N][K]) or A·B (B as [K][N]), in f64.
@@ -287,6 +327,28 @@ fn wgmma_tile_matches_the_product_under_every_order() {
             assert!(
                 e <= 1e-5,
                 "{cfg:?} A from registers {a_regs}, B MN-major {b_mn}: relative error {e:e}"
+            );
+        }
+    }
+}
+
+/// B MN-major and narrow, as dX's one-launch kernel reads the LoRA B's slice (fused_gemm_t_sm90.cu): 16
+/// columns in the 32-byte swizzle (m64n16k16) and 32 in the 64-byte one (m64n32k16), LBO 0, SBO 8 rows,
+/// match the product under every order; describing either with the other swizzle gives wrong values.
+#[test]
+fn wgmma_narrow_mn_major_b_matches_the_product() {
+    for (i, cfg) in common::all_orders().into_iter().enumerate() {
+        let inp = inputs(common::seed() ^ 0x40 ^ i as u64);
+        for cols in [16, 32] {
+            let want = reference_cols(&inp, cols);
+            let y = run_cols(&inp, &cfg, false, true, 0, cols)
+                .unwrap_or_else(|e| panic!("{cfg:?} {cols}: {e}"));
+            let e = rel_err(&y, &want);
+            assert!(e <= 1e-5, "{cfg:?} B [64][{cols}]: relative error {e:e}");
+            let y = run_cols(&inp, &cfg, false, true, 1, cols).expect("a wrong swizzle still runs");
+            assert!(
+                rel_err(&y, &want) > 0.1,
+                "{cfg:?} B [64][{cols}]: the other swizzle must give wrong values"
             );
         }
     }

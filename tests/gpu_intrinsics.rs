@@ -557,8 +557,10 @@ fn tma_emulator_equals_hardware() {
     }
 }
 
-/// wgmma m64n64k16 (A from shared memory or registers, B K- or MN-major, TMA-loaded, 128-byte swizzle) on
-/// small integers, where every sum is exact: the GPU's accumulators equal the emulator's bit for bit.
+/// wgmma m64n64k16 (A from shared memory or registers, B K- or MN-major, TMA-loaded, 128-byte swizzle), and
+/// m64n16k16 / m64n32k16 with B [64][16] / [64][32] MN-major in the 32- / 64-byte swizzle (dX's one-launch
+/// kernel reads the LoRA B's slice so), on small integers, where every sum is exact: the GPU's accumulators
+/// equal the emulator's bit for bit.
 #[test]
 fn wgmma_emulator_equals_hardware() {
     let Some(dev) = hopper_gpu() else { return };
@@ -571,21 +573,45 @@ fn wgmma_emulator_equals_hardware() {
             .collect()
     };
     let (a, b) = (ints(), ints());
-    for (a_regs, b_mn) in [(false, false), (true, false), (false, true), (true, true)] {
+    let cases = [
+        (false, false, 64),
+        (true, false, 64),
+        (false, true, 64),
+        (true, true, 64),
+        (false, true, 16),
+        (false, true, 32),
+    ];
+    for (a_regs, b_mn, cols) in cases {
+        let b_sw = match cols {
+            16 => Swizzle::B32,
+            32 => Swizzle::B64,
+            _ => Swizzle::B128,
+        };
+        let b_cols = if cols == 64 { 0 } else { cols as i32 };
+        let b = &b[..64 * cols];
         let emu = Device::emulator();
-        let mut ye = vec![f32::NAN; 64 * 64];
+        let mut ye = vec![f32::NAN; 64 * cols];
         let p = WgmmaParams {
             a_map: map_2d(&emu, a.as_ptr() as u64, 64, 64, 64, 64, Swizzle::B128),
-            b_map: map_2d(&emu, b.as_ptr() as u64, 64, 64, 64, 64, Swizzle::B128),
+            b_map: map_2d(
+                &emu,
+                b.as_ptr() as u64,
+                64,
+                cols as u64,
+                cols as u32,
+                64,
+                b_sw,
+            ),
             a: a.as_ptr(),
             y: ye.as_mut_ptr(),
             a_regs: a_regs as i32,
             b_mn_major: b_mn as i32,
             bug: 0,
+            b_cols,
         };
         let regions = [
             EmuRegion::input("a", &a),
-            EmuRegion::input("b", &b),
+            EmuRegion::input("b", b),
             EmuRegion::output("y", &mut ye),
         ];
         let plan = LaunchPlan {
@@ -606,28 +632,29 @@ fn wgmma_emulator_equals_hardware() {
         .unwrap();
         let (a_d, b_d) = (
             stream.clone_htod(&a).unwrap(),
-            stream.clone_htod(&b).unwrap(),
+            stream.clone_htod(b).unwrap(),
         );
-        let mut y_d = stream.alloc_zeros::<f32>(64 * 64).unwrap();
+        let mut y_d = stream.alloc_zeros::<f32>(64 * cols).unwrap();
         {
             let (ap, _ga) = a_d.device_ptr(&stream);
             let (bp, _gb) = b_d.device_ptr(&stream);
             let (yp, _gy) = y_d.device_ptr_mut(&stream);
             let p = WgmmaParams {
                 a_map: map_2d(&dev, ap, 64, 64, 64, 64, Swizzle::B128),
-                b_map: map_2d(&dev, bp, 64, 64, 64, 64, Swizzle::B128),
+                b_map: map_2d(&dev, bp, 64, cols as u64, cols as u32, 64, b_sw),
                 a: ap as *const u16,
                 y: yp as *mut f32,
                 a_regs: a_regs as i32,
                 b_mn_major: b_mn as i32,
                 bug: 0,
+                b_cols,
             };
             let cfg = LaunchConfig {
                 grid_dim: (1, 1, 1),
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 2 * 8192 + 2048,
             };
-            // SAFETY: the maps describe a and b as allocated above; y holds 64×64 f32.
+            // SAFETY: the maps describe a and b as allocated above; y holds 64×cols f32.
             unsafe { stream.launch_builder(&f).arg(&p).launch(cfg) }.unwrap();
         }
         let yg = stream.clone_dtoh(&y_d).unwrap();
@@ -635,7 +662,7 @@ fn wgmma_emulator_equals_hardware() {
         assert_eq!(
             bits(&yg),
             bits(&ye),
-            "A in registers {a_regs}, B MN-major {b_mn}: GPU and emulator differ"
+            "A in registers {a_regs}, B MN-major {b_mn}, {cols} columns: GPU and emulator differ"
         );
     }
 }

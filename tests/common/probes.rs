@@ -55,6 +55,8 @@ pub struct WgmmaParams {
     pub a_regs: i32,
     pub b_mn_major: i32,
     pub bug: i32,
+    /// 0: B 64×64 in 128-byte rows; 16 or 32: B [64][b_cols] MN-major in the 32- or 64-byte swizzle.
+    pub b_cols: i32,
 }
 // SAFETY: as above.
 unsafe impl DeviceRepr for WgmmaParams {}

@@ -8,6 +8,10 @@
 // `bug` plants one mistake: 1 describes the tiles with the 64-byte swizzle; 2 reads the accumulators
 // before the wait; 3 issues without wgmma.fence; 4 writes the A tile while the wgmma still reads it;
 // 5 exits without waiting.
+// With b_cols 16 or 32 (B MN-major only): B is [64][b_cols], TMA-loaded with the 32- or 64-byte swizzle
+// (one span per row, as fused_gemm_t_sm90.cu's dX loads the LoRA B's slice), and m64n16k16 or m64n32k16
+// reads it MN-major: k16 step at +16 rows, SBO = 8 rows, LBO unused (0); Y is [64][b_cols]. Bug 1 there
+// describes the tile with the other of the two swizzles.
 #include "lk_tma.cuh"
 #include "lk_wgmma.cuh"
 
@@ -19,7 +23,24 @@ struct WgmmaParams {
     int32_t a_regs;
     int32_t b_mn_major;  // B given as [K][N] (64 rows of N): MN-major, its k16 step at +16 rows (2048 bytes)
     int32_t bug;
+    int32_t b_cols;  // 0: 64 (B in 128-byte rows); 16 or 32: B [64][b_cols] MN-major, the 32- or 64-byte swizzle
 };
+
+// Y[64×N] = A·B with B [64][N] MN-major in the 2N-byte swizzle (N = 16 or 32), A K-major from a_tile.
+template <uint32_t N>
+__device__ void narrow_b(const WgmmaParams& p, const unsigned char* a_tile, const unsigned char* b_tile,
+                         uint32_t tid) {
+    constexpr uint32_t W = 2 * N;  // bytes per row of B: one swizzle span
+    const uint32_t swz = (N == 16) != (p.bug == 1) ? LK_WGMMA_SWIZZLE_32B : LK_WGMMA_SWIZZLE_64B;
+    float acc[N / 2];
+    lk_wgmma_fence();
+    for (uint32_t kb = 0; kb < 4; ++kb)
+        lk_wgmma_ss<__nv_bfloat16, N, 0, 1>(acc, lk_wgmma_desc(a_tile + 32 * kb, 16, 1024, LK_WGMMA_SWIZZLE_128B),
+                                            lk_wgmma_desc(b_tile + 16 * W * kb, 0, 8 * W, swz), kb > 0);
+    lk_wgmma_commit();
+    lk_wgmma_wait<0>();
+    for (uint32_t i = 0; i < N / 2; ++i) p.y[lk_wgmma_acc_row(tid, i) * N + lk_wgmma_acc_col(tid, i)] = acc[i];
+}
 
 extern "C" __global__ void __launch_bounds__(128) planted_wgmma_tile(const __grid_constant__ WgmmaParams p) {
     LK_DYNAMIC_SMEM(smem);
@@ -33,12 +54,15 @@ extern "C" __global__ void __launch_bounds__(128) planted_wgmma_tile(const __gri
         lk_fence_mbarrier_init();
     }
     __syncthreads();
+    const uint32_t b_bytes = 64 * 2 * (p.b_cols == 0 ? 64 : p.b_cols);
     if (tid == 0) {
-        lk_mbarrier_arrive_expect_tx(bar, 2 * 64 * 128);
+        lk_mbarrier_arrive_expect_tx(bar, 64 * 128 + b_bytes);
         lk_tma_load_2d(a_tile, &p.a_map, 0, 0, bar);
         lk_tma_load_2d(b_tile, &p.b_map, 0, 0, bar);
     }
     lk_mbarrier_wait_parity(bar, 0);
+    if (p.b_cols == 16) return narrow_b<16>(p, a_tile, b_tile, tid);
+    if (p.b_cols == 32) return narrow_b<32>(p, a_tile, b_tile, tid);
 
     float acc[32];
     const uint32_t swz = p.bug == 1 ? LK_WGMMA_SWIZZLE_64B : LK_WGMMA_SWIZZLE_128B;
