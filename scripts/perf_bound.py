@@ -72,6 +72,7 @@ DYN_SMEM = {}
 HOPPER_ARCH = {"sm_90": "sm_90a"}
 SM90_BM = SM90_BN = SM90_BK = SM90_NARROW_BN = SM90_NARROW_SMEM = SM90_T_MAX_RANK = 0
 SM90_T_SMEM = {}  # fused_gemm_t<TN>_sm90[_narrow]: (TN, narrow) -> dynamic shared memory
+SM90_U16_SMEM = {}
 SM90_CONSUMER_WARPS = 8  # two consumer warpgroups
 
 
@@ -90,6 +91,8 @@ def read_params_h(path):
     SM90_T_SMEM.update({(16, False): d["LK_SM90_T16_SMEM_BYTES"], (32, False): d["LK_SM90_T32_SMEM_BYTES"],
                         (16, True): d["LK_SM90_T16_NARROW_SMEM_BYTES"],
                         (32, True): d["LK_SM90_T32_NARROW_SMEM_BYTES"]})
+    # dX's U16 kernels also hold T's row-block tile for dB's partials
+    SM90_U16_SMEM.update({False: d["LK_SM90_U16_SMEM_BYTES"], True: d["LK_SM90_U16_NARROW_SMEM_BYTES"]})
 
 
 def sm90_bn(m, n, sms):
@@ -122,7 +125,10 @@ def dyn_smem(kernel, kernel_file):
     if kernel_file == "fused_gemm_sm90" and "_narrow_" in kernel:
         return SM90_NARROW_SMEM
     if kernel_file == "fused_gemm_t_sm90":
-        # fused_gemm_t<TN>_sm90* (the forward, T inside) and fused_gemm_u<TN>_sm90_nn* (dX, U inside)
+        # fused_gemm_t<TN>_sm90* (the forward, T inside) and fused_gemm_u<TN>_sm90_nn* (dX, U inside; at
+        # TN = 16 dB's partials too, with T's tile)
+        if kernel.startswith("fused_gemm_u16_"):
+            return SM90_U16_SMEM["_narrow_" in kernel]
         return SM90_T_SMEM[(int(re.match(r"fused_gemm_[tu](\d+)_", kernel).group(1)), "_narrow_" in kernel)]
     return DYN_SMEM.get(kernel_file, 0)
 HMMA_FLOPS = 2 * 16 * 8 * 16  # one m16n8k16
@@ -557,29 +563,38 @@ def sm90_t_flops(tiles_and_computations, k, r, bn):
     return 2 * SM90_BM * (count * bn * (kp + tn) + computations * tn * kp)
 
 
-def sm90_gemm_t(m, n, k, r, dev, mix, bn):
+def sm90_gemm_t(m, n, k, r, dev, mix, bn, db=False):
     """fused_gemm_t_sm90 (the forward in one launch, r <= 32, 128 x bn tiles; dX with U inside is the same
     kernel with dY, W0 [k, n], B [k, r] and A [r, n], the same stages and bytes), bounded as sm90_gemm: tensor
     time of the busiest CTA's wgmma work (its run's tiles and its computations of T) at one SM's share of
     the peak; issue time of its main stages with `mix`, the plain kernel's consumer loop (the tiles that do
     not compute T run that same loop; those that do run more instructions: a lower bound); memory time (X,
     W0, A, B read once, Y and T written once). L2 to SM: every main stage's X and W0 boxes, A's TN x 64
-    slice on the stages that compute T, and B's bn x 64 box per tile. Returns (bound, limiter, parts, L2
-    bytes, total tensor work)."""
+    slice on the stages that compute T, and B's bn x 64 box per tile. With `db` (dX at r <= 16): dB's
+    partials on each row block's tile of column 0, an m64n16k128 product per stage (the rank padded to 16),
+    T's 128 x 16 tile read once per row block and the f32 partials written. Returns (bound, limiter, parts,
+    L2 bytes, total tensor work)."""
     tiles, runs = sm90_t_runs(m, n, dev["sms"], bn)
     tn = cdiv(r, 16) * 16
     stages = cdiv(k, SM90_BK)
-    busiest = max(sm90_t_flops(run, k, r, bn) for run in runs)
+    tiles_n = cdiv(n, bn)
+    per = cdiv(tiles, max(1, min(tiles, dev["sms"])))
+    col0 = [sum(1 for t in range(f, min(f + per, tiles)) if t % tiles_n == 0) for f in range(0, tiles, per)]
+    db_flops = 2 * SM90_BM * 16 * stages * SM90_BK if db else 0  # per row block
+    busiest = max(sm90_t_flops(run, k, r, bn) + c * db_flops for run, c in zip(runs, col0))
     tensor = busiest / (dev["tensor"] / dev["sms"])
     issue = mix["total"] * stages * max(c for c, _ in runs) * SM90_CONSUMER_WARPS / (4 * dev["clock"])
-    memory = 2 * (m * k + n * k + r * k + n * r + m * n + m * r) / dev["hbm"]
+    rows = cdiv(m, SM90_BM)
+    memory = (2 * (m * k + n * k + r * k + n * r + m * n + m * r)
+              + ((2 * m * r + 4 * rows * k * r) if db else 0)) / dev["hbm"]
     computations = sum(c for _, c in runs)
     l2 = 2 * SM90_BK * (tiles * stages * (SM90_BM + bn) + computations * stages * tn + tiles * bn)
+    l2 += 2 * SM90_BM * 16 * rows if db else 0
     parts = dict(tensor=tensor, issue=issue, memory=memory)
     if dev.get("l2"):
         parts["l2"] = l2 / dev["l2"]
     limiter = max(parts, key=parts.get)
-    work = sum(sm90_t_flops(run, k, r, bn) for run in runs)
+    work = sum(sm90_t_flops(run, k, r, bn) for run in runs) + rows * db_flops
     return parts[limiter], limiter, parts, l2, work
 
 
@@ -662,11 +677,17 @@ def sm90_section(w, res, mixes, dev):
             # dX with U inside: the pass over dY computes dB alone, then the dA pass; the projection-like
             # structure (the row after) is what runs above rank 32
             u_kern = f"fused_gemm_u{tn}_sm90_nn{'_narrow' if bn == SM90_NARROW_BN else ''}_bf16"
-            rest_u = launches_bound(launch_lowrank_grad("bf16", "lowrank_finalize_bf16", M, N, R, False)
+            db = R <= 16  # dB's partials inside too: their finalize, then the dA pass
+            rb = cdiv(M, SM90_BM)
+            db_launches = ([launch_finalize("lowrank_finalize_bf16", N * R, rb, 4 * rb * N * R)] if db else
+                           launch_lowrank_grad("bf16", "lowrank_finalize_bf16", M, N, R, False))
+            rest_u = launches_bound(db_launches
                                     + launch_lowrank_grad("bf16", "lowrank_finalize_bf16", M, K, R, False),
                                     res, mixes, dev, "sm_90")
-            bu, limiter, parts, l2, u_work = sm90_gemm_t(gm, gn, gk, R, dev, mixes[(kern, "sm_90")], bn)
-            bwd_u, rate_u = row(f"{target}, U inside dX ({u_kern})", rest_u, bu, limiter, parts, l2, t, u_work)
+            bu, limiter, parts, l2, u_work = sm90_gemm_t(gm, gn, gk, R, dev, mixes[(kern, "sm_90")], bn, db)
+            inside = "U and dB's partials" if db else "U"
+            bwd_u, rate_u = row(f"{target}, {inside} inside dX ({u_kern})", rest_u, bu, limiter, parts, l2, t,
+                                u_work)
             needed.append((target.split(" ")[0], rest_u, t - rest_u, rate_u))
         rest = launches_bound(launches[:-1], res, mixes, dev, "sm_90")
         b, limiter, parts, l2 = sm90_gemm(kern, gm, gn, gk, R, dev, mixes[(kern, "sm_90")], bn)
@@ -716,13 +737,17 @@ def sm90_section(w, res, mixes, dev):
       f"tolerances. Ranks above {SM90_T_MAX_RANK} keep the projection: the A slice of a 64-rank T would not "
       f"fit the three stages' shared memory.")
     w("")
-    w(f"U inside dX, the same way: the pass over dY that computed dB and U (U's per-strip f32 partials and their "
-      f"finalize included) and the dA pass bound at {bwd_rest * 1e6:.1f} µs (op bound {bwd_p * 1e6:.1f} µs); "
-      f"with U computed in the dX kernel from the dY tiles it streams (B's {tn}x64 slice per stage, read "
-      f"MN-major) and a pass over dY for dB alone, {rest_u * 1e6:.1f} µs of other launches and "
-      f"{bwd_u * 1e6:.1f} µs in all. That is a step, not the target: the passes over dY and X still run alone "
-      f"between GEMMs. Folding dB's and dA's per-row-block partial products into the same kernel (docs/perf/"
-      f"README.md) is what would leave only their ordered finalize outside it.")
+    assert R <= 16, "the paragraph below describes dX's kernel with dB's partials"
+    w(f"U and dB inside dX, the same way: the pass over dY that computed dB and U (U's per-strip f32 partials and "
+      f"their finalize included) and the dA pass bound at {bwd_rest * 1e6:.1f} µs (op bound {bwd_p * 1e6:.1f} "
+      f"µs). The dX kernel computes U from the dY tiles it streams (B's {tn}x64 slice per stage, read MN-major) "
+      f"and, at ranks up to 16, dB's partial dYᵀ·T for each row block on its tile of column 0 (an m64n16k128 "
+      f"product per stage, the stages alternating between the two consumers, T's 128x16 tile in shared memory "
+      f"after the output tile; {cdiv(M, SM90_BM)} partials of N x r f32 added in order by one finalize), so "
+      f"the other launches are that finalize and the dA pass: {rest_u * 1e6:.1f} µs, and {bwd_u * 1e6:.1f} µs "
+      f"in all. (Ranks 17..32 keep a pass over dY for dB: T's 128x32 tile does not fit beside the wide ring.) "
+      f"The pass over X for dA still runs alone; folding dA's partial Uᵀ·X in too (docs/perf/README.md) is "
+      f"what would leave only the finalizes outside the GEMM.")
     w("")
     sm90_by_m(w, res, mixes, dev, N, K, R)
 

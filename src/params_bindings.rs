@@ -50,6 +50,8 @@ pub const LK_SM90_T32_SMEM_BYTES: u32 = 227328;
 pub const LK_SM90_T_NARROW_STAGES: u32 = 5;
 pub const LK_SM90_T16_NARROW_SMEM_BYTES: u32 = 208896;
 pub const LK_SM90_T32_NARROW_SMEM_BYTES: u32 = 219136;
+pub const LK_SM90_U16_SMEM_BYTES: u32 = 225280;
+pub const LK_SM90_U16_NARROW_SMEM_BYTES: u32 = 212992;
 pub const LK_EMU_ORDER_ASCENDING: u32 = 0;
 pub const LK_EMU_ORDER_DESCENDING: u32 = 1;
 pub const LK_EMU_ORDER_SHUFFLED: u32 = 2;
@@ -808,6 +810,7 @@ pub struct LkFusedGemmSm90Params {
     pub bias: *const ::core::ffi::c_void,
     pub y: *mut ::core::ffi::c_void,
     pub t_out: *mut ::core::ffi::c_void,
+    pub db_partial: *mut f32,
     pub m: u32,
     pub n: u32,
     pub k: u32,
@@ -852,26 +855,29 @@ const _: () = {
         "Offset of field: LkFusedGemmSm90Params::t_out",
     ][::core::mem::offset_of!(LkFusedGemmSm90Params, t_out) - 784usize];
     [
+        "Offset of field: LkFusedGemmSm90Params::db_partial",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, db_partial) - 792usize];
+    [
         "Offset of field: LkFusedGemmSm90Params::m",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, m) - 792usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, m) - 800usize];
     [
         "Offset of field: LkFusedGemmSm90Params::n",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, n) - 796usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, n) - 804usize];
     [
         "Offset of field: LkFusedGemmSm90Params::k",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, k) - 800usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, k) - 808usize];
     [
         "Offset of field: LkFusedGemmSm90Params::rank",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, rank) - 804usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, rank) - 812usize];
     [
         "Offset of field: LkFusedGemmSm90Params::ldc",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, ldc) - 808usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, ldc) - 816usize];
     [
         "Offset of field: LkFusedGemmSm90Params::y_tma",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, y_tma) - 812usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, y_tma) - 820usize];
     [
         "Offset of field: LkFusedGemmSm90Params::scale",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, scale) - 816usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, scale) - 824usize];
 };
 impl Default for LkFusedGemmSm90Params {
     fn default() -> Self {

@@ -10,7 +10,8 @@
 //! grid's size, so blocks loop over several tiles or over none, and the tile width that `ops::sm90_tile`
 //! picks for it, 128×256 or the narrow 128×128, both among the cases). Then dX (`lora_backward`, the "nn"
 //! kernel: W0 and A read MN-major from 64×64 boxes; at ranks up to 32 the one-launch "nn" kernel of
-//! fused_gemm_t_sm90.cu, U = dY·B computed inside) with the whole backward, as many property cases per
+//! fused_gemm_t_sm90.cu, U = dY·B computed inside, and up to rank 16 dB's partial sums too) with the
+//! whole backward, as many property cases per
 //! structure and two
 //! edge shapes (each with both widths), under two orders too; edges of the one-launch kernels' schedule
 //! (runs of tiles that start inside a row block, cross one, one CTA over all, one tile per CTA) for the
@@ -127,7 +128,7 @@ fn case_on<T: Element>(
 /// The launches of one layer case (`run`) took the sm_90a structure its rank chooses (the emulator's
 /// launch record), so a case cannot pass on a fallback: at ranks up to 32 the one-launch kernels (the
 /// forward's fused_gemm_t*, dX's fused_gemm_u*) and neither GEMM of fused_gemm_sm90.cu; above, those GEMMs
-/// and no one-launch kernel.
+/// and no one-launch kernel; and the backward's passes of its rank (dB inside dX's kernel up to rank 16).
 fn took_the_structure_of_its_rank(launches: &[&str], r: usize, backward: bool, what: &str) {
     let one_launch = r <= 32;
     let ran = |prefix: &str| launches.iter().any(|k| k.starts_with(prefix));
@@ -143,6 +144,21 @@ fn took_the_structure_of_its_rank(launches: &[&str], r: usize, backward: bool, w
         .iter()
         .any(|k| k.starts_with("fused_gemm_sm90_") && !k.starts_with("fused_gemm_sm90_nn"));
     assert_eq!(plain_forward, !one_launch, "{what}: {launches:?}");
+    if backward {
+        // the passes: over dY for dB and U (above rank 32), for dB alone (17..=32), none (up to 16: dB in
+        // dX's kernel); over X for dA always
+        let u_pass = ran("lowrank_grad_u");
+        let plain = launches
+            .iter()
+            .filter(|k| k.starts_with("lowrank_grad_r"))
+            .count();
+        let want = match r {
+            ..=16 => (false, 1),
+            17..=32 => (false, 2),
+            _ => (true, 1),
+        };
+        assert_eq!((u_pass, plain), want, "{what}: the passes in {launches:?}");
+    }
 }
 
 /// The GPU, when there is one and it is sm_90 (these kernels' only hardware; `common::gpu` panics
@@ -356,6 +372,36 @@ fn sm90_dx_u_edges() {
     .enumerate()
     {
         edge(i, dims, sms, bn, 0xd790, (true, true));
+    }
+}
+
+/// The backward's gradients added onto an earlier micro-batch's (`GradMode::Accumulate`) on each sm_90a
+/// structure: dB's partials from dX's kernel finalized onto dB (rank 16), dB from the pass over dY with U
+/// from dX's kernel (24), both from the pass (40); both tile widths (3 and 9 SMs).
+#[test]
+fn sm90_backward_accumulates_on_every_structure() {
+    force_sm90();
+    for (i, r) in [16, 24, 40].into_iter().enumerate() {
+        for sms in [3, 9] {
+            let mut rng = Rng::new(0xacc0 + i as u64);
+            let l = Layer::<bf16>::random(
+                &mut rng,
+                Dims {
+                    m: 300,
+                    n: 136,
+                    k: 520,
+                    r,
+                },
+                1.25,
+                false,
+            )
+            .with_accumulation(&mut rng);
+            let dev = hopper(ThreadOrder::Ascending, sms as u64, sms);
+            let o = run(&dev, &l, true);
+            let what = format!("r {r} on {sms} SMs, accumulating");
+            check(&what, &l, &o, tol(DType::BF16));
+            took_the_structure_of_its_rank(&dev.take_launches(), r, true, &what);
+        }
     }
 }
 

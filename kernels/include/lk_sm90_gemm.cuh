@@ -18,16 +18,18 @@ static_assert(BM == 128 && BK * 2 == 128, "two 64-row consumers, 128-byte rows: 
 
 // A tile width and its ring: BN columns per tile (m64nBN per consumer), STAGES slots of the first operand's
 // 128×64 box, the second's BN×64 and EXTRA more bytes (fused_gemm_t_sm90.cu: the LoRA A's r×64 slice),
+// TAIL bytes after the output tile (fused_gemm_t_sm90.cu's dX at ranks up to 16: T's row-block tile),
 // SMEM bytes in all.
-template <uint32_t BN_, uint32_t STAGES_, uint32_t SMEM_, uint32_t EXTRA_ = 0>
+template <uint32_t BN_, uint32_t STAGES_, uint32_t SMEM_, uint32_t EXTRA_ = 0, uint32_t TAIL_ = 0>
 struct Width {
-    static constexpr uint32_t BN = BN_, STAGES = STAGES_, EXTRA = EXTRA_;
+    static constexpr uint32_t BN = BN_, STAGES = STAGES_, EXTRA = EXTRA_, TAIL = TAIL_;
     static constexpr uint32_t B_BYTES = BN * BK * 2;    // a stage's second operand: BN×64
     static constexpr uint32_t OUT_BYTES = 64 * BN * 2;  // one consumer's 64 rows of the output tile
     static constexpr uint32_t STAGE_BYTES = A_BYTES + B_BYTES + EXTRA;
     static_assert(BN % 64 == 0 && BN <= 256, "whole 64-column boxes, wgmma's largest n");
     static_assert(EXTRA % 1024 == 0, "every box of a slot on the 128-byte swizzle's 1024-byte period");
-    static_assert(STAGES * STAGE_BYTES + 2 * OUT_BYTES + 2048 == SMEM_, "header and kernel agree");
+    static_assert(TAIL % 1024 == 0, "the tile after the output tile on the swizzle's period too");
+    static_assert(STAGES * STAGE_BYTES + 2 * OUT_BYTES + TAIL + 2048 == SMEM_, "header and kernel agree");
 };
 using Wide = Width<LK_SM90_BN, LK_SM90_STAGES, LK_SM90_SMEM_BYTES>;
 using Narrow = Width<LK_SM90_NARROW_BN, LK_SM90_NARROW_STAGES, LK_SM90_NARROW_SMEM_BYTES>;
@@ -50,8 +52,11 @@ struct Smem {
     uint64_t* empty;     // [STAGES]: the consumers are done with the slot (256 arrivals: all their threads)
     uint64_t* out_free;  // [2]: store_tile_tma's, one per consumer warpgroup
     uint64_t* out_full;  // [2]
+    uint64_t* tail_full;   // the tail's load has landed (1 arrival + its bytes; fused_gemm_t_sm90.cu's T tile)
+    uint64_t* tail_empty;  // the consumers are done with the tail (256 arrivals)
     unsigned char* ring;
     unsigned char* out_tile;
+    unsigned char* tail;  // W::TAIL bytes after the output tile
 };
 
 // Lays out the dynamic shared memory `smem` for the ring W; thread 0 initialises the barriers. Called by
@@ -63,9 +68,12 @@ __device__ __forceinline__ Smem smem_layout(unsigned char* smem, uint32_t tid) {
     sm.empty = sm.full + W::STAGES;
     sm.out_free = sm.empty + W::STAGES;
     sm.out_full = sm.out_free + 2;
+    sm.tail_full = sm.out_full + 2;
+    sm.tail_empty = sm.tail_full + 1;
     const uintptr_t base = reinterpret_cast<uintptr_t>(smem);
     sm.ring = smem + ((base + 1024 + 1023) / 1024 * 1024 - base);
     sm.out_tile = sm.ring + W::STAGES * W::STAGE_BYTES;
+    sm.tail = sm.out_tile + 2 * W::OUT_BYTES;
     if (tid == 0) {
         for (uint32_t s = 0; s < W::STAGES; ++s) {
             lk_mbarrier_init(&sm.full[s], 1);
@@ -75,6 +83,8 @@ __device__ __forceinline__ Smem smem_layout(unsigned char* smem, uint32_t tid) {
             lk_mbarrier_init(&sm.out_free[h], 1);
             lk_mbarrier_init(&sm.out_full[h], 128);
         }
+        lk_mbarrier_init(sm.tail_full, 1);
+        lk_mbarrier_init(sm.tail_empty, 256);
         lk_fence_mbarrier_init();
     }
     __syncthreads();

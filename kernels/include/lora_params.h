@@ -358,6 +358,13 @@ typedef struct __attribute__((aligned(64))) LkTensorMap {
 #define LK_SM90_T_NARROW_STAGES 5u
 #define LK_SM90_T16_NARROW_SMEM_BYTES 208896u
 #define LK_SM90_T32_NARROW_SMEM_BYTES 219136u
+/* dX at ranks up to 16 (fused_gemm_u16_sm90_nn[_narrow]_<dtype>) also computes dB's partial sums: per row
+ * block (128 rows of dY), P = dYᵀ·T over its rows for every column of dY, written to db_partial
+ * [ceil(m / 128)][k][rank] as f32 (lowrank_finalize adds the row blocks in order); the forward's T comes in
+ * by t_map (T [m, rank], one box of 16 columns × 128 rows, the 32-byte swizzle) into a 4 KB tile after
+ * the output tile. */
+#define LK_SM90_U16_SMEM_BYTES 225280u
+#define LK_SM90_U16_NARROW_SMEM_BYTES 212992u
 typedef struct LkFusedGemmSm90Params {
     LkTensorMap x_map;
     LkTensorMap w_map;
@@ -368,6 +375,7 @@ typedef struct LkFusedGemmSm90Params {
     const void* bias;
     void* y;
     void* t_out;
+    float* db_partial;
     uint32_t m;
     uint32_t n;
     uint32_t k;

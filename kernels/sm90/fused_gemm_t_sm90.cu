@@ -29,7 +29,14 @@
 // BN/64 64×64 boxes read MN-major (as in fused_gemm_sm90.cu), B's TN×64 slice (rows k0.. of [n][rank]) is
 // read MN-major in the 32- or 64-byte swizzle (U_ROW_BYTES), and the last stage brings A's BN/64 64×64
 // boxes (rank rows past r are zeros), MN-major. The order is acc = dY·W0 + (s·U)·A (fused_gemm_sm90.cu's is
-// s·(U·A) first; U itself is summed in one chain here, in the backward pass's row splits there).
+// s·(U·A) first; U itself is summed in one chain here, in the backward pass's row splits there). At ranks up
+// to 16 (the U16 kernels) dX also computes dB's partial sums: on each row block's tile of column 0, per
+// stage, P = dYᵀ·T over the block's 128 rows for the stage's 64 columns of dY (issue_db: dY's box MN-major
+// as A, the row block's T tile, brought by TMA after the output tile on the tail mbarriers, MN-major as B),
+// the stages alternating between the consumers; each stores its P (f32, db_partial[row block][column][r])
+// in its next stage, which waits for all its groups first (consume_stage_db), and lowrank_finalize adds
+// the row blocks in order. T's 128×32 tile would not fit beside the 128×256 ring: the U32 kernels leave
+// dB to the pass over dY.
 // Everything else (the producer warpgroup, the ring of full/empty mbarriers, the two consumers, the
 // epilogue through shared memory and TMA stores) is fused_gemm_sm90.cu's, from lk_sm90_gemm.cuh.
 // Tiles: fused_gemm_sm90.cu's two widths, 128×256 (3 stages of 16 + 32 KB + TN·128 bytes, the 64 KB output
@@ -60,6 +67,31 @@ template <uint32_t TN>
 constexpr uint32_t U_SWIZZLE = TN == 16 ? LK_WGMMA_SWIZZLE_32B : LK_WGMMA_SWIZZLE_64B;
 static_assert(U_ROW_BYTES<16> == 32 && U_ROW_BYTES<32> == 64, "a row is one 32- or 64-byte swizzle span");
 
+// dX at ranks up to 16 also computes dB's per-row-block partial sums P = dYᵀ·T (see the header comment): the
+// row block's T tile, 128 rows × 16 columns (32-byte rows, the 32-byte swizzle), sits after the output tile.
+constexpr uint32_t T_TILE_BYTES = BM * 16 * 2;
+template <uint32_t TN>
+struct WideUOf {
+    using type = WideT<TN>;
+};
+template <>
+struct WideUOf<16> {
+    using type = Width<LK_SM90_BN, LK_SM90_STAGES, LK_SM90_U16_SMEM_BYTES, 16 * BK * 2, T_TILE_BYTES>;
+};
+template <uint32_t TN>
+struct NarrowUOf {
+    using type = NarrowT<TN>;
+};
+template <>
+struct NarrowUOf<16> {
+    using type = Width<LK_SM90_NARROW_BN, LK_SM90_T_NARROW_STAGES, LK_SM90_U16_NARROW_SMEM_BYTES, 16 * BK * 2,
+                       T_TILE_BYTES>;
+};
+template <uint32_t TN>
+using WideU = typename WideUOf<TN>::type;
+template <uint32_t TN>
+using NarrowU = typename NarrowUOf<TN>::type;
+
 // This CTA's run of tiles [first, end): ceil(tiles / CTAs) consecutive ones in row-major order.
 __device__ __forceinline__ void run_of(uint32_t tiles, uint32_t& first, uint32_t& end) {
     const uint32_t per = (tiles + gridDim.x - 1) / gridDim.x;
@@ -71,16 +103,9 @@ __device__ __forceinline__ void run_of(uint32_t tiles, uint32_t& first, uint32_t
 // m64nTNk16 step of X·Aᵀ on the same X slice (A's TN×64 slice after W0's box in the slot); for "nn" those
 // of dY·W0 and U = dY·B.
 template <typename T, bool NN, typename W, uint32_t TN>
-__device__ __forceinline__ uint32_t consume_stage_t(uint64_t* full, uint64_t* empty, const unsigned char* ring,
-                                                    uint32_t half, float (&acc)[W::BN / 2], float (&tacc)[TN / 2],
-                                                    uint32_t s, uint32_t held, bool accumulate) {
-    constexpr uint32_t BN = W::BN, STAGES = W::STAGES, STAGE_BYTES = W::STAGE_BYTES;
-    const uint32_t slot = s % STAGES, lap = s / STAGES;
-    lk_mbarrier_wait_parity(&full[slot], lap & 1);
-    const unsigned char* a = ring + slot * STAGE_BYTES + half * (A_BYTES / 2);
-    const unsigned char* b = ring + slot * STAGE_BYTES + A_BYTES;
-    const unsigned char* l = b + W::B_BYTES;
-    lk_wgmma_fence();
+__device__ __forceinline__ void issue_stage_t(const unsigned char* a, const unsigned char* b, const unsigned char* l,
+                                              float (&acc)[W::BN / 2], float (&tacc)[TN / 2], bool accumulate) {
+    constexpr uint32_t BN = W::BN;
 #pragma unroll
     for (uint32_t kk = 0; kk < BK / 16; ++kk) {
         const uint64_t da = lk_wgmma_desc(a + 32 * kk, 16, 1024, LK_WGMMA_SWIZZLE_128B);
@@ -97,9 +122,78 @@ __device__ __forceinline__ uint32_t consume_stage_t(uint64_t* full, uint64_t* em
                                accumulate || kk > 0);
         }
     }
+}
+
+template <typename T, bool NN, typename W, uint32_t TN>
+__device__ __forceinline__ uint32_t consume_stage_t(uint64_t* full, uint64_t* empty, const unsigned char* ring,
+                                                    uint32_t half, float (&acc)[W::BN / 2], float (&tacc)[TN / 2],
+                                                    uint32_t s, uint32_t held, bool accumulate) {
+    constexpr uint32_t STAGES = W::STAGES, STAGE_BYTES = W::STAGE_BYTES;
+    const uint32_t slot = s % STAGES, lap = s / STAGES;
+    lk_mbarrier_wait_parity(&full[slot], lap & 1);
+    const unsigned char* stage = ring + slot * STAGE_BYTES;
+    lk_wgmma_fence();
+    issue_stage_t<T, NN, W, TN>(stage + half * (A_BYTES / 2), stage + A_BYTES, stage + A_BYTES + W::B_BYTES, acc, tacc,
+                                accumulate);
     lk_wgmma_commit();
     lk_wgmma_wait<1>();
     if (held < STAGES) lk_mbarrier_arrive(&empty[held]);
+    return slot;
+}
+
+// dB's partial of stage j (columns 64·j.. of dY, the row block's 128 rows): P[64][16] = dYᵀ·T, dY's 128×64
+// box read MN-major as A (both consumers' rows: k16 step kr at +16 rows = 2048 bytes, SBO 1024), T's tile
+// MN-major as B (32-byte rows, SBO 256, k16 step at +512 bytes). Issued by one consumer per stage, the stages
+// alternating between them (`consume_stage_db`), so each keeps one P in flight.
+template <typename T>
+__device__ __forceinline__ void issue_db(const unsigned char* stage, const unsigned char* t_tile, float (&pacc)[8]) {
+#pragma unroll
+    for (uint32_t kr = 0; kr < BM / 16; ++kr)
+        lk_wgmma_ss<T, 16, 1, 1>(pacc, lk_wgmma_desc(stage + 2048 * kr, 0, 1024, LK_WGMMA_SWIZZLE_128B),
+                                 lk_wgmma_desc(t_tile + 512 * kr, 0, 256, LK_WGMMA_SWIZZLE_32B), kr > 0);
+}
+
+// Writes P of stage j (retired) to db_partial[rb][64·j + row][col], f32 pairs, clipped to k and the rank.
+__device__ __forceinline__ void store_db(const LkFusedGemmSm90Params& p, const float (&pacc)[8], uint32_t t,
+                                         uint32_t rb, uint32_t j) {
+#pragma unroll
+    for (uint32_t i = 0; i < 8; i += 2) {
+        const uint32_t n = 64 * j + lk_wgmma_acc_row(t, i), col = lk_wgmma_acc_col(t, i);
+        if (n < p.k && col < p.rank)  // the rank is a multiple of 8: col + 1 < rank too
+            *reinterpret_cast<float2*>(p.db_partial + (size_t(rb) * p.k + n) * p.rank + col) =
+                make_float2(pacc[i], pacc[i + 1]);
+    }
+}
+
+// consume_stage_t on a tile that computes dB's partials: ISSUE adds this stage's P (issue_db) to the
+// group; otherwise, once the previous stage's group (this consumer's P of stage j - 1, if j > 0) retired,
+// its P is stored.
+template <typename T, typename W, bool ISSUE>
+__device__ __forceinline__ uint32_t consume_stage_db(const LkFusedGemmSm90Params& p, uint64_t* full, uint64_t* empty,
+                                                     const unsigned char* ring, const unsigned char* t_tile,
+                                                     uint32_t half, float (&acc)[W::BN / 2], float (&tacc)[8],
+                                                     float (&pacc)[8], uint32_t s, uint32_t held, uint32_t rb,
+                                                     uint32_t j) {
+    constexpr uint32_t STAGES = W::STAGES, STAGE_BYTES = W::STAGE_BYTES;
+    const uint32_t slot = s % STAGES, lap = s / STAGES;
+    lk_mbarrier_wait_parity(&full[slot], lap & 1);
+    const unsigned char* stage = ring + slot * STAGE_BYTES;
+    lk_wgmma_fence();
+    issue_stage_t<T, true, W, 16>(stage + half * (A_BYTES / 2), stage + A_BYTES, stage + A_BYTES + W::B_BYTES, acc,
+                                  tacc, j > 0);
+    if (ISSUE) issue_db<T>(stage, t_tile, pacc);
+    lk_wgmma_commit();
+    // P is read only with no group in flight (else ptxas serialises the wgmmas, C7514): the stages that store
+    // one wait for their own group too
+    if (ISSUE)
+        lk_wgmma_wait<1>();
+    else
+        lk_wgmma_wait<0>();
+    if (held < STAGES) lk_mbarrier_arrive(&empty[held]);
+    if (!ISSUE && j > 0) {
+        lk_wgmma_fence_operands(pacc);  // read after the wait
+        store_db(p, pacc, threadIdx.x % 128, rb, j - 1);
+    }
     return slot;
 }
 
@@ -156,6 +250,8 @@ __device__ __forceinline__ void finish_t(const LkFusedGemmSm90Params& p, const f
 template <typename T, bool NN, uint32_t TN, typename W>
 __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Params& p) {
     constexpr uint32_t BN = W::BN, STAGES = W::STAGES, STAGE_BYTES = W::STAGE_BYTES;
+    constexpr bool DB = W::TAIL != 0;  // dX at ranks up to 16: dB's partials too
+    static_assert(!DB || (NN && TN == 16 && W::TAIL == T_TILE_BYTES), "the T tile: dX, T 16 wide");
     LK_DYNAMIC_SMEM(smem);
     const uint32_t tid = threadIdx.x, wg = tid / 128;
     const uint32_t tiles_n = (p.n + BN - 1) / BN, tiles = (p.m + BM - 1) / BM * tiles_n;
@@ -169,10 +265,16 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
     if (wg == 0) {  // the producer: per tile, the main stages (+ A's slice where T is computed), then B's box
         lk_setmaxnreg_dec<40>();
         if (tid != 0) return;
-        uint32_t s = 0;
+        uint32_t s = 0, db_count = 0;
         for (uint32_t tile = first; tile < end; ++tile) {
             const uint32_t m0 = tile / tiles_n * BM, n0 = tile % tiles_n * BN;
             const bool with_t = tile == first || n0 == 0;
+            if (DB && n0 == 0) {  // the row block's T tile, once the previous one's P products retired
+                lk_mbarrier_wait_parity(sm.tail_empty, (db_count & 1) ^ 1);
+                lk_mbarrier_arrive_expect_tx(sm.tail_full, T_TILE_BYTES);
+                lk_tma_load_2d(sm.tail, &p.t_map, 0, int32_t(m0), sm.tail_full);
+                ++db_count;
+            }
             for (uint32_t j = 0; j <= main_stages; ++j, ++s) {
                 const uint32_t slot = s % STAGES, lap = s / STAGES;
                 lk_mbarrier_wait_parity(&empty[slot], (lap & 1) ^ 1);  // lap 0: the phase before the first
@@ -212,7 +314,8 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
     float acc[BN / 2];
     float tacc[TN / 2];
     uint32_t frag[TN / 16][4];  // s·T of the current row block, rounded: set on its first tile of the run
-    uint32_t s = 0, tile_count = 0;
+    float pacc[8];              // dB's partial of this consumer's last P stage (DB)
+    uint32_t s = 0, tile_count = 0, db_count = 0;
     for (uint32_t tile = first; tile < end; ++tile, ++tile_count) {
         const uint32_t m0 = tile / tiles_n * BM, n0 = tile % tiles_n * BN;
         const bool with_t = tile == first || n0 == 0;
@@ -221,7 +324,22 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
         // All groups retire before the (s·T)·Bᵀ stage on every tile: with the last main stage's group left
         // in flight into it on the tiles that reuse T, ptxas serialises the f16 kernels' wgmmas (C7514).
         uint32_t held = STAGES;
-        if (with_t) {
+        const bool with_db = DB && n0 == 0;
+        if constexpr (DB) {
+            if (with_db) {  // the stages alternate between the consumers for P: even ones consumer 0's
+                lk_mbarrier_wait_parity(sm.tail_full, db_count & 1);
+                for (uint32_t j = 0; j < main_stages; ++j, ++s) {
+                    if ((j & 1) == half)
+                        held = consume_stage_db<T, W, true>(p, full, empty, ring, sm.tail, half, acc, tacc, pacc, s,
+                                                            held, m0 / BM, j);
+                    else
+                        held = consume_stage_db<T, W, false>(p, full, empty, ring, sm.tail, half, acc, tacc, pacc, s,
+                                                             held, m0 / BM, j);
+                }
+            }
+        }
+        if (with_db) {
+        } else if (with_t) {
             for (uint32_t j = 0; j < main_stages; ++j, ++s)
                 held = consume_stage_t<T, NN, W, TN>(full, empty, ring, half, acc, tacc, s, held, j > 0);
         } else {
@@ -230,6 +348,14 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
         }
         lk_wgmma_wait<0>();
         if (held < STAGES) lk_mbarrier_arrive(&empty[held]);  // none held only if k = 0 (the host sends none)
+        if (with_db) {  // this consumer's last P, if the last stage was its; then the T tile is free
+            if (((main_stages - 1) & 1) == half) {
+                lk_wgmma_fence_operands(pacc);
+                store_db(p, pacc, t, m0 / BM, main_stages - 1);
+            }
+            lk_mbarrier_arrive(sm.tail_empty);
+            ++db_count;
+        }
         if (with_t) {
             lk_wgmma_fence_operands(tacc);  // read after the wait, not before
             finish_t<T, TN>(p, tacc, frag, t, m0 + 64 * half, n0 == 0);
@@ -271,19 +397,19 @@ LK_KERNEL_EXPORT(fused_gemm_t32_sm90_narrow_bf16, LkFusedGemmSm90Params)
 LK_FUSED_GEMM_T_SM90(fused_gemm_t32_sm90_narrow_f16, __half, false, 32, NarrowT)
 LK_KERNEL_EXPORT(fused_gemm_t32_sm90_narrow_f16, LkFusedGemmSm90Params)
 // dX = dY·W0 + (s·U)·A with U = dY·B computed inside ("nn": W0's, A's and B's operands MN-major)
-LK_FUSED_GEMM_T_SM90(fused_gemm_u16_sm90_nn_bf16, __nv_bfloat16, true, 16, WideT)
+LK_FUSED_GEMM_T_SM90(fused_gemm_u16_sm90_nn_bf16, __nv_bfloat16, true, 16, WideU)
 LK_KERNEL_EXPORT(fused_gemm_u16_sm90_nn_bf16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_u16_sm90_nn_f16, __half, true, 16, WideT)
+LK_FUSED_GEMM_T_SM90(fused_gemm_u16_sm90_nn_f16, __half, true, 16, WideU)
 LK_KERNEL_EXPORT(fused_gemm_u16_sm90_nn_f16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_u32_sm90_nn_bf16, __nv_bfloat16, true, 32, WideT)
+LK_FUSED_GEMM_T_SM90(fused_gemm_u32_sm90_nn_bf16, __nv_bfloat16, true, 32, WideU)
 LK_KERNEL_EXPORT(fused_gemm_u32_sm90_nn_bf16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_u32_sm90_nn_f16, __half, true, 32, WideT)
+LK_FUSED_GEMM_T_SM90(fused_gemm_u32_sm90_nn_f16, __half, true, 32, WideU)
 LK_KERNEL_EXPORT(fused_gemm_u32_sm90_nn_f16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_u16_sm90_nn_narrow_bf16, __nv_bfloat16, true, 16, NarrowT)
+LK_FUSED_GEMM_T_SM90(fused_gemm_u16_sm90_nn_narrow_bf16, __nv_bfloat16, true, 16, NarrowU)
 LK_KERNEL_EXPORT(fused_gemm_u16_sm90_nn_narrow_bf16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_u16_sm90_nn_narrow_f16, __half, true, 16, NarrowT)
+LK_FUSED_GEMM_T_SM90(fused_gemm_u16_sm90_nn_narrow_f16, __half, true, 16, NarrowU)
 LK_KERNEL_EXPORT(fused_gemm_u16_sm90_nn_narrow_f16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_u32_sm90_nn_narrow_bf16, __nv_bfloat16, true, 32, NarrowT)
+LK_FUSED_GEMM_T_SM90(fused_gemm_u32_sm90_nn_narrow_bf16, __nv_bfloat16, true, 32, NarrowU)
 LK_KERNEL_EXPORT(fused_gemm_u32_sm90_nn_narrow_bf16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_u32_sm90_nn_narrow_f16, __half, true, 32, NarrowT)
+LK_FUSED_GEMM_T_SM90(fused_gemm_u32_sm90_nn_narrow_f16, __half, true, 32, NarrowU)
 LK_KERNEL_EXPORT(fused_gemm_u32_sm90_nn_narrow_f16, LkFusedGemmSm90Params)

@@ -13,6 +13,7 @@
 //! adapter input (PEFT's `lora_dropout`); [`Dropout::NONE`] is the plain path, bit for bit.
 
 use super::launch::{self, FusedGemm, MaskAt, Orient, PLayout, same_dtype};
+use super::sm90::DxWithU;
 use super::validate::{self, rows_of};
 use super::workspace::Workspace;
 use crate::dropout::Dropout;
@@ -307,39 +308,42 @@ pub fn lora_backward_into<T: Element, A: Element>(
         // and dX after. Either way one pass over X for dA.
         let dims = (d.m, d.n, d.r);
         let mut dx = dx;
-        let dx_with_u = match dx.as_deref_mut() {
+        let took = match dx.as_deref_mut() {
             Some(dx) if mask.is_none() => super::sm90::try_dx_with_u(
                 OP,
                 dy,
                 w0,
                 a,
                 b,
+                t,
                 scale,
                 dx,
                 &mut *u,
+                (&mut *db, acc),
                 (d.m, d.n, d.k, d.r),
+                ws,
             )?,
-            _ => false,
+            _ => DxWithU::NotTaken,
         };
-        let u_pass = if dx_with_u {
+        if took != DxWithU::NotTaken {
             dx = None; // written
-            None
-        } else {
-            Some((b, &mut *u))
-        };
-        launch::lowrank_grad(
-            OP,
-            dy,
-            t,
-            db,
-            PLayout::ColsByRank,
-            u_pass,
-            dims,
-            scale,
-            acc,
-            None,
-            ws,
-        )?;
+        }
+        if took != DxWithU::UAndDb {
+            let u_pass = (took == DxWithU::NotTaken).then_some((b, &mut *u));
+            launch::lowrank_grad(
+                OP,
+                dy,
+                t,
+                db,
+                PLayout::ColsByRank,
+                u_pass,
+                dims,
+                scale,
+                acc,
+                None,
+                ws,
+            )?;
+        }
         let dims = (d.m, d.k, d.r);
         launch::lowrank_grad(
             OP,

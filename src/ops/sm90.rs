@@ -10,12 +10,13 @@
 //! [`try_forward_with_t`]): T = X·Aᵀ is computed inside the GEMM from the X tiles it streams, about twice
 //! per row block (each CTA takes a contiguous run of tiles), and written for the backward. Otherwise T comes
 //! from the projection launch first, as on the mma.sync path. The backward's dX at those ranks is one
-//! launch the same way ([`try_dx_with_u`]: U = dY·B from the dY tiles, written for the dA pass), and the
-//! pass over dY then computes dB alone; otherwise that pass computes dB and U, and dX runs after.
+//! launch the same way ([`try_dx_with_u`]: U = dY·B from the dY tiles, written for the dA pass; up to
+//! rank 16 dB's per-row-block partials too, then their finalize, and no pass over dY; from 17 to 32 the
+//! pass over dY computes dB alone); otherwise that pass computes dB and U, and dX runs after.
 //!
 //! Bits: each kernel gives the same bits on every run, whatever the SM count, but the two forward
 //! structures differ (T summed in one chain or in the projection's fixed K chunks; s·T·Bᵀ added last or
-//! first), and so do the two backward ones (U, hence dA, and dX). Which one runs depends on the rank
+//! first), and so do the backward ones (U, hence dA, dX, and dB up to rank 16). Which one runs depends on the rank
 //! alone (and on `LK_FUSED_GEMM`; the backward's also on whether dX is asked for and on dropout), not on M
 //! or the SM count, so a row's bits are the same at every batch size over 16 and on every sm_90 GPU (the
 //! tile width does not change them).
@@ -36,6 +37,8 @@ use crate::params::*;
 use crate::plan::LaunchPlan;
 use crate::tensor::Tensor;
 use crate::tma::{Swizzle, TensorMapSpec};
+
+use super::workspace::Workspace;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Choice {
@@ -184,14 +187,29 @@ pub(crate) fn try_forward_with_t<T: Element, R: Element>(
         scale,
         dims: (g.m, g.n, g.k, g.rank),
     };
-    one_launch(op, &one, y, t)?;
+    one_launch(op, &one, y, t, None)?;
     Ok(true)
 }
 
+/// What [`try_dx_with_u`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DxWithU {
+    /// Nothing: the backward's passes and the fused GEMM run instead.
+    NotTaken,
+    /// dX and U; dB is left to the pass over dY.
+    U,
+    /// dX, U and dB (ranks up to 16: dB's partials in the kernel, then their finalize).
+    UAndDb,
+}
+
+/// The maximum rank at which dX's one-launch kernel computes dB's partials too (its T tile is 16 wide).
+const DB_MAX_RANK: usize = 16;
+
 /// dX in one launch on the Hopper kernel that computes U = dY·B itself (kernels/sm90/fused_gemm_t_sm90.cu,
-/// the "nn" kernels): `dx = dY·W0 + (s·U)·A`, U written to `u` (the dA pass reads it). The conditions are
-/// [`try_forward_with_t`]'s, with B's alignment for A's; false when the backward's passes and the fused
-/// GEMM should run instead.
+/// the "nn" kernels): `dx = dY·W0 + (s·U)·A`, U written to `u` (the dA pass reads it), and at ranks up to
+/// 16 dB = s·dYᵀ·T too (its per-row-block f32 partials from the kernel, from `ws`, added in order into `db`,
+/// or onto it with `accumulate`). The conditions are [`try_forward_with_t`]'s, with B's alignment for A's
+/// and, up to rank 16, `t`'s.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn try_dx_with_u<T: Element, R: Element>(
     op: &'static str,
@@ -199,11 +217,14 @@ pub(crate) fn try_dx_with_u<T: Element, R: Element>(
     w0: &Tensor<T>,
     a: &Tensor<R>,
     b: &Tensor<R>,
+    t: &Tensor<T>,
     scale: f32,
     dx: &mut Tensor<T>,
     u: &mut Tensor<T>,
+    (db, accumulate): (&mut Tensor<R>, bool),
     (m, n, k, rank): (usize, usize, usize, usize),
-) -> Result<bool> {
+    ws: &mut Workspace<T>,
+) -> Result<DxWithU> {
     let g = FusedGemm {
         orient: Orient::Nn,
         a: dy,
@@ -219,8 +240,12 @@ pub(crate) fn try_dx_with_u<T: Element, R: Element>(
         dropout: None,
     };
     let Some(b) = one_launch_takes(op, &g, b)? else {
-        return Ok(false);
+        return Ok(DxWithU::NotTaken);
     };
+    let with_db = rank <= DB_MAX_RANK;
+    if with_db && t.byte_range().0 % 16 != 0 {
+        return Ok(DxWithU::NotTaken);
+    }
     let a = a.cast_ref::<T>().expect("R is T: checked by obstacle");
     let one = OneLaunch {
         nn: true,
@@ -232,8 +257,17 @@ pub(crate) fn try_dx_with_u<T: Element, R: Element>(
         scale,
         dims: (g.m, g.n, g.k, g.rank),
     };
-    one_launch(op, &one, dx, u)?;
-    Ok(true)
+    if !with_db {
+        one_launch(op, &one, dx, u, None)?;
+        return Ok(DxWithU::U);
+    }
+    let db = db.cast_mut::<T>().expect("R is T: checked by obstacle");
+    let row_blocks = m.div_ceil(LK_SM90_BM as usize);
+    ws.with_partial(dy.device(), &[row_blocks, n, rank], |partial, _| {
+        one_launch(op, &one, dx, u, Some((t, &mut *partial)))?;
+        super::launch::finalize(op, partial, db, row_blocks, scale, accumulate)
+    })?;
+    Ok(DxWithU::UAndDb)
 }
 
 /// Whether a one-launch kernel takes `g` (whose `l` is the low-rank product it writes): under
@@ -276,12 +310,15 @@ struct OneLaunch<'a, T: Element> {
     dims: (usize, usize, usize, usize),
 }
 
-/// Launches `g` (checked by [`one_launch_takes`]), writing `c` [m, n] and the product `low` [m, rank].
+/// Launches `g` (checked by [`one_launch_takes`]), writing `c` [m, n] and the product `low` [m, rank]; with
+/// `db` (dX at ranks up to 16: the forward's T [m, rank] and the partials [ceil(m / 128), k, rank]), dB's
+/// per-row-block partial sums dYᵀ·T too.
 fn one_launch<T: Element>(
     op: &'static str,
     g: &OneLaunch<'_, T>,
     c: &mut Tensor<T>,
     low: &mut Tensor<T>,
+    db: Option<(&Tensor<T>, &mut Tensor<f32>)>,
 ) -> Result<()> {
     let device = g.first.device().clone();
     let (m, n, k, rank) = g.dims;
@@ -315,7 +352,7 @@ fn one_launch<T: Element>(
         ),
         (true, 16, false) => (
             (&FUSED_GEMM_U16_SM90_NN_BF16, &FUSED_GEMM_U16_SM90_NN_F16),
-            LK_SM90_T16_SMEM_BYTES,
+            LK_SM90_U16_SMEM_BYTES,
         ),
         (true, _, false) => (
             (&FUSED_GEMM_U32_SM90_NN_BF16, &FUSED_GEMM_U32_SM90_NN_F16),
@@ -326,7 +363,7 @@ fn one_launch<T: Element>(
                 &FUSED_GEMM_U16_SM90_NN_NARROW_BF16,
                 &FUSED_GEMM_U16_SM90_NN_NARROW_F16,
             ),
-            LK_SM90_T16_NARROW_SMEM_BYTES,
+            LK_SM90_U16_NARROW_SMEM_BYTES,
         ),
         (true, _, true) => (
             (
@@ -337,6 +374,21 @@ fn one_launch<T: Element>(
         ),
     };
     let kernel = super::launch::pick(op, T::DTYPE, pair.0, pair.1)?;
+    // the U16 kernels always write dB's partials (and need T), the others never
+    assert_eq!(
+        db.is_some(),
+        nn && tn == 16,
+        "{op}: dB's partials with the U16 kernels alone"
+    );
+    let t_map =
+        match &db {
+            // T [m, rank]: its row block's 128 rows × 16 columns, 32-byte rows (fused_gemm_t_sm90.cu T_TILE_BYTES)
+            Some((t, _)) => {
+                TensorMapSpec::row_major(size_of::<T>(), m, rank, 16, LK_SM90_BM, Swizzle::B32)
+                    .encode(op, &device, t.byte_range().0)?
+            }
+            None => LkTensorMap::default(),
+        };
     let (w_map, inner_map, last_map) = if nn {
         // W0 [k, n] and A [rank, n] in 64×64 boxes; B [k, rank] in 64 rows of TN columns, one 32- or
         // 64-byte swizzle span (fused_gemm_t_sm90.cu U_ROW_BYTES)
@@ -380,15 +432,27 @@ fn one_launch<T: Element>(
     if let Some(bias) = g.bias {
         args.push(Arg::In("bias", bias));
     }
+    let (db_t, db_partial) = match db {
+        Some((t, partial)) => (Some(t), Some(partial)),
+        None => (None, None),
+    };
+    if let Some(t) = db_t {
+        args.push(Arg::In("t", t));
+    }
     let c_index = args.len();
     args.push(Arg::Out(names[4], c));
     args.push(Arg::Out(names[5], low));
+    let partial_index = args.len();
+    let has_partial = db_partial.is_some();
+    if let Some(partial) = db_partial {
+        args.push(Arg::Out("db_partial", partial));
+    }
     let has_bias = g.bias.is_some();
     let (m, n, k, rank) = (u32_of(m), u32_of(n), u32_of(k), u32_of(rank));
     device.launch(op, kernel, &plan, &mut args, |ptr| LkFusedGemmSm90Params {
         x_map,
         w_map,
-        t_map: LkTensorMap::default(),
+        t_map,
         b_map: last_map,
         y_map: y_map.unwrap_or_default(),
         a_map: inner_map,
@@ -399,6 +463,11 @@ fn one_launch<T: Element>(
         },
         y: ptr[c_index] as *mut _,
         t_out: ptr[c_index + 1] as *mut _,
+        db_partial: if has_partial {
+            ptr[partial_index] as *mut f32
+        } else {
+            std::ptr::null_mut()
+        },
         m,
         n,
         k,
@@ -540,6 +609,7 @@ fn launch<T: Element, R: Element>(
         },
         y: ptr[c_index] as *mut _,
         t_out: std::ptr::null_mut(),
+        db_partial: std::ptr::null_mut(),
         m,
         n,
         k,
