@@ -34,6 +34,15 @@ struct Width {
 using Wide = Width<LK_SM90_BN, LK_SM90_STAGES, LK_SM90_SMEM_BYTES>;
 using Narrow = Width<LK_SM90_NARROW_BN, LK_SM90_NARROW_STAGES, LK_SM90_NARROW_SMEM_BYTES>;
 
+// The column of an "nn" stage's 64-column box c of the tile at n0, for an n-column operand: n0 + 64·c, or,
+// for a box wholly past the last column (n mod BN in 1..BN-64 on the last column tile), the last box that
+// holds columns: every load then reads inside the tensor and delivers its whole box, without relying on how
+// the hardware counts the bytes of a box entirely out of bounds; the columns it fills are past n, which the
+// epilogue drops.
+__device__ __forceinline__ int32_t nn_box_column(uint32_t n0, uint32_t c, uint32_t n) {
+    return int32_t(min(n0 + 64 * c, (n - 1) / 64 * 64));
+}
+
 template <uint32_t BN>
 __device__ __forceinline__ void tile_of(uint32_t tile, uint32_t tiles_m, uint32_t tiles_n, uint32_t& m0,
                                         uint32_t& n0) {

@@ -75,7 +75,7 @@ __device__ __forceinline__ void fused_gemm_sm90_impl(const LkFusedGemmSm90Params
                 if (NN) {  // B rows k0.., columns n0.., n0 + 64.., ...
 #pragma unroll
                     for (uint32_t c = 0; c < BN / 64; ++c)
-                        lk_tma_load_2d(a + A_BYTES + c * BOX_BYTES, bm, int32_t(n0 + 64 * c), k0, &full[slot]);
+                        lk_tma_load_2d(a + A_BYTES + c * BOX_BYTES, bm, nn_box_column(n0, c, p.n), k0, &full[slot]);
                 } else {
                     lk_tma_load_2d(a + A_BYTES, bm, k0, int32_t(n0), &full[slot]);
                 }

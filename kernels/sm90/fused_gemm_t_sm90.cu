@@ -284,7 +284,7 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
                     if (NN) {  // the LoRA A's columns n0.., n0 + 64.., ...
 #pragma unroll
                         for (uint32_t c = 0; c < BN / 64; ++c)
-                            lk_tma_load_2d(a + A_BYTES + c * BOX_BYTES, &p.b_map, int32_t(n0 + 64 * c), 0, &full[slot]);
+                            lk_tma_load_2d(a + A_BYTES + c * BOX_BYTES, &p.b_map, nn_box_column(n0, c, p.n), 0, &full[slot]);
                     } else {  // the LoRA B's rows n0..
                         lk_tma_load_2d(a + A_BYTES, &p.b_map, 0, int32_t(n0), &full[slot]);
                     }
@@ -297,7 +297,7 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
                 if (NN) {  // W0's rows k0.., columns n0.., n0 + 64.., ...; the LoRA B's rows k0..
 #pragma unroll
                     for (uint32_t c = 0; c < BN / 64; ++c)
-                        lk_tma_load_2d(a + A_BYTES + c * BOX_BYTES, &p.w_map, int32_t(n0 + 64 * c), k0, &full[slot]);
+                        lk_tma_load_2d(a + A_BYTES + c * BOX_BYTES, &p.w_map, nn_box_column(n0, c, p.n), k0, &full[slot]);
                     if (with_t) lk_tma_load_2d(l, &p.a_map, 0, k0, &full[slot]);
                 } else {  // W0's rows n0.., columns k0..; the LoRA A's columns k0..
                     lk_tma_load_2d(a + A_BYTES, &p.w_map, k0, int32_t(n0), &full[slot]);
