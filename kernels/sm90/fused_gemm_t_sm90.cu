@@ -325,8 +325,8 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
         // in flight into it on the tiles that reuse T, ptxas serialises the f16 kernels' wgmmas (C7514).
         uint32_t held = STAGES;
         const bool with_db = DB && n0 == 0;
-        if constexpr (DB) {
-            if (with_db) {  // the stages alternate between the consumers for P: even ones consumer 0's
+        if (with_db) {
+            if constexpr (DB) {  // the stages alternate between the consumers for P: even ones consumer 0's
                 lk_mbarrier_wait_parity(sm.tail_full, db_count & 1);
                 for (uint32_t j = 0; j < main_stages; ++j, ++s) {
                     if ((j & 1) == half)
@@ -337,8 +337,6 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
                                                              held, m0 / BM, j);
                 }
             }
-        }
-        if (with_db) {
         } else if (with_t) {
             for (uint32_t j = 0; j < main_stages; ++j, ++s)
                 held = consume_stage_t<T, NN, W, TN>(full, empty, ring, half, acc, tacc, s, held, j > 0);

@@ -380,9 +380,9 @@ fn one_launch<T: Element>(
         nn && tn == 16,
         "{op}: dB's partials with the U16 kernels alone"
     );
+    // T [m, rank]: its row block's 128 rows × 16 columns, 32-byte rows (fused_gemm_t_sm90.cu T_TILE_BYTES)
     let t_map =
         match &db {
-            // T [m, rank]: its row block's 128 rows × 16 columns, 32-byte rows (fused_gemm_t_sm90.cu T_TILE_BYTES)
             Some((t, _)) => {
                 TensorMapSpec::row_major(size_of::<T>(), m, rank, 16, LK_SM90_BM, Swizzle::B32)
                     .encode(op, &device, t.byte_range().0)?
@@ -432,10 +432,7 @@ fn one_launch<T: Element>(
     if let Some(bias) = g.bias {
         args.push(Arg::In("bias", bias));
     }
-    let (db_t, db_partial) = match db {
-        Some((t, partial)) => (Some(t), Some(partial)),
-        None => (None, None),
-    };
+    let (db_t, db_partial) = db.unzip();
     if let Some(t) = db_t {
         args.push(Arg::In("t", t));
     }
