@@ -8,7 +8,8 @@
 //!   the LoRA B's slice so) matches the product too;
 //! - the planted bugs are caught: the wrong swizzle in the descriptors (wrong values), accumulators read
 //!   before the wait (NaN), no wgmma.fence, writing an operand the wgmma still reads, exiting before the
-//!   wait.
+//!   wait, an operand stored by the threads without fence.proxy.async before the wgmma reads it (and with
+//!   the fence it passes).
 
 mod common;
 
@@ -375,5 +376,13 @@ fn wgmma_planted_bugs_are_caught() {
         assert!(e.contains("which an async operation still reads"), "{e}");
         let e = run(&inp, &cfg, false, false, 5).expect_err("exiting before the wait must fail");
         assert!(e.contains("exits with wgmma.mma_async results"), "{e}");
+        let e = run(&inp, &cfg, false, false, 6)
+            .expect_err("an operand stored without a proxy fence must fail");
+        assert!(e.contains("no fence.proxy.async"), "{e}");
+        let y = run(&inp, &cfg, false, false, 7).expect("an operand stored and fenced is fine");
+        assert!(
+            rel_err(&y, &want) < 1e-5,
+            "{cfg:?}: the fenced rewrite keeps the product"
+        );
     }
 }

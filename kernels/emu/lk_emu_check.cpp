@@ -162,6 +162,17 @@ void new_interval_readers(Launch& L, SmemByte& s, size_t at) {
     }
 }
 
+// A thread's store to a byte (not an async copy's issue, whose landing writes it): the async proxy may read
+// it only after a fence.proxy.async by that thread (check_proxy_fenced).
+inline void note_generic_write(const Launch& L, SmemByte& s, unsigned tid, bool async_issue) {
+    if (async_issue) {
+        s.flags &= uint8_t(~SB_GENERIC_WRITE);
+        return;
+    }
+    s.flags |= SB_GENERIC_WRITE;
+    s.w_proxy_fences = L.fibers[tid].proxy_fences;
+}
+
 // One byte (`at`) of an access of n bytes at `off`, in happens-before mode (FastTrack-like: one reader
 // inline, further unordered readers of the interval in L.read_sets).
 void check_byte_hb(size_t off, size_t at, size_t n, bool write, unsigned tid, bool async_issue) {
@@ -191,6 +202,7 @@ void check_byte_hb(size_t off, size_t at, size_t n, bool write, unsigned tid, bo
             s.w_epoch = E;
             s.w_tid = uint16_t(tid);
             s.w_clock = me;
+            note_generic_write(L, s, tid, async_issue);
             s.r_epoch = 0;  // every read so far is ordered before this write: later writes check the write
         } else if (!reads_now || s.r_tid == tid || hb_ordered(L, s.r_tid, s.r_clock, s.r_epoch, tid)) {
             if (!reads_now) new_interval_readers(L, s, off + i);
@@ -258,6 +270,7 @@ void check_smem_bytes(size_t off, size_t n, bool write, unsigned tid, bool async
             s.w_epoch = E;
             s.w_tid = uint16_t(tid);
             s.w_sync = my_sync;
+            note_generic_write(L, s, tid, async_issue);
         } else if (s.r_epoch != E) {
             s.r_epoch = E;
             s.r_tid = uint16_t(tid);
@@ -373,6 +386,23 @@ void smem_agent_read(size_t off, size_t n, unsigned checker, unsigned agent, uin
     }
 }
 
+void check_proxy_fenced(size_t off, size_t n, const char* what) {
+    Launch& L = *g_launch;
+    if (!L.checks) return;
+    for (size_t i = 0; i < n; ++i) {
+        const SmemByte& s = L.shadow[off + i];
+        if ((s.flags & SB_GENERIC_WRITE) && s.w_tid < L.nthreads &&
+            L.fibers[s.w_tid].proxy_fences == s.w_proxy_fences)
+            fail("shared memory at %s, written by %s with a store (the generic proxy), is read by %s (the async "
+                 "proxy) with no fence.proxy.async by that thread after its store (lk_fence_proxy_async)",
+                 place_of(L, off + i).c_str(), thread_name(s.w_tid).c_str(), what);
+    }
+}
+
+void fence_proxy_async() {
+    if (g_fiber) ++g_fiber->proxy_fences;
+}
+
 void async_read_begin(size_t off, size_t n) {
     Launch& L = *g_launch;
     if (L.async_readers.size() != L.window_bytes) L.async_readers.assign(L.window_bytes, 0);
@@ -401,7 +431,7 @@ void smem_bulk_land(size_t off, size_t n, unsigned agent, uint32_t clock) {
     Launch& L = *g_launch;
     for (size_t i = 0; i < n; ++i) {
         SmemByte& s = L.shadow[off + i];
-        s.flags &= uint8_t(~(SB_IN_FLIGHT | SB_READ_SET));
+        s.flags &= uint8_t(~(SB_IN_FLIGHT | SB_READ_SET | SB_GENERIC_WRITE));
         L.read_sets.erase(off + i);
         s.w_epoch = L.epoch;
         s.w_tid = uint16_t(agent);
@@ -483,7 +513,7 @@ void smem_async_land(unsigned char* dst, unsigned tid) {
     const size_t off = size_t(dst - L.smem);
     for (size_t i = 0; i < 16; ++i) {
         SmemByte& s = L.shadow[off + i];
-        s.flags &= uint8_t(~SB_IN_FLIGHT);
+        s.flags &= uint8_t(~(SB_IN_FLIGHT | SB_GENERIC_WRITE));
         s.w_epoch = L.epoch;
         s.w_tid = uint16_t(tid);
         s.w_sync = L.fibers[tid].warp_sync;

@@ -125,6 +125,7 @@ struct Fiber {
     std::vector<BulkStore> stores_uncommitted;
     std::deque<std::vector<BulkStore>> store_groups;
     bool wg_fenced = false;   // wgmma.fence since the last wgmma.wait_group
+    uint32_t proxy_fences = 0;  // fence.proxy.async executed so far
     std::vector<int> wg_uncommitted;
     std::deque<std::vector<int>> wg_groups;
     size_t wait_bar = 0;      // AT_MBARRIER: the shared-memory offset of the mbarrier it waits on
@@ -158,6 +159,7 @@ struct SmemByte {
     uint32_t w_clock = 0, r_clock = 0;
     uint16_t w_tid = 0, r_tid = 0;
     uint8_t flags = 0;
+    uint32_t w_proxy_fences = 0;  // SB_GENERIC_WRITE: the writer's Fiber::proxy_fences at the write
 };
 enum SmemFlags : uint8_t {
     SB_VALID = 1,        // inside dynamic shared memory or an allocated static variable
@@ -167,6 +169,7 @@ enum SmemFlags : uint8_t {
     SB_MBARRIER = 16,    // one of the 8 bytes of an initialised mbarrier: only mbarrier instructions touch it
     SB_READ_SET = 32,    // happens-before mode: more readers of r_epoch in Launch::read_sets
     SB_ASYNC_SRC = 64,   // read by an async operation not yet complete (bulk tensor store, wgmma): no writes
+    SB_GENERIC_WRITE = 128,  // last written by a thread's store (the generic proxy), not a copy's landing
 };
 
 // An mbarrier object (PTX ISA "Parallel synchronization and communication: mbarrier"): the phase in
@@ -290,6 +293,9 @@ void async_read_end(size_t off, size_t n);
 // happens-before mode: a read of [off, off + n) by `agent` at `clock`, checked against earlier writes with
 // thread `checker`'s clock (the thread whose knowledge the agent starts from)
 void smem_agent_read(size_t off, size_t n, unsigned checker, unsigned agent, uint32_t clock);
+// a read of [off, off + n) by the async proxy (`what`: a wgmma, a bulk tensor store): a byte a thread stored
+// must have been fenced (fence.proxy.async) by that thread since
+void check_proxy_fenced(size_t off, size_t n, const char* what);
 inline unsigned char* smem_zero(const Launch& L) { return L.smem - L.smem_misalign; }  // shared address 0
 
 // lk_emu_wgmma.cpp

@@ -18,8 +18,10 @@
 //   one is not flagged (a consumer may legitimately skip phases others consume); reading data of a phase
 //   it did not wait for is then a race, as bulk-copy landings are ordered per barrier and phase;
 // - arrivals beyond those pending and a tx-count outside ±(2^20 - 1) are errors.
-// - fence.mbarrier_init and fence.proxy.async are accepted and not checked: the emulator has one proxy
-//   and no cluster, so a missing fence goes unseen.
+// - fence.mbarrier_init is accepted and not checked (no cluster). fence.proxy.async is checked in part
+//   (lk_emu_check.cpp check_proxy_fenced): a byte a thread stored and the async proxy (a wgmma, a bulk
+//   tensor store) then reads must have been fenced by that thread after its store; whether the fence came
+//   before the release that orders the read (as it must) is not checked.
 //
 // Bulk copies (cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes): the source is read
 // (memcheck) at issue, the destination is checked as a write by the issuing thread (so a refill of a stage

@@ -74,6 +74,7 @@ void bulk_commit_group();
 void bulk_wait_group(int n);
 uint32_t smem_address(const void* p);  // the shared-memory address of p (as cvta.to.shared)
 void wgmma_fence();
+void fence_proxy_async();
 void wgmma_commit();
 void wgmma_wait(int n);
 void wgmma_mma_async(float* d, int n, bool f16, const uint32_t* a_regs, uint64_t desc_a, uint64_t desc_b,

@@ -130,6 +130,7 @@ void tma_store(const void* map, const int32_t* coords, int ncoords, const void* 
     for (size_t q = 0; q < total / 16; ++q) {
         const uintptr_t at = swizzle(reinterpret_cast<uintptr_t>(smem_src) + 16 * q, m.swizzle);
         smem_access(reinterpret_cast<const void*>(at), 16, false, g_fiber->linear);
+        check_proxy_fenced(size_t(reinterpret_cast<unsigned char*>(at) - L.smem), 16, "a bulk tensor store");
         async_read_begin(size_t(reinterpret_cast<unsigned char*>(at) - L.smem), 16);
     }
     g_fiber->stores_uncommitted.push_back(s);

@@ -198,6 +198,7 @@ void issue(Launch& L, WgState& W, unsigned group) {
     op.clock = ++L.agent_clock[group];
     for (size_t off : op.chunks) {
         smem_agent_read(off, 16, group * 128, agent, op.clock);
+        check_proxy_fenced(off, 16, "a wgmma.mma_async");
         async_read_begin(off, 16);
     }
     for (unsigned t = 0; t < 128; ++t) {

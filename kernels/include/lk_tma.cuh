@@ -74,9 +74,12 @@ __device__ __forceinline__ void lk_bulk_wait_group_read() {
 }
 
 // Makes this thread's generic-proxy shared-memory writes visible to the async proxy (TMA stores, wgmma).
-// Not checked by the emulator (one proxy).
+// The emulator checks that a byte a thread stored is read by a wgmma or a bulk tensor store only after a
+// fence by that thread since the store (not where the fence sits relative to the barrier that orders them).
 __device__ __forceinline__ void lk_fence_proxy_async() {
-#if !defined(LK_EMU) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900)
+#if defined(LK_EMU)
+    lk_emu::fence_proxy_async();
+#elif !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }

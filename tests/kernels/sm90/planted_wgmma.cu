@@ -7,7 +7,9 @@
 // and the accumulators written out through their layout (lk_wgmma_acc_row/col).
 // `bug` plants one mistake: 1 describes the tiles with the 64-byte swizzle; 2 reads the accumulators
 // before the wait; 3 issues without wgmma.fence; 4 writes the A tile while the wgmma still reads it;
-// 5 exits without waiting.
+// 5 exits without waiting; 6 has every thread store its 64 bytes of the A tile again (the same values,
+// read and written by the generic proxy) before the wgmma reads it, with no fence.proxy.async between (7:
+// with the fence, which is correct).
 // With b_cols 16 or 32 (B MN-major only): B is [64][b_cols], TMA-loaded with the 32- or 64-byte swizzle
 // (one span per row, as fused_gemm_t_sm90.cu's dX loads the LoRA B's slice), and m64n16k16 or m64n32k16
 // reads it MN-major: k16 step at +16 rows, SBO = 8 rows, LBO unused (0); Y is [64][b_cols]. Bug 1 there
@@ -61,6 +63,11 @@ extern "C" __global__ void __launch_bounds__(128) planted_wgmma_tile(const __gri
         lk_tma_load_2d(b_tile, &p.b_map, 0, 0, bar);
     }
     lk_mbarrier_wait_parity(bar, 0);
+    if (p.bug == 6 || p.bug == 7) {
+        for (uint32_t i = 0; i < 64; ++i) a_tile[64 * tid + i] ^= uint8_t(p.bug >> 8);  // 0: the same value
+        if (p.bug == 7) lk_fence_proxy_async();
+        __syncthreads();
+    }
     if (p.b_cols == 16) return narrow_b<16>(p, a_tile, b_tile, tid);
     if (p.b_cols == 32) return narrow_b<32>(p, a_tile, b_tile, tid);
 
