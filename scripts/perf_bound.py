@@ -563,38 +563,41 @@ def sm90_t_flops(tiles_and_computations, k, r, bn):
     return 2 * SM90_BM * (count * bn * (kp + tn) + computations * tn * kp)
 
 
-def sm90_gemm_t(m, n, k, r, dev, mix, bn, db=False):
+def sm90_gemm_t(m, n, k, r, dev, mix, bn, grads=False):
     """fused_gemm_t_sm90 (the forward in one launch, r <= 32, 128 x bn tiles; dX with U inside is the same
     kernel with dY, W0 [k, n], B [k, r] and A [r, n], the same stages and bytes), bounded as sm90_gemm: tensor
     time of the busiest CTA's wgmma work (its run's tiles and its computations of T) at one SM's share of
     the peak; issue time of its main stages with `mix`, the plain kernel's consumer loop (the tiles that do
     not compute T run that same loop; those that do run more instructions: a lower bound); memory time (X,
     W0, A, B read once, Y and T written once). L2 to SM: every main stage's X and W0 boxes, A's TN x 64
-    slice on the stages that compute T, and B's bn x 64 box per tile. With `db` (dX at r <= 16): dB's
+    slice on the stages that compute T, and B's bn x 64 box per tile. With `grads` (dX at r <= 16): dB's
     partials on each row block's tile of column 0, an m64n16k128 product per stage (the rank padded to 16),
-    T's 128 x 16 tile read once per row block and the f32 partials written. Returns (bound, limiter, parts,
-    L2 bytes, total tensor work)."""
+    T's 128 x 16 tile read once per row block and the f32 partials written; and dA's on every tile, an
+    m64n16k128 product per 64 columns of the layer input X [m, n], whose tiles are read once (from HBM and
+    through L2), and their f32 partials written. Returns (bound, limiter, parts, L2 bytes, total tensor
+    work)."""
     tiles, runs = sm90_t_runs(m, n, dev["sms"], bn)
     tn = cdiv(r, 16) * 16
     stages = cdiv(k, SM90_BK)
     tiles_n = cdiv(n, bn)
     per = cdiv(tiles, max(1, min(tiles, dev["sms"])))
     col0 = [sum(1 for t in range(f, min(f + per, tiles)) if t % tiles_n == 0) for f in range(0, tiles, per)]
-    db_flops = 2 * SM90_BM * 16 * stages * SM90_BK if db else 0  # per row block
-    busiest = max(sm90_t_flops(run, k, r, bn) + c * db_flops for run, c in zip(runs, col0))
+    db_flops = 2 * SM90_BM * 16 * stages * SM90_BK if grads else 0  # per row block
+    da_flops = 2 * SM90_BM * 16 * bn if grads else 0  # per tile
+    busiest = max(sm90_t_flops(run, k, r, bn) + c * db_flops + run[0] * da_flops for run, c in zip(runs, col0))
     tensor = busiest / (dev["tensor"] / dev["sms"])
     issue = mix["total"] * stages * max(c for c, _ in runs) * SM90_CONSUMER_WARPS / (4 * dev["clock"])
     rows = cdiv(m, SM90_BM)
     memory = (2 * (m * k + n * k + r * k + n * r + m * n + m * r)
-              + ((2 * m * r + 4 * rows * k * r) if db else 0)) / dev["hbm"]
+              + ((2 * m * r + 4 * rows * k * r + 2 * m * n + 4 * rows * r * n) if grads else 0)) / dev["hbm"]
     computations = sum(c for _, c in runs)
     l2 = 2 * SM90_BK * (tiles * stages * (SM90_BM + bn) + computations * stages * tn + tiles * bn)
-    l2 += 2 * SM90_BM * 16 * rows if db else 0
+    l2 += (2 * SM90_BM * 16 * rows + 2 * SM90_BM * bn * tiles) if grads else 0
     parts = dict(tensor=tensor, issue=issue, memory=memory)
     if dev.get("l2"):
         parts["l2"] = l2 / dev["l2"]
     limiter = max(parts, key=parts.get)
-    work = sum(sm90_t_flops(run, k, r, bn) for run in runs) + rows * db_flops
+    work = sum(sm90_t_flops(run, k, r, bn) for run in runs) + rows * db_flops + tiles * da_flops
     return parts[limiter], limiter, parts, l2, work
 
 
@@ -604,16 +607,17 @@ def sm90_gemm_flops(m, n, k, r):
     return 2 * m * n * (cdiv(r, 16) * 16 + cdiv(k, SM90_BK) * SM90_BK)
 
 
-def sm90_needed_verdict(needed, dev):
-    """What the needed rates say, in words: which targets a GEMM at cuBLAS's rate would miss."""
-    over = [name for name, _, _, rate in needed if rate > dev["cublas"]]
+def sm90_needed_verdict(needed, dev, outside):
+    """What the needed rates say, in words: which targets a GEMM at cuBLAS's rate would miss, and by how
+    much of that rate; `outside` names, per target, what still runs outside its kernel."""
+    over = [(name, rate) for name, _, _, rate in needed if rate > dev["cublas"]]
     if not over:
         return "A GEMM at cuBLAS's own rate would meet both with the other launches at their bounds."
-    return (f"A GEMM at cuBLAS's own rate would miss the {' and the '.join(over)}: the other launches are "
-            "memory-bound passes (the backward's over dY and X, with their partial sums; the forward's projection "
-            "where it runs) "
-            "that run alone, between GEMMs, while HBM is little used during the tensor-bound GEMM. Overlapping "
-            "them with the GEMM, or folding them into it, is what brings those targets within a GEMM's reach.")
+    return ("A GEMM at cuBLAS's own rate would miss the " + " and the ".join(
+        f"{name} by {100 * (rate / dev['cublas'] - 1):.0f}% of that rate ({outside[name]} still run alone, "
+        "memory-bound, while HBM is little used during the tensor-bound GEMM)" for name, rate in over) +
+        ": reaching it takes a GEMM faster than cuBLAS's by that much, or that work made smaller or "
+        "overlapped with the GEMM.")
 
 
 def sm90_section(w, res, mixes, dev):
@@ -674,18 +678,24 @@ def sm90_section(w, res, mixes, dev):
         assert launches[-1]["kernel"] == replaced, (launches[-1]["kernel"], replaced)
         t = tgt(dev)
         if nn:
-            # dX with U inside: the pass over dY computes dB alone, then the dA pass; the projection-like
-            # structure (the row after) is what runs above rank 32
+            # dX with U inside: at r <= 16 dB's and dA's partials too, then their finalizes; at 17..32 the
+            # pass over dY computes dB alone, then the dA pass; the projection-like structure (the row
+            # after) is what runs above rank 32
             u_kern = f"fused_gemm_u{tn}_sm90_nn{'_narrow' if bn == SM90_NARROW_BN else ''}_bf16"
-            db = R <= 16  # dB's partials inside too: their finalize, then the dA pass
+            grads = R <= 16
             rb = cdiv(M, SM90_BM)
-            db_launches = ([launch_finalize("lowrank_finalize_bf16", N * R, rb, 4 * rb * N * R)] if db else
-                           launch_lowrank_grad("bf16", "lowrank_finalize_bf16", M, N, R, False))
-            rest_u = launches_bound(db_launches
-                                    + launch_lowrank_grad("bf16", "lowrank_finalize_bf16", M, K, R, False),
-                                    res, mixes, dev, "sm_90")
-            bu, limiter, parts, l2, u_work = sm90_gemm_t(gm, gn, gk, R, dev, mixes[(kern, "sm_90")], bn, db)
-            inside = "U and dB's partials" if db else "U"
+            if grads:
+                other = [launch_finalize("lowrank_finalize_bf16", N * R, rb, 4 * rb * N * R),
+                         launch_finalize("lowrank_finalize_bf16", K * R, rb, 4 * rb * K * R)]
+            else:
+                other = (launch_lowrank_grad("bf16", "lowrank_finalize_bf16", M, N, R, False)
+                         + launch_lowrank_grad("bf16", "lowrank_finalize_bf16", M, K, R, False))
+            rest_u = launches_bound(other, res, mixes, dev, "sm_90")
+            bu, limiter, parts, l2, u_work = sm90_gemm_t(gm, gn, gk, R, dev, mixes[(kern, "sm_90")], bn, grads)
+            inside = "U and dB's and dA's partials" if grads else "U"
+            outside = {"forward": "nothing",
+                       "backward": "the finalizes of dB's and dA's per-row-block partial sums" if grads else
+                       "the passes over dY for dB and over X for dA, with their finalizes"}
             bwd_u, rate_u = row(f"{target}, {inside} inside dX ({u_kern})", rest_u, bu, limiter, parts, l2, t,
                                 u_work)
             needed.append((target.split(" ")[0], rest_u, t - rest_u, rate_u))
@@ -708,7 +718,7 @@ def sm90_section(w, res, mixes, dev):
           f"{100 * rate / dev['tensor']:.0f}% of the dense peak" for name, rest, left, rate in needed) +
       f" (the forward with the projection launch first would need {rate_p / 1e12:.0f} TF/s, "
       f"{rate_p / dev['cublas']:.2f}x; the backward with U from the pass over dY {rate_bp / 1e12:.0f} TF/s, "
-      f"{rate_bp / dev['cublas']:.2f}x). " + sm90_needed_verdict(needed, dev))
+      f"{rate_bp / dev['cublas']:.2f}x). " + sm90_needed_verdict(needed, dev, outside))
     w("")
     nb = SM90_NARROW_BN
     narrow = sm90_kernel(False, nb)
@@ -737,17 +747,18 @@ def sm90_section(w, res, mixes, dev):
       f"tolerances. Ranks above {SM90_T_MAX_RANK} keep the projection: the A slice of a 64-rank T would not "
       f"fit the three stages' shared memory.")
     w("")
-    assert R <= 16, "the paragraph below describes dX's kernel with dB's partials"
-    w(f"U and dB inside dX, the same way: the pass over dY that computed dB and U (U's per-strip f32 partials and "
-      f"their finalize included) and the dA pass bound at {bwd_rest * 1e6:.1f} µs (op bound {bwd_p * 1e6:.1f} "
-      f"µs). The dX kernel computes U from the dY tiles it streams (B's {tn}x64 slice per stage, read MN-major) "
-      f"and, at ranks up to 16, dB's partial dYᵀ·T for each row block on its tile of column 0 (an m64n16k128 "
-      f"product per stage, the stages alternating between the two consumers, T's 128x16 tile in shared memory "
-      f"after the output tile; {cdiv(M, SM90_BM)} partials of N x r f32 added in order by one finalize), so "
-      f"the other launches are that finalize and the dA pass: {rest_u * 1e6:.1f} µs, and {bwd_u * 1e6:.1f} µs "
-      f"in all. (Ranks 17..32 keep a pass over dY for dB: T's 128x32 tile does not fit beside the wide ring.) "
-      f"The pass over X for dA still runs alone; folding dA's partial Uᵀ·X in too (docs/perf/README.md) is "
-      f"what would leave only the finalizes outside the GEMM.")
+    assert R <= 16, "the paragraph below describes dX's kernel with dB's and dA's partials"
+    w(f"U, dB and dA inside dX, the same way: the pass over dY that computed dB and U (U's per-strip f32 partials "
+      f"and their finalize included) and the dA pass bound at {bwd_rest * 1e6:.1f} µs (op bound "
+      f"{bwd_p * 1e6:.1f} µs). The dX kernel computes U from the dY tiles it streams (B's {tn}x64 slice per "
+      f"stage, read MN-major) and, at ranks up to 16, dB's partial dYᵀ·T for each row block on its tile of "
+      f"column 0 (an m64n16k128 product per stage, the stages alternating between the two consumers, T's "
+      f"128x16 tile in shared memory after the output tile) and dA's partial Uᵀ·X on every tile (after its "
+      f"last stage, {SM90_BN // 128} more stages bring two of X's 128x64 boxes each, one per consumer, and an "
+      f"m64n16k128 product with U's tile, which both consumers write into shared memory once per row block); "
+      f"{cdiv(M, SM90_BM)} partials of N x r and of r x K f32, each added in order by a finalize, which are "
+      f"the other launches: {rest_u * 1e6:.1f} µs, and {bwd_u * 1e6:.1f} µs in all. (Ranks 17..32 keep the "
+      f"passes over dY for dB and over X for dA: T's 128x32 tile does not fit beside the wide ring, nor U's.)")
     w("")
     sm90_by_m(w, res, mixes, dev, N, K, R)
 

@@ -50,8 +50,8 @@ pub const LK_SM90_T32_SMEM_BYTES: u32 = 227328;
 pub const LK_SM90_T_NARROW_STAGES: u32 = 5;
 pub const LK_SM90_T16_NARROW_SMEM_BYTES: u32 = 208896;
 pub const LK_SM90_T32_NARROW_SMEM_BYTES: u32 = 219136;
-pub const LK_SM90_U16_SMEM_BYTES: u32 = 225280;
-pub const LK_SM90_U16_NARROW_SMEM_BYTES: u32 = 212992;
+pub const LK_SM90_U16_SMEM_BYTES: u32 = 229376;
+pub const LK_SM90_U16_NARROW_SMEM_BYTES: u32 = 217088;
 pub const LK_EMU_ORDER_ASCENDING: u32 = 0;
 pub const LK_EMU_ORDER_DESCENDING: u32 = 1;
 pub const LK_EMU_ORDER_SHUFFLED: u32 = 2;
@@ -807,10 +807,12 @@ pub struct LkFusedGemmSm90Params {
     pub b_map: LkTensorMap,
     pub y_map: LkTensorMap,
     pub a_map: LkTensorMap,
+    pub da_x_map: LkTensorMap,
     pub bias: *const ::core::ffi::c_void,
     pub y: *mut ::core::ffi::c_void,
     pub t_out: *mut ::core::ffi::c_void,
     pub db_partial: *mut f32,
+    pub da_partial: *mut f32,
     pub m: u32,
     pub n: u32,
     pub k: u32,
@@ -823,7 +825,7 @@ pub struct LkFusedGemmSm90Params {
 const _: () = {
     [
         "Size of LkFusedGemmSm90Params",
-    ][::core::mem::size_of::<LkFusedGemmSm90Params>() - 832usize];
+    ][::core::mem::size_of::<LkFusedGemmSm90Params>() - 1024usize];
     [
         "Alignment of LkFusedGemmSm90Params",
     ][::core::mem::align_of::<LkFusedGemmSm90Params>() - 64usize];
@@ -846,38 +848,44 @@ const _: () = {
         "Offset of field: LkFusedGemmSm90Params::a_map",
     ][::core::mem::offset_of!(LkFusedGemmSm90Params, a_map) - 640usize];
     [
+        "Offset of field: LkFusedGemmSm90Params::da_x_map",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, da_x_map) - 768usize];
+    [
         "Offset of field: LkFusedGemmSm90Params::bias",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, bias) - 768usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, bias) - 896usize];
     [
         "Offset of field: LkFusedGemmSm90Params::y",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, y) - 776usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, y) - 904usize];
     [
         "Offset of field: LkFusedGemmSm90Params::t_out",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, t_out) - 784usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, t_out) - 912usize];
     [
         "Offset of field: LkFusedGemmSm90Params::db_partial",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, db_partial) - 792usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, db_partial) - 920usize];
+    [
+        "Offset of field: LkFusedGemmSm90Params::da_partial",
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, da_partial) - 928usize];
     [
         "Offset of field: LkFusedGemmSm90Params::m",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, m) - 800usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, m) - 936usize];
     [
         "Offset of field: LkFusedGemmSm90Params::n",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, n) - 804usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, n) - 940usize];
     [
         "Offset of field: LkFusedGemmSm90Params::k",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, k) - 808usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, k) - 944usize];
     [
         "Offset of field: LkFusedGemmSm90Params::rank",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, rank) - 812usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, rank) - 948usize];
     [
         "Offset of field: LkFusedGemmSm90Params::ldc",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, ldc) - 816usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, ldc) - 952usize];
     [
         "Offset of field: LkFusedGemmSm90Params::y_tma",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, y_tma) - 820usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, y_tma) - 956usize];
     [
         "Offset of field: LkFusedGemmSm90Params::scale",
-    ][::core::mem::offset_of!(LkFusedGemmSm90Params, scale) - 824usize];
+    ][::core::mem::offset_of!(LkFusedGemmSm90Params, scale) - 960usize];
 };
 impl Default for LkFusedGemmSm90Params {
     fn default() -> Self {

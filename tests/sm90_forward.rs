@@ -145,19 +145,20 @@ fn took_the_structure_of_its_rank(launches: &[&str], r: usize, backward: bool, w
         .any(|k| k.starts_with("fused_gemm_sm90_") && !k.starts_with("fused_gemm_sm90_nn"));
     assert_eq!(plain_forward, !one_launch, "{what}: {launches:?}");
     if backward {
-        // the passes: over dY for dB and U (above rank 32), for dB alone (17..=32), none (up to 16: dB in
-        // dX's kernel); over X for dA always
+        // the passes: over dY for dB and U (above rank 32), for dB alone (17..=32), none (up to 16: dB
+        // and dA in dX's kernel, then their two finalizes); over X for dA above rank 16
         let u_pass = ran("lowrank_grad_u");
-        let plain = launches
-            .iter()
-            .filter(|k| k.starts_with("lowrank_grad_r"))
-            .count();
+        let count = |prefix: &str| launches.iter().filter(|k| k.starts_with(prefix)).count();
+        let plain = count("lowrank_grad_r");
         let want = match r {
-            ..=16 => (false, 1),
+            ..=16 => (false, 0),
             17..=32 => (false, 2),
             _ => (true, 1),
         };
         assert_eq!((u_pass, plain), want, "{what}: the passes in {launches:?}");
+        if r <= 16 {
+            assert_eq!(count("lowrank_finalize"), 2, "{what}: {launches:?}");
+        }
     }
 }
 
@@ -408,11 +409,17 @@ fn sm90_backward_accumulates_on_every_structure() {
 /// The one-launch kernels' bits do not depend on the number of SMs: on 1, 3, 5 and 9 emulated SMs (one run
 /// over all 9 tiles, runs of 3 that are row blocks, runs of 2 that start inside them, one tile per CTA; the
 /// 128×256 tiles on each, for the forward and for dX, checked) Y, T, dX, dA and dB are the same bits, and
-/// within the tolerance of the reference.
+/// within the tolerance of the reference; at rank 16 (dB's and dA's partials in dX's kernel, U's tile
+/// rewritten where a run crosses a row block) and 32 (the passes for them).
 #[test]
 fn sm90_one_launch_bits_do_not_depend_on_the_sm_count() {
     force_sm90();
-    let dims = (300, 768, 768, 32);
+    for r in [16, 32] {
+        one_launch_bits_on_every_sm_count((300, 768, 768, r));
+    }
+}
+
+fn one_launch_bits_on_every_sm_count(dims: (usize, usize, usize, usize)) {
     let mut rng = Rng::new(0x5eed);
     let (m, n, k, r) = dims;
     let l = Layer::<bf16>::random(&mut rng, Dims { m, n, k, r }, 0.75, true);

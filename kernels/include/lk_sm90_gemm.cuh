@@ -18,7 +18,8 @@ static_assert(BM == 128 && BK * 2 == 128, "two 64-row consumers, 128-byte rows: 
 
 // A tile width and its ring: BN columns per tile (m64nBN per consumer), STAGES slots of the first operand's
 // 128×64 box, the second's BN×64 and EXTRA more bytes (fused_gemm_t_sm90.cu: the LoRA A's r×64 slice),
-// TAIL bytes after the output tile (fused_gemm_t_sm90.cu's dX at ranks up to 16: T's row-block tile),
+// TAIL bytes after the output tile (fused_gemm_t_sm90.cu's dX at ranks up to 16: T's row-block tile and
+// the U tile),
 // SMEM bytes in all.
 template <uint32_t BN_, uint32_t STAGES_, uint32_t SMEM_, uint32_t EXTRA_ = 0, uint32_t TAIL_ = 0>
 struct Width {
@@ -63,6 +64,8 @@ struct Smem {
     uint64_t* out_full;  // [2]
     uint64_t* tail_full;   // the tail's load has landed (1 arrival + its bytes; fused_gemm_t_sm90.cu's T tile)
     uint64_t* tail_empty;  // the consumers are done with the tail (256 arrivals)
+    uint64_t* u_full;      // the consumers have written the U tile (256 arrivals; fused_gemm_t_sm90.cu's dA)
+    uint64_t* u_free;      // the consumers are done reading it (256 arrivals)
     unsigned char* ring;
     unsigned char* out_tile;
     unsigned char* tail;  // W::TAIL bytes after the output tile
@@ -79,6 +82,8 @@ __device__ __forceinline__ Smem smem_layout(unsigned char* smem, uint32_t tid) {
     sm.out_full = sm.out_free + 2;
     sm.tail_full = sm.out_full + 2;
     sm.tail_empty = sm.tail_full + 1;
+    sm.u_full = sm.tail_empty + 1;
+    sm.u_free = sm.u_full + 1;
     const uintptr_t base = reinterpret_cast<uintptr_t>(smem);
     sm.ring = smem + ((base + 1024 + 1023) / 1024 * 1024 - base);
     sm.out_tile = sm.ring + W::STAGES * W::STAGE_BYTES;
@@ -94,6 +99,8 @@ __device__ __forceinline__ Smem smem_layout(unsigned char* smem, uint32_t tid) {
         }
         lk_mbarrier_init(sm.tail_full, 1);
         lk_mbarrier_init(sm.tail_empty, 256);
+        lk_mbarrier_init(sm.u_full, 256);
+        lk_mbarrier_init(sm.u_free, 256);
         lk_fence_mbarrier_init();
     }
     __syncthreads();

@@ -358,13 +358,15 @@ typedef struct __attribute__((aligned(64))) LkTensorMap {
 #define LK_SM90_T_NARROW_STAGES 5u
 #define LK_SM90_T16_NARROW_SMEM_BYTES 208896u
 #define LK_SM90_T32_NARROW_SMEM_BYTES 219136u
-/* dX at ranks up to 16 (fused_gemm_u16_sm90_nn[_narrow]_<dtype>) also computes dB's partial sums: per row
- * block (128 rows of dY), P = dYᵀ·T over its rows for every column of dY, written to db_partial
- * [ceil(m / 128)][k][rank] as f32 (lowrank_finalize adds the row blocks in order); the forward's T comes in
- * by t_map (T [m, rank], one box of 16 columns × 128 rows, the 32-byte swizzle) into a 4 KB tile after
- * the output tile. */
-#define LK_SM90_U16_SMEM_BYTES 225280u
-#define LK_SM90_U16_NARROW_SMEM_BYTES 212992u
+/* dX at ranks up to 16 (fused_gemm_u16_sm90_nn[_narrow]_<dtype>) also computes dB's and dA's partial sums
+ * per row block (128 rows of dY and X): P = dYᵀ·T over its rows for every column of dY, written to
+ * db_partial [ceil(m / 128)][k][rank], and Q = Uᵀ·X for every column of X, written to da_partial
+ * [ceil(m / 128)][rank][n], both f32 (lowrank_finalize adds the row blocks in order). The forward's T comes
+ * in by t_map (T [m, rank], one box of 16 columns × 128 rows, the 32-byte swizzle) into a 4 KB tile after
+ * the output tile, the layer input X by da_x_map (X [m, n], boxes 64 columns × 128 rows), and U, rounded,
+ * goes through a 4 KB tile after T's. */
+#define LK_SM90_U16_SMEM_BYTES 229376u
+#define LK_SM90_U16_NARROW_SMEM_BYTES 217088u
 typedef struct LkFusedGemmSm90Params {
     LkTensorMap x_map;
     LkTensorMap w_map;
@@ -372,10 +374,12 @@ typedef struct LkFusedGemmSm90Params {
     LkTensorMap b_map;
     LkTensorMap y_map;
     LkTensorMap a_map;
+    LkTensorMap da_x_map;
     const void* bias;
     void* y;
     void* t_out;
     float* db_partial;
+    float* da_partial;
     uint32_t m;
     uint32_t n;
     uint32_t k;

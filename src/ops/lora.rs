@@ -303,9 +303,10 @@ pub fn lora_backward_into<T: Element, A: Element>(
         (None, scale)
     };
     ws.with_layer(x.device(), &[d.m, d.r], |u, ws| {
-        // On sm_90 (opt-in, ops/sm90.rs): dX and U = dY·B in one launch where the Hopper kernel takes it,
-        // then one pass over dY for dB alone; otherwise one pass over dY for dB and U (kernels/lowrank_grad.cu)
-        // and dX after. Either way one pass over X for dA.
+        // On sm_90 (opt-in, ops/sm90.rs): dX and U = dY·B in one launch where the Hopper kernel takes it, at
+        // ranks up to 16 with dB's and dA's partials too (then their finalizes, no other pass), at 17..32 then
+        // one pass over dY for dB alone and one over X for dA; otherwise one pass over dY for dB and U
+        // (kernels/lowrank_grad.cu), one over X for dA, and dX after.
         let dims = (d.m, d.n, d.r);
         let mut dx = dx;
         let took = match dx.as_deref_mut() {
@@ -315,11 +316,16 @@ pub fn lora_backward_into<T: Element, A: Element>(
                 w0,
                 a,
                 b,
-                t,
                 scale,
                 dx,
                 &mut *u,
-                (&mut *db, acc),
+                super::sm90::Grads {
+                    t,
+                    x,
+                    db: &mut *db,
+                    da: &mut *da,
+                    accumulate: acc,
+                },
                 (d.m, d.n, d.k, d.r),
                 ws,
             )?,
@@ -328,22 +334,23 @@ pub fn lora_backward_into<T: Element, A: Element>(
         if took != DxWithU::NotTaken {
             dx = None; // written
         }
-        if took != DxWithU::UAndDb {
-            let u_pass = (took == DxWithU::NotTaken).then_some((b, &mut *u));
-            launch::lowrank_grad(
-                OP,
-                dy,
-                t,
-                db,
-                PLayout::ColsByRank,
-                u_pass,
-                dims,
-                scale,
-                acc,
-                None,
-                ws,
-            )?;
+        if took == DxWithU::UAndGrads {
+            return Ok(());
         }
+        let u_pass = (took == DxWithU::NotTaken).then_some((b, &mut *u));
+        launch::lowrank_grad(
+            OP,
+            dy,
+            t,
+            db,
+            PLayout::ColsByRank,
+            u_pass,
+            dims,
+            scale,
+            acc,
+            None,
+            ws,
+        )?;
         let dims = (d.m, d.k, d.r);
         launch::lowrank_grad(
             OP,

@@ -10,9 +10,10 @@
 //! [`try_forward_with_t`]): T = X·Aᵀ is computed inside the GEMM from the X tiles it streams, about twice
 //! per row block (each CTA takes a contiguous run of tiles), and written for the backward. Otherwise T comes
 //! from the projection launch first, as on the mma.sync path. The backward's dX at those ranks is one
-//! launch the same way ([`try_dx_with_u`]: U = dY·B from the dY tiles, written for the dA pass; up to
-//! rank 16 dB's per-row-block partials too, then their finalize, and no pass over dY; from 17 to 32 the
-//! pass over dY computes dB alone); otherwise that pass computes dB and U, and dX runs after.
+//! launch the same way ([`try_dx_with_u`]: U = dY·B from the dY tiles; up to rank 16 dB's and dA's
+//! per-row-block partials too, then their finalizes, and no pass over dY or X; from 17 to 32 U is written
+//! for the pass over X for dA, and the pass over dY computes dB alone); otherwise the pass over dY computes
+//! dB and U, the pass over X dA, and dX runs after.
 //!
 //! Bits: each kernel gives the same bits on every run, whatever the SM count, but the two forward
 //! structures differ (T summed in one chain or in the projection's fixed K chunks; s·T·Bᵀ added last or
@@ -198,18 +199,38 @@ pub(crate) enum DxWithU {
     NotTaken,
     /// dX and U; dB is left to the pass over dY.
     U,
-    /// dX, U and dB (ranks up to 16: dB's partials in the kernel, then their finalize).
-    UAndDb,
+    /// dX, U, dB and dA (ranks up to 16: their partials in the kernel, then their finalizes).
+    UAndGrads,
 }
 
-/// The maximum rank at which dX's one-launch kernel computes dB's partials too (its T tile is 16 wide).
-const DB_MAX_RANK: usize = 16;
+/// The maximum rank at which dX's one-launch kernel computes dB's and dA's partials too (its T and U tiles
+/// are 16 wide).
+const GRADS_MAX_RANK: usize = 16;
+
+/// The backward's inputs and outputs for dX's one-launch kernel at ranks up to 16: the forward's T [m, r]
+/// and input X [m, K], and dB [N, r] and dA [r, K], set or accumulated onto.
+pub(crate) struct Grads<'a, T: Element, R: Element> {
+    pub t: &'a Tensor<T>,
+    pub x: &'a Tensor<T>,
+    pub db: &'a mut Tensor<R>,
+    pub da: &'a mut Tensor<R>,
+    pub accumulate: bool,
+}
+
+/// What the U16 kernels read and write for the gradients: T, X, and the f32 partials of dB
+/// [ceil(m / 128), k, rank] and of dA [ceil(m / 128), rank, n] (kernel dimensions).
+struct GradPartials<'a, T: Element> {
+    t: &'a Tensor<T>,
+    x: &'a Tensor<T>,
+    db: &'a mut Tensor<f32>,
+    da: &'a mut Tensor<f32>,
+}
 
 /// dX in one launch on the Hopper kernel that computes U = dY·B itself (kernels/sm90/fused_gemm_t_sm90.cu,
-/// the "nn" kernels): `dx = dY·W0 + (s·U)·A`, U written to `u` (the dA pass reads it), and at ranks up to
-/// 16 dB = s·dYᵀ·T too (its per-row-block f32 partials from the kernel, from `ws`, added in order into `db`,
-/// or onto it with `accumulate`). The conditions are [`try_forward_with_t`]'s, with B's alignment for A's
-/// and, up to rank 16, `t`'s.
+/// the "nn" kernels): `dx = dY·W0 + (s·U)·A`, U written to `u` (the dA pass reads it above rank 16), and at ranks up to
+/// 16 dB = s·dYᵀ·T and dA = s·Uᵀ·X too (their per-row-block f32 partials from the kernel, from `ws`, each
+/// added in order into its gradient, or onto it with `accumulate`). The conditions are
+/// [`try_forward_with_t`]'s, with B's alignment for A's and, up to rank 16, `t`'s and `x`'s.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn try_dx_with_u<T: Element, R: Element>(
     op: &'static str,
@@ -217,11 +238,10 @@ pub(crate) fn try_dx_with_u<T: Element, R: Element>(
     w0: &Tensor<T>,
     a: &Tensor<R>,
     b: &Tensor<R>,
-    t: &Tensor<T>,
     scale: f32,
     dx: &mut Tensor<T>,
     u: &mut Tensor<T>,
-    (db, accumulate): (&mut Tensor<R>, bool),
+    grads: Grads<'_, T, R>,
     (m, n, k, rank): (usize, usize, usize, usize),
     ws: &mut Workspace<T>,
 ) -> Result<DxWithU> {
@@ -242,8 +262,8 @@ pub(crate) fn try_dx_with_u<T: Element, R: Element>(
     let Some(b) = one_launch_takes(op, &g, b)? else {
         return Ok(DxWithU::NotTaken);
     };
-    let with_db = rank <= DB_MAX_RANK;
-    if with_db && t.byte_range().0 % 16 != 0 {
+    let with_grads = rank <= GRADS_MAX_RANK;
+    if with_grads && (grads.t.byte_range().0 % 16 != 0 || grads.x.byte_range().0 % 16 != 0) {
         return Ok(DxWithU::NotTaken);
     }
     let a = a.cast_ref::<T>().expect("R is T: checked by obstacle");
@@ -257,17 +277,35 @@ pub(crate) fn try_dx_with_u<T: Element, R: Element>(
         scale,
         dims: (g.m, g.n, g.k, g.rank),
     };
-    if !with_db {
+    if !with_grads {
         one_launch(op, &one, dx, u, None)?;
         return Ok(DxWithU::U);
     }
+    let Grads {
+        t,
+        x,
+        db,
+        da,
+        accumulate,
+    } = grads;
     let db = db.cast_mut::<T>().expect("R is T: checked by obstacle");
+    let da = da.cast_mut::<T>().expect("R is T: checked by obstacle");
     let row_blocks = m.div_ceil(LK_SM90_BM as usize);
-    ws.with_partial(dy.device(), &[row_blocks, n, rank], |partial, _| {
-        one_launch(op, &one, dx, u, Some((t, &mut *partial)))?;
-        super::launch::finalize(op, partial, db, row_blocks, scale, accumulate)
+    let device = dy.device();
+    ws.with_partial(device, &[row_blocks, n, rank], |db_partial, ws| {
+        ws.with_partial(device, &[row_blocks, rank, k], |da_partial, _| {
+            let partials = GradPartials {
+                t,
+                x,
+                db: &mut *db_partial,
+                da: &mut *da_partial,
+            };
+            one_launch(op, &one, dx, u, Some(partials))?;
+            super::launch::finalize(op, db_partial, db, row_blocks, scale, accumulate)?;
+            super::launch::finalize(op, da_partial, da, row_blocks, scale, accumulate)
+        })
     })?;
-    Ok(DxWithU::UAndDb)
+    Ok(DxWithU::UAndGrads)
 }
 
 /// Whether a one-launch kernel takes `g` (whose `l` is the low-rank product it writes): under
@@ -311,14 +349,13 @@ struct OneLaunch<'a, T: Element> {
 }
 
 /// Launches `g` (checked by [`one_launch_takes`]), writing `c` [m, n] and the product `low` [m, rank]; with
-/// `db` (dX at ranks up to 16: the forward's T [m, rank] and the partials [ceil(m / 128), k, rank]), dB's
-/// per-row-block partial sums dYᵀ·T too.
+/// `grads` (dX at ranks up to 16), dB's and dA's per-row-block partial sums dYᵀ·T and Uᵀ·X too.
 fn one_launch<T: Element>(
     op: &'static str,
     g: &OneLaunch<'_, T>,
     c: &mut Tensor<T>,
     low: &mut Tensor<T>,
-    db: Option<(&Tensor<T>, &mut Tensor<f32>)>,
+    grads: Option<GradPartials<'_, T>>,
 ) -> Result<()> {
     let device = g.first.device().clone();
     let (m, n, k, rank) = g.dims;
@@ -374,21 +411,22 @@ fn one_launch<T: Element>(
         ),
     };
     let kernel = super::launch::pick(op, T::DTYPE, pair.0, pair.1)?;
-    // the U16 kernels always write dB's partials (and need T), the others never
+    // the U16 kernels always write dB's and dA's partials (and need T and X), the others never
     assert_eq!(
-        db.is_some(),
+        grads.is_some(),
         nn && tn == 16,
-        "{op}: dB's partials with the U16 kernels alone"
+        "{op}: the gradients' partials with the U16 kernels alone"
     );
-    // T [m, rank]: its row block's 128 rows × 16 columns, 32-byte rows (fused_gemm_t_sm90.cu T_TILE_BYTES)
-    let t_map =
-        match &db {
-            Some((t, _)) => {
-                TensorMapSpec::row_major(size_of::<T>(), m, rank, 16, LK_SM90_BM, Swizzle::B32)
-                    .encode(op, &device, t.byte_range().0)?
-            }
-            None => LkTensorMap::default(),
-        };
+    // T [m, rank]: its row block's 128 rows × 16 columns, 32-byte rows (fused_gemm_t_sm90.cu T_TILE_BYTES);
+    // X [m, n] in the 128 × 64 boxes of the streamed operand
+    let (t_map, da_x_map) = match &grads {
+        Some(gp) => (
+            TensorMapSpec::row_major(size_of::<T>(), m, rank, 16, LK_SM90_BM, Swizzle::B32)
+                .encode(op, &device, gp.t.byte_range().0)?,
+            map(op, gp.x, m, n, LK_SM90_BM)?,
+        ),
+        None => (LkTensorMap::default(), LkTensorMap::default()),
+    };
     let (w_map, inner_map, last_map) = if nn {
         // W0 [k, n] and A [rank, n] in 64×64 boxes; B [k, rank] in 64 rows of TN columns, one 32- or
         // 64-byte swizzle span (fused_gemm_t_sm90.cu U_ROW_BYTES)
@@ -432,17 +470,19 @@ fn one_launch<T: Element>(
     if let Some(bias) = g.bias {
         args.push(Arg::In("bias", bias));
     }
-    let (db_t, db_partial) = db.unzip();
-    if let Some(t) = db_t {
-        args.push(Arg::In("t", t));
-    }
+    let has_partials = grads.is_some();
+    let partials = grads.map(|gp| {
+        args.push(Arg::In("t", gp.t));
+        args.push(Arg::In("x", gp.x));
+        (gp.db, gp.da)
+    });
     let c_index = args.len();
     args.push(Arg::Out(names[4], c));
     args.push(Arg::Out(names[5], low));
     let partial_index = args.len();
-    let has_partial = db_partial.is_some();
-    if let Some(partial) = db_partial {
-        args.push(Arg::Out("db_partial", partial));
+    if let Some((db_partial, da_partial)) = partials {
+        args.push(Arg::Out("db_partial", db_partial));
+        args.push(Arg::Out("da_partial", da_partial));
     }
     let has_bias = g.bias.is_some();
     let (m, n, k, rank) = (u32_of(m), u32_of(n), u32_of(k), u32_of(rank));
@@ -453,6 +493,7 @@ fn one_launch<T: Element>(
         b_map: last_map,
         y_map: y_map.unwrap_or_default(),
         a_map: inner_map,
+        da_x_map,
         bias: if has_bias {
             ptr[4] as *const _
         } else {
@@ -460,8 +501,13 @@ fn one_launch<T: Element>(
         },
         y: ptr[c_index] as *mut _,
         t_out: ptr[c_index + 1] as *mut _,
-        db_partial: if has_partial {
+        db_partial: if has_partials {
             ptr[partial_index] as *mut f32
+        } else {
+            std::ptr::null_mut()
+        },
+        da_partial: if has_partials {
+            ptr[partial_index + 1] as *mut f32
         } else {
             std::ptr::null_mut()
         },
@@ -607,6 +653,8 @@ fn launch<T: Element, R: Element>(
         y: ptr[c_index] as *mut _,
         t_out: std::ptr::null_mut(),
         db_partial: std::ptr::null_mut(),
+        da_partial: std::ptr::null_mut(),
+        da_x_map: LkTensorMap::default(),
         m,
         n,
         k,
