@@ -5,7 +5,8 @@
 //!   four k16 wgmma steps, A from shared memory or registers, B K-major or MN-major) matches the f64
 //!   product under every thread order;
 //! - B MN-major and 16 or 32 columns wide in the 32- or 64-byte swizzle (dX's one-launch kernel reads
-//!   the LoRA B's slice so) matches the product too;
+//!   the LoRA B's slice so) matches the product too, and so does A read MN-major (as that kernel reads dY's
+//!   and X's boxes for dB's and dA's partials);
 //! - the planted bugs are caught: the wrong swizzle in the descriptors (wrong values), accumulators read
 //!   before the wait (NaN), no wgmma.fence, writing an operand the wgmma still reads, exiting before the
 //!   wait, an operand stored by the threads without fence.proxy.async before the wgmma reads it (and with
@@ -235,6 +236,11 @@ fn run(
     run_cols(inp, cfg, a_regs, b_mn, bug, 64)
 }
 
+/// As [`run_cols`], with A read MN-major (`inp.a` taken as [K][M]).
+fn run_a_mn(inp: &Inputs, cfg: &EmuConfig, b_mn: bool, b_cols: usize) -> Result<Vec<f32>, String> {
+    launch_tile(inp, cfg, false, b_mn, 0, b_cols, true)
+}
+
 /// The tile with B `b_cols` wide: 64 (128-byte rows), or 16 / 32 (B [64][b_cols] MN-major in the 32- or
 /// 64-byte swizzle: the first 64·b_cols values of `inp.b`); Y is [64][b_cols].
 fn run_cols(
@@ -244,6 +250,18 @@ fn run_cols(
     b_mn: bool,
     bug: i32,
     b_cols: usize,
+) -> Result<Vec<f32>, String> {
+    launch_tile(inp, cfg, a_regs, b_mn, bug, b_cols, false)
+}
+
+fn launch_tile(
+    inp: &Inputs,
+    cfg: &EmuConfig,
+    a_regs: bool,
+    b_mn: bool,
+    bug: i32,
+    b_cols: usize,
+    a_mn: bool,
 ) -> Result<Vec<f32>, String> {
     let dev = Device::emulator();
     let (a, b) = (u16s(&inp.a), &u16s(&inp.b)[..64 * b_cols]);
@@ -257,6 +275,7 @@ fn run_cols(
         b_mn_major: b_mn as i32,
         bug,
         b_cols: if b_cols == 64 { 0 } else { b_cols as i32 },
+        a_mn_major: a_mn as i32,
     };
     let regions = [
         EmuRegion::input("a", a),
@@ -272,6 +291,25 @@ fn run_cols(
     unsafe { emu_launch_raw(cfg, lk_emu_body_planted_wgmma_tile, &plan, &p, &regions) }
         .map_err(|e| e.to_string())?;
     Ok(y)
+}
+
+/// Y = A·B in f64, A as [M][K] or, with `a_mn`, [K][M]; B as [N][K] (`cols` 64, not `b_mn`) or [K][cols]
+/// (the first 64·cols values of `inp.b`).
+fn reference_general(inp: &Inputs, a_mn: bool, b_mn: bool, cols: usize) -> Vec<f64> {
+    let (a, b) = (u16s(&inp.a), u16s(&inp.b));
+    let mut y = vec![0.0; 64 * cols];
+    for m in 0..64 {
+        for n in 0..cols {
+            y[m * cols + n] = (0..64)
+                .map(|k| {
+                    let av = if a_mn { a[k * 64 + m] } else { a[m * 64 + k] };
+                    let bv = if b_mn { b[k * cols + n] } else { b[n * 64 + k] };
+                    bf16_value(av) * bf16_value(bv)
+                })
+                .sum();
+        }
+    }
+    y
 }
 
 /// Y = A·B with B as [64][cols] (the first 64·cols values of `inp.b`), in f64.
@@ -350,6 +388,32 @@ fn wgmma_narrow_mn_major_b_matches_the_product() {
             assert!(
                 rel_err(&y, &want) > 0.1,
                 "{cfg:?} B [64][{cols}]: the other swizzle must give wrong values"
+            );
+        }
+    }
+}
+
+/// A read MN-major from shared memory (given as [K][M], k16 step +16 rows, SBO 1024, LBO unused), with B
+/// K-major, MN-major, and MN-major 16 wide in the 32-byte swizzle (the product of dX's dB and dA partials,
+/// fused_gemm_t_sm90.cu issue_box_t_tile), matches the product under every order, and differs from it
+/// read K-major.
+#[test]
+fn wgmma_mn_major_a_matches_the_product() {
+    for (i, cfg) in common::all_orders().into_iter().enumerate() {
+        let inp = inputs(common::seed() ^ 0x50 ^ i as u64);
+        for (b_mn, cols) in [(false, 64), (true, 64), (true, 16)] {
+            let want = reference_general(&inp, true, b_mn, cols);
+            let y =
+                run_a_mn(&inp, &cfg, b_mn, cols).unwrap_or_else(|e| panic!("{cfg:?} {cols}: {e}"));
+            let e = rel_err(&y, &want);
+            assert!(
+                e <= 1e-5,
+                "{cfg:?} A MN-major, B MN-major {b_mn}, {cols} columns: relative error {e:e}"
+            );
+            let y = run_cols(&inp, &cfg, false, b_mn, 0, cols).unwrap();
+            assert!(
+                rel_err(&y, &want) > 0.1,
+                "{cfg:?}: A read K-major must differ from the MN-major product"
             );
         }
     }

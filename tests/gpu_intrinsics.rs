@@ -559,7 +559,8 @@ fn tma_emulator_equals_hardware() {
 
 /// wgmma m64n64k16 (A from shared memory or registers, B K- or MN-major, TMA-loaded, 128-byte swizzle), and
 /// m64n16k16 / m64n32k16 with B [64][16] / [64][32] MN-major in the 32- / 64-byte swizzle (dX's one-launch
-/// kernel reads the LoRA B's slice so), on small integers, where every sum is exact: the GPU's accumulators
+/// kernel reads the LoRA B's slice so), and A read MN-major from shared memory (as that kernel reads dY's
+/// and X's boxes for dB's and dA's partials, with the 16-wide B), on small integers, where every sum is exact: the GPU's accumulators
 /// equal the emulator's bit for bit.
 #[test]
 fn wgmma_emulator_equals_hardware() {
@@ -573,15 +574,19 @@ fn wgmma_emulator_equals_hardware() {
             .collect()
     };
     let (a, b) = (ints(), ints());
+    // (A from registers, A MN-major, B MN-major, B's columns)
     let cases = [
-        (false, false, 64),
-        (true, false, 64),
-        (false, true, 64),
-        (true, true, 64),
-        (false, true, 16),
-        (false, true, 32),
+        (false, false, false, 64),
+        (true, false, false, 64),
+        (false, false, true, 64),
+        (true, false, true, 64),
+        (false, false, true, 16),
+        (false, false, true, 32),
+        (false, true, false, 64),
+        (false, true, true, 64),
+        (false, true, true, 16),
     ];
-    for (a_regs, b_mn, cols) in cases {
+    for (a_regs, a_mn, b_mn, cols) in cases {
         let b_sw = match cols {
             16 => Swizzle::B32,
             32 => Swizzle::B64,
@@ -608,6 +613,7 @@ fn wgmma_emulator_equals_hardware() {
             b_mn_major: b_mn as i32,
             bug: 0,
             b_cols,
+            a_mn_major: a_mn as i32,
         };
         let regions = [
             EmuRegion::input("a", &a),
@@ -648,6 +654,7 @@ fn wgmma_emulator_equals_hardware() {
                 b_mn_major: b_mn as i32,
                 bug: 0,
                 b_cols,
+                a_mn_major: a_mn as i32,
             };
             let cfg = LaunchConfig {
                 grid_dim: (1, 1, 1),
@@ -662,7 +669,7 @@ fn wgmma_emulator_equals_hardware() {
         assert_eq!(
             bits(&yg),
             bits(&ye),
-            "A in registers {a_regs}, B MN-major {b_mn}, {cols} columns: GPU and emulator differ"
+            "A in registers {a_regs}, A MN-major {a_mn}, B MN-major {b_mn}, {cols} columns: GPU and emulator differ"
         );
     }
 }

@@ -57,6 +57,8 @@ pub struct WgmmaParams {
     pub bug: i32,
     /// 0: B 64×64 in 128-byte rows; 16 or 32: B [64][b_cols] MN-major in the 32- or 64-byte swizzle.
     pub b_cols: i32,
+    /// A given as [K][M], read MN-major (A from shared memory only).
+    pub a_mn_major: i32,
 }
 // SAFETY: as above.
 unsafe impl DeviceRepr for WgmmaParams {}

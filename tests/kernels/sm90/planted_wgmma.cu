@@ -14,6 +14,10 @@
 // (one span per row, as fused_gemm_t_sm90.cu's dX loads the LoRA B's slice), and m64n16k16 or m64n32k16
 // reads it MN-major: k16 step at +16 rows, SBO = 8 rows, LBO unused (0); Y is [64][b_cols]. Bug 1 there
 // describes the tile with the other of the two swizzles.
+// With a_mn_major (A from shared memory): A given as [K][M] (64 rows of M), read MN-major as B is: its k16
+// step at +16 rows (2048 bytes), SBO = 1024, LBO unused (one 64-element swizzle atom across M); with B
+// [64][16] MN-major that is the product fused_gemm_t_sm90.cu's dX kernel computes dB's and dA's partials
+// with (a 128×64 box of dY or X read MN-major as A, a 128×16 tile as B), over 64 rows of K here.
 #include "lk_tma.cuh"
 #include "lk_wgmma.cuh"
 
@@ -26,7 +30,13 @@ struct WgmmaParams {
     int32_t b_mn_major;  // B given as [K][N] (64 rows of N): MN-major, its k16 step at +16 rows (2048 bytes)
     int32_t bug;
     int32_t b_cols;  // 0: 64 (B in 128-byte rows); 16 or 32: B [64][b_cols] MN-major, the 32- or 64-byte swizzle
+    int32_t a_mn_major;  // A given as [K][M]: MN-major (not with a_regs)
 };
+
+// A's descriptor for k16 step kb: K-major (+32 bytes per step) or MN-major (+16 rows = 2048 bytes)
+__device__ uint64_t a_desc(const WgmmaParams& p, const unsigned char* a_tile, uint32_t kb, uint32_t swz) {
+    return p.a_mn_major ? lk_wgmma_desc(a_tile + 2048 * kb, 0, 1024, swz) : lk_wgmma_desc(a_tile + 32 * kb, 16, 1024, swz);
+}
 
 // Y[64×N] = A·B with B [64][N] MN-major in the 2N-byte swizzle (N = 16 or 32), A K-major from a_tile.
 template <uint32_t N>
@@ -36,9 +46,14 @@ __device__ void narrow_b(const WgmmaParams& p, const unsigned char* a_tile, cons
     const uint32_t swz = (N == 16) != (p.bug == 1) ? LK_WGMMA_SWIZZLE_32B : LK_WGMMA_SWIZZLE_64B;
     float acc[N / 2];
     lk_wgmma_fence();
-    for (uint32_t kb = 0; kb < 4; ++kb)
-        lk_wgmma_ss<__nv_bfloat16, N, 0, 1>(acc, lk_wgmma_desc(a_tile + 32 * kb, 16, 1024, LK_WGMMA_SWIZZLE_128B),
-                                            lk_wgmma_desc(b_tile + 16 * W * kb, 0, 8 * W, swz), kb > 0);
+    for (uint32_t kb = 0; kb < 4; ++kb) {
+        const uint64_t da = a_desc(p, a_tile, kb, LK_WGMMA_SWIZZLE_128B);
+        const uint64_t db = lk_wgmma_desc(b_tile + 16 * W * kb, 0, 8 * W, swz);
+        if (p.a_mn_major)
+            lk_wgmma_ss<__nv_bfloat16, N, 1, 1>(acc, da, db, kb > 0);
+        else
+            lk_wgmma_ss<__nv_bfloat16, N, 0, 1>(acc, da, db, kb > 0);
+    }
     lk_wgmma_commit();
     lk_wgmma_wait<0>();
     for (uint32_t i = 0; i < N / 2; ++i) p.y[lk_wgmma_acc_row(tid, i) * N + lk_wgmma_acc_col(tid, i)] = acc[i];
@@ -90,8 +105,12 @@ extern "C" __global__ void __launch_bounds__(128) planted_wgmma_tile(const __gri
             else
                 lk_wgmma_rs<__nv_bfloat16, 64>(acc, a, db, kb > 0);
         } else {
-            const uint64_t da = lk_wgmma_desc(a_tile + 32 * kb, 16, 1024, swz);
-            if (p.b_mn_major)
+            const uint64_t da = a_desc(p, a_tile, kb, swz);
+            if (p.a_mn_major && p.b_mn_major)
+                lk_wgmma_ss<__nv_bfloat16, 64, 1, 1>(acc, da, db, kb > 0);
+            else if (p.a_mn_major)
+                lk_wgmma_ss<__nv_bfloat16, 64, 1, 0>(acc, da, db, kb > 0);
+            else if (p.b_mn_major)
                 lk_wgmma_ss<__nv_bfloat16, 64, 0, 1>(acc, da, db, kb > 0);
             else
                 lk_wgmma_ss<__nv_bfloat16, 64>(acc, da, db, kb > 0);
