@@ -215,8 +215,8 @@ __device__ __forceinline__ uint32_t consume_stage_db(const LkFusedGemmSm90Params
 // dA's stages, after the last one of a tile (on the U16 kernels): each brings two of X's 128×64 boxes (rows
 // m0.., columns n0 + 128·x.., + 64..), one per consumer, which adds Q[64][16] = Xᵀ·U over the row block's
 // rows for the box's 64 columns (the U tile, written by both consumers, complete: u_full), retires it,
-// releases the stage and writes Q to da_partial[rb][col][64·c + row]: dA's layout [rank][n], clipped to n
-// and the rank.
+// releases the stage and writes Q (row: the column of X, column: the rank) to da_partial[rb][rank][column]:
+// dA's layout [rank][n], clipped to n and the rank.
 template <typename T, typename W>
 __device__ __forceinline__ void consume_stage_da(const LkFusedGemmSm90Params& p, uint64_t* full, uint64_t* empty,
                                                  const unsigned char* ring, const unsigned char* u_tile,
