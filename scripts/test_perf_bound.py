@@ -88,6 +88,17 @@ SHAPES = [
 ]
 
 
+def model_and_simulation():
+    """Every shape at both tile widths, with dB's and dA's partials where the rank allows: (the case, the
+    simulation, sm90_gemm_t's result, the device)."""
+    for m, n, k, r, sms in SHAPES:
+        dev = dict(H100, sms=sms)
+        for bn in (pb.SM90_BN, pb.SM90_NARROW_BN):
+            for grads in ([False, True] if r <= 16 else [False]):
+                yield ((m, n, k, r, sms, bn, grads), simulate(m, n, k, r, sms, bn, grads),
+                       pb.sm90_gemm_t(m, n, k, r, dev, {"total": 1}, bn, grads), dev)
+
+
 class OneLaunchModel(unittest.TestCase):
     def test_runs_are_the_launch_and_the_kernel_schedule(self):
         for m, n, _, _, sms in SHAPES:
@@ -100,25 +111,14 @@ class OneLaunchModel(unittest.TestCase):
                 self.assertEqual(model_runs, want, (m, n, sms, bn))
 
     def test_tensor_work_is_every_wgmma_issued(self):
-        for m, n, k, r, sms in SHAPES:
-            dev = dict(H100, sms=sms)
-            for bn in (pb.SM90_BN, pb.SM90_NARROW_BN):
-                for grads in ([False, True] if r <= 16 else [False]):
-                    per_cta, _ = simulate(m, n, k, r, sms, bn, grads)
-                    _, _, parts, _, work = pb.sm90_gemm_t(m, n, k, r, dev, {"total": 1}, bn, grads)
-                    what = (m, n, k, r, sms, bn, grads)
-                    self.assertEqual(work, sum(per_cta), what)
-                    busiest = parts["tensor"] * dev["tensor"] / dev["sms"]
-                    self.assertAlmostEqual(busiest / max(per_cta), 1.0, places=12, msg=what)
+        for case, (per_cta, _), (_, _, parts, _, work), dev in model_and_simulation():
+            self.assertEqual(work, sum(per_cta), case)
+            busiest = parts["tensor"] * dev["tensor"] / dev["sms"]
+            self.assertAlmostEqual(busiest / max(per_cta), 1.0, places=12, msg=case)
 
     def test_l2_bytes_are_every_tma_load(self):
-        for m, n, k, r, sms in SHAPES:
-            dev = dict(H100, sms=sms)
-            for bn in (pb.SM90_BN, pb.SM90_NARROW_BN):
-                for grads in ([False, True] if r <= 16 else [False]):
-                    _, loaded = simulate(m, n, k, r, sms, bn, grads)
-                    l2 = pb.sm90_gemm_t(m, n, k, r, dev, {"total": 1}, bn, grads)[3]
-                    self.assertEqual(l2, loaded, (m, n, k, r, sms, bn, grads))
+        for case, (_, loaded), (_, _, _, l2, _), _ in model_and_simulation():
+            self.assertEqual(l2, loaded, case)
 
     def test_the_simulation_sees_a_change_in_the_kernel(self):
         # a model that forgot dA's products or X's boxes would differ from the simulation with grads

@@ -238,7 +238,14 @@ fn run(
 
 /// As [`run_cols`], with A read MN-major (`inp.a` taken as [K][M]).
 fn run_a_mn(inp: &Inputs, cfg: &EmuConfig, b_mn: bool, b_cols: usize) -> Result<Vec<f32>, String> {
-    launch_tile(inp, cfg, false, b_mn, 0, b_cols, true)
+    let tile = Tile {
+        a_regs: false,
+        a_mn: true,
+        b_mn,
+        bug: 0,
+        b_cols,
+    };
+    launch_tile(inp, cfg, &tile)
 }
 
 /// The tile with B `b_cols` wide: 64 (128-byte rows), or 16 / 32 (B [64][b_cols] MN-major in the 32- or
@@ -251,18 +258,27 @@ fn run_cols(
     bug: i32,
     b_cols: usize,
 ) -> Result<Vec<f32>, String> {
-    launch_tile(inp, cfg, a_regs, b_mn, bug, b_cols, false)
+    let tile = Tile {
+        a_regs,
+        a_mn: false,
+        b_mn,
+        bug,
+        b_cols,
+    };
+    launch_tile(inp, cfg, &tile)
 }
 
-fn launch_tile(
-    inp: &Inputs,
-    cfg: &EmuConfig,
+/// What planted_wgmma_tile computes: A from registers or read MN-major, B MN-major, a planted bug, B's width.
+struct Tile {
     a_regs: bool,
+    a_mn: bool,
     b_mn: bool,
     bug: i32,
     b_cols: usize,
-    a_mn: bool,
-) -> Result<Vec<f32>, String> {
+}
+
+fn launch_tile(inp: &Inputs, cfg: &EmuConfig, t: &Tile) -> Result<Vec<f32>, String> {
+    let b_cols = t.b_cols;
     let dev = Device::emulator();
     let (a, b) = (u16s(&inp.a), &u16s(&inp.b)[..64 * b_cols]);
     let mut y = vec![f32::NAN; 64 * b_cols];
@@ -271,11 +287,11 @@ fn launch_tile(
         b_map: narrow_map(&dev, b, b_cols),
         a: a.as_ptr(),
         y: y.as_mut_ptr(),
-        a_regs: a_regs as i32,
-        b_mn_major: b_mn as i32,
-        bug,
+        a_regs: t.a_regs as i32,
+        b_mn_major: t.b_mn as i32,
+        bug: t.bug,
         b_cols: if b_cols == 64 { 0 } else { b_cols as i32 },
-        a_mn_major: a_mn as i32,
+        a_mn_major: t.a_mn as i32,
     };
     let regions = [
         EmuRegion::input("a", a),
