@@ -177,7 +177,7 @@ fn hopper_gpu() -> Option<Device> {
 /// with a GPU's SM count, on GEMMs that take them there: m = 128·⌊SMs/16⌋ rows by 4096 columns (16 wide
 /// tiles per row block, at most one per SM, where the narrow ones would put two on some; under 16 SMs,
 /// a partition of a GPU: 128 rows by 256·SMs columns, one wide tile per SM against two narrow ones): the
-/// forward (k = 256), and dX through the backward (n = 256, k = the columns).
+/// forward (k = 256), and dX through the backward (n = 256, k = the columns), at ranks 16 and 32.
 #[test]
 fn sm90_wide_tiles_on_the_gpu() {
     force_sm90();
@@ -188,10 +188,11 @@ fn sm90_wide_tiles_on_the_gpu() {
     } else {
         (128, 256 * sms as usize)
     };
-    for (i, (dims, backward)) in [((m, cols, 256, 16), false), ((m, 256, cols, 16), true)]
+    // ranks 16 (dX with dB's and dA's partials inside) and 32 (the U32 kernels, then the passes)
+    let cases = [16, 32]
         .into_iter()
-        .enumerate()
-    {
+        .flat_map(|r| [((m, cols, 256, r), false), ((m, 256, cols, r), true)]);
+    for (i, (dims, backward)) in cases.enumerate() {
         let (m, n, k, r) = dims;
         assert_eq!(
             lora_kernels::ops::sm90_tile(m, cols, sms),
