@@ -317,7 +317,8 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
     uint64_t *full = sm.full, *empty = sm.empty;
     unsigned char* ring = sm.ring;
 
-    if (wg == 0) {  // the producer: per tile, the main stages (+ A's slice where T is computed), then B's box
+    if (wg == 0) {  // the producer: per tile, the main stages (+ A's slice where T is computed), B's box, then
+                    // (DB) X's boxes for dA
         lk_setmaxnreg_dec<40>();
         if (tid != 0) return;
         uint32_t s = 0, db_count = 0;
