@@ -163,7 +163,9 @@ void new_interval_readers(Launch& L, SmemByte& s, size_t at) {
 }
 
 // A thread's store to a byte (not an async copy's issue, whose landing writes it): the async proxy may read
-// it only after a fence.proxy.async by that thread (check_proxy_fenced).
+// it only after a fence.proxy.async by that thread (check_proxy_fenced). The landings of cp.async (the
+// non-bulk copy) are not flagged either, though the ISA may count them as the generic proxy's: no kernel
+// here feeds a wgmma or a bulk store from cp.async.
 inline void note_generic_write(const Launch& L, SmemByte& s, unsigned tid, bool async_issue) {
     if (async_issue) {
         s.flags &= uint8_t(~SB_GENERIC_WRITE);
