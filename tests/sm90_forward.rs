@@ -10,13 +10,14 @@
 //! grid's size, so blocks loop over several tiles or over none, and the tile width that `ops::sm90_tile`
 //! picks for it, 128×256 or the narrow 128×128, both among the cases). Then dX (`lora_backward`, the "nn"
 //! kernel: W0 and A read MN-major from 64×64 boxes; at ranks up to 32 the one-launch "nn" kernel of
-//! fused_gemm_t_sm90.cu, U = dY·B computed inside, and up to rank 16 dB's partial sums too) with the
+//! fused_gemm_t_sm90.cu, U = dY·B computed inside, and up to rank 16 dB's and dA's partial sums too) with the
 //! whole backward, as many property cases per
 //! structure and two
 //! edge shapes (each with both widths), under two orders too; edges of the one-launch kernels' schedule
 //! (runs of tiles that start inside a row block, cross one, one CTA over all, one tile per CTA) for the
 //! forward and for dX, and their bits the same on any number of SMs and, for a row of Y, T or dX, in
-//! batches of either tile width (at ranks over 32 too). Each case goes through `common::lora` (forward,
+//! batches of either tile width (at ranks over 32 too); and batches of 1 to 16 rows through the backward
+//! (their forward on the small-M kernel, dX on the one-launch kernel). Each case goes through `common::lora` (forward,
 //! backward, every output against the f64 reference). `LK_FUSED_GEMM=sm90` is set for this whole test binary,
 //! so a forward the Hopper kernel cannot take fails instead of falling back. On an sm_90 GPU every case runs
 //! there too (same reference, repeated bits), and one test takes the 128×256 tiles there; under
@@ -145,20 +146,25 @@ fn took_the_structure_of_its_rank(launches: &[&str], r: usize, backward: bool, w
         .any(|k| k.starts_with("fused_gemm_sm90_") && !k.starts_with("fused_gemm_sm90_nn"));
     assert_eq!(plain_forward, !one_launch, "{what}: {launches:?}");
     if backward {
-        // the passes: over dY for dB and U (above rank 32), for dB alone (17..=32), none (up to 16: dB
-        // and dA in dX's kernel, then their two finalizes); over X for dA above rank 16
-        let u_pass = ran("lowrank_grad_u");
-        let count = |prefix: &str| launches.iter().filter(|k| k.starts_with(prefix)).count();
-        let plain = count("lowrank_grad_r");
-        let want = match r {
-            ..=16 => (false, 0),
-            17..=32 => (false, 2),
-            _ => (true, 1),
-        };
-        assert_eq!((u_pass, plain), want, "{what}: the passes in {launches:?}");
-        if r <= 16 {
-            assert_eq!(count("lowrank_finalize"), 2, "{what}: {launches:?}");
-        }
+        took_the_backward_passes_of_its_rank(launches, r, what);
+    }
+}
+
+/// The backward's passes besides dX (the launch record of a backward), by rank.
+fn took_the_backward_passes_of_its_rank(launches: &[&str], r: usize, what: &str) {
+    // the passes: over dY for dB and U (above rank 32), for dB alone (17..=32), none (up to 16: dB and dA
+    // in dX's kernel, then their two finalizes); over X for dA above rank 16
+    let count = |prefix: &str| launches.iter().filter(|k| k.starts_with(prefix)).count();
+    let u_pass = count("lowrank_grad_u") > 0;
+    let plain = count("lowrank_grad_r");
+    let want = match r {
+        ..=16 => (false, 0),
+        17..=32 => (false, 2),
+        _ => (true, 1),
+    };
+    assert_eq!((u_pass, plain), want, "{what}: the passes in {launches:?}");
+    if r <= 16 {
+        assert_eq!(count("lowrank_finalize"), 2, "{what}: {launches:?}");
     }
 }
 
@@ -374,6 +380,34 @@ fn sm90_dx_u_edges() {
     .enumerate()
     {
         edge(i, dims, sms, bn, 0xd790, (true, true));
+    }
+}
+
+/// Batches of 1 to 16 rows (their forward on the small-M kernel) through the backward on the one-launch dX
+/// kernel: one row block, mostly past m (TMA's zero rows in dY, X and T), at ranks 8 and 16 (dB's and dA's
+/// partials inside) and 24 and 32 (their passes), dX's columns ragged against both tile widths, under a
+/// shuffled thread order, against the reference, with the launches of the rank.
+#[test]
+fn sm90_backward_of_tiny_batches() {
+    force_sm90();
+    for (i, &(m, r)) in [(1, 8), (2, 16), (5, 16), (16, 24), (9, 32)]
+        .iter()
+        .enumerate()
+    {
+        let (n, k) = (64, 264);
+        let dev = hopper(ThreadOrder::Shuffled, 0x71 + i as u64, 2);
+        let mut rng = Rng::new(0x7e1 + i as u64);
+        let l = Layer::<bf16>::random(&mut rng, Dims { m, n, k, r }, 0.75, false);
+        dev.take_launches();
+        let o = run(&dev, &l, true);
+        let what = format!("sm_90a backward {m}×{n}×{k} r {r}");
+        check(&what, &l, &o, tol(DType::BF16));
+        let launches = dev.take_launches();
+        assert!(
+            launches.iter().any(|k| k.starts_with("fused_gemm_u")),
+            "{what}: dX in one launch: {launches:?}"
+        );
+        took_the_backward_passes_of_its_rank(&launches, r, &what);
     }
 }
 
