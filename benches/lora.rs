@@ -4,7 +4,7 @@
 //!             at r <= 32) and with T by its own launch (`ours_fused_sm90a_projection`) | bare cuBLAS
 //!             GEMM (full fine-tune forward) | unfused 3-GEMM LoRA (PEFT)
 //!   backward  ours (dX, dA, dB) | on sm_90, the same with dX on the sm_90a GEMM (`ours_dx_da_db_sm90a`:
-//!             U inside at r <= 32, dB and dA too at r <= 16) and with U from the pass over dY
+//!             U, dB and dA inside at r <= 32) and with U from the pass over dY
 //!             (`ours_dx_da_db_sm90a_projection`) |
 //!             full fine-tune backward (cuBLAS dX + dW) | unfused 5-GEMM LoRA backward (autograd on PEFT's
 //!             layer)

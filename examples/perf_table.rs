@@ -397,7 +397,7 @@ fn main() {
                 b_roof,
                 &chk,
             );
-            // on sm_90: dX on the sm_90a GEMM (U inside it at r <= 32, dB and dA too at r <= 16; or U from the
+            // on sm_90: dX on the sm_90a GEMM (U, dB and dA inside it at r <= 32; or U from the
             // pass over dY)
             for (mode, label) in sm90_modes.iter().filter(|_| sm90) {
                 let (chk_90, bwd_90) = common::with_fused_gemm(mode, || {

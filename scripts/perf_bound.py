@@ -72,7 +72,7 @@ DYN_SMEM = {}
 HOPPER_ARCH = {"sm_90": "sm_90a"}
 SM90_BM = SM90_BN = SM90_BK = SM90_NARROW_BN = SM90_NARROW_SMEM = SM90_T_MAX_RANK = 0
 SM90_T_SMEM = {}  # fused_gemm_t<TN>_sm90[_narrow]: (TN, narrow) -> dynamic shared memory
-SM90_U16_SMEM = {}
+SM90_U_SMEM = {}  # fused_gemm_u<TN>_sm90_nn[_narrow]: (TN, narrow) -> dynamic shared memory
 SM90_CONSUMER_WARPS = 8  # two consumer warpgroups
 
 
@@ -91,8 +91,9 @@ def read_params_h(path):
     SM90_T_SMEM.update({(16, False): d["LK_SM90_T16_SMEM_BYTES"], (32, False): d["LK_SM90_T32_SMEM_BYTES"],
                         (16, True): d["LK_SM90_T16_NARROW_SMEM_BYTES"],
                         (32, True): d["LK_SM90_T32_NARROW_SMEM_BYTES"]})
-    # dX's U16 kernels also hold T's row-block tile for dB's partials
-    SM90_U16_SMEM.update({False: d["LK_SM90_U16_SMEM_BYTES"], True: d["LK_SM90_U16_NARROW_SMEM_BYTES"]})
+    # dX's kernels also hold T's and U's row-block tiles for dB's and dA's partials (U32: narrow alone)
+    SM90_U_SMEM.update({(16, False): d["LK_SM90_U16_SMEM_BYTES"], (16, True): d["LK_SM90_U16_NARROW_SMEM_BYTES"],
+                        (32, True): d["LK_SM90_U32_NARROW_SMEM_BYTES"]})
 
 
 def sm90_bn(m, n, sms):
@@ -125,11 +126,10 @@ def dyn_smem(kernel, kernel_file):
     if kernel_file == "fused_gemm_sm90" and "_narrow_" in kernel:
         return SM90_NARROW_SMEM
     if kernel_file == "fused_gemm_t_sm90":
-        # fused_gemm_t<TN>_sm90* (the forward, T inside) and fused_gemm_u<TN>_sm90_nn* (dX, U inside; at
-        # TN = 16 dB's partials too, with T's tile)
-        if kernel.startswith("fused_gemm_u16_"):
-            return SM90_U16_SMEM["_narrow_" in kernel]
-        return SM90_T_SMEM[(int(re.match(r"fused_gemm_[tu](\d+)_", kernel).group(1)), "_narrow_" in kernel)]
+        # fused_gemm_t<TN>_sm90* (the forward, T inside) and fused_gemm_u<TN>_sm90_nn* (dX, U, dB's and dA's
+        # partials inside, with T's and U's tiles)
+        key = (int(re.match(r"fused_gemm_[tu](\d+)_", kernel).group(1)), "_narrow_" in kernel)
+        return (SM90_U_SMEM if kernel.startswith("fused_gemm_u") else SM90_T_SMEM)[key]
     return DYN_SMEM.get(kernel_file, 0)
 HMMA_FLOPS = 2 * 16 * 8 * 16  # one m16n8k16
 
@@ -570,10 +570,10 @@ def sm90_gemm_t(m, n, k, r, dev, mix, bn, grads=False):
     the peak; issue time of its main stages with `mix`, the plain kernel's consumer loop (the tiles that do
     not compute T run that same loop; those that do run more instructions: a lower bound); memory time (X,
     W0, A, B read once, Y and T written once). L2 to SM: every main stage's X and W0 boxes, A's TN x 64
-    slice on the stages that compute T, and B's bn x 64 box per tile. With `grads` (dX at r <= 16): dB's
-    partials on each row block's tile of column 0, an m64n16k128 product per stage (the rank padded to 16),
-    T's 128 x 16 tile read once per row block and the f32 partials written; and dA's on every tile, an
-    m64n16k128 product per 64 columns of the layer input X [m, n], whose tiles are read once (from HBM and
+    slice on the stages that compute T, and B's bn x 64 box per tile. With `grads` (dX): dB's partials on
+    each row block's tile of column 0, an m64nTNk128 product per stage (TN: the rank padded to 16 or 32),
+    T's 128 x TN tile read once per row block and the f32 partials written; and dA's on every tile, an
+    m64nTNk128 product per 64 columns of the layer input X [m, n], whose tiles are read once (from HBM and
     through L2), and their f32 partials written. Returns (bound, limiter, parts, L2 bytes, total tensor
     work)."""
     tiles, runs = sm90_t_runs(m, n, dev["sms"], bn)
@@ -582,8 +582,8 @@ def sm90_gemm_t(m, n, k, r, dev, mix, bn, grads=False):
     tiles_n = cdiv(n, bn)
     per = cdiv(tiles, max(1, min(tiles, dev["sms"])))
     col0 = [sum(1 for t in range(f, min(f + per, tiles)) if t % tiles_n == 0) for f in range(0, tiles, per)]
-    db_flops = 2 * SM90_BM * 16 * stages * SM90_BK if grads else 0  # per row block
-    da_flops = 2 * SM90_BM * 16 * bn if grads else 0  # per tile
+    db_flops = 2 * SM90_BM * tn * stages * SM90_BK if grads else 0  # per row block
+    da_flops = 2 * SM90_BM * tn * bn if grads else 0  # per tile
     busiest = max(sm90_t_flops(run, k, r, bn) + c * db_flops + run[0] * da_flops for run, c in zip(runs, col0))
     tensor = busiest / (dev["tensor"] / dev["sms"])
     issue = mix["total"] * stages * max(c for c, _ in runs) * SM90_CONSUMER_WARPS / (4 * dev["clock"])
@@ -592,7 +592,7 @@ def sm90_gemm_t(m, n, k, r, dev, mix, bn, grads=False):
               + ((2 * m * r + 4 * rows * k * r + 2 * m * n + 4 * rows * r * n) if grads else 0)) / dev["hbm"]
     computations = sum(c for _, c in runs)
     l2 = 2 * SM90_BK * (tiles * stages * (SM90_BM + bn) + computations * stages * tn + tiles * bn)
-    l2 += (2 * SM90_BM * 16 * rows + 2 * SM90_BM * bn * tiles) if grads else 0
+    l2 += (2 * SM90_BM * tn * rows + 2 * SM90_BM * bn * tiles) if grads else 0
     parts = dict(tensor=tensor, issue=issue, memory=memory)
     if dev.get("l2"):
         parts["l2"] = l2 / dev["l2"]
@@ -757,10 +757,32 @@ def sm90_section(w, res, mixes, dev):
       f"last stage, {SM90_BN // 128} more stages bring two of X's 128x64 boxes each, one per consumer, and an "
       f"m64n16k128 product with U's tile, which both consumers write into shared memory once per row block); "
       f"{cdiv(M, SM90_BM)} partials of N x r and of r x K f32, each added in order by a finalize, which are "
-      f"the other launches: {rest_u * 1e6:.1f} µs, and {bwd_u * 1e6:.1f} µs in all. (Ranks 17..32 keep the "
-      f"passes over dY for dB and over X for dA: T's 128x32 tile does not fit beside the wide ring, nor U's.)")
+      f"the other launches: {rest_u * 1e6:.1f} µs, and {bwd_u * 1e6:.1f} µs in all. " + sm90_rank32_backward(
+          res, mixes, dev, M, N, K))
     w("")
     sm90_by_m(w, res, mixes, dev, N, K, R)
+
+
+def sm90_rank32_backward(res, mixes, dev, M, N, K):
+    """The backward at rank 32 (ranks 17..32): dX with dB's and dA's partials inside on the narrow tiles (the
+    U32 kernels' only width: T's and U's 128 x 32 tiles do not fit beside the wide ring) and their
+    finalizes, against the wide tiles with U alone inside and the passes over dY for dB and over X for dA (the
+    structure before; L2 to SM for both, which the narrow tiles need more of)."""
+    r, rb, nb = 32, cdiv(M, SM90_BM), SM90_NARROW_BN
+    narrow, wide = sm90_kernel(True, nb), sm90_kernel(True, SM90_BN)
+    fin = launches_bound([launch_finalize("lowrank_finalize_bf16", N * r, rb, 4 * rb * N * r),
+                          launch_finalize("lowrank_finalize_bf16", K * r, rb, 4 * rb * K * r)],
+                         res, mixes, dev, "sm_90")
+    passes = launches_bound(launch_lowrank_grad("bf16", "lowrank_finalize_bf16", M, N, r, False)
+                            + launch_lowrank_grad("bf16", "lowrank_finalize_bf16", M, K, r, False),
+                            res, mixes, dev, "sm_90")
+    kn, _, _, l2n, _ = sm90_gemm_t(M, K, N, r, dev, mixes[(narrow, "sm_90")], nb, True)
+    kw, _, _, l2w, _ = sm90_gemm_t(M, K, N, r, dev, mixes[(wide, "sm_90")], SM90_BN, False)
+    return (f"Ranks 17..32 run the same on the {SM90_BM}x{nb} tiles alone (the U32 kernels, 4 stages: T's and U's "
+            f"128x32 tiles do not fit beside the wide ring): at r = 32, {kn * 1e6:.1f} µs + {fin * 1e6:.1f} µs of "
+            f"finalizes = {(kn + fin) * 1e6:.1f} µs, against {kw * 1e6:.1f} + {passes * 1e6:.1f} µs = "
+            f"{(kw + passes) * 1e6:.1f} µs for the wide tiles with U alone inside and the passes over dY and X; "
+            f"L2 to SM {l2n / 1e9:.2f} against {l2w / 1e9:.2f} GB, which a measured `L2 read` will weigh.")
 
 
 def sm90_by_m(w, res, mixes, dev, n, k, r):

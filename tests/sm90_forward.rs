@@ -152,19 +152,21 @@ fn took_the_structure_of_its_rank(launches: &[&str], r: usize, backward: bool, w
 
 /// The backward's passes besides dX (the launch record of a backward), by rank.
 fn took_the_backward_passes_of_its_rank(launches: &[&str], r: usize, what: &str) {
-    // the passes: over dY for dB and U (above rank 32), for dB alone (17..=32), none (up to 16: dB and dA
-    // in dX's kernel, then their two finalizes); over X for dA above rank 16
+    // the passes: over dY for dB and U and over X for dA (above rank 32), none (up to 32: dB and dA in dX's
+    // kernel, then their two finalizes; from 17 on the narrow tiles)
     let count = |prefix: &str| launches.iter().filter(|k| k.starts_with(prefix)).count();
     let u_pass = count("lowrank_grad_u") > 0;
     let plain = count("lowrank_grad_r");
-    let want = match r {
-        ..=16 => (false, 0),
-        17..=32 => (false, 2),
-        _ => (true, 1),
-    };
+    let want = if r <= 32 { (false, 0) } else { (true, 1) };
     assert_eq!((u_pass, plain), want, "{what}: the passes in {launches:?}");
-    if r <= 16 {
+    if r <= 32 {
         assert_eq!(count("lowrank_finalize"), 2, "{what}: {launches:?}");
+        let narrow = count("fused_gemm_u32_sm90_nn_narrow");
+        assert_eq!(
+            narrow > 0,
+            r > 16,
+            "{what}: dX on the narrow U32 kernel: {launches:?}"
+        );
     }
 }
 
@@ -183,7 +185,8 @@ fn hopper_gpu() -> Option<Device> {
 /// with a GPU's SM count, on GEMMs that take them there: m = 128·⌊SMs/16⌋ rows by 4096 columns (16 wide
 /// tiles per row block, at most one per SM, where the narrow ones would put two on some; under 16 SMs,
 /// a partition of a GPU: 128 rows by 256·SMs columns, one wide tile per SM against two narrow ones): the
-/// forward (k = 256), and dX through the backward (n = 256, k = the columns), at ranks 16 and 32.
+/// forward (k = 256), and dX through the backward (n = 256, k = the columns), at ranks 16 and 32 (dX at
+/// rank 32 on the narrow tiles, the U32 kernels' only width, all the same).
 #[test]
 fn sm90_wide_tiles_on_the_gpu() {
     force_sm90();
@@ -194,7 +197,7 @@ fn sm90_wide_tiles_on_the_gpu() {
     } else {
         (128, 256 * sms as usize)
     };
-    // ranks 16 (dX with dB's and dA's partials inside) and 32 (the U32 kernels, then the passes)
+    // ranks 16 and 32 (dX with dB's and dA's partials inside, at 32 on the narrow tiles)
     let cases = [16, 32]
         .into_iter()
         .flat_map(|r| [((m, cols, 256, r), false), ((m, 256, cols, r), true)]);
@@ -362,8 +365,10 @@ fn sm90_forward_t_edges() {
 /// dX with U = dY·B computed in the kernel (fused_gemm_t_sm90.cu's "nn" kernels: rank ≤ 32), through the
 /// whole backward, on the schedule edges of [`sm90_forward_t_edges`] with dX's columns (k) as the forward's
 /// n and its reduction (n) as the forward's k: runs that start inside a row block or cross one, one CTA
-/// over all, one tile per CTA; ranks 8, 16, 24, 32; both tile widths (checked). dX's columns are multiples
-/// of 8 (W0's rows), so its epilogue is always the TMA store.
+/// over all, one tile per CTA; ranks 8, 16, 24, 32; both tile widths (checked) at ranks up to 16, while
+/// from 17 on dX takes the narrow tiles whatever `sm90_tile` says (the U32 kernels' only width), so the
+/// cases listed wide run narrow there, with the runs that gives. dX's columns are multiples of 8 (W0's
+/// rows), so its epilogue is always the TMA store.
 #[test]
 fn sm90_dx_u_edges() {
     for (i, &(dims, sms, bn)) in [
@@ -443,9 +448,9 @@ fn sm90_backward_accumulates_on_every_structure() {
 
 /// The one-launch kernels' bits do not depend on the number of SMs: on 1, 3, 5 and 9 emulated SMs (one run
 /// over all 9 tiles, runs of 3 that are row blocks, runs of 2 that start inside them, one tile per CTA; the
-/// 128×256 tiles on each, for the forward and for dX, checked) Y, T, dX, dA and dB are the same bits, and
-/// within the tolerance of the reference; at rank 16 (dB's and dA's partials in dX's kernel, U's tile
-/// rewritten where a run crosses a row block) and 32 (the passes for them).
+/// 128×256 tiles on each, for the forward and for dX, checked, but dX at rank 32, whose kernels are narrow:
+/// 18 tiles) Y, T, dX, dA and dB are the same bits, and within the tolerance of the reference; at ranks 16
+/// and 32 (dB's and dA's partials in dX's kernel, U's tile rewritten where a run crosses a row block).
 #[test]
 fn sm90_one_launch_bits_do_not_depend_on_the_sm_count() {
     force_sm90();
@@ -482,7 +487,8 @@ fn one_launch_bits_on_every_sm_count(dims: (usize, usize, usize, usize)) {
 
 /// Batch invariance on the sm_90a path: a row's Y, T and dX have the same bits whether its batch takes the
 /// 128×128 tiles (`small` rows) or the 128×256 ones (`big` rows, the first `small` of them the same), at
-/// ranks 16 and 32 (the one-launch forward and dX at both widths) and 40 (the projection, then
+/// ranks 16 and 32 (the one-launch forward at both widths, and dX, at rank 32 on the narrow tiles alone)
+/// and 40 (the projection, then
 /// fused_gemm_sm90, and the backward's passes, then its dX, at both widths); n = k, so dX takes the same
 /// widths; on the emulator with 3 SMs, and on an sm_90 GPU where it is one (its SM count picks other batch
 /// sizes).

@@ -367,6 +367,12 @@ typedef struct __attribute__((aligned(64))) LkTensorMap {
  * goes through a 4 KB tile after T's. */
 #define LK_SM90_U16_SMEM_BYTES 229376u
 #define LK_SM90_U16_NARROW_SMEM_BYTES 217088u
+/* and at ranks 17 to 32 (fused_gemm_u32_sm90_nn_narrow_<dtype>, the only dX kernel there: the narrow tiles,
+ * whatever the width ops::sm90_tile would pick, as the wide ring has no room for the 8 KB T and U tiles):
+ * 4 stages of 16 + 16 + 4 KB, the 32 KB output tile, T's and U's 128 × 32 tiles (64-byte rows, the 64-byte
+ * swizzle; t_map's box 32 columns), the 2 KB: 194 KB */
+#define LK_SM90_U32_NARROW_STAGES 4u
+#define LK_SM90_U32_NARROW_SMEM_BYTES 198656u
 typedef struct LkFusedGemmSm90Params {
     LkTensorMap x_map;
     LkTensorMap w_map;

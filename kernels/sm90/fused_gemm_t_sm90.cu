@@ -1,9 +1,8 @@
 // fused_gemm_t_sm90.cu: the LoRA forward on Hopper (sm_90a) in one launch: Y = X·W0ᵀ + (s·T)·Bᵀ (+ bias)
 // with T = X·Aᵀ computed here, from the X tiles the GEMM streams anyway, and written out for the backward;
 // and the backward's dX the same way ("nn", kernels fused_gemm_u<TN>_sm90_nn*): dX = dY·W0 + (s·U)·A with
-// U = dY·B computed from the dY tiles (written out for the dA pass, which at ranks up to 16 this kernel
-// does too). fused_gemm_sm90.cu's kernels take T or U from a separate launch instead (ranks above 32,
-// dropout).
+// U = dY·B computed from the dY tiles, and dB's and dA's partial sums too. fused_gemm_sm90.cu's kernels take
+// T or U from a separate launch instead (ranks above 32, dropout).
 //
 // Why: with the projection as its own launch the forward is that launch (X read once more, f32 partials,
 // their finalize) plus the GEMM; docs/perf/bound.md has the time it leaves the GEMM. Here the only extra
@@ -30,28 +29,29 @@
 // BN/64 64×64 boxes read MN-major (as in fused_gemm_sm90.cu), B's TN×64 slice (rows k0.. of [n][rank]) is
 // read MN-major in the 32- or 64-byte swizzle (U_ROW_BYTES), and the last stage brings A's BN/64 64×64
 // boxes (rank rows past r are zeros), MN-major. The order is acc = dY·W0 + (s·U)·A (fused_gemm_sm90.cu's is
-// s·(U·A) first; U itself is summed in one chain here, in the backward pass's row splits there). At ranks up
-// to 16 (the U16 kernels) dX also computes dB's partial sums: on each row block's tile of column 0, per
+// s·(U·A) first; U itself is summed in one chain here, in the backward pass's row splits there). dX also
+// computes dB's partial sums (TN = 16 or 32 wide: the rank padded): on each row block's tile of column 0, per
 // stage, P = dYᵀ·T over the block's 128 rows for the stage's 64 columns of dY (issue_db: dY's box MN-major
 // as A, the row block's T tile, brought by TMA after the output tile on the tail mbarriers, MN-major as B),
 // the stages alternating between the consumers; each stores its P (f32, db_partial[row block][column][r])
 // in its next stage, which waits for all its groups first (consume_stage_db), and lowrank_finalize adds
-// the row blocks in order. They compute dA's partial sums too: on every tile, after its last stage, BN/128
+// the row blocks in order. It computes dA's partial sums too: on every tile, after its last stage, BN/128
 // more stages each bring two of the layer input X's 128×64 boxes (the tile's columns, rows m0..; da_x_map),
 // one per consumer, which adds Q = Xᵀ·U for the box's 64 columns over the row block's rows (the same
-// m64n16k128 product: X's box MN-major as A, the U tile as B) and writes it to da_partial[row block][r]
-// [column] (consume_stage_da), added in order by lowrank_finalize. The U tile (128×16, after T's, the
-// 32-byte swizzle) holds the rounded U of the row block: each consumer stores its 64 rows where U is
+// m64nTNk128 product: X's box MN-major as A, the U tile as B) and writes it to da_partial[row block][r]
+// [column] (consume_stage_da), added in order by lowrank_finalize. The U tile (128×TN, after T's, the 32- or
+// 64-byte swizzle) holds the rounded U of the row block: each consumer stores its 64 rows where U is
 // computed (finish_t), fences them to the async proxy and arrives on u_full, which both wait on before the
 // first dA stage; before the next row block's U is stored, both wait on u_free, which they arrive on after
-// the last dA stage of the tile before it. T's 128×32 tile (and U's) would not fit beside the 128×256
-// ring: the U32 kernels leave dB to the pass over dY and dA to the pass over X.
+// the last dA stage of the tile before it. T's and U's 128×32 tiles would not fit beside the 128×256 ring:
+// the U32 kernels have the narrow tiles alone, with 4 stages (ops/sm90.rs takes them at every M).
 // Everything else (the producer warpgroup, the ring of full/empty mbarriers, the two consumers, the
 // epilogue through shared memory and TMA stores) is fused_gemm_sm90.cu's, from lk_sm90_gemm.cuh.
 // Tiles: fused_gemm_sm90.cu's two widths, 128×256 (3 stages of 16 + 32 KB + TN·128 bytes, the 64 KB output
 // tile, 2 KB: 222 KB at TN = 32) and 128×128 (5 stages of 16 + 16 KB + TN·128 bytes, not 6: 214 KB at
 // TN = 32), whichever ops/sm90.rs sm90_tile picks; the width does not change the bits.
-// Tiles with the T and U tiles (the U16 kernels): 8 KB more after the output tile (224 KB wide, 212 KB narrow).
+// Tiles with the T and U tiles: the U16 kernels 8 KB more after the output tile (224 KB wide, 212 KB narrow);
+// the U32 kernels, 128×128 only, 4 stages and 16 KB more (194 KB).
 // Requirements the host checks (ops/sm90.rs): k and rank (and for dX n) multiples of 8, rank ≤ 32, 16-byte
 // aligned operands, adapters in the layer dtype, no dropout, k > 0.
 #include "lk_sm90_gemm.cuh"
@@ -77,31 +77,33 @@ template <uint32_t TN>
 constexpr uint32_t U_SWIZZLE = TN == 16 ? LK_WGMMA_SWIZZLE_32B : LK_WGMMA_SWIZZLE_64B;
 static_assert(U_ROW_BYTES<16> == 32 && U_ROW_BYTES<32> == 64, "a row is one 32- or 64-byte swizzle span");
 
-// dX at ranks up to 16 also computes dB's and dA's per-row-block partial sums P = dYᵀ·T and Q = Uᵀ·X (see
-// the header comment): the row block's T tile, 128 rows × 16 columns (32-byte rows, the 32-byte swizzle),
-// sits after the output tile, and the U tile, the same shape, after it.
-constexpr uint32_t T_TILE_BYTES = BM * 16 * 2;
-constexpr uint32_t U_TILE_BYTES = BM * 16 * 2;
-constexpr uint32_t GRAD_TAIL_BYTES = T_TILE_BYTES + U_TILE_BYTES;
+// dX also computes dB's and dA's per-row-block partial sums P = dYᵀ·T and Q = Uᵀ·X (see the header
+// comment): the row block's T tile, 128 rows × TN columns (TN·2-byte rows, the 32- or 64-byte swizzle:
+// U_ROW_BYTES, U_SWIZZLE), sits after the output tile, and the U tile, the same shape, after it.
 template <uint32_t TN>
-struct WideUOf {
-    using type = WideT<TN>;
-};
+constexpr uint32_t T_TILE_BYTES = BM * TN * 2;
+template <uint32_t TN>
+constexpr uint32_t GRAD_TAIL_BYTES = 2 * T_TILE_BYTES<TN>;  // T's tile, then U's
+// dX with the gradients' partials: at TN = 16 both widths; at TN = 32 the narrow tiles with 4 stages (the
+// wide ring has no room for the two 8 KB tiles; ops/sm90.rs takes the narrow tiles there)
+template <uint32_t TN>
+struct WideUOf;  // TN = 16 alone
 template <>
 struct WideUOf<16> {
-    using type = Width<LK_SM90_BN, LK_SM90_STAGES, LK_SM90_U16_SMEM_BYTES, 16 * BK * 2, GRAD_TAIL_BYTES>;
+    using type = Width<LK_SM90_BN, LK_SM90_STAGES, LK_SM90_U16_SMEM_BYTES, 16 * BK * 2, GRAD_TAIL_BYTES<16>>;
 };
 template <uint32_t TN>
+using WideU = typename WideUOf<TN>::type;
+template <uint32_t TN>
 struct NarrowUOf {
-    using type = NarrowT<TN>;
+    using type = Width<LK_SM90_NARROW_BN, LK_SM90_U32_NARROW_STAGES, LK_SM90_U32_NARROW_SMEM_BYTES, 32 * BK * 2,
+                       GRAD_TAIL_BYTES<32>>;
 };
 template <>
 struct NarrowUOf<16> {
     using type = Width<LK_SM90_NARROW_BN, LK_SM90_T_NARROW_STAGES, LK_SM90_U16_NARROW_SMEM_BYTES, 16 * BK * 2,
-                       GRAD_TAIL_BYTES>;
+                       GRAD_TAIL_BYTES<16>>;
 };
-template <uint32_t TN>
-using WideU = typename WideUOf<TN>::type;
 template <uint32_t TN>
 using NarrowU = typename NarrowUOf<TN>::type;
 
@@ -154,25 +156,28 @@ __device__ __forceinline__ uint32_t consume_stage_t(uint64_t* full, uint64_t* em
     return slot;
 }
 
-// P[64][16] = boxᵀ·tile over a row block's 128 rows: a 128×64 box of a stage (128-byte rows, the 128-byte
-// swizzle) read MN-major as A (k16 step kr at +16 rows = 2048 bytes, SBO 1024), a 128×16 tile (32-byte rows,
-// the 32-byte swizzle) MN-major as B (SBO 256, k16 step at +512 bytes). dB's partial of stage j: dY's box
-// and T's tile, issued by one consumer per stage, the stages alternating between them (`consume_stage_db`),
-// so each keeps one P in flight; dA's: one of X's boxes and the U tile (`consume_stage_da`).
-template <typename T>
+// P[64][TN] = boxᵀ·tile over a row block's 128 rows: a 128×64 box of a stage (128-byte rows, the 128-byte
+// swizzle) read MN-major as A (k16 step kr at +16 rows = 2048 bytes, SBO 1024), a 128×TN tile (TN·2-byte
+// rows, one 32- or 64-byte swizzle span) MN-major as B (SBO 8 rows, k16 step at +16 rows). dB's partial of
+// stage j: dY's box and T's tile, issued by one consumer per stage, the stages alternating between them
+// (`consume_stage_db`), so each keeps one P in flight; dA's: one of X's boxes and the U tile
+// (`consume_stage_da`).
+template <typename T, uint32_t TN>
 __device__ __forceinline__ void issue_box_t_tile(const unsigned char* box, const unsigned char* tile,
-                                                 float (&pacc)[8]) {
+                                                 float (&pacc)[TN / 2]) {
 #pragma unroll
     for (uint32_t kr = 0; kr < BM / 16; ++kr)
-        lk_wgmma_ss<T, 16, 1, 1>(pacc, lk_wgmma_desc(box + 2048 * kr, 0, 1024, LK_WGMMA_SWIZZLE_128B),
-                                 lk_wgmma_desc(tile + 512 * kr, 0, 256, LK_WGMMA_SWIZZLE_32B), kr > 0);
+        lk_wgmma_ss<T, TN, 1, 1>(pacc, lk_wgmma_desc(box + 2048 * kr, 0, 1024, LK_WGMMA_SWIZZLE_128B),
+                                 lk_wgmma_desc(tile + 16 * U_ROW_BYTES<TN> * kr, 0, 8 * U_ROW_BYTES<TN>, U_SWIZZLE<TN>),
+                                 kr > 0);
 }
 
 // Writes P of stage j (retired) to db_partial[rb][64·j + row][col], f32 pairs, clipped to k and the rank.
-__device__ __forceinline__ void store_db(const LkFusedGemmSm90Params& p, const float (&pacc)[8], uint32_t t,
+template <uint32_t TN>
+__device__ __forceinline__ void store_db(const LkFusedGemmSm90Params& p, const float (&pacc)[TN / 2], uint32_t t,
                                          uint32_t rb, uint32_t j) {
 #pragma unroll
-    for (uint32_t i = 0; i < 8; i += 2) {
+    for (uint32_t i = 0; i < TN / 2; i += 2) {
         const uint32_t n = 64 * j + lk_wgmma_acc_row(t, i), col = lk_wgmma_acc_col(t, i);
         if (n < p.k && col < p.rank)  // the rank is a multiple of 8: col + 1 < rank too
             *reinterpret_cast<float2*>(p.db_partial + (size_t(rb) * p.k + n) * p.rank + col) =
@@ -183,20 +188,20 @@ __device__ __forceinline__ void store_db(const LkFusedGemmSm90Params& p, const f
 // consume_stage_t on a tile that computes dB's partials: ISSUE adds this stage's P (issue_db) to the
 // group; otherwise, once the previous stage's group (this consumer's P of stage j - 1, if j > 0) retired,
 // its P is stored.
-template <typename T, typename W, bool ISSUE>
+template <typename T, typename W, uint32_t TN, bool ISSUE>
 __device__ __forceinline__ uint32_t consume_stage_db(const LkFusedGemmSm90Params& p, uint64_t* full, uint64_t* empty,
                                                      const unsigned char* ring, const unsigned char* t_tile,
-                                                     uint32_t half, float (&acc)[W::BN / 2], float (&tacc)[8],
-                                                     float (&pacc)[8], uint32_t s, uint32_t held, uint32_t rb,
+                                                     uint32_t half, float (&acc)[W::BN / 2], float (&tacc)[TN / 2],
+                                                     float (&pacc)[TN / 2], uint32_t s, uint32_t held, uint32_t rb,
                                                      uint32_t j) {
     constexpr uint32_t STAGES = W::STAGES, STAGE_BYTES = W::STAGE_BYTES;
     const uint32_t slot = s % STAGES, lap = s / STAGES;
     lk_mbarrier_wait_parity(&full[slot], lap & 1);
     const unsigned char* stage = ring + slot * STAGE_BYTES;
     lk_wgmma_fence();
-    issue_stage_t<T, true, W, 16>(stage + half * (A_BYTES / 2), stage + A_BYTES, stage + A_BYTES + W::B_BYTES, acc,
+    issue_stage_t<T, true, W, TN>(stage + half * (A_BYTES / 2), stage + A_BYTES, stage + A_BYTES + W::B_BYTES, acc,
                                   tacc, j > 0);
-    if (ISSUE) issue_box_t_tile<T>(stage, t_tile, pacc);
+    if (ISSUE) issue_box_t_tile<T, TN>(stage, t_tile, pacc);
     lk_wgmma_commit();
     // P is read only with no group in flight (else ptxas serialises the wgmmas, C7514): the stages that store
     // one wait for their own group too
@@ -207,32 +212,32 @@ __device__ __forceinline__ uint32_t consume_stage_db(const LkFusedGemmSm90Params
     if (held < STAGES) lk_mbarrier_arrive(&empty[held]);
     if (!ISSUE && j > 0) {
         lk_wgmma_fence_operands(pacc);  // read after the wait
-        store_db(p, pacc, threadIdx.x % 128, rb, j - 1);
+        store_db<TN>(p, pacc, threadIdx.x % 128, rb, j - 1);
     }
     return slot;
 }
 
-// dA's stages, after the last one of a tile (on the U16 kernels): each brings two of X's 128×64 boxes (rows
-// m0.., columns n0 + 128·x.., + 64..), one per consumer, which adds Q[64][16] = Xᵀ·U over the row block's
+// dA's stages, after the last one of a tile: each brings two of X's 128×64 boxes (rows
+// m0.., columns n0 + 128·x.., + 64..), one per consumer, which adds Q[64][TN] = Xᵀ·U over the row block's
 // rows for the box's 64 columns (the U tile, written by both consumers, complete: u_full), retires it,
 // releases the stage and writes Q (row: the column of X, column: the rank) to da_partial[rb][rank][column]:
 // dA's layout [rank][n], clipped to n and the rank.
-template <typename T, typename W>
+template <typename T, typename W, uint32_t TN>
 __device__ __forceinline__ void consume_stage_da(const LkFusedGemmSm90Params& p, uint64_t* full, uint64_t* empty,
                                                  const unsigned char* ring, const unsigned char* u_tile,
-                                                 uint32_t half, float (&qacc)[8], uint32_t s, uint32_t t, uint32_t rb,
-                                                 uint32_t n0) {
+                                                 uint32_t half, float (&qacc)[TN / 2], uint32_t s, uint32_t t,
+                                                 uint32_t rb, uint32_t n0) {
     constexpr uint32_t STAGES = W::STAGES, STAGE_BYTES = W::STAGE_BYTES;
     const uint32_t slot = s % STAGES, lap = s / STAGES;
     lk_mbarrier_wait_parity(&full[slot], lap & 1);
     lk_wgmma_fence();
-    issue_box_t_tile<T>(ring + slot * STAGE_BYTES + half * A_BYTES, u_tile, qacc);
+    issue_box_t_tile<T, TN>(ring + slot * STAGE_BYTES + half * A_BYTES, u_tile, qacc);
     lk_wgmma_commit();
     lk_wgmma_wait<0>();
     lk_mbarrier_arrive(&empty[slot]);
     lk_wgmma_fence_operands(qacc);  // read after the wait
 #pragma unroll
-    for (uint32_t i = 0; i < 8; i += 2) {
+    for (uint32_t i = 0; i < TN / 2; i += 2) {
         const uint32_t col = n0 + lk_wgmma_acc_row(t, i), r = lk_wgmma_acc_col(t, i);
         if (col < p.n && r < p.rank) {  // the rank is a multiple of 8: r + 1 < rank too
             p.da_partial[(size_t(rb) * p.rank + r) * p.n + col] = qacc[i];
@@ -271,7 +276,7 @@ __device__ __forceinline__ uint32_t consume_stage_rs(uint64_t* full, const unsig
 // clipped to m and the rank) when `write`, and pack s·T, rounded, as the register-A fragments of the
 // (s·T)·Bᵀ wgmmas: fragment kb's a[j] holds accumulators 8·kb + 2j and + 1 (the m64n16 accumulator layout
 // and the A fragment's agree: rows l/4 and l/4 + 8, columns 2·(l%4) and + 8 of each 16-column block).
-// With `u_tile` (dX on the U16 kernels), the rounded U (not s·U) also goes to this consumer's 64 rows of the
+// With `u_tile` (dX), the rounded U (not s·U) also goes to this consumer's 64 rows of the
 // U tile (`half`), 32-byte rows in the 32-byte swizzle (16-byte chunk c of row r at c ^ (r/4)%2: the tile
 // is 1024-byte aligned), as dA's partial products read it.
 template <typename T, uint32_t TN>
@@ -291,9 +296,11 @@ __device__ __forceinline__ void finish_t(const LkFusedGemmSm90Params& p, const f
                 if (col + 1 < p.rank) out[size_t(row) * p.rank + col + 1] = t1;
             }
             frag[kb][j] = lk_pack2<T>(p.scale * lk_to_f32(t0), p.scale * lk_to_f32(t1));
-            if (TN == 16 && u_tile != nullptr) {
-                const uint32_t r = 64 * half + lk_wgmma_acc_row(t, i), chunk = (col / 8) ^ ((r / 4) % 2);
-                *reinterpret_cast<uint32_t*>(u_tile + r * 32 + chunk * 16 + (col % 8) * 2) =
+            if (u_tile != nullptr) {  // row r's 16-byte chunk c at c ^ (r·RB/128) mod (RB/16), RB = TN·2 bytes
+                constexpr uint32_t RB = U_ROW_BYTES<TN>;
+                const uint32_t r = 64 * half + lk_wgmma_acc_row(t, i);
+                const uint32_t chunk = (col / 8) ^ ((r * RB / 128) % (RB / 16));
+                *reinterpret_cast<uint32_t*>(u_tile + r * RB + chunk * 16 + (col % 8) * 2) =
                     lk_pack2<T>(lk_to_f32(t0), lk_to_f32(t1));
             }
         }
@@ -303,8 +310,8 @@ __device__ __forceinline__ void finish_t(const LkFusedGemmSm90Params& p, const f
 template <typename T, bool NN, uint32_t TN, typename W>
 __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Params& p) {
     constexpr uint32_t BN = W::BN, STAGES = W::STAGES, STAGE_BYTES = W::STAGE_BYTES;
-    constexpr bool DB = W::TAIL != 0;  // dX at ranks up to 16: dB's and dA's partials too
-    static_assert(!DB || (NN && TN == 16 && W::TAIL == GRAD_TAIL_BYTES), "the T and U tiles: dX, 16 wide");
+    constexpr bool DB = W::TAIL != 0;  // dX: dB's and dA's partials too
+    static_assert(!DB || (NN && W::TAIL == GRAD_TAIL_BYTES<TN>), "the T and U tiles: dX, TN wide");
     static_assert(2 * A_BYTES <= STAGE_BYTES, "two of X's boxes per dA stage");
     constexpr uint32_t DA_STAGES = DB ? BN / 128 : 0;  // after the last stage: two of X's 64-column boxes each
     LK_DYNAMIC_SMEM(smem);
@@ -327,7 +334,7 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
             const bool with_t = tile == first || n0 == 0;
             if (DB && n0 == 0) {  // the row block's T tile, once the previous one's P products retired
                 lk_mbarrier_wait_parity(sm.tail_empty, (db_count & 1) ^ 1);
-                lk_mbarrier_arrive_expect_tx(sm.tail_full, T_TILE_BYTES);
+                lk_mbarrier_arrive_expect_tx(sm.tail_full, T_TILE_BYTES<TN>);
                 lk_tma_load_2d(sm.tail, &p.t_map, 0, int32_t(m0), sm.tail_full);
                 ++db_count;
             }
@@ -379,9 +386,9 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
     float acc[BN / 2];
     float tacc[TN / 2];
     uint32_t frag[TN / 16][4];  // s·T of the current row block, rounded: set on its first tile of the run
-    float pacc[8];              // dB's partial of this consumer's last P stage (DB)
-    float qacc[8];              // dA's partial of a box (DB)
-    unsigned char* u_tile = DB ? sm.tail + T_TILE_BYTES : nullptr;
+    float pacc[TN / 2];         // dB's partial of this consumer's last P stage (DB)
+    float qacc[TN / 2];         // dA's partial of a box (DB)
+    unsigned char* u_tile = DB ? sm.tail + T_TILE_BYTES<TN> : nullptr;
     uint32_t s = 0, tile_count = 0, db_count = 0, u_count = 0;
     for (uint32_t tile = first; tile < end; ++tile, ++tile_count) {
         const uint32_t m0 = tile / tiles_n * BM, n0 = tile % tiles_n * BN;
@@ -397,11 +404,11 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
                 lk_mbarrier_wait_parity(sm.tail_full, db_count & 1);
                 for (uint32_t j = 0; j < main_stages; ++j, ++s) {
                     if ((j & 1) == half)
-                        held = consume_stage_db<T, W, true>(p, full, empty, ring, sm.tail, half, acc, tacc, pacc, s,
-                                                            held, m0 / BM, j);
+                        held = consume_stage_db<T, W, TN, true>(p, full, empty, ring, sm.tail, half, acc, tacc, pacc,
+                                                                s, held, m0 / BM, j);
                     else
-                        held = consume_stage_db<T, W, false>(p, full, empty, ring, sm.tail, half, acc, tacc, pacc, s,
-                                                             held, m0 / BM, j);
+                        held = consume_stage_db<T, W, TN, false>(p, full, empty, ring, sm.tail, half, acc, tacc,
+                                                                 pacc, s, held, m0 / BM, j);
                 }
             }
         } else if (with_t) {
@@ -416,7 +423,7 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
         if (with_db) {  // this consumer's last P, if the last stage was its; then the T tile is free
             if (((main_stages - 1) & 1) == half) {
                 lk_wgmma_fence_operands(pacc);
-                store_db(p, pacc, t, m0 / BM, main_stages - 1);
+                store_db<TN>(p, pacc, t, m0 / BM, main_stages - 1);
             }
             lk_mbarrier_arrive(sm.tail_empty);
             ++db_count;
@@ -442,7 +449,8 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
                              // tile (in this run) starts a row block
             if (with_t) lk_mbarrier_wait_parity(sm.u_full, u_count++ & 1);
             for (uint32_t x = 0; x < DA_STAGES; ++x, ++s)
-                consume_stage_da<T, W>(p, full, empty, ring, u_tile, half, qacc, s, t, m0 / BM, n0 + 128 * x + 64 * half);
+                consume_stage_da<T, W, TN>(p, full, empty, ring, u_tile, half, qacc, s, t, m0 / BM,
+                                           n0 + 128 * x + 64 * half);
             if (tile + 1 < end && (tile + 1) % tiles_n == 0) lk_mbarrier_arrive(sm.u_free);
         }
         // + bias (+0 without one), one rounding
@@ -479,10 +487,6 @@ LK_FUSED_GEMM_T_SM90(fused_gemm_u16_sm90_nn_bf16, __nv_bfloat16, true, 16, WideU
 LK_KERNEL_EXPORT(fused_gemm_u16_sm90_nn_bf16, LkFusedGemmSm90Params)
 LK_FUSED_GEMM_T_SM90(fused_gemm_u16_sm90_nn_f16, __half, true, 16, WideU)
 LK_KERNEL_EXPORT(fused_gemm_u16_sm90_nn_f16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_u32_sm90_nn_bf16, __nv_bfloat16, true, 32, WideU)
-LK_KERNEL_EXPORT(fused_gemm_u32_sm90_nn_bf16, LkFusedGemmSm90Params)
-LK_FUSED_GEMM_T_SM90(fused_gemm_u32_sm90_nn_f16, __half, true, 32, WideU)
-LK_KERNEL_EXPORT(fused_gemm_u32_sm90_nn_f16, LkFusedGemmSm90Params)
 LK_FUSED_GEMM_T_SM90(fused_gemm_u16_sm90_nn_narrow_bf16, __nv_bfloat16, true, 16, NarrowU)
 LK_KERNEL_EXPORT(fused_gemm_u16_sm90_nn_narrow_bf16, LkFusedGemmSm90Params)
 LK_FUSED_GEMM_T_SM90(fused_gemm_u16_sm90_nn_narrow_f16, __half, true, 16, NarrowU)

@@ -13,7 +13,6 @@
 //! adapter input (PEFT's `lora_dropout`); [`Dropout::NONE`] is the plain path, bit for bit.
 
 use super::launch::{self, FusedGemm, MaskAt, Orient, PLayout, same_dtype};
-use super::sm90::DxWithU;
 use super::validate::{self, rows_of};
 use super::workspace::Workspace;
 use crate::dropout::Dropout;
@@ -303,10 +302,9 @@ pub fn lora_backward_into<T: Element, A: Element>(
         (None, scale)
     };
     ws.with_layer(x.device(), &[d.m, d.r], |u, ws| {
-        // On sm_90 (opt-in, ops/sm90.rs): dX and U = dY·B in one launch where the Hopper kernel takes it, at
-        // ranks up to 16 with dB's and dA's partials too (then their finalizes, no other pass), at 17..32 then
-        // one pass over dY for dB alone and one over X for dA; otherwise one pass over dY for dB and U
-        // (kernels/lowrank_grad.cu), one over X for dA, and dX after.
+        // On sm_90 (opt-in, ops/sm90.rs): dX, U = dY·B and dB's and dA's partials in one launch where the
+        // Hopper kernel takes it (ranks up to 32, no dropout), then their finalizes; otherwise one pass over dY
+        // for dB and U (kernels/lowrank_grad.cu), one over X for dA, and dX after.
         let dims = (d.m, d.n, d.r);
         let mut dx = dx;
         let took = match dx.as_deref_mut() {
@@ -329,22 +327,18 @@ pub fn lora_backward_into<T: Element, A: Element>(
                 (d.m, d.n, d.k, d.r),
                 ws,
             )?,
-            _ => DxWithU::NotTaken,
+            _ => false,
         };
-        if took != DxWithU::NotTaken {
-            dx = None; // written
+        if took {
+            return Ok(()); // dX, dA and dB written
         }
-        if took == DxWithU::UAndGrads {
-            return Ok(());
-        }
-        let u_pass = (took == DxWithU::NotTaken).then_some((b, &mut *u));
         launch::lowrank_grad(
             OP,
             dy,
             t,
             db,
             PLayout::ColsByRank,
-            u_pass,
+            Some((b, &mut *u)),
             dims,
             scale,
             acc,

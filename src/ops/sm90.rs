@@ -10,14 +10,13 @@
 //! [`try_forward_with_t`]): T = X·Aᵀ is computed inside the GEMM from the X tiles it streams, about twice
 //! per row block (each CTA takes a contiguous run of tiles), and written for the backward. Otherwise T comes
 //! from the projection launch first, as on the mma.sync path. The backward's dX at those ranks is one
-//! launch the same way ([`try_dx_with_u`]: U = dY·B from the dY tiles; up to rank 16 dB's and dA's
-//! per-row-block partials too, then their finalizes, and no pass over dY or X; from 17 to 32 U is written
-//! for the pass over X for dA, and the pass over dY computes dB alone); otherwise the pass over dY computes
-//! dB and U, the pass over X dA, and dX runs after.
+//! launch the same way ([`try_dx_with_u`]: U = dY·B from the dY tiles, and dB's and dA's per-row-block
+//! partials, then their finalizes, and no pass over dY or X; from rank 17 on the narrow tiles alone);
+//! otherwise the pass over dY computes dB and U, the pass over X dA, and dX runs after.
 //!
 //! Bits: each kernel gives the same bits on every run, whatever the SM count, but the two forward
 //! structures differ (T summed in one chain or in the projection's fixed K chunks; s·T·Bᵀ added last or
-//! first), and so do the backward ones (U, hence dA, dX, and dB up to rank 16). Which one runs depends on the rank
+//! first), and so do the backward ones (U, hence dA, dX, and dB). Which one runs depends on the rank
 //! alone (and on `LK_FUSED_GEMM`; the backward's also on whether dX is asked for and on dropout), not on M
 //! or the SM count, so a row's bits are the same at every batch size over 16 and on every sm_90 GPU (the
 //! tile width does not change them).
@@ -192,23 +191,8 @@ pub(crate) fn try_forward_with_t<T: Element, R: Element>(
     Ok(true)
 }
 
-/// What [`try_dx_with_u`] did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum DxWithU {
-    /// Nothing: the backward's passes and the fused GEMM run instead.
-    NotTaken,
-    /// dX and U; dB is left to the pass over dY.
-    U,
-    /// dX, U, dB and dA (ranks up to 16: their partials in the kernel, then their finalizes).
-    UAndGrads,
-}
-
-/// The maximum rank at which dX's one-launch kernel computes dB's and dA's partials too (its T and U tiles
-/// are 16 wide).
-const GRADS_MAX_RANK: usize = 16;
-
-/// The backward's inputs and outputs for dX's one-launch kernel at ranks up to 16: the forward's T [m, r]
-/// and input X [m, K], and dB [N, r] and dA [r, K], set or accumulated onto.
+/// The backward's inputs and outputs for dX's one-launch kernel: the forward's T [m, r] and input X [m, K],
+/// and dB [N, r] and dA [r, K], set or accumulated onto.
 pub(crate) struct Grads<'a, T: Element, R: Element> {
     pub t: &'a Tensor<T>,
     pub x: &'a Tensor<T>,
@@ -226,11 +210,12 @@ struct GradPartials<'a, T: Element> {
     da: &'a mut Tensor<f32>,
 }
 
-/// dX in one launch on the Hopper kernel that computes U = dY·B itself (kernels/sm90/fused_gemm_t_sm90.cu,
-/// the "nn" kernels): `dx = dY·W0 + (s·U)·A`, U written to `u` (the dA pass reads it above rank 16), and at ranks up to
-/// 16 dB = s·dYᵀ·T and dA = s·Uᵀ·X too (their per-row-block f32 partials from the kernel, from `ws`, each
-/// added in order into its gradient, or onto it with `accumulate`). The conditions are
-/// [`try_forward_with_t`]'s, with B's alignment for A's and, up to rank 16, `t`'s and `x`'s.
+/// The whole backward but dropout's in one launch on the Hopper kernel that computes U = dY·B itself
+/// (kernels/sm90/fused_gemm_t_sm90.cu, the "nn" kernels): `dx = dY·W0 + (s·U)·A` (U also written to `u`),
+/// dB = s·dYᵀ·T and dA = s·Uᵀ·X (their per-row-block f32 partials from the kernel, from `ws`, each added in
+/// order into its gradient, or onto it with `accumulate`, by a finalize). Returns whether it ran (then dX, dA
+/// and dB are written). The conditions are [`try_forward_with_t`]'s, with B's alignment for A's, and `t`'s
+/// and `x`'s.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn try_dx_with_u<T: Element, R: Element>(
     op: &'static str,
@@ -244,7 +229,7 @@ pub(crate) fn try_dx_with_u<T: Element, R: Element>(
     grads: Grads<'_, T, R>,
     (m, n, k, rank): (usize, usize, usize, usize),
     ws: &mut Workspace<T>,
-) -> Result<DxWithU> {
+) -> Result<bool> {
     let g = FusedGemm {
         orient: Orient::Nn,
         a: dy,
@@ -260,11 +245,10 @@ pub(crate) fn try_dx_with_u<T: Element, R: Element>(
         dropout: None,
     };
     let Some(b) = one_launch_takes(op, &g, b)? else {
-        return Ok(DxWithU::NotTaken);
+        return Ok(false);
     };
-    let with_grads = rank <= GRADS_MAX_RANK;
-    if with_grads && (grads.t.byte_range().0 % 16 != 0 || grads.x.byte_range().0 % 16 != 0) {
-        return Ok(DxWithU::NotTaken);
+    if grads.t.byte_range().0 % 16 != 0 || grads.x.byte_range().0 % 16 != 0 {
+        return Ok(false);
     }
     let a = a.cast_ref::<T>().expect("R is T: checked by obstacle");
     let one = OneLaunch {
@@ -277,10 +261,6 @@ pub(crate) fn try_dx_with_u<T: Element, R: Element>(
         scale,
         dims: (g.m, g.n, g.k, g.rank),
     };
-    if !with_grads {
-        one_launch(op, &one, dx, u, None)?;
-        return Ok(DxWithU::U);
-    }
     let Grads {
         t,
         x,
@@ -305,7 +285,7 @@ pub(crate) fn try_dx_with_u<T: Element, R: Element>(
             super::launch::finalize(op, da_partial, da, row_blocks, scale, accumulate)
         })
     })?;
-    Ok(DxWithU::UAndGrads)
+    Ok(true)
 }
 
 /// Whether a one-launch kernel takes `g` (whose `l` is the low-rank product it writes): under
@@ -349,7 +329,7 @@ struct OneLaunch<'a, T: Element> {
 }
 
 /// Launches `g` (checked by [`one_launch_takes`]), writing `c` [m, n] and the product `low` [m, rank]; with
-/// `grads` (dX at ranks up to 16), dB's and dA's per-row-block partial sums dYᵀ·T and Uᵀ·X too.
+/// `grads` (dX), dB's and dA's per-row-block partial sums dYᵀ·T and Uᵀ·X too.
 fn one_launch<T: Element>(
     op: &'static str,
     g: &OneLaunch<'_, T>,
@@ -362,7 +342,13 @@ fn one_launch<T: Element>(
     let nn = g.nn;
     let tn = rank.next_multiple_of(16) as u32;
     let sms = device.sm_count()?;
-    let bn = sm90_tile(m, n, sms).1 as u32;
+    // dX at ranks 17..32 has the narrow tiles alone (fused_gemm_t_sm90.cu: the wide ring has no room for
+    // T's and U's 128×32 tiles)
+    let bn = if nn && tn == 32 {
+        LK_SM90_NARROW_BN
+    } else {
+        sm90_tile(m, n, sms).1 as u32
+    };
     use kernels::*;
     let (pair, smem_bytes) = match (nn, tn, bn == LK_SM90_NARROW_BN) {
         (false, 16, false) => (
@@ -391,10 +377,6 @@ fn one_launch<T: Element>(
             (&FUSED_GEMM_U16_SM90_NN_BF16, &FUSED_GEMM_U16_SM90_NN_F16),
             LK_SM90_U16_SMEM_BYTES,
         ),
-        (true, _, false) => (
-            (&FUSED_GEMM_U32_SM90_NN_BF16, &FUSED_GEMM_U32_SM90_NN_F16),
-            LK_SM90_T32_SMEM_BYTES,
-        ),
         (true, 16, true) => (
             (
                 &FUSED_GEMM_U16_SM90_NN_NARROW_BF16,
@@ -402,36 +384,37 @@ fn one_launch<T: Element>(
             ),
             LK_SM90_U16_NARROW_SMEM_BYTES,
         ),
-        (true, _, true) => (
+        (true, _, _) => (
             (
                 &FUSED_GEMM_U32_SM90_NN_NARROW_BF16,
                 &FUSED_GEMM_U32_SM90_NN_NARROW_F16,
             ),
-            LK_SM90_T32_NARROW_SMEM_BYTES,
+            LK_SM90_U32_NARROW_SMEM_BYTES,
         ),
     };
     let kernel = super::launch::pick(op, T::DTYPE, pair.0, pair.1)?;
-    // the U16 kernels always write dB's and dA's partials (and need T and X), the others never
+    // the dX kernels always write dB's and dA's partials (and need T and X), the forward's never
     assert_eq!(
         grads.is_some(),
-        nn && tn == 16,
-        "{op}: the gradients' partials with the U16 kernels alone"
+        nn,
+        "{op}: the gradients' partials with the dX kernels alone"
     );
-    // T [m, rank]: its row block's 128 rows × 16 columns, 32-byte rows (fused_gemm_t_sm90.cu T_TILE_BYTES);
-    // X [m, n] in the 128 × 64 boxes of the streamed operand
-    let (t_map, da_x_map) = match &grads {
-        Some(gp) => (
-            TensorMapSpec::row_major(size_of::<T>(), m, rank, 16, LK_SM90_BM, Swizzle::B32)
-                .encode(op, &device, gp.t.byte_range().0)?,
-            map(op, gp.x, m, n, LK_SM90_BM)?,
-        ),
-        None => (LkTensorMap::default(), LkTensorMap::default()),
-    };
+    // T [m, rank]: its row block's 128 rows × TN columns, TN·2-byte rows in the 32- or 64-byte swizzle
+    // (fused_gemm_t_sm90.cu T_TILE_BYTES); X [m, n] in the 128 × 64 boxes of the streamed operand
+    let tn_swizzle = if tn == 16 { Swizzle::B32 } else { Swizzle::B64 };
+    let (t_map, da_x_map) =
+        match &grads {
+            Some(gp) => (
+                TensorMapSpec::row_major(size_of::<T>(), m, rank, tn, LK_SM90_BM, tn_swizzle)
+                    .encode(op, &device, gp.t.byte_range().0)?,
+                map(op, gp.x, m, n, LK_SM90_BM)?,
+            ),
+            None => (LkTensorMap::default(), LkTensorMap::default()),
+        };
     let (w_map, inner_map, last_map) = if nn {
         // W0 [k, n] and A [rank, n] in 64×64 boxes; B [k, rank] in 64 rows of TN columns, one 32- or
         // 64-byte swizzle span (fused_gemm_t_sm90.cu U_ROW_BYTES)
-        let swizzle = if tn == 16 { Swizzle::B32 } else { Swizzle::B64 };
-        let b_slice = TensorMapSpec::row_major(size_of::<T>(), k, rank, tn, LK_SM90_BK, swizzle)
+        let b_slice = TensorMapSpec::row_major(size_of::<T>(), k, rank, tn, LK_SM90_BK, tn_swizzle)
             .encode(op, &device, g.inner.byte_range().0)?;
         (
             map(op, g.w0, k, n, LK_SM90_BK)?,
