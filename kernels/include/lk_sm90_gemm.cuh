@@ -18,9 +18,8 @@ static_assert(BM == 128 && BK * 2 == 128, "two 64-row consumers, 128-byte rows: 
 
 // A tile width and its ring: BN columns per tile (m64nBN per consumer), STAGES slots of the first operand's
 // 128×64 box, the second's BN×64 and EXTRA more bytes (fused_gemm_t_sm90.cu: the LoRA A's r×64 slice),
-// TAIL bytes after the output tile (fused_gemm_t_sm90.cu's dX at ranks up to 16: T's row-block tile and
-// the U tile),
-// SMEM bytes in all.
+// TAIL bytes after the output tile (fused_gemm_t_sm90.cu's dX: T's row-block tile and the U tile), SMEM
+// bytes in all.
 template <uint32_t BN_, uint32_t STAGES_, uint32_t SMEM_, uint32_t EXTRA_ = 0, uint32_t TAIL_ = 0>
 struct Width {
     static constexpr uint32_t BN = BN_, STAGES = STAGES_, EXTRA = EXTRA_, TAIL = TAIL_;

@@ -84,6 +84,8 @@ template <uint32_t TN>
 constexpr uint32_t T_TILE_BYTES = BM * TN * 2;
 template <uint32_t TN>
 constexpr uint32_t GRAD_TAIL_BYTES = 2 * T_TILE_BYTES<TN>;  // T's tile, then U's
+static_assert(T_TILE_BYTES<16> % 1024 == 0 && T_TILE_BYTES<32> % 1024 == 0,
+              "U's tile after T's on the swizzles' period (the stores compute the swizzle from the tile's offsets)");
 // dX with the gradients' partials: at TN = 16 both widths; at TN = 32 the narrow tiles with 4 stages (the
 // wide ring has no room for the two 8 KB tiles; ops/sm90.rs takes the narrow tiles there)
 template <uint32_t TN>
@@ -96,8 +98,9 @@ template <uint32_t TN>
 using WideU = typename WideUOf<TN>::type;
 template <uint32_t TN>
 struct NarrowUOf {
-    using type = Width<LK_SM90_NARROW_BN, LK_SM90_U32_NARROW_STAGES, LK_SM90_U32_NARROW_SMEM_BYTES, 32 * BK * 2,
-                       GRAD_TAIL_BYTES<32>>;
+    static_assert(TN == 32, "the U kernels are 16 or 32 wide");
+    using type = Width<LK_SM90_NARROW_BN, LK_SM90_U32_NARROW_STAGES, LK_SM90_U32_NARROW_SMEM_BYTES, TN * BK * 2,
+                       GRAD_TAIL_BYTES<TN>>;
 };
 template <>
 struct NarrowUOf<16> {
@@ -276,9 +279,9 @@ __device__ __forceinline__ uint32_t consume_stage_rs(uint64_t* full, const unsig
 // clipped to m and the rank) when `write`, and pack s·T, rounded, as the register-A fragments of the
 // (s·T)·Bᵀ wgmmas: fragment kb's a[j] holds accumulators 8·kb + 2j and + 1 (the m64n16 accumulator layout
 // and the A fragment's agree: rows l/4 and l/4 + 8, columns 2·(l%4) and + 8 of each 16-column block).
-// With `u_tile` (dX), the rounded U (not s·U) also goes to this consumer's 64 rows of the
-// U tile (`half`), 32-byte rows in the 32-byte swizzle (16-byte chunk c of row r at c ^ (r/4)%2: the tile
-// is 1024-byte aligned), as dA's partial products read it.
+// With `u_tile` (dX), the rounded U (not s·U) also goes to this consumer's 64 rows of the U tile (`half`),
+// RB = TN·2-byte rows in the RB-byte swizzle (16-byte chunk c of row r at c ^ (r·RB/128) mod (RB/16): at
+// TN = 16 c ^ (r/4)%2, at 32 c ^ (r/2)%4; the tile is 1024-byte aligned), as dA's partial products read it.
 template <typename T, uint32_t TN>
 __device__ __forceinline__ void finish_t(const LkFusedGemmSm90Params& p, const float (&tacc)[TN / 2],
                                          uint32_t (&frag)[TN / 16][4], uint32_t t, uint32_t m0, bool write,
