@@ -569,7 +569,7 @@ def sm90_gemm_t(m, n, k, r, dev, mix, bn, grads=False):
     time of the busiest CTA's wgmma work (its run's tiles and its computations of T) at one SM's share of
     the peak; issue time of its main stages with `mix`, the plain kernel's consumer loop (the tiles that do
     not compute T run that same loop; those that do run more instructions: a lower bound); memory time (X,
-    W0, A, B read once, Y and T written once). L2 to SM: every main stage's X and W0 boxes, A's TN x 64
+    W0, A, B read once, Y and T written once; dX's U is not written). L2 to SM: every main stage's X and W0 boxes, A's TN x 64
     slice on the stages that compute T, and B's bn x 64 box per tile. With `grads` (dX): dB's partials on
     each row block's tile of column 0, an m64nTNk128 product per stage (TN: the rank padded to 16 or 32),
     T's 128 x TN tile read once per row block and the f32 partials written; and dA's on every tile, an
@@ -588,8 +588,9 @@ def sm90_gemm_t(m, n, k, r, dev, mix, bn, grads=False):
     tensor = busiest / (dev["tensor"] / dev["sms"])
     issue = mix["total"] * stages * max(c for c, _ in runs) * SM90_CONSUMER_WARPS / (4 * dev["clock"])
     rows = cdiv(m, SM90_BM)
-    memory = (2 * (m * k + n * k + r * k + n * r + m * n + m * r)
-              + ((2 * m * r + 4 * rows * k * r + 2 * m * n + 4 * rows * r * n) if grads else 0)) / dev["hbm"]
+    # T written by the forward; dX's U stays in the kernel, which reads T and X instead
+    memory = (2 * (m * k + n * k + r * k + n * r + m * n)
+              + ((2 * m * r + 4 * rows * k * r + 2 * m * n + 4 * rows * r * n) if grads else 2 * m * r)) / dev["hbm"]
     computations = sum(c for _, c in runs)
     l2 = 2 * SM90_BK * (tiles * stages * (SM90_BM + bn) + computations * stages * tn + tiles * bn)
     l2 += (2 * SM90_BM * tn * rows + 2 * SM90_BM * bn * tiles) if grads else 0

@@ -349,7 +349,7 @@ typedef struct __attribute__((aligned(64))) LkTensorMap {
  * [m, rank] is written to t_out (t_map unused). Up to rank 32; above it the projection is its own launch.
  * dX with U = dY·B computed in the kernel (fused_gemm_u<TN>_sm90_nn[_narrow]_<dtype>) has the same rings:
  * x_map dY [m, k], w_map W0 [k, n] and b_map A [rank, n] as "nn" above, a_map B [k, rank] (boxes TN
- * columns × 64 rows, the 32- or 64-byte swizzle: one span per row); U [m, rank] is written to t_out. */
+ * columns × 64 rows, the 32- or 64-byte swizzle: one span per row); U stays in the kernel (t_out unused). */
 #define LK_SM90_T_MAX_RANK 32u
 #define LK_SM90_T16_SMEM_BYTES 221184u
 #define LK_SM90_T32_SMEM_BYTES 227328u

@@ -435,7 +435,8 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
             // U's tile is rewritten once both consumers are done reading the previous row block's (u_free)
             if (DB && u_count > 0) lk_mbarrier_wait_parity(sm.u_free, (u_count - 1) & 1);
             lk_wgmma_fence_operands(tacc);  // read after the wait, not before
-            finish_t<T, TN>(p, tacc, frag, t, m0 + 64 * half, n0 == 0, u_tile, half);
+            // T written by the tile of column 0 (the backward reads it); dX's U only goes to U's tile
+            finish_t<T, TN>(p, tacc, frag, t, m0 + 64 * half, !NN && n0 == 0, u_tile, half);
 #pragma unroll
             for (uint32_t kb = 0; kb < TN / 16; ++kb) lk_wgmma_fence_operands(frag[kb]);  // written before the fence
             if (DB) {  // the generic stores before wgmma's (async proxy) reads, once both halves are written

@@ -301,37 +301,35 @@ pub fn lora_backward_into<T: Element, A: Element>(
     } else {
         (None, scale)
     };
+    // On sm_90 (opt-in, ops/sm90.rs): dX, U = dY·B and dB's and dA's partials in one launch where the Hopper
+    // kernel takes it (ranks up to 32, no dropout), then their finalizes, U never leaving the kernel;
+    // otherwise one pass over dY for dB and U (kernels/lowrank_grad.cu), one over X for dA, and dX after.
+    let mut dx = dx;
+    if let Some(dx) = dx.as_deref_mut()
+        && mask.is_none()
+        && super::sm90::try_dx_with_u(
+            OP,
+            dy,
+            w0,
+            a,
+            b,
+            scale,
+            dx,
+            super::sm90::Grads {
+                t,
+                x,
+                db: &mut *db,
+                da: &mut *da,
+                accumulate: acc,
+            },
+            (d.m, d.n, d.k, d.r),
+            ws,
+        )?
+    {
+        return Ok(()); // dX, dA and dB written
+    }
     ws.with_layer(x.device(), &[d.m, d.r], |u, ws| {
-        // On sm_90 (opt-in, ops/sm90.rs): dX, U = dY·B and dB's and dA's partials in one launch where the
-        // Hopper kernel takes it (ranks up to 32, no dropout), then their finalizes; otherwise one pass over dY
-        // for dB and U (kernels/lowrank_grad.cu), one over X for dA, and dX after.
         let dims = (d.m, d.n, d.r);
-        let mut dx = dx;
-        let took = match dx.as_deref_mut() {
-            Some(dx) if mask.is_none() => super::sm90::try_dx_with_u(
-                OP,
-                dy,
-                w0,
-                a,
-                b,
-                scale,
-                dx,
-                &mut *u,
-                super::sm90::Grads {
-                    t,
-                    x,
-                    db: &mut *db,
-                    da: &mut *da,
-                    accumulate: acc,
-                },
-                (d.m, d.n, d.k, d.r),
-                ws,
-            )?,
-            _ => false,
-        };
-        if took {
-            return Ok(()); // dX, dA and dB written
-        }
         launch::lowrank_grad(
             OP,
             dy,

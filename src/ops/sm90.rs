@@ -187,7 +187,7 @@ pub(crate) fn try_forward_with_t<T: Element, R: Element>(
         scale,
         dims: (g.m, g.n, g.k, g.rank),
     };
-    one_launch(op, &one, y, t, None)?;
+    one_launch(op, &one, y, Written::T(t))?;
     Ok(true)
 }
 
@@ -201,17 +201,21 @@ pub(crate) struct Grads<'a, T: Element, R: Element> {
     pub accumulate: bool,
 }
 
-/// What the U16 kernels read and write for the gradients: T, X, and the f32 partials of dB
-/// [ceil(m / 128), k, rank] and of dA [ceil(m / 128), rank, n] (kernel dimensions).
-struct GradPartials<'a, T: Element> {
-    t: &'a Tensor<T>,
-    x: &'a Tensor<T>,
-    db: &'a mut Tensor<f32>,
-    da: &'a mut Tensor<f32>,
+/// What a one-launch kernel writes besides its GEMM's result: the forward's T [m, rank], or, for dX (which
+/// keeps U to itself), the gradients' partials, from T and X, of dB [ceil(m / 128), k, rank] and of dA
+/// [ceil(m / 128), rank, n] (kernel dimensions), f32.
+enum Written<'a, T: Element> {
+    T(&'a mut Tensor<T>),
+    Grads {
+        t: &'a Tensor<T>,
+        x: &'a Tensor<T>,
+        db: &'a mut Tensor<f32>,
+        da: &'a mut Tensor<f32>,
+    },
 }
 
 /// The whole backward but dropout's in one launch on the Hopper kernel that computes U = dY·B itself
-/// (kernels/sm90/fused_gemm_t_sm90.cu, the "nn" kernels): `dx = dY·W0 + (s·U)·A` (U also written to `u`),
+/// (kernels/sm90/fused_gemm_t_sm90.cu, the "nn" kernels): `dx = dY·W0 + (s·U)·A` (U stays in the kernel),
 /// dB = s·dYᵀ·T and dA = s·Uᵀ·X (their per-row-block f32 partials from the kernel, from `ws`, each added in
 /// order into its gradient, or onto it with `accumulate`, by a finalize). Returns whether it ran (then dX, dA
 /// and dB are written). The conditions are [`try_forward_with_t`]'s, with B's alignment for A's, and `t`'s
@@ -225,7 +229,6 @@ pub(crate) fn try_dx_with_u<T: Element, R: Element>(
     b: &Tensor<R>,
     scale: f32,
     dx: &mut Tensor<T>,
-    u: &mut Tensor<T>,
     grads: Grads<'_, T, R>,
     (m, n, k, rank): (usize, usize, usize, usize),
     ws: &mut Workspace<T>,
@@ -234,7 +237,7 @@ pub(crate) fn try_dx_with_u<T: Element, R: Element>(
         orient: Orient::Nn,
         a: dy,
         b: w0,
-        l: &*u,
+        l: grads.t, // no U operand: T, of U's shape, for the checks (its alignment: T's tile is read by TMA)
         r: a,
         bias: None,
         m,
@@ -247,7 +250,7 @@ pub(crate) fn try_dx_with_u<T: Element, R: Element>(
     let Some(b) = one_launch_takes(op, &g, b)? else {
         return Ok(false);
     };
-    if grads.t.byte_range().0 % 16 != 0 || grads.x.byte_range().0 % 16 != 0 {
+    if grads.x.byte_range().0 % 16 != 0 {
         return Ok(false);
     }
     let a = a.cast_ref::<T>().expect("R is T: checked by obstacle");
@@ -274,13 +277,13 @@ pub(crate) fn try_dx_with_u<T: Element, R: Element>(
     let device = dy.device();
     ws.with_partial(device, &[row_blocks, n, rank], |db_partial, ws| {
         ws.with_partial(device, &[row_blocks, rank, k], |da_partial, _| {
-            let partials = GradPartials {
+            let partials = Written::Grads {
                 t,
                 x,
                 db: &mut *db_partial,
                 da: &mut *da_partial,
             };
-            one_launch(op, &one, dx, u, Some(partials))?;
+            one_launch(op, &one, dx, partials)?;
             super::launch::finalize(op, db_partial, db, row_blocks, scale, accumulate)?;
             super::launch::finalize(op, da_partial, da, row_blocks, scale, accumulate)
         })
@@ -328,14 +331,13 @@ struct OneLaunch<'a, T: Element> {
     dims: (usize, usize, usize, usize),
 }
 
-/// Launches `g` (checked by [`one_launch_takes`]), writing `c` [m, n] and the product `low` [m, rank]; with
-/// `grads` (dX), dB's and dA's per-row-block partial sums dYᵀ·T and Uᵀ·X too.
+/// Launches `g` (checked by [`one_launch_takes`]), writing `c` [m, n] and `out`: the forward's T, or dX's
+/// gradient partials (dB's and dA's per-row-block sums dYᵀ·T and Uᵀ·X).
 fn one_launch<T: Element>(
     op: &'static str,
     g: &OneLaunch<'_, T>,
     c: &mut Tensor<T>,
-    low: &mut Tensor<T>,
-    grads: Option<GradPartials<'_, T>>,
+    out: Written<'_, T>,
 ) -> Result<()> {
     let device = g.first.device().clone();
     let (m, n, k, rank) = g.dims;
@@ -393,9 +395,9 @@ fn one_launch<T: Element>(
         ),
     };
     let kernel = super::launch::pick(op, T::DTYPE, pair.0, pair.1)?;
-    // the dX kernels always write dB's and dA's partials (and need T and X), the forward's never
+    // the dX kernels always write dB's and dA's partials (and need T and X), the forward's T
     assert_eq!(
-        grads.is_some(),
+        matches!(out, Written::Grads { .. }),
         nn,
         "{op}: the gradients' partials with the dX kernels alone"
     );
@@ -403,13 +405,13 @@ fn one_launch<T: Element>(
     // (fused_gemm_t_sm90.cu T_TILE_BYTES); X [m, n] in the 128 × 64 boxes of the streamed operand
     let tn_swizzle = if tn == 16 { Swizzle::B32 } else { Swizzle::B64 };
     let (t_map, da_x_map) =
-        match &grads {
-            Some(gp) => (
+        match &out {
+            Written::Grads { t, x, .. } => (
                 TensorMapSpec::row_major(size_of::<T>(), m, rank, tn, LK_SM90_BM, tn_swizzle)
-                    .encode(op, &device, gp.t.byte_range().0)?,
-                map(op, gp.x, m, n, LK_SM90_BM)?,
+                    .encode(op, &device, t.byte_range().0)?,
+                map(op, x, m, n, LK_SM90_BM)?,
             ),
-            None => (LkTensorMap::default(), LkTensorMap::default()),
+            Written::T(_) => (LkTensorMap::default(), LkTensorMap::default()),
         };
     let (w_map, inner_map, last_map) = if nn {
         // W0 [k, n] and A [rank, n] in 64×64 boxes; B [k, rank] in 64 rows of TN columns, one 32- or
@@ -440,9 +442,9 @@ fn one_launch<T: Element>(
         smem_bytes,
     };
     let names = if nn {
-        ["dy", "w0", "b", "a", "dx", "u"]
+        ["dy", "w0", "b", "a", "dx"]
     } else {
-        ["x", "w0", "a", "b", "y", "t"]
+        ["x", "w0", "a", "b", "y"]
     };
     let mut args = vec![
         Arg::In(names[0], g.first),
@@ -453,20 +455,20 @@ fn one_launch<T: Element>(
     if let Some(bias) = g.bias {
         args.push(Arg::In("bias", bias));
     }
-    let has_partials = grads.is_some();
-    let partials = grads.map(|gp| {
-        args.push(Arg::In("t", gp.t));
-        args.push(Arg::In("x", gp.x));
-        (gp.db, gp.da)
-    });
+    // after the inputs, c, then T (the forward) or the two partials (dX)
+    let has_partials = matches!(out, Written::Grads { .. });
+    let mut written = match out {
+        Written::T(t) => vec![Arg::Out("t", t)],
+        Written::Grads { t, x, db, da } => {
+            args.push(Arg::In("t", t));
+            args.push(Arg::In("x", x));
+            vec![Arg::Out("db_partial", db), Arg::Out("da_partial", da)]
+        }
+    };
     let c_index = args.len();
     args.push(Arg::Out(names[4], c));
-    args.push(Arg::Out(names[5], low));
-    let partial_index = args.len();
-    if let Some((db_partial, da_partial)) = partials {
-        args.push(Arg::Out("db_partial", db_partial));
-        args.push(Arg::Out("da_partial", da_partial));
-    }
+    args.append(&mut written);
+    let after_c = c_index + 1;
     let has_bias = g.bias.is_some();
     let (m, n, k, rank) = (u32_of(m), u32_of(n), u32_of(k), u32_of(rank));
     device.launch(op, kernel, &plan, &mut args, |ptr| LkFusedGemmSm90Params {
@@ -483,14 +485,18 @@ fn one_launch<T: Element>(
             std::ptr::null()
         },
         y: ptr[c_index] as *mut _,
-        t_out: ptr[c_index + 1] as *mut _,
+        t_out: if has_partials {
+            std::ptr::null_mut()
+        } else {
+            ptr[after_c] as *mut _
+        },
         db_partial: if has_partials {
-            ptr[partial_index] as *mut f32
+            ptr[after_c] as *mut f32
         } else {
             std::ptr::null_mut()
         },
         da_partial: if has_partials {
-            ptr[partial_index + 1] as *mut f32
+            ptr[after_c + 1] as *mut f32
         } else {
             std::ptr::null_mut()
         },
