@@ -11,7 +11,8 @@
 //! On an sm_90 GPU each forward and backward (M > 16) gets a second row with the sm_90a GEMM
 //! (`LK_FUSED_GEMM=auto`, opt-in; T, or U in dX, inside the GEMM at r ≤ 32) and a third with T and U from
 //! their own launches (`LK_FUSED_GEMM=sm90-projection`) beside the default mma.sync one, all against the
-//! same cuBLAS baselines.
+//! same cuBLAS baselines. Where the mma.sync GEMM takes its 128×64 tiles (`ops::mma_tile`: M of a few
+//! hundred rows), the forward and backward get a row on the 128×128 ones too (`LK_MMA_TILE=128`).
 //!
 //! `cargo run --release --example perf_table` (`LK_BENCH_QUICK=1`: the headline cases and M = 256). Results
 //! from GPU runs are kept in docs/perf/ with device, driver, date and commit.
@@ -342,6 +343,26 @@ fn main() {
         };
         row(op, fwd, "cuBLAS GEMM (full FT)", bare, f_roof, &chk);
         row(op, fwd, "cuBLAS unfused LoRA", unfused, f_roof, &chk);
+        // where the mma.sync GEMMs take the 128×64 tiles (ops::mma_tile), the same op on 128×128 ones: the
+        // measured gain of the narrow tiles (the same bits)
+        let sms = dev.sm_count().unwrap_or(1);
+        let narrow_here = c.m > 16 && ops::mma_tile(c.m, c.n, sms).1 == 64;
+        if narrow_here {
+            let (chk_w, fwd_w) = common::with_env("LK_MMA_TILE", "128", || {
+                (
+                    check_forward(&blas, &mut sets[0], c),
+                    time(&dev, |i| common::ours_forward(&mut sets[i % ns], SCALE)),
+                )
+            });
+            row(
+                "forward, 128×128 tiles (LK_MMA_TILE=128)",
+                fwd_w,
+                "cuBLAS GEMM (full FT)",
+                bare,
+                f_roof,
+                &chk_w,
+            );
+        }
         // on sm_90: the same forward with the sm_90a GEMM (opt-in), T inside it at r <= 32, and with T
         // always from the projection launch, beside the mma.sync one the rows above used
         let sm90 = c.m > 16 && dev.compute_capability() == 90;
@@ -397,6 +418,23 @@ fn main() {
                 b_roof,
                 &chk,
             );
+            // dX's GEMM is m×k: its own width choice
+            if c.m > 16 && ops::mma_tile(c.m, c.k, sms).1 == 64 {
+                let (chk_w, bwd_w) = common::with_env("LK_MMA_TILE", "128", || {
+                    (
+                        check_backward(&blas, &mut sets[0], c),
+                        time(&dev, |i| common::ours_backward(&mut sets[i % ns], SCALE)),
+                    )
+                });
+                row(
+                    "backward, 128×128 tiles (LK_MMA_TILE=128)",
+                    bwd_w,
+                    "cuBLAS dX + dW (full FT)",
+                    full,
+                    b_roof,
+                    &chk_w,
+                );
+            }
             // on sm_90: dX on the sm_90a GEMM (U, dB and dA inside it at r <= 32; or U from the
             // pass over dY)
             for (mode, label) in sm90_modes.iter().filter(|_| sm90) {

@@ -21,8 +21,13 @@
 //
 // Tiles: 128×128 per block of 256 threads (8 warps as 2×4, 64×32 per warp = 4×4 mma.m16n8k16 tiles,
 // 64 f32 accumulators per thread), BK = 32, a 3-stage cp.async pipeline (60 KiB dynamic shared memory),
-// ≤ 128 registers so that two blocks fit an SM (__launch_bounds__(256, 2)).
-// Rows are padded ([BM][40] for A, [BN][40] for nt-B, [BK][136] for nn-B), which makes every ldmatrix
+// ≤ 128 registers so that two blocks fit an SM (__launch_bounds__(256, 2)). The "_narrow" kernels take
+// 128×64 tiles (64×16 per warp, 45 KiB): where M is a few hundred rows the 128-column tiles are fewer
+// than the SMs (64 at M = 256, N = 4096, for 132 SMs) and one block's work bounds the launch; twice the
+// blocks halve it. Every element of C is the same chain of mma k16 steps at either width (an mma's
+// element depends on its row of A, its column of B and its own accumulator only), so the width, which
+// the launch picks from the GPU's SM count (src/ops/launch.rs mma_tile), never changes the bits.
+// Rows are padded ([BM][40] for A, [BN][40] for nt-B, [BK][BN + 8] for nn-B), which makes every ldmatrix
 // phase hit 8 distinct 16-byte bank groups. nt-B is read with ldmatrix (rows = n), nn-B with
 // ldmatrix.trans (rows = k): the same fragment comes out of both layouts.
 //
@@ -46,8 +51,8 @@
 #include "lk_fused_gemm.cuh"
 
 namespace {
-template <typename T, typename RT, bool NN, bool VEC, bool DROP_L>
-__device__ __forceinline__ void run_k_loop(const LkFusedGemmParams& p, float (&acc)[4][4][4], T* as_all, T* bs_all,
+template <typename T, typename RT, bool NN, bool VEC, bool DROP_L, int NI>
+__device__ __forceinline__ void run_k_loop(const LkFusedGemmParams& p, float (&acc)[4][NI][4], T* as_all, T* bs_all,
                                            uint32_t m0, uint32_t n0, uint32_t r_begin, uint32_t r_end, int lt,
                                            bool interior) {
     const Phase<T, RT, DROP_L> low{static_cast<const T*>(p.l), static_cast<const RT*>(p.r), p.ldl, p.ldr, r_begin,
@@ -64,35 +69,35 @@ __device__ __forceinline__ void run_k_loop(const LkFusedGemmParams& p, float (&a
                     interior, p.dropout, after_low);
 }
 
-template <typename T, typename RT, bool NN>
+template <typename T, typename RT, bool NN, int NI>
 __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
     LK_DYNAMIC_SMEM(smem);
     T* as_all = reinterpret_cast<T*>(smem);
     T* bs_all = as_all + STAGES * A_STAGE;
     uint32_t m0, n0;
-    grouped_tile(p.m, p.n, m0, n0);
+    grouped_tile<Width<NI>::BN>(p.m, p.n, m0, n0);
     // the rank range of this block: all of it, or split z of a split reduction
     const uint32_t r_begin = p.rank_per_split ? blockIdx.z * p.rank_per_split : 0;
     const uint32_t r_end = p.rank_per_split ? min(p.rank, r_begin + p.rank_per_split) : p.rank;
     const int lt = int((r_end - r_begin + BK - 1) / BK);
 
-    float acc[4][4][4];
+    float acc[4][NI][4];
     zero_acc(acc);
 
     // 16-byte copies when every operand this block reads allows them, else element loads throughout.
     const uint32_t needed = (p.k > 0 ? LK_ALIGNED_A | LK_ALIGNED_B : 0u) | (lt > 0 ? LK_ALIGNED_L | LK_ALIGNED_R : 0u);
-    const bool interior = m0 + BM <= p.m && n0 + BN <= p.n;  // no row or column of the tile out of range
+    const bool interior = m0 + BM <= p.m && n0 + Width<NI>::BN <= p.n;  // no row or column of the tile out of range
     const bool vec = (p.flags & needed) == needed;
     // The dropout of L exists for the projection only (nt, k = 0: L = X); no other kernel pays for it.
     if (!NN && (p.flags & LK_DROPOUT_L)) {
         if (vec)
-            run_k_loop<T, RT, NN, true, !NN>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
+            run_k_loop<T, RT, NN, true, !NN, NI>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
         else
-            run_k_loop<T, RT, NN, false, !NN>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
+            run_k_loop<T, RT, NN, false, !NN, NI>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
     } else if (vec) {
-        run_k_loop<T, RT, NN, true, false>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
+        run_k_loop<T, RT, NN, true, false, NI>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
     } else {
-        run_k_loop<T, RT, NN, false, false>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
+        run_k_loop<T, RT, NN, false, false, NI>(p, acc, as_all, bs_all, m0, n0, r_begin, r_end, lt, interior);
     }
 
     if (p.partial != nullptr) {  // split reduction: this chunk's f32 sums, no bias, no rounding
@@ -104,25 +109,42 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
 }  // namespace
 
 // Registers for two blocks per SM (2 × 256 threads × ≤ 128 registers); shared memory allows two on sm_80
-// and sm_90 (2 × 60 KiB), one on sm_86/89 (100 KB per SM). "_f32ad": R (the adapter) is f32.
-#define LK_FUSED_GEMM(name, T, RT, NN)                                                  \
+// and sm_90 (2 × 60 KiB), one on sm_86/89 (100 KB per SM). "_f32ad": R (the adapter) is f32; "_narrow":
+// the 64-column tiles (45 KiB of shared memory: two blocks on sm_86/89 too).
+#define LK_FUSED_GEMM(name, T, RT, NN, NI)                                              \
     extern "C" __global__ void __launch_bounds__(THREADS, 2) name(LkFusedGemmParams p) { \
-        fused_gemm_impl<T, RT, NN>(p);                                                \
+        fused_gemm_impl<T, RT, NN, NI>(p);                                            \
     }
 
-LK_FUSED_GEMM(fused_gemm_nt_bf16, __nv_bfloat16, __nv_bfloat16, false)
+LK_FUSED_GEMM(fused_gemm_nt_bf16, __nv_bfloat16, __nv_bfloat16, false, Wide::BN / 32)
 LK_KERNEL_EXPORT(fused_gemm_nt_bf16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nt_f16, __half, __half, false)
+LK_FUSED_GEMM(fused_gemm_nt_f16, __half, __half, false, Wide::BN / 32)
 LK_KERNEL_EXPORT(fused_gemm_nt_f16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nn_bf16, __nv_bfloat16, __nv_bfloat16, true)
-LK_KERNEL_EXPORT(fused_gemm_nn_bf16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nn_f16, __half, __half, true)
-LK_KERNEL_EXPORT(fused_gemm_nn_f16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nt_bf16_f32ad, __nv_bfloat16, float, false)
+LK_FUSED_GEMM(fused_gemm_nt_bf16_f32ad, __nv_bfloat16, float, false, Wide::BN / 32)
 LK_KERNEL_EXPORT(fused_gemm_nt_bf16_f32ad, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nt_f16_f32ad, __half, float, false)
+LK_FUSED_GEMM(fused_gemm_nt_f16_f32ad, __half, float, false, Wide::BN / 32)
 LK_KERNEL_EXPORT(fused_gemm_nt_f16_f32ad, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nn_bf16_f32ad, __nv_bfloat16, float, true)
+LK_FUSED_GEMM(fused_gemm_nn_bf16, __nv_bfloat16, __nv_bfloat16, true, Wide::BN / 32)
+LK_KERNEL_EXPORT(fused_gemm_nn_bf16, LkFusedGemmParams)
+LK_FUSED_GEMM(fused_gemm_nn_f16, __half, __half, true, Wide::BN / 32)
+LK_KERNEL_EXPORT(fused_gemm_nn_f16, LkFusedGemmParams)
+LK_FUSED_GEMM(fused_gemm_nn_bf16_f32ad, __nv_bfloat16, float, true, Wide::BN / 32)
 LK_KERNEL_EXPORT(fused_gemm_nn_bf16_f32ad, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nn_f16_f32ad, __half, float, true)
+LK_FUSED_GEMM(fused_gemm_nn_f16_f32ad, __half, float, true, Wide::BN / 32)
 LK_KERNEL_EXPORT(fused_gemm_nn_f16_f32ad, LkFusedGemmParams)
+LK_FUSED_GEMM(fused_gemm_nt_narrow_bf16, __nv_bfloat16, __nv_bfloat16, false, Narrow::BN / 32)
+LK_KERNEL_EXPORT(fused_gemm_nt_narrow_bf16, LkFusedGemmParams)
+LK_FUSED_GEMM(fused_gemm_nt_narrow_f16, __half, __half, false, Narrow::BN / 32)
+LK_KERNEL_EXPORT(fused_gemm_nt_narrow_f16, LkFusedGemmParams)
+LK_FUSED_GEMM(fused_gemm_nt_narrow_bf16_f32ad, __nv_bfloat16, float, false, Narrow::BN / 32)
+LK_KERNEL_EXPORT(fused_gemm_nt_narrow_bf16_f32ad, LkFusedGemmParams)
+LK_FUSED_GEMM(fused_gemm_nt_narrow_f16_f32ad, __half, float, false, Narrow::BN / 32)
+LK_KERNEL_EXPORT(fused_gemm_nt_narrow_f16_f32ad, LkFusedGemmParams)
+LK_FUSED_GEMM(fused_gemm_nn_narrow_bf16, __nv_bfloat16, __nv_bfloat16, true, Narrow::BN / 32)
+LK_KERNEL_EXPORT(fused_gemm_nn_narrow_bf16, LkFusedGemmParams)
+LK_FUSED_GEMM(fused_gemm_nn_narrow_f16, __half, __half, true, Narrow::BN / 32)
+LK_KERNEL_EXPORT(fused_gemm_nn_narrow_f16, LkFusedGemmParams)
+LK_FUSED_GEMM(fused_gemm_nn_narrow_bf16_f32ad, __nv_bfloat16, float, true, Narrow::BN / 32)
+LK_KERNEL_EXPORT(fused_gemm_nn_narrow_bf16_f32ad, LkFusedGemmParams)
+LK_FUSED_GEMM(fused_gemm_nn_narrow_f16_f32ad, __half, float, true, Narrow::BN / 32)
+LK_KERNEL_EXPORT(fused_gemm_nn_narrow_f16_f32ad, LkFusedGemmParams)

@@ -45,10 +45,11 @@ struct MultiLow {
     uint32_t tiles_per_pass;  // shrink: the same for every pass
 };
 
-template <bool NN, bool VEC, typename T, typename RT>
+template <bool NN, bool VEC, int NI, typename T, typename RT>
 __device__ __forceinline__ void load_tile(const MultiLow<T, RT>& ph, int j, T* as, T* bs, uint32_t m0, uint32_t n0,
                                           uint32_t m, uint32_t n, const LkDropout&) {
     static_assert(!NN, "the multi-adapter kernel is the forward (nt) only");
+    constexpr int b_chunks = Width<NI>::BN * BK / 8 / THREADS;  // R's 16-byte chunks per thread
     uint32_t q = 0;
     if (ph.shrink)
         q = uint32_t(j) / ph.tiles_per_pass;
@@ -75,7 +76,7 @@ __device__ __forceinline__ void load_tile(const MultiLow<T, RT>& ph, int j, T* a
             lk_load_chunk<false>(dst, ph.l, m0 + row, m, ph.ldl, k0 + kc, kext);
     }
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < b_chunks; ++i) {
         const uint32_t c = threadIdx.x + i * THREADS, row = c / 4, kc = (c % 4) * 8;
         T* dst = bs + row * ROW_LD + kc;
         if (r_vec)
@@ -138,7 +139,7 @@ __device__ __forceinline__ void list_passes(const LkFusedGemmMultiParams& p, uin
     }
 }
 
-template <typename T, typename RT>
+template <typename T, typename RT, int NI>
 __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiParams& p) {
     LK_DYNAMIC_SMEM(smem);
     T* as_all = reinterpret_cast<T*>(smem);
@@ -149,9 +150,11 @@ __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiPara
     LK_SHARED(16, uint32_t, s_first, [BM + 1]);
     LK_SHARED(16, uint32_t, s_npass, [1]);
     const bool shrink = (p.flags & LK_MULTI_SHRINK) != 0;
+    // the shrink's one column tile holds T's r_max ≤ 128 columns: the wide kernel's (src/ops/multi.rs)
+    if (shrink && Width<NI>::BN < int(LK_MAX_RANK)) __trap();
     const uint32_t n_out = shrink ? p.ldt : p.n;  // the shrink's output is T's partial sums, m × ldt
     uint32_t m0 = blockIdx.x * BM, n0 = 0;
-    if (!shrink) grouped_tile(p.m, p.n, m0, n0);
+    if (!shrink) grouped_tile<Width<NI>::BN>(p.m, p.n, m0, n0);
     const uint32_t k_begin = shrink ? blockIdx.z * p.k_per_split : 0;
     const uint32_t k_end = shrink ? min(p.k, k_begin + p.k_per_split) : 0;
     const uint32_t tiles_per_pass = (k_end - k_begin + BK - 1) / BK;
@@ -199,7 +202,7 @@ __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiPara
                               tiles_per_pass};
     const Phase<T, T, false> main{static_cast<const T*>(p.x), static_cast<const T*>(p.w0), p.k, p.k, 0u,
                                   shrink ? 0u : p.k};
-    float acc[4][4][4];
+    float acc[4][NI][4];
     zero_acc(acc);
     // each row's low-rank sum times its own adapter's scale (0 without one); the shrink's sums stay unscaled
     auto after_low = [&]() {
@@ -211,13 +214,13 @@ __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiPara
             for (int h = 0; h < 2; ++h) {
                 const float s = s_scale[wm * 64 + mi * 16 + lane / 4 + h * 8];
 #pragma unroll
-                for (int ni = 0; ni < 4; ++ni) {
+                for (int ni = 0; ni < NI; ++ni) {
                     acc[mi][ni][2 * h] *= s;
                     acc[mi][ni][2 * h + 1] *= s;
                 }
             }
     };
-    const bool interior = m0 + BM <= p.m && n0 + BN <= n_out;
+    const bool interior = m0 + BM <= p.m && n0 + Width<NI>::BN <= n_out;
     const LkDropout none{0, 0, 0, 0};
     // main tiles (fused only) by 16-byte copies when X and W0 allow them
     if (shrink || (p.flags & (LK_ALIGNED_A | LK_ALIGNED_B)) == (LK_ALIGNED_A | LK_ALIGNED_B))
@@ -234,17 +237,26 @@ __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiPara
 }
 }  // namespace
 
-// As fused_gemm: two blocks per SM. "_f32ad": the set's adapters are f32, rounded to T as they are loaded.
-#define LK_FUSED_GEMM_MULTI(name, T, RT)                                                      \
+// As fused_gemm: two blocks per SM. "_f32ad": the set's adapters are f32, rounded to T as they are loaded;
+// "_narrow": the 64-column tiles (the fused mode alone), for batches whose 128-column tiles leave SMs idle.
+#define LK_FUSED_GEMM_MULTI(name, T, RT, NI)                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, 2) name(LkFusedGemmMultiParams p) { \
-        fused_gemm_multi_impl<T, RT>(p);                                                    \
+        fused_gemm_multi_impl<T, RT, NI>(p);                                                \
     }
 
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_bf16, __nv_bfloat16, __nv_bfloat16)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_bf16, __nv_bfloat16, __nv_bfloat16, Wide::BN / 32)
 LK_KERNEL_EXPORT(fused_gemm_multi_bf16, LkFusedGemmMultiParams)
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_f16, __half, __half)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_f16, __half, __half, Wide::BN / 32)
 LK_KERNEL_EXPORT(fused_gemm_multi_f16, LkFusedGemmMultiParams)
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_bf16_f32ad, __nv_bfloat16, float)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_bf16_f32ad, __nv_bfloat16, float, Wide::BN / 32)
 LK_KERNEL_EXPORT(fused_gemm_multi_bf16_f32ad, LkFusedGemmMultiParams)
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_f16_f32ad, __half, float)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_f16_f32ad, __half, float, Wide::BN / 32)
 LK_KERNEL_EXPORT(fused_gemm_multi_f16_f32ad, LkFusedGemmMultiParams)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_bf16, __nv_bfloat16, __nv_bfloat16, Narrow::BN / 32)
+LK_KERNEL_EXPORT(fused_gemm_multi_narrow_bf16, LkFusedGemmMultiParams)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_f16, __half, __half, Narrow::BN / 32)
+LK_KERNEL_EXPORT(fused_gemm_multi_narrow_f16, LkFusedGemmMultiParams)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_bf16_f32ad, __nv_bfloat16, float, Narrow::BN / 32)
+LK_KERNEL_EXPORT(fused_gemm_multi_narrow_bf16_f32ad, LkFusedGemmMultiParams)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_f16_f32ad, __half, float, Narrow::BN / 32)
+LK_KERNEL_EXPORT(fused_gemm_multi_narrow_f16_f32ad, LkFusedGemmMultiParams)

@@ -71,6 +71,7 @@ DYN_SMEM = {}
 # kernels/sm90/*.cu: built for sm_90a alone; their rows go with sm_90's
 HOPPER_ARCH = {"sm_90": "sm_90a"}
 SM90_BM = SM90_BN = SM90_BK = SM90_NARROW_BN = SM90_NARROW_SMEM = SM90_T_MAX_RANK = 0
+FUSED_BM = FUSED_BN = FUSED_NARROW_BN = FUSED_NARROW_SMEM = 0  # the mma.sync fused GEMM's tiles
 SM90_T_SMEM = {}  # fused_gemm_t<TN>_sm90[_narrow]: (TN, narrow) -> dynamic shared memory
 SM90_U_SMEM = {}  # fused_gemm_u<TN>_sm90_nn[_narrow]: (TN, narrow) -> dynamic shared memory
 SM90_CONSUMER_WARPS = 8  # two consumer warpgroups
@@ -79,8 +80,11 @@ SM90_CONSUMER_WARPS = 8  # two consumer warpgroups
 def read_params_h(path):
     """The launch constants the bound needs, from the header the kernels and the Rust side share."""
     global SM90_BM, SM90_BN, SM90_BK, SM90_NARROW_BN, SM90_NARROW_SMEM, SM90_T_MAX_RANK
+    global FUSED_BM, FUSED_BN, FUSED_NARROW_BN, FUSED_NARROW_SMEM
     with open(path) as fh:
         d = {k: int(v) for k, v in re.findall(r"#define (LK_\w+) (\d+)u", fh.read())}
+    FUSED_BM, FUSED_BN = d["LK_FUSED_GEMM_BM"], d["LK_FUSED_GEMM_BN"]
+    FUSED_NARROW_BN, FUSED_NARROW_SMEM = d["LK_FUSED_GEMM_NARROW_BN"], d["LK_FUSED_GEMM_NARROW_SMEM_BYTES"]
     THREADS_OF.update(multi_decode=d["LK_MULTI_DECODE_THREADS"], fused_gemm_sm90=d["LK_SM90_THREADS"],
                       fused_gemm_t_sm90=d["LK_SM90_THREADS"])
     DYN_SMEM.update(fused_gemm=d["LK_FUSED_GEMM_SMEM_BYTES"], fused_gemm_multi=d["LK_FUSED_GEMM_SMEM_BYTES"],
@@ -125,6 +129,8 @@ def dyn_smem(kernel, kernel_file):
         return 2 * (ring + (GRAD_TC * (rp + 8) if with_u else 0))
     if kernel_file == "fused_gemm_sm90" and "_narrow_" in kernel:
         return SM90_NARROW_SMEM
+    if kernel_file in ("fused_gemm", "fused_gemm_multi") and "_narrow_" in kernel:
+        return FUSED_NARROW_SMEM
     if kernel_file == "fused_gemm_t_sm90":
         # fused_gemm_t<TN>_sm90* (the forward, T inside) and fused_gemm_u<TN>_sm90_nn* (dX, U, dB's and dA's
         # partials inside, with T's and U's tiles)
@@ -291,28 +297,46 @@ def fused_loop_trips(low_tiles, main_tiles):
     return max(low_tiles - FUSED_AHEAD, 0) + max(main_tiles - FUSED_AHEAD, 0)
 
 
-def launch_fused(name, m, n, k, r):
-    """fused_gemm: 128x128 tiles, 8 warps, ceil(r/32) + ceil(k/32) k-tiles of 32 HMMA per warp each."""
-    blocks = cdiv(n, 128) * cdiv(m, 128)
-    return dict(kernel=name, file="fused_gemm", blocks=blocks, iters=cdiv(r, 32) + cdiv(k, 32),
-                loop_iters=fused_loop_trips(cdiv(r, 32), cdiv(k, 32)), slots=32, slot="HMMA",
+def mma_bn(m, n, splits, sms):
+    """The tile width ops::mma_tile (src/ops/launch.rs) picks for the mma.sync fused GEMM: 64 columns (the
+    "_narrow" kernels) where they at least halve the busiest SM's work, counting a split's blocks per tile."""
+    busiest = lambda bn: cdiv(cdiv(m, FUSED_BM) * cdiv(n, bn) * splits, sms)
+    return FUSED_NARROW_BN if busiest(FUSED_NARROW_BN) <= busiest(FUSED_BN) else FUSED_BN
+
+
+def fused_kernel(name, bn):
+    """fused_gemm_{nt,nn}_<dtype>[_f32ad] at the width bn: the "_narrow" kernel at 64 columns."""
+    if bn == FUSED_BN:
+        return name
+    orient, rest = re.match(r"(fused_gemm_n[nt])_(.*)", name).groups()
+    return f"{orient}_narrow_{rest}"
+
+
+def launch_fused(name, m, n, k, r, sms):
+    """fused_gemm: 128x128 tiles (or 128x64, the width mma_bn picks), 8 warps, ceil(r/32) + ceil(k/32)
+    k-tiles of 32 HMMA per warp each (16 on the narrow tiles)."""
+    bn = mma_bn(m, n, 1, sms)
+    blocks = cdiv(n, bn) * cdiv(m, FUSED_BM)
+    return dict(kernel=fused_kernel(name, bn), file="fused_gemm", blocks=blocks, iters=cdiv(r, 32) + cdiv(k, 32),
+                loop_iters=fused_loop_trips(cdiv(r, 32), cdiv(k, 32)), slots=bn // 4, slot="HMMA",
                 bytes=2 * (m * k + n * k + m * r + n * r + m * n))
 
 
 PROJECTION_PER_SPLIT = 1024  # src/ops/launch.rs projection_splits: K chunks of the projection, from K alone
 
 
-def launch_grad(name, fin, m, rows, cols):
+def launch_grad(name, fin, m, rows, cols, sms):
     """A split reduction over m (src/ops/launch.rs split_reduction): the projection T on the "nt" fused
-    GEMM; 128x128 tiles of the rows x cols result, m (= K) split into fixed chunks of
-    PROJECTION_PER_SPLIT (grid z); per warp ceil(chunk/32) k-tiles of 32 HMMA; then lowrank_finalize adds
-    the f32 partials in order."""
-    tiles = cdiv(rows, 128) * cdiv(cols, 128)
+    GEMM; 128x128 tiles of the rows x cols result (128x64 where mma_bn takes them: at cols = r <= 64
+    always), m (= K) split into fixed chunks of PROJECTION_PER_SPLIT (grid z); per warp ceil(chunk/32)
+    k-tiles of 32 HMMA (16 on the narrow tiles); then lowrank_finalize adds the f32 partials in order."""
     splits, per = max(cdiv(m, PROJECTION_PER_SPLIT), 1), PROJECTION_PER_SPLIT
+    bn = mma_bn(rows, cols, splits, sms)
+    tiles = cdiv(rows, FUSED_BM) * cdiv(cols, bn)
     partial = 4 * splits * rows * cols if splits > 1 else 0
     low_tiles = cdiv(per if splits > 1 else m, 32)
-    out = [dict(kernel=name, file="fused_gemm", blocks=tiles * splits, iters=low_tiles,
-                loop_iters=fused_loop_trips(low_tiles, 0), slots=32, slot="HMMA",
+    out = [dict(kernel=fused_kernel(name, bn), file="fused_gemm", blocks=tiles * splits, iters=low_tiles,
+                loop_iters=fused_loop_trips(low_tiles, 0), slots=bn // 4, slot="HMMA",
                 bytes=2 * m * (rows + cols) + (partial or 2 * rows * cols))]
     if splits > 1:
         out.append(launch_finalize(fin, rows * cols, splits, partial))
@@ -394,17 +418,17 @@ def launch_small_m(name, fin, m, n, k, r):
                  bytes=partial + 2 * (n * r + m * n + m * r))]
 
 
-def headline_ops():
+def headline_ops(sms):
     M, N, K, R = 8192, 4096, 4096, 16
     gemm = 2 * M * N * K
     # T = X·Aᵀ and U = dY·B are the fused GEMM with N = r (src/ops/launch.rs project)
     # (split over the inner dimension like the gradients when the M x r tiles cannot fill the GPU)
-    fwd = launch_grad("fused_gemm_nt_bf16", "lowrank_finalize_bf16", K, M, R)
-    fwd.append(launch_fused("fused_gemm_nt_bf16", M, N, K, R))
+    fwd = launch_grad("fused_gemm_nt_bf16", "lowrank_finalize_bf16", K, M, R, sms)
+    fwd.append(launch_fused("fused_gemm_nt_bf16", M, N, K, R, sms))
     # dB = s dY^T T and U = dY B in one pass over dY, then dA = s U^T X in one over X
     bwd = launch_lowrank_grad("bf16", "lowrank_finalize_bf16", M, N, R, True)
     bwd += launch_lowrank_grad("bf16", "lowrank_finalize_bf16", M, K, R, False)
-    bwd.append(launch_fused("fused_gemm_nn_bf16", M, K, N, R))  # dX = dY W0 + s U A
+    bwd.append(launch_fused("fused_gemm_nn_bf16", M, K, N, R, sms))  # dX = dY W0 + s U A
     merge = [launch_merge("merge_bf16", N, K, R)]
     small = launch_small_m("small_m_bf16", "small_m_finalize_bf16", 16, N, K, R)  # T rides along with W0
     w_bytes = 2 * N * K
@@ -424,12 +448,13 @@ MULTI_RANKS = (8, 16, 64)  # the adapters' ranks, cycling (issue 14's mixed rank
 SHRINK_BLOCKS = 264  # src/ops/multi.rs: the shrink spreads a tile's adapters over up to this many blocks
 
 
-def multi_ops(n=4096, k=4096):
+def multi_ops(sms, n=4096, k=4096):
     """lora_forward_multi (kernels/fused_gemm_multi.cu, kernels/multi_decode.cu) at M = 16, 256, 4096
     tokens with 4, 16, 64 adapters of ranks 8/16/64 (cycling), rows grouped by adapter (adapter i owns
     rows [i*M/A, (i+1)*M/A)): the shrink (per 128-row tile and 1024-column K chunk, Y blocks sharing the
-    tile's adapters, 32 k-tiles per adapter), lowrank_finalize, and the fused GEMM (per 128x128 tile
-    ceil(r_a/32) k-tiles per adapter of its rows, then K/32; at M <= 16 multi_decode: per 32 columns the
+    tile's adapters, 32 k-tiles per adapter), lowrank_finalize, and the fused GEMM (per 128x128 tile, or
+    128x64 where mma_bn takes them, ceil(r_a/32) k-tiles per adapter of its rows, then K/32; at M <= 16
+    multi_decode: per 32 columns the
     same k-tiles, 2 HMMA each per warp). Shown against the bare GEMM at cuBLAS's peak and against
     streaming W0 at HBM bandwidth: issue 14 sets no target."""
     out = []
@@ -459,9 +484,11 @@ def multi_ops(n=4096, k=4096):
                              iters=low + cdiv(k, 32), slots=2, slot="HMMA",
                              bytes=2 * (m * k + n * k + m * r_max + m * n) + b_bytes)
             else:
-                fused = dict(kernel="fused_gemm_multi_bf16", file="fused_gemm_multi", uniform=False,
-                             blocks=tiles_m * cdiv(n, 128), iters=low + cdiv(k, 32),
-                             loop_iters=fused_loop_trips(low, cdiv(k, 32)), slots=32, slot="HMMA",
+                bn = mma_bn(m, n, 1, sms)
+                kern = "fused_gemm_multi_bf16" if bn == FUSED_BN else "fused_gemm_multi_narrow_bf16"
+                fused = dict(kernel=kern, file="fused_gemm_multi", uniform=False,
+                             blocks=tiles_m * cdiv(n, bn), iters=low + cdiv(k, 32),
+                             loop_iters=fused_loop_trips(low, cdiv(k, 32)), slots=bn // 4, slot="HMMA",
                              bytes=2 * (m * k + n * k + m * r_max + m * n) + b_bytes)
             launches = [shrink, launch_finalize("lowrank_finalize_bf16", m * r_max, splits, partial), fused]
             gemm = 2 * m * n * k
@@ -664,7 +691,7 @@ def sm90_section(w, res, mixes, dev):
           f"{rate / 1e12:.0f} | {rate / dev['cublas']:.2f} |")
         return total, rate
 
-    (fwd_target, _, _, fwd_tgt), (bwd_target, _, _, _) = headline_ops()[:2]
+    (fwd_target, _, _, fwd_tgt), (bwd_target, _, _, _) = headline_ops(dev["sms"])[:2]
     wide = sm90_kernel(False, SM90_BN)
     assert sm90_bn(M, N, dev["sms"]) == SM90_BN
     bt, limiter, parts, l2, t_work = sm90_gemm_t(M, N, K, R, dev, mixes[(wide, "sm_90")], SM90_BN)
@@ -673,7 +700,7 @@ def sm90_section(w, res, mixes, dev):
     gemms = (("fused_gemm_nt_bf16", False, M, N, K, "T by the projection"),
              ("fused_gemm_nn_bf16", True, M, K, N, "U by the pass over dY, dX"))
     projection, needed, fwd_p = None, [("forward", 0.0, t_fwd, rate_t)], None
-    for (target, _, launches, tgt), (replaced, nn, gm, gn, gk, label) in zip(headline_ops()[:2], gemms):
+    for (target, _, launches, tgt), (replaced, nn, gm, gn, gk, label) in zip(headline_ops(dev["sms"])[:2], gemms):
         bn = sm90_bn(gm, gn, dev["sms"])
         kern = sm90_kernel(nn, bn)
         assert launches[-1]["kernel"] == replaced, (launches[-1]["kernel"], replaced)
@@ -793,7 +820,8 @@ def sm90_by_m(w, res, mixes, dev, n, k, r):
     2r."""
     nb = SM90_NARROW_BN
     w(f"The forward's fused GEMM alone by M (N = K = {n}, r = {r}, bf16; bounds in µs, blocks or tiles in "
-      f"brackets): the mma.sync kernel (128x128 tiles, 2 blocks per SM), the sm_90a kernel with "
+      f"brackets): the mma.sync kernel ({FUSED_BM}x{FUSED_BN} tiles, or {FUSED_BM}x{FUSED_NARROW_BN} where "
+      f"`ops::mma_tile` takes them, marked n; 2 blocks per SM), the sm_90a kernel with "
       f"{SM90_BM}x{SM90_BN} and with {SM90_BM}x{nb} tiles (the narrow kernels), and the width the launch "
       f"takes (`ops::sm90_tile`: the narrow tiles where the busiest SM has less work with them). Up to "
       f"M = {(cdiv(dev['sms'], cdiv(n, nb)) - 1) * SM90_BM} there are fewer tiles of either width than the "
@@ -801,18 +829,19 @@ def sm90_by_m(w, res, mixes, dev, n, k, r):
     w("")
     w(f"| M | mma.sync | sm_90a {SM90_BM}x{SM90_BN} | sm_90a {SM90_BM}x{nb} | taken |")
     w("| --- | --- | --- | --- | --- |")
-    _, res_mma = res[("fused_gemm_nt_bf16", "sm_90")]
     ms = (256, 512, 1024, 1536, 2048, 4096, 8192)
     for m in ms:
-        l = launch_fused("fused_gemm_nt_bf16", m, n, k, r)
-        b_mma = bound_launch(l, mixes[("fused_gemm_nt_bf16", "sm_90")],
+        l = launch_fused("fused_gemm_nt_bf16", m, n, k, r, dev["sms"])
+        _, res_mma = res[(l["kernel"], "sm_90")]
+        b_mma = bound_launch(l, mixes[(l["kernel"], "sm_90")],
                              occupancy(res_mma, l["kernel"], l["file"], dev), dev)[0]
         cells = []
         for bn in (SM90_BN, nb):
             kern = sm90_kernel(False, bn)
             b = sm90_gemm(kern, m, n, k, r, dev, mixes[(kern, "sm_90")], bn)[0]
             cells.append(f"{b * 1e6:.1f} ({cdiv(m, SM90_BM) * cdiv(n, bn)})")
-        w(f"| {m} | {b_mma * 1e6:.1f} ({l['blocks']}) | {cells[0]} | {cells[1]} | "
+        mark = "n" if "_narrow" in l["kernel"] else ""
+        w(f"| {m} | {b_mma * 1e6:.1f} ({l['blocks']}{mark}) | {cells[0]} | {cells[1]} | "
           f"{SM90_BM}x{sm90_bn(m, n, dev['sms'])} |")
     w("")
     w(f"The whole sm_90a forward by M (µs): the projection's launches (T = X·Aᵀ, mma.sync, and its finalize) "
@@ -827,7 +856,7 @@ def sm90_by_m(w, res, mixes, dev, n, k, r):
     w("| --- | --- | --- | --- | --- | --- | --- |")
     for rr in (r, 2 * r):
         for m in ms:
-            proj = launches_bound(launch_grad("fused_gemm_nt_bf16", "lowrank_finalize_bf16", k, m, rr), res,
+            proj = launches_bound(launch_grad("fused_gemm_nt_bf16", "lowrank_finalize_bf16", k, m, rr, dev["sms"]), res,
                                   mixes, dev, "sm_90")
             bn = sm90_bn(m, n, dev["sms"])
             kern = sm90_kernel(False, bn)
@@ -895,7 +924,7 @@ def main():
         w("| target | op | bound (µs) | target (µs) | bound / target | verdict |")
         w("| --- | --- | --- | --- | --- | --- |")
         details = []
-        for target, op, launches, tgt in headline_ops():
+        for target, op, launches, tgt in headline_ops(dev["sms"]):
             total, lines = 0.0, []
             for l in launches:
                 mix = mixes[(l["kernel"], arch)]
@@ -941,7 +970,7 @@ def main():
         w("")
         w("| M | adapters | bound | bare GEMM at peak | bound / GEMM | W0 stream | bound / stream | launches (bound, limited by) |")
         w("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for m, adapters, launches, gemm_t, stream_t in multi_ops():
+        for m, adapters, launches, gemm_t, stream_t in multi_ops(dev["sms"]):
             total, parts_txt = 0.0, []
             for l in launches:
                 _, res_l = res[(l["kernel"], arch)]

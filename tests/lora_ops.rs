@@ -486,3 +486,125 @@ fn a_reused_workspace_gives_the_same_bits() {
         );
     }
 }
+
+/// The two tile widths of the mma.sync fused GEMM (`ops::mma_tile`: 128 columns, or 64 where those give
+/// the busiest SM less work) give the same bits: every element of C is the same chain of mma steps at
+/// either width. Each layer runs on an emulator of 1 SM, where every GEMM with more than 64 columns takes
+/// the 128-column tiles, and on one of 65536 SMs, where every GEMM takes the narrow ones; forward
+/// (M > 16) and dX (and the projection at r > 64),
+/// bf16 and f16, f32 adapters, dropout; both against the reference, and the launch records say which
+/// kernels ran.
+#[test]
+fn fused_gemm_tile_widths_give_the_same_bits() {
+    use lora_kernels::{Device, EmuConfig, ThreadOrder};
+    if common::gpu_only() {
+        return;
+    }
+    if std::env::var_os("LK_MMA_TILE").is_some() {
+        eprintln!("skipped: LK_MMA_TILE forces one tile width");
+        return;
+    }
+    let emulator = |sms| {
+        Device::emulator_with(EmuConfig {
+            order: ThreadOrder::Shuffled,
+            seed: common::seed(),
+            sms,
+            ..EmuConfig::default()
+        })
+    };
+    let (wide, narrow) = (emulator(1), emulator(1 << 16));
+    fn both<T: Element, A: Element>(l: &Layer<T, A>, wide: &Device, narrow: &Device, label: usize) {
+        let name = |kind: &str, narrow: bool| {
+            let dtype = if T::DTYPE == DType::BF16 {
+                "bf16"
+            } else {
+                "f16"
+            };
+            let ad = if A::DTYPE == DType::F32 { "_f32ad" } else { "" };
+            let w = if narrow { "_narrow" } else { "" };
+            format!("fused_gemm_{kind}{w}_{dtype}{ad}")
+        };
+        let mut bits = Vec::new();
+        for (dev, is_narrow) in [(wide, false), (narrow, true)] {
+            dev.take_launches();
+            let out = lora::run(dev, l, true);
+            lora::check(
+                if is_narrow { "narrow" } else { "wide" },
+                l,
+                &out,
+                tol(T::DTYPE),
+            );
+            let ran = dev.take_launches();
+            let mut expected = vec![name("nn", is_narrow)];
+            if l.d.m > 16 {
+                expected.push(name("nt", is_narrow));
+            }
+            for k in expected {
+                assert!(
+                    ran.contains(&k.as_str()),
+                    "case {label} {:?}: {k} did not run: {ran:?}",
+                    l.d
+                );
+            }
+            if !is_narrow {
+                assert!(
+                    !ran.iter().any(|k| k.starts_with("fused_gemm_nn_narrow")),
+                    "case {label}: dX took the narrow tiles on one SM: {ran:?}"
+                );
+            }
+            bits.push(out.bits());
+        }
+        assert!(
+            bits[0] == bits[1],
+            "case {label} {:?}: the tile widths give different bits",
+            l.d
+        );
+    }
+    let shapes = [
+        (17, 65, 72, 5),
+        (130, 100, 200, 33),
+        (200, 256, 65, 70),
+        (5, 80, 120, 16),
+        (129, 250, 96, 128),
+    ];
+    let mut rng = Rng::new(common::seed() ^ 0x7769_6474);
+    for (i, &(m, n, k, r)) in shapes.iter().enumerate() {
+        let d = Dims { m, n, k, r };
+        let scale = 1.5;
+        match i % 3 {
+            0 => both(
+                &Layer::<bf16>::random(&mut rng, d, scale, true),
+                &wide,
+                &narrow,
+                i,
+            ),
+            1 => both(
+                &Layer::<f16, f32>::random(&mut rng, d, scale, false),
+                &wide,
+                &narrow,
+                i,
+            ),
+            _ => {
+                let l = Layer::<bf16>::random(&mut rng, d, scale, true)
+                    .with_dropout(dropout_of(0.2, 7, i as u64));
+                both(&l, &wide, &narrow, i)
+            }
+        }
+    }
+}
+
+/// `ops::mma_tile` on the GPUs the bound table covers: the narrow tiles where the wide ones leave SMs
+/// idle, the wide ones where both fill the GPU.
+#[test]
+fn mma_tile_takes_the_narrow_tiles_where_sms_idle() {
+    use lora_kernels::ops::mma_tile;
+    assert_eq!(mma_tile(256, 4096, 132), (128, 64)); // 64 wide tiles on 132 SMs
+    assert_eq!(mma_tile(384, 4096, 132), (128, 128)); // 96 wide tiles, 192 narrow: two on some SMs
+    assert_eq!(mma_tile(512, 4096, 132), (128, 128)); // 128 wide tiles: one per SM already
+    assert_eq!(mma_tile(4096, 4096, 108), (128, 128)); // 10 wide tiles or 19 narrow on some SM
+    assert_eq!(mma_tile(8192, 4096, 132), (128, 128));
+    assert_eq!(mma_tile(256, 4096, 108), (128, 128)); // 64 wide tiles: 128 narrow ones need 2 on some SMs
+    assert_eq!(mma_tile(128, 4096, 108), (128, 64));
+    assert_eq!(mma_tile(8192, 16, 132), (128, 64)); // N ≤ 64: half the padded columns
+    assert_eq!(mma_tile(8192, 4160, 132), (128, 128));
+}

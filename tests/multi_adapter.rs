@@ -722,3 +722,63 @@ fn bad_multi_inputs() {
     .unwrap_err();
     assert!(matches!(e, Error::Shape { arg: "t", .. }), "{e}");
 }
+
+/// The fused mode's two tile widths (`ops::mma_tile`) give the same bits, the narrow kernel running
+/// where the 128-column tiles leave SMs idle: each batch on an emulator of 1 SM (N > 64: the 128-column
+/// tiles) and one of 65536 (the 64-column ones), against the reference, with
+/// the launch records saying which kernel ran. The shrink runs on the wide kernel either way.
+#[test]
+fn tile_widths_give_the_same_bits() {
+    use lora_kernels::{EmuConfig, ThreadOrder};
+    if common::gpu_only() {
+        return;
+    }
+    if std::env::var_os("LK_MMA_TILE").is_some() {
+        eprintln!("skipped: LK_MMA_TILE forces one tile width");
+        return;
+    }
+    let emulator = |sms| {
+        Device::emulator_with(EmuConfig {
+            order: ThreadOrder::Shuffled,
+            seed: common::seed(),
+            sms,
+            ..EmuConfig::default()
+        })
+    };
+    let (wide, narrow) = (emulator(1), emulator(1 << 16));
+    let mut rng = Rng::new(common::seed() ^ 0x6d75_6c74);
+    for (i, &dims) in [(17, 100, 72), (150, 256, 40), (40, 200, 129)]
+        .iter()
+        .enumerate()
+    {
+        let b = Batch::<bf16, f32>::random(&mut rng, dims, 2 + i, i % 2 == 0);
+        let mut outs = Vec::new();
+        for (dev, is_narrow) in [(&wide, false), (&narrow, true)] {
+            let set = set_of(dev, &b);
+            dev.take_launches();
+            let (y, t) = run(dev, &b, &set);
+            let ran = dev.take_launches();
+            let want = b.reference(set.max_rank());
+            let ey = reference::relative_error(&y, &want.y);
+            assert!(
+                ey <= tol(DType::BF16),
+                "case {i} {dims:?} narrow {is_narrow}: y relative error {ey:e}"
+            );
+            let fused = if is_narrow {
+                "fused_gemm_multi_narrow_bf16_f32ad"
+            } else {
+                "fused_gemm_multi_bf16_f32ad"
+            };
+            assert_eq!(
+                ran.iter().filter(|k| **k == fused).count(),
+                1 + usize::from(!is_narrow),
+                "case {i}: {fused} (with the shrink on the wide kernel) in {ran:?}"
+            );
+            outs.push((bits(&y), bits(&t)));
+        }
+        assert!(
+            outs[0] == outs[1],
+            "case {i} {dims:?}: the tile widths give different bits"
+        );
+    }
+}

@@ -428,11 +428,17 @@ fn try_ours_forward(s: &mut Set, scale: f32) -> lora_kernels::Result<()> {
 /// Runs `f` with `LK_FUSED_GEMM` set to `value` (the rows of the sm_90a GEMM: `sm90`), then unset again
 /// (the default, the mma.sync kernel).
 pub fn with_fused_gemm<R>(value: &str, f: impl FnOnce() -> R) -> R {
+    with_env("LK_FUSED_GEMM", value, f)
+}
+
+/// `f` with the environment variable `name` set to `value` (then removed): the launch choices the ops
+/// read at run time (`LK_FUSED_GEMM`, `LK_MMA_TILE`).
+pub fn with_env<R>(name: &str, value: &str, f: impl FnOnce() -> R) -> R {
     // SAFETY: the benchmarks run on one thread, and nothing else reads the environment meanwhile.
-    unsafe { std::env::set_var("LK_FUSED_GEMM", value) };
+    unsafe { std::env::set_var(name, value) };
     let out = f();
     // SAFETY: as above.
-    unsafe { std::env::remove_var("LK_FUSED_GEMM") };
+    unsafe { std::env::remove_var(name) };
     out
 }
 

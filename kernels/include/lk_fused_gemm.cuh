@@ -8,26 +8,43 @@
 #include "lora_params.h"
 
 namespace {
-constexpr int BM = LK_FUSED_GEMM_BM, BN = LK_FUSED_GEMM_BN, BK = 32, STAGES = 3;
+constexpr int BM = LK_FUSED_GEMM_BM, BK = 32, STAGES = 3;
 constexpr int THREADS = LK_FUSED_GEMM_THREADS;
-static_assert(BM == BN, "A and B tiles share one layout per storage order");
-constexpr int ROW_LD = BK + 8;   // an outer-major tile [128][ROW_LD] (A, nt-B)
-constexpr int KMAJ_LD = BN + 8;  // a k-major tile [BK][KMAJ_LD] (nn-B)
+constexpr int ROW_LD = BK + 8;  // an outer-major tile [outer][ROW_LD] (A, nt-B)
 constexpr int A_STAGE = BM * ROW_LD;
-constexpr int B_STAGE = BN * ROW_LD;
-static_assert(BK * KMAJ_LD <= B_STAGE, "k-major tiles fit the stages");
-static_assert(STAGES * (A_STAGE + B_STAGE) * 2 == LK_FUSED_GEMM_SMEM_BYTES, "header and kernel agree");
-constexpr int C_LD = BN + 8;  // the staged C tile [BM][C_LD] of the epilogue, in the pipeline's memory
-static_assert(BM * C_LD * 2 <= LK_FUSED_GEMM_SMEM_BYTES && (C_LD * 2) % 16 == 0, "C tile fits, rows 16-B aligned");
 constexpr uint32_t GROUP_M = 8;  // tile rows per group of the grouped block order
 
-// One operand's BK-wide k-slice into shared memory, 2 chunks of 8 elements per thread. `outer` is the
-// operand's m (A, L) or n (B, R) dimension, 128 wide in the tile. Stored outer-major (KMAJOR false): 128
-// rows of 4 chunks along k, tile [128][ROW_LD]; stored k-major: BK rows of 16 chunks along outer, tile
-// [BK][KMAJ_LD]. Either way ldmatrix (.trans for k-major) yields the same fragments. The source is S = T
-// (copied as it is), or f32 (R of the "_f32ad" kernels: rounded to T on the way); DROP: the chunk is
-// masked by the dropout (L = X of the projection; outer-major only).
-template <bool KMAJOR, bool VEC, bool DROP, typename T, typename S>
+// The tile's width: the 4 warps across it take NI n8 mma tiles each, 32·NI columns of C per block:
+// NI = 4 is the 128-column tile, NI = 2 the 64-column one that doubles the blocks where the 128-column
+// tiles leave SMs idle (src/ops/launch.rs mma_tile_columns). Every element of C is the same chain of
+// mma k16 steps at either width, so both give the same bits.
+template <int NI>
+struct Width {
+    static constexpr int BN = 32 * NI;          // columns of C per block
+    static constexpr int WN = 8 * NI;           // columns per warp
+    static constexpr int KMAJ_LD = BN + 8;      // a k-major tile [BK][KMAJ_LD] (nn-B)
+    static constexpr int B_STAGE = BN * ROW_LD;
+    static constexpr int C_LD = BN + 8;         // the staged C tile [BM][C_LD] of the epilogue
+    static constexpr int SMEM_BYTES = STAGES * (A_STAGE + B_STAGE) * 2;
+    static_assert(NI == 2 || NI == 4, "B's fragments come in pairs of n8 tiles; 64 or 128 columns");
+    static_assert(BK * KMAJ_LD <= B_STAGE, "k-major tiles fit the stages");
+    static_assert(BM * C_LD * 2 <= SMEM_BYTES && (C_LD * 2) % 16 == 0, "C tile fits, rows 16-B aligned");
+};
+using Wide = Width<LK_FUSED_GEMM_BN / 32>;
+using Narrow = Width<LK_FUSED_GEMM_NARROW_BN / 32>;
+constexpr int BN = Wide::BN;  // the multi-adapter kernel's tile (wide only)
+static_assert(BM == Wide::BN, "A and the wide B tiles share one layout per storage order");
+static_assert(Wide::SMEM_BYTES == LK_FUSED_GEMM_SMEM_BYTES && Narrow::SMEM_BYTES == LK_FUSED_GEMM_NARROW_SMEM_BYTES,
+              "header and kernel agree");
+
+// One operand's BK-wide k-slice into shared memory, OUTER·BK/8/THREADS chunks of 8 elements per thread.
+// `outer` is the operand's m (A, L) or n (B, R) dimension, OUTER wide in the tile (BM, or the tile's
+// width for B). Stored outer-major (KMAJOR false): OUTER rows of 4 chunks along k, tile [OUTER][ROW_LD];
+// stored k-major: BK rows of OUTER/8 chunks along outer, tile [BK][OUTER + 8]. Either way ldmatrix
+// (.trans for k-major) yields the same fragments. The source is S = T (copied as it is), or f32 (R of the
+// "_f32ad" kernels: rounded to T on the way); DROP: the chunk is masked by the dropout (L = X of the
+// projection; outer-major only).
+template <bool KMAJOR, int OUTER, bool VEC, bool DROP, typename T, typename S>
 __device__ __forceinline__ void load_operand_chunk(T* dst, const S* src, uint32_t o0, uint32_t nouter, uint32_t ld,
                                                    uint32_t k0, uint32_t kext, uint32_t c, const LkDropout& d) {
     if constexpr (!KMAJOR) {
@@ -38,21 +55,26 @@ __device__ __forceinline__ void load_operand_chunk(T* dst, const S* src, uint32_
             lk_load_chunk<VEC>(dst + row * ROW_LD + kc, src, o0 + row, nouter, ld, k0 + kc, kext);
     } else {
         static_assert(!DROP, "the dropout operand is outer-major");
-        const uint32_t row = c / 16, oc = (c % 16) * 8;
-        lk_load_chunk<VEC>(dst + row * KMAJ_LD + oc, src, k0 + row, kext, ld, o0 + oc, nouter);
+        constexpr uint32_t per_row = OUTER / 8;
+        const uint32_t row = c / per_row, oc = (c % per_row) * 8;
+        lk_load_chunk<VEC>(dst + row * (OUTER + 8) + oc, src, k0 + row, kext, ld, o0 + oc, nouter);
     }
 }
-template <bool KMAJOR, bool VEC, bool DROP, typename T, typename S>
+template <bool KMAJOR, int OUTER, bool VEC, bool DROP, typename T, typename S>
 __device__ __forceinline__ void load_operand(T* dst, const S* src, uint32_t o0, uint32_t nouter, uint32_t ld,
                                              uint32_t k0, uint32_t kext, const LkDropout& d) {
+    constexpr int chunks = OUTER * BK / 8 / THREADS;
+    static_assert(chunks * 8 * THREADS == OUTER * BK, "whole chunks per thread");
     if (VEC) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
-            load_operand_chunk<KMAJOR, VEC, DROP>(dst, src, o0, nouter, ld, k0, kext, threadIdx.x + i * THREADS, d);
+        for (int i = 0; i < chunks; ++i)
+            load_operand_chunk<KMAJOR, OUTER, VEC, DROP>(dst, src, o0, nouter, ld, k0, kext,
+                                                         threadIdx.x + i * THREADS, d);
     } else {  // one chunk at a time: 8 loads in flight, not 16 (the registers are taken by the accumulators)
 #pragma unroll 1
-        for (int i = 0; i < 2; ++i)
-            load_operand_chunk<KMAJOR, VEC, DROP>(dst, src, o0, nouter, ld, k0, kext, threadIdx.x + i * THREADS, d);
+        for (int i = 0; i < chunks; ++i)
+            load_operand_chunk<KMAJOR, OUTER, VEC, DROP>(dst, src, o0, nouter, ld, k0, kext,
+                                                         threadIdx.x + i * THREADS, d);
     }
 }
 
@@ -69,12 +91,12 @@ struct Phase {
     static constexpr bool plain = lk_same<T, SB>::value && !DROP;
 };
 
-template <bool NN, bool VEC, typename T, typename SB, bool DROP>
+template <bool NN, bool VEC, int NI, typename T, typename SB, bool DROP>
 __device__ __forceinline__ void load_tile(const Phase<T, SB, DROP>& ph, int j, T* as, T* bs, uint32_t m0, uint32_t n0,
                                           uint32_t m, uint32_t n, const LkDropout& d) {
     const uint32_t k0 = ph.k_begin + uint32_t(j) * BK;
-    load_operand<false, VEC, DROP>(as, ph.a, m0, m, ph.lda, k0, ph.k_end, d);
-    load_operand<NN, VEC, false>(bs, ph.b, n0, n, ph.ldb, k0, ph.k_end, d);
+    load_operand<false, BM, VEC, DROP>(as, ph.a, m0, m, ph.lda, k0, ph.k_end, d);
+    load_operand<NN, Width<NI>::BN, VEC, false>(bs, ph.b, n0, n, ph.ldb, k0, ph.k_end, d);
 }
 
 // threadIdx.x, read anew: the epilogue's indices are recomputed after the k loop instead of being held
@@ -90,11 +112,12 @@ __device__ __forceinline__ uint32_t fresh_tid() {
 }
 
 // acc *= s, once, over the low-rank sum (exact f32 scaling, before any main tile is added).
-__device__ __forceinline__ void scale_acc(float (&acc)[4][4][4], float s) {
+template <int NI>
+__device__ __forceinline__ void scale_acc(float (&acc)[4][NI][4], float s) {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < NI; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] *= s;
 }
@@ -102,7 +125,8 @@ __device__ __forceinline__ void scale_acc(float (&acc)[4][4][4], float s) {
 // The dropout form of scale_acc (LK_DROPOUT_ACC, dX): acc *= s where C's element (row, col) is kept
 // (element index row·n + col of X, whose shape dX has), 0 where it is dropped; s includes 1/(1 − p).
 // A fragment pair (col even) shares one generator call when its index is even, as it is for even n.
-__device__ __forceinline__ void scale_acc_dropout(float (&acc)[4][4][4], float s, const LkDropout& d, uint32_t m0,
+template <int NI>
+__device__ __forceinline__ void scale_acc_dropout(float (&acc)[4][NI][4], float s, const LkDropout& d, uint32_t m0,
                                                uint32_t n0, uint32_t n) {
     const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, wm = warp / 4, wn = warp % 4;
 #pragma unroll
@@ -111,8 +135,8 @@ __device__ __forceinline__ void scale_acc_dropout(float (&acc)[4][4][4], float s
         for (int h = 0; h < 2; ++h) {
             const uint64_t row = m0 + wm * 64 + mi * 16 + lane / 4 + h * 8;
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni) {
-                const uint64_t e = row * n + n0 + wn * 32 + ni * 8 + (lane % 4) * 2;
+            for (int ni = 0; ni < NI; ++ni) {
+                const uint64_t e = row * n + n0 + wn * Width<NI>::WN + ni * 8 + (lane % 4) * 2;
                 bool k0, k1;
                 if (e % 2 == 0) {
                     const LkPhiloxWords w = lk_dropout_words(d, e / 4);
@@ -130,24 +154,25 @@ __device__ __forceinline__ void scale_acc_dropout(float (&acc)[4][4][4], float s
         }
 }
 
-// acc += the BK-deep product of the A and B tiles in shared memory (this warp's 64×32).
-template <typename T, bool NN>
-__device__ __forceinline__ void mma_tile(float (&acc)[4][4][4], const T* as, const T* bs, uint32_t lane,
+// acc += the BK-deep product of the A and B tiles in shared memory (this warp's 64×8·NI).
+template <typename T, bool NN, int NI>
+__device__ __forceinline__ void mma_tile(float (&acc)[4][NI][4], const T* as, const T* bs, uint32_t lane,
                                          uint32_t wm, uint32_t wn) {
+    constexpr int WN = Width<NI>::WN, KMAJ_LD = Width<NI>::KMAJ_LD;
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
-        uint32_t af[4][4], bf[4][2];
+        uint32_t af[4][4], bf[NI][2];
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi)
             lk_ldmatrix_x4(af[mi], as + (wm * 64 + mi * 16 + lane % 16) * ROW_LD + kk + (lane / 16) * 8);
 #pragma unroll
-        for (int np = 0; np < 2; ++np) {
+        for (int np = 0; np < NI / 2; ++np) {
             uint32_t r[4];
             const uint32_t mat = lane / 8, rin = lane % 8;
             if (!NN)
-                lk_ldmatrix_x4(r, bs + (wn * 32 + np * 16 + (mat >> 1) * 8 + rin) * ROW_LD + kk + (mat & 1) * 8);
+                lk_ldmatrix_x4(r, bs + (wn * WN + np * 16 + (mat >> 1) * 8 + rin) * ROW_LD + kk + (mat & 1) * 8);
             else
-                lk_ldmatrix_x4_trans(r, bs + (kk + (mat & 1) * 8 + rin) * KMAJ_LD + wn * 32 + np * 16 + (mat >> 1) * 8);
+                lk_ldmatrix_x4_trans(r, bs + (kk + (mat & 1) * 8 + rin) * KMAJ_LD + wn * WN + np * 16 + (mat >> 1) * 8);
             bf[np * 2][0] = r[0];
             bf[np * 2][1] = r[1];
             bf[np * 2 + 1][0] = r[2];
@@ -156,42 +181,48 @@ __device__ __forceinline__ void mma_tile(float (&acc)[4][4][4], const T* as, con
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni) lk_mma_m16n8k16<T>(acc[mi][ni], af[mi], bf[ni]);
+            for (int ni = 0; ni < NI; ++ni) lk_mma_m16n8k16<T>(acc[mi][ni], af[mi], bf[ni]);
     }
 }
 
-// This thread's two 16-byte chunks of one operand (the same places load_operand<KMAJOR> copies), walked
-// k-tile by k-tile without bounds checks: for tiles wholly inside the operand (an interior block, a
-// phase whose extent is a multiple of BK) and vector loads only.
-template <bool KMAJOR, typename T>
+// This thread's 16-byte chunks of one operand, OUTER wide (the same places load_operand<KMAJOR, OUTER>
+// copies: two for the 128-wide tiles, one for the 64-wide B tile), walked k-tile by k-tile without bounds
+// checks: for tiles wholly inside the operand (an interior block, a phase whose extent is a multiple of
+// BK) and vector loads only.
+template <bool KMAJOR, int OUTER, typename T>
 struct Cursor {
+    static constexpr int CHUNKS = OUTER * BK / 8 / THREADS;
+    static_assert(CHUNKS == 1 || CHUNKS == 2, "one or two chunks per thread");
     const T* src0;
     const T* src1;
     size_t step;  // elements from one k-tile to the next
     uint32_t dst0, dst1;  // the chunks' offsets in a stage
     __device__ __forceinline__ Cursor(const T* base, uint32_t o0, uint32_t ld, uint32_t k0) {
         const uint32_t c = threadIdx.x;
-        if (!KMAJOR) {  // 128 outer rows of 4 chunks along k; chunk 1 is 64 rows further down
+        if (!KMAJOR) {  // OUTER rows of 4 chunks along k; chunk 1 is THREADS/4 rows further down
             const uint32_t row = c / 4, kc = (c % 4) * 8;
             src0 = base + size_t(o0 + row) * ld + k0 + kc;
             src1 = src0 + size_t(THREADS / 4) * ld;
             step = BK;
             dst0 = row * ROW_LD + kc;
             dst1 = dst0 + (THREADS / 4) * ROW_LD;
-        } else {  // BK k-rows of 16 chunks along outer; chunk 1 is 16 k-rows further down
-            const uint32_t row = c / 16, oc = (c % 16) * 8;
+        } else {  // BK k-rows of OUTER/8 chunks along outer; chunk 1 is THREADS/(OUTER/8) k-rows further down
+            constexpr uint32_t per_row = OUTER / 8, ld_s = OUTER + 8;
+            const uint32_t row = c / per_row, oc = (c % per_row) * 8;
             src0 = base + size_t(k0 + row) * ld + o0 + oc;
-            src1 = src0 + size_t(THREADS / 16) * ld;
+            src1 = src0 + size_t(THREADS / per_row) * ld;
             step = size_t(BK) * ld;
-            dst0 = row * KMAJ_LD + oc;
-            dst1 = dst0 + (THREADS / 16) * KMAJ_LD;
+            dst0 = row * ld_s + oc;
+            dst1 = dst0 + (THREADS / per_row) * ld_s;
         }
     }
     __device__ __forceinline__ void load(T* stage) {
         lk_cp_async_16(stage + dst0, src0, 16);
-        lk_cp_async_16(stage + dst1, src1, 16);
         src0 += step;
-        src1 += step;
+        if constexpr (CHUNKS == 2) {
+            lk_cp_async_16(stage + dst1, src1, 16);
+            src1 += step;
+        }
     }
 };
 
@@ -202,16 +233,16 @@ struct Cursor {
 // two loops (low refilling low, main refilling main) have no operand choice left in them, and where the
 // block's tiles lie wholly inside the operands (`full_*`) they walk precomputed source pointers with no
 // bounds checks. The at most STAGES-1 iterations around each boundary are unrolled, with checked loads.
-template <bool NN, bool VEC, typename T, typename LP, typename MP, typename AfterLow>
-__device__ __forceinline__ void k_loop(const LP& low, const MP& main, int lt, bool low_full, float (&acc)[4][4][4],
+template <bool NN, bool VEC, typename T, typename LP, typename MP, typename AfterLow, int NI>
+__device__ __forceinline__ void k_loop(const LP& low, const MP& main, int lt, bool low_full, float (&acc)[4][NI][4],
                                        T* as_all, T* bs_all, uint32_t m0, uint32_t n0, uint32_t m, uint32_t n,
                                        bool interior, const LkDropout& dropout, AfterLow after_low) {
-    constexpr int AHEAD = STAGES - 1;
+    constexpr int AHEAD = STAGES - 1, B_STAGE = Width<NI>::B_STAGE;
     const uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const uint32_t wm = warp / 4, wn = warp % 4;
     const int total = lt + int((main.k_end - main.k_begin + BK - 1) / BK);
     auto refill = [&](const auto& ph, int j, int t) {  // tile t (phase tile j) into its stage, checked
-        load_tile<NN, VEC>(ph, j, as_all + (t % STAGES) * A_STAGE, bs_all + (t % STAGES) * B_STAGE, m0, n0, m, n,
+        load_tile<NN, VEC, NI>(ph, j, as_all + (t % STAGES) * A_STAGE, bs_all + (t % STAGES) * B_STAGE, m0, n0, m, n,
                            dropout);
     };
     auto wait_tile = [&]() {
@@ -226,8 +257,8 @@ __device__ __forceinline__ void k_loop(const LP& low, const MP& main, int lt, bo
     auto run = [&](const auto& ph, int t0, int t1, int first, bool full) {
         if constexpr (VEC && lk_remove_cvref<decltype(ph)>::type::plain) {
             if (full) {
-            Cursor<false, T> ca(ph.a, m0, ph.lda, ph.k_begin + uint32_t(t0 + AHEAD - first) * BK);
-            Cursor<NN, T> cb(ph.b, n0, ph.ldb, ph.k_begin + uint32_t(t0 + AHEAD - first) * BK);
+            Cursor<false, BM, T> ca(ph.a, m0, ph.lda, ph.k_begin + uint32_t(t0 + AHEAD - first) * BK);
+            Cursor<NN, Width<NI>::BN, T> cb(ph.b, n0, ph.ldb, ph.k_begin + uint32_t(t0 + AHEAD - first) * BK);
             int rd = t0 % STAGES;  // the stage of tile t; tile t + AHEAD goes to the one before it
             for (int t = t0; t < t1; ++t) {
                 wait_tile();
@@ -286,22 +317,24 @@ __device__ __forceinline__ void k_loop(const LP& low, const MP& main, int lt, bo
     lk_cp_async_wait<0>();
 }
 
-// The output tile of this block: blockIdx.x walks GROUP_M tile rows down one tile column before moving
-// right, so the blocks running at the same time share their B (W0) tiles, and their A tiles, in L2.
+// The output tile of this block (BM × TBN): blockIdx.x walks GROUP_M tile rows down one tile column before
+// moving right, so the blocks running at the same time share their B (W0) tiles, and their A tiles, in L2.
+template <uint32_t TBN = BN>
 __device__ __forceinline__ void grouped_tile(uint32_t m, uint32_t n, uint32_t& m0, uint32_t& n0) {
-    const uint32_t tiles_m = (m + BM - 1) / BM, tiles_n = (n + BN - 1) / BN;
+    const uint32_t tiles_m = (m + BM - 1) / BM, tiles_n = (n + TBN - 1) / TBN;
     const uint32_t per_group = GROUP_M * tiles_n, group = blockIdx.x / per_group;
     const uint32_t first_m = group * GROUP_M, group_rows = min(tiles_m - first_m, uint32_t(GROUP_M));
     const uint32_t in_group = blockIdx.x - group * per_group;
     m0 = (first_m + in_group % group_rows) * BM;
-    n0 = (in_group / group_rows) * BN;
+    n0 = (in_group / group_rows) * TBN;
 }
 
-__device__ __forceinline__ void zero_acc(float (&acc)[4][4][4]) {
+template <int NI>
+__device__ __forceinline__ void zero_acc(float (&acc)[4][NI][4]) {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < NI; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 }
@@ -313,14 +346,14 @@ struct AllRows {
 
 // This thread's accumulators as f32 partial sums of a split reduction: part (m × n, dense), no bias, no
 // rounding; only the rows (offsets in the tile) that `mine` accepts.
-template <typename Mine = AllRows>
-__device__ __forceinline__ void store_partial(const float (&acc)[4][4][4], float* part, uint32_t m, uint32_t n,
+template <int NI, typename Mine = AllRows>
+__device__ __forceinline__ void store_partial(const float (&acc)[4][NI][4], float* part, uint32_t m, uint32_t n,
                                               uint32_t m0, uint32_t n0, Mine mine = Mine()) {
     const uint32_t tid = fresh_tid(), lane = tid % 32, warp = tid / 32;
     const uint32_t wm = warp / 4, wn = warp % 4;
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni) {
-        const uint32_t col = n0 + wn * 32 + ni * 8 + (lane % 4) * 2;
+    for (int ni = 0; ni < NI; ++ni) {
+        const uint32_t col = n0 + wn * Width<NI>::WN + ni * 8 + (lane % 4) * 2;
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
@@ -337,16 +370,17 @@ __device__ __forceinline__ void store_partial(const float (&acc)[4][4][4], float
 // every warp is past its last tile), then written row by row in 16-byte chunks. Fragment: c0,c1 at
 // (g, 2t..2t+1), c2,c3 at (g+8, ...); the staged rows are C_LD apart, so a warp's 32-bit stores of one
 // fragment hit 32 distinct banks.
-template <typename T>
-__device__ __forceinline__ void store_c(const float (&acc)[4][4][4], T* smem, T* c, uint32_t ldc, const T* bias,
+template <typename T, int NI>
+__device__ __forceinline__ void store_c(const float (&acc)[4][NI][4], T* smem, T* c, uint32_t ldc, const T* bias,
                                         uint32_t m, uint32_t n, uint32_t m0, uint32_t n0) {
+    constexpr int TBN = Width<NI>::BN, C_LD = Width<NI>::C_LD;
     const uint32_t tid = fresh_tid(), lane = tid % 32, warp = tid / 32;
     const uint32_t wm = warp / 4, wn = warp % 4;
     __syncthreads();
     T* cs = smem;
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni) {
-        const uint32_t cc = wn * 32 + ni * 8 + (lane % 4) * 2, col = n0 + cc;
+    for (int ni = 0; ni < NI; ++ni) {
+        const uint32_t cc = wn * Width<NI>::WN + ni * 8 + (lane % 4) * 2, col = n0 + cc;
         float b0 = 0.0f, b1 = 0.0f;
         if (bias != nullptr) {
             if (col < n) b0 = lk_to_f32(bias[col]);
@@ -371,8 +405,8 @@ __device__ __forceinline__ void store_c(const float (&acc)[4][4][4], T* smem, T*
     // stores at a ragged right edge or on a misaligned C.
     const bool vec_c = ldc % 8 == 0 && lk_is_aligned16(c);
 #pragma unroll
-    for (int i = 0; i < BM * BN / 8 / THREADS; ++i) {
-        const uint32_t chunk = tid + i * THREADS, cr = chunk / (BN / 8), cc = (chunk % (BN / 8)) * 8;
+    for (int i = 0; i < BM * TBN / 8 / THREADS; ++i) {
+        const uint32_t chunk = tid + i * THREADS, cr = chunk / (TBN / 8), cc = (chunk % (TBN / 8)) * 8;
         const uint32_t row = m0 + cr, col = n0 + cc;
         if (row >= m || col >= n) continue;
         const uint4 v = *lk_vec<uint4>(cs + cr * C_LD + cc);

@@ -56,11 +56,15 @@ typedef struct LkDropout {
 } LkDropout;
 
 /* fused_gemm tiling, shared with the Rust launch plan: BM × BN output tile per block of
- * LK_FUSED_GEMM_THREADS threads, LK_FUSED_GEMM_SMEM_BYTES of dynamic shared memory (3 cp.async stages). */
+ * LK_FUSED_GEMM_THREADS threads, LK_FUSED_GEMM_SMEM_BYTES of dynamic shared memory (3 cp.async stages).
+ * The "_narrow" kernels: BM × LK_FUSED_GEMM_NARROW_BN tiles, LK_FUSED_GEMM_NARROW_SMEM_BYTES (the same
+ * bits, twice the blocks, for shapes whose 128-column tiles leave SMs idle). */
 #define LK_FUSED_GEMM_BM 128u
 #define LK_FUSED_GEMM_BN 128u
+#define LK_FUSED_GEMM_NARROW_BN 64u
 #define LK_FUSED_GEMM_THREADS 256u
 #define LK_FUSED_GEMM_SMEM_BYTES 61440u
+#define LK_FUSED_GEMM_NARROW_SMEM_BYTES 46080u
 
 /* The largest LoRA rank the ops accept (validated on the Rust side; the range the tests cover). */
 #define LK_MAX_RANK 128u

@@ -154,6 +154,57 @@ pub(crate) struct Split<'a> {
     pub partial: &'a mut Tensor<f32>,
 }
 
+/// The tile of the mma.sync fused GEMM (kernels/fused_gemm.cu) for an m×n C on a GPU of `sms` SMs,
+/// (rows, columns): 128×128, or 128×64 (the "_narrow" kernels, twice the blocks) where they at least halve
+/// the work of the SM with the most blocks: where the 128-column tiles leave more than half the SMs idle
+/// (up to M = 256 at N = 4096 on 132 SMs), and at N ≤ 64 (half the padded columns). Not for a better
+/// last wave alone: the narrow tiles move more bytes per flop. Both give the same bits: every element of
+/// C is the same chain of mma steps at either width, so the choice (which depends on the GPU) does not
+/// change the results.
+pub fn mma_tile(m: usize, n: usize, sms: u32) -> (usize, usize) {
+    mma_tile_of_split(m, n, 1, sms)
+}
+
+/// The tile width the mma.sync fused GEMMs take (fused_gemm, the many-adapter one): [`mma_tile`]'s for a
+/// grid of `splits` blocks per tile, or the one `LK_MMA_TILE` forces (`128` or `64`; unset or `auto`:
+/// [`mma_tile`]'s), for the perf table's rows of both widths. The bits are the same either way.
+pub(crate) fn mma_tile_columns(
+    op: &'static str,
+    m: usize,
+    n: usize,
+    splits: usize,
+    sms: u32,
+) -> Result<usize> {
+    let forced = forced_mma_tile(op, std::env::var("LK_MMA_TILE").ok().as_deref())?;
+    Ok(forced.unwrap_or_else(|| mma_tile_of_split(m, n, splits, sms).1))
+}
+
+/// The width an `LK_MMA_TILE` value forces, or None for the automatic choice.
+fn forced_mma_tile(op: &'static str, value: Option<&str>) -> Result<Option<usize>> {
+    match value {
+        None | Some("") | Some("auto") => Ok(None),
+        Some("128") => Ok(Some(LK_FUSED_GEMM_BN as usize)),
+        Some("64") => Ok(Some(LK_FUSED_GEMM_NARROW_BN as usize)),
+        Some(other) => Err(Error::Unsupported {
+            what: format!("{op}: LK_MMA_TILE={other:?}"),
+            hint: "use auto (the default), 128 or 64".into(),
+        }),
+    }
+}
+
+/// [`mma_tile`] for a grid of `splits` blocks per tile (a split reduction's chunks).
+fn mma_tile_of_split(m: usize, n: usize, splits: usize, sms: u32) -> (usize, usize) {
+    const _: () = assert!(2 * LK_FUSED_GEMM_NARROW_BN == LK_FUSED_GEMM_BN);
+    let rows = m.div_ceil(LK_FUSED_GEMM_BM as usize);
+    let busiest = |bn: u32| (rows * n.div_ceil(bn as usize) * splits).div_ceil(sms.max(1) as usize);
+    let bn = if busiest(LK_FUSED_GEMM_NARROW_BN) <= busiest(LK_FUSED_GEMM_BN) {
+        LK_FUSED_GEMM_NARROW_BN
+    } else {
+        LK_FUSED_GEMM_BN
+    };
+    (LK_FUSED_GEMM_BM as usize, bn as usize)
+}
+
 /// `c (m×n) = a·op(b) + scale·l·op(r) (+ bias)` in one tensor-core kernel; with `split`, the partial
 /// sums of the low-rank part instead (c is then left alone).
 pub(crate) fn fused_gemm<T: Element, R: Element>(
@@ -167,30 +218,54 @@ pub(crate) fn fused_gemm<T: Element, R: Element>(
         return Ok(());
     }
     let pair = (T::DTYPE, R::DTYPE);
-    let kernel = match g.orient {
-        Orient::Nt => pick_pair(
+    let (splits, rank_per_split) = split.as_ref().map_or((1, 0), |s| (s.splits, s.per_split));
+    let bn = mma_tile_columns(op, g.m, g.n, splits, g.a.device().sm_count()?)?;
+    let narrow = bn == LK_FUSED_GEMM_NARROW_BN as usize;
+    let kernel = match (g.orient, narrow) {
+        (Orient::Nt, false) => pick_pair(
             op,
             pair,
             [&FUSED_GEMM_NT_BF16, &FUSED_GEMM_NT_F16],
             [&FUSED_GEMM_NT_BF16_F32AD, &FUSED_GEMM_NT_F16_F32AD],
         )?,
-        Orient::Nn => pick_pair(
+        (Orient::Nn, false) => pick_pair(
             op,
             pair,
             [&FUSED_GEMM_NN_BF16, &FUSED_GEMM_NN_F16],
             [&FUSED_GEMM_NN_BF16_F32AD, &FUSED_GEMM_NN_F16_F32AD],
         )?,
+        (Orient::Nt, true) => pick_pair(
+            op,
+            pair,
+            [&FUSED_GEMM_NT_NARROW_BF16, &FUSED_GEMM_NT_NARROW_F16],
+            [
+                &FUSED_GEMM_NT_NARROW_BF16_F32AD,
+                &FUSED_GEMM_NT_NARROW_F16_F32AD,
+            ],
+        )?,
+        (Orient::Nn, true) => pick_pair(
+            op,
+            pair,
+            [&FUSED_GEMM_NN_NARROW_BF16, &FUSED_GEMM_NN_NARROW_F16],
+            [
+                &FUSED_GEMM_NN_NARROW_BF16_F32AD,
+                &FUSED_GEMM_NN_NARROW_F16_F32AD,
+            ],
+        )?,
     };
-    // One block per 128×128 tile of C in a 1-D grid (the kernel maps the block index to a tile in a
+    // One block per 128×bn tile of C in a 1-D grid (the kernel maps the block index to a tile in a
     // grouped order, see kernels/fused_gemm.cu); grid z: the chunks of a split reduction.
-    let tiles = g.m.div_ceil(LK_FUSED_GEMM_BM as usize) * g.n.div_ceil(LK_FUSED_GEMM_BN as usize);
+    let tiles = g.m.div_ceil(LK_FUSED_GEMM_BM as usize) * g.n.div_ceil(bn);
     const MAX_GRID_X: usize = i32::MAX as usize;
-    super::validate::at_most(op, "output tiles (128×128)", tiles, MAX_GRID_X)?;
-    let (splits, rank_per_split) = split.as_ref().map_or((1, 0), |s| (s.splits, s.per_split));
+    super::validate::at_most(op, "output tiles (128×128 or 128×64)", tiles, MAX_GRID_X)?;
     let plan = LaunchPlan {
         grid: [tiles as u32, 1, u32_of(splits)],
         block: [LK_FUSED_GEMM_THREADS, 1, 1],
-        smem_bytes: LK_FUSED_GEMM_SMEM_BYTES,
+        smem_bytes: if narrow {
+            LK_FUSED_GEMM_NARROW_SMEM_BYTES
+        } else {
+            LK_FUSED_GEMM_SMEM_BYTES
+        },
     };
     let (m, n, k, rank) = (u32_of(g.m), u32_of(g.n), u32_of(g.k), u32_of(g.rank));
     // Leading dimensions of the dense operands: a is m×k, l is m×rank; b is n×k (Nt) or k×n; r is
@@ -771,7 +846,23 @@ pub(crate) fn merge<T: Element, U: Element>(
 
 #[cfg(test)]
 mod tests {
-    use super::{grad_splits, small_m_splits};
+    use super::{forced_mma_tile, grad_splits, small_m_splits};
+
+    #[test]
+    fn lk_mma_tile_values() {
+        assert_eq!(forced_mma_tile("op", None).unwrap(), None);
+        assert_eq!(forced_mma_tile("op", Some("")).unwrap(), None);
+        assert_eq!(forced_mma_tile("op", Some("auto")).unwrap(), None);
+        assert_eq!(forced_mma_tile("op", Some("128")).unwrap(), Some(128));
+        assert_eq!(forced_mma_tile("op", Some("64")).unwrap(), Some(64));
+        let e = forced_mma_tile("lora_forward", Some("96"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("LK_MMA_TILE=\"96\"") && e.contains("128 or 64"),
+            "{e}"
+        );
+    }
     use crate::params::{LK_SMALL_M_KSPAN, LK_SMALL_M_KSTEP};
 
     #[test]

@@ -17,6 +17,7 @@ pub use adamw::{
     AdamState, AdamW, AdamwConstants, adamw_step, adamw_step_with_copy,
     reference_step as adamw_reference_step,
 };
+pub use launch::mma_tile;
 pub use lora::{
     ForwardOutput, GradMode, Gradients, lora_backward, lora_backward_into, lora_forward,
     lora_forward_into,

@@ -108,13 +108,23 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
             &kernels::FUSED_GEMM_MULTI_F16_F32AD,
         ],
     )?;
-    let (bm, bn) = (LK_FUSED_GEMM_BM as usize, LK_FUSED_GEMM_BN as usize);
+    let device = x.device().clone();
+    // the fused mode's tiles (ops::mma_tile: 128×64 where 128×128 leaves SMs idle; the same bits); the
+    // shrink's one column tile holds T's r_max ≤ 128 columns, on the wide kernel always
+    let (bm, bn) = (
+        LK_FUSED_GEMM_BM as usize,
+        launch::mma_tile_columns(OP, m, n, 1, device.sm_count()?)?,
+    );
     let tiles_m = m.div_ceil(bm);
     let tiles = tiles_m * n.div_ceil(bn);
-    validate::at_most(OP, "output tiles (128×128)", tiles, i32::MAX as usize)?;
+    validate::at_most(
+        OP,
+        "output tiles (128×128 or 128×64)",
+        tiles,
+        i32::MAX as usize,
+    )?;
     let n_adapters = u32_of(set.slots());
     let (m32, n32, k32, ldt32) = (u32_of(m), u32_of(n), u32_of(k), u32_of(ldt));
-    let device = x.device().clone();
     let (splits, per_split) = launch::projection_splits(k);
 
     // 1. the shrink: f32 partials of X_i·A_aᵀ per K chunk, then T = their in-order sum, rounded once.
@@ -176,6 +186,25 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
             smem_bytes: LK_MULTI_DECODE_SMEM_BYTES,
         };
         (decode, plan)
+    } else if bn == LK_FUSED_GEMM_NARROW_BN as usize {
+        let narrow = pick_pair(
+            OP,
+            (T::DTYPE, A::DTYPE),
+            [
+                &kernels::FUSED_GEMM_MULTI_NARROW_BF16,
+                &kernels::FUSED_GEMM_MULTI_NARROW_F16,
+            ],
+            [
+                &kernels::FUSED_GEMM_MULTI_NARROW_BF16_F32AD,
+                &kernels::FUSED_GEMM_MULTI_NARROW_F16_F32AD,
+            ],
+        )?;
+        let plan = LaunchPlan {
+            grid: [u32_of(tiles), 1, 1],
+            block: [LK_FUSED_GEMM_THREADS, 1, 1],
+            smem_bytes: LK_FUSED_GEMM_NARROW_SMEM_BYTES,
+        };
+        (narrow, plan)
     } else {
         let plan = LaunchPlan {
             grid: [u32_of(tiles), 1, 1],
