@@ -829,7 +829,7 @@ def sm90_by_m(w, res, mixes, dev, n, k, r):
     w("")
     w(f"| M | mma.sync | sm_90a {SM90_BM}x{SM90_BN} | sm_90a {SM90_BM}x{nb} | taken |")
     w("| --- | --- | --- | --- | --- |")
-    ms = (256, 512, 1024, 1536, 2048, 4096, 8192)
+    ms = (64, 256, 512, 1024, 1536, 2048, 4096, 8192)
     for m in ms:
         l = launch_fused("fused_gemm_nt_bf16", m, n, k, r, dev["sms"])
         _, res_mma = res[(l["kernel"], "sm_90")]

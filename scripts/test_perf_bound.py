@@ -2,7 +2,9 @@
 against simulations written from the kernels' and the launch's own loops, not from the bound's formulas:
 the schedule (ops/sm90.rs one_launch's grid, the kernel's run_of), the tensor work (every wgmma the two
 consumer warpgroups issue, per CTA: the total and the busiest CTA), and the bytes TMA brings into shared
-memory (the producer's loads); and the tile widths README lists for ops::sm90_tile. No build or GPU needed.
+memory (the producer's loads); the tile widths README lists for ops::sm90_tile; and the mma.sync fused
+GEMM's width choice (mma_bn against ops::mma_tile's tested values) with the launches it gives. No build or
+GPU needed.
 
 Run by scripts/test.sh (the README's test command): python3 -m unittest discover -s scripts -p 'test_*.py'
 """
@@ -136,6 +138,25 @@ class TileWidth(unittest.TestCase):
         for m in range(1, 4737 + 64):
             narrow = any(a <= m <= b for a, b in listed)
             self.assertEqual(pb.sm90_bn(m, 4096, 132) == pb.SM90_NARROW_BN, narrow, m)
+
+    def test_mma_tile_choices_are_the_rust_tests(self):
+        # tests/lora_ops.rs mma_tile_takes_the_narrow_tiles_where_sms_idle: the same shapes and widths, so the
+        # bound's mirror (mma_bn) and ops::mma_tile cannot drift apart unnoticed
+        for (m, n, sms), bn in [((256, 4096, 132), 64), ((384, 4096, 132), 128), ((512, 4096, 132), 128),
+                                ((8192, 4096, 132), 128), ((256, 4096, 108), 128), ((128, 4096, 108), 64),
+                                ((8192, 16, 132), 64), ((8192, 4160, 132), 128), ((4096, 4096, 108), 128)]:
+            self.assertEqual(pb.mma_bn(m, n, 1, sms), bn, (m, n, sms))
+
+    def test_mma_launch_model_takes_the_width_and_its_kernel(self):
+        narrow = pb.launch_fused("fused_gemm_nn_bf16_f32ad", 256, 4096, 4096, 16, 132)
+        self.assertEqual((narrow["kernel"], narrow["blocks"], narrow["slots"]),
+                         ("fused_gemm_nn_narrow_bf16_f32ad", 128, 16))
+        wide = pb.launch_fused("fused_gemm_nt_bf16", 8192, 4096, 4096, 16, 132)
+        self.assertEqual((wide["kernel"], wide["blocks"], wide["slots"]), ("fused_gemm_nt_bf16", 2048, 32))
+        # the projection T = X·Aᵀ (N = r = 16): 64 row tiles x 4 K chunks at either width, the narrow
+        # kernel for half the padded columns
+        proj = pb.launch_grad("fused_gemm_nt_bf16", "lowrank_finalize_bf16", 4096, 8192, 16, 132)[0]
+        self.assertEqual((proj["kernel"], proj["blocks"]), ("fused_gemm_nt_narrow_bf16", 256))
 
 
 if __name__ == "__main__":

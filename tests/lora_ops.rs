@@ -12,7 +12,7 @@
 mod common;
 
 use common::Rng;
-use common::lora::{self, Layer};
+use common::lora::{self, Layer, dims};
 use half::{bf16, f16};
 use lora_kernels::reference::Dims;
 use lora_kernels::{DType, Dropout, Element};
@@ -57,29 +57,6 @@ fn layer_case<T: Element, A: Element>(l: &Layer<T, A>, backward: bool) {
         let again = lora::run(&gpu, l, backward);
         assert!(on_gpu.bits() == again.bits(), "GPU run not repeatable");
     }
-}
-
-fn dims(max_m: usize) -> impl Strategy<Value = (Dims, bool)> {
-    (
-        1..=max_m,
-        1..=300usize,
-        1..=300usize,
-        // each rank class of lowrank_grad (16, 32, 64, 128) equally often
-        prop_oneof![1..=16usize, 17..=32usize, 33..=64usize, 65..=128usize],
-        any::<bool>(),
-    )
-        .prop_map(|(m, n, k, r, round8)| {
-            let up8 = |v: usize| if round8 { v.div_ceil(8) * 8 } else { v };
-            (
-                Dims {
-                    m,
-                    n: up8(n),
-                    k: up8(k),
-                    r: up8(r).min(128),
-                },
-                round8,
-            )
-        })
 }
 
 fn config() -> ProptestConfig {
@@ -496,23 +473,10 @@ fn a_reused_workspace_gives_the_same_bits() {
 /// kernels ran.
 #[test]
 fn fused_gemm_tile_widths_give_the_same_bits() {
-    use lora_kernels::{Device, EmuConfig, ThreadOrder};
-    if common::gpu_only() {
+    use lora_kernels::Device;
+    let Some((wide, narrow)) = common::tile_width_emulators() else {
         return;
-    }
-    if std::env::var_os("LK_MMA_TILE").is_some() {
-        eprintln!("skipped: LK_MMA_TILE forces one tile width");
-        return;
-    }
-    let emulator = |sms| {
-        Device::emulator_with(EmuConfig {
-            order: ThreadOrder::Shuffled,
-            seed: common::seed(),
-            sms,
-            ..EmuConfig::default()
-        })
     };
-    let (wide, narrow) = (emulator(1), emulator(1 << 16));
     fn both<T: Element, A: Element>(l: &Layer<T, A>, wide: &Device, narrow: &Device, label: usize) {
         let name = |kind: &str, narrow: bool| {
             let dtype = if T::DTYPE == DType::BF16 {

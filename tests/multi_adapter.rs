@@ -729,23 +729,9 @@ fn bad_multi_inputs() {
 /// the launch records saying which kernel ran. The shrink runs on the wide kernel either way.
 #[test]
 fn tile_widths_give_the_same_bits() {
-    use lora_kernels::{EmuConfig, ThreadOrder};
-    if common::gpu_only() {
+    let Some((wide, narrow)) = common::tile_width_emulators() else {
         return;
-    }
-    if std::env::var_os("LK_MMA_TILE").is_some() {
-        eprintln!("skipped: LK_MMA_TILE forces one tile width");
-        return;
-    }
-    let emulator = |sms| {
-        Device::emulator_with(EmuConfig {
-            order: ThreadOrder::Shuffled,
-            seed: common::seed(),
-            sms,
-            ..EmuConfig::default()
-        })
     };
-    let (wide, narrow) = (emulator(1), emulator(1 << 16));
     let mut rng = Rng::new(common::seed() ^ 0x6d75_6c74);
     for (i, &dims) in [(17, 100, 72), (150, 256, 40), (40, 200, 129)]
         .iter()

@@ -32,7 +32,7 @@ struct Width {
 };
 using Wide = Width<LK_FUSED_GEMM_BN / 32>;
 using Narrow = Width<LK_FUSED_GEMM_NARROW_BN / 32>;
-constexpr int BN = Wide::BN;  // the multi-adapter kernel's tile (wide only)
+constexpr int BN = Wide::BN;  // grouped_tile's default width, and the multi-adapter shrink's tile
 static_assert(BM == Wide::BN, "A and the wide B tiles share one layout per storage order");
 static_assert(Wide::SMEM_BYTES == LK_FUSED_GEMM_SMEM_BYTES && Narrow::SMEM_BYTES == LK_FUSED_GEMM_NARROW_SMEM_BYTES,
               "header and kernel agree");
@@ -199,22 +199,27 @@ struct Cursor {
     uint32_t dst0, dst1;  // the chunks' offsets in a stage
     __device__ __forceinline__ Cursor(const T* base, uint32_t o0, uint32_t ld, uint32_t k0) {
         const uint32_t c = threadIdx.x;
+        // chunk 1 (two chunks only; one chunk leaves src1 null, not a pointer past the tile)
+        size_t next = 0;
+        uint32_t next_dst = 0;
         if (!KMAJOR) {  // OUTER rows of 4 chunks along k; chunk 1 is THREADS/4 rows further down
             const uint32_t row = c / 4, kc = (c % 4) * 8;
             src0 = base + size_t(o0 + row) * ld + k0 + kc;
-            src1 = src0 + size_t(THREADS / 4) * ld;
+            next = size_t(THREADS / 4) * ld;
             step = BK;
             dst0 = row * ROW_LD + kc;
-            dst1 = dst0 + (THREADS / 4) * ROW_LD;
+            next_dst = (THREADS / 4) * ROW_LD;
         } else {  // BK k-rows of OUTER/8 chunks along outer; chunk 1 is THREADS/(OUTER/8) k-rows further down
             constexpr uint32_t per_row = OUTER / 8, ld_s = OUTER + 8;
             const uint32_t row = c / per_row, oc = (c % per_row) * 8;
             src0 = base + size_t(k0 + row) * ld + o0 + oc;
-            src1 = src0 + size_t(THREADS / per_row) * ld;
+            next = size_t(THREADS / per_row) * ld;
             step = size_t(BK) * ld;
             dst0 = row * ld_s + oc;
-            dst1 = dst0 + (THREADS / per_row) * ld_s;
+            next_dst = (THREADS / per_row) * ld_s;
         }
+        src1 = CHUNKS == 2 ? src0 + next : nullptr;
+        dst1 = dst0 + next_dst;
     }
     __device__ __forceinline__ void load(T* stage) {
         lk_cp_async_16(stage + dst0, src0, 16);

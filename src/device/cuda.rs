@@ -190,10 +190,18 @@ impl CudaDevice {
         let f = module_handle
             .load_function(name)
             .map_err(Error::cuda(format!("looking up kernel `{name}`")))?;
-        if smem > 48 * 1024 {
+        // the driver's limit on this function's dynamic shared memory as loaded (48 KiB less its static
+        // shared memory), read rather than assumed: a kernel with both kinds can exceed it below 48 KiB
+        let limit = f
+            .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
+            .map_err(Error::cuda(format!(
+                "reading the dynamic shared memory limit of `{name}`"
+            )))?;
+        let limit = u32::try_from(limit).unwrap_or(0);
+        if smem > limit {
             raise_smem_limit(&f, name, smem)?;
         }
-        functions.insert(name, (f.clone(), smem.max(48 * 1024)));
+        functions.insert(name, (f.clone(), smem.max(limit)));
         Ok(f)
     }
 

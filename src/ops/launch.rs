@@ -156,7 +156,7 @@ pub(crate) struct Split<'a> {
 
 /// The tile of the mma.sync fused GEMM (kernels/fused_gemm.cu) for an m×n C on a GPU of `sms` SMs,
 /// (rows, columns): 128×128, or 128×64 (the "_narrow" kernels, twice the blocks) where they at least halve
-/// the work of the SM with the most blocks: where the 128-column tiles leave more than half the SMs idle
+/// the work of the SM with the most blocks: where the 128-column tiles leave at least half the SMs idle
 /// (up to M = 256 at N = 4096 on 132 SMs), and at N ≤ 64 (half the padded columns). Not for a better
 /// last wave alone: the narrow tiles move more bytes per flop. Both give the same bits: every element of
 /// C is the same chain of mma steps at either width, so the choice (which depends on the GPU) does not

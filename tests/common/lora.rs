@@ -3,6 +3,7 @@
 
 use lora_kernels::reference::{self, Dims};
 use lora_kernels::{Device, Dropout, Element, Tensor, ops};
+use proptest::prelude::*;
 
 use super::Rng;
 
@@ -263,4 +264,29 @@ pub fn check<T: Element, A: Element>(what: &str, l: &Layer<T, A>, o: &Outputs<T,
             l.dropout
         );
     }
+}
+
+/// Property-test shapes: M in 1..=max_m, N and K in 1..=300, r in each rank class of lowrank_grad (16, 32,
+/// 64, 128) equally often; half of them (the bool) with N, K and r rounded up to multiples of 8, so both
+/// the 16-byte vector path and the element-wise one run.
+pub fn dims(max_m: usize) -> impl Strategy<Value = (Dims, bool)> {
+    (
+        1..=max_m,
+        1..=300usize,
+        1..=300usize,
+        prop_oneof![1..=16usize, 17..=32usize, 33..=64usize, 65..=128usize],
+        any::<bool>(),
+    )
+        .prop_map(|(m, n, k, r, round8)| {
+            let up8 = |v: usize| if round8 { v.div_ceil(8) * 8 } else { v };
+            (
+                Dims {
+                    m,
+                    n: up8(n),
+                    k: up8(k),
+                    r: up8(r).min(128),
+                },
+                round8,
+            )
+        })
 }

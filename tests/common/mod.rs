@@ -28,6 +28,29 @@ pub fn emulators() -> Vec<Device> {
     ]
 }
 
+/// Two emulators (shuffled thread order) for the mma.sync fused GEMMs' two tile widths (`ops::mma_tile`):
+/// of 1 SM, where every GEMM of more than 64 columns takes the 128-column tiles, and of 65536, where every
+/// GEMM takes the 64-column ones. None under `LK_TEST_DEVICES=gpu`, or when `LK_MMA_TILE` forces one width
+/// (said on stderr).
+pub fn tile_width_emulators() -> Option<(Device, Device)> {
+    if gpu_only() {
+        return None;
+    }
+    if std::env::var_os("LK_MMA_TILE").is_some() {
+        eprintln!("skipped: LK_MMA_TILE forces one tile width");
+        return None;
+    }
+    let emulator = |sms| {
+        Device::emulator_with(EmuConfig {
+            order: ThreadOrder::Shuffled,
+            seed: seed(),
+            sms,
+            ..EmuConfig::default()
+        })
+    };
+    Some((emulator(1), emulator(1 << 16)))
+}
+
 /// The five thread orders as emulator configurations, each with another seed (so the shared-memory
 /// alignment, the block order and the spurious try_wait failures vary too): for test-only kernels.
 pub fn all_orders() -> Vec<EmuConfig> {
