@@ -150,8 +150,9 @@ __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiPara
     LK_SHARED(16, uint32_t, s_first, [BM + 1]);
     LK_SHARED(16, uint32_t, s_npass, [1]);
     const bool shrink = (p.flags & LK_MULTI_SHRINK) != 0;
-    // the shrink's one column tile holds T's r_max ≤ 128 columns: the wide kernel's (src/ops/multi.rs)
-    if (shrink && Width<NI>::BN < int(LK_MAX_RANK)) __trap();
+    // the shrink's one column tile holds T's r_max columns: the narrow kernel only where r_max ≤ 64
+    // (src/ops/multi.rs chooses; this keeps a wrong launch from leaving T's last columns unwritten)
+    if (shrink && p.ldt > uint32_t(Width<NI>::BN)) __trap();
     const uint32_t n_out = shrink ? p.ldt : p.n;  // the shrink's output is T's partial sums, m × ldt
     uint32_t m0 = blockIdx.x * BM, n0 = 0;
     if (!shrink) grouped_tile<Width<NI>::BN>(p.m, p.n, m0, n0);
@@ -238,7 +239,8 @@ __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiPara
 }  // namespace
 
 // As fused_gemm: two blocks per SM. "_f32ad": the set's adapters are f32, rounded to T as they are loaded;
-// "_narrow": the 64-column tiles (the fused mode alone), for batches whose 128-column tiles leave SMs idle.
+// "_narrow": the 64-column tiles, for batches whose 128-column tiles leave SMs idle, and the shrink where
+// the set's ranks are all ≤ 64 (half the padded columns of T).
 #define LK_FUSED_GEMM_MULTI(name, T, RT, NI)                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS, 2) name(LkFusedGemmMultiParams p) { \
         fused_gemm_multi_impl<T, RT, NI>(p);                                                \

@@ -452,7 +452,8 @@ def multi_ops(sms, n=4096, k=4096):
     """lora_forward_multi (kernels/fused_gemm_multi.cu, kernels/multi_decode.cu) at M = 16, 256, 4096
     tokens with 4, 16, 64 adapters of ranks 8/16/64 (cycling), rows grouped by adapter (adapter i owns
     rows [i*M/A, (i+1)*M/A)): the shrink (per 128-row tile and 1024-column K chunk, Y blocks sharing the
-    tile's adapters, 32 k-tiles per adapter), lowrank_finalize, and the fused GEMM (per 128x128 tile, or
+    tile's adapters, 32 k-tiles per adapter; 128x64 tiles where r_max <= 64), lowrank_finalize, and the fused
+    GEMM (per 128x128 tile, or
     128x64 where mma_bn takes them, ceil(r_a/32) k-tiles per adapter of its rows, then K/32; at M <= 16
     multi_decode: per 32 columns the
     same k-tiles, 2 HMMA each per warp). Shown against the bare GEMM at cuBLAS's peak and against
@@ -473,9 +474,12 @@ def multi_ops(sms, n=4096, k=4096):
             a_bytes = sum(2 * ranks[i] * k for p in passes for i in p)
             partial = 4 * splits * m * r_max
             # uniform=False: the blocks' work differs with their tiles' adapters (the model's is the mean)
-            shrink = dict(kernel="fused_gemm_multi_bf16", file="fused_gemm_multi", blocks=tiles_m * splits * ys,
-                          uniform=False,
-                          iters=shrink_low, loop_iters=fused_loop_trips(shrink_low, 0), slots=32, slot="HMMA",
+            # src/ops/multi.rs: the shrink's one column tile holds T's r_max columns, 64 of them on the narrow
+            # kernel where r_max <= 64
+            sbn = mma_bn(m, r_max, splits * ys, sms) if r_max <= FUSED_NARROW_BN else FUSED_BN
+            shrink = dict(kernel="fused_gemm_multi_bf16" if sbn == FUSED_BN else "fused_gemm_multi_narrow_bf16",
+                          file="fused_gemm_multi", blocks=tiles_m * splits * ys, uniform=False,
+                          iters=shrink_low, loop_iters=fused_loop_trips(shrink_low, 0), slots=sbn // 4, slot="HMMA",
                           bytes=2 * m * k + a_bytes + partial)
             low = sum(cdiv(ranks[i], 32) for p in passes for i in p) / tiles_m
             b_bytes = sum(2 * n * ranks[i] for p in passes for i in p)

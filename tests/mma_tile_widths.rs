@@ -7,6 +7,9 @@
 //! (`ops::mma_tile`) takes the 64-column tiles for every shape this small, so this binary is where the
 //! 128-column ones run on small shapes.
 //!
+//! Then the many-adapter forward (`ops::lora_forward_multi`: its shrink on the 64-column kernel where every
+//! rank is ≤ 64, its fused GEMM) on a few batches at both widths, the same way.
+//!
 //! The variable is process-wide: this binary has ONE test, so nothing else reads it meanwhile.
 //! Cases per run: `PROPTEST_CASES` (default 64).
 
@@ -15,10 +18,13 @@ mod common;
 use common::Rng;
 use common::lora::{self, Layer, dims};
 use half::{bf16, f16};
-use lora_kernels::reference::Dims;
-use lora_kernels::{DType, Device, Dropout, Element};
+use lora_kernels::reference::{self, Dims};
+use lora_kernels::{AdapterIndex, AdapterSet, DType, Device, Dropout, Element, Tensor, ops};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
+
+/// A many-adapter batch: (M, N, K) and the adapters' ranks.
+type MultiCase = ((usize, usize, usize), &'static [usize]);
 
 fn tol(dtype: DType) -> f64 {
     if dtype == DType::BF16 { 1e-2 } else { 2e-3 }
@@ -113,4 +119,112 @@ fn both_tile_widths_match_reference_with_the_same_bits() {
             Ok(())
         })
         .unwrap();
+
+    // the many-adapter forward: decoding (the shrink alone on the GEMM kernels) and general batches, every
+    // rank ≤ 64 (the shrink narrow too) or one above
+    let batches: [MultiCase; 5] = [
+        ((5, 72, 96), &[8, 16]),
+        ((17, 130, 64), &[4, 64, 16]),
+        ((100, 200, 150), &[33, 100]),
+        ((200, 96, 40), &[1, 7, 64]),
+        ((129, 256, 72), &[128, 16]),
+    ];
+    for (i, &(dims, ranks)) in batches.iter().enumerate() {
+        let stream = common::seed() ^ (0x6d75 + i as u64);
+        if !common::gpu_only() {
+            multi_both_widths(&common::emulators()[i % 4], dims, ranks, stream);
+        }
+        if let Some(gpu) = common::gpu() {
+            multi_both_widths(&gpu, dims, ranks, stream);
+        }
+    }
+}
+
+/// A many-adapter batch at both widths on `dev`: Y against the reference, Y's and T's bits equal, and on
+/// the emulator every fused_gemm_multi launch at the forced width (the shrink at 128 columns when a rank
+/// is above 64, whatever is forced).
+fn multi_both_widths(dev: &Device, (m, n, k): (usize, usize, usize), ranks: &[usize], stream: u64) {
+    let mut rng = Rng::new(stream);
+    let adapters: Vec<(Vec<bf16>, Vec<bf16>, usize, f32)> = ranks
+        .iter()
+        .map(|&r| {
+            let a = rng.vec(r * k, 2.0 / (k as f64).sqrt());
+            let b = rng.vec(n * r, 1.0 / (r as f64).sqrt());
+            (a, b, r, 0.5 + r as f32 / 64.0)
+        })
+        .collect();
+    let rows: Vec<Option<usize>> = (0..m)
+        .map(|i| (i % 5 != 4).then_some((i / 3) % ranks.len()))
+        .collect();
+    let x: Vec<bf16> = rng.vec(m * k, 1.0);
+    let w0: Vec<bf16> = rng.vec(n * k, 1.0 / (k as f64).sqrt());
+    let r_max = *ranks.iter().max().unwrap();
+    let ad: Vec<reference::MultiAdapter<'_, bf16>> = adapters
+        .iter()
+        .map(|(a, b, r, s)| (a.as_slice(), b.as_slice(), *r, *s as f64))
+        .collect();
+    let want = reference::forward_multi_as_kernels(&x, &w0, None, &ad, &rows, (m, n, k), r_max);
+    let mut bits = Vec::new();
+    for columns in ["128", "64"] {
+        let mut set = AdapterSet::<bf16>::new(dev, n, k).unwrap();
+        for (a, b, r, s) in &adapters {
+            let at = Tensor::from_slice(dev, a, &[*r, k]).unwrap();
+            let bt = Tensor::from_slice(dev, b, &[n, *r]).unwrap();
+            set.add(&at, &bt, *s).unwrap();
+        }
+        let slots: Vec<Option<u32>> = rows.iter().map(|r| r.map(|a| a as u32)).collect();
+        let index = AdapterIndex::new(&set, &slots).unwrap();
+        let xt = Tensor::from_slice(dev, &x, &[m, k]).unwrap();
+        let wt = Tensor::from_slice(dev, &w0, &[n, k]).unwrap();
+        let mut y = Tensor::<bf16>::zeros(dev, &[m, n]).unwrap();
+        let mut t = Tensor::<bf16>::zeros(dev, &[m, r_max]).unwrap();
+        y.poison().unwrap();
+        t.poison().unwrap();
+        dev.take_launches();
+        with_tile(columns, || {
+            ops::lora_forward_multi_into(
+                &xt,
+                &wt,
+                None,
+                &set,
+                &index,
+                &mut y,
+                &mut t,
+                &mut ops::Workspace::new(),
+            )
+        })
+        .unwrap();
+        let ran: Vec<_> = dev
+            .take_launches()
+            .into_iter()
+            .filter(|k| k.starts_with("fused_gemm_multi"))
+            .collect();
+        let (y, t) = (y.to_vec().unwrap(), t.to_vec().unwrap());
+        let e = reference::relative_error(&y, &want.y);
+        let what = format!(
+            "{} {:?} ranks {ranks:?} at {columns} columns",
+            dev.describe(),
+            (m, n, k)
+        );
+        assert!(e <= tol(DType::BF16), "{what}: y relative error {e:e}");
+        if !dev.is_cuda() {
+            let narrow = ran.iter().filter(|k| k.contains("_narrow")).count();
+            let expected = if columns == "128" {
+                0
+            } else {
+                usize::from(r_max <= 64) + usize::from(m > 16)
+            };
+            assert_eq!(narrow, expected, "{what}: {ran:?}");
+        }
+        bits.push((
+            y.iter().map(|v| v.to_bits_u32()).collect::<Vec<_>>(),
+            t.iter().map(|v| v.to_bits_u32()).collect::<Vec<_>>(),
+        ));
+    }
+    assert!(
+        bits[0] == bits[1],
+        "{} {:?} ranks {ranks:?}: the tile widths give different bits",
+        dev.describe(),
+        (m, n, k)
+    );
 }

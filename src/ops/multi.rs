@@ -21,7 +21,7 @@ use crate::adapter_set::{AdapterIndex, AdapterSet};
 use crate::device::Arg;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
-use crate::kernel::kernels;
+use crate::kernel::{Kernel, kernels};
 use crate::params::*;
 use crate::plan::LaunchPlan;
 use crate::tensor::Tensor;
@@ -96,24 +96,13 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
     let ldt = set.max_rank();
     validate::shape(OP, "t", t, &[m, ldt], "[M, r_max] (the set's largest rank)")?;
     base_sizes_fit(OP, (m, n, k))?;
-    let kernel = pick_pair(
-        OP,
-        (T::DTYPE, A::DTYPE),
-        [
-            &kernels::FUSED_GEMM_MULTI_BF16,
-            &kernels::FUSED_GEMM_MULTI_F16,
-        ],
-        [
-            &kernels::FUSED_GEMM_MULTI_BF16_F32AD,
-            &kernels::FUSED_GEMM_MULTI_F16_F32AD,
-        ],
-    )?;
+    launch::check_pair(OP, T::DTYPE, A::DTYPE)?;
     let device = x.device().clone();
-    // the fused mode's tiles (ops::mma_tile: 128×64 where 128×128 leaves SMs idle; the same bits); the
-    // shrink's one column tile holds T's r_max ≤ 128 columns, on the wide kernel always
+    let sms = device.sm_count()?;
+    // the fused mode's tiles (ops::mma_tile: 128×64 where 128×128 leaves SMs idle; the same bits)
     let (bm, bn) = (
         LK_FUSED_GEMM_BM as usize,
-        launch::mma_tile_columns(OP, m, n, 1, device.sm_count()?)?,
+        launch::mma_tile_columns(OP, m, n, 1, sms)?,
     );
     let tiles_m = m.div_ceil(bm);
     let tiles = tiles_m * n.div_ceil(bn);
@@ -133,11 +122,19 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
     let pass_blocks = (index.slots().len().min(m).min(bm))
         .min(SHRINK_BLOCKS.div_ceil(tiles_m * splits))
         .max(1);
+    // Its one column tile holds T's r_max columns: the 64-column kernel where r_max ≤ 64 (the same
+    // blocks, half the padded columns; unless LK_MMA_TILE=128), else the 128-column one.
+    let shrink_bn = if ldt <= LK_FUSED_GEMM_NARROW_BN as usize {
+        launch::mma_tile_columns(OP, m, ldt, splits * pass_blocks, sms)?
+    } else {
+        LK_FUSED_GEMM_BN as usize
+    };
+    let (shrink_kernel, shrink_smem) = multi_gemm::<T, A>(shrink_bn)?;
     ws.with_partial(&device, &[splits, m, ldt], |partial, _| {
         let plan = LaunchPlan {
             grid: [u32_of(tiles_m), u32_of(pass_blocks), u32_of(splits)],
             block: [LK_FUSED_GEMM_THREADS, 1, 1],
-            smem_bytes: LK_FUSED_GEMM_SMEM_BYTES,
+            smem_bytes: shrink_smem,
         };
         let mut args = [
             Arg::In("x", x),
@@ -146,24 +143,26 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
             Arg::In("adapter_index", index.tensor()),
             Arg::Out("partial", &mut *partial),
         ];
-        device.launch(OP, kernel, &plan, &mut args, |ptr| LkFusedGemmMultiParams {
-            x: ptr[0] as *const _,
-            // the shrink reads no W0, T, bias or Y
-            w0: ptr[0] as *const _,
-            t: std::ptr::null(),
-            bias: std::ptr::null(),
-            y: std::ptr::null_mut(),
-            partial: ptr[4] as *mut f32,
-            arena: ptr[1] as *const _,
-            adapters: ptr[2] as *const LkAdapterDesc,
-            index: ptr[3] as *const u32,
-            n_adapters,
-            m: m32,
-            n: n32,
-            k: k32,
-            ldt: ldt32,
-            k_per_split: u32_of(per_split),
-            flags: LK_MULTI_SHRINK | aligned_flags(&[(ptr[0], k32, LK_ALIGNED_A)]),
+        device.launch(OP, shrink_kernel, &plan, &mut args, |ptr| {
+            LkFusedGemmMultiParams {
+                x: ptr[0] as *const _,
+                // the shrink reads no W0, T, bias or Y
+                w0: ptr[0] as *const _,
+                t: std::ptr::null(),
+                bias: std::ptr::null(),
+                y: std::ptr::null_mut(),
+                partial: ptr[4] as *mut f32,
+                arena: ptr[1] as *const _,
+                adapters: ptr[2] as *const LkAdapterDesc,
+                index: ptr[3] as *const u32,
+                n_adapters,
+                m: m32,
+                n: n32,
+                k: k32,
+                ldt: ldt32,
+                k_per_split: u32_of(per_split),
+                flags: LK_MULTI_SHRINK | aligned_flags(&[(ptr[0], k32, LK_ALIGNED_A)]),
+            }
         })?;
         launch::finalize(OP, partial, t, splits, 1.0, false)
     })?;
@@ -186,30 +185,12 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
             smem_bytes: LK_MULTI_DECODE_SMEM_BYTES,
         };
         (decode, plan)
-    } else if bn == LK_FUSED_GEMM_NARROW_BN as usize {
-        let narrow = pick_pair(
-            OP,
-            (T::DTYPE, A::DTYPE),
-            [
-                &kernels::FUSED_GEMM_MULTI_NARROW_BF16,
-                &kernels::FUSED_GEMM_MULTI_NARROW_F16,
-            ],
-            [
-                &kernels::FUSED_GEMM_MULTI_NARROW_BF16_F32AD,
-                &kernels::FUSED_GEMM_MULTI_NARROW_F16_F32AD,
-            ],
-        )?;
-        let plan = LaunchPlan {
-            grid: [u32_of(tiles), 1, 1],
-            block: [LK_FUSED_GEMM_THREADS, 1, 1],
-            smem_bytes: LK_FUSED_GEMM_NARROW_SMEM_BYTES,
-        };
-        (narrow, plan)
     } else {
+        let (kernel, smem_bytes) = multi_gemm::<T, A>(bn)?;
         let plan = LaunchPlan {
             grid: [u32_of(tiles), 1, 1],
             block: [LK_FUSED_GEMM_THREADS, 1, 1],
-            smem_bytes: LK_FUSED_GEMM_SMEM_BYTES,
+            smem_bytes,
         };
         (kernel, plan)
     };
@@ -253,4 +234,38 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
             (ptr[2], ldt32, LK_ALIGNED_L),
         ]),
     })
+}
+
+/// The many-adapter GEMM (kernels/fused_gemm_multi.cu) for this dtype pair at a tile width of `bn`
+/// columns (128, or 64: the "_narrow" kernels), with its dynamic shared memory.
+fn multi_gemm<T: Element, A: Element>(
+    bn: usize,
+) -> Result<(&'static Kernel<LkFusedGemmMultiParams>, u32)> {
+    let narrow = bn == LK_FUSED_GEMM_NARROW_BN as usize;
+    let (same, f32ad, smem) = if narrow {
+        (
+            [
+                &kernels::FUSED_GEMM_MULTI_NARROW_BF16,
+                &kernels::FUSED_GEMM_MULTI_NARROW_F16,
+            ],
+            [
+                &kernels::FUSED_GEMM_MULTI_NARROW_BF16_F32AD,
+                &kernels::FUSED_GEMM_MULTI_NARROW_F16_F32AD,
+            ],
+            LK_FUSED_GEMM_NARROW_SMEM_BYTES,
+        )
+    } else {
+        (
+            [
+                &kernels::FUSED_GEMM_MULTI_BF16,
+                &kernels::FUSED_GEMM_MULTI_F16,
+            ],
+            [
+                &kernels::FUSED_GEMM_MULTI_BF16_F32AD,
+                &kernels::FUSED_GEMM_MULTI_F16_F32AD,
+            ],
+            LK_FUSED_GEMM_SMEM_BYTES,
+        )
+    };
+    Ok((pick_pair(OP, (T::DTYPE, A::DTYPE), same, f32ad)?, smem))
 }
