@@ -12,7 +12,8 @@
 //! (`LK_FUSED_GEMM=auto`, opt-in; T, or U in dX, inside the GEMM at r ≤ 32) and a third with T and U from
 //! their own launches (`LK_FUSED_GEMM=sm90-projection`) beside the default mma.sync one, all against the
 //! same cuBLAS baselines. Where the mma.sync GEMM takes its 128×64 tiles (`ops::mma_tile`: M of a few
-//! hundred rows), the forward and backward get a row on the 128×128 ones too (`LK_MMA_TILE=128`).
+//! hundred rows), the forward and backward get a row on the 128×128 ones too (`LK_MMA_TILE=128`, which
+//! also puts the projection T = X·Aᵀ, narrow at every M, on them).
 //!
 //! `cargo run --release --example perf_table` (`LK_BENCH_QUICK=1`: the headline cases and M = 256). Results
 //! from GPU runs are kept in docs/perf/ with device, driver, date and commit.

@@ -2,10 +2,10 @@
 //
 //   forward ("nt"): Y  = X·W0ᵀ + s·T·Bᵀ      A = X (m×k),  B = W0 (n×k),  L = T (m×r), R = B (n×r)
 //   dX      ("nn"): dX = dY·W0 + s·U·A       A = dY (m×k), B = W0 (k×n),  L = U (m×r), R = A (r×n)
-//   T       ("nt"): T = X·Aᵀ as a plain GEMM with N = r (rank 0) when its tiles fill the GPU; with fewer,
-//           as the low-rank part alone (k = 0, L = X, R = A, K as the "rank"), split over K into fixed
-//           chunks (blockIdx.z) whose f32 partials lowrank_finalize adds in order (deterministic, no
-//           atomics). The backward's U, dA and dB are lowrank_grad.cu's.
+//   T       ("nt"): T = X·Aᵀ as the low-rank part alone (k = 0, L = X, R = A, K as the "rank"), split
+//           over K into fixed chunks (blockIdx.z) whose f32 partials lowrank_finalize adds in order
+//           (deterministic, no atomics; src/ops/launch.rs project). The backward's U, dA and dB are
+//           lowrank_grad.cu's.
 //
 // The low-rank product is not a second GEMM: [A | L] · [B | R] is one GEMM over k + r, so the k loop
 // runs ceil(r/32) extra k-tiles that read L and R instead of A and B. They run FIRST: acc = L·op(R), then
@@ -24,9 +24,11 @@
 // ≤ 128 registers so that two blocks fit an SM (__launch_bounds__(256, 2)). The "_narrow" kernels take
 // 128×64 tiles (64×16 per warp, 45 KiB): where M is a few hundred rows the 128-column tiles are fewer
 // than the SMs (64 at M = 256, N = 4096, for 132 SMs) and one block's work bounds the launch; twice the
-// blocks halve it. Every element of C is the same chain of mma k16 steps at either width (an mma's
-// element depends on its row of A, its column of B and its own accumulator only), so the width, which
-// the launch picks from the GPU's SM count (src/ops/launch.rs mma_tile), never changes the bits.
+// blocks halve it. At N ≤ 64 (the projection T = X·Aᵀ, at every M) they halve the padded columns.
+// Every element of C is the same chain of mma k16 steps at either width (an mma's element depends on
+// its row of A, its column of B and its own accumulator only), so the width, which the launch picks
+// from the shape and the GPU's SM count (src/ops/launch.rs mma_tile; LK_MMA_TILE forces one), never
+// changes the bits.
 // Rows are padded ([BM][40] for A, [BN][40] for nt-B, [BK][BN + 8] for nn-B), which makes every ldmatrix
 // phase hit 8 distinct 16-byte bank groups. nt-B is read with ldmatrix (rows = n), nn-B with
 // ldmatrix.trans (rows = k): the same fragment comes out of both layouts.

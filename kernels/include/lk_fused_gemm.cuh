@@ -32,7 +32,7 @@ struct Width {
 };
 using Wide = Width<LK_FUSED_GEMM_BN / 32>;
 using Narrow = Width<LK_FUSED_GEMM_NARROW_BN / 32>;
-constexpr int BN = Wide::BN;  // grouped_tile's default width, and the multi-adapter shrink's tile
+constexpr int BN = Wide::BN;  // grouped_tile's default width
 static_assert(BM == Wide::BN, "A and the wide B tiles share one layout per storage order");
 static_assert(Wide::SMEM_BYTES == LK_FUSED_GEMM_SMEM_BYTES && Narrow::SMEM_BYTES == LK_FUSED_GEMM_NARROW_SMEM_BYTES,
               "header and kernel agree");

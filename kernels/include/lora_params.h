@@ -58,7 +58,8 @@ typedef struct LkDropout {
 /* fused_gemm tiling, shared with the Rust launch plan: BM × BN output tile per block of
  * LK_FUSED_GEMM_THREADS threads, LK_FUSED_GEMM_SMEM_BYTES of dynamic shared memory (3 cp.async stages).
  * The "_narrow" kernels: BM × LK_FUSED_GEMM_NARROW_BN tiles, LK_FUSED_GEMM_NARROW_SMEM_BYTES (the same
- * bits, twice the blocks, for shapes whose 128-column tiles leave SMs idle). */
+ * bits, twice the blocks, for shapes whose 128-column tiles leave SMs idle, and half the padded
+ * columns at N ≤ 64: the projection T = X·Aᵀ, the many-adapter shrink where every rank ≤ 64). */
 #define LK_FUSED_GEMM_BM 128u
 #define LK_FUSED_GEMM_BN 128u
 #define LK_FUSED_GEMM_NARROW_BN 64u
