@@ -8,7 +8,8 @@
 //! 128-column ones run on small shapes.
 //!
 //! Then the many-adapter forward (`ops::lora_forward_multi`: its shrink on the 64-column kernel where every
-//! rank is ≤ 64, its fused GEMM) on a few batches at both widths, the same way.
+//! rank is ≤ 64, its fused GEMM) at both widths, the same way: 64 property cases, M 1..=200 (decoding
+//! batches included), N, K 1..=300, 1 to 4 adapters of ranks 1..=128 (all ≤ 64 in half the cases).
 //!
 //! The variable is process-wide: this binary has ONE test, so nothing else reads it meanwhile.
 //! Cases per run: `PROPTEST_CASES` (default 64).
@@ -22,9 +23,6 @@ use lora_kernels::reference::{self, Dims};
 use lora_kernels::{AdapterIndex, AdapterSet, DType, Device, Dropout, Element, Tensor, ops};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-
-/// A many-adapter batch: (M, N, K) and the adapters' ranks.
-type MultiCase = ((usize, usize, usize), &'static [usize]);
 
 fn tol(dtype: DType) -> f64 {
     if dtype == DType::BF16 { 1e-2 } else { 2e-3 }
@@ -96,12 +94,7 @@ fn both_tile_widths_match_reference_with_the_same_bits() {
         0u8..6,
         any::<u64>(),
     );
-    let config = Config {
-        cases: common::proptest_cases(64),
-        max_shrink_iters: 16,
-        ..Config::default()
-    };
-    let mut runner = TestRunner::new(config);
+    let mut runner = TestRunner::new(config_of(64));
     runner
         .run(&strategy, |(d, scale, bias, kind, stream)| {
             // a third with dropout (its masks in the projection's loads and dX's low-rank sum)
@@ -120,23 +113,43 @@ fn both_tile_widths_match_reference_with_the_same_bits() {
         })
         .unwrap();
 
-    // the many-adapter forward: decoding (the shrink alone on the GEMM kernels) and general batches, every
-    // rank ≤ 64 (the shrink narrow too) or one above
-    let batches: [MultiCase; 5] = [
-        ((5, 72, 96), &[8, 16]),
-        ((17, 130, 64), &[4, 64, 16]),
-        ((100, 200, 150), &[33, 100]),
-        ((200, 96, 40), &[1, 7, 64]),
-        ((129, 256, 72), &[128, 16]),
-    ];
-    for (i, &(dims, ranks)) in batches.iter().enumerate() {
-        let stream = common::seed() ^ (0x6d75 + i as u64);
-        if !common::gpu_only() {
-            multi_both_widths(&common::emulators()[i % 4], dims, ranks, stream);
-        }
-        if let Some(gpu) = common::gpu() {
-            multi_both_widths(&gpu, dims, ranks, stream);
-        }
+    // the many-adapter forward, 64 property cases: decoding batches (the shrink alone on the GEMM
+    // kernels) and general ones, 1 to 4 adapters with every rank ≤ 64 (the shrink narrow too) in half
+    let multi = (
+        1..=200usize,
+        1..=300usize,
+        1..=300usize,
+        proptest::collection::vec(1..=128usize, 1..=4),
+        any::<bool>(),
+        any::<u64>(),
+    );
+    let mut runner = TestRunner::new(config_of(64));
+    runner
+        .run(&multi, |(m, n, k, mut ranks, low, stream)| {
+            if low {
+                ranks.iter_mut().for_each(|r| *r = (*r).div_ceil(2));
+            }
+            if !common::gpu_only() {
+                multi_both_widths(
+                    &common::emulators()[(stream % 4) as usize],
+                    (m, n, k),
+                    &ranks,
+                    stream,
+                );
+            }
+            if let Some(gpu) = common::gpu() {
+                multi_both_widths(&gpu, (m, n, k), &ranks, stream);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+fn config_of(cases: u32) -> Config {
+    Config {
+        cases: common::proptest_cases(cases),
+        max_shrink_iters: 16,
+        ..Config::default()
     }
 }
 
