@@ -344,38 +344,29 @@ fn main() {
         };
         row(op, fwd, "cuBLAS GEMM (full FT)", bare, f_roof, &chk);
         row(op, fwd, "cuBLAS unfused LoRA", unfused, f_roof, &chk);
-        // where the mma.sync GEMMs take the 128×64 tiles (ops::mma_tile), the same op on 128×128 ones: the
-        // measured gain of the narrow tiles (the same bits)
+        // the same op under another launch choice (the same cuBLAS baselines): on 128×128 tiles where
+        // the mma.sync GEMM takes 128×64 ones (ops::mma_tile; the measured gain of the narrow tiles, the
+        // same bits), and on sm_90 on the sm_90a GEMM (opt-in; T, or U in dX, inside it at r <= 32), and
+        // with T and U always from their own launches. `gemm_n`: the columns of the op's fused GEMM.
         let sms = dev.sm_count().unwrap_or(1);
-        let narrow_here = c.m > 16 && ops::mma_tile(c.m, c.n, sms).1 == 64;
-        if narrow_here {
-            let (chk_w, fwd_w) = common::with_env("LK_MMA_TILE", "128", || {
-                (
-                    check_forward(&blas, &mut sets[0], c),
-                    time(&dev, |i| common::ours_forward(&mut sets[i % ns], SCALE)),
-                )
-            });
-            row(
-                "forward, 128×128 tiles (LK_MMA_TILE=128)",
-                fwd_w,
-                "cuBLAS GEMM (full FT)",
-                bare,
-                f_roof,
-                &chk_w,
-            );
-        }
-        // on sm_90: the same forward with the sm_90a GEMM (opt-in), T inside it at r <= 32, and with T
-        // always from the projection launch, beside the mma.sync one the rows above used
         let sm90 = c.m > 16 && dev.compute_capability() == 90;
-        let sm90_modes = [
-            ("auto", "sm_90a GEMM (LK_FUSED_GEMM=auto)"),
-            (
-                "sm90-projection",
-                "sm_90a GEMM, T and U by their own launches (LK_FUSED_GEMM=sm90-projection)",
-            ),
-        ];
-        for (mode, label) in sm90_modes.iter().filter(|_| sm90) {
-            let (chk_90, fwd_90) = common::with_fused_gemm(mode, || {
+        let variants = |gemm_n: usize| {
+            let mut v: Vec<(&str, &str, &str)> = Vec::new();
+            if c.m > 16 && ops::mma_tile(c.m, gemm_n, sms).1 == 64 {
+                v.push(("LK_MMA_TILE", "128", "128×128 tiles (LK_MMA_TILE=128)"));
+            }
+            if sm90 {
+                v.push(("LK_FUSED_GEMM", "auto", "sm_90a GEMM (LK_FUSED_GEMM=auto)"));
+                v.push((
+                    "LK_FUSED_GEMM",
+                    "sm90-projection",
+                    "sm_90a GEMM, T and U by their own launches (LK_FUSED_GEMM=sm90-projection)",
+                ));
+            }
+            v
+        };
+        for (var, value, label) in variants(c.n) {
+            let (chk_v, fwd_v) = common::with_env(var, value, || {
                 (
                     check_forward(&blas, &mut sets[0], c),
                     time(&dev, |i| common::ours_forward(&mut sets[i % ns], SCALE)),
@@ -383,11 +374,11 @@ fn main() {
             });
             row(
                 &format!("forward, {label}"),
-                fwd_90,
+                fwd_v,
                 "cuBLAS GEMM (full FT)",
                 bare,
                 f_roof,
-                &chk_90,
+                &chk_v,
             );
         }
         if c.m > 16 {
@@ -420,26 +411,8 @@ fn main() {
                 &chk,
             );
             // dX's GEMM is m×k: its own width choice
-            if c.m > 16 && ops::mma_tile(c.m, c.k, sms).1 == 64 {
-                let (chk_w, bwd_w) = common::with_env("LK_MMA_TILE", "128", || {
-                    (
-                        check_backward(&blas, &mut sets[0], c),
-                        time(&dev, |i| common::ours_backward(&mut sets[i % ns], SCALE)),
-                    )
-                });
-                row(
-                    "backward, 128×128 tiles (LK_MMA_TILE=128)",
-                    bwd_w,
-                    "cuBLAS dX + dW (full FT)",
-                    full,
-                    b_roof,
-                    &chk_w,
-                );
-            }
-            // on sm_90: dX on the sm_90a GEMM (U, dB and dA inside it at r <= 32; or U from the
-            // pass over dY)
-            for (mode, label) in sm90_modes.iter().filter(|_| sm90) {
-                let (chk_90, bwd_90) = common::with_fused_gemm(mode, || {
+            for (var, value, label) in variants(c.k) {
+                let (chk_v, bwd_v) = common::with_env(var, value, || {
                     (
                         check_backward(&blas, &mut sets[0], c),
                         time(&dev, |i| common::ours_backward(&mut sets[i % ns], SCALE)),
@@ -447,11 +420,11 @@ fn main() {
                 });
                 row(
                     &format!("backward, {label}"),
-                    bwd_90,
+                    bwd_v,
                     "cuBLAS dX + dW (full FT)",
                     full,
                     b_roof,
-                    &chk_90,
+                    &chk_v,
                 );
             }
         }

@@ -77,7 +77,7 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
     T* as_all = reinterpret_cast<T*>(smem);
     T* bs_all = as_all + STAGES * A_STAGE;
     uint32_t m0, n0;
-    grouped_tile<Width<NI>::BN>(p.m, p.n, m0, n0);
+    grouped_tile<NI>(p.m, p.n, m0, n0);
     // the rank range of this block: all of it, or split z of a split reduction
     const uint32_t r_begin = p.rank_per_split ? blockIdx.z * p.rank_per_split : 0;
     const uint32_t r_end = p.rank_per_split ? min(p.rank, r_begin + p.rank_per_split) : p.rank;
@@ -118,35 +118,35 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
         fused_gemm_impl<T, RT, NN, NI>(p);                                            \
     }
 
-LK_FUSED_GEMM(fused_gemm_nt_bf16, __nv_bfloat16, __nv_bfloat16, false, Wide::BN / 32)
+LK_FUSED_GEMM(fused_gemm_nt_bf16, __nv_bfloat16, __nv_bfloat16, false, WIDE_NI)
 LK_KERNEL_EXPORT(fused_gemm_nt_bf16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nt_f16, __half, __half, false, Wide::BN / 32)
+LK_FUSED_GEMM(fused_gemm_nt_f16, __half, __half, false, WIDE_NI)
 LK_KERNEL_EXPORT(fused_gemm_nt_f16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nt_bf16_f32ad, __nv_bfloat16, float, false, Wide::BN / 32)
+LK_FUSED_GEMM(fused_gemm_nt_bf16_f32ad, __nv_bfloat16, float, false, WIDE_NI)
 LK_KERNEL_EXPORT(fused_gemm_nt_bf16_f32ad, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nt_f16_f32ad, __half, float, false, Wide::BN / 32)
+LK_FUSED_GEMM(fused_gemm_nt_f16_f32ad, __half, float, false, WIDE_NI)
 LK_KERNEL_EXPORT(fused_gemm_nt_f16_f32ad, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nn_bf16, __nv_bfloat16, __nv_bfloat16, true, Wide::BN / 32)
+LK_FUSED_GEMM(fused_gemm_nn_bf16, __nv_bfloat16, __nv_bfloat16, true, WIDE_NI)
 LK_KERNEL_EXPORT(fused_gemm_nn_bf16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nn_f16, __half, __half, true, Wide::BN / 32)
+LK_FUSED_GEMM(fused_gemm_nn_f16, __half, __half, true, WIDE_NI)
 LK_KERNEL_EXPORT(fused_gemm_nn_f16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nn_bf16_f32ad, __nv_bfloat16, float, true, Wide::BN / 32)
+LK_FUSED_GEMM(fused_gemm_nn_bf16_f32ad, __nv_bfloat16, float, true, WIDE_NI)
 LK_KERNEL_EXPORT(fused_gemm_nn_bf16_f32ad, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nn_f16_f32ad, __half, float, true, Wide::BN / 32)
+LK_FUSED_GEMM(fused_gemm_nn_f16_f32ad, __half, float, true, WIDE_NI)
 LK_KERNEL_EXPORT(fused_gemm_nn_f16_f32ad, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nt_narrow_bf16, __nv_bfloat16, __nv_bfloat16, false, Narrow::BN / 32)
+LK_FUSED_GEMM(fused_gemm_nt_narrow_bf16, __nv_bfloat16, __nv_bfloat16, false, NARROW_NI)
 LK_KERNEL_EXPORT(fused_gemm_nt_narrow_bf16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nt_narrow_f16, __half, __half, false, Narrow::BN / 32)
+LK_FUSED_GEMM(fused_gemm_nt_narrow_f16, __half, __half, false, NARROW_NI)
 LK_KERNEL_EXPORT(fused_gemm_nt_narrow_f16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nt_narrow_bf16_f32ad, __nv_bfloat16, float, false, Narrow::BN / 32)
+LK_FUSED_GEMM(fused_gemm_nt_narrow_bf16_f32ad, __nv_bfloat16, float, false, NARROW_NI)
 LK_KERNEL_EXPORT(fused_gemm_nt_narrow_bf16_f32ad, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nt_narrow_f16_f32ad, __half, float, false, Narrow::BN / 32)
+LK_FUSED_GEMM(fused_gemm_nt_narrow_f16_f32ad, __half, float, false, NARROW_NI)
 LK_KERNEL_EXPORT(fused_gemm_nt_narrow_f16_f32ad, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nn_narrow_bf16, __nv_bfloat16, __nv_bfloat16, true, Narrow::BN / 32)
+LK_FUSED_GEMM(fused_gemm_nn_narrow_bf16, __nv_bfloat16, __nv_bfloat16, true, NARROW_NI)
 LK_KERNEL_EXPORT(fused_gemm_nn_narrow_bf16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nn_narrow_f16, __half, __half, true, Narrow::BN / 32)
+LK_FUSED_GEMM(fused_gemm_nn_narrow_f16, __half, __half, true, NARROW_NI)
 LK_KERNEL_EXPORT(fused_gemm_nn_narrow_f16, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nn_narrow_bf16_f32ad, __nv_bfloat16, float, true, Narrow::BN / 32)
+LK_FUSED_GEMM(fused_gemm_nn_narrow_bf16_f32ad, __nv_bfloat16, float, true, NARROW_NI)
 LK_KERNEL_EXPORT(fused_gemm_nn_narrow_bf16_f32ad, LkFusedGemmParams)
-LK_FUSED_GEMM(fused_gemm_nn_narrow_f16_f32ad, __half, float, true, Narrow::BN / 32)
+LK_FUSED_GEMM(fused_gemm_nn_narrow_f16_f32ad, __half, float, true, NARROW_NI)
 LK_KERNEL_EXPORT(fused_gemm_nn_narrow_f16_f32ad, LkFusedGemmParams)

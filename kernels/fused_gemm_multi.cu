@@ -49,7 +49,7 @@ template <bool NN, bool VEC, int NI, typename T, typename RT>
 __device__ __forceinline__ void load_tile(const MultiLow<T, RT>& ph, int j, T* as, T* bs, uint32_t m0, uint32_t n0,
                                           uint32_t m, uint32_t n, const LkDropout&) {
     static_assert(!NN, "the multi-adapter kernel is the forward (nt) only");
-    constexpr int b_chunks = Width<NI>::BN * BK / 8 / THREADS;  // R's 16-byte chunks per thread
+    constexpr int b_chunks = chunks_per_thread(Width<NI>::BN);  // R's 16-byte chunks per thread
     uint32_t q = 0;
     if (ph.shrink)
         q = uint32_t(j) / ph.tiles_per_pass;
@@ -155,7 +155,7 @@ __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiPara
     if (shrink && p.ldt > uint32_t(Width<NI>::BN)) __trap();
     const uint32_t n_out = shrink ? p.ldt : p.n;  // the shrink's output is T's partial sums, m × ldt
     uint32_t m0 = blockIdx.x * BM, n0 = 0;
-    if (!shrink) grouped_tile<Width<NI>::BN>(p.m, p.n, m0, n0);
+    if (!shrink) grouped_tile<NI>(p.m, p.n, m0, n0);
     const uint32_t k_begin = shrink ? blockIdx.z * p.k_per_split : 0;
     const uint32_t k_end = shrink ? min(p.k, k_begin + p.k_per_split) : 0;
     const uint32_t tiles_per_pass = (k_end - k_begin + BK - 1) / BK;
@@ -246,19 +246,19 @@ __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiPara
         fused_gemm_multi_impl<T, RT, NI>(p);                                                \
     }
 
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_bf16, __nv_bfloat16, __nv_bfloat16, Wide::BN / 32)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_bf16, __nv_bfloat16, __nv_bfloat16, WIDE_NI)
 LK_KERNEL_EXPORT(fused_gemm_multi_bf16, LkFusedGemmMultiParams)
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_f16, __half, __half, Wide::BN / 32)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_f16, __half, __half, WIDE_NI)
 LK_KERNEL_EXPORT(fused_gemm_multi_f16, LkFusedGemmMultiParams)
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_bf16_f32ad, __nv_bfloat16, float, Wide::BN / 32)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_bf16_f32ad, __nv_bfloat16, float, WIDE_NI)
 LK_KERNEL_EXPORT(fused_gemm_multi_bf16_f32ad, LkFusedGemmMultiParams)
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_f16_f32ad, __half, float, Wide::BN / 32)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_f16_f32ad, __half, float, WIDE_NI)
 LK_KERNEL_EXPORT(fused_gemm_multi_f16_f32ad, LkFusedGemmMultiParams)
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_bf16, __nv_bfloat16, __nv_bfloat16, Narrow::BN / 32)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_bf16, __nv_bfloat16, __nv_bfloat16, NARROW_NI)
 LK_KERNEL_EXPORT(fused_gemm_multi_narrow_bf16, LkFusedGemmMultiParams)
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_f16, __half, __half, Narrow::BN / 32)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_f16, __half, __half, NARROW_NI)
 LK_KERNEL_EXPORT(fused_gemm_multi_narrow_f16, LkFusedGemmMultiParams)
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_bf16_f32ad, __nv_bfloat16, float, Narrow::BN / 32)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_bf16_f32ad, __nv_bfloat16, float, NARROW_NI)
 LK_KERNEL_EXPORT(fused_gemm_multi_narrow_bf16_f32ad, LkFusedGemmMultiParams)
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_f16_f32ad, __half, float, Narrow::BN / 32)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_f16_f32ad, __half, float, NARROW_NI)
 LK_KERNEL_EXPORT(fused_gemm_multi_narrow_f16_f32ad, LkFusedGemmMultiParams)

@@ -305,11 +305,11 @@ def mma_bn(m, n, splits, sms):
 
 
 def fused_kernel(name, bn):
-    """fused_gemm_{nt,nn}_<dtype>[_f32ad] at the width bn: the "_narrow" kernel at 64 columns."""
+    """fused_gemm_{nt,nn,multi}_<dtype>[_f32ad] at the width bn: the "_narrow" kernel at 64 columns."""
     if bn == FUSED_BN:
         return name
-    orient, rest = re.match(r"(fused_gemm_n[nt])_(.*)", name).groups()
-    return f"{orient}_narrow_{rest}"
+    family, rest = re.match(r"(fused_gemm_(?:n[nt]|multi))_(.*)", name).groups()
+    return f"{family}_narrow_{rest}"
 
 
 def launch_fused(name, m, n, k, r, sms):
@@ -453,10 +453,8 @@ def multi_ops(sms, n=4096, k=4096):
     tokens with 4, 16, 64 adapters of ranks 8/16/64 (cycling), rows grouped by adapter (adapter i owns
     rows [i*M/A, (i+1)*M/A)): the shrink (per 128-row tile and 1024-column K chunk, Y blocks sharing the
     tile's adapters, 32 k-tiles per adapter; 128x64 tiles where r_max <= 64), lowrank_finalize, and the fused
-    GEMM (per 128x128 tile, or
-    128x64 where mma_bn takes them, ceil(r_a/32) k-tiles per adapter of its rows, then K/32; at M <= 16
-    multi_decode: per 32 columns the
-    same k-tiles, 2 HMMA each per warp). Shown against the bare GEMM at cuBLAS's peak and against
+    GEMM (per 128x128 tile, or 128x64 where mma_bn takes them, ceil(r_a/32) k-tiles per adapter of its rows,
+    then K/32; at M <= 16 multi_decode: per 32 columns the same k-tiles, 2 HMMA each per warp). Shown against the bare GEMM at cuBLAS's peak and against
     streaming W0 at HBM bandwidth: issue 14 sets no target."""
     out = []
     for m in (16, 256, 4096):
@@ -477,8 +475,7 @@ def multi_ops(sms, n=4096, k=4096):
             # src/ops/multi.rs: the shrink's one column tile holds T's r_max columns, 64 of them on the narrow
             # kernel where r_max <= 64
             sbn = mma_bn(m, r_max, splits * ys, sms) if r_max <= FUSED_NARROW_BN else FUSED_BN
-            shrink = dict(kernel="fused_gemm_multi_bf16" if sbn == FUSED_BN else "fused_gemm_multi_narrow_bf16",
-                          file="fused_gemm_multi", blocks=tiles_m * splits * ys, uniform=False,
+            shrink = dict(kernel=fused_kernel("fused_gemm_multi_bf16", sbn), file="fused_gemm_multi", blocks=tiles_m * splits * ys, uniform=False,
                           iters=shrink_low, loop_iters=fused_loop_trips(shrink_low, 0), slots=sbn // 4, slot="HMMA",
                           bytes=2 * m * k + a_bytes + partial)
             low = sum(cdiv(ranks[i], 32) for p in passes for i in p) / tiles_m
@@ -489,8 +486,7 @@ def multi_ops(sms, n=4096, k=4096):
                              bytes=2 * (m * k + n * k + m * r_max + m * n) + b_bytes)
             else:
                 bn = mma_bn(m, n, 1, sms)
-                kern = "fused_gemm_multi_bf16" if bn == FUSED_BN else "fused_gemm_multi_narrow_bf16"
-                fused = dict(kernel=kern, file="fused_gemm_multi", uniform=False,
+                fused = dict(kernel=fused_kernel("fused_gemm_multi_bf16", bn), file="fused_gemm_multi", uniform=False,
                              blocks=tiles_m * cdiv(n, bn), iters=low + cdiv(k, 32),
                              loop_iters=fused_loop_trips(low, cdiv(k, 32)), slots=bn // 4, slot="HMMA",
                              bytes=2 * (m * k + n * k + m * r_max + m * n) + b_bytes)

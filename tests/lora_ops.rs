@@ -464,13 +464,13 @@ fn a_reused_workspace_gives_the_same_bits() {
     }
 }
 
-/// The two tile widths of the mma.sync fused GEMM (`ops::mma_tile`: 128 columns, or 64 where those give
-/// the busiest SM less work) give the same bits: every element of C is the same chain of mma steps at
-/// either width. Each layer runs on an emulator of 1 SM, where every GEMM with more than 64 columns takes
-/// the 128-column tiles, and on one of 65536 SMs, where every GEMM takes the narrow ones; forward
-/// (M > 16) and dX (and the projection at r > 64),
-/// bf16 and f16, f32 adapters, dropout; both against the reference, and the launch records say which
-/// kernels ran.
+/// The two tile widths of the mma.sync fused GEMM (`ops::mma_tile`: 128 columns, or 64 where those at
+/// least halve the busiest SM's work) give the same bits: every element of C is the same chain of mma
+/// steps at either width. Each layer runs on an emulator of 1 SM, where every GEMM with more than 64
+/// columns takes the 128-column tiles, and on one of 65536 SMs, where every GEMM takes the narrow ones:
+/// the automatic choice at both ends. Forward (M > 16), dX and the projection (the 128-column tiles at
+/// r > 64); bf16 and f16, f32 adapters, dropout; both against the reference, and the launch records say
+/// which kernels ran.
 #[test]
 fn fused_gemm_tile_widths_give_the_same_bits() {
     use lora_kernels::Device;

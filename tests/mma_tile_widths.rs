@@ -8,8 +8,9 @@
 //! 128-column ones run on small shapes.
 //!
 //! Then the many-adapter forward (`ops::lora_forward_multi`: its shrink on the 64-column kernel where every
-//! rank is ≤ 64, its fused GEMM) at both widths, the same way: 64 property cases, M 1..=200 (decoding
-//! batches included), N, K 1..=300, 1 to 4 adapters of ranks 1..=128 (all ≤ 64 in half the cases).
+//! rank is ≤ 64, its fused GEMM) at both widths, the same way (Y and T against the reference, their bits
+//! equal): 64 property cases, M 1..=200 (decoding batches included), N, K 1..=300, 1 to 4 adapters of
+//! ranks 1..=128 (all ≤ 64 in half the cases), random row maps (`common::multi::Batch`), bias or not.
 //!
 //! The variable is process-wide: this binary has ONE test, so nothing else reads it meanwhile.
 //! Cases per run: `PROPTEST_CASES` (default 64).
@@ -18,9 +19,10 @@ mod common;
 
 use common::Rng;
 use common::lora::{self, Layer, dims};
+use common::multi::{Batch, bits, run, set_of};
 use half::{bf16, f16};
 use lora_kernels::reference::{self, Dims};
-use lora_kernels::{AdapterIndex, AdapterSet, DType, Device, Dropout, Element, Tensor, ops};
+use lora_kernels::{DType, Device, Dropout, Element};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -116,29 +118,24 @@ fn both_tile_widths_match_reference_with_the_same_bits() {
     // the many-adapter forward, 64 property cases: decoding batches (the shrink alone on the GEMM
     // kernels) and general ones, 1 to 4 adapters with every rank ≤ 64 (the shrink narrow too) in half
     let multi = (
-        1..=200usize,
-        1..=300usize,
-        1..=300usize,
+        (1..=200usize, 1..=300usize, 1..=300usize),
         proptest::collection::vec(1..=128usize, 1..=4),
+        any::<bool>(),
         any::<bool>(),
         any::<u64>(),
     );
     let mut runner = TestRunner::new(config_of(64));
     runner
-        .run(&multi, |(m, n, k, mut ranks, low, stream)| {
+        .run(&multi, |(dims, mut ranks, low, bias, stream)| {
             if low {
                 ranks.iter_mut().for_each(|r| *r = (*r).div_ceil(2));
             }
             if !common::gpu_only() {
-                multi_both_widths(
-                    &common::emulators()[(stream % 4) as usize],
-                    (m, n, k),
-                    &ranks,
-                    stream,
-                );
+                let emu = &common::emulators()[(stream % 4) as usize];
+                multi_both_widths(emu, dims, &ranks, bias, stream);
             }
             if let Some(gpu) = common::gpu() {
-                multi_both_widths(&gpu, (m, n, k), &ranks, stream);
+                multi_both_widths(&gpu, dims, &ranks, bias, stream);
             }
             Ok(())
         })
@@ -153,91 +150,50 @@ fn config_of(cases: u32) -> Config {
     }
 }
 
-/// A many-adapter batch at both widths on `dev`: Y against the reference, Y's and T's bits equal, and on
+/// A many-adapter batch at both widths on `dev`: Y and T against the reference, their bits equal, and on
 /// the emulator every fused_gemm_multi launch at the forced width (the shrink at 128 columns when a rank
 /// is above 64, whatever is forced).
-fn multi_both_widths(dev: &Device, (m, n, k): (usize, usize, usize), ranks: &[usize], stream: u64) {
-    let mut rng = Rng::new(stream);
-    let adapters: Vec<(Vec<bf16>, Vec<bf16>, usize, f32)> = ranks
-        .iter()
-        .map(|&r| {
-            let a = rng.vec(r * k, 2.0 / (k as f64).sqrt());
-            let b = rng.vec(n * r, 1.0 / (r as f64).sqrt());
-            (a, b, r, 0.5 + r as f32 / 64.0)
-        })
-        .collect();
-    let rows: Vec<Option<usize>> = (0..m)
-        .map(|i| (i % 5 != 4).then_some((i / 3) % ranks.len()))
-        .collect();
-    let x: Vec<bf16> = rng.vec(m * k, 1.0);
-    let w0: Vec<bf16> = rng.vec(n * k, 1.0 / (k as f64).sqrt());
-    let r_max = *ranks.iter().max().unwrap();
-    let ad: Vec<reference::MultiAdapter<'_, bf16>> = adapters
-        .iter()
-        .map(|(a, b, r, s)| (a.as_slice(), b.as_slice(), *r, *s as f64))
-        .collect();
-    let want = reference::forward_multi_as_kernels(&x, &w0, None, &ad, &rows, (m, n, k), r_max);
-    let mut bits = Vec::new();
+fn multi_both_widths(
+    dev: &Device,
+    dims: (usize, usize, usize),
+    ranks: &[usize],
+    bias: bool,
+    stream: u64,
+) {
+    let b = Batch::<bf16, bf16>::with_ranks(&mut Rng::new(stream), dims, ranks, bias);
+    let mut outs = Vec::new();
     for columns in ["128", "64"] {
-        let mut set = AdapterSet::<bf16>::new(dev, n, k).unwrap();
-        for (a, b, r, s) in &adapters {
-            let at = Tensor::from_slice(dev, a, &[*r, k]).unwrap();
-            let bt = Tensor::from_slice(dev, b, &[n, *r]).unwrap();
-            set.add(&at, &bt, *s).unwrap();
-        }
-        let slots: Vec<Option<u32>> = rows.iter().map(|r| r.map(|a| a as u32)).collect();
-        let index = AdapterIndex::new(&set, &slots).unwrap();
-        let xt = Tensor::from_slice(dev, &x, &[m, k]).unwrap();
-        let wt = Tensor::from_slice(dev, &w0, &[n, k]).unwrap();
-        let mut y = Tensor::<bf16>::zeros(dev, &[m, n]).unwrap();
-        let mut t = Tensor::<bf16>::zeros(dev, &[m, r_max]).unwrap();
-        y.poison().unwrap();
-        t.poison().unwrap();
+        let set = set_of(dev, &b);
+        let r_max = set.max_rank();
         dev.take_launches();
-        with_tile(columns, || {
-            ops::lora_forward_multi_into(
-                &xt,
-                &wt,
-                None,
-                &set,
-                &index,
-                &mut y,
-                &mut t,
-                &mut ops::Workspace::new(),
-            )
-        })
-        .unwrap();
-        let ran: Vec<_> = dev
+        let (y, t) = with_tile(columns, || run(dev, &b, &set));
+        let narrow = dev
             .take_launches()
             .into_iter()
-            .filter(|k| k.starts_with("fused_gemm_multi"))
-            .collect();
-        let (y, t) = (y.to_vec().unwrap(), t.to_vec().unwrap());
-        let e = reference::relative_error(&y, &want.y);
+            .filter(|k| k.starts_with("fused_gemm_multi") && k.contains("_narrow"))
+            .count();
+        let want = b.reference(r_max);
         let what = format!(
-            "{} {:?} ranks {ranks:?} at {columns} columns",
-            dev.describe(),
-            (m, n, k)
+            "{} {dims:?} ranks {ranks:?} at {columns} columns",
+            dev.describe()
         );
-        assert!(e <= tol(DType::BF16), "{what}: y relative error {e:e}");
+        let ey = reference::relative_error(&y, &want.y);
+        let et = reference::relative_error(&t, &reference::rounded::<bf16>(&want.t));
+        assert!(ey <= tol(DType::BF16), "{what}: y relative error {ey:e}");
+        assert!(et <= tol(DType::BF16), "{what}: t relative error {et:e}");
         if !dev.is_cuda() {
-            let narrow = ran.iter().filter(|k| k.contains("_narrow")).count();
             let expected = if columns == "128" {
                 0
             } else {
-                usize::from(r_max <= 64) + usize::from(m > 16)
+                usize::from(r_max <= 64) + usize::from(b.m > 16)
             };
-            assert_eq!(narrow, expected, "{what}: {ran:?}");
+            assert_eq!(narrow, expected, "{what}: narrow launches");
         }
-        bits.push((
-            y.iter().map(|v| v.to_bits_u32()).collect::<Vec<_>>(),
-            t.iter().map(|v| v.to_bits_u32()).collect::<Vec<_>>(),
-        ));
+        outs.push((bits(&y), bits(&t)));
     }
     assert!(
-        bits[0] == bits[1],
-        "{} {:?} ranks {ranks:?}: the tile widths give different bits",
-        dev.describe(),
-        (m, n, k)
+        outs[0] == outs[1],
+        "{} {dims:?} ranks {ranks:?}: the tile widths give different bits",
+        dev.describe()
     );
 }

@@ -24,8 +24,9 @@ pub struct Case {
 
 /// The grid: M in {16, 2048, 8192}, (N, K) in three Llama-7B-like pairs, r in {8, 16, 64}; plus
 /// M = 256 and 1536 at N = K = 4096, r = 16, where the sm_90a GEMM takes its 128×128 tiles
-/// (`ops::sm90_tile`; at M = 256 the mma.sync GEMM takes its 128×64 ones, `ops::mma_tile`). `LK_BENCH_QUICK=1` keeps the headline case (M = 8192, N = K = 4096, r = 16) and
-/// the same at M = 16 and M = 256.
+/// (`ops::sm90_tile`; at M = 256 the mma.sync GEMM takes its 128×64 ones, `ops::mma_tile`).
+/// `LK_BENCH_QUICK=1` keeps the headline case (M = 8192, N = K = 4096, r = 16) and the same at M = 16 and
+/// M = 256.
 pub fn cases() -> Vec<Case> {
     let square = |m| Case {
         m,

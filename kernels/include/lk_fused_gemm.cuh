@@ -13,6 +13,10 @@ constexpr int THREADS = LK_FUSED_GEMM_THREADS;
 constexpr int ROW_LD = BK + 8;  // an outer-major tile [outer][ROW_LD] (A, nt-B)
 constexpr int A_STAGE = BM * ROW_LD;
 constexpr uint32_t GROUP_M = 8;  // tile rows per group of the grouped block order
+// An operand tile `outer` wide (BM for A, the tile's width for B): its 16-byte chunks per thread per
+// k-tile, and the row pitch of its k-major form [BK][outer + 8] (nn-B)
+__host__ __device__ constexpr int chunks_per_thread(int outer) { return outer * BK / 8 / THREADS; }
+__host__ __device__ constexpr int kmajor_ld(int outer) { return outer + 8; }
 
 // The tile's width: the 4 warps across it take NI n8 mma tiles each, 32·NI columns of C per block:
 // NI = 4 is the 128-column tile, NI = 2 the 64-column one that doubles the blocks where the 128-column
@@ -22,7 +26,7 @@ template <int NI>
 struct Width {
     static constexpr int BN = 32 * NI;          // columns of C per block
     static constexpr int WN = 8 * NI;           // columns per warp
-    static constexpr int KMAJ_LD = BN + 8;      // a k-major tile [BK][KMAJ_LD] (nn-B)
+    static constexpr int KMAJ_LD = kmajor_ld(BN);
     static constexpr int B_STAGE = BN * ROW_LD;
     static constexpr int C_LD = BN + 8;         // the staged C tile [BM][C_LD] of the epilogue
     static constexpr int SMEM_BYTES = STAGES * (A_STAGE + B_STAGE) * 2;
@@ -30,9 +34,9 @@ struct Width {
     static_assert(BK * KMAJ_LD <= B_STAGE, "k-major tiles fit the stages");
     static_assert(BM * C_LD * 2 <= SMEM_BYTES && (C_LD * 2) % 16 == 0, "C tile fits, rows 16-B aligned");
 };
-using Wide = Width<LK_FUSED_GEMM_BN / 32>;
-using Narrow = Width<LK_FUSED_GEMM_NARROW_BN / 32>;
-constexpr int BN = Wide::BN;  // grouped_tile's default width
+constexpr int WIDE_NI = LK_FUSED_GEMM_BN / 32, NARROW_NI = LK_FUSED_GEMM_NARROW_BN / 32;
+using Wide = Width<WIDE_NI>;
+using Narrow = Width<NARROW_NI>;
 static_assert(BM == Wide::BN, "A and the wide B tiles share one layout per storage order");
 static_assert(Wide::SMEM_BYTES == LK_FUSED_GEMM_SMEM_BYTES && Narrow::SMEM_BYTES == LK_FUSED_GEMM_NARROW_SMEM_BYTES,
               "header and kernel agree");
@@ -55,15 +59,15 @@ __device__ __forceinline__ void load_operand_chunk(T* dst, const S* src, uint32_
             lk_load_chunk<VEC>(dst + row * ROW_LD + kc, src, o0 + row, nouter, ld, k0 + kc, kext);
     } else {
         static_assert(!DROP, "the dropout operand is outer-major");
-        constexpr uint32_t per_row = OUTER / 8;
+        constexpr uint32_t per_row = OUTER / 8, ld_s = kmajor_ld(OUTER);
         const uint32_t row = c / per_row, oc = (c % per_row) * 8;
-        lk_load_chunk<VEC>(dst + row * (OUTER + 8) + oc, src, k0 + row, kext, ld, o0 + oc, nouter);
+        lk_load_chunk<VEC>(dst + row * ld_s + oc, src, k0 + row, kext, ld, o0 + oc, nouter);
     }
 }
 template <bool KMAJOR, int OUTER, bool VEC, bool DROP, typename T, typename S>
 __device__ __forceinline__ void load_operand(T* dst, const S* src, uint32_t o0, uint32_t nouter, uint32_t ld,
                                              uint32_t k0, uint32_t kext, const LkDropout& d) {
-    constexpr int chunks = OUTER * BK / 8 / THREADS;
+    constexpr int chunks = chunks_per_thread(OUTER);
     static_assert(chunks * 8 * THREADS == OUTER * BK, "whole chunks per thread");
     if (VEC) {
 #pragma unroll
@@ -191,7 +195,7 @@ __device__ __forceinline__ void mma_tile(float (&acc)[4][NI][4], const T* as, co
 // BK) and vector loads only.
 template <bool KMAJOR, int OUTER, typename T>
 struct Cursor {
-    static constexpr int CHUNKS = OUTER * BK / 8 / THREADS;
+    static constexpr int CHUNKS = chunks_per_thread(OUTER);
     static_assert(CHUNKS == 1 || CHUNKS == 2, "one or two chunks per thread");
     const T* src0;
     const T* src1;
@@ -210,7 +214,7 @@ struct Cursor {
             dst0 = row * ROW_LD + kc;
             next_dst = (THREADS / 4) * ROW_LD;
         } else {  // BK k-rows of OUTER/8 chunks along outer; chunk 1 is THREADS/(OUTER/8) k-rows further down
-            constexpr uint32_t per_row = OUTER / 8, ld_s = OUTER + 8;
+            constexpr uint32_t per_row = OUTER / 8, ld_s = kmajor_ld(OUTER);
             const uint32_t row = c / per_row, oc = (c % per_row) * 8;
             src0 = base + size_t(k0 + row) * ld + o0 + oc;
             next = size_t(THREADS / per_row) * ld;
@@ -322,10 +326,12 @@ __device__ __forceinline__ void k_loop(const LP& low, const MP& main, int lt, bo
     lk_cp_async_wait<0>();
 }
 
-// The output tile of this block (BM × TBN): blockIdx.x walks GROUP_M tile rows down one tile column before
-// moving right, so the blocks running at the same time share their B (W0) tiles, and their A tiles, in L2.
-template <uint32_t TBN = BN>
+// The output tile of this block (BM × Width<NI>::BN): blockIdx.x walks GROUP_M tile rows down one tile
+// column before moving right, so the blocks running at the same time share their B (W0) tiles, and their
+// A tiles, in L2.
+template <int NI>
 __device__ __forceinline__ void grouped_tile(uint32_t m, uint32_t n, uint32_t& m0, uint32_t& n0) {
+    constexpr uint32_t TBN = Width<NI>::BN;
     const uint32_t tiles_m = (m + BM - 1) / BM, tiles_n = (n + TBN - 1) / TBN;
     const uint32_t per_group = GROUP_M * tiles_n, group = blockIdx.x / per_group;
     const uint32_t first_m = group * GROUP_M, group_rows = min(tiles_m - first_m, uint32_t(GROUP_M));

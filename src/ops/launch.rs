@@ -179,6 +179,16 @@ pub(crate) fn mma_tile_columns(
     Ok(forced.unwrap_or_else(|| mma_tile_of_split(m, n, splits, sms).1))
 }
 
+/// Dynamic shared memory of the mma.sync fused GEMMs (fused_gemm, fused_gemm_multi) at a tile width of
+/// `bn` columns.
+pub(crate) fn mma_tile_smem(bn: usize) -> u32 {
+    if bn == LK_FUSED_GEMM_NARROW_BN as usize {
+        LK_FUSED_GEMM_NARROW_SMEM_BYTES
+    } else {
+        LK_FUSED_GEMM_SMEM_BYTES
+    }
+}
+
 /// The width an `LK_MMA_TILE` value forces, or None for the automatic choice.
 fn forced_mma_tile(op: &'static str, value: Option<&str>) -> Result<Option<usize>> {
     match value {
@@ -261,11 +271,7 @@ pub(crate) fn fused_gemm<T: Element, R: Element>(
     let plan = LaunchPlan {
         grid: [tiles as u32, 1, u32_of(splits)],
         block: [LK_FUSED_GEMM_THREADS, 1, 1],
-        smem_bytes: if narrow {
-            LK_FUSED_GEMM_NARROW_SMEM_BYTES
-        } else {
-            LK_FUSED_GEMM_SMEM_BYTES
-        },
+        smem_bytes: mma_tile_smem(bn),
     };
     let (m, n, k, rank) = (u32_of(g.m), u32_of(g.n), u32_of(g.k), u32_of(g.rank));
     // Leading dimensions of the dense operands: a is m×k, l is m×rank; b is n×k (Nt) or k×n; r is
@@ -847,6 +853,7 @@ pub(crate) fn merge<T: Element, U: Element>(
 #[cfg(test)]
 mod tests {
     use super::{forced_mma_tile, grad_splits, small_m_splits};
+    use crate::params::{LK_SMALL_M_KSPAN, LK_SMALL_M_KSTEP};
 
     #[test]
     fn lk_mma_tile_values() {
@@ -863,7 +870,6 @@ mod tests {
             "{e}"
         );
     }
-    use crate::params::{LK_SMALL_M_KSPAN, LK_SMALL_M_KSTEP};
 
     #[test]
     fn grad_splits_cover_m_in_order() {

@@ -241,8 +241,7 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
 fn multi_gemm<T: Element, A: Element>(
     bn: usize,
 ) -> Result<(&'static Kernel<LkFusedGemmMultiParams>, u32)> {
-    let narrow = bn == LK_FUSED_GEMM_NARROW_BN as usize;
-    let (same, f32ad, smem) = if narrow {
+    let (same, f32ad) = if bn == LK_FUSED_GEMM_NARROW_BN as usize {
         (
             [
                 &kernels::FUSED_GEMM_MULTI_NARROW_BF16,
@@ -252,7 +251,6 @@ fn multi_gemm<T: Element, A: Element>(
                 &kernels::FUSED_GEMM_MULTI_NARROW_BF16_F32AD,
                 &kernels::FUSED_GEMM_MULTI_NARROW_F16_F32AD,
             ],
-            LK_FUSED_GEMM_NARROW_SMEM_BYTES,
         )
     } else {
         (
@@ -264,8 +262,8 @@ fn multi_gemm<T: Element, A: Element>(
                 &kernels::FUSED_GEMM_MULTI_BF16_F32AD,
                 &kernels::FUSED_GEMM_MULTI_F16_F32AD,
             ],
-            LK_FUSED_GEMM_SMEM_BYTES,
         )
     };
-    Ok((pick_pair(OP, (T::DTYPE, A::DTYPE), same, f32ad)?, smem))
+    let kernel = pick_pair(OP, (T::DTYPE, A::DTYPE), same, f32ad)?;
+    Ok((kernel, launch::mma_tile_smem(bn)))
 }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod lora;
+pub mod multi;
 pub mod peft;
 pub mod probes;
 
