@@ -1,27 +1,41 @@
-// multi_decode.cu: the fused half of lora_forward_multi for a decoding batch, m ≤ LK_SMALL_M_MAX rows
-// with one adapter each (or none): Y_i = X_i·W0ᵀ + s_{a(i)}·T_i·B_{a(i)}ᵀ (+ bias), T from the shrink.
+// multi_decode.cu: lora_forward_multi for a decoding batch, m ≤ LK_SMALL_M_MAX rows with one adapter each
+// (or none), in the two kernels of fused_gemm_multi's two modes, with the same bits:
 //
-// Why a kernel of its own: at m ≤ 16 the layer is bound by reading W0 once, and fused_gemm_multi's
-// 128×128 tiles give only n/128 blocks (32 at n = 4096), too few to stream W0 at bandwidth. Here a block
-// owns 32 columns (n/32 blocks), each of its 4 warps 8 of them for all 16 rows: one mma.m16n8k16 per k16
-// step, the rows as the mma's m and W0's rows as its n, as in fused_gemm.
+//   multi_decode_shrink  partial[z]: X_i·A_{a(i)}ᵀ over split z's K chunk (lowrank_finalize then rounds T)
+//   multi_decode         Y_i = X_i·W0ᵀ + s_{a(i)}·T_i·B_{a(i)}ᵀ (+ bias)
 //
-// Why it gives fused_gemm_multi's bits (and so, on the general path, lora_forward's with the row's
-// adapter alone): every element of Y is the same chain of mma k16 steps in the same order,
-//   for each pass (the distinct adapters of rows 0..m-1, in order of first appearance): ceil(r_a/32)·2
-//     steps over T's columns with the rows of other adapters zeroed, T's and B_a's columns past r_a zero;
-//   acc *= s_{a(i)} (0 without an adapter);
-//   ceil(k/32)·2 steps over X·W0ᵀ, k ascending, zero past k;
-//   + bias (+0 without one), one rounding;
-// and an mma's element (i, j) depends on row i of its A operand, column j of its B operand and its own
-// accumulator only, whichever tile or lane holds it. No split-K: a split would change the chain.
+// Why kernels of their own: at m ≤ 16 the layer is bound by reading W0 once, and fused_gemm_multi's
+// 128×128 tiles give only n/128 blocks (32 at n = 4096), too few to stream W0 at bandwidth; its shrink
+// multiplies 128-row tiles for 16 rows. Here a block owns 32 columns (of Y, or of T), each of its 4 warps 8
+// of them for all 16 rows: one mma.m16n8k16 per k16 step, the rows as the mma's m and W0's (or A_a's) rows
+// as its n, as in fused_gemm.
 //
-// How: one cp.async ring of STAGES slots walks the virtual stages 0..npass+ceil(k/KD)-1. A low-rank stage
-// holds one pass's B_a rows for the block's columns (rank ≤ 128 = KD); a main stage holds X[0..16) and
-// the block's W0 rows over KD columns of k. T's 16 rows stay in their own tile for all passes. Stage t
-// is waited for, the slot of stage t-1 refilled with stage t+STAGES-1, then stage t multiplied, so
-// STAGES-1 stages (~35 KB of W0) are in flight per block. Rows, columns and k past the ends load as zero;
-// operands that do not allow 16-byte copies (flags, or an adapter's LK_ALIGNED_B) take element loads.
+// Why they give fused_gemm_multi's bits (and so, on the general path, lora_forward's with the row's
+// adapter alone): every element is the same chain of mma k16 steps in the same order, and an mma's
+// element (i, j) depends on row i of its A operand, column j of its B operand and its own accumulator
+// only, whichever tile or lane holds it. No split-K beyond the projection's own chunks: a split would
+// change the chain.
+//   multi_decode, per element of Y:
+//     for each pass (the distinct adapters of rows 0..m-1, in order of first appearance): ceil(r_a/32)·2
+//       steps over T's columns with the rows of other adapters zeroed, T's and B_a's columns past r_a zero;
+//     acc *= s_{a(i)} (0 without an adapter);
+//     ceil(k/32)·2 steps over X·W0ᵀ, k ascending, zero past k;
+//     + bias (+0 without one), one rounding.
+//   multi_decode_shrink, per element of partial[z] (row i, column c of T):
+//     from +0, 2 steps per 32-wide k-tile of split z's chunk (launch::projection_splits: K alone decides
+//     it), ascending, X and A_a zero past the chunk, A_a's rows (T's columns) past r_a zero; stored by the
+//     block of row i's pass only, so the other rows' products never reach it (fused_gemm_multi's shrink
+//     zeroes them instead: the same bits for finite adapters). Rows without an adapter: +0.
+//
+// How: one cp.async ring of STAGES slots walks the virtual stages. In multi_decode they are
+// 0..npass+ceil(k/KD)-1: a low-rank stage holds one pass's B_a rows for the block's columns (rank ≤ 128 =
+// KD), a main stage X[0..16) and the block's W0 rows over KD columns of k; T's 16 rows stay in their own
+// tile for all passes. In multi_decode_shrink they are the chunk's ceil(chunk/KD) stages of X[0..16) and
+// A_a's rows for the block's columns, once per pass the block takes (grid y: passes y, y + Y, ...; the
+// host launches one block per pass). Stage t is waited for, the slot of stage t-1 refilled with stage
+// t+STAGES-1, then stage t multiplied, so STAGES-1 stages are in flight per block. Rows, columns and k
+// past the ends load as zero; operands that do not allow 16-byte copies (flags, or an adapter's
+// LK_ALIGNED_B / LK_ALIGNED_R) take element loads.
 #include "lk_tile.cuh"
 #include "lora_params.h"
 
@@ -110,14 +124,12 @@ __device__ __forceinline__ void mma_rows(float (&acc)[4], const T* rows, const T
     }
 }
 
-template <bool VEC, typename T, typename RT>
-__device__ __forceinline__ void multi_decode_impl(const LkFusedGemmMultiParams& p, T* ring, T* ts, uint32_t* s_idx,
-                                                  float* s_scale, uint32_t* s_pass, uint32_t* s_npass) {
-    const uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
-    const uint32_t n0 = blockIdx.x * COLS;
-    // The rows' adapters (an index out of the table or naming an empty slot counts as none: the host
-    // validates indices, this only keeps the kernel in bounds) and the passes, as fused_gemm_multi lists them.
-    if (tid == 0) {
+// Thread 0: the rows' adapters (an index out of the table or naming an empty slot counts as none: the
+// host validates indices, this only keeps the kernel in bounds), their scales (0 without an adapter) and
+// the passes, as fused_gemm_multi lists them.
+__device__ __forceinline__ void list_rows(const LkFusedGemmMultiParams& p, uint32_t* s_idx, float* s_scale,
+                                          uint32_t* s_pass, uint32_t* s_npass) {
+    if (threadIdx.x == 0) {
         uint32_t count = 0;
         for (uint32_t row = 0; row < ROWS; ++row) {
             uint32_t v = row < p.m ? p.index[row] : LK_NO_ADAPTER;
@@ -131,6 +143,13 @@ __device__ __forceinline__ void multi_decode_impl(const LkFusedGemmMultiParams& 
         s_npass[0] = count;
     }
     __syncthreads();
+}
+
+template <bool VEC, typename T, typename RT>
+__device__ __forceinline__ void multi_decode_impl(const LkFusedGemmMultiParams& p, T* ring, T* ts, uint32_t* s_idx,
+                                                  float* s_scale, uint32_t* s_pass, uint32_t* s_npass) {
+    const uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
+    const uint32_t n0 = blockIdx.x * COLS;
     const int npass = int(s_npass[0]);
     const int total = npass + int((p.k + KD - 1) / KD);
     const uint32_t k_tiles = (p.k + 31) / 32;  // the main chain's 32-wide k-tiles
@@ -192,6 +211,87 @@ __device__ __forceinline__ void multi_decode_impl(const LkFusedGemmMultiParams& 
     }
 }
 
+// The shrink's stage: X's 16 rows and A_a's rows c0..c0+COLS over KD columns of k from k0, zero from the
+// split's end k_end on and past A_a's rank, as fused_gemm_multi's shrink loads them (f32 A rounded to T).
+template <bool VEC, typename T, typename RT>
+__device__ __forceinline__ void load_shrink_stage(const LkFusedGemmMultiParams& p, T* slot, const RT* a, uint32_t rank,
+                                                  uint32_t c0, uint32_t k0, uint32_t k_end) {
+    const uint32_t tid = threadIdx.x;
+    const T* x = static_cast<const T*>(p.x);
+    T* as = slot + ROWS * PITCH;
+#pragma unroll
+    for (int i = 0; i < ROWS * KD / 8 / THREADS; ++i) {
+        const uint32_t c = tid + i * THREADS, row = c / (KD / 8), kc = (c % (KD / 8)) * 8;
+        lk_load_chunk<VEC>(slot + row * PITCH + kc, x, row, p.m, p.k, k0 + kc, k_end);
+    }
+#pragma unroll
+    for (int i = 0; i < COLS * KD / 8 / THREADS; ++i) {
+        const uint32_t c = tid + i * THREADS, row = c / (KD / 8), kc = (c % (KD / 8)) * 8;
+        lk_load_chunk<VEC>(as + row * PITCH + kc, a, c0 + row, rank, p.k, k0 + kc, k_end);
+    }
+}
+
+// One pass of the decode shrink: acc = X·A_aᵀ for the block's columns over [k_begin, k_end), a fresh chain
+// of the chunk's k-tiles, ascending. VEC: X and A_a both allow 16-byte loads.
+template <bool VEC, typename T, typename RT>
+__device__ __forceinline__ void shrink_pass(const LkFusedGemmMultiParams& p, T* ring, const LkAdapterDesc& d,
+                                            uint32_t c0, uint32_t k_begin, uint32_t k_end, float (&acc)[4]) {
+    const RT* a = static_cast<const RT*>(p.arena) + d.a_offset;
+    const uint32_t k_tiles = (k_end - k_begin + 31) / 32;
+    const int total = int((k_end - k_begin + KD - 1) / KD);
+#pragma unroll 1  // unrolled, the f32 adapters' synchronous loads of all four stages would be live at once
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < total) load_shrink_stage<VEC, T, RT>(p, ring + s * STAGE, a, d.rank, c0, k_begin + s * KD, k_end);
+        lk_cp_async_commit();
+    }
+#pragma unroll 1
+    for (int s = 0; s < total; ++s) {
+        lk_cp_async_wait<STAGES - 2>();  // as in multi_decode_impl
+        __syncthreads();
+        const int next = s + STAGES - 1;
+        if (next < total)
+            load_shrink_stage<VEC, T, RT>(p, ring + (next % STAGES) * STAGE, a, d.rank, c0, k_begin + next * KD, k_end);
+        lk_cp_async_commit();
+        const T* slot = ring + (s % STAGES) * STAGE;
+        const uint32_t first = uint32_t(s) * (KD / 32);
+        mma_rows<false>(acc, slot, slot + ROWS * PITCH, min(uint32_t(KD / 32), k_tiles - first), true, true);
+    }
+    lk_cp_async_wait<0>();
+    __syncthreads();  // every warp is done with the ring before the next pass refills it
+}
+
+// The decode shrink: block (x, y, z) writes partial[z]'s columns [32x, 32x + 32) for the rows of passes
+// y, y + Y, ... (block y = 0 also the rows without an adapter, as zeros). Each pass is a fresh chain over
+// split z's k-tiles with X's rows unmasked: only the pass's own rows are stored, and an mma's row never
+// sees another row.
+template <typename T, typename RT>
+__device__ __forceinline__ void multi_decode_shrink_impl(const LkFusedGemmMultiParams& p, T* ring, const uint32_t* s_idx,
+                                                         const uint32_t* s_pass, uint32_t npass) {
+    const uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
+    const uint32_t c0 = blockIdx.x * COLS;
+    const uint32_t k_begin = min(p.k, blockIdx.z * p.k_per_split), k_end = min(p.k, k_begin + p.k_per_split);
+    float* partial = p.partial + size_t(blockIdx.z) * p.m * p.ldt;
+    if (blockIdx.y == 0)
+        for (uint32_t e = tid; e < ROWS * COLS; e += THREADS) {
+            const uint32_t row = e / COLS, col = c0 + e % COLS;
+            if (row < p.m && col < p.ldt && s_idx[row] == LK_NO_ADAPTER) partial[size_t(row) * p.ldt + col] = 0.0f;
+        }
+    for (uint32_t q = blockIdx.y; q < npass; q += gridDim.y) {
+        const uint32_t a = s_pass[q];
+        const LkAdapterDesc& d = p.adapters[a];
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if ((p.flags & LK_ALIGNED_A) != 0 && (d.flags & LK_ALIGNED_R) != 0)
+            shrink_pass<true, T, RT>(p, ring, d, c0, k_begin, k_end, acc);
+        else
+            shrink_pass<false, T, RT>(p, ring, d, c0, k_begin, k_end, acc);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const uint32_t row = g + 8 * (e / 2), col = c0 + warp * 8 + 2 * t + e % 2;
+            if (row < p.m && col < p.ldt && s_idx[row] == a) partial[size_t(row) * p.ldt + col] = acc[e];
+        }
+    }
+}
+
 // Shared memory is declared once here: each instantiation declaring its own would add up.
 template <typename T, typename RT>
 __device__ __forceinline__ void multi_decode_dispatch(const LkFusedGemmMultiParams& p) {
@@ -202,11 +302,23 @@ __device__ __forceinline__ void multi_decode_dispatch(const LkFusedGemmMultiPara
     LK_SHARED(16, float, s_scale, [ROWS]);
     LK_SHARED(16, uint32_t, s_pass, [ROWS]);
     LK_SHARED(16, uint32_t, s_npass, [1]);
+    list_rows(p, s_idx, s_scale, s_pass, s_npass);
     constexpr uint32_t both = LK_ALIGNED_A | LK_ALIGNED_B;
     if ((p.flags & both) == both)
         multi_decode_impl<true, T, RT>(p, ring, ts, s_idx, s_scale, s_pass, s_npass);
     else
         multi_decode_impl<false, T, RT>(p, ring, ts, s_idx, s_scale, s_pass, s_npass);
+}
+template <typename T, typename RT>
+__device__ __forceinline__ void multi_decode_shrink_dispatch(const LkFusedGemmMultiParams& p) {
+    LK_DYNAMIC_SMEM(smem);
+    T* ring = reinterpret_cast<T*>(smem);
+    LK_SHARED(16, uint32_t, s_idx, [ROWS]);
+    LK_SHARED(16, float, s_scale, [ROWS]);
+    LK_SHARED(16, uint32_t, s_pass, [ROWS]);
+    LK_SHARED(16, uint32_t, s_npass, [1]);
+    list_rows(p, s_idx, s_scale, s_pass, s_npass);
+    multi_decode_shrink_impl<T, RT>(p, ring, s_idx, s_pass, s_npass[0]);
 }
 }  // namespace
 
@@ -224,3 +336,20 @@ LK_MULTI_DECODE(multi_decode_bf16_f32ad, __nv_bfloat16, float)
 LK_KERNEL_EXPORT(multi_decode_bf16_f32ad, LkFusedGemmMultiParams)
 LK_MULTI_DECODE(multi_decode_f16_f32ad, __half, float)
 LK_KERNEL_EXPORT(multi_decode_f16_f32ad, LkFusedGemmMultiParams)
+
+// The decode shrink (src/ops/multi.rs takes it for m ≤ LK_SMALL_M_MAX): grid ceil(ldt / 32) × passes × splits.
+// 3 blocks per SM, as many as the ring's shared memory allows on an H100: without a block count ptxas
+// (nvcc 13.0) spills a few bytes in the bf16/f16 kernels to stay at 56–64 registers.
+#define LK_MULTI_DECODE_SHRINK(name, T, RT)                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS, 3) name(LkFusedGemmMultiParams p) {    \
+        multi_decode_shrink_dispatch<T, RT>(p);                                                  \
+    }
+
+LK_MULTI_DECODE_SHRINK(multi_decode_shrink_bf16, __nv_bfloat16, __nv_bfloat16)
+LK_KERNEL_EXPORT(multi_decode_shrink_bf16, LkFusedGemmMultiParams)
+LK_MULTI_DECODE_SHRINK(multi_decode_shrink_f16, __half, __half)
+LK_KERNEL_EXPORT(multi_decode_shrink_f16, LkFusedGemmMultiParams)
+LK_MULTI_DECODE_SHRINK(multi_decode_shrink_bf16_f32ad, __nv_bfloat16, float)
+LK_KERNEL_EXPORT(multi_decode_shrink_bf16_f32ad, LkFusedGemmMultiParams)
+LK_MULTI_DECODE_SHRINK(multi_decode_shrink_f16_f32ad, __half, float)
+LK_KERNEL_EXPORT(multi_decode_shrink_f16_f32ad, LkFusedGemmMultiParams)

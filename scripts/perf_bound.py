@@ -452,7 +452,8 @@ def multi_ops(sms, n=4096, k=4096):
     """lora_forward_multi (kernels/fused_gemm_multi.cu, kernels/multi_decode.cu) at M = 16, 256, 4096
     tokens with 4, 16, 64 adapters of ranks 8/16/64 (cycling), rows grouped by adapter (adapter i owns
     rows [i*M/A, (i+1)*M/A)): the shrink (per 128-row tile and 1024-column K chunk, Y blocks sharing the
-    tile's adapters, 32 k-tiles per adapter; 128x64 tiles where r_max <= 64), lowrank_finalize, and the fused
+    tile's adapters, 32 k-tiles per adapter; 128x64 tiles where r_max <= 64; at M <= 16 multi_decode_shrink:
+    per 32 of T's columns, adapter and K chunk, the chunk's k-tiles, 2 HMMA each per warp), lowrank_finalize, and the fused
     GEMM (per 128x128 tile, or 128x64 where mma_bn takes them, ceil(r_a/32) k-tiles per adapter of its rows,
     then K/32; at M <= 16 multi_decode: per 32 columns the same k-tiles, 2 HMMA each per warp). Shown against the bare GEMM at cuBLAS's peak and against
     streaming W0 at HBM bandwidth: issue 14 sets no target."""
@@ -478,6 +479,11 @@ def multi_ops(sms, n=4096, k=4096):
             shrink = dict(kernel=fused_kernel("fused_gemm_multi_bf16", sbn), file="fused_gemm_multi", blocks=tiles_m * splits * ys, uniform=False,
                           iters=shrink_low, loop_iters=fused_loop_trips(shrink_low, 0), slots=sbn // 4, slot="HMMA",
                           bytes=2 * m * k + a_bytes + partial)
+            if m <= 16:  # LK_SMALL_M_MAX: multi_decode_shrink, a block per 32 of T's columns, pass and K chunk,
+                # each the chunk's k-tiles (2 HMMA per warp each), whatever its adapter's rank
+                shrink = dict(kernel="multi_decode_shrink_bf16", file="multi_decode",
+                              blocks=cdiv(r_max, 32) * len(passes[0]) * splits, iters=per_tiles, slots=2, slot="HMMA",
+                              bytes=2 * m * k + a_bytes + partial)
             low = sum(cdiv(ranks[i], 32) for p in passes for i in p) / tiles_m
             b_bytes = sum(2 * n * ranks[i] for p in passes for i in p)
             if m <= 16:  # LK_SMALL_M_MAX: multi_decode, no fused_loop peeling (one loop over all stages)

@@ -159,5 +159,18 @@ class TileWidth(unittest.TestCase):
         self.assertEqual((proj["kernel"], proj["blocks"]), ("fused_gemm_nt_narrow_bf16", 256))
 
 
+
+class ManyAdapters(unittest.TestCase):
+    def test_decode_batches_take_the_decode_shrink(self):
+        # src/ops/multi.rs: at M <= 16 the shrink is multi_decode_shrink, a block per 32 of T's columns,
+        # adapter and K chunk (r_max = 64, 4 adapters, 4 chunks of K = 4096), reading X and every A once;
+        # above M = 16 fused_gemm_multi's shrink on 128-row tiles
+        ops = {(m, a): launches for m, a, launches, _, _ in pb.multi_ops(132)}
+        shrink, _, fused = ops[(16, 4)]
+        self.assertEqual((shrink["kernel"], shrink["blocks"]), ("multi_decode_shrink_bf16", 2 * 4 * 4))
+        self.assertEqual(shrink["bytes"], 2 * 16 * 4096 + 2 * (8 + 16 + 64 + 8) * 4096 + 4 * 4 * 16 * 64)
+        self.assertEqual(fused["kernel"], "multi_decode_bf16")
+        self.assertTrue(ops[(256, 4)][0]["kernel"].startswith("fused_gemm_multi_"))
+
 if __name__ == "__main__":
     unittest.main()

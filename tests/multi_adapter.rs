@@ -95,6 +95,36 @@ fn check_decode_bits<T: Element, A: Element>(
     }
 }
 
+/// The launches of one lora_forward_multi on an emulator (none recorded on a GPU): the shrink, its
+/// finalize and the fused GEMM, the decode kernels for both GEMMs at M ≤ 16.
+fn check_launches<T: Element, A: Element>(dev: &Device, m: usize) {
+    if dev.is_cuda() {
+        return;
+    }
+    let ran = dev.take_launches();
+    let (dt, ad) = (
+        T::DTYPE.to_string(),
+        if A::DTYPE == DType::F32 { "_f32ad" } else { "" },
+    );
+    let want: Vec<String> = if m <= lora_kernels::params::LK_SMALL_M_MAX as usize {
+        vec![
+            format!("multi_decode_shrink_{dt}{ad}"),
+            format!("lowrank_finalize_{dt}"),
+            format!("multi_decode_{dt}{ad}"),
+        ]
+    } else {
+        // the shrink's and the fused GEMM's widths follow ops::mma_tile (tests/mma_tile_widths.rs)
+        let multi =
+            |k: &str| k.starts_with("fused_gemm_multi_") && k.ends_with(&format!("{dt}{ad}"));
+        assert!(
+            ran.len() == 3 && multi(ran[0]) && multi(ran[2]),
+            "M = {m}: {ran:?}"
+        );
+        return;
+    };
+    assert_eq!(ran, want, "M = {m}: the launches");
+}
+
 fn property_case<T: Element, A: Element>(
     dims: (usize, usize, usize),
     adapters: usize,
@@ -115,7 +145,9 @@ fn property_case<T: Element, A: Element>(
     for (di, dev) in devices.iter().enumerate() {
         let set = set_of(dev, &b);
         let r_max = set.max_rank();
+        dev.take_launches();
         let (y, t) = run(dev, &b, &set);
+        check_launches::<T, A>(dev, b.m);
         let want = b.reference(r_max);
         let (ey, et) = (
             reference::relative_error(&y, &want.y),

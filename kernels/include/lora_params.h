@@ -148,10 +148,12 @@ typedef struct LkAdapterDesc {
  * zeros), so its bits do not depend on the other rows. X: m × k, W0: n × k, T: m × ldt, dense.
  * flags: LK_ALIGNED_A (x), LK_ALIGNED_B (w0), LK_ALIGNED_L (t). */
 #define LK_MULTI_SHRINK 16u
-/* The decode form of the fused mode (kernels/multi_decode.cu), m ≤ LK_SMALL_M_MAX rows: a block of
- * LK_MULTI_DECODE_THREADS threads owns LK_MULTI_DECODE_COLS columns of Y for every row, streaming its W0
- * rows once through a cp.async ring of LK_MULTI_DECODE_SMEM_BYTES; each element's sums are those of the
- * fused mode, in the same order (same bits). Grid: ceil(n / LK_MULTI_DECODE_COLS). */
+/* The decode forms of both modes (kernels/multi_decode.cu), m ≤ LK_SMALL_M_MAX rows: a block of
+ * LK_MULTI_DECODE_THREADS threads owns LK_MULTI_DECODE_COLS columns of Y (multi_decode, streaming its W0
+ * rows once) or of T's partial sums (multi_decode_shrink, for one adapter and K chunk) for every row,
+ * through a cp.async ring of LK_MULTI_DECODE_SMEM_BYTES; each element's sums are those of the mode, in the
+ * same order (same bits). Grid: ceil(n / LK_MULTI_DECODE_COLS), or ceil(ldt / LK_MULTI_DECODE_COLS) ×
+ * the batch's distinct adapters × splits (block y takes passes y, y + Y, ...; any Y ≥ 1). */
 #define LK_MULTI_DECODE_COLS 32u
 #define LK_MULTI_DECODE_THREADS 128u
 #define LK_MULTI_DECODE_SMEM_BYTES 69632u

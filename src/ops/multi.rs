@@ -4,8 +4,9 @@
 //! for all rows (f32 partials per fixed K chunk), its finalize (one rounding), and the fused GEMM with
 //! every adapter's low-rank term. Mixed ranks 1..=128, any shapes, rows in any order.
 //!
-//! For a decoding batch (M ≤ 16) the fused GEMM is kernels/multi_decode.cu: the same sums in the same
-//! order from blocks of 32 columns, so that W0 is streamed by enough blocks to reach bandwidth.
+//! For a decoding batch (M ≤ 16) the shrink and the fused GEMM are kernels/multi_decode.cu: the same sums
+//! in the same order from blocks of 32 columns for all 16 rows, so that W0 is streamed by enough blocks
+//! to reach bandwidth and the shrink multiplies 16 rows, not 128-row tiles.
 //!
 //! Batch invariance: a row's Y and T bits depend on its own X row, adapter, W0 and bias only, at every
 //! M; they are the bits of [`lora_forward`](super::lora_forward) with that adapter alone on its general
@@ -117,25 +118,54 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
     let (splits, per_split) = launch::projection_splits(k);
 
     // 1. the shrink: f32 partials of X_i·A_aᵀ per K chunk, then T = their in-order sum, rounded once.
-    // A tile's adapters (passes) are spread over grid y, up to about two blocks per SM of a large GPU
-    // (SHRINK_BLOCKS): at small M the tiles alone are too few.
-    let pass_blocks = (index.slots().len().min(m).min(bm))
-        .min(SHRINK_BLOCKS.div_ceil(tiles_m * splits))
-        .max(1);
-    // Its one column tile holds T's r_max columns: the 64-column kernel where r_max ≤ 64 (the same
-    // blocks, half the padded columns; unless LK_MMA_TILE=128), else the 128-column one.
-    let shrink_bn = if ldt <= LK_FUSED_GEMM_NARROW_BN as usize {
-        launch::mma_tile_columns(OP, m, ldt, splits * pass_blocks, sms)?
+    let decode = m <= LK_SMALL_M_MAX as usize;
+    let (shrink_kernel, shrink_plan) = if decode {
+        // a decoding batch: blocks of 32 of T's columns for all 16 rows, one per pass and K chunk
+        // (kernels/multi_decode.cu), not 128-row tiles
+        let kernel = pick_pair(
+            OP,
+            (T::DTYPE, A::DTYPE),
+            [
+                &kernels::MULTI_DECODE_SHRINK_BF16,
+                &kernels::MULTI_DECODE_SHRINK_F16,
+            ],
+            [
+                &kernels::MULTI_DECODE_SHRINK_BF16_F32AD,
+                &kernels::MULTI_DECODE_SHRINK_F16_F32AD,
+            ],
+        )?;
+        let plan = LaunchPlan {
+            grid: [
+                u32_of(ldt.div_ceil(LK_MULTI_DECODE_COLS as usize)),
+                u32_of(index.slots().len().max(1)),
+                u32_of(splits),
+            ],
+            block: [LK_MULTI_DECODE_THREADS, 1, 1],
+            smem_bytes: LK_MULTI_DECODE_SMEM_BYTES,
+        };
+        (kernel, plan)
     } else {
-        LK_FUSED_GEMM_BN as usize
-    };
-    let (shrink_kernel, shrink_smem) = multi_gemm::<T, A>(shrink_bn)?;
-    ws.with_partial(&device, &[splits, m, ldt], |partial, _| {
+        // A tile's adapters (passes) are spread over grid y, up to about two blocks per SM of a large
+        // GPU (SHRINK_BLOCKS): at small M the tiles alone are too few.
+        let pass_blocks = (index.slots().len().min(m).min(bm))
+            .min(SHRINK_BLOCKS.div_ceil(tiles_m * splits))
+            .max(1);
+        // Its one column tile holds T's r_max columns: the 64-column kernel where r_max ≤ 64 (the
+        // same blocks, half the padded columns; unless LK_MMA_TILE=128), else the 128-column one.
+        let shrink_bn = if ldt <= LK_FUSED_GEMM_NARROW_BN as usize {
+            launch::mma_tile_columns(OP, m, ldt, splits * pass_blocks, sms)?
+        } else {
+            LK_FUSED_GEMM_BN as usize
+        };
+        let (kernel, smem_bytes) = multi_gemm::<T, A>(shrink_bn)?;
         let plan = LaunchPlan {
             grid: [u32_of(tiles_m), u32_of(pass_blocks), u32_of(splits)],
             block: [LK_FUSED_GEMM_THREADS, 1, 1],
-            smem_bytes: shrink_smem,
+            smem_bytes,
         };
+        (kernel, plan)
+    };
+    ws.with_partial(&device, &[splits, m, ldt], |partial, _| {
         let mut args = [
             Arg::In("x", x),
             Arg::In("adapters", set.arena()),
@@ -143,7 +173,7 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
             Arg::In("adapter_index", index.tensor()),
             Arg::Out("partial", &mut *partial),
         ];
-        device.launch(OP, shrink_kernel, &plan, &mut args, |ptr| {
+        device.launch(OP, shrink_kernel, &shrink_plan, &mut args, |ptr| {
             LkFusedGemmMultiParams {
                 x: ptr[0] as *const _,
                 // the shrink reads no W0, T, bias or Y
@@ -169,7 +199,7 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
 
     // 2. the fused GEMM: every adapter's low-rank k-tiles (other rows masked), per-row scale, X·W0ᵀ;
     // for a decoding batch the same sums in the same order from narrow column blocks (W0 at bandwidth)
-    let (kernel, plan) = if m <= LK_SMALL_M_MAX as usize {
+    let (kernel, plan) = if decode {
         let decode = pick_pair(
             OP,
             (T::DTYPE, A::DTYPE),
