@@ -1,14 +1,16 @@
-// multi_decode.cu: lora_forward_multi for a decoding batch, m ≤ LK_SMALL_M_MAX rows with one adapter each
-// (or none), in the two kernels of fused_gemm_multi's two modes, with the same bits:
+// multi_decode.cu: lora_forward_multi for small batches with one adapter per row (or none), in two kernels
+// with the bits of fused_gemm_multi's two modes:
 //
-//   multi_decode_shrink  partial[z]: X_i·A_{a(i)}ᵀ over split z's K chunk (lowrank_finalize then rounds T)
-//   multi_decode         Y_i = X_i·W0ᵀ + s_{a(i)}·T_i·B_{a(i)}ᵀ (+ bias)
+//   multi_decode_shrink  partial[z]: X_i·A_{a(i)}ᵀ over split z's K chunk (lowrank_finalize then rounds T),
+//                        for m ≤ 128 (one of fused_gemm_multi's row tiles), in groups of 16 rows
+//   multi_decode         Y_i = X_i·W0ᵀ + s_{a(i)}·T_i·B_{a(i)}ᵀ (+ bias), for m ≤ 16 (decoding)
 //
 // Why kernels of their own: at m ≤ 16 the layer is bound by reading W0 once, and fused_gemm_multi's
-// 128×128 tiles give only n/128 blocks (32 at n = 4096), too few to stream W0 at bandwidth; its shrink
-// multiplies 128-row tiles for 16 rows. Here a block owns 32 columns (of Y, or of T), each of its 4 warps 8
-// of them for all 16 rows: one mma.m16n8k16 per k16 step, the rows as the mma's m and W0's (or A_a's) rows
-// as its n, as in fused_gemm.
+// 128×128 tiles give only n/128 blocks (32 at n = 4096), too few to stream W0 at bandwidth. Its shrink
+// multiplies a 128-row tile per adapter of the tile, however few of its rows use that adapter, on one
+// block per adapter and K chunk. Here a block owns 32 columns (of Y, or of T) for 16 rows, each of its 4
+// warps 8 of them: one mma.m16n8k16 per k16 step, the rows as the mma's m and W0's (or A_a's) rows as its
+// n, as in fused_gemm; the shrink's blocks take one adapter of their 16 rows each.
 //
 // Why they give fused_gemm_multi's bits (and so, on the general path, lora_forward's with the row's
 // adapter alone): every element is the same chain of mma k16 steps in the same order, and an mma's
@@ -30,9 +32,9 @@
 // How: one cp.async ring of STAGES slots walks the virtual stages. In multi_decode they are
 // 0..npass+ceil(k/KD)-1: a low-rank stage holds one pass's B_a rows for the block's columns (rank ≤ 128 =
 // KD), a main stage X[0..16) and the block's W0 rows over KD columns of k; T's 16 rows stay in their own
-// tile for all passes. In multi_decode_shrink they are the chunk's ceil(chunk/KD) stages of X[0..16) and
-// A_a's rows for the block's columns, once per pass the block takes (grid y: passes y, y + Y, ...; the
-// host launches one block per pass). Stage t is waited for, the slot of stage t-1 refilled with stage
+// tile for all passes. In multi_decode_shrink they are the chunk's ceil(chunk/KD) stages of the group's 16
+// rows of X and A_a's rows for the block's columns, once per pass the block takes (the group's passes y,
+// y + Y, ...; the host launches as many blocks in y as the most passes a group can have). Stage t is waited for, the slot of stage t-1 refilled with stage
 // t+STAGES-1, then stage t multiplied, so STAGES-1 stages are in flight per block. Rows, columns and k
 // past the ends load as zero; operands that do not allow 16-byte copies (flags, or an adapter's
 // LK_ALIGNED_B / LK_ALIGNED_R) take element loads.
@@ -124,15 +126,15 @@ __device__ __forceinline__ void mma_rows(float (&acc)[4], const T* rows, const T
     }
 }
 
-// Thread 0: the rows' adapters (an index out of the table or naming an empty slot counts as none: the
-// host validates indices, this only keeps the kernel in bounds), their scales (0 without an adapter) and
-// the passes, as fused_gemm_multi lists them.
-__device__ __forceinline__ void list_rows(const LkFusedGemmMultiParams& p, uint32_t* s_idx, float* s_scale,
-                                          uint32_t* s_pass, uint32_t* s_npass) {
+// Thread 0: the adapters of rows m0..m0+15 (an index out of the table or naming an empty slot counts as
+// none: the host validates indices, this only keeps the kernel in bounds), their scales (0 without an
+// adapter) and the passes, as fused_gemm_multi lists them.
+__device__ __forceinline__ void list_rows(const LkFusedGemmMultiParams& p, uint32_t m0, uint32_t* s_idx,
+                                          float* s_scale, uint32_t* s_pass, uint32_t* s_npass) {
     if (threadIdx.x == 0) {
         uint32_t count = 0;
         for (uint32_t row = 0; row < ROWS; ++row) {
-            uint32_t v = row < p.m ? p.index[row] : LK_NO_ADAPTER;
+            uint32_t v = m0 + row < p.m ? p.index[m0 + row] : LK_NO_ADAPTER;
             if (v != LK_NO_ADAPTER && (v >= p.n_adapters || p.adapters[v].rank == 0)) v = LK_NO_ADAPTER;
             s_idx[row] = v;
             s_scale[row] = v != LK_NO_ADAPTER ? p.adapters[v].scale : 0.0f;
@@ -211,18 +213,18 @@ __device__ __forceinline__ void multi_decode_impl(const LkFusedGemmMultiParams& 
     }
 }
 
-// The shrink's stage: X's 16 rows and A_a's rows c0..c0+COLS over KD columns of k from k0, zero from the
-// split's end k_end on and past A_a's rank, as fused_gemm_multi's shrink loads them (f32 A rounded to T).
+// The shrink's stage: X's rows m0..m0+15 and A_a's rows c0..c0+COLS over KD columns of k from k0, zero from
+// the split's end k_end on and past A_a's rank, as fused_gemm_multi's shrink loads them (f32 A rounded to T).
 template <bool VEC, typename T, typename RT>
 __device__ __forceinline__ void load_shrink_stage(const LkFusedGemmMultiParams& p, T* slot, const RT* a, uint32_t rank,
-                                                  uint32_t c0, uint32_t k0, uint32_t k_end) {
+                                                  uint32_t m0, uint32_t c0, uint32_t k0, uint32_t k_end) {
     const uint32_t tid = threadIdx.x;
     const T* x = static_cast<const T*>(p.x);
     T* as = slot + ROWS * PITCH;
 #pragma unroll
     for (int i = 0; i < ROWS * KD / 8 / THREADS; ++i) {
         const uint32_t c = tid + i * THREADS, row = c / (KD / 8), kc = (c % (KD / 8)) * 8;
-        lk_load_chunk<VEC>(slot + row * PITCH + kc, x, row, p.m, p.k, k0 + kc, k_end);
+        lk_load_chunk<VEC>(slot + row * PITCH + kc, x, m0 + row, p.m, p.k, k0 + kc, k_end);
     }
 #pragma unroll
     for (int i = 0; i < COLS * KD / 8 / THREADS; ++i) {
@@ -235,13 +237,14 @@ __device__ __forceinline__ void load_shrink_stage(const LkFusedGemmMultiParams& 
 // of the chunk's k-tiles, ascending. VEC: X and A_a both allow 16-byte loads.
 template <bool VEC, typename T, typename RT>
 __device__ __forceinline__ void shrink_pass(const LkFusedGemmMultiParams& p, T* ring, const LkAdapterDesc& d,
-                                            uint32_t c0, uint32_t k_begin, uint32_t k_end, float (&acc)[4]) {
+                                            uint32_t m0, uint32_t c0, uint32_t k_begin, uint32_t k_end,
+                                            float (&acc)[4]) {
     const RT* a = static_cast<const RT*>(p.arena) + d.a_offset;
     const uint32_t k_tiles = (k_end - k_begin + 31) / 32;
     const int total = int((k_end - k_begin + KD - 1) / KD);
 #pragma unroll 1  // unrolled, the f32 adapters' synchronous loads of all four stages would be live at once
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < total) load_shrink_stage<VEC, T, RT>(p, ring + s * STAGE, a, d.rank, c0, k_begin + s * KD, k_end);
+        if (s < total) load_shrink_stage<VEC, T, RT>(p, ring + s * STAGE, a, d.rank, m0, c0, k_begin + s * KD, k_end);
         lk_cp_async_commit();
     }
 #pragma unroll 1
@@ -250,7 +253,8 @@ __device__ __forceinline__ void shrink_pass(const LkFusedGemmMultiParams& p, T* 
         __syncthreads();
         const int next = s + STAGES - 1;
         if (next < total)
-            load_shrink_stage<VEC, T, RT>(p, ring + (next % STAGES) * STAGE, a, d.rank, c0, k_begin + next * KD, k_end);
+            load_shrink_stage<VEC, T, RT>(p, ring + (next % STAGES) * STAGE, a, d.rank, m0, c0, k_begin + next * KD,
+                                          k_end);
         lk_cp_async_commit();
         const T* slot = ring + (s % STAGES) * STAGE;
         const uint32_t first = uint32_t(s) * (KD / 32);
@@ -260,34 +264,35 @@ __device__ __forceinline__ void shrink_pass(const LkFusedGemmMultiParams& p, T* 
     __syncthreads();  // every warp is done with the ring before the next pass refills it
 }
 
-// The decode shrink: block (x, y, z) writes partial[z]'s columns [32x, 32x + 32) for the rows of passes
-// y, y + Y, ... (block y = 0 also the rows without an adapter, as zeros). Each pass is a fresh chain over
-// split z's k-tiles with X's rows unmasked: only the pass's own rows are stored, and an mma's row never
-// sees another row.
+// The decode shrink: block (x, y, z) writes partial[z]'s columns c0..c0+31 of rows m0..m0+15 (x: the
+// column group and the 16-row group) for the rows of the group's passes y, y + Y, ... (block y = 0 also
+// the rows without an adapter, as zeros). Each pass is a fresh chain over split z's k-tiles with X's rows
+// unmasked: only the pass's own rows are stored, and an mma's row never sees another row.
 template <typename T, typename RT>
-__device__ __forceinline__ void multi_decode_shrink_impl(const LkFusedGemmMultiParams& p, T* ring, const uint32_t* s_idx,
-                                                         const uint32_t* s_pass, uint32_t npass) {
+__device__ __forceinline__ void multi_decode_shrink_impl(const LkFusedGemmMultiParams& p, T* ring, uint32_t m0,
+                                                         uint32_t c0, const uint32_t* s_idx, const uint32_t* s_pass,
+                                                         uint32_t npass) {
     const uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
-    const uint32_t c0 = blockIdx.x * COLS;
     const uint32_t k_begin = min(p.k, blockIdx.z * p.k_per_split), k_end = min(p.k, k_begin + p.k_per_split);
     float* partial = p.partial + size_t(blockIdx.z) * p.m * p.ldt;
     if (blockIdx.y == 0)
         for (uint32_t e = tid; e < ROWS * COLS; e += THREADS) {
             const uint32_t row = e / COLS, col = c0 + e % COLS;
-            if (row < p.m && col < p.ldt && s_idx[row] == LK_NO_ADAPTER) partial[size_t(row) * p.ldt + col] = 0.0f;
+            if (m0 + row < p.m && col < p.ldt && s_idx[row] == LK_NO_ADAPTER)
+                partial[size_t(m0 + row) * p.ldt + col] = 0.0f;
         }
     for (uint32_t q = blockIdx.y; q < npass; q += gridDim.y) {
         const uint32_t a = s_pass[q];
         const LkAdapterDesc& d = p.adapters[a];
         float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if ((p.flags & LK_ALIGNED_A) != 0 && (d.flags & LK_ALIGNED_R) != 0)
-            shrink_pass<true, T, RT>(p, ring, d, c0, k_begin, k_end, acc);
+            shrink_pass<true, T, RT>(p, ring, d, m0, c0, k_begin, k_end, acc);
         else
-            shrink_pass<false, T, RT>(p, ring, d, c0, k_begin, k_end, acc);
+            shrink_pass<false, T, RT>(p, ring, d, m0, c0, k_begin, k_end, acc);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const uint32_t row = g + 8 * (e / 2), col = c0 + warp * 8 + 2 * t + e % 2;
-            if (row < p.m && col < p.ldt && s_idx[row] == a) partial[size_t(row) * p.ldt + col] = acc[e];
+            if (m0 + row < p.m && col < p.ldt && s_idx[row] == a) partial[size_t(m0 + row) * p.ldt + col] = acc[e];
         }
     }
 }
@@ -302,7 +307,7 @@ __device__ __forceinline__ void multi_decode_dispatch(const LkFusedGemmMultiPara
     LK_SHARED(16, float, s_scale, [ROWS]);
     LK_SHARED(16, uint32_t, s_pass, [ROWS]);
     LK_SHARED(16, uint32_t, s_npass, [1]);
-    list_rows(p, s_idx, s_scale, s_pass, s_npass);
+    list_rows(p, 0, s_idx, s_scale, s_pass, s_npass);
     constexpr uint32_t both = LK_ALIGNED_A | LK_ALIGNED_B;
     if ((p.flags & both) == both)
         multi_decode_impl<true, T, RT>(p, ring, ts, s_idx, s_scale, s_pass, s_npass);
@@ -317,8 +322,10 @@ __device__ __forceinline__ void multi_decode_shrink_dispatch(const LkFusedGemmMu
     LK_SHARED(16, float, s_scale, [ROWS]);
     LK_SHARED(16, uint32_t, s_pass, [ROWS]);
     LK_SHARED(16, uint32_t, s_npass, [1]);
-    list_rows(p, s_idx, s_scale, s_pass, s_npass);
-    multi_decode_shrink_impl<T, RT>(p, ring, s_idx, s_pass, s_npass[0]);
+    const uint32_t col_groups = (p.ldt + COLS - 1) / COLS;
+    const uint32_t m0 = blockIdx.x / col_groups * ROWS, c0 = blockIdx.x % col_groups * COLS;
+    list_rows(p, m0, s_idx, s_scale, s_pass, s_npass);
+    multi_decode_shrink_impl<T, RT>(p, ring, m0, c0, s_idx, s_pass, s_npass[0]);
 }
 }  // namespace
 
@@ -337,7 +344,8 @@ LK_KERNEL_EXPORT(multi_decode_bf16_f32ad, LkFusedGemmMultiParams)
 LK_MULTI_DECODE(multi_decode_f16_f32ad, __half, float)
 LK_KERNEL_EXPORT(multi_decode_f16_f32ad, LkFusedGemmMultiParams)
 
-// The decode shrink (src/ops/multi.rs takes it for m ≤ LK_SMALL_M_MAX): grid ceil(ldt / 32) × passes × splits.
+// The decode shrink (src/ops/multi.rs takes it for m ≤ LK_FUSED_GEMM_BM, one of fused_gemm_multi's row
+// tiles): grid ceil(ldt / 32)·ceil(m / 16) × the most passes of a 16-row group × splits.
 // 3 blocks per SM, as many as the ring's shared memory allows on an H100: without a block count ptxas
 // (nvcc 13.0) spills a few bytes in the bf16/f16 kernels to stay at 56–64 registers.
 #define LK_MULTI_DECODE_SHRINK(name, T, RT)                                                      \

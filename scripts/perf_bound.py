@@ -449,16 +449,17 @@ SHRINK_BLOCKS = 264  # src/ops/multi.rs: the shrink spreads a tile's adapters ov
 
 
 def multi_ops(sms, n=4096, k=4096):
-    """lora_forward_multi (kernels/fused_gemm_multi.cu, kernels/multi_decode.cu) at M = 16, 256, 4096
+    """lora_forward_multi (kernels/fused_gemm_multi.cu, kernels/multi_decode.cu) at M = 16, 64, 256, 4096
     tokens with 4, 16, 64 adapters of ranks 8/16/64 (cycling), rows grouped by adapter (adapter i owns
     rows [i*M/A, (i+1)*M/A)): the shrink (per 128-row tile and 1024-column K chunk, Y blocks sharing the
-    tile's adapters, 32 k-tiles per adapter; 128x64 tiles where r_max <= 64; at M <= 16 multi_decode_shrink:
-    per 32 of T's columns, adapter and K chunk, the chunk's k-tiles, 2 HMMA each per warp), lowrank_finalize, and the fused
+    tile's adapters, 32 k-tiles per adapter; 128x64 tiles where r_max <= 64; at M <= 128 multi_decode_shrink:
+    per 32 of T's columns, 16-row group, adapter of the group and K chunk, the chunk's k-tiles, 2 HMMA each
+    per warp), lowrank_finalize, and the fused
     GEMM (per 128x128 tile, or 128x64 where mma_bn takes them, ceil(r_a/32) k-tiles per adapter of its rows,
     then K/32; at M <= 16 multi_decode: per 32 columns the same k-tiles, 2 HMMA each per warp). Shown against the bare GEMM at cuBLAS's peak and against
     streaming W0 at HBM bandwidth: issue 14 sets no target."""
     out = []
-    for m in (16, 256, 4096):
+    for m in (16, 64, 256, 4096):
         for adapters in (4, 16, 64):
             ranks = [MULTI_RANKS[i % len(MULTI_RANKS)] for i in range(adapters)]
             seg = [(i * m // adapters, (i + 1) * m // adapters) for i in range(adapters)]
@@ -479,10 +480,13 @@ def multi_ops(sms, n=4096, k=4096):
             shrink = dict(kernel=fused_kernel("fused_gemm_multi_bf16", sbn), file="fused_gemm_multi", blocks=tiles_m * splits * ys, uniform=False,
                           iters=shrink_low, loop_iters=fused_loop_trips(shrink_low, 0), slots=sbn // 4, slot="HMMA",
                           bytes=2 * m * k + a_bytes + partial)
-            if m <= 16:  # LK_SMALL_M_MAX: multi_decode_shrink, a block per 32 of T's columns, pass and K chunk,
-                # each the chunk's k-tiles (2 HMMA per warp each), whatever its adapter's rank
+            if m <= 128:  # one row tile: multi_decode_shrink, a block per 32 of T's columns, 16-row group,
+                # adapter of the group and K chunk, each the chunk's k-tiles (2 HMMA per warp each), whatever
+                # its adapter's rank (the blocks past a group's adapters exit at once: not counted)
+                group_passes = sum(len([i for i, (a, b) in enumerate(seg) if b > a and a < g + 16 and b > g])
+                                   for g in range(0, m, 16))
                 shrink = dict(kernel="multi_decode_shrink_bf16", file="multi_decode",
-                              blocks=cdiv(r_max, 32) * len(passes[0]) * splits, iters=per_tiles, slots=2, slot="HMMA",
+                              blocks=cdiv(r_max, 32) * group_passes * splits, iters=per_tiles, slots=2, slot="HMMA",
                               bytes=2 * m * k + a_bytes + partial)
             low = sum(cdiv(ranks[i], 32) for p in passes for i in p) / tiles_m
             b_bytes = sum(2 * n * ranks[i] for p in passes for i in p)

@@ -162,14 +162,18 @@ class TileWidth(unittest.TestCase):
 
 class ManyAdapters(unittest.TestCase):
     def test_decode_batches_take_the_decode_shrink(self):
-        # src/ops/multi.rs: at M <= 16 the shrink is multi_decode_shrink, a block per 32 of T's columns,
-        # adapter and K chunk (r_max = 64, 4 adapters, 4 chunks of K = 4096), reading X and every A once;
-        # above M = 16 fused_gemm_multi's shrink on 128-row tiles
+        # src/ops/multi.rs: up to M = 128 the shrink is multi_decode_shrink, a block per 32 of T's columns,
+        # 16-row group, adapter of the group and K chunk (M = 16: r_max = 64, 4 adapters, 4 chunks of
+        # K = 4096), reading X and every A once; above M = 128 fused_gemm_multi's shrink on 128-row tiles
         ops = {(m, a): launches for m, a, launches, _, _ in pb.multi_ops(132)}
         shrink, _, fused = ops[(16, 4)]
         self.assertEqual((shrink["kernel"], shrink["blocks"]), ("multi_decode_shrink_bf16", 2 * 4 * 4))
         self.assertEqual(shrink["bytes"], 2 * 16 * 4096 + 2 * (8 + 16 + 64 + 8) * 4096 + 4 * 4 * 16 * 64)
         self.assertEqual(fused["kernel"], "multi_decode_bf16")
+        # M = 64, 16 adapters of 4 rows each: 4 groups of 4 adapters
+        shrink, _, fused = ops[(64, 16)]
+        self.assertEqual((shrink["kernel"], shrink["blocks"]), ("multi_decode_shrink_bf16", 2 * 16 * 4))
+        self.assertTrue(fused["kernel"].startswith("fused_gemm_multi_"))
         self.assertTrue(ops[(256, 4)][0]["kernel"].startswith("fused_gemm_multi_"))
 
 if __name__ == "__main__":

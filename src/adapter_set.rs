@@ -17,7 +17,7 @@ use crate::device::Device;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::ops::validate;
-use crate::params::{LK_ALIGNED_B, LK_ALIGNED_R, LK_NO_ADAPTER, LkAdapterDesc};
+use crate::params::{LK_ALIGNED_B, LK_ALIGNED_R, LK_NO_ADAPTER, LK_SMALL_M_MAX, LkAdapterDesc};
 use crate::tensor::Tensor;
 
 /// The u32 words of one `LkAdapterDesc` in the table.
@@ -382,6 +382,9 @@ pub struct AdapterIndex {
     set_id: u64,
     /// (slot, its generation when the index was built) for every slot the rows name.
     used: Vec<(u32, u64)>,
+    /// The most distinct slots among the rows of one 16-row group (rows 16g..16g+15): the decode
+    /// shrink's blocks per group (kernels/multi_decode.cu).
+    group_passes: usize,
 }
 
 impl AdapterIndex {
@@ -449,6 +452,20 @@ impl AdapterIndex {
         }
         used.sort_unstable();
         used.dedup();
+        let group_passes = words
+            .chunks(LK_SMALL_M_MAX as usize)
+            .map(|group| {
+                let mut slots: Vec<u32> = group
+                    .iter()
+                    .copied()
+                    .filter(|&v| v != LK_NO_ADAPTER)
+                    .collect();
+                slots.sort_unstable();
+                slots.dedup();
+                slots.len()
+            })
+            .max()
+            .unwrap_or(0);
         let used = used
             .into_iter()
             .map(|s| (s, set.generation(s).unwrap_or(0)))
@@ -457,6 +474,7 @@ impl AdapterIndex {
             index: Tensor::from_slice(set.device(), &words, &[words.len()])?,
             set_id: set.id(),
             used,
+            group_passes,
         })
     }
 
@@ -470,6 +488,11 @@ impl AdapterIndex {
     /// The slots the rows name, ascending, each once.
     pub fn slots(&self) -> Vec<u32> {
         self.used.iter().map(|&(s, _)| s).collect()
+    }
+
+    /// The most distinct slots that the rows of one 16-row group (rows 16g..16g+15) name.
+    pub(crate) fn group_passes(&self) -> usize {
+        self.group_passes
     }
 
     /// Still valid for `set`: built for it, and none of its slots changed since.

@@ -4,9 +4,10 @@
 //! for all rows (f32 partials per fixed K chunk), its finalize (one rounding), and the fused GEMM with
 //! every adapter's low-rank term. Mixed ranks 1..=128, any shapes, rows in any order.
 //!
-//! For a decoding batch (M ≤ 16) the shrink and the fused GEMM are kernels/multi_decode.cu: the same sums
-//! in the same order from blocks of 32 columns for all 16 rows, so that W0 is streamed by enough blocks
-//! to reach bandwidth and the shrink multiplies 16 rows, not 128-row tiles.
+//! For a decoding batch (M ≤ 16) the fused GEMM is kernels/multi_decode.cu, and so is the shrink up to
+//! M = 128: the same sums in the same order from blocks of 32 columns for 16 rows, so that W0 is streamed
+//! by enough blocks to reach bandwidth and the shrink multiplies groups of 16 rows per adapter, not a
+//! 128-row tile.
 //!
 //! Batch invariance: a row's Y and T bits depend on its own X row, adapter, W0 and bias only, at every
 //! M; they are the bits of [`lora_forward`](super::lora_forward) with that adapter alone on its general
@@ -118,10 +119,9 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
     let (splits, per_split) = launch::projection_splits(k);
 
     // 1. the shrink: f32 partials of X_i·A_aᵀ per K chunk, then T = their in-order sum, rounded once.
-    let decode = m <= LK_SMALL_M_MAX as usize;
-    let (shrink_kernel, shrink_plan) = if decode {
-        // a decoding batch: blocks of 32 of T's columns for all 16 rows, one per pass and K chunk
-        // (kernels/multi_decode.cu), not 128-row tiles
+    let (shrink_kernel, shrink_plan) = if m <= bm {
+        // one row tile: blocks of 32 of T's columns for 16 rows, one per adapter of those rows and K
+        // chunk (kernels/multi_decode.cu), not a 128-row tile per adapter
         let kernel = pick_pair(
             OP,
             (T::DTYPE, A::DTYPE),
@@ -136,8 +136,11 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
         )?;
         let plan = LaunchPlan {
             grid: [
-                u32_of(ldt.div_ceil(LK_MULTI_DECODE_COLS as usize)),
-                u32_of(index.slots().len().max(1)),
+                u32_of(
+                    ldt.div_ceil(LK_MULTI_DECODE_COLS as usize)
+                        * m.div_ceil(LK_SMALL_M_MAX as usize),
+                ),
+                u32_of(index.group_passes().max(1)),
                 u32_of(splits),
             ],
             block: [LK_MULTI_DECODE_THREADS, 1, 1],
@@ -199,7 +202,7 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
 
     // 2. the fused GEMM: every adapter's low-rank k-tiles (other rows masked), per-row scale, X·W0ᵀ;
     // for a decoding batch the same sums in the same order from narrow column blocks (W0 at bandwidth)
-    let (kernel, plan) = if decode {
+    let (kernel, plan) = if m <= LK_SMALL_M_MAX as usize {
         let decode = pick_pair(
             OP,
             (T::DTYPE, A::DTYPE),
