@@ -12,7 +12,7 @@
 //!   small_m   M = 16 cases of the forward group (the small-M kernel)
 //!   multi     many adapters in one batch (benches/common/multi.rs): ours (lora_forward_multi) | a loop
 //!             of lora_forward per adapter | cuBLAS Y = X·W0ᵀ plus two GEMMs per adapter on its rows;
-//!             M = 16, 256, 4096 with 4, 16, 64 adapters of ranks 8/16/64, N = K = 4096
+//!             M = 16, 64, 256, 4096 with 4, 16, 64 adapters of ranks 8/16/64, N = K = 4096
 //!
 //! Throughput is reported as FLOPs (criterion "elements") for GEMMs and bytes for merge. Every timed
 //! iteration ends with a device synchronize, and input sets rotate so none is served from L2.

@@ -33,9 +33,10 @@
 // 0..npass+ceil(k/KD)-1: a low-rank stage holds one pass's B_a rows for the block's columns (rank ≤ 128 =
 // KD), a main stage X[0..16) and the block's W0 rows over KD columns of k; T's 16 rows stay in their own
 // tile for all passes. In multi_decode_shrink they are the chunk's ceil(chunk/KD) stages of the group's 16
-// rows of X and A_a's rows for the block's columns, once per pass the block takes (the group's passes y,
-// y + Y, ...; the host launches as many blocks in y as the most passes a group can have). Stage t is waited for, the slot of stage t-1 refilled with stage
-// t+STAGES-1, then stage t multiplied, so STAGES-1 stages are in flight per block. Rows, columns and k
+// rows of X and A_a's rows for the block's columns, for the block's one pass (the group's pass y; the
+// host launches as many blocks in y as the most passes a group has). Stage t is waited for, the slot of
+// stage t-1 refilled with stage t+STAGES-1, then stage t multiplied, so STAGES-1 stages are in flight per
+// block. Rows, columns and k
 // past the ends load as zero; operands that do not allow 16-byte copies (flags, or an adapter's
 // LK_ALIGNED_B / LK_ALIGNED_R) take element loads.
 #include "lk_tile.cuh"
@@ -261,13 +262,14 @@ __device__ __forceinline__ void shrink_pass(const LkFusedGemmMultiParams& p, T* 
         mma_rows<false>(acc, slot, slot + ROWS * PITCH, min(uint32_t(KD / 32), k_tiles - first), true, true);
     }
     lk_cp_async_wait<0>();
-    __syncthreads();  // every warp is done with the ring before the next pass refills it
 }
 
 // The decode shrink: block (x, y, z) writes partial[z]'s columns c0..c0+31 of rows m0..m0+15 (x: the
-// column group and the 16-row group) for the rows of the group's passes y, y + Y, ... (block y = 0 also
-// the rows without an adapter, as zeros). Each pass is a fresh chain over split z's k-tiles with X's rows
-// unmasked: only the pass's own rows are stored, and an mma's row never sees another row.
+// column group and the 16-row group) for the rows of the group's pass y, if it has one (block y = 0 also
+// the rows without an adapter, as zeros). The pass is one chain over split z's k-tiles with X's rows
+// unmasked: only the pass's own rows are stored, and an mma's row never sees another row. The host
+// launches as many blocks in y as the most passes a group has (AdapterIndex counts them), so every row
+// is written; a row it missed would stay unwritten, which the emulator's initcheck reports.
 template <typename T, typename RT>
 __device__ __forceinline__ void multi_decode_shrink_impl(const LkFusedGemmMultiParams& p, T* ring, uint32_t m0,
                                                          uint32_t c0, const uint32_t* s_idx, const uint32_t* s_pass,
@@ -281,19 +283,18 @@ __device__ __forceinline__ void multi_decode_shrink_impl(const LkFusedGemmMultiP
             if (m0 + row < p.m && col < p.ldt && s_idx[row] == LK_NO_ADAPTER)
                 partial[size_t(m0 + row) * p.ldt + col] = 0.0f;
         }
-    for (uint32_t q = blockIdx.y; q < npass; q += gridDim.y) {
-        const uint32_t a = s_pass[q];
-        const LkAdapterDesc& d = p.adapters[a];
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if ((p.flags & LK_ALIGNED_A) != 0 && (d.flags & LK_ALIGNED_R) != 0)
-            shrink_pass<true, T, RT>(p, ring, d, m0, c0, k_begin, k_end, acc);
-        else
-            shrink_pass<false, T, RT>(p, ring, d, m0, c0, k_begin, k_end, acc);
+    if (blockIdx.y >= npass) return;
+    const uint32_t a = s_pass[blockIdx.y];
+    const LkAdapterDesc& d = p.adapters[a];
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if ((p.flags & LK_ALIGNED_A) != 0 && (d.flags & LK_ALIGNED_R) != 0)
+        shrink_pass<true, T, RT>(p, ring, d, m0, c0, k_begin, k_end, acc);
+    else
+        shrink_pass<false, T, RT>(p, ring, d, m0, c0, k_begin, k_end, acc);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const uint32_t row = g + 8 * (e / 2), col = c0 + warp * 8 + 2 * t + e % 2;
-            if (m0 + row < p.m && col < p.ldt && s_idx[row] == a) partial[size_t(m0 + row) * p.ldt + col] = acc[e];
-        }
+    for (int e = 0; e < 4; ++e) {
+        const uint32_t row = g + 8 * (e / 2), col = c0 + warp * 8 + 2 * t + e % 2;
+        if (m0 + row < p.m && col < p.ldt && s_idx[row] == a) partial[size_t(m0 + row) * p.ldt + col] = acc[e];
     }
 }
 
@@ -346,8 +347,9 @@ LK_KERNEL_EXPORT(multi_decode_f16_f32ad, LkFusedGemmMultiParams)
 
 // The decode shrink (src/ops/multi.rs takes it for m ≤ LK_FUSED_GEMM_BM, one of fused_gemm_multi's row
 // tiles): grid ceil(ldt / 32)·ceil(m / 16) × the most passes of a 16-row group × splits.
-// 3 blocks per SM, as many as the ring's shared memory allows on an H100: without a block count ptxas
-// (nvcc 13.0) spills a few bytes in the bf16/f16 kernels to stay at 56–64 registers.
+// 3 blocks per SM, as many as the ring's shared memory allows on an H100. Seen with nvcc 13.0: without a
+// block count ptxas gave the bf16/f16 kernels 56–64 registers and a few bytes of spills; with it, 106–139
+// registers and none.
 #define LK_MULTI_DECODE_SHRINK(name, T, RT)                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS, 3) name(LkFusedGemmMultiParams p) {    \
         multi_decode_shrink_dispatch<T, RT>(p);                                                  \

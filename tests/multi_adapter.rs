@@ -225,6 +225,22 @@ proptest! {
     }
 }
 
+/// K longer than one of the shrink's 1024-column chunks (the property cases' K ≤ 300 is one): 3 chunks
+/// with a ragged last one, and exactly 2, in a decoding batch, a batch of 16-row groups below one row
+/// tile (both on multi_decode_shrink) and one of two row tiles (fused_gemm_multi's shrink); each against
+/// the reference and bit for bit as in the property cases (lora_forward alone, or a batch of > 128 rows).
+#[test]
+fn long_k_chunks_keep_their_bits() {
+    for (i, &dims) in [(7, 40, 2100), (100, 24, 2048), (150, 16, 1100)]
+        .iter()
+        .enumerate()
+    {
+        let stream = common::seed() ^ (0x10c0 + i as u64);
+        property_case::<bf16, bf16>(dims, 3, i % 2 == 0, stream);
+        property_case::<f16, f32>(dims, 2, i % 2 == 1, stream ^ 1);
+    }
+}
+
 /// The rows of `base` at `keep` (their X, adapter) placed at random positions of a batch of `size`
 /// rows whose other rows are new (fresh X, random adapters or none). Returns the batch and where each
 /// kept row went.

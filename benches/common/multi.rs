@@ -24,7 +24,7 @@ const RANKS: [usize; 3] = [8, 16, 64];
 /// (M, adapters) of the benchmark.
 pub fn cases() -> Vec<(usize, usize)> {
     let mut c = Vec::new();
-    for m in [16, 256, 4096] {
+    for m in [16, 64, 256, 4096] {
         for a in [4, 16, 64] {
             c.push((m, a));
         }

@@ -139,7 +139,8 @@ typedef struct LkAdapterDesc {
 /* Y = X·W0ᵀ + bias + s_a·T_i·B_aᵀ for each row i with adapter a = index[i] (none: LK_NO_ADAPTER), in two
  * modes of one kernel, both on fused_gemm's 128×128 tiles and k loop:
  *   shrink (LK_MULTI_SHRINK): partial[z] (m × ldt, f32) = X_i·A_aᵀ over the k range of split z =
- *     blockIdx.z ([z·k_per_split, ...) ∩ [0, k)), zero beyond rank_a and for rows without an adapter;
+ *     blockIdx.z ([z·k_per_split, ...) ∩ [0, k)), X_i·0 beyond rank_a (NaN where X_i holds an
+ *     infinity), zero for rows without an adapter;
  *     lowrank_finalize rounds Σ_z to T (m × ldt). Grid: ceil(m / 128) × Y × splits (ldt ≤ 128): block y
  *     takes the tile's passes y, y + Y, ... (any Y ≥ 1; the bits do not depend on it).
  *   fused: the low-rank k-tiles of every adapter the block's rows use, each with the other rows' T
@@ -148,12 +149,13 @@ typedef struct LkAdapterDesc {
  * zeros), so its bits do not depend on the other rows. X: m × k, W0: n × k, T: m × ldt, dense.
  * flags: LK_ALIGNED_A (x), LK_ALIGNED_B (w0), LK_ALIGNED_L (t). */
 #define LK_MULTI_SHRINK 16u
-/* The decode forms of both modes (kernels/multi_decode.cu), m ≤ LK_SMALL_M_MAX rows: a block of
- * LK_MULTI_DECODE_THREADS threads owns LK_MULTI_DECODE_COLS columns of Y (multi_decode, streaming its W0
- * rows once) or of T's partial sums (multi_decode_shrink, for one adapter and K chunk) for every row,
- * through a cp.async ring of LK_MULTI_DECODE_SMEM_BYTES; each element's sums are those of the mode, in the
- * same order (same bits). Grid: ceil(n / LK_MULTI_DECODE_COLS), or ceil(ldt / LK_MULTI_DECODE_COLS) ×
- * the batch's distinct adapters × splits (block y takes passes y, y + Y, ...; any Y ≥ 1). */
+/* The small-batch forms of both modes (kernels/multi_decode.cu): a block of LK_MULTI_DECODE_THREADS
+ * threads owns LK_MULTI_DECODE_COLS columns of Y for all rows (multi_decode, m ≤ LK_SMALL_M_MAX, streaming
+ * its W0 rows once), or of T's partial sums for 16 rows, one adapter of theirs and one K chunk
+ * (multi_decode_shrink, m ≤ LK_FUSED_GEMM_BM), through a cp.async ring of LK_MULTI_DECODE_SMEM_BYTES;
+ * each element's sums are those of the mode, in the same order (same bits). Grid: ceil(n /
+ * LK_MULTI_DECODE_COLS); or ceil(ldt / LK_MULTI_DECODE_COLS)·ceil(m / 16) × the most distinct adapters
+ * of a 16-row group × splits (block y takes the group's pass y). */
 #define LK_MULTI_DECODE_COLS 32u
 #define LK_MULTI_DECODE_THREADS 128u
 #define LK_MULTI_DECODE_SMEM_BYTES 69632u
