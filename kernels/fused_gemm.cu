@@ -24,7 +24,8 @@
 // ≤ 128 registers so that two blocks fit an SM (__launch_bounds__(256, 2)). The "_narrow" kernels take
 // 128×64 tiles (64×16 per warp, 45 KiB): where M is a few hundred rows the 128-column tiles are fewer
 // than the SMs (64 at M = 256, N = 4096, for 132 SMs) and one block's work bounds the launch; twice the
-// blocks halve it. At N ≤ 64 (the projection T = X·Aᵀ, at every M) they halve the padded columns.
+// blocks halve it. At N ≤ 64 (the projection T = X·Aᵀ; at M ≤ 128 over several K chunks without dropout
+// src/ops/launch.rs small_projection runs kernels/multi_decode.cu instead) they halve the padded columns.
 // Every element of C is the same chain of mma k16 steps at either width (an mma's element depends on
 // its row of A, its column of B and its own accumulator only), so the width, which the launch picks
 // from the shape and the GPU's SM count (src/ops/launch.rs mma_tile; LK_MMA_TILE forces one), never

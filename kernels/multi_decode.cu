@@ -285,7 +285,9 @@ __device__ __forceinline__ void multi_decode_shrink_impl(const LkFusedGemmMultiP
         }
     if (blockIdx.y >= npass) return;
     const uint32_t a = s_pass[blockIdx.y];
-    const LkAdapterDesc& d = p.adapters[a];
+    // no table: launch::project's one adapter, A at the arena's start, rank ldt, its alignment in p.flags
+    const LkAdapterDesc d = p.adapters != nullptr ? p.adapters[a]
+                                                  : LkAdapterDesc{0, 0, p.ldt, 1.0f, p.flags & LK_ALIGNED_R, 0};
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if ((p.flags & LK_ALIGNED_A) != 0 && (d.flags & LK_ALIGNED_R) != 0)
         shrink_pass<true, T, RT>(p, ring, d, m0, c0, k_begin, k_end, acc);
@@ -325,7 +327,16 @@ __device__ __forceinline__ void multi_decode_shrink_dispatch(const LkFusedGemmMu
     LK_SHARED(16, uint32_t, s_npass, [1]);
     const uint32_t col_groups = (p.ldt + COLS - 1) / COLS;
     const uint32_t m0 = blockIdx.x / col_groups * ROWS, c0 = blockIdx.x % col_groups * COLS;
-    list_rows(p, m0, s_idx, s_scale, s_pass, s_npass);
+    if (p.index != nullptr) {
+        list_rows(p, m0, s_idx, s_scale, s_pass, s_npass);
+    } else {  // launch::project: every row has the one adapter (slot 0 of no table)
+        if (threadIdx.x < ROWS) s_idx[threadIdx.x] = 0;
+        if (threadIdx.x == 0) {
+            s_pass[0] = 0;
+            s_npass[0] = 1;
+        }
+        __syncthreads();
+    }
     multi_decode_shrink_impl<T, RT>(p, ring, m0, c0, s_idx, s_pass, s_npass[0]);
 }
 }  // namespace
@@ -346,9 +357,11 @@ LK_MULTI_DECODE(multi_decode_f16_f32ad, __half, float)
 LK_KERNEL_EXPORT(multi_decode_f16_f32ad, LkFusedGemmMultiParams)
 
 // The decode shrink (src/ops/multi.rs takes it for m ≤ LK_FUSED_GEMM_BM, one of fused_gemm_multi's row
-// tiles): grid ceil(ldt / 32)·ceil(m / 16) × the most passes of a 16-row group × splits.
+// tiles): grid ceil(ldt / 32)·ceil(m / 16) × the most passes of a 16-row group × splits. Without an
+// index and table (p.index, p.adapters null) it is the single-adapter projection T = X·Aᵀ of
+// launch::project at m ≤ LK_FUSED_GEMM_BM: A = p.arena (rank = p.ldt, LK_ALIGNED_R in p.flags), grid y 1.
 // 3 blocks per SM, as many as the ring's shared memory allows on an H100. Seen with nvcc 13.0: without a
-// block count ptxas gave the bf16/f16 kernels 56–64 registers and a few bytes of spills; with it, 106–139
+// block count ptxas gave the bf16/f16 kernels 56–64 registers and a few bytes of spills; with it, 106–152
 // registers and none.
 #define LK_MULTI_DECODE_SHRINK(name, T, RT)                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS, 3) name(LkFusedGemmMultiParams p) {    \

@@ -329,8 +329,17 @@ def launch_grad(name, fin, m, rows, cols, sms):
     """A split reduction over m (src/ops/launch.rs split_reduction): the projection T on the "nt" fused
     GEMM; 128x128 tiles of the rows x cols result (128x64 where mma_bn takes them: at cols = r <= 64
     always), m (= K) split into fixed chunks of PROJECTION_PER_SPLIT (grid z); per warp ceil(chunk/32)
-    k-tiles of 32 HMMA (16 on the narrow tiles); then lowrank_finalize adds the f32 partials in order."""
+    k-tiles of 32 HMMA (16 on the narrow tiles); then lowrank_finalize adds the f32 partials in order.
+    At rows <= 128 over several chunks, multi_decode_shrink instead (small_projection)."""
     splits, per = max(cdiv(m, PROJECTION_PER_SPLIT), 1), PROJECTION_PER_SPLIT
+    if rows <= FUSED_BM and splits > 1:  # src/ops/launch.rs small_projection (no dropout): the small-batch
+        # shrink with one adapter, a block per 32 columns, 16-row group and chunk, 2 HMMA per k-tile per warp
+        partial = 4 * splits * rows * cols
+        dtype = name.rsplit("_", 1)[1]
+        return [dict(kernel="multi_decode_shrink_" + dtype, file="multi_decode",
+                     blocks=cdiv(cols, 32) * cdiv(rows, 16) * splits, iters=cdiv(per, 32), slots=2, slot="HMMA",
+                     bytes=2 * m * (rows + cols) + partial),
+                launch_finalize(fin, rows * cols, splits, partial)]
     bn = mma_bn(rows, cols, splits, sms)
     tiles = cdiv(rows, FUSED_BM) * cdiv(cols, bn)
     partial = 4 * splits * rows * cols if splits > 1 else 0

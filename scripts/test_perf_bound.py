@@ -157,6 +157,12 @@ class TileWidth(unittest.TestCase):
         # kernel for half the padded columns
         proj = pb.launch_grad("fused_gemm_nt_bf16", "lowrank_finalize_bf16", 4096, 8192, 16, 132)[0]
         self.assertEqual((proj["kernel"], proj["blocks"]), ("fused_gemm_nt_narrow_bf16", 256))
+        # one row tile over 4 chunks: src/ops/launch.rs small_projection, a block per 32 columns, 16-row
+        # group and chunk; over one chunk the fused GEMM writes T itself
+        small = pb.launch_grad("fused_gemm_nt_bf16", "lowrank_finalize_bf16", 4096, 64, 40, 132)[0]
+        self.assertEqual((small["kernel"], small["blocks"]), ("multi_decode_shrink_bf16", 2 * 4 * 4))
+        one = pb.launch_grad("fused_gemm_nt_bf16", "lowrank_finalize_bf16", 1024, 64, 40, 132)
+        self.assertEqual((len(one), one[0]["kernel"]), (1, "fused_gemm_nt_narrow_bf16"))
 
 
 

@@ -366,6 +366,63 @@ fn edge_shapes_match_reference() {
     }
 }
 
+/// The projection T = X·Aᵀ of one row tile (M ≤ 128) over several 1024-column K chunks runs the
+/// small-batch shrink (kernels/multi_decode.cu, blocks of 16 rows), above 128 rows the fused GEMM's split
+/// reduction: each against the reference, and the first rows of a batch of more than 128 keep their T
+/// and Y bits in a batch of their own (the same chains of mma steps), with adapters in the layer dtype
+/// and in f32, K a multiple of 8 (vector loads) and not (element loads). The launch record shows which
+/// kernel computed T.
+#[test]
+fn small_batch_projection_keeps_the_bits() {
+    let dev = common::emulators()[0].clone();
+    for (i, &(small, k, r)) in [(100, 2104, 40), (17, 2051, 128), (1, 1030, 7)]
+        .iter()
+        .enumerate()
+    {
+        let big = Dims {
+            m: 160,
+            n: 24,
+            k,
+            r,
+        };
+        let stream = common::seed() ^ (0x5a11 + i as u64);
+        let mut rng = Rng::new(stream);
+        let l = Layer::<bf16, f32>::random(&mut rng, big, 1.25, i % 2 == 0);
+        let mut s = Layer::<bf16, f32>::random(&mut rng, Dims { m: small, ..big }, 1.25, false);
+        s.x = l.x[..small * k].to_vec();
+        s.w0 = l.w0.clone();
+        s.a = l.a.clone();
+        s.b = l.b.clone();
+        s.bias = l.bias.clone();
+        let mut outs = Vec::new();
+        for layer in [&l, &s] {
+            dev.take_launches();
+            let out = lora::run(&dev, layer, false);
+            let ran = dev.take_launches();
+            lora::check("emulator", layer, &out, TOL_BF16);
+            // small_m (M ≤ 16) computes T inside; above it the projection runs first
+            if layer.d.m > lora_kernels::params::LK_SMALL_M_MAX as usize {
+                let small_path = layer.d.m <= 128;
+                assert_eq!(
+                    ran[0].starts_with("multi_decode_shrink_"),
+                    small_path,
+                    "M = {}: {ran:?}",
+                    layer.d.m
+                );
+            }
+            outs.push(out);
+        }
+        if small > lora_kernels::params::LK_SMALL_M_MAX as usize {
+            let (yb, tb) = (&outs[0], &outs[1]);
+            assert!(
+                lora::bits_of(&yb.y[..small * 24]) == lora::bits_of(&tb.y)
+                    && lora::bits_of(&yb.t[..small * r]) == lora::bits_of(&tb.t),
+                "K = {k}, r = {r}: the first {small} rows of 160 changed bits in a batch of their own"
+            );
+        }
+    }
+}
+
 /// Shapes whose GEMM tiles lie wholly inside the operands (m, n ≥ 128, k and r multiples of 32 with at
 /// least 3 tiles): the fused GEMM's unchecked interior loops for the low-rank and the main tiles (forward
 /// and dX), next to ragged edge tiles (m, n one past a tile) in the same launch.
@@ -380,9 +437,10 @@ fn interior_tiles_match_reference() {
 }
 
 /// Long reductions in one shape (it takes M·r·K ≥ 128²·264·96 multiply-adds, so one shape, one thread
-/// order): T = X·Aᵀ split 9 ways over K in chunks of 128 through the fused GEMM's unchecked interior loop
-/// (K a multiple of 8: vector loads) next to K's ragged tile; and lowrank_grad at rank class 128 with
-/// 24 token chunks of 128 rows (4 steps each) per strip, 9 strips of K for dA, the last one ragged.
+/// order): T = X·Aᵀ split over K in 2 chunks (1024 and 72 columns) through the fused GEMM's unchecked
+/// interior loop (K a multiple of 8: vector loads) next to K's ragged tile; and lowrank_grad at rank
+/// class 128 with 24 token chunks of 128 rows (4 steps each) per strip, 9 strips of K for dA, the last
+/// one ragged.
 #[test]
 fn split_reductions_run_their_interior_loops() {
     let d = Dims {

@@ -109,7 +109,78 @@ pub(crate) fn project<T: Element, R: Element>(
     ws: &mut Workspace<T>,
 ) -> Result<()> {
     let chunks = projection_splits(inner);
+    if m <= LK_FUSED_GEMM_BM as usize && chunks.0 > 1 && !dropout.is_active() {
+        return small_projection(op, p, q, out, (m, inner, rank), chunks, ws);
+    }
     split_reduction(op, p, q, out, (inner, m, rank), chunks, dropout, ws)
+}
+
+/// [`project`] for one row tile (m ≤ 128) over several K chunks, without dropout: the many-adapter
+/// small-batch shrink (kernels/multi_decode.cu) with one adapter and no index, blocks of 32 of T's
+/// columns for 16 rows and one K chunk instead of a 128-row tile per chunk. The same chains of mma steps
+/// (the same bits); its partial sums are added by `lowrank_finalize` as the split reduction's are. With
+/// one chunk the split reduction writes T directly and needs no second launch, so it keeps those.
+fn small_projection<T: Element, R: Element>(
+    op: &'static str,
+    p: &Tensor<T>,
+    q: &Tensor<R>,
+    out: &mut Tensor<T>,
+    (m, inner, rank): (usize, usize, usize),
+    (splits, per_split): (usize, usize),
+    ws: &mut Workspace<T>,
+) -> Result<()> {
+    let kernel = pick_pair(
+        op,
+        (T::DTYPE, R::DTYPE),
+        [
+            &kernels::MULTI_DECODE_SHRINK_BF16,
+            &kernels::MULTI_DECODE_SHRINK_F16,
+        ],
+        [
+            &kernels::MULTI_DECODE_SHRINK_BF16_F32AD,
+            &kernels::MULTI_DECODE_SHRINK_F16_F32AD,
+        ],
+    )?;
+    let plan = LaunchPlan {
+        grid: [
+            u32_of(
+                rank.div_ceil(LK_MULTI_DECODE_COLS as usize) * m.div_ceil(LK_SMALL_M_MAX as usize),
+            ),
+            1,
+            u32_of(splits),
+        ],
+        block: [LK_MULTI_DECODE_THREADS, 1, 1],
+        smem_bytes: LK_MULTI_DECODE_SMEM_BYTES,
+    };
+    let (k32, m32) = (u32_of(inner), u32_of(m));
+    ws.with_partial(p.device(), &[splits, m, rank], |partial, _| {
+        let mut args = [
+            Arg::In("x", p),
+            Arg::In("a", q),
+            Arg::Out("partial", &mut *partial),
+        ];
+        p.device()
+            .launch(op, kernel, &plan, &mut args, |ptr| LkFusedGemmMultiParams {
+                x: ptr[0] as *const _,
+                // no W0, T, bias or Y (the shrink), no adapter table or index (one adapter, A = arena)
+                w0: ptr[0] as *const _,
+                t: std::ptr::null(),
+                bias: std::ptr::null(),
+                y: std::ptr::null_mut(),
+                partial: ptr[2] as *mut f32,
+                arena: ptr[1] as *const _,
+                adapters: std::ptr::null(),
+                index: std::ptr::null(),
+                n_adapters: 0,
+                m: m32,
+                n: 0,
+                k: k32,
+                ldt: u32_of(rank),
+                k_per_split: u32_of(per_split),
+                flags: aligned_flags(&[(ptr[0], k32, LK_ALIGNED_A), (ptr[1], k32, LK_ALIGNED_R)]),
+            })?;
+        finalize(op, partial, out, splits, 1.0, false)
+    })
 }
 
 /// `t` as a tensor of `U` when `U` is its dtype (checked at run time: the generic ops branch on dtypes).

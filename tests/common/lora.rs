@@ -105,7 +105,7 @@ pub struct Outputs<T, A = T> {
     pub db: Vec<A>,
 }
 
-fn bits_of<E: Element>(v: &[E]) -> Vec<u32> {
+pub fn bits_of<E: Element>(v: &[E]) -> Vec<u32> {
     v.iter().map(|e| e.to_bits_u32()).collect()
 }
 
