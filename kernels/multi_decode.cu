@@ -2,7 +2,8 @@
 // with the bits of fused_gemm_multi's two modes:
 //
 //   multi_decode_shrink  partial[z]: X_i·A_{a(i)}ᵀ over split z's K chunk (lowrank_finalize then rounds T),
-//                        for m ≤ 128 (one of fused_gemm_multi's row tiles), in groups of 16 rows
+//                        for m ≤ 128 (one of fused_gemm_multi's row tiles), in groups of 16 rows; without
+//                        a table, the single-adapter projection X·Aᵀ (src/ops/launch.rs small_projection)
 //   multi_decode         Y_i = X_i·W0ᵀ + s_{a(i)}·T_i·B_{a(i)}ᵀ (+ bias), for m ≤ 16 (decoding)
 //
 // Why kernels of their own: at m ≤ 16 the layer is bound by reading W0 once, and fused_gemm_multi's
@@ -285,7 +286,8 @@ __device__ __forceinline__ void multi_decode_shrink_impl(const LkFusedGemmMultiP
         }
     if (blockIdx.y >= npass) return;
     const uint32_t a = s_pass[blockIdx.y];
-    // no table: launch::project's one adapter, A at the arena's start, rank ldt, its alignment in p.flags
+    // no table: launch::small_projection's one adapter, A at the arena's start, rank ldt, its alignment in
+    // p.flags
     const LkAdapterDesc d = p.adapters != nullptr ? p.adapters[a]
                                                   : LkAdapterDesc{0, 0, p.ldt, 1.0f, p.flags & LK_ALIGNED_R, 0};
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -327,9 +329,9 @@ __device__ __forceinline__ void multi_decode_shrink_dispatch(const LkFusedGemmMu
     LK_SHARED(16, uint32_t, s_npass, [1]);
     const uint32_t col_groups = (p.ldt + COLS - 1) / COLS;
     const uint32_t m0 = blockIdx.x / col_groups * ROWS, c0 = blockIdx.x % col_groups * COLS;
-    if (p.index != nullptr) {
+    if (p.adapters != nullptr) {
         list_rows(p, m0, s_idx, s_scale, s_pass, s_npass);
-    } else {  // launch::project: every row has the one adapter (slot 0 of no table)
+    } else {  // launch::small_projection: every row has the one adapter (slot 0 of no table)
         if (threadIdx.x < ROWS) s_idx[threadIdx.x] = 0;
         if (threadIdx.x == 0) {
             s_pass[0] = 0;
@@ -359,7 +361,8 @@ LK_KERNEL_EXPORT(multi_decode_f16_f32ad, LkFusedGemmMultiParams)
 // The decode shrink (src/ops/multi.rs takes it for m ≤ LK_FUSED_GEMM_BM, one of fused_gemm_multi's row
 // tiles): grid ceil(ldt / 32)·ceil(m / 16) × the most passes of a 16-row group × splits. Without an
 // index and table (p.index, p.adapters null) it is the single-adapter projection T = X·Aᵀ of
-// launch::project at m ≤ LK_FUSED_GEMM_BM: A = p.arena (rank = p.ldt, LK_ALIGNED_R in p.flags), grid y 1.
+// launch::small_projection (m ≤ LK_FUSED_GEMM_BM): A = p.arena (rank = p.ldt, LK_ALIGNED_R in p.flags),
+// grid y 1.
 // 3 blocks per SM, as many as the ring's shared memory allows on an H100. Seen with nvcc 13.0: without a
 // block count ptxas gave the bf16/f16 kernels 56–64 registers and a few bytes of spills; with it, 106–152
 // registers and none.

@@ -335,8 +335,9 @@ def launch_grad(name, fin, m, rows, cols, sms):
     if rows <= FUSED_BM and splits > 1:  # src/ops/launch.rs small_projection (no dropout): the small-batch
         # shrink with one adapter, a block per 32 columns, 16-row group and chunk, 2 HMMA per k-tile per warp
         partial = 4 * splits * rows * cols
-        dtype = name.rsplit("_", 1)[1]
-        return [dict(kernel="multi_decode_shrink_" + dtype, file="multi_decode",
+        dtype = "f16" if "_f16" in name else "bf16"
+        return [dict(kernel="multi_decode_shrink_" + dtype + ("_f32ad" if name.endswith("_f32ad") else ""),
+                     file="multi_decode",
                      blocks=cdiv(cols, 32) * cdiv(rows, 16) * splits, iters=cdiv(per, 32), slots=2, slot="HMMA",
                      bytes=2 * m * (rows + cols) + partial),
                 launch_finalize(fin, rows * cols, splits, partial)]

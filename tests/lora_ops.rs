@@ -367,57 +367,75 @@ fn edge_shapes_match_reference() {
 }
 
 /// The projection T = X·Aᵀ of one row tile (M ≤ 128) over several 1024-column K chunks runs the
-/// small-batch shrink (kernels/multi_decode.cu, blocks of 16 rows), above 128 rows the fused GEMM's split
-/// reduction: each against the reference, and the first rows of a batch of more than 128 keep their T
-/// and Y bits in a batch of their own (the same chains of mma steps), with adapters in the layer dtype
-/// and in f32, K a multiple of 8 (vector loads) and not (element loads). The launch record shows which
-/// kernel computed T.
+/// small-batch shrink (kernels/multi_decode.cu, blocks of 16 rows, launch::small_projection), above 128
+/// rows the fused GEMM's split reduction: each against the reference, and the first rows of a 160-row
+/// batch keep their T and Y bits in a batch of their own (the same chains of mma steps), bf16 with
+/// adapters in the layer dtype and f16 with f32 adapters, K a multiple of 8 (vector loads) and not
+/// (element loads), M = 1 with f32 adapters (small_m takes only adapters in the layer dtype) as the
+/// group with 15 rows past M. The launch record shows which kernel computed T. On the emulator and the
+/// GPU when present.
 #[test]
 fn small_batch_projection_keeps_the_bits() {
-    let dev = common::emulators()[0].clone();
     for (i, &(small, k, r)) in [(100, 2104, 40), (17, 2051, 128), (1, 1030, 7)]
         .iter()
         .enumerate()
     {
-        let big = Dims {
-            m: 160,
-            n: 24,
-            k,
-            r,
-        };
         let stream = common::seed() ^ (0x5a11 + i as u64);
-        let mut rng = Rng::new(stream);
-        let l = Layer::<bf16, f32>::random(&mut rng, big, 1.25, i % 2 == 0);
-        let mut s = Layer::<bf16, f32>::random(&mut rng, Dims { m: small, ..big }, 1.25, false);
-        s.x = l.x[..small * k].to_vec();
-        s.w0 = l.w0.clone();
-        s.a = l.a.clone();
-        s.b = l.b.clone();
-        s.bias = l.bias.clone();
+        projection_case::<bf16, bf16>(small, k, r, i % 2 == 0, stream);
+        projection_case::<f16, f32>(small, k, r, i % 2 == 1, stream ^ 1);
+    }
+}
+
+fn projection_case<T: Element, A: Element>(
+    small: usize,
+    k: usize,
+    r: usize,
+    bias: bool,
+    stream: u64,
+) {
+    let big = Dims {
+        m: 160,
+        n: 24,
+        k,
+        r,
+    };
+    let l = Layer::<T, A>::random(&mut Rng::new(stream), big, 1.25, bias);
+    let s = l.first_rows(small);
+    let mut devices = Vec::new();
+    if !common::gpu_only() {
+        devices.push(common::emulators().swap_remove(0));
+    }
+    devices.extend(common::gpu());
+    for dev in &devices {
         let mut outs = Vec::new();
         for layer in [&l, &s] {
+            let m = layer.d.m;
             dev.take_launches();
-            let out = lora::run(&dev, layer, false);
+            let out = lora::run(dev, layer, false);
             let ran = dev.take_launches();
-            lora::check("emulator", layer, &out, TOL_BF16);
-            // small_m (M ≤ 16) computes T inside; above it the projection runs first
-            if layer.d.m > lora_kernels::params::LK_SMALL_M_MAX as usize {
-                let small_path = layer.d.m <= 128;
+            lora::check(&dev.describe(), layer, &out, tol(T::DTYPE));
+            // small_m computes T itself (M ≤ 16, adapters in the layer dtype); else the projection first
+            let small_m =
+                m <= lora_kernels::params::LK_SMALL_M_MAX as usize && A::DTYPE == T::DTYPE;
+            if !dev.is_cuda() && !small_m {
                 assert_eq!(
                     ran[0].starts_with("multi_decode_shrink_"),
-                    small_path,
-                    "M = {}: {ran:?}",
-                    layer.d.m
+                    m <= 128,
+                    "{} M = {m}: {ran:?}",
+                    T::DTYPE
                 );
             }
-            outs.push(out);
+            outs.push((out, small_m));
         }
-        if small > lora_kernels::params::LK_SMALL_M_MAX as usize {
-            let (yb, tb) = (&outs[0], &outs[1]);
+        let ((yb, _), (ys, small_m)) = (&outs[0], &outs[1]);
+        if !small_m {
             assert!(
-                lora::bits_of(&yb.y[..small * 24]) == lora::bits_of(&tb.y)
-                    && lora::bits_of(&yb.t[..small * r]) == lora::bits_of(&tb.t),
-                "K = {k}, r = {r}: the first {small} rows of 160 changed bits in a batch of their own"
+                lora::bits_of(&yb.y[..small * big.n]) == lora::bits_of(&ys.y)
+                    && lora::bits_of(&yb.t[..small * r]) == lora::bits_of(&ys.t),
+                "{} {}/{} K = {k}, r = {r}: the first {small} rows of 160 changed bits in a batch of their own",
+                dev.describe(),
+                T::DTYPE,
+                A::DTYPE
             );
         }
     }

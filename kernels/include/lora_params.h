@@ -155,7 +155,10 @@ typedef struct LkAdapterDesc {
  * (multi_decode_shrink, m ≤ LK_FUSED_GEMM_BM), through a cp.async ring of LK_MULTI_DECODE_SMEM_BYTES;
  * each element's sums are those of the mode, in the same order (same bits). Grid: ceil(n /
  * LK_MULTI_DECODE_COLS); or ceil(ldt / LK_MULTI_DECODE_COLS)·ceil(m / 16) × the most distinct adapters
- * of a 16-row group × splits (block y takes the group's pass y). */
+ * of a 16-row group × splits (block y takes the group's pass y). multi_decode_shrink without a table
+ * (adapters and index null) is the single-adapter projection T = X·Aᵀ (src/ops/launch.rs
+ * small_projection): every row has the one adapter, A = arena (rank = ldt), its 16-byte loads allowed by
+ * LK_ALIGNED_R in flags; grid y 1. */
 #define LK_MULTI_DECODE_COLS 32u
 #define LK_MULTI_DECODE_THREADS 128u
 #define LK_MULTI_DECODE_SMEM_BYTES 69632u

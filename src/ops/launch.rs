@@ -95,7 +95,8 @@ pub(crate) fn projection_splits(k: usize) -> (usize, usize) {
 
 /// `out (m×rank) = p (m×inner) · qᵀ`, q rank×inner: the forward's projection T = X·Aᵀ, as the low-rank
 /// part alone of the fused tensor-core GEMM (f32 accumulation) over the fixed K chunks of
-/// [`projection_splits`] ([`split_reduction`]: f32 partials added in chunk order, one rounding).
+/// [`projection_splits`] ([`split_reduction`]: f32 partials added in chunk order, one rounding); for one
+/// row tile over several chunks without dropout, [`small_projection`] with the same sums.
 ///
 /// With f32 adapters (`q` f32) its R operand reads f32; with dropout (`p` = X masked as it is loaded,
 /// the kept elements' 1/(1 − p) in the scale) its L operand is masked.
