@@ -430,8 +430,8 @@ fn projection_case<T: Element, A: Element>(
         let ((yb, _), (ys, small_m)) = (&outs[0], &outs[1]);
         if !small_m {
             assert!(
-                lora::bits_of(&yb.y[..small * big.n]) == lora::bits_of(&ys.y)
-                    && lora::bits_of(&yb.t[..small * r]) == lora::bits_of(&ys.t),
+                common::bits(&yb.y[..small * big.n]) == common::bits(&ys.y)
+                    && common::bits(&yb.t[..small * r]) == common::bits(&ys.t),
                 "{} {}/{} K = {k}, r = {r}: the first {small} rows of 160 changed bits in a batch of their own",
                 dev.describe(),
                 T::DTYPE,

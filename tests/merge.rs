@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Rng, ulp};
+use common::{Rng, bits, ulp};
 use half::{bf16, f16};
 use lora_kernels::{Device, Element, Tensor, ops, reference};
 use proptest::prelude::*;
@@ -324,10 +324,6 @@ fn checkpoint_merge_through_kernel_matches_peft() {
 }
 
 // ---- Non-finite results: ops::safe_merge / safe_unmerge / merge_counted (PEFT's safe_merge) ----
-
-fn bits<T: Element>(v: &[T]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits_u32()).collect()
-}
 
 /// Values of magnitude in [0.25, 1), random sign: no zero, so an Inf in A or B meets no 0 (∞·0 = NaN).
 fn nonzero<T: Element>(rng: &mut Rng, len: usize) -> Vec<T> {

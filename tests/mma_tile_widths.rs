@@ -19,8 +19,9 @@
 mod common;
 
 use common::Rng;
+use common::bits;
 use common::lora::{self, Layer, dims};
-use common::multi::{Batch, bits, run, set_of};
+use common::multi::{Batch, run, set_of};
 use half::{bf16, f16};
 use lora_kernels::reference::{self, Dims};
 use lora_kernels::{DType, Device, Dropout, Element};

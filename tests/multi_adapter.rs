@@ -14,7 +14,8 @@
 mod common;
 
 use common::Rng;
-use common::multi::{Batch, HostAdapter, bits, random_adapter, run, set_of};
+use common::bits;
+use common::multi::{Batch, HostAdapter, random_adapter, run, set_of};
 use half::{bf16, f16};
 use lora_kernels::ops::{Workspace, lora_forward, lora_forward_multi, lora_forward_multi_into};
 use lora_kernels::reference::{self, MultiAdapter};
@@ -34,12 +35,7 @@ fn check_single_adapter_bits<T: Element, A: Element>(
     t: &[T],
     r_max: usize,
 ) {
-    let x = Tensor::from_slice(dev, &b.x, &[b.m, b.k]).unwrap();
-    let w0 = Tensor::from_slice(dev, &b.w0, &[b.n, b.k]).unwrap();
-    let bias = b
-        .bias
-        .as_ref()
-        .map(|v| Tensor::from_slice(dev, v, &[b.n]).unwrap());
+    let (x, w0, bias) = b.layer_on(dev);
     for (ai, (a, bb, r, s)) in b.adapters.iter().enumerate() {
         if !b.rows.contains(&Some(ai)) {
             continue;

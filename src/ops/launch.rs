@@ -116,20 +116,17 @@ pub(crate) fn project<T: Element, R: Element>(
     split_reduction(op, p, q, out, (inner, m, rank), chunks, dropout, ws)
 }
 
-/// [`project`] for one row tile (m ≤ 128) over several K chunks, without dropout: the many-adapter
-/// small-batch shrink (kernels/multi_decode.cu) with one adapter and no index, blocks of 32 of T's
-/// columns for 16 rows and one K chunk instead of a 128-row tile per chunk. The same chains of mma steps
-/// (the same bits); its partial sums are added by `lowrank_finalize` as the split reduction's are. With
-/// one chunk the split reduction writes T directly and needs no second launch, so it keeps those.
-fn small_projection<T: Element, R: Element>(
+/// The small-batch shrink (kernels/multi_decode.cu `multi_decode_shrink`) for layer dtype `T` and
+/// adapter dtype `R`, and its launch over `m` rows (m ≤ 128), T's `ldt` columns and `splits` K chunks:
+/// a block per 32 of T's columns and 16-row group (x), per pass of the group (y: `passes`, the most
+/// adapters one group has) and per chunk (z).
+pub(crate) fn small_shrink<T: Element, R: Element>(
     op: &'static str,
-    p: &Tensor<T>,
-    q: &Tensor<R>,
-    out: &mut Tensor<T>,
-    (m, inner, rank): (usize, usize, usize),
-    (splits, per_split): (usize, usize),
-    ws: &mut Workspace<T>,
-) -> Result<()> {
+    m: usize,
+    ldt: usize,
+    passes: usize,
+    splits: usize,
+) -> Result<(&'static Kernel<LkFusedGemmMultiParams>, LaunchPlan)> {
     let kernel = pick_pair(
         op,
         (T::DTYPE, R::DTYPE),
@@ -145,14 +142,33 @@ fn small_projection<T: Element, R: Element>(
     let plan = LaunchPlan {
         grid: [
             u32_of(
-                rank.div_ceil(LK_MULTI_DECODE_COLS as usize) * m.div_ceil(LK_SMALL_M_MAX as usize),
+                ldt.div_ceil(LK_MULTI_DECODE_COLS as usize) * m.div_ceil(LK_SMALL_M_MAX as usize),
             ),
-            1,
+            u32_of(passes.max(1)),
             u32_of(splits),
         ],
         block: [LK_MULTI_DECODE_THREADS, 1, 1],
         smem_bytes: LK_MULTI_DECODE_SMEM_BYTES,
     };
+    Ok((kernel, plan))
+}
+
+/// [`project`] for one row tile (m ≤ 128) over several K chunks, without dropout: the many-adapter
+/// small-batch shrink (kernels/multi_decode.cu) with one adapter and no index, blocks of 32 of T's
+/// columns for 16 rows and one K chunk instead of a 128-row tile per chunk. The same chains of mma steps
+/// (the same bits); its partial sums are added by `lowrank_finalize` as the split reduction's are. With
+/// one chunk the split reduction writes T directly and needs no second launch, so it keeps those.
+fn small_projection<T: Element, R: Element>(
+    op: &'static str,
+    p: &Tensor<T>,
+    q: &Tensor<R>,
+    out: &mut Tensor<T>,
+    (m, inner, rank): (usize, usize, usize),
+    (splits, per_split): (usize, usize),
+    ws: &mut Workspace<T>,
+) -> Result<()> {
+    // one adapter: one pass per 16-row group
+    let (kernel, plan) = small_shrink::<T, R>(op, m, rank, 1, splits)?;
     let (k32, m32) = (u32_of(inner), u32_of(m));
     ws.with_partial(p.device(), &[splits, m, rank], |partial, _| {
         let mut args = [

@@ -123,31 +123,7 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
     let (shrink_kernel, shrink_plan) = if m <= bm {
         // one row tile: blocks of 32 of T's columns for 16 rows, one per adapter of those rows and K
         // chunk (kernels/multi_decode.cu), not a 128-row tile per adapter
-        let kernel = pick_pair(
-            OP,
-            (T::DTYPE, A::DTYPE),
-            [
-                &kernels::MULTI_DECODE_SHRINK_BF16,
-                &kernels::MULTI_DECODE_SHRINK_F16,
-            ],
-            [
-                &kernels::MULTI_DECODE_SHRINK_BF16_F32AD,
-                &kernels::MULTI_DECODE_SHRINK_F16_F32AD,
-            ],
-        )?;
-        let plan = LaunchPlan {
-            grid: [
-                u32_of(
-                    ldt.div_ceil(LK_MULTI_DECODE_COLS as usize)
-                        * m.div_ceil(LK_SMALL_M_MAX as usize),
-                ),
-                u32_of(index.group_passes().max(1)),
-                u32_of(splits),
-            ],
-            block: [LK_MULTI_DECODE_THREADS, 1, 1],
-            smem_bytes: LK_MULTI_DECODE_SMEM_BYTES,
-        };
-        (kernel, plan)
+        launch::small_shrink::<T, A>(OP, m, ldt, index.group_passes(), splits)?
     } else {
         // A tile's adapters (passes) are spread over grid y, up to about two blocks per SM of a large
         // GPU (SHRINK_BLOCKS): at small M the tiles alone are too few.

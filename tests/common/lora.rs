@@ -105,19 +105,15 @@ pub struct Outputs<T, A = T> {
     pub db: Vec<A>,
 }
 
-pub fn bits_of<E: Element>(v: &[E]) -> Vec<u32> {
-    v.iter().map(|e| e.to_bits_u32()).collect()
-}
-
 impl<T: Element, A: Element> Outputs<T, A> {
     /// Bit patterns, so NaNs compare equal to themselves and -0 differs from +0.
     pub fn bits(&self) -> Vec<Vec<u32>> {
         vec![
-            bits_of(&self.y),
-            bits_of(&self.t),
-            bits_of(&self.dx),
-            bits_of(&self.da),
-            bits_of(&self.db),
+            super::bits(&self.y),
+            super::bits(&self.t),
+            super::bits(&self.dx),
+            super::bits(&self.da),
+            super::bits(&self.db),
         ]
     }
 }

@@ -119,6 +119,11 @@ pub fn proptest_cases(default: u32) -> u32 {
 }
 
 /// Seed for this test process: `LK_TEST_SEED` to reproduce, else fresh from the clock (printed).
+/// Bit patterns, so NaNs compare equal to themselves and -0 differs from +0.
+pub fn bits<T: Element>(v: &[T]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits_u32()).collect()
+}
+
 pub fn seed() -> u64 {
     static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *SEED.get_or_init(|| {

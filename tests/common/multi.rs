@@ -41,6 +41,17 @@ pub fn random_rank(rng: &mut Rng) -> usize {
 }
 
 impl<T: Element, A: Element> Batch<T, A> {
+    /// X, W0 and the bias on `dev`.
+    pub fn layer_on(&self, dev: &Device) -> (Tensor<T>, Tensor<T>, Option<Tensor<T>>) {
+        let x = Tensor::from_slice(dev, &self.x, &[self.m, self.k]).unwrap();
+        let w0 = Tensor::from_slice(dev, &self.w0, &[self.n, self.k]).unwrap();
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|v| Tensor::from_slice(dev, v, &[self.n]).unwrap());
+        (x, w0, bias)
+    }
+
     /// `adapters` adapters of random ranks ([`random_rank`]).
     pub fn random(rng: &mut Rng, dims: (usize, usize, usize), adapters: usize, bias: bool) -> Self {
         let ranks: Vec<usize> = (0..adapters).map(|_| random_rank(rng)).collect();
@@ -128,12 +139,7 @@ pub fn run<T: Element, A: Element>(
 ) -> (Vec<T>, Vec<T>) {
     let rows: Vec<Option<u32>> = b.rows.iter().map(|r| r.map(|a| a as u32)).collect();
     let index = AdapterIndex::new(set, &rows).unwrap();
-    let x = Tensor::from_slice(dev, &b.x, &[b.m, b.k]).unwrap();
-    let w0 = Tensor::from_slice(dev, &b.w0, &[b.n, b.k]).unwrap();
-    let bias = b
-        .bias
-        .as_ref()
-        .map(|v| Tensor::from_slice(dev, v, &[b.n]).unwrap());
+    let (x, w0, bias) = b.layer_on(dev);
     let mut y = Tensor::<T>::zeros(dev, &[b.m, b.n]).unwrap();
     let mut t = Tensor::<T>::zeros(dev, &[b.m, set.max_rank()]).unwrap();
     y.poison().unwrap();
@@ -150,9 +156,4 @@ pub fn run<T: Element, A: Element>(
     )
     .unwrap();
     (y.to_vec().unwrap(), t.to_vec().unwrap())
-}
-
-/// Bit patterns, so NaNs compare equal to themselves and -0 differs from +0.
-pub fn bits<T: Element>(v: &[T]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits_u32()).collect()
 }
