@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Nsight Compute over one call of each of our kernels on the headline layer and the cuBLAS GEMMs they
 # are compared with (examples/profile_step.rs), for when a kernel misses its target (docs/perf says
-# why it matters). Writes into --out DIR: ncu.log (the one-line summary per kernel), ncu-summary.csv
-# (one row per kernel: time, SM, memory and L2 throughput, registers, occupancy), ncu-details.txt (every
-# section, text) and profile_step.ncu-rep (open with ncu-ui).
+# why it matters). Writes into --out DIR: ncu.log (the one-line summary per kernel), ncu-summary.csv (one
+# row per kernel: time, SM, memory and L2 throughput, registers, occupancy, DRAM bytes read and written),
+# ncu-details.txt (every section, text) and profile_step.ncu-rep (open with ncu-ui).
 #
 #   bash scripts/gpu-profile.sh --out DIR               from the repository (builds the example)
 #   bash scripts/gpu-profile.sh --out DIR --bin PATH    with a built profile_step (gpu-check.sh --profile
@@ -33,6 +33,6 @@ ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-profile: ncu failed (ncu.log)" >&2; exit 1; }
 "$ncu" --import "$results/profile_step.ncu-rep" --page details > "$results/ncu-details.txt" 2>&1
 "$ncu" --import "$results/profile_step.ncu-rep" --page raw --csv \
-  --metrics gpu__time_duration.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,lts__throughput.avg.pct_of_peak_sustained_elapsed \
+  --metrics gpu__time_duration.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,lts__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,dram__bytes_write.sum \
   > "$results/ncu-summary.csv" 2>&1
 echo "ncu done: $results: ncu-summary.csv (one row per kernel), ncu-details.txt, profile_step.ncu-rep"

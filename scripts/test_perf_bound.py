@@ -129,6 +129,11 @@ class OneLaunchModel(unittest.TestCase):
         without, loaded_without = simulate(m, n, k, r, sms, pb.SM90_BN, False)
         self.assertGreater(sum(with_grads), sum(without))
         self.assertEqual(loaded - loaded_without, 2 * m * n + 2 * BM * cdiv(r, 16) * 16 * cdiv(m, BM))
+        # and the model moves with it: its wgmma work and L2 bytes differ by the simulation's differences
+        dev = dict(H100, sms=sms)
+        model = {g: pb.sm90_gemm_t(m, n, k, r, dev, {"total": 1}, pb.SM90_BN, g) for g in (True, False)}
+        self.assertEqual(model[True][4] - model[False][4], sum(with_grads) - sum(without))
+        self.assertEqual(model[True][3] - model[False][3], loaded - loaded_without)
 
 
 class TileWidth(unittest.TestCase):

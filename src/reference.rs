@@ -422,10 +422,11 @@ pub fn scale<T: Element>(x: &[T], s: f32) -> Vec<T> {
         .collect()
 }
 
-/// `‖got − want‖₂ / ‖want‖₂` (absolute norm when `want` is all zero). Any NaN or infinity in `got`, or
-/// a length mismatch, gives `f64::INFINITY`, so NaN never passes a tolerance.
+/// `‖got − want‖₂ / ‖want‖₂` (absolute norm when `want` is all zero). Any NaN or infinity in `got` or
+/// `want`, a length mismatch, or nothing to compare (empty slices) gives `f64::INFINITY`, so NaN never
+/// passes a tolerance and neither does a check that compared nothing.
 pub fn relative_error<T: Element>(got: &[T], want: &[f64]) -> f64 {
-    if got.len() != want.len() {
+    if got.len() != want.len() || got.is_empty() {
         return f64::INFINITY;
     }
     let mut num = 0.0;
@@ -433,6 +434,9 @@ pub fn relative_error<T: Element>(got: &[T], want: &[f64]) -> f64 {
     for (g, w) in got.iter().zip(want) {
         let g = g.to_f64();
         if !g.is_finite() {
+            return f64::INFINITY;
+        }
+        if !w.is_finite() {
             return f64::INFINITY;
         }
         num += (g - w) * (g - w);
@@ -519,6 +523,17 @@ mod tests {
         assert_eq!(relative_error(&[1.0f32], &[1.0, 2.0]), f64::INFINITY);
         assert_eq!(relative_error(&[1.0f32], &[1.0]), 0.0);
         assert!((relative_error(&[1.1f32], &[1.0]) - 0.1).abs() < 1e-6);
+        // infinities on either side, nothing compared
+        assert_eq!(relative_error(&[f32::INFINITY], &[1.0]), f64::INFINITY);
+        assert_eq!(relative_error(&[1.0f32], &[f64::INFINITY]), f64::INFINITY);
+        assert_eq!(
+            relative_error(&[f32::INFINITY], &[f64::INFINITY]),
+            f64::INFINITY
+        );
+        assert_eq!(relative_error::<f32>(&[], &[]), f64::INFINITY);
+        // an all-zero reference: the absolute norm
+        assert!((relative_error(&[3.0f32, 4.0], &[0.0, 0.0]) - 5.0).abs() < 1e-12);
+        assert_eq!(relative_error(&[0.0f32, -0.0], &[0.0, 0.0]), 0.0);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The fused AdamW step (kernels/adamw.cu) against its CPU reference of the same formula: bit for bit,
+//! The fused AdamW step (kernels/adamw.cu) against PyTorch's AdamW formula in f64 (an independent
+//! reference), and against its CPU reference of the same f32 arithmetic: bit for bit,
 //! over several steps, with and without the layer-dtype copy, on both emulator thread orders and the GPU
 //! when present; and its bad inputs.
 
@@ -120,6 +121,99 @@ fn many_steps_stay_bit_identical() {
         true,
         3,
     );
+}
+
+/// One AdamW step in f64, written from PyTorch's documented algorithm (torch.optim.AdamW), not from the
+/// kernel: θ ← θ − γλθ; m ← β1·m + (1 − β1)·g; v ← β2·v + (1 − β2)·g²; m̂ = m/(1 − β1^t);
+/// v̂ = v/(1 − β2^t); θ ← θ − γ·m̂/(√v̂ + ε).
+fn pytorch_adamw_f64(
+    hp: &AdamW,
+    t: i32,
+    theta: &mut [f64],
+    m: &mut [f64],
+    v: &mut [f64],
+    g: &[f32],
+) {
+    let (lr, b1, b2) = (hp.lr as f64, hp.beta1 as f64, hp.beta2 as f64);
+    let (eps, wd) = (hp.eps as f64, hp.weight_decay as f64);
+    for i in 0..theta.len() {
+        let g = g[i] as f64;
+        theta[i] -= lr * wd * theta[i];
+        m[i] = b1 * m[i] + (1.0 - b1) * g;
+        v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+        let (m_hat, v_hat) = (m[i] / (1.0 - b1.powi(t)), v[i] / (1.0 - b2.powi(t)));
+        theta[i] -= lr * m_hat / (v_hat.sqrt() + eps);
+    }
+}
+
+/// The kernel against the f64 formula above (an independent reference: `adamw_reference_step` is the
+/// kernel's own f32 arithmetic, which a formula mistake made in both would pass): each step starts the
+/// f64 step from the kernel's f32 state, so rounding does not accumulate, and the kernel's m and v must be
+/// within 1e-6 (relative norm) and its update θ_t − θ_{t−1} within 1e-3 (f32 rounding of θ against an
+/// update of about lr) of the formula's, over 25 steps (bias corrections from their first values on);
+/// an ε of the order of √v̂ and a large weight decay, where their placement matters.
+#[test]
+fn adamw_follows_the_pytorch_formula_in_f64() {
+    use lora_kernels::reference::relative_error;
+    let dev = &common::emulators()[0];
+    let n = 777;
+    for (i, hp) in [
+        AdamW {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        },
+        AdamW {
+            lr: 3e-2,
+            beta1: 0.8,
+            beta2: 0.95,
+            eps: 1e-2,
+            weight_decay: 0.5,
+        },
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut rng = Rng::new(0xada + i as u64);
+        let mut param = Tensor::from_slice(dev, &rng.vec::<f32>(n, 1.0), &[n]).unwrap();
+        let mut state = AdamState::new(dev, &[n]).unwrap();
+        for t in 1..=25 {
+            let g: Vec<f32> = rng
+                .vec::<f32>(n, 1.0)
+                .iter()
+                .enumerate()
+                .map(|(j, &v)| v * 10f32.powi((j % 5) as i32 - 2))
+                .collect();
+            let f64s = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
+            let before = f64s(param.to_vec().unwrap());
+            let (mut theta, mut m, mut v) = (
+                before.clone(),
+                f64s(state.m.to_vec().unwrap()),
+                f64s(state.v.to_vec().unwrap()),
+            );
+            pytorch_adamw_f64(hp, t, &mut theta, &mut m, &mut v, &g);
+            let grad = Tensor::from_slice(dev, &g, &[n]).unwrap();
+            ops::adamw_step(&mut param, &grad, &mut state, hp).unwrap();
+            let got = param.to_vec().unwrap();
+            let step_got: Vec<f32> = got
+                .iter()
+                .zip(&before)
+                .map(|(&a, &b)| (a as f64 - b) as f32)
+                .collect();
+            let step_want: Vec<f64> = theta.iter().zip(&before).map(|(a, b)| a - b).collect();
+            let what = format!("{hp:?} step {t}");
+            let em = relative_error(&state.m.to_vec().unwrap(), &m);
+            let ev = relative_error(&state.v.to_vec().unwrap(), &v);
+            let eu = relative_error(&step_got, &step_want);
+            assert!(
+                em <= 1e-6 && ev <= 1e-6,
+                "{what}: m error {em:e}, v error {ev:e}"
+            );
+            assert!(eu <= 1e-3, "{what}: update error {eu:e}");
+        }
+    }
 }
 
 #[test]

@@ -385,6 +385,9 @@ fn training_api_f32_adapters_dropout_accumulation_adamw() {
     let mut dx = Tensor::<bf16>::zeros(&dev, &[2, 3, k]).unwrap();
     let mut da = Tensor::<f32>::zeros(&dev, &[r, k]).unwrap();
     let mut db = Tensor::<f32>::zeros(&dev, &[n, r]).unwrap();
+    dx.poison().unwrap();
+    da.poison().unwrap();
+    db.poison().unwrap();
     ops::lora_backward_into(
         &x0,
         layer.w0(),
@@ -403,11 +406,31 @@ fn training_api_f32_adapters_dropout_accumulation_adamw() {
     .unwrap();
     assert!(dx_layer == dx.to_vec().unwrap(), "dX differs");
     let (gda, gdb) = layer.grads().unwrap();
+    let (gda, gdb) = (gda.to_vec().unwrap(), gdb.to_vec().unwrap());
     assert!(
-        gda.to_vec().unwrap() == da.to_vec().unwrap()
-            && gdb.to_vec().unwrap() == db.to_vec().unwrap(),
+        gda == da.to_vec().unwrap() && gdb == db.to_vec().unwrap(),
         "dA/dB differ"
     );
+    // and against the reference (with the forward's T): equal values alone would pass two calls that
+    // both got the gradients wrong the same way
+    let g = reference::backward_as_kernels(
+        &xs[0],
+        &w0,
+        &a,
+        &b,
+        &t.to_vec().unwrap(),
+        &dys[0],
+        Dims { m, n, k, r },
+        cfg.scale() as f64,
+        &drop0,
+    );
+    for (name, err) in [
+        ("dx", reference::relative_error(&dx_layer, &g.dx)),
+        ("da", reference::relative_error(&gda, &g.da)),
+        ("db", reference::relative_error(&gdb, &g.db)),
+    ] {
+        assert!(err < TOL, "{name}: relative error {err:e}");
+    }
 
     // the second micro-batch: a fresh mask (offset 1), gradients added to the first's
     let x1 = up(&xs[1], &[2, 3, k]);

@@ -42,7 +42,7 @@ fn check<T: Element, U: Element>(nkr: (usize, usize, usize), scale: f32, stream:
     // the emulators (not under LK_TEST_DEVICES=gpu), then the GPU if present
     let devices = common::all_devices();
     let mut first_bits: Option<Vec<u32>> = None;
-    for (i, dev) in devices.iter().enumerate() {
+    for dev in &devices {
         let got = merged_on(dev, &w, &a, &b, nkr, scale);
         let what = format!(
             "{dev:?} W {} adapter {} {nkr:?} scale {scale}",
@@ -67,14 +67,18 @@ fn check<T: Element, U: Element>(nkr: (usize, usize, usize), scale: f32, stream:
             }
         }
         let bits: Vec<u32> = got.iter().map(|v| v.to_bits_u32()).collect();
-        if i < 2 && !dev.is_cuda() {
+        if !dev.is_cuda() {
+            // every thread order gives the first one's bits
             match &first_bits {
                 None => first_bits = Some(bits),
                 Some(f) => assert!(*f == bits, "{what}: differs between thread orders"),
             }
         } else {
             let again = merged_on(dev, &w, &a, &b, nkr, scale);
-            assert!(again == got, "{what}: GPU merge not repeatable");
+            assert!(
+                common::bits(&again) == bits,
+                "{what}: GPU merge not repeatable"
+            );
         }
     }
 }

@@ -29,7 +29,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
 fn tol(dtype: DType) -> f64 {
-    if dtype == DType::BF16 { 1e-2 } else { 2e-3 }
+    if dtype == DType::BF16 { 1e-2 } else { 1e-3 }
 }
 
 fn with_tile<R>(columns: &str, f: impl FnOnce() -> R) -> R {

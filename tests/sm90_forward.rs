@@ -29,29 +29,16 @@ mod common;
 
 use common::Rng;
 use common::lora::{Layer, check, run};
+use common::sm90::{hopper, hopper_gpu, tol};
 use half::{bf16, f16};
 use lora_kernels::reference::Dims;
-use lora_kernels::{DType, Device, Element, EmuConfig, Tensor, ThreadOrder};
+use lora_kernels::{DType, Element, Tensor, ThreadOrder};
 use proptest::prelude::*;
 
 fn force_sm90() {
     // SAFETY: every test of this binary sets the same value before any kernel runs, and nothing reads
     // the environment concurrently in a way that a torn write could confuse (the value never changes).
     unsafe { std::env::set_var("LK_FUSED_GEMM", "sm90") };
-}
-
-fn hopper(order: ThreadOrder, seed: u64, sms: u32) -> Device {
-    Device::emulator_with(EmuConfig {
-        order,
-        seed,
-        arch: 90,
-        sms,
-        ..EmuConfig::default()
-    })
-}
-
-fn tol(dtype: DType) -> f64 {
-    if dtype == DType::BF16 { 1e-2 } else { 2e-3 }
 }
 
 /// One layer case through `common::lora` (fresh random inputs, outputs poisoned, every output against the
@@ -68,62 +55,23 @@ fn case<T: Element>(dims: (usize, usize, usize, usize), bias: bool, stream: u64,
     );
 }
 
-/// `case` on `sms` emulated SMs.
+/// `case` on `sms` emulated SMs (common::sm90::case_on), each rank's own structure required.
 fn case_on<T: Element>(
-    (m, n, k, r): (usize, usize, usize, usize),
+    dims: (usize, usize, usize, usize),
     bias: bool,
     stream: u64,
     backward: bool,
     sms: u32,
 ) {
     force_sm90();
-    let mut rng = Rng::new(stream);
-    let scale = 0.5 + rng.uniform().abs() as f32;
-    let l = Layer::<T>::random(&mut rng, Dims { m, n, k, r }, scale, bias);
-    let others = [
-        ThreadOrder::Descending,
-        ThreadOrder::Shuffled,
-        ThreadOrder::WarpGreedyAscending,
-        ThreadOrder::WarpGreedyDescending,
-    ];
-    let mut first = None;
-    // the emulators, unless LK_TEST_DEVICES=gpu and an sm_90 GPU is here to run the cases instead
-    let gpu = hopper_gpu();
-    let mut devices = Vec::new();
-    if !common::gpu_only() || gpu.is_none() {
-        devices.push(hopper(ThreadOrder::Ascending, 0, sms));
-        devices.push(hopper(others[(stream % 4) as usize], stream | 1, sms));
-    }
-    devices.extend(gpu);
-    for dev in devices {
-        let sms = dev.sm_count().unwrap();
-        let tiles = format!(
-            "tiles {:?}, dX {:?}",
-            lora_kernels::ops::sm90_tile(m, n, sms),
-            lora_kernels::ops::sm90_tile(m, k, sms)
-        );
-        dev.take_launches();
-        let o = run(&dev, &l, backward);
-        let what = format!(
-            "sm_90a {m}×{n}×{k} r {r} bias {bias} on {sms} SMs ({tiles}) of {}",
-            dev.describe()
-        );
-        check(&what, &l, &o, tol(T::DTYPE));
-        if dev.is_emulator() {
-            took_the_structure_of_its_rank(&dev.take_launches(), r, backward, &what);
-        }
-        if dev.is_cuda() {
-            assert!(
-                run(&dev, &l, backward).bits() == o.bits(),
-                "{what}: GPU run not repeatable"
-            );
-            continue;
-        }
-        match &first {
-            None => first = Some(o.bits()),
-            Some(f) => assert!(*f == o.bits(), "{what}: bits differ between thread orders"),
-        }
-    }
+    common::sm90::case_on::<T>(
+        dims,
+        bias,
+        stream,
+        backward,
+        sms,
+        took_the_structure_of_its_rank,
+    );
 }
 
 /// The launches of one layer case (`run`) took the sm_90a structure its rank chooses (the emulator's
@@ -168,17 +116,6 @@ fn took_the_backward_passes_of_its_rank(launches: &[&str], r: usize, what: &str)
             "{what}: dX on the narrow U32 kernel: {launches:?}"
         );
     }
-}
-
-/// The GPU, when there is one and it is sm_90 (these kernels' only hardware; `common::gpu` panics
-/// without a GPU under LK_TEST_DEVICES=gpu, and on another GPU the cases stay on the emulator).
-fn hopper_gpu() -> Option<Device> {
-    let gpu = common::gpu()?;
-    if gpu.compute_capability() == 90 {
-        return Some(gpu);
-    }
-    eprintln!("sm_90a GPU run skipped: {}", gpu.describe());
-    None
 }
 
 /// On an sm_90 GPU (skipped without one): the 128×256 kernels, which the small shapes above do not reach
@@ -287,8 +224,9 @@ proptest! {
 /// column past one, one full tile, rank 128 (two low-rank stages), k = 8 (one partial stage), ragged tile
 /// grids of 3×3 wide or 3×5 narrow tiles, one block looping over 6 wide or 15 narrow tiles, each with the
 /// TMA-store epilogue (n a multiple of 8: 256, 512, 520, 264 (boxes wholly past C in its last tile)) and
-/// the register one (257, 1, 516); ranks whose last low-rank stage takes 1 to 4 k16 steps (8, 16, 24, 64),
-/// after another stage too (80, 104, 128).
+/// the register one (257, 1, 516); ranks 8, 16 and 24 (the one-launch kernel here: fused_gemm_sm90's last
+/// low-rank stage of 1 to 3 k16 steps runs at those ranks in tests/sm90_projection.rs), 64 (a stage of 4),
+/// a partial stage after a whole one (80, 104), two whole ones (128).
 #[test]
 fn sm90_forward_edges() {
     for (i, &(dims, sms, bn)) in [

@@ -81,11 +81,25 @@ impl<T: Element, A: Element> Layer<T, A> {
         self
     }
 
-    /// dA and dB start from random gradients of an earlier micro-batch, which the backward adds to.
+    /// dA and dB start from random gradients of an earlier micro-batch, which the backward adds to. Their
+    /// amplitude is this call's own gradients' (their RMS by the reference), so that an accumulation
+    /// which dropped this call's term, or added it twice, is off by far more than the tolerance.
     pub fn with_accumulation(mut self, rng: &mut Rng) -> Self {
+        let (scale, dropout) = (self.scale as f64, &self.dropout);
+        let f = reference::forward_as_kernels(
+            &self.x, &self.w0, &self.a, &self.b, None, self.d, scale, dropout,
+        );
+        let t: Vec<T> = f.t.iter().map(|&v| T::from_f64(v)).collect();
+        let g = reference::backward_as_kernels(
+            &self.x, &self.w0, &self.a, &self.b, &t, &self.dy, self.d, scale, dropout,
+        );
+        let rms = |v: &[f64]| {
+            let r = (v.iter().map(|x| x * x).sum::<f64>() / v.len().max(1) as f64).sqrt();
+            if r > 0.0 && r.is_finite() { r } else { 1.0 }
+        };
         self.grads0 = Some((
-            rng.vec(self.d.r * self.d.k, 1.0),
-            rng.vec(self.d.n * self.d.r, 1.0),
+            rng.vec(self.d.r * self.d.k, rms(&g.da)),
+            rng.vec(self.d.n * self.d.r, rms(&g.db)),
         ));
         self
     }

@@ -5,6 +5,7 @@ pub mod lora;
 pub mod multi;
 pub mod peft;
 pub mod probes;
+pub mod sm90;
 
 use std::path::PathBuf;
 

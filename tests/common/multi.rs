@@ -25,7 +25,13 @@ pub type HostAdapter<A> = (Vec<A>, Vec<A>, usize, f32);
 pub fn random_adapter<A: Element>(rng: &mut Rng, n: usize, k: usize, r: usize) -> HostAdapter<A> {
     let a = rng.vec::<A>(r * k, 1.0 / (k as f64).sqrt());
     let b = rng.vec::<A>(n * r, 1.0 / (r as f64).sqrt());
-    let scale = (0.25 + 1.75 * (rng.uniform() * 0.5 + 0.5)) as f32;
+    // |s| in [0.25, 2], either sign (a sign lost in the per-row scaling would show)
+    let magnitude = (0.25 + 1.75 * (rng.uniform() * 0.5 + 0.5)) as f32;
+    let scale = if rng.next_u64() % 2 == 0 {
+        magnitude
+    } else {
+        -magnitude
+    };
     (a, b, r, scale)
 }
 
