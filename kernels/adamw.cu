@@ -15,8 +15,8 @@ constexpr int kThreads = LK_SIMT_THREADS;
 template <typename C>
 __device__ __forceinline__ void adamw_impl(const LkAdamwParams& p) {
     C* copy = static_cast<C*>(p.copy);
-    const uint32_t stride = gridDim.x * blockDim.x;
-    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) {
+    const size_t stride = size_t(gridDim.x) * blockDim.x;  // 64-bit: i + stride never wraps below n
+    for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride) {
         const float g = p.grad[i];
         float w = __fmul_rn(p.param[i], p.decay);
         const float m = __fadd_rn(__fmul_rn(p.beta1, p.m[i]), __fmul_rn(p.one_minus_beta1, g));

@@ -10,8 +10,8 @@ __device__ __forceinline__ void mse_grad_impl(const LkMseGradParams& p) {
     const T* y = static_cast<const T*>(p.y);
     const T* target = static_cast<const T*>(p.target);
     T* dy = static_cast<T*>(p.dy);
-    const uint32_t stride = gridDim.x * blockDim.x;
-    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride)
+    const size_t stride = size_t(gridDim.x) * blockDim.x;  // 64-bit: i + stride never wraps below n
+    for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride)
         dy[i] = lk_from_f32<T>(__fmul_rn(p.scale, __fadd_rn(lk_to_f32(y[i]), -lk_to_f32(target[i]))));
 }
 }  // namespace

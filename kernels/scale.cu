@@ -12,8 +12,8 @@ template <typename T>
 __device__ __forceinline__ void scale_impl(const LkScaleParams& p) {
     const T* x = static_cast<const T*>(p.x);
     T* y = static_cast<T*>(p.y);
-    const uint32_t stride = gridDim.x * blockDim.x;
-    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) {
+    const size_t stride = size_t(gridDim.x) * blockDim.x;  // 64-bit: i + stride never wraps below n
+    for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride) {
         y[i] = lk_from_f32<T>(lk_to_f32(x[i]) * p.scale);
     }
 }

@@ -114,7 +114,14 @@ impl<A: Element> AdapterSet<A> {
             device: device.clone(),
             n,
             k,
-            arena: Tensor::zeros(device, &[round_up(elements.max(1))])?,
+            // saturating: a capacity past memory is Tensor::zeros's TooLarge, not a wrapped size
+            arena: Tensor::zeros(
+                device,
+                &[elements
+                    .max(1)
+                    .div_ceil(ALIGN_ELEMS)
+                    .saturating_mul(ALIGN_ELEMS)],
+            )?,
             free: Vec::new(),
             end: 0,
             slots: Vec::new(),

@@ -190,6 +190,40 @@ fn merge_weight<T: Element>(
     Ok((bytemuck::cast_slice(&wt.to_vec()?).to_vec(), counts))
 }
 
+/// The base weight of module `m` (in file `f`) is [N, K] for its A [r, K] and B [N, r]; returns (N, K).
+fn module_shape(f: &Path, m: &AdapterModule, shape: &[usize]) -> Result<(usize, usize)> {
+    match *shape {
+        [n, k] if k == m.a.cols && n == m.b.rows && m.a.rows == m.b.cols => Ok((n, k)),
+        _ => Err(Error::format(
+            f,
+            format!(
+                "adapter/base shape mismatch for `{}`: base weight {:?}, lora_A {}×{}, lora_B {}×{} (expected W [N, K], A [r, K], B [N, r])",
+                m.name, shape, m.a.rows, m.a.cols, m.b.rows, m.b.cols
+            ),
+        )),
+    }
+}
+
+/// `out` would replace the base checkpoint file `base`: it names the same directory entry (however the
+/// paths are spelled: `./m.safetensors` and `m.safetensors`, a symlinked directory on the way), or the
+/// file a symlink `base` points to. Paths that do not resolve (an `out` in a directory that does not
+/// exist) are not the base.
+fn replaces_base(base: &Path, out: &Path) -> bool {
+    // the directory entry a path names: its parent resolved, then its own name (not followed)
+    let entry = |p: &Path| -> Option<PathBuf> {
+        let parent = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        Some(std::fs::canonicalize(parent).ok()?.join(p.file_name()?))
+    };
+    let Some(out_entry) = entry(out) else {
+        return false;
+    };
+    Some(&out_entry) == entry(base).as_ref()
+        || Some(&out_entry) == std::fs::canonicalize(base).ok().as_ref()
+}
+
 /// Merges `adapter` into the checkpoint `base` (file or directory) and writes `out` (a file for a
 /// file base, a new directory for a directory base). `progress` hears about each merged module.
 /// Refuses a merge that would make finite elements NaN or ±Inf ([`Error::NonFiniteMerge`], nothing
@@ -226,6 +260,15 @@ pub fn merge_checkpoint_with(
             "already exists; the merged checkpoint is written to a new directory",
         ));
     }
+    if !out_is_dir && replaces_base(base, out) {
+        return Err(Error::format(
+            out,
+            format!(
+                "is the base checkpoint {} (another spelling of its path): the base is never modified; write the merge elsewhere",
+                base.display()
+            ),
+        ));
+    }
     let by_weight: BTreeMap<String, &AdapterModule> = adapter
         .modules
         .iter()
@@ -245,21 +288,7 @@ pub fn merge_checkpoint_with(
                     continue;
                 };
                 peft::dtype_of(f, &name, t.dtype())?;
-                let ok = matches!(t.shape(), &[n, k] if k == m.a.cols && n == m.b.rows);
-                if !ok || m.a.rows != m.b.cols {
-                    return Err(Error::format(
-                        f,
-                        format!(
-                            "adapter/base shape mismatch for `{}`: base weight {:?}, lora_A {}×{}, lora_B {}×{} (expected W [N, K], A [r, K], B [N, r])",
-                            m.name,
-                            t.shape(),
-                            m.a.rows,
-                            m.a.cols,
-                            m.b.rows,
-                            m.b.cols
-                        ),
-                    ));
-                }
+                module_shape(f, m, t.shape())?;
                 found.insert(name.clone(), f.clone());
                 weight_bytes += t.data().len() as u64;
             }
@@ -547,7 +576,8 @@ pub fn verify_merge(
                     ),
                 ));
             }
-            let dims = (w.shape()[0], w.shape()[1], m.a.rows);
+            let (n, k) = module_shape(f, m, w.shape())?;
+            let dims = (n, k, m.a.rows);
             let a: Vec<f64> = m.a.to_f32().iter().map(|&v| v as f64).collect();
             let b: Vec<f64> = m.b.to_f32().iter().map(|&v| v as f64).collect();
             let s = adapter.config.scale_for(&m.name);

@@ -38,9 +38,21 @@ impl fmt::Display for DType {
     }
 }
 
-/// A type a [`crate::Tensor`] can hold.
+mod sealed {
+    /// Only this crate's element types: the kernels are chosen by [`super::Element::DTYPE`] while
+    /// buffers are sized by the Rust type, so a foreign type whose `DTYPE` did not match its size
+    /// would let a kernel read or write past a buffer from safe code.
+    pub trait Sealed {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for f32 {}
+    impl Sealed for u32 {}
+}
+
+/// A type a [`crate::Tensor`] can hold: bf16, f16, f32 and u32 (sealed: no other crate can add one).
 pub trait Element:
-    Copy
+    sealed::Sealed
+    + Copy
     + Send
     + Sync
     + fmt::Debug

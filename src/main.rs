@@ -459,6 +459,22 @@ fn plan(args: &PlanArgs) -> Result<(), String> {
         (None, Some(l), Some(d), Some(p)) => ModelConfig::custom(l as usize, d as usize, p),
         _ => return Err("give --preset, or --layers, --d-model and --params".into()),
     };
+    // The plan's counts are u64 bytes (about 16 per parameter at most): inputs whose counts would not
+    // fit are refused, not wrapped.
+    for &r in &args.rank {
+        let per_layer: u128 = model
+            .targets
+            .iter()
+            .map(|&(n, k)| r as u128 * (n as u128 + k as u128))
+            .sum();
+        let lora = per_layer * model.layers as u128;
+        if 16 * (model.total_params as u128 + lora) > u64::MAX as u128 {
+            return Err(format!(
+                "a model of {} parameters with {} layers of d_model {} at rank {r} is too large to plan: its byte counts overflow 64 bits",
+                model.total_params, model.layers, model.d_model
+            ));
+        }
+    }
     let p = model.total_params;
     let full = full_finetune(p, 2);
     println!(

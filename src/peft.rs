@@ -180,16 +180,28 @@ impl AdapterConfig {
             Some(Value::String(s)) => vec![s.clone()],
             _ => Vec::new(),
         };
-        let map = |key: &str| -> BTreeMap<String, f64> {
-            v.get(key)
-                .and_then(Value::as_object)
-                .map(|o| {
-                    o.iter()
-                        .filter_map(|(k, x)| x.as_f64().map(|f| (k.clone(), f)))
-                        .collect()
+        // A pattern's values as `read` takes them; a value it refuses is an error naming the key (a
+        // rank of 8.5 or -3 is not silently 8 or 0, a string alpha not silently dropped).
+        let map = |key: &str,
+                   want: &str,
+                   read: &dyn Fn(&Value) -> Option<f64>|
+         -> Result<BTreeMap<String, f64>> {
+            let Some(o) = v.get(key).and_then(Value::as_object) else {
+                return Ok(BTreeMap::new());
+            };
+            o.iter()
+                .map(|(k, x)| match read(x) {
+                    Some(f) => Ok((k.clone(), f)),
+                    None => Err(Error::format(
+                        path,
+                        format!("`{key}` entry `{k}` is {x}: expected {want}"),
+                    )),
                 })
-                .unwrap_or_default()
+                .collect()
         };
+        let rank = |x: &Value| x.as_u64().filter(|&r| r >= 1).map(|r| r as f64);
+        let rank_pattern = map("rank_pattern", "an integer rank >= 1", &rank)?;
+        let alpha_pattern = map("alpha_pattern", "a number", &|x: &Value| x.as_f64())?;
         Ok(AdapterConfig {
             r,
             lora_alpha,
@@ -198,11 +210,11 @@ impl AdapterConfig {
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             target_modules,
-            rank_pattern: map("rank_pattern")
+            rank_pattern: rank_pattern
                 .into_iter()
                 .map(|(k, x)| (k, x as usize))
                 .collect(),
-            alpha_pattern: map("alpha_pattern"),
+            alpha_pattern,
             lora_dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
         })
     }

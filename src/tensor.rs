@@ -60,14 +60,31 @@ fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
 
+/// The elements of `shape` when they and their bytes fit in memory (`isize::MAX` bytes, as Rust's
+/// allocations): a shape whose product overflows is an error, not a wrapped size.
+fn checked_numel<T>(op: &'static str, shape: &[usize]) -> Result<usize> {
+    let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    let max = isize::MAX as usize / std::mem::size_of::<T>().max(1);
+    match n {
+        Some(n) if n <= max => Ok(n),
+        _ => Err(Error::TooLarge {
+            op,
+            arg: "shape (its element count)",
+            value: shape.iter().fold(1usize, |acc, &d| acc.saturating_mul(d)),
+            max,
+        }),
+    }
+}
+
 impl<T: Element> Tensor<T> {
     /// Uploads `data` (row-major, `shape.iter().product()` elements).
     pub fn from_slice(device: &Device, data: &[T], shape: &[usize]) -> Result<Self> {
-        if data.len() != numel(shape) {
+        let n = checked_numel::<T>("Tensor::from_slice", shape)?;
+        if data.len() != n {
             return Err(Error::DataLength {
                 op: "Tensor::from_slice",
                 arg: "data",
-                expected: numel(shape),
+                expected: n,
                 got: data.len(),
                 shape: shape.to_vec(),
             });
@@ -93,7 +110,7 @@ impl<T: Element> Tensor<T> {
 
     /// A tensor of zeros.
     pub fn zeros(device: &Device, shape: &[usize]) -> Result<Self> {
-        let n = numel(shape);
+        let n = checked_numel::<T>("Tensor::zeros", shape)?;
         let storage = match device.backend() {
             Backend::Cuda(c) => Storage::Cuda(
                 c.stream()
@@ -116,6 +133,7 @@ impl<T: Element> Tensor<T> {
     /// (NaN) and counts as never written: initcheck reports any kernel read of an element before a
     /// kernel wrote it, and the tests' reference comparison catches any element left unwritten.
     pub(crate) fn for_output(device: &Device, shape: &[usize]) -> Result<Self> {
+        checked_numel::<T>("Tensor::for_output", shape)?;
         match device.backend() {
             Backend::Cuda(c) => {
                 // SAFETY: the memory is left unset. Every caller passes the tensor as the output of a
@@ -171,11 +189,12 @@ impl<T: Element> Tensor<T> {
                 ),
             });
         }
-        if slice.len() != numel(shape) {
+        let n = checked_numel::<T>("Tensor::from_cuda_slice", shape)?;
+        if slice.len() != n {
             return Err(Error::DataLength {
                 op: "Tensor::from_cuda_slice",
                 arg: "slice",
-                expected: numel(shape),
+                expected: n,
                 got: slice.len(),
                 shape: shape.to_vec(),
             });

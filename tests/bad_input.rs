@@ -416,3 +416,66 @@ mod lora_ops {
         assert!(matches!(e, Error::NonFinite { .. }), "{e}");
     }
 }
+
+/// Sizes past what the kernels' 32-bit arithmetic or a GPU's grid takes are errors naming the size,
+/// before any allocation or launch: a shape whose element count overflows (no wrapped, small buffer), a
+/// set's capacity past memory, W0 with more rows than the merge's grid covers (4194240), AdamW's step
+/// count at its end (no wrap to step 0), and a merge into a u32 "weight" names w0, not the adapter.
+#[test]
+fn sizes_past_the_kernels_limits_are_refused() {
+    let d = emu();
+    for shape in [&[usize::MAX, 2][..], &[1 << 40, 1 << 40], &[1usize << 62]] {
+        let e = Tensor::<f32>::zeros(&d, shape).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::TooLarge {
+                    op: "Tensor::zeros",
+                    ..
+                }
+            ),
+            "{shape:?}: {e}"
+        );
+        let e = Tensor::<f32>::from_slice(&d, &[], shape).unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{shape:?}: {e}");
+    }
+    let e = lora_kernels::AdapterSet::<f32>::with_capacity(&d, 16, 16, 1 << 62).unwrap_err();
+    assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+
+    // 4194305 rows: one past 65535 blocks of 64 rows (8 MiB in bf16)
+    let n = 65535 * 64 + 1;
+    let mut w0 = Tensor::<bf16>::zeros(&d, &[n, 1]).unwrap();
+    let a = Tensor::<bf16>::zeros(&d, &[1, 1]).unwrap();
+    let b = Tensor::<bf16>::zeros(&d, &[n, 1]).unwrap();
+    let e = ops::merge(&mut w0, &a, &b, 1.0).unwrap_err();
+    assert!(
+        matches!(e, Error::TooLarge { arg: "N (rows of w0)", value, max: 4194240, .. } if value == n),
+        "{e}"
+    );
+
+    let mut param = Tensor::<f32>::zeros(&d, &[4]).unwrap();
+    let grad = Tensor::<f32>::zeros(&d, &[4]).unwrap();
+    let mut state = ops::AdamState::new(&d, &[4]).unwrap();
+    state.step = u64::MAX;
+    let e = ops::adamw_step(&mut param, &grad, &mut state, &ops::AdamW::default()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::OutOfRange {
+                arg: "state.step",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(state.step, u64::MAX, "the state is unchanged");
+
+    let mut w = Tensor::<u32>::zeros(&d, &[2, 2]).unwrap();
+    let a32 = Tensor::<f32>::zeros(&d, &[1, 2]).unwrap();
+    let b32 = Tensor::<f32>::zeros(&d, &[2, 1]).unwrap();
+    let e = ops::merge(&mut w, &a32, &b32, 1.0).unwrap_err();
+    assert!(
+        matches!(e, Error::UnsupportedDType { arg: "w0", .. }),
+        "{e}"
+    );
+}

@@ -270,6 +270,16 @@ fn plan_reproduces_the_papers_figures() {
     assert!(stdout.contains("350.0G B in fp16"), "{stdout}");
     let (ok, _, stderr) = run(&["plan", "--preset", "gpt9"]);
     assert!(!ok && stderr.contains("unknown preset `gpt9`"), "{stderr}");
+    // counts that would overflow 64-bit bytes: refused, not wrapped (or a panic)
+    for args in [
+        ["--layers", "96", "--d-model", "1e19", "--params", "7e9"],
+        ["--layers", "96", "--d-model", "4096", "--params", "3e18"],
+    ] {
+        let (ok, stdout, stderr) = run(&[&["plan"][..], &args[..]].concat());
+        assert!(!ok && stdout.is_empty(), "{args:?}: {stdout}");
+        assert!(stderr.contains("too large to plan"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
 }
 
 /// Copies the fixture adapter into `dir`, letting `edit` change its config or tensors.
@@ -325,6 +335,31 @@ fn error_paths_are_clear_and_leave_nothing() {
     let dir = scratch("errors");
     let base = common::fixture("base.safetensors");
     let out = dir.join("out.safetensors");
+
+    // a pattern's value that is not what PEFT writes there: refused, naming the entry (8.5 was read as 8)
+    for (key, value, want) in [
+        (
+            "rank_pattern",
+            serde_json::json!(8.5),
+            "an integer rank >= 1",
+        ),
+        (
+            "rank_pattern",
+            serde_json::json!(-3),
+            "an integer rank >= 1",
+        ),
+        ("alpha_pattern", serde_json::json!("16"), "a number"),
+    ] {
+        let a = adapter_copy(&dir.join(format!("pattern-{key}-{value}")), |c| {
+            c[key] = serde_json::json!({ "up_proj": value });
+        });
+        merge_fails(
+            &base,
+            &a,
+            &out,
+            &format!("`{key}` entry `up_proj` is {value}: expected {want}"),
+        );
+    }
 
     // rank of the config disagrees with the tensors
     let a = adapter_copy(&dir.join("r"), |c| c["r"] = 4.into());
@@ -722,6 +757,63 @@ fn verify_counts_a_planted_error() {
     assert_eq!(
         (worst.tensor.as_str(), worst.index, worst.ulp),
         (name, at, 2)
+    );
+}
+
+/// The base checkpoint is never replaced, however `out` spells its path (`dir/./base`, through a
+/// symlinked directory, a symlink to the base): the library refuses before writing (the CLI's own check
+/// compares the paths as given), and the base keeps its bytes. A shape mismatch between the adapter and
+/// the base is an error of `verify_merge` too, not a panic (a wrong adapter passed to it alone).
+#[test]
+fn the_base_is_never_replaced_and_verify_checks_shapes() {
+    use lora_kernels::checkpoint::{merge_checkpoint, verify_merge};
+    use lora_kernels::peft::HostMatrix;
+    let dir = scratch("base-kept");
+    let base = dir.join("base.safetensors");
+    std::fs::copy(common::fixture("base.safetensors"), &base).unwrap();
+    let before = std::fs::read(&base).unwrap();
+    let adapter = PeftAdapter::load(&common::fixture("adapter")).unwrap();
+    let dev = lora_kernels::Device::emulator();
+    std::os::unix::fs::symlink(&dir, dir.join("again")).unwrap();
+    std::os::unix::fs::symlink(&base, dir.join("link.safetensors")).unwrap();
+    for out in [
+        dir.join(".").join("base.safetensors"),
+        dir.join("again").join("base.safetensors"),
+        dir.join("sub").join("..").join("base.safetensors"),
+    ] {
+        if out.to_string_lossy().contains("sub") {
+            std::fs::create_dir_all(dir.join("sub")).unwrap();
+        }
+        let e = merge_checkpoint(&base, &adapter, &out, &dev, false, &mut ()).unwrap_err();
+        assert!(
+            e.to_string().contains("is the base checkpoint"),
+            "{}: {e}",
+            out.display()
+        );
+        // and the base, given through the symlink, with its real path as out
+        let e = merge_checkpoint(
+            &dir.join("link.safetensors"),
+            &adapter,
+            &base,
+            &dev,
+            false,
+            &mut (),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("is the base checkpoint"), "{e}");
+    }
+    assert!(std::fs::read(&base).unwrap() == before, "the base changed");
+    // a merge next to it still works
+    let out = dir.join("merged.safetensors");
+    merge_checkpoint(&base, &adapter, &out, &dev, false, &mut ()).unwrap();
+    // verify_merge with an adapter whose module does not fit the base: an error naming the module
+    let mut wrong = adapter.clone();
+    let m = wrong.modules.iter_mut().find(|m| m.name == UP).unwrap();
+    m.a = HostMatrix::from_f32(m.a.rows, 32, &vec![0.0; m.a.rows * 32]);
+    let e = verify_merge(&base, &wrong, &out, false, &mut ()).unwrap_err();
+    assert!(
+        e.to_string().contains("shape mismatch") && e.to_string().contains(UP),
+        "{e}"
     );
 }
 

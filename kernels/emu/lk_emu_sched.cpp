@@ -263,6 +263,10 @@ extern "C" int lk_emu_launch(LkEmuBody body, const void* params, const LkEmuLaun
     if (threads == 0 || threads > kMaxThreads)
         return report("block of " + std::to_string(threads) + " threads; expected 1..=1024");
     if (cfg->grid[0] == 0 || cfg->grid[1] == 0 || cfg->grid[2] == 0) return report("grid has a zero dimension");
+    // the hardware's limits (CUDA_ERROR_INVALID_VALUE on a GPU): x < 2^31, y and z at most 65535
+    if (cfg->grid[0] > 0x7fffffffu || cfg->grid[1] > 65535u || cfg->grid[2] > 65535u)
+        return report("grid of " + std::to_string(cfg->grid[0]) + " x " + std::to_string(cfg->grid[1]) + " x " +
+                      std::to_string(cfg->grid[2]) + " blocks; a GPU allows x < 2^31, y and z <= 65535");
     const size_t limit = cfg->smem_limit ? cfg->smem_limit : kMaxDynSmem;
     if (cfg->dyn_smem_bytes > limit)
         return report("dynamic shared memory of " + std::to_string(cfg->dyn_smem_bytes) +

@@ -208,6 +208,7 @@ impl Device {
             }
         }
         check_aliasing(op, args)?;
+        check_grid(op, plan)?;
         match &*self.inner {
             Backend::Cuda(c) => c.launch(kernel, plan, args, build),
             Backend::Emulator(cfg, launches) => {
@@ -221,6 +222,29 @@ impl Device {
             }
         }
     }
+}
+
+/// The grid within what a GPU launches (x < 2^31, y and z at most 65535; a larger one is
+/// CUDA_ERROR_INVALID_VALUE there, and the emulator refuses it too): an op whose shape would need more
+/// blocks gets this error, naming the dimension, before anything runs. The ops check the shapes that
+/// reach these limits themselves where they can name the argument.
+fn check_grid(op: &'static str, plan: &LaunchPlan) -> Result<()> {
+    let limits = [
+        ("launch grid x (blocks)", i32::MAX as u32),
+        ("launch grid y (blocks)", 65535),
+        ("launch grid z (blocks)", 65535),
+    ];
+    for (&g, (arg, max)) in plan.grid.iter().zip(limits) {
+        if g > max {
+            return Err(Error::TooLarge {
+                op,
+                arg,
+                value: g as usize,
+                max: max as usize,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A tensor argument of a launch: read-only input or written output.
@@ -286,3 +310,28 @@ fn check_aliasing(op: &'static str, args: &[Arg<'_>]) -> Result<()> {
 }
 
 pub(crate) use emu::GuardedBuf;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grids_past_a_gpus_limits_are_refused() {
+        let plan = |grid| LaunchPlan {
+            grid,
+            block: [256, 1, 1],
+            smem_bytes: 0,
+        };
+        check_grid("op", &plan([i32::MAX as u32, 65535, 65535])).unwrap();
+        for (grid, arg) in [
+            ([1u32 << 31, 1, 1], "launch grid x (blocks)"),
+            ([1, 65536, 1], "launch grid y (blocks)"),
+            ([1, 1, 65536], "launch grid z (blocks)"),
+        ] {
+            match check_grid("op", &plan(grid)) {
+                Err(Error::TooLarge { arg: a, .. }) => assert_eq!(a, arg),
+                other => panic!("{grid:?}: {other:?}"),
+            }
+        }
+    }
+}

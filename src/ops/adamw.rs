@@ -187,7 +187,15 @@ fn step_impl<C: Element>(
         validate::shape(OP, "copy", c, &shape, "the shape of param")?;
     }
     let n = validate::fits_u32(OP, "param", param.numel())?;
-    let c = hp.constants(state.step + 1);
+    // the step this call takes (1 for the first); a count that cannot advance is an error, not a wrap
+    // to step 0 (whose bias corrections are 0: inf and NaN weights)
+    let t = state.step.checked_add(1).ok_or(Error::OutOfRange {
+        op: OP,
+        arg: "state.step",
+        value: state.step as f64,
+        expected: "below u64::MAX (the steps taken so far)",
+    })?;
+    let c = hp.constants(t);
     let plan = LaunchPlan::elementwise(param.numel(), LK_SIMT_THREADS, MAX_BLOCKS);
     let device = param.device().clone();
     let has_copy = copy.is_some();
@@ -220,7 +228,7 @@ fn step_impl<C: Element>(
         bc2_sqrt: c.bc2_sqrt,
         eps: c.eps,
     })?;
-    state.step += 1;
+    state.step = t;
     Ok(())
 }
 

@@ -865,12 +865,20 @@ pub(crate) fn merge<T: Element, U: Element>(
         (DType::F16, DType::F16) => &kernels::MERGE_F16,
         (DType::F16, DType::F32) => &kernels::MERGE_F16_F32AD,
         (DType::F32, DType::F32) => &kernels::MERGE_F32,
+        (DType::U32, _) => {
+            return Err(Error::UnsupportedDType {
+                op,
+                arg: "w0",
+                got: DType::U32,
+                supported: "bf16, f16 or f32",
+            });
+        }
         (_, got) => {
             return Err(Error::UnsupportedDType {
                 op,
                 arg: "a",
                 got,
-                supported: "adapters in f32 or in the dtype of w (bf16 w: bf16 or f32 adapters; f16 w: f16 or f32; f32 w: f32)",
+                supported: "adapters in f32 or in the dtype of w0 (bf16 w0: bf16 or f32 adapters; f16 w0: f16 or f32; f32 w0: f32)",
             });
         }
     };

@@ -80,9 +80,31 @@ pub(crate) fn base_dims<T: Element, A: Element>(
     Ok((lead, m, n, k))
 }
 
-/// X, W0 and the M×N output within the kernels' u32 sizes.
-pub(crate) fn base_sizes_fit(op: &'static str, (m, n, k): (usize, usize, usize)) -> Result<()> {
-    for (arg, v) in [("x", m * k), ("w0", n * k), ("M", m), ("N", n)] {
+/// The layer's sizes within the kernels' 32-bit arithmetic: M, N and K each at most
+/// [`validate::MAX_DIM`] (tile counts such as `(m + 127) / 128` are u32), and the element count of the
+/// operands and outputs the kernels index or finalize as a whole at most `u32::MAX`: X and dX (M·K), W0
+/// (N·K), T and U (M·r), A and dA (r·K), B and dB (N·r), where `r` is the rank (the largest rank of a set
+/// of adapters). Y (M·N) may be larger: its rows are addressed in 64 bits.
+pub(crate) fn base_sizes_fit(
+    op: &'static str,
+    (m, n, k): (usize, usize, usize),
+    r: usize,
+) -> Result<()> {
+    for (arg, v) in [
+        ("M (rows of x)", m),
+        ("N (rows of w0)", n),
+        ("K (columns of x)", k),
+    ] {
+        validate::at_most(op, arg, v, validate::MAX_DIM)?;
+    }
+    // each factor is below 2^31 (r below 2^8): no product overflows
+    for (arg, v) in [
+        ("x", m * k),
+        ("w0", n * k),
+        ("t (M·r)", m * r),
+        ("a (r·K)", r * k),
+        ("b (N·r)", n * r),
+    ] {
         validate::fits_u32(op, arg, v)?;
     }
     Ok(())
@@ -99,7 +121,7 @@ pub(crate) fn layer_dims<T: Element, A: Element>(
 ) -> Result<LayerShape> {
     let (lead, m, n, k) = base_dims::<T, A>(op, x, w0)?;
     let r = validate::adapter(op, a, b, (n, k), "the columns of x")?;
-    base_sizes_fit(op, (m, n, k))?;
+    base_sizes_fit(op, (m, n, k), r)?;
     Ok(LayerShape {
         d: Dims { m, n, k, r },
         lead,
@@ -376,4 +398,32 @@ pub fn lora_backward_into<T: Element, A: Element>(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each dimension below 2^31 and every u32-counted operand (X, W0, T, A, B) at most u32::MAX; Y may
+    /// be larger. Shapes no test could allocate, checked where the ops check them.
+    #[test]
+    fn base_sizes_fit_names_the_size_past_the_limit() {
+        let max = validate::MAX_DIM;
+        base_sizes_fit("op", (4096, 4096, 4096), 128).unwrap();
+        // Y of 2^33 elements is fine (64-bit row addressing); X of 2^32 is not
+        base_sizes_fit("op", (1 << 19, 1 << 14, 4096), 16).unwrap();
+        let too_large = |dims, r| match base_sizes_fit("op", dims, r) {
+            Err(Error::TooLarge { arg, .. }) => arg,
+            other => panic!("{dims:?} r {r}: {other:?}"),
+        };
+        assert_eq!(too_large((max + 1, 1, 1), 1), "M (rows of x)");
+        assert_eq!(too_large((1, max + 1, 1), 1), "N (rows of w0)");
+        assert_eq!(too_large((1, 1, max + 1), 1), "K (columns of x)");
+        assert_eq!(too_large((1 << 21, 1, 1 << 11), 1), "x");
+        assert_eq!(too_large((1, 1 << 21, 1 << 11), 1), "w0");
+        // the review's case: M = N = 1, K = 2^25 + 1, r = 128 (dA of 2^32 + 128 elements)
+        assert_eq!(too_large((1, 1, (1 << 25) + 1), 128), "a (r·K)");
+        assert_eq!(too_large((1 << 26, 1, 1), 128), "t (M·r)");
+        assert_eq!(too_large((1, 1 << 26, 1), 128), "b (N·r)");
+    }
 }

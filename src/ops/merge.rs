@@ -12,7 +12,7 @@ use super::launch::{self, MergeMode};
 use super::validate;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
-use crate::params::{LK_MERGE_COUNT_IN_W, LK_MERGE_COUNT_INF, LK_MERGE_COUNT_NAN};
+use crate::params::{LK_MERGE_COUNT_IN_W, LK_MERGE_COUNT_INF, LK_MERGE_COUNT_NAN, LK_MERGE_ROWS};
 use crate::tensor::Tensor;
 
 /// Non-finite elements of a merge, counted by the merge kernel in the pass that computes it.
@@ -76,6 +76,9 @@ fn merge_impl<T: Element, U: Element>(
     let (n, k) = validate::matrix(op, "w0", w0, "[N, K]")?;
     let r = validate::adapter(op, a, b, (n, k), "the columns of w0")?;
     validate::finite(op, "scale", scale)?;
+    validate::at_most(op, "K (columns of w0)", k, validate::MAX_DIM)?;
+    // one block row per LK_MERGE_ROWS rows of W: a launch grid's y of at most 65535
+    validate::at_most(op, "N (rows of w0)", n, 65535 * LK_MERGE_ROWS as usize)?;
     validate::fits_u32(op, "w0", n * k)?;
     let counts = launch::merge(op, w0, a, b, (n, k, r), scale, mode)?;
     Ok(counts.map(NonFiniteCounts::from_kernel))

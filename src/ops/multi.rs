@@ -98,7 +98,7 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
     validate::rows_shape(OP, "y", y, &lead, n, "[..., N] (x's leading dimensions)")?;
     let ldt = set.max_rank();
     validate::shape(OP, "t", t, &[m, ldt], "[M, r_max] (the set's largest rank)")?;
-    base_sizes_fit(OP, (m, n, k))?;
+    base_sizes_fit(OP, (m, n, k), ldt)?;
     launch::check_pair(OP, T::DTYPE, A::DTYPE)?;
     let device = x.device().clone();
     let sms = device.sm_count()?;

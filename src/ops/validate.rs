@@ -88,6 +88,10 @@ pub(crate) fn at_most(op: &'static str, arg: &'static str, value: usize, max: us
     Ok(())
 }
 
+/// The largest M, N or K (rows, columns) the kernels take: below 2^31, so that their u32 tile arithmetic
+/// (`(m + 127) / 128`, an index plus a tile) cannot wrap.
+pub const MAX_DIM: usize = i32::MAX as usize;
+
 /// Fits the kernels' 32-bit sizes.
 pub(crate) fn fits_u32(op: &'static str, arg: &'static str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::TooLarge {
