@@ -15,7 +15,7 @@ constexpr int kThreads = LK_SIMT_THREADS;
 template <typename T>
 __device__ __forceinline__ void lowrank_finalize_impl(const LkLowrankFinalizeParams& p) {
     T* g = static_cast<T*>(p.g);
-    const size_t stride = size_t(gridDim.x) * blockDim.x;  // 64-bit: i + stride never wraps below n
+    const size_t stride = size_t(gridDim.x) * blockDim.x;  // 64-bit: i + stride never wraps below count
     for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.count; i += stride) {
         float sum = 0.0f;
         for (uint32_t s = 0; s < p.splits; ++s) sum = __fadd_rn(sum, p.partial[size_t(s) * p.count + i]);

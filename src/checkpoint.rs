@@ -204,10 +204,11 @@ fn module_shape(f: &Path, m: &AdapterModule, shape: &[usize]) -> Result<(usize, 
     }
 }
 
-/// `out` would replace the base checkpoint file `base`: it names the same directory entry (however the
-/// paths are spelled: `./m.safetensors` and `m.safetensors`, a symlinked directory on the way), or the
-/// file a symlink `base` points to. Paths that do not resolve (an `out` in a directory that does not
-/// exist) are not the base.
+/// `out` would replace the base checkpoint file `base`, or what reading `base` gives: it names the same
+/// directory entry (however the paths are spelled: `./m.safetensors` and `m.safetensors`, a symlinked
+/// directory on the way), the entry of a symlink `base` goes through, or the file itself under another
+/// name (a hard link, or another case on a case-insensitive file system). Paths that do not resolve (an
+/// `out` in a directory that does not exist) are not the base.
 fn replaces_base(base: &Path, out: &Path) -> bool {
     // the directory entry a path names: its parent resolved, then its own name (not followed)
     let entry = |p: &Path| -> Option<PathBuf> {
@@ -220,8 +221,31 @@ fn replaces_base(base: &Path, out: &Path) -> bool {
     let Some(out_entry) = entry(out) else {
         return false;
     };
-    Some(&out_entry) == entry(base).as_ref()
-        || Some(&out_entry) == std::fs::canonicalize(base).ok().as_ref()
+    // base's entry, then each entry its symlinks lead through, to the file (at most 40 links, as Linux)
+    let mut p = base.to_path_buf();
+    for _ in 0..40 {
+        if entry(&p).as_ref() == Some(&out_entry) {
+            return true;
+        }
+        let Ok(target) = std::fs::read_link(&p) else {
+            break;
+        };
+        p = match p.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target,
+        };
+    }
+    if std::fs::canonicalize(base).ok().as_ref() == Some(&out_entry) {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(o), Ok(b)) = (std::fs::symlink_metadata(out), std::fs::metadata(base)) {
+            return o.file_type().is_file() && (o.dev(), o.ino()) == (b.dev(), b.ino());
+        }
+    }
+    false
 }
 
 /// Merges `adapter` into the checkpoint `base` (file or directory) and writes `out` (a file for a

@@ -85,7 +85,7 @@ pub enum Error {
         got: usize,
         shape: Vec<usize>,
     },
-    #[error("{op}: size {value} of `{arg}` exceeds the kernels' limit of {max}")]
+    #[error("{op}: size {value} of `{arg}` exceeds the limit of {max}")]
     TooLarge {
         op: &'static str,
         arg: &'static str,
@@ -146,6 +146,8 @@ pub enum Error {
         #[source]
         source: cudarc::driver::DriverError,
     },
+    #[error("emulator: {bytes} bytes of host memory for a tensor could not be allocated")]
+    HostAlloc { bytes: usize },
     #[error("emulator: kernel `{kernel}` failed: {message}")]
     Emulator {
         kernel: &'static str,

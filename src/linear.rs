@@ -105,6 +105,26 @@ struct Training<T: Element, A: Element> {
     adam: Option<(AdamState, AdamState)>,
     /// The dropout of the last train_forward (the backward's).
     dropout: Dropout,
+    /// A train_backward wrote da and db since these buffers were made (an optimizer step before that
+    /// would apply the weight decay alone and count a step).
+    has_grads: bool,
+}
+
+/// An adapter's config agrees with its tensors: `config.rank` (which its scale alpha/r or alpha/√r
+/// uses) is A's row count. [`LoraLinear::adapter_mut`] hands the tensors out, so a caller may have
+/// replaced them with another rank and not the config: an error naming both, not a wrong scale.
+fn consistent<A: Element>(op: &'static str, name: &str, ad: &Adapter<A>) -> Result<()> {
+    if ad.a.shape().first() != Some(&ad.config.rank) {
+        return Err(Error::InvalidState {
+            op,
+            message: format!(
+                "adapter `{name}`: config.rank is {} but A has shape {:?} (set both through adapter_mut)",
+                ad.config.rank,
+                ad.a.shape()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// splitmix64 → uniform in [-1, 1): deterministic initialisation without a `rand` dependency.
@@ -318,6 +338,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             .adapters
             .get(name)
             .ok_or_else(|| self.unknown(op, name))?;
+        consistent(op, name, adapter)?;
         Ok((name, adapter))
     }
 
@@ -331,7 +352,9 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     }
 
     /// Mutable access for an optimizer step. Refused while that adapter is merged (W0 would no
-    /// longer equal base + s·B·A).
+    /// longer equal base + s·B·A). Replacing A and B with tensors of another shape (another rank, with
+    /// `config.rank` to match) is allowed: training then starts over for them (zero gradients, a fresh
+    /// Adam state).
     pub fn adapter_mut(&mut self, name: &str) -> Result<&mut Adapter<A>> {
         const OP: &str = "LoraLinear::adapter_mut";
         if self.merged.as_deref() == Some(name) {
@@ -393,6 +416,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             let mut set = AdapterSet::new(self.w0.device(), n, k)?;
             let mut slots = BTreeMap::new();
             for (name, ad) in &self.adapters {
+                consistent(OP, name, ad)?;
                 slots.insert(name.clone(), set.add(&ad.a, &ad.b, ad.config.scale())?);
             }
             self.multi = Some(MultiAdapters { set, slots });
@@ -529,6 +553,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             db: Tensor::zeros(dev, ad.b.shape())?,
             adam: None,
             dropout: Dropout::NONE,
+            has_grads: false,
         })
     }
 
@@ -541,7 +566,14 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             });
         }
         let name = self.active_adapter(op)?.0.to_string();
-        if self.train.as_ref().is_none_or(|t| t.adapter != name) {
+        let ad = &self.adapters[&name];
+        // `adapter_mut` gives the tensors out: a caller may have replaced them with others of another
+        // shape (a new rank), which the training buffers, the gradients and Adam's moments, no longer fit
+        let stale = |t: &Training<T, A>| {
+            t.adapter != name || t.da.shape() != ad.a.shape() || t.db.shape() != ad.b.shape()
+        };
+        if self.train.as_ref().is_none_or(stale) {
+            // new buffers: zero gradients and a fresh Adam state for the new shapes
             self.train = Some(self.new_training(&name)?);
         }
         Ok(name)
@@ -622,6 +654,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             mode,
             &mut tr.ws,
         )?;
+        tr.has_grads = true;
         Ok(if want_dx { tr.dx.as_ref() } else { None })
     }
 
@@ -645,8 +678,16 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             });
         }
         let name = self.training(OP)?;
-        self.multi = None; // the step changes the adapter's values
         let tr = self.train.as_mut().expect("made by training()");
+        if !tr.has_grads {
+            return Err(Error::InvalidState {
+                op: OP,
+                message: format!(
+                    "no train_backward of adapter `{name}` since its training state was made (it became active, or its A and B changed shape)"
+                ),
+            });
+        }
+        self.multi = None; // the step changes the adapter's values
         let ad = self.adapters.get_mut(&name).expect("active");
         let dev = ad.a.device().clone();
         if tr.adam.is_none() {

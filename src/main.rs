@@ -460,15 +460,17 @@ fn plan(args: &PlanArgs) -> Result<(), String> {
         _ => return Err("give --preset, or --layers, --d-model and --params".into()),
     };
     // The plan's counts are u64 bytes (about 16 per parameter at most): inputs whose counts would not
-    // fit are refused, not wrapped.
+    // fit, or whose products do not fit on the way, are refused, not wrapped.
     for &r in &args.rank {
-        let per_layer: u128 = model
-            .targets
-            .iter()
-            .map(|&(n, k)| r as u128 * (n as u128 + k as u128))
-            .sum();
-        let lora = per_layer * model.layers as u128;
-        if 16 * (model.total_params as u128 + lora) > u64::MAX as u128 {
+        let lora = model.targets.iter().try_fold(0u64, |acc, &(n, k)| {
+            let per = (n as u64).checked_add(k as u64)?.checked_mul(r as u64)?;
+            acc.checked_add(per)
+        });
+        let bytes = lora
+            .and_then(|l| l.checked_mul(model.layers as u64))
+            .and_then(|l| l.checked_add(model.total_params))
+            .and_then(|total| total.checked_mul(16));
+        if bytes.is_none() {
             return Err(format!(
                 "a model of {} parameters with {} layers of d_model {} at rank {r} is too large to plan: its byte counts overflow 64 bits",
                 model.total_params, model.layers, model.d_model

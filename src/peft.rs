@@ -164,9 +164,16 @@ impl AdapterConfig {
         if v.get("lora_bias").and_then(Value::as_bool) == Some(true) {
             return unsupported("lora_bias = true", "only adapters without a trained bias");
         }
+        // an integer, or an integral float (8.0) as some writers store it, as in rank_pattern
         let r = v
             .get("r")
-            .and_then(Value::as_u64)
+            .and_then(|x| {
+                x.as_u64().or_else(|| {
+                    x.as_f64()
+                        .filter(|f| f.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(f))
+                        .map(|f| f as u64)
+                })
+            })
             .ok_or_else(|| Error::format(path, "missing integer `r`"))? as usize;
         let lora_alpha = v
             .get("lora_alpha")
@@ -199,8 +206,12 @@ impl AdapterConfig {
                 })
                 .collect()
         };
-        let rank = |x: &Value| x.as_u64().filter(|&r| r >= 1).map(|r| r as f64);
-        let rank_pattern = map("rank_pattern", "an integer rank >= 1", &rank)?;
+        // an integer (8, or 8.0 as some writers store it) of at least 1
+        let rank = |x: &Value| {
+            x.as_f64()
+                .filter(|r| r.fract() == 0.0 && (1.0..=u32::MAX as f64).contains(r))
+        };
+        let rank_pattern = map("rank_pattern", "an integer rank from 1 to 2^32 - 1", &rank)?;
         let alpha_pattern = map("alpha_pattern", "a number", &|x: &Value| x.as_f64())?;
         Ok(AdapterConfig {
             r,

@@ -96,7 +96,7 @@ impl<T: Element> Tensor<T> {
                     .map_err(Error::cuda("uploading a tensor"))?,
             ),
             Backend::Emulator(..) => {
-                let mut buf = GuardedBuf::new(std::mem::size_of_val(data), 0);
+                let mut buf = GuardedBuf::new(std::mem::size_of_val(data), 0)?;
                 buf.bytes_mut().copy_from_slice(bytemuck::cast_slice(data));
                 Storage::Host(buf)
             }
@@ -118,7 +118,7 @@ impl<T: Element> Tensor<T> {
                     .map_err(Error::cuda("allocating a tensor"))?,
             ),
             Backend::Emulator(..) => {
-                Storage::Host(GuardedBuf::new(n * std::mem::size_of::<T>(), 0))
+                Storage::Host(GuardedBuf::new(n * std::mem::size_of::<T>(), 0)?)
             }
         };
         Ok(Tensor {
@@ -150,7 +150,9 @@ impl<T: Element> Tensor<T> {
             }
             Backend::Emulator(..) => Ok(Tensor {
                 shape: shape.to_vec(),
-                storage: Storage::Host(GuardedBuf::uninit(numel(shape) * std::mem::size_of::<T>())),
+                storage: Storage::Host(GuardedBuf::uninit(
+                    numel(shape) * std::mem::size_of::<T>(),
+                )?),
                 device: device.clone(),
             }),
         }
@@ -391,7 +393,10 @@ impl U32Buffer {
                     .alloc_zeros::<u32>(len)
                     .map_err(Error::cuda("allocating a count buffer"))?,
             ),
-            Backend::Emulator(..) => Storage::Host(GuardedBuf::uninit(len * 4)),
+            Backend::Emulator(..) => Storage::Host(GuardedBuf::uninit(
+                len.checked_mul(4)
+                    .ok_or(Error::HostAlloc { bytes: usize::MAX })?,
+            )?),
         };
         Ok(U32Buffer {
             len,

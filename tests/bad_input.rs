@@ -419,7 +419,7 @@ mod lora_ops {
 
 /// Sizes past what the kernels' 32-bit arithmetic or a GPU's grid takes are errors naming the size,
 /// before any allocation or launch: a shape whose element count overflows (no wrapped, small buffer), a
-/// set's capacity past memory, W0 with more rows than the merge's grid covers (4194240), AdamW's step
+/// set's capacity past memory, a tensor past the host's memory on the emulator, W0 with more rows than the merge's grid covers (4194240), AdamW's step
 /// count at its end (no wrap to step 0), and a merge into a u32 "weight" names w0, not the adapter.
 #[test]
 fn sizes_past_the_kernels_limits_are_refused() {
@@ -441,6 +441,13 @@ fn sizes_past_the_kernels_limits_are_refused() {
     }
     let e = lora_kernels::AdapterSet::<f32>::with_capacity(&d, 16, 16, 1 << 62).unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+    // within Rust's allocation limit but past this machine's memory (2^60 bytes): the emulator's
+    // allocation fails with an error, not an abort of the process
+    let e = Tensor::<f32>::zeros(&d, &[1 << 58]).unwrap_err();
+    assert!(
+        matches!(e, Error::HostAlloc { bytes } if bytes == 1 << 60),
+        "{e}"
+    );
 
     // 4194305 rows: one past 65535 blocks of 64 rows (8 MiB in bf16)
     let n = 65535 * 64 + 1;

@@ -271,11 +271,23 @@ fn plan_reproduces_the_papers_figures() {
     let (ok, _, stderr) = run(&["plan", "--preset", "gpt9"]);
     assert!(!ok && stderr.contains("unknown preset `gpt9`"), "{stderr}");
     // counts that would overflow 64-bit bytes: refused, not wrapped (or a panic)
-    for args in [
-        ["--layers", "96", "--d-model", "1e19", "--params", "7e9"],
-        ["--layers", "96", "--d-model", "4096", "--params", "3e18"],
-    ] {
-        let (ok, stdout, stderr) = run(&[&["plan"][..], &args[..]].concat());
+    let cases: [&[&str]; 4] = [
+        &["--layers", "96", "--d-model", "1e19", "--params", "7e9"],
+        &["--layers", "96", "--d-model", "4096", "--params", "3e18"],
+        &["--layers", "1e19", "--d-model", "1e19", "--params", "1"],
+        &[
+            "--layers",
+            "1",
+            "--d-model",
+            "1e19",
+            "--params",
+            "1",
+            "--rank",
+            "18446744073709551615",
+        ],
+    ];
+    for args in cases {
+        let (ok, stdout, stderr) = run(&[&["plan"][..], args].concat());
         assert!(!ok && stdout.is_empty(), "{args:?}: {stdout}");
         assert!(stderr.contains("too large to plan"), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
@@ -341,12 +353,17 @@ fn error_paths_are_clear_and_leave_nothing() {
         (
             "rank_pattern",
             serde_json::json!(8.5),
-            "an integer rank >= 1",
+            "an integer rank from 1 to 2^32 - 1",
         ),
         (
             "rank_pattern",
             serde_json::json!(-3),
-            "an integer rank >= 1",
+            "an integer rank from 1 to 2^32 - 1",
+        ),
+        (
+            "rank_pattern",
+            serde_json::json!(0),
+            "an integer rank from 1 to 2^32 - 1",
         ),
         ("alpha_pattern", serde_json::json!("16"), "a number"),
     ] {
@@ -360,6 +377,15 @@ fn error_paths_are_clear_and_leave_nothing() {
             &format!("`{key}` entry `up_proj` is {value}: expected {want}"),
         );
     }
+    // an integral rank written as a float (8.0) is that rank
+    let a = adapter_copy(&dir.join("pattern-float-rank"), |c| {
+        c["rank_pattern"] = serde_json::json!({ "up_proj": 8.0 });
+    });
+    let loaded = PeftAdapter::load(&a).unwrap();
+    assert_eq!(loaded.config.rank_pattern.get("up_proj"), Some(&8));
+    // and so is `r` itself
+    let a = adapter_copy(&dir.join("float-r"), |c| c["r"] = serde_json::json!(8.0));
+    assert_eq!(PeftAdapter::load(&a).unwrap().config.r, 8);
 
     // rank of the config disagrees with the tensors
     let a = adapter_copy(&dir.join("r"), |c| c["r"] = 4.into());
@@ -761,49 +787,97 @@ fn verify_counts_a_planted_error() {
 }
 
 /// The base checkpoint is never replaced, however `out` spells its path (`dir/./base`, through a
-/// symlinked directory, a symlink to the base): the library refuses before writing (the CLI's own check
-/// compares the paths as given), and the base keeps its bytes. A shape mismatch between the adapter and
-/// the base is an error of `verify_merge` too, not a panic (a wrong adapter passed to it alone).
+/// symlinked directory, `sub/..`, a hard link, the file a symlinked base points to, a link in a chain of
+/// symlinks the base goes through, and a bare relative name given to the CLI run in that directory): the
+/// library refuses before writing (the CLI's own check compares the paths as given), and the base keeps
+/// its bytes. An `out` that is a symlink to the base is allowed (the rename replaces the link, not the
+/// base). A shape mismatch between the adapter and the base is an error of `verify_merge` too, not a
+/// panic (a wrong adapter passed to it alone).
 #[test]
 fn the_base_is_never_replaced_and_verify_checks_shapes() {
     use lora_kernels::checkpoint::{merge_checkpoint, verify_merge};
     use lora_kernels::peft::HostMatrix;
+    use std::os::unix::fs::symlink;
     let dir = scratch("base-kept");
     let base = dir.join("base.safetensors");
     std::fs::copy(common::fixture("base.safetensors"), &base).unwrap();
     let before = std::fs::read(&base).unwrap();
     let adapter = PeftAdapter::load(&common::fixture("adapter")).unwrap();
     let dev = lora_kernels::Device::emulator();
-    std::os::unix::fs::symlink(&dir, dir.join("again")).unwrap();
-    std::os::unix::fs::symlink(&base, dir.join("link.safetensors")).unwrap();
+    symlink(&dir, dir.join("again")).unwrap();
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::hard_link(&base, dir.join("hard.safetensors")).unwrap();
+    // link1 -> link2 -> base.safetensors
+    symlink("base.safetensors", dir.join("link2.safetensors")).unwrap();
+    symlink("link2.safetensors", dir.join("link1.safetensors")).unwrap();
+    let refused = |base: &Path, out: &Path| {
+        let e = merge_checkpoint(base, &adapter, out, &dev, false, &mut ()).unwrap_err();
+        assert!(
+            e.to_string().contains("is the base checkpoint"),
+            "{} over {}: {e}",
+            out.display(),
+            base.display()
+        );
+    };
     for out in [
         dir.join(".").join("base.safetensors"),
         dir.join("again").join("base.safetensors"),
         dir.join("sub").join("..").join("base.safetensors"),
+        dir.join("hard.safetensors"),
     ] {
-        if out.to_string_lossy().contains("sub") {
-            std::fs::create_dir_all(dir.join("sub")).unwrap();
-        }
-        let e = merge_checkpoint(&base, &adapter, &out, &dev, false, &mut ()).unwrap_err();
-        assert!(
-            e.to_string().contains("is the base checkpoint"),
-            "{}: {e}",
-            out.display()
-        );
-        // and the base, given through the symlink, with its real path as out
-        let e = merge_checkpoint(
-            &dir.join("link.safetensors"),
-            &adapter,
-            &base,
-            &dev,
-            false,
-            &mut (),
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("is the base checkpoint"), "{e}");
+        refused(&base, &out);
     }
+    refused(&dir.join("link1.safetensors"), &base);
+    refused(
+        &dir.join("link1.safetensors"),
+        &dir.join("link2.safetensors"),
+    );
+    // the CLI in the base's directory, with a bare relative --out (no parent) and ./ on the base
+    let program = std::fs::canonicalize(bin_path()).unwrap();
+    let run_in = |args: &[&str]| {
+        Command::new(&program)
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap()
+    };
+    let adapter_dir = common::fixture("adapter");
+    let o = run_in(&[
+        "merge",
+        "--base",
+        "./base.safetensors",
+        "--adapter",
+        adapter_dir.to_str().unwrap(),
+        "--out",
+        "base.safetensors",
+        "--device",
+        "emu",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("is the base checkpoint"),
+        "{stderr}"
+    );
     assert!(std::fs::read(&base).unwrap() == before, "the base changed");
-    // a merge next to it still works
+    // an out that is a symlink to the base: the merge replaces the link, the base keeps its bytes
+    symlink("base.safetensors", dir.join("out-link.safetensors")).unwrap();
+    merge_checkpoint(
+        &base,
+        &adapter,
+        &dir.join("out-link.safetensors"),
+        &dev,
+        false,
+        &mut (),
+    )
+    .unwrap();
+    assert!(std::fs::read(&base).unwrap() == before, "the base changed");
+    assert!(
+        !std::fs::symlink_metadata(dir.join("out-link.safetensors"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    // a merge next to it
     let out = dir.join("merged.safetensors");
     merge_checkpoint(&base, &adapter, &out, &dev, false, &mut ()).unwrap();
     // verify_merge with an adapter whose module does not fit the base: an error naming the module

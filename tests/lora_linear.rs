@@ -787,3 +787,92 @@ fn forward_multi_over_peft_directories() {
     let e = l16.forward_multi(&x, &vec![None; m]).unwrap_err();
     assert!(e.to_string().contains("merged"), "{e}");
 }
+
+/// A training adapter replaced through `adapter_mut` by tensors of another rank trains on: its buffers
+/// (gradients, Adam's moments) are made anew for the new shapes, the backward needs a forward of the new
+/// rank first and the optimizer step a backward, and the gradients match the reference; a config rank
+/// that disagrees with A is an error naming both (for the forward and the merge too: their scale reads
+/// it), not a shape error about a buffer the caller never passed.
+#[test]
+fn an_adapter_replaced_with_another_rank_trains_on() {
+    use lora_kernels::ops::{AdamW, GradMode};
+    let dev = Device::emulator();
+    let mut rng = Rng::new(0x7a);
+    let (n, k, m) = (24, 40, 6);
+    let w0: Vec<bf16> = rng.vec(n * k, 0.3);
+    let mut layer =
+        LoraLinear::with_f32_adapters(Tensor::from_slice(&dev, &w0, &[n, k]).unwrap(), None)
+            .unwrap();
+    layer.add_adapter("t", LoraConfig::new(8, 16.0), 1).unwrap();
+    let xs: Vec<bf16> = rng.vec(m * k, 1.0);
+    let dys: Vec<bf16> = rng.vec(m * n, 1.0);
+    let x = Tensor::from_slice(&dev, &xs, &[m, k]).unwrap();
+    let dy = Tensor::from_slice(&dev, &dys, &[m, n]).unwrap();
+    layer.train_forward(&x).unwrap();
+    layer
+        .train_backward(&x, &dy, GradMode::Overwrite, false)
+        .unwrap();
+    layer.optimizer_step(&AdamW::default()).unwrap();
+
+    // rank 8 -> 4, new values
+    let r = 4;
+    let (a, b): (Vec<f32>, Vec<f32>) = (rng.vec(r * k, 0.3), rng.vec(n * r, 0.3));
+    {
+        let ad = layer.adapter_mut("t").unwrap();
+        ad.a = Tensor::from_slice(&dev, &a, &[r, k]).unwrap();
+        ad.b = Tensor::from_slice(&dev, &b, &[n, r]).unwrap();
+    }
+    for e in [
+        layer.train_forward(&x).unwrap_err(),
+        layer.forward(&x).unwrap_err(),
+        layer.merge().unwrap_err(),
+    ] {
+        assert!(
+            matches!(e, Error::InvalidState { .. }) && e.to_string().contains("config.rank is 8"),
+            "{e}"
+        );
+    }
+    assert!(!layer.is_merged());
+    layer.adapter_mut("t").unwrap().config.rank = r;
+    // the old gradients do not fit the new shapes: no step before a backward of the new rank
+    let e = layer.optimizer_step(&AdamW::default()).unwrap_err();
+    assert!(e.to_string().contains("no train_backward"), "{e}");
+    let e = layer
+        .train_backward(&x, &dy, GradMode::Overwrite, false)
+        .unwrap_err();
+    assert!(e.to_string().contains("no train_forward"), "{e}");
+    layer.train_forward(&x).unwrap();
+    layer
+        .train_backward(&x, &dy, GradMode::Overwrite, false)
+        .unwrap();
+    let (da, db) = layer.grads().unwrap();
+    assert_eq!((da.shape(), db.shape()), (&[r, k][..], &[n, r][..]));
+    let scale = layer.adapter("t").unwrap().config.scale() as f64;
+    let f = reference::forward_as_kernels(
+        &xs,
+        &w0,
+        &a,
+        &b,
+        None,
+        Dims { m, n, k, r },
+        scale,
+        &Default::default(),
+    );
+    let t: Vec<bf16> = f.t.iter().map(|&v| bf16::from_f64(v)).collect();
+    let g = reference::backward_as_kernels(
+        &xs,
+        &w0,
+        &a,
+        &b,
+        &t,
+        &dys,
+        Dims { m, n, k, r },
+        scale,
+        &Default::default(),
+    );
+    let (da, db) = (da.to_vec().unwrap(), db.to_vec().unwrap());
+    assert!(
+        reference::relative_error(&da, &g.da) < TOL && reference::relative_error(&db, &g.db) < TOL
+    );
+    layer.optimizer_step(&AdamW::default()).unwrap();
+}

@@ -151,12 +151,13 @@ fn property_case<T: Element, A: Element>(
             reference::relative_error(&t, &reference::rounded::<T>(&want.t)),
         );
         let what = format!(
-            "{}/{} {dims:?} ranks {:?} rows {:?} on {}",
+            "{}/{} {dims:?} ranks {:?} rows {:?} on {} (data: LK_TEST_SEED={})",
             T::DTYPE,
             A::DTYPE,
             b.adapters.iter().map(|a| a.2).collect::<Vec<_>>(),
             &b.rows[..b.rows.len().min(24)],
-            dev.describe()
+            dev.describe(),
+            common::seed()
         );
         assert!(ey <= tol(T::DTYPE), "{what}: y relative error {ey:e}");
         assert!(et <= tol(T::DTYPE), "{what}: t relative error {et:e}");

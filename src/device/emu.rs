@@ -195,34 +195,45 @@ unsafe impl Send for GuardedBuf {}
 unsafe impl Sync for GuardedBuf {}
 
 impl GuardedBuf {
-    /// `len` bytes of data, filled with `fill`.
-    pub(crate) fn new(len: usize, fill: u8) -> Self {
-        let total = GUARD + len.div_ceil(ALIGN) * ALIGN + GUARD;
-        let layout = Layout::from_size_align(total, ALIGN).expect("tensor too large");
+    /// `len` bytes of data, filled with `fill`; an allocation the allocator refuses is an error, not an
+    /// abort of the process (the emulator is `Device::auto`'s fallback). Not covered: an allocation the
+    /// allocator grants beyond the memory there is (Linux's overcommit), which the fill then touches.
+    pub(crate) fn new(len: usize, fill: u8) -> Result<Self> {
+        let too_large = || Error::HostAlloc { bytes: len };
+        let total = len
+            .checked_next_multiple_of(ALIGN)
+            .and_then(|v| v.checked_add(2 * GUARD))
+            .ok_or_else(too_large)?;
+        let layout = Layout::from_size_align(total, ALIGN).map_err(|_| too_large())?;
         // SAFETY: layout has non-zero size (two guards).
         let base = unsafe { alloc(layout) };
         if base.is_null() {
-            std::alloc::handle_alloc_error(layout);
+            return Err(too_large());
         }
         // SAFETY: base points to `total` writable bytes.
         unsafe {
             std::ptr::write_bytes(base, GUARD_BYTE, total);
             std::ptr::write_bytes(base.add(GUARD), fill, len);
         }
-        GuardedBuf {
+        Ok(GuardedBuf {
             base,
             layout,
             len,
             init: None,
-        }
+        })
     }
 
     /// `len` bytes that count as never written: filled with 0xFF (NaN) and tracked by initcheck until a
     /// kernel or the host writes them.
-    pub(crate) fn uninit(len: usize) -> Self {
-        let mut b = GuardedBuf::new(len, GUARD_BYTE);
-        b.init = Some(vec![0; len]);
-        b
+    pub(crate) fn uninit(len: usize) -> Result<Self> {
+        let mut b = GuardedBuf::new(len, GUARD_BYTE)?;
+        let mut shadow = Vec::new();
+        shadow
+            .try_reserve_exact(len)
+            .map_err(|_| Error::HostAlloc { bytes: len })?;
+        shadow.resize(len, 0);
+        b.init = Some(shadow);
+        Ok(b)
     }
 
     /// Back to the state of [`GuardedBuf::uninit`]: poisoned, and every byte counts as never written

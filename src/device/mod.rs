@@ -225,9 +225,10 @@ impl Device {
 }
 
 /// The grid within what a GPU launches (x < 2^31, y and z at most 65535; a larger one is
-/// CUDA_ERROR_INVALID_VALUE there, and the emulator refuses it too): an op whose shape would need more
-/// blocks gets this error, naming the dimension, before anything runs. The ops check the shapes that
-/// reach these limits themselves where they can name the argument.
+/// CUDA_ERROR_INVALID_VALUE there, and the emulator refuses it too): a launch whose shape would need
+/// more blocks gets this error, naming the dimension, before it runs (in an op of several launches,
+/// those before it have run). The ops check the shapes that reach these limits themselves where they
+/// can name the argument.
 fn check_grid(op: &'static str, plan: &LaunchPlan) -> Result<()> {
     let limits = [
         ("launch grid x (blocks)", i32::MAX as u32),

@@ -266,12 +266,13 @@ pub fn check<T: Element, A: Element>(what: &str, l: &Layer<T, A>, o: &Outputs<T,
     for (name, err) in checks {
         assert!(
             err <= tol,
-            "{what} {} (adapters {}) {:?} scale {} {:?}: `{name}` relative error {err:e} > {tol:e}",
+            "{what} {} (adapters {}) {:?} scale {} {:?}: `{name}` relative error {err:e} > {tol:e} (data: LK_TEST_SEED={})",
             T::DTYPE,
             A::DTYPE,
             l.d,
             l.scale,
-            l.dropout
+            l.dropout,
+            super::seed()
         );
     }
 }
