@@ -19,7 +19,8 @@
 //   - batch invariance: a row's bits depend on its own X row, adapter, W0 and bias only, never on the
 //     batch size, the row's position or the other rows' adapters;
 //   - a row's Y and T are bit-identical to lora_forward with its adapter alone (on the general path,
-//     M > LK_SMALL_M_MAX; the small-M kernel sums in another order), which the tests check.
+//     M > LK_SMALL_M_MAX, and the mma.sync kernels, LK_FUSED_GEMM unset or mma; the small-M kernel and
+//     the opt-in sm_90a ones sum in another order), which the tests check.
 // The cost of a tile grows with the number of distinct adapters in it (each pass is ceil(r_a/32) extra
 // k-tiles of 128 rows): rows grouped by adapter, as servers batch requests, keep it at one or two.
 // Caveat: a non-finite value in one adapter's B reaches the other rows of its tiles as 0·inf = NaN (and

@@ -1,11 +1,14 @@
 // lowrank_finalize.cu: the last step of every split reduction: the gradients dB = s·dYᵀ·T, dA = s·Uᵀ·X
-// and U = dY·B (lowrank_grad.cu), and the projection T = X·Aᵀ when it is split (fused_gemm.cu).
+// and U = dY·B (lowrank_grad.cu, or dB's and dA's per-row-block partials of the sm_90a dX kernel,
+// sm90/fused_gemm_t_sm90.cu), and the projection T = X·Aᵀ when it is split over K (fused_gemm.cu, or the
+// small-batch shrink of multi_decode.cu, for one adapter or a set of them).
 //
-// Those kernels sum fixed chunks (token chunks, column strips, K chunks) into f32 partials
+// Those kernels sum fixed chunks (token chunks, column strips, row blocks, K chunks) into f32 partials
 // (splits × count); this kernel adds the partials of each element in chunk order, scales once and
 // rounds once: G = round(s · Σ_chunk partial), or G = round(G + s · Σ_chunk partial) when accumulating
 // gradients over micro-batches (f32 sum, one rounding). The chunks depend on the shape only
-// (src/ops/launch.rs grad_splits), so the same inputs give the same bits on every run, with no atomics.
+// (src/ops/launch.rs grad_splits for the tokens, projection_splits for K), so the same inputs give the
+// same bits on every run, with no atomics.
 #include "lk_tile.cuh"
 #include "lora_params.h"
 

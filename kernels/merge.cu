@@ -31,9 +31,9 @@
 // would change, and the PEFT fixtures are rank 8, so their agreement tests would not even see a rank ≥ 32
 // path. The cost: the rank product is r·n·k FFMA. On an H100 (132 SMs × 128 FP32 lanes, 1.98 GHz) the
 // FFMA alone take as long as moving a bf16 W at r ≈ 45; with this kernel's 621 instructions per 16 rank
-// steps (bf16, sm_90) the 4096² bf16 merge is bound by memory up to r = 32 (r = 16, the target: 9.7 µs
-// of issue against 22.5 µs of memory) and by issue beyond (r = 64: 38.9 against 22.7; r = 128: 77.9
-// against 23.1; docs/perf/bound.md).
+// steps (bf16, sm_90) the 4096² bf16 merge is bound by memory up to r = 32 (r = 16, the target: 10.0 µs
+// of issue against 22.5 µs of memory) and by issue beyond (r = 64: 40.1 against 22.7; r = 128: 80.3
+// against 23.1; docs/perf/bound.md, the last wave counted).
 //
 // Non-finite check (p.counts != NULL, src/ops/merge.rs `safe_merge`, the CLI's merge): in the same
 // pass, each thread counts its elements that were finite in W and whose merged value, rounded to W's

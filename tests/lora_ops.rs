@@ -42,7 +42,7 @@ fn case<T: Element>(d: Dims, scale: f32, bias: bool, backward: bool, stream: u64
 fn layer_case<T: Element, A: Element>(l: &Layer<T, A>, backward: bool, stream: u64) {
     let d = l.d;
     if !common::gpu_only() {
-        let emus = common::emulators();
+        let emus = common::emulators_for(stream);
         let first = lora::run(&emus[0], l, backward);
         lora::check("emulator", l, &first, tol(T::DTYPE));
         let other = &emus[1 + (stream % 3) as usize];
@@ -123,7 +123,7 @@ fn batched_case<T: Element>(lead: Vec<usize>, nkr: (usize, usize, usize), scale:
         .with_lead(lead)
         .with_accumulation(&mut rng);
     if !common::gpu_only() {
-        let emus = common::emulators();
+        let emus = common::emulators_for(stream);
         let first = lora::run(&emus[0], &l, true);
         lora::check("emulator", &l, &first, tol(T::DTYPE));
         let other = &emus[1 + (stream % 3) as usize];

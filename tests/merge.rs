@@ -1,6 +1,6 @@
 //! In-place merge / unmerge (kernels/merge.cu) through `ops::merge` / `ops::unmerge`: property tests
-//! against the f64 reference for every supported (W dtype, adapter dtype) pair, identical bits under two
-//! thread orders, and the merge-then-unmerge contract in bf16 and f16.
+//! against the f64 reference for every supported (W dtype, adapter dtype) pair, identical bits under every
+//! thread order, and the merge-then-unmerge contract in bf16 and f16.
 
 mod common;
 
@@ -25,7 +25,7 @@ fn merged_on<T: Element, U: Element>(
 }
 
 /// Every element within 1 ulp of the correctly rounded merge (f32 arithmetic inside), f32 W within
-/// 1e-5 relative norm; the same bits under both thread orders and on the GPU's repeat.
+/// 1e-5 relative norm; the same bits under every thread order and on the GPU's repeat.
 fn check<T: Element, U: Element>(nkr: (usize, usize, usize), scale: f32, stream: u64) {
     let (n, k, r) = nkr;
     let mut rng = Rng::new(stream);

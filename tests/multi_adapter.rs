@@ -134,7 +134,7 @@ fn property_case<T: Element, A: Element>(
     // (the GPU alone under LK_TEST_DEVICES=gpu)
     let mut devices = Vec::new();
     if !common::gpu_only() {
-        let emus = common::emulators();
+        let emus = common::emulators_for(stream);
         devices = vec![emus[0].clone(), emus[1 + (stream % 3) as usize].clone()];
     }
     devices.extend(common::gpu());

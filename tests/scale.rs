@@ -1,5 +1,5 @@
 //! The trivial kernel through the whole path (build.rs -> embedded module / emulator -> launch plan ->
-//! safe op) against the reference, on the emulator under two thread orders and on the GPU if present.
+//! safe op) against the reference, on the emulator under its four thread orders and on the GPU if present.
 
 mod common;
 

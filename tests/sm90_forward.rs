@@ -10,7 +10,7 @@
 //! grid's size, so blocks loop over several tiles or over none, and the tile width that `ops::sm90_tile`
 //! picks for it, 128×256 or the narrow 128×128, both among the cases). Then dX (`lora_backward`, the "nn"
 //! kernel: W0 and A read MN-major from 64×64 boxes; at ranks up to 32 the one-launch "nn" kernel of
-//! fused_gemm_t_sm90.cu, U = dY·B computed inside, and up to rank 16 dB's and dA's partial sums too) with the
+//! fused_gemm_t_sm90.cu, U = dY·B computed inside, and up to rank 32 dB's and dA's partial sums too) with the
 //! whole backward, as many property cases per
 //! structure and two
 //! edge shapes (each with both widths), under two orders too; edges of the one-launch kernels' schedule
@@ -77,7 +77,7 @@ fn case_on<T: Element>(
 /// The launches of one layer case (`run`) took the sm_90a structure its rank chooses (the emulator's
 /// launch record), so a case cannot pass on a fallback: at ranks up to 32 the one-launch kernels (the
 /// forward's fused_gemm_t*, dX's fused_gemm_u*) and neither GEMM of fused_gemm_sm90.cu; above, those GEMMs
-/// and no one-launch kernel; and the backward's passes of its rank (dB inside dX's kernel up to rank 16).
+/// and no one-launch kernel; and the backward's passes of its rank (dB and dA inside dX's kernel up to rank 32).
 fn took_the_structure_of_its_rank(launches: &[&str], r: usize, backward: bool, what: &str) {
     let one_launch = r <= 32;
     let ran = |prefix: &str| launches.iter().any(|k| k.starts_with(prefix));

@@ -28,12 +28,14 @@
 // stages instead of four (48 KB each, + the 64 KB output tile: 210 KB of the 227). The narrow kernels
 // (128×128, six stages of 32 KB: the most that fit, for the mid-M GEMMs that stream W0) are for the GEMMs
 // whose busiest SM has less work with them (ops/sm90.rs sm90_tile): at most half as many wide tiles as
-// SMs (M = 256, N = 4096: 32 wide tiles for 132 SMs), or a last wave they fill better; their busiest SM
-// never has more work than the mma.sync kernel's, whose tiles are 128×128 too. Here T comes from the
+// SMs (M = 256, N = 4096: 32 wide tiles for 132 SMs), or a last wave they fill better (where the mma.sync
+// kernel takes its 128×64 tiles, up to M = 256 at N = 4096, its busiest SM has less work than either
+// width here: docs/perf/bound.md's by-M table). Here T comes from the
 // projection launch: in the grouped tile order each of a row block's n/BN column tiles would compute it
 // again (r/BN more tensor work). The forward at ranks up to 32 computes T inside instead, about twice per
 // row block, with runs of consecutive tiles per CTA (fused_gemm_t_sm90.cu), and so does dX with U; this
-// kernel takes the other ranks (and dX under dropout). No clusters yet (what the L2 throughput measured on
+// kernel takes the other ranks, and every rank under LK_FUSED_GEMM=sm90-projection (dropout runs on the
+// mma.sync kernels: ops/sm90.rs refuses it here). No clusters yet (what the L2 throughput measured on
 // a GPU decides).
 // Requirements the host checks (ops/sm90.rs): k and rank multiples of 8 and 16-byte aligned operands
 // (TMA's row strides), layer-dtype adapters, no dropout.

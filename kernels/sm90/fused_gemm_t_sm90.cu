@@ -2,7 +2,8 @@
 // with T = X·Aᵀ computed here, from the X tiles the GEMM streams anyway, and written out for the backward;
 // and the backward's dX the same way ("nn", kernels fused_gemm_u<TN>_sm90_nn*): dX = dY·W0 + (s·U)·A with
 // U = dY·B computed from the dY tiles, and dB's and dA's partial sums too. fused_gemm_sm90.cu's kernels take
-// T or U from a separate launch instead (ranks above 32, dropout).
+// T or U from a separate launch instead (ranks above 32, or LK_FUSED_GEMM=sm90-projection; dropout runs on
+// the mma.sync kernels).
 //
 // Why: with the projection as its own launch the forward is that launch (X read once more, f32 partials,
 // their finalize) plus the GEMM; docs/perf/bound.md has the time it leaves the GEMM. Here the only extra

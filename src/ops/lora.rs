@@ -1,9 +1,12 @@
 //! The LoRA forward and backward over [`Tensor`]s (kernels/fused_gemm.cu, small_m.cu,
 //! lowrank_grad.cu, lowrank_finalize.cu). Every argument is validated before the first launch.
 //!
-//! forward:  `T = X·Aᵀ`, `Y = X·W0ᵀ + s·T·Bᵀ (+ bias)`: T on the tensor-core GEMM (N = r), then ONE
-//!           fused GEMM; for M ≤ 16 the small-M kernel instead, which streams W0 once and computes T
-//!           from the same X on the way (then a small finalize launch).
+//! forward:  `T = X·Aᵀ`, `Y = X·W0ᵀ + s·T·Bᵀ (+ bias)`: T on the tensor-core GEMM (N = r; at most 128
+//!           rows over several 1024-column K chunks without dropout: the small-batch shrink of
+//!           kernels/multi_decode.cu), then ONE fused GEMM; for M ≤ 16 with adapters in the layer dtype
+//!           and no dropout the small-M kernel instead, which streams W0 once and computes T from the
+//!           same X on the way (then a small finalize launch). On sm_90 under `LK_FUSED_GEMM=auto` or
+//!           `sm90` the sm_90a GEMM (ops/sm90.rs: T inside it up to rank 32).
 //! backward: `U = dY·B` and `dB = s·dYᵀ·T` in one pass over dY, `dA = s·Uᵀ·X` in one over X, then
 //!           `dX = dY·W0 + s·U·A` (optional) on the fused GEMM: dY is read twice, X once. Never dW0.
 //!

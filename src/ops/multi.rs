@@ -11,7 +11,7 @@
 //!
 //! Batch invariance: a row's Y and T bits depend on its own X row, adapter, W0 and bias only, at every
 //! M; they are the bits of [`lora_forward`](super::lora_forward) with that adapter alone on its general
-//! path (M > 16; see kernels/fused_gemm_multi.cu for why). This holds for any X (infinities and NaN
+//! path (M > 16, with `LK_FUSED_GEMM` unset or `mma`; see kernels/fused_gemm_multi.cu for why). This holds for any X (infinities and NaN
 //! included) as long as the set's adapters are finite: a NaN or infinity in one adapter's A or B reaches
 //! the other rows of its tiles as 0·inf = NaN.
 

@@ -15,6 +15,12 @@ use lora_kernels::{Device, Element, EmuConfig, ThreadOrder};
 /// blocks, and the two warp-greedy orders (blocks shuffled by other seeds). Every launch runs the race
 /// detector and memcheck; a kernel whose bits differ between orders has a race the detector missed.
 pub fn emulators() -> Vec<Device> {
+    emulators_for(0)
+}
+
+/// [`emulators`] whose seeded orders also depend on a case's `stream`, so the cases of one run do not
+/// all share one shuffle (the ascending order is the same for all).
+pub fn emulators_for(stream: u64) -> Vec<Device> {
     let cfg = |order, seed| {
         Device::emulator_with(EmuConfig {
             order,
@@ -22,11 +28,12 @@ pub fn emulators() -> Vec<Device> {
             ..EmuConfig::default()
         })
     };
+    let s = seed() ^ stream.wrapping_mul(0xd6e8_feb8_6659_fd93);
     vec![
         cfg(ThreadOrder::Ascending, 0),
-        cfg(ThreadOrder::Shuffled, seed()),
-        cfg(ThreadOrder::WarpGreedyAscending, seed() ^ 0x9e37),
-        cfg(ThreadOrder::WarpGreedyDescending, seed() ^ 0x79b9),
+        cfg(ThreadOrder::Shuffled, s),
+        cfg(ThreadOrder::WarpGreedyAscending, s ^ 0x9e37),
+        cfg(ThreadOrder::WarpGreedyDescending, s ^ 0x79b9),
     ]
 }
 
