@@ -152,7 +152,9 @@ __device__ __forceinline__ void lk_cp_async_wait() {
 #ifdef LK_EMU
     ::lk_emu::cp_async_wait(N);
 #else
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    // "memory": the shared-memory reads after the wait (merge.cu reads its own copies with no barrier
+    // between) must not be moved above it by the compiler
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 

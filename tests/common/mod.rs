@@ -89,8 +89,11 @@ pub fn gpu_only() -> bool {
 /// The GPU when one can be used; otherwise prints why the GPU run is skipped, or panics when
 /// `LK_REQUIRE_GPU=1` or `LK_TEST_DEVICES=gpu`.
 pub fn gpu() -> Option<Device> {
-    match Device::cuda(0) {
-        Ok(d) => Some(d),
+    // One CUDA device (context, stream, loaded modules) for the whole test process: a Device::cuda per
+    // case released the GPU's primary context and made it again, modules reloaded, every time.
+    static GPU: std::sync::OnceLock<Result<Device, String>> = std::sync::OnceLock::new();
+    match GPU.get_or_init(|| Device::cuda(0).map_err(|e| e.to_string())) {
+        Ok(d) => Some(d.clone()),
         Err(e) => {
             if std::env::var("LK_REQUIRE_GPU").as_deref() == Ok("1") {
                 panic!("LK_REQUIRE_GPU=1 but the CUDA backend is unavailable: {e}");
