@@ -77,8 +77,10 @@ impl<A: Element> std::fmt::Debug for AdapterSet<A> {
     }
 }
 
+/// `v` up to a multiple of ALIGN_ELEMS; saturating, so a size past memory (a capacity asked of
+/// `with_capacity`) becomes Tensor::zeros's TooLarge, not a wrapped small size.
 fn round_up(v: usize) -> usize {
-    v.div_ceil(ALIGN_ELEMS) * ALIGN_ELEMS
+    v.div_ceil(ALIGN_ELEMS).saturating_mul(ALIGN_ELEMS)
 }
 
 impl<A: Element> AdapterSet<A> {
@@ -114,14 +116,7 @@ impl<A: Element> AdapterSet<A> {
             device: device.clone(),
             n,
             k,
-            // saturating: a capacity past memory is Tensor::zeros's TooLarge, not a wrapped size
-            arena: Tensor::zeros(
-                device,
-                &[elements
-                    .max(1)
-                    .div_ceil(ALIGN_ELEMS)
-                    .saturating_mul(ALIGN_ELEMS)],
-            )?,
+            arena: Tensor::zeros(device, &[round_up(elements.max(1))])?,
             free: Vec::new(),
             end: 0,
             slots: Vec::new(),

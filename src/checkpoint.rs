@@ -235,9 +235,6 @@ fn replaces_base(base: &Path, out: &Path) -> bool {
             _ => target,
         };
     }
-    if std::fs::canonicalize(base).ok().as_ref() == Some(&out_entry) {
-        return true;
-    }
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;

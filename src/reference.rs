@@ -433,10 +433,7 @@ pub fn relative_error<T: Element>(got: &[T], want: &[f64]) -> f64 {
     let mut den = 0.0;
     for (g, w) in got.iter().zip(want) {
         let g = g.to_f64();
-        if !g.is_finite() {
-            return f64::INFINITY;
-        }
-        if !w.is_finite() {
+        if !g.is_finite() || !w.is_finite() {
             return f64::INFINITY;
         }
         num += (g - w) * (g - w);
