@@ -461,20 +461,17 @@ fn plan(args: &PlanArgs) -> Result<(), String> {
     };
     // The plan's counts are u64 bytes (about 16 per parameter at most): inputs whose counts would not
     // fit, or whose products do not fit on the way, are refused, not wrapped.
+    let mut lora = Vec::with_capacity(args.rank.len());
     for &r in &args.rank {
-        let lora = model.targets.iter().try_fold(0u64, |acc, &(n, k)| {
-            let per = (n as u64).checked_add(k as u64)?.checked_mul(r as u64)?;
-            acc.checked_add(per)
-        });
-        let bytes = lora
-            .and_then(|l| l.checked_mul(model.layers as u64))
-            .and_then(|l| l.checked_add(model.total_params))
-            .and_then(|total| total.checked_mul(16));
-        if bytes.is_none() {
-            return Err(format!(
-                "a model of {} parameters with {} layers of d_model {} at rank {r} is too large to plan: its byte counts overflow 64 bits",
-                model.total_params, model.layers, model.d_model
-            ));
+        let fits = |l: u64| l.checked_add(model.total_params)?.checked_mul(16);
+        match model.lora_params(r) {
+            Some(l) if fits(l).is_some() => lora.push((r, l)),
+            _ => {
+                return Err(format!(
+                    "a model of {} parameters with {} layers of d_model {} at rank {r} is too large to plan: its byte counts overflow 64 bits",
+                    model.total_params, model.layers, model.d_model
+                ));
+            }
         }
     }
     let p = model.total_params;
@@ -494,8 +491,7 @@ fn plan(args: &PlanArgs) -> Result<(), String> {
         memory::human(p),
         memory::human(full.total())
     );
-    for &r in &args.rank {
-        let l = model.lora_params(r);
+    for (r, l) in lora {
         let mem = lora_finetune(p, l, 2);
         println!(
             "| LoRA r = {r} | {} | {} B | {} B |",

@@ -46,14 +46,14 @@ impl ModelConfig {
         }
     }
 
-    /// Trainable LoRA parameters at rank r: r·(out + in) per adapted matrix.
-    pub fn lora_params(&self, r: usize) -> u64 {
-        let per_layer: u64 = self
-            .targets
-            .iter()
-            .map(|&(n, k)| (r * (n + k)) as u64)
-            .sum();
-        per_layer * self.layers as u64
+    /// Trainable LoRA parameters at rank r: r·(out + in) per adapted matrix, over every layer; `None`
+    /// when that count does not fit in 64 bits.
+    pub fn lora_params(&self, r: usize) -> Option<u64> {
+        let per_layer = self.targets.iter().try_fold(0u64, |acc, &(n, k)| {
+            let per = (n as u64).checked_add(k as u64)?.checked_mul(r as u64)?;
+            acc.checked_add(per)
+        })?;
+        per_layer.checked_mul(self.layers as u64)
     }
 }
 
@@ -165,11 +165,11 @@ mod tests {
     #[test]
     fn reproduces_the_papers_gpt3_figures() {
         let g = ModelConfig::gpt3_175b();
-        assert_eq!(g.lora_params(1), 4_718_592); // "4.7M"
-        assert_eq!(human(g.lora_params(1)), "4.7M");
-        assert_eq!(human(g.lora_params(8)), "37.7M");
+        assert_eq!(g.lora_params(1), Some(4_718_592)); // "4.7M"
+        assert_eq!(human(g.lora_params(1).unwrap()), "4.7M");
+        assert_eq!(human(g.lora_params(8).unwrap()), "37.7M");
         // r = 4: the fp16 adapter is 37.7 MB (the paper rounds it to 35 MB) vs a 350 GB fp16 model.
-        assert_eq!(human(g.lora_params(4) * 2), "37.7M");
+        assert_eq!(human(g.lora_params(4).unwrap() * 2), "37.7M");
         assert_eq!(human(g.total_params * 2), "350.0G");
     }
 

@@ -111,6 +111,42 @@ fn pattern_match<'a, V>(patterns: &'a BTreeMap<String, V>, module: &str) -> Opti
         .map(|(_, v)| v)
 }
 
+/// A rank as adapter configs write it: an integer, or an integral float (8.0) as some writers store it,
+/// from 0 to 2^32 - 1 (a rank of 8.5 or -3 is refused, not read as 8 or 0).
+fn integral(x: &Value) -> Option<u64> {
+    let max = u64::from(u32::MAX);
+    x.as_u64()
+        .or_else(|| {
+            x.as_f64()
+                .filter(|f| f.fract() == 0.0 && (0.0..=max as f64).contains(f))
+                .map(|f| f as u64)
+        })
+        .filter(|&n| n <= max)
+}
+
+/// The config's `key` object (absent: empty) with each value as `read` takes it; a value it refuses is
+/// an error naming the key and what was expected (`want`), not silently dropped or truncated.
+fn pattern<T>(
+    config: &Value,
+    path: &Path,
+    key: &str,
+    want: &str,
+    read: impl Fn(&Value) -> Option<T>,
+) -> Result<BTreeMap<String, T>> {
+    let Some(o) = config.get(key).and_then(Value::as_object) else {
+        return Ok(BTreeMap::new());
+    };
+    o.iter()
+        .map(|(k, x)| match read(x) {
+            Some(t) => Ok((k.clone(), t)),
+            None => Err(Error::format(
+                path,
+                format!("`{key}` entry `{k}` is {x}: expected {want}"),
+            )),
+        })
+        .collect()
+}
+
 impl AdapterConfig {
     pub fn rank_for(&self, module: &str) -> usize {
         pattern_match(&self.rank_pattern, module)
@@ -164,17 +200,9 @@ impl AdapterConfig {
         if v.get("lora_bias").and_then(Value::as_bool) == Some(true) {
             return unsupported("lora_bias = true", "only adapters without a trained bias");
         }
-        // an integer, or an integral float (8.0) as some writers store it, as in rank_pattern
-        let r = v
-            .get("r")
-            .and_then(|x| {
-                x.as_u64().or_else(|| {
-                    x.as_f64()
-                        .filter(|f| f.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(f))
-                        .map(|f| f as u64)
-                })
-            })
-            .ok_or_else(|| Error::format(path, "missing integer `r`"))? as usize;
+        let r = v.get("r").and_then(integral).ok_or_else(|| {
+            Error::format(path, "missing `r`, or not an integer from 0 to 2^32 - 1")
+        })? as usize;
         let lora_alpha = v
             .get("lora_alpha")
             .and_then(Value::as_f64)
@@ -187,32 +215,15 @@ impl AdapterConfig {
             Some(Value::String(s)) => vec![s.clone()],
             _ => Vec::new(),
         };
-        // A pattern's values as `read` takes them; a value it refuses is an error naming the key (a
-        // rank of 8.5 or -3 is not silently 8 or 0, a string alpha not silently dropped).
-        let map = |key: &str,
-                   want: &str,
-                   read: &dyn Fn(&Value) -> Option<f64>|
-         -> Result<BTreeMap<String, f64>> {
-            let Some(o) = v.get(key).and_then(Value::as_object) else {
-                return Ok(BTreeMap::new());
-            };
-            o.iter()
-                .map(|(k, x)| match read(x) {
-                    Some(f) => Ok((k.clone(), f)),
-                    None => Err(Error::format(
-                        path,
-                        format!("`{key}` entry `{k}` is {x}: expected {want}"),
-                    )),
-                })
-                .collect()
-        };
-        // an integer (8, or 8.0 as some writers store it) of at least 1
-        let rank = |x: &Value| {
-            x.as_f64()
-                .filter(|r| r.fract() == 0.0 && (1.0..=u32::MAX as f64).contains(r))
-        };
-        let rank_pattern = map("rank_pattern", "an integer rank from 1 to 2^32 - 1", &rank)?;
-        let alpha_pattern = map("alpha_pattern", "a number", &|x: &Value| x.as_f64())?;
+        let rank = |x: &Value| integral(x).filter(|&r| r >= 1).map(|r| r as usize);
+        let rank_pattern = pattern(
+            &v,
+            path,
+            "rank_pattern",
+            "an integer rank from 1 to 2^32 - 1",
+            rank,
+        )?;
+        let alpha_pattern = pattern(&v, path, "alpha_pattern", "a number", Value::as_f64)?;
         Ok(AdapterConfig {
             r,
             lora_alpha,
@@ -221,10 +232,7 @@ impl AdapterConfig {
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
             target_modules,
-            rank_pattern: rank_pattern
-                .into_iter()
-                .map(|(k, x)| (k, x as usize))
-                .collect(),
+            rank_pattern,
             alpha_pattern,
             lora_dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
         })

@@ -386,6 +386,33 @@ fn error_paths_are_clear_and_leave_nothing() {
     // and so is `r` itself
     let a = adapter_copy(&dir.join("float-r"), |c| c["r"] = serde_json::json!(8.0));
     assert_eq!(PeftAdapter::load(&a).unwrap().config.r, 8);
+    // and `r` is refused as the patterns' ranks are: not rounded, not wrapped, not over 2^32 - 1
+    for value in [
+        serde_json::json!(8.5),
+        serde_json::json!(-1),
+        serde_json::json!(1u64 << 32),
+        serde_json::json!("8"),
+    ] {
+        let a = adapter_copy(&dir.join(format!("bad-r-{value}")), |c| {
+            c["r"] = value.clone()
+        });
+        merge_fails(
+            &base,
+            &a,
+            &out,
+            "missing `r`, or not an integer from 0 to 2^32 - 1",
+        );
+    }
+    // nor is a pattern's rank of 2^32
+    let a = adapter_copy(&dir.join("pattern-huge-rank"), |c| {
+        c["rank_pattern"] = serde_json::json!({ "up_proj": 1u64 << 32 });
+    });
+    merge_fails(
+        &base,
+        &a,
+        &out,
+        "`rank_pattern` entry `up_proj` is 4294967296: expected an integer rank from 1 to 2^32 - 1",
+    );
 
     // rank of the config disagrees with the tensors
     let a = adapter_copy(&dir.join("r"), |c| c["r"] = 4.into());

@@ -145,11 +145,7 @@ fn property_case<T: Element, A: Element>(
         dev.take_launches();
         let (y, t) = run(dev, &b, &set);
         check_launches::<T, A>(dev, b.m);
-        let want = b.reference(r_max);
-        let (ey, et) = (
-            reference::relative_error(&y, &want.y),
-            reference::relative_error(&t, &reference::rounded::<T>(&want.t)),
-        );
+        let (ey, et) = row_errors(&b, r_max, (&y, &t), 0..b.m);
         let what = format!(
             "{}/{} {dims:?} ranks {:?} rows {:?} on {} (data: LK_TEST_SEED={})",
             T::DTYPE,
@@ -278,25 +274,38 @@ fn embed<T: Element, A: Element>(
     (b, at)
 }
 
-/// Rows `rows` of a run's Y and T (T rounded, as the kernels keep it) against the f64 reference (bf16).
-fn reference_rows<A: Element>(
-    b: &Batch<bf16, A>,
+/// The relative errors of rows `rows` of a run's Y and T (T rounded to the layer's dtype, as the kernels
+/// keep it) against the f64 reference.
+fn row_errors<T: Element, A: Element>(
+    b: &Batch<T, A>,
     r_max: usize,
-    y: &[bf16],
-    t: &[bf16],
+    (y, t): (&[T], &[T]),
+    rows: std::ops::Range<usize>,
+) -> (f64, f64) {
+    let want = b.reference(r_max);
+    let (ys, ts) = (
+        rows.start * b.n..rows.end * b.n,
+        rows.start * r_max..rows.end * r_max,
+    );
+    let wt = reference::rounded::<T>(&want.t[ts.clone()]);
+    (
+        reference::relative_error(&y[ys.clone()], &want.y[ys]),
+        reference::relative_error(&t[ts], &wt),
+    )
+}
+
+/// Rows `rows` of a run's Y and T within the layer dtype's tolerance of the reference (`row_errors`).
+fn reference_rows<T: Element, A: Element>(
+    b: &Batch<T, A>,
+    r_max: usize,
+    y: &[T],
+    t: &[T],
     rows: std::ops::Range<usize>,
 ) {
-    let want = b.reference(r_max);
-    let (n, range) = (b.n, rows.clone());
-    let ey = reference::relative_error(
-        &y[rows.start * n..rows.end * n],
-        &want.y[rows.start * n..rows.end * n],
-    );
-    let wt = reference::rounded::<bf16>(&want.t[rows.start * r_max..rows.end * r_max]);
-    let et = reference::relative_error(&t[rows.start * r_max..rows.end * r_max], &wt);
+    let (ey, et) = row_errors(b, r_max, (y, t), rows.clone());
     assert!(
-        ey <= tol(DType::BF16) && et <= tol(DType::BF16),
-        "rows {range:?}: relative errors y {ey:e}, t {et:e}"
+        ey <= tol(T::DTYPE) && et <= tol(T::DTYPE),
+        "rows {rows:?}: relative errors y {ey:e}, t {et:e}"
     );
 }
 
@@ -394,11 +403,7 @@ fn shrink_passes_spread_over_blocks() {
     let set = set_of(&dev, &big);
     let r_max = set.max_rank();
     let (y, t) = run(&dev, &big, &set);
-    let want = big.reference(r_max);
-    assert!(reference::relative_error(&y, &want.y) <= tol(DType::BF16));
-    assert!(
-        reference::relative_error(&t, &reference::rounded::<bf16>(&want.t)) <= tol(DType::BF16)
-    );
+    reference_rows(&big, r_max, &y, &t, 0..m);
     let keep: Vec<usize> = (0..40).map(|i| i * 419 % m).collect();
     let (small, at) = embed(&mut rng, &big, &keep, 40);
     let (ys, ts) = run(&dev, &small, &set);

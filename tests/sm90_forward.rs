@@ -29,50 +29,18 @@ mod common;
 
 use common::Rng;
 use common::lora::{Layer, check, run};
-use common::sm90::{hopper, hopper_gpu, tol};
+use common::sm90::{Mode, hopper, hopper_gpu, tol};
 use half::{bf16, f16};
 use lora_kernels::reference::Dims;
-use lora_kernels::{DType, Element, Tensor, ThreadOrder};
+use lora_kernels::{DType, Tensor, ThreadOrder};
 use proptest::prelude::*;
 
-fn force_sm90() {
-    // SAFETY: every test of this binary sets the same value before any kernel runs, and nothing reads
-    // the environment concurrently in a way that a torn write could confuse (the value never changes).
-    unsafe { std::env::set_var("LK_FUSED_GEMM", "sm90") };
-}
-
-/// One layer case through `common::lora` (fresh random inputs, outputs poisoned, every output against the
-/// f64 reference): the forward, and with `backward` the backward too (its dX on the "nn" kernel), under
-/// the ascending thread order and one of the other four (by case), with identical bits, on 1, 3 or 132
-/// emulated SMs (by case).
-fn case<T: Element>(dims: (usize, usize, usize, usize), bias: bool, stream: u64, backward: bool) {
-    case_on::<T>(
-        dims,
-        bias,
-        stream,
-        backward,
-        [1, 3, 132][(stream >> 2) as usize % 3],
-    );
-}
-
-/// `case` on `sms` emulated SMs (common::sm90::case_on), each rank's own structure required.
-fn case_on<T: Element>(
-    dims: (usize, usize, usize, usize),
-    bias: bool,
-    stream: u64,
-    backward: bool,
-    sms: u32,
-) {
-    force_sm90();
-    common::sm90::case_on::<T>(
-        dims,
-        bias,
-        stream,
-        backward,
-        sms,
-        took_the_structure_of_its_rank,
-    );
-}
+/// This binary's mode: `LK_FUSED_GEMM=sm90`, each rank's own structure required of every case
+/// (common::sm90::Mode: `case` on 1, 3 or 132 emulated SMs by case, `case_on` on the count given).
+const MODE: Mode = Mode {
+    fused_gemm: "sm90",
+    structure: took_the_structure_of_its_rank,
+};
 
 /// The launches of one layer case (`run`) took the sm_90a structure its rank chooses (the emulator's
 /// launch record), so a case cannot pass on a fallback: at ranks up to 32 the one-launch kernels (the
@@ -126,7 +94,7 @@ fn took_the_backward_passes_of_its_rank(launches: &[&str], r: usize, what: &str)
 /// rank 32 on the narrow tiles, the U32 kernels' only width, all the same).
 #[test]
 fn sm90_wide_tiles_on_the_gpu() {
-    force_sm90();
+    MODE.force();
     let Some(gpu) = hopper_gpu() else { return };
     let sms = gpu.sm_count().unwrap();
     let (m, cols) = if sms >= 16 {
@@ -196,27 +164,27 @@ proptest! {
     /// The forward at ranks 40..=128: the projection, then fused_gemm_sm90 (either width).
     #[test]
     fn sm90_forward_matches_reference(dims in shape(PROJECTION_R8), f16_layer in any::<bool>(), bias in any::<bool>(), stream in any::<u64>()) {
-        if f16_layer { case::<f16>(dims, bias, stream, false) } else { case::<bf16>(dims, bias, stream, false) }
+        if f16_layer { MODE.case::<f16>(dims, bias, stream, false) } else { MODE.case::<bf16>(dims, bias, stream, false) }
     }
 
     /// The forward at ranks 8..=32: one launch, T inside (fused_gemm_t_sm90's fused_gemm_t*, either width).
     #[test]
     fn sm90_forward_t_matches_reference(dims in shape(ONE_LAUNCH_R8), f16_layer in any::<bool>(), bias in any::<bool>(), stream in any::<u64>()) {
-        if f16_layer { case::<f16>(dims, bias, stream, false) } else { case::<bf16>(dims, bias, stream, false) }
+        if f16_layer { MODE.case::<f16>(dims, bias, stream, false) } else { MODE.case::<bf16>(dims, bias, stream, false) }
     }
 
     /// dX at ranks 40..=128 on fused_gemm_sm90's "nn" kernel after the pass over dY that computes U,
     /// through the whole backward.
     #[test]
     fn sm90_dx_matches_reference(dims in dx_shape(PROJECTION_R8), f16_layer in any::<bool>(), stream in any::<u64>()) {
-        if f16_layer { case::<f16>(dims, false, stream, true) } else { case::<bf16>(dims, false, stream, true) }
+        if f16_layer { MODE.case::<f16>(dims, false, stream, true) } else { MODE.case::<bf16>(dims, false, stream, true) }
     }
 
     /// dX at ranks 8..=32: one launch, U inside (fused_gemm_t_sm90's fused_gemm_u*_nn*), through the
     /// whole backward.
     #[test]
     fn sm90_dx_u_matches_reference(dims in dx_shape(ONE_LAUNCH_R8), f16_layer in any::<bool>(), stream in any::<u64>()) {
-        if f16_layer { case::<f16>(dims, false, stream, true) } else { case::<bf16>(dims, false, stream, true) }
+        if f16_layer { MODE.case::<f16>(dims, false, stream, true) } else { MODE.case::<bf16>(dims, false, stream, true) }
     }
 }
 
@@ -270,9 +238,9 @@ fn edge(
         (128, bn),
         "{dims:?} on {sms} (backward {backward})"
     );
-    case_on::<bf16>(dims, i % 2 == 0, seed + i as u64, backward, sms);
+    MODE.case_on::<bf16>(dims, i % 2 == 0, seed + i as u64, backward, sms);
     if both_dtypes {
-        case_on::<f16>(dims, i % 2 == 1, seed + 0x100 + i as u64, backward, sms);
+        MODE.case_on::<f16>(dims, i % 2 == 1, seed + 0x100 + i as u64, backward, sms);
     }
 }
 
@@ -332,7 +300,7 @@ fn sm90_dx_u_edges() {
 /// shuffled thread order, against the reference, with the launches of the rank.
 #[test]
 fn sm90_backward_of_tiny_batches() {
-    force_sm90();
+    MODE.force();
     for (i, &(m, r)) in [(1, 8), (2, 16), (5, 16), (16, 24), (9, 32)]
         .iter()
         .enumerate()
@@ -359,7 +327,7 @@ fn sm90_backward_of_tiny_batches() {
 /// from dX's kernel (24), both from the pass (40); both tile widths (3 and 9 SMs).
 #[test]
 fn sm90_backward_accumulates_on_every_structure() {
-    force_sm90();
+    MODE.force();
     for (i, r) in [16, 24, 40].into_iter().enumerate() {
         for sms in [3, 9] {
             let mut rng = Rng::new(0xacc0 + i as u64);
@@ -391,7 +359,7 @@ fn sm90_backward_accumulates_on_every_structure() {
 /// and 32 (dB's and dA's partials in dX's kernel, U's tile rewritten where a run crosses a row block).
 #[test]
 fn sm90_one_launch_bits_do_not_depend_on_the_sm_count() {
-    force_sm90();
+    MODE.force();
     for r in [16, 32] {
         one_launch_bits_on_every_sm_count((300, 768, 768, r));
     }
@@ -432,7 +400,7 @@ fn one_launch_bits_on_every_sm_count(dims: (usize, usize, usize, usize)) {
 /// sizes).
 #[test]
 fn sm90_forward_rows_keep_their_bits_across_batch_sizes() {
-    force_sm90();
+    MODE.force();
     let mut cases = vec![(hopper(ThreadOrder::Ascending, 0, 3), (256, 384, 512, 512))];
     cases.extend(hopper_gpu().map(|g| (g, (256, 2048, 4096, 4096))));
     for (dev, (small, big, n, k)) in cases {
@@ -477,7 +445,7 @@ fn sm90_forward_rows_keep_their_bits_across_batch_sizes() {
 /// A forward the Hopper kernel cannot take (k not a multiple of 8) is an error under LK_FUSED_GEMM=sm90.
 #[test]
 fn sm90_forced_refuses_what_it_cannot_run() {
-    force_sm90();
+    MODE.force();
     let dev = hopper(ThreadOrder::Ascending, 0, 3);
     let (m, n, k, r) = (20, 8, 12, 8);
     let z = |len: usize, shape: &[usize]| {
@@ -511,9 +479,9 @@ fn sm90_dx_edges() {
             "dX of {dims:?} on {sms}"
         );
         if dims.1 == 8 {
-            case_on::<f16>(dims, false, 8, true, sms);
+            MODE.case_on::<f16>(dims, false, 8, true, sms);
         } else {
-            case_on::<bf16>(dims, false, 7, true, sms);
+            MODE.case_on::<bf16>(dims, false, 7, true, sms);
         }
     }
 }

@@ -11,14 +11,13 @@
 mod common;
 
 use half::{bf16, f16};
-use lora_kernels::Element;
 use proptest::prelude::*;
 
-fn force_projection() {
-    // SAFETY: every test of this binary sets the same value before any kernel runs; the value never
-    // changes, so no read sees anything else.
-    unsafe { std::env::set_var("LK_FUSED_GEMM", "sm90-projection") };
-}
+/// This binary's mode: the projection structure at every rank.
+const MODE: common::sm90::Mode = common::sm90::Mode {
+    fused_gemm: "sm90-projection",
+    structure: took_the_projection_structure,
+};
 
 /// The launches of one case took the projection structure: the forward's fused_gemm_sm90 kernel after T's
 /// own launch, no one-launch kernel; with the backward, fused_gemm_sm90's "nn" kernel for dX after the
@@ -51,34 +50,6 @@ fn took_the_projection_structure(launches: &[&str], r: usize, backward: bool, wh
     }
 }
 
-fn case<T: Element>(dims: (usize, usize, usize, usize), bias: bool, stream: u64, backward: bool) {
-    case_on::<T>(
-        dims,
-        bias,
-        stream,
-        backward,
-        [1, 3, 132][(stream >> 2) as usize % 3],
-    );
-}
-
-fn case_on<T: Element>(
-    dims: (usize, usize, usize, usize),
-    bias: bool,
-    stream: u64,
-    backward: bool,
-    sms: u32,
-) {
-    force_projection();
-    common::sm90::case_on::<T>(
-        dims,
-        bias,
-        stream,
-        backward,
-        sms,
-        took_the_projection_structure,
-    );
-}
-
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: common::proptest_cases(32),
@@ -96,7 +67,7 @@ proptest! {
         stream in any::<u64>(),
     ) {
         let dims = (m, if n8 { 8 * n.div_ceil(8) } else { n }, 8 * k8, 8 * r8);
-        if f16_layer { case::<f16>(dims, bias, stream, false) } else { case::<bf16>(dims, bias, stream, false) }
+        if f16_layer { MODE.case::<f16>(dims, bias, stream, false) } else { MODE.case::<bf16>(dims, bias, stream, false) }
     }
 
     /// The backward at ranks 8..=32 with dX on fused_gemm_sm90's "nn" kernel: n and k multiples of 8.
@@ -107,7 +78,7 @@ proptest! {
         stream in any::<u64>(),
     ) {
         let dims = (m, 8 * n8, 8 * k8, 8 * r8);
-        if f16_layer { case::<f16>(dims, false, stream, true) } else { case::<bf16>(dims, false, stream, true) }
+        if f16_layer { MODE.case::<f16>(dims, false, stream, true) } else { MODE.case::<bf16>(dims, false, stream, true) }
     }
 }
 
@@ -121,8 +92,8 @@ fn sm90_projection_low_rank_stages() {
             let dims = (129, 256, 256, r);
             assert_eq!(lora_kernels::ops::sm90_tile(129, 256, sms), (128, bn));
             let stream = 0x9e0 + 16 * i as u64 + sms as u64;
-            case_on::<bf16>(dims, i % 2 == 0, stream, true, sms);
-            case_on::<f16>(dims, i % 2 == 1, stream ^ 1, true, sms);
+            MODE.case_on::<bf16>(dims, i % 2 == 0, stream, true, sms);
+            MODE.case_on::<f16>(dims, i % 2 == 1, stream ^ 1, true, sms);
         }
     }
 }

@@ -38,11 +38,52 @@ pub fn hopper_gpu() -> Option<Device> {
 /// What a case checks in an emulator's launch record: (launches, rank, backward, what).
 pub type Structure = fn(&[&str], usize, bool, &str);
 
+/// What a test binary runs its layer cases under: the `LK_FUSED_GEMM` value it forces for the whole
+/// process (`sm90` or `sm90-projection`) and the structure its cases must show in the launch record.
+pub struct Mode {
+    pub fused_gemm: &'static str,
+    pub structure: Structure,
+}
+
+impl Mode {
+    /// Sets `LK_FUSED_GEMM` to this mode's value.
+    pub fn force(&self) {
+        // SAFETY: a test binary has one Mode and every test of it sets the same value before any kernel
+        // runs; the value never changes afterwards, so no concurrent read sees anything else.
+        unsafe { std::env::set_var("LK_FUSED_GEMM", self.fused_gemm) };
+    }
+
+    /// `case_on` with 1, 3 or 132 emulated SMs, chosen by `stream`.
+    pub fn case<T: Element>(
+        &self,
+        dims: (usize, usize, usize, usize),
+        bias: bool,
+        stream: u64,
+        backward: bool,
+    ) {
+        let sms = [1, 3, 132][(stream >> 2) as usize % 3];
+        self.case_on::<T>(dims, bias, stream, backward, sms);
+    }
+
+    /// The mode forced, then one layer case (`layer_case`) with this mode's structure required.
+    pub fn case_on<T: Element>(
+        &self,
+        dims: (usize, usize, usize, usize),
+        bias: bool,
+        stream: u64,
+        backward: bool,
+        sms: u32,
+    ) {
+        self.force();
+        layer_case::<T>(dims, bias, stream, backward, sms, self.structure);
+    }
+}
+
 /// One layer case (fresh random inputs, a scale of either sign, outputs poisoned, every output against
 /// the f64 reference): the forward, and with `backward` the backward too, on `sms` emulated SMs under the
 /// ascending thread order and one of the other four (by `stream`) with identical bits, and `structure`
 /// checked on each emulator's launch record; on an sm_90 GPU too (same reference, repeated bits).
-pub fn case_on<T: Element>(
+fn layer_case<T: Element>(
     (m, n, k, r): (usize, usize, usize, usize),
     bias: bool,
     stream: u64,
