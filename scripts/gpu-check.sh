@@ -22,6 +22,7 @@
 #   --sanitize A,B    only these test binaries under compute-sanitizer (each run is ~100x slower)
 #   --skip-sanitizer  no compute-sanitizer step
 #   --skip-bench      no criterion step
+#   --skip-perf       no finetune example and no perf table (a correctness run: tests, sanitizer)
 #   --profile         also run Nsight Compute over examples/profile_step.rs (scripts/gpu-profile.sh)
 #
 # Time limits: LK_RUN_TIMEOUT seconds for one test binary, example, bench or ncu run (default 1800;
@@ -34,7 +35,7 @@
 set -u
 invocation="gpu-check.sh $*"
 
-results=./gpu-check-out allow_no_gpu=0 quick=0 sanitize=1 bench=1 profile=0 gpu_only=0 only= only_sanitize=
+results=./gpu-check-out allow_no_gpu=0 quick=0 sanitize=1 bench=1 perf=1 profile=0 gpu_only=0 only= only_sanitize=
 while [ $# -gt 0 ]; do
   case $1 in
     --out) results=${2:?--out needs a directory}; shift 2 ;;
@@ -48,8 +49,9 @@ while [ $# -gt 0 ]; do
     --sanitize=?*) only_sanitize=${1#--sanitize=}; shift ;;
     --skip-sanitizer) sanitize=0; shift ;;
     --skip-bench) bench=0; shift ;;
+    --skip-perf) perf=0; shift ;;
     --profile) profile=1; shift ;;
-    -h|--help) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -259,20 +261,23 @@ total="tests: $passed passed, $nfailed failed, $ignored ignored; $bad_bins of $(
 echo "$total" | tee -a "$results/tests-summary.txt"
 [ "$bad_bins" = 0 ] || failed "$bad_bins test binaries ($nfailed failing tests): $results/tests-summary.txt"
 
-write_record "running: finetune example, perf table"
+if [ "$perf" = 1 ]; then
+  write_record "running: finetune example, perf table"
+  # --- the finetune example, the perf table, the benches
+  echo "== finetune example"
+  run_limited "$run_timeout" "$finetune" > "$results/finetune.txt" 2>&1 || failed "finetune example (finetune.txt)"
+  tail -n 12 "$results/finetune.txt"
 
-# --- the finetune example, the perf table, the benches
-echo "== finetune example"
-run_limited "$run_timeout" "$finetune" > "$results/finetune.txt" 2>&1 || failed "finetune example (finetune.txt)"
-tail -n 12 "$results/finetune.txt"
-
-echo "== perf table"
-{ echo "commit: $commit"; echo "date: $(date -u +%F)"; echo; } > "$results/perf_table.md"
-run_limited "$run_timeout" "$perf_table" >> "$results/perf_table.md" 2> "$results/perf_table.stderr"; rc=$?
-[ "$rc" = 0 ] || failed "perf table (exit $rc; perf_table.stderr)"
-grep -q MISMATCH "$results/perf_table.md" \
-  && failed "perf table: MISMATCH (a row where ours differs from cuBLAS, or the L2 probe's sums are wrong)"
-[ "$gpu" = 1 ] && grep -q 'perf_table skipped' "$results/perf_table.md" && failed "perf table skipped on a GPU machine"
+  echo "== perf table"
+  { echo "commit: $commit"; echo "date: $(date -u +%F)"; echo; } > "$results/perf_table.md"
+  run_limited "$run_timeout" "$perf_table" >> "$results/perf_table.md" 2> "$results/perf_table.stderr"; rc=$?
+  [ "$rc" = 0 ] || failed "perf table (exit $rc; perf_table.stderr)"
+  grep -q MISMATCH "$results/perf_table.md" \
+    && failed "perf table: MISMATCH (a row where ours differs from cuBLAS, or the L2 probe's sums are wrong)"
+  [ "$gpu" = 1 ] && grep -q 'perf_table skipped' "$results/perf_table.md" && failed "perf table skipped on a GPU machine"
+else
+  echo "== finetune example and perf table: skipped (--skip-perf)"
+fi
 
 if [ "$bench" = 1 ]; then
   write_record "running: benches"

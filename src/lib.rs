@@ -8,7 +8,7 @@
 //!   kernel source; [`Tensor`]: typed storage on a device;
 //! - [`ops`]: safe functional ops that validate everything, then launch;
 //! - [`LoraLinear`]: the trainer-facing layer (adapters, merge/unmerge, task switching);
-//! - [`reference`]: the f64 CPU oracle every kernel is tested against.
+//! - [`reference`](mod@reference): the f64 CPU oracle every kernel is tested against.
 
 pub mod adapter_set;
 pub mod checkpoint;

@@ -150,7 +150,7 @@ fn buffer<T: Element>(
 }
 
 impl<T: Element> LoraLinear<T> {
-    /// A layer around a frozen `w0` [N, K] and optional `bias` [N], with no adapter yet; adapters in
+    /// A layer around a frozen `w0` [N, K] and optional `bias` \[N\], with no adapter yet; adapters in
     /// the dtype of w0 ([`LoraLinear::with_f32_adapters`] for f32 ones).
     pub fn new(w0: Tensor<T>, bias: Option<Tensor<T>>) -> Result<Self> {
         Self::make(w0, bias)

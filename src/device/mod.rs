@@ -1,6 +1,6 @@
 //! Devices: a CUDA GPU (through cudarc, whose driver library is loaded at run time) or the CPU emulator
 //! that runs the kernels' own CUDA source. Ops validate their arguments, compute a [`LaunchPlan`], and
-//! call [`Device::launch`], the one place where a kernel is launched on either backend.
+//! call `Device::launch`, the one place where a kernel is launched on either backend.
 
 mod compat;
 mod cuda;

@@ -33,7 +33,7 @@ const OP: &str = "lora_forward_multi";
 const SHRINK_BLOCKS: usize = 264;
 
 /// `Y = X·W0ᵀ + bias + s_a·(X·A_aᵀ)·B_aᵀ` row by row, with each row's adapter a from `index` (a slot
-/// of `set`, or none). X [..., K] (any leading dimensions, M rows), W0 [N, K], bias [N]; the set's
+/// of `set`, or none). X [..., K] (any leading dimensions, M rows), W0 [N, K], bias \[N\]; the set's
 /// adapters in X's dtype or f32, for N×K. Returns Y [..., N] and T [M, r_max] (r_max = the set's
 /// largest rank; row i's T in its first r_a columns, zeros after them, X_i·0 = NaN where X_i holds an
 /// infinity, and zeros for rows without an adapter).
