@@ -14,13 +14,16 @@
 //!             of lora_forward per adapter | cuBLAS Y = X·W0ᵀ plus two GEMMs per adapter on its rows;
 //!             M = 16, 64, 256, 4096 with 4, 16, 64 adapters of ranks 8/16/64, N = K = 4096
 //!
-//! Throughput is reported as FLOPs (criterion "elements") for GEMMs and bytes for merge. Every timed
-//! iteration ends with a device synchronize, and input sets rotate so none is served from L2.
+//! Throughput is reported as the FLOPs each row itself does (criterion "elements": ours counts the low-rank
+//! products too, the bare GEMM only its own) and bytes for merge. Criterion times batches of calls with
+//! no synchronize between them (no idle gap per call) and one device synchronize at the end, inside the
+//! timed region; input sets rotate so none is served from L2. Where the sm_90a rows cannot run (not an
+//! sm_90 GPU, or a build without sm_90a), a line says why.
 //! Without a GPU: prints that it skipped and why, and exits 0. `LK_BENCH_QUICK=1`: the headline cases and M = 256.
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::Case;
 use criterion::measurement::WallTime;
@@ -30,21 +33,27 @@ use lora_kernels::cudarc::cublas::CudaBlas;
 
 const SCALE: f32 = 2.0;
 
-/// One timed row: `op` on the next input set (they rotate, so none is served from L2), then a device
-/// synchronize inside the timed region.
+/// One timed row of `flops` (or bytes) per call: `op` on the next input set (they rotate, so none is
+/// served from L2), `iters` calls per timed batch, then a device synchronize inside the timed region.
 fn row<S>(
     g: &mut BenchmarkGroup<'_, WallTime>,
-    name: &str,
+    (name, work): (&str, Throughput),
     dev: &Device,
     sets: &mut [S],
     mut op: impl FnMut(&mut S),
 ) {
     let mut i = 0;
+    g.throughput(work);
     g.bench_function(BenchmarkId::new(name, ""), |b| {
-        b.iter(|| {
-            i = (i + 1) % sets.len();
-            op(&mut sets[i]);
+        b.iter_custom(|iters| {
             dev.synchronize().unwrap();
+            let start = Instant::now();
+            for _ in 0..iters {
+                i = (i + 1) % sets.len();
+                op(&mut sets[i]);
+            }
+            dev.synchronize().unwrap();
+            start.elapsed()
         })
     });
 }
@@ -55,63 +64,101 @@ fn group_name(c: Case) -> String {
 
 fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge: bool) {
     let mut sets = common::sets(dev, c).expect("allocating benchmark inputs");
-    let gemm_flops = 2 * (c.m * c.n * c.k) as u64;
+    let (m, n, k, r) = (c.m as u64, c.n as u64, c.k as u64, c.r as u64);
+    // the FLOPs of each row: the frozen GEMMs, and ours and the unfused LoRA paths' low-rank products
+    let gemm = Throughput::Elements(2 * m * n * k);
+    let forward = Throughput::Elements(2 * m * n * k + 2 * m * r * (n + k));
+    let full_backward = Throughput::Elements(4 * m * n * k);
+    let backward = Throughput::Elements(2 * m * n * k + 4 * m * r * (n + k));
     let family = if c.m <= 16 { "small_m" } else { "forward" };
     let mut g = cr.benchmark_group(format!("{family}/{}", group_name(c)));
-    g.throughput(Throughput::Elements(gemm_flops));
-    row(&mut g, "ours_fused", dev, &mut sets, |s| {
-        common::ours_forward(s, SCALE)
-    });
+    row(
+        &mut g,
+        ("ours_fused", forward.clone()),
+        dev,
+        &mut sets,
+        |s| common::ours_forward(s, SCALE),
+    );
     // on sm_90: the same forward with the sm_90a GEMM (LK_FUSED_GEMM=sm90), beside the default mma.sync one
-    let sm90 = c.m > 16 && common::sm90_runs(&mut sets[0], SCALE);
+    let sm90 = c.m > 16
+        && match common::sm90_runs(&mut sets[0], SCALE) {
+            Ok(()) => true,
+            Err(why) => {
+                println!("{}: no sm_90a rows ({why})", group_name(c));
+                false
+            }
+        };
     if sm90 {
         common::with_fused_gemm("sm90", || {
-            row(&mut g, "ours_fused_sm90a", dev, &mut sets, |s| {
-                common::ours_forward(s, SCALE)
-            });
+            row(
+                &mut g,
+                ("ours_fused_sm90a", forward.clone()),
+                dev,
+                &mut sets,
+                |s| common::ours_forward(s, SCALE),
+            );
         });
         // the same with T from the projection launch (the row above computes T inside at r <= 32)
         common::with_fused_gemm("sm90-projection", || {
-            row(&mut g, "ours_fused_sm90a_projection", dev, &mut sets, |s| {
-                common::ours_forward(s, SCALE)
-            });
+            row(
+                &mut g,
+                ("ours_fused_sm90a_projection", forward.clone()),
+                dev,
+                &mut sets,
+                |s| common::ours_forward(s, SCALE),
+            );
         });
     }
-    row(&mut g, "cublas_bare_gemm", dev, &mut sets, |s| {
+    row(&mut g, ("cublas_bare_gemm", gemm), dev, &mut sets, |s| {
         common::cublas_forward(blas, s, c)
     });
-    row(&mut g, "cublas_unfused_lora", dev, &mut sets, |s| {
-        common::cublas_unfused(blas, s, c, SCALE)
-    });
+    row(
+        &mut g,
+        ("cublas_unfused_lora", forward),
+        dev,
+        &mut sets,
+        |s| common::cublas_unfused(blas, s, c, SCALE),
+    );
     g.finish();
     if c.m > 16 {
         let mut g = cr.benchmark_group(format!("backward/{}", group_name(c)));
-        g.throughput(Throughput::Elements(2 * gemm_flops));
-        row(&mut g, "ours_dx_da_db", dev, &mut sets, |s| {
-            common::ours_backward(s, SCALE)
-        });
+        row(
+            &mut g,
+            ("ours_dx_da_db", backward.clone()),
+            dev,
+            &mut sets,
+            |s| common::ours_backward(s, SCALE),
+        );
         if sm90 {
             common::with_fused_gemm("sm90", || {
-                row(&mut g, "ours_dx_da_db_sm90a", dev, &mut sets, |s| {
-                    common::ours_backward(s, SCALE)
-                });
+                row(
+                    &mut g,
+                    ("ours_dx_da_db_sm90a", backward.clone()),
+                    dev,
+                    &mut sets,
+                    |s| common::ours_backward(s, SCALE),
+                );
             });
             common::with_fused_gemm("sm90-projection", || {
                 row(
                     &mut g,
-                    "ours_dx_da_db_sm90a_projection",
+                    ("ours_dx_da_db_sm90a_projection", backward.clone()),
                     dev,
                     &mut sets,
                     |s| common::ours_backward(s, SCALE),
                 );
             });
         }
-        row(&mut g, "cublas_full_dx_dw", dev, &mut sets, |s| {
-            common::cublas_full_backward(blas, s, c)
-        });
         row(
             &mut g,
-            "cublas_unfused_lora_backward",
+            ("cublas_full_dx_dw", full_backward),
+            dev,
+            &mut sets,
+            |s| common::cublas_full_backward(blas, s, c),
+        );
+        row(
+            &mut g,
+            ("cublas_unfused_lora_backward", backward),
             dev,
             &mut sets,
             |s| common::cublas_unfused_backward(blas, s, c, SCALE),
@@ -122,11 +169,12 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
         return;
     }
     let mut g = cr.benchmark_group(format!("merge/N{}_K{}_r{}", c.n, c.k, c.r));
-    g.throughput(Throughput::Bytes(4 * (c.n * c.k) as u64));
-    row(&mut g, "ours_merge", dev, &mut sets, |s| {
+    // a read and a write of W0 (merge and copy alike)
+    let bytes = Throughput::Bytes(4 * n * k);
+    row(&mut g, ("ours_merge", bytes.clone()), dev, &mut sets, |s| {
         common::ours_merge(s, SCALE)
     });
-    row(&mut g, "copy_w0", dev, &mut sets, |s| {
+    row(&mut g, ("copy_w0", bytes), dev, &mut sets, |s| {
         common::copy_w0(dev, s)
     });
     g.finish();
@@ -140,12 +188,24 @@ fn bench_multi(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, m: usize, adap
         multi::N,
         multi::K
     ));
-    g.throughput(Throughput::Elements(2 * (m * multi::N * multi::K) as u64));
-    row(&mut g, "ours_multi", dev, &mut sets, multi::ours);
-    row(&mut g, "loop_lora_forward", dev, &mut sets, |s| {
-        multi::loop_lora_forward(s)
-    });
-    row(&mut g, "cublas_gather_gemms", dev, &mut sets, |s| {
+    // the frozen GEMM's FLOPs for every row (the low-rank work differs by rank and path; the rows
+    // compare times)
+    let work = Throughput::Elements(2 * (m * multi::N * multi::K) as u64);
+    row(
+        &mut g,
+        ("ours_multi", work.clone()),
+        dev,
+        &mut sets,
+        multi::ours,
+    );
+    row(
+        &mut g,
+        ("loop_lora_forward", work.clone()),
+        dev,
+        &mut sets,
+        multi::loop_lora_forward,
+    );
+    row(&mut g, ("cublas_gather_gemms", work), dev, &mut sets, |s| {
         multi::cublas_gather_gemms(blas, s)
     });
     g.finish();

@@ -1,19 +1,26 @@
-//! Runs the benchmark cases once each and prints ONE markdown table: time of our kernels, our ratio to
-//! each cuBLAS baseline measured in the same run, % of a roofline built from peaks measured in the
-//! same run (a large cuBLAS bf16 GEMM for FLOP/s, a large device-to-device copy for bytes/s; the rate
-//! L2 feeds the SMs is measured and printed beside them, for the sm_90a GEMM's bound), and a
-//! check that ours computed the same thing as cuBLAS (relative difference on the case's first input
-//! set; "MISMATCH" above 2e-2 or NaN). Then the device memory one training step of the headline layer
-//! adds, LoRA vs full fine-tuning, measured (free memory before and after) next to `memory::LayerStep`.
-//! Needs a GPU; without one it says so and exits 0.
+//! Runs the benchmark cases and prints ONE markdown table: time of our kernels, our ratio to each cuBLAS
+//! baseline measured in the same run, % of a roofline built from peaks measured in the same run (a large
+//! cuBLAS bf16 GEMM for FLOP/s, a large device-to-device copy for bytes/s; the rate L2 feeds the SMs is
+//! measured and printed beside them, for the sm_90a GEMM's bound), and a check that ours computed what
+//! cuBLAS computed. Then the device memory one training step of the headline layer adds, LoRA vs full
+//! fine-tuning, measured (free memory before and after) next to `memory::LayerStep`. Needs a GPU;
+//! without one it says so and exits 0.
 //!
-//! The multi-adapter rows (lora_forward_multi, benches/common/multi.rs) come after the single-adapter ones.
-//! On an sm_90 GPU each forward and backward (M > 16) gets a second row with the sm_90a GEMM
-//! (`LK_FUSED_GEMM=auto`, opt-in; T, or U in dX, inside the GEMM at r ≤ 32) and a third with T and U from
-//! their own launches (`LK_FUSED_GEMM=sm90-projection`) beside the default mma.sync one, all against the
-//! same cuBLAS baselines. Where the mma.sync GEMM takes its 128×64 tiles (`ops::mma_tile`: M of a few
-//! hundred rows), the forward and backward get a row on the 128×128 ones too (`LK_MMA_TILE=128`, which
-//! also puts the projection T = X·Aᵀ, narrow at every M, on them).
+//! How a row is measured (benches/common/measure.rs): ours and its baselines timed together, each warmed
+//! up by time, then in interleaved rounds (batches of calls with no synchronize between them); the times
+//! are medians over the rounds, the ratio the median of the per-round ratios with their range beside it.
+//! The check: each output of ours (written over NaN) against cuBLAS's, tensor by tensor (forward: Y and
+//! T; backward: dX, dA, dB; merge: the update W0 gained), the largest relative difference shown,
+//! `MISMATCH` above 2e-2 or NaN.
+//!
+//! First the rows of the default launch choices (the single-adapter cases, then the many-adapter ones);
+//! then, after all of them, the same ops under the other launch choices against the same baselines
+//! (timed again with them): on an sm_90 GPU the sm_90a GEMM (`LK_FUSED_GEMM=sm90`, opt-in; T, or U in
+//! dX, inside the GEMM at r ≤ 32) and with T and U from their own launches
+//! (`LK_FUSED_GEMM=sm90-projection`); where the mma.sync GEMM takes its 128×64 tiles (`ops::mma_tile`: M
+//! of a few hundred rows), its 128×128 ones (`LK_MMA_TILE=128`, which also puts the projection T = X·Aᵀ,
+//! narrow at every M, on them). They come last so that a kernel that faults there (the CUDA context is
+//! then lost) cannot take the default rows with it.
 //!
 //! `cargo run --release --example perf_table` (`LK_BENCH_QUICK=1`: the headline cases and M = 256). Results
 //! from GPU runs are kept in docs/perf/ with device, driver, date and commit.
@@ -21,34 +28,14 @@
 #[path = "../benches/common/mod.rs"]
 mod common;
 
-use std::time::Instant;
-
+use common::measure::{self, Samples, compare};
 use common::{Buf, Case, Set};
 use lora_kernels::cudarc::cublas::CudaBlas;
 use lora_kernels::memory::{LayerStep, human};
 use lora_kernels::{Device, Tensor, bf16, ops};
 
 const SCALE: f32 = 2.0;
-
-/// Mean seconds per call of `f` over enough calls to take ~0.3 s, after a warm-up; `f` gets the call
-/// index (to rotate input sets) and the device is synchronized before the clock stops.
-fn time(dev: &Device, mut f: impl FnMut(usize)) -> f64 {
-    for i in 0..3 {
-        f(i);
-    }
-    dev.synchronize().unwrap();
-    let start = Instant::now();
-    let mut calls = 0;
-    while start.elapsed().as_secs_f64() < 0.3 || calls < 5 {
-        f(calls);
-        calls += 1;
-        if calls % 8 == 0 {
-            dev.synchronize().unwrap();
-        }
-    }
-    dev.synchronize().unwrap();
-    start.elapsed().as_secs_f64() / calls as f64
-}
+const TIMING: (f64, f64) = (measure::WARM_UP_S, measure::BATCH_S);
 
 /// The rate L2 feeds the SMs (src/probe.rs): a buffer of a third of L2 (at most 16 MiB), read ~4 GiB's
 /// worth per launch (at least 32 passes) by 8 blocks of 256 threads per SM with 16-byte loads cached in
@@ -75,7 +62,13 @@ fn l2_read_rate(dev: &Device) -> String {
         .collect();
     let src = Tensor::from_slice(dev, &data, &[words]).unwrap();
     let mut sums = Tensor::<u32>::zeros(dev, &[threads]).unwrap();
-    let t = time(dev, |_| l2_read(&src, passes, &mut sums).unwrap());
+    let t = measure::time_together(
+        dev,
+        1,
+        &mut |_, _| l2_read(&src, passes, &mut sums).unwrap(),
+        TIMING,
+    )[0]
+    .median();
     let ok = sums.to_vec().unwrap() == l2_read_reference(&data, passes, threads);
     format!(
         "L2 read {:.0} GB/s ({} MiB of {} MiB of L2 read {passes} times, each pass spread over all SMs{})",
@@ -90,57 +83,308 @@ fn l2_read_rate(dev: &Device) -> String {
     )
 }
 
-/// ‖ours − reference‖ / ‖reference‖ over the tensors' elements, as text; NaN or > 2e-2 is flagged.
-fn check(pairs: &[(Vec<bf16>, Vec<bf16>)]) -> String {
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (ours, reference) in pairs {
-        for (o, r) in ours.iter().zip(reference) {
-            num += (o.to_f64() - r.to_f64()).powi(2);
-            den += r.to_f64().powi(2);
-        }
-    }
-    let rel = (num / den).sqrt();
-    if rel <= 2e-2 {
-        format!("{rel:.1e}")
-    } else {
-        format!("MISMATCH {rel:.1e}")
-    }
-}
-
 fn host(t: &Tensor<bf16>) -> Vec<bf16> {
     t.to_vec().unwrap()
 }
 
-/// Our forward vs cuBLAS's unfused LoRA forward on `s`.
-fn check_forward(blas: &CudaBlas, s: &mut Set, c: Case) -> String {
-    common::ours_forward(s, SCALE);
-    let ours = host(&s.y);
-    common::cublas_unfused(blas, s, c, SCALE);
-    check(&[(ours, host(&s.y))])
+/// NaN in every element of `tensors`, so that what a run leaves unwritten shows in the check.
+fn poison(tensors: &mut [&mut Tensor<bf16>]) {
+    for t in tensors {
+        t.poison().unwrap();
+    }
 }
 
-/// Our dX, dA, dB vs cuBLAS's unfused LoRA backward on `s` (T from our forward).
+/// Our forward vs cuBLAS's unfused LoRA forward on `s`: Y and T.
+fn check_forward(blas: &CudaBlas, s: &mut Set, c: Case) -> String {
+    poison(&mut [&mut s.y, &mut s.t]);
+    common::ours_forward(s, SCALE);
+    let (y, t) = (host(&s.y), host(&s.t));
+    poison(&mut [&mut s.y, &mut s.t]);
+    common::cublas_unfused(blas, s, c, SCALE);
+    compare(&[("Y", &y, &host(&s.y)), ("T", &t, &host(&s.t))])
+}
+
+/// Our dX, dA, dB vs cuBLAS's unfused LoRA backward on `s` (both from our forward's T, which
+/// `check_forward` compares with cuBLAS's).
 fn check_backward(blas: &CudaBlas, s: &mut Set, c: Case) -> String {
     common::ours_forward(s, SCALE);
+    poison(&mut [&mut s.dx, &mut s.da, &mut s.db]);
     common::ours_backward(s, SCALE);
-    let ours = [host(&s.dx), host(&s.da), host(&s.db)];
+    let (dx, da, db) = (host(&s.dx), host(&s.da), host(&s.db));
+    poison(&mut [&mut s.dx, &mut s.da, &mut s.db, &mut s.u]);
     common::cublas_unfused_backward(blas, s, c, SCALE);
-    let [dx, da, db] = ours;
-    check(&[(dx, host(&s.dx)), (da, host(&s.da)), (db, host(&s.db))])
+    compare(&[
+        ("dX", &dx, &host(&s.dx)),
+        ("dA", &da, &host(&s.da)),
+        ("dB", &db, &host(&s.db)),
+    ])
 }
 
-/// Our in-place merge vs a copy of W0 plus cuBLAS's s·B·A.
+/// Our in-place merge vs a copy of W0 plus cuBLAS's s·B·A, compared on the update each made (W0 after
+/// minus W0 before): on the whole matrix, rows ours left unmerged would pass on W0's size.
 fn check_merge(dev: &Device, blas: &CudaBlas, s: &mut Set, c: Case) -> String {
+    let before = host(&s.w0);
+    poison(&mut [&mut s.dw]);
     common::copy_w0(dev, s);
     common::run_cublas(blas, s, &common::merge_gemms(c, SCALE));
     common::ours_merge(s, SCALE);
-    check(&[(host(&s.w0), host(&s.dw))])
+    let update = |after: Vec<bf16>| -> Vec<bf16> {
+        after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| bf16::from_f64(a.to_f64() - b.to_f64()))
+            .collect()
+    };
+    let (ours, reference) = (update(host(&s.w0)), update(host(&s.dw)));
+    compare(&[("s·B·A", &ours, &reference)])
+}
+
+/// The peaks line's roofline: the time `flops` and `bytes` need at the measured peaks.
+#[derive(Clone, Copy)]
+struct Roof {
+    flops: f64,
+    bytes: f64,
+}
+
+impl Roof {
+    fn time(&self, flops: f64, bytes: f64) -> f64 {
+        (flops / self.flops).max(bytes / self.bytes)
+    }
+}
+
+/// One table row: `ours` against `baseline` (timed in the same rounds), `roofline` seconds.
+fn row(
+    (op, dims): (&str, String),
+    ours: &Samples,
+    (base, baseline): (&str, &Samples),
+    roofline: f64,
+    chk: &str,
+) {
+    let (ratio, lo, hi) = ours.ratio_to(baseline);
+    println!(
+        "| {op} | {dims} | {:.1} | {base} | {:.1} | {ratio:.3} ({lo:.3}–{hi:.3}) | {:.0} % | {chk} |",
+        ours.median() * 1e6,
+        baseline.median() * 1e6,
+        100.0 * roofline / ours.median()
+    );
+}
+
+/// The M | N | K | r cells of case `c`.
+fn dims(c: Case) -> String {
+    format!("{} | {} | {} | {}", c.m, c.n, c.k, c.r)
+}
+
+/// The forward's flops and least bytes (X, W0, Y once; A, B, T negligible).
+fn forward_roofline(roof: Roof, c: Case) -> f64 {
+    let (m, n, k, r) = (c.m as f64, c.n as f64, c.k as f64, c.r as f64);
+    roof.time(
+        2.0 * m * n * k + 2.0 * m * r * (n + k),
+        2.0 * (m * k + n * k + m * n),
+    )
+}
+
+/// The backward's flops (dX = dY·W0 + s·U·A, U = dY·B, dB, dA) and least bytes (dY, W0, X read once,
+/// dX written once).
+fn backward_roofline(roof: Roof, c: Case) -> f64 {
+    let (m, n, k, r) = (c.m as f64, c.n as f64, c.k as f64, c.r as f64);
+    roof.time(
+        2.0 * m * n * k + 4.0 * m * (n + k) * r,
+        2.0 * (m * n + n * k + 2.0 * m * k),
+    )
+}
+
+/// The rows of case `c` under the default launch choices: forward vs the bare cuBLAS GEMM and the unfused
+/// three-GEMM LoRA forward, backward (M > 16) vs cuBLAS's dX + dW and the unfused five-GEMM backward,
+/// merge (`merge`: once per N, K, r) vs a copy of W0.
+fn default_rows(dev: &Device, blas: &CudaBlas, c: Case, merge: bool, roof: Roof) {
+    let mut sets = common::sets(dev, c).unwrap();
+    let ns = sets.len();
+    let chk = check_forward(blas, &mut sets[0], c);
+    let t = measure::time_together(
+        dev,
+        3,
+        &mut |j, i| {
+            let s = &mut sets[i % ns];
+            match j {
+                0 => common::ours_forward(s, SCALE),
+                1 => common::cublas_forward(blas, s, c),
+                _ => common::cublas_unfused(blas, s, c, SCALE),
+            }
+        },
+        TIMING,
+    );
+    let op = if c.m <= 16 {
+        "forward (small-M)"
+    } else {
+        "forward"
+    };
+    let f_roof = forward_roofline(roof, c);
+    row(
+        (op, dims(c)),
+        &t[0],
+        ("cuBLAS GEMM (full FT)", &t[1]),
+        f_roof,
+        &chk,
+    );
+    row(
+        (op, dims(c)),
+        &t[0],
+        ("cuBLAS unfused LoRA", &t[2]),
+        f_roof,
+        &chk,
+    );
+    if c.m > 16 {
+        let chk = check_backward(blas, &mut sets[0], c);
+        let t = measure::time_together(
+            dev,
+            3,
+            &mut |j, i| {
+                let s = &mut sets[i % ns];
+                match j {
+                    0 => common::ours_backward(s, SCALE),
+                    1 => common::cublas_full_backward(blas, s, c),
+                    _ => common::cublas_unfused_backward(blas, s, c, SCALE),
+                }
+            },
+            TIMING,
+        );
+        let b_roof = backward_roofline(roof, c);
+        row(
+            ("backward", dims(c)),
+            &t[0],
+            ("cuBLAS dX + dW (full FT)", &t[1]),
+            b_roof,
+            &chk,
+        );
+        row(
+            ("backward", dims(c)),
+            &t[0],
+            ("cuBLAS unfused LoRA", &t[2]),
+            b_roof,
+            &chk,
+        );
+    }
+    if merge {
+        let chk = check_merge(dev, blas, &mut sets[0], c);
+        let t = measure::time_together(
+            dev,
+            2,
+            &mut |j, i| {
+                let s = &mut sets[i % ns];
+                match j {
+                    0 => common::ours_merge(s, SCALE),
+                    _ => common::copy_w0(dev, s),
+                }
+            },
+            TIMING,
+        );
+        let (n, k, r) = (c.n as f64, c.k as f64, c.r as f64);
+        let roofline = roof.time(2.0 * n * k * r, 4.0 * n * k);
+        row(
+            ("merge", dims(c)),
+            &t[0],
+            ("copy of W0", &t[1]),
+            roofline,
+            &chk,
+        );
+    }
+}
+
+/// The launch choices other than the default that case `c` can take, for a fused GEMM of `gemm_n`
+/// columns: (variable, value, label).
+fn variants(
+    dev: &Device,
+    c: Case,
+    gemm_n: usize,
+) -> Vec<(&'static str, &'static str, &'static str)> {
+    let mut v = Vec::new();
+    let sms = dev.sm_count().unwrap_or(1);
+    if c.m > 16 && ops::mma_tile(c.m, gemm_n, sms).1 == 64 {
+        v.push(("LK_MMA_TILE", "128", "128×128 tiles (LK_MMA_TILE=128)"));
+    }
+    if c.m > 16 && dev.compute_capability() == 90 {
+        v.push(("LK_FUSED_GEMM", "sm90", "sm_90a GEMM (LK_FUSED_GEMM=sm90)"));
+        v.push((
+            "LK_FUSED_GEMM",
+            "sm90-projection",
+            "sm_90a GEMM, T and U by their own launches (LK_FUSED_GEMM=sm90-projection)",
+        ));
+    }
+    v
+}
+
+/// The rows of case `c` under the other launch choices (`variants`), each against the baseline of its
+/// op's target, timed again in the same rounds. A choice this build or GPU cannot run on the case (an
+/// error from the op, never a silent fallback: `sm90` refuses) is said in a note after the table.
+fn variant_rows(dev: &Device, blas: &CudaBlas, c: Case, roof: Roof, notes: &mut Vec<String>) {
+    let mut sets = common::sets(dev, c).unwrap();
+    let ns = sets.len();
+    for (var, value, label) in variants(dev, c, c.n) {
+        common::with_env(var, value, || {
+            if let Err(e) = common::try_forward(&mut sets[0], SCALE) {
+                notes.push(format!("forward, {label}, {c:?}: not run ({e})"));
+                return;
+            }
+            let chk = check_forward(blas, &mut sets[0], c);
+            let t = measure::time_together(
+                dev,
+                2,
+                &mut |j, i| {
+                    let s = &mut sets[i % ns];
+                    match j {
+                        0 => common::ours_forward(s, SCALE),
+                        _ => common::cublas_forward(blas, s, c),
+                    }
+                },
+                TIMING,
+            );
+            row(
+                (&format!("forward, {label}"), dims(c)),
+                &t[0],
+                ("cuBLAS GEMM (full FT)", &t[1]),
+                forward_roofline(roof, c),
+                &chk,
+            );
+        });
+    }
+    if c.m <= 16 {
+        return;
+    }
+    // dX's GEMM is m×k: its own width choice
+    for (var, value, label) in variants(dev, c, c.k) {
+        common::with_env(var, value, || {
+            if let Err(e) = common::try_backward(&mut sets[0], SCALE) {
+                notes.push(format!("backward, {label}, {c:?}: not run ({e})"));
+                return;
+            }
+            let chk = check_backward(blas, &mut sets[0], c);
+            let t = measure::time_together(
+                dev,
+                2,
+                &mut |j, i| {
+                    let s = &mut sets[i % ns];
+                    match j {
+                        0 => common::ours_backward(s, SCALE),
+                        _ => common::cublas_full_backward(blas, s, c),
+                    }
+                },
+                TIMING,
+            );
+            row(
+                (&format!("backward, {label}"), dims(c)),
+                &t[0],
+                ("cuBLAS dX + dW (full FT)", &t[1]),
+                backward_roofline(roof, c),
+                &chk,
+            );
+        });
+    }
 }
 
 /// Many adapters in one batch (benches/common/multi.rs): ours vs a loop of lora_forward per adapter and
-/// vs cuBLAS's base GEMM plus two GEMMs per adapter, rows of the table's format with r = the ranks.
-/// `LK_BENCH_QUICK=1`: M = 16 and 256 with 16 adapters only.
-fn multi_rows(dev: &Device, blas: &CudaBlas, roof: impl Fn(f64, f64) -> f64) {
+/// vs cuBLAS's base GEMM plus two GEMMs per adapter, all three timed in the same rounds; rows of the
+/// table's format with r = the ranks. `LK_BENCH_QUICK=1`: M = 16 and 256 with 16 adapters only.
+fn multi_rows(dev: &Device, blas: &CudaBlas, roof: Roof) {
     use common::multi;
     let quick = std::env::var("LK_BENCH_QUICK").as_deref() == Ok("1");
     for (m, adapters) in multi::cases() {
@@ -148,37 +392,45 @@ fn multi_rows(dev: &Device, blas: &CudaBlas, roof: impl Fn(f64, f64) -> f64) {
             continue;
         }
         let mut sets = multi::multi_sets(dev, m, adapters).unwrap();
+        sets[0].y.poison().unwrap();
         multi::ours(&mut sets[0]);
         let ours_y = host(&sets[0].y);
+        sets[0].y.poison().unwrap();
         multi::cublas_gather_gemms(blas, &mut sets[0]);
-        let chk = check(&[(ours_y, host(&sets[0].y))]);
+        let chk = compare(&[("Y", &ours_y, &host(&sets[0].y))]);
         let ns = sets.len();
-        let ours = time(dev, |i| multi::ours(&mut sets[i % ns]));
-        let looped = time(dev, |i| multi::loop_lora_forward(&mut sets[i % ns]));
-        let cublas = time(dev, |i| multi::cublas_gather_gemms(blas, &mut sets[i % ns]));
+        let t = measure::time_together(
+            dev,
+            3,
+            &mut |j, i| {
+                let s = &mut sets[i % ns];
+                match j {
+                    0 => multi::ours(s),
+                    1 => multi::loop_lora_forward(s),
+                    _ => multi::cublas_gather_gemms(blas, s),
+                }
+            },
+            TIMING,
+        );
         let (mf, nf, kf) = (m as f64, multi::N as f64, multi::K as f64);
         let low: f64 = sets[0]
             .segments
             .iter()
-            .map(|s| 4.0 * (s.end - s.begin) as f64 * kf * s.rank as f64)
+            .map(|s| 2.0 * (s.end - s.begin) as f64 * (nf + kf) * s.rank as f64)
             .sum();
-        let roofline = roof(
+        let roofline = roof.time(
             2.0 * mf * nf * kf + low,
             2.0 * (mf * kf + nf * kf + mf * nf),
         );
+        let what = (
+            format!("multi, {adapters} adapters"),
+            format!("{m} | {} | {} | 8/16/64", multi::N, multi::K),
+        );
         for (base, tb) in [
-            ("loop of lora_forward per adapter", looped),
-            ("cuBLAS GEMM + 2 GEMMs per adapter", cublas),
+            ("loop of lora_forward per adapter", &t[1]),
+            ("cuBLAS GEMM + 2 GEMMs per adapter", &t[2]),
         ] {
-            println!(
-                "| multi, {adapters} adapters | {m} | {} | {} | 8/16/64 | {:.1} | {base} | {:.1} | {:.3} | {:.0} % | {chk} |",
-                multi::N,
-                multi::K,
-                ours * 1e6,
-                tb * 1e6,
-                ours / tb,
-                100.0 * roofline / ours
-            );
+            row((&what.0, what.1.clone()), &t[0], (base, tb), roofline, &chk);
         }
     }
 }
@@ -268,7 +520,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    // Peaks measured now: an 8192³ bf16 GEMM and a 1 GiB copy.
+    // Peaks measured now, on random data: an 8192³ bf16 GEMM and a 512 MiB copy (10 × L2).
     let big = Case {
         m: 8192,
         n: 8192,
@@ -276,168 +528,71 @@ fn main() {
         r: 8,
     };
     let mut peak_sets = common::sets(&dev, big).unwrap();
-    let t = time(&dev, |i| {
-        common::cublas_forward(&blas, &mut peak_sets[i % 2], big)
-    });
+    let t = measure::time_together(
+        &dev,
+        1,
+        &mut |_, i| common::cublas_forward(&blas, &mut peak_sets[i % 2], big),
+        TIMING,
+    )[0]
+    .median();
     let peak_flops = 2.0 * 8192f64.powi(3) / t;
     drop(peak_sets);
-    let n_copy = 1usize << 29; // 1 GiB of bf16
-    let src = Tensor::<bf16>::zeros(&dev, &[n_copy]).unwrap();
-    let mut dst = Tensor::<bf16>::zeros(&dev, &[n_copy]).unwrap();
+    let n_copy = 1usize << 28; // 512 MiB of bf16
+    let src = common::random(&dev, [1, n_copy], 1.0, 99).unwrap();
+    let mut dst = Tensor::<bf16>::zeros(&dev, &[1, n_copy]).unwrap();
     let stream = dev.as_cuda().unwrap().stream().clone();
-    let t = time(&dev, |_| {
-        stream
-            .memcpy_dtod(
-                src.as_cuda_slice().unwrap(),
-                dst.as_cuda_slice_mut().unwrap(),
-            )
-            .unwrap()
-    });
+    let t = measure::time_together(
+        &dev,
+        1,
+        &mut |_, _| {
+            stream
+                .memcpy_dtod(
+                    src.as_cuda_slice().unwrap(),
+                    dst.as_cuda_slice_mut().unwrap(),
+                )
+                .unwrap()
+        },
+        TIMING,
+    )[0]
+    .median();
     let peak_bw = 2.0 * (n_copy * 2) as f64 / t;
     drop((src, dst));
     let l2 = l2_read_rate(&dev);
-    println!("device: {}", dev.describe());
     println!(
-        "peaks measured in this run: cuBLAS bf16 GEMM 8192³ {:.0} TFLOP/s, device copy {:.0} GB/s (read + write), {l2}\n",
+        "device: {}; {}",
+        dev.describe(),
+        common::blas_version(&blas)
+    );
+    println!(
+        "peaks measured in this run: cuBLAS bf16 GEMM 8192³ {:.0} TFLOP/s, device copy {:.0} GB/s (read + write), {l2}",
         peak_flops / 1e12,
         peak_bw / 1e9
     );
     println!(
-        "| op | M | N | K | r | ours (µs) | baseline | baseline (µs) | ours / baseline | ours % roofline | check vs cuBLAS |"
+        "times: medians of {} interleaved rounds (benches/common/measure.rs); ratio: the median of the per-round ratios (lowest–highest)\n",
+        measure::ROUNDS
+    );
+    println!(
+        "| op | M | N | K | r | ours (µs) | baseline | baseline (µs) | ours / baseline (range) | ours % roofline | check vs cuBLAS |"
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    let roof = |flops: f64, bytes: f64| (flops / peak_flops).max(bytes / peak_bw);
+    let roof = Roof {
+        flops: peak_flops,
+        bytes: peak_bw,
+    };
     let cases = common::cases();
     for (index, &c) in cases.iter().enumerate() {
-        let mut sets = common::sets(&dev, c).unwrap();
-        let ns = sets.len();
-        let (m, n, k, r) = (c.m as f64, c.n as f64, c.k as f64, c.r as f64);
-        let row = |op: &str, ours: f64, base: &str, tb: f64, roofline: f64, chk: &str| {
-            println!(
-                "| {op} | {} | {} | {} | {} | {:.1} | {base} | {:.1} | {:.3} | {:.0} % | {chk} |",
-                c.m,
-                c.n,
-                c.k,
-                c.r,
-                ours * 1e6,
-                tb * 1e6,
-                ours / tb,
-                100.0 * roofline / ours
-            );
-        };
-        let chk = check_forward(&blas, &mut sets[0], c);
-        let fwd = time(&dev, |i| common::ours_forward(&mut sets[i % ns], SCALE));
-        let bare = time(&dev, |i| {
-            common::cublas_forward(&blas, &mut sets[i % ns], c)
-        });
-        let unfused = time(&dev, |i| {
-            common::cublas_unfused(&blas, &mut sets[i % ns], c, SCALE)
-        });
-        let f_roof = roof(
-            2.0 * m * n * k + 4.0 * m * k * r,
-            2.0 * (m * k + n * k + m * n),
-        );
-        let op = if c.m <= 16 {
-            "forward (small-M)"
-        } else {
-            "forward"
-        };
-        row(op, fwd, "cuBLAS GEMM (full FT)", bare, f_roof, &chk);
-        row(op, fwd, "cuBLAS unfused LoRA", unfused, f_roof, &chk);
-        // the same op under another launch choice (the same cuBLAS baselines): on 128×128 tiles where
-        // the mma.sync GEMM takes 128×64 ones (ops::mma_tile; the measured gain of the narrow tiles, the
-        // same bits), and on sm_90 on the sm_90a GEMM (opt-in; T, or U in dX, inside it at r <= 32), and
-        // with T and U always from their own launches. `gemm_n`: the columns of the op's fused GEMM.
-        let sms = dev.sm_count().unwrap_or(1);
-        let sm90 = c.m > 16 && dev.compute_capability() == 90;
-        let variants = |gemm_n: usize| {
-            let mut v: Vec<(&str, &str, &str)> = Vec::new();
-            if c.m > 16 && ops::mma_tile(c.m, gemm_n, sms).1 == 64 {
-                v.push(("LK_MMA_TILE", "128", "128×128 tiles (LK_MMA_TILE=128)"));
-            }
-            if sm90 {
-                v.push(("LK_FUSED_GEMM", "auto", "sm_90a GEMM (LK_FUSED_GEMM=auto)"));
-                v.push((
-                    "LK_FUSED_GEMM",
-                    "sm90-projection",
-                    "sm_90a GEMM, T and U by their own launches (LK_FUSED_GEMM=sm90-projection)",
-                ));
-            }
-            v
-        };
-        for (var, value, label) in variants(c.n) {
-            let (chk_v, fwd_v) = common::with_env(var, value, || {
-                (
-                    check_forward(&blas, &mut sets[0], c),
-                    time(&dev, |i| common::ours_forward(&mut sets[i % ns], SCALE)),
-                )
-            });
-            row(
-                &format!("forward, {label}"),
-                fwd_v,
-                "cuBLAS GEMM (full FT)",
-                bare,
-                f_roof,
-                &chk_v,
-            );
-        }
-        if c.m > 16 {
-            let chk = check_backward(&blas, &mut sets[0], c);
-            let bwd = time(&dev, |i| common::ours_backward(&mut sets[i % ns], SCALE));
-            let full = time(&dev, |i| {
-                common::cublas_full_backward(&blas, &mut sets[i % ns], c)
-            });
-            let unfused = time(&dev, |i| {
-                common::cublas_unfused_backward(&blas, &mut sets[i % ns], c, SCALE)
-            });
-            let b_roof = roof(
-                2.0 * m * n * k + 4.0 * m * (n + k) * r,
-                2.0 * (3.0 * m * n + n * k + 2.0 * m * k),
-            );
-            row(
-                "backward",
-                bwd,
-                "cuBLAS dX + dW (full FT)",
-                full,
-                b_roof,
-                &chk,
-            );
-            row(
-                "backward",
-                bwd,
-                "cuBLAS unfused LoRA",
-                unfused,
-                b_roof,
-                &chk,
-            );
-            // dX's GEMM is m×k: its own width choice
-            for (var, value, label) in variants(c.k) {
-                let (chk_v, bwd_v) = common::with_env(var, value, || {
-                    (
-                        check_backward(&blas, &mut sets[0], c),
-                        time(&dev, |i| common::ours_backward(&mut sets[i % ns], SCALE)),
-                    )
-                });
-                row(
-                    &format!("backward, {label}"),
-                    bwd_v,
-                    "cuBLAS dX + dW (full FT)",
-                    full,
-                    b_roof,
-                    &chk_v,
-                );
-            }
-        }
-        if common::measures_merge(&cases, index) {
-            let chk = check_merge(&dev, &blas, &mut sets[0], c);
-            let merge = time(&dev, |i| common::ours_merge(&mut sets[i % ns], SCALE));
-            let copy = time(&dev, |i| common::copy_w0(&dev, &mut sets[i % ns]));
-            let roofline = roof(2.0 * n * k * r, 4.0 * n * k);
-            row("merge", merge, "copy of W0", copy, roofline, &chk);
-        }
+        default_rows(&dev, &blas, c, common::measures_merge(&cases, index), roof);
     }
-
     multi_rows(&dev, &blas, roof);
+    // the other launch choices, after every default row (see the module doc)
+    let mut notes = Vec::new();
+    for &c in &cases {
+        variant_rows(&dev, &blas, c, roof, &mut notes);
+    }
+    for note in notes {
+        println!("\n{note}");
+    }
 
     let c = Case {
         m: 8192,

@@ -81,6 +81,15 @@ run_limited() {
   return $rc
 }
 
+# the card's state, read only (a driver that names clock event reasons the old way is asked that way)
+gpu_state() {
+  local q=clocks.sm,clocks.mem,power.draw,temperature.gpu out
+  out=$(nvidia-smi --query-gpu=$q,clocks_event_reasons.active --format=csv,noheader 2>/dev/null) \
+    || out=$(nvidia-smi --query-gpu=$q,clocks_throttle_reasons.active --format=csv,noheader 2>/dev/null) \
+    || out="not read"
+  echo "$out" | head -n 1
+}
+
 fail=0
 failed() { echo "FAILED: $*" | tee -a "$results/failures.txt"; fail=1; }
 : > "$results/failures.txt"
@@ -270,7 +279,11 @@ if [ "$perf" = 1 ]; then
 
   echo "== perf table"
   { echo "commit: $commit"; echo "date: $(date -u +%F)"; echo; } > "$results/perf_table.md"
+  before=$(gpu_state)
   run_limited "$run_timeout" "$perf_table" >> "$results/perf_table.md" 2> "$results/perf_table.stderr"; rc=$?
+  # the card as the table found and left it (read only: clocks, power, temperature, why clocks were held)
+  [ "$gpu" = 1 ] && printf '\nGPU state (SM clock, memory clock, power, temperature, clock event reasons) before the table: %s; after: %s\n' \
+    "$before" "$(gpu_state)" >> "$results/perf_table.md"
   [ "$rc" = 0 ] || failed "perf table (exit $rc; perf_table.stderr)"
   grep -q MISMATCH "$results/perf_table.md" \
     && failed "perf table: MISMATCH (a row where ours differs from cuBLAS, or the L2 probe's sums are wrong)"

@@ -3,7 +3,9 @@
 # are compared with (examples/profile_step.rs), for when a kernel misses its target (docs/perf says
 # why it matters). Writes into --out DIR: ncu.log (the one-line summary per kernel), ncu-summary.csv (one
 # row per kernel: time, SM, memory and L2 throughput, registers, occupancy, DRAM bytes read and written),
-# ncu-details.txt (every section, text) and profile_step.ncu-rep (open with ncu-ui).
+# ncu-details.txt (every section, text) and profile_step.ncu-rep (open with ncu-ui). `--clock-control
+# none`: ncu leaves the GPU's clocks as it finds them (by default it locks them to base clock), so its
+# kernel times compare with the perf table's, and the card's settings are not touched.
 #
 #   bash scripts/gpu-profile.sh --out DIR               from the repository (builds the example)
 #   bash scripts/gpu-profile.sh --out DIR --bin PATH    with a built profile_step (gpu-check.sh --profile
@@ -14,7 +16,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --out) results=${2:?--out needs a directory}; shift 2 ;;
     --bin) bin=${2:?--bin needs a path}; shift 2 ;;
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-profile: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -29,7 +31,7 @@ fi
 source "$here/gpu-env.sh" > "$results/cublas.txt"; cat "$results/cublas.txt"
 ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
 [ -n "$ncu" ] || { echo "gpu-profile: Nsight Compute (ncu) not found: install it (it ships with the CUDA toolkit) or put it on PATH" >&2; exit 1; }
-"$ncu" --set full --export "$results/profile_step" --force-overwrite "$bin" 2>&1 | tee "$results/ncu.log"
+"$ncu" --set full --clock-control none --export "$results/profile_step" --force-overwrite "$bin" 2>&1 | tee "$results/ncu.log"
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu-profile: ncu failed (ncu.log)" >&2; exit 1; }
 "$ncu" --import "$results/profile_step.ncu-rep" --page details > "$results/ncu-details.txt" 2>&1
 "$ncu" --import "$results/profile_step.ncu-rep" --page raw --csv \

@@ -335,3 +335,111 @@ fn merge_is_measured_once_per_weight_and_rank() {
     assert!(common::measures_merge(&quick, 0));
     assert!(!common::measures_merge(&quick, 1));
 }
+
+/// The perf table's check (benches/common/measure.rs `compare`) judges each tensor alone: a backward
+/// whose dX is wrong fails even when a large dA would dilute the error under the limit pooled; NaN left
+/// unwritten, a length that differs and nothing compared are each a MISMATCH; the largest difference is
+/// shown with its tensor's name.
+#[test]
+fn the_perf_check_judges_each_tensor() {
+    use common::measure::{MISMATCH_ABOVE, compare, relative_difference};
+    use lora_kernels::bf16;
+    let v = |n: usize, amp: f64, seed: u64| -> Vec<bf16> {
+        (0..n)
+            .map(|i| {
+                let x = ((i as u64 * 2654435761 + seed * 40503) % 1000) as f64 / 500.0 - 1.0;
+                bf16::from_f64(amp * x)
+            })
+            .collect()
+    };
+    let (dx, da) = (v(4096, 0.4, 1), v(4096, 220.0, 2));
+    // dX off by a quarter of itself: 25 % alone, far under 2e-2 of the pooled norm
+    let wrong_dx: Vec<bf16> = dx
+        .iter()
+        .map(|x| bf16::from_f64(1.25 * x.to_f64()))
+        .collect();
+    let pooled = {
+        let ours: Vec<bf16> = wrong_dx.iter().chain(&da).copied().collect();
+        let reference: Vec<bf16> = dx.iter().chain(&da).copied().collect();
+        relative_difference(&ours, &reference)
+    };
+    assert!(
+        pooled < MISMATCH_ABOVE,
+        "the case must hide in a pooled norm: {pooled}"
+    );
+    let out = compare(&[("dX", &wrong_dx, &dx), ("dA", &da, &da)]);
+    assert!(out.starts_with("MISMATCH dX"), "{out}");
+
+    // one element left NaN (unwritten over the poison) in an otherwise exact tensor
+    let mut unwritten = da.clone();
+    unwritten[77] = bf16::NAN;
+    let out = compare(&[("dX", &dx, &dx), ("dA", &unwritten, &da)]);
+    assert!(out.starts_with("MISMATCH dA"), "{out}");
+    assert!(compare(&[("Y", &dx[1..], &dx)]).starts_with("MISMATCH Y"));
+    assert!(compare(&[]).starts_with("MISMATCH"));
+    let zeros = vec![bf16::ZERO; 8];
+    assert!(compare(&[("T", &zeros, &zeros)]).starts_with("MISMATCH T"));
+
+    // within the limit: the largest, named
+    let near: Vec<bf16> = da
+        .iter()
+        .map(|x| bf16::from_f64(1.004 * x.to_f64()))
+        .collect();
+    let out = compare(&[("dX", &dx, &dx), ("dA", &near, &da)]);
+    assert!(!out.contains("MISMATCH") && out.ends_with("(dA)"), "{out}");
+}
+
+/// The perf table's timing (benches/common/measure.rs `time_together`), on stand-in candidates that
+/// sleep 1 and 2 ms per call: every candidate gets `ROUNDS` samples, its calls numbered on from its
+/// warm-up without a gap, the rounds take the candidates in a rotating order, and the medians and the
+/// per-round ratio see the 2 : 1.
+#[test]
+fn the_perf_timing_interleaves_rounds() {
+    use common::measure::{ROUNDS, median, time_together};
+    use std::time::Duration;
+    assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+    assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    assert!(median(&[]).is_nan());
+
+    let dev = lora_kernels::Device::emulator();
+    let mut log: Vec<(usize, usize)> = Vec::new();
+    let samples = time_together(
+        &dev,
+        2,
+        &mut |j, i| {
+            log.push((j, i));
+            std::thread::sleep(Duration::from_micros(1000 * (j as u64 + 1)));
+        },
+        (0.006, 0.004),
+    );
+    assert_eq!(samples.len(), 2);
+    for (j, s) in samples.iter().enumerate() {
+        assert_eq!(s.0.len(), ROUNDS, "candidate {j}");
+        let calls: Vec<usize> = log.iter().filter(|c| c.0 == j).map(|c| c.1).collect();
+        assert_eq!(
+            calls,
+            (0..calls.len()).collect::<Vec<_>>(),
+            "candidate {j}'s call numbers"
+        );
+    }
+    // the log as runs of one candidate: the warm-ups (candidate 0, then 1), then the rounds, each
+    // starting at candidate `round % 2`
+    let mut runs: Vec<usize> = Vec::new();
+    for &(j, _) in &log {
+        if runs.last() != Some(&j) {
+            runs.push(j);
+        }
+    }
+    let rounds: Vec<usize> = (0..ROUNDS).flat_map(|r| [r % 2, (r + 1) % 2]).collect();
+    let mut expected = vec![0, 1];
+    expected.extend(rounds);
+    expected.dedup();
+    assert_eq!(runs, expected);
+    let (ratio, lo, hi) = samples[1].ratio_to(&samples[0]);
+    assert!(lo <= ratio && ratio <= hi);
+    assert!(
+        (1.4..2.6).contains(&ratio),
+        "2 ms against 1 ms per call: ratio {ratio} ({lo}..{hi})"
+    );
+    assert!(samples[0].median() >= 0.001 && samples[1].median() >= 0.002);
+}

@@ -3,6 +3,7 @@
 //! (cudarc's `Gemm<bf16>`: bf16 in and out, f32 compute) for row-major tensors.
 #![allow(dead_code)]
 
+pub mod measure;
 pub mod multi;
 
 use std::sync::Arc;
@@ -185,12 +186,25 @@ pub fn random(dev: &Device, shape: [usize; 2], amp: f32, seed: u64) -> Result<Te
     Tensor::from_slice(dev, &v, &shape)
 }
 
+/// The device's L2 size in bytes (the driver's attribute; 60 MiB, an H200's, where it cannot be read).
+pub fn l2_bytes(dev: &Device) -> u64 {
+    use lora_kernels::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE;
+    dev.as_cuda()
+        .and_then(|c| {
+            c.context()
+                .attribute(CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+                .ok()
+        })
+        .and_then(|b| u64::try_from(b).ok())
+        .filter(|&b| b > 0)
+        .unwrap_or(60 << 20)
+}
+
 /// Input sets, enough of them that one round through all exceeds 2 × L2 (so no set is served from
 /// L2 when its turn comes): at least 2.
 pub fn sets(dev: &Device, c: Case) -> Result<Vec<Set>> {
     let bytes = 2 * (c.m * c.k + c.n * c.k + c.m * c.n) as u64;
-    let l2 = 50u64 << 20; // H100/H200: 50 MiB
-    let count = (2 * l2).div_ceil(bytes).clamp(2, 8) as usize;
+    let count = (2 * l2_bytes(dev)).div_ceil(bytes).clamp(2, 8) as usize;
     (0..count).map(|i| set(dev, c, i)).collect()
 }
 
@@ -406,12 +420,29 @@ pub fn blas(dev: &Device) -> std::result::Result<Arc<CudaBlas>, String> {
         .map_err(|e| format!("creating a cuBLAS handle: {e}"))
 }
 
-/// Our fused forward (the T projection + fused GEMM, or small-M) into the set's y and t.
-pub fn ours_forward(s: &mut Set, scale: f32) {
-    try_ours_forward(s, scale).unwrap();
+/// The cuBLAS library the baselines ran on, as text ("cuBLAS 130001"; cuBLAS's own version number:
+/// major·10000 + minor·100 + patch), so a record says which one it was.
+pub fn blas_version(blas: &CudaBlas) -> String {
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: `blas.handle()` is a live handle; cublasGetVersion_v2 writes one int through `v`.
+    let status =
+        unsafe { lora_kernels::cudarc::cublas::sys::cublasGetVersion_v2(*blas.handle(), &mut v) };
+    match status {
+        lora_kernels::cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS => {
+            format!("cuBLAS {v}")
+        }
+        e => format!("cuBLAS version unknown ({e:?})"),
+    }
 }
 
-fn try_ours_forward(s: &mut Set, scale: f32) -> lora_kernels::Result<()> {
+/// Our fused forward (the T projection + fused GEMM, or small-M) into the set's y and t.
+pub fn ours_forward(s: &mut Set, scale: f32) {
+    try_forward(s, scale).unwrap();
+}
+
+/// `ours_forward`, its error returned (a launch choice forced by the environment that this GPU, build
+/// or shape cannot take).
+pub fn try_forward(s: &mut Set, scale: f32) -> lora_kernels::Result<()> {
     ops::lora_forward_into(
         &s.x,
         &s.w0,
@@ -443,15 +474,23 @@ pub fn with_env<R>(name: &str, value: &str, f: impl FnOnce() -> R) -> R {
     out
 }
 
-/// Whether this GPU and build run the sm_90a GEMM on this set (a forced forward succeeds): the sm_90a
-/// rows are benchmarked only then.
-pub fn sm90_runs(s: &mut Set, scale: f32) -> bool {
-    s.x.device().compute_capability() == 90
-        && with_fused_gemm("sm90", || try_ours_forward(s, scale)).is_ok()
+/// Whether this GPU and build run the sm_90a GEMM on this set (a forced forward succeeds), or why not:
+/// the sm_90a rows are benchmarked only then.
+pub fn sm90_runs(s: &mut Set, scale: f32) -> std::result::Result<(), String> {
+    let dev = s.x.device();
+    if dev.compute_capability() != 90 {
+        return Err(format!("{} is not sm_90", dev.describe()));
+    }
+    with_fused_gemm("sm90", || try_forward(s, scale)).map_err(|e| e.to_string())
 }
 
 /// Our backward: dA, dB and dX.
 pub fn ours_backward(s: &mut Set, scale: f32) {
+    try_backward(s, scale).unwrap();
+}
+
+/// `ours_backward`, its error returned.
+pub fn try_backward(s: &mut Set, scale: f32) -> lora_kernels::Result<()> {
     ops::lora_backward_into(
         &s.x,
         &s.w0,
@@ -467,7 +506,6 @@ pub fn ours_backward(s: &mut Set, scale: f32) {
         ops::GradMode::Overwrite,
         &mut s.ws,
     )
-    .unwrap();
 }
 
 /// Our in-place merge.

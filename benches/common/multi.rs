@@ -58,13 +58,17 @@ pub struct MultiSet {
     pub ws: Workspace<bf16>,
 }
 
-/// Input sets per case, used in turn: two W0 of 32 MiB each do not fit in the L2 cache together, so every
-/// call streams its W0 from memory as a server's would (one layer's W0 is not read again until the next
-/// token), rather than from the L2 the previous call filled.
-pub const SETS: usize = 2;
+/// Input sets per case (at least; more on a GPU whose L2 is over 64 MiB), used in turn: four W0 of 32 MiB
+/// each are 128 MiB, over twice an H100's or H200's L2 (50, 60 MiB), so every call streams its W0 from memory as a server's would (one layer's W0 is not
+/// read again until the next token), rather than from the L2 the previous calls filled.
+pub const SETS: usize = 4;
 
 pub fn multi_sets(dev: &Device, m: usize, adapters: usize) -> Result<Vec<MultiSet>> {
-    (0..SETS as u64)
+    // more where L2 is larger than that
+    let sets = (2 * super::l2_bytes(dev))
+        .div_ceil((2 * N * K) as u64)
+        .max(SETS as u64);
+    (0..sets)
         .map(|i| multi_set(dev, m, adapters, 1000 * i))
         .collect()
 }
