@@ -193,97 +193,127 @@ fn backward_roofline(roof: Roof, c: Case) -> f64 {
     )
 }
 
+/// What a row times on a [`Set`]: ours or a baseline.
+#[derive(Clone, Copy)]
+enum Run {
+    Forward,
+    Backward,
+    Merge,
+    CublasGemm,
+    CublasUnfused,
+    CublasFullBackward,
+    CublasUnfusedBackward,
+    CopyW0,
+}
+
+impl Run {
+    fn call(self, dev: &Device, blas: &CudaBlas, c: Case, s: &mut Set) {
+        match self {
+            Run::Forward => common::ours_forward(s, SCALE),
+            Run::Backward => common::ours_backward(s, SCALE),
+            Run::Merge => common::ours_merge(s, SCALE),
+            Run::CublasGemm => common::cublas_forward(blas, s, c),
+            Run::CublasUnfused => common::cublas_unfused(blas, s, c, SCALE),
+            Run::CublasFullBackward => common::cublas_full_backward(blas, s, c),
+            Run::CublasUnfusedBackward => common::cublas_unfused_backward(blas, s, c, SCALE),
+            Run::CopyW0 => common::copy_w0(dev, s),
+        }
+    }
+
+    /// The baseline's name in the table.
+    fn label(self) -> &'static str {
+        match self {
+            Run::CublasGemm => "cuBLAS GEMM (full FT)",
+            Run::CublasUnfused | Run::CublasUnfusedBackward => "cuBLAS unfused LoRA",
+            Run::CublasFullBackward => "cuBLAS dX + dW (full FT)",
+            Run::CopyW0 => "copy of W0",
+            Run::Forward | Run::Backward | Run::Merge => "ours",
+        }
+    }
+}
+
+/// `ours` and `baselines` timed together on case `c`'s input sets (rotating), then one row per baseline.
+#[allow(clippy::too_many_arguments)]
+fn rows(
+    (dev, blas): (&Device, &CudaBlas),
+    c: Case,
+    sets: &mut [Set],
+    op: &str,
+    ours: Run,
+    baselines: &[Run],
+    roofline: f64,
+    chk: &str,
+) {
+    let runs: Vec<Run> = std::iter::once(ours)
+        .chain(baselines.iter().copied())
+        .collect();
+    let ns = sets.len();
+    let t = measure::time_together(
+        dev,
+        runs.len(),
+        &mut |j, i| runs[j].call(dev, blas, c, &mut sets[i % ns]),
+        TIMING,
+    );
+    for (b, base) in baselines.iter().enumerate() {
+        row(
+            (op, dims(c)),
+            &t[0],
+            (base.label(), &t[b + 1]),
+            roofline,
+            chk,
+        );
+    }
+}
+
 /// The rows of case `c` under the default launch choices: forward vs the bare cuBLAS GEMM and the unfused
 /// three-GEMM LoRA forward, backward (M > 16) vs cuBLAS's dX + dW and the unfused five-GEMM backward,
 /// merge (`merge`: once per N, K, r) vs a copy of W0.
 fn default_rows(dev: &Device, blas: &CudaBlas, c: Case, merge: bool, roof: Roof) {
     let mut sets = common::sets(dev, c).unwrap();
-    let ns = sets.len();
     let chk = check_forward(blas, &mut sets[0], c);
-    let t = measure::time_together(
-        dev,
-        3,
-        &mut |j, i| {
-            let s = &mut sets[i % ns];
-            match j {
-                0 => common::ours_forward(s, SCALE),
-                1 => common::cublas_forward(blas, s, c),
-                _ => common::cublas_unfused(blas, s, c, SCALE),
-            }
-        },
-        TIMING,
-    );
     let op = if c.m <= 16 {
         "forward (small-M)"
     } else {
         "forward"
     };
+    let baselines = [Run::CublasGemm, Run::CublasUnfused];
     let f_roof = forward_roofline(roof, c);
-    row(
-        (op, dims(c)),
-        &t[0],
-        ("cuBLAS GEMM (full FT)", &t[1]),
-        f_roof,
-        &chk,
-    );
-    row(
-        (op, dims(c)),
-        &t[0],
-        ("cuBLAS unfused LoRA", &t[2]),
+    rows(
+        (dev, blas),
+        c,
+        &mut sets,
+        op,
+        Run::Forward,
+        &baselines,
         f_roof,
         &chk,
     );
     if c.m > 16 {
         let chk = check_backward(blas, &mut sets[0], c);
-        let t = measure::time_together(
-            dev,
-            3,
-            &mut |j, i| {
-                let s = &mut sets[i % ns];
-                match j {
-                    0 => common::ours_backward(s, SCALE),
-                    1 => common::cublas_full_backward(blas, s, c),
-                    _ => common::cublas_unfused_backward(blas, s, c, SCALE),
-                }
-            },
-            TIMING,
-        );
+        let baselines = [Run::CublasFullBackward, Run::CublasUnfusedBackward];
         let b_roof = backward_roofline(roof, c);
-        row(
-            ("backward", dims(c)),
-            &t[0],
-            ("cuBLAS dX + dW (full FT)", &t[1]),
-            b_roof,
-            &chk,
-        );
-        row(
-            ("backward", dims(c)),
-            &t[0],
-            ("cuBLAS unfused LoRA", &t[2]),
+        rows(
+            (dev, blas),
+            c,
+            &mut sets,
+            "backward",
+            Run::Backward,
+            &baselines,
             b_roof,
             &chk,
         );
     }
     if merge {
         let chk = check_merge(dev, blas, &mut sets[0], c);
-        let t = measure::time_together(
-            dev,
-            2,
-            &mut |j, i| {
-                let s = &mut sets[i % ns];
-                match j {
-                    0 => common::ours_merge(s, SCALE),
-                    _ => common::copy_w0(dev, s),
-                }
-            },
-            TIMING,
-        );
         let (n, k, r) = (c.n as f64, c.k as f64, c.r as f64);
         let roofline = roof.time(2.0 * n * k * r, 4.0 * n * k);
-        row(
-            ("merge", dims(c)),
-            &t[0],
-            ("copy of W0", &t[1]),
+        rows(
+            (dev, blas),
+            c,
+            &mut sets,
+            "merge",
+            Run::Merge,
+            &[Run::CopyW0],
             roofline,
             &chk,
         );
@@ -318,66 +348,46 @@ fn variants(
 /// error from the op, never a silent fallback: `sm90` refuses) is said in a note after the table.
 fn variant_rows(dev: &Device, blas: &CudaBlas, c: Case, roof: Roof, notes: &mut Vec<String>) {
     let mut sets = common::sets(dev, c).unwrap();
-    let ns = sets.len();
-    for (var, value, label) in variants(dev, c, c.n) {
-        common::with_env(var, value, || {
-            if let Err(e) = common::try_forward(&mut sets[0], SCALE) {
-                notes.push(format!("forward, {label}, {c:?}: not run ({e})"));
-                return;
-            }
-            let chk = check_forward(blas, &mut sets[0], c);
-            let t = measure::time_together(
-                dev,
-                2,
-                &mut |j, i| {
-                    let s = &mut sets[i % ns];
-                    match j {
-                        0 => common::ours_forward(s, SCALE),
-                        _ => common::cublas_forward(blas, s, c),
-                    }
-                },
-                TIMING,
-            );
-            row(
-                (&format!("forward, {label}"), dims(c)),
-                &t[0],
-                ("cuBLAS GEMM (full FT)", &t[1]),
-                forward_roofline(roof, c),
-                &chk,
-            );
-        });
+    // the forward's GEMM is m×n, dX's m×k: each its own width choice
+    let mut ops = vec![("forward", c.n, Run::Forward, Run::CublasGemm)];
+    if c.m > 16 {
+        ops.push(("backward", c.k, Run::Backward, Run::CublasFullBackward));
     }
-    if c.m <= 16 {
-        return;
-    }
-    // dX's GEMM is m×k: its own width choice
-    for (var, value, label) in variants(dev, c, c.k) {
-        common::with_env(var, value, || {
-            if let Err(e) = common::try_backward(&mut sets[0], SCALE) {
-                notes.push(format!("backward, {label}, {c:?}: not run ({e})"));
-                return;
-            }
-            let chk = check_backward(blas, &mut sets[0], c);
-            let t = measure::time_together(
-                dev,
-                2,
-                &mut |j, i| {
-                    let s = &mut sets[i % ns];
-                    match j {
-                        0 => common::ours_backward(s, SCALE),
-                        _ => common::cublas_full_backward(blas, s, c),
-                    }
-                },
-                TIMING,
-            );
-            row(
-                (&format!("backward, {label}"), dims(c)),
-                &t[0],
-                ("cuBLAS dX + dW (full FT)", &t[1]),
-                backward_roofline(roof, c),
-                &chk,
-            );
-        });
+    for (op, gemm_n, ours, baseline) in ops {
+        for (var, value, label) in variants(dev, c, gemm_n) {
+            common::with_env(var, value, || {
+                let ran = match ours {
+                    Run::Forward => common::try_forward(&mut sets[0], SCALE),
+                    _ => common::try_forward(&mut sets[0], SCALE)
+                        .and_then(|()| common::try_backward(&mut sets[0], SCALE)),
+                };
+                if let Err(e) = ran {
+                    notes.push(format!("{op}, {label}, {c:?}: not run ({e})"));
+                    return;
+                }
+                let (chk, roofline) = match ours {
+                    Run::Forward => (
+                        check_forward(blas, &mut sets[0], c),
+                        forward_roofline(roof, c),
+                    ),
+                    _ => (
+                        check_backward(blas, &mut sets[0], c),
+                        backward_roofline(roof, c),
+                    ),
+                };
+                let what = format!("{op}, {label}");
+                rows(
+                    (dev, blas),
+                    c,
+                    &mut sets,
+                    &what,
+                    ours,
+                    &[baseline],
+                    roofline,
+                    &chk,
+                );
+            });
+        }
     }
 }
 

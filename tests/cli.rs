@@ -139,39 +139,8 @@ fn merge_reproduces_peft_and_unmerge_matches_f64() {
 #[test]
 fn sharded_checkpoint_is_merged_shard_by_shard() {
     let dir = scratch("sharded");
-    let base_dir = dir.join("base");
-    std::fs::create_dir_all(&base_dir).unwrap();
-    // Split the fixture base into two shards with an index, as transformers writes them.
-    let base = Fixture::open("base.safetensors");
-    let st = base.tensors();
-    let mut map = serde_json::Map::new();
-    for (i, shard) in [
-        "model-00001-of-00002.safetensors",
-        "model-00002-of-00002.safetensors",
-    ]
-    .iter()
-    .enumerate()
-    {
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
-            .tensors()
-            .into_iter()
-            .filter(|(n, _)| n.contains(&format!("layers.{i}.")))
-            .collect();
-        for (n, _) in &views {
-            map.insert(n.clone(), serde_json::Value::String(shard.to_string()));
-        }
-        std::fs::write(
-            base_dir.join(shard),
-            safetensors::serialize(views, None).unwrap(),
-        )
-        .unwrap();
-    }
-    let index = serde_json::json!({"metadata": {}, "weight_map": map});
-    std::fs::write(
-        base_dir.join("model.safetensors.index.json"),
-        index.to_string(),
-    )
-    .unwrap();
+    // the fixture base split into two shards with an index, as transformers writes them
+    let base_dir = sharded_base(&dir);
     let out = dir.join("out");
     let (ok, stdout, stderr) = run(&[
         "merge",
