@@ -1,21 +1,20 @@
 //! criterion benchmarks: our kernels against cuBLAS baselines in the same run (see benches/common).
 //!
-//!   forward   fused forward | on sm_90, the same with the sm_90a GEMM (`ours_fused_sm90a`: T inside
-//!             at r <= 32) and with T by its own launch (`ours_fused_sm90a_projection`) | bare cuBLAS
-//!             GEMM (full fine-tune forward) | unfused 3-GEMM LoRA (PEFT)
-//!   backward  ours (dX, dA, dB) | on sm_90, the same with dX on the sm_90a GEMM (`ours_dx_da_db_sm90a`:
-//!             U, dB and dA inside at r <= 32) and with U from the pass over dY
-//!             (`ours_dx_da_db_sm90a_projection`) |
-//!             full fine-tune backward (cuBLAS dX + dW) | unfused 5-GEMM LoRA backward (autograd on PEFT's
-//!             layer)
+//!   forward   fused forward | bare cuBLAS GEMM (full fine-tune forward) | unfused 3-GEMM LoRA (PEFT)
+//!   backward  ours (dX, dA, dB) | full fine-tune backward (cuBLAS dX + dW) | unfused 5-GEMM LoRA
+//!             backward (autograd on PEFT's layer)
 //!   merge     in-place merge | device-to-device copy of W0 (once per N, K, r)
 //!   small_m   M = 16 cases of the forward group (the small-M kernel)
 //!   multi     many adapters in one batch (benches/common/multi.rs): ours (lora_forward_multi) | a loop
 //!             of lora_forward per adapter | cuBLAS Y = X·W0ᵀ plus two GEMMs per adapter on its rows;
 //!             M = 16, 64, 256, 4096 with 4, 16, 64 adapters of ranks 8/16/64, N = K = 4096
+//!   forward_sm90a, backward_sm90a (on sm_90, after all the others, so that a fault in them cannot lose
+//!             the rest): the same with the sm_90a GEMM (`ours_fused_sm90a`, `ours_dx_da_db_sm90a`: T, or
+//!             U, dB and dA in dX, inside at r <= 32) and with T and U from their own launches
+//!             (`..._sm90a_projection`) | the bare cuBLAS GEMM, cuBLAS dX + dW again
 //!
 //! Throughput is reported as the FLOPs each row itself does (criterion "elements": ours counts the low-rank
-//! products too, the bare GEMM only its own) and bytes for merge. Criterion times batches of calls with
+//! products too, the bare GEMM only its own; the multi rows all the frozen GEMM's) and bytes for merge. Criterion times batches of calls with
 //! no synchronize between them (no idle gap per call) and one device synchronize at the end, inside the
 //! timed region; input sets rotate so none is served from L2. Where the sm_90a rows cannot run (not an
 //! sm_90 GPU, or a build without sm_90a), a line says why.
@@ -79,36 +78,6 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
         &mut sets,
         |s| common::ours_forward(s, SCALE),
     );
-    // on sm_90: the same forward with the sm_90a GEMM (LK_FUSED_GEMM=sm90), beside the default mma.sync one
-    let sm90 = c.m > 16
-        && match common::sm90_runs(&mut sets[0], SCALE) {
-            Ok(()) => true,
-            Err(why) => {
-                println!("{}: no sm_90a rows ({why})", group_name(c));
-                false
-            }
-        };
-    if sm90 {
-        common::with_fused_gemm("sm90", || {
-            row(
-                &mut g,
-                ("ours_fused_sm90a", forward.clone()),
-                dev,
-                &mut sets,
-                |s| common::ours_forward(s, SCALE),
-            );
-        });
-        // the same with T from the projection launch (the row above computes T inside at r <= 32)
-        common::with_fused_gemm("sm90-projection", || {
-            row(
-                &mut g,
-                ("ours_fused_sm90a_projection", forward.clone()),
-                dev,
-                &mut sets,
-                |s| common::ours_forward(s, SCALE),
-            );
-        });
-    }
     row(&mut g, ("cublas_bare_gemm", gemm), dev, &mut sets, |s| {
         common::cublas_forward(blas, s, c)
     });
@@ -129,26 +98,6 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
             &mut sets,
             |s| common::ours_backward(s, SCALE),
         );
-        if sm90 {
-            common::with_fused_gemm("sm90", || {
-                row(
-                    &mut g,
-                    ("ours_dx_da_db_sm90a", backward.clone()),
-                    dev,
-                    &mut sets,
-                    |s| common::ours_backward(s, SCALE),
-                );
-            });
-            common::with_fused_gemm("sm90-projection", || {
-                row(
-                    &mut g,
-                    ("ours_dx_da_db_sm90a_projection", backward.clone()),
-                    dev,
-                    &mut sets,
-                    |s| common::ours_backward(s, SCALE),
-                );
-            });
-        }
         row(
             &mut g,
             ("cublas_full_dx_dw", full_backward),
@@ -176,6 +125,58 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
     });
     row(&mut g, ("copy_w0", bytes), dev, &mut sets, |s| {
         common::copy_w0(dev, s)
+    });
+    g.finish();
+}
+
+/// On sm_90, after every default row (a fault in a kernel that has not run on a GPU before cannot lose
+/// them): case `c`'s forward and backward with the sm_90a GEMM (`LK_FUSED_GEMM=sm90`: T, or U in dX,
+/// inside at r <= 32) and with T and U from their own launches (`sm90-projection`), with the bare cuBLAS
+/// GEMM and full fine-tuning's dX + dW timed again beside them; where they cannot run, a line says why.
+fn bench_sm90_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case) {
+    if c.m <= 16 {
+        return;
+    }
+    let mut sets = common::sets(dev, c).expect("allocating benchmark inputs");
+    if let Err(why) = common::sm90_runs(&mut sets[0], SCALE) {
+        println!("{}: no sm_90a rows ({why})", group_name(c));
+        return;
+    }
+    let (m, n, k, r) = (c.m as u64, c.n as u64, c.k as u64, c.r as u64);
+    let forward = Throughput::Elements(2 * m * n * k + 2 * m * r * (n + k));
+    let backward = Throughput::Elements(2 * m * n * k + 4 * m * r * (n + k));
+    let mut g = cr.benchmark_group(format!("forward_sm90a/{}", group_name(c)));
+    for (value, name) in [
+        ("sm90", "ours_fused_sm90a"),
+        ("sm90-projection", "ours_fused_sm90a_projection"),
+    ] {
+        common::with_fused_gemm(value, || {
+            row(&mut g, (name, forward.clone()), dev, &mut sets, |s| {
+                common::ours_forward(s, SCALE)
+            });
+        });
+    }
+    let gemm = Throughput::Elements(2 * m * n * k);
+    row(&mut g, ("cublas_bare_gemm", gemm), dev, &mut sets, |s| {
+        common::cublas_forward(blas, s, c)
+    });
+    g.finish();
+    let mut g = cr.benchmark_group(format!("backward_sm90a/{}", group_name(c)));
+    for (value, name) in [
+        ("sm90", "ours_dx_da_db_sm90a"),
+        ("sm90-projection", "ours_dx_da_db_sm90a_projection"),
+    ] {
+        common::with_fused_gemm(value, || {
+            // every set's T from this path's forward, as a training step has it
+            sets.iter_mut().for_each(|s| common::ours_forward(s, SCALE));
+            row(&mut g, (name, backward.clone()), dev, &mut sets, |s| {
+                common::ours_backward(s, SCALE)
+            });
+        });
+    }
+    let full = Throughput::Elements(4 * m * n * k);
+    row(&mut g, ("cublas_full_dx_dw", full), dev, &mut sets, |s| {
+        common::cublas_full_backward(blas, s, c)
     });
     g.finish();
 }
@@ -252,6 +253,13 @@ fn main() {
             continue;
         }
         bench_multi(&mut cr, &dev, &blas, m, adapters);
+    }
+    if dev.compute_capability() == 90 {
+        for &c in &cases {
+            bench_sm90_case(&mut cr, &dev, &blas, c);
+        }
+    } else {
+        println!("no sm_90a rows: {} is not sm_90", dev.describe());
     }
     cr.final_summary();
 }

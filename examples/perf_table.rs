@@ -101,7 +101,7 @@ fn check_forward(blas: &CudaBlas, s: &mut Set, c: Case) -> String {
     let (y, t) = (host(&s.y), host(&s.t));
     poison(&mut [&mut s.y, &mut s.t]);
     common::cublas_unfused(blas, s, c, SCALE);
-    compare(&[("Y", &y, &host(&s.y)), ("T", &t, &host(&s.t))])
+    compare(&[("Y", &y, &host(&s.y), c.n), ("T", &t, &host(&s.t), c.r)])
 }
 
 /// Our dX, dA, dB vs cuBLAS's unfused LoRA backward on `s` (both from our forward's T, which
@@ -114,9 +114,9 @@ fn check_backward(blas: &CudaBlas, s: &mut Set, c: Case) -> String {
     poison(&mut [&mut s.dx, &mut s.da, &mut s.db, &mut s.u]);
     common::cublas_unfused_backward(blas, s, c, SCALE);
     compare(&[
-        ("dX", &dx, &host(&s.dx)),
-        ("dA", &da, &host(&s.da)),
-        ("dB", &db, &host(&s.db)),
+        ("dX", &dx, &host(&s.dx), c.k),
+        ("dA", &da, &host(&s.da), c.k),
+        ("dB", &db, &host(&s.db), c.r),
     ])
 }
 
@@ -136,7 +136,7 @@ fn check_merge(dev: &Device, blas: &CudaBlas, s: &mut Set, c: Case) -> String {
             .collect()
     };
     let (ours, reference) = (update(host(&s.w0)), update(host(&s.dw)));
-    compare(&[("s·B·A", &ours, &reference)])
+    compare(&[("s·B·A", &ours, &reference, c.k)])
 }
 
 /// The peaks line's roofline: the time `flops` and `bytes` need at the measured peaks.
@@ -347,20 +347,31 @@ fn variants(
 /// op's target, timed again in the same rounds. A choice this build or GPU cannot run on the case (an
 /// error from the op, never a silent fallback: `sm90` refuses) is said in a note after the table.
 fn variant_rows(dev: &Device, blas: &CudaBlas, c: Case, roof: Roof, notes: &mut Vec<String>) {
-    let mut sets = common::sets(dev, c).unwrap();
     // the forward's GEMM is m×n, dX's m×k: each its own width choice
-    let mut ops = vec![("forward", c.n, Run::Forward, Run::CublasGemm)];
+    let mut groups = vec![(
+        "forward",
+        variants(dev, c, c.n),
+        Run::Forward,
+        Run::CublasGemm,
+    )];
     if c.m > 16 {
-        ops.push(("backward", c.k, Run::Backward, Run::CublasFullBackward));
+        let choices = variants(dev, c, c.k);
+        groups.push(("backward", choices, Run::Backward, Run::CublasFullBackward));
     }
-    for (op, gemm_n, ours, baseline) in ops {
-        for (var, value, label) in variants(dev, c, gemm_n) {
+    if groups.iter().all(|g| g.1.is_empty()) {
+        return; // no input sets made for nothing
+    }
+    let mut sets = common::sets(dev, c).unwrap();
+    for (op, choices, ours, baseline) in groups {
+        for (var, value, label) in choices {
             common::with_env(var, value, || {
-                let ran = match ours {
-                    Run::Forward => common::try_forward(&mut sets[0], SCALE),
-                    _ => common::try_forward(&mut sets[0], SCALE)
-                        .and_then(|()| common::try_backward(&mut sets[0], SCALE)),
-                };
+                // every set's T from this choice's forward (the backward reads it), or why it cannot
+                let mut ran = sets
+                    .iter_mut()
+                    .try_for_each(|s| common::try_forward(s, SCALE));
+                if let Run::Backward = ours {
+                    ran = ran.and_then(|()| common::try_backward(&mut sets[0], SCALE));
+                }
                 if let Err(e) = ran {
                     notes.push(format!("{op}, {label}, {c:?}: not run ({e})"));
                     return;
@@ -407,7 +418,7 @@ fn multi_rows(dev: &Device, blas: &CudaBlas, roof: Roof) {
         let ours_y = host(&sets[0].y);
         sets[0].y.poison().unwrap();
         multi::cublas_gather_gemms(blas, &mut sets[0]);
-        let chk = compare(&[("Y", &ours_y, &host(&sets[0].y))]);
+        let chk = compare(&[("Y", &ours_y, &host(&sets[0].y), multi::N)]);
         let ns = sets.len();
         let t = measure::time_together(
             dev,
@@ -541,7 +552,10 @@ fn main() {
     let t = measure::time_together(
         &dev,
         1,
-        &mut |_, i| common::cublas_forward(&blas, &mut peak_sets[i % 2], big),
+        &mut |_, i| {
+            let ns = peak_sets.len();
+            common::cublas_forward(&blas, &mut peak_sets[i % ns], big)
+        },
         TIMING,
     )[0]
     .median();
@@ -569,9 +583,10 @@ fn main() {
     drop((src, dst));
     let l2 = l2_read_rate(&dev);
     println!(
-        "device: {}; {}",
+        "device: {}; {}; {}",
         dev.describe(),
-        common::blas_version(&blas)
+        common::blas_version(&blas),
+        common::launch_choices_from_env()
     );
     println!(
         "peaks measured in this run: cuBLAS bf16 GEMM 8192³ {:.0} TFLOP/s, device copy {:.0} GB/s (read + write), {l2}",

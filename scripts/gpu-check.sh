@@ -81,13 +81,28 @@ run_limited() {
   return $rc
 }
 
-# the card's state, read only (a driver that names clock event reasons the old way is asked that way)
-gpu_state() {
-  local q=clocks.sm,clocks.mem,power.draw,temperature.gpu out
-  out=$(nvidia-smi --query-gpu=$q,clocks_event_reasons.active --format=csv,noheader 2>/dev/null) \
-    || out=$(nvidia-smi --query-gpu=$q,clocks_throttle_reasons.active --format=csv,noheader 2>/dev/null) \
-    || out="not read"
-  echo "$out" | head -n 1
+# The card's state, read only: the query fields this driver takes (a driver that names the clock event
+# reasons the old way is asked that way). Like device.txt, nvidia-smi's first GPU (on a host with several,
+# it need not be CUDA's device 0).
+state_fields() {
+  local q=clocks.sm,clocks.mem,power.draw,temperature.gpu f
+  for f in clocks_event_reasons.active clocks_throttle_reasons.active; do
+    timeout 20 nvidia-smi --query-gpu=$q,$f --format=csv,noheader > /dev/null 2>&1 && { echo "$q,$f"; return; }
+  done
+  echo "$q"
+}
+# state_summary CSV: one line from the samples nvidia-smi took during a step
+state_summary() {
+  awk -F', ' 'NR > 1 && $2 + 0 > 0 {
+      n++; sm = $2 + 0; p = $4 + 0; t = $5 + 0
+      if (n == 1 || sm < lo) lo = sm; if (sm > hi) hi = sm; if (p > pw) pw = p; if (t > tmax) tmax = t
+      if (NF >= 6 && $6 !~ /^0x0+$/) { held++; why[$6] = 1 }
+    }
+    END {
+      if (n == 0) { print "no samples"; exit }
+      r = ""; for (w in why) r = r " " w
+      printf "%d samples, SM clock %d-%d MHz, power up to %.0f W, temperature up to %d C, clock event reasons other than none in %d samples%s\n", n, lo, hi, pw, tmax, held + 0, (r == "" ? "" : ":" r)
+    }' "$1"
 }
 
 fail=0
@@ -279,11 +294,20 @@ if [ "$perf" = 1 ]; then
 
   echo "== perf table"
   { echo "commit: $commit"; echo "date: $(date -u +%F)"; echo; } > "$results/perf_table.md"
-  before=$(gpu_state)
+  # the card's state every second while the table runs (read only: clocks, power, temperature, why
+  # clocks were held), into gpu_state.csv and one line of the table's file
+  sampler=
+  if [ "$gpu" = 1 ]; then
+    timeout "$run_timeout" nvidia-smi --query-gpu=timestamp,"$(state_fields)" --format=csv -lms 1000 \
+      > "$results/gpu_state.csv" 2>&1 &
+    sampler=$!
+  fi
   run_limited "$run_timeout" "$perf_table" >> "$results/perf_table.md" 2> "$results/perf_table.stderr"; rc=$?
-  # the card as the table found and left it (read only: clocks, power, temperature, why clocks were held)
-  [ "$gpu" = 1 ] && printf '\nGPU state (SM clock, memory clock, power, temperature, clock event reasons) before the table: %s; after: %s\n' \
-    "$before" "$(gpu_state)" >> "$results/perf_table.md"
+  if [ -n "$sampler" ]; then
+    kill "$sampler" 2> /dev/null; wait "$sampler" 2> /dev/null
+    printf '\nGPU state during the table (nvidia-smi every second, gpu_state.csv): %s\n' \
+      "$(state_summary "$results/gpu_state.csv")" >> "$results/perf_table.md"
+  fi
   [ "$rc" = 0 ] || failed "perf table (exit $rc; perf_table.stderr)"
   grep -q MISMATCH "$results/perf_table.md" \
     && failed "perf table: MISMATCH (a row where ours differs from cuBLAS, or the L2 probe's sums are wrong)"

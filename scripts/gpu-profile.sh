@@ -4,8 +4,9 @@
 # why it matters). Writes into --out DIR: ncu.log (the one-line summary per kernel), ncu-summary.csv (one
 # row per kernel: time, SM, memory and L2 throughput, registers, occupancy, DRAM bytes read and written),
 # ncu-details.txt (every section, text) and profile_step.ncu-rep (open with ncu-ui). `--clock-control
-# none`: ncu leaves the GPU's clocks as it finds them (by default it locks them to base clock), so its
-# kernel times compare with the perf table's, and the card's settings are not touched.
+# none`: ncu leaves the GPU's clocks as it finds them (by default it locks them to base clock), so the
+# card's settings are not touched; its kernel times are still of kernels replayed one at a time, not the
+# perf table's (use them for the counters, the table for the times).
 #
 #   bash scripts/gpu-profile.sh --out DIR               from the repository (builds the example)
 #   bash scripts/gpu-profile.sh --out DIR --bin PATH    with a built profile_step (gpu-check.sh --profile
@@ -16,7 +17,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --out) results=${2:?--out needs a directory}; shift 2 ;;
     --bin) bin=${2:?--bin needs a path}; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-profile: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -336,19 +336,20 @@ fn merge_is_measured_once_per_weight_and_rank() {
     assert!(!common::measures_merge(&quick, 1));
 }
 
-/// The perf table's check (benches/common/measure.rs `compare`) judges each tensor alone: a backward
-/// whose dX is wrong fails even when a large dA would dilute the error under the limit pooled; NaN left
-/// unwritten, a length that differs and nothing compared are each a MISMATCH; the largest difference is
-/// shown with its tensor's name.
+/// The perf table's check (benches/common/measure.rs `compare`) judges each tensor alone and each row
+/// of it: a backward whose dX is wrong fails even when a large dA would dilute the error under the limit
+/// pooled, one wrong row fails where the whole tensor's norm would dilute it; NaN left unwritten, a
+/// length that differs and nothing compared are each a MISMATCH; the largest difference is shown with its
+/// tensor's name.
 #[test]
-fn the_perf_check_judges_each_tensor() {
+fn the_perf_check_judges_each_tensor_and_row() {
     use common::measure::{MISMATCH_ABOVE, compare, relative_difference};
     use lora_kernels::bf16;
     let v = |n: usize, amp: f64, seed: u64| -> Vec<bf16> {
         (0..n)
             .map(|i| {
                 let x = ((i as u64 * 2654435761 + seed * 40503) % 1000) as f64 / 500.0 - 1.0;
-                bf16::from_f64(amp * x)
+                bf16::from_f64(amp * (x + 0.001))
             })
             .collect()
     };
@@ -367,36 +368,53 @@ fn the_perf_check_judges_each_tensor() {
         pooled < MISMATCH_ABOVE,
         "the case must hide in a pooled norm: {pooled}"
     );
-    let out = compare(&[("dX", &wrong_dx, &dx), ("dA", &da, &da)]);
+    let out = compare(&[("dX", &wrong_dx, &dx, 64), ("dA", &da, &da, 64)]);
     assert!(out.starts_with("MISMATCH dX"), "{out}");
+
+    // one row of 64 elements among 1024 at half its value: 1.6 % over the whole tensor, 50 % in its row
+    let long = [da.as_slice(); 16].concat();
+    let mut long_wrong = long.clone();
+    for x in &mut long_wrong[640..704] {
+        *x = bf16::from_f64(0.5 * x.to_f64());
+    }
+    let whole = relative_difference(&long_wrong, &long);
+    assert!(
+        whole < MISMATCH_ABOVE,
+        "the case must hide in the whole norm: {whole}"
+    );
+    let out = compare(&[("Y", &long_wrong, &long, 64)]);
+    assert!(out.starts_with("MISMATCH Y"), "{out}");
 
     // one element left NaN (unwritten over the poison) in an otherwise exact tensor
     let mut unwritten = da.clone();
     unwritten[77] = bf16::NAN;
-    let out = compare(&[("dX", &dx, &dx), ("dA", &unwritten, &da)]);
+    let out = compare(&[("dX", &dx, &dx, 64), ("dA", &unwritten, &da, 64)]);
     assert!(out.starts_with("MISMATCH dA"), "{out}");
-    assert!(compare(&[("Y", &dx[1..], &dx)]).starts_with("MISMATCH Y"));
+    assert!(compare(&[("Y", &dx[1..], &dx, 64)]).starts_with("MISMATCH Y"));
+    assert!(compare(&[("Y", &dx[1..], &dx[1..], 64)]).starts_with("MISMATCH Y")); // not whole rows
     assert!(compare(&[]).starts_with("MISMATCH"));
+    // a zero row: equal is exact, anything else is infinitely off
     let zeros = vec![bf16::ZERO; 8];
-    assert!(compare(&[("T", &zeros, &zeros)]).starts_with("MISMATCH T"));
+    assert_eq!(compare(&[("T", &zeros, &zeros, 4)]), "0.0e0 (T)");
+    assert!(compare(&[("T", &dx[..8], &zeros, 4)]).starts_with("MISMATCH T inf"));
 
     // within the limit: the largest, named
     let near: Vec<bf16> = da
         .iter()
         .map(|x| bf16::from_f64(1.004 * x.to_f64()))
         .collect();
-    let out = compare(&[("dX", &dx, &dx), ("dA", &near, &da)]);
+    let out = compare(&[("dX", &dx, &dx, 64), ("dA", &near, &da, 64)]);
     assert!(!out.contains("MISMATCH") && out.ends_with("(dA)"), "{out}");
 }
 
 /// The perf table's timing (benches/common/measure.rs `time_together`), on stand-in candidates that
-/// sleep 1 and 2 ms per call: every candidate gets `ROUNDS` samples, its calls numbered on from its
+/// spin 1 and 2 ms per call: every candidate gets `ROUNDS` samples, its calls numbered on from its
 /// warm-up without a gap, the rounds take the candidates in a rotating order, and the medians and the
 /// per-round ratio see the 2 : 1.
 #[test]
 fn the_perf_timing_interleaves_rounds() {
     use common::measure::{ROUNDS, median, time_together};
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
     assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
     assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
     assert!(median(&[]).is_nan());
@@ -408,7 +426,9 @@ fn the_perf_timing_interleaves_rounds() {
         2,
         &mut |j, i| {
             log.push((j, i));
-            std::thread::sleep(Duration::from_micros(1000 * (j as u64 + 1)));
+            // a busy wait: a sleep may overshoot by more than the 1 ms told apart here
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_micros(1000 * (j as u64 + 1)) {}
         },
         (0.006, 0.004),
     );

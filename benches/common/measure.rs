@@ -7,7 +7,7 @@
 //! no synchronize between them (no idle gap per call), a synchronize, the host clock. A candidate's time
 //! is the median of its rounds; a ratio is the median of the per-round ratios (ours and the baseline
 //! measured seconds apart, so a drift of the clocks moves both), printed with their range, which is the
-//! spread to read a difference against (METHOD: time the same thing twice).
+//! spread to read a difference against (a difference smaller than it is noise).
 //!
 //! Checking: each output tensor of ours against the same tensor computed by cuBLAS, by relative norm,
 //! one tensor at a time (pooled, a large dA would hide a wrong dX); ours written over NaN, so an element
@@ -79,12 +79,14 @@ pub fn time_together(
     };
     let mut batch = vec![1usize; n];
     for j in 0..n {
-        // doubling batches until the warm-up time is spent; the last one's rate sizes the round's batch
+        // doubling batches until the warm-up time is spent; the last one's rate sizes the rounds' batch
         let (mut spent, mut count) = (0.0, 1usize);
         loop {
             let t = run(j, &mut calls[j], count);
             spent += t;
-            if spent >= warm_up_s || count >= 1 << 20 {
+            // at least 4 batches (15 calls): a slow first call (a module load, cuBLAS choosing its
+            // algorithm) must not size the rounds' batches alone
+            if (spent >= warm_up_s && count >= 8) || count >= 1 << 20 {
                 let per_call = t / count as f64;
                 batch[j] = if per_call > 0.0 {
                     ((batch_s / per_call).ceil() as usize).clamp(1, 1 << 20)
@@ -96,7 +98,7 @@ pub fn time_together(
             count *= 2;
         }
     }
-    let mut samples = vec![Vec::with_capacity(ROUNDS); n];
+    let mut samples: Vec<Vec<f64>> = (0..n).map(|_| Vec::with_capacity(ROUNDS)).collect();
     for round in 0..ROUNDS {
         for o in 0..n {
             let j = (round + o) % n;
@@ -107,15 +109,19 @@ pub fn time_together(
     samples.into_iter().map(Samples).collect()
 }
 
-/// ‖ours − reference‖ / ‖reference‖ of each named tensor; the text of the check column: the largest
-/// with its tensor's name, "MISMATCH" first when one is above `MISMATCH_ABOVE` or not a number (NaN
-/// left where ours wrote nothing, lengths that differ, an all-zero reference).
-pub fn compare(tensors: &[(&str, &[bf16], &[bf16])]) -> String {
-    // NaN ranks above every number: the worst is a MISMATCH whenever any tensor is one
+/// One output of a row's check: its name, ours, cuBLAS's, and its row length (the last dimension).
+pub type Output<'a> = (&'a str, &'a [bf16], &'a [bf16], usize);
+
+/// The check column's text: of each output's rows, ‖ours − reference‖ / ‖reference‖ row by row (so one
+/// wrong row among thousands still shows: over the whole tensor it would be diluted under the limit), the
+/// largest, with its output's name; "MISMATCH" first when it is above `MISMATCH_ABOVE` or not a number
+/// (NaN left where ours wrote nothing, lengths that differ, nothing compared).
+pub fn compare(outputs: &[Output<'_>]) -> String {
+    // NaN ranks above every number: the worst is a MISMATCH whenever any row is one
     let rank = |e: f64| if e.is_nan() { f64::INFINITY } else { e };
-    let worst = tensors
+    let worst = outputs
         .iter()
-        .map(|&(name, ours, reference)| (name, relative_difference(ours, reference)))
+        .map(|&(name, ours, reference, row)| (name, worst_row_difference(ours, reference, row)))
         .max_by(|a, b| rank(a.1).total_cmp(&rank(b.1)));
     match worst {
         None => "MISMATCH (nothing compared)".into(),
@@ -126,8 +132,26 @@ pub fn compare(tensors: &[(&str, &[bf16], &[bf16])]) -> String {
     }
 }
 
-/// ‖ours − reference‖ / ‖reference‖ in f64; NaN when the lengths differ, the reference is all zeros
-/// or empty, or either holds a NaN or an infinity.
+/// The largest `relative_difference` over the rows of `row` elements; NaN when the lengths differ, are
+/// empty or not a multiple of `row`.
+pub fn worst_row_difference(ours: &[bf16], reference: &[bf16], row: usize) -> f64 {
+    if ours.len() != reference.len() || ours.is_empty() || row == 0 || ours.len() % row != 0 {
+        return f64::NAN;
+    }
+    ours.chunks(row)
+        .zip(reference.chunks(row))
+        .map(|(o, r)| relative_difference(o, r))
+        .fold(0.0, |w, e| {
+            if e.is_nan() || w.is_nan() {
+                f64::NAN
+            } else {
+                w.max(e)
+            }
+        })
+}
+
+/// ‖ours − reference‖ / ‖reference‖ in f64; NaN when the lengths differ or either holds a NaN or an
+/// infinity; 0 when both are all zeros, infinite when only the reference is.
 pub fn relative_difference(ours: &[bf16], reference: &[bf16]) -> f64 {
     if ours.len() != reference.len() {
         return f64::NAN;
@@ -143,7 +167,9 @@ pub fn relative_difference(ours: &[bf16], reference: &[bf16]) -> f64 {
     }
     if den > 0.0 {
         (num / den).sqrt()
+    } else if num > 0.0 {
+        f64::INFINITY
     } else {
-        f64::NAN
+        0.0
     }
 }

@@ -463,25 +463,52 @@ pub fn with_fused_gemm<R>(value: &str, f: impl FnOnce() -> R) -> R {
     with_env("LK_FUSED_GEMM", value, f)
 }
 
-/// `f` with the environment variable `name` set to `value` (then removed): the launch choices the ops
-/// read at run time (`LK_FUSED_GEMM`, `LK_MMA_TILE`).
+/// `f` with the environment variable `name` set to `value`, then as it was before (unset, or the value
+/// the user gave): the launch choices the ops read at run time (`LK_FUSED_GEMM`, `LK_MMA_TILE`).
 pub fn with_env<R>(name: &str, value: &str, f: impl FnOnce() -> R) -> R {
+    let before = std::env::var_os(name);
     // SAFETY: the benchmarks run on one thread, and nothing else reads the environment meanwhile.
     unsafe { std::env::set_var(name, value) };
     let out = f();
     // SAFETY: as above.
-    unsafe { std::env::remove_var(name) };
+    unsafe {
+        match before {
+            Some(v) => std::env::set_var(name, v),
+            None => std::env::remove_var(name),
+        }
+    }
     out
 }
 
-/// Whether this GPU and build run the sm_90a GEMM on this set (a forced forward succeeds), or why not:
-/// the sm_90a rows are benchmarked only then.
+/// The launch choices set in the environment (`LK_FUSED_GEMM`, `LK_MMA_TILE`), as text for a header:
+/// the "default" rows take them.
+pub fn launch_choices_from_env() -> String {
+    let set: Vec<String> = ["LK_FUSED_GEMM", "LK_MMA_TILE"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok().map(|x| format!("{v}={x}")))
+        .collect();
+    if set.is_empty() {
+        "launch choices: the defaults".into()
+    } else {
+        format!(
+            "launch choices from the environment (the default rows take them): {}",
+            set.join(", ")
+        )
+    }
+}
+
+/// Whether this GPU and build run the sm_90a GEMM on this set (a forced forward and backward succeed),
+/// or why not: the sm_90a rows are benchmarked only then.
 pub fn sm90_runs(s: &mut Set, scale: f32) -> std::result::Result<(), String> {
     let dev = s.x.device();
     if dev.compute_capability() != 90 {
         return Err(format!("{} is not sm_90", dev.describe()));
     }
-    with_fused_gemm("sm90", || try_forward(s, scale)).map_err(|e| e.to_string())
+    with_fused_gemm("sm90", || {
+        try_forward(s, scale)?;
+        try_backward(s, scale)
+    })
+    .map_err(|e| e.to_string())
 }
 
 /// Our backward: dA, dB and dX.

@@ -58,9 +58,10 @@ pub struct MultiSet {
     pub ws: Workspace<bf16>,
 }
 
-/// Input sets per case (at least; more on a GPU whose L2 is over 64 MiB), used in turn: four W0 of 32 MiB
-/// each are 128 MiB, over twice an H100's or H200's L2 (50, 60 MiB), so every call streams its W0 from memory as a server's would (one layer's W0 is not
-/// read again until the next token), rather than from the L2 the previous calls filled.
+/// Input sets per case (at least; more on a GPU whose L2 is over 64 MiB), used in turn: four W0 of
+/// 32 MiB each are 128 MiB, over twice an H100's or H200's L2 (50, 60 MiB), so every call streams its W0
+/// from memory as a server's would (one layer's W0 is not read again until the next token), rather than
+/// from the L2 the previous calls filled.
 pub const SETS: usize = 4;
 
 pub fn multi_sets(dev: &Device, m: usize, adapters: usize) -> Result<Vec<MultiSet>> {
