@@ -63,12 +63,11 @@ fn group_name(c: Case) -> String {
 
 fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge: bool) {
     let mut sets = common::sets(dev, c).expect("allocating benchmark inputs");
-    let (m, n, k, r) = (c.m as u64, c.n as u64, c.k as u64, c.r as u64);
     // the FLOPs of each row: the frozen GEMMs, and ours and the unfused LoRA paths' low-rank products
-    let gemm = Throughput::Elements(2 * m * n * k);
-    let forward = Throughput::Elements(2 * m * n * k + 2 * m * r * (n + k));
-    let full_backward = Throughput::Elements(4 * m * n * k);
-    let backward = Throughput::Elements(2 * m * n * k + 4 * m * r * (n + k));
+    let gemm = Throughput::Elements(c.gemm_flops());
+    let forward = Throughput::Elements(c.forward_flops());
+    let full_backward = Throughput::Elements(c.full_backward_flops());
+    let backward = Throughput::Elements(c.backward_flops());
     let family = if c.m <= 16 { "small_m" } else { "forward" };
     let mut g = cr.benchmark_group(format!("{family}/{}", group_name(c)));
     row(
@@ -119,7 +118,7 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
     }
     let mut g = cr.benchmark_group(format!("merge/N{}_K{}_r{}", c.n, c.k, c.r));
     // a read and a write of W0 (merge and copy alike)
-    let bytes = Throughput::Bytes(4 * n * k);
+    let bytes = Throughput::Bytes(4 * (c.n * c.k) as u64);
     row(&mut g, ("ours_merge", bytes.clone()), dev, &mut sets, |s| {
         common::ours_merge(s, SCALE)
     });
@@ -142,9 +141,8 @@ fn bench_sm90_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case) {
         println!("{}: no sm_90a rows ({why})", group_name(c));
         return;
     }
-    let (m, n, k, r) = (c.m as u64, c.n as u64, c.k as u64, c.r as u64);
-    let forward = Throughput::Elements(2 * m * n * k + 2 * m * r * (n + k));
-    let backward = Throughput::Elements(2 * m * n * k + 4 * m * r * (n + k));
+    let forward = Throughput::Elements(c.forward_flops());
+    let backward = Throughput::Elements(c.backward_flops());
     let mut g = cr.benchmark_group(format!("forward_sm90a/{}", group_name(c)));
     for (value, name) in [
         ("sm90", "ours_fused_sm90a"),
@@ -156,7 +154,7 @@ fn bench_sm90_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case) {
             });
         });
     }
-    let gemm = Throughput::Elements(2 * m * n * k);
+    let gemm = Throughput::Elements(c.gemm_flops());
     row(&mut g, ("cublas_bare_gemm", gemm), dev, &mut sets, |s| {
         common::cublas_forward(blas, s, c)
     });
@@ -174,7 +172,7 @@ fn bench_sm90_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case) {
             });
         });
     }
-    let full = Throughput::Elements(4 * m * n * k);
+    let full = Throughput::Elements(c.full_backward_flops());
     row(&mut g, ("cublas_full_dx_dw", full), dev, &mut sets, |s| {
         common::cublas_full_backward(blas, s, c)
     });

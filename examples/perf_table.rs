@@ -42,14 +42,8 @@ const TIMING: (f64, f64) = (measure::WARM_UP_S, measure::BATCH_S);
 /// L2 only, every thread's sum checked against the CPU; as text for the peaks line (bound.md's "L2 to SM"
 /// column is the rate the sm_90a GEMM needs).
 fn l2_read_rate(dev: &Device) -> String {
-    use lora_kernels::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE;
     use lora_kernels::probe::{l2_read, l2_read_reference};
-    let l2_bytes = dev
-        .as_cuda()
-        .unwrap()
-        .context()
-        .attribute(CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE);
-    let (Ok(l2_bytes), Ok(sms)) = (l2_bytes, dev.sm_count()) else {
+    let (Some(l2_bytes), Ok(sms)) = (common::l2_attribute(dev), dev.sm_count()) else {
         return "L2 read not measured (no L2 size or SM count)".into();
     };
     let words = ((l2_bytes as usize / 3).min(16 << 20) / 16).max(1) * 4;
@@ -176,19 +170,15 @@ fn dims(c: Case) -> String {
 
 /// The forward's flops and least bytes (X, W0, Y once; A, B, T negligible).
 fn forward_roofline(roof: Roof, c: Case) -> f64 {
-    let (m, n, k, r) = (c.m as f64, c.n as f64, c.k as f64, c.r as f64);
-    roof.time(
-        2.0 * m * n * k + 2.0 * m * r * (n + k),
-        2.0 * (m * k + n * k + m * n),
-    )
+    let (m, n, k) = (c.m as f64, c.n as f64, c.k as f64);
+    roof.time(c.forward_flops() as f64, 2.0 * (m * k + n * k + m * n))
 }
 
-/// The backward's flops (dX = dY·W0 + s·U·A, U = dY·B, dB, dA) and least bytes (dY, W0, X read once,
-/// dX written once).
+/// The backward's flops (`Case::backward_flops`) and least bytes (dY, W0, X read once, dX written once).
 fn backward_roofline(roof: Roof, c: Case) -> f64 {
-    let (m, n, k, r) = (c.m as f64, c.n as f64, c.k as f64, c.r as f64);
+    let (m, n, k) = (c.m as f64, c.n as f64, c.k as f64);
     roof.time(
-        2.0 * m * n * k + 4.0 * m * (n + k) * r,
+        c.backward_flops() as f64,
         2.0 * (m * n + n * k + 2.0 * m * k),
     )
 }

@@ -461,9 +461,9 @@ fn plan(args: &PlanArgs) -> Result<(), String> {
     };
     // The plan's counts are u64 bytes (about 16 per parameter at most): inputs whose counts would not
     // fit, or whose products do not fit on the way, are refused, not wrapped.
+    let fits = |l: u64| l.checked_add(model.total_params)?.checked_mul(16);
     let mut lora = Vec::with_capacity(args.rank.len());
     for &r in &args.rank {
-        let fits = |l: u64| l.checked_add(model.total_params)?.checked_mul(16);
         match model.lora_params(r) {
             Some(l) if fits(l).is_some() => lora.push((r, l)),
             _ => {

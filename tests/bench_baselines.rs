@@ -463,3 +463,22 @@ fn the_perf_timing_interleaves_rounds() {
     );
     assert!(samples[0].median() >= 0.001 && samples[1].median() >= 0.002);
 }
+
+/// The FLOP counts behind the perf table's rooflines and criterion's throughput, at the headline case by
+/// hand: the bare GEMM 2·M·N·K; the LoRA forward adds X·Aᵀ and T·Bᵀ (2·M·r·K + 2·M·r·N); full
+/// fine-tuning's backward is two such GEMMs; the LoRA backward adds U = dY·B, U·A, dB and dA.
+#[test]
+fn flop_counts_by_hand() {
+    let c = Case {
+        m: 8192,
+        n: 4096,
+        k: 4096,
+        r: 16,
+    };
+    let gemm = 2 * 8192 * 4096 * 4096u64;
+    let low = 2 * 8192 * 16 * 4096u64; // one M×r×4096 product
+    assert_eq!(c.gemm_flops(), gemm);
+    assert_eq!(c.forward_flops(), gemm + 2 * low);
+    assert_eq!(c.full_backward_flops(), 2 * gemm);
+    assert_eq!(c.backward_flops(), gemm + 4 * low);
+}

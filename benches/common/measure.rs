@@ -10,8 +10,8 @@
 //! spread to read a difference against (a difference smaller than it is noise).
 //!
 //! Checking: each output tensor of ours against the same tensor computed by cuBLAS, by relative norm,
-//! one tensor at a time (pooled, a large dA would hide a wrong dX); ours written over NaN, so an element
-//! it leaves unwritten fails.
+//! one tensor and one row at a time (pooled, a large dA would hide a wrong dX, and a whole tensor's norm
+//! one wrong row); ours written over NaN, so an element it leaves unwritten fails.
 
 use std::time::Instant;
 

@@ -23,6 +23,36 @@ pub struct Case {
     pub r: usize,
 }
 
+/// The FLOPs each benchmarked op does on a case: the perf table's rooflines and criterion's throughput.
+impl Case {
+    fn mnkr(self) -> (u64, u64, u64, u64) {
+        (self.m as u64, self.n as u64, self.k as u64, self.r as u64)
+    }
+
+    /// The frozen GEMM Y = X·W0ᵀ: full fine-tuning's forward.
+    pub fn gemm_flops(self) -> u64 {
+        let (m, n, k, _) = self.mnkr();
+        2 * m * n * k
+    }
+
+    /// The LoRA forward: the frozen GEMM and the low-rank products T = X·Aᵀ and T·Bᵀ.
+    pub fn forward_flops(self) -> u64 {
+        let (m, n, k, r) = self.mnkr();
+        self.gemm_flops() + 2 * m * r * (n + k)
+    }
+
+    /// Full fine-tuning's backward: dX = dY·W0 and dW = dYᵀ·X.
+    pub fn full_backward_flops(self) -> u64 {
+        2 * self.gemm_flops()
+    }
+
+    /// The LoRA backward: dX = dY·W0 + s·U·A with U = dY·B, dB = s·dYᵀ·T, dA = s·Uᵀ·X.
+    pub fn backward_flops(self) -> u64 {
+        let (m, n, k, r) = self.mnkr();
+        self.gemm_flops() + 4 * m * r * (n + k)
+    }
+}
+
 /// The grid: M in {16, 2048, 8192}, (N, K) in three Llama-7B-like pairs, r in {8, 16, 64}; plus
 /// M = 256 and 1536 at N = K = 4096, r = 16, where the sm_90a GEMM takes its 128×128 tiles
 /// (`ops::sm90_tile`; at M = 256 the mma.sync GEMM takes its 128×64 ones, `ops::mma_tile`).
@@ -186,18 +216,20 @@ pub fn random(dev: &Device, shape: [usize; 2], amp: f32, seed: u64) -> Result<Te
     Tensor::from_slice(dev, &v, &shape)
 }
 
-/// The device's L2 size in bytes (the driver's attribute; 60 MiB, an H200's, where it cannot be read).
-pub fn l2_bytes(dev: &Device) -> u64 {
+/// The device's L2 size in bytes as the driver reports it (None on the emulator or when it cannot be read).
+pub fn l2_attribute(dev: &Device) -> Option<u64> {
     use lora_kernels::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE;
-    dev.as_cuda()
-        .and_then(|c| {
-            c.context()
-                .attribute(CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
-                .ok()
-        })
-        .and_then(|b| u64::try_from(b).ok())
-        .filter(|&b| b > 0)
-        .unwrap_or(60 << 20)
+    let cuda = dev.as_cuda()?;
+    let bytes = cuda
+        .context()
+        .attribute(CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .ok()?;
+    u64::try_from(bytes).ok()
+}
+
+/// The device's L2 size in bytes (`l2_attribute`; 60 MiB, an H200's, where it cannot be read).
+pub fn l2_bytes(dev: &Device) -> u64 {
+    l2_attribute(dev).filter(|&b| b > 0).unwrap_or(60 << 20)
 }
 
 /// Input sets, enough of them that one round through all exceeds 2 × L2 (so no set is served from
