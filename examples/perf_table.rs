@@ -15,7 +15,9 @@
 //!
 //! First the rows of the default launch choices (the single-adapter cases, then the many-adapter ones);
 //! then, after all of them, the same ops under the other launch choices against the same baselines
-//! (timed again with them): on an sm_90 GPU the sm_90a GEMM (`LK_FUSED_GEMM=sm90`, opt-in; T, or U in
+//! (timed again with them): on a GPU of compute capability 9.0 or newer, the forward (and at M > 16 the
+//! backward) with ordinary launches (`LK_PDL=0`: what programmatic dependent launch gains); on an sm_90
+//! GPU the sm_90a GEMM (`LK_FUSED_GEMM=sm90`, opt-in; T, or U in
 //! dX, inside the GEMM at r ≤ 32) and with T and U from their own launches
 //! (`LK_FUSED_GEMM=sm90-projection`); where the mma.sync GEMM takes its 128×64 tiles (`ops::mma_tile`: M
 //! of a few hundred rows), its 128×128 ones (`LK_MMA_TILE=128`, which also puts the projection T = X·Aᵀ,
@@ -322,6 +324,14 @@ fn variants(
     if c.m > 16 && ops::mma_tile(c.m, gemm_n, sms).1 == 64 {
         v.push(("LK_MMA_TILE", "128", "128×128 tiles (LK_MMA_TILE=128)"));
     }
+    if dev.compute_capability() >= 90 {
+        // every launch overlaps the one ahead of it by default there: the launch gaps it hides
+        v.push((
+            "LK_PDL",
+            "0",
+            "ordinary launches (LK_PDL=0: no programmatic dependent launch)",
+        ));
+    }
     if c.m > 16 && dev.compute_capability() == 90 {
         v.push(("LK_FUSED_GEMM", "sm90", "sm_90a GEMM (LK_FUSED_GEMM=sm90)"));
         v.push((
@@ -572,8 +582,14 @@ fn main() {
     let peak_bw = 2.0 * (n_copy * 2) as f64 / t;
     drop((src, dst));
     let l2 = l2_read_rate(&dev);
+    // after the L2 probe's launches: a driver that refused programmatic dependent launch has said so
+    let pdl = match dev.programmatic_launch() {
+        Ok(true) => "on",
+        Ok(false) => "off",
+        Err(e) => panic!("{e}"),
+    };
     println!(
-        "device: {}; {}; {}",
+        "device: {}; {}; {}; programmatic dependent launch: {pdl}",
         dev.describe(),
         common::blas_version(&blas),
         common::launch_choices_from_env()

@@ -32,7 +32,7 @@ __device__ __forceinline__ void adamw_impl(const LkAdamwParams& p) {
 }  // namespace
 
 // The suffix is the dtype of the optional copy (NULL: no copy, either kernel).
-extern "C" __global__ void __launch_bounds__(kThreads) adamw_bf16(LkAdamwParams p) { adamw_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void __launch_bounds__(kThreads) adamw_bf16(LkAdamwParams p) { LK_KERNEL_ENTRY(); adamw_impl<__nv_bfloat16>(p); }
 LK_KERNEL_EXPORT(adamw_bf16, LkAdamwParams)
-extern "C" __global__ void __launch_bounds__(kThreads) adamw_f16(LkAdamwParams p) { adamw_impl<__half>(p); }
+extern "C" __global__ void __launch_bounds__(kThreads) adamw_f16(LkAdamwParams p) { LK_KERNEL_ENTRY(); adamw_impl<__half>(p); }
 LK_KERNEL_EXPORT(adamw_f16, LkAdamwParams)

@@ -29,6 +29,7 @@ __device__ __forceinline__ uint32_t lk_word_sum(uint4 v) { return v.x + v.y + v.
 
 // The host keeps n16 + 4·G and G + passes·blockDim under 2^32 (src/probe.rs): no index below wraps.
 extern "C" __global__ void __launch_bounds__(LK_SIMT_THREADS) l2_read_u32(LkL2ReadParams p) {
+    LK_KERNEL_ENTRY();
     const uint4* src = static_cast<const uint4*>(p.src);
     const uint32_t stride = gridDim.x * blockDim.x, first = blockIdx.x * blockDim.x + threadIdx.x;
     uint32_t sum = 0;

@@ -28,10 +28,10 @@ __device__ __forceinline__ void lowrank_finalize_impl(const LkLowrankFinalizePar
 }
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(kThreads) lowrank_finalize_bf16(LkLowrankFinalizeParams p) { lowrank_finalize_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void __launch_bounds__(kThreads) lowrank_finalize_bf16(LkLowrankFinalizeParams p) { LK_KERNEL_ENTRY(); lowrank_finalize_impl<__nv_bfloat16>(p); }
 LK_KERNEL_EXPORT(lowrank_finalize_bf16, LkLowrankFinalizeParams)
-extern "C" __global__ void __launch_bounds__(kThreads) lowrank_finalize_f16(LkLowrankFinalizeParams p) { lowrank_finalize_impl<__half>(p); }
+extern "C" __global__ void __launch_bounds__(kThreads) lowrank_finalize_f16(LkLowrankFinalizeParams p) { LK_KERNEL_ENTRY(); lowrank_finalize_impl<__half>(p); }
 LK_KERNEL_EXPORT(lowrank_finalize_f16, LkLowrankFinalizeParams)
 // f32 gradients (f32 adapters): G = s · Σ partial (+ G), no rounding to a narrower dtype.
-extern "C" __global__ void __launch_bounds__(kThreads) lowrank_finalize_f32(LkLowrankFinalizeParams p) { lowrank_finalize_impl<float>(p); }
+extern "C" __global__ void __launch_bounds__(kThreads) lowrank_finalize_f32(LkLowrankFinalizeParams p) { LK_KERNEL_ENTRY(); lowrank_finalize_impl<float>(p); }
 LK_KERNEL_EXPORT(lowrank_finalize_f32, LkLowrankFinalizeParams)

@@ -263,7 +263,7 @@ __device__ __forceinline__ void merge_impl(const LkMergeParams& p) {
 }  // namespace
 
 #define LK_MERGE(name, TW, TA) \
-    extern "C" __global__ void __launch_bounds__(kThreads, 3) name(LkMergeParams p) { merge_impl<TW, TA>(p); }
+    extern "C" __global__ void __launch_bounds__(kThreads, 3) name(LkMergeParams p) { LK_KERNEL_ENTRY(); merge_impl<TW, TA>(p); }
 
 LK_MERGE(merge_bf16, __nv_bfloat16, __nv_bfloat16)
 LK_KERNEL_EXPORT(merge_bf16, LkMergeParams)

@@ -16,7 +16,7 @@ __device__ __forceinline__ void mse_grad_impl(const LkMseGradParams& p) {
 }
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(LK_SIMT_THREADS) mse_grad_bf16(LkMseGradParams p) { mse_grad_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void __launch_bounds__(LK_SIMT_THREADS) mse_grad_bf16(LkMseGradParams p) { LK_KERNEL_ENTRY(); mse_grad_impl<__nv_bfloat16>(p); }
 LK_KERNEL_EXPORT(mse_grad_bf16, LkMseGradParams)
-extern "C" __global__ void __launch_bounds__(LK_SIMT_THREADS) mse_grad_f16(LkMseGradParams p) { mse_grad_impl<__half>(p); }
+extern "C" __global__ void __launch_bounds__(LK_SIMT_THREADS) mse_grad_f16(LkMseGradParams p) { LK_KERNEL_ENTRY(); mse_grad_impl<__half>(p); }
 LK_KERNEL_EXPORT(mse_grad_f16, LkMseGradParams)

@@ -18,11 +18,11 @@ __device__ __forceinline__ void scale_impl(const LkScaleParams& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(LK_SIMT_THREADS) scale_bf16(LkScaleParams p) { scale_impl<__nv_bfloat16>(p); }
+extern "C" __global__ void __launch_bounds__(LK_SIMT_THREADS) scale_bf16(LkScaleParams p) { LK_KERNEL_ENTRY(); scale_impl<__nv_bfloat16>(p); }
 LK_KERNEL_EXPORT(scale_bf16, LkScaleParams)
 
-extern "C" __global__ void __launch_bounds__(LK_SIMT_THREADS) scale_f16(LkScaleParams p) { scale_impl<__half>(p); }
+extern "C" __global__ void __launch_bounds__(LK_SIMT_THREADS) scale_f16(LkScaleParams p) { LK_KERNEL_ENTRY(); scale_impl<__half>(p); }
 LK_KERNEL_EXPORT(scale_f16, LkScaleParams)
 
-extern "C" __global__ void __launch_bounds__(LK_SIMT_THREADS) scale_f32(LkScaleParams p) { scale_impl<float>(p); }
+extern "C" __global__ void __launch_bounds__(LK_SIMT_THREADS) scale_f32(LkScaleParams p) { LK_KERNEL_ENTRY(); scale_impl<float>(p); }
 LK_KERNEL_EXPORT(scale_f32, LkScaleParams)

@@ -211,15 +211,17 @@ __device__ __forceinline__ void small_m_dispatch(const LkSmallMParams& p) {
 }
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(kThreads) small_m_bf16(LkSmallMParams p) { small_m_dispatch<__nv_bfloat16>(p); }
+extern "C" __global__ void __launch_bounds__(kThreads) small_m_bf16(LkSmallMParams p) { LK_KERNEL_ENTRY(); small_m_dispatch<__nv_bfloat16>(p); }
 LK_KERNEL_EXPORT(small_m_bf16, LkSmallMParams)
-extern "C" __global__ void __launch_bounds__(kThreads) small_m_f16(LkSmallMParams p) { small_m_dispatch<__half>(p); }
+extern "C" __global__ void __launch_bounds__(kThreads) small_m_f16(LkSmallMParams p) { LK_KERNEL_ENTRY(); small_m_dispatch<__half>(p); }
 LK_KERNEL_EXPORT(small_m_f16, LkSmallMParams)
 extern "C" __global__ void __launch_bounds__(kThreads) small_m_finalize_bf16(LkSmallMFinalizeParams p) {
+    LK_KERNEL_ENTRY();
     small_m_finalize_impl<__nv_bfloat16>(p);
 }
 LK_KERNEL_EXPORT(small_m_finalize_bf16, LkSmallMFinalizeParams)
 extern "C" __global__ void __launch_bounds__(kThreads) small_m_finalize_f16(LkSmallMFinalizeParams p) {
+    LK_KERNEL_ENTRY();
     small_m_finalize_impl<__half>(p);
 }
 LK_KERNEL_EXPORT(small_m_finalize_f16, LkSmallMFinalizeParams)

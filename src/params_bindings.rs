@@ -996,6 +996,7 @@ pub struct LkEmuLaunch {
     pub regions: *const LkEmuRegion,
     pub region_count: u64,
     pub checks: u32,
+    pub dependent: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -1031,6 +1032,9 @@ const _: () = {
     [
         "Offset of field: LkEmuLaunch::checks",
     ][::core::mem::offset_of!(LkEmuLaunch, checks) - 64usize];
+    [
+        "Offset of field: LkEmuLaunch::dependent",
+    ][::core::mem::offset_of!(LkEmuLaunch, dependent) - 68usize];
 };
 impl Default for LkEmuLaunch {
     fn default() -> Self {

@@ -2,8 +2,8 @@
 //! detector, shared-memory bounds (static red zones, the canary after dynamic shared memory, the 48 KB and
 //! per-architecture limits), memcheck (global accesses outside the launch's allocations, straddling one's
 //! end, cp.async sources) and initcheck (reads of never-written memory); plus shuffle semantics against the
-//! CUDA guide; the mbarrier + bulk-copy protocol (tests/kernels/planted_pipeline.cu, nine planted
-//! bugs). Each planted bug of tests/kernels/planted_checks.cu runs under every thread order; the
+//! CUDA guide; global accesses before the programmatic-dependent-launch wait; the mbarrier + bulk-copy
+//! protocol (tests/kernels/planted_pipeline.cu, nine planted bugs). Each planted bug of tests/kernels/planted_checks.cu runs under every thread order; the
 //! bug-free version of the same kernel must run clean and give the right answer, the planted one must fail
 //! with a message that names the problem.
 
@@ -362,6 +362,46 @@ fn read_of_never_written_memory_is_reported() {
         // the same read of an initialised output is fine: memory counts as written once anything wrote it
         run(&l, &cfg, 1, false).unwrap();
     }
+}
+
+/// Every kernel begins with LK_KERNEL_ENTRY (griddepcontrol.wait) because on sm_90 GPUs every launch may
+/// overlap the kernel before it: a global read, write or cp.async before the wait fails the launch.
+#[test]
+fn global_access_before_the_dependency_wait_is_reported() {
+    check_each(
+        Launch {
+            body: lk_emu_body_planted_early_global_access,
+            grid: 1,
+            threads: 32,
+            smem: 128,
+            n: 32,
+            y_len: 32,
+        },
+        |i| x(i) + 1.0,
+        &[
+            (
+                1,
+                &[
+                    "global read of 4 bytes at offset",
+                    "of argument `x` before this thread's griddepcontrol.wait",
+                ],
+            ),
+            (
+                2,
+                &[
+                    "global read of 4 bytes",
+                    "begin the kernel with LK_KERNEL_ENTRY()",
+                ],
+            ),
+            (
+                3,
+                &[
+                    "global read by cp.async source of 16 bytes",
+                    "griddepcontrol.wait",
+                ],
+            ),
+        ],
+    );
 }
 
 /// Writes through an output that a later launch reads: initcheck's shadow carries over between launches.

@@ -52,6 +52,48 @@ fn scale_matches_reference_on_every_device() {
     }
 }
 
+/// Back-to-back launches where each reads what the one before wrote and writes what it read: on a GPU
+/// of compute capability 9.0 or newer they are made with programmatic dependent launch (each may be
+/// scheduled while the one ahead runs), so a kernel touching global memory before its
+/// griddepcontrol.wait would read half-written inputs or overwrite inputs still being read. 64 launches
+/// of y = 2·x over 4 MiB (many blocks per SM, so the launches overlap if they may) must give x·2^64
+/// exactly; on an sm_90 GPU with this build's sm_90 code the device must really have launched them that
+/// way (`LK_PDL` unset).
+#[test]
+fn dependent_launches_back_to_back_see_each_others_results() {
+    let Some(dev) = common::gpu() else { return };
+    let n = 1 << 20;
+    let mut rng = Rng::new(7);
+    let x: Vec<f32> = (0..n).map(|_| rng.uniform() as f32 + 0.5).collect();
+    let mut a = Tensor::from_slice(&dev, &x, &[n]).unwrap();
+    let mut b = Tensor::<f32>::zeros(&dev, &[n]).unwrap();
+    for i in 0..64 {
+        if i % 2 == 0 {
+            ops::scale(&a, 2.0, &mut b).unwrap();
+        } else {
+            ops::scale(&b, 2.0, &mut a).unwrap();
+        }
+    }
+    let got = a.to_vec().unwrap();
+    let wrong = got
+        .iter()
+        .zip(&x)
+        .filter(|(g, v)| **g != **v * 2f32.powi(64))
+        .count();
+    assert_eq!(
+        wrong, 0,
+        "{dev:?}: {wrong} of {n} elements differ from x·2^64"
+    );
+    // an H100 running this build's sm_90 SASS (build.rs's list of architectures) must have used it
+    let built_90 = env!("LK_BUILT_ARCHS").split(',').any(|a| a.trim() == "90");
+    if dev.compute_capability() == 90 && built_90 && std::env::var("LK_PDL").is_err() {
+        assert!(
+            dev.programmatic_launch().unwrap(),
+            "{dev:?}: the launches were not programmatic (the driver refused the attribute)"
+        );
+    }
+}
+
 #[test]
 fn scale_is_identical_under_every_thread_order() {
     let mut rng = Rng::new(99);

@@ -515,7 +515,7 @@ pub fn with_env<R>(name: &str, value: &str, f: impl FnOnce() -> R) -> R {
 /// The launch choices set in the environment (`LK_FUSED_GEMM`, `LK_MMA_TILE`), as text for a header:
 /// the "default" rows take them.
 pub fn launch_choices_from_env() -> String {
-    let set: Vec<String> = ["LK_FUSED_GEMM", "LK_MMA_TILE"]
+    let set: Vec<String> = ["LK_FUSED_GEMM", "LK_MMA_TILE", "LK_PDL"]
         .iter()
         .filter_map(|v| std::env::var(v).ok().map(|x| format!("{v}={x}")))
         .collect();

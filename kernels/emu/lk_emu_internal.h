@@ -130,6 +130,7 @@ struct Fiber {
     std::deque<std::vector<int>> wg_groups;
     size_t wait_bar = 0;      // AT_MBARRIER: the shared-memory offset of the mbarrier it waits on
     uint32_t wait_parity = 0;  // ... and the parity it waits for
+    bool dep_waited = false;   // griddepcontrol.wait executed (a dependent launch's global accesses need it)
 };
 
 // One collective in progress in a warp: the lanes of `mask` that arrived so far. Collectives with
@@ -222,6 +223,7 @@ struct Launch {
     const LkEmuRegion* regions = nullptr;
     size_t region_count = 0;
     bool checks = true;
+    bool dependent = false;  // LkEmuLaunch.dependent
     std::string error;
     // happens-before mode (on from a launch's first mbarrier.init to its end): per thread a vector clock of
     // width nthreads + warpgroups + kMaxBarriers (threads, wgmma agents, mbarriers' landings), row t at

@@ -53,6 +53,8 @@ extern thread_local ThreadCtx* current;
 void syncthreads(const char* file, int line);
 void syncwarp(unsigned mask, const char* file, int line);
 unsigned char* dyn_smem();
+// griddepcontrol.wait: from here on this thread may access global memory (LkEmuLaunch.dependent)
+void grid_dependency_wait();
 
 enum ShflKind { SHFL_IDX, SHFL_UP, SHFL_DOWN, SHFL_XOR };
 uint32_t shfl(ShflKind kind, unsigned mask, uint32_t value, int lane_arg, int width);

@@ -119,6 +119,7 @@ bool run_block(Launch& L, const LkEmuLaunch& cfg, unsigned long long block_linea
         f.state = READY;
         f.ctx.block_idx = L.block_idx;
         f.warp_sync = 0;
+        f.dep_waited = false;
     }
     for (;;) {
         bool any_ready = false;
@@ -247,6 +248,8 @@ void syncthreads(const char* file, int line) {
 
 unsigned char* dyn_smem() { return g_launch->smem; }
 
+void grid_dependency_wait() { g_fiber->dep_waited = true; }
+
 }  // namespace lk_emu
 
 extern "C" int lk_emu_launch(LkEmuBody body, const void* params, const LkEmuLaunch* cfg, char* err, size_t err_len) {
@@ -284,6 +287,7 @@ extern "C" int lk_emu_launch(LkEmuBody body, const void* params, const LkEmuLaun
     L.regions = cfg->regions;
     L.region_count = size_t(cfg->region_count);
     L.checks = cfg->checks != 0;
+    L.dependent = cfg->dependent != 0;
     L.order = cfg->order;
     L.smem_misalign = 128 * (1 + size_t(cfg->seed % 7));
     L.wait_rng = cfg->seed ^ 0x6d62617272696572ull;

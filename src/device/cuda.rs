@@ -3,6 +3,7 @@
 //! could panic for a missing library is behind `is_culib_present`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUfunction_attribute;
@@ -38,10 +39,40 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     name: String,
     capability: (i32, i32),
+    /// Whether kernels are launched programmatically dependent here ([`programmatic_capable`]); cleared
+    /// if the driver refuses such a launch that it takes the ordinary way.
+    programmatic: AtomicBool,
     /// Module cache: each fatbin loaded at most once per context; functions with the dynamic
     /// shared-memory limit already raised to.
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, (CudaFunction, u32)>>,
+}
+
+/// Whether kernels may be launched with programmatic stream serialization allowed (programmatic
+/// dependent launch) on a GPU of capability `cc` (e.g. 90) that runs this build's code by `route`: the
+/// GPU has it (9.0 and newer) and the code it runs does `griddepcontrol.wait` before touching global
+/// memory, which LK_KERNEL_ENTRY compiles only for sm_90 and newer. A build for sm_80 to 89 alone runs on
+/// an H100 through the driver compiling compute_80's PTX, without the wait: launched the ordinary way.
+/// (The sm_90a kernels run only on sm_90, which they are built for, wait included.)
+fn programmatic_capable(cc: u32, route: compat::Route) -> bool {
+    let code = match route {
+        compat::Route::Sass(a) | compat::Route::Ptx(a) => a,
+    };
+    cc >= 90 && code >= 90
+}
+
+/// `LK_PDL`: unset, empty or `1` launches every kernel that can be with programmatic dependent launch
+/// (the default), `0` launches them the ordinary way (to compare, or to rule it out).
+pub(crate) fn programmatic_launch_wanted(value: Option<&str>) -> Result<bool> {
+    match value {
+        None | Some("") | Some("1") => Ok(true),
+        Some("0") => Ok(false),
+        Some(other) => Err(Error::Unsupported {
+            what: format!("LK_PDL={other:?}"),
+            hint: "use 1 (the default: programmatic dependent launch on sm_90 and newer) or 0"
+                .into(),
+        }),
+    }
 }
 
 impl CudaDevice {
@@ -92,7 +123,8 @@ impl CudaDevice {
                 capability.0, capability.1, MIN_COMPUTE_CAPABILITY.0, MIN_COMPUTE_CAPABILITY.1
             )));
         }
-        compat::route(capability_number(capability), &compat::built_archs())
+        let cc = capability_number(capability);
+        let route = compat::route(cc, &compat::built_archs())
             .map_err(|e| Error::CudaUnavailable(format!("GPU {ordinal}: {e}")))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         Ok(CudaDevice {
@@ -100,6 +132,7 @@ impl CudaDevice {
             stream,
             name,
             capability,
+            programmatic: AtomicBool::new(programmatic_capable(cc, route)),
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
         })
@@ -213,6 +246,8 @@ impl CudaDevice {
         build: impl FnOnce(&[u64]) -> P,
     ) -> Result<()> {
         let func = self.function(kernel.module, kernel.name, plan.smem_bytes)?;
+        // read on every GPU, so a wrong value is an error everywhere, not only where it would matter
+        let programmatic = self.programmatic_launch()?;
         // The guards record read/write events after the launch is queued (cudarc's multi-stream
         // tracking), so they are dropped only after `launch`.
         let mut guards: Vec<SyncOnDrop<'_>> = Vec::with_capacity(args.len());
@@ -231,22 +266,98 @@ impl CudaDevice {
             ptrs.push(ptr);
             guards.push(guard);
         }
-        let params = build(&ptrs);
+        let mut params = build(&ptrs);
+        let launched = if programmatic {
+            self.launch_programmatic(&func, plan, &mut params)
+                .or_else(|_| {
+                    // a driver or stream that refuses the attribute (an error that leaves the context
+                    // usable): the ordinary launch, and no more programmatic ones on this device
+                    let r = self.launch_ordinary(&func, plan, &params);
+                    if r.is_ok() {
+                        self.programmatic.store(false, Ordering::Relaxed);
+                    }
+                    r
+                })
+        } else {
+            self.launch_ordinary(&func, plan, &params)
+        };
+        launched.map_err(Error::cuda(format!("launching `{}`", kernel.name)))?;
+        drop(guards);
+        Ok(())
+    }
+
+    /// Whether the next launch is made with programmatic dependent launch: a GPU and build that have it
+    /// ([`programmatic_capable`]), `LK_PDL` not 0, and no launch of this kind refused so far.
+    pub(crate) fn programmatic_launch(&self) -> Result<bool> {
+        // read on every GPU, so a wrong value is an error everywhere, not only where it would matter
+        let wanted = programmatic_launch_wanted(std::env::var("LK_PDL").ok().as_deref())?;
+        Ok(wanted && self.programmatic.load(Ordering::Relaxed))
+    }
+
+    fn launch_ordinary<P: KernelParams>(
+        &self,
+        func: &CudaFunction,
+        plan: &LaunchPlan,
+        params: &P,
+    ) -> std::result::Result<(), cudarc::driver::DriverError> {
         let cfg = LaunchConfig {
             grid_dim: (plan.grid[0], plan.grid[1], plan.grid[2]),
             block_dim: (plan.block[0], plan.block[1], plan.block[2]),
             shared_mem_bytes: plan.smem_bytes,
         };
-        let mut builder = self.stream.launch_builder(&func);
-        builder.arg(&params);
+        let mut builder = self.stream.launch_builder(func);
+        builder.arg(params);
         // SAFETY: `params` is the #[repr(C)] struct generated from lora_params.h that this kernel takes
         // by value (one header for both sides); the op validated every shape, dtype and device, and the
-        // pointers in it are live allocations of this context, held borrowed (and guarded) until after
-        // the launch is queued.
-        unsafe { builder.launch(cfg) }
-            .map_err(Error::cuda(format!("launching `{}`", kernel.name)))?;
-        drop(guards);
-        Ok(())
+        // pointers in it are live allocations of this context, held borrowed (and guarded) by `launch`
+        // until after the launch is queued.
+        unsafe { builder.launch(cfg) }.map(|_| ())
+    }
+
+    /// `cuLaunchKernelEx` with programmatic stream serialization allowed: the kernel may be scheduled
+    /// before the one ahead of it in the stream has finished, and waits for it at LK_KERNEL_ENTRY.
+    fn launch_programmatic<P: KernelParams>(
+        &self,
+        func: &CudaFunction,
+        plan: &LaunchPlan,
+        params: &mut P,
+    ) -> std::result::Result<(), cudarc::driver::DriverError> {
+        use cudarc::driver::sys;
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue {
+                programmaticStreamSerializationAllowed: 1,
+            },
+        };
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: plan.grid[0],
+            gridDimY: plan.grid[1],
+            gridDimZ: plan.grid[2],
+            blockDimX: plan.block[0],
+            blockDimY: plan.block[1],
+            blockDimZ: plan.block[2],
+            sharedMemBytes: plan.smem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let mut args = [params as *mut P as *mut std::ffi::c_void];
+        self.ctx.bind_to_thread()?;
+        // SAFETY: as in `launch_ordinary`: `params` is the #[repr(C)] struct from lora_params.h that the
+        // kernel takes by value, its pointers live allocations of this context, held (and guarded) by
+        // `launch` until the launch is queued; `cfg`, `attr` and `args` outlive the call, which copies
+        // them; `func` belongs to this context and the kernel begins with griddepcontrol.wait
+        // (`programmatic_capable`), so overlapping the kernel ahead of it is safe.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &cfg,
+                func.cu_function(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
     }
 }
 
@@ -272,5 +383,45 @@ impl<T> CudaPtr for CudaSlice<T> {
     }
     fn write_ptr<'a>(&'a mut self, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
         self.device_ptr_mut(stream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programmatic_launch_needs_the_gpu_and_the_wait_in_the_code() {
+        use compat::Route::{Ptx, Sass};
+        // sm_90 code (the wait compiled in) on sm_90 and newer GPUs
+        assert!(programmatic_capable(90, Sass(90)));
+        assert!(programmatic_capable(100, Ptx(90)));
+        assert!(programmatic_capable(120, Ptx(90)));
+        // a build for sm_80..89 JIT-compiled on an H100 has no wait; an A100 or an L40 has no such launch
+        assert!(!programmatic_capable(90, Ptx(80)));
+        assert!(!programmatic_capable(100, Ptx(86)));
+        assert!(!programmatic_capable(89, Sass(89)));
+        assert!(!programmatic_capable(80, Sass(80)));
+        // what the default build (80, 86, 89, 90) routes each of them to
+        let built = [80, 86, 89, 90];
+        let on = |cc| programmatic_capable(cc, compat::route(cc, &built).unwrap());
+        assert!(on(90));
+        assert!(!on(80) && !on(86) && !on(89));
+        assert!(
+            !on(100),
+            "Blackwell takes compute_80's PTX from the default build: no wait in it"
+        );
+    }
+
+    #[test]
+    fn lk_pdl_takes_0_or_1_and_names_anything_else() {
+        assert!(programmatic_launch_wanted(None).unwrap());
+        assert!(programmatic_launch_wanted(Some("")).unwrap());
+        assert!(programmatic_launch_wanted(Some("1")).unwrap());
+        assert!(!programmatic_launch_wanted(Some("0")).unwrap());
+        let e = programmatic_launch_wanted(Some("off"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LK_PDL=\"off\"") && e.contains("use 1"), "{e}");
     }
 }

@@ -115,6 +115,9 @@ impl EmuConfig {
             regions: regions.as_ptr(),
             region_count: regions.len() as u64,
             checks: self.checks as u32,
+            // every kernel begins with LK_KERNEL_ENTRY (griddepcontrol.wait): checked in every launch,
+            // since on sm_90 GPUs every launch may overlap the one before it
+            dependent: 1,
         })
     }
 }

@@ -159,6 +159,19 @@ impl Device {
         }
     }
 
+    /// Whether this device's next launch is made with programmatic dependent launch (README,
+    /// "launches"): a GPU of compute capability 9.0 or newer running this build's sm_90 code, `LK_PDL`
+    /// not `0`, and no such launch refused by the driver so far (one refused is retried the ordinary way,
+    /// and the device stops asking). Always false on the emulator, which runs launches one after another
+    /// and instead checks every kernel waits before touching global memory. An `LK_PDL` other than unset,
+    /// `0` or `1` is an error on a GPU.
+    pub fn programmatic_launch(&self) -> Result<bool> {
+        match &*self.inner {
+            Backend::Cuda(c) => c.programmatic_launch(),
+            Backend::Emulator(..) => Ok(false),
+        }
+    }
+
     /// The emulator's record of the kernels launched on this device (and its clones) since the previous
     /// call, by `extern "C"` name, in launch order (the last 4096 at most), and clears it: which kernels an
     /// op took (the launch plans choose by shape, rank and device). Empty on a GPU, which keeps no record.

@@ -12,6 +12,7 @@ struct LdmatrixProbeParams {
 
 // One warp. Lane l holds row l%8 of matrix l/8 in shared memory and passes its address.
 extern "C" __global__ void __launch_bounds__(32) ldmatrix_probe(LdmatrixProbeParams p) {
+    LK_KERNEL_ENTRY();
     LK_DYNAMIC_SMEM(smem);
     uint16_t* s = reinterpret_cast<uint16_t*>(smem);
     const int lane = threadIdx.x;
@@ -50,9 +51,9 @@ __device__ __forceinline__ void mma_probe(const MmaProbeParams& p) {
     else lk_mma_m16n8k16_bf16(d, a, b, c);
     for (int i = 0; i < 4; ++i) p.d[lane * 4 + i] = d[i];
 }
-extern "C" __global__ void __launch_bounds__(32) mma_probe_bf16(MmaProbeParams p) { mma_probe<false>(p); }
+extern "C" __global__ void __launch_bounds__(32) mma_probe_bf16(MmaProbeParams p) { LK_KERNEL_ENTRY(); mma_probe<false>(p); }
 LK_KERNEL_EXPORT(mma_probe_bf16, MmaProbeParams)
-extern "C" __global__ void __launch_bounds__(32) mma_probe_f16(MmaProbeParams p) { mma_probe<true>(p); }
+extern "C" __global__ void __launch_bounds__(32) mma_probe_f16(MmaProbeParams p) { LK_KERNEL_ENTRY(); mma_probe<true>(p); }
 LK_KERNEL_EXPORT(mma_probe_f16, MmaProbeParams)
 
 struct TiledGemmParams {
@@ -127,9 +128,9 @@ __device__ __forceinline__ void tiled_gemm(const TiledGemmParams& p) {
 }
 
 // 64x64 tiles, 4 warps of 32x32 (128 threads), 16 KiB of dynamic shared memory.
-extern "C" __global__ void __launch_bounds__(128) tiled_gemm_bf16(TiledGemmParams p) { tiled_gemm<64, 64, 32, 32>(p); }
+extern "C" __global__ void __launch_bounds__(128) tiled_gemm_bf16(TiledGemmParams p) { LK_KERNEL_ENTRY(); tiled_gemm<64, 64, 32, 32>(p); }
 LK_KERNEL_EXPORT(tiled_gemm_bf16, TiledGemmParams)
 
 // 128x128 tiles, 8 warps of 64x32 (256 threads), 32 KiB of dynamic shared memory: the emulator speed figure.
-extern "C" __global__ void __launch_bounds__(256) tiled_gemm128_bf16(TiledGemmParams p) { tiled_gemm<128, 128, 64, 32>(p); }
+extern "C" __global__ void __launch_bounds__(256) tiled_gemm128_bf16(TiledGemmParams p) { LK_KERNEL_ENTRY(); tiled_gemm<128, 128, 64, 32>(p); }
 LK_KERNEL_EXPORT(tiled_gemm128_bf16, TiledGemmParams)

@@ -12,6 +12,7 @@ struct PlantedParams {
 
 // y[i] = 2 * x[(i+1) % n] through shared memory; the bug drops the barrier between write and read.
 extern "C" __global__ void planted_missing_sync(PlantedParams p) {
+    LK_KERNEL_ENTRY();
     LK_DYNAMIC_SMEM(smem);
     float* s = reinterpret_cast<float*>(smem);
     const int i = threadIdx.x;
@@ -23,6 +24,7 @@ LK_KERNEL_EXPORT(planted_missing_sync, PlantedParams)
 
 // Each thread copies 4 floats with cp.async, then all read a neighbour's; the bug drops wait_group.
 extern "C" __global__ void planted_missing_wait(PlantedParams p) {
+    LK_KERNEL_ENTRY();
     LK_DYNAMIC_SMEM(smem);
     float* s = reinterpret_cast<float*>(smem);
     const int i = threadIdx.x;
@@ -37,6 +39,7 @@ LK_KERNEL_EXPORT(planted_missing_wait, PlantedParams)
 // bug = 1: the barrier sits in a branch only half the block takes (the others exit);
 // bug = 2: the two halves wait at two different barriers.
 extern "C" __global__ void planted_divergent_barrier(PlantedParams p) {
+    LK_KERNEL_ENTRY();
     LK_DYNAMIC_SMEM(smem);
     float* s = reinterpret_cast<float*>(smem);
     const int i = threadIdx.x;
@@ -55,6 +58,7 @@ LK_KERNEL_EXPORT(planted_divergent_barrier, PlantedParams)
 
 // y[i] = x[i] + x[i+1], the last element adding 0; the bug reads x[n], one past the end.
 extern "C" __global__ void planted_oob_read(PlantedParams p) {
+    LK_KERNEL_ENTRY();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= p.n) return;
     const float next = (i + 1 < p.n || p.bug) ? p.x[i + 1] : 0.f;
@@ -65,6 +69,7 @@ LK_KERNEL_EXPORT(planted_oob_read, PlantedParams)
 // Each thread copies 4 floats with one 16-byte load; the bug shifts the load by one float, which the
 // GPU faults on ("misaligned address") and the emulator must refuse the same way (x86 would not care).
 extern "C" __global__ void planted_misaligned_vector(PlantedParams p) {
+    LK_KERNEL_ENTRY();
     const int i = threadIdx.x;
     if (4 * i + 4 > p.n) return;
     const uint4 v = *lk_vec<uint4>(p.x + 4 * i + (i == 5 ? p.bug : 0));

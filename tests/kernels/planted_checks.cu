@@ -1,5 +1,5 @@
 // planted_checks.cu (test-only): one planted bug per kernel for the emulator's race detector, shared-memory
-// bounds and memcheck/initcheck, switched on by `bug`; with bug = 0 each kernel is correct. Every bug here
+// bounds, memcheck/initcheck and the programmatic-dependent-launch rule, switched on by `bug`; with bug = 0 each kernel is correct. Every bug here
 // passed the emulator before those checks existed (no NaN reaches an output, all thread orders agree), and
 // tests/emulator_checks.rs requires each to fail its launch with a message naming the problem.
 #include "lk_intrinsics.cuh"
@@ -16,6 +16,7 @@ struct CheckParams {
 // the previous tile's reads; the bug issues it before (fused_gemm's refill-before-barrier pattern): a
 // write-after-read race across warps that still computes the right sums under every emulated order.
 extern "C" __global__ void planted_pipeline_war(CheckParams p) {
+    LK_KERNEL_ENTRY();
     LK_DYNAMIC_SMEM(smem);
     float* stage = reinterpret_cast<float*>(smem);  // [2][64 threads][4]
     const int i = threadIdx.x, tiles = p.n / 256;
@@ -37,6 +38,7 @@ LK_KERNEL_EXPORT(planted_pipeline_war, CheckParams)
 
 // Thread i writes s[i] and reads s[(i + 32) % 64], a thread of the other warp: the bug drops the barrier.
 extern "C" __global__ void planted_cross_warp_raw(CheckParams p) {
+    LK_KERNEL_ENTRY();
     LK_DYNAMIC_SMEM(smem);
     float* s = reinterpret_cast<float*>(smem);
     const int i = threadIdx.x;
@@ -49,6 +51,7 @@ LK_KERNEL_EXPORT(planted_cross_warp_raw, CheckParams)
 // Static shared memory: thread i writes buf[i + bug], so with the bug the last thread writes one float
 // past the end of `buf` (into the next variable on a GPU; into its red zone here).
 extern "C" __global__ void planted_static_overflow(CheckParams p) {
+    LK_KERNEL_ENTRY();
     LK_SHARED(4, float, buf, [64]);
     LK_SHARED(4, float, next, [64]);
     const int i = threadIdx.x;
@@ -61,6 +64,7 @@ LK_KERNEL_EXPORT(planted_static_overflow, CheckParams)
 
 // Static shared memory beyond 48 KB per block (bug = 1): refused like nvcc/ptxas refuse it.
 extern "C" __global__ void planted_static_too_large(CheckParams p) {
+    LK_KERNEL_ENTRY();
     LK_SHARED(4, float, small, [64]);
     const int i = threadIdx.x;
     if (p.bug) {
@@ -77,6 +81,7 @@ LK_KERNEL_EXPORT(planted_static_too_large, CheckParams)
 
 // 256 bytes of dynamic shared memory; the bug makes each thread write 64 floats further, past its end.
 extern "C" __global__ void planted_dynamic_canary(CheckParams p) {
+    LK_KERNEL_ENTRY();
     LK_DYNAMIC_SMEM(smem);
     float* s = reinterpret_cast<float*>(smem);
     const int i = threadIdx.x;
@@ -90,6 +95,7 @@ LK_KERNEL_EXPORT(planted_dynamic_canary, CheckParams)
 // index and thrown away at the end. The bug clamps to n instead of n - 1: one read past the end of x
 // whose value never reaches an output.
 extern "C" __global__ void planted_oob_discarded(CheckParams p) {
+    LK_KERNEL_ENTRY();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= p.n) return;
     const float next = p.x[min(i + 1, p.n - 1 + p.bug)];
@@ -100,6 +106,7 @@ LK_KERNEL_EXPORT(planted_oob_discarded, CheckParams)
 // Copies x to y with one 16-byte load per 4 floats and an element-wise tail; the bug takes the vector
 // path for the last, partial group too: a 16-byte read that straddles the end of x.
 extern "C" __global__ void planted_straddling_vector(CheckParams p) {
+    LK_KERNEL_ENTRY();
     const int i = threadIdx.x, first = 4 * i;
     if (first >= p.n) return;
     if (first + 4 <= p.n || p.bug) {
@@ -116,6 +123,7 @@ LK_KERNEL_EXPORT(planted_straddling_vector, CheckParams)
 // always copies 16 bytes, so the last thread's copy reads past the end of x (the zero-fill would have
 // hidden it: cp.async's source is read whole).
 extern "C" __global__ void planted_cp_async_past_end(CheckParams p) {
+    LK_KERNEL_ENTRY();
     LK_DYNAMIC_SMEM(smem);
     float* s = reinterpret_cast<float*>(smem);
     const int i = threadIdx.x, first = 4 * i;
@@ -130,11 +138,31 @@ LK_KERNEL_EXPORT(planted_cp_async_past_end, CheckParams)
 
 // y[i] = 2·x[i]; bug = 1 accumulates into y instead (y[i] += 2·x[i]), reading y before anything wrote it.
 extern "C" __global__ void planted_uninit_read(CheckParams p) {
+    LK_KERNEL_ENTRY();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= p.n) return;
     p.y[i] = (p.bug ? p.y[i] : 0.f) + 2.f * p.x[i];
 }
 LK_KERNEL_EXPORT(planted_uninit_read, CheckParams)
+
+// y[i] = x[i] + 1, one block of n <= 32 threads, with LK_KERNEL_ENTRY (griddepcontrol.wait) before any
+// global access. On an sm_90 GPU every launch may overlap the kernel before it in the stream (src/device/
+// cuda.rs), so an access before the wait may see that kernel's writes half done or race with its reads.
+// bug = 1: a prologue load of x hoisted above the wait; bug = 2: no wait at all (the first access fails);
+// bug = 3: a cp.async of x issued before the wait.
+extern "C" __global__ void planted_early_global_access(CheckParams p) {
+    LK_DYNAMIC_SMEM(smem);
+    float* s = reinterpret_cast<float*>(smem);
+    const int i = threadIdx.x;
+    float early = 0.f;
+    if (p.bug == 1) early = p.x[i];
+    if (p.bug == 3 && i % 4 == 0 && i + 4 <= p.n) lk_cp_async_16(s + i, p.x + i, 16);
+    lk_cp_async_commit();
+    if (p.bug != 2) LK_KERNEL_ENTRY();
+    lk_cp_async_wait<0>();
+    if (i < p.n) p.y[i] = p.x[i] + 1.f + 0.f * early;
+}
+LK_KERNEL_EXPORT(planted_early_global_access, CheckParams)
 
 // Shuffle semantics (CUDA guide, warp shuffle functions), for tests/emulator_checks.rs:
 // bug = 0: y[lane] = __shfl_xor_sync(full, x[lane], 16, 16);  bug = 3: the same with lane mask 1
@@ -143,6 +171,7 @@ LK_KERNEL_EXPORT(planted_uninit_read, CheckParams)
 // bug = 2: lanes >= 16 exit first; the others shuffle with the FULL mask (only non-exited lanes take
 //          part): y[lane] = __shfl_down_sync(full, x[lane], 1, 16), lanes < 16 only.
 extern "C" __global__ void shfl_semantics(CheckParams p) {
+    LK_KERNEL_ENTRY();
     const int lane = threadIdx.x;
     const float v = p.x[lane];
     if (p.bug == 0 || p.bug == 3) {

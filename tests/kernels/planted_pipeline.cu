@@ -33,6 +33,7 @@ constexpr int kTile = 256;  // floats per tile
 constexpr int kStages = 2;
 
 extern "C" __global__ void planted_pipeline_mbarrier(PipelineParams p) {
+    LK_KERNEL_ENTRY();
     LK_DYNAMIC_SMEM(smem);
     float* stage = reinterpret_cast<float*>(smem);                        // [kStages][kTile]
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kTile * 4);  // [kStages]

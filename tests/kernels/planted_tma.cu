@@ -17,6 +17,7 @@ struct TmaParams {
 };
 
 extern "C" __global__ void planted_tma_roundtrip(const __grid_constant__ TmaParams p) {
+    LK_KERNEL_ENTRY();
     LK_DYNAMIC_SMEM(smem);
     // the swizzle follows absolute address bits: align the box to the 1024-byte period ourselves
     const uintptr_t base = reinterpret_cast<uintptr_t>(smem);

@@ -60,6 +60,7 @@ __device__ void narrow_b(const WgmmaParams& p, const unsigned char* a_tile, cons
 }
 
 extern "C" __global__ void __launch_bounds__(128) planted_wgmma_tile(const __grid_constant__ WgmmaParams p) {
+    LK_KERNEL_ENTRY();
     LK_DYNAMIC_SMEM(smem);
     const uintptr_t base = reinterpret_cast<uintptr_t>(smem);
     unsigned char* a_tile = smem + ((base + 64 + 1023) / 1024 * 1024 - base);  // 64 × 128 bytes
