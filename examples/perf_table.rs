@@ -15,10 +15,10 @@
 //!
 //! First the rows of the default launch choices (the single-adapter cases, then the many-adapter ones);
 //! then, after all of them, the same ops under the other launch choices against the same baselines
-//! (timed again with them): on a GPU of compute capability 9.0 or newer, the forward (and at M > 16 the
-//! backward) with ordinary launches (`LK_PDL=0`: what programmatic dependent launch gains); on an sm_90
-//! GPU the sm_90a GEMM (`LK_FUSED_GEMM=sm90`, opt-in; T, or U in
-//! dX, inside the GEMM at r ≤ 32) and with T and U from their own launches
+//! (timed again with them): where the device launches with programmatic dependent launch (an H100 or
+//! H200: `Device::programmatic_launch`), the forward (and at M > 16 the backward) with ordinary launches
+//! (`LK_PDL=0`: what it gains); on an sm_90 GPU the sm_90a GEMM (`LK_FUSED_GEMM=sm90`, opt-in; T, or U
+//! in dX, inside the GEMM at r ≤ 32) and with T and U from their own launches
 //! (`LK_FUSED_GEMM=sm90-projection`); where the mma.sync GEMM takes its 128×64 tiles (`ops::mma_tile`: M
 //! of a few hundred rows), its 128×128 ones (`LK_MMA_TILE=128`, which also puts the projection T = X·Aᵀ,
 //! narrow at every M, on them). They come last so that a kernel that faults there (the CUDA context is
@@ -324,8 +324,8 @@ fn variants(
     if c.m > 16 && ops::mma_tile(c.m, gemm_n, sms).1 == 64 {
         v.push(("LK_MMA_TILE", "128", "128×128 tiles (LK_MMA_TILE=128)"));
     }
-    if dev.compute_capability() >= 90 {
-        // every launch overlaps the one ahead of it by default there: the launch gaps it hides
+    if dev.programmatic_launch().unwrap_or(false) {
+        // every launch may overlap the one ahead of it by default here: what that gains
         v.push((
             "LK_PDL",
             "0",

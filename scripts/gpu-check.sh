@@ -24,6 +24,9 @@
 #   --skip-bench      no criterion step
 #   --skip-perf       no finetune example and no perf table (a correctness run: tests, sanitizer)
 #   --profile         also run Nsight Compute over examples/profile_step.rs (scripts/gpu-profile.sh)
+#   --time-limit S    the whole check in S seconds (a CI job's or a shared host's limit): each step gets
+#                     at most what is left, a step that cannot start is recorded "not started", and the
+#                     check ends with the record written and a failure saying so
 #
 # Time limits: LK_RUN_TIMEOUT seconds for one test binary, example, bench or ncu run (default 1800;
 # one that hangs is stopped, with every process it started, and counted failed), LK_SANITIZER_TIMEOUT
@@ -36,6 +39,7 @@ set -u
 invocation="gpu-check.sh $*"
 
 results=./gpu-check-out allow_no_gpu=0 quick=0 sanitize=1 bench=1 perf=1 profile=0 gpu_only=0 only= only_sanitize=
+time_limit=
 while [ $# -gt 0 ]; do
   case $1 in
     --out) results=${2:?--out needs a directory}; shift 2 ;;
@@ -51,7 +55,9 @@ while [ $# -gt 0 ]; do
     --skip-bench) bench=0; shift ;;
     --skip-perf) perf=0; shift ;;
     --profile) profile=1; shift ;;
-    -h|--help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --time-limit) time_limit=${2:?--time-limit needs a number of seconds}; shift 2 ;;
+    --time-limit=*) time_limit=${1#--time-limit=}; shift ;;
+    -h|--help) sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -62,23 +68,59 @@ case $here$results in *[[:space:]]*) echo "gpu-check: paths with spaces are not 
 # the longest one test binary, example, bench or sanitizer run may take (a kernel that hangs must not
 # stall the check)
 run_timeout=${LK_RUN_TIMEOUT:-1800} sanitizer_timeout=${LK_SANITIZER_TIMEOUT:-3600}
-for v in "LK_RUN_TIMEOUT=$run_timeout" "LK_SANITIZER_TIMEOUT=$sanitizer_timeout"; do
+for v in "LK_RUN_TIMEOUT=$run_timeout" "LK_SANITIZER_TIMEOUT=$sanitizer_timeout" ${time_limit:+"--time-limit=$time_limit"}; do
   case ${v#*=} in '' | *[!0-9]* | 0) echo "gpu-check: ${v%%=*} must be a whole number of seconds, at least 1" >&2; exit 2 ;; esac
 done
+# --time-limit: the moment the check must have ended; each run stops 35 s before it at the latest (the 30 s
+# timeout gives a run to exit after TERM, and the record's last writing)
+deadline=
+[ -n "$time_limit" ] && deadline=$(( $(date +%s) + time_limit ))
+# time_for SECONDS: the time a run may take: SECONDS, or what --time-limit leaves if less; 0 if nothing
+time_for() {
+  local t=$1 left
+  if [ -n "$deadline" ]; then
+    left=$(( deadline - $(date +%s) - 35 ))
+    [ "$left" -lt "$t" ] && t=$left
+    [ "$t" -lt 1 ] && t=0
+  fi
+  echo "$t"
+}
 # run_limited SECONDS COMMAND...: COMMAND in a process group of its own (timeout's), stopped with all its
 # children (a CLI the tests spawn, the binary under compute-sanitizer, the program under ncu) after
-# SECONDS: exit 124, or 137 if it had to be killed. On INT or TERM the check stops that group too.
+# SECONDS, or sooner if --time-limit leaves less (limit_used says how long): exit 124, or 137 if it had
+# to be killed; 125 without running it when --time-limit leaves no time. On INT or TERM the check stops
+# that group too. why_stopped RC SETTING: the words for a run's 124/125/137 (empty for other codes).
 # the check's own stderr: a trap runs inside run_limited, whose output goes to a step's log
 exec {stderr_fd}>&2
 child=
+limit_used=
 run_limited() {
-  local secs=$1 rc
+  local secs rc
+  secs=$(time_for "$1")
   shift
+  limit_used=$secs
+  [ "$secs" = 0 ] && return 125
   timeout -k 30 "$secs" "$@" &
   child=$!
   wait "$child"; rc=$?
   child=
   return $rc
+}
+why_suffix() {  # why_suffix RC SETTING: ", <why_stopped>" or nothing
+  local w
+  w=$(why_stopped "$1" "$2")
+  [ -z "$w" ] || echo ", $w"
+}
+why_stopped() {
+  case $1 in
+    125) echo "not started: --time-limit $time_limit s reached" ;;
+    124 | 137)
+      if [ -n "$deadline" ] && [ "$(( $(date +%s) + 40 ))" -ge "$deadline" ]; then
+        echo "stopped after $limit_used s: --time-limit $time_limit s reached"
+      else
+        echo "stopped after $limit_used s ($2: a hang?)"
+      fi ;;
+  esac
 }
 
 # The card's state, read only: the query fields this driver takes (a driver that names the clock event
@@ -253,7 +295,7 @@ for t in $tests; do
     bad_bins=$((bad_bins + 1))
     line="$n: FAILED (exit $rc; $p passed, $f failed, $i ignored)"
     case $rc in
-      124 | 137) line="$line: stopped after $run_timeout s (LK_RUN_TIMEOUT: a hang?), see tests/$n.log" ;;
+      124 | 125 | 137) line="$line: $(why_stopped $rc LK_RUN_TIMEOUT), see tests/$n.log" ;;
       *) [ "$rc" != 0 ] && [ "$f" = 0 ] && line="$line: crashed or exited non-zero, see tests/$n.log" ;;
     esac
   else
@@ -274,7 +316,7 @@ if [ "$gpu" = 1 ] && nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>
     LK_FUSED_GEMM=auto run_limited "$run_timeout" "$t" --test-threads=1 > "$log" 2>&1; rc=$?
     case $rc in
       0) r=ok ;;
-      124 | 137) r="FAILED (stopped after $run_timeout s, LK_RUN_TIMEOUT: a hang?)"; bad_bins=$((bad_bins + 1)) ;;
+      124 | 125 | 137) r="FAILED ($(why_stopped $rc LK_RUN_TIMEOUT))"; bad_bins=$((bad_bins + 1)) ;;
       *) r="FAILED (exit $rc)"; bad_bins=$((bad_bins + 1)) ;;
     esac
     echo "$n with LK_FUSED_GEMM=auto (the sm_90a GEMMs): $r, see tests/$n-sm90a.log" | tee -a "$results/tests-summary.txt"
@@ -289,16 +331,17 @@ if [ "$perf" = 1 ]; then
   write_record "running: finetune example, perf table"
   # --- the finetune example, the perf table, the benches
   echo "== finetune example"
-  run_limited "$run_timeout" "$finetune" > "$results/finetune.txt" 2>&1 || failed "finetune example (finetune.txt)"
+  run_limited "$run_timeout" "$finetune" > "$results/finetune.txt" 2>&1; rc=$?
+  [ "$rc" = 0 ] || failed "finetune example (exit $rc$(why_suffix $rc LK_RUN_TIMEOUT); finetune.txt)"
   tail -n 12 "$results/finetune.txt"
 
   echo "== perf table"
   { echo "commit: $commit"; echo "date: $(date -u +%F)"; echo; } > "$results/perf_table.md"
   # the card's state every second while the table runs (read only: clocks, power, temperature, why
   # clocks were held), into gpu_state.csv and one line of the table's file
-  sampler=
-  if [ "$gpu" = 1 ]; then
-    timeout "$run_timeout" nvidia-smi --query-gpu=timestamp,"$(state_fields)" --format=csv -lms 1000 \
+  sampler= sample_for=$(time_for "$run_timeout")
+  if [ "$gpu" = 1 ] && [ "$sample_for" != 0 ]; then
+    timeout "$sample_for" nvidia-smi --query-gpu=timestamp,"$(state_fields)" --format=csv -lms 1000 \
       > "$results/gpu_state.csv" 2>&1 &
     sampler=$!
   fi
@@ -308,7 +351,7 @@ if [ "$perf" = 1 ]; then
     printf '\nGPU state during the table (nvidia-smi every second, gpu_state.csv): %s\n' \
       "$(state_summary "$results/gpu_state.csv")" >> "$results/perf_table.md"
   fi
-  [ "$rc" = 0 ] || failed "perf table (exit $rc; perf_table.stderr)"
+  [ "$rc" = 0 ] || failed "perf table (exit $rc$(why_suffix $rc LK_RUN_TIMEOUT); perf_table.stderr)"
   grep -q MISMATCH "$results/perf_table.md" \
     && failed "perf table: MISMATCH (a row where ours differs from cuBLAS, or the L2 probe's sums are wrong)"
   [ "$gpu" = 1 ] && grep -q 'perf_table skipped' "$results/perf_table.md" && failed "perf table skipped on a GPU machine"
@@ -321,7 +364,8 @@ if [ "$bench" = 1 ]; then
   echo "== criterion benches"
   : > "$results/criterion.txt"
   for b in $benches; do
-    run_limited "$run_timeout" "$b" --bench >> "$results/criterion.txt" 2>&1 || failed "bench $(name_of "$b") (criterion.txt)"
+    run_limited "$run_timeout" "$b" --bench >> "$results/criterion.txt" 2>&1; rc=$?
+    [ "$rc" = 0 ] || failed "bench $(name_of "$b") (exit $rc$(why_suffix $rc LK_RUN_TIMEOUT); criterion.txt)"
   done
   grep -E 'skipped|time:' "$results/criterion.txt" | head -n 40
 else
@@ -334,8 +378,8 @@ if [ "$profile" = 1 ]; then
     echo "== Nsight Compute: skipped (no GPU, --allow-no-gpu)"
   else
     echo "== Nsight Compute"
-    run_limited "$run_timeout" bash "$here/gpu-profile.sh" --out "$results/ncu" --bin "$profile_step" \
-      || failed "Nsight Compute (ncu/)"
+    run_limited "$run_timeout" bash "$here/gpu-profile.sh" --out "$results/ncu" --bin "$profile_step"; rc=$?
+    [ "$rc" = 0 ] || failed "Nsight Compute (exit $rc$(why_suffix $rc LK_RUN_TIMEOUT); ncu/)"
   fi
 fi
 
@@ -373,7 +417,8 @@ else
       if [ "$rc" = 0 ]; then
         echo "$tool $n: ok (${errs:-0} errors)" | tee -a "$results/sanitizer-summary.txt"
       else
-        echo "$tool $n: FAILED (exit $rc, ${errs:-?} errors; sanitizer/$tool-$n.log)" | tee -a "$results/sanitizer-summary.txt"
+        echo "$tool $n: FAILED (exit $rc, ${errs:-?} errors$(why_suffix $rc LK_SANITIZER_TIMEOUT); sanitizer/$tool-$n.log)" \
+          | tee -a "$results/sanitizer-summary.txt"
         failed "$tool $n"
       fi
       write_record "running: compute-sanitizer"

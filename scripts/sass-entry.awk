@@ -1,25 +1,33 @@
-# sass-entry.awk: reads `cuobjdump -sass` of a fatbin; for the sm_90 and sm_90a code (launched with
-# programmatic dependent launch: src/device/cuda.rs), every function must execute griddepcontrol.wait
-# (ACQBULK, from LK_KERNEL_ENTRY) before any global memory access, in the straight-line code the kernel
-# starts with. Prints one line per function that does not, then a count; exits non-zero if any.
-/code for sm_/ { arch = $NF }
+# sass-entry.awk: reads `cuobjdump -sass` of a fatbin. The code for sm_90 and newer may be launched with
+# programmatic dependent launch (src/device/cuda.rs), so every function there must begin with
+# griddepcontrol.wait (ACQBULK, from LK_KERNEL_ENTRY): before the first unpredicated ACQBULK only
+# register arithmetic and loads of constants and special registers may come (the list below: anything
+# else, a memory access, a branch that could skip the wait, a predicated wait, an opcode not listed, fails). Prints one line per function that breaks this, then a count; exits non-zero if any does.
+BEGIN {
+  split("LDC ULDC S2R S2UR CS2R R2UR MOV UMOV NOP IMAD IADD3 VIADD LOP3 SHF LEA PRMT SEL ISETP IMNMX " \
+        "PLOP3 UIADD3 UIMAD ULOP3 USHF ULEA UPRMT USEL UISETP UPLOP3 FADD FMUL FFMA FSEL I2F F2I", a)
+  for (i in a) allowed[a[i]] = 1
+}
+/code for sm_/ {
+  arch = $NF; v = arch; sub(/^sm_/, "", v); sub(/[a-z]+$/, "", v)
+  check = (v + 0 >= 90)
+}
 /Function : / {
-  fn = $NF; waited = 0
-  if (arch ~ /^sm_90a?$/) { n++; checked[fn] = arch }
+  key = $NF " (" arch ")"
+  if (check) { n++; checked[key] = 1 }
   next
 }
-arch ~ /^sm_90a?$/ && /^ +\/\*[0-9a-f]+\*\// {
-  op = $2; if (op ~ /^@/) op = $3; sub(/\..*/, "", op); sub(/;$/, "", op)
-  if (op == "ACQBULK") { if (!waited) has[fn] = 1; waited = 1; next }
-  if (!waited && !(fn in early) && op ~ /^(LDG|STG|LDGSTS|LDGDEPBAR|UTMALDG|UTMASTG|UTMAPF|UBLKCP|UBLKRED|ATOMG|ATOM|RED|REDG|LD|ST|CCTL)$/)
-    early[fn] = op
+check && /^ +\/\*[0-9a-f]+\*\// && !(key in done) {
+  pred = ($2 ~ /^@/); op = pred ? $3 : $2; sub(/\..*/, "", op); sub(/;$/, "", op)
+  if (op == "ACQBULK" && !pred) { done[key] = 1; next }
+  if (!(op in allowed)) { early[key] = (pred ? $2 " " : "") op; done[key] = 1 }
 }
 END {
   bad = 0
-  for (f in checked) {
-    if (f in early) { printf "%s (%s): %s before griddepcontrol.wait (ACQBULK)\n", f, checked[f], early[f]; bad++ }
-    else if (!(f in has)) { printf "%s (%s): no griddepcontrol.wait (ACQBULK)\n", f, checked[f]; bad++ }
+  for (k in checked) {
+    if (k in early) { printf "%s: %s before griddepcontrol.wait (ACQBULK)\n", k, early[k]; bad++ }
+    else if (!(k in done)) { printf "%s: no griddepcontrol.wait (ACQBULK)\n", k; bad++ }
   }
-  printf "%d sm_90 functions, %d without the wait first\n", n, bad
+  printf "%d functions for sm_90 or newer, %d without the wait first\n", n, bad
   exit bad > 0
 }

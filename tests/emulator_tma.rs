@@ -197,6 +197,13 @@ fn tma_planted_bugs_are_caught() {
         assert!(e.contains("which an async operation still reads"), "{e}");
         let e = run(case, &cfg, 4).expect_err("exiting before the store is retired must fail");
         assert!(e.contains("exits with bulk tensor stores"), "{e}");
+        let e =
+            run(case, &cfg, 5).expect_err("a store issued before the dependency wait must fail");
+        assert!(
+            e.contains("global write by cp.async.bulk.tensor store")
+                && e.contains("before this thread's griddepcontrol.wait"),
+            "{e}"
+        );
     }
 }
 

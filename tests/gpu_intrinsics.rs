@@ -10,18 +10,20 @@
 //! that a failure); the tolerance itself is exercised without a GPU against the emulator's
 //! tensor-core model (`MmaModel::TensorCore`). On an sm_90 GPU: TMA loads and stores (every swizzle,
 //! ragged coordinates) byte for byte, and wgmma (A in shared memory or registers, B K- or MN-major) bit
-//! for bit on small integers, against the emulator.
+//! for bit on small integers, against the emulator; and that programmatic dependent launch, which the
+//! crate uses there, overlaps two kernels on the device's stream and on a stream of its own, while the
+//! kernels' entry wait still orders them.
 
 mod common;
 
 use common::Rng;
-use common::probes::{LdmatrixProbeParams, MmaProbeParams, TmaParams, WgmmaParams};
+use common::probes::{LdmatrixProbeParams, MmaProbeParams, PdlProbeParams, TmaParams, WgmmaParams};
 use half::{bf16, f16};
 use lora_kernels::cudarc::driver::{
     CudaFunction, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 use lora_kernels::cudarc::nvrtc::Ptx;
-use lora_kernels::device::{EmuRegion, emu_launch_raw};
+use lora_kernels::device::{EmuRegion, cuda_launch_programmatic, emu_launch_raw};
 use lora_kernels::kernel::EmuBody;
 use lora_kernels::params::LkTensorMap;
 use lora_kernels::tma::{Swizzle, TensorMapSpec};
@@ -670,6 +672,82 @@ fn wgmma_emulator_equals_hardware() {
             bits(&yg),
             bits(&ye),
             "A in registers {a_regs}, A MN-major {a_mn}, B MN-major {b_mn}, {cols} columns: GPU and emulator differ"
+        );
+    }
+}
+
+/// Programmatic dependent launch (the crate's own launch, `device::cuda_launch_programmatic`) on the
+/// device's stream (cudarc's default, the legacy stream) and on a stream of its own: a primary that spins 200 µs before writing a token, then a dependent launched with
+/// the attribute. Without the entry wait (a planted bug) the dependent must sometimes read the previous
+/// token: it ran while the primary spun, which is the overlap the crate's launches rely on (none would
+/// mean the attribute gains nothing on that stream). With the wait it must always read this token.
+#[test]
+fn programmatic_launch_overlaps_and_the_entry_wait_orders() {
+    let Some(dev) = hopper_gpu() else { return };
+    let ctx = dev.as_cuda().unwrap().context().clone();
+    let primary = test_function(&dev, "pdl_probe", "pdl_probe_primary");
+    let dependent = test_function(&dev, "pdl_probe", "pdl_probe_dependent");
+    const TRIALS: u32 = 16;
+    let own = ctx.new_stream().unwrap();
+    for (name, stream) in [
+        (
+            "the device's stream",
+            dev.as_cuda().unwrap().stream().clone(),
+        ),
+        ("a stream of its own", own),
+    ] {
+        let mut flag = stream.clone_htod(&[0u32]).unwrap();
+        let mut out = stream.clone_htod(&vec![0u32; 2 * TRIALS as usize]).unwrap();
+        {
+            let (fp, _gf) = flag.device_ptr_mut(&stream);
+            let (op, _go) = out.device_ptr_mut(&stream);
+            for t in 0..2 * TRIALS {
+                let mut p = PdlProbeParams {
+                    flag: fp,
+                    out: op + 4 * t as u64,
+                    spin_ns: 200_000,
+                    token: t + 1,
+                    wait: u32::from(t >= TRIALS),
+                };
+                let cfg = LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: PdlProbeParams by value; flag and out are live and guarded until the sync below.
+                unsafe { stream.launch_builder(&primary).arg(&p).launch(cfg) }.unwrap();
+                let plan = LaunchPlan {
+                    grid: [1, 1, 1],
+                    block: [32, 1, 1],
+                    smem_bytes: 0,
+                };
+                // SAFETY: as above; the dependent without the wait is the planted bug this test watches
+                // for (it reads a flag, nothing it could corrupt).
+                unsafe { cuda_launch_programmatic(&dependent, &stream, &plan, &mut p) }.unwrap();
+            }
+        }
+        stream.synchronize().unwrap();
+        let got = stream.clone_dtoh(&out).unwrap();
+        let (early, waited) = got.split_at(TRIALS as usize);
+        for (t, v) in waited.iter().enumerate() {
+            assert_eq!(
+                *v,
+                TRIALS + t as u32 + 1,
+                "{name}: a dependent that waits read {v}, not its primary's token"
+            );
+        }
+        let overlapped = early
+            .iter()
+            .enumerate()
+            .filter(|(t, v)| **v != *t as u32 + 1)
+            .count();
+        eprintln!(
+            "{name}: the dependent ran during its primary in {overlapped} of {TRIALS} trials"
+        );
+        assert!(
+            overlapped > 0,
+            "{name}: programmatic dependent launch never overlapped the two kernels (the attribute \
+             gains nothing on this stream)"
         );
     }
 }

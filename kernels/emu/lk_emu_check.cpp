@@ -523,23 +523,28 @@ void smem_async_land(unsigned char* dst, unsigned tid) {
     }
 }
 
+void check_dependency_waited(const void* p, size_t n, bool write, const char* what) {
+    const Launch& L = *g_launch;
+    if (!L.checks || !L.dependent || !g_fiber || g_fiber->dep_waited) return;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    const LkEmuRegion* r = find_region(L, a);
+    char at[200];
+    if (r)
+        std::snprintf(at, sizeof at, "offset %lu of argument `%s`", static_cast<unsigned long>(a - r->base), r->name);
+    else
+        std::snprintf(at, sizeof at, "%p", p);
+    fail("global %s%s%s of %zu bytes at %s before this thread's griddepcontrol.wait: on a GPU that launches "
+         "kernels with programmatic dependent launch (compute capability 9.0 and later) the kernel before it "
+         "in the stream may still be running; begin the kernel with LK_KERNEL_ENTRY()%s",
+         write ? "write" : "read", what ? " by " : "", what ? what : "", n, at, what ? "" : symbolize(g_pc).c_str());
+}
+
 void global_access(const void* p, size_t n, bool write, const char* what) {
     const Launch& L = *g_launch;
     if (!L.checks) return;
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    check_dependency_waited(p, n, write, what);
     const LkEmuRegion* r = find_region(L, a);
-    if (L.dependent && g_fiber && !g_fiber->dep_waited) {
-        char at[200];
-        if (r)
-            std::snprintf(at, sizeof at, "offset %lu of argument `%s`", static_cast<unsigned long>(a - r->base),
-                          r->name);
-        else
-            std::snprintf(at, sizeof at, "%p", p);
-        fail("global %s%s%s of %zu bytes at %s before this thread's griddepcontrol.wait: on a GPU that launches "
-             "kernels with programmatic dependent launch (compute capability 9.0 and later) the kernel before it "
-             "in the stream may still be running; begin the kernel with LK_KERNEL_ENTRY()%s",
-             write ? "write" : "read", what ? " by " : "", what ? what : "", n, at, symbolize(g_pc).c_str());
-    }
     if (!r) outside(L, a, n, write, what);
     const uint64_t off = a - r->base;
     if (off + n > r->len)

@@ -274,6 +274,10 @@ void smem_async_issue(unsigned char* dst, unsigned tid);
 void smem_async_land(unsigned char* dst, unsigned tid);
 bool in_smem_window(const void* p, size_t n);
 void global_access(const void* p, size_t n, bool write, const char* what);
+// A dependent launch (LkEmuLaunch.dependent): fails if this thread has not executed griddepcontrol.wait.
+// global_access calls it; an asynchronous store, which touches global memory only when retired, calls it
+// at issue.
+void check_dependency_waited(const void* p, size_t n, bool write, const char* what);
 void barrier_epoch(const char* file, int line);
 void smem_bulk_issue(size_t off, size_t n, unsigned tid);
 void smem_bulk_land(size_t off, size_t n, unsigned agent, uint32_t clock);

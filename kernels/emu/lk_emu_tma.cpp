@@ -123,6 +123,8 @@ void tma_store(const void* map, const int32_t* coords, int ncoords, const void* 
             fail("%s: coordinate %d is %d; a store's box may reach past the end of the tensor but not before its "
                  "start",
                  op, d, coords[d]);
+    // the store writes global memory when retired, perhaps after a wait it was issued before
+    check_dependency_waited(reinterpret_cast<const void*>(m.global_address), total, true, "cp.async.bulk.tensor store");
     BulkStore s;
     s.map = m;
     std::memcpy(s.coords, coords, sizeof(int32_t) * size_t(ncoords));

@@ -62,16 +62,17 @@ __device__ __forceinline__ const V* lk_vec(const P* p) {
 }
 
 // Programmatic dependent launch (sm_90 and later; src/device/cuda.rs). On a GPU of compute capability 9.0
-// or newer every kernel of the crate is launched with programmatic stream serialization allowed: it may be
-// scheduled while the kernel before it in the stream is still running, so its blocks are resident and
-// start the moment that one finishes, instead of after a launch gap (a few µs: at the decoding forward's
-// 12 µs, the difference between two launches and one). In exchange a kernel must execute
-// griddepcontrol.wait (all prerequisite grids complete, their memory visible) before it touches global
-// memory. LK_KERNEL_ENTRY() is therefore every kernel's first statement: the wait, then
-// griddepcontrol.launch_dependents, which lets the next kernel be scheduled once every block of this one
-// has started (its blocks take only resources this grid leaves free). Both are no-ops in a launch without
-// the attribute and are compiled out below sm_90, whose launches never carry it. The emulator checks the
-// rule: a global access before the thread's wait fails the launch.
+// or newer running code built for sm_90 or newer, every kernel of the crate is launched with programmatic
+// stream serialization allowed: it may be scheduled while the kernel before it in the stream is still
+// running, so its blocks can be resident when that one finishes instead of being launched after it (a
+// latency that weighs most on an op of a few µs in several launches, like the decoding forward). In
+// exchange a kernel must execute griddepcontrol.wait (all prerequisite grids complete, their memory
+// visible) before it touches global memory. LK_KERNEL_ENTRY() is therefore every kernel's first
+// statement: the wait, then griddepcontrol.launch_dependents, which lets the next kernel, if it is
+// launched that way, be scheduled once every block of this one has started (its blocks take only
+// resources this grid leaves free). The wait is a no-op in a launch without the attribute; both are
+// compiled out below sm_90, whose code is never launched that way. The emulator checks the rule (a
+// global access before the thread's wait fails the launch), CI the SASS (scripts/sass-entry.awk).
 __device__ __forceinline__ void lk_grid_dependency_wait() {
 #ifdef LK_EMU
     ::lk_emu::grid_dependency_wait();

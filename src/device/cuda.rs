@@ -40,12 +40,31 @@ pub struct CudaDevice {
     name: String,
     capability: (i32, i32),
     /// Whether kernels are launched programmatically dependent here ([`programmatic_capable`]); cleared
-    /// if the driver refuses such a launch that it takes the ordinary way.
+    /// if the driver refuses such a launch that it takes the ordinary way, with its words in
+    /// `programmatic_refused`.
     programmatic: AtomicBool,
+    programmatic_refused: Mutex<Option<String>>,
     /// Module cache: each fatbin loaded at most once per context; functions with the dynamic
-    /// shared-memory limit already raised to.
+    /// shared-memory limit already raised to and whether their loaded code has the wait
+    /// ([`code_waits`]).
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<&'static str, (CudaFunction, u32)>>,
+    functions: Mutex<HashMap<&'static str, Function>>,
+}
+
+/// A kernel as loaded in this context.
+struct Function {
+    f: CudaFunction,
+    smem_limit: u32,
+    waits: bool,
+}
+
+/// Whether a loaded kernel's code executes `griddepcontrol.wait` at entry: LK_KERNEL_ENTRY compiles it
+/// for PTX targets 9.0 and newer, and `ptx_version` is the virtual architecture the driver loaded the
+/// function from (`CU_FUNC_ATTRIBUTE_PTX_VERSION`, 10·major + minor). The device-wide rule
+/// ([`programmatic_capable`]) says what the driver should load; this is what it did (with
+/// `CUDA_FORCE_PTX_JIT=1` an H100 compiles compute_80's PTX, no wait in it, instead of the sm_90 SASS).
+fn code_waits(ptx_version: i32) -> bool {
+    ptx_version >= 90
 }
 
 /// Whether kernels may be launched with programmatic stream serialization allowed (programmatic
@@ -133,6 +152,7 @@ impl CudaDevice {
             name,
             capability,
             programmatic: AtomicBool::new(programmatic_capable(cc, route)),
+            programmatic_refused: Mutex::new(None),
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
         })
@@ -177,19 +197,21 @@ impl CudaDevice {
             .map_err(Error::cuda("synchronizing the stream"))
     }
 
+    /// The kernel, loaded and allowed `smem` bytes of dynamic shared memory, and whether its loaded code
+    /// waits at entry ([`code_waits`]).
     fn function(
         &self,
         module: &'static str,
         name: &'static str,
         smem: u32,
-    ) -> Result<CudaFunction> {
+    ) -> Result<(CudaFunction, bool)> {
         let mut functions = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((f, limit)) = functions.get_mut(name) {
-            if smem > *limit {
-                raise_smem_limit(f, name, smem)?;
-                *limit = smem;
+        if let Some(k) = functions.get_mut(name) {
+            if smem > k.smem_limit {
+                raise_smem_limit(&k.f, name, smem)?;
+                k.smem_limit = smem;
             }
-            return Ok(f.clone());
+            return Ok((k.f.clone(), k.waits));
         }
         let module_handle = {
             let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
@@ -234,8 +256,19 @@ impl CudaDevice {
         if smem > limit {
             raise_smem_limit(&f, name, smem)?;
         }
-        functions.insert(name, (f.clone(), smem.max(limit)));
-        Ok(f)
+        let ptx_version = f
+            .ptx_version()
+            .map_err(Error::cuda(format!("reading the PTX version of `{name}`")))?;
+        let waits = code_waits(ptx_version);
+        functions.insert(
+            name,
+            Function {
+                f: f.clone(),
+                smem_limit: smem.max(limit),
+                waits,
+            },
+        );
+        Ok((f, waits))
     }
 
     pub(crate) fn launch<P: KernelParams>(
@@ -245,9 +278,8 @@ impl CudaDevice {
         args: &mut [Arg<'_>],
         build: impl FnOnce(&[u64]) -> P,
     ) -> Result<()> {
-        let func = self.function(kernel.module, kernel.name, plan.smem_bytes)?;
-        // read on every GPU, so a wrong value is an error everywhere, not only where it would matter
-        let programmatic = self.programmatic_launch()?;
+        let (func, waits) = self.function(kernel.module, kernel.name, plan.smem_bytes)?;
+        let programmatic = self.programmatic_launch()? && waits;
         // The guards record read/write events after the launch is queued (cudarc's multi-stream
         // tracking), so they are dropped only after `launch`.
         let mut guards: Vec<SyncOnDrop<'_>> = Vec::with_capacity(args.len());
@@ -269,12 +301,24 @@ impl CudaDevice {
         let mut params = build(&ptrs);
         let launched = if programmatic {
             self.launch_programmatic(&func, plan, &mut params)
-                .or_else(|_| {
-                    // a driver or stream that refuses the attribute (an error that leaves the context
-                    // usable): the ordinary launch, and no more programmatic ones on this device
+                .or_else(|e| {
+                    // a driver, stream or capture that refuses the attribute (an argument error, which
+                    // enqueues nothing and leaves the context usable): the ordinary launch, and no more
+                    // programmatic ones on this device; any other error is the launch's
+                    use cudarc::driver::sys::cudaError_enum::{
+                        CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_NOT_SUPPORTED,
+                    };
+                    if !matches!(e.0, CUDA_ERROR_INVALID_VALUE | CUDA_ERROR_NOT_SUPPORTED) {
+                        return Err(e);
+                    }
                     let r = self.launch_ordinary(&func, plan, &params);
                     if r.is_ok() {
                         self.programmatic.store(false, Ordering::Relaxed);
+                        let why = format!("the driver refused it for `{}`: {e}", kernel.name);
+                        *self
+                            .programmatic_refused
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) = Some(why);
                     }
                     r
                 })
@@ -286,12 +330,21 @@ impl CudaDevice {
         Ok(())
     }
 
-    /// Whether the next launch is made with programmatic dependent launch: a GPU and build that have it
-    /// ([`programmatic_capable`]), `LK_PDL` not 0, and no launch of this kind refused so far.
+    /// Whether launches are made with programmatic dependent launch: a GPU and build that have it
+    /// ([`programmatic_capable`]), `LK_PDL` not 0, and no launch of this kind refused so far (each
+    /// kernel's loaded code is checked at its launch as well, [`code_waits`]).
     pub(crate) fn programmatic_launch(&self) -> Result<bool> {
         // read on every GPU, so a wrong value is an error everywhere, not only where it would matter
         let wanted = programmatic_launch_wanted(std::env::var("LK_PDL").ok().as_deref())?;
         Ok(wanted && self.programmatic.load(Ordering::Relaxed))
+    }
+
+    /// Why programmatic dependent launch was turned off on this device, if the driver refused it.
+    pub(crate) fn programmatic_refused(&self) -> Option<String> {
+        self.programmatic_refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn launch_ordinary<P: KernelParams>(
@@ -314,51 +367,70 @@ impl CudaDevice {
         unsafe { builder.launch(cfg) }.map(|_| ())
     }
 
-    /// `cuLaunchKernelEx` with programmatic stream serialization allowed: the kernel may be scheduled
-    /// before the one ahead of it in the stream has finished, and waits for it at LK_KERNEL_ENTRY.
+    /// `cuLaunchKernelEx` with programmatic stream serialization allowed on this device's stream.
     fn launch_programmatic<P: KernelParams>(
         &self,
         func: &CudaFunction,
         plan: &LaunchPlan,
         params: &mut P,
     ) -> std::result::Result<(), cudarc::driver::DriverError> {
-        use cudarc::driver::sys;
-        let mut attr = sys::CUlaunchAttribute {
-            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-            pad: [0; 4],
-            value: sys::CUlaunchAttributeValue {
-                programmaticStreamSerializationAllowed: 1,
-            },
-        };
-        let cfg = sys::CUlaunchConfig {
-            gridDimX: plan.grid[0],
-            gridDimY: plan.grid[1],
-            gridDimZ: plan.grid[2],
-            blockDimX: plan.block[0],
-            blockDimY: plan.block[1],
-            blockDimZ: plan.block[2],
-            sharedMemBytes: plan.smem_bytes,
-            hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
-        let mut args = [params as *mut P as *mut std::ffi::c_void];
-        self.ctx.bind_to_thread()?;
-        // SAFETY: as in `launch_ordinary`: `params` is the #[repr(C)] struct from lora_params.h that the
-        // kernel takes by value, its pointers live allocations of this context, held (and guarded) by
-        // `launch` until the launch is queued; `cfg`, `attr` and `args` outlive the call, which copies
-        // them; `func` belongs to this context and the kernel begins with griddepcontrol.wait
-        // (`programmatic_capable`), so overlapping the kernel ahead of it is safe.
-        unsafe {
-            sys::cuLaunchKernelEx(
-                &cfg,
-                func.cu_function(),
-                args.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        }
-        .result()
+        // SAFETY: `params` is the #[repr(C)] struct from lora_params.h that the kernel takes by value, its
+        // pointers live allocations of this context, held (and guarded) by `launch` until the launch is
+        // queued; `func` belongs to this context and its loaded code begins with griddepcontrol.wait
+        // (`programmatic_capable`, `code_waits`).
+        unsafe { launch_programmatic_raw(func, &self.stream, plan, params) }
     }
+}
+
+/// Launches `func` on `stream` with `cuLaunchKernelEx` and programmatic stream serialization allowed: the
+/// kernel may be scheduled before the one ahead of it in the stream has finished, and must wait for it
+/// (LK_KERNEL_ENTRY) before touching global memory. What every launch on an H100 or H200 does; public
+/// (hidden) so that the GPU tests probe this very launch (tests/gpu_intrinsics.rs).
+///
+/// # Safety
+/// `params` must be the parameter struct `func` takes by value, its pointers live allocations of the
+/// stream's context until the kernel has run; `func` must belong to that context, and its code must
+/// execute `griddepcontrol.wait` before any global memory access it needs ordered after the kernel
+/// ahead of it.
+#[doc(hidden)]
+pub unsafe fn launch_programmatic_raw<P>(
+    func: &CudaFunction,
+    stream: &CudaStream,
+    plan: &LaunchPlan,
+    params: &mut P,
+) -> std::result::Result<(), cudarc::driver::DriverError> {
+    use cudarc::driver::sys;
+    let mut attr = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value: sys::CUlaunchAttributeValue { pad: [0; 64] },
+    };
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let cfg = sys::CUlaunchConfig {
+        gridDimX: plan.grid[0],
+        gridDimY: plan.grid[1],
+        gridDimZ: plan.grid[2],
+        blockDimX: plan.block[0],
+        blockDimY: plan.block[1],
+        blockDimZ: plan.block[2],
+        sharedMemBytes: plan.smem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut args = [params as *mut P as *mut std::ffi::c_void];
+    stream.context().bind_to_thread()?;
+    // SAFETY: the caller's contract (params, pointers, function, the wait); `cfg`, `attr` and `args`
+    // outlive the call, which copies them.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &cfg,
+            func.cu_function(),
+            args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
 }
 
 fn raise_smem_limit(f: &CudaFunction, name: &str, smem: u32) -> Result<()> {
@@ -411,6 +483,12 @@ mod tests {
             !on(100),
             "Blackwell takes compute_80's PTX from the default build: no wait in it"
         );
+    }
+
+    #[test]
+    fn only_code_loaded_from_sm_90_ptx_or_newer_waits() {
+        assert!(code_waits(90) && code_waits(100) && code_waits(120));
+        assert!(!code_waits(80) && !code_waits(86) && !code_waits(89));
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod emu;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-pub use cuda::CudaDevice;
+pub use cuda::{CudaDevice, launch_programmatic_raw as cuda_launch_programmatic};
 pub use emu::{EmuConfig, EmuRegion, MmaModel, ThreadOrder, launch_raw as emu_launch_raw};
 
 use crate::error::{Error, Result};
@@ -159,16 +159,26 @@ impl Device {
         }
     }
 
-    /// Whether this device's next launch is made with programmatic dependent launch (README,
-    /// "launches"): a GPU of compute capability 9.0 or newer running this build's sm_90 code, `LK_PDL`
-    /// not `0`, and no such launch refused by the driver so far (one refused is retried the ordinary way,
-    /// and the device stops asking). Always false on the emulator, which runs launches one after another
-    /// and instead checks every kernel waits before touching global memory. An `LK_PDL` other than unset,
-    /// `0` or `1` is an error on a GPU.
+    /// Whether this device's launches are made with programmatic dependent launch (README, "launches"):
+    /// a GPU of compute capability 9.0 or newer running this build's code for sm_90 or newer (each
+    /// kernel's loaded code is checked again at its launch), `LK_PDL` not `0`, and no such launch refused
+    /// by the driver so far (one refused is retried the ordinary way, the device stops asking, and
+    /// [`Device::programmatic_refused`] says why). Always false on the emulator, which runs launches one
+    /// after another and instead checks that every kernel waits before touching global memory. An
+    /// `LK_PDL` other than unset, `0` or `1` is an error on a GPU.
     pub fn programmatic_launch(&self) -> Result<bool> {
         match &*self.inner {
             Backend::Cuda(c) => c.programmatic_launch(),
             Backend::Emulator(..) => Ok(false),
+        }
+    }
+
+    /// Why programmatic dependent launch was turned off on this GPU, if the driver refused it (its error
+    /// and the kernel); None otherwise, and on the emulator.
+    pub fn programmatic_refused(&self) -> Option<String> {
+        match &*self.inner {
+            Backend::Cuda(c) => c.programmatic_refused(),
+            Backend::Emulator(..) => None,
         }
     }
 

@@ -1,5 +1,5 @@
 //! Params of the probe kernels in tests/kernels/emu_layout.cu (ldmatrix, mma), planted_tma.cu and
-//! sm90/planted_wgmma.cu, shared by the emulator tests and the emulator-vs-hardware tests.
+//! sm90/planted_wgmma.cu and pdl_probe.cu, shared by the emulator tests and the emulator-vs-hardware tests.
 
 use lora_kernels::cudarc::driver::DeviceRepr;
 use lora_kernels::params::LkTensorMap;
@@ -62,3 +62,16 @@ pub struct WgmmaParams {
 }
 // SAFETY: as above.
 unsafe impl DeviceRepr for WgmmaParams {}
+
+/// tests/kernels/pdl_probe.cu
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PdlProbeParams {
+    pub flag: u64,
+    pub out: u64,
+    pub spin_ns: u64,
+    pub token: u32,
+    pub wait: u32,
+}
+// SAFETY: as above (tests/kernels/pdl_probe.cu).
+unsafe impl DeviceRepr for PdlProbeParams {}

@@ -4,7 +4,8 @@
 // address bits XOR of lk_tma.cuh) into y, and the box is stored at (d0, d1) of a second tensor (clipped).
 // `bug` plants one mistake: 1 reads with the 64-byte pattern under the 128-byte swizzle; 2 assumes dynamic
 // shared memory is 1024-byte aligned (box at +1024, pattern from the offset within the box); 3 writes the
-// box while its store still reads it; 4 exits without waiting for the store.
+// box while its store still reads it; 4 exits without waiting for the store; 5 issues the store before
+// the programmatic-dependent-launch wait (it writes global memory only when retired, after the wait).
 #include "lk_tma.cuh"
 
 struct TmaParams {
@@ -17,11 +18,21 @@ struct TmaParams {
 };
 
 extern "C" __global__ void planted_tma_roundtrip(const __grid_constant__ TmaParams p) {
-    LK_KERNEL_ENTRY();
     LK_DYNAMIC_SMEM(smem);
     // the swizzle follows absolute address bits: align the box to the 1024-byte period ourselves
     const uintptr_t base = reinterpret_cast<uintptr_t>(smem);
     unsigned char* box = p.bug == 2 ? smem + 1024 : smem + ((base + 64 + 1023) / 1024 * 1024 - base);
+    if (p.bug == 5) {
+        if (threadIdx.x == 0) {
+            lk_fence_proxy_async();
+            lk_tma_store_2d(&p.out_map, p.d0, p.d1, box);
+            lk_bulk_commit_group();
+        }
+        LK_KERNEL_ENTRY();
+        if (threadIdx.x == 0) lk_bulk_wait_group_read<0>();
+        return;
+    }
+    LK_KERNEL_ENTRY();
     uint64_t* bar = reinterpret_cast<uint64_t*>(smem);
     const uint32_t bytes = p.box_cols * p.box_rows * 2;
     if (threadIdx.x == 0) {
