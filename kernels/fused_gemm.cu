@@ -115,7 +115,8 @@ __device__ __forceinline__ void fused_gemm_impl(const LkFusedGemmParams& p) {
 // and sm_90 (2 × 60 KiB), one on sm_86/89 (100 KB per SM). "_f32ad": R (the adapter) is f32; "_narrow":
 // the 64-column tiles (45 KiB of shared memory: two blocks on sm_86/89 too).
 #define LK_FUSED_GEMM(name, T, RT, NN, NI)                                              \
-    extern "C" __global__ void __launch_bounds__(THREADS, 2) name(LkFusedGemmParams p) { LK_KERNEL_ENTRY(); \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2) name(LkFusedGemmParams p) { \
+        LK_KERNEL_ENTRY();                                                            \
         fused_gemm_impl<T, RT, NN, NI>(p);                                            \
     }
 

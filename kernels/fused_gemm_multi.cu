@@ -243,7 +243,8 @@ __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiPara
 // "_narrow": the 64-column tiles, for batches whose 128-column tiles leave SMs idle, and the shrink where
 // the set's ranks are all ≤ 64 (half the padded columns of T).
 #define LK_FUSED_GEMM_MULTI(name, T, RT, NI)                                                  \
-    extern "C" __global__ void __launch_bounds__(THREADS, 2) name(LkFusedGemmMultiParams p) { LK_KERNEL_ENTRY(); \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2) name(LkFusedGemmMultiParams p) { \
+        LK_KERNEL_ENTRY();                                                                  \
         fused_gemm_multi_impl<T, RT, NI>(p);                                                \
     }
 

@@ -212,7 +212,8 @@ __device__ __forceinline__ void lowrank_grad_impl(const LkLowrankGradParams& p) 
 }  // namespace
 
 #define LK_LOWRANK_GRAD(name, T, RT, RP, WITH_Q)                                          \
-    extern "C" __global__ void __launch_bounds__(THREADS, 2) name(LkLowrankGradParams p) { LK_KERNEL_ENTRY(); \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2) name(LkLowrankGradParams p) { \
+        LK_KERNEL_ENTRY();                                                               \
         lowrank_grad_impl<T, RT, RP, WITH_Q>(p);                                         \
     }
 

@@ -345,7 +345,8 @@ __device__ __forceinline__ void multi_decode_shrink_dispatch(const LkFusedGemmMu
 
 // "_f32ad": the set's adapters are f32, rounded to T as they are loaded (as in fused_gemm_multi).
 #define LK_MULTI_DECODE(name, T, RT)                                                             \
-    extern "C" __global__ void __launch_bounds__(THREADS) name(LkFusedGemmMultiParams p) { LK_KERNEL_ENTRY();       \
+    extern "C" __global__ void __launch_bounds__(THREADS) name(LkFusedGemmMultiParams p) {       \
+        LK_KERNEL_ENTRY();                                                                       \
         multi_decode_dispatch<T, RT>(p);                                                         \
     }
 
@@ -367,7 +368,8 @@ LK_KERNEL_EXPORT(multi_decode_f16_f32ad, LkFusedGemmMultiParams)
 // block count ptxas gave the bf16/f16 kernels 56–64 registers and a few bytes of spills; with it, 106–152
 // registers and none.
 #define LK_MULTI_DECODE_SHRINK(name, T, RT)                                                      \
-    extern "C" __global__ void __launch_bounds__(THREADS, 3) name(LkFusedGemmMultiParams p) { LK_KERNEL_ENTRY();    \
+    extern "C" __global__ void __launch_bounds__(THREADS, 3) name(LkFusedGemmMultiParams p) {    \
+        LK_KERNEL_ENTRY();                                                                       \
         multi_decode_shrink_dispatch<T, RT>(p);                                                  \
     }
 

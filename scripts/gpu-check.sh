@@ -87,18 +87,18 @@ time_for() {
 }
 # run_limited SECONDS COMMAND...: COMMAND in a process group of its own (timeout's), stopped with all its
 # children (a CLI the tests spawn, the binary under compute-sanitizer, the program under ncu) after
-# SECONDS, or sooner if --time-limit leaves less (limit_used says how long): exit 124, or 137 if it had
-# to be killed; 125 without running it when --time-limit leaves no time. On INT or TERM the check stops
+# SECONDS, or sooner if --time-limit leaves less (limit_used says how long, limit_asked the SECONDS asked
+# for): exit 124, or 137 if it had to be killed; 125 without running it when --time-limit leaves no time. On INT or TERM the check stops
 # that group too. why_stopped RC SETTING: the words for a run's 124/125/137 (empty for other codes).
 # the check's own stderr: a trap runs inside run_limited, whose output goes to a step's log
 exec {stderr_fd}>&2
 child=
-limit_used=
+limit_used= limit_asked=
 run_limited() {
   local secs rc
   secs=$(time_for "$1")
+  limit_asked=$1 limit_used=$secs
   shift
-  limit_used=$secs
   [ "$secs" = 0 ] && return 125
   timeout -k 30 "$secs" "$@" &
   child=$!
@@ -115,7 +115,7 @@ why_stopped() {
   case $1 in
     125) echo "not started: --time-limit $time_limit s reached" ;;
     124 | 137)
-      if [ -n "$deadline" ] && [ "$(( $(date +%s) + 40 ))" -ge "$deadline" ]; then
+      if [ "$limit_used" -lt "$limit_asked" ]; then
         echo "stopped after $limit_used s: --time-limit $time_limit s reached"
       else
         echo "stopped after $limit_used s ($2: a hang?)"

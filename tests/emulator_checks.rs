@@ -3,9 +3,10 @@
 //! per-architecture limits), memcheck (global accesses outside the launch's allocations, straddling one's
 //! end, cp.async sources) and initcheck (reads of never-written memory); plus shuffle semantics against the
 //! CUDA guide; global accesses before the programmatic-dependent-launch wait; the mbarrier + bulk-copy
-//! protocol (tests/kernels/planted_pipeline.cu, nine planted bugs). Each planted bug of tests/kernels/planted_checks.cu runs under every thread order; the
-//! bug-free version of the same kernel must run clean and give the right answer, the planted one must fail
-//! with a message that names the problem.
+//! protocol (tests/kernels/planted_pipeline.cu, nine planted bugs). Each planted bug of
+//! tests/kernels/planted_checks.cu runs under every thread order; the bug-free version of the same kernel
+//! must run clean and give the right answer, the planted one must fail with a message that names the
+//! problem.
 
 mod common;
 

@@ -677,9 +677,9 @@ fn wgmma_emulator_equals_hardware() {
 }
 
 /// Programmatic dependent launch (the crate's own launch, `device::cuda_launch_programmatic`) on the
-/// device's stream (cudarc's default, the legacy stream) and on a stream of its own: a primary that spins 200 µs before writing a token, then a dependent launched with
-/// the attribute. Without the entry wait (a planted bug) the dependent must sometimes read the previous
-/// token: it ran while the primary spun, which is the overlap the crate's launches rely on (none would
+/// device's stream (cudarc's default, the legacy stream) and on a stream of its own: a primary that
+/// spins 200 µs before writing a token, then a dependent launched with the attribute. Without the entry
+/// wait (a planted bug) the dependent must sometimes read the previous token: it ran while the primary spun, which is the overlap the crate's launches rely on (none would
 /// mean the attribute gains nothing on that stream). With the wait it must always read this token. The
 /// same with an event recorded between the two launches, which cudarc does around every launch once a
 /// context has several streams (a framework's): the overlap there is written to the log, not required.

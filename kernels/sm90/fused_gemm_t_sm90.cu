@@ -466,7 +466,8 @@ __device__ __forceinline__ void fused_gemm_t_sm90_impl(const LkFusedGemmSm90Para
 }  // namespace
 
 #define LK_FUSED_GEMM_T_SM90(name, T, NN, TN, W)                                                             \
-    extern "C" __global__ void __launch_bounds__(LK_SM90_THREADS, 1) name(const __grid_constant__ LkFusedGemmSm90Params p) { LK_KERNEL_ENTRY(); \
+    extern "C" __global__ void __launch_bounds__(LK_SM90_THREADS, 1) name(const __grid_constant__ LkFusedGemmSm90Params p) { \
+        LK_KERNEL_ENTRY();                                                                                   \
         fused_gemm_t_sm90_impl<T, NN, TN, W<TN>>(p);                                                         \
     }
 

@@ -1,7 +1,8 @@
 // planted_checks.cu (test-only): one planted bug per kernel for the emulator's race detector, shared-memory
-// bounds, memcheck/initcheck and the programmatic-dependent-launch rule, switched on by `bug`; with bug = 0 each kernel is correct. Every bug here
-// passed the emulator before those checks existed (no NaN reaches an output, all thread orders agree), and
-// tests/emulator_checks.rs requires each to fail its launch with a message naming the problem.
+// bounds, memcheck/initcheck and the programmatic-dependent-launch rule, switched on by `bug`; with bug = 0
+// each kernel is correct. Every bug here passed the emulator before those checks existed (no NaN reaches
+// an output, all thread orders agree), and tests/emulator_checks.rs requires each to fail its launch with
+// a message naming the problem.
 #include "lk_intrinsics.cuh"
 
 struct CheckParams {
