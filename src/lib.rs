@@ -29,7 +29,7 @@ pub mod tensor;
 pub mod tma;
 
 pub use adapter_set::{AdapterIndex, AdapterSet};
-pub use device::{Device, EmuConfig, MmaModel, ThreadOrder};
+pub use device::{Device, EmuConfig, Graph, MmaModel, ThreadOrder};
 pub use dropout::Dropout;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

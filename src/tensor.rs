@@ -1,6 +1,8 @@
 //! `Tensor<T>`: a row-major array with a shape, stored on a [`Device`]: a cudarc `CudaSlice` on a GPU,
 //! a guarded host buffer on the emulator.
 
+use std::sync::{Arc, Weak};
+
 use cudarc::driver::CudaSlice;
 
 use crate::device::{Backend, Device, GuardedBuf, RawBuffer, StorageMut, StorageRef};
@@ -11,6 +13,24 @@ pub struct Tensor<T: Element> {
     shape: Vec<usize>,
     storage: Storage<T>,
     device: Device,
+    /// Dropped with the storage, or replaced when the storage may change (see [`RawBuffer::alive`]).
+    alive: Arc<()>,
+}
+
+impl<T: Element> Drop for Tensor<T> {
+    fn drop(&mut self) {
+        release(&self.device, &mut self.storage);
+    }
+}
+
+/// Frees `storage` under the device's queue lock, so not while a graph replay that checked it is alive
+/// runs (on a GPU: the free is queued after that replay).
+fn release<T>(device: &Device, storage: &mut Storage<T>) {
+    let _queue = device.queue();
+    drop(std::mem::replace(
+        storage,
+        Storage::Host(GuardedBuf::empty()),
+    ));
 }
 
 enum Storage<T> {
@@ -79,6 +99,7 @@ fn checked_numel<T>(op: &'static str, shape: &[usize]) -> Result<usize> {
 impl<T: Element> Tensor<T> {
     /// Uploads `data` (row-major, `shape.iter().product()` elements).
     pub fn from_slice(device: &Device, data: &[T], shape: &[usize]) -> Result<Self> {
+        device.refuse_in_capture("Tensor::from_slice (an allocation and an upload)")?;
         let n = checked_numel::<T>("Tensor::from_slice", shape)?;
         if data.len() != n {
             return Err(Error::DataLength {
@@ -105,11 +126,13 @@ impl<T: Element> Tensor<T> {
             shape: shape.to_vec(),
             storage,
             device: device.clone(),
+            alive: Arc::default(),
         })
     }
 
     /// A tensor of zeros.
     pub fn zeros(device: &Device, shape: &[usize]) -> Result<Self> {
+        device.refuse_in_capture("Tensor::zeros (an allocation)")?;
         let n = checked_numel::<T>("Tensor::zeros", shape)?;
         let storage = match device.backend() {
             Backend::Cuda(c) => Storage::Cuda(
@@ -125,6 +148,7 @@ impl<T: Element> Tensor<T> {
             shape: shape.to_vec(),
             storage,
             device: device.clone(),
+            alive: Arc::default(),
         })
     }
 
@@ -133,6 +157,7 @@ impl<T: Element> Tensor<T> {
     /// (NaN) and counts as never written: initcheck reports any kernel read of an element before a
     /// kernel wrote it, and the tests' reference comparison catches any element left unwritten.
     pub(crate) fn for_output(device: &Device, shape: &[usize]) -> Result<Self> {
+        device.refuse_in_capture("allocating an output or scratch tensor (an op without its `_into` form, or a workspace without a buffer of this size yet)")?;
         checked_numel::<T>("Tensor::for_output", shape)?;
         match device.backend() {
             Backend::Cuda(c) => {
@@ -146,6 +171,7 @@ impl<T: Element> Tensor<T> {
                     shape: shape.to_vec(),
                     storage: Storage::Cuda(slice),
                     device: device.clone(),
+                    alive: Arc::default(),
                 })
             }
             Backend::Emulator(..) => Ok(Tensor {
@@ -154,6 +180,7 @@ impl<T: Element> Tensor<T> {
                     numel(shape) * std::mem::size_of::<T>(),
                 )?),
                 device: device.clone(),
+                alive: Arc::default(),
             }),
         }
     }
@@ -163,6 +190,7 @@ impl<T: Element> Tensor<T> {
     pub(crate) fn recycle_for_output(mut self, shape: &[usize]) -> Self {
         debug_assert_eq!(numel(shape), self.numel());
         if let Storage::Host(h) = &mut self.storage {
+            let _queue = self.device.queue();
             h.forget_writes();
         }
         self.shape = shape.to_vec();
@@ -205,6 +233,7 @@ impl<T: Element> Tensor<T> {
             shape: shape.to_vec(),
             storage: Storage::Cuda(slice),
             device: device.clone(),
+            alive: Arc::default(),
         })
     }
 
@@ -216,8 +245,13 @@ impl<T: Element> Tensor<T> {
         }
     }
 
-    /// The underlying cudarc allocation, mutably (e.g. as the output of a cuBLAS call), if on a GPU.
+    /// The underlying cudarc allocation, mutably (e.g. as the output of a cuBLAS call), if on a GPU. A
+    /// [`crate::Graph`] captured with this tensor refuses to replay after this call (the slice could
+    /// have been replaced by another).
     pub fn as_cuda_slice_mut(&mut self) -> Option<&mut CudaSlice<T>> {
+        if matches!(self.storage, Storage::Cuda(_)) {
+            self.alive = Arc::default();
+        }
         match &mut self.storage {
             Storage::Cuda(s) => Some(s),
             Storage::Host(_) => None,
@@ -225,15 +259,21 @@ impl<T: Element> Tensor<T> {
     }
 
     /// Gives the cudarc allocation back (zero-copy), if on a GPU.
-    pub fn into_cuda_slice(self) -> Option<CudaSlice<T>> {
-        match self.storage {
+    pub fn into_cuda_slice(mut self) -> Option<CudaSlice<T>> {
+        match std::mem::replace(&mut self.storage, Storage::Host(GuardedBuf::empty())) {
             Storage::Cuda(s) => Some(s),
-            Storage::Host(_) => None,
+            Storage::Host(h) => {
+                self.storage = Storage::Host(h);
+                None
+            }
         }
     }
 
     /// Downloads the contents (waits for queued work on a GPU).
     pub fn to_vec(&self) -> Result<Vec<T>> {
+        self.device
+            .refuse_in_capture("Tensor::to_vec (a download)")?;
+        let _queue = self.device.queue();
         match &self.storage {
             Storage::Cuda(s) => {
                 let stream = cuda_stream(&self.device);
@@ -257,6 +297,9 @@ impl<T: Element> Tensor<T> {
                 shape: self.shape.clone(),
             });
         }
+        self.device
+            .refuse_in_capture("Tensor::copy_from_slice (an upload)")?;
+        let _queue = self.device.queue();
         match &mut self.storage {
             Storage::Cuda(s) => {
                 let stream = cuda_stream(&self.device);
@@ -294,6 +337,8 @@ impl<T: Element> Tensor<T> {
         if len == 0 {
             return Ok(());
         }
+        self.device.refuse_in_capture("a copy between tensors")?;
+        let _queue = self.device.queue();
         match (&mut self.storage, &src.storage) {
             (Storage::Cuda(d), Storage::Cuda(s)) => {
                 let stream = cuda_stream(&self.device);
@@ -367,6 +412,9 @@ impl<T: Element> RawBuffer for Tensor<T> {
         self.storage
             .byte_range(&self.device, self.numel() * std::mem::size_of::<T>())
     }
+    fn alive(&self) -> Weak<()> {
+        Arc::downgrade(&self.alive)
+    }
     fn storage(&self) -> StorageRef<'_> {
         self.storage.as_ref()
     }
@@ -381,17 +429,27 @@ pub(crate) struct U32Buffer {
     len: usize,
     storage: Storage<u32>,
     device: Device,
+    alive: Arc<()>,
+}
+
+impl Drop for U32Buffer {
+    fn drop(&mut self) {
+        release(&self.device, &mut self.storage);
+    }
 }
 
 impl U32Buffer {
     /// `len` values that the next kernel writes completely (zeroed on a GPU; on the emulator tracked as
     /// never written, as [`Tensor::for_output`]).
     pub(crate) fn for_output(device: &Device, len: usize) -> Result<Self> {
+        device.refuse_in_capture(
+            "allocating a count buffer (merge counts its non-finite values and reads them back)",
+        )?;
         let storage = match device.backend() {
             Backend::Cuda(c) => Storage::Cuda(
                 c.stream()
                     .alloc_zeros::<u32>(len)
-                    .map_err(Error::cuda("allocating a count buffer"))?,
+                    .map_err(Error::cuda("allocating a count buffer (merge counts its non-finite values and reads them back)"))?,
             ),
             Backend::Emulator(..) => Storage::Host(GuardedBuf::uninit(
                 len.checked_mul(4)
@@ -402,11 +460,15 @@ impl U32Buffer {
             len,
             storage,
             device: device.clone(),
+            alive: Arc::default(),
         })
     }
 
     /// Downloads the values (waits for queued work on a GPU).
     pub(crate) fn to_vec(&self) -> Result<Vec<u32>> {
+        self.device
+            .refuse_in_capture("reading a count buffer back")?;
+        let _queue = self.device.queue();
         match &self.storage {
             Storage::Cuda(s) => cuda_stream(&self.device)
                 .clone_dtoh(s)
@@ -422,6 +484,9 @@ impl RawBuffer for U32Buffer {
     }
     fn byte_range(&self) -> (u64, u64) {
         self.storage.byte_range(&self.device, self.len * 4)
+    }
+    fn alive(&self) -> Weak<()> {
+        Arc::downgrade(&self.alive)
     }
     fn storage(&self) -> StorageRef<'_> {
         self.storage.as_ref()

@@ -191,6 +191,62 @@ impl CudaDevice {
         )
     }
 
+    /// Puts the stream in capture mode for [`crate::Device::capture`], when it can be captured.
+    pub(crate) fn begin_capture(&self) -> Result<()> {
+        use cudarc::driver::sys::CUstreamCaptureMode;
+        let raw = self.stream.cu_stream() as usize;
+        // the legacy default stream (null, or CU_STREAM_LEGACY = 1) synchronises with every other
+        // blocking stream, which a capture cannot record: the driver refuses it
+        if raw == 0 || raw == 1 {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "graph capture on the legacy default stream of {}",
+                    self.describe()
+                ),
+                hint: "capture needs a stream of its own: Device::from_cuda_stream(context.new_stream()?) \
+                       (README, \"Graphs\")"
+                    .into(),
+            });
+        }
+        if self.ctx.is_managing_stream_synchronization() {
+            return Err(Error::Unsupported {
+                what: "graph capture with cudarc's multi-stream event tracking on".into(),
+                hint: "cudarc waits on and records an event around every use of a slice, which a \
+                       capture cannot take: call CudaContext::disable_event_tracking before allocating \
+                       (you then order your streams yourself; README, \"Graphs\")"
+                    .into(),
+            });
+        }
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(Error::cuda("beginning a graph capture"))
+    }
+
+    /// Whether the stream is capturing (or its capture was invalidated and not yet ended), by the driver.
+    pub(crate) fn stream_capturing(&self) -> bool {
+        use cudarc::driver::sys::CUstreamCaptureStatus;
+        matches!(
+            self.stream.capture_status(),
+            Ok(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE
+                | CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_INVALIDATED)
+        )
+    }
+
+    /// Ends the stream's capture and instantiates what it recorded (None: nothing was launched).
+    pub(crate) fn end_capture(&self) -> Result<Option<cudarc::driver::CudaGraph>> {
+        let graph = self
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+            .map_err(Error::cuda(
+                "ending a graph capture (a call the capture could not take invalidates it)",
+            ))?;
+        if let Some(g) = &graph {
+            g.upload()
+                .map_err(Error::cuda("uploading a captured graph"))?;
+        }
+        Ok(graph)
+    }
+
     pub(crate) fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()

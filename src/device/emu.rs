@@ -226,6 +226,16 @@ impl GuardedBuf {
         })
     }
 
+    /// Holds nothing: what a tensor's storage becomes when it is freed or handed out (never launched on).
+    pub(crate) fn empty() -> Self {
+        GuardedBuf {
+            base: std::ptr::null_mut(),
+            layout: Layout::new::<u8>(),
+            len: 0,
+            init: None,
+        }
+    }
+
     /// `len` bytes that count as never written: filled with 0xFF (NaN) and tracked by initcheck until a
     /// kernel or the host writes them.
     pub(crate) fn uninit(len: usize) -> Result<Self> {
@@ -275,7 +285,35 @@ impl GuardedBuf {
     /// First changed guard byte, as an offset relative to the start of the data.
     pub(crate) fn check_guards(&self) -> Option<isize> {
         // SAFETY: the whole layout is initialised memory owned by self.
-        let all = unsafe { std::slice::from_raw_parts(self.base, self.layout.size()) };
+        unsafe { self.guards().breach() }
+    }
+
+    /// The allocation's bounds, for a recorded launch to check its guards at replay.
+    fn guards(&self) -> Guards {
+        Guards {
+            base: self.base,
+            total: self.layout.size(),
+            len: self.len,
+        }
+    }
+}
+
+/// Where a [`GuardedBuf`]'s guard zones are.
+#[derive(Clone, Copy)]
+struct Guards {
+    base: *mut u8,
+    total: usize,
+    len: usize,
+}
+
+impl Guards {
+    /// First changed guard byte, as an offset relative to the start of the data.
+    ///
+    /// # Safety
+    /// The allocation must be alive.
+    unsafe fn breach(&self) -> Option<isize> {
+        // SAFETY: the caller keeps the allocation alive; all of it is initialised.
+        let all = unsafe { std::slice::from_raw_parts(self.base, self.total) };
         let tail = GUARD + self.len;
         all[..GUARD]
             .iter()
@@ -292,8 +330,10 @@ impl GuardedBuf {
 
 impl Drop for GuardedBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { dealloc(self.base, self.layout) }
+        if !self.base.is_null() {
+            // SAFETY: allocated in `new` with this layout (an `empty` one allocated nothing).
+            unsafe { dealloc(self.base, self.layout) }
+        }
     }
 }
 
@@ -354,6 +394,122 @@ pub(crate) fn launch<P: KernelParams>(
         });
     }
     check_all_guards(kernel.name, args)
+}
+
+/// A launch recorded during a graph capture ([`crate::Device::capture`]): run at each replay, not when
+/// captured, with the same params and buffers (addresses, as a GPU graph keeps them).
+pub(crate) struct Recorded {
+    pub(crate) kernel: &'static str,
+    plan: LaunchPlan,
+    /// Per argument: its name, data address and length, whether the kernel may write it, its guards.
+    args: Vec<RecordedArg>,
+    run: Box<RunRecorded>,
+}
+
+/// A recorded launch's call into the emulator runtime (its params inside), returning its status.
+type RunRecorded = dyn Fn(&LkEmuLaunch, &mut [c_char]) -> i32 + Send;
+
+// SAFETY: the raw pointers are addresses of buffers, dereferenced only by `replay`, whose caller
+// guarantees the buffers are alive and untouched by other code for the call; the params are Send.
+unsafe impl Send for Recorded {}
+
+struct RecordedArg {
+    name: &'static str,
+    c_name: CString,
+    writable: bool,
+    guards: Guards,
+}
+
+/// Records what [`launch`] would run, without running it.
+pub(crate) fn record<P: KernelParams>(
+    kernel: &'static Kernel<P>,
+    plan: &LaunchPlan,
+    args: &mut [Arg<'_>],
+    build: impl FnOnce(&[u64]) -> P,
+) -> Recorded {
+    let recorded: Vec<RecordedArg> = args
+        .iter_mut()
+        .map(|arg| {
+            let (h, writable) = match arg {
+                Arg::In(_, b) => match b.storage() {
+                    StorageRef::Host(h) => (h.guards(), false),
+                    StorageRef::Cuda(_) => unreachable!("device checked by Device::launch"),
+                },
+                Arg::Out(_, b) => match b.storage_mut() {
+                    StorageMut::Host(h) => (h.guards(), true),
+                    StorageMut::Cuda(_) => unreachable!("device checked by Device::launch"),
+                },
+            };
+            RecordedArg {
+                name: arg.name(),
+                c_name: CString::new(arg.name()).expect("argument names have no NUL"),
+                writable,
+                guards: h,
+            }
+        })
+        .collect();
+    let ptrs: Vec<u64> = recorded
+        .iter()
+        // SAFETY: GUARD < total, inside the allocation.
+        .map(|a| unsafe { a.guards.base.add(GUARD) } as u64)
+        .collect();
+    let params = build(&ptrs);
+    let body = kernel.emu_body;
+    Recorded {
+        kernel: kernel.name,
+        plan: *plan,
+        args: recorded,
+        // SAFETY (of the call inside): `params` is the kernel's own params struct; the replay runs this
+        // only after checking that every buffer it points into is still alive (Graph::replay), and the
+        // launch's regions describe exactly those buffers.
+        run: Box::new(move |launch, err| unsafe {
+            run_emulated(body, &params as *const P as *const c_void, launch, err)
+        }),
+    }
+}
+
+impl Recorded {
+    /// Runs the recorded launch with `cfg` (the device's), checked as an eager launch is, but for
+    /// initcheck: every byte counts as written at a replay.
+    ///
+    /// # Safety
+    /// Every buffer the launch recorded must be alive, and no other code may touch them during the call.
+    pub(crate) unsafe fn replay(&self, cfg: &EmuConfig) -> Result<()> {
+        let regions: Vec<LkEmuRegion> = self
+            .args
+            .iter()
+            .map(|a| LkEmuRegion {
+                // SAFETY: GUARD < total, inside the allocation.
+                base: unsafe { a.guards.base.add(GUARD) } as u64,
+                len: a.guards.len as u64,
+                name: a.c_name.as_ptr(),
+                init: std::ptr::null_mut(),
+                writable: a.writable as u32,
+            })
+            .collect();
+        let launch = cfg.launch_config(&self.plan, &regions)?;
+        let mut err = vec![0 as c_char; 2048];
+        if (self.run)(&launch, &mut err) != 0 {
+            return Err(Error::Emulator {
+                kernel: self.kernel,
+                message: c_message(&err),
+            });
+        }
+        for a in &self.args {
+            // SAFETY: alive, by the caller's guarantee.
+            if let Some(offset) = unsafe { a.guards.breach() } {
+                return Err(Error::OutOfBounds {
+                    kernel: self.kernel,
+                    arg: a.name,
+                    detail: format!(
+                        "byte offset {offset} relative to its {} data bytes",
+                        a.guards.len
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// # Safety

@@ -5,12 +5,14 @@
 mod compat;
 mod cuda;
 mod emu;
+mod graph;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 pub use cuda::{CudaDevice, launch_programmatic_raw as cuda_launch_programmatic};
 pub use emu::{EmuConfig, EmuRegion, MmaModel, ThreadOrder, launch_raw as emu_launch_raw};
+pub use graph::Graph;
 
 use crate::error::{Error, Result};
 use crate::kernel::Kernel;
@@ -21,7 +23,27 @@ use crate::plan::LaunchPlan;
 /// made on and ops refuse tensors of another device (two `Device::emulator()` calls are two devices).
 #[derive(Clone)]
 pub struct Device {
-    inner: Arc<Backend>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Backend,
+    /// Held while this device's memory is touched from the host side of the crate: an emulator launch, a
+    /// host transfer, a tensor's drop, a graph replay. The device is one stream: this keeps a replay (which
+    /// checks its tensors are alive, then runs) whole against a tensor dropped or written on another
+    /// thread.
+    queue: Mutex<()>,
+    capture: Mutex<graph::CaptureState>,
+}
+
+impl Inner {
+    fn new(backend: Backend) -> Arc<Inner> {
+        Arc::new(Inner {
+            backend,
+            queue: Mutex::new(()),
+            capture: Mutex::new(graph::CaptureState::default()),
+        })
+    }
 }
 
 /// How many launches the emulator's record keeps (the oldest go first).
@@ -52,7 +74,7 @@ impl Device {
     /// no GPU, a GPU older than the compiled architectures).
     pub fn cuda(ordinal: usize) -> Result<Device> {
         Ok(Device {
-            inner: Arc::new(Backend::Cuda(CudaDevice::new(ordinal)?)),
+            inner: Inner::new(Backend::Cuda(CudaDevice::new(ordinal)?)),
         })
     }
 
@@ -62,7 +84,7 @@ impl Device {
     /// ([`crate::Tensor::from_cuda_slice`], back with [`crate::Tensor::into_cuda_slice`]).
     pub fn from_cuda_stream(stream: Arc<cudarc::driver::CudaStream>) -> Result<Device> {
         Ok(Device {
-            inner: Arc::new(Backend::Cuda(CudaDevice::with_stream(stream)?)),
+            inner: Inner::new(Backend::Cuda(CudaDevice::with_stream(stream)?)),
         })
     }
 
@@ -83,7 +105,7 @@ impl Device {
     /// The CPU emulator with a given thread order (tests run kernels under several).
     pub fn emulator_with(config: EmuConfig) -> Device {
         Device {
-            inner: Arc::new(Backend::Emulator(config, Mutex::new(VecDeque::new()))),
+            inner: Inner::new(Backend::Emulator(config, Mutex::new(VecDeque::new()))),
         }
     }
 
@@ -110,23 +132,23 @@ impl Device {
     }
 
     pub fn is_cuda(&self) -> bool {
-        matches!(*self.inner, Backend::Cuda(_))
+        matches!(self.inner.backend, Backend::Cuda(_))
     }
 
     pub fn is_emulator(&self) -> bool {
-        matches!(*self.inner, Backend::Emulator(..))
+        matches!(self.inner.backend, Backend::Emulator(..))
     }
 
     /// The CUDA side (context, stream), for interop with other cudarc users.
     pub fn as_cuda(&self) -> Option<&CudaDevice> {
-        match &*self.inner {
+        match &self.inner.backend {
             Backend::Cuda(c) => Some(c),
             Backend::Emulator(..) => None,
         }
     }
 
     pub fn describe(&self) -> String {
-        match &*self.inner {
+        match &self.inner.backend {
             Backend::Cuda(c) => c.describe(),
             Backend::Emulator(cfg, _) => format!(
                 "the CPU emulator ({:?} thread order{})",
@@ -143,7 +165,7 @@ impl Device {
     /// The compute capability the kernels target, as 10·major + minor (90 for an H100): the GPU's, or the
     /// emulator's `EmuConfig::arch`. The launch plans pick the sm_90a kernels where it is 90.
     pub fn compute_capability(&self) -> u32 {
-        match &*self.inner {
+        match &self.inner.backend {
             Backend::Cuda(c) => c.capability_number(),
             Backend::Emulator(cfg, _) => cfg.arch,
         }
@@ -153,7 +175,7 @@ impl Device {
     /// the GPU's; on the emulator `EmuConfig::sms` (3 by default, so that persistent kernels loop over
     /// several tiles per block there too; at least 1).
     pub fn sm_count(&self) -> Result<u32> {
-        match &*self.inner {
+        match &self.inner.backend {
             Backend::Cuda(c) => c.sm_count(),
             Backend::Emulator(cfg, _) => Ok(cfg.sms.max(1)),
         }
@@ -167,7 +189,7 @@ impl Device {
     /// after another and instead checks that every kernel waits before touching global memory. An
     /// `LK_PDL` other than unset, `0` or `1` is an error on a GPU.
     pub fn programmatic_launch(&self) -> Result<bool> {
-        match &*self.inner {
+        match &self.inner.backend {
             Backend::Cuda(c) => c.programmatic_launch(),
             Backend::Emulator(..) => Ok(false),
         }
@@ -176,7 +198,7 @@ impl Device {
     /// Why programmatic dependent launch was turned off on this GPU, if the driver refused it (its error
     /// and the kernel); None otherwise, and on the emulator.
     pub fn programmatic_refused(&self) -> Option<String> {
-        match &*self.inner {
+        match &self.inner.backend {
             Backend::Cuda(c) => c.programmatic_refused(),
             Backend::Emulator(..) => None,
         }
@@ -186,7 +208,7 @@ impl Device {
     /// call, by `extern "C"` name, in launch order (the last 4096 at most), and clears it: which kernels an
     /// op took (the launch plans choose by shape, rank and device). Empty on a GPU, which keeps no record.
     pub fn take_launches(&self) -> Vec<&'static str> {
-        match &*self.inner {
+        match &self.inner.backend {
             Backend::Cuda(_) => Vec::new(),
             Backend::Emulator(_, launches) => {
                 let mut record = launches.lock().unwrap_or_else(|e| e.into_inner());
@@ -197,14 +219,15 @@ impl Device {
 
     /// Waits for all queued work (a no-op on the emulator, which runs synchronously).
     pub fn synchronize(&self) -> Result<()> {
-        match &*self.inner {
+        self.refuse_in_capture("Device::synchronize")?;
+        match &self.inner.backend {
             Backend::Cuda(c) => c.synchronize(),
             Backend::Emulator(..) => Ok(()),
         }
     }
 
     pub(crate) fn backend(&self) -> &Backend {
-        &self.inner
+        &self.inner.backend
     }
 
     /// Launches `kernel` with `plan` on this device. `args` are the tensors the kernel touches, each
@@ -232,18 +255,54 @@ impl Device {
         }
         check_aliasing(op, args)?;
         check_grid(op, plan)?;
-        match &*self.inner {
-            Backend::Cuda(c) => c.launch(kernel, plan, args, build),
-            Backend::Emulator(cfg, launches) => {
-                let mut record = launches.lock().unwrap_or_else(|e| e.into_inner());
-                if record.len() == LAUNCH_RECORD {
-                    record.pop_front();
+        let mut guard = graph::lock(&self.inner.capture);
+        let state = &mut *guard;
+        if let Some(log) = state.active.as_mut() {
+            if !state.warm.contains(kernel.name) {
+                return Err(graph::cold_kernel(op, kernel.name));
+            }
+            log.note(op, kernel.name, args);
+            return match &self.inner.backend {
+                // the stream is capturing: the driver records the launch
+                Backend::Cuda(c) => c.launch(kernel, plan, args, build),
+                Backend::Emulator(..) => {
+                    log.push(emu::record(kernel, plan, args, build));
+                    Ok(())
                 }
-                record.push_back(kernel.name);
-                drop(record);
-                emu::launch(cfg, kernel, plan, args, build)
+            };
+        }
+        let cold = !state.warm.contains(kernel.name);
+        drop(guard);
+        // a capture someone else began on the stream (the driver says): the same rule
+        if cold && self.stream_capturing() {
+            return Err(graph::cold_kernel(op, kernel.name));
+        }
+        match &self.inner.backend {
+            Backend::Cuda(c) => c.launch(kernel, plan, args, build)?,
+            Backend::Emulator(cfg, _) => {
+                self.note_launch(kernel.name);
+                let _queue = graph::lock(&self.inner.queue);
+                emu::launch(cfg, kernel, plan, args, build)?
             }
         }
+        graph::lock(&self.inner.capture).warm.insert(kernel.name);
+        Ok(())
+    }
+
+    /// Adds a kernel to the emulator's record of launches ([`Device::take_launches`]).
+    fn note_launch(&self, kernel: &'static str) {
+        if let Backend::Emulator(_, launches) = &self.inner.backend {
+            let mut record = graph::lock(launches);
+            if record.len() == LAUNCH_RECORD {
+                record.pop_front();
+            }
+            record.push_back(kernel);
+        }
+    }
+
+    /// Held while the host side touches this device's memory (see `Inner::queue`).
+    pub(crate) fn queue(&self) -> std::sync::MutexGuard<'_, ()> {
+        graph::lock(&self.inner.queue)
     }
 }
 
@@ -296,6 +355,9 @@ pub(crate) trait RawBuffer {
     fn device(&self) -> &Device;
     /// (start address, length in bytes) on its device, for the aliasing check.
     fn byte_range(&self) -> (u64, u64);
+    /// Dropped with the buffer's memory (or when it may have changed): a graph keeps the weak side to check
+    /// at each replay that the memory it writes is still the tensor's.
+    fn alive(&self) -> std::sync::Weak<()>;
     fn storage(&self) -> StorageRef<'_>;
     fn storage_mut(&mut self) -> StorageMut<'_>;
 }

@@ -167,6 +167,10 @@ fn step_impl<C: Element>(
 ) -> Result<()> {
     hp.check()?;
     validate::non_empty(OP, "param", param)?;
+    // the step count (bias correction) is a launch parameter: a replay would repeat this step's
+    param.device().refuse_changing_params_in_capture(
+        "adamw_step (its step count, for the bias correction, is a launch parameter)",
+    )?;
     let shape = param.shape().to_vec();
     validate::shape(OP, "grad", grad, &shape, "the shape of param")?;
     validate::shape(OP, "state.m", &state.m, &shape, "the shape of param")?;

@@ -201,6 +201,7 @@ pub fn lora_forward_into<T: Element, A: Element>(
     check_t(OP, t, &s, "[..., r] (x's leading dimensions) or [M, r]")?;
     // The small-M kernel streams [W0; A] in the layer dtype with one X: adapters in the layer dtype, no
     // dropout. Otherwise (f32 adapters, dropout) small M takes the general path.
+    refuse_dropout_in_capture(OP, x, &dropout)?;
     if d.m <= LK_SMALL_M_MAX as usize && A::DTYPE == T::DTYPE && !dropout.is_active() {
         let (a, b) = (same_dtype::<A, T>(a)?, same_dtype::<A, T>(b)?);
         return launch::small_m(OP, x, w0, a, b, bias, y, t, (d.m, d.n, d.k, d.r), scale, ws);
@@ -319,6 +320,7 @@ pub fn lora_backward_into<T: Element, A: Element>(
     }
     let acc = mode == GradMode::Accumulate;
     // dA and dX see the mask; the kept elements' 1/(1 − p) joins their scale (one f32 rounding of s/(1 − p))
+    refuse_dropout_in_capture(OP, x, &dropout)?;
     let (mask, masked_scale) = if dropout.is_active() {
         let s_eff = (scale as f64 * dropout.keep_scale()) as f32;
         validate::finite(OP, "scale / (1 - p)", s_eff)?;
@@ -401,6 +403,22 @@ pub fn lora_backward_into<T: Element, A: Element>(
         }
         Ok(())
     })
+}
+
+/// Dropout's seed and offset are launch parameters: a captured graph would apply the same mask at every
+/// replay, so an op with dropout is refused during a capture.
+fn refuse_dropout_in_capture<T: Element>(
+    op: &'static str,
+    x: &Tensor<T>,
+    dropout: &Dropout,
+) -> Result<()> {
+    if dropout.is_active() {
+        x.device().refuse_changing_params_in_capture(&format!(
+            "{op} with dropout (its seed and offset are launch parameters: every replay would apply \
+             the same mask)"
+        ))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,549 @@
+//! Graph capture (`Device::capture`, `Graph::replay`): the LoRA forward and backward (the small-M and
+//! the general paths), a gradient accumulation over replays and the many-adapter forward, captured once
+//! and replayed with new inputs, give the bits of the same ops run eagerly on fresh tensors (which the
+//! property tests check against the f64 reference), and nothing runs at the capture; every operation a
+//! capture cannot record is refused with an error naming it, and the device is usable after. On the
+//! emulator under its four thread orders (the race detector and memcheck run at every replay), and on a
+//! GPU when present, on a stream of its own (a CUDA graph), where the replay's host time per forward is
+//! printed against the eager ops'.
+
+mod common;
+
+use std::io::Write;
+
+use common::lora::{Layer, Outputs, run};
+use common::multi::{Batch, set_of};
+use common::{Rng, bits, emulators};
+use half::bf16;
+use lora_kernels::ops::{self, GradMode, Workspace};
+use lora_kernels::reference::Dims;
+use lora_kernels::{AdapterIndex, Device, Dropout, Element, Error, Tensor};
+
+/// A layer's tensors on a device: inputs, outputs (poisoned), gradients, workspace.
+struct Step<T: Element> {
+    x: Tensor<T>,
+    w0: Tensor<T>,
+    a: Tensor<T>,
+    b: Tensor<T>,
+    bias: Option<Tensor<T>>,
+    dy: Tensor<T>,
+    y: Tensor<T>,
+    t: Tensor<T>,
+    dx: Tensor<T>,
+    da: Tensor<T>,
+    db: Tensor<T>,
+    ws: Workspace<T>,
+    scale: f32,
+}
+
+fn up<T: Element>(dev: &Device, v: &[T], shape: &[usize]) -> Tensor<T> {
+    Tensor::from_slice(dev, v, shape).unwrap()
+}
+
+fn poisoned<T: Element>(dev: &Device, shape: &[usize]) -> Tensor<T> {
+    let mut t = Tensor::zeros(dev, shape).unwrap();
+    t.poison().unwrap();
+    t
+}
+
+impl<T: Element> Step<T> {
+    fn new(dev: &Device, l: &Layer<T, T>) -> Self {
+        let Dims { m, n, k, r } = l.d;
+        Step {
+            x: up(dev, &l.x, &[m, k]),
+            w0: up(dev, &l.w0, &[n, k]),
+            a: up(dev, &l.a, &[r, k]),
+            b: up(dev, &l.b, &[n, r]),
+            bias: l.bias.as_ref().map(|v| up(dev, v, &[n])),
+            dy: up(dev, &l.dy, &[m, n]),
+            y: poisoned(dev, &[m, n]),
+            t: poisoned(dev, &[m, r]),
+            dx: poisoned(dev, &[m, k]),
+            da: poisoned(dev, &[r, k]),
+            db: poisoned(dev, &[n, r]),
+            ws: Workspace::new(),
+            scale: l.scale,
+        }
+    }
+
+    /// The forward of `x` (this step's X when None) with `dropout` into this step's Y and T.
+    fn forward(&mut self, x: Option<&Tensor<T>>, dropout: Dropout) -> lora_kernels::Result<()> {
+        ops::lora_forward_into(
+            x.unwrap_or(&self.x),
+            &self.w0,
+            &self.a,
+            &self.b,
+            self.bias.as_ref(),
+            self.scale,
+            dropout,
+            &mut self.y,
+            &mut self.t,
+            &mut self.ws,
+        )
+    }
+
+    /// The forward and (when `backward`) the backward into this step's tensors.
+    fn ops(&mut self, backward: bool, mode: GradMode) -> lora_kernels::Result<()> {
+        self.forward(None, Dropout::NONE)?;
+        if backward {
+            ops::lora_backward_into(
+                &self.x,
+                &self.w0,
+                &self.a,
+                &self.b,
+                &self.t,
+                &self.dy,
+                self.scale,
+                Dropout::NONE,
+                Some(&mut self.dx),
+                &mut self.da,
+                &mut self.db,
+                mode,
+                &mut self.ws,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn poison_outputs(&mut self) {
+        for t in [
+            &mut self.y,
+            &mut self.t,
+            &mut self.dx,
+            &mut self.da,
+            &mut self.db,
+        ] {
+            t.poison().unwrap();
+        }
+    }
+
+    fn outputs(&self) -> Outputs<T, T> {
+        Outputs {
+            y: self.y.to_vec().unwrap(),
+            t: self.t.to_vec().unwrap(),
+            dx: self.dx.to_vec().unwrap(),
+            da: self.da.to_vec().unwrap(),
+            db: self.db.to_vec().unwrap(),
+        }
+    }
+}
+
+/// `l` with fresh X and dY (same weights and adapters).
+fn new_inputs<T: Element>(rng: &mut Rng, l: &Layer<T, T>) -> Layer<T, T> {
+    let mut next = Layer::random(rng, l.d, l.scale, false);
+    next.w0 = l.w0.clone();
+    next.a = l.a.clone();
+    next.b = l.b.clone();
+    next.bias = l.bias.clone();
+    next
+}
+
+/// Captures the forward and backward of `d` on `dev` and checks two replays (the second after new
+/// inputs) against the eager ops on fresh tensors, bit for bit, and that the capture ran nothing.
+fn check_replay(dev: &Device, d: Dims, stream: u64) {
+    let mut rng = Rng::new(stream);
+    let l1 = Layer::<bf16, bf16>::random(&mut rng, d, 0.75, true);
+    let l2 = new_inputs(&mut rng, &l1);
+    let eager1 = run(dev, &l1, true);
+    let eager2 = run(dev, &l2, true);
+    assert_ne!(bits(&eager1.y), bits(&eager2.y), "new inputs, new outputs");
+
+    let mut s = Step::new(dev, &l1);
+    dev.take_launches();
+    s.ops(true, GradMode::Overwrite).unwrap(); // warm-up: loads the kernels, fills the workspace
+    let eager_launches = dev.take_launches();
+    s.poison_outputs();
+    let graph = dev
+        .capture(|| s.ops(true, GradMode::Overwrite))
+        .unwrap_or_else(|e| panic!("{dev:?} {d:?}: capture failed: {e}"));
+    assert!(!dev.is_capturing());
+    let poison = bf16::poison().to_bits_u32();
+    for (name, out) in ["y", "t", "dx", "dA", "dB"].iter().zip(s.outputs().bits()) {
+        assert!(
+            out.iter().all(|&b| b == poison),
+            "{dev:?} {d:?}: {name} was written by the capture, which runs nothing"
+        );
+    }
+    if dev.is_emulator() {
+        assert_eq!(graph.launches(), eager_launches.len(), "{d:?}");
+        assert!(dev.take_launches().is_empty(), "the capture ran nothing");
+    }
+
+    graph.replay().unwrap();
+    assert_eq!(s.outputs().bits(), eager1.bits(), "{dev:?} {d:?}: replay 1");
+    if dev.is_emulator() {
+        assert_eq!(
+            dev.take_launches(),
+            eager_launches,
+            "the replay runs what was captured"
+        );
+    }
+    s.x.copy_from_slice(&l2.x).unwrap();
+    s.dy.copy_from_slice(&l2.dy).unwrap();
+    s.poison_outputs();
+    graph.replay().unwrap();
+    assert_eq!(
+        s.outputs().bits(),
+        eager2.bits(),
+        "{dev:?} {d:?}: replay after new inputs"
+    );
+}
+
+/// The small-M forward (M ≤ 16) and the general path with a ragged M, N, K.
+const SHAPES: [Dims; 3] = [
+    Dims {
+        m: 16,
+        n: 72,
+        k: 64,
+        r: 16,
+    },
+    Dims {
+        m: 1,
+        n: 40,
+        k: 32,
+        r: 8,
+    },
+    Dims {
+        m: 37,
+        n: 65,
+        k: 96,
+        r: 8,
+    },
+];
+
+#[test]
+fn replays_give_the_eager_bits_for_new_inputs() {
+    for (i, dev) in emulators().iter().enumerate() {
+        for (j, d) in SHAPES.into_iter().enumerate() {
+            check_replay(dev, d, (i * 8 + j) as u64);
+        }
+    }
+}
+
+#[test]
+fn replayed_accumulation_adds_each_replays_gradients() {
+    let d = Dims {
+        m: 24,
+        n: 48,
+        k: 40,
+        r: 8,
+    };
+    for dev in emulators().iter().take(2) {
+        let mut rng = Rng::new(11);
+        let l = Layer::<bf16, bf16>::random(&mut rng, d, 1.5, false);
+        let grads0 = (
+            rng.vec::<bf16>(d.r * d.k, 0.5),
+            rng.vec::<bf16>(d.n * d.r, 0.5),
+        );
+        // eager: two accumulating steps from grads0
+        let mut eager = Step::new(dev, &l);
+        eager.da.copy_from_slice(&grads0.0).unwrap();
+        eager.db.copy_from_slice(&grads0.1).unwrap();
+        eager.ops(true, GradMode::Accumulate).unwrap();
+        eager.ops(true, GradMode::Accumulate).unwrap();
+        // captured: the same two steps as two replays
+        let mut s = Step::new(dev, &l);
+        s.ops(true, GradMode::Overwrite).unwrap();
+        let graph = dev.capture(|| s.ops(true, GradMode::Accumulate)).unwrap();
+        s.da.copy_from_slice(&grads0.0).unwrap();
+        s.db.copy_from_slice(&grads0.1).unwrap();
+        graph.replay().unwrap();
+        let once = s.outputs();
+        graph.replay().unwrap();
+        let twice = s.outputs();
+        assert_ne!(bits(&once.da), bits(&twice.da), "{dev:?}: each replay adds");
+        assert_eq!(twice.bits(), eager.outputs().bits(), "{dev:?}");
+    }
+}
+
+#[test]
+fn many_adapter_forward_replays() {
+    for (m, stream) in [(16usize, 21u64), (40, 22)] {
+        let dev = Device::emulator();
+        let mut rng = Rng::new(stream);
+        let b = Batch::<bf16, bf16>::random(&mut rng, (m, 56, 48), 3, true);
+        let set = set_of(&dev, &b);
+        let eager = common::multi::run(&dev, &b, &set);
+        let rows: Vec<Option<u32>> = b.rows.iter().map(|r| r.map(|a| a as u32)).collect();
+        let index = AdapterIndex::new(&set, &rows).unwrap();
+        let (x, w0, bias) = b.layer_on(&dev);
+        let mut y = poisoned::<bf16>(&dev, &[m, b.n]);
+        let mut t = poisoned::<bf16>(&dev, &[m, set.max_rank()]);
+        let mut ws = Workspace::new();
+        let mut forward = |y: &mut Tensor<bf16>, t: &mut Tensor<bf16>| {
+            ops::lora_forward_multi_into(&x, &w0, bias.as_ref(), &set, &index, y, t, &mut ws)
+        };
+        forward(&mut y, &mut t).unwrap();
+        y.poison().unwrap();
+        t.poison().unwrap();
+        let graph = dev.capture(|| forward(&mut y, &mut t)).unwrap();
+        graph.replay().unwrap();
+        assert_eq!(bits(&y.to_vec().unwrap()), bits(&eager.0), "m = {m}: Y");
+        assert_eq!(bits(&t.to_vec().unwrap()), bits(&eager.1), "m = {m}: T");
+    }
+}
+
+#[test]
+fn merge_replays_and_the_counting_merges_are_refused() {
+    let dev = Device::emulator();
+    let mut rng = Rng::new(41);
+    let (n, k, r) = (33, 40, 8);
+    let w: Vec<bf16> = rng.vec(n * k, 1.0);
+    let a = up::<bf16>(&dev, &rng.vec(r * k, 0.3), &[r, k]);
+    let b = up::<bf16>(&dev, &rng.vec(n * r, 0.3), &[n, r]);
+    // eager: merge twice
+    let mut eager = up(&dev, &w, &[n, k]);
+    ops::merge(&mut eager, &a, &b, 0.5).unwrap();
+    ops::merge(&mut eager, &a, &b, 0.5).unwrap();
+    // replayed: the same two merges
+    let mut w0 = up(&dev, &w, &[n, k]);
+    let graph = dev.capture(|| ops::merge(&mut w0, &a, &b, 0.5)).unwrap();
+    assert_eq!(
+        bits(&w0.to_vec().unwrap()),
+        bits(&w),
+        "the capture ran nothing"
+    );
+    graph.replay().unwrap();
+    graph.replay().unwrap();
+    assert_eq!(bits(&w0.to_vec().unwrap()), bits(&eager.to_vec().unwrap()));
+    refused(
+        "safe_merge",
+        dev.capture(|| ops::safe_merge(&mut w0, &a, &b, 0.5).map(drop)),
+        &["count"],
+    );
+}
+
+fn refused(what: &str, r: lora_kernels::Result<impl std::fmt::Debug>, words: &[&str]) {
+    match r {
+        Err(e @ (Error::Unsupported { .. } | Error::InvalidState { .. })) => {
+            let msg = e.to_string();
+            for w in words {
+                assert!(msg.contains(w), "{what}: `{msg}` does not say `{w}`");
+            }
+        }
+        other => panic!("{what}: expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn what_a_capture_cannot_record_is_refused_by_name() {
+    let d = SHAPES[2];
+    let mut rng = Rng::new(31);
+    let l = Layer::<bf16, bf16>::random(&mut rng, d, 0.5, true);
+    let dev = Device::emulator();
+    let mut s = Step::new(&dev, &l);
+
+    // a kernel's first launch on the device
+    refused(
+        "cold kernels",
+        dev.capture(|| s.ops(false, GradMode::Overwrite)),
+        &["for the first time", "lora_forward", "run each op once"],
+    );
+    assert!(!dev.is_capturing(), "a failed capture ends");
+    s.ops(true, GradMode::Overwrite).unwrap();
+
+    // allocations: the allocating form, a workspace without buffers, a tensor
+    refused(
+        "lora_forward",
+        dev.capture(|| {
+            ops::lora_forward(&s.x, &s.w0, &s.a, &s.b, None, 1.0)?;
+            Ok(())
+        }),
+        &["allocating", "_into"],
+    );
+    let mut cold_ws = Workspace::new();
+    refused(
+        "a fresh workspace",
+        dev.capture(|| {
+            ops::lora_backward_into(
+                &s.x,
+                &s.w0,
+                &s.a,
+                &s.b,
+                &s.t,
+                &s.dy,
+                1.0,
+                Dropout::NONE,
+                Some(&mut s.dx),
+                &mut s.da,
+                &mut s.db,
+                GradMode::Overwrite,
+                &mut cold_ws, // the backward keeps U there
+            )
+        }),
+        &["workspace"],
+    );
+    refused(
+        "Tensor::zeros",
+        dev.capture(|| Tensor::<bf16>::zeros(&dev, &[4]).map(drop)),
+        &["Tensor::zeros"],
+    );
+    // host transfers and synchronisation
+    refused(
+        "to_vec",
+        dev.capture(|| s.y.to_vec().map(drop)),
+        &["Tensor::to_vec"],
+    );
+    refused(
+        "copy_from_slice",
+        dev.capture(|| s.x.copy_from_slice(&l.x)),
+        &["copy_from_slice"],
+    );
+    refused(
+        "synchronize",
+        dev.capture(|| dev.synchronize()),
+        &["Device::synchronize"],
+    );
+    // launches whose parameters change per call
+    let dropout = Dropout::new(0.1, 7, 0).unwrap();
+    refused(
+        "dropout",
+        dev.capture(|| s.forward(None, dropout)),
+        &["dropout", "same mask"],
+    );
+    let mut param = Tensor::<f32>::zeros(&dev, &[8]).unwrap();
+    let grad = Tensor::<f32>::from_slice(&dev, &[0.5; 8], &[8]).unwrap();
+    let mut state = ops::AdamState::new(&dev, &[8]).unwrap();
+    let hp = ops::AdamW::default();
+    ops::adamw_step(&mut param, &grad, &mut state, &hp).unwrap();
+    refused(
+        "adamw_step",
+        dev.capture(|| ops::adamw_step(&mut param, &grad, &mut state, &hp)),
+        &["adamw_step", "step count"],
+    );
+    // nesting, replay inside a capture
+    refused(
+        "nested",
+        dev.capture(|| dev.capture(|| Ok(())).map(drop)),
+        &["already capturing"],
+    );
+    let graph = dev.capture(|| s.ops(false, GradMode::Overwrite)).unwrap();
+    refused(
+        "replay in a capture",
+        dev.capture(|| graph.replay()),
+        &["Graph::replay"],
+    );
+    // a panic inside ends the capture too
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        dev.capture(|| panic!("inside the capture")).map(drop)
+    }));
+    assert!(panicked.is_err());
+    assert!(!dev.is_capturing(), "a panic ends the capture");
+
+    // a tensor freed during the capture, or after it
+    let x2 = up(&dev, &l.x, &[d.m, d.k]);
+    refused(
+        "freed during",
+        dev.capture(|| {
+            s.forward(Some(&x2), Dropout::NONE)?;
+            drop(x2);
+            Ok(())
+        }),
+        &["freed before the capture ended"],
+    );
+    let x3 = up(&dev, &l.x, &[d.m, d.k]);
+    let graph = dev.capture(|| s.forward(Some(&x3), Dropout::NONE)).unwrap();
+    graph.replay().unwrap();
+    drop(x3);
+    refused(
+        "replay after a drop",
+        graph.replay(),
+        &["in lora_forward", "dropped"],
+    );
+
+    // nothing captured: nothing to replay; and the device works as before
+    let empty = dev.capture(|| Ok(())).unwrap();
+    assert_eq!(empty.launches(), 0);
+    empty.replay().unwrap();
+    s.poison_outputs();
+    s.ops(true, GradMode::Overwrite).unwrap();
+    assert_eq!(s.outputs().bits(), run(&dev, &l, true).bits());
+}
+
+/// On a GPU: a device on a stream of its own, in a context with cudarc's event tracking off (what a
+/// capture needs), replays with the eager bits; the legacy default stream and a tracked context are
+/// refused. Prints the host time per forward, eager against replayed (M = 16, N = K = 4096, r = 16).
+#[test]
+fn gpu_capture_on_a_stream_of_its_own() {
+    let Some(gpu) = common::gpu() else {
+        return;
+    };
+    refused(
+        "the legacy stream",
+        gpu.capture(|| Ok(())),
+        &["legacy default stream"],
+    );
+    // a CudaContext of its own (the primary context, its own flags), so the other tests' is untouched
+    let ctx = lora_kernels::cudarc::driver::CudaContext::new(0).unwrap();
+    let tracked = Device::from_cuda_stream(ctx.new_stream().unwrap()).unwrap();
+    refused(
+        "event tracking",
+        tracked.capture(|| Ok(())),
+        &["event tracking"],
+    );
+    let ctx = lora_kernels::cudarc::driver::CudaContext::new(0).unwrap();
+    // SAFETY: every tensor of this device lives and is used on its one stream.
+    unsafe { ctx.disable_event_tracking() };
+    let dev = Device::from_cuda_stream(ctx.new_stream().unwrap()).unwrap();
+
+    // a capture cudarc began on the device's stream: the ops ask the driver and refuse the same
+    let l = Layer::<bf16, bf16>::random(&mut Rng::new(99), SHAPES[2], 1.0, false);
+    let s = Step::new(&dev, &l);
+    let stream = dev.as_cuda().unwrap().stream().clone();
+    use lora_kernels::cudarc::driver::sys;
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    let capturing = dev.is_capturing();
+    let allocating = ops::lora_forward(&s.x, &s.w0, &s.a, &s.b, None, 1.0).map(drop);
+    let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    assert!(capturing, "the device sees cudarc's capture");
+    refused("cudarc's capture", allocating, &["allocating"]);
+    assert!(ended.is_ok(), "nothing was enqueued: {:?}", ended.err());
+    assert!(!dev.is_capturing());
+    drop(s);
+
+    for (j, d) in SHAPES.into_iter().enumerate() {
+        check_replay(&dev, d, 100 + j as u64);
+    }
+    let big = Dims {
+        m: 256,
+        n: 512,
+        k: 384,
+        r: 16,
+    };
+    check_replay(&dev, big, 110);
+
+    let d = Dims {
+        m: 16,
+        n: 4096,
+        k: 4096,
+        r: 16,
+    };
+    let mut rng = Rng::new(120);
+    let l = Layer::<bf16, bf16>::random(&mut rng, d, 1.0, false);
+    let mut s = Step::new(&dev, &l);
+    s.ops(false, GradMode::Overwrite).unwrap();
+    let graph = dev.capture(|| s.ops(false, GradMode::Overwrite)).unwrap();
+    const CALLS: u32 = 200;
+    let time = |f: &mut dyn FnMut()| {
+        f();
+        dev.synchronize().unwrap();
+        let start = std::time::Instant::now();
+        for _ in 0..CALLS {
+            f();
+        }
+        dev.synchronize().unwrap();
+        start.elapsed().as_secs_f64() * 1e6 / CALLS as f64
+    };
+    let eager = time(&mut || s.ops(false, GradMode::Overwrite).unwrap());
+    let replayed = time(&mut || graph.replay().unwrap());
+    // past libtest's capture, so the log of a GPU run keeps it
+    let _ = writeln!(
+        std::io::stderr(),
+        "graph replay, M = 16 forward (N = K = 4096, r = 16, {} launches), {}: {replayed:.1} µs per \
+         call replayed, {eager:.1} µs eager ({CALLS} back to back, wall clock)",
+        graph.launches(),
+        dev.describe()
+    );
+}
