@@ -22,7 +22,9 @@
 //! (`LK_FUSED_GEMM=sm90-projection`); where the mma.sync GEMM takes its 128×64 tiles (`ops::mma_tile`: M
 //! of a few hundred rows), its 128×128 ones (`LK_MMA_TILE=128`, which also puts the projection T = X·Aᵀ,
 //! narrow at every M, on them). They come last so that a kernel that faults there (the CUDA context is
-//! then lost) cannot take the default rows with it.
+//! then lost) cannot take the default rows with it. Last, the M ≤ 16 forwards replayed from a captured
+//! graph (`Device::capture`) against the same forward launched op by op: the kernels' time without the
+//! host's per-launch work.
 //!
 //! `cargo run --release --example perf_table` (`LK_BENCH_QUICK=1`: the headline cases and M = 256). Results
 //! from GPU runs are kept in docs/perf/ with device, driver, date and commit.
@@ -38,6 +40,66 @@ use lora_kernels::{Device, Tensor, bf16, ops};
 
 const SCALE: f32 = 2.0;
 const TIMING: (f64, f64) = (measure::WARM_UP_S, measure::BATCH_S);
+
+/// The M ≤ 16 forwards replayed from a captured graph (`Device::capture`: one host call per forward, no
+/// per-launch host work) against the same forward launched op by op, on a device of its own (a stream of
+/// its own and cudarc's event tracking off, which a capture needs; the same GPU), each set's replay first
+/// checked bit for bit against its eager forward.
+fn graph_rows(cases: &[Case], roof: Roof) {
+    let dev = match capturable_device() {
+        Ok(d) => d,
+        Err(e) => {
+            println!("\ngraph replay rows skipped: {e}");
+            return;
+        }
+    };
+    for &c in cases.iter().filter(|c| c.m <= 16) {
+        let mut sets = common::sets(&dev, c).unwrap();
+        let mut graphs = Vec::with_capacity(sets.len());
+        let mut chk = "replay = eager, bit for bit".to_string();
+        for s in sets.iter_mut() {
+            common::ours_forward(s, SCALE); // loads the kernels and fills the workspace
+            let eager = (host(&s.y), host(&s.t));
+            poison(&mut [&mut s.y, &mut s.t]);
+            let graph = dev.capture(|| common::try_forward(s, SCALE)).unwrap();
+            graph.replay().unwrap();
+            if !same_bits(&host(&s.y), &eager.0) || !same_bits(&host(&s.t), &eager.1) {
+                chk = "MISMATCH: a replay differs from the eager forward".into();
+            }
+            graphs.push(graph);
+        }
+        let ns = sets.len();
+        let t = measure::time_together(
+            &dev,
+            2,
+            &mut |j, i| match j {
+                0 => graphs[i % ns].replay().unwrap(),
+                _ => common::ours_forward(&mut sets[i % ns], SCALE),
+            },
+            TIMING,
+        );
+        row(
+            ("forward (small-M), graph replay", dims(c)),
+            &t[0],
+            ("ours, launched op by op", &t[1]),
+            forward_roofline(roof, c),
+            &chk,
+        );
+    }
+}
+
+/// GPU 0 on a stream of its own in a context whose cudarc event tracking is off.
+fn capturable_device() -> Result<Device, String> {
+    let ctx = lora_kernels::cudarc::driver::CudaContext::new(0).map_err(|e| e.to_string())?;
+    // SAFETY: this device's tensors are made and used on its one stream only.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().map_err(|e| e.to_string())?;
+    Device::from_cuda_stream(stream).map_err(|e| e.to_string())
+}
+
+fn same_bits(a: &[bf16], b: &[bf16]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
 
 /// The rate L2 feeds the SMs (src/probe.rs): a buffer of a third of L2 (at most 16 MiB), read ~4 GiB's
 /// worth per launch (at least 32 passes) by 8 blocks of 256 threads per SM with 16-byte loads cached in
@@ -624,6 +686,7 @@ fn main() {
     for note in notes {
         println!("\n{note}");
     }
+    graph_rows(&cases, roof);
 
     let c = Case {
         m: 8192,

@@ -339,6 +339,9 @@ impl<A: Element> AdapterSet<A> {
     fn upload_table(&mut self) -> Result<()> {
         let words = self.table_words();
         if self.table.numel() == words.len() {
+            // a graph captured with the set keeps the old table's counts and ranks in its launch
+            // parameters: it must not replay over the new one
+            self.table.renew_liveness();
             self.table.copy_from_slice(&words)
         } else {
             self.table = Tensor::from_slice(&self.device, &words, &[words.len()])?;

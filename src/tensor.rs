@@ -19,18 +19,19 @@ pub struct Tensor<T: Element> {
 
 impl<T: Element> Drop for Tensor<T> {
     fn drop(&mut self) {
-        release(&self.device, &mut self.storage);
+        release(&self.device, &mut self.storage, &mut self.alive);
     }
 }
 
-/// Frees `storage` under the device's queue lock, so not while a graph replay that checked it is alive
-/// runs (on a GPU: the free is queued after that replay).
-fn release<T>(device: &Device, storage: &mut Storage<T>) {
+/// Frees `storage` and ends its liveness token together, under the device's queue lock: a graph replay
+/// either checked the token before (and its launches are queued before the free) or sees it gone. During
+/// a [`Device::capture`] the memory itself is freed when the capture ends (a GPU's free would be a
+/// stream operation the capture cannot take).
+fn release<T: Send + 'static>(device: &Device, storage: &mut Storage<T>, alive: &mut Arc<()>) {
     let _queue = device.queue();
-    drop(std::mem::replace(
-        storage,
-        Storage::Host(GuardedBuf::empty()),
-    ));
+    let old = std::mem::replace(storage, Storage::Host(GuardedBuf::empty()));
+    *alive = Arc::default();
+    device.free_after_capture(Box::new(old));
 }
 
 enum Storage<T> {
@@ -250,7 +251,7 @@ impl<T: Element> Tensor<T> {
     /// have been replaced by another).
     pub fn as_cuda_slice_mut(&mut self) -> Option<&mut CudaSlice<T>> {
         if matches!(self.storage, Storage::Cuda(_)) {
-            self.alive = Arc::default();
+            self.renew_liveness();
         }
         match &mut self.storage {
             Storage::Cuda(s) => Some(s),
@@ -267,6 +268,14 @@ impl<T: Element> Tensor<T> {
                 None
             }
         }
+    }
+
+    /// A new liveness token ([`RawBuffer::alive`]): graphs captured with this tensor refuse to replay, as
+    /// its memory may change under them (a swapped CUDA slice, an adapter table rewritten in place). Under
+    /// the queue lock, so that a replay that passed its check is queued before the change.
+    pub(crate) fn renew_liveness(&mut self) {
+        let _queue = self.device.queue();
+        self.alive = Arc::default();
     }
 
     /// Downloads the contents (waits for queued work on a GPU).
@@ -434,7 +443,7 @@ pub(crate) struct U32Buffer {
 
 impl Drop for U32Buffer {
     fn drop(&mut self) {
-        release(&self.device, &mut self.storage);
+        release(&self.device, &mut self.storage, &mut self.alive);
     }
 }
 

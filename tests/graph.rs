@@ -2,7 +2,9 @@
 //! the general paths), a gradient accumulation over replays and the many-adapter forward, captured once
 //! and replayed with new inputs, give the bits of the same ops run eagerly on fresh tensors (which the
 //! property tests check against the f64 reference), and nothing runs at the capture; every operation a
-//! capture cannot record is refused with an error naming it, and the device is usable after. On the
+//! capture cannot record is refused with an error naming it (a launch from another thread too), a
+//! replay after a captured tensor was dropped or an adapter set changed is refused, and the device is
+//! usable after. On the
 //! emulator under its four thread orders (the race detector and memcheck run at every replay), and on a
 //! GPU when present, on a stream of its own (a CUDA graph), where the replay's host time per forward is
 //! printed against the eager ops'.
@@ -257,29 +259,74 @@ fn replayed_accumulation_adds_each_replays_gradients() {
 }
 
 #[test]
-fn many_adapter_forward_replays() {
+fn many_adapter_forward_replays_and_a_changed_set_refuses() {
     for (m, stream) in [(16usize, 21u64), (40, 22)] {
         let dev = Device::emulator();
         let mut rng = Rng::new(stream);
-        let b = Batch::<bf16, bf16>::random(&mut rng, (m, 56, 48), 3, true);
-        let set = set_of(&dev, &b);
-        let eager = common::multi::run(&dev, &b, &set);
-        let rows: Vec<Option<u32>> = b.rows.iter().map(|r| r.map(|a| a as u32)).collect();
+        let b1 = Batch::<bf16, bf16>::random(&mut rng, (m, 56, 48), 3, true);
+        let mut set = set_of(&dev, &b1);
+        let mut b2 = Batch::<bf16, bf16>::random(&mut rng, (m, 56, 48), 1, true);
+        // the same layer, adapters and row map; new X
+        (b2.w0, b2.bias, b2.adapters, b2.rows) = (
+            b1.w0.clone(),
+            b1.bias.clone(),
+            b1.adapters.clone(),
+            b1.rows.clone(),
+        );
+        let eager1 = common::multi::run(&dev, &b1, &set);
+        let eager2 = common::multi::run(&dev, &b2, &set);
+        let rows: Vec<Option<u32>> = b1.rows.iter().map(|r| r.map(|a| a as u32)).collect();
         let index = AdapterIndex::new(&set, &rows).unwrap();
-        let (x, w0, bias) = b.layer_on(&dev);
-        let mut y = poisoned::<bf16>(&dev, &[m, b.n]);
+        let (mut x, w0, bias) = b1.layer_on(&dev);
+        let mut y = poisoned::<bf16>(&dev, &[m, b1.n]);
         let mut t = poisoned::<bf16>(&dev, &[m, set.max_rank()]);
         let mut ws = Workspace::new();
-        let mut forward = |y: &mut Tensor<bf16>, t: &mut Tensor<bf16>| {
-            ops::lora_forward_multi_into(&x, &w0, bias.as_ref(), &set, &index, y, t, &mut ws)
+        let forward = |x: &Tensor<bf16>,
+                       set: &lora_kernels::AdapterSet<bf16>,
+                       y: &mut Tensor<bf16>,
+                       t: &mut Tensor<bf16>,
+                       ws: &mut Workspace<bf16>| {
+            ops::lora_forward_multi_into(x, &w0, bias.as_ref(), set, &index, y, t, ws)
         };
-        forward(&mut y, &mut t).unwrap();
+        forward(&x, &set, &mut y, &mut t, &mut ws).unwrap();
         y.poison().unwrap();
         t.poison().unwrap();
-        let graph = dev.capture(|| forward(&mut y, &mut t)).unwrap();
+        let graph = dev
+            .capture(|| forward(&x, &set, &mut y, &mut t, &mut ws))
+            .unwrap();
+        let poison = bf16::poison().to_bits_u32();
+        assert!(
+            bits(&y.to_vec().unwrap()).iter().all(|&b| b == poison),
+            "m = {m}: the capture ran nothing"
+        );
         graph.replay().unwrap();
-        assert_eq!(bits(&y.to_vec().unwrap()), bits(&eager.0), "m = {m}: Y");
-        assert_eq!(bits(&t.to_vec().unwrap()), bits(&eager.1), "m = {m}: T");
+        assert_eq!(bits(&y.to_vec().unwrap()), bits(&eager1.0), "m = {m}: Y");
+        assert_eq!(bits(&t.to_vec().unwrap()), bits(&eager1.1), "m = {m}: T");
+        x.copy_from_slice(&b2.x).unwrap();
+        y.poison().unwrap();
+        graph.replay().unwrap();
+        assert_eq!(
+            bits(&y.to_vec().unwrap()),
+            bits(&eager2.0),
+            "m = {m}: Y, new X"
+        );
+        assert_eq!(
+            bits(&t.to_vec().unwrap()),
+            bits(&eager2.1),
+            "m = {m}: T, new X"
+        );
+        // the set changed in place (a slot removed and refilled, maybe of another rank): the graph's
+        // launch parameters hold the old ranks
+        set.remove(0).unwrap();
+        let (a, bb, r, s) = &b1.adapters[0];
+        let at = Tensor::from_slice(&dev, a, &[*r, b1.k]).unwrap();
+        let bt = Tensor::from_slice(&dev, bb, &[b1.n, *r]).unwrap();
+        assert_eq!(set.add(&at, &bt, *s).unwrap(), 0);
+        refused(
+            "a changed adapter set",
+            graph.replay(),
+            &["`adapter table`", "dropped"],
+        );
     }
 }
 
@@ -423,6 +470,37 @@ fn what_a_capture_cannot_record_is_refused_by_name() {
         dev.capture(|| graph.replay()),
         &["Graph::replay"],
     );
+    // a launch from another thread during the capture
+    let small = up(&dev, &l.x, &[d.m, d.k]);
+    let mut doubled = poisoned::<bf16>(&dev, &[d.m, d.k]);
+    ops::scale(&small, 2.0, &mut doubled).unwrap();
+    let mut from_other = None;
+    let graph = dev
+        .capture(|| {
+            std::thread::scope(|scope| {
+                from_other = Some(
+                    scope
+                        .spawn(|| ops::scale(&small, 2.0, &mut doubled))
+                        .join()
+                        .unwrap(),
+                )
+            });
+            Ok(())
+        })
+        .unwrap();
+    refused(
+        "another thread",
+        from_other.unwrap(),
+        &["another thread", "capturing"],
+    );
+    assert_eq!(graph.launches(), 0);
+    // a tensor the capture does not use may be dropped during it (freed when it ends)
+    let unused = up(&dev, &l.x, &[d.m, d.k]);
+    dev.capture(move || {
+        drop(unused);
+        Ok(())
+    })
+    .unwrap();
     // a panic inside ends the capture too
     let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         dev.capture(|| panic!("inside the capture")).map(drop)
@@ -538,6 +616,13 @@ fn gpu_capture_on_a_stream_of_its_own() {
     };
     let eager = time(&mut || s.ops(false, GradMode::Overwrite).unwrap());
     let replayed = time(&mut || graph.replay().unwrap());
+    // a slice taken mutably could have been swapped: the graph refuses
+    let _ = s.y.as_cuda_slice_mut();
+    refused(
+        "as_cuda_slice_mut",
+        graph.replay(),
+        &["CUDA slice taken mutably"],
+    );
     // past libtest's capture, so the log of a GPU run keeps it
     let _ = writeln!(
         std::io::stderr(),

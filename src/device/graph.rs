@@ -16,6 +16,7 @@
 use std::collections::HashSet;
 use std::marker::PhantomData;
 use std::sync::{Mutex, MutexGuard, Weak};
+use std::thread::ThreadId;
 
 use super::{Arg, Backend, Device, emu};
 use crate::error::{Error, Result};
@@ -33,12 +34,27 @@ pub(crate) struct CaptureState {
 }
 
 /// What a capture has recorded so far.
-#[derive(Default)]
 pub(crate) struct CaptureLog {
+    /// The thread that began the capture: launches from others are refused.
+    pub(crate) owner: ThreadId,
     /// The emulator's launches (a GPU records its own).
     records: Vec<emu::Recorded>,
     buffers: Vec<Captured>,
     launches: usize,
+    /// Storage of tensors dropped during the capture, freed once it has ended.
+    deferred: Vec<Box<dyn Send>>,
+}
+
+impl CaptureLog {
+    fn new() -> Self {
+        CaptureLog {
+            owner: std::thread::current().id(),
+            records: Vec::new(),
+            buffers: Vec::new(),
+            launches: 0,
+            deferred: Vec::new(),
+        }
+    }
 }
 
 /// A tensor a captured launch uses, for the replay's check that it is still there.
@@ -85,6 +101,20 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The error for a launch from another thread than the capturing one.
+pub(crate) fn other_thread(op: &'static str, device: &Device) -> Error {
+    Error::Unsupported {
+        what: format!(
+            "{op}: a launch from another thread while {} is capturing",
+            device.describe()
+        ),
+        hint:
+            "a capture records the launches of the thread that began it: launch from that thread, \
+               or after the capture has ended"
+                .into(),
+    }
+}
+
 /// The error for a kernel whose first launch on the device would be inside a capture.
 pub(crate) fn cold_kernel(op: &'static str, kernel: &'static str) -> Error {
     Error::Unsupported {
@@ -129,8 +159,10 @@ impl Device {
     /// kernels on the same stream) and read the outputs after.
     ///
     /// During the capture, ops may only launch kernels: allocating, a host transfer, `synchronize`, or a
-    /// kernel's first launch on this device fail with an error naming it (the module doc says why); so
-    /// does a tensor the captured launches use being dropped before the capture ends. An error from `f`
+    /// kernel's first launch on this device fail with an error naming it (the module doc says why), and
+    /// so does a launch on this device from another thread; a tensor the captured launches use being
+    /// dropped before the capture ends fails the capture (others may be dropped: they are freed when it
+    /// ends). An error from `f`
     /// ends the capture and is returned; the device is then as before. On a GPU the device needs a stream
     /// of its own with cudarc's event tracking off ([`Device::from_cuda_stream`]; README, "Graphs"):
     /// the legacy default stream of [`Device::cuda`] cannot be captured.
@@ -151,14 +183,16 @@ impl Device {
             if let Backend::Cuda(c) = &self.inner.backend {
                 c.begin_capture()?;
             }
-            state.active = Some(CaptureLog::default());
+            state.active = Some(CaptureLog::new());
         }
         let mut ending = Ending {
             device: self,
             ended: false,
         };
         let result = f();
-        let (log, cuda) = ending.end();
+        let (mut log, cuda) = ending.end();
+        // the tensors dropped during the capture: freed now that it has ended
+        log.deferred.clear();
         result?;
         if let Some(c) = log.buffers.iter().find(|c| c.alive.strong_count() == 0) {
             return Err(Error::InvalidState {
@@ -186,6 +220,17 @@ impl Device {
     /// asked), under which the ops refuse what a capture cannot record just the same.
     pub fn is_capturing(&self) -> bool {
         lock(&self.inner.capture).active.is_some() || self.stream_capturing()
+    }
+
+    /// Frees `storage` (a dropped tensor's) now, or when the capture in progress has ended.
+    pub(crate) fn free_after_capture(&self, storage: Box<dyn Send>) {
+        let mut state = lock(&self.inner.capture);
+        if let Some(log) = state.active.as_mut() {
+            log.deferred.push(storage);
+        } else {
+            drop(state);
+            drop(storage);
+        }
     }
 
     /// Whether the driver says the device's stream is capturing (false on the emulator).
@@ -241,14 +286,14 @@ type Ended = (
 impl Ending<'_> {
     fn end(&mut self) -> Ended {
         self.ended = true;
-        let log = lock(&self.device.inner.capture)
-            .active
-            .take()
-            .unwrap_or_default();
+        // the stream leaves capture mode under the lock that eager launches hold (Device::launch), so
+        // none of them can slip into the capture between the two
+        let mut state = lock(&self.device.inner.capture);
         let cuda = match &self.device.inner.backend {
             Backend::Cuda(c) => Some(c.end_capture()),
             Backend::Emulator(..) => None,
         };
+        let log = state.active.take().unwrap_or_else(CaptureLog::new);
         (log, cuda)
     }
 }
@@ -266,7 +311,10 @@ impl Graph {
     /// those tensors is alive (an error names the first that is not, and nothing runs); refused during a
     /// capture on the same device. On a GPU it is queued on the device's stream like any op.
     pub fn replay(&self) -> Result<()> {
-        self.device.refuse_in_capture("Graph::replay")?;
+        // a capture of this device (a framework's capture of the stream may hold a replay: a child graph)
+        if lock(&self.device.inner.capture).active.is_some() {
+            return self.device.refuse_in_capture("Graph::replay");
+        }
         // the queue lock keeps a tensor from being dropped (or written by the host) between the check
         // and the end of the replay
         let _queue = lock(&self.device.inner.queue);

@@ -258,6 +258,9 @@ impl Device {
         let mut guard = graph::lock(&self.inner.capture);
         let state = &mut *guard;
         if let Some(log) = state.active.as_mut() {
+            if log.owner != std::thread::current().id() {
+                return Err(graph::other_thread(op, self));
+            }
             if !state.warm.contains(kernel.name) {
                 return Err(graph::cold_kernel(op, kernel.name));
             }
@@ -271,21 +274,28 @@ impl Device {
                 }
             };
         }
-        let cold = !state.warm.contains(kernel.name);
-        drop(guard);
         // a capture someone else began on the stream (the driver says): the same rule
-        if cold && self.stream_capturing() {
+        if !state.warm.contains(kernel.name) && self.stream_capturing() {
             return Err(graph::cold_kernel(op, kernel.name));
         }
         match &self.inner.backend {
-            Backend::Cuda(c) => c.launch(kernel, plan, args, build)?,
+            Backend::Cuda(c) => {
+                // with the capture lock held: no capture of this device begins or ends meanwhile, so an
+                // eager launch never lands in one
+                c.launch(kernel, plan, args, build)?;
+                state.warm.insert(kernel.name);
+            }
             Backend::Emulator(cfg, _) => {
+                // the queue lock is never taken with the capture lock held (a tensor's drop takes them
+                // in the other order)
+                drop(guard);
                 self.note_launch(kernel.name);
                 let _queue = graph::lock(&self.inner.queue);
-                emu::launch(cfg, kernel, plan, args, build)?
+                emu::launch(cfg, kernel, plan, args, build)?;
+                drop(_queue);
+                graph::lock(&self.inner.capture).warm.insert(kernel.name);
             }
         }
-        graph::lock(&self.inner.capture).warm.insert(kernel.name);
         Ok(())
     }
 
