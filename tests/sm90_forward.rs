@@ -195,6 +195,44 @@ proptest! {
 /// the register one (257, 1, 516); ranks 8, 16 and 24 (the one-launch kernel here: fused_gemm_sm90's last
 /// low-rank stage of 1 to 3 k16 steps runs at those ranks in tests/sm90_projection.rs), 64 (a stage of 4),
 /// a partial stage after a whole one (80, 104), two whole ones (128).
+/// A forward and backward captured on the sm_90a kernels (their TMA maps inside the recorded launch
+/// parameters) replay with the eager ops' bits, with new inputs too (common::graph::check_replay).
+#[test]
+fn sm90_graph_replays_give_the_eager_bits() {
+    MODE.force();
+    let shapes = [
+        Dims {
+            m: 40,
+            n: 72,
+            k: 64,
+            r: 16,
+        },
+        Dims {
+            m: 130,
+            n: 136,
+            k: 72,
+            r: 32,
+        },
+    ];
+    for (i, d) in shapes.into_iter().enumerate() {
+        let dev = hopper(ThreadOrder::Shuffled, common::seed() ^ i as u64, 3);
+        common::graph::check_replay(&dev, d, 50 + i as u64);
+        let launches = {
+            let mut s = common::graph::Step::<bf16>::new(
+                &dev,
+                &Layer::random(&mut Rng::new(9), d, 1.0, false),
+            );
+            s.ops(false, lora_kernels::ops::GradMode::Overwrite)
+                .unwrap();
+            dev.take_launches()
+        };
+        assert!(
+            launches.iter().any(|k| k.starts_with("fused_gemm_t")),
+            "{d:?}: the sm_90a one-launch forward ran: {launches:?}"
+        );
+    }
+}
+
 #[test]
 fn sm90_forward_edges() {
     for (i, &(dims, sms, bn)) in [

@@ -1,6 +1,7 @@
 //! Shared test helpers: the devices every kernel test runs on, fresh random data, fixture loading.
 #![allow(dead_code)]
 
+pub mod graph;
 pub mod lora;
 pub mod multi;
 pub mod peft;
