@@ -431,7 +431,53 @@ impl AdapterIndex {
         Self::checked(set, words, OP)
     }
 
+    /// Replaces the rows' slots in place (the same number of rows; `None`: no adapter), checked against
+    /// `set`, the set the index was built for, as [`AdapterIndex::new`] does, into the same device memory: a graph that captured a
+    /// many-adapter forward with this index replays with the new map (README, "Graphs"). An upload,
+    /// so not during a capture.
+    pub fn update<A: Element>(&mut self, set: &AdapterSet<A>, rows: &[Option<u32>]) -> Result<()> {
+        const OP: &str = "AdapterIndex::update";
+        if rows.len() != self.len() {
+            return Err(Error::Shape {
+                op: OP,
+                arg: "rows",
+                expected: format!("[{}] (the index's rows)", self.len()),
+                got: vec![rows.len()],
+            });
+        }
+        if set.id() != self.set_id {
+            // a graph holding this index holds the set it was built for, whose table the new slots
+            // must be in
+            return Err(Error::InvalidState {
+                op: OP,
+                message: "`set` is not the AdapterSet the index was built for".into(),
+            });
+        }
+        let words: Vec<u32> = rows.iter().map(|r| r.unwrap_or(LK_NO_ADAPTER)).collect();
+        let (used, group_passes) = Self::scan(set, &words, OP)?;
+        self.index.copy_from_slice(&words)?;
+        (self.used, self.group_passes) = (used, group_passes);
+        Ok(())
+    }
+
     fn checked<A: Element>(set: &AdapterSet<A>, words: Vec<u32>, op: &'static str) -> Result<Self> {
+        let (used, group_passes) = Self::scan(set, &words, op)?;
+        Ok(AdapterIndex {
+            index: Tensor::from_slice(set.device(), &words, &[words.len()])?,
+            set_id: set.id(),
+            used,
+            group_passes,
+        })
+    }
+
+    /// The slots `words` name, with their generations, and the most distinct slots of a 16-row group;
+    /// an error for an empty index or a slot the set does not hold.
+    #[allow(clippy::type_complexity)]
+    fn scan<A: Element>(
+        set: &AdapterSet<A>,
+        words: &[u32],
+        op: &'static str,
+    ) -> Result<(Vec<(u32, u64)>, usize)> {
         if words.is_empty() {
             return Err(Error::Empty {
                 op,
@@ -475,12 +521,7 @@ impl AdapterIndex {
             .into_iter()
             .map(|s| (s, set.generation(s).unwrap_or(0)))
             .collect();
-        Ok(AdapterIndex {
-            index: Tensor::from_slice(set.device(), &words, &[words.len()])?,
-            set_id: set.id(),
-            used,
-            group_passes,
-        })
+        Ok((used, group_passes))
     }
 
     /// The number of rows.

@@ -89,65 +89,84 @@ fn replayed_accumulation_adds_each_replays_gradients() {
     }
 }
 
+/// `b`'s rows as adapter slots.
+fn slots_of(b: &Batch<bf16, bf16>) -> Vec<Option<u32>> {
+    b.rows.iter().map(|r| r.map(|a| a as u32)).collect()
+}
+
+/// A batch of `m` rows over `like`'s layer and adapters: new X, and a new row map unless `rows`.
+fn batch_like(
+    rng: &mut Rng,
+    like: &Batch<bf16, bf16>,
+    rows: Option<Vec<Option<usize>>>,
+) -> Batch<bf16, bf16> {
+    let mut b =
+        Batch::<bf16, bf16>::random(rng, (like.m, like.n, like.k), like.adapters.len(), true);
+    (b.w0, b.bias, b.adapters) = (like.w0.clone(), like.bias.clone(), like.adapters.clone());
+    if let Some(rows) = rows {
+        b.rows = rows;
+    }
+    b
+}
+
 #[test]
-fn many_adapter_forward_replays_and_a_changed_set_refuses() {
-    for (m, stream) in [(16usize, 21u64), (40, 22)] {
+fn many_adapter_forward_replays_with_new_maps_and_a_changed_set_refuses() {
+    // the decode kernels, one row tile, several row tiles
+    for (m, stream) in [(16usize, 21u64), (40, 22), (200, 23)] {
         let dev = Device::emulator();
         let mut rng = Rng::new(stream);
-        let b1 = Batch::<bf16, bf16>::random(&mut rng, (m, 56, 48), 3, true);
+        let mut b1 = Batch::<bf16, bf16>::random(&mut rng, (m, 56, 48), 3, true);
+        // the captured map names one adapter at most, so the capture's grid cannot be sized by it
+        b1.rows = b1.rows.iter().map(|r| r.map(|_| 1)).collect();
         let mut set = set_of(&dev, &b1);
-        let mut b2 = Batch::<bf16, bf16>::random(&mut rng, (m, 56, 48), 1, true);
-        // the same layer, adapters and row map; new X
-        (b2.w0, b2.bias, b2.adapters, b2.rows) = (
-            b1.w0.clone(),
-            b1.bias.clone(),
-            b1.adapters.clone(),
-            b1.rows.clone(),
-        );
-        let eager1 = common::multi::run(&dev, &b1, &set);
-        let eager2 = common::multi::run(&dev, &b2, &set);
-        let rows: Vec<Option<u32>> = b1.rows.iter().map(|r| r.map(|a| a as u32)).collect();
-        let index = AdapterIndex::new(&set, &rows).unwrap();
+        let b2 = batch_like(&mut rng, &b1, Some(b1.rows.clone())); // new X
+        let b3 = batch_like(&mut rng, &b1, None); // new X, a new map over the three adapters
+        let eager: Vec<(Vec<bf16>, Vec<bf16>)> = [&b1, &b2, &b3]
+            .iter()
+            .map(|b| common::multi::run(&dev, b, &set))
+            .collect();
+        let mut index = AdapterIndex::new(&set, &slots_of(&b1)).unwrap();
         let (mut x, w0, bias) = b1.layer_on(&dev);
         let mut y = poisoned::<bf16>(&dev, &[m, b1.n]);
         let mut t = poisoned::<bf16>(&dev, &[m, set.max_rank()]);
         let mut ws = Workspace::new();
         let forward = |x: &Tensor<bf16>,
-                       set: &lora_kernels::AdapterSet<bf16>,
+                       index: &AdapterIndex,
                        y: &mut Tensor<bf16>,
                        t: &mut Tensor<bf16>,
                        ws: &mut Workspace<bf16>| {
-            ops::lora_forward_multi_into(x, &w0, bias.as_ref(), set, &index, y, t, ws)
+            ops::lora_forward_multi_into(x, &w0, bias.as_ref(), &set, index, y, t, ws)
         };
-        forward(&x, &set, &mut y, &mut t, &mut ws).unwrap();
+        forward(&x, &index, &mut y, &mut t, &mut ws).unwrap();
         y.poison().unwrap();
         t.poison().unwrap();
         let graph = dev
-            .capture(|| forward(&x, &set, &mut y, &mut t, &mut ws))
+            .capture(|| forward(&x, &index, &mut y, &mut t, &mut ws))
             .unwrap();
         let poison = bf16::poison().to_bits_u32();
         assert!(
             bits(&y.to_vec().unwrap()).iter().all(|&b| b == poison),
             "m = {m}: the capture ran nothing"
         );
-        graph.replay().unwrap();
-        assert_eq!(bits(&y.to_vec().unwrap()), bits(&eager1.0), "m = {m}: Y");
-        assert_eq!(bits(&t.to_vec().unwrap()), bits(&eager1.1), "m = {m}: T");
-        x.copy_from_slice(&b2.x).unwrap();
-        y.poison().unwrap();
-        graph.replay().unwrap();
-        assert_eq!(
-            bits(&y.to_vec().unwrap()),
-            bits(&eager2.0),
-            "m = {m}: Y, new X"
-        );
-        assert_eq!(
-            bits(&t.to_vec().unwrap()),
-            bits(&eager2.1),
-            "m = {m}: T, new X"
-        );
-        // the set changed in place (a slot removed and refilled, maybe of another rank): the graph's
-        // launch parameters hold the old ranks
+        for (i, b) in [&b1, &b2, &b3].into_iter().enumerate() {
+            x.copy_from_slice(&b.x).unwrap();
+            index.update(&set, &slots_of(b)).unwrap();
+            y.poison().unwrap();
+            t.poison().unwrap();
+            graph.replay().unwrap();
+            assert_eq!(
+                bits(&y.to_vec().unwrap()),
+                bits(&eager[i].0),
+                "m = {m}, batch {i}: Y"
+            );
+            assert_eq!(
+                bits(&t.to_vec().unwrap()),
+                bits(&eager[i].1),
+                "m = {m}, batch {i}: T"
+            );
+        }
+        // the set changed in place (a slot removed and refilled): the graph's launch parameters hold
+        // the old ranks
         set.remove(0).unwrap();
         let (a, bb, r, s) = &b1.adapters[0];
         let at = Tensor::from_slice(&dev, a, &[*r, b1.k]).unwrap();
@@ -158,6 +177,17 @@ fn many_adapter_forward_replays_and_a_changed_set_refuses() {
             graph.replay(),
             &["`adapter table`", "dropped"],
         );
+        // an update names the index's own set, of its length
+        let other = set_of(&dev, &b1);
+        refused(
+            "another set",
+            index.update(&other, &slots_of(&b1)),
+            &["not the AdapterSet"],
+        );
+        match index.update(&set, &[None]) {
+            Err(Error::Shape { arg: "rows", .. }) if m > 1 => {}
+            other => panic!("m = {m}: {other:?}"),
+        }
     }
 }
 

@@ -118,16 +118,30 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
     let n_adapters = u32_of(set.slots());
     let (m32, n32, k32, ldt32) = (u32_of(m), u32_of(n), u32_of(k), u32_of(ldt));
     let (splits, per_split) = launch::projection_splits(k);
+    // Captured into a graph, the launches must serve any row map of this set (AdapterIndex::update
+    // between replays): the shrink's blocks per row tile sized by the set's slots rather than by the
+    // index's (extra blocks find no adapter of theirs and return; the same sums, the same bits).
+    let any_map = device.is_capturing();
 
     // 1. the shrink: f32 partials of X_i·A_aᵀ per K chunk, then T = their in-order sum, rounded once.
     let (shrink_kernel, shrink_plan) = if m <= bm {
         // one row tile: blocks of 32 of T's columns for 16 rows, one per adapter of those rows and K
         // chunk (kernels/multi_decode.cu), not a 128-row tile per adapter
-        launch::small_shrink::<T, A>(OP, m, ldt, index.group_passes(), splits)?
+        let passes = if any_map {
+            set.slots().min(LK_SMALL_M_MAX as usize)
+        } else {
+            index.group_passes()
+        };
+        launch::small_shrink::<T, A>(OP, m, ldt, passes, splits)?
     } else {
         // A tile's adapters (passes) are spread over grid y, up to about two blocks per SM of a large
         // GPU (SHRINK_BLOCKS): at small M the tiles alone are too few.
-        let pass_blocks = (index.slots().len().min(m).min(bm))
+        let used = if any_map {
+            set.slots()
+        } else {
+            index.slots().len()
+        };
+        let pass_blocks = (used.min(m).min(bm))
             .min(SHRINK_BLOCKS.div_ceil(tiles_m * splits))
             .max(1);
         // Its one column tile holds T's r_max columns: the 64-column kernel where r_max ≤ 64 (the
