@@ -15,14 +15,28 @@ constexpr int kThreads = LK_SIMT_THREADS;
 template <typename C>
 __device__ __forceinline__ void adamw_impl(const LkAdamwParams& p) {
     C* copy = static_cast<C*>(p.copy);
+    // the step's constants: the launch's own, or a schedule's, read from device memory (a captured graph
+    // replays the same launch while the host advances the schedule between replays)
+    LkAdamwConstants c = p.c;
+    if (p.schedule != nullptr) {
+        const LkAdamwConstants* s = p.schedule;
+        c.decay = s->decay;
+        c.beta1 = s->beta1;
+        c.one_minus_beta1 = s->one_minus_beta1;
+        c.beta2 = s->beta2;
+        c.one_minus_beta2 = s->one_minus_beta2;
+        c.step_size = s->step_size;
+        c.bc2_sqrt = s->bc2_sqrt;
+        c.eps = s->eps;
+    }
     const size_t stride = size_t(gridDim.x) * blockDim.x;  // 64-bit: i + stride never wraps below n
     for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n; i += stride) {
         const float g = p.grad[i];
-        float w = __fmul_rn(p.param[i], p.decay);
-        const float m = __fadd_rn(__fmul_rn(p.beta1, p.m[i]), __fmul_rn(p.one_minus_beta1, g));
-        const float v = __fadd_rn(__fmul_rn(p.beta2, p.v[i]), __fmul_rn(p.one_minus_beta2, __fmul_rn(g, g)));
-        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), p.bc2_sqrt), p.eps);
-        w = __fadd_rn(w, -__fmul_rn(p.step_size, __fdiv_rn(m, denom)));
+        float w = __fmul_rn(p.param[i], c.decay);
+        const float m = __fadd_rn(__fmul_rn(c.beta1, p.m[i]), __fmul_rn(c.one_minus_beta1, g));
+        const float v = __fadd_rn(__fmul_rn(c.beta2, p.v[i]), __fmul_rn(c.one_minus_beta2, __fmul_rn(g, g)));
+        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), c.bc2_sqrt), c.eps);
+        w = __fadd_rn(w, -__fmul_rn(c.step_size, __fdiv_rn(m, denom)));
         p.m[i] = m;
         p.v[i] = v;
         p.param[i] = w;

@@ -176,6 +176,9 @@ impl<A: Element> AdapterSet<A> {
     /// other rows of the tiles it is multiplied in (0·inf = NaN), so keep adapters finite.
     pub fn add(&mut self, a: &Tensor<A>, b: &Tensor<A>, scale: f32) -> Result<u32> {
         const OP: &str = "AdapterSet::add";
+        // before any change: uploads and copies cannot be captured, and a half-made slot must not stay
+        self.device
+            .refuse_in_capture("AdapterSet::add (copies and an upload)")?;
         let r = validate::adapter(OP, a, b, (self.n, self.k), "the set's K")?;
         if !scale.is_finite() {
             return Err(Error::NonFinite {
@@ -242,6 +245,8 @@ impl<A: Element> AdapterSet<A> {
     /// Removes the adapter in `slot`; its arena space and the slot are reused by later adds. An
     /// [`AdapterIndex`] that names the slot is refused by the forward from now on.
     pub fn remove(&mut self, slot: u32) -> Result<()> {
+        self.device
+            .refuse_in_capture("AdapterSet::remove (an upload)")?;
         let s = self
             .slot(slot)
             .cloned()

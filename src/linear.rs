@@ -668,20 +668,33 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     /// no synchronisation). For f32 adapters (the f32 master weights are the adapter itself; a 16-bit
     /// adapter has no master copy to update: an [`Error::UnsupportedDType`]).
     pub fn optimizer_step(&mut self, hp: &AdamW) -> Result<()> {
-        const OP: &str = "LoraLinear::optimizer_step";
+        self.step_adapters("LoraLinear::optimizer_step", Optimizer::Host(hp))
+    }
+
+    /// [`LoraLinear::optimizer_step`] with the step's constants read from `schedule` on the device
+    /// ([`ops::adamw_step_scheduled`]), so a whole training step (forward without dropout, loss
+    /// gradient, backward, this) can be captured into a graph; advance the schedule before each step.
+    pub fn optimizer_step_scheduled(&mut self, schedule: &ops::AdamwSchedule) -> Result<()> {
+        self.step_adapters(
+            "LoraLinear::optimizer_step_scheduled",
+            Optimizer::Device(schedule),
+        )
+    }
+
+    fn step_adapters(&mut self, op: &'static str, optimizer: Optimizer<'_>) -> Result<()> {
         if A::DTYPE != DType::F32 {
             return Err(Error::UnsupportedDType {
-                op: OP,
+                op,
                 arg: "adapter",
                 got: A::DTYPE,
                 supported: "f32 adapters (LoraLinear<T, f32>): AdamW updates f32 master weights",
             });
         }
-        let name = self.training(OP)?;
+        let name = self.training(op)?;
         let tr = self.train.as_mut().expect("made by training()");
         if !tr.has_grads {
             return Err(Error::InvalidState {
-                op: OP,
+                op,
                 message: format!(
                     "no train_backward of adapter `{name}` since its training state was made (it became active, or its A and B changed shape)"
                 ),
@@ -699,12 +712,28 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         let (sa, sb) = tr.adam.as_mut().expect("made");
         // A is f32 (checked above): the statically typed views of the same tensors
         let not_f32 = || Error::InvalidState {
-            op: OP,
+            op,
             message: "adapter tensors are not f32".into(),
         };
         let ga = tr.da.cast_ref::<f32>().ok_or_else(not_f32)?;
-        ops::adamw_step(ad.a.cast_mut::<f32>().ok_or_else(not_f32)?, ga, sa, hp)?;
         let gb = tr.db.cast_ref::<f32>().ok_or_else(not_f32)?;
-        ops::adamw_step(ad.b.cast_mut::<f32>().ok_or_else(not_f32)?, gb, sb, hp)
+        let a = ad.a.cast_mut::<f32>().ok_or_else(not_f32)?;
+        match optimizer {
+            Optimizer::Host(hp) => ops::adamw_step(a, ga, sa, hp)?,
+            Optimizer::Device(schedule) => ops::adamw_step_scheduled(a, ga, sa, schedule)?,
+        }
+        let b = ad.b.cast_mut::<f32>().ok_or_else(not_f32)?;
+        match optimizer {
+            Optimizer::Host(hp) => ops::adamw_step(b, gb, sb, hp),
+            Optimizer::Device(schedule) => ops::adamw_step_scheduled(b, gb, sb, schedule),
+        }
     }
+}
+
+/// Where an optimizer step's constants come from: the host (`optimizer_step`) or a schedule on the
+/// device (`optimizer_step_scheduled`).
+#[derive(Clone, Copy)]
+enum Optimizer<'a> {
+    Host(&'a AdamW),
+    Device(&'a ops::AdamwSchedule),
 }

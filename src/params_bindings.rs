@@ -665,14 +665,8 @@ impl Default for LkMergeParams {
     }
 }
 #[repr(C)]
-#[derive(Debug, Copy, Clone)]
-pub struct LkAdamwParams {
-    pub param: *mut f32,
-    pub m: *mut f32,
-    pub v: *mut f32,
-    pub grad: *const f32,
-    pub copy: *mut ::core::ffi::c_void,
-    pub n: u32,
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LkAdamwConstants {
     pub decay: f32,
     pub beta1: f32,
     pub one_minus_beta1: f32,
@@ -684,7 +678,50 @@ pub struct LkAdamwParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkAdamwParams"][::core::mem::size_of::<LkAdamwParams>() - 80usize];
+    ["Size of LkAdamwConstants"][::core::mem::size_of::<LkAdamwConstants>() - 32usize];
+    [
+        "Alignment of LkAdamwConstants",
+    ][::core::mem::align_of::<LkAdamwConstants>() - 4usize];
+    [
+        "Offset of field: LkAdamwConstants::decay",
+    ][::core::mem::offset_of!(LkAdamwConstants, decay) - 0usize];
+    [
+        "Offset of field: LkAdamwConstants::beta1",
+    ][::core::mem::offset_of!(LkAdamwConstants, beta1) - 4usize];
+    [
+        "Offset of field: LkAdamwConstants::one_minus_beta1",
+    ][::core::mem::offset_of!(LkAdamwConstants, one_minus_beta1) - 8usize];
+    [
+        "Offset of field: LkAdamwConstants::beta2",
+    ][::core::mem::offset_of!(LkAdamwConstants, beta2) - 12usize];
+    [
+        "Offset of field: LkAdamwConstants::one_minus_beta2",
+    ][::core::mem::offset_of!(LkAdamwConstants, one_minus_beta2) - 16usize];
+    [
+        "Offset of field: LkAdamwConstants::step_size",
+    ][::core::mem::offset_of!(LkAdamwConstants, step_size) - 20usize];
+    [
+        "Offset of field: LkAdamwConstants::bc2_sqrt",
+    ][::core::mem::offset_of!(LkAdamwConstants, bc2_sqrt) - 24usize];
+    [
+        "Offset of field: LkAdamwConstants::eps",
+    ][::core::mem::offset_of!(LkAdamwConstants, eps) - 28usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkAdamwParams {
+    pub param: *mut f32,
+    pub m: *mut f32,
+    pub v: *mut f32,
+    pub grad: *const f32,
+    pub copy: *mut ::core::ffi::c_void,
+    pub schedule: *const LkAdamwConstants,
+    pub n: u32,
+    pub c: LkAdamwConstants,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkAdamwParams"][::core::mem::size_of::<LkAdamwParams>() - 88usize];
     ["Alignment of LkAdamwParams"][::core::mem::align_of::<LkAdamwParams>() - 8usize];
     [
         "Offset of field: LkAdamwParams::param",
@@ -702,32 +739,14 @@ const _: () = {
         "Offset of field: LkAdamwParams::copy",
     ][::core::mem::offset_of!(LkAdamwParams, copy) - 32usize];
     [
+        "Offset of field: LkAdamwParams::schedule",
+    ][::core::mem::offset_of!(LkAdamwParams, schedule) - 40usize];
+    [
         "Offset of field: LkAdamwParams::n",
-    ][::core::mem::offset_of!(LkAdamwParams, n) - 40usize];
+    ][::core::mem::offset_of!(LkAdamwParams, n) - 48usize];
     [
-        "Offset of field: LkAdamwParams::decay",
-    ][::core::mem::offset_of!(LkAdamwParams, decay) - 44usize];
-    [
-        "Offset of field: LkAdamwParams::beta1",
-    ][::core::mem::offset_of!(LkAdamwParams, beta1) - 48usize];
-    [
-        "Offset of field: LkAdamwParams::one_minus_beta1",
-    ][::core::mem::offset_of!(LkAdamwParams, one_minus_beta1) - 52usize];
-    [
-        "Offset of field: LkAdamwParams::beta2",
-    ][::core::mem::offset_of!(LkAdamwParams, beta2) - 56usize];
-    [
-        "Offset of field: LkAdamwParams::one_minus_beta2",
-    ][::core::mem::offset_of!(LkAdamwParams, one_minus_beta2) - 60usize];
-    [
-        "Offset of field: LkAdamwParams::step_size",
-    ][::core::mem::offset_of!(LkAdamwParams, step_size) - 64usize];
-    [
-        "Offset of field: LkAdamwParams::bc2_sqrt",
-    ][::core::mem::offset_of!(LkAdamwParams, bc2_sqrt) - 68usize];
-    [
-        "Offset of field: LkAdamwParams::eps",
-    ][::core::mem::offset_of!(LkAdamwParams, eps) - 72usize];
+        "Offset of field: LkAdamwParams::c",
+    ][::core::mem::offset_of!(LkAdamwParams, c) - 52usize];
 };
 impl Default for LkAdamwParams {
     fn default() -> Self {

@@ -16,13 +16,14 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 /// `steps` steps on `dev` from the same start as the reference; the weights, moments (and the copy)
-/// must equal the reference's bits after every step.
+/// must equal the reference's bits after every step. `scheduled`: the steps read their constants from
+/// an `AdamwSchedule` on the device, advanced before each.
 fn run_case<C: Element>(
     dev: &Device,
     hp: &AdamW,
     n: usize,
     steps: usize,
-    with_copy: bool,
+    (with_copy, scheduled): (bool, bool),
     stream: u64,
 ) {
     let mut rng = Rng::new(stream);
@@ -31,6 +32,7 @@ fn run_case<C: Element>(
     let mut state = AdamState::new(dev, &[n]).unwrap();
     let mut copy = Tensor::<C>::zeros(dev, &[n]).unwrap();
     let (mut rp, mut rm, mut rv) = (p0.clone(), vec![0.0f32; n], vec![0.0f32; n]);
+    let mut schedule = ops::AdamwSchedule::new(dev, *hp).unwrap();
     for step in 1..=steps {
         // gradients of varied magnitude, zeros included
         let g: Vec<f32> = rng
@@ -47,13 +49,25 @@ fn run_case<C: Element>(
             .collect();
         let grad = Tensor::from_slice(dev, &g, &[n]).unwrap();
         copy.poison().unwrap();
-        if with_copy {
-            ops::adamw_step_with_copy(&mut param, &grad, &mut state, &mut copy, hp).unwrap();
-        } else {
-            ops::adamw_step(&mut param, &grad, &mut state, hp).unwrap();
+        if scheduled {
+            assert_eq!(schedule.advance().unwrap(), step as u64);
+        }
+        match (with_copy, scheduled) {
+            (true, false) => {
+                ops::adamw_step_with_copy(&mut param, &grad, &mut state, &mut copy, hp).unwrap()
+            }
+            (false, false) => ops::adamw_step(&mut param, &grad, &mut state, hp).unwrap(),
+            (true, true) => ops::adamw_step_scheduled_with_copy(
+                &mut param, &grad, &mut state, &mut copy, &schedule,
+            )
+            .unwrap(),
+            (false, true) => {
+                ops::adamw_step_scheduled(&mut param, &grad, &mut state, &schedule).unwrap()
+            }
         }
         ops::adamw_reference_step(&mut rp, &mut rm, &mut rv, &g, &hp.constants(step as u64));
-        assert_eq!(state.step, step as u64);
+        // the schedule counts the scheduled steps; state.step the others
+        assert_eq!(state.step, if scheduled { 0 } else { step as u64 });
         let got = param.to_vec().unwrap();
         assert!(
             bits(&got) == bits(&rp),
@@ -97,14 +111,15 @@ proptest! {
         weight_decay in 0.0f32..0.2,
         steps in 1..=3usize,
         copy in 0..3u8,
+        scheduled in any::<bool>(),
         stream in any::<u64>(),
     ) {
         let hp = AdamW { lr, beta1, beta2, eps, weight_decay };
         for dev in common::all_devices() {
             match copy {
-                0 => run_case::<bf16>(&dev, &hp, n, steps, false, stream),
-                1 => run_case::<bf16>(&dev, &hp, n, steps, true, stream),
-                _ => run_case::<f16>(&dev, &hp, n, steps, true, stream),
+                0 => run_case::<bf16>(&dev, &hp, n, steps, (false, scheduled), stream),
+                1 => run_case::<bf16>(&dev, &hp, n, steps, (true, scheduled), stream),
+                _ => run_case::<f16>(&dev, &hp, n, steps, (true, scheduled), stream),
             }
         }
     }
@@ -113,14 +128,50 @@ proptest! {
 /// Many steps in a row (bias correction far from its first values) stay bit-identical.
 #[test]
 fn many_steps_stay_bit_identical() {
-    run_case::<bf16>(
-        &common::emulators()[0],
-        &AdamW::default(),
-        1000,
-        25,
-        true,
-        3,
-    );
+    for scheduled in [false, true] {
+        run_case::<bf16>(
+            &common::emulators()[0],
+            &AdamW::default(),
+            1000,
+            25,
+            (true, scheduled),
+            3,
+        );
+    }
+}
+
+/// A schedule must be advanced before its first step, and live on the parameter's device.
+#[test]
+fn a_schedule_at_step_0_or_on_another_device_is_an_error() {
+    let dev = Device::emulator();
+    let mut param = Tensor::<f32>::zeros(&dev, &[8]).unwrap();
+    let grad = Tensor::<f32>::zeros(&dev, &[8]).unwrap();
+    let mut state = AdamState::new(&dev, &[8]).unwrap();
+    let mut schedule = ops::AdamwSchedule::new(&dev, AdamW::default()).unwrap();
+    match ops::adamw_step_scheduled(&mut param, &grad, &mut state, &schedule) {
+        Err(Error::InvalidState { message, .. }) => {
+            assert!(message.contains("advance"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    schedule.advance().unwrap();
+    ops::adamw_step_scheduled(&mut param, &grad, &mut state, &schedule).unwrap();
+    let mut elsewhere = ops::AdamwSchedule::new(&Device::emulator(), AdamW::default()).unwrap();
+    elsewhere.advance().unwrap();
+    match ops::adamw_step_scheduled(&mut param, &grad, &mut state, &elsewhere) {
+        Err(Error::DeviceMismatch {
+            arg: "schedule", ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    let bad = AdamW {
+        lr: -1.0,
+        ..AdamW::default()
+    };
+    assert!(matches!(
+        schedule.set_hyperparameters(bad),
+        Err(Error::OutOfRange { arg: "lr", .. })
+    ));
 }
 
 /// One AdamW step in f64, written from PyTorch's documented algorithm (torch.optim.AdamW), not from the

@@ -19,8 +19,9 @@ use common::multi::{Batch, set_of};
 use common::{Rng, bits, emulators};
 use half::bf16;
 use lora_kernels::ops::{self, GradMode, Workspace};
+use lora_kernels::ops::{AdamW, AdamwSchedule};
 use lora_kernels::reference::Dims;
-use lora_kernels::{AdapterIndex, Device, Dropout, Element, Error, Tensor};
+use lora_kernels::{AdapterIndex, Device, Dropout, Element, Error, LoraConfig, LoraLinear, Tensor};
 
 /// The small-M forward (M ≤ 16) and the general path with a ragged M, N, K.
 const SHAPES: [Dims; 3] = [
@@ -219,6 +220,82 @@ fn merge_replays_and_the_counting_merges_are_refused() {
         dev.capture(|| ops::safe_merge(&mut w0, &a, &b, 0.5).map(drop)),
         &["count"],
     );
+}
+
+/// A whole training step (LoraLinear's forward, the loss gradient, the backward, AdamW on f32 adapters
+/// with a learning-rate schedule) captured once and replayed, the AdamW constants from an
+/// `AdamwSchedule` advanced before each replay, gives the eager steps' bits (`optimizer_step` with the
+/// constants from the host).
+#[test]
+fn a_training_step_captured_whole_replays_as_the_eager_steps() {
+    let (m, n, k, r) = (24, 40, 32, 8);
+    for dev in emulators().iter().take(2) {
+        let mut rng = Rng::new(51);
+        let w0: Vec<bf16> = rng.vec(n * k, 0.3);
+        let xt = up::<bf16>(dev, &rng.vec(m * k, 1.0), &[m, k]);
+        let target = up::<bf16>(dev, &rng.vec(m * n, 1.0), &[m, n]);
+        let layer = || {
+            let mut l =
+                LoraLinear::<bf16, f32>::with_f32_adapters(up(dev, &w0, &[n, k]), None).unwrap();
+            l.add_adapter("task", LoraConfig::new(r, 16.0), 7).unwrap();
+            l
+        };
+        let hp = |t: u64| AdamW {
+            lr: 2e-2 / t as f32,
+            ..AdamW::default()
+        };
+        let step = |l: &mut LoraLinear<bf16, f32>,
+                    dy: &mut Tensor<bf16>,
+                    optimizer: &dyn Fn(&mut LoraLinear<bf16, f32>) -> lora_kernels::Result<()>|
+         -> lora_kernels::Result<()> {
+            let y = l.train_forward(&xt)?;
+            ops::mse_grad(y, &target, 1.0, dy)?;
+            l.train_backward(&xt, dy, GradMode::Overwrite, false)?;
+            optimizer(l)
+        };
+        const STEPS: u64 = 4;
+        let mut eager = layer();
+        let mut dy = poisoned::<bf16>(dev, &[m, n]);
+        for t in 1..=STEPS {
+            step(&mut eager, &mut dy, &|l| l.optimizer_step(&hp(t))).unwrap();
+        }
+        // the first step eagerly (it loads the kernels and makes the training buffers), the others replayed
+        let mut trained = layer();
+        let mut schedule = AdamwSchedule::new(dev, hp(1)).unwrap();
+        schedule.advance().unwrap();
+        let scheduled = |l: &mut LoraLinear<bf16, f32>| l.optimizer_step_scheduled(&schedule);
+        step(&mut trained, &mut dy, &scheduled).unwrap();
+        let graph = dev
+            .capture(|| step(&mut trained, &mut dy, &scheduled))
+            .unwrap();
+        for t in 2..=STEPS {
+            schedule.set_hyperparameters(hp(t)).unwrap();
+            assert_eq!(schedule.advance().unwrap(), t);
+            graph.replay().unwrap();
+        }
+        let (want, got) = (
+            eager.adapter("task").unwrap(),
+            trained.adapter("task").unwrap(),
+        );
+        let f32_bits = |t: &Tensor<f32>| -> Vec<u32> {
+            t.to_vec().unwrap().iter().map(|v| v.to_bits()).collect()
+        };
+        assert_ne!(
+            f32_bits(&got.b),
+            vec![0; n * r],
+            "{dev:?}: B trained away from its zero init"
+        );
+        assert_eq!(
+            f32_bits(&got.a),
+            f32_bits(&want.a),
+            "{dev:?}: A after {STEPS} steps"
+        );
+        assert_eq!(
+            f32_bits(&got.b),
+            f32_bits(&want.b),
+            "{dev:?}: B after {STEPS} steps"
+        );
+    }
 }
 
 fn refused(what: &str, r: lora_kernels::Result<impl std::fmt::Debug>, words: &[&str]) {

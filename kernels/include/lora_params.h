@@ -297,13 +297,7 @@ typedef struct LkMergeParams {
  *                                                           bc2_sqrt = sqrt(1 − beta2^t)
  * The host computes the per-step constants in f64 and rounds them to f32 once. copy: NULL, or n elements
  * of the kernel's 16-bit dtype that receive round(p) in the same pass (the layer-dtype adapter copy). */
-typedef struct LkAdamwParams {
-    float* param;
-    float* m;
-    float* v;
-    const float* grad;
-    void* copy;
-    uint32_t n;
+typedef struct LkAdamwConstants {
     float decay;
     float beta1;
     float one_minus_beta1;
@@ -312,6 +306,19 @@ typedef struct LkAdamwParams {
     float step_size;
     float bc2_sqrt;
     float eps;
+} LkAdamwConstants;
+
+/* schedule: NULL (the step's constants are `c`), or device memory holding them (ops::AdamwSchedule,
+ * which the host advances between replays of a captured graph: the launch parameters stay the same). */
+typedef struct LkAdamwParams {
+    float* param;
+    float* m;
+    float* v;
+    const float* grad;
+    void* copy;
+    const LkAdamwConstants* schedule;
+    uint32_t n;
+    LkAdamwConstants c;
 } LkAdamwParams;
 
 /* The gradient of the loss ½·scale·Σ(y − target)² with respect to y (kernels/mse_grad.cu), the trainer's

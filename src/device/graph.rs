@@ -168,6 +168,9 @@ impl Device {
     /// the legacy default stream of [`Device::cuda`] cannot be captured.
     pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<Graph> {
         {
+            // the queue lock first, as every host access takes it before its check: none of them is
+            // between its check and its stream operation while the capture begins
+            let _queue = lock(&self.inner.queue);
             let mut state = lock(&self.inner.capture);
             if state.active.is_some() {
                 return Err(Error::Unsupported {
@@ -222,14 +225,13 @@ impl Device {
         lock(&self.inner.capture).active.is_some() || self.stream_capturing()
     }
 
-    /// Frees `storage` (a dropped tensor's) now, or when the capture in progress has ended.
+    /// Frees `storage` (a dropped tensor's) now, or when the capture in progress has ended. The caller
+    /// holds the queue lock, so no capture begins meanwhile.
     pub(crate) fn free_after_capture(&self, storage: Box<dyn Send>) {
         let mut state = lock(&self.inner.capture);
-        if let Some(log) = state.active.as_mut() {
-            log.deferred.push(storage);
-        } else {
-            drop(state);
-            drop(storage);
+        match state.active.as_mut() {
+            Some(log) => log.deferred.push(storage),
+            None => drop(storage),
         }
     }
 
@@ -286,8 +288,9 @@ type Ended = (
 impl Ending<'_> {
     fn end(&mut self) -> Ended {
         self.ended = true;
-        // the stream leaves capture mode under the lock that eager launches hold (Device::launch), so
-        // none of them can slip into the capture between the two
+        // the stream leaves capture mode under the locks that eager launches and host accesses hold, so
+        // none of them can slip into the capture meanwhile
+        let _queue = lock(&self.device.inner.queue);
         let mut state = lock(&self.device.inner.capture);
         let cuda = match &self.device.inner.backend {
             Backend::Cuda(c) => Some(c.end_capture()),
@@ -311,19 +314,19 @@ impl Graph {
     /// those tensors is alive (an error names the first that is not, and nothing runs); refused during a
     /// capture on the same device. On a GPU it is queued on the device's stream like any op.
     pub fn replay(&self) -> Result<()> {
+        // the queue lock keeps a tensor from being dropped (or written by the host), and a capture of
+        // this device from beginning, between the checks and the end of the replay
+        let _queue = lock(&self.device.inner.queue);
         // a capture of this device (a framework's capture of the stream may hold a replay: a child graph)
         if lock(&self.device.inner.capture).active.is_some() {
             return self.device.refuse_in_capture("Graph::replay");
         }
-        // the queue lock keeps a tensor from being dropped (or written by the host) between the check
-        // and the end of the replay
-        let _queue = lock(&self.device.inner.queue);
         if let Some(c) = self.buffers.iter().find(|c| c.alive.strong_count() == 0) {
             return Err(Error::InvalidState {
                 op: "Graph::replay",
                 message: format!(
-                    "{c} was dropped, or its CUDA slice taken mutably, since the capture: capture \
-                     again with the tensors in use"
+                    "{c} was dropped, its CUDA slice taken mutably, or (an adapter table) its \
+                     AdapterSet changed since the capture: capture again with the tensors in use"
                 ),
             });
         }

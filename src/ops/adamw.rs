@@ -9,7 +9,7 @@ use crate::device::{Arg, Device};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernel::kernels;
-use crate::params::{LK_SIMT_THREADS, LkAdamwParams};
+use crate::params::{LK_SIMT_THREADS, LkAdamwConstants, LkAdamwParams};
 use crate::plan::LaunchPlan;
 use crate::tensor::Tensor;
 
@@ -136,6 +136,74 @@ impl AdamState {
     }
 }
 
+/// AdamW's per-step constants in device memory, for steps captured into a graph
+/// ([`crate::Device::capture`]): a replay repeats its launches' parameters, so [`adamw_step_scheduled`]
+/// reads the step's constants from here, and the host calls [`AdamwSchedule::advance`] before each
+/// replay (an upload, outside the capture). One schedule serves every parameter tensor that steps
+/// together; the bits are [`adamw_step`]'s at the same step.
+#[derive(Debug)]
+pub struct AdamwSchedule {
+    constants: Tensor<f32>,
+    hp: AdamW,
+    step: u64,
+}
+
+/// The constants' f32 words on the device, in `LkAdamwConstants`' order.
+const SCHEDULE_WORDS: usize = std::mem::size_of::<LkAdamwConstants>() / 4;
+
+impl AdamwSchedule {
+    /// A schedule at step 0 (no constants yet: [`AdamwSchedule::advance`] before the first step).
+    pub fn new(device: &Device, hp: AdamW) -> Result<Self> {
+        hp.check()?;
+        Ok(AdamwSchedule {
+            constants: Tensor::zeros(device, &[SCHEDULE_WORDS])?,
+            hp,
+            step: 0,
+        })
+    }
+
+    /// Uploads the constants of the next step and returns its number (1 for the first). Call it once
+    /// before each replay of a graph holding [`adamw_step_scheduled`] (or before each eager call).
+    pub fn advance(&mut self) -> Result<u64> {
+        let t = self.step.checked_add(1).ok_or(Error::OutOfRange {
+            op: "AdamwSchedule::advance",
+            arg: "step",
+            value: self.step as f64,
+            expected: "below u64::MAX (the steps taken so far)",
+        })?;
+        let c = self.hp.constants(t);
+        let words = [
+            c.decay,
+            c.beta1,
+            c.one_minus_beta1,
+            c.beta2,
+            c.one_minus_beta2,
+            c.step_size,
+            c.bc2_sqrt,
+            c.eps,
+        ];
+        self.constants.copy_from_slice(&words)?;
+        self.step = t;
+        Ok(t)
+    }
+
+    /// New hyperparameters (a learning-rate schedule, say) from the next [`AdamwSchedule::advance`] on.
+    pub fn set_hyperparameters(&mut self, hp: AdamW) -> Result<()> {
+        hp.check()?;
+        self.hp = hp;
+        Ok(())
+    }
+
+    /// The step whose constants are on the device (0 before the first advance).
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    pub fn hyperparameters(&self) -> &AdamW {
+        &self.hp
+    }
+}
+
 /// One AdamW step on `param` (f32 master weights) with `grad` (f32, same shape), updating `state`.
 pub fn adamw_step(
     param: &mut Tensor<f32>,
@@ -143,7 +211,38 @@ pub fn adamw_step(
     state: &mut AdamState,
     hp: &AdamW,
 ) -> Result<()> {
-    step_impl::<half::bf16>(param, grad, state, None, hp)
+    step_impl::<half::bf16>(param, grad, state, None, Constants::Host(hp))
+}
+
+/// [`adamw_step`] with the step's constants read from `schedule` on the device, so it can be captured
+/// into a graph (advance the schedule before each replay). `state.step` is left alone: the schedule
+/// counts the steps.
+pub fn adamw_step_scheduled(
+    param: &mut Tensor<f32>,
+    grad: &Tensor<f32>,
+    state: &mut AdamState,
+    schedule: &AdamwSchedule,
+) -> Result<()> {
+    step_impl::<half::bf16>(param, grad, state, None, Constants::Device(schedule))
+}
+
+/// [`adamw_step_with_copy`] with the constants from `schedule` ([`adamw_step_scheduled`]).
+pub fn adamw_step_scheduled_with_copy<C: Element>(
+    param: &mut Tensor<f32>,
+    grad: &Tensor<f32>,
+    state: &mut AdamState,
+    copy: &mut Tensor<C>,
+    schedule: &AdamwSchedule,
+) -> Result<()> {
+    step_impl(param, grad, state, Some(copy), Constants::Device(schedule))
+}
+
+/// Where a step's constants come from.
+enum Constants<'a> {
+    /// Computed on the host for `state.step + 1`, in the launch parameters (not capturable).
+    Host(&'a AdamW),
+    /// Read from a schedule's device memory.
+    Device(&'a AdamwSchedule),
 }
 
 /// [`adamw_step`] that also writes `copy = round(param)` (bf16 or f16, same shape) in the same pass:
@@ -155,7 +254,7 @@ pub fn adamw_step_with_copy<C: Element>(
     copy: &mut Tensor<C>,
     hp: &AdamW,
 ) -> Result<()> {
-    step_impl(param, grad, state, Some(copy), hp)
+    step_impl(param, grad, state, Some(copy), Constants::Host(hp))
 }
 
 fn step_impl<C: Element>(
@@ -163,14 +262,29 @@ fn step_impl<C: Element>(
     grad: &Tensor<f32>,
     state: &mut AdamState,
     copy: Option<&mut Tensor<C>>,
-    hp: &AdamW,
+    constants: Constants<'_>,
 ) -> Result<()> {
-    hp.check()?;
     validate::non_empty(OP, "param", param)?;
-    // the step count (bias correction) is a launch parameter: a replay would repeat this step's
-    param.device().refuse_changing_params_in_capture(
-        "adamw_step (its step count, for the bias correction, is a launch parameter)",
-    )?;
+    match constants {
+        Constants::Host(hp) => {
+            hp.check()?;
+            // the step count (bias correction) is a launch parameter: a replay would repeat this step's
+            param.device().refuse_changing_params_in_capture(
+                "adamw_step (its step count, for the bias correction, is a launch parameter; \
+                 adamw_step_scheduled reads it from device memory)",
+            )?;
+        }
+        Constants::Device(schedule) => {
+            if schedule.step == 0 {
+                return Err(Error::InvalidState {
+                    op: OP,
+                    message:
+                        "the AdamwSchedule is at step 0: call its advance() before the first step"
+                            .into(),
+                });
+            }
+        }
+    }
     let shape = param.shape().to_vec();
     validate::shape(OP, "grad", grad, &shape, "the shape of param")?;
     validate::shape(OP, "state.m", &state.m, &shape, "the shape of param")?;
@@ -191,15 +305,34 @@ fn step_impl<C: Element>(
         validate::shape(OP, "copy", c, &shape, "the shape of param")?;
     }
     let n = validate::fits_u32(OP, "param", param.numel())?;
-    // the step this call takes (1 for the first); a count that cannot advance is an error, not a wrap
-    // to step 0 (whose bias corrections are 0: inf and NaN weights)
-    let t = state.step.checked_add(1).ok_or(Error::OutOfRange {
-        op: OP,
-        arg: "state.step",
-        value: state.step as f64,
-        expected: "below u64::MAX (the steps taken so far)",
-    })?;
-    let c = hp.constants(t);
+    // the constants of the step this call takes (1 for the first); a count that cannot advance is an
+    // error, not a wrap to step 0 (whose bias corrections are 0: inf and NaN weights)
+    let (c, next_step, schedule) = match constants {
+        Constants::Host(hp) => {
+            let t = state.step.checked_add(1).ok_or(Error::OutOfRange {
+                op: OP,
+                arg: "state.step",
+                value: state.step as f64,
+                expected: "below u64::MAX (the steps taken so far)",
+            })?;
+            (hp.constants(t), t, None)
+        }
+        // the kernel reads the schedule's; the launch's own are NaN, so a kernel that used them
+        // would poison every weight
+        Constants::Device(s) => {
+            let nan = AdamwConstants {
+                decay: f32::NAN,
+                beta1: f32::NAN,
+                one_minus_beta1: f32::NAN,
+                beta2: f32::NAN,
+                one_minus_beta2: f32::NAN,
+                step_size: f32::NAN,
+                bc2_sqrt: f32::NAN,
+                eps: f32::NAN,
+            };
+            (nan, state.step, Some(&s.constants))
+        }
+    };
     let plan = LaunchPlan::elementwise(param.numel(), LK_SIMT_THREADS, MAX_BLOCKS);
     let device = param.device().clone();
     let has_copy = copy.is_some();
@@ -212,6 +345,10 @@ fn step_impl<C: Element>(
     if let Some(copy) = copy {
         args.push(Arg::Out("copy", copy));
     }
+    let has_schedule = schedule.is_some();
+    if let Some(schedule) = schedule {
+        args.push(Arg::In("schedule", schedule));
+    }
     device.launch(OP, kernel, &plan, &mut args, |ptr| LkAdamwParams {
         grad: ptr[0] as *const f32,
         param: ptr[1] as *mut f32,
@@ -222,17 +359,24 @@ fn step_impl<C: Element>(
         } else {
             std::ptr::null_mut()
         },
+        schedule: if has_schedule {
+            ptr[ptr.len() - 1] as *const LkAdamwConstants
+        } else {
+            std::ptr::null()
+        },
         n,
-        decay: c.decay,
-        beta1: c.beta1,
-        one_minus_beta1: c.one_minus_beta1,
-        beta2: c.beta2,
-        one_minus_beta2: c.one_minus_beta2,
-        step_size: c.step_size,
-        bc2_sqrt: c.bc2_sqrt,
-        eps: c.eps,
+        c: LkAdamwConstants {
+            decay: c.decay,
+            beta1: c.beta1,
+            one_minus_beta1: c.one_minus_beta1,
+            beta2: c.beta2,
+            one_minus_beta2: c.one_minus_beta2,
+            step_size: c.step_size,
+            bc2_sqrt: c.bc2_sqrt,
+            eps: c.eps,
+        },
     })?;
-    state.step = t;
+    state.step = next_step;
     Ok(())
 }
 

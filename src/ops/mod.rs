@@ -14,8 +14,8 @@ pub(crate) mod validate;
 mod workspace;
 
 pub use adamw::{
-    AdamState, AdamW, AdamwConstants, adamw_step, adamw_step_with_copy,
-    reference_step as adamw_reference_step,
+    AdamState, AdamW, AdamwConstants, AdamwSchedule, adamw_step, adamw_step_scheduled,
+    adamw_step_scheduled_with_copy, adamw_step_with_copy, reference_step as adamw_reference_step,
 };
 pub use launch::mma_tile;
 pub use lora::{
