@@ -176,8 +176,26 @@ fn many_adapter_forward_replays_with_new_maps_and_a_changed_set_refuses() {
         refused(
             "a changed adapter set",
             graph.replay(),
-            &["`adapter table`", "dropped"],
+            &["`adapter table`", "AdapterSet changed"],
         );
+        // changing the set, or the map, during a capture is refused before anything changes
+        let slots_before = set.occupied();
+        refused(
+            "AdapterSet::remove in a capture",
+            dev.capture(|| set.remove(1)),
+            &["AdapterSet::remove"],
+        );
+        refused(
+            "AdapterSet::add in a capture",
+            dev.capture(|| set.add(&at, &bt, *s).map(drop)),
+            &["AdapterSet::add"],
+        );
+        refused(
+            "AdapterIndex::update in a capture",
+            dev.capture(|| index.update(&set, &slots_of(&b1))),
+            &["copy_from_slice"],
+        );
+        assert_eq!(set.occupied(), slots_before, "the set is unchanged");
         // an update names the index's own set, of its length
         let other = set_of(&dev, &b1);
         refused(
