@@ -437,9 +437,9 @@ impl AdapterIndex {
     }
 
     /// Replaces the rows' slots in place (the same number of rows; `None`: no adapter), checked against
-    /// `set`, the set the index was built for, as [`AdapterIndex::new`] does, into the same device memory: a graph that captured a
-    /// many-adapter forward with this index replays with the new map (README, "Graphs"). An upload,
-    /// so not during a capture.
+    /// `set`, the set the index was built for, as [`AdapterIndex::new`] does, into the same device
+    /// memory: a graph that captured a many-adapter forward with this index replays with the new map
+    /// (README, "Graphs"). An upload, so not during a capture.
     pub fn update<A: Element>(&mut self, set: &AdapterSet<A>, rows: &[Option<u32>]) -> Result<()> {
         const OP: &str = "AdapterIndex::update";
         if rows.len() != self.len() {

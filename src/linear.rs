@@ -717,16 +717,15 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         };
         let ga = tr.da.cast_ref::<f32>().ok_or_else(not_f32)?;
         let gb = tr.db.cast_ref::<f32>().ok_or_else(not_f32)?;
-        let a = ad.a.cast_mut::<f32>().ok_or_else(not_f32)?;
-        match optimizer {
-            Optimizer::Host(hp) => ops::adamw_step(a, ga, sa, hp)?,
-            Optimizer::Device(schedule) => ops::adamw_step_scheduled(a, ga, sa, schedule)?,
-        }
-        let b = ad.b.cast_mut::<f32>().ok_or_else(not_f32)?;
-        match optimizer {
-            Optimizer::Host(hp) => ops::adamw_step(b, gb, sb, hp),
-            Optimizer::Device(schedule) => ops::adamw_step_scheduled(b, gb, sb, schedule),
-        }
+        let step =
+            |param: &mut Tensor<f32>, grad: &Tensor<f32>, state: &mut AdamState| match optimizer {
+                Optimizer::Host(hp) => ops::adamw_step(param, grad, state, hp),
+                Optimizer::Device(schedule) => {
+                    ops::adamw_step_scheduled(param, grad, state, schedule)
+                }
+            };
+        step(ad.a.cast_mut::<f32>().ok_or_else(not_f32)?, ga, sa)?;
+        step(ad.b.cast_mut::<f32>().ok_or_else(not_f32)?, gb, sb)
     }
 }
 

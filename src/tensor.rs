@@ -100,9 +100,7 @@ fn checked_numel<T>(op: &'static str, shape: &[usize]) -> Result<usize> {
 impl<T: Element> Tensor<T> {
     /// Uploads `data` (row-major, `shape.iter().product()` elements).
     pub fn from_slice(device: &Device, data: &[T], shape: &[usize]) -> Result<Self> {
-        // the queue lock first: no capture begins between the check and the allocation
-        let _queue = device.queue();
-        device.refuse_in_capture("Tensor::from_slice (an allocation and an upload)")?;
+        let _queue = device.host_access("Tensor::from_slice (an allocation and an upload)")?;
         let n = checked_numel::<T>("Tensor::from_slice", shape)?;
         if data.len() != n {
             return Err(Error::DataLength {
@@ -135,8 +133,7 @@ impl<T: Element> Tensor<T> {
 
     /// A tensor of zeros.
     pub fn zeros(device: &Device, shape: &[usize]) -> Result<Self> {
-        let _queue = device.queue();
-        device.refuse_in_capture("Tensor::zeros (an allocation)")?;
+        let _queue = device.host_access("Tensor::zeros (an allocation)")?;
         let n = checked_numel::<T>("Tensor::zeros", shape)?;
         let storage = match device.backend() {
             Backend::Cuda(c) => Storage::Cuda(
@@ -161,8 +158,7 @@ impl<T: Element> Tensor<T> {
     /// (NaN) and counts as never written: initcheck reports any kernel read of an element before a
     /// kernel wrote it, and the tests' reference comparison catches any element left unwritten.
     pub(crate) fn for_output(device: &Device, shape: &[usize]) -> Result<Self> {
-        let _queue = device.queue();
-        device.refuse_in_capture("allocating an output or scratch tensor (an op without its `_into` form, or a workspace without a buffer of this size yet)")?;
+        let _queue = device.host_access("allocating an output or scratch tensor (an op without its `_into` form, or a workspace without a buffer of this size yet)")?;
         checked_numel::<T>("Tensor::for_output", shape)?;
         match device.backend() {
             Backend::Cuda(c) => {
@@ -284,9 +280,7 @@ impl<T: Element> Tensor<T> {
 
     /// Downloads the contents (waits for queued work on a GPU).
     pub fn to_vec(&self) -> Result<Vec<T>> {
-        let _queue = self.device.queue();
-        self.device
-            .refuse_in_capture("Tensor::to_vec (a download)")?;
+        let _queue = self.device.host_access("Tensor::to_vec (a download)")?;
         match &self.storage {
             Storage::Cuda(s) => {
                 let stream = cuda_stream(&self.device);
@@ -310,9 +304,9 @@ impl<T: Element> Tensor<T> {
                 shape: self.shape.clone(),
             });
         }
-        let _queue = self.device.queue();
-        self.device
-            .refuse_in_capture("Tensor::copy_from_slice (an upload)")?;
+        let _queue = self
+            .device
+            .host_access("Tensor::copy_from_slice (an upload)")?;
         match &mut self.storage {
             Storage::Cuda(s) => {
                 let stream = cuda_stream(&self.device);
@@ -350,8 +344,7 @@ impl<T: Element> Tensor<T> {
         if len == 0 {
             return Ok(());
         }
-        let _queue = self.device.queue();
-        self.device.refuse_in_capture("a copy between tensors")?;
+        let _queue = self.device.host_access("a copy between tensors")?;
         match (&mut self.storage, &src.storage) {
             (Storage::Cuda(d), Storage::Cuda(s)) => {
                 let stream = cuda_stream(&self.device);
@@ -455,15 +448,14 @@ impl U32Buffer {
     /// `len` values that the next kernel writes completely (zeroed on a GPU; on the emulator tracked as
     /// never written, as [`Tensor::for_output`]).
     pub(crate) fn for_output(device: &Device, len: usize) -> Result<Self> {
-        let _queue = device.queue();
-        device.refuse_in_capture(
+        let _queue = device.host_access(
             "allocating a count buffer (merge counts its non-finite values and reads them back)",
         )?;
         let storage = match device.backend() {
             Backend::Cuda(c) => Storage::Cuda(
                 c.stream()
                     .alloc_zeros::<u32>(len)
-                    .map_err(Error::cuda("allocating a count buffer (merge counts its non-finite values and reads them back)"))?,
+                    .map_err(Error::cuda("allocating a count buffer"))?,
             ),
             Backend::Emulator(..) => Storage::Host(GuardedBuf::uninit(
                 len.checked_mul(4)
@@ -480,9 +472,7 @@ impl U32Buffer {
 
     /// Downloads the values (waits for queued work on a GPU).
     pub(crate) fn to_vec(&self) -> Result<Vec<u32>> {
-        let _queue = self.device.queue();
-        self.device
-            .refuse_in_capture("reading a count buffer back")?;
+        let _queue = self.device.host_access("reading a count buffer back")?;
         match &self.storage {
             Storage::Cuda(s) => cuda_stream(&self.device)
                 .clone_dtoh(s)

@@ -337,6 +337,30 @@ impl Drop for GuardedBuf {
     }
 }
 
+/// A launch argument's host buffer (Device::launch has checked it is on this emulator) and whether the
+/// kernel may write it.
+fn host_arg<'a>(arg: &'a mut Arg<'_>) -> (&'a GuardedBuf, bool) {
+    match arg {
+        Arg::In(_, b) => match b.storage() {
+            StorageRef::Host(h) => (h, false),
+            StorageRef::Cuda(_) => unreachable!("device checked by Device::launch"),
+        },
+        Arg::Out(_, b) => match b.storage_mut() {
+            StorageMut::Host(h) => (&*h, true),
+            StorageMut::Cuda(_) => unreachable!("device checked by Device::launch"),
+        },
+    }
+}
+
+/// The error for a changed guard byte of argument `arg` (`offset` from its `len` data bytes).
+fn guard_breached(kernel: &'static str, arg: &'static str, offset: isize, len: usize) -> Error {
+    Error::OutOfBounds {
+        kernel,
+        arg,
+        detail: format!("byte offset {offset} relative to its {len} data bytes"),
+    }
+}
+
 pub(crate) fn launch<P: KernelParams>(
     cfg: &EmuConfig,
     kernel: &'static Kernel<P>,
@@ -352,16 +376,7 @@ pub(crate) fn launch<P: KernelParams>(
         .iter_mut()
         .zip(&names)
         .map(|(arg, name)| {
-            let (h, writable) = match arg {
-                Arg::In(_, b) => match b.storage() {
-                    StorageRef::Host(h) => (h, false),
-                    StorageRef::Cuda(_) => unreachable!("device checked by Device::launch"),
-                },
-                Arg::Out(_, b) => match b.storage_mut() {
-                    StorageMut::Host(h) => (&*h, true),
-                    StorageMut::Cuda(_) => unreachable!("device checked by Device::launch"),
-                },
-            };
+            let (h, writable) = host_arg(arg);
             LkEmuRegion {
                 base: h.data_ptr() as u64,
                 len: h.len as u64,
@@ -430,21 +445,13 @@ pub(crate) fn record<P: KernelParams>(
     let recorded: Vec<RecordedArg> = args
         .iter_mut()
         .map(|arg| {
-            let (h, writable) = match arg {
-                Arg::In(_, b) => match b.storage() {
-                    StorageRef::Host(h) => (h.guards(), false),
-                    StorageRef::Cuda(_) => unreachable!("device checked by Device::launch"),
-                },
-                Arg::Out(_, b) => match b.storage_mut() {
-                    StorageMut::Host(h) => (h.guards(), true),
-                    StorageMut::Cuda(_) => unreachable!("device checked by Device::launch"),
-                },
-            };
+            let (h, writable) = host_arg(arg);
+            let guards = h.guards();
             RecordedArg {
                 name: arg.name(),
                 c_name: CString::new(arg.name()).expect("argument names have no NUL"),
                 writable,
-                guards: h,
+                guards,
             }
         })
         .collect();
@@ -498,14 +505,7 @@ impl Recorded {
         for a in &self.args {
             // SAFETY: alive, by the caller's guarantee.
             if let Some(offset) = unsafe { a.guards.breach() } {
-                return Err(Error::OutOfBounds {
-                    kernel: self.kernel,
-                    arg: a.name,
-                    detail: format!(
-                        "byte offset {offset} relative to its {} data bytes",
-                        a.guards.len
-                    ),
-                });
+                return Err(guard_breached(self.kernel, a.name, offset, a.guards.len));
             }
         }
         Ok(())
@@ -537,14 +537,7 @@ fn check_all_guards(kernel: &'static str, args: &[Arg<'_>]) -> Result<()> {
     for arg in args {
         if let StorageRef::Host(h) = arg.buffer().storage() {
             if let Some(offset) = h.check_guards() {
-                return Err(Error::OutOfBounds {
-                    kernel,
-                    arg: arg.name(),
-                    detail: format!(
-                        "byte offset {offset} relative to its {} data bytes",
-                        h.bytes().len()
-                    ),
-                });
+                return Err(guard_breached(kernel, arg.name(), offset, h.bytes().len()));
             }
         }
     }

@@ -55,6 +55,26 @@ impl CaptureLog {
             deferred: Vec::new(),
         }
     }
+
+    /// Notes the buffers of a launch of `kernel` by `op` (each once).
+    pub(crate) fn note(&mut self, op: &'static str, kernel: &'static str, args: &[Arg<'_>]) {
+        for a in args {
+            let alive = a.buffer().alive();
+            if !self.buffers.iter().any(|c| c.alive.ptr_eq(&alive)) {
+                self.buffers.push(Captured {
+                    op,
+                    kernel,
+                    arg: a.name(),
+                    alive,
+                });
+            }
+        }
+        self.launches += 1;
+    }
+
+    pub(crate) fn push(&mut self, record: emu::Recorded) {
+        self.records.push(record);
+    }
 }
 
 /// A tensor a captured launch uses, for the replay's check that it is still there.
@@ -75,26 +95,9 @@ impl std::fmt::Display for Captured {
     }
 }
 
-impl CaptureLog {
-    /// Notes the buffers of a launch of `kernel` by `op` (each once).
-    pub(crate) fn note(&mut self, op: &'static str, kernel: &'static str, args: &[Arg<'_>]) {
-        for a in args {
-            let alive = a.buffer().alive();
-            if !self.buffers.iter().any(|c| c.alive.ptr_eq(&alive)) {
-                self.buffers.push(Captured {
-                    op,
-                    kernel,
-                    arg: a.name(),
-                    alive,
-                });
-            }
-        }
-        self.launches += 1;
-    }
-
-    pub(crate) fn push(&mut self, record: emu::Recorded) {
-        self.records.push(record);
-    }
+/// The first of `buffers` whose tensor is gone (or whose memory may have changed).
+fn first_gone(buffers: &[Captured]) -> Option<&Captured> {
+    buffers.iter().find(|c| c.alive.strong_count() == 0)
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -197,7 +200,7 @@ impl Device {
         // the tensors dropped during the capture: freed now that it has ended
         log.deferred.clear();
         result?;
-        if let Some(c) = log.buffers.iter().find(|c| c.alive.strong_count() == 0) {
+        if let Some(c) = first_gone(&log.buffers) {
             return Err(Error::InvalidState {
                 op: "Device::capture",
                 message: format!(
@@ -249,6 +252,15 @@ impl Device {
         self.refuse_with(what, CAPTURE_HINT)
     }
 
+    /// The queue lock (see `Inner::queue`), for host work on the device's memory (`what`: an allocation,
+    /// a transfer, a copy), or an error when a capture is in progress. The check is made under the lock,
+    /// which a capture takes to begin and end, so the work cannot land in a capture that begins meanwhile.
+    pub(crate) fn host_access(&self, what: &str) -> Result<MutexGuard<'_, ()>> {
+        let queue = lock(&self.inner.queue);
+        self.refuse_in_capture(what)?;
+        Ok(queue)
+    }
+
     /// An error when a capture is in progress: `what` launches kernels whose parameters change from
     /// call to call (a step count, a dropout offset), which a replay would repeat.
     pub(crate) fn refuse_changing_params_in_capture(&self, what: &str) -> Result<()> {
@@ -261,15 +273,19 @@ impl Device {
 
     fn refuse_with(&self, what: &str, hint: &str) -> Result<()> {
         if self.is_capturing() {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "{what}: not possible during a graph capture of {}",
-                    self.describe()
-                ),
-                hint: hint.into(),
-            });
+            return Err(self.capture_refusal(what, hint));
         }
         Ok(())
+    }
+
+    fn capture_refusal(&self, what: &str, hint: &str) -> Error {
+        Error::Unsupported {
+            what: format!(
+                "{what}: not possible during a graph capture of {}",
+                self.describe()
+            ),
+            hint: hint.into(),
+        }
     }
 }
 
@@ -319,9 +335,9 @@ impl Graph {
         let _queue = lock(&self.device.inner.queue);
         // a capture of this device (a framework's capture of the stream may hold a replay: a child graph)
         if lock(&self.device.inner.capture).active.is_some() {
-            return self.device.refuse_in_capture("Graph::replay");
+            return Err(self.device.capture_refusal("Graph::replay", CAPTURE_HINT));
         }
-        if let Some(c) = self.buffers.iter().find(|c| c.alive.strong_count() == 0) {
+        if let Some(c) = first_gone(&self.buffers) {
             return Err(Error::InvalidState {
                 op: "Graph::replay",
                 message: format!(

@@ -28,10 +28,11 @@ pub struct Device {
 
 struct Inner {
     backend: Backend,
-    /// Held while this device's memory is touched from the host side of the crate: an emulator launch, a
-    /// host transfer, a tensor's drop, a graph replay. The device is one stream: this keeps a replay (which
-    /// checks its tensors are alive, then runs) whole against a tensor dropped or written on another
-    /// thread.
+    /// Held while this device's memory is touched from the host side of the crate: an emulator launch, an
+    /// allocation, a host transfer, a tensor's drop, a graph replay, a capture's beginning and end. The
+    /// device is one stream: this keeps a replay (which checks its tensors are alive, then runs) whole
+    /// against a tensor dropped or written on another thread, and another thread's host work out of a
+    /// capture that begins or ends meanwhile. Taken before the capture lock, never after.
     queue: Mutex<()>,
     capture: Mutex<graph::CaptureState>,
 }
