@@ -223,7 +223,7 @@ __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiPara
             }
     };
     const bool interior = m0 + BM <= p.m && n0 + Width<NI>::BN <= n_out;
-    const LkDropout none{0, 0, 0, 0};
+    const LkDropout none{0, 0, 0, 0, nullptr};
     // main tiles (fused only) by 16-byte copies when X and W0 allow them
     if (shrink || (p.flags & (LK_ALIGNED_A | LK_ALIGNED_B)) == (LK_ALIGNED_A | LK_ALIGNED_B))
         k_loop<false, true>(low, main, lt, false, acc, as_all, bs_all, m0, n0, p.m, n_out, interior, none, after_low);

@@ -7,10 +7,14 @@
 //! and the backward regenerate the same mask, the GPU and the emulator compute the same bits (one
 //! source, kernels/include/lk_philox.cuh), and [`Dropout::keeps`] here is the same function for the CPU
 //! reference. A trainer draws a new `offset` per step (or per layer call) to get a fresh mask, and
-//! passes the forward's [`Dropout`] to the backward.
+//! passes the forward's [`Dropout`] to the backward. In a captured graph the offset cannot be a launch
+//! parameter (a replay repeats those): a [`DropoutSchedule`] keeps it in device memory, where the
+//! kernels read it, and the host moves it between replays.
 
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::params::LkDropout;
+use crate::tensor::U32Buffer;
 
 /// The dropout of one layer call: probability `p ∈ [0, 1)`, and the `(seed, offset)` that pick the mask.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -121,7 +125,145 @@ impl Dropout {
             offset: self.offset,
             threshold: self.threshold(),
             reserved: 0,
+            offset_words: std::ptr::null(),
         }
+    }
+}
+
+/// A dropout whose offset lives in device memory, for graphs ([`crate::Device::capture`]): a replay
+/// repeats its launches' parameters, so an op given `&schedule` reads the mask's offset from here, and
+/// the host moves it on before each replay ([`DropoutSchedule::advance`], an upload outside the
+/// capture). The probability and the seed are fixed. Pass the same schedule, unmoved, to the forward
+/// and its backward (they must apply the same mask); the masks are [`Dropout`]'s at the same offset,
+/// bit for bit.
+pub struct DropoutSchedule {
+    dropout: Dropout,
+    /// The offset on the device: two u32 words, the low one first.
+    words: U32Buffer,
+}
+
+impl std::fmt::Debug for DropoutSchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DropoutSchedule")
+            .field("dropout", &self.dropout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn offset_words(offset: u64) -> [u32; 2] {
+    [offset as u32, (offset >> 32) as u32]
+}
+
+impl DropoutSchedule {
+    /// A schedule on `device` whose first mask is `dropout`'s (its p, seed and offset).
+    pub fn new(device: &Device, dropout: Dropout) -> Result<Self> {
+        let words = U32Buffer::from_slice(
+            device,
+            &offset_words(dropout.offset),
+            "DropoutSchedule::new (an allocation and an upload)",
+        )?;
+        Ok(DropoutSchedule { dropout, words })
+    }
+
+    /// The mask the next op given this schedule applies: p, seed and the offset now on the device (for
+    /// the CPU reference, [`Dropout::keeps`]).
+    pub fn dropout(&self) -> Dropout {
+        self.dropout
+    }
+
+    /// Sets the offset on the device (an upload, queued after the work before it).
+    pub fn set_offset(&mut self, offset: u64) -> Result<()> {
+        self.words.write(
+            &offset_words(offset),
+            "DropoutSchedule::set_offset (an upload)",
+        )?;
+        self.dropout.offset = offset;
+        Ok(())
+    }
+
+    /// Moves to the next offset (a fresh mask) and returns it: call it once per training step, before
+    /// each replay of a graph holding the step (or before each eager call).
+    pub fn advance(&mut self) -> Result<u64> {
+        let next = self
+            .dropout
+            .offset
+            .checked_add(1)
+            .ok_or(Error::OutOfRange {
+                op: "DropoutSchedule::advance",
+                arg: "offset",
+                value: self.dropout.offset as f64,
+                expected: "below u64::MAX",
+            })?;
+        self.set_offset(next)?;
+        Ok(next)
+    }
+
+    /// Another p and seed, and the offset on the device kept (host only: for a capture, whose launches
+    /// take p and seed as parameters and read the offset from here).
+    pub(crate) fn retarget(&mut self, dropout: Dropout) {
+        self.dropout = Dropout {
+            offset: self.dropout.offset,
+            ..dropout
+        };
+    }
+
+    pub(crate) fn device(&self) -> &Device {
+        crate::device::RawBuffer::device(&self.words)
+    }
+}
+
+/// The `dropout` argument of the ops: a [`Dropout`], its offset a launch parameter, or a
+/// [`DropoutSchedule`] (`&schedule`), its offset read from device memory at each run (graphs). Both
+/// convert with `.into()`; the ops take `impl Into<DropoutArg>`, so either is passed as it is.
+#[derive(Clone, Copy, Debug)]
+pub enum DropoutArg<'a> {
+    Fixed(Dropout),
+    Scheduled(&'a DropoutSchedule),
+}
+
+impl From<Dropout> for DropoutArg<'_> {
+    fn from(d: Dropout) -> Self {
+        DropoutArg::Fixed(d)
+    }
+}
+
+impl<'a> From<&'a DropoutSchedule> for DropoutArg<'a> {
+    fn from(s: &'a DropoutSchedule) -> Self {
+        DropoutArg::Scheduled(s)
+    }
+}
+
+impl<'a> DropoutArg<'a> {
+    /// The mask it applies now (a schedule's: the offset on the device).
+    pub fn dropout(&self) -> Dropout {
+        match self {
+            DropoutArg::Fixed(d) => *d,
+            DropoutArg::Scheduled(s) => s.dropout,
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.dropout().is_active()
+    }
+
+    /// The buffer holding the offset, for a schedule.
+    pub(crate) fn offset_buffer(&self) -> Option<&'a U32Buffer> {
+        match self {
+            DropoutArg::Fixed(_) => None,
+            DropoutArg::Scheduled(s) => Some(&s.words),
+        }
+    }
+
+    /// The kernels' view of it, with `offset_words` the device address of [`DropoutArg::offset_buffer`]
+    /// (null for a fixed dropout). A schedule's launch offset is the complement of the one on the
+    /// device, so a kernel that read it instead would apply another mask (the tests would see it).
+    pub(crate) fn params(&self, offset_words: Option<u64>) -> LkDropout {
+        let mut p = self.dropout().params();
+        if let DropoutArg::Scheduled(_) = self {
+            p.offset = !p.offset;
+            p.offset_words = offset_words.unwrap_or(0) as *const u32;
+        }
+        p
     }
 }
 

@@ -30,7 +30,7 @@ pub mod tma;
 
 pub use adapter_set::{AdapterIndex, AdapterSet};
 pub use device::{Device, EmuConfig, Graph, MmaModel, ThreadOrder};
-pub use dropout::Dropout;
+pub use dropout::{Dropout, DropoutArg, DropoutSchedule};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use linear::{Adapter, LoraConfig, LoraLinear};

@@ -8,7 +8,7 @@
 use crate::adapter_set::{AdapterIndex, AdapterSet};
 use std::collections::BTreeMap;
 
-use crate::dropout::Dropout;
+use crate::dropout::{Dropout, DropoutArg, DropoutSchedule};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::ops::{
@@ -103,8 +103,11 @@ struct Training<T: Element, A: Element> {
     da: Tensor<A>,
     db: Tensor<A>,
     adam: Option<(AdamState, AdamState)>,
-    /// The dropout of the last train_forward (the backward's).
-    dropout: Dropout,
+    /// The dropout of the last train_forward (the backward's): a fixed one, or `dropout_schedule`'s
+    /// (a train_forward captured into a graph).
+    dropout: TrainDropout,
+    /// The mask's offset on the device, for a train_forward in a graph ([`LoraLinear::advance_dropout`]).
+    dropout_schedule: DropoutSchedule,
     /// A train_backward wrote da and db since these buffers were made (an optimizer step before that
     /// would apply the weight decay alone and count a step).
     has_grads: bool,
@@ -540,6 +543,25 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         self.dropout_seed = seed;
     }
 
+    /// For a graph ([`crate::Device::capture`]) holding this layer's [`LoraLinear::train_forward`] with
+    /// dropout: call it before each replay. The captured forward and backward read the mask's offset
+    /// from the layer's device memory (the probability and seed are the capture's); this uploads the
+    /// offset an eager `train_forward` would take now (the count of training forwards) and counts the
+    /// call, so replays and eager steps interleave with the masks of eager steps alone. Without it a
+    /// replay repeats the last mask. An upload: refused during a capture.
+    pub fn advance_dropout(&mut self) -> Result<()> {
+        const OP: &str = "LoraLinear::advance_dropout";
+        let Some(tr) = self.train.as_mut() else {
+            return Err(Error::InvalidState {
+                op: OP,
+                message: "no train_forward yet (capture one first)".into(),
+            });
+        };
+        tr.dropout_schedule.set_offset(self.dropout_calls)?;
+        self.dropout_calls += 1;
+        Ok(())
+    }
+
     fn new_training(&self, name: &str) -> Result<Training<T, A>> {
         let ad = &self.adapters[name];
         let dev = self.w0.device();
@@ -552,7 +574,8 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             da: Tensor::zeros(dev, ad.a.shape())?,
             db: Tensor::zeros(dev, ad.b.shape())?,
             adam: None,
-            dropout: Dropout::NONE,
+            dropout: TrainDropout::Fixed(Dropout::NONE),
+            dropout_schedule: DropoutSchedule::new(dev, Dropout::NONE)?,
             has_grads: false,
         })
     }
@@ -598,6 +621,15 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         } else {
             Dropout::NONE
         };
+        // In a graph the mask's offset is read from the layer's schedule, which advance_dropout moves
+        // before each replay; nothing runs now, so no call is counted.
+        let captured = dropout.is_active() && x.device().is_capturing();
+        let dropout = if captured {
+            tr.dropout_schedule.retarget(dropout);
+            TrainDropout::Scheduled
+        } else {
+            TrainDropout::Fixed(dropout)
+        };
         let (y, t) = (tr.y.as_mut().expect("made"), tr.t.as_mut().expect("made"));
         ops::lora_forward_into(
             x,
@@ -606,13 +638,15 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             &ad.b,
             self.bias.as_ref(),
             ad.config.scale(),
-            dropout,
+            dropout.arg(&tr.dropout_schedule),
             y,
             t,
             &mut tr.ws,
         )?;
         tr.dropout = dropout;
-        self.dropout_calls += 1;
+        if !captured {
+            self.dropout_calls += 1;
+        }
         Ok(tr.y.as_ref().expect("made"))
     }
 
@@ -647,7 +681,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             t,
             dy,
             ad.config.scale(),
-            tr.dropout,
+            tr.dropout.arg(&tr.dropout_schedule),
             if want_dx { tr.dx.as_mut() } else { None },
             &mut tr.da,
             &mut tr.db,
@@ -726,6 +760,22 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             };
         step(ad.a.cast_mut::<f32>().ok_or_else(not_f32)?, ga, sa)?;
         step(ad.b.cast_mut::<f32>().ok_or_else(not_f32)?, gb, sb)
+    }
+}
+
+/// The mask of the last train_forward: fixed (an eager call), or the layer's schedule's (a captured one).
+#[derive(Clone, Copy, Debug)]
+enum TrainDropout {
+    Fixed(Dropout),
+    Scheduled,
+}
+
+impl TrainDropout {
+    fn arg(self, schedule: &DropoutSchedule) -> DropoutArg<'_> {
+        match self {
+            TrainDropout::Fixed(d) => DropoutArg::Fixed(d),
+            TrainDropout::Scheduled => DropoutArg::Scheduled(schedule),
+        }
     }
 }
 

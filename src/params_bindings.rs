@@ -133,16 +133,17 @@ impl Default for LkL2ReadParams {
     }
 }
 #[repr(C)]
-#[derive(Debug, Default, Copy, Clone)]
+#[derive(Debug, Copy, Clone)]
 pub struct LkDropout {
     pub seed: u64,
     pub offset: u64,
     pub threshold: u32,
     pub reserved: u32,
+    pub offset_words: *const u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkDropout"][::core::mem::size_of::<LkDropout>() - 24usize];
+    ["Size of LkDropout"][::core::mem::size_of::<LkDropout>() - 32usize];
     ["Alignment of LkDropout"][::core::mem::align_of::<LkDropout>() - 8usize];
     [
         "Offset of field: LkDropout::seed",
@@ -156,7 +157,19 @@ const _: () = {
     [
         "Offset of field: LkDropout::reserved",
     ][::core::mem::offset_of!(LkDropout, reserved) - 20usize];
+    [
+        "Offset of field: LkDropout::offset_words",
+    ][::core::mem::offset_of!(LkDropout, offset_words) - 24usize];
 };
+impl Default for LkDropout {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct LkFusedGemmParams {
@@ -185,7 +198,7 @@ pub struct LkFusedGemmParams {
 const _: () = {
     [
         "Size of LkFusedGemmParams",
-    ][::core::mem::size_of::<LkFusedGemmParams>() - 136usize];
+    ][::core::mem::size_of::<LkFusedGemmParams>() - 144usize];
     [
         "Alignment of LkFusedGemmParams",
     ][::core::mem::align_of::<LkFusedGemmParams>() - 8usize];
@@ -443,7 +456,7 @@ pub struct LkLowrankGradParams {
 const _: () = {
     [
         "Size of LkLowrankGradParams",
-    ][::core::mem::size_of::<LkLowrankGradParams>() - 88usize];
+    ][::core::mem::size_of::<LkLowrankGradParams>() - 96usize];
     [
         "Alignment of LkLowrankGradParams",
     ][::core::mem::align_of::<LkLowrankGradParams>() - 8usize];

@@ -470,6 +470,47 @@ impl U32Buffer {
         })
     }
 
+    /// A buffer holding `data` (an upload; `what` names it in the errors).
+    pub(crate) fn from_slice(device: &Device, data: &[u32], what: &'static str) -> Result<Self> {
+        let _queue = device.host_access(what)?;
+        let storage = match device.backend() {
+            Backend::Cuda(c) => {
+                Storage::Cuda(c.stream().clone_htod(data).map_err(Error::cuda(what))?)
+            }
+            Backend::Emulator(..) => {
+                let mut buf = GuardedBuf::new(std::mem::size_of_val(data), 0)?;
+                buf.bytes_mut().copy_from_slice(bytemuck::cast_slice(data));
+                Storage::Host(buf)
+            }
+        };
+        Ok(U32Buffer {
+            len: data.len(),
+            storage,
+            device: device.clone(),
+            alive: Arc::default(),
+        })
+    }
+
+    /// Overwrites the values with `data` (its length; an upload queued after the work before it).
+    pub(crate) fn write(&mut self, data: &[u32], what: &'static str) -> Result<()> {
+        if data.len() != self.len {
+            return Err(Error::InvalidState {
+                op: what,
+                message: format!("{} values for a buffer of {}", data.len(), self.len),
+            });
+        }
+        let _queue = self.device.host_access(what)?;
+        match &mut self.storage {
+            Storage::Cuda(s) => cuda_stream(&self.device)
+                .memcpy_htod(data, s)
+                .map_err(Error::cuda(what)),
+            Storage::Host(h) => {
+                h.bytes_mut().copy_from_slice(bytemuck::cast_slice(data));
+                Ok(())
+            }
+        }
+    }
+
     /// Downloads the values (waits for queued work on a GPU).
     pub(crate) fn to_vec(&self) -> Result<Vec<u32>> {
         let _queue = self.device.host_access("reading a count buffer back")?;

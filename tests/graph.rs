@@ -21,7 +21,9 @@ use half::bf16;
 use lora_kernels::ops::{self, GradMode, Workspace};
 use lora_kernels::ops::{AdamW, AdamwSchedule};
 use lora_kernels::reference::Dims;
-use lora_kernels::{AdapterIndex, Device, Dropout, Element, Error, LoraConfig, LoraLinear, Tensor};
+use lora_kernels::{
+    AdapterIndex, Device, Dropout, DropoutSchedule, Element, Error, LoraConfig, LoraLinear, Tensor,
+};
 
 /// The small-M forward (M ≤ 16) and the general path with a ragged M, N, K.
 const SHAPES: [Dims; 3] = [
@@ -240,14 +242,68 @@ fn merge_replays_and_the_counting_merges_are_refused() {
     );
 }
 
+/// Dropout in a graph: the forward and backward captured with a `DropoutSchedule` (the mask's offset read
+/// from device memory) and replayed after each `advance`, with new inputs on the second replay, give the
+/// bits of the eager ops with a `Dropout` at that offset (which the dropout property tests check against
+/// the reference), each replay a new mask; the small-M shape takes the general path with dropout.
+#[test]
+fn dropout_schedule_replays_take_a_fresh_mask_each() {
+    for (i, dev) in emulators().iter().enumerate() {
+        for (j, d) in SHAPES.into_iter().enumerate() {
+            let mut rng = Rng::new(0xd7 + (i * 8 + j) as u64);
+            let mut l1 = Layer::<bf16, bf16>::random(&mut rng, d, 0.75, j != 1);
+            let mut l2 = common::graph::new_inputs(&mut rng, &l1);
+            let drop = Dropout::new(0.25, 11 + j as u64, 40).unwrap();
+            let mut schedule = DropoutSchedule::new(dev, drop).unwrap();
+            let mut s = Step::new(dev, &l1);
+            s.ops_with(true, GradMode::Overwrite, (&schedule).into())
+                .unwrap(); // warm-up
+            s.poison_outputs();
+            let graph = dev
+                .capture(|| s.ops_with(true, GradMode::Overwrite, (&schedule).into()))
+                .unwrap();
+            let mut seen = Vec::new();
+            for (replay, offset) in [41u64, 42, 43].into_iter().enumerate() {
+                assert_eq!(schedule.advance().unwrap(), offset);
+                // new inputs for the second replay, the first ones again for the third
+                let l = if replay == 1 { &mut l2 } else { &mut l1 };
+                l.dropout = drop.with_offset(offset);
+                s.x.copy_from_slice(&l.x).unwrap();
+                s.dy.copy_from_slice(&l.dy).unwrap();
+                let l = &*l;
+                s.poison_outputs();
+                graph.replay().unwrap();
+                let got = s.outputs().bits();
+                assert_eq!(
+                    got,
+                    run(dev, l, true).bits(),
+                    "{dev:?} {d:?}: replay at offset {offset}"
+                );
+                assert!(
+                    !seen.contains(&got),
+                    "{dev:?} {d:?}: offset {offset} masks anew"
+                );
+                seen.push(got);
+            }
+        }
+    }
+}
+
 /// A whole training step (LoraLinear's forward, the loss gradient, the backward, AdamW on f32 adapters
 /// with a learning-rate schedule) captured once and replayed, the AdamW constants from an
 /// `AdamwSchedule` advanced before each replay, gives the eager steps' bits (`optimizer_step` with the
-/// constants from the host).
+/// constants from the host); without and with LoRA dropout (the layer's mask offset moved by
+/// `advance_dropout` before each replay, so each replay takes the mask of the eager step it stands for).
 #[test]
 fn a_training_step_captured_whole_replays_as_the_eager_steps() {
     let (m, n, k, r) = (24, 40, 32, 8);
-    for dev in emulators().iter().take(2) {
+    let devices = emulators();
+    for (dev, p) in [
+        (&devices[0], 0.0),
+        (&devices[1], 0.0),
+        (&devices[0], 0.2),
+        (&devices[2], 0.2),
+    ] {
         let mut rng = Rng::new(51);
         let w0: Vec<bf16> = rng.vec(n * k, 0.3);
         let xt = up::<bf16>(dev, &rng.vec(m * k, 1.0), &[m, k]);
@@ -255,7 +311,9 @@ fn a_training_step_captured_whole_replays_as_the_eager_steps() {
         let layer = || {
             let mut l =
                 LoraLinear::<bf16, f32>::with_f32_adapters(up(dev, &w0, &[n, k]), None).unwrap();
-            l.add_adapter("task", LoraConfig::new(r, 16.0), 7).unwrap();
+            l.add_adapter("task", LoraConfig::new(r, 16.0).with_dropout(p), 7)
+                .unwrap();
+            l.set_dropout_seed(5);
             l
         };
         let hp = |t: u64| AdamW {
@@ -286,9 +344,19 @@ fn a_training_step_captured_whole_replays_as_the_eager_steps() {
         let graph = dev
             .capture(|| step(&mut trained, &mut dy, &scheduled))
             .unwrap();
+        if p > 0.0 {
+            refused(
+                "advance_dropout",
+                dev.capture(|| trained.advance_dropout()),
+                &["DropoutSchedule::set_offset"],
+            );
+        }
         for t in 2..=STEPS {
             schedule.set_hyperparameters(hp(t)).unwrap();
             assert_eq!(schedule.advance().unwrap(), t);
+            if p > 0.0 {
+                trained.advance_dropout().unwrap();
+            }
             graph.replay().unwrap();
         }
         let (want, got) = (
@@ -306,12 +374,12 @@ fn a_training_step_captured_whole_replays_as_the_eager_steps() {
         assert_eq!(
             f32_bits(&got.a),
             f32_bits(&want.a),
-            "{dev:?}: A after {STEPS} steps"
+            "{dev:?} p {p}: A after {STEPS} steps"
         );
         assert_eq!(
             f32_bits(&got.b),
             f32_bits(&want.b),
-            "{dev:?}: B after {STEPS} steps"
+            "{dev:?} p {p}: B after {STEPS} steps"
         );
     }
 }
@@ -402,7 +470,19 @@ fn what_a_capture_cannot_record_is_refused_by_name() {
     refused(
         "dropout",
         dev.capture(|| s.forward(None, dropout)),
-        &["dropout", "same mask"],
+        &["with a Dropout", "same mask", "DropoutSchedule"],
+    );
+    // a schedule's offset moves by an upload, between replays
+    let mut schedule = DropoutSchedule::new(&dev, dropout).unwrap();
+    refused(
+        "DropoutSchedule::advance",
+        dev.capture(|| schedule.advance().map(drop)),
+        &["DropoutSchedule::set_offset", "capture"],
+    );
+    assert_eq!(
+        schedule.dropout(),
+        dropout,
+        "the refused advance kept the offset"
     );
     let mut param = Tensor::<f32>::zeros(&dev, &[8]).unwrap();
     let grad = Tensor::<f32>::from_slice(&dev, &[0.5; 8], &[8]).unwrap();

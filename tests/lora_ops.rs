@@ -696,3 +696,111 @@ fn mma_tile_takes_the_narrow_tiles_where_sms_idle() {
     assert_eq!(mma_tile(8192, 16, 132), (128, 64)); // N ≤ 64: half the padded columns
     assert_eq!(mma_tile(8192, 4160, 132), (128, 128));
 }
+
+/// A `DropoutSchedule` (the mask's offset in device memory, for graphs) gives the bits of a `Dropout`
+/// at the offset it holds, before and after `advance`, and a new offset gives a new mask: the forward's
+/// T (masked X as it is loaded, one chunk or several), dA and dX, layer-dtype and f32 adapters, M in the
+/// small-M range (with dropout the general path), 1 and ragged; on the emulator's four thread orders and
+/// the GPU when present. The launch's own offset is the complement of the schedule's, so a kernel that
+/// read it would fail here. A schedule on another device is refused before anything runs.
+#[test]
+fn dropout_schedule_gives_the_fixed_dropouts_bits() {
+    use common::lora::{check, run, run_with};
+    use lora_kernels::{DropoutSchedule, Error, Tensor, ops};
+    let shapes = [
+        (16, 64, 40, 8),
+        (1, 40, 24, 3),
+        (37, 97, 65, 16),
+        (5, 1100, 24, 7),
+    ];
+    for (i, dev) in common::all_devices().iter().enumerate() {
+        for (j, &(m, k, n, r)) in shapes.iter().enumerate() {
+            let d = Dims { m, n, k, r };
+            let stream = common::seed() ^ (0x5c4e + (i * 8 + j) as u64);
+            let mut rng = Rng::new(stream);
+            let first = 1 << 33 | j as u64;
+            let drop = dropout_of(0.3, stream, first);
+            let mut at = Layer::<bf16>::random(&mut rng, d, 1.25, j % 2 == 0);
+            let mut at32 = Layer::<bf16, f32>::random(&mut rng, d, -0.5, j % 2 == 1);
+            let mut schedule = DropoutSchedule::new(dev, drop).unwrap();
+            let mut previous = None;
+            for offset in [first, first + 1] {
+                assert_eq!(schedule.dropout(), drop.with_offset(offset));
+                at.dropout = drop.with_offset(offset);
+                let got = run_with(
+                    dev,
+                    &at,
+                    true,
+                    &mut ops::Workspace::new(),
+                    (&schedule).into(),
+                );
+                let want = run(dev, &at, true);
+                assert_eq!(got.bits(), want.bits(), "{dev:?} {d:?} offset {offset}");
+                check(&format!("{dev:?} {d:?} scheduled"), &at, &got, TOL_BF16);
+                at32.dropout = drop.with_offset(offset);
+                let got32 = run_with(
+                    dev,
+                    &at32,
+                    true,
+                    &mut ops::Workspace::new(),
+                    (&schedule).into(),
+                );
+                assert_eq!(
+                    got32.bits(),
+                    run(dev, &at32, true).bits(),
+                    "{dev:?} {d:?} f32 adapters"
+                );
+                if let Some(p) = previous.replace(got.bits()) {
+                    assert_ne!(
+                        p,
+                        got.bits(),
+                        "{dev:?} {d:?}: the advanced offset masks anew"
+                    );
+                }
+                if offset == first {
+                    assert_eq!(schedule.advance().unwrap(), first + 1);
+                }
+            }
+        }
+    }
+    // a schedule on another device: refused, nothing written
+    let (dev, other) = (
+        lora_kernels::Device::emulator(),
+        lora_kernels::Device::emulator(),
+    );
+    let (m, n, k, r) = (4, 8, 16, 2);
+    let up = |v: &[bf16], shape: &[usize]| Tensor::from_slice(&dev, v, shape).unwrap();
+    let mut rng = Rng::new(3);
+    let l = Layer::<bf16>::random(&mut rng, Dims { m, n, k, r }, 1.0, false);
+    let (x, w0, a, b) = (
+        up(&l.x, &[m, k]),
+        up(&l.w0, &[n, k]),
+        up(&l.a, &[r, k]),
+        up(&l.b, &[n, r]),
+    );
+    let mut y = Tensor::<bf16>::zeros(&dev, &[m, n]).unwrap();
+    let mut t = Tensor::<bf16>::zeros(&dev, &[m, r]).unwrap();
+    let elsewhere = DropoutSchedule::new(&other, dropout_of(0.5, 1, 2)).unwrap();
+    let e = ops::lora_forward_into(
+        &x,
+        &w0,
+        &a,
+        &b,
+        None,
+        1.0,
+        &elsewhere,
+        &mut y,
+        &mut t,
+        &mut ops::Workspace::new(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::DeviceMismatch { arg, .. } if arg.contains("DropoutSchedule")),
+        "{e}"
+    );
+    assert_eq!(
+        y.to_vec().unwrap(),
+        vec![bf16::ZERO; m * n],
+        "nothing written"
+    );
+}

@@ -133,6 +133,7 @@ template <int NI>
 __device__ __forceinline__ void scale_acc_dropout(float (&acc)[4][NI][4], float s, const LkDropout& d, uint32_t m0,
                                                uint32_t n0, uint32_t n) {
     const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, wm = warp / 4, wn = warp % 4;
+    const uint64_t offset = lk_dropout_offset(d);
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
@@ -143,13 +144,13 @@ __device__ __forceinline__ void scale_acc_dropout(float (&acc)[4][NI][4], float 
                 const uint64_t e = row * n + n0 + wn * Width<NI>::WN + ni * 8 + (lane % 4) * 2;
                 bool k0, k1;
                 if (e % 2 == 0) {
-                    const LkPhiloxWords w = lk_dropout_words(d, e / 4);
+                    const LkPhiloxWords w = lk_dropout_words_at(d, offset, e / 4);
                     const bool hi = e % 4 != 0;  // the pair is words 0, 1 or words 2, 3
                     k0 = (hi ? w.w[2] : w.w[0]) >= d.threshold;
                     k1 = (hi ? w.w[3] : w.w[1]) >= d.threshold;
                 } else {
-                    k0 = lk_dropout_keep(d, e);
-                    k1 = lk_dropout_keep(d, e + 1);
+                    k0 = lk_dropout_keep_at(d, offset, e);
+                    k1 = lk_dropout_keep_at(d, offset, e + 1);
                 }
                 // a dropped element contributes exactly 0 (not 0·acc, which is NaN for an infinite acc)
                 acc[mi][ni][2 * h] = k0 ? acc[mi][ni][2 * h] * s : 0.0f;

@@ -36,13 +36,28 @@ __device__ __forceinline__ uint32_t lk_philox_word(const LkPhiloxWords& w, uint3
     return i == 0 ? w.w[0] : i == 1 ? w.w[1] : i == 2 ? w.w[2] : w.w[3];
 }
 
-// The four 32-bit words of element group e / 4 (elements 4q .. 4q + 3 share one generator call).
-__device__ __forceinline__ LkPhiloxWords lk_dropout_words(const LkDropout& d, uint64_t group) {
-    return lk_philox4x32_10(uint32_t(group), uint32_t(group >> 32), uint32_t(d.offset), uint32_t(d.offset >> 32),
+// The mask's offset: the launch's, or the one in device memory (a schedule: read at each use, a cached
+// load beside the generator's ten rounds, so no kernel has to thread a resolved copy through).
+__device__ __forceinline__ uint64_t lk_dropout_offset(const LkDropout& d) {
+    return d.offset_words ? (uint64_t(d.offset_words[1]) << 32) | d.offset_words[0] : d.offset;
+}
+
+// The four 32-bit words of element group e / 4 (elements 4q .. 4q + 3 share one generator call) under
+// the mask's offset (lk_dropout_offset(d), which a loop over many groups reads once).
+__device__ __forceinline__ LkPhiloxWords lk_dropout_words_at(const LkDropout& d, uint64_t offset, uint64_t group) {
+    return lk_philox4x32_10(uint32_t(group), uint32_t(group >> 32), uint32_t(offset), uint32_t(offset >> 32),
                             uint32_t(d.seed), uint32_t(d.seed >> 32));
 }
 
+__device__ __forceinline__ LkPhiloxWords lk_dropout_words(const LkDropout& d, uint64_t group) {
+    return lk_dropout_words_at(d, lk_dropout_offset(d), group);
+}
+
 // Whether element e of X is kept.
+__device__ __forceinline__ bool lk_dropout_keep_at(const LkDropout& d, uint64_t offset, uint64_t e) {
+    return lk_philox_word(lk_dropout_words_at(d, offset, e / 4), uint32_t(e % 4)) >= d.threshold;
+}
+
 __device__ __forceinline__ bool lk_dropout_keep(const LkDropout& d, uint64_t e) {
-    return lk_philox_word(lk_dropout_words(d, e / 4), uint32_t(e % 4)) >= d.threshold;
+    return lk_dropout_keep_at(d, lk_dropout_offset(d), e);
 }

@@ -76,10 +76,11 @@ __device__ __forceinline__ void lk_load_chunk_dropout(T* dst, const T* base, uin
     uint16_t* e = reinterpret_cast<uint16_t*>(&raw);
     if (row < nrows && col < ncols) {
         const T* src = base + size_t(row) * ld;
-        const uint64_t e0 = uint64_t(row) * ld + col;
+        const uint64_t e0 = uint64_t(row) * ld + col, offset = lk_dropout_offset(d);
         if (VEC && col + 8 <= ncols) {  // e0 % 8 == 0 (ld % 8 == 0): two whole generator calls
             raw = *lk_vec<uint4>(src + col);
-            const LkPhiloxWords w0 = lk_dropout_words(d, e0 / 4), w1 = lk_dropout_words(d, e0 / 4 + 1);
+            const LkPhiloxWords w0 = lk_dropout_words_at(d, offset, e0 / 4),
+                                w1 = lk_dropout_words_at(d, offset, e0 / 4 + 1);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 if (w0.w[i] < d.threshold) e[i] = 0;
@@ -88,7 +89,7 @@ __device__ __forceinline__ void lk_load_chunk_dropout(T* dst, const T* base, uin
         } else {
 #pragma unroll
             for (uint32_t i = 0; i < 8; ++i)
-                if (col + i < ncols && lk_dropout_keep(d, e0 + i)) e[i] = lk_bits16(&src[col + i]);
+                if (col + i < ncols && lk_dropout_keep_at(d, offset, e0 + i)) e[i] = lk_bits16(&src[col + i]);
         }
     }
     *lk_vec<uint4>(dst) = raw;

@@ -53,6 +53,10 @@ typedef struct LkDropout {
     uint64_t offset;
     uint32_t threshold;
     uint32_t reserved;
+    /* Non-null: the offset is read from device memory here instead (two u32 words, the low one first;
+     * a DropoutSchedule, src/dropout.rs), so a captured graph's replays can take a fresh mask each, and
+     * `offset` is not read. */
+    const uint32_t* offset_words;
 } LkDropout;
 
 /* fused_gemm tiling, shared with the Rust launch plan: BM × BN output tile per block of

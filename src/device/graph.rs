@@ -262,7 +262,7 @@ impl Device {
     }
 
     /// An error when a capture is in progress: `what` launches kernels whose parameters change from
-    /// call to call (a step count, a dropout offset), which a replay would repeat.
+    /// call to call (a step count, a fixed dropout's offset), which a replay would repeat.
     pub(crate) fn refuse_changing_params_in_capture(&self, what: &str) -> Result<()> {
         self.refuse_with(
             what,

@@ -2,7 +2,7 @@
 //! tensors and launches once. The public ops (forward, backward, merge) validate, then call these.
 
 use crate::device::Arg;
-use crate::dropout::Dropout;
+use crate::dropout::{Dropout, DropoutArg};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernel::{Kernel, kernels};
@@ -106,7 +106,7 @@ pub(crate) fn project<T: Element, R: Element>(
     q: &Tensor<R>,
     out: &mut Tensor<T>,
     (m, inner, rank): (usize, usize, usize),
-    dropout: &Dropout,
+    dropout: DropoutArg<'_>,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
     let chunks = projection_splits(inner);
@@ -231,7 +231,7 @@ pub(crate) struct FusedGemm<'a, T: Element, R: Element = T> {
     pub rank: usize,
     pub scale: f32,
     /// The dropout mask and where it applies (the scale then includes 1/(1 − p)).
-    pub dropout: Option<(LkDropout, MaskAt)>,
+    pub dropout: Option<(DropoutArg<'a>, MaskAt)>,
 }
 
 /// A reduction over `rank` cut into `splits` fixed chunks of `per_split` (grid z): each block writes its
@@ -379,21 +379,30 @@ pub(crate) fn fused_gemm<T: Element, R: Element>(
         args.push(Arg::In("bias", bias));
     }
     let c_index = args.len();
-    match split {
-        None => args.push(Arg::Out("c", c)),
+    let partial_index = match split {
+        None => {
+            args.push(Arg::Out("c", c));
+            None
+        }
         Some(s) => {
             // The kernel leaves c alone when it writes partials; listing c keeps the argument order.
             args.push(Arg::In("c", &*c));
             args.push(Arg::Out("partial", s.partial));
+            Some(c_index + 1)
         }
-    }
+    };
     let has_bias = g.bias.is_some();
     let device = g.a.device().clone();
     let (dropout, mask_flag) = match g.dropout {
-        None => (Dropout::NONE.params(), 0),
+        None => (DropoutArg::Fixed(Dropout::NONE), 0),
         Some((d, MaskAt::L)) => (d, LK_DROPOUT_L),
         Some((d, MaskAt::LowRankSum)) => (d, LK_DROPOUT_ACC),
     };
+    // a schedule's offset is read from its buffer: listed last, for the guards and the graph's checks
+    let offset_index = dropout.offset_buffer().map(|b| {
+        args.push(Arg::In("dropout offset", b));
+        args.len() - 1
+    });
     device.launch(op, kernel, &plan, &mut args, |ptr| {
         let flags = mask_flag
             | aligned_flags(&[
@@ -424,11 +433,9 @@ pub(crate) fn fused_gemm<T: Element, R: Element>(
             ldc: n,
             flags,
             scale: g.scale,
-            partial: ptr
-                .get(c_index + 1)
-                .map_or(std::ptr::null_mut(), |&p| p as *mut f32),
+            partial: partial_index.map_or(std::ptr::null_mut(), |i| ptr[i] as *mut f32),
             rank_per_split: u32_of(rank_per_split),
-            dropout,
+            dropout: dropout.params(offset_index.map(|i| ptr[i])),
         }
     })
 }
@@ -663,7 +670,7 @@ pub(crate) fn lowrank_grad<T: Element, R: Element, G: Element>(
     (m, cols, rank): (usize, usize, usize),
     scale: f32,
     accumulate: bool,
-    dropout: Option<LkDropout>,
+    dropout: Option<DropoutArg<'_>>,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
     // cols fits u32 (validated), so the strips stay far below the grid's 2^31 - 1 blocks
@@ -672,9 +679,9 @@ pub(crate) fn lowrank_grad<T: Element, R: Element, G: Element>(
     let class = rank_class(rank);
     let with_u = u.is_some();
     let kernel = lowrank_grad_kernel(op, (T::DTYPE, R::DTYPE), class, with_u)?;
-    let (drop_params, drop_flag) = match dropout {
+    let (dropout, drop_flag) = match dropout {
         Some(d) => (d, LK_DROPOUT_G),
-        None => (Dropout::NONE.params(), 0),
+        None => (DropoutArg::Fixed(Dropout::NONE), 0),
     };
     let plan = LaunchPlan {
         grid: [u32_of(strips), u32_of(splits), 1],
@@ -687,6 +694,8 @@ pub(crate) fn lowrank_grad<T: Element, R: Element, G: Element>(
         PLayout::RankByCols => LK_GRAD_P_TRANSPOSED,
     };
     let (m32, cols32, rank32) = (u32_of(m), u32_of(cols), u32_of(rank));
+    // a schedule's offset is read from its buffer: listed last, for the guards and the graph's checks
+    let offset_buffer = dropout.offset_buffer();
     let params = move |ptr: &[u64], r: u64, q_partial: u64| {
         let flags = aligned_flags(&[
             (ptr[0], cols32, LK_ALIGNED_A),
@@ -704,36 +713,32 @@ pub(crate) fn lowrank_grad<T: Element, R: Element, G: Element>(
             rank: rank32,
             rows_per_split: u32_of(rows_per_split),
             flags: flags | transposed | drop_flag,
-            dropout: drop_params,
+            dropout: dropout.params(offset_buffer.map(|_| ptr[ptr.len() - 1])),
         }
     };
     ws.with_partial(&device, &[splits, cols, rank], |p_partial, ws| {
         match u {
-            None => device.launch(
-                op,
-                kernel,
-                &plan,
-                &mut [
+            None => {
+                let mut args = vec![
                     Arg::In("g", g),
                     Arg::In("l", l),
                     Arg::Out("p_partial", &mut *p_partial),
-                ],
-                |ptr| params(ptr, 0, 0),
-            )?,
+                ];
+                args.extend(offset_buffer.map(|b| Arg::In("dropout offset", b)));
+                device.launch(op, kernel, &plan, &mut args, |ptr| params(ptr, 0, 0))?
+            }
             Some((r, q_out)) => ws.with_partial(&device, &[strips, m, rank], |q_partial, _| {
-                device.launch(
-                    op,
-                    kernel,
-                    &plan,
-                    &mut [
-                        Arg::In("g", g),
-                        Arg::In("l", l),
-                        Arg::Out("p_partial", &mut *p_partial),
-                        Arg::In("r", r),
-                        Arg::Out("q_partial", &mut *q_partial),
-                    ],
-                    |ptr| params(ptr, ptr[3], ptr[4]),
-                )?;
+                let mut args = vec![
+                    Arg::In("g", g),
+                    Arg::In("l", l),
+                    Arg::Out("p_partial", &mut *p_partial),
+                    Arg::In("r", r),
+                    Arg::Out("q_partial", &mut *q_partial),
+                ];
+                args.extend(offset_buffer.map(|b| Arg::In("dropout offset", b)));
+                device.launch(op, kernel, &plan, &mut args, |ptr| {
+                    params(ptr, ptr[3], ptr[4])
+                })?;
                 finalize(op, q_partial, q_out, strips, 1.0, false)
             })?,
         }
@@ -793,13 +798,13 @@ fn split_reduction<T: Element, R: Element>(
     g: &mut Tensor<T>,
     (red, rows, cols): (usize, usize, usize),
     (splits, per_split): (usize, usize),
-    dropout: &Dropout,
+    dropout: DropoutArg<'_>,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
     let (scale, mask) = if dropout.is_active() {
         (
-            dropout.keep_scale() as f32,
-            Some((dropout.params(), MaskAt::L)),
+            dropout.dropout().keep_scale() as f32,
+            Some((dropout, MaskAt::L)),
         )
     } else {
         (1.0, None)

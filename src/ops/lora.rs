@@ -18,7 +18,7 @@
 use super::launch::{self, FusedGemm, MaskAt, Orient, PLayout, same_dtype};
 use super::validate::{self, rows_of};
 use super::workspace::Workspace;
-use crate::dropout::Dropout;
+use crate::dropout::{Dropout, DropoutArg};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::params::LK_SMALL_M_MAX;
@@ -170,20 +170,25 @@ pub fn lora_forward<T: Element, A: Element>(
 /// [`lora_forward`] into existing `y` [..., N] and `t` [..., r] (or [M, r]), with scratch memory from
 /// `ws`: for callers that reuse buffers (a training loop allocates nothing per step), and with LoRA
 /// dropout on the adapter input: `T = dropout(X)·Aᵀ` (pass the same `dropout` to the backward).
+/// `dropout` is a [`Dropout`] or a `&`[`DropoutSchedule`] (the offset read from device memory: for
+/// graphs, see [`crate::Device::capture`]).
+///
+/// [`DropoutSchedule`]: crate::dropout::DropoutSchedule
 #[allow(clippy::too_many_arguments)]
-pub fn lora_forward_into<T: Element, A: Element>(
+pub fn lora_forward_into<'d, T: Element, A: Element>(
     x: &Tensor<T>,
     w0: &Tensor<T>,
     a: &Tensor<A>,
     b: &Tensor<A>,
     bias: Option<&Tensor<T>>,
     scale: f32,
-    dropout: Dropout,
+    dropout: impl Into<DropoutArg<'d>>,
     y: &mut Tensor<T>,
     t: &mut Tensor<T>,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
     const OP: &str = "lora_forward";
+    let dropout = dropout.into();
     let s = layer_dims(OP, x, w0, a, b)?;
     let d = s.d;
     if let Some(bias) = bias {
@@ -201,7 +206,7 @@ pub fn lora_forward_into<T: Element, A: Element>(
     check_t(OP, t, &s, "[..., r] (x's leading dimensions) or [M, r]")?;
     // The small-M kernel streams [W0; A] in the layer dtype with one X: adapters in the layer dtype, no
     // dropout. Otherwise (f32 adapters, dropout) small M takes the general path.
-    refuse_dropout_in_capture(OP, x, &dropout)?;
+    check_dropout(OP, x, &dropout)?;
     if d.m <= LK_SMALL_M_MAX as usize && A::DTYPE == T::DTYPE && !dropout.is_active() {
         let (a, b) = (same_dtype::<A, T>(a)?, same_dtype::<A, T>(b)?);
         return launch::small_m(OP, x, w0, a, b, bias, y, t, (d.m, d.n, d.k, d.r), scale, ws);
@@ -213,7 +218,7 @@ pub fn lora_forward_into<T: Element, A: Element>(
     {
         return Ok(());
     }
-    launch::project(OP, x, a, t, (d.m, d.k, d.r), &dropout, ws)?;
+    launch::project(OP, x, a, t, (d.m, d.k, d.r), dropout, ws)?;
     let g = FusedGemm {
         orient: Orient::Nt,
         a: x,
@@ -278,7 +283,7 @@ pub fn lora_backward<T: Element, A: Element>(
 /// (micro-batches), dX is always overwritten. `dropout` must be the forward's: `dA = s·Uᵀ·dropout(X)`,
 /// `dX = dY·W0 + s·(U·A) ⊙ mask / (1 − p)` (dB needs none: the forward's T has it).
 #[allow(clippy::too_many_arguments)]
-pub fn lora_backward_into<T: Element, A: Element>(
+pub fn lora_backward_into<'d, T: Element, A: Element>(
     x: &Tensor<T>,
     w0: &Tensor<T>,
     a: &Tensor<A>,
@@ -286,7 +291,7 @@ pub fn lora_backward_into<T: Element, A: Element>(
     t: &Tensor<T>,
     dy: &Tensor<T>,
     scale: f32,
-    dropout: Dropout,
+    dropout: impl Into<DropoutArg<'d>>,
     dx: Option<&mut Tensor<T>>,
     da: &mut Tensor<A>,
     db: &mut Tensor<A>,
@@ -294,6 +299,7 @@ pub fn lora_backward_into<T: Element, A: Element>(
     ws: &mut Workspace<T>,
 ) -> Result<()> {
     const OP: &str = "lora_backward";
+    let dropout = dropout.into();
     let s = layer_dims(OP, x, w0, a, b)?;
     let d = s.d;
     check_t(OP, t, &s, "[..., r] or [M, r] (the forward's T)")?;
@@ -320,11 +326,11 @@ pub fn lora_backward_into<T: Element, A: Element>(
     }
     let acc = mode == GradMode::Accumulate;
     // dA and dX see the mask; the kept elements' 1/(1 − p) joins their scale (one f32 rounding of s/(1 − p))
-    refuse_dropout_in_capture(OP, x, &dropout)?;
+    check_dropout(OP, x, &dropout)?;
     let (mask, masked_scale) = if dropout.is_active() {
-        let s_eff = (scale as f64 * dropout.keep_scale()) as f32;
+        let s_eff = (scale as f64 * dropout.dropout().keep_scale()) as f32;
         validate::finite(OP, "scale / (1 - p)", s_eff)?;
-        (Some(dropout.params()), s_eff)
+        (Some(dropout), s_eff)
     } else {
         (None, scale)
     };
@@ -405,20 +411,31 @@ pub fn lora_backward_into<T: Element, A: Element>(
     })
 }
 
-/// Dropout's seed and offset are launch parameters: a captured graph would apply the same mask at every
-/// replay, so an op with dropout is refused during a capture.
-fn refuse_dropout_in_capture<T: Element>(
+/// A schedule on x's device (checked before any launch, so a mismatch writes nothing); a fixed
+/// dropout's seed and offset are launch parameters: a captured graph would apply the same mask at every
+/// replay, so it is refused during a capture (a [`DropoutSchedule`] is not).
+///
+/// [`DropoutSchedule`]: crate::dropout::DropoutSchedule
+fn check_dropout<T: Element>(
     op: &'static str,
     x: &Tensor<T>,
-    dropout: &Dropout,
+    dropout: &DropoutArg<'_>,
 ) -> Result<()> {
-    if dropout.is_active() {
-        x.device().refuse_changing_params_in_capture(&format!(
-            "{op} with dropout (its seed and offset are launch parameters: every replay would apply \
-             the same mask)"
-        ))?;
+    match dropout {
+        DropoutArg::Scheduled(s) if s.device() != x.device() => Err(Error::DeviceMismatch {
+            op,
+            arg: "dropout (a DropoutSchedule)",
+            expected: x.device().describe(),
+            got: s.device().describe(),
+        }),
+        DropoutArg::Fixed(d) if d.is_active() => {
+            x.device().refuse_changing_params_in_capture(&format!(
+                "{op} with a Dropout (its seed and offset are launch parameters: every replay would \
+                 apply the same mask; a DropoutSchedule's offset is read from device memory)"
+            ))
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]

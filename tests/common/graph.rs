@@ -4,7 +4,7 @@
 use half::bf16;
 use lora_kernels::ops::{self, GradMode, Workspace};
 use lora_kernels::reference::Dims;
-use lora_kernels::{Device, Dropout, Element, Tensor};
+use lora_kernels::{Device, Dropout, DropoutArg, Element, Tensor};
 
 use super::lora::{Layer, Outputs, run};
 use super::{Rng, bits};
@@ -57,7 +57,11 @@ impl<T: Element> Step<T> {
     }
 
     /// The forward of `x` (this step's X when None) with `dropout` into this step's Y and T.
-    pub fn forward(&mut self, x: Option<&Tensor<T>>, dropout: Dropout) -> lora_kernels::Result<()> {
+    pub fn forward<'d>(
+        &mut self,
+        x: Option<&Tensor<T>>,
+        dropout: impl Into<DropoutArg<'d>>,
+    ) -> lora_kernels::Result<()> {
         ops::lora_forward_into(
             x.unwrap_or(&self.x),
             &self.w0,
@@ -74,7 +78,17 @@ impl<T: Element> Step<T> {
 
     /// The forward and (when `backward`) the backward into this step's tensors.
     pub fn ops(&mut self, backward: bool, mode: GradMode) -> lora_kernels::Result<()> {
-        self.forward(None, Dropout::NONE)?;
+        self.ops_with(backward, mode, Dropout::NONE.into())
+    }
+
+    /// [`Step::ops`] with `dropout` (the same for the forward and the backward).
+    pub fn ops_with(
+        &mut self,
+        backward: bool,
+        mode: GradMode,
+        dropout: DropoutArg<'_>,
+    ) -> lora_kernels::Result<()> {
+        self.forward(None, dropout)?;
         if backward {
             ops::lora_backward_into(
                 &self.x,
@@ -84,7 +98,7 @@ impl<T: Element> Step<T> {
                 &self.t,
                 &self.dy,
                 self.scale,
-                Dropout::NONE,
+                dropout,
                 Some(&mut self.dx),
                 &mut self.da,
                 &mut self.db,

@@ -2,7 +2,7 @@
 //! launch, and checked against the f64 reference.
 
 use lora_kernels::reference::{self, Dims};
-use lora_kernels::{Device, Dropout, Element, Tensor, ops};
+use lora_kernels::{Device, Dropout, DropoutArg, Element, Tensor, ops};
 use proptest::prelude::*;
 
 use super::Rng;
@@ -154,6 +154,17 @@ pub fn run_in<T: Element, A: Element>(
     backward: bool,
     ws: &mut ops::Workspace<T>,
 ) -> Outputs<T, A> {
+    run_with(dev, l, backward, ws, l.dropout.into())
+}
+
+/// [`run_in`] with `dropout` given to the ops instead of the layer's (a `DropoutSchedule`, say).
+pub fn run_with<T: Element, A: Element>(
+    dev: &Device,
+    l: &Layer<T, A>,
+    backward: bool,
+    ws: &mut ops::Workspace<T>,
+    dropout: DropoutArg<'_>,
+) -> Outputs<T, A> {
     let Dims { n, k, r, .. } = l.d;
     let x = up(dev, &l.x, &l.rows(k));
     let w0 = up(dev, &l.w0, &[n, k]);
@@ -169,7 +180,7 @@ pub fn run_in<T: Element, A: Element>(
         &b,
         bias.as_ref(),
         l.scale,
-        l.dropout,
+        dropout,
         &mut y,
         &mut t,
         ws,
@@ -205,7 +216,7 @@ pub fn run_in<T: Element, A: Element>(
             &t,
             &dy,
             l.scale,
-            l.dropout,
+            dropout,
             Some(&mut dx),
             &mut da,
             &mut db,
