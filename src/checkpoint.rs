@@ -74,10 +74,27 @@ fn shards(base: &Path) -> Result<(Vec<PathBuf>, Option<PathBuf>)> {
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| Error::format(&index, "no `weight_map` object"))?;
-        let files: BTreeSet<String> = map
-            .values()
-            .filter_map(|f| f.as_str().map(String::from))
-            .collect();
+        // every shard a file name beside the index: a path elsewhere would be read from outside the
+        // checkpoint, and written to the output under its bare name while the copied index still
+        // pointed at the path
+        let files = map
+            .iter()
+            .map(|(tensor, f)| match f.as_str() {
+                Some(name)
+                    if !name.is_empty()
+                        && Path::new(name).file_name() == Some(std::ffi::OsStr::new(name)) =>
+                {
+                    Ok(name.to_string())
+                }
+                _ => Err(Error::format(
+                    &index,
+                    format!(
+                        "`weight_map` entry `{tensor}` is {f}: expected the file name of a shard \
+                         beside the index"
+                    ),
+                )),
+            })
+            .collect::<Result<BTreeSet<String>>>()?;
         return Ok((files.iter().map(|f| base.join(f)).collect(), Some(index)));
     }
     let single = base.join("model.safetensors");
@@ -101,9 +118,11 @@ fn metadata(path: &Path, bytes: &[u8]) -> Result<Option<HashMap<String, String>>
     Ok(meta.metadata().clone())
 }
 
-/// The data bytes of the tensors `wanted` in a safetensors file, from its header alone (the file is
-/// not read further).
-fn header_bytes(path: &Path, wanted: impl Fn(&str) -> bool) -> Result<u64> {
+/// A safetensors file's header, validated as the safetensors crate validates a whole file (offsets
+/// contiguous and matching each tensor's dtype and shape, sizes without overflow), and the file's
+/// length checked against it, without reading the tensor data: a checkpoint of many shards is checked
+/// before anything is written while only one shard at a time is held in memory.
+fn read_header(path: &Path) -> Result<safetensors::tensor::Metadata> {
     use std::io::Read;
     let bad = |what: &str| {
         Error::format(
@@ -112,6 +131,7 @@ fn header_bytes(path: &Path, wanted: impl Fn(&str) -> bool) -> Result<u64> {
         )
     };
     let mut file = std::fs::File::open(path).map_err(Error::io(path))?;
+    let file_len = file.metadata().map_err(Error::io(path))?.len();
     let mut len = [0u8; 8];
     file.read_exact(&mut len).map_err(Error::io(path))?;
     let len = u64::from_le_bytes(len);
@@ -120,25 +140,27 @@ fn header_bytes(path: &Path, wanted: impl Fn(&str) -> bool) -> Result<u64> {
     }
     let mut header = vec![0u8; len as usize];
     file.read_exact(&mut header).map_err(Error::io(path))?;
-    let header: serde_json::Value =
+    let meta: safetensors::tensor::Metadata =
         serde_json::from_slice(&header).map_err(|e| bad(&format!("header: {e}")))?;
-    let tensors = header
-        .as_object()
-        .ok_or_else(|| bad("header is not an object"))?;
-    let mut bytes = 0;
-    for (name, t) in tensors.iter().filter(|(n, _)| wanted(n)) {
-        let off = t.get("data_offsets").and_then(|o| o.as_array());
-        match off.map(|o| {
-            (
-                o.first().and_then(|v| v.as_u64()),
-                o.get(1).and_then(|v| v.as_u64()),
-            )
-        }) {
-            Some((Some(a), Some(b))) if b >= a => bytes += b - a,
-            _ => return Err(bad(&format!("no data_offsets for `{name}`"))),
-        }
+    if 8 + len + meta.data_len() as u64 != file_len {
+        return Err(bad(&format!(
+            "the header describes {} bytes of data, the file holds {}",
+            meta.data_len(),
+            file_len.saturating_sub(8 + len)
+        )));
     }
-    Ok(bytes)
+    Ok(meta)
+}
+
+/// The data bytes of the tensors `wanted` in a safetensors file, from its header alone.
+fn header_bytes(path: &Path, wanted: impl Fn(&str) -> bool) -> Result<u64> {
+    let meta = read_header(path)?;
+    Ok(meta
+        .tensors()
+        .iter()
+        .filter(|(name, _)| wanted(name))
+        .map(|(_, t)| (t.data_offsets.1 - t.data_offsets.0) as u64)
+        .sum())
 }
 
 /// Merge (or unmerge) in place, and the merge's non-finite counts from the same pass.
@@ -191,6 +213,34 @@ fn merge_weight<T: Element>(
 }
 
 /// The base weight of module `m` (in file `f`) is [N, K] for its A [r, K] and B [N, r]; returns (N, K).
+/// A module's scale as the merge kernel takes it (f32, rounded once from PEFT's f64), after checking its
+/// rank is one the kernels take and the scale is finite: errors naming the module, before any work.
+fn module_scale(op: &'static str, adapter: &PeftAdapter, m: &AdapterModule) -> Result<f32> {
+    let r = m.a.rows;
+    if !(1..=crate::params::LK_MAX_RANK as usize).contains(&r) {
+        return Err(Error::Unsupported {
+            what: format!("module `{}` of rank {r}", m.name),
+            hint: format!(
+                "{op} takes LoRA ranks 1 to {} (the kernels' limit)",
+                crate::params::LK_MAX_RANK
+            ),
+        });
+    }
+    let scale = adapter.config.scale_for(&m.name) as f32;
+    if !scale.is_finite() {
+        return Err(Error::InvalidState {
+            op,
+            message: format!(
+                "module `{}`: scale {} (alpha {} over rank {r}) is not finite in f32",
+                m.name,
+                adapter.config.scale_for(&m.name),
+                adapter.config.alpha_for(&m.name)
+            ),
+        });
+    }
+    Ok(scale)
+}
+
 fn module_shape(f: &Path, m: &AdapterModule, shape: &[usize]) -> Result<(usize, usize)> {
     match *shape {
         [n, k] if k == m.a.cols && n == m.b.rows && m.a.rows == m.b.cols => Ok((n, k)),
@@ -296,25 +346,25 @@ pub fn merge_checkpoint_with(
         .map(|m| (format!("{}.weight", m.name), m))
         .collect();
 
-    // Pass 1: read and validate everything (every module found once, shapes agree) before writing.
-    let mut contents = Vec::new();
+    // Pass 1, from the shards' headers: validate everything (every module's rank and scale, every
+    // module found, shapes and dtypes agree) before writing. The data is read shard by shard in pass 2.
+    let op = if options.unmerge { "unmerge" } else { "merge" };
+    for m in by_weight.values() {
+        module_scale(op, adapter, m)?;
+    }
     let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut weight_bytes = 0u64;
     for f in &files {
-        let bytes = std::fs::read(f).map_err(Error::io(f))?;
-        {
-            let st = parse(f, &bytes)?;
-            for (name, t) in st.tensors() {
-                let Some(m) = by_weight.get(&name) else {
-                    continue;
-                };
-                peft::dtype_of(f, &name, t.dtype())?;
-                module_shape(f, m, t.shape())?;
-                found.insert(name.clone(), f.clone());
-                weight_bytes += t.data().len() as u64;
-            }
+        let header = read_header(f)?;
+        for (name, t) in header.tensors() {
+            let Some(m) = by_weight.get(&name) else {
+                continue;
+            };
+            peft::dtype_of(f, &name, t.dtype)?;
+            module_shape(f, m, &t.shape)?;
+            found.insert(name.clone(), f.clone());
+            weight_bytes += (t.data_offsets.1 - t.data_offsets.0) as u64;
         }
-        contents.push((f.clone(), bytes));
     }
     if let Some(missing) = by_weight.keys().find(|w| !found.contains_key(*w)) {
         return Err(Error::format(
@@ -337,9 +387,10 @@ pub fn merge_checkpoint_with(
     let result = (|| -> Result<MergeSummary> {
         let mut summary = MergeSummary::default();
         progress.start(by_weight.len(), weight_bytes);
-        for (f, bytes) in &contents {
-            let st = parse(f, bytes)?;
-            let meta = metadata(f, bytes)?;
+        for f in &files {
+            let bytes = std::fs::read(f).map_err(Error::io(f))?;
+            let st = parse(f, &bytes)?;
+            let meta = metadata(f, &bytes)?;
             let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
             names.sort();
             let mut merged: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -350,8 +401,8 @@ pub fn merge_checkpoint_with(
                 let t = st
                     .tensor(name)
                     .map_err(|e| Error::format(f, e.to_string()))?;
-                let shape = (t.shape()[0], t.shape()[1]);
-                let scale = adapter.config.scale_for(&m.name) as f32;
+                let shape = module_shape(f, m, t.shape())?;
+                let scale = module_scale(op, adapter, m)?;
                 let (data, counts) = match peft::dtype_of(f, name, t.dtype())? {
                     DType::BF16 => {
                         merge_weight::<half::bf16>(device, t.data(), shape, m, scale, options)?
@@ -402,7 +453,13 @@ pub fn merge_checkpoint_with(
         Ok(summary)
     })();
     match (&result, &work_dir) {
-        (Ok(_), Some(dir)) => std::fs::rename(dir, out).map_err(Error::io(out))?,
+        (Ok(_), Some(dir)) => {
+            // `out` may have appeared meanwhile: then the merged shards go, as on any failure
+            if let Err(e) = std::fs::rename(dir, out) {
+                let _ = std::fs::remove_dir_all(dir);
+                return Err(Error::io(out)(e));
+            }
+        }
         (Err(_), Some(dir)) => {
             let _ = std::fs::remove_dir_all(dir);
         }

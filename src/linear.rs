@@ -44,13 +44,16 @@ impl LoraConfig {
         LoraConfig { dropout: p, ..self }
     }
 
-    /// `s` of `Y = X·W0ᵀ + s·X·Aᵀ·Bᵀ`: alpha / r, or alpha / √r with rsLoRA.
+    /// `s` of `Y = X·W0ᵀ + s·X·Aᵀ·Bᵀ`: alpha / r, or alpha / √r with rsLoRA, computed in f64 and
+    /// rounded once to f32, as PEFT's Python float is when it scales an f32 tensor (in f32, √r would
+    /// round first: one ulp off for many rsLoRA ranks).
     pub fn scale(&self) -> f32 {
-        if self.use_rslora {
-            self.alpha / (self.rank as f32).sqrt()
+        let (alpha, r) = (self.alpha as f64, self.rank as f64);
+        (if self.use_rslora {
+            alpha / r.sqrt()
         } else {
-            self.alpha / self.rank as f32
-        }
+            alpha / r
+        }) as f32
     }
 }
 

@@ -2,12 +2,17 @@
 //! written in PEFT's own format (so PEFT loads what we save), and host-side f32/bf16/f16 matrices.
 //!
 //! Supported: `peft_type` LORA on linear layers (`lora_A.weight` r × in, `lora_B.weight` out × r),
-//! `r`, `lora_alpha`, `use_rslora`, `target_modules`, `rank_pattern`, `alpha_pattern` (keys matched
-//! against the end of the module name, as PEFT does), tensors in f32, bf16 or f16. Anything else that
-//! changes the math is refused with an error naming it: DoRA, `.bin` adapters, embedding or conv LoRA,
-//! `fan_in_fan_out` (GPT-2 Conv1D layout), trained biases (`bias` other than "none", `lora_bias`).
+//! `r`, `lora_alpha`, `use_rslora`, `target_modules`, `rank_pattern`, `alpha_pattern` (keys are
+//! regular expressions tried in the file's order against the module name or its end after a dot, the
+//! first match winning, as PEFT does), tensors in f32, bf16 or f16. Anything else that changes the math
+//! is refused with an error naming it: DoRA, `.bin` adapters, embedding or conv LoRA, `fan_in_fan_out`
+//! (GPT-2 Conv1D layout), trained biases (`bias` other than "none", `lora_bias`), the LoRA variants and
+//! extras PEFT configures with other keys (aLoRA, Arrow, KaSA, QALoRA, layer replication,
+//! `modules_to_save`, trainable tokens, `target_parameters`, ...: [`REFUSED_KEYS`]), any config key this
+//! crate does not know that is set, and any tensor other than a module's `lora_A.weight` and
+//! `lora_B.weight`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -95,20 +100,186 @@ pub struct AdapterConfig {
     pub r: usize,
     pub lora_alpha: f64,
     pub use_rslora: bool,
-    pub target_modules: Vec<String>,
-    pub rank_pattern: BTreeMap<String, usize>,
-    pub alpha_pattern: BTreeMap<String, f64>,
+    pub target_modules: TargetModules,
+    pub rank_pattern: Patterns<usize>,
+    pub alpha_pattern: Patterns<f64>,
     /// PEFT's `lora_dropout` (training only; merging and inference ignore it).
     pub lora_dropout: f64,
 }
 
-fn pattern_match<'a, V>(patterns: &'a BTreeMap<String, V>, module: &str) -> Option<&'a V> {
-    // PEFT: a key matches a module whose name is the key or ends with ".<key>"; the longest wins.
-    patterns
-        .iter()
-        .filter(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")))
-        .max_by_key(|(k, _)| k.len())
-        .map(|(_, v)| v)
+/// PEFT's `target_modules`: a list of names (a module matches one exactly or ends with `.name`), or one
+/// string, a regular expression the whole module name must match. Kept in the form it was read in, so
+/// a saved config means what the loaded one did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TargetModules {
+    Names(Vec<String>),
+    Regex(String),
+}
+
+/// `rank_pattern` or `alpha_pattern`: (key, value) in the file's order. A key is a regular expression;
+/// PEFT's rule (`peft.utils.other.get_pattern_key`): the first key, in order, for which
+/// `re.match(rf"(.*\.)?({key})$", module)` matches gives the module's value. Keys are compiled when the
+/// patterns are made (an invalid one is an error naming it), so a lookup cannot fail. Rust's `regex`
+/// syntax is Python's for what PEFT configs use (names, dots, `|`, classes, `^`); what it lacks
+/// (look-around, back-references) is refused, not matched otherwise.
+#[derive(Clone, Debug)]
+pub struct Patterns<V> {
+    entries: Vec<(String, V)>,
+    compiled: Vec<regex::Regex>,
+}
+
+impl<V: PartialEq> PartialEq for Patterns<V> {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
+}
+
+impl<V> Default for Patterns<V> {
+    fn default() -> Self {
+        Patterns {
+            entries: Vec::new(),
+            compiled: Vec::new(),
+        }
+    }
+}
+
+impl<V> Patterns<V> {
+    /// Patterns from (key, value) pairs in the order PEFT tries them; a key that is not a regular
+    /// expression (in Rust's `regex` syntax) is an [`Error::InvalidState`] naming it.
+    pub fn new(entries: Vec<(String, V)>) -> Result<Self> {
+        let compiled = entries
+            .iter()
+            .map(|(key, _)| {
+                regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| {
+                    Error::InvalidState {
+                        op: "Patterns::new",
+                        message: format!(
+                            "key `{key}` is not a regular expression this crate can match: {e}"
+                        ),
+                    }
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Patterns { entries, compiled })
+    }
+
+    /// The value of the first key that matches `module` (PEFT's rule), if any.
+    pub fn lookup(&self, module: &str) -> Option<&V> {
+        self.compiled
+            .iter()
+            .position(|re| re.is_match(module))
+            .map(|i| &self.entries[i].1)
+    }
+
+    /// The value stored under exactly `key`.
+    pub fn get(&self, key: &str) -> Option<&V> {
+        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// (key, value) in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &V)> {
+        self.entries.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+impl<V: Clone + Into<Value>> Patterns<V> {
+    /// A JSON object of the entries, in order.
+    fn to_json(&self) -> Value {
+        Value::Object(
+            self.entries
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone().into()))
+                .collect(),
+        )
+    }
+}
+
+/// Keys of PEFT's LoraConfig that select a LoRA variant, or an extra trained part, whose merge is not
+/// `W + s·B·A` of the module's lora_A and lora_B: refused when set (not null, false, or empty).
+pub const REFUSED_KEYS: [(&str, &str); 13] = [
+    (
+        "alora_invocation_tokens",
+        "aLoRA (PEFT does not merge it either)",
+    ),
+    ("arrow_config", "Arrow routing over several adapters"),
+    (
+        "kasa_config",
+        "KaSA (B·diag(lora_diag)·A over an SVD-truncated base)",
+    ),
+    (
+        "layer_replication",
+        "layer replication (it changes the model's layers)",
+    ),
+    ("megatron_config", "Megatron tensor-parallel layers"),
+    (
+        "modules_to_save",
+        "modules saved whole beside the adapter (they replace the base's)",
+    ),
+    ("monteclora_config", "MonteCLoRA"),
+    (
+        "target_parameters",
+        "LoRA on parameters rather than linear modules",
+    ),
+    ("trainable_token_indices", "trainable token embeddings"),
+    ("use_bdlora", "block-diagonal LoRA"),
+    ("use_qalora", "QALoRA (pooled inputs)"),
+    ("velora_config", "VeLoRA"),
+    (
+        "use_dora",
+        "DoRA (a magnitude vector rescales the merged weight)",
+    ),
+];
+
+/// Keys of PEFT's LoraConfig that this crate reads or that do not change what a saved adapter's merge
+/// is (bookkeeping, and initialisation schemes: the saved A and B are what they produced).
+const KNOWN_KEYS: [&str; 28] = [
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "target_modules",
+    "rank_pattern",
+    "alpha_pattern",
+    "lora_dropout",
+    "peft_type",
+    "fan_in_fan_out",
+    "bias",
+    "lora_bias",
+    "task_type",
+    "inference_mode",
+    "base_model_name_or_path",
+    "revision",
+    "peft_version",
+    "auto_mapping",
+    "init_lora_weights",
+    "layers_to_transform",
+    "layers_pattern",
+    "exclude_modules",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "megatron_core",
+    "qalora_group_size",
+    "ensure_weight_tying",
+];
+
+/// Whether a config value leaves its feature off: null, false, or an empty string, list or object.
+fn unset(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        Value::Bool(true) | Value::Number(_) => false,
+    }
 }
 
 /// A rank as adapter configs write it: an integer, or an integral float (8.0) as some writers store it,
@@ -124,19 +295,28 @@ fn integral(x: &Value) -> Option<u64> {
         .filter(|&n| n <= max)
 }
 
-/// The config's `key` object (absent: empty) with each value as `read` takes it; a value it refuses is
-/// an error naming the key and what was expected (`want`), not silently dropped or truncated.
+/// The config's `key` object (absent or null: empty) with each value as `read` takes it, in the file's
+/// order; a value it refuses, a key that is not a regular expression, or a `key` that is not an object
+/// is an error naming it and what was expected (`want`), not silently dropped or truncated.
 fn pattern<T>(
     config: &Value,
     path: &Path,
     key: &str,
     want: &str,
     read: impl Fn(&Value) -> Option<T>,
-) -> Result<BTreeMap<String, T>> {
-    let Some(o) = config.get(key).and_then(Value::as_object) else {
-        return Ok(BTreeMap::new());
+) -> Result<Patterns<T>> {
+    let o = match config.get(key) {
+        None | Some(Value::Null) => return Ok(Patterns::default()),
+        Some(Value::Object(o)) => o,
+        Some(other) => {
+            return Err(Error::format(
+                path,
+                format!("`{key}` is {other}: expected an object of module patterns"),
+            ));
+        }
     };
-    o.iter()
+    let entries = o
+        .iter()
         .map(|(k, x)| match read(x) {
             Some(t) => Ok((k.clone(), t)),
             None => Err(Error::format(
@@ -144,18 +324,31 @@ fn pattern<T>(
                 format!("`{key}` entry `{k}` is {x}: expected {want}"),
             )),
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Patterns::new(entries).map_err(|e| Error::format(path, format!("`{key}`: {e}")))
+}
+
+/// A boolean flag of the config: absent or null is false; anything but a JSON boolean is an error (PEFT
+/// would take a truthy string or number as true).
+fn flag(config: &Value, path: &Path, key: &str) -> Result<bool> {
+    match config.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(Error::format(
+            path,
+            format!("`{key}` is {other}: expected true or false"),
+        )),
+    }
 }
 
 impl AdapterConfig {
     pub fn rank_for(&self, module: &str) -> usize {
-        pattern_match(&self.rank_pattern, module)
-            .copied()
-            .unwrap_or(self.r)
+        self.rank_pattern.lookup(module).copied().unwrap_or(self.r)
     }
 
     pub fn alpha_for(&self, module: &str) -> f64 {
-        pattern_match(&self.alpha_pattern, module)
+        self.alpha_pattern
+            .lookup(module)
             .copied()
             .unwrap_or(self.lora_alpha)
     }
@@ -184,10 +377,36 @@ impl AdapterConfig {
             Some("LORA") | None => {}
             Some(other) => return unsupported(&format!("peft_type {other}"), "only LORA adapters"),
         }
-        if v.get("use_dora").and_then(Value::as_bool) == Some(true) {
-            return unsupported("DoRA (use_dora = true)", "only plain LoRA is merged");
+        let Some(keys) = v.as_object() else {
+            return Err(Error::format(path, "expected a JSON object"));
+        };
+        for (key, what) in REFUSED_KEYS {
+            if let Some(x) = keys.get(key).filter(|x| !unset(x)) {
+                return unsupported(
+                    &format!("{what} (`{key}` = {x})"),
+                    "only plain LoRA on linear modules is merged and loaded",
+                );
+            }
         }
-        if v.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
+        if let Some((key, x)) = keys.iter().find(|(k, x)| {
+            !KNOWN_KEYS.contains(&k.as_str())
+                && !REFUSED_KEYS.iter().any(|(r, _)| r == k)
+                && !unset(x)
+        }) {
+            return unsupported(
+                &format!("adapter_config.json key `{key}` = {x}, which this crate does not know"),
+                "if it does not change the adapter's math, remove it (or set it to null)",
+            );
+        }
+        for key in [
+            "use_rslora",
+            "fan_in_fan_out",
+            "lora_bias",
+            "inference_mode",
+        ] {
+            flag(&v, path, key)?;
+        }
+        if flag(&v, path, "fan_in_fan_out")? {
             return unsupported(
                 "fan_in_fan_out = true (Conv1D weights stored in × out)",
                 "only nn.Linear layouts (out × in)",
@@ -197,7 +416,7 @@ impl AdapterConfig {
             Some("none") | None => {}
             Some(b) => return unsupported(&format!("bias = \"{b}\""), "only bias = \"none\""),
         }
-        if v.get("lora_bias").and_then(Value::as_bool) == Some(true) {
+        if flag(&v, path, "lora_bias")? {
             return unsupported("lora_bias = true", "only adapters without a trained bias");
         }
         let r = v.get("r").and_then(integral).ok_or_else(|| {
@@ -208,12 +427,28 @@ impl AdapterConfig {
             .and_then(Value::as_f64)
             .ok_or_else(|| Error::format(path, "missing number `lora_alpha`"))?;
         let target_modules = match v.get("target_modules") {
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|s| s.as_str().map(String::from))
-                .collect(),
-            Some(Value::String(s)) => vec![s.clone()],
-            _ => Vec::new(),
+            Some(Value::Array(a)) => TargetModules::Names(
+                a.iter()
+                    .map(|s| {
+                        s.as_str().map(String::from).ok_or_else(|| {
+                            Error::format(
+                                path,
+                                format!("`target_modules` entry {s}: expected a string"),
+                            )
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+            Some(Value::String(s)) => TargetModules::Regex(s.clone()),
+            None | Some(Value::Null) => TargetModules::Names(Vec::new()),
+            Some(other) => {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "`target_modules` is {other}: expected a list of names or a regex string"
+                    ),
+                ));
+            }
         };
         let rank = |x: &Value| integral(x).filter(|&r| r >= 1).map(|r| r as usize);
         let rank_pattern = pattern(
@@ -227,10 +462,7 @@ impl AdapterConfig {
         Ok(AdapterConfig {
             r,
             lora_alpha,
-            use_rslora: v
-                .get("use_rslora")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            use_rslora: flag(&v, path, "use_rslora")?,
             target_modules,
             rank_pattern,
             alpha_pattern,
@@ -245,9 +477,12 @@ impl AdapterConfig {
             "r": self.r,
             "lora_alpha": self.lora_alpha,
             "use_rslora": self.use_rslora,
-            "target_modules": self.target_modules,
-            "rank_pattern": self.rank_pattern,
-            "alpha_pattern": self.alpha_pattern,
+            "target_modules": match &self.target_modules {
+                TargetModules::Names(names) => json!(names),
+                TargetModules::Regex(re) => json!(re),
+            },
+            "rank_pattern": self.rank_pattern.to_json(),
+            "alpha_pattern": self.alpha_pattern.to_json(),
             "fan_in_fan_out": false,
             "bias": "none",
             "use_dora": false,
@@ -374,16 +609,39 @@ impl PeftAdapter {
                     hint: "only plain LoRA is merged".into(),
                 });
             }
-            let Some(module) = name.strip_suffix(".lora_A.weight") else {
+            if let Some(stem) = name.strip_suffix(".lora_B.weight") {
+                // read with its lora_A; one without is an error, not skipped
+                if !st
+                    .names()
+                    .contains(&format!("{stem}.lora_A.weight").as_str())
+                {
+                    return Err(Error::format(
+                        &st_path,
+                        format!("`{name}` has no `{stem}.lora_A.weight`"),
+                    ));
+                }
                 continue;
+            }
+            let Some(stem) = name.strip_suffix(".lora_A.weight") else {
+                // a module saved whole (modules_to_save), trainable tokens, a variant's extra tensor
+                // (KaSA's lora_diag, ...): the merge would leave it out, so the result would not be the
+                // adapter's
+                return Err(Error::Unsupported {
+                    what: format!("adapter tensor `{name}` (neither a lora_A nor a lora_B weight)"),
+                    hint: "only plain LoRA on linear modules is merged and loaded".into(),
+                });
             };
-            let module = module.strip_prefix(PREFIX).unwrap_or(module).to_string();
+            let module = stem.strip_prefix(PREFIX).unwrap_or(stem).to_string();
+            if modules.iter().any(|m: &AdapterModule| m.name == module) {
+                return Err(Error::format(
+                    &st_path,
+                    format!(
+                        "module `{module}` appears twice (with and without the `{PREFIX}` prefix)"
+                    ),
+                ));
+            }
             let a = matrix(&st_path, &st, name)?;
-            let b_name = format!(
-                "{}.lora_B.weight",
-                name.strip_suffix(".lora_A.weight").unwrap()
-            );
-            let b = matrix(&st_path, &st, &b_name)?;
+            let b = matrix(&st_path, &st, &format!("{stem}.lora_B.weight"))?;
             let r = config.rank_for(&module);
             if a.rows != r || b.cols != r {
                 return Err(Error::format(

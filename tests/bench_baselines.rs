@@ -419,49 +419,55 @@ fn the_perf_timing_interleaves_rounds() {
     assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
     assert!(median(&[]).is_nan());
 
-    let dev = lora_kernels::Device::emulator();
-    let mut log: Vec<(usize, usize)> = Vec::new();
-    let samples = time_together(
-        &dev,
-        2,
-        &mut |j, i| {
-            log.push((j, i));
-            // a busy wait: a sleep may overshoot by more than the 1 ms told apart here
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_micros(1000 * (j as u64 + 1)) {}
-        },
-        (0.006, 0.004),
-    );
-    assert_eq!(samples.len(), 2);
-    for (j, s) in samples.iter().enumerate() {
-        assert_eq!(s.0.len(), ROUNDS, "candidate {j}");
-        let calls: Vec<usize> = log.iter().filter(|c| c.0 == j).map(|c| c.1).collect();
-        assert_eq!(
-            calls,
-            (0..calls.len()).collect::<Vec<_>>(),
-            "candidate {j}'s call numbers"
+    // the ratio is wall time: a busy machine (other tests on the same cores) can preempt one
+    // candidate's calls more than the other's, so the timing is tried up to three times
+    let mut last = String::new();
+    for _attempt in 0..3 {
+        let dev = lora_kernels::Device::emulator();
+        let mut log: Vec<(usize, usize)> = Vec::new();
+        let samples = time_together(
+            &dev,
+            2,
+            &mut |j, i| {
+                log.push((j, i));
+                // a busy wait: a sleep may overshoot by more than the 1 ms told apart here
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_micros(1000 * (j as u64 + 1)) {}
+            },
+            (0.006, 0.004),
         );
-    }
-    // the log as runs of one candidate: the warm-ups (candidate 0, then 1), then the rounds, each
-    // starting at candidate `round % 2`
-    let mut runs: Vec<usize> = Vec::new();
-    for &(j, _) in &log {
-        if runs.last() != Some(&j) {
-            runs.push(j);
+        assert_eq!(samples.len(), 2);
+        for (j, s) in samples.iter().enumerate() {
+            assert_eq!(s.0.len(), ROUNDS, "candidate {j}");
+            let calls: Vec<usize> = log.iter().filter(|c| c.0 == j).map(|c| c.1).collect();
+            assert_eq!(
+                calls,
+                (0..calls.len()).collect::<Vec<_>>(),
+                "candidate {j}'s call numbers"
+            );
         }
+        // the log as runs of one candidate: the warm-ups (candidate 0, then 1), then the rounds, each
+        // starting at candidate `round % 2`
+        let mut runs: Vec<usize> = Vec::new();
+        for &(j, _) in &log {
+            if runs.last() != Some(&j) {
+                runs.push(j);
+            }
+        }
+        let rounds: Vec<usize> = (0..ROUNDS).flat_map(|r| [r % 2, (r + 1) % 2]).collect();
+        let mut expected = vec![0, 1];
+        expected.extend(rounds);
+        expected.dedup();
+        assert_eq!(runs, expected);
+        let (ratio, lo, hi) = samples[1].ratio_to(&samples[0]);
+        assert!(lo <= ratio && ratio <= hi);
+        assert!(samples[0].median() >= 0.001 && samples[1].median() >= 0.002);
+        if (1.4..2.6).contains(&ratio) {
+            return;
+        }
+        last = format!("ratio {ratio} ({lo}..{hi})");
     }
-    let rounds: Vec<usize> = (0..ROUNDS).flat_map(|r| [r % 2, (r + 1) % 2]).collect();
-    let mut expected = vec![0, 1];
-    expected.extend(rounds);
-    expected.dedup();
-    assert_eq!(runs, expected);
-    let (ratio, lo, hi) = samples[1].ratio_to(&samples[0]);
-    assert!(lo <= ratio && ratio <= hi);
-    assert!(
-        (1.4..2.6).contains(&ratio),
-        "2 ms against 1 ms per call: ratio {ratio} ({lo}..{hi})"
-    );
-    assert!(samples[0].median() >= 0.001 && samples[1].median() >= 0.002);
+    panic!("2 ms against 1 ms per call, three times out of 1.4..2.6: last {last}");
 }
 
 /// The FLOP counts behind the perf table's rooflines and criterion's throughput, at the headline case by

@@ -1214,3 +1214,250 @@ fn checkpoint_merge_refusal_is_the_same_on_every_thread_order() {
         }
     }
 }
+
+/// Writes `dir`'s adapter_model.safetensors from the fixture adapter's tensors as `edit` changes them.
+fn edit_adapter_tensors(
+    dir: &Path,
+    edit: impl FnOnce(&mut Vec<(String, (safetensors::Dtype, Vec<usize>, Vec<u8>))>),
+) -> PathBuf {
+    let a = adapter_copy(dir, |_| {});
+    let bytes = std::fs::read(a.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect();
+    edit(&mut owned);
+    let views: Vec<_> = owned
+        .iter()
+        .map(|(n, (d, s, b))| {
+            let v = safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap();
+            (n.clone(), v)
+        })
+        .collect();
+    std::fs::write(
+        a.join("adapter_model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    a
+}
+
+fn object(entries: &[(&str, serde_json::Value)]) -> serde_json::Value {
+    serde_json::Value::Object(
+        entries
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    )
+}
+
+/// PEFT's rules, not look-alikes. rank_pattern / alpha_pattern keys are regular expressions tried in the
+/// file's order against the module name or its end after a dot, the first match winning
+/// (`peft.utils.other.get_pattern_key`: `re.match(rf"(.*\.)?({key})$", name)`); an invalid key is an
+/// error naming it. LoRA variants and extras whose merge is not W + s·B·A are refused by name, as are a
+/// config key this crate does not know when it is set, a flag that is not a boolean, a tensor other
+/// than lora_A/lora_B, a lora_B without its lora_A and a module given twice (with and without the
+/// prefix); a regex `target_modules` is saved back as a regex. A sharded index whose shard is not a
+/// file name beside it, and a module of rank above 128, are refused before anything is written.
+#[test]
+fn peft_configs_and_tensors_follow_peft() {
+    use lora_kernels::peft::TargetModules;
+    use serde_json::json;
+    let dir = scratch("peft-rules");
+    let base = common::fixture("base.safetensors");
+    let out = dir.join("out.safetensors");
+    let modules = [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+    ];
+    let alphas = |name: &str, pattern: serde_json::Value| -> Vec<f64> {
+        let a = adapter_copy(&dir.join(name), |c| c["alpha_pattern"] = pattern);
+        let c = PeftAdapter::load(&a).unwrap().config;
+        modules.iter().map(|m| c.alpha_for(m)).collect()
+    };
+    // the fixture's lora_alpha is 16
+    let anchored = object(&[("^model.layers.0.self_attn.q_proj", json!(64))]);
+    assert_eq!(alphas("anchored", anchored), [64.0, 16.0, 16.0]);
+    let alternation = object(&[("q_proj|v_proj", json!(32))]);
+    assert_eq!(alphas("alternation", alternation), [32.0, 32.0, 32.0]);
+    let escaped = object(&[(r"layers\.1\.self_attn\.q_proj", json!(8))]);
+    assert_eq!(alphas("escaped", escaped), [16.0, 8.0, 16.0]);
+    let first = object(&[
+        ("q_proj", json!(32)),
+        ("layers.0.self_attn.q_proj", json!(64)),
+    ]);
+    assert_eq!(
+        alphas("first", first),
+        [32.0, 32.0, 16.0],
+        "not the longest key"
+    );
+    let first = object(&[
+        ("layers.0.self_attn.q_proj", json!(64)),
+        ("q_proj", json!(32)),
+    ]);
+    assert_eq!(alphas("first-reversed", first), [64.0, 32.0, 16.0]);
+    let component = object(&[("proj", json!(99))]);
+    assert_eq!(
+        alphas("component", component),
+        [16.0; 3],
+        "whole names only"
+    );
+    // ranks follow the same rule: a pattern giving layer 0's q_proj another rank than its tensors'
+    let a = adapter_copy(&dir.join("rank"), |c| {
+        c["rank_pattern"] = object(&[("^model.layers.0.self_attn.q_proj", json!(4))])
+    });
+    merge_fails(
+        &base,
+        &a,
+        &out,
+        "module `model.layers.0.self_attn.q_proj`: lora_A is 8×64",
+    );
+    for (name, key) in [("bad-regex", "q_proj(("), ("lookahead", "q_proj(?!x)")] {
+        let a = adapter_copy(&dir.join(name), |c| {
+            c["alpha_pattern"] = object(&[(key, json!(2))])
+        });
+        merge_fails(
+            &base,
+            &a,
+            &out,
+            &format!("key `{key}` is not a regular expression"),
+        );
+    }
+
+    // variants and extras: refused by name when set, accepted when off (the fixture has them off)
+    for (key, value) in [
+        ("alora_invocation_tokens", json!([1, 2])),
+        ("kasa_config", json!({"svd": 4})),
+        ("modules_to_save", json!(["score"])),
+        ("use_qalora", json!(true)),
+        ("layer_replication", json!([[0, 1]])),
+        ("trainable_token_indices", json!([5])),
+        ("target_parameters", json!(["experts.w1"])),
+        ("use_dora", json!(true)),
+    ] {
+        let a = adapter_copy(&dir.join(key), |c| c[key] = value.clone());
+        merge_fails(&base, &a, &out, &format!("`{key}` = {value}"));
+    }
+    let a = adapter_copy(&dir.join("unknown"), |c| {
+        c["frobnicate_config"] = json!({"a": 1})
+    });
+    merge_fails(
+        &base,
+        &a,
+        &out,
+        "key `frobnicate_config` = {\"a\":1}, which this crate does not know",
+    );
+    let a = adapter_copy(&dir.join("unknown-off"), |c| {
+        c["frobnicate_config"] = json!(null)
+    });
+    PeftAdapter::load(&a).unwrap();
+    // PEFT takes any truthy value as true: only booleans are read
+    let a = adapter_copy(&dir.join("string-flag"), |c| {
+        c["use_rslora"] = json!("true")
+    });
+    merge_fails(
+        &base,
+        &a,
+        &out,
+        "`use_rslora` is \"true\": expected true or false",
+    );
+
+    // a regex target_modules stays one through save and load
+    let a = adapter_copy(&dir.join("regex-targets"), |c| {
+        c["target_modules"] = json!(r".*\.(q|v)_proj")
+    });
+    let loaded = PeftAdapter::load(&a).unwrap();
+    let want = TargetModules::Regex(r".*\.(q|v)_proj".into());
+    assert_eq!(loaded.config.target_modules, want);
+    let saved = dir.join("regex-targets-saved");
+    loaded.save(&saved).unwrap();
+    let text = std::fs::read_to_string(saved.join("adapter_config.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["target_modules"], json!(r".*\.(q|v)_proj"));
+    assert_eq!(PeftAdapter::load(&saved).unwrap(), loaded);
+
+    // tensors: an extra one, a lora_B alone, a module twice
+    let a = edit_adapter_tensors(&dir.join("extra-tensor"), |t| {
+        let (_, (d, _, b)) = t[0].clone();
+        t.push(("base_model.model.score.weight".into(), (d, vec![8, 96], b)));
+    });
+    merge_fails(
+        &base,
+        &a,
+        &out,
+        "adapter tensor `base_model.model.score.weight`",
+    );
+    let q0 = "base_model.model.model.layers.0.self_attn.q_proj";
+    let a = edit_adapter_tensors(&dir.join("lone-b"), |t| {
+        t.retain(|(n, _)| n != &format!("{q0}.lora_A.weight"))
+    });
+    merge_fails(&base, &a, &out, &format!("has no `{q0}.lora_A.weight`"));
+    let a = edit_adapter_tensors(&dir.join("twice"), |t| {
+        let copies: Vec<_> = t
+            .iter()
+            .filter(|(n, _)| n.starts_with(q0))
+            .map(|(n, v)| {
+                (
+                    n.trim_start_matches("base_model.model.").to_string(),
+                    v.clone(),
+                )
+            })
+            .collect();
+        t.extend(copies);
+    });
+    merge_fails(
+        &base,
+        &a,
+        &out,
+        "module `model.layers.0.self_attn.q_proj` appears twice",
+    );
+
+    // a sharded index must name shards beside it
+    for (name, shard) in [
+        ("subdir", "a/model-00001-of-00002.safetensors"),
+        ("up", "../x.safetensors"),
+    ] {
+        let sharded = sharded_base(&dir.join(format!("index-{name}")));
+        let index_path = sharded.join("model.safetensors.index.json");
+        let mut index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+        index["weight_map"]["model.layers.0.self_attn.q_proj.weight"] = json!(shard);
+        std::fs::write(&index_path, index.to_string()).unwrap();
+        merge_fails(
+            &sharded,
+            &common::fixture("adapter"),
+            &dir.join(format!("out-{name}")),
+            &format!("is \"{shard}\": expected the file name of a shard"),
+        );
+    }
+
+    // rank 129 (above the kernels' 128): named, before any shard is written
+    let r = 129;
+    let a = edit_adapter_tensors(&dir.join("rank-129"), |t| {
+        for (n, (d, shape, b)) in t.iter_mut() {
+            if n.starts_with(q0) {
+                *shape = if n.ends_with("lora_A.weight") {
+                    vec![r, 64]
+                } else {
+                    vec![64, r]
+                };
+                *b = vec![0; r * 64 * d.bitsize() / 8];
+            }
+        }
+    });
+    let cfg = a.join("adapter_config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["rank_pattern"] = object(&[("layers.0.self_attn.q_proj", json!(r))]);
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let sharded = sharded_base(&dir.join("rank-129-base"));
+    merge_fails(
+        &sharded,
+        &a,
+        &dir.join("out-rank"),
+        "module `model.layers.0.self_attn.q_proj` of rank 129 is not supported",
+    );
+}

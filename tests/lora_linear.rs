@@ -36,6 +36,14 @@ fn scaling_plain_and_rslora() {
         dropout: 0.0,
     };
     assert_eq!(rs.scale(), 8.0);
+    // PEFT computes lora_alpha / math.sqrt(r) in Python floats (f64) and rounds once where it scales
+    // an f32 tensor; √24 rounded to f32 first makes 16/√24 one ulp low (0x1.a20bd6p+1, not ...d8p+1)
+    let rs = LoraConfig {
+        rank: 24,
+        alpha: 16.0,
+        ..rs
+    };
+    assert_eq!(rs.scale().to_bits(), 0x4051_05ec, "{:e}", rs.scale());
 }
 
 #[test]
