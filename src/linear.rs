@@ -700,6 +700,12 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         self.train.as_ref().map(|t| (&t.da, &t.db))
     }
 
+    /// The gradients, to change before [`LoraLinear::optimizer_step`]: global-norm clipping over every
+    /// layer's ([`ops::GradClip`]), a loss scale, a gradient of the caller's own.
+    pub fn grads_mut(&mut self) -> Option<(&mut Tensor<A>, &mut Tensor<A>)> {
+        self.train.as_mut().map(|t| (&mut t.da, &mut t.db))
+    }
+
     /// One AdamW step on the active adapter's A and B with the gradients of
     /// [`LoraLinear::train_backward`], on the device in one fused kernel per tensor (no host round trip,
     /// no synchronisation). For f32 adapters (the f32 master weights are the adapter itself; a 16-bit

@@ -37,6 +37,7 @@ pub const LK_MERGE_COUNT_NAN: u32 = 0;
 pub const LK_MERGE_COUNT_INF: u32 = 1;
 pub const LK_MERGE_COUNT_IN_W: u32 = 2;
 pub const LK_MERGE_COUNT_ONLY: u32 = 1;
+pub const LK_GRAD_CLIP_CHUNK: u32 = 16384;
 pub const LK_SM90_BM: u32 = 128;
 pub const LK_SM90_BN: u32 = 256;
 pub const LK_SM90_BK: u32 = 64;
@@ -802,6 +803,108 @@ const _: () = {
     ][::core::mem::offset_of!(LkMseGradParams, scale) - 28usize];
 };
 impl Default for LkMseGradParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkGradSumsqParams {
+    pub x: *const f32,
+    pub partial: *mut f32,
+    pub n: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkGradSumsqParams"][::core::mem::size_of::<LkGradSumsqParams>() - 24usize];
+    [
+        "Alignment of LkGradSumsqParams",
+    ][::core::mem::align_of::<LkGradSumsqParams>() - 8usize];
+    [
+        "Offset of field: LkGradSumsqParams::x",
+    ][::core::mem::offset_of!(LkGradSumsqParams, x) - 0usize];
+    [
+        "Offset of field: LkGradSumsqParams::partial",
+    ][::core::mem::offset_of!(LkGradSumsqParams, partial) - 8usize];
+    [
+        "Offset of field: LkGradSumsqParams::n",
+    ][::core::mem::offset_of!(LkGradSumsqParams, n) - 16usize];
+};
+impl Default for LkGradSumsqParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkGradClipCoefParams {
+    pub partial: *const f32,
+    pub result: *mut f32,
+    pub count: u32,
+    pub max_norm: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of LkGradClipCoefParams",
+    ][::core::mem::size_of::<LkGradClipCoefParams>() - 24usize];
+    [
+        "Alignment of LkGradClipCoefParams",
+    ][::core::mem::align_of::<LkGradClipCoefParams>() - 8usize];
+    [
+        "Offset of field: LkGradClipCoefParams::partial",
+    ][::core::mem::offset_of!(LkGradClipCoefParams, partial) - 0usize];
+    [
+        "Offset of field: LkGradClipCoefParams::result",
+    ][::core::mem::offset_of!(LkGradClipCoefParams, result) - 8usize];
+    [
+        "Offset of field: LkGradClipCoefParams::count",
+    ][::core::mem::offset_of!(LkGradClipCoefParams, count) - 16usize];
+    [
+        "Offset of field: LkGradClipCoefParams::max_norm",
+    ][::core::mem::offset_of!(LkGradClipCoefParams, max_norm) - 20usize];
+};
+impl Default for LkGradClipCoefParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkGradClipParams {
+    pub x: *mut f32,
+    pub result: *const f32,
+    pub n: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LkGradClipParams"][::core::mem::size_of::<LkGradClipParams>() - 24usize];
+    [
+        "Alignment of LkGradClipParams",
+    ][::core::mem::align_of::<LkGradClipParams>() - 8usize];
+    [
+        "Offset of field: LkGradClipParams::x",
+    ][::core::mem::offset_of!(LkGradClipParams, x) - 0usize];
+    [
+        "Offset of field: LkGradClipParams::result",
+    ][::core::mem::offset_of!(LkGradClipParams, result) - 8usize];
+    [
+        "Offset of field: LkGradClipParams::n",
+    ][::core::mem::offset_of!(LkGradClipParams, n) - 16usize];
+};
+impl Default for LkGradClipParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

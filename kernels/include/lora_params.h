@@ -335,6 +335,33 @@ typedef struct LkMseGradParams {
     float scale;
 } LkMseGradParams;
 
+/* Global-norm gradient clipping (kernels/grad_clip.cu; PyTorch's clip_grad_norm_, the max_grad_norm of
+ * Hugging Face's Trainer), on the device with no host round trip and a fixed summation order:
+ * grad_sumsq: block b of a tensor sums the squares of its elements [b·CHUNK, (b + 1)·CHUNK) into
+ * partial[b] (f32, each thread's strided elements in order, then a fixed tree); grad_clip_coef (one
+ * block) adds every tensor's partials in order in f64 and writes result = {norm, coef}: norm = √Σ
+ * rounded to f32, coef = max_norm / (norm + 1e-6) in f32, clamped to at most 1 (NaN stays NaN);
+ * grad_clip: x[i] = x[i] · coef, one f32 rounding. */
+#define LK_GRAD_CLIP_CHUNK 16384u
+typedef struct LkGradSumsqParams {
+    const float* x;
+    float* partial; /* this tensor's first partial */
+    uint32_t n;
+} LkGradSumsqParams;
+
+typedef struct LkGradClipCoefParams {
+    const float* partial;
+    float* result; /* {norm, coef} */
+    uint32_t count;
+    float max_norm;
+} LkGradClipCoefParams;
+
+typedef struct LkGradClipParams {
+    float* x;
+    const float* result;
+    uint32_t n;
+} LkGradClipParams;
+
 /* ---- the sm_90 path ---- */
 /* A TMA tensor map: a CUtensorMap (128 bytes, 64-byte aligned), encoded on the host (lora_kernels::tma:
  * cuTensorMapEncodeTiled on a GPU, LkEmuTensorMap of lk_emu.h under the emulator) and passed inside a

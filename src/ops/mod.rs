@@ -4,6 +4,7 @@
 //! [`Error`]: crate::Error
 
 mod adamw;
+mod grad_clip;
 mod launch;
 mod lora;
 mod merge;
@@ -17,6 +18,7 @@ pub use adamw::{
     AdamState, AdamW, AdamwConstants, AdamwSchedule, adamw_step, adamw_step_scheduled,
     adamw_step_scheduled_with_copy, adamw_step_with_copy, reference_step as adamw_reference_step,
 };
+pub use grad_clip::{GradClip, clip_coefficient, grad_clip_reference};
 pub use launch::mma_tile;
 pub use lora::{
     ForwardOutput, GradMode, Gradients, lora_backward, lora_backward_into, lora_forward,
