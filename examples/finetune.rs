@@ -56,7 +56,7 @@ fn main() -> Result<()> {
     } else {
         (128, 96, 128, 300)
     };
-    let (r, r_true, alpha, p_drop) = (8usize, 4usize, 16.0f32, 0.05f32);
+    let (r, r_true, alpha, p_drop) = (8usize, 4usize, 16.0f64, 0.05f32);
     println!(
         "layer: X {m}×{k}, W0 {n}×{k} (bf16, frozen); LoRA r = {r}, alpha = {alpha}, f32 adapters, dropout {p_drop}; task: ΔW of rank {r_true}"
     );

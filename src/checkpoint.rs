@@ -132,14 +132,18 @@ fn read_header(path: &Path) -> Result<safetensors::tensor::Metadata> {
     };
     let mut file = std::fs::File::open(path).map_err(Error::io(path))?;
     let file_len = file.metadata().map_err(Error::io(path))?.len();
+    let short = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => bad("shorter than its header"),
+        _ => Error::io(path)(e),
+    };
     let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(Error::io(path))?;
+    file.read_exact(&mut len).map_err(short)?;
     let len = u64::from_le_bytes(len);
     if len > 100_000_000 {
         return Err(bad("header too large"));
     }
     let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header).map_err(Error::io(path))?;
+    file.read_exact(&mut header).map_err(short)?;
     let meta: safetensors::tensor::Metadata =
         serde_json::from_slice(&header).map_err(|e| bad(&format!("header: {e}")))?;
     if 8 + len + meta.data_len() as u64 != file_len {
@@ -212,7 +216,6 @@ fn merge_weight<T: Element>(
     Ok((bytemuck::cast_slice(&wt.to_vec()?).to_vec(), counts))
 }
 
-/// The base weight of module `m` (in file `f`) is [N, K] for its A [r, K] and B [N, r]; returns (N, K).
 /// A module's scale as the merge kernel takes it (f32, rounded once from PEFT's f64), after checking its
 /// rank is one the kernels take and the scale is finite: errors naming the module, before any work.
 fn module_scale(op: &'static str, adapter: &PeftAdapter, m: &AdapterModule) -> Result<f32> {
@@ -241,6 +244,7 @@ fn module_scale(op: &'static str, adapter: &PeftAdapter, m: &AdapterModule) -> R
     Ok(scale)
 }
 
+/// The base weight of module `m` (in file `f`) is [N, K] for its A [r, K] and B [N, r]; returns (N, K).
 fn module_shape(f: &Path, m: &AdapterModule, shape: &[usize]) -> Result<(usize, usize)> {
     match *shape {
         [n, k] if k == m.a.cols && n == m.b.rows && m.a.rows == m.b.cols => Ok((n, k)),

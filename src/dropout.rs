@@ -182,7 +182,8 @@ impl DropoutSchedule {
     }
 
     /// Moves to the next offset (a fresh mask) and returns it: call it once per training step, before
-    /// each replay of a graph holding the step (or before each eager call).
+    /// each replay of a graph holding the step (or before an eager step's forward; never between a
+    /// forward and its backward, which must apply the same mask).
     pub fn advance(&mut self) -> Result<u64> {
         let next = self
             .dropout

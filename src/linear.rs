@@ -21,7 +21,8 @@ use crate::tensor::Tensor;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LoraConfig {
     pub rank: usize,
-    pub alpha: f32,
+    /// f64, as PEFT's `lora_alpha` (a Python float): the scale is computed from it and rounded once.
+    pub alpha: f64,
     /// rsLoRA: scale = alpha / sqrt(r) instead of alpha / r.
     pub use_rslora: bool,
     /// Dropout probability on the adapter input while training ([`LoraLinear::train_forward`]);
@@ -30,7 +31,7 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
-    pub fn new(rank: usize, alpha: f32) -> Self {
+    pub fn new(rank: usize, alpha: f64) -> Self {
         LoraConfig {
             rank,
             alpha,
@@ -48,7 +49,7 @@ impl LoraConfig {
     /// rounded once to f32, as PEFT's Python float is when it scales an f32 tensor (in f32, √r would
     /// round first: one ulp off for many rsLoRA ranks).
     pub fn scale(&self) -> f32 {
-        let (alpha, r) = (self.alpha as f64, self.rank as f64);
+        let (alpha, r) = (self.alpha, self.rank as f64);
         (if self.use_rslora {
             alpha / r.sqrt()
         } else {
@@ -106,11 +107,15 @@ struct Training<T: Element, A: Element> {
     da: Tensor<A>,
     db: Tensor<A>,
     adam: Option<(AdamState, AdamState)>,
-    /// The dropout of the last train_forward (the backward's): a fixed one, or `dropout_schedule`'s
-    /// (a train_forward captured into a graph).
+    /// The mask of the last train_forward that ran (an eager backward's): a fixed one, or
+    /// `dropout_schedule`'s once [`LoraLinear::advance_dropout`] has readied a replay of a captured one.
     dropout: TrainDropout,
     /// The mask's offset on the device, for a train_forward in a graph ([`LoraLinear::advance_dropout`]).
     dropout_schedule: DropoutSchedule,
+    /// The capture (`Device::capture_serial`) holding this layer's train_forward with dropout, if any:
+    /// a backward in the same capture takes the schedule's mask, and a second forward there is refused
+    /// (it would repeat the mask).
+    captured_forward: Option<u64>,
     /// A train_backward wrote da and db since these buffers were made (an optimizer step before that
     /// would apply the weight decay alone and count a step).
     has_grads: bool,
@@ -277,7 +282,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             return Err(Error::NonFinite {
                 op: OP,
                 arg: "config.alpha",
-                value: config.alpha as f64,
+                value: config.alpha,
             });
         }
         if self.merged.as_deref() == Some(name) {
@@ -320,7 +325,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         let c = &adapter.config;
         let config = LoraConfig {
             rank: c.rank_for(module),
-            alpha: c.alpha_for(module) as f32,
+            alpha: c.alpha_for(module),
             use_rslora: c.use_rslora,
             dropout: c.lora_dropout as f32,
         };
@@ -550,18 +555,23 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     /// dropout: call it before each replay. The captured forward and backward read the mask's offset
     /// from the layer's device memory (the probability and seed are the capture's); this uploads the
     /// offset an eager `train_forward` would take now (the count of training forwards) and counts the
-    /// call, so replays and eager steps interleave with the masks of eager steps alone. Without it a
-    /// replay repeats the last mask. An upload: refused during a capture.
+    /// call, so replays and eager steps interleave with the masks of eager steps alone, and an eager
+    /// `train_backward` after the replay takes the replayed forward's mask. Without it a replay repeats
+    /// the last mask. One captured forward with dropout per layer and capture (a second is refused:
+    /// capture one micro-batch and replay it per micro-batch). An upload: refused during a capture.
     pub fn advance_dropout(&mut self) -> Result<()> {
         const OP: &str = "LoraLinear::advance_dropout";
-        let Some(tr) = self.train.as_mut() else {
+        let Some(tr) = self.train.as_mut().filter(|t| t.captured_forward.is_some()) else {
             return Err(Error::InvalidState {
                 op: OP,
-                message: "no train_forward yet (capture one first)".into(),
+                message: "no train_forward with dropout of this layer was captured (run one \
+                          eagerly, capture one, then advance before each replay)"
+                    .into(),
             });
         };
         tr.dropout_schedule.set_offset(self.dropout_calls)?;
         self.dropout_calls += 1;
+        tr.dropout = TrainDropout::Scheduled;
         Ok(())
     }
 
@@ -579,6 +589,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             adam: None,
             dropout: TrainDropout::Fixed(Dropout::NONE),
             dropout_schedule: DropoutSchedule::new(dev, Dropout::NONE)?,
+            captured_forward: None,
             has_grads: false,
         })
     }
@@ -627,6 +638,26 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         // In a graph the mask's offset is read from the layer's schedule, which advance_dropout moves
         // before each replay; nothing runs now, so no call is counted.
         let captured = dropout.is_active() && x.device().is_capturing();
+        let serial = x.device().capture_serial();
+        if captured {
+            let Some(serial) = serial else {
+                return Err(Error::Unsupported {
+                    what: format!("{OP} with dropout in a capture begun outside Device::capture"),
+                    hint: "capture with Device::capture (the layer tells its captures apart), or \
+                           give the ops a DropoutSchedule yourself"
+                        .into(),
+                });
+            };
+            if tr.captured_forward == Some(serial) {
+                return Err(Error::InvalidState {
+                    op: OP,
+                    message: "this layer's train_forward with dropout is in this capture already: \
+                              a second would repeat its mask at every replay (capture one \
+                              micro-batch and replay it per micro-batch, advance_dropout before each)"
+                        .into(),
+                });
+            }
+        }
         let dropout = if captured {
             tr.dropout_schedule.retarget(dropout);
             TrainDropout::Scheduled
@@ -646,8 +677,11 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             t,
             &mut tr.ws,
         )?;
-        tr.dropout = dropout;
-        if !captured {
+        if captured {
+            // the eager state stays the last forward that ran; this capture's backward finds it here
+            tr.captured_forward = serial;
+        } else {
+            tr.dropout = dropout;
             self.dropout_calls += 1;
         }
         Ok(tr.y.as_ref().expect("made"))
@@ -676,6 +710,13 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         if want_dx {
             buffer(&mut tr.dx, x, x.shape())?;
         }
+        // the mask of the forward that made T: this capture's own forward's, or the last that ran
+        let serial = x.device().capture_serial();
+        let mask = if serial.is_some() && tr.captured_forward == serial {
+            TrainDropout::Scheduled
+        } else {
+            tr.dropout
+        };
         ops::lora_backward_into(
             x,
             &self.w0,
@@ -684,7 +725,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             t,
             dy,
             ad.config.scale(),
-            tr.dropout.arg(&tr.dropout_schedule),
+            mask.arg(&tr.dropout_schedule),
             if want_dx { tr.dx.as_mut() } else { None },
             &mut tr.da,
             &mut tr.db,
@@ -772,7 +813,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     }
 }
 
-/// The mask of the last train_forward: fixed (an eager call), or the layer's schedule's (a captured one).
+/// The mask of a train_forward: fixed (an eager call), or the layer's schedule's (a captured one).
 #[derive(Clone, Copy, Debug)]
 enum TrainDropout {
     Fixed(Dropout),

@@ -147,17 +147,24 @@ impl<V> Patterns<V> {
     /// Patterns from (key, value) pairs in the order PEFT tries them; a key that is not a regular
     /// expression (in Rust's `regex` syntax) is an [`Error::InvalidState`] naming it.
     pub fn new(entries: Vec<(String, V)>) -> Result<Self> {
+        let refuse = |key: &str, why: String| Error::InvalidState {
+            op: "Patterns::new",
+            message: format!("key `{key}` is not a regular expression this crate can match: {why}"),
+        };
         let compiled = entries
             .iter()
             .map(|(key, _)| {
-                regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| {
-                    Error::InvalidState {
-                        op: "Patterns::new",
-                        message: format!(
-                            "key `{key}` is not a regular expression this crate can match: {e}"
-                        ),
-                    }
-                })
+                // Rust's classes read `&&`, `--` and `~~` as set operations, Python's as characters
+                if let Some(op) = ["&&", "--", "~~"].iter().find(|op| key.contains(*op)) {
+                    return Err(refuse(
+                        key,
+                        format!("`{op}` means another thing in Python's `re`"),
+                    ));
+                }
+                // Python's pattern text, then re.match: anchored at the start only, so a key that
+                // closes the group (`a)|(b`) splits the pattern as it does there
+                regex::Regex::new(&format!(r"^(?:(.*\.)?({key})$)"))
+                    .map_err(|e| refuse(key, e.to_string()))
             })
             .collect::<Result<_>>()?;
         Ok(Patterns { entries, compiled })
@@ -239,7 +246,8 @@ pub const REFUSED_KEYS: [(&str, &str); 13] = [
 ];
 
 /// Keys of PEFT's LoraConfig that this crate reads or that do not change what a saved adapter's merge
-/// is (bookkeeping, and initialisation schemes: the saved A and B are what they produced).
+/// is (bookkeeping, and initialisation schemes that leave the base as it is: the saved A and B are what
+/// they produced; `init_lora_weights` is checked on its own, see [`BASE_CHANGING_INITS`]).
 const KNOWN_KEYS: [&str; 28] = [
     "r",
     "lora_alpha",
@@ -270,6 +278,12 @@ const KNOWN_KEYS: [&str; 28] = [
     "qalora_group_size",
     "ensure_weight_tying",
 ];
+
+/// `init_lora_weights` values whose initialisation also changed the base weights (W0 − B₀A₀, or a
+/// quantized base): such an adapter, saved without PEFT's conversion
+/// (`path_initial_model_for_weight_conversion`, which writes `init_lora_weights: true`), belongs to that
+/// residual base, not to the checkpoint it would be merged into here. Prefixes of the values.
+pub const BASE_CHANGING_INITS: [&str; 4] = ["pissa", "olora", "corda", "loftq"];
 
 /// Whether a config value leaves its feature off: null, false, or an empty string, list or object.
 fn unset(v: &Value) -> bool {
@@ -405,6 +419,16 @@ impl AdapterConfig {
             "inference_mode",
         ] {
             flag(&v, path, key)?;
+        }
+        if let Some(init) = v.get("init_lora_weights").and_then(Value::as_str)
+            && BASE_CHANGING_INITS.iter().any(|p| init.starts_with(p))
+        {
+            return unsupported(
+                &format!(
+                    "an adapter initialised with `init_lora_weights` = \"{init}\", which also changed the base weights"
+                ),
+                "save it with PEFT's path_initial_model_for_weight_conversion (an adapter for the original base), or merge it into the residual base PEFT saved and set init_lora_weights to true",
+            );
         }
         if flag(&v, path, "fan_in_fan_out")? {
             return unsupported(

@@ -1305,6 +1305,10 @@ fn peft_configs_and_tensors_follow_peft() {
         [16.0; 3],
         "whole names only"
     );
+    // a key that closes the group splits the pattern as Python's text does: `(.*\.)?(q_proj)|(v_proj)$`
+    // under re.match is q_proj at the end of a dotted prefix, or v_proj from the start (no module)
+    let split = object(&[("q_proj)|(v_proj", json!(48))]);
+    assert_eq!(alphas("split", split), [48.0, 48.0, 16.0]);
     // ranks follow the same rule: a pattern giving layer 0's q_proj another rank than its tensors'
     let a = adapter_copy(&dir.join("rank"), |c| {
         c["rank_pattern"] = object(&[("^model.layers.0.self_attn.q_proj", json!(4))])
@@ -1315,7 +1319,11 @@ fn peft_configs_and_tensors_follow_peft() {
         &out,
         "module `model.layers.0.self_attn.q_proj`: lora_A is 8×64",
     );
-    for (name, key) in [("bad-regex", "q_proj(("), ("lookahead", "q_proj(?!x)")] {
+    for (name, key) in [
+        ("bad-regex", "q_proj(("),
+        ("lookahead", "q_proj(?!x)"),
+        ("class-op", "[q&&v]_proj"),
+    ] {
         let a = adapter_copy(&dir.join(name), |c| {
             c["alpha_pattern"] = object(&[(key, json!(2))])
         });
@@ -1354,6 +1362,24 @@ fn peft_configs_and_tensors_follow_peft() {
         c["frobnicate_config"] = json!(null)
     });
     PeftAdapter::load(&a).unwrap();
+    // initialisations that changed the base too: the adapter belongs to the residual base
+    for init in ["pissa", "pissa_niter_4", "olora", "corda", "loftq"] {
+        let a = adapter_copy(&dir.join(format!("init-{init}")), |c| {
+            c["init_lora_weights"] = json!(init)
+        });
+        merge_fails(
+            &base,
+            &a,
+            &out,
+            &format!("`init_lora_weights` = \"{init}\""),
+        );
+    }
+    for init in [json!("gaussian"), json!("eva"), json!(false)] {
+        let a = adapter_copy(&dir.join(format!("init-ok-{init}")), |c| {
+            c["init_lora_weights"] = init.clone()
+        });
+        PeftAdapter::load(&a).unwrap();
+    }
     // PEFT takes any truthy value as true: only booleans are read
     let a = adapter_copy(&dir.join("string-flag"), |c| {
         c["use_rslora"] = json!("true")
@@ -1381,8 +1407,8 @@ fn peft_configs_and_tensors_follow_peft() {
 
     // tensors: an extra one, a lora_B alone, a module twice
     let a = edit_adapter_tensors(&dir.join("extra-tensor"), |t| {
-        let (_, (d, _, b)) = t[0].clone();
-        t.push(("base_model.model.score.weight".into(), (d, vec![8, 96], b)));
+        let (_, (d, shape, b)) = t[0].clone();
+        t.push(("base_model.model.score.weight".into(), (d, shape, b)));
     });
     merge_fails(
         &base,

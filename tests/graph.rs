@@ -668,3 +668,74 @@ fn gpu_capture_on_a_stream_of_its_own() {
         dev.describe()
     );
 }
+
+/// LoraLinear with dropout across captures and eager calls: a forward-only graph replayed after
+/// `advance_dropout`, then an eager `train_backward`, gives the gradients of the eager forwards at the
+/// same offsets (the backward takes the replayed forward's mask, not the last eager one's); a second
+/// dropout forward of the layer in one capture is refused (it would repeat the mask); `advance_dropout`
+/// without a captured forward is refused.
+#[test]
+fn layer_dropout_masks_follow_replays_and_eager_calls() {
+    let (m, n, k, r) = (16, 24, 32, 4);
+    let dev = Device::emulator();
+    let mut rng = Rng::new(77);
+    let w0: Vec<bf16> = rng.vec(n * k, 0.3);
+    let x = up::<bf16>(&dev, &rng.vec(m * k, 1.0), &[m, k]);
+    let dy = up::<bf16>(&dev, &rng.vec(m * n, 1.0), &[m, n]);
+    let layer = || {
+        let mut l =
+            LoraLinear::<bf16, f32>::with_f32_adapters(up(&dev, &w0, &[n, k]), None).unwrap();
+        l.add_adapter("task", LoraConfig::new(r, 16.0).with_dropout(0.3), 9)
+            .unwrap();
+        // B away from zero, so dA and dX see the mask
+        let b: Vec<f32> = Rng::new(78).vec(n * r, 0.5);
+        l.adapter_mut("task")
+            .unwrap()
+            .b
+            .copy_from_slice(&b)
+            .unwrap();
+        l
+    };
+    let grads = |l: &LoraLinear<bf16, f32>| -> Vec<Vec<u32>> {
+        let (a, b) = l.grads().unwrap();
+        [a, b]
+            .iter()
+            .map(|t| t.to_vec().unwrap().iter().map(|v| v.to_bits()).collect())
+            .collect()
+    };
+    let mut eager = layer();
+    for _ in 0..3 {
+        eager.train_forward(&x).unwrap(); // offsets 0, 1, 2
+    }
+    eager
+        .train_backward(&x, &dy, GradMode::Overwrite, false)
+        .unwrap();
+
+    let mut l = layer();
+    refused(
+        "advance without a capture",
+        l.advance_dropout(),
+        &["no train_forward with dropout"],
+    );
+    l.train_forward(&x).unwrap(); // offset 0, eagerly
+    refused(
+        "two dropout forwards in one capture",
+        dev.capture(|| {
+            l.train_forward(&x)?;
+            l.train_forward(&x).map(drop)
+        }),
+        &["in this capture already", "repeat its mask"],
+    );
+    let forward = dev.capture(|| l.train_forward(&x).map(drop)).unwrap();
+    l.train_forward(&x).unwrap(); // offset 1, eagerly
+    l.advance_dropout().unwrap(); // offset 2 for the replay
+    forward.replay().unwrap();
+    l.train_backward(&x, &dy, GradMode::Overwrite, false)
+        .unwrap();
+    assert_eq!(
+        grads(&l),
+        grads(&eager),
+        "the backward takes the replayed forward's mask"
+    );
+    assert_ne!(grads(&l)[0], vec![0; r * k], "dA nonzero");
+}

@@ -44,6 +44,14 @@ fn scaling_plain_and_rslora() {
         ..rs
     };
     assert_eq!(rs.scale().to_bits(), 0x4051_05ec, "{:e}", rs.scale());
+    // and alpha is PEFT's float itself (f64): 0.1 / √3 rounded once, not 0.1 rounded to f32 first
+    let tenth = LoraConfig {
+        rank: 3,
+        alpha: 0.1,
+        ..rs
+    };
+    assert_eq!(tenth.scale(), (0.1f64 / 3f64.sqrt()) as f32);
+    assert_ne!(tenth.scale(), (0.1f32 as f64 / 3f64.sqrt()) as f32);
 }
 
 #[test]
@@ -204,7 +212,7 @@ fn task_switching_swaps_adapters_in_place() {
         let b: Vec<bf16> = rng.vec(n * r, 0.3);
         l.insert_adapter(
             name,
-            LoraConfig::new(r, 2.0 * r as f32),
+            LoraConfig::new(r, 2.0 * r as f64),
             Tensor::from_slice(&dev, &a, &[r, k]).unwrap(),
             Tensor::from_slice(&dev, &b, &[n, r]).unwrap(),
         )
@@ -617,7 +625,7 @@ fn peft_f32_adapter_loads_as_f32_adapters() {
         (ad.config.rank, ad.config.alpha),
         (
             adapter.config.rank_for(&module),
-            adapter.config.alpha_for(&module) as f32
+            adapter.config.alpha_for(&module)
         )
     );
     let m = 19;

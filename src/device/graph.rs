@@ -43,6 +43,8 @@ pub(crate) struct CaptureLog {
     launches: usize,
     /// Storage of tensors dropped during the capture, freed once it has ended.
     deferred: Vec<Box<dyn Send>>,
+    /// Unique among the process's captures ([`Device::capture_serial`]).
+    serial: u64,
 }
 
 impl CaptureLog {
@@ -53,6 +55,10 @@ impl CaptureLog {
             buffers: Vec::new(),
             launches: 0,
             deferred: Vec::new(),
+            serial: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
         }
     }
 
@@ -226,6 +232,16 @@ impl Device {
     /// asked), under which the ops refuse what a capture cannot record just the same.
     pub fn is_capturing(&self) -> bool {
         lock(&self.inner.capture).active.is_some() || self.stream_capturing()
+    }
+
+    /// The serial number of the [`Device::capture`] in progress (unique in the process), so state kept
+    /// across calls can tell one capture from the next; None outside one, and in a capture someone else
+    /// began on the stream.
+    pub(crate) fn capture_serial(&self) -> Option<u64> {
+        lock(&self.inner.capture)
+            .active
+            .as_ref()
+            .map(|log| log.serial)
     }
 
     /// Frees `storage` (a dropped tensor's) now, or when the capture in progress has ended. The caller
