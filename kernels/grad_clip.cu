@@ -20,10 +20,13 @@ constexpr int COEF_THREADS = 32;
 extern "C" __global__ void __launch_bounds__(LK_SIMT_THREADS) grad_sumsq_f32(LkGradSumsqParams p) {
     LK_KERNEL_ENTRY();
     LK_SHARED(16, float, sums, [SUMSQ_THREADS]);
+    // offsets within the chunk: begin + CHUNK, or an index past the chunk, would wrap in u32 at the
+    // end of a tensor of nearly 2^32 elements
     const uint32_t begin = blockIdx.x * LK_GRAD_CLIP_CHUNK;
-    const uint32_t end = min(p.n, begin + LK_GRAD_CLIP_CHUNK);
+    const uint32_t len = min(LK_GRAD_CLIP_CHUNK, p.n - begin);
+    const float* x = p.x + begin;
     float acc = 0.0f;
-    for (uint32_t i = begin + threadIdx.x; i < end; i += SUMSQ_THREADS) acc = __fmaf_rn(p.x[i], p.x[i], acc);
+    for (uint32_t j = threadIdx.x; j < len; j += SUMSQ_THREADS) acc = __fmaf_rn(x[j], x[j], acc);
     sums[threadIdx.x] = acc;
     __syncthreads();
 #pragma unroll

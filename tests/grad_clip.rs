@@ -227,3 +227,30 @@ fn two_layers_gradients_clipped_together() {
         l.optimizer_step(&AdamW::default()).unwrap();
     }
 }
+
+/// More partial sums than the coefficient kernel's 32 threads (each then adds several, strided), and
+/// every tensor empty (norm 0, coefficient 1, eagerly and in a graph).
+#[test]
+fn many_partials_and_all_empty_gradients() {
+    let dev = Device::emulator();
+    let mut rng = Rng::new(0x6c4);
+    // 40 tensors of 2^14 + 1 elements: 80 partial sums, each thread of the coefficient kernel adds 2 or 3
+    let grads: Vec<Vec<f32>> = (0..40).map(|_| rng.vec(16_385, 0.02)).collect();
+    let mut clip = GradClip::new(&dev, 2.0).unwrap();
+    check(&dev, &mut clip, &grads, "80 partial sums");
+    let mut empty = upload(&dev, &[vec![], vec![]]);
+    clip.clip(&mut empty.iter_mut().collect::<Vec<_>>())
+        .unwrap();
+    assert_eq!(
+        (clip.norm().unwrap(), clip.coefficient().unwrap()),
+        (0.0, 1.0)
+    );
+    let graph = dev
+        .capture(|| clip.clip(&mut empty.iter_mut().collect::<Vec<_>>()))
+        .unwrap();
+    graph.replay().unwrap();
+    assert_eq!(
+        (clip.norm().unwrap(), clip.coefficient().unwrap()),
+        (0.0, 1.0)
+    );
+}

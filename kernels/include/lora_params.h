@@ -339,7 +339,8 @@ typedef struct LkMseGradParams {
  * Hugging Face's Trainer), on the device with no host round trip and a fixed summation order:
  * grad_sumsq: block b of a tensor sums the squares of its elements [b·CHUNK, (b + 1)·CHUNK) into
  * partial[b] (f32, each thread's strided elements in order, then a fixed tree); grad_clip_coef (one
- * block) adds every tensor's partials in order in f64 and writes result = {norm, coef}: norm = √Σ
+ * block of 32) adds every tensor's partials in f64, thread t partials t, t + 32, ... in order, then
+ * thread 0 the 32 sums in order, and writes result = {norm, coef}: norm = √Σ
  * rounded to f32, coef = max_norm / (norm + 1e-6) in f32, clamped to at most 1 (NaN stays NaN);
  * grad_clip: x[i] = x[i] · coef, one f32 rounding. */
 #define LK_GRAD_CLIP_CHUNK 16384u

@@ -54,8 +54,12 @@ impl GradClip {
     }
 
     /// Computes the global norm of `grads` and scales each by the clip coefficient, in place, on the
-    /// device (no synchronisation). Empty tensors count as zeros. The first call with more elements
-    /// than before allocates the partial sums (so, in a graph, clip once eagerly first).
+    /// device (no synchronisation). Empty tensors count as zeros (all empty: norm 0, coefficient 1).
+    /// A call needing more partial sums (Σ ⌈nᵢ / 16384⌉ over the tensors) than the scratch holds
+    /// allocates a larger one, which a capture refuses, and which makes graphs captured before refuse to
+    /// replay (their scratch is gone): in a graph, clip the same tensors once eagerly first. Checks come
+    /// before the first launch, so a refused call leaves the gradients as they were (except a launch
+    /// refused midway because another thread began a capture).
     pub fn clip(&mut self, grads: &mut [&mut Tensor<f32>]) -> Result<()> {
         let device = self.result.device().clone();
         if grads.is_empty() {
@@ -79,7 +83,8 @@ impl GradClip {
             blocks.push(g.numel().div_ceil(LK_GRAD_CLIP_CHUNK as usize));
         }
         let count: usize = blocks.iter().sum();
-        let count32 = validate::fits_u32(OP, "grads (their partial sums)", count.max(1))?;
+        let count32 = validate::fits_u32(OP, "grads (their partial sums)", count)?;
+        // at least one element: the coefficient kernel takes the buffer even with no partial to add
         if self
             .partials
             .as_ref()
@@ -88,10 +93,6 @@ impl GradClip {
             self.partials = Some(Tensor::zeros(&device, &[count.max(1)])?);
         }
         let partials = self.partials.as_mut().expect("made above");
-        if count == 0 {
-            // every tensor empty: a norm of 0 (the partial sums hold one zero)
-            partials.copy_from_slice(&vec![0.0; partials.numel()])?;
-        }
         let mut first = 0usize;
         for (g, &nb) in grads.iter().zip(&blocks) {
             if nb == 0 {
