@@ -383,7 +383,8 @@ pub fn merge_checkpoint_with(
     // Pass 2: merge and write to temporary names.
     let work_dir = if out_is_dir {
         let tmp = temp_sibling(out);
-        std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
+        // a new directory (never one left by another run): create_dir fails if it exists
+        std::fs::create_dir(&tmp).map_err(Error::io(&tmp))?;
         Some(tmp)
     } else {
         None
