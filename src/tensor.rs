@@ -39,6 +39,36 @@ enum Storage<T> {
     Host(GuardedBuf),
 }
 
+impl<T: cudarc::driver::DeviceRepr + bytemuck::Pod> Storage<T> {
+    /// New storage on `device` holding `data` (the caller holds the queue lock; `what` names the
+    /// upload in a CUDA error).
+    fn upload(device: &Device, data: &[T], what: &'static str) -> Result<Self> {
+        Ok(match device.backend() {
+            Backend::Cuda(c) => {
+                Storage::Cuda(c.stream().clone_htod(data).map_err(Error::cuda(what))?)
+            }
+            Backend::Emulator(..) => {
+                let mut buf = GuardedBuf::new(std::mem::size_of_val(data), 0)?;
+                buf.bytes_mut().copy_from_slice(bytemuck::cast_slice(data));
+                Storage::Host(buf)
+            }
+        })
+    }
+
+    /// Overwrites the storage with `data`, its length (queued after the work before it on a GPU).
+    fn write(&mut self, device: &Device, data: &[T], what: &'static str) -> Result<()> {
+        match self {
+            Storage::Cuda(s) => cuda_stream(device)
+                .memcpy_htod(data, s)
+                .map_err(Error::cuda(what)),
+            Storage::Host(h) => {
+                h.bytes_mut().copy_from_slice(bytemuck::cast_slice(data));
+                Ok(())
+            }
+        }
+    }
+}
+
 impl<T> Storage<T> {
     /// (start address, length) of `bytes` bytes of this storage on `device`, for the aliasing check.
     fn byte_range(&self, device: &Device, bytes: usize) -> (u64, u64) {
@@ -111,18 +141,7 @@ impl<T: Element> Tensor<T> {
                 shape: shape.to_vec(),
             });
         }
-        let storage = match device.backend() {
-            Backend::Cuda(c) => Storage::Cuda(
-                c.stream()
-                    .clone_htod(data)
-                    .map_err(Error::cuda("uploading a tensor"))?,
-            ),
-            Backend::Emulator(..) => {
-                let mut buf = GuardedBuf::new(std::mem::size_of_val(data), 0)?;
-                buf.bytes_mut().copy_from_slice(bytemuck::cast_slice(data));
-                Storage::Host(buf)
-            }
-        };
+        let storage = Storage::upload(device, data, "uploading a tensor")?;
         Ok(Tensor {
             shape: shape.to_vec(),
             storage,
@@ -307,18 +326,7 @@ impl<T: Element> Tensor<T> {
         let _queue = self
             .device
             .host_access("Tensor::copy_from_slice (an upload)")?;
-        match &mut self.storage {
-            Storage::Cuda(s) => {
-                let stream = cuda_stream(&self.device);
-                stream
-                    .memcpy_htod(data, s)
-                    .map_err(Error::cuda("uploading a tensor"))
-            }
-            Storage::Host(h) => {
-                h.bytes_mut().copy_from_slice(bytemuck::cast_slice(data));
-                Ok(())
-            }
-        }
+        self.storage.write(&self.device, data, "uploading a tensor")
     }
 
     /// Copies `len` elements of `src` from element `src_offset` into this tensor from element
@@ -473,16 +481,7 @@ impl U32Buffer {
     /// A buffer holding `data` (an upload; `what` names it in the errors).
     pub(crate) fn from_slice(device: &Device, data: &[u32], what: &'static str) -> Result<Self> {
         let _queue = device.host_access(what)?;
-        let storage = match device.backend() {
-            Backend::Cuda(c) => {
-                Storage::Cuda(c.stream().clone_htod(data).map_err(Error::cuda(what))?)
-            }
-            Backend::Emulator(..) => {
-                let mut buf = GuardedBuf::new(std::mem::size_of_val(data), 0)?;
-                buf.bytes_mut().copy_from_slice(bytemuck::cast_slice(data));
-                Storage::Host(buf)
-            }
-        };
+        let storage = Storage::upload(device, data, what)?;
         Ok(U32Buffer {
             len: data.len(),
             storage,
@@ -500,15 +499,7 @@ impl U32Buffer {
             });
         }
         let _queue = self.device.host_access(what)?;
-        match &mut self.storage {
-            Storage::Cuda(s) => cuda_stream(&self.device)
-                .memcpy_htod(data, s)
-                .map_err(Error::cuda(what)),
-            Storage::Host(h) => {
-                h.bytes_mut().copy_from_slice(bytemuck::cast_slice(data));
-                Ok(())
-            }
-        }
+        self.storage.write(&self.device, data, what)
     }
 
     /// Downloads the values (waits for queued work on a GPU).

@@ -191,13 +191,17 @@ fn two_layers_gradients_clipped_together() {
             l
         })
         .collect();
-    let before: Vec<Vec<f32>> = layers
-        .iter()
-        .flat_map(|l| {
-            let (a, b) = l.grads().unwrap();
-            [a.to_vec().unwrap(), b.to_vec().unwrap()]
-        })
-        .collect();
+    // every layer's dA and dB, downloaded
+    let all_grads = |layers: &[LoraLinear<bf16, f32>]| -> Vec<Vec<f32>> {
+        layers
+            .iter()
+            .flat_map(|l| {
+                let (a, b) = l.grads().unwrap();
+                [a.to_vec().unwrap(), b.to_vec().unwrap()]
+            })
+            .collect()
+    };
+    let before = all_grads(&layers);
     let mut clip = GradClip::new(&dev, 1e-3).unwrap();
     {
         let (l0, l1) = layers.split_at_mut(1);
@@ -212,13 +216,7 @@ fn two_layers_gradients_clipped_together() {
         (norm as f64 - want).abs() <= TOL_F32 * want && coef < 1.0,
         "{norm} {want} {coef}"
     );
-    let after: Vec<Vec<f32>> = layers
-        .iter()
-        .flat_map(|l| {
-            let (a, b) = l.grads().unwrap();
-            [a.to_vec().unwrap(), b.to_vec().unwrap()]
-        })
-        .collect();
+    let after = all_grads(&layers);
     for (b, a) in before.iter().zip(&after) {
         let scaled: Vec<f32> = b.iter().map(|v| v * coef).collect();
         assert_eq!(a, &scaled);
