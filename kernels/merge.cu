@@ -43,6 +43,17 @@
 // memory, in a fixed order) and thread 0 writes them to the block's slots of p.counts: no atomics, the
 // same counts on every run. The merged values are computed exactly as without the check; with
 // LK_MERGE_COUNT_ONLY nothing is written to W (a safe in-place merge runs this first, then the merge).
+//
+// DoRA (PEFT's use_dora; the dora_merge_* kernels, the same code with kDora): the merge is
+// W ← round(factor_row · v), v = round_f32(W + round_f32(s·B·A)) as above and factor_row =
+// magnitude_row / ‖v_row‖, PEFT's DoraLinearVariant.merge_safe in f32. Three launches: this kernel with
+// LK_MERGE_ROW_SUMSQ (the rank product, then per thread the f32 sum of squares of its 8 merged values
+// (fma, ascending columns), added over the 16 threads of a row by a fixed xor-shuffle tree, one partial
+// per row and block of 128 columns, nothing written to W), dora_factor_f32 (the partials in f64 in
+// block order, sqrt, one rounding, the division), and this kernel again with row_factor (the rank
+// product recomputed: W is read twice, written once). Unmerge (LK_MERGE_ROW_DIVIDE) takes the merge's
+// factors: W ← round(W/factor − s·B·A), PEFT's unmerge. The plain merge_* kernels compile without any
+// of it (kDora = false).
 #include "lk_tile.cuh"
 #include "lora_params.h"
 
@@ -123,7 +134,7 @@ __device__ __forceinline__ void store8(T* row, uint32_t col, uint32_t ncols, boo
         if (col + i < ncols) row[col + i] = e[i];
 }
 
-template <typename TW, typename TA>
+template <typename TW, typename TA, bool kDora>
 __device__ __forceinline__ void merge_impl(const LkMergeParams& p) {
     LK_SHARED(16, float, as, [kChunk][kCols]);  // A, f32, columns permuted (see the header)
     LK_SHARED(16, float, bs, [kChunk][kRows]);  // B transposed, f32
@@ -211,34 +222,49 @@ __device__ __forceinline__ void merge_impl(const LkMergeParams& p) {
         __syncthreads();  // the chunk fully consumed before the next is stored
     }
 
-    const bool count = p.counts != nullptr;
-    const bool write = (p.flags & LK_MERGE_COUNT_ONLY) == 0;
+    const bool sumsq = kDora && (p.flags & LK_MERGE_ROW_SUMSQ) != 0;
+    const bool divide = kDora && (p.flags & LK_MERGE_ROW_DIVIDE) != 0;
+    const bool count = p.counts != nullptr && !sumsq;
+    const bool write = (p.flags & LK_MERGE_COUNT_ONLY) == 0 && !sumsq;
     const uint32_t inf_at = lk_inf_threshold<TW>();
     uint32_t made_nan = 0, made_inf = 0, in_w = 0;
     lk_cp_async_wait<0>();  // the thread's own copies of W landed (it reads only those)
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; ++i) {
         const uint32_t row = my_row + i;
-        if (row >= p.n || my_col >= p.k) continue;
-        float v[8];
-        Raw<TW, 8> raw;
+        float sq = 0.0f;  // DoRA: this thread's part of the row's sum of squares of the merged values
+        if (row < p.n && my_col < p.k) {
+            float v[8];
+            Raw<TW, 8> raw;
 #pragma unroll
-        for (int q = 0; q < 8 / kWPer; ++q) raw.q[q] = *lk_vec<uint4>(&ws[ty * kRowsPerThread + i][tx * 8 + q * kWPer]);
-        raw_to_f32(raw, v);
+            for (int q = 0; q < 8 / kWPer; ++q)
+                raw.q[q] = *lk_vec<uint4>(&ws[ty * kRowsPerThread + i][tx * 8 + q * kWPer]);
+            raw_to_f32(raw, v);
+            const float factor = (kDora && !sumsq) ? p.row_factor[row] : 1.0f;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            const float merged = __fadd_rn(v[e], __fmul_rn(p.scale, acc[i][e]));
-            if (count && my_col + e < p.k) {  // columns past k are padding (their acc may be NaN·0)
-                const uint32_t wb = __float_as_uint(v[e]) & 0x7fffffffu;
-                const uint32_t mb = __float_as_uint(merged) & 0x7fffffffu;
-                const bool w_finite = wb < kF32Inf;
-                in_w += !w_finite;
-                made_nan += w_finite && mb > kF32Inf;
-                made_inf += w_finite && mb >= inf_at && mb <= kF32Inf;
+            for (int e = 0; e < 8; ++e) {
+                // DoRA, as PEFT: merge factor·(W + s·B·A), unmerge W/factor − s·B·A, each step rounded to f32
+                const float base = divide ? __fdiv_rn(v[e], factor) : v[e];
+                float merged = __fadd_rn(base, __fmul_rn(p.scale, acc[i][e]));
+                if (kDora && !sumsq && !divide) merged = __fmul_rn(factor, merged);
+                if (sumsq && my_col + e < p.k) sq = __fmaf_rn(merged, merged, sq);
+                if (count && my_col + e < p.k) {  // columns past k are padding (their acc may be NaN·0)
+                    const uint32_t wb = __float_as_uint(v[e]) & 0x7fffffffu;
+                    const uint32_t mb = __float_as_uint(merged) & 0x7fffffffu;
+                    const bool w_finite = wb < kF32Inf;
+                    in_w += !w_finite;
+                    made_nan += w_finite && mb > kF32Inf;
+                    made_inf += w_finite && mb >= inf_at && mb <= kF32Inf;
+                }
+                v[e] = merged;
             }
-            v[e] = merged;
+            if (write) store8(w + size_t(row) * p.k, my_col, p.k, vec, v);
         }
-        if (write) store8(w + size_t(row) * p.k, my_col, p.k, vec, v);
+        if (sumsq) {  // uniform across the block: every lane shuffles; the 16 threads of a row, fixed tree
+#pragma unroll
+            for (int d = kTx / 2; d > 0; d /= 2) sq = __fadd_rn(sq, __shfl_xor_sync(0xffffffffu, sq, d));
+            if (tx == 0 && row < p.n) p.row_sumsq[size_t(blockIdx.x) * p.n + row] = sq;
+        }
     }
     if (count) {  // uniform across the block: every thread reaches the barrier
         LK_SHARED(4, uint32_t, warp_counts, [LK_MERGE_COUNTS][kWarps]);
@@ -262,16 +288,41 @@ __device__ __forceinline__ void merge_impl(const LkMergeParams& p) {
 }
 }  // namespace
 
-#define LK_MERGE(name, TW, TA) \
-    extern "C" __global__ void __launch_bounds__(kThreads, 3) name(LkMergeParams p) { LK_KERNEL_ENTRY(); merge_impl<TW, TA>(p); }
+#define LK_MERGE(name, TW, TA, DORA) \
+    extern "C" __global__ void __launch_bounds__(kThreads, 3) name(LkMergeParams p) { LK_KERNEL_ENTRY(); merge_impl<TW, TA, DORA>(p); }
 
-LK_MERGE(merge_bf16, __nv_bfloat16, __nv_bfloat16)
+LK_MERGE(merge_bf16, __nv_bfloat16, __nv_bfloat16, false)
 LK_KERNEL_EXPORT(merge_bf16, LkMergeParams)
-LK_MERGE(merge_bf16_f32ad, __nv_bfloat16, float)
+LK_MERGE(merge_bf16_f32ad, __nv_bfloat16, float, false)
 LK_KERNEL_EXPORT(merge_bf16_f32ad, LkMergeParams)
-LK_MERGE(merge_f16, __half, __half)
+LK_MERGE(merge_f16, __half, __half, false)
 LK_KERNEL_EXPORT(merge_f16, LkMergeParams)
-LK_MERGE(merge_f16_f32ad, __half, float)
+LK_MERGE(merge_f16_f32ad, __half, float, false)
 LK_KERNEL_EXPORT(merge_f16_f32ad, LkMergeParams)
-LK_MERGE(merge_f32, float, float)
+LK_MERGE(merge_f32, float, float, false)
 LK_KERNEL_EXPORT(merge_f32, LkMergeParams)
+
+// DoRA (PEFT's use_dora): the same kernel with the row passes of LkMergeParams, and the row factor.
+LK_MERGE(dora_merge_bf16, __nv_bfloat16, __nv_bfloat16, true)
+LK_KERNEL_EXPORT(dora_merge_bf16, LkMergeParams)
+LK_MERGE(dora_merge_bf16_f32ad, __nv_bfloat16, float, true)
+LK_KERNEL_EXPORT(dora_merge_bf16_f32ad, LkMergeParams)
+LK_MERGE(dora_merge_f16, __half, __half, true)
+LK_KERNEL_EXPORT(dora_merge_f16, LkMergeParams)
+LK_MERGE(dora_merge_f16_f32ad, __half, float, true)
+LK_KERNEL_EXPORT(dora_merge_f16_f32ad, LkMergeParams)
+LK_MERGE(dora_merge_f32, float, float, true)
+LK_KERNEL_EXPORT(dora_merge_f32, LkMergeParams)
+
+// factor[row] = magnitude[row] / round_f32(sqrt(Σ_b row_sumsq[b][row])), the sum in f64 in block order.
+// A row whose norm is 0 gets magnitude/0 (±Inf, or NaN for a zero magnitude), as PEFT's division does.
+extern "C" __global__ void __launch_bounds__(kThreads) dora_factor_f32(LkDoraFactorParams p) {
+    LK_KERNEL_ENTRY();
+    const uint32_t row = blockIdx.x * kThreads + threadIdx.x;
+    if (row >= p.n) return;
+    double sum = 0.0;
+    for (uint32_t b = 0; b < p.blocks; ++b) sum += double(p.row_sumsq[size_t(b) * p.n + row]);
+    const float norm = float(sqrt(sum));  // sqrt correctly rounded in f64, then one rounding
+    p.factor[row] = __fdiv_rn(p.magnitude[row], norm);
+}
+LK_KERNEL_EXPORT(dora_factor_f32, LkDoraFactorParams)

@@ -401,6 +401,21 @@ def launch_merge(name, n, k, r):
                 bytes=2 * 2 * n * k + 2 * r * (n + k))
 
 
+def launch_dora_merge(n, k, r):
+    """DoRA merge (src/ops/dora.rs): the merge kernel's norm pass (reads W, writes f32 partial sums of
+    squares per row and 128-column block), dora_factor_f32 (one thread per row adds its partials: one
+    LDG per block), then the merge kernel again with the row factors (reads and writes W); both merge
+    passes run the rank product."""
+    blocks_k = cdiv(k, 128)
+    norm = launch_merge("dora_merge_bf16", n, k, r)
+    norm["bytes"] = 2 * n * k + 2 * r * (n + k) + 4 * n * blocks_k
+    factor = dict(kernel="dora_factor_f32", file="merge", blocks=cdiv(n, 256), iters=blocks_k, slots=1,
+                  slot="LDG", bytes=4 * n * blocks_k + 8 * n)
+    scale = launch_merge("dora_merge_bf16", n, k, r)
+    scale["bytes"] += 4 * n
+    return [norm, factor, scale]
+
+
 def merge_ranks():
     """Not headline targets: the merge of the headline shape (4096^2, bf16) at larger ranks, where the rank
     product (r x n x k FFMA) grows while the bytes stay those of W."""
@@ -983,6 +998,24 @@ def main():
             b, limiter, parts = bound_launch(l, mixes[(l["kernel"], arch)], occupancy(res_l, l["kernel"], l["file"], dev), dev)
             w(f"| {r} | {l['kernel']} | {l['blocks']} | {b * 1e6:.1f} | {limiter} | {parts['tensor'] * 1e6:.1f} | "
               f"{parts['issue'] * 1e6:.1f} | {parts['memory'] * 1e6:.1f} |")
+        w("")
+        w("DoRA merge of 4096^2 bf16 by rank (ops::dora_merge: three launches; no target: against the plain "
+          "merge's bound above; µs, as above):")
+        w("")
+        w("| rank | bound | limited by (per launch) | plain merge | DoRA / plain |")
+        w("| --- | --- | --- | --- | --- |")
+        for r, plain in merge_ranks():
+            total, parts_txt = 0.0, []
+            for l in launch_dora_merge(4096, 4096, r):
+                _, res_l = res[(l["kernel"], arch)]
+                b, limiter, _ = bound_launch(l, mixes[(l["kernel"], arch)],
+                                             occupancy(res_l, l["kernel"], l["file"], dev), dev)
+                total += b
+                parts_txt.append(f"{l['kernel']} {b * 1e6:.1f} {limiter}")
+            _, res_p = res[(plain["kernel"], arch)]
+            pb, _, _ = bound_launch(plain, mixes[(plain["kernel"], arch)],
+                                    occupancy(res_p, plain["kernel"], plain["file"], dev), dev)
+            w(f"| {r} | {total * 1e6:.1f} | {'; '.join(parts_txt)} | {pb * 1e6:.1f} | {total / pb:.2f} |")
         w("")
         w("Many adapters in one batch (lora_forward_multi; N = K = 4096, ranks 8/16/64 cycling, rows grouped "
           "by adapter; no target: shown against the bare GEMM at cuBLAS's peak and W0 streamed at HBM "

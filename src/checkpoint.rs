@@ -167,18 +167,33 @@ fn header_bytes(path: &Path, wanted: impl Fn(&str) -> bool) -> Result<u64> {
         .sum())
 }
 
-/// Merge (or unmerge) in place, and the merge's non-finite counts from the same pass.
+/// Merge (or unmerge) in place, and the merge's non-finite counts from the same pass (DoRA: from
+/// its last pass). A DoRA unmerge never gets here (refused before any work: [`dora_unmerge_refused`]).
 fn counted<T: Element, U: Element>(
     w: &mut Tensor<T>,
     a: &Tensor<U>,
     b: &Tensor<U>,
+    magnitude: Option<&Tensor<f32>>,
     scale: f32,
     unmerge: bool,
 ) -> Result<NonFiniteCounts> {
-    match unmerge {
-        true => ops::unmerge_counted(w, a, b, scale),
-        false => ops::merge_counted(w, a, b, scale),
+    match (unmerge, magnitude) {
+        (_, Some(m)) => ops::dora_merge_counted(w, a, b, m, scale).map(|(_, c)| c),
+        (true, None) => ops::unmerge_counted(w, a, b, scale),
+        (false, None) => ops::merge_counted(w, a, b, scale),
     }
+}
+
+/// A DoRA adapter cannot be unmerged from a merged checkpoint: each merged row's norm is its
+/// magnitude, whatever the base row was, so the factor the merge applied is not in the files.
+fn dora_unmerge_refused(adapter: &PeftAdapter, what: &str) -> Result<()> {
+    if adapter.config.use_dora {
+        return Err(Error::Unsupported {
+            what: format!("{what} of a DoRA adapter (`use_dora`)"),
+            hint: "a DoRA merge rescales each row by magnitude / ‖W0 + s·B·A‖, a factor the merged checkpoint does not keep (its rows' norms are the magnitudes, whatever W0 was); keep the base checkpoint, or unmerge on the device with the factors ops::dora_merge returned (ops::dora_unmerge)".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Merged (or unmerged) bytes of one weight, through the merge kernel on `device`, and the non-finite
@@ -197,16 +212,22 @@ fn merge_weight<T: Element>(
     let mut wt = Tensor::from_slice(device, &w, &[n, k])?;
     let r = m.a.rows;
     // Adapters in W's dtype are used as stored; any other dtype goes through f32 (exact for bf16/f16).
+    // DoRA's magnitude as f32 (exact from bf16/f16), whatever the adapter's dtype
+    let magnitude = match &m.magnitude {
+        Some(v) => Some(Tensor::from_slice(device, &v.to_f32(), &[n])?),
+        None => None,
+    };
+    let magnitude = magnitude.as_ref();
     let counts = if m.a.dtype == T::DTYPE && m.b.dtype == T::DTYPE && T::DTYPE != DType::F32 {
         let a: Vec<T> = bytemuck::pod_collect_to_vec(&m.a.bytes);
         let b: Vec<T> = bytemuck::pod_collect_to_vec(&m.b.bytes);
         let at = Tensor::from_slice(device, &a, &[r, k])?;
         let bt = Tensor::from_slice(device, &b, &[n, r])?;
-        counted(&mut wt, &at, &bt, scale, options.unmerge)?
+        counted(&mut wt, &at, &bt, magnitude, scale, options.unmerge)?
     } else {
         let at = Tensor::from_slice(device, &m.a.to_f32(), &[r, k])?;
         let bt = Tensor::from_slice(device, &m.b.to_f32(), &[n, r])?;
-        counted(&mut wt, &at, &bt, scale, options.unmerge)?
+        counted(&mut wt, &at, &bt, magnitude, scale, options.unmerge)?
     };
     if counts.created() > 0 && !options.allow_nonfinite {
         let op = if options.unmerge { "unmerge" } else { "merge" };
@@ -353,6 +374,9 @@ pub fn merge_checkpoint_with(
     // Pass 1, from the shards' headers: validate everything (every module's rank and scale, every
     // module found, shapes and dtypes agree) before writing. The data is read shard by shard in pass 2.
     let op = if options.unmerge { "unmerge" } else { "merge" };
+    if options.unmerge {
+        dora_unmerge_refused(adapter, "an unmerge")?;
+    }
     for m in by_weight.values() {
         module_scale(op, adapter, m)?;
     }
@@ -543,12 +567,16 @@ fn verify_weight<T: Element>(
     b: &[f64],
     (n, k, r): (usize, usize, usize),
     scale: f64,
+    dora: Option<&[f64]>,
 ) -> VerifySummary {
     let w: Vec<T> = bytemuck::pod_collect_to_vec(w);
     let merged: Vec<T> = bytemuck::pod_collect_to_vec(merged);
     let mut s = VerifySummary::default();
     let (mut ba, mut magnitude) = (vec![0f64; k], vec![0f64; k]);
     let f32_error = 2f64.powi(-23);
+    let lora_error = |w0: f64, c: usize, magnitude: &[f64]| {
+        f32_error * (w0.abs() + (r + 3) as f64 * scale.abs() * magnitude[c])
+    };
     for i in 0..n {
         // (B·A)[i, :] with j ascending, then scaled: the same f64 sums as `reference::delta`.
         ba.fill(0.0);
@@ -561,11 +589,29 @@ fn verify_weight<T: Element>(
                 *mag += (bij * ajc).abs();
             }
         }
-        for c in 0..k {
+        // DoRA: x = factor·v with v the LoRA merge and factor = m / ‖v‖ of the row; the kernel's
+        // factor is off by the norm of the row's errors of v relative to ‖v‖, plus the f32 roundings
+        // of its sums of squares (8 per thread, 4 levels of tree), sqrt, division and product (each
+        // doubled, as e)
+        let (factor, factor_error) = match dora {
+            None => (1.0, 0.0),
+            Some(m) => {
+                let (mut norm2, mut err2) = (0.0f64, 0.0f64);
+                for (c, (wc, bac)) in w[i * k..(i + 1) * k].iter().zip(&ba).enumerate() {
+                    let w0 = wc.to_f64();
+                    norm2 += (w0 + scale * bac).powi(2);
+                    err2 += lora_error(w0, c, &magnitude).powi(2);
+                }
+                let norm = norm2.sqrt();
+                (m[i] / norm, (err2.sqrt() / norm) + 16.0 * f32_error)
+            }
+        };
+        for (c, &bac) in ba.iter().enumerate() {
             let at = i * k + c;
             let w0 = w[at].to_f64();
-            let x = w0 + scale * ba[c];
-            let e = f32_error * (w0.abs() + (r + 3) as f64 * scale.abs() * magnitude[c]);
+            let v = w0 + scale * bac;
+            let x = factor * v;
+            let e = factor.abs() * lora_error(w0, c, &magnitude) + x.abs() * factor_error;
             let got = merged[at];
             let g = got.to_f64();
             let dist = if x.is_nan() && g.is_nan() {
@@ -613,6 +659,9 @@ pub fn verify_merge(
     unmerge: bool,
     progress: &mut dyn Progress,
 ) -> Result<VerifySummary> {
+    if unmerge {
+        dora_unmerge_refused(adapter, "verifying an unmerge")?;
+    }
     let (files, index) = shards(base)?;
     let out_is_dir = index.is_some() || base.is_dir();
     let by_weight: BTreeMap<String, &AdapterModule> = adapter
@@ -665,11 +714,16 @@ pub fn verify_merge(
             let b: Vec<f64> = m.b.to_f32().iter().map(|&v| v as f64).collect();
             let s = adapter.config.scale_for(&m.name);
             let scale = if unmerge { -s } else { s };
+            let mag: Option<Vec<f64>> = m
+                .magnitude
+                .as_ref()
+                .map(|v| v.to_f32().iter().map(|&x| x as f64).collect());
+            let dora = mag.as_deref();
             let (wd, gd) = (w.data(), got.data());
             summary.add(match peft::dtype_of(f, name, w.dtype())? {
-                DType::BF16 => verify_weight::<half::bf16>(name, wd, gd, &a, &b, dims, scale),
-                DType::F16 => verify_weight::<half::f16>(name, wd, gd, &a, &b, dims, scale),
-                DType::F32 => verify_weight::<f32>(name, wd, gd, &a, &b, dims, scale),
+                DType::BF16 => verify_weight::<half::bf16>(name, wd, gd, &a, &b, dims, scale, dora),
+                DType::F16 => verify_weight::<half::f16>(name, wd, gd, &a, &b, dims, scale, dora),
+                DType::F32 => verify_weight::<f32>(name, wd, gd, &a, &b, dims, scale, dora),
                 DType::U32 => unreachable_dtype(f, name)?,
             });
             progress.module_done(&m.name, wd.len() as u64);
@@ -704,6 +758,7 @@ mod tests {
             &[b],
             (1, 1, 1),
             2.0,
+            None,
         )
     }
 
@@ -781,8 +836,43 @@ mod tests {
                 &f(&b),
                 (n, k, r),
                 scale,
+                None,
             );
             assert_eq!((s.elements, s.correctly_rounded, s.off), (35, 35, 0));
+        }
+    }
+
+    /// DoRA: the exact reference merge is within one rounding, a magnitude 1 % off is not.
+    #[test]
+    fn dora_values_match_the_reference_merge() {
+        let (n, k, r) = (5, 7, 3);
+        let val = |i: usize, m: f64| bf16::from_f64(((i * 37 % 11) as f64 - 5.0) * m);
+        let w: Vec<bf16> = (0..n * k).map(|i| val(i, 0.37)).collect();
+        let a: Vec<bf16> = (0..r * k).map(|i| val(i + 3, 0.011)).collect();
+        let b: Vec<bf16> = (0..n * r).map(|i| val(i + 7, 0.013)).collect();
+        let m: Vec<f32> = (0..n).map(|i| 1.0 + 0.3 * i as f32).collect();
+        let f = |v: &[bf16]| -> Vec<f64> { v.iter().map(|x| x.to_f64()).collect() };
+        let m64: Vec<f64> = m.iter().map(|&x| x as f64).collect();
+        // the merge with magnitude `merged_with`, checked against `m`
+        let run = |merged_with: &[f32], scale: f64| {
+            let (got, _) = crate::reference::dora_merge(&w, &a, &b, merged_with, n, k, r, scale);
+            verify_weight::<bf16>(
+                "w",
+                bytemuck::cast_slice(&w),
+                bytemuck::cast_slice(&got),
+                &f(&a),
+                &f(&b),
+                (n, k, r),
+                scale,
+                Some(&m64),
+            )
+        };
+        let bigger: Vec<f32> = m.iter().map(|x| x * 1.01).collect();
+        for scale in [2.0, -0.7] {
+            let s = run(&m, scale);
+            assert_eq!((s.elements, s.correctly_rounded, s.off), (35, 35, 0));
+            let s = run(&bigger, scale);
+            assert!(s.off > 0, "{s:?}");
         }
     }
 }

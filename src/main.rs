@@ -419,11 +419,12 @@ fn inspect(args: &InspectArgs) -> Result<(), String> {
     let a = PeftAdapter::load(dir).map_err(|e| e.to_string())?;
     let c = &a.config;
     println!(
-        "adapter {}: r = {}, lora_alpha = {}, rsLoRA = {}, target_modules = {:?}",
+        "adapter {}: r = {}, lora_alpha = {}, rsLoRA = {}, DoRA = {}, target_modules = {:?}",
         dir.display(),
         c.r,
         c.lora_alpha,
         c.use_rslora,
+        c.use_dora,
         c.target_modules
     );
     println!("| module | A (r × in) | B (out × r) | dtype | rank | alpha | scale |");
@@ -431,6 +432,7 @@ fn inspect(args: &InspectArgs) -> Result<(), String> {
     let mut bytes = 0;
     for m in &a.modules {
         bytes += m.a.bytes.len() + m.b.bytes.len();
+        bytes += m.magnitude.as_ref().map_or(0, |v| v.bytes.len());
         println!(
             "| {} | {}×{} | {}×{} | {} | {} | {} | {} |",
             m.name,

@@ -46,6 +46,7 @@ kernel_params!(
     LkSmallMParams,
     LkSmallMFinalizeParams,
     LkMergeParams,
+    LkDoraFactorParams,
     LkAdamwParams,
     LkMseGradParams,
     LkGradSumsqParams,

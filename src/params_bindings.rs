@@ -37,6 +37,8 @@ pub const LK_MERGE_COUNT_NAN: u32 = 0;
 pub const LK_MERGE_COUNT_INF: u32 = 1;
 pub const LK_MERGE_COUNT_IN_W: u32 = 2;
 pub const LK_MERGE_COUNT_ONLY: u32 = 1;
+pub const LK_MERGE_ROW_SUMSQ: u32 = 2;
+pub const LK_MERGE_ROW_DIVIDE: u32 = 4;
 pub const LK_GRAD_CLIP_CHUNK: u32 = 16384;
 pub const LK_SM90_BM: u32 = 128;
 pub const LK_SM90_BN: u32 = 256;
@@ -631,6 +633,8 @@ pub struct LkMergeParams {
     pub a: *const ::core::ffi::c_void,
     pub b: *const ::core::ffi::c_void,
     pub counts: *mut u32,
+    pub row_sumsq: *mut f32,
+    pub row_factor: *const f32,
     pub n: u32,
     pub k: u32,
     pub rank: u32,
@@ -639,7 +643,7 @@ pub struct LkMergeParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LkMergeParams"][::core::mem::size_of::<LkMergeParams>() - 56usize];
+    ["Size of LkMergeParams"][::core::mem::size_of::<LkMergeParams>() - 72usize];
     ["Alignment of LkMergeParams"][::core::mem::align_of::<LkMergeParams>() - 8usize];
     [
         "Offset of field: LkMergeParams::w",
@@ -654,22 +658,70 @@ const _: () = {
         "Offset of field: LkMergeParams::counts",
     ][::core::mem::offset_of!(LkMergeParams, counts) - 24usize];
     [
+        "Offset of field: LkMergeParams::row_sumsq",
+    ][::core::mem::offset_of!(LkMergeParams, row_sumsq) - 32usize];
+    [
+        "Offset of field: LkMergeParams::row_factor",
+    ][::core::mem::offset_of!(LkMergeParams, row_factor) - 40usize];
+    [
         "Offset of field: LkMergeParams::n",
-    ][::core::mem::offset_of!(LkMergeParams, n) - 32usize];
+    ][::core::mem::offset_of!(LkMergeParams, n) - 48usize];
     [
         "Offset of field: LkMergeParams::k",
-    ][::core::mem::offset_of!(LkMergeParams, k) - 36usize];
+    ][::core::mem::offset_of!(LkMergeParams, k) - 52usize];
     [
         "Offset of field: LkMergeParams::rank",
-    ][::core::mem::offset_of!(LkMergeParams, rank) - 40usize];
+    ][::core::mem::offset_of!(LkMergeParams, rank) - 56usize];
     [
         "Offset of field: LkMergeParams::scale",
-    ][::core::mem::offset_of!(LkMergeParams, scale) - 44usize];
+    ][::core::mem::offset_of!(LkMergeParams, scale) - 60usize];
     [
         "Offset of field: LkMergeParams::flags",
-    ][::core::mem::offset_of!(LkMergeParams, flags) - 48usize];
+    ][::core::mem::offset_of!(LkMergeParams, flags) - 64usize];
 };
 impl Default for LkMergeParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkDoraFactorParams {
+    pub row_sumsq: *const f32,
+    pub magnitude: *const f32,
+    pub factor: *mut f32,
+    pub n: u32,
+    pub blocks: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of LkDoraFactorParams",
+    ][::core::mem::size_of::<LkDoraFactorParams>() - 32usize];
+    [
+        "Alignment of LkDoraFactorParams",
+    ][::core::mem::align_of::<LkDoraFactorParams>() - 8usize];
+    [
+        "Offset of field: LkDoraFactorParams::row_sumsq",
+    ][::core::mem::offset_of!(LkDoraFactorParams, row_sumsq) - 0usize];
+    [
+        "Offset of field: LkDoraFactorParams::magnitude",
+    ][::core::mem::offset_of!(LkDoraFactorParams, magnitude) - 8usize];
+    [
+        "Offset of field: LkDoraFactorParams::factor",
+    ][::core::mem::offset_of!(LkDoraFactorParams, factor) - 16usize];
+    [
+        "Offset of field: LkDoraFactorParams::n",
+    ][::core::mem::offset_of!(LkDoraFactorParams, n) - 24usize];
+    [
+        "Offset of field: LkDoraFactorParams::blocks",
+    ][::core::mem::offset_of!(LkDoraFactorParams, blocks) - 28usize];
+};
+impl Default for LkDoraFactorParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

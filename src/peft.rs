@@ -4,8 +4,10 @@
 //! Supported: `peft_type` LORA on linear layers (`lora_A.weight` r × in, `lora_B.weight` out × r),
 //! `r`, `lora_alpha`, `use_rslora`, `target_modules`, `rank_pattern`, `alpha_pattern` (keys are
 //! regular expressions tried in the file's order against the module name or its end after a dot, the
-//! first match winning, as PEFT does), tensors in f32, bf16 or f16. Anything else that changes the math
-//! is refused with an error naming it: DoRA, `.bin` adapters, embedding or conv LoRA, `fan_in_fan_out`
+//! first match winning, as PEFT does), `use_dora` (DoRA: each module's 1-D `lora_magnitude_vector`
+//! `[out]` too; merged by [`crate::ops::dora_merge`] and the checkpoint merge, refused by the layers and
+//! adapter sets, whose forward is plain LoRA), tensors in f32, bf16 or f16. Anything else that changes
+//! the math is refused with an error naming it: `.bin` adapters, embedding or conv LoRA, `fan_in_fan_out`
 //! (GPT-2 Conv1D layout), trained biases (`bias` other than "none", `lora_bias`), the LoRA variants and
 //! extras PEFT configures with other keys (aLoRA, Arrow, KaSA, QALoRA, layer replication,
 //! `modules_to_save`, trainable tokens, `target_parameters`, ...: [`REFUSED_KEYS`]), any config key this
@@ -105,6 +107,8 @@ pub struct AdapterConfig {
     pub alpha_pattern: Patterns<f64>,
     /// PEFT's `lora_dropout` (training only; merging and inference ignore it).
     pub lora_dropout: f64,
+    /// DoRA (PEFT's `use_dora`): every module has a magnitude vector ([`AdapterModule::magnitude`]).
+    pub use_dora: bool,
 }
 
 /// PEFT's `target_modules`: a list of names (a module matches one exactly or ends with `.name`), or one
@@ -211,7 +215,7 @@ impl<V: Clone + Into<Value>> Patterns<V> {
 
 /// Keys of PEFT's LoraConfig that select a LoRA variant, or an extra trained part, whose merge is not
 /// `W + s·B·A` of the module's lora_A and lora_B: refused when set (not null, false, or empty).
-pub const REFUSED_KEYS: [(&str, &str); 13] = [
+pub const REFUSED_KEYS: [(&str, &str); 12] = [
     (
         "alora_invocation_tokens",
         "aLoRA (PEFT does not merge it either)",
@@ -239,17 +243,14 @@ pub const REFUSED_KEYS: [(&str, &str); 13] = [
     ("use_bdlora", "block-diagonal LoRA"),
     ("use_qalora", "QALoRA (pooled inputs)"),
     ("velora_config", "VeLoRA"),
-    (
-        "use_dora",
-        "DoRA (a magnitude vector rescales the merged weight)",
-    ),
 ];
 
 /// Keys of PEFT's LoraConfig that this crate reads or that do not change what a saved adapter's merge
 /// is (bookkeeping, and initialisation schemes that leave the base as it is: the saved A and B are what
 /// they produced; `init_lora_weights` is checked on its own, see [`BASE_CHANGING_INITS`]).
-const KNOWN_KEYS: [&str; 28] = [
+const KNOWN_KEYS: [&str; 29] = [
     "r",
+    "use_dora",
     "lora_alpha",
     "use_rslora",
     "target_modules",
@@ -414,6 +415,7 @@ impl AdapterConfig {
         }
         for key in [
             "use_rslora",
+            "use_dora",
             "fan_in_fan_out",
             "lora_bias",
             "inference_mode",
@@ -491,6 +493,7 @@ impl AdapterConfig {
             rank_pattern,
             alpha_pattern,
             lora_dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+            use_dora: flag(&v, path, "use_dora")?,
         })
     }
 
@@ -509,7 +512,7 @@ impl AdapterConfig {
             "alpha_pattern": self.alpha_pattern.to_json(),
             "fan_in_fan_out": false,
             "bias": "none",
-            "use_dora": false,
+            "use_dora": self.use_dora,
             "lora_dropout": self.lora_dropout,
             "init_lora_weights": true,
             "inference_mode": true,
@@ -521,13 +524,17 @@ impl AdapterConfig {
 }
 
 /// One adapted module: `name` as in the base checkpoint (without PEFT's `base_model.model.` prefix),
-/// A (r × in), B (out × r).
+/// A (r × in), B (out × r), and for DoRA the magnitude vector (1 × out; a 1-D `[out]` tensor in the file).
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdapterModule {
     pub name: String,
     pub a: HostMatrix,
     pub b: HostMatrix,
+    /// DoRA's `lora_magnitude_vector` (present exactly when the config's `use_dora` is set).
+    pub magnitude: Option<HostMatrix>,
 }
+
+const MAGNITUDE: &str = ".lora_magnitude_vector";
 
 /// A PEFT LoRA adapter.
 #[derive(Clone, Debug, PartialEq)]
@@ -561,6 +568,33 @@ pub(crate) fn matrix(path: &Path, st: &SafeTensors<'_>, name: &str) -> Result<Ho
     })
 }
 
+/// Reads DoRA's 1-D magnitude vector `name` (`[out]`) as a 1 × out matrix; a missing one is an error
+/// naming it.
+fn vector(path: &Path, st: &SafeTensors<'_>, name: &str) -> Result<HostMatrix> {
+    let t = st.tensor(name).map_err(|e| {
+        Error::format(
+            path,
+            format!("tensor `{name}` (the config sets `use_dora`): {e}"),
+        )
+    })?;
+    let dtype = dtype_of(path, name, t.dtype())?;
+    let &[cols] = t.shape() else {
+        return Err(Error::format(
+            path,
+            format!(
+                "DoRA magnitude vector `{name}` of shape {:?}: expected 1-D `[out]`",
+                t.shape()
+            ),
+        ));
+    };
+    Ok(HostMatrix {
+        rows: 1,
+        cols,
+        dtype,
+        bytes: t.data().to_vec(),
+    })
+}
+
 impl PeftAdapter {
     /// Module `module`'s lora_A and lora_B as device tensors of `A`, holding the file's values exactly:
     /// a file dtype other than `A` is accepted only into f32 (bf16/f16 are subsets of it), anything else
@@ -573,6 +607,12 @@ impl PeftAdapter {
         device: &crate::device::Device,
         supported: &'static str,
     ) -> Result<(crate::tensor::Tensor<A>, crate::tensor::Tensor<A>)> {
+        if self.config.use_dora {
+            return Err(Error::Unsupported {
+                what: format!("{op} of a DoRA adapter (`use_dora`)"),
+                hint: "a DoRA adapter can be merged (ops::dora_merge, `lora-kernels merge`); its unmerged forward, which rescales each output row, is not implemented".into(),
+            });
+        }
         let m = self
             .modules
             .iter()
@@ -627,13 +667,9 @@ impl PeftAdapter {
                     hint: "LoRA on linear layers only".into(),
                 });
             }
-            if name.contains("lora_magnitude_vector") {
-                return Err(Error::Unsupported {
-                    what: format!("DoRA magnitude vector (`{name}`)"),
-                    hint: "only plain LoRA is merged".into(),
-                });
-            }
-            if let Some(stem) = name.strip_suffix(".lora_B.weight") {
+            let lora_b = name.strip_suffix(".lora_B.weight");
+            let magnitude = name.strip_suffix(MAGNITUDE);
+            if let Some(stem) = lora_b.or(magnitude) {
                 // read with its lora_A; one without is an error, not skipped
                 if !st
                     .names()
@@ -642,6 +678,14 @@ impl PeftAdapter {
                     return Err(Error::format(
                         &st_path,
                         format!("`{name}` has no `{stem}.lora_A.weight`"),
+                    ));
+                }
+                if magnitude.is_some() && !config.use_dora {
+                    return Err(Error::format(
+                        &st_path,
+                        format!(
+                            "`{name}` is a DoRA magnitude vector, but the config does not set `use_dora`"
+                        ),
                     ));
                 }
                 continue;
@@ -676,7 +720,27 @@ impl PeftAdapter {
                     ),
                 ));
             }
-            modules.push(AdapterModule { name: module, a, b });
+            let magnitude = if config.use_dora {
+                let m = vector(&st_path, &st, &format!("{stem}{MAGNITUDE}"))?;
+                if m.cols != b.rows {
+                    return Err(Error::format(
+                        &st_path,
+                        format!(
+                            "module `{module}`: the DoRA magnitude vector has {} elements, lora_B {} rows",
+                            m.cols, b.rows
+                        ),
+                    ));
+                }
+                Some(m)
+            } else {
+                None
+            };
+            modules.push(AdapterModule {
+                name: module,
+                a,
+                b,
+                magnitude,
+            });
         }
         if modules.is_empty() {
             return Err(Error::format(&st_path, "no `*.lora_A.weight` tensors"));
@@ -691,15 +755,20 @@ impl PeftAdapter {
         let mut tensors = Vec::new();
         for m in &self.modules {
             for (suffix, t) in [("lora_A", &m.a), ("lora_B", &m.b)] {
-                tensors.push((format!("{PREFIX}{}.{suffix}.weight", m.name), t));
+                let shape = vec![t.rows, t.cols];
+                tensors.push((format!("{PREFIX}{}.{suffix}.weight", m.name), t, shape));
+            }
+            if let Some(t) = &m.magnitude {
+                // 1-D, as PEFT saves it
+                tensors.push((format!("{PREFIX}{}{MAGNITUDE}", m.name), t, vec![t.cols]));
             }
         }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
             .iter()
-            .map(|(name, t)| {
+            .map(|(name, t, shape)| {
                 let view = safetensors::tensor::TensorView::new(
                     st_dtype(t.dtype),
-                    vec![t.rows, t.cols],
+                    shape.clone(),
                     &t.bytes,
                 )
                 .map_err(|e| Error::format(dir, format!("tensor `{name}`: {e}")))?;
@@ -716,11 +785,14 @@ impl PeftAdapter {
         )
     }
 
-    /// Trainable parameters: Σ r·(in + out).
+    /// Trainable parameters: Σ r·(in + out), plus out per module for DoRA's magnitude vectors.
     pub fn parameters(&self) -> u64 {
         self.modules
             .iter()
-            .map(|m| (m.a.rows * m.a.cols + m.b.rows * m.b.cols) as u64)
+            .map(|m| {
+                let magnitude = m.magnitude.as_ref().map_or(0, |v| v.cols);
+                (m.a.rows * m.a.cols + m.b.rows * m.b.cols + magnitude) as u64
+            })
             .sum()
     }
 }

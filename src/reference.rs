@@ -404,6 +404,53 @@ pub fn unmerge<T: Element, U: Element>(
     merge(w, a, b, n, k, r, -scale)
 }
 
+/// DoRA's row factors `m / ‖W0 + s·B·A‖` in f64 (exact arithmetic; the norm over each row of W0).
+#[allow(clippy::too_many_arguments)]
+pub fn dora_factor<T: Element, U: Element>(
+    w0: &[T],
+    a: &[U],
+    b: &[U],
+    magnitude: &[f32],
+    n: usize,
+    k: usize,
+    r: usize,
+    scale: f64,
+) -> Vec<f64> {
+    check_len("w0", w0.len(), n * k);
+    check_len("magnitude", magnitude.len(), n);
+    let d = delta(a, b, n, k, r, scale);
+    (0..n)
+        .map(|i| {
+            let norm = (0..k)
+                .map(|j| (w0[i * k + j].to_f64() + d[i * k + j]).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            magnitude[i] as f64 / norm
+        })
+        .collect()
+}
+
+/// DoRA merge `round(factor_i·(W0 + s·B·A))` per row i, exact arithmetic and one rounding per
+/// element, with the factors of [`dora_factor`]; returns the merged W0 and the factors.
+#[allow(clippy::too_many_arguments)]
+pub fn dora_merge<T: Element, U: Element>(
+    w0: &[T],
+    a: &[U],
+    b: &[U],
+    magnitude: &[f32],
+    n: usize,
+    k: usize,
+    r: usize,
+    scale: f64,
+) -> (Vec<T>, Vec<f64>) {
+    let factor = dora_factor(w0, a, b, magnitude, n, k, r, scale);
+    let d = delta(a, b, n, k, r, scale);
+    let merged = (0..n * k)
+        .map(|e| T::from_f64(factor[e / k] * (w0[e].to_f64() + d[e])))
+        .collect();
+    (merged, factor)
+}
+
 /// `dy[i] = round(s · (y[i] − target[i]))` with the kernel's f32 operations (the same bits).
 pub fn mse_grad<T: Element>(y: &[T], target: &[T], s: f32) -> Vec<T> {
     y.iter()

@@ -136,6 +136,203 @@ fn merge_reproduces_peft_and_unmerge_matches_f64() {
     assert!(acc.exact as f64 / acc.total as f64 >= 0.9999 && acc.max_ulp <= 1);
 }
 
+/// A DoRA adapter saved by PEFT (tests/fixtures/peft/dora): the CLI's merge reproduces PEFT's
+/// `merge_and_unload` (≥ 99.99 % bit-exact, ≤ 1 ulp), `--verify` finds no element off, `inspect` says
+/// DoRA, the adapter saves and loads back identical (magnitude vectors 1-D), and the refusals: an
+/// unmerge (the merged checkpoint does not keep the rows' factors), a module without its magnitude
+/// vector, a magnitude vector of the wrong length, one in an adapter whose config does not set
+/// `use_dora`, and the layer and adapter-set loaders (their forward is plain LoRA).
+#[test]
+fn dora_adapters_merge_as_peft_does() {
+    let dir = scratch("dora");
+    let merged = dir.join("merged.safetensors");
+    let (ok, stdout, stderr) = run(&[
+        "merge",
+        "--base",
+        &fx("base.safetensors"),
+        "--adapter",
+        &fx("dora/adapter"),
+        "--out",
+        merged.to_str().unwrap(),
+        "--device",
+        "emu",
+        "--verify",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("merged 8 modules"), "{stdout}");
+    assert!(
+        stderr.contains("verify: 0 of 40960 merged elements off")
+            || stdout.contains("verify: 0 of 40960 merged elements off"),
+        "{stdout}{stderr}"
+    );
+    let (acc, identical) = agreement(&merged, "dora/merged.safetensors");
+    eprintln!(
+        "CLI DoRA merge vs PEFT: {}/{} bit-exact, max {} ulp",
+        acc.exact, acc.total, acc.max_ulp
+    );
+    assert!(acc.exact as f64 / acc.total as f64 >= 0.9999 && acc.max_ulp <= 1);
+    assert!(identical >= 6, "every untargeted tensor identical");
+
+    // plain LoRA with the same A, B (the magnitudes ignored) is not PEFT's DoRA merge
+    let plain = adapter_copy_of(&dir.join("plain"), "dora/adapter", |c| {
+        c["use_dora"] = false.into()
+    });
+    let stripped = dir.join("plain/adapter/adapter_model.safetensors");
+    strip_tensors(&stripped, |n| n.ends_with("lora_magnitude_vector"));
+    let plain_out = dir.join("plain.safetensors");
+    let (ok, _, stderr) = run(&[
+        "merge",
+        "--base",
+        &fx("base.safetensors"),
+        "--adapter",
+        plain.to_str().unwrap(),
+        "--out",
+        plain_out.to_str().unwrap(),
+        "--device",
+        "emu",
+        "--quiet",
+    ]);
+    assert!(ok, "{stderr}");
+    let (acc, _) = agreement(&plain_out, "dora/merged.safetensors");
+    assert!(
+        acc.exact * 2 < acc.total,
+        "a plain merge must not pass for DoRA's"
+    );
+
+    let (ok, stdout, stderr) = run(&["inspect", "--adapter", &fx("dora/adapter")]);
+    assert!(ok && stdout.contains("DoRA = true"), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("| 5 | 16 | 3.2 |") && stdout.contains("| 8 | 4 | 0.5 |"),
+        "{stdout}"
+    );
+
+    let a = PeftAdapter::load(&common::fixture("dora/adapter")).unwrap();
+    assert!(a.config.use_dora && a.modules.iter().all(|m| m.magnitude.is_some()));
+    a.save(&dir.join("saved")).unwrap();
+    assert_eq!(PeftAdapter::load(&dir.join("saved")).unwrap(), a);
+    let saved = std::fs::read(dir.join("saved/adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&saved).unwrap();
+    let v = st
+        .tensor("base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector")
+        .unwrap();
+    assert_eq!(v.shape(), &[96], "saved 1-D, as PEFT");
+
+    let out = dir.join("refused.safetensors");
+    let (ok, _, stderr) = run(&[
+        "merge",
+        "--base",
+        &fx("dora/merged.safetensors"),
+        "--adapter",
+        &fx("dora/adapter"),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "emu",
+        "--unmerge",
+    ]);
+    assert!(
+        !ok && stderr.contains("an unmerge of a DoRA adapter"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+
+    let missing = adapter_copy_of(&dir.join("missing"), "dora/adapter", |_| {});
+    strip_tensors(&missing.join("adapter_model.safetensors"), |n| {
+        n == "base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector"
+    });
+    merge_fails(
+        &common::fixture("base.safetensors"),
+        &missing,
+        &out,
+        "model.layers.1.self_attn.q_proj.lora_magnitude_vector` (the config sets `use_dora`)",
+    );
+    let short = adapter_copy_of(&dir.join("short"), "dora/adapter", |_| {});
+    edit_tensors(&short.join("adapter_model.safetensors"), |t| {
+        for (n, (_, shape, bytes)) in t.iter_mut() {
+            if n.ends_with("layers.0.mlp.up_proj.lora_magnitude_vector") {
+                shape[0] -= 1;
+                bytes.truncate(bytes.len() - 4);
+            }
+        }
+    });
+    merge_fails(
+        &common::fixture("base.safetensors"),
+        &short,
+        &out,
+        "the DoRA magnitude vector has 95 elements, lora_B 96 rows",
+    );
+    let undeclared = adapter_copy_of(&dir.join("undeclared"), "dora/adapter", |c| {
+        c["use_dora"] = false.into()
+    });
+    merge_fails(
+        &common::fixture("base.safetensors"),
+        &undeclared,
+        &out,
+        "is a DoRA magnitude vector, but the config does not set `use_dora`",
+    );
+
+    let dev = lora_kernels::Device::emulator();
+    let module = "model.layers.0.self_attn.q_proj";
+    let mut set = lora_kernels::AdapterSet::<f32>::new(&dev, 64, 64).unwrap();
+    let e = set.add_peft_module(&a, module).unwrap_err().to_string();
+    assert!(e.contains("DoRA") && e.contains("dora_merge"), "{e}");
+    let w0 = lora_kernels::Tensor::<half::bf16>::zeros(&dev, &[64, 64]).unwrap();
+    let mut layer = lora_kernels::LoraLinear::with_f32_adapters(w0, None).unwrap();
+    let e = layer
+        .insert_peft_module("d", &a, module)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("DoRA") && e.contains("insert_peft_module"),
+        "{e}"
+    );
+}
+
+/// A copy of fixture adapter `from` (e.g. `dora/adapter`) under `dir/adapter`, its config edited.
+fn adapter_copy_of(dir: &Path, from: &str, config: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let a = dir.join("adapter");
+    std::fs::create_dir_all(&a).unwrap();
+    let src = common::fixture(from);
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
+    config(&mut cfg);
+    std::fs::write(a.join("adapter_config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(
+        src.join("adapter_model.safetensors"),
+        a.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    a
+}
+
+type OwnedTensors = Vec<(String, (safetensors::Dtype, Vec<usize>, Vec<u8>))>;
+
+/// Rewrites safetensors file `path` after `edit` changed its tensors.
+fn edit_tensors(path: &Path, edit: impl FnOnce(&mut OwnedTensors)) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: OwnedTensors = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect();
+    edit(&mut owned);
+    let views: Vec<_> = owned
+        .iter()
+        .map(|(n, (d, s, b))| {
+            let v = safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap();
+            (n.clone(), v)
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// Removes the tensors whose name `drop` selects from safetensors file `path`.
+fn strip_tensors(path: &Path, drop: impl Fn(&str) -> bool) {
+    edit_tensors(path, |t| t.retain(|(n, _)| !drop(n)));
+}
+
 #[test]
 fn sharded_checkpoint_is_merged_shard_by_shard() {
     let dir = scratch("sharded");
@@ -455,7 +652,14 @@ fn error_paths_are_clear_and_leave_nothing() {
     merge_fails(&int_base, &common::fixture("adapter"), &out, "dtype I16");
 
     // unsupported adapters
-    for (edit, want) in [("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out")] {
+    // use_dora on a plain adapter: its modules have no magnitude vector
+    for (edit, want) in [
+        (
+            "use_dora",
+            "lora_magnitude_vector` (the config sets `use_dora`)",
+        ),
+        ("fan_in_fan_out", "fan_in_fan_out"),
+    ] {
         let a = adapter_copy(&dir.join(edit), |c| c[edit] = true.into());
         merge_fails(&base, &a, &out, want);
     }
@@ -1216,31 +1420,9 @@ fn checkpoint_merge_refusal_is_the_same_on_every_thread_order() {
 }
 
 /// Writes `dir`'s adapter_model.safetensors from the fixture adapter's tensors as `edit` changes them.
-fn edit_adapter_tensors(
-    dir: &Path,
-    edit: impl FnOnce(&mut Vec<(String, (safetensors::Dtype, Vec<usize>, Vec<u8>))>),
-) -> PathBuf {
+fn edit_adapter_tensors(dir: &Path, edit: impl FnOnce(&mut OwnedTensors)) -> PathBuf {
     let a = adapter_copy(dir, |_| {});
-    let bytes = std::fs::read(a.join("adapter_model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut owned: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
-        .collect();
-    edit(&mut owned);
-    let views: Vec<_> = owned
-        .iter()
-        .map(|(n, (d, s, b))| {
-            let v = safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap();
-            (n.clone(), v)
-        })
-        .collect();
-    std::fs::write(
-        a.join("adapter_model.safetensors"),
-        safetensors::serialize(views, None).unwrap(),
-    )
-    .unwrap();
+    edit_tensors(&a.join("adapter_model.safetensors"), edit);
     a
 }
 
@@ -1344,7 +1526,6 @@ fn peft_configs_and_tensors_follow_peft() {
         ("layer_replication", json!([[0, 1]])),
         ("trainable_token_indices", json!([5])),
         ("target_parameters", json!(["experts.w1"])),
-        ("use_dora", json!(true)),
     ] {
         let a = adapter_copy(&dir.join(key), |c| c[key] = value.clone());
         merge_fails(&base, &a, &out, &format!("`{key}` = {value}"));

@@ -274,23 +274,45 @@ typedef struct LkSmallMFinalizeParams {
  * gridDim.x + blockIdx.x), every one written by the kernel: the block's elements finite in W whose
  * merged value (rounded to W's dtype) is NaN, those whose merged value is ±Inf, and those already NaN
  * or ±Inf in W. No atomics: each block reduces its own counts, the host adds the blocks'.
- * flags: LK_MERGE_COUNT_ONLY computes and counts without writing W (W is then only read). */
+ * flags: LK_MERGE_COUNT_ONLY computes and counts without writing W (W is then only read).
+ *
+ * DoRA (the dora_merge_* kernels only; the merge_* kernels ignore row_sumsq, row_factor and the
+ * LK_MERGE_ROW_* flags): with LK_MERGE_ROW_SUMSQ the kernel writes, instead of W and the counts, each
+ * block's f32 sums of squares of the merged values v = round_f32(W + round_f32(s·B·A)) of its rows:
+ * row_sumsq[blockIdx.x · n + row] (the row's columns col0..col0+LK_MERGE_COLS), which dora_factor_f32
+ * adds in order. Without it, row_factor[row] (f32, [n]) scales the row: W ← round(factor·v); with
+ * LK_MERGE_ROW_DIVIDE too (unmerge): W ← round(W/factor + s·B·A), s negative. */
 #define LK_MERGE_COUNTS 3u
 #define LK_MERGE_COUNT_NAN 0u     /* finite in W, NaN after the merge */
 #define LK_MERGE_COUNT_INF 1u     /* finite in W, ±Inf after the merge */
 #define LK_MERGE_COUNT_IN_W 2u    /* NaN or ±Inf in W already */
 #define LK_MERGE_COUNT_ONLY 1u
+#define LK_MERGE_ROW_SUMSQ 2u
+#define LK_MERGE_ROW_DIVIDE 4u
 typedef struct LkMergeParams {
     void* w;
     const void* a;
     const void* b;
     uint32_t* counts;
+    float* row_sumsq;
+    const float* row_factor;
     uint32_t n;
     uint32_t k;
     uint32_t rank;
     float scale;
     uint32_t flags;
 } LkMergeParams;
+
+/* DoRA's row factor (kernels/merge.cu, dora_factor_f32): factor[row] = magnitude[row] / ‖v_row‖, the
+ * norm = round_f32(sqrt(Σ partials)) with the row's `blocks` partial sums of squares (row_sumsq of the
+ * LK_MERGE_ROW_SUMSQ pass, [blocks][n]) added in f64 in block order; one thread per row. */
+typedef struct LkDoraFactorParams {
+    const float* row_sumsq;
+    const float* magnitude;
+    float* factor;
+    uint32_t n;
+    uint32_t blocks;
+} LkDoraFactorParams;
 
 /* One fused AdamW step over n f32 parameters (kernels/adamw.cu), PyTorch's AdamW formula with every
  * operation rounded once in f32, in this order (so a CPU reference of the same formula gives the same bits):

@@ -852,25 +852,33 @@ pub(crate) enum MergeMode {
 /// The merge kernel's counts, added over its blocks (see [`crate::ops::NonFiniteCounts`]).
 pub(crate) type MergeCounts = [u64; LK_MERGE_COUNTS as usize];
 
-/// In place (unless [`MergeMode::CountOnly`]): `w (n×k) ← round(w + scale·b·a)`; with counting, the
-/// block counts added on the host.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn merge<T: Element, U: Element>(
+/// DoRA's row pass of the merge kernel (the `dora_merge_*` kernels; kernels/merge.cu).
+#[derive(Clone, Copy)]
+pub(crate) enum DoraRows<'a> {
+    /// Plain LoRA: the `merge_*` kernels.
+    None,
+    /// `w ← round(factor·(w + scale·b·a))` per row.
+    Scale(&'a Tensor<f32>),
+    /// `w ← round(w/factor + scale·b·a)` per row (unmerge, scale negative).
+    Divide(&'a Tensor<f32>),
+}
+
+fn merge_kernel<T: Element, U: Element>(
     op: &'static str,
-    w: &mut Tensor<T>,
-    a: &Tensor<U>,
-    b: &Tensor<U>,
-    (n, k, rank): (usize, usize, usize),
-    scale: f32,
-    mode: MergeMode,
-) -> Result<Option<MergeCounts>> {
-    let kernel: &'static Kernel<LkMergeParams> = match (T::DTYPE, U::DTYPE) {
-        (DType::BF16, DType::BF16) => &kernels::MERGE_BF16,
-        (DType::BF16, DType::F32) => &kernels::MERGE_BF16_F32AD,
-        (DType::F16, DType::F16) => &kernels::MERGE_F16,
-        (DType::F16, DType::F32) => &kernels::MERGE_F16_F32AD,
-        (DType::F32, DType::F32) => &kernels::MERGE_F32,
-        (DType::U32, _) => {
+    dora: bool,
+) -> Result<&'static Kernel<LkMergeParams>> {
+    Ok(match (T::DTYPE, U::DTYPE, dora) {
+        (DType::BF16, DType::BF16, false) => &kernels::MERGE_BF16,
+        (DType::BF16, DType::F32, false) => &kernels::MERGE_BF16_F32AD,
+        (DType::F16, DType::F16, false) => &kernels::MERGE_F16,
+        (DType::F16, DType::F32, false) => &kernels::MERGE_F16_F32AD,
+        (DType::F32, DType::F32, false) => &kernels::MERGE_F32,
+        (DType::BF16, DType::BF16, true) => &kernels::DORA_MERGE_BF16,
+        (DType::BF16, DType::F32, true) => &kernels::DORA_MERGE_BF16_F32AD,
+        (DType::F16, DType::F16, true) => &kernels::DORA_MERGE_F16,
+        (DType::F16, DType::F32, true) => &kernels::DORA_MERGE_F16_F32AD,
+        (DType::F32, DType::F32, true) => &kernels::DORA_MERGE_F32,
+        (DType::U32, _, _) => {
             return Err(Error::UnsupportedDType {
                 op,
                 arg: "w0",
@@ -878,7 +886,7 @@ pub(crate) fn merge<T: Element, U: Element>(
                 supported: "bf16, f16 or f32",
             });
         }
-        (_, got) => {
+        (_, got, _) => {
             return Err(Error::UnsupportedDType {
                 op,
                 arg: "a",
@@ -886,8 +894,11 @@ pub(crate) fn merge<T: Element, U: Element>(
                 supported: "adapters in f32 or in the dtype of w0 (bf16 w0: bf16 or f32 adapters; f16 w0: f16 or f32; f32 w0: f32)",
             });
         }
-    };
-    let plan = LaunchPlan {
+    })
+}
+
+fn merge_plan(n: usize, k: usize) -> LaunchPlan {
+    LaunchPlan {
         grid: [
             u32_of(k.div_ceil(LK_MERGE_COLS as usize)),
             u32_of(n.div_ceil(LK_MERGE_ROWS as usize)),
@@ -895,51 +906,93 @@ pub(crate) fn merge<T: Element, U: Element>(
         ],
         block: [LK_SIMT_THREADS, 1, 1],
         smem_bytes: 0,
-    };
-    let blocks = plan.grid[0] as usize * plan.grid[1] as usize;
-    let device = w.device().clone();
-    let params = |ptr: &[u64], counts: *mut u32, flags: u32| LkMergeParams {
-        w: ptr[2] as *mut _,
-        a: ptr[0] as *const _,
-        b: ptr[1] as *const _,
-        counts,
+    }
+}
+
+/// The merge kernel's parameters; the pointers are filled in by the launch.
+fn merge_params((n, k, rank): (usize, usize, usize), scale: f32, flags: u32) -> LkMergeParams {
+    LkMergeParams {
+        w: std::ptr::null_mut(),
+        a: std::ptr::null(),
+        b: std::ptr::null(),
+        counts: std::ptr::null_mut(),
+        row_sumsq: std::ptr::null_mut(),
+        row_factor: std::ptr::null(),
         n: u32_of(n),
         k: u32_of(k),
         rank: u32_of(rank),
         scale,
         flags,
-    };
-    if mode == MergeMode::Write {
-        device.launch(
-            op,
-            kernel,
-            &plan,
-            &mut [Arg::In("a", a), Arg::In("b", b), Arg::Out("w", w)],
-            |ptr| params(ptr, std::ptr::null_mut(), 0),
-        )?;
-        return Ok(None);
     }
-    let mut counts = U32Buffer::for_output(&device, LK_MERGE_COUNTS as usize * blocks)?;
+}
+
+/// In place (unless [`MergeMode::CountOnly`]): `w (n×k) ← round(w + scale·b·a)` (DoRA: scaled or
+/// divided by its row factor, `dora`); with counting, the block counts added on the host.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn merge<T: Element, U: Element>(
+    op: &'static str,
+    w: &mut Tensor<T>,
+    a: &Tensor<U>,
+    b: &Tensor<U>,
+    dims: (usize, usize, usize),
+    scale: f32,
+    mode: MergeMode,
+    dora: DoraRows<'_>,
+) -> Result<Option<MergeCounts>> {
+    let (n, k, _) = dims;
+    let (factor, row_flags) = match dora {
+        DoraRows::None => (None, 0),
+        DoraRows::Scale(f) => (Some(f), 0),
+        DoraRows::Divide(f) => (Some(f), LK_MERGE_ROW_DIVIDE),
+    };
+    let kernel = merge_kernel::<T, U>(op, factor.is_some())?;
+    let plan = merge_plan(n, k);
+    let blocks = plan.grid[0] as usize * plan.grid[1] as usize;
+    let device = w.device().clone();
+    // a, b, w, then the counts and the factor where present: the pointers come in that order
+    let mut counts = match mode {
+        MergeMode::Write => None,
+        _ => Some(U32Buffer::for_output(
+            &device,
+            LK_MERGE_COUNTS as usize * blocks,
+        )?),
+    };
+    let flags = row_flags
+        | match mode {
+            MergeMode::CountOnly => LK_MERGE_COUNT_ONLY,
+            _ => 0,
+        };
     let w_arg = match mode {
         MergeMode::CountOnly => Arg::In("w", &*w),
         _ => Arg::Out("w", w),
     };
-    let flags = match mode {
-        MergeMode::CountOnly => LK_MERGE_COUNT_ONLY,
-        _ => 0,
+    let has_counts = counts.is_some();
+    let mut args = vec![Arg::In("a", a), Arg::In("b", b), w_arg];
+    if let Some(c) = counts.as_mut() {
+        args.push(Arg::Out("counts", c));
+    }
+    if let Some(f) = factor {
+        args.push(Arg::In("factor", f));
+    }
+    device.launch(op, kernel, &plan, &mut args, |ptr| {
+        let mut p = merge_params(dims, scale, flags);
+        p.a = ptr[0] as *const _;
+        p.b = ptr[1] as *const _;
+        p.w = ptr[2] as *mut _;
+        let mut next = 3;
+        if has_counts {
+            p.counts = ptr[next] as *mut u32;
+            next += 1;
+        }
+        if factor.is_some() {
+            p.row_factor = ptr[next] as *const f32;
+        }
+        p
+    })?;
+    drop(args);
+    let Some(counts) = counts else {
+        return Ok(None);
     };
-    device.launch(
-        op,
-        kernel,
-        &plan,
-        &mut [
-            Arg::In("a", a),
-            Arg::In("b", b),
-            w_arg,
-            Arg::Out("counts", &mut counts),
-        ],
-        |ptr| params(ptr, ptr[3] as *mut u32, flags),
-    )?;
     let per_block = counts.to_vec()?;
     let mut total = MergeCounts::default();
     for (c, t) in total.iter_mut().enumerate() {
@@ -949,6 +1002,79 @@ pub(crate) fn merge<T: Element, U: Element>(
             .sum();
     }
     Ok(Some(total))
+}
+
+/// The row partials of DoRA's norm pass: `sumsq [blocks, n]` (blocks = the merge grid's column blocks,
+/// [`dora_sumsq_blocks`]) ← per block of columns, the f32 sum of squares of the merged values of each
+/// row; `w` is only read.
+pub(crate) fn dora_row_sumsq<T: Element, U: Element>(
+    op: &'static str,
+    w: &Tensor<T>,
+    a: &Tensor<U>,
+    b: &Tensor<U>,
+    dims: (usize, usize, usize),
+    scale: f32,
+    sumsq: &mut Tensor<f32>,
+) -> Result<()> {
+    let (n, k, _) = dims;
+    let kernel = merge_kernel::<T, U>(op, true)?;
+    let plan = merge_plan(n, k);
+    w.device().launch(
+        op,
+        kernel,
+        &plan,
+        &mut [
+            Arg::In("a", a),
+            Arg::In("b", b),
+            Arg::In("w", w),
+            Arg::Out("row sums of squares", sumsq),
+        ],
+        |ptr| {
+            let mut p = merge_params(dims, scale, LK_MERGE_ROW_SUMSQ);
+            p.a = ptr[0] as *const _;
+            p.b = ptr[1] as *const _;
+            p.w = ptr[2] as *mut _;
+            p.row_sumsq = ptr[3] as *mut f32;
+            p
+        },
+    )
+}
+
+/// Column blocks of the merge grid for K columns: the partial sums per row of [`dora_row_sumsq`].
+pub(crate) fn dora_sumsq_blocks(k: usize) -> usize {
+    k.div_ceil(LK_MERGE_COLS as usize)
+}
+
+/// `factor [n] ← magnitude / round_f32(√Σ sumsq[.., row])` (kernels/merge.cu, dora_factor_f32).
+pub(crate) fn dora_factor(
+    op: &'static str,
+    sumsq: &Tensor<f32>,
+    magnitude: &Tensor<f32>,
+    factor: &mut Tensor<f32>,
+    (n, blocks): (usize, usize),
+) -> Result<()> {
+    let plan = LaunchPlan {
+        grid: [u32_of(n.div_ceil(LK_SIMT_THREADS as usize)), 1, 1],
+        block: [LK_SIMT_THREADS, 1, 1],
+        smem_bytes: 0,
+    };
+    sumsq.device().launch(
+        op,
+        &kernels::DORA_FACTOR_F32,
+        &plan,
+        &mut [
+            Arg::In("row sums of squares", sumsq),
+            Arg::In("magnitude", magnitude),
+            Arg::Out("factor", factor),
+        ],
+        |ptr| LkDoraFactorParams {
+            row_sumsq: ptr[0] as *const f32,
+            magnitude: ptr[1] as *const f32,
+            factor: ptr[2] as *mut f32,
+            n: u32_of(n),
+            blocks: u32_of(blocks),
+        },
+    )
 }
 
 #[cfg(test)]

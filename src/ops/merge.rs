@@ -8,7 +8,7 @@
 //! counts allow it). The counts come from the merge kernel itself (per-block sums, no atomics, the
 //! same on every run).
 
-use super::launch::{self, MergeMode};
+use super::launch::{self, DoraRows, MergeMode};
 use super::validate;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -35,7 +35,7 @@ impl NonFiniteCounts {
         self.nan + self.inf
     }
 
-    fn from_kernel(c: launch::MergeCounts) -> Self {
+    pub(super) fn from_kernel(c: launch::MergeCounts) -> Self {
         NonFiniteCounts {
             nan: c[LK_MERGE_COUNT_NAN as usize],
             inf: c[LK_MERGE_COUNT_INF as usize],
@@ -65,6 +65,24 @@ impl NonFiniteCounts {
     }
 }
 
+/// The merge's checks (shared with the DoRA merge): (N, K, r) of W0 [N, K], A [r, K], B [N, r].
+pub(super) fn check<T: Element, U: Element>(
+    op: &'static str,
+    w0: &Tensor<T>,
+    a: &Tensor<U>,
+    b: &Tensor<U>,
+    scale: f32,
+) -> Result<(usize, usize, usize)> {
+    let (n, k) = validate::matrix(op, "w0", w0, "[N, K]")?;
+    let r = validate::adapter(op, a, b, (n, k), "the columns of w0")?;
+    validate::finite(op, "scale", scale)?;
+    validate::at_most(op, "K (columns of w0)", k, validate::MAX_DIM)?;
+    // one block row per LK_MERGE_ROWS rows of W: a launch grid's y of at most 65535
+    validate::at_most(op, "N (rows of w0)", n, 65535 * LK_MERGE_ROWS as usize)?;
+    validate::fits_u32(op, "w0", n * k)?;
+    Ok((n, k, r))
+}
+
 fn merge_impl<T: Element, U: Element>(
     op: &'static str,
     w0: &mut Tensor<T>,
@@ -73,14 +91,8 @@ fn merge_impl<T: Element, U: Element>(
     scale: f32,
     mode: MergeMode,
 ) -> Result<Option<NonFiniteCounts>> {
-    let (n, k) = validate::matrix(op, "w0", w0, "[N, K]")?;
-    let r = validate::adapter(op, a, b, (n, k), "the columns of w0")?;
-    validate::finite(op, "scale", scale)?;
-    validate::at_most(op, "K (columns of w0)", k, validate::MAX_DIM)?;
-    // one block row per LK_MERGE_ROWS rows of W: a launch grid's y of at most 65535
-    validate::at_most(op, "N (rows of w0)", n, 65535 * LK_MERGE_ROWS as usize)?;
-    validate::fits_u32(op, "w0", n * k)?;
-    let counts = launch::merge(op, w0, a, b, (n, k, r), scale, mode)?;
+    let dims = check(op, w0, a, b, scale)?;
+    let counts = launch::merge(op, w0, a, b, dims, scale, mode, DoraRows::None)?;
     Ok(counts.map(NonFiniteCounts::from_kernel))
 }
 

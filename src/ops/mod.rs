@@ -4,6 +4,7 @@
 //! [`Error`]: crate::Error
 
 mod adamw;
+mod dora;
 mod grad_clip;
 mod launch;
 mod lora;
@@ -18,6 +19,7 @@ pub use adamw::{
     AdamState, AdamW, AdamwConstants, AdamwSchedule, adamw_step, adamw_step_scheduled,
     adamw_step_scheduled_with_copy, adamw_step_with_copy, reference_step as adamw_reference_step,
 };
+pub use dora::{dora_factor, dora_merge, dora_merge_counted, dora_unmerge, safe_dora_merge};
 pub use grad_clip::{GradClip, clip_coefficient, grad_clip_reference};
 pub use launch::mma_tile;
 pub use lora::{
