@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Makes tests/fixtures/peft_dora: a DoRA adapter saved by PEFT and PEFT's own merge of it.
+"""Makes tests/fixtures/peft/dora: a DoRA adapter saved by PEFT and PEFT's own merge of it.
 
 Not run by the tests or CI (it needs PyTorch and PEFT, which the crate does not): the files it wrote
-are committed, with the versions that made them in tests/fixtures/peft_dora/PROVENANCE.md. Rerun:
+are committed, with the versions that made them in tests/fixtures/peft/PROVENANCE.md. Rerun:
 
     python3 -m venv /tmp/peft-env && /tmp/peft-env/bin/pip install torch==2.15.0 peft==0.21.2 safetensors
-    /tmp/peft-env/bin/python scripts/make_dora_fixture.py tests/fixtures/peft/base.safetensors tests/fixtures/peft_dora
+    /tmp/peft-env/bin/python scripts/make_dora_fixture.py tests/fixtures/peft/base.safetensors tests/fixtures/peft/dora
 
 The base is the plain-LoRA fixture's tiny llama-shaped bf16 checkpoint. The adapter: r = 8,
 lora_alpha = 16, use_dora, target q_proj, v_proj, up_proj, down_proj, with alpha_pattern down_proj = 4

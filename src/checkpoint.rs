@@ -178,15 +178,42 @@ fn counted<T: Element, U: Element>(
     unmerge: bool,
 ) -> Result<NonFiniteCounts> {
     match (unmerge, magnitude) {
-        (_, Some(m)) => ops::dora_merge_counted(w, a, b, m, scale).map(|(_, c)| c),
+        (false, Some(m)) => ops::dora_merge_counted(w, a, b, m, scale).map(|(_, c)| c),
+        (true, Some(_)) => Err(Error::InvalidState {
+            op: "unmerge",
+            message: "a DoRA module cannot be unmerged from a merged checkpoint".into(),
+        }),
         (true, None) => ops::unmerge_counted(w, a, b, scale),
         (false, None) => ops::merge_counted(w, a, b, scale),
     }
 }
 
+/// Every module has a magnitude vector exactly when the config sets `use_dora` (what
+/// [`PeftAdapter::load`] gives; an adapter edited through its public fields may not).
+fn dora_consistent(adapter: &PeftAdapter) -> Result<()> {
+    let use_dora = adapter.config.use_dora;
+    if let Some(m) = adapter
+        .modules
+        .iter()
+        .find(|m| m.magnitude.is_some() != use_dora)
+    {
+        return Err(Error::InvalidState {
+            op: "merge",
+            message: format!(
+                "module `{}` {} DoRA magnitude vector but the config's use_dora is {use_dora}",
+                m.name,
+                if use_dora { "has no" } else { "has a" }
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A DoRA adapter cannot be unmerged from a merged checkpoint: each merged row's norm is its
 /// magnitude, whatever the base row was, so the factor the merge applied is not in the files.
 fn dora_unmerge_refused(adapter: &PeftAdapter, what: &str) -> Result<()> {
+    // the modules decide what runs; an adapter built through the API may disagree with its config
+    dora_consistent(adapter)?;
     if adapter.config.use_dora {
         return Err(Error::Unsupported {
             what: format!("{what} of a DoRA adapter (`use_dora`)"),
@@ -267,15 +294,34 @@ fn module_scale(op: &'static str, adapter: &PeftAdapter, m: &AdapterModule) -> R
 
 /// The base weight of module `m` (in file `f`) is [N, K] for its A [r, K] and B [N, r]; returns (N, K).
 fn module_shape(f: &Path, m: &AdapterModule, shape: &[usize]) -> Result<(usize, usize)> {
+    let magnitude_fits = |n: usize| m.magnitude.as_ref().is_none_or(|v| v.rows * v.cols == n);
     match *shape {
-        [n, k] if k == m.a.cols && n == m.b.rows && m.a.rows == m.b.cols => Ok((n, k)),
-        _ => Err(Error::format(
-            f,
-            format!(
-                "adapter/base shape mismatch for `{}`: base weight {:?}, lora_A {}×{}, lora_B {}×{} (expected W [N, K], A [r, K], B [N, r])",
-                m.name, shape, m.a.rows, m.a.cols, m.b.rows, m.b.cols
-            ),
-        )),
+        [n, k] if k == m.a.cols && n == m.b.rows && m.a.rows == m.b.cols && magnitude_fits(n) => {
+            Ok((n, k))
+        }
+        _ => {
+            let magnitude = match &m.magnitude {
+                Some(v) => format!(", DoRA magnitude {} elements", v.rows * v.cols),
+                None => String::new(),
+            };
+            Err(Error::format(
+                f,
+                format!(
+                    "adapter/base shape mismatch for `{}`: base weight {:?}, lora_A {}×{}, lora_B {}×{}{magnitude} (expected W [N, K], A [r, K], B [N, r]{})",
+                    m.name,
+                    shape,
+                    m.a.rows,
+                    m.a.cols,
+                    m.b.rows,
+                    m.b.cols,
+                    if m.magnitude.is_some() {
+                        ", magnitude [N]"
+                    } else {
+                        ""
+                    }
+                ),
+            ))
+        }
     }
 }
 
@@ -374,6 +420,7 @@ pub fn merge_checkpoint_with(
     // Pass 1, from the shards' headers: validate everything (every module's rank and scale, every
     // module found, shapes and dtypes agree) before writing. The data is read shard by shard in pass 2.
     let op = if options.unmerge { "unmerge" } else { "merge" };
+    dora_consistent(adapter)?;
     if options.unmerge {
         dora_unmerge_refused(adapter, "an unmerge")?;
     }
@@ -659,6 +706,7 @@ pub fn verify_merge(
     unmerge: bool,
     progress: &mut dyn Progress,
 ) -> Result<VerifySummary> {
+    dora_consistent(adapter)?;
     if unmerge {
         dora_unmerge_refused(adapter, "verifying an unmerge")?;
     }

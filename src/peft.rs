@@ -690,6 +690,14 @@ impl PeftAdapter {
                 }
                 continue;
             }
+            if name.ends_with(".lora_magnitude_vector.weight") {
+                // PEFT's in-memory name (the module's DoraLinearLayer.weight); saved adapters drop
+                // the `.weight` (peft/tuners/lora/model.py), so this file was not written by PEFT's save
+                return Err(Error::Unsupported {
+                    what: format!("adapter tensor `{name}` (a DoRA magnitude vector under PEFT's in-memory name)"),
+                    hint: "save the adapter with PEFT's save_pretrained, which names it `…lora_magnitude_vector`".into(),
+                });
+            }
             let Some(stem) = name.strip_suffix(".lora_A.weight") else {
                 // a module saved whole (modules_to_save), trainable tokens, a variant's extra tensor
                 // (KaSA's lora_diag, ...): the merge would leave it out, so the result would not be the

@@ -271,7 +271,48 @@ fn dora_adapters_merge_as_peft_does() {
         "is a DoRA magnitude vector, but the config does not set `use_dora`",
     );
 
+    // adapters built or edited through the API: the modules and the config must agree, and a
+    // magnitude of the wrong length is refused before any work (never a panic), merging and verifying
+    use lora_kernels::checkpoint::{merge_checkpoint, verify_merge};
     let dev = lora_kernels::Device::emulator();
+    let base = common::fixture("base.safetensors");
+    let mut undeclared = a.clone();
+    undeclared.config.use_dora = false;
+    let mut bare = a.clone();
+    bare.modules[3].magnitude = None;
+    let mut short = a.clone();
+    let v = short.modules[2].magnitude.as_mut().unwrap();
+    v.cols -= 1;
+    v.bytes.truncate(v.bytes.len() - 4);
+    for (adapter, want, want_unmerge) in [
+        (
+            &undeclared,
+            "has a DoRA magnitude vector but the config's use_dora is false",
+            "has a DoRA magnitude vector but the config's use_dora is false",
+        ),
+        (
+            &bare,
+            "has no DoRA magnitude vector but the config's use_dora is true",
+            "has no DoRA magnitude vector but the config's use_dora is true",
+        ),
+        (
+            &short,
+            "DoRA magnitude 63 elements",
+            "an unmerge of a DoRA adapter",
+        ),
+    ] {
+        for (unmerge, want) in [(false, want), (true, want_unmerge)] {
+            let e = merge_checkpoint(&base, adapter, &out, &dev, unmerge, &mut ())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "unmerge {unmerge}: {e}");
+            assert!(!out.exists());
+        }
+        let e = verify_merge(&base, adapter, &merged, false, &mut ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "verify: {e}");
+    }
     let module = "model.layers.0.self_attn.q_proj";
     let mut set = lora_kernels::AdapterSet::<f32>::new(&dev, 64, 64).unwrap();
     let e = set.add_peft_module(&a, module).unwrap_err().to_string();

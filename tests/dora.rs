@@ -253,11 +253,15 @@ fn dora_merge_then_unmerge() {
                 common::bits(&back),
                 "unmerge changed nothing"
             );
-            // it divides by the factor: unmerging with factors 1 is the plain unmerge, not this
-            let ones = Tensor::from_slice(&dev, &vec![1.0f32; n], &[n]).unwrap();
+            // it divides by the factor first: with factors ½ it is the plain unmerge of 2·W (exact)
+            let halves = Tensor::from_slice(&dev, &vec![0.5f32; n], &[n]).unwrap();
             let mut w1 = Tensor::from_slice(&dev, &merged, &[n, k]).unwrap();
-            ops::dora_unmerge(&mut w1, &a, &b, &ones, c.scale).unwrap();
-            let mut w2 = Tensor::from_slice(&dev, &merged, &[n, k]).unwrap();
+            ops::dora_unmerge(&mut w1, &a, &b, &halves, c.scale).unwrap();
+            let doubled: Vec<T> = merged
+                .iter()
+                .map(|v| T::from_f64(2.0 * v.to_f64()))
+                .collect();
+            let mut w2 = Tensor::from_slice(&dev, &doubled, &[n, k]).unwrap();
             ops::unmerge(&mut w2, &a, &b, c.scale).unwrap();
             assert_eq!(
                 common::bits(&w1.to_vec().unwrap()),
