@@ -3,7 +3,7 @@
 //!   forward   fused forward | bare cuBLAS GEMM (full fine-tune forward) | unfused 3-GEMM LoRA (PEFT)
 //!   backward  ours (dX, dA, dB) | full fine-tune backward (cuBLAS dX + dW) | unfused 5-GEMM LoRA
 //!             backward (autograd on PEFT's layer)
-//!   merge     in-place merge | device-to-device copy of W0 (once per N, K, r)
+//!   merge     in-place merge, DoRA merge | device-to-device copy of W0 (once per N, K, r)
 //!   small_m   M = 16 cases of the forward group (the small-M kernel)
 //!   multi     many adapters in one batch (benches/common/multi.rs): ours (lora_forward_multi) | a loop
 //!             of lora_forward per adapter | cuBLAS Y = X·W0ᵀ plus two GEMMs per adapter on its rows;
@@ -122,6 +122,14 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
     row(&mut g, ("ours_merge", bytes.clone()), dev, &mut sets, |s| {
         common::ours_merge(s, SCALE)
     });
+    // the same bytes as the merge, so the rates compare (it reads W0 twice: docs/perf/bound.md)
+    row(
+        &mut g,
+        ("ours_dora_merge", bytes.clone()),
+        dev,
+        &mut sets,
+        |s| common::ours_dora_merge(s, SCALE),
+    );
     row(&mut g, ("copy_w0", bytes), dev, &mut sets, |s| {
         common::copy_w0(dev, s)
     });

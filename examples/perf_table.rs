@@ -562,6 +562,7 @@ fn step_memory(dev: &Device, blas: &CudaBlas, c: Case) -> (i64, i64) {
         unused(10),
         unused(11),
     );
+    let pm = lora_kernels::Tensor::from_slice(dev, &[1.0f32], &[1]).unwrap();
     let before = free_bytes(dev);
     let mut s = Set {
         x,
@@ -577,6 +578,7 @@ fn step_memory(dev: &Device, blas: &CudaBlas, c: Case) -> (i64, i64) {
         dw: bf_zeros(Buf::Dw),
         u: pu,
         ws: ops::Workspace::new(),
+        magnitude: pm,
     };
     let adam = [f32_zeros(c.n, c.k), f32_zeros(c.n, c.k)];
     common::cublas_forward(blas, &mut s, c);

@@ -140,6 +140,8 @@ pub struct Set {
     pub u: Tensor<bf16>,
     /// Our ops' scratch memory, kept between calls as a training loop keeps it.
     pub ws: Workspace<bf16>,
+    /// A DoRA magnitude vector (N, f32) for the DoRA merge row.
+    pub magnitude: Tensor<f32>,
 }
 
 impl Set {
@@ -168,6 +170,7 @@ impl Set {
             da,
             db,
             ws: _,
+            magnitude: _,
         } = self;
         let named: [(Buf, &mut Tensor<bf16>); 12] = [
             (Buf::X, x),
@@ -259,6 +262,7 @@ pub fn set(dev: &Device, c: Case, i: usize) -> Result<Set> {
         dw: zeros(Buf::Dw)?,
         u: zeros(Buf::U)?,
         ws: Workspace::new(),
+        magnitude: Tensor::from_slice(dev, &vec![1.0f32; c.n], &[c.n])?,
     })
 }
 
@@ -570,6 +574,11 @@ pub fn try_backward(s: &mut Set, scale: f32) -> lora_kernels::Result<()> {
 /// Our in-place merge.
 pub fn ours_merge(s: &mut Set, scale: f32) {
     ops::merge(&mut s.w0, &s.a, &s.b, scale).unwrap();
+}
+
+/// Ours: the in-place DoRA merge (three launches; its scratch and factors allocated per call).
+pub fn ours_dora_merge(s: &mut Set, scale: f32) {
+    ops::dora_merge(&mut s.w0, &s.a, &s.b, &s.magnitude, scale).unwrap();
 }
 
 /// Baseline: the bare cuBLAS GEMM (full fine-tune forward).
