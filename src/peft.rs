@@ -610,7 +610,7 @@ impl PeftAdapter {
         if self.config.use_dora {
             return Err(Error::Unsupported {
                 what: format!("{op} of a DoRA adapter (`use_dora`)"),
-                hint: "a DoRA adapter can be merged (ops::dora_merge, `lora-kernels merge`); its unmerged forward, which rescales each output row, is not implemented".into(),
+                hint: "a DoRA adapter can be merged (ops::dora_merge, `lora-kernels merge`); its unmerged forward, which rescales each output feature, is not implemented".into(),
             });
         }
         let m = self
