@@ -211,9 +211,8 @@ fn dora_consistent(adapter: &PeftAdapter) -> Result<()> {
 
 /// A DoRA adapter cannot be unmerged from a merged checkpoint: each merged row's norm is its
 /// magnitude, whatever the base row was, so the factor the merge applied is not in the files.
+/// Its callers check [`dora_consistent`] first, so the config says what the modules hold.
 fn dora_unmerge_refused(adapter: &PeftAdapter, what: &str) -> Result<()> {
-    // the modules decide what runs; an adapter built through the API may disagree with its config
-    dora_consistent(adapter)?;
     if adapter.config.use_dora {
         return Err(Error::Unsupported {
             what: format!("{what} of a DoRA adapter (`use_dora`)"),

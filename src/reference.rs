@@ -417,8 +417,18 @@ pub fn dora_factor<T: Element, U: Element>(
     scale: f64,
 ) -> Vec<f64> {
     check_len("w0", w0.len(), n * k);
+    dora_factor_of(w0, &delta(a, b, n, k, r, scale), magnitude, n, k)
+}
+
+/// The factors of [`dora_factor`] from W0 and `d = s·B·A`.
+fn dora_factor_of<T: Element>(
+    w0: &[T],
+    d: &[f64],
+    magnitude: &[f32],
+    n: usize,
+    k: usize,
+) -> Vec<f64> {
     check_len("magnitude", magnitude.len(), n);
-    let d = delta(a, b, n, k, r, scale);
     (0..n)
         .map(|i| {
             let norm = (0..k)
@@ -443,8 +453,9 @@ pub fn dora_merge<T: Element, U: Element>(
     r: usize,
     scale: f64,
 ) -> (Vec<T>, Vec<f64>) {
-    let factor = dora_factor(w0, a, b, magnitude, n, k, r, scale);
+    check_len("w0", w0.len(), n * k);
     let d = delta(a, b, n, k, r, scale);
+    let factor = dora_factor_of(w0, &d, magnitude, n, k);
     let merged = (0..n * k)
         .map(|e| T::from_f64(factor[e / k] * (w0[e].to_f64() + d[e])))
         .collect();

@@ -503,20 +503,7 @@ fn plan_reproduces_the_papers_figures() {
 
 /// Copies the fixture adapter into `dir`, letting `edit` change its config or tensors.
 fn adapter_copy(dir: &Path, config: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
-    let a = dir.join("adapter");
-    std::fs::create_dir_all(&a).unwrap();
-    let mut cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(common::fixture("adapter/adapter_config.json")).unwrap(),
-    )
-    .unwrap();
-    config(&mut cfg);
-    std::fs::write(a.join("adapter_config.json"), cfg.to_string()).unwrap();
-    std::fs::copy(
-        common::fixture("adapter/adapter_model.safetensors"),
-        a.join("adapter_model.safetensors"),
-    )
-    .unwrap();
-    a
+    adapter_copy_of(dir, "adapter", config)
 }
 
 /// Runs a merge that must fail: non-zero exit, message containing `want`, no output file, base intact.

@@ -16,31 +16,10 @@
 //! norms are the magnitudes whatever W0 was.
 
 use super::launch::{self, DoraRows, MergeMode};
-use super::merge::{self, NonFiniteCounts};
-use super::validate;
+use super::merge::{self, NonFiniteCounts, check_rows};
 use crate::dtype::Element;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tensor::Tensor;
-
-/// `v` is `[N]` f32 on W0's device: checked before the first launch, so a refusal changes nothing.
-fn check_rows<T: Element>(
-    op: &'static str,
-    arg: &'static str,
-    v: &Tensor<f32>,
-    w0: &Tensor<T>,
-    n: usize,
-) -> Result<()> {
-    validate::shape(op, arg, v, &[n], "[N] (one per row of w0)")?;
-    if v.device() != w0.device() {
-        return Err(Error::DeviceMismatch {
-            op,
-            arg,
-            expected: w0.device().describe(),
-            got: v.device().describe(),
-        });
-    }
-    Ok(())
-}
 
 /// DoRA's row factors `m / ‖W0 + s·B·A‖` (f32, `[N]`) without merging: the norm pass and the factor
 /// kernel of [`dora_merge`], W0 only read.
@@ -65,8 +44,8 @@ fn factor_impl<T: Element, U: Element>(
     let dims @ (n, k, _) = merge::check(op, w0, a, b, scale)?;
     check_rows(op, "magnitude", magnitude, w0, n)?;
     let device = w0.device();
+    // ceil(K/128)·N partial sums: at most N·K, which merge::check keeps within u32
     let blocks = launch::dora_sumsq_blocks(k);
-    validate::fits_u32(op, "the norm's partial sums (N·ceil(K/128))", blocks * n)?;
     let mut sumsq = Tensor::<f32>::for_output(device, &[blocks, n])?;
     launch::dora_row_sumsq(op, w0, a, b, dims, scale, &mut sumsq)?;
     let mut factor = Tensor::<f32>::for_output(device, &[n])?;
@@ -84,9 +63,8 @@ fn merge_impl<T: Element, U: Element>(
     mode: MergeMode,
 ) -> Result<(Tensor<f32>, Option<NonFiniteCounts>)> {
     let factor = factor_impl(op, w0, a, b, magnitude, scale)?;
-    let dims = merge::check(op, w0, a, b, scale)?;
-    let counts = launch::merge(op, w0, a, b, dims, scale, mode, DoraRows::Scale(&factor))?;
-    Ok((factor, counts.map(NonFiniteCounts::from_kernel)))
+    let counts = merge::merge_impl(op, w0, a, b, scale, mode, DoraRows::Scale(&factor))?;
+    Ok((factor, counts))
 }
 
 /// DoRA merge in place: `W0 ← round(factor ⊙ (W0 + s·B·A))` with `factor = magnitude / ‖W0 + s·B·A‖`
@@ -127,7 +105,7 @@ pub fn dora_merge_counted<T: Element, U: Element>(
 
 /// [`dora_merge`], refusing to make a finite element of W0 NaN or ±Inf (PEFT's `safe_merge`): then it
 /// returns [`crate::Error::NonFiniteMerge`] and W0 is unchanged. One more pass than [`dora_merge`] (a
-/// counting pass that only reads W0).
+/// counting pass that only reads W0), as [`super::safe_merge`].
 pub fn safe_dora_merge<T: Element, U: Element>(
     w0: &mut Tensor<T>,
     a: &Tensor<U>,
@@ -137,15 +115,7 @@ pub fn safe_dora_merge<T: Element, U: Element>(
 ) -> Result<(Tensor<f32>, NonFiniteCounts)> {
     let op = "safe_dora_merge";
     let factor = factor_impl(op, w0, a, b, magnitude, scale)?;
-    let dims = merge::check(op, w0, a, b, scale)?;
-    let rows = DoraRows::Scale(&factor);
-    let counts = launch::merge(op, w0, a, b, dims, scale, MergeMode::CountOnly, rows)?
-        .map(NonFiniteCounts::from_kernel)
-        .expect("a counting launch returns counts");
-    if counts.created() > 0 {
-        return Err(counts.error(op, "w0".into(), w0.numel(), T::DTYPE, "w0 is unchanged"));
-    }
-    launch::merge(op, w0, a, b, dims, scale, MergeMode::Write, rows)?;
+    let counts = merge::safe_impl(op, w0, a, b, scale, DoraRows::Scale(&factor))?;
     Ok((factor, counts))
 }
 
@@ -158,9 +128,6 @@ pub fn dora_unmerge<T: Element, U: Element>(
     factor: &Tensor<f32>,
     scale: f32,
 ) -> Result<()> {
-    let op = "dora_unmerge";
-    let dims @ (n, _, _) = merge::check(op, w, a, b, scale)?;
-    check_rows(op, "factor", factor, w, n)?;
     let rows = DoraRows::Divide(factor);
-    launch::merge(op, w, a, b, dims, -scale, MergeMode::Write, rows).map(|_| ())
+    merge::merge_impl("dora_unmerge", w, a, b, -scale, MergeMode::Write, rows).map(|_| ())
 }

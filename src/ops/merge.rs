@@ -83,35 +83,62 @@ pub(super) fn check<T: Element, U: Element>(
     Ok((n, k, r))
 }
 
-fn merge_impl<T: Element, U: Element>(
+/// `v` (`arg`) is `[N]` f32 on W0's device: a DoRA magnitude or row factor, checked before the first
+/// launch, so a refusal changes nothing.
+pub(super) fn check_rows<T: Element>(
+    op: &'static str,
+    arg: &'static str,
+    v: &Tensor<f32>,
+    w0: &Tensor<T>,
+    n: usize,
+) -> Result<()> {
+    validate::shape(op, arg, v, &[n], "[N] (one per row of w0)")?;
+    if v.device() != w0.device() {
+        return Err(Error::DeviceMismatch {
+            op,
+            arg,
+            expected: w0.device().describe(),
+            got: v.device().describe(),
+        });
+    }
+    Ok(())
+}
+
+/// The merge (DoRA's with its row factors, `dora`) after the checks, the factors' included.
+pub(super) fn merge_impl<T: Element, U: Element>(
     op: &'static str,
     w0: &mut Tensor<T>,
     a: &Tensor<U>,
     b: &Tensor<U>,
     scale: f32,
     mode: MergeMode,
+    dora: DoraRows<'_>,
 ) -> Result<Option<NonFiniteCounts>> {
-    let dims = check(op, w0, a, b, scale)?;
-    let counts = launch::merge(op, w0, a, b, dims, scale, mode, DoraRows::None)?;
+    let dims @ (n, _, _) = check(op, w0, a, b, scale)?;
+    if let DoraRows::Scale(f) | DoraRows::Divide(f) = dora {
+        check_rows(op, "factor", f, w0, n)?;
+    }
+    let counts = launch::merge(op, w0, a, b, dims, scale, mode, dora)?;
     Ok(counts.map(NonFiniteCounts::from_kernel))
 }
 
 /// Checks first (a counting pass that only reads W0), then merges only when no finite element would
 /// become NaN or ±Inf: an in-place merge cannot undo its own writes without a copy of W0, and this
 /// costs one more read of W0 and the B·A products again, but no memory.
-fn safe_impl<T: Element, U: Element>(
+pub(super) fn safe_impl<T: Element, U: Element>(
     op: &'static str,
     w0: &mut Tensor<T>,
     a: &Tensor<U>,
     b: &Tensor<U>,
     scale: f32,
+    dora: DoraRows<'_>,
 ) -> Result<NonFiniteCounts> {
-    let counts = merge_impl(op, w0, a, b, scale, MergeMode::CountOnly)?
+    let counts = merge_impl(op, w0, a, b, scale, MergeMode::CountOnly, dora)?
         .expect("a counting launch returns counts");
     if counts.created() > 0 {
         return Err(counts.error(op, "w0".into(), w0.numel(), T::DTYPE, "w0 is unchanged"));
     }
-    merge_impl(op, w0, a, b, scale, MergeMode::Write)?;
+    merge_impl(op, w0, a, b, scale, MergeMode::Write, dora)?;
     Ok(counts)
 }
 
@@ -122,7 +149,7 @@ pub fn merge<T: Element, U: Element>(
     b: &Tensor<U>,
     scale: f32,
 ) -> Result<()> {
-    merge_impl("merge", w0, a, b, scale, MergeMode::Write).map(|_| ())
+    merge_impl("merge", w0, a, b, scale, MergeMode::Write, DoraRows::None).map(|_| ())
 }
 
 /// `W ← round(W − s·B·A)` in place: the inverse of [`merge`] up to the rounding of the merged value.
@@ -132,7 +159,7 @@ pub fn unmerge<T: Element, U: Element>(
     b: &Tensor<U>,
     scale: f32,
 ) -> Result<()> {
-    merge_impl("unmerge", w, a, b, -scale, MergeMode::Write).map(|_| ())
+    merge_impl("unmerge", w, a, b, -scale, MergeMode::Write, DoraRows::None).map(|_| ())
 }
 
 /// [`merge`], refusing to make a finite element of W0 NaN or ±Inf (PEFT's `safe_merge`): then it
@@ -146,7 +173,7 @@ pub fn safe_merge<T: Element, U: Element>(
     b: &Tensor<U>,
     scale: f32,
 ) -> Result<NonFiniteCounts> {
-    safe_impl("safe_merge", w0, a, b, scale)
+    safe_impl("safe_merge", w0, a, b, scale, DoraRows::None)
 }
 
 /// [`unmerge`] with the check of [`safe_merge`].
@@ -156,7 +183,7 @@ pub fn safe_unmerge<T: Element, U: Element>(
     b: &Tensor<U>,
     scale: f32,
 ) -> Result<NonFiniteCounts> {
-    safe_impl("safe_unmerge", w, a, b, -scale)
+    safe_impl("safe_unmerge", w, a, b, -scale, DoraRows::None)
 }
 
 /// [`merge`] and the non-finite counts of the result in the same pass (one launch, one read and one
@@ -168,7 +195,15 @@ pub fn merge_counted<T: Element, U: Element>(
     b: &Tensor<U>,
     scale: f32,
 ) -> Result<NonFiniteCounts> {
-    let counts = merge_impl("merge", w0, a, b, scale, MergeMode::WriteCount)?;
+    let counts = merge_impl(
+        "merge",
+        w0,
+        a,
+        b,
+        scale,
+        MergeMode::WriteCount,
+        DoraRows::None,
+    )?;
     Ok(counts.expect("a counting launch returns counts"))
 }
 
@@ -179,6 +214,14 @@ pub fn unmerge_counted<T: Element, U: Element>(
     b: &Tensor<U>,
     scale: f32,
 ) -> Result<NonFiniteCounts> {
-    let counts = merge_impl("unmerge", w, a, b, -scale, MergeMode::WriteCount)?;
+    let counts = merge_impl(
+        "unmerge",
+        w,
+        a,
+        b,
+        -scale,
+        MergeMode::WriteCount,
+        DoraRows::None,
+    )?;
     Ok(counts.expect("a counting launch returns counts"))
 }
