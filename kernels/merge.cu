@@ -324,5 +324,6 @@ extern "C" __global__ void __launch_bounds__(kThreads) dora_factor_f32(LkDoraFac
     for (uint32_t b = 0; b < p.blocks; ++b) sum += double(p.row_sumsq[size_t(b) * p.n + row]);
     const float norm = float(sqrt(sum));  // sqrt correctly rounded in f64, then one rounding
     p.factor[row] = __fdiv_rn(p.magnitude[row], norm);
+    if (p.norm) p.norm[row] = norm;
 }
 LK_KERNEL_EXPORT(dora_factor_f32, LkDoraFactorParams)

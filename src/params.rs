@@ -47,6 +47,8 @@ kernel_params!(
     LkSmallMFinalizeParams,
     LkMergeParams,
     LkDoraFactorParams,
+    LkDoraColumnsParams,
+    LkDoraMagnitudeGradParams,
     LkAdamwParams,
     LkMseGradParams,
     LkGradSumsqParams,

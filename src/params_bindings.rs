@@ -39,6 +39,7 @@ pub const LK_MERGE_COUNT_IN_W: u32 = 2;
 pub const LK_MERGE_COUNT_ONLY: u32 = 1;
 pub const LK_MERGE_ROW_SUMSQ: u32 = 2;
 pub const LK_MERGE_ROW_DIVIDE: u32 = 4;
+pub const LK_DORA_ROWS: u32 = 64;
 pub const LK_GRAD_CLIP_CHUNK: u32 = 16384;
 pub const LK_SM90_BM: u32 = 128;
 pub const LK_SM90_BN: u32 = 256;
@@ -694,6 +695,7 @@ pub struct LkDoraFactorParams {
     pub row_sumsq: *const f32,
     pub magnitude: *const f32,
     pub factor: *mut f32,
+    pub norm: *mut f32,
     pub n: u32,
     pub blocks: u32,
 }
@@ -701,7 +703,7 @@ pub struct LkDoraFactorParams {
 const _: () = {
     [
         "Size of LkDoraFactorParams",
-    ][::core::mem::size_of::<LkDoraFactorParams>() - 32usize];
+    ][::core::mem::size_of::<LkDoraFactorParams>() - 40usize];
     [
         "Alignment of LkDoraFactorParams",
     ][::core::mem::align_of::<LkDoraFactorParams>() - 8usize];
@@ -715,13 +717,116 @@ const _: () = {
         "Offset of field: LkDoraFactorParams::factor",
     ][::core::mem::offset_of!(LkDoraFactorParams, factor) - 16usize];
     [
+        "Offset of field: LkDoraFactorParams::norm",
+    ][::core::mem::offset_of!(LkDoraFactorParams, norm) - 24usize];
+    [
         "Offset of field: LkDoraFactorParams::n",
-    ][::core::mem::offset_of!(LkDoraFactorParams, n) - 24usize];
+    ][::core::mem::offset_of!(LkDoraFactorParams, n) - 32usize];
     [
         "Offset of field: LkDoraFactorParams::blocks",
-    ][::core::mem::offset_of!(LkDoraFactorParams, blocks) - 28usize];
+    ][::core::mem::offset_of!(LkDoraFactorParams, blocks) - 36usize];
 };
 impl Default for LkDoraFactorParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkDoraColumnsParams {
+    pub z: *const ::core::ffi::c_void,
+    pub dy: *const ::core::ffi::c_void,
+    pub bias: *const ::core::ffi::c_void,
+    pub factor: *const f32,
+    pub out: *mut ::core::ffi::c_void,
+    pub partials: *mut f32,
+    pub m: u32,
+    pub n: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of LkDoraColumnsParams",
+    ][::core::mem::size_of::<LkDoraColumnsParams>() - 56usize];
+    [
+        "Alignment of LkDoraColumnsParams",
+    ][::core::mem::align_of::<LkDoraColumnsParams>() - 8usize];
+    [
+        "Offset of field: LkDoraColumnsParams::z",
+    ][::core::mem::offset_of!(LkDoraColumnsParams, z) - 0usize];
+    [
+        "Offset of field: LkDoraColumnsParams::dy",
+    ][::core::mem::offset_of!(LkDoraColumnsParams, dy) - 8usize];
+    [
+        "Offset of field: LkDoraColumnsParams::bias",
+    ][::core::mem::offset_of!(LkDoraColumnsParams, bias) - 16usize];
+    [
+        "Offset of field: LkDoraColumnsParams::factor",
+    ][::core::mem::offset_of!(LkDoraColumnsParams, factor) - 24usize];
+    [
+        "Offset of field: LkDoraColumnsParams::out",
+    ][::core::mem::offset_of!(LkDoraColumnsParams, out) - 32usize];
+    [
+        "Offset of field: LkDoraColumnsParams::partials",
+    ][::core::mem::offset_of!(LkDoraColumnsParams, partials) - 40usize];
+    [
+        "Offset of field: LkDoraColumnsParams::m",
+    ][::core::mem::offset_of!(LkDoraColumnsParams, m) - 48usize];
+    [
+        "Offset of field: LkDoraColumnsParams::n",
+    ][::core::mem::offset_of!(LkDoraColumnsParams, n) - 52usize];
+};
+impl Default for LkDoraColumnsParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkDoraMagnitudeGradParams {
+    pub partials: *const f32,
+    pub norm: *const f32,
+    pub dmagnitude: *mut f32,
+    pub n: u32,
+    pub blocks: u32,
+    pub accumulate: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of LkDoraMagnitudeGradParams",
+    ][::core::mem::size_of::<LkDoraMagnitudeGradParams>() - 40usize];
+    [
+        "Alignment of LkDoraMagnitudeGradParams",
+    ][::core::mem::align_of::<LkDoraMagnitudeGradParams>() - 8usize];
+    [
+        "Offset of field: LkDoraMagnitudeGradParams::partials",
+    ][::core::mem::offset_of!(LkDoraMagnitudeGradParams, partials) - 0usize];
+    [
+        "Offset of field: LkDoraMagnitudeGradParams::norm",
+    ][::core::mem::offset_of!(LkDoraMagnitudeGradParams, norm) - 8usize];
+    [
+        "Offset of field: LkDoraMagnitudeGradParams::dmagnitude",
+    ][::core::mem::offset_of!(LkDoraMagnitudeGradParams, dmagnitude) - 16usize];
+    [
+        "Offset of field: LkDoraMagnitudeGradParams::n",
+    ][::core::mem::offset_of!(LkDoraMagnitudeGradParams, n) - 24usize];
+    [
+        "Offset of field: LkDoraMagnitudeGradParams::blocks",
+    ][::core::mem::offset_of!(LkDoraMagnitudeGradParams, blocks) - 28usize];
+    [
+        "Offset of field: LkDoraMagnitudeGradParams::accumulate",
+    ][::core::mem::offset_of!(LkDoraMagnitudeGradParams, accumulate) - 32usize];
+};
+impl Default for LkDoraMagnitudeGradParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -429,14 +429,144 @@ fn dora_factor_of<T: Element>(
     k: usize,
 ) -> Vec<f64> {
     check_len("magnitude", magnitude.len(), n);
+    dora_norms(w0, d, n, k)
+        .iter()
+        .zip(magnitude)
+        .map(|(norm, &m)| m as f64 / norm)
+        .collect()
+}
+
+/// The row norms ‖W0 + d‖ in f64.
+fn dora_norms<T: Element>(w0: &[T], d: &[f64], n: usize, k: usize) -> Vec<f64> {
     (0..n)
         .map(|i| {
-            let norm = (0..k)
+            (0..k)
                 .map(|j| (w0[i * k + j].to_f64() + d[i * k + j]).powi(2))
                 .sum::<f64>()
-                .sqrt();
-            magnitude[i] as f64 / norm
+                .sqrt()
         })
+        .collect()
+}
+
+/// DoRA's unmerged layer forward in f64 (exact arithmetic): `z = x·w0ᵀ + s·t·bᵀ`, `t = x·aᵀ`,
+/// `y = factor ⊙ z + bias` per output feature, with `norm = ‖w0 + s·b·a‖` (rows) and
+/// `factor = magnitude / norm`.
+#[derive(Clone, Debug)]
+pub struct DoraForward {
+    pub y: Vec<f64>,
+    pub z: Vec<f64>,
+    pub t: Vec<f64>,
+    pub norm: Vec<f64>,
+    pub factor: Vec<f64>,
+}
+
+/// The gradients of [`dora_forward`] in f64, the norm a constant (detached, as DoRA's §4.3 and PEFT):
+/// `dz = factor ⊙ dy`, then `dx`, `da`, `db` of [`backward`] with `dz`, and
+/// `dmagnitude_j = Σ_i dy_ij·z_ij / norm_j`.
+#[derive(Clone, Debug)]
+pub struct DoraBackward {
+    pub dx: Vec<f64>,
+    pub da: Vec<f64>,
+    pub db: Vec<f64>,
+    pub dmagnitude: Vec<f64>,
+}
+
+/// DoRA's layer `y = (magnitude / ‖w0 + s·b·a‖) ⊙ (x·w0ᵀ + s·(x·aᵀ)·bᵀ) + bias` (PEFT's
+/// `DoraLinearVariant.forward` without dropout), exact.
+#[allow(clippy::too_many_arguments)]
+pub fn dora_forward<T: Element, U: Element>(
+    x: &[T],
+    w0: &[T],
+    a: &[U],
+    b: &[U],
+    magnitude: &[f32],
+    bias: Option<&[T]>,
+    d: Dims,
+    scale: f64,
+) -> DoraForward {
+    check_len("magnitude", magnitude.len(), d.n);
+    let f = forward(x, w0, a, b, None, d, scale);
+    let norm = dora_norms(w0, &delta(a, b, d.n, d.k, d.r, scale), d.n, d.k);
+    let factor: Vec<f64> = norm
+        .iter()
+        .zip(magnitude)
+        .map(|(norm, &m)| m as f64 / norm)
+        .collect();
+    let y =
+        f.y.iter()
+            .enumerate()
+            .map(|(e, z)| factor[e % d.n] * z + bias.map_or(0.0, |b| b[e % d.n].to_f64()))
+            .collect();
+    DoraForward {
+        y,
+        z: f.y,
+        t: f.t,
+        norm,
+        factor,
+    }
+}
+
+/// The gradients of [`dora_forward`] given `dy`, exact.
+#[allow(clippy::too_many_arguments)]
+pub fn dora_backward<T: Element, U: Element>(
+    x: &[T],
+    w0: &[T],
+    a: &[U],
+    b: &[U],
+    magnitude: &[f32],
+    dy: &[T],
+    d: Dims,
+    scale: f64,
+) -> DoraBackward {
+    check_len("dy", dy.len(), d.m * d.n);
+    let f = dora_forward(x, w0, a, b, magnitude, None, d, scale);
+    let dy = f64s(dy);
+    let dz: Vec<f64> = dy
+        .iter()
+        .enumerate()
+        .map(|(e, g)| f.factor[e % d.n] * g)
+        .collect();
+    let dmagnitude = dora_magnitude_grad_of(&dy, &f.z, &f.norm, d.m, d.n);
+    let (x, w0, a, b) = (f64s(x), f64s(w0), f64s(a), f64s(b));
+    let g = backward_impl::<T>(
+        &x,
+        &w0,
+        &a,
+        &b,
+        &f.t,
+        &dz,
+        d,
+        scale,
+        Intermediates::Exact,
+        &Dropout::NONE,
+    );
+    DoraBackward {
+        dx: g.dx,
+        da: g.da,
+        db: g.db,
+        dmagnitude,
+    }
+}
+
+/// The magnitude's gradient `Σ_i dy_ij·z_ij / norm_j` in f64 from the given Z and norms (the kernels'
+/// saved ones, for a check of the reduction alone). `dy`, `z`: m×n; `norm`: n.
+pub fn dora_magnitude_grad<T: Element>(
+    dy: &[T],
+    z: &[T],
+    norm: &[f32],
+    m: usize,
+    n: usize,
+) -> Vec<f64> {
+    check_len("dy", dy.len(), m * n);
+    check_len("z", z.len(), m * n);
+    check_len("norm", norm.len(), n);
+    let norm: Vec<f64> = norm.iter().map(|&v| v as f64).collect();
+    dora_magnitude_grad_of(&f64s(dy), &f64s(z), &norm, m, n)
+}
+
+fn dora_magnitude_grad_of(dy: &[f64], z: &[f64], norm: &[f64], m: usize, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|j| (0..m).map(|i| dy[i * n + j] * z[i * n + j]).sum::<f64>() / norm[j])
         .collect()
 }
 

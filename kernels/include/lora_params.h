@@ -305,14 +305,46 @@ typedef struct LkMergeParams {
 
 /* DoRA's row factor (kernels/merge.cu, dora_factor_f32): factor[row] = magnitude[row] / ‖v_row‖, the
  * norm = round_f32(sqrt(Σ partials)) with the row's `blocks` partial sums of squares (row_sumsq of the
- * LK_MERGE_ROW_SUMSQ pass, [blocks][n]) added in f64 in block order; one thread per row. */
+ * LK_MERGE_ROW_SUMSQ pass, [blocks][n]) added in f64 in block order; one thread per row. norm: NULL, or
+ * [n] f32 that receives the norms (DoRA's unmerged backward divides by them). */
 typedef struct LkDoraFactorParams {
     const float* row_sumsq;
     const float* magnitude;
     float* factor;
+    float* norm;
     uint32_t n;
     uint32_t blocks;
 } LkDoraFactorParams;
+
+/* DoRA's unmerged layer (kernels/dora.cu): the column passes around the fused GEMM, over m × n row-major
+ * matrices of the layer dtype (Z, the fused GEMM's output without bias; Y, dY, dZ) and factor [n] f32.
+ *   dora_scale_*: out = Y ← round(fma(factor_j, Z_ij, bias_j)); bias NULL or [n]; dy, partials unused.
+ *   dora_grad_*:  out = dZ ← round(factor_j · dY_ij), and partials[b · n + j] ← the f32 sum over the rows
+ *                 of row block b (LK_DORA_ROWS rows, ascending) of dY_ij·Z_ij; bias unused.
+ * Grid: x = ceil(m / LK_DORA_ROWS) row blocks, y ≤ 65535 (column blocks of LK_SIMT_THREADS, strided). */
+#define LK_DORA_ROWS 64u
+typedef struct LkDoraColumnsParams {
+    const void* z;
+    const void* dy;
+    const void* bias;
+    const float* factor;
+    void* out;
+    float* partials;
+    uint32_t m;
+    uint32_t n;
+} LkDoraColumnsParams;
+
+/* DoRA's magnitude gradient (kernels/dora.cu, dora_magnitude_grad_f32): dmagnitude[j] ←
+ * round_f32(Σ_b partials[b · n + j] / norm[j] (+ dmagnitude[j] when accumulate is 1)), in f64, the
+ * `blocks` partials of dora_grad_* added in block order; one thread per column. */
+typedef struct LkDoraMagnitudeGradParams {
+    const float* partials;
+    const float* norm;
+    float* dmagnitude;
+    uint32_t n;
+    uint32_t blocks;
+    uint32_t accumulate;
+} LkDoraMagnitudeGradParams;
 
 /* One fused AdamW step over n f32 parameters (kernels/adamw.cu), PyTorch's AdamW formula with every
  * operation rounded once in f32, in this order (so a CPU reference of the same formula gives the same bits):

@@ -49,7 +49,7 @@ fn factor_impl<T: Element, U: Element>(
     let mut sumsq = Tensor::<f32>::for_output(device, &[blocks, n])?;
     launch::dora_row_sumsq(op, w0, a, b, dims, scale, &mut sumsq)?;
     let mut factor = Tensor::<f32>::for_output(device, &[n])?;
-    launch::dora_factor(op, &sumsq, magnitude, &mut factor, (n, blocks))?;
+    launch::dora_factor(op, &sumsq, magnitude, &mut factor, None, (n, blocks))?;
     Ok(factor)
 }
 

@@ -1045,12 +1045,14 @@ pub(crate) fn dora_sumsq_blocks(k: usize) -> usize {
     k.div_ceil(LK_MERGE_COLS as usize)
 }
 
-/// `factor [n] ← magnitude / round_f32(√Σ sumsq[.., row])` (kernels/merge.cu, dora_factor_f32).
+/// `factor [n] ← magnitude / round_f32(√Σ sumsq[.., row])` (kernels/merge.cu, dora_factor_f32), and the
+/// norms into `norm` where given.
 pub(crate) fn dora_factor(
     op: &'static str,
     sumsq: &Tensor<f32>,
     magnitude: &Tensor<f32>,
     factor: &mut Tensor<f32>,
+    norm: Option<&mut Tensor<f32>>,
     (n, blocks): (usize, usize),
 ) -> Result<()> {
     let plan = LaunchPlan {
@@ -1058,23 +1060,32 @@ pub(crate) fn dora_factor(
         block: [LK_SIMT_THREADS, 1, 1],
         smem_bytes: 0,
     };
-    sumsq.device().launch(
-        op,
-        &kernels::DORA_FACTOR_F32,
-        &plan,
-        &mut [
-            Arg::In("row sums of squares", sumsq),
-            Arg::In("magnitude", magnitude),
-            Arg::Out("factor", factor),
-        ],
-        |ptr| LkDoraFactorParams {
-            row_sumsq: ptr[0] as *const f32,
-            magnitude: ptr[1] as *const f32,
-            factor: ptr[2] as *mut f32,
-            n: u32_of(n),
-            blocks: u32_of(blocks),
-        },
-    )
+    let has_norm = norm.is_some();
+    let mut args = vec![
+        Arg::In("row sums of squares", sumsq),
+        Arg::In("magnitude", magnitude),
+        Arg::Out("factor", factor),
+    ];
+    if let Some(norm) = norm {
+        args.push(Arg::Out("norm", norm));
+    }
+    sumsq
+        .device()
+        .clone()
+        .launch(op, &kernels::DORA_FACTOR_F32, &plan, &mut args, |ptr| {
+            LkDoraFactorParams {
+                row_sumsq: ptr[0] as *const f32,
+                magnitude: ptr[1] as *const f32,
+                factor: ptr[2] as *mut f32,
+                norm: if has_norm {
+                    ptr[3] as *mut f32
+                } else {
+                    std::ptr::null_mut()
+                },
+                n: u32_of(n),
+                blocks: u32_of(blocks),
+            }
+        })
 }
 
 #[cfg(test)]

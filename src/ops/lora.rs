@@ -132,7 +132,12 @@ pub(crate) fn layer_dims<T: Element, A: Element>(
 }
 
 /// T as the forward writes it ([lead..., r]) or as a plain matrix [M, r].
-fn check_t<T: Element>(op: &'static str, t: &Tensor<T>, s: &LayerShape, what: &str) -> Result<()> {
+pub(super) fn check_t<T: Element>(
+    op: &'static str,
+    t: &Tensor<T>,
+    s: &LayerShape,
+    what: &str,
+) -> Result<()> {
     if t.shape() == [s.d.m, s.d.r] {
         return Ok(());
     }

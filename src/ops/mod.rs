@@ -5,6 +5,7 @@
 
 mod adamw;
 mod dora;
+mod dora_layer;
 mod grad_clip;
 mod launch;
 mod lora;
@@ -20,6 +21,10 @@ pub use adamw::{
     adamw_step_scheduled_with_copy, adamw_step_with_copy, reference_step as adamw_reference_step,
 };
 pub use dora::{dora_factor, dora_merge, dora_merge_counted, dora_unmerge, safe_dora_merge};
+pub use dora_layer::{
+    DoraForwardOutput, DoraGradients, DoraSaved, dora_backward, dora_backward_into, dora_forward,
+    dora_forward_into,
+};
 pub use grad_clip::{GradClip, clip_coefficient, grad_clip_reference};
 pub use launch::mma_tile;
 pub use lora::{

@@ -234,6 +234,20 @@ impl Fixture {
         };
         (data, t.shape().to_vec())
     }
+    /// Tensor `name`, which must be stored as F64.
+    pub fn f64(&self, name: &str) -> (Vec<f64>, Vec<usize>) {
+        let st = self.tensors();
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"));
+        assert_eq!(t.dtype(), safetensors::Dtype::F64, "{name}");
+        let data = t
+            .data()
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        (data, t.shape().to_vec())
+    }
     /// Tensor `name`, which must be stored as BF16.
     pub fn bf16(&self, name: &str) -> (Vec<half::bf16>, Vec<usize>) {
         let st = self.tensors();

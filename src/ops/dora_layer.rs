@@ -1,0 +1,425 @@
+//! DoRA's unmerged layer, forward and backward (kernels/dora.cu around the fused LoRA GEMM): what a
+//! trainer of a `use_dora` adapter runs every step, and a server of an unmerged one.
+//!
+//! forward:  `factor = m / ‖W0 + s·B·A‖` per output feature (the DoRA merge's norm pass, W0 read once),
+//!           `Z = X·W0ᵀ + s·(X·Aᵀ)·Bᵀ` ([`lora_forward_into`], no bias), `Y = factor ⊙ Z + bias`
+//!           (one column pass). The norm is a constant for the gradients (DoRA's §4.3, as PEFT detaches it).
+//! backward: `dZ = factor ⊙ dY` and `dm_j = Σ_i dY_ij·Z_ij / norm_j` in one pass over dY and Z, then
+//!           [`lora_backward_into`] of dZ: dA, dB and dX as for plain LoRA. Never dW0.
+//!
+//! PEFT's `DoraLinearVariant.forward` without dropout, in the crate's arithmetic: the norm and factor in
+//! f32 as the DoRA merge computes them ([`super::dora_factor`]), Z rounded to the layer dtype (it is
+//! saved for the backward), then `round(fma(factor, Z, bias))`. PEFT computes the norm in the layer
+//! dtype in its forward; the results differ by that rounding. With LoRA dropout PEFT's DoRA forward
+//! runs a second GEMM of W0 on the dropped input; these ops take no dropout.
+//!
+//! Cost over plain LoRA: the norm pass (a read of W0 with the rank product), the column pass of the
+//! forward (a read of Z and a write of Y) and that of the backward (reads of dY and Z, a write of dZ);
+//! Z [M, N] is kept for the backward (PEFT keeps two such tensors).
+//!
+//! [`lora_forward_into`]: super::lora_forward_into
+//! [`lora_backward_into`]: super::lora_backward_into
+
+use super::launch::{self, u32_of};
+use super::lora::{self, GradMode, layer_dims};
+use super::merge::{self, check_rows};
+use super::validate::{self, rows_of};
+use super::workspace::Workspace;
+use crate::device::Arg;
+use crate::dropout::Dropout;
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::kernel::{Kernel, kernels};
+use crate::params::{
+    LK_DORA_ROWS, LK_SIMT_THREADS, LkDoraColumnsParams, LkDoraMagnitudeGradParams,
+};
+use crate::plan::LaunchPlan;
+use crate::tensor::Tensor;
+
+/// What the DoRA backward needs from its forward besides X: T = X·Aᵀ `[..., r]`, Z = X·W0ᵀ + s·T·Bᵀ
+/// `[..., N]` (Y before the factors and the bias), and per output feature the norm ‖W0 + s·B·A‖ and the
+/// factor m / norm (`[N]` f32 each).
+#[derive(Debug)]
+pub struct DoraSaved<T: Element> {
+    pub t: Tensor<T>,
+    pub z: Tensor<T>,
+    pub norm: Tensor<f32>,
+    pub factor: Tensor<f32>,
+}
+
+impl<T: Element> DoraSaved<T> {
+    /// Buffers for a layer call whose activations have leading dimensions `lead` (M = their product),
+    /// `n` output features and rank `r`, on `x`'s device: for [`dora_forward_into`], so a training loop
+    /// allocates them once.
+    pub fn for_layer(x: &Tensor<T>, n: usize, r: usize) -> Result<Self> {
+        let (lead, _, _) = validate::rows("DoraSaved::for_layer", "x", x)?;
+        let dev = x.device();
+        Ok(DoraSaved {
+            t: Tensor::for_output(dev, &rows_of(&lead, r))?,
+            z: Tensor::for_output(dev, &rows_of(&lead, n))?,
+            norm: Tensor::for_output(dev, &[n])?,
+            factor: Tensor::for_output(dev, &[n])?,
+        })
+    }
+}
+
+/// Y `[..., N]` and what the backward needs.
+#[derive(Debug)]
+pub struct DoraForwardOutput<T: Element> {
+    pub y: Tensor<T>,
+    pub saved: DoraSaved<T>,
+}
+
+/// dA, dB (adapters' dtype), the magnitude's gradient `[N]` f32 and, when asked for, dX.
+#[derive(Debug)]
+pub struct DoraGradients<T: Element, A: Element = T> {
+    pub dx: Option<Tensor<T>>,
+    pub da: Tensor<A>,
+    pub db: Tensor<A>,
+    pub dmagnitude: Tensor<f32>,
+}
+
+/// DoRA's layer `Y = factor ⊙ (X·W0ᵀ + s·(X·Aᵀ)·Bᵀ) + bias`, `factor = magnitude / ‖W0 + s·B·A‖` per
+/// output feature (row of W0). X `[..., K]` bf16/f16, W0 `[N, K]`, A `[r, K]` and B `[N, r]` in X's dtype
+/// or f32, magnitude `[N]` f32 (PEFT's `lora_magnitude_vector`), bias `[N]`.
+pub fn dora_forward<T: Element, A: Element>(
+    x: &Tensor<T>,
+    w0: &Tensor<T>,
+    a: &Tensor<A>,
+    b: &Tensor<A>,
+    magnitude: &Tensor<f32>,
+    bias: Option<&Tensor<T>>,
+    scale: f32,
+) -> Result<DoraForwardOutput<T>> {
+    let s = layer_dims("dora_forward", x, w0, a, b)?;
+    let mut y = Tensor::for_output(x.device(), &rows_of(&s.lead, s.d.n))?;
+    let mut saved = DoraSaved::for_layer(x, s.d.n, s.d.r)?;
+    let mut ws = Workspace::new();
+    dora_forward_into(
+        x, w0, a, b, magnitude, bias, scale, &mut y, &mut saved, &mut ws,
+    )?;
+    Ok(DoraForwardOutput { y, saved })
+}
+
+/// [`dora_forward`] into existing `y` and `saved` (see [`DoraSaved::for_layer`]), scratch from `ws`.
+#[allow(clippy::too_many_arguments)]
+pub fn dora_forward_into<T: Element, A: Element>(
+    x: &Tensor<T>,
+    w0: &Tensor<T>,
+    a: &Tensor<A>,
+    b: &Tensor<A>,
+    magnitude: &Tensor<f32>,
+    bias: Option<&Tensor<T>>,
+    scale: f32,
+    y: &mut Tensor<T>,
+    saved: &mut DoraSaved<T>,
+    ws: &mut Workspace<T>,
+) -> Result<()> {
+    const OP: &str = "dora_forward";
+    let s = layer_dims(OP, x, w0, a, b)?;
+    let d = s.d;
+    let dims = merge::check(OP, w0, a, b, scale)?;
+    check_rows(OP, "magnitude", magnitude, w0, d.n)?;
+    if let Some(bias) = bias {
+        validate::shape(OP, "bias", bias, &[d.n], "[N]")?;
+    }
+    let lead = "[..., N] (x's leading dimensions)";
+    validate::rows_shape(OP, "y", y, &s.lead, d.n, lead)?;
+    validate::rows_shape(OP, "saved.z", &saved.z, &s.lead, d.n, lead)?;
+    lora::check_t(
+        OP,
+        &saved.t,
+        &s,
+        "[..., r] (x's leading dimensions) or [M, r]",
+    )?;
+    check_rows(OP, "saved.norm", &saved.norm, w0, d.n)?;
+    check_rows(OP, "saved.factor", &saved.factor, w0, d.n)?;
+
+    let blocks = launch::dora_sumsq_blocks(d.k);
+    ws.with_partial(x.device(), &[blocks, d.n], |sumsq, _| {
+        launch::dora_row_sumsq(OP, w0, a, b, dims, scale, sumsq)?;
+        launch::dora_factor(
+            OP,
+            sumsq,
+            magnitude,
+            &mut saved.factor,
+            Some(&mut saved.norm),
+            (d.n, blocks),
+        )
+    })?;
+    lora::lora_forward_into(
+        x,
+        w0,
+        a,
+        b,
+        None,
+        scale,
+        Dropout::NONE,
+        &mut saved.z,
+        &mut saved.t,
+        ws,
+    )?;
+    columns(
+        OP,
+        Columns::Scale { bias },
+        &saved.z,
+        &saved.factor,
+        y,
+        (d.m, d.n),
+    )
+}
+
+/// Gradients of [`dora_forward`] given dY `[..., N]` and its `saved`: dA, dB, the magnitude's (`[N]`
+/// f32) and, if `want_dx`, dX `[..., K]`. The norm is a constant (detached, as in DoRA and PEFT).
+#[allow(clippy::too_many_arguments)]
+pub fn dora_backward<T: Element, A: Element>(
+    x: &Tensor<T>,
+    w0: &Tensor<T>,
+    a: &Tensor<A>,
+    b: &Tensor<A>,
+    saved: &DoraSaved<T>,
+    dy: &Tensor<T>,
+    scale: f32,
+    want_dx: bool,
+) -> Result<DoraGradients<T, A>> {
+    let s = layer_dims("dora_backward", x, w0, a, b)?;
+    let d = s.d;
+    let dev = x.device();
+    let mut dx = if want_dx {
+        Some(Tensor::for_output(dev, &rows_of(&s.lead, d.k))?)
+    } else {
+        None
+    };
+    let mut da = Tensor::for_output(dev, &[d.r, d.k])?;
+    let mut db = Tensor::for_output(dev, &[d.n, d.r])?;
+    let mut dmagnitude = Tensor::for_output(dev, &[d.n])?;
+    dora_backward_into(
+        x,
+        w0,
+        a,
+        b,
+        saved,
+        dy,
+        scale,
+        dx.as_mut(),
+        &mut da,
+        &mut db,
+        &mut dmagnitude,
+        GradMode::Overwrite,
+        &mut Workspace::new(),
+    )?;
+    Ok(DoraGradients {
+        dx,
+        da,
+        db,
+        dmagnitude,
+    })
+}
+
+/// [`dora_backward`] into existing `dx` (or none), `da` `[r, K]`, `db` `[N, r]`, `dmagnitude` `[N]` f32,
+/// scratch (dZ, the partial sums, U) from `ws`. With [`GradMode::Accumulate`] dA, dB and the magnitude's
+/// gradient are added to (micro-batches); dX is always overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn dora_backward_into<T: Element, A: Element>(
+    x: &Tensor<T>,
+    w0: &Tensor<T>,
+    a: &Tensor<A>,
+    b: &Tensor<A>,
+    saved: &DoraSaved<T>,
+    dy: &Tensor<T>,
+    scale: f32,
+    dx: Option<&mut Tensor<T>>,
+    da: &mut Tensor<A>,
+    db: &mut Tensor<A>,
+    dmagnitude: &mut Tensor<f32>,
+    mode: GradMode,
+    ws: &mut Workspace<T>,
+) -> Result<()> {
+    const OP: &str = "dora_backward";
+    let s = layer_dims(OP, x, w0, a, b)?;
+    let d = s.d;
+    let lead = "[..., N] (x's leading dimensions)";
+    validate::rows_shape(OP, "dy", dy, &s.lead, d.n, lead)?;
+    validate::rows_shape(OP, "saved.z", &saved.z, &s.lead, d.n, lead)?;
+    lora::check_t(OP, &saved.t, &s, "[..., r] or [M, r] (the forward's T)")?;
+    check_rows(OP, "saved.norm", &saved.norm, w0, d.n)?;
+    check_rows(OP, "saved.factor", &saved.factor, w0, d.n)?;
+    check_rows(OP, "dmagnitude", dmagnitude, w0, d.n)?;
+    validate::finite(OP, "scale", scale)?;
+    validate::shape(OP, "da", da, &[d.r, d.k], "[r, K]")?;
+    validate::shape(OP, "db", db, &[d.n, d.r], "[N, r]")?;
+    if let Some(dx) = dx.as_deref() {
+        validate::rows_shape(
+            OP,
+            "dx",
+            dx,
+            &s.lead,
+            d.k,
+            "[..., K] (x's leading dimensions)",
+        )?;
+    }
+
+    let row_blocks = d.m.div_ceil(LK_DORA_ROWS as usize);
+    ws.with_layer(x.device(), &rows_of(&s.lead, d.n), |dz, ws| {
+        ws.with_partial(x.device(), &[row_blocks, d.n], |partials, _| {
+            columns(
+                OP,
+                Columns::Grad { dy, partials },
+                &saved.z,
+                &saved.factor,
+                dz,
+                (d.m, d.n),
+            )?;
+            magnitude_grad(
+                OP,
+                partials,
+                &saved.norm,
+                dmagnitude,
+                (d.n, row_blocks),
+                mode == GradMode::Accumulate,
+            )
+        })?;
+        lora::lora_backward_into(
+            x,
+            w0,
+            a,
+            b,
+            &saved.t,
+            dz,
+            scale,
+            Dropout::NONE,
+            dx,
+            da,
+            db,
+            mode,
+            ws,
+        )
+    })
+}
+
+/// Which column pass of kernels/dora.cu.
+enum Columns<'a, T: Element> {
+    /// `out = Y ← round(fma(factor, Z, bias))`.
+    Scale { bias: Option<&'a Tensor<T>> },
+    /// `out = dZ ← round(factor·dY)`, and the row blocks' sums of dY·Z into `partials`.
+    Grad {
+        dy: &'a Tensor<T>,
+        partials: &'a mut Tensor<f32>,
+    },
+}
+
+fn columns_kernel(
+    op: &'static str,
+    dtype: DType,
+    grad: bool,
+) -> Result<&'static Kernel<LkDoraColumnsParams>> {
+    Ok(match (dtype, grad) {
+        (DType::BF16, false) => &kernels::DORA_SCALE_BF16,
+        (DType::F16, false) => &kernels::DORA_SCALE_F16,
+        (DType::BF16, true) => &kernels::DORA_GRAD_BF16,
+        (DType::F16, true) => &kernels::DORA_GRAD_F16,
+        (got, _) => {
+            return Err(Error::UnsupportedDType {
+                op,
+                arg: "x",
+                got,
+                supported: "bf16 and f16",
+            });
+        }
+    })
+}
+
+/// One column pass over the m × n matrices: grid x over the row blocks, y over the column blocks (at most
+/// 65535, the kernel strides past them).
+fn columns<T: Element>(
+    op: &'static str,
+    pass: Columns<'_, T>,
+    z: &Tensor<T>,
+    factor: &Tensor<f32>,
+    out: &mut Tensor<T>,
+    (m, n): (usize, usize),
+) -> Result<()> {
+    let col_blocks = n.div_ceil(LK_SIMT_THREADS as usize).min(65535);
+    let plan = LaunchPlan {
+        grid: [
+            u32_of(m.div_ceil(LK_DORA_ROWS as usize)),
+            u32_of(col_blocks),
+            1,
+        ],
+        block: [LK_SIMT_THREADS, 1, 1],
+        smem_bytes: 0,
+    };
+    let grad = matches!(pass, Columns::Grad { .. });
+    let kernel = columns_kernel(op, T::DTYPE, grad)?;
+    let mut args = vec![Arg::In("z", z), Arg::In("factor", factor)];
+    let has_bias = match pass {
+        Columns::Scale { bias } => {
+            args.push(Arg::Out("y", out));
+            if let Some(bias) = bias {
+                args.push(Arg::In("bias", bias));
+            }
+            bias.is_some()
+        }
+        Columns::Grad { dy, partials } => {
+            args.push(Arg::Out("dz", out));
+            args.push(Arg::In("dy", dy));
+            args.push(Arg::Out("partials", partials));
+            false
+        }
+    };
+    let device = z.device().clone();
+    device.launch(op, kernel, &plan, &mut args, |ptr| {
+        let mut p = LkDoraColumnsParams {
+            z: ptr[0] as *const _,
+            dy: std::ptr::null(),
+            bias: std::ptr::null(),
+            factor: ptr[1] as *const f32,
+            out: ptr[2] as *mut _,
+            partials: std::ptr::null_mut(),
+            m: u32_of(m),
+            n: u32_of(n),
+        };
+        if grad {
+            p.dy = ptr[3] as *const _;
+            p.partials = ptr[4] as *mut f32;
+        } else if has_bias {
+            p.bias = ptr[3] as *const _;
+        }
+        p
+    })
+}
+
+/// `dmagnitude [n] ← Σ_b partials[b, ..] / norm` (+ the old value when accumulating).
+fn magnitude_grad(
+    op: &'static str,
+    partials: &Tensor<f32>,
+    norm: &Tensor<f32>,
+    dmagnitude: &mut Tensor<f32>,
+    (n, blocks): (usize, usize),
+    accumulate: bool,
+) -> Result<()> {
+    let plan = LaunchPlan {
+        grid: [u32_of(n.div_ceil(LK_SIMT_THREADS as usize)), 1, 1],
+        block: [LK_SIMT_THREADS, 1, 1],
+        smem_bytes: 0,
+    };
+    let device = norm.device().clone();
+    device.launch(
+        op,
+        &kernels::DORA_MAGNITUDE_GRAD_F32,
+        &plan,
+        &mut [
+            Arg::In("partials", partials),
+            Arg::In("norm", norm),
+            Arg::Out("dmagnitude", dmagnitude),
+        ],
+        |ptr| LkDoraMagnitudeGradParams {
+            partials: ptr[0] as *const f32,
+            norm: ptr[1] as *const f32,
+            dmagnitude: ptr[2] as *mut f32,
+            n: u32_of(n),
+            blocks: u32_of(blocks),
+            accumulate: accumulate as u32,
+        },
+    )
+}

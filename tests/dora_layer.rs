@@ -1,0 +1,706 @@
+//! DoRA's unmerged layer (kernels/dora.cu around the fused LoRA GEMM) through `ops::dora_forward_into`,
+//! `dora_backward_into` and their allocating forms: property tests against the f64 reference for bf16
+//! and f16 layers with adapters in the layer dtype or f32, every output poisoned before the launch, the
+//! same bits under a second thread order; the column passes bit for bit against their f32 arithmetic;
+//! gradient accumulation; PEFT's own DoRA forward and gradients (tests/fixtures/peft/dora_layer); the
+//! refusals.
+//!
+//! Each step is checked on the kernels' own intermediates, each of which is checked itself: the norms
+//! and factors against the exact ones (1e-5 relative), T and Z against the plain forward's contract
+//! (reference::forward_as_kernels: T rounded to the layer dtype), Y bit for bit as round(fma(factor, Z,
+//! bias)), dA, dB, dX against reference::backward_as_kernels of dZ = round(factor·dY) and the saved T,
+//! and dm against Σ dY·Z / norm in f64; then Y and dm end to end (the exact factors and norms on the
+//! contract's Z) with the per-dtype tolerance. reference::dora_forward / dora_backward (the exact layer)
+//! are what the PEFT fixture test holds to PEFT's numbers.
+
+mod common;
+
+use common::Rng;
+use common::lora::{Layer, dims};
+use half::{bf16, f16};
+use lora_kernels::reference::{self, Dims};
+use lora_kernels::{DType, Device, Element, Error, Tensor, ops};
+use proptest::prelude::*;
+
+fn tol(dtype: DType) -> f64 {
+    if dtype == DType::BF16 { 1e-2 } else { 1e-3 }
+}
+
+/// Magnitudes near the row norms of W0 (PEFT starts them there), spread by ±50 %.
+fn magnitude_for<T: Element, A: Element>(l: &Layer<T, A>, rng: &mut Rng) -> Vec<f32> {
+    let k = l.d.k;
+    (0..l.d.n)
+        .map(|i| {
+            let norm = l.w0[i * k..(i + 1) * k]
+                .iter()
+                .map(|v| v.to_f64().powi(2))
+                .sum::<f64>()
+                .sqrt();
+            (norm * (1.0 + 0.5 * rng.uniform())) as f32
+        })
+        .collect()
+}
+
+/// One layer case: the layer, its magnitude, and earlier gradients to accumulate into (dA, dB, dm).
+struct Case<T, A> {
+    l: Layer<T, A>,
+    magnitude: Vec<f32>,
+    grads0: Option<(Vec<A>, Vec<A>, Vec<f32>)>,
+}
+
+#[derive(Debug, PartialEq)]
+struct Out<T, A> {
+    y: Vec<T>,
+    t: Vec<T>,
+    z: Vec<T>,
+    norm: Vec<f32>,
+    factor: Vec<f32>,
+    dx: Vec<T>,
+    da: Vec<A>,
+    db: Vec<A>,
+    dm: Vec<f32>,
+}
+
+impl<T: Element, A: Element> Out<T, A> {
+    fn bits(&self) -> Vec<Vec<u32>> {
+        use common::bits;
+        vec![
+            bits(&self.y),
+            bits(&self.t),
+            bits(&self.z),
+            bits(&self.norm),
+            bits(&self.factor),
+            bits(&self.dx),
+            bits(&self.da),
+            bits(&self.db),
+            bits(&self.dm),
+        ]
+    }
+}
+
+fn up<T: Element>(dev: &Device, v: &[T], shape: &[usize]) -> Tensor<T> {
+    Tensor::from_slice(dev, v, shape).unwrap()
+}
+
+fn poisoned<T: Element>(dev: &Device, shape: &[usize]) -> Tensor<T> {
+    let mut t = Tensor::zeros(dev, shape).unwrap();
+    t.poison().unwrap();
+    t
+}
+
+fn rows(lead: &[usize], last: usize) -> Vec<usize> {
+    lead.iter().copied().chain([last]).collect()
+}
+
+/// Forward then backward through the `_into` forms, every output poisoned first (dA, dB, dm hold the
+/// earlier gradients when the case accumulates).
+fn run<T: Element, A: Element>(dev: &Device, c: &Case<T, A>) -> Out<T, A> {
+    let l = &c.l;
+    let Dims { n, k, r, .. } = l.d;
+    let x = up(dev, &l.x, &rows(&l.lead, k));
+    let w0 = up(dev, &l.w0, &[n, k]);
+    let a = up(dev, &l.a, &[r, k]);
+    let b = up(dev, &l.b, &[n, r]);
+    let m = up(dev, &c.magnitude, &[n]);
+    let bias = l.bias.as_ref().map(|v| up(dev, v, &[n]));
+    let mut y = poisoned(dev, &rows(&l.lead, n));
+    let mut saved = ops::DoraSaved {
+        t: poisoned(dev, &rows(&l.lead, r)),
+        z: poisoned(dev, &rows(&l.lead, n)),
+        norm: poisoned(dev, &[n]),
+        factor: poisoned(dev, &[n]),
+    };
+    let mut ws = ops::Workspace::new();
+    ops::dora_forward_into(
+        &x,
+        &w0,
+        &a,
+        &b,
+        &m,
+        bias.as_ref(),
+        l.scale,
+        &mut y,
+        &mut saved,
+        &mut ws,
+    )
+    .unwrap();
+    let dy = up(dev, &l.dy, &rows(&l.lead, n));
+    let mut dx = poisoned(dev, &rows(&l.lead, k));
+    let (mut da, mut db, mut dm, mode) = match &c.grads0 {
+        None => (
+            poisoned(dev, &[r, k]),
+            poisoned(dev, &[n, r]),
+            poisoned(dev, &[n]),
+            ops::GradMode::Overwrite,
+        ),
+        Some((da0, db0, dm0)) => (
+            up(dev, da0, &[r, k]),
+            up(dev, db0, &[n, r]),
+            up(dev, dm0, &[n]),
+            ops::GradMode::Accumulate,
+        ),
+    };
+    ops::dora_backward_into(
+        &x,
+        &w0,
+        &a,
+        &b,
+        &saved,
+        &dy,
+        l.scale,
+        Some(&mut dx),
+        &mut da,
+        &mut db,
+        &mut dm,
+        mode,
+        &mut ws,
+    )
+    .unwrap();
+    Out {
+        y: y.to_vec().unwrap(),
+        t: saved.t.to_vec().unwrap(),
+        z: saved.z.to_vec().unwrap(),
+        norm: saved.norm.to_vec().unwrap(),
+        factor: saved.factor.to_vec().unwrap(),
+        dx: dx.to_vec().unwrap(),
+        da: da.to_vec().unwrap(),
+        db: db.to_vec().unwrap(),
+        dm: dm.to_vec().unwrap(),
+    }
+}
+
+fn fail(what: &str, d: Dims, name: &str, msg: String) -> ! {
+    panic!(
+        "{what} {d:?}: `{name}` {msg} (data: LK_TEST_SEED={})",
+        common::seed()
+    )
+}
+
+/// Every check of one run's outputs (see the file's comment).
+fn check<T: Element, A: Element>(what: &str, c: &Case<T, A>, o: &Out<T, A>) {
+    let l = &c.l;
+    let d = l.d;
+    let (n, s) = (d.n, l.scale as f64);
+    let tol = tol(T::DTYPE);
+    let rel = |name: &str, err: f64, tol: f64| {
+        if !within(err, tol) {
+            fail(what, d, name, format!("relative error {err:e} > {tol:e}"));
+        }
+    };
+    let exact = reference::dora_forward(
+        &l.x,
+        &l.w0,
+        &l.a,
+        &l.b,
+        &c.magnitude,
+        l.bias.as_deref(),
+        d,
+        s,
+    );
+    // norms and factors: f32 sums of squares per 128 columns, f64 across, one rounding each
+    for (name, got, want) in [
+        ("norm", &o.norm, &exact.norm),
+        ("factor", &o.factor, &exact.factor),
+    ] {
+        for (j, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+            let err = (*g as f64 - w).abs();
+            if !within(err, 1e-5 * w.abs() + 1e-30) {
+                fail(what, d, name, format!("[{j}] = {g}, exact {w}"));
+            }
+        }
+    }
+    // T and Z: the plain LoRA forward's contract without bias
+    let f = reference::forward_as_kernels(&l.x, &l.w0, &l.a, &l.b, None, d, s, &ops_dropout_none());
+    rel("t", reference::relative_error(&o.t, &f.t), tol);
+    rel("z", reference::relative_error(&o.z, &f.y), tol);
+    // Y from the kernels' own Z and factor: round(fma(factor, z, bias)) bit for bit
+    for (e, got) in o.y.iter().enumerate() {
+        let bias = l.bias.as_ref().map_or(0.0, |b| b[e % n].to_f64() as f32);
+        let want = T::from_f64(o.factor[e % n].mul_add(o.z[e].to_f64() as f32, bias) as f64);
+        if common::bits(&[*got]) != common::bits(&[want]) {
+            fail(what, d, "y", format!("[{e}] = {got:?}, fma gives {want:?}"));
+        }
+    }
+    // Y end to end: the exact factors on the contract's Z (T rounded, as the plain forward's)
+    let y_contract: Vec<f64> = f
+        .y
+        .iter()
+        .enumerate()
+        .map(|(e, z)| exact.factor[e % n] * z + l.bias.as_ref().map_or(0.0, |b| b[e % n].to_f64()))
+        .collect();
+    rel("y", reference::relative_error(&o.y, &y_contract), tol);
+
+    // backward: dZ = round(factor·dY), then the plain backward's contract with the kernels' T
+    let dz: Vec<T> =
+        l.dy.iter()
+            .enumerate()
+            .map(|(e, g)| T::from_f64((o.factor[e % n] * g.to_f64() as f32) as f64))
+            .collect();
+    let g = reference::backward_as_kernels(
+        &l.x,
+        &l.w0,
+        &l.a,
+        &l.b,
+        &o.t,
+        &dz,
+        d,
+        s,
+        &ops_dropout_none(),
+    );
+    let mut dm = reference::dora_magnitude_grad(&l.dy, &o.z, &o.norm, d.m, n);
+    // dm end to end: the contract's Z (T rounded) and the exact norms
+    let mut dm_contract: Vec<f64> = (0..n)
+        .map(|j| {
+            (0..d.m)
+                .map(|i| l.dy[i * n + j].to_f64() * f.y[i * n + j])
+                .sum::<f64>()
+                / exact.norm[j]
+        })
+        .collect();
+    let (mut da, mut db) = (g.da, g.db);
+    if let Some((da0, db0, dm0)) = &c.grads0 {
+        for (want, old) in da.iter_mut().zip(da0).chain(db.iter_mut().zip(db0)) {
+            *want += old.to_f64();
+        }
+        for (j, old) in dm0.iter().enumerate() {
+            dm[j] += *old as f64;
+            dm_contract[j] += *old as f64;
+        }
+    }
+    rel("dx", reference::relative_error(&o.dx, &g.dx), tol);
+    rel("da", reference::relative_error(&o.da, &da), tol);
+    rel("db", reference::relative_error(&o.db, &db), tol);
+    // dm from the kernels' Z and norms: f32 sums of at most LK_DORA_ROWS products, then f64
+    for (j, want) in dm.iter().enumerate() {
+        let mass: f64 = (0..d.m)
+            .map(|i| (l.dy[i * n + j].to_f64() * o.z[i * n + j].to_f64()).abs())
+            .sum::<f64>()
+            / o.norm[j] as f64;
+        let old = c.grads0.as_ref().map_or(0.0, |g| g.2[j].abs() as f64);
+        let err = (o.dm[j] as f64 - want).abs();
+        if !within(err, 1e-5 * (mass + old) + 1e-30) {
+            fail(
+                what,
+                d,
+                "dmagnitude",
+                format!("[{j}] = {}, want {want}", o.dm[j]),
+            );
+        }
+    }
+    rel(
+        "dmagnitude",
+        reference::relative_error(&o.dm, &dm_contract),
+        tol,
+    );
+}
+
+/// `err ≤ bound`, false for NaN.
+fn within(err: f64, bound: f64) -> bool {
+    err <= bound
+}
+
+fn ops_dropout_none() -> lora_kernels::Dropout {
+    lora_kernels::Dropout::NONE
+}
+
+/// On the ascending thread order and one other (by `stream`): the checks, and the same bits; on the GPU
+/// too where there is one.
+fn run_case<T: Element, A: Element>(c: &Case<T, A>, stream: u64) {
+    let d = c.l.d;
+    if !common::gpu_only() {
+        let emus = common::emulators_for(stream);
+        let first = run(&emus[0], c);
+        check("emulator", c, &first);
+        let other = &emus[1 + (stream % 3) as usize];
+        let second = run(other, c);
+        assert!(
+            first.bits() == second.bits(),
+            "{} {d:?}: results differ between thread orders (a race): {other:?}",
+            T::DTYPE
+        );
+    }
+    if let Some(gpu) = common::gpu() {
+        let on_gpu = run(&gpu, c);
+        check("gpu", c, &on_gpu);
+        assert!(
+            on_gpu.bits() == run(&gpu, c).bits(),
+            "GPU run not repeatable"
+        );
+    }
+}
+
+fn case<T: Element, A: Element>(d: Dims, scale: f32, bias: bool, accumulate: bool, stream: u64) {
+    let mut rng = Rng::new(stream);
+    let l = Layer::<T, A>::random(&mut rng, d, scale, bias);
+    let magnitude = magnitude_for(&l, &mut rng);
+    let grads0 = accumulate.then(|| {
+        (
+            rng.vec(d.r * d.k, 0.5),
+            rng.vec(d.n * d.r, 0.5),
+            rng.vec::<f32>(d.n, 1.0),
+        )
+    });
+    run_case(
+        &Case {
+            l,
+            magnitude,
+            grads0,
+        },
+        stream,
+    );
+}
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        // 64 shapes: each of the four (layer, adapter) dtype pairs about 16 times
+        cases: common::proptest_cases(64),
+        max_shrink_iters: 16,
+        ..ProptestConfig::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// M in 1..=200 (up to 4 row blocks of the column passes, M ≤ 16 on the small-M forward), N and K in
+    /// 1..=300, r in 1..=128, bias or none, overwrite or accumulate.
+    #[test]
+    fn dora_layer_matches_reference(
+        (d, _) in dims(200),
+        scale in -4.0f32..4.0,
+        bias in any::<bool>(),
+        accumulate in any::<bool>(),
+        pair in 0..4u8,
+        stream in any::<u64>(),
+    ) {
+        match pair {
+            0 => case::<bf16, bf16>(d, scale, bias, accumulate, stream),
+            1 => case::<bf16, f32>(d, scale, bias, accumulate, stream),
+            2 => case::<f16, f16>(d, scale, bias, accumulate, stream),
+            _ => case::<f16, f32>(d, scale, bias, accumulate, stream),
+        }
+    }
+}
+
+/// Ragged edges of the column passes: one row, 2^k ± 1 rows and columns (a partial row block, a partial
+/// column block), K and r of 1.
+#[test]
+fn dora_layer_edge_shapes() {
+    for (i, (m, n, k, r)) in [
+        (1, 1, 1, 1),
+        (1, 257, 33, 3),
+        (63, 255, 1, 1),
+        (65, 257, 65, 17),
+        (129, 31, 127, 128),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let d = Dims { m, n, k, r };
+        case::<bf16, f32>(d, 2.0, i % 2 == 0, i % 3 == 0, 1000 + i as u64);
+        case::<f16, f16>(d, -0.5, i % 2 == 1, i % 3 == 1, 2000 + i as u64);
+    }
+}
+
+/// The allocating forms give the `_into` forms' bits, on activations with leading dimensions [2, 3, 11].
+#[test]
+fn dora_forward_and_backward_allocate_as_into() {
+    let d = Dims {
+        m: 66,
+        n: 40,
+        k: 24,
+        r: 8,
+    };
+    let mut rng = Rng::new(7);
+    let l = Layer::<bf16, f32>::random(&mut rng, d, 1.5, true).with_lead(vec![2, 3, 11]);
+    let magnitude = magnitude_for(&l, &mut rng);
+    let c = Case {
+        l,
+        magnitude,
+        grads0: None,
+    };
+    let dev = Device::emulator();
+    let want = run(&dev, &c);
+    let l = &c.l;
+    let x = up(&dev, &l.x, &[2, 3, 11, d.k]);
+    let w0 = up(&dev, &l.w0, &[d.n, d.k]);
+    let a = up(&dev, &l.a, &[d.r, d.k]);
+    let b = up(&dev, &l.b, &[d.n, d.r]);
+    let m = up(&dev, &c.magnitude, &[d.n]);
+    let bias = up(&dev, l.bias.as_ref().unwrap(), &[d.n]);
+    let f = ops::dora_forward(&x, &w0, &a, &b, &m, Some(&bias), l.scale).unwrap();
+    assert_eq!(f.y.shape(), &[2, 3, 11, d.n]);
+    assert_eq!(f.y.to_vec().unwrap(), want.y);
+    assert_eq!(f.saved.z.to_vec().unwrap(), want.z);
+    let dy = up(&dev, &l.dy, &[2, 3, 11, d.n]);
+    let g = ops::dora_backward(&x, &w0, &a, &b, &f.saved, &dy, l.scale, true).unwrap();
+    assert_eq!(g.dx.unwrap().to_vec().unwrap(), want.dx);
+    assert_eq!(g.da.to_vec().unwrap(), want.da);
+    assert_eq!(g.db.to_vec().unwrap(), want.db);
+    assert_eq!(
+        common::bits(&g.dmagnitude.to_vec().unwrap()),
+        common::bits(&want.dm)
+    );
+    let g = ops::dora_backward(&x, &w0, &a, &b, &f.saved, &dy, l.scale, false).unwrap();
+    assert!(g.dx.is_none());
+    assert_eq!(g.da.to_vec().unwrap(), want.da);
+}
+
+/// With magnitude = the norms, the factors are 1 (to rounding) and the layer is plain LoRA's: the DoRA
+/// forward's Y equals `lora_forward`'s within a few ulps, and dA, dB, dX its backward's.
+#[test]
+fn dora_with_unit_factors_is_plain_lora() {
+    let d = Dims {
+        m: 40,
+        n: 24,
+        k: 32,
+        r: 4,
+    };
+    let mut rng = Rng::new(11);
+    let l = Layer::<f16, f16>::random(&mut rng, d, 1.0, false);
+    let dev = Device::emulator();
+    let x = up(&dev, &l.x, &[d.m, d.k]);
+    let w0 = up(&dev, &l.w0, &[d.n, d.k]);
+    let a = up(&dev, &l.a, &[d.r, d.k]);
+    let b = up(&dev, &l.b, &[d.n, d.r]);
+    let norms = ops::dora_factor(&w0, &a, &b, &up(&dev, &vec![1.0f32; d.n], &[d.n]), 1.0)
+        .unwrap()
+        .to_vec()
+        .unwrap()
+        .iter()
+        .map(|f| 1.0 / f)
+        .collect::<Vec<f32>>();
+    let m = up(&dev, &norms, &[d.n]);
+    let fd = ops::dora_forward(&x, &w0, &a, &b, &m, None, 1.0).unwrap();
+    let fl = ops::lora_forward(&x, &w0, &a, &b, None, 1.0).unwrap();
+    for f in fd.saved.factor.to_vec().unwrap() {
+        assert!((f - 1.0).abs() < 1e-6, "factor {f}");
+    }
+    assert_eq!(fd.saved.z.to_vec().unwrap(), fl.y.to_vec().unwrap());
+    let dy = up(&dev, &l.dy, &[d.m, d.n]);
+    let gd = ops::dora_backward(&x, &w0, &a, &b, &fd.saved, &dy, 1.0, true).unwrap();
+    let gl = ops::lora_backward(&x, &w0, &a, &b, &fl.t, &dy, 1.0, true).unwrap();
+    let close = |name: &str, p: Vec<f16>, q: Vec<f16>| {
+        let q: Vec<f64> = q.iter().map(|v| v.to_f64()).collect();
+        let err = reference::relative_error(&p, &q);
+        assert!(err < 2e-3, "{name}: {err}");
+    };
+    close("y", fd.y.to_vec().unwrap(), fl.y.to_vec().unwrap());
+    close(
+        "dx",
+        gd.dx.unwrap().to_vec().unwrap(),
+        gl.dx.unwrap().to_vec().unwrap(),
+    );
+    close("da", gd.da.to_vec().unwrap(), gl.da.to_vec().unwrap());
+    close("db", gd.db.to_vec().unwrap(), gl.db.to_vec().unwrap());
+}
+
+/// Bad input: an `Error` naming the argument before any launch, outputs untouched.
+#[test]
+fn dora_layer_bad_input_is_refused() {
+    let dev = Device::emulator();
+    let other = Device::emulator();
+    let (m, n, k, r) = (5, 6, 8, 2);
+    let x = Tensor::<bf16>::zeros(&dev, &[m, k]).unwrap();
+    let w0 = Tensor::<bf16>::zeros(&dev, &[n, k]).unwrap();
+    let a = Tensor::<bf16>::zeros(&dev, &[r, k]).unwrap();
+    let b = Tensor::<bf16>::zeros(&dev, &[n, r]).unwrap();
+    let mag = Tensor::<f32>::zeros(&dev, &[n]).unwrap();
+    let short = Tensor::<f32>::zeros(&dev, &[n - 1]).unwrap();
+    let elsewhere = Tensor::<f32>::zeros(&other, &[n]).unwrap();
+    let arg_of = |e: Error| match e {
+        Error::Shape { arg, .. }
+        | Error::DeviceMismatch { arg, .. }
+        | Error::NonFinite { arg, .. }
+        | Error::UnsupportedDType { arg, .. } => arg,
+        other => panic!("unexpected error {other:?}"),
+    };
+    let fwd = |mag: &Tensor<f32>, s: f32| ops::dora_forward(&x, &w0, &a, &b, mag, None, s);
+    assert_eq!(arg_of(fwd(&short, 1.0).unwrap_err()), "magnitude");
+    assert_eq!(arg_of(fwd(&elsewhere, 1.0).unwrap_err()), "magnitude");
+    assert_eq!(arg_of(fwd(&mag, f32::NAN).unwrap_err()), "scale");
+    let bad_bias = Tensor::<bf16>::zeros(&dev, &[n + 1]).unwrap();
+    let e = ops::dora_forward(&x, &w0, &a, &b, &mag, Some(&bad_bias), 1.0).unwrap_err();
+    assert_eq!(arg_of(e), "bias");
+    let x32 = Tensor::<f32>::zeros(&dev, &[m, k]).unwrap();
+    let w32 = Tensor::<f32>::zeros(&dev, &[n, k]).unwrap();
+    let a32 = Tensor::<f32>::zeros(&dev, &[r, k]).unwrap();
+    let b32 = Tensor::<f32>::zeros(&dev, &[n, r]).unwrap();
+    let e = ops::dora_forward(&x32, &w32, &a32, &b32, &mag, None, 1.0).unwrap_err();
+    assert_eq!(arg_of(e), "x");
+
+    // into forms: a wrong saved buffer or output is refused and nothing is written
+    let mut y = Tensor::<bf16>::zeros(&dev, &[m, n]).unwrap();
+    let mut saved = ops::DoraSaved::for_layer(&x, n, r).unwrap();
+    let mut ws = ops::Workspace::new();
+    let mut bad_saved = ops::DoraSaved::for_layer(&x, n + 1, r).unwrap();
+    let e = ops::dora_forward_into(
+        &x,
+        &w0,
+        &a,
+        &b,
+        &mag,
+        None,
+        1.0,
+        &mut y,
+        &mut bad_saved,
+        &mut ws,
+    )
+    .unwrap_err();
+    assert_eq!(arg_of(e), "saved.z");
+    assert!(
+        y.to_vec().unwrap().iter().all(|v| v.to_f32() == 0.0),
+        "y written"
+    );
+    let mut y_bad = Tensor::<bf16>::zeros(&dev, &[m, n + 1]).unwrap();
+    let e = ops::dora_forward_into(
+        &x, &w0, &a, &b, &mag, None, 1.0, &mut y_bad, &mut saved, &mut ws,
+    )
+    .unwrap_err();
+    assert_eq!(arg_of(e), "y");
+    ops::dora_forward_into(
+        &x, &w0, &a, &b, &mag, None, 1.0, &mut y, &mut saved, &mut ws,
+    )
+    .unwrap();
+
+    let dy = Tensor::<bf16>::zeros(&dev, &[m, n]).unwrap();
+    let mut da = Tensor::<bf16>::zeros(&dev, &[r, k]).unwrap();
+    let mut db = Tensor::<bf16>::zeros(&dev, &[n, r]).unwrap();
+    let mut dm_short = Tensor::<f32>::zeros(&dev, &[n - 1]).unwrap();
+    let e = ops::dora_backward_into(
+        &x,
+        &w0,
+        &a,
+        &b,
+        &saved,
+        &dy,
+        1.0,
+        None,
+        &mut da,
+        &mut db,
+        &mut dm_short,
+        ops::GradMode::Overwrite,
+        &mut ws,
+    )
+    .unwrap_err();
+    assert_eq!(arg_of(e), "dmagnitude");
+    let dy_bad = Tensor::<bf16>::zeros(&dev, &[m, n - 1]).unwrap();
+    let e = ops::dora_backward(&x, &w0, &a, &b, &saved, &dy_bad, 1.0, true).unwrap_err();
+    assert_eq!(arg_of(e), "dy");
+    let wrong = ops::DoraSaved {
+        t: Tensor::<bf16>::zeros(&dev, &[m, r + 1]).unwrap(),
+        ..saved
+    };
+    let e = ops::dora_backward(&x, &w0, &a, &b, &wrong, &dy, 1.0, true).unwrap_err();
+    assert_eq!(arg_of(e), "t");
+    assert!(
+        da.to_vec().unwrap().iter().all(|v| v.to_f32() == 0.0),
+        "da written"
+    );
+}
+
+/// PEFT's own DoRA layer (tests/fixtures/peft/dora_layer, made by scripts/make_dora_layer_fixture.py with
+/// PEFT 0.21.2 in f64, train mode, no dropout): its forward and its gradients of lora_A, lora_B, the
+/// magnitude and X. The f64 reference equals them to 1e-12 (the same math, detached norm included); the
+/// kernels (bf16 layer, f32 adapters) are within bf16's tolerance of them.
+#[test]
+fn dora_layer_matches_peft() {
+    let fx = common::Fixture::open("dora_layer/layer.safetensors");
+    for case in ["case0", "case1"] {
+        let bf = |name: &str| fx.bf16(&format!("{case}.{name}"));
+        let f32s = |name: &str| fx.f32(&format!("{case}.{name}"));
+        let f64s = |name: &str| fx.f64(&format!("{case}.{name}")).0;
+        let (x, x_shape) = bf("x");
+        let (w0, w_shape) = bf("w0");
+        let (dy, _) = bf("dy");
+        let (a, a_shape) = f32s("lora_A");
+        let (b, _) = f32s("lora_B");
+        let (magnitude, _) = f32s("magnitude");
+        let bias = fx
+            .names()
+            .contains(&format!("{case}.bias"))
+            .then(|| bf("bias").0);
+        let scale = f64s("scale")[0];
+        let (n, k, r) = (w_shape[0], w_shape[1], a_shape[0]);
+        let m = x.len() / k;
+        let d = Dims { m, n, k, r };
+        let want = |name: &str| f64s(name);
+
+        // the f64 reference is PEFT's layer
+        let f = reference::dora_forward(&x, &w0, &a, &b, &magnitude, bias.as_deref(), d, scale);
+        let g = reference::dora_backward(&x, &w0, &a, &b, &magnitude, &dy, d, scale);
+        for (name, got, peft) in [
+            ("y", &f.y, want("y")),
+            ("grad_lora_A", &g.da, want("grad_lora_A")),
+            ("grad_lora_B", &g.db, want("grad_lora_B")),
+            ("grad_magnitude", &g.dmagnitude, want("grad_magnitude")),
+            ("grad_x", &g.dx, want("grad_x")),
+        ] {
+            let err = relative_f64(got, &peft);
+            assert!(
+                err < 1e-12,
+                "{case} reference {name}: relative error {err:e}"
+            );
+        }
+
+        // the kernels
+        for dev in common::all_devices() {
+            let up_x = Tensor::from_slice(&dev, &x, &x_shape).unwrap();
+            let w0 = Tensor::from_slice(&dev, &w0, &[n, k]).unwrap();
+            let at = Tensor::from_slice(&dev, &a, &[r, k]).unwrap();
+            let bt = Tensor::from_slice(&dev, &b, &[n, r]).unwrap();
+            let mt = Tensor::from_slice(&dev, &magnitude, &[n]).unwrap();
+            let bias_t = bias
+                .as_ref()
+                .map(|v| Tensor::from_slice(&dev, v, &[n]).unwrap());
+            let out = ops::dora_forward(&up_x, &w0, &at, &bt, &mt, bias_t.as_ref(), scale as f32)
+                .unwrap();
+            let mut lead = x_shape.clone();
+            *lead.last_mut().unwrap() = n;
+            let dyt = Tensor::from_slice(&dev, &dy, &lead).unwrap();
+            let gr = ops::dora_backward(&up_x, &w0, &at, &bt, &out.saved, &dyt, scale as f32, true)
+                .unwrap();
+            let errs = [
+                (
+                    "y",
+                    reference::relative_error(&out.y.to_vec().unwrap(), &want("y")),
+                ),
+                (
+                    "grad_lora_A",
+                    reference::relative_error(&gr.da.to_vec().unwrap(), &want("grad_lora_A")),
+                ),
+                (
+                    "grad_lora_B",
+                    reference::relative_error(&gr.db.to_vec().unwrap(), &want("grad_lora_B")),
+                ),
+                (
+                    "grad_magnitude",
+                    reference::relative_error(
+                        &gr.dmagnitude.to_vec().unwrap(),
+                        &want("grad_magnitude"),
+                    ),
+                ),
+                (
+                    "grad_x",
+                    reference::relative_error(&gr.dx.unwrap().to_vec().unwrap(), &want("grad_x")),
+                ),
+            ];
+            for (name, err) in errs {
+                assert!(
+                    err <= 1e-2,
+                    "{case} {}: {name} relative error {err:e} against PEFT",
+                    dev.describe()
+                );
+            }
+        }
+    }
+}
+
+/// ‖got − want‖ / ‖want‖ of f64 values (NaN never passes).
+fn relative_f64(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let diff: f64 = got.iter().zip(want).map(|(g, w)| (g - w).powi(2)).sum();
+    let norm: f64 = want.iter().map(|w| w * w).sum();
+    let err = (diff / norm).sqrt();
+    if err.is_nan() { f64::INFINITY } else { err }
+}
