@@ -1,7 +1,8 @@
 //! criterion benchmarks: our kernels against cuBLAS baselines in the same run (see benches/common).
 //!
-//!   forward   fused forward | bare cuBLAS GEMM (full fine-tune forward) | unfused 3-GEMM LoRA (PEFT)
-//!   backward  ours (dX, dA, dB) | full fine-tune backward (cuBLAS dX + dW) | unfused 5-GEMM LoRA
+//!   forward   fused forward, DoRA forward | bare cuBLAS GEMM (full fine-tune forward) | unfused 3-GEMM
+//!             LoRA (PEFT)
+//!   backward  ours (dX, dA, dB), DoRA's (and dm) | full fine-tune backward (cuBLAS dX + dW) | unfused 5-GEMM LoRA
 //!             backward (autograd on PEFT's layer)
 //!   merge     in-place merge, DoRA merge | device-to-device copy of W0 (once per N, K, r)
 //!   small_m   M = 16 cases of the forward group (the small-M kernel)
@@ -77,6 +78,14 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
         &mut sets,
         |s| common::ours_forward(s, SCALE),
     );
+    // DoRA (ops::dora_forward_into): the same FLOPs plus its column passes, timed against the same rows
+    row(
+        &mut g,
+        ("ours_dora_fused", forward.clone()),
+        dev,
+        &mut sets,
+        |s| common::ours_dora_forward(s, SCALE),
+    );
     row(&mut g, ("cublas_bare_gemm", gemm), dev, &mut sets, |s| {
         common::cublas_forward(blas, s, c)
     });
@@ -96,6 +105,13 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
             dev,
             &mut sets,
             |s| common::ours_backward(s, SCALE),
+        );
+        row(
+            &mut g,
+            ("ours_dora_dx_da_db", backward.clone()),
+            dev,
+            &mut sets,
+            |s| common::ours_dora_backward(s, SCALE),
         );
         row(
             &mut g,
@@ -163,6 +179,14 @@ fn bench_sm90_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case) {
         });
     }
     let gemm = Throughput::Elements(c.gemm_flops());
+    // DoRA (ops::dora_forward_into): the same FLOPs plus its column passes, timed against the same rows
+    row(
+        &mut g,
+        ("ours_dora_fused", forward.clone()),
+        dev,
+        &mut sets,
+        |s| common::ours_dora_forward(s, SCALE),
+    );
     row(&mut g, ("cublas_bare_gemm", gemm), dev, &mut sets, |s| {
         common::cublas_forward(blas, s, c)
     });

@@ -562,7 +562,14 @@ fn step_memory(dev: &Device, blas: &CudaBlas, c: Case) -> (i64, i64) {
         unused(10),
         unused(11),
     );
-    let pm = lora_kernels::Tensor::from_slice(dev, &[1.0f32], &[1]).unwrap();
+    let f32_one = || lora_kernels::Tensor::from_slice(dev, &[1.0f32], &[1]).unwrap();
+    let (pm, pdm) = (f32_one(), f32_one());
+    let pdora = ops::DoraSaved {
+        t: unused(12),
+        z: unused(13),
+        norm: f32_one(),
+        factor: f32_one(),
+    };
     let before = free_bytes(dev);
     let mut s = Set {
         x,
@@ -579,6 +586,8 @@ fn step_memory(dev: &Device, blas: &CudaBlas, c: Case) -> (i64, i64) {
         u: pu,
         ws: ops::Workspace::new(),
         magnitude: pm,
+        dora: pdora,
+        dmagnitude: pdm,
     };
     let adam = [f32_zeros(c.n, c.k), f32_zeros(c.n, c.k)];
     common::cublas_forward(blas, &mut s, c);

@@ -416,6 +416,27 @@ def launch_dora_merge(n, k, r):
     return [norm, factor, scale]
 
 
+DORA_ROWS = 64  # LK_DORA_ROWS: rows per block of kernels/dora.cu's column passes
+
+
+def dora_layer_extra(m, n, k, r):
+    """DoRA's unmerged layer (src/ops/dora_layer.rs) beyond the plain LoRA forward and backward: the
+    forward adds the DoRA merge's norm pass and factor kernel (with the norms) and dora_scale (reads Z,
+    writes Y: one FFMA per element, a block of 256 columns x 64 rows); the backward adds dora_grad (reads
+    dY and Z, writes dZ and f32 partials per 64 rows) and dora_magnitude_grad_f32 (one thread per column
+    adds its partials)."""
+    norm, factor, _ = launch_dora_merge(n, k, r)
+    factor["bytes"] += 4 * n
+    blocks = cdiv(m, DORA_ROWS) * cdiv(n, 256)
+    scale = dict(kernel="dora_scale_bf16", file="dora", blocks=blocks, iters=DORA_ROWS, slots=1, slot="FFMA",
+                 bytes=2 * 2 * m * n + 6 * n)
+    grad = dict(kernel="dora_grad_bf16", file="dora", blocks=blocks, iters=DORA_ROWS, slots=1, slot="FFMA",
+                bytes=3 * 2 * m * n + 4 * n * cdiv(m, DORA_ROWS) + 4 * n)
+    dm = dict(kernel="dora_magnitude_grad_f32", file="dora", blocks=cdiv(n, 256), iters=cdiv(m, DORA_ROWS),
+              slots=1, slot="LDG", bytes=4 * n * cdiv(m, DORA_ROWS) + 12 * n)
+    return [norm, factor, scale], [grad, dm]
+
+
 def merge_ranks():
     """Not headline targets: the merge of the headline shape (4096^2, bf16) at larger ranks, where the rank
     product (r x n x k FFMA) grows while the bytes stay those of W."""
@@ -904,6 +925,30 @@ def sm90_by_m(w, res, mixes, dev, n, k, r):
     w("")
 
 
+def dora_layer_section(w, res, mixes, dev, arch):
+    """DoRA's unmerged layer at the headline shape against the plain LoRA forward and backward."""
+    M, N, K, R = 8192, 4096, 4096, 16
+    plain = {op: launches for _, op, launches, _ in headline_ops(dev["sms"])}
+    extra_fwd, extra_bwd = dora_layer_extra(M, N, K, R)
+    w("DoRA's unmerged layer (ops::dora_forward, dora_backward; M = 8192, N = K = 4096, r = 16, bf16; no target: "
+      "against the plain LoRA op's bound above, whose launches it runs too; µs):")
+    w("")
+    w("| op | bound | plain LoRA | DoRA / plain | added launches (bound, limited by) |")
+    w("| --- | --- | --- | --- | --- |")
+    for op, base, extra in (("dora_forward", plain["lora_forward"], extra_fwd),
+                            ("dora_backward", plain["lora_backward"], extra_bwd)):
+        pb = launches_bound(base, res, mixes, dev, arch)
+        added, parts_txt = 0.0, []
+        for l in extra:
+            _, res_l = res[(l["kernel"], arch)]
+            b, limiter, _ = bound_launch(l, mixes[(l["kernel"], arch)],
+                                         occupancy(res_l, l["kernel"], l["file"], dev), dev)
+            added += b
+            parts_txt.append(f"{l['kernel']} {b * 1e6:.1f} {limiter}")
+        w(f"| {op} | {(pb + added) * 1e6:.1f} | {pb * 1e6:.1f} | {(pb + added) / pb:.2f} | {'; '.join(parts_txt)} |")
+    w("")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cuda-dir", required=True)
@@ -1017,6 +1062,7 @@ def main():
                                     occupancy(res_p, plain["kernel"], plain["file"], dev), dev)
             w(f"| {r} | {total * 1e6:.1f} | {'; '.join(parts_txt)} | {pb * 1e6:.1f} | {total / pb:.2f} |")
         w("")
+        dora_layer_section(w, res, mixes, dev, arch)
         w("Many adapters in one batch (lora_forward_multi; N = K = 4096, ranks 8/16/64 cycling, rows grouped "
           "by adapter; no target: shown against the bare GEMM at cuBLAS's peak and W0 streamed at HBM "
           "bandwidth; µs):")

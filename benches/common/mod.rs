@@ -11,7 +11,7 @@ use std::sync::Arc;
 use lora_kernels::cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use lora_kernels::cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use lora_kernels::cudarc::driver::CudaSlice;
-use lora_kernels::ops::Workspace;
+use lora_kernels::ops::{DoraSaved, Workspace};
 use lora_kernels::{Device, Result, Tensor, bf16, ops};
 
 /// M tokens, N out, K in, r rank.
@@ -140,8 +140,11 @@ pub struct Set {
     pub u: Tensor<bf16>,
     /// Our ops' scratch memory, kept between calls as a training loop keeps it.
     pub ws: Workspace<bf16>,
-    /// A DoRA magnitude vector (N, f32) for the DoRA merge row.
+    /// A DoRA magnitude vector (N, f32) for the DoRA rows.
     pub magnitude: Tensor<f32>,
+    /// The DoRA forward's saved T, Z, norms and factors, and the magnitude's gradient.
+    pub dora: DoraSaved<bf16>,
+    pub dmagnitude: Tensor<f32>,
 }
 
 impl Set {
@@ -171,6 +174,8 @@ impl Set {
             db,
             ws: _,
             magnitude: _,
+            dora: _,
+            dmagnitude: _,
         } = self;
         let named: [(Buf, &mut Tensor<bf16>); 12] = [
             (Buf::X, x),
@@ -263,6 +268,13 @@ pub fn set(dev: &Device, c: Case, i: usize) -> Result<Set> {
         u: zeros(Buf::U)?,
         ws: Workspace::new(),
         magnitude: Tensor::from_slice(dev, &vec![1.0f32; c.n], &[c.n])?,
+        dora: DoraSaved {
+            t: zeros(Buf::T)?,
+            z: zeros(Buf::Y)?,
+            norm: Tensor::zeros(dev, &[c.n])?,
+            factor: Tensor::zeros(dev, &[c.n])?,
+        },
+        dmagnitude: Tensor::zeros(dev, &[c.n])?,
     })
 }
 
@@ -579,6 +591,43 @@ pub fn ours_merge(s: &mut Set, scale: f32) {
 /// Ours: the in-place DoRA merge (three launches; its scratch and factors allocated per call).
 pub fn ours_dora_merge(s: &mut Set, scale: f32) {
     ops::dora_merge(&mut s.w0, &s.a, &s.b, &s.magnitude, scale).unwrap();
+}
+
+/// Our DoRA forward (ops::dora_forward_into: the norm pass, the LoRA forward, the column scale).
+pub fn ours_dora_forward(s: &mut Set, scale: f32) {
+    ops::dora_forward_into(
+        &s.x,
+        &s.w0,
+        &s.a,
+        &s.b,
+        &s.magnitude,
+        None,
+        scale,
+        &mut s.y,
+        &mut s.dora,
+        &mut s.ws,
+    )
+    .unwrap();
+}
+
+/// Our DoRA backward (ops::dora_backward_into: dZ and the magnitude's gradient, then the LoRA backward).
+pub fn ours_dora_backward(s: &mut Set, scale: f32) {
+    ops::dora_backward_into(
+        &s.x,
+        &s.w0,
+        &s.a,
+        &s.b,
+        &s.dora,
+        &s.dy,
+        scale,
+        Some(&mut s.dx),
+        &mut s.da,
+        &mut s.db,
+        &mut s.dmagnitude,
+        ops::GradMode::Overwrite,
+        &mut s.ws,
+    )
+    .unwrap();
 }
 
 /// Baseline: the bare cuBLAS GEMM (full fine-tune forward).
