@@ -4,6 +4,11 @@
 //! and unmerge in place with a flag so a merged layer never adds its adapter twice; and the paper's task
 //! switching: [`LoraLinear::set_active`] on a merged layer swaps `B·A` in place (unmerge the old, merge
 //! the new) without copying W0.
+//!
+//! DoRA adapters (a magnitude vector beside A and B, PEFT's `use_dora`: [`LoraLinear::add_dora_adapter`],
+//! [`LoraLinear::insert_dora_adapter`], or a DoRA PEFT module) run DoRA's layer unmerged
+//! ([`ops::dora_forward`], [`ops::dora_backward`]: the magnitude is trained too) and merge as PEFT does
+//! ([`ops::dora_merge`]; the layer keeps the factors to unmerge).
 
 use crate::adapter_set::{AdapterIndex, AdapterSet};
 use std::collections::BTreeMap;
@@ -12,8 +17,8 @@ use crate::dropout::{Dropout, DropoutArg, DropoutSchedule};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::ops::{
-    self, AdamState, AdamW, ForwardOutput, GradMode, Gradients, NonFiniteCounts, Workspace,
-    validate,
+    self, AdamState, AdamW, DoraSaved, ForwardOutput, GradMode, Gradients, NonFiniteCounts,
+    Workspace, validate,
 };
 use crate::tensor::Tensor;
 
@@ -58,12 +63,21 @@ impl LoraConfig {
     }
 }
 
-/// One adapter's trainable tensors: A [r, K] and B [N, r], in the layer dtype or f32.
+/// One adapter's trainable tensors: A [r, K] and B [N, r], in the layer dtype or f32, and for a DoRA
+/// adapter its magnitude vector \[N\] (f32, PEFT's `lora_magnitude_vector`).
 #[derive(Debug)]
 pub struct Adapter<A: Element> {
     pub config: LoraConfig,
     pub a: Tensor<A>,
     pub b: Tensor<A>,
+    pub magnitude: Option<Tensor<f32>>,
+}
+
+impl<A: Element> Adapter<A> {
+    /// A DoRA adapter (it has a magnitude vector).
+    pub fn is_dora(&self) -> bool {
+        self.magnitude.is_some()
+    }
 }
 
 /// A linear layer `Y = X·W0ᵀ (+ bias)` with LoRA adapters, W0 in `T` (bf16/f16), the adapters in `A`:
@@ -76,6 +90,8 @@ pub struct LoraLinear<T: Element, A: Element = T> {
     active: Option<String>,
     /// Name of the adapter currently added into `w0`, if any.
     merged: Option<String>,
+    /// A merged DoRA adapter's row factors ([`ops::dora_merge`]), which its unmerge divides by.
+    merged_factor: Option<Tensor<f32>>,
     /// The training buffers of the active adapter ([`LoraLinear::train_forward`]), made on first use.
     train: Option<Training<T, A>>,
     /// The seed of the training dropout masks, and the number of training forwards so far (the next
@@ -107,6 +123,9 @@ struct Training<T: Element, A: Element> {
     da: Tensor<A>,
     db: Tensor<A>,
     adam: Option<(AdamState, AdamState)>,
+    /// A DoRA adapter's: what its backward needs from the forward, the magnitude's gradient, and
+    /// AdamW's state for the magnitude.
+    dora: Option<TrainDora<T>>,
     /// The mask of the last train_forward that ran (an eager backward's): a fixed one, or
     /// `dropout_schedule`'s once [`LoraLinear::advance_dropout`] has readied a replay of a captured one.
     dropout: TrainDropout,
@@ -121,10 +140,33 @@ struct Training<T: Element, A: Element> {
     has_grads: bool,
 }
 
+/// A DoRA adapter's training buffers.
+#[derive(Debug)]
+struct TrainDora<T: Element> {
+    saved: Option<DoraSaved<T>>,
+    dm: Tensor<f32>,
+    adam: Option<AdamState>,
+}
+
 /// An adapter's config agrees with its tensors: `config.rank` (which its scale alpha/r or alpha/√r
-/// uses) is A's row count. [`LoraLinear::adapter_mut`] hands the tensors out, so a caller may have
-/// replaced them with another rank and not the config: an error naming both, not a wrong scale.
+/// uses) is A's row count, and a DoRA magnitude has one element per row of B. [`LoraLinear::adapter_mut`]
+/// hands the tensors out, so a caller may have replaced them with another rank and not the config: an
+/// error naming both, not a wrong scale.
 fn consistent<A: Element>(op: &'static str, name: &str, ad: &Adapter<A>) -> Result<()> {
+    if let Some(m) = &ad.magnitude {
+        let n = ad.b.shape().first().copied().unwrap_or(0);
+        if m.shape() != [n] || m.device() != ad.b.device() {
+            return Err(Error::InvalidState {
+                op,
+                message: format!(
+                    "adapter `{name}`: the DoRA magnitude has shape {:?} on {}, expected [{n}] (B's rows) on {}",
+                    m.shape(),
+                    m.device().describe(),
+                    ad.b.device().describe()
+                ),
+            });
+        }
+    }
     if ad.a.shape().first() != Some(&ad.config.rank) {
         return Err(Error::InvalidState {
             op,
@@ -213,6 +255,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             adapters: BTreeMap::new(),
             active: None,
             merged: None,
+            merged_factor: None,
             train: None,
             dropout_seed: 0,
             dropout_calls: 0,
@@ -228,9 +271,28 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     /// Adds a fresh adapter initialised as PEFT does: A ~ Kaiming-uniform(a = √5), i.e. uniform in
     /// ±1/√K, from `seed`; B = 0. The first adapter added becomes the active one.
     pub fn add_adapter(&mut self, name: &str, config: LoraConfig, seed: u64) -> Result<()> {
-        const OP: &str = "LoraLinear::add_adapter";
+        let (a, b) = self.fresh_adapter("LoraLinear::add_adapter", config, seed)?;
+        self.insert_adapter(name, config, a, b)
+    }
+
+    /// [`LoraLinear::add_adapter`] for a DoRA adapter (PEFT's `use_dora`): the same A and B, and the
+    /// magnitude initialised as PEFT does, to the row norms of `W0 + s·B·A` (with B = 0, W0's:
+    /// [`ops::dora_norm`]), so a fresh DoRA adapter leaves the layer's output unchanged up to rounding.
+    pub fn add_dora_adapter(&mut self, name: &str, config: LoraConfig, seed: u64) -> Result<()> {
+        const OP: &str = "LoraLinear::add_dora_adapter";
+        let (a, b) = self.fresh_adapter(OP, config, seed)?;
+        let magnitude = ops::dora_norm(&self.w0, &a, &b, config.scale())?;
+        self.insert_impl(OP, name, config, a, b, Some(magnitude))
+    }
+
+    fn fresh_adapter(
+        &self,
+        op: &'static str,
+        config: LoraConfig,
+        seed: u64,
+    ) -> Result<(Tensor<A>, Tensor<A>)> {
         let (n, k) = self.dims();
-        validate::rank(OP, config.rank)?;
+        validate::rank(op, config.rank)?;
         let bound = 1.0 / (k as f64).sqrt();
         let mut state = seed;
         let a: Vec<A> = (0..config.rank * k)
@@ -239,7 +301,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         let dev = self.w0.device().clone();
         let a = Tensor::from_slice(&dev, &a, &[config.rank, k])?;
         let b = Tensor::zeros(&dev, &[n, config.rank])?;
-        self.insert_adapter(name, config, a, b)
+        Ok((a, b))
     }
 
     /// Adds an adapter with given A [r, K] and B [N, r] (e.g. loaded from a PEFT checkpoint).
@@ -250,44 +312,80 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         a: Tensor<A>,
         b: Tensor<A>,
     ) -> Result<()> {
-        const OP: &str = "LoraLinear::insert_adapter";
+        self.insert_impl("LoraLinear::insert_adapter", name, config, a, b, None)
+    }
+
+    /// [`LoraLinear::insert_adapter`] for a DoRA adapter: A, B and its magnitude vector \[N\] (f32, on
+    /// W0's device; PEFT's `lora_magnitude_vector`).
+    pub fn insert_dora_adapter(
+        &mut self,
+        name: &str,
+        config: LoraConfig,
+        a: Tensor<A>,
+        b: Tensor<A>,
+        magnitude: Tensor<f32>,
+    ) -> Result<()> {
+        let op = "LoraLinear::insert_dora_adapter";
+        self.insert_impl(op, name, config, a, b, Some(magnitude))
+    }
+
+    fn insert_impl(
+        &mut self,
+        op: &'static str,
+        name: &str,
+        config: LoraConfig,
+        a: Tensor<A>,
+        b: Tensor<A>,
+        magnitude: Option<Tensor<f32>>,
+    ) -> Result<()> {
         if A::DTYPE != T::DTYPE && A::DTYPE != DType::F32 {
             return Err(Error::UnsupportedDType {
-                op: OP,
+                op,
                 arg: "a",
                 got: A::DTYPE,
                 supported: "adapters in the dtype of w0 or in f32",
             });
         }
         Dropout::new(config.dropout, 0, 0).map_err(|_| Error::OutOfRange {
-            op: OP,
+            op,
             arg: "config.dropout",
             value: config.dropout as f64,
             expected: "0 <= dropout < 1",
         })?;
         let (n, k) = self.dims();
         let r = config.rank;
-        validate::rank(OP, r)?;
+        validate::rank(op, r)?;
         for (arg, t, want) in [("a", &a, [r, k]), ("b", &b, [n, r])] {
             if t.shape() != want {
                 return Err(Error::Shape {
-                    op: OP,
+                    op,
                     arg,
                     expected: format!("{want:?} (rank {r}, w0 {n}×{k})"),
                     got: t.shape().to_vec(),
                 });
             }
         }
+        if let Some(m) = &magnitude {
+            validate::shape(op, "magnitude", m, &[n], "[N] (one per row of w0)")?;
+            if m.device() != self.w0.device() {
+                return Err(Error::DeviceMismatch {
+                    op,
+                    arg: "magnitude",
+                    expected: self.w0.device().describe(),
+                    got: m.device().describe(),
+                });
+            }
+        }
         if !config.scale().is_finite() {
             return Err(Error::NonFinite {
-                op: OP,
+                op,
                 arg: "config.alpha",
                 value: config.alpha,
             });
         }
         if self.merged.as_deref() == Some(name) {
             return Err(Error::InvalidState {
-                op: OP,
+                op,
                 message: format!(
                     "adapter `{name}` is merged into w0; unmerge it before replacing it"
                 ),
@@ -297,8 +395,15 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             self.train = None; // its gradients and moments belonged to the replaced tensors
         }
         self.multi = None;
-        self.adapters
-            .insert(name.to_string(), Adapter { config, a, b });
+        self.adapters.insert(
+            name.to_string(),
+            Adapter {
+                config,
+                a,
+                b,
+                magnitude,
+            },
+        );
         if self.active.is_none() {
             self.active = Some(name.to_string());
         }
@@ -306,7 +411,8 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     }
 
     /// Adds PEFT module `module` of `adapter` (e.g. `model.layers.0.self_attn.v_proj`) as adapter `name`,
-    /// with its rank, alpha, rsLoRA and `lora_dropout`. The file's values are kept exactly: an f32
+    /// with its rank, alpha, rsLoRA and `lora_dropout`, and for a DoRA adapter (`use_dora`) its magnitude
+    /// vector. The file's values are kept exactly: an f32
     /// file (PEFT's default) loads into f32 adapters ([`LoraLinear::with_f32_adapters`]); a bf16/f16 file
     /// into adapters of its own dtype or f32. Loading f32 values into 16-bit adapters would round them
     /// and is refused, as is another 16-bit dtype.
@@ -316,8 +422,9 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         adapter: &crate::peft::PeftAdapter,
         module: &str,
     ) -> Result<()> {
-        let (a, b) = adapter.module_tensors::<A>(
-            "LoraLinear::insert_peft_module",
+        const OP: &str = "LoraLinear::insert_peft_module";
+        let (a, b, magnitude) = adapter.module_adapter_tensors::<A>(
+            OP,
             module,
             self.w0.device(),
             "values this layer's adapters hold exactly: the adapter dtype, or bf16/f16 into f32 adapters (load f32 files with LoraLinear::with_f32_adapters)",
@@ -329,7 +436,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             use_rslora: c.use_rslora,
             dropout: c.lora_dropout as f32,
         };
-        self.insert_adapter(name, config, a, b)
+        self.insert_impl(OP, name, config, a, b, magnitude)
     }
 
     fn unknown(&self, op: &'static str, name: &str) -> Error {
@@ -392,6 +499,11 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     /// Forward through the active adapter: `Y = X·W0ᵀ + s·(X·Aᵀ)·Bᵀ (+ bias)`, and T for backward.
     /// On a merged layer W0 already holds the adapter, so the low-rank term is computed with scale 0
     /// (the same kernel, nothing added twice).
+    ///
+    /// A DoRA adapter, unmerged: DoRA's layer ([`ops::dora_forward`]), `Y = f ⊙ (X·W0ᵀ + s·T·Bᵀ) + bias`
+    /// with `f = m/‖W0 + s·B·A‖` per output feature; merged, W0 holds `f ⊙ (W0 + s·B·A)` and the forward is
+    /// the plain one with scale 0, as for any merged adapter. For training a DoRA adapter use
+    /// [`LoraLinear::train_forward`] (its backward needs more of the forward than T).
     pub fn forward(&self, x: &Tensor<T>) -> Result<ForwardOutput<T>> {
         let (_, ad) = self.active_adapter("LoraLinear::forward")?;
         let scale = if self.merged.is_some() {
@@ -399,6 +511,13 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         } else {
             ad.config.scale()
         };
+        if let (Some(m), None) = (&ad.magnitude, &self.merged) {
+            let out = ops::dora_forward(x, &self.w0, &ad.a, &ad.b, m, self.bias.as_ref(), scale)?;
+            return Ok(ForwardOutput {
+                y: out.y,
+                t: out.saved.t,
+            });
+        }
         ops::lora_forward(x, &self.w0, &ad.a, &ad.b, self.bias.as_ref(), scale)
     }
 
@@ -420,6 +539,12 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
                 message: format!(
                     "adapter `{name}` is merged into w0; unmerge before mixing adapters in a batch"
                 ),
+            });
+        }
+        if let Some((name, _)) = self.adapters.iter().find(|(_, ad)| ad.is_dora()) {
+            return Err(Error::Unsupported {
+                what: format!("{OP} with the DoRA adapter `{name}`"),
+                hint: "the many-adapter forward is plain LoRA; run a DoRA adapter through forward or train_forward".into(),
             });
         }
         if self.multi.is_none() {
@@ -465,7 +590,13 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
                 message: format!("adapter `{name}` is merged into w0; unmerge before training"),
             });
         }
-        let (_, ad) = self.active_adapter(OP)?;
+        let (name, ad) = self.active_adapter(OP)?;
+        if ad.is_dora() {
+            return Err(Error::Unsupported {
+                what: format!("{OP} of the DoRA adapter `{name}`"),
+                hint: "DoRA's backward needs the forward's Z, norms and factors besides T: use train_forward and train_backward, or ops::dora_forward and ops::dora_backward".into(),
+            });
+        }
         ops::lora_backward(x, &self.w0, &ad.a, &ad.b, t, dy, ad.config.scale(), want_dx)
     }
 
@@ -477,7 +608,13 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         }
         let name = self.active_adapter(OP)?.0.to_string();
         let ad = &self.adapters[&name];
-        ops::merge(&mut self.w0, &ad.a, &ad.b, ad.config.scale())?;
+        match &ad.magnitude {
+            Some(m) => {
+                let factor = ops::dora_merge(&mut self.w0, &ad.a, &ad.b, m, ad.config.scale())?;
+                self.merged_factor = Some(factor);
+            }
+            None => ops::merge(&mut self.w0, &ad.a, &ad.b, ad.config.scale())?,
+        }
         self.merged = Some(name);
         Ok(())
     }
@@ -492,8 +629,13 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             .adapters
             .get(&name)
             .ok_or_else(|| self.unknown(OP, &name))?;
-        ops::unmerge(&mut self.w0, &ad.a, &ad.b, ad.config.scale())?;
+        let s = ad.config.scale();
+        match &self.merged_factor {
+            Some(f) => ops::dora_unmerge(&mut self.w0, &ad.a, &ad.b, f, s)?,
+            None => ops::unmerge(&mut self.w0, &ad.a, &ad.b, s)?,
+        }
         self.merged = None;
+        self.merged_factor = None;
         Ok(())
     }
 
@@ -508,7 +650,15 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         }
         let name = self.active_adapter(OP)?.0.to_string();
         let ad = &self.adapters[&name];
-        let counts = ops::safe_merge(&mut self.w0, &ad.a, &ad.b, ad.config.scale())?;
+        let s = ad.config.scale();
+        let counts = match &ad.magnitude {
+            Some(m) => {
+                let (factor, counts) = ops::safe_dora_merge(&mut self.w0, &ad.a, &ad.b, m, s)?;
+                self.merged_factor = Some(factor);
+                counts
+            }
+            None => ops::safe_merge(&mut self.w0, &ad.a, &ad.b, s)?,
+        };
         self.merged = Some(name);
         Ok(counts)
     }
@@ -524,8 +674,13 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             .adapters
             .get(&name)
             .ok_or_else(|| self.unknown(OP, &name))?;
-        let counts = ops::safe_unmerge(&mut self.w0, &ad.a, &ad.b, ad.config.scale())?;
+        let s = ad.config.scale();
+        let counts = match &self.merged_factor {
+            Some(f) => ops::safe_dora_unmerge(&mut self.w0, &ad.a, &ad.b, f, s)?,
+            None => ops::safe_unmerge(&mut self.w0, &ad.a, &ad.b, s)?,
+        };
         self.merged = None;
+        self.merged_factor = None;
         Ok(counts)
     }
 
@@ -587,6 +742,14 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             da: Tensor::zeros(dev, ad.a.shape())?,
             db: Tensor::zeros(dev, ad.b.shape())?,
             adam: None,
+            dora: match &ad.magnitude {
+                Some(m) => Some(TrainDora {
+                    saved: None,
+                    dm: Tensor::zeros(dev, m.shape())?,
+                    adam: None,
+                }),
+                None => None,
+            },
             dropout: TrainDropout::Fixed(Dropout::NONE),
             dropout_schedule: DropoutSchedule::new(dev, Dropout::NONE)?,
             captured_forward: None,
@@ -607,7 +770,10 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         // `adapter_mut` gives the tensors out: a caller may have replaced them with others of another
         // shape (a new rank), which the training buffers, the gradients and Adam's moments, no longer fit
         let stale = |t: &Training<T, A>| {
-            t.adapter != name || t.da.shape() != ad.a.shape() || t.db.shape() != ad.b.shape()
+            t.adapter != name
+                || t.da.shape() != ad.a.shape()
+                || t.db.shape() != ad.b.shape()
+                || t.dora.is_some() != ad.is_dora()
         };
         if self.train.as_ref().is_none_or(stale) {
             // new buffers: zero gradients and a fresh Adam state for the new shapes
@@ -620,6 +786,9 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     /// its config's dropout (a fresh mask per call, see [`LoraLinear::set_dropout_seed`]). Y and T
     /// live in the layer's own buffers, reused while the shape repeats (nothing is allocated per step);
     /// nothing waits for the device. Returns Y; pass the same `x` to [`LoraLinear::train_backward`].
+    /// A DoRA adapter runs DoRA's layer ([`ops::dora_forward_into`]; its Z, norms and factors kept for
+    /// the backward, which also writes [`LoraLinear::magnitude_grad`]); with LoRA dropout it is refused
+    /// (PEFT's DoRA with dropout adds a GEMM of W0 on the dropped input, which is not implemented).
     pub fn train_forward(&mut self, x: &Tensor<T>) -> Result<&Tensor<T>> {
         const OP: &str = "LoraLinear::train_forward";
         let name = self.training(OP)?;
@@ -628,6 +797,38 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         let tr = self.train.as_mut().expect("made by training()");
         let (lead, _, _) = validate::rows(OP, "x", x)?;
         let rows = |last: usize| -> Vec<usize> { lead.iter().copied().chain([last]).collect() };
+        if let (Some(m), Some(dora)) = (&ad.magnitude, tr.dora.as_mut()) {
+            if ad.config.dropout > 0.0 {
+                return Err(Error::Unsupported {
+                    what: format!(
+                        "{OP} of the DoRA adapter `{name}` with LoRA dropout {}",
+                        ad.config.dropout
+                    ),
+                    hint: "PEFT's DoRA with dropout adds a second GEMM of W0 on the dropped input, which this crate does not run; train DoRA adapters with dropout 0 (LoraConfig::with_dropout(0.0) via adapter_mut)".into(),
+                });
+            }
+            buffer(&mut tr.y, x, &rows(n))?;
+            let r = ad.config.rank;
+            let fits = |d: &DoraSaved<T>| d.z.shape() == rows(n) && d.t.shape() == rows(r);
+            if !dora.saved.as_ref().is_some_and(fits) {
+                dora.saved = Some(DoraSaved::for_layer(x, n, r)?);
+            }
+            ops::dora_forward_into(
+                x,
+                &self.w0,
+                &ad.a,
+                &ad.b,
+                m,
+                self.bias.as_ref(),
+                ad.config.scale(),
+                tr.y.as_mut().expect("made"),
+                dora.saved.as_mut().expect("made"),
+                &mut tr.ws,
+            )?;
+            tr.dropout = TrainDropout::Fixed(Dropout::NONE);
+            self.dropout_calls += 1;
+            return Ok(tr.y.as_ref().expect("made"));
+        }
         buffer(&mut tr.y, x, &rows(n))?;
         buffer(&mut tr.t, x, &rows(ad.config.rank))?;
         let dropout = if ad.config.dropout > 0.0 {
@@ -701,6 +902,34 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         let name = self.training(OP)?;
         let ad = &self.adapters[&name];
         let tr = self.train.as_mut().expect("made by training()");
+        if let (Some(dora), true) = (tr.dora.as_mut(), ad.is_dora()) {
+            let Some(saved) = dora.saved.as_ref() else {
+                return Err(Error::InvalidState {
+                    op: OP,
+                    message: "no train_forward before this backward".into(),
+                });
+            };
+            if want_dx {
+                buffer(&mut tr.dx, x, x.shape())?;
+            }
+            ops::dora_backward_into(
+                x,
+                &self.w0,
+                &ad.a,
+                &ad.b,
+                saved,
+                dy,
+                ad.config.scale(),
+                if want_dx { tr.dx.as_mut() } else { None },
+                &mut tr.da,
+                &mut tr.db,
+                &mut dora.dm,
+                mode,
+                &mut tr.ws,
+            )?;
+            tr.has_grads = true;
+            return Ok(if want_dx { tr.dx.as_ref() } else { None });
+        }
         let Some(t) = tr.t.as_ref() else {
             return Err(Error::InvalidState {
                 op: OP,
@@ -741,13 +970,26 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         self.train.as_ref().map(|t| (&t.da, &t.db))
     }
 
+    /// A DoRA adapter's magnitude gradient \[N\] (f32) of the last [`LoraLinear::train_backward`] calls;
+    /// `None` for a plain adapter or before training.
+    pub fn magnitude_grad(&self) -> Option<&Tensor<f32>> {
+        self.train.as_ref()?.dora.as_ref().map(|d| &d.dm)
+    }
+
+    /// [`LoraLinear::magnitude_grad`], to change before [`LoraLinear::optimizer_step`] (clipping: it is
+    /// one of the adapter's gradients).
+    pub fn magnitude_grad_mut(&mut self) -> Option<&mut Tensor<f32>> {
+        self.train.as_mut()?.dora.as_mut().map(|d| &mut d.dm)
+    }
+
     /// The gradients, to change before [`LoraLinear::optimizer_step`]: global-norm clipping over every
     /// layer's ([`ops::GradClip`]), a loss scale, a gradient of the caller's own.
     pub fn grads_mut(&mut self) -> Option<(&mut Tensor<A>, &mut Tensor<A>)> {
         self.train.as_mut().map(|t| (&mut t.da, &mut t.db))
     }
 
-    /// One AdamW step on the active adapter's A and B with the gradients of
+    /// One AdamW step on the active adapter's A and B (and a DoRA adapter's magnitude, with its own
+    /// moments) with the gradients of
     /// [`LoraLinear::train_backward`], on the device in one fused kernel per tensor (no host round trip,
     /// no synchronisation). For f32 adapters (the f32 master weights are the adapter itself; a 16-bit
     /// adapter has no master copy to update: an [`Error::UnsupportedDType`]).
@@ -809,7 +1051,14 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
                 }
             };
         step(ad.a.cast_mut::<f32>().ok_or_else(not_f32)?, ga, sa)?;
-        step(ad.b.cast_mut::<f32>().ok_or_else(not_f32)?, gb, sb)
+        step(ad.b.cast_mut::<f32>().ok_or_else(not_f32)?, gb, sb)?;
+        if let (Some(m), Some(dora)) = (ad.magnitude.as_mut(), tr.dora.as_mut()) {
+            if dora.adam.is_none() {
+                dora.adam = Some(AdamState::new(&dev, m.shape())?);
+            }
+            step(m, &dora.dm, dora.adam.as_mut().expect("made"))?;
+        }
+        Ok(())
     }
 }
 

@@ -610,9 +610,27 @@ impl PeftAdapter {
         if self.config.use_dora {
             return Err(Error::Unsupported {
                 what: format!("{op} of a DoRA adapter (`use_dora`)"),
-                hint: "a DoRA adapter can be merged (ops::dora_merge, `lora-kernels merge`); its unmerged forward, which rescales each output feature, is not implemented".into(),
+                hint: "its forward is plain LoRA; a DoRA adapter can be merged (ops::dora_merge, `lora-kernels merge`) or run unmerged by LoraLinear::insert_peft_module or ops::dora_forward".into(),
             });
         }
+        let (a, b, _) = self.module_adapter_tensors(op, module, device, supported)?;
+        Ok((a, b))
+    }
+
+    /// [`PeftAdapter::module_tensors`] of a plain or a DoRA adapter: A, B and, for DoRA, the magnitude
+    /// vector (`[out]` f32; its length checked against B's rows when the adapter was read).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn module_adapter_tensors<A: crate::dtype::Element>(
+        &self,
+        op: &'static str,
+        module: &str,
+        device: &crate::device::Device,
+        supported: &'static str,
+    ) -> Result<(
+        crate::tensor::Tensor<A>,
+        crate::tensor::Tensor<A>,
+        Option<crate::tensor::Tensor<f32>>,
+    )> {
         let m = self
             .modules
             .iter()
@@ -634,11 +652,35 @@ impl PeftAdapter {
                 });
             }
         }
+        // an adapter built through the API may disagree with its config: neither silently plain nor
+        // silently DoRA
+        if m.magnitude.is_some() != self.config.use_dora {
+            return Err(Error::InvalidState {
+                op,
+                message: format!(
+                    "module `{module}`: the config's use_dora is {} but the module {} a DoRA magnitude vector",
+                    self.config.use_dora,
+                    if m.magnitude.is_some() {
+                        "has"
+                    } else {
+                        "has no"
+                    }
+                ),
+            });
+        }
         let up = |hm: &HostMatrix| {
             let v: Vec<A> = hm.to_f32().into_iter().map(A::from_f32).collect();
             crate::tensor::Tensor::from_slice(device, &v, &[hm.rows, hm.cols])
         };
-        Ok((up(&m.a)?, up(&m.b)?))
+        let magnitude = match &m.magnitude {
+            Some(hm) => Some(crate::tensor::Tensor::from_slice(
+                device,
+                &hm.to_f32(),
+                &[hm.rows * hm.cols],
+            )?),
+            None => None,
+        };
+        Ok((up(&m.a)?, up(&m.b)?, magnitude))
     }
 
     /// Loads `dir/adapter_config.json` and `dir/adapter_model.safetensors`.

@@ -141,7 +141,7 @@ fn merge_reproduces_peft_and_unmerge_matches_f64() {
 /// DoRA, the adapter saves and loads back identical (magnitude vectors 1-D), and the refusals: an
 /// unmerge (the merged checkpoint does not keep the rows' factors), a module without its magnitude
 /// vector, a magnitude vector of the wrong length, one in an adapter whose config does not set
-/// `use_dora`, and the layer and adapter-set loaders (their forward is plain LoRA).
+/// `use_dora`, and the adapter-set loader (its forward is plain LoRA); the layer loads it.
 #[test]
 fn dora_adapters_merge_as_peft_does() {
     let dir = scratch("dora");
@@ -319,14 +319,15 @@ fn dora_adapters_merge_as_peft_does() {
     assert!(e.contains("DoRA") && e.contains("dora_merge"), "{e}");
     let w0 = lora_kernels::Tensor::<half::bf16>::zeros(&dev, &[64, 64]).unwrap();
     let mut layer = lora_kernels::LoraLinear::with_f32_adapters(w0, None).unwrap();
+    // a layer runs DoRA's layer unmerged (tests/dora_linear.rs)
+    layer.insert_peft_module("d", &a, module).unwrap();
+    assert!(layer.adapter("d").unwrap().is_dora());
+    // an API-built adapter whose module and config disagree is refused by the layer too
     let e = layer
-        .insert_peft_module("d", &a, module)
+        .insert_peft_module("u", &undeclared, module)
         .unwrap_err()
         .to_string();
-    assert!(
-        e.contains("DoRA") && e.contains("insert_peft_module"),
-        "{e}"
-    );
+    assert!(e.contains("use_dora is false"), "{e}");
 }
 
 /// A copy of fixture adapter `from` (e.g. `dora/adapter`) under `dir/adapter`, its config edited.

@@ -30,7 +30,24 @@ pub fn dora_factor<T: Element, U: Element>(
     magnitude: &Tensor<f32>,
     scale: f32,
 ) -> Result<Tensor<f32>> {
-    factor_impl("dora_factor", w0, a, b, magnitude, scale)
+    factor_impl("dora_factor", w0, a, b, magnitude, scale, None)
+}
+
+/// The row norms `‖W0 + s·B·A‖` (f32, `[N]`) as the norm pass computes them: PEFT's `get_weight_norm`,
+/// with which it initialises a DoRA adapter's magnitude (B = 0: the norms of W0's rows).
+pub fn dora_norm<T: Element, U: Element>(
+    w0: &Tensor<T>,
+    a: &Tensor<U>,
+    b: &Tensor<U>,
+    scale: f32,
+) -> Result<Tensor<f32>> {
+    let op = "dora_norm";
+    let (n, _, _) = merge::check(op, w0, a, b, scale)?;
+    // factors of a unit magnitude, computed beside the norms and dropped
+    let ones = Tensor::from_slice(w0.device(), &vec![1.0f32; n], &[n])?;
+    let mut norm = Tensor::<f32>::for_output(w0.device(), &[n])?;
+    factor_impl(op, w0, a, b, &ones, scale, Some(&mut norm))?;
+    Ok(norm)
 }
 
 fn factor_impl<T: Element, U: Element>(
@@ -40,6 +57,7 @@ fn factor_impl<T: Element, U: Element>(
     b: &Tensor<U>,
     magnitude: &Tensor<f32>,
     scale: f32,
+    norm: Option<&mut Tensor<f32>>,
 ) -> Result<Tensor<f32>> {
     let dims @ (n, k, _) = merge::check(op, w0, a, b, scale)?;
     check_rows(op, "magnitude", magnitude, w0, n)?;
@@ -49,7 +67,7 @@ fn factor_impl<T: Element, U: Element>(
     let mut sumsq = Tensor::<f32>::for_output(device, &[blocks, n])?;
     launch::dora_row_sumsq(op, w0, a, b, dims, scale, &mut sumsq)?;
     let mut factor = Tensor::<f32>::for_output(device, &[n])?;
-    launch::dora_factor(op, &sumsq, magnitude, &mut factor, None, (n, blocks))?;
+    launch::dora_factor(op, &sumsq, magnitude, &mut factor, norm, (n, blocks))?;
     Ok(factor)
 }
 
@@ -62,7 +80,7 @@ fn merge_impl<T: Element, U: Element>(
     scale: f32,
     mode: MergeMode,
 ) -> Result<(Tensor<f32>, Option<NonFiniteCounts>)> {
-    let factor = factor_impl(op, w0, a, b, magnitude, scale)?;
+    let factor = factor_impl(op, w0, a, b, magnitude, scale, None)?;
     let counts = merge::merge_impl(op, w0, a, b, scale, mode, DoraRows::Scale(&factor))?;
     Ok((factor, counts))
 }
@@ -114,7 +132,7 @@ pub fn safe_dora_merge<T: Element, U: Element>(
     scale: f32,
 ) -> Result<(Tensor<f32>, NonFiniteCounts)> {
     let op = "safe_dora_merge";
-    let factor = factor_impl(op, w0, a, b, magnitude, scale)?;
+    let factor = factor_impl(op, w0, a, b, magnitude, scale, None)?;
     let counts = merge::safe_impl(op, w0, a, b, scale, DoraRows::Scale(&factor))?;
     Ok((factor, counts))
 }
@@ -130,4 +148,23 @@ pub fn dora_unmerge<T: Element, U: Element>(
 ) -> Result<()> {
     let rows = DoraRows::Divide(factor);
     merge::merge_impl("dora_unmerge", w, a, b, -scale, MergeMode::Write, rows).map(|_| ())
+}
+
+/// [`dora_unmerge`], refusing to make a finite element NaN or ±Inf (as [`super::safe_unmerge`]): then
+/// [`crate::Error::NonFiniteMerge`] and W unchanged. A counting pass first.
+pub fn safe_dora_unmerge<T: Element, U: Element>(
+    w: &mut Tensor<T>,
+    a: &Tensor<U>,
+    b: &Tensor<U>,
+    factor: &Tensor<f32>,
+    scale: f32,
+) -> Result<NonFiniteCounts> {
+    merge::safe_impl(
+        "safe_dora_unmerge",
+        w,
+        a,
+        b,
+        -scale,
+        DoraRows::Divide(factor),
+    )
 }

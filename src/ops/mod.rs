@@ -20,7 +20,10 @@ pub use adamw::{
     AdamState, AdamW, AdamwConstants, AdamwSchedule, adamw_step, adamw_step_scheduled,
     adamw_step_scheduled_with_copy, adamw_step_with_copy, reference_step as adamw_reference_step,
 };
-pub use dora::{dora_factor, dora_merge, dora_merge_counted, dora_unmerge, safe_dora_merge};
+pub use dora::{
+    dora_factor, dora_merge, dora_merge_counted, dora_norm, dora_unmerge, safe_dora_merge,
+    safe_dora_unmerge,
+};
 pub use dora_layer::{
     DoraForwardOutput, DoraGradients, DoraSaved, dora_backward, dora_backward_into, dora_forward,
     dora_forward_into,
