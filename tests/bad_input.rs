@@ -331,6 +331,30 @@ mod lora_ops {
         let w_other = Tensor::<bf16>::zeros(&other, &[4, 5]).unwrap();
         let e = ops::lora_forward(&l.x, &w_other, &l.a, &l.b, None, 1.0).unwrap_err();
         assert!(matches!(e, Error::DeviceMismatch { .. }), "{e}");
+        // every operand's device is checked before the first launch: an accumulating backward with dA
+        // elsewhere leaves dB as it was (it used to add to dB, then refuse dA)
+        let mut da_other = Tensor::<bf16>::zeros(&other, &[2, 5]).unwrap();
+        let mut db = Tensor::<bf16>::from_slice(&d, &[bf16::ONE; 8], &[4, 2]).unwrap();
+        d.take_launches();
+        let e = ops::lora_backward_into(
+            &l.x,
+            &l.w0,
+            &l.a,
+            &l.b,
+            &l.t,
+            &l.dy,
+            1.0,
+            lora_kernels::Dropout::NONE,
+            None,
+            &mut da_other,
+            &mut db,
+            ops::GradMode::Accumulate,
+            &mut ops::Workspace::new(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::DeviceMismatch { arg: "da", .. }), "{e}");
+        assert!(d.take_launches().is_empty());
+        assert!(db.to_vec().unwrap().iter().all(|v| *v == bf16::ONE));
     }
 
     /// Adapters in another 16-bit dtype than the layer's are refused (f32 or the layer dtype only),

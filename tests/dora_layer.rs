@@ -495,19 +495,25 @@ fn dora_with_unit_factors_is_plain_lora() {
     close("db", gd.db.to_vec().unwrap(), gl.db.to_vec().unwrap());
 }
 
-/// Bad input: an `Error` naming the argument before any launch, outputs untouched.
+/// Bad input: an `Error` naming the argument before any launch (the emulator's launch record is empty
+/// after each refusal), so no output is touched: wrong shapes, dtypes, a non-finite scale, and every
+/// tensor on another device, in the forward and in the accumulating backward.
 #[test]
 fn dora_layer_bad_input_is_refused() {
     let dev = Device::emulator();
     let other = Device::emulator();
     let (m, n, k, r) = (5, 6, 8, 2);
-    let x = Tensor::<bf16>::zeros(&dev, &[m, k]).unwrap();
-    let w0 = Tensor::<bf16>::zeros(&dev, &[n, k]).unwrap();
-    let a = Tensor::<bf16>::zeros(&dev, &[r, k]).unwrap();
-    let b = Tensor::<bf16>::zeros(&dev, &[n, r]).unwrap();
-    let mag = Tensor::<f32>::zeros(&dev, &[n]).unwrap();
-    let short = Tensor::<f32>::zeros(&dev, &[n - 1]).unwrap();
-    let elsewhere = Tensor::<f32>::zeros(&other, &[n]).unwrap();
+    let ones = |d: &Device, shape: &[usize]| {
+        let len = shape.iter().product();
+        Tensor::<bf16>::from_slice(d, &vec![bf16::ONE; len], shape).unwrap()
+    };
+    let f32s =
+        |d: &Device, len: usize| Tensor::<f32>::from_slice(d, &vec![1.0; len], &[len]).unwrap();
+    let x = ones(&dev, &[m, k]);
+    let w0 = ones(&dev, &[n, k]);
+    let a = ones(&dev, &[r, k]);
+    let b = ones(&dev, &[n, r]);
+    let mag = f32s(&dev, n);
     let arg_of = |e: Error| match e {
         Error::Shape { arg, .. }
         | Error::DeviceMismatch { arg, .. }
@@ -515,87 +521,153 @@ fn dora_layer_bad_input_is_refused() {
         | Error::UnsupportedDType { arg, .. } => arg,
         other => panic!("unexpected error {other:?}"),
     };
+    // the refusal's argument, with no launch before it
+    let refused = |e: Error| {
+        let launched = dev.take_launches();
+        assert!(
+            launched.is_empty(),
+            "launched before refusing: {launched:?}"
+        );
+        arg_of(e)
+    };
+    dev.take_launches();
     let fwd = |mag: &Tensor<f32>, s: f32| ops::dora_forward(&x, &w0, &a, &b, mag, None, s);
-    assert_eq!(arg_of(fwd(&short, 1.0).unwrap_err()), "magnitude");
-    assert_eq!(arg_of(fwd(&elsewhere, 1.0).unwrap_err()), "magnitude");
-    assert_eq!(arg_of(fwd(&mag, f32::NAN).unwrap_err()), "scale");
-    let bad_bias = Tensor::<bf16>::zeros(&dev, &[n + 1]).unwrap();
-    let e = ops::dora_forward(&x, &w0, &a, &b, &mag, Some(&bad_bias), 1.0).unwrap_err();
-    assert_eq!(arg_of(e), "bias");
+    assert_eq!(
+        refused(fwd(&f32s(&dev, n - 1), 1.0).unwrap_err()),
+        "magnitude"
+    );
+    assert_eq!(
+        refused(fwd(&f32s(&other, n), 1.0).unwrap_err()),
+        "magnitude"
+    );
+    assert_eq!(refused(fwd(&mag, f32::NAN).unwrap_err()), "scale");
+    let e = ops::dora_forward(&x, &w0, &a, &b, &mag, Some(&ones(&dev, &[n + 1])), 1.0);
+    assert_eq!(refused(e.unwrap_err()), "bias");
+    let e = ops::dora_forward(&x, &w0, &a, &b, &mag, Some(&ones(&other, &[n])), 1.0);
+    assert_eq!(refused(e.unwrap_err()), "bias");
+    let e = ops::dora_forward(&x, &w0, &ones(&other, &[r, k]), &b, &mag, None, 1.0);
+    assert_eq!(refused(e.unwrap_err()), "a");
     let x32 = Tensor::<f32>::zeros(&dev, &[m, k]).unwrap();
     let w32 = Tensor::<f32>::zeros(&dev, &[n, k]).unwrap();
     let a32 = Tensor::<f32>::zeros(&dev, &[r, k]).unwrap();
     let b32 = Tensor::<f32>::zeros(&dev, &[n, r]).unwrap();
     let e = ops::dora_forward(&x32, &w32, &a32, &b32, &mag, None, 1.0).unwrap_err();
-    assert_eq!(arg_of(e), "x");
+    assert_eq!(refused(e), "x");
 
-    // into forms: a wrong saved buffer or output is refused and nothing is written
-    let mut y = Tensor::<bf16>::zeros(&dev, &[m, n]).unwrap();
-    let mut saved = ops::DoraSaved::for_layer(&x, n, r).unwrap();
+    // into forms: a wrong output or saved buffer, and one on another device
     let mut ws = ops::Workspace::new();
-    let mut bad_saved = ops::DoraSaved::for_layer(&x, n + 1, r).unwrap();
-    let e = ops::dora_forward_into(
-        &x,
-        &w0,
-        &a,
-        &b,
-        &mag,
-        None,
-        1.0,
-        &mut y,
-        &mut bad_saved,
-        &mut ws,
-    )
-    .unwrap_err();
-    assert_eq!(arg_of(e), "saved.z");
-    assert!(
-        y.to_vec().unwrap().iter().all(|v| v.to_f32() == 0.0),
-        "y written"
-    );
-    let mut y_bad = Tensor::<bf16>::zeros(&dev, &[m, n + 1]).unwrap();
-    let e = ops::dora_forward_into(
-        &x, &w0, &a, &b, &mag, None, 1.0, &mut y_bad, &mut saved, &mut ws,
-    )
-    .unwrap_err();
-    assert_eq!(arg_of(e), "y");
+    let saved_on = |d: &Device, n: usize| ops::DoraSaved {
+        t: ones(d, &[m, r]),
+        z: ones(d, &[m, n]),
+        norm: f32s(d, n),
+        factor: f32s(d, n),
+    };
+    let mut y = ones(&dev, &[m, n]);
+    for (mut saved, arg) in [
+        (saved_on(&dev, n + 1), "saved.z"),
+        (
+            ops::DoraSaved {
+                t: ones(&other, &[m, r]),
+                ..saved_on(&dev, n)
+            },
+            "saved.t",
+        ),
+        (
+            ops::DoraSaved {
+                z: ones(&other, &[m, n]),
+                ..saved_on(&dev, n)
+            },
+            "saved.z",
+        ),
+    ] {
+        let e = ops::dora_forward_into(
+            &x, &w0, &a, &b, &mag, None, 1.0, &mut y, &mut saved, &mut ws,
+        );
+        assert_eq!(refused(e.unwrap_err()), arg);
+        assert!(
+            saved.factor.to_vec().unwrap().iter().all(|v| *v == 1.0),
+            "{arg}: factor written"
+        );
+    }
+    for mut y_bad in [ones(&dev, &[m, n + 1]), ones(&other, &[m, n])] {
+        let mut saved = saved_on(&dev, n);
+        let e = ops::dora_forward_into(
+            &x, &w0, &a, &b, &mag, None, 1.0, &mut y_bad, &mut saved, &mut ws,
+        );
+        assert_eq!(refused(e.unwrap_err()), "y");
+    }
+    let mut saved = saved_on(&dev, n);
     ops::dora_forward_into(
         &x, &w0, &a, &b, &mag, None, 1.0, &mut y, &mut saved, &mut ws,
     )
     .unwrap();
+    dev.take_launches();
 
-    let dy = Tensor::<bf16>::zeros(&dev, &[m, n]).unwrap();
-    let mut da = Tensor::<bf16>::zeros(&dev, &[r, k]).unwrap();
-    let mut db = Tensor::<bf16>::zeros(&dev, &[n, r]).unwrap();
-    let mut dm_short = Tensor::<f32>::zeros(&dev, &[n - 1]).unwrap();
-    let e = ops::dora_backward_into(
-        &x,
-        &w0,
-        &a,
-        &b,
-        &saved,
-        &dy,
-        1.0,
-        None,
-        &mut da,
-        &mut db,
-        &mut dm_short,
-        ops::GradMode::Overwrite,
-        &mut ws,
-    )
-    .unwrap_err();
-    assert_eq!(arg_of(e), "dmagnitude");
-    let dy_bad = Tensor::<bf16>::zeros(&dev, &[m, n - 1]).unwrap();
-    let e = ops::dora_backward(&x, &w0, &a, &b, &saved, &dy_bad, 1.0, true).unwrap_err();
-    assert_eq!(arg_of(e), "dy");
-    let wrong = ops::DoraSaved {
-        t: Tensor::<bf16>::zeros(&dev, &[m, r + 1]).unwrap(),
-        ..saved
+    // the accumulating backward: dA, dB, dm keep their values when refused
+    let dy = ones(&dev, &[m, n]);
+    let backward = |dy: &Tensor<bf16>,
+                    dx: Option<&mut Tensor<bf16>>,
+                    da: &mut Tensor<bf16>,
+                    db: &mut Tensor<bf16>,
+                    dm: &mut Tensor<f32>,
+                    ws: &mut ops::Workspace<bf16>| {
+        ops::dora_backward_into(
+            &x,
+            &w0,
+            &a,
+            &b,
+            &saved,
+            dy,
+            1.0,
+            dx,
+            da,
+            db,
+            dm,
+            ops::GradMode::Accumulate,
+            ws,
+        )
     };
-    let e = ops::dora_backward(&x, &w0, &a, &b, &wrong, &dy, 1.0, true).unwrap_err();
-    assert_eq!(arg_of(e), "t");
+    let untouched = |da: &Tensor<bf16>, db: &Tensor<bf16>, dm: &Tensor<f32>, arg: &str| {
+        let one = |v: Vec<bf16>| v.iter().all(|x| *x == bf16::ONE);
+        assert!(
+            one(da.to_vec().unwrap()) && one(db.to_vec().unwrap()),
+            "{arg}: dA/dB written"
+        );
+        assert!(
+            dm.to_vec().unwrap().iter().all(|v| *v == 1.0),
+            "{arg}: dm written"
+        );
+    };
+    let (mut da, mut db, mut dm) = (ones(&dev, &[r, k]), ones(&dev, &[n, r]), f32s(&dev, n));
+    for (d, arg) in [(&dev, "shape"), (&other, "device")] {
+        let mut da_bad = ones(d, &[r, k + usize::from(arg == "shape")]);
+        let e = backward(&dy, None, &mut da_bad, &mut db, &mut dm, &mut ws);
+        assert_eq!(refused(e.unwrap_err()), "da");
+        let mut db_bad = ones(d, &[n + usize::from(arg == "shape"), r]);
+        let e = backward(&dy, None, &mut da, &mut db_bad, &mut dm, &mut ws);
+        assert_eq!(refused(e.unwrap_err()), "db");
+        let mut dx_bad = ones(d, &[m, k + usize::from(arg == "shape")]);
+        let e = backward(&dy, Some(&mut dx_bad), &mut da, &mut db, &mut dm, &mut ws);
+        assert_eq!(refused(e.unwrap_err()), "dx");
+        let dy_bad = ones(d, &[m, n + usize::from(arg == "shape")]);
+        let e = backward(&dy_bad, None, &mut da, &mut db, &mut dm, &mut ws);
+        assert_eq!(refused(e.unwrap_err()), "dy");
+        let mut dm_bad = f32s(d, n + usize::from(arg == "shape"));
+        let e = backward(&dy, None, &mut da, &mut db, &mut dm_bad, &mut ws);
+        assert_eq!(refused(e.unwrap_err()), "dmagnitude");
+        untouched(&da, &db, &dm, arg);
+    }
+    let wrong_t = ops::DoraSaved {
+        t: ones(&dev, &[m, r + 1]),
+        ..saved_on(&dev, n)
+    };
+    let e = ops::dora_backward(&x, &w0, &a, &b, &wrong_t, &dy, 1.0, true).unwrap_err();
+    assert_eq!(refused(e), "t");
+    // and a valid call then adds to them
+    backward(&dy, None, &mut da, &mut db, &mut dm, &mut ws).unwrap();
     assert!(
-        da.to_vec().unwrap().iter().all(|v| v.to_f32() == 0.0),
-        "da written"
+        dm.to_vec().unwrap().iter().all(|v| *v != 1.0),
+        "accumulated"
     );
 }
 

@@ -81,7 +81,8 @@ pub struct DoraGradients<T: Element, A: Element = T> {
 
 /// DoRA's layer `Y = factor ⊙ (X·W0ᵀ + s·(X·Aᵀ)·Bᵀ) + bias`, `factor = magnitude / ‖W0 + s·B·A‖` per
 /// output feature (row of W0). X `[..., K]` bf16/f16, W0 `[N, K]`, A `[r, K]` and B `[N, r]` in X's dtype
-/// or f32, magnitude `[N]` f32 (PEFT's `lora_magnitude_vector`), bias `[N]`.
+/// or f32, magnitude `[N]` f32 (PEFT's `lora_magnitude_vector`), bias `[N]`. The norm pass is the
+/// DoRA merge's, with its limit: N at most 4,194,240 (65535 blocks of 64 rows of W0).
 pub fn dora_forward<T: Element, A: Element>(
     x: &Tensor<T>,
     w0: &Tensor<T>,
@@ -134,6 +135,18 @@ pub fn dora_forward_into<T: Element, A: Element>(
     )?;
     check_rows(OP, "saved.norm", &saved.norm, w0, d.n)?;
     check_rows(OP, "saved.factor", &saved.factor, w0, d.n)?;
+    let mut devices = vec![
+        ("w0", w0.device()),
+        ("a", a.device()),
+        ("b", b.device()),
+        ("y", y.device()),
+        ("saved.t", saved.t.device()),
+        ("saved.z", saved.z.device()),
+    ];
+    if let Some(bias) = bias {
+        devices.push(("bias", bias.device()));
+    }
+    validate::same_device(OP, ("x", x.device()), &devices)?;
 
     let blocks = launch::dora_sumsq_blocks(d.k);
     ws.with_partial(x.device(), &[blocks, d.n], |sumsq, _| {
@@ -166,6 +179,7 @@ pub fn dora_forward_into<T: Element, A: Element>(
         &saved.factor,
         y,
         (d.m, d.n),
+        MAX_COLUMN_BLOCKS,
     )
 }
 
@@ -258,10 +272,26 @@ pub fn dora_backward_into<T: Element, A: Element>(
             "[..., K] (x's leading dimensions)",
         )?;
     }
+    let mut devices = vec![
+        ("w0", w0.device()),
+        ("a", a.device()),
+        ("b", b.device()),
+        ("dy", dy.device()),
+        ("saved.t", saved.t.device()),
+        ("saved.z", saved.z.device()),
+        ("da", da.device()),
+        ("db", db.device()),
+    ];
+    if let Some(dx) = dx.as_deref() {
+        devices.push(("dx", dx.device()));
+    }
+    validate::same_device(OP, ("x", x.device()), &devices)?;
 
+    // dZ and the partials of dm first, then the LoRA backward of dZ, and dm last (the one gradient
+    // this op adds to in place besides dA and dB)
     let row_blocks = d.m.div_ceil(LK_DORA_ROWS as usize);
     ws.with_layer(x.device(), &rows_of(&s.lead, d.n), |dz, ws| {
-        ws.with_partial(x.device(), &[row_blocks, d.n], |partials, _| {
+        ws.with_partial(x.device(), &[row_blocks, d.n], |partials, ws| {
             columns(
                 OP,
                 Columns::Grad { dy, partials },
@@ -269,6 +299,22 @@ pub fn dora_backward_into<T: Element, A: Element>(
                 &saved.factor,
                 dz,
                 (d.m, d.n),
+                MAX_COLUMN_BLOCKS,
+            )?;
+            lora::lora_backward_into(
+                x,
+                w0,
+                a,
+                b,
+                &saved.t,
+                dz,
+                scale,
+                Dropout::NONE,
+                dx,
+                da,
+                db,
+                mode,
+                ws,
             )?;
             magnitude_grad(
                 OP,
@@ -278,22 +324,7 @@ pub fn dora_backward_into<T: Element, A: Element>(
                 (d.n, row_blocks),
                 mode == GradMode::Accumulate,
             )
-        })?;
-        lora::lora_backward_into(
-            x,
-            w0,
-            a,
-            b,
-            &saved.t,
-            dz,
-            scale,
-            Dropout::NONE,
-            dx,
-            da,
-            db,
-            mode,
-            ws,
-        )
+        })
     })
 }
 
@@ -329,8 +360,11 @@ fn columns_kernel(
     })
 }
 
+/// The grid's y limit: the column passes stride over more column blocks than this.
+const MAX_COLUMN_BLOCKS: usize = 65535;
+
 /// One column pass over the m × n matrices: grid x over the row blocks, y over the column blocks (at most
-/// 65535, the kernel strides past them).
+/// `max_col_blocks`, the kernel strides past them; [`MAX_COLUMN_BLOCKS`] but in the test of that stride).
 fn columns<T: Element>(
     op: &'static str,
     pass: Columns<'_, T>,
@@ -338,8 +372,9 @@ fn columns<T: Element>(
     factor: &Tensor<f32>,
     out: &mut Tensor<T>,
     (m, n): (usize, usize),
+    max_col_blocks: usize,
 ) -> Result<()> {
-    let col_blocks = n.div_ceil(LK_SIMT_THREADS as usize).min(65535);
+    let col_blocks = n.div_ceil(LK_SIMT_THREADS as usize).min(max_col_blocks);
     let plan = LaunchPlan {
         grid: [
             u32_of(m.div_ceil(LK_DORA_ROWS as usize)),
@@ -422,4 +457,58 @@ fn magnitude_grad(
             accumulate: accumulate as u32,
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Device;
+    use half::bf16;
+
+    /// The column passes with the grid's y capped at 1 and 2 blocks (the kernel striding over the other
+    /// column blocks, as past 65535 blocks) write every element with the uncapped grid's bits.
+    #[test]
+    fn column_passes_stride_past_the_grid() {
+        let dev = Device::emulator();
+        let (m, n) = (70, 600); // 2 row blocks, 3 column blocks (the last ragged)
+        let vals = |len: usize, seed: u32| -> Vec<bf16> {
+            (0..len)
+                .map(|i| {
+                    bf16::from_f32(
+                        (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0,
+                    )
+                })
+                .collect()
+        };
+        let z = Tensor::from_slice(&dev, &vals(m * n, 1), &[m, n]).unwrap();
+        let dy = Tensor::from_slice(&dev, &vals(m * n, 2), &[m, n]).unwrap();
+        let bias = Tensor::from_slice(&dev, &vals(n, 3), &[n]).unwrap();
+        let f: Vec<f32> = vals(n, 4).iter().map(|v| v.to_f32() + 1.5).collect();
+        let factor = Tensor::from_slice(&dev, &f, &[n]).unwrap();
+        let run = |cap: usize| {
+            let mut y = Tensor::<bf16>::for_output(&dev, &[m, n]).unwrap();
+            let pass = Columns::Scale { bias: Some(&bias) };
+            columns("test", pass, &z, &factor, &mut y, (m, n), cap).unwrap();
+            let mut dz = Tensor::<bf16>::for_output(&dev, &[m, n]).unwrap();
+            let mut partials = Tensor::<f32>::for_output(&dev, &[2, n]).unwrap();
+            let pass = Columns::Grad {
+                dy: &dy,
+                partials: &mut partials,
+            };
+            columns("test", pass, &z, &factor, &mut dz, (m, n), cap).unwrap();
+            let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let p: Vec<u32> = partials
+                .to_vec()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
+            (bits(y.to_vec().unwrap()), bits(dz.to_vec().unwrap()), p)
+        };
+        let want = run(MAX_COLUMN_BLOCKS);
+        assert!(want.2.iter().all(|b| f32::from_bits(*b).is_finite()));
+        for cap in [1, 2] {
+            assert!(run(cap) == want, "grid y capped at {cap}");
+        }
+    }
 }

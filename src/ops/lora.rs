@@ -209,6 +209,17 @@ pub fn lora_forward_into<'d, T: Element, A: Element>(
         "[..., N] (x's leading dimensions)",
     )?;
     check_t(OP, t, &s, "[..., r] (x's leading dimensions) or [M, r]")?;
+    let mut devices = vec![
+        ("w0", w0.device()),
+        ("a", a.device()),
+        ("b", b.device()),
+        ("y", y.device()),
+        ("t", t.device()),
+    ];
+    if let Some(bias) = bias {
+        devices.push(("bias", bias.device()));
+    }
+    validate::same_device(OP, ("x", x.device()), &devices)?;
     // The small-M kernel streams [W0; A] in the layer dtype with one X: adapters in the layer dtype, no
     // dropout. Otherwise (f32 adapters, dropout) small M takes the general path.
     check_dropout(OP, x, &dropout)?;
@@ -329,6 +340,20 @@ pub fn lora_backward_into<'d, T: Element, A: Element>(
             "[..., K] (x's leading dimensions)",
         )?;
     }
+    let mut devices = vec![
+        ("w0", w0.device()),
+        ("a", a.device()),
+        ("b", b.device()),
+        ("t", t.device()),
+        ("dy", dy.device()),
+        ("da", da.device()),
+        ("db", db.device()),
+    ];
+    if let Some(dx) = dx.as_deref() {
+        devices.push(("dx", dx.device()));
+    }
+    // every operand first: the launches would find a mismatch one at a time, dB written before dA's
+    validate::same_device(OP, ("x", x.device()), &devices)?;
     let acc = mode == GradMode::Accumulate;
     // dA and dX see the mask; the kept elements' 1/(1 − p) joins their scale (one f32 rounding of s/(1 − p))
     check_dropout(OP, x, &dropout)?;

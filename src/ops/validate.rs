@@ -200,3 +200,23 @@ pub(crate) fn adapter<T: Element, U: Element>(
     shape(op, "b", b, &[n, r], "[N, r]")?;
     Ok(r)
 }
+
+/// Every tensor of `others` is on `base`'s device (named `base_arg`): checked before an op's first
+/// launch, where the launches would find a mismatch only one at a time, after earlier ones had written.
+pub(crate) fn same_device(
+    op: &'static str,
+    (base_arg, base): (&'static str, &crate::device::Device),
+    others: &[(&'static str, &crate::device::Device)],
+) -> Result<()> {
+    for (arg, dev) in others {
+        if *dev != base {
+            return Err(Error::DeviceMismatch {
+                op,
+                arg,
+                expected: format!("{} ({base_arg}'s device)", base.describe()),
+                got: dev.describe(),
+            });
+        }
+    }
+    Ok(())
+}
