@@ -11,7 +11,10 @@
 //! are medians over the rounds, the ratio the median of the per-round ratios with their range beside it.
 //! The check: each output of ours (written over NaN) against cuBLAS's, tensor by tensor (forward: Y and
 //! T; backward: dX, dA, dB; merge: the update W0 gained), the largest relative difference shown,
-//! `MISMATCH` above 2e-2 or NaN.
+//! `MISMATCH` above 2e-2 or NaN. DoRA's unmerged layer (`ops::dora_forward`, `dora_backward`) has rows
+//! against the bare GEMM (cuBLAS's dX + dW) and against our plain LoRA op in the same rounds; its check
+//! is against our plain op (Z = the plain Y, Y = factor·Z; dX, dA, dB = the plain backward of
+//! factor·dY) and the magnitude's gradient against Σ dY·Z / norm on the host.
 //!
 //! First the rows of the default launch choices (the single-adapter cases, then the many-adapter ones);
 //! then, after all of them, the same ops under the other launch choices against the same baselines
@@ -178,6 +181,73 @@ fn check_backward(blas: &CudaBlas, s: &mut Set, c: Case) -> String {
     ])
 }
 
+/// Our DoRA forward vs our plain forward on `s`: Z (the DoRA forward's pre-scale output) must be the
+/// plain forward's Y, and the DoRA Y `round(fma(factor, Z, 0))` of its own Z and factors.
+fn check_dora_forward(s: &mut Set, c: Case) -> String {
+    common::ours_forward(s, SCALE);
+    let plain = host(&s.y);
+    poison(&mut [&mut s.y, &mut s.dora.z, &mut s.dora.t]);
+    common::ours_dora_forward(s, SCALE);
+    let (y, z) = (host(&s.y), host(&s.dora.z));
+    let f = s.dora.factor.to_vec().unwrap();
+    let want: Vec<bf16> = z
+        .iter()
+        .enumerate()
+        .map(|(e, z)| bf16::from_f32(f[e % c.n] * z.to_f32()))
+        .collect();
+    compare(&[("Z", &z, &plain, c.n), ("Y", &y, &want, c.n)])
+}
+
+/// Our DoRA backward vs our plain backward of dZ = round(factor·dY) (dX, dA, dB: the same kernels on the
+/// same operands), and the magnitude's gradient vs Σ dY·Z / norm in f64 on the host.
+fn check_dora_backward(s: &mut Set, c: Case) -> String {
+    common::ours_dora_forward(s, SCALE);
+    poison(&mut [&mut s.dx, &mut s.da, &mut s.db]);
+    common::ours_dora_backward(s, SCALE);
+    let (dx, da, db) = (host(&s.dx), host(&s.da), host(&s.db));
+    let dm = s.dmagnitude.to_vec().unwrap();
+    let (dy, z) = (host(&s.dy), host(&s.dora.z));
+    let (f, norm) = (
+        s.dora.factor.to_vec().unwrap(),
+        s.dora.norm.to_vec().unwrap(),
+    );
+    let dz: Vec<bf16> = dy
+        .iter()
+        .enumerate()
+        .map(|(e, g)| bf16::from_f32(f[e % c.n] * g.to_f32()))
+        .collect();
+    // the plain backward of dZ, with the DoRA forward's T (the plain forward's)
+    let dy_saved = std::mem::replace(
+        &mut s.dy,
+        Tensor::from_slice(s.x.device(), &dz, &[c.m, c.n]).unwrap(),
+    );
+    common::ours_forward(s, SCALE);
+    poison(&mut [&mut s.dx, &mut s.da, &mut s.db]);
+    common::ours_backward(s, SCALE);
+    s.dy = dy_saved;
+    let mut want_dm = vec![0.0f64; c.n];
+    for (e, (g, z)) in dy.iter().zip(&z).enumerate() {
+        want_dm[e % c.n] += g.to_f64() * z.to_f64();
+    }
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for ((got, want), norm) in dm.iter().zip(&want_dm).zip(&norm) {
+        let want = want / *norm as f64;
+        num += (*got as f64 - want).powi(2);
+        den += want * want;
+    }
+    let dm_err = (num / den).sqrt();
+    let grads = compare(&[
+        ("dX", &dx, &host(&s.dx), c.k),
+        ("dA", &da, &host(&s.da), c.k),
+        ("dB", &db, &host(&s.db), c.r),
+    ]);
+    if dm_err.is_nan() || dm_err > 1e-3 {
+        format!("MISMATCH dm {dm_err:.1e}; {grads}")
+    } else {
+        format!("{grads}; dm {dm_err:.1e}")
+    }
+}
+
 /// Our in-place merge vs a copy of W0 plus cuBLAS's s·B·A, compared on the update each made (W0 after
 /// minus W0 before): on the whole matrix, rows ours left unmerged would pass on W0's size.
 fn check_merge(dev: &Device, blas: &CudaBlas, s: &mut Set, c: Case) -> String {
@@ -252,6 +322,8 @@ fn backward_roofline(roof: Roof, c: Case) -> f64 {
 enum Run {
     Forward,
     Backward,
+    DoraForward,
+    DoraBackward,
     Merge,
     CublasGemm,
     CublasUnfused,
@@ -265,6 +337,8 @@ impl Run {
         match self {
             Run::Forward => common::ours_forward(s, SCALE),
             Run::Backward => common::ours_backward(s, SCALE),
+            Run::DoraForward => common::ours_dora_forward(s, SCALE),
+            Run::DoraBackward => common::ours_dora_backward(s, SCALE),
             Run::Merge => common::ours_merge(s, SCALE),
             Run::CublasGemm => common::cublas_forward(blas, s, c),
             Run::CublasUnfused => common::cublas_unfused(blas, s, c, SCALE),
@@ -281,7 +355,8 @@ impl Run {
             Run::CublasUnfused | Run::CublasUnfusedBackward => "cuBLAS unfused LoRA",
             Run::CublasFullBackward => "cuBLAS dX + dW (full FT)",
             Run::CopyW0 => "copy of W0",
-            Run::Forward | Run::Backward | Run::Merge => "ours",
+            Run::Forward | Run::Backward => "ours, plain LoRA",
+            Run::DoraForward | Run::DoraBackward | Run::Merge => "ours",
         }
     }
 }
@@ -354,6 +429,35 @@ fn default_rows(dev: &Device, blas: &CudaBlas, c: Case, merge: bool, roof: Roof)
             Run::Backward,
             &baselines,
             b_roof,
+            &chk,
+        );
+    }
+    // DoRA's unmerged layer: against the bare GEMM (or cuBLAS's dX + dW) and our plain LoRA op, timed in
+    // the same rounds
+    let chk = check_dora_forward(&mut sets[0], c);
+    rows(
+        (dev, blas),
+        c,
+        &mut sets,
+        "DoRA forward",
+        Run::DoraForward,
+        &[Run::CublasGemm, Run::Forward],
+        f_roof,
+        &chk,
+    );
+    if c.m > 16 {
+        for s in sets.iter_mut() {
+            common::ours_dora_forward(s, SCALE); // every set's saved Z, norms and factors
+        }
+        let chk = check_dora_backward(&mut sets[0], c);
+        rows(
+            (dev, blas),
+            c,
+            &mut sets,
+            "DoRA backward",
+            Run::DoraBackward,
+            &[Run::CublasFullBackward, Run::Backward],
+            backward_roofline(roof, c),
             &chk,
         );
     }
