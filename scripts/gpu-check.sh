@@ -311,7 +311,7 @@ done
 if [ "$gpu" = 1 ] && nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | grep -q '^9\.0'; then
   for t in $tests; do
     n=$(name_of "$t")
-    case "$n" in lora_ops | lora_linear) ;; *) continue ;; esac
+    case "$n" in lora_ops | lora_linear | dora_layer | dora_linear) ;; *) continue ;; esac
     log=$results/tests/$n-sm90a.log
     LK_FUSED_GEMM=auto run_limited "$run_timeout" "$t" --test-threads=1 > "$log" 2>&1; rc=$?
     case $rc in
