@@ -307,3 +307,41 @@ pub fn layer_cases() -> Vec<LayerCase> {
         })
         .collect()
 }
+
+/// How far the DoRA norm pass's row norms ‖W0 + s·B·A‖ may be from the exact ones, per row: 1e-5 of the
+/// norm (the f32 sums of squares per 128 columns) plus the norm of the merged values' own f32 errors,
+/// which matter where W0 and s·B·A cancel: per element 2⁻²⁴·(|w| + |s·B·A|) for the two roundings and
+/// (r + 1)·2⁻²⁴·|s|·Σ_q |b_q·a_q| for the f32 rank product (its worst case).
+#[allow(clippy::too_many_arguments)]
+pub fn dora_norm_slack<T: Element, U: Element>(
+    w0: &[T],
+    a: &[U],
+    b: &[U],
+    n: usize,
+    k: usize,
+    r: usize,
+    scale: f64,
+    exact_norm: &[f64],
+) -> Vec<f64> {
+    let abs = |v: &[U]| -> Vec<f64> { v.iter().map(|x| x.to_f64().abs()).collect() };
+    let (aa, ba) = (abs(a), abs(b));
+    let ulp = 2f64.powi(-24);
+    (0..n)
+        .map(|i| {
+            let e2: f64 = (0..k)
+                .map(|j| {
+                    let (mut d, mut size) = (0.0, 0.0);
+                    for q in 0..r {
+                        d += b[i * r + q].to_f64() * a[q * k + j].to_f64();
+                        size += ba[i * r + q] * aa[q * k + j];
+                    }
+                    let (d, size) = (scale * d, scale.abs() * size);
+                    let e = ulp * (w0[i * k + j].to_f64().abs() + d.abs())
+                        + (r + 1) as f64 * ulp * size;
+                    e * e
+                })
+                .sum();
+            1e-5 * exact_norm[i] + e2.sqrt()
+        })
+        .collect()
+}
