@@ -280,6 +280,15 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     /// [`ops::dora_norm`]), so a fresh DoRA adapter leaves the layer's output unchanged up to rounding.
     pub fn add_dora_adapter(&mut self, name: &str, config: LoraConfig, seed: u64) -> Result<()> {
         const OP: &str = "LoraLinear::add_dora_adapter";
+        if let Some(merged) = &self.merged {
+            // the magnitude is the norms of the base rows, which a merged W0 no longer holds
+            return Err(Error::InvalidState {
+                op: OP,
+                message: format!(
+                    "adapter `{merged}` is merged into w0; unmerge before adding a DoRA adapter (its magnitude starts at the base weight's row norms)"
+                ),
+            });
+        }
         let (a, b) = self.fresh_adapter(OP, config, seed)?;
         let magnitude = ops::dora_norm(&self.w0, &a, &b, config.scale())?;
         self.insert_impl(OP, name, config, a, b, Some(magnitude))
@@ -503,7 +512,8 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     /// A DoRA adapter, unmerged: DoRA's layer ([`ops::dora_forward`]), `Y = f ⊙ (X·W0ᵀ + s·T·Bᵀ) + bias`
     /// with `f = m/‖W0 + s·B·A‖` per output feature; merged, W0 holds `f ⊙ (W0 + s·B·A)` and the forward is
     /// the plain one with scale 0, as for any merged adapter. For training a DoRA adapter use
-    /// [`LoraLinear::train_forward`] (its backward needs more of the forward than T).
+    /// [`LoraLinear::train_forward`] (its backward needs more of the forward than T). An unmerged DoRA
+    /// forward also writes Z and drops it (the ops' saved state); for serving, merge.
     pub fn forward(&self, x: &Tensor<T>) -> Result<ForwardOutput<T>> {
         let (_, ad) = self.active_adapter("LoraLinear::forward")?;
         let scale = if self.merged.is_some() {
@@ -526,7 +536,8 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     /// base alone (`None`): `Y_i = X_i·W0ᵀ (+ bias) + s_a·(X_i·A_aᵀ)·B_aᵀ`, one batch, one set of launches
     /// ([`ops::lora_forward_multi`]; a row's bits do not depend on the rest of the batch). The layer keeps
     /// its adapters packed as an [`AdapterSet`] on the device for this, built on first use and again
-    /// after any adapter changes. Refused on a merged layer (W0 holds one adapter already).
+    /// after any adapter changes (its plain adapters: a row of a DoRA adapter is refused, the
+    /// many-adapter kernels being plain LoRA). Refused on a merged layer (W0 holds one adapter already).
     pub fn forward_multi(
         &mut self,
         x: &Tensor<T>,
@@ -541,9 +552,13 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
                 ),
             });
         }
-        if let Some((name, _)) = self.adapters.iter().find(|(_, ad)| ad.is_dora()) {
+        let dora_row = rows
+            .iter()
+            .flatten()
+            .find(|name| self.adapters.get(**name).is_some_and(|ad| ad.is_dora()));
+        if let Some(name) = dora_row {
             return Err(Error::Unsupported {
-                what: format!("{OP} with the DoRA adapter `{name}`"),
+                what: format!("{OP} with a row of the DoRA adapter `{name}`"),
                 hint: "the many-adapter forward is plain LoRA; run a DoRA adapter through forward or train_forward".into(),
             });
         }
@@ -551,7 +566,8 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             let (n, k) = self.dims();
             let mut set = AdapterSet::new(self.w0.device(), n, k)?;
             let mut slots = BTreeMap::new();
-            for (name, ad) in &self.adapters {
+            // the plain adapters: no row names a DoRA one (refused above)
+            for (name, ad) in self.adapters.iter().filter(|(_, ad)| !ad.is_dora()) {
                 consistent(OP, name, ad)?;
                 slots.insert(name.clone(), set.add(&ad.a, &ad.b, ad.config.scale())?);
             }
@@ -813,7 +829,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             if !dora.saved.as_ref().is_some_and(fits) {
                 dora.saved = Some(DoraSaved::for_layer(x, n, r)?);
             }
-            ops::dora_forward_into(
+            let ran = ops::dora_forward_into(
                 x,
                 &self.w0,
                 &ad.a,
@@ -824,7 +840,11 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
                 tr.y.as_mut().expect("made"),
                 dora.saved.as_mut().expect("made"),
                 &mut tr.ws,
-            )?;
+            );
+            if ran.is_err() {
+                dora.saved = None; // no backward from buffers this failed forward did not write
+            }
+            ran?;
             tr.dropout = TrainDropout::Fixed(Dropout::NONE);
             self.dropout_calls += 1;
             return Ok(tr.y.as_ref().expect("made"));
@@ -866,7 +886,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             TrainDropout::Fixed(dropout)
         };
         let (y, t) = (tr.y.as_mut().expect("made"), tr.t.as_mut().expect("made"));
-        ops::lora_forward_into(
+        let ran = ops::lora_forward_into(
             x,
             &self.w0,
             &ad.a,
@@ -877,7 +897,11 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             y,
             t,
             &mut tr.ws,
-        )?;
+        );
+        if ran.is_err() {
+            tr.t = None; // no backward from a T this failed forward may have left half made
+        }
+        ran?;
         if captured {
             // the eager state stays the last forward that ran; this capture's backward finds it here
             tr.captured_forward = serial;
@@ -970,20 +994,23 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         self.train.as_ref().map(|t| (&t.da, &t.db))
     }
 
-    /// A DoRA adapter's magnitude gradient \[N\] (f32) of the last [`LoraLinear::train_backward`] calls;
-    /// `None` for a plain adapter or before training.
+    /// A DoRA adapter's magnitude gradient \[N\] (f32) of the last [`LoraLinear::train_backward`] calls
+    /// (zeros before the first): `None` for a plain adapter or before the adapter's training state exists
+    /// (its first training call).
     pub fn magnitude_grad(&self) -> Option<&Tensor<f32>> {
         self.train.as_ref()?.dora.as_ref().map(|d| &d.dm)
     }
 
-    /// [`LoraLinear::magnitude_grad`], to change before [`LoraLinear::optimizer_step`] (clipping: it is
-    /// one of the adapter's gradients).
+    /// [`LoraLinear::magnitude_grad`], to change before [`LoraLinear::optimizer_step`]: it is one of a
+    /// DoRA adapter's gradients, so a global-norm clip includes it beside [`LoraLinear::grads_mut`]'s (as
+    /// PyTorch's `clip_grad_norm_` over PEFT's parameters includes `lora_magnitude_vector`).
     pub fn magnitude_grad_mut(&mut self) -> Option<&mut Tensor<f32>> {
         self.train.as_mut()?.dora.as_mut().map(|d| &mut d.dm)
     }
 
     /// The gradients, to change before [`LoraLinear::optimizer_step`]: global-norm clipping over every
-    /// layer's ([`ops::GradClip`]), a loss scale, a gradient of the caller's own.
+    /// layer's ([`ops::GradClip`]), a loss scale, a gradient of the caller's own. A DoRA adapter has a
+    /// third, [`LoraLinear::magnitude_grad_mut`].
     pub fn grads_mut(&mut self) -> Option<(&mut Tensor<A>, &mut Tensor<A>)> {
         self.train.as_mut().map(|t| (&mut t.da, &mut t.db))
     }
@@ -1035,6 +1062,12 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
                 AdamState::new(&dev, ad.b.shape())?,
             ));
         }
+        // the magnitude's state before any step, so a failure to make it steps nothing
+        if let (Some(m), Some(dora)) = (ad.magnitude.as_ref(), tr.dora.as_mut())
+            && dora.adam.is_none()
+        {
+            dora.adam = Some(AdamState::new(&dev, m.shape())?);
+        }
         let (sa, sb) = tr.adam.as_mut().expect("made");
         // A is f32 (checked above): the statically typed views of the same tensors
         let not_f32 = || Error::InvalidState {
@@ -1053,10 +1086,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         step(ad.a.cast_mut::<f32>().ok_or_else(not_f32)?, ga, sa)?;
         step(ad.b.cast_mut::<f32>().ok_or_else(not_f32)?, gb, sb)?;
         if let (Some(m), Some(dora)) = (ad.magnitude.as_mut(), tr.dora.as_mut()) {
-            if dora.adam.is_none() {
-                dora.adam = Some(AdamState::new(&dev, m.shape())?);
-            }
-            step(m, &dora.dm, dora.adam.as_mut().expect("made"))?;
+            step(m, &dora.dm, dora.adam.as_mut().expect("made above"))?;
         }
         Ok(())
     }

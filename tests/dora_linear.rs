@@ -140,9 +140,11 @@ fn dora_training_step_is_the_ops() {
         bits(&dm2),
         "dm accumulated"
     );
-    let dm_host = dm2.to_vec().unwrap();
     let g1 = l.magnitude_grad().unwrap().to_vec().unwrap();
-    assert!(g1.iter().zip(&dm_host).all(|(p, q)| p == q) && g1.iter().any(|v| *v != 0.0));
+    assert!(
+        g1.iter().any(|v| *v != 0.0),
+        "a gradient of zeros passes for anything"
+    );
 
     // AdamW on A, B and the magnitude
     let hp = AdamW {
@@ -162,6 +164,26 @@ fn dora_training_step_is_the_ops() {
     let (mut a2, mut sa) = (a, AdamState::new(&dev, &[d.r, d.k]).unwrap());
     ops::adamw_step(&mut a2, &da2, &mut sa, &hp).unwrap();
     assert_eq!(bits(&ad.a), bits(&a2), "A step");
+    let (mut b2, mut sb) = (b, AdamState::new(&dev, &[d.n, d.r]).unwrap());
+    ops::adamw_step(&mut b2, &db2, &mut sb, &hp).unwrap();
+    assert_eq!(bits(&ad.b), bits(&b2), "B step");
+
+    // magnitude_grad_mut reaches the gradient the step uses: zeroed there, the magnitude's next step is
+    // the ops' step of a zero gradient (AdamW's moments keep it moving)
+    l.train_forward(&x).unwrap();
+    l.train_backward(&x, &dy, GradMode::Overwrite, false)
+        .unwrap();
+    let dm = l.magnitude_grad_mut().unwrap();
+    *dm = Tensor::zeros(&dev, &[d.n]).unwrap();
+    l.optimizer_step(&hp).unwrap();
+    let zero = Tensor::zeros(&dev, &[d.n]).unwrap();
+    ops::adamw_step(&mut mag, &zero, &mut state, &hp).unwrap();
+    let ad = l.adapter("dora").unwrap();
+    assert_eq!(
+        bits(ad.magnitude.as_ref().unwrap()),
+        bits(&mag),
+        "step of the edited gradient"
+    );
 }
 
 /// Merge and unmerge of a DoRA adapter: W0 as ops::dora_merge leaves it, the merged forward within bf16
@@ -389,10 +411,55 @@ fn dora_layer_refusals() {
     assert!(e.contains("train_backward"), "{e}");
     let e = unsupported(l.forward_multi(&x, &vec![Some("dora"); d.m]).unwrap_err());
     assert!(e.contains("DoRA"), "{e}");
+    // rows of plain adapters (or none) still batch beside a DoRA adapter
+    l.add_adapter("plain", LoraConfig::new(2, 2.0), 1).unwrap();
+    let mut rows = vec![Some("plain"); d.m];
+    rows[0] = None;
+    l.forward_multi(&x, &rows).unwrap();
+    // a DoRA adapter added to a merged layer would take the merged rows' norms as its magnitude
+    l.merge().unwrap();
+    let e = l
+        .add_dora_adapter("late", LoraConfig::new(2, 2.0), 1)
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidState { .. }), "{e:?}");
+    l.unmerge().unwrap();
     let e = l
         .train_backward(&x, &dy, GradMode::Overwrite, false)
         .unwrap_err();
     assert!(matches!(e, Error::InvalidState { .. }), "{e:?}");
+    // a failed training forward leaves nothing a backward could take for its own
+    l.train_forward(&x).unwrap();
+    let x_bad = up(&dev, &d.x[..d.m * (d.k - 1)], &[d.m, d.k - 1]);
+    assert!(l.train_forward(&x_bad).is_err());
+    let e = l
+        .train_backward(&x, &dy, GradMode::Overwrite, false)
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidState { .. }),
+        "after a failed forward: {e:?}"
+    );
+    // removing the magnitude mid-training makes the training state anew (a plain adapter's: no dm)
+    l.train_forward(&x).unwrap();
+    l.train_backward(&x, &dy, GradMode::Overwrite, false)
+        .unwrap();
+    let kept = l.adapter_mut("dora").unwrap().magnitude.take();
+    l.train_forward(&x).unwrap();
+    assert!(
+        l.magnitude_grad().is_none(),
+        "a plain adapter's training state"
+    );
+    l.adapter_mut("dora").unwrap().magnitude = kept;
+    l.train_forward(&x).unwrap();
+    assert!(l.magnitude_grad().is_some(), "a DoRA adapter's again");
+    // the same for a plain adapter (its T)
+    l.set_active("plain").unwrap();
+    l.train_forward(&x).unwrap();
+    assert!(l.train_forward(&x_bad).is_err());
+    let e = l
+        .train_backward(&x, &dy, GradMode::Overwrite, false)
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidState { .. }), "plain: {e:?}");
+    l.set_active("dora").unwrap();
     l.adapter_mut("dora").unwrap().config.dropout = 0.1;
     let e = unsupported(l.train_forward(&x).unwrap_err());
     assert!(e.contains("dropout"), "{e}");
