@@ -10,7 +10,9 @@
 //! (reference::forward_as_kernels: T rounded to the layer dtype), Y bit for bit as round(fma(factor, Z,
 //! bias)), dA, dB, dX against reference::backward_as_kernels of dZ = round(factor·dY) and the saved T,
 //! and dm against Σ dY·Z / norm in f64; then Y and dm end to end (the factors and norms on the
-//! contract's Z) with the per-dtype tolerance. reference::dora_forward / dora_backward (the exact layer)
+//! contract's Z) with the per-dtype tolerance, relative to the size of their terms (|f·Z| + |bias|;
+//! Σ|dY·Z| / norm + |the old dm|), so a bias or an old gradient that cancels the rest cannot fail a
+//! correct kernel. reference::dora_forward / dora_backward (the exact layer)
 //! are what the PEFT fixture test holds to PEFT's numbers.
 
 mod common;
@@ -229,15 +231,22 @@ fn check<T: Element, A: Element>(what: &str, c: &Case<T, A>, o: &Out<T, A>) {
         }
     }
     // Y end to end: the factors (checked above against the exact ones, within the f32 slack that rows
-    // whose W0 and s·B·A cancel need) on the contract's Z (T rounded, as the plain forward's)
+    // whose W0 and s·B·A cancel need) on the contract's Z (T rounded, as the plain forward's), the error
+    // relative to the terms' size |f·Z| + |bias| (Z's rounding is relative to Z, not to a Y where the
+    // bias cancels f·Z)
+    let bias_of = |e: usize| l.bias.as_ref().map_or(0.0, |b| b[e % n].to_f64());
     let y_contract: Vec<f64> =
         f.y.iter()
             .enumerate()
-            .map(|(e, z)| {
-                o.factor[e % n] as f64 * z + l.bias.as_ref().map_or(0.0, |b| b[e % n].to_f64())
-            })
+            .map(|(e, z)| o.factor[e % n] as f64 * z + bias_of(e))
             .collect();
-    rel("y", reference::relative_error(&o.y, &y_contract), tol);
+    let y_size: Vec<f64> =
+        f.y.iter()
+            .enumerate()
+            .map(|(e, z)| (o.factor[e % n] as f64 * z).abs() + bias_of(e).abs())
+            .collect();
+    let y_got: Vec<f64> = o.y.iter().map(|v| v.to_f64()).collect();
+    rel("y", relative_to(&y_got, &y_contract, &y_size), tol);
 
     // backward: dZ = round(factor·dY), then the plain backward's contract with the kernels' T
     let dz: Vec<T> =
@@ -266,6 +275,16 @@ fn check<T: Element, A: Element>(what: &str, c: &Case<T, A>, o: &Out<T, A>) {
                 / o.norm[j] as f64
         })
         .collect();
+    // its size: the old gradient's and this call's terms' (Z's rounding is relative to them, not to a sum
+    // where they cancel)
+    let mut dm_size: Vec<f64> = (0..n)
+        .map(|j| {
+            (0..d.m)
+                .map(|i| (l.dy[i * n + j].to_f64() * f.y[i * n + j]).abs())
+                .sum::<f64>()
+                / o.norm[j] as f64
+        })
+        .collect();
     let (mut da, mut db) = (g.da, g.db);
     if let Some((da0, db0, dm0)) = &c.grads0 {
         for (want, old) in da.iter_mut().zip(da0).chain(db.iter_mut().zip(db0)) {
@@ -274,6 +293,7 @@ fn check<T: Element, A: Element>(what: &str, c: &Case<T, A>, o: &Out<T, A>) {
         for (j, old) in dm0.iter().enumerate() {
             dm[j] += *old as f64;
             dm_contract[j] += *old as f64;
+            dm_size[j] += old.abs() as f64;
         }
     }
     rel("dx", reference::relative_error(&o.dx, &g.dx), tol);
@@ -296,11 +316,20 @@ fn check<T: Element, A: Element>(what: &str, c: &Case<T, A>, o: &Out<T, A>) {
             );
         }
     }
+    let dm_got: Vec<f64> = o.dm.iter().map(|v| *v as f64).collect();
     rel(
         "dmagnitude",
-        reference::relative_error(&o.dm, &dm_contract),
+        relative_to(&dm_got, &dm_contract, &dm_size),
         tol,
     );
+}
+
+/// ‖got − want‖ / ‖size‖: an error relative to the size of the terms that made `want` (NaN never passes).
+fn relative_to(got: &[f64], want: &[f64], size: &[f64]) -> f64 {
+    let diff: f64 = got.iter().zip(want).map(|(g, w)| (g - w).powi(2)).sum();
+    let norm: f64 = size.iter().map(|v| v * v).sum();
+    let err = (diff / norm).sqrt();
+    if err.is_nan() { f64::INFINITY } else { err }
 }
 
 /// `err ≤ bound`, false for NaN.
