@@ -126,15 +126,7 @@ pub fn dora_forward_into<T: Element, A: Element>(
     }
     let lead = "[..., N] (x's leading dimensions)";
     validate::rows_shape(OP, "y", y, &s.lead, d.n, lead)?;
-    validate::rows_shape(OP, "saved.z", &saved.z, &s.lead, d.n, lead)?;
-    lora::check_t(
-        OP,
-        &saved.t,
-        &s,
-        "[..., r] (x's leading dimensions) or [M, r]",
-    )?;
-    check_rows(OP, "saved.norm", &saved.norm, w0, d.n)?;
-    check_rows(OP, "saved.factor", &saved.factor, w0, d.n)?;
+    check_saved(OP, saved, &s, w0)?;
     let mut devices = vec![
         ("w0", w0.device()),
         ("a", a.device()),
@@ -254,10 +246,7 @@ pub fn dora_backward_into<T: Element, A: Element>(
     let d = s.d;
     let lead = "[..., N] (x's leading dimensions)";
     validate::rows_shape(OP, "dy", dy, &s.lead, d.n, lead)?;
-    validate::rows_shape(OP, "saved.z", &saved.z, &s.lead, d.n, lead)?;
-    lora::check_t(OP, &saved.t, &s, "[..., r] or [M, r] (the forward's T)")?;
-    check_rows(OP, "saved.norm", &saved.norm, w0, d.n)?;
-    check_rows(OP, "saved.factor", &saved.factor, w0, d.n)?;
+    check_saved(OP, saved, &s, w0)?;
     check_rows(OP, "dmagnitude", dmagnitude, w0, d.n)?;
     validate::finite(OP, "scale", scale)?;
     validate::shape(OP, "da", da, &[d.r, d.k], "[r, K]")?;
@@ -326,6 +315,26 @@ pub fn dora_backward_into<T: Element, A: Element>(
             )
         })
     })
+}
+
+/// `saved` fits the layer call `s`: Z `[..., N]`, T `[..., r]` or `[M, r]`, norms and factors `[N]` on
+/// W0's device (the forward writes them, the backward reads them: one check for both).
+fn check_saved<T: Element>(
+    op: &'static str,
+    saved: &DoraSaved<T>,
+    s: &lora::LayerShape,
+    w0: &Tensor<T>,
+) -> Result<()> {
+    let lead = "[..., N] (x's leading dimensions)";
+    validate::rows_shape(op, "saved.z", &saved.z, &s.lead, s.d.n, lead)?;
+    lora::check_t(
+        op,
+        &saved.t,
+        s,
+        "[..., r] (x's leading dimensions) or [M, r]",
+    )?;
+    check_rows(op, "saved.norm", &saved.norm, w0, s.d.n)?;
+    check_rows(op, "saved.factor", &saved.factor, w0, s.d.n)
 }
 
 /// Which column pass of kernels/dora.cu.

@@ -323,22 +323,17 @@ pub fn dora_norm_slack<T: Element, U: Element>(
     scale: f64,
     exact_norm: &[f64],
 ) -> Vec<f64> {
-    let abs = |v: &[U]| -> Vec<f64> { v.iter().map(|x| x.to_f64().abs()).collect() };
-    let (aa, ba) = (abs(a), abs(b));
+    let abs = |v: &[U]| -> Vec<U> { v.iter().map(|x| U::from_f64(x.to_f64().abs())).collect() };
+    let d = lora_kernels::reference::delta(a, b, n, k, r, scale);
+    let size = lora_kernels::reference::delta(&abs(a), &abs(b), n, k, r, scale.abs());
     let ulp = 2f64.powi(-24);
     (0..n)
         .map(|i| {
-            let e2: f64 = (0..k)
-                .map(|j| {
-                    let (mut d, mut size) = (0.0, 0.0);
-                    for q in 0..r {
-                        d += b[i * r + q].to_f64() * a[q * k + j].to_f64();
-                        size += ba[i * r + q] * aa[q * k + j];
-                    }
-                    let (d, size) = (scale * d, scale.abs() * size);
-                    let e = ulp * (w0[i * k + j].to_f64().abs() + d.abs())
-                        + (r + 1) as f64 * ulp * size;
-                    e * e
+            let e2: f64 = (i * k..(i + 1) * k)
+                .map(|e| {
+                    let err =
+                        ulp * (w0[e].to_f64().abs() + d[e].abs()) + (r + 1) as f64 * ulp * size[e];
+                    err * err
                 })
                 .sum();
             1e-5 * exact_norm[i] + e2.sqrt()
