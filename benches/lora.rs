@@ -28,10 +28,15 @@ use std::time::{Duration, Instant};
 use common::Case;
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput};
-use lora_kernels::Device;
 use lora_kernels::cudarc::cublas::CudaBlas;
+use lora_kernels::{Device, Dropout};
 
 const SCALE: f32 = 2.0;
+
+/// The LoRA dropout of the DoRA rows that take one (a common recipe's 0.05; the mask fixed).
+fn bench_dropout() -> Dropout {
+    Dropout::new(0.05, 0, 0).expect("0.05 is a probability")
+}
 
 /// One timed row of `flops` (or bytes) per call: `op` on the next input set (they rotate, so none is
 /// served from L2), `iters` calls per timed batch, then a device synchronize inside the timed region.
@@ -84,7 +89,15 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
         ("ours_dora_fused", forward.clone()),
         dev,
         &mut sets,
-        |s| common::ours_dora_forward(s, SCALE),
+        |s| common::ours_dora_forward(s, SCALE, Dropout::NONE),
+    );
+    // DoRA with LoRA dropout: the same useful FLOPs, W0 run on the dropped input too (PEFT's layer)
+    row(
+        &mut g,
+        ("ours_dora_dropout_fused", forward.clone()),
+        dev,
+        &mut sets,
+        |s| common::ours_dora_forward(s, SCALE, bench_dropout()),
     );
     row(&mut g, ("cublas_bare_gemm", gemm), dev, &mut sets, |s| {
         common::cublas_forward(blas, s, c)
@@ -111,7 +124,14 @@ fn bench_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case, merge:
             ("ours_dora_dx_da_db", backward.clone()),
             dev,
             &mut sets,
-            |s| common::ours_dora_backward(s, SCALE),
+            |s| common::ours_dora_backward(s, SCALE, Dropout::NONE),
+        );
+        row(
+            &mut g,
+            ("ours_dora_dropout_dx_da_db", backward.clone()),
+            dev,
+            &mut sets,
+            |s| common::ours_dora_backward(s, SCALE, bench_dropout()),
         );
         row(
             &mut g,
@@ -185,7 +205,7 @@ fn bench_sm90_case(cr: &mut Criterion, dev: &Device, blas: &CudaBlas, c: Case) {
         ("ours_dora_fused", forward.clone()),
         dev,
         &mut sets,
-        |s| common::ours_dora_forward(s, SCALE),
+        |s| common::ours_dora_forward(s, SCALE, Dropout::NONE),
     );
     row(&mut g, ("cublas_bare_gemm", gemm), dev, &mut sets, |s| {
         common::cublas_forward(blas, s, c)

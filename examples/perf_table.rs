@@ -39,7 +39,7 @@ use common::measure::{self, Samples, compare};
 use common::{Buf, Case, Set};
 use lora_kernels::cudarc::cublas::CudaBlas;
 use lora_kernels::memory::{LayerStep, human};
-use lora_kernels::{Device, Tensor, bf16, ops};
+use lora_kernels::{Device, Dropout, Tensor, bf16, ops};
 
 const SCALE: f32 = 2.0;
 const TIMING: (f64, f64) = (measure::WARM_UP_S, measure::BATCH_S);
@@ -187,7 +187,7 @@ fn check_dora_forward(s: &mut Set, c: Case) -> String {
     common::ours_forward(s, SCALE);
     let plain = host(&s.y);
     poison(&mut [&mut s.y, &mut s.dora.z, &mut s.dora.t]);
-    common::ours_dora_forward(s, SCALE);
+    common::ours_dora_forward(s, SCALE, Dropout::NONE);
     let (y, z) = (host(&s.y), host(&s.dora.z));
     let f = s.dora.factor.to_vec().unwrap();
     let want: Vec<bf16> = z
@@ -201,9 +201,9 @@ fn check_dora_forward(s: &mut Set, c: Case) -> String {
 /// Our DoRA backward vs our plain backward of dZ = round(factor·dY) (dX, dA, dB: the same kernels on the
 /// same operands), and the magnitude's gradient vs Σ dY·Z / norm in f64 on the host.
 fn check_dora_backward(s: &mut Set, c: Case) -> String {
-    common::ours_dora_forward(s, SCALE);
+    common::ours_dora_forward(s, SCALE, Dropout::NONE);
     poison(&mut [&mut s.dx, &mut s.da, &mut s.db]);
-    common::ours_dora_backward(s, SCALE);
+    common::ours_dora_backward(s, SCALE, Dropout::NONE);
     let (dx, da, db) = (host(&s.dx), host(&s.da), host(&s.db));
     let dm = s.dmagnitude.to_vec().unwrap();
     let (dy, z) = (host(&s.dy), host(&s.dora.z));
@@ -337,8 +337,8 @@ impl Run {
         match self {
             Run::Forward => common::ours_forward(s, SCALE),
             Run::Backward => common::ours_backward(s, SCALE),
-            Run::DoraForward => common::ours_dora_forward(s, SCALE),
-            Run::DoraBackward => common::ours_dora_backward(s, SCALE),
+            Run::DoraForward => common::ours_dora_forward(s, SCALE, Dropout::NONE),
+            Run::DoraBackward => common::ours_dora_backward(s, SCALE, Dropout::NONE),
             Run::Merge => common::ours_merge(s, SCALE),
             Run::CublasGemm => common::cublas_forward(blas, s, c),
             Run::CublasUnfused => common::cublas_unfused(blas, s, c, SCALE),
@@ -447,7 +447,7 @@ fn default_rows(dev: &Device, blas: &CudaBlas, c: Case, merge: bool, roof: Roof)
     );
     if c.m > 16 {
         for s in sets.iter_mut() {
-            common::ours_dora_forward(s, SCALE); // every set's saved Z, norms and factors
+            common::ours_dora_forward(s, SCALE, Dropout::NONE); // every set's saved Z, norms and factors
         }
         let chk = check_dora_backward(&mut sets[0], c);
         rows(

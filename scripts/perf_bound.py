@@ -437,6 +437,29 @@ def dora_layer_extra(m, n, k, r):
     return [norm, factor, scale], [grad, dm]
 
 
+def dora_dropout_extra(m, n, k, r, sms):
+    """DoRA's layer with LoRA dropout beyond dora_layer_extra's launches: the forward adds
+    dropout_residual (X - dropout(X): reads X, writes the residual, one Philox call per 4 elements, a
+    grid-stride loop of at most 65536 blocks), the plain GEMM D = residual W0^T (the fused GEMM at rank 0)
+    and, in dora_scale, a read of D and a write of Z - D; the backward with dX adds, in dora_grad, a write
+    of (1 - f) dY, the plain GEMM of it with W0 (nn, rank 0) and dropout_residual accumulating into dX
+    (reads the product and dX, writes dX). The plain LoRA launches with dropout are counted as without
+    (the mask's generator in the projection and dX's epilogue is not modelled)."""
+    fwd, bwd = dora_layer_extra(m, n, k, r)
+    fwd, bwd = [dict(l) for l in fwd], [dict(l) for l in bwd]
+    fwd[2]["bytes"] += 2 * 2 * m * n  # dora_scale: D read, Z - D written
+    bwd[0]["bytes"] += 2 * m * n  # dora_grad: (1 - f) dY written
+    groups = cdiv(m * k, 4)
+    blocks = min(cdiv(groups, 256), 65536)
+
+    def residual(accumulate):
+        return dict(kernel="dropout_residual_bf16", file="dora", blocks=blocks, iters=cdiv(groups, 256 * blocks),
+                    slots=1, slot=None, bytes=(3 if accumulate else 2) * 2 * m * k)
+    fwd += [residual(False), launch_fused("fused_gemm_nt_bf16", m, n, k, 0, sms)]
+    bwd += [launch_fused("fused_gemm_nn_bf16", m, k, n, 0, sms), residual(True)]
+    return fwd, bwd
+
+
 def merge_ranks():
     """Not headline targets: the merge of the headline shape (4096^2, bf16) at larger ranks, where the rank
     product (r x n x k FFMA) grows while the bytes stay those of W."""
@@ -930,13 +953,16 @@ def dora_layer_section(w, res, mixes, dev, arch):
     M, N, K, R = 8192, 4096, 4096, 16
     plain = {op: launches for _, op, launches, _ in headline_ops(dev["sms"])}
     extra_fwd, extra_bwd = dora_layer_extra(M, N, K, R)
+    drop_fwd, drop_bwd = dora_dropout_extra(M, N, K, R, dev["sms"])
     w("DoRA's unmerged layer (ops::dora_forward, dora_backward; M = 8192, N = K = 4096, r = 16, bf16; no target: "
       "against the plain LoRA op's bound above, whose launches it runs too; µs):")
     w("")
     w("| op | bound | plain LoRA | DoRA / plain | added launches (bound, limited by) |")
     w("| --- | --- | --- | --- | --- |")
     for op, base, extra in (("dora_forward", plain["lora_forward"], extra_fwd),
-                            ("dora_backward", plain["lora_backward"], extra_bwd)):
+                            ("dora_backward", plain["lora_backward"], extra_bwd),
+                            ("dora_forward, LoRA dropout", plain["lora_forward"], drop_fwd),
+                            ("dora_backward, LoRA dropout", plain["lora_backward"], drop_bwd)):
         pb = launches_bound(base, res, mixes, dev, arch)
         added, parts_txt = 0.0, []
         for l in extra:

@@ -803,8 +803,8 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     /// live in the layer's own buffers, reused while the shape repeats (nothing is allocated per step);
     /// nothing waits for the device. Returns Y; pass the same `x` to [`LoraLinear::train_backward`].
     /// A DoRA adapter runs DoRA's layer ([`ops::dora_forward_into`]; its Z, norms and factors kept for
-    /// the backward, which also writes [`LoraLinear::magnitude_grad`]); with LoRA dropout it is refused
-    /// (PEFT's DoRA with dropout adds a GEMM of W0 on the dropped input, which is not implemented).
+    /// the backward, which also writes [`LoraLinear::magnitude_grad`]); with LoRA dropout, PEFT's DoRA
+    /// layer with dropout (W0 runs on the dropped input too: one more GEMM each way).
     pub fn train_forward(&mut self, x: &Tensor<T>) -> Result<&Tensor<T>> {
         const OP: &str = "LoraLinear::train_forward";
         let name = self.training(OP)?;
@@ -813,44 +813,16 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         let tr = self.train.as_mut().expect("made by training()");
         let (lead, _, _) = validate::rows(OP, "x", x)?;
         let rows = |last: usize| -> Vec<usize> { lead.iter().copied().chain([last]).collect() };
-        if let (Some(m), Some(dora)) = (&ad.magnitude, tr.dora.as_mut()) {
-            if ad.config.dropout > 0.0 {
-                return Err(Error::Unsupported {
-                    what: format!(
-                        "{OP} of the DoRA adapter `{name}` with LoRA dropout {}",
-                        ad.config.dropout
-                    ),
-                    hint: "PEFT's DoRA with dropout adds a second GEMM of W0 on the dropped input, which this crate does not run; train DoRA adapters with dropout 0 (LoraConfig::with_dropout(0.0) via adapter_mut)".into(),
-                });
-            }
-            buffer(&mut tr.y, x, &rows(n))?;
-            let r = ad.config.rank;
+        let r = ad.config.rank;
+        buffer(&mut tr.y, x, &rows(n))?;
+        if let (true, Some(dora)) = (ad.is_dora(), tr.dora.as_mut()) {
             let fits = |d: &DoraSaved<T>| d.z.shape() == rows(n) && d.t.shape() == rows(r);
             if !dora.saved.as_ref().is_some_and(fits) {
                 dora.saved = Some(DoraSaved::for_layer(x, n, r)?);
             }
-            let ran = ops::dora_forward_into(
-                x,
-                &self.w0,
-                &ad.a,
-                &ad.b,
-                m,
-                self.bias.as_ref(),
-                ad.config.scale(),
-                tr.y.as_mut().expect("made"),
-                dora.saved.as_mut().expect("made"),
-                &mut tr.ws,
-            );
-            if ran.is_err() {
-                dora.saved = None; // no backward from buffers this failed forward did not write
-            }
-            ran?;
-            tr.dropout = TrainDropout::Fixed(Dropout::NONE);
-            self.dropout_calls += 1;
-            return Ok(tr.y.as_ref().expect("made"));
+        } else {
+            buffer(&mut tr.t, x, &rows(r))?;
         }
-        buffer(&mut tr.y, x, &rows(n))?;
-        buffer(&mut tr.t, x, &rows(ad.config.rank))?;
         let dropout = if ad.config.dropout > 0.0 {
             Dropout::new(ad.config.dropout, self.dropout_seed, self.dropout_calls)?
         } else {
@@ -885,23 +857,43 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         } else {
             TrainDropout::Fixed(dropout)
         };
-        let (y, t) = (tr.y.as_mut().expect("made"), tr.t.as_mut().expect("made"));
-        let ran = ops::lora_forward_into(
-            x,
-            &self.w0,
-            &ad.a,
-            &ad.b,
-            self.bias.as_ref(),
-            ad.config.scale(),
-            dropout.arg(&tr.dropout_schedule),
-            y,
-            t,
-            &mut tr.ws,
-        );
-        if ran.is_err() {
-            tr.t = None; // no backward from a T this failed forward may have left half made
+        let y = tr.y.as_mut().expect("made");
+        if let (Some(m), Some(dora)) = (&ad.magnitude, tr.dora.as_mut()) {
+            let ran = ops::dora_forward_into(
+                x,
+                &self.w0,
+                &ad.a,
+                &ad.b,
+                m,
+                self.bias.as_ref(),
+                ad.config.scale(),
+                dropout.arg(&tr.dropout_schedule),
+                y,
+                dora.saved.as_mut().expect("made"),
+                &mut tr.ws,
+            );
+            if ran.is_err() {
+                dora.saved = None; // no backward from buffers this failed forward did not write
+            }
+            ran?;
+        } else {
+            let ran = ops::lora_forward_into(
+                x,
+                &self.w0,
+                &ad.a,
+                &ad.b,
+                self.bias.as_ref(),
+                ad.config.scale(),
+                dropout.arg(&tr.dropout_schedule),
+                y,
+                tr.t.as_mut().expect("made"),
+                &mut tr.ws,
+            );
+            if ran.is_err() {
+                tr.t = None; // no backward from a T this failed forward may have left half made
+            }
+            ran?;
         }
-        ran?;
         if captured {
             // the eager state stays the last forward that ran; this capture's backward finds it here
             tr.captured_forward = serial;
@@ -926,6 +918,13 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         let name = self.training(OP)?;
         let ad = &self.adapters[&name];
         let tr = self.train.as_mut().expect("made by training()");
+        // the mask of the forward that made T: this capture's own forward's, or the last that ran
+        let serial = x.device().capture_serial();
+        let mask = if serial.is_some() && tr.captured_forward == serial {
+            TrainDropout::Scheduled
+        } else {
+            tr.dropout
+        };
         if let (Some(dora), true) = (tr.dora.as_mut(), ad.is_dora()) {
             let Some(saved) = dora.saved.as_ref() else {
                 return Err(Error::InvalidState {
@@ -944,6 +943,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
                 saved,
                 dy,
                 ad.config.scale(),
+                mask.arg(&tr.dropout_schedule),
                 if want_dx { tr.dx.as_mut() } else { None },
                 &mut tr.da,
                 &mut tr.db,
@@ -963,13 +963,6 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         if want_dx {
             buffer(&mut tr.dx, x, x.shape())?;
         }
-        // the mask of the forward that made T: this capture's own forward's, or the last that ran
-        let serial = x.device().capture_serial();
-        let mask = if serial.is_some() && tr.captured_forward == serial {
-            TrainDropout::Scheduled
-        } else {
-            tr.dropout
-        };
         ops::lora_backward_into(
             x,
             &self.w0,

@@ -49,6 +49,7 @@ kernel_params!(
     LkDoraFactorParams,
     LkDoraColumnsParams,
     LkDoraMagnitudeGradParams,
+    LkDropoutResidualParams,
     LkAdamwParams,
     LkMseGradParams,
     LkGradSumsqParams,

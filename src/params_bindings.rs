@@ -744,6 +744,8 @@ pub struct LkDoraColumnsParams {
     pub factor: *const f32,
     pub out: *mut ::core::ffi::c_void,
     pub partials: *mut f32,
+    pub residual: *const ::core::ffi::c_void,
+    pub aux: *mut ::core::ffi::c_void,
     pub m: u32,
     pub n: u32,
 }
@@ -751,7 +753,7 @@ pub struct LkDoraColumnsParams {
 const _: () = {
     [
         "Size of LkDoraColumnsParams",
-    ][::core::mem::size_of::<LkDoraColumnsParams>() - 56usize];
+    ][::core::mem::size_of::<LkDoraColumnsParams>() - 72usize];
     [
         "Alignment of LkDoraColumnsParams",
     ][::core::mem::align_of::<LkDoraColumnsParams>() - 8usize];
@@ -774,13 +776,65 @@ const _: () = {
         "Offset of field: LkDoraColumnsParams::partials",
     ][::core::mem::offset_of!(LkDoraColumnsParams, partials) - 40usize];
     [
+        "Offset of field: LkDoraColumnsParams::residual",
+    ][::core::mem::offset_of!(LkDoraColumnsParams, residual) - 48usize];
+    [
+        "Offset of field: LkDoraColumnsParams::aux",
+    ][::core::mem::offset_of!(LkDoraColumnsParams, aux) - 56usize];
+    [
         "Offset of field: LkDoraColumnsParams::m",
-    ][::core::mem::offset_of!(LkDoraColumnsParams, m) - 48usize];
+    ][::core::mem::offset_of!(LkDoraColumnsParams, m) - 64usize];
     [
         "Offset of field: LkDoraColumnsParams::n",
-    ][::core::mem::offset_of!(LkDoraColumnsParams, n) - 52usize];
+    ][::core::mem::offset_of!(LkDoraColumnsParams, n) - 68usize];
 };
 impl Default for LkDoraColumnsParams {
+    fn default() -> Self {
+        let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::core::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct LkDropoutResidualParams {
+    pub x: *const ::core::ffi::c_void,
+    pub out: *mut ::core::ffi::c_void,
+    pub count: u64,
+    pub dropout: LkDropout,
+    pub keep_residual: f32,
+    pub accumulate: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    [
+        "Size of LkDropoutResidualParams",
+    ][::core::mem::size_of::<LkDropoutResidualParams>() - 64usize];
+    [
+        "Alignment of LkDropoutResidualParams",
+    ][::core::mem::align_of::<LkDropoutResidualParams>() - 8usize];
+    [
+        "Offset of field: LkDropoutResidualParams::x",
+    ][::core::mem::offset_of!(LkDropoutResidualParams, x) - 0usize];
+    [
+        "Offset of field: LkDropoutResidualParams::out",
+    ][::core::mem::offset_of!(LkDropoutResidualParams, out) - 8usize];
+    [
+        "Offset of field: LkDropoutResidualParams::count",
+    ][::core::mem::offset_of!(LkDropoutResidualParams, count) - 16usize];
+    [
+        "Offset of field: LkDropoutResidualParams::dropout",
+    ][::core::mem::offset_of!(LkDropoutResidualParams, dropout) - 24usize];
+    [
+        "Offset of field: LkDropoutResidualParams::keep_residual",
+    ][::core::mem::offset_of!(LkDropoutResidualParams, keep_residual) - 56usize];
+    [
+        "Offset of field: LkDropoutResidualParams::accumulate",
+    ][::core::mem::offset_of!(LkDropoutResidualParams, accumulate) - 60usize];
+};
+impl Default for LkDropoutResidualParams {
     fn default() -> Self {
         let mut s = ::core::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -484,23 +484,59 @@ pub fn dora_forward<T: Element, U: Element>(
     d: Dims,
     scale: f64,
 ) -> DoraForward {
+    dora_forward_dropout(x, w0, a, b, magnitude, bias, d, scale, &Dropout::NONE)
+}
+
+/// [`dora_forward`] with LoRA dropout, PEFT's `DoraLinearVariant.forward` in training as written there:
+/// with `xd = dropout(x)` ([`dropped`]), `t = xd·aᵀ`,
+/// `y = x·w0ᵀ + bias + (factor − 1) ⊙ (xd·w0ᵀ) + factor ⊙ s·t·bᵀ`, and `z = xd·w0ᵀ + s·t·bᵀ` (what the
+/// factor multiplies), exact.
+#[allow(clippy::too_many_arguments)]
+pub fn dora_forward_dropout<T: Element, U: Element>(
+    x: &[T],
+    w0: &[T],
+    a: &[U],
+    b: &[U],
+    magnitude: &[f32],
+    bias: Option<&[T]>,
+    d: Dims,
+    scale: f64,
+    dropout: &Dropout,
+) -> DoraForward {
+    check_len("x", x.len(), d.m * d.k);
+    check_len("w0", w0.len(), d.n * d.k);
+    check_len("a", a.len(), d.r * d.k);
+    check_len("b", b.len(), d.n * d.r);
     check_len("magnitude", magnitude.len(), d.n);
-    let f = forward(x, w0, a, b, None, d, scale);
+    if let Some(bias) = bias {
+        check_len("bias", bias.len(), d.n);
+    }
+    let (x64, w64) = (f64s(x), f64s(w0));
+    let xd = dropped(&x64, dropout);
+    let t = matmul_nt(&xd, &f64s(a), d.m, d.r, d.k);
+    let lora = matmul_nt(&t, &f64s(b), d.m, d.n, d.r);
+    let base = matmul_nt(&x64, &w64, d.m, d.n, d.k);
+    let base_dropped = matmul_nt(&xd, &w64, d.m, d.n, d.k);
     let norm = dora_norms(w0, &delta(a, b, d.n, d.k, d.r, scale), d.n, d.k);
     let factor: Vec<f64> = norm
         .iter()
         .zip(magnitude)
         .map(|(norm, &m)| m as f64 / norm)
         .collect();
-    let y =
-        f.y.iter()
-            .enumerate()
-            .map(|(e, z)| factor[e % d.n] * z + bias.map_or(0.0, |b| b[e % d.n].to_f64()))
-            .collect();
+    let bias_at = |e: usize| bias.map_or(0.0, |b| b[e % d.n].to_f64());
+    let y = (0..d.m * d.n)
+        .map(|e| {
+            let f = factor[e % d.n];
+            base[e] + bias_at(e) + (f - 1.0) * base_dropped[e] + f * scale * lora[e]
+        })
+        .collect();
+    let z = (0..d.m * d.n)
+        .map(|e| base_dropped[e] + scale * lora[e])
+        .collect();
     DoraForward {
         y,
-        z: f.y,
-        t: f.t,
+        z,
+        t,
         norm,
         factor,
     }
@@ -518,8 +554,27 @@ pub fn dora_backward<T: Element, U: Element>(
     d: Dims,
     scale: f64,
 ) -> DoraBackward {
+    dora_backward_dropout(x, w0, a, b, magnitude, dy, d, scale, &Dropout::NONE)
+}
+
+/// The gradients of [`dora_forward_dropout`] given `dy` (the norm detached), exact, as autograd takes
+/// them through PEFT's expression: `dz = factor ⊙ dy`, `u = dz·b`, `db = s·dzᵀ·t`, `da = s·uᵀ·xd`,
+/// `dx = dy·w0 + dropout'((factor − 1) ⊙ dy·w0 + s·u·a)` (dropout's backward: the same mask and
+/// 1/(1 − p)), `dmagnitude_j = Σ_i dy_ij·z_ij / norm_j`.
+#[allow(clippy::too_many_arguments)]
+pub fn dora_backward_dropout<T: Element, U: Element>(
+    x: &[T],
+    w0: &[T],
+    a: &[U],
+    b: &[U],
+    magnitude: &[f32],
+    dy: &[T],
+    d: Dims,
+    scale: f64,
+    dropout: &Dropout,
+) -> DoraBackward {
     check_len("dy", dy.len(), d.m * d.n);
-    let f = dora_forward(x, w0, a, b, magnitude, None, d, scale);
+    let f = dora_forward_dropout(x, w0, a, b, magnitude, None, d, scale, dropout);
     let dy = f64s(dy);
     let dz: Vec<f64> = dy
         .iter()
@@ -538,10 +593,26 @@ pub fn dora_backward<T: Element, U: Element>(
         d,
         scale,
         Intermediates::Exact,
-        &Dropout::NONE,
+        dropout,
     );
+    let w0t = transpose(&w0, d.n, d.k); // K×N
+    let at = transpose(&a, d.r, d.k); // K×r
+    let base = matmul_nt(&dy, &w0t, d.m, d.k, d.n);
+    let rest: Vec<f64> = dz.iter().zip(&dy).map(|(z, g)| z - g).collect(); // (f − 1) ⊙ dy
+    let rest_w0 = matmul_nt(&rest, &w0t, d.m, d.k, d.n);
+    let ua = matmul_nt(&g.u, &at, d.m, d.k, d.r);
+    let q: Vec<f64> = rest_w0
+        .iter()
+        .zip(&ua)
+        .map(|(p, l)| p + scale * l)
+        .collect();
+    let dx = base
+        .iter()
+        .zip(dropped(&q, dropout))
+        .map(|(p, q)| p + q)
+        .collect();
     DoraBackward {
-        dx: g.dx,
+        dx,
         da: g.da,
         db: g.db,
         dmagnitude,

@@ -21,7 +21,7 @@ use common::Rng;
 use common::lora::{Layer, dims};
 use half::{bf16, f16};
 use lora_kernels::reference::{self, Dims};
-use lora_kernels::{DType, Device, Element, Error, Tensor, ops};
+use lora_kernels::{DType, Device, Dropout, Element, Error, Tensor, ops};
 use proptest::prelude::*;
 
 fn tol(dtype: DType) -> f64 {
@@ -43,11 +43,13 @@ fn magnitude_for<T: Element, A: Element>(l: &Layer<T, A>, rng: &mut Rng) -> Vec<
         .collect()
 }
 
-/// One layer case: the layer, its magnitude, and earlier gradients to accumulate into (dA, dB, dm).
+/// One layer case: the layer, its magnitude, earlier gradients to accumulate into (dA, dB, dm), and
+/// the LoRA dropout (PEFT's DoRA with dropout runs W0 on the dropped input too).
 struct Case<T, A> {
     l: Layer<T, A>,
     magnitude: Vec<f32>,
     grads0: Option<(Vec<A>, Vec<A>, Vec<f32>)>,
+    dropout: Dropout,
 }
 
 #[derive(Debug, PartialEq)]
@@ -98,6 +100,7 @@ fn rows(lead: &[usize], last: usize) -> Vec<usize> {
 /// earlier gradients when the case accumulates).
 fn run<T: Element, A: Element>(dev: &Device, c: &Case<T, A>) -> Out<T, A> {
     let l = &c.l;
+    let dropout = c.dropout;
     let Dims { n, k, r, .. } = l.d;
     let x = up(dev, &l.x, &rows(&l.lead, k));
     let w0 = up(dev, &l.w0, &[n, k]);
@@ -121,6 +124,7 @@ fn run<T: Element, A: Element>(dev: &Device, c: &Case<T, A>) -> Out<T, A> {
         &m,
         bias.as_ref(),
         l.scale,
+        dropout,
         &mut y,
         &mut saved,
         &mut ws,
@@ -150,6 +154,7 @@ fn run<T: Element, A: Element>(dev: &Device, c: &Case<T, A>) -> Out<T, A> {
         &saved,
         &dy,
         l.scale,
+        dropout,
         Some(&mut dx),
         &mut da,
         &mut db,
@@ -218,12 +223,26 @@ fn check<T: Element, A: Element>(what: &str, c: &Case<T, A>, o: &Out<T, A>) {
             fail(what, d, "factor", format!("[{j}] = {g}, exact {w}"));
         }
     }
-    // T and Z: the plain LoRA forward's contract without bias
-    let f = reference::forward_as_kernels(&l.x, &l.w0, &l.a, &l.b, None, d, s, &ops_dropout_none());
+    // T and the fused forward's Z = X·W0ᵀ + s·T·Bᵀ: the plain LoRA forward's contract (with the
+    // adapter's dropout, no bias); with dropout the saved Z is that minus D = (X − dropout(X))·W0ᵀ
+    let dropout = c.dropout;
+    let f = reference::forward_as_kernels(&l.x, &l.w0, &l.a, &l.b, None, d, s, &dropout);
     rel("t", reference::relative_error(&o.t, &f.t), tol);
-    rel("z", reference::relative_error(&o.z, &f.y), tol);
-    // Y from the kernels' own Z and factor: round(fma(factor, z, bias)) bit for bit
+    let res = residual_gemm(&l.x, &l.w0, d, &dropout);
+    let z_contract: Vec<f64> = f.y.iter().zip(&res).map(|(z, r)| z - r).collect();
+    let z_size: Vec<f64> =
+        f.y.iter()
+            .zip(&res)
+            .map(|(z, r)| z.abs() + r.abs())
+            .collect();
+    let z_got: Vec<f64> = o.z.iter().map(|v| v.to_f64()).collect();
+    rel("z", relative_to(&z_got, &z_contract, &z_size), tol);
+    // Y from the kernels' own Z and factor: round(fma(factor, z, bias)) bit for bit (without dropout:
+    // with it, Y comes from Z and D, which are scratch)
     for (e, got) in o.y.iter().enumerate() {
+        if dropout.is_active() {
+            break;
+        }
         let bias = l.bias.as_ref().map_or(0.0, |b| b[e % n].to_f64() as f32);
         let want = T::from_f64(o.factor[e % n].mul_add(o.z[e].to_f64() as f32, bias) as f64);
         if common::bits(&[*got]) != common::bits(&[want]) {
@@ -231,20 +250,17 @@ fn check<T: Element, A: Element>(what: &str, c: &Case<T, A>, o: &Out<T, A>) {
         }
     }
     // Y end to end: the factors (checked above against the exact ones, within the f32 slack that rows
-    // whose W0 and s·B·A cancel need) on the contract's Z (T rounded, as the plain forward's), the error
-    // relative to the terms' size |f·Z| + |bias| (Z's rounding is relative to Z, not to a Y where the
-    // bias cancels f·Z)
+    // whose W0 and s·B·A cancel need) on the contract's Z (T rounded, as the plain forward's) and D,
+    // f·Z + (1 − f)·D + bias, the error relative to the terms' size |f·Z| + |(1 − f)·D| + |bias| (Z's
+    // rounding is relative to Z, not to a Y where the bias cancels f·Z)
     let bias_of = |e: usize| l.bias.as_ref().map_or(0.0, |b| b[e % n].to_f64());
-    let y_contract: Vec<f64> =
-        f.y.iter()
-            .enumerate()
-            .map(|(e, z)| o.factor[e % n] as f64 * z + bias_of(e))
-            .collect();
-    let y_size: Vec<f64> =
-        f.y.iter()
-            .enumerate()
-            .map(|(e, z)| (o.factor[e % n] as f64 * z).abs() + bias_of(e).abs())
-            .collect();
+    let fac = |e: usize| o.factor[e % n] as f64;
+    let y_contract: Vec<f64> = (0..d.m * n)
+        .map(|e| fac(e) * f.y[e] + (1.0 - fac(e)) * res[e] + bias_of(e))
+        .collect();
+    let y_size: Vec<f64> = (0..d.m * n)
+        .map(|e| (fac(e) * f.y[e]).abs() + ((1.0 - fac(e)) * res[e]).abs() + bias_of(e).abs())
+        .collect();
     let y_got: Vec<f64> = o.y.iter().map(|v| v.to_f64()).collect();
     rel("y", relative_to(&y_got, &y_contract, &y_size), tol);
 
@@ -254,23 +270,39 @@ fn check<T: Element, A: Element>(what: &str, c: &Case<T, A>, o: &Out<T, A>) {
             .enumerate()
             .map(|(e, g)| T::from_f64((o.factor[e % n] * g.to_f64() as f32) as f64))
             .collect();
-    let g = reference::backward_as_kernels(
-        &l.x,
-        &l.w0,
-        &l.a,
-        &l.b,
-        &o.t,
-        &dz,
-        d,
-        s,
-        &ops_dropout_none(),
-    );
+    let g = reference::backward_as_kernels(&l.x, &l.w0, &l.a, &l.b, &o.t, &dz, d, s, &dropout);
+    // with dropout, dX also takes ((1 − f)·dY rounded)·W0 under the residual's mask
+    let dx_res = if dropout.is_active() {
+        let rest: Vec<T> =
+            l.dy.iter()
+                .enumerate()
+                .map(|(e, g)| T::from_f64(((1.0 - o.factor[e % n]) * g.to_f64() as f32) as f64))
+                .collect();
+        let mut p = vec![0.0; d.m * d.k];
+        for i in 0..d.m {
+            for j in 0..n {
+                let v = rest[i * n + j].to_f64();
+                for q in 0..d.k {
+                    p[i * d.k + q] += v * l.w0[j * d.k + q].to_f64();
+                }
+            }
+        }
+        masked_residual(&p, &dropout)
+    } else {
+        vec![0.0; d.m * d.k]
+    };
+    let dx_contract: Vec<f64> = g.dx.iter().zip(&dx_res).map(|(a, b)| a + b).collect();
+    let dx_size: Vec<f64> =
+        g.dx.iter()
+            .zip(&dx_res)
+            .map(|(a, b)| a.abs() + b.abs())
+            .collect();
     let mut dm = reference::dora_magnitude_grad(&l.dy, &o.z, &o.norm, d.m, n);
-    // dm end to end: the contract's Z (T rounded) and the norms (checked above)
+    // dm end to end: the contract's Z (T rounded, minus D) and the norms (checked above)
     let mut dm_contract: Vec<f64> = (0..n)
         .map(|j| {
             (0..d.m)
-                .map(|i| l.dy[i * n + j].to_f64() * f.y[i * n + j])
+                .map(|i| l.dy[i * n + j].to_f64() * z_contract[i * n + j])
                 .sum::<f64>()
                 / o.norm[j] as f64
         })
@@ -280,7 +312,7 @@ fn check<T: Element, A: Element>(what: &str, c: &Case<T, A>, o: &Out<T, A>) {
     let mut dm_size: Vec<f64> = (0..n)
         .map(|j| {
             (0..d.m)
-                .map(|i| (l.dy[i * n + j].to_f64() * f.y[i * n + j]).abs())
+                .map(|i| (l.dy[i * n + j].to_f64() * z_size[i * n + j]).abs())
                 .sum::<f64>()
                 / o.norm[j] as f64
         })
@@ -296,7 +328,8 @@ fn check<T: Element, A: Element>(what: &str, c: &Case<T, A>, o: &Out<T, A>) {
             dm_size[j] += old.abs() as f64;
         }
     }
-    rel("dx", reference::relative_error(&o.dx, &g.dx), tol);
+    let dx_got: Vec<f64> = o.dx.iter().map(|v| v.to_f64()).collect();
+    rel("dx", relative_to(&dx_got, &dx_contract, &dx_size), tol);
     rel("da", reference::relative_error(&o.da, &da), tol);
     rel("db", reference::relative_error(&o.db, &db), tol);
     // dm from the kernels' Z and norms: f32 sums of at most LK_DORA_ROWS products, then f64
@@ -337,8 +370,35 @@ fn within(err: f64, bound: f64) -> bool {
     err <= bound
 }
 
-fn ops_dropout_none() -> lora_kernels::Dropout {
-    lora_kernels::Dropout::NONE
+/// `v − dropout(v)` in f64: v where the mask drops an element, `v·(1 − 1/(1 − p))` where it keeps one
+/// (v dense, of the mask's element indices).
+fn masked_residual(v: &[f64], dropout: &Dropout) -> Vec<f64> {
+    let kept = 1.0 - dropout.keep_scale();
+    v.iter()
+        .enumerate()
+        .map(|(e, &x)| if dropout.keeps(e as u64) { x * kept } else { x })
+        .collect()
+}
+
+/// D = (X − dropout(X))·W0ᵀ in f64 from X rounded as the kernels round it (the residual in the layer
+/// dtype); zeros without dropout.
+fn residual_gemm<T: Element>(x: &[T], w0: &[T], d: Dims, dropout: &Dropout) -> Vec<f64> {
+    let mut out = vec![0.0; d.m * d.n];
+    if !dropout.is_active() {
+        return out;
+    }
+    let xr: Vec<f64> = masked_residual(&x.iter().map(|v| v.to_f64()).collect::<Vec<_>>(), dropout)
+        .into_iter()
+        .map(|v| T::from_f64(v).to_f64())
+        .collect();
+    for i in 0..d.m {
+        for j in 0..d.n {
+            out[i * d.n + j] = (0..d.k)
+                .map(|q| xr[i * d.k + q] * w0[j * d.k + q].to_f64())
+                .sum();
+        }
+    }
+    out
 }
 
 /// On the ascending thread order and one other (by `stream`): the checks, and the same bits; on the GPU
@@ -368,7 +428,19 @@ fn run_case<T: Element, A: Element>(c: &Case<T, A>, stream: u64) {
 }
 
 fn case<T: Element, A: Element>(d: Dims, scale: f32, bias: bool, accumulate: bool, stream: u64) {
+    case_with::<T, A>(d, scale, bias, accumulate, 0.0, stream)
+}
+
+fn case_with<T: Element, A: Element>(
+    d: Dims,
+    scale: f32,
+    bias: bool,
+    accumulate: bool,
+    p: f32,
+    stream: u64,
+) {
     let mut rng = Rng::new(stream);
+    let dropout = Dropout::new(p, stream.rotate_left(17), stream % 1000).unwrap();
     let l = Layer::<T, A>::random(&mut rng, d, scale, bias);
     let magnitude = magnitude_for(&l, &mut rng);
     let grads0 = accumulate.then(|| {
@@ -383,6 +455,7 @@ fn case<T: Element, A: Element>(d: Dims, scale: f32, bias: bool, accumulate: boo
             l,
             magnitude,
             grads0,
+            dropout,
         },
         stream,
     );
@@ -401,21 +474,23 @@ proptest! {
     #![proptest_config(config())]
 
     /// M in 1..=200 (up to 4 row blocks of the column passes, M ≤ 16 on the small-M forward), N and K in
-    /// 1..=300, r in 1..=128, bias or none, overwrite or accumulate.
+    /// 1..=300, r in 1..=128, bias or none, overwrite or accumulate, LoRA dropout (p 0 in half the
+    /// cases, else up to 0.9).
     #[test]
     fn dora_layer_matches_reference(
         (d, _) in dims(200),
         scale in -4.0f32..4.0,
         bias in any::<bool>(),
         accumulate in any::<bool>(),
+        p in prop_oneof![Just(0.0f32), 0.01f32..0.9],
         pair in 0..4u8,
         stream in any::<u64>(),
     ) {
         match pair {
-            0 => case::<bf16, bf16>(d, scale, bias, accumulate, stream),
-            1 => case::<bf16, f32>(d, scale, bias, accumulate, stream),
-            2 => case::<f16, f16>(d, scale, bias, accumulate, stream),
-            _ => case::<f16, f32>(d, scale, bias, accumulate, stream),
+            0 => case_with::<bf16, bf16>(d, scale, bias, accumulate, p, stream),
+            1 => case_with::<bf16, f32>(d, scale, bias, accumulate, p, stream),
+            2 => case_with::<f16, f16>(d, scale, bias, accumulate, p, stream),
+            _ => case_with::<f16, f32>(d, scale, bias, accumulate, p, stream),
         }
     }
 }
@@ -437,6 +512,9 @@ fn dora_layer_edge_shapes() {
         let d = Dims { m, n, k, r };
         case::<bf16, f32>(d, 2.0, i % 2 == 0, i % 3 == 0, 1000 + i as u64);
         case::<f16, f16>(d, -0.5, i % 2 == 1, i % 3 == 1, 2000 + i as u64);
+        // with dropout: a ragged last group of 4 mask elements where M·K is odd
+        case_with::<bf16, bf16>(d, 1.5, i % 2 == 1, i % 3 == 2, 0.3, 3000 + i as u64);
+        case_with::<f16, f32>(d, 0.75, i % 2 == 0, i % 3 == 0, 0.1, 4000 + i as u64);
     }
 }
 
@@ -456,6 +534,7 @@ fn dora_forward_and_backward_allocate_as_into() {
         l,
         magnitude,
         grads0: None,
+        dropout: Dropout::NONE,
     };
     let dev = Device::emulator();
     let want = run(&dev, &c);
@@ -619,7 +698,17 @@ fn dora_layer_bad_input_is_refused() {
         ),
     ] {
         let e = ops::dora_forward_into(
-            &x, &w0, &a, &b, &mag, None, 1.0, &mut y, &mut saved, &mut ws,
+            &x,
+            &w0,
+            &a,
+            &b,
+            &mag,
+            None,
+            1.0,
+            Dropout::NONE,
+            &mut y,
+            &mut saved,
+            &mut ws,
         );
         assert_eq!(refused(e.unwrap_err()), arg);
         assert!(
@@ -630,13 +719,33 @@ fn dora_layer_bad_input_is_refused() {
     for mut y_bad in [ones(&dev, &[m, n + 1]), ones(&other, &[m, n])] {
         let mut saved = saved_on(&dev, n);
         let e = ops::dora_forward_into(
-            &x, &w0, &a, &b, &mag, None, 1.0, &mut y_bad, &mut saved, &mut ws,
+            &x,
+            &w0,
+            &a,
+            &b,
+            &mag,
+            None,
+            1.0,
+            Dropout::NONE,
+            &mut y_bad,
+            &mut saved,
+            &mut ws,
         );
         assert_eq!(refused(e.unwrap_err()), "y");
     }
     let mut saved = saved_on(&dev, n);
     ops::dora_forward_into(
-        &x, &w0, &a, &b, &mag, None, 1.0, &mut y, &mut saved, &mut ws,
+        &x,
+        &w0,
+        &a,
+        &b,
+        &mag,
+        None,
+        1.0,
+        Dropout::NONE,
+        &mut y,
+        &mut saved,
+        &mut ws,
     )
     .unwrap();
     dev.take_launches();
@@ -657,6 +766,7 @@ fn dora_layer_bad_input_is_refused() {
             &saved,
             dy,
             1.0,
+            Dropout::NONE,
             dx,
             da,
             db,
@@ -710,26 +820,41 @@ fn dora_layer_bad_input_is_refused() {
 }
 
 /// PEFT's own DoRA layer (tests/fixtures/peft/dora_layer, made by scripts/make_dora_layer_fixture.py with
-/// PEFT 0.21.2 in f64, train mode, no dropout): its forward and its gradients of lora_A, lora_B, the
-/// magnitude and X. The f64 reference equals them to 1e-12 (the same math, detached norm included); the
+/// PEFT 0.21.2 in f64, train mode; layer.safetensors without dropout, dropout.safetensors with LoRA
+/// dropout under the crate's mask): its forward and its gradients of lora_A, lora_B, the magnitude and X. The f64 reference equals them to 1e-12 (the same math, detached norm included); the
 /// kernels (bf16 layer, f32 adapters) are within bf16's tolerance of them.
 #[test]
 fn dora_layer_matches_peft() {
-    let fx = common::Fixture::open("dora_layer/layer.safetensors");
-    for case in ["case0", "case1"] {
-        let bf = |name: &str| fx.bf16(&format!("{case}.{name}"));
-        let f32s = |name: &str| fx.f32(&format!("{case}.{name}"));
-        let f64s = |name: &str| fx.f64(&format!("{case}.{name}")).0;
+    for file in ["layer", "dropout"] {
+        let fx = common::Fixture::open(&format!("dora_layer/{file}.safetensors"));
+        for case in ["case0", "case1"] {
+            peft_case(&fx, file, case);
+        }
+    }
+}
+
+/// One case of a PEFT DoRA fixture: the f64 reference equals PEFT, the kernels are within 1e-2 of it.
+fn peft_case(fx: &common::Fixture, file: &str, case: &str) {
+    let case = &format!("{file} {case}");
+    let key = |name: &str| format!("{}.{name}", case.split(' ').nth(1).unwrap());
+    {
+        let bf = |name: &str| fx.bf16(&key(name));
+        let f32s = |name: &str| fx.f32(&key(name));
+        let f64s = |name: &str| fx.f64(&key(name)).0;
         let (x, x_shape) = bf("x");
         let (w0, w_shape) = bf("w0");
         let (dy, _) = bf("dy");
         let (a, a_shape) = f32s("lora_A");
         let (b, _) = f32s("lora_B");
         let (magnitude, _) = f32s("magnitude");
-        let bias = fx
-            .names()
-            .contains(&format!("{case}.bias"))
-            .then(|| bf("bias").0);
+        let bias = fx.names().contains(&key("bias")).then(|| bf("bias").0);
+        // [p, seed, offset]: the crate's mask, which the fixture gave PEFT's dropout
+        let dropout = if fx.names().contains(&key("dropout")) {
+            let v = f64s("dropout");
+            Dropout::new(v[0] as f32, v[1] as u64, v[2] as u64).unwrap()
+        } else {
+            Dropout::NONE
+        };
         let scale = f64s("scale")[0];
         let (n, k, r) = (w_shape[0], w_shape[1], a_shape[0]);
         let m = x.len() / k;
@@ -737,8 +862,19 @@ fn dora_layer_matches_peft() {
         let want = |name: &str| f64s(name);
 
         // the f64 reference is PEFT's layer
-        let f = reference::dora_forward(&x, &w0, &a, &b, &magnitude, bias.as_deref(), d, scale);
-        let g = reference::dora_backward(&x, &w0, &a, &b, &magnitude, &dy, d, scale);
+        let f = reference::dora_forward_dropout(
+            &x,
+            &w0,
+            &a,
+            &b,
+            &magnitude,
+            bias.as_deref(),
+            d,
+            scale,
+            &dropout,
+        );
+        let g =
+            reference::dora_backward_dropout(&x, &w0, &a, &b, &magnitude, &dy, d, scale, &dropout);
         for (name, got, peft) in [
             ("y", &f.y, want("y")),
             ("grad_lora_A", &g.da, want("grad_lora_A")),
@@ -763,36 +899,67 @@ fn dora_layer_matches_peft() {
             let bias_t = bias
                 .as_ref()
                 .map(|v| Tensor::from_slice(&dev, v, &[n]).unwrap());
-            let out = ops::dora_forward(&up_x, &w0, &at, &bt, &mt, bias_t.as_ref(), scale as f32)
-                .unwrap();
             let mut lead = x_shape.clone();
             *lead.last_mut().unwrap() = n;
+            let mut y = poisoned(&dev, &lead);
+            let mut saved = ops::DoraSaved::for_layer(&up_x, n, r).unwrap();
+            let mut ws = ops::Workspace::new();
+            let s = scale as f32;
+            ops::dora_forward_into(
+                &up_x,
+                &w0,
+                &at,
+                &bt,
+                &mt,
+                bias_t.as_ref(),
+                s,
+                dropout,
+                &mut y,
+                &mut saved,
+                &mut ws,
+            )
+            .unwrap();
             let dyt = Tensor::from_slice(&dev, &dy, &lead).unwrap();
-            let gr = ops::dora_backward(&up_x, &w0, &at, &bt, &out.saved, &dyt, scale as f32, true)
-                .unwrap();
+            let mut dx = poisoned(&dev, &x_shape);
+            let (mut da, mut db) = (poisoned(&dev, &[r, k]), poisoned(&dev, &[n, r]));
+            let mut dm = poisoned(&dev, &[n]);
+            ops::dora_backward_into(
+                &up_x,
+                &w0,
+                &at,
+                &bt,
+                &saved,
+                &dyt,
+                s,
+                dropout,
+                Some(&mut dx),
+                &mut da,
+                &mut db,
+                &mut dm,
+                ops::GradMode::Overwrite,
+                &mut ws,
+            )
+            .unwrap();
             let errs = [
                 (
                     "y",
-                    reference::relative_error(&out.y.to_vec().unwrap(), &want("y")),
+                    reference::relative_error(&y.to_vec().unwrap(), &want("y")),
                 ),
                 (
                     "grad_lora_A",
-                    reference::relative_error(&gr.da.to_vec().unwrap(), &want("grad_lora_A")),
+                    reference::relative_error(&da.to_vec().unwrap(), &want("grad_lora_A")),
                 ),
                 (
                     "grad_lora_B",
-                    reference::relative_error(&gr.db.to_vec().unwrap(), &want("grad_lora_B")),
+                    reference::relative_error(&db.to_vec().unwrap(), &want("grad_lora_B")),
                 ),
                 (
                     "grad_magnitude",
-                    reference::relative_error(
-                        &gr.dmagnitude.to_vec().unwrap(),
-                        &want("grad_magnitude"),
-                    ),
+                    reference::relative_error(&dm.to_vec().unwrap(), &want("grad_magnitude")),
                 ),
                 (
                     "grad_x",
-                    reference::relative_error(&gr.dx.unwrap().to_vec().unwrap(), &want("grad_x")),
+                    reference::relative_error(&dx.to_vec().unwrap(), &want("grad_x")),
                 ),
             ];
             for (name, err) in errs {

@@ -10,7 +10,7 @@ use common::{Fixture, Rng};
 use half::bf16;
 use lora_kernels::ops::{self, AdamState, AdamW, GradMode};
 use lora_kernels::peft::PeftAdapter;
-use lora_kernels::{Device, Element, Error, LoraConfig, LoraLinear, Tensor, reference};
+use lora_kernels::{Device, Dropout, Element, Error, LoraConfig, LoraLinear, Tensor, reference};
 
 fn up<T: Element>(dev: &Device, v: &[T], shape: &[usize]) -> Tensor<T> {
     Tensor::from_slice(dev, v, shape).unwrap()
@@ -121,6 +121,7 @@ fn dora_training_step_is_the_ops() {
         &want.saved,
         &dy,
         s,
+        Dropout::NONE,
         None,
         &mut da2,
         &mut db2,
@@ -184,6 +185,98 @@ fn dora_training_step_is_the_ops() {
         bits(&mag),
         "step of the edited gradient"
     );
+}
+
+/// With LoRA dropout the training API runs PEFT's DoRA layer with dropout: each train_forward takes the
+/// next mask (offset = the number of training forwards, seed from set_dropout_seed) and gives
+/// ops::dora_forward_into's bits under that Dropout, train_backward gives dora_backward_into's under the
+/// same mask; two steps take two masks; the inference forward takes none.
+#[test]
+fn dora_training_with_dropout_is_the_ops() {
+    let dev = Device::emulator();
+    let d = data(8);
+    let p = 0.2;
+    let config = LoraConfig::new(d.r, 12.0).with_dropout(p);
+    let s = config.scale();
+    let mut l = dora_layer(&dev, &d, config);
+    l.set_dropout_seed(77);
+    let x = up(&dev, &d.x, &[d.m, d.k]);
+    let dy = up(&dev, &d.dy, &[d.m, d.n]);
+    let (w0, bias) = (up(&dev, &d.w0, &[d.n, d.k]), up(&dev, &d.bias, &[d.n]));
+    let (a, b) = (up(&dev, &d.a, &[d.r, d.k]), up(&dev, &d.b, &[d.n, d.r]));
+    let mag = up(&dev, &d.magnitude, &[d.n]);
+    let plain = ops::dora_forward(&x, &w0, &a, &b, &mag, Some(&bias), s).unwrap();
+    assert_eq!(
+        bits(&l.forward(&x).unwrap().y),
+        bits(&plain.y),
+        "inference: no dropout"
+    );
+    let mut ys = Vec::new();
+    for step in 0..2u64 {
+        let dropout = Dropout::new(p, 77, step).unwrap();
+        let mut y = Tensor::zeros(&dev, &[d.m, d.n]).unwrap();
+        let mut saved = ops::DoraSaved::for_layer(&x, d.n, d.r).unwrap();
+        let mut ws = ops::Workspace::new();
+        ops::dora_forward_into(
+            &x,
+            &w0,
+            &a,
+            &b,
+            &mag,
+            Some(&bias),
+            s,
+            dropout,
+            &mut y,
+            &mut saved,
+            &mut ws,
+        )
+        .unwrap();
+        assert_eq!(
+            bits(l.train_forward(&x).unwrap()),
+            bits(&y),
+            "step {step} y"
+        );
+        let mut dx = Tensor::zeros(&dev, &[d.m, d.k]).unwrap();
+        let mut da = Tensor::zeros(&dev, &[d.r, d.k]).unwrap();
+        let mut db = Tensor::zeros(&dev, &[d.n, d.r]).unwrap();
+        let mut dm = Tensor::zeros(&dev, &[d.n]).unwrap();
+        ops::dora_backward_into(
+            &x,
+            &w0,
+            &a,
+            &b,
+            &saved,
+            &dy,
+            s,
+            dropout,
+            Some(&mut dx),
+            &mut da,
+            &mut db,
+            &mut dm,
+            GradMode::Overwrite,
+            &mut ws,
+        )
+        .unwrap();
+        let got_dx = l
+            .train_backward(&x, &dy, GradMode::Overwrite, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(bits(got_dx), bits(&dx), "step {step} dx");
+        let (ga, gb) = l.grads().unwrap();
+        assert_eq!(
+            (bits(ga), bits(gb)),
+            (bits(&da), bits(&db)),
+            "step {step} da, db"
+        );
+        assert_eq!(
+            bits(l.magnitude_grad().unwrap()),
+            bits(&dm),
+            "step {step} dm"
+        );
+        ys.push(bits(&y));
+    }
+    assert_ne!(ys[0], ys[1], "two steps, two masks");
+    assert_ne!(ys[0], bits(&plain.y), "the mask changed Y");
 }
 
 /// Merge and unmerge of a DoRA adapter: W0 as ops::dora_merge leaves it, the merged forward within bf16
@@ -460,9 +553,6 @@ fn dora_layer_refusals() {
         .unwrap_err();
     assert!(matches!(e, Error::InvalidState { .. }), "plain: {e:?}");
     l.set_active("dora").unwrap();
-    l.adapter_mut("dora").unwrap().config.dropout = 0.1;
-    let e = unsupported(l.train_forward(&x).unwrap_err());
-    assert!(e.contains("dropout"), "{e}");
     let short = up(&dev, &d.magnitude[1..], &[d.n - 1]);
     let e = l
         .insert_dora_adapter(
@@ -484,7 +574,6 @@ fn dora_layer_refusals() {
         "{e:?}"
     );
     // a magnitude replaced through adapter_mut with a wrong length: refused, not read out of bounds
-    l.adapter_mut("dora").unwrap().config.dropout = 0.0;
     l.adapter_mut("dora").unwrap().magnitude = Some(up(&dev, &d.magnitude[1..], &[d.n - 1]));
     let e = l.forward(&x).unwrap_err();
     assert!(matches!(e, Error::InvalidState { .. }), "{e:?}");

@@ -293,16 +293,19 @@ fn dropout_schedule_replays_take_a_fresh_mask_each() {
 /// with a learning-rate schedule) captured once and replayed, the AdamW constants from an
 /// `AdamwSchedule` advanced before each replay, gives the eager steps' bits (`optimizer_step` with the
 /// constants from the host); without and with LoRA dropout (the layer's mask offset moved by
-/// `advance_dropout` before each replay, so each replay takes the mask of the eager step it stands for).
+/// `advance_dropout` before each replay, so each replay takes the mask of the eager step it stands for);
+/// a plain and a DoRA adapter (its magnitude trained too; with dropout, W0 also on the dropped input).
 #[test]
 fn a_training_step_captured_whole_replays_as_the_eager_steps() {
     let (m, n, k, r) = (24, 40, 32, 8);
     let devices = emulators();
-    for (dev, p) in [
-        (&devices[0], 0.0),
-        (&devices[1], 0.0),
-        (&devices[0], 0.2),
-        (&devices[2], 0.2),
+    for (dev, p, dora) in [
+        (&devices[0], 0.0, false),
+        (&devices[1], 0.0, false),
+        (&devices[0], 0.2, false),
+        (&devices[2], 0.2, false),
+        (&devices[1], 0.0, true),
+        (&devices[0], 0.2, true),
     ] {
         let mut rng = Rng::new(51);
         let w0: Vec<bf16> = rng.vec(n * k, 0.3);
@@ -311,8 +314,12 @@ fn a_training_step_captured_whole_replays_as_the_eager_steps() {
         let layer = || {
             let mut l =
                 LoraLinear::<bf16, f32>::with_f32_adapters(up(dev, &w0, &[n, k]), None).unwrap();
-            l.add_adapter("task", LoraConfig::new(r, 16.0).with_dropout(p), 7)
-                .unwrap();
+            let config = LoraConfig::new(r, 16.0).with_dropout(p);
+            if dora {
+                l.add_dora_adapter("task", config, 7).unwrap();
+            } else {
+                l.add_adapter("task", config, 7).unwrap();
+            }
             l.set_dropout_seed(5);
             l
         };
@@ -381,6 +388,14 @@ fn a_training_step_captured_whole_replays_as_the_eager_steps() {
             f32_bits(&want.b),
             "{dev:?} p {p}: B after {STEPS} steps"
         );
+        if dora {
+            let (got_m, want_m) = (got.magnitude.as_ref(), want.magnitude.as_ref());
+            assert_eq!(
+                f32_bits(got_m.unwrap()),
+                f32_bits(want_m.unwrap()),
+                "{dev:?} p {p}: the magnitude after {STEPS} steps"
+            );
+        }
     }
 }
 

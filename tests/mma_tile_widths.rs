@@ -24,7 +24,7 @@ use common::lora::{self, Layer, dims};
 use common::multi::{Batch, run, set_of};
 use half::{bf16, f16};
 use lora_kernels::reference::{self, Dims};
-use lora_kernels::{DType, Device, Dropout, Element};
+use lora_kernels::{DType, Device, Dropout, Element, Error, Tensor, ops};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -143,6 +143,48 @@ fn both_tile_widths_match_reference_with_the_same_bits() {
             Ok(())
         })
         .unwrap();
+
+    bad_value_is_refused_before_any_launch();
+}
+
+/// A bad `LK_MMA_TILE` is refused by an op that launches other kernels before its GEMM (the DoRA forward's
+/// norm pass writes its saved norms and factors) before anything runs.
+fn bad_value_is_refused_before_any_launch() {
+    let dev = Device::emulator();
+    let (m, n, k, r) = (20, 6, 8, 2); // M > 16: the general path, whose GEMM reads LK_MMA_TILE
+    let ones = |shape: &[usize]| {
+        Tensor::<bf16>::from_slice(&dev, &vec![bf16::ONE; shape.iter().product()], shape).unwrap()
+    };
+    let (x, w0, a, b) = (ones(&[m, k]), ones(&[n, k]), ones(&[r, k]), ones(&[n, r]));
+    let mag = Tensor::<f32>::from_slice(&dev, &vec![1.0; n], &[n]).unwrap();
+    let mut y = ones(&[m, n]);
+    let mut saved = ops::DoraSaved::for_layer(&x, n, r).unwrap();
+    dev.take_launches();
+    let e = with_tile("96", || {
+        ops::dora_forward_into(
+            &x,
+            &w0,
+            &a,
+            &b,
+            &mag,
+            None,
+            1.0,
+            Dropout::NONE,
+            &mut y,
+            &mut saved,
+            &mut ops::Workspace::new(),
+        )
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::Unsupported { what, .. } if what.contains("LK_MMA_TILE")),
+        "{e:?}"
+    );
+    let launched = dev.take_launches();
+    assert!(
+        launched.is_empty(),
+        "launched before the refusal: {launched:?}"
+    );
 }
 
 fn config_of(cases: u32) -> Config {

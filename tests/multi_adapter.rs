@@ -658,6 +658,37 @@ fn bad_multi_inputs() {
     )
     .unwrap_err();
     assert!(matches!(e, Error::Shape { arg: "t", .. }), "{e}");
+    // an operand on another device: refused before the shrink writes T (which it used to, the fused
+    // GEMM's launch then finding y elsewhere)
+    let elsewhere = Device::emulator();
+    let mut t = Tensor::<bf16>::from_slice(
+        &dev,
+        &vec![bf16::ONE; m * set.max_rank()],
+        &[m, set.max_rank()],
+    )
+    .unwrap();
+    let mut y_other = Tensor::<bf16>::zeros(&elsewhere, &[m, n]).unwrap();
+    dev.take_launches();
+    let e = lora_forward_multi_into(
+        &x,
+        &w0,
+        None,
+        &set,
+        &idx,
+        &mut y_other,
+        &mut t,
+        &mut Workspace::new(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::DeviceMismatch { arg: "y", .. }), "{e}");
+    assert!(
+        dev.take_launches().is_empty(),
+        "launched before the refusal"
+    );
+    assert!(
+        t.to_vec().unwrap().iter().all(|v| *v == bf16::ONE),
+        "t written"
+    );
 }
 
 /// The fused mode's two tile widths (`ops::mma_tile`) give the same bits, the narrow kernel running

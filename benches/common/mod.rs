@@ -593,8 +593,9 @@ pub fn ours_dora_merge(s: &mut Set, scale: f32) {
     ops::dora_merge(&mut s.w0, &s.a, &s.b, &s.magnitude, scale).unwrap();
 }
 
-/// Our DoRA forward (ops::dora_forward_into: the norm pass, the LoRA forward, the column scale).
-pub fn ours_dora_forward(s: &mut Set, scale: f32) {
+/// Our DoRA forward (ops::dora_forward_into: the norm pass, the LoRA forward, the column scale; with
+/// LoRA dropout also the residual pass and the GEMM of W0 on it).
+pub fn ours_dora_forward(s: &mut Set, scale: f32, dropout: lora_kernels::Dropout) {
     ops::dora_forward_into(
         &s.x,
         &s.w0,
@@ -603,6 +604,7 @@ pub fn ours_dora_forward(s: &mut Set, scale: f32) {
         &s.magnitude,
         None,
         scale,
+        dropout,
         &mut s.y,
         &mut s.dora,
         &mut s.ws,
@@ -610,8 +612,9 @@ pub fn ours_dora_forward(s: &mut Set, scale: f32) {
     .unwrap();
 }
 
-/// Our DoRA backward (ops::dora_backward_into: dZ and the magnitude's gradient, then the LoRA backward).
-pub fn ours_dora_backward(s: &mut Set, scale: f32) {
+/// Our DoRA backward (ops::dora_backward_into: dZ and the magnitude's gradient, then the LoRA backward;
+/// with LoRA dropout also the GEMM of W0 for dX's residual term).
+pub fn ours_dora_backward(s: &mut Set, scale: f32, dropout: lora_kernels::Dropout) {
     ops::dora_backward_into(
         &s.x,
         &s.w0,
@@ -620,6 +623,7 @@ pub fn ours_dora_backward(s: &mut Set, scale: f32) {
         &s.dora,
         &s.dy,
         scale,
+        dropout,
         Some(&mut s.dx),
         &mut s.da,
         &mut s.db,

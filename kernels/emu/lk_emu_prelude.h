@@ -204,6 +204,10 @@ inline float __fadd_rn(float a, float b) {
     volatile float r = a + b;
     return r;
 }
+inline float __fsub_rn(float a, float b) {
+    volatile float r = a - b;
+    return r;
+}
 inline float __fdiv_rn(float a, float b) {
     volatile float r = a / b;
     return r;

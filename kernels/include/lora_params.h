@@ -319,8 +319,12 @@ typedef struct LkDoraFactorParams {
 /* DoRA's unmerged layer (kernels/dora.cu): the column passes around the fused GEMM, over m × n row-major
  * matrices of the layer dtype (Z, the fused GEMM's output without bias; Y, dY, dZ) and factor [n] f32.
  *   dora_scale_*: out = Y ← round(fma(factor_j, Z_ij, bias_j)); bias NULL or [n]; dy, partials unused.
+ *                 With LoRA dropout, residual = D = (X − dropout(X))·W0ᵀ [m, n] and
+ *                 Y ← round(fma(factor_j, Z_ij, fma(1 − factor_j, D_ij, bias_j))), aux ← round(Z_ij − D_ij)
+ *                 (the term the factor multiplies, saved for the backward); else both NULL.
  *   dora_grad_*:  out = dZ ← round(factor_j · dY_ij), and partials[b · n + j] ← the f32 sum over the rows
- *                 of row block b (LK_DORA_ROWS rows, ascending) of dY_ij·Z_ij; bias unused.
+ *                 of row block b (LK_DORA_ROWS rows, ascending) of dY_ij·Z_ij; bias unused. aux: NULL,
+ *                 or [m, n] ← round((1 − factor_j) · dY_ij) (with dropout, for dX); residual unused.
  * Grid: x = ceil(m / LK_DORA_ROWS) row blocks, y ≤ 65535 (column blocks of LK_SIMT_THREADS, strided). */
 #define LK_DORA_ROWS 64u
 typedef struct LkDoraColumnsParams {
@@ -330,9 +334,25 @@ typedef struct LkDoraColumnsParams {
     const float* factor;
     void* out;
     float* partials;
+    const void* residual;
+    void* aux;
     uint32_t m;
     uint32_t n;
 } LkDoraColumnsParams;
+
+/* X − dropout(X), the part of X that LoRA dropout takes from the adapter's input (kernels/dora.cu,
+ * dropout_residual_*; DoRA with dropout runs W0 on it): out[e] ← round(c_e · x[e]), or
+ * round(fma(c_e, x[e], out[e])) when accumulate is 1, over `count` dense row-major elements (e is the
+ * mask's element index, lk_philox.cuh), c_e = 1 for a dropped element and keep_residual = 1 − 1/(1 − p)
+ * (f32, from the host) for a kept one. Grid-stride over groups of 4 elements (one generator call each). */
+typedef struct LkDropoutResidualParams {
+    const void* x;
+    void* out;
+    uint64_t count;
+    LkDropout dropout;
+    float keep_residual;
+    uint32_t accumulate;
+} LkDropoutResidualParams;
 
 /* DoRA's magnitude gradient (kernels/dora.cu, dora_magnitude_grad_f32): dmagnitude[j] ←
  * round_f32(Σ_b partials[b · n + j] / norm[j] (+ dmagnitude[j] when accumulate is 1)), in f64, the

@@ -7,11 +7,18 @@
 //! backward: `dZ = factor ⊙ dY` and `dm_j = Σ_i dY_ij·Z_ij / norm_j` in one pass over dY and Z, then
 //!           [`lora_backward_into`] of dZ: dA, dB and dX as for plain LoRA. Never dW0.
 //!
-//! PEFT's `DoraLinearVariant.forward` without dropout, in the crate's arithmetic: the norm and factor in
-//! f32 as the DoRA merge computes them ([`super::dora_factor`]), Z rounded to the layer dtype (it is
-//! saved for the backward), then `round(fma(factor, Z, bias))`. PEFT computes the norm in the layer
-//! dtype in its forward; the results differ by that rounding. With LoRA dropout PEFT's DoRA forward
-//! runs a second GEMM of W0 on the dropped input; these ops take no dropout.
+//! PEFT's `DoraLinearVariant.forward`, in the crate's arithmetic: the norm and factor in f32 as the
+//! DoRA merge computes them ([`super::dora_factor`]), Z rounded to the layer dtype (it is saved for the
+//! backward), then `round(fma(factor, Z, bias))`. PEFT computes the norm in the layer dtype in its
+//! forward; the results differ by that rounding.
+//!
+//! With LoRA dropout (`Xd = dropout(X)`) PEFT's layer is `Y = X·W0ᵀ + bias + (f − 1) ⊙ (Xd·W0ᵀ) +
+//! f ⊙ s·(Xd·Aᵀ)·Bᵀ`: W0 also runs on the dropped input. These ops compute the same sum regrouped,
+//! `Y = f ⊙ Z + (1 − f) ⊙ D + bias` with `Z = X·W0ᵀ + s·(Xd·Aᵀ)·Bᵀ` (the LoRA forward with dropout) and
+//! `D = (X − Xd)·W0ᵀ` (a plain GEMM of the dropout residual, rounded to the layer dtype as a dropped
+//! activation is in PEFT), and save `Z − D = Xd·W0ᵀ + s·T·Bᵀ` (what f multiplies). The backward adds
+//! `(X − Xd)`'s share of dX: `((1 − f) ⊙ dY)·W0` under the residual's mask. So dropout costs one GEMM
+//! of W0 each way (as PEFT's two `F.linear`s do), an elementwise pass over X and the scratch of D.
 //!
 //! Cost over plain LoRA: the norm pass (a read of W0 with the rank product), the column pass of the
 //! forward (a read of Z and a write of Y) and that of the backward (reads of dY and Z, a write of dZ);
@@ -20,24 +27,27 @@
 //! [`lora_forward_into`]: super::lora_forward_into
 //! [`lora_backward_into`]: super::lora_backward_into
 
+use super::launch::Orient;
 use super::launch::{self, u32_of};
 use super::lora::{self, GradMode, layer_dims};
 use super::merge::{self, check_rows};
 use super::validate::{self, rows_of};
 use super::workspace::Workspace;
 use crate::device::Arg;
-use crate::dropout::Dropout;
+use crate::dropout::{Dropout, DropoutArg};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::kernel::{Kernel, kernels};
 use crate::params::{
     LK_DORA_ROWS, LK_SIMT_THREADS, LkDoraColumnsParams, LkDoraMagnitudeGradParams,
+    LkDropoutResidualParams,
 };
 use crate::plan::LaunchPlan;
 use crate::tensor::Tensor;
 
 /// What the DoRA backward needs from its forward besides X: T = X·Aᵀ `[..., r]`, Z = X·W0ᵀ + s·T·Bᵀ
-/// `[..., N]` (Y before the factors and the bias), and per output feature the norm ‖W0 + s·B·A‖ and the
+/// `[..., N]` (Y before the factors and the bias; with dropout `dropout(X)·W0ᵀ + s·T·Bᵀ`, T of the
+/// dropped X: what the factors multiply), and per output feature the norm ‖W0 + s·B·A‖ and the
 /// factor m / norm (`[N]` f32 each).
 #[derive(Debug)]
 pub struct DoraSaved<T: Element> {
@@ -97,14 +107,29 @@ pub fn dora_forward<T: Element, A: Element>(
     let mut saved = DoraSaved::for_layer(x, s.d.n, s.d.r)?;
     let mut ws = Workspace::new();
     dora_forward_into(
-        x, w0, a, b, magnitude, bias, scale, &mut y, &mut saved, &mut ws,
+        x,
+        w0,
+        a,
+        b,
+        magnitude,
+        bias,
+        scale,
+        Dropout::NONE,
+        &mut y,
+        &mut saved,
+        &mut ws,
     )?;
     Ok(DoraForwardOutput { y, saved })
 }
 
-/// [`dora_forward`] into existing `y` and `saved` (see [`DoraSaved::for_layer`]), scratch from `ws`.
+/// [`dora_forward`] into existing `y` and `saved` (see [`DoraSaved::for_layer`]), scratch from `ws`,
+/// with LoRA dropout: PEFT's DoRA layer with `lora_dropout` (module docs), `dropout` a [`Dropout`] or a
+/// `&`[`DropoutSchedule`] as for [`lora_forward_into`](super::lora_forward_into); pass the same one
+/// to [`dora_backward_into`]. Dropout adds a GEMM of W0 and scratch of `[..., K]` and `[..., N]`.
+///
+/// [`DropoutSchedule`]: crate::dropout::DropoutSchedule
 #[allow(clippy::too_many_arguments)]
-pub fn dora_forward_into<T: Element, A: Element>(
+pub fn dora_forward_into<'d, T: Element, A: Element>(
     x: &Tensor<T>,
     w0: &Tensor<T>,
     a: &Tensor<A>,
@@ -112,11 +137,13 @@ pub fn dora_forward_into<T: Element, A: Element>(
     magnitude: &Tensor<f32>,
     bias: Option<&Tensor<T>>,
     scale: f32,
+    dropout: impl Into<DropoutArg<'d>>,
     y: &mut Tensor<T>,
     saved: &mut DoraSaved<T>,
     ws: &mut Workspace<T>,
 ) -> Result<()> {
     const OP: &str = "dora_forward";
+    let dropout = dropout.into();
     let s = layer_dims(OP, x, w0, a, b)?;
     let d = s.d;
     let dims = merge::check(OP, w0, a, b, scale)?;
@@ -139,6 +166,9 @@ pub fn dora_forward_into<T: Element, A: Element>(
         devices.push(("bias", bias.device()));
     }
     validate::same_device(OP, ("x", x.device()), &devices)?;
+    lora::check_dropout(OP, x, &dropout)?;
+    // the norm pass writes saved.norm and saved.factor: no environment knob may refuse the GEMM after it
+    launch::check_kernel_choices(OP)?;
 
     let blocks = launch::dora_sumsq_blocks(d.k);
     ws.with_partial(x.device(), &[blocks, d.n], |sumsq, _| {
@@ -152,27 +182,50 @@ pub fn dora_forward_into<T: Element, A: Element>(
             (d.n, blocks),
         )
     })?;
-    lora::lora_forward_into(
-        x,
-        w0,
-        a,
-        b,
-        None,
-        scale,
-        Dropout::NONE,
-        &mut saved.z,
-        &mut saved.t,
-        ws,
-    )?;
-    columns(
-        OP,
-        Columns::Scale { bias },
-        &saved.z,
-        &saved.factor,
-        y,
-        (d.m, d.n),
-        MAX_COLUMN_BLOCKS,
-    )
+    if !dropout.is_active() {
+        lora::lora_forward_into(
+            x,
+            w0,
+            a,
+            b,
+            None,
+            scale,
+            dropout,
+            &mut saved.z,
+            &mut saved.t,
+            ws,
+        )?;
+        let pass = Columns::Scale {
+            bias,
+            residual: None,
+        };
+        return columns(
+            OP,
+            pass,
+            &saved.z,
+            &saved.factor,
+            y,
+            (d.m, d.n),
+            MAX_COLUMN_BLOCKS,
+        );
+    }
+    // Z = X·W0ᵀ + s·(Xd·Aᵀ)·Bᵀ and D = (X − Xd)·W0ᵀ in scratch; Y and Z − D from them
+    let dev = x.device();
+    let mn = rows_of(&s.lead, d.n);
+    ws.with_layer(dev, &mn, |z, ws| {
+        lora::lora_forward_into(x, w0, a, b, None, scale, dropout, z, &mut saved.t, ws)?;
+        ws.with_layer(dev, &mn, |dres, ws| {
+            ws.with_layer(dev, &rows_of(&s.lead, d.k), |xres, _| {
+                dropout_residual(OP, x, dropout, xres, false)?;
+                launch::plain_gemm(OP, Orient::Nt, xres, w0, dres, (d.m, d.n, d.k))
+            })?;
+            let pass = Columns::Scale {
+                bias,
+                residual: Some((dres, &mut saved.z)),
+            };
+            columns(OP, pass, z, &saved.factor, y, (d.m, d.n), MAX_COLUMN_BLOCKS)
+        })
+    })
 }
 
 /// Gradients of [`dora_forward`] given dY `[..., N]` and its `saved`: dA, dB, the magnitude's (`[N]`
@@ -207,6 +260,7 @@ pub fn dora_backward<T: Element, A: Element>(
         saved,
         dy,
         scale,
+        Dropout::NONE,
         dx.as_mut(),
         &mut da,
         &mut db,
@@ -224,9 +278,10 @@ pub fn dora_backward<T: Element, A: Element>(
 
 /// [`dora_backward`] into existing `dx` (or none), `da` `[r, K]`, `db` `[N, r]`, `dmagnitude` `[N]` f32,
 /// scratch (dZ, the partial sums, U) from `ws`. With [`GradMode::Accumulate`] dA, dB and the magnitude's
-/// gradient are added to (micro-batches); dX is always overwritten.
+/// gradient are added to (micro-batches); dX is always overwritten. `dropout` must be the forward's
+/// ([`dora_forward_into`]); with dropout and dX, one more GEMM of W0 (the residual's share of dX).
 #[allow(clippy::too_many_arguments)]
-pub fn dora_backward_into<T: Element, A: Element>(
+pub fn dora_backward_into<'d, T: Element, A: Element>(
     x: &Tensor<T>,
     w0: &Tensor<T>,
     a: &Tensor<A>,
@@ -234,6 +289,7 @@ pub fn dora_backward_into<T: Element, A: Element>(
     saved: &DoraSaved<T>,
     dy: &Tensor<T>,
     scale: f32,
+    dropout: impl Into<DropoutArg<'d>>,
     dx: Option<&mut Tensor<T>>,
     da: &mut Tensor<A>,
     db: &mut Tensor<A>,
@@ -242,6 +298,7 @@ pub fn dora_backward_into<T: Element, A: Element>(
     ws: &mut Workspace<T>,
 ) -> Result<()> {
     const OP: &str = "dora_backward";
+    let dropout = dropout.into();
     let s = layer_dims(OP, x, w0, a, b)?;
     let d = s.d;
     let lead = "[..., N] (x's leading dimensions)";
@@ -275,36 +332,64 @@ pub fn dora_backward_into<T: Element, A: Element>(
         devices.push(("dx", dx.device()));
     }
     validate::same_device(OP, ("x", x.device()), &devices)?;
+    lora::check_dropout(OP, x, &dropout)?;
 
     // dZ and the partials of dm first, then the LoRA backward of dZ, and dm last (the one gradient
-    // this op adds to in place besides dA and dB)
+    // this op adds to in place besides dA and dB). With dropout and dX, the grad pass also writes
+    // (1 − f) ⊙ dY, and dX gains its product with W0 under the residual's mask.
     let row_blocks = d.m.div_ceil(LK_DORA_ROWS as usize);
-    ws.with_layer(x.device(), &rows_of(&s.lead, d.n), |dz, ws| {
-        ws.with_partial(x.device(), &[row_blocks, d.n], |partials, ws| {
-            columns(
-                OP,
-                Columns::Grad { dy, partials },
-                &saved.z,
-                &saved.factor,
-                dz,
-                (d.m, d.n),
-                MAX_COLUMN_BLOCKS,
-            )?;
-            lora::lora_backward_into(
-                x,
-                w0,
-                a,
-                b,
-                &saved.t,
-                dz,
-                scale,
-                Dropout::NONE,
-                dx,
-                da,
-                db,
-                mode,
-                ws,
-            )?;
+    let dev = x.device();
+    let mn = rows_of(&s.lead, d.n);
+    let mut dx = dx;
+    ws.with_layer(dev, &mn, |dz, ws| {
+        ws.with_partial(dev, &[row_blocks, d.n], |partials, ws| {
+            let mut lora_backward =
+                |dz: &Tensor<T>, dx: Option<&mut Tensor<T>>, ws: &mut Workspace<T>| {
+                    lora::lora_backward_into(
+                        x, w0, a, b, &saved.t, dz, scale, dropout, dx, da, db, mode, ws,
+                    )
+                };
+            let residual_dx = dx.as_deref_mut().filter(|_| dropout.is_active());
+            match residual_dx {
+                None => {
+                    let pass = Columns::Grad {
+                        dy,
+                        partials,
+                        aux: None,
+                    };
+                    columns(
+                        OP,
+                        pass,
+                        &saved.z,
+                        &saved.factor,
+                        dz,
+                        (d.m, d.n),
+                        MAX_COLUMN_BLOCKS,
+                    )?;
+                    lora_backward(dz, dx, ws)?;
+                }
+                Some(dx) => ws.with_layer(dev, &mn, |drest, ws| {
+                    let pass = Columns::Grad {
+                        dy,
+                        partials,
+                        aux: Some(drest),
+                    };
+                    columns(
+                        OP,
+                        pass,
+                        &saved.z,
+                        &saved.factor,
+                        dz,
+                        (d.m, d.n),
+                        MAX_COLUMN_BLOCKS,
+                    )?;
+                    lora_backward(dz, Some(&mut *dx), ws)?;
+                    ws.with_layer(dev, &rows_of(&s.lead, d.k), |g, _| {
+                        launch::plain_gemm(OP, Orient::Nn, drest, w0, g, (d.m, d.k, d.n))?;
+                        dropout_residual(OP, g, dropout, dx, true)
+                    })
+                })?,
+            }
             magnitude_grad(
                 OP,
                 partials,
@@ -339,12 +424,18 @@ fn check_saved<T: Element>(
 
 /// Which column pass of kernels/dora.cu.
 enum Columns<'a, T: Element> {
-    /// `out = Y ← round(fma(factor, Z, bias))`.
-    Scale { bias: Option<&'a Tensor<T>> },
-    /// `out = dZ ← round(factor·dY)`, and the row blocks' sums of dY·Z into `partials`.
+    /// `out = Y ← round(fma(factor, Z, bias))`; with dropout's `residual` (D, and where Z − D goes),
+    /// `Y ← round(fma(factor, Z, fma(1 − factor, D, bias)))`.
+    Scale {
+        bias: Option<&'a Tensor<T>>,
+        residual: Option<(&'a Tensor<T>, &'a mut Tensor<T>)>,
+    },
+    /// `out = dZ ← round(factor·dY)`, and the row blocks' sums of dY·Z into `partials`; `aux` (with
+    /// dropout, for dX) `← round((1 − factor)·dY)`.
     Grad {
         dy: &'a Tensor<T>,
         partials: &'a mut Tensor<f32>,
+        aux: Option<&'a mut Tensor<T>>,
     },
 }
 
@@ -396,40 +487,104 @@ fn columns<T: Element>(
     let grad = matches!(pass, Columns::Grad { .. });
     let kernel = columns_kernel(op, T::DTYPE, grad)?;
     let mut args = vec![Arg::In("z", z), Arg::In("factor", factor)];
-    let has_bias = match pass {
-        Columns::Scale { bias } => {
+    // argument indices of the optional pointers (after z, factor, out)
+    let (mut bias_at, mut residual_at, mut aux_at) = (None, None, None);
+    match pass {
+        Columns::Scale { bias, residual } => {
             args.push(Arg::Out("y", out));
             if let Some(bias) = bias {
+                bias_at = Some(args.len());
                 args.push(Arg::In("bias", bias));
             }
-            bias.is_some()
+            if let Some((d, zd)) = residual {
+                residual_at = Some(args.len());
+                args.push(Arg::In("dropout residual (X − dropout(X))·W0ᵀ", d));
+                aux_at = Some(args.len());
+                args.push(Arg::Out("saved.z", zd));
+            }
         }
-        Columns::Grad { dy, partials } => {
+        Columns::Grad { dy, partials, aux } => {
             args.push(Arg::Out("dz", out));
             args.push(Arg::In("dy", dy));
             args.push(Arg::Out("partials", partials));
-            false
+            if let Some(aux) = aux {
+                aux_at = Some(args.len());
+                args.push(Arg::Out("(1 − factor)·dY", aux));
+            }
         }
     };
     let device = z.device().clone();
     device.launch(op, kernel, &plan, &mut args, |ptr| {
+        let at = |i: Option<usize>| i.map_or(std::ptr::null_mut(), |i| ptr[i] as *mut _);
         let mut p = LkDoraColumnsParams {
             z: ptr[0] as *const _,
             dy: std::ptr::null(),
-            bias: std::ptr::null(),
+            bias: at(bias_at),
             factor: ptr[1] as *const f32,
             out: ptr[2] as *mut _,
             partials: std::ptr::null_mut(),
+            residual: at(residual_at),
+            aux: at(aux_at),
             m: u32_of(m),
             n: u32_of(n),
         };
         if grad {
             p.dy = ptr[3] as *const _;
             p.partials = ptr[4] as *mut f32;
-        } else if has_bias {
-            p.bias = ptr[3] as *const _;
         }
         p
+    })
+}
+
+/// `out ← round(c ⊙ x)`, or `round(out + c ⊙ x)` when `accumulate`, with c = 1 where `dropout` drops an
+/// element and `1 − 1/(1 − p)` where it keeps one: `x − dropout(x)` (x and out dense, of the mask's
+/// element indices: X `[..., K]`, or dX's term).
+fn dropout_residual<T: Element>(
+    op: &'static str,
+    x: &Tensor<T>,
+    dropout: DropoutArg<'_>,
+    out: &mut Tensor<T>,
+    accumulate: bool,
+) -> Result<()> {
+    let kernel = match T::DTYPE {
+        DType::BF16 => &kernels::DROPOUT_RESIDUAL_BF16,
+        DType::F16 => &kernels::DROPOUT_RESIDUAL_F16,
+        got => {
+            return Err(Error::UnsupportedDType {
+                op,
+                arg: "x",
+                got,
+                supported: "bf16 and f16",
+            });
+        }
+    };
+    let count = x.numel();
+    // one thread per 4 elements; the kernel strides past this many blocks
+    const MAX_BLOCKS: usize = 1 << 16;
+    let blocks = count
+        .div_ceil(4 * LK_SIMT_THREADS as usize)
+        .clamp(1, MAX_BLOCKS);
+    let plan = LaunchPlan {
+        grid: [u32_of(blocks), 1, 1],
+        block: [LK_SIMT_THREADS, 1, 1],
+        smem_bytes: 0,
+    };
+    let keep_residual = (1.0 - dropout.dropout().keep_scale()) as f32;
+    let mut args = vec![Arg::In("x", x), Arg::Out("out", out)];
+    let offset_index = dropout.offset_buffer().map(|b| {
+        args.push(Arg::In("dropout offset", b));
+        args.len() - 1
+    });
+    let device = x.device().clone();
+    device.launch(op, kernel, &plan, &mut args, |ptr| {
+        LkDropoutResidualParams {
+            x: ptr[0] as *const _,
+            out: ptr[1] as *mut _,
+            count: count as u64,
+            dropout: dropout.params(offset_index.map(|i| ptr[i])),
+            keep_residual,
+            accumulate: accumulate as u32,
+        }
     })
 }
 
@@ -496,13 +651,17 @@ mod tests {
         let factor = Tensor::from_slice(&dev, &f, &[n]).unwrap();
         let run = |cap: usize| {
             let mut y = Tensor::<bf16>::for_output(&dev, &[m, n]).unwrap();
-            let pass = Columns::Scale { bias: Some(&bias) };
+            let pass = Columns::Scale {
+                bias: Some(&bias),
+                residual: None,
+            };
             columns("test", pass, &z, &factor, &mut y, (m, n), cap).unwrap();
             let mut dz = Tensor::<bf16>::for_output(&dev, &[m, n]).unwrap();
             let mut partials = Tensor::<f32>::for_output(&dev, &[2, n]).unwrap();
             let pass = Columns::Grad {
                 dy: &dy,
                 partials: &mut partials,
+                aux: None,
             };
             columns("test", pass, &z, &factor, &mut dz, (m, n), cap).unwrap();
             let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

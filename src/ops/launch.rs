@@ -277,6 +277,13 @@ pub(crate) fn mma_tile_smem(bn: usize) -> u32 {
     }
 }
 
+/// The kernel choices the environment forces (`LK_FUSED_GEMM`, `LK_MMA_TILE`), checked: for an op that
+/// launches other kernels before its first GEMM, so that a bad value is refused before anything is written.
+pub(crate) fn check_kernel_choices(op: &'static str) -> Result<()> {
+    super::sm90::choice(op)?;
+    forced_mma_tile(op, std::env::var("LK_MMA_TILE").ok().as_deref()).map(|_| ())
+}
+
 /// The width an `LK_MMA_TILE` value forces, or None for the automatic choice.
 fn forced_mma_tile(op: &'static str, value: Option<&str>) -> Result<Option<usize>> {
     match value {
@@ -311,10 +318,49 @@ pub(crate) fn fused_gemm<T: Element, R: Element>(
     c: &mut Tensor<T>,
     split: Option<Split<'_>>,
 ) -> Result<()> {
-    use kernels::*;
     if super::sm90::try_fused_gemm(op, g, c, split.is_some())? {
         return Ok(());
     }
+    mma_fused_gemm(op, g, c, split)
+}
+
+/// `C = A·op(B)` without a low-rank term (rank 0) on the mma.sync fused GEMM, whatever `LK_FUSED_GEMM`
+/// says (the sm_90a kernels need a rank of at least 8): DoRA's GEMMs of W0 on the dropout residual.
+/// Nt: `a` m×k, `b` n×k; Nn: `a` m×k, `b` k×n; `c` m×n.
+pub(crate) fn plain_gemm<T: Element>(
+    op: &'static str,
+    orient: Orient,
+    a: &Tensor<T>,
+    b: &Tensor<T>,
+    c: &mut Tensor<T>,
+    (m, n, k): (usize, usize, usize),
+) -> Result<()> {
+    let g = FusedGemm {
+        orient,
+        a,
+        b,
+        // no low-rank tiles run at rank 0: L and R are never read
+        l: a,
+        r: b,
+        bias: None,
+        m,
+        n,
+        k,
+        rank: 0,
+        scale: 1.0,
+        dropout: None,
+    };
+    mma_fused_gemm(op, &g, c, None)
+}
+
+/// [`fused_gemm`] on the mma.sync kernels (kernels/fused_gemm.cu).
+fn mma_fused_gemm<T: Element, R: Element>(
+    op: &'static str,
+    g: &FusedGemm<'_, T, R>,
+    c: &mut Tensor<T>,
+    split: Option<Split<'_>>,
+) -> Result<()> {
+    use kernels::*;
     let pair = (T::DTYPE, R::DTYPE);
     let (splits, rank_per_split) = split.as_ref().map_or((1, 0), |s| (s.splits, s.per_split));
     let bn = mma_tile_columns(op, g.m, g.n, splits, g.a.device().sm_count()?)?;

@@ -446,7 +446,7 @@ pub fn lora_backward_into<'d, T: Element, A: Element>(
 /// replay, so it is refused during a capture (a [`DropoutSchedule`] is not).
 ///
 /// [`DropoutSchedule`]: crate::dropout::DropoutSchedule
-fn check_dropout<T: Element>(
+pub(super) fn check_dropout<T: Element>(
     op: &'static str,
     x: &Tensor<T>,
     dropout: &DropoutArg<'_>,

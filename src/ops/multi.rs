@@ -100,6 +100,18 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
     validate::shape(OP, "t", t, &[m, ldt], "[M, r_max] (the set's largest rank)")?;
     base_sizes_fit(OP, (m, n, k), ldt)?;
     launch::check_pair(OP, T::DTYPE, A::DTYPE)?;
+    // every operand on x's device before the shrink writes T (a launch checks only its own arguments)
+    let mut devices = vec![
+        ("w0", w0.device()),
+        ("adapters", set.arena().device()),
+        ("adapter_index", index.tensor().device()),
+        ("y", y.device()),
+        ("t", t.device()),
+    ];
+    if let Some(bias) = bias {
+        devices.push(("bias", bias.device()));
+    }
+    validate::same_device(OP, ("x", x.device()), &devices)?;
     let device = x.device().clone();
     let sms = device.sm_count()?;
     // the fused mode's tiles (ops::mma_tile: 128×64 where 128×128 leaves SMs idle; the same bits)

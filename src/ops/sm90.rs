@@ -41,7 +41,7 @@ use crate::tma::{Swizzle, TensorMapSpec};
 use super::workspace::Workspace;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Choice {
+pub(super) enum Choice {
     Auto,
     Mma,
     Sm90,
@@ -52,7 +52,7 @@ enum Choice {
 
 /// The default is the mma.sync kernel until the sm_90a kernels have passed the tests on a GPU (they have
 /// only run in the emulator so far): `auto` opts in.
-fn choice(op: &'static str) -> Result<Choice> {
+pub(super) fn choice(op: &'static str) -> Result<Choice> {
     match std::env::var("LK_FUSED_GEMM").as_deref() {
         Err(_) | Ok("") | Ok("mma") => Ok(Choice::Mma),
         Ok("auto") => Ok(Choice::Auto),
