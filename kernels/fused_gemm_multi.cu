@@ -3,7 +3,10 @@
 //
 //   shrink: T_i = X_i·A_{a(i)}ᵀ for every row in one launch (f32 partials per fixed K chunk, then
 //           lowrank_finalize rounds their in-order sum once), zero for rows without an adapter;
-//   fused:  Y_i = X_i·W0ᵀ + s_{a(i)}·T_i·B_{a(i)}ᵀ (+ bias), Y written once.
+//   fused:  Y_i = X_i·W0ᵀ + s_{a(i)}·T_i·B_{a(i)}ᵀ (+ bias), Y written once; for a row of a DoRA
+//           adapter (DoRA's unmerged layer, served) Y_i = round(f_{a(i)} ⊙ Z_i + bias) with Z_i that sum
+//           rounded without the bias and f = m / ‖W0 + s·B·A‖ from the set's factor table: the bits of
+//           ops::dora_forward's scale pass over the fused GEMM's Z.
 //
 // Adapters are packed in one arena without padding (rank_a × K and N × rank_a each) and described by a
 // table (LkAdapterDesc); each row carries an adapter index (or LK_NO_ADAPTER). Rows need not be sorted.
@@ -26,6 +29,7 @@
 // Caveat: a non-finite value in one adapter's B reaches the other rows of its tiles as 0·inf = NaN (and
 // one in A the other rows of its shrink block). Finite adapters, with any X, keep every row to itself.
 #include "lk_fused_gemm.cuh"
+#include "lk_multi.cuh"
 
 namespace {
 // The low-rank phase of a multi-adapter block: k-tile j belongs to pass q (first[q] ≤ j < first[q+1]),
@@ -140,7 +144,54 @@ __device__ __forceinline__ void list_passes(const LkFusedGemmMultiParams& p, uin
     }
 }
 
-template <typename T, typename RT, int NI>
+// The epilogue of a tile when the set holds DoRA adapters (store_c's otherwise). A DoRA row is DoRA's layer:
+// Z = round(acc + 0) (the fused GEMM's output without a bias), then round(fma(f, Z, bias)) with its
+// adapter's factors f (the bits of kernels/dora.cu's scale pass over that Z); every other row is store_c's
+// round(acc + bias). The accumulators are staged as f32, 64 rows (one warp row) at a time, in the
+// pipeline's shared memory, and the write-back computes each element with them dead: store_c's register
+// budget, which the per-row choice would overflow inside its fragment loop (two blocks per SM need ≤ 128).
+// frow: [BM] where each tile row's factors start in p.factors, or LK_NO_FACTOR.
+template <typename T, int NI>
+__device__ __forceinline__ void store_c_dora(const float (&acc)[4][NI][4], float* smem, const LkFusedGemmMultiParams& p,
+                                             const uint32_t* frow, uint32_t m0, uint32_t n0) {
+    constexpr uint32_t TBN = Width<NI>::BN, F_LD = TBN + 4;  // staged rows 4 words apart: fewer bank conflicts
+    const uint32_t tid = fresh_tid(), lane = tid % 32, warp = tid / 32, wm = warp / 4, wn = warp % 4;
+    const T* bias = static_cast<const T*>(p.bias);
+    T* y = static_cast<T*>(p.y);
+    for (uint32_t half = 0; half < 2; ++half) {
+        __syncthreads();  // the pipeline's (or the last half's) shared memory is free
+        if (wm == half) {
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const uint32_t r = mi * 16 + lane / 4 + h * 8, cc = wn * Width<NI>::WN + ni * 8 + (lane % 4) * 2;
+                        smem[r * F_LD + cc] = acc[mi][ni][2 * h];
+                        smem[r * F_LD + cc + 1] = acc[mi][ni][2 * h + 1];
+                    }
+        }
+        __syncthreads();
+        for (uint32_t e = tid; e < 64 * TBN; e += THREADS) {
+            const uint32_t r = e / TBN, cc = e % TBN, row = m0 + half * 64 + r, col = n0 + cc;
+            if (row >= p.m || col >= p.n) continue;
+            const float a = smem[r * F_LD + cc];
+            const float b = bias != nullptr ? lk_to_f32(bias[col]) : 0.0f;
+            const uint32_t at = frow[half * 64 + r];
+            T out;
+            if (at == LK_NO_FACTOR) {
+                out = lk_from_f32<T>(a + b);
+            } else {
+                const float z = lk_to_f32(lk_from_f32<T>(a + 0.0f));
+                out = lk_from_f32<T>(__fmaf_rn(p.factors[at + col], z, b));
+            }
+            y[size_t(row) * p.n + col] = out;
+        }
+    }
+}
+
+template <typename T, typename RT, int NI, bool DORA>
 __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiParams& p) {
     LK_DYNAMIC_SMEM(smem);
     T* as_all = reinterpret_cast<T*>(smem);
@@ -235,32 +286,58 @@ __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiPara
                       [&](uint32_t row) { return s_mine[row] != 0; });
         return;
     }
-    store_c<T>(acc, as_all, static_cast<T*>(p.y), p.n, static_cast<const T*>(p.bias), p.m, p.n, m0, n0);
+    if constexpr (DORA) {  // DoRA adapters in the set (lk_multi_factor_at: where each row's factors are)
+        LK_SHARED(16, uint32_t, s_frow, [BM]);
+        if (threadIdx.x < BM) s_frow[threadIdx.x] = lk_multi_factor_at(p, s_idx[threadIdx.x]);
+        store_c_dora<T>(acc, reinterpret_cast<float*>(smem), p, s_frow, m0, n0);  // it syncs before reading s_frow
+    } else {
+        store_c<T>(acc, as_all, static_cast<T*>(p.y), p.n, static_cast<const T*>(p.bias), p.m, p.n, m0, n0);
+    }
 }
 }  // namespace
 
 // As fused_gemm: two blocks per SM. "_f32ad": the set's adapters are f32, rounded to T as they are loaded;
 // "_narrow": the 64-column tiles, for batches whose 128-column tiles leave SMs idle, and the shrink where
-// the set's ranks are all ≤ 64 (half the padded columns of T).
-#define LK_FUSED_GEMM_MULTI(name, T, RT, NI)                                                  \
-    extern "C" __global__ void __launch_bounds__(THREADS, 2) name(LkFusedGemmMultiParams p) { \
-        LK_KERNEL_ENTRY();                                                                  \
-        fused_gemm_multi_impl<T, RT, NI>(p);                                                \
+// the set's ranks are all ≤ 64 (half the padded columns of T). "_dora": the fused mode for a set that holds
+// DoRA adapters (store_c_dora's epilogue), kernels of their own so that the plain ones keep their code and
+// registers: those sit at the 128 that two blocks per SM allow, and with the DoRA epilogue ptxas spills on
+// sm_90, so the "_dora" kernels are built for one block per SM (the price of serving DoRA rows unmerged:
+// half the resident warps in those batches; not measured).
+#define LK_FUSED_GEMM_MULTI(name, T, RT, NI, DORA)                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS, DORA ? 1 : 2) name(LkFusedGemmMultiParams p) { \
+        LK_KERNEL_ENTRY();                                                                            \
+        fused_gemm_multi_impl<T, RT, NI, DORA>(p);                                                    \
     }
 
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_bf16, __nv_bfloat16, __nv_bfloat16, WIDE_NI)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_bf16, __nv_bfloat16, __nv_bfloat16, WIDE_NI, false)
 LK_KERNEL_EXPORT(fused_gemm_multi_bf16, LkFusedGemmMultiParams)
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_f16, __half, __half, WIDE_NI)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_f16, __half, __half, WIDE_NI, false)
 LK_KERNEL_EXPORT(fused_gemm_multi_f16, LkFusedGemmMultiParams)
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_bf16_f32ad, __nv_bfloat16, float, WIDE_NI)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_bf16_f32ad, __nv_bfloat16, float, WIDE_NI, false)
 LK_KERNEL_EXPORT(fused_gemm_multi_bf16_f32ad, LkFusedGemmMultiParams)
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_f16_f32ad, __half, float, WIDE_NI)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_f16_f32ad, __half, float, WIDE_NI, false)
 LK_KERNEL_EXPORT(fused_gemm_multi_f16_f32ad, LkFusedGemmMultiParams)
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_bf16, __nv_bfloat16, __nv_bfloat16, NARROW_NI)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_bf16, __nv_bfloat16, __nv_bfloat16, NARROW_NI, false)
 LK_KERNEL_EXPORT(fused_gemm_multi_narrow_bf16, LkFusedGemmMultiParams)
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_f16, __half, __half, NARROW_NI)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_f16, __half, __half, NARROW_NI, false)
 LK_KERNEL_EXPORT(fused_gemm_multi_narrow_f16, LkFusedGemmMultiParams)
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_bf16_f32ad, __nv_bfloat16, float, NARROW_NI)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_bf16_f32ad, __nv_bfloat16, float, NARROW_NI, false)
 LK_KERNEL_EXPORT(fused_gemm_multi_narrow_bf16_f32ad, LkFusedGemmMultiParams)
-LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_f16_f32ad, __half, float, NARROW_NI)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_narrow_f16_f32ad, __half, float, NARROW_NI, false)
 LK_KERNEL_EXPORT(fused_gemm_multi_narrow_f16_f32ad, LkFusedGemmMultiParams)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_dora_bf16, __nv_bfloat16, __nv_bfloat16, WIDE_NI, true)
+LK_KERNEL_EXPORT(fused_gemm_multi_dora_bf16, LkFusedGemmMultiParams)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_dora_f16, __half, __half, WIDE_NI, true)
+LK_KERNEL_EXPORT(fused_gemm_multi_dora_f16, LkFusedGemmMultiParams)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_dora_bf16_f32ad, __nv_bfloat16, float, WIDE_NI, true)
+LK_KERNEL_EXPORT(fused_gemm_multi_dora_bf16_f32ad, LkFusedGemmMultiParams)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_dora_f16_f32ad, __half, float, WIDE_NI, true)
+LK_KERNEL_EXPORT(fused_gemm_multi_dora_f16_f32ad, LkFusedGemmMultiParams)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_dora_narrow_bf16, __nv_bfloat16, __nv_bfloat16, NARROW_NI, true)
+LK_KERNEL_EXPORT(fused_gemm_multi_dora_narrow_bf16, LkFusedGemmMultiParams)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_dora_narrow_f16, __half, __half, NARROW_NI, true)
+LK_KERNEL_EXPORT(fused_gemm_multi_dora_narrow_f16, LkFusedGemmMultiParams)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_dora_narrow_bf16_f32ad, __nv_bfloat16, float, NARROW_NI, true)
+LK_KERNEL_EXPORT(fused_gemm_multi_dora_narrow_bf16_f32ad, LkFusedGemmMultiParams)
+LK_FUSED_GEMM_MULTI(fused_gemm_multi_dora_narrow_f16_f32ad, __half, float, NARROW_NI, true)
+LK_KERNEL_EXPORT(fused_gemm_multi_dora_narrow_f16_f32ad, LkFusedGemmMultiParams)

@@ -23,7 +23,8 @@
 //       steps over T's columns with the rows of other adapters zeroed, T's and B_a's columns past r_a zero;
 //     acc *= s_{a(i)} (0 without an adapter);
 //     ceil(k/32)·2 steps over X·W0ᵀ, k ascending, zero past k;
-//     + bias (+0 without one), one rounding.
+//     + bias (+0 without one), one rounding; a DoRA adapter's row: rounded with +0, then
+//     round(fma(f, that, bias)) with its factor f (fused_gemm_multi's epilogue).
 //   multi_decode_shrink, per element of partial[z] (row i, column c of T):
 //     from +0, 2 steps per 32-wide k-tile of split z's chunk (launch::projection_splits: K alone decides
 //     it), ascending, X and A_a zero past the chunk, A_a's rows (T's columns) past r_a zero; stored by the
@@ -40,6 +41,7 @@
 // block. Rows, columns and k
 // past the ends load as zero; operands that do not allow 16-byte copies (flags, or an adapter's
 // LK_ALIGNED_B / LK_ALIGNED_R) take element loads.
+#include "lk_multi.cuh"
 #include "lk_tile.cuh"
 #include "lora_params.h"
 
@@ -211,7 +213,13 @@ __device__ __forceinline__ void multi_decode_impl(const LkFusedGemmMultiParams& 
         const uint32_t row = g + 8 * (e / 2), col = n0 + warp * 8 + 2 * t + e % 2;
         if (row >= p.m || col >= p.n) continue;
         const float b = bias != nullptr ? lk_to_f32(bias[col]) : 0.0f;
-        y[size_t(row) * p.n + col] = lk_from_f32<T>(acc[e] + b);
+        const uint32_t at = lk_multi_factor_at(p, s_idx[row]);
+        if (at == LK_NO_FACTOR) {
+            y[size_t(row) * p.n + col] = lk_from_f32<T>(acc[e] + b);
+        } else {  // a DoRA row: Z rounded without the bias, then round(fma(f, Z, bias)), as fused_gemm_multi
+            const float z = lk_to_f32(lk_from_f32<T>(acc[e] + 0.0f));
+            y[size_t(row) * p.n + col] = lk_from_f32<T>(__fmaf_rn(p.factors[at + col], z, b));
+        }
     }
 }
 

@@ -10,6 +10,9 @@
 //!   [`AdapterSet::with_capacity`] to avoid that).
 //! - [`AdapterIndex`]: the adapter slot of every row of a batch (or none), on the device, checked once
 //!   against the set when it is built, so a server builds it once per batch and uses it for every layer.
+//! - DoRA adapters ([`AdapterSet::add_dora`], PEFT's `use_dora`) served unmerged: their rows are
+//!   `f ⊙ (X·W0ᵀ + s·(X·Aᵀ)·Bᵀ) + bias`, `f = m / ‖W0 + s·B·A‖` per output feature, the factors computed
+//!   once when the adapter is added (from the layer's W0 then) and kept in a table beside the arena.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -17,7 +20,9 @@ use crate::device::Device;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::ops::validate;
-use crate::params::{LK_ALIGNED_B, LK_ALIGNED_R, LK_NO_ADAPTER, LK_SMALL_M_MAX, LkAdapterDesc};
+use crate::params::{
+    LK_ALIGNED_B, LK_ALIGNED_R, LK_NO_ADAPTER, LK_NO_FACTOR, LK_SMALL_M_MAX, LkAdapterDesc,
+};
 use crate::tensor::Tensor;
 
 /// The u32 words of one `LkAdapterDesc` in the table.
@@ -39,6 +44,8 @@ struct Slot {
     len: usize,
     rank: usize,
     scale: f32,
+    /// A DoRA adapter: its factors are row `slot` of the factor table.
+    dora: bool,
 }
 
 /// The adapters of one layer with base weight N×K, in the adapter dtype `A` (the layer dtype, or f32
@@ -57,6 +64,9 @@ pub struct AdapterSet<A: Element> {
     /// Bumped whenever a slot's adapter is added or removed, so an [`AdapterIndex`] notices.
     generations: Vec<u64>,
     table: Tensor<u32>,
+    /// DoRA adapters' factors, N per row, row i for slot i (rows of other slots unused); None until the
+    /// first DoRA adapter.
+    factors: Option<Tensor<f32>>,
     id: u64,
 }
 
@@ -122,6 +132,7 @@ impl<A: Element> AdapterSet<A> {
             slots: Vec::new(),
             generations: Vec::new(),
             table: Tensor::zeros(device, &[DESC_WORDS])?,
+            factors: None,
             id: NEXT_SET_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
@@ -175,19 +186,27 @@ impl<A: Element> AdapterSet<A> {
     /// Their values are not scanned (that would need a read-back): a NaN or ±inf in A or B reaches the
     /// other rows of the tiles it is multiplied in (0·inf = NaN), so keep adapters finite.
     pub fn add(&mut self, a: &Tensor<A>, b: &Tensor<A>, scale: f32) -> Result<u32> {
-        const OP: &str = "AdapterSet::add";
-        // before any change: uploads and copies cannot be captured, and a half-made slot must not stay
+        self.add_impl("AdapterSet::add", a, b, scale, None)
+    }
+
+    /// Adds a DoRA adapter (PEFT's `use_dora`) for serving unmerged: A, B and s as [`AdapterSet::add`],
+    /// its magnitude `[N]` f32 (`lora_magnitude_vector`), and the layer's base weight `w0` `[N, K]`, from
+    /// which its factors `m / ‖W0 + s·B·A‖` are computed now ([`crate::ops::dora_factor`]) and kept:
+    /// its rows of the many-adapter forward are `factor ⊙ (X·W0ᵀ + s·(X·Aᵀ)·Bᵀ) + bias`. The set then
+    /// serves that W0 only (add the adapter again after W0 changes). Returns its slot.
+    pub fn add_dora<T: Element>(
+        &mut self,
+        a: &Tensor<A>,
+        b: &Tensor<A>,
+        magnitude: &Tensor<f32>,
+        scale: f32,
+        w0: &Tensor<T>,
+    ) -> Result<u32> {
+        const OP: &str = "AdapterSet::add_dora";
         self.device
-            .refuse_in_capture("AdapterSet::add (copies and an upload)")?;
-        let r = validate::adapter(OP, a, b, (self.n, self.k), "the set's K")?;
-        if !scale.is_finite() {
-            return Err(Error::NonFinite {
-                op: OP,
-                arg: "scale",
-                value: scale as f64,
-            });
-        }
-        for (arg, t) in [("a", a.device()), ("b", b.device())] {
+            .refuse_in_capture("AdapterSet::add_dora (a norm pass, copies and an upload)")?;
+        validate::shape(OP, "w0", w0, &[self.n, self.k], "[N, K] (the set's layer)")?;
+        for (arg, t) in [("w0", w0.device()), ("magnitude", magnitude.device())] {
             if *t != self.device {
                 return Err(Error::DeviceMismatch {
                     op: OP,
@@ -197,30 +216,117 @@ impl<A: Element> AdapterSet<A> {
                 });
             }
         }
+        let factor = crate::ops::dora_factor(w0, a, b, magnitude, scale)?;
+        self.add_impl(OP, a, b, scale, Some(&factor))
+    }
+
+    /// [`AdapterSet::add`], with a DoRA adapter's factors `[N]` f32 when it is one.
+    fn add_impl(
+        &mut self,
+        op: &'static str,
+        a: &Tensor<A>,
+        b: &Tensor<A>,
+        scale: f32,
+        factor: Option<&Tensor<f32>>,
+    ) -> Result<u32> {
+        // before any change: uploads and copies cannot be captured, and a half-made slot must not stay
+        self.device
+            .refuse_in_capture("AdapterSet::add (copies and an upload)")?;
+        let r = validate::adapter(op, a, b, (self.n, self.k), "the set's K")?;
+        if !scale.is_finite() {
+            return Err(Error::NonFinite {
+                op,
+                arg: "scale",
+                value: scale as f64,
+            });
+        }
+        for (arg, t) in [("a", a.device()), ("b", b.device())] {
+            if *t != self.device {
+                return Err(Error::DeviceMismatch {
+                    op,
+                    arg,
+                    expected: self.device.describe(),
+                    got: t.describe(),
+                });
+            }
+        }
+        // the slot it will take: the first free one, else a new one at the end
+        let slot = self
+            .slots
+            .iter()
+            .position(|s| s.is_none())
+            .unwrap_or(self.slots.len());
+        validate::fits_u32(op, "adapter slots", slot + 1)?;
+        if let Some(factor) = factor {
+            // before the arena changes: a failure here leaves the set as it was (the row is unused)
+            self.store_factor(slot, factor)?;
+        }
         let (a_len, b_len) = (round_up(r * self.k), round_up(self.n * r));
         let len = a_len + b_len;
         let offset = self.allocate(len)?;
         self.arena.copy_range_from(offset, a, 0, r * self.k)?;
         self.arena
             .copy_range_from(offset + a_len, b, 0, self.n * r)?;
-        let slot = match self.slots.iter().position(|s| s.is_none()) {
-            Some(i) => i,
-            None => {
-                self.slots.push(None);
-                self.generations.push(0);
-                self.slots.len() - 1
-            }
-        };
-        validate::fits_u32(OP, "adapter slots", slot + 1)?;
+        if slot == self.slots.len() {
+            self.slots.push(None);
+            self.generations.push(0);
+        }
         self.slots[slot] = Some(Slot {
             offset,
             len,
             rank: r,
             scale,
+            dora: factor.is_some(),
         });
         self.generations[slot] += 1;
         self.upload_table()?;
         Ok(slot as u32)
+    }
+
+    /// Writes a DoRA adapter's factors into row `slot` of the factor table, growing it (to twice its rows,
+    /// at least `slot + 1`, with one device copy) when it has fewer rows.
+    fn store_factor(&mut self, slot: usize, factor: &Tensor<f32>) -> Result<()> {
+        let rows = self.factors.as_ref().map_or(0, |t| t.numel() / self.n);
+        if slot >= rows {
+            let grown = (slot + 1).max(2 * rows);
+            let elems = grown.checked_mul(self.n).ok_or(Error::OutOfRange {
+                op: "AdapterSet::add_dora",
+                arg: "adapter slots",
+                value: grown as f64,
+                expected: "a factor table of at most usize::MAX elements",
+            })?;
+            let mut table = Tensor::zeros(&self.device, &[elems])?;
+            if let Some(old) = &self.factors {
+                table.copy_range_from(0, old, 0, rows * self.n)?;
+            }
+            self.factors = Some(table);
+        }
+        let table = self.factors.as_mut().expect("made above");
+        table.copy_range_from(slot * self.n, factor, 0, self.n)
+    }
+
+    /// The factor table for the forward, when the set holds a DoRA adapter.
+    pub(crate) fn factor_table(&self) -> Option<&Tensor<f32>> {
+        let any = self.slots.iter().flatten().any(|s| s.dora);
+        self.factors.as_ref().filter(|_| any)
+    }
+
+    /// Whether the adapter in `slot` is a DoRA adapter ([`AdapterSet::add_dora`]).
+    pub fn is_dora(&self, slot: u32) -> bool {
+        self.slot(slot).is_some_and(|s| s.dora)
+    }
+
+    /// The factors `m / ‖W0 + s·B·A‖` (`[N]`) of the DoRA adapter in `slot` as a host copy, for
+    /// references and tests; None for a plain adapter or an empty slot.
+    pub fn dora_factors(&self, slot: u32) -> Result<Option<Vec<f32>>> {
+        match (self.is_dora(slot), &self.factors) {
+            (true, Some(table)) => {
+                let all = table.to_vec()?;
+                let at = slot as usize * self.n;
+                Ok(Some(all[at..at + self.n].to_vec()))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Adds module `module` of a PEFT adapter (e.g. `model.layers.0.self_attn.v_proj` of one adapter
@@ -240,6 +346,29 @@ impl<A: Element> AdapterSet<A> {
             "values the set holds exactly: its own dtype, or bf16/f16 into an f32 set",
         )?;
         self.add(&a, &b, adapter.config.scale_for(module) as f32)
+    }
+
+    /// [`AdapterSet::add_peft_module`] for an adapter that may be a DoRA one (`use_dora`): with the
+    /// layer's base weight `w0` `[N, K]`, from which a DoRA module's factors are computed
+    /// ([`AdapterSet::add_dora`], its `lora_magnitude_vector` as the magnitude); a plain module is added
+    /// as by `add_peft_module`. Returns the slot.
+    pub fn add_peft_module_with_base<T: Element>(
+        &mut self,
+        adapter: &crate::peft::PeftAdapter,
+        module: &str,
+        w0: &Tensor<T>,
+    ) -> Result<u32> {
+        let (a, b, magnitude) = adapter.module_adapter_tensors::<A>(
+            "AdapterSet::add_peft_module_with_base",
+            module,
+            &self.device,
+            "values the set holds exactly: its own dtype, or bf16/f16 into an f32 set",
+        )?;
+        let scale = adapter.config.scale_for(module) as f32;
+        match magnitude {
+            Some(m) => self.add_dora(&a, &b, &m, scale, w0),
+            None => self.add(&a, &b, scale),
+        }
     }
 
     /// Removes the adapter in `slot`; its arena space and the slot are reused by later adds. An
@@ -336,7 +465,8 @@ impl<A: Element> AdapterSet<A> {
             d[4] = s.rank as u32;
             d[5] = s.scale.to_bits();
             d[6] = flags;
-            d[7] = 0;
+            // a DoRA adapter's factors are the table's row of its slot
+            d[7] = if s.dora { i as u32 } else { LK_NO_FACTOR };
         }
         w
     }

@@ -536,8 +536,9 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     /// base alone (`None`): `Y_i = X_i·W0ᵀ (+ bias) + s_a·(X_i·A_aᵀ)·B_aᵀ`, one batch, one set of launches
     /// ([`ops::lora_forward_multi`]; a row's bits do not depend on the rest of the batch). The layer keeps
     /// its adapters packed as an [`AdapterSet`] on the device for this, built on first use and again
-    /// after any adapter changes (its plain adapters: a row of a DoRA adapter is refused, the
-    /// many-adapter kernels being plain LoRA). Refused on a merged layer (W0 holds one adapter already).
+    /// after any adapter changes (a DoRA adapter's rows are DoRA's layer, `f ⊙ (X·W0ᵀ + s·T·Bᵀ) + bias`,
+    /// its factors computed when the set is built: [`AdapterSet::add_dora`]). Refused on a merged layer
+    /// (W0 holds one adapter already).
     pub fn forward_multi(
         &mut self,
         x: &Tensor<T>,
@@ -552,24 +553,19 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
                 ),
             });
         }
-        let dora_row = rows
-            .iter()
-            .flatten()
-            .find(|name| self.adapters.get(**name).is_some_and(|ad| ad.is_dora()));
-        if let Some(name) = dora_row {
-            return Err(Error::Unsupported {
-                what: format!("{OP} with a row of the DoRA adapter `{name}`"),
-                hint: "the many-adapter forward is plain LoRA; run a DoRA adapter through forward or train_forward".into(),
-            });
-        }
         if self.multi.is_none() {
             let (n, k) = self.dims();
             let mut set = AdapterSet::new(self.w0.device(), n, k)?;
             let mut slots = BTreeMap::new();
-            // the plain adapters: no row names a DoRA one (refused above)
-            for (name, ad) in self.adapters.iter().filter(|(_, ad)| !ad.is_dora()) {
+            for (name, ad) in &self.adapters {
                 consistent(OP, name, ad)?;
-                slots.insert(name.clone(), set.add(&ad.a, &ad.b, ad.config.scale())?);
+                let scale = ad.config.scale();
+                let slot = match &ad.magnitude {
+                    // the factors from this (unmerged) W0; a merge or unmerge rebuilds the set
+                    Some(m) => set.add_dora(&ad.a, &ad.b, m, scale, &self.w0)?,
+                    None => set.add(&ad.a, &ad.b, scale)?,
+                };
+                slots.insert(name.clone(), slot);
             }
             self.multi = Some(MultiAdapters { set, slots });
         }
@@ -651,6 +647,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             None => ops::unmerge(&mut self.w0, &ad.a, &ad.b, s)?,
         }
         self.merged = None;
+        self.multi = None; // W0 changed (by rounding): a DoRA adapter's factors are from the old one
         self.merged_factor = None;
         Ok(())
     }
@@ -696,6 +693,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             None => ops::safe_unmerge(&mut self.w0, &ad.a, &ad.b, s)?,
         };
         self.merged = None;
+        self.multi = None; // W0 changed (by rounding): a DoRA adapter's factors are from the old one
         self.merged_factor = None;
         Ok(counts)
     }

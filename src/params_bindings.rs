@@ -22,6 +22,7 @@ pub const LK_GRAD_CHUNK: u32 = 32;
 pub const LK_MERGE_ROWS: u32 = 64;
 pub const LK_MERGE_COLS: u32 = 128;
 pub const LK_NO_ADAPTER: u32 = 4294967295;
+pub const LK_NO_FACTOR: u32 = 4294967295;
 pub const LK_MULTI_SHRINK: u32 = 16;
 pub const LK_MULTI_DECODE_COLS: u32 = 32;
 pub const LK_MULTI_DECODE_THREADS: u32 = 128;
@@ -284,7 +285,7 @@ pub struct LkAdapterDesc {
     pub rank: u32,
     pub scale: f32,
     pub flags: u32,
-    pub reserved: u32,
+    pub factor_row: u32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -306,8 +307,8 @@ const _: () = {
         "Offset of field: LkAdapterDesc::flags",
     ][::core::mem::offset_of!(LkAdapterDesc, flags) - 24usize];
     [
-        "Offset of field: LkAdapterDesc::reserved",
-    ][::core::mem::offset_of!(LkAdapterDesc, reserved) - 28usize];
+        "Offset of field: LkAdapterDesc::factor_row",
+    ][::core::mem::offset_of!(LkAdapterDesc, factor_row) - 28usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -321,6 +322,7 @@ pub struct LkFusedGemmMultiParams {
     pub arena: *const ::core::ffi::c_void,
     pub adapters: *const LkAdapterDesc,
     pub index: *const u32,
+    pub factors: *const f32,
     pub n_adapters: u32,
     pub m: u32,
     pub n: u32,
@@ -333,7 +335,7 @@ pub struct LkFusedGemmMultiParams {
 const _: () = {
     [
         "Size of LkFusedGemmMultiParams",
-    ][::core::mem::size_of::<LkFusedGemmMultiParams>() - 104usize];
+    ][::core::mem::size_of::<LkFusedGemmMultiParams>() - 112usize];
     [
         "Alignment of LkFusedGemmMultiParams",
     ][::core::mem::align_of::<LkFusedGemmMultiParams>() - 8usize];
@@ -365,26 +367,29 @@ const _: () = {
         "Offset of field: LkFusedGemmMultiParams::index",
     ][::core::mem::offset_of!(LkFusedGemmMultiParams, index) - 64usize];
     [
+        "Offset of field: LkFusedGemmMultiParams::factors",
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, factors) - 72usize];
+    [
         "Offset of field: LkFusedGemmMultiParams::n_adapters",
-    ][::core::mem::offset_of!(LkFusedGemmMultiParams, n_adapters) - 72usize];
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, n_adapters) - 80usize];
     [
         "Offset of field: LkFusedGemmMultiParams::m",
-    ][::core::mem::offset_of!(LkFusedGemmMultiParams, m) - 76usize];
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, m) - 84usize];
     [
         "Offset of field: LkFusedGemmMultiParams::n",
-    ][::core::mem::offset_of!(LkFusedGemmMultiParams, n) - 80usize];
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, n) - 88usize];
     [
         "Offset of field: LkFusedGemmMultiParams::k",
-    ][::core::mem::offset_of!(LkFusedGemmMultiParams, k) - 84usize];
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, k) - 92usize];
     [
         "Offset of field: LkFusedGemmMultiParams::ldt",
-    ][::core::mem::offset_of!(LkFusedGemmMultiParams, ldt) - 88usize];
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, ldt) - 96usize];
     [
         "Offset of field: LkFusedGemmMultiParams::k_per_split",
-    ][::core::mem::offset_of!(LkFusedGemmMultiParams, k_per_split) - 92usize];
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, k_per_split) - 100usize];
     [
         "Offset of field: LkFusedGemmMultiParams::flags",
-    ][::core::mem::offset_of!(LkFusedGemmMultiParams, flags) - 96usize];
+    ][::core::mem::offset_of!(LkFusedGemmMultiParams, flags) - 104usize];
 };
 impl Default for LkFusedGemmMultiParams {
     fn default() -> Self {

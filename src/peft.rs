@@ -610,7 +610,7 @@ impl PeftAdapter {
         if self.config.use_dora {
             return Err(Error::Unsupported {
                 what: format!("{op} of a DoRA adapter (`use_dora`)"),
-                hint: "its forward is plain LoRA; a DoRA adapter can be merged (ops::dora_merge, `lora-kernels merge`) or run unmerged by LoraLinear::insert_peft_module or ops::dora_forward".into(),
+                hint: "a DoRA module's factors need the layer's base weight: AdapterSet::add_peft_module_with_base serves it unmerged (as do LoraLinear::insert_peft_module and ops::dora_forward); ops::dora_merge or `lora-kernels merge` merges it".into(),
             });
         }
         let (a, b, _) = self.module_adapter_tensors(op, module, device, supported)?;

@@ -141,7 +141,8 @@ fn merge_reproduces_peft_and_unmerge_matches_f64() {
 /// DoRA, the adapter saves and loads back identical (magnitude vectors 1-D), and the refusals: an
 /// unmerge (the merged checkpoint does not keep the rows' factors), a module without its magnitude
 /// vector, a magnitude vector of the wrong length, one in an adapter whose config does not set
-/// `use_dora`, and the adapter-set loader (its forward is plain LoRA); the layer loads it.
+/// `use_dora`, and the adapter-set loader without the base weight (a DoRA module's factors need it); the
+/// layer loads it, and the set with the base weight (`add_peft_module_with_base`).
 #[test]
 fn dora_adapters_merge_as_peft_does() {
     let dir = scratch("dora");
@@ -316,7 +317,18 @@ fn dora_adapters_merge_as_peft_does() {
     let module = "model.layers.0.self_attn.q_proj";
     let mut set = lora_kernels::AdapterSet::<f32>::new(&dev, 64, 64).unwrap();
     let e = set.add_peft_module(&a, module).unwrap_err().to_string();
-    assert!(e.contains("DoRA") && e.contains("dora_merge"), "{e}");
+    assert!(
+        e.contains("DoRA") && e.contains("add_peft_module_with_base"),
+        "{e}"
+    );
+    let base = lora_kernels::Tensor::<half::bf16>::from_slice(
+        &dev,
+        &vec![half::bf16::ONE; 64 * 64],
+        &[64, 64],
+    )
+    .unwrap();
+    let slot = set.add_peft_module_with_base(&a, module, &base).unwrap();
+    assert!(set.is_dora(slot));
     let w0 = lora_kernels::Tensor::<half::bf16>::zeros(&dev, &[64, 64]).unwrap();
     let mut layer = lora_kernels::LoraLinear::with_f32_adapters(w0, None).unwrap();
     // a layer runs DoRA's layer unmerged (tests/dora_linear.rs)

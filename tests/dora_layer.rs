@@ -12,8 +12,15 @@
 //! and dm against Σ dY·Z / norm in f64; then Y and dm end to end (the factors and norms on the
 //! contract's Z) with the per-dtype tolerance, relative to the size of their terms (|f·Z| + |bias|;
 //! Σ|dY·Z| / norm + |the old dm|), so a bias or an old gradient that cancels the rest cannot fail a
-//! correct kernel. reference::dora_forward / dora_backward (the exact layer)
-//! are what the PEFT fixture test holds to PEFT's numbers.
+//! correct kernel.
+//!
+//! With LoRA dropout (half the property cases, p up to 0.9; edge shapes) the kernels compute PEFT's
+//! layer regrouped (src/ops/dora_layer.rs): the saved Z is the fused forward's less D = (X − Xd)·W0ᵀ,
+//! Y = f·Z + (1 − f)·D + bias (end to end only: Z and D are scratch), dX gains ((1 − f)·dY)·W0 under
+//! the residual's mask. Those are checked as such, relative to the terms' sizes, and Y, dX and dm again
+//! against PEFT's expression as written (peft_form: X·W0ᵀ + bias + (f − 1)⊙(Xd·W0ᵀ) + f⊙s·T·Bᵀ and its
+//! autograd), so the regrouping itself is under test. reference::dora_forward(_dropout) /
+//! dora_backward(_dropout) (the exact layer) are what the PEFT fixture test holds to PEFT's numbers.
 
 mod common;
 
@@ -355,6 +362,130 @@ fn check<T: Element, A: Element>(what: &str, c: &Case<T, A>, o: &Out<T, A>) {
         relative_to(&dm_got, &dm_contract, &dm_size),
         tol,
     );
+    if dropout.is_active() {
+        peft_form(
+            what,
+            c,
+            o,
+            &dropout,
+            &f.y,
+            &g.u,
+            (&y_size, &dx_size, &dm_size),
+        );
+    }
+}
+
+/// With dropout, Y, dX and dm against PEFT's expression as written (not the kernels' regrouping), on the
+/// kernels' factors, the contract's T (rounded) and U, Xd exact: `Y = X·W0ᵀ + bias + (f − 1)⊙(Xd·W0ᵀ) +
+/// f⊙s·T·Bᵀ`, `dX = dY·W0 + dropout'((f − 1)⊙dY·W0 + s·U·A)`, `dm = Σ dY⊙(Xd·W0ᵀ + s·T·Bᵀ) / norm`,
+/// relative to the same term sizes as the contract checks.
+#[allow(clippy::too_many_arguments)]
+fn peft_form<T: Element, A: Element>(
+    what: &str,
+    c: &Case<T, A>,
+    o: &Out<T, A>,
+    dropout: &Dropout,
+    z_contract: &[f64],
+    u: &[f64],
+    (y_size, dx_size, dm_size): (&[f64], &[f64], &[f64]),
+) {
+    let l = &c.l;
+    let Dims { m, n, k, r } = l.d;
+    let s = l.scale as f64;
+    let tol = tol(T::DTYPE);
+    let x: Vec<f64> = l.x.iter().map(|v| v.to_f64()).collect();
+    let w0: Vec<f64> = l.w0.iter().map(|v| v.to_f64()).collect();
+    let xd: Vec<f64> = x
+        .iter()
+        .enumerate()
+        .map(|(e, v)| {
+            if dropout.keeps(e as u64) {
+                v * dropout.keep_scale()
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let nt = |p: &[f64]| -> Vec<f64> {
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|q| p[i * k + q] * w0[j * k + q]).sum();
+            }
+        }
+        out
+    };
+    let (base, base_dropped) = (nt(&x), nt(&xd));
+    let f = |e: usize| o.factor[e % n] as f64;
+    let bias = |e: usize| l.bias.as_ref().map_or(0.0, |b| b[e % n].to_f64());
+    // s·T·Bᵀ of the contract's T: its Z less X·W0ᵀ
+    let low = |e: usize| z_contract[e] - base[e];
+    let y: Vec<f64> = (0..m * n)
+        .map(|e| base[e] + bias(e) + (f(e) - 1.0) * base_dropped[e] + f(e) * low(e))
+        .collect();
+    let y_got: Vec<f64> = o.y.iter().map(|v| v.to_f64()).collect();
+    let err = relative_to(&y_got, &y, y_size);
+    if !within(err, tol) {
+        fail(
+            what,
+            l.d,
+            "y (PEFT's form)",
+            format!("relative error {err:e}"),
+        );
+    }
+    let dm: Vec<f64> = (0..n)
+        .map(|j| {
+            (0..m)
+                .map(|i| l.dy[i * n + j].to_f64() * (base_dropped[i * n + j] + low(i * n + j)))
+                .sum::<f64>()
+                / o.norm[j] as f64
+                + c.grads0.as_ref().map_or(0.0, |g| g.2[j] as f64)
+        })
+        .collect();
+    let dm_got: Vec<f64> = o.dm.iter().map(|v| *v as f64).collect();
+    let err = relative_to(&dm_got, &dm, dm_size);
+    if !within(err, tol) {
+        fail(
+            what,
+            l.d,
+            "dmagnitude (PEFT's form)",
+            format!("relative error {err:e}"),
+        );
+    }
+    // dX: dY·W0 + dropout'((f − 1)⊙dY·W0 + s·U·A), U of dZ = round(f·dY) (the contract's)
+    let a: Vec<f64> =
+        l.a.iter()
+            .map(|v| T::from_f64(v.to_f64()).to_f64())
+            .collect();
+    let mut dx = vec![0.0; m * k];
+    for i in 0..m {
+        for q in 0..k {
+            let (mut plain, mut inner) = (0.0, 0.0);
+            for j in 0..n {
+                let g = l.dy[i * n + j].to_f64();
+                plain += g * w0[j * k + q];
+                inner += (f(i * n + j) - 1.0) * g * w0[j * k + q];
+            }
+            inner += s * (0..r).map(|t| u[i * r + t] * a[t * k + q]).sum::<f64>();
+            let e = i * k + q;
+            let kept = if dropout.keeps(e as u64) {
+                inner * dropout.keep_scale()
+            } else {
+                0.0
+            };
+            dx[e] = plain + kept;
+        }
+    }
+    let dx_got: Vec<f64> = o.dx.iter().map(|v| v.to_f64()).collect();
+    let err = relative_to(&dx_got, &dx, dx_size);
+    if !within(err, tol) {
+        fail(
+            what,
+            l.d,
+            "dx (PEFT's form)",
+            format!("relative error {err:e}"),
+        );
+    }
 }
 
 /// ‖got − want‖ / ‖size‖: an error relative to the size of the terms that made `want` (NaN never passes).
@@ -673,6 +804,22 @@ fn dora_layer_bad_input_is_refused() {
 
     // into forms: a wrong output or saved buffer, and one on another device
     let mut ws = ops::Workspace::new();
+    let forward =
+        |y: &mut Tensor<bf16>, saved: &mut ops::DoraSaved<bf16>, ws: &mut ops::Workspace<bf16>| {
+            ops::dora_forward_into(
+                &x,
+                &w0,
+                &a,
+                &b,
+                &mag,
+                None,
+                1.0,
+                Dropout::NONE,
+                y,
+                saved,
+                ws,
+            )
+        };
     let saved_on = |d: &Device, n: usize| ops::DoraSaved {
         t: ones(d, &[m, r]),
         z: ones(d, &[m, n]),
@@ -697,19 +844,7 @@ fn dora_layer_bad_input_is_refused() {
             "saved.z",
         ),
     ] {
-        let e = ops::dora_forward_into(
-            &x,
-            &w0,
-            &a,
-            &b,
-            &mag,
-            None,
-            1.0,
-            Dropout::NONE,
-            &mut y,
-            &mut saved,
-            &mut ws,
-        );
+        let e = forward(&mut y, &mut saved, &mut ws);
         assert_eq!(refused(e.unwrap_err()), arg);
         assert!(
             saved.factor.to_vec().unwrap().iter().all(|v| *v == 1.0),
@@ -718,36 +853,11 @@ fn dora_layer_bad_input_is_refused() {
     }
     for mut y_bad in [ones(&dev, &[m, n + 1]), ones(&other, &[m, n])] {
         let mut saved = saved_on(&dev, n);
-        let e = ops::dora_forward_into(
-            &x,
-            &w0,
-            &a,
-            &b,
-            &mag,
-            None,
-            1.0,
-            Dropout::NONE,
-            &mut y_bad,
-            &mut saved,
-            &mut ws,
-        );
+        let e = forward(&mut y_bad, &mut saved, &mut ws);
         assert_eq!(refused(e.unwrap_err()), "y");
     }
     let mut saved = saved_on(&dev, n);
-    ops::dora_forward_into(
-        &x,
-        &w0,
-        &a,
-        &b,
-        &mag,
-        None,
-        1.0,
-        Dropout::NONE,
-        &mut y,
-        &mut saved,
-        &mut ws,
-    )
-    .unwrap();
+    forward(&mut y, &mut saved, &mut ws).unwrap();
     dev.take_launches();
 
     // the accumulating backward: dA, dB, dm keep their values when refused

@@ -487,6 +487,96 @@ fn fresh_dora_adapter_is_peft_init() {
     assert!(reference::relative_error(&y, &plain.y) < 1e-2);
 }
 
+/// `forward_multi` with rows of a DoRA adapter: those rows bit for bit the layer's DoRA forward through
+/// that adapter (M = 70: the general path; the factor applied to the rounded Z in both), the plain
+/// adapter's rows and the rows without one bit for bit the layer's forward through the plain adapter and
+/// the base; after an optimizer step (the set rebuilt) and a merge and unmerge (W0 rounded:
+/// the factors recomputed) the same.
+#[test]
+fn forward_multi_serves_dora_rows() {
+    let dev = Device::emulator();
+    let d = data(31);
+    let mut l = dora_layer(&dev, &d, LoraConfig::new(d.r, 8.0));
+    l.add_adapter("plain", LoraConfig::new(3, 6.0), 2).unwrap();
+    let x = up(&dev, &d.x, &[d.m, d.k]);
+    let rows: Vec<Option<&str>> = (0..d.m)
+        .map(|i| match i % 5 {
+            0 => None,
+            1 | 2 => Some("plain"),
+            _ => Some("dora"),
+        })
+        .collect();
+    let check = |l: &mut LoraLinear<bf16, f32>, what: &str| {
+        let y = l.forward_multi(&x, &rows).unwrap().y.to_vec().unwrap();
+        let mut alone = std::collections::BTreeMap::new();
+        for name in ["dora", "plain"] {
+            l.set_active(name).unwrap();
+            alone.insert(name, l.forward(&x).unwrap().y.to_vec().unwrap());
+        }
+        let base = {
+            let w0 = l.w0();
+            let zero_a = Tensor::<f32>::zeros(&dev, &[1, d.k]).unwrap();
+            let zero_b = Tensor::<f32>::zeros(&dev, &[d.n, 1]).unwrap();
+            let bias = up(&dev, &d.bias, &[d.n]);
+            ops::lora_forward(&x, w0, &zero_a, &zero_b, Some(&bias), 1.0)
+                .unwrap()
+                .y
+                .to_vec()
+                .unwrap()
+        };
+        let (mut diff, mut size) = (0.0f64, 0.0f64);
+        for (i, row) in rows.iter().enumerate() {
+            let got = &y[i * d.n..(i + 1) * d.n];
+            match row {
+                Some("dora") => {
+                    let want = &alone["dora"][i * d.n..(i + 1) * d.n];
+                    assert_eq!(
+                        common::bits(got),
+                        common::bits(want),
+                        "{what}: DoRA row {i}"
+                    );
+                    for (g, w) in got.iter().zip(want) {
+                        diff += (g.to_f64() - w.to_f64()).powi(2);
+                        size += w.to_f64().powi(2);
+                    }
+                }
+                Some(name) => assert_eq!(
+                    common::bits(got),
+                    common::bits(&alone[name][i * d.n..(i + 1) * d.n]),
+                    "{what}: row {i}"
+                ),
+                None => assert_eq!(
+                    common::bits(got),
+                    common::bits(&base[i * d.n..(i + 1) * d.n]),
+                    "{what}: row {i} (no adapter)"
+                ),
+            }
+        }
+        let err = (diff / size).sqrt();
+        // (NaN never passes; without the factors, f = m/‖W0 + s·B·A‖ in 1..1.3 here, it would be ~0.15)
+        assert!(
+            err <= 1e-2,
+            "{what}: DoRA rows {err:e} from the layer's DoRA forward"
+        );
+    };
+    check(&mut l, "fresh");
+    // a training step changes the magnitude: the set is rebuilt with the new factors
+    l.set_active("dora").unwrap();
+    l.train_forward(&x).unwrap();
+    let dy = up(&dev, &d.dy, &[d.m, d.n]);
+    l.train_backward(&x, &dy, GradMode::Overwrite, false)
+        .unwrap();
+    l.optimizer_step(&AdamW {
+        lr: 5e-2,
+        ..AdamW::default()
+    })
+    .unwrap();
+    check(&mut l, "after a step");
+    l.merge().unwrap();
+    l.unmerge().unwrap();
+    check(&mut l, "after merge and unmerge");
+}
+
 /// What a DoRA adapter cannot do in a layer, each an `Error` naming why.
 #[test]
 fn dora_layer_refusals() {
@@ -502,12 +592,12 @@ fn dora_layer_refusals() {
     };
     let e = unsupported(l.backward(&x, &t, &dy, true).unwrap_err());
     assert!(e.contains("train_backward"), "{e}");
-    let e = unsupported(l.forward_multi(&x, &vec![Some("dora"); d.m]).unwrap_err());
-    assert!(e.contains("DoRA"), "{e}");
-    // rows of plain adapters (or none) still batch beside a DoRA adapter
+    // rows of a DoRA adapter, a plain one and none batch together (tests/dora_linear.rs
+    // forward_multi_serves_dora_rows checks their values)
     l.add_adapter("plain", LoraConfig::new(2, 2.0), 1).unwrap();
     let mut rows = vec![Some("plain"); d.m];
     rows[0] = None;
+    rows[1] = Some("dora");
     l.forward_multi(&x, &rows).unwrap();
     // a DoRA adapter added to a merged layer would take the merged rows' norms as its magnitude
     l.merge().unwrap();

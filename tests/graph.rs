@@ -381,12 +381,12 @@ fn a_training_step_captured_whole_replays_as_the_eager_steps() {
         assert_eq!(
             f32_bits(&got.a),
             f32_bits(&want.a),
-            "{dev:?} p {p}: A after {STEPS} steps"
+            "{dev:?} p {p} dora {dora}: A after {STEPS} steps"
         );
         assert_eq!(
             f32_bits(&got.b),
             f32_bits(&want.b),
-            "{dev:?} p {p}: B after {STEPS} steps"
+            "{dev:?} p {p} dora {dora}: B after {STEPS} steps"
         );
         if dora {
             let (got_m, want_m) = (got.magnitude.as_ref(), want.magnitude.as_ref());

@@ -734,3 +734,139 @@ fn tile_widths_give_the_same_bits() {
         );
     }
 }
+
+/// DoRA adapters in a set (`AdapterSet::add_dora`): their rows of the many-adapter forward are DoRA's
+/// layer `f ⊙ Z + bias`, with f the set's factors (checked against the exact ones, within the norm pass's
+/// f32 slack) and Z the row's plain contract, within the dtype's tolerance relative to |f·Z| + |bias|;
+/// T and every other row (plain adapter or none) bit for bit what the same set gives with the DoRA
+/// adapters added as plain ones (a DoRA row never changes another row's bits); above M = 16 (the general
+/// path) a DoRA row bit for bit `ops::dora_forward` with its adapter alone. On the fused path and the
+/// decode path (M ≤ 16), with adapters in the layer dtype and f32.
+#[test]
+fn dora_rows_are_doras_layer() {
+    let mut rng = Rng::new(common::seed() ^ 0x646f_7261);
+    let mut checked = 0;
+    for (i, dims) in [(40, 72, 48), (7, 40, 33), (150, 130, 64), (1, 9, 17)]
+        .into_iter()
+        .enumerate()
+    {
+        let dev = &common::emulators()[i % 4];
+        checked += dora_rows_case::<bf16, bf16>(dev, &mut rng, dims, i % 2 == 0);
+        checked += dora_rows_case::<bf16, f32>(dev, &mut rng, dims, i % 2 == 1);
+        checked += dora_rows_case::<f16, f32>(dev, &mut rng, dims, true);
+    }
+    assert!(checked > 20, "only {checked} DoRA rows checked");
+}
+
+fn dora_rows_case<T: Element, A: Element>(
+    dev: &Device,
+    rng: &mut Rng,
+    dims: (usize, usize, usize),
+    bias: bool,
+) -> usize {
+    let b = Batch::<T, A>::random(rng, dims, 3, bias);
+    let (n, k) = (b.n, b.k);
+    let is_dora = |a: usize| a != 1; // adapters 0 and 2 are DoRA, 1 plain
+    let magnitude: Vec<Vec<f32>> = (0..3)
+        .map(|_| {
+            (0..n)
+                .map(|j| {
+                    let norm: f64 = (0..k).map(|q| b.w0[j * k + q].to_f64().powi(2)).sum();
+                    (norm.sqrt() * (1.0 + 0.3 * rng.uniform())) as f32
+                })
+                .collect()
+        })
+        .collect();
+    let w0 = Tensor::from_slice(dev, &b.w0, &[n, k]).unwrap();
+    let mut set = AdapterSet::<A>::new(dev, n, k).unwrap();
+    for (i, (a, bb, r, s)) in b.adapters.iter().enumerate() {
+        let at = Tensor::from_slice(dev, a, &[*r, k]).unwrap();
+        let bt = Tensor::from_slice(dev, bb, &[n, *r]).unwrap();
+        let slot = if is_dora(i) {
+            let m = Tensor::from_slice(dev, &magnitude[i], &[n]).unwrap();
+            set.add_dora(&at, &bt, &m, *s, &w0).unwrap()
+        } else {
+            set.add(&at, &bt, *s).unwrap()
+        };
+        assert_eq!(slot, i as u32);
+        assert_eq!(set.is_dora(slot), is_dora(i));
+    }
+    let plain = set_of(dev, &b);
+    let (y, t) = run(dev, &b, &set);
+    // each DoRA adapter alone over the whole batch (the general path's bits above M = 16)
+    let (x, _, bias_t) = b.layer_on(dev);
+    let alone: Vec<Option<Vec<T>>> = (0..3)
+        .map(|i| {
+            let (a, bb, r, s) = &b.adapters[i];
+            is_dora(i).then(|| {
+                let at = Tensor::from_slice(dev, a, &[*r, k]).unwrap();
+                let bt = Tensor::from_slice(dev, bb, &[n, *r]).unwrap();
+                let m = Tensor::from_slice(dev, &magnitude[i], &[n]).unwrap();
+                let f = lora_kernels::ops::dora_forward(&x, &w0, &at, &bt, &m, bias_t.as_ref(), *s);
+                f.unwrap().y.to_vec().unwrap()
+            })
+        })
+        .collect();
+    let (y_plain, t_plain) = run(dev, &b, &plain);
+    assert_eq!(bits(&t), bits(&t_plain), "{dims:?}: T");
+    let tol = if T::DTYPE == DType::BF16 { 1e-2 } else { 1e-3 };
+    let want = b.reference(set.max_rank());
+    let bias_of = |j: usize| b.bias.as_ref().map_or(0.0, |v| v[j].to_f64());
+    let (mut diff, mut size) = (0.0f64, 0.0f64);
+    let mut dora_rows = 0;
+    for (i, row) in b.rows.iter().enumerate() {
+        let got = &y[i * n..(i + 1) * n];
+        match row {
+            Some(a) if is_dora(*a) => {
+                dora_rows += 1;
+                if b.m > 16 {
+                    let want = &alone[*a].as_ref().unwrap()[i * n..(i + 1) * n];
+                    assert_eq!(
+                        bits(got),
+                        bits(want),
+                        "{dims:?}: row {i} of DoRA adapter {a} is not ops::dora_forward's"
+                    );
+                }
+                let (aa, bb, r, s) = &b.adapters[*a];
+                let f = set.dora_factors(*a as u32).unwrap().unwrap();
+                let exact =
+                    reference::dora_factor(&b.w0, aa, bb, &magnitude[*a], n, k, *r, *s as f64);
+                let norms: Vec<f64> = exact
+                    .iter()
+                    .zip(&magnitude[*a])
+                    .map(|(f, m)| *m as f64 / f)
+                    .collect();
+                let slack = common::dora_norm_slack(&b.w0, aa, bb, n, k, *r, *s as f64, &norms);
+                for j in 0..n {
+                    let rel = slack[j] / norms[j] + 2f64.powi(-23);
+                    assert!(
+                        (f[j] as f64 - exact[j]).abs() <= rel * exact[j].abs(),
+                        "{dims:?}: adapter {a} factor [{j}] = {}, exact {}",
+                        f[j],
+                        exact[j]
+                    );
+                }
+                for j in 0..n {
+                    let z = want.y[i * n + j] - bias_of(j);
+                    let fz = f[j] as f64 * z;
+                    diff += (got[j].to_f64() - (fz + bias_of(j))).powi(2);
+                    size += (fz.abs() + bias_of(j).abs()).powi(2);
+                }
+            }
+            _ => assert_eq!(
+                bits(got),
+                bits(&y_plain[i * n..(i + 1) * n]),
+                "{dims:?}: row {i} ({row:?}) is not a DoRA row: its bits are the plain set's"
+            ),
+        }
+    }
+    if dora_rows > 0 {
+        let err = (diff / size).sqrt();
+        assert!(
+            err <= tol,
+            "{dims:?} {}: DoRA rows relative error {err:e}",
+            T::DTYPE
+        );
+    }
+    dora_rows
+}

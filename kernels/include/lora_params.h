@@ -127,17 +127,21 @@ typedef struct LkFusedGemmParams {
 /* ---- many adapters in one batch (kernels/fused_gemm_multi.cu) ---- */
 /* An adapter index of a row that has none. */
 #define LK_NO_ADAPTER 0xffffffffu
+/* The factor_row of a plain (not DoRA) adapter. */
+#define LK_NO_FACTOR 0xffffffffu
 /* One adapter of a set (src/adapter_set.rs): A (rank × k) from element a_offset of the set's arena, B
  * (n × rank) from element b_offset, both dense, no padding; s its scale. flags: LK_ALIGNED_R set when A's
  * rows allow 16-byte loads (A's start 16-byte aligned, k % 8 == 0), LK_ALIGNED_B when B's do (rank % 8 ==
- * 0). 32 bytes; the Rust side writes the table as 8 u32 words per adapter. rank 0: an empty slot. */
+ * 0). factor_row: a DoRA adapter's row of the set's factor table (the forward's `factors`), LK_NO_FACTOR
+ * for a plain one. 32 bytes; the Rust side writes the table as 8 u32 words per adapter. rank 0: an
+ * empty slot. */
 typedef struct LkAdapterDesc {
     uint64_t a_offset;
     uint64_t b_offset;
     uint32_t rank;
     float scale;
     uint32_t flags;
-    uint32_t reserved;
+    uint32_t factor_row;
 } LkAdapterDesc;
 
 /* Y = X·W0ᵀ + bias + s_a·T_i·B_aᵀ for each row i with adapter a = index[i] (none: LK_NO_ADAPTER), in two
@@ -176,6 +180,10 @@ typedef struct LkFusedGemmMultiParams {
     const void* arena;
     const LkAdapterDesc* adapters;
     const uint32_t* index;
+    /* DoRA adapters (fused mode and multi_decode): [rows, n] f32, row factor_row of each DoRA adapter's
+     * descriptor holding its m / ‖W0 + s·B·A‖; their rows' outputs are round(f ⊙ acc + bias), the
+     * product rounded to f32 first (plain rows: acc·1, unchanged). NULL when the set holds none. */
+    const float* factors;
     uint32_t n_adapters;
     uint32_t m;
     uint32_t n;

@@ -18,7 +18,8 @@
 //! `D = (X − Xd)·W0ᵀ` (a plain GEMM of the dropout residual, rounded to the layer dtype as a dropped
 //! activation is in PEFT), and save `Z − D = Xd·W0ᵀ + s·T·Bᵀ` (what f multiplies). The backward adds
 //! `(X − Xd)`'s share of dX: `((1 − f) ⊙ dY)·W0` under the residual's mask. So dropout costs one GEMM
-//! of W0 each way (as PEFT's two `F.linear`s do), an elementwise pass over X and the scratch of D.
+//! of W0 each way (as PEFT's two `F.linear`s do), an elementwise pass over X, and scratch (the
+//! forward: Z, D and `X − Xd`; the backward: `(1 − f)·dY` and its product with W0).
 //!
 //! Cost over plain LoRA: the norm pass (a read of W0 with the rank product), the column pass of the
 //! forward (a read of Z and a write of Y) and that of the backward (reads of dY and Z, a write of dZ);
@@ -125,7 +126,8 @@ pub fn dora_forward<T: Element, A: Element>(
 /// [`dora_forward`] into existing `y` and `saved` (see [`DoraSaved::for_layer`]), scratch from `ws`,
 /// with LoRA dropout: PEFT's DoRA layer with `lora_dropout` (module docs), `dropout` a [`Dropout`] or a
 /// `&`[`DropoutSchedule`] as for [`lora_forward_into`](super::lora_forward_into); pass the same one
-/// to [`dora_backward_into`]. Dropout adds a GEMM of W0 and scratch of `[..., K]` and `[..., N]`.
+/// to [`dora_backward_into`]. Dropout adds a GEMM of W0 and scratch, all live at once: Z and D
+/// (`[..., N]` each) and `X − dropout(X)` (`[..., K]`).
 ///
 /// [`DropoutSchedule`]: crate::dropout::DropoutSchedule
 #[allow(clippy::too_many_arguments)]
@@ -216,7 +218,7 @@ pub fn dora_forward_into<'d, T: Element, A: Element>(
         lora::lora_forward_into(x, w0, a, b, None, scale, dropout, z, &mut saved.t, ws)?;
         ws.with_layer(dev, &mn, |dres, ws| {
             ws.with_layer(dev, &rows_of(&s.lead, d.k), |xres, _| {
-                dropout_residual(OP, x, dropout, xres, false)?;
+                dropout_residual(OP, x, dropout, xres, false, MAX_RESIDUAL_BLOCKS)?;
                 launch::plain_gemm(OP, Orient::Nt, xres, w0, dres, (d.m, d.n, d.k))
             })?;
             let pass = Columns::Scale {
@@ -279,7 +281,8 @@ pub fn dora_backward<T: Element, A: Element>(
 /// [`dora_backward`] into existing `dx` (or none), `da` `[r, K]`, `db` `[N, r]`, `dmagnitude` `[N]` f32,
 /// scratch (dZ, the partial sums, U) from `ws`. With [`GradMode::Accumulate`] dA, dB and the magnitude's
 /// gradient are added to (micro-batches); dX is always overwritten. `dropout` must be the forward's
-/// ([`dora_forward_into`]); with dropout and dX, one more GEMM of W0 (the residual's share of dX).
+/// ([`dora_forward_into`]); with dropout and dX, one more GEMM of W0 (the residual's share of dX) and
+/// scratch of `(1 − f)·dY` (`[..., N]`) and its product with W0 (`[..., K]`).
 #[allow(clippy::too_many_arguments)]
 pub fn dora_backward_into<'d, T: Element, A: Element>(
     x: &Tensor<T>,
@@ -386,7 +389,7 @@ pub fn dora_backward_into<'d, T: Element, A: Element>(
                     lora_backward(dz, Some(&mut *dx), ws)?;
                     ws.with_layer(dev, &rows_of(&s.lead, d.k), |g, _| {
                         launch::plain_gemm(OP, Orient::Nn, drest, w0, g, (d.m, d.k, d.n))?;
-                        dropout_residual(OP, g, dropout, dx, true)
+                        dropout_residual(OP, g, dropout, dx, true, MAX_RESIDUAL_BLOCKS)
                     })
                 })?,
             }
@@ -536,6 +539,9 @@ fn columns<T: Element>(
     })
 }
 
+/// The residual pass's grid: it strides past this many blocks of 4·LK_SIMT_THREADS elements.
+const MAX_RESIDUAL_BLOCKS: usize = 1 << 16;
+
 /// `out ← round(c ⊙ x)`, or `round(out + c ⊙ x)` when `accumulate`, with c = 1 where `dropout` drops an
 /// element and `1 − 1/(1 − p)` where it keeps one: `x − dropout(x)` (x and out dense, of the mask's
 /// element indices: X `[..., K]`, or dX's term).
@@ -545,6 +551,7 @@ fn dropout_residual<T: Element>(
     dropout: DropoutArg<'_>,
     out: &mut Tensor<T>,
     accumulate: bool,
+    max_blocks: usize,
 ) -> Result<()> {
     let kernel = match T::DTYPE {
         DType::BF16 => &kernels::DROPOUT_RESIDUAL_BF16,
@@ -559,11 +566,10 @@ fn dropout_residual<T: Element>(
         }
     };
     let count = x.numel();
-    // one thread per 4 elements; the kernel strides past this many blocks
-    const MAX_BLOCKS: usize = 1 << 16;
+    // one thread per 4 elements; the kernel strides past `max_blocks`
     let blocks = count
         .div_ceil(4 * LK_SIMT_THREADS as usize)
-        .clamp(1, MAX_BLOCKS);
+        .clamp(1, max_blocks);
     let plan = LaunchPlan {
         grid: [u32_of(blocks), 1, 1],
         block: [LK_SIMT_THREADS, 1, 1],
@@ -677,6 +683,84 @@ mod tests {
         assert!(want.2.iter().all(|b| f32::from_bits(*b).is_finite()));
         for cap in [1, 2] {
             assert!(run(cap) == want, "grid y capped at {cap}");
+        }
+
+        // with dropout's residual: the scale pass's D and Z − D, the grad pass's (1 − f)·dY
+        let d = Tensor::from_slice(&dev, &vals(m * n, 5), &[m, n]).unwrap();
+        let run_dropout = |cap: usize| {
+            let mut y = Tensor::<bf16>::for_output(&dev, &[m, n]).unwrap();
+            let mut zd = Tensor::<bf16>::for_output(&dev, &[m, n]).unwrap();
+            let pass = Columns::Scale {
+                bias: Some(&bias),
+                residual: Some((&d, &mut zd)),
+            };
+            columns("test", pass, &z, &factor, &mut y, (m, n), cap).unwrap();
+            let mut dz = Tensor::<bf16>::for_output(&dev, &[m, n]).unwrap();
+            let mut rest = Tensor::<bf16>::for_output(&dev, &[m, n]).unwrap();
+            let mut partials = Tensor::<f32>::for_output(&dev, &[2, n]).unwrap();
+            let pass = Columns::Grad {
+                dy: &dy,
+                partials: &mut partials,
+                aux: Some(&mut rest),
+            };
+            columns("test", pass, &z, &factor, &mut dz, (m, n), cap).unwrap();
+            let bits = |t: &Tensor<bf16>| -> Vec<u16> {
+                t.to_vec().unwrap().iter().map(|x| x.to_bits()).collect()
+            };
+            [bits(&y), bits(&zd), bits(&dz), bits(&rest)]
+        };
+        let want = run_dropout(MAX_COLUMN_BLOCKS);
+        for cap in [1, 2] {
+            assert!(
+                run_dropout(cap) == want,
+                "with dropout, grid y capped at {cap}"
+            );
+        }
+    }
+
+    /// The dropout residual pass with its grid capped at 1 and 2 blocks (striding, as past
+    /// MAX_RESIDUAL_BLOCKS) writes every element with the uncapped grid's bits, overwriting and
+    /// accumulating, and is x − dropout(x) element by element.
+    #[test]
+    fn dropout_residual_strides_past_the_grid() {
+        let dev = Device::emulator();
+        let count = 3 * 4 * LK_SIMT_THREADS as usize + 5; // 4 blocks uncapped, a ragged last group
+        let xs: Vec<bf16> = (0..count)
+            .map(|i| bf16::from_f32(((i * 7919) % 1000) as f32 / 250.0 - 2.0))
+            .collect();
+        let x = Tensor::from_slice(&dev, &xs, &[count]).unwrap();
+        let drop = Dropout::new(0.3, 11, 4).unwrap();
+        let run = |cap: usize, accumulate: bool| {
+            let mut out = Tensor::from_slice(&dev, &vec![bf16::ONE; count], &[count]).unwrap();
+            dropout_residual("test", &x, drop.into(), &mut out, accumulate, cap).unwrap();
+            out.to_vec().unwrap()
+        };
+        for accumulate in [false, true] {
+            let want = run(MAX_RESIDUAL_BLOCKS, accumulate);
+            for (e, (got, v)) in want.iter().zip(&xs).enumerate() {
+                let c = if drop.keeps(e as u64) {
+                    (1.0 - drop.keep_scale()) as f32
+                } else {
+                    1.0
+                };
+                // out = 1 before an accumulating call; a plain one multiplies only (−0 stays −0)
+                let exact = bf16::from_f32(if accumulate {
+                    c.mul_add(v.to_f32(), 1.0)
+                } else {
+                    c * v.to_f32()
+                });
+                assert_eq!(
+                    got.to_bits(),
+                    exact.to_bits(),
+                    "[{e}] accumulate {accumulate}"
+                );
+            }
+            for cap in [1, 2] {
+                assert!(
+                    run(cap, accumulate) == want,
+                    "capped at {cap}, accumulate {accumulate}"
+                );
+            }
         }
     }
 }

@@ -188,6 +188,7 @@ fn small_projection<T: Element, R: Element>(
                 arena: ptr[1] as *const _,
                 adapters: std::ptr::null(),
                 index: std::ptr::null(),
+                factors: std::ptr::null(),
                 n_adapters: 0,
                 m: m32,
                 n: 0,

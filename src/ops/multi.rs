@@ -163,7 +163,7 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
         } else {
             LK_FUSED_GEMM_BN as usize
         };
-        let (kernel, smem_bytes) = multi_gemm::<T, A>(shrink_bn)?;
+        let (kernel, smem_bytes) = multi_gemm::<T, A>(shrink_bn, false)?;
         let plan = LaunchPlan {
             grid: [u32_of(tiles_m), u32_of(pass_blocks), u32_of(splits)],
             block: [LK_FUSED_GEMM_THREADS, 1, 1],
@@ -191,6 +191,7 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
                 arena: ptr[1] as *const _,
                 adapters: ptr[2] as *const LkAdapterDesc,
                 index: ptr[3] as *const u32,
+                factors: std::ptr::null(), // the shrink's T is the plain one for DoRA adapters too
                 n_adapters,
                 m: m32,
                 n: n32,
@@ -222,7 +223,7 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
         };
         (decode, plan)
     } else {
-        let (kernel, smem_bytes) = multi_gemm::<T, A>(bn)?;
+        let (kernel, smem_bytes) = multi_gemm::<T, A>(bn, set.factor_table().is_some())?;
         let plan = LaunchPlan {
             grid: [u32_of(tiles), 1, 1],
             block: [LK_FUSED_GEMM_THREADS, 1, 1],
@@ -241,6 +242,11 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
     if let Some(bias) = bias {
         args.push(Arg::In("bias", bias));
     }
+    // the DoRA adapters' factors (a table the set made when they were added), where it holds any
+    let factors_index = set.factor_table().map(|f| {
+        args.push(Arg::In("DoRA factors", f));
+        args.len() - 1
+    });
     let y_index = args.len();
     args.push(Arg::Out("y", y));
     let has_bias = bias.is_some();
@@ -258,6 +264,7 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
         arena: ptr[3] as *const _,
         adapters: ptr[4] as *const LkAdapterDesc,
         index: ptr[5] as *const u32,
+        factors: factors_index.map_or(std::ptr::null(), |i| ptr[i] as *const f32),
         n_adapters,
         m: m32,
         n: n32,
@@ -273,32 +280,43 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
 }
 
 /// The many-adapter GEMM (kernels/fused_gemm_multi.cu) for this dtype pair at a tile width of `bn`
-/// columns (128, or 64: the "_narrow" kernels), with its dynamic shared memory.
+/// columns (128, or 64: the "_narrow" kernels), the "_dora" ones (the fused mode's epilogue for DoRA
+/// rows) when `dora`, with its dynamic shared memory.
 fn multi_gemm<T: Element, A: Element>(
     bn: usize,
+    dora: bool,
 ) -> Result<(&'static Kernel<LkFusedGemmMultiParams>, u32)> {
-    let (same, f32ad) = if bn == LK_FUSED_GEMM_NARROW_BN as usize {
-        (
+    use kernels::*;
+    let narrow = bn == LK_FUSED_GEMM_NARROW_BN as usize;
+    let (same, f32ad) = match (narrow, dora) {
+        (true, false) => (
+            [&FUSED_GEMM_MULTI_NARROW_BF16, &FUSED_GEMM_MULTI_NARROW_F16],
             [
-                &kernels::FUSED_GEMM_MULTI_NARROW_BF16,
-                &kernels::FUSED_GEMM_MULTI_NARROW_F16,
+                &FUSED_GEMM_MULTI_NARROW_BF16_F32AD,
+                &FUSED_GEMM_MULTI_NARROW_F16_F32AD,
+            ],
+        ),
+        (false, false) => (
+            [&FUSED_GEMM_MULTI_BF16, &FUSED_GEMM_MULTI_F16],
+            [&FUSED_GEMM_MULTI_BF16_F32AD, &FUSED_GEMM_MULTI_F16_F32AD],
+        ),
+        (true, true) => (
+            [
+                &FUSED_GEMM_MULTI_DORA_NARROW_BF16,
+                &FUSED_GEMM_MULTI_DORA_NARROW_F16,
             ],
             [
-                &kernels::FUSED_GEMM_MULTI_NARROW_BF16_F32AD,
-                &kernels::FUSED_GEMM_MULTI_NARROW_F16_F32AD,
+                &FUSED_GEMM_MULTI_DORA_NARROW_BF16_F32AD,
+                &FUSED_GEMM_MULTI_DORA_NARROW_F16_F32AD,
             ],
-        )
-    } else {
-        (
+        ),
+        (false, true) => (
+            [&FUSED_GEMM_MULTI_DORA_BF16, &FUSED_GEMM_MULTI_DORA_F16],
             [
-                &kernels::FUSED_GEMM_MULTI_BF16,
-                &kernels::FUSED_GEMM_MULTI_F16,
+                &FUSED_GEMM_MULTI_DORA_BF16_F32AD,
+                &FUSED_GEMM_MULTI_DORA_F16_F32AD,
             ],
-            [
-                &kernels::FUSED_GEMM_MULTI_BF16_F32AD,
-                &kernels::FUSED_GEMM_MULTI_F16_F32AD,
-            ],
-        )
+        ),
     };
     let kernel = pick_pair(OP, (T::DTYPE, A::DTYPE), same, f32ad)?;
     Ok((kernel, launch::mma_tile_smem(bn)))
