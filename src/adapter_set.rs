@@ -286,16 +286,20 @@ impl<A: Element> AdapterSet<A> {
     /// Writes a DoRA adapter's factors into row `slot` of the factor table, growing it (to twice its rows,
     /// at least `slot + 1`, with one device copy) when it has fewer rows.
     fn store_factor(&mut self, slot: usize, factor: &Tensor<f32>) -> Result<()> {
+        // the kernels index the table in u32 (kernels/include/lk_multi.cuh: row·N + column)
+        let max_rows = u32::MAX as usize / self.n;
+        if slot >= max_rows {
+            return Err(Error::OutOfRange {
+                op: "AdapterSet::add_dora",
+                arg: "DoRA adapter slot",
+                value: slot as f64,
+                expected: "a slot whose factors end within u32::MAX elements of the factor table (slot + 1 ≤ u32::MAX / N)",
+            });
+        }
         let rows = self.factors.as_ref().map_or(0, |t| t.numel() / self.n);
         if slot >= rows {
-            let grown = (slot + 1).max(2 * rows);
-            let elems = grown.checked_mul(self.n).ok_or(Error::OutOfRange {
-                op: "AdapterSet::add_dora",
-                arg: "adapter slots",
-                value: grown as f64,
-                expected: "a factor table of at most usize::MAX elements",
-            })?;
-            let mut table = Tensor::zeros(&self.device, &[elems])?;
+            let grown = (slot + 1).max(2 * rows).min(max_rows);
+            let mut table = Tensor::zeros(&self.device, &[grown * self.n])?;
             if let Some(old) = &self.factors {
                 table.copy_range_from(0, old, 0, rows * self.n)?;
             }
@@ -700,5 +704,34 @@ impl AdapterIndex {
 
     pub(crate) fn tensor(&self) -> &Tensor<u32> {
         &self.index
+    }
+}
+
+#[cfg(test)]
+mod factor_table_tests {
+    use super::AdapterSet;
+    use crate::device::Device;
+    use crate::error::Error;
+    use crate::tensor::Tensor;
+
+    /// The kernels index the DoRA factor table in u32: a slot whose factors would end past u32::MAX
+    /// elements is refused before anything is allocated (N = 2^30: rows 0..=2 fit, row 3 would end at 2^32).
+    #[test]
+    fn factor_rows_past_u32_are_refused() {
+        let dev = Device::emulator();
+        let mut set = AdapterSet::<f32>::new(&dev, 1 << 30, 1).unwrap();
+        let factor = Tensor::<f32>::zeros(&dev, &[1]).unwrap();
+        let e = set.store_factor(3, &factor).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::OutOfRange {
+                    arg: "DoRA adapter slot",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(set.factors.is_none(), "nothing allocated");
     }
 }
