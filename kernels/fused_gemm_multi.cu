@@ -148,9 +148,9 @@ __device__ __forceinline__ void list_passes(const LkFusedGemmMultiParams& p, uin
 // Z = round(acc + 0) (the fused GEMM's output without a bias), then round(fma(f, Z, bias)) with its
 // adapter's factors f (the bits of kernels/dora.cu's scale pass over that Z); every other row is store_c's
 // round(acc + bias). The accumulators are staged as f32, 64 rows (one warp row) at a time, in the
-// pipeline's shared memory, and the write-back computes each element with them dead: store_c's register
-// budget, which the per-row choice would overflow inside its fragment loop (two blocks per SM need ≤ 128).
-// frow: [BM] where each tile row's factors start in p.factors, or LK_NO_FACTOR.
+// pipeline's shared memory, and the write-back computes each element with them dead (element stores,
+// not store_c's 16-byte ones). frow: [BM] where each tile row's factors start in p.factors, or
+// LK_NO_FACTOR.
 template <typename T, int NI>
 __device__ __forceinline__ void store_c_dora(const float (&acc)[4][NI][4], float* smem, const LkFusedGemmMultiParams& p,
                                              const uint32_t* frow, uint32_t m0, uint32_t n0) {
@@ -301,8 +301,8 @@ __device__ __forceinline__ void fused_gemm_multi_impl(const LkFusedGemmMultiPara
 // the set's ranks are all ≤ 64 (half the padded columns of T). "_dora": the fused mode for a set that holds
 // DoRA adapters (store_c_dora's epilogue), kernels of their own so that the plain ones keep their code and
 // registers: those sit at the 128 that two blocks per SM allow, and with the DoRA epilogue ptxas spills on
-// sm_90, so the "_dora" kernels are built for one block per SM (the price of serving DoRA rows unmerged:
-// half the resident warps in those batches; not measured).
+// sm_90, so the "_dora" kernels are built for one block per SM (the wide ones take 161 registers: half
+// the resident warps of the plain kernels in batches with DoRA rows; not measured).
 #define LK_FUSED_GEMM_MULTI(name, T, RT, NI, DORA)                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS, DORA ? 1 : 2) name(LkFusedGemmMultiParams p) { \
         LK_KERNEL_ENTRY();                                                                            \

@@ -193,7 +193,9 @@ impl<A: Element> AdapterSet<A> {
     /// its magnitude `[N]` f32 (`lora_magnitude_vector`), and the layer's base weight `w0` `[N, K]`, from
     /// which its factors `m / ‖W0 + s·B·A‖` are computed now ([`crate::ops::dora_factor`]) and kept:
     /// its rows of the many-adapter forward are `factor ⊙ (X·W0ᵀ + s·(X·Aᵀ)·Bᵀ) + bias`. The set then
-    /// serves that W0 only (add the adapter again after W0 changes). Returns its slot.
+    /// serves that W0 only (add the adapter again after W0 changes). The factor table holds N f32 per
+    /// slot up to the highest DoRA adapter's (doubling as it grows), and its row of a DoRA slot must end
+    /// within u32::MAX elements (the kernels' index). Returns its slot.
     pub fn add_dora<T: Element>(
         &mut self,
         a: &Tensor<A>,

@@ -538,7 +538,9 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     /// its adapters packed as an [`AdapterSet`] on the device for this, built on first use and again
     /// after any adapter changes (a DoRA adapter's rows are DoRA's layer, `f ⊙ (X·W0ᵀ + s·T·Bᵀ) + bias`,
     /// its factors computed when the set is built: [`AdapterSet::add_dora`]). Refused on a merged layer
-    /// (W0 holds one adapter already).
+    /// (W0 holds one adapter already). The set is a copy: a training step replayed from a graph changes
+    /// the adapters without this layer knowing, so call [`LoraLinear::adapter_mut`] (which drops the
+    /// copy) before serving rows after such steps.
     pub fn forward_multi(
         &mut self,
         x: &Tensor<T>,

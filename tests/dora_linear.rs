@@ -490,8 +490,8 @@ fn fresh_dora_adapter_is_peft_init() {
 /// `forward_multi` with rows of a DoRA adapter: those rows bit for bit the layer's DoRA forward through
 /// that adapter (M = 70: the general path; the factor applied to the rounded Z in both), the plain
 /// adapter's rows and the rows without one bit for bit the layer's forward through the plain adapter and
-/// the base; after an optimizer step (the set rebuilt) and a merge and unmerge (W0 rounded:
-/// the factors recomputed) the same.
+/// the base; after an optimizer step (the set rebuilt) and a merge and unmerge of the DoRA adapter (W0
+/// rounded: the factors recomputed) the same.
 #[test]
 fn forward_multi_serves_dora_rows() {
     let dev = Device::emulator();
@@ -524,7 +524,6 @@ fn forward_multi_serves_dora_rows() {
                 .to_vec()
                 .unwrap()
         };
-        let (mut diff, mut size) = (0.0f64, 0.0f64);
         for (i, row) in rows.iter().enumerate() {
             let got = &y[i * d.n..(i + 1) * d.n];
             match row {
@@ -535,10 +534,6 @@ fn forward_multi_serves_dora_rows() {
                         common::bits(want),
                         "{what}: DoRA row {i}"
                     );
-                    for (g, w) in got.iter().zip(want) {
-                        diff += (g.to_f64() - w.to_f64()).powi(2);
-                        size += w.to_f64().powi(2);
-                    }
                 }
                 Some(name) => assert_eq!(
                     common::bits(got),
@@ -552,12 +547,6 @@ fn forward_multi_serves_dora_rows() {
                 ),
             }
         }
-        let err = (diff / size).sqrt();
-        // (NaN never passes; without the factors, f = m/‖W0 + s·B·A‖ in 1..1.3 here, it would be ~0.15)
-        assert!(
-            err <= 1e-2,
-            "{what}: DoRA rows {err:e} from the layer's DoRA forward"
-        );
     };
     check(&mut l, "fresh");
     // a training step changes the magnitude: the set is rebuilt with the new factors
@@ -572,8 +561,16 @@ fn forward_multi_serves_dora_rows() {
     })
     .unwrap();
     check(&mut l, "after a step");
+    // the DoRA adapter merged and unmerged: W0 comes back rounded, and the set's factors with it
+    l.set_active("dora").unwrap();
+    let before = common::bits(&l.w0().to_vec().unwrap());
     l.merge().unwrap();
     l.unmerge().unwrap();
+    let after = common::bits(&l.w0().to_vec().unwrap());
+    assert_ne!(
+        after, before,
+        "W0 unchanged: the check below could not fail"
+    );
     check(&mut l, "after merge and unmerge");
 }
 

@@ -739,23 +739,52 @@ fn tile_widths_give_the_same_bits() {
 /// layer `f ⊙ Z + bias`, with f the set's factors (checked against the exact ones, within the norm pass's
 /// f32 slack) and Z the row's plain contract, within the dtype's tolerance relative to |f·Z| + |bias|;
 /// T and every other row (plain adapter or none) bit for bit what the same set gives with the DoRA
-/// adapters added as plain ones (a DoRA row never changes another row's bits); above M = 16 (the general
-/// path) a DoRA row bit for bit `ops::dora_forward` with its adapter alone. On the fused path and the
-/// decode path (M ≤ 16), with adapters in the layer dtype and f32.
+/// adapters added as plain ones (a DoRA row never changes another row's bits); every DoRA row bit for bit
+/// round(fma(f, Z, bias)) with Z that row of the all-plain set without a bias (DoRA's scale pass), and
+/// above M = 16 (the general path) `ops::dora_forward` with its adapter alone. On the fused path (the
+/// "_dora" kernels at both tile widths: the launch record says so) and the decode path (M ≤ 16, every
+/// case with rows of both DoRA adapters), bf16/f16 with adapters in the layer dtype and f32; on the GPU
+/// too where there is one.
 #[test]
 fn dora_rows_are_doras_layer() {
     let mut rng = Rng::new(common::seed() ^ 0x646f_7261);
     let mut checked = 0;
-    for (i, dims) in [(40, 72, 48), (7, 40, 33), (150, 130, 64), (1, 9, 17)]
-        .into_iter()
-        .enumerate()
+    let mut kernels = std::collections::BTreeSet::new();
+    for (i, dims) in [
+        (40, 72, 48),
+        (7, 40, 33),
+        (200, 300, 24),
+        (1, 9, 17),
+        (150, 130, 64),
+    ]
+    .into_iter()
+    .enumerate()
     {
-        let dev = &common::emulators()[i % 4];
-        checked += dora_rows_case::<bf16, bf16>(dev, &mut rng, dims, i % 2 == 0);
-        checked += dora_rows_case::<bf16, f32>(dev, &mut rng, dims, i % 2 == 1);
-        checked += dora_rows_case::<f16, f32>(dev, &mut rng, dims, true);
+        let mut devices = Vec::new();
+        if !common::gpu_only() {
+            devices.push(common::emulators()[i % 4].clone());
+        }
+        devices.extend(common::gpu());
+        for dev in &devices {
+            for (rows, launched) in [
+                dora_rows_case::<bf16, bf16>(dev, &mut rng, dims, i % 2 == 0),
+                dora_rows_case::<bf16, f32>(dev, &mut rng, dims, i % 2 == 1),
+                dora_rows_case::<f16, f32>(dev, &mut rng, dims, true),
+            ] {
+                checked += rows;
+                kernels.extend(launched);
+            }
+        }
     }
     assert!(checked > 20, "only {checked} DoRA rows checked");
+    if !common::gpu_only() {
+        for width in [
+            "fused_gemm_multi_dora_bf16",
+            "fused_gemm_multi_dora_narrow_bf16",
+        ] {
+            assert!(kernels.contains(width), "{width} never ran: {kernels:?}");
+        }
+    }
 }
 
 fn dora_rows_case<T: Element, A: Element>(
@@ -763,10 +792,14 @@ fn dora_rows_case<T: Element, A: Element>(
     rng: &mut Rng,
     dims: (usize, usize, usize),
     bias: bool,
-) -> usize {
-    let b = Batch::<T, A>::random(rng, dims, 3, bias);
+) -> (usize, Vec<&'static str>) {
+    let mut b = Batch::<T, A>::random(rng, dims, 3, bias);
     let (n, k) = (b.n, b.k);
     let is_dora = |a: usize| a != 1; // adapters 0 and 2 are DoRA, 1 plain
+    // rows of both DoRA adapters in every batch (the last row's wins at M = 1)
+    b.rows[0] = Some(2);
+    let last = b.m - 1;
+    b.rows[last] = Some(0);
     let magnitude: Vec<Vec<f32>> = (0..3)
         .map(|_| {
             (0..n)
@@ -792,7 +825,32 @@ fn dora_rows_case<T: Element, A: Element>(
         assert_eq!(set.is_dora(slot), is_dora(i));
     }
     let plain = set_of(dev, &b);
+    dev.take_launches();
     let (y, t) = run(dev, &b, &set);
+    let launched = dev.take_launches();
+    // a batch of this set without DoRA rows runs the plain kernels (and gives the plain set's bits)
+    let rows = b.rows.clone();
+    b.rows = rows
+        .iter()
+        .map(|r| r.map(|a| if is_dora(a) { 1 } else { a }))
+        .collect();
+    dev.take_launches();
+    let (y_none, _) = run(dev, &b, &set);
+    let plain_kernels = dev.take_launches();
+    assert!(
+        !plain_kernels.iter().any(|k| k.contains("_dora")),
+        "{dims:?}: no DoRA row, yet {plain_kernels:?}"
+    );
+    assert_eq!(
+        bits(&y_none),
+        bits(&run(dev, &b, &plain).0),
+        "{dims:?}: no DoRA row"
+    );
+    b.rows = rows;
+    // Z of every row: the all-plain set without a bias
+    let bias = b.bias.take();
+    let (z, _) = run(dev, &b, &plain);
+    b.bias = bias;
     // each DoRA adapter alone over the whole batch (the general path's bits above M = 16)
     let (x, _, bias_t) = b.layer_on(dev);
     let alone: Vec<Option<Vec<T>>> = (0..3)
@@ -819,6 +877,19 @@ fn dora_rows_case<T: Element, A: Element>(
         match row {
             Some(a) if is_dora(*a) => {
                 dora_rows += 1;
+                let (aa, bb, r, s) = &b.adapters[*a];
+                let f = set.dora_factors(*a as u32).unwrap().unwrap();
+                let scaled: Vec<T> = (0..n)
+                    .map(|j| {
+                        let zv = z[i * n + j].to_f64() as f32;
+                        T::from_f64(f[j].mul_add(zv, bias_of(j) as f32) as f64)
+                    })
+                    .collect();
+                assert_eq!(
+                    bits(got),
+                    bits(&scaled),
+                    "{dims:?}: row {i} of DoRA adapter {a} is not round(fma(f, Z, bias))"
+                );
                 if b.m > 16 {
                     let want = &alone[*a].as_ref().unwrap()[i * n..(i + 1) * n];
                     assert_eq!(
@@ -827,8 +898,6 @@ fn dora_rows_case<T: Element, A: Element>(
                         "{dims:?}: row {i} of DoRA adapter {a} is not ops::dora_forward's"
                     );
                 }
-                let (aa, bb, r, s) = &b.adapters[*a];
-                let f = set.dora_factors(*a as u32).unwrap().unwrap();
                 let exact =
                     reference::dora_factor(&b.w0, aa, bb, &magnitude[*a], n, k, *r, *s as f64);
                 let norms: Vec<f64> = exact
@@ -868,5 +937,5 @@ fn dora_rows_case<T: Element, A: Element>(
             T::DTYPE
         );
     }
-    dora_rows
+    (dora_rows, launched)
 }

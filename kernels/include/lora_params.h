@@ -180,9 +180,10 @@ typedef struct LkFusedGemmMultiParams {
     const void* arena;
     const LkAdapterDesc* adapters;
     const uint32_t* index;
-    /* DoRA adapters (fused mode and multi_decode): [rows, n] f32, row factor_row of each DoRA adapter's
-     * descriptor holding its m / ‖W0 + s·B·A‖; their rows' outputs are round(f ⊙ acc + bias), the
-     * product rounded to f32 first (plain rows: acc·1, unchanged). NULL when the set holds none. */
+    /* DoRA adapters (the fused mode's "_dora" kernels and multi_decode): [rows, n] f32, row factor_row
+     * of each DoRA adapter's descriptor holding its m / ‖W0 + s·B·A‖; their rows' outputs are
+     * round(fma(f, Z, bias)) with Z = round(acc + 0) (DoRA's scale pass over the GEMM's Z); other rows
+     * as without (round(acc + bias)). NULL when the batch has no DoRA row. */
     const float* factors;
     uint32_t n_adapters;
     uint32_t m;

@@ -134,6 +134,10 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
     // between replays): the shrink's blocks per row tile sized by the set's slots rather than by the
     // index's (extra blocks find no adapter of theirs and return; the same sums, the same bits).
     let any_map = device.is_capturing();
+    // DoRA rows in this batch (the set's "_dora" kernels and its factor table), or, captured, in any map
+    let dora = set
+        .factor_table()
+        .filter(|_| any_map || index.slots().iter().any(|&slot| set.is_dora(slot)));
 
     // 1. the shrink: f32 partials of X_i·A_aᵀ per K chunk, then T = their in-order sum, rounded once.
     let (shrink_kernel, shrink_plan) = if m <= bm {
@@ -223,7 +227,7 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
         };
         (decode, plan)
     } else {
-        let (kernel, smem_bytes) = multi_gemm::<T, A>(bn, set.factor_table().is_some())?;
+        let (kernel, smem_bytes) = multi_gemm::<T, A>(bn, dora.is_some())?;
         let plan = LaunchPlan {
             grid: [u32_of(tiles), 1, 1],
             block: [LK_FUSED_GEMM_THREADS, 1, 1],
@@ -242,8 +246,8 @@ pub fn lora_forward_multi_into<T: Element, A: Element>(
     if let Some(bias) = bias {
         args.push(Arg::In("bias", bias));
     }
-    // the DoRA adapters' factors (a table the set made when they were added), where it holds any
-    let factors_index = set.factor_table().map(|f| {
+    // the DoRA adapters' factors (a table the set made when they were added), where this batch has DoRA rows
+    let factors_index = dora.map(|f| {
         args.push(Arg::In("DoRA factors", f));
         args.len() - 1
     });
