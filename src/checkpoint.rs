@@ -1,7 +1,8 @@
 //! Merging a PEFT adapter into a safetensors checkpoint (single file, or a directory with
 //! `model.safetensors.index.json` and its shards) with the merge kernel: every targeted weight becomes
-//! `round(W0 ± s·B·A)`, every other tensor is copied byte for byte, dtypes, names and metadata are
-//! kept. Everything is validated before anything is written; output goes to temporary names renamed
+//! `round(W0 ± s·B·A)`, every tensor of a module the adapter saved whole (`modules_to_save`) becomes the
+//! adapter's (rounded to the base's dtype, as PEFT's load into the base model does), every other tensor
+//! is copied byte for byte, dtypes, names and metadata are kept. Everything is validated before anything is written; output goes to temporary names renamed
 //! into place at the end, so a failure never leaves a partial output, and the base is only read.
 //!
 //! A merge that would turn an element that is finite in the base into NaN or ±Inf (a NaN or Inf in
@@ -13,14 +14,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use safetensors::SafeTensors;
 use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
 
 use crate::device::Device;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::ops::{self, NonFiniteCounts};
-use crate::peft::{self, AdapterModule, PeftAdapter, temp_sibling, write_atomic};
+use crate::peft::{self, AdapterModule, PeftAdapter, SavedTensor, temp_sibling, write_atomic};
 use crate::tensor::Tensor;
 
 const INDEX: &str = "model.safetensors.index.json";
@@ -41,6 +42,8 @@ impl Progress for () {}
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MergeSummary {
     pub modules_merged: usize,
+    /// Tensors of modules the adapter saved whole (`modules_to_save`), written in place of the base's.
+    pub tensors_replaced: usize,
     pub tensors_copied: usize,
     pub files_written: usize,
     pub bytes_written: u64,
@@ -220,6 +223,83 @@ fn dora_unmerge_refused(adapter: &PeftAdapter, what: &str) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// An adapter with modules saved whole cannot be unmerged: the base's tensors they replaced are not in
+/// the adapter.
+fn saved_unmerge_refused(adapter: &PeftAdapter, what: &str) -> Result<()> {
+    if let Some(t) = adapter.modules_to_save.first() {
+        return Err(Error::Unsupported {
+            what: format!(
+                "{what} of an adapter with modules saved whole (`modules_to_save`: {:?}, e.g. `{}`)",
+                adapter.config.modules_to_save, t.name
+            ),
+            hint: "a merge replaces those modules' tensors with the adapter's, and the base's are not in the adapter; keep the base checkpoint".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The tensors of the modules saved whole by name, each checked to be one the merge can write: in a
+/// module of the config's `modules_to_save`, not a LoRA module's weight too, its bytes its shape's.
+fn saved_by_name(adapter: &PeftAdapter) -> Result<BTreeMap<String, &SavedTensor>> {
+    let mut by_name = BTreeMap::new();
+    for t in &adapter.modules_to_save {
+        let elements = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let fault = if !adapter.config.saved_whole(&t.name) {
+            Some(format!(
+                "is not in a module of the config's modules_to_save ({:?})",
+                adapter.config.modules_to_save
+            ))
+        } else if adapter
+            .modules
+            .iter()
+            .any(|m| format!("{}.weight", m.name) == t.name)
+        {
+            Some("is also a LoRA module's weight".to_string())
+        } else if elements.and_then(|n| n.checked_mul(t.dtype.size_of())) != Some(t.bytes.len()) {
+            Some(format!(
+                "has {} bytes for shape {:?} of {}",
+                t.bytes.len(),
+                t.shape,
+                t.dtype
+            ))
+        } else if by_name.contains_key(&t.name) {
+            Some("is given twice".to_string())
+        } else {
+            None
+        };
+        if let Some(fault) = fault {
+            return Err(Error::InvalidState {
+                op: "merge",
+                message: format!("tensor `{}` of a module saved whole {fault}", t.name),
+            });
+        }
+        by_name.insert(t.name.clone(), t);
+    }
+    Ok(by_name)
+}
+
+/// A base tensor that a module saved whole replaces must have its shape (PEFT's load into the base
+/// model refuses another size too) and a float dtype (the saved values are converted to it).
+fn saved_fits(
+    f: &Path,
+    name: &str,
+    t: &SavedTensor,
+    dtype: Dtype,
+    shape: &[usize],
+) -> Result<DType> {
+    let dtype = peft::dtype_of(f, name, dtype)?;
+    if shape != t.shape.as_slice() {
+        return Err(Error::format(
+            f,
+            format!(
+                "adapter/base shape mismatch for `{name}` (of a module saved whole, `modules_to_save`): base {shape:?}, adapter {:?} (a vocabulary resized for training needs a base resized the same way)",
+                t.shape
+            ),
+        ));
+    }
+    Ok(dtype)
 }
 
 /// Merged (or unmerged) bytes of one weight, through the merge kernel on `device`, and the non-finite
@@ -420,8 +500,10 @@ pub fn merge_checkpoint_with(
     // module found, shapes and dtypes agree) before writing. The data is read shard by shard in pass 2.
     let op = if options.unmerge { "unmerge" } else { "merge" };
     dora_consistent(adapter)?;
+    let by_saved = saved_by_name(adapter)?;
     if options.unmerge {
         dora_unmerge_refused(adapter, "an unmerge")?;
+        saved_unmerge_refused(adapter, "an unmerge")?;
     }
     for m in by_weight.values() {
         module_scale(op, adapter, m)?;
@@ -431,6 +513,11 @@ pub fn merge_checkpoint_with(
     for f in &files {
         let header = read_header(f)?;
         for (name, t) in header.tensors() {
+            if let Some(saved) = by_saved.get(&name) {
+                saved_fits(f, &name, saved, t.dtype, &t.shape)?;
+                found.insert(name.clone(), f.clone());
+                continue;
+            }
             let Some(m) = by_weight.get(&name) else {
                 continue;
             };
@@ -446,6 +533,14 @@ pub fn merge_checkpoint_with(
             format!(
                 "target module `{}` is missing from the base checkpoint (no tensor `{missing}`)",
                 by_weight[missing].name
+            ),
+        ));
+    }
+    if let Some(missing) = by_saved.keys().find(|w| !found.contains_key(*w)) {
+        return Err(Error::format(
+            base,
+            format!(
+                "tensor `{missing}` of a module saved whole (`modules_to_save`) is missing from the base checkpoint (a weight tied to another, such as an lm_head tied to the embeddings, is stored once, under the other's name)"
             ),
         ));
     }
@@ -470,6 +565,15 @@ pub fn merge_checkpoint_with(
             names.sort();
             let mut merged: BTreeMap<String, Vec<u8>> = BTreeMap::new();
             for name in &names {
+                if let Some(saved) = by_saved.get(name) {
+                    let t = st
+                        .tensor(name)
+                        .map_err(|e| Error::format(f, e.to_string()))?;
+                    let dtype = saved_fits(f, name, saved, t.dtype(), t.shape())?;
+                    merged.insert(name.clone(), saved.bytes_as(dtype));
+                    summary.tensors_replaced += 1;
+                    continue;
+                }
                 let Some(m) = by_weight.get(name) else {
                     continue;
                 };
@@ -559,7 +663,8 @@ pub fn merge_checkpoint_with(
 /// dtype; a wrong scale, a wrong or missing module, a corrupted value are off.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct VerifySummary {
-    /// Merged elements checked.
+    /// Merged elements checked (with the elements of tensors saved whole that replaced the base's,
+    /// each of which must be the saved value rounded to nearest in the output dtype).
     pub elements: u64,
     /// Elements equal to `round(x)`, the exact value rounded to nearest (even) in the output dtype.
     pub correctly_rounded: u64,
@@ -693,11 +798,50 @@ fn verify_weight<T: Element>(
     s
 }
 
+/// Checks a tensor that replaced the base's ([`SavedTensor`]): each element is the saved one rounded
+/// to nearest in the output dtype (the value itself when the dtypes agree); NaN where it is NaN.
+fn verify_replaced<T: Element>(name: &str, got: &[u8], saved: &SavedTensor) -> VerifySummary {
+    let got: Vec<T> = bytemuck::pod_collect_to_vec(got);
+    let mut s = VerifySummary::default();
+    for (at, (&g, x)) in got.iter().zip(saved.to_f32()).enumerate() {
+        let want = T::from_f64(x as f64);
+        let (gf, x) = (g.to_f64(), x as f64);
+        let ok = if gf.is_nan() || x.is_nan() {
+            gf.is_nan() && x.is_nan()
+        } else {
+            // bits, not ==: -0 in place of +0 is off
+            gf.to_bits() == want.to_f64().to_bits()
+        };
+        let dist = if gf.is_nan() && x.is_nan() {
+            0
+        } else {
+            crate::reference::ulp_distance(g, want)
+        };
+        s.elements += 1;
+        s.correctly_rounded += ok as u64;
+        if !ok {
+            s.off += 1;
+            if s.worst.as_ref().is_none_or(|o| dist > o.ulp) {
+                s.worst = Some(OffElement {
+                    tensor: name.to_string(),
+                    index: at,
+                    merged: gf,
+                    exact: x,
+                    ulp: dist,
+                });
+            }
+        }
+        s.max_ulp = s.max_ulp.max(dist);
+    }
+    s
+}
+
 /// Checks a merge written by [`merge_checkpoint`] (same `base`, `adapter`, `out`, `unmerge`) on the
 /// CPU: reads every merged weight back from `out`, computes the exact `W ± s·B·A` in f64 from the base
-/// and the adapter, and counts the elements off by more than one rounding ([`VerifySummary`]). Costs
+/// and the adapter, and counts the elements off by more than one rounding ([`VerifySummary`]); the
+/// tensors of modules saved whole must hold the adapter's values (rounded to the base's dtype). Costs
 /// one pass over the base and the output, `N·K·r` multiply-adds in f64 per module. `progress` hears
-/// about each checked module.
+/// about each checked LoRA module.
 pub fn verify_merge(
     base: &Path,
     adapter: &PeftAdapter,
@@ -706,8 +850,10 @@ pub fn verify_merge(
     progress: &mut dyn Progress,
 ) -> Result<VerifySummary> {
     dora_consistent(adapter)?;
+    let by_saved = saved_by_name(adapter)?;
     if unmerge {
         dora_unmerge_refused(adapter, "verifying an unmerge")?;
+        saved_unmerge_refused(adapter, "verifying an unmerge")?;
     }
     let (files, index) = shards(base)?;
     let out_is_dir = index.is_some() || base.is_dir();
@@ -734,9 +880,10 @@ pub fn verify_merge(
         let mut names: Vec<String> = bst.names().into_iter().map(String::from).collect();
         names.sort();
         for name in &names {
-            let Some(m) = by_weight.get(name) else {
+            let (m, saved) = (by_weight.get(name), by_saved.get(name));
+            if m.is_none() && saved.is_none() {
                 continue;
-            };
+            }
             let w = bst
                 .tensor(name)
                 .map_err(|e| Error::format(f, e.to_string()))?;
@@ -755,6 +902,17 @@ pub fn verify_merge(
                     ),
                 ));
             }
+            let Some(m) = m else {
+                let saved = saved.expect("a module's weight or a tensor saved whole");
+                let dtype = saved_fits(f, name, saved, w.dtype(), w.shape())?;
+                summary.add(match dtype {
+                    DType::BF16 => verify_replaced::<half::bf16>(name, got.data(), saved),
+                    DType::F16 => verify_replaced::<half::f16>(name, got.data(), saved),
+                    DType::F32 => verify_replaced::<f32>(name, got.data(), saved),
+                    DType::U32 => unreachable_dtype(f, name)?,
+                });
+                continue;
+            };
             let (n, k) = module_shape(f, m, w.shape())?;
             let dims = (n, k, m.a.rows);
             let a: Vec<f64> = m.a.to_f32().iter().map(|&v| v as f64).collect();

@@ -52,8 +52,9 @@ enum Command {
 /// Merge a PEFT adapter into a safetensors checkpoint (or take it back out with --unmerge)
 ///
 /// Every adapted weight becomes round(W + s·B·A) through the merge kernel (with --unmerge,
-/// round(W − s·B·A)); every other tensor is copied byte for byte; names, dtypes and metadata are
-/// kept. The base is a .safetensors file or a sharded directory (model.safetensors.index.json and
+/// round(W − s·B·A)); the tensors of modules the adapter saved whole (PEFT's modules_to_save, e.g.
+/// a classifier head) replace the base's, rounded to its dtype (--unmerge refuses such an adapter);
+/// every other tensor is copied byte for byte; names, dtypes and metadata are kept. The base is a .safetensors file or a sharded directory (model.safetensors.index.json and
 /// its shards), whose output is a new directory. Everything is validated before anything is
 /// written and output goes through temporary names, so a failure leaves no output; the base is
 /// only read.
@@ -346,8 +347,12 @@ fn merge(args: &MergeArgs) -> Result<(), String> {
     for line in nonfinite_warnings(&summary, args.unmerge) {
         eprintln!("lora-kernels: warning: {line}");
     }
+    let replaced = match summary.tensors_replaced {
+        0 => String::new(),
+        n => format!("{n} tensors of modules saved whole replaced, "),
+    };
     println!(
-        "{} {} modules into {} ({} tensors copied unchanged, {} files, {} bytes) in {:.2} s on {}",
+        "{} {} modules into {} ({replaced}{} tensors copied unchanged, {} files, {} bytes) in {:.2} s on {}",
         if args.unmerge { "unmerged" } else { "merged" },
         summary.modules_merged,
         out.display(),
@@ -445,6 +450,18 @@ fn inspect(args: &InspectArgs) -> Result<(), String> {
             c.alpha_for(&m.name),
             c.scale_for(&m.name)
         );
+    }
+    if !a.modules_to_save.is_empty() {
+        println!(
+            "modules saved whole (modules_to_save = {:?}; a merge writes them in place of the base's):",
+            c.modules_to_save
+        );
+        println!("| tensor | shape | dtype |");
+        println!("| --- | --- | --- |");
+        for t in &a.modules_to_save {
+            bytes += t.bytes.len();
+            println!("| {} | {:?} | {} |", t.name, t.shape, t.dtype);
+        }
     }
     println!(
         "{} modules, {} trainable parameters, {} bytes of adapter tensors",

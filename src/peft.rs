@@ -5,14 +5,16 @@
 //! `r`, `lora_alpha`, `use_rslora`, `target_modules`, `rank_pattern`, `alpha_pattern` (keys are
 //! regular expressions tried in the file's order against the module name or its end after a dot, the
 //! first match winning, as PEFT does), `use_dora` (DoRA: each module's 1-D `lora_magnitude_vector`
-//! `[out]` too; merged by [`crate::ops::dora_merge`] and the checkpoint merge, refused by the layers and
-//! adapter sets, whose forward is plain LoRA), tensors in f32, bf16 or f16. Anything else that changes
-//! the math is refused with an error naming it: `.bin` adapters, embedding or conv LoRA, `fan_in_fan_out`
-//! (GPT-2 Conv1D layout), trained biases (`bias` other than "none", `lora_bias`), the LoRA variants and
-//! extras PEFT configures with other keys (aLoRA, Arrow, KaSA, QALoRA, layer replication,
-//! `modules_to_save`, trainable tokens, `target_parameters`, ...: [`REFUSED_KEYS`]), any config key this
-//! crate does not know that is set, and any tensor other than a module's `lora_A.weight` and
-//! `lora_B.weight`.
+//! `[out]` too; merged by [`crate::ops::dora_merge`] and the checkpoint merge, served unmerged by the
+//! layers and adapter sets), `modules_to_save` (modules trained whole, e.g. a sequence-classification
+//! head or the embeddings: their tensors, [`PeftAdapter::modules_to_save`], replace the base's in a
+//! checkpoint merge), tensors in f32, bf16 or f16. Anything else that changes the math is refused with
+//! an error naming it: `.bin` adapters, embedding or conv LoRA, `fan_in_fan_out` (GPT-2 Conv1D layout),
+//! trained biases (`bias` other than "none", `lora_bias`), the LoRA variants and extras PEFT configures
+//! with other keys (aLoRA, Arrow, KaSA, QALoRA, layer replication, trainable tokens,
+//! `target_parameters`, ...: [`REFUSED_KEYS`]), any config key this crate does not know that is set, and
+//! any tensor other than a module's `lora_A.weight` and `lora_B.weight` (and DoRA's magnitude) outside
+//! the modules saved whole.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,29 +50,72 @@ impl HostMatrix {
 
     /// Exact conversion to f32 (bf16 and f16 are subsets of f32).
     pub fn to_f32(&self) -> Vec<f32> {
-        match self.dtype {
-            DType::F32 => self
-                .bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::BF16 => self
-                .bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            DType::F16 => self
-                .bytes
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            // never read from a file (dtype_of refuses it); converted like the others for completeness
-            DType::U32 => self
-                .bytes
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)
-                .collect(),
+        elements_to_f32(self.dtype, &self.bytes)
+    }
+}
+
+/// A tensor of a module PEFT saved whole (`modules_to_save`: a classifier head, trained embeddings):
+/// `name` as in the base checkpoint (without PEFT's `base_model.model.` prefix), any shape, in the
+/// dtype it was stored in. A merge writes it in place of the base's tensor of that name, converted to
+/// the base's dtype (rounded to nearest even, as PyTorch's copy into the base's parameter).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SavedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    /// Little-endian element bytes, as in safetensors.
+    pub bytes: Vec<u8>,
+}
+
+impl SavedTensor {
+    /// Exact conversion to f32 (bf16 and f16 are subsets of f32).
+    pub fn to_f32(&self) -> Vec<f32> {
+        elements_to_f32(self.dtype, &self.bytes)
+    }
+
+    /// The elements in `dtype`'s bytes: as stored when that is the stored dtype (bit for bit, NaN
+    /// payloads included), else through f32 rounded to nearest even (PyTorch's conversion).
+    pub fn bytes_as(&self, dtype: DType) -> Vec<u8> {
+        if dtype == self.dtype {
+            return self.bytes.clone();
         }
+        let v = self.to_f32();
+        match dtype {
+            DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            DType::BF16 => v
+                .iter()
+                .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+                .collect(),
+            DType::F16 => v
+                .iter()
+                .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+                .collect(),
+            // never asked: dtype_of refuses u32 tensors in checkpoints and adapters
+            DType::U32 => v.iter().flat_map(|&x| (x as u32).to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// Little-endian elements of `dtype` as f32: exact for f32, bf16 and f16.
+fn elements_to_f32(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        // never read from a file (dtype_of refuses it); converted like the others for completeness
+        DType::U32 => bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)
+            .collect(),
     }
 }
 
@@ -109,6 +154,10 @@ pub struct AdapterConfig {
     pub lora_dropout: f64,
     /// DoRA (PEFT's `use_dora`): every module has a magnitude vector ([`AdapterModule::magnitude`]).
     pub use_dora: bool,
+    /// PEFT's `modules_to_save`: modules trained whole (a classifier head, the embeddings), whose
+    /// tensors the adapter file holds and which replace the base's ([`PeftAdapter::modules_to_save`]).
+    /// PEFT's rule: a module is one when its name ends with an entry (plain string suffix).
+    pub modules_to_save: Vec<String>,
 }
 
 /// PEFT's `target_modules`: a list of names (a module matches one exactly or ends with `.name`), or one
@@ -215,7 +264,7 @@ impl<V: Clone + Into<Value>> Patterns<V> {
 
 /// Keys of PEFT's LoraConfig that select a LoRA variant, or an extra trained part, whose merge is not
 /// `W + s·B·A` of the module's lora_A and lora_B: refused when set (not null, false, or empty).
-pub const REFUSED_KEYS: [(&str, &str); 12] = [
+pub const REFUSED_KEYS: [(&str, &str); 11] = [
     (
         "alora_invocation_tokens",
         "aLoRA (PEFT does not merge it either)",
@@ -230,10 +279,6 @@ pub const REFUSED_KEYS: [(&str, &str); 12] = [
         "layer replication (it changes the model's layers)",
     ),
     ("megatron_config", "Megatron tensor-parallel layers"),
-    (
-        "modules_to_save",
-        "modules saved whole beside the adapter (they replace the base's)",
-    ),
     ("monteclora_config", "MonteCLoRA"),
     (
         "target_parameters",
@@ -248,8 +293,9 @@ pub const REFUSED_KEYS: [(&str, &str); 12] = [
 /// Keys of PEFT's LoraConfig that this crate reads or that do not change what a saved adapter's merge
 /// is (bookkeeping, and initialisation schemes that leave the base as it is: the saved A and B are what
 /// they produced; `init_lora_weights` is checked on its own, see [`BASE_CHANGING_INITS`]).
-const KNOWN_KEYS: [&str; 29] = [
+const KNOWN_KEYS: [&str; 30] = [
     "r",
+    "modules_to_save",
     "use_dora",
     "lora_alpha",
     "use_rslora",
@@ -485,6 +531,25 @@ impl AdapterConfig {
             rank,
         )?;
         let alpha_pattern = pattern(&v, path, "alpha_pattern", "a number", Value::as_f64)?;
+        let modules_to_save = match v.get("modules_to_save") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|s| match s.as_str() {
+                    Some(name) if !name.is_empty() => Ok(name.to_string()),
+                    _ => Err(Error::format(
+                        path,
+                        format!("`modules_to_save` entry {s}: expected a module name"),
+                    )),
+                })
+                .collect::<Result<_>>()?,
+            Some(other) => {
+                return Err(Error::format(
+                    path,
+                    format!("`modules_to_save` is {other}: expected a list of module names"),
+                ));
+            }
+        };
         Ok(AdapterConfig {
             r,
             lora_alpha,
@@ -494,6 +559,19 @@ impl AdapterConfig {
             alpha_pattern,
             lora_dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
             use_dora: flag(&v, path, "use_dora")?,
+            modules_to_save,
+        })
+    }
+
+    /// Whether a tensor named `name` (as in the base checkpoint) belongs to a module saved whole: some
+    /// module on its path (`a`, `a.b`, ... up to its parent) ends with an entry of `modules_to_save`,
+    /// PEFT's test (`key.endswith(target_key)` over the model's module names).
+    pub fn saved_whole(&self, name: &str) -> bool {
+        name.match_indices('.').any(|(i, _)| {
+            let module = &name[..i];
+            self.modules_to_save
+                .iter()
+                .any(|m| module.ends_with(m.as_str()))
         })
     }
 
@@ -516,7 +594,11 @@ impl AdapterConfig {
             "lora_dropout": self.lora_dropout,
             "init_lora_weights": true,
             "inference_mode": true,
-            "modules_to_save": null,
+            "modules_to_save": if self.modules_to_save.is_empty() {
+                Value::Null
+            } else {
+                json!(self.modules_to_save)
+            },
             "task_type": null,
         });
         serde_json::to_string_pretty(&v).expect("a JSON value serialises")
@@ -541,6 +623,10 @@ const MAGNITUDE: &str = ".lora_magnitude_vector";
 pub struct PeftAdapter {
     pub config: AdapterConfig,
     pub modules: Vec<AdapterModule>,
+    /// The tensors of the modules saved whole (`config.modules_to_save`), sorted by name; empty
+    /// without them. A merge writes them in place of the base's; the layers and adapter sets, which
+    /// take one LoRA module each, leave them to the caller (a server loads its classifier head itself).
+    pub modules_to_save: Vec<SavedTensor>,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -591,6 +677,31 @@ fn vector(path: &Path, st: &SafeTensors<'_>, name: &str) -> Result<HostMatrix> {
         rows: 1,
         cols,
         dtype,
+        bytes: t.data().to_vec(),
+    })
+}
+
+/// A name PEFT gives a LoRA layer's own tensors (never part of a module saved whole).
+fn is_lora_name(name: &str) -> bool {
+    [
+        ".lora_A.",
+        ".lora_B.",
+        ".lora_magnitude_vector",
+        ".lora_embedding_",
+    ]
+    .iter()
+    .any(|p| name.contains(p))
+}
+
+/// Reads tensor `name` of a module saved whole, as `bare` (its name in the base checkpoint).
+fn saved_tensor(path: &Path, st: &SafeTensors<'_>, name: &str, bare: &str) -> Result<SavedTensor> {
+    let t = st
+        .tensor(name)
+        .map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))?;
+    Ok(SavedTensor {
+        name: bare.to_string(),
+        shape: t.shape().to_vec(),
+        dtype: dtype_of(path, name, t.dtype())?,
         bytes: t.data().to_vec(),
     })
 }
@@ -702,6 +813,7 @@ impl PeftAdapter {
         let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
         names.sort();
         let mut modules = Vec::new();
+        let mut saved: Vec<SavedTensor> = Vec::new();
         for name in &names {
             if name.contains("lora_embedding_") {
                 return Err(Error::Unsupported {
@@ -741,12 +853,20 @@ impl PeftAdapter {
                 });
             }
             let Some(stem) = name.strip_suffix(".lora_A.weight") else {
-                // a module saved whole (modules_to_save), trainable tokens, a variant's extra tensor
-                // (KaSA's lora_diag, ...): the merge would leave it out, so the result would not be the
-                // adapter's
+                let bare = name.strip_prefix(PREFIX).unwrap_or(name);
+                if config.saved_whole(bare) && !is_lora_name(bare) {
+                    saved.push(saved_tensor(&st_path, &st, name, bare)?);
+                    continue;
+                }
+                // trainable tokens, a variant's extra tensor (KaSA's lora_diag, ...), a module saved
+                // whole that the config does not list: the merge would leave it out, so the result
+                // would not be the adapter's
                 return Err(Error::Unsupported {
-                    what: format!("adapter tensor `{name}` (neither a lora_A nor a lora_B weight)"),
-                    hint: "only plain LoRA on linear modules is merged and loaded".into(),
+                    what: format!(
+                        "adapter tensor `{name}` (neither a lora_A nor a lora_B weight, nor in a module of `modules_to_save`: {:?})",
+                        config.modules_to_save
+                    ),
+                    hint: "plain LoRA on linear modules, and modules saved whole, are merged and loaded".into(),
                 });
             };
             let module = stem.strip_prefix(PREFIX).unwrap_or(stem).to_string();
@@ -795,33 +915,89 @@ impl PeftAdapter {
         if modules.is_empty() {
             return Err(Error::format(&st_path, "no `*.lora_A.weight` tensors"));
         }
-        Ok(PeftAdapter { config, modules })
+        saved.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Some(w) = saved.windows(2).find(|w| w[0].name == w[1].name) {
+            return Err(Error::format(
+                &st_path,
+                format!(
+                    "tensor `{}` of a module saved whole appears twice (with and without the `{PREFIX}` prefix)",
+                    w[0].name
+                ),
+            ));
+        }
+        // a LoRA module inside a module saved whole: its weight would be both merged and replaced
+        if let Some(m) = modules
+            .iter()
+            .find(|m| config.saved_whole(&format!("{}.weight", m.name)))
+        {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "LoRA module `{}` inside a module saved whole (`modules_to_save`: {:?})",
+                    m.name, config.modules_to_save
+                ),
+                hint: "a module is either adapted by LoRA or saved whole, not both".into(),
+            });
+        }
+        Ok(PeftAdapter {
+            config,
+            modules,
+            modules_to_save: saved,
+        })
     }
 
     /// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` (PEFT's names and
     /// layout), each through a temporary file renamed into place.
     pub fn save(&self, dir: &Path) -> Result<()> {
+        // what PEFT would not load back as it was: a tensor saved whole outside the config's modules
+        if let Some(t) = self
+            .modules_to_save
+            .iter()
+            .find(|t| !self.config.saved_whole(&t.name) || is_lora_name(&t.name))
+        {
+            return Err(Error::InvalidState {
+                op: "PeftAdapter::save",
+                message: format!(
+                    "tensor `{}` is not in a module of the config's modules_to_save ({:?})",
+                    t.name, self.config.modules_to_save
+                ),
+            });
+        }
         std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
         let mut tensors = Vec::new();
         for m in &self.modules {
             for (suffix, t) in [("lora_A", &m.a), ("lora_B", &m.b)] {
                 let shape = vec![t.rows, t.cols];
-                tensors.push((format!("{PREFIX}{}.{suffix}.weight", m.name), t, shape));
+                tensors.push((
+                    format!("{PREFIX}{}.{suffix}.weight", m.name),
+                    t.dtype,
+                    shape,
+                    &t.bytes,
+                ));
             }
             if let Some(t) = &m.magnitude {
                 // 1-D, as PEFT saves it
-                tensors.push((format!("{PREFIX}{}{MAGNITUDE}", m.name), t, vec![t.cols]));
+                tensors.push((
+                    format!("{PREFIX}{}{MAGNITUDE}", m.name),
+                    t.dtype,
+                    vec![t.cols],
+                    &t.bytes,
+                ));
             }
+        }
+        for t in &self.modules_to_save {
+            tensors.push((
+                format!("{PREFIX}{}", t.name),
+                t.dtype,
+                t.shape.clone(),
+                &t.bytes,
+            ));
         }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
             .iter()
-            .map(|(name, t, shape)| {
-                let view = safetensors::tensor::TensorView::new(
-                    st_dtype(t.dtype),
-                    shape.clone(),
-                    &t.bytes,
-                )
-                .map_err(|e| Error::format(dir, format!("tensor `{name}`: {e}")))?;
+            .map(|(name, dtype, shape, bytes)| {
+                let view =
+                    safetensors::tensor::TensorView::new(st_dtype(*dtype), shape.clone(), bytes)
+                        .map_err(|e| Error::format(dir, format!("tensor `{name}`: {e}")))?;
                 Ok((name.clone(), view))
             })
             .collect::<Result<_>>()?;
@@ -835,15 +1011,23 @@ impl PeftAdapter {
         )
     }
 
-    /// Trainable parameters: Σ r·(in + out), plus out per module for DoRA's magnitude vectors.
+    /// Trainable parameters: Σ r·(in + out), plus out per module for DoRA's magnitude vectors, plus
+    /// the elements of the modules saved whole (as PEFT's `print_trainable_parameters` counts them).
     pub fn parameters(&self) -> u64 {
-        self.modules
+        let lora: u64 = self
+            .modules
             .iter()
             .map(|m| {
                 let magnitude = m.magnitude.as_ref().map_or(0, |v| v.cols);
                 (m.a.rows * m.a.cols + m.b.rows * m.b.cols + magnitude) as u64
             })
-            .sum()
+            .sum();
+        let whole: u64 = self
+            .modules_to_save
+            .iter()
+            .map(|t| t.shape.iter().product::<usize>() as u64)
+            .sum();
+        lora + whole
     }
 }
 
@@ -873,4 +1057,79 @@ pub(crate) fn temp_sibling(path: &Path) -> PathBuf {
         .map_or(0, |d| d.as_nanos());
     let n = COUNT.fetch_add(1, Ordering::Relaxed);
     path.with_file_name(format!(".{name}.tmp-{}-{nanos:x}-{n}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(modules_to_save: &str) -> AdapterConfig {
+        let text = format!(
+            r#"{{"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "modules_to_save": {modules_to_save}}}"#
+        );
+        AdapterConfig::parse(&text, Path::new("adapter_config.json")).unwrap()
+    }
+
+    /// PEFT's `_set_trainable`: `key.endswith(target_key)` over every module name, parents included.
+    #[test]
+    fn saved_whole_is_peft_suffix_test_on_every_module_of_the_path() {
+        let c = config(r#"["score", "embed_tokens", "layers.1"]"#);
+        assert_eq!(c.modules_to_save, ["score", "embed_tokens", "layers.1"]);
+        for name in [
+            "score.weight",
+            "score.bias",
+            "model.embed_tokens.weight",
+            // a plain suffix, not a whole component: PEFT matches these too
+            "model.prescore.weight",
+            // a parent module matched: every tensor under it
+            "model.layers.1.mlp.up_proj.weight",
+        ] {
+            assert!(c.saved_whole(name), "{name}");
+        }
+        for name in [
+            // the tensor's own name is not a module
+            "score",
+            "model.score_head.weight",
+            "model.layers.10.mlp.up_proj.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+        ] {
+            assert!(!c.saved_whole(name), "{name}");
+        }
+        assert!(config("null").modules_to_save.is_empty());
+        assert!(!config("[]").saved_whole("score.weight"));
+        let json: Value = serde_json::from_str(&c.to_json()).unwrap();
+        assert_eq!(
+            json["modules_to_save"],
+            json!(["score", "embed_tokens", "layers.1"])
+        );
+        let json: Value = serde_json::from_str(&config("null").to_json()).unwrap();
+        assert_eq!(json["modules_to_save"], Value::Null);
+        for bad in [r#""score""#, "[1]", r#"[""]"#, "{}"] {
+            let text = format!(r#"{{"r": 8, "lora_alpha": 16, "modules_to_save": {bad}}}"#);
+            let e = AdapterConfig::parse(&text, Path::new("c.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("modules_to_save"), "{bad}: {e}");
+        }
+    }
+
+    /// Saved tensors are written as stored in their own dtype, and rounded to nearest even into
+    /// another (PyTorch's conversion), not truncated.
+    #[test]
+    fn saved_tensor_bytes_round_to_nearest_even() {
+        // 1 + 2^-8 + 2^-9: between two bf16 values, nearer the upper one (truncation gives 1)
+        let x = 1.0f32 + 2f32.powi(-8) + 2f32.powi(-9);
+        let t = SavedTensor {
+            name: "score.weight".into(),
+            shape: vec![2],
+            dtype: DType::F32,
+            bytes: [x, -0.0f32].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        assert_eq!(t.bytes_as(DType::F32), t.bytes);
+        let b: Vec<bf16> = bytemuck::pod_collect_to_vec(&t.bytes_as(DType::BF16));
+        assert_eq!(b[0].to_f32(), 1.0 + 2f32.powi(-7));
+        assert_eq!(b[1].to_bits(), 0x8000, "the sign of zero kept");
+        let h: Vec<f16> = bytemuck::pod_collect_to_vec(&t.bytes_as(DType::F16));
+        assert_eq!(h[0], f16::from_f32(x));
+    }
 }

@@ -1027,6 +1027,201 @@ fn verify_counts_a_planted_error() {
     );
 }
 
+/// `modules_to_save` (tests/fixtures/peft/modules_to_save, PEFT 0.21.2): merging writes the modules
+/// saved whole in place of the base's, as PEFT's `from_pretrained` + `merge_and_unload` on that base
+/// does: every tensor but the four LoRA weights bit for bit PEFT's (`score` saved as f32 and rounded to
+/// the bf16 base, to nearest even: truncating differs on 95 of its 192 elements), the LoRA weights as
+/// the plain merge; `inspect` lists them; `--verify` checks them (and counts a planted error in one);
+/// save and load keep them. Refused, nothing written: `--unmerge` (the base's tensors are not in the
+/// adapter), a saved tensor whose shape is not the base's, one missing from the base, one outside the
+/// listed modules, a LoRA module inside a module saved whole.
+#[test]
+fn modules_to_save_replace_the_bases_tensors() {
+    use lora_kernels::checkpoint::{merge_checkpoint, verify_merge};
+    let dir = scratch("modules-to-save");
+    let base = common::fixture("modules_to_save/base.safetensors");
+    let adapter_dir = common::fixture("modules_to_save/adapter");
+    let merged = dir.join("merged.safetensors");
+    let (ok, stdout, stderr) = run(&[
+        "merge",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter_dir.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+        "--device",
+        "emu",
+        "--verify",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("merged 4 modules")
+            && stdout.contains("3 tensors of modules saved whole replaced, 10 tensors copied"),
+        "{stdout}"
+    );
+    // 4 weights of 64×64, and score (3×64 + 3) and embed_tokens (40×64)
+    let checked = 4 * 64 * 64 + 3 * 64 + 3 + 40 * 64;
+    assert!(
+        stdout.contains(&format!("verify: 0 of {checked} merged elements off")),
+        "{stdout}"
+    );
+    let got = std::fs::read(&merged).unwrap();
+    let got = safetensors::SafeTensors::deserialize(&got).unwrap();
+    let want = Fixture::open("modules_to_save/merged.safetensors");
+    let adapter = PeftAdapter::load(&adapter_dir).unwrap();
+    let lora: Vec<String> = adapter
+        .modules
+        .iter()
+        .map(|m| format!("{}.weight", m.name))
+        .collect();
+    let mut acc = Agreement::default();
+    let names = want.names();
+    assert_eq!(names.len(), 17);
+    for name in &names {
+        let g: Vec<half::bf16> = bytemuck::pod_collect_to_vec(got.tensor(name).unwrap().data());
+        let w = want.bf16(name).0;
+        if lora.contains(name) {
+            compare(&g, &w, &mut acc);
+        } else {
+            assert_eq!(common::bits(&g), common::bits(&w), "`{name}` is PEFT's");
+        }
+    }
+    assert_eq!(acc.total, 4 * 64 * 64);
+    assert!(acc.exact as f64 / acc.total as f64 >= 0.9999 && acc.max_ulp <= 1);
+    // the replaced tensors are the adapter's, not the base's
+    let base_fx = Fixture::open("modules_to_save/base.safetensors");
+    for name in ["score.weight", "score.bias", "model.embed_tokens.weight"] {
+        assert_ne!(base_fx.bf16(name).0, want.bf16(name).0, "`{name}` changed");
+    }
+
+    // inspect
+    let (ok, stdout, stderr) = run(&["inspect", "--adapter", adapter_dir.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("modules_to_save = [\"score\", \"embed_tokens\"]")
+            && stdout.contains("| score.weight | [3, 64] | f32 |")
+            && stdout.contains("| model.embed_tokens.weight | [40, 64] | bf16 |"),
+        "{stdout}"
+    );
+    // PEFT's count: LoRA's 4·8·(64 + 64) plus the saved modules' elements
+    let trainable = 4 * 8 * 128 + 3 * 64 + 3 + 40 * 64;
+    assert_eq!(adapter.parameters(), trainable as u64);
+    assert!(
+        stdout.contains(&format!("{trainable} trainable parameters")),
+        "{stdout}"
+    );
+
+    // save and load keep them, with the config's list
+    let saved = dir.join("saved");
+    adapter.save(&saved).unwrap();
+    assert_eq!(PeftAdapter::load(&saved).unwrap(), adapter);
+    let mut stray = adapter.clone();
+    stray.modules_to_save[0].name = "model.layers.0.mlp.up_proj.weight".into();
+    let e = stray.save(&dir.join("stray")).unwrap_err().to_string();
+    assert!(
+        e.contains("not in a module of the config's modules_to_save"),
+        "{e}"
+    );
+
+    // verify counts a wrong value in a replaced tensor (one bf16 ulp on score.bias[1])
+    let dev = lora_kernels::Device::emulator();
+    let out = dir.join("planted.safetensors");
+    merge_checkpoint(&base, &adapter, &out, &dev, false, &mut ()).unwrap();
+    let clean = verify_merge(&base, &adapter, &out, false, &mut ()).unwrap();
+    assert_eq!((clean.elements, clean.off), (checked as u64, 0));
+    edit_tensors(&out, |t| {
+        let (_, (_, _, b)) = t.iter_mut().find(|(n, _)| n == "score.bias").unwrap();
+        let v = u16::from_le_bytes([b[2], b[3]]) + 1;
+        b[2..4].copy_from_slice(&v.to_le_bytes());
+    });
+    let v = verify_merge(&base, &adapter, &out, false, &mut ()).unwrap();
+    assert_eq!((v.off, v.max_ulp), (1, 1));
+    let worst = v.worst.unwrap();
+    assert_eq!((worst.tensor.as_str(), worst.index), ("score.bias", 1));
+    let e = verify_merge(&base, &adapter, &out, true, &mut ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("modules saved whole"), "{e}");
+
+    // refusals
+    let out = dir.join("refused.safetensors");
+    let (ok, _, stderr) = run(&[
+        "merge",
+        "--base",
+        &fx("modules_to_save/merged.safetensors"),
+        "--adapter",
+        adapter_dir.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "emu",
+        "--unmerge",
+    ]);
+    assert!(!ok && stderr.contains("modules saved whole"), "{stderr}");
+    assert!(!out.exists());
+    let edited =
+        |name: &str, config: &dyn Fn(&mut serde_json::Value), edit: &dyn Fn(&mut OwnedTensors)| {
+            let a = adapter_copy_of(&dir.join(name), "modules_to_save/adapter", config);
+            edit_tensors(&a.join("adapter_model.safetensors"), edit);
+            a
+        };
+    let wider = edited("wider", &|_| {}, &|t| {
+        let (_, (_, shape, b)) = t
+            .iter_mut()
+            .find(|(n, _)| n == "base_model.model.score.weight")
+            .unwrap();
+        *shape = vec![4, 64];
+        b.extend(vec![0u8; 64 * 4]);
+    });
+    merge_fails(
+        &base,
+        &wider,
+        &out,
+        "adapter/base shape mismatch for `score.weight` (of a module saved whole, `modules_to_save`): base [3, 64], adapter [4, 64]",
+    );
+    let head = edited(
+        "lm-head",
+        &|c| c["modules_to_save"] = serde_json::json!(["score", "embed_tokens", "lm_head"]),
+        &|t| {
+            let (_, v) = t
+                .iter()
+                .find(|(n, _)| n == "base_model.model.score.weight")
+                .unwrap()
+                .clone();
+            t.push(("base_model.model.lm_head.weight".into(), v));
+        },
+    );
+    merge_fails(
+        &base,
+        &head,
+        &out,
+        "tensor `lm_head.weight` of a module saved whole (`modules_to_save`) is missing from the base checkpoint",
+    );
+    let unlisted = edited(
+        "unlisted",
+        &|c| c["modules_to_save"] = serde_json::json!(["score"]),
+        &|_| {},
+    );
+    merge_fails(
+        &base,
+        &unlisted,
+        &out,
+        "adapter tensor `base_model.model.model.embed_tokens.weight` (neither a lora_A nor a lora_B weight, nor in a module of `modules_to_save`: [\"score\"])",
+    );
+    let around = edited(
+        "around-lora",
+        &|c| c["modules_to_save"] = serde_json::json!(["score", "embed_tokens", "layers.0"]),
+        &|_| {},
+    );
+    merge_fails(
+        &base,
+        &around,
+        &out,
+        "LoRA module `model.layers.0.self_attn.q_proj` inside a module saved whole",
+    );
+}
+
 /// The base checkpoint is never replaced, however `out` spells its path (`dir/./base`, through a
 /// symlinked directory, `sub/..`, a hard link, the file a symlinked base points to, a link in a chain of
 /// symlinks the base goes through, and a bare relative name given to the CLI run in that directory): the
@@ -1562,7 +1757,6 @@ fn peft_configs_and_tensors_follow_peft() {
     for (key, value) in [
         ("alora_invocation_tokens", json!([1, 2])),
         ("kasa_config", json!({"svd": 4})),
-        ("modules_to_save", json!(["score"])),
         ("use_qalora", json!(true)),
         ("layer_replication", json!([[0, 1]])),
         ("trainable_token_indices", json!([5])),
