@@ -308,13 +308,13 @@ fn saved_fits(
 fn merge_weight<T: Element>(
     device: &Device,
     w: &[u8],
-    shape: (usize, usize),
+    layout: Layout,
     m: &AdapterModule,
     scale: f32,
     options: &MergeOptions,
 ) -> Result<(Vec<u8>, NonFiniteCounts)> {
-    let (n, k) = shape;
-    let w: Vec<T> = bytemuck::pod_collect_to_vec(w);
+    let (n, k) = (layout.n, layout.k);
+    let w: Vec<T> = layout.to_linear(bytemuck::pod_collect_to_vec(w));
     let mut wt = Tensor::from_slice(device, &w, &[n, k])?;
     let r = m.a.rows;
     // Adapters in W's dtype are used as stored; any other dtype goes through f32 (exact for bf16/f16).
@@ -340,7 +340,8 @@ fn merge_weight<T: Element>(
         let target = format!("module `{}`", m.name);
         return Err(counts.error(op, target, n * k, T::DTYPE, "nothing was written"));
     }
-    Ok((bytemuck::cast_slice(&wt.to_vec()?).to_vec(), counts))
+    let merged = layout.to_stored(wt.to_vec()?);
+    Ok((bytemuck::cast_slice(&merged).to_vec(), counts))
 }
 
 /// A module's scale as the merge kernel takes it (f32, rounded once from PEFT's f64), after checking its
@@ -371,12 +372,77 @@ fn module_scale(op: &'static str, adapter: &PeftAdapter, m: &AdapterModule) -> R
     Ok(scale)
 }
 
-/// The base weight of module `m` (in file `f`) is [N, K] for its A [r, K] and B [N, r]; returns (N, K).
-fn module_shape(f: &Path, m: &AdapterModule, shape: &[usize]) -> Result<(usize, usize)> {
+/// How a targeted weight is stored: `[N, K]` (out × in) as `nn.Linear`'s, or `[K, N]` (in × out) as
+/// GPT-2's `Conv1D` (PEFT's `fan_in_fan_out`), which the merge transposes on the host around the kernel
+/// (a transposition moves elements, so the merged values are those of the `[N, K]` merge).
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    n: usize,
+    k: usize,
+    transposed: bool,
+}
+
+impl Layout {
+    /// The stored elements as `[N, K]`.
+    fn to_linear<T: Copy>(self, stored: Vec<T>) -> Vec<T> {
+        if self.transposed {
+            transpose(&stored, self.k, self.n)
+        } else {
+            stored
+        }
+    }
+
+    /// `[N, K]` elements as stored.
+    fn to_stored<T: Copy>(self, linear: Vec<T>) -> Vec<T> {
+        if self.transposed {
+            transpose(&linear, self.n, self.k)
+        } else {
+            linear
+        }
+    }
+
+    /// The stored index of element `at` of the `[N, K]` view.
+    fn stored_index(self, at: usize) -> usize {
+        if self.transposed {
+            (at % self.k) * self.n + at / self.k
+        } else {
+            at
+        }
+    }
+}
+
+/// `v` (`rows` × `cols`, row-major) transposed: `cols` × `rows`.
+fn transpose<T: Copy>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut t = Vec::with_capacity(v.len());
+    for c in 0..cols {
+        t.extend((0..rows).map(|r| v[r * cols + c]));
+    }
+    t
+}
+
+/// The base weight of module `m` (in file `f`) is [N, K] for its A [r, K] and B [N, r], or [K, N] with
+/// `fan_in_fan_out` (the config's: every targeted weight is then a Conv1D's); returns its layout.
+fn module_shape(
+    f: &Path,
+    m: &AdapterModule,
+    shape: &[usize],
+    fan_in_fan_out: bool,
+) -> Result<Layout> {
     let magnitude_fits = |n: usize| m.magnitude.as_ref().is_none_or(|v| v.rows * v.cols == n);
-    match *shape {
-        [n, k] if k == m.a.cols && n == m.b.rows && m.a.rows == m.b.cols && magnitude_fits(n) => {
-            Ok((n, k))
+    let dims = match *shape {
+        [x, y] if fan_in_fan_out => Some((y, x)),
+        [x, y] => Some((x, y)),
+        _ => None,
+    };
+    match dims {
+        Some((n, k))
+            if k == m.a.cols && n == m.b.rows && m.a.rows == m.b.cols && magnitude_fits(n) =>
+        {
+            Ok(Layout {
+                n,
+                k,
+                transposed: fan_in_fan_out,
+            })
         }
         _ => {
             let magnitude = match &m.magnitude {
@@ -386,13 +452,18 @@ fn module_shape(f: &Path, m: &AdapterModule, shape: &[usize]) -> Result<(usize, 
             Err(Error::format(
                 f,
                 format!(
-                    "adapter/base shape mismatch for `{}`: base weight {:?}, lora_A {}×{}, lora_B {}×{}{magnitude} (expected W [N, K], A [r, K], B [N, r]{})",
+                    "adapter/base shape mismatch for `{}`: base weight {:?}, lora_A {}×{}, lora_B {}×{}{magnitude} (expected W {}, A [r, K], B [N, r]{})",
                     m.name,
                     shape,
                     m.a.rows,
                     m.a.cols,
                     m.b.rows,
                     m.b.cols,
+                    if fan_in_fan_out {
+                        "[K, N] (in × out, as the config's fan_in_fan_out says: a Conv1D's)"
+                    } else {
+                        "[N, K]"
+                    },
                     if m.magnitude.is_some() {
                         ", magnitude [N]"
                     } else {
@@ -522,7 +593,7 @@ pub fn merge_checkpoint_with(
                 continue;
             };
             peft::dtype_of(f, &name, t.dtype)?;
-            module_shape(f, m, &t.shape)?;
+            module_shape(f, m, &t.shape, adapter.config.fan_in_fan_out)?;
             found.insert(name.clone(), f.clone());
             weight_bytes += (t.data_offsets.1 - t.data_offsets.0) as u64;
         }
@@ -580,7 +651,7 @@ pub fn merge_checkpoint_with(
                 let t = st
                     .tensor(name)
                     .map_err(|e| Error::format(f, e.to_string()))?;
-                let shape = module_shape(f, m, t.shape())?;
+                let shape = module_shape(f, m, t.shape(), adapter.config.fan_in_fan_out)?;
                 let scale = module_scale(op, adapter, m)?;
                 let (data, counts) = match peft::dtype_of(f, name, t.dtype())? {
                     DType::BF16 => {
@@ -798,6 +869,33 @@ fn verify_weight<T: Element>(
     s
 }
 
+/// [`verify_weight`] of a weight stored as `layout` says: a Conv1D's `[K, N]` is checked as its
+/// transpose, and the element reported off is given by its index in the stored tensor.
+#[allow(clippy::too_many_arguments)]
+fn verify_stored<T: Element>(
+    name: &str,
+    w: &[u8],
+    merged: &[u8],
+    a: &[f64],
+    b: &[f64],
+    (layout, r): (Layout, usize),
+    scale: f64,
+    dora: Option<&[f64]>,
+) -> VerifySummary {
+    let dims = (layout.n, layout.k, r);
+    if !layout.transposed {
+        return verify_weight::<T>(name, w, merged, a, b, dims, scale, dora);
+    }
+    let w: Vec<T> = layout.to_linear(bytemuck::pod_collect_to_vec(w));
+    let merged: Vec<T> = layout.to_linear(bytemuck::pod_collect_to_vec(merged));
+    let (w, merged) = (bytemuck::cast_slice(&w), bytemuck::cast_slice(&merged));
+    let mut s = verify_weight::<T>(name, w, merged, a, b, dims, scale, dora);
+    if let Some(o) = &mut s.worst {
+        o.index = layout.stored_index(o.index);
+    }
+    s
+}
+
 /// Checks a tensor that replaced the base's ([`SavedTensor`]): each element is the saved one rounded
 /// to nearest in the output dtype (the value itself when the dtypes agree); NaN where it is NaN.
 fn verify_replaced<T: Element>(name: &str, got: &[u8], saved: &SavedTensor) -> VerifySummary {
@@ -913,8 +1011,8 @@ pub fn verify_merge(
                 });
                 continue;
             };
-            let (n, k) = module_shape(f, m, w.shape())?;
-            let dims = (n, k, m.a.rows);
+            let layout = module_shape(f, m, w.shape(), adapter.config.fan_in_fan_out)?;
+            let dims = (layout, m.a.rows);
             let a: Vec<f64> = m.a.to_f32().iter().map(|&v| v as f64).collect();
             let b: Vec<f64> = m.b.to_f32().iter().map(|&v| v as f64).collect();
             let s = adapter.config.scale_for(&m.name);
@@ -926,9 +1024,9 @@ pub fn verify_merge(
             let dora = mag.as_deref();
             let (wd, gd) = (w.data(), got.data());
             summary.add(match peft::dtype_of(f, name, w.dtype())? {
-                DType::BF16 => verify_weight::<half::bf16>(name, wd, gd, &a, &b, dims, scale, dora),
-                DType::F16 => verify_weight::<half::f16>(name, wd, gd, &a, &b, dims, scale, dora),
-                DType::F32 => verify_weight::<f32>(name, wd, gd, &a, &b, dims, scale, dora),
+                DType::BF16 => verify_stored::<half::bf16>(name, wd, gd, &a, &b, dims, scale, dora),
+                DType::F16 => verify_stored::<half::f16>(name, wd, gd, &a, &b, dims, scale, dora),
+                DType::F32 => verify_stored::<f32>(name, wd, gd, &a, &b, dims, scale, dora),
                 DType::U32 => unreachable_dtype(f, name)?,
             });
             progress.module_done(&m.name, wd.len() as u64);

@@ -424,7 +424,10 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     /// vector. The file's values are kept exactly: an f32
     /// file (PEFT's default) loads into f32 adapters ([`LoraLinear::with_f32_adapters`]); a bf16/f16 file
     /// into adapters of its own dtype or f32. Loading f32 values into 16-bit adapters would round them
-    /// and is refused, as is another 16-bit dtype.
+    /// and is refused, as is another 16-bit dtype. An adapter of GPT-2's `Conv1D` layers
+    /// (`fan_in_fan_out`) has the same lora_A and lora_B: this layer's W0 `[N, K]` is then the
+    /// transpose of the stored `[K, N]` weight. Modules the adapter saved whole (`modules_to_save`) are
+    /// not layers of this kind and are left to the caller.
     pub fn insert_peft_module(
         &mut self,
         name: &str,

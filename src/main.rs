@@ -52,12 +52,13 @@ enum Command {
 /// Merge a PEFT adapter into a safetensors checkpoint (or take it back out with --unmerge)
 ///
 /// Every adapted weight becomes round(W + s·B·A) through the merge kernel (with --unmerge,
-/// round(W − s·B·A)); the tensors of modules the adapter saved whole (PEFT's modules_to_save, e.g.
-/// a classifier head) replace the base's, rounded to its dtype (--unmerge refuses such an adapter);
-/// every other tensor is copied byte for byte; names, dtypes and metadata are kept. The base is a .safetensors file or a sharded directory (model.safetensors.index.json and
-/// its shards), whose output is a new directory. Everything is validated before anything is
-/// written and output goes through temporary names, so a failure leaves no output; the base is
-/// only read.
+/// round(W − s·B·A); a Conv1D weight stored in × out, PEFT's fan_in_fan_out, is transposed around it); the
+/// tensors of modules the adapter saved whole (PEFT's modules_to_save, e.g. a classifier head)
+/// replace the base's, rounded to its dtype (--unmerge refuses such an adapter); every other tensor
+/// is copied byte for byte; names, dtypes and metadata are kept. The base is a .safetensors file or
+/// a sharded directory (model.safetensors.index.json and its shards), whose output is a new
+/// directory. Everything is validated before anything is written and output goes through temporary
+/// names, so a failure leaves no output; the base is only read.
 ///
 /// A merge never turns an element that is finite in the base into NaN or ±Inf (as PEFT's
 /// safe_merge): a NaN or Inf in lora_A or lora_B, or a merged value past the range of the weight's

@@ -8,8 +8,9 @@
 //! `[out]` too; merged by [`crate::ops::dora_merge`] and the checkpoint merge, served unmerged by the
 //! layers and adapter sets), `modules_to_save` (modules trained whole, e.g. a sequence-classification
 //! head or the embeddings: their tensors, [`PeftAdapter::modules_to_save`], replace the base's in a
-//! checkpoint merge), tensors in f32, bf16 or f16. Anything else that changes the math is refused with
-//! an error naming it: `.bin` adapters, embedding or conv LoRA, `fan_in_fan_out` (GPT-2 Conv1D layout),
+//! checkpoint merge), `fan_in_fan_out` (GPT-2's `Conv1D` layers, weights stored in × out: the
+//! checkpoint merge transposes them around the merge kernel), tensors in f32, bf16 or f16. Anything else
+//! that changes the math is refused with an error naming it: `.bin` adapters, embedding or conv LoRA,
 //! trained biases (`bias` other than "none", `lora_bias`), the LoRA variants and extras PEFT configures
 //! with other keys (aLoRA, Arrow, KaSA, QALoRA, layer replication, trainable tokens,
 //! `target_parameters`, ...: [`REFUSED_KEYS`]), any config key this crate does not know that is set, and
@@ -154,6 +155,10 @@ pub struct AdapterConfig {
     pub lora_dropout: f64,
     /// DoRA (PEFT's `use_dora`): every module has a magnitude vector ([`AdapterModule::magnitude`]).
     pub use_dora: bool,
+    /// PEFT's `fan_in_fan_out`: the targeted weights are stored in × out (`[K, N]`, GPT-2's `Conv1D`)
+    /// rather than out × in (`nn.Linear`). lora_A and lora_B keep their `nn.Linear` shapes either way;
+    /// a checkpoint merge transposes the weight around the merge, as PEFT's `transpose(B·A)` does.
+    pub fan_in_fan_out: bool,
     /// PEFT's `modules_to_save`: modules trained whole (a classifier head, the embeddings), whose
     /// tensors the adapter file holds and which replace the base's ([`PeftAdapter::modules_to_save`]).
     /// PEFT's rule: a module is one when its name ends with an entry (plain string suffix).
@@ -478,12 +483,6 @@ impl AdapterConfig {
                 "save it with PEFT's path_initial_model_for_weight_conversion (an adapter for the original base), or merge it into the residual base PEFT saved and set init_lora_weights to true",
             );
         }
-        if flag(&v, path, "fan_in_fan_out")? {
-            return unsupported(
-                "fan_in_fan_out = true (Conv1D weights stored in × out)",
-                "only nn.Linear layouts (out × in)",
-            );
-        }
         match v.get("bias").and_then(Value::as_str) {
             Some("none") | None => {}
             Some(b) => return unsupported(&format!("bias = \"{b}\""), "only bias = \"none\""),
@@ -559,6 +558,7 @@ impl AdapterConfig {
             alpha_pattern,
             lora_dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
             use_dora: flag(&v, path, "use_dora")?,
+            fan_in_fan_out: flag(&v, path, "fan_in_fan_out")?,
             modules_to_save,
         })
     }
@@ -588,7 +588,7 @@ impl AdapterConfig {
             },
             "rank_pattern": self.rank_pattern.to_json(),
             "alpha_pattern": self.alpha_pattern.to_json(),
-            "fan_in_fan_out": false,
+            "fan_in_fan_out": self.fan_in_fan_out,
             "bias": "none",
             "use_dora": self.use_dora,
             "lora_dropout": self.lora_dropout,

@@ -699,7 +699,11 @@ fn error_paths_are_clear_and_leave_nothing() {
             "use_dora",
             "lora_magnitude_vector` (the config sets `use_dora`)",
         ),
-        ("fan_in_fan_out", "fan_in_fan_out"),
+        // the fixture's weights are nn.Linear's: its up_proj [96, 64] is not a Conv1D's [64, 96]
+        (
+            "fan_in_fan_out",
+            "(expected W [K, N] (in × out, as the config's fan_in_fan_out says",
+        ),
     ] {
         let a = adapter_copy(&dir.join(edit), |c| c[edit] = true.into());
         merge_fails(&base, &a, &out, want);
@@ -1024,6 +1028,114 @@ fn verify_counts_a_planted_error() {
     assert_eq!(
         (worst.tensor.as_str(), worst.index, worst.ulp),
         (name, at, 2)
+    );
+}
+
+/// `fan_in_fan_out` (tests/fixtures/peft/fan_in_fan_out: a GPT-2-shaped model, whose Conv1D weights are
+/// stored in × out, with LoRA and DoRA adapters PEFT 0.21.2 made and merged): the merge reproduces
+/// PEFT's (≥ 99.99 % of the targeted elements bit-exact, ≤ 1 ulp; every other tensor identical),
+/// `--verify` finds nothing off, `--unmerge --verify` of the plain adapter from PEFT's merge matches the
+/// f64 unmerge, and the same adapter read as `nn.Linear` weights (the flag off) is refused by shape.
+/// Square (attn.c_proj) and both non-square orientations (c_attn, c_fc: in < out; mlp.c_proj: in > out).
+#[test]
+fn fan_in_fan_out_adapters_merge_as_peft_does() {
+    let dir = scratch("fan-in-fan-out");
+    let base = fx("fan_in_fan_out/base.safetensors");
+    // 2 layers of c_attn 64×192, c_proj 64×64, c_fc 64×256, mlp.c_proj 256×64
+    let targeted = 2 * (64 * 192 + 64 * 64 + 64 * 256 + 256 * 64);
+    for (adapter, want) in [
+        (
+            "fan_in_fan_out/adapter",
+            "fan_in_fan_out/merged.safetensors",
+        ),
+        (
+            "fan_in_fan_out/dora_adapter",
+            "fan_in_fan_out/dora_merged.safetensors",
+        ),
+    ] {
+        let out = dir.join(want.replace('/', "-"));
+        let (ok, stdout, stderr) = run(&[
+            "merge",
+            "--base",
+            &base,
+            "--adapter",
+            &fx(adapter),
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "emu",
+            "--verify",
+            "--quiet",
+        ]);
+        assert!(ok, "{adapter}: {stderr}");
+        assert!(
+            stdout.contains("merged 8 modules")
+                && stdout.contains(&format!("verify: 0 of {targeted} merged elements off")),
+            "{adapter}: {stdout}"
+        );
+        let (acc, identical) = agreement(&out, want);
+        eprintln!(
+            "{adapter} vs PEFT: {}/{} bit-exact, max {} ulp",
+            acc.exact, acc.total, acc.max_ulp
+        );
+        // every element of the checkpoint compared: the ones off are targeted ones
+        let off = acc.total - acc.exact;
+        assert!(off as f64 <= 1e-4 * targeted as f64 && acc.max_ulp <= 1);
+        assert!(
+            identical >= 28 - 8,
+            "{adapter}: every untargeted tensor identical"
+        );
+    }
+    let back = dir.join("unmerged.safetensors");
+    let (ok, stdout, stderr) = run(&[
+        "merge",
+        "--base",
+        &fx("fan_in_fan_out/merged.safetensors"),
+        "--adapter",
+        &fx("fan_in_fan_out/adapter"),
+        "--out",
+        back.to_str().unwrap(),
+        "--device",
+        "emu",
+        "--unmerge",
+        "--verify",
+        "--quiet",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(&format!("verify: 0 of {targeted} unmerged elements off")),
+        "{stdout}"
+    );
+    // verify names an element off by its index in the stored (in × out) tensor
+    let planted = dir.join("fan_in_fan_out-merged.safetensors");
+    let name = "h.1.attn.c_attn.weight";
+    let at = 64 * 192 - 200; // row 62 of 64 (in), column 184 of 192 (out)
+    edit_tensors(&planted, |t| {
+        let (_, (_, _, b)) = t.iter_mut().find(|(n, _)| n == name).unwrap();
+        let v = u16::from_le_bytes([b[2 * at], b[2 * at + 1]]) ^ 0x0004;
+        b[2 * at..2 * at + 2].copy_from_slice(&v.to_le_bytes());
+    });
+    let adapter = PeftAdapter::load(&common::fixture("fan_in_fan_out/adapter")).unwrap();
+    let v = lora_kernels::checkpoint::verify_merge(
+        Path::new(&base),
+        &adapter,
+        &planted,
+        false,
+        &mut (),
+    )
+    .unwrap();
+    assert_eq!(v.off, 1);
+    let worst = v.worst.unwrap();
+    assert_eq!((worst.tensor.as_str(), worst.index), (name, at));
+
+    let linear = adapter_copy_of(&dir.join("linear"), "fan_in_fan_out/adapter", |c| {
+        c["fan_in_fan_out"] = false.into()
+    });
+    merge_fails(
+        Path::new(&base),
+        &linear,
+        &dir.join("linear.safetensors"),
+        "×8 (expected W [N, K], A [r, K], B [N, r])",
     );
 }
 

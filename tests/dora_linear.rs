@@ -444,6 +444,60 @@ fn peft_dora_module_loads_and_merges_as_peft() {
     }
 }
 
+/// GPT-2's Conv1D modules (tests/fixtures/peft/fan_in_fan_out, `fan_in_fan_out`, weights stored in ×
+/// out): the plain and the DoRA adapters' modules load into a layer over the transpose of the stored
+/// weight, and the layer's merge, transposed back, is PEFT's merged weight bit for bit (the DoRA one on
+/// all elements but at most 1 of 10^4, within 1 ulp: PEFT's fixture merge differs on one element).
+#[test]
+fn peft_conv1d_modules_load_over_the_transposed_weight() {
+    let base = Fixture::open("fan_in_fan_out/base.safetensors");
+    let dev = Device::emulator();
+    for (dir, merged) in [
+        (
+            "fan_in_fan_out/adapter",
+            "fan_in_fan_out/merged.safetensors",
+        ),
+        (
+            "fan_in_fan_out/dora_adapter",
+            "fan_in_fan_out/dora_merged.safetensors",
+        ),
+    ] {
+        let adapter = PeftAdapter::load(&common::fixture(dir)).unwrap();
+        assert!(adapter.config.fan_in_fan_out);
+        let merged = Fixture::open(merged);
+        let (mut off, mut total, mut max_ulp) = (0usize, 0usize, 0u64);
+        for module in &adapter.modules {
+            let weight = format!("{}.weight", module.name);
+            let (stored, shape) = base.bf16(&weight);
+            let (k, n) = (shape[0], shape[1]);
+            let transpose = |v: &[bf16], rows: usize, cols: usize| -> Vec<bf16> {
+                (0..cols)
+                    .flat_map(|c| (0..rows).map(move |r| v[r * cols + c]))
+                    .collect()
+            };
+            let w0 = transpose(&stored, k, n);
+            let mut l = LoraLinear::with_f32_adapters(up(&dev, &w0, &[n, k]), None).unwrap();
+            l.insert_peft_module("p", &adapter, &module.name).unwrap();
+            l.merge().unwrap();
+            let got = transpose(&l.w0().to_vec().unwrap(), n, k);
+            for (g, w) in got.iter().zip(&merged.bf16(&weight).0) {
+                let d = reference::ulp_distance(*g, *w);
+                off += (d != 0) as usize;
+                max_ulp = max_ulp.max(d);
+                total += 1;
+            }
+        }
+        assert_eq!(total, 2 * (64 * 192 + 64 * 64 + 64 * 256 + 256 * 64));
+        assert!(
+            off as f64 <= 1e-4 * total as f64 && max_ulp <= 1,
+            "{dir}: {off} of {total} off, max {max_ulp} ulp"
+        );
+        if !adapter.config.use_dora {
+            assert_eq!(off, 0, "{dir}: the plain merge is PEFT's bit for bit");
+        }
+    }
+}
+
 /// add_dora_adapter: PEFT's init (A Kaiming-uniform, B = 0, the magnitude W0's row norms), so the fresh
 /// adapter's DoRA layer is the base layer up to the factors' rounding.
 #[test]
