@@ -7,7 +7,8 @@
 //!   the new adapter into free space of the arena (device to device) and rewrites the table; removing
 //!   frees its space and its slot. Neither moves nor re-uploads the other adapters, except when the arena
 //!   is full: then it grows to twice its size with one device-to-device copy (reserve capacity with
-//!   [`AdapterSet::with_capacity`] to avoid that).
+//!   [`AdapterSet::with_capacity`] to avoid that). Replacing ([`AdapterSet::replace`]) writes new values
+//!   of an adapter into its own space, at its rank: indices and captured graphs stay valid.
 //! - [`AdapterIndex`]: the adapter slot of every row of a batch (or none), on the device, checked once
 //!   against the set when it is built, so a server builds it once per batch and uses it for every layer.
 //! - DoRA adapters ([`AdapterSet::add_dora`], PEFT's `use_dora`) served unmerged: their rows are
@@ -207,17 +208,7 @@ impl<A: Element> AdapterSet<A> {
         const OP: &str = "AdapterSet::add_dora";
         self.device
             .refuse_in_capture("AdapterSet::add_dora (a norm pass, copies and an upload)")?;
-        validate::shape(OP, "w0", w0, &[self.n, self.k], "[N, K] (the set's layer)")?;
-        for (arg, t) in [("w0", w0.device()), ("magnitude", magnitude.device())] {
-            if *t != self.device {
-                return Err(Error::DeviceMismatch {
-                    op: OP,
-                    arg,
-                    expected: self.device.describe(),
-                    got: t.describe(),
-                });
-            }
-        }
+        self.check_dora_base(OP, magnitude, w0)?;
         let factor = crate::ops::dora_factor(w0, a, b, magnitude, scale)?;
         self.add_impl(OP, a, b, scale, Some(&factor))
     }
@@ -234,24 +225,7 @@ impl<A: Element> AdapterSet<A> {
         // before any change: uploads and copies cannot be captured, and a half-made slot must not stay
         self.device
             .refuse_in_capture("AdapterSet::add (copies and an upload)")?;
-        let r = validate::adapter(op, a, b, (self.n, self.k), "the set's K")?;
-        if !scale.is_finite() {
-            return Err(Error::NonFinite {
-                op,
-                arg: "scale",
-                value: scale as f64,
-            });
-        }
-        for (arg, t) in [("a", a.device()), ("b", b.device())] {
-            if *t != self.device {
-                return Err(Error::DeviceMismatch {
-                    op,
-                    arg,
-                    expected: self.device.describe(),
-                    got: t.describe(),
-                });
-            }
-        }
+        let r = self.check_adapter(op, a, b, scale)?;
         // the slot it will take: the first free one, else a new one at the end
         let slot = self
             .slots
@@ -283,6 +257,56 @@ impl<A: Element> AdapterSet<A> {
         self.generations[slot] += 1;
         self.upload_table()?;
         Ok(slot as u32)
+    }
+
+    /// A and B of this set's layer on its device, a finite scale; returns the rank.
+    fn check_adapter(
+        &self,
+        op: &'static str,
+        a: &Tensor<A>,
+        b: &Tensor<A>,
+        scale: f32,
+    ) -> Result<usize> {
+        let r = validate::adapter(op, a, b, (self.n, self.k), "the set's K")?;
+        if !scale.is_finite() {
+            return Err(Error::NonFinite {
+                op,
+                arg: "scale",
+                value: scale as f64,
+            });
+        }
+        for (arg, t) in [("a", a.device()), ("b", b.device())] {
+            if *t != self.device {
+                return Err(Error::DeviceMismatch {
+                    op,
+                    arg,
+                    expected: self.device.describe(),
+                    got: t.describe(),
+                });
+            }
+        }
+        Ok(r)
+    }
+
+    /// A DoRA adapter's base weight and magnitude: the set's layer, on its device.
+    fn check_dora_base<T: Element>(
+        &self,
+        op: &'static str,
+        magnitude: &Tensor<f32>,
+        w0: &Tensor<T>,
+    ) -> Result<()> {
+        validate::shape(op, "w0", w0, &[self.n, self.k], "[N, K] (the set's layer)")?;
+        for (arg, t) in [("w0", w0.device()), ("magnitude", magnitude.device())] {
+            if *t != self.device {
+                return Err(Error::DeviceMismatch {
+                    op,
+                    arg,
+                    expected: self.device.describe(),
+                    got: t.describe(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Writes a DoRA adapter's factors into row `slot` of the factor table, growing it (to twice its rows,
@@ -375,6 +399,100 @@ impl<A: Element> AdapterSet<A> {
             Some(m) => self.add_dora(&a, &b, &m, scale, w0),
             None => self.add(&a, &b, scale),
         }
+    }
+
+    /// Replaces the values of the adapter in `slot` with A [r, K], B [N, r] and scale `s`, at the slot's
+    /// rank (copied into the slot's arena space on the device, in stream order): new weights of the same
+    /// adapter, e.g. a newer version of a tenant's adapter or one that is being trained. The slot keeps
+    /// its number, so an [`AdapterIndex`] that names it stays valid; a graph captured with the set
+    /// ([`crate::device::Device::capture`]) stays valid too and replays with the new values, unless a
+    /// DoRA adapter becomes a plain one (the graph's kernels depend on it: capture again). Another rank
+    /// is refused (remove and add). Not capturable (copies and an upload).
+    pub fn replace(&mut self, slot: u32, a: &Tensor<A>, b: &Tensor<A>, scale: f32) -> Result<()> {
+        self.replace_impl("AdapterSet::replace", slot, a, b, scale, None)
+    }
+
+    /// [`AdapterSet::replace`] with a DoRA adapter (its magnitude `[N]` and the layer's W0, from which its
+    /// factors are computed as [`AdapterSet::add_dora`] does). A plain adapter that becomes a DoRA one
+    /// keeps graphs captured with the set valid only if the set already held a DoRA adapter then (capture
+    /// again otherwise: their kernels would not apply the factors, so they refuse to replay).
+    pub fn replace_dora<T: Element>(
+        &mut self,
+        slot: u32,
+        a: &Tensor<A>,
+        b: &Tensor<A>,
+        magnitude: &Tensor<f32>,
+        scale: f32,
+        w0: &Tensor<T>,
+    ) -> Result<()> {
+        const OP: &str = "AdapterSet::replace_dora";
+        self.device
+            .refuse_in_capture("AdapterSet::replace_dora (a norm pass, copies and an upload)")?;
+        self.check_dora_base(OP, magnitude, w0)?;
+        self.replaced_slot(OP, slot, a)?;
+        let factor = crate::ops::dora_factor(w0, a, b, magnitude, scale)?;
+        self.replace_impl(OP, slot, a, b, scale, Some(&factor))
+    }
+
+    /// The slot `replace` may write: holding an adapter of A's rank.
+    fn replaced_slot(&self, op: &'static str, slot: u32, a: &Tensor<A>) -> Result<Slot> {
+        let s = self
+            .slot(slot)
+            .cloned()
+            .ok_or_else(|| Error::InvalidState {
+                op,
+                message: format!(
+                    "slot {slot} holds no adapter (occupied: {:?}); add one",
+                    self.occupied()
+                ),
+            })?;
+        let r = a.shape().first().copied().unwrap_or(0);
+        if a.shape().len() == 2 && r != s.rank {
+            return Err(Error::Shape {
+                op,
+                arg: "a",
+                expected: format!(
+                    "[{}, {}] (the rank of the adapter in slot {slot}; remove it and add one of another rank)",
+                    s.rank, self.k
+                ),
+                got: a.shape().to_vec(),
+            });
+        }
+        Ok(s)
+    }
+
+    fn replace_impl(
+        &mut self,
+        op: &'static str,
+        slot: u32,
+        a: &Tensor<A>,
+        b: &Tensor<A>,
+        scale: f32,
+        factor: Option<&Tensor<f32>>,
+    ) -> Result<()> {
+        self.device
+            .refuse_in_capture("AdapterSet::replace (copies and an upload)")?;
+        let old = self.replaced_slot(op, slot, a)?;
+        let r = self.check_adapter(op, a, b, scale)?;
+        debug_assert_eq!(r, old.rank);
+        // a graph captured while the set held no DoRA adapter ran the plain kernels, and one whose
+        // adapter turns plain would still apply its old factors: those graphs must not replay
+        let had_dora = self.factor_table().is_some();
+        if let Some(factor) = factor {
+            self.store_factor(slot as usize, factor)?;
+        }
+        let a_len = round_up(r * self.k);
+        self.arena.copy_range_from(old.offset, a, 0, r * self.k)?;
+        self.arena
+            .copy_range_from(old.offset + a_len, b, 0, self.n * r)?;
+        let dora = factor.is_some();
+        self.slots[slot as usize] = Some(Slot {
+            scale,
+            dora,
+            ..old.clone()
+        });
+        let keep_graphs = (old.dora == dora) || (dora && had_dora);
+        self.upload_table_keeping(keep_graphs)
     }
 
     /// Removes the adapter in `slot`; its arena space and the slot are reused by later adds. An
@@ -478,11 +596,19 @@ impl<A: Element> AdapterSet<A> {
     }
 
     fn upload_table(&mut self) -> Result<()> {
+        self.upload_table_keeping(false)
+    }
+
+    /// Uploads the table; graphs captured with the set may replay over it only with `keep_graphs`
+    /// (the same slots, ranks and offsets: only values the kernels read at run time changed).
+    fn upload_table_keeping(&mut self, keep_graphs: bool) -> Result<()> {
         let words = self.table_words();
         if self.table.numel() == words.len() {
             // a graph captured with the set keeps the old table's counts and ranks in its launch
-            // parameters: it must not replay over the new one
-            self.table.renew_liveness();
+            // parameters: it must not replay over a new one
+            if !keep_graphs {
+                self.table.renew_liveness();
+            }
             self.table.copy_from_slice(&words)
         } else {
             self.table = Tensor::from_slice(&self.device, &words, &[words.len()])?;

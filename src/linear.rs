@@ -11,7 +11,7 @@
 //! ([`ops::dora_merge`]; the layer keeps the factors to unmerge).
 
 use crate::adapter_set::{AdapterIndex, AdapterSet};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::dropout::{Dropout, DropoutArg, DropoutSchedule};
 use crate::dtype::{DType, Element};
@@ -101,6 +101,9 @@ pub struct LoraLinear<T: Element, A: Element = T> {
     /// All adapters as one device set for [`LoraLinear::forward_multi`], built on first use and dropped
     /// whenever an adapter changes (insert, `adapter_mut`, an optimizer step).
     multi: Option<MultiAdapters<A>>,
+    /// Adapters whose optimizer step was captured into a graph: replays change their values without
+    /// this layer seeing it, so [`LoraLinear::forward_multi`] copies them into its set at every call.
+    stepped_in_graphs: BTreeSet<String>,
 }
 
 /// The layer's adapters packed for the multi-adapter forward, with each name's slot.
@@ -260,6 +263,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             dropout_seed: 0,
             dropout_calls: 0,
             multi: None,
+            stepped_in_graphs: BTreeSet::new(),
         })
     }
 
@@ -541,9 +545,12 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     /// its adapters packed as an [`AdapterSet`] on the device for this, built on first use and again
     /// after any adapter changes (a DoRA adapter's rows are DoRA's layer, `f ⊙ (X·W0ᵀ + s·T·Bᵀ) + bias`,
     /// its factors computed when the set is built: [`AdapterSet::add_dora`]). Refused on a merged layer
-    /// (W0 holds one adapter already). The set is a copy: a training step replayed from a graph changes
-    /// the adapters without this layer knowing, so call [`LoraLinear::adapter_mut`] (which drops the
-    /// copy) before serving rows after such steps.
+    /// (W0 holds one adapter already). The set is a copy, rebuilt after any change the layer makes; an
+    /// adapter whose optimizer step was captured into a graph changes at each replay without the layer
+    /// seeing it, so from that capture on every call first copies that adapter's current values into
+    /// the set ([`AdapterSet::replace`]; for DoRA also its factors, a pass over W0), and such a call
+    /// cannot itself be captured (use [`ops::lora_forward_multi`] with your own set, refreshed between
+    /// replays).
     pub fn forward_multi(
         &mut self,
         x: &Tensor<T>,
@@ -558,7 +565,8 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
                 ),
             });
         }
-        if self.multi.is_none() {
+        let fresh = self.multi.is_none();
+        if fresh {
             let (n, k) = self.dims();
             let mut set = AdapterSet::new(self.w0.device(), n, k)?;
             let mut slots = BTreeMap::new();
@@ -573,6 +581,9 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
                 slots.insert(name.clone(), slot);
             }
             self.multi = Some(MultiAdapters { set, slots });
+        }
+        if !fresh && !self.stepped_in_graphs.is_empty() {
+            self.refresh_multi(OP)?;
         }
         let multi = self.multi.as_ref().expect("built above");
         let mut index = Vec::with_capacity(rows.len());
@@ -589,6 +600,33 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         }
         let index = AdapterIndex::new(&multi.set, &index)?;
         ops::lora_forward_multi(x, &self.w0, self.bias.as_ref(), &multi.set, &index)
+    }
+
+    /// Copies the current values of the adapters stepped in graphs into the multi-adapter set.
+    fn refresh_multi(&mut self, op: &'static str) -> Result<()> {
+        if self.w0.device().is_capturing() {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "{op} under a capture, after optimizer steps of {:?} were captured (their replays change the adapters, which this call copies into its set first)",
+                    self.stepped_in_graphs
+                ),
+                hint: "capture ops::lora_forward_multi over an AdapterSet of your own, refreshed with AdapterSet::replace between replays".into(),
+            });
+        }
+        let multi = self.multi.as_mut().expect("built");
+        for name in &self.stepped_in_graphs {
+            let (Some(ad), Some(&slot)) = (self.adapters.get(name), multi.slots.get(name)) else {
+                continue;
+            };
+            let scale = ad.config.scale();
+            match &ad.magnitude {
+                Some(m) => multi
+                    .set
+                    .replace_dora(slot, &ad.a, &ad.b, m, scale, &self.w0)?,
+                None => multi.set.replace(slot, &ad.a, &ad.b, scale)?,
+            }
+        }
+        Ok(())
     }
 
     /// Gradients of the active adapter (dA, dB) and optionally dX, given dY and the forward's T.
@@ -1052,6 +1090,10 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         self.multi = None; // the step changes the adapter's values
         let ad = self.adapters.get_mut(&name).expect("active");
         let dev = ad.a.device().clone();
+        if dev.is_capturing() {
+            // and so does every replay of it, unseen
+            self.stepped_in_graphs.insert(name.clone());
+        }
         if tr.adam.is_none() {
             tr.adam = Some((
                 AdamState::new(&dev, ad.a.shape())?,

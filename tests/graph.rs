@@ -3,8 +3,8 @@
 //! and replayed with new inputs, give the bits of the same ops run eagerly on fresh tensors (which the
 //! property tests check against the f64 reference), and nothing runs at the capture; every operation a
 //! capture cannot record is refused with an error naming it (a launch from another thread too), a
-//! replay after a captured tensor was dropped or an adapter set changed is refused, and the device is
-//! usable after. On the
+//! replay after a captured tensor was dropped or an adapter set changed is refused (an adapter replaced
+//! at its rank is replayed with its new values), and the device is usable after. On the
 //! emulator under its four thread orders (the race detector and memcheck run at every replay), and on a
 //! GPU when present, on a stream of its own (a CUDA graph), where the replay's host time per forward is
 //! printed against the eager ops'.
@@ -212,6 +212,178 @@ fn many_adapter_forward_replays_with_new_maps_and_a_changed_set_refuses() {
     }
 }
 
+/// `AdapterSet::replace`: new values of an adapter at its rank, in its slot. An eager forward after it
+/// gives the bits of a set built with the new values; an `AdapterIndex` made before it stays valid;
+/// a graph captured before it replays with the new values (same bits), for plain → plain, DoRA → DoRA
+/// and, on a set that held a DoRA adapter at the capture, plain → DoRA; a graph captured on a set
+/// without DoRA refuses to replay after plain → DoRA, and any graph after DoRA → plain. Another rank
+/// and an empty slot are refused before anything changes; replace cannot be captured.
+#[test]
+fn a_replaced_adapter_serves_its_new_values_in_eager_calls_and_replays() {
+    use common::multi::random_adapter;
+    let (m, n, k) = (40, 56, 48);
+    let dev = Device::emulator();
+    let mut rng = Rng::new(61);
+    let mut b = Batch::<bf16, bf16>::random(&mut rng, (m, n, k), 3, true);
+    let (x, w0, bias) = b.layer_on(&dev);
+    let magnitude = |rng: &mut Rng| {
+        let v: Vec<f32> = (0..n).map(|_| 0.5 + rng.uniform().abs() as f32).collect();
+        Tensor::from_slice(&dev, &v, &[n]).unwrap()
+    };
+    let upload = |ad: &common::multi::HostAdapter<bf16>| {
+        let (a, bb, r, _) = ad;
+        (
+            Tensor::from_slice(&dev, a, &[*r, k]).unwrap(),
+            Tensor::from_slice(&dev, bb, &[n, *r]).unwrap(),
+        )
+    };
+    // the forward of `set` for b's rows into fresh poisoned outputs
+    let forward = |set: &lora_kernels::AdapterSet<bf16>, index: &AdapterIndex| {
+        let mut y = poisoned::<bf16>(&dev, &[m, n]);
+        let mut t = poisoned::<bf16>(&dev, &[m, set.max_rank()]);
+        ops::lora_forward_multi_into(
+            &x,
+            &w0,
+            bias.as_ref(),
+            set,
+            index,
+            &mut y,
+            &mut t,
+            &mut Workspace::new(),
+        )
+        .unwrap();
+        bits(&y.to_vec().unwrap())
+    };
+    for case in [
+        "plain",
+        "dora",
+        "plain to dora",
+        "plain to dora, no dora before",
+        "dora to plain",
+    ] {
+        let mut set = set_of(&dev, &b);
+        let dora_before = case.starts_with("dora") || case == "plain to dora";
+        let m0 = magnitude(&mut rng);
+        if dora_before {
+            // slot 2 a DoRA adapter (slot 1, the one replaced, for "dora" and "dora to plain")
+            let slot = if case.starts_with("dora") { 1 } else { 2 };
+            let (a, bb) = upload(&b.adapters[slot]);
+            set.replace_dora(slot as u32, &a, &bb, &m0, b.adapters[slot].3, &w0)
+                .unwrap();
+        }
+        b.rows = (0..m).map(|i| Some(i % 3)).collect();
+        let index = AdapterIndex::new(&set, &slots_of(&b)).unwrap();
+        let mut y = poisoned::<bf16>(&dev, &[m, n]);
+        let mut t = poisoned::<bf16>(&dev, &[m, set.max_rank()]);
+        let mut ws = Workspace::new();
+        ops::lora_forward_multi_into(
+            &x,
+            &w0,
+            bias.as_ref(),
+            &set,
+            &index,
+            &mut y,
+            &mut t,
+            &mut ws,
+        )
+        .unwrap();
+        let graph = dev
+            .capture(|| {
+                ops::lora_forward_multi_into(
+                    &x,
+                    &w0,
+                    bias.as_ref(),
+                    &set,
+                    &index,
+                    &mut y,
+                    &mut t,
+                    &mut ws,
+                )
+            })
+            .unwrap();
+        // new values for slot 1, at its rank
+        let new = random_adapter::<bf16>(&mut rng, n, k, b.adapters[1].2);
+        let (a, bb) = upload(&new);
+        let m1 = magnitude(&mut rng);
+        let becomes_dora = case.ends_with("dora") || case == "plain to dora, no dora before";
+        if becomes_dora {
+            set.replace_dora(1, &a, &bb, &m1, new.3, &w0).unwrap();
+        } else {
+            set.replace(1, &a, &bb, new.3).unwrap();
+        }
+        // what a set built with the new values gives
+        let mut built = set_of(&dev, &b);
+        built.remove(1).unwrap();
+        let slot = if becomes_dora {
+            built.add_dora(&a, &bb, &m1, new.3, &w0).unwrap()
+        } else {
+            built.add(&a, &bb, new.3).unwrap()
+        };
+        assert_eq!(slot, 1);
+        if dora_before && !case.starts_with("dora") {
+            let (a2, b2) = upload(&b.adapters[2]);
+            built
+                .replace_dora(2, &a2, &b2, &m0, b.adapters[2].3, &w0)
+                .unwrap();
+        }
+        assert_eq!(
+            set.dora_factors(1).unwrap(),
+            built.dora_factors(1).unwrap(),
+            "{case}"
+        );
+        let want = forward(&built, &AdapterIndex::new(&built, &slots_of(&b)).unwrap());
+        assert_eq!(
+            forward(&set, &index),
+            want,
+            "{case}: eager, with the index made before"
+        );
+        y.poison().unwrap();
+        match case {
+            "plain to dora, no dora before" | "dora to plain" => {
+                refused(case, graph.replay(), &["AdapterSet changed"])
+            }
+            _ => {
+                graph.replay().unwrap();
+                assert_eq!(bits(&y.to_vec().unwrap()), want, "{case}: replayed");
+            }
+        }
+    }
+    // refusals, the set unchanged
+    let mut set = set_of(&dev, &b);
+    let before = common::multi::run(&dev, &b, &set);
+    let other = random_adapter::<bf16>(&mut rng, n, k, b.adapters[0].2 % 128 + 1);
+    let (a, bb) = upload(&other);
+    match set.replace(0, &a, &bb, 1.0) {
+        Err(Error::Shape {
+            arg: "a", expected, ..
+        }) => {
+            assert!(expected.contains("remove it and add"), "{expected}")
+        }
+        other => panic!("another rank: {other:?}"),
+    }
+    set.remove(2).unwrap();
+    let (a, bb) = upload(&b.adapters[2]);
+    refused(
+        "an empty slot",
+        set.replace(2, &a, &bb, 1.0),
+        &["slot 2 holds no adapter"],
+    );
+    refused(
+        "replace in a capture",
+        dev.capture(|| set.replace(0, &a, &bb, 1.0)),
+        &["AdapterSet::replace"],
+    );
+    b.rows = b.rows.iter().map(|r| r.filter(|&a| a != 2)).collect();
+    let after = common::multi::run(&dev, &b, &set);
+    let rows0: Vec<usize> = (0..m).filter(|&i| b.rows[i] == Some(0)).collect();
+    for i in rows0 {
+        assert_eq!(
+            bits(&after.0[i * n..(i + 1) * n]),
+            bits(&before.0[i * n..(i + 1) * n])
+        );
+    }
+}
+
 #[test]
 fn merge_replays_and_the_counting_merges_are_refused() {
     let dev = Device::emulator();
@@ -295,6 +467,8 @@ fn dropout_schedule_replays_take_a_fresh_mask_each() {
 /// constants from the host); without and with LoRA dropout (the layer's mask offset moved by
 /// `advance_dropout` before each replay, so each replay takes the mask of the eager step it stands for);
 /// a plain and a DoRA adapter (its magnitude trained too; with dropout, W0 also on the dropped input).
+/// `forward_multi`, whose copy of the adapters was made before the replays, serves the trained values
+/// (it copies the adapters stepped in graphs at each call), and refuses to be captured then.
 #[test]
 fn a_training_step_captured_whole_replays_as_the_eager_steps() {
     let (m, n, k, r) = (24, 40, 32, 8);
@@ -358,6 +532,9 @@ fn a_training_step_captured_whole_replays_as_the_eager_steps() {
                 &["DropoutSchedule::set_offset"],
             );
         }
+        // forward_multi builds its copy of the adapters now; the replays change them after
+        let rows: Vec<Option<&str>> = (0..m).map(|i| [Some("task"), None][i % 2]).collect();
+        trained.forward_multi(&xt, &rows).unwrap();
         for t in 2..=STEPS {
             schedule.set_hyperparameters(hp(t)).unwrap();
             assert_eq!(schedule.advance().unwrap(), t);
@@ -366,6 +543,19 @@ fn a_training_step_captured_whole_replays_as_the_eager_steps() {
             }
             graph.replay().unwrap();
         }
+        let served = |l: &mut LoraLinear<bf16, f32>| {
+            bits(&l.forward_multi(&xt, &rows).unwrap().y.to_vec().unwrap())
+        };
+        assert_eq!(
+            served(&mut trained),
+            served(&mut eager),
+            "{dev:?} p {p} dora {dora}: forward_multi serves the replayed steps' adapter"
+        );
+        refused(
+            "forward_multi in a capture after captured steps",
+            dev.capture(|| trained.forward_multi(&xt, &rows).map(drop)),
+            &["optimizer steps", "AdapterSet::replace"],
+        );
         let (want, got) = (
             eager.adapter("task").unwrap(),
             trained.adapter("task").unwrap(),
