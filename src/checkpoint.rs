@@ -49,7 +49,8 @@ pub struct MergeSummary {
     pub bytes_written: u64,
     /// The modules with non-finite elements, in the order merged: already NaN or ±Inf in the base
     /// (`in_base`; written as the merge leaves them), or, with
-    /// [`MergeOptions::allow_nonfinite`] only, made NaN or ±Inf by the merge (`nan`, `inf`).
+    /// [`MergeOptions::allow_nonfinite`] only, made NaN or ±Inf by the merge (`nan`, `inf`); a tensor
+    /// saved whole that puts NaN or ±Inf where the base's element was finite is listed by its name.
     pub nonfinite: Vec<(String, NonFiniteCounts)>,
 }
 
@@ -240,44 +241,60 @@ fn saved_unmerge_refused(adapter: &PeftAdapter, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// The tensors of the modules saved whole by name, each checked to be one the merge can write: in a
-/// module of the config's `modules_to_save`, not a LoRA module's weight too, its bytes its shape's.
+/// The tensors of the modules saved whole by name, checked as [`PeftAdapter::load`] checks them (an
+/// adapter built through the public fields may not be what load gives).
 fn saved_by_name(adapter: &PeftAdapter) -> Result<BTreeMap<String, &SavedTensor>> {
-    let mut by_name = BTreeMap::new();
-    for t in &adapter.modules_to_save {
-        let elements = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-        let fault = if !adapter.config.saved_whole(&t.name) {
-            Some(format!(
-                "is not in a module of the config's modules_to_save ({:?})",
-                adapter.config.modules_to_save
-            ))
-        } else if adapter
-            .modules
-            .iter()
-            .any(|m| format!("{}.weight", m.name) == t.name)
-        {
-            Some("is also a LoRA module's weight".to_string())
-        } else if elements.and_then(|n| n.checked_mul(t.dtype.size_of())) != Some(t.bytes.len()) {
-            Some(format!(
-                "has {} bytes for shape {:?} of {}",
-                t.bytes.len(),
-                t.shape,
-                t.dtype
-            ))
-        } else if by_name.contains_key(&t.name) {
-            Some("is given twice".to_string())
-        } else {
-            None
-        };
-        if let Some(fault) = fault {
-            return Err(Error::InvalidState {
-                op: "merge",
-                message: format!("tensor `{}` of a module saved whole {fault}", t.name),
-            });
-        }
-        by_name.insert(t.name.clone(), t);
+    adapter.check_modules_to_save("merge")?;
+    Ok(adapter
+        .modules_to_save
+        .iter()
+        .map(|t| (t.name.clone(), t))
+        .collect())
+}
+
+/// Every tensor saved whole has one to replace in the base.
+fn saved_all_found(
+    base: &Path,
+    by_saved: &BTreeMap<String, &SavedTensor>,
+    found: impl Fn(&str) -> bool,
+) -> Result<()> {
+    match by_saved.keys().find(|w| !found(w)) {
+        Some(missing) => Err(Error::format(
+            base,
+            format!(
+                "tensor `{missing}` of a module saved whole (`modules_to_save`) is missing from the base checkpoint: a head new to the model (a classifier trained on a causal-LM checkpoint: merge into the checkpoint of the task model, which has the head), or a weight tied to another and stored once, under the other's name (an lm_head tied to the embeddings)"
+            ),
+        )),
+        None => Ok(()),
     }
-    Ok(by_name)
+}
+
+/// The non-finite elements a tensor saved whole makes, written over the base's: NaN or ±Inf where the
+/// base's element was finite (a NaN or Inf in the adapter, or a value past the range of the base's
+/// dtype, rounded to Inf). `in_base` stays 0: the base's values are not written.
+fn replaced_counts(base: &[u8], replaced: &[u8], dtype: DType) -> NonFiniteCounts {
+    fn count<T: Element>(base: &[u8], replaced: &[u8]) -> NonFiniteCounts {
+        let base: Vec<T> = bytemuck::pod_collect_to_vec(base);
+        let replaced: Vec<T> = bytemuck::pod_collect_to_vec(replaced);
+        let mut c = NonFiniteCounts::default();
+        for (b, r) in base.iter().zip(&replaced) {
+            let (b, r) = (b.to_f64(), r.to_f64());
+            if !b.is_finite() {
+                continue;
+            } else if r.is_nan() {
+                c.nan += 1;
+            } else if r.is_infinite() {
+                c.inf += 1;
+            }
+        }
+        c
+    }
+    match dtype {
+        DType::BF16 => count::<half::bf16>(base, replaced),
+        DType::F16 => count::<half::f16>(base, replaced),
+        DType::F32 => count::<f32>(base, replaced),
+        DType::U32 => NonFiniteCounts::default(),
+    }
 }
 
 /// A base tensor that a module saved whole replaces must have its shape (PEFT's load into the base
@@ -590,6 +607,17 @@ pub fn merge_checkpoint_with(
                 continue;
             }
             let Some(m) = by_weight.get(&name) else {
+                // a tensor of a module saved whole that the adapter lacks: half the module would be
+                // replaced (PEFT's load fails on it)
+                if adapter.config.saved_whole(&name) {
+                    return Err(Error::format(
+                        f,
+                        format!(
+                            "tensor `{name}` is in a module the adapter saves whole (`modules_to_save`: {:?}) but the adapter does not hold it (PEFT's load of the adapter onto this base fails on it too)",
+                            adapter.config.modules_to_save
+                        ),
+                    ));
+                }
                 continue;
             };
             peft::dtype_of(f, &name, t.dtype)?;
@@ -607,14 +635,7 @@ pub fn merge_checkpoint_with(
             ),
         ));
     }
-    if let Some(missing) = by_saved.keys().find(|w| !found.contains_key(*w)) {
-        return Err(Error::format(
-            base,
-            format!(
-                "tensor `{missing}` of a module saved whole (`modules_to_save`) is missing from the base checkpoint (a weight tied to another, such as an lm_head tied to the embeddings, is stored once, under the other's name)"
-            ),
-        ));
-    }
+    saved_all_found(base, &by_saved, |name| found.contains_key(name))?;
 
     // Pass 2: merge and write to temporary names.
     let work_dir = if out_is_dir {
@@ -641,7 +662,23 @@ pub fn merge_checkpoint_with(
                         .tensor(name)
                         .map_err(|e| Error::format(f, e.to_string()))?;
                     let dtype = saved_fits(f, name, saved, t.dtype(), t.shape())?;
-                    merged.insert(name.clone(), saved.bytes_as(dtype));
+                    let data = saved.bytes_as(dtype);
+                    let counts = replaced_counts(t.data(), &data, dtype);
+                    if counts.created() > 0 && !options.allow_nonfinite {
+                        let target = format!("tensor `{name}` of a module saved whole");
+                        let elements = data.len() / dtype.size_of();
+                        return Err(counts.error(
+                            op,
+                            target,
+                            elements,
+                            dtype,
+                            "nothing was written",
+                        ));
+                    }
+                    if counts != NonFiniteCounts::default() {
+                        summary.nonfinite.push((name.clone(), counts));
+                    }
+                    merged.insert(name.clone(), data);
                     summary.tensors_replaced += 1;
                     continue;
                 }
@@ -966,6 +1003,7 @@ pub fn verify_merge(
     }
     progress.start(by_weight.len(), bytes_total);
     let mut summary = VerifySummary::default();
+    let mut saved_seen = std::collections::BTreeSet::new();
     for f in &files {
         let out_file = if out_is_dir {
             out.join(f.file_name().expect("a shard has a file name"))
@@ -1002,6 +1040,7 @@ pub fn verify_merge(
             }
             let Some(m) = m else {
                 let saved = saved.expect("a module's weight or a tensor saved whole");
+                saved_seen.insert(name.clone());
                 let dtype = saved_fits(f, name, saved, w.dtype(), w.shape())?;
                 summary.add(match dtype {
                     DType::BF16 => verify_replaced::<half::bf16>(name, got.data(), saved),
@@ -1032,6 +1071,7 @@ pub fn verify_merge(
             progress.module_done(&m.name, wd.len() as u64);
         }
     }
+    saved_all_found(base, &by_saved, |name| saved_seen.contains(name))?;
     Ok(summary)
 }
 

@@ -345,11 +345,12 @@ fn merge(args: &MergeArgs) -> Result<(), String> {
         }
         e => e.to_string(),
     })?;
-    for line in nonfinite_warnings(&summary, args.unmerge) {
+    for line in nonfinite_warnings(&summary, &adapter, args.unmerge) {
         eprintln!("lora-kernels: warning: {line}");
     }
     let replaced = match summary.tensors_replaced {
         0 => String::new(),
+        1 => "1 tensor of a module saved whole replaced, ".to_string(),
         n => format!("{n} tensors of modules saved whole replaced, "),
     };
     println!(
@@ -376,10 +377,20 @@ fn merge(args: &MergeArgs) -> Result<(), String> {
 
 /// One line per module with non-finite elements: already in the base, or (--allow-nonfinite) made by
 /// the merge.
-fn nonfinite_warnings(summary: &MergeSummary, unmerge: bool) -> Vec<String> {
+fn nonfinite_warnings(summary: &MergeSummary, adapter: &PeftAdapter, unmerge: bool) -> Vec<String> {
     let what = if unmerge { "unmerge" } else { "merge" };
     let mut lines = Vec::new();
-    for (module, c) in &summary.nonfinite {
+    for (name, c) in &summary.nonfinite {
+        if adapter.modules_to_save.iter().any(|t| &t.name == name) {
+            lines.push(format!(
+                "tensor `{name}` of a module saved whole: {} elements finite in the base are NaN or ±Inf in the adapter's ({} NaN, {} ±Inf), written because of --allow-nonfinite",
+                c.created(),
+                c.nan,
+                c.inf
+            ));
+            continue;
+        }
+        let module = name;
         if c.in_base > 0 {
             lines.push(format!(
                 "module `{module}`: {} elements of the base are NaN or ±Inf already; written as the {what} leaves them",

@@ -866,7 +866,11 @@ impl PeftAdapter {
                         "adapter tensor `{name}` (neither a lora_A nor a lora_B weight, nor in a module of `modules_to_save`: {:?})",
                         config.modules_to_save
                     ),
-                    hint: "plain LoRA on linear modules, and modules saved whole, are merged and loaded".into(),
+                    hint: if config.modules_to_save.is_empty() {
+                        "plain LoRA on linear modules, and modules saved whole, are merged and loaded".into()
+                    } else {
+                        "plain LoRA on linear modules, and the modules saved whole that the config lists, are merged and loaded (with `ensure_weight_tying`, PEFT also saves the tied copy of a listed module, e.g. an lm_head beside embed_tokens, under a name it does not list: not supported)".into()
+                    },
                 });
             };
             let module = stem.strip_prefix(PREFIX).unwrap_or(stem).to_string();
@@ -916,52 +920,20 @@ impl PeftAdapter {
             return Err(Error::format(&st_path, "no `*.lora_A.weight` tensors"));
         }
         saved.sort_by(|a, b| a.name.cmp(&b.name));
-        if let Some(w) = saved.windows(2).find(|w| w[0].name == w[1].name) {
-            return Err(Error::format(
-                &st_path,
-                format!(
-                    "tensor `{}` of a module saved whole appears twice (with and without the `{PREFIX}` prefix)",
-                    w[0].name
-                ),
-            ));
-        }
-        // a LoRA module inside a module saved whole: its weight would be both merged and replaced
-        if let Some(m) = modules
-            .iter()
-            .find(|m| config.saved_whole(&format!("{}.weight", m.name)))
-        {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "LoRA module `{}` inside a module saved whole (`modules_to_save`: {:?})",
-                    m.name, config.modules_to_save
-                ),
-                hint: "a module is either adapted by LoRA or saved whole, not both".into(),
-            });
-        }
-        Ok(PeftAdapter {
+        let adapter = PeftAdapter {
             config,
             modules,
             modules_to_save: saved,
-        })
+        };
+        adapter.check_modules_to_save("PeftAdapter::load")?;
+        Ok(adapter)
     }
 
     /// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` (PEFT's names and
     /// layout), each through a temporary file renamed into place.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        // what PEFT would not load back as it was: a tensor saved whole outside the config's modules
-        if let Some(t) = self
-            .modules_to_save
-            .iter()
-            .find(|t| !self.config.saved_whole(&t.name) || is_lora_name(&t.name))
-        {
-            return Err(Error::InvalidState {
-                op: "PeftAdapter::save",
-                message: format!(
-                    "tensor `{}` is not in a module of the config's modules_to_save ({:?})",
-                    t.name, self.config.modules_to_save
-                ),
-            });
-        }
+        // what PEFT would not load back as it was
+        self.check_modules_to_save("PeftAdapter::save")?;
         std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
         let mut tensors = Vec::new();
         for m in &self.modules {
@@ -1009,6 +981,61 @@ impl PeftAdapter {
             &dir.join("adapter_config.json"),
             self.config.to_json().as_bytes(),
         )
+    }
+
+    /// The tensors saved whole are ones PEFT would save and load back as they are: each in a module of
+    /// the config's `modules_to_save`, none of them a LoRA tensor or given twice, its bytes those of its
+    /// shape; and no LoRA module lies inside a module saved whole (its weight would be both merged and
+    /// replaced). [`PeftAdapter::load`] gives such an adapter; one built through the public fields is
+    /// checked by `save` and the checkpoint merge.
+    pub fn check_modules_to_save(&self, op: &'static str) -> Result<()> {
+        let c = &self.config;
+        let mut names = std::collections::BTreeSet::new();
+        for t in &self.modules_to_save {
+            let elements = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            let fault = if !c.saved_whole(&t.name) {
+                Some(format!(
+                    "is not in a module of the config's modules_to_save ({:?})",
+                    c.modules_to_save
+                ))
+            } else if is_lora_name(&t.name) {
+                Some("is named as a LoRA tensor".to_string())
+            } else if elements.and_then(|n| n.checked_mul(t.dtype.size_of())) != Some(t.bytes.len())
+            {
+                Some(format!(
+                    "has {} bytes for shape {:?} of {}",
+                    t.bytes.len(),
+                    t.shape,
+                    t.dtype
+                ))
+            } else if !names.insert(t.name.as_str()) {
+                Some(format!(
+                    "appears twice (in the file: with and without the `{PREFIX}` prefix)"
+                ))
+            } else {
+                None
+            };
+            if let Some(fault) = fault {
+                return Err(Error::InvalidState {
+                    op,
+                    message: format!("tensor `{}` of a module saved whole {fault}", t.name),
+                });
+            }
+        }
+        if let Some(m) = self
+            .modules
+            .iter()
+            .find(|m| c.saved_whole(&format!("{}.weight", m.name)))
+        {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "LoRA module `{}` inside a module saved whole (`modules_to_save`: {:?})",
+                    m.name, c.modules_to_save
+                ),
+                hint: "a module is either adapted by LoRA or saved whole, not both".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Trainable parameters: Σ r·(in + out), plus out per module for DoRA's magnitude vectors, plus
@@ -1114,22 +1141,31 @@ mod tests {
     }
 
     /// Saved tensors are written as stored in their own dtype, and rounded to nearest even into
-    /// another (PyTorch's conversion), not truncated.
+    /// another (PyTorch's conversion), not truncated: known bit patterns.
     #[test]
     fn saved_tensor_bytes_round_to_nearest_even() {
-        // 1 + 2^-8 + 2^-9: between two bf16 values, nearer the upper one (truncation gives 1)
+        // x = 1 + 2^-8 + 2^-9: between two bf16 values, nearer the upper one (truncation gives 1);
+        // exact in f16. y = 1 + 2^-11 + 2^-12: between two f16 values, nearer the upper one.
         let x = 1.0f32 + 2f32.powi(-8) + 2f32.powi(-9);
+        let y = 1.0f32 + 2f32.powi(-11) + 2f32.powi(-12);
         let t = SavedTensor {
             name: "score.weight".into(),
-            shape: vec![2],
+            shape: vec![3],
             dtype: DType::F32,
-            bytes: [x, -0.0f32].iter().flat_map(|v| v.to_le_bytes()).collect(),
+            bytes: [x, y, -0.0f32]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
         };
         assert_eq!(t.bytes_as(DType::F32), t.bytes);
-        let b: Vec<bf16> = bytemuck::pod_collect_to_vec(&t.bytes_as(DType::BF16));
-        assert_eq!(b[0].to_f32(), 1.0 + 2f32.powi(-7));
-        assert_eq!(b[1].to_bits(), 0x8000, "the sign of zero kept");
-        let h: Vec<f16> = bytemuck::pod_collect_to_vec(&t.bytes_as(DType::F16));
-        assert_eq!(h[0], f16::from_f32(x));
+        let bits = |b: Vec<u8>| -> Vec<u16> {
+            b.chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect()
+        };
+        // bf16: 1 + 2^-7, 1, -0
+        assert_eq!(bits(t.bytes_as(DType::BF16)), [0x3F81, 0x3F80, 0x8000]);
+        // f16: x itself, 1 + 2^-10, -0
+        assert_eq!(bits(t.bytes_as(DType::F16)), [0x3C06, 0x3C01, 0x8000]);
     }
 }

@@ -1139,41 +1139,49 @@ fn fan_in_fan_out_adapters_merge_as_peft_does() {
     );
 }
 
-/// `modules_to_save` (tests/fixtures/peft/modules_to_save, PEFT 0.21.2): merging writes the modules
-/// saved whole in place of the base's, as PEFT's `from_pretrained` + `merge_and_unload` on that base
-/// does: every tensor but the four LoRA weights bit for bit PEFT's (`score` saved as f32 and rounded to
-/// the bf16 base, to nearest even: truncating differs on 95 of its 192 elements), the LoRA weights as
-/// the plain merge; `inspect` lists them; `--verify` checks them (and counts a planted error in one);
-/// save and load keep them. Refused, nothing written: `--unmerge` (the base's tensors are not in the
-/// adapter), a saved tensor whose shape is not the base's, one missing from the base, one outside the
-/// listed modules, a LoRA module inside a module saved whole.
+/// `modules_to_save` (tests/fixtures/peft/modules_to_save: PEFT 0.21.2's SEQ_CLS adapter of a Llama
+/// sequence classifier, saving `score`, `embed_tokens` and, by PEFT's plain suffix test, every `*norm`):
+/// merging writes the modules saved whole in place of the base's, as PEFT's `from_pretrained` +
+/// `merge_and_unload` on that base does: every tensor but the four LoRA weights bit for bit PEFT's
+/// (`score` saved as f32 and rounded to the bf16 base, to nearest even: truncating differs on 96 of
+/// its 192 elements), the LoRA weights as the plain merge; a sharded base gives the same tensors;
+/// `inspect` lists them; `--verify` checks them (and counts a planted error in one); save and load keep
+/// them. Refused, nothing written: `--unmerge` (the base's tensors are not in the adapter), a saved
+/// tensor whose shape is not the base's, one missing from the base, one outside the listed modules, a
+/// module the adapter holds only part of, a LoRA module inside a module saved whole, and a saved value
+/// that is NaN or ±Inf in the base's dtype where the base's is finite (written with --allow-nonfinite,
+/// with a warning).
 #[test]
 fn modules_to_save_replace_the_bases_tensors() {
     use lora_kernels::checkpoint::{merge_checkpoint, verify_merge};
     let dir = scratch("modules-to-save");
     let base = common::fixture("modules_to_save/base.safetensors");
     let adapter_dir = common::fixture("modules_to_save/adapter");
+    let merge = |base: &Path, adapter: &Path, out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "merge",
+            "--base",
+            base.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "emu",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
     let merged = dir.join("merged.safetensors");
-    let (ok, stdout, stderr) = run(&[
-        "merge",
-        "--base",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter_dir.to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-        "--device",
-        "emu",
-        "--verify",
-    ]);
+    let (ok, stdout, stderr) = merge(&base, &adapter_dir, &merged, &["--verify"]);
     assert!(ok, "{stderr}");
     assert!(
         stdout.contains("merged 4 modules")
-            && stdout.contains("3 tensors of modules saved whole replaced, 10 tensors copied"),
+            && stdout.contains("7 tensors of modules saved whole replaced, 10 tensors copied"),
         "{stdout}"
     );
-    // 4 weights of 64×64, and score (3×64 + 3) and embed_tokens (40×64)
-    let checked = 4 * 64 * 64 + 3 * 64 + 3 + 40 * 64;
+    // 4 weights of 64×64, embed_tokens 40×64, score 3×64, five norms of 64
+    let checked = 4 * 64 * 64 + 40 * 64 + 3 * 64 + 5 * 64;
     assert!(
         stdout.contains(&format!("verify: 0 of {checked} merged elements off")),
         "{stdout}"
@@ -1182,6 +1190,11 @@ fn modules_to_save_replace_the_bases_tensors() {
     let got = safetensors::SafeTensors::deserialize(&got).unwrap();
     let want = Fixture::open("modules_to_save/merged.safetensors");
     let adapter = PeftAdapter::load(&adapter_dir).unwrap();
+    assert_eq!(
+        adapter.config.modules_to_save,
+        ["embed_tokens", "norm", "classifier", "score"]
+    );
+    assert_eq!(adapter.modules_to_save.len(), 7);
     let lora: Vec<String> = adapter
         .modules
         .iter()
@@ -1189,7 +1202,8 @@ fn modules_to_save_replace_the_bases_tensors() {
         .collect();
     let mut acc = Agreement::default();
     let names = want.names();
-    assert_eq!(names.len(), 17);
+    assert_eq!(names.len(), 21);
+    let base_fx = Fixture::open("modules_to_save/base.safetensors");
     for name in &names {
         let g: Vec<half::bf16> = bytemuck::pod_collect_to_vec(got.tensor(name).unwrap().data());
         let w = want.bf16(name).0;
@@ -1198,33 +1212,87 @@ fn modules_to_save_replace_the_bases_tensors() {
         } else {
             assert_eq!(common::bits(&g), common::bits(&w), "`{name}` is PEFT's");
         }
+        // (the fixture: every tensor saved whole differs from the base's, so a tensor left as the
+        // base's cannot pass the comparison above)
+        if adapter.modules_to_save.iter().any(|t| &t.name == name) {
+            assert_ne!(base_fx.bf16(name).0, w, "`{name}` in the fixture");
+        }
     }
     assert_eq!(acc.total, 4 * 64 * 64);
     assert!(acc.exact as f64 / acc.total as f64 >= 0.9999 && acc.max_ulp <= 1);
-    // the replaced tensors are the adapter's, not the base's
-    let base_fx = Fixture::open("modules_to_save/base.safetensors");
-    for name in ["score.weight", "score.bias", "model.embed_tokens.weight"] {
-        assert_ne!(base_fx.bf16(name).0, want.bf16(name).0, "`{name}` changed");
+
+    // a sharded base: score and the embeddings in another shard than layer 0's LoRA weights
+    let shards = dir.join("sharded");
+    std::fs::create_dir_all(&shards).unwrap();
+    let st = base_fx.tensors();
+    let mut map = serde_json::Map::new();
+    for (i, shard) in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let views: Vec<_> = st
+            .tensors()
+            .into_iter()
+            .filter(|(n, _)| n.contains("layers.0.") == (i == 0))
+            .collect();
+        for (n, _) in &views {
+            map.insert(n.clone(), serde_json::Value::String(shard.to_string()));
+        }
+        std::fs::write(
+            shards.join(shard),
+            safetensors::serialize(views, None).unwrap(),
+        )
+        .unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        shards.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let sharded_out = dir.join("sharded-out");
+    let (ok, stdout, stderr) = merge(&shards, &adapter_dir, &sharded_out, &["--verify"]);
+    assert!(
+        ok && stdout.contains("7 tensors of modules saved whole replaced"),
+        "{stderr}"
+    );
+    for shard in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ] {
+        let bytes = std::fs::read(sharded_out.join(shard)).unwrap();
+        let part = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for name in part.names() {
+            assert_eq!(
+                part.tensor(name).unwrap().data(),
+                got.tensor(name).unwrap().data(),
+                "sharded `{name}`"
+            );
+        }
     }
 
     // inspect
     let (ok, stdout, stderr) = run(&["inspect", "--adapter", adapter_dir.to_str().unwrap()]);
     assert!(ok, "{stderr}");
     assert!(
-        stdout.contains("modules_to_save = [\"score\", \"embed_tokens\"]")
+        stdout.contains(r#"modules_to_save = ["embed_tokens", "norm", "classifier", "score"]"#)
             && stdout.contains("| score.weight | [3, 64] | f32 |")
-            && stdout.contains("| model.embed_tokens.weight | [40, 64] | bf16 |"),
+            && stdout.contains("| model.embed_tokens.weight | [40, 64] | bf16 |")
+            && stdout.contains("| model.layers.1.post_attention_layernorm.weight | [64] | bf16 |"),
         "{stdout}"
     );
     // PEFT's count: LoRA's 4·8·(64 + 64) plus the saved modules' elements
-    let trainable = 4 * 8 * 128 + 3 * 64 + 3 + 40 * 64;
+    let trainable = 4 * 8 * 128 + 40 * 64 + 3 * 64 + 5 * 64;
     assert_eq!(adapter.parameters(), trainable as u64);
     assert!(
         stdout.contains(&format!("{trainable} trainable parameters")),
         "{stdout}"
     );
 
-    // save and load keep them, with the config's list
+    // save and load keep them, with the config's list; save refuses what PEFT would not load back
     let saved = dir.join("saved");
     adapter.save(&saved).unwrap();
     assert_eq!(PeftAdapter::load(&saved).unwrap(), adapter);
@@ -1235,22 +1303,32 @@ fn modules_to_save_replace_the_bases_tensors() {
         e.contains("not in a module of the config's modules_to_save"),
         "{e}"
     );
+    let mut twice = adapter.clone();
+    twice.modules_to_save.push(twice.modules_to_save[0].clone());
+    let e = twice.save(&dir.join("twice")).unwrap_err().to_string();
+    assert!(e.contains("appears twice"), "{e}");
 
-    // verify counts a wrong value in a replaced tensor (one bf16 ulp on score.bias[1])
+    // verify counts a wrong value in a replaced tensor (one bf16 ulp on model.norm.weight[1])
     let dev = lora_kernels::Device::emulator();
     let out = dir.join("planted.safetensors");
     merge_checkpoint(&base, &adapter, &out, &dev, false, &mut ()).unwrap();
     let clean = verify_merge(&base, &adapter, &out, false, &mut ()).unwrap();
     assert_eq!((clean.elements, clean.off), (checked as u64, 0));
     edit_tensors(&out, |t| {
-        let (_, (_, _, b)) = t.iter_mut().find(|(n, _)| n == "score.bias").unwrap();
+        let (_, (_, _, b)) = t
+            .iter_mut()
+            .find(|(n, _)| n == "model.norm.weight")
+            .unwrap();
         let v = u16::from_le_bytes([b[2], b[3]]) + 1;
         b[2..4].copy_from_slice(&v.to_le_bytes());
     });
     let v = verify_merge(&base, &adapter, &out, false, &mut ()).unwrap();
     assert_eq!((v.off, v.max_ulp), (1, 1));
     let worst = v.worst.unwrap();
-    assert_eq!((worst.tensor.as_str(), worst.index), ("score.bias", 1));
+    assert_eq!(
+        (worst.tensor.as_str(), worst.index),
+        ("model.norm.weight", 1)
+    );
     let e = verify_merge(&base, &adapter, &out, true, &mut ())
         .unwrap_err()
         .to_string();
@@ -1258,18 +1336,12 @@ fn modules_to_save_replace_the_bases_tensors() {
 
     // refusals
     let out = dir.join("refused.safetensors");
-    let (ok, _, stderr) = run(&[
-        "merge",
-        "--base",
-        &fx("modules_to_save/merged.safetensors"),
-        "--adapter",
-        adapter_dir.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--device",
-        "emu",
-        "--unmerge",
-    ]);
+    let (ok, _, stderr) = merge(
+        &common::fixture("modules_to_save/merged.safetensors"),
+        &adapter_dir,
+        &out,
+        &["--unmerge"],
+    );
     assert!(!ok && stderr.contains("modules saved whole"), "{stderr}");
     assert!(!out.exists());
     let edited =
@@ -1278,11 +1350,9 @@ fn modules_to_save_replace_the_bases_tensors() {
             edit_tensors(&a.join("adapter_model.safetensors"), edit);
             a
         };
+    let score = "base_model.model.score.weight";
     let wider = edited("wider", &|_| {}, &|t| {
-        let (_, (_, shape, b)) = t
-            .iter_mut()
-            .find(|(n, _)| n == "base_model.model.score.weight")
-            .unwrap();
+        let (_, (_, shape, b)) = t.iter_mut().find(|(n, _)| n == score).unwrap();
         *shape = vec![4, 64];
         b.extend(vec![0u8; 64 * 4]);
     });
@@ -1294,13 +1364,9 @@ fn modules_to_save_replace_the_bases_tensors() {
     );
     let head = edited(
         "lm-head",
-        &|c| c["modules_to_save"] = serde_json::json!(["score", "embed_tokens", "lm_head"]),
+        &|c| c["modules_to_save"] = serde_json::json!(["embed_tokens", "norm", "score", "lm_head"]),
         &|t| {
-            let (_, v) = t
-                .iter()
-                .find(|(n, _)| n == "base_model.model.score.weight")
-                .unwrap()
-                .clone();
+            let (_, v) = t.iter().find(|(n, _)| n == score).unwrap().clone();
             t.push(("base_model.model.lm_head.weight".into(), v));
         },
     );
@@ -1308,7 +1374,7 @@ fn modules_to_save_replace_the_bases_tensors() {
         &base,
         &head,
         &out,
-        "tensor `lm_head.weight` of a module saved whole (`modules_to_save`) is missing from the base checkpoint",
+        "tensor `lm_head.weight` of a module saved whole (`modules_to_save`) is missing from the base checkpoint: a head new to the model",
     );
     let unlisted = edited(
         "unlisted",
@@ -1319,11 +1385,22 @@ fn modules_to_save_replace_the_bases_tensors() {
         &base,
         &unlisted,
         &out,
-        "adapter tensor `base_model.model.model.embed_tokens.weight` (neither a lora_A nor a lora_B weight, nor in a module of `modules_to_save`: [\"score\"])",
+        r#"adapter tensor `base_model.model.model.embed_tokens.weight` (neither a lora_A nor a lora_B weight, nor in a module of `modules_to_save`: ["score"])"#,
+    );
+    let partial = edited("partial", &|_| {}, &|t| {
+        t.retain(|(n, _)| !n.ends_with("layers.1.input_layernorm.weight"))
+    });
+    merge_fails(
+        &base,
+        &partial,
+        &out,
+        "tensor `model.layers.1.input_layernorm.weight` is in a module the adapter saves whole",
     );
     let around = edited(
         "around-lora",
-        &|c| c["modules_to_save"] = serde_json::json!(["score", "embed_tokens", "layers.0"]),
+        &|c| {
+            c["modules_to_save"] = serde_json::json!(["embed_tokens", "norm", "score", "layers.0"])
+        },
         &|_| {},
     );
     merge_fails(
@@ -1332,6 +1409,29 @@ fn modules_to_save_replace_the_bases_tensors() {
         &out,
         "LoRA module `model.layers.0.self_attn.q_proj` inside a module saved whole",
     );
+    // f32::MAX rounds to +Inf in bf16, and a NaN: where the base's score is finite
+    let nonfinite = edited("nonfinite", &|_| {}, &|t| {
+        let (_, (_, _, b)) = t.iter_mut().find(|(n, _)| n == score).unwrap();
+        b[0..4].copy_from_slice(&f32::MAX.to_le_bytes());
+        b[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    merge_fails(
+        &base,
+        &nonfinite,
+        &out,
+        "tensor `score.weight` of a module saved whole",
+    );
+    let (ok, _, stderr) = merge(&base, &nonfinite, &out, &["--allow-nonfinite", "--quiet"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("tensor `score.weight` of a module saved whole: 2 elements finite in the base are NaN or ±Inf in the adapter's (1 NaN, 1 ±Inf)"),
+        "{stderr}"
+    );
+    let written = std::fs::read(&out).unwrap();
+    let written = safetensors::SafeTensors::deserialize(&written).unwrap();
+    let s: Vec<half::bf16> =
+        bytemuck::pod_collect_to_vec(written.tensor("score.weight").unwrap().data());
+    assert!(s[0].is_infinite() && s[0] > half::bf16::ZERO && s[2].is_nan());
 }
 
 /// The base checkpoint is never replaced, however `out` spells its path (`dir/./base`, through a
