@@ -252,6 +252,40 @@ fn saved_by_name(adapter: &PeftAdapter) -> Result<BTreeMap<String, &SavedTensor>
         .collect())
 }
 
+/// The weight a module's merge starts from: the checkpoint's `stored` bytes, or, for a merge of a module
+/// whose base weight the adapter saved (PEFT's `save_embedding_layers`), that weight converted to the
+/// checkpoint's dtype, as PEFT's load puts it in place of the base's (its shape must be the
+/// checkpoint's). An unmerge starts from the checkpoint, the merged weight it takes the adapter out of.
+fn merge_base<'a>(
+    f: &Path,
+    name: &str,
+    m: &AdapterModule,
+    shape: &[usize],
+    dtype: DType,
+    unmerge: bool,
+    stored: &'a [u8],
+) -> Result<std::borrow::Cow<'a, [u8]>> {
+    saved_base_fits(f, name, m, shape)?;
+    match (&m.base_weight, unmerge) {
+        (Some(saved), false) => Ok(std::borrow::Cow::Owned(saved.bytes_as(dtype))),
+        _ => Ok(std::borrow::Cow::Borrowed(stored)),
+    }
+}
+
+/// A base weight the adapter saved has the checkpoint tensor's shape.
+fn saved_base_fits(f: &Path, name: &str, m: &AdapterModule, shape: &[usize]) -> Result<()> {
+    match &m.base_weight {
+        Some(saved) if saved.shape != shape => Err(Error::format(
+            f,
+            format!(
+                "adapter/base shape mismatch for `{name}`: the adapter saved the layer's base weight as {:?}, the checkpoint has {shape:?} (a vocabulary resized for training needs the base resized the same way)",
+                saved.shape
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Every tensor saved whole has one to replace in the base.
 fn saved_all_found(
     base: &Path,
@@ -332,7 +366,15 @@ fn merge_weight<T: Element>(
 ) -> Result<(Vec<u8>, NonFiniteCounts)> {
     let (n, k) = (layout.n, layout.k);
     let w: Vec<T> = layout.to_linear(bytemuck::pod_collect_to_vec(w));
-    let mut wt = Tensor::from_slice(device, &w, &[n, k])?;
+    // PEFT merges an embedding's plain LoRA as `W += delta.to(W.dtype)`: the delta rounded to W's dtype
+    // before the add, two roundings where a linear layer's merge has one. The kernel merges into zeros
+    // (giving round(±delta)), and the add is PyTorch's, f32 then rounded, on the host.
+    let rounded_delta = m.embedding && m.magnitude.is_none();
+    let mut wt = if rounded_delta {
+        Tensor::zeros(device, &[n, k])?
+    } else {
+        Tensor::from_slice(device, &w, &[n, k])?
+    };
     let r = m.a.rows;
     // Adapters in W's dtype are used as stored; any other dtype goes through f32 (exact for bf16/f16).
     // DoRA's magnitude as f32 (exact from bf16/f16), whatever the adapter's dtype
@@ -352,12 +394,35 @@ fn merge_weight<T: Element>(
         let bt = Tensor::from_slice(device, &m.b.to_f32(), &[n, r])?;
         counted(&mut wt, &at, &bt, magnitude, scale, options.unmerge)?
     };
+    let (merged, counts) = if rounded_delta {
+        let delta = wt.to_vec()?;
+        let mut counts = NonFiniteCounts::default();
+        let merged: Vec<T> = w
+            .iter()
+            .zip(&delta)
+            .map(|(&w, &d)| {
+                let v = T::from_f32(w.to_f32() + d.to_f32());
+                let (w64, v64) = (w.to_f64(), v.to_f64());
+                if !w64.is_finite() {
+                    counts.in_base += 1;
+                } else if v64.is_nan() {
+                    counts.nan += 1;
+                } else if v64.is_infinite() {
+                    counts.inf += 1;
+                }
+                v
+            })
+            .collect();
+        (merged, counts)
+    } else {
+        (wt.to_vec()?, counts)
+    };
     if counts.created() > 0 && !options.allow_nonfinite {
         let op = if options.unmerge { "unmerge" } else { "merge" };
         let target = format!("module `{}`", m.name);
         return Err(counts.error(op, target, n * k, T::DTYPE, "nothing was written"));
     }
-    let merged = layout.to_stored(wt.to_vec()?);
+    let merged = layout.to_stored(merged);
     Ok((bytemuck::cast_slice(&merged).to_vec(), counts))
 }
 
@@ -438,7 +503,8 @@ fn transpose<T: Copy>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
 }
 
 /// The base weight of module `m` (in file `f`) is [N, K] for its A [r, K] and B [N, r], or [K, N] with
-/// `fan_in_fan_out` (the config's: every targeted weight is then a Conv1D's); returns its layout.
+/// `fan_in_fan_out` (the config's: every targeted linear weight is then a Conv1D's) and for an
+/// embedding (always); returns its layout.
 fn module_shape(
     f: &Path,
     m: &AdapterModule,
@@ -446,6 +512,8 @@ fn module_shape(
     fan_in_fan_out: bool,
 ) -> Result<Layout> {
     let magnitude_fits = |n: usize| m.magnitude.as_ref().is_none_or(|v| v.rows * v.cols == n);
+    // an embedding's weight is [vocabulary, dim]: in × out whatever the flag says (PEFT transposes it)
+    let fan_in_fan_out = fan_in_fan_out || m.embedding;
     let dims = match *shape {
         [x, y] if fan_in_fan_out => Some((y, x)),
         [x, y] => Some((x, y)),
@@ -476,7 +544,9 @@ fn module_shape(
                     m.a.cols,
                     m.b.rows,
                     m.b.cols,
-                    if fan_in_fan_out {
+                    if m.embedding {
+                        "[K, N] (an embedding's: vocabulary × dim, with lora_embedding_A [r, K] and lora_embedding_B [N, r])"
+                    } else if fan_in_fan_out {
                         "[K, N] (in × out, as the config's fan_in_fan_out says: a Conv1D's)"
                     } else {
                         "[N, K]"
@@ -600,7 +670,9 @@ pub fn merge_checkpoint_with(
     let mut weight_bytes = 0u64;
     for f in &files {
         let header = read_header(f)?;
-        for (name, t) in header.tensors() {
+        // in name order: the first error found is the same on every run
+        let tensors: BTreeMap<String, _> = header.tensors().into_iter().collect();
+        for (name, t) in tensors {
             if let Some(saved) = by_saved.get(&name) {
                 saved_fits(f, &name, saved, t.dtype, &t.shape)?;
                 found.insert(name.clone(), f.clone());
@@ -622,6 +694,7 @@ pub fn merge_checkpoint_with(
             };
             peft::dtype_of(f, &name, t.dtype)?;
             module_shape(f, m, &t.shape, adapter.config.fan_in_fan_out)?;
+            saved_base_fits(f, &name, m, &t.shape)?;
             found.insert(name.clone(), f.clone());
             weight_bytes += (t.data_offsets.1 - t.data_offsets.0) as u64;
         }
@@ -690,14 +763,14 @@ pub fn merge_checkpoint_with(
                     .map_err(|e| Error::format(f, e.to_string()))?;
                 let shape = module_shape(f, m, t.shape(), adapter.config.fan_in_fan_out)?;
                 let scale = module_scale(op, adapter, m)?;
-                let (data, counts) = match peft::dtype_of(f, name, t.dtype())? {
+                let dtype = peft::dtype_of(f, name, t.dtype())?;
+                let w = merge_base(f, name, m, t.shape(), dtype, options.unmerge, t.data())?;
+                let (data, counts) = match dtype {
                     DType::BF16 => {
-                        merge_weight::<half::bf16>(device, t.data(), shape, m, scale, options)?
+                        merge_weight::<half::bf16>(device, &w, shape, m, scale, options)?
                     }
-                    DType::F16 => {
-                        merge_weight::<half::f16>(device, t.data(), shape, m, scale, options)?
-                    }
-                    DType::F32 => merge_weight::<f32>(device, t.data(), shape, m, scale, options)?,
+                    DType::F16 => merge_weight::<half::f16>(device, &w, shape, m, scale, options)?,
+                    DType::F32 => merge_weight::<f32>(device, &w, shape, m, scale, options)?,
                     DType::U32 => unreachable_dtype(f, name)?,
                 };
                 if counts != NonFiniteCounts::default() {
@@ -815,6 +888,18 @@ impl VerifySummary {
     }
 }
 
+/// How a weight was merged, for [`verify_weight`].
+#[derive(Clone, Copy, Debug)]
+enum Merge<'a> {
+    /// `round(W ± s·B·A)`, the f32 arithmetic of the merge kernel.
+    Plain,
+    /// DoRA, with these magnitudes: `round(factor·(W + s·B·A))`.
+    Dora(&'a [f64]),
+    /// PEFT's merge of an embedding's plain LoRA: `round(W ± round(s·B·A))`, the delta rounded to W's
+    /// dtype first (through its f32 value), then the add in f32, rounded.
+    RoundedDelta,
+}
+
 /// Checks one merged weight against the exact merge ([`VerifySummary`]), row by row (N×K f64 is
 /// never materialised).
 #[allow(clippy::too_many_arguments)]
@@ -826,7 +911,7 @@ fn verify_weight<T: Element>(
     b: &[f64],
     (n, k, r): (usize, usize, usize),
     scale: f64,
-    dora: Option<&[f64]>,
+    merge: Merge<'_>,
 ) -> VerifySummary {
     let w: Vec<T> = bytemuck::pod_collect_to_vec(w);
     let merged: Vec<T> = bytemuck::pod_collect_to_vec(merged);
@@ -852,9 +937,9 @@ fn verify_weight<T: Element>(
         // factor is off by the norm of the row's errors of v relative to ‖v‖, plus the f32 roundings
         // of its sums of squares (8 per thread, 4 levels of tree), sqrt, division and product (each
         // doubled, as e)
-        let (factor, factor_error) = match dora {
-            None => (1.0, 0.0),
-            Some(m) => {
+        let (factor, factor_error) = match merge {
+            Merge::Plain | Merge::RoundedDelta => (1.0, 0.0),
+            Merge::Dora(m) => {
                 let (mut norm2, mut err2) = (0.0f64, 0.0f64);
                 for (c, (wc, bac)) in w[i * k..(i + 1) * k].iter().zip(&ba).enumerate() {
                     let w0 = wc.to_f64();
@@ -883,6 +968,13 @@ fn verify_weight<T: Element>(
             } else if x.is_infinite() {
                 // an Inf in the base (or in the adapter): e is infinite too, only x itself is right
                 g == x
+            } else if let Merge::RoundedDelta = merge {
+                // the delta's f32 error, its rounding to T (monotone), then the f32 add rounded to T
+                let (d, ed) = (scale * bac, lora_error(0.0, c, &magnitude));
+                let lo = w0 + T::from_f64(d - ed).to_f64();
+                let hi = w0 + T::from_f64(d + ed).to_f64();
+                let (lo, hi) = (lo - f32_error * lo.abs(), hi + f32_error * hi.abs());
+                T::from_f64(lo).to_f64() <= g && g <= T::from_f64(hi).to_f64()
             } else {
                 T::from_f64(x - e).to_f64() <= g && g <= T::from_f64(x + e).to_f64()
             };
@@ -917,16 +1009,16 @@ fn verify_stored<T: Element>(
     b: &[f64],
     (layout, r): (Layout, usize),
     scale: f64,
-    dora: Option<&[f64]>,
+    merge: Merge<'_>,
 ) -> VerifySummary {
     let dims = (layout.n, layout.k, r);
     if !layout.transposed {
-        return verify_weight::<T>(name, w, merged, a, b, dims, scale, dora);
+        return verify_weight::<T>(name, w, merged, a, b, dims, scale, merge);
     }
     let w: Vec<T> = layout.to_linear(bytemuck::pod_collect_to_vec(w));
     let merged: Vec<T> = layout.to_linear(bytemuck::pod_collect_to_vec(merged));
     let (w, merged) = (bytemuck::cast_slice(&w), bytemuck::cast_slice(&merged));
-    let mut s = verify_weight::<T>(name, w, merged, a, b, dims, scale, dora);
+    let mut s = verify_weight::<T>(name, w, merged, a, b, dims, scale, merge);
     if let Some(o) = &mut s.worst {
         o.index = layout.stored_index(o.index);
     }
@@ -1060,8 +1152,14 @@ pub fn verify_merge(
                 .magnitude
                 .as_ref()
                 .map(|v| v.to_f32().iter().map(|&x| x as f64).collect());
-            let dora = mag.as_deref();
-            let (wd, gd) = (w.data(), got.data());
+            let dora = match &mag {
+                Some(m) => Merge::Dora(m),
+                None if m.embedding => Merge::RoundedDelta,
+                None => Merge::Plain,
+            };
+            let dtype = peft::dtype_of(f, name, w.dtype())?;
+            let wd = merge_base(f, name, m, w.shape(), dtype, unmerge, w.data())?;
+            let (wd, gd) = (&*wd, got.data());
             summary.add(match peft::dtype_of(f, name, w.dtype())? {
                 DType::BF16 => verify_stored::<half::bf16>(name, wd, gd, &a, &b, dims, scale, dora),
                 DType::F16 => verify_stored::<half::f16>(name, wd, gd, &a, &b, dims, scale, dora),
@@ -1101,7 +1199,7 @@ mod tests {
             &[b],
             (1, 1, 1),
             2.0,
-            None,
+            Merge::Plain,
         )
     }
 
@@ -1179,7 +1277,7 @@ mod tests {
                 &f(&b),
                 (n, k, r),
                 scale,
-                None,
+                Merge::Plain,
             );
             assert_eq!((s.elements, s.correctly_rounded, s.off), (35, 35, 0));
         }
@@ -1207,7 +1305,7 @@ mod tests {
                 &f(&b),
                 (n, k, r),
                 scale,
-                Some(&m64),
+                Merge::Dora(&m64),
             )
         };
         let bigger: Vec<f32> = m.iter().map(|x| x * 1.01).collect();

@@ -450,8 +450,15 @@ fn inspect(args: &InspectArgs) -> Result<(), String> {
     for m in &a.modules {
         bytes += m.a.bytes.len() + m.b.bytes.len();
         bytes += m.magnitude.as_ref().map_or(0, |v| v.bytes.len());
+        bytes += m.base_weight.as_ref().map_or(0, |t| t.bytes.len());
+        let kind = match (m.embedding, &m.base_weight) {
+            (true, Some(_)) => " (embedding; its base weight saved too)",
+            (true, None) => " (embedding)",
+            (false, Some(_)) => " (its base weight saved too)",
+            (false, None) => "",
+        };
         println!(
-            "| {} | {}×{} | {}×{} | {} | {} | {} | {} |",
+            "| {}{kind} | {}×{} | {}×{} | {} | {} | {} | {} |",
             m.name,
             m.a.rows,
             m.a.cols,

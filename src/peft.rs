@@ -6,11 +6,12 @@
 //! regular expressions tried in the file's order against the module name or its end after a dot, the
 //! first match winning, as PEFT does), `use_dora` (DoRA: each module's 1-D `lora_magnitude_vector`
 //! `[out]` too; merged by [`crate::ops::dora_merge`] and the checkpoint merge, served unmerged by the
-//! layers and adapter sets), `modules_to_save` (modules trained whole, e.g. a sequence-classification
+//! layers and adapter sets), LoRA of embedding layers (`lora_embedding_A` / `lora_embedding_B`, and
+//! the base weight PEFT saves beside them; merged by the checkpoint merge only), `modules_to_save` (modules trained whole, e.g. a sequence-classification
 //! head or the embeddings: their tensors, [`PeftAdapter::modules_to_save`], replace the base's in a
 //! checkpoint merge), `fan_in_fan_out` (GPT-2's `Conv1D` layers, weights stored in × out: the
 //! checkpoint merge transposes them around the merge kernel), tensors in f32, bf16 or f16. Anything else
-//! that changes the math is refused with an error naming it: `.bin` adapters, embedding or conv LoRA,
+//! that changes the math is refused with an error naming it: `.bin` adapters, conv LoRA,
 //! trained biases (`bias` other than "none", `lora_bias`), the LoRA variants and extras PEFT configures
 //! with other keys (aLoRA, Arrow, KaSA, QALoRA, layer replication, trainable tokens,
 //! `target_parameters`, ...: [`REFUSED_KEYS`]), any config key this crate does not know that is set, and
@@ -614,6 +615,16 @@ pub struct AdapterModule {
     pub b: HostMatrix,
     /// DoRA's `lora_magnitude_vector` (present exactly when the config's `use_dora` is set).
     pub magnitude: Option<HostMatrix>,
+    /// LoRA of an embedding layer (`nn.Embedding`, weight `[vocabulary, dim]`; PEFT's
+    /// `lora_embedding_A` `[r, vocabulary]` and `lora_embedding_B` `[dim, r]` as A and B): its weight
+    /// is stored in × out, `[K, N]`, as a Conv1D's, and the merge adds `transpose(s·B·A)`. Merged by
+    /// the checkpoint merge; the linear layers and adapter sets refuse it.
+    pub embedding: bool,
+    /// The layer's base weight as saved beside the adapter (`….base_layer.weight`: PEFT saves an
+    /// embedding layer's whole state when it is targeted, `save_embedding_layers`), which PEFT's load
+    /// puts in place of the base's: the checkpoint merge merges into it (converted to the checkpoint
+    /// tensor's dtype; its shape must be the checkpoint's).
+    pub base_weight: Option<SavedTensor>,
 }
 
 const MAGNITUDE: &str = ".lora_magnitude_vector";
@@ -753,6 +764,12 @@ impl PeftAdapter {
                     self.modules.iter().map(|m| &m.name).collect::<Vec<_>>()
                 ),
             })?;
+        if m.embedding {
+            return Err(Error::Unsupported {
+                what: format!("{op} of module `{module}`, the LoRA of an embedding layer (lora_embedding_A/B)"),
+                hint: "the layers and adapter sets are linear layers; `lora-kernels merge` (checkpoint::merge_checkpoint) merges an embedding's LoRA".into(),
+            });
+        }
         for (arg, hm) in [("lora_A", &m.a), ("lora_B", &m.b)] {
             if hm.dtype != A::DTYPE && A::DTYPE != DType::F32 {
                 return Err(Error::UnsupportedDType {
@@ -814,24 +831,29 @@ impl PeftAdapter {
         names.sort();
         let mut modules = Vec::new();
         let mut saved: Vec<SavedTensor> = Vec::new();
+        let has = |n: &str| st.names().contains(&n);
         for name in &names {
-            if name.contains("lora_embedding_") {
-                return Err(Error::Unsupported {
-                    what: format!("embedding LoRA (`{name}`)"),
-                    hint: "LoRA on linear layers only".into(),
-                });
-            }
-            let lora_b = name.strip_suffix(".lora_B.weight");
+            let lora_b = name
+                .strip_suffix(".lora_B.weight")
+                .or_else(|| name.strip_suffix(".lora_embedding_B"));
             let magnitude = name.strip_suffix(MAGNITUDE);
             if let Some(stem) = lora_b.or(magnitude) {
                 // read with its lora_A; one without is an error, not skipped
-                if !st
-                    .names()
-                    .contains(&format!("{stem}.lora_A.weight").as_str())
-                {
+                let linear_a = format!("{stem}.lora_A.weight");
+                let embedding_a = format!("{stem}.lora_embedding_A");
+                let a_of_b = if name.ends_with(".lora_embedding_B") {
+                    &embedding_a
+                } else {
+                    &linear_a
+                };
+                let found = match magnitude {
+                    Some(_) => has(&linear_a) || has(&embedding_a),
+                    None => has(a_of_b),
+                };
+                if !found {
                     return Err(Error::format(
                         &st_path,
-                        format!("`{name}` has no `{stem}.lora_A.weight`"),
+                        format!("`{name}` has no `{a_of_b}`"),
                     ));
                 }
                 if magnitude.is_some() && !config.use_dora {
@@ -844,6 +866,13 @@ impl PeftAdapter {
                 }
                 continue;
             }
+            if let Some(stem) = name.strip_suffix(".base_layer.weight")
+                && (has(&format!("{stem}.lora_A.weight"))
+                    || has(&format!("{stem}.lora_embedding_A")))
+            {
+                // read with its module
+                continue;
+            }
             if name.ends_with(".lora_magnitude_vector.weight") {
                 // PEFT's in-memory name (the module's DoraLinearLayer.weight); saved adapters drop
                 // the `.weight` (peft/tuners/lora/model.py), so this file was not written by PEFT's save
@@ -852,7 +881,9 @@ impl PeftAdapter {
                     hint: "save the adapter with PEFT's save_pretrained, which names it `…lora_magnitude_vector`".into(),
                 });
             }
-            let Some(stem) = name.strip_suffix(".lora_A.weight") else {
+            let linear = name.strip_suffix(".lora_A.weight");
+            let embedding = name.strip_suffix(".lora_embedding_A");
+            let Some(stem) = linear.or(embedding) else {
                 let bare = name.strip_prefix(PREFIX).unwrap_or(name);
                 if config.saved_whole(bare) && !is_lora_name(bare) {
                     saved.push(saved_tensor(&st_path, &st, name, bare)?);
@@ -882,8 +913,18 @@ impl PeftAdapter {
                     ),
                 ));
             }
+            let b_name = match embedding {
+                Some(_) => format!("{stem}.lora_embedding_B"),
+                None => format!("{stem}.lora_B.weight"),
+            };
+            if !has(&b_name) {
+                return Err(Error::format(
+                    &st_path,
+                    format!("`{name}` has no `{b_name}`"),
+                ));
+            }
             let a = matrix(&st_path, &st, name)?;
-            let b = matrix(&st_path, &st, &format!("{stem}.lora_B.weight"))?;
+            let b = matrix(&st_path, &st, &b_name)?;
             let r = config.rank_for(&module);
             if a.rows != r || b.cols != r {
                 return Err(Error::format(
@@ -909,15 +950,30 @@ impl PeftAdapter {
             } else {
                 None
             };
+            // named as the checkpoint's tensor it stands for
+            let base_weight = match format!("{stem}.base_layer.weight") {
+                n if has(&n) => Some(saved_tensor(
+                    &st_path,
+                    &st,
+                    &n,
+                    &format!("{module}.weight"),
+                )?),
+                _ => None,
+            };
             modules.push(AdapterModule {
                 name: module,
                 a,
                 b,
                 magnitude,
+                embedding: embedding.is_some(),
+                base_weight,
             });
         }
         if modules.is_empty() {
-            return Err(Error::format(&st_path, "no `*.lora_A.weight` tensors"));
+            return Err(Error::format(
+                &st_path,
+                "no `*.lora_A.weight` (or `*.lora_embedding_A`) tensors",
+            ));
         }
         saved.sort_by(|a, b| a.name.cmp(&b.name));
         let adapter = PeftAdapter {
@@ -937,10 +993,15 @@ impl PeftAdapter {
         std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
         let mut tensors = Vec::new();
         for m in &self.modules {
-            for (suffix, t) in [("lora_A", &m.a), ("lora_B", &m.b)] {
+            let names = if m.embedding {
+                ["lora_embedding_A", "lora_embedding_B"]
+            } else {
+                ["lora_A.weight", "lora_B.weight"]
+            };
+            for (suffix, t) in names.into_iter().zip([&m.a, &m.b]) {
                 let shape = vec![t.rows, t.cols];
                 tensors.push((
-                    format!("{PREFIX}{}.{suffix}.weight", m.name),
+                    format!("{PREFIX}{}.{suffix}", m.name),
                     t.dtype,
                     shape,
                     &t.bytes,
@@ -952,6 +1013,16 @@ impl PeftAdapter {
                     format!("{PREFIX}{}{MAGNITUDE}", m.name),
                     t.dtype,
                     vec![t.cols],
+                    &t.bytes,
+                ));
+            }
+        }
+        for m in &self.modules {
+            if let Some(t) = &m.base_weight {
+                tensors.push((
+                    format!("{PREFIX}{}.base_layer.weight", m.name),
+                    t.dtype,
+                    t.shape.clone(),
                     &t.bytes,
                 ));
             }

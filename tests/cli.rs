@@ -1135,8 +1135,150 @@ fn fan_in_fan_out_adapters_merge_as_peft_does() {
         Path::new(&base),
         &linear,
         &dir.join("linear.safetensors"),
-        "×8 (expected W [N, K], A [r, K], B [N, r])",
+        "adapter/base shape mismatch for `h.0.attn.c_attn`: base weight [64, 192], lora_A 8×64, lora_B 192×8 (expected W [N, K], A [r, K], B [N, r])",
     );
+}
+
+/// LoRA on an embedding layer (tests/fixtures/peft/embedding: PEFT 0.21.2's LoRA and DoRA adapters of a
+/// Llama model targeting embed_tokens, q_proj and v_proj, with another rank and alpha for the
+/// embeddings): `lora_embedding_A` [r, vocabulary] and `lora_embedding_B` [dim, r] merge as PEFT's
+/// `transpose(B·A)` (the DoRA norms over each dim's column), PEFT's merges reproduced (≥ 99.99 % of
+/// the targeted elements bit-exact, ≤ 1 ulp, every other tensor identical), `--verify` and `--unmerge
+/// --verify` find nothing off; the base weight PEFT saves beside an embedding's LoRA is the one merged
+/// into (a checkpoint whose embeddings differ still gives PEFT's merge, as PEFT's load replaces them),
+/// and one of another shape is refused; save and load keep the names; the linear layers refuse it.
+#[test]
+fn embedding_adapters_merge_as_peft_does() {
+    let dir = scratch("embedding");
+    let base = fx("embedding/base.safetensors");
+    // embed_tokens 72×64 and 2 layers of q_proj, v_proj 64×64
+    let targeted = 72 * 64 + 4 * 64 * 64;
+    let merge = |base: &str, adapter: &str, out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "merge",
+            "--base",
+            base,
+            "--adapter",
+            adapter,
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "emu",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    for (adapter, want) in [
+        ("embedding/adapter", "embedding/merged.safetensors"),
+        (
+            "embedding/dora_adapter",
+            "embedding/dora_merged.safetensors",
+        ),
+    ] {
+        let out = dir.join(want.replace('/', "-"));
+        let (ok, stdout, stderr) = merge(&base, &fx(adapter), &out, &["--verify"]);
+        assert!(ok, "{adapter}: {stderr}");
+        assert!(
+            stdout.contains("merged 5 modules")
+                && stdout.contains(&format!("verify: 0 of {targeted} merged elements off")),
+            "{adapter}: {stdout}"
+        );
+        let (acc, identical) = agreement(&out, want);
+        eprintln!(
+            "{adapter} vs PEFT: {}/{} bit-exact, max {} ulp",
+            acc.exact, acc.total, acc.max_ulp
+        );
+        let off = acc.total - acc.exact;
+        assert!(off as f64 <= 1e-4 * targeted as f64 && acc.max_ulp <= 1);
+        assert!(
+            identical >= 20 - 5,
+            "{adapter}: every untargeted tensor identical"
+        );
+    }
+    let back = dir.join("unmerged.safetensors");
+    let (ok, stdout, stderr) = merge(
+        &fx("embedding/merged.safetensors"),
+        &fx("embedding/adapter"),
+        &back,
+        &["--unmerge", "--verify"],
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(&format!("verify: 0 of {targeted} unmerged elements off")),
+        "{stdout}"
+    );
+    // the adapter's copy of the base embeddings is merged into, not the checkpoint's
+    let other = dir.join("other-embeddings.safetensors");
+    std::fs::copy(&base, &other).unwrap();
+    edit_tensors(&other, |t| {
+        let (_, (_, _, b)) = t
+            .iter_mut()
+            .find(|(n, _)| n == "embed_tokens.weight")
+            .unwrap();
+        b.iter_mut().for_each(|x| *x = 0);
+    });
+    let out = dir.join("from-other.safetensors");
+    let (ok, _, stderr) = merge(other.to_str().unwrap(), &fx("embedding/adapter"), &out, &[]);
+    assert!(ok, "{stderr}");
+    let (acc, _) = agreement(&out, "embedding/merged.safetensors");
+    assert!((acc.total - acc.exact) as f64 <= 1e-4 * targeted as f64 && acc.max_ulp <= 1);
+    // ... and must have the checkpoint's shape
+    let resized = adapter_copy_of(&dir.join("resized"), "embedding/adapter", |_| {});
+    edit_tensors(&resized.join("adapter_model.safetensors"), |t| {
+        let (_, (_, shape, b)) = t
+            .iter_mut()
+            .find(|(n, _)| n.ends_with("embed_tokens.base_layer.weight"))
+            .unwrap();
+        *shape = vec![73, 64];
+        b.extend(vec![0u8; 64 * 2]);
+    });
+    merge_fails(
+        Path::new(&base),
+        &resized,
+        &dir.join("resized.safetensors"),
+        "the adapter saved the layer's base weight as [73, 64], the checkpoint has [72, 64]",
+    );
+    // save and load keep PEFT's names
+    let adapter = PeftAdapter::load(&common::fixture("embedding/dora_adapter")).unwrap();
+    let embed = adapter.modules.iter().find(|m| m.embedding).unwrap();
+    assert_eq!(
+        (embed.name.as_str(), embed.a.rows, embed.a.cols),
+        ("embed_tokens", 5, 72)
+    );
+    assert!(embed.base_weight.is_some() && embed.magnitude.is_some());
+    let saved = dir.join("saved");
+    adapter.save(&saved).unwrap();
+    assert_eq!(PeftAdapter::load(&saved).unwrap(), adapter);
+    let bytes = std::fs::read(saved.join("adapter_model.safetensors")).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .names()
+        .len();
+    let fixture = std::fs::read(common::fixture(
+        "embedding/dora_adapter/adapter_model.safetensors",
+    ))
+    .unwrap();
+    let st = safetensors::SafeTensors::deserialize(&fixture).unwrap();
+    assert_eq!(names, st.names().len());
+    for name in st.names() {
+        let again = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(
+            again.tensor(name).unwrap().data(),
+            st.tensor(name).unwrap().data(),
+            "{name}"
+        );
+    }
+    // the linear layers refuse an embedding's LoRA
+    let dev = lora_kernels::Device::emulator();
+    let w0 = lora_kernels::Tensor::<half::bf16>::zeros(&dev, &[64, 72]).unwrap();
+    let mut layer =
+        lora_kernels::LoraLinear::<half::bf16, f32>::with_f32_adapters(w0, None).unwrap();
+    let e = layer
+        .insert_peft_module("e", &adapter, "embed_tokens")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the LoRA of an embedding layer"), "{e}");
 }
 
 /// `modules_to_save` (tests/fixtures/peft/modules_to_save: PEFT 0.21.2's SEQ_CLS adapter of a Llama
