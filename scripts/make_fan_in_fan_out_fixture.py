@@ -21,6 +21,11 @@ Written:
 - base.safetensors: the base (bf16).
 - adapter/, merged.safetensors: the LoRA adapter (`save_pretrained`) and `merge_and_unload()` of it.
 - dora_adapter/, dora_merged.safetensors: the same for the DoRA adapter.
+- mixed/: an adapter of both kinds of layer, which PEFT saves with `fan_in_fan_out` false (the flag the
+  last layer it wrapped, the Linear `score` head, needed): `GPT2ForSequenceClassification` of the same
+  config with 3 labels (base.safetensors, bf16, seed 19), a LoRA with r = 4, lora_alpha = 8, target
+  attn.c_proj (square Conv1D), c_fc (Conv1D) and score (nn.Linear), lora_B random (adapter/), and
+  `merge_and_unload()` of it (merged.safetensors).
 """
 import json
 import sys
@@ -31,7 +36,7 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from transformers import GPT2Config, GPT2Model
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2Model
 
 
 def model(base):
@@ -71,6 +76,28 @@ def adapter(base, out, name, use_dora):
     return state(pm.merge_and_unload())
 
 
+def mixed(out):
+    torch.manual_seed(19)
+    config = GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=50, n_positions=32, num_labels=3, pad_token_id=0
+    )
+    m = GPT2ForSequenceClassification(config).to(torch.bfloat16)
+    base = state(m)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(base, str(out / "base.safetensors"))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["attn.c_proj", "c_fc", "score"], lora_dropout=0.0)
+    pm = get_peft_model(m, lora)
+    with torch.no_grad():
+        for _, mod in pm.named_modules():
+            if hasattr(mod, "lora_B") and "default" in mod.lora_B:
+                mod.lora_B["default"].weight.normal_(0.0, 0.05)
+    pm.save_pretrained(str(out / "adapter"))
+    readme = out / "adapter" / "README.md"
+    if readme.exists():
+        readme.unlink()
+    save_file(state(pm.merge_and_unload()), str(out / "merged.safetensors"))
+
+
 def main():
     out = Path(sys.argv[1])
     torch.manual_seed(13)
@@ -79,6 +106,7 @@ def main():
     save_file(base, str(out / "base.safetensors"))
     save_file(adapter(base, out, "adapter", False), str(out / "merged.safetensors"))
     save_file(adapter(base, out, "dora_adapter", True), str(out / "dora_merged.safetensors"))
+    mixed(out / "mixed")
     meta = {
         "torch": torch.__version__,
         "transformers": transformers.__version__,

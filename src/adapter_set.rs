@@ -235,7 +235,7 @@ impl<A: Element> AdapterSet<A> {
         validate::fits_u32(op, "adapter slots", slot + 1)?;
         if let Some(factor) = factor {
             // before the arena changes: a failure here leaves the set as it was (the row is unused)
-            self.store_factor(slot, factor)?;
+            self.store_factor(op, slot, factor)?;
         }
         let (a_len, b_len) = (round_up(r * self.k), round_up(self.n * r));
         let len = a_len + b_len;
@@ -311,12 +311,12 @@ impl<A: Element> AdapterSet<A> {
 
     /// Writes a DoRA adapter's factors into row `slot` of the factor table, growing it (to twice its rows,
     /// at least `slot + 1`, with one device copy) when it has fewer rows.
-    fn store_factor(&mut self, slot: usize, factor: &Tensor<f32>) -> Result<()> {
+    fn store_factor(&mut self, op: &'static str, slot: usize, factor: &Tensor<f32>) -> Result<()> {
         // the kernels index the table in u32 (kernels/include/lk_multi.cuh: row·N + column)
         let max_rows = u32::MAX as usize / self.n;
         if slot >= max_rows {
             return Err(Error::OutOfRange {
-                op: "AdapterSet::add_dora",
+                op,
                 arg: "DoRA adapter slot",
                 value: slot as f64,
                 expected: "a slot whose factors end within u32::MAX elements of the factor table (slot + 1 ≤ u32::MAX / N)",
@@ -324,7 +324,9 @@ impl<A: Element> AdapterSet<A> {
         }
         let rows = self.factors.as_ref().map_or(0, |t| t.numel() / self.n);
         if slot >= rows {
-            let grown = (slot + 1).max(2 * rows).min(max_rows);
+            // a row for every slot the set has too, so that replace_dora of a plain adapter's slot
+            // rarely has to grow it (a new table: the graphs captured with the old one refuse)
+            let grown = (slot + 1).max(2 * rows).max(self.slots.len()).min(max_rows);
             let mut table = Tensor::zeros(&self.device, &[grown * self.n])?;
             if let Some(old) = &self.factors {
                 table.copy_range_from(0, old, 0, rows * self.n)?;
@@ -414,8 +416,10 @@ impl<A: Element> AdapterSet<A> {
 
     /// [`AdapterSet::replace`] with a DoRA adapter (its magnitude `[N]` and the layer's W0, from which its
     /// factors are computed as [`AdapterSet::add_dora`] does). A plain adapter that becomes a DoRA one
-    /// keeps graphs captured with the set valid only if the set already held a DoRA adapter then (capture
-    /// again otherwise: their kernels would not apply the factors, so they refuse to replay).
+    /// keeps graphs captured with the set valid only if the set already held a DoRA adapter then and
+    /// its factor table has the slot's row (it holds a row for every slot the set had when it was
+    /// made or last grew); otherwise those graphs refuse to replay (their kernels would not apply the
+    /// factors, or read the old table): capture again.
     pub fn replace_dora<T: Element>(
         &mut self,
         slot: u32,
@@ -478,13 +482,20 @@ impl<A: Element> AdapterSet<A> {
         // a graph captured while the set held no DoRA adapter ran the plain kernels, and one whose
         // adapter turns plain would still apply its old factors: those graphs must not replay
         let had_dora = self.factor_table().is_some();
-        if let Some(factor) = factor {
-            self.store_factor(slot as usize, factor)?;
+        let written = (|| -> Result<()> {
+            if let Some(factor) = factor {
+                self.store_factor(op, slot as usize, factor)?;
+            }
+            let a_len = round_up(r * self.k);
+            self.arena.copy_range_from(old.offset, a, 0, r * self.k)?;
+            self.arena
+                .copy_range_from(old.offset + a_len, b, 0, self.n * r)
+        })();
+        if let Err(e) = written {
+            // half written (a device error): no graph may replay over it
+            self.table.renew_liveness();
+            return Err(e);
         }
-        let a_len = round_up(r * self.k);
-        self.arena.copy_range_from(old.offset, a, 0, r * self.k)?;
-        self.arena
-            .copy_range_from(old.offset + a_len, b, 0, self.n * r)?;
         let dora = factor.is_some();
         self.slots[slot as usize] = Some(Slot {
             scale,
@@ -647,7 +658,7 @@ impl<A: Element> AdapterSet<A> {
 
 /// The adapter of every row of a batch, on the device: a slot of one [`AdapterSet`] or none. Checked
 /// against the set when built (every slot named holds an adapter); the forward checks that none of them
-/// was removed or replaced since.
+/// was removed (or removed and added again) since; [`AdapterSet::replace`] keeps it valid.
 #[derive(Debug)]
 pub struct AdapterIndex {
     index: Tensor<u32>,
@@ -821,8 +832,8 @@ impl AdapterIndex {
                 return Err(Error::InvalidState {
                     op,
                     message: format!(
-                        "adapter slot {slot}, which adapter_index uses, was removed or replaced after the \
-                         index was built; build the index again"
+                        "adapter slot {slot}, which adapter_index uses, was removed (or removed and added \
+                         again) after the index was built; build the index again"
                     ),
                 });
             }
@@ -849,7 +860,9 @@ mod factor_table_tests {
         let dev = Device::emulator();
         let mut set = AdapterSet::<f32>::new(&dev, 1 << 30, 1).unwrap();
         let factor = Tensor::<f32>::zeros(&dev, &[1]).unwrap();
-        let e = set.store_factor(3, &factor).unwrap_err();
+        let e = set
+            .store_factor("AdapterSet::add_dora", 3, &factor)
+            .unwrap_err();
         assert!(
             matches!(
                 e,

@@ -502,34 +502,106 @@ fn transpose<T: Copy>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
     t
 }
 
-/// The base weight of module `m` (in file `f`) is [N, K] for its A [r, K] and B [N, r], or [K, N] with
-/// `fan_in_fan_out` (the config's: every targeted linear weight is then a Conv1D's) and for an
-/// embedding (always); returns its layout.
-fn module_shape(
-    f: &Path,
-    m: &AdapterModule,
-    shape: &[usize],
+/// GPT-2's `Conv1D` layers in transformers (the Conv1D layers PEFT meets in practice).
+const GPT2_CONV1D: [&str; 4] = ["c_attn", "c_proj", "c_fc", "q_attn"];
+
+/// What decides the layout of a targeted weight whose shape cannot: a square one, `[N, N]` read either
+/// way. (A non-square weight's layout is its shape, as PEFT decides it per layer from its type; an
+/// embedding's is always in × out.) PEFT saves `fan_in_fan_out` as the last layer it wrapped needed, so
+/// in an adapter of both kinds the flag says nothing about the others: there, a square weight is merged
+/// only where the checkpoint itself shows it is GPT-2's Conv1D, and refused otherwise.
+#[derive(Clone, Debug)]
+struct LayoutRule {
     fan_in_fan_out: bool,
-) -> Result<Layout> {
+    /// The checkpoint is a GPT-2-style model (a `….c_attn.weight` stored `[in, 3·in]`), whose
+    /// `c_attn`, `c_proj`, `c_fc` and `q_attn` are Conv1D layers.
+    gpt2_conv1d: bool,
+    /// A non-square targeted weight stored the other way than the flag says (module, how it is stored):
+    /// the adapter mixes Conv1D and nn.Linear layers.
+    contradiction: Option<(String, &'static str)>,
+}
+
+impl LayoutRule {
+    /// From every tensor's shape in the checkpoint (`shapes`, by name).
+    fn new(adapter: &PeftAdapter, shapes: &BTreeMap<String, Vec<usize>>) -> Self {
+        let fan_in_fan_out = adapter.config.fan_in_fan_out;
+        let gpt2_conv1d = shapes
+            .iter()
+            .any(|(name, s)| name.ends_with(".c_attn.weight") && s.len() == 2 && s[1] == 3 * s[0]);
+        let contradiction = adapter
+            .modules
+            .iter()
+            .filter(|m| !m.embedding && m.a.cols != m.b.rows)
+            .find_map(|m| {
+                let shape = shapes.get(&format!("{}.weight", m.name))?;
+                let transposed = shape.as_slice() == [m.a.cols, m.b.rows];
+                (transposed != fan_in_fan_out).then(|| {
+                    let how = if transposed {
+                        "in × out (a Conv1D's)"
+                    } else {
+                        "out × in (an nn.Linear's)"
+                    };
+                    (m.name.clone(), how)
+                })
+            });
+        LayoutRule {
+            fan_in_fan_out,
+            gpt2_conv1d,
+            contradiction,
+        }
+    }
+
+    /// Whether module `m`'s square weight is stored in × out.
+    fn square_transposed(&self, f: &Path, m: &AdapterModule) -> Result<bool> {
+        let last = m.name.rsplit('.').next().unwrap_or(&m.name);
+        if self.gpt2_conv1d && GPT2_CONV1D.contains(&last) {
+            return Ok(true);
+        }
+        match &self.contradiction {
+            None => Ok(self.fan_in_fan_out),
+            Some((other, how)) => Err(Error::format(
+                f,
+                format!(
+                    "module `{}` has a square weight, whose layout (a Conv1D's in × out or an nn.Linear's out × in) its shape cannot tell, and the adapter mixes both kinds: `{other}` is stored {how}, against the config's fan_in_fan_out = {}, which PEFT saves as the last layer it wrapped needed; not merged",
+                    m.name, self.fan_in_fan_out
+                ),
+            )),
+        }
+    }
+}
+
+/// The shapes of every tensor of the checkpoint, from the shards' headers.
+fn base_shapes(files: &[PathBuf]) -> Result<BTreeMap<String, Vec<usize>>> {
+    let mut shapes = BTreeMap::new();
+    for f in files {
+        for (name, t) in read_header(f)?.tensors() {
+            shapes.insert(name, t.shape.clone());
+        }
+    }
+    Ok(shapes)
+}
+
+/// The base weight of module `m` (in file `f`) is [N, K] for its A [r, K] and B [N, r] (an
+/// nn.Linear's), or [K, N] (in × out: a Conv1D's, PEFT's `fan_in_fan_out`, or an embedding's); a
+/// non-square weight's shape says which, a square one's `rule`. Returns its layout.
+fn module_shape(f: &Path, m: &AdapterModule, shape: &[usize], rule: &LayoutRule) -> Result<Layout> {
     let magnitude_fits = |n: usize| m.magnitude.as_ref().is_none_or(|v| v.rows * v.cols == n);
-    // an embedding's weight is [vocabulary, dim]: in × out whatever the flag says (PEFT transposes it)
-    let fan_in_fan_out = fan_in_fan_out || m.embedding;
-    let dims = match *shape {
-        [x, y] if fan_in_fan_out => Some((y, x)),
-        [x, y] => Some((x, y)),
+    let (n, k) = (m.b.rows, m.a.cols);
+    let fits = m.a.rows == m.b.cols && magnitude_fits(n);
+    let transposed = match *shape {
+        _ if !fits => None,
+        [x, y] if m.embedding => (x == k && y == n).then_some(true),
+        [x, y] if n != k => match (x == n && y == k, x == k && y == n) {
+            (true, _) => Some(false),
+            (_, true) => Some(true),
+            _ => None,
+        },
+        [x, y] if x == n && y == n => Some(rule.square_transposed(f, m)?),
         _ => None,
     };
-    match dims {
-        Some((n, k))
-            if k == m.a.cols && n == m.b.rows && m.a.rows == m.b.cols && magnitude_fits(n) =>
-        {
-            Ok(Layout {
-                n,
-                k,
-                transposed: fan_in_fan_out,
-            })
-        }
-        _ => {
+    match transposed {
+        Some(transposed) => Ok(Layout { n, k, transposed }),
+        None => {
             let magnitude = match &m.magnitude {
                 Some(v) => format!(", DoRA magnitude {} elements", v.rows * v.cols),
                 None => String::new(),
@@ -546,10 +618,8 @@ fn module_shape(
                     m.b.cols,
                     if m.embedding {
                         "[K, N] (an embedding's: vocabulary × dim, with lora_embedding_A [r, K] and lora_embedding_B [N, r])"
-                    } else if fan_in_fan_out {
-                        "[K, N] (in × out, as the config's fan_in_fan_out says: a Conv1D's)"
                     } else {
-                        "[N, K]"
+                        "[N, K] (an nn.Linear's) or [K, N] (a Conv1D's, PEFT's fan_in_fan_out)"
                     },
                     if m.magnitude.is_some() {
                         ", magnitude [N]"
@@ -666,6 +736,7 @@ pub fn merge_checkpoint_with(
     for m in by_weight.values() {
         module_scale(op, adapter, m)?;
     }
+    let rule = LayoutRule::new(adapter, &base_shapes(&files)?);
     let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut weight_bytes = 0u64;
     for f in &files {
@@ -693,7 +764,7 @@ pub fn merge_checkpoint_with(
                 continue;
             };
             peft::dtype_of(f, &name, t.dtype)?;
-            module_shape(f, m, &t.shape, adapter.config.fan_in_fan_out)?;
+            module_shape(f, m, &t.shape, &rule)?;
             saved_base_fits(f, &name, m, &t.shape)?;
             found.insert(name.clone(), f.clone());
             weight_bytes += (t.data_offsets.1 - t.data_offsets.0) as u64;
@@ -761,7 +832,7 @@ pub fn merge_checkpoint_with(
                 let t = st
                     .tensor(name)
                     .map_err(|e| Error::format(f, e.to_string()))?;
-                let shape = module_shape(f, m, t.shape(), adapter.config.fan_in_fan_out)?;
+                let shape = module_shape(f, m, t.shape(), &rule)?;
                 let scale = module_scale(op, adapter, m)?;
                 let dtype = peft::dtype_of(f, name, t.dtype())?;
                 let w = merge_base(f, name, m, t.shape(), dtype, options.unmerge, t.data())?;
@@ -1093,6 +1164,7 @@ pub fn verify_merge(
     for f in &files {
         bytes_total += header_bytes(f, |name| by_weight.contains_key(name))?;
     }
+    let rule = LayoutRule::new(adapter, &base_shapes(&files)?);
     progress.start(by_weight.len(), bytes_total);
     let mut summary = VerifySummary::default();
     let mut saved_seen = std::collections::BTreeSet::new();
@@ -1142,7 +1214,7 @@ pub fn verify_merge(
                 });
                 continue;
             };
-            let layout = module_shape(f, m, w.shape(), adapter.config.fan_in_fan_out)?;
+            let layout = module_shape(f, m, w.shape(), &rule)?;
             let dims = (layout, m.a.rows);
             let a: Vec<f64> = m.a.to_f32().iter().map(|&v| v as f64).collect();
             let b: Vec<f64> = m.b.to_f32().iter().map(|&v| v as f64).collect();

@@ -408,6 +408,8 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             self.train = None; // its gradients and moments belonged to the replaced tensors
         }
         self.multi = None;
+        // graphs that stepped the replaced tensors refuse to replay now (they were dropped)
+        self.stepped_in_graphs.remove(name);
         self.adapters.insert(
             name.to_string(),
             Adapter {
@@ -501,6 +503,10 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             return Err(self.unknown(OP, name));
         }
         self.multi = None; // the caller may change the adapter's values
+        if self.w0.device().is_capturing() {
+            // and, captured, so may every replay: unseen
+            self.stepped_in_graphs.insert(name.to_string());
+        }
         Ok(self.adapters.get_mut(name).expect("checked above"))
     }
 
@@ -546,11 +552,11 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
     /// after any adapter changes (a DoRA adapter's rows are DoRA's layer, `f ⊙ (X·W0ᵀ + s·T·Bᵀ) + bias`,
     /// its factors computed when the set is built: [`AdapterSet::add_dora`]). Refused on a merged layer
     /// (W0 holds one adapter already). The set is a copy, rebuilt after any change the layer makes; an
-    /// adapter whose optimizer step was captured into a graph changes at each replay without the layer
-    /// seeing it, so from that capture on every call first copies that adapter's current values into
-    /// the set ([`AdapterSet::replace`]; for DoRA also its factors, a pass over W0), and such a call
-    /// cannot itself be captured (use [`ops::lora_forward_multi`] with your own set, refreshed between
-    /// replays).
+    /// adapter whose optimizer step (or any change through [`LoraLinear::adapter_mut`]) was captured
+    /// into a graph changes at each replay without the layer seeing it, so from that capture on (until
+    /// the adapter is merged or replaced) every call first copies that adapter's current values into
+    /// the set ([`AdapterSet::replace`]; for DoRA also its factors, a pass over W0). Not capturable
+    /// (it uploads the row map): capture [`ops::lora_forward_multi`] with a set of your own.
     pub fn forward_multi(
         &mut self,
         x: &Tensor<T>,
@@ -655,7 +661,8 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
         ops::lora_backward(x, &self.w0, &ad.a, &ad.b, t, dy, ad.config.scale(), want_dx)
     }
 
-    /// Adds the active adapter into W0 in place. A no-op when it is already merged.
+    /// Adds the active adapter into W0 in place. A no-op when it is already merged. Graphs captured
+    /// with the adapter's tensors (a training step, a forward) refuse to replay from then on.
     pub fn merge(&mut self) -> Result<()> {
         const OP: &str = "LoraLinear::merge";
         if self.merged.is_some() {
@@ -670,8 +677,23 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             }
             None => ops::merge(&mut self.w0, &ad.a, &ad.b, ad.config.scale())?,
         }
+        self.retire_graphs(&name);
         self.merged = Some(name);
         Ok(())
+    }
+
+    /// After adapter `name` was merged: graphs captured with its tensors refuse to replay (a replayed
+    /// training step would change A and B under the merge, and unmerging would then subtract another
+    /// s·B·A; a replayed forward would add the adapter twice). Capture again after unmerging.
+    fn retire_graphs(&mut self, name: &str) {
+        if let Some(ad) = self.adapters.get_mut(name) {
+            ad.a.renew_liveness();
+            ad.b.renew_liveness();
+            if let Some(m) = ad.magnitude.as_mut() {
+                m.renew_liveness();
+            }
+        }
+        self.stepped_in_graphs.remove(name);
     }
 
     /// Subtracts the merged adapter from W0 in place. A no-op when nothing is merged.
@@ -715,6 +737,7 @@ impl<T: Element, A: Element> LoraLinear<T, A> {
             }
             None => ops::safe_merge(&mut self.w0, &ad.a, &ad.b, s)?,
         };
+        self.retire_graphs(&name);
         self.merged = Some(name);
         Ok(counts)
     }

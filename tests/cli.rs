@@ -625,13 +625,14 @@ fn error_paths_are_clear_and_leave_nothing() {
     let a = adapter_copy(&dir.join("r"), |c| c["r"] = 4.into());
     merge_fails(&base, &a, &out, "rank for it is 4");
 
-    // adapter/base shape mismatch: the fixture adapter against a base whose q_proj is transposed-size
+    // adapter/base shape mismatch: the fixture adapter against a base whose down_proj [64, 96] is
+    // [32, 192] (stored [96, 64], it would be a Conv1D's: see fan_in_fan_out_adapters_merge_as_peft_does)
     let st_bytes = std::fs::read(&base).unwrap();
     let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
     let mut views = st.tensors();
     for (name, v) in views.iter_mut() {
         if name == "model.layers.0.mlp.down_proj.weight" {
-            *v = safetensors::tensor::TensorView::new(v.dtype(), vec![96, 64], v.data()).unwrap();
+            *v = safetensors::tensor::TensorView::new(v.dtype(), vec![32, 192], v.data()).unwrap();
         }
     }
     let bad_base = dir.join("bad_shape.safetensors");
@@ -699,10 +700,11 @@ fn error_paths_are_clear_and_leave_nothing() {
             "use_dora",
             "lora_magnitude_vector` (the config sets `use_dora`)",
         ),
-        // the fixture's weights are nn.Linear's: its up_proj [96, 64] is not a Conv1D's [64, 96]
+        // the fixture's weights are nn.Linear's (its up_proj [96, 64] is stored out × in), so the
+        // flag says the adapter mixes both kinds: its square weights' layout is unknown
         (
             "fan_in_fan_out",
-            "(expected W [K, N] (in × out, as the config's fan_in_fan_out says",
+            "has a square weight, whose layout (a Conv1D's in × out or an nn.Linear's out × in) its shape cannot tell, and the adapter mixes both kinds",
         ),
     ] {
         let a = adapter_copy(&dir.join(edit), |c| c[edit] = true.into());
@@ -1128,14 +1130,56 @@ fn fan_in_fan_out_adapters_merge_as_peft_does() {
     let worst = v.worst.unwrap();
     assert_eq!((worst.tensor.as_str(), worst.index), (name, at));
 
-    let linear = adapter_copy_of(&dir.join("linear"), "fan_in_fan_out/adapter", |c| {
+    // the flag as PEFT saves it for an adapter of both kinds: the last layer it wrapped's. Non-square
+    // weights go by their shape, square ones are GPT-2's Conv1D by name in a GPT-2 checkpoint (its
+    // c_attn stored [in, 3·in]): the merge is PEFT's, which decides per layer from its type
+    let off_flag = adapter_copy_of(&dir.join("flag-off"), "fan_in_fan_out/adapter", |c| {
         c["fan_in_fan_out"] = false.into()
     });
-    merge_fails(
-        Path::new(&base),
-        &linear,
-        &dir.join("linear.safetensors"),
-        "adapter/base shape mismatch for `h.0.attn.c_attn`: base weight [64, 192], lora_A 8×64, lora_B 192×8 (expected W [N, K], A [r, K], B [N, r])",
+    let mixed = fx("fan_in_fan_out/mixed/adapter");
+    for (base, adapter, want) in [
+        (
+            base.as_str(),
+            off_flag.to_str().unwrap(),
+            "fan_in_fan_out/merged.safetensors",
+        ),
+        (
+            &*fx("fan_in_fan_out/mixed/base.safetensors"),
+            mixed.as_str(),
+            "fan_in_fan_out/mixed/merged.safetensors",
+        ),
+    ] {
+        let out = dir.join("per-layer.safetensors");
+        let _ = std::fs::remove_file(&out);
+        let (ok, stdout, stderr) = run(&[
+            "merge",
+            "--base",
+            base,
+            "--adapter",
+            adapter,
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "emu",
+            "--verify",
+            "--quiet",
+        ]);
+        assert!(
+            ok && stdout.contains("verify: 0 of"),
+            "{adapter}: {stdout}{stderr}"
+        );
+        let (acc, _) = agreement(&out, want);
+        assert!(
+            (acc.total - acc.exact) as f64 <= 1e-4 * acc.total as f64 && acc.max_ulp <= 1,
+            "{adapter}: {}/{} bit-exact",
+            acc.exact,
+            acc.total
+        );
+    }
+    let mixed = PeftAdapter::load(Path::new(&mixed)).unwrap();
+    assert!(
+        !mixed.config.fan_in_fan_out,
+        "PEFT saved the Linear head's flag"
     );
 }
 

@@ -218,13 +218,25 @@ fn many_adapter_forward_replays_with_new_maps_and_a_changed_set_refuses() {
 /// and, on a set that held a DoRA adapter at the capture, plain → DoRA; a graph captured on a set
 /// without DoRA refuses to replay after plain → DoRA, and any graph after DoRA → plain. Another rank
 /// and an empty slot are refused before anything changes; replace cannot be captured.
+/// At M = 16 (the decode kernels) and 40, K = 44 with odd ranks (B's offset in the arena rounded up
+/// past A's r·K elements) and K = 48.
 #[test]
 fn a_replaced_adapter_serves_its_new_values_in_eager_calls_and_replays() {
+    for (m, k, ranks, stream) in [
+        (40, 48, [9, 16, 24], 61),
+        (16, 44, [5, 17, 3], 62),
+        (40, 44, [1, 33, 7], 63),
+    ] {
+        replace_case(m, k, &ranks, stream);
+    }
+}
+
+fn replace_case(m: usize, k: usize, ranks: &[usize], stream: u64) {
     use common::multi::random_adapter;
-    let (m, n, k) = (40, 56, 48);
+    let n = 56;
     let dev = Device::emulator();
-    let mut rng = Rng::new(61);
-    let mut b = Batch::<bf16, bf16>::random(&mut rng, (m, n, k), 3, true);
+    let mut rng = Rng::new(stream);
+    let mut b = Batch::<bf16, bf16>::with_ranks(&mut rng, (m, n, k), ranks, true);
     let (x, w0, bias) = b.layer_on(&dev);
     let magnitude = |rng: &mut Rng| {
         let v: Vec<f32> = (0..n).map(|_| 0.5 + rng.uniform().abs() as f32).collect();
@@ -254,19 +266,19 @@ fn a_replaced_adapter_serves_its_new_values_in_eager_calls_and_replays() {
         .unwrap();
         bits(&y.to_vec().unwrap())
     };
-    for case in [
-        "plain",
-        "dora",
-        "plain to dora",
-        "plain to dora, no dora before",
-        "dora to plain",
+    // (case, the slot of a DoRA adapter before, slot 1 a DoRA adapter after, the graph replays)
+    for (case, dora_before, becomes_dora, replays) in [
+        ("plain", None, false, true),
+        ("dora", Some(1), true, true),
+        ("plain to dora", Some(2), true, true),
+        // the factor table made for slot 0 has slot 1's row too: no growth, no new table
+        ("plain to dora, dora in slot 0", Some(0), true, true),
+        ("plain to dora, no dora before", None, true, false),
+        ("dora to plain", Some(1), false, false),
     ] {
         let mut set = set_of(&dev, &b);
-        let dora_before = case.starts_with("dora") || case == "plain to dora";
         let m0 = magnitude(&mut rng);
-        if dora_before {
-            // slot 2 a DoRA adapter (slot 1, the one replaced, for "dora" and "dora to plain")
-            let slot = if case.starts_with("dora") { 1 } else { 2 };
+        if let Some(slot) = dora_before {
             let (a, bb) = upload(&b.adapters[slot]);
             set.replace_dora(slot as u32, &a, &bb, &m0, b.adapters[slot].3, &w0)
                 .unwrap();
@@ -305,7 +317,6 @@ fn a_replaced_adapter_serves_its_new_values_in_eager_calls_and_replays() {
         let new = random_adapter::<bf16>(&mut rng, n, k, b.adapters[1].2);
         let (a, bb) = upload(&new);
         let m1 = magnitude(&mut rng);
-        let becomes_dora = case.ends_with("dora") || case == "plain to dora, no dora before";
         if becomes_dora {
             set.replace_dora(1, &a, &bb, &m1, new.3, &w0).unwrap();
         } else {
@@ -320,10 +331,10 @@ fn a_replaced_adapter_serves_its_new_values_in_eager_calls_and_replays() {
             built.add(&a, &bb, new.3).unwrap()
         };
         assert_eq!(slot, 1);
-        if dora_before && !case.starts_with("dora") {
-            let (a2, b2) = upload(&b.adapters[2]);
+        if let Some(slot) = dora_before.filter(|&s| s != 1) {
+            let (a2, b2) = upload(&b.adapters[slot]);
             built
-                .replace_dora(2, &a2, &b2, &m0, b.adapters[2].3, &w0)
+                .replace_dora(slot as u32, &a2, &b2, &m0, b.adapters[slot].3, &w0)
                 .unwrap();
         }
         assert_eq!(
@@ -335,17 +346,18 @@ fn a_replaced_adapter_serves_its_new_values_in_eager_calls_and_replays() {
         assert_eq!(
             forward(&set, &index),
             want,
-            "{case}: eager, with the index made before"
+            "m {m} k {k} {case}: eager, with the index made before"
         );
         y.poison().unwrap();
-        match case {
-            "plain to dora, no dora before" | "dora to plain" => {
-                refused(case, graph.replay(), &["AdapterSet changed"])
-            }
-            _ => {
-                graph.replay().unwrap();
-                assert_eq!(bits(&y.to_vec().unwrap()), want, "{case}: replayed");
-            }
+        if replays {
+            graph.replay().unwrap();
+            assert_eq!(
+                bits(&y.to_vec().unwrap()),
+                want,
+                "m {m} k {k} {case}: replayed"
+            );
+        } else {
+            refused(case, graph.replay(), &["AdapterSet changed"]);
         }
     }
     // refusals, the set unchanged
@@ -587,6 +599,86 @@ fn a_training_step_captured_whole_replays_as_the_eager_steps() {
             );
         }
     }
+}
+
+/// A LoraLinear's adapter changed by a replay the layer does not see: a step captured through
+/// `adapter_mut` (the caller's own optimizer op) is served by `forward_multi` with the replayed values;
+/// and a captured training step cannot replay once the adapter is merged (it would train under the
+/// merge, and unmerging would subtract another s·B·A): W0 comes back from merge and unmerge as it
+/// would without the graph.
+#[test]
+fn a_merged_adapters_graphs_refuse_and_adapter_mut_steps_are_served() {
+    let (m, n, k, r) = (24, 40, 32, 8);
+    let dev = &emulators()[0];
+    let mut rng = Rng::new(52);
+    let w0: Vec<bf16> = rng.vec(n * k, 0.3);
+    let x = up::<bf16>(dev, &rng.vec(m * k, 1.0), &[m, k]);
+    let target = up::<bf16>(dev, &rng.vec(m * n, 1.0), &[m, n]);
+    let layer = || {
+        let mut l =
+            LoraLinear::<bf16, f32>::with_f32_adapters(up(dev, &w0, &[n, k]), None).unwrap();
+        l.add_adapter("task", LoraConfig::new(r, 16.0), 7).unwrap();
+        l
+    };
+    let rows: Vec<Option<&str>> = (0..m).map(|i| [Some("task"), None][i % 2]).collect();
+    let served = |l: &mut LoraLinear<bf16, f32>| {
+        bits(&l.forward_multi(&x, &rows).unwrap().y.to_vec().unwrap())
+    };
+
+    // a step on A captured through adapter_mut
+    let mut l = layer();
+    let nonzero: Vec<f32> = rng.vec(n * r, 0.3);
+    l.adapter_mut("task").unwrap().b = up(dev, &nonzero, &[n, r]);
+    let grad = up::<f32>(dev, &rng.vec(r * k, 1.0), &[r, k]);
+    let mut state = ops::AdamState::new(dev, &[r, k]).unwrap();
+    let mut schedule = AdamwSchedule::new(dev, AdamW::default()).unwrap();
+    schedule.advance().unwrap();
+    let mut step_a = |l: &mut LoraLinear<bf16, f32>| {
+        let a = &mut l.adapter_mut("task")?.a;
+        ops::adamw_step_scheduled(a, &grad, &mut state, &schedule)
+    };
+    step_a(&mut l).unwrap();
+    let graph = dev.capture(|| step_a(&mut l)).unwrap();
+    let before = served(&mut l);
+    graph.replay().unwrap();
+    let after = served(&mut l);
+    assert_ne!(after, before, "the replay changed A");
+    l.adapter_mut("task").unwrap(); // drops the copy: a fresh one from the current values
+    assert_eq!(
+        after,
+        served(&mut l),
+        "forward_multi after a replay of a step through adapter_mut"
+    );
+
+    // a captured training step, then merge: the graph refuses
+    let mut dy = poisoned::<bf16>(dev, &[m, n]);
+    let mut train =
+        |l: &mut LoraLinear<bf16, f32>, schedule: &AdamwSchedule| -> lora_kernels::Result<()> {
+            let y = l.train_forward(&x)?;
+            ops::mse_grad(y, &target, 1.0, &mut dy)?;
+            l.train_backward(&x, &dy, GradMode::Overwrite, false)?;
+            l.optimizer_step_scheduled(schedule)
+        };
+    let mut schedule = AdamwSchedule::new(dev, AdamW::default()).unwrap();
+    schedule.advance().unwrap();
+    let (mut l, mut same) = (layer(), layer());
+    for l in [&mut l, &mut same] {
+        train(l, &schedule).unwrap();
+        train(l, &schedule).unwrap(); // B away from 0
+    }
+    let graph = dev.capture(|| train(&mut l, &schedule)).unwrap();
+    graph.replay().unwrap();
+    train(&mut same, &schedule).unwrap();
+    l.merge().unwrap();
+    refused("a replay after merge", graph.replay(), &["was dropped"]);
+    l.unmerge().unwrap();
+    same.merge().unwrap();
+    same.unmerge().unwrap();
+    assert_eq!(
+        bits(&l.w0().to_vec().unwrap()),
+        bits(&same.w0().to_vec().unwrap()),
+        "W0 after merge and unmerge, the graph refused in between"
+    );
 }
 
 fn refused(what: &str, r: lora_kernels::Result<impl std::fmt::Debug>, words: &[&str]) {
