@@ -543,7 +543,7 @@ fn bad_multi_inputs() {
     let e = AdapterIndex::new(&set, &[Some(2)]).unwrap_err();
     assert!(matches!(e, Error::AdapterIndex { value: 2, .. }), "{e}");
     let e = lora_forward_multi(&x, &w0, None, &set, &stale).unwrap_err();
-    assert!(msg(e).contains("removed or replaced"));
+    assert!(msg(e).contains("was removed (or removed and added again)"));
 
     // an index of the wrong length, dtype or rank
     let short = AdapterIndex::new(&set, &vec![Some(0); m - 1]).unwrap();
