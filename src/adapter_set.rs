@@ -275,17 +275,25 @@ impl<A: Element> AdapterSet<A> {
                 value: scale as f64,
             });
         }
-        for (arg, t) in [("a", a.device()), ("b", b.device())] {
-            if *t != self.device {
-                return Err(Error::DeviceMismatch {
-                    op,
-                    arg,
-                    expected: self.device.describe(),
-                    got: t.describe(),
-                });
-            }
-        }
+        self.on_device(op, [("a", a.device()), ("b", b.device())])?;
         Ok(r)
+    }
+
+    /// Every argument is on the set's device.
+    fn on_device<const N: usize>(
+        &self,
+        op: &'static str,
+        args: [(&'static str, &Device); N],
+    ) -> Result<()> {
+        match args.into_iter().find(|(_, d)| **d != self.device) {
+            Some((arg, d)) => Err(Error::DeviceMismatch {
+                op,
+                arg,
+                expected: self.device.describe(),
+                got: d.describe(),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// A DoRA adapter's base weight and magnitude: the set's layer, on its device.
@@ -296,17 +304,7 @@ impl<A: Element> AdapterSet<A> {
         w0: &Tensor<T>,
     ) -> Result<()> {
         validate::shape(op, "w0", w0, &[self.n, self.k], "[N, K] (the set's layer)")?;
-        for (arg, t) in [("w0", w0.device()), ("magnitude", magnitude.device())] {
-            if *t != self.device {
-                return Err(Error::DeviceMismatch {
-                    op,
-                    arg,
-                    expected: self.device.describe(),
-                    got: t.describe(),
-                });
-            }
-        }
-        Ok(())
+        self.on_device(op, [("w0", w0.device()), ("magnitude", magnitude.device())])
     }
 
     /// Writes a DoRA adapter's factors into row `slot` of the factor table, growing it (to twice its rows,

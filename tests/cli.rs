@@ -1033,6 +1033,64 @@ fn verify_counts_a_planted_error() {
     );
 }
 
+/// Merges `adapter` into `base` with the CLI (`--verify`, plus `extra`) into `out` and checks it against
+/// PEFT's merged checkpoint fixture `want`: `modules` merged, `--verify` finds none of the `targeted`
+/// elements off, ≥ 99.99 % of them bit-exact with PEFT's and the rest within 1 ulp, and every other
+/// tensor identical.
+fn merges_as_peft(
+    base: &str,
+    adapter: &str,
+    out: &Path,
+    extra: &[&str],
+    want: &str,
+    (modules, targeted): (usize, usize),
+) {
+    let _ = std::fs::remove_file(out);
+    let mut args = vec![
+        "merge",
+        "--base",
+        base,
+        "--adapter",
+        adapter,
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "emu",
+        "--quiet",
+        "--verify",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, stdout, stderr) = run(&args);
+    assert!(ok, "{adapter}: {stderr}");
+    let what = if extra.contains(&"--unmerge") {
+        "unmerged"
+    } else {
+        "merged"
+    };
+    assert!(
+        stdout.contains(&format!("{what} {modules} modules"))
+            && stdout.contains(&format!("verify: 0 of {targeted} {what} elements off")),
+        "{adapter}: {stdout}"
+    );
+    let (acc, identical) = agreement(out, want);
+    eprintln!(
+        "{adapter} vs PEFT: {}/{} bit-exact, max {} ulp",
+        acc.exact, acc.total, acc.max_ulp
+    );
+    // every element of the checkpoint is compared: the ones off are targeted ones
+    let off = acc.total - acc.exact;
+    assert!(
+        off as f64 <= 1e-4 * targeted as f64 && acc.max_ulp <= 1,
+        "{adapter}: {off} of {targeted} off, max {} ulp",
+        acc.max_ulp
+    );
+    let tensors = Fixture::open(want).names().len();
+    assert!(
+        identical >= tensors - modules,
+        "{adapter}: every untargeted tensor identical"
+    );
+}
+
 /// `fan_in_fan_out` (tests/fixtures/peft/fan_in_fan_out: a GPT-2-shaped model, whose Conv1D weights are
 /// stored in × out, with LoRA and DoRA adapters PEFT 0.21.2 made and merged): the merge reproduces
 /// PEFT's (≥ 99.99 % of the targeted elements bit-exact, ≤ 1 ulp; every other tensor identical),
@@ -1056,37 +1114,7 @@ fn fan_in_fan_out_adapters_merge_as_peft_does() {
         ),
     ] {
         let out = dir.join(want.replace('/', "-"));
-        let (ok, stdout, stderr) = run(&[
-            "merge",
-            "--base",
-            &base,
-            "--adapter",
-            &fx(adapter),
-            "--out",
-            out.to_str().unwrap(),
-            "--device",
-            "emu",
-            "--verify",
-            "--quiet",
-        ]);
-        assert!(ok, "{adapter}: {stderr}");
-        assert!(
-            stdout.contains("merged 8 modules")
-                && stdout.contains(&format!("verify: 0 of {targeted} merged elements off")),
-            "{adapter}: {stdout}"
-        );
-        let (acc, identical) = agreement(&out, want);
-        eprintln!(
-            "{adapter} vs PEFT: {}/{} bit-exact, max {} ulp",
-            acc.exact, acc.total, acc.max_ulp
-        );
-        // every element of the checkpoint compared: the ones off are targeted ones
-        let off = acc.total - acc.exact;
-        assert!(off as f64 <= 1e-4 * targeted as f64 && acc.max_ulp <= 1);
-        assert!(
-            identical >= 28 - 8,
-            "{adapter}: every untargeted tensor identical"
-        );
+        merges_as_peft(&base, &fx(adapter), &out, &[], want, (8, targeted));
     }
     let back = dir.join("unmerged.safetensors");
     let (ok, stdout, stderr) = run(&[
@@ -1137,45 +1165,21 @@ fn fan_in_fan_out_adapters_merge_as_peft_does() {
         c["fan_in_fan_out"] = false.into()
     });
     let mixed = fx("fan_in_fan_out/mixed/adapter");
-    for (base, adapter, want) in [
-        (
-            base.as_str(),
-            off_flag.to_str().unwrap(),
-            "fan_in_fan_out/merged.safetensors",
-        ),
-        (
-            &*fx("fan_in_fan_out/mixed/base.safetensors"),
-            mixed.as_str(),
-            "fan_in_fan_out/mixed/merged.safetensors",
-        ),
-    ] {
-        let out = dir.join("per-layer.safetensors");
-        let _ = std::fs::remove_file(&out);
-        let (ok, stdout, stderr) = run(&[
-            "merge",
-            "--base",
-            base,
-            "--adapter",
-            adapter,
-            "--out",
-            out.to_str().unwrap(),
-            "--device",
-            "emu",
-            "--verify",
-            "--quiet",
-        ]);
-        assert!(
-            ok && stdout.contains("verify: 0 of"),
-            "{adapter}: {stdout}{stderr}"
-        );
-        let (acc, _) = agreement(&out, want);
-        assert!(
-            (acc.total - acc.exact) as f64 <= 1e-4 * acc.total as f64 && acc.max_ulp <= 1,
-            "{adapter}: {}/{} bit-exact",
-            acc.exact,
-            acc.total
-        );
-    }
+    let out = dir.join("per-layer.safetensors");
+    let want = "fan_in_fan_out/merged.safetensors";
+    merges_as_peft(
+        &base,
+        off_flag.to_str().unwrap(),
+        &out,
+        &[],
+        want,
+        (8, targeted),
+    );
+    // 2 layers of attn.c_proj 64×64 and c_fc 64×256, and score 3×64
+    let mixed_targeted = 2 * (64 * 64 + 64 * 256) + 3 * 64;
+    let mixed_base = fx("fan_in_fan_out/mixed/base.safetensors");
+    let want = "fan_in_fan_out/mixed/merged.safetensors";
+    merges_as_peft(&mixed_base, &mixed, &out, &[], want, (5, mixed_targeted));
     let mixed = PeftAdapter::load(Path::new(&mixed)).unwrap();
     assert!(
         !mixed.config.fan_in_fan_out,
@@ -1221,24 +1225,7 @@ fn embedding_adapters_merge_as_peft_does() {
         ),
     ] {
         let out = dir.join(want.replace('/', "-"));
-        let (ok, stdout, stderr) = merge(&base, &fx(adapter), &out, &["--verify"]);
-        assert!(ok, "{adapter}: {stderr}");
-        assert!(
-            stdout.contains("merged 5 modules")
-                && stdout.contains(&format!("verify: 0 of {targeted} merged elements off")),
-            "{adapter}: {stdout}"
-        );
-        let (acc, identical) = agreement(&out, want);
-        eprintln!(
-            "{adapter} vs PEFT: {}/{} bit-exact, max {} ulp",
-            acc.exact, acc.total, acc.max_ulp
-        );
-        let off = acc.total - acc.exact;
-        assert!(off as f64 <= 1e-4 * targeted as f64 && acc.max_ulp <= 1);
-        assert!(
-            identical >= 20 - 5,
-            "{adapter}: every untargeted tensor identical"
-        );
+        merges_as_peft(&base, &fx(adapter), &out, &[], want, (5, targeted));
     }
     let back = dir.join("unmerged.safetensors");
     let (ok, stdout, stderr) = merge(
