@@ -352,40 +352,30 @@ pub fn dora_backward_into<'d, T: Element, A: Element>(
                         x, w0, a, b, &saved.t, dz, scale, dropout, dx, da, db, mode, ws,
                     )
                 };
-            let residual_dx = dx.as_deref_mut().filter(|_| dropout.is_active());
-            match residual_dx {
+            // dZ ← round(f·dY) and dm's partial sums (and, for dX with dropout, (1 − f)·dY)
+            let grad_pass = |dz: &mut Tensor<T>,
+                             partials: &mut Tensor<f32>,
+                             aux: Option<&mut Tensor<T>>|
+             -> Result<()> {
+                let pass = Columns::Grad { dy, partials, aux };
+                let dims = (d.m, d.n);
+                columns(
+                    OP,
+                    pass,
+                    &saved.z,
+                    &saved.factor,
+                    dz,
+                    dims,
+                    MAX_COLUMN_BLOCKS,
+                )
+            };
+            match dx.as_deref_mut().filter(|_| dropout.is_active()) {
                 None => {
-                    let pass = Columns::Grad {
-                        dy,
-                        partials,
-                        aux: None,
-                    };
-                    columns(
-                        OP,
-                        pass,
-                        &saved.z,
-                        &saved.factor,
-                        dz,
-                        (d.m, d.n),
-                        MAX_COLUMN_BLOCKS,
-                    )?;
+                    grad_pass(dz, partials, None)?;
                     lora_backward(dz, dx, ws)?;
                 }
                 Some(dx) => ws.with_layer(dev, &mn, |drest, ws| {
-                    let pass = Columns::Grad {
-                        dy,
-                        partials,
-                        aux: Some(drest),
-                    };
-                    columns(
-                        OP,
-                        pass,
-                        &saved.z,
-                        &saved.factor,
-                        dz,
-                        (d.m, d.n),
-                        MAX_COLUMN_BLOCKS,
-                    )?;
+                    grad_pass(dz, partials, Some(&mut *drest))?;
                     lora_backward(dz, Some(&mut *dx), ws)?;
                     ws.with_layer(dev, &rows_of(&s.lead, d.k), |g, _| {
                         launch::plain_gemm(OP, Orient::Nn, drest, w0, g, (d.m, d.k, d.n))?;
