@@ -286,6 +286,32 @@ fn saved_base_fits(f: &Path, name: &str, m: &AdapterModule, shape: &[usize]) -> 
     }
 }
 
+/// An embedding's or an lm_head's weight stored twice, bit for bit (input and output embeddings tied,
+/// `tie_word_embeddings`, in a checkpoint that keeps both names), is one parameter to PEFT, whose merge
+/// changes both: refused rather than merged into one copy. (Only within the weight's shard; a
+/// checkpoint that stores the tied weight once merges into it, as PEFT does.)
+fn tied_copy_refused(f: &Path, st: &SafeTensors<'_>, name: &str, m: &AdapterModule) -> Result<()> {
+    let last = m.name.rsplit('.').next().unwrap_or(&m.name);
+    if !m.embedding && last != "lm_head" {
+        return Ok(());
+    }
+    let t = st
+        .tensor(name)
+        .map_err(|e| Error::format(f, e.to_string()))?;
+    for (other, u) in st.tensors() {
+        if other != name && u.dtype() == t.dtype() && u.shape() == t.shape() && u.data() == t.data()
+        {
+            return Err(Error::format(
+                f,
+                format!(
+                    "`{name}` is `{other}` bit for bit: a tied pair (tie_word_embeddings), which PEFT merges as one parameter, so that both change; not merged (a checkpoint that stores the tied weight once is merged into it)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Every tensor saved whole has one to replace in the base.
 fn saved_all_found(
     base: &Path,
@@ -507,15 +533,18 @@ const GPT2_CONV1D: [&str; 4] = ["c_attn", "c_proj", "c_fc", "q_attn"];
 
 /// What decides the layout of a targeted weight whose shape cannot: a square one, `[N, N]` read either
 /// way. (A non-square weight's layout is its shape, as PEFT decides it per layer from its type; an
-/// embedding's is always in × out.) PEFT saves `fan_in_fan_out` as the last layer it wrapped needed, so
-/// in an adapter of both kinds the flag says nothing about the others: there, a square weight is merged
-/// only where the checkpoint itself shows it is GPT-2's Conv1D, and refused otherwise.
+/// embedding's is always in × out.) PEFT also decides a square layer's layout from its type, and saves
+/// `fan_in_fan_out` as the last layer it wrapped needed, so the flag does not speak for every layer.
+/// A square weight is a Conv1D's where the checkpoint shows it: one of GPT-2's Conv1D names in a block
+/// of a GPT-2-style model (an enclosing module holding a `c_attn.weight` stored `[in, 3·in]`);
+/// otherwise an nn.Linear's, with the flag off. With the flag on, or where a non-square weight shows
+/// the adapter mixes both kinds, a square weight the checkpoint does not place is refused.
 #[derive(Clone, Debug)]
 struct LayoutRule {
     fan_in_fan_out: bool,
-    /// The checkpoint is a GPT-2-style model (a `….c_attn.weight` stored `[in, 3·in]`), whose
-    /// `c_attn`, `c_proj`, `c_fc` and `q_attn` are Conv1D layers.
-    gpt2_conv1d: bool,
+    /// The modules that hold a GPT-2 Conv1D `c_attn` (`….c_attn.weight` stored `[in, 3·in]`), each
+    /// with a trailing dot: a GPT-2 block's layers are under one of them.
+    gpt2_blocks: Vec<String>,
     /// A non-square targeted weight stored the other way than the flag says (module, how it is stored):
     /// the adapter mixes Conv1D and nn.Linear layers.
     contradiction: Option<(String, &'static str)>,
@@ -525,9 +554,23 @@ impl LayoutRule {
     /// From every tensor's shape in the checkpoint (`shapes`, by name).
     fn new(adapter: &PeftAdapter, shapes: &BTreeMap<String, Vec<usize>>) -> Self {
         let fan_in_fan_out = adapter.config.fan_in_fan_out;
-        let gpt2_conv1d = shapes
+        // a Conv1D c_attn's attention module and block (`h.0.attn.` and `h.0.` for `h.0.attn.c_attn`),
+        // never the model's root or its top-level modules above the blocks
+        let mut gpt2_blocks: Vec<String> = shapes
             .iter()
-            .any(|(name, s)| name.ends_with(".c_attn.weight") && s.len() == 2 && s[1] == 3 * s[0]);
+            .filter(|(name, s)| {
+                name.ends_with(".c_attn.weight") && s.len() == 2 && s[1] == 3 * s[0]
+            })
+            .flat_map(|(name, _)| {
+                let module = name.strip_suffix(".weight").unwrap_or(name);
+                let parts: Vec<&str> = module.split('.').collect();
+                (parts.len().saturating_sub(2).max(1)..parts.len())
+                    .map(|i| format!("{}.", parts[..i].join(".")))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        gpt2_blocks.sort();
+        gpt2_blocks.dedup();
         let contradiction = adapter
             .modules
             .iter()
@@ -546,27 +589,41 @@ impl LayoutRule {
             });
         LayoutRule {
             fan_in_fan_out,
-            gpt2_conv1d,
+            gpt2_blocks,
             contradiction,
         }
     }
 
     /// Whether module `m`'s square weight is stored in × out.
     fn square_transposed(&self, f: &Path, m: &AdapterModule) -> Result<bool> {
-        let last = m.name.rsplit('.').next().unwrap_or(&m.name);
-        if self.gpt2_conv1d && GPT2_CONV1D.contains(&last) {
+        let (parent, last) = match m.name.rsplit_once('.') {
+            Some((parent, last)) => (format!("{parent}."), last),
+            None => (String::new(), m.name.as_str()),
+        };
+        // a GPT-2 Conv1D name inside a module that holds a Conv1D c_attn (its block, or the attention
+        // itself): not the whole model (a GPT-2 submodule beside an nn.Linear `c_proj` elsewhere)
+        let in_block = self
+            .gpt2_blocks
+            .iter()
+            .any(|b| parent.starts_with(b.as_str()));
+        if in_block && GPT2_CONV1D.contains(&last) {
             return Ok(true);
         }
-        match &self.contradiction {
-            None => Ok(self.fan_in_fan_out),
-            Some((other, how)) => Err(Error::format(
-                f,
-                format!(
-                    "module `{}` has a square weight, whose layout (a Conv1D's in × out or an nn.Linear's out × in) its shape cannot tell, and the adapter mixes both kinds: `{other}` is stored {how}, against the config's fan_in_fan_out = {}, which PEFT saves as the last layer it wrapped needed; not merged",
-                    m.name, self.fan_in_fan_out
-                ),
-            )),
-        }
+        let why = match (&self.contradiction, self.fan_in_fan_out) {
+            (None, false) => return Ok(false),
+            (Some((other, how)), _) => format!(
+                "the adapter mixes both kinds: `{other}` is stored {how}, against the config's fan_in_fan_out = {}, which PEFT saves as the last layer it wrapped needed",
+                self.fan_in_fan_out
+            ),
+            (None, true) => "the config's fan_in_fan_out is set, but the checkpoint does not show this layer is a Conv1D (GPT-2's c_attn, c_proj, c_fc or q_attn in a block whose c_attn is stored [in, 3·in]); PEFT decides from the layer's type".to_string(),
+        };
+        Err(Error::format(
+            f,
+            format!(
+                "module `{}` has a square weight, whose layout (a Conv1D's in × out or an nn.Linear's out × in) its shape cannot tell: {why}; not merged",
+                m.name
+            ),
+        ))
     }
 }
 
@@ -764,8 +821,9 @@ pub fn merge_checkpoint_with(
                 continue;
             };
             peft::dtype_of(f, &name, t.dtype)?;
-            module_shape(f, m, &t.shape, &rule)?;
+            // first: a resized vocabulary shows in the saved base weight, with its own message
             saved_base_fits(f, &name, m, &t.shape)?;
+            module_shape(f, m, &t.shape, &rule)?;
             found.insert(name.clone(), f.clone());
             weight_bytes += (t.data_offsets.1 - t.data_offsets.0) as u64;
         }
@@ -774,8 +832,13 @@ pub fn merge_checkpoint_with(
         return Err(Error::format(
             base,
             format!(
-                "target module `{}` is missing from the base checkpoint (no tensor `{missing}`)",
-                by_weight[missing].name
+                "target module `{}` is missing from the base checkpoint (no tensor `{missing}`){}",
+                by_weight[missing].name,
+                if missing.ends_with("lm_head.weight") {
+                    ": an lm_head tied to the embeddings is stored once, under the embeddings' name, and PEFT merges its LoRA into that shared weight; not supported"
+                } else {
+                    ""
+                }
             ),
         ));
     }
@@ -832,6 +895,7 @@ pub fn merge_checkpoint_with(
                 let t = st
                     .tensor(name)
                     .map_err(|e| Error::format(f, e.to_string()))?;
+                tied_copy_refused(f, &st, name, m)?;
                 let shape = module_shape(f, m, t.shape(), &rule)?;
                 let scale = module_scale(op, adapter, m)?;
                 let dtype = peft::dtype_of(f, name, t.dtype())?;
@@ -912,7 +976,9 @@ pub fn merge_checkpoint_with(
 /// dtype (almost everywhere in bf16 and f16), or the other value next to `x` where the f32
 /// intermediates can tip the rounding (`x` next to a half-way point, `W` and `s·B·A` cancelling, or
 /// an f32 output, whose ulp is of the order of `e`). A merge by the kernel has no element off, in any
-/// dtype; a wrong scale, a wrong or missing module, a corrupted value are off.
+/// dtype; a wrong scale, a wrong or missing module, a corrupted value are off. An embedding's plain
+/// LoRA is checked against PEFT's arithmetic instead, `round(W + round(s·B·A))` (its delta rounded to
+/// the dtype before the add: two roundings), with the f32 error of the delta around each rounding.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct VerifySummary {
     /// Merged elements checked (with the elements of tensors saved whole that replaced the base's,
@@ -1025,7 +1091,11 @@ fn verify_weight<T: Element>(
             let at = i * k + c;
             let w0 = w[at].to_f64();
             let v = w0 + scale * bac;
-            let x = factor * v;
+            // the value a merge gives without the f32 error: an embedding's, PEFT's two roundings
+            let x = match merge {
+                Merge::RoundedDelta => w0 + T::from_f64(scale * bac).to_f64(),
+                _ => factor * v,
+            };
             let e = factor.abs() * lora_error(w0, c, &magnitude) + x.abs() * factor_error;
             let got = merged[at];
             let g = got.to_f64();
@@ -1352,6 +1422,56 @@ mod tests {
                 Merge::Plain,
             );
             assert_eq!((s.elements, s.correctly_rounded, s.off), (35, 35, 0));
+        }
+    }
+
+    /// A square weight is a Conv1D's only inside a GPT-2 block (a module holding a c_attn stored
+    /// [in, 3·in]) under one of GPT-2's Conv1D names: not an nn.Linear `c_proj` elsewhere in the same
+    /// checkpoint, even under a common top-level module; with the flag off, any other square weight
+    /// is an nn.Linear's; with it on, one the checkpoint does not place is refused.
+    #[test]
+    fn square_weights_are_conv1d_only_in_a_gpt2_block() {
+        let module = |name: &str| AdapterModule {
+            name: name.into(),
+            a: peft::HostMatrix::from_f32(4, 64, &[0.0; 256]),
+            b: peft::HostMatrix::from_f32(64, 4, &[0.0; 256]),
+            magnitude: None,
+            embedding: false,
+            base_weight: None,
+        };
+        for flag in [false, true] {
+            let text = format!(
+                r#"{{"r": 4, "lora_alpha": 8, "target_modules": ["c_proj"], "fan_in_fan_out": {flag}}}"#
+            );
+            let config = peft::AdapterConfig::parse(&text, Path::new("c.json")).unwrap();
+            let names = ["model.gpt.h.0.attn.c_proj", "model.head.c_proj", "c_proj"];
+            let adapter = PeftAdapter {
+                config,
+                modules: names.iter().map(|n| module(n)).collect(),
+                modules_to_save: Vec::new(),
+            };
+            let mut shapes = BTreeMap::new();
+            shapes.insert(
+                "model.gpt.h.0.attn.c_attn.weight".to_string(),
+                vec![64, 192],
+            );
+            for n in names {
+                shapes.insert(format!("{n}.weight"), vec![64, 64]);
+            }
+            let rule = LayoutRule::new(&adapter, &shapes);
+            let f = Path::new("base.safetensors");
+            let layout = |m: &AdapterModule| module_shape(f, m, &[64, 64], &rule);
+            assert!(
+                layout(&adapter.modules[0]).unwrap().transposed,
+                "flag {flag}"
+            );
+            for m in &adapter.modules[1..] {
+                match (flag, layout(m)) {
+                    (false, Ok(l)) => assert!(!l.transposed, "{}", m.name),
+                    (true, Err(e)) => assert!(e.to_string().contains("does not show"), "{e}"),
+                    (_, other) => panic!("flag {flag}, {}: {other:?}", m.name),
+                }
+            }
         }
     }
 

@@ -898,9 +898,9 @@ impl PeftAdapter {
                         config.modules_to_save
                     ),
                     hint: if config.modules_to_save.is_empty() {
-                        "plain LoRA on linear modules, and modules saved whole, are merged and loaded".into()
+                        "LoRA on linear and embedding modules (with an embedding's saved base weight), and modules saved whole, are merged and loaded".into()
                     } else {
-                        "plain LoRA on linear modules, and the modules saved whole that the config lists, are merged and loaded (with `ensure_weight_tying`, PEFT also saves the tied copy of a listed module, e.g. an lm_head beside embed_tokens, under a name it does not list: not supported)".into()
+                        "LoRA on linear and embedding modules (with an embedding's saved base weight), and the modules saved whole that the config lists, are merged and loaded (with `ensure_weight_tying`, PEFT also saves the tied copy of a listed module, e.g. an lm_head beside embed_tokens, under a name it does not list: not supported)".into()
                     },
                 });
             };

@@ -704,7 +704,7 @@ fn error_paths_are_clear_and_leave_nothing() {
         // flag says the adapter mixes both kinds: its square weights' layout is unknown
         (
             "fan_in_fan_out",
-            "has a square weight, whose layout (a Conv1D's in × out or an nn.Linear's out × in) its shape cannot tell, and the adapter mixes both kinds",
+            "has a square weight, whose layout (a Conv1D's in × out or an nn.Linear's out × in) its shape cannot tell: the adapter mixes both kinds",
         ),
     ] {
         let a = adapter_copy(&dir.join(edit), |c| c[edit] = true.into());
@@ -1035,15 +1035,15 @@ fn verify_counts_a_planted_error() {
 
 /// Merges `adapter` into `base` with the CLI (`--verify`, plus `extra`) into `out` and checks it against
 /// PEFT's merged checkpoint fixture `want`: `modules` merged, `--verify` finds none of the `targeted`
-/// elements off, ≥ 99.99 % of them bit-exact with PEFT's and the rest within 1 ulp, and every other
-/// tensor identical.
+/// elements off, at most `max_off` of them not bit-exact with PEFT's and those within 1 ulp, and
+/// every other tensor identical.
 fn merges_as_peft(
     base: &str,
     adapter: &str,
     out: &Path,
     extra: &[&str],
     want: &str,
-    (modules, targeted): (usize, usize),
+    (modules, targeted, max_off): (usize, usize, usize),
 ) {
     let _ = std::fs::remove_file(out);
     let mut args = vec![
@@ -1080,7 +1080,7 @@ fn merges_as_peft(
     // every element of the checkpoint is compared: the ones off are targeted ones
     let off = acc.total - acc.exact;
     assert!(
-        off as f64 <= 1e-4 * targeted as f64 && acc.max_ulp <= 1,
+        off <= max_off && acc.max_ulp <= 1,
         "{adapter}: {off} of {targeted} off, max {} ulp",
         acc.max_ulp
     );
@@ -1103,18 +1103,21 @@ fn fan_in_fan_out_adapters_merge_as_peft_does() {
     let base = fx("fan_in_fan_out/base.safetensors");
     // 2 layers of c_attn 64×192, c_proj 64×64, c_fc 64×256, mlp.c_proj 256×64
     let targeted = 2 * (64 * 192 + 64 * 64 + 64 * 256 + 256 * 64);
-    for (adapter, want) in [
+    // PEFT's fixture DoRA merge has one element 1 ulp off this one
+    for (adapter, want, max_off) in [
         (
             "fan_in_fan_out/adapter",
             "fan_in_fan_out/merged.safetensors",
+            0,
         ),
         (
             "fan_in_fan_out/dora_adapter",
             "fan_in_fan_out/dora_merged.safetensors",
+            1,
         ),
     ] {
         let out = dir.join(want.replace('/', "-"));
-        merges_as_peft(&base, &fx(adapter), &out, &[], want, (8, targeted));
+        merges_as_peft(&base, &fx(adapter), &out, &[], want, (8, targeted, max_off));
     }
     let back = dir.join("unmerged.safetensors");
     let (ok, stdout, stderr) = run(&[
@@ -1173,13 +1176,24 @@ fn fan_in_fan_out_adapters_merge_as_peft_does() {
         &out,
         &[],
         want,
-        (8, targeted),
+        (8, targeted, 0),
     );
     // 2 layers of attn.c_proj 64×64 and c_fc 64×256, and score 3×64
     let mixed_targeted = 2 * (64 * 64 + 64 * 256) + 3 * 64;
     let mixed_base = fx("fan_in_fan_out/mixed/base.safetensors");
     let want = "fan_in_fan_out/mixed/merged.safetensors";
-    merges_as_peft(&mixed_base, &mixed, &out, &[], want, (5, mixed_targeted));
+    merges_as_peft(&mixed_base, &mixed, &out, &[], want, (5, mixed_targeted, 0));
+    // the flag on where the checkpoint shows no Conv1D (square nn.Linear q_proj, v_proj beside an
+    // embedding): PEFT decides from the layer's type; here refused, not transposed
+    let llama = adapter_copy_of(&dir.join("flag-on"), "embedding/adapter", |c| {
+        c["fan_in_fan_out"] = true.into()
+    });
+    merge_fails(
+        &common::fixture("embedding/base.safetensors"),
+        &llama,
+        &dir.join("flag-on.safetensors"),
+        "its shape cannot tell: the config's fan_in_fan_out is set, but the checkpoint does not show this layer is a Conv1D",
+    );
     let mixed = PeftAdapter::load(Path::new(&mixed)).unwrap();
     assert!(
         !mixed.config.fan_in_fan_out,
@@ -1225,7 +1239,7 @@ fn embedding_adapters_merge_as_peft_does() {
         ),
     ] {
         let out = dir.join(want.replace('/', "-"));
-        merges_as_peft(&base, &fx(adapter), &out, &[], want, (5, targeted));
+        merges_as_peft(&base, &fx(adapter), &out, &[], want, (5, targeted, 0));
     }
     let back = dir.join("unmerged.safetensors");
     let (ok, stdout, stderr) = merge(
@@ -1269,6 +1283,36 @@ fn embedding_adapters_merge_as_peft_does() {
         &resized,
         &dir.join("resized.safetensors"),
         "the adapter saved the layer's base weight as [73, 64], the checkpoint has [72, 64]",
+    );
+    // tied embeddings stored twice (lm_head.weight bit for bit embed_tokens.weight): refused
+    let tied = dir.join("tied.safetensors");
+    std::fs::copy(&base, &tied).unwrap();
+    edit_tensors(&tied, |t| {
+        let (_, v) = t
+            .iter()
+            .find(|(n, _)| n == "embed_tokens.weight")
+            .unwrap()
+            .clone();
+        t.push(("lm_head.weight".into(), v));
+    });
+    merge_fails(
+        &tied,
+        &common::fixture("embedding/adapter"),
+        &dir.join("tied-out.safetensors"),
+        "`embed_tokens.weight` is `lm_head.weight` bit for bit: a tied pair",
+    );
+    // LoRA on an lm_head the checkpoint stores under the embeddings' name
+    let head = adapter_copy_of(&dir.join("head"), "embedding/adapter", |_| {});
+    edit_tensors(&head.join("adapter_model.safetensors"), |t| {
+        for (n, _) in t.iter_mut() {
+            *n = n.replace("layers.0.self_attn.q_proj", "lm_head");
+        }
+    });
+    merge_fails(
+        Path::new(&base),
+        &head,
+        &dir.join("head-out.safetensors"),
+        "target module `lm_head` is missing from the base checkpoint (no tensor `lm_head.weight`): an lm_head tied to the embeddings",
     );
     // save and load keep PEFT's names
     let adapter = PeftAdapter::load(&common::fixture("embedding/dora_adapter")).unwrap();
