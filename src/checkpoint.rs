@@ -287,29 +287,64 @@ fn saved_base_fits(f: &Path, name: &str, m: &AdapterModule, shape: &[usize]) -> 
 }
 
 /// An embedding's or an lm_head's weight stored twice, bit for bit (input and output embeddings tied,
-/// `tie_word_embeddings`, in a checkpoint that keeps both names), is one parameter to PEFT, whose merge
-/// changes both: refused rather than merged into one copy. (Only within the weight's shard; a
-/// checkpoint that stores the tied weight once merges into it, as PEFT does.)
-fn tied_copy_refused(f: &Path, st: &SafeTensors<'_>, name: &str, m: &AdapterModule) -> Result<()> {
-    let last = m.name.rsplit('.').next().unwrap_or(&m.name);
-    if !m.embedding && last != "lm_head" {
+/// `tie_word_embeddings`, in a checkpoint that keeps both names, in any shards), is one parameter to
+/// PEFT, whose merge changes both: refused rather than merged into one copy. Skipped where the
+/// checkpoint's `config.json` (beside it) says the embeddings are not tied. A checkpoint that stores
+/// the tied weight once is merged into it, as PEFT does.
+fn tied_copies_refused(
+    base: &Path,
+    adapter: &PeftAdapter,
+    tensors: &BTreeMap<String, BaseTensor>,
+) -> Result<()> {
+    if ties_declared(base) == Some(false) {
         return Ok(());
     }
-    let t = st
-        .tensor(name)
-        .map_err(|e| Error::format(f, e.to_string()))?;
-    for (other, u) in st.tensors() {
-        if other != name && u.dtype() == t.dtype() && u.shape() == t.shape() && u.data() == t.data()
-        {
-            return Err(Error::format(
-                f,
-                format!(
-                    "`{name}` is `{other}` bit for bit: a tied pair (tie_word_embeddings), which PEFT merges as one parameter, so that both change; not merged (a checkpoint that stores the tied weight once is merged into it)"
-                ),
-            ));
+    let read = |t: &BaseTensor, name: &str| -> Result<Vec<u8>> {
+        let bytes = std::fs::read(&t.file).map_err(Error::io(&t.file))?;
+        let st = parse(&t.file, &bytes)?;
+        let view = st
+            .tensor(name)
+            .map_err(|e| Error::format(&t.file, e.to_string()))?;
+        Ok(view.data().to_vec())
+    };
+    for m in &adapter.modules {
+        let last = m.name.rsplit('.').next().unwrap_or(&m.name);
+        if !m.embedding && last != "lm_head" {
+            continue;
+        }
+        let name = format!("{}.weight", m.name);
+        let Some(t) = tensors.get(&name) else {
+            continue;
+        };
+        let twins: Vec<_> = tensors
+            .iter()
+            .filter(|(other, u)| **other != name && u.shape == t.shape && u.dtype == t.dtype)
+            .collect();
+        if twins.is_empty() {
+            continue;
+        }
+        let data = read(t, &name)?;
+        for (other, u) in twins {
+            if read(u, other)? == data {
+                return Err(Error::format(
+                    &t.file,
+                    format!(
+                        "`{name}` is `{other}` bit for bit: a tied pair (tie_word_embeddings), which PEFT merges as one parameter, so that both change; not merged (a checkpoint that stores the tied weight once is merged into it; a config.json beside the checkpoint with tie_word_embeddings false skips this check)"
+                    ),
+                ));
+            }
         }
     }
     Ok(())
+}
+
+/// `tie_word_embeddings` of the `config.json` beside the checkpoint (in its directory), if there is one
+/// that says.
+fn ties_declared(base: &Path) -> Option<bool> {
+    let dir = if base.is_dir() { base } else { base.parent()? };
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("tie_word_embeddings")?.as_bool()
 }
 
 /// Every tensor saved whole has one to replace in the base.
@@ -535,16 +570,19 @@ const GPT2_CONV1D: [&str; 4] = ["c_attn", "c_proj", "c_fc", "q_attn"];
 /// way. (A non-square weight's layout is its shape, as PEFT decides it per layer from its type; an
 /// embedding's is always in × out.) PEFT also decides a square layer's layout from its type, and saves
 /// `fan_in_fan_out` as the last layer it wrapped needed, so the flag does not speak for every layer.
-/// A square weight is a Conv1D's where the checkpoint shows it: one of GPT-2's Conv1D names in a block
-/// of a GPT-2-style model (an enclosing module holding a `c_attn.weight` stored `[in, 3·in]`);
-/// otherwise an nn.Linear's, with the flag off. With the flag on, or where a non-square weight shows
-/// the adapter mixes both kinds, a square weight the checkpoint does not place is refused.
+/// A square weight under one of GPT-2's Conv1D names is a Conv1D's inside a block whose `c_attn` is
+/// stored `[in, 3·in]` (GPT-2), an nn.Linear's inside one whose `c_attn` is stored `[out, in]` with
+/// out > in (Qwen-1, GPTBigCode), and refused elsewhere; a square weight of any other name is an
+/// nn.Linear's in a GPT-2-style checkpoint (its Conv1D layers carry those names), else with the flag
+/// off; with the flag on, or where a non-square weight shows the adapter mixes both kinds, refused.
 #[derive(Clone, Debug)]
 struct LayoutRule {
     fan_in_fan_out: bool,
     /// The modules that hold a GPT-2 Conv1D `c_attn` (`….c_attn.weight` stored `[in, 3·in]`), each
     /// with a trailing dot: a GPT-2 block's layers are under one of them.
     gpt2_blocks: Vec<String>,
+    /// The same for an nn.Linear `c_attn` (stored `[out, in]`, out > in: Qwen-1, GPTBigCode).
+    linear_blocks: Vec<String>,
     /// A non-square targeted weight stored the other way than the flag says (module, how it is stored):
     /// the adapter mixes Conv1D and nn.Linear layers.
     contradiction: Option<(String, &'static str)>,
@@ -554,23 +592,33 @@ impl LayoutRule {
     /// From every tensor's shape in the checkpoint (`shapes`, by name).
     fn new(adapter: &PeftAdapter, shapes: &BTreeMap<String, Vec<usize>>) -> Self {
         let fan_in_fan_out = adapter.config.fan_in_fan_out;
-        // a Conv1D c_attn's attention module and block (`h.0.attn.` and `h.0.` for `h.0.attn.c_attn`),
-        // never the model's root or its top-level modules above the blocks
-        let mut gpt2_blocks: Vec<String> = shapes
-            .iter()
-            .filter(|(name, s)| {
-                name.ends_with(".c_attn.weight") && s.len() == 2 && s[1] == 3 * s[0]
-            })
-            .flat_map(|(name, _)| {
-                let module = name.strip_suffix(".weight").unwrap_or(name);
-                let parts: Vec<&str> = module.split('.').collect();
-                (parts.len().saturating_sub(2).max(1)..parts.len())
-                    .map(|i| format!("{}.", parts[..i].join(".")))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        gpt2_blocks.sort();
-        gpt2_blocks.dedup();
+        // a c_attn's attention module and block (`h.0.attn.` and `h.0.` for `h.0.attn.c_attn`), never
+        // the model's root or its top-level modules above the blocks
+        let blocks = |conv1d: bool| {
+            let mut blocks: Vec<String> = shapes
+                .iter()
+                .filter(|(name, s)| {
+                    name.ends_with(".c_attn.weight")
+                        && s.len() == 2
+                        && if conv1d {
+                            s[1] == 3 * s[0]
+                        } else {
+                            s[0] > s[1]
+                        }
+                })
+                .flat_map(|(name, _)| {
+                    let module = name.strip_suffix(".weight").unwrap_or(name);
+                    let parts: Vec<&str> = module.split('.').collect();
+                    (parts.len().saturating_sub(2).max(1)..parts.len())
+                        .map(|i| format!("{}.", parts[..i].join(".")))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            blocks.sort();
+            blocks.dedup();
+            blocks
+        };
+        let (gpt2_blocks, linear_blocks) = (blocks(true), blocks(false));
         let contradiction = adapter
             .modules
             .iter()
@@ -590,6 +638,7 @@ impl LayoutRule {
         LayoutRule {
             fan_in_fan_out,
             gpt2_blocks,
+            linear_blocks,
             contradiction,
         }
     }
@@ -600,14 +649,29 @@ impl LayoutRule {
             Some((parent, last)) => (format!("{parent}."), last),
             None => (String::new(), m.name.as_str()),
         };
-        // a GPT-2 Conv1D name inside a module that holds a Conv1D c_attn (its block, or the attention
-        // itself): not the whole model (a GPT-2 submodule beside an nn.Linear `c_proj` elsewhere)
-        let in_block = self
-            .gpt2_blocks
-            .iter()
-            .any(|b| parent.starts_with(b.as_str()));
-        if in_block && GPT2_CONV1D.contains(&last) {
-            return Ok(true);
+        let within = |blocks: &[String]| blocks.iter().any(|b| parent.starts_with(b.as_str()));
+        if GPT2_CONV1D.contains(&last) {
+            // the block's c_attn shows the layout: a Conv1D's stored [in, 3·in] (GPT-2), an
+            // nn.Linear's stored [out, in] with out > in (Qwen-1, GPTBigCode); elsewhere (CLVP's
+            // Conv1D MLP beside nn.Linear attention) the name says nothing
+            if within(&self.gpt2_blocks) {
+                return Ok(true);
+            }
+            if within(&self.linear_blocks) {
+                return Ok(false);
+            }
+            return Err(Error::format(
+                f,
+                format!(
+                    "module `{}` has a square weight, whose layout (a Conv1D's in × out or an nn.Linear's out × in) its shape cannot tell, and a name GPT-2's Conv1D layers have outside any block whose c_attn shows the layout; not merged",
+                    m.name
+                ),
+            ));
+        }
+        if !self.gpt2_blocks.is_empty() {
+            // a GPT-2-style model's Conv1D layers carry those names; its others are nn.Linear's (a
+            // classifier's score, ImageGPT's lm_head)
+            return Ok(false);
         }
         let why = match (&self.contradiction, self.fan_in_fan_out) {
             (None, false) => return Ok(false),
@@ -627,15 +691,36 @@ impl LayoutRule {
     }
 }
 
-/// The shapes of every tensor of the checkpoint, from the shards' headers.
-fn base_shapes(files: &[PathBuf]) -> Result<BTreeMap<String, Vec<usize>>> {
-    let mut shapes = BTreeMap::new();
+/// A tensor of the checkpoint, from its shard's header.
+#[derive(Clone, Debug)]
+struct BaseTensor {
+    shape: Vec<usize>,
+    dtype: Dtype,
+    file: PathBuf,
+}
+
+/// Every tensor of the checkpoint, from the shards' headers.
+fn base_tensors(files: &[PathBuf]) -> Result<BTreeMap<String, BaseTensor>> {
+    let mut tensors = BTreeMap::new();
     for f in files {
         for (name, t) in read_header(f)?.tensors() {
-            shapes.insert(name, t.shape.clone());
+            let base = BaseTensor {
+                shape: t.shape.clone(),
+                dtype: t.dtype,
+                file: f.clone(),
+            };
+            tensors.insert(name, base);
         }
     }
-    Ok(shapes)
+    Ok(tensors)
+}
+
+/// The shapes of [`base_tensors`].
+fn shapes(tensors: &BTreeMap<String, BaseTensor>) -> BTreeMap<String, Vec<usize>> {
+    tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shape.clone()))
+        .collect()
 }
 
 /// The base weight of module `m` (in file `f`) is [N, K] for its A [r, K] and B [N, r] (an
@@ -793,7 +878,8 @@ pub fn merge_checkpoint_with(
     for m in by_weight.values() {
         module_scale(op, adapter, m)?;
     }
-    let rule = LayoutRule::new(adapter, &base_shapes(&files)?);
+    let tensors = base_tensors(&files)?;
+    let rule = LayoutRule::new(adapter, &shapes(&tensors));
     let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut weight_bytes = 0u64;
     for f in &files {
@@ -843,6 +929,7 @@ pub fn merge_checkpoint_with(
         ));
     }
     saved_all_found(base, &by_saved, |name| found.contains_key(name))?;
+    tied_copies_refused(base, adapter, &tensors)?;
 
     // Pass 2: merge and write to temporary names.
     let work_dir = if out_is_dir {
@@ -895,7 +982,6 @@ pub fn merge_checkpoint_with(
                 let t = st
                     .tensor(name)
                     .map_err(|e| Error::format(f, e.to_string()))?;
-                tied_copy_refused(f, &st, name, m)?;
                 let shape = module_shape(f, m, t.shape(), &rule)?;
                 let scale = module_scale(op, adapter, m)?;
                 let dtype = peft::dtype_of(f, name, t.dtype())?;
@@ -1234,7 +1320,7 @@ pub fn verify_merge(
     for f in &files {
         bytes_total += header_bytes(f, |name| by_weight.contains_key(name))?;
     }
-    let rule = LayoutRule::new(adapter, &base_shapes(&files)?);
+    let rule = LayoutRule::new(adapter, &shapes(&base_tensors(&files)?));
     progress.start(by_weight.len(), bytes_total);
     let mut summary = VerifySummary::default();
     let mut saved_seen = std::collections::BTreeSet::new();
@@ -1425,12 +1511,13 @@ mod tests {
         }
     }
 
-    /// A square weight is a Conv1D's only inside a GPT-2 block (a module holding a c_attn stored
-    /// [in, 3·in]) under one of GPT-2's Conv1D names: not an nn.Linear `c_proj` elsewhere in the same
-    /// checkpoint, even under a common top-level module; with the flag off, any other square weight
-    /// is an nn.Linear's; with it on, one the checkpoint does not place is refused.
+    /// Square weights: GPT-2's Conv1D names are a Conv1D's inside a block whose c_attn is stored
+    /// [in, 3·in] (not an nn.Linear `c_proj` under another top-level module), an nn.Linear's inside one
+    /// whose c_attn is stored [out, in] (Qwen-1), and refused elsewhere (CLVP's Conv1D MLP has no
+    /// c_attn); other names are nn.Linear's in a GPT-2-style checkpoint whatever the flag (a square
+    /// classifier `score`), and elsewhere with the flag off only.
     #[test]
-    fn square_weights_are_conv1d_only_in_a_gpt2_block() {
+    fn square_weights_follow_the_blocks_the_checkpoint_shows() {
         let module = |name: &str| AdapterModule {
             name: name.into(),
             a: peft::HostMatrix::from_f32(4, 64, &[0.0; 256]),
@@ -1439,37 +1526,49 @@ mod tests {
             embedding: false,
             base_weight: None,
         };
-        for flag in [false, true] {
+        let rule = |flag: bool, names: &[&str], c_attn: &[(&str, [usize; 2])]| {
             let text = format!(
-                r#"{{"r": 4, "lora_alpha": 8, "target_modules": ["c_proj"], "fan_in_fan_out": {flag}}}"#
+                r#"{{"r": 4, "lora_alpha": 8, "target_modules": ["x"], "fan_in_fan_out": {flag}}}"#
             );
             let config = peft::AdapterConfig::parse(&text, Path::new("c.json")).unwrap();
-            let names = ["model.gpt.h.0.attn.c_proj", "model.head.c_proj", "c_proj"];
             let adapter = PeftAdapter {
                 config,
                 modules: names.iter().map(|n| module(n)).collect(),
                 modules_to_save: Vec::new(),
             };
             let mut shapes = BTreeMap::new();
-            shapes.insert(
-                "model.gpt.h.0.attn.c_attn.weight".to_string(),
-                vec![64, 192],
-            );
+            for (n, s) in c_attn {
+                shapes.insert(n.to_string(), s.to_vec());
+            }
             for n in names {
                 shapes.insert(format!("{n}.weight"), vec![64, 64]);
             }
-            let rule = LayoutRule::new(&adapter, &shapes);
-            let f = Path::new("base.safetensors");
-            let layout = |m: &AdapterModule| module_shape(f, m, &[64, 64], &rule);
-            assert!(
-                layout(&adapter.modules[0]).unwrap().transposed,
-                "flag {flag}"
-            );
-            for m in &adapter.modules[1..] {
-                match (flag, layout(m)) {
-                    (false, Ok(l)) => assert!(!l.transposed, "{}", m.name),
-                    (true, Err(e)) => assert!(e.to_string().contains("does not show"), "{e}"),
-                    (_, other) => panic!("flag {flag}, {}: {other:?}", m.name),
+            (LayoutRule::new(&adapter, &shapes), adapter)
+        };
+        let f = Path::new("base.safetensors");
+        let gpt2 = [("model.gpt.h.0.attn.c_attn.weight", [64, 192])];
+        let qwen = [("qwen.h.0.attn.c_attn.weight", [192, 64])];
+        for flag in [false, true] {
+            // (module, checkpoint's c_attn, Some(transposed) or None: refused)
+            type Case<'a> = (&'a str, &'a [(&'a str, [usize; 2])], Option<bool>);
+            let cases: [Case; 7] = [
+                ("model.gpt.h.0.attn.c_proj", &gpt2, Some(true)),
+                ("model.gpt.h.0.mlp.c_fc", &gpt2, Some(true)),
+                ("model.head.c_proj", &gpt2, None),
+                ("model.score", &gpt2, Some(false)),
+                ("qwen.h.0.attn.c_proj", &qwen, Some(false)),
+                ("decoder.mlp.c_fc", &[], None),
+                ("model.layers.0.q_proj", &[], (!flag).then_some(false)),
+            ];
+            for (name, c_attn, want) in cases {
+                let (rule, adapter) = rule(flag, &[name], c_attn);
+                let got = module_shape(f, &adapter.modules[0], &[64, 64], &rule);
+                match (want, got) {
+                    (Some(t), Ok(l)) => assert_eq!(l.transposed, t, "flag {flag}, {name}"),
+                    (None, Err(e)) => {
+                        assert!(e.to_string().contains("its shape cannot tell"), "{e}")
+                    }
+                    (want, got) => panic!("flag {flag}, {name}: want {want:?}, got {got:?}"),
                 }
             }
         }

@@ -1301,6 +1301,72 @@ fn embedding_adapters_merge_as_peft_does() {
         &dir.join("tied-out.safetensors"),
         "`embed_tokens.weight` is `lm_head.weight` bit for bit: a tied pair",
     );
+    // ... in another shard too; and merged where a config.json beside it says they are not tied
+    let shards = dir.join("tied-shards");
+    std::fs::create_dir_all(&shards).unwrap();
+    let bytes = std::fs::read(&tied).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut map = serde_json::Map::new();
+    for (i, shard) in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let views: Vec<_> = st
+            .tensors()
+            .into_iter()
+            .filter(|(n, _)| (n == "lm_head.weight") == (i == 1))
+            .collect();
+        for (n, _) in &views {
+            map.insert(n.clone(), serde_json::Value::String(shard.to_string()));
+        }
+        std::fs::write(
+            shards.join(shard),
+            safetensors::serialize(views, None).unwrap(),
+        )
+        .unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        shards.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let adapter_dir = common::fixture("embedding/adapter");
+    let (ok, _, stderr) = run(&[
+        "merge",
+        "--base",
+        shards.to_str().unwrap(),
+        "--adapter",
+        adapter_dir.to_str().unwrap(),
+        "--out",
+        dir.join("tied-shards-out").to_str().unwrap(),
+        "--device",
+        "emu",
+    ]);
+    assert!(
+        !ok && stderr.contains("is `lm_head.weight` bit for bit: a tied pair"),
+        "{stderr}"
+    );
+    std::fs::write(
+        shards.join("config.json"),
+        r#"{"tie_word_embeddings": false}"#,
+    )
+    .unwrap();
+    let (ok, _, stderr) = run(&[
+        "merge",
+        "--base",
+        shards.to_str().unwrap(),
+        "--adapter",
+        adapter_dir.to_str().unwrap(),
+        "--out",
+        dir.join("untied-out").to_str().unwrap(),
+        "--device",
+        "emu",
+    ]);
+    assert!(ok, "not tied, as config.json says: {stderr}");
     // LoRA on an lm_head the checkpoint stores under the embeddings' name
     let head = adapter_copy_of(&dir.join("head"), "embedding/adapter", |_| {});
     edit_tensors(&head.join("adapter_model.safetensors"), |t| {
