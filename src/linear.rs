@@ -101,8 +101,10 @@ pub struct LoraLinear<T: Element, A: Element = T> {
     /// All adapters as one device set for [`LoraLinear::forward_multi`], built on first use and dropped
     /// whenever an adapter changes (insert, `adapter_mut`, an optimizer step).
     multi: Option<MultiAdapters<A>>,
-    /// Adapters whose optimizer step was captured into a graph: replays change their values without
-    /// this layer seeing it, so [`LoraLinear::forward_multi`] copies them into its set at every call.
+    /// Adapters whose optimizer step (or any change through `adapter_mut`) was captured into a graph:
+    /// replays change their values without this layer seeing it, so [`LoraLinear::forward_multi`]
+    /// copies them into its set at every call. Cleared for an adapter when it is merged (its graphs
+    /// then refuse to replay) or replaced.
     stepped_in_graphs: BTreeSet<String>,
 }
 
