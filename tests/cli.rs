@@ -1302,38 +1302,9 @@ fn embedding_adapters_merge_as_peft_does() {
         "`embed_tokens.weight` is `lm_head.weight` bit for bit: a tied pair",
     );
     // ... in another shard too; and merged where a config.json beside it says they are not tied
-    let shards = dir.join("tied-shards");
-    std::fs::create_dir_all(&shards).unwrap();
     let bytes = std::fs::read(&tied).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut map = serde_json::Map::new();
-    for (i, shard) in [
-        "model-00001-of-00002.safetensors",
-        "model-00002-of-00002.safetensors",
-    ]
-    .iter()
-    .enumerate()
-    {
-        let views: Vec<_> = st
-            .tensors()
-            .into_iter()
-            .filter(|(n, _)| (n == "lm_head.weight") == (i == 1))
-            .collect();
-        for (n, _) in &views {
-            map.insert(n.clone(), serde_json::Value::String(shard.to_string()));
-        }
-        std::fs::write(
-            shards.join(shard),
-            safetensors::serialize(views, None).unwrap(),
-        )
-        .unwrap();
-    }
-    let index = serde_json::json!({"metadata": {}, "weight_map": map});
-    std::fs::write(
-        shards.join("model.safetensors.index.json"),
-        index.to_string(),
-    )
-    .unwrap();
+    let shards = write_shards(&dir.join("tied-shards"), &st, |n| n == "lm_head.weight");
     let adapter_dir = common::fixture("embedding/adapter");
     let (ok, _, stderr) = run(&[
         "merge",
@@ -1505,37 +1476,9 @@ fn modules_to_save_replace_the_bases_tensors() {
     assert!(acc.exact as f64 / acc.total as f64 >= 0.9999 && acc.max_ulp <= 1);
 
     // a sharded base: score and the embeddings in another shard than layer 0's LoRA weights
-    let shards = dir.join("sharded");
-    std::fs::create_dir_all(&shards).unwrap();
-    let st = base_fx.tensors();
-    let mut map = serde_json::Map::new();
-    for (i, shard) in [
-        "model-00001-of-00002.safetensors",
-        "model-00002-of-00002.safetensors",
-    ]
-    .iter()
-    .enumerate()
-    {
-        let views: Vec<_> = st
-            .tensors()
-            .into_iter()
-            .filter(|(n, _)| n.contains("layers.0.") == (i == 0))
-            .collect();
-        for (n, _) in &views {
-            map.insert(n.clone(), serde_json::Value::String(shard.to_string()));
-        }
-        std::fs::write(
-            shards.join(shard),
-            safetensors::serialize(views, None).unwrap(),
-        )
-        .unwrap();
-    }
-    let index = serde_json::json!({"metadata": {}, "weight_map": map});
-    std::fs::write(
-        shards.join("model.safetensors.index.json"),
-        index.to_string(),
-    )
-    .unwrap();
+    let shards = write_shards(&dir.join("sharded"), &base_fx.tensors(), |n| {
+        !n.contains("layers.0.")
+    });
     let sharded_out = dir.join("sharded-out");
     let (ok, stdout, stderr) = merge(&shards, &adapter_dir, &sharded_out, &["--verify"]);
     assert!(
@@ -1900,10 +1843,22 @@ fn nonfinite_adapters() -> Vec<(&'static str, PeftAdapter, String, (u64, u64))> 
 
 /// The fixture base split into two shards (layer 0, layer 1) with an index, in `dir`.
 fn sharded_base(dir: &Path) -> PathBuf {
-    let base_dir = dir.join("base");
-    std::fs::create_dir_all(&base_dir).unwrap();
     let base = Fixture::open("base.safetensors");
-    let st = base.tensors();
+    // layer 0 in the first shard, layer 1 in the second
+    write_shards(&dir.join("base"), &base.tensors(), |n| {
+        n.contains("layers.1.")
+    })
+}
+
+/// Writes `st`'s tensors as a sharded checkpoint into the new directory `dir` (two shards and
+/// model.safetensors.index.json): the tensors `second` selects in the second shard, the others in the
+/// first. Returns `dir`.
+fn write_shards(
+    dir: &Path,
+    st: &safetensors::SafeTensors<'_>,
+    second: impl Fn(&str) -> bool,
+) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
     let mut map = serde_json::Map::new();
     for (i, shard) in [
         "model-00001-of-00002.safetensors",
@@ -1915,24 +1870,20 @@ fn sharded_base(dir: &Path) -> PathBuf {
         let views: Vec<_> = st
             .tensors()
             .into_iter()
-            .filter(|(n, _)| n.contains(&format!("layers.{i}.")))
+            .filter(|(n, _)| second(n) == (i == 1))
             .collect();
         for (n, _) in &views {
             map.insert(n.clone(), serde_json::Value::String(shard.to_string()));
         }
         std::fs::write(
-            base_dir.join(shard),
+            dir.join(shard),
             safetensors::serialize(views, None).unwrap(),
         )
         .unwrap();
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": map});
-    std::fs::write(
-        base_dir.join("model.safetensors.index.json"),
-        index.to_string(),
-    )
-    .unwrap();
-    base_dir
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    dir.to_path_buf()
 }
 
 /// The command line: each non-finite adapter fails `merge` and `merge --unmerge` (file and sharded
