@@ -1095,6 +1095,21 @@ pub struct OffElement {
 }
 
 impl VerifySummary {
+    /// Counts one checked element, `ulp` from its reference rounded to nearest: `rounded` (equal to
+    /// it), `ok` (within its bound); one not ok and the farthest so far is the worst (`element`, made
+    /// only then).
+    fn count(&mut self, rounded: bool, ok: bool, ulp: u64, element: impl FnOnce() -> OffElement) {
+        self.elements += 1;
+        self.correctly_rounded += rounded as u64;
+        if !ok {
+            self.off += 1;
+            if self.worst.as_ref().is_none_or(|o| ulp > o.ulp) {
+                self.worst = Some(element());
+            }
+        }
+        self.max_ulp = self.max_ulp.max(ulp);
+    }
+
     fn add(&mut self, o: VerifySummary) {
         self.elements += o.elements;
         self.correctly_rounded += o.correctly_rounded;
@@ -1205,21 +1220,13 @@ fn verify_weight<T: Element>(
             } else {
                 T::from_f64(x - e).to_f64() <= g && g <= T::from_f64(x + e).to_f64()
             };
-            s.elements += 1;
-            s.correctly_rounded += (dist == 0) as u64;
-            if !ok {
-                s.off += 1;
-                if s.worst.as_ref().is_none_or(|o| dist > o.ulp) {
-                    s.worst = Some(OffElement {
-                        tensor: name.to_string(),
-                        index: at,
-                        merged: g,
-                        exact: x,
-                        ulp: dist,
-                    });
-                }
-            }
-            s.max_ulp = s.max_ulp.max(dist);
+            s.count(dist == 0, ok, dist, || OffElement {
+                tensor: name.to_string(),
+                index: at,
+                merged: g,
+                exact: x,
+                ulp: dist,
+            });
         }
     }
     s
@@ -1271,21 +1278,13 @@ fn verify_replaced<T: Element>(name: &str, got: &[u8], saved: &SavedTensor) -> V
         } else {
             crate::reference::ulp_distance(g, want)
         };
-        s.elements += 1;
-        s.correctly_rounded += ok as u64;
-        if !ok {
-            s.off += 1;
-            if s.worst.as_ref().is_none_or(|o| dist > o.ulp) {
-                s.worst = Some(OffElement {
-                    tensor: name.to_string(),
-                    index: at,
-                    merged: gf,
-                    exact: x,
-                    ulp: dist,
-                });
-            }
-        }
-        s.max_ulp = s.max_ulp.max(dist);
+        s.count(ok, ok, dist, || OffElement {
+            tensor: name.to_string(),
+            index: at,
+            merged: gf,
+            exact: x,
+            ulp: dist,
+        });
     }
     s
 }
